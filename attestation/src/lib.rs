@@ -1,0 +1,2 @@
+//! Attestation.
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! Enclave Image Format.
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! Key release enclave.
+#![forbid(unsafe_code)]

@@ -1,0 +1,4 @@
+//! One module per top-level subcommand.
+
+pub(crate) mod attestation;
+pub(crate) mod eif;

@@ -1,0 +1,77 @@
+//! `keygate`: the command-line tool for every actor outside the key release enclave:
+//! attestation tools, the control-plane fetch client, the parent proxy, pipeline
+//! commands and the local demo.
+
+use std::fmt;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod cmd;
+
+/// A failure reported to the user as one line on stderr and a non-zero exit code.
+#[derive(Debug)]
+pub(crate) struct CliError {
+    /// Process exit code: 1 = refused / verification failed, 2 = bad input, 3 = I/O.
+    pub(crate) code: u8,
+    pub(crate) message: String,
+}
+
+impl CliError {
+    pub(crate) fn refused(message: impl fmt::Display) -> Self {
+        Self { code: 1, message: message.to_string() }
+    }
+    pub(crate) fn input(message: impl fmt::Display) -> Self {
+        Self { code: 2, message: message.to_string() }
+    }
+    pub(crate) fn io(context: impl fmt::Display, err: impl fmt::Display) -> Self {
+        Self { code: 3, message: format!("{context}: {err}") }
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "keygate", version, about = "keygate: attested key release for confidential control planes")]
+struct Cli {
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Verify attestation documents and produce mock ones.
+    #[command(subcommand)]
+    Attestation(cmd::attestation::AttestationCommand),
+    /// Build, describe and measure enclave images (EIF).
+    #[command(subcommand)]
+    Eif(cmd::eif::EifCommand),
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    let result = match cli.command {
+        Command::Attestation(c) => cmd::attestation::run(c),
+        Command::Eif(c) => cmd::eif::run(c),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keygate: error: {}", e.message);
+            ExitCode::from(e.code)
+        }
+    }
+}
