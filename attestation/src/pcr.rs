@@ -1,0 +1,104 @@
+//! PCR expectations: "this PCR must have exactly this value".
+//!
+//! Used by `--expect-pcr N=HEX` (CLI), by a control plane checking the KRE's own PCRs, and by
+//! policy evaluation. Takes a [`VerifiedAttestation`], so an unverified document cannot be
+//! matched.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::verify::VerifiedAttestation;
+
+/// One expected PCR value.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PcrExpectation {
+    /// PCR index, below 32.
+    pub index: u8,
+    /// Expected value (32, 48 or 64 bytes).
+    pub value: Vec<u8>,
+}
+
+/// Why `N=HEX` did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PcrParseError {
+    /// No `=`.
+    #[error("expected N=HEX")]
+    Syntax,
+    /// Index not a number below 32.
+    #[error("PCR index must be a number below 32")]
+    Index,
+    /// Value not hex.
+    #[error("PCR value is not hex")]
+    Hex,
+    /// Value not 32, 48 or 64 bytes.
+    #[error("PCR value must be 32, 48 or 64 bytes, got {0}")]
+    Length(usize),
+}
+
+impl FromStr for PcrExpectation {
+    type Err = PcrParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (i, v) = s.split_once('=').ok_or(PcrParseError::Syntax)?;
+        let index: u8 = i.trim().parse().map_err(|_| PcrParseError::Index)?;
+        if index >= 32 {
+            return Err(PcrParseError::Index);
+        }
+        let value = hex::decode(v.trim()).map_err(|_| PcrParseError::Hex)?;
+        if ![32, 48, 64].contains(&value.len()) {
+            return Err(PcrParseError::Length(value.len()));
+        }
+        Ok(Self { index, value })
+    }
+}
+
+impl fmt::Display for PcrExpectation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.index, hex::encode(&self.value))
+    }
+}
+
+/// A PCR that did not have its expected value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("PCR{index} mismatch: expected {expected}, found {found}")]
+pub struct PcrMismatch {
+    /// The PCR index.
+    pub index: u8,
+    /// Expected value, hex.
+    pub expected: String,
+    /// Actual value, hex, or "absent".
+    pub found: String,
+}
+
+/// Checks every expectation; the first mismatch (lowest index first) is the error.
+pub fn check(att: &VerifiedAttestation, expected: &[PcrExpectation]) -> Result<(), PcrMismatch> {
+    let mut sorted: Vec<&PcrExpectation> = expected.iter().collect();
+    sorted.sort();
+    for e in sorted {
+        let found = att.pcr(e.index);
+        if found != Some(e.value.as_slice()) {
+            return Err(PcrMismatch {
+                index: e.index,
+                expected: hex::encode(&e.value),
+                found: found.map_or_else(|| "absent".to_owned(), hex::encode),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_refuses() {
+        let h = "ab".repeat(48);
+        assert_eq!(format!("3={h}").parse::<PcrExpectation>().map(|e| e.index), Ok(3));
+        assert_eq!("3".parse::<PcrExpectation>(), Err(PcrParseError::Syntax));
+        assert_eq!(format!("32={h}").parse::<PcrExpectation>(), Err(PcrParseError::Index));
+        assert_eq!(format!("x={h}").parse::<PcrExpectation>(), Err(PcrParseError::Index));
+        assert_eq!("1=zz".parse::<PcrExpectation>(), Err(PcrParseError::Hex));
+        assert_eq!("1=abcd".parse::<PcrExpectation>(), Err(PcrParseError::Length(2)));
+    }
+}

@@ -1,0 +1,143 @@
+//! Known-answer tests on real AWS Nitro attestation documents (copied from
+//! `../shared/vectors/nitro/`; see `tests/vectors/README.md`).
+
+use keygate_attestation::crypto::all_backends;
+use keygate_attestation::{CertAt, DocumentKind, TrustAnchor, Verifier, VerifyError, VerifyOptions};
+
+struct Vector {
+    name: &'static str,
+    bytes: &'static [u8],
+    /// A time inside the leaf certificate's validity window (ms).
+    at_ms: u64,
+    debug: bool,
+    pcr0: &'static str,
+}
+
+const VECTORS: [Vector; 3] = [
+    Vector {
+        name: "doc-1",
+        bytes: include_bytes!("vectors/doc-1.cbor"),
+        at_ms: 1_732_983_768_387 + 1000,
+        debug: false,
+        pcr0: "ec74bfbe7f7445a6c7610e152935e028276f638042b74797b119648e13f7a3675796b721034c320f140ea001b41aeae2",
+    },
+    Vector {
+        name: "doc-3",
+        bytes: include_bytes!("vectors/doc-3.cbor"),
+        at_ms: 1_722_457_107_047 + 1000,
+        debug: false,
+        pcr0: "a6cdfede5b1e7950de33218995add7d8f1f6e059c9cccd204316e69feaa2ce54f6f9ff6f5992db0f1ca6135f9b095b85",
+    },
+    Vector {
+        name: "doc-4",
+        bytes: include_bytes!("vectors/doc-4.cbor"),
+        at_ms: 1_694_102_161_556 + 1000,
+        debug: true,
+        pcr0: "000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000",
+    },
+];
+
+/// 2026-11-24, well after every vector's leaf expired.
+const TODAY_MS: u64 = 1_795_478_400_000;
+
+fn aws() -> Verifier {
+    Verifier::new(TrustAnchor::aws_nitro().expect("root"))
+}
+
+fn opts(at_ms: u64, debug: bool) -> VerifyOptions {
+    let mut o = VerifyOptions::at(at_ms);
+    o.allow_debug = debug;
+    o
+}
+
+#[test]
+fn real_documents_verify_at_their_time_on_every_backend() {
+    for b in all_backends() {
+        let v = Verifier::with_crypto(TrustAnchor::aws_nitro().expect("root"), b);
+        for vec in &VECTORS {
+            let att = v.verify(vec.bytes, &opts(vec.at_ms, vec.debug)).unwrap_or_else(|e| panic!("{} on {}: {e}", vec.name, b.name()));
+            assert_eq!(att.kind(), DocumentKind::Enclave);
+            assert_eq!(att.pcrs().len(), 16, "{}", vec.name);
+            assert_eq!(hex::encode(att.pcr(0).expect("pcr0")), vec.pcr0, "{}", vec.name);
+            assert_eq!(att.is_debug(), vec.debug);
+            assert_eq!(att.digest(), "SHA384");
+            assert!(att.module_id().starts_with("i-"), "{}", att.module_id());
+        }
+    }
+}
+
+#[test]
+fn real_documents_verify_at_document_time() {
+    for vec in &VECTORS {
+        let mut o = VerifyOptions::at_document_time();
+        o.allow_debug = vec.debug;
+        aws().verify(vec.bytes, &o).unwrap_or_else(|e| panic!("{}: {e}", vec.name));
+    }
+}
+
+#[test]
+fn real_documents_fields_match_the_published_table() {
+    let v = aws();
+    let d1 = v.verify(VECTORS[0].bytes, &opts(VECTORS[0].at_ms, false)).expect("doc-1");
+    assert_eq!((d1.public_key().map(<[u8]>::len), d1.user_data(), d1.nonce()), (Some(65), None, None));
+    let d3 = v.verify(VECTORS[1].bytes, &opts(VECTORS[1].at_ms, false)).expect("doc-3");
+    assert_eq!(
+        (d3.public_key().map(<[u8]>::len), d3.user_data().map(<[u8]>::len), d3.nonce().map(<[u8]>::len)),
+        (Some(5), Some(68), Some(20))
+    );
+    let d4 = v.verify(VECTORS[2].bytes, &opts(VECTORS[2].at_ms, true)).expect("doc-4");
+    assert_eq!((d4.public_key(), d4.user_data().map(<[u8]>::len), d4.nonce().map(<[u8]>::len)), (None, Some(91), Some(256)));
+    assert_eq!(d1.leaf_validity(), (1_732_983_765, 1_732_994_568));
+}
+
+#[test]
+fn real_documents_fail_today_with_an_expiry_error() {
+    for vec in &VECTORS {
+        let err = aws().verify(vec.bytes, &opts(TODAY_MS, true)).expect_err(vec.name);
+        assert!(matches!(err, VerifyError::CertificateExpired { .. }), "{}: {err}", vec.name);
+    }
+}
+
+#[test]
+fn real_documents_fail_with_a_wrong_root() {
+    let other = keygate_attestation::mock::MockPki::from_seed(b"not-aws", TODAY_MS).root_anchor();
+    let v = Verifier::new(other);
+    for vec in &VECTORS {
+        let err = v.verify(vec.bytes, &opts(vec.at_ms, true)).expect_err(vec.name);
+        assert!(matches!(err, VerifyError::RootMismatch { .. }), "{}: {err}", vec.name);
+    }
+}
+
+#[test]
+fn debug_document_is_refused_unless_allowed() {
+    let vec = &VECTORS[2];
+    assert_eq!(aws().verify(vec.bytes, &opts(vec.at_ms, false)), Err(VerifyError::DebugMode));
+    assert!(aws().verify(vec.bytes, &opts(vec.at_ms, true)).is_ok());
+}
+
+#[test]
+fn every_truncation_fails() {
+    let v = aws();
+    for vec in &VECTORS {
+        for len in 0..vec.bytes.len() {
+            assert!(v.verify(&vec.bytes[..len], &opts(vec.at_ms, true)).is_err(), "{} truncated to {len}", vec.name);
+        }
+    }
+}
+
+#[test]
+fn document_too_old_and_from_the_future() {
+    let vec = &VECTORS[0];
+    let ts = 1_732_983_768_387u64;
+    let err = aws().verify(vec.bytes, &opts(ts + 301_000, false)).expect_err("old");
+    assert!(matches!(err, VerifyError::DocumentTooOld { .. }), "{err}");
+    // Cert valid from 1732983765 s; a "now" 40 s before the timestamp is inside the leaf window
+    // only if the leaf starts earlier; it does not, so use skew bounds via a wider skew check.
+    let mut o = opts(ts - 31_000, false);
+    o.clock_skew = std::time::Duration::from_secs(30);
+    let err = aws().verify(vec.bytes, &o).expect_err("future");
+    assert!(
+        matches!(err, VerifyError::DocumentFromFuture { .. } | VerifyError::CertificateNotYetValid { at: CertAt::Leaf, .. }),
+        "{err}"
+    );
+}
