@@ -88,13 +88,16 @@ pub struct AwsLc;
 
 #[cfg(feature = "aws-lc")]
 impl AwsLc {
-    fn verify(alg: &'static aws_lc_rs::signature::EcdsaVerificationAlgorithm, point: &[u8], msg: &[u8], sig: &[u8]) -> Result<(), CryptoError> {
+    fn verify(
+        alg: &'static aws_lc_rs::signature::EcdsaVerificationAlgorithm,
+        point: &[u8],
+        msg: &[u8],
+        sig: &[u8],
+    ) -> Result<(), CryptoError> {
         if point.len() != P384_POINT_LEN || point[0] != 0x04 {
             return Err(CryptoError::BadPublicKey);
         }
-        aws_lc_rs::signature::UnparsedPublicKey::new(alg, point)
-            .verify(msg, sig)
-            .map_err(|_| CryptoError::BadSignature)
+        aws_lc_rs::signature::UnparsedPublicKey::new(alg, point).verify(msg, sig).map_err(|_| CryptoError::BadSignature)
     }
 }
 
@@ -121,9 +124,7 @@ impl Crypto for AwsLc {
         }
         // aws-lc validates the point when parsing it as an ECDH peer key.
         let unparsed = aws_lc_rs::agreement::UnparsedPublicKey::new(&aws_lc_rs::agreement::ECDH_P384, point);
-        aws_lc_rs::agreement::ParsedPublicKey::try_from(&unparsed)
-            .map(|_| ())
-            .map_err(|_| CryptoError::BadPublicKey)
+        aws_lc_rs::agreement::ParsedPublicKey::try_from(&unparsed).map(|_| ()).map_err(|_| CryptoError::BadPublicKey)
     }
 }
 

@@ -165,10 +165,7 @@ pub fn parse_payload(payload: &[u8], unknown: UnknownFields) -> Result<ParsedDoc
     if bundle.is_empty() {
         return Err(VerifyError::EmptyCabundle);
     }
-    let cabundle = bundle
-        .iter()
-        .map(|c| bytes(c, "cabundle", 1, MAX_CERT))
-        .collect::<Result<Vec<_>, _>>()?;
+    let cabundle = bundle.iter().map(|c| bytes(c, "cabundle", 1, MAX_CERT)).collect::<Result<Vec<_>, _>>()?;
 
     let public_key = get("public_key").map(|v| bytes(v, "public_key", 1, MAX_PUBLIC_KEY)).transpose()?;
     let user_data = get("user_data").map(|v| bytes(v, "user_data", 0, MAX_USER_DATA)).transpose()?;

@@ -253,7 +253,11 @@ impl CertSpec {
         let ku = if self.key_cert_sign { der::bit_string(1, &[0x06]) } else { der::bit_string(7, &[0x80]) };
         exts.push(der::seq(&[der::oid(oid::KEY_USAGE), der::boolean(true), der::octets(&ku)]));
         if self.unknown_critical_extension {
-            exts.push(der::seq(&[der::oid(oid::UNKNOWN_EXTENSION), der::boolean(true), der::octets(&der::tlv(0x05, &[]))]));
+            exts.push(der::seq(&[
+                der::oid(oid::UNKNOWN_EXTENSION),
+                der::boolean(true),
+                der::octets(&der::tlv(0x05, &[])),
+            ]));
         }
         let issuer = self.issuer_override.clone().unwrap_or_else(|| issuer.to_vec());
         let tbs = der::seq(&[
@@ -319,7 +323,12 @@ impl MockPki {
         let mut specs = [
             CertSpec::new("mock.nitro-enclaves.keygate".to_owned(), ROOT_NOT_BEFORE, ROOT_NOT_AFTER, Some(None)),
             CertSpec::new(format!("{tag}.us-east-1.mock.nitro-enclaves"), day - 7 * DAY, day + 21 * DAY, Some(Some(2))),
-            CertSpec::new(format!("{tag}.zonal.us-east-1.mock.nitro-enclaves"), day - DAY, day + 3 * DAY, Some(Some(1))),
+            CertSpec::new(
+                format!("{tag}.zonal.us-east-1.mock.nitro-enclaves"),
+                day - DAY,
+                day + 3 * DAY,
+                Some(Some(1)),
+            ),
             CertSpec::new(format!("i-{tag}.us-east-1.mock.nitro-enclaves"), hour, hour + DAY, Some(Some(0))),
         ];
         specs[0].subject[1].1 = "keygate".to_owned();
@@ -623,7 +632,9 @@ mod tests {
             let t = T + hours * 3_600_000 + 1_234_567;
             let nsm = MockNsm::new(b"seed", BTreeMap::from([(0, vec![1u8; 48])]), Arc::new(move || t));
             let doc = nsm.attest(&AttestRequest::default()).expect("doc");
-            Verifier::new(nsm.root_anchor()).verify(&doc, &VerifyOptions::at(t)).unwrap_or_else(|e| panic!("+{hours}h: {e}"));
+            Verifier::new(nsm.root_anchor())
+                .verify(&doc, &VerifyOptions::at(t))
+                .unwrap_or_else(|e| panic!("+{hours}h: {e}"));
         }
     }
 }

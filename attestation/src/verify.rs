@@ -210,16 +210,25 @@ impl Verifier {
                 let skew = u64::try_from(opts.clock_skew.as_millis()).unwrap_or(u64::MAX);
                 let max_age = u64::try_from(opts.max_age.as_millis()).unwrap_or(u64::MAX);
                 if doc.timestamp_ms > now.saturating_add(skew) {
-                    return Err(VerifyError::DocumentFromFuture { timestamp_ms: doc.timestamp_ms, now_ms: now, skew_ms: skew });
+                    return Err(VerifyError::DocumentFromFuture {
+                        timestamp_ms: doc.timestamp_ms,
+                        now_ms: now,
+                        skew_ms: skew,
+                    });
                 }
                 if now.saturating_sub(doc.timestamp_ms) > max_age {
-                    return Err(VerifyError::DocumentTooOld { timestamp_ms: doc.timestamp_ms, now_ms: now, max_age_ms: max_age });
+                    return Err(VerifyError::DocumentTooOld {
+                        timestamp_ms: doc.timestamp_ms,
+                        now_ms: now,
+                        max_age_ms: max_age,
+                    });
                 }
             }
             Ok(())
         };
         let cache = opts.use_cache.then_some(&self.cache);
-        let chain = chain::validate(self.crypto, &self.anchor, &doc.cabundle, &doc.certificate, time_s, cache, check_age)?;
+        let chain =
+            chain::validate(self.crypto, &self.anchor, &doc.cabundle, &doc.certificate, time_s, cache, check_age)?;
 
         let tbs = cose::sig_structure(sign1.protected, &sign1.payload);
         self.crypto

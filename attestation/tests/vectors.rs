@@ -55,7 +55,9 @@ fn real_documents_verify_at_their_time_on_every_backend() {
     for b in all_backends() {
         let v = Verifier::with_crypto(TrustAnchor::aws_nitro().expect("root"), b);
         for vec in &VECTORS {
-            let att = v.verify(vec.bytes, &opts(vec.at_ms, vec.debug)).unwrap_or_else(|e| panic!("{} on {}: {e}", vec.name, b.name()));
+            let att = v
+                .verify(vec.bytes, &opts(vec.at_ms, vec.debug))
+                .unwrap_or_else(|e| panic!("{} on {}: {e}", vec.name, b.name()));
             assert_eq!(att.kind(), DocumentKind::Enclave);
             assert_eq!(att.pcrs().len(), 16, "{}", vec.name);
             assert_eq!(hex::encode(att.pcr(0).expect("pcr0")), vec.pcr0, "{}", vec.name);
@@ -86,7 +88,10 @@ fn real_documents_fields_match_the_published_table() {
         (Some(5), Some(68), Some(20))
     );
     let d4 = v.verify(VECTORS[2].bytes, &opts(VECTORS[2].at_ms, true)).expect("doc-4");
-    assert_eq!((d4.public_key(), d4.user_data().map(<[u8]>::len), d4.nonce().map(<[u8]>::len)), (None, Some(91), Some(256)));
+    assert_eq!(
+        (d4.public_key(), d4.user_data().map(<[u8]>::len), d4.nonce().map(<[u8]>::len)),
+        (None, Some(91), Some(256))
+    );
     assert_eq!(d1.leaf_validity(), (1_732_983_765, 1_732_994_568));
 }
 
@@ -137,7 +142,10 @@ fn document_too_old_and_from_the_future() {
     o.clock_skew = std::time::Duration::from_secs(30);
     let err = aws().verify(vec.bytes, &o).expect_err("future");
     assert!(
-        matches!(err, VerifyError::DocumentFromFuture { .. } | VerifyError::CertificateNotYetValid { at: CertAt::Leaf, .. }),
+        matches!(
+            err,
+            VerifyError::DocumentFromFuture { .. } | VerifyError::CertificateNotYetValid { at: CertAt::Leaf, .. }
+        ),
         "{err}"
     );
 }

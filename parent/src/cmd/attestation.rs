@@ -1,9 +1,309 @@
-//! `keygate attestation ...`
+//! `keygate attestation verify | mock | mock-root`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keygate_attestation::crypto::{self, Crypto};
+use keygate_attestation::mock::{MockNsm, MockPki};
+use keygate_attestation::{
+    pcr, AttestRequest, DocumentKind, Nsm, PcrExpectation, TrustAnchor, UnknownFields, VerifiedAttestation, Verifier,
+    VerifyOptions, VerifyTime,
+};
+
 use crate::CliError;
 
 #[derive(Debug, clap::Subcommand)]
-pub(crate) enum AttestationCommand {}
+pub(crate) enum AttestationCommand {
+    /// Verify an attestation document (raw CBOR, base64 or hex; detected).
+    Verify(VerifyArgs),
+    /// Produce a mock attestation document signed by the mock PKI.
+    Mock(MockArgs),
+    /// Write the mock PKI's root certificate (PEM) for a seed.
+    MockRoot(MockRootArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct VerifyArgs {
+    /// The document file.
+    doc: PathBuf,
+    /// Trust this root (PEM) instead of the built-in AWS Nitro Enclaves root.
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Verify as of this time (Unix seconds) instead of now.
+    #[arg(long, conflicts_with = "at_document_time")]
+    at: Option<u64>,
+    /// Verify as of the document's own timestamp (archived documents).
+    #[arg(long)]
+    at_document_time: bool,
+    /// Accept debug-mode documents (PCR0, PCR1, PCR2 all zero).
+    #[arg(long)]
+    allow_debug: bool,
+    /// Require PCR N to equal HEX (repeatable).
+    #[arg(long = "expect-pcr", value_name = "N=HEX")]
+    expect_pcr: Vec<PcrExpectation>,
+    /// Require this document kind.
+    #[arg(long, value_parser = parse_kind)]
+    require_kind: Option<DocumentKind>,
+    /// Maximum document age in seconds.
+    #[arg(long, default_value_t = 300)]
+    max_age: u64,
+    /// Allowed clock skew in seconds.
+    #[arg(long, default_value_t = 30)]
+    clock_skew: u64,
+    /// Accept payload fields the AWS spec does not define, and report them.
+    #[arg(long)]
+    tolerate_unknown_fields: bool,
+    /// Crypto backend: aws-lc-rs or rustcrypto.
+    #[arg(long, default_value = "default")]
+    backend: String,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct MockArgs {
+    /// Seed of the mock PKI (any string).
+    #[arg(long)]
+    seed: String,
+    /// PCR values (repeatable); unset PCRs are zero.
+    #[arg(long = "pcr", value_name = "N=HEX")]
+    pcr: Vec<PcrExpectation>,
+    /// `nonce`, hex.
+    #[arg(long, value_parser = parse_hex)]
+    nonce: Option<Bytes>,
+    /// `user_data`, hex.
+    #[arg(long, value_parser = parse_hex)]
+    user_data: Option<Bytes>,
+    /// `public_key`, hex.
+    #[arg(long, value_parser = parse_hex)]
+    public_key: Option<Bytes>,
+    /// Document time, Unix seconds (default: now).
+    #[arg(long)]
+    at: Option<u64>,
+    /// Document kind.
+    #[arg(long, value_parser = parse_kind, default_value = "enclave")]
+    kind: DocumentKind,
+    /// Output file.
+    #[arg(short = 'o', long)]
+    out: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct MockRootArgs {
+    /// Seed of the mock PKI.
+    #[arg(long)]
+    seed: String,
+    /// Output file (PEM).
+    #[arg(short = 'o', long)]
+    out: PathBuf,
+}
+
+/// Bytes parsed from hex on the command line.
+#[derive(Debug, Clone)]
+pub(crate) struct Bytes(pub(crate) Vec<u8>);
+
+pub(crate) fn parse_hex(s: &str) -> Result<Bytes, String> {
+    hex::decode(s.trim()).map(Bytes).map_err(|e| format!("not hex: {e}"))
+}
+
+pub(crate) fn parse_kind(s: &str) -> Result<DocumentKind, String> {
+    match s {
+        "enclave" => Ok(DocumentKind::Enclave),
+        "nitrotpm" => Ok(DocumentKind::NitroTpm),
+        _ => Err("expected `enclave` or `nitrotpm`".to_owned()),
+    }
+}
 
 pub(crate) fn run(cmd: AttestationCommand) -> Result<(), CliError> {
-    match cmd {}
+    match cmd {
+        AttestationCommand::Verify(a) => verify(a),
+        AttestationCommand::Mock(a) => mock(a),
+        AttestationCommand::MockRoot(a) => {
+            let pem = MockPki::from_seed(a.seed.as_bytes(), now_ms()).root_pem();
+            write_file(&a.out, pem.as_bytes())
+        }
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Reads a trust anchor: the given PEM file, or the built-in AWS root.
+pub(crate) fn load_anchor(root: Option<&Path>) -> Result<TrustAnchor, CliError> {
+    match root {
+        Some(p) => {
+            let pem = std::fs::read(p).map_err(|e| CliError::io(format!("reading root {}", p.display()), e))?;
+            TrustAnchor::from_pem(&pem).map_err(|e| CliError::input(format!("root {}: {e}", p.display())))
+        }
+        None => TrustAnchor::aws_nitro().map_err(|e| CliError::input(e.to_string())),
+    }
+}
+
+/// Largest document file read (the verifier refuses anything over 20 KiB anyway; text
+/// encodings are up to twice as long).
+const MAX_DOC_FILE: u64 = 64 * 1024;
+
+/// Reads a document given as raw CBOR, base64 or hex.
+pub(crate) fn read_document(path: &Path) -> Result<Vec<u8>, CliError> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| CliError::io(format!("reading {}", path.display()), e))?;
+    let mut raw = Vec::new();
+    f.take(MAX_DOC_FILE + 1)
+        .read_to_end(&mut raw)
+        .map_err(|e| CliError::io(format!("reading {}", path.display()), e))?;
+    if u64::try_from(raw.len()).unwrap_or(u64::MAX) > MAX_DOC_FILE {
+        return Err(CliError::input(format!("{}: larger than {MAX_DOC_FILE} bytes", path.display())));
+    }
+    decode_document(&raw).ok_or_else(|| CliError::input(format!("{}: neither CBOR, hex nor base64", path.display())))
+}
+
+/// Detects the encoding: CBOR starts with an array (0x84) or tag 18 (0xd2); text is hex if
+/// every character is a hex digit, base64 otherwise.
+pub(crate) fn decode_document(raw: &[u8]) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    if matches!(raw.first(), Some(0x84 | 0xd2)) {
+        return Some(raw.to_vec());
+    }
+    let text: String = std::str::from_utf8(raw).ok()?.chars().filter(|c| !c.is_whitespace()).collect();
+    if text.is_empty() {
+        return None;
+    }
+    if text.chars().all(|c| c.is_ascii_hexdigit()) {
+        if let Ok(b) = hex::decode(&text) {
+            return Some(b);
+        }
+    }
+    let engines = [
+        base64::engine::general_purpose::STANDARD,
+        base64::engine::general_purpose::STANDARD_NO_PAD,
+        base64::engine::general_purpose::URL_SAFE,
+        base64::engine::general_purpose::URL_SAFE_NO_PAD,
+    ];
+    engines.iter().find_map(|e| e.decode(&text).ok())
+}
+
+fn backend(name: &str) -> Result<&'static dyn Crypto, CliError> {
+    if name == "default" {
+        return Ok(crypto::default_backend());
+    }
+    crypto::all_backends()
+        .into_iter()
+        .find(|b| b.name() == name)
+        .ok_or_else(|| CliError::input(format!("unknown backend `{name}` (aws-lc-rs, rustcrypto)")))
+}
+
+fn verify(a: VerifyArgs) -> Result<(), CliError> {
+    let doc = read_document(&a.doc)?;
+    let verifier = Verifier::with_crypto(load_anchor(a.root.as_deref())?, backend(&a.backend)?);
+    let time = if a.at_document_time {
+        VerifyTime::DocumentTime
+    } else {
+        VerifyTime::Now(a.at.map_or_else(now_ms, |s| s.saturating_mul(1000)))
+    };
+    let opts = VerifyOptions {
+        time,
+        max_age: Duration::from_secs(a.max_age),
+        clock_skew: Duration::from_secs(a.clock_skew),
+        allow_debug: a.allow_debug,
+        unknown_fields: if a.tolerate_unknown_fields {
+            UnknownFields::TolerateAndReport
+        } else {
+            UnknownFields::Refuse
+        },
+        require_kind: a.require_kind,
+        use_cache: false,
+    };
+    let att = verifier.verify(&doc, &opts).map_err(|e| CliError::refused(format!("attestation refused: {e}")))?;
+    pcr::check(&att, &a.expect_pcr).map_err(|e| CliError::refused(format!("attestation refused: {e}")))?;
+    for f in att.unknown_fields() {
+        tracing::warn!(field = %f, "document carries a field the AWS specification does not define (tolerated)");
+    }
+    if a.json {
+        println!("{}", summary_json(&att));
+    } else {
+        print!("{}", summary_text(&att));
+    }
+    Ok(())
+}
+
+pub(crate) fn summary_json(att: &VerifiedAttestation) -> serde_json::Value {
+    let hex_opt = |v: Option<&[u8]>| v.map(hex::encode);
+    let pcrs: BTreeMap<String, String> = att.pcrs().iter().map(|(i, v)| (i.to_string(), hex::encode(v))).collect();
+    let (nb, na) = att.leaf_validity();
+    serde_json::json!({
+        "valid": true,
+        "kind": att.kind().as_str(),
+        "module_id": att.module_id(),
+        "timestamp": att.timestamp_ms(),
+        "digest": att.digest(),
+        "debug": att.is_debug(),
+        "pcrs": pcrs,
+        "public_key": hex_opt(att.public_key()),
+        "user_data": hex_opt(att.user_data()),
+        "nonce": hex_opt(att.nonce()),
+        "certificate": { "not_before": nb, "not_after": na, "chain_not_after": att.chain_not_after() },
+        "root_sha256": hex::encode(att.root_sha256()),
+        "document_sha384": hex::encode(att.document_sha384()),
+        "unknown_fields": att.unknown_fields(),
+    })
+}
+
+fn summary_text(att: &VerifiedAttestation) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let (nb, na) = att.leaf_validity();
+    let _ =
+        writeln!(s, "valid {} attestation document{}", att.kind(), if att.is_debug() { " (DEBUG MODE)" } else { "" });
+    let _ = writeln!(s, "  module_id   {}", att.module_id());
+    let _ = writeln!(s, "  timestamp   {} ms", att.timestamp_ms());
+    let _ = writeln!(s, "  digest      {}", att.digest());
+    let _ = writeln!(s, "  leaf valid  {nb} .. {na} (Unix s); chain valid until {}", att.chain_not_after());
+    let _ = writeln!(s, "  root        sha256 {}", hex::encode(att.root_sha256()));
+    for (i, v) in att.pcrs() {
+        if v.iter().any(|&b| b != 0) {
+            let _ = writeln!(s, "  PCR{i:<2}       {}", hex::encode(v));
+        }
+    }
+    let zero = att.pcrs().values().filter(|v| v.iter().all(|&b| b == 0)).count();
+    let _ = writeln!(s, "  ({zero} other PCRs are zero)");
+    for (name, v) in [("public_key", att.public_key()), ("user_data", att.user_data()), ("nonce", att.nonce())] {
+        let _ = writeln!(s, "  {name:<11} {}", v.map_or_else(|| "null".to_owned(), hex::encode));
+    }
+    for f in att.unknown_fields() {
+        let _ = writeln!(s, "  unknown field tolerated: {f}");
+    }
+    s
+}
+
+fn mock(a: MockArgs) -> Result<(), CliError> {
+    let at_ms = a.at.map_or_else(now_ms, |s| s.saturating_mul(1000));
+    let pcrs: BTreeMap<u8, Vec<u8>> = a.pcr.into_iter().map(|e| (e.index, e.value)).collect();
+    let nsm = MockNsm::with_kind(a.seed.as_bytes(), a.kind, pcrs, Arc::new(move || at_ms));
+    let req = AttestRequest {
+        user_data: a.user_data.map(|b| b.0),
+        nonce: a.nonce.map(|b| b.0),
+        public_key: a.public_key.map(|b| b.0),
+    };
+    let doc = nsm.attest(&req).map_err(|e| CliError::input(e.to_string()))?;
+    write_file(&a.out, &doc)
+}
+
+/// Writes a file atomically (temporary file in the same directory, then rename).
+pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<(), CliError> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let ctx = || format!("writing {}", path.display());
+    std::fs::write(&tmp, bytes).map_err(|e| CliError::io(ctx(), e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        CliError::io(ctx(), e)
+    })
 }
