@@ -382,6 +382,19 @@ impl MockPki {
         Chain { cabundle: self.certs.clone(), leaf: leaf_der, leaf_key }
     }
 
+    /// The DER subject name of the instance CA (the leaf's issuer).
+    pub fn instance_subject(&self) -> Vec<u8> {
+        self.specs[3].subject_der()
+    }
+
+    /// Re-issues CA certificate `level` (1..=3) for another subject key, signed by its
+    /// proper issuer: a valid certificate whose key did not sign the level below.
+    pub fn reissue(&self, level: usize, subject_key: &SigningKey) -> Option<Vec<u8>> {
+        let issuer = level.checked_sub(1)?;
+        let spec = self.specs.get(level)?;
+        Some(spec.issue(subject_key, &self.specs[issuer].subject_der(), &self.keys[issuer]))
+    }
+
     /// The normal chain for a document at `timestamp_ms`.
     pub fn chain(&self, timestamp_ms: UnixMillis) -> Chain {
         self.chain_with_leaf(timestamp_ms, &self.leaf_spec(timestamp_ms))

@@ -149,3 +149,68 @@ fn document_too_old_and_from_the_future() {
         "{err}"
     );
 }
+
+fn find(hay: &[u8], needle: &[u8], from: usize) -> usize {
+    hay[from..].windows(needle.len()).position(|w| w == needle).map(|p| p + from).expect("region present")
+}
+
+fn flipped(doc: &[u8], at: usize, bit: u8) -> Vec<u8> {
+    let mut d = doc.to_vec();
+    d[at] ^= 1 << bit;
+    d
+}
+
+/// A single-bit flip in each region of each real document fails, naming the right cause.
+#[test]
+fn single_bit_flips_in_each_region_name_the_cause() {
+    use keygate_attestation::{cose, document};
+    let v = aws();
+    for vec in &VECTORS {
+        let o = opts(vec.at_ms, true);
+        let check = |what: &str, doc: Vec<u8>, ok: &dyn Fn(&VerifyError) -> bool| {
+            let err = v.verify(&doc, &o).expect_err(what);
+            assert!(ok(&err), "{} {what}: {err:?}", vec.name);
+        };
+        // Protected header: the 4 bytes after the 0x44 head.
+        assert_eq!(&vec.bytes[1..6], &[0x44, 0xa1, 0x01, 0x38, 0x22]);
+        for at in 2..6 {
+            for bit in 0..8 {
+                check("protected header", flipped(vec.bytes, at, bit), &|e| {
+                    matches!(e, VerifyError::ProtectedHeader(_) | VerifyError::UnsupportedAlgorithm(_))
+                });
+            }
+        }
+        let sign1 = cose::parse(vec.bytes).expect("parse");
+        let parsed = document::parse_payload(&sign1.payload, Default::default()).expect("payload");
+        // Payload: a bit of module_id's text.
+        let m = find(vec.bytes, b"i-0", 0);
+        check("module_id", flipped(vec.bytes, m + 5, 0), &|e| *e == VerifyError::BadSignature);
+        // Each PCR value: entries `index, 0x58 0x30, 48 bytes` after the "pcrs" key.
+        let mut pos = find(vec.bytes, b"pcrs", 0);
+        for i in 0u8..16 {
+            pos = find(vec.bytes, &[i, 0x58, 0x30], pos) + 3;
+            check("PCR value", flipped(vec.bytes, pos + 20, 3), &|e| *e == VerifyError::BadSignature);
+        }
+        // Each certificate: a bit of its serial number, and of its signature's last byte.
+        let mut certs: Vec<(CertAt, &[u8])> =
+            parsed.cabundle().iter().enumerate().map(|(i, c)| (CertAt::Cabundle(i), c.as_slice())).collect();
+        certs.push((CertAt::Leaf, parsed.certificate()));
+        for (at, der) in certs {
+            let start = find(vec.bytes, der, 0);
+            assert_eq!(&der[8..13], &[0xa0, 0x03, 0x02, 0x01, 0x02], "v3 certificate layout");
+            for offset in [16, der.len() - 1] {
+                let doc = flipped(vec.bytes, start + offset, 0);
+                if at == CertAt::Cabundle(0) {
+                    check("root", doc, &|e| matches!(e, VerifyError::RootMismatch { .. }));
+                } else {
+                    check("certificate", doc, &|e| *e == VerifyError::BadCertificateSignature { at });
+                }
+            }
+        }
+        // The COSE signature: every byte.
+        let sig_start = vec.bytes.len() - 96;
+        for at in sig_start..vec.bytes.len() {
+            check("signature", flipped(vec.bytes, at, 5), &|e| *e == VerifyError::BadSignature);
+        }
+    }
+}

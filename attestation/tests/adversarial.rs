@@ -1,0 +1,656 @@
+//! Adversarial table: every check of the verifier, each case crafted to violate exactly one,
+//! with the exact error it must produce — on every crypto backend.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ciborium::Value as V;
+use keygate_attestation::cbor::{CborError, CborErrorKind};
+use keygate_attestation::cose::PROTECTED_ES384;
+use keygate_attestation::crypto::all_backends;
+use keygate_attestation::mock::{self, encode_value, oid, sign_cose, CertSpec, Chain, MockDocument, MockPki};
+use keygate_attestation::{CertAt, DocumentKind, TrustAnchor, UnknownFields, Verifier, VerifyError, VerifyOptions};
+use p384::ecdsa::SigningKey;
+
+/// 2026-11-24T05:00:01.234Z
+const T: u64 = 1_795_478_400_000 + 5 * 3_600_000 + 1234;
+const SEED: &[u8] = b"adversarial";
+
+fn pcrs() -> BTreeMap<u8, Vec<u8>> {
+    (0u8..16).map(|i| (i, if i < 3 { vec![i + 1; 48] } else { vec![0; 48] })).collect()
+}
+
+fn doc_for(pki: &MockPki, chain: &Chain) -> MockDocument {
+    MockDocument {
+        module_id: pki.module_id(),
+        digest: "SHA384".into(),
+        timestamp_ms: T,
+        kind: DocumentKind::Enclave,
+        pcrs: pcrs(),
+        certificate: chain.leaf.clone(),
+        cabundle: chain.cabundle.clone(),
+        public_key: Some(vec![4; 97]),
+        user_data: Some(b"user".to_vec()),
+        nonce: Some(vec![7; 32]),
+    }
+}
+
+struct Fx {
+    pki: MockPki,
+    chain: Chain,
+    doc: MockDocument,
+}
+
+impl Fx {
+    fn new() -> Self {
+        Self::tweaked(&|_, _| {}, &|_| {})
+    }
+
+    fn tweaked(ca: &dyn Fn(usize, &mut CertSpec), leaf: &dyn Fn(&mut CertSpec)) -> Self {
+        let pki = MockPki::with_tweak(SEED, T, ca);
+        let mut spec = pki.leaf_spec(T);
+        leaf(&mut spec);
+        let chain = pki.chain_with_leaf(T, &spec);
+        let doc = doc_for(&pki, &chain);
+        Self { pki, chain, doc }
+    }
+
+    fn anchor(&self) -> TrustAnchor {
+        TrustAnchor::from_der(&self.chain.cabundle[0]).expect("anchor")
+    }
+
+    fn signed(&self) -> Vec<u8> {
+        sign_cose(&PROTECTED_ES384, &self.doc.payload(), &self.chain.leaf_key)
+    }
+
+    fn signed_map(&self, map: Vec<(V, V)>) -> Vec<u8> {
+        sign_cose(&PROTECTED_ES384, &encode_value(&V::Map(map)), &self.chain.leaf_key)
+    }
+
+    /// The payload map with `f` applied.
+    fn with_map(&self, f: impl FnOnce(&mut Vec<(V, V)>)) -> Vec<u8> {
+        let mut m = self.doc.payload_map();
+        f(&mut m);
+        self.signed_map(m)
+    }
+
+    fn with_doc(&self, f: impl FnOnce(&mut MockDocument)) -> Vec<u8> {
+        let mut d = self.doc.clone();
+        f(&mut d);
+        sign_cose(&PROTECTED_ES384, &d.payload(), &self.chain.leaf_key)
+    }
+
+    fn with_field(&self, name: &str, value: V) -> Vec<u8> {
+        self.with_map(|m| {
+            for (k, v) in m.iter_mut() {
+                if k.as_text() == Some(name) {
+                    *v = value.clone();
+                }
+            }
+        })
+    }
+}
+
+/// A raw COSE_Sign1 array built from parts, signed over `protected` and `payload`.
+fn cose_parts(protected: Vec<u8>, unprotected: V, payload: V, key: &SigningKey, sig_len: Option<usize>) -> Vec<u8> {
+    use p384::ecdsa::signature::Signer;
+    let payload_bytes = match &payload {
+        V::Bytes(b) => b.clone(),
+        _ => Vec::new(),
+    };
+    let sig: p384::ecdsa::Signature = key.sign(&keygate_attestation::cose::sig_structure(&protected, &payload_bytes));
+    let mut sig = sig.to_bytes().to_vec();
+    if let Some(n) = sig_len {
+        sig.resize(n, 0);
+    }
+    encode_value(&V::Array(vec![V::Bytes(protected), unprotected, payload, V::Bytes(sig)]))
+}
+
+fn opts() -> VerifyOptions {
+    VerifyOptions::at(T)
+}
+
+struct Case {
+    name: &'static str,
+    doc: Vec<u8>,
+    anchor: TrustAnchor,
+    opts: VerifyOptions,
+    expect: Result<(), VerifyError>,
+}
+
+fn case(name: &'static str, fx: &Fx, doc: Vec<u8>, expect: VerifyError) -> Case {
+    Case { name, doc, anchor: fx.anchor(), opts: opts(), expect: Err(expect) }
+}
+
+fn cases() -> Vec<Case> {
+    let fx = Fx::new();
+    let key = &fx.chain.leaf_key;
+    let payload = V::Bytes(fx.doc.payload());
+    let mut v = Vec::new();
+
+    v.push(Case { name: "baseline verifies", doc: fx.signed(), anchor: fx.anchor(), opts: opts(), expect: Ok(()) });
+    v.push(Case {
+        name: "tagged COSE_Sign1 (18) verifies",
+        doc: encode_value(&V::Tag(18, Box::new(ciborium::de::from_reader(fx.signed().as_slice()).expect("cbor")))),
+        anchor: fx.anchor(),
+        opts: opts(),
+        expect: Ok(()),
+    });
+
+    // ---- COSE envelope ----
+    v.push(case(
+        "alg ES256 in protected header",
+        &fx,
+        cose_parts(vec![0xa1, 0x01, 0x26], V::Map(vec![]), payload.clone(), key, None),
+        VerifyError::UnsupportedAlgorithm(-7),
+    ));
+    v.push(case(
+        "extra field in protected header",
+        &fx,
+        cose_parts(vec![0xa2, 0x01, 0x38, 0x22, 0x04, 0x41, 0x00], V::Map(vec![]), payload.clone(), key, None),
+        VerifyError::ProtectedHeader("fields other than alg"),
+    ));
+    v.push(case(
+        "alg only in the unprotected header",
+        &fx,
+        cose_parts(
+            vec![0xa0],
+            V::Map(vec![(V::Integer(1.into()), V::Integer((-35).into()))]),
+            payload.clone(),
+            key,
+            None,
+        ),
+        VerifyError::ProtectedHeader("no alg"),
+    ));
+    v.push(case(
+        "zero-length protected header",
+        &fx,
+        cose_parts(vec![], V::Map(vec![]), payload.clone(), key, None),
+        VerifyError::ProtectedHeader("not well-formed CBOR"),
+    ));
+    v.push(case(
+        "duplicate alg in protected header",
+        &fx,
+        cose_parts(vec![0xa2, 0x01, 0x38, 0x22, 0x01, 0x38, 0x22], V::Map(vec![]), payload.clone(), key, None),
+        VerifyError::ProtectedHeader("duplicate alg"),
+    ));
+    v.push(case(
+        "unprotected header carries a kid",
+        &fx,
+        cose_parts(
+            PROTECTED_ES384.to_vec(),
+            V::Map(vec![(V::Integer(4.into()), V::Bytes(vec![1]))]),
+            payload.clone(),
+            key,
+            None,
+        ),
+        VerifyError::UnprotectedHeaderNotEmpty,
+    ));
+    v.push(case(
+        "detached payload (nil)",
+        &fx,
+        cose_parts(PROTECTED_ES384.to_vec(), V::Map(vec![]), V::Null, key, None),
+        VerifyError::PayloadNotBytes,
+    ));
+    v.push(case(
+        "64-byte signature",
+        &fx,
+        cose_parts(PROTECTED_ES384.to_vec(), V::Map(vec![]), payload.clone(), key, Some(64)),
+        VerifyError::SignatureLength(64),
+    ));
+    v.push(case(
+        "COSE_Sign tag 98 instead of 18",
+        &fx,
+        encode_value(&V::Tag(98, Box::new(ciborium::de::from_reader(fx.signed().as_slice()).expect("cbor")))),
+        VerifyError::UnexpectedTag(98),
+    ));
+    v.push(case(
+        "array of three",
+        &fx,
+        encode_value(&V::Array(vec![V::Bytes(PROTECTED_ES384.to_vec()), V::Map(vec![]), payload.clone()])),
+        VerifyError::NotCoseSign1,
+    ));
+    let mut trailing = fx.signed();
+    trailing.push(0);
+    let at = trailing.len() - 1;
+    v.push(case(
+        "trailing byte after the envelope",
+        &fx,
+        trailing,
+        VerifyError::EnvelopeCbor(CborError { kind: CborErrorKind::TrailingBytes, offset: at }),
+    ));
+    v.push(case(
+        "document over 20 KiB",
+        &fx,
+        vec![0x84; 20 * 1024 + 1],
+        VerifyError::DocumentTooLarge { len: 20 * 1024 + 1, max: 20 * 1024 },
+    ));
+    v.push(case(
+        "payload over 16 KiB",
+        &fx,
+        fx.with_field("user_data", V::Bytes(vec![0; 14 * 1024])),
+        // `len` depends on the encoding; the table compares this variant by `max` only.
+        VerifyError::PayloadTooLarge { len: 0, max: 16 * 1024 },
+    ));
+
+    // ---- payload ----
+    v.push(case(
+        "payload is an array",
+        &fx,
+        sign_cose(&PROTECTED_ES384, &encode_value(&V::Array(vec![])), key),
+        VerifyError::PayloadNotMap,
+    ));
+    v.push(case(
+        "duplicate module_id",
+        &fx,
+        fx.with_map(|m| m.push((V::Text("module_id".into()), V::Text("i-evil".into())))),
+        VerifyError::DuplicateField("module_id".into()),
+    ));
+    v.push(case(
+        "unknown field refused by default",
+        &fx,
+        fx.with_map(|m| m.push((V::Text("future_field".into()), V::Integer(1.into())))),
+        VerifyError::UnknownField("future_field".into()),
+    ));
+    v.push(case(
+        "missing module_id",
+        &fx,
+        fx.with_map(|m| m.retain(|(k, _)| k.as_text() != Some("module_id"))),
+        VerifyError::MissingField("module_id"),
+    ));
+    v.push(case("null timestamp", &fx, fx.with_field("timestamp", V::Null), VerifyError::MissingField("timestamp")));
+    v.push(case(
+        "empty module_id",
+        &fx,
+        fx.with_doc(|d| d.module_id.clear()),
+        VerifyError::FieldSize { field: "module_id", len: 0, min: 1, max: usize::MAX },
+    ));
+    v.push(case(
+        "digest SHA256",
+        &fx,
+        fx.with_doc(|d| d.digest = "SHA256".into()),
+        VerifyError::UnsupportedDigest("SHA256".into()),
+    ));
+    v.push(case("timestamp 0", &fx, fx.with_doc(|d| d.timestamp_ms = 0), VerifyError::ZeroTimestamp));
+    v.push(case(
+        "timestamp as text",
+        &fx,
+        fx.with_field("timestamp", V::Text("now".into())),
+        VerifyError::FieldType { field: "timestamp", expected: "unsigned integer" },
+    ));
+    v.push(case(
+        "PCR of 47 bytes",
+        &fx,
+        fx.with_doc(|d| {
+            d.pcrs.insert(5, vec![1; 47]);
+        }),
+        VerifyError::PcrLength { index: 5, len: 47 },
+    ));
+    v.push(case(
+        "PCR index 32",
+        &fx,
+        fx.with_doc(|d| {
+            d.pcrs.remove(&15);
+            d.pcrs.insert(32, vec![1; 48]);
+        }),
+        VerifyError::PcrIndex(32),
+    ));
+    v.push(case("no PCRs", &fx, fx.with_doc(|d| d.pcrs.clear()), VerifyError::PcrCount { count: 0 }));
+    v.push(case(
+        "33 PCR entries",
+        &fx,
+        fx.with_field("pcrs", V::Map((0..33).map(|i| (V::Integer((i % 32).into()), V::Bytes(vec![1; 48]))).collect())),
+        VerifyError::PcrCount { count: 33 },
+    ));
+    v.push(case(
+        "duplicate PCR index",
+        &fx,
+        fx.with_field(
+            "pcrs",
+            V::Map(vec![(V::Integer(0.into()), V::Bytes(vec![1; 48])), (V::Integer(0.into()), V::Bytes(vec![2; 48]))]),
+        ),
+        VerifyError::DuplicatePcr(0),
+    ));
+    v.push(case(
+        "user_data of 513 bytes",
+        &fx,
+        fx.with_doc(|d| d.user_data = Some(vec![0; 513])),
+        VerifyError::FieldSize { field: "user_data", len: 513, min: 0, max: 512 },
+    ));
+    v.push(case(
+        "nonce of 513 bytes",
+        &fx,
+        fx.with_doc(|d| d.nonce = Some(vec![0; 513])),
+        VerifyError::FieldSize { field: "nonce", len: 513, min: 0, max: 512 },
+    ));
+    v.push(case(
+        "public_key of 1025 bytes",
+        &fx,
+        fx.with_doc(|d| d.public_key = Some(vec![0; 1025])),
+        VerifyError::FieldSize { field: "public_key", len: 1025, min: 1, max: 1024 },
+    ));
+    v.push(case(
+        "empty public_key",
+        &fx,
+        fx.with_doc(|d| d.public_key = Some(vec![])),
+        VerifyError::FieldSize { field: "public_key", len: 0, min: 1, max: 1024 },
+    ));
+    v.push(case(
+        "certificate of 1025 bytes",
+        &fx,
+        fx.with_doc(|d| d.certificate = vec![0x30; 1025]),
+        VerifyError::FieldSize { field: "certificate", len: 1025, min: 1, max: 1024 },
+    ));
+    v.push(case(
+        "empty cabundle entry",
+        &fx,
+        fx.with_doc(|d| d.cabundle.push(vec![])),
+        VerifyError::FieldSize { field: "cabundle", len: 0, min: 1, max: 1024 },
+    ));
+    v.push(case("empty cabundle", &fx, fx.with_doc(|d| d.cabundle.clear()), VerifyError::EmptyCabundle));
+    v.push(case(
+        "both pcrs and nitrotpm_pcrs",
+        &fx,
+        fx.with_map(|m| {
+            m.push((V::Text("nitrotpm_pcrs".into()), V::Map(vec![(V::Integer(0.into()), V::Bytes(vec![1; 48]))])))
+        }),
+        VerifyError::AmbiguousKind,
+    ));
+
+    // ---- chain ----
+    let root_sha = |d: &[u8]| {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(d))
+    };
+    v.push(case(
+        "cabundle reordered",
+        &fx,
+        fx.with_doc(|d| d.cabundle.swap(0, 1)),
+        VerifyError::RootMismatch { found: root_sha(&fx.chain.cabundle[1]) },
+    ));
+    v.push(case(
+        "cabundle missing the root",
+        &fx,
+        fx.with_doc(|d| {
+            d.cabundle.remove(0);
+        }),
+        VerifyError::RootMismatch { found: root_sha(&fx.chain.cabundle[1]) },
+    ));
+    v.push(case(
+        "cabundle missing an intermediate",
+        &fx,
+        fx.with_doc(|d| {
+            d.cabundle.remove(1);
+        }),
+        VerifyError::IssuerMismatch { at: CertAt::Cabundle(1) },
+    ));
+    v.push(case(
+        "chain too long",
+        &fx,
+        fx.with_doc(|d| {
+            let extra = d.cabundle[3].clone();
+            d.cabundle.extend(std::iter::repeat_n(extra, 5));
+        }),
+        VerifyError::ChainTooLong { len: 10, max: 8 },
+    ));
+    v.push(case(
+        "cabundle entry is not a certificate",
+        &fx,
+        fx.with_doc(|d| d.cabundle[2] = vec![0x30, 0x00]),
+        VerifyError::CertificateParse { at: CertAt::Cabundle(2) },
+    ));
+
+    let tweak = |level: usize, f: fn(&mut CertSpec)| {
+        move |l: usize, s: &mut CertSpec| {
+            if l == level {
+                f(s)
+            }
+        }
+    };
+    let ca_case = |name: &'static str, level: usize, f: fn(&mut CertSpec), expect: VerifyError| {
+        let fx = Fx::tweaked(&tweak(level, f), &|_| {});
+        let doc = fx.signed();
+        case(name, &fx, doc, expect)
+    };
+    let leaf_case = |name: &'static str, f: fn(&mut CertSpec), expect: VerifyError| {
+        let fx = Fx::tweaked(&|_, _| {}, &f);
+        let doc = fx.signed();
+        case(name, &fx, doc, expect)
+    };
+    let t = i64::try_from(T / 1000).expect("time");
+    v.push(ca_case("zonal without CA flag", 2, |s| s.ca = None, VerifyError::NotACa { at: CertAt::Cabundle(2) }));
+    v.push(ca_case(
+        "regional without keyCertSign",
+        1,
+        |s| s.key_cert_sign = false,
+        VerifyError::MissingKeyCertSign { at: CertAt::Cabundle(1) },
+    ));
+    v.push(ca_case(
+        "regional pathLen 0 with two CAs below",
+        1,
+        |s| s.ca = Some(Some(0)),
+        VerifyError::PathLenExceeded { at: CertAt::Cabundle(1), path_len: 0, below: 2 },
+    ));
+    v.push(ca_case(
+        "instance signed with ecdsa-with-SHA256",
+        3,
+        |s| s.sig_alg = oid::ECDSA_SHA256,
+        VerifyError::UnsupportedSignatureAlgorithm { at: CertAt::Cabundle(3) },
+    ));
+    v.push(ca_case(
+        "zonal key on the wrong curve",
+        2,
+        |s| s.curve = oid::PRIME256V1,
+        VerifyError::UnsupportedPublicKey { at: CertAt::Cabundle(2) },
+    ));
+    v.push(ca_case(
+        "unknown critical extension",
+        1,
+        |s| s.unknown_critical_extension = true,
+        VerifyError::UnhandledCriticalExtension { at: CertAt::Cabundle(1), oid: "1.3.6.1.4.1.55555.1".into() },
+    ));
+    for level in 0..4 {
+        let names = ["expired root", "expired regional", "expired zonal", "expired instance"];
+        let fx = Fx::tweaked(
+            &move |l, s| {
+                if l == level {
+                    s.not_after = t - 10;
+                    s.not_before = s.not_before.min(t - 100);
+                }
+            },
+            &|_| {},
+        );
+        let doc = fx.signed();
+        v.push(case(
+            names[level],
+            &fx,
+            doc,
+            VerifyError::CertificateExpired { at: CertAt::Cabundle(level), not_after: t - 10, time: t },
+        ));
+        let names = ["future root", "future regional", "future zonal", "future instance"];
+        let fx = Fx::tweaked(
+            &move |l, s| {
+                if l == level {
+                    s.not_before = t + 10;
+                }
+            },
+            &|_| {},
+        );
+        let doc = fx.signed();
+        v.push(case(
+            names[level],
+            &fx,
+            doc,
+            VerifyError::CertificateNotYetValid { at: CertAt::Cabundle(level), not_before: t + 10, time: t },
+        ));
+    }
+    v.push(leaf_case("expired leaf", |s| s.not_after = s.not_before + 1, {
+        let nb = t - 3;
+        VerifyError::CertificateExpired { at: CertAt::Leaf, not_after: nb + 1, time: t }
+    }));
+    v.push(leaf_case(
+        "leaf not yet valid",
+        |s| s.not_before += 100,
+        VerifyError::CertificateNotYetValid { at: CertAt::Leaf, not_before: t - 3 + 100, time: t },
+    ));
+    v.push(leaf_case("leaf is a CA", |s| s.ca = Some(None), VerifyError::LeafIsCa));
+    v.push(leaf_case(
+        "leaf issuer name differs",
+        |s| s.issuer_override = Some(vec![0x30, 0x00]),
+        VerifyError::IssuerMismatch { at: CertAt::Leaf },
+    ));
+
+    // A leaf with the right issuer name, signed by a key that is not the instance CA's.
+    let forged_leaf =
+        fx.pki.leaf_spec(T).issue(&fx.chain.leaf_key, &fx.pki.instance_subject(), &mock::derive_key(b"x", "instance"));
+    v.push(case(
+        "leaf signed by a foreign instance key",
+        &fx,
+        fx.with_doc(|d| d.certificate = forged_leaf),
+        VerifyError::BadCertificateSignature { at: CertAt::Leaf },
+    ));
+    // A valid zonal certificate (signed by the regional CA) for another key: the instance
+    // certificate below it no longer verifies.
+    let swapped = fx.pki.reissue(2, &mock::derive_key(b"x", "zonal")).expect("level 2");
+    v.push(case(
+        "zonal certificate swapped for one with another key",
+        &fx,
+        fx.with_doc(|d| d.cabundle[2] = swapped),
+        VerifyError::BadCertificateSignature { at: CertAt::Cabundle(3) },
+    ));
+    v.push(case(
+        "document signed by a key other than the leaf's",
+        &fx,
+        sign_cose(&PROTECTED_ES384, &fx.doc.payload(), &mock::derive_key(b"x", "y")),
+        VerifyError::BadSignature,
+    ));
+
+    // ---- time, mode, kind ----
+    let mut old = opts();
+    old.time = keygate_attestation::VerifyTime::Now(T + 301_000);
+    v.push(Case {
+        name: "document too old",
+        doc: fx.signed(),
+        anchor: fx.anchor(),
+        opts: old,
+        expect: Err(VerifyError::DocumentTooOld { timestamp_ms: T, now_ms: T + 301_000, max_age_ms: 300_000 }),
+    });
+    v.push(case(
+        "document from the future",
+        &fx,
+        fx.with_doc(|d| d.timestamp_ms = T + 31_000),
+        VerifyError::DocumentFromFuture { timestamp_ms: T + 31_000, now_ms: T, skew_ms: 30_000 },
+    ));
+    v.push(case(
+        "debug mode refused",
+        &fx,
+        fx.with_doc(|d| d.pcrs = (0..16).map(|i| (i, vec![0; 48])).collect()),
+        VerifyError::DebugMode,
+    ));
+    let mut want_enclave = opts();
+    want_enclave.require_kind = Some(DocumentKind::Enclave);
+    v.push(Case {
+        name: "NitroTPM document where an enclave is required",
+        doc: fx.with_doc(|d| d.kind = DocumentKind::NitroTpm),
+        anchor: fx.anchor(),
+        opts: want_enclave,
+        expect: Err(VerifyError::WrongKind { expected: DocumentKind::Enclave, found: DocumentKind::NitroTpm }),
+    });
+    let mut want_tpm = opts();
+    want_tpm.require_kind = Some(DocumentKind::NitroTpm);
+    v.push(Case {
+        name: "enclave document where NitroTPM is required",
+        doc: fx.signed(),
+        anchor: fx.anchor(),
+        opts: want_tpm,
+        expect: Err(VerifyError::WrongKind { expected: DocumentKind::NitroTpm, found: DocumentKind::Enclave }),
+    });
+    v.push(Case {
+        name: "mock document against the AWS root",
+        doc: fx.signed(),
+        anchor: TrustAnchor::aws_nitro().expect("aws"),
+        opts: opts(),
+        expect: Err(VerifyError::RootMismatch { found: root_sha(&fx.chain.cabundle[0]) }),
+    });
+    v
+}
+
+#[test]
+fn adversarial_table_on_every_backend() {
+    let table = cases();
+    assert!(table.len() >= 60, "table has {} cases", table.len());
+    let mut failures = Vec::new();
+    for b in all_backends() {
+        for c in &table {
+            let got = Verifier::with_crypto(c.anchor.clone(), b).verify(&c.doc, &c.opts).map(|_| ());
+            // The payload-size case's exact length depends on the encoding; compare the variant.
+            let ok = match (&c.expect, &got) {
+                (Err(VerifyError::PayloadTooLarge { max, .. }), Err(VerifyError::PayloadTooLarge { max: m, .. })) => {
+                    max == m
+                }
+                _ => got == c.expect,
+            };
+            if !ok {
+                failures.push(format!("{} [{}]: expected {:?}, got {:?}", c.name, b.name(), c.expect, got));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn unknown_fields_can_be_tolerated_and_are_reported() {
+    let fx = Fx::new();
+    let doc = fx.with_map(|m| m.push((V::Text("future_field".into()), V::Integer(1.into()))));
+    let mut o = opts();
+    o.unknown_fields = UnknownFields::TolerateAndReport;
+    let att = Verifier::new(fx.anchor()).verify(&doc, &o).expect("tolerated");
+    assert_eq!(att.unknown_fields(), ["future_field".to_owned()]);
+}
+
+#[test]
+fn nitrotpm_documents_verify_and_say_so() {
+    let fx = Fx::new();
+    let doc = fx.with_doc(|d| d.kind = DocumentKind::NitroTpm);
+    let att = Verifier::new(fx.anchor()).verify(&doc, &opts()).expect("tpm doc");
+    assert_eq!(att.kind(), DocumentKind::NitroTpm);
+    assert_eq!(att.pcr(0), Some(&[1u8; 48][..]));
+}
+
+#[test]
+fn debug_allowed_when_asked() {
+    let fx = Fx::new();
+    let doc = fx.with_doc(|d| d.pcrs = (0..16).map(|i| (i, vec![0; 48])).collect());
+    let mut o = opts();
+    o.allow_debug = true;
+    assert!(Verifier::new(fx.anchor()).verify(&doc, &o).expect("debug allowed").is_debug());
+}
+
+#[test]
+fn indefinite_length_payload_is_verified_as_received() {
+    // Re-encode the payload map with an indefinite-length header, sign those exact bytes.
+    let fx = Fx::new();
+    let definite = fx.doc.payload();
+    let mut indefinite = vec![0xbf];
+    indefinite.extend_from_slice(&definite[1..]);
+    indefinite.push(0xff);
+    let doc = sign_cose(&PROTECTED_ES384, &indefinite, &fx.chain.leaf_key);
+    let att = Verifier::new(fx.anchor()).verify(&doc, &opts()).expect("indefinite map");
+    assert_eq!(att.nonce(), Some(&[7u8; 32][..]));
+}
+
+#[test]
+fn chain_cache_skips_intermediate_signatures_but_still_checks_expiry() {
+    let fx = Fx::new();
+    let v = Verifier::new(fx.anchor());
+    v.verify(&fx.signed(), &opts()).expect("first");
+    assert_eq!(v.cache().len(), 3, "regional, zonal, instance signatures cached");
+    v.verify(&fx.signed(), &opts()).expect("second, from cache");
+    assert_eq!(v.cache().len(), 3);
+    // Same certificates, verification time after the instance certificate expired.
+    let mut late = opts();
+    late.time = keygate_attestation::VerifyTime::Now(T + 30 * 3_600_000);
+    late.max_age = Duration::from_secs(40 * 3600);
+    let err = v.verify(&fx.signed(), &late).expect_err("expired despite cache");
+    assert!(matches!(err, VerifyError::CertificateExpired { .. }), "{err}");
+}
