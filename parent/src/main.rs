@@ -44,6 +44,8 @@ enum Command {
     /// Verify attestation documents and produce mock ones.
     #[command(subcommand)]
     Attestation(cmd::attestation::AttestationCommand),
+    /// Run the local demo of the full flow on the mock NSM.
+    Demo(cmd::demo::DemoArgs),
     /// Build, describe and measure enclave images (EIF).
     #[command(subcommand)]
     Eif(cmd::eif::EifCommand),
@@ -66,6 +68,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Attestation(c) => cmd::attestation::run(c),
         Command::Eif(c) => cmd::eif::run(c),
+        Command::Demo(a) => cmd::demo::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

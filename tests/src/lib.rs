@@ -1,2 +1,58 @@
-//! Helpers for the end-to-end tests live in `tests/`.
+//! Helpers for the end-to-end tests: locating the real binaries, running them with bounded
+//! time, and the shared test vectors.
 #![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The directory holding the workspace's built binaries (`target/debug` or `target/release`),
+/// found from the running test executable (`target/<profile>/deps/<test>`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf()
+}
+
+/// Path of a workspace binary; panics with instructions if it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --workspace --bins` first (the README's test command does)",
+        p.display()
+    );
+    p
+}
+
+/// The real Nitro vectors in `../shared/vectors/nitro` (beside the repository).
+pub fn shared_vectors() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/vectors/nitro");
+    assert!(
+        p.join("doc-1.cbor").exists(),
+        "shared vectors not found at {} (CI clones ../shared beside the repo)",
+        p.display()
+    );
+    p
+}
+
+/// Runs `cmd` to completion, killing it after `limit`.
+pub fn run_with_limit(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let start = Instant::now();
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!("{cmd:?} did not finish within {limit:?}; stderr: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs `keygate` with `args` (30 s limit).
+pub fn keygate(args: &[&str]) -> Output {
+    run_with_limit(Command::new(bin("keygate")).args(args), Duration::from_secs(30))
+}
