@@ -129,7 +129,7 @@ pub fn pem_encode(label: &str, der: &[u8]) -> String {
 
 fn parse(der: &[u8], at: CertAt) -> Result<X509Certificate<'_>, VerifyError> {
     match X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok((&[], cert)) => Ok(cert),
         _ => Err(VerifyError::CertificateParse { at }),
     }
 }

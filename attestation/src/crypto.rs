@@ -175,7 +175,7 @@ mod tests {
             let mut bad_point = point.clone();
             bad_point[50] ^= 1;
             assert_eq!(b.validate_p384_point(&bad_point), Err(CryptoError::BadPublicKey), "{}", b.name());
-            assert_eq!(b.verify_p384_sha384_fixed(&bad_point, msg, &fixed).is_err(), true);
+            assert!(b.verify_p384_sha384_fixed(&bad_point, msg, &fixed).is_err());
             assert_eq!(b.validate_p384_point(&point), Ok(()));
             assert_eq!(b.validate_p384_point(&point[..96]), Err(CryptoError::BadPublicKey));
         }
