@@ -5,6 +5,13 @@
 
 use std::fmt;
 
+use crate::secret::{Secret, SecretVec};
+
+/// A P-384 private scalar.
+pub type P384Scalar = Secret<48>;
+/// An ECDH P-384 shared secret (the x-coordinate).
+pub type SharedSecret = Secret<48>;
+
 /// A P-384 public key as an uncompressed SEC1 point (`04 || x || y`, 97 bytes).
 pub const P384_POINT_LEN: usize = 97;
 /// A raw ECDSA P-384 signature `r || s`.
@@ -42,6 +49,48 @@ pub trait Crypto: Send + Sync + fmt::Debug {
 
     /// Checks that `point` is a valid uncompressed P-384 public key (on the curve, not identity).
     fn validate_p384_point(&self, point: &[u8]) -> Result<(), CryptoError>;
+
+    /// The uncompressed public point of a private scalar (refused if zero or ≥ n).
+    fn p384_public(&self, scalar: &P384Scalar) -> Result<Vec<u8>, CryptoError>;
+
+    /// ECDH P-384: the x-coordinate of `scalar · peer`.
+    fn ecdh_p384(&self, scalar: &P384Scalar, peer: &[u8]) -> Result<SharedSecret, CryptoError>;
+
+    /// HKDF-SHA384 (RFC 5869): fills `out` (at most 255 × 48 bytes).
+    fn hkdf_sha384(&self, salt: &[u8], ikm: &[u8], info: &[u8], out: &mut [u8]) -> Result<(), CryptoError>;
+
+    /// AES-256-GCM encryption; returns ciphertext ‖ 16-byte tag.
+    fn aes256gcm_seal(
+        &self,
+        key: &Secret<32>,
+        nonce: &[u8; 12],
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, CryptoError>;
+
+    /// AES-256-GCM decryption of ciphertext ‖ tag.
+    fn aes256gcm_open(
+        &self,
+        key: &Secret<32>,
+        nonce: &[u8; 12],
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<SecretVec, CryptoError>;
+}
+
+/// Derives a P-384 private scalar from random bytes drawn by `fill` (rejection sampling:
+/// a 48-byte string that is zero or ≥ n is drawn again; the chance is below 2^-190).
+pub fn p384_scalar_from(
+    crypto: &dyn Crypto,
+    mut fill: impl FnMut(&mut [u8]),
+) -> Result<(P384Scalar, Vec<u8>), CryptoError> {
+    for _ in 0..8 {
+        let scalar = Secret::generate(&mut fill);
+        if let Ok(public) = crypto.p384_public(&scalar) {
+            return Ok((scalar, public));
+        }
+    }
+    Err(CryptoError::BadPublicKey)
 }
 
 /// The pure-Rust backend (RustCrypto `p384`).
@@ -78,6 +127,51 @@ impl Crypto for RustCrypto {
 
     fn validate_p384_point(&self, point: &[u8]) -> Result<(), CryptoError> {
         Self::key(point).map(|_| ())
+    }
+
+    fn p384_public(&self, scalar: &P384Scalar) -> Result<Vec<u8>, CryptoError> {
+        let sk = p384::SecretKey::from_slice(scalar.expose()).map_err(|_| CryptoError::BadPublicKey)?;
+        use p384::elliptic_curve::sec1::ToEncodedPoint as _;
+        Ok(sk.public_key().to_encoded_point(false).as_bytes().to_vec())
+    }
+
+    fn ecdh_p384(&self, scalar: &P384Scalar, peer: &[u8]) -> Result<SharedSecret, CryptoError> {
+        let _ = Self::key(peer)?;
+        let sk = p384::SecretKey::from_slice(scalar.expose()).map_err(|_| CryptoError::BadPublicKey)?;
+        let pk = p384::PublicKey::from_sec1_bytes(peer).map_err(|_| CryptoError::BadPublicKey)?;
+        let shared = p384::ecdh::diffie_hellman(sk.to_nonzero_scalar(), pk.as_affine());
+        Secret::from_slice(&shared.raw_secret_bytes()[..]).ok_or(CryptoError::BadPublicKey)
+    }
+
+    fn hkdf_sha384(&self, salt: &[u8], ikm: &[u8], info: &[u8], out: &mut [u8]) -> Result<(), CryptoError> {
+        hkdf::Hkdf::<sha2::Sha384>::new(Some(salt), ikm).expand(info, out).map_err(|_| CryptoError::Kdf)
+    }
+
+    fn aes256gcm_seal(
+        &self,
+        key: &Secret<32>,
+        nonce: &[u8; 12],
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
+        use aes_gcm::aead::{Aead, KeyInit, Payload};
+        let cipher = aes_gcm::Aes256Gcm::new_from_slice(key.expose()).map_err(|_| CryptoError::Kdf)?;
+        cipher.encrypt(&aes_gcm::Nonce::from(*nonce), Payload { msg: plaintext, aad }).map_err(|_| CryptoError::Kdf)
+    }
+
+    fn aes256gcm_open(
+        &self,
+        key: &Secret<32>,
+        nonce: &[u8; 12],
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<SecretVec, CryptoError> {
+        use aes_gcm::aead::{Aead, KeyInit, Payload};
+        let cipher = aes_gcm::Aes256Gcm::new_from_slice(key.expose()).map_err(|_| CryptoError::Decrypt)?;
+        cipher
+            .decrypt(&aes_gcm::Nonce::from(*nonce), Payload { msg: sealed, aad })
+            .map(SecretVec::new)
+            .map_err(|_| CryptoError::Decrypt)
     }
 }
 
@@ -125,6 +219,71 @@ impl Crypto for AwsLc {
         // aws-lc validates the point when parsing it as an ECDH peer key.
         let unparsed = aws_lc_rs::agreement::UnparsedPublicKey::new(&aws_lc_rs::agreement::ECDH_P384, point);
         aws_lc_rs::agreement::ParsedPublicKey::try_from(&unparsed).map(|_| ()).map_err(|_| CryptoError::BadPublicKey)
+    }
+
+    fn p384_public(&self, scalar: &P384Scalar) -> Result<Vec<u8>, CryptoError> {
+        use aws_lc_rs::agreement::{PrivateKey, ECDH_P384};
+        let key = PrivateKey::from_private_key(&ECDH_P384, scalar.expose()).map_err(|_| CryptoError::BadPublicKey)?;
+        key.compute_public_key().map(|p| p.as_ref().to_vec()).map_err(|_| CryptoError::BadPublicKey)
+    }
+
+    fn ecdh_p384(&self, scalar: &P384Scalar, peer: &[u8]) -> Result<SharedSecret, CryptoError> {
+        use aws_lc_rs::agreement::{agree, PrivateKey, UnparsedPublicKey, ECDH_P384};
+        if peer.len() != P384_POINT_LEN || peer[0] != 0x04 {
+            return Err(CryptoError::BadPublicKey);
+        }
+        let key = PrivateKey::from_private_key(&ECDH_P384, scalar.expose()).map_err(|_| CryptoError::BadPublicKey)?;
+        agree(&key, UnparsedPublicKey::new(&ECDH_P384, peer), CryptoError::BadPublicKey, |x| {
+            Secret::from_slice(x).ok_or(CryptoError::BadPublicKey)
+        })
+    }
+
+    fn hkdf_sha384(&self, salt: &[u8], ikm: &[u8], info: &[u8], out: &mut [u8]) -> Result<(), CryptoError> {
+        use aws_lc_rs::hkdf::{KeyType, Salt, HKDF_SHA384};
+        struct Len(usize);
+        impl KeyType for Len {
+            fn len(&self) -> usize {
+                self.0
+            }
+        }
+        let info = [info];
+        Salt::new(HKDF_SHA384, salt)
+            .extract(ikm)
+            .expand(&info, Len(out.len()))
+            .and_then(|okm| okm.fill(out))
+            .map_err(|_| CryptoError::Kdf)
+    }
+
+    fn aes256gcm_seal(
+        &self,
+        key: &Secret<32>,
+        nonce: &[u8; 12],
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
+        use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+        let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key.expose()).map_err(|_| CryptoError::Kdf)?);
+        let mut buf = plaintext.to_vec();
+        key.seal_in_place_append_tag(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), &mut buf)
+            .map_err(|_| CryptoError::Kdf)?;
+        Ok(buf)
+    }
+
+    fn aes256gcm_open(
+        &self,
+        key: &Secret<32>,
+        nonce: &[u8; 12],
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<SecretVec, CryptoError> {
+        use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+        let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key.expose()).map_err(|_| CryptoError::Decrypt)?);
+        let mut buf = zeroize::Zeroizing::new(sealed.to_vec());
+        let n = key
+            .open_in_place(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), &mut buf)
+            .map_err(|_| CryptoError::Decrypt)?
+            .len();
+        Ok(SecretVec::new(buf[..n].to_vec()))
     }
 }
 
@@ -178,6 +337,47 @@ mod tests {
             assert!(b.verify_p384_sha384_fixed(&bad_point, msg, &fixed).is_err());
             assert_eq!(b.validate_p384_point(&point), Ok(()));
             assert_eq!(b.validate_p384_point(&point[..96]), Err(CryptoError::BadPublicKey));
+        }
+    }
+
+    #[test]
+    fn backends_agree_on_ecdh_hkdf_and_aes_gcm() {
+        let backends = all_backends();
+        let a = Secret::new([3u8; 48]);
+        let b = Secret::new([5u8; 48]);
+        let mut results = Vec::new();
+        for c in &backends {
+            let pa = c.p384_public(&a).expect("pub a");
+            let pb = c.p384_public(&b).expect("pub b");
+            let s1 = c.ecdh_p384(&a, &pb).expect("ecdh");
+            let s2 = c.ecdh_p384(&b, &pa).expect("ecdh");
+            assert_eq!(s1, s2, "{}", c.name());
+            let mut okm = [0u8; 44];
+            c.hkdf_sha384(b"salt", s1.expose(), b"info", &mut okm).expect("hkdf");
+            let key = Secret::<32>::from_slice(&okm[..32]).expect("key");
+            let nonce: [u8; 12] = okm[32..].try_into().expect("nonce");
+            let sealed = c.aes256gcm_seal(&key, &nonce, b"aad", b"plaintext").expect("seal");
+            assert_eq!(c.aes256gcm_open(&key, &nonce, b"aad", &sealed).expect("open").expose(), b"plaintext");
+            assert_eq!(c.aes256gcm_open(&key, &nonce, b"aaX", &sealed), Err(CryptoError::Decrypt));
+            let mut bad = sealed.clone();
+            bad[0] ^= 1;
+            assert_eq!(c.aes256gcm_open(&key, &nonce, b"aad", &bad), Err(CryptoError::Decrypt));
+            assert_eq!(c.aes256gcm_open(&key, &nonce, b"aad", &sealed[..15]), Err(CryptoError::Decrypt));
+            let mut off_curve = pb.clone();
+            off_curve[40] ^= 1;
+            assert_eq!(c.ecdh_p384(&a, &off_curve), Err(CryptoError::BadPublicKey), "{}", c.name());
+            assert_eq!(c.p384_public(&Secret::new([0u8; 48])), Err(CryptoError::BadPublicKey), "{}", c.name());
+            assert_eq!(c.p384_public(&Secret::new([0xffu8; 48])), Err(CryptoError::BadPublicKey), "{}", c.name());
+            results.push((pa, s1, sealed));
+        }
+        assert!(results.windows(2).all(|w| w[0] == w[1]), "backends disagree");
+        // RFC 5869-style check against the `hkdf` crate for the aws-lc backend's output.
+        let mut expect = [0u8; 42];
+        hkdf::Hkdf::<sha2::Sha384>::new(Some(b"s"), b"ikm").expand(b"i", &mut expect).expect("hkdf");
+        for c in &backends {
+            let mut got = [0u8; 42];
+            c.hkdf_sha384(b"s", b"ikm", b"i", &mut got).expect("hkdf");
+            assert_eq!(got, expect, "{}", c.name());
         }
     }
 }
