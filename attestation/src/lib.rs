@@ -16,6 +16,7 @@ pub mod error;
 pub mod mock;
 pub mod nsm;
 pub mod pcr;
+pub mod policy;
 pub mod secret;
 pub mod verify;
 

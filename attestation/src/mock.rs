@@ -365,7 +365,12 @@ impl MockPki {
 
     /// A module id in the real format (`i-<17 hex>-enc<17 hex>`), from the seed.
     pub fn module_id(&self) -> String {
-        let h = hex::encode(Sha384::digest([self.seed.as_slice(), b"module"].concat()));
+        self.module_id_for("")
+    }
+
+    /// The module id of a named instance under this PKI.
+    pub fn module_id_for(&self, instance: &str) -> String {
+        let h = hex::encode(Sha384::digest([self.seed.as_slice(), b"module", instance.as_bytes()].concat()));
         format!("i-{}-enc{}", &h[..17], &h[17..34])
     }
 
@@ -491,6 +496,7 @@ pub struct MockNsm {
     /// The PKI for the current hour (rebuilt when the hour changes).
     pki: Mutex<Option<(u64, MockPki)>>,
     counter: Mutex<u64>,
+    instance: String,
 }
 
 impl std::fmt::Debug for MockNsm {
@@ -518,7 +524,22 @@ impl MockNsm {
         };
         let mut pcrs: BTreeMap<u8, Vec<u8>> = (0..n).map(|i| (i, vec![0u8; 48])).collect();
         pcrs.extend(given);
-        Self { seed: seed.to_vec(), kind, pcrs, clock, pki: Mutex::new(None), counter: Mutex::new(0) }
+        Self {
+            seed: seed.to_vec(),
+            kind,
+            pcrs,
+            clock,
+            pki: Mutex::new(None),
+            counter: Mutex::new(0),
+            instance: String::new(),
+        }
+    }
+
+    /// Names this instance: documents from the same PKI get a distinct `module_id` per name
+    /// (as different enclaves under one AWS PKI do).
+    pub fn with_instance(mut self, name: &str) -> Self {
+        self.instance = name.to_owned();
+        self
     }
 
     /// The PKI in force at `now_ms`.
@@ -553,7 +574,7 @@ impl MockNsm {
         let pki = self.pki_at(timestamp_ms);
         let chain = pki.chain(timestamp_ms);
         let doc = MockDocument {
-            module_id: pki.module_id(),
+            module_id: pki.module_id_for(&self.instance),
             digest: "SHA384".to_owned(),
             timestamp_ms,
             kind: self.kind,

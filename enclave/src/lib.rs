@@ -1,2 +1,19 @@
-//! Key release enclave.
+//! keygate-enclave: the key release enclave (KRE).
+//!
+//! - [`wire`]: the framed wire format (docs/protocol.md).
+//! - [`core`]: the per-connection state machine and every release decision, without I/O.
+//! - [`keys`]: KEKs, data-key derivation, wrapping to an attested key.
+//! - [`nonces`]: the bounded, single-use challenge table.
+//! - [`client`]: the control-plane side of the handshake, without I/O.
+//! - [`transport`], [`io`], [`server`]: the thin tokio adapters (Unix sockets, vsock).
 #![forbid(unsafe_code)]
+
+pub mod client;
+pub mod core;
+pub mod io;
+pub mod keys;
+pub mod nonces;
+pub mod policy_file;
+pub mod server;
+pub mod transport;
+pub mod wire;

@@ -1,1 +1,186 @@
-fn main() {}
+//! `keygate-enclave`: the key release enclave process.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use keygate_attestation::{HardwareNsm, Nsm, PcrExpectation, TrustAnchor, Verifier};
+use keygate_enclave::core::{Kre, KreConfig};
+use keygate_enclave::server::{self, ServerConfig};
+use keygate_enclave::transport::{Addr, Listener};
+
+#[derive(Debug, Parser)]
+#[command(name = "keygate-enclave", version, about = "keygate key release enclave")]
+struct Args {
+    /// Where to listen: vsock:PORT (production), vsock:CID:PORT, or unix:PATH.
+    #[arg(long)]
+    listen: Addr,
+    /// The startup policy file (JSON): per cluster, the allowed images.
+    #[arg(long)]
+    policy: PathBuf,
+    /// NSM backend: hardware (/dev/nsm) or mock (test builds only).
+    #[arg(long, default_value = "hardware")]
+    nsm: String,
+    /// Mock NSM: seed of the mock PKI.
+    #[arg(long)]
+    mock_seed: Option<String>,
+    /// Mock NSM: this KRE's PCRs (repeatable).
+    #[arg(long = "mock-pcr", value_name = "N=HEX")]
+    mock_pcr: Vec<PcrExpectation>,
+    /// Trust this root (PEM) for clients' documents. Default: the AWS Nitro root, or with
+    /// `--nsm mock` the mock PKI's root.
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Challenge lifetime in seconds.
+    #[arg(long, default_value_t = 30)]
+    challenge_ttl: u64,
+    /// Most outstanding challenges.
+    #[arg(long, default_value_t = 16_384)]
+    max_challenges: usize,
+    /// Maximum age of a client's attestation document, seconds.
+    #[arg(long, default_value_t = 60)]
+    max_doc_age: u64,
+    /// Most concurrent connections.
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
+    /// Seconds allowed for one complete frame.
+    #[arg(long, default_value_t = 10)]
+    frame_timeout: u64,
+    /// Seconds a connection may live in all.
+    #[arg(long, default_value_t = 30)]
+    connection_timeout: u64,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Log JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("keygate-enclave: error: {msg}");
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if args.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+
+    let (nsm, default_anchor): (Arc<dyn Nsm>, Option<TrustAnchor>) = match args.nsm.as_str() {
+        "hardware" => match HardwareNsm::open() {
+            Ok(n) => (Arc::new(n), None),
+            Err(e) => return fail(format!("{e} (use --nsm mock only for testing)")),
+        },
+        "mock" => match mock_nsm(&args) {
+            Ok(x) => x,
+            Err(e) => return fail(e),
+        },
+        other => return fail(format!("--nsm must be `hardware` or `mock`, not `{other}`")),
+    };
+    let anchor = match (&args.root, default_anchor) {
+        (Some(p), _) => match std::fs::read(p)
+            .map_err(|e| e.to_string())
+            .and_then(|b| TrustAnchor::from_pem(&b).map_err(|e| e.to_string()))
+        {
+            Ok(a) => a,
+            Err(e) => return fail(format!("--root {}: {e}", p.display())),
+        },
+        (None, Some(a)) => a,
+        (None, None) => match TrustAnchor::aws_nitro() {
+            Ok(a) => a,
+            Err(e) => return fail(e),
+        },
+    };
+    let policy = match std::fs::read(&args.policy)
+        .map_err(|e| e.to_string())
+        .and_then(|b| keygate_enclave::policy_file::parse(&b).map_err(|e| e.to_string()))
+    {
+        Ok(p) => p,
+        Err(e) => return fail(format!("--policy {}: {e}", args.policy.display())),
+    };
+    let config = KreConfig {
+        challenge_ttl: Duration::from_secs(args.challenge_ttl),
+        max_challenges: args.max_challenges,
+        max_doc_age: Duration::from_secs(args.max_doc_age),
+        ..KreConfig::default()
+    };
+    let clusters = policy.clusters.len();
+    let kre = match Kre::new(config, Verifier::new(anchor.clone()), policy, nsm) {
+        Ok(k) => Arc::new(k),
+        Err(e) => return fail(e),
+    };
+    let server_cfg = ServerConfig {
+        max_connections: args.max_connections,
+        frame_timeout: Duration::from_secs(args.frame_timeout),
+        connection_timeout: Duration::from_secs(args.connection_timeout),
+    };
+
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(n) = args.threads {
+        rt.worker_threads(n.max(1));
+    }
+    let rt = match rt.build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("runtime: {e}")),
+    };
+    rt.block_on(async move {
+        let listener = match Listener::bind(&args.listen).await {
+            Ok(l) => l,
+            Err(e) => return fail(format!("cannot listen on {}: {e}", args.listen)),
+        };
+        tracing::info!(
+            listen = %args.listen,
+            nsm = kre.nsm_kind(),
+            clusters,
+            client_root_sha256 = %hex::encode(anchor.fingerprint()),
+            "keygate-enclave ready"
+        );
+        let shutdown = async {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+        };
+        server::serve(listener, kre, server_cfg, shutdown).await;
+        tracing::info!("keygate-enclave stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+#[cfg(feature = "mock")]
+fn mock_nsm(args: &Args) -> Result<(Arc<dyn Nsm>, Option<TrustAnchor>), String> {
+    use keygate_attestation::mock::{system_clock, MockNsm};
+    let seed = args.mock_seed.as_deref().ok_or("--nsm mock needs --mock-seed")?;
+    let pcrs = args.mock_pcr.iter().map(|e| (e.index, e.value.clone())).collect();
+    let nsm = MockNsm::new(seed.as_bytes(), pcrs, system_clock()).with_instance("kre");
+    let anchor = nsm.root_anchor();
+    for line in [
+        "################################################################",
+        "#  MOCK NSM IN USE: this KRE's attestation is NOT genuine.     #",
+        "#  Documents are signed by a test PKI. NEVER use in production. #",
+        "################################################################",
+    ] {
+        tracing::warn!("{line}");
+    }
+    Ok((Arc::new(nsm), Some(anchor)))
+}
+
+#[cfg(not(feature = "mock"))]
+fn mock_nsm(_: &Args) -> Result<(Arc<dyn Nsm>, Option<TrustAnchor>), String> {
+    Err("this build has no mock NSM (built without the `mock` feature)".into())
+}

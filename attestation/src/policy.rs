@@ -1,0 +1,240 @@
+//! Release policy: which images may receive which cluster's keys, and the one function that
+//! decides it. The startup policy file and (later) the pipeline-signed bundle both feed
+//! [`ReleasePolicy`]; [`evaluate`] is the only place the decision is made.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::document::DocumentKind;
+use crate::verify::{UnixMillis, VerifiedAttestation};
+
+/// One allowed image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRule {
+    /// A name for logs and denials (e.g. the pipeline build id).
+    pub name: String,
+    /// PCRs that must match exactly. Must include PCR0, PCR1 and PCR2, or PCR8 alone
+    /// (signer-based trust).
+    pub pcrs: BTreeMap<u8, Vec<u8>>,
+    /// Only this kind of document matches (any kind when `None`).
+    pub kind: Option<DocumentKind>,
+    /// The rule stops matching after this time (ms since epoch).
+    pub not_after_ms: Option<UnixMillis>,
+}
+
+/// A cluster's allowed images.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterRule {
+    /// Any of these may receive the cluster's keys.
+    pub images: Vec<ImageRule>,
+}
+
+/// The whole policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReleasePolicy {
+    /// Per-cluster rules.
+    pub clusters: BTreeMap<String, ClusterRule>,
+    /// Accept debug-mode documents (never in production).
+    pub allow_debug: bool,
+}
+
+/// Why a policy is unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// An image rule pins neither PCR0+1+2 nor PCR8: it would match too much.
+    #[error("image `{image}` of cluster `{cluster}` must pin PCR0, PCR1 and PCR2, or PCR8")]
+    Underspecified { cluster: String, image: String },
+    /// A PCR value is not 32, 48 or 64 bytes, or its index is not below 32.
+    #[error("image `{image}` of cluster `{cluster}`: PCR{index} is not a valid measurement")]
+    BadPcr { cluster: String, image: String, index: u8 },
+    /// A cluster has no images.
+    #[error("cluster `{0}` allows no image")]
+    EmptyCluster(String),
+}
+
+impl ReleasePolicy {
+    /// Checks that every rule is meaningful.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        for (cluster, rule) in &self.clusters {
+            if rule.images.is_empty() {
+                return Err(PolicyError::EmptyCluster(cluster.clone()));
+            }
+            for image in &rule.images {
+                for (i, v) in &image.pcrs {
+                    if *i >= 32 || ![32, 48, 64].contains(&v.len()) {
+                        return Err(PolicyError::BadPcr {
+                            cluster: cluster.clone(),
+                            image: image.name.clone(),
+                            index: *i,
+                        });
+                    }
+                }
+                let has = |i: u8| image.pcrs.contains_key(&i);
+                if !(has(0) && has(1) && has(2)) && !has(8) {
+                    return Err(PolicyError::Underspecified { cluster: cluster.clone(), image: image.name.clone() });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why the policy refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyDenial {
+    /// The cluster is not in the policy.
+    #[error("cluster `{0}` is not in the policy")]
+    UnknownCluster(String),
+    /// A debug-mode document and the policy does not allow debug.
+    #[error("debug-mode documents are not allowed by the policy")]
+    DebugMode,
+    /// No allowed image matches.
+    #[error("no image allowed for cluster `{cluster}` matches: {detail}")]
+    NoMatchingImage { cluster: String, detail: MismatchDetail },
+}
+
+/// The closest image rule and why it did not match, for the denial message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MismatchDetail {
+    /// The nearest rule differs at this PCR.
+    Pcr { image: String, index: u8 },
+    /// Every rule whose PCRs match is of the other document kind.
+    Kind { image: String, required: DocumentKind, found: DocumentKind },
+    /// Every rule whose PCRs match has passed its not-after time.
+    Expired { image: String, not_after_ms: UnixMillis },
+}
+
+impl fmt::Display for MismatchDetail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MismatchDetail::Pcr { image, index } => write!(f, "PCR{index} differs (closest image `{image}`)"),
+            MismatchDetail::Kind { image, required, found } => {
+                write!(f, "image `{image}` requires a {required} document, got {found}")
+            }
+            MismatchDetail::Expired { image, not_after_ms } => {
+                write!(f, "image `{image}` expired at {not_after_ms} ms")
+            }
+        }
+    }
+}
+
+/// Decides whether `att` may receive keys of `cluster` at `now_ms`; returns the matching
+/// image rule.
+pub fn evaluate<'p>(
+    policy: &'p ReleasePolicy,
+    att: &VerifiedAttestation,
+    cluster: &str,
+    now_ms: UnixMillis,
+) -> Result<&'p ImageRule, PolicyDenial> {
+    let rule = policy.clusters.get(cluster).ok_or_else(|| PolicyDenial::UnknownCluster(cluster.to_owned()))?;
+    if att.is_debug() && !policy.allow_debug {
+        return Err(PolicyDenial::DebugMode);
+    }
+    // The closest miss: the rule whose first mismatching PCR index is highest (most PCRs
+    // in order matched); kind and expiry misses rank above any PCR mismatch.
+    let mut best: Option<(u16, MismatchDetail)> = None;
+    for image in &rule.images {
+        let mismatch = image.pcrs.iter().find(|(i, v)| att.pcr(**i) != Some(v.as_slice())).map(|(i, _)| *i);
+        let miss = match mismatch {
+            Some(index) => (u16::from(index), MismatchDetail::Pcr { image: image.name.clone(), index }),
+            None => match (image.kind, image.not_after_ms) {
+                (Some(required), _) if required != att.kind() => {
+                    (1000, MismatchDetail::Kind { image: image.name.clone(), required, found: att.kind() })
+                }
+                (_, Some(not_after_ms)) if now_ms > not_after_ms => {
+                    (1001, MismatchDetail::Expired { image: image.name.clone(), not_after_ms })
+                }
+                _ => return Ok(image),
+            },
+        };
+        if best.as_ref().is_none_or(|(score, _)| miss.0 > *score) {
+            best = Some(miss);
+        }
+    }
+    let detail = best.map(|(_, d)| d).ok_or_else(|| PolicyDenial::UnknownCluster(cluster.to_owned()))?;
+    Err(PolicyDenial::NoMatchingImage { cluster: cluster.to_owned(), detail })
+}
+
+#[cfg(all(test, feature = "mock"))]
+mod tests {
+    use super::*;
+    use crate::mock::MockNsm;
+    use crate::{AttestRequest, Nsm, Verifier, VerifyOptions};
+    use std::sync::Arc;
+
+    const T: u64 = 1_795_478_400_000;
+
+    fn att(pcrs: &[(u8, u8)], kind: DocumentKind) -> VerifiedAttestation {
+        let pcrs = pcrs.iter().map(|(i, b)| (*i, vec![*b; 48])).collect();
+        let nsm = MockNsm::with_kind(b"policy", kind, pcrs, Arc::new(|| T));
+        let doc = nsm.attest(&AttestRequest::default()).expect("doc");
+        let mut o = VerifyOptions::at(T);
+        o.allow_debug = true;
+        Verifier::new(nsm.root_anchor()).verify(&doc, &o).expect("verify")
+    }
+
+    fn image(name: &str, pcrs: &[(u8, u8)]) -> ImageRule {
+        ImageRule {
+            name: name.into(),
+            pcrs: pcrs.iter().map(|(i, b)| (*i, vec![*b; 48])).collect(),
+            kind: None,
+            not_after_ms: None,
+        }
+    }
+
+    fn policy(images: Vec<ImageRule>) -> ReleasePolicy {
+        ReleasePolicy { clusters: BTreeMap::from([("c".to_owned(), ClusterRule { images })]), allow_debug: false }
+    }
+
+    #[test]
+    fn matching_and_each_denial() {
+        let good = att(&[(0, 1), (1, 2), (2, 3)], DocumentKind::Enclave);
+        let p = policy(vec![image("old", &[(0, 9), (1, 2), (2, 3)]), image("new", &[(0, 1), (1, 2), (2, 3)])]);
+        assert_eq!(evaluate(&p, &good, "c", T).map(|i| i.name.as_str()), Ok("new"));
+        assert_eq!(evaluate(&p, &good, "x", T), Err(PolicyDenial::UnknownCluster("x".into())));
+
+        let wrong2 = att(&[(0, 1), (1, 2), (2, 4)], DocumentKind::Enclave);
+        assert_eq!(
+            evaluate(&p, &wrong2, "c", T),
+            Err(PolicyDenial::NoMatchingImage {
+                cluster: "c".into(),
+                detail: MismatchDetail::Pcr { image: "new".into(), index: 2 }
+            })
+        );
+
+        let debug = att(&[], DocumentKind::Enclave);
+        assert_eq!(evaluate(&p, &debug, "c", T), Err(PolicyDenial::DebugMode));
+
+        let mut kinded = p.clone();
+        kinded.clusters.get_mut("c").expect("c").images[1].kind = Some(DocumentKind::NitroTpm);
+        assert!(matches!(
+            evaluate(&kinded, &good, "c", T),
+            Err(PolicyDenial::NoMatchingImage { detail: MismatchDetail::Kind { .. }, .. })
+        ));
+        let tpm = att(&[(0, 1), (1, 2), (2, 3)], DocumentKind::NitroTpm);
+        assert!(evaluate(&kinded, &tpm, "c", T).is_ok());
+
+        let mut expiring = p.clone();
+        expiring.clusters.get_mut("c").expect("c").images[1].not_after_ms = Some(T);
+        assert!(evaluate(&expiring, &good, "c", T).is_ok());
+        assert!(matches!(
+            evaluate(&expiring, &good, "c", T + 1),
+            Err(PolicyDenial::NoMatchingImage { detail: MismatchDetail::Expired { .. }, .. })
+        ));
+    }
+
+    #[test]
+    fn pcr8_alone_is_enough_and_underspecified_rules_are_refused() {
+        let signed = att(&[(0, 1), (1, 2), (2, 3), (8, 8)], DocumentKind::Enclave);
+        let p = policy(vec![image("signer", &[(8, 8)])]);
+        p.validate().expect("valid");
+        assert!(evaluate(&p, &signed, "c", T).is_ok());
+        assert!(matches!(policy(vec![image("loose", &[(0, 1)])]).validate(), Err(PolicyError::Underspecified { .. })));
+        assert!(matches!(policy(vec![]).validate(), Err(PolicyError::EmptyCluster(_))));
+        let mut bad = image("bad", &[(0, 1), (1, 1), (2, 1)]);
+        bad.pcrs.insert(3, vec![0; 5]);
+        assert!(matches!(policy(vec![bad]).validate(), Err(PolicyError::BadPcr { index: 3, .. })));
+    }
+}

@@ -1,0 +1,193 @@
+//! The control-plane side of the boot key fetch, without I/O: a state machine that
+//! produces the frames to send and checks the frames received.
+//!
+//! It verifies the KRE's attestation (mutual attestation: the KRE's document must carry the
+//! client's nonce, bind the server nonce in `user_data`, verify to the pinned root, be an
+//! enclave document, and have the expected PCRs), attests itself with a fresh ephemeral
+//! P-384 key, and unwraps the released keys.
+
+use keygate_attestation::crypto::{p384_scalar_from, Crypto, CryptoError, P384Scalar};
+use keygate_attestation::{
+    pcr, AttestRequest, DocumentKind, Nsm, NsmError, PcrExpectation, PcrMismatch, Verifier, VerifyError, VerifyOptions,
+};
+use sha2::{Digest, Sha384};
+
+use crate::core::kre_user_data;
+use crate::keys::{self, DataKey, Transcript};
+use crate::wire::{self, DenyCode, Id, Message, WireError, POINT_LEN};
+
+/// Why a fetch failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The KRE refused, saying why.
+    #[error("the KRE denied the request: {code}: {reason}")]
+    Denied { code: DenyCode, reason: String },
+    /// The KRE's attestation did not verify.
+    #[error("KRE attestation refused: {0}")]
+    KreAttestation(VerifyError),
+    /// The KRE's PCRs are not the expected ones.
+    #[error("KRE attestation refused: {0}")]
+    KrePcr(PcrMismatch),
+    /// The KRE's attestation does not carry our nonce or does not bind its challenge.
+    #[error("KRE attestation refused: {0}")]
+    KreBinding(&'static str),
+    /// The KRE sent something that is not a valid frame.
+    #[error("bad frame from the KRE: {0}")]
+    Wire(WireError),
+    /// The KRE sent a valid message at the wrong time.
+    #[error("unexpected {0} from the KRE")]
+    Unexpected(&'static str),
+    /// The local NSM failed.
+    #[error("local NSM: {0}")]
+    Nsm(NsmError),
+    /// The released keys could not be unwrapped (transcript or ciphertext tampered).
+    #[error("released keys could not be unwrapped: {0}")]
+    Unwrap(CryptoError),
+    /// The Released message does not answer the request.
+    #[error("Released does not match the request: {0}")]
+    Mismatch(&'static str),
+    /// A transport failure.
+    #[error("transport: {0}")]
+    Io(String),
+}
+
+impl ClientError {
+    /// Whether retrying later may succeed (transport trouble, a busy or restarting KRE).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Io(_) => true,
+            ClientError::Denied { code, .. } => matches!(
+                code,
+                DenyCode::Busy | DenyCode::ChallengeExpired | DenyCode::Sealed | DenyCode::Timeout | DenyCode::Internal
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// What to request and how to check the KRE.
+#[derive(Debug, Clone)]
+pub struct FetchRequest {
+    /// The cluster.
+    pub cluster: Id,
+    /// The keys.
+    pub key_ids: Vec<Id>,
+    /// PCRs the KRE must have.
+    pub expect_kre_pcrs: Vec<PcrExpectation>,
+}
+
+/// A released data key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleasedKey {
+    /// The key id.
+    pub key_id: Id,
+    /// The KEK version it derives from.
+    pub version: u32,
+    /// The key.
+    pub key: DataKey,
+}
+
+/// Waiting for the Challenge.
+#[derive(Debug)]
+pub struct AwaitChallenge {
+    request: FetchRequest,
+    client_nonce: [u8; 32],
+}
+
+/// Waiting for Released.
+#[derive(Debug)]
+pub struct AwaitReleased {
+    request: FetchRequest,
+    transcript: Transcript,
+    scalar: P384Scalar,
+    /// The Release frame that was sent (kept so tests and the demo can replay it).
+    pub release_frame: Vec<u8>,
+}
+
+/// Starts a fetch: the Hello frame to send.
+pub fn start(request: FetchRequest, rng: &mut dyn FnMut(&mut [u8])) -> Result<(AwaitChallenge, Vec<u8>), ClientError> {
+    let mut client_nonce = [0u8; 32];
+    rng(&mut client_nonce);
+    let frame = Message::Hello { client_nonce }.encode().map_err(ClientError::Wire)?;
+    Ok((AwaitChallenge { request, client_nonce }, frame))
+}
+
+fn expect_ok(body: &[u8]) -> Result<Message, ClientError> {
+    match Message::decode(body).map_err(ClientError::Wire)? {
+        Message::Denied { code, reason } => Err(ClientError::Denied { code, reason }),
+        m => Ok(m),
+    }
+}
+
+impl AwaitChallenge {
+    /// Checks the Challenge and the KRE's attestation; attests and returns the Release frame.
+    pub fn on_challenge(
+        self,
+        body: &[u8],
+        kre_verifier: &Verifier,
+        now_ms: u64,
+        nsm: &dyn Nsm,
+        crypto: &dyn Crypto,
+        rng: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<AwaitReleased, ClientError> {
+        let (server_nonce, kre_attestation) = match expect_ok(body)? {
+            Message::Challenge { server_nonce, kre_attestation } => (server_nonce, kre_attestation),
+            m => return Err(ClientError::Unexpected(m.name())),
+        };
+        let mut opts = VerifyOptions::at(now_ms);
+        opts.require_kind = Some(DocumentKind::Enclave);
+        let att = kre_verifier.verify(&kre_attestation, &opts).map_err(ClientError::KreAttestation)?;
+        if att.nonce() != Some(self.client_nonce.as_slice()) {
+            return Err(ClientError::KreBinding("its nonce is not our Hello nonce"));
+        }
+        if att.user_data() != Some(kre_user_data(&server_nonce).as_slice()) {
+            return Err(ClientError::KreBinding("its user_data does not bind the challenge"));
+        }
+        pcr::check(&att, &self.request.expect_kre_pcrs).map_err(ClientError::KrePcr)?;
+
+        let (scalar, point) = p384_scalar_from(crypto, &mut *rng).map_err(ClientError::Unwrap)?;
+        let request_digest = wire::request_digest(&self.request.cluster, &self.request.key_ids);
+        let attestation = nsm
+            .attest(&AttestRequest {
+                nonce: Some(server_nonce.to_vec()),
+                user_data: Some(request_digest.to_vec()),
+                public_key: Some(point),
+            })
+            .map_err(ClientError::Nsm)?;
+        let transcript = Transcript {
+            client_nonce: self.client_nonce,
+            server_nonce,
+            kre_attestation_sha384: Sha384::digest(&kre_attestation).into(),
+            client_attestation_sha384: Sha384::digest(&attestation).into(),
+            request_digest,
+        };
+        let release_frame = Message::Release {
+            cluster_id: self.request.cluster.clone(),
+            key_ids: self.request.key_ids.clone(),
+            attestation,
+        }
+        .encode()
+        .map_err(ClientError::Wire)?;
+        Ok(AwaitReleased { request: self.request, transcript, scalar, release_frame })
+    }
+}
+
+impl AwaitReleased {
+    /// Unwraps the released keys; they must answer exactly the request.
+    pub fn on_released(self, body: &[u8], crypto: &dyn Crypto) -> Result<Vec<ReleasedKey>, ClientError> {
+        let (ephemeral_point, wrapped) = match expect_ok(body)? {
+            Message::Released { ephemeral_point, keys } => (ephemeral_point, keys),
+            m => return Err(ClientError::Unexpected(m.name())),
+        };
+        let asked: Vec<&Id> = self.request.key_ids.iter().collect();
+        let got: Vec<&Id> = wrapped.iter().map(|w| &w.key_id).collect();
+        if asked != got {
+            return Err(ClientError::Mismatch("key ids differ from the request"));
+        }
+        let point: &[u8; POINT_LEN] = &ephemeral_point;
+        let keys =
+            keys::unwrap(crypto, &self.transcript, &self.scalar, point, &wrapped).map_err(ClientError::Unwrap)?;
+        Ok(keys.into_iter().map(|(key_id, version, key)| ReleasedKey { key_id, version, key }).collect())
+    }
+}

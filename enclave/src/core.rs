@@ -1,0 +1,473 @@
+//! The KRE's protocol core: a state machine per connection, without I/O.
+//!
+//! Frames go in, frames come out; the clock and the random source are injected. Every
+//! security decision of a release is here (or in `keygate-attestation`), in this order:
+//! frame → state → request ids → attestation (chain, signature, time, debug) → nonce
+//! (this connection's challenge, unexpired, unused) → `user_data` = request digest →
+//! `public_key` a valid P-384 point → policy (cluster, PCRs, kind, expiry) → derive and
+//! wrap. Every refusal is a `Denied` frame naming the failed check.
+
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use keygate_attestation::crypto::Crypto;
+use keygate_attestation::policy::{self, PolicyDenial, ReleasePolicy};
+use keygate_attestation::{AttestRequest, Nsm, UnknownFields, Verifier, VerifyError, VerifyOptions, VerifyTime};
+use sha2::{Digest, Sha384};
+
+use crate::keys::{self, KekStore, Transcript};
+use crate::nonces::{NonceTable, Redeem};
+use crate::wire::{self, DenyCode, Id, Message, WireError};
+
+/// `user_data` of the KRE's own attestation in a Challenge:
+/// `SHA-384("keygate/v1/kre-challenge" ‖ server_nonce)`, binding the challenge to the
+/// genuine KRE.
+pub fn kre_user_data(server_nonce: &[u8; 32]) -> [u8; 48] {
+    let mut h = Sha384::new();
+    h.update(b"keygate/v1/kre-challenge");
+    h.update(server_nonce);
+    h.finalize().into()
+}
+
+/// Tunables of the KRE (limits and lifetimes).
+#[derive(Debug, Clone)]
+pub struct KreConfig {
+    /// How long a challenge stays valid.
+    pub challenge_ttl: Duration,
+    /// Most live challenges.
+    pub max_challenges: usize,
+    /// Maximum age of a client's attestation document.
+    pub max_doc_age: Duration,
+    /// Allowed clock skew for client documents.
+    pub clock_skew: Duration,
+}
+
+impl Default for KreConfig {
+    fn default() -> Self {
+        Self {
+            challenge_ttl: Duration::from_secs(30),
+            max_challenges: 16_384,
+            max_doc_age: Duration::from_secs(60),
+            clock_skew: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the core decided, for logs and the audit trail. Never holds key material.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A challenge was issued.
+    ChallengeIssued,
+    /// Keys were released.
+    Released {
+        /// Cluster.
+        cluster: Id,
+        /// (key id, KEK version) released.
+        keys: Vec<(Id, u32)>,
+        /// The policy image rule that matched.
+        image: String,
+        /// The client's module id.
+        module_id: String,
+        /// SHA-384 of the client's attestation document.
+        document_sha384: [u8; 48],
+    },
+    /// A request was refused.
+    Denied {
+        /// The check that failed.
+        code: DenyCode,
+        /// Detail.
+        reason: String,
+        /// The cluster asked for, when known.
+        cluster: Option<Id>,
+        /// The client's module id, when its document verified.
+        module_id: Option<String>,
+    },
+}
+
+/// One step's output: the frame to send, and whether to close afterwards.
+#[derive(Debug)]
+pub struct Step {
+    /// A complete frame (length prefix included).
+    pub reply: Vec<u8>,
+    /// Close the connection after sending.
+    pub close: bool,
+    /// What happened.
+    pub event: Event,
+}
+
+/// The KRE: verifier, policy, KEKs, challenge table and NSM. Shared by all connections.
+#[derive(Debug)]
+pub struct Kre {
+    config: KreConfig,
+    verifier: Verifier,
+    policy: RwLock<Arc<ReleasePolicy>>,
+    keks: RwLock<KekStore>,
+    nonces: Mutex<NonceTable>,
+    nsm: Arc<dyn Nsm>,
+    crypto: &'static dyn Crypto,
+}
+
+/// A KRE could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The policy is unusable.
+    #[error("policy: {0}")]
+    Policy(#[from] policy::PolicyError),
+    /// A cluster name in the policy is not a valid id.
+    #[error("policy: cluster name `{0}` is not a valid id")]
+    ClusterName(String),
+    /// The NSM could not provide randomness.
+    #[error("NSM: {0}")]
+    Nsm(#[from] keygate_attestation::NsmError),
+}
+
+impl Kre {
+    /// A KRE with `policy`; KEKs for every cluster of the policy are generated now from the
+    /// NSM's random source.
+    pub fn new(
+        config: KreConfig,
+        verifier: Verifier,
+        policy: ReleasePolicy,
+        nsm: Arc<dyn Nsm>,
+    ) -> Result<Self, StartError> {
+        policy.validate()?;
+        let mut keks = KekStore::default();
+        for name in policy.clusters.keys() {
+            let id = Id::new(name).map_err(|_| StartError::ClusterName(name.clone()))?;
+            let mut err = None;
+            keks.ensure_cluster(&id, |b| {
+                if let Err(e) = nsm.random(b) {
+                    err = Some(e);
+                }
+            });
+            if let Some(e) = err {
+                return Err(StartError::Nsm(e));
+            }
+        }
+        let crypto = verifier.crypto();
+        let nonces = Mutex::new(NonceTable::new(config.max_challenges, millis(config.challenge_ttl)));
+        Ok(Self {
+            config,
+            verifier,
+            policy: RwLock::new(Arc::new(policy)),
+            keks: RwLock::new(keks),
+            nonces,
+            nsm,
+            crypto,
+        })
+    }
+
+    /// The NSM backend in use ("hardware" or "mock").
+    pub fn nsm_kind(&self) -> &'static str {
+        self.nsm.kind()
+    }
+
+    /// Live challenges (for status and metrics).
+    pub fn live_challenges(&self) -> usize {
+        self.nonces.lock().map(|n| n.len()).unwrap_or(0)
+    }
+
+    fn policy(&self) -> Arc<ReleasePolicy> {
+        match self.policy.read() {
+            Ok(p) => p.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn nonces(&self) -> std::sync::MutexGuard<'_, NonceTable> {
+        match self.nonces.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The state of one connection, named for what it waits for.
+#[derive(Debug)]
+enum State {
+    ExpectHello,
+    ExpectRelease { client_nonce: [u8; 32], server_nonce: [u8; 32], kre_attestation_sha384: [u8; 48] },
+    Done,
+}
+
+/// One client connection's protocol state.
+#[derive(Debug)]
+pub struct Connection {
+    state: State,
+}
+
+impl Default for Connection {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The environment of one step: the time and a random source.
+pub struct Env<'a> {
+    /// Milliseconds since the Unix epoch.
+    pub now_ms: u64,
+    /// Fills a buffer with random bytes.
+    pub rng: &'a mut dyn FnMut(&mut [u8]),
+}
+
+impl std::fmt::Debug for Env<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Env").field("now_ms", &self.now_ms).finish_non_exhaustive()
+    }
+}
+
+struct Deny {
+    code: DenyCode,
+    reason: String,
+    cluster: Option<Id>,
+    module_id: Option<String>,
+}
+
+impl Deny {
+    fn new(code: DenyCode, reason: impl Into<String>) -> Self {
+        Self { code, reason: reason.into(), cluster: None, module_id: None }
+    }
+}
+
+impl Connection {
+    /// A connection waiting for Hello.
+    pub fn new() -> Self {
+        Self { state: State::ExpectHello }
+    }
+
+    /// Whether the connection has finished (a Released or Denied was produced).
+    pub fn is_done(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    /// Handles one frame body (the bytes after the length prefix).
+    pub fn on_frame(&mut self, kre: &Kre, body: &[u8], env: &mut Env<'_>) -> Step {
+        let result = match Message::decode(body) {
+            Err(WireError::UnsupportedVersion(v)) => Err(Deny::new(
+                DenyCode::UnsupportedVersion,
+                format!("protocol version {v} not supported (this KRE speaks {})", wire::VERSION),
+            )),
+            Err(e) => Err(Deny::new(DenyCode::Malformed, e.to_string())),
+            Ok(msg) => match (std::mem::replace(&mut self.state, State::Done), msg) {
+                (State::ExpectHello, Message::Hello { client_nonce }) => self.hello(kre, client_nonce, env),
+                (
+                    State::ExpectRelease { client_nonce, server_nonce, kre_attestation_sha384 },
+                    Message::Release { cluster_id, key_ids, attestation },
+                ) => {
+                    let t = Transcript {
+                        client_nonce,
+                        server_nonce,
+                        kre_attestation_sha384,
+                        client_attestation_sha384: Sha384::digest(&attestation).into(),
+                        request_digest: wire::request_digest(&cluster_id, &key_ids),
+                    };
+                    release(kre, &server_nonce, t, cluster_id, key_ids, &attestation, env)
+                }
+                (State::ExpectRelease { server_nonce, .. }, m) => {
+                    kre.nonces().forget(&server_nonce);
+                    Err(Deny::new(DenyCode::UnexpectedMessage, format!("expected Release, got {}", m.name())))
+                }
+                (State::ExpectHello, m) => {
+                    Err(Deny::new(DenyCode::UnexpectedMessage, format!("expected Hello, got {}", m.name())))
+                }
+                (State::Done, m) => {
+                    Err(Deny::new(DenyCode::UnexpectedMessage, format!("connection finished, got {}", m.name())))
+                }
+            },
+        };
+        match result {
+            Ok(step) => step,
+            Err(d) => {
+                self.state = State::Done;
+                deny_step(d)
+            }
+        }
+    }
+
+    /// A Denied for a frame that could not even be read (bad length prefix, timeout).
+    pub fn deny(&mut self, kre: &Kre, code: DenyCode, reason: &str) -> Step {
+        if let State::ExpectRelease { server_nonce, .. } = &self.state {
+            kre.nonces().forget(server_nonce);
+        }
+        self.state = State::Done;
+        deny_step(Deny::new(code, reason))
+    }
+
+    /// Releases this connection's challenge (the connection closed early).
+    pub fn abandon(&mut self, kre: &Kre) {
+        if let State::ExpectRelease { server_nonce, .. } = &self.state {
+            kre.nonces().forget(server_nonce);
+        }
+        self.state = State::Done;
+    }
+
+    fn hello(&mut self, kre: &Kre, client_nonce: [u8; 32], env: &mut Env<'_>) -> Result<Step, Deny> {
+        let mut server_nonce = [0u8; 32];
+        (env.rng)(&mut server_nonce);
+        if !kre.nonces().issue(server_nonce, env.now_ms) {
+            return Err(Deny::new(DenyCode::Busy, "challenge table full; retry shortly"));
+        }
+        let req = AttestRequest {
+            nonce: Some(client_nonce.to_vec()),
+            user_data: Some(kre_user_data(&server_nonce).to_vec()),
+            public_key: None,
+        };
+        let kre_attestation = match kre.nsm.attest(&req) {
+            Ok(doc) => doc,
+            Err(e) => {
+                kre.nonces().forget(&server_nonce);
+                return Err(Deny::new(DenyCode::Internal, format!("KRE attestation unavailable: {e}")));
+            }
+        };
+        let kre_attestation_sha384 = Sha384::digest(&kre_attestation).into();
+        let reply = Message::Challenge { server_nonce, kre_attestation }
+            .encode()
+            .map_err(|e| Deny::new(DenyCode::Internal, format!("encoding challenge: {e}")))?;
+        self.state = State::ExpectRelease { client_nonce, server_nonce, kre_attestation_sha384 };
+        Ok(Step { reply, close: false, event: Event::ChallengeIssued })
+    }
+}
+
+fn deny_step(d: Deny) -> Step {
+    let reply = Message::Denied { code: d.code, reason: d.reason.clone() }.encode().unwrap_or_default();
+    Step {
+        reply,
+        close: true,
+        event: Event::Denied { code: d.code, reason: d.reason, cluster: d.cluster, module_id: d.module_id },
+    }
+}
+
+fn release(
+    kre: &Kre,
+    server_nonce: &[u8; 32],
+    transcript: Transcript,
+    cluster: Id,
+    key_ids: Vec<Id>,
+    attestation: &[u8],
+    env: &mut Env<'_>,
+) -> Result<Step, Deny> {
+    let policy = kre.policy();
+    let with = |code, reason: String, module: Option<&str>| Deny {
+        code,
+        reason,
+        cluster: Some(cluster.clone()),
+        module_id: module.map(str::to_owned),
+    };
+
+    // The attestation document: chain, signature, limits, time.
+    let opts = VerifyOptions {
+        time: VerifyTime::Now(env.now_ms),
+        max_age: kre.config.max_doc_age,
+        clock_skew: kre.config.clock_skew,
+        allow_debug: policy.allow_debug,
+        unknown_fields: UnknownFields::Refuse,
+        require_kind: None,
+        use_cache: true,
+    };
+    let att = match kre.verifier.verify(attestation, &opts) {
+        Ok(a) => a,
+        Err(VerifyError::DebugMode) => {
+            kre.nonces().forget(server_nonce);
+            return Err(with(
+                DenyCode::DebugMode,
+                "debug-mode attestation (PCR0-2 zero) not allowed by policy".into(),
+                None,
+            ));
+        }
+        Err(e) => {
+            kre.nonces().forget(server_nonce);
+            return Err(with(DenyCode::AttestationInvalid, e.to_string(), None));
+        }
+    };
+    let module = Some(att.module_id());
+
+    // Freshness: the document must carry this connection's challenge, unexpired, unused.
+    let doc_nonce = att.nonce().unwrap_or_default();
+    if doc_nonce != server_nonce.as_slice() {
+        let mut nonces = kre.nonces();
+        nonces.forget(server_nonce);
+        return Err(if nonces.was_used(doc_nonce) {
+            with(DenyCode::NonceReused, "attestation carries a challenge that was already used (replay)".into(), module)
+        } else {
+            with(DenyCode::NonceMismatch, "attestation nonce is not this connection's challenge".into(), module)
+        });
+    }
+    match kre.nonces().redeem(server_nonce, env.now_ms) {
+        Redeem::Ok => {}
+        Redeem::Expired => {
+            return Err(with(
+                DenyCode::ChallengeExpired,
+                format!("challenge older than {} ms", millis(kre.config.challenge_ttl)),
+                module,
+            ))
+        }
+        Redeem::Reused => return Err(with(DenyCode::NonceReused, "challenge already used (replay)".into(), module)),
+        Redeem::Unknown => {
+            return Err(with(DenyCode::ChallengeExpired, "challenge no longer known (expired)".into(), module))
+        }
+    }
+
+    // The request binding and the key to wrap to.
+    if att.user_data() != Some(transcript.request_digest.as_slice()) {
+        return Err(with(
+            DenyCode::UserDataMismatch,
+            "user_data is not the SHA-384 request digest of this Release".into(),
+            module,
+        ));
+    }
+    let Some(client_point) = att.public_key() else {
+        return Err(with(DenyCode::PublicKeyInvalid, "attestation has no public_key".into(), module));
+    };
+    if kre.crypto.validate_p384_point(client_point).is_err() {
+        return Err(with(DenyCode::PublicKeyInvalid, "public_key is not an uncompressed P-384 point".into(), module));
+    }
+
+    // Policy.
+    let image = match policy::evaluate(&policy, &att, cluster.as_str(), env.now_ms) {
+        Ok(image) => image.name.clone(),
+        Err(PolicyDenial::UnknownCluster(c)) => {
+            return Err(with(DenyCode::UnknownCluster, format!("cluster `{c}` is not in the policy"), module))
+        }
+        Err(PolicyDenial::DebugMode) => {
+            return Err(with(DenyCode::DebugMode, "debug-mode attestation not allowed".into(), module))
+        }
+        Err(e) => return Err(with(DenyCode::ImageNotAllowed, e.to_string(), module)),
+    };
+
+    // Derive and wrap.
+    let keks = match kre.keks.read() {
+        Ok(k) => k,
+        Err(p) => p.into_inner(),
+    };
+    let Some((version, kek)) = keks.current(&cluster) else {
+        return Err(with(DenyCode::Internal, format!("no KEK for cluster `{cluster}`"), module));
+    };
+    let mut data_keys = Vec::with_capacity(key_ids.len());
+    for k in &key_ids {
+        let dk = keys::derive_data_key(kre.crypto, kek, &cluster, k, version)
+            .map_err(|e| with(DenyCode::Internal, format!("deriving keys: {e}"), module))?;
+        data_keys.push((k.clone(), version, dk));
+    }
+    drop(keks);
+    let (ephemeral_point, wrapped) = keys::wrap(kre.crypto, &transcript, client_point, &data_keys, &mut *env.rng)
+        .map_err(|e| with(DenyCode::Internal, format!("wrapping keys: {e}"), module))?;
+    let reply = Message::Released { ephemeral_point, keys: wrapped }
+        .encode()
+        .map_err(|e| with(DenyCode::Internal, format!("encoding: {e}"), module))?;
+    Ok(Step {
+        reply,
+        close: true,
+        event: Event::Released {
+            cluster,
+            keys: key_ids.into_iter().map(|k| (k, version)).collect(),
+            image,
+            module_id: att.module_id().to_owned(),
+            document_sha384: att.document_sha384(),
+        },
+    })
+}

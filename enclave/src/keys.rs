@@ -1,0 +1,279 @@
+//! KEKs, data-key derivation, and wrapping data keys to an attested public key.
+//!
+//! ```text
+//! data_key  = HKDF-SHA384(salt = "keygate/v1/data-key", ikm = KEK[cluster][version],
+//!                         info = str8(cluster) ‖ str8(key_id) ‖ u32be(version), L = 32)
+//! T         = SHA-384("keygate/v1/transcript" ‖ client_nonce ‖ server_nonce
+//!                     ‖ SHA-384(kre_attestation) ‖ SHA-384(client_attestation)
+//!                     ‖ request_digest ‖ ephemeral_point)
+//! Z         = ECDH-P384(ephemeral, client_public_key).x
+//! key‖nonce = HKDF-SHA384(salt = T, ikm = Z, info = "keygate/v1/wrap" ‖ str8(key_id) ‖ u32be(version), L = 44)
+//! sealed    = AES-256-GCM(key, nonce, aad = T ‖ str8(key_id) ‖ u32be(version), data_key)
+//! ```
+//!
+//! Everything here is pure; randomness comes from the caller.
+
+use std::collections::BTreeMap;
+
+use keygate_attestation::crypto::{p384_scalar_from, Crypto, CryptoError, P384Scalar};
+use keygate_attestation::secret::Secret;
+use sha2::{Digest, Sha384};
+
+use crate::wire::{put_str8, Id, WrappedKey, POINT_LEN};
+
+/// A 32-byte data key.
+pub type DataKey = Secret<32>;
+/// A 32-byte key-encryption key.
+pub type Kek = Secret<32>;
+
+/// The handshake values that the wrapping binds to.
+#[derive(Debug, Clone)]
+pub struct Transcript {
+    /// The client's Hello nonce.
+    pub client_nonce: [u8; 32],
+    /// The KRE's challenge nonce.
+    pub server_nonce: [u8; 32],
+    /// SHA-384 of the KRE's attestation document, as sent.
+    pub kre_attestation_sha384: [u8; 48],
+    /// SHA-384 of the client's attestation document, as sent.
+    pub client_attestation_sha384: [u8; 48],
+    /// The request digest (the client's `user_data`).
+    pub request_digest: [u8; 48],
+}
+
+impl Transcript {
+    /// `T` for a given ephemeral point.
+    pub fn hash(&self, ephemeral_point: &[u8; POINT_LEN]) -> [u8; 48] {
+        let mut h = Sha384::new();
+        h.update(b"keygate/v1/transcript");
+        h.update(self.client_nonce);
+        h.update(self.server_nonce);
+        h.update(self.kre_attestation_sha384);
+        h.update(self.client_attestation_sha384);
+        h.update(self.request_digest);
+        h.update(ephemeral_point);
+        h.finalize().into()
+    }
+}
+
+fn key_info(prefix: &[u8], key_id: &Id, version: u32) -> Vec<u8> {
+    let mut info = prefix.to_vec();
+    // Ids are at most 64 bytes: str8 cannot fail.
+    let _ = put_str8(&mut info, key_id.as_str());
+    info.extend_from_slice(&version.to_be_bytes());
+    info
+}
+
+/// Derives the data key `key_id` of `cluster` from KEK version `version`.
+pub fn derive_data_key(
+    crypto: &dyn Crypto,
+    kek: &Kek,
+    cluster: &Id,
+    key_id: &Id,
+    version: u32,
+) -> Result<DataKey, CryptoError> {
+    let mut info = Vec::new();
+    let _ = put_str8(&mut info, cluster.as_str());
+    let _ = put_str8(&mut info, key_id.as_str());
+    info.extend_from_slice(&version.to_be_bytes());
+    let mut buf = zeroize::Zeroizing::new([0u8; 32]);
+    crypto.hkdf_sha384(b"keygate/v1/data-key", kek.expose(), &info, &mut buf[..])?;
+    Ok(Secret::new(*buf))
+}
+
+fn wrap_key_and_nonce(
+    crypto: &dyn Crypto,
+    t: &[u8; 48],
+    z: &Secret<48>,
+    key_id: &Id,
+    version: u32,
+) -> Result<(Secret<32>, [u8; 12]), CryptoError> {
+    let mut okm = zeroize::Zeroizing::new([0u8; 44]);
+    crypto.hkdf_sha384(t, z.expose(), &key_info(b"keygate/v1/wrap", key_id, version), &mut okm[..])?;
+    let key = Secret::from_slice(&okm[..32]).ok_or(CryptoError::Kdf)?;
+    let mut nonce = [0u8; 12];
+    nonce.copy_from_slice(&okm[32..]);
+    Ok((key, nonce))
+}
+
+/// Wraps `keys` (id, version, data key) to `client_point` under a fresh ephemeral key drawn
+/// from `fill`. Returns the ephemeral point and the wrapped keys.
+pub fn wrap(
+    crypto: &dyn Crypto,
+    transcript: &Transcript,
+    client_point: &[u8],
+    keys: &[(Id, u32, DataKey)],
+    fill: impl FnMut(&mut [u8]),
+) -> Result<([u8; POINT_LEN], Vec<WrappedKey>), CryptoError> {
+    let (eph, eph_point) = p384_scalar_from(crypto, fill)?;
+    let eph_point: [u8; POINT_LEN] = eph_point.try_into().map_err(|_| CryptoError::BadPublicKey)?;
+    let z = crypto.ecdh_p384(&eph, client_point)?;
+    let t = transcript.hash(&eph_point);
+    let mut out = Vec::with_capacity(keys.len());
+    for (key_id, version, dk) in keys {
+        let (k, nonce) = wrap_key_and_nonce(crypto, &t, &z, key_id, *version)?;
+        let aad = [t.as_slice(), &key_info(b"", key_id, *version)].concat();
+        let sealed = crypto.aes256gcm_seal(&k, &nonce, &aad, dk.expose())?;
+        out.push(WrappedKey { key_id: key_id.clone(), version: *version, sealed });
+    }
+    Ok((eph_point, out))
+}
+
+/// Unwraps keys with the client's private scalar (the client side of [`wrap`]).
+pub fn unwrap(
+    crypto: &dyn Crypto,
+    transcript: &Transcript,
+    client_scalar: &P384Scalar,
+    ephemeral_point: &[u8; POINT_LEN],
+    wrapped: &[WrappedKey],
+) -> Result<Vec<(Id, u32, DataKey)>, CryptoError> {
+    let z = crypto.ecdh_p384(client_scalar, ephemeral_point)?;
+    let t = transcript.hash(ephemeral_point);
+    wrapped
+        .iter()
+        .map(|w| {
+            let (k, nonce) = wrap_key_and_nonce(crypto, &t, &z, &w.key_id, w.version)?;
+            let aad = [t.as_slice(), &key_info(b"", &w.key_id, w.version)].concat();
+            let pt = crypto.aes256gcm_open(&k, &nonce, &aad, &w.sealed)?;
+            let dk = Secret::from_slice(pt.expose()).ok_or(CryptoError::Decrypt)?;
+            Ok((w.key_id.clone(), w.version, dk))
+        })
+        .collect()
+}
+
+/// Status of a KEK version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KekStatus {
+    /// Wraps/derives new keys.
+    Current,
+    /// Still released for existing data, never the newest.
+    Active,
+}
+
+/// The KEKs of every cluster, by version. Held only in memory, zeroized on drop.
+#[derive(Debug, Default)]
+pub struct KekStore {
+    clusters: BTreeMap<Id, BTreeMap<u32, (KekStatus, Kek)>>,
+}
+
+impl KekStore {
+    /// Generates version 1 for `cluster` if it has no KEK yet, from `fill`.
+    pub fn ensure_cluster(&mut self, cluster: &Id, fill: impl FnOnce(&mut [u8])) {
+        self.clusters
+            .entry(cluster.clone())
+            .or_insert_with(|| BTreeMap::from([(1, (KekStatus::Current, Secret::generate(fill)))]));
+    }
+
+    /// The current KEK version of `cluster` and the KEK.
+    pub fn current(&self, cluster: &Id) -> Option<(u32, &Kek)> {
+        self.clusters.get(cluster)?.iter().rev().find(|(_, (s, _))| *s == KekStatus::Current).map(|(v, (_, k))| (*v, k))
+    }
+
+    /// Number of clusters with KEKs.
+    pub fn len(&self) -> usize {
+        self.clusters.len()
+    }
+
+    /// Whether no cluster has a KEK.
+    pub fn is_empty(&self) -> bool {
+        self.clusters.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keygate_attestation::crypto::all_backends;
+
+    fn id(s: &str) -> Id {
+        Id::new(s).expect("id")
+    }
+
+    fn transcript() -> Transcript {
+        Transcript {
+            client_nonce: [1; 32],
+            server_nonce: [2; 32],
+            kre_attestation_sha384: [3; 48],
+            client_attestation_sha384: [4; 48],
+            request_digest: [5; 48],
+        }
+    }
+
+    fn counter_rng(start: u8) -> impl FnMut(&mut [u8]) {
+        let mut n = start;
+        move |b: &mut [u8]| {
+            for x in b.iter_mut() {
+                n = n.wrapping_mul(31).wrapping_add(7);
+                *x = n;
+            }
+        }
+    }
+
+    #[test]
+    fn wrap_unwrap_round_trip_on_every_backend_and_across_backends() {
+        let backends = all_backends();
+        for kre in &backends {
+            for client in &backends {
+                let (scalar, point) = p384_scalar_from(*client, counter_rng(9)).expect("client key");
+                let kek = Secret::new([7u8; 32]);
+                let dk = derive_data_key(*kre, &kek, &id("c"), &id("etcd"), 1).expect("dk");
+                let keys = vec![(id("etcd"), 1, dk.clone())];
+                let (eph, wrapped) = wrap(*kre, &transcript(), &point, &keys, counter_rng(3)).expect("wrap");
+                let out = unwrap(*client, &transcript(), &scalar, &eph, &wrapped).expect("unwrap");
+                assert_eq!(out[0].2, dk, "{} -> {}", kre.name(), client.name());
+            }
+        }
+    }
+
+    #[test]
+    fn data_keys_are_stable_and_distinct() {
+        let c = keygate_attestation::crypto::default_backend();
+        let kek = Secret::new([7u8; 32]);
+        let a = derive_data_key(c, &kek, &id("c"), &id("k"), 1).expect("a");
+        assert_eq!(a, derive_data_key(c, &kek, &id("c"), &id("k"), 1).expect("again"));
+        assert_ne!(a, derive_data_key(c, &kek, &id("d"), &id("k"), 1).expect("other cluster"));
+        assert_ne!(a, derive_data_key(c, &kek, &id("c"), &id("j"), 1).expect("other key"));
+        assert_ne!(a, derive_data_key(c, &kek, &id("c"), &id("k"), 2).expect("other version"));
+        assert_ne!(a, derive_data_key(c, &Secret::new([8u8; 32]), &id("c"), &id("k"), 1).expect("other kek"));
+    }
+
+    #[test]
+    fn unwrap_fails_on_any_transcript_or_ciphertext_change() {
+        let c = keygate_attestation::crypto::default_backend();
+        let (scalar, point) = p384_scalar_from(c, counter_rng(9)).expect("client key");
+        let keys = vec![(id("etcd"), 1, Secret::new([9u8; 32]))];
+        let (eph, wrapped) = wrap(c, &transcript(), &point, &keys, counter_rng(3)).expect("wrap");
+        let variants: Vec<Box<dyn Fn(&mut Transcript)>> = vec![
+            Box::new(|t| t.client_nonce[0] ^= 1),
+            Box::new(|t| t.server_nonce[0] ^= 1),
+            Box::new(|t| t.kre_attestation_sha384[0] ^= 1),
+            Box::new(|t| t.client_attestation_sha384[0] ^= 1),
+            Box::new(|t| t.request_digest[0] ^= 1),
+        ];
+        for v in variants {
+            let mut t = transcript();
+            v(&mut t);
+            assert_eq!(unwrap(c, &t, &scalar, &eph, &wrapped).map(|_| ()), Err(CryptoError::Decrypt));
+        }
+        let mut w = wrapped.clone();
+        w[0].sealed[3] ^= 1;
+        assert_eq!(unwrap(c, &transcript(), &scalar, &eph, &w).map(|_| ()), Err(CryptoError::Decrypt));
+        let mut w = wrapped.clone();
+        w[0].version = 2;
+        assert_eq!(unwrap(c, &transcript(), &scalar, &eph, &w).map(|_| ()), Err(CryptoError::Decrypt));
+        let mut w = wrapped.clone();
+        w[0].key_id = id("other");
+        assert_eq!(unwrap(c, &transcript(), &scalar, &eph, &w).map(|_| ()), Err(CryptoError::Decrypt));
+        let (other, _) = p384_scalar_from(c, counter_rng(11)).expect("other key");
+        assert_eq!(unwrap(c, &transcript(), &other, &eph, &wrapped).map(|_| ()), Err(CryptoError::Decrypt));
+    }
+
+    #[test]
+    fn kek_store_generates_once() {
+        let mut s = KekStore::default();
+        s.ensure_cluster(&id("c"), |b| b.fill(1));
+        s.ensure_cluster(&id("c"), |b| b.fill(2));
+        assert_eq!(s.current(&id("c")).map(|(v, k)| (v, k.expose()[0])), Some((1, 1)));
+        assert!(s.current(&id("d")).is_none());
+    }
+}

@@ -1,0 +1,148 @@
+//! The startup policy file (JSON): per cluster, the allowed images. It feeds the same
+//! [`ReleasePolicy`] (and the same decision function) that the pipeline-signed policy will.
+//!
+//! ```json
+//! {
+//!   "allow_debug": false,
+//!   "clusters": {
+//!     "prod-1": { "images": [
+//!       { "name": "cp-2026.11.3", "kind": "enclave", "pcrs": { "0": "<hex>", "1": "<hex>", "2": "<hex>" },
+//!         "not_after": 1798000000 }
+//!     ] }
+//!   }
+//! }
+//! ```
+
+use std::collections::BTreeMap;
+
+use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
+use keygate_attestation::DocumentKind;
+use serde::Deserialize;
+
+/// Largest policy file read.
+pub const MAX_POLICY_FILE: usize = 1024 * 1024;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    allow_debug: bool,
+    clusters: BTreeMap<String, Cluster>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Cluster {
+    images: Vec<Image>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Image {
+    name: String,
+    #[serde(default)]
+    kind: Option<String>,
+    pcrs: BTreeMap<String, String>,
+    /// Unix seconds.
+    #[serde(default)]
+    not_after: Option<u64>,
+}
+
+/// Why a policy file is unusable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyFileError {
+    /// Over [`MAX_POLICY_FILE`].
+    #[error("policy file larger than {MAX_POLICY_FILE} bytes")]
+    TooLarge,
+    /// Not valid JSON of the expected shape.
+    #[error("policy file: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A PCR index or value is not valid.
+    #[error("policy file: image `{image}`: PCR `{index}`: {why}")]
+    Pcr { image: String, index: String, why: &'static str },
+    /// Unknown document kind.
+    #[error("policy file: image `{0}`: kind must be `enclave` or `nitrotpm`")]
+    Kind(String),
+    /// The rules are not meaningful.
+    #[error("{0}")]
+    Invalid(#[from] keygate_attestation::policy::PolicyError),
+}
+
+/// Parses and validates a policy file.
+pub fn parse(bytes: &[u8]) -> Result<ReleasePolicy, PolicyFileError> {
+    if bytes.len() > MAX_POLICY_FILE {
+        return Err(PolicyFileError::TooLarge);
+    }
+    let f: File = serde_json::from_slice(bytes)?;
+    let mut clusters = BTreeMap::new();
+    for (name, c) in f.clusters {
+        let mut images = Vec::new();
+        for i in c.images {
+            let mut pcrs = BTreeMap::new();
+            for (index, value) in &i.pcrs {
+                let bad = |why| PolicyFileError::Pcr { image: i.name.clone(), index: index.clone(), why };
+                let n: u8 = index.parse().map_err(|_| bad("index is not a number below 32"))?;
+                let v = hex::decode(value).map_err(|_| bad("value is not hex"))?;
+                pcrs.insert(n, v);
+            }
+            let kind = match i.kind.as_deref() {
+                None => None,
+                Some("enclave") => Some(DocumentKind::Enclave),
+                Some("nitrotpm") => Some(DocumentKind::NitroTpm),
+                Some(_) => return Err(PolicyFileError::Kind(i.name)),
+            };
+            images.push(ImageRule {
+                name: i.name,
+                pcrs,
+                kind,
+                not_after_ms: i.not_after.map(|s| s.saturating_mul(1000)),
+            });
+        }
+        clusters.insert(name, ClusterRule { images });
+    }
+    let policy = ReleasePolicy { clusters, allow_debug: f.allow_debug };
+    policy.validate()?;
+    Ok(policy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(b: u8) -> String {
+        hex::encode([b; 48])
+    }
+
+    #[test]
+    fn parses_a_policy() {
+        let json = format!(
+            r#"{{"clusters": {{"c": {{"images": [{{"name": "i", "kind": "enclave", "pcrs": {{"0": "{}", "1": "{}", "2": "{}"}}, "not_after": 5}}]}}}}}}"#,
+            h(1),
+            h(2),
+            h(3)
+        );
+        let p = parse(json.as_bytes()).expect("policy");
+        let img = &p.clusters["c"].images[0];
+        assert_eq!(img.pcrs[&0], vec![1; 48]);
+        assert_eq!(img.kind, Some(DocumentKind::Enclave));
+        assert_eq!(img.not_after_ms, Some(5000));
+        assert!(!p.allow_debug);
+    }
+
+    #[test]
+    fn refuses_bad_files() {
+        assert!(matches!(parse(b"{"), Err(PolicyFileError::Json(_))));
+        assert!(matches!(parse(br#"{"clusters": {}, "extra": 1}"#), Err(PolicyFileError::Json(_))));
+        let loose = format!(r#"{{"clusters": {{"c": {{"images": [{{"name": "i", "pcrs": {{"0": "{}"}}}}]}}}}}}"#, h(1));
+        assert!(matches!(parse(loose.as_bytes()), Err(PolicyFileError::Invalid(_))));
+        let bad_hex = r#"{"clusters": {"c": {"images": [{"name": "i", "pcrs": {"0": "zz"}}]}}}"#;
+        assert!(matches!(parse(bad_hex.as_bytes()), Err(PolicyFileError::Pcr { .. })));
+        let bad_kind = format!(
+            r#"{{"clusters": {{"c": {{"images": [{{"name": "i", "kind": "vm", "pcrs": {{"8": "{}"}}}}]}}}}}}"#,
+            h(1)
+        );
+        assert!(matches!(parse(bad_kind.as_bytes()), Err(PolicyFileError::Kind(_))));
+        assert!(matches!(parse(&vec![b' '; MAX_POLICY_FILE + 1]), Err(PolicyFileError::TooLarge)));
+    }
+}

@@ -1,0 +1,149 @@
+//! The thin tokio server around the protocol core: accepts connections, reads frames with
+//! time limits, hands them to [`crate::core::Connection`], writes the replies.
+//!
+//! Limits: at most `max_connections` at once (further clients get a `Busy` denial and are
+//! closed at once), each frame must arrive within `frame_timeout`, and each connection
+//! lives at most `connection_timeout` in all. A slow or half-open client therefore holds a
+//! connection slot for a bounded time and cannot hold the service.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+
+use crate::core::{Connection, Env, Event, Kre};
+use crate::io::{read_frame, write_frame, FrameError};
+use crate::transport::{BoxStream, Listener};
+use crate::wire::{DenyCode, Message};
+
+/// Server limits.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Concurrent connections.
+    pub max_connections: usize,
+    /// Time allowed for one complete frame.
+    pub frame_timeout: Duration,
+    /// Total lifetime of a connection.
+    pub connection_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            frame_timeout: Duration::from_secs(10),
+            connection_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, from the system clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn os_random(buf: &mut [u8]) {
+    use rand_core::RngCore;
+    rand_core::OsRng.fill_bytes(buf);
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    listener: Listener,
+    kre: Arc<Kre>,
+    cfg: ServerConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let slots = Arc::new(Semaphore::new(cfg.max_connections));
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut shutdown => break,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // E.g. out of file descriptors: back off briefly rather than spin.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let kre = kre.clone();
+        let cfg = cfg.clone();
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tokio::spawn(async move {
+                    handle(stream, &peer, &kre, &cfg).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                tokio::spawn(async move {
+                    tracing::warn!(%peer, "connection limit reached; refusing");
+                    let mut stream = stream;
+                    let frame = Message::Denied {
+                        code: DenyCode::Busy,
+                        reason: "connection limit reached; retry shortly".into(),
+                    }
+                    .encode()
+                    .unwrap_or_default();
+                    let _ = write_frame(&mut stream, &frame, Duration::from_secs(1)).await;
+                });
+            }
+        }
+    }
+}
+
+async fn handle(mut stream: BoxStream, peer: &str, kre: &Kre, cfg: &ServerConfig) {
+    let deadline = Instant::now() + cfg.connection_timeout;
+    let mut conn = Connection::new();
+    tracing::debug!(%peer, "connection opened");
+    while !conn.is_done() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let step = match read_frame(&mut stream, left.min(cfg.frame_timeout)).await {
+            Ok(body) => {
+                let mut rng = os_random;
+                conn.on_frame(kre, &body, &mut Env { now_ms: now_ms(), rng: &mut rng })
+            }
+            Err(FrameError::Closed) => {
+                conn.abandon(kre);
+                tracing::debug!(%peer, "connection closed by peer");
+                return;
+            }
+            Err(FrameError::Timeout) => conn.deny(kre, DenyCode::Timeout, "no complete frame in time"),
+            Err(FrameError::Length(e)) => conn.deny(kre, DenyCode::FrameTooLarge, &e.to_string()),
+            Err(FrameError::Io(e)) => {
+                conn.abandon(kre);
+                tracing::debug!(%peer, error = %e, "connection error");
+                return;
+            }
+        };
+        log_event(peer, &step.event);
+        if let Err(e) = write_frame(&mut stream, &step.reply, cfg.frame_timeout).await {
+            tracing::debug!(%peer, error = %e, "could not send reply");
+            conn.abandon(kre);
+            return;
+        }
+        if step.close {
+            break;
+        }
+    }
+}
+
+fn log_event(peer: &str, event: &Event) {
+    match event {
+        Event::ChallengeIssued => tracing::debug!(%peer, "challenge issued"),
+        Event::Released { cluster, keys, image, module_id, document_sha384 } => {
+            let keys: Vec<String> = keys.iter().map(|(k, v)| format!("{k}@v{v}")).collect();
+            tracing::info!(%peer, %cluster, keys = %keys.join(","), %image, %module_id, document = %hex::encode(document_sha384), "keys released");
+        }
+        Event::Denied { code, reason, cluster, module_id } => {
+            tracing::warn!(%peer, %code, %reason, cluster = ?cluster.as_ref().map(|c| c.as_str()), module_id = ?module_id, "request denied");
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! The one small transport abstraction: Unix sockets (tests, the demo, the parent's host
+//! side), vsock (production, enclave ↔ parent) and loopback TCP (the proxy's host side).
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// An address to listen on or connect to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Addr {
+    /// `unix:PATH`
+    Unix(PathBuf),
+    /// `vsock:CID:PORT`, or `vsock:PORT` to listen on any CID.
+    Vsock {
+        /// Context id.
+        cid: u32,
+        /// Port.
+        port: u32,
+    },
+    /// `tcp:IP:PORT`
+    Tcp(SocketAddr),
+}
+
+/// Why an address string is not valid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid address `{0}`: expected unix:PATH, vsock:CID:PORT, vsock:PORT or tcp:IP:PORT")]
+pub struct AddrError(String);
+
+impl FromStr for Addr {
+    type Err = AddrError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || AddrError(s.to_owned());
+        let (scheme, rest) = s.split_once(':').ok_or_else(err)?;
+        match scheme {
+            "unix" if !rest.is_empty() => Ok(Addr::Unix(PathBuf::from(rest))),
+            "vsock" => match rest.split_once(':') {
+                Some((cid, port)) => {
+                    Ok(Addr::Vsock { cid: cid.parse().map_err(|_| err())?, port: port.parse().map_err(|_| err())? })
+                }
+                None => Ok(Addr::Vsock { cid: tokio_vsock::VMADDR_CID_ANY, port: rest.parse().map_err(|_| err())? }),
+            },
+            "tcp" => rest.parse().map(Addr::Tcp).map_err(|_| err()),
+            _ => Err(err()),
+        }
+    }
+}
+
+impl fmt::Display for Addr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Addr::Unix(p) => write!(f, "unix:{}", p.display()),
+            Addr::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
+            Addr::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+/// A bidirectional byte stream.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+
+/// A boxed stream of any transport.
+pub type BoxStream = Box<dyn Stream>;
+
+/// A listener of any transport.
+#[derive(Debug)]
+pub enum Listener {
+    /// Unix socket (the path is removed on drop).
+    Unix(tokio::net::UnixListener, PathBuf),
+    /// vsock.
+    Vsock(tokio_vsock::VsockListener),
+    /// TCP.
+    Tcp(tokio::net::TcpListener),
+}
+
+impl Listener {
+    /// Binds `addr`. A stale Unix socket file at the path is replaced; any other file is not.
+    pub async fn bind(addr: &Addr) -> io::Result<Self> {
+        match addr {
+            Addr::Unix(path) => {
+                use std::os::unix::fs::FileTypeExt;
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    if meta.file_type().is_socket() {
+                        std::fs::remove_file(path)?;
+                    } else {
+                        return Err(io::Error::new(
+                            io::ErrorKind::AlreadyExists,
+                            format!("{} exists and is not a socket", path.display()),
+                        ));
+                    }
+                }
+                let l = tokio::net::UnixListener::bind(path)?;
+                // Owner and group only: the socket is the KRE's (or the plugin's) front door.
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+                Ok(Listener::Unix(l, path.clone()))
+            }
+            Addr::Vsock { cid, port } => {
+                Ok(Listener::Vsock(tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(*cid, *port))?))
+            }
+            Addr::Tcp(a) => Ok(Listener::Tcp(tokio::net::TcpListener::bind(a).await?)),
+        }
+    }
+
+    /// Accepts one connection; returns it and a description of the peer for logs.
+    pub async fn accept(&self) -> io::Result<(BoxStream, String)> {
+        match self {
+            Listener::Unix(l, _) => {
+                let (s, _) = l.accept().await?;
+                let peer = s
+                    .peer_cred()
+                    .map(|c| format!("unix pid={:?} uid={}", c.pid(), c.uid()))
+                    .unwrap_or_else(|_| "unix".into());
+                Ok((Box::new(s), peer))
+            }
+            Listener::Vsock(l) => {
+                let (s, a) = l.accept().await?;
+                Ok((Box::new(s), format!("vsock cid={} port={}", a.cid(), a.port())))
+            }
+            Listener::Tcp(l) => {
+                let (s, a) = l.accept().await?;
+                Ok((Box::new(s), format!("tcp {a}")))
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Connects to `addr` within `timeout`.
+pub async fn connect(addr: &Addr, timeout: Duration) -> io::Result<BoxStream> {
+    let fut = async {
+        Ok::<BoxStream, io::Error>(match addr {
+            Addr::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await?),
+            Addr::Vsock { cid, port } => {
+                Box::new(tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(*cid, *port)).await?)
+            }
+            Addr::Tcp(a) => Box::new(tokio::net::TcpStream::connect(a).await?),
+        })
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {addr} timed out")))?
+}
+
+/// Whether this kernel offers vsock loopback (CID 1), so that vsock can be tested locally.
+/// Decided without connecting anywhere: a vsock connection on a machine without loopback
+/// goes to the hypervisor.
+pub fn vsock_loopback() -> Result<(), String> {
+    if !std::path::Path::new("/dev/vsock").exists() {
+        return Err("no /dev/vsock on this machine".into());
+    }
+    if !std::path::Path::new("/sys/module/vsock_loopback").exists() {
+        return Err("the vsock_loopback kernel module is not loaded (no CID 1 loopback); a vsock connection here would go to the hypervisor".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_prints_addresses() {
+        for s in ["unix:/tmp/kre.sock", "vsock:16:5000", "tcp:127.0.0.1:8443"] {
+            assert_eq!(s.parse::<Addr>().expect(s).to_string(), s);
+        }
+        assert_eq!("vsock:5000".parse::<Addr>(), Ok(Addr::Vsock { cid: tokio_vsock::VMADDR_CID_ANY, port: 5000 }));
+        for bad in ["", "unix:", "vsock:x", "vsock:1:y", "tcp:localhost", "http://x", "kre.sock"] {
+            assert!(bad.parse::<Addr>().is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn vsock_round_trip_where_loopback_exists() {
+        if let Err(why) = vsock_loopback() {
+            eprintln!("SKIPPED vsock_round_trip_where_loopback_exists: {why}");
+            return;
+        }
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = Addr::Vsock { cid: 1, port: 47_123 };
+        let l = Listener::bind(&addr).await.expect("bind");
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.expect("accept");
+            let mut b = [0u8; 4];
+            s.read_exact(&mut b).await.expect("read");
+            s.write_all(&b).await.expect("write");
+        });
+        let mut c = connect(&addr, Duration::from_secs(2)).await.expect("connect");
+        c.write_all(b"ping").await.expect("write");
+        let mut b = [0u8; 4];
+        c.read_exact(&mut b).await.expect("read");
+        assert_eq!(&b, b"ping");
+        server.await.expect("server");
+    }
+
+    #[tokio::test]
+    async fn unix_listener_replaces_stale_socket_but_not_files() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("s.sock");
+        let a = Addr::Unix(p.clone());
+        let first = Listener::bind(&a).await.expect("bind");
+        std::mem::forget(first); // leave the socket file behind, as a crashed process would
+        let second = Listener::bind(&a).await.expect("rebind over stale socket");
+        drop(second);
+        std::fs::write(&p, b"not a socket").expect("file");
+        assert!(Listener::bind(&a).await.is_err());
+    }
+}

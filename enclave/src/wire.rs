@@ -1,0 +1,577 @@
+//! The KRE wire format (version 1), specified in `docs/protocol.md`.
+//!
+//! ```text
+//! frame   = length:u32be body           ; 2 <= length <= MAX_FRAME
+//! body    = version:u8 (=1) type:u8 payload
+//! str8    = len:u8 UTF-8 bytes
+//! bytes16 = len:u16be bytes
+//! ```
+//!
+//! Parsing is strict: every length is checked before use, identifiers are validated, and
+//! trailing bytes are an error. Nothing here does I/O.
+
+use std::fmt;
+
+use sha2::{Digest, Sha384};
+
+/// Protocol version carried in every frame.
+pub const VERSION: u8 = 1;
+/// Largest frame body accepted (bytes after the length prefix).
+pub const MAX_FRAME: usize = 64 * 1024;
+/// Length of the client and server nonces.
+pub const NONCE_LEN: usize = 32;
+/// Most key ids in one Release.
+pub const MAX_KEYS: usize = 16;
+/// Longest cluster or key id.
+pub const MAX_ID: usize = 64;
+/// Longest denial reason text.
+pub const MAX_REASON: usize = 1024;
+/// Uncompressed P-384 point length.
+pub const POINT_LEN: usize = 97;
+
+/// Message type codes.
+mod ty {
+    pub(super) const HELLO: u8 = 1;
+    pub(super) const CHALLENGE: u8 = 2;
+    pub(super) const RELEASE: u8 = 3;
+    pub(super) const RELEASED: u8 = 4;
+    pub(super) const DENIED: u8 = 5;
+}
+
+/// A cluster or key id: 1–64 bytes of `[A-Za-z0-9._-]`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Id(String);
+
+impl Id {
+    /// Validates `s`.
+    pub fn new(s: &str) -> Result<Self, WireError> {
+        let ok = !s.is_empty()
+            && s.len() <= MAX_ID
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(WireError::BadId)
+        }
+    }
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for Id {
+    type Err = WireError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+/// One data key, wrapped to the client's attested public key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrappedKey {
+    /// The key id requested.
+    pub key_id: Id,
+    /// The KEK version the key derives from.
+    pub version: u32,
+    /// AES-256-GCM ciphertext ‖ tag of the 32-byte data key.
+    pub sealed: Vec<u8>,
+}
+
+/// Every message of protocol version 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Client → KRE: opens the handshake.
+    Hello {
+        /// 32 random bytes; the KRE's attestation document carries them as its `nonce`.
+        client_nonce: [u8; NONCE_LEN],
+    },
+    /// KRE → client: the challenge and the KRE's own attestation.
+    Challenge {
+        /// 32 random bytes, single use; the client's attestation must carry them as `nonce`.
+        server_nonce: [u8; NONCE_LEN],
+        /// The KRE's attestation document (`nonce` = client_nonce).
+        kre_attestation: Vec<u8>,
+    },
+    /// Client → KRE: the key request with the client's attestation.
+    Release {
+        /// The cluster whose keys are requested.
+        cluster_id: Id,
+        /// 1–16 key ids.
+        key_ids: Vec<Id>,
+        /// The client's attestation document.
+        attestation: Vec<u8>,
+    },
+    /// KRE → client: the wrapped keys.
+    Released {
+        /// The KRE's ephemeral P-384 public key (uncompressed).
+        ephemeral_point: [u8; POINT_LEN],
+        /// One entry per requested key id, in request order.
+        keys: Vec<WrappedKey>,
+    },
+    /// KRE → client: refusal, with the check that failed.
+    Denied {
+        /// Machine-readable reason.
+        code: DenyCode,
+        /// Human-readable detail (never secret).
+        reason: String,
+    },
+}
+
+impl Message {
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::Challenge { .. } => "Challenge",
+            Message::Release { .. } => "Release",
+            Message::Released { .. } => "Released",
+            Message::Denied { .. } => "Denied",
+        }
+    }
+}
+
+macro_rules! deny_codes {
+    ($($(#[$doc:meta])* $name:ident = $code:literal, $text:literal;)*) => {
+        /// Why the KRE refused. Stable numbers on the wire (`docs/protocol.md`).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum DenyCode {
+            $($(#[$doc])* $name,)*
+            /// A code this version does not know (from a newer peer).
+            Unknown(u16),
+        }
+
+        impl DenyCode {
+            /// The wire number.
+            pub fn to_u16(self) -> u16 {
+                match self {
+                    $(DenyCode::$name => $code,)*
+                    DenyCode::Unknown(c) => c,
+                }
+            }
+            /// From the wire number.
+            pub fn from_u16(c: u16) -> Self {
+                match c {
+                    $($code => DenyCode::$name,)*
+                    other => DenyCode::Unknown(other),
+                }
+            }
+            /// A stable snake_case name.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(DenyCode::$name => $text,)*
+                    DenyCode::Unknown(_) => "unknown",
+                }
+            }
+            /// Every known code (for tests and docs).
+            pub const ALL: &'static [DenyCode] = &[$(DenyCode::$name,)*];
+        }
+    };
+}
+
+deny_codes! {
+    /// The frame could not be parsed.
+    Malformed = 1, "malformed";
+    /// Protocol version not supported.
+    UnsupportedVersion = 2, "unsupported_version";
+    /// A message not valid in the connection's state.
+    UnexpectedMessage = 3, "unexpected_message";
+    /// Frame length over the limit.
+    FrameTooLarge = 4, "frame_too_large";
+    /// Too much time without a complete frame, or the connection's total time ran out.
+    Timeout = 5, "timeout";
+    /// The challenge table is full: retry later.
+    Busy = 10, "busy";
+    /// Cluster or key ids invalid.
+    InvalidRequest = 11, "invalid_request";
+    /// The client's attestation document did not verify.
+    AttestationInvalid = 20, "attestation_invalid";
+    /// A debug-mode document, and the policy does not allow debug.
+    DebugMode = 21, "debug_mode";
+    /// The attestation's nonce is not this connection's challenge.
+    NonceMismatch = 30, "nonce_mismatch";
+    /// The challenge expired before the Release arrived.
+    ChallengeExpired = 31, "challenge_expired";
+    /// The attestation's nonce was already used (a replay).
+    NonceReused = 32, "nonce_reused";
+    /// `user_data` is not the digest of this request.
+    UserDataMismatch = 33, "user_data_mismatch";
+    /// `public_key` absent or not a valid P-384 point.
+    PublicKeyInvalid = 34, "public_key_invalid";
+    /// The cluster is not in the policy.
+    UnknownCluster = 40, "unknown_cluster";
+    /// No image allowed for the cluster matches the attested PCRs.
+    ImageNotAllowed = 41, "image_not_allowed";
+    /// The KRE is sealed (state not yet unsealed).
+    Sealed = 50, "sealed";
+    /// An internal failure (NSM, crypto); nothing was released.
+    Internal = 60, "internal";
+}
+
+impl fmt::Display for DenyCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DenyCode::Unknown(c) => write!(f, "unknown({c})"),
+            other => f.write_str(other.as_str()),
+        }
+    }
+}
+
+/// Why bytes are not a valid frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// The body ended early.
+    #[error("frame truncated")]
+    Truncated,
+    /// Bytes after the message.
+    #[error("trailing bytes after the message")]
+    TrailingBytes,
+    /// Declared length over [`MAX_FRAME`] (or under 2).
+    #[error("frame length {0} outside 2..={MAX_FRAME}")]
+    BadLength(usize),
+    /// Version other than [`VERSION`].
+    #[error("unsupported protocol version {0}")]
+    UnsupportedVersion(u8),
+    /// Unknown message type.
+    #[error("unknown message type {0}")]
+    UnknownType(u8),
+    /// A cluster or key id is empty, too long or has characters outside `[A-Za-z0-9._-]`.
+    #[error("cluster/key id must be 1-64 characters of [A-Za-z0-9._-]")]
+    BadId,
+    /// Key count outside 1..=16.
+    #[error("key count {0} outside 1..={MAX_KEYS}")]
+    BadKeyCount(usize),
+    /// A duplicated key id in one request.
+    #[error("duplicate key id in one request")]
+    DuplicateKeyId,
+    /// Text not UTF-8.
+    #[error("text is not UTF-8")]
+    BadText,
+    /// A field too long for its length prefix or limit.
+    #[error("field too long")]
+    TooLong,
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.buf.len() < n {
+            return Err(WireError::Truncated);
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, WireError> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, WireError> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+    fn str8(&mut self) -> Result<&'a str, WireError> {
+        let n = usize::from(self.u8()?);
+        std::str::from_utf8(self.take(n)?).map_err(|_| WireError::BadText)
+    }
+    fn id(&mut self) -> Result<Id, WireError> {
+        Id::new(self.str8()?)
+    }
+    fn bytes16(&mut self) -> Result<&'a [u8], WireError> {
+        let n = usize::from(self.u16()?);
+        self.take(n)
+    }
+    fn finish(&self) -> Result<(), WireError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(WireError::TrailingBytes)
+        }
+    }
+}
+
+/// Appends `s` as str8.
+pub(crate) fn put_str8(out: &mut Vec<u8>, s: &str) -> Result<(), WireError> {
+    out.push(u8::try_from(s.len()).map_err(|_| WireError::TooLong)?);
+    out.extend_from_slice(s.as_bytes());
+    Ok(())
+}
+
+fn put_bytes16(out: &mut Vec<u8>, b: &[u8]) -> Result<(), WireError> {
+    out.extend_from_slice(&u16::try_from(b.len()).map_err(|_| WireError::TooLong)?.to_be_bytes());
+    out.extend_from_slice(b);
+    Ok(())
+}
+
+fn check_key_ids(ids: &[Id]) -> Result<(), WireError> {
+    if ids.is_empty() || ids.len() > MAX_KEYS {
+        return Err(WireError::BadKeyCount(ids.len()));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    if !ids.iter().all(|k| seen.insert(k)) {
+        return Err(WireError::DuplicateKeyId);
+    }
+    Ok(())
+}
+
+impl Message {
+    /// Encodes the message as a complete frame (length prefix included).
+    pub fn encode(&self) -> Result<Vec<u8>, WireError> {
+        let mut body = vec![VERSION];
+        match self {
+            Message::Hello { client_nonce } => {
+                body.push(ty::HELLO);
+                body.extend_from_slice(client_nonce);
+            }
+            Message::Challenge { server_nonce, kre_attestation } => {
+                body.push(ty::CHALLENGE);
+                body.extend_from_slice(server_nonce);
+                put_bytes16(&mut body, kre_attestation)?;
+            }
+            Message::Release { cluster_id, key_ids, attestation } => {
+                check_key_ids(key_ids)?;
+                body.push(ty::RELEASE);
+                put_str8(&mut body, cluster_id.as_str())?;
+                body.push(u8::try_from(key_ids.len()).map_err(|_| WireError::TooLong)?);
+                for k in key_ids {
+                    put_str8(&mut body, k.as_str())?;
+                }
+                put_bytes16(&mut body, attestation)?;
+            }
+            Message::Released { ephemeral_point, keys } => {
+                body.push(ty::RELEASED);
+                body.extend_from_slice(ephemeral_point);
+                body.push(u8::try_from(keys.len()).map_err(|_| WireError::TooLong)?);
+                for k in keys {
+                    put_str8(&mut body, k.key_id.as_str())?;
+                    body.extend_from_slice(&k.version.to_be_bytes());
+                    put_bytes16(&mut body, &k.sealed)?;
+                }
+            }
+            Message::Denied { code, reason } => {
+                body.push(ty::DENIED);
+                body.extend_from_slice(&code.to_u16().to_be_bytes());
+                let mut r = reason.as_str();
+                while r.len() > MAX_REASON {
+                    // Truncate on a character boundary.
+                    let mut cut = MAX_REASON;
+                    while !r.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    r = &r[..cut];
+                }
+                put_bytes16(&mut body, r.as_bytes())?;
+            }
+        }
+        if body.len() > MAX_FRAME {
+            return Err(WireError::BadLength(body.len()));
+        }
+        let mut frame = u32::try_from(body.len()).map_err(|_| WireError::TooLong)?.to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        Ok(frame)
+    }
+
+    /// Decodes a frame body (the bytes after the length prefix).
+    pub fn decode(body: &[u8]) -> Result<Self, WireError> {
+        if body.len() < 2 || body.len() > MAX_FRAME {
+            return Err(WireError::BadLength(body.len()));
+        }
+        let mut r = Reader { buf: body };
+        let version = r.u8()?;
+        if version != VERSION {
+            return Err(WireError::UnsupportedVersion(version));
+        }
+        let m = match r.u8()? {
+            ty::HELLO => Message::Hello { client_nonce: r.array()? },
+            ty::CHALLENGE => Message::Challenge { server_nonce: r.array()?, kre_attestation: r.bytes16()?.to_vec() },
+            ty::RELEASE => {
+                let cluster_id = r.id()?;
+                let n = usize::from(r.u8()?);
+                if n == 0 || n > MAX_KEYS {
+                    return Err(WireError::BadKeyCount(n));
+                }
+                let key_ids = (0..n).map(|_| r.id()).collect::<Result<Vec<_>, _>>()?;
+                check_key_ids(&key_ids)?;
+                Message::Release { cluster_id, key_ids, attestation: r.bytes16()?.to_vec() }
+            }
+            ty::RELEASED => {
+                let ephemeral_point = r.array()?;
+                let n = usize::from(r.u8()?);
+                if n > MAX_KEYS {
+                    return Err(WireError::BadKeyCount(n));
+                }
+                let keys = (0..n)
+                    .map(|_| Ok(WrappedKey { key_id: r.id()?, version: r.u32()?, sealed: r.bytes16()?.to_vec() }))
+                    .collect::<Result<Vec<_>, WireError>>()?;
+                Message::Released { ephemeral_point, keys }
+            }
+            ty::DENIED => {
+                let code = DenyCode::from_u16(r.u16()?);
+                let reason = r.bytes16()?;
+                if reason.len() > MAX_REASON {
+                    return Err(WireError::TooLong);
+                }
+                let reason = std::str::from_utf8(reason).map_err(|_| WireError::BadText)?.to_owned();
+                Message::Denied { code, reason }
+            }
+            other => return Err(WireError::UnknownType(other)),
+        };
+        r.finish()?;
+        Ok(m)
+    }
+}
+
+/// Reads the length prefix of a frame: the body length, if acceptable.
+pub fn frame_len(prefix: [u8; 4]) -> Result<usize, WireError> {
+    let n = usize::try_from(u32::from_be_bytes(prefix)).map_err(|_| WireError::BadLength(usize::MAX))?;
+    if !(2..=MAX_FRAME).contains(&n) {
+        return Err(WireError::BadLength(n));
+    }
+    Ok(n)
+}
+
+/// The digest a client puts in its attestation's `user_data`, binding the request:
+/// `SHA-384("keygate/v1/release-request" ‖ str8(cluster_id) ‖ u8(n) ‖ str8(key_id)×n)`.
+pub fn request_digest(cluster_id: &Id, key_ids: &[Id]) -> [u8; 48] {
+    let mut h = Sha384::new();
+    h.update(b"keygate/v1/release-request");
+    h.update([u8::try_from(cluster_id.as_str().len()).unwrap_or(u8::MAX)]);
+    h.update(cluster_id.as_str().as_bytes());
+    h.update([u8::try_from(key_ids.len()).unwrap_or(u8::MAX)]);
+    for k in key_ids {
+        h.update([u8::try_from(k.as_str().len()).unwrap_or(u8::MAX)]);
+        h.update(k.as_str().as_bytes());
+    }
+    h.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> Id {
+        Id::new(s).expect("id")
+    }
+
+    fn samples() -> Vec<Message> {
+        vec![
+            Message::Hello { client_nonce: [1; 32] },
+            Message::Challenge { server_nonce: [2; 32], kre_attestation: vec![3; 4000] },
+            Message::Release {
+                cluster_id: id("prod-1"),
+                key_ids: vec![id("etcd"), id("etcd.v2")],
+                attestation: vec![4; 4500],
+            },
+            Message::Released {
+                ephemeral_point: [4; 97],
+                keys: vec![WrappedKey { key_id: id("etcd"), version: 7, sealed: vec![5; 48] }],
+            },
+            Message::Denied { code: DenyCode::ImageNotAllowed, reason: "PCR0 differs".into() },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for m in samples() {
+            let f = m.encode().expect("encode");
+            let n = frame_len(f[..4].try_into().expect("prefix")).expect("len");
+            assert_eq!(n, f.len() - 4);
+            assert_eq!(Message::decode(&f[4..]).expect("decode"), m);
+        }
+    }
+
+    #[test]
+    fn every_truncation_and_extension_fails() {
+        for m in samples() {
+            let f = m.encode().expect("encode");
+            let body = &f[4..];
+            for len in 0..body.len() {
+                assert!(Message::decode(&body[..len]).is_err(), "{} truncated to {len}", m.name());
+            }
+            let mut longer = body.to_vec();
+            longer.push(0);
+            assert_eq!(Message::decode(&longer), Err(WireError::TrailingBytes), "{}", m.name());
+        }
+    }
+
+    #[test]
+    fn malformed_frames_have_precise_errors() {
+        assert_eq!(Message::decode(&[2, 1]), Err(WireError::UnsupportedVersion(2)));
+        assert_eq!(Message::decode(&[1, 9]), Err(WireError::UnknownType(9)));
+        assert_eq!(Message::decode(&[1]), Err(WireError::BadLength(1)));
+        assert_eq!(frame_len([0, 1, 0, 1]), Err(WireError::BadLength(65537)));
+        assert_eq!(frame_len([0, 0, 0, 1]), Err(WireError::BadLength(1)));
+        assert_eq!(frame_len([0xff; 4]), Err(WireError::BadLength(u32::MAX as usize)));
+        // Release with zero keys, 17 keys, a bad id, a duplicate id.
+        let mut zero = vec![1, 3, 1, b'c', 0];
+        zero.extend_from_slice(&[0, 0]);
+        assert_eq!(Message::decode(&zero), Err(WireError::BadKeyCount(0)));
+        let seventeen = vec![1, 3, 1, b'c', 17];
+        assert_eq!(Message::decode(&seventeen), Err(WireError::BadKeyCount(17)));
+        let bad_id = vec![1, 3, 2, b'c', b'/', 1, 1, b'k', 0, 0];
+        assert_eq!(Message::decode(&bad_id), Err(WireError::BadId));
+        let dup = vec![1, 3, 1, b'c', 2, 1, b'k', 1, b'k', 0, 0];
+        assert_eq!(Message::decode(&dup), Err(WireError::DuplicateKeyId));
+        let bad_utf8 = vec![1, 5, 0, 1, 0, 1, 0xff];
+        assert_eq!(Message::decode(&bad_utf8), Err(WireError::BadText));
+    }
+
+    #[test]
+    fn ids_are_validated() {
+        assert!(Id::new("a").is_ok());
+        assert!(Id::new(&"a".repeat(64)).is_ok());
+        assert_eq!(Id::new(""), Err(WireError::BadId));
+        assert_eq!(Id::new(&"a".repeat(65)), Err(WireError::BadId));
+        assert_eq!(Id::new("a b"), Err(WireError::BadId));
+        assert_eq!(Id::new("ä"), Err(WireError::BadId));
+    }
+
+    #[test]
+    fn deny_codes_round_trip_and_are_distinct() {
+        let mut seen = std::collections::BTreeSet::new();
+        for c in DenyCode::ALL {
+            assert_eq!(DenyCode::from_u16(c.to_u16()), *c);
+            assert!(seen.insert(c.to_u16()));
+        }
+        assert_eq!(DenyCode::from_u16(999), DenyCode::Unknown(999));
+    }
+
+    #[test]
+    fn long_reasons_are_truncated_on_a_char_boundary() {
+        let m = Message::Denied { code: DenyCode::Internal, reason: "é".repeat(1000) };
+        let f = m.encode().expect("encode");
+        match Message::decode(&f[4..]).expect("decode") {
+            Message::Denied { reason, .. } => assert!(reason.len() <= MAX_REASON && reason.chars().all(|c| c == 'é')),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn request_digest_binds_every_field() {
+        let a = request_digest(&id("c"), &[id("k1"), id("k2")]);
+        assert_ne!(a, request_digest(&id("d"), &[id("k1"), id("k2")]));
+        assert_ne!(a, request_digest(&id("c"), &[id("k2"), id("k1")]));
+        assert_ne!(a, request_digest(&id("c"), &[id("k1")]));
+        // Length prefixes prevent ambiguity between ("ck", "1") and ("c", "k1").
+        assert_ne!(request_digest(&id("ck"), &[id("1")]), request_digest(&id("c"), &[id("k1")]));
+    }
+}

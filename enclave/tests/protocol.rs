@@ -1,0 +1,440 @@
+//! The protocol core and the client core, driven frame by frame without I/O: every state,
+//! every refusal, each asserting the exact denial code.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keygate_attestation::crypto::default_backend;
+use keygate_attestation::mock::MockNsm;
+use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
+use keygate_attestation::{AttestRequest, Nsm, PcrExpectation, Verifier};
+use keygate_enclave::client::{self, AwaitReleased, ClientError, FetchRequest, ReleasedKey};
+use keygate_enclave::core::{Connection, Env, Event, Kre, KreConfig, Step};
+use keygate_enclave::wire::{self, DenyCode, Id, Message};
+
+const T: u64 = 1_795_478_400_000 + 7 * 3_600_000;
+const SEED: &[u8] = b"protocol-test";
+
+fn pcrs(b: u8) -> BTreeMap<u8, Vec<u8>> {
+    (0u8..3).map(|i| (i, vec![b + i; 48])).collect()
+}
+
+fn id(s: &str) -> Id {
+    Id::new(s).expect("id")
+}
+
+fn kre_pcrs() -> BTreeMap<u8, Vec<u8>> {
+    pcrs(0x70)
+}
+
+fn policy() -> ReleasePolicy {
+    let image = |name: &str, b: u8| ImageRule { name: name.into(), pcrs: pcrs(b), kind: None, not_after_ms: None };
+    ReleasePolicy {
+        clusters: BTreeMap::from([
+            ("prod".into(), ClusterRule { images: vec![image("cp-good", 0x10)] }),
+            ("stage".into(), ClusterRule { images: vec![image("cp-stage", 0x20)] }),
+        ]),
+        allow_debug: false,
+    }
+}
+
+fn kre_with(config: KreConfig) -> Kre {
+    let nsm = MockNsm::new(SEED, kre_pcrs(), Arc::new(|| T)).with_instance("kre");
+    let verifier = Verifier::new(nsm.root_anchor());
+    Kre::new(config, verifier, policy(), Arc::new(nsm)).expect("kre")
+}
+
+fn kre() -> Kre {
+    kre_with(KreConfig::default())
+}
+
+fn cpi(pcr_byte: u8) -> MockNsm {
+    MockNsm::new(SEED, pcrs(pcr_byte), Arc::new(|| T)).with_instance("cpi")
+}
+
+fn rng() -> impl FnMut(&mut [u8]) {
+    rng_from(0)
+}
+
+/// A deterministic generator (tests only; the server uses the OS RNG).
+fn rng_from(seed: u64) -> impl FnMut(&mut [u8]) {
+    let mut n = seed;
+    move |b: &mut [u8]| {
+        for x in b.iter_mut() {
+            n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            *x = u8::try_from(n >> 56).unwrap_or(0);
+        }
+    }
+}
+
+/// One server step; each call gets its own random stream so challenges differ.
+fn step(conn: &mut Connection, kre: &Kre, frame: &[u8], now: u64) -> Step {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(1);
+    let mut r = rng_from(CALLS.fetch_add(1, Ordering::Relaxed) * 7919);
+    conn.on_frame(kre, &frame[4..], &mut Env { now_ms: now, rng: &mut r })
+}
+
+fn request(cluster: &str) -> FetchRequest {
+    FetchRequest {
+        cluster: id(cluster),
+        key_ids: vec![id("etcd-kek"), id("secrets")],
+        expect_kre_pcrs: expectations(&kre_pcrs()),
+    }
+}
+
+fn expectations(p: &BTreeMap<u8, Vec<u8>>) -> Vec<PcrExpectation> {
+    p.iter().map(|(i, v)| PcrExpectation { index: *i, value: v.clone() }).collect()
+}
+
+/// Runs Hello/Challenge and prepares the Release; returns the connection and client state.
+fn handshake(kre: &Kre, cpi: &MockNsm, req: FetchRequest) -> (Connection, AwaitReleased) {
+    let mut r = rng();
+    let (await_challenge, hello) = client::start(req, &mut r).expect("hello");
+    let mut conn = Connection::new();
+    let s = step(&mut conn, kre, &hello, T);
+    assert_eq!(s.event, Event::ChallengeIssued);
+    assert!(!s.close);
+    let verifier = Verifier::new(cpi.root_anchor());
+    let released = await_challenge
+        .on_challenge(&s.reply[4..], &verifier, T, cpi, default_backend(), &mut r)
+        .expect("challenge ok");
+    (conn, released)
+}
+
+fn fetch(kre: &Kre, cpi: &MockNsm, req: FetchRequest) -> Result<Vec<ReleasedKey>, ClientError> {
+    let (mut conn, await_released) = handshake(kre, cpi, req);
+    let frame = await_released.release_frame.clone();
+    let s = step(&mut conn, kre, &frame, T + 10);
+    assert!(s.close);
+    await_released.on_released(&s.reply[4..], default_backend())
+}
+
+fn denial(s: &Step) -> (DenyCode, String) {
+    match Message::decode(&s.reply[4..]).expect("frame") {
+        Message::Denied { code, reason } => {
+            assert!(s.close, "a denial closes the connection");
+            (code, reason)
+        }
+        m => panic!("expected Denied, got {m:?}"),
+    }
+}
+
+#[test]
+fn allowed_image_gets_keys_and_the_same_keys_every_boot() {
+    let kre = kre();
+    let a = fetch(&kre, &cpi(0x10), request("prod")).expect("released");
+    let b = fetch(&kre, &cpi(0x10), request("prod")).expect("released again");
+    assert_eq!(a.len(), 2);
+    assert_eq!(a, b, "same keys on a second boot");
+    assert_eq!((a[0].key_id.as_str(), a[0].version), ("etcd-kek", 1));
+    assert_ne!(a[0].key, a[1].key);
+    assert_eq!(kre.live_challenges(), 0, "challenges are consumed");
+}
+
+#[test]
+fn keys_differ_per_cluster() {
+    let kre = kre();
+    let prod = fetch(&kre, &cpi(0x10), request("prod")).expect("prod");
+    let stage = fetch(&kre, &cpi(0x20), request("stage")).expect("stage");
+    assert_ne!(prod[0].key, stage[0].key);
+}
+
+fn denied(kre: &Kre, cpi: &MockNsm, req: FetchRequest) -> (DenyCode, String) {
+    match fetch(kre, cpi, req) {
+        Err(ClientError::Denied { code, reason }) => (code, reason),
+        other => panic!("expected a denial, got {other:?}"),
+    }
+}
+
+#[test]
+fn wrong_pcr0_is_refused_naming_the_pcr() {
+    let mut p = pcrs(0x10);
+    p.insert(0, vec![0x99; 48]);
+    let cpi = MockNsm::new(SEED, p, Arc::new(|| T)).with_instance("cpi");
+    let (code, reason) = denied(&kre(), &cpi, request("prod"));
+    assert_eq!(code, DenyCode::ImageNotAllowed);
+    assert!(reason.contains("PCR0"), "{reason}");
+}
+
+#[test]
+fn image_of_another_cluster_is_refused() {
+    assert_eq!(denied(&kre(), &cpi(0x20), request("prod")).0, DenyCode::ImageNotAllowed);
+}
+
+#[test]
+fn unknown_cluster_is_refused() {
+    assert_eq!(denied(&kre(), &cpi(0x10), request("nope")).0, DenyCode::UnknownCluster);
+}
+
+#[test]
+fn debug_mode_is_refused() {
+    let debug = MockNsm::new(SEED, BTreeMap::new(), Arc::new(|| T)).with_instance("cpi");
+    assert_eq!(denied(&kre(), &debug, request("prod")).0, DenyCode::DebugMode);
+}
+
+#[test]
+fn foreign_pki_is_refused() {
+    let foreign = MockNsm::new(b"another-pki", pcrs(0x10), Arc::new(|| T));
+    let kre = kre();
+    let mut r = rng();
+    let (c, hello) = client::start(request("prod"), &mut r).expect("hello");
+    let mut conn = Connection::new();
+    let s = step(&mut conn, &kre, &hello, T);
+    // The client trusts the real (test) PKI for the KRE but attests with a foreign one.
+    let kre_verifier = Verifier::new(cpi(0x10).root_anchor());
+    let rel = c.on_challenge(&s.reply[4..], &kre_verifier, T, &foreign, default_backend(), &mut r).expect("release");
+    let s = step(&mut conn, &kre, &rel.release_frame, T);
+    let (code, reason) = denial(&s);
+    assert_eq!(code, DenyCode::AttestationInvalid);
+    assert!(reason.contains("pinned root"), "{reason}");
+}
+
+#[test]
+fn replayed_release_is_refused_as_a_replay() {
+    let kre = kre();
+    let (mut conn, rel) = handshake(&kre, &cpi(0x10), request("prod"));
+    let captured = rel.release_frame.clone();
+    let s = step(&mut conn, &kre, &captured, T);
+    rel.on_released(&s.reply[4..], default_backend()).expect("first release works");
+    // A new connection, a new challenge, the old Release.
+    let mut conn2 = Connection::new();
+    let (_, hello) = client::start(request("prod"), &mut rng()).expect("hello");
+    step(&mut conn2, &kre, &hello, T);
+    let (code, _) = denial(&step(&mut conn2, &kre, &captured, T + 20));
+    assert_eq!(code, DenyCode::NonceReused);
+}
+
+#[test]
+fn release_with_another_connections_challenge_is_refused() {
+    let kre = kre();
+    let (_conn_a, rel_a) = handshake(&kre, &cpi(0x10), request("prod"));
+    let mut conn_b = Connection::new();
+    let (_, hello) = client::start(request("prod"), &mut rng()).expect("hello");
+    step(&mut conn_b, &kre, &hello, T);
+    let (code, _) = denial(&step(&mut conn_b, &kre, &rel_a.release_frame, T));
+    assert_eq!(code, DenyCode::NonceMismatch);
+}
+
+#[test]
+fn expired_challenge_is_refused() {
+    let kre = kre_with(KreConfig { challenge_ttl: Duration::from_secs(5), ..KreConfig::default() });
+    let (mut conn, rel) = handshake(&kre, &cpi(0x10), request("prod"));
+    let (code, _) = denial(&step(&mut conn, &kre, &rel.release_frame, T + 5_001));
+    assert_eq!(code, DenyCode::ChallengeExpired);
+}
+
+#[test]
+fn tampered_request_is_refused() {
+    // The attestation binds cluster "prod"; the frame asks for "stage".
+    let kre = kre();
+    let (mut conn, rel) = handshake(&kre, &cpi(0x10), request("prod"));
+    let Message::Release { key_ids, attestation, .. } = Message::decode(&rel.release_frame[4..]).expect("release")
+    else {
+        panic!("not a release")
+    };
+    let tampered = Message::Release { cluster_id: id("stage"), key_ids, attestation }.encode().expect("encode");
+    let (code, _) = denial(&step(&mut conn, &kre, &tampered, T));
+    assert_eq!(code, DenyCode::UserDataMismatch);
+
+    // Dropping a key id changes the digest too.
+    let (mut conn, rel) = handshake(&kre, &cpi(0x10), request("prod"));
+    let Message::Release { cluster_id, attestation, .. } = Message::decode(&rel.release_frame[4..]).expect("release")
+    else {
+        panic!("not a release")
+    };
+    let tampered =
+        Message::Release { cluster_id, key_ids: vec![id("etcd-kek")], attestation }.encode().expect("encode");
+    assert_eq!(denial(&step(&mut conn, &kre, &tampered, T)).0, DenyCode::UserDataMismatch);
+}
+
+/// A Release whose attestation the test builds by hand.
+fn manual_release(kre: &Kre, cpi: &MockNsm, make: impl FnOnce([u8; 32]) -> AttestRequest) -> Step {
+    let mut conn = Connection::new();
+    let (_, hello) = client::start(request("prod"), &mut rng()).expect("hello");
+    let s = step(&mut conn, kre, &hello, T);
+    let Message::Challenge { server_nonce, .. } = Message::decode(&s.reply[4..]).expect("challenge") else {
+        panic!("no challenge")
+    };
+    let doc = cpi.attest(&make(server_nonce)).expect("attest");
+    let req = request("prod");
+    let frame =
+        Message::Release { cluster_id: req.cluster, key_ids: req.key_ids, attestation: doc }.encode().expect("encode");
+    step(&mut conn, kre, &frame, T)
+}
+
+fn valid_point() -> Vec<u8> {
+    keygate_attestation::mock::public_point(&keygate_attestation::mock::derive_key(b"k", "client"))
+}
+
+#[test]
+fn wrong_user_data_is_refused() {
+    let kre = kre();
+    let s = manual_release(&kre, &cpi(0x10), |n| AttestRequest {
+        nonce: Some(n.to_vec()),
+        user_data: Some(vec![0; 48]),
+        public_key: Some(valid_point()),
+    });
+    assert_eq!(denial(&s).0, DenyCode::UserDataMismatch);
+}
+
+#[test]
+fn missing_or_invalid_public_key_is_refused() {
+    let kre = kre();
+    let digest = wire::request_digest(&id("prod"), &request("prod").key_ids).to_vec();
+    let s = manual_release(&kre, &cpi(0x10), |n| AttestRequest {
+        nonce: Some(n.to_vec()),
+        user_data: Some(digest.clone()),
+        public_key: None,
+    });
+    assert_eq!(denial(&s).0, DenyCode::PublicKeyInvalid);
+    let mut off_curve = valid_point();
+    off_curve[50] ^= 1;
+    let s = manual_release(&kre, &cpi(0x10), |n| AttestRequest {
+        nonce: Some(n.to_vec()),
+        user_data: Some(digest.clone()),
+        public_key: Some(off_curve),
+    });
+    assert_eq!(denial(&s).0, DenyCode::PublicKeyInvalid);
+    let s = manual_release(&kre, &cpi(0x10), |n| AttestRequest {
+        nonce: Some(n.to_vec()),
+        user_data: Some(digest.clone()),
+        public_key: Some(vec![0x04; 32]),
+    });
+    assert_eq!(denial(&s).0, DenyCode::PublicKeyInvalid);
+}
+
+#[test]
+fn attestation_without_the_nonce_is_refused() {
+    let kre = kre();
+    let digest = wire::request_digest(&id("prod"), &request("prod").key_ids).to_vec();
+    let s = manual_release(&kre, &cpi(0x10), |_| AttestRequest {
+        nonce: None,
+        user_data: Some(digest.clone()),
+        public_key: Some(valid_point()),
+    });
+    assert_eq!(denial(&s).0, DenyCode::NonceMismatch);
+}
+
+#[test]
+fn state_machine_refuses_out_of_order_and_malformed_frames() {
+    let kre = kre();
+    let release = Message::Release { cluster_id: id("prod"), key_ids: vec![id("k")], attestation: vec![1] }
+        .encode()
+        .expect("enc");
+    let hello = Message::Hello { client_nonce: [1; 32] }.encode().expect("enc");
+
+    // Release before Hello.
+    let mut c = Connection::new();
+    assert_eq!(denial(&step(&mut c, &kre, &release, T)).0, DenyCode::UnexpectedMessage);
+    assert!(c.is_done());
+    // Anything after the connection finished.
+    assert_eq!(denial(&step(&mut c, &kre, &hello, T)).0, DenyCode::UnexpectedMessage);
+    // Hello twice.
+    let mut c = Connection::new();
+    step(&mut c, &kre, &hello, T);
+    assert_eq!(kre.live_challenges(), 1);
+    assert_eq!(denial(&step(&mut c, &kre, &hello, T)).0, DenyCode::UnexpectedMessage);
+    assert_eq!(kre.live_challenges(), 0, "an abandoned challenge is forgotten");
+    // Server messages from a client.
+    for m in [
+        Message::Challenge { server_nonce: [0; 32], kre_attestation: vec![] },
+        Message::Denied { code: DenyCode::Busy, reason: String::new() },
+        Message::Released { ephemeral_point: [4; 97], keys: vec![] },
+    ] {
+        let mut c = Connection::new();
+        assert_eq!(denial(&step(&mut c, &kre, &m.encode().expect("enc"), T)).0, DenyCode::UnexpectedMessage);
+    }
+    // Malformed bodies and versions.
+    for (body, code) in [
+        (vec![1u8, 1, 0], DenyCode::Malformed),
+        (vec![1u8, 77], DenyCode::Malformed),
+        (vec![2u8, 1], DenyCode::UnsupportedVersion),
+        (vec![1u8], DenyCode::Malformed),
+    ] {
+        let mut c = Connection::new();
+        let mut frame = u32::try_from(body.len()).expect("len").to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        assert_eq!(denial(&step(&mut c, &kre, &frame, T)).0, code, "{body:?}");
+    }
+}
+
+#[test]
+fn full_challenge_table_answers_busy() {
+    let kre = kre_with(KreConfig { max_challenges: 2, ..KreConfig::default() });
+    let hello = Message::Hello { client_nonce: [1; 32] }.encode().expect("enc");
+    let mut conns: Vec<Connection> = (0..3).map(|_| Connection::new()).collect();
+    assert_eq!(step(&mut conns[0], &kre, &hello, T).event, Event::ChallengeIssued);
+    assert_eq!(step(&mut conns[1], &kre, &hello, T).event, Event::ChallengeIssued);
+    assert_eq!(denial(&step(&mut conns[2], &kre, &hello, T)).0, DenyCode::Busy);
+    // Abandoning a connection frees its slot.
+    conns[0].abandon(&kre);
+    let mut c = Connection::new();
+    assert_eq!(step(&mut c, &kre, &hello, T).event, Event::ChallengeIssued);
+}
+
+#[test]
+fn client_refuses_a_kre_with_unexpected_pcrs() {
+    let kre = kre();
+    let mut req = request("prod");
+    req.expect_kre_pcrs = expectations(&pcrs(0x71));
+    let mut r = rng();
+    let (c, hello) = client::start(req, &mut r).expect("hello");
+    let s = step(&mut Connection::new(), &kre, &hello, T);
+    let cpi = cpi(0x10);
+    let err = c
+        .on_challenge(&s.reply[4..], &Verifier::new(cpi.root_anchor()), T, &cpi, default_backend(), &mut r)
+        .expect_err("refuse");
+    assert!(matches!(err, ClientError::KrePcr(ref m) if m.index == 0), "{err}");
+}
+
+#[test]
+fn client_refuses_a_challenge_not_bound_to_the_kre_attestation() {
+    let kre = kre();
+    let mut r = rng();
+    let (c, hello) = client::start(request("prod"), &mut r).expect("hello");
+    let s = step(&mut Connection::new(), &kre, &hello, T);
+    let Message::Challenge { mut server_nonce, kre_attestation } = Message::decode(&s.reply[4..]).expect("challenge")
+    else {
+        panic!("no challenge")
+    };
+    server_nonce[0] ^= 1; // a man in the middle substitutes the server nonce
+    let forged = Message::Challenge { server_nonce, kre_attestation }.encode().expect("enc");
+    let cpi = cpi(0x10);
+    let err = c
+        .on_challenge(&forged[4..], &Verifier::new(cpi.root_anchor()), T, &cpi, default_backend(), &mut r)
+        .expect_err("refuse");
+    assert_eq!(err, ClientError::KreBinding("its user_data does not bind the challenge"));
+
+    // A KRE document carrying another Hello's nonce.
+    let (c, _) = client::start(request("prod"), &mut r).expect("hello");
+    let err = c
+        .on_challenge(&s.reply[4..], &Verifier::new(cpi.root_anchor()), T, &cpi, default_backend(), &mut r)
+        .expect_err("refuse");
+    assert_eq!(err, ClientError::KreBinding("its nonce is not our Hello nonce"));
+}
+
+#[test]
+fn client_refuses_tampered_released_keys() {
+    let kre = kre();
+    let (mut conn, rel) = handshake(&kre, &cpi(0x10), request("prod"));
+    let frame = rel.release_frame.clone();
+    let s = step(&mut conn, &kre, &frame, T);
+    let Message::Released { ephemeral_point, mut keys } = Message::decode(&s.reply[4..]).expect("released") else {
+        panic!("not released")
+    };
+    keys[1].sealed[0] ^= 1;
+    let tampered = Message::Released { ephemeral_point, keys }.encode().expect("enc");
+    assert!(matches!(rel.on_released(&tampered[4..], default_backend()), Err(ClientError::Unwrap(_))));
+}
+
+#[test]
+fn denial_reasons_never_contain_key_material() {
+    let kre = kre();
+    let good = fetch(&kre, &cpi(0x10), request("prod")).expect("keys");
+    let (_, reason) = denied(&kre, &cpi(0x20), request("prod"));
+    for k in &good {
+        assert!(!reason.contains(&hex::encode(k.key.expose())));
+    }
+}
