@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The local demo: builds keygate and walks through attestation verification on the real
-# AWS Nitro documents shipped in attestation/tests/vectors and on the mock NSM.
+# The local demo: builds keygate and walks through the full flow on the mock NSM: attestation
+# verification (real AWS documents and mock ones), then key release through a real KRE and proxy.
 set -euo pipefail
 cd "$(dirname "$0")"
-cargo build --locked --release --bin keygate >/dev/null 2>&1 || cargo build --locked --release --bin keygate
+cargo build --locked --release --workspace --bins
 exec ./target/release/keygate demo "$@"

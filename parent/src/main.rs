@@ -44,6 +44,10 @@ enum Command {
     /// Verify attestation documents and produce mock ones.
     #[command(subcommand)]
     Attestation(cmd::attestation::AttestationCommand),
+    /// Boot key fetch: attest to the KRE and write the released data keys.
+    Fetch(cmd::fetch::FetchArgs),
+    /// Forward connections between the host side and the KRE.
+    Proxy(cmd::proxy::ProxyArgs),
     /// Run the local demo of the full flow on the mock NSM.
     Demo(cmd::demo::DemoArgs),
     /// Build, describe and measure enclave images (EIF).
@@ -69,6 +73,8 @@ fn main() -> ExitCode {
         Command::Attestation(c) => cmd::attestation::run(c),
         Command::Eif(c) => cmd::eif::run(c),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Fetch(a) => cmd::fetch::run(a),
+        Command::Proxy(a) => cmd::proxy::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

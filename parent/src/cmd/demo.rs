@@ -129,5 +129,6 @@ pub(crate) fn run(_args: DemoArgs) -> Result<(), CliError> {
     println!("keygate demo: attested key release, end to end, on the mock NSM");
     let mut tour = Tour::default();
     attestation_tour(&mut tour)?;
+    super::demo_release::key_release_tour(&mut tour)?;
     tour.finish()
 }

@@ -2,4 +2,7 @@
 
 pub(crate) mod attestation;
 pub(crate) mod demo;
+pub(crate) mod demo_release;
 pub(crate) mod eif;
+pub(crate) mod fetch;
+pub(crate) mod proxy;

@@ -1,0 +1,278 @@
+//! The demo's key release part: a real `keygate-enclave` process with the mock NSM behind a
+//! real `keygate proxy` process, and control-plane instances fetching keys through them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keygate_attestation::mock::{system_clock, MockNsm};
+use keygate_attestation::{Nsm, PcrExpectation, Verifier};
+use keygate_enclave::client::{ClientError, FetchRequest};
+use keygate_enclave::io::{read_frame, write_frame};
+use keygate_enclave::transport::{self, Addr};
+use keygate_enclave::wire::{DenyCode, Id, Message};
+
+use super::demo::Tour;
+use super::fetch::{write_keys, Fetcher};
+use crate::CliError;
+
+const SEED: &str = "keygate-demo";
+
+fn pcr_hex(byte: u8) -> String {
+    hex::encode([byte; 48])
+}
+
+/// A child process killed when dropped.
+struct Proc(Child, &'static str);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn sibling_binary(name: &str) -> Result<PathBuf, CliError> {
+    let exe = std::env::current_exe().map_err(|e| CliError::io("locating keygate", e))?;
+    let p = exe.with_file_name(name);
+    if p.exists() {
+        Ok(p)
+    } else {
+        Err(CliError::input(format!(
+            "{} not found next to keygate: build it (cargo build --workspace --bins)",
+            p.display()
+        )))
+    }
+}
+
+fn spawn(bin: &Path, args: &[String], log: &Path, what: &'static str) -> Result<Proc, CliError> {
+    let log_file = std::fs::File::create(log).map_err(|e| CliError::io(format!("creating {}", log.display()), e))?;
+    let child = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .map_err(|e| CliError::io(format!("starting {}", bin.display()), e))?;
+    Ok(Proc(child, what))
+}
+
+async fn wait_for_socket(path: &Path, proc: &mut Proc) -> Result<(), CliError> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(15) {
+        if let Ok(Some(status)) = proc.0.try_wait() {
+            return Err(CliError::refused(format!("{} exited early ({status})", proc.1)));
+        }
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(CliError::refused(format!("{} did not start listening on {}", proc.1, path.display())))
+}
+
+fn cpi(pcr_byte: u8, instance: &str) -> Arc<dyn Nsm> {
+    let pcrs = (0u8..3).map(|i| (i, vec![pcr_byte; 48])).collect();
+    Arc::new(MockNsm::new(SEED.as_bytes(), pcrs, system_clock()).with_instance(instance))
+}
+
+fn ids(v: &[&str]) -> Vec<Id> {
+    v.iter().filter_map(|s| Id::new(s).ok()).collect()
+}
+
+pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
+    let dir = TempDir(std::env::temp_dir().join(format!("keygate-demo-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).map_err(|e| CliError::io("creating the demo directory", e))?;
+    let d = &dir.0;
+    let kre_sock = d.join("kre.sock");
+    let parent_sock = d.join("parent.sock");
+
+    tour.section("Key release: a KRE (mock NSM) behind the parent proxy");
+    let good = 0x5a;
+    let policy = serde_json::json!({
+        "clusters": { "prod-eu1": { "images": [
+            { "name": "control-plane-2026.11", "kind": "enclave",
+              "pcrs": { "0": pcr_hex(good), "1": pcr_hex(good), "2": pcr_hex(good) } }
+        ] } }
+    });
+    let policy_path = d.join("policy.json");
+    std::fs::write(&policy_path, policy.to_string()).map_err(|e| CliError::io("writing the policy", e))?;
+    let kre_pcr = 0x4b;
+    let kre_pcr_args: Vec<String> =
+        (0..3).flat_map(|i| ["--mock-pcr".to_owned(), format!("{i}={}", pcr_hex(kre_pcr))]).collect();
+    let mut kre_args = vec![
+        "--listen".to_owned(),
+        format!("unix:{}", kre_sock.display()),
+        "--policy".to_owned(),
+        policy_path.display().to_string(),
+        "--nsm".to_owned(),
+        "mock".to_owned(),
+        "--mock-seed".to_owned(),
+        SEED.to_owned(),
+    ];
+    kre_args.extend(kre_pcr_args);
+    let mut kre = spawn(&sibling_binary("keygate-enclave")?, &kre_args, &d.join("kre.log"), "keygate-enclave")?;
+    let exe = std::env::current_exe().map_err(|e| CliError::io("locating keygate", e))?;
+    let proxy_args = vec![
+        "proxy".to_owned(),
+        "--listen".to_owned(),
+        format!("unix:{}", parent_sock.display()),
+        "--to".to_owned(),
+        format!("unix:{}", kre_sock.display()),
+    ];
+    let mut proxy = spawn(&exe, &proxy_args, &d.join("proxy.log"), "keygate proxy")?;
+
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
+    rt.block_on(async {
+        wait_for_socket(&kre_sock, &mut kre).await?;
+        wait_for_socket(&parent_sock, &mut proxy).await?;
+        tour.step(
+            "the KRE and the proxy are up",
+            Ok(format!(
+                "KRE on {} (mock NSM, PCR0-2 = {kre_pcr:02x}…), proxy on {}",
+                kre_sock.display(),
+                parent_sock.display()
+            )),
+        );
+
+        let root = MockNsm::new(SEED.as_bytes(), Default::default(), system_clock()).root_anchor();
+        let expect_kre: Vec<PcrExpectation> =
+            (0..3).map(|i| PcrExpectation { index: i, value: vec![kre_pcr; 48] }).collect();
+        let fetcher = |nsm: Arc<dyn Nsm>, expect: Vec<PcrExpectation>| Fetcher {
+            kre: Addr::Unix(parent_sock.clone()),
+            request: FetchRequest {
+                cluster: Id::new("prod-eu1").unwrap_or_else(|_| unreachable!("valid id")),
+                key_ids: ids(&["etcd-kek", "secrets-kek"]),
+                expect_kre_pcrs: expect,
+            },
+            nsm,
+            kre_verifier: Verifier::new(root.clone()),
+            timeout: Duration::from_secs(10),
+        };
+
+        // 1. The allowed image.
+        let keys_dir = d.join("cpi-1-keys");
+        let first = fetcher(cpi(good, "cpi-1"), expect_kre.clone()).once().await;
+        let captured = match &first {
+            Ok(f) => Some(f.release_frame.clone()),
+            Err(_) => None,
+        };
+        tour.step(
+            "a control plane running the allowed image gets its keys",
+            match first {
+                Ok(f) => write_keys(&keys_dir, &f.keys).map_err(|e| e.message).and_then(|paths| {
+                    use std::os::unix::fs::PermissionsExt;
+                    let modes: Vec<u32> = paths
+                        .iter()
+                        .filter_map(|p| std::fs::metadata(p).ok())
+                        .map(|m| m.permissions().mode() & 0o777)
+                        .collect();
+                    if modes.iter().all(|m| *m == 0o600) && modes.len() == f.keys.len() {
+                        Ok(f.keys
+                            .iter()
+                            .zip(&paths)
+                            .map(|(k, p)| format!("{} v{} -> {} (0600)", k.key_id, k.version, p.display()))
+                            .collect::<Vec<_>>()
+                            .join("; "))
+                    } else {
+                        Err(format!("key files have modes {modes:?}"))
+                    }
+                }),
+                Err(e) => Err(e.to_string()),
+            },
+        );
+
+        // 2. A second boot gets the same keys.
+        let second = fetcher(cpi(good, "cpi-1"), expect_kre.clone()).once().await;
+        tour.step(
+            "after a reboot it gets the same keys (data encrypted before stays readable)",
+            match second {
+                Ok(f) => {
+                    let same = f.keys.iter().all(|k| {
+                        std::fs::read(keys_dir.join(format!("{}.key", k.key_id))).ok().as_deref()
+                            == Some(k.key.expose().as_slice())
+                    });
+                    if same {
+                        Ok("identical keys, compared in memory (never printed)".to_owned())
+                    } else {
+                        Err("keys differ".to_owned())
+                    }
+                }
+                Err(e) => Err(e.to_string()),
+            },
+        );
+
+        // 3. An image the policy does not allow.
+        let bad = fetcher(cpi(0x66, "rogue"), expect_kre.clone()).once().await;
+        tour.step(
+            "an image the pipeline did not approve is denied, with the reason",
+            expect_denial(bad.map(|_| ()), DenyCode::ImageNotAllowed),
+        );
+
+        // 4. A debug-mode enclave.
+        let debug: Arc<dyn Nsm> =
+            Arc::new(MockNsm::new(SEED.as_bytes(), Default::default(), system_clock()).with_instance("debug"));
+        let dbg = fetcher(debug, expect_kre.clone()).once().await;
+        tour.step("a debug-mode enclave (PCRs zero) is denied", expect_denial(dbg.map(|_| ()), DenyCode::DebugMode));
+
+        // 5. A replayed Release.
+        tour.step(
+            "a captured Release replayed on a new connection is denied",
+            match captured {
+                Some(frame) => replay(&Addr::Unix(parent_sock.clone()), &frame).await,
+                None => Err("nothing captured (step 1 failed)".to_owned()),
+            },
+        );
+
+        // 6. Mutual attestation: a control plane that expects another KRE image refuses this one.
+        let wrong_kre: Vec<PcrExpectation> =
+            (0..3).map(|i| PcrExpectation { index: i, value: vec![0x11; 48] }).collect();
+        let refused = fetcher(cpi(good, "cpi-2"), wrong_kre).once().await;
+        tour.step(
+            "a control plane refuses a KRE whose PCRs are not the expected ones",
+            match refused {
+                Err(e @ ClientError::KrePcr(_)) => Ok(format!("refused: {e}")),
+                Err(e) => Err(format!("failed for another reason: {e}")),
+                Ok(_) => Err("accepted a KRE with unexpected PCRs".to_owned()),
+            },
+        );
+        Ok::<(), CliError>(())
+    })?;
+    drop(proxy);
+    drop(kre);
+    Ok(())
+}
+
+fn expect_denial(r: Result<(), ClientError>, code: DenyCode) -> Result<String, String> {
+    match r {
+        Err(ClientError::Denied { code: c, reason }) if c == code => Ok(format!("denied: {c}: {reason}")),
+        Err(e) => Err(format!("failed, but not with {code}: {e}")),
+        Ok(()) => Err("keys were released, but must not be".to_owned()),
+    }
+}
+
+async fn replay(addr: &Addr, release: &[u8]) -> Result<String, String> {
+    let t = Duration::from_secs(5);
+    let mut s = transport::connect(addr, t).await.map_err(|e| e.to_string())?;
+    let hello = Message::Hello { client_nonce: [7; 32] }.encode().map_err(|e| e.to_string())?;
+    write_frame(&mut s, &hello, t).await.map_err(|e| e.to_string())?;
+    read_frame(&mut s, t).await.map_err(|e| e.to_string())?;
+    write_frame(&mut s, release, t).await.map_err(|e| e.to_string())?;
+    let body = read_frame(&mut s, t).await.map_err(|e| e.to_string())?;
+    match Message::decode(&body) {
+        Ok(Message::Denied { code: DenyCode::NonceReused, reason }) => Ok(format!("denied: nonce_reused: {reason}")),
+        Ok(m) => Err(format!("unexpected answer: {m:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}

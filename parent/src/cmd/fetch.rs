@@ -1,0 +1,243 @@
+//! `keygate fetch`: the control-plane instance's boot key fetch.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keygate_attestation::crypto;
+use keygate_attestation::{HardwareNsm, Nsm, PcrExpectation, TrustAnchor, Verifier};
+use keygate_enclave::client::{self, ClientError, FetchRequest, ReleasedKey};
+use keygate_enclave::io::{read_frame, write_frame, FrameError};
+use keygate_enclave::transport::{self, Addr};
+use keygate_enclave::wire::Id;
+
+use crate::CliError;
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct FetchArgs {
+    /// The KRE (through the parent proxy): unix:PATH, vsock:CID:PORT or tcp:IP:PORT.
+    #[arg(long)]
+    kre: Addr,
+    /// The cluster whose keys to fetch.
+    #[arg(long)]
+    cluster: Id,
+    /// Key ids (repeatable, 1-16).
+    #[arg(long = "key-id", required = true)]
+    key_id: Vec<Id>,
+    /// Directory to write `<key-id>.key` files into (mode 0600).
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    nsm: NsmArgs,
+    /// Trust this root (PEM) for the KRE's attestation. Default: the AWS Nitro root, or
+    /// with `--nsm mock` the mock PKI's root.
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// PCRs the KRE must have (repeatable; at least one).
+    #[arg(long = "expect-kre-pcr", value_name = "N=HEX", required = true)]
+    expect_kre_pcr: Vec<PcrExpectation>,
+    /// Retries after a retryable failure (KRE unreachable, busy, restarting).
+    #[arg(long, default_value_t = 5)]
+    retries: u32,
+    /// Time limit of one attempt, seconds.
+    #[arg(long, default_value_t = 10)]
+    timeout: u64,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// How this instance attests: its NSM.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct NsmArgs {
+    /// NSM backend: hardware (/dev/nsm) or mock (testing only).
+    #[arg(long, default_value = "hardware")]
+    pub(crate) nsm: String,
+    /// Mock NSM: seed of the mock PKI.
+    #[arg(long)]
+    pub(crate) mock_seed: Option<String>,
+    /// Mock NSM: this instance's PCRs (repeatable).
+    #[arg(long = "mock-pcr", value_name = "N=HEX")]
+    pub(crate) mock_pcr: Vec<PcrExpectation>,
+    /// Mock NSM: a name for this instance (its module_id).
+    #[arg(long, default_value = "cpi")]
+    pub(crate) mock_instance: String,
+}
+
+impl NsmArgs {
+    /// The NSM, and the mock root when it is a mock.
+    pub(crate) fn open(&self) -> Result<(Arc<dyn Nsm>, Option<TrustAnchor>), CliError> {
+        match self.nsm.as_str() {
+            "hardware" => Ok((
+                Arc::new(
+                    HardwareNsm::open()
+                        .map_err(|e| CliError::input(format!("{e} (use --nsm mock only for testing)")))?,
+                ),
+                None,
+            )),
+            "mock" => {
+                use keygate_attestation::mock::{system_clock, MockNsm};
+                let seed = self.mock_seed.as_deref().ok_or_else(|| CliError::input("--nsm mock needs --mock-seed"))?;
+                let pcrs = self.mock_pcr.iter().map(|e| (e.index, e.value.clone())).collect();
+                let nsm = MockNsm::new(seed.as_bytes(), pcrs, system_clock()).with_instance(&self.mock_instance);
+                let root = nsm.root_anchor();
+                tracing::warn!("MOCK NSM in use: this instance's attestation is not genuine (testing only)");
+                Ok((Arc::new(nsm), Some(root)))
+            }
+            other => Err(CliError::input(format!("--nsm must be `hardware` or `mock`, not `{other}`"))),
+        }
+    }
+}
+
+/// Everything one fetch attempt needs.
+pub(crate) struct Fetcher {
+    pub(crate) kre: Addr,
+    pub(crate) request: FetchRequest,
+    pub(crate) nsm: Arc<dyn Nsm>,
+    pub(crate) kre_verifier: Verifier,
+    pub(crate) timeout: Duration,
+}
+
+/// The outcome of one attempt: the keys, and the Release frame that was sent.
+pub(crate) struct Fetched {
+    pub(crate) keys: Vec<ReleasedKey>,
+    pub(crate) release_frame: Vec<u8>,
+}
+
+fn io_err(e: FrameError) -> ClientError {
+    ClientError::Io(e.to_string())
+}
+
+impl Fetcher {
+    /// One attempt, bounded by `timeout`.
+    pub(crate) async fn once(&self) -> Result<Fetched, ClientError> {
+        tokio::time::timeout(self.timeout, self.attempt())
+            .await
+            .unwrap_or_else(|_| Err(ClientError::Io(format!("no answer from {} within {:?}", self.kre, self.timeout))))
+    }
+
+    async fn attempt(&self) -> Result<Fetched, ClientError> {
+        let crypto = crypto::default_backend();
+        let mut rng = |b: &mut [u8]| {
+            use rand_core::RngCore;
+            rand_core::OsRng.fill_bytes(b);
+        };
+        let mut s = transport::connect(&self.kre, self.timeout)
+            .await
+            .map_err(|e| ClientError::Io(format!("connecting to {}: {e}", self.kre)))?;
+        let (await_challenge, hello) = client::start(self.request.clone(), &mut rng)?;
+        write_frame(&mut s, &hello, self.timeout).await.map_err(io_err)?;
+        let body = read_frame(&mut s, self.timeout).await.map_err(io_err)?;
+        let await_released = await_challenge.on_challenge(
+            &body,
+            &self.kre_verifier,
+            crate::cmd::attestation::now_ms(),
+            &*self.nsm,
+            crypto,
+            &mut rng,
+        )?;
+        let release_frame = await_released.release_frame.clone();
+        write_frame(&mut s, &release_frame, self.timeout).await.map_err(io_err)?;
+        let body = read_frame(&mut s, self.timeout).await.map_err(io_err)?;
+        let keys = await_released.on_released(&body, crypto)?;
+        Ok(Fetched { keys, release_frame })
+    }
+
+    /// Attempts with exponential backoff (0.2 s, 0.4 s, … capped at 5 s) while the failure is
+    /// retryable.
+    pub(crate) async fn with_retries(&self, retries: u32) -> Result<Fetched, ClientError> {
+        let mut delay = Duration::from_millis(200);
+        let mut attempt = 0;
+        loop {
+            match self.once().await {
+                Ok(f) => return Ok(f),
+                Err(e) if e.is_retryable() && attempt < retries => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, retries, "fetch failed; retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Writes every key to `dir/<key-id>.key` (32 raw bytes, mode 0600): all temporary files
+/// first (fsynced), then the renames, then the directory fsync. If any write fails, no key
+/// file is left behind.
+pub(crate) fn write_keys(dir: &Path, keys: &[ReleasedKey]) -> Result<Vec<PathBuf>, CliError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir).map_err(|e| CliError::io(format!("creating {}", dir.display()), e))?;
+    let mut temps: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let cleanup = |temps: &[(PathBuf, PathBuf)]| {
+        for (t, _) in temps {
+            let _ = std::fs::remove_file(t);
+        }
+    };
+    for k in keys {
+        let final_path = dir.join(format!("{}.key", k.key_id));
+        let tmp = dir.join(format!(".{}.key.tmp-{}", k.key_id, std::process::id()));
+        let written =
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).and_then(|mut f| {
+                f.write_all(k.key.expose())?;
+                f.sync_all()
+            });
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            cleanup(&temps);
+            return Err(CliError::io(format!("writing {}", final_path.display()), e));
+        }
+        temps.push((tmp, final_path));
+    }
+    for (tmp, path) in &temps {
+        if let Err(e) = std::fs::rename(tmp, path) {
+            cleanup(&temps);
+            return Err(CliError::io(format!("renaming into {}", path.display()), e));
+        }
+    }
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(temps.into_iter().map(|(_, p)| p).collect())
+}
+
+pub(crate) fn run(a: FetchArgs) -> Result<(), CliError> {
+    let (nsm, mock_root) = a.nsm.open()?;
+    let anchor = match (&a.root, mock_root) {
+        (Some(p), _) => crate::cmd::attestation::load_anchor(Some(p))?,
+        (None, Some(r)) => r,
+        (None, None) => crate::cmd::attestation::load_anchor(None)?,
+    };
+    let fetcher = Fetcher {
+        kre: a.kre.clone(),
+        request: FetchRequest {
+            cluster: a.cluster.clone(),
+            key_ids: a.key_id.clone(),
+            expect_kre_pcrs: a.expect_kre_pcr.clone(),
+        },
+        nsm,
+        kre_verifier: Verifier::new(anchor),
+        timeout: Duration::from_secs(a.timeout.max(1)),
+    };
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
+    let fetched =
+        rt.block_on(fetcher.with_retries(a.retries)).map_err(|e| CliError::refused(format!("fetch failed: {e}")))?;
+    let paths = write_keys(&a.out, &fetched.keys)?;
+    if a.json {
+        let keys: Vec<_> = fetched
+            .keys
+            .iter()
+            .zip(&paths)
+            .map(|(k, p)| serde_json::json!({"key_id": k.key_id.as_str(), "version": k.version, "path": p.display().to_string()}))
+            .collect();
+        println!("{}", serde_json::json!({"cluster": a.cluster.as_str(), "keys": keys}));
+    } else {
+        for (k, p) in fetched.keys.iter().zip(&paths) {
+            println!("released {}/{} version {} -> {}", a.cluster, k.key_id, k.version, p.display());
+        }
+    }
+    Ok(())
+}
