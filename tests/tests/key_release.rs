@@ -1,0 +1,408 @@
+//! End to end: the real `keygate-enclave` and `keygate` binaries over Unix sockets.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use keygate_attestation::mock::{system_clock, MockNsm};
+use keygate_attestation::{AttestRequest, Nsm};
+use keygate_enclave::wire::{self, DenyCode, Id, Message};
+use keygate_tests::{bin, keygate, run_with_limit};
+
+const SEED: &str = "e2e-seed";
+const GOOD: u8 = 0x5a;
+const KRE_PCR: u8 = 0x4b;
+
+fn hex48(b: u8) -> String {
+    hex::encode([b; 48])
+}
+
+struct Kre {
+    child: Child,
+    dir: tempfile::TempDir,
+    sock: PathBuf,
+}
+
+impl Drop for Kre {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Kre {
+    fn start(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tmp");
+        let policy = serde_json::json!({
+            "clusters": {
+                "prod": { "images": [ { "name": "cp-good", "pcrs": { "0": hex48(GOOD), "1": hex48(GOOD), "2": hex48(GOOD) } } ] },
+                "stage": { "images": [ { "name": "cp-stage", "pcrs": { "0": hex48(0x33), "1": hex48(0x33), "2": hex48(0x33) } } ] }
+            }
+        });
+        let policy_path = dir.path().join("policy.json");
+        std::fs::write(&policy_path, policy.to_string()).expect("policy");
+        let sock = dir.path().join("kre.sock");
+        let mut args: Vec<String> = Vec::new();
+        if !extra.contains(&"--listen") {
+            args.extend(["--listen".into(), format!("unix:{}", sock.display())]);
+        }
+        args.extend([
+            "--policy".into(),
+            policy_path.display().to_string(),
+            "--nsm".into(),
+            "mock".into(),
+            "--mock-seed".into(),
+            SEED.into(),
+        ]);
+        for i in 0..3 {
+            args.push("--mock-pcr".into());
+            args.push(format!("{i}={}", hex48(KRE_PCR)));
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let log = std::fs::File::create(dir.path().join("kre.log")).expect("log");
+        let child = Command::new(bin("keygate-enclave"))
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn");
+        let kre = Kre { child, dir, sock };
+        kre.wait_ready();
+        kre
+    }
+
+    fn wait_ready(&self) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(15) {
+            if std::os::unix::net::UnixStream::connect(&self.sock).is_ok()
+                || self.log().contains("keygate-enclave ready")
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("KRE did not start: {}", self.log());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("kre.log")).unwrap_or_default()
+    }
+
+    fn addr(&self) -> String {
+        format!("unix:{}", self.sock.display())
+    }
+}
+
+fn fetch_args(kre: &str, cluster: &str, pcr: u8, out: &Path) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "fetch".into(),
+        "--kre".into(),
+        kre.into(),
+        "--cluster".into(),
+        cluster.into(),
+        "--key-id".into(),
+        "etcd-kek".into(),
+        "--key-id".into(),
+        "secrets".into(),
+        "--out".into(),
+        out.display().to_string(),
+        "--nsm".into(),
+        "mock".into(),
+        "--mock-seed".into(),
+        SEED.into(),
+        "--retries".into(),
+        "0".into(),
+        "--timeout".into(),
+        "10".into(),
+    ];
+    for i in 0..3 {
+        a.push("--mock-pcr".into());
+        a.push(format!("{i}={}", hex48(pcr)));
+        a.push("--expect-kre-pcr".into());
+        a.push(format!("{i}={}", hex48(KRE_PCR)));
+    }
+    a
+}
+
+fn run_fetch(args: &[String]) -> Output {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    keygate(&refs)
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_refused(o: &Output, code: &str, out: &Path) {
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(o));
+    let e = stderr(o);
+    let last = e.trim().lines().last().unwrap_or_default().to_owned();
+    assert!(last.contains(code), "expected `{code}` in: {e}");
+    let files: Vec<_> = std::fs::read_dir(out).map(|d| d.flatten().collect()).unwrap_or_default();
+    assert!(files.is_empty(), "no files may be written on failure: {files:?}");
+}
+
+#[test]
+fn allowed_image_gets_keys_and_the_same_keys_on_a_second_boot() {
+    let kre = Kre::start(&[]);
+    let out1 = kre.dir.path().join("keys1");
+    let o = run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &out1));
+    assert!(o.status.success(), "{}\n{}", stderr(&o), kre.log());
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("released prod/etcd-kek version 1"), "{stdout}");
+    let k1 = std::fs::read(out1.join("etcd-kek.key")).expect("key file");
+    assert_eq!(k1.len(), 32);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(out1.join("etcd-kek.key")).expect("meta").permissions().mode() & 0o777, 0o600);
+    // Key bytes appear nowhere in what the tools printed.
+    assert!(!stdout.contains(&hex::encode(&k1)) && !stderr(&o).contains(&hex::encode(&k1)));
+    assert!(!kre.log().contains(&hex::encode(&k1)));
+
+    let out2 = kre.dir.path().join("keys2");
+    let o = run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &out2));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(out2.join("etcd-kek.key")).expect("key"), k1, "same key on a second boot");
+    assert_ne!(std::fs::read(out2.join("secrets.key")).expect("key"), k1);
+    assert!(kre.log().contains("keys released"), "{}", kre.log());
+}
+
+#[test]
+fn wrong_pcr0_wrong_cluster_and_debug_mode_are_refused_with_their_reason() {
+    let kre = Kre::start(&[]);
+    let out = kre.dir.path().join("k");
+    assert_refused(&run_fetch(&fetch_args(&kre.addr(), "prod", 0x99, &out)), "image_not_allowed", &out);
+    assert_refused(&run_fetch(&fetch_args(&kre.addr(), "stage", GOOD, &out)), "image_not_allowed", &out);
+    assert_refused(&run_fetch(&fetch_args(&kre.addr(), "nope", GOOD, &out)), "unknown_cluster", &out);
+    // Debug mode: no --mock-pcr at all (PCRs zero).
+    let mut debug = Vec::new();
+    let full = fetch_args(&kre.addr(), "prod", GOOD, &out);
+    let mut i = 0;
+    while i < full.len() {
+        if full[i] == "--mock-pcr" {
+            i += 2;
+            continue;
+        }
+        debug.push(full[i].clone());
+        i += 1;
+    }
+    assert_refused(&run_fetch(&debug), "debug_mode", &out);
+    assert!(kre.log().contains("request denied"), "{}", kre.log());
+}
+
+#[test]
+fn kre_with_unexpected_pcrs_is_refused_by_the_client() {
+    let kre = Kre::start(&[]);
+    let out = kre.dir.path().join("k");
+    let args: Vec<String> = fetch_args(&kre.addr(), "prod", GOOD, &out)
+        .into_iter()
+        .map(|a| a.replace(&hex48(KRE_PCR), &hex48(0x01)))
+        .collect();
+    let o = run_fetch(&args);
+    assert_refused(&o, "KRE attestation refused: PCR0 mismatch", &out);
+}
+
+#[test]
+fn unreachable_kre_fails_after_bounded_retries() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("k");
+    let mut args = fetch_args(&format!("unix:{}", dir.path().join("none.sock").display()), "prod", GOOD, &out);
+    let r = args.iter().position(|a| a == "--retries").expect("retries") + 1;
+    args[r] = "2".into();
+    let start = Instant::now();
+    let o = run_fetch(&args);
+    assert_refused(&o, "connecting to", &out);
+    assert!(start.elapsed() < Duration::from_secs(10));
+    assert!(stderr(&o).matches("retrying").count() == 2, "{}", stderr(&o));
+}
+
+#[test]
+fn fetch_through_the_proxy() {
+    let kre = Kre::start(&[]);
+    let psock = kre.dir.path().join("parent.sock");
+    let mut proxy = Command::new(bin("keygate"))
+        .args(["proxy", "--listen", &format!("unix:{}", psock.display()), "--to", &kre.addr()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("proxy");
+    let start = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&psock).is_err() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = kre.dir.path().join("k");
+    let o = run_fetch(&fetch_args(&format!("unix:{}", psock.display()), "prod", GOOD, &out));
+    let _ = proxy.kill();
+    let proxy_out = proxy.wait_with_output().expect("proxy output");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let key = std::fs::read(out.join("etcd-kek.key")).expect("key");
+    let plog = String::from_utf8_lossy(&proxy_out.stderr);
+    assert!(plog.contains("connection opened") && plog.contains("bytes_to_kre"), "{plog}");
+    assert!(!plog.contains(&hex::encode(&key)));
+}
+
+// ---- raw clients, for what `keygate fetch` never does ----
+
+fn connect(kre: &Kre) -> std::os::unix::net::UnixStream {
+    let s = std::os::unix::net::UnixStream::connect(&kre.sock).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s
+}
+
+fn send(s: &mut std::os::unix::net::UnixStream, frame: &[u8]) {
+    use std::io::Write;
+    s.write_all(frame).expect("write");
+}
+
+fn recv(s: &mut std::os::unix::net::UnixStream) -> Message {
+    use std::io::Read;
+    let mut p = [0u8; 4];
+    s.read_exact(&mut p).expect("prefix");
+    let mut body = vec![0u8; wire::frame_len(p).expect("len")];
+    s.read_exact(&mut body).expect("body");
+    Message::decode(&body).expect("message")
+}
+
+fn denial(m: Message) -> (DenyCode, String) {
+    match m {
+        Message::Denied { code, reason } => (code, reason),
+        other => panic!("expected Denied, got {other:?}"),
+    }
+}
+
+fn cpi() -> MockNsm {
+    let pcrs: BTreeMap<u8, Vec<u8>> = (0..3).map(|i| (i, vec![GOOD; 48])).collect();
+    MockNsm::new(SEED.as_bytes(), pcrs, system_clock()).with_instance("raw")
+}
+
+fn point() -> Vec<u8> {
+    keygate_attestation::mock::public_point(&keygate_attestation::mock::derive_key(b"e2e", "client"))
+}
+
+/// Hello → Challenge; returns the server nonce.
+fn hello(s: &mut std::os::unix::net::UnixStream) -> [u8; 32] {
+    send(s, &Message::Hello { client_nonce: [3; 32] }.encode().expect("enc"));
+    match recv(s) {
+        Message::Challenge { server_nonce, .. } => server_nonce,
+        m => panic!("{m:?}"),
+    }
+}
+
+fn release_frame(nsm: &dyn Nsm, nonce: &[u8], user_data: Vec<u8>, cluster: &str) -> Vec<u8> {
+    let doc = nsm
+        .attest(&AttestRequest { nonce: Some(nonce.to_vec()), user_data: Some(user_data), public_key: Some(point()) })
+        .expect("attest");
+    let keys = vec![Id::new("etcd-kek").expect("id")];
+    Message::Release { cluster_id: Id::new(cluster).expect("id"), key_ids: keys, attestation: doc }
+        .encode()
+        .expect("enc")
+}
+
+fn digest(cluster: &str) -> Vec<u8> {
+    wire::request_digest(&Id::new(cluster).expect("id"), &[Id::new("etcd-kek").expect("id")]).to_vec()
+}
+
+#[test]
+fn replayed_release_is_refused() {
+    let kre = Kre::start(&[]);
+    let nsm = cpi();
+    let mut a = connect(&kre);
+    let n = hello(&mut a);
+    let frame = release_frame(&nsm, &n, digest("prod"), "prod");
+    send(&mut a, &frame);
+    assert!(matches!(recv(&mut a), Message::Released { .. }));
+    let mut b = connect(&kre);
+    hello(&mut b);
+    send(&mut b, &frame);
+    assert_eq!(denial(recv(&mut b)).0, DenyCode::NonceReused);
+}
+
+#[test]
+fn expired_challenge_is_refused() {
+    let kre = Kre::start(&["--challenge-ttl", "1"]);
+    let mut s = connect(&kre);
+    let n = hello(&mut s);
+    std::thread::sleep(Duration::from_millis(2100));
+    send(&mut s, &release_frame(&cpi(), &n, digest("prod"), "prod"));
+    assert_eq!(denial(recv(&mut s)).0, DenyCode::ChallengeExpired);
+}
+
+#[test]
+fn tampered_request_and_wrong_user_data_are_refused() {
+    let kre = Kre::start(&[]);
+    // The attestation binds "stage", the frame asks for "prod".
+    let mut s = connect(&kre);
+    let n = hello(&mut s);
+    send(&mut s, &release_frame(&cpi(), &n, digest("stage"), "prod"));
+    assert_eq!(denial(recv(&mut s)).0, DenyCode::UserDataMismatch);
+    // user_data that is no digest at all.
+    let mut s = connect(&kre);
+    let n = hello(&mut s);
+    send(&mut s, &release_frame(&cpi(), &n, b"let me in".to_vec(), "prod"));
+    assert_eq!(denial(recv(&mut s)).0, DenyCode::UserDataMismatch);
+}
+
+#[test]
+fn oversized_frames_garbage_and_slow_clients_get_denials_not_hangs() {
+    let kre = Kre::start(&["--frame-timeout", "1"]);
+    let mut s = connect(&kre);
+    send(&mut s, &[0x7f, 0xff, 0xff, 0xff]);
+    assert_eq!(denial(recv(&mut s)).0, DenyCode::FrameTooLarge);
+    let mut s = connect(&kre);
+    send(&mut s, &[0, 0, 0, 3, 9, 9, 9]);
+    assert_eq!(denial(recv(&mut s)).0, DenyCode::UnsupportedVersion);
+    // Slowloris: half a frame, then silence.
+    let mut s = connect(&kre);
+    send(&mut s, &[0, 0, 0, 34, 1]);
+    let start = Instant::now();
+    assert_eq!(denial(recv(&mut s)).0, DenyCode::Timeout);
+    assert!(start.elapsed() < Duration::from_secs(5));
+    // The KRE still serves.
+    let out = kre.dir.path().join("k");
+    let o = run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &out));
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn connection_limit_answers_busy() {
+    let kre = Kre::start(&["--max-connections", "2"]);
+    // Let the readiness probes' connections finish, then occupy both slots (a Challenge
+    // received proves the connection holds a slot).
+    std::thread::sleep(Duration::from_millis(300));
+    let mut a = connect(&kre);
+    hello(&mut a);
+    let mut b = connect(&kre);
+    hello(&mut b);
+    let mut c = connect(&kre);
+    assert_eq!(denial(recv(&mut c)).0, DenyCode::Busy);
+}
+
+#[test]
+fn enclave_binary_refuses_bad_configuration() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let policy = dir.path().join("p.json");
+    std::fs::write(&policy, r#"{"clusters": {"c": {"images": [{"name": "x", "pcrs": {"0": "00"}}]}}}"#).expect("write");
+    let run = |args: &[&str]| run_with_limit(Command::new(bin("keygate-enclave")).args(args), Duration::from_secs(10));
+    let sock = format!("unix:{}", dir.path().join("s").display());
+    let o = run(&["--listen", &sock, "--policy", policy.to_str().expect("utf8"), "--nsm", "mock", "--mock-seed", "s"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("PCR"), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(&["--listen", &sock, "--policy", policy.to_str().expect("utf8")]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/dev/nsm"), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn vsock_transport_is_skipped_without_loopback() {
+    if let Err(why) = keygate_enclave::transport::vsock_loopback() {
+        eprintln!("SKIPPED vsock end-to-end: {why}");
+        return;
+    }
+    // Loopback exists (CID 1): the KRE listens on vsock as in production, fetch over vsock.
+    let kre = Kre::start(&["--listen", "vsock:1:47124"]);
+    let out = kre.dir.path().join("k");
+    let o = run_fetch(&fetch_args("vsock:1:47124", "prod", GOOD, &out));
+    assert!(o.status.success(), "{}", stderr(&o));
+}
