@@ -252,6 +252,9 @@ impl Connection {
                 DenyCode::UnsupportedVersion,
                 format!("protocol version {v} not supported (this KRE speaks {})", wire::VERSION),
             )),
+            Err(e @ (WireError::BadId | WireError::BadKeyCount(_) | WireError::DuplicateKeyId)) => {
+                Err(Deny::new(DenyCode::InvalidRequest, e.to_string()))
+            }
             Err(e) => Err(Deny::new(DenyCode::Malformed, e.to_string())),
             Ok(msg) => match (std::mem::replace(&mut self.state, State::Done), msg) {
                 (State::ExpectHello, Message::Hello { client_nonce }) => self.hello(kre, client_nonce, env),

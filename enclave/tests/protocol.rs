@@ -346,8 +346,11 @@ fn state_machine_refuses_out_of_order_and_malformed_frames() {
         let mut c = Connection::new();
         assert_eq!(denial(&step(&mut c, &kre, &m.encode().expect("enc"), T)).0, DenyCode::UnexpectedMessage);
     }
-    // Malformed bodies and versions.
+    // Malformed bodies and versions; invalid ids and key counts.
     for (body, code) in [
+        (vec![1u8, 3, 1, b'/', 1, 1, b'k', 0, 0], DenyCode::InvalidRequest),
+        (vec![1u8, 3, 1, b'c', 0, 0, 0], DenyCode::InvalidRequest),
+        (vec![1u8, 3, 1, b'c', 2, 1, b'k', 1, b'k', 0, 0], DenyCode::InvalidRequest),
         (vec![1u8, 1, 0], DenyCode::Malformed),
         (vec![1u8, 77], DenyCode::Malformed),
         (vec![2u8, 1], DenyCode::UnsupportedVersion),

@@ -154,6 +154,7 @@ fn allowed_image_gets_keys_and_the_same_keys_on_a_second_boot() {
     assert!(stdout.contains("released prod/etcd-kek version 1"), "{stdout}");
     let k1 = std::fs::read(out1.join("etcd-kek.key")).expect("key file");
     assert_eq!(k1.len(), 32);
+    assert_eq!(std::fs::read(out1.join("etcd-kek.v1.key")).expect("versioned key file"), k1);
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(out1.join("etcd-kek.key")).expect("meta").permissions().mode() & 0o777, 0o600);
     // Key bytes appear nowhere in what the tools printed.

@@ -163,10 +163,27 @@ impl Fetcher {
     }
 }
 
-/// Writes every key to `dir/<key-id>.key` (32 raw bytes, mode 0600): all temporary files
-/// first (fsynced), then the renames, then the directory fsync. If any write fails, no key
-/// file is left behind.
+/// Writes every key to `dir/<key-id>.v<version>.key` and, for the newest version of each
+/// key id, `dir/<key-id>.key` (32 raw bytes each, mode 0600): all temporary files first
+/// (fsynced), then the renames, then the directory fsync. If any write fails, no key file is
+/// left behind. Returns the `<key-id>.key` paths, in the order of `keys`' first occurrences.
 pub(crate) fn write_keys(dir: &Path, keys: &[ReleasedKey]) -> Result<Vec<PathBuf>, CliError> {
+    let mut newest: Vec<&ReleasedKey> = Vec::new();
+    for k in keys {
+        match newest.iter_mut().find(|n| n.key_id == k.key_id) {
+            Some(n) if n.version < k.version => *n = k,
+            Some(_) => {}
+            None => newest.push(k),
+        }
+    }
+    let mut files: Vec<(String, &ReleasedKey)> =
+        keys.iter().map(|k| (format!("{}.v{}.key", k.key_id, k.version), k)).collect();
+    files.extend(newest.iter().map(|k| (format!("{}.key", k.key_id), *k)));
+    let written = write_files(dir, &files)?;
+    Ok(written.into_iter().skip(keys.len()).collect())
+}
+
+fn write_files(dir: &Path, files: &[(String, &ReleasedKey)]) -> Result<Vec<PathBuf>, CliError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::create_dir_all(dir).map_err(|e| CliError::io(format!("creating {}", dir.display()), e))?;
@@ -176,9 +193,9 @@ pub(crate) fn write_keys(dir: &Path, keys: &[ReleasedKey]) -> Result<Vec<PathBuf
             let _ = std::fs::remove_file(t);
         }
     };
-    for k in keys {
-        let final_path = dir.join(format!("{}.key", k.key_id));
-        let tmp = dir.join(format!(".{}.key.tmp-{}", k.key_id, std::process::id()));
+    for (name, k) in files {
+        let final_path = dir.join(name);
+        let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
         let written =
             std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).and_then(|mut f| {
                 f.write_all(k.key.expose())?;
