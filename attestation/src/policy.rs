@@ -71,7 +71,8 @@ impl ReleasePolicy {
                     }
                 }
                 let has = |i: u8| image.pcrs.contains_key(&i);
-                if !(has(0) && has(1) && has(2)) && !has(8) {
+                let pinned = (has(0) && has(1) && has(2)) || has(8);
+                if !pinned {
                     return Err(PolicyError::Underspecified { cluster: cluster.clone(), image: image.name.clone() });
                 }
             }

@@ -243,12 +243,12 @@ mod tests {
         let (scalar, point) = p384_scalar_from(c, counter_rng(9)).expect("client key");
         let keys = vec![(id("etcd"), 1, Secret::new([9u8; 32]))];
         let (eph, wrapped) = wrap(c, &transcript(), &point, &keys, counter_rng(3)).expect("wrap");
-        let variants: Vec<Box<dyn Fn(&mut Transcript)>> = vec![
-            Box::new(|t| t.client_nonce[0] ^= 1),
-            Box::new(|t| t.server_nonce[0] ^= 1),
-            Box::new(|t| t.kre_attestation_sha384[0] ^= 1),
-            Box::new(|t| t.client_attestation_sha384[0] ^= 1),
-            Box::new(|t| t.request_digest[0] ^= 1),
+        let variants: [fn(&mut Transcript); 5] = [
+            |t| t.client_nonce[0] ^= 1,
+            |t| t.server_nonce[0] ^= 1,
+            |t| t.kre_attestation_sha384[0] ^= 1,
+            |t| t.client_attestation_sha384[0] ^= 1,
+            |t| t.request_digest[0] ^= 1,
         ];
         for v in variants {
             let mut t = transcript();

@@ -520,7 +520,7 @@ mod tests {
         assert_eq!(Message::decode(&[1]), Err(WireError::BadLength(1)));
         assert_eq!(frame_len([0, 1, 0, 1]), Err(WireError::BadLength(65537)));
         assert_eq!(frame_len([0, 0, 0, 1]), Err(WireError::BadLength(1)));
-        assert_eq!(frame_len([0xff; 4]), Err(WireError::BadLength(u32::MAX as usize)));
+        assert_eq!(frame_len([0xff; 4]), Err(WireError::BadLength(usize::try_from(u32::MAX).expect("64-bit"))));
         // Release with zero keys, 17 keys, a bad id, a duplicate id.
         let mut zero = vec![1, 3, 1, b'c', 0];
         zero.extend_from_slice(&[0, 0]);
