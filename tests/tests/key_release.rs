@@ -407,3 +407,109 @@ fn vsock_transport_is_skipped_without_loopback() {
     let o = run_fetch(&fetch_args("vsock:1:47124", "prod", GOOD, &out));
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// The pipeline path: build an image with `keygate eif build`, allow its measurements
+/// (`keygate eif describe --json`), and a mock NSM that boots "from" it gets the keys.
+#[test]
+fn image_built_by_the_pipeline_gets_keys_via_mock_pcrs_from() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("rootfs")).expect("dir");
+    std::fs::write(d.join("bzImage"), b"kernel").expect("w");
+    std::fs::write(d.join("k.config"), b"#\n#\n# Linux/x86_64 6.1.0 Kernel Configuration\n").expect("w");
+    std::fs::write(d.join("rootfs/init"), b"#!/bin/sh\n").expect("w");
+    let eif = d.join("cp.eif");
+    let s = |p: &Path| p.display().to_string();
+    let o = keygate(&[
+        "eif",
+        "build",
+        "--kernel",
+        &s(&d.join("bzImage")),
+        "--kernel-config",
+        &s(&d.join("k.config")),
+        "--cmdline",
+        "console=ttyS0",
+        "--ramdisk",
+        &s(&d.join("rootfs")),
+        "-o",
+        &s(&eif),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = keygate(&["eif", "describe", &s(&eif), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let m = &j["Measurements"];
+    let pcr = |k: &str| m[k].as_str().expect("pcr").to_owned();
+
+    // A KRE whose policy allows exactly that image.
+    let policy = serde_json::json!({"clusters": {"prod": {"images": [
+        {"name": "cp", "pcrs": {"0": pcr("PCR0"), "1": pcr("PCR1"), "2": pcr("PCR2")}}
+    ]}}});
+    std::fs::write(d.join("policy.json"), policy.to_string()).expect("policy");
+    let sock = d.join("kre.sock");
+    let mut child = Command::new(bin("keygate-enclave"))
+        .args([
+            "--listen",
+            &format!("unix:{}", sock.display()),
+            "--policy",
+            &s(&d.join("policy.json")),
+            "--nsm",
+            "mock",
+            "--mock-seed",
+            SEED,
+        ])
+        .args(["--mock-pcr", &format!("0={}", hex48(KRE_PCR))])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kre");
+    let start = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() && start.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = d.join("keys");
+    let o = keygate(&[
+        "fetch",
+        "--kre",
+        &format!("unix:{}", sock.display()),
+        "--cluster",
+        "prod",
+        "--key-id",
+        "etcd-kek",
+        "--out",
+        &s(&out),
+        "--nsm",
+        "mock",
+        "--mock-seed",
+        SEED,
+        "--mock-pcrs-from",
+        &s(&eif),
+        "--expect-kre-pcr",
+        &format!("0={}", hex48(KRE_PCR)),
+        "--retries",
+        "0",
+    ]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(out.join("etcd-kek.key")).expect("key").len(), 32);
+
+    // `keygate attestation mock --pcrs-from` reports the same measurements.
+    let doc = d.join("doc.cbor");
+    let root = d.join("root.pem");
+    assert!(keygate(&["attestation", "mock", "--seed", SEED, "--pcrs-from", &s(&eif), "-o", &s(&doc)])
+        .status
+        .success());
+    assert!(keygate(&["attestation", "mock-root", "--seed", SEED, "-o", &s(&root)]).status.success());
+    let o = keygate(&[
+        "attestation",
+        "verify",
+        &s(&doc),
+        "--root",
+        &s(&root),
+        "--expect-pcr",
+        &format!("0={}", pcr("PCR0")),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}

@@ -71,6 +71,10 @@ pub(crate) struct MockArgs {
     /// PCR values (repeatable); unset PCRs are zero.
     #[arg(long = "pcr", value_name = "N=HEX")]
     pcr: Vec<PcrExpectation>,
+    /// Take PCR0/1/2 (and PCR8 if signed) from this enclave image, as an enclave booted from
+    /// it would report them. `--pcr` values override.
+    #[arg(long, value_name = "FILE.eif")]
+    pcrs_from: Option<PathBuf>,
     /// `nonce`, hex.
     #[arg(long, value_parser = parse_hex)]
     nonce: Option<Bytes>,
@@ -284,7 +288,11 @@ fn summary_text(att: &VerifiedAttestation) -> String {
 
 fn mock(a: MockArgs) -> Result<(), CliError> {
     let at_ms = a.at.map_or_else(now_ms, |s| s.saturating_mul(1000));
-    let pcrs: BTreeMap<u8, Vec<u8>> = a.pcr.into_iter().map(|e| (e.index, e.value)).collect();
+    let mut pcrs = match &a.pcrs_from {
+        Some(p) => pcrs_from_eif(p)?,
+        None => BTreeMap::new(),
+    };
+    pcrs.extend(a.pcr.into_iter().map(|e| (e.index, e.value)));
     let nsm = MockNsm::with_kind(a.seed.as_bytes(), a.kind, pcrs, Arc::new(move || at_ms));
     let req = AttestRequest {
         user_data: a.user_data.map(|b| b.0),
@@ -293,6 +301,17 @@ fn mock(a: MockArgs) -> Result<(), CliError> {
     };
     let doc = nsm.attest(&req).map_err(|e| CliError::input(e.to_string()))?;
     write_file(&a.out, &doc)
+}
+
+/// The PCRs an enclave booted from the image at `path` reports (PCR0/1/2, and PCR8 when
+/// the image is signed).
+pub(crate) fn pcrs_from_eif(path: &Path) -> Result<BTreeMap<u8, Vec<u8>>, CliError> {
+    let m = keygate_eif::measure_file(path).map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
+    let mut pcrs = BTreeMap::from([(0u8, m.pcr0.to_vec()), (1, m.pcr1.to_vec()), (2, m.pcr2.to_vec())]);
+    if let Some(p8) = m.pcr8 {
+        pcrs.insert(8, p8.to_vec());
+    }
+    Ok(pcrs)
 }
 
 /// Writes a file atomically (temporary file in the same directory, then rename).

@@ -1,6 +1,7 @@
 //! The demo's key release part: a real `keygate-enclave` process with the mock NSM behind a
 //! real `keygate proxy` process, and control-plane instances fetching keys through them.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -81,9 +82,44 @@ async fn wait_for_socket(path: &Path, proc: &mut Proc) -> Result<(), CliError> {
     Err(CliError::refused(format!("{} did not start listening on {}", proc.1, path.display())))
 }
 
-fn cpi(pcr_byte: u8, instance: &str) -> Arc<dyn Nsm> {
-    let pcrs = (0u8..3).map(|i| (i, vec![pcr_byte; 48])).collect();
-    Arc::new(MockNsm::new(SEED.as_bytes(), pcrs, system_clock()).with_instance(instance))
+fn cpi(pcrs: &BTreeMap<u8, Vec<u8>>, instance: &str) -> Arc<dyn Nsm> {
+    Arc::new(MockNsm::new(SEED.as_bytes(), pcrs.clone(), system_clock()).with_instance(instance))
+}
+
+/// Builds a small enclave image with `keygate eif build`, as the pipeline would.
+fn build_image(exe: &Path, dir: &Path, name: &str, payload: &[u8]) -> Result<PathBuf, CliError> {
+    let src = dir.join(format!("{name}-src"));
+    let rootfs = src.join("rootfs");
+    std::fs::create_dir_all(rootfs.join("usr/bin")).map_err(|e| CliError::io("creating the image sources", e))?;
+    let files: [(PathBuf, &[u8]); 4] = [
+        (src.join("bzImage"), b"demo kernel image"),
+        (
+            src.join("kernel.config"),
+            b"#\n# Automatically generated file; DO NOT EDIT.\n# Linux/x86_64 6.1.0 Kernel Configuration\n",
+        ),
+        (rootfs.join("init"), b"#!/bin/sh\nexec /usr/bin/kube-apiserver\n"),
+        (rootfs.join("usr/bin/kube-apiserver"), payload),
+    ];
+    for (p, b) in &files {
+        std::fs::write(p, b).map_err(|e| CliError::io(format!("writing {}", p.display()), e))?;
+    }
+    let out = dir.join(format!("{name}.eif"));
+    let status = Command::new(exe)
+        .args(["eif", "build", "--kernel"])
+        .arg(src.join("bzImage"))
+        .arg("--kernel-config")
+        .arg(src.join("kernel.config"))
+        .args(["--cmdline", "console=ttyS0 reboot=k", "--build-time", "2026-11-01T00:00:00Z", "--ramdisk"])
+        .arg(&rootfs)
+        .arg("-o")
+        .arg(&out)
+        .stdout(Stdio::null())
+        .status()
+        .map_err(|e| CliError::io("running keygate eif build", e))?;
+    if !status.success() {
+        return Err(CliError::refused(format!("keygate eif build failed for {name} ({status})")));
+    }
+    Ok(out)
 }
 
 fn ids(v: &[&str]) -> Vec<Id> {
@@ -97,12 +133,30 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
     let kre_sock = d.join("kre.sock");
     let parent_sock = d.join("parent.sock");
 
+    tour.section("The pipeline builds the control-plane image and measures it");
+    let exe = std::env::current_exe().map_err(|e| CliError::io("locating keygate", e))?;
+    let good_eif = build_image(&exe, d, "control-plane", b"kube-apiserver v1.31 (pipeline build)")?;
+    let rogue_eif = build_image(&exe, d, "rogue", b"kube-apiserver v1.31 (patched by someone)")?;
+    let rebuilt = build_image(&exe, d, "control-plane-rebuild", b"kube-apiserver v1.31 (pipeline build)")?;
+    let good_pcrs = super::attestation::pcrs_from_eif(&good_eif)?;
+    let same = std::fs::read(&good_eif).ok() == std::fs::read(&rebuilt).ok();
+    tour.step(
+        "`keygate eif build` makes the image reproducibly and gives its PCRs",
+        if same {
+            Ok(format!(
+                "PCR0 {}… (a second build from the same inputs is byte-identical)",
+                &hex::encode(&good_pcrs[&0])[..16]
+            ))
+        } else {
+            Err("two builds from the same inputs differ".to_owned())
+        },
+    );
+
     tour.section("Key release: a KRE (mock NSM) behind the parent proxy");
-    let good = 0x5a;
+    let hexes: BTreeMap<String, String> = good_pcrs.iter().map(|(i, v)| (i.to_string(), hex::encode(v))).collect();
     let policy = serde_json::json!({
         "clusters": { "prod-eu1": { "images": [
-            { "name": "control-plane-2026.11", "kind": "enclave",
-              "pcrs": { "0": pcr_hex(good), "1": pcr_hex(good), "2": pcr_hex(good) } }
+            { "name": "control-plane-2026.11", "kind": "enclave", "pcrs": hexes }
         ] } }
     });
     let policy_path = d.join("policy.json");
@@ -122,7 +176,6 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
     ];
     kre_args.extend(kre_pcr_args);
     let mut kre = spawn(&sibling_binary("keygate-enclave")?, &kre_args, &d.join("kre.log"), "keygate-enclave")?;
-    let exe = std::env::current_exe().map_err(|e| CliError::io("locating keygate", e))?;
     let proxy_args = vec![
         "proxy".to_owned(),
         "--listen".to_owned(),
@@ -163,7 +216,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
 
         // 1. The allowed image.
         let keys_dir = d.join("cpi-1-keys");
-        let first = fetcher(cpi(good, "cpi-1"), expect_kre.clone()).once().await;
+        let first = fetcher(cpi(&good_pcrs, "cpi-1"), expect_kre.clone()).once().await;
         let captured = match &first {
             Ok(f) => Some(f.release_frame.clone()),
             Err(_) => None,
@@ -194,7 +247,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         );
 
         // 2. A second boot gets the same keys.
-        let second = fetcher(cpi(good, "cpi-1"), expect_kre.clone()).once().await;
+        let second = fetcher(cpi(&good_pcrs, "cpi-1"), expect_kre.clone()).once().await;
         tour.step(
             "after a reboot it gets the same keys (data encrypted before stays readable)",
             match second {
@@ -214,9 +267,13 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         );
 
         // 3. An image the policy does not allow.
-        let bad = fetcher(cpi(0x66, "rogue"), expect_kre.clone()).once().await;
+        let rogue_pcrs = super::attestation::pcrs_from_eif(&rogue_eif).map_err(|e| e.message);
+        let bad = match &rogue_pcrs {
+            Ok(p) => fetcher(cpi(p, "rogue"), expect_kre.clone()).once().await,
+            Err(e) => Err(ClientError::Io(e.clone())),
+        };
         tour.step(
-            "an image the pipeline did not approve is denied, with the reason",
+            "an image the pipeline did not build (one file changed) is denied, with the reason",
             expect_denial(bad.map(|_| ()), DenyCode::ImageNotAllowed),
         );
 
@@ -238,7 +295,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         // 6. Mutual attestation: a control plane that expects another KRE image refuses this one.
         let wrong_kre: Vec<PcrExpectation> =
             (0..3).map(|i| PcrExpectation { index: i, value: vec![0x11; 48] }).collect();
-        let refused = fetcher(cpi(good, "cpi-2"), wrong_kre).once().await;
+        let refused = fetcher(cpi(&good_pcrs, "cpi-2"), wrong_kre).once().await;
         tour.step(
             "a control plane refuses a KRE whose PCRs are not the expected ones",
             match refused {

@@ -56,9 +56,12 @@ pub(crate) struct NsmArgs {
     /// Mock NSM: seed of the mock PKI.
     #[arg(long)]
     pub(crate) mock_seed: Option<String>,
-    /// Mock NSM: this instance's PCRs (repeatable).
+    /// Mock NSM: this instance's PCRs (repeatable; override `--mock-pcrs-from`).
     #[arg(long = "mock-pcr", value_name = "N=HEX")]
     pub(crate) mock_pcr: Vec<PcrExpectation>,
+    /// Mock NSM: report the PCRs of this enclave image, as if booted from it.
+    #[arg(long, value_name = "FILE.eif")]
+    pub(crate) mock_pcrs_from: Option<PathBuf>,
     /// Mock NSM: a name for this instance (its module_id).
     #[arg(long, default_value = "cpi")]
     pub(crate) mock_instance: String,
@@ -78,7 +81,11 @@ impl NsmArgs {
             "mock" => {
                 use keygate_attestation::mock::{system_clock, MockNsm};
                 let seed = self.mock_seed.as_deref().ok_or_else(|| CliError::input("--nsm mock needs --mock-seed"))?;
-                let pcrs = self.mock_pcr.iter().map(|e| (e.index, e.value.clone())).collect();
+                let mut pcrs = match &self.mock_pcrs_from {
+                    Some(p) => crate::cmd::attestation::pcrs_from_eif(p)?,
+                    None => Default::default(),
+                };
+                pcrs.extend(self.mock_pcr.iter().map(|e| (e.index, e.value.clone())));
                 let nsm = MockNsm::new(seed.as_bytes(), pcrs, system_clock()).with_instance(&self.mock_instance);
                 let root = nsm.root_anchor();
                 tracing::warn!("MOCK NSM in use: this instance's attestation is not genuine (testing only)");
