@@ -359,6 +359,12 @@ pub(crate) fn encode_head(out: &mut Vec<u8>, major: u8, n: u64) {
     }
 }
 
+/// Appends a definite-length text string.
+pub(crate) fn encode_text(out: &mut Vec<u8>, s: &str) {
+    encode_head(out, 3, u64::try_from(s.len()).unwrap_or(u64::MAX));
+    out.extend_from_slice(s.as_bytes());
+}
+
 /// Appends a definite-length byte string.
 pub(crate) fn encode_bytes(out: &mut Vec<u8>, b: &[u8]) {
     encode_head(out, 2, u64::try_from(b.len()).unwrap_or(u64::MAX));

@@ -6,6 +6,7 @@
 //! for exactly what is checked and why.
 #![forbid(unsafe_code)]
 
+pub mod bundle;
 pub mod cbor;
 pub mod chain;
 pub mod cose;

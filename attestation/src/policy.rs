@@ -20,6 +20,9 @@ pub struct ImageRule {
     pub kind: Option<DocumentKind>,
     /// The rule stops matching after this time (ms since epoch).
     pub not_after_ms: Option<UnixMillis>,
+    /// The rule matches only from this time (ms since epoch). Never part of a policy
+    /// document: set on rules that a pending signed bundle adds, until its activation.
+    pub not_before_ms: Option<UnixMillis>,
 }
 
 /// A cluster's allowed images.
@@ -105,6 +108,8 @@ pub enum MismatchDetail {
     Kind { image: String, required: DocumentKind, found: DocumentKind },
     /// Every rule whose PCRs match has passed its not-after time.
     Expired { image: String, not_after_ms: UnixMillis },
+    /// The matching rule was added by a signed bundle whose activation delay has not passed.
+    NotYetActive { image: String, activates_at_ms: UnixMillis },
 }
 
 impl fmt::Display for MismatchDetail {
@@ -116,6 +121,9 @@ impl fmt::Display for MismatchDetail {
             }
             MismatchDetail::Expired { image, not_after_ms } => {
                 write!(f, "image `{image}` expired at {not_after_ms} ms")
+            }
+            MismatchDetail::NotYetActive { image, activates_at_ms } => {
+                write!(f, "image `{image}` is allowed only from {activates_at_ms} ms (activation delay)")
             }
         }
     }
@@ -140,12 +148,15 @@ pub fn evaluate<'p>(
         let mismatch = image.pcrs.iter().find(|(i, v)| att.pcr(**i) != Some(v.as_slice())).map(|(i, _)| *i);
         let miss = match mismatch {
             Some(index) => (u16::from(index), MismatchDetail::Pcr { image: image.name.clone(), index }),
-            None => match (image.kind, image.not_after_ms) {
-                (Some(required), _) if required != att.kind() => {
+            None => match (image.kind, image.not_after_ms, image.not_before_ms) {
+                (Some(required), _, _) if required != att.kind() => {
                     (1000, MismatchDetail::Kind { image: image.name.clone(), required, found: att.kind() })
                 }
-                (_, Some(not_after_ms)) if now_ms > not_after_ms => {
+                (_, Some(not_after_ms), _) if now_ms > not_after_ms => {
                     (1001, MismatchDetail::Expired { image: image.name.clone(), not_after_ms })
+                }
+                (_, _, Some(activates_at_ms)) if now_ms < activates_at_ms => {
+                    (1002, MismatchDetail::NotYetActive { image: image.name.clone(), activates_at_ms })
                 }
                 _ => return Ok(image),
             },
@@ -182,6 +193,7 @@ mod tests {
             pcrs: pcrs.iter().map(|(i, b)| (*i, vec![*b; 48])).collect(),
             kind: None,
             not_after_ms: None,
+            not_before_ms: None,
         }
     }
 

@@ -29,7 +29,13 @@ fn kre_pcrs() -> BTreeMap<u8, Vec<u8>> {
 }
 
 fn policy() -> ReleasePolicy {
-    let image = |name: &str, b: u8| ImageRule { name: name.into(), pcrs: pcrs(b), kind: None, not_after_ms: None };
+    let image = |name: &str, b: u8| ImageRule {
+        name: name.into(),
+        pcrs: pcrs(b),
+        kind: None,
+        not_after_ms: None,
+        not_before_ms: None,
+    };
     ReleasePolicy {
         clusters: BTreeMap::from([
             ("prod".into(), ClusterRule { images: vec![image("cp-good", 0x10)] }),
