@@ -10,6 +10,7 @@
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use keygate_attestation::bundle::PolicyState;
 use keygate_attestation::crypto::Crypto;
 use keygate_attestation::policy::{self, PolicyDenial, ReleasePolicy};
 use keygate_attestation::{AttestRequest, Nsm, UnknownFields, Verifier, VerifyError, VerifyOptions, VerifyTime};
@@ -71,6 +72,15 @@ pub enum Event {
         /// SHA-384 of the client's attestation document.
         document_sha384: [u8; 48],
     },
+    /// A signed policy bundle was accepted.
+    PolicyAccepted {
+        /// Its version.
+        version: u64,
+        /// SHA-384 of its body.
+        digest: [u8; 48],
+        /// When it is fully in force (ms).
+        activates_at_ms: u64,
+    },
     /// A request was refused.
     Denied {
         /// The check that failed.
@@ -100,11 +110,20 @@ pub struct Step {
 pub struct Kre {
     config: KreConfig,
     verifier: Verifier,
-    policy: RwLock<Arc<ReleasePolicy>>,
+    policy: RwLock<PolicySource>,
     keks: RwLock<KekStore>,
     nonces: Mutex<NonceTable>,
     nsm: Arc<dyn Nsm>,
     crypto: &'static dyn Crypto,
+}
+
+/// Where the allowed images come from.
+#[derive(Debug)]
+enum PolicySource {
+    /// A startup policy file (no pushes).
+    Static(Arc<ReleasePolicy>),
+    /// Pipeline-signed bundles, from the genesis bundle built into the image.
+    Signed(PolicyState),
 }
 
 /// A KRE could not start.
@@ -120,11 +139,14 @@ pub enum StartError {
     /// The NSM could not provide randomness.
     #[error("NSM: {0}")]
     Nsm(#[from] keygate_attestation::NsmError),
+    /// The genesis bundle is unusable.
+    #[error("genesis bundle: {0}")]
+    Genesis(#[from] keygate_attestation::bundle::BundleError),
 }
 
 impl Kre {
-    /// A KRE with `policy`; KEKs for every cluster of the policy are generated now from the
-    /// NSM's random source.
+    /// A KRE with a static `policy` (startup policy file); KEKs for every cluster of the
+    /// policy are generated now from the NSM's random source.
     pub fn new(
         config: KreConfig,
         verifier: Verifier,
@@ -132,12 +154,57 @@ impl Kre {
         nsm: Arc<dyn Nsm>,
     ) -> Result<Self, StartError> {
         policy.validate()?;
-        let mut keks = KekStore::default();
-        for name in policy.clusters.keys() {
+        Self::build(config, verifier, PolicySource::Static(Arc::new(policy)), nsm)
+    }
+
+    /// A KRE governed by pipeline-signed bundles, starting from `genesis` (built into the
+    /// image, so covered by its PCRs).
+    pub fn with_genesis(
+        config: KreConfig,
+        verifier: Verifier,
+        genesis: &[u8],
+        nsm: Arc<dyn Nsm>,
+    ) -> Result<Self, StartError> {
+        let state = PolicyState::genesis(genesis, verifier.crypto())?;
+        Self::build(config, verifier, PolicySource::Signed(state), nsm)
+    }
+
+    fn build(
+        config: KreConfig,
+        verifier: Verifier,
+        source: PolicySource,
+        nsm: Arc<dyn Nsm>,
+    ) -> Result<Self, StartError> {
+        let crypto = verifier.crypto();
+        let nonces = Mutex::new(NonceTable::new(config.max_challenges, millis(config.challenge_ttl)));
+        let kre = Self {
+            config,
+            verifier,
+            policy: RwLock::new(source),
+            keks: RwLock::new(KekStore::default()),
+            nonces,
+            nsm,
+            crypto,
+        };
+        let clusters: Vec<String> = match &*kre.source() {
+            PolicySource::Static(p) => p.clusters.keys().cloned().collect(),
+            PolicySource::Signed(s) => s.latest().bundle.body.policy.clusters.keys().cloned().collect(),
+        };
+        kre.ensure_keks(&clusters)?;
+        Ok(kre)
+    }
+
+    /// Generates a KEK for every named cluster that has none.
+    fn ensure_keks(&self, clusters: &[String]) -> Result<(), StartError> {
+        let mut keks = match self.keks.write() {
+            Ok(k) => k,
+            Err(p) => p.into_inner(),
+        };
+        for name in clusters {
             let id = Id::new(name).map_err(|_| StartError::ClusterName(name.clone()))?;
             let mut err = None;
             keks.ensure_cluster(&id, |b| {
-                if let Err(e) = nsm.random(b) {
+                if let Err(e) = self.nsm.random(b) {
                     err = Some(e);
                 }
             });
@@ -145,17 +212,41 @@ impl Kre {
                 return Err(StartError::Nsm(e));
             }
         }
-        let crypto = verifier.crypto();
-        let nonces = Mutex::new(NonceTable::new(config.max_challenges, millis(config.challenge_ttl)));
-        Ok(Self {
-            config,
-            verifier,
-            policy: RwLock::new(Arc::new(policy)),
-            keks: RwLock::new(keks),
-            nonces,
-            nsm,
-            crypto,
-        })
+        Ok(())
+    }
+
+    fn source(&self) -> std::sync::RwLockReadGuard<'_, PolicySource> {
+        match self.policy.read() {
+            Ok(p) => p,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// The signed policy's newest version and digest (`None` with a static policy file).
+    pub fn policy_head(&self) -> Option<(u64, [u8; 48])> {
+        match &*self.source() {
+            PolicySource::Static(_) => None,
+            PolicySource::Signed(s) => Some((s.latest().bundle.body.version, s.latest().digest)),
+        }
+    }
+
+    /// Verifies and applies a pushed bundle (atomically: all or nothing).
+    fn push_policy(&self, bundle: &[u8], now_ms: u64) -> Result<keygate_attestation::bundle::ApplyReport, Deny> {
+        let mut guard = match self.policy.write() {
+            Ok(p) => p,
+            Err(p) => p.into_inner(),
+        };
+        let PolicySource::Signed(state) = &mut *guard else {
+            return Err(Deny::new(DenyCode::PolicyStatic, "this KRE runs a static policy file and takes no pushes"));
+        };
+        // Apply to a copy, make the KEKs, then commit: a failure leaves the state as it was.
+        let mut next = state.clone();
+        let report =
+            next.apply(bundle, now_ms, self.crypto).map_err(|e| Deny::new(DenyCode::PolicyRefused, e.to_string()))?;
+        let clusters: Vec<String> = next.latest().bundle.body.policy.clusters.keys().cloned().collect();
+        self.ensure_keks(&clusters).map_err(|e| Deny::new(DenyCode::Internal, e.to_string()))?;
+        *state = next;
+        Ok(report)
     }
 
     /// The NSM backend in use ("hardware" or "mock").
@@ -168,10 +259,11 @@ impl Kre {
         self.nonces.lock().map(|n| n.len()).unwrap_or(0)
     }
 
-    fn policy(&self) -> Arc<ReleasePolicy> {
-        match self.policy.read() {
-            Ok(p) => p.clone(),
-            Err(p) => p.into_inner().clone(),
+    /// The release policy in force at `now_ms`.
+    pub fn policy(&self, now_ms: u64) -> Arc<ReleasePolicy> {
+        match &*self.source() {
+            PolicySource::Static(p) => p.clone(),
+            PolicySource::Signed(s) => Arc::new(s.effective(now_ms)),
         }
     }
 
@@ -258,6 +350,25 @@ impl Connection {
             Err(e) => Err(Deny::new(DenyCode::Malformed, e.to_string())),
             Ok(msg) => match (std::mem::replace(&mut self.state, State::Done), msg) {
                 (State::ExpectHello, Message::Hello { client_nonce }) => self.hello(kre, client_nonce, env),
+                (State::ExpectHello, Message::PolicyPush { bundle }) => match kre.push_policy(&bundle, env.now_ms) {
+                    Ok(r) => Message::PolicyAccepted {
+                        version: r.version,
+                        digest: r.digest,
+                        activates_at_ms: r.activates_at_ms,
+                    }
+                    .encode()
+                    .map(|reply| Step {
+                        reply,
+                        close: true,
+                        event: Event::PolicyAccepted {
+                            version: r.version,
+                            digest: r.digest,
+                            activates_at_ms: r.activates_at_ms,
+                        },
+                    })
+                    .map_err(|e| Deny::new(DenyCode::Internal, e.to_string())),
+                    Err(d) => Err(d),
+                },
                 (
                     State::ExpectRelease { client_nonce, server_nonce, kre_attestation_sha384 },
                     Message::Release { cluster_id, key_ids, attestation },
@@ -354,7 +465,7 @@ fn release(
     attestation: &[u8],
     env: &mut Env<'_>,
 ) -> Result<Step, Deny> {
-    let policy = kre.policy();
+    let policy = kre.policy(env.now_ms);
     let with = |code, reason: String, module: Option<&str>| Deny {
         code,
         reason,

@@ -18,9 +18,13 @@ struct Args {
     /// Where to listen: vsock:PORT (production), vsock:CID:PORT, or unix:PATH.
     #[arg(long)]
     listen: Addr,
-    /// The startup policy file (JSON): per cluster, the allowed images.
+    /// The startup policy file (JSON): per cluster, the allowed images. Takes no pushes.
+    #[arg(long, required_unless_present = "genesis", conflicts_with = "genesis")]
+    policy: Option<PathBuf>,
+    /// The genesis policy bundle (`keygate policy init`), built into the image: its approver
+    /// set governs every later, pipeline-signed bundle (`keygate policy push`).
     #[arg(long)]
-    policy: PathBuf,
+    genesis: Option<PathBuf>,
     /// NSM backend: hardware (/dev/nsm) or mock (test builds only).
     #[arg(long, default_value = "hardware")]
     nsm: String,
@@ -101,24 +105,30 @@ fn main() -> ExitCode {
             Err(e) => return fail(e),
         },
     };
-    let policy = match std::fs::read(&args.policy)
-        .map_err(|e| e.to_string())
-        .and_then(|b| keygate_enclave::policy_file::parse(&b).map_err(|e| e.to_string()))
-    {
-        Ok(p) => p,
-        Err(e) => return fail(format!("--policy {}: {e}", args.policy.display())),
-    };
     let config = KreConfig {
         challenge_ttl: Duration::from_secs(args.challenge_ttl),
         max_challenges: args.max_challenges,
         max_doc_age: Duration::from_secs(args.max_doc_age),
         ..KreConfig::default()
     };
-    let clusters = policy.clusters.len();
-    let kre = match Kre::new(config, Verifier::new(anchor.clone()), policy, nsm) {
+    let verifier = Verifier::new(anchor.clone());
+    let built = match (&args.policy, &args.genesis) {
+        (Some(path), _) => std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| keygate_enclave::policy_file::parse(&b).map_err(|e| e.to_string()))
+            .and_then(|p| Kre::new(config, verifier, p, nsm).map_err(|e| e.to_string()))
+            .map_err(|e| format!("--policy {}: {e}", path.display())),
+        (None, Some(path)) => std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| Kre::with_genesis(config, verifier, &b, nsm).map_err(|e| e.to_string()))
+            .map_err(|e| format!("--genesis {}: {e}", path.display())),
+        (None, None) => Err("one of --policy or --genesis is required".to_owned()),
+    };
+    let kre = match built {
         Ok(k) => Arc::new(k),
         Err(e) => return fail(e),
     };
+    let clusters = kre.policy(keygate_enclave::server::now_ms()).clusters.len();
     let server_cfg = ServerConfig {
         max_connections: args.max_connections,
         frame_timeout: Duration::from_secs(args.frame_timeout),
@@ -144,6 +154,7 @@ fn main() -> ExitCode {
             nsm = kre.nsm_kind(),
             clusters,
             client_root_sha256 = %hex::encode(anchor.fingerprint()),
+            policy_version = ?kre.policy_head().map(|(v, _)| v),
             "keygate-enclave ready"
         );
         let shutdown = async {

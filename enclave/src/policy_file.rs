@@ -97,6 +97,7 @@ pub fn parse(bytes: &[u8]) -> Result<ReleasePolicy, PolicyFileError> {
                 pcrs,
                 kind,
                 not_after_ms: i.not_after.map(|s| s.saturating_mul(1000)),
+                not_before_ms: None,
             });
         }
         clusters.insert(name, ClusterRule { images });

@@ -142,6 +142,9 @@ fn log_event(peer: &str, event: &Event) {
             let keys: Vec<String> = keys.iter().map(|(k, v)| format!("{k}@v{v}")).collect();
             tracing::info!(%peer, %cluster, keys = %keys.join(","), %image, %module_id, document = %hex::encode(document_sha384), "keys released");
         }
+        Event::PolicyAccepted { version, digest, activates_at_ms } => {
+            tracing::info!(%peer, version, digest = %hex::encode(digest), activates_at_ms, "policy bundle accepted");
+        }
         Event::Denied { code, reason, cluster, module_id } => {
             tracing::warn!(%peer, %code, %reason, cluster = ?cluster.as_ref().map(|c| c.as_str()), module_id = ?module_id, "request denied");
         }

@@ -36,6 +36,8 @@ mod ty {
     pub(super) const RELEASE: u8 = 3;
     pub(super) const RELEASED: u8 = 4;
     pub(super) const DENIED: u8 = 5;
+    pub(super) const POLICY_PUSH: u8 = 6;
+    pub(super) const POLICY_ACCEPTED: u8 = 7;
 }
 
 /// A cluster or key id: 1–64 bytes of `[A-Za-z0-9._-]`.
@@ -115,6 +117,20 @@ pub enum Message {
         /// One entry per requested key id, in request order.
         keys: Vec<WrappedKey>,
     },
+    /// Pipeline → KRE (through the parent): a signed policy bundle.
+    PolicyPush {
+        /// The bundle file's bytes (`docs/policy.md`).
+        bundle: Vec<u8>,
+    },
+    /// KRE → pipeline: the bundle is accepted.
+    PolicyAccepted {
+        /// Its version.
+        version: u64,
+        /// SHA-384 of its body.
+        digest: [u8; 48],
+        /// When it is fully in force (ms since epoch); the push time when it only tightens.
+        activates_at_ms: u64,
+    },
     /// KRE → client: refusal, with the check that failed.
     Denied {
         /// Machine-readable reason.
@@ -132,6 +148,8 @@ impl Message {
             Message::Challenge { .. } => "Challenge",
             Message::Release { .. } => "Release",
             Message::Released { .. } => "Released",
+            Message::PolicyPush { .. } => "PolicyPush",
+            Message::PolicyAccepted { .. } => "PolicyAccepted",
             Message::Denied { .. } => "Denied",
         }
     }
@@ -213,6 +231,10 @@ deny_codes! {
     Sealed = 50, "sealed";
     /// An internal failure (NSM, crypto); nothing was released.
     Internal = 60, "internal";
+    /// A policy bundle was refused (the reason says which rule).
+    PolicyRefused = 70, "policy_refused";
+    /// This KRE runs a static policy file and takes no pushes.
+    PolicyStatic = 71, "policy_static";
 }
 
 impl fmt::Display for DenyCode {
@@ -283,6 +305,11 @@ impl<'a> Reader<'a> {
     fn u32(&mut self) -> Result<u32, WireError> {
         let b = self.take(4)?;
         Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(self.take(8)?);
+        Ok(u64::from_be_bytes(b))
     }
     fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
         let mut out = [0u8; N];
@@ -367,6 +394,16 @@ impl Message {
                     put_bytes16(&mut body, &k.sealed)?;
                 }
             }
+            Message::PolicyPush { bundle } => {
+                body.push(ty::POLICY_PUSH);
+                put_bytes16(&mut body, bundle)?;
+            }
+            Message::PolicyAccepted { version, digest, activates_at_ms } => {
+                body.push(ty::POLICY_ACCEPTED);
+                body.extend_from_slice(&version.to_be_bytes());
+                body.extend_from_slice(digest);
+                body.extend_from_slice(&activates_at_ms.to_be_bytes());
+            }
             Message::Denied { code, reason } => {
                 body.push(ty::DENIED);
                 body.extend_from_slice(&code.to_u16().to_be_bytes());
@@ -423,6 +460,10 @@ impl Message {
                     .map(|_| Ok(WrappedKey { key_id: r.id()?, version: r.u32()?, sealed: r.bytes16()?.to_vec() }))
                     .collect::<Result<Vec<_>, WireError>>()?;
                 Message::Released { ephemeral_point, keys }
+            }
+            ty::POLICY_PUSH => Message::PolicyPush { bundle: r.bytes16()?.to_vec() },
+            ty::POLICY_ACCEPTED => {
+                Message::PolicyAccepted { version: r.u64()?, digest: r.array()?, activates_at_ms: r.u64()? }
             }
             ty::DENIED => {
                 let code = DenyCode::from_u16(r.u16()?);
@@ -486,6 +527,8 @@ mod tests {
                 keys: vec![WrappedKey { key_id: id("etcd"), version: 7, sealed: vec![5; 48] }],
             },
             Message::Denied { code: DenyCode::ImageNotAllowed, reason: "PCR0 differs".into() },
+            Message::PolicyPush { bundle: vec![9; 3000] },
+            Message::PolicyAccepted { version: 7, digest: [8; 48], activates_at_ms: 1_795_478_400_000 },
         ]
     }
 
