@@ -458,6 +458,14 @@ impl PolicyState {
         Ok(Self { active: Arc::new(AcceptedBundle { bundle, digest }), pending: None })
     }
 
+    /// Starts from a bundle the caller already trusts (the pipeline's current bundle), to
+    /// check the next one offline exactly as the KRE will.
+    pub fn trusting(bytes: &[u8], crypto: &dyn Crypto) -> Result<Self, BundleError> {
+        let bundle = decode_bundle(bytes, crypto)?;
+        let digest = digest(&bundle.body_bytes);
+        Ok(Self { active: Arc::new(AcceptedBundle { bundle, digest }), pending: None })
+    }
+
     fn promote(&mut self, now_ms: u64) {
         if let Some((p, at)) = &self.pending {
             if now_ms >= *at {

@@ -48,6 +48,11 @@ enum Command {
     Fetch(cmd::fetch::FetchArgs),
     /// Forward connections between the host side and the KRE.
     Proxy(cmd::proxy::ProxyArgs),
+    /// Generate an approver (or custodian) P-384 key pair.
+    Keygen(cmd::policy::KeygenArgs),
+    /// Pipeline-signed policy bundles: init, propose, sign, assemble, verify, show, push.
+    #[command(subcommand)]
+    Policy(cmd::policy::PolicyCommand),
     /// Run the local demo of the full flow on the mock NSM.
     Demo(cmd::demo::DemoArgs),
     /// Build, describe and measure enclave images (EIF).
@@ -74,6 +79,8 @@ fn main() -> ExitCode {
         Command::Eif(c) => cmd::eif::run(c),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Fetch(a) => cmd::fetch::run(a),
+        Command::Keygen(a) => cmd::policy::keygen(a),
+        Command::Policy(c) => cmd::policy::run(c),
         Command::Proxy(a) => cmd::proxy::run(a),
     };
     match result {

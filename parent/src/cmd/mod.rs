@@ -5,4 +5,5 @@ pub(crate) mod demo;
 pub(crate) mod demo_release;
 pub(crate) mod eif;
 pub(crate) mod fetch;
+pub(crate) mod policy;
 pub(crate) mod proxy;

@@ -1,0 +1,604 @@
+//! `keygate keygen` and `keygate policy init | propose | sign | assemble | verify | show | push |
+//! restore`: the pipeline's and the approvers' side of signed policy bundles.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use keygate_attestation::bundle::{self, ApproverKey, Bundle, PolicyBody, PolicyState};
+use keygate_attestation::crypto::{self, Crypto};
+use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
+use keygate_attestation::DocumentKind;
+use keygate_enclave::io::{read_frame, write_frame};
+use keygate_enclave::transport::{self, Addr};
+use keygate_enclave::wire::Message;
+use p384::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding};
+
+use crate::cmd::attestation::{now_ms, pcrs_from_eif, write_file};
+use crate::CliError;
+
+/// Largest key or bundle file read.
+const MAX_FILE: u64 = 128 * 1024;
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct KeygenArgs {
+    /// Private key output (PKCS#8 PEM, mode 0600); the public key goes to `<stem>.pub.pem`.
+    #[arg(short = 'o', long)]
+    out: PathBuf,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum PolicyCommand {
+    /// Create the genesis bundle (built into the enclave image).
+    Init {
+        /// Approver public keys (PEM), repeatable.
+        #[arg(long = "approver", required = true)]
+        approvers: Vec<PathBuf>,
+        /// Signatures required for every later bundle.
+        #[arg(long)]
+        threshold: u32,
+        /// Minimum activation delay for loosening changes (e.g. 1h, 30m, 86400).
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        activation_delay: Duration,
+        /// Unix seconds (default: now).
+        #[arg(long)]
+        issued_at: Option<u64>,
+        #[arg(short = 'o', long)]
+        out: PathBuf,
+    },
+    /// Propose the next bundle from the current one.
+    Propose {
+        /// The current bundle.
+        #[arg(long)]
+        from: PathBuf,
+        /// Allow an image: CLUSTER=[NAME@]IMAGE.eif or CLUSTER=[NAME@]0=HEX,1=HEX,2=HEX (repeatable).
+        #[arg(long)]
+        allow: Vec<String>,
+        /// Restrict `--allow`ed images to one document kind.
+        #[arg(long, value_parser = crate::cmd::attestation::parse_kind)]
+        kind: Option<DocumentKind>,
+        /// `--allow`ed images stop matching after this time (Unix seconds).
+        #[arg(long)]
+        not_after: Option<u64>,
+        /// Revoke: CLUSTER=NAME (one image) or CLUSTER (the whole cluster), repeatable.
+        #[arg(long)]
+        revoke: Vec<String>,
+        /// Activation delay of this bundle for loosening changes.
+        #[arg(long, value_parser = parse_duration)]
+        activation_delay: Option<Duration>,
+        /// New approver set (rotation; needs a quorum of the old and of the new set).
+        #[arg(long = "approver")]
+        approvers: Vec<PathBuf>,
+        /// New threshold.
+        #[arg(long)]
+        threshold: Option<u32>,
+        /// Unix seconds (default: now).
+        #[arg(long)]
+        issued_at: Option<u64>,
+        #[arg(short = 'o', long)]
+        out: PathBuf,
+    },
+    /// Sign a proposal as one approver (offline).
+    Sign {
+        proposal: PathBuf,
+        /// The approver's private key (PEM).
+        #[arg(long)]
+        key: PathBuf,
+        /// The bundle now in force, to show what changes.
+        #[arg(long)]
+        current: Option<PathBuf>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        #[arg(short = 'o', long)]
+        out: PathBuf,
+    },
+    /// Combine a proposal and approvers' signatures into a bundle.
+    Assemble {
+        proposal: PathBuf,
+        signatures: Vec<PathBuf>,
+        #[arg(short = 'o', long)]
+        out: PathBuf,
+    },
+    /// Check a bundle (against the current one: every rule the KRE applies).
+    Verify {
+        bundle: PathBuf,
+        #[arg(long)]
+        current: Option<PathBuf>,
+    },
+    /// Print a bundle.
+    Show {
+        bundle: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Push a bundle to the KRE; on acceptance store it for restarts.
+    Push {
+        bundle: PathBuf,
+        /// The KRE (through the parent proxy).
+        #[arg(long)]
+        kre: Addr,
+        /// Directory where accepted bundles are kept (`policy-v<N>.bundle`).
+        #[arg(long)]
+        store: Option<PathBuf>,
+    },
+    /// Push every stored bundle to a restarted KRE, oldest first.
+    Restore {
+        #[arg(long)]
+        kre: Addr,
+        #[arg(long)]
+        store: PathBuf,
+    },
+}
+
+/// Parses `90`, `90s`, `30m`, `1h`, `2d`.
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, ""), |i| s.split_at(i));
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration (e.g. 90, 30m, 1h, 2d)"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("unknown unit in `{s}` (s, m, h, d)")),
+    };
+    Ok(Duration::from_secs(n.saturating_mul(mult)))
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, CliError> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| CliError::io(format!("reading {}", path.display()), e))?;
+    let mut v = Vec::new();
+    f.take(MAX_FILE + 1).read_to_end(&mut v).map_err(|e| CliError::io(format!("reading {}", path.display()), e))?;
+    if u64::try_from(v.len()).unwrap_or(u64::MAX) > MAX_FILE {
+        return Err(CliError::input(format!("{}: too large", path.display())));
+    }
+    Ok(v)
+}
+
+fn crypto() -> &'static dyn Crypto {
+    crypto::default_backend()
+}
+
+fn load_bundle(path: &Path) -> Result<Bundle, CliError> {
+    bundle::decode_bundle(&read(path)?, crypto()).map_err(|e| CliError::input(format!("{}: {e}", path.display())))
+}
+
+fn load_public(path: &Path) -> Result<ApproverKey, CliError> {
+    let pem = String::from_utf8(read(path)?).map_err(|_| CliError::input(format!("{}: not PEM", path.display())))?;
+    let key = p384::PublicKey::from_public_key_pem(&pem)
+        .map_err(|e| CliError::input(format!("{}: not a P-384 public key: {e}", path.display())))?;
+    use p384::elliptic_curve::sec1::ToEncodedPoint;
+    ApproverKey::try_from(key.to_encoded_point(false).as_bytes()).map_err(|_| CliError::input("bad point"))
+}
+
+fn load_private(path: &Path) -> Result<p384::ecdsa::SigningKey, CliError> {
+    let pem = zeroize::Zeroizing::new(
+        String::from_utf8(read(path)?).map_err(|_| CliError::input(format!("{}: not PEM", path.display())))?,
+    );
+    let sk = p384::SecretKey::from_pkcs8_pem(&pem)
+        .or_else(|_| p384::SecretKey::from_sec1_pem(&pem))
+        .map_err(|_| CliError::input(format!("{}: not a P-384 private key (PKCS#8 or SEC1 PEM)", path.display())))?;
+    Ok(p384::ecdsa::SigningKey::from(sk))
+}
+
+pub(crate) fn keygen(a: KeygenArgs) -> Result<(), CliError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let sk = p384::SecretKey::random(&mut rand_core::OsRng);
+    let pem = sk.to_pkcs8_pem(LineEnding::LF).map_err(|e| CliError::input(e.to_string()))?;
+    let public = sk.public_key().to_public_key_pem(LineEnding::LF).map_err(|e| CliError::input(e.to_string()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&a.out)
+        .map_err(|e| CliError::io(format!("creating {} (it must not exist)", a.out.display()), e))?;
+    f.write_all(pem.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| CliError::io(format!("writing {}", a.out.display()), e))?;
+    let pub_path = public_path(&a.out);
+    write_file(&pub_path, public.as_bytes())?;
+    println!("private key {} (0600), public key {}", a.out.display(), pub_path.display());
+    Ok(())
+}
+
+fn public_path(private: &Path) -> PathBuf {
+    let stem = private.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "key".into());
+    private.with_file_name(format!("{stem}.pub.pem"))
+}
+
+/// Parses `[NAME@]IMAGE.eif` or `[NAME@]0=HEX,1=HEX,...` into an image rule.
+fn parse_image(spec: &str, kind: Option<DocumentKind>, not_after: Option<u64>) -> Result<ImageRule, CliError> {
+    let (name, rest) = match spec.split_once('@') {
+        Some((n, r)) => (Some(n.to_owned()), r),
+        None => (None, spec),
+    };
+    let pcrs: BTreeMap<u8, Vec<u8>> = if rest.contains('=') {
+        rest.split(',')
+            .map(|p| {
+                let e: keygate_attestation::PcrExpectation =
+                    p.parse().map_err(|e| CliError::input(format!("`{p}`: {e}")))?;
+                Ok((e.index, e.value))
+            })
+            .collect::<Result<_, CliError>>()?
+    } else {
+        pcrs_from_eif(Path::new(rest))?
+    };
+    let name = match name {
+        Some(n) => n,
+        None if !rest.contains('=') => {
+            Path::new(rest).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into())
+        }
+        None => {
+            format!("pcrs-{}", hex::encode(pcrs.get(&0).or_else(|| pcrs.get(&8)).map(|v| &v[..4]).unwrap_or_default()))
+        }
+    };
+    Ok(ImageRule { name, pcrs, kind, not_after_ms: not_after.map(|s| s.saturating_mul(1000)), not_before_ms: None })
+}
+
+fn describe(policy: &ReleasePolicy) -> Vec<String> {
+    let mut out = Vec::new();
+    for (c, rule) in &policy.clusters {
+        for i in &rule.images {
+            out.push(image_line(c, i));
+        }
+    }
+    out
+}
+
+fn image_line(cluster: &str, i: &ImageRule) -> String {
+    let pcrs: Vec<String> = i.pcrs.iter().map(|(n, v)| format!("PCR{n}={}…", &hex::encode(v)[..12])).collect();
+    let kind = i.kind.map_or("any kind".to_owned(), |k| k.to_string());
+    let until = i.not_after_ms.map_or(String::new(), |t| format!(", until {}", t / 1000));
+    format!("{cluster}: image `{}` [{}] ({kind}{until})", i.name, pcrs.join(" "))
+}
+
+fn diff(old: &PolicyBody, new: &PolicyBody) -> Vec<String> {
+    let mut out = Vec::new();
+    let old_lines: Vec<String> = describe(&old.policy);
+    let new_lines: Vec<String> = describe(&new.policy);
+    for l in &old_lines {
+        if !new_lines.contains(l) {
+            out.push(format!("  - {l}"));
+        }
+    }
+    for l in &new_lines {
+        if !old_lines.contains(l) {
+            out.push(format!("  + {l}"));
+        }
+    }
+    if old.approvers != new.approvers || old.threshold != new.threshold {
+        out.push(format!(
+            "  ~ approvers: {} of {} -> {} of {}",
+            old.threshold,
+            old.approvers.len(),
+            new.threshold,
+            new.approvers.len()
+        ));
+    }
+    if old.policy.allow_debug != new.policy.allow_debug {
+        out.push(format!("  ~ allow_debug: {} -> {}", old.policy.allow_debug, new.policy.allow_debug));
+    }
+    if old.activation_delay != new.activation_delay {
+        out.push(format!("  ~ activation delay: {} s -> {} s", old.activation_delay, new.activation_delay));
+    }
+    if out.is_empty() {
+        out.push("  (no change to the allowed images or approvers)".into());
+    }
+    out
+}
+
+fn print_body(b: &PolicyBody, digest: &[u8; 48]) {
+    println!("policy bundle version {} (digest {})", b.version, hex::encode(digest));
+    println!("  issued at {} (Unix s), activation delay {} s", b.issued_at, b.activation_delay);
+    println!("  previous  {}", hex::encode(b.previous));
+    println!("  approvers {} of {}:", b.threshold, b.approvers.len());
+    for a in &b.approvers {
+        println!("    {}", hex::encode(&a[..16]));
+    }
+    println!("  allow_debug {}", b.policy.allow_debug);
+    for l in describe(&b.policy) {
+        println!("  {l}");
+    }
+}
+
+fn body_json(b: &PolicyBody, digest: &[u8; 48], signatures: usize) -> serde_json::Value {
+    let clusters: BTreeMap<&String, Vec<serde_json::Value>> = b
+        .policy
+        .clusters
+        .iter()
+        .map(|(c, r)| {
+            let images = r
+                .images
+                .iter()
+                .map(|i| {
+                    serde_json::json!({
+                        "name": i.name,
+                        "kind": i.kind.map(|k| k.as_str()),
+                        "not_after": i.not_after_ms.map(|t| t / 1000),
+                        "pcrs": i.pcrs.iter().map(|(n, v)| (n.to_string(), hex::encode(v))).collect::<BTreeMap<_, _>>(),
+                    })
+                })
+                .collect();
+            (c, images)
+        })
+        .collect();
+    serde_json::json!({
+        "version": b.version,
+        "digest": hex::encode(digest),
+        "previous": hex::encode(b.previous),
+        "issued_at": b.issued_at,
+        "activation_delay": b.activation_delay,
+        "threshold": b.threshold,
+        "approvers": b.approvers.iter().map(hex::encode).collect::<Vec<_>>(),
+        "allow_debug": b.policy.allow_debug,
+        "clusters": clusters,
+        "signatures": signatures,
+    })
+}
+
+fn write_bundle(path: &Path, body: &PolicyBody, sigs: &[(Vec<u8>, Vec<u8>)]) -> Result<[u8; 48], CliError> {
+    let body_bytes = bundle::encode_body(body);
+    // Re-check what we are about to write with the same rules the KRE applies.
+    bundle::decode_body(&body_bytes, crypto())
+        .map_err(|e| CliError::input(format!("the resulting bundle is invalid: {e}")))?;
+    write_file(path, &bundle::encode_bundle(&body_bytes, sigs))?;
+    Ok(bundle::digest(&body_bytes))
+}
+
+pub(crate) fn run(cmd: PolicyCommand) -> Result<(), CliError> {
+    match cmd {
+        PolicyCommand::Init { approvers, threshold, activation_delay, issued_at, out } => {
+            let mut keys = approvers.iter().map(|p| load_public(p)).collect::<Result<Vec<_>, _>>()?;
+            keys.sort();
+            keys.dedup();
+            let body = PolicyBody {
+                version: 1,
+                previous: [0; 48],
+                issued_at: issued_at.unwrap_or(now_ms() / 1000),
+                activation_delay: activation_delay.as_secs(),
+                approvers: keys,
+                threshold,
+                policy: ReleasePolicy::default(),
+            };
+            let d = write_bundle(&out, &body, &[])?;
+            println!(
+                "genesis bundle {} (version 1, {} of {} approvers, digest {})",
+                out.display(),
+                threshold,
+                body.approvers.len(),
+                hex::encode(d)
+            );
+            Ok(())
+        }
+        PolicyCommand::Propose {
+            from,
+            allow,
+            kind,
+            not_after,
+            revoke,
+            activation_delay,
+            approvers,
+            threshold,
+            issued_at,
+            out,
+        } => {
+            let current = load_bundle(&from)?;
+            let mut body = current.body.clone();
+            body.version += 1;
+            body.previous = bundle::digest(&current.body_bytes);
+            body.issued_at = issued_at.unwrap_or(now_ms() / 1000).max(current.body.issued_at);
+            if let Some(d) = activation_delay {
+                body.activation_delay = d.as_secs();
+            }
+            if !approvers.is_empty() {
+                let mut keys = approvers.iter().map(|p| load_public(p)).collect::<Result<Vec<_>, _>>()?;
+                keys.sort();
+                keys.dedup();
+                body.approvers = keys;
+            }
+            if let Some(t) = threshold {
+                body.threshold = t;
+            }
+            for r in &revoke {
+                match r.split_once('=') {
+                    Some((cluster, name)) => {
+                        let rule = body
+                            .policy
+                            .clusters
+                            .get_mut(cluster)
+                            .ok_or_else(|| CliError::input(format!("--revoke {r}: no cluster `{cluster}`")))?;
+                        let before = rule.images.len();
+                        rule.images.retain(|i| i.name != name);
+                        if rule.images.len() == before {
+                            return Err(CliError::input(format!("--revoke {r}: no image `{name}` in `{cluster}`")));
+                        }
+                        if rule.images.is_empty() {
+                            body.policy.clusters.remove(cluster);
+                        }
+                    }
+                    None => {
+                        body.policy
+                            .clusters
+                            .remove(r.as_str())
+                            .ok_or_else(|| CliError::input(format!("--revoke {r}: no such cluster")))?;
+                    }
+                }
+            }
+            for a in &allow {
+                let (cluster, spec) = a
+                    .split_once('=')
+                    .ok_or_else(|| CliError::input(format!("--allow {a}: expected CLUSTER=IMAGE.eif|PCRS")))?;
+                let image = parse_image(spec, kind, not_after)?;
+                let rule = body.policy.clusters.entry(cluster.to_owned()).or_insert_with(ClusterRule::default);
+                rule.images.retain(|i| i.name != image.name);
+                rule.images.push(image);
+            }
+            let d = write_bundle(&out, &body, &[])?;
+            println!("proposal {} (version {}, digest {}):", out.display(), body.version, hex::encode(d));
+            for l in diff(&current.body, &body) {
+                println!("{l}");
+            }
+            Ok(())
+        }
+        PolicyCommand::Sign { proposal, key, current, yes, out } => {
+            let p = load_bundle(&proposal)?;
+            let sk = load_private(&key)?;
+            let d = bundle::digest(&p.body_bytes);
+            match &current {
+                Some(c) => {
+                    let c = load_bundle(c)?;
+                    if p.body.previous != bundle::digest(&c.body_bytes) {
+                        return Err(CliError::refused("the proposal does not follow the given current bundle"));
+                    }
+                    println!("version {} -> {} (digest {}):", c.body.version, p.body.version, hex::encode(d));
+                    for l in diff(&c.body, &p.body) {
+                        println!("{l}");
+                    }
+                }
+                None => print_body(&p.body, &d),
+            }
+            if !yes {
+                if !std::io::stdin().is_terminal() {
+                    return Err(CliError::input(
+                        "refusing to sign without confirmation: run in a terminal or pass --yes",
+                    ));
+                }
+                eprint!("sign this proposal? [y/N] ");
+                let mut answer = String::new();
+                std::io::stdin().read_line(&mut answer).map_err(|e| CliError::io("reading the answer", e))?;
+                if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                    return Err(CliError::refused("not signed"));
+                }
+            }
+            use p384::ecdsa::signature::Signer;
+            let sig: p384::ecdsa::Signature = sk.sign(&bundle::signing_message(&p.body_bytes));
+            let point = sk.verifying_key().to_encoded_point(false).as_bytes().to_vec();
+            write_file(&out, &bundle::encode_signature(&p.body_bytes, &point, &sig.to_bytes()))?;
+            println!("signature {} by approver {}", out.display(), hex::encode(&point[..16]));
+            Ok(())
+        }
+        PolicyCommand::Assemble { proposal, signatures, out } => {
+            let p = load_bundle(&proposal)?;
+            let mut sigs = p.signatures.clone();
+            for s in &signatures {
+                sigs.push(
+                    bundle::decode_signature(&read(s)?, &p.body_bytes)
+                        .map_err(|e| CliError::input(format!("{}: {e}", s.display())))?,
+                );
+            }
+            write_bundle(&out, &p.body, &sigs)?;
+            let r = bundle::tally(crypto(), &p.body.approvers, &p.body_bytes, &sigs);
+            println!(
+                "bundle {} with {} signature(s) ({} valid from its own approver set)",
+                out.display(),
+                sigs.len(),
+                r.valid.len()
+            );
+            Ok(())
+        }
+        PolicyCommand::Verify { bundle: path, current } => {
+            let b = load_bundle(&path)?;
+            match current {
+                Some(c) => {
+                    let c = read(&c)?;
+                    let mut state =
+                        PolicyState::trusting(&c, crypto()).map_err(|e| CliError::input(format!("current: {e}")))?;
+                    let r = state
+                        .apply(&read(&path)?, now_ms(), crypto())
+                        .map_err(|e| CliError::refused(format!("bundle refused: {e}")))?;
+                    println!(
+                        "valid: version {} follows the current bundle; {} approver signature(s) valid ({} unknown ignored, {} duplicate, {} invalid); {}",
+                        r.version,
+                        r.signatures.valid.len(),
+                        r.signatures.unknown,
+                        r.signatures.duplicates,
+                        r.signatures.invalid,
+                        if r.loosens { "loosens: takes effect after the activation delay" } else { "takes effect at once" }
+                    );
+                }
+                None => {
+                    let r = bundle::tally(crypto(), &b.body.approvers, &b.body_bytes, &b.signatures);
+                    println!(
+                        "well-formed version {} bundle; {} valid signature(s) from its own approver set (threshold {}); pass --current to check it as the KRE will",
+                        b.body.version,
+                        r.valid.len(),
+                        b.body.threshold
+                    );
+                }
+            }
+            Ok(())
+        }
+        PolicyCommand::Show { bundle: path, json } => {
+            let b = load_bundle(&path)?;
+            let d = bundle::digest(&b.body_bytes);
+            if json {
+                println!("{}", body_json(&b.body, &d, b.signatures.len()));
+            } else {
+                print_body(&b.body, &d);
+                println!("  signatures {}", b.signatures.len());
+            }
+            Ok(())
+        }
+        PolicyCommand::Push { bundle: path, kre, store } => {
+            let bytes = read(&path)?;
+            let b = bundle::decode_bundle(&bytes, crypto())
+                .map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
+            let (version, activates) = push(&kre, &bytes)?;
+            if let Some(dir) = store {
+                std::fs::create_dir_all(&dir).map_err(|e| CliError::io(format!("creating {}", dir.display()), e))?;
+                write_file(&dir.join(format!("policy-v{:08}.bundle", b.body.version)), &bytes)?;
+            }
+            let wait = activates.saturating_sub(now_ms()) / 1000;
+            if wait > 0 {
+                println!("accepted: version {version}; loosening changes take effect in {wait} s");
+            } else {
+                println!("accepted: version {version}; in force now");
+            }
+            Ok(())
+        }
+        PolicyCommand::Restore { kre, store } => {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&store)
+                .map_err(|e| CliError::io(format!("reading {}", store.display()), e))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "bundle"))
+                .collect();
+            files.sort();
+            let mut pushed = 0;
+            for f in &files {
+                match push(&kre, &read(f)?) {
+                    Ok(_) => pushed += 1,
+                    Err(e) if e.message.contains("replay") || e.message.contains("rollback") => {}
+                    Err(e) => return Err(CliError::refused(format!("{}: {}", f.display(), e.message))),
+                }
+            }
+            println!("restored {pushed} bundle(s) from {}", store.display());
+            Ok(())
+        }
+    }
+}
+
+fn push(kre: &Addr, bytes: &[u8]) -> Result<(u64, u64), CliError> {
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
+    rt.block_on(async {
+        let t = Duration::from_secs(10);
+        let mut s = transport::connect(kre, t).await.map_err(|e| CliError::io(format!("connecting to {kre}"), e))?;
+        let frame =
+            Message::PolicyPush { bundle: bytes.to_vec() }.encode().map_err(|e| CliError::input(e.to_string()))?;
+        write_frame(&mut s, &frame, t).await.map_err(|e| CliError::io("sending", e))?;
+        let body = read_frame(&mut s, t).await.map_err(|e| CliError::io("reading the answer", e))?;
+        match Message::decode(&body) {
+            Ok(Message::PolicyAccepted { version, activates_at_ms, .. }) => Ok((version, activates_at_ms)),
+            Ok(Message::Denied { code, reason }) => {
+                Err(CliError::refused(format!("the KRE refused the bundle: {code}: {reason}")))
+            }
+            Ok(m) => Err(CliError::refused(format!("unexpected answer {}", m.name()))),
+            Err(e) => Err(CliError::refused(format!("bad answer: {e}"))),
+        }
+    })
+}
