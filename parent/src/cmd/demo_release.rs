@@ -152,23 +152,35 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         },
     );
 
+    tour.section("Approvers: a 2-of-3 quorum governs the policy");
+    let ap = d.join("approvers");
+    std::fs::create_dir_all(&ap).map_err(|e| CliError::io("creating the approvers' directory", e))?;
+    let key = |i: u32| ap.join(format!("approver-{i}.pem"));
+    let public = |i: u32| ap.join(format!("approver-{i}.pub.pem"));
+    for i in 1..=3 {
+        keygate_cli(&exe, &["keygen".into(), "-o".into(), path(&key(i))]).map_err(CliError::refused)?;
+    }
+    let genesis = d.join("genesis.bundle");
+    let mut init = vec!["policy".to_owned(), "init".into()];
+    for i in 1..=3 {
+        init.extend(["--approver".to_owned(), path(&public(i))]);
+    }
+    init.extend(["--threshold", "2", "--activation-delay", "2s", "-o"].map(str::to_owned));
+    init.push(path(&genesis));
+    tour.step(
+        "three approvers make keys; the genesis bundle (2 of 3, 2 s activation delay) is built into the KRE image",
+        keygate_cli(&exe, &init).map(|_| format!("{} (no clusters allowed yet)", genesis.display())),
+    );
+
     tour.section("Key release: a KRE (mock NSM) behind the parent proxy");
-    let hexes: BTreeMap<String, String> = good_pcrs.iter().map(|(i, v)| (i.to_string(), hex::encode(v))).collect();
-    let policy = serde_json::json!({
-        "clusters": { "prod-eu1": { "images": [
-            { "name": "control-plane-2026.11", "kind": "enclave", "pcrs": hexes }
-        ] } }
-    });
-    let policy_path = d.join("policy.json");
-    std::fs::write(&policy_path, policy.to_string()).map_err(|e| CliError::io("writing the policy", e))?;
     let kre_pcr = 0x4b;
     let kre_pcr_args: Vec<String> =
         (0..3).flat_map(|i| ["--mock-pcr".to_owned(), format!("{i}={}", pcr_hex(kre_pcr))]).collect();
     let mut kre_args = vec![
         "--listen".to_owned(),
         format!("unix:{}", kre_sock.display()),
-        "--policy".to_owned(),
-        policy_path.display().to_string(),
+        "--genesis".to_owned(),
+        path(&genesis),
         "--nsm".to_owned(),
         "mock".to_owned(),
         "--mock-seed".to_owned(),
@@ -199,6 +211,101 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
             )),
         );
 
+        // The pipeline proposes allowing the image it built; one signature is not enough.
+        let kre_addr = format!("unix:{}", parent_sock.display());
+        let proposal = d.join("v2.proposal");
+        let allow = format!("prod-eu1=control-plane-2026.11@{}", path(&good_eif));
+        let proposed = keygate_cli(
+            &exe,
+            &[
+                "policy".into(),
+                "propose".into(),
+                "--from".into(),
+                path(&genesis),
+                "--allow".into(),
+                allow,
+                "--kind".into(),
+                "enclave".into(),
+                "-o".into(),
+                path(&proposal),
+            ],
+        );
+        let sign = |i: u32, prop: &Path, out: &Path| {
+            keygate_cli(
+                &exe,
+                &[
+                    "policy".into(),
+                    "sign".into(),
+                    path(prop),
+                    "--key".into(),
+                    path(&key(i)),
+                    "--yes".into(),
+                    "-o".into(),
+                    path(out),
+                ],
+            )
+        };
+        let one = d.join("v2-one-signature.bundle");
+        let pushed_one = proposed
+            .and_then(|_| sign(1, &proposal, &d.join("v2.sig1")))
+            .and_then(|_| {
+                keygate_cli(
+                    &exe,
+                    &[
+                        "policy".into(),
+                        "assemble".into(),
+                        path(&proposal),
+                        path(&d.join("v2.sig1")),
+                        "-o".into(),
+                        path(&one),
+                    ],
+                )
+            })
+            .and_then(|_| {
+                match keygate_cli(&exe, &["policy".into(), "push".into(), path(&one), "--kre".into(), kre_addr.clone()])
+                {
+                    Err(e) if e.contains("2 required") => Ok(e),
+                    Err(e) => Err(format!("refused for the wrong reason: {e}")),
+                    Ok(_) => Err("a 1-of-3 bundle was accepted".to_owned()),
+                }
+            });
+        tour.step("a bundle with one approver's signature is refused by the KRE", pushed_one);
+        let v2 = d.join("v2.bundle");
+        let store = d.join("parent-store");
+        let pushed = sign(2, &proposal, &d.join("v2.sig2"))
+            .and_then(|_| {
+                keygate_cli(
+                    &exe,
+                    &[
+                        "policy".into(),
+                        "assemble".into(),
+                        path(&proposal),
+                        path(&d.join("v2.sig1")),
+                        path(&d.join("v2.sig2")),
+                        "-o".into(),
+                        path(&v2),
+                    ],
+                )
+            })
+            .and_then(|_| {
+                keygate_cli(
+                    &exe,
+                    &[
+                        "policy".into(),
+                        "push".into(),
+                        path(&v2),
+                        "--kre".into(),
+                        kre_addr.clone(),
+                        "--store".into(),
+                        path(&store),
+                    ],
+                )
+            });
+        tour.step(
+            "with a second approver's signature it is accepted (an addition: it waits for the activation delay)",
+            pushed.map(|o| o.trim().to_owned()),
+        );
+
         let root = MockNsm::new(SEED.as_bytes(), Default::default(), system_clock()).root_anchor();
         let expect_kre: Vec<PcrExpectation> =
             (0..3).map(|i| PcrExpectation { index: i, value: vec![kre_pcr; 48] }).collect();
@@ -213,6 +320,22 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
             kre_verifier: Verifier::new(root.clone()),
             timeout: Duration::from_secs(10),
         };
+
+        // 0. Before the delay has passed, the new image is not yet allowed.
+        let early = fetcher(cpi(&good_pcrs, "cpi-1"), expect_kre.clone()).once().await;
+        tour.step(
+            "a control plane asking before the activation delay has passed is denied",
+            match early {
+                Err(ClientError::Denied { code: DenyCode::ImageNotAllowed, reason })
+                    if reason.contains("activation delay") =>
+                {
+                    Ok(format!("denied: {reason}"))
+                }
+                Err(e) => Err(format!("failed for another reason: {e}")),
+                Ok(_) => Err("released before activation".to_owned()),
+            },
+        );
+        tokio::time::sleep(Duration::from_millis(2100)).await;
 
         // 1. The allowed image.
         let keys_dir = d.join("cpi-1-keys");
@@ -304,11 +427,92 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
                 Ok(_) => Err("accepted a KRE with unexpected PCRs".to_owned()),
             },
         );
+
+        // 7. Revocation: the image loses access immediately.
+        let v3p = d.join("v3.proposal");
+        let v3 = d.join("v3.bundle");
+        let revoked = keygate_cli(
+            &exe,
+            &[
+                "policy".into(),
+                "propose".into(),
+                "--from".into(),
+                path(&v2),
+                "--revoke".into(),
+                "prod-eu1=control-plane-2026.11".into(),
+                "-o".into(),
+                path(&v3p),
+            ],
+        )
+        .and_then(|_| sign(2, &v3p, &d.join("v3.sig2")))
+        .and_then(|_| sign(3, &v3p, &d.join("v3.sig3")))
+        .and_then(|_| {
+            keygate_cli(
+                &exe,
+                &[
+                    "policy".into(),
+                    "assemble".into(),
+                    path(&v3p),
+                    path(&d.join("v3.sig2")),
+                    path(&d.join("v3.sig3")),
+                    "-o".into(),
+                    path(&v3),
+                ],
+            )
+        })
+        .and_then(|_| {
+            keygate_cli(
+                &exe,
+                &[
+                    "policy".into(),
+                    "push".into(),
+                    path(&v3),
+                    "--kre".into(),
+                    kre_addr.clone(),
+                    "--store".into(),
+                    path(&store),
+                ],
+            )
+        });
+        tour.step(
+            "approvers 2 and 3 revoke the image (a removal: in force at once)",
+            revoked.map(|o| o.trim().to_owned()),
+        );
+        let after = fetcher(cpi(&good_pcrs, "cpi-1"), expect_kre.clone()).once().await;
+        tour.step(
+            "the revoked image is denied on its very next fetch",
+            match after {
+                Err(ClientError::Denied { code, reason })
+                    if matches!(code, DenyCode::UnknownCluster | DenyCode::ImageNotAllowed) =>
+                {
+                    Ok(format!("denied: {code}: {reason}"))
+                }
+                Err(e) => Err(format!("failed for another reason: {e}")),
+                Ok(_) => Err("still released after revocation".to_owned()),
+            },
+        );
         Ok::<(), CliError>(())
     })?;
     drop(proxy);
     drop(kre);
     Ok(())
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Runs `keygate ARGS` (the demo uses the CLI as the pipeline and approvers would); Ok(stdout)
+/// on success, Err(the error line) otherwise.
+fn keygate_cli(exe: &Path, args: &[String]) -> Result<String, String> {
+    let out =
+        Command::new(exe).args(args).stdin(Stdio::null()).output().map_err(|e| format!("running keygate: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        Err(err.lines().rev().find(|l| l.contains("error")).unwrap_or(&err).trim().to_owned())
+    }
 }
 
 fn expect_denial(r: Result<(), ClientError>, code: DenyCode) -> Result<String, String> {

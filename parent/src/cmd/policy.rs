@@ -552,7 +552,7 @@ pub(crate) fn run(cmd: PolicyCommand) -> Result<(), CliError> {
                 std::fs::create_dir_all(&dir).map_err(|e| CliError::io(format!("creating {}", dir.display()), e))?;
                 write_file(&dir.join(format!("policy-v{:08}.bundle", b.body.version)), &bytes)?;
             }
-            let wait = activates.saturating_sub(now_ms()) / 1000;
+            let wait = activates.saturating_sub(now_ms()).div_ceil(1000);
             if wait > 0 {
                 println!("accepted: version {version}; loosening changes take effect in {wait} s");
             } else {
