@@ -53,6 +53,9 @@ enum Command {
     /// Pipeline-signed policy bundles: init, propose, sign, assemble, verify, show, push.
     #[command(subcommand)]
     Policy(cmd::policy::PolicyCommand),
+    /// Benchmarks (docs/benchmarks.md).
+    #[command(subcommand)]
+    Bench(cmd::bench::BenchCommand),
     /// Run the local demo of the full flow on the mock NSM.
     Demo(cmd::demo::DemoArgs),
     /// Build, describe and measure enclave images (EIF).
@@ -78,6 +81,7 @@ fn main() -> ExitCode {
         Command::Attestation(c) => cmd::attestation::run(c),
         Command::Eif(c) => cmd::eif::run(c),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Bench(c) => cmd::bench::run(c),
         Command::Fetch(a) => cmd::fetch::run(a),
         Command::Keygen(a) => cmd::policy::keygen(a),
         Command::Policy(c) => cmd::policy::run(c),

@@ -1,0 +1,400 @@
+//! `keygate bench crypto | release | memory`: the measurements of docs/benchmarks.md.
+//!
+//! Benchmarks, not tests: nothing here asserts a time. Every figure is the median of several
+//! rounds, and the ratios that the targets are about are measured in the same run.
+
+// Statistics over counts and durations are floating point; the conversions are intended.
+#![allow(clippy::as_conversions, clippy::cast_precision_loss)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keygate_attestation::crypto::{self, p384_scalar_from};
+use keygate_attestation::mock::{system_clock, MockNsm};
+use keygate_attestation::secret::Secret;
+use keygate_attestation::{AttestRequest, Nsm, PcrExpectation, TrustAnchor, Verifier, VerifyOptions};
+use keygate_enclave::client::FetchRequest;
+use keygate_enclave::keys::{self, Transcript};
+use keygate_enclave::transport::Addr;
+use keygate_enclave::wire::{Id, Message};
+
+use super::fetch::Fetcher;
+use crate::CliError;
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum BenchCommand {
+    /// Crypto ceiling and attestation verification, cold and warm, both backends.
+    Crypto {
+        /// Rounds (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
+    },
+    /// Releases per KRE CPU-second and boot-fetch latency over a Unix socket.
+    Release {
+        /// Concurrent clients (comma-separated).
+        #[arg(long, default_value = "1,16,256")]
+        clients: String,
+        /// KRE worker threads (comma-separated).
+        #[arg(long, default_value = "1,2")]
+        threads: String,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
+    /// KRE resident memory: idle, with many idle connections, under a Hello flood.
+    Memory {
+        /// Idle connections to open.
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        /// Seconds of Hello flood.
+        #[arg(long, default_value_t = 60)]
+        flood_seconds: u64,
+    },
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Operations per second of `f`, median over `rounds` rounds of `seconds` each.
+fn rate(rounds: usize, seconds: f64, mut f: impl FnMut()) -> f64 {
+    f(); // warm up
+    let samples = (0..rounds.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            let mut n = 0u64;
+            while start.elapsed().as_secs_f64() < seconds {
+                f();
+                n += 1;
+            }
+            n as f64 / start.elapsed().as_secs_f64()
+        })
+        .collect();
+    median(samples)
+}
+
+const REAL_DOC: &[u8] = include_bytes!("../../../attestation/tests/vectors/doc-1.cbor");
+const REAL_DOC_TIME_MS: u64 = 1_732_983_769_000;
+
+fn bench_crypto(rounds: usize, seconds: f64) -> Result<(), CliError> {
+    println!("# keygate bench crypto ({} rounds x {seconds} s, median; {} cores)", rounds, cores());
+    let t = super::attestation::now_ms();
+    let nsm = MockNsm::new(b"bench", (0..3).map(|i| (i, vec![1u8; 48])).collect(), Arc::new(move || t));
+    let mock_doc = nsm
+        .attest(&AttestRequest { nonce: Some(vec![1; 32]), ..Default::default() })
+        .map_err(|e| CliError::input(e.to_string()))?;
+    let mock_root = nsm.root_anchor();
+    let aws_root = TrustAnchor::aws_nitro().map_err(|e| CliError::input(e.to_string()))?;
+    println!("| backend | P-384 verify/s | key wrap/s | release ceiling/s (1 verify + 1 wrap) | doc | cold verify/s | warm verify/s | cold cost / 5 verifies |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for c in crypto::all_backends() {
+        let sk = keygate_attestation::mock::derive_key(b"bench", "k");
+        let point = keygate_attestation::mock::public_point(&sk);
+        use p384::ecdsa::signature::Signer;
+        let sig: p384::ecdsa::Signature = sk.sign(b"message");
+        let sig = sig.to_bytes();
+        let verify = rate(rounds, seconds, || {
+            let _ = c.verify_p384_sha384_fixed(&point, b"message", &sig);
+        });
+        let (_, client_point) = p384_scalar_from(c, |b| b.fill(3)).map_err(|e| CliError::input(e.to_string()))?;
+        let transcript = Transcript {
+            client_nonce: [1; 32],
+            server_nonce: [2; 32],
+            kre_attestation_sha384: [3; 48],
+            client_attestation_sha384: [4; 48],
+            request_digest: [5; 48],
+        };
+        let id = Id::new("etcd").map_err(|e| CliError::input(e.to_string()))?;
+        let dk = vec![(id, 1u32, Secret::new([9u8; 32]))];
+        let mut ctr = 0u8;
+        let wrap = rate(rounds, seconds, || {
+            ctr = ctr.wrapping_add(1);
+            let _ = keys::wrap(c, &transcript, &client_point, &dk, |b| b.fill(ctr | 1));
+        });
+        let ceiling = 1.0 / (1.0 / verify + 1.0 / wrap);
+        for (name, doc, anchor, at) in
+            [("real doc-1", REAL_DOC, &aws_root, REAL_DOC_TIME_MS), ("mock", mock_doc.as_slice(), &mock_root, t)]
+        {
+            let mut o = VerifyOptions::at(at);
+            o.allow_debug = true;
+            let cold = rate(rounds, seconds, || {
+                let v = Verifier::with_crypto(anchor.clone(), c);
+                let _ = v.verify(doc, &o);
+            });
+            let warm_v = Verifier::with_crypto(anchor.clone(), c);
+            let warm = rate(rounds, seconds, || {
+                let _ = warm_v.verify(doc, &o);
+            });
+            println!(
+                "| {} | {:.0} | {:.0} | {:.0} | {name} | {:.0} | {:.0} | {:.2} |",
+                c.name(),
+                verify,
+                wrap,
+                ceiling,
+                cold,
+                warm,
+                (1.0 / cold) / (5.0 / verify)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> Result<f64, CliError> {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| CliError::io("reading /proc stat", e))?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    // rest starts at field 3 (state): utime = field 14 -> index 11, stime -> index 12.
+    Ok((ticks(11) + ticks(12)) / 100.0)
+}
+
+/// Resident set size of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+struct KreProc {
+    child: Child,
+    sock: PathBuf,
+    dir: PathBuf,
+}
+
+impl Drop for KreProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const SEED: &str = "bench";
+
+fn start_kre(threads: usize, extra: &[&str]) -> Result<KreProc, CliError> {
+    let dir = std::env::temp_dir().join(format!("keygate-bench-{}-{threads}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| CliError::io("bench dir", e))?;
+    let pcr = hex::encode([0x5au8; 48]);
+    let policy =
+        serde_json::json!({"clusters": {"prod": {"images": [{"name": "cp", "pcrs": {"0": pcr, "1": pcr, "2": pcr}}]}}});
+    let policy_path = dir.join("policy.json");
+    std::fs::write(&policy_path, policy.to_string()).map_err(|e| CliError::io("policy", e))?;
+    let sock = dir.join("kre.sock");
+    let exe = std::env::current_exe().map_err(|e| CliError::io("exe", e))?.with_file_name("keygate-enclave");
+    // Raise the descriptor limit for the connection benchmarks through the shell (no unsafe).
+    let mut cmd = format!(
+        "ulimit -n 65536 2>/dev/null || ulimit -n $(ulimit -Hn); exec '{}' --listen unix:{} --policy {} --nsm mock --mock-seed {SEED} --threads {threads} --mock-pcr 0={}",
+        exe.display(),
+        sock.display(),
+        policy_path.display(),
+        hex::encode([0x4bu8; 48])
+    );
+    for e in extra {
+        cmd.push(' ');
+        cmd.push_str(e);
+    }
+    let child = Command::new("sh")
+        .args(["-c", &cmd])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| CliError::io("starting keygate-enclave", e))?;
+    let start = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        if start.elapsed() > Duration::from_secs(15) {
+            return Err(CliError::refused("keygate-enclave did not start"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(KreProc { child, sock, dir })
+}
+
+fn fetcher(sock: &Path, nsm: Arc<dyn Nsm>, root: &TrustAnchor) -> Fetcher {
+    Fetcher {
+        kre: Addr::Unix(sock.to_path_buf()),
+        request: FetchRequest {
+            cluster: Id::new("prod").unwrap_or_else(|_| unreachable!("valid id")),
+            key_ids: vec![Id::new("etcd").unwrap_or_else(|_| unreachable!("valid id"))],
+            expect_kre_pcrs: vec![PcrExpectation { index: 0, value: vec![0x4b; 48] }],
+        },
+        nsm,
+        kre_verifier: Verifier::new(root.clone()),
+        timeout: Duration::from_secs(30),
+    }
+}
+
+fn bench_release(clients: &[usize], threads: &[usize], seconds: f64) -> Result<(), CliError> {
+    println!(
+        "# keygate bench release ({seconds} s per row; KRE CPU from /proc; {} cores shared by KRE and clients)",
+        cores()
+    );
+    println!("| KRE threads | clients | releases | releases/s (wall) | KRE CPU s | releases per KRE CPU-s | p50 ms | p99 ms | max ms | errors |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
+    let pcrs: BTreeMap<u8, Vec<u8>> = (0..3).map(|i| (i, vec![0x5a; 48])).collect();
+    let nsm: Arc<dyn Nsm> = Arc::new(MockNsm::new(SEED.as_bytes(), pcrs, system_clock()).with_instance("bench-client"));
+    let root = MockNsm::new(SEED.as_bytes(), BTreeMap::new(), system_clock()).root_anchor();
+    let mut per_thread_rate = BTreeMap::new();
+    for &t in threads {
+        for &n in clients {
+            let kre = start_kre(t, &[])?;
+            let f = Arc::new(fetcher(&kre.sock, nsm.clone(), &root));
+            // Pre-warm (chain cache, mock PKI).
+            rt.block_on(f.once()).map_err(|e| CliError::refused(format!("warm-up fetch: {e}")))?;
+            let cpu0 = cpu_seconds(kre.child.id())?;
+            let start = Instant::now();
+            let deadline = start + Duration::from_secs_f64(seconds);
+            let results = rt.block_on(async {
+                let tasks: Vec<_> = (0..n)
+                    .map(|_| {
+                        let f = f.clone();
+                        tokio::spawn(async move {
+                            let mut lat = Vec::new();
+                            let mut errors = 0u64;
+                            while Instant::now() < deadline {
+                                let s = Instant::now();
+                                match f.once().await {
+                                    Ok(_) => lat.push(s.elapsed().as_secs_f64() * 1000.0),
+                                    Err(_) => errors += 1,
+                                }
+                            }
+                            (lat, errors)
+                        })
+                    })
+                    .collect();
+                let mut lat = Vec::new();
+                let mut errors = 0;
+                for t in tasks {
+                    if let Ok((l, e)) = t.await {
+                        lat.extend(l);
+                        errors += e;
+                    }
+                }
+                (lat, errors)
+            });
+            let wall = start.elapsed().as_secs_f64();
+            let cpu = cpu_seconds(kre.child.id())? - cpu0;
+            let (mut lat, errors) = results;
+            lat.sort_by(|a, b| a.total_cmp(b));
+            let pct = |p: f64| lat.get(((lat.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0);
+            let per_cpu = lat.len() as f64 / cpu.max(1e-9);
+            per_thread_rate.insert((t, n), lat.len() as f64 / wall);
+            println!(
+                "| {t} | {n} | {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {errors} |",
+                lat.len(),
+                lat.len() as f64 / wall,
+                cpu,
+                per_cpu,
+                pct(0.5),
+                pct(0.99),
+                lat.last().copied().unwrap_or(0.0)
+            );
+        }
+    }
+    for &n in clients {
+        if let (Some(one), Some(two)) = (per_thread_rate.get(&(1, n)), per_thread_rate.get(&(2, n))) {
+            println!("scaling with {n} clients: 2 threads / 1 thread = {:.2}", two / one);
+        }
+    }
+    Ok(())
+}
+
+fn bench_memory(connections: usize, flood_seconds: u64) -> Result<(), CliError> {
+    println!("# keygate bench memory");
+    let kre = start_kre(2, &["--max-connections", "20000", "--frame-timeout", "600", "--connection-timeout", "600"])?;
+    let pid = kre.child.id();
+    std::thread::sleep(Duration::from_millis(300));
+    println!("| state | KRE RSS MiB |");
+    println!("|---|---|");
+    println!("| idle | {:.1} |", rss_kib(pid) as f64 / 1024.0);
+    let mut conns = Vec::with_capacity(connections);
+    for i in 0..connections {
+        match std::os::unix::net::UnixStream::connect(&kre.sock) {
+            Ok(c) => conns.push(c),
+            Err(e) => {
+                println!("(stopped at {i} connections: {e}; raise `ulimit -n`)");
+                break;
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    println!("| {} idle connections | {:.1} |", conns.len(), rss_kib(pid) as f64 / 1024.0);
+    drop(conns);
+    std::thread::sleep(Duration::from_secs(1));
+    // Hello flood: connections that send Hello, read the Challenge, and go away.
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
+    let hello = Message::Hello { client_nonce: [7; 32] }.encode().map_err(|e| CliError::input(e.to_string()))?;
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    let mut hellos = 0u64;
+    while start.elapsed() < Duration::from_secs(flood_seconds) {
+        let n: u64 = rt.block_on(async {
+            let tasks: Vec<_> = (0..64)
+                .map(|_| {
+                    let sock = kre.sock.clone();
+                    let hello = hello.clone();
+                    tokio::spawn(async move {
+                        let t = Duration::from_secs(5);
+                        let Ok(mut s) = keygate_enclave::transport::connect(&Addr::Unix(sock), t).await else {
+                            return 0;
+                        };
+                        if keygate_enclave::io::write_frame(&mut s, &hello, t).await.is_err() {
+                            return 0;
+                        }
+                        u64::from(keygate_enclave::io::read_frame(&mut s, t).await.is_ok())
+                    })
+                })
+                .collect();
+            let mut n = 0;
+            for t in tasks {
+                n += t.await.unwrap_or(0);
+            }
+            n
+        });
+        hellos += n;
+        let secs = start.elapsed().as_secs();
+        if samples.last().is_none_or(|(s, _)| secs >= s + 10) {
+            samples.push((secs, rss_kib(pid)));
+        }
+    }
+    samples.push((start.elapsed().as_secs(), rss_kib(pid)));
+    for (s, r) in &samples {
+        println!("| Hello flood, t = {s} s ({hellos} Hellos in all) | {:.1} |", *r as f64 / 1024.0);
+    }
+    Ok(())
+}
+
+fn list(s: &str) -> Result<Vec<usize>, CliError> {
+    s.split(',').map(|x| x.trim().parse().map_err(|_| CliError::input(format!("`{x}` is not a number")))).collect()
+}
+
+pub(crate) fn run(cmd: BenchCommand) -> Result<(), CliError> {
+    match cmd {
+        BenchCommand::Crypto { rounds, seconds } => bench_crypto(rounds, seconds),
+        BenchCommand::Release { clients, threads, seconds } => {
+            bench_release(&list(&clients)?, &list(&threads)?, seconds)
+        }
+        BenchCommand::Memory { connections, flood_seconds } => bench_memory(connections, flood_seconds),
+    }
+}
