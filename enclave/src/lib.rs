@@ -8,6 +8,7 @@
 //! - [`transport`], [`io`], [`server`]: the thin tokio adapters (Unix sockets, vsock).
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod client;
 pub mod core;
 pub mod io;

@@ -61,6 +61,9 @@ enum Command {
     /// Build, describe and measure enclave images (EIF).
     #[command(subcommand)]
     Eif(cmd::eif::EifCommand),
+    /// The KRE's tamper-evident audit trail: verify offline, show (docs/audit.md).
+    #[command(subcommand)]
+    Audit(cmd::audit::AuditCommand),
 }
 
 fn init_logging(json: bool) {
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
         Command::Eif(c) => cmd::eif::run(c),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Bench(c) => cmd::bench::run(c),
+        Command::Audit(c) => cmd::audit::run(c),
         Command::Fetch(a) => cmd::fetch::run(a),
         Command::Keygen(a) => cmd::policy::keygen(a),
         Command::Policy(c) => cmd::policy::run(c),

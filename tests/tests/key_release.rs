@@ -167,6 +167,10 @@ fn allowed_image_gets_keys_and_the_same_keys_on_a_second_boot() {
     assert_eq!(std::fs::read(out2.join("etcd-kek.key")).expect("key"), k1, "same key on a second boot");
     assert_ne!(std::fs::read(out2.join("secrets.key")).expect("key"), k1);
     assert!(kre.log().contains("keys released"), "{}", kre.log());
+    // The KRE runs with core dumps disabled.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", kre.child.id())).expect("limits");
+    let core = limits.lines().find(|l| l.starts_with("Max core file size")).expect("core limit line");
+    assert_eq!(core.split_whitespace().nth(4), Some("0"), "{core}");
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! One module per top-level subcommand.
 
 pub(crate) mod attestation;
+pub(crate) mod audit;
 pub(crate) mod bench;
 pub(crate) mod demo;
 pub(crate) mod demo_release;

@@ -1,0 +1,406 @@
+//! `keygate audit verify | show`: the customer's offline check of a stored audit trail and
+//! its human-readable / JSON Lines rendering; and [`append_to_dir`], the storage side of
+//! `keygate audit pull`. The format and the checks are specified in docs/audit.md; every
+//! decision is made by `keygate_enclave::audit`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use keygate_attestation::{PcrExpectation, Verifier};
+use keygate_enclave::audit::store::{self, AppendReport, StoreError, StoredTrail};
+use keygate_enclave::audit::{
+    verify_trail_with, AuditEntry, AuditEvent, Checkpoint, Requester, TrailOptions, TrailSummary,
+};
+use serde_json::{json, Value};
+
+use crate::cmd::attestation::load_anchor;
+use crate::CliError;
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum AuditCommand {
+    /// Verify a stored trail offline: the hash chain, every checkpoint signature, and the
+    /// attestation that binds the checkpoint key to a KRE image (at the document's own time).
+    Verify(VerifyArgs),
+    /// Print a stored trail as a table, or as JSON Lines for a SIEM (does not verify).
+    Show(ShowArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct VerifyArgs {
+    /// The audit directory (entries.log, checkpoints.log).
+    dir: PathBuf,
+    /// Trust this root (PEM) instead of the built-in AWS Nitro Enclaves root.
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Require the KRE's PCR N to equal HEX (repeatable; pin at least PCR0-2).
+    #[arg(long = "expect-kre-pcr", value_name = "N=HEX")]
+    expect_kre_pcr: Vec<PcrExpectation>,
+    /// Accept a debug-mode KRE (PCR0-2 zero). For demos only.
+    #[arg(long)]
+    allow_debug: bool,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct ShowArgs {
+    /// The audit directory.
+    dir: PathBuf,
+    /// One JSON object per line (entries, then checkpoints).
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn run(cmd: AuditCommand) -> Result<(), CliError> {
+    match cmd {
+        AuditCommand::Verify(a) => verify(a),
+        AuditCommand::Show(a) => show(a),
+    }
+}
+
+/// Stores pulled entries and checkpoints in `dir` (append-only, fsynced; refuses anything
+/// that does not continue the stored chain). Returns what to acknowledge to the KRE
+/// (`report.last_seq`). Called by `keygate audit pull` and the proxy.
+#[allow(dead_code)] // until `audit pull` (the wire integration) calls it
+pub(crate) fn append_to_dir(
+    dir: &Path,
+    entries: &[AuditEntry],
+    checkpoints: &[Checkpoint],
+) -> Result<AppendReport, CliError> {
+    store::append_to_dir(dir, entries, checkpoints).map_err(|e| store_error(dir, e))
+}
+
+fn store_error(dir: &Path, e: StoreError) -> CliError {
+    match e {
+        StoreError::Io { .. } => CliError::io(format!("audit directory {}", dir.display()), e),
+        other => CliError::refused(format!("audit directory {}: {other}", dir.display())),
+    }
+}
+
+fn read(dir: &Path) -> Result<StoredTrail, CliError> {
+    store::read_dir(dir).map_err(|e| store_error(dir, e))
+}
+
+fn verify(a: VerifyArgs) -> Result<(), CliError> {
+    let verifier = Verifier::new(load_anchor(a.root.as_deref())?);
+    let trail = match read(&a.dir) {
+        Ok(t) => t,
+        Err(e) if a.json && e.code == 1 => {
+            println!("{}", json!({ "ok": false, "error": "malformed", "message": e.message }));
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
+    let options = TrailOptions { allow_debug: a.allow_debug };
+    match verify_trail_with(&trail.entries, &trail.checkpoints, &verifier, &a.expect_kre_pcr, options) {
+        Ok(s) => {
+            if a.json {
+                println!("{}", summary_json(&s));
+            } else {
+                print!("{}", summary_text(&a.dir, &s));
+            }
+            if !s.pcrs_pinned {
+                eprintln!(
+                    "keygate: warning: KRE PCRs not pinned (--expect-kre-pcr): the trail of any genuine Nitro enclave would verify"
+                );
+            }
+            if s.unsigned_tail > 0 {
+                eprintln!(
+                    "keygate: warning: the last {} entries are not covered by a checkpoint yet: their deletion would not be detected",
+                    s.unsigned_tail
+                );
+            }
+            Ok(())
+        }
+        Err(e) => {
+            if a.json {
+                println!("{}", json!({ "ok": false, "error": e.kind(), "message": e.to_string() }));
+            }
+            Err(CliError::refused(format!("audit trail {} FAILED verification: {e}", a.dir.display())))
+        }
+    }
+}
+
+fn pcrs_json(pcrs: &BTreeMap<u8, Vec<u8>>) -> Value {
+    Value::Object(pcrs.iter().map(|(i, v)| (i.to_string(), Value::String(hex::encode(v)))).collect())
+}
+
+fn summary_json(s: &TrailSummary) -> Value {
+    json!({
+        "ok": true,
+        "chain_id": hex::encode(s.chain_id),
+        "checkpoint_key": hex::encode(&s.checkpoint_key),
+        "entries": s.last_seq,
+        "last_seq": s.last_seq,
+        "signed_up_to": s.signed_up_to,
+        "unsigned_tail": s.unsigned_tail,
+        "checkpoints": s.checkpoints,
+        "last_checkpoint_ms": s.last_checkpoint_ms,
+        "first_time_ms": s.time_range_ms.0,
+        "last_time_ms": s.time_range_ms.1,
+        "kre_module_id": s.kre_module_id,
+        "kre_pcrs": pcrs_json(&s.kre_pcrs),
+        "pcrs_pinned": s.pcrs_pinned,
+        "binding_time_ms": s.binding_time_ms,
+        "root_sha256": hex::encode(s.root_sha256),
+    })
+}
+
+fn summary_text(dir: &Path, s: &TrailSummary) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "audit trail {}: OK", dir.display());
+    let _ = writeln!(out, "  chain        {}", hex::encode(s.chain_id));
+    let _ = writeln!(
+        out,
+        "  entries      seq 1..={} ({} → {})",
+        s.last_seq,
+        fmt_time(s.time_range_ms.0),
+        fmt_time(s.time_range_ms.1)
+    );
+    let _ = writeln!(
+        out,
+        "  signed       up to seq {} ({} checkpoints, last at {})",
+        s.signed_up_to,
+        s.checkpoints,
+        fmt_time(s.last_checkpoint_ms)
+    );
+    let _ = writeln!(out, "  unsigned     {} entries after the last checkpoint", s.unsigned_tail);
+    let _ =
+        writeln!(out, "  KRE          module {} (key attested at {})", s.kre_module_id, fmt_time(s.binding_time_ms));
+    for (i, v) in &s.kre_pcrs {
+        if v.iter().any(|&b| b != 0) {
+            let _ = writeln!(out, "  KRE PCR{i:<2}    {}", hex::encode(v));
+        }
+    }
+    let _ = writeln!(out, "  PCRs pinned  {}", if s.pcrs_pinned { "yes" } else { "NO" });
+    let _ = writeln!(out, "  root         sha256 {}", hex::encode(s.root_sha256));
+    out
+}
+
+fn show(a: ShowArgs) -> Result<(), CliError> {
+    let trail = read(&a.dir)?;
+    let mut out = String::new();
+    if a.json {
+        for e in &trail.entries {
+            let _ = writeln!(out, "{}", entry_json(e));
+        }
+        for c in &trail.checkpoints {
+            let _ = writeln!(out, "{}", checkpoint_json(c));
+        }
+    } else {
+        let _ = writeln!(
+            out,
+            "{:>6}  {:<24}  {:<17}  {:<6}  {:>6}  DETAIL",
+            "SEQ", "TIME (UTC)", "EVENT", "DECIDE", "POLICY"
+        );
+        for e in &trail.entries {
+            let ev = e.event();
+            let _ = writeln!(
+                out,
+                "{:>6}  {:<24}  {:<17}  {:<6}  {:>6}  {}",
+                e.seq(),
+                fmt_time(e.time_ms()),
+                ev.name(),
+                ev.decision(),
+                e.policy_version(),
+                detail_text(ev)
+            );
+        }
+        for c in &trail.checkpoints {
+            let _ = writeln!(
+                out,
+                "checkpoint  seq {:<6} at {}  head {}…",
+                c.seq(),
+                fmt_time(c.time_ms()),
+                &hex::encode(c.head())[..16]
+            );
+        }
+        let _ = writeln!(
+            out,
+            "({} entries, {} checkpoints; not verified: run `keygate audit verify`)",
+            trail.entries.len(),
+            trail.checkpoints.len()
+        );
+    }
+    print!("{out}");
+    Ok(())
+}
+
+fn short(d: &[u8]) -> String {
+    hex::encode(&d[..d.len().min(8)])
+}
+
+fn requester_text(r: &Requester) -> String {
+    format!("requester={} ({}) doc=sha384:{}…", r.module_id, r.kind, short(&r.document_sha384))
+}
+
+fn detail_text(ev: &AuditEvent) -> String {
+    match ev {
+        AuditEvent::KreStarted { nsm_kind, pcrs, software } => format!(
+            "nsm={nsm_kind} software={software} pcr0={}…",
+            pcrs.get(&0).map(|v| short(v)).unwrap_or_else(|| "-".into())
+        ),
+        AuditEvent::ReleaseAllowed { requester, cluster, keys, image } => {
+            let keys: Vec<String> = keys.iter().map(|(k, v)| format!("{k}@{v}")).collect();
+            format!("cluster={cluster} keys={} image={image} {}", keys.join(","), requester_text(requester))
+        }
+        AuditEvent::ReleaseDenied { code, reason, requester, cluster, key_ids } => {
+            let mut s = format!("code={code}");
+            if let Some(c) = cluster {
+                let _ = write!(s, " cluster={c}");
+            }
+            if !key_ids.is_empty() {
+                let ids: Vec<&str> = key_ids.iter().map(|k| k.as_str()).collect();
+                let _ = write!(s, " keys={}", ids.join(","));
+            }
+            if let Some(r) = requester {
+                let _ = write!(s, " {}", requester_text(r));
+            }
+            let _ = write!(s, " reason={reason:?}");
+            s
+        }
+        AuditEvent::ChallengeRefused { code, reason } => format!("code={code} reason={reason:?}"),
+        AuditEvent::PolicyAccepted { version, digest, activates_at_ms } => {
+            format!("version={version} digest={}… activates={}", short(digest), fmt_time(*activates_at_ms))
+        }
+        AuditEvent::PolicyRefused { version, digest, code, reason } => format!(
+            "version={} digest={} code={code} reason={reason:?}",
+            version.map_or_else(|| "-".into(), |v| v.to_string()),
+            digest.map_or_else(|| "-".into(), |d| format!("{}…", short(&d)))
+        ),
+        AuditEvent::UnsealStep { step, ok, detail } => format!("step={step} ok={ok} detail={detail:?}"),
+        AuditEvent::KekRotated { cluster, new_version } => format!("cluster={cluster} new_version={new_version}"),
+        AuditEvent::ConfigChanged { setting, value } => format!("{setting}={value:?}"),
+        AuditEvent::Unrecorded { count, first_ms, last_ms } => format!(
+            "{count} events NOT RECORDED (buffer full) between {} and {}",
+            fmt_time(*first_ms),
+            fmt_time(*last_ms)
+        ),
+        _ => String::new(),
+    }
+}
+
+fn requester_json(r: &Requester) -> Value {
+    json!({
+        "module_id": r.module_id,
+        "kind": r.kind.as_str(),
+        "pcrs": pcrs_json(&r.pcrs),
+        "document_sha384": hex::encode(r.document_sha384),
+    })
+}
+
+fn entry_json(e: &AuditEntry) -> Value {
+    let ev = e.event();
+    let mut v = json!({
+        "type": "entry",
+        "seq": e.seq(),
+        "time_ms": e.time_ms(),
+        "time": fmt_time(e.time_ms()),
+        "event": ev.name(),
+        "decision": ev.decision(),
+        "policy_version": e.policy_version(),
+        "chain_id": hex::encode(e.chain_id()),
+        "prev": hex::encode(e.prev()),
+        "digest": hex::encode(e.digest()),
+    });
+    let fields = match ev {
+        AuditEvent::KreStarted { nsm_kind, pcrs, software } => {
+            json!({ "nsm_kind": nsm_kind, "pcrs": pcrs_json(pcrs), "software": software })
+        }
+        AuditEvent::ReleaseAllowed { requester, cluster, keys, image } => json!({
+            "requester": requester_json(requester),
+            "cluster": cluster.as_str(),
+            "keys": keys.iter().map(|(k, ver)| json!({ "id": k.as_str(), "version": ver })).collect::<Vec<_>>(),
+            "image": image,
+        }),
+        AuditEvent::ReleaseDenied { code, reason, requester, cluster, key_ids } => json!({
+            "code": code,
+            "reason": reason,
+            "requester": requester.as_ref().map(requester_json),
+            "cluster": cluster.as_ref().map(|c| c.as_str()),
+            "key_ids": key_ids.iter().map(|k| k.as_str()).collect::<Vec<_>>(),
+        }),
+        AuditEvent::ChallengeRefused { code, reason } => json!({ "code": code, "reason": reason }),
+        AuditEvent::PolicyAccepted { version, digest, activates_at_ms } => json!({
+            "version": version, "digest": hex::encode(digest), "activates_at_ms": activates_at_ms,
+        }),
+        AuditEvent::PolicyRefused { version, digest, code, reason } => json!({
+            "version": version, "digest": digest.map(hex::encode), "code": code, "reason": reason,
+        }),
+        AuditEvent::UnsealStep { step, ok, detail } => json!({ "step": step, "ok": ok, "detail": detail }),
+        AuditEvent::KekRotated { cluster, new_version } => {
+            json!({ "cluster": cluster.as_str(), "new_version": new_version })
+        }
+        AuditEvent::ConfigChanged { setting, value } => json!({ "setting": setting, "value": value }),
+        AuditEvent::Unrecorded { count, first_ms, last_ms } => {
+            json!({ "count": count, "first_ms": first_ms, "last_ms": last_ms })
+        }
+        _ => json!({}),
+    };
+    if let (Value::Object(m), Value::Object(f)) = (&mut v, fields) {
+        m.extend(f);
+    }
+    v
+}
+
+fn checkpoint_json(c: &Checkpoint) -> Value {
+    use sha2::Digest as _;
+    json!({
+        "type": "checkpoint",
+        "seq": c.seq(),
+        "time_ms": c.time_ms(),
+        "time": fmt_time(c.time_ms()),
+        "chain_id": hex::encode(c.chain_id()),
+        "head": hex::encode(c.head()),
+        "public_key": hex::encode(c.public_key()),
+        "binding_document_sha384": hex::encode(sha2::Sha384::digest(c.binding_document())),
+    })
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC) from Unix milliseconds.
+fn fmt_time(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    // Civil-from-days (H. Hinnant), proleptic Gregorian.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z", rem / 3600, rem % 3600 / 60, rem % 60, ms % 1000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_format() {
+        assert_eq!(fmt_time(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(fmt_time(1_795_478_400_123), "2026-11-24T00:00:00.123Z");
+        assert_eq!(fmt_time(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn append_to_dir_maps_errors() {
+        let dir = tempfile_dir();
+        let e = append_to_dir(&dir.join("f").join("x"), &[], &[]).map(|_| ());
+        // A directory under a regular file cannot be created: an I/O error (exit 3).
+        assert_eq!(e.map_err(|e| e.code), Err(3));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("keygate-audit-unit-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&d);
+        let _ = std::fs::write(d.join("f"), b"x");
+        d
+    }
+}
