@@ -44,6 +44,9 @@ enum Command {
     /// Verify attestation documents and produce mock ones.
     #[command(subcommand)]
     Attestation(cmd::attestation::AttestationCommand),
+    /// The KRE's tamper-evident audit trail: verify offline, show (docs/audit.md).
+    #[command(subcommand)]
+    Audit(cmd::audit::AuditCommand),
     /// Boot key fetch: attest to the KRE and write the released data keys.
     Fetch(cmd::fetch::FetchArgs),
     /// Forward connections between the host side and the KRE.
@@ -61,9 +64,8 @@ enum Command {
     /// Build, describe and measure enclave images (EIF).
     #[command(subcommand)]
     Eif(cmd::eif::EifCommand),
-    /// The KRE's tamper-evident audit trail: verify offline, show (docs/audit.md).
-    #[command(subcommand)]
-    Audit(cmd::audit::AuditCommand),
+    /// Kubernetes KMS v2 plugin: kube-apiserver seals etcd's DEKs with the attested key.
+    KmsPlugin(cmd::kms_plugin::KmsPluginArgs),
 }
 
 fn init_logging(json: bool) {
@@ -82,14 +84,15 @@ fn main() -> ExitCode {
     init_logging(cli.log_json);
     let result = match cli.command {
         Command::Attestation(c) => cmd::attestation::run(c),
+        Command::Audit(c) => cmd::audit::run(c),
         Command::Eif(c) => cmd::eif::run(c),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Bench(c) => cmd::bench::run(c),
-        Command::Audit(c) => cmd::audit::run(c),
         Command::Fetch(a) => cmd::fetch::run(a),
         Command::Keygen(a) => cmd::policy::keygen(a),
         Command::Policy(c) => cmd::policy::run(c),
         Command::Proxy(a) => cmd::proxy::run(a),
+        Command::KmsPlugin(a) => cmd::kms_plugin::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

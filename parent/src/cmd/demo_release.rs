@@ -495,6 +495,9 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
     })?;
     drop(proxy);
     drop(kre);
+    // The control plane's kube-apiserver seals etcd's DEKs through the KMS v2 plugin, with the
+    // keys the first fetch wrote (the plugin's own lease handles revocation in `--kre` mode).
+    super::demo_kms::kms_tour(tour, &d.join("cpi-1-keys"))?;
     Ok(())
 }
 

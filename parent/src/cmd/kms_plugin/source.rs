@@ -1,0 +1,221 @@
+//! Where the plugin's keys come from: a directory of key files (`--keys`), or the KRE itself
+//! (`--kre`), re-attesting on the lease.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keygate_attestation::secret::Secret;
+use keygate_enclave::wire::Id;
+use zeroize::Zeroizing;
+
+use super::keyring::{parse_version, Insert};
+use super::{Mode, Shared};
+use crate::cmd::fetch::Fetcher;
+
+/// Most directory entries looked at per scan.
+const MAX_DIR_ENTRIES: usize = 4096;
+
+/// The directory could not be read at all.
+#[derive(Debug, thiserror::Error)]
+#[error("reading {dir}: {source}")]
+pub(crate) struct ScanError {
+    dir: String,
+    source: std::io::Error,
+}
+
+/// The result of one scan: the versions found, and the files refused (with why).
+#[derive(Debug, Default)]
+pub(crate) struct Scan {
+    pub(crate) versions: BTreeMap<u32, Secret<32>>,
+    pub(crate) refused: Vec<String>,
+}
+
+/// Reads every `<key-id>.v<N>.key` in `dir` (as `keygate fetch` writes them): a regular file
+/// (not a symlink) of exactly 32 bytes that only its owner can read. Other files are ignored,
+/// key files that break a rule are refused and named in `refused`.
+pub(crate) fn scan_dir(dir: &Path, key_id: &Id) -> Result<Scan, ScanError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| ScanError { dir: dir.display().to_string(), source };
+    let mut scan = Scan::default();
+    let prefix = format!("{key_id}.v");
+    for entry in std::fs::read_dir(dir).map_err(err)?.take(MAX_DIR_ENTRIES) {
+        let entry = entry.map_err(err)?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(version) = name.strip_prefix(&prefix).and_then(|r| r.strip_suffix(".key")).and_then(parse_version)
+        else {
+            continue;
+        };
+        let path = entry.path();
+        let refuse = |why: &str| format!("{}: {why}", path.display());
+        let meta = match std::fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) => {
+                scan.refused.push(refuse(&e.to_string()));
+                continue;
+            }
+        };
+        if !meta.file_type().is_file() {
+            scan.refused.push(refuse("not a regular file"));
+            continue;
+        }
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            scan.refused.push(refuse(&format!("mode {mode:o}: key files must be readable by their owner only")));
+            continue;
+        }
+        match read_key(&path) {
+            Ok(Some(key)) => {
+                scan.versions.insert(version, key);
+            }
+            Ok(None) => scan.refused.push(refuse("not exactly 32 bytes")),
+            Err(e) => scan.refused.push(refuse(&e.to_string())),
+        }
+    }
+    Ok(scan)
+}
+
+fn read_key(path: &Path) -> std::io::Result<Option<Secret<32>>> {
+    let mut buf = Zeroizing::new(Vec::with_capacity(33));
+    std::fs::File::open(path)?.take(33).read_to_end(&mut buf)?;
+    Ok(Secret::from_slice(&buf))
+}
+
+/// `--keys`: rescans the directory every `every`, mirroring it into the key ring (a removed
+/// file's version is forgotten, a new one becomes current).
+pub(crate) async fn watch_dir(shared: Arc<Shared>, dir: std::path::PathBuf, key_id: Id, every: Duration) {
+    let mut last_versions: Option<Vec<u32>> = None;
+    let mut last_problem: Option<String> = None;
+    loop {
+        let result = {
+            let (dir, key_id) = (dir.clone(), key_id.clone());
+            tokio::task::spawn_blocking(move || scan_dir(&dir, &key_id)).await
+        };
+        let problem = match shared.write() {
+            Ok(mut st) => {
+                let problem = match result {
+                    Ok(Ok(scan)) => {
+                        st.ring.replace(scan.versions);
+                        if scan.refused.is_empty() {
+                            None
+                        } else {
+                            Some(format!("refused key files: {}", scan.refused.join("; ")))
+                        }
+                    }
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(e) => Some(format!("scan task: {e}")),
+                };
+                if let Mode::Dir { problem: p, .. } = &mut st.mode {
+                    p.clone_from(&problem);
+                }
+                let versions = st.ring.versions();
+                if last_versions.as_ref() != Some(&versions) {
+                    match st.ring.current() {
+                        Some(v) => tracing::info!(
+                            versions = ?versions,
+                            current = %st.ring.kms_key_id(v),
+                            "keys loaded from {}",
+                            dir.display()
+                        ),
+                        None => tracing::warn!("no key files {key_id}.v<N>.key in {}: not ready", dir.display()),
+                    }
+                    last_versions = Some(versions);
+                }
+                problem
+            }
+            Err(_) => Some("internal: state lock poisoned".to_owned()),
+        };
+        if problem != last_problem {
+            if let Some(p) = &problem {
+                tracing::warn!("{p}");
+            }
+            last_problem = problem;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// `--kre`: fetches the key from the KRE, then re-fetches (re-attests) on the lease; drops the
+/// keys when the lease says so. Runs until the process ends.
+pub(crate) async fn refresh_from_kre(shared: Arc<Shared>, fetcher: Fetcher, key_id: Id) {
+    loop {
+        let (next, drop_at, held) = match shared.read() {
+            Ok(st) => match &st.mode {
+                Mode::Kre { lease } => (lease.next_attempt(), lease.drop_at(), !st.ring.is_empty()),
+                Mode::Dir { .. } => return,
+            },
+            Err(_) => return,
+        };
+        let now = Instant::now();
+        if let Some(d) = drop_at.filter(|d| held && now >= *d) {
+            if let Ok(mut st) = shared.write() {
+                st.ring.clear();
+            }
+            tracing::warn!(ended_ago = ?now.duration_since(d), "lease over: keys dropped (zeroized)");
+            continue;
+        }
+        if now < next {
+            let wake = match drop_at.filter(|_| held) {
+                Some(d) if d < next => d,
+                _ => next,
+            };
+            tokio::time::sleep_until(wake.into()).await;
+            continue;
+        }
+        let result = fetcher.once().await;
+        let done = Instant::now();
+        let Ok(mut st) = shared.write() else { return };
+        let st = &mut *st;
+        let Mode::Kre { lease } = &mut st.mode else { return };
+        match result {
+            Ok(fetched) => {
+                let mut outcome = Ok(Vec::new());
+                for k in fetched.keys.iter().filter(|k| k.key_id == key_id) {
+                    match st.ring.insert(k.version, k.key.clone()) {
+                        Ok(Insert::New) => {
+                            if let Ok(v) = &mut outcome {
+                                v.push(k.version);
+                            }
+                        }
+                        Ok(Insert::Same) => {}
+                        Err(conflict) => outcome = Err(conflict),
+                    }
+                }
+                match outcome {
+                    Ok(_) if st.ring.is_empty() => {
+                        lease.on_failure(done, format!("the KRE released no key `{key_id}`"), false);
+                        tracing::error!("the KRE released no key `{key_id}`");
+                    }
+                    Ok(new) => {
+                        lease.on_success(done);
+                        let current = st.ring.current().map(|v| st.ring.kms_key_id(v)).unwrap_or_default();
+                        if new.is_empty() {
+                            tracing::info!(current = %current, "lease renewed (re-attested to the KRE)");
+                        } else {
+                            tracing::info!(current = %current, new_versions = ?new, "keys fetched from the KRE");
+                        }
+                    }
+                    Err(conflict) => {
+                        // Never replace a key that data may be sealed under: keep the held one,
+                        // let the lease run down, and say so loudly.
+                        let why = format!("the KRE released a different key: {conflict}");
+                        tracing::error!("{why}");
+                        lease.on_failure(done, why, false);
+                    }
+                }
+            }
+            Err(e) => {
+                let revocation = !e.is_retryable();
+                if revocation {
+                    tracing::error!(error = %e, "key fetch refused: encryption stops now, decryption at the lease end");
+                } else {
+                    tracing::warn!(error = %e, "key fetch failed; retrying with backoff");
+                }
+                lease.on_failure(done, e.to_string(), revocation);
+            }
+        }
+    }
+}
