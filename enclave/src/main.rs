@@ -56,6 +56,10 @@ struct Args {
     /// Seconds a connection may live in all.
     #[arg(long, default_value_t = 30)]
     connection_timeout: u64,
+    /// Most unacknowledged audit entries; when the parent does not collect them the KRE
+    /// refuses releases (fail closed).
+    #[arg(long, default_value_t = 65_536)]
+    audit_capacity: usize,
     /// Worker threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
@@ -113,6 +117,11 @@ fn main() -> ExitCode {
         challenge_ttl: Duration::from_secs(args.challenge_ttl),
         max_challenges: args.max_challenges,
         max_doc_age: Duration::from_secs(args.max_doc_age),
+        audit: keygate_enclave::audit::AuditConfig {
+            capacity: args.audit_capacity.max(2),
+            reserve: (args.audit_capacity / 256).clamp(1, 256),
+            ..Default::default()
+        },
         ..KreConfig::default()
     };
     let verifier = Verifier::new(anchor.clone());

@@ -115,8 +115,8 @@ async fn handle(mut stream: BoxStream, peer: &str, kre: &Kre, cfg: &ServerConfig
                 tracing::debug!(%peer, "connection closed by peer");
                 return;
             }
-            Err(FrameError::Timeout) => conn.deny(kre, DenyCode::Timeout, "no complete frame in time"),
-            Err(FrameError::Length(e)) => conn.deny(kre, DenyCode::FrameTooLarge, &e.to_string()),
+            Err(FrameError::Timeout) => conn.deny(kre, DenyCode::Timeout, "no complete frame in time", now_ms()),
+            Err(FrameError::Length(e)) => conn.deny(kre, DenyCode::FrameTooLarge, &e.to_string(), now_ms()),
             Err(FrameError::Io(e)) => {
                 conn.abandon(kre);
                 tracing::debug!(%peer, error = %e, "connection error");
@@ -142,6 +142,9 @@ fn log_event(peer: &str, event: &Event) {
             let keys: Vec<String> = keys.iter().map(|(k, v)| format!("{k}@v{v}")).collect();
             tracing::info!(%peer, %cluster, keys = %keys.join(","), %image, %module_id, document = %hex::encode(document_sha384), "keys released");
         }
+        Event::AuditPulled { entries } => tracing::debug!(%peer, entries, "audit entries pulled"),
+        Event::AuditAcked { up_to_seq } => tracing::info!(%peer, up_to_seq, "audit entries acknowledged"),
+        Event::StatusReported => tracing::debug!(%peer, "status reported"),
         Event::PolicyAccepted { version, digest, activates_at_ms } => {
             tracing::info!(%peer, version, digest = %hex::encode(digest), activates_at_ms, "policy bundle accepted");
         }

@@ -38,7 +38,16 @@ mod ty {
     pub(super) const DENIED: u8 = 5;
     pub(super) const POLICY_PUSH: u8 = 6;
     pub(super) const POLICY_ACCEPTED: u8 = 7;
+    pub(super) const AUDIT_PULL: u8 = 8;
+    pub(super) const AUDIT_BATCH: u8 = 9;
+    pub(super) const AUDIT_ACK: u8 = 10;
+    pub(super) const AUDIT_ACKED: u8 = 11;
+    pub(super) const STATUS: u8 = 12;
+    pub(super) const STATUS_REPORT: u8 = 13;
 }
+
+/// Most audit entries in one batch.
+pub const MAX_AUDIT_BATCH: usize = 1024;
 
 /// A cluster or key id: 1–64 bytes of `[A-Za-z0-9._-]`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -131,6 +140,40 @@ pub enum Message {
         /// When it is fully in force (ms since epoch); the push time when it only tightens.
         activates_at_ms: u64,
     },
+    /// Parent → KRE: send audit entries after `after_seq`.
+    AuditPull {
+        /// The last sequence number the parent has stored (0: none).
+        after_seq: u64,
+        /// Most entries wanted.
+        max: u16,
+    },
+    /// KRE → parent: audit entries (canonical bytes, `docs/audit.md`) and, when the batch
+    /// reaches the head of the chain, a checkpoint signed now.
+    AuditBatch {
+        /// Entries in sequence order.
+        entries: Vec<Vec<u8>>,
+        /// A checkpoint over the last entry of the batch (empty when the batch is not the head).
+        checkpoint: Vec<u8>,
+    },
+    /// Parent → KRE: entries up to `up_to_seq` are durably stored.
+    AuditAck {
+        /// Highest stored sequence number.
+        up_to_seq: u64,
+    },
+    /// KRE → parent: acknowledgement applied.
+    AuditAcked {
+        /// Entries acknowledged up to here.
+        up_to_seq: u64,
+        /// Entries still buffered.
+        buffered: u32,
+    },
+    /// Anyone → KRE: report status.
+    Status,
+    /// KRE → requester: status as a JSON object (`docs/audit.md`, `docs/protocol.md`).
+    StatusReport {
+        /// UTF-8 JSON.
+        json: String,
+    },
     /// KRE → client: refusal, with the check that failed.
     Denied {
         /// Machine-readable reason.
@@ -150,6 +193,12 @@ impl Message {
             Message::Released { .. } => "Released",
             Message::PolicyPush { .. } => "PolicyPush",
             Message::PolicyAccepted { .. } => "PolicyAccepted",
+            Message::AuditPull { .. } => "AuditPull",
+            Message::AuditBatch { .. } => "AuditBatch",
+            Message::AuditAck { .. } => "AuditAck",
+            Message::AuditAcked { .. } => "AuditAcked",
+            Message::Status => "Status",
+            Message::StatusReport { .. } => "StatusReport",
             Message::Denied { .. } => "Denied",
         }
     }
@@ -235,6 +284,8 @@ deny_codes! {
     PolicyRefused = 70, "policy_refused";
     /// This KRE runs a static policy file and takes no pushes.
     PolicyStatic = 71, "policy_static";
+    /// The audit buffer is full (nobody collected it): releases fail closed.
+    AuditFull = 80, "audit_full";
 }
 
 impl fmt::Display for DenyCode {
@@ -404,6 +455,33 @@ impl Message {
                 body.extend_from_slice(digest);
                 body.extend_from_slice(&activates_at_ms.to_be_bytes());
             }
+            Message::AuditPull { after_seq, max } => {
+                body.push(ty::AUDIT_PULL);
+                body.extend_from_slice(&after_seq.to_be_bytes());
+                body.extend_from_slice(&max.to_be_bytes());
+            }
+            Message::AuditBatch { entries, checkpoint } => {
+                body.push(ty::AUDIT_BATCH);
+                body.extend_from_slice(&u16::try_from(entries.len()).map_err(|_| WireError::TooLong)?.to_be_bytes());
+                for e in entries {
+                    put_bytes16(&mut body, e)?;
+                }
+                put_bytes16(&mut body, checkpoint)?;
+            }
+            Message::AuditAck { up_to_seq } => {
+                body.push(ty::AUDIT_ACK);
+                body.extend_from_slice(&up_to_seq.to_be_bytes());
+            }
+            Message::AuditAcked { up_to_seq, buffered } => {
+                body.push(ty::AUDIT_ACKED);
+                body.extend_from_slice(&up_to_seq.to_be_bytes());
+                body.extend_from_slice(&buffered.to_be_bytes());
+            }
+            Message::Status => body.push(ty::STATUS),
+            Message::StatusReport { json } => {
+                body.push(ty::STATUS_REPORT);
+                put_bytes16(&mut body, json.as_bytes())?;
+            }
             Message::Denied { code, reason } => {
                 body.push(ty::DENIED);
                 body.extend_from_slice(&code.to_u16().to_be_bytes());
@@ -465,6 +543,21 @@ impl Message {
             ty::POLICY_ACCEPTED => {
                 Message::PolicyAccepted { version: r.u64()?, digest: r.array()?, activates_at_ms: r.u64()? }
             }
+            ty::AUDIT_PULL => Message::AuditPull { after_seq: r.u64()?, max: r.u16()? },
+            ty::AUDIT_BATCH => {
+                let n = usize::from(r.u16()?);
+                if n > MAX_AUDIT_BATCH {
+                    return Err(WireError::TooLong);
+                }
+                let entries = (0..n).map(|_| r.bytes16().map(<[u8]>::to_vec)).collect::<Result<Vec<_>, _>>()?;
+                Message::AuditBatch { entries, checkpoint: r.bytes16()?.to_vec() }
+            }
+            ty::AUDIT_ACK => Message::AuditAck { up_to_seq: r.u64()? },
+            ty::AUDIT_ACKED => Message::AuditAcked { up_to_seq: r.u64()?, buffered: r.u32()? },
+            ty::STATUS => Message::Status,
+            ty::STATUS_REPORT => Message::StatusReport {
+                json: std::str::from_utf8(r.bytes16()?).map_err(|_| WireError::BadText)?.to_owned(),
+            },
             ty::DENIED => {
                 let code = DenyCode::from_u16(r.u16()?);
                 let reason = r.bytes16()?;
@@ -529,6 +622,13 @@ mod tests {
             Message::Denied { code: DenyCode::ImageNotAllowed, reason: "PCR0 differs".into() },
             Message::PolicyPush { bundle: vec![9; 3000] },
             Message::PolicyAccepted { version: 7, digest: [8; 48], activates_at_ms: 1_795_478_400_000 },
+            Message::AuditPull { after_seq: 9, max: 100 },
+            Message::AuditBatch { entries: vec![vec![1; 300], vec![2; 10]], checkpoint: vec![3; 5000] },
+            Message::AuditBatch { entries: vec![], checkpoint: vec![] },
+            Message::AuditAck { up_to_seq: 12 },
+            Message::AuditAcked { up_to_seq: 12, buffered: 3 },
+            Message::Status,
+            Message::StatusReport { json: "{}".into() },
         ]
     }
 
@@ -559,7 +659,7 @@ mod tests {
     #[test]
     fn malformed_frames_have_precise_errors() {
         assert_eq!(Message::decode(&[2, 1]), Err(WireError::UnsupportedVersion(2)));
-        assert_eq!(Message::decode(&[1, 9]), Err(WireError::UnknownType(9)));
+        assert_eq!(Message::decode(&[1, 99]), Err(WireError::UnknownType(99)));
         assert_eq!(Message::decode(&[1]), Err(WireError::BadLength(1)));
         assert_eq!(frame_len([0, 1, 0, 1]), Err(WireError::BadLength(65537)));
         assert_eq!(frame_len([0, 0, 0, 1]), Err(WireError::BadLength(1)));

@@ -56,6 +56,12 @@ enum Command {
     /// Pipeline-signed policy bundles: init, propose, sign, assemble, verify, show, push.
     #[command(subcommand)]
     Policy(cmd::policy::PolicyCommand),
+    /// Ask the KRE for its status (policy head, audit buffer, challenges) as JSON.
+    Status {
+        /// The KRE (through the parent proxy).
+        #[arg(long)]
+        kre: keygate_enclave::transport::Addr,
+    },
     /// Benchmarks (docs/benchmarks.md).
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -88,6 +94,7 @@ fn main() -> ExitCode {
         Command::Eif(c) => cmd::eif::run(c),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Bench(c) => cmd::bench::run(c),
+        Command::Status { kre } => cmd::audit::status(&kre),
         Command::Fetch(a) => cmd::fetch::run(a),
         Command::Keygen(a) => cmd::policy::keygen(a),
         Command::Policy(c) => cmd::policy::run(c),

@@ -517,3 +517,68 @@ fn image_built_by_the_pipeline_gets_keys_via_mock_pcrs_from() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// Every decision lands in the audit trail; when nobody collects it the KRE fails closed;
+/// `keygate audit pull` frees it; the trail verifies offline and a tampered copy does not.
+#[test]
+fn audit_trail_records_decisions_fails_closed_and_verifies_offline() {
+    let kre = Kre::start(&["--audit-capacity", "6"]);
+    let out = kre.dir.path().join("k");
+    let trail = kre.dir.path().join("trail");
+    let root = kre.dir.path().join("root.pem");
+    let s = |p: &Path| p.display().to_string();
+    assert!(run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &out)).status.success());
+    assert_refused(
+        &run_fetch(&fetch_args(&kre.addr(), "prod", 0x99, &kre.dir.path().join("x"))),
+        "image_not_allowed",
+        &kre.dir.path().join("x"),
+    );
+    // Fill the buffer (KreStarted + 2 so far; capacity 6 with a reserve of 1).
+    let mut full = false;
+    for i in 0..6 {
+        let o = run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &kre.dir.path().join(format!("f{i}"))));
+        if !o.status.success() {
+            assert!(stderr(&o).contains("audit_full"), "{}", stderr(&o));
+            full = true;
+            break;
+        }
+    }
+    assert!(full, "the KRE must refuse releases once its audit buffer is full");
+    let status = keygate(&["status", "--kre", &kre.addr()]);
+    let j: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
+    assert_eq!(j["audit"]["full"], true, "{j}");
+
+    let o = keygate(&["audit", "pull", "--kre", &kre.addr(), "--dir", &s(&trail)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &kre.dir.path().join("after"))).status.success(),
+        "released again after the pull"
+    );
+    let o = keygate(&["audit", "pull", "--kre", &kre.addr(), "--dir", &s(&trail)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    assert!(keygate(&["attestation", "mock-root", "--seed", SEED, "-o", &s(&root)]).status.success());
+    let expect = format!("0={}", hex48(KRE_PCR));
+    let o = keygate(&["audit", "verify", &s(&trail), "--root", &s(&root), "--expect-kre-pcr", &expect, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = keygate(&["audit", "show", &s(&trail), "--json"]);
+    let lines = String::from_utf8_lossy(&o.stdout).into_owned();
+    for needle in ["kre_started", "release_allowed", "release_denied", "image_not_allowed", "audit_full"] {
+        assert!(lines.contains(needle), "trail lacks {needle}: {lines}");
+    }
+    // Never key material.
+    let key = std::fs::read(out.join("etcd-kek.key")).expect("key");
+    let raw = std::fs::read(trail.join("entries.log")).expect("entries");
+    assert!(!raw.windows(32).any(|w| w == key.as_slice()) && !lines.contains(&hex::encode(&key)));
+
+    // The wrong KRE image expectation, and a tampered copy, are refused.
+    let o =
+        keygate(&["audit", "verify", &s(&trail), "--root", &s(&root), "--expect-kre-pcr", &format!("0={}", hex48(1))]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let mut bytes = raw.clone();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 1;
+    std::fs::write(trail.join("entries.log"), &bytes).expect("tamper");
+    let o = keygate(&["audit", "verify", &s(&trail), "--root", &s(&root), "--expect-kre-pcr", &expect]);
+    assert_ne!(o.status.code(), Some(0), "tampered trail accepted");
+}

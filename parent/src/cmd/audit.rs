@@ -24,6 +24,22 @@ pub(crate) enum AuditCommand {
     Verify(VerifyArgs),
     /// Print a stored trail as a table, or as JSON Lines for a SIEM (does not verify).
     Show(ShowArgs),
+    /// Collect the KRE's audit entries into DIR (append-only) and acknowledge them, so the
+    /// KRE can free its buffer. `--follow` keeps collecting.
+    Pull(PullArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct PullArgs {
+    /// The KRE (through the parent proxy).
+    #[arg(long)]
+    kre: keygate_enclave::transport::Addr,
+    /// The audit directory (one KRE run's chain).
+    #[arg(long)]
+    dir: PathBuf,
+    /// Keep pulling every this many seconds (until interrupted).
+    #[arg(long)]
+    follow: Option<u64>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -57,13 +73,96 @@ pub(crate) fn run(cmd: AuditCommand) -> Result<(), CliError> {
     match cmd {
         AuditCommand::Verify(a) => verify(a),
         AuditCommand::Show(a) => show(a),
+        AuditCommand::Pull(a) => pull(a),
+    }
+}
+
+/// One request/answer exchange with the KRE.
+pub(crate) fn exchange(
+    kre: &keygate_enclave::transport::Addr,
+    msg: &keygate_enclave::wire::Message,
+) -> Result<keygate_enclave::wire::Message, CliError> {
+    use keygate_enclave::io::{read_frame, write_frame};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
+    rt.block_on(async {
+        let t = std::time::Duration::from_secs(10);
+        let mut s = keygate_enclave::transport::connect(kre, t).await.map_err(|e| CliError::io(format!("connecting to {kre}"), e))?;
+        let frame = msg.encode().map_err(|e| CliError::input(e.to_string()))?;
+        write_frame(&mut s, &frame, t).await.map_err(|e| CliError::io("sending", e))?;
+        let body = read_frame(&mut s, t).await.map_err(|e| CliError::io("reading the answer", e))?;
+        keygate_enclave::wire::Message::decode(&body).map_err(|e| CliError::refused(format!("bad answer from the KRE: {e}")))
+    })
+}
+
+/// Pulls until the stored trail reaches the KRE's head; returns (entries stored, last seq).
+pub(crate) fn pull_once(kre: &keygate_enclave::transport::Addr, dir: &Path) -> Result<(usize, u64), CliError> {
+    use keygate_enclave::wire::Message;
+    let mut last = match store::read_dir(dir) {
+        Ok(t) => t.entries.last().map_or(0, AuditEntry::seq),
+        Err(_) if !dir.join(store::ENTRIES_FILE).exists() => 0,
+        Err(e) => return Err(store_error(dir, e)),
+    };
+    let mut stored = 0;
+    // Bounded: the KRE's buffer holds at most 65,536 entries, ≥ 1 per batch.
+    for _ in 0..100_000 {
+        let (entries, checkpoint) = match exchange(kre, &Message::AuditPull { after_seq: last, max: 1024 })? {
+            Message::AuditBatch { entries, checkpoint } => (entries, checkpoint),
+            Message::Denied { code, reason } => return Err(CliError::refused(format!("the KRE refused: {code}: {reason}"))),
+            m => return Err(CliError::refused(format!("unexpected answer {}", m.name()))),
+        };
+        let entries = entries
+            .iter()
+            .map(|b| AuditEntry::decode(b).map_err(|e| CliError::refused(format!("malformed entry from the KRE: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let checkpoints = if checkpoint.is_empty() {
+            Vec::new()
+        } else {
+            vec![Checkpoint::decode(&checkpoint).map_err(|e| CliError::refused(format!("malformed checkpoint: {e}")))?]
+        };
+        let at_head = !checkpoints.is_empty();
+        let n = entries.len();
+        let report = append_to_dir(dir, &entries, &checkpoints)?;
+        stored += report.entries_written;
+        if n > 0 {
+            last = report.last_seq;
+            match exchange(kre, &Message::AuditAck { up_to_seq: last })? {
+                Message::AuditAcked { .. } => {}
+                Message::Denied { code, reason } => return Err(CliError::refused(format!("ack refused: {code}: {reason}"))),
+                m => return Err(CliError::refused(format!("unexpected answer {}", m.name()))),
+            }
+        }
+        if at_head || n == 0 {
+            return Ok((stored, last));
+        }
+    }
+    Err(CliError::refused("the KRE kept sending entries beyond any plausible buffer size"))
+}
+
+/// `keygate status --kre ADDR`.
+pub(crate) fn status(kre: &keygate_enclave::transport::Addr) -> Result<(), CliError> {
+    match exchange(kre, &keygate_enclave::wire::Message::Status)? {
+        keygate_enclave::wire::Message::StatusReport { json } => {
+            println!("{json}");
+            Ok(())
+        }
+        m => Err(CliError::refused(format!("unexpected answer {}", m.name()))),
+    }
+}
+
+fn pull(a: PullArgs) -> Result<(), CliError> {
+    loop {
+        let (stored, last) = pull_once(&a.kre, &a.dir)?;
+        println!("stored {stored} new audit entr{} in {} (last seq {last})", if stored == 1 { "y" } else { "ies" }, a.dir.display());
+        match a.follow {
+            Some(s) => std::thread::sleep(std::time::Duration::from_secs(s.max(1))),
+            None => return Ok(()),
+        }
     }
 }
 
 /// Stores pulled entries and checkpoints in `dir` (append-only, fsynced; refuses anything
 /// that does not continue the stored chain). Returns what to acknowledge to the KRE
 /// (`report.last_seq`). Called by `keygate audit pull` and the proxy.
-#[allow(dead_code)] // until `audit pull` (the wire integration) calls it
 pub(crate) fn append_to_dir(
     dir: &Path,
     entries: &[AuditEntry],

@@ -491,6 +491,27 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
                 Ok(_) => Err("still released after revocation".to_owned()),
             },
         );
+
+        // 8. The audit trail of this run: collected by the parent, verified offline.
+        let trail = d.join("audit");
+        let root_pem = d.join("mock-root.pem");
+        std::fs::write(&root_pem, root.to_pem()).map_err(|e| CliError::io("writing the mock root", e))?;
+        let mut verify = vec!["audit".to_owned(), "verify".into(), path(&trail), "--root".into(), path(&root_pem)];
+        for i in 0..3 {
+            verify.extend(["--expect-kre-pcr".to_owned(), format!("{i}={}", pcr_hex(kre_pcr))]);
+        }
+        let audited = keygate_cli(&exe, &["audit".into(), "pull".into(), "--kre".into(), kre_addr.clone(), "--dir".into(), path(&trail)])
+            .and_then(|_| keygate_cli(&exe, &verify));
+        tour.step(
+            "the parent pulls the KRE's audit trail; it verifies offline (hash chain, checkpoint signed by a key bound to the KRE's attestation)",
+            audited.map(|o| o.lines().take(4).map(str::trim).collect::<Vec<_>>().join("; ")),
+        );
+        if let Ok(table) = keygate_cli(&exe, &["audit".into(), "show".into(), path(&trail)]) {
+            println!("\n       the audit trail of this run:");
+            for line in table.lines() {
+                println!("       {line}");
+            }
+        }
         Ok::<(), CliError>(())
     })?;
     drop(proxy);
