@@ -83,14 +83,18 @@ pub(crate) fn exchange(
     msg: &keygate_enclave::wire::Message,
 ) -> Result<keygate_enclave::wire::Message, CliError> {
     use keygate_enclave::io::{read_frame, write_frame};
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
     rt.block_on(async {
         let t = std::time::Duration::from_secs(10);
-        let mut s = keygate_enclave::transport::connect(kre, t).await.map_err(|e| CliError::io(format!("connecting to {kre}"), e))?;
+        let mut s = keygate_enclave::transport::connect(kre, t)
+            .await
+            .map_err(|e| CliError::io(format!("connecting to {kre}"), e))?;
         let frame = msg.encode().map_err(|e| CliError::input(e.to_string()))?;
         write_frame(&mut s, &frame, t).await.map_err(|e| CliError::io("sending", e))?;
         let body = read_frame(&mut s, t).await.map_err(|e| CliError::io("reading the answer", e))?;
-        keygate_enclave::wire::Message::decode(&body).map_err(|e| CliError::refused(format!("bad answer from the KRE: {e}")))
+        keygate_enclave::wire::Message::decode(&body)
+            .map_err(|e| CliError::refused(format!("bad answer from the KRE: {e}")))
     })
 }
 
@@ -107,7 +111,9 @@ pub(crate) fn pull_once(kre: &keygate_enclave::transport::Addr, dir: &Path) -> R
     for _ in 0..100_000 {
         let (entries, checkpoint) = match exchange(kre, &Message::AuditPull { after_seq: last, max: 1024 })? {
             Message::AuditBatch { entries, checkpoint } => (entries, checkpoint),
-            Message::Denied { code, reason } => return Err(CliError::refused(format!("the KRE refused: {code}: {reason}"))),
+            Message::Denied { code, reason } => {
+                return Err(CliError::refused(format!("the KRE refused: {code}: {reason}")))
+            }
             m => return Err(CliError::refused(format!("unexpected answer {}", m.name()))),
         };
         let entries = entries
@@ -127,7 +133,9 @@ pub(crate) fn pull_once(kre: &keygate_enclave::transport::Addr, dir: &Path) -> R
             last = report.last_seq;
             match exchange(kre, &Message::AuditAck { up_to_seq: last })? {
                 Message::AuditAcked { .. } => {}
-                Message::Denied { code, reason } => return Err(CliError::refused(format!("ack refused: {code}: {reason}"))),
+                Message::Denied { code, reason } => {
+                    return Err(CliError::refused(format!("ack refused: {code}: {reason}")))
+                }
                 m => return Err(CliError::refused(format!("unexpected answer {}", m.name()))),
             }
         }
@@ -152,7 +160,11 @@ pub(crate) fn status(kre: &keygate_enclave::transport::Addr) -> Result<(), CliEr
 fn pull(a: PullArgs) -> Result<(), CliError> {
     loop {
         let (stored, last) = pull_once(&a.kre, &a.dir)?;
-        println!("stored {stored} new audit entr{} in {} (last seq {last})", if stored == 1 { "y" } else { "ies" }, a.dir.display());
+        println!(
+            "stored {stored} new audit entr{} in {} (last seq {last})",
+            if stored == 1 { "y" } else { "ies" },
+            a.dir.display()
+        );
         match a.follow {
             Some(s) => std::thread::sleep(std::time::Duration::from_secs(s.max(1))),
             None => return Ok(()),

@@ -93,7 +93,8 @@ fn bench_crypto(rounds: usize, seconds: f64) -> Result<(), CliError> {
     let mock_root = nsm.root_anchor();
     let aws_root = TrustAnchor::aws_nitro().map_err(|e| CliError::input(e.to_string()))?;
     let attest = rate(rounds, seconds, || {
-        let _ = nsm.attest(&AttestRequest { nonce: Some(vec![2; 32]), user_data: Some(vec![3; 48]), ..Default::default() });
+        let _ =
+            nsm.attest(&AttestRequest { nonce: Some(vec![2; 32]), user_data: Some(vec![3; 48]), ..Default::default() });
     });
     println!("mock NSM: {attest:.0} attestation documents/s (fresh leaf certificate + COSE signature, pure-Rust P-384, RFC 6979)");
     println!();
