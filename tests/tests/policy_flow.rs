@@ -123,7 +123,7 @@ fn pipeline_flow_against_a_running_kre() {
         "--threshold",
         "2",
         "--activation-delay",
-        "2s",
+        "4s",
         "-o",
         &s(&p("genesis.bundle")),
     ]));
@@ -167,9 +167,9 @@ fn pipeline_flow_against_a_running_kre() {
     ]));
     assert!(out.contains("accepted: version 2"), "{out}");
 
-    // Added images wait for the activation delay (2 s), then get keys.
+    // Added images wait for the activation delay (4 s), then get keys.
     refused(fetch(&kre, 0xa, &p("k1")), "activation delay");
-    std::thread::sleep(Duration::from_millis(2100));
+    std::thread::sleep(Duration::from_millis(4100));
     ok(fetch(&kre, 0xa, &p("k2")));
     ok(fetch(&kre, 0xb, &p("k3")));
 

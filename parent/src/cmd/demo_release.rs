@@ -165,10 +165,10 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
     for i in 1..=3 {
         init.extend(["--approver".to_owned(), path(&public(i))]);
     }
-    init.extend(["--threshold", "2", "--activation-delay", "2s", "-o"].map(str::to_owned));
+    init.extend(["--threshold", "2", "--activation-delay", "3s", "-o"].map(str::to_owned));
     init.push(path(&genesis));
     tour.step(
-        "three approvers make keys; the genesis bundle (2 of 3, 2 s activation delay) is built into the KRE image",
+        "three approvers make keys; the genesis bundle (2 of 3, 3 s activation delay) is built into the KRE image",
         keygate_cli(&exe, &init).map(|_| format!("{} (no clusters allowed yet)", genesis.display())),
     );
 
@@ -335,7 +335,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
                 Ok(_) => Err("released before activation".to_owned()),
             },
         );
-        tokio::time::sleep(Duration::from_millis(2100)).await;
+        tokio::time::sleep(Duration::from_millis(3100)).await;
 
         // 1. The allowed image.
         let keys_dir = d.join("cpi-1-keys");
