@@ -132,12 +132,7 @@ pub(crate) fn run(cmd: AttestationCommand) -> Result<(), CliError> {
     }
 }
 
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
+pub(crate) use keygate_enclave::server::now_ms;
 
 /// Reads a trust anchor: the given PEM file, or the built-in AWS root.
 pub(crate) fn load_anchor(root: Option<&Path>) -> Result<TrustAnchor, CliError> {

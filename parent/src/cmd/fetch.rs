@@ -68,6 +68,18 @@ pub(crate) struct NsmArgs {
 }
 
 impl NsmArgs {
+    /// The NSM, and the root to verify the KRE with: `root` when given, else the mock root for
+    /// a mock NSM, else the built-in AWS Nitro root.
+    pub(crate) fn open_with_anchor(&self, root: Option<&Path>) -> Result<(Arc<dyn Nsm>, TrustAnchor), CliError> {
+        let (nsm, mock_root) = self.open()?;
+        let anchor = match (root, mock_root) {
+            (Some(p), _) => crate::cmd::attestation::load_anchor(Some(p))?,
+            (None, Some(r)) => r,
+            (None, None) => crate::cmd::attestation::load_anchor(None)?,
+        };
+        Ok((nsm, anchor))
+    }
+
     /// The NSM, and the mock root when it is a mock.
     pub(crate) fn open(&self) -> Result<(Arc<dyn Nsm>, Option<TrustAnchor>), CliError> {
         match self.nsm.as_str() {
@@ -228,12 +240,7 @@ fn write_files(dir: &Path, files: &[(String, &ReleasedKey)]) -> Result<Vec<PathB
 }
 
 pub(crate) fn run(a: FetchArgs) -> Result<(), CliError> {
-    let (nsm, mock_root) = a.nsm.open()?;
-    let anchor = match (&a.root, mock_root) {
-        (Some(p), _) => crate::cmd::attestation::load_anchor(Some(p))?,
-        (None, Some(r)) => r,
-        (None, None) => crate::cmd::attestation::load_anchor(None)?,
-    };
+    let (nsm, anchor) = a.nsm.open_with_anchor(a.root.as_deref())?;
     let fetcher = Fetcher {
         kre: a.kre.clone(),
         request: FetchRequest {

@@ -318,12 +318,7 @@ pub(crate) fn run(a: KmsPluginArgs) -> Result<(), CliError> {
     let (mode, fetcher) = match (&a.keys, &a.kre) {
         (Some(dir), None) => (Mode::Dir { dir: dir.clone(), problem: None }, None),
         (None, Some(kre)) => {
-            let (nsm, mock_root) = a.nsm.open()?;
-            let anchor = match (&a.root, mock_root) {
-                (Some(p), _) => crate::cmd::attestation::load_anchor(Some(p))?,
-                (None, Some(r)) => r,
-                (None, None) => crate::cmd::attestation::load_anchor(None)?,
-            };
+            let (nsm, anchor) = a.nsm.open_with_anchor(a.root.as_deref())?;
             let fetcher = Fetcher {
                 kre: kre.clone(),
                 request: FetchRequest {
