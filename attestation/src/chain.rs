@@ -98,6 +98,14 @@ impl TrustAnchor {
         Ok(Self { der: der.to_vec(), fingerprint: Sha256::digest(der).into() })
     }
 
+    /// A root taken as given, without checking that it is a usable P-384 certificate (for
+    /// test PKIs whose root is deliberately malformed: documents then fail to verify with the
+    /// precise chain error instead of the anchor failing to load).
+    #[cfg(feature = "mock")]
+    pub(crate) fn from_der_unchecked(der: &[u8]) -> Self {
+        Self { der: der.to_vec(), fingerprint: Sha256::digest(der).into() }
+    }
+
     /// The root's DER bytes.
     pub fn der(&self) -> &[u8] {
         &self.der
