@@ -56,3 +56,8 @@ pub fn run_with_limit(cmd: &mut Command, limit: Duration) -> Output {
 pub fn keygate(args: &[&str]) -> Output {
     run_with_limit(Command::new(bin("keygate")).args(args), Duration::from_secs(30))
 }
+
+/// Runs `keygate` with `args` at trace log level (for scanning every log line for secrets).
+pub fn keygate_traced(args: &[&str]) -> Output {
+    run_with_limit(Command::new(bin("keygate")).args(args).env("KEYGATE_LOG", "trace"), Duration::from_secs(30))
+}

@@ -63,6 +63,7 @@ impl Kre {
         let log = std::fs::File::create(dir.path().join("kre.log")).expect("log");
         let child = Command::new(bin("keygate-enclave"))
             .args(&args)
+            .env("KEYGATE_LOG", "trace")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -148,7 +149,9 @@ fn assert_refused(o: &Output, code: &str, out: &Path) {
 fn allowed_image_gets_keys_and_the_same_keys_on_a_second_boot() {
     let kre = Kre::start(&[]);
     let out1 = kre.dir.path().join("keys1");
-    let o = run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &out1));
+    // At trace level, so that the scan below covers every log line either side writes.
+    let args = fetch_args(&kre.addr(), "prod", GOOD, &out1);
+    let o = keygate_tests::keygate_traced(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(o.status.success(), "{}\n{}", stderr(&o), kre.log());
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("released prod/etcd-kek version 1"), "{stdout}");
@@ -157,9 +160,25 @@ fn allowed_image_gets_keys_and_the_same_keys_on_a_second_boot() {
     assert_eq!(std::fs::read(out1.join("etcd-kek.v1.key")).expect("versioned key file"), k1);
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(out1.join("etcd-kek.key")).expect("meta").permissions().mode() & 0o777, 0o600);
-    // Key bytes appear nowhere in what the tools printed.
-    assert!(!stdout.contains(&hex::encode(&k1)) && !stderr(&o).contains(&hex::encode(&k1)));
-    assert!(!kre.log().contains(&hex::encode(&k1)));
+    // Key bytes appear nowhere in what the tools printed or logged at trace level: not as
+    // hex (either case), not as base64, not raw.
+    let k2 = std::fs::read(out1.join("secrets.key")).expect("key file");
+    let outputs = [stdout.to_string(), stderr(&o), kre.log()];
+    assert!(kre.log().contains("TRACE") || kre.log().contains("DEBUG"), "the KRE log is at trace level");
+    for key in [&k1, &k2] {
+        use base64::Engine as _;
+        let forms = [
+            hex::encode(key),
+            hex::encode_upper(key),
+            base64::engine::general_purpose::STANDARD.encode(key),
+            String::from_utf8_lossy(key).into_owned(),
+        ];
+        for text in &outputs {
+            for f in &forms {
+                assert!(!text.contains(f.as_str()), "key material in an output");
+            }
+        }
+    }
 
     let out2 = kre.dir.path().join("keys2");
     let o = run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &out2));
