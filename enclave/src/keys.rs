@@ -148,6 +148,9 @@ pub enum KekStatus {
     Current,
     /// Still released for existing data, never the newest.
     Active,
+    /// Retired by policy: never released again; kept in the sealed state so that the
+    /// retirement is recorded and the version number is never reused.
+    Retired,
 }
 
 /// The KEKs of every cluster, by version. Held only in memory, zeroized on drop.

@@ -11,10 +11,13 @@
 pub mod audit;
 pub mod client;
 pub mod core;
+pub mod custody;
 pub mod io;
 pub mod keys;
 pub mod nonces;
 pub mod policy_file;
+pub mod sealed;
 pub mod server;
+pub mod shamir;
 pub mod transport;
 pub mod wire;

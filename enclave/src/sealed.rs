@@ -1,0 +1,767 @@
+//! The sealed KRE state: the only form in which KEKs leave the enclave (issue 6).
+//!
+//! What this module decides: the exact bytes of a sealed state blob, how it is encrypted
+//! under the state key, and which blobs are refused, each with its own [`SealedError`]
+//! variant. What it trusts: nothing in the blob before the digest and the AEAD tag check;
+//! the state key comes from the caller (reconstructed from custodian shares).
+//!
+//! ```text
+//! blob    = header ‖ ciphertext ‖ digest
+//! header  = magic "KGSEALED" (8) ‖ u16be format_version = 1 ‖ u64be generation
+//!           ‖ custodian_set_digest (48) ‖ nonce (12) ‖ u32be ciphertext_len          (82 bytes)
+//! key     = HKDF-SHA384(salt = "keygate/v1/sealed-state", ikm = state_key,
+//!                       info = u64be(generation) ‖ custodian_set_digest, L = 32)
+//! ciphertext = AES-256-GCM(key, nonce, aad = header, plaintext)                  (‖ 16-byte tag)
+//! digest  = SHA-384(header ‖ ciphertext)
+//!
+//! plaintext = policy_head ‖ u32be cluster_count ‖ cluster*
+//! policy_head = 0x00 | 0x01 ‖ u64be version ‖ digest (48)
+//! cluster   = str8 id ‖ u16be version_count ‖ (u32be version ‖ u8 status ‖ kek (32))*
+//! status    = 1 Current | 2 Active | 3 Retired
+//! ```
+//!
+//! Canonical: clusters strictly ascending by id, versions strictly ascending (≥ 1), every
+//! cluster non-empty with at most one `Current`; a blob that violates this is refused, and
+//! [`seal`] refuses to write such a state.
+//!
+//! The trailing digest is not a security check (anyone can recompute it): it tells a torn or
+//! corrupted file ([`SealedError::Truncated`], [`SealedError::DigestMismatch`]) from a wrong
+//! key or a forgery ([`SealedError::Decrypt`]) without the key, so the parent can fall back to
+//! the previous generation ([`peek_header`]). The AEAD binds the header (generation,
+//! custodian set) to the contents; the per-generation key means a random 96-bit nonce is
+//! only ever used with one key for one generation.
+
+use std::collections::BTreeMap;
+
+use keygate_attestation::crypto::{Crypto, CryptoError};
+use keygate_attestation::secret::Secret;
+use sha2::{Digest, Sha384};
+use zeroize::Zeroizing;
+
+use crate::keys::{Kek, KekStatus};
+use crate::wire::{put_str8, Id};
+
+/// First bytes of every sealed state blob.
+pub const MAGIC: [u8; 8] = *b"KGSEALED";
+/// The format version this code writes and reads.
+pub const FORMAT_VERSION: u16 = 1;
+/// Length of the fixed header.
+pub const HEADER_LEN: usize = 8 + 2 + 8 + 48 + 12 + 4;
+/// Length of the trailing digest.
+pub const DIGEST_LEN: usize = 48;
+/// AES-GCM tag length.
+const TAG_LEN: usize = 16;
+/// Largest blob written or read (a hard cap on what the parent can make the KRE parse).
+pub const MAX_BLOB: usize = 4 * 1024 * 1024;
+/// Most clusters in one state.
+pub const MAX_CLUSTERS: usize = 4096;
+/// Most KEK versions per cluster.
+pub const MAX_VERSIONS: usize = 1024;
+
+const KEY_SALT: &[u8] = b"keygate/v1/sealed-state";
+
+/// One KEK version of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KekEntry {
+    /// The version number (≥ 1).
+    pub version: u32,
+    /// Current, Active or Retired.
+    pub status: KekStatus,
+    /// The KEK (zeroized on drop, redacted in `Debug`).
+    pub kek: Kek,
+}
+
+/// Everything the KRE must not lose across a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KreState {
+    /// Increases by one with every committed change; the anti-rollback counter.
+    pub generation: u64,
+    /// The newest policy bundle the KRE accepted: (version, SHA-384 of the bundle).
+    pub policy_head: Option<(u64, [u8; 48])>,
+    /// KEK versions per cluster, ascending by version.
+    pub clusters: BTreeMap<Id, Vec<KekEntry>>,
+}
+
+/// The unencrypted header of a sealed blob; only meaningful once [`peek_header`] or
+/// [`open`] has checked the blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SealedHeader {
+    /// Format version (always [`FORMAT_VERSION`] for a header this code returns).
+    pub format_version: u16,
+    /// The state's generation.
+    pub generation: u64,
+    /// SHA-384 digest of the custodian set whose shares open this state
+    /// ([`crate::custody::CustodianSet::digest`]).
+    pub custodian_set_digest: [u8; 48],
+    /// The AES-GCM nonce.
+    pub nonce: [u8; 12],
+    /// Length of ciphertext ‖ tag.
+    pub ciphertext_len: u32,
+}
+
+/// What is wrong with the plaintext of a state (on open), or with a state to seal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Malformed {
+    /// The plaintext ends early.
+    #[error("plaintext truncated")]
+    Truncated,
+    /// Bytes after the last cluster.
+    #[error("trailing bytes after the state")]
+    TrailingBytes,
+    /// The policy head tag is neither 0 nor 1.
+    #[error("bad policy head tag {tag}")]
+    BadPolicyTag {
+        /// The tag read.
+        tag: u8,
+    },
+    /// A cluster id is not a valid [`Id`].
+    #[error("bad cluster id")]
+    BadId,
+    /// Clusters not strictly ascending (duplicate or out of order).
+    #[error("clusters out of order or duplicated")]
+    UnsortedClusters,
+    /// More than [`MAX_CLUSTERS`].
+    #[error("too many clusters ({count})")]
+    TooManyClusters {
+        /// The count.
+        count: usize,
+    },
+    /// A cluster without any KEK version.
+    #[error("cluster without KEK versions")]
+    EmptyCluster,
+    /// More than [`MAX_VERSIONS`] versions in a cluster.
+    #[error("too many KEK versions ({count})")]
+    TooManyVersions {
+        /// The count.
+        count: usize,
+    },
+    /// Version 0, or versions not strictly ascending.
+    #[error("KEK versions out of order, duplicated or zero")]
+    UnsortedVersions,
+    /// A status byte that is not 1, 2 or 3.
+    #[error("bad KEK status {value}")]
+    BadStatus {
+        /// The byte read.
+        value: u8,
+    },
+    /// More than one `Current` version in a cluster.
+    #[error("more than one current KEK version")]
+    MultipleCurrent,
+}
+
+/// Why a sealed blob could not be written or opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SealedError {
+    /// The blob does not start with [`MAGIC`].
+    #[error("not a keygate sealed state (bad magic)")]
+    BadMagic,
+    /// A format version this code does not read.
+    #[error("unsupported sealed state format version {version}")]
+    UnsupportedVersion {
+        /// The version read.
+        version: u16,
+    },
+    /// Shorter than its header and length say: a torn write.
+    #[error("sealed state truncated: {len} bytes, {need} expected")]
+    Truncated {
+        /// Bytes present.
+        len: usize,
+        /// Bytes the header calls for (at least).
+        need: usize,
+    },
+    /// Longer than its header says.
+    #[error("sealed state has {extra} trailing bytes")]
+    TrailingBytes {
+        /// Bytes after the digest.
+        extra: usize,
+    },
+    /// Larger than [`MAX_BLOB`] (on open: the length field or the input; on seal: the state).
+    #[error("sealed state too large: {len} bytes (max {max})")]
+    TooLarge {
+        /// The size.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The ciphertext length is below the AES-GCM tag length.
+    #[error("ciphertext shorter than its tag")]
+    CiphertextTooShort,
+    /// The trailing SHA-384 does not match: the file is torn or corrupted.
+    #[error("sealed state digest mismatch (torn or corrupted file)")]
+    DigestMismatch,
+    /// Authenticated decryption failed: wrong state key, or a forged/tampered blob.
+    #[error("sealed state does not decrypt (wrong key or tampered)")]
+    Decrypt,
+    /// The plaintext decrypted but is not a valid state (or the state to seal is invalid).
+    #[error("malformed state: {0}")]
+    Malformed(#[from] Malformed),
+    /// A cryptographic primitive failed while sealing.
+    #[error("crypto failure while sealing: {0}")]
+    Crypto(CryptoError),
+}
+
+/// A strict big-endian reader over untrusted bytes (shared with [`crate::custody`]).
+pub(crate) struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+/// The reader ran out of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Short;
+
+impl<'a> Reader<'a> {
+    pub(crate) fn new(buf: &'a [u8]) -> Self {
+        Self { buf }
+    }
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], Short> {
+        if self.buf.len() < n {
+            return Err(Short);
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+    pub(crate) fn u8(&mut self) -> Result<u8, Short> {
+        Ok(self.array::<1>()?[0])
+    }
+    pub(crate) fn u16(&mut self) -> Result<u16, Short> {
+        Ok(u16::from_be_bytes(self.array()?))
+    }
+    pub(crate) fn u32(&mut self) -> Result<u32, Short> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+    pub(crate) fn u64(&mut self) -> Result<u64, Short> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+    pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N], Short> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+    pub(crate) fn remaining(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+impl From<Short> for Malformed {
+    fn from(_: Short) -> Self {
+        Malformed::Truncated
+    }
+}
+
+fn status_byte(s: KekStatus) -> u8 {
+    match s {
+        KekStatus::Current => 1,
+        KekStatus::Active => 2,
+        KekStatus::Retired => 3,
+    }
+}
+
+fn status_from(b: u8) -> Result<KekStatus, Malformed> {
+    match b {
+        1 => Ok(KekStatus::Current),
+        2 => Ok(KekStatus::Active),
+        3 => Ok(KekStatus::Retired),
+        value => Err(Malformed::BadStatus { value }),
+    }
+}
+
+/// Checks the canonical-form rules shared by [`seal`] and [`open`] for one cluster.
+fn check_versions(entries: &[KekEntry]) -> Result<(), Malformed> {
+    if entries.is_empty() {
+        return Err(Malformed::EmptyCluster);
+    }
+    if entries.len() > MAX_VERSIONS {
+        return Err(Malformed::TooManyVersions { count: entries.len() });
+    }
+    let mut prev = 0u32;
+    let mut current = 0usize;
+    for e in entries {
+        if e.version <= prev {
+            return Err(Malformed::UnsortedVersions);
+        }
+        prev = e.version;
+        if e.status == KekStatus::Current {
+            current += 1;
+        }
+    }
+    if current > 1 {
+        return Err(Malformed::MultipleCurrent);
+    }
+    Ok(())
+}
+
+fn encode_plaintext(state: &KreState) -> Result<Zeroizing<Vec<u8>>, SealedError> {
+    if state.clusters.len() > MAX_CLUSTERS {
+        return Err(Malformed::TooManyClusters { count: state.clusters.len() }.into());
+    }
+    let mut out = Zeroizing::new(Vec::new());
+    match &state.policy_head {
+        None => out.push(0),
+        Some((version, digest)) => {
+            out.push(1);
+            out.extend_from_slice(&version.to_be_bytes());
+            out.extend_from_slice(digest);
+        }
+    }
+    // Both counts are bounded above (MAX_CLUSTERS, MAX_VERSIONS), so the conversions hold.
+    let count = u32::try_from(state.clusters.len()).map_err(|_| Malformed::TooManyClusters { count: usize::MAX })?;
+    out.extend_from_slice(&count.to_be_bytes());
+    for (id, entries) in &state.clusters {
+        check_versions(entries)?;
+        put_str8(&mut out, id.as_str()).map_err(|_| Malformed::BadId)?;
+        let n = u16::try_from(entries.len()).map_err(|_| Malformed::TooManyVersions { count: entries.len() })?;
+        out.extend_from_slice(&n.to_be_bytes());
+        for e in entries {
+            out.extend_from_slice(&e.version.to_be_bytes());
+            out.push(status_byte(e.status));
+            out.extend_from_slice(e.kek.expose());
+        }
+        if out.len() > MAX_BLOB {
+            return Err(SealedError::TooLarge { len: out.len(), max: MAX_BLOB });
+        }
+    }
+    Ok(out)
+}
+
+fn decode_plaintext(generation: u64, pt: &[u8]) -> Result<KreState, Malformed> {
+    let mut r = Reader::new(pt);
+    let policy_head = match r.u8()? {
+        0 => None,
+        1 => Some((r.u64()?, r.array::<48>()?)),
+        tag => return Err(Malformed::BadPolicyTag { tag }),
+    };
+    let count = usize::try_from(r.u32()?).map_err(|_| Malformed::TooManyClusters { count: usize::MAX })?;
+    if count > MAX_CLUSTERS {
+        return Err(Malformed::TooManyClusters { count });
+    }
+    let mut clusters = BTreeMap::new();
+    let mut last: Option<Id> = None;
+    for _ in 0..count {
+        let n = usize::from(r.u8()?);
+        let id = std::str::from_utf8(r.take(n)?).ok().and_then(|s| Id::new(s).ok()).ok_or(Malformed::BadId)?;
+        if last.as_ref().is_some_and(|l| *l >= id) {
+            return Err(Malformed::UnsortedClusters);
+        }
+        let versions = usize::from(r.u16()?);
+        if versions > MAX_VERSIONS {
+            return Err(Malformed::TooManyVersions { count: versions });
+        }
+        let mut entries = Vec::with_capacity(versions);
+        for _ in 0..versions {
+            let version = r.u32()?;
+            let status = status_from(r.u8()?)?;
+            let kek = Secret::new(r.array::<32>()?);
+            entries.push(KekEntry { version, status, kek });
+        }
+        check_versions(&entries)?;
+        last = Some(id.clone());
+        clusters.insert(id, entries);
+    }
+    if r.remaining() != 0 {
+        return Err(Malformed::TrailingBytes);
+    }
+    Ok(KreState { generation, policy_head, clusters })
+}
+
+fn encode_header(h: &SealedHeader) -> [u8; HEADER_LEN] {
+    let mut out = [0u8; HEADER_LEN];
+    let parts: [&[u8]; 6] = [
+        &MAGIC,
+        &h.format_version.to_be_bytes(),
+        &h.generation.to_be_bytes(),
+        &h.custodian_set_digest,
+        &h.nonce,
+        &h.ciphertext_len.to_be_bytes(),
+    ];
+    let mut at = 0;
+    for p in parts {
+        out[at..at + p.len()].copy_from_slice(p);
+        at += p.len();
+    }
+    out
+}
+
+fn state_subkey(
+    crypto: &dyn Crypto,
+    state_key: &Secret<32>,
+    generation: u64,
+    custodian_set_digest: &[u8; 48],
+) -> Result<Secret<32>, CryptoError> {
+    let mut info = [0u8; 8 + 48];
+    info[..8].copy_from_slice(&generation.to_be_bytes());
+    info[8..].copy_from_slice(custodian_set_digest);
+    let mut okm = Zeroizing::new([0u8; 32]);
+    crypto.hkdf_sha384(KEY_SALT, state_key.expose(), &info, &mut okm[..])?;
+    Ok(Secret::new(*okm))
+}
+
+/// Seals `state` under `state_key` for the custodian set with digest `custodian_set_digest`.
+/// `nonce_rng` fills the 12-byte AES-GCM nonce.
+pub fn seal(
+    state: &KreState,
+    state_key: &Secret<32>,
+    custodian_set_digest: &[u8; 48],
+    nonce_rng: &mut dyn FnMut(&mut [u8]),
+    crypto: &dyn Crypto,
+) -> Result<Vec<u8>, SealedError> {
+    let pt = encode_plaintext(state)?;
+    let ct_len = pt.len() + TAG_LEN;
+    let total = HEADER_LEN + ct_len + DIGEST_LEN;
+    if total > MAX_BLOB {
+        return Err(SealedError::TooLarge { len: total, max: MAX_BLOB });
+    }
+    let mut nonce = [0u8; 12];
+    nonce_rng(&mut nonce);
+    let header = SealedHeader {
+        format_version: FORMAT_VERSION,
+        generation: state.generation,
+        custodian_set_digest: *custodian_set_digest,
+        nonce,
+        ciphertext_len: u32::try_from(ct_len).map_err(|_| SealedError::TooLarge { len: total, max: MAX_BLOB })?,
+    };
+    let hdr = encode_header(&header);
+    let key = state_subkey(crypto, state_key, state.generation, custodian_set_digest).map_err(SealedError::Crypto)?;
+    let ct = crypto.aes256gcm_seal(&key, &nonce, &hdr, &pt).map_err(SealedError::Crypto)?;
+    if ct.len() != ct_len {
+        return Err(SealedError::Crypto(CryptoError::Decrypt));
+    }
+    let mut out = Vec::with_capacity(total);
+    out.extend_from_slice(&hdr);
+    out.extend_from_slice(&ct);
+    let digest = Sha384::digest(&out);
+    out.extend_from_slice(&digest);
+    Ok(out)
+}
+
+/// Parses and checks everything that can be checked without the key: magic, version,
+/// lengths, limits and the trailing digest. A blob that passes is intact as written (not
+/// necessarily authentic: that needs the key, see [`open`]).
+pub fn peek_header(blob: &[u8]) -> Result<SealedHeader, SealedError> {
+    if blob.len() > MAX_BLOB {
+        return Err(SealedError::TooLarge { len: blob.len(), max: MAX_BLOB });
+    }
+    let mut r = Reader::new(blob);
+    let trunc = |need: usize| SealedError::Truncated { len: blob.len(), need };
+    let magic: [u8; 8] = r.array().map_err(|_| {
+        // A prefix of the magic is a torn file; anything else is not ours.
+        if MAGIC.starts_with(blob) {
+            trunc(HEADER_LEN + TAG_LEN + DIGEST_LEN)
+        } else {
+            SealedError::BadMagic
+        }
+    })?;
+    if magic != MAGIC {
+        return Err(SealedError::BadMagic);
+    }
+    let min = HEADER_LEN + TAG_LEN + DIGEST_LEN;
+    let format_version = r.u16().map_err(|_| trunc(min))?;
+    if format_version != FORMAT_VERSION {
+        return Err(SealedError::UnsupportedVersion { version: format_version });
+    }
+    let generation = r.u64().map_err(|_| trunc(min))?;
+    let custodian_set_digest = r.array::<48>().map_err(|_| trunc(min))?;
+    let nonce = r.array::<12>().map_err(|_| trunc(min))?;
+    let ciphertext_len = r.u32().map_err(|_| trunc(min))?;
+    let ct = usize::try_from(ciphertext_len).map_err(|_| SealedError::TooLarge { len: usize::MAX, max: MAX_BLOB })?;
+    let need = HEADER_LEN.saturating_add(ct).saturating_add(DIGEST_LEN);
+    if need > MAX_BLOB {
+        return Err(SealedError::TooLarge { len: need, max: MAX_BLOB });
+    }
+    if ct < TAG_LEN {
+        return Err(SealedError::CiphertextTooShort);
+    }
+    if blob.len() < need {
+        return Err(trunc(need));
+    }
+    if blob.len() > need {
+        return Err(SealedError::TrailingBytes { extra: blob.len() - need });
+    }
+    let (body, digest) = blob.split_at(need - DIGEST_LEN);
+    if Sha384::digest(body)[..] != *digest {
+        return Err(SealedError::DigestMismatch);
+    }
+    Ok(SealedHeader { format_version, generation, custodian_set_digest, nonce, ciphertext_len })
+}
+
+/// Checks and decrypts a sealed blob with `state_key`.
+pub fn open(blob: &[u8], state_key: &Secret<32>, crypto: &dyn Crypto) -> Result<KreState, SealedError> {
+    let header = peek_header(blob)?;
+    let ct_end = blob.len() - DIGEST_LEN;
+    let key = state_subkey(crypto, state_key, header.generation, &header.custodian_set_digest)
+        .map_err(|_| SealedError::Decrypt)?;
+    let pt = crypto
+        .aes256gcm_open(&key, &header.nonce, &blob[..HEADER_LEN], &blob[HEADER_LEN..ct_end])
+        .map_err(|_| SealedError::Decrypt)?;
+    Ok(decode_plaintext(header.generation, pt.expose())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keygate_attestation::crypto::{all_backends, default_backend};
+
+    fn id(s: &str) -> Id {
+        Id::new(s).expect("id")
+    }
+
+    fn entry(version: u32, status: KekStatus, b: u8) -> KekEntry {
+        KekEntry { version, status, kek: Secret::new([b; 32]) }
+    }
+
+    fn state() -> KreState {
+        let mut clusters = BTreeMap::new();
+        clusters.insert(
+            id("prod"),
+            vec![
+                entry(1, KekStatus::Retired, 0x11),
+                entry(2, KekStatus::Active, 0x12),
+                entry(3, KekStatus::Current, 0x13),
+            ],
+        );
+        clusters.insert(id("staging"), vec![entry(1, KekStatus::Current, 0x21)]);
+        KreState { generation: 7, policy_head: Some((4, [0x44; 48])), clusters }
+    }
+
+    const SET: [u8; 48] = [0x5e; 48];
+
+    fn key() -> Secret<32> {
+        Secret::new([0x77; 32])
+    }
+
+    fn sealed() -> Vec<u8> {
+        seal(&state(), &key(), &SET, &mut |b: &mut [u8]| b.fill(9), default_backend()).expect("seal")
+    }
+
+    /// Re-seals a hand-made plaintext with a valid header, tag and digest (to reach the
+    /// plaintext checks through the AEAD).
+    fn seal_raw(pt: &[u8]) -> Vec<u8> {
+        let c = default_backend();
+        let h = SealedHeader {
+            format_version: 1,
+            generation: 1,
+            custodian_set_digest: SET,
+            nonce: [3; 12],
+            ciphertext_len: u32::try_from(pt.len() + TAG_LEN).expect("len"),
+        };
+        let hdr = encode_header(&h);
+        let k = state_subkey(c, &key(), 1, &SET).expect("key");
+        let mut out = hdr.to_vec();
+        out.extend(c.aes256gcm_seal(&k, &h.nonce, &hdr, pt).expect("seal"));
+        let d = Sha384::digest(&out);
+        out.extend_from_slice(&d);
+        out
+    }
+
+    fn redigest(blob: &mut [u8]) {
+        let n = blob.len() - DIGEST_LEN;
+        let d = Sha384::digest(&blob[..n]);
+        blob[n..].copy_from_slice(&d);
+    }
+
+    #[test]
+    fn round_trip_on_every_backend_and_across_backends() {
+        for a in all_backends() {
+            let blob = seal(&state(), &key(), &SET, &mut |b: &mut [u8]| b.fill(1), a).expect("seal");
+            for b in all_backends() {
+                assert_eq!(open(&blob, &key(), b).expect("open"), state(), "{} -> {}", a.name(), b.name());
+            }
+        }
+        let empty = KreState::default();
+        let blob = seal(&empty, &key(), &SET, &mut |b: &mut [u8]| b.fill(1), default_backend()).expect("seal");
+        assert_eq!(open(&blob, &key(), default_backend()).expect("open"), empty);
+    }
+
+    #[test]
+    fn header_layout_and_peek() {
+        let blob = sealed();
+        assert_eq!(&blob[..8], b"KGSEALED");
+        assert_eq!(&blob[8..10], &[0, 1]);
+        assert_eq!(&blob[10..18], &7u64.to_be_bytes());
+        assert_eq!(&blob[18..66], &SET);
+        assert_eq!(&blob[66..78], &[9; 12]);
+        let h = peek_header(&blob).expect("peek");
+        assert_eq!(h.generation, 7);
+        assert_eq!(h.custodian_set_digest, SET);
+        assert_eq!(h.nonce, [9; 12]);
+        assert_eq!(usize::try_from(h.ciphertext_len).expect("len"), blob.len() - HEADER_LEN - DIGEST_LEN);
+        // Plaintext: 1 + 8 + 48 + 4 + (1+4 + 2 + 3·37) + (1+7 + 2 + 37) = 226, + tag 16.
+        assert_eq!(h.ciphertext_len, 226 + 16);
+    }
+
+    #[test]
+    fn no_kek_or_key_bytes_in_the_blob() {
+        let blob = sealed();
+        for b in [0x11u8, 0x12, 0x13, 0x21, 0x77] {
+            assert!(!blob.windows(8).any(|w| w.iter().all(|x| *x == b)), "{b:#x} visible");
+        }
+    }
+
+    #[test]
+    fn every_truncation_is_detected_as_truncated_and_never_opens() {
+        let blob = sealed();
+        for n in 0..blob.len() {
+            let err = peek_header(&blob[..n]).expect_err("truncated");
+            assert!(matches!(err, SealedError::Truncated { len, .. } if len == n), "len {n}: {err:?}");
+            assert_eq!(open(&blob[..n], &key(), default_backend()), Err(err));
+        }
+    }
+
+    #[test]
+    fn every_single_byte_tamper_is_detected() {
+        let blob = sealed();
+        for i in 0..blob.len() {
+            let mut t = blob.clone();
+            t[i] ^= 0x01;
+            let err = open(&t, &key(), default_backend()).expect_err("tampered");
+            let expected_kind = match i {
+                0..=7 => matches!(err, SealedError::BadMagic),
+                8..=9 => matches!(err, SealedError::UnsupportedVersion { .. }),
+                // The length field: the blob is now too short or too long for it.
+                78..=81 => matches!(
+                    err,
+                    SealedError::Truncated { .. } | SealedError::TrailingBytes { .. } | SealedError::TooLarge { .. }
+                ),
+                _ => err == SealedError::DigestMismatch,
+            };
+            assert!(expected_kind, "byte {i}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn tamper_with_a_recomputed_digest_fails_decryption() {
+        // An attacker can recompute the digest; the AEAD still refuses (header is the AAD).
+        let blob = sealed();
+        for i in (10..HEADER_LEN - 4).chain(HEADER_LEN..blob.len() - DIGEST_LEN) {
+            let mut t = blob.clone();
+            t[i] ^= 0x80;
+            redigest(&mut t);
+            assert!(peek_header(&t).is_ok());
+            assert_eq!(open(&t, &key(), default_backend()), Err(SealedError::Decrypt), "byte {i}");
+        }
+    }
+
+    #[test]
+    fn wrong_key_fails_decryption() {
+        assert_eq!(open(&sealed(), &Secret::new([0x78; 32]), default_backend()), Err(SealedError::Decrypt));
+    }
+
+    #[test]
+    fn trailing_bytes_bad_magic_and_versions() {
+        let mut blob = sealed();
+        blob.push(0);
+        assert_eq!(peek_header(&blob), Err(SealedError::TrailingBytes { extra: 1 }));
+        assert_eq!(peek_header(b"PK\x03\x04 not ours at all"), Err(SealedError::BadMagic));
+        assert_eq!(
+            peek_header(b"KGS"),
+            Err(SealedError::Truncated { len: 3, need: HEADER_LEN + TAG_LEN + DIGEST_LEN })
+        );
+        assert_eq!(peek_header(b"X"), Err(SealedError::BadMagic));
+        let mut v2 = sealed();
+        v2[9] = 2;
+        assert_eq!(peek_header(&v2), Err(SealedError::UnsupportedVersion { version: 2 }));
+    }
+
+    #[test]
+    fn limits_are_enforced_before_work() {
+        let mut blob = sealed();
+        blob[78..82].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(peek_header(&blob), Err(SealedError::TooLarge { .. })));
+        blob[78..82].copy_from_slice(&15u32.to_be_bytes());
+        assert_eq!(peek_header(&blob), Err(SealedError::CiphertextTooShort));
+        let huge = vec![0u8; MAX_BLOB + 1];
+        assert_eq!(peek_header(&huge), Err(SealedError::TooLarge { len: MAX_BLOB + 1, max: MAX_BLOB }));
+    }
+
+    #[test]
+    fn malformed_plaintexts_are_refused_with_their_variant() {
+        let c = default_backend();
+        let kek = |v: u32, s: u8| [&v.to_be_bytes()[..], &[s], &[0xaa; 32]].concat();
+        let cluster = |name: &str, versions: &[Vec<u8>]| {
+            let mut v = vec![u8::try_from(name.len()).expect("len")];
+            v.extend_from_slice(name.as_bytes());
+            v.extend_from_slice(&u16::try_from(versions.len()).expect("n").to_be_bytes());
+            for e in versions {
+                v.extend_from_slice(e);
+            }
+            v
+        };
+        let doc = |head: &[u8], clusters: &[Vec<u8>]| {
+            let mut v = head.to_vec();
+            v.extend_from_slice(&u32::try_from(clusters.len()).expect("n").to_be_bytes());
+            for c in clusters {
+                v.extend_from_slice(c);
+            }
+            v
+        };
+        let ok = doc(&[0], &[cluster("a", &[kek(1, 2), kek(2, 1)]), cluster("b", &[kek(1, 1)])]);
+        assert!(open(&seal_raw(&ok), &key(), c).is_ok());
+        let cases: Vec<(Vec<u8>, Malformed)> = vec![
+            (ok[..ok.len() - 1].to_vec(), Malformed::Truncated),
+            ([ok.clone(), vec![0]].concat(), Malformed::TrailingBytes),
+            (doc(&[2], &[]), Malformed::BadPolicyTag { tag: 2 }),
+            (doc(&[1, 0, 0], &[]), Malformed::Truncated),
+            (doc(&[0], &[cluster("a b", &[kek(1, 1)])]), Malformed::BadId),
+            (doc(&[0], &[cluster("", &[kek(1, 1)])]), Malformed::BadId),
+            (doc(&[0], &[cluster("b", &[kek(1, 1)]), cluster("a", &[kek(1, 1)])]), Malformed::UnsortedClusters),
+            (doc(&[0], &[cluster("a", &[kek(1, 1)]), cluster("a", &[kek(1, 1)])]), Malformed::UnsortedClusters),
+            (doc(&[0], &[cluster("a", &[])]), Malformed::EmptyCluster),
+            (doc(&[0], &[cluster("a", &[kek(0, 1)])]), Malformed::UnsortedVersions),
+            (doc(&[0], &[cluster("a", &[kek(2, 2), kek(2, 1)])]), Malformed::UnsortedVersions),
+            (doc(&[0], &[cluster("a", &[kek(3, 2), kek(2, 1)])]), Malformed::UnsortedVersions),
+            (doc(&[0], &[cluster("a", &[kek(1, 0)])]), Malformed::BadStatus { value: 0 }),
+            (doc(&[0], &[cluster("a", &[kek(1, 4)])]), Malformed::BadStatus { value: 4 }),
+            (doc(&[0], &[cluster("a", &[kek(1, 1), kek(2, 1)])]), Malformed::MultipleCurrent),
+            ([&[0u8][..], &u32::MAX.to_be_bytes()].concat(), Malformed::TooManyClusters { count: 0xffff_ffff }),
+            (
+                [&[0u8][..], &1u32.to_be_bytes(), &[1, b'a'], &u16::MAX.to_be_bytes()].concat(),
+                Malformed::TooManyVersions { count: 0xffff },
+            ),
+        ];
+        for (pt, want) in cases {
+            assert_eq!(open(&seal_raw(&pt), &key(), c), Err(SealedError::Malformed(want)), "{want:?}");
+        }
+    }
+
+    #[test]
+    fn seal_refuses_invalid_states() {
+        let c = default_backend();
+        let mut rng = |b: &mut [u8]| b.fill(0);
+        let mut s = state();
+        s.clusters.insert(id("x"), vec![]);
+        assert_eq!(seal(&s, &key(), &SET, &mut rng, c), Err(SealedError::Malformed(Malformed::EmptyCluster)));
+        let mut s = state();
+        s.clusters.insert(id("x"), vec![entry(1, KekStatus::Current, 1), entry(2, KekStatus::Current, 2)]);
+        assert_eq!(seal(&s, &key(), &SET, &mut rng, c), Err(SealedError::Malformed(Malformed::MultipleCurrent)));
+        let mut s = state();
+        s.clusters.insert(id("x"), vec![entry(2, KekStatus::Active, 1), entry(1, KekStatus::Current, 2)]);
+        assert_eq!(seal(&s, &key(), &SET, &mut rng, c), Err(SealedError::Malformed(Malformed::UnsortedVersions)));
+    }
+
+    #[test]
+    fn generation_and_custodian_set_are_bound() {
+        // Moving a ciphertext under another header (generation or custodian set) fails.
+        let c = default_backend();
+        let a = sealed();
+        let mut s = state();
+        s.generation = 8;
+        let b = seal(&s, &key(), &SET, &mut |x: &mut [u8]| x.fill(9), c).expect("seal");
+        let mut spliced = b[..HEADER_LEN].to_vec();
+        spliced.extend_from_slice(&a[HEADER_LEN..a.len() - DIGEST_LEN]);
+        spliced.extend_from_slice(&[0; DIGEST_LEN]);
+        redigest(&mut spliced);
+        assert_eq!(open(&spliced, &key(), c), Err(SealedError::Decrypt));
+        let other = seal(&state(), &key(), &[0x5f; 48], &mut |x: &mut [u8]| x.fill(9), c).expect("seal");
+        assert_ne!(other[HEADER_LEN..], a[HEADER_LEN..]);
+    }
+
+    #[test]
+    fn errors_and_debug_carry_no_secret() {
+        let d = format!("{:?}", state());
+        assert!(!d.contains("17, 17") && !d.contains("0x11") && d.contains("redacted"));
+        let e = open(&sealed(), &Secret::new([0; 32]), default_backend()).expect_err("wrong key");
+        assert!(!format!("{e} {e:?}").contains("119"));
+    }
+}
