@@ -253,8 +253,8 @@ fn bench_release(clients: &[usize], threads: &[usize], seconds: f64) -> Result<(
         "# keygate bench release ({seconds} s per row; KRE CPU from /proc; {} cores shared by KRE and clients)",
         cores()
     );
-    println!("| KRE threads | clients | releases | releases/s (wall) | KRE CPU s | releases per KRE CPU-s | p50 ms | p99 ms | max ms | errors |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| KRE threads | clients | releases | releases/s (wall) | KRE CPU s | releases per KRE CPU-s | p50 ms | p99 ms | max ms | errors | wrong keys |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
     let pcrs: BTreeMap<u8, Vec<u8>> = (0..3).map(|i| (i, vec![0x5a; 48])).collect();
@@ -265,8 +265,10 @@ fn bench_release(clients: &[usize], threads: &[usize], seconds: f64) -> Result<(
         for &n in clients {
             let kre = start_kre(t, &[])?;
             let f = Arc::new(fetcher(&kre.sock, nsm.clone(), &root));
-            // Pre-warm (chain cache, mock PKI).
-            rt.block_on(f.once()).map_err(|e| CliError::refused(format!("warm-up fetch: {e}")))?;
+            // Pre-warm (chain cache, mock PKI); its key is the reference every fetch must get.
+            let reference = rt.block_on(f.once()).map_err(|e| CliError::refused(format!("warm-up fetch: {e}")))?;
+            let reference =
+                Arc::new(reference.keys.first().map(|k| k.key.clone()).ok_or_else(|| CliError::refused("no key"))?);
             let cpu0 = cpu_seconds(kre.child.id())?;
             let start = Instant::now();
             let deadline = start + Duration::from_secs_f64(seconds);
@@ -274,39 +276,48 @@ fn bench_release(clients: &[usize], threads: &[usize], seconds: f64) -> Result<(
                 let tasks: Vec<_> = (0..n)
                     .map(|_| {
                         let f = f.clone();
+                        let reference = reference.clone();
                         tokio::spawn(async move {
                             let mut lat = Vec::new();
                             let mut errors = 0u64;
+                            let mut wrong = 0u64;
                             while Instant::now() < deadline {
                                 let s = Instant::now();
                                 match f.once().await {
-                                    Ok(_) => lat.push(s.elapsed().as_secs_f64() * 1000.0),
+                                    Ok(got) => {
+                                        lat.push(s.elapsed().as_secs_f64() * 1000.0);
+                                        if got.keys.first().map(|k| &k.key) != Some(&*reference) {
+                                            wrong += 1;
+                                        }
+                                    }
                                     Err(_) => errors += 1,
                                 }
                             }
-                            (lat, errors)
+                            (lat, errors, wrong)
                         })
                     })
                     .collect();
                 let mut lat = Vec::new();
                 let mut errors = 0;
+                let mut wrong = 0;
                 for t in tasks {
-                    if let Ok((l, e)) = t.await {
+                    if let Ok((l, e, w)) = t.await {
                         lat.extend(l);
                         errors += e;
+                        wrong += w;
                     }
                 }
-                (lat, errors)
+                (lat, errors, wrong)
             });
             let wall = start.elapsed().as_secs_f64();
             let cpu = cpu_seconds(kre.child.id())? - cpu0;
-            let (mut lat, errors) = results;
+            let (mut lat, errors, wrong) = results;
             lat.sort_by(|a, b| a.total_cmp(b));
             let pct = |p: f64| lat.get(((lat.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0);
             let per_cpu = lat.len() as f64 / cpu.max(1e-9);
             per_thread_rate.insert((t, n), lat.len() as f64 / wall);
             println!(
-                "| {t} | {n} | {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {errors} |",
+                "| {t} | {n} | {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {errors} | {wrong} |",
                 lat.len(),
                 lat.len() as f64 / wall,
                 cpu,
