@@ -9,11 +9,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
-
 use crate::core::{Connection, Env, Event, Kre};
 use crate::io::{read_frame, write_frame, FrameError};
-use crate::transport::{BoxStream, Listener};
+use crate::transport::{accept_loop, BoxStream, Listener};
 use crate::wire::{DenyCode, Message};
 
 /// Server limits.
@@ -57,46 +55,16 @@ pub async fn serve(
     cfg: ServerConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let slots = Arc::new(Semaphore::new(cfg.max_connections));
-    tokio::pin!(shutdown);
-    loop {
-        let accepted = tokio::select! {
-            _ = &mut shutdown => break,
-            a = listener.accept() => a,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // E.g. out of file descriptors: back off briefly rather than spin.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let kre = kre.clone();
-        let cfg = cfg.clone();
-        match slots.clone().try_acquire_owned() {
-            Ok(permit) => {
-                tokio::spawn(async move {
-                    handle(stream, &peer, &kre, &cfg).await;
-                    drop(permit);
-                });
-            }
-            Err(_) => {
-                tokio::spawn(async move {
-                    tracing::warn!(%peer, "connection limit reached; refusing");
-                    let mut stream = stream;
-                    let frame = Message::Denied {
-                        code: DenyCode::Busy,
-                        reason: "connection limit reached; retry shortly".into(),
-                    }
-                    .encode()
-                    .unwrap_or_default();
-                    let _ = write_frame(&mut stream, &frame, Duration::from_secs(1)).await;
-                });
-            }
-        }
-    }
+    let max = cfg.max_connections;
+    let serve_one = |stream: BoxStream, peer: String| {
+        let (kre, cfg) = (kre.clone(), cfg.clone());
+        async move { handle(stream, &peer, &kre, &cfg).await }
+    };
+    let refuse = |mut stream: BoxStream, _peer: String| async move {
+        let busy = Message::Denied { code: DenyCode::Busy, reason: "connection limit reached; retry shortly".into() };
+        let _ = write_frame(&mut stream, &busy.encode().unwrap_or_default(), Duration::from_secs(1)).await;
+    };
+    accept_loop(&listener, max, shutdown, serve_one, refuse).await;
 }
 
 async fn handle(mut stream: BoxStream, peer: &str, kre: &Kre, cfg: &ServerConfig) {

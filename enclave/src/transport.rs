@@ -138,6 +138,53 @@ impl Drop for Listener {
     }
 }
 
+/// Accepts connections on `listener` until `shutdown` resolves, at most `max` at once. Each
+/// connection goes to `serve_one`, holding its slot until that finishes; beyond the limit a
+/// connection goes to `refuse` (which should answer quickly and return). An accept error (for
+/// example, out of file descriptors) is logged and retried after a short pause, never a spin.
+pub async fn accept_loop<S, SF, R, RF>(
+    listener: &Listener,
+    max: usize,
+    shutdown: impl std::future::Future<Output = ()>,
+    serve_one: S,
+    refuse: R,
+) where
+    S: Fn(BoxStream, String) -> SF,
+    SF: std::future::Future<Output = ()> + Send + 'static,
+    R: Fn(BoxStream, String) -> RF,
+    RF: std::future::Future<Output = ()> + Send + 'static,
+{
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max));
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut shutdown => break,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let work = serve_one(stream, peer);
+                tokio::spawn(async move {
+                    work.await;
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                tracing::warn!(%peer, "connection limit reached; refusing");
+                tokio::spawn(refuse(stream, peer));
+            }
+        }
+    }
+}
+
 /// Connects to `addr` within `timeout`.
 pub async fn connect(addr: &Addr, timeout: Duration) -> io::Result<BoxStream> {
     let fut = async {

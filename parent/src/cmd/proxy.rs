@@ -1,11 +1,9 @@
 //! `keygate proxy`: the parent instance's byte forwarder between the host side and the KRE.
 //! It sees only attestation documents and ciphertext, and logs connections, never payloads.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use keygate_enclave::transport::{self, Addr, BoxStream, Listener};
-use tokio::sync::Semaphore;
 
 use crate::CliError;
 
@@ -39,31 +37,14 @@ pub(crate) struct ProxyConfig {
 
 /// Forwards connections from `listener` to `cfg.to` until `shutdown` resolves.
 pub(crate) async fn serve(listener: Listener, cfg: ProxyConfig, shutdown: impl std::future::Future<Output = ()>) {
-    let slots = Arc::new(Semaphore::new(cfg.max_connections));
-    tokio::pin!(shutdown);
-    loop {
-        let accepted = tokio::select! {
-            _ = &mut shutdown => break,
-            a = listener.accept() => a,
-        };
-        let (client, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "connection limit reached; closing");
-            continue;
-        };
+    let max = cfg.max_connections;
+    let serve_one = |client: BoxStream, peer: String| {
         let cfg = cfg.clone();
-        tokio::spawn(async move {
-            forward(client, &peer, &cfg).await;
-            drop(permit);
-        });
-    }
+        async move { forward(client, &peer, &cfg).await }
+    };
+    // Beyond the limit the connection is closed at once (the proxy speaks no protocol).
+    let refuse = |client: BoxStream, _peer: String| async move { drop(client) };
+    transport::accept_loop(&listener, max, shutdown, serve_one, refuse).await;
 }
 
 async fn forward(mut client: BoxStream, peer: &str, cfg: &ProxyConfig) {
