@@ -44,7 +44,7 @@ enum Command {
     /// Verify attestation documents and produce mock ones.
     #[command(subcommand)]
     Attestation(cmd::attestation::AttestationCommand),
-    /// The KRE's tamper-evident audit trail: verify offline, show (docs/audit.md).
+    /// The KRE's tamper-evident audit trail: pull, verify offline, show (docs/audit.md).
     #[command(subcommand)]
     Audit(cmd::audit::AuditCommand),
     /// Boot key fetch: attest to the KRE and write the released data keys.
