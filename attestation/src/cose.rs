@@ -117,3 +117,35 @@ pub fn encode_sign1(protected: &[u8], payload: &[u8], signature: &[u8]) -> Vec<u
 
 /// The protected header that Nitro uses: `{1: -35}`.
 pub const PROTECTED_ES384: [u8; 4] = [0xa1, 0x01, 0x38, 0x22];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_protected(protected: &[u8]) -> Vec<u8> {
+        encode_sign1(protected, b"payload", &[0u8; P384_SIG_LEN])
+    }
+
+    #[test]
+    fn size_limit_is_inclusive() {
+        let at_limit = vec![0x84; MAX_DOCUMENT];
+        assert!(!matches!(parse(&at_limit), Err(VerifyError::DocumentTooLarge { .. })));
+        let over = vec![0x84; MAX_DOCUMENT + 1];
+        assert_eq!(
+            parse(&over).map(|_| ()),
+            Err(VerifyError::DocumentTooLarge { len: MAX_DOCUMENT + 1, max: MAX_DOCUMENT })
+        );
+    }
+
+    #[test]
+    fn algorithm_identifiers_of_either_sign_are_named() {
+        // {1: 1} (A128GCM, a positive identifier) and {1: -7} (ES256).
+        assert_eq!(parse(&with_protected(&[0xa1, 0x01, 0x01])).map(|_| ()), Err(VerifyError::UnsupportedAlgorithm(1)));
+        assert_eq!(parse(&with_protected(&[0xa1, 0x01, 0x26])).map(|_| ()), Err(VerifyError::UnsupportedAlgorithm(-7)));
+        assert_eq!(
+            parse(&with_protected(&[0xa1, 0x01, 0x61, b'x'])).map(|_| ()),
+            Err(VerifyError::ProtectedHeader("alg is not an integer"))
+        );
+        assert!(parse(&with_protected(&PROTECTED_ES384)).is_ok());
+    }
+}

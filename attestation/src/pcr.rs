@@ -92,6 +92,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn displays_as_it_parses() {
+        let e: PcrExpectation = format!("3={}", "ab".repeat(48)).parse().expect("parse");
+        assert_eq!(e.to_string(), format!("3={}", "ab".repeat(48)));
+    }
+
+    #[cfg(feature = "mock")]
+    #[test]
+    fn check_reports_the_first_mismatch_by_index() {
+        use crate::mock::MockNsm;
+        use crate::{AttestRequest, Nsm, Verifier, VerifyOptions};
+        let t = 1_795_478_400_000;
+        let pcrs = (0u8..3).map(|i| (i, vec![i + 1; 48])).collect();
+        let nsm = MockNsm::new(b"pcr", pcrs, std::sync::Arc::new(move || t));
+        let doc = nsm.attest(&AttestRequest::default()).expect("doc");
+        let att = Verifier::new(nsm.root_anchor()).verify(&doc, &VerifyOptions::at(t)).expect("verify");
+        let exp = |i: u8, b: u8| PcrExpectation { index: i, value: vec![b; 48] };
+        assert_eq!(check(&att, &[exp(0, 1), exp(1, 2), exp(2, 3)]), Ok(()));
+        assert_eq!(check(&att, &[]), Ok(()));
+        let err = check(&att, &[exp(2, 9), exp(1, 9)]).expect_err("mismatch");
+        assert_eq!(err.index, 1, "lowest index first");
+        assert_eq!(err.found, hex::encode([2u8; 48]));
+        let absent = check(&att, &[exp(20, 1)]).expect_err("absent");
+        assert_eq!(absent.found, "absent");
+    }
+
+    #[test]
     fn parses_and_refuses() {
         let h = "ab".repeat(48);
         assert_eq!(format!("3={h}").parse::<PcrExpectation>().map(|e| e.index), Ok(3));

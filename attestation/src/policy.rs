@@ -239,12 +239,37 @@ mod tests {
     }
 
     #[test]
+    fn activation_time_and_messages() {
+        let good = att(&[(0, 1), (1, 2), (2, 3)], DocumentKind::Enclave);
+        let mut pending = image("new", &[(0, 1), (1, 2), (2, 3)]);
+        pending.not_before_ms = Some(T);
+        let p = policy(vec![pending]);
+        assert!(evaluate(&p, &good, "c", T).is_ok(), "active from its activation time exactly");
+        assert!(evaluate(&p, &good, "c", T + 5).is_ok());
+        let early = evaluate(&p, &good, "c", T - 1).expect_err("before activation");
+        assert_eq!(
+            early.to_string(),
+            format!(
+                "no image allowed for cluster `c` matches: image `new` is allowed only from {T} ms (activation delay)"
+            )
+        );
+        let wrong = att(&[(0, 1), (1, 2), (2, 4)], DocumentKind::Enclave);
+        let e = evaluate(&policy(vec![image("x", &[(0, 1), (1, 2), (2, 3)])]), &wrong, "c", T).expect_err("mismatch");
+        assert_eq!(e.to_string(), "no image allowed for cluster `c` matches: PCR2 differs (closest image `x`)");
+    }
+
+    #[test]
     fn pcr8_alone_is_enough_and_underspecified_rules_are_refused() {
         let signed = att(&[(0, 1), (1, 2), (2, 3), (8, 8)], DocumentKind::Enclave);
         let p = policy(vec![image("signer", &[(8, 8)])]);
         p.validate().expect("valid");
         assert!(evaluate(&p, &signed, "c", T).is_ok());
-        assert!(matches!(policy(vec![image("loose", &[(0, 1)])]).validate(), Err(PolicyError::Underspecified { .. })));
+        for loose in [&[(0u8, 1u8)][..], &[(0, 1), (1, 1)], &[(1, 1), (2, 1)], &[(0, 1), (2, 1)]] {
+            assert!(
+                matches!(policy(vec![image("loose", loose)]).validate(), Err(PolicyError::Underspecified { .. })),
+                "{loose:?}"
+            );
+        }
         assert!(matches!(policy(vec![]).validate(), Err(PolicyError::EmptyCluster(_))));
         let mut bad = image("bad", &[(0, 1), (1, 1), (2, 1)]);
         bad.pcrs.insert(3, vec![0; 5]);
