@@ -256,6 +256,10 @@ mod tests {
         let wrong = att(&[(0, 1), (1, 2), (2, 4)], DocumentKind::Enclave);
         let e = evaluate(&policy(vec![image("x", &[(0, 1), (1, 2), (2, 3)])]), &wrong, "c", T).expect_err("mismatch");
         assert_eq!(e.to_string(), "no image allowed for cluster `c` matches: PCR2 differs (closest image `x`)");
+        // Ties keep the first rule in policy order.
+        let two = policy(vec![image("first", &[(0, 9), (1, 2), (2, 3)]), image("second", &[(0, 8), (1, 2), (2, 3)])]);
+        let e = evaluate(&two, &good, "c", T).expect_err("both differ at PCR0");
+        assert!(e.to_string().ends_with("PCR0 differs (closest image `first`)"), "{e}");
     }
 
     #[test]
