@@ -171,16 +171,6 @@ impl KekStore {
     pub fn current(&self, cluster: &Id) -> Option<(u32, &Kek)> {
         self.clusters.get(cluster)?.iter().rev().find(|(_, (s, _))| *s == KekStatus::Current).map(|(v, (_, k))| (*v, k))
     }
-
-    /// Number of clusters with KEKs.
-    pub fn len(&self) -> usize {
-        self.clusters.len()
-    }
-
-    /// Whether no cluster has a KEK.
-    pub fn is_empty(&self) -> bool {
-        self.clusters.is_empty()
-    }
 }
 
 #[cfg(test)]

@@ -143,6 +143,32 @@ mod tests {
     }
 
     #[test]
+    fn ttl_boundary_is_inclusive_and_is_empty_tracks_live_challenges() {
+        let mut t = NonceTable::new(4, 1000);
+        assert!(t.is_empty());
+        assert!(t.issue([1; 32], 0));
+        assert!(!t.is_empty());
+        assert_eq!(t.redeem(&[1; 32], 1000), Redeem::Ok, "valid for exactly its TTL");
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn compaction_keeps_live_challenges_purgeable() {
+        // A live challenge issued first, then many issued-and-redeemed ones: compaction must
+        // drop the redeemed ones from the order queue and keep the live one, so that it is
+        // purged when its TTL passes and the table frees up.
+        let mut t = NonceTable::new(2, 1000);
+        assert!(t.issue([0xaa; 32], 0));
+        for i in 0u8..10 {
+            assert!(t.issue([i; 32], 0));
+            assert_eq!(t.redeem(&[i; 32], 0), Redeem::Ok);
+        }
+        assert!(t.issue([0xb1; 32], 2000), "the expired live challenge was purged");
+        assert!(t.issue([0xb2; 32], 2000), "room for a second one");
+        assert!(!t.issue([0xb3; 32], 2000), "and then full");
+    }
+
+    #[test]
     fn bounded_and_refuses_when_full() {
         let mut t = NonceTable::new(2, 1000);
         assert!(t.issue([1; 32], 0));
