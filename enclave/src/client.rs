@@ -59,7 +59,13 @@ impl ClientError {
             ClientError::Io(_) => true,
             ClientError::Denied { code, .. } => matches!(
                 code,
-                DenyCode::Busy | DenyCode::ChallengeExpired | DenyCode::Sealed | DenyCode::Timeout | DenyCode::Internal
+                DenyCode::Busy
+                    | DenyCode::ChallengeExpired
+                    | DenyCode::Sealed
+                    | DenyCode::StatePending
+                    | DenyCode::PolicyStale
+                    | DenyCode::Timeout
+                    | DenyCode::Internal
             ),
             _ => false,
         }
@@ -180,10 +186,17 @@ impl AwaitReleased {
             Message::Released { ephemeral_point, keys } => (ephemeral_point, keys),
             m => return Err(ClientError::Unexpected(m.name())),
         };
+        // Each asked key id, in order, with one or more distinct KEK versions (the current one
+        // first, then the still-active older ones).
         let asked: Vec<&Id> = self.request.key_ids.iter().collect();
-        let got: Vec<&Id> = wrapped.iter().map(|w| &w.key_id).collect();
+        let mut got: Vec<&Id> = wrapped.iter().map(|w| &w.key_id).collect();
+        got.dedup();
         if asked != got {
             return Err(ClientError::Mismatch("key ids differ from the request"));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        if !wrapped.iter().all(|w| seen.insert((&w.key_id, w.version))) {
+            return Err(ClientError::Mismatch("a key version appears twice"));
         }
         let point: &[u8; POINT_LEN] = &ephemeral_point;
         let keys =

@@ -21,9 +21,15 @@ use keygate_attestation::{AttestRequest, Nsm, UnknownFields, Verifier, VerifyErr
 use sha2::{Digest, Sha384};
 
 use crate::audit::{AuditConfig, AuditError, AuditEvent, AuditLog, AuditSigner, Requester};
-use crate::keys::{self, KekStore, Transcript};
+use crate::custody::{CustodianSet, UnsealShare};
+use crate::keys::{self, Kek, KekStatus, KekStore, Transcript};
 use crate::nonces::{NonceTable, Redeem};
-use crate::wire::{self, DenyCode, Id, Message, WireError};
+use crate::vault::{self, Custody, Phase, UnsealOutcome, Vault, VaultError};
+use crate::wire::{self, DenyCode, Id, Message, StateReport, WireError};
+
+/// Most KEK versions released per key id: the current one and up to three older active ones
+/// (so 16 key ids fit one Released frame).
+pub const MAX_VERSIONS_RELEASED: usize = 4;
 
 /// `user_data` of the KRE's own attestation in a Challenge:
 /// `SHA-384("keygate/v1/kre-challenge" ‖ server_nonce)`, binding the challenge to the
@@ -48,6 +54,10 @@ pub struct KreConfig {
     pub clock_skew: Duration,
     /// The audit buffer's limits.
     pub audit: AuditConfig,
+    /// The custodians of the sealed state (part of the enclave image's configuration). With
+    /// custodians the KRE starts sealed and its KEKs survive restarts; without, it generates
+    /// ephemeral KEKs at start (tests and demos of the release flow only).
+    pub custodians: Option<CustodianSet>,
 }
 
 impl Default for KreConfig {
@@ -58,6 +68,7 @@ impl Default for KreConfig {
             max_doc_age: Duration::from_secs(60),
             clock_skew: Duration::from_secs(30),
             audit: AuditConfig::default(),
+            custodians: None,
         }
     }
 }
@@ -101,6 +112,24 @@ pub enum Event {
     },
     /// A status report was sent.
     StatusReported,
+    /// A durable-state step (genesis, load, export, commit).
+    State {
+        /// Which step.
+        step: &'static str,
+        /// The generation concerned.
+        generation: u64,
+    },
+    /// A custodian's unseal share was accepted.
+    UnsealShareAccepted {
+        /// Shares accepted so far.
+        have: u8,
+        /// M.
+        need: u8,
+        /// Whether the KRE now serves.
+        serving: bool,
+    },
+    /// An unseal offer (attestation with K) was sent to a custodian.
+    UnsealOffered,
     /// A request was refused.
     Denied {
         /// The check that failed.
@@ -136,6 +165,10 @@ pub struct Kre {
     nsm: Arc<dyn Nsm>,
     crypto: &'static dyn Crypto,
     audit: Mutex<AuditLog>,
+    /// The durable state (with custodians configured).
+    vault: Option<Mutex<Vault>>,
+    /// (version, digest) of every bundle accepted in this run, to check the sealed policy head.
+    policy_history: Mutex<Vec<(u64, [u8; 48])>>,
 }
 
 /// Where the allowed images come from.
@@ -166,6 +199,16 @@ pub enum StartError {
     /// The audit signer could not be set up.
     #[error("audit: {0}")]
     Audit(#[from] AuditError),
+    /// The durable state refused a change.
+    #[error("sealed state: {0}")]
+    State(String),
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
 }
 
 impl Kre {
@@ -203,6 +246,7 @@ impl Kre {
         let nonces = Mutex::new(NonceTable::new(config.max_challenges, millis(config.challenge_ttl)));
         let signer = AuditSigner::start(&*nsm, crypto)?;
         let audit = Mutex::new(AuditLog::new(config.audit, signer));
+        let vault = config.custodians.clone().map(|set| Mutex::new(Vault::new(set)));
         let kre = Self {
             config,
             verifier,
@@ -212,12 +256,13 @@ impl Kre {
             nsm,
             crypto,
             audit,
+            vault,
+            policy_history: Mutex::new(Vec::new()),
         };
-        let clusters: Vec<String> = match &*kre.source() {
-            PolicySource::Static(p) => p.clusters.keys().cloned().collect(),
-            PolicySource::Signed(s) => s.latest().bundle.body.policy.clusters.keys().cloned().collect(),
-        };
-        kre.ensure_keks(&clusters)?;
+        if let Some(head) = kre.policy_head() {
+            lock(&kre.policy_history).push(head);
+        }
+        kre.ensure_keks(&kre.policy_clusters())?;
         let pcrs =
             (0u16..16).filter_map(|i| Some((u8::try_from(i).ok()?, kre.nsm.describe_pcr(i).ok()?.data))).collect();
         {
@@ -259,6 +304,7 @@ impl Kre {
             Stage::Policy { version, digest } => {
                 AuditEvent::PolicyRefused { version: *version, digest: *digest, code, reason }
             }
+            Stage::State { step } => AuditEvent::UnsealStep { step: (*step).to_owned(), ok: false, detail: reason },
         };
         let _ = self.audit().append(event, now_ms);
     }
@@ -289,8 +335,54 @@ impl Kre {
         .to_string()
     }
 
-    /// Generates a KEK for every named cluster that has none.
+    /// The clusters of the newest policy.
+    fn policy_clusters(&self) -> Vec<String> {
+        match &*self.source() {
+            PolicySource::Static(p) => p.clusters.keys().cloned().collect(),
+            PolicySource::Signed(s) => s.latest().bundle.body.policy.clusters.keys().cloned().collect(),
+        }
+    }
+
+    /// Fills `buf` from the NSM's random source.
+    fn nsm_random(&self, buf: &mut [u8], failed: &mut bool) {
+        if self.nsm.random(buf).is_err() {
+            *failed = true;
+        }
+    }
+
+    /// Runs `f` with the NSM's random source; an NSM failure anywhere is an error.
+    fn with_nsm_rng<T>(&self, f: impl FnOnce(&mut dyn FnMut(&mut [u8])) -> T) -> Result<T, String> {
+        let mut failed = false;
+        let out = f(&mut |b: &mut [u8]| self.nsm_random(b, &mut failed));
+        if failed {
+            return Err("the NSM's random source failed".into());
+        }
+        Ok(out)
+    }
+
+    /// Generates a KEK for every named cluster that has none: in memory (no custodians), or
+    /// in the durable state's working copy (stored and committed before use).
     fn ensure_keks(&self, clusters: &[String]) -> Result<(), StartError> {
+        let ids = clusters
+            .iter()
+            .map(|n| Id::new(n).map_err(|_| StartError::ClusterName(n.clone())))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(v) = &self.vault {
+            let mut v = lock(v);
+            if v.phase() != Phase::Serving {
+                // Genesis or the unsealed state provides them.
+                return Ok(());
+            }
+            let added = self
+                .with_nsm_rng(|rng| v.ensure_clusters(&ids, rng))
+                .map_err(StartError::State)?
+                .map_err(|e| StartError::State(e.to_string()))?;
+            drop(v);
+            for c in added {
+                let _ = self.audit().append(AuditEvent::KekRotated { cluster: c, new_version: 1 }, wall_clock_ms());
+            }
+            return Ok(());
+        }
         let mut keks = match self.keks.write() {
             Ok(k) => k,
             Err(p) => p.into_inner(),
@@ -344,10 +436,29 @@ impl Kre {
         let mut next = state.clone();
         let report =
             next.apply(bundle, now_ms, self.crypto).map_err(|e| deny(DenyCode::PolicyRefused, e.to_string()))?;
+        if let Some((fv, fd)) = self.vault.as_ref().and_then(|v| lock(v).policy_floor()) {
+            if report.version == fv && report.digest != fd {
+                return Err(deny(
+                    DenyCode::PolicyRefused,
+                    format!(
+                        "fork: bundle version {fv} differs from the policy head recorded in the sealed state ({})",
+                        hex::encode(&fd[..8])
+                    ),
+                ));
+            }
+        }
+        // New clusters get their KEKs before the bundle takes effect (with custodians: in the
+        // working state, usable once the parent has stored and committed it).
         let clusters: Vec<String> = next.latest().bundle.body.policy.clusters.keys().cloned().collect();
         self.ensure_keks(&clusters).map_err(|e| deny(DenyCode::Internal, e.to_string()))?;
         *state = next;
         drop(guard);
+        lock(&self.policy_history).push((report.version, report.digest));
+        if let Some(v) = &self.vault {
+            let mut v = lock(v);
+            v.set_policy_head((report.version, report.digest));
+        }
+
         let mut log = self.audit();
         log.set_policy_version(report.version);
         let _ = log.append(
@@ -359,6 +470,272 @@ impl Kre {
             now_ms,
         );
         Ok(report)
+    }
+
+    fn vault_or_refuse(&self, step: &'static str) -> Result<&Mutex<Vault>, Deny> {
+        self.vault.as_ref().ok_or_else(|| Deny {
+            stage: Stage::State { step },
+            ..Deny::new(
+                DenyCode::StateRefused,
+                "this KRE runs without custodians: its KEKs are ephemeral and it has no sealed state",
+            )
+        })
+    }
+
+    /// Records a durable-state step in the audit trail.
+    fn audit_state(&self, step: &str, ok: bool, detail: String, now_ms: u64) {
+        let _ = self.audit().append(AuditEvent::UnsealStep { step: step.to_owned(), ok, detail }, now_ms);
+    }
+
+    /// The durable-state report; when there is a generation to store, it is exported here.
+    fn state_report(&self) -> Result<StateReport, Deny> {
+        let Some(vault) = &self.vault else {
+            return Ok(StateReport {
+                phase: 0,
+                committed_generation: 0,
+                unsealing_generation: 0,
+                shares_accepted: 0,
+                threshold: 0,
+                set_digest: [0; 48],
+                export_generation: 0,
+                blob: Vec::new(),
+                shares: Vec::new(),
+                genesis_attestation: Vec::new(),
+            });
+        };
+        let mut v = lock(vault);
+        let refuse = |e: String| Deny { stage: Stage::State { step: "export" }, ..Deny::new(DenyCode::Internal, e) };
+        let export = self
+            .with_nsm_rng(|rng| v.export(self.crypto, rng).map(|e| e.cloned()))
+            .map_err(refuse)?
+            .map_err(|e| refuse(e.to_string()))?;
+        let custody = export.as_ref().and_then(|_| v.custody().cloned());
+        Ok(StateReport {
+            phase: v.phase().code(),
+            committed_generation: v.committed_generation(),
+            unsealing_generation: v.unsealing_generation().unwrap_or(0),
+            shares_accepted: v.shares_accepted(),
+            threshold: v.set().threshold(),
+            set_digest: v.set().digest(),
+            export_generation: export.as_ref().map_or(0, |e| e.generation),
+            blob: export.map(|e| e.blob).unwrap_or_default(),
+            shares: custody.as_ref().map(|c| c.shares.clone()).unwrap_or_default(),
+            genesis_attestation: custody.map(|c| c.genesis_attestation).unwrap_or_default(),
+        })
+    }
+
+    /// Genesis: a fresh KRE with no stored state creates it (exported, not yet in use).
+    fn state_genesis(&self, now_ms: u64) -> Result<StateReport, Deny> {
+        let vault = self.vault_or_refuse("genesis")?;
+        let refuse =
+            |e: String| Deny { stage: Stage::State { step: "genesis" }, ..Deny::new(DenyCode::StateRefused, e) };
+        let ids: Vec<Id> = self.policy_clusters().iter().filter_map(|c| Id::new(c).ok()).collect();
+        let head = self.policy_head();
+        let generation = {
+            let mut v = lock(vault);
+            let nsm = &self.nsm;
+            let mut attest = |ud: &[u8; 48]| {
+                nsm.attest(&AttestRequest { nonce: None, user_data: Some(ud.to_vec()), public_key: None })
+                    .map_err(|e| e.to_string())
+            };
+            self.with_nsm_rng(|rng| v.genesis(self.crypto, &ids, head, rng, &mut attest).map(|e| e.generation))
+                .map_err(refuse)?
+                .map_err(|e| refuse(e.to_string()))?
+        };
+        self.audit_state(
+            "state-genesis",
+            true,
+            format!("generation {generation} prepared with {} cluster(s); not used until stored", ids.len()),
+            now_ms,
+        );
+        self.state_report()
+    }
+
+    /// The parent's stored state: starts an unseal session.
+    fn state_load(&self, blob: Vec<u8>, custody: Custody, now_ms: u64) -> Result<StateReport, Deny> {
+        let vault = self.vault_or_refuse("load")?;
+        let refuse = |e: String| Deny { stage: Stage::State { step: "load" }, ..Deny::new(DenyCode::StateRefused, e) };
+        let blob_sha: [u8; 48] = Sha384::digest(&blob).into();
+        let generation = {
+            let mut v = lock(vault);
+            self.with_nsm_rng(|rng| v.load(self.crypto, blob, custody, rng))
+                .map_err(refuse)?
+                .map_err(|e| refuse(e.to_string()))?
+        };
+        self.audit_state(
+            "state-loaded",
+            true,
+            format!(
+                "generation {generation} (blob sha384 {}) loaded; awaiting custodian shares",
+                hex::encode(blob_sha)
+            ),
+            now_ms,
+        );
+        self.state_report()
+    }
+
+    /// The parent stored the exported generation durably: it becomes the state in use.
+    fn state_commit(&self, generation: u64, blob_sha384: &[u8; 48], now_ms: u64) -> Result<u64, Deny> {
+        let vault = self.vault_or_refuse("commit")?;
+        let refuse = |e: VaultError| Deny {
+            stage: Stage::State { step: "commit" },
+            ..Deny::new(DenyCode::StateRefused, e.to_string())
+        };
+        let (before, after, committed) = {
+            let mut v = lock(vault);
+            let before = v.committed_versions();
+            let g = v.commit(generation, blob_sha384).map_err(refuse)?;
+            (before, v.committed_versions(), g)
+        };
+        self.audit_state(
+            "state-committed",
+            true,
+            format!(
+                "generation {committed} (blob sha384 {}) stored by the parent and in use",
+                hex::encode(blob_sha384)
+            ),
+            now_ms,
+        );
+        // Every KEK version that became usable with this commit.
+        for (cluster, versions) in &after {
+            let old = before.iter().find(|(c, _)| c == cluster).map(|(_, v)| v.as_slice()).unwrap_or(&[]);
+            for (version, _) in versions {
+                if !old.iter().any(|(v, _)| v == version) {
+                    let _ = self
+                        .audit()
+                        .append(AuditEvent::KekRotated { cluster: cluster.clone(), new_version: *version }, now_ms);
+                }
+            }
+        }
+        Ok(committed)
+    }
+
+    /// An unseal offer for one custodian: the KRE's attestation with `public_key` = K,
+    /// `nonce` = the custodian's nonce and `user_data` binding the session.
+    fn unseal_offer(&self, client_nonce: [u8; 32]) -> Result<(Message, [u8; 48]), Deny> {
+        let vault = self.vault_or_refuse("unseal-offer")?;
+        let refuse = |code, e: String| Deny { stage: Stage::State { step: "unseal-offer" }, ..Deny::new(code, e) };
+        let offer = lock(vault).offer().map_err(|e| refuse(DenyCode::StateRefused, e.to_string()))?;
+        let shares_sha: [u8; 48] = Sha384::digest(&offer.custody.shares).into();
+        let user_data = vault::unseal_user_data(&offer.unseal_nonce, offer.generation, &offer.set_digest, &shares_sha);
+        let attestation = self
+            .nsm
+            .attest(&AttestRequest {
+                nonce: Some(client_nonce.to_vec()),
+                user_data: Some(user_data.to_vec()),
+                public_key: Some(offer.kre_public.to_vec()),
+            })
+            .map_err(|e| refuse(DenyCode::Internal, format!("KRE attestation unavailable: {e}")))?;
+        let sha = Sha384::digest(&attestation).into();
+        let msg = Message::UnsealOffer {
+            attestation,
+            unseal_nonce: offer.unseal_nonce,
+            generation: offer.generation,
+            shares: offer.custody.shares,
+            genesis_attestation: offer.custody.genesis_attestation,
+        };
+        Ok((msg, sha))
+    }
+
+    /// A custodian's share for the offer sent on this connection.
+    fn unseal_share(&self, attestation_sha384: [u8; 48], share: &[u8], now_ms: u64) -> Result<Step, Deny> {
+        let vault = self.vault_or_refuse("unseal-share")?;
+        let refuse =
+            |e: String| Deny { stage: Stage::State { step: "unseal-share" }, ..Deny::new(DenyCode::StateRefused, e) };
+        let msg = UnsealShare::decode(share).map_err(|e| refuse(e.to_string()))?;
+        let (outcome, need) = {
+            let mut v = lock(vault);
+            let need = v.set().threshold();
+            (v.add_share(self.crypto, attestation_sha384, &msg).map_err(|e| refuse(e.to_string()))?, need)
+        };
+        let (have, serving, generation) = match outcome {
+            UnsealOutcome::NeedMore { have, .. } => {
+                self.audit_state(
+                    "custodian-share-accepted",
+                    true,
+                    format!("share {} accepted ({have} of {need})", msg.x),
+                    now_ms,
+                );
+                (have, false, lock(vault).unsealing_generation().unwrap_or(0))
+            }
+            UnsealOutcome::Serving { generation } => {
+                self.audit_state(
+                    "unsealed",
+                    true,
+                    format!("share {} accepted; {need} of {need}: generation {generation} unsealed and in use", msg.x),
+                    now_ms,
+                );
+                self.after_unseal();
+                (need, true, generation)
+            }
+        };
+        Message::UnsealProgress { have, need, serving, generation }
+            .encode()
+            .map(|reply| Step { reply, close: true, event: Event::UnsealShareAccepted { have, need, serving } })
+            .map_err(|e| Deny::new(DenyCode::Internal, e.to_string()))
+    }
+
+    /// After an unseal: bundles replayed before it count toward the policy head, and clusters
+    /// of the current policy that the state lacks get KEKs (stored before use).
+    fn after_unseal(&self) {
+        if let (Some(v), Some(head)) = (&self.vault, self.policy_head()) {
+            lock(v).set_policy_head(head);
+        }
+        if let Err(e) = self.ensure_keks(&self.policy_clusters()) {
+            tracing::warn!(error = %e, "could not add KEKs for new clusters after unseal");
+        }
+    }
+
+    /// Why releases wait for the policy: the sealed state recorded a newer policy head than
+    /// the chain replayed so far, or the replayed chain differs at that version (a fork).
+    fn policy_floor_denial(&self) -> Option<String> {
+        let (fv, fd) = self.vault.as_ref().and_then(|v| lock(v).policy_floor())?;
+        let history = lock(&self.policy_history);
+        match history.iter().find(|(v, _)| *v == fv) {
+            Some((_, d)) if *d == fd => None,
+            Some(_) => Some(format!(
+                "the policy chain replayed since the restart differs at version {fv} from the one recorded in the sealed state (fork); restart the KRE and replay the right chain"
+            )),
+            None => Some(format!(
+                "the sealed state records policy version {fv}; the parent has replayed only up to version {} (run `keygate policy restore`)",
+                history.last().map_or(0, |(v, _)| *v)
+            )),
+        }
+    }
+
+    /// The KEK versions releasable for `cluster`: current first, then up to three older
+    /// active ones. With custodians, only committed versions.
+    fn releasable_keks(&self, cluster: &Id) -> Result<Vec<(u32, Kek)>, (DenyCode, String)> {
+        if let Some(v) = &self.vault {
+            let v = lock(v);
+            let keks: Vec<(u32, Kek)> = v
+                .releasable(cluster)
+                .into_iter()
+                .filter(|(_, s, _)| *s != KekStatus::Retired)
+                .take(MAX_VERSIONS_RELEASED)
+                .map(|(ver, _, k)| (ver, k))
+                .collect();
+            if keks.is_empty() {
+                return Err((
+                    DenyCode::StatePending,
+                    format!("the KEK of cluster `{cluster}` is not yet durably stored by the parent (retry after `keygate state sync`)"),
+                ));
+            }
+            return Ok(keks);
+        }
+        let keks = match self.keks.read() {
+            Ok(k) => k,
+            Err(p) => p.into_inner(),
+        };
+        match keks.current(cluster) {
+            Some((v, k)) => Ok(vec![(v, k.clone())]),
+            None => Err((DenyCode::Internal, format!("no KEK for cluster `{cluster}`"))),
+        }
+    }
+
+    /// The durable state's phase, or `None` without custodians.
+    pub fn vault_phase(&self) -> Option<Phase> {
+        self.vault.as_ref().map(|v| lock(v).phase())
     }
 
     /// The NSM backend in use ("hardware" or "mock").
@@ -404,6 +781,7 @@ fn millis(d: Duration) -> u64 {
 #[derive(Debug)]
 enum State {
     ExpectHello,
+    ExpectUnsealShare { attestation_sha384: [u8; 48] },
     ExpectRelease { client_nonce: [u8; 32], server_nonce: [u8; 32], kre_attestation_sha384: [u8; 48] },
     Done,
 }
@@ -443,6 +821,8 @@ enum Stage {
     Release,
     /// A policy push (version and digest when the bundle decoded).
     Policy { version: Option<u64>, digest: Option<[u8; 48]> },
+    /// A durable-state or unseal step.
+    State { step: &'static str },
 }
 
 struct Deny {
@@ -501,6 +881,39 @@ impl Connection {
                     .encode()
                     .map(|reply| Step { reply, close: true, event: Event::StatusReported })
                     .map_err(|e| Deny::new(DenyCode::Internal, e.to_string())),
+                (State::ExpectHello, Message::StatePoll) => kre.state_report().and_then(|r| report_step(r, "poll")),
+                (State::ExpectHello, Message::StateGenesis) => {
+                    kre.state_genesis(env.now_ms).and_then(|r| report_step(r, "genesis"))
+                }
+                (State::ExpectHello, Message::StateLoad { blob, shares, genesis_attestation }) => kre
+                    .state_load(blob, Custody { shares, genesis_attestation }, env.now_ms)
+                    .and_then(|r| report_step(r, "load")),
+                (State::ExpectHello, Message::StateCommit { generation, blob_sha384 }) => {
+                    kre.state_commit(generation, &blob_sha384, env.now_ms).and_then(|generation| {
+                        Message::StateCommitted { generation }
+                            .encode()
+                            .map(|reply| Step {
+                                reply,
+                                close: true,
+                                event: Event::State { step: "commit", generation },
+                            })
+                            .map_err(|e| Deny::new(DenyCode::Internal, e.to_string()))
+                    })
+                }
+                (State::ExpectHello, Message::UnsealHello { client_nonce }) => {
+                    kre.unseal_offer(client_nonce).and_then(|(msg, attestation_sha384)| {
+                        let reply = msg.encode().map_err(|e| Deny::new(DenyCode::Internal, e.to_string()))?;
+                        self.state = State::ExpectUnsealShare { attestation_sha384 };
+                        Ok(Step { reply, close: false, event: Event::UnsealOffered })
+                    })
+                }
+                (State::ExpectUnsealShare { attestation_sha384 }, Message::UnsealShare { share }) => {
+                    kre.unseal_share(attestation_sha384, &share, env.now_ms)
+                }
+                (State::ExpectUnsealShare { .. }, m) => Err(Deny {
+                    stage: Stage::State { step: "unseal-share" },
+                    ..Deny::new(DenyCode::UnexpectedMessage, format!("expected UnsealShare, got {}", m.name()))
+                }),
                 (State::ExpectHello, Message::PolicyPush { bundle }) => match kre.push_policy(&bundle, env.now_ms) {
                     Ok(r) => Message::PolicyAccepted {
                         version: r.version,
@@ -644,6 +1057,14 @@ fn audit_ack(kre: &Kre, up_to_seq: u64) -> Result<Step, Deny> {
         .map_err(|e| Deny::new(DenyCode::Internal, e.to_string()))
 }
 
+fn report_step(r: StateReport, step: &'static str) -> Result<Step, Deny> {
+    let generation = if r.export_generation > 0 { r.export_generation } else { r.committed_generation };
+    Message::StateReport(Box::new(r))
+        .encode()
+        .map(|reply| Step { reply, close: true, event: Event::State { step, generation } })
+        .map_err(|e| Deny::new(DenyCode::Internal, e.to_string()))
+}
+
 fn deny_step(d: Deny) -> Step {
     let reply = Message::Denied { code: d.code, reason: d.reason.clone() }.encode().unwrap_or_default();
     Step {
@@ -682,6 +1103,26 @@ fn release(
             "audit buffer full: the parent has not collected the trail; releases are refused until it does".into(),
             &requester,
         ));
+    }
+
+    // With custodians: nothing is released while sealed, or while the policy chain is behind
+    // the head recorded in the sealed state.
+    if let Some(phase) = kre.vault_phase() {
+        if phase != Phase::Serving {
+            kre.nonces().forget(server_nonce);
+            return Err(with(
+                DenyCode::Sealed,
+                format!(
+                    "the KRE is sealed ({}): it waits for the parent's stored state and its custodians",
+                    phase.as_str()
+                ),
+                &requester,
+            ));
+        }
+        if let Some(reason) = kre.policy_floor_denial() {
+            kre.nonces().forget(server_nonce);
+            return Err(with(DenyCode::PolicyStale, reason, &requester));
+        }
     }
 
     // The attestation document: chain, signature, limits, time.
@@ -774,19 +1215,15 @@ fn release(
         Err(e) => return Err(with(DenyCode::ImageNotAllowed, e.to_string(), &requester)),
     };
 
-    // Derive and wrap.
-    let keks = match kre.keks.read() {
-        Ok(k) => k,
-        Err(p) => p.into_inner(),
-    };
-    let Some((version, kek)) = keks.current(&cluster) else {
-        return Err(with(DenyCode::Internal, format!("no KEK for cluster `{cluster}`"), &requester));
-    };
-    let mut data_keys = Vec::with_capacity(key_ids.len());
+    // Derive and wrap: for each key id, the current version and the still-active older ones.
+    let keks = kre.releasable_keks(&cluster).map_err(|(code, reason)| with(code, reason, &requester))?;
+    let mut data_keys = Vec::with_capacity(key_ids.len() * keks.len());
     for k in &key_ids {
-        let dk = keys::derive_data_key(kre.crypto, kek, &cluster, k, version)
-            .map_err(|e| with(DenyCode::Internal, format!("deriving keys: {e}"), &requester))?;
-        data_keys.push((k.clone(), version, dk));
+        for (version, kek) in &keks {
+            let dk = keys::derive_data_key(kre.crypto, kek, &cluster, k, *version)
+                .map_err(|e| with(DenyCode::Internal, format!("deriving keys: {e}"), &requester))?;
+            data_keys.push((k.clone(), *version, dk));
+        }
     }
     drop(keks);
     let (ephemeral_point, wrapped) = keys::wrap(kre.crypto, &transcript, client_point, &data_keys, &mut *env.rng)
@@ -795,7 +1232,7 @@ fn release(
         .encode()
         .map_err(|e| with(DenyCode::Internal, format!("encoding: {e}"), &requester))?;
     // Recorded before the reply leaves: a release that cannot be recorded is not made.
-    let released: Vec<(Id, u32)> = key_ids.iter().map(|k| (k.clone(), version)).collect();
+    let released: Vec<(Id, u32)> = data_keys.iter().map(|(k, v, _)| (k.clone(), *v)).collect();
     let allowed = AuditEvent::ReleaseAllowed {
         requester: Requester::from_verified(&att),
         cluster: cluster.clone(),

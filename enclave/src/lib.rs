@@ -11,6 +11,7 @@
 pub mod audit;
 pub mod client;
 pub mod core;
+pub mod custodian;
 pub mod custody;
 pub mod io;
 pub mod keys;
@@ -20,4 +21,5 @@ pub mod sealed;
 pub mod server;
 pub mod shamir;
 pub mod transport;
+pub mod vault;
 pub mod wire;

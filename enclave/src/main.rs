@@ -60,6 +60,15 @@ struct Args {
     /// refuses releases (fail closed).
     #[arg(long, default_value_t = 65_536)]
     audit_capacity: usize,
+    /// A custodian of the sealed state: a P-384 public key (PEM, from `keygate keygen`).
+    /// Repeatable, in share order. With custodians the KRE starts sealed, keeps its KEKs in a
+    /// state the parent stores, and serves only after M custodians unseal it. Part of the
+    /// enclave image's configuration (so covered by its PCRs).
+    #[arg(long = "custodian", value_name = "PEM")]
+    custodians: Vec<PathBuf>,
+    /// M: how many custodians must act to unseal.
+    #[arg(long, requires = "custodians")]
+    custodian_threshold: Option<u8>,
     /// Worker threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
@@ -122,6 +131,10 @@ fn main() -> ExitCode {
             reserve: (args.audit_capacity / 256).clamp(1, 256),
             ..Default::default()
         },
+        custodians: match custodian_set(&args) {
+            Ok(set) => set,
+            Err(e) => return fail(e),
+        },
         ..KreConfig::default()
     };
     let verifier = Verifier::new(anchor.clone());
@@ -168,6 +181,7 @@ fn main() -> ExitCode {
             clusters,
             client_root_sha256 = %hex::encode(anchor.fingerprint()),
             policy_version = ?kre.policy_head().map(|(v, _)| v),
+            state = kre.vault_phase().map_or("ephemeral KEKs (no custodians)", |p| p.as_str()),
             "keygate-enclave ready"
         );
         let shutdown = async {
@@ -184,6 +198,35 @@ fn main() -> ExitCode {
         tracing::info!("keygate-enclave stopped");
         ExitCode::SUCCESS
     })
+}
+
+/// The custodian set from `--custodian` and `--custodian-threshold`.
+fn custodian_set(args: &Args) -> Result<Option<keygate_enclave::custody::CustodianSet>, String> {
+    if args.custodians.is_empty() {
+        if args.custodian_threshold.is_some() {
+            return Err("--custodian-threshold needs --custodian".into());
+        }
+        return Ok(None);
+    }
+    let threshold = args.custodian_threshold.ok_or("--custodian needs --custodian-threshold M")?;
+    let crypto = keygate_attestation::crypto::default_backend();
+    let mut keys = Vec::with_capacity(args.custodians.len());
+    for path in &args.custodians {
+        use p384::elliptic_curve::sec1::ToEncodedPoint;
+        use p384::pkcs8::DecodePublicKey;
+        let pem = std::fs::read_to_string(path).map_err(|e| format!("--custodian {}: {e}", path.display()))?;
+        let key = p384::PublicKey::from_public_key_pem(&pem)
+            .map_err(|e| format!("--custodian {}: not a P-384 public key (PEM): {e}", path.display()))?;
+        let point: [u8; 97] = key
+            .to_encoded_point(false)
+            .as_bytes()
+            .try_into()
+            .map_err(|_| format!("--custodian {}: not an uncompressed P-384 point", path.display()))?;
+        keys.push(point);
+    }
+    keygate_enclave::custody::CustodianSet::new(crypto, threshold, keys)
+        .map(Some)
+        .map_err(|e| format!("custodians: {e}"))
 }
 
 #[cfg(feature = "mock")]

@@ -113,6 +113,11 @@ fn log_event(peer: &str, event: &Event) {
         Event::AuditPulled { entries } => tracing::debug!(%peer, entries, "audit entries pulled"),
         Event::AuditAcked { up_to_seq } => tracing::info!(%peer, up_to_seq, "audit entries acknowledged"),
         Event::StatusReported => tracing::debug!(%peer, "status reported"),
+        Event::State { step, generation } => tracing::info!(%peer, step, generation, "sealed state step"),
+        Event::UnsealOffered => tracing::info!(%peer, "unseal offer sent to a custodian"),
+        Event::UnsealShareAccepted { have, need, serving } => {
+            tracing::info!(%peer, have, need, serving, "custodian share accepted");
+        }
         Event::PolicyAccepted { version, digest, activates_at_ms } => {
             tracing::info!(%peer, version, digest = %hex::encode(digest), activates_at_ms, "policy bundle accepted");
         }

@@ -22,6 +22,8 @@ pub const MAX_FRAME: usize = 64 * 1024;
 pub const NONCE_LEN: usize = 32;
 /// Most key ids in one Release.
 pub const MAX_KEYS: usize = 16;
+/// Most wrapped keys in one Released: every key id with up to four KEK versions.
+pub const MAX_RELEASED: usize = MAX_KEYS * 4;
 /// Longest cluster or key id.
 pub const MAX_ID: usize = 64;
 /// Longest denial reason text.
@@ -44,6 +46,45 @@ mod ty {
     pub(super) const AUDIT_ACKED: u8 = 11;
     pub(super) const STATUS: u8 = 12;
     pub(super) const STATUS_REPORT: u8 = 13;
+    pub(super) const STATE_POLL: u8 = 14;
+    pub(super) const STATE_REPORT: u8 = 15;
+    pub(super) const STATE_GENESIS: u8 = 16;
+    pub(super) const STATE_LOAD: u8 = 17;
+    pub(super) const STATE_COMMIT: u8 = 18;
+    pub(super) const STATE_COMMITTED: u8 = 19;
+    pub(super) const UNSEAL_HELLO: u8 = 20;
+    pub(super) const UNSEAL_OFFER: u8 = 21;
+    pub(super) const UNSEAL_SHARE: u8 = 22;
+    pub(super) const UNSEAL_PROGRESS: u8 = 23;
+}
+
+/// Length of a custodian's unseal share message (`custody::UNSEAL_SHARE_LEN`).
+pub const UNSEAL_SHARE_LEN: usize = crate::custody::UNSEAL_SHARE_LEN;
+
+/// The KRE's durable-state report (answer to StatePoll, StateGenesis and StateLoad).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateReport {
+    /// 1 awaiting state, 2 unsealing, 3 serving (`vault::Phase::code`); 0: this KRE runs
+    /// without custodians (ephemeral KEKs, nothing to store).
+    pub phase: u8,
+    /// The generation in use (0 before serving).
+    pub committed_generation: u64,
+    /// The generation being unsealed (0 when not unsealing).
+    pub unsealing_generation: u64,
+    /// Shares accepted in the unseal session.
+    pub shares_accepted: u8,
+    /// M.
+    pub threshold: u8,
+    /// Digest of the configured custodian set.
+    pub set_digest: [u8; 48],
+    /// The generation the parent should store now (0: nothing to store).
+    pub export_generation: u64,
+    /// Its sealed blob (empty when nothing to store).
+    pub blob: Vec<u8>,
+    /// The shares file (sent with every export).
+    pub shares: Vec<u8>,
+    /// The genesis attestation over the shares file (sent with every export).
+    pub genesis_attestation: Vec<u8>,
 }
 
 /// Most audit entries in one batch.
@@ -174,6 +215,68 @@ pub enum Message {
         /// UTF-8 JSON.
         json: String,
     },
+    /// Parent → KRE: report the durable state; carries the state to store, if any.
+    StatePoll,
+    /// KRE → parent: the durable state.
+    StateReport(Box<StateReport>),
+    /// Parent → KRE (awaiting state, no stored state exists): create the state (genesis).
+    StateGenesis,
+    /// Parent → KRE (awaiting state): the stored state, to unseal.
+    StateLoad {
+        /// The sealed blob.
+        blob: Vec<u8>,
+        /// The shares file.
+        shares: Vec<u8>,
+        /// The genesis attestation.
+        genesis_attestation: Vec<u8>,
+    },
+    /// Parent → KRE: the exported generation is stored durably and was read back.
+    StateCommit {
+        /// Its generation.
+        generation: u64,
+        /// SHA-384 of the blob as stored and read back.
+        blob_sha384: [u8; 48],
+    },
+    /// KRE → parent: the generation is now in use.
+    StateCommitted {
+        /// The generation.
+        generation: u64,
+    },
+    /// Custodian → KRE: start an unseal step with a fresh nonce.
+    UnsealHello {
+        /// The custodian's nonce (the KRE's attestation carries it).
+        client_nonce: [u8; NONCE_LEN],
+    },
+    /// KRE → custodian: the KRE's attestation (`public_key` = K, `user_data` binding the
+    /// session) and what the custodian needs to check and act.
+    UnsealOffer {
+        /// The KRE's attestation document.
+        attestation: Vec<u8>,
+        /// The session nonce.
+        unseal_nonce: [u8; NONCE_LEN],
+        /// The generation being unsealed.
+        generation: u64,
+        /// The shares file.
+        shares: Vec<u8>,
+        /// The genesis attestation over the shares file.
+        genesis_attestation: Vec<u8>,
+    },
+    /// Custodian → KRE: its share, re-encrypted to K.
+    UnsealShare {
+        /// `custody::UnsealShare::encode`.
+        share: Vec<u8>,
+    },
+    /// KRE → custodian: the share was accepted.
+    UnsealProgress {
+        /// Shares accepted so far (equal to `need` once unsealed).
+        have: u8,
+        /// M.
+        need: u8,
+        /// Whether the KRE now serves.
+        serving: bool,
+        /// The generation.
+        generation: u64,
+    },
     /// KRE → client: refusal, with the check that failed.
     Denied {
         /// Machine-readable reason.
@@ -199,6 +302,16 @@ impl Message {
             Message::AuditAcked { .. } => "AuditAcked",
             Message::Status => "Status",
             Message::StatusReport { .. } => "StatusReport",
+            Message::StatePoll => "StatePoll",
+            Message::StateReport(_) => "StateReport",
+            Message::StateGenesis => "StateGenesis",
+            Message::StateLoad { .. } => "StateLoad",
+            Message::StateCommit { .. } => "StateCommit",
+            Message::StateCommitted { .. } => "StateCommitted",
+            Message::UnsealHello { .. } => "UnsealHello",
+            Message::UnsealOffer { .. } => "UnsealOffer",
+            Message::UnsealShare { .. } => "UnsealShare",
+            Message::UnsealProgress { .. } => "UnsealProgress",
             Message::Denied { .. } => "Denied",
         }
     }
@@ -278,6 +391,12 @@ deny_codes! {
     ImageNotAllowed = 41, "image_not_allowed";
     /// The KRE is sealed (state not yet unsealed).
     Sealed = 50, "sealed";
+    /// The KEK version asked for is not yet durably stored (the parent has not committed it).
+    StatePending = 51, "state_pending";
+    /// A durable-state step was refused (wrong phase, wrong blob, bad share...).
+    StateRefused = 52, "state_refused";
+    /// The policy chain has not been replayed up to the head recorded in the sealed state.
+    PolicyStale = 72, "policy_stale";
     /// An internal failure (NSM, crypto); nothing was released.
     Internal = 60, "internal";
     /// A policy bundle was refused (the reason says which rule).
@@ -331,6 +450,9 @@ pub enum WireError {
     /// A field too long for its length prefix or limit.
     #[error("field too long")]
     TooLong,
+    /// A boolean byte other than 0 or 1.
+    #[error("flag byte must be 0 or 1")]
+    BadFlag,
 }
 
 struct Reader<'a> {
@@ -482,6 +604,62 @@ impl Message {
                 body.push(ty::STATUS_REPORT);
                 put_bytes16(&mut body, json.as_bytes())?;
             }
+            Message::StatePoll => body.push(ty::STATE_POLL),
+            Message::StateReport(r) => {
+                body.push(ty::STATE_REPORT);
+                body.push(r.phase);
+                body.extend_from_slice(&r.committed_generation.to_be_bytes());
+                body.extend_from_slice(&r.unsealing_generation.to_be_bytes());
+                body.push(r.shares_accepted);
+                body.push(r.threshold);
+                body.extend_from_slice(&r.set_digest);
+                body.extend_from_slice(&r.export_generation.to_be_bytes());
+                put_bytes16(&mut body, &r.blob)?;
+                put_bytes16(&mut body, &r.shares)?;
+                put_bytes16(&mut body, &r.genesis_attestation)?;
+            }
+            Message::StateGenesis => body.push(ty::STATE_GENESIS),
+            Message::StateLoad { blob, shares, genesis_attestation } => {
+                body.push(ty::STATE_LOAD);
+                put_bytes16(&mut body, blob)?;
+                put_bytes16(&mut body, shares)?;
+                put_bytes16(&mut body, genesis_attestation)?;
+            }
+            Message::StateCommit { generation, blob_sha384 } => {
+                body.push(ty::STATE_COMMIT);
+                body.extend_from_slice(&generation.to_be_bytes());
+                body.extend_from_slice(blob_sha384);
+            }
+            Message::StateCommitted { generation } => {
+                body.push(ty::STATE_COMMITTED);
+                body.extend_from_slice(&generation.to_be_bytes());
+            }
+            Message::UnsealHello { client_nonce } => {
+                body.push(ty::UNSEAL_HELLO);
+                body.extend_from_slice(client_nonce);
+            }
+            Message::UnsealOffer { attestation, unseal_nonce, generation, shares, genesis_attestation } => {
+                body.push(ty::UNSEAL_OFFER);
+                put_bytes16(&mut body, attestation)?;
+                body.extend_from_slice(unseal_nonce);
+                body.extend_from_slice(&generation.to_be_bytes());
+                put_bytes16(&mut body, shares)?;
+                put_bytes16(&mut body, genesis_attestation)?;
+            }
+            Message::UnsealShare { share } => {
+                if share.len() != UNSEAL_SHARE_LEN {
+                    return Err(WireError::TooLong);
+                }
+                body.push(ty::UNSEAL_SHARE);
+                body.extend_from_slice(share);
+            }
+            Message::UnsealProgress { have, need, serving, generation } => {
+                body.push(ty::UNSEAL_PROGRESS);
+                body.push(*have);
+                body.push(*need);
+                body.push(u8::from(*serving));
+                body.extend_from_slice(&generation.to_be_bytes());
+            }
             Message::Denied { code, reason } => {
                 body.push(ty::DENIED);
                 body.extend_from_slice(&code.to_u16().to_be_bytes());
@@ -531,7 +709,7 @@ impl Message {
             ty::RELEASED => {
                 let ephemeral_point = r.array()?;
                 let n = usize::from(r.u8()?);
-                if n > MAX_KEYS {
+                if n > MAX_RELEASED {
                     return Err(WireError::BadKeyCount(n));
                 }
                 let keys = (0..n)
@@ -558,6 +736,45 @@ impl Message {
             ty::STATUS_REPORT => Message::StatusReport {
                 json: std::str::from_utf8(r.bytes16()?).map_err(|_| WireError::BadText)?.to_owned(),
             },
+            ty::STATE_POLL => Message::StatePoll,
+            ty::STATE_REPORT => Message::StateReport(Box::new(StateReport {
+                phase: r.u8()?,
+                committed_generation: r.u64()?,
+                unsealing_generation: r.u64()?,
+                shares_accepted: r.u8()?,
+                threshold: r.u8()?,
+                set_digest: r.array()?,
+                export_generation: r.u64()?,
+                blob: r.bytes16()?.to_vec(),
+                shares: r.bytes16()?.to_vec(),
+                genesis_attestation: r.bytes16()?.to_vec(),
+            })),
+            ty::STATE_GENESIS => Message::StateGenesis,
+            ty::STATE_LOAD => Message::StateLoad {
+                blob: r.bytes16()?.to_vec(),
+                shares: r.bytes16()?.to_vec(),
+                genesis_attestation: r.bytes16()?.to_vec(),
+            },
+            ty::STATE_COMMIT => Message::StateCommit { generation: r.u64()?, blob_sha384: r.array()? },
+            ty::STATE_COMMITTED => Message::StateCommitted { generation: r.u64()? },
+            ty::UNSEAL_HELLO => Message::UnsealHello { client_nonce: r.array()? },
+            ty::UNSEAL_OFFER => Message::UnsealOffer {
+                attestation: r.bytes16()?.to_vec(),
+                unseal_nonce: r.array()?,
+                generation: r.u64()?,
+                shares: r.bytes16()?.to_vec(),
+                genesis_attestation: r.bytes16()?.to_vec(),
+            },
+            ty::UNSEAL_SHARE => Message::UnsealShare { share: r.take(UNSEAL_SHARE_LEN)?.to_vec() },
+            ty::UNSEAL_PROGRESS => {
+                let (have, need) = (r.u8()?, r.u8()?);
+                let serving = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(WireError::BadFlag),
+                };
+                Message::UnsealProgress { have, need, serving, generation: r.u64()? }
+            }
             ty::DENIED => {
                 let code = DenyCode::from_u16(r.u16()?);
                 let reason = r.bytes16()?;
@@ -629,7 +846,42 @@ mod tests {
             Message::AuditAcked { up_to_seq: 12, buffered: 3 },
             Message::Status,
             Message::StatusReport { json: "{}".into() },
+            Message::StatePoll,
+            Message::StateReport(Box::new(StateReport {
+                phase: 3,
+                committed_generation: 4,
+                unsealing_generation: 0,
+                shares_accepted: 0,
+                threshold: 2,
+                set_digest: [6; 48],
+                export_generation: 5,
+                blob: vec![1; 900],
+                shares: vec![2; 800],
+                genesis_attestation: vec![3; 4000],
+            })),
+            Message::StateGenesis,
+            Message::StateLoad { blob: vec![1; 40], shares: vec![2; 30], genesis_attestation: vec![3; 20] },
+            Message::StateCommit { generation: 5, blob_sha384: [7; 48] },
+            Message::StateCommitted { generation: 5 },
+            Message::UnsealHello { client_nonce: [8; 32] },
+            Message::UnsealOffer {
+                attestation: vec![1; 4600],
+                unseal_nonce: [2; 32],
+                generation: 9,
+                shares: vec![3; 700],
+                genesis_attestation: vec![4; 4600],
+            },
+            Message::UnsealShare { share: vec![5; UNSEAL_SHARE_LEN] },
+            Message::UnsealProgress { have: 1, need: 2, serving: false, generation: 9 },
+            Message::UnsealProgress { have: 2, need: 2, serving: true, generation: 9 },
         ]
+    }
+
+    #[test]
+    fn state_messages_refuse_bad_flags_and_share_lengths() {
+        assert_eq!(Message::decode(&[1, 23, 1, 2, 2, 0, 0, 0, 0, 0, 0, 0, 9]), Err(WireError::BadFlag));
+        assert_eq!(Message::UnsealShare { share: vec![0; 10] }.encode(), Err(WireError::TooLong));
+        assert_eq!(Message::decode(&[1, 22, 0, 0]), Err(WireError::Truncated));
     }
 
     #[test]

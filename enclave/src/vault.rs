@@ -1,0 +1,901 @@
+//! The KRE's durable state as a state machine without I/O (issue 6, docs/durability.md).
+//!
+//! ```text
+//!            StateGenesis                      StateCommit(g+1, digest)
+//! Awaiting ───────────────► Serving(pending g=1) ─────────────────────► Serving(g+1)
+//!    │ StateLoad(blob, shares)                      ▲  working ≠ committed: export g+1
+//!    ▼                                              │
+//! Unsealing ── M valid custodian shares ──► open ───┘
+//! ```
+//!
+//! - **Awaiting**: a KRE with custodians configured starts here. It holds no KEK and
+//!   releases nothing (`sealed`).
+//! - **Unsealing**: the parent handed over the stored blob and shares file; the KRE drew an
+//!   ephemeral P-384 key `K` and an unseal nonce for this session and collects custodian
+//!   shares re-encrypted to `K` ([`crate::custody`]). At M shares it reconstructs the state
+//!   key, opens the blob and serves exactly that generation.
+//! - **Serving**: `committed` is the newest state the parent has stored durably and
+//!   acknowledged; only its KEKs are used. Changes (a new cluster, a rotation, a new policy
+//!   head) go to `working`; the parent's next poll exports `working` sealed as generation
+//!   `committed + 1`, and only the parent's commit of exactly that generation and blob digest
+//!   makes it `committed`. An exported blob is fixed until committed (resending it is
+//!   idempotent, so a parent that crashed between store and commit simply stores and
+//!   commits it again). No key is ever released under a KEK version that exists only in
+//!   `working` or in an uncommitted export.
+//!
+//! The floor: the policy head recorded in the unsealed state. Until the parent has replayed
+//! the policy chain up to it (with the same digest at that version), releases are refused
+//! (`policy_stale`), so a parent that withholds newer bundles after a restart cannot roll
+//! the policy back.
+
+use keygate_attestation::crypto::{p384_scalar_from, Crypto, CryptoError, P384Scalar};
+use keygate_attestation::secret::Secret;
+use sha2::{Digest, Sha384};
+
+use crate::custody::{self, CustodianSet, CustodyError, PublicKey, SharesFile, UnsealContext, UnsealShare};
+use crate::keys::{Kek, KekStatus};
+use crate::sealed::{self, KekEntry, KreState, SealedError, SealedHeader};
+use crate::shamir::{self, Share};
+use crate::wire::Id;
+
+/// Largest sealed blob the KRE exports or loads: it travels in one 64 KiB frame together
+/// with the shares file and the genesis attestation. About 1,000 KEK versions with
+/// 16-character cluster names.
+pub const MAX_STATE_BLOB: usize = 40 * 1024;
+/// Largest shares file (32 custodians need 7,836 bytes).
+pub const MAX_SHARES_FILE: usize = 8 * 1024;
+/// Largest genesis attestation document.
+pub const MAX_GENESIS_ATTESTATION: usize = 12 * 1024;
+
+/// `user_data` of the KRE's unseal attestation:
+/// `SHA-384("keygate/v1/unseal-offer" ‖ unseal_nonce ‖ u64be generation ‖ set_digest ‖ SHA-384(shares file))`.
+/// Its `public_key` is `K`.
+pub fn unseal_user_data(
+    unseal_nonce: &[u8; 32],
+    generation: u64,
+    set_digest: &[u8; 48],
+    shares_sha384: &[u8; 48],
+) -> [u8; 48] {
+    let mut h = Sha384::new();
+    h.update(b"keygate/v1/unseal-offer");
+    h.update(unseal_nonce);
+    h.update(generation.to_be_bytes());
+    h.update(set_digest);
+    h.update(shares_sha384);
+    h.finalize().into()
+}
+
+/// `user_data` of the genesis attestation that travels with the shares file:
+/// `SHA-384("keygate/v1/genesis" ‖ shares file)`. It shows custodians that the shares were
+/// made inside a genuine KRE (so nobody outside knows the state key).
+pub fn genesis_user_data(shares_file: &[u8]) -> [u8; 48] {
+    let mut h = Sha384::new();
+    h.update(b"keygate/v1/genesis");
+    h.update(shares_file);
+    h.finalize().into()
+}
+
+/// Where the vault is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for the parent's stored state (or a genesis).
+    Awaiting,
+    /// Collecting custodian shares.
+    Unsealing,
+    /// Unsealed (or created) and serving.
+    Serving,
+}
+
+impl Phase {
+    /// Lower-case name, as in status reports and the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Awaiting => "awaiting_state",
+            Phase::Unsealing => "unsealing",
+            Phase::Serving => "serving",
+        }
+    }
+
+    /// The wire code.
+    pub fn code(self) -> u8 {
+        match self {
+            Phase::Awaiting => 1,
+            Phase::Unsealing => 2,
+            Phase::Serving => 3,
+        }
+    }
+
+    /// From the wire code.
+    pub fn from_code(c: u8) -> Option<Self> {
+        match c {
+            1 => Some(Phase::Awaiting),
+            2 => Some(Phase::Unsealing),
+            3 => Some(Phase::Serving),
+            _ => None,
+        }
+    }
+}
+
+/// Why the vault refused a step.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum VaultError {
+    /// The step does not fit the phase.
+    #[error("the KRE is {}; {step} needs it {needs}", phase.as_str())]
+    WrongPhase {
+        /// Where the vault is.
+        phase: Phase,
+        /// The step asked for.
+        step: &'static str,
+        /// What it needs.
+        needs: &'static str,
+    },
+    /// The sealed blob is unusable.
+    #[error("sealed state: {0}")]
+    Sealed(#[from] SealedError),
+    /// A custody check failed.
+    #[error("custody: {0}")]
+    Custody(#[from] CustodyError),
+    /// The blob's header names another custodian set than the one configured.
+    #[error("the sealed state is for another custodian set than this KRE's configuration")]
+    StateSetMismatch,
+    /// The shares file is for another custodian set.
+    #[error("the shares file is for another custodian set than this KRE's configuration")]
+    SharesSetMismatch,
+    /// A size limit.
+    #[error("{what} is {len} bytes; the limit is {max}")]
+    TooLarge {
+        /// Which input.
+        what: &'static str,
+        /// Its size.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The reconstructed key does not open the blob: a tampered blob (or shares file).
+    #[error("the reconstructed state key does not open the sealed state (tampered blob or shares file); load the state again")]
+    StateDoesNotOpen,
+    /// A commit without an export.
+    #[error("no exported state to commit")]
+    NothingExported,
+    /// A commit for another generation or blob than the one exported.
+    #[error("commit of generation {got} does not match the exported generation {exported} and its digest")]
+    CommitMismatch {
+        /// What the parent named.
+        got: u64,
+        /// What was exported.
+        exported: u64,
+    },
+    /// The generation counter would overflow.
+    #[error("generation counter exhausted")]
+    GenerationExhausted,
+    /// A KEK version limit.
+    #[error("cluster `{cluster}` has the maximum number of KEK versions")]
+    TooManyVersions {
+        /// The cluster.
+        cluster: String,
+    },
+    /// Cryptography failed.
+    #[error("crypto: {0}")]
+    Crypto(CryptoError),
+    /// The NSM could not attest (genesis).
+    #[error("attestation for the genesis shares failed: {0}")]
+    Attestation(String),
+}
+
+/// A state the KRE wants the parent to store.
+#[derive(Clone)]
+pub struct Export {
+    /// Its generation.
+    pub generation: u64,
+    /// The sealed blob.
+    pub blob: Vec<u8>,
+    /// SHA-384 of the blob (what the commit names).
+    pub blob_sha384: [u8; 48],
+    state: KreState,
+}
+
+impl std::fmt::Debug for Export {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Export").field("generation", &self.generation).field("len", &self.blob.len()).finish()
+    }
+}
+
+/// What the parent stores with every blob: the shares file and the genesis attestation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Custody {
+    /// The shares file (`custody::SharesFile::encode`).
+    pub shares: Vec<u8>,
+    /// The genesis KRE's attestation over the shares file ([`genesis_user_data`]).
+    pub genesis_attestation: Vec<u8>,
+}
+
+/// What a custodian needs to act: the session values bound into the KRE's attestation.
+#[derive(Debug, Clone)]
+pub struct UnsealOffer {
+    /// K, the session key (the attestation's `public_key`).
+    pub kre_public: PublicKey,
+    /// The session nonce.
+    pub unseal_nonce: [u8; 32],
+    /// The generation being unsealed.
+    pub generation: u64,
+    /// The custodian set digest.
+    pub set_digest: [u8; 48],
+    /// The shares file and genesis attestation.
+    pub custody: Custody,
+}
+
+/// The result of one accepted share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnsealOutcome {
+    /// More shares are needed.
+    NeedMore {
+        /// Accepted so far.
+        have: u8,
+        /// The threshold.
+        need: u8,
+    },
+    /// Unsealed: serving this generation.
+    Serving {
+        /// The generation.
+        generation: u64,
+    },
+}
+
+struct Unsealing {
+    blob: Vec<u8>,
+    header: SealedHeader,
+    custody: Custody,
+    kre_key: P384Scalar,
+    kre_public: PublicKey,
+    unseal_nonce: [u8; 32],
+    shares: Vec<Share>,
+}
+
+struct Serving {
+    state_key: Secret<32>,
+    custody: Custody,
+    committed: KreState,
+    working: KreState,
+    exported: Option<Export>,
+}
+
+enum Inner {
+    Awaiting,
+    Unsealing(Box<Unsealing>),
+    Serving(Box<Serving>),
+}
+
+/// The KRE's durable state. Never prints a key (no field is printed by `Debug`).
+pub struct Vault {
+    set: CustodianSet,
+    inner: Inner,
+    floor: Option<(u64, [u8; 48])>,
+}
+
+impl std::fmt::Debug for Vault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vault")
+            .field("phase", &self.phase())
+            .field("committed_generation", &self.committed_generation())
+            .finish_non_exhaustive()
+    }
+}
+
+fn check_len(what: &'static str, b: &[u8], max: usize) -> Result<(), VaultError> {
+    if b.len() > max {
+        return Err(VaultError::TooLarge { what, len: b.len(), max });
+    }
+    Ok(())
+}
+
+impl Vault {
+    /// A vault for the configured custodian set, awaiting its state.
+    pub fn new(set: CustodianSet) -> Self {
+        Self { set, inner: Inner::Awaiting, floor: None }
+    }
+
+    /// The configured custodian set.
+    pub fn set(&self) -> &CustodianSet {
+        &self.set
+    }
+
+    /// Where the vault is.
+    pub fn phase(&self) -> Phase {
+        match self.inner {
+            Inner::Awaiting => Phase::Awaiting,
+            Inner::Unsealing(_) => Phase::Unsealing,
+            Inner::Serving(_) => Phase::Serving,
+        }
+    }
+
+    /// The generation in use (0 before serving).
+    pub fn committed_generation(&self) -> u64 {
+        match &self.inner {
+            Inner::Serving(s) => s.committed.generation,
+            _ => 0,
+        }
+    }
+
+    /// The generation being unsealed.
+    pub fn unsealing_generation(&self) -> Option<u64> {
+        match &self.inner {
+            Inner::Unsealing(u) => Some(u.header.generation),
+            _ => None,
+        }
+    }
+
+    /// Shares accepted so far in the unseal session.
+    pub fn shares_accepted(&self) -> u8 {
+        match &self.inner {
+            Inner::Unsealing(u) => u8::try_from(u.shares.len()).unwrap_or(u8::MAX),
+            _ => 0,
+        }
+    }
+
+    /// The pending export's generation, if any.
+    pub fn exported_generation(&self) -> Option<u64> {
+        match &self.inner {
+            Inner::Serving(s) => s.exported.as_ref().map(|e| e.generation),
+            _ => None,
+        }
+    }
+
+    /// Whether `working` holds changes not yet committed.
+    pub fn has_uncommitted(&self) -> bool {
+        match &self.inner {
+            Inner::Serving(s) => s.exported.is_some() || !same_content(&s.working, &s.committed),
+            _ => false,
+        }
+    }
+
+    /// The policy head recorded in the unsealed state: releases wait until the policy has
+    /// been replayed up to it.
+    pub fn policy_floor(&self) -> Option<(u64, [u8; 48])> {
+        self.floor
+    }
+
+    /// The policy has reached the floor (called when the chain passes it).
+    pub fn clear_floor_if_reached(&mut self, head: Option<(u64, [u8; 48])>) {
+        if let (Some((fv, _)), Some((hv, _))) = (self.floor, head) {
+            if hv >= fv {
+                self.floor = None;
+            }
+        }
+    }
+
+    /// The shares file and genesis attestation (serving or unsealing).
+    pub fn custody(&self) -> Option<&Custody> {
+        match &self.inner {
+            Inner::Serving(s) => Some(&s.custody),
+            Inner::Unsealing(u) => Some(&u.custody),
+            Inner::Awaiting => None,
+        }
+    }
+
+    fn wrong(&self, step: &'static str, needs: &'static str) -> VaultError {
+        VaultError::WrongPhase { phase: self.phase(), step, needs }
+    }
+
+    /// Genesis: draws the state key, splits it among the custodians, creates version 1 of a
+    /// KEK for every cluster, and exports generation 1. `attest` produces the KRE's
+    /// attestation with the given `user_data` ([`genesis_user_data`] of the shares file).
+    pub fn genesis(
+        &mut self,
+        crypto: &dyn Crypto,
+        clusters: &[Id],
+        policy_head: Option<(u64, [u8; 48])>,
+        rng: &mut dyn FnMut(&mut [u8]),
+        attest: &mut dyn FnMut(&[u8; 48]) -> Result<Vec<u8>, String>,
+    ) -> Result<&Export, VaultError> {
+        if !matches!(self.inner, Inner::Awaiting) {
+            return Err(self.wrong("genesis", "awaiting state (a fresh KRE with no state loaded)"));
+        }
+        let state_key: Secret<32> = Secret::generate(&mut *rng);
+        let shares = SharesFile::create(crypto, self.set.clone(), &state_key, rng)?.encode();
+        check_len("shares file", &shares, MAX_SHARES_FILE)?;
+        let genesis_attestation = attest(&genesis_user_data(&shares)).map_err(VaultError::Attestation)?;
+        check_len("genesis attestation", &genesis_attestation, MAX_GENESIS_ATTESTATION)?;
+        let committed = KreState::default();
+        let mut working = KreState { generation: 0, policy_head, clusters: Default::default() };
+        for c in clusters {
+            working.clusters.entry(c.clone()).or_insert_with(|| {
+                vec![KekEntry { version: 1, status: KekStatus::Current, kek: Secret::generate(&mut *rng) }]
+            });
+        }
+        self.inner = Inner::Serving(Box::new(Serving {
+            state_key,
+            custody: Custody { shares, genesis_attestation },
+            committed,
+            working,
+            exported: None,
+        }));
+        match self.export(crypto, rng)? {
+            Some(e) => Ok(e),
+            None => Err(VaultError::NothingExported),
+        }
+    }
+
+    /// The parent hands over the stored state: checks it without the key and starts an
+    /// unseal session (a new K and nonce; a session in progress is abandoned).
+    pub fn load(
+        &mut self,
+        crypto: &dyn Crypto,
+        blob: Vec<u8>,
+        custody: Custody,
+        rng: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<u64, VaultError> {
+        if matches!(self.inner, Inner::Serving(_)) {
+            return Err(self.wrong("loading a state", "awaiting state or unsealing"));
+        }
+        check_len("sealed state", &blob, MAX_STATE_BLOB)?;
+        check_len("shares file", &custody.shares, MAX_SHARES_FILE)?;
+        check_len("genesis attestation", &custody.genesis_attestation, MAX_GENESIS_ATTESTATION)?;
+        let header = sealed::peek_header(&blob)?;
+        if header.custodian_set_digest != self.set.digest() {
+            return Err(VaultError::StateSetMismatch);
+        }
+        let shares = SharesFile::decode(crypto, &custody.shares)?;
+        if shares.set() != &self.set {
+            return Err(VaultError::SharesSetMismatch);
+        }
+        let (kre_key, kre_public) = p384_scalar_from(crypto, &mut *rng).map_err(VaultError::Crypto)?;
+        let kre_public: PublicKey = kre_public.try_into().map_err(|_| VaultError::Crypto(CryptoError::BadPublicKey))?;
+        let mut unseal_nonce = [0u8; 32];
+        rng(&mut unseal_nonce);
+        let generation = header.generation;
+        self.inner = Inner::Unsealing(Box::new(Unsealing {
+            blob,
+            header,
+            custody,
+            kre_key,
+            kre_public,
+            unseal_nonce,
+            shares: Vec::new(),
+        }));
+        Ok(generation)
+    }
+
+    /// What a custodian binds its share to (unsealing only).
+    pub fn offer(&self) -> Result<UnsealOffer, VaultError> {
+        let Inner::Unsealing(u) = &self.inner else {
+            return Err(self.wrong("an unseal offer", "unsealing (the parent has loaded the stored state)"));
+        };
+        Ok(UnsealOffer {
+            kre_public: u.kre_public,
+            unseal_nonce: u.unseal_nonce,
+            generation: u.header.generation,
+            set_digest: self.set.digest(),
+            custody: u.custody.clone(),
+        })
+    }
+
+    /// One custodian's share, re-encrypted to K and bound to the attestation the KRE sent on
+    /// that custodian's connection. At the threshold: reconstructs the key, opens the blob and
+    /// serves. A refused share leaves the session as it was, except that a reconstructed key
+    /// that does not open the blob ends the session's shares (the parent must load again).
+    pub fn add_share(
+        &mut self,
+        crypto: &dyn Crypto,
+        kre_attestation_sha384: [u8; 48],
+        msg: &UnsealShare,
+    ) -> Result<UnsealOutcome, VaultError> {
+        let set_digest = self.set.digest();
+        let threshold = self.set.threshold();
+        let Inner::Unsealing(u) = &mut self.inner else {
+            return Err(self.wrong("an unseal share", "unsealing"));
+        };
+        let ctx = UnsealContext {
+            kre_attestation_sha384,
+            unseal_nonce: u.unseal_nonce,
+            kre_public: u.kre_public,
+            set_digest,
+            generation: u.header.generation,
+        };
+        let share = custody::kre_open_unseal_share(crypto, &self.set, &u.kre_key, &ctx, msg)?;
+        if u.shares.iter().any(|s| s.x == share.x) {
+            return Err(CustodyError::DuplicateShare { x: share.x }.into());
+        }
+        u.shares.push(share);
+        let have = u8::try_from(u.shares.len()).unwrap_or(u8::MAX);
+        if have < threshold {
+            return Ok(UnsealOutcome::NeedMore { have, need: threshold });
+        }
+        let key = shamir::combine(&u.shares, threshold);
+        u.shares.clear();
+        let key = key.map_err(CustodyError::from)?;
+        let state = sealed::open(&u.blob, &key, crypto).map_err(|e| match e {
+            SealedError::Decrypt => VaultError::StateDoesNotOpen,
+            other => VaultError::Sealed(other),
+        })?;
+        let generation = state.generation;
+        self.floor = state.policy_head;
+        let custody = u.custody.clone();
+        self.inner = Inner::Serving(Box::new(Serving {
+            state_key: key,
+            custody,
+            committed: state.clone(),
+            working: state,
+            exported: None,
+        }));
+        Ok(UnsealOutcome::Serving { generation })
+    }
+
+    /// The state the parent should store next: the fixed export if one is outstanding,
+    /// otherwise `working` sealed as `committed + 1` when it differs from `committed`.
+    pub fn export(
+        &mut self,
+        crypto: &dyn Crypto,
+        rng: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<Option<&Export>, VaultError> {
+        let set_digest = self.set.digest();
+        let Inner::Serving(s) = &mut self.inner else {
+            return Ok(None);
+        };
+        if s.exported.is_none() && !same_content(&s.working, &s.committed) {
+            let generation = s.committed.generation.checked_add(1).ok_or(VaultError::GenerationExhausted)?;
+            let mut state = s.working.clone();
+            state.generation = generation;
+            let blob = sealed::seal(&state, &s.state_key, &set_digest, rng, crypto)?;
+            check_len("sealed state", &blob, MAX_STATE_BLOB)?;
+            let blob_sha384 = Sha384::digest(&blob).into();
+            s.exported = Some(Export { generation, blob, blob_sha384, state });
+        }
+        Ok(s.exported.as_ref())
+    }
+
+    /// The parent has stored and read back exactly the exported blob: it becomes the state
+    /// in use. Returns the generation.
+    pub fn commit(&mut self, generation: u64, blob_sha384: &[u8; 48]) -> Result<u64, VaultError> {
+        let Inner::Serving(s) = &mut self.inner else {
+            return Err(self.wrong("a commit", "serving"));
+        };
+        let Some(e) = &s.exported else {
+            // Idempotent: a commit of the generation already committed (the parent retried
+            // after losing the answer) is acknowledged again.
+            if generation == s.committed.generation && generation > 0 {
+                return Ok(generation);
+            }
+            return Err(VaultError::NothingExported);
+        };
+        if e.generation != generation || e.blob_sha384 != *blob_sha384 {
+            return Err(VaultError::CommitMismatch { got: generation, exported: e.generation });
+        }
+        let Some(e) = s.exported.take() else { return Err(VaultError::NothingExported) };
+        s.committed = e.state;
+        s.working.generation = generation;
+        Ok(generation)
+    }
+
+    /// Adds version 1 of a KEK for every cluster that has none (to `working`). Returns the
+    /// clusters added.
+    pub fn ensure_clusters(&mut self, clusters: &[Id], rng: &mut dyn FnMut(&mut [u8])) -> Result<Vec<Id>, VaultError> {
+        let Inner::Serving(s) = &mut self.inner else {
+            return Err(self.wrong("adding clusters", "serving"));
+        };
+        let mut added = Vec::new();
+        for c in clusters {
+            if !s.working.clusters.contains_key(c) {
+                if s.working.clusters.len() >= sealed::MAX_CLUSTERS {
+                    return Err(VaultError::TooManyVersions { cluster: c.to_string() });
+                }
+                let kek: Kek = Secret::generate(&mut *rng);
+                s.working.clusters.insert(c.clone(), vec![KekEntry { version: 1, status: KekStatus::Current, kek }]);
+                added.push(c.clone());
+            }
+        }
+        Ok(added)
+    }
+
+    /// Makes `cluster` have at least KEK version `version` (new versions become current,
+    /// the previous current stays active) and retires every version below `retire_below`.
+    /// Changes go to `working`. Returns the new current version if one was created.
+    pub fn rotate_to(
+        &mut self,
+        cluster: &Id,
+        version: u32,
+        retire_below: u32,
+        rng: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<Option<u32>, VaultError> {
+        let Inner::Serving(s) = &mut self.inner else {
+            return Err(self.wrong("a rotation", "serving"));
+        };
+        let Some(entries) = s.working.clusters.get_mut(cluster) else {
+            return Ok(None);
+        };
+        let mut created = None;
+        loop {
+            let newest = entries.last().map_or(0, |e| e.version);
+            if newest >= version {
+                break;
+            }
+            if entries.len() >= sealed::MAX_VERSIONS {
+                return Err(VaultError::TooManyVersions { cluster: cluster.to_string() });
+            }
+            for e in entries.iter_mut() {
+                if e.status == KekStatus::Current {
+                    e.status = KekStatus::Active;
+                }
+            }
+            let v = newest + 1;
+            entries.push(KekEntry { version: v, status: KekStatus::Current, kek: Secret::generate(&mut *rng) });
+            created = Some(v);
+        }
+        for e in entries.iter_mut() {
+            if e.version < retire_below && e.status != KekStatus::Current {
+                e.status = KekStatus::Retired;
+            }
+        }
+        Ok(created)
+    }
+
+    /// Records a newer policy head in `working`.
+    pub fn set_policy_head(&mut self, head: (u64, [u8; 48])) {
+        if let Inner::Serving(s) = &mut self.inner {
+            if s.working.policy_head.is_none_or(|(v, _)| head.0 > v) {
+                s.working.policy_head = Some(head);
+            }
+        }
+    }
+
+    /// The committed KEK versions of `cluster` that may be released: the current one first,
+    /// then the active older ones, newest first. Empty when not serving or not committed.
+    pub fn releasable(&self, cluster: &Id) -> Vec<(u32, KekStatus, Kek)> {
+        let Inner::Serving(s) = &self.inner else {
+            return Vec::new();
+        };
+        let Some(entries) = s.committed.clusters.get(cluster) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(u32, KekStatus, Kek)> = entries
+            .iter()
+            .rev()
+            .filter(|e| e.status != KekStatus::Retired)
+            .map(|e| (e.version, e.status, e.kek.clone()))
+            .collect();
+        out.sort_by_key(|(v, s, _)| (*s != KekStatus::Current, std::cmp::Reverse(*v)));
+        out
+    }
+
+    /// The committed KEK versions per cluster (version, status), for status reports.
+    pub fn committed_versions(&self) -> Vec<(Id, Vec<(u32, KekStatus)>)> {
+        let Inner::Serving(s) = &self.inner else {
+            return Vec::new();
+        };
+        s.committed
+            .clusters
+            .iter()
+            .map(|(c, es)| (c.clone(), es.iter().map(|e| (e.version, e.status)).collect()))
+            .collect()
+    }
+}
+
+fn same_content(a: &KreState, b: &KreState) -> bool {
+    a.policy_head == b.policy_head && a.clusters == b.clusters
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keygate_attestation::crypto::all_backends;
+
+    fn rng(seed: u8) -> impl FnMut(&mut [u8]) {
+        let mut n = u32::from(seed);
+        move |b: &mut [u8]| {
+            for x in b.iter_mut() {
+                n = n.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                *x = (n >> 16) as u8;
+            }
+        }
+    }
+
+    struct Custodian {
+        scalar: P384Scalar,
+    }
+
+    fn setup(crypto: &dyn Crypto, m: u8, n: u8) -> (Vec<Custodian>, CustodianSet) {
+        let mut cs = Vec::new();
+        let mut keys = Vec::new();
+        for i in 0..n {
+            let (scalar, public) = p384_scalar_from(crypto, rng(100 + i)).expect("key");
+            keys.push(public.try_into().expect("point"));
+            cs.push(Custodian { scalar });
+        }
+        let set = CustodianSet::new(crypto, m, keys).expect("set");
+        (cs, set)
+    }
+
+    fn id(s: &str) -> Id {
+        Id::new(s).expect("id")
+    }
+
+    fn attest_ok(_: &[u8; 48]) -> Result<Vec<u8>, String> {
+        Ok(b"genesis-attestation".to_vec())
+    }
+
+    /// Genesis, commit; returns the vault and the committed blob and custody.
+    fn genesis(crypto: &dyn Crypto, set: &CustodianSet) -> (Vault, Vec<u8>, Custody) {
+        let mut v = Vault::new(set.clone());
+        let mut r = rng(1);
+        let e = v.genesis(crypto, &[id("a"), id("b")], Some((1, [9; 48])), &mut r, &mut attest_ok).expect("genesis");
+        let (g, blob, sha) = (e.generation, e.blob.clone(), e.blob_sha384);
+        assert_eq!(g, 1);
+        assert!(v.releasable(&id("a")).is_empty(), "nothing released before the commit");
+        assert_eq!(v.commit(1, &sha), Ok(1));
+        let custody = v.custody().expect("custody").clone();
+        (v, blob, custody)
+    }
+
+    fn share_for(crypto: &dyn Crypto, c: &Custodian, offer: &UnsealOffer, att: [u8; 48], seed: u8) -> UnsealShare {
+        let shares = SharesFile::decode(crypto, &offer.custody.shares).expect("shares");
+        let ctx = UnsealContext {
+            kre_attestation_sha384: att,
+            unseal_nonce: offer.unseal_nonce,
+            kre_public: offer.kre_public,
+            set_digest: offer.set_digest,
+            generation: offer.generation,
+        };
+        custody::custodian_reencrypt(crypto, &shares, &c.scalar, &ctx, &mut rng(seed)).expect("reencrypt")
+    }
+
+    #[test]
+    fn genesis_commit_restart_unseal_gives_the_same_keks_on_every_backend() {
+        for crypto in all_backends() {
+            let (cs, set) = setup(crypto, 2, 3);
+            let (v, blob, custody) = genesis(crypto, &set);
+            let before = v.releasable(&id("a"));
+            assert_eq!(before.len(), 1);
+            // Restart.
+            let mut k = Vault::new(set.clone());
+            assert!(k.releasable(&id("a")).is_empty());
+            assert_eq!(k.load(crypto, blob, custody, &mut rng(2)), Ok(1));
+            let offer = k.offer().expect("offer");
+            let out = k.add_share(crypto, [1; 48], &share_for(crypto, &cs[2], &offer, [1; 48], 7)).expect("share");
+            assert_eq!(out, UnsealOutcome::NeedMore { have: 1, need: 2 });
+            assert!(k.releasable(&id("a")).is_empty(), "one share unseals nothing");
+            let out = k.add_share(crypto, [2; 48], &share_for(crypto, &cs[0], &offer, [2; 48], 8)).expect("share");
+            assert_eq!(out, UnsealOutcome::Serving { generation: 1 });
+            let after = k.releasable(&id("a"));
+            assert_eq!(after[0].0, before[0].0);
+            assert_eq!(after[0].2, before[0].2, "{}", crypto.name());
+            assert_eq!(k.policy_floor(), Some((1, [9; 48])));
+        }
+    }
+
+    #[test]
+    fn unseal_refusals() {
+        let crypto = keygate_attestation::crypto::default_backend();
+        let (cs, set) = setup(crypto, 2, 3);
+        let (_, blob, custody) = genesis(crypto, &set);
+        let mut k = Vault::new(set.clone());
+        k.load(crypto, blob.clone(), custody.clone(), &mut rng(2)).expect("load");
+        let offer = k.offer().expect("offer");
+        // A share bound to another connection's attestation.
+        let s = share_for(crypto, &cs[0], &offer, [1; 48], 7);
+        assert_eq!(k.add_share(crypto, [2; 48], &s), Err(VaultError::Custody(CustodyError::UnsealShareDecrypt)));
+        // The same custodian twice.
+        k.add_share(crypto, [1; 48], &s).expect("first");
+        let again = share_for(crypto, &cs[0], &offer, [3; 48], 9);
+        assert_eq!(
+            k.add_share(crypto, [3; 48], &again),
+            Err(VaultError::Custody(CustodyError::DuplicateShare { x: 1 }))
+        );
+        // A non-custodian.
+        let (outsiders, _) = setup(crypto, 1, 4);
+        let shares = SharesFile::decode(crypto, &offer.custody.shares).expect("shares");
+        let ctx = UnsealContext {
+            kre_attestation_sha384: [4; 48],
+            unseal_nonce: offer.unseal_nonce,
+            kre_public: offer.kre_public,
+            set_digest: offer.set_digest,
+            generation: offer.generation,
+        };
+        assert!(custody::custodian_reencrypt(crypto, &shares, &outsiders[3].scalar, &ctx, &mut rng(3)).is_err());
+        // A share from an earlier session (another K and nonce) is refused.
+        let mut k2 = Vault::new(set.clone());
+        k2.load(crypto, blob.clone(), custody.clone(), &mut rng(5)).expect("load");
+        let offer2 = k2.offer().expect("offer");
+        let old = share_for(crypto, &cs[1], &offer, [5; 48], 4);
+        assert!(k2.add_share(crypto, [5; 48], &old).is_err(), "replayed share from another session");
+        let _ = offer2;
+        // A tampered blob is refused before unsealing (digest) ...
+        let mut bad = blob.clone();
+        bad[super::sealed::HEADER_LEN + 3] ^= 1;
+        let mut k3 = Vault::new(set.clone());
+        assert_eq!(
+            k3.load(crypto, bad, custody.clone(), &mut rng(6)),
+            Err(VaultError::Sealed(SealedError::DigestMismatch))
+        );
+        // ... and a re-digested tampered blob does not open.
+        let mut bad = blob.clone();
+        bad[super::sealed::HEADER_LEN + 3] ^= 1;
+        let n = bad.len() - 48;
+        let d = Sha384::digest(&bad[..n]);
+        bad[n..].copy_from_slice(&d);
+        k3.load(crypto, bad, custody.clone(), &mut rng(6)).expect("loads: digest recomputed");
+        let o3 = k3.offer().expect("offer");
+        k3.add_share(crypto, [1; 48], &share_for(crypto, &cs[0], &o3, [1; 48], 1)).expect("one");
+        assert_eq!(
+            k3.add_share(crypto, [2; 48], &share_for(crypto, &cs[1], &o3, [2; 48], 2)),
+            Err(VaultError::StateDoesNotOpen)
+        );
+        assert_eq!(k3.phase(), Phase::Unsealing);
+        // A state for another custodian set.
+        let (_, other_set) = setup(crypto, 1, 2);
+        let mut k4 = Vault::new(other_set);
+        assert_eq!(k4.load(crypto, blob, custody, &mut rng(6)), Err(VaultError::StateSetMismatch));
+    }
+
+    #[test]
+    fn changes_are_used_only_after_commit_and_exports_are_fixed() {
+        let crypto = keygate_attestation::crypto::default_backend();
+        let (_, set) = setup(crypto, 1, 1);
+        let (mut v, _, _) = genesis(crypto, &set);
+        let mut r = rng(3);
+        assert!(v.export(crypto, &mut r).expect("export").is_none(), "nothing to export");
+        assert_eq!(v.ensure_clusters(&[id("a"), id("c")], &mut r), Ok(vec![id("c")]));
+        assert!(v.releasable(&id("c")).is_empty());
+        let (g, sha) = {
+            let e = v.export(crypto, &mut r).expect("export").expect("some");
+            (e.generation, e.blob_sha384)
+        };
+        assert_eq!(g, 2);
+        // A change after the export waits for the next generation; the export is fixed.
+        assert_eq!(v.rotate_to(&id("a"), 2, 0, &mut r), Ok(Some(2)));
+        let again = v.export(crypto, &mut r).expect("export").expect("some");
+        assert_eq!((again.generation, again.blob_sha384), (2, sha));
+        assert_eq!(v.commit(2, &[0; 48]), Err(VaultError::CommitMismatch { got: 2, exported: 2 }));
+        assert_eq!(v.commit(3, &sha), Err(VaultError::CommitMismatch { got: 3, exported: 2 }));
+        assert_eq!(v.commit(2, &sha), Ok(2));
+        assert_eq!(v.commit(2, &sha), Ok(2), "a repeated commit is acknowledged");
+        assert_eq!(v.releasable(&id("c")).len(), 1);
+        assert_eq!(v.releasable(&id("a")).len(), 1, "the rotation is not committed yet");
+        let e = v.export(crypto, &mut r).expect("export").expect("some");
+        let (g, sha) = (e.generation, e.blob_sha384);
+        assert_eq!(g, 3);
+        v.commit(3, &sha).expect("commit");
+        let a = v.releasable(&id("a"));
+        assert_eq!(
+            a.iter().map(|(v, s, _)| (*v, *s)).collect::<Vec<_>>(),
+            [(2, KekStatus::Current), (1, KekStatus::Active)]
+        );
+        // Retire version 1.
+        assert_eq!(v.rotate_to(&id("a"), 2, 2, &mut r), Ok(None));
+        let e = v.export(crypto, &mut r).expect("export").expect("some");
+        let sha = e.blob_sha384;
+        v.commit(4, &sha).expect("commit");
+        assert_eq!(v.releasable(&id("a")).len(), 1);
+        assert_eq!(v.committed_versions()[0].1, vec![(1, KekStatus::Retired), (2, KekStatus::Current)]);
+    }
+
+    #[test]
+    fn phases_refuse_out_of_order_steps() {
+        let crypto = keygate_attestation::crypto::default_backend();
+        let (_, set) = setup(crypto, 1, 1);
+        let mut v = Vault::new(set.clone());
+        let mut r = rng(3);
+        assert!(matches!(v.offer(), Err(VaultError::WrongPhase { phase: Phase::Awaiting, .. })));
+        assert!(matches!(v.commit(1, &[0; 48]), Err(VaultError::WrongPhase { .. })));
+        assert!(v.releasable(&id("a")).is_empty());
+        let (mut s, blob, custody) = genesis(crypto, &set);
+        assert!(matches!(
+            s.genesis(crypto, &[], None, &mut r, &mut attest_ok),
+            Err(VaultError::WrongPhase { phase: Phase::Serving, .. })
+        ));
+        assert!(matches!(s.load(crypto, blob.clone(), custody.clone(), &mut r), Err(VaultError::WrongPhase { .. })));
+        v.load(crypto, blob, custody, &mut r).expect("load");
+        assert!(matches!(
+            v.genesis(crypto, &[], None, &mut r, &mut attest_ok),
+            Err(VaultError::WrongPhase { phase: Phase::Unsealing, .. })
+        ));
+        assert!(matches!(
+            v.load(
+                crypto,
+                vec![0; MAX_STATE_BLOB + 1],
+                Custody { shares: vec![], genesis_attestation: vec![] },
+                &mut r
+            ),
+            Err(VaultError::TooLarge { .. })
+        ));
+    }
+}
