@@ -1,0 +1,326 @@
+//! The sealed state through the protocol core, frame by frame without I/O: genesis, the
+//! two-phase commit, a restart, the unseal ceremony with the custodians' checks, and every
+//! refusal the issue lists (too few shares, a non-custodian, a replayed share, a KRE with
+//! the wrong PCRs, a tampered blob, a rollback).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use keygate_attestation::crypto::{default_backend, p384_scalar_from, P384Scalar};
+use keygate_attestation::mock::MockNsm;
+use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
+use keygate_attestation::{PcrExpectation, Verifier};
+use keygate_enclave::client::{self, ClientError, FetchRequest, ReleasedKey};
+use keygate_enclave::core::{Connection, Env, Kre, KreConfig, Step};
+use keygate_enclave::custodian::{self, CustodianError, CustodianRecord, Expectations};
+use keygate_enclave::custody::CustodianSet;
+use keygate_enclave::wire::{DenyCode, Id, Message, StateReport};
+
+const T: u64 = 1_795_478_400_000 + 7 * 3_600_000;
+const SEED: &[u8] = b"durability-test";
+
+fn pcrs(b: u8) -> BTreeMap<u8, Vec<u8>> {
+    (0u8..3).map(|i| (i, vec![b + i; 48])).collect()
+}
+
+fn id(s: &str) -> Id {
+    Id::new(s).expect("id")
+}
+
+fn expectations(p: &BTreeMap<u8, Vec<u8>>) -> Vec<PcrExpectation> {
+    p.iter().map(|(i, v)| PcrExpectation { index: *i, value: v.clone() }).collect()
+}
+
+fn policy() -> ReleasePolicy {
+    let image = ImageRule { name: "cp".into(), pcrs: pcrs(0x10), kind: None, not_after_ms: None, not_before_ms: None };
+    ReleasePolicy { clusters: BTreeMap::from([("prod".into(), ClusterRule { images: vec![image] })]), allow_debug: false }
+}
+
+fn rng_from(seed: u64) -> impl FnMut(&mut [u8]) {
+    let mut n = seed;
+    move |b: &mut [u8]| {
+        for x in b.iter_mut() {
+            n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            *x = u8::try_from(n >> 56).unwrap_or(0);
+        }
+    }
+}
+
+struct Custodians {
+    scalars: Vec<P384Scalar>,
+    set: CustodianSet,
+}
+
+fn custodians(m: u8, n: u8, seed: u64) -> Custodians {
+    let c = default_backend();
+    let mut scalars = Vec::new();
+    let mut keys = Vec::new();
+    for i in 0..u64::from(n) {
+        let (s, p) = p384_scalar_from(c, rng_from(seed * 1000 + i + 1)).expect("key");
+        keys.push(p.try_into().expect("point"));
+        scalars.push(s);
+    }
+    Custodians { scalars, set: CustodianSet::new(c, m, keys).expect("set") }
+}
+
+/// A KRE with its own mock NSM (each instance draws its own randomness: a "restart").
+fn kre(set: &CustodianSet, kre_pcr: u8) -> Kre {
+    let nsm = MockNsm::new(SEED, pcrs(kre_pcr), Arc::new(|| T)).with_instance("kre");
+    let verifier = Verifier::new(nsm.root_anchor());
+    let config = KreConfig { custodians: Some(set.clone()), ..KreConfig::default() };
+    Kre::new(config, verifier, policy(), Arc::new(nsm)).expect("kre")
+}
+
+fn step(conn: &mut Connection, kre: &Kre, frame: &[u8]) -> Step {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(1);
+    let mut r = rng_from(CALLS.fetch_add(1, Ordering::Relaxed) * 7919);
+    conn.on_frame(kre, &frame[4..], &mut Env { now_ms: T, rng: &mut r })
+}
+
+fn one(kre: &Kre, m: Message) -> Message {
+    let s = step(&mut Connection::new(), kre, &m.encode().expect("encode"));
+    Message::decode(&s.reply[4..]).expect("reply")
+}
+
+fn report(kre: &Kre, m: Message) -> StateReport {
+    match one(kre, m) {
+        Message::StateReport(r) => *r,
+        other => panic!("expected StateReport, got {other:?}"),
+    }
+}
+
+fn denied(m: Message) -> (DenyCode, String) {
+    match m {
+        Message::Denied { code, reason } => (code, reason),
+        other => panic!("expected Denied, got {other:?}"),
+    }
+}
+
+fn fetch(kre: &Kre) -> Result<Vec<ReleasedKey>, ClientError> {
+    let cpi = MockNsm::new(SEED, pcrs(0x10), Arc::new(|| T)).with_instance("cpi");
+    let req = FetchRequest { cluster: id("prod"), key_ids: vec![id("etcd")], expect_kre_pcrs: vec![] };
+    let mut r = rng_from(5);
+    let (ac, hello) = client::start(req, &mut r).expect("hello");
+    let mut conn = Connection::new();
+    let s = step(&mut conn, kre, &hello);
+    let ar = ac
+        .on_challenge(&s.reply[4..], &Verifier::new(cpi.root_anchor()), T, &cpi, default_backend(), &mut r)
+        .expect("challenge");
+    let s = step(&mut conn, kre, &ar.release_frame.clone());
+    ar.on_released(&s.reply[4..], default_backend())
+}
+
+fn deny_code(r: Result<Vec<ReleasedKey>, ClientError>) -> DenyCode {
+    match r {
+        Err(ClientError::Denied { code, .. }) => code,
+        other => panic!("expected a denial, got {other:?}"),
+    }
+}
+
+/// Stores what the KRE exports (as the parent does) and commits it.
+fn sync(kre: &Kre, store: &mut Option<(Vec<u8>, Vec<u8>, Vec<u8>)>) -> u64 {
+    let r = report(kre, Message::StatePoll);
+    if r.export_generation == 0 {
+        return r.committed_generation;
+    }
+    *store = Some((r.blob.clone(), r.shares.clone(), r.genesis_attestation.clone()));
+    let sha: [u8; 48] = sha2::Digest::finalize(<sha2::Sha384 as sha2::Digest>::new_with_prefix(&r.blob)).into();
+    match one(kre, Message::StateCommit { generation: r.export_generation, blob_sha384: sha }) {
+        Message::StateCommitted { generation } => generation,
+        other => panic!("expected StateCommitted, got {other:?}"),
+    }
+}
+
+struct Unsealer<'a> {
+    verifier: Verifier,
+    kre_pcrs: Vec<PcrExpectation>,
+    record: Option<&'a CustodianRecord>,
+}
+
+/// One custodian's unseal step; returns the KRE's progress or the refusal.
+fn unseal_one(kre: &Kre, c: &Custodians, i: usize, u: &Unsealer<'_>) -> Result<(u8, u8, bool, u64), CustodianError> {
+    let nonce = [u8::try_from(i).expect("small") + 1; 32];
+    let mut conn = Connection::new();
+    let s = step(&mut conn, kre, &Message::UnsealHello { client_nonce: nonce }.encode().expect("hello"));
+    let expect = Expectations {
+        verifier: &u.verifier,
+        now_ms: T,
+        kre_pcrs: &u.kre_pcrs,
+        genesis_pcrs: &u.kre_pcrs,
+        record: u.record,
+        accept_new_genesis: false,
+    };
+    let resp = custodian::on_offer(&s.reply[4..], &nonce, &expect, &c.scalars[i], default_backend(), &mut rng_from(77))?;
+    let s = step(&mut conn, kre, &resp.frame);
+    custodian::on_progress(&s.reply[4..])
+}
+
+fn unsealer(p: u8) -> Unsealer<'static> {
+    let nsm = MockNsm::new(SEED, pcrs(0x70), Arc::new(|| T));
+    Unsealer { verifier: Verifier::new(nsm.root_anchor()), kre_pcrs: expectations(&pcrs(p)), record: None }
+}
+
+#[test]
+fn genesis_commit_restart_and_two_of_three_unseal_keep_the_keys() {
+    let c = custodians(2, 3, 1);
+    let k1 = kre(&c.set, 0x70);
+    assert_eq!(deny_code(fetch(&k1)), DenyCode::Sealed, "a KRE with custodians starts sealed");
+    assert_eq!(report(&k1, Message::StatePoll).phase, 1);
+    let r = report(&k1, Message::StateGenesis);
+    assert_eq!((r.phase, r.export_generation, r.committed_generation), (3, 1, 0));
+    assert_eq!(deny_code(fetch(&k1)), DenyCode::StatePending, "nothing released before the parent commits");
+    let mut store = None;
+    assert_eq!(sync(&k1, &mut store), 1);
+    let keys = fetch(&k1).expect("released after commit");
+    assert_eq!(keys[0].version, 1);
+    // Genesis twice is refused.
+    assert_eq!(denied(one(&k1, Message::StateGenesis)).0, DenyCode::StateRefused);
+
+    // Restart: a new KRE gets the stored state and two custodians.
+    let k2 = kre(&c.set, 0x70);
+    assert_eq!(deny_code(fetch(&k2)), DenyCode::Sealed);
+    let (blob, shares, genesis) = store.clone().expect("stored");
+    let r = report(&k2, Message::StateLoad { blob, shares, genesis_attestation: genesis });
+    assert_eq!((r.phase, r.unsealing_generation), (2, 1));
+    let u = unsealer(0x70);
+    assert_eq!(unseal_one(&k2, &c, 2, &u).expect("first share"), (1, 2, false, 1));
+    assert_eq!(deny_code(fetch(&k2)), DenyCode::Sealed, "one share unseals nothing");
+    assert_eq!(unseal_one(&k2, &c, 0, &u).expect("second share"), (2, 2, true, 1));
+    let again = fetch(&k2).expect("released after unseal");
+    assert_eq!(again, keys, "the same data key after the restart");
+    // The audit trail records the ceremony.
+    let kinds: Vec<String> = k2.audit().entries_after(0, 100).into_iter().map(|e| format!("{:?}", e.event())).collect();
+    assert!(kinds.iter().any(|k| k.contains("unsealed")), "{kinds:?}");
+}
+
+#[test]
+fn custodians_refuse_wrong_pcrs_rollback_and_changed_shares_and_the_kre_refuses_bad_shares() {
+    let c = custodians(2, 3, 2);
+    let k1 = kre(&c.set, 0x70);
+    report(&k1, Message::StateGenesis);
+    let mut store = None;
+    sync(&k1, &mut store);
+    let (blob, shares, genesis) = store.clone().expect("stored");
+    let k2 = kre(&c.set, 0x70);
+    report(&k2, Message::StateLoad { blob: blob.clone(), shares: shares.clone(), genesis_attestation: genesis.clone() });
+
+    // A KRE with other PCRs than expected: the custodian refuses.
+    assert!(matches!(unseal_one(&k2, &c, 0, &unsealer(0x60)), Err(CustodianError::KrePcr(_))));
+    // No expected PCRs at all: refused.
+    let mut none = unsealer(0x70);
+    none.kre_pcrs.clear();
+    assert!(matches!(unseal_one(&k2, &c, 0, &none), Err(CustodianError::NoExpectedPcrs)));
+    // A rollback: the custodian has unsealed generation 5 of this set before.
+    let u = unsealer(0x70);
+    let first = {
+        let nonce = [9; 32];
+        let mut conn = Connection::new();
+        let s = step(&mut conn, &k2, &Message::UnsealHello { client_nonce: nonce }.encode().expect("hello"));
+        let expect = Expectations {
+            verifier: &u.verifier,
+            now_ms: T,
+            kre_pcrs: &u.kre_pcrs,
+            genesis_pcrs: &u.kre_pcrs,
+            record: None,
+            accept_new_genesis: false,
+        };
+        custodian::on_offer(&s.reply[4..], &nonce, &expect, &c.scalars[0], default_backend(), &mut rng_from(3))
+            .expect("offer ok")
+    };
+    let newer = CustodianRecord { highest_generation: 5, ..first.record.clone() };
+    let rb = Unsealer { record: Some(&newer), ..unsealer(0x70) };
+    assert!(matches!(unseal_one(&k2, &c, 0, &rb), Err(CustodianError::Rollback { offered: 1, recorded: 5 })));
+    let changed = CustodianRecord { shares_sha384: "00".into(), ..first.record.clone() };
+    let ch = Unsealer { record: Some(&changed), ..unsealer(0x70) };
+    assert!(matches!(unseal_one(&k2, &c, 0, &ch), Err(CustodianError::SharesChanged)));
+
+    // A non-custodian cannot open an envelope.
+    let outsider = custodians(1, 1, 9);
+    let o = Custodians { scalars: vec![outsider.scalars[0].clone()], set: c.set.clone() };
+    assert!(matches!(unseal_one(&k2, &o, 0, &u), Err(CustodianError::Custody(_))));
+
+    // A share replayed on another connection (bound to another attestation) is refused.
+    let nonce = [7; 32];
+    let mut conn = Connection::new();
+    let s = step(&mut conn, &k2, &Message::UnsealHello { client_nonce: nonce }.encode().expect("hello"));
+    let expect = Expectations {
+        verifier: &u.verifier,
+        now_ms: T,
+        kre_pcrs: &u.kre_pcrs,
+        genesis_pcrs: &u.kre_pcrs,
+        record: None,
+        accept_new_genesis: false,
+    };
+    let resp = custodian::on_offer(&s.reply[4..], &nonce, &expect, &c.scalars[1], default_backend(), &mut rng_from(4))
+        .expect("offer");
+    let mut other = Connection::new();
+    step(&mut other, &k2, &Message::UnsealHello { client_nonce: [8; 32] }.encode().expect("hello"));
+    let s = step(&mut other, &k2, &resp.frame);
+    assert_eq!(denied(Message::decode(&s.reply[4..]).expect("reply")).0, DenyCode::StateRefused);
+    // A share sent without an offer on its connection.
+    assert_eq!(denied(one(&k2, Message::decode(&resp.frame[4..]).expect("frame"))).0, DenyCode::UnexpectedMessage);
+    // A share from an earlier boot's session does not open in this one.
+    let k3 = kre(&c.set, 0x70);
+    report(&k3, Message::StateLoad { blob: blob.clone(), shares: shares.clone(), genesis_attestation: genesis.clone() });
+    let mut conn3 = Connection::new();
+    step(&mut conn3, &k3, &Message::UnsealHello { client_nonce: nonce }.encode().expect("hello"));
+    let s = step(&mut conn3, &k3, &resp.frame);
+    assert_eq!(denied(Message::decode(&s.reply[4..]).expect("reply")).0, DenyCode::StateRefused);
+    // Too few shares: one share leaves the KRE sealed.
+    assert_eq!(unseal_one(&k3, &c, 0, &u).expect("one").2, false);
+    assert_eq!(deny_code(fetch(&k3)), DenyCode::Sealed);
+
+    // A tampered blob: refused at load (digest), or with a recomputed digest, after M shares.
+    let mut bad = blob.clone();
+    bad[100] ^= 1;
+    let k4 = kre(&c.set, 0x70);
+    let (code, reason) = denied(one(
+        &k4,
+        Message::StateLoad { blob: bad.clone(), shares: shares.clone(), genesis_attestation: genesis.clone() },
+    ));
+    assert_eq!(code, DenyCode::StateRefused);
+    assert!(reason.contains("digest"), "{reason}");
+    let n = bad.len() - 48;
+    let d: [u8; 48] = sha2::Digest::finalize(<sha2::Sha384 as sha2::Digest>::new_with_prefix(&bad[..n])).into();
+    bad[n..].copy_from_slice(&d);
+    report(&k4, Message::StateLoad { blob: bad, shares: shares.clone(), genesis_attestation: genesis.clone() });
+    unseal_one(&k4, &c, 0, &u).expect("one");
+    assert!(matches!(
+        unseal_one(&k4, &c, 1, &u),
+        Err(CustodianError::Denied { code: DenyCode::StateRefused, ref reason }) if reason.contains("does not open")
+    ));
+    assert_eq!(deny_code(fetch(&k4)), DenyCode::Sealed);
+
+    // A genesis attestation over another shares file: custodians refuse.
+    let k5 = kre(&c.set, 0x70);
+    let c2 = kre(&c.set, 0x70);
+    report(&c2, Message::StateGenesis);
+    let other_genesis = report(&c2, Message::StatePoll).genesis_attestation;
+    report(&k5, Message::StateLoad { blob, shares, genesis_attestation: other_genesis });
+    assert!(matches!(unseal_one(&k5, &c, 0, &u), Err(CustodianError::GenesisBinding)));
+}
+
+#[test]
+fn commits_must_name_the_exported_blob_and_a_kre_without_custodians_has_no_state() {
+    let c = custodians(1, 1, 3);
+    let k = kre(&c.set, 0x70);
+    let r = report(&k, Message::StateGenesis);
+    assert_eq!(denied(one(&k, Message::StateCommit { generation: 1, blob_sha384: [0; 48] })).0, DenyCode::StateRefused);
+    assert_eq!(denied(one(&k, Message::StateCommit { generation: 2, blob_sha384: [0; 48] })).0, DenyCode::StateRefused);
+    assert_eq!(deny_code(fetch(&k)), DenyCode::StatePending);
+    let sha: [u8; 48] = sha2::Digest::finalize(<sha2::Sha384 as sha2::Digest>::new_with_prefix(&r.blob)).into();
+    assert!(matches!(one(&k, Message::StateCommit { generation: 1, blob_sha384: sha }), Message::StateCommitted { generation: 1 }));
+    assert!(fetch(&k).is_ok());
+    // Loading a state into a serving KRE is refused.
+    assert_eq!(
+        denied(one(&k, Message::StateLoad { blob: r.blob, shares: r.shares, genesis_attestation: r.genesis_attestation })).0,
+        DenyCode::StateRefused
+    );
+
+    let nsm = MockNsm::new(SEED, pcrs(0x70), Arc::new(|| T)).with_instance("kre");
+    let plain = Kre::new(KreConfig::default(), Verifier::new(nsm.root_anchor()), policy(), Arc::new(nsm)).expect("kre");
+    assert_eq!(report(&plain, Message::StatePoll).phase, 0);
+    assert_eq!(denied(one(&plain, Message::StateGenesis)).0, DenyCode::StateRefused);
+    assert_eq!(denied(one(&plain, Message::UnsealHello { client_nonce: [1; 32] })).0, DenyCode::StateRefused);
+}
