@@ -75,6 +75,9 @@ pub fn genesis_user_data(shares_file: &[u8]) -> [u8; 48] {
     h.finalize().into()
 }
 
+/// Produces the KRE's attestation document with the given `user_data`.
+pub type Attest<'a> = dyn FnMut(&[u8; 48]) -> Result<Vec<u8>, String> + 'a;
+
 /// Where the vault is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -386,7 +389,7 @@ impl Vault {
         clusters: &[Id],
         policy_head: Option<(u64, [u8; 48])>,
         rng: &mut dyn FnMut(&mut [u8]),
-        attest: &mut dyn FnMut(&[u8; 48]) -> Result<Vec<u8>, String>,
+        attest: &mut Attest<'_>,
     ) -> Result<&Export, VaultError> {
         if !matches!(self.inner, Inner::Awaiting) {
             return Err(self.wrong("genesis", "awaiting state (a fresh KRE with no state loaded)"));
@@ -684,7 +687,7 @@ mod tests {
         move |b: &mut [u8]| {
             for x in b.iter_mut() {
                 n = n.wrapping_mul(1_103_515_245).wrapping_add(12_345);
-                *x = (n >> 16) as u8;
+                *x = n.to_be_bytes()[1];
             }
         }
     }
@@ -866,6 +869,28 @@ mod tests {
         v.commit(4, &sha).expect("commit");
         assert_eq!(v.releasable(&id("a")).len(), 1);
         assert_eq!(v.committed_versions()[0].1, vec![(1, KekStatus::Retired), (2, KekStatus::Current)]);
+    }
+
+    #[test]
+    fn nothing_exported_holds_the_state_key_or_a_kek() {
+        let crypto = keygate_attestation::crypto::default_backend();
+        let (_, set) = setup(crypto, 2, 3);
+        let (mut v, blob, custody) = genesis(crypto, &set);
+        let mut r = rng(4);
+        v.rotate_to(&id("a"), 3, 0, &mut r).expect("rotate");
+        let blob2 = v.export(crypto, &mut r).expect("export").expect("some").blob.clone();
+        let Inner::Serving(s) = &v.inner else { panic!("serving") };
+        let mut secrets: Vec<Vec<u8>> = vec![s.state_key.expose().to_vec()];
+        for entries in s.working.clusters.values() {
+            secrets.extend(entries.iter().map(|e| e.kek.expose().to_vec()));
+        }
+        assert_eq!(secrets.len(), 1 + 3 + 1);
+        for out in [&blob, &blob2, &custody.shares, &custody.genesis_attestation] {
+            for sec in &secrets {
+                assert!(!out.windows(32).any(|w| w == sec.as_slice()), "secret bytes in an export");
+            }
+        }
+        assert!(!format!("{v:?}").contains(&hex::encode(s.state_key.expose())));
     }
 
     #[test]

@@ -33,7 +33,10 @@ fn expectations(p: &BTreeMap<u8, Vec<u8>>) -> Vec<PcrExpectation> {
 
 fn policy() -> ReleasePolicy {
     let image = ImageRule { name: "cp".into(), pcrs: pcrs(0x10), kind: None, not_after_ms: None, not_before_ms: None };
-    ReleasePolicy { clusters: BTreeMap::from([("prod".into(), ClusterRule { images: vec![image] })]), allow_debug: false }
+    ReleasePolicy {
+        clusters: BTreeMap::from([("prod".into(), ClusterRule { images: vec![image] })]),
+        allow_debug: false,
+    }
 }
 
 fn rng_from(seed: u64) -> impl FnMut(&mut [u8]) {
@@ -151,7 +154,8 @@ fn unseal_one(kre: &Kre, c: &Custodians, i: usize, u: &Unsealer<'_>) -> Result<(
         record: u.record,
         accept_new_genesis: false,
     };
-    let resp = custodian::on_offer(&s.reply[4..], &nonce, &expect, &c.scalars[i], default_backend(), &mut rng_from(77))?;
+    let resp =
+        custodian::on_offer(&s.reply[4..], &nonce, &expect, &c.scalars[i], default_backend(), &mut rng_from(77))?;
     let s = step(&mut conn, kre, &resp.frame);
     custodian::on_progress(&s.reply[4..])
 }
@@ -203,7 +207,10 @@ fn custodians_refuse_wrong_pcrs_rollback_and_changed_shares_and_the_kre_refuses_
     sync(&k1, &mut store);
     let (blob, shares, genesis) = store.clone().expect("stored");
     let k2 = kre(&c.set, 0x70);
-    report(&k2, Message::StateLoad { blob: blob.clone(), shares: shares.clone(), genesis_attestation: genesis.clone() });
+    report(
+        &k2,
+        Message::StateLoad { blob: blob.clone(), shares: shares.clone(), genesis_attestation: genesis.clone() },
+    );
 
     // A KRE with other PCRs than expected: the custodian refuses.
     assert!(matches!(unseal_one(&k2, &c, 0, &unsealer(0x60)), Err(CustodianError::KrePcr(_))));
@@ -262,13 +269,16 @@ fn custodians_refuse_wrong_pcrs_rollback_and_changed_shares_and_the_kre_refuses_
     assert_eq!(denied(one(&k2, Message::decode(&resp.frame[4..]).expect("frame"))).0, DenyCode::UnexpectedMessage);
     // A share from an earlier boot's session does not open in this one.
     let k3 = kre(&c.set, 0x70);
-    report(&k3, Message::StateLoad { blob: blob.clone(), shares: shares.clone(), genesis_attestation: genesis.clone() });
+    report(
+        &k3,
+        Message::StateLoad { blob: blob.clone(), shares: shares.clone(), genesis_attestation: genesis.clone() },
+    );
     let mut conn3 = Connection::new();
     step(&mut conn3, &k3, &Message::UnsealHello { client_nonce: nonce }.encode().expect("hello"));
     let s = step(&mut conn3, &k3, &resp.frame);
     assert_eq!(denied(Message::decode(&s.reply[4..]).expect("reply")).0, DenyCode::StateRefused);
     // Too few shares: one share leaves the KRE sealed.
-    assert_eq!(unseal_one(&k3, &c, 0, &u).expect("one").2, false);
+    assert!(!unseal_one(&k3, &c, 0, &u).expect("one").2);
     assert_eq!(deny_code(fetch(&k3)), DenyCode::Sealed);
 
     // A tampered blob: refused at load (digest), or with a recomputed digest, after M shares.
@@ -310,11 +320,18 @@ fn commits_must_name_the_exported_blob_and_a_kre_without_custodians_has_no_state
     assert_eq!(denied(one(&k, Message::StateCommit { generation: 2, blob_sha384: [0; 48] })).0, DenyCode::StateRefused);
     assert_eq!(deny_code(fetch(&k)), DenyCode::StatePending);
     let sha: [u8; 48] = sha2::Digest::finalize(<sha2::Sha384 as sha2::Digest>::new_with_prefix(&r.blob)).into();
-    assert!(matches!(one(&k, Message::StateCommit { generation: 1, blob_sha384: sha }), Message::StateCommitted { generation: 1 }));
+    assert!(matches!(
+        one(&k, Message::StateCommit { generation: 1, blob_sha384: sha }),
+        Message::StateCommitted { generation: 1 }
+    ));
     assert!(fetch(&k).is_ok());
     // Loading a state into a serving KRE is refused.
     assert_eq!(
-        denied(one(&k, Message::StateLoad { blob: r.blob, shares: r.shares, genesis_attestation: r.genesis_attestation })).0,
+        denied(one(
+            &k,
+            Message::StateLoad { blob: r.blob, shares: r.shares, genesis_attestation: r.genesis_attestation }
+        ))
+        .0,
         DenyCode::StateRefused
     );
 

@@ -62,6 +62,13 @@ enum Command {
         #[arg(long)]
         kre: keygate_enclave::transport::Addr,
     },
+    /// The KRE's sealed state on the parent: store and commit what it exports, hand a
+    /// restarted KRE its stored state (docs/durability.md).
+    #[command(subcommand)]
+    State(cmd::custodian::StateCommand),
+    /// Custodians of the state key: genesis and the unseal ceremony (docs/durability.md).
+    #[command(subcommand)]
+    Custodian(cmd::custodian::CustodianCommand),
     /// Benchmarks (docs/benchmarks.md).
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -100,6 +107,8 @@ fn main() -> ExitCode {
         Command::Policy(c) => cmd::policy::run(c),
         Command::Proxy(a) => cmd::proxy::run(a),
         Command::KmsPlugin(a) => cmd::kms_plugin::run(a),
+        Command::State(c) => cmd::custodian::run_state(c),
+        Command::Custodian(c) => cmd::custodian::run_custodian(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,6 +3,7 @@
 pub(crate) mod attestation;
 pub(crate) mod audit;
 pub(crate) mod bench;
+pub(crate) mod custodian;
 pub(crate) mod demo;
 pub(crate) mod demo_kms;
 pub(crate) mod demo_release;

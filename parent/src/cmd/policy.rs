@@ -122,6 +122,10 @@ pub(crate) enum PolicyCommand {
         /// Directory where accepted bundles are kept (`policy-v<N>.bundle`).
         #[arg(long)]
         store: Option<PathBuf>,
+        /// With custodians: the parent's state directory; the new policy head (and KEKs for
+        /// new clusters) are stored and committed right after the push (`keygate state sync`).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// Push every stored bundle to a restarted KRE, oldest first.
     Restore {
@@ -543,7 +547,7 @@ pub(crate) fn run(cmd: PolicyCommand) -> Result<(), CliError> {
             }
             Ok(())
         }
-        PolicyCommand::Push { bundle: path, kre, store } => {
+        PolicyCommand::Push { bundle: path, kre, store, state_dir } => {
             let bytes = read(&path)?;
             let b = bundle::decode_bundle(&bytes, crypto())
                 .map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
@@ -557,6 +561,9 @@ pub(crate) fn run(cmd: PolicyCommand) -> Result<(), CliError> {
                 println!("accepted: version {version}; loosening changes take effect in {wait} s");
             } else {
                 println!("accepted: version {version}; in force now");
+            }
+            if let Some(dir) = state_dir {
+                println!("{}", super::custodian::sync_once(&kre, &dir)?);
             }
             Ok(())
         }

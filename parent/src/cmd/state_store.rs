@@ -27,9 +27,6 @@
 //! File operations go through [`StateFs`] so the tests can inject a failure or a crash at
 //! every step ([`DirFs`] is the real one).
 
-// The KRE wiring (issue 6) is not in place yet: nothing outside the tests calls this module.
-#![allow(dead_code)]
-
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -148,8 +145,6 @@ impl fmt::Display for SlotProblem {
 /// The store step an I/O error happened in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Step {
-    /// Reading a slot.
-    Read,
     /// Writing `state.tmp`.
     WriteTemp,
     /// fsync of `state.tmp`.
@@ -239,11 +234,6 @@ impl<F: StateFs> StateStore<F> {
     /// A store over `fs`.
     pub(crate) fn new(fs: F) -> Self {
         Self { fs }
-    }
-
-    /// The file system (for tests).
-    pub(crate) fn fs_mut(&mut self) -> &mut F {
-        &mut self.fs
     }
 
     fn read_slot(&mut self, slot: Slot) -> SlotRead {

@@ -1,0 +1,406 @@
+//! `keygate state sync` (the parent's side of the two-phase commit) and `keygate custodian
+//! init | unseal` (the ceremony), docs/durability.md.
+//!
+//! The parent stores, in its state directory: `state.current` / `state.previous` (the sealed
+//! blob, [`super::state_store`]) and `custody.bin` (the shares file and the genesis
+//! attestation, written once at genesis, atomically). None of it is useful without M
+//! custodians and a genuine KRE. Every decision about the KRE's state is made in the KRE
+//! ([`keygate_enclave::vault`]) and by the custodians ([`keygate_enclave::custodian`]); this
+//! module moves bytes and makes them durable.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use keygate_attestation::crypto::{self, Crypto};
+use keygate_attestation::secret::Secret;
+use keygate_attestation::{PcrExpectation, TrustAnchor, Verifier};
+use keygate_enclave::custodian::{self, CustodianRecord, Expectations};
+use keygate_enclave::transport::Addr;
+use keygate_enclave::wire::{Message, StateReport};
+use sha2::{Digest, Sha384};
+
+use super::audit::exchange;
+use super::state_store::{DirFs, StateFs, StateStore};
+use crate::CliError;
+
+/// The custody file: `"KGCUSTDY" ‖ u32be n ‖ shares file ‖ u32be m ‖ genesis attestation`.
+const CUSTODY_FILE: &str = "custody.bin";
+const CUSTODY_TMP: &str = "custody.tmp";
+const CUSTODY_MAGIC: &[u8; 8] = b"KGCUSTDY";
+const MAX_CUSTODY: usize = 64 * 1024;
+
+/// The shares file and the genesis attestation.
+type Custody = (Vec<u8>, Vec<u8>);
+
+/// `keygate state ...`
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum StateCommand {
+    /// Store what the KRE exports and commit it; hand a restarted KRE its stored state.
+    Sync(SyncArgs),
+}
+
+/// `keygate state sync`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct SyncArgs {
+    /// The KRE (through the parent proxy).
+    #[arg(long)]
+    kre: Addr,
+    /// The parent's state directory (created 0700 if missing).
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// Keep syncing every this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    follow: Option<u64>,
+}
+
+/// `keygate custodian ...`
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum CustodianCommand {
+    /// Genesis: a fresh KRE with no stored state creates its state key, splits it among its
+    /// custodians and makes the first KEKs; the parent stores it all before the KRE serves.
+    Init(InitArgs),
+    /// Give this custodian's share to a restarted KRE, after checking its attestation.
+    Unseal(UnsealArgs),
+}
+
+/// `keygate custodian init`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct InitArgs {
+    /// The KRE.
+    #[arg(long)]
+    kre: Addr,
+    /// The parent's state directory (must hold no state).
+    #[arg(long)]
+    state_dir: PathBuf,
+}
+
+/// `keygate custodian unseal`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct UnsealArgs {
+    /// The KRE.
+    #[arg(long)]
+    kre: Addr,
+    /// This custodian's private key (PEM, from `keygate keygen`).
+    #[arg(long)]
+    key: PathBuf,
+    /// Trust this root (PEM) for the KRE's attestation. Default: the AWS Nitro root.
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// A PCR the KRE must have (repeatable, at least one; PCR0-2 recommended).
+    #[arg(long = "expect-kre-pcr", value_name = "N=HEX", required = true)]
+    expect_kre_pcr: Vec<PcrExpectation>,
+    /// A PCR the genesis KRE must have had (default: the same as --expect-kre-pcr).
+    #[arg(long = "expect-genesis-pcr", value_name = "N=HEX")]
+    expect_genesis_pcr: Vec<PcrExpectation>,
+    /// This custodian's record of what it unsealed (default: KEY with `.record.json`).
+    #[arg(long)]
+    record: Option<PathBuf>,
+    /// Accept a shares file other than the recorded one (only after an intended new genesis).
+    #[arg(long)]
+    accept_new_genesis: bool,
+}
+
+pub(crate) fn run_state(cmd: StateCommand) -> Result<(), CliError> {
+    match cmd {
+        StateCommand::Sync(a) => loop {
+            let line = sync_once(&a.kre, &a.state_dir)?;
+            println!("{line}");
+            match a.follow {
+                Some(s) => std::thread::sleep(Duration::from_secs(s.max(1))),
+                None => return Ok(()),
+            }
+        },
+    }
+}
+
+pub(crate) fn run_custodian(cmd: CustodianCommand) -> Result<(), CliError> {
+    match cmd {
+        CustodianCommand::Init(a) => init(&a),
+        CustodianCommand::Unseal(a) => unseal(&a),
+    }
+}
+
+fn refused_by_kre(m: Message) -> CliError {
+    match m {
+        Message::Denied { code, reason } => CliError::refused(format!("the KRE refused: {code}: {reason}")),
+        m => CliError::refused(format!("unexpected answer {} from the KRE", m.name())),
+    }
+}
+
+fn state_report(kre: &Addr, msg: &Message) -> Result<StateReport, CliError> {
+    match exchange(kre, msg)? {
+        Message::StateReport(r) => Ok(*r),
+        m => Err(refused_by_kre(m)),
+    }
+}
+
+fn open_dir(dir: &Path) -> Result<(), CliError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| CliError::io(format!("creating {}", dir.display()), e))
+}
+
+fn encode_custody(shares: &[u8], genesis: &[u8]) -> Result<Vec<u8>, CliError> {
+    let len = |b: &[u8]| u32::try_from(b.len()).map_err(|_| CliError::refused("custody data too large"));
+    let mut out = CUSTODY_MAGIC.to_vec();
+    out.extend_from_slice(&len(shares)?.to_be_bytes());
+    out.extend_from_slice(shares);
+    out.extend_from_slice(&len(genesis)?.to_be_bytes());
+    out.extend_from_slice(genesis);
+    Ok(out)
+}
+
+fn decode_custody(b: &[u8]) -> Result<Custody, String> {
+    let rest = b.strip_prefix(CUSTODY_MAGIC.as_slice()).ok_or("not a keygate custody file (bad magic)")?;
+    let take = |r: &[u8]| -> Result<(Vec<u8>, usize), String> {
+        let n = r.get(..4).ok_or("truncated")?;
+        let n = usize::try_from(u32::from_be_bytes([n[0], n[1], n[2], n[3]])).map_err(|_| "too large")?;
+        let v = r.get(4..4 + n).ok_or("truncated")?;
+        Ok((v.to_vec(), 4 + n))
+    };
+    let (shares, used) = take(rest)?;
+    let (genesis, used2) = take(&rest[used..])?;
+    if used + used2 != rest.len() {
+        return Err("trailing bytes".into());
+    }
+    Ok((shares, genesis))
+}
+
+/// The stored custody data, if any.
+fn read_custody(dir: &Path) -> Result<Option<Custody>, CliError> {
+    let mut fs = DirFs::new(dir);
+    match fs.read_file(CUSTODY_FILE, MAX_CUSTODY) {
+        Ok(None) => Ok(None),
+        Ok(Some(b)) if b.len() > MAX_CUSTODY => Err(CliError::refused(format!("{CUSTODY_FILE}: too large"))),
+        Ok(Some(b)) => decode_custody(&b)
+            .map(Some)
+            .map_err(|e| CliError::refused(format!("{}: {e}", dir.join(CUSTODY_FILE).display()))),
+        Err(e) => Err(CliError::io(format!("reading {}", dir.join(CUSTODY_FILE).display()), e)),
+    }
+}
+
+/// Writes the custody data atomically (temp, fsync, rename, directory fsync, read back); an
+/// existing, different custody file is never replaced.
+fn store_custody(dir: &Path, shares: &[u8], genesis: &[u8]) -> Result<(), CliError> {
+    let bytes = encode_custody(shares, genesis)?;
+    if let Some((s, g)) = read_custody(dir)? {
+        if s == shares && g == genesis {
+            return Ok(());
+        }
+        return Err(CliError::refused(format!(
+            "{} holds other custody data (another genesis); refusing to replace it",
+            dir.join(CUSTODY_FILE).display()
+        )));
+    }
+    let mut fs = DirFs::new(dir);
+    let io = |what: &str, e: std::io::Error| CliError::io(format!("{what} {}", dir.join(CUSTODY_FILE).display()), e);
+    fs.write_file(CUSTODY_TMP, &bytes).map_err(|e| io("writing", e))?;
+    fs.sync_file(CUSTODY_TMP).map_err(|e| io("syncing", e))?;
+    fs.rename(CUSTODY_TMP, CUSTODY_FILE).map_err(|e| io("renaming", e))?;
+    fs.sync_dir().map_err(|e| io("syncing the directory of", e))?;
+    match fs.read_file(CUSTODY_FILE, MAX_CUSTODY) {
+        Ok(Some(b)) if b == bytes => Ok(()),
+        Ok(_) => Err(CliError::refused("custody file read back differs from what was written")),
+        Err(e) => Err(io("reading back", e)),
+    }
+}
+
+/// Stores an export durably (custody first, then the blob) and commits it.
+fn store_and_commit(kre: &Addr, dir: &Path, r: &StateReport) -> Result<u64, CliError> {
+    if r.shares.is_empty() || r.blob.is_empty() {
+        return Err(CliError::refused("the KRE exported a state without its custody data"));
+    }
+    store_custody(dir, &r.shares, &r.genesis_attestation)?;
+    let mut store = StateStore::new(DirFs::new(dir));
+    let g = store.store(&r.blob).map_err(|e| CliError::refused(format!("not committed: {e}")))?;
+    if g != r.export_generation {
+        return Err(CliError::refused(format!(
+            "the blob's header says generation {g}, the KRE said {}",
+            r.export_generation
+        )));
+    }
+    // Commit what is on disk, as read back.
+    let loaded = store.load(g).map_err(|e| CliError::refused(format!("not committed: {e}")))?;
+    let Some(loaded) = loaded else { return Err(CliError::refused("stored state vanished before the commit")) };
+    let sha: [u8; 48] = Sha384::digest(&loaded.blob).into();
+    match exchange(kre, &Message::StateCommit { generation: g, blob_sha384: sha })? {
+        Message::StateCommitted { generation } => Ok(generation),
+        m => Err(refused_by_kre(m)),
+    }
+}
+
+/// One sync round; returns a line describing what happened.
+pub(crate) fn sync_once(kre: &Addr, dir: &Path) -> Result<String, CliError> {
+    open_dir(dir)?;
+    let r = state_report(kre, &Message::StatePoll)?;
+    match r.phase {
+        0 => Ok("the KRE runs without custodians (ephemeral KEKs): nothing to store".into()),
+        1 => {
+            let mut store = StateStore::new(DirFs::new(dir));
+            let loaded = store.load(0).map_err(|e| CliError::refused(e.to_string()))?;
+            let Some(loaded) = loaded else {
+                return Err(CliError::refused(format!(
+                    "the KRE awaits its state but {} holds none; for a first start run `keygate custodian init`",
+                    dir.display()
+                )));
+            };
+            let (shares, genesis) = read_custody(dir)?.ok_or_else(|| {
+                CliError::refused(format!("{} has a sealed state but no {CUSTODY_FILE}", dir.display()))
+            })?;
+            for (slot, why) in &loaded.skipped {
+                eprintln!("keygate: warning: state {slot:?} not used: {why}");
+            }
+            let g = loaded.header.generation;
+            let r = state_report(kre, &Message::StateLoad { blob: loaded.blob, shares, genesis_attestation: genesis })?;
+            Ok(format!(
+                "handed stored generation {g} to the KRE; it waits for {} custodian share(s) (`keygate custodian unseal`)",
+                r.threshold
+            ))
+        }
+        2 => Ok(format!(
+            "the KRE is unsealing generation {}: {} of {} custodian shares",
+            r.unsealing_generation, r.shares_accepted, r.threshold
+        )),
+        3 if r.export_generation > 0 => {
+            let g = store_and_commit(kre, dir, &r)?;
+            Ok(format!("stored and committed generation {g} in {}", dir.display()))
+        }
+        3 => Ok(format!("the KRE serves generation {}; nothing new to store", r.committed_generation)),
+        p => Err(CliError::refused(format!("the KRE reports an unknown phase {p}"))),
+    }
+}
+
+fn init(a: &InitArgs) -> Result<(), CliError> {
+    open_dir(&a.state_dir)?;
+    let mut store = StateStore::new(DirFs::new(&a.state_dir));
+    if let Ok(Some(l)) = store.load(0) {
+        return Err(CliError::refused(format!(
+            "{} already holds sealed state generation {}: genesis refused (restart the KRE and unseal instead)",
+            a.state_dir.display(),
+            l.header.generation
+        )));
+    }
+    if read_custody(&a.state_dir)?.is_some() {
+        return Err(CliError::refused(format!(
+            "{} already holds custody data: genesis refused",
+            a.state_dir.display()
+        )));
+    }
+    let r = state_report(&a.kre, &Message::StateGenesis)?;
+    let g = store_and_commit(&a.kre, &a.state_dir, &r)?;
+    println!(
+        "genesis: generation {g} stored in {} and committed; {}-of-N custodians hold the state key",
+        a.state_dir.display(),
+        r.threshold
+    );
+    Ok(())
+}
+
+fn load_scalar(path: &Path) -> Result<Secret<48>, CliError> {
+    use p384::pkcs8::DecodePrivateKey;
+    let pem = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path).map_err(|e| CliError::io(format!("reading {}", path.display()), e))?,
+    );
+    let sk = p384::SecretKey::from_pkcs8_pem(&pem)
+        .or_else(|_| p384::SecretKey::from_sec1_pem(&pem))
+        .map_err(|_| CliError::input(format!("{}: not a P-384 private key (PKCS#8 or SEC1 PEM)", path.display())))?;
+    let bytes = zeroize::Zeroizing::new(sk.to_bytes());
+    Secret::from_slice(&bytes).ok_or_else(|| CliError::input("bad key length"))
+}
+
+fn record_path(a: &UnsealArgs) -> PathBuf {
+    a.record.clone().unwrap_or_else(|| {
+        let mut p = a.key.clone().into_os_string();
+        p.push(".record.json");
+        PathBuf::from(p)
+    })
+}
+
+fn unseal(a: &UnsealArgs) -> Result<(), CliError> {
+    use keygate_enclave::io::{read_frame, write_frame};
+    let c: &'static dyn Crypto = crypto::default_backend();
+    let scalar = load_scalar(&a.key)?;
+    let anchor = match &a.root {
+        Some(p) => {
+            let pem = std::fs::read(p).map_err(|e| CliError::io(format!("reading {}", p.display()), e))?;
+            TrustAnchor::from_pem(&pem).map_err(|e| CliError::input(format!("--root {}: {e}", p.display())))?
+        }
+        None => TrustAnchor::aws_nitro().map_err(|e| CliError::input(e.to_string()))?,
+    };
+    let verifier = Verifier::new(anchor);
+    let rec_path = record_path(a);
+    let records: Vec<CustodianRecord> = match std::fs::read(&rec_path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map_err(|e| CliError::input(format!("{}: not a custodian record: {e}", rec_path.display())))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(CliError::io(format!("reading {}", rec_path.display()), e)),
+    };
+    let genesis_pcrs = if a.expect_genesis_pcr.is_empty() { &a.expect_kre_pcr } else { &a.expect_genesis_pcr };
+    let mut nonce = [0u8; 32];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
+    let now_ms = keygate_enclave::server::now_ms();
+
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
+    let (resp, progress) = rt.block_on(async {
+        let t = Duration::from_secs(10);
+        let mut s = keygate_enclave::transport::connect(&a.kre, t)
+            .await
+            .map_err(|e| CliError::io(format!("connecting to {}", a.kre), e))?;
+        let hello =
+            Message::UnsealHello { client_nonce: nonce }.encode().map_err(|e| CliError::input(e.to_string()))?;
+        write_frame(&mut s, &hello, t).await.map_err(|e| CliError::io("sending", e))?;
+        let body = read_frame(&mut s, t).await.map_err(|e| CliError::io("reading the offer", e))?;
+        // The record for this set, if any (the set digest is only known from the offer, so
+        // every record is tried by on_offer's filter through the matching digest).
+        let set_digest = match Message::decode(&body) {
+            Ok(Message::UnsealOffer { shares, .. }) => {
+                keygate_enclave::custody::SharesFile::decode(c, &shares).map(|f| hex::encode(f.set().digest())).ok()
+            }
+            _ => None,
+        };
+        let record = set_digest.and_then(|d| records.iter().find(|r| r.set_digest == d));
+        let expect = Expectations {
+            verifier: &verifier,
+            now_ms,
+            kre_pcrs: &a.expect_kre_pcr,
+            genesis_pcrs,
+            record,
+            accept_new_genesis: a.accept_new_genesis,
+        };
+        let mut rng = |b: &mut [u8]| rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, b);
+        let resp = custodian::on_offer(&body, &nonce, &expect, &scalar, c, &mut rng)
+            .map_err(|e| CliError::refused(format!("unseal refused: {e}")))?;
+        write_frame(&mut s, &resp.frame, t).await.map_err(|e| CliError::io("sending the share", e))?;
+        let body = read_frame(&mut s, t).await.map_err(|e| CliError::io("reading the answer", e))?;
+        let progress =
+            custodian::on_progress(&body).map_err(|e| CliError::refused(format!("share not accepted: {e}")))?;
+        Ok::<_, CliError>((resp, progress))
+    })?;
+    // Remember the highest generation unsealed for this set (atomically).
+    let mut records: Vec<CustodianRecord> =
+        records.into_iter().filter(|r| r.set_digest != resp.record.set_digest).collect();
+    records.push(resp.record.clone());
+    let json = serde_json::to_vec_pretty(&records).map_err(|e| CliError::input(e.to_string()))?;
+    let tmp = rec_path.with_extension("tmp");
+    std::fs::write(&tmp, &json)
+        .and_then(|_| std::fs::File::open(&tmp).and_then(|f| f.sync_all()))
+        .and_then(|_| std::fs::rename(&tmp, &rec_path))
+        .map_err(|e| CliError::io(format!("writing {}", rec_path.display()), e))?;
+    let (have, need, serving, generation) = progress;
+    if serving {
+        println!(
+            "share {} accepted: {have} of {need}; the KRE has unsealed generation {generation} and serves",
+            resp.x
+        );
+    } else {
+        println!(
+            "share {} accepted: {have} of {need} for generation {generation}; waiting for more custodians",
+            resp.x
+        );
+    }
+    Ok(())
+}

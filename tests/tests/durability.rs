@@ -1,0 +1,274 @@
+//! KEK durability end to end (issue 6): real `keygate-enclave` and `keygate` processes over
+//! Unix sockets. Genesis, kill -9 of the KRE, restart sealed, the parent hands back the
+//! stored state, a 2-of-3 unseal by custodians who check the KRE's attestation, and the same
+//! data keys afterwards; the custodians' refusals; the policy head surviving the restart; and
+//! a scan of everything the parent wrote for key bytes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use keygate_tests::{bin, keygate};
+
+const SEED: &str = "durability-e2e";
+const KRE_PCR: u8 = 0x4b;
+const CP_PCR: u8 = 0x1c;
+
+fn hex48(b: u8) -> String {
+    hex::encode([b; 48])
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn ok(o: Output) -> String {
+    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn refused(o: Output, needle: &str) {
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "stdout: {} stderr: {e}", String::from_utf8_lossy(&o.stdout));
+    assert!(e.contains(needle), "expected `{needle}` in: {e}");
+}
+
+struct Kre(Child, PathBuf);
+
+impl Kre {
+    /// kill -9.
+    fn kill(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+    fn addr(&self) -> String {
+        format!("unix:{}", self.1.display())
+    }
+}
+
+impl Drop for Kre {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the KRE with three custodians, threshold 2, and either a static policy file or a
+/// genesis bundle.
+fn start_kre(d: &Path, policy: (&str, &Path)) -> Kre {
+    let sock = d.join("kre.sock");
+    let _ = std::fs::remove_file(&sock);
+    let log = std::fs::File::create(d.join(format!("kre-{}.log", std::process::id()))).expect("log");
+    let mut cmd = Command::new(bin("keygate-enclave"));
+    cmd.args(["--listen", &format!("unix:{}", sock.display()), policy.0, &s(policy.1)])
+        .args(["--nsm", "mock", "--mock-seed", SEED])
+        .args(["--mock-pcr", &format!("0={}", hex48(KRE_PCR))])
+        .args(["--custodian-threshold", "2"]);
+    for i in 1..=3 {
+        cmd.args(["--custodian", &s(&d.join(format!("c{i}.pub.pem")))]);
+    }
+    let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().expect("kre");
+    let start = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(15), "KRE did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Kre(child, sock)
+}
+
+fn fetch(kre: &Kre, out: &Path) -> Output {
+    let mut args: Vec<String> = [
+        "fetch",
+        "--kre",
+        &kre.addr(),
+        "--cluster",
+        "prod",
+        "--key-id",
+        "etcd",
+        "--out",
+        &s(out),
+        "--nsm",
+        "mock",
+        "--mock-seed",
+        SEED,
+        "--retries",
+        "0",
+        "--expect-kre-pcr",
+        &format!("0={}", hex48(KRE_PCR)),
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    for i in 0..3 {
+        args.extend(["--mock-pcr".into(), format!("{i}={}", hex48(CP_PCR))]);
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    keygate(&refs)
+}
+
+fn unseal(d: &Path, kre: &Kre, custodian: &str, expect_pcr: u8) -> Output {
+    keygate(&[
+        "custodian",
+        "unseal",
+        "--kre",
+        &kre.addr(),
+        "--key",
+        &s(&d.join(format!("{custodian}.pem"))),
+        "--root",
+        &s(&d.join("root.pem")),
+        "--expect-kre-pcr",
+        &format!("0={}", hex48(expect_pcr)),
+    ])
+}
+
+fn setup(d: &Path) {
+    for i in 1..=3 {
+        ok(keygate(&["keygen", "-o", &s(&d.join(format!("c{i}.pem")))]));
+    }
+    ok(keygate(&["attestation", "mock-root", "--seed", SEED, "-o", &s(&d.join("root.pem"))]));
+}
+
+/// Every file under `dir`, recursively.
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).expect("dir").flatten() {
+        let p = e.path();
+        let t = e.file_type().expect("type");
+        if t.is_dir() {
+            out.extend(files(&p));
+        } else if t.is_file() {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn kill_restart_and_two_of_three_unseal_keep_the_data_keys() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    setup(d);
+    let policy = serde_json::json!({"clusters": {"prod": {"images": [
+        {"name": "cp", "pcrs": {"0": hex48(CP_PCR), "1": hex48(CP_PCR), "2": hex48(CP_PCR)}}
+    ]}}});
+    std::fs::write(d.join("policy.json"), policy.to_string()).expect("policy");
+    let state = d.join("state");
+    let kre = start_kre(d, ("--policy", &d.join("policy.json")));
+
+    // A fresh KRE with custodians is sealed; the parent has nothing to hand it.
+    refused(fetch(&kre, &d.join("k0")), "sealed");
+    refused(keygate(&["state", "sync", "--kre", &kre.addr(), "--state-dir", &s(&state)]), "custodian init");
+    let out = ok(keygate(&["custodian", "init", "--kre", &kre.addr(), "--state-dir", &s(&state)]));
+    assert!(out.contains("generation 1 stored"), "{out}");
+    refused(keygate(&["custodian", "init", "--kre", &kre.addr(), "--state-dir", &s(&state)]), "genesis refused");
+    ok(fetch(&kre, &d.join("k1")));
+    let key1 = std::fs::read(d.join("k1/etcd.key")).expect("key");
+    assert_eq!(key1.len(), 32);
+
+    // kill -9; the restarted KRE is sealed until the parent hands it the state and two
+    // custodians act.
+    kre.kill();
+    let kre = start_kre(d, ("--policy", &d.join("policy.json")));
+    refused(fetch(&kre, &d.join("k2")), "sealed");
+    refused(unseal(d, &kre, "c1", KRE_PCR), "awaiting_state");
+    let out = ok(keygate(&["state", "sync", "--kre", &kre.addr(), "--state-dir", &s(&state)]));
+    assert!(out.contains("handed stored generation 1"), "{out}");
+    // A custodian expecting another KRE image refuses.
+    refused(unseal(d, &kre, "c3", 0x4c), "PCR");
+    let out = ok(unseal(d, &kre, "c2", KRE_PCR));
+    assert!(out.contains("1 of 2"), "{out}");
+    refused(fetch(&kre, &d.join("k3")), "sealed");
+    // The same custodian twice does not count twice.
+    refused(unseal(d, &kre, "c2", KRE_PCR), "already received");
+    let out = ok(unseal(d, &kre, "c3", KRE_PCR));
+    assert!(out.contains("unsealed generation 1"), "{out}");
+    ok(fetch(&kre, &d.join("k4")));
+    assert_eq!(std::fs::read(d.join("k4/etcd.key")).expect("key"), key1, "the same data key after kill -9 and unseal");
+    // A custodian acting on a serving KRE is refused.
+    refused(unseal(d, &kre, "c1", KRE_PCR), "serving");
+
+    // A tampered sealed state is refused at load.
+    kre.kill();
+    let kre = start_kre(d, ("--policy", &d.join("policy.json")));
+    let cur = state.join("state.current");
+    let good = std::fs::read(&cur).expect("state");
+    let mut bad = good.clone();
+    bad[120] ^= 1;
+    std::fs::write(&cur, &bad).expect("tamper");
+    // The store falls back to the previous generation if there is one; with only one
+    // generation the damaged file leaves nothing intact.
+    refused(keygate(&["state", "sync", "--kre", &kre.addr(), "--state-dir", &s(&state)]), "no intact sealed state");
+    std::fs::write(&cur, &good).expect("restore");
+
+    // Nothing the parent or the custodians wrote holds the data key.
+    for f in files(d) {
+        if f.starts_with(d.join("k1")) || f.starts_with(d.join("k4")) {
+            continue;
+        }
+        let b = std::fs::read(&f).expect("read");
+        assert!(!contains(&b, &key1), "{} holds the data key", f.display());
+        assert!(!contains(&b, hex::encode(&key1).as_bytes()), "{} holds the data key as hex", f.display());
+    }
+    drop(kre);
+}
+
+#[test]
+fn the_policy_head_survives_a_restart_and_a_withheld_bundle_blocks_releases() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    setup(d);
+    let p = |n: &str| d.join(n);
+    ok(keygate(&["keygen", "-o", &s(&p("a1.pem"))]));
+    ok(keygate(&[
+        "policy",
+        "init",
+        "--approver",
+        &s(&p("a1.pub.pem")),
+        "--threshold",
+        "1",
+        "--activation-delay",
+        "0s",
+        "-o",
+        &s(&p("genesis.bundle")),
+    ]));
+    let state = p("state");
+    let store = p("bundles");
+    let kre = start_kre(d, ("--genesis", &p("genesis.bundle")));
+    ok(keygate(&["custodian", "init", "--kre", &kre.addr(), "--state-dir", &s(&state)]));
+    let cp = (0..3).map(|i| format!("{i}={}", hex48(CP_PCR))).collect::<Vec<_>>().join(",");
+    ok(keygate(&[
+        "policy",
+        "propose",
+        "--from",
+        &s(&p("genesis.bundle")),
+        "--allow",
+        &format!("prod=cp@{cp}"),
+        "-o",
+        &s(&p("v2.proposal")),
+    ]));
+    ok(keygate(&["policy", "sign", &s(&p("v2.proposal")), "--key", &s(&p("a1.pem")), "--yes", "-o", &s(&p("sig"))]));
+    ok(keygate(&["policy", "assemble", &s(&p("v2.proposal")), &s(&p("sig")), "-o", &s(&p("v2.bundle"))]));
+    // Pushed without storing the state: the new cluster's KEK is not usable yet.
+    ok(keygate(&["policy", "push", &s(&p("v2.bundle")), "--kre", &kre.addr(), "--store", &s(&store)]));
+    refused(fetch(&kre, &p("k0")), "state_pending");
+    let out = ok(keygate(&["state", "sync", "--kre", &kre.addr(), "--state-dir", &s(&state)]));
+    assert!(out.contains("committed generation 2"), "{out}");
+    ok(fetch(&kre, &p("k1")));
+    let key1 = std::fs::read(p("k1/etcd.key")).expect("key");
+
+    kre.kill();
+    let kre = start_kre(d, ("--genesis", &p("genesis.bundle")));
+    ok(keygate(&["state", "sync", "--kre", &kre.addr(), "--state-dir", &s(&state)]));
+    ok(unseal(d, &kre, "c1", KRE_PCR));
+    ok(unseal(d, &kre, "c2", KRE_PCR));
+    // The parent has not replayed v2 (withheld): the sealed state says v2 was accepted.
+    refused(fetch(&kre, &p("k2")), "policy_stale");
+    let out = ok(keygate(&["policy", "restore", "--kre", &kre.addr(), "--store", &s(&store)]));
+    assert!(out.contains("restored 1 bundle(s)"), "{out}");
+    ok(fetch(&kre, &p("k3")));
+    assert_eq!(std::fs::read(p("k3/etcd.key")).expect("key"), key1);
+}
