@@ -172,6 +172,15 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         keygate_cli(&exe, &init).map(|_| format!("{} (no clusters allowed yet)", genesis.display())),
     );
 
+    // The custodians of the KRE's sealed state: any two of three unseal a restarted KRE.
+    let cu = d.join("custodians");
+    std::fs::create_dir_all(&cu).map_err(|e| CliError::io("creating the custodians' directory", e))?;
+    let custodian = |i: u32| cu.join(format!("custodian-{i}.pem"));
+    for i in 1..=3 {
+        keygate_cli(&exe, &["keygen".into(), "-o".into(), path(&custodian(i))]).map_err(CliError::refused)?;
+    }
+    let state_dir = d.join("parent-state");
+
     tour.section("Key release: a KRE (mock NSM) behind the parent proxy");
     let kre_pcr = 0x4b;
     let kre_pcr_args: Vec<String> =
@@ -187,6 +196,10 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         SEED.to_owned(),
     ];
     kre_args.extend(kre_pcr_args);
+    for i in 1..=3 {
+        kre_args.extend(["--custodian".to_owned(), path(&cu.join(format!("custodian-{i}.pub.pem")))]);
+    }
+    kre_args.extend(["--custodian-threshold".to_owned(), "2".to_owned()]);
     let mut kre = spawn(&sibling_binary("keygate-enclave")?, &kre_args, &d.join("kre.log"), "keygate-enclave")?;
     let proxy_args = vec![
         "proxy".to_owned(),
@@ -211,8 +224,19 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
             )),
         );
 
-        // The pipeline proposes allowing the image it built; one signature is not enough.
+        // Genesis of the sealed state: the KRE draws its state key, splits it 2-of-3 among the
+        // custodians, and serves only once the parent has stored it.
         let kre_addr = format!("unix:{}", parent_sock.display());
+        tour.step(
+            "genesis: the KRE seals its state for 2 of 3 custodians; the parent stores it durably before the KRE serves",
+            keygate_cli(
+                &exe,
+                &["custodian".into(), "init".into(), "--kre".into(), kre_addr.clone(), "--state-dir".into(), path(&state_dir)],
+            )
+            .map(|o| o.trim().to_owned()),
+        );
+
+        // The pipeline proposes allowing the image it built; one signature is not enough.
         let proposal = d.join("v2.proposal");
         let allow = format!("prod-eu1=control-plane-2026.11@{}", path(&good_eif));
         let proposed = keygate_cli(
@@ -298,12 +322,14 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
                         kre_addr.clone(),
                         "--store".into(),
                         path(&store),
+                        "--state-dir".into(),
+                        path(&state_dir),
                     ],
                 )
             });
         tour.step(
-            "with a second approver's signature it is accepted (an addition: it waits for the activation delay)",
-            pushed.map(|o| o.trim().to_owned()),
+            "with a second approver's signature it is accepted (an addition: it waits for the activation delay); the new cluster's KEK is stored and committed",
+            pushed.map(|o| o.lines().map(str::trim).collect::<Vec<_>>().join("; ")),
         );
 
         let root = MockNsm::new(SEED.as_bytes(), Default::default(), system_clock()).root_anchor();
@@ -428,7 +454,94 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
             },
         );
 
-        // 7. Revocation: the image loses access immediately.
+        // 7. Durability: kill -9, restart sealed, the parent's stored state, 2-of-3 unseal.
+        tour.section("Durability: the KRE is killed and restarted; two of three custodians unseal it");
+        let root_pem = d.join("mock-root.pem");
+        std::fs::write(&root_pem, root.to_pem()).map_err(|e| CliError::io("writing the mock root", e))?;
+        // The parent collects the first run's audit trail before the restart.
+        let _ = keygate_cli(
+            &exe,
+            &["audit".into(), "pull".into(), "--kre".into(), kre_addr.clone(), "--dir".into(), path(&d.join("audit-run-1"))],
+        );
+        let _ = kre.0.kill(); // SIGKILL
+        let _ = kre.0.wait();
+        let _ = std::fs::remove_file(&kre_sock);
+        kre = spawn(&sibling_binary("keygate-enclave")?, &kre_args, &d.join("kre-2.log"), "keygate-enclave")?;
+        wait_for_socket(&kre_sock, &mut kre).await?;
+        let sealed = fetcher(cpi(&good_pcrs, "cpi-1"), expect_kre.clone()).once().await;
+        tour.step(
+            "the restarted KRE (kill -9, then started again) is sealed: it holds no KEK and refuses releases",
+            expect_denial(sealed.map(|_| ()), DenyCode::Sealed),
+        );
+        tour.step(
+            "the parent hands it the stored sealed state (`keygate state sync`): useless without the custodians",
+            keygate_cli(
+                &exe,
+                &["state".into(), "sync".into(), "--kre".into(), kre_addr.clone(), "--state-dir".into(), path(&state_dir)],
+            )
+            .map(|o| o.trim().to_owned()),
+        );
+        let unseal = |i: u32, pcr: u8| {
+            let mut a = vec![
+                "custodian".to_owned(),
+                "unseal".into(),
+                "--kre".into(),
+                kre_addr.clone(),
+                "--key".into(),
+                path(&custodian(i)),
+                "--root".into(),
+                path(&root_pem),
+            ];
+            for n in 0..3 {
+                a.extend(["--expect-kre-pcr".to_owned(), format!("{n}={}", pcr_hex(pcr))]);
+            }
+            keygate_cli(&exe, &a)
+        };
+        tour.step(
+            "a custodian that expects another KRE image refuses to hand over its share",
+            match unseal(3, 0x11) {
+                Err(e) if e.contains("PCR") => Ok(e),
+                Err(e) => Err(format!("refused for the wrong reason: {e}")),
+                Ok(_) => Err("a share went to an unexpected KRE".to_owned()),
+            },
+        );
+        tour.step(
+            "custodian 1 verifies the KRE's attestation and re-encrypts its share to the KRE's attested key",
+            unseal(1, kre_pcr).map(|o| o.trim().to_owned()),
+        );
+        tour.step("custodian 2 does the same: two of three, the KRE unseals", unseal(2, kre_pcr).map(|o| o.trim().to_owned()));
+        let stale = fetcher(cpi(&good_pcrs, "cpi-1"), expect_kre.clone()).once().await;
+        tour.step(
+            "releases wait until the parent replays the policy the sealed state says was accepted (no rollback by withholding)",
+            expect_denial(stale.map(|_| ()), DenyCode::PolicyStale),
+        );
+        let restored = keygate_cli(
+            &exe,
+            &["policy".into(), "restore".into(), "--kre".into(), kre_addr.clone(), "--store".into(), path(&store)],
+        );
+        // A restored chain re-imposes the activation delay on additions (fail-safe).
+        tokio::time::sleep(Duration::from_millis(3100)).await;
+        let after_restart = fetcher(cpi(&good_pcrs, "cpi-1"), expect_kre.clone()).once().await;
+        tour.step(
+            "after `keygate policy restore` the control plane gets the same keys as before the restart",
+            match (restored, after_restart) {
+                (Err(e), _) => Err(format!("restore failed: {e}")),
+                (_, Err(e)) => Err(e.to_string()),
+                (Ok(_), Ok(f)) => {
+                    let same = f.keys.iter().all(|k| {
+                        std::fs::read(keys_dir.join(format!("{}.key", k.key_id))).ok().as_deref()
+                            == Some(k.key.expose().as_slice())
+                    });
+                    if same {
+                        Ok("identical keys: no KEK was lost (compared in memory, never printed)".to_owned())
+                    } else {
+                        Err("keys differ after the restart".to_owned())
+                    }
+                }
+            },
+        );
+
+        // 8. Revocation: the image loses access immediately.
         let v3p = d.join("v3.proposal");
         let v3 = d.join("v3.bundle");
         let revoked = keygate_cli(
@@ -471,12 +584,14 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
                     kre_addr.clone(),
                     "--store".into(),
                     path(&store),
+                    "--state-dir".into(),
+                    path(&state_dir),
                 ],
             )
         });
         tour.step(
             "approvers 2 and 3 revoke the image (a removal: in force at once)",
-            revoked.map(|o| o.trim().to_owned()),
+            revoked.map(|o| o.lines().map(str::trim).collect::<Vec<_>>().join("; ")),
         );
         let after = fetcher(cpi(&good_pcrs, "cpi-1"), expect_kre.clone()).once().await;
         tour.step(
@@ -492,10 +607,8 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
             },
         );
 
-        // 8. The audit trail of this run: collected by the parent, verified offline.
+        // 9. The audit trail of the restarted KRE: collected by the parent, verified offline.
         let trail = d.join("audit");
-        let root_pem = d.join("mock-root.pem");
-        std::fs::write(&root_pem, root.to_pem()).map_err(|e| CliError::io("writing the mock root", e))?;
         let mut verify = vec!["audit".to_owned(), "verify".into(), path(&trail), "--root".into(), path(&root_pem)];
         for i in 0..3 {
             verify.extend(["--expect-kre-pcr".to_owned(), format!("{i}={}", pcr_hex(kre_pcr))]);
@@ -503,7 +616,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         let audited = keygate_cli(&exe, &["audit".into(), "pull".into(), "--kre".into(), kre_addr.clone(), "--dir".into(), path(&trail)])
             .and_then(|_| keygate_cli(&exe, &verify));
         tour.step(
-            "the parent pulls the KRE's audit trail; it verifies offline (hash chain, checkpoint signed by a key bound to the KRE's attestation)",
+            "the parent pulls the restarted KRE's audit trail (unseal ceremony included); it verifies offline (hash chain, checkpoint signed by a key bound to the KRE's attestation)",
             audited.map(|o| o.lines().take(4).map(str::trim).collect::<Vec<_>>().join("; ")),
         );
         if let Ok(table) = keygate_cli(&exe, &["audit".into(), "show".into(), path(&trail)]) {
