@@ -116,6 +116,10 @@ pub enum BundleError {
     /// A detached signature is for another body.
     #[error("signature is for another proposal")]
     SignatureForOtherBody,
+    /// A cluster's KEK version is lower than one an earlier bundle of the chain set (KEK
+    /// versions only move forward, also across a removal and re-addition of the cluster).
+    #[error("cluster `{cluster}`: KEK version {to} is lower than version {from} set by an earlier bundle")]
+    KekVersionDecrease { cluster: String, from: u32, to: u32 },
 }
 
 /// Tally of the signatures on a bundle.
@@ -181,7 +185,10 @@ pub fn encode_body(b: &PolicyBody) -> Vec<u8> {
     out.push(if b.policy.allow_debug { 0xf5 } else { 0xf4 });
     arr(&mut out, b.policy.clusters.len());
     for (id, rule) in &b.policy.clusters {
-        arr(&mut out, 2);
+        // The KEK schedule is encoded only when it is not the default, so bundles without
+        // rotations keep their encoding (and digest).
+        let schedule = !rule.has_default_schedule();
+        arr(&mut out, if schedule { 4 } else { 2 });
         cbor::encode_text(&mut out, id);
         let mut images: Vec<&ImageRule> = rule.images.iter().collect();
         images.sort_by(|x, y| x.name.cmp(&y.name));
@@ -200,6 +207,10 @@ pub fn encode_body(b: &PolicyBody) -> Vec<u8> {
                 Some(ms) => uint(&mut out, ms / 1000),
                 None => out.push(0xf6),
             }
+        }
+        if schedule {
+            uint(&mut out, u64::from(rule.kek_version));
+            uint(&mut out, u64::from(rule.kek_retire_below));
         }
     }
     out
@@ -310,7 +321,14 @@ pub fn decode_body(bytes: &[u8], crypto: &dyn Crypto) -> Result<PolicyBody, Bund
     };
     let mut clusters = BTreeMap::new();
     for c in list(&f[8], MAX_CLUSTERS, "clusters: at most 1024")? {
-        let c = array(c, 2, "cluster must be [id, images]")?;
+        let c = match c {
+            Value::Array(items) if items.len() == 2 || items.len() == 4 => items.as_slice(),
+            _ => {
+                return Err(BundleError::Malformed(
+                    "cluster must be [id, images] or [id, images, kek_version, kek_retire_below]",
+                ))
+            }
+        };
         let id = text(&c[0])?;
         if id.is_empty() || id.len() > MAX_NAME {
             return Err(BundleError::Malformed("cluster id length"));
@@ -343,7 +361,15 @@ pub fn decode_body(bytes: &[u8], crypto: &dyn Crypto) -> Result<PolicyBody, Bund
             }
             images.push(ImageRule { name: name.to_owned(), pcrs, kind, not_after_ms, not_before_ms: None });
         }
-        clusters.insert(id.to_owned(), ClusterRule { images });
+        let mut rule = ClusterRule::new(images);
+        if c.len() == 4 {
+            // A default schedule written out is not canonical (the re-encoding check below
+            // refuses it); out-of-range values are refused by `validate`.
+            rule.kek_version = u32::try_from(uint(&c[2])?).map_err(|_| BundleError::Malformed("kek_version"))?;
+            rule.kek_retire_below =
+                u32::try_from(uint(&c[3])?).map_err(|_| BundleError::Malformed("kek_retire_below"))?;
+        }
+        clusters.insert(id.to_owned(), rule);
     }
     let body = PolicyBody {
         version: uint(&f[1])?,
@@ -444,6 +470,13 @@ pub struct ApplyReport {
 pub struct PolicyState {
     active: Arc<AcceptedBundle>,
     pending: Option<(Arc<AcceptedBundle>, u64)>,
+    /// Per cluster, the highest KEK version any accepted bundle of this chain named (a
+    /// cluster removed and re-added cannot restart lower).
+    kek_high: BTreeMap<String, u32>,
+}
+
+fn kek_versions(p: &ReleasePolicy) -> BTreeMap<String, u32> {
+    p.clusters.iter().map(|(id, r)| (id.clone(), r.kek_version)).collect()
 }
 
 impl PolicyState {
@@ -455,7 +488,8 @@ impl PolicyState {
             return Err(BundleError::NotGenesis);
         }
         let digest = digest(&bundle.body_bytes);
-        Ok(Self { active: Arc::new(AcceptedBundle { bundle, digest }), pending: None })
+        let kek_high = kek_versions(&bundle.body.policy);
+        Ok(Self { active: Arc::new(AcceptedBundle { bundle, digest }), pending: None, kek_high })
     }
 
     /// Starts from a bundle the caller already trusts (the pipeline's current bundle), to
@@ -463,7 +497,8 @@ impl PolicyState {
     pub fn trusting(bytes: &[u8], crypto: &dyn Crypto) -> Result<Self, BundleError> {
         let bundle = decode_bundle(bytes, crypto)?;
         let digest = digest(&bundle.body_bytes);
-        Ok(Self { active: Arc::new(AcceptedBundle { bundle, digest }), pending: None })
+        let kek_high = kek_versions(&bundle.body.policy);
+        Ok(Self { active: Arc::new(AcceptedBundle { bundle, digest }), pending: None, kek_high })
     }
 
     fn promote(&mut self, now_ms: u64) {
@@ -545,9 +580,21 @@ impl PolicyState {
                 });
             }
         }
+        // KEK versions only move forward.
+        for (id, rule) in &candidate.body.policy.clusters {
+            if let Some(&from) = self.kek_high.get(id) {
+                if rule.kek_version < from {
+                    return Err(BundleError::KekVersionDecrease { cluster: id.clone(), from, to: rule.kek_version });
+                }
+            }
+        }
         let loosens = rotates || loosens(&active.policy, &candidate.body.policy);
         let delay_s = candidate.body.activation_delay.max(active.activation_delay);
         let activates_at_ms = if loosens { now_ms.saturating_add(delay_s.saturating_mul(1000)) } else { now_ms };
+        for (id, v) in kek_versions(&candidate.body.policy) {
+            let high = self.kek_high.entry(id).or_insert(v);
+            *high = (*high).max(v);
+        }
         let accepted = Arc::new(AcceptedBundle { bundle: candidate, digest: cand_digest });
         if loosens {
             self.pending = Some((accepted, activates_at_ms));
@@ -580,6 +627,10 @@ fn loosens(old: &ReleasePolicy, new: &ReleasePolicy) -> bool {
         return true;
     }
     new.clusters.iter().any(|(id, rule)| {
+        // Un-retiring KEK versions releases keys the active policy withholds.
+        if old.clusters.get(id).is_some_and(|o| rule.kek_retire_below < o.kek_retire_below) {
+            return true;
+        }
         rule.images.iter().any(|img| {
             let Some(prev) = old.clusters.get(id).and_then(|r| r.images.iter().find(|o| same_identity(o, img))) else {
                 return true;
@@ -622,7 +673,14 @@ fn merge(old: &ReleasePolicy, new: &ReleasePolicy, activates_at_ms: u64) -> Rele
                 None => ImageRule { not_before_ms: Some(activates_at_ms), ..img.clone() },
             })
             .collect();
-        clusters.insert(id.clone(), ClusterRule { images });
+        // A rotation (kek_version) applies at once; an un-retirement waits: the stricter
+        // retirement of the two holds until the activation time.
+        let kek_retire_below = old
+            .clusters
+            .get(id)
+            .map_or(rule.kek_retire_below, |o| o.kek_retire_below.max(rule.kek_retire_below))
+            .min(rule.kek_version);
+        clusters.insert(id.clone(), ClusterRule { images, kek_version: rule.kek_version, kek_retire_below });
     }
     ReleasePolicy { clusters, allow_debug: old.allow_debug && new.allow_debug }
 }

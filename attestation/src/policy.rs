@@ -25,11 +25,44 @@ pub struct ImageRule {
     pub not_before_ms: Option<UnixMillis>,
 }
 
-/// A cluster's allowed images.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Highest KEK version a policy may name for a cluster (the sealed state holds at most
+/// 1024 versions per cluster).
+pub const MAX_KEK_VERSION: u32 = 1024;
+
+/// A cluster's allowed images and its KEK schedule.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterRule {
     /// Any of these may receive the cluster's keys.
     pub images: Vec<ImageRule>,
+    /// The KEK version that is current (wraps/derives new keys): 1 ≤ `kek_version` ≤
+    /// [`MAX_KEK_VERSION`]. Raising it rotates the cluster's KEK; it never decreases.
+    pub kek_version: u32,
+    /// Versions below this are retired: never released again. 0 (or 1) retires nothing;
+    /// at most `kek_version`.
+    pub kek_retire_below: u32,
+}
+
+impl Default for ClusterRule {
+    fn default() -> Self {
+        Self { images: Vec::new(), kek_version: 1, kek_retire_below: 0 }
+    }
+}
+
+impl ClusterRule {
+    /// A cluster with these images and the default KEK schedule (version 1, nothing retired).
+    pub fn new(images: Vec<ImageRule>) -> Self {
+        Self { images, ..Self::default() }
+    }
+
+    /// Whether the KEK schedule is the default one (version 1, nothing retired).
+    pub fn has_default_schedule(&self) -> bool {
+        self.kek_version == 1 && self.kek_retire_below == 0
+    }
+
+    /// Whether KEK version `version` may still be released under this rule.
+    pub fn releases_version(&self, version: u32) -> bool {
+        version >= self.kek_retire_below
+    }
 }
 
 /// The whole policy.
@@ -54,6 +87,9 @@ pub enum PolicyError {
     /// A cluster has no images.
     #[error("cluster `{0}` allows no image")]
     EmptyCluster(String),
+    /// A KEK schedule outside 1 ≤ version ≤ 1024, retire_below ≤ version.
+    #[error("cluster `{cluster}`: KEK version {version} with versions below {retire_below} retired is invalid (need 1 <= version <= {MAX_KEK_VERSION} and retire_below <= version)")]
+    BadKekSchedule { cluster: String, version: u32, retire_below: u32 },
 }
 
 impl ReleasePolicy {
@@ -62,6 +98,13 @@ impl ReleasePolicy {
         for (cluster, rule) in &self.clusters {
             if rule.images.is_empty() {
                 return Err(PolicyError::EmptyCluster(cluster.clone()));
+            }
+            if rule.kek_version == 0 || rule.kek_version > MAX_KEK_VERSION || rule.kek_retire_below > rule.kek_version {
+                return Err(PolicyError::BadKekSchedule {
+                    cluster: cluster.clone(),
+                    version: rule.kek_version,
+                    retire_below: rule.kek_retire_below,
+                });
             }
             for image in &rule.images {
                 for (i, v) in &image.pcrs {
@@ -198,7 +241,7 @@ mod tests {
     }
 
     fn policy(images: Vec<ImageRule>) -> ReleasePolicy {
-        ReleasePolicy { clusters: BTreeMap::from([("c".to_owned(), ClusterRule { images })]), allow_debug: false }
+        ReleasePolicy { clusters: BTreeMap::from([("c".to_owned(), ClusterRule::new(images))]), allow_debug: false }
     }
 
     #[test]
@@ -275,6 +318,21 @@ mod tests {
             );
         }
         assert!(matches!(policy(vec![]).validate(), Err(PolicyError::EmptyCluster(_))));
+        let schedule = |version: u32, retire_below: u32| {
+            let mut p = policy(vec![image("signer", &[(8, 8)])]);
+            let rule = p.clusters.get_mut("c").expect("c");
+            rule.kek_version = version;
+            rule.kek_retire_below = retire_below;
+            p.validate()
+        };
+        assert!(schedule(1, 0).is_ok() && schedule(2, 2).is_ok() && schedule(MAX_KEK_VERSION, 7).is_ok());
+        for (v, r) in [(0, 0), (2, 3), (MAX_KEK_VERSION + 1, 0)] {
+            assert_eq!(
+                schedule(v, r),
+                Err(PolicyError::BadKekSchedule { cluster: "c".into(), version: v, retire_below: r }),
+                "{v} {r}"
+            );
+        }
         let mut bad = image("bad", &[(0, 1), (1, 1), (2, 1)]);
         bad.pcrs.insert(3, vec![0; 5]);
         assert!(matches!(policy(vec![bad]).validate(), Err(PolicyError::BadPcr { index: 3, .. })));

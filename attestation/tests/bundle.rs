@@ -35,7 +35,7 @@ fn image(name: &str, b: u8) -> ImageRule {
 fn policy_with(images: Vec<ImageRule>) -> ReleasePolicy {
     let mut clusters = BTreeMap::new();
     if !images.is_empty() {
-        clusters.insert("prod".to_owned(), ClusterRule { images });
+        clusters.insert("prod".to_owned(), ClusterRule::new(images));
     }
     ReleasePolicy { clusters, allow_debug: false }
 }
@@ -83,6 +83,19 @@ fn next(prev: [u8; 48], images: Vec<ImageRule>) -> PolicyBody {
     body(2, prev, &[1, 2, 3], 2, images, 3600)
 }
 
+/// `b` with the KEK schedule of cluster "prod" set.
+fn scheduled(mut b: PolicyBody, kek_version: u32, kek_retire_below: u32) -> PolicyBody {
+    let rule = b.policy.clusters.get_mut("prod").expect("prod");
+    rule.kek_version = kek_version;
+    rule.kek_retire_below = kek_retire_below;
+    b
+}
+
+/// The body following `prev` (version `prev.version + 1`, signed content otherwise `b`'s).
+fn after(prev: &PolicyBody, b: PolicyBody) -> PolicyBody {
+    PolicyBody { version: prev.version + 1, previous: bundle::digest(&bundle::encode_body(prev)), ..b }
+}
+
 #[test]
 fn adversarial_table() {
     let (g, gd) = genesis();
@@ -114,6 +127,25 @@ fn adversarial_table() {
         nc.splice(19..20, [0x18, 0x02]);
         nc
     };
+
+    // KEK schedules: a state where "prod" was rotated to version 3, and one where it was then
+    // removed (a re-addition must not restart lower).
+    let rotated_body = scheduled(next(gd, vec![image("a", 0xa)]), 3, 0);
+    let mut rotated = g.clone();
+    rotated.apply(&bundle_bytes(&rotated_body, &[1, 2]), NOW_MS, default_backend()).expect("rotation to v3");
+    let removed_body = after(&rotated_body, next(gd, vec![]));
+    let mut removed = rotated.clone();
+    removed.apply(&bundle_bytes(&removed_body, &[1, 2]), NOW_MS, default_backend()).expect("cluster removed");
+    let default_written_out = {
+        // A 4-element cluster entry carrying the default schedule (1, 0): the same policy as
+        // the 2-element entry, in other bytes.
+        let mut nc = bundle::encode_body(&scheduled(next(gd, vec![image("a", 0xa)]), 2, 0));
+        let n = nc.len();
+        assert_eq!(nc[n - 2..], [0x02, 0x00]);
+        nc[n - 2] = 0x01;
+        nc
+    };
+    let sign2 = |b: &[u8]| bundle::encode_bundle(b, &[sign(b, &key(1)), sign(b, &key(2))]);
 
     let cases: Vec<(&str, PolicyState, Vec<u8>, BundleError)> = vec![
         (
@@ -200,6 +232,54 @@ fn adversarial_table() {
             "non-canonical body",
             g.clone(),
             bundle::encode_bundle(&non_canonical, &[sign(&non_canonical, &key(1)), sign(&non_canonical, &key(2))]),
+            BundleError::NotCanonical,
+        ),
+        (
+            "KEK version decrease",
+            rotated.clone(),
+            bundle_bytes(&after(&rotated_body, scheduled(next(gd, vec![image("a", 0xa)]), 2, 0)), &[1, 2]),
+            BundleError::KekVersionDecrease { cluster: "prod".into(), from: 3, to: 2 },
+        ),
+        (
+            "KEK version restarting lower after the cluster was removed and re-added",
+            removed.clone(),
+            bundle_bytes(&after(&removed_body, next(gd, vec![image("a", 0xa)])), &[1, 2]),
+            BundleError::KekVersionDecrease { cluster: "prod".into(), from: 3, to: 1 },
+        ),
+        (
+            "retirement above the current KEK version",
+            g.clone(),
+            bundle_bytes(&scheduled(next(gd, vec![image("a", 0xa)]), 2, 3), &[1, 2]),
+            BundleError::Policy(policy::PolicyError::BadKekSchedule {
+                cluster: "prod".into(),
+                version: 2,
+                retire_below: 3,
+            }),
+        ),
+        (
+            "KEK version 0",
+            g.clone(),
+            bundle_bytes(&scheduled(next(gd, vec![image("a", 0xa)]), 0, 0), &[1, 2]),
+            BundleError::Policy(policy::PolicyError::BadKekSchedule {
+                cluster: "prod".into(),
+                version: 0,
+                retire_below: 0,
+            }),
+        ),
+        (
+            "KEK version above 1024",
+            g.clone(),
+            bundle_bytes(&scheduled(next(gd, vec![image("a", 0xa)]), 1025, 0), &[1, 2]),
+            BundleError::Policy(policy::PolicyError::BadKekSchedule {
+                cluster: "prod".into(),
+                version: 1025,
+                retire_below: 0,
+            }),
+        ),
+        (
+            "default KEK schedule written out (non-canonical)",
+            g.clone(),
+            sign2(&default_written_out),
             BundleError::NotCanonical,
         ),
     ];
@@ -331,4 +411,77 @@ fn bodies_round_trip_and_garbage_is_refused() {
     let sig = bundle::encode_signature(&bytes, &[4; 97], &[1; 96]);
     assert!(bundle::decode_signature(&sig, &bytes).is_ok());
     assert_eq!(bundle::decode_signature(&sig, b"other"), Err(BundleError::SignatureForOtherBody));
+}
+
+#[test]
+fn kek_schedule_encoding_is_canonical_and_strict() {
+    let plain = next([9; 48], vec![image("a", 0xa)]);
+    let plain_bytes = bundle::encode_body(&plain);
+    // The default schedule keeps the 2-element entry: existing bundles keep their digest.
+    // The cluster entry's array head sits just before its id, the text "prod".
+    let entry_head = |b: &[u8]| b.windows(5).position(|w| w == b"\x64prod").expect("cluster id") - 1;
+    let entry = entry_head(&plain_bytes);
+    assert_eq!(plain_bytes[entry], 0x82, "[id, images]");
+    let rotated = scheduled(plain.clone(), 7, 5);
+    let bytes = bundle::encode_body(&rotated);
+    assert_eq!(bytes[bytes.len() - 2..], [0x07, 0x05]);
+    let mut expected = rotated.clone();
+    expected.approvers.sort();
+    assert_eq!(bundle::decode_body(&bytes, default_backend()).expect("decode"), expected);
+    // The entry head is 0x84; any other length (3 or 5 elements) is malformed.
+    let head = entry_head(&bytes);
+    assert_eq!(bytes[head], 0x84, "[id, images, kek_version, kek_retire_below]");
+    let mut three = bytes.clone();
+    three[head] = 0x83;
+    three.pop();
+    assert!(matches!(bundle::decode_body(&three, default_backend()), Err(BundleError::Malformed(_))));
+    let mut five = bytes.clone();
+    five[head] = 0x85;
+    five.push(0x00);
+    assert!(matches!(bundle::decode_body(&five, default_backend()), Err(BundleError::Malformed(_))));
+    // A version that does not fit u32 is malformed, not truncated.
+    let mut huge = bytes[..bytes.len() - 2].to_vec();
+    huge.extend_from_slice(&[0x1b, 0, 0, 0, 1, 0, 0, 0, 1, 0x00]);
+    assert!(matches!(bundle::decode_body(&huge, default_backend()), Err(BundleError::Malformed(_))));
+}
+
+#[test]
+fn rotation_and_retirement_are_immediate_and_an_unretirement_waits_for_the_delay() {
+    let (mut s, gd) = genesis();
+    let prod = |s: &PolicyState, t: u64| {
+        let p = s.effective(t);
+        let r = &p.clusters["prod"];
+        (r.kek_version, r.kek_retire_below)
+    };
+    assert_eq!(prod(&s, NOW_MS), (1, 0));
+    // v2 rotates to 2: not a loosening, in force at once (even with a long delay field).
+    let v2 = PolicyBody { activation_delay: 86_400, ..scheduled(next(gd, vec![image("a", 0xa)]), 2, 0) };
+    let r = s.apply(&bundle_bytes(&v2, &[1, 2]), NOW_MS, default_backend()).expect("rotation");
+    assert!(!r.loosens);
+    assert_eq!(r.activates_at_ms, NOW_MS);
+    assert_eq!(prod(&s, NOW_MS), (2, 0));
+    // v3 rotates to 3 and retires versions below 3: a tightening, at once.
+    let v3 = after(&v2, scheduled(next(gd, vec![image("a", 0xa)]), 3, 3));
+    let r = s.apply(&bundle_bytes(&v3, &[1, 2]), NOW_MS + 10, default_backend()).expect("retirement");
+    assert!(!r.loosens);
+    assert_eq!(prod(&s, NOW_MS + 10), (3, 3));
+    // v4 un-retires version 2: a loosening; the stricter retirement holds until activation.
+    let v4 = after(&v3, scheduled(next(gd, vec![image("a", 0xa)]), 3, 2));
+    let r = s.apply(&bundle_bytes(&v4, &[1, 2]), NOW_MS + 20, default_backend()).expect("un-retirement");
+    assert!(r.loosens);
+    assert_eq!(r.activates_at_ms, NOW_MS + 20 + 3_600_000);
+    assert_eq!(prod(&s, NOW_MS + 30), (3, 3), "un-retirement waits for the delay");
+    assert_eq!(prod(&s, r.activates_at_ms), (3, 2), "in force after the delay");
+}
+
+#[test]
+fn a_rotation_in_a_loosening_bundle_applies_at_once() {
+    let (mut s, gd) = genesis();
+    // v2 adds image "b" (waits) and rotates to 2 (does not wait).
+    let v2 = scheduled(next(gd, vec![image("a", 0xa), image("b", 0xb)]), 2, 1);
+    let r = s.apply(&bundle_bytes(&v2, &[1, 2]), NOW_MS, default_backend()).expect("v2");
+    assert!(r.loosens);
+    let p = s.effective(NOW_MS + 1);
+    assert_eq!((p.clusters["prod"].kek_version, p.clusters["prod"].kek_retire_below), (2, 1));
+    assert!(policy::evaluate(&p, &verified(0xb), "prod", NOW_MS + 1).is_err(), "the added image still waits");
 }

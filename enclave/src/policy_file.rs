@@ -8,10 +8,13 @@
 //!     "prod-1": { "images": [
 //!       { "name": "cp-2026.11.3", "kind": "enclave", "pcrs": { "0": "<hex>", "1": "<hex>", "2": "<hex>" },
 //!         "not_after": 1798000000 }
-//!     ] }
+//!     ], "kek_version": 2, "kek_retire_below": 1 }
 //!   }
 //! }
 //! ```
+//!
+//! `kek_version` (default 1) is the cluster's current KEK version; versions below
+//! `kek_retire_below` (default 0) are never released.
 
 use std::collections::BTreeMap;
 
@@ -34,6 +37,14 @@ struct File {
 #[serde(deny_unknown_fields)]
 struct Cluster {
     images: Vec<Image>,
+    #[serde(default = "one")]
+    kek_version: u32,
+    #[serde(default)]
+    kek_retire_below: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 #[derive(Deserialize)]
@@ -100,7 +111,7 @@ pub fn parse(bytes: &[u8]) -> Result<ReleasePolicy, PolicyFileError> {
                 not_before_ms: None,
             });
         }
-        clusters.insert(name, ClusterRule { images });
+        clusters.insert(name, ClusterRule { images, kek_version: c.kek_version, kek_retire_below: c.kek_retire_below });
     }
     let policy = ReleasePolicy { clusters, allow_debug: f.allow_debug };
     policy.validate()?;
@@ -129,6 +140,23 @@ mod tests {
         assert_eq!(img.kind, Some(DocumentKind::Enclave));
         assert_eq!(img.not_after_ms, Some(5000));
         assert!(!p.allow_debug);
+        assert_eq!((p.clusters["c"].kek_version, p.clusters["c"].kek_retire_below), (1, 0));
+    }
+
+    #[test]
+    fn parses_a_kek_schedule_and_refuses_a_bad_one() {
+        let file = |schedule: &str| {
+            format!(
+                r#"{{"clusters": {{"c": {{"images": [{{"name": "i", "pcrs": {{"8": "{}"}}}}]{schedule}}}}}}}"#,
+                h(1)
+            )
+        };
+        let p = parse(file(r#", "kek_version": 3, "kek_retire_below": 2"#).as_bytes()).expect("policy");
+        assert_eq!((p.clusters["c"].kek_version, p.clusters["c"].kek_retire_below), (3, 2));
+        for bad in [r#", "kek_version": 0"#, r#", "kek_version": 2, "kek_retire_below": 3"#, r#", "kek_version": 5000"#]
+        {
+            assert!(matches!(parse(file(bad).as_bytes()), Err(PolicyFileError::Invalid(_))), "{bad}");
+        }
     }
 
     #[test]

@@ -34,7 +34,7 @@ fn expectations(p: &BTreeMap<u8, Vec<u8>>) -> Vec<PcrExpectation> {
 fn policy() -> ReleasePolicy {
     let image = ImageRule { name: "cp".into(), pcrs: pcrs(0x10), kind: None, not_after_ms: None, not_before_ms: None };
     ReleasePolicy {
-        clusters: BTreeMap::from([("prod".into(), ClusterRule { images: vec![image] })]),
+        clusters: BTreeMap::from([("prod".into(), ClusterRule { images: vec![image], ..Default::default() })]),
         allow_debug: false,
     }
 }

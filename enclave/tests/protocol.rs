@@ -38,8 +38,8 @@ fn policy() -> ReleasePolicy {
     };
     ReleasePolicy {
         clusters: BTreeMap::from([
-            ("prod".into(), ClusterRule { images: vec![image("cp-good", 0x10)] }),
-            ("stage".into(), ClusterRule { images: vec![image("cp-stage", 0x20)] }),
+            ("prod".into(), ClusterRule { images: vec![image("cp-good", 0x10)], ..Default::default() }),
+            ("stage".into(), ClusterRule { images: vec![image("cp-stage", 0x20)], ..Default::default() }),
         ]),
         allow_debug: false,
     }

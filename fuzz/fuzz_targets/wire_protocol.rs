@@ -26,7 +26,7 @@ fn kre() -> &'static Kre {
             not_before_ms: None,
         };
         let policy = ReleasePolicy {
-            clusters: BTreeMap::from([("c".into(), ClusterRule { images: vec![image] })]),
+            clusters: BTreeMap::from([("c".into(), ClusterRule { images: vec![image], ..Default::default() })]),
             allow_debug: false,
         };
         Kre::new(KreConfig::default(), Verifier::new(nsm.root_anchor()), policy, Arc::new(nsm)).expect("kre")
