@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use keygate_attestation::bundle::PolicyState;
 use keygate_attestation::crypto::Crypto;
-use keygate_attestation::policy::{self, PolicyDenial, ReleasePolicy};
+use keygate_attestation::policy::{self, ClusterRule, PolicyDenial, ReleasePolicy};
 use keygate_attestation::{AttestRequest, Nsm, UnknownFields, Verifier, VerifyError, VerifyOptions, VerifyTime};
 use sha2::{Digest, Sha384};
 
@@ -262,7 +262,6 @@ impl Kre {
         if let Some(head) = kre.policy_head() {
             lock(&kre.policy_history).push(head);
         }
-        kre.ensure_keks(&kre.policy_clusters())?;
         let pcrs =
             (0u16..16).filter_map(|i| Some((u8::try_from(i).ok()?, kre.nsm.describe_pcr(i).ok()?.data))).collect();
         {
@@ -277,6 +276,8 @@ impl Kre {
                 wall_clock_ms(),
             )?;
         }
+        // After KreStarted, so that the rotations of an ephemeral start follow it in the trail.
+        kre.ensure_keks(&kre.policy_schedule())?;
         Ok(kre)
     }
 
@@ -337,9 +338,14 @@ impl Kre {
 
     /// The clusters of the newest policy.
     fn policy_clusters(&self) -> Vec<String> {
+        self.policy_schedule().into_iter().map(|(c, _)| c).collect()
+    }
+
+    /// The clusters of the newest policy with their current KEK version.
+    fn policy_schedule(&self) -> Vec<(String, u32)> {
         match &*self.source() {
-            PolicySource::Static(p) => p.clusters.keys().cloned().collect(),
-            PolicySource::Signed(s) => s.latest().bundle.body.policy.clusters.keys().cloned().collect(),
+            PolicySource::Static(p) => schedule_of(p),
+            PolicySource::Signed(s) => schedule_of(&s.latest().bundle.body.policy),
         }
     }
 
@@ -360,21 +366,30 @@ impl Kre {
         Ok(out)
     }
 
-    /// Generates a KEK for every named cluster that has none: in memory (no custodians), or
-    /// in the durable state's working copy (stored and committed before use).
-    fn ensure_keks(&self, clusters: &[String]) -> Result<(), StartError> {
-        let ids = clusters
+    /// Makes every named cluster have KEK versions up to its `kek_version` (the newest
+    /// current, the older ones active): in memory (no custodians), or in the durable state's
+    /// working copy (stored and committed before use; `KekRotated` is recorded at the commit).
+    fn ensure_keks(&self, schedule: &[(String, u32)]) -> Result<(), StartError> {
+        let wanted = schedule
             .iter()
-            .map(|n| Id::new(n).map_err(|_| StartError::ClusterName(n.clone())))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|(n, v)| Ok((Id::new(n).map_err(|_| StartError::ClusterName(n.clone()))?, *v)))
+            .collect::<Result<Vec<_>, StartError>>()?;
         if let Some(v) = &self.vault {
             let mut v = lock(v);
             if v.phase() != Phase::Serving {
-                // Genesis or the unsealed state provides them.
+                // Genesis or the unsealed state provides them (and `after_unseal` / the
+                // genesis step rotate them to the policy's versions).
                 return Ok(());
             }
+            let ids: Vec<Id> = wanted.iter().map(|(c, _)| c.clone()).collect();
             let added = self
-                .with_nsm_rng(|rng| v.ensure_clusters(&ids, rng))
+                .with_nsm_rng(|rng| -> Result<Vec<Id>, VaultError> {
+                    let added = v.ensure_clusters(&ids, rng)?;
+                    for (c, version) in &wanted {
+                        v.rotate_to(c, *version, 0, rng)?;
+                    }
+                    Ok(added)
+                })
                 .map_err(StartError::State)?
                 .map_err(|e| StartError::State(e.to_string()))?;
             drop(v);
@@ -383,21 +398,21 @@ impl Kre {
             }
             return Ok(());
         }
-        let mut keks = match self.keks.write() {
-            Ok(k) => k,
-            Err(p) => p.into_inner(),
-        };
-        for name in clusters {
-            let id = Id::new(name).map_err(|_| StartError::ClusterName(name.clone()))?;
-            let mut err = None;
-            keks.ensure_cluster(&id, |b| {
-                if let Err(e) = self.nsm.random(b) {
-                    err = Some(e);
-                }
-            });
-            if let Some(e) = err {
-                return Err(StartError::Nsm(e));
+        let mut created = Vec::new();
+        {
+            let mut keks = match self.keks.write() {
+                Ok(k) => k,
+                Err(p) => p.into_inner(),
+            };
+            for (id, version) in &wanted {
+                let new = keks.ensure_versions(id, *version, |b| self.nsm.random(b)).map_err(StartError::Nsm)?;
+                // Version 1 of a new cluster is its first KEK, not a rotation.
+                created.extend(new.into_iter().filter(|v| *v > 1).map(|v| (id.clone(), v)));
             }
+        }
+        // Ephemeral KEKs are usable at once: every rotation is recorded as it happens.
+        for (cluster, new_version) in created {
+            let _ = self.audit().append(AuditEvent::KekRotated { cluster, new_version }, wall_clock_ms());
         }
         Ok(())
     }
@@ -447,10 +462,11 @@ impl Kre {
                 ));
             }
         }
-        // New clusters get their KEKs before the bundle takes effect (with custodians: in the
-        // working state, usable once the parent has stored and committed it).
-        let clusters: Vec<String> = next.latest().bundle.body.policy.clusters.keys().cloned().collect();
-        self.ensure_keks(&clusters).map_err(|e| deny(DenyCode::Internal, e.to_string()))?;
+        // New clusters get their KEKs, and rotated ones their new versions, before the bundle
+        // takes effect (with custodians: in the working state, usable once the parent has
+        // stored and committed it).
+        let schedule = schedule_of(&next.latest().bundle.body.policy);
+        self.ensure_keks(&schedule).map_err(|e| deny(DenyCode::Internal, e.to_string()))?;
         *state = next;
         drop(guard);
         lock(&self.policy_history).push((report.version, report.digest));
@@ -548,6 +564,9 @@ impl Kre {
             format!("generation {generation} prepared with {} cluster(s); not used until stored", ids.len()),
             now_ms,
         );
+        // Clusters whose policy names a later KEK version get it in the next generation
+        // (exported once this one is committed).
+        self.ensure_keks(&self.policy_schedule()).map_err(|e| refuse(e.to_string()))?;
         self.state_report()
     }
 
@@ -681,8 +700,8 @@ impl Kre {
         if let (Some(v), Some(head)) = (&self.vault, self.policy_head()) {
             lock(v).set_policy_head(head);
         }
-        if let Err(e) = self.ensure_keks(&self.policy_clusters()) {
-            tracing::warn!(error = %e, "could not add KEKs for new clusters after unseal");
+        if let Err(e) = self.ensure_keks(&self.policy_schedule()) {
+            tracing::warn!(error = %e, "could not add KEKs for new clusters or rotations after unseal");
         }
     }
 
@@ -703,23 +722,30 @@ impl Kre {
         }
     }
 
-    /// The KEK versions releasable for `cluster`: current first, then up to three older
-    /// active ones. With custodians, only committed versions.
-    fn releasable_keks(&self, cluster: &Id) -> Result<Vec<(u32, Kek)>, (DenyCode, String)> {
+    /// The KEK versions releasable for `cluster` under its effective policy `rule`: current
+    /// first, then up to three older active ones, none below `rule.kek_retire_below` (retired
+    /// by the policy) nor above `rule.kek_version`. With custodians, only committed versions.
+    fn releasable_keks(&self, cluster: &Id, rule: &ClusterRule) -> Result<Vec<(u32, Kek)>, (DenyCode, String)> {
+        let allowed = |v: u32| rule.releases_version(v) && v <= rule.kek_version;
         if let Some(v) = &self.vault {
             let v = lock(v);
-            let keks: Vec<(u32, Kek)> = v
-                .releasable(cluster)
-                .into_iter()
-                .filter(|(_, s, _)| *s != KekStatus::Retired)
+            let committed = v.releasable(cluster);
+            let keks: Vec<(u32, Kek)> = committed
+                .iter()
+                .filter(|(ver, s, _)| *s != KekStatus::Retired && allowed(*ver))
                 .take(MAX_VERSIONS_RELEASED)
-                .map(|(ver, _, k)| (ver, k))
+                .map(|(ver, _, k)| (*ver, k.clone()))
                 .collect();
             if keks.is_empty() {
-                return Err((
-                    DenyCode::StatePending,
-                    format!("the KEK of cluster `{cluster}` is not yet durably stored by the parent (retry after `keygate state sync`)"),
-                ));
+                let reason = if committed.is_empty() {
+                    format!("the KEK of cluster `{cluster}` is not yet durably stored by the parent (retry after `keygate state sync`)")
+                } else {
+                    format!(
+                        "KEK version {} of cluster `{cluster}` is not yet durably stored by the parent and the policy retires versions below {} (retry after `keygate state sync`)",
+                        rule.kek_version, rule.kek_retire_below
+                    )
+                };
+                return Err((DenyCode::StatePending, reason));
             }
             return Ok(keks);
         }
@@ -727,10 +753,17 @@ impl Kre {
             Ok(k) => k,
             Err(p) => p.into_inner(),
         };
-        match keks.current(cluster) {
-            Some((v, k)) => Ok(vec![(v, k.clone())]),
-            None => Err((DenyCode::Internal, format!("no KEK for cluster `{cluster}`"))),
+        let out: Vec<(u32, Kek)> = keks
+            .releasable(cluster)
+            .into_iter()
+            .filter(|(ver, _, _)| allowed(*ver))
+            .take(MAX_VERSIONS_RELEASED)
+            .map(|(ver, _, k)| (ver, k.clone()))
+            .collect();
+        if out.is_empty() {
+            return Err((DenyCode::Internal, format!("no releasable KEK for cluster `{cluster}`")));
         }
+        Ok(out)
     }
 
     /// The durable state's phase, or `None` without custodians.
@@ -1065,6 +1098,11 @@ fn report_step(r: StateReport, step: &'static str) -> Result<Step, Deny> {
         .map_err(|e| Deny::new(DenyCode::Internal, e.to_string()))
 }
 
+/// (cluster, kek_version) of every cluster of `p`.
+fn schedule_of(p: &ReleasePolicy) -> Vec<(String, u32)> {
+    p.clusters.iter().map(|(c, r)| (c.clone(), r.kek_version)).collect()
+}
+
 fn deny_step(d: Deny) -> Step {
     let reply = Message::Denied { code: d.code, reason: d.reason.clone() }.encode().unwrap_or_default();
     Step {
@@ -1215,8 +1253,14 @@ fn release(
         Err(e) => return Err(with(DenyCode::ImageNotAllowed, e.to_string(), &requester)),
     };
 
-    // Derive and wrap: for each key id, the current version and the still-active older ones.
-    let keks = kre.releasable_keks(&cluster).map_err(|(code, reason)| with(code, reason, &requester))?;
+    // Derive and wrap: for each key id, the current version and the still-active older ones
+    // the effective policy does not retire.
+    let rule = policy.clusters.get(cluster.as_str()).map_or_else(ClusterRule::default, |r| ClusterRule {
+        images: Vec::new(),
+        kek_version: r.kek_version,
+        kek_retire_below: r.kek_retire_below,
+    });
+    let keks = kre.releasable_keks(&cluster, &rule).map_err(|(code, reason)| with(code, reason, &requester))?;
     let mut data_keys = Vec::with_capacity(key_ids.len() * keks.len());
     for k in &key_ids {
         for (version, kek) in &keks {

@@ -167,11 +167,65 @@ impl KekStore {
             .or_insert_with(|| BTreeMap::from([(1, (KekStatus::Current, Secret::generate(fill)))]));
     }
 
+    /// Makes `cluster` have KEK versions up to `version` (1 ≤ `version` ≤
+    /// [`MAX_KEK_VERSIONS`]): every missing version is generated from `fill`, the newest
+    /// becomes `Current` and the older ones `Active`. Returns the versions created, ascending.
+    /// All or nothing: when `fill` fails, nothing changes.
+    pub fn ensure_versions<E>(
+        &mut self,
+        cluster: &Id,
+        version: u32,
+        mut fill: impl FnMut(&mut [u8]) -> Result<(), E>,
+    ) -> Result<Vec<u32>, E> {
+        let version = version.clamp(1, MAX_KEK_VERSIONS);
+        let first = self.clusters.get(cluster).and_then(|e| e.keys().next_back()).map_or(1, |v| v + 1);
+        let mut new = Vec::new();
+        for v in first..=version {
+            let mut result = Ok(());
+            let kek: Kek = Secret::generate(|b| result = fill(b));
+            result?;
+            new.push((v, kek));
+        }
+        let entries = self.clusters.entry(cluster.clone()).or_default();
+        let created: Vec<u32> = new.iter().map(|(v, _)| *v).collect();
+        for (v, kek) in new {
+            entries.insert(v, (KekStatus::Current, kek));
+        }
+        if !created.is_empty() {
+            let newest = entries.keys().next_back().copied();
+            for (v, (s, _)) in entries.iter_mut() {
+                if Some(*v) != newest && *s == KekStatus::Current {
+                    *s = KekStatus::Active;
+                }
+            }
+        }
+        Ok(created)
+    }
+
     /// The current KEK version of `cluster` and the KEK.
     pub fn current(&self, cluster: &Id) -> Option<(u32, &Kek)> {
         self.clusters.get(cluster)?.iter().rev().find(|(_, (s, _))| *s == KekStatus::Current).map(|(v, (_, k))| (*v, k))
     }
+
+    /// The versions of `cluster` that may be released: the current one first, then the
+    /// active older ones, newest first (retired versions never).
+    pub fn releasable(&self, cluster: &Id) -> Vec<(u32, KekStatus, &Kek)> {
+        let Some(entries) = self.clusters.get(cluster) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(u32, KekStatus, &Kek)> = entries
+            .iter()
+            .rev()
+            .filter(|(_, (s, _))| *s != KekStatus::Retired)
+            .map(|(v, (s, k))| (*v, *s, k))
+            .collect();
+        out.sort_by_key(|(v, s, _)| (*s != KekStatus::Current, std::cmp::Reverse(*v)));
+        out
+    }
 }
+
+/// Most KEK versions per cluster (as in the sealed state).
+pub const MAX_KEK_VERSIONS: u32 = 1024;
 
 #[cfg(test)]
 mod tests {
@@ -268,5 +322,40 @@ mod tests {
         s.ensure_cluster(&id("c"), |b| b.fill(2));
         assert_eq!(s.current(&id("c")).map(|(v, k)| (v, k.expose()[0])), Some((1, 1)));
         assert!(s.current(&id("d")).is_none());
+    }
+
+    #[test]
+    fn kek_store_rotates_newest_current_older_active() {
+        let mut s = KekStore::default();
+        s.ensure_cluster(&id("c"), |b| b.fill(1));
+        let mut n = 1u8;
+        assert_eq!(
+            s.ensure_versions(&id("c"), 3, |b| {
+                n += 1;
+                b.fill(n);
+                Ok::<(), ()>(())
+            }),
+            Ok(vec![2, 3])
+        );
+        let ok = |x: u8| {
+            move |b: &mut [u8]| -> Result<(), ()> {
+                b.fill(x);
+                Ok(())
+            }
+        };
+        assert_eq!(s.ensure_versions(&id("c"), 2, ok(9)), Ok(vec![]), "never lower, never again");
+        assert_eq!(s.ensure_versions(&id("c"), 5, |_| Err("nsm")), Err("nsm"));
+        assert_eq!(s.current(&id("c")).map(|(v, _)| v), Some(3), "a failed fill changes nothing");
+        assert_eq!(s.current(&id("c")).map(|(v, k)| (v, k.expose()[0])), Some((3, 3)));
+        let r: Vec<(u32, KekStatus, u8)> =
+            s.releasable(&id("c")).into_iter().map(|(v, st, k)| (v, st, k.expose()[0])).collect();
+        assert_eq!(r, vec![(3, KekStatus::Current, 3), (2, KekStatus::Active, 2), (1, KekStatus::Active, 1)]);
+        // A new cluster created directly at version 2 gets versions 1 and 2.
+        assert_eq!(s.ensure_versions(&id("d"), 2, ok(5)), Ok(vec![1, 2]));
+        assert_eq!(
+            s.releasable(&id("d")).iter().map(|(v, st, _)| (*v, *st)).collect::<Vec<_>>(),
+            vec![(2, KekStatus::Current), (1, KekStatus::Active)]
+        );
+        assert_eq!(s.ensure_versions(&id("e"), 5000, ok(5)).map(|v| v.len()), Ok(1024), "capped");
     }
 }

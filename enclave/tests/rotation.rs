@@ -1,0 +1,301 @@
+//! KEK rotation through the protocol core, without I/O: a policy naming KEK version N makes
+//! the KRE release versions N, N-1, … (current first), a pushed bundle rotates (with
+//! custodians: released only once the parent has stored and committed the new version), and
+//! a retirement removes old versions from releases at once.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use keygate_attestation::bundle::{self, PolicyBody};
+use keygate_attestation::crypto::{default_backend, p384_scalar_from};
+use keygate_attestation::mock::{derive_key, public_point, MockNsm};
+use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
+use keygate_attestation::Verifier;
+use keygate_enclave::audit::AuditEvent;
+use keygate_enclave::client::{self, ClientError, FetchRequest, ReleasedKey};
+use keygate_enclave::core::{Connection, Env, Kre, KreConfig, Step};
+use keygate_enclave::custody::CustodianSet;
+use keygate_enclave::wire::{DenyCode, Id, Message, StateReport};
+use p384::ecdsa::signature::Signer;
+
+const T: u64 = 1_795_478_400_000 + 7 * 3_600_000;
+const SEED: &[u8] = b"rotation-test";
+
+fn pcrs(b: u8) -> BTreeMap<u8, Vec<u8>> {
+    (0u8..3).map(|i| (i, vec![b + i; 48])).collect()
+}
+
+fn id(s: &str) -> Id {
+    Id::new(s).expect("id")
+}
+
+fn rng_from(seed: u64) -> impl FnMut(&mut [u8]) {
+    let mut n = seed;
+    move |b: &mut [u8]| {
+        for x in b.iter_mut() {
+            n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            *x = u8::try_from(n >> 56).unwrap_or(0);
+        }
+    }
+}
+
+/// "prod" allows the image with PCRs `pcrs(0x10)`, with the given KEK schedule.
+fn policy(kek_version: u32, kek_retire_below: u32) -> ReleasePolicy {
+    let image = ImageRule { name: "cp".into(), pcrs: pcrs(0x10), kind: None, not_after_ms: None, not_before_ms: None };
+    ReleasePolicy {
+        clusters: BTreeMap::from([("prod".into(), ClusterRule { images: vec![image], kek_version, kek_retire_below })]),
+        allow_debug: false,
+    }
+}
+
+fn nsm() -> MockNsm {
+    MockNsm::new(SEED, pcrs(0x70), Arc::new(|| T)).with_instance("kre")
+}
+
+fn step(conn: &mut Connection, kre: &Kre, frame: &[u8]) -> Step {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(1);
+    let mut r = rng_from(CALLS.fetch_add(1, Ordering::Relaxed) * 7919);
+    conn.on_frame(kre, &frame[4..], &mut Env { now_ms: T, rng: &mut r })
+}
+
+fn one(kre: &Kre, m: Message) -> Message {
+    let s = step(&mut Connection::new(), kre, &m.encode().expect("encode"));
+    Message::decode(&s.reply[4..]).expect("reply")
+}
+
+fn report(kre: &Kre, m: Message) -> StateReport {
+    match one(kre, m) {
+        Message::StateReport(r) => *r,
+        other => panic!("expected StateReport, got {other:?}"),
+    }
+}
+
+/// Stores what the KRE exports (as the parent does) and commits it; returns the generation.
+fn sync(kre: &Kre) -> u64 {
+    let r = report(kre, Message::StatePoll);
+    if r.export_generation == 0 {
+        return r.committed_generation;
+    }
+    let sha: [u8; 48] = sha2::Digest::finalize(<sha2::Sha384 as sha2::Digest>::new_with_prefix(&r.blob)).into();
+    match one(kre, Message::StateCommit { generation: r.export_generation, blob_sha384: sha }) {
+        Message::StateCommitted { generation } => generation,
+        other => panic!("expected StateCommitted, got {other:?}"),
+    }
+}
+
+fn fetch(kre: &Kre) -> Result<Vec<ReleasedKey>, ClientError> {
+    let cpi = MockNsm::new(SEED, pcrs(0x10), Arc::new(|| T)).with_instance("cpi");
+    let req = FetchRequest { cluster: id("prod"), key_ids: vec![id("etcd"), id("secrets")], expect_kre_pcrs: vec![] };
+    let mut r = rng_from(5);
+    let (ac, hello) = client::start(req, &mut r).expect("hello");
+    let mut conn = Connection::new();
+    let s = step(&mut conn, kre, &hello);
+    let ar = ac
+        .on_challenge(&s.reply[4..], &Verifier::new(cpi.root_anchor()), T, &cpi, default_backend(), &mut r)
+        .expect("challenge");
+    let s = step(&mut conn, kre, &ar.release_frame.clone());
+    ar.on_released(&s.reply[4..], default_backend())
+}
+
+/// (key id, version) of each released key, in release order.
+fn versions(keys: &[ReleasedKey]) -> Vec<(String, u32)> {
+    keys.iter().map(|k| (k.key_id.to_string(), k.version)).collect()
+}
+
+fn expect(pairs: &[(&str, u32)]) -> Vec<(String, u32)> {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+}
+
+fn kek_rotations(kre: &Kre) -> Vec<(String, u32)> {
+    kre.audit()
+        .entries_after(0, 1000)
+        .into_iter()
+        .filter_map(|e| match e.event() {
+            AuditEvent::KekRotated { cluster, new_version } => Some((cluster.to_string(), *new_version)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A chain of signed bundles: approver 1 alone (threshold 1), "prod" in every bundle.
+struct Chain {
+    key: p384::ecdsa::SigningKey,
+    last: PolicyBody,
+}
+
+impl Chain {
+    /// The genesis bundle (prod at KEK version 1) and the chain.
+    fn genesis() -> (Vec<u8>, Self) {
+        let key = derive_key(b"rotation-approvers", "approver-1");
+        let body = PolicyBody {
+            version: 1,
+            previous: [0; 48],
+            issued_at: T / 1000 - 60,
+            activation_delay: 3600,
+            approvers: vec![public_point(&key).try_into().expect("97 bytes")],
+            threshold: 1,
+            policy: policy(1, 0),
+        };
+        let bytes = bundle::encode_bundle(&bundle::encode_body(&body), &[]);
+        (bytes, Self { key, last: body })
+    }
+
+    /// The next bundle with `prod`'s KEK schedule set, signed.
+    fn next(&mut self, kek_version: u32, kek_retire_below: u32) -> Vec<u8> {
+        let prev = bundle::encode_body(&self.last);
+        let body = PolicyBody {
+            version: self.last.version + 1,
+            previous: bundle::digest(&prev),
+            policy: policy(kek_version, kek_retire_below),
+            ..self.last.clone()
+        };
+        let body_bytes = bundle::encode_body(&body);
+        let sig: p384::ecdsa::Signature = self.key.sign(&bundle::signing_message(&body_bytes));
+        self.last = body;
+        bundle::encode_bundle(&body_bytes, &[(public_point(&self.key), sig.to_bytes().to_vec())])
+    }
+}
+
+fn push(kre: &Kre, bundle: Vec<u8>) {
+    match one(kre, Message::PolicyPush { bundle }) {
+        Message::PolicyAccepted { activates_at_ms, .. } => assert_eq!(activates_at_ms, T, "in force at once"),
+        other => panic!("expected PolicyAccepted, got {other:?}"),
+    }
+}
+
+fn custodians() -> CustodianSet {
+    let c = default_backend();
+    let keys = (1..=3u64)
+        .map(|i| {
+            let (_, p) = p384_scalar_from(c, rng_from(1000 + i)).expect("key");
+            p.try_into().expect("point")
+        })
+        .collect();
+    CustodianSet::new(c, 2, keys).expect("set")
+}
+
+#[test]
+fn an_ephemeral_kre_releases_every_version_of_its_static_policy_current_first() {
+    let nsm = nsm();
+    let verifier = Verifier::new(nsm.root_anchor());
+    let kre = Kre::new(KreConfig::default(), verifier, policy(2, 0), Arc::new(nsm)).expect("kre");
+    let keys = fetch(&kre).expect("released");
+    assert_eq!(versions(&keys), expect(&[("etcd", 2), ("etcd", 1), ("secrets", 2), ("secrets", 1)]));
+    assert_ne!(keys[0].key, keys[1].key, "each version derives its own data key");
+    assert_ne!(keys[2].key, keys[3].key);
+    assert_ne!(keys[0].key, keys[2].key);
+    assert_eq!(fetch(&kre).expect("again"), keys, "stable within a run");
+    assert_eq!(kek_rotations(&kre), vec![("prod".to_owned(), 2)], "the rotation is audited when created");
+
+    // A static policy retiring version 1: only version 2.
+    let nsm = MockNsm::new(SEED, pcrs(0x70), Arc::new(|| T)).with_instance("kre2");
+    let verifier = Verifier::new(nsm.root_anchor());
+    let kre = Kre::new(KreConfig::default(), verifier, policy(3, 2), Arc::new(nsm)).expect("kre");
+    let keys = fetch(&kre).expect("released");
+    assert_eq!(versions(&keys), expect(&[("etcd", 3), ("etcd", 2), ("secrets", 3), ("secrets", 2)]));
+}
+
+#[test]
+fn a_pushed_rotation_without_custodians_is_released_at_once_and_a_retirement_removes_old_versions() {
+    let (genesis, mut chain) = Chain::genesis();
+    let nsm = nsm();
+    let verifier = Verifier::new(nsm.root_anchor());
+    let kre = Kre::with_genesis(KreConfig::default(), verifier, &genesis, Arc::new(nsm)).expect("kre");
+    let v1 = fetch(&kre).expect("released");
+    assert_eq!(versions(&v1), expect(&[("etcd", 1), ("secrets", 1)]));
+
+    push(&kre, chain.next(2, 0));
+    let keys = fetch(&kre).expect("released");
+    assert_eq!(versions(&keys), expect(&[("etcd", 2), ("etcd", 1), ("secrets", 2), ("secrets", 1)]));
+    assert_eq!(keys[1].key, v1[0].key, "version 1 gives the same data key as before the rotation");
+    assert_eq!(kek_rotations(&kre), vec![("prod".to_owned(), 2)]);
+
+    push(&kre, chain.next(2, 2));
+    let keys = fetch(&kre).expect("released");
+    assert_eq!(versions(&keys), expect(&[("etcd", 2), ("secrets", 2)]), "version 1 retired at once");
+
+    // A decrease is refused and changes nothing.
+    let mut bad = Chain { key: chain.key.clone(), last: chain.last.clone() };
+    match one(&kre, Message::PolicyPush { bundle: bad.next(1, 0) }) {
+        Message::Denied { code, reason } => {
+            assert_eq!(code, DenyCode::PolicyRefused);
+            assert!(reason.contains("KEK version 1 is lower than version 2"), "{reason}");
+        }
+        other => panic!("expected Denied, got {other:?}"),
+    }
+    assert_eq!(versions(&fetch(&kre).expect("released")), expect(&[("etcd", 2), ("secrets", 2)]));
+}
+
+#[test]
+fn with_custodians_a_rotation_is_released_only_after_the_commit_and_a_retirement_at_once() {
+    let (genesis, mut chain) = Chain::genesis();
+    let nsm = nsm();
+    let verifier = Verifier::new(nsm.root_anchor());
+    let config = KreConfig { custodians: Some(custodians()), ..KreConfig::default() };
+    let kre = Kre::with_genesis(config, verifier, &genesis, Arc::new(nsm)).expect("kre");
+    report(&kre, Message::StateGenesis);
+    assert_eq!(sync(&kre), 1);
+    let v1 = fetch(&kre).expect("released");
+    assert_eq!(versions(&v1), expect(&[("etcd", 1), ("secrets", 1)]));
+
+    // The rotation bundle is accepted at once, but version 2 exists only in the working
+    // state: releases keep version 1 until the parent has stored it.
+    push(&kre, chain.next(2, 0));
+    let keys = fetch(&kre).expect("released");
+    assert_eq!(versions(&keys), expect(&[("etcd", 1), ("secrets", 1)]), "the new version is not yet durable");
+    assert!(!kek_rotations(&kre).contains(&("prod".to_owned(), 2)), "audited at the commit, not before");
+    let r = report(&kre, Message::StatePoll);
+    assert_eq!((r.committed_generation, r.export_generation), (1, 2));
+    assert_eq!(
+        versions(&fetch(&kre).expect("released")),
+        expect(&[("etcd", 1), ("secrets", 1)]),
+        "exported but not committed: still not released"
+    );
+    assert_eq!(sync(&kre), 2);
+    let keys = fetch(&kre).expect("released");
+    assert_eq!(versions(&keys), expect(&[("etcd", 2), ("etcd", 1), ("secrets", 2), ("secrets", 1)]));
+    assert_eq!(keys[1].key, v1[0].key);
+    assert!(kek_rotations(&kre).contains(&("prod".to_owned(), 2)));
+
+    // Retirement of version 1: at once, nothing to store.
+    push(&kre, chain.next(2, 2));
+    assert_eq!(versions(&fetch(&kre).expect("released")), expect(&[("etcd", 2), ("secrets", 2)]));
+
+    // Rotating and retiring in one bundle: version 3 is not durable yet and version 2 is
+    // retired, so nothing may be released until the commit.
+    push(&kre, chain.next(3, 3));
+    match fetch(&kre) {
+        Err(ClientError::Denied { code, .. }) => assert_eq!(code, DenyCode::StatePending),
+        other => panic!("expected a denial, got {other:?}"),
+    }
+    sync(&kre);
+    assert_eq!(versions(&fetch(&kre).expect("released")), expect(&[("etcd", 3), ("secrets", 3)]));
+}
+
+#[test]
+fn a_genesis_policy_with_a_later_kek_version_gets_it_in_the_next_generation() {
+    let key = derive_key(b"rotation-approvers", "approver-1");
+    let body = PolicyBody {
+        version: 1,
+        previous: [0; 48],
+        issued_at: T / 1000 - 60,
+        activation_delay: 3600,
+        approvers: vec![public_point(&key).try_into().expect("97 bytes")],
+        threshold: 1,
+        policy: policy(2, 0),
+    };
+    let genesis = bundle::encode_bundle(&bundle::encode_body(&body), &[]);
+    let nsm = nsm();
+    let verifier = Verifier::new(nsm.root_anchor());
+    let config = KreConfig { custodians: Some(custodians()), ..KreConfig::default() };
+    let kre = Kre::with_genesis(config, verifier, &genesis, Arc::new(nsm)).expect("kre");
+    report(&kre, Message::StateGenesis);
+    assert_eq!(sync(&kre), 1);
+    assert_eq!(versions(&fetch(&kre).expect("released")), expect(&[("etcd", 1), ("secrets", 1)]));
+    assert_eq!(sync(&kre), 2);
+    assert_eq!(
+        versions(&fetch(&kre).expect("released")),
+        expect(&[("etcd", 2), ("etcd", 1), ("secrets", 2), ("secrets", 1)])
+    );
+}
