@@ -64,6 +64,14 @@ pub(crate) enum PolicyCommand {
         /// Revoke: CLUSTER=NAME (one image) or CLUSTER (the whole cluster), repeatable.
         #[arg(long)]
         revoke: Vec<String>,
+        /// Rotate CLUSTER's KEK: its KEK version + 1 (the new version wraps/derives new keys,
+        /// older ones stay released until retired). Repeatable.
+        #[arg(long)]
+        rotate: Vec<String>,
+        /// Retire KEK versions: CLUSTER=N, versions below N are never released again (at
+        /// once; lowering N later waits for the activation delay). Repeatable.
+        #[arg(long)]
+        retire: Vec<String>,
         /// Activation delay of this bundle for loosening changes.
         #[arg(long, value_parser = parse_duration)]
         activation_delay: Option<Duration>,
@@ -260,6 +268,67 @@ fn image_line(cluster: &str, i: &ImageRule) -> String {
     format!("{cluster}: image `{}` [{}] ({kind}{until})", i.name, pcrs.join(" "))
 }
 
+/// Applies `--rotate CLUSTER` (KEK version + 1) and `--retire CLUSTER=N` (versions below N
+/// retired) to a proposal.
+fn apply_kek_changes(policy: &mut ReleasePolicy, rotate: &[String], retire: &[String]) -> Result<(), CliError> {
+    for c in rotate {
+        let rule =
+            policy.clusters.get_mut(c).ok_or_else(|| CliError::input(format!("--rotate {c}: no cluster `{c}`")))?;
+        rule.kek_version = rule.kek_version.saturating_add(1);
+    }
+    for r in retire {
+        let (c, n) =
+            r.split_once('=').ok_or_else(|| CliError::input(format!("--retire {r}: expected CLUSTER=VERSION")))?;
+        let n: u32 = n.parse().map_err(|_| CliError::input(format!("--retire {r}: `{n}` is not a version number")))?;
+        let rule =
+            policy.clusters.get_mut(c).ok_or_else(|| CliError::input(format!("--retire {r}: no cluster `{c}`")))?;
+        if n > rule.kek_version {
+            return Err(CliError::input(format!(
+                "--retire {r}: the current KEK version of `{c}` is {}; versions up to it can be retired",
+                rule.kek_version
+            )));
+        }
+        rule.kek_retire_below = n;
+    }
+    Ok(())
+}
+
+/// The KEK schedule changes between two policies, as diff lines.
+fn kek_diff(old: &ReleasePolicy, new: &ReleasePolicy) -> Vec<String> {
+    let mut out = Vec::new();
+    let default = ClusterRule::default();
+    for (c, n) in &new.clusters {
+        let o = old.clusters.get(c).unwrap_or(&default);
+        if n.kek_version != o.kek_version {
+            out.push(format!("  ~ {c}: KEK version {} -> {}", o.kek_version, n.kek_version));
+        }
+        if n.kek_retire_below > o.kek_retire_below {
+            out.push(format!("  ~ {c}: versions below {} retired", n.kek_retire_below));
+        } else if n.kek_retire_below < o.kek_retire_below {
+            let now = if n.kek_retire_below > 1 {
+                format!("only versions below {} retired", n.kek_retire_below)
+            } else {
+                "no version retired".to_owned()
+            };
+            out.push(format!(
+                "  ~ {c}: versions below {} no longer retired, {now} (un-retires: waits for the activation delay)",
+                o.kek_retire_below
+            ));
+        }
+    }
+    out
+}
+
+/// The KEK schedule of a cluster, for display (`None` for the default schedule).
+fn kek_line(cluster: &str, r: &ClusterRule) -> Option<String> {
+    if r.has_default_schedule() {
+        return None;
+    }
+    let retired =
+        if r.kek_retire_below > 1 { format!(", versions below {} retired", r.kek_retire_below) } else { String::new() };
+    Some(format!("{cluster}: KEK version {}{retired}", r.kek_version))
+}
+
 fn diff(old: &PolicyBody, new: &PolicyBody) -> Vec<String> {
     let mut out = Vec::new();
     let old_lines: Vec<String> = describe(&old.policy);
@@ -283,6 +352,7 @@ fn diff(old: &PolicyBody, new: &PolicyBody) -> Vec<String> {
             new.approvers.len()
         ));
     }
+    out.extend(kek_diff(&old.policy, &new.policy));
     if old.policy.allow_debug != new.policy.allow_debug {
         out.push(format!("  ~ allow_debug: {} -> {}", old.policy.allow_debug, new.policy.allow_debug));
     }
@@ -306,6 +376,11 @@ fn print_body(b: &PolicyBody, digest: &[u8; 48]) {
     println!("  allow_debug {}", b.policy.allow_debug);
     for l in describe(&b.policy) {
         println!("  {l}");
+    }
+    for (c, r) in &b.policy.clusters {
+        if let Some(l) = kek_line(c, r) {
+            println!("  {l}");
+        }
     }
 }
 
@@ -340,6 +415,9 @@ fn body_json(b: &PolicyBody, digest: &[u8; 48], signatures: usize) -> serde_json
         "approvers": b.approvers.iter().map(hex::encode).collect::<Vec<_>>(),
         "allow_debug": b.policy.allow_debug,
         "clusters": clusters,
+        "kek": b.policy.clusters.iter().map(|(c, r)| {
+            (c, serde_json::json!({ "version": r.kek_version, "retire_below": r.kek_retire_below }))
+        }).collect::<BTreeMap<_, _>>(),
         "signatures": signatures,
     })
 }
@@ -384,6 +462,8 @@ pub(crate) fn run(cmd: PolicyCommand) -> Result<(), CliError> {
             kind,
             not_after,
             revoke,
+            rotate,
+            retire,
             activation_delay,
             approvers,
             threshold,
@@ -437,10 +517,17 @@ pub(crate) fn run(cmd: PolicyCommand) -> Result<(), CliError> {
                     .split_once('=')
                     .ok_or_else(|| CliError::input(format!("--allow {a}: expected CLUSTER=IMAGE.eif|PCRS")))?;
                 let image = parse_image(spec, kind, not_after)?;
-                let rule = body.policy.clusters.entry(cluster.to_owned()).or_insert_with(ClusterRule::default);
+                // A cluster revoked and allowed again keeps its KEK schedule (versions never
+                // restart lower).
+                let schedule = current.body.policy.clusters.get(cluster).map(|r| (r.kek_version, r.kek_retire_below));
+                let rule = body.policy.clusters.entry(cluster.to_owned()).or_insert_with(|| {
+                    let (kek_version, kek_retire_below) = schedule.unwrap_or((1, 0));
+                    ClusterRule { images: Vec::new(), kek_version, kek_retire_below }
+                });
                 rule.images.retain(|i| i.name != image.name);
                 rule.images.push(image);
             }
+            apply_kek_changes(&mut body.policy, &rotate, &retire)?;
             let d = write_bundle(&out, &body, &[])?;
             println!("proposal {} (version {}, digest {}):", out.display(), body.version, hex::encode(d));
             for l in diff(&current.body, &body) {
@@ -608,4 +695,56 @@ fn push(kre: &Addr, bytes: &[u8]) -> Result<(u64, u64), CliError> {
             Err(e) => Err(CliError::refused(format!("bad answer: {e}"))),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(v: u32, r: u32) -> ReleasePolicy {
+        let image = ImageRule {
+            name: "cp".into(),
+            pcrs: (0u8..3).map(|i| (i, vec![i; 48])).collect(),
+            kind: None,
+            not_after_ms: None,
+            not_before_ms: None,
+        };
+        ReleasePolicy {
+            clusters: BTreeMap::from([(
+                "prod".to_owned(),
+                ClusterRule { images: vec![image], kek_version: v, kek_retire_below: r },
+            )]),
+            allow_debug: false,
+        }
+    }
+
+    #[test]
+    fn rotate_and_retire_change_the_schedule_and_the_diff_shows_it() {
+        let old = policy(1, 0);
+        let mut new = old.clone();
+        apply_kek_changes(&mut new, &["prod".into()], &[]).expect("rotate");
+        assert_eq!((new.clusters["prod"].kek_version, new.clusters["prod"].kek_retire_below), (2, 0));
+        assert_eq!(kek_diff(&old, &new), vec!["  ~ prod: KEK version 1 -> 2"]);
+        let mut retired = new.clone();
+        apply_kek_changes(&mut retired, &[], &["prod=2".into()]).expect("retire");
+        assert_eq!(kek_diff(&new, &retired), vec!["  ~ prod: versions below 2 retired"]);
+        assert_eq!(
+            kek_line("prod", &retired.clusters["prod"]).as_deref(),
+            Some("prod: KEK version 2, versions below 2 retired")
+        );
+        assert_eq!(kek_line("prod", &old.clusters["prod"]), None);
+        let un = kek_diff(&retired, &new);
+        assert_eq!(un.len(), 1);
+        assert!(un[0].contains("no longer retired") && un[0].contains("activation delay"), "{un:?}");
+        // Both in one proposal, and errors.
+        let mut both = old.clone();
+        apply_kek_changes(&mut both, &["prod".into()], &["prod=2".into()]).expect("rotate and retire");
+        assert_eq!(kek_diff(&old, &both), vec!["  ~ prod: KEK version 1 -> 2", "  ~ prod: versions below 2 retired"]);
+        let mut p = old.clone();
+        assert!(apply_kek_changes(&mut p, &["stage".into()], &[]).is_err(), "unknown cluster");
+        assert!(apply_kek_changes(&mut p, &[], &["prod=3".into()]).is_err(), "above the current version");
+        assert!(apply_kek_changes(&mut p, &[], &["prod".into()]).is_err(), "no version");
+        assert!(apply_kek_changes(&mut p, &[], &["prod=x".into()]).is_err(), "not a number");
+        assert_eq!(p, old, "refused changes leave the policy as it was");
+    }
 }
