@@ -154,6 +154,29 @@ impl KeyRing {
         self.versions = versions;
     }
 
+    /// After a successful fetch that released `released` (the KRE sends the current version
+    /// and the still-active older ones, newest first, at most `limit`): forgets (and
+    /// zeroizes) every held version the KRE no longer releases because the policy retired
+    /// it. A held version older than all released ones counts as retired only when the
+    /// release was not cut at `limit` (otherwise it may be active and merely not sent); a
+    /// held version newer than every released one is kept. Returns the versions forgotten.
+    pub(crate) fn forget_retired(&mut self, released: &[u32], limit: usize) -> Vec<u32> {
+        let (Some(&oldest), Some(&newest)) = (released.iter().min(), released.iter().max()) else {
+            return Vec::new();
+        };
+        let complete = released.len() < limit;
+        let retired: Vec<u32> = self
+            .versions
+            .keys()
+            .copied()
+            .filter(|v| !released.contains(v) && *v < newest && (*v > oldest || complete))
+            .collect();
+        for v in &retired {
+            self.versions.remove(v);
+        }
+        retired
+    }
+
     /// Forgets (and zeroizes) every key.
     pub(crate) fn clear(&mut self) {
         self.versions.clear();
@@ -319,6 +342,49 @@ mod tests {
         assert_eq!(r.versions().first(), Some(&37));
         r.clear();
         assert!(r.is_empty() && r.current().is_none());
+    }
+
+    #[test]
+    fn a_rotation_is_sealed_under_at_once_and_old_versions_open_until_retired() {
+        let crypto = keygate_attestation::crypto::default_backend();
+        let mut r = KeyRing::new(Id::new("prod").expect("id"), Id::new("etcd-kek").expect("id"));
+        r.insert(1, Secret::new([1; 32])).expect("v1");
+        let (old_ct, old_id) = r.seal(crypto, [1; 12], &[7; 32]).expect("seal under v1");
+        assert_eq!(old_id, "prod/etcd-kek/v1");
+        // A refresh after a rotation releases [2, 1]: v2 seals, v1 still opens.
+        for (v, b) in [(2, 2u8), (1, 1)] {
+            r.insert(v, Secret::new([b; 32])).expect("insert");
+        }
+        assert!(r.forget_retired(&[2, 1], 4).is_empty());
+        let (new_ct, new_id) = r.seal(crypto, [2; 12], &[8; 32]).expect("seal under v2");
+        assert_eq!(new_id, "prod/etcd-kek/v2");
+        assert_eq!(r.open(crypto, &old_id, &old_ct).expect("v1 opens").expose(), &[7; 32]);
+        assert_eq!(r.open(crypto, &new_id, &new_ct).expect("v2 opens").expose(), &[8; 32]);
+        // v1 retired: the next refresh releases [2] only and v1 is forgotten.
+        assert_eq!(r.forget_retired(&[2], 4), vec![1]);
+        assert_eq!(r.versions(), vec![2]);
+        assert!(matches!(r.open(crypto, &old_id, &old_ct), Err(KeyringError::UnknownKeyId(_))));
+        assert_eq!(r.open(crypto, &new_id, &new_ct).expect("v2 still opens").expose(), &[8; 32]);
+    }
+
+    #[test]
+    fn only_versions_the_kre_no_longer_releases_are_forgotten() {
+        let mut r = KeyRing::new(Id::new("prod").expect("id"), Id::new("etcd-kek").expect("id"));
+        for v in 1..=6 {
+            r.insert(v, Secret::new([u8::try_from(v).expect("small"); 32])).expect("insert");
+        }
+        // Cut at the limit: 1 may be active and only not sent, so it is kept; 3 lies inside
+        // the released range but was not released, so it is no longer releasable.
+        assert_eq!(r.forget_retired(&[6, 5, 4, 2], 4), vec![3]);
+        assert_eq!(r.versions(), vec![1, 2, 4, 5, 6]);
+        // Not cut: everything below the oldest released is retired.
+        assert_eq!(r.forget_retired(&[6, 5], 4), vec![1, 2, 4]);
+        // A held version newer than every released one is kept; nothing released, nothing done.
+        r.insert(7, Secret::new([7; 32])).expect("insert");
+        assert_eq!(r.forget_retired(&[6], 4), vec![5]);
+        assert_eq!(r.versions(), vec![6, 7]);
+        assert!(r.forget_retired(&[], 4).is_empty());
+        assert_eq!(r.versions(), vec![6, 7]);
     }
 
     #[test]

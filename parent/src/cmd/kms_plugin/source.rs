@@ -184,6 +184,15 @@ pub(crate) async fn refresh_from_kre(shared: Arc<Shared>, fetcher: Fetcher, key_
                         Err(conflict) => outcome = Err(conflict),
                     }
                 }
+                if outcome.is_ok() {
+                    // Versions the policy retired are no longer released: stop opening them.
+                    let released: Vec<u32> =
+                        fetched.keys.iter().filter(|k| k.key_id == key_id).map(|k| k.version).collect();
+                    let retired = st.ring.forget_retired(&released, keygate_enclave::core::MAX_VERSIONS_RELEASED);
+                    if !retired.is_empty() {
+                        tracing::warn!(retired = ?retired, "KEK versions retired by the policy: forgotten (zeroized)");
+                    }
+                }
                 match outcome {
                     Ok(_) if st.ring.is_empty() => {
                         lease.on_failure(done, format!("the KRE released no key `{key_id}`"), false);
