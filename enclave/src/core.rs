@@ -636,7 +636,16 @@ impl Kre {
         let refuse = |code, e: String| Deny { stage: Stage::State { step: "unseal-offer" }, ..Deny::new(code, e) };
         let offer = lock(vault).offer().map_err(|e| refuse(DenyCode::StateRefused, e.to_string()))?;
         let shares_sha: [u8; 48] = Sha384::digest(&offer.custody.shares).into();
-        let user_data = vault::unseal_user_data(&offer.unseal_nonce, offer.generation, &offer.set_digest, &shares_sha);
+        let user_data = match &offer.reshare_to {
+            None => vault::unseal_user_data(&offer.unseal_nonce, offer.generation, &offer.set_digest, &shares_sha),
+            Some(new) => vault::reshare_user_data(
+                &offer.unseal_nonce,
+                offer.generation,
+                &offer.set_digest,
+                &shares_sha,
+                &new.digest(),
+            ),
+        };
         let attestation = self
             .nsm
             .attest(&AttestRequest {
@@ -652,8 +661,35 @@ impl Kre {
             generation: offer.generation,
             shares: offer.custody.shares,
             genesis_attestation: offer.custody.genesis_attestation,
+            reshare_to: offer.reshare_to.as_ref().map(vault::encode_set).unwrap_or_default(),
         };
         Ok((msg, sha))
+    }
+
+    /// Starts a reshare of the state key to a new custodian set (serving KRE).
+    fn reshare_start(&self, set: &[u8], now_ms: u64) -> Result<StateReport, Deny> {
+        let vault = self.vault_or_refuse("reshare")?;
+        let refuse =
+            |e: String| Deny { stage: Stage::State { step: "reshare" }, ..Deny::new(DenyCode::StateRefused, e) };
+        let new_set = vault::decode_set(self.crypto, set).map_err(|e| refuse(format!("new custodian set: {e}")))?;
+        let digest = new_set.digest();
+        let (m, n) = (new_set.threshold(), new_set.count());
+        {
+            let mut v = lock(vault);
+            self.with_nsm_rng(|rng| v.start_reshare(self.crypto, new_set, rng))
+                .map_err(refuse)?
+                .map_err(|e| refuse(e.to_string()))?;
+        }
+        self.audit_state(
+            "reshare-started",
+            true,
+            format!(
+                "to {m} of {n} custodians (set {}); awaiting the current custodians' approval",
+                hex::encode(digest)
+            ),
+            now_ms,
+        );
+        self.state_report()
     }
 
     /// A custodian's share for the offer sent on this connection.
@@ -662,6 +698,9 @@ impl Kre {
         let refuse =
             |e: String| Deny { stage: Stage::State { step: "unseal-share" }, ..Deny::new(DenyCode::StateRefused, e) };
         let msg = UnsealShare::decode(share).map_err(|e| refuse(e.to_string()))?;
+        if lock(vault).phase() == Phase::Serving {
+            return self.reshare_share(attestation_sha384, &msg, now_ms);
+        }
         let (outcome, need) = {
             let mut v = lock(vault);
             let need = v.set().threshold();
@@ -691,6 +730,48 @@ impl Kre {
         Message::UnsealProgress { have, need, serving, generation }
             .encode()
             .map(|reply| Step { reply, close: true, event: Event::UnsealShareAccepted { have, need, serving } })
+            .map_err(|e| Deny::new(DenyCode::Internal, e.to_string()))
+    }
+
+    /// An old custodian's share approving the reshare in progress.
+    fn reshare_share(&self, attestation_sha384: [u8; 48], msg: &UnsealShare, now_ms: u64) -> Result<Step, Deny> {
+        let vault = self.vault_or_refuse("reshare-share")?;
+        let refuse =
+            |e: String| Deny { stage: Stage::State { step: "reshare-share" }, ..Deny::new(DenyCode::StateRefused, e) };
+        let nsm = &self.nsm;
+        let mut attest = |ud: &[u8; 48]| {
+            nsm.attest(&AttestRequest { nonce: None, user_data: Some(ud.to_vec()), public_key: None })
+                .map_err(|e| e.to_string())
+        };
+        let (have, need, done, generation) = {
+            let mut v = lock(vault);
+            let (have, need, done) = self
+                .with_nsm_rng(|rng| v.add_reshare_share(self.crypto, attestation_sha384, msg, rng, &mut attest))
+                .map_err(refuse)?
+                .map_err(|e| refuse(e.to_string()))?;
+            (have, need, done, v.committed_generation())
+        };
+        if done {
+            self.audit_state(
+                "reshared",
+                true,
+                format!(
+                    "share {} accepted; {need} of {need} current custodians approved: new state key split for the new set; stored with the next generation",
+                    msg.x
+                ),
+                now_ms,
+            );
+        } else {
+            self.audit_state(
+                "reshare-share-accepted",
+                true,
+                format!("share {} accepted ({have} of {need})", msg.x),
+                now_ms,
+            );
+        }
+        Message::UnsealProgress { have, need, serving: done, generation }
+            .encode()
+            .map(|reply| Step { reply, close: true, event: Event::UnsealShareAccepted { have, need, serving: done } })
             .map_err(|e| Deny::new(DenyCode::Internal, e.to_string()))
     }
 
@@ -932,6 +1013,9 @@ impl Connection {
                             })
                             .map_err(|e| Deny::new(DenyCode::Internal, e.to_string()))
                     })
+                }
+                (State::ExpectHello, Message::ReshareStart { set }) => {
+                    kre.reshare_start(&set, env.now_ms).and_then(|r| report_step(r, "reshare"))
                 }
                 (State::ExpectHello, Message::UnsealHello { client_nonce }) => {
                     kre.unseal_offer(client_nonce).and_then(|(msg, attestation_sha384)| {

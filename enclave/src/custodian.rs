@@ -47,6 +47,9 @@ pub struct Expectations<'a> {
     pub record: Option<&'a CustodianRecord>,
     /// Accept a shares file other than the recorded one (a new genesis, deliberately).
     pub accept_new_genesis: bool,
+    /// For a reshare: the digest of the new custodian set this custodian approves. An offer
+    /// that asks for a reshare to any other set (or to any set, when `None`) is refused.
+    pub approve_reshare: Option<[u8; 48]>,
 }
 
 /// Why a custodian refused (or the KRE refused the custodian).
@@ -99,6 +102,19 @@ pub enum CustodianError {
     /// The shares file differs from the one this custodian acted on before.
     #[error("the shares file differs from the one this custodian acted on before (a new genesis?); pass --accept-new-genesis only if one was intended")]
     SharesChanged,
+    /// The KRE asks to reshare to a set this custodian did not approve.
+    #[error("the KRE asks for a reshare to the custodian set {new_set} ({threshold} of {count}); approve it with --approve-reshare {new_set}")]
+    ReshareNotApproved {
+        /// Hex digest of the proposed set.
+        new_set: String,
+        /// Its threshold.
+        threshold: u8,
+        /// Its size.
+        count: u8,
+    },
+    /// This custodian approves a reshare, but the KRE offers a plain unseal.
+    #[error("--approve-reshare given, but the KRE asks for an unseal, not a reshare")]
+    NotAReshare,
     /// The custody layer refused (not a custodian of the set, bad file, ...).
     #[error("{0}")]
     Custody(CustodyError),
@@ -122,6 +138,8 @@ pub struct Response {
     pub generation: u64,
     /// The custodian's share index.
     pub x: u8,
+    /// For a reshare: the digest of the new set approved.
+    pub reshared_to: Option<[u8; 48]>,
 }
 
 /// Checks an UnsealOffer (the reply to `UnsealHello { client_nonce }`) and, if every check
@@ -137,11 +155,30 @@ pub fn on_offer(
     if expect.kre_pcrs.is_empty() || expect.genesis_pcrs.is_empty() {
         return Err(CustodianError::NoExpectedPcrs);
     }
-    let (attestation, unseal_nonce, generation, shares_bytes, genesis_attestation) = match expect_ok(body)? {
-        Message::UnsealOffer { attestation, unseal_nonce, generation, shares, genesis_attestation } => {
-            (attestation, unseal_nonce, generation, shares, genesis_attestation)
+    let (attestation, unseal_nonce, generation, shares_bytes, genesis_attestation, reshare_to) = match expect_ok(body)?
+    {
+        Message::UnsealOffer { attestation, unseal_nonce, generation, shares, genesis_attestation, reshare_to } => {
+            (attestation, unseal_nonce, generation, shares, genesis_attestation, reshare_to)
         }
         m => return Err(CustodianError::Unexpected(m.name())),
+    };
+    // A reshare needs this custodian's explicit approval of exactly that new set.
+    let new_set = if reshare_to.is_empty() {
+        if expect.approve_reshare.is_some() {
+            return Err(CustodianError::NotAReshare);
+        }
+        None
+    } else {
+        let set = vault::decode_set(crypto, &reshare_to).map_err(CustodianError::Custody)?;
+        let digest = set.digest();
+        if expect.approve_reshare != Some(digest) {
+            return Err(CustodianError::ReshareNotApproved {
+                new_set: hex::encode(digest),
+                threshold: set.threshold(),
+                count: set.count(),
+            });
+        }
+        Some(digest)
     };
     // The KRE, now.
     let mut opts = VerifyOptions::at(expect.now_ms);
@@ -154,7 +191,10 @@ pub fn on_offer(
     let shares = SharesFile::decode(crypto, &shares_bytes).map_err(CustodianError::Custody)?;
     let set_digest = shares.set().digest();
     let shares_sha: [u8; 48] = Sha384::digest(&shares_bytes).into();
-    let user_data = vault::unseal_user_data(&unseal_nonce, generation, &set_digest, &shares_sha);
+    let user_data = match &new_set {
+        None => vault::unseal_user_data(&unseal_nonce, generation, &set_digest, &shares_sha),
+        Some(new) => vault::reshare_user_data(&unseal_nonce, generation, &set_digest, &shares_sha, new),
+    };
     if att.user_data() != Some(user_data.as_slice()) {
         return Err(CustodianError::KreBinding("its user_data does not bind the unseal nonce, generation and shares"));
     }
@@ -201,6 +241,7 @@ pub fn on_offer(
         record: CustodianRecord { set_digest: set_hex, shares_sha384: shares_hex, highest_generation: highest },
         generation,
         x: msg.x,
+        reshared_to: new_set,
     })
 }
 

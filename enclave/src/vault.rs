@@ -28,7 +28,7 @@
 //! (`policy_stale`), so a parent that withholds newer bundles after a restart cannot roll
 //! the policy back.
 
-use keygate_attestation::crypto::{p384_scalar_from, Crypto, CryptoError, P384Scalar};
+use keygate_attestation::crypto::{p384_scalar_from, Crypto, CryptoError, P384Scalar, P384_POINT_LEN};
 use keygate_attestation::secret::Secret;
 use sha2::{Digest, Sha384};
 
@@ -181,6 +181,12 @@ pub enum VaultError {
     /// Cryptography failed.
     #[error("crypto: {0}")]
     Crypto(CryptoError),
+    /// A reshare needs the outstanding export committed first.
+    #[error("an exported generation is not yet committed: run `keygate state sync` first")]
+    ExportOutstanding,
+    /// The old custodians' shares did not reconstruct the state key in use.
+    #[error("the shares do not reconstruct the state key in use: reshare not authorized (session ended)")]
+    ReshareNotAuthorized,
     /// The NSM could not attest (genesis).
     #[error("attestation for the genesis shares failed: {0}")]
     Attestation(String),
@@ -226,6 +232,55 @@ pub struct UnsealOffer {
     pub set_digest: [u8; 48],
     /// The shares file and genesis attestation.
     pub custody: Custody,
+    /// For a reshare: the new custodian set the old custodians are asked to approve.
+    pub reshare_to: Option<CustodianSet>,
+}
+
+/// The encoding of a custodian set in an unseal offer: `u8 M ‖ u8 N ‖ N × 97-byte keys`.
+pub fn encode_set(set: &CustodianSet) -> Vec<u8> {
+    let mut out = vec![set.threshold(), set.count()];
+    for k in set.keys() {
+        out.extend_from_slice(k);
+    }
+    out
+}
+
+/// Parses [`encode_set`] and validates the set.
+pub fn decode_set(crypto: &dyn Crypto, b: &[u8]) -> Result<CustodianSet, CustodyError> {
+    let (&m, rest) = b.split_first().ok_or(CustodyError::Truncated)?;
+    let (&n, rest) = rest.split_first().ok_or(CustodyError::Truncated)?;
+    let n = usize::from(n);
+    if rest.len() != n * P384_POINT_LEN {
+        return Err(if rest.len() < n * P384_POINT_LEN {
+            CustodyError::Truncated
+        } else {
+            CustodyError::TrailingBytes
+        });
+    }
+    let keys = rest
+        .chunks_exact(P384_POINT_LEN)
+        .map(|c| c.try_into().map_err(|_| CustodyError::Truncated))
+        .collect::<Result<Vec<PublicKey>, _>>()?;
+    CustodianSet::new(crypto, m, keys)
+}
+
+/// `user_data` of the KRE's reshare attestation: as [`unseal_user_data`], with the new set:
+/// `SHA-384("keygate/v1/reshare-offer" ‖ nonce ‖ u64be generation ‖ set_digest ‖ SHA-384(shares) ‖ new_set_digest)`.
+pub fn reshare_user_data(
+    nonce: &[u8; 32],
+    generation: u64,
+    set_digest: &[u8; 48],
+    shares_sha384: &[u8; 48],
+    new_set_digest: &[u8; 48],
+) -> [u8; 48] {
+    let mut h = Sha384::new();
+    h.update(b"keygate/v1/reshare-offer");
+    h.update(nonce);
+    h.update(generation.to_be_bytes());
+    h.update(set_digest);
+    h.update(shares_sha384);
+    h.update(new_set_digest);
+    h.finalize().into()
 }
 
 /// The result of one accepted share.
@@ -261,6 +316,19 @@ struct Serving {
     committed: KreState,
     working: KreState,
     exported: Option<Export>,
+    /// A reshare in progress: old custodians prove their shares to authorize it.
+    reshare: Option<Box<Reshare>>,
+    /// The state key and custodian set changed (a reshare): the next export re-seals.
+    resealed: bool,
+}
+
+/// A reshare session: the new set, and the old custodians' shares proving a quorum.
+struct Reshare {
+    new_set: CustodianSet,
+    kre_key: P384Scalar,
+    kre_public: PublicKey,
+    nonce: [u8; 32],
+    shares: Vec<Share>,
 }
 
 enum Inner {
@@ -412,6 +480,8 @@ impl Vault {
             committed,
             working,
             exported: None,
+            reshare: None,
+            resealed: false,
         }));
         match self.export(crypto, rng)? {
             Some(e) => Ok(e),
@@ -461,16 +531,121 @@ impl Vault {
 
     /// What a custodian binds its share to (unsealing only).
     pub fn offer(&self) -> Result<UnsealOffer, VaultError> {
-        let Inner::Unsealing(u) = &self.inner else {
-            return Err(self.wrong("an unseal offer", "unsealing (the parent has loaded the stored state)"));
+        match &self.inner {
+            Inner::Unsealing(u) => Ok(UnsealOffer {
+                kre_public: u.kre_public,
+                unseal_nonce: u.unseal_nonce,
+                generation: u.header.generation,
+                set_digest: self.set.digest(),
+                custody: u.custody.clone(),
+                reshare_to: None,
+            }),
+            Inner::Serving(s) => {
+                match &s.reshare {
+                    Some(r) => Ok(UnsealOffer {
+                        kre_public: r.kre_public,
+                        unseal_nonce: r.nonce,
+                        generation: s.committed.generation,
+                        set_digest: self.set.digest(),
+                        custody: s.custody.clone(),
+                        reshare_to: Some(r.new_set.clone()),
+                    }),
+                    None => Err(self
+                        .wrong("an unseal offer", "unsealing (the parent has loaded the stored state), or resharing")),
+                }
+            }
+            Inner::Awaiting => Err(self.wrong("an unseal offer", "unsealing (the parent has loaded the stored state)")),
+        }
+    }
+
+    /// Starts a reshare to `new_set` (serving, nothing exported outstanding). Old custodians
+    /// authorize it by proving their shares, exactly as in an unseal ([`Self::add_share`]).
+    pub fn start_reshare(
+        &mut self,
+        crypto: &dyn Crypto,
+        new_set: CustodianSet,
+        rng: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<(), VaultError> {
+        let phase = self.phase();
+        let Inner::Serving(s) = &mut self.inner else {
+            return Err(VaultError::WrongPhase { phase, step: "a reshare", needs: "serving" });
         };
-        Ok(UnsealOffer {
-            kre_public: u.kre_public,
-            unseal_nonce: u.unseal_nonce,
-            generation: u.header.generation,
-            set_digest: self.set.digest(),
-            custody: u.custody.clone(),
-        })
+        if s.exported.is_some() || s.resealed {
+            return Err(VaultError::ExportOutstanding);
+        }
+        let (kre_key, kre_public) = p384_scalar_from(crypto, &mut *rng).map_err(VaultError::Crypto)?;
+        let kre_public: PublicKey = kre_public.try_into().map_err(|_| VaultError::Crypto(CryptoError::BadPublicKey))?;
+        let mut nonce = [0u8; 32];
+        rng(&mut nonce);
+        s.reshare = Some(Box::new(Reshare { new_set, kre_key, kre_public, nonce, shares: Vec::new() }));
+        Ok(())
+    }
+
+    /// The reshare in progress, if any: (new set, shares accepted).
+    pub fn reshare_status(&self) -> Option<(&CustodianSet, u8)> {
+        match &self.inner {
+            Inner::Serving(s) => {
+                s.reshare.as_ref().map(|r| (&r.new_set, u8::try_from(r.shares.len()).unwrap_or(u8::MAX)))
+            }
+            _ => None,
+        }
+    }
+
+    /// One old custodian's share for the reshare. At the threshold the reconstructed key
+    /// must equal the state key (proof that a quorum of the old set approved); then a new
+    /// state key is drawn and split for the new set, `attest` covers the new shares file, and
+    /// the next export re-seals the state for the new set. Returns (have, need, done).
+    pub fn add_reshare_share(
+        &mut self,
+        crypto: &dyn Crypto,
+        kre_attestation_sha384: [u8; 48],
+        msg: &UnsealShare,
+        rng: &mut dyn FnMut(&mut [u8]),
+        attest: &mut Attest<'_>,
+    ) -> Result<(u8, u8, bool), VaultError> {
+        let set_digest = self.set.digest();
+        let threshold = self.set.threshold();
+        let phase = self.phase();
+        let Inner::Serving(s) = &mut self.inner else {
+            return Err(VaultError::WrongPhase { phase, step: "a reshare share", needs: "serving" });
+        };
+        let Some(r) = s.reshare.as_mut() else {
+            return Err(VaultError::WrongPhase { phase, step: "an unseal share", needs: "unsealing or resharing" });
+        };
+        let ctx = UnsealContext {
+            kre_attestation_sha384,
+            unseal_nonce: r.nonce,
+            kre_public: r.kre_public,
+            set_digest,
+            generation: s.committed.generation,
+        };
+        let share = custody::kre_open_unseal_share(crypto, &self.set, &r.kre_key, &ctx, msg)?;
+        if r.shares.iter().any(|x| x.x == share.x) {
+            return Err(CustodyError::DuplicateShare { x: share.x }.into());
+        }
+        r.shares.push(share);
+        let have = u8::try_from(r.shares.len()).unwrap_or(u8::MAX);
+        if have < threshold {
+            return Ok((have, threshold, false));
+        }
+        let key = shamir::combine(&r.shares, threshold);
+        r.shares.clear();
+        let key = key.map_err(CustodyError::from)?;
+        if key != s.state_key {
+            s.reshare = None;
+            return Err(VaultError::ReshareNotAuthorized);
+        }
+        let Some(r) = s.reshare.take() else { return Err(VaultError::NothingExported) };
+        let new_key: Secret<32> = Secret::generate(&mut *rng);
+        let shares = SharesFile::create(crypto, r.new_set.clone(), &new_key, rng)?.encode();
+        check_len("shares file", &shares, MAX_SHARES_FILE)?;
+        let genesis_attestation = attest(&genesis_user_data(&shares)).map_err(VaultError::Attestation)?;
+        check_len("genesis attestation", &genesis_attestation, MAX_GENESIS_ATTESTATION)?;
+        s.state_key = new_key;
+        s.custody = Custody { shares, genesis_attestation };
+        s.resealed = true;
+        self.set = r.new_set;
+        Ok((have, threshold, true))
     }
 
     /// One custodian's share, re-encrypted to K and bound to the attestation the KRE sent on
@@ -520,6 +695,8 @@ impl Vault {
             committed: state.clone(),
             working: state,
             exported: None,
+            reshare: None,
+            resealed: false,
         }));
         Ok(UnsealOutcome::Serving { generation })
     }
@@ -535,7 +712,7 @@ impl Vault {
         let Inner::Serving(s) = &mut self.inner else {
             return Ok(None);
         };
-        if s.exported.is_none() && !same_content(&s.working, &s.committed) {
+        if s.exported.is_none() && (s.resealed || !same_content(&s.working, &s.committed)) {
             let generation = s.committed.generation.checked_add(1).ok_or(VaultError::GenerationExhausted)?;
             let mut state = s.working.clone();
             state.generation = generation;
@@ -567,6 +744,7 @@ impl Vault {
         let Some(e) = s.exported.take() else { return Err(VaultError::NothingExported) };
         s.committed = e.state;
         s.working.generation = generation;
+        s.resealed = false;
         Ok(generation)
     }
 
@@ -869,6 +1047,48 @@ mod tests {
         v.commit(4, &sha).expect("commit");
         assert_eq!(v.releasable(&id("a")).len(), 1);
         assert_eq!(v.committed_versions()[0].1, vec![(1, KekStatus::Retired), (2, KekStatus::Current)]);
+    }
+
+    #[test]
+    fn a_reshare_needs_shares_of_the_key_in_use() {
+        let crypto = keygate_attestation::crypto::default_backend();
+        let (cs, set) = setup(crypto, 2, 3);
+        let (mut v, _, custody) = genesis(crypto, &set);
+        let (_, new_set) = setup(crypto, 1, 2);
+        let mut r = rng(9);
+        v.start_reshare(crypto, new_set.clone(), &mut r).expect("start");
+        let offer = v.offer().expect("offer");
+        assert_eq!(offer.reshare_to.as_ref(), Some(&new_set));
+        // Shares of another state key for the same set (custodians cooperating with a forger,
+        // or a stale shares file): each opens, but together they do not give the key in use.
+        let forged = SharesFile::create(crypto, set.clone(), &Secret::new([5; 32]), &mut rng(3)).expect("forged");
+        let forged_offer =
+            UnsealOffer { custody: Custody { shares: forged.encode(), genesis_attestation: vec![] }, ..offer.clone() };
+        let mut attest = |_: &[u8; 48]| Ok(b"att".to_vec());
+        let s0 = share_for(crypto, &cs[0], &forged_offer, [1; 48], 1);
+        assert_eq!(v.add_reshare_share(crypto, [1; 48], &s0, &mut r, &mut attest), Ok((1, 2, false)));
+        let s1 = share_for(crypto, &cs[1], &forged_offer, [2; 48], 2);
+        assert_eq!(
+            v.add_reshare_share(crypto, [2; 48], &s1, &mut r, &mut attest),
+            Err(VaultError::ReshareNotAuthorized)
+        );
+        assert!(v.reshare_status().is_none(), "the session ends");
+        assert_eq!(v.set(), &set, "nothing changed");
+        assert!(v.export(crypto, &mut r).expect("export").is_none(), "nothing to store");
+        // With the real shares it goes through; the next export is sealed for the new set.
+        v.start_reshare(crypto, new_set.clone(), &mut r).expect("start again");
+        let offer = v.offer().expect("offer");
+        assert_eq!(offer.custody, custody);
+        let s0 = share_for(crypto, &cs[0], &offer, [3; 48], 3);
+        v.add_reshare_share(crypto, [3; 48], &s0, &mut r, &mut attest).expect("one");
+        let s2 = share_for(crypto, &cs[2], &offer, [4; 48], 4);
+        assert_eq!(v.add_reshare_share(crypto, [4; 48], &s2, &mut r, &mut attest), Ok((2, 2, true)));
+        assert_eq!(v.set(), &new_set);
+        let e = v.export(crypto, &mut r).expect("export").expect("some").clone();
+        assert_eq!(sealed::peek_header(&e.blob).expect("header").custodian_set_digest, new_set.digest());
+        assert!(matches!(v.start_reshare(crypto, set, &mut r), Err(VaultError::ExportOutstanding)));
+        v.commit(e.generation, &e.blob_sha384).expect("commit");
+        assert_ne!(v.custody().expect("custody"), &custody, "a new shares file");
     }
 
     #[test]

@@ -56,6 +56,7 @@ mod ty {
     pub(super) const UNSEAL_OFFER: u8 = 21;
     pub(super) const UNSEAL_SHARE: u8 = 22;
     pub(super) const UNSEAL_PROGRESS: u8 = 23;
+    pub(super) const RESHARE_START: u8 = 24;
 }
 
 /// Length of a custodian's unseal share message (`custody::UNSEAL_SHARE_LEN`).
@@ -260,6 +261,15 @@ pub enum Message {
         shares: Vec<u8>,
         /// The genesis attestation over the shares file.
         genesis_attestation: Vec<u8>,
+        /// Empty for an unseal; for a reshare, the new custodian set (`vault::encode_set`)
+        /// that this custodian's share would authorize.
+        reshare_to: Vec<u8>,
+    },
+    /// Operator → serving KRE: reshare the state key to a new custodian set; a quorum of the
+    /// current custodians authorizes it by proving their shares (UnsealHello/UnsealShare).
+    ReshareStart {
+        /// The new set (`vault::encode_set`).
+        set: Vec<u8>,
     },
     /// Custodian → KRE: its share, re-encrypted to K.
     UnsealShare {
@@ -311,6 +321,7 @@ impl Message {
             Message::UnsealHello { .. } => "UnsealHello",
             Message::UnsealOffer { .. } => "UnsealOffer",
             Message::UnsealShare { .. } => "UnsealShare",
+            Message::ReshareStart { .. } => "ReshareStart",
             Message::UnsealProgress { .. } => "UnsealProgress",
             Message::Denied { .. } => "Denied",
         }
@@ -638,13 +649,18 @@ impl Message {
                 body.push(ty::UNSEAL_HELLO);
                 body.extend_from_slice(client_nonce);
             }
-            Message::UnsealOffer { attestation, unseal_nonce, generation, shares, genesis_attestation } => {
+            Message::UnsealOffer { attestation, unseal_nonce, generation, shares, genesis_attestation, reshare_to } => {
                 body.push(ty::UNSEAL_OFFER);
                 put_bytes16(&mut body, attestation)?;
                 body.extend_from_slice(unseal_nonce);
                 body.extend_from_slice(&generation.to_be_bytes());
                 put_bytes16(&mut body, shares)?;
                 put_bytes16(&mut body, genesis_attestation)?;
+                put_bytes16(&mut body, reshare_to)?;
+            }
+            Message::ReshareStart { set } => {
+                body.push(ty::RESHARE_START);
+                put_bytes16(&mut body, set)?;
             }
             Message::UnsealShare { share } => {
                 if share.len() != UNSEAL_SHARE_LEN {
@@ -764,7 +780,9 @@ impl Message {
                 generation: r.u64()?,
                 shares: r.bytes16()?.to_vec(),
                 genesis_attestation: r.bytes16()?.to_vec(),
+                reshare_to: r.bytes16()?.to_vec(),
             },
+            ty::RESHARE_START => Message::ReshareStart { set: r.bytes16()?.to_vec() },
             ty::UNSEAL_SHARE => Message::UnsealShare { share: r.take(UNSEAL_SHARE_LEN)?.to_vec() },
             ty::UNSEAL_PROGRESS => {
                 let (have, need) = (r.u8()?, r.u8()?);
@@ -870,7 +888,17 @@ mod tests {
                 generation: 9,
                 shares: vec![3; 700],
                 genesis_attestation: vec![4; 4600],
+                reshare_to: vec![],
             },
+            Message::UnsealOffer {
+                attestation: vec![1; 10],
+                unseal_nonce: [2; 32],
+                generation: 9,
+                shares: vec![3; 7],
+                genesis_attestation: vec![4; 4],
+                reshare_to: vec![5; 99],
+            },
+            Message::ReshareStart { set: vec![2, 1, 4] },
             Message::UnsealShare { share: vec![5; UNSEAL_SHARE_LEN] },
             Message::UnsealProgress { have: 1, need: 2, serving: false, generation: 9 },
             Message::UnsealProgress { have: 2, need: 2, serving: true, generation: 9 },

@@ -153,6 +153,7 @@ fn unseal_one(kre: &Kre, c: &Custodians, i: usize, u: &Unsealer<'_>) -> Result<(
         genesis_pcrs: &u.kre_pcrs,
         record: u.record,
         accept_new_genesis: false,
+        approve_reshare: None,
     };
     let resp =
         custodian::on_offer(&s.reply[4..], &nonce, &expect, &c.scalars[i], default_backend(), &mut rng_from(77))?;
@@ -231,6 +232,7 @@ fn custodians_refuse_wrong_pcrs_rollback_and_changed_shares_and_the_kre_refuses_
             genesis_pcrs: &u.kre_pcrs,
             record: None,
             accept_new_genesis: false,
+            approve_reshare: None,
         };
         custodian::on_offer(&s.reply[4..], &nonce, &expect, &c.scalars[0], default_backend(), &mut rng_from(3))
             .expect("offer ok")
@@ -258,6 +260,7 @@ fn custodians_refuse_wrong_pcrs_rollback_and_changed_shares_and_the_kre_refuses_
         genesis_pcrs: &u.kre_pcrs,
         record: None,
         accept_new_genesis: false,
+        approve_reshare: None,
     };
     let resp = custodian::on_offer(&s.reply[4..], &nonce, &expect, &c.scalars[1], default_backend(), &mut rng_from(4))
         .expect("offer");
@@ -340,4 +343,78 @@ fn commits_must_name_the_exported_blob_and_a_kre_without_custodians_has_no_state
     assert_eq!(report(&plain, Message::StatePoll).phase, 0);
     assert_eq!(denied(one(&plain, Message::StateGenesis)).0, DenyCode::StateRefused);
     assert_eq!(denied(one(&plain, Message::UnsealHello { client_nonce: [1; 32] })).0, DenyCode::StateRefused);
+}
+
+/// One current custodian's reshare approval (or refusal) on its own connection.
+fn approve(
+    kre: &Kre,
+    c: &Custodians,
+    i: usize,
+    approve: Option<[u8; 48]>,
+) -> Result<(u8, u8, bool, u64), CustodianError> {
+    let u = unsealer(0x70);
+    let nonce = [u8::try_from(i).expect("small") + 40; 32];
+    let mut conn = Connection::new();
+    let s = step(&mut conn, kre, &Message::UnsealHello { client_nonce: nonce }.encode().expect("hello"));
+    let expect = Expectations {
+        verifier: &u.verifier,
+        now_ms: T,
+        kre_pcrs: &u.kre_pcrs,
+        genesis_pcrs: &u.kre_pcrs,
+        record: None,
+        accept_new_genesis: false,
+        approve_reshare: approve,
+    };
+    let resp =
+        custodian::on_offer(&s.reply[4..], &nonce, &expect, &c.scalars[i], default_backend(), &mut rng_from(91))?;
+    let s = step(&mut conn, kre, &resp.frame);
+    custodian::on_progress(&s.reply[4..])
+}
+
+#[test]
+fn reshare_to_a_new_set_needs_a_quorum_of_the_old_one_and_keeps_the_keys() {
+    let old = custodians(2, 3, 5);
+    let new = custodians(2, 2, 6);
+    let k1 = kre(&old.set, 0x70);
+    report(&k1, Message::StateGenesis);
+    let mut store = None;
+    sync(&k1, &mut store);
+    let keys = fetch(&k1).expect("released");
+    let set_bytes = keygate_enclave::vault::encode_set(&new.set);
+    let digest = new.set.digest();
+
+    // Without a reshare in progress, an approval is refused by the custodian itself.
+    assert!(matches!(
+        approve(&k1, &old, 0, Some(digest)),
+        Err(CustodianError::Denied { code: DenyCode::StateRefused, .. })
+    ));
+    assert_eq!(report(&k1, Message::ReshareStart { set: set_bytes.clone() }).phase, 3);
+    // A custodian that did not approve this set refuses; one that approved another set too.
+    assert!(matches!(approve(&k1, &old, 0, None), Err(CustodianError::ReshareNotApproved { .. })));
+    assert!(matches!(approve(&k1, &old, 0, Some([0; 48])), Err(CustodianError::ReshareNotApproved { .. })));
+    // A new custodian cannot approve (it holds no share of the current key).
+    assert!(matches!(approve(&k1, &new, 0, Some(digest)), Err(CustodianError::Custody(_))));
+    assert_eq!(approve(&k1, &old, 0, Some(digest)).expect("first approval"), (1, 2, false, 1));
+    assert_eq!(approve(&k1, &old, 2, Some(digest)).expect("second approval"), (2, 2, true, 1));
+    // Serving goes on under the old generation until the reshared state is stored.
+    assert_eq!(fetch(&k1).expect("still released"), keys);
+    assert_eq!(sync(&k1, &mut store), 2, "the reshared state is the next generation");
+
+    // A KRE configured with the old set cannot load it; one with the new set can, and the new
+    // custodians unseal it. The old custodians cannot.
+    let (blob, shares, genesis) = store.clone().expect("stored");
+    let k_old = kre(&old.set, 0x70);
+    let (code, reason) = denied(one(
+        &k_old,
+        Message::StateLoad { blob: blob.clone(), shares: shares.clone(), genesis_attestation: genesis.clone() },
+    ));
+    assert_eq!(code, DenyCode::StateRefused);
+    assert!(reason.contains("another custodian set"), "{reason}");
+    let k2 = kre(&new.set, 0x70);
+    report(&k2, Message::StateLoad { blob, shares, genesis_attestation: genesis });
+    let u = unsealer(0x70);
+    assert!(matches!(unseal_one(&k2, &old, 0, &u), Err(CustodianError::Custody(_))), "an old custodian holds no share");
+    assert_eq!(unseal_one(&k2, &new, 1, &u).expect("new 1"), (1, 2, false, 2));
+    assert_eq!(unseal_one(&k2, &new, 0, &u).expect("new 0"), (2, 2, true, 2));
+    assert_eq!(fetch(&k2).expect("released after the reshare"), keys, "same keys under the new custodians");
 }

@@ -56,6 +56,11 @@ impl Drop for Kre {
 /// Starts the KRE with three custodians, threshold 2, and either a static policy file or a
 /// genesis bundle.
 fn start_kre(d: &Path, policy: (&str, &Path)) -> Kre {
+    start_kre_with(d, policy, &["c1", "c2", "c3"], 2)
+}
+
+/// Starts the KRE with the given custodians (public keys `NAME.pub.pem` in `d`) and threshold.
+fn start_kre_with(d: &Path, policy: (&str, &Path), custodians: &[&str], threshold: u8) -> Kre {
     let sock = d.join("kre.sock");
     let _ = std::fs::remove_file(&sock);
     let log = std::fs::File::create(d.join(format!("kre-{}.log", std::process::id()))).expect("log");
@@ -63,9 +68,9 @@ fn start_kre(d: &Path, policy: (&str, &Path)) -> Kre {
     cmd.args(["--listen", &format!("unix:{}", sock.display()), policy.0, &s(policy.1)])
         .args(["--nsm", "mock", "--mock-seed", SEED])
         .args(["--mock-pcr", &format!("0={}", hex48(KRE_PCR))])
-        .args(["--custodian-threshold", "2"]);
-    for i in 1..=3 {
-        cmd.args(["--custodian", &s(&d.join(format!("c{i}.pub.pem")))]);
+        .args(["--custodian-threshold", &threshold.to_string()]);
+    for c in custodians {
+        cmd.args(["--custodian", &s(&d.join(format!("{c}.pub.pem")))]);
     }
     let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().expect("kre");
     let start = Instant::now();
@@ -271,4 +276,76 @@ fn the_policy_head_survives_a_restart_and_a_withheld_bundle_blocks_releases() {
     assert!(out.contains("restored 1 bundle(s)"), "{out}");
     ok(fetch(&kre, &p("k3")));
     assert_eq!(std::fs::read(p("k3/etcd.key")).expect("key"), key1);
+}
+
+#[test]
+fn reshare_to_new_custodians_approved_by_two_old_ones_survives_a_restart_with_the_new_set() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    setup(d);
+    for n in ["d1", "d2"] {
+        ok(keygate(&["keygen", "-o", &s(&d.join(format!("{n}.pem")))]));
+    }
+    let policy = serde_json::json!({"clusters": {"prod": {"images": [
+        {"name": "cp", "pcrs": {"0": hex48(CP_PCR), "1": hex48(CP_PCR), "2": hex48(CP_PCR)}}
+    ]}}});
+    std::fs::write(d.join("policy.json"), policy.to_string()).expect("policy");
+    let state = d.join("state");
+    let kre = start_kre(d, ("--policy", &d.join("policy.json")));
+    ok(keygate(&["custodian", "init", "--kre", &kre.addr(), "--state-dir", &s(&state)]));
+    ok(fetch(&kre, &d.join("k1")));
+    let key1 = std::fs::read(d.join("k1/etcd.key")).expect("key");
+
+    let out = ok(keygate(&[
+        "custodian",
+        "reshare",
+        "--kre",
+        &kre.addr(),
+        "--new-custodian",
+        &s(&d.join("d1.pub.pem")),
+        "--new-custodian",
+        &s(&d.join("d2.pub.pem")),
+        "--new-threshold",
+        "2",
+    ]));
+    let digest = out
+        .split("--approve-reshare ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("digest in the output")
+        .to_owned();
+    assert_eq!(digest.len(), 96, "{out}");
+    // Without an explicit approval of that set, a custodian refuses.
+    refused(unseal(d, &kre, "c1", KRE_PCR), "--approve-reshare");
+    let approve = |c: &str| {
+        keygate(&[
+            "custodian",
+            "unseal",
+            "--kre",
+            &kre.addr(),
+            "--key",
+            &s(&d.join(format!("{c}.pem"))),
+            "--root",
+            &s(&d.join("root.pem")),
+            "--expect-kre-pcr",
+            &format!("0={}", hex48(KRE_PCR)),
+            "--approve-reshare",
+            &digest,
+        ])
+    };
+    assert!(ok(approve("c1")).contains("1 of 2"));
+    assert!(ok(approve("c3")).contains("new state key"));
+    let out = ok(keygate(&["state", "sync", "--kre", &kre.addr(), "--state-dir", &s(&state)]));
+    assert!(out.contains("committed generation 2"), "{out}");
+    ok(fetch(&kre, &d.join("k2")));
+
+    // The image for the new set: its custodians unseal it; the old ones cannot.
+    kre.kill();
+    let kre = start_kre_with(d, ("--policy", &d.join("policy.json")), &["d1", "d2"], 2);
+    ok(keygate(&["state", "sync", "--kre", &kre.addr(), "--state-dir", &s(&state)]));
+    refused(unseal(d, &kre, "c2", KRE_PCR), "not a custodian");
+    assert!(ok(unseal(d, &kre, "d2", KRE_PCR)).contains("1 of 2"));
+    assert!(ok(unseal(d, &kre, "d1", KRE_PCR)).contains("unsealed generation 2"));
+    ok(fetch(&kre, &d.join("k3")));
+    assert_eq!(std::fs::read(d.join("k3/etcd.key")).expect("key"), key1, "the same data key under the new custodians");
 }

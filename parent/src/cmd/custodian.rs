@@ -23,8 +23,13 @@ use super::audit::exchange;
 use super::state_store::{DirFs, StateFs, StateStore};
 use crate::CliError;
 
-/// The custody file: `"KGCUSTDY" ‖ u32be n ‖ shares file ‖ u32be m ‖ genesis attestation`.
-const CUSTODY_FILE: &str = "custody.bin";
+/// The custody file of one custodian set, `custody-<hex set digest>.bin`:
+/// `"KGCUSTDY" ‖ u32be n ‖ shares file ‖ u32be m ‖ genesis attestation`. A sealed blob's header
+/// names its set, so after a reshare the parent hands each stored generation the custody
+/// data of its own set.
+fn custody_file(set_digest: &[u8; 48]) -> String {
+    format!("custody-{}.bin", hex::encode(set_digest))
+}
 const CUSTODY_TMP: &str = "custody.tmp";
 const CUSTODY_MAGIC: &[u8; 8] = b"KGCUSTDY";
 const MAX_CUSTODY: usize = 64 * 1024;
@@ -59,8 +64,26 @@ pub(crate) enum CustodianCommand {
     /// Genesis: a fresh KRE with no stored state creates its state key, splits it among its
     /// custodians and makes the first KEKs; the parent stores it all before the KRE serves.
     Init(InitArgs),
-    /// Give this custodian's share to a restarted KRE, after checking its attestation.
+    /// Give this custodian's share to a restarted KRE, after checking its attestation (or
+    /// approve a reshare with `--approve-reshare`).
     Unseal(UnsealArgs),
+    /// Ask a serving KRE to reshare its state key to a new custodian set; a quorum of the
+    /// current custodians approves with `keygate custodian unseal --approve-reshare DIGEST`.
+    Reshare(ReshareArgs),
+}
+
+/// `keygate custodian reshare`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ReshareArgs {
+    /// The KRE.
+    #[arg(long)]
+    kre: Addr,
+    /// A custodian of the new set: P-384 public key (PEM), repeatable, in share order.
+    #[arg(long = "new-custodian", value_name = "PEM", required = true)]
+    new_custodians: Vec<PathBuf>,
+    /// M of the new set.
+    #[arg(long)]
+    new_threshold: u8,
 }
 
 /// `keygate custodian init`.
@@ -98,6 +121,10 @@ pub(crate) struct UnsealArgs {
     /// Accept a shares file other than the recorded one (only after an intended new genesis).
     #[arg(long)]
     accept_new_genesis: bool,
+    /// Approve a reshare to the custodian set with this digest (hex, as `keygate custodian
+    /// reshare` printed it). Without it a reshare request is refused.
+    #[arg(long, value_name = "HEX")]
+    approve_reshare: Option<String>,
 }
 
 pub(crate) fn run_state(cmd: StateCommand) -> Result<(), CliError> {
@@ -117,6 +144,7 @@ pub(crate) fn run_custodian(cmd: CustodianCommand) -> Result<(), CliError> {
     match cmd {
         CustodianCommand::Init(a) => init(&a),
         CustodianCommand::Unseal(a) => unseal(&a),
+        CustodianCommand::Reshare(a) => reshare(&a),
     }
 }
 
@@ -169,39 +197,54 @@ fn decode_custody(b: &[u8]) -> Result<Custody, String> {
     Ok((shares, genesis))
 }
 
-/// The stored custody data, if any.
-fn read_custody(dir: &Path) -> Result<Option<Custody>, CliError> {
+/// The stored custody data of the set with `set_digest`, if any.
+fn read_custody(dir: &Path, set_digest: &[u8; 48]) -> Result<Option<Custody>, CliError> {
+    let name = custody_file(set_digest);
     let mut fs = DirFs::new(dir);
-    match fs.read_file(CUSTODY_FILE, MAX_CUSTODY) {
+    match fs.read_file(&name, MAX_CUSTODY) {
         Ok(None) => Ok(None),
-        Ok(Some(b)) if b.len() > MAX_CUSTODY => Err(CliError::refused(format!("{CUSTODY_FILE}: too large"))),
-        Ok(Some(b)) => decode_custody(&b)
-            .map(Some)
-            .map_err(|e| CliError::refused(format!("{}: {e}", dir.join(CUSTODY_FILE).display()))),
-        Err(e) => Err(CliError::io(format!("reading {}", dir.join(CUSTODY_FILE).display()), e)),
+        Ok(Some(b)) if b.len() > MAX_CUSTODY => Err(CliError::refused(format!("{name}: too large"))),
+        Ok(Some(b)) => {
+            decode_custody(&b).map(Some).map_err(|e| CliError::refused(format!("{}: {e}", dir.join(&name).display())))
+        }
+        Err(e) => Err(CliError::io(format!("reading {}", dir.join(&name).display()), e)),
     }
+}
+
+/// Whether any custody file exists in `dir`.
+fn any_custody(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().starts_with("custody-")))
+}
+
+/// The custodian set digest a shares file is for.
+fn shares_set_digest(shares: &[u8]) -> Result<[u8; 48], CliError> {
+    keygate_enclave::custody::SharesFile::decode(crypto::default_backend(), shares)
+        .map(|f| f.set().digest())
+        .map_err(|e| CliError::refused(format!("the KRE exported an unreadable shares file: {e}")))
 }
 
 /// Writes the custody data atomically (temp, fsync, rename, directory fsync, read back); an
 /// existing, different custody file is never replaced.
 fn store_custody(dir: &Path, shares: &[u8], genesis: &[u8]) -> Result<(), CliError> {
     let bytes = encode_custody(shares, genesis)?;
-    if let Some((s, g)) = read_custody(dir)? {
+    let digest = shares_set_digest(shares)?;
+    let name = custody_file(&digest);
+    if let Some((s, g)) = read_custody(dir, &digest)? {
         if s == shares && g == genesis {
             return Ok(());
         }
         return Err(CliError::refused(format!(
-            "{} holds other custody data (another genesis); refusing to replace it",
-            dir.join(CUSTODY_FILE).display()
+            "{} holds other custody data for the same custodian set (another genesis); refusing to replace it",
+            dir.join(&name).display()
         )));
     }
     let mut fs = DirFs::new(dir);
-    let io = |what: &str, e: std::io::Error| CliError::io(format!("{what} {}", dir.join(CUSTODY_FILE).display()), e);
+    let io = |what: &str, e: std::io::Error| CliError::io(format!("{what} {}", dir.join(&name).display()), e);
     fs.write_file(CUSTODY_TMP, &bytes).map_err(|e| io("writing", e))?;
     fs.sync_file(CUSTODY_TMP).map_err(|e| io("syncing", e))?;
-    fs.rename(CUSTODY_TMP, CUSTODY_FILE).map_err(|e| io("renaming", e))?;
+    fs.rename(CUSTODY_TMP, &name).map_err(|e| io("renaming", e))?;
     fs.sync_dir().map_err(|e| io("syncing the directory of", e))?;
-    match fs.read_file(CUSTODY_FILE, MAX_CUSTODY) {
+    match fs.read_file(&name, MAX_CUSTODY) {
         Ok(Some(b)) if b == bytes => Ok(()),
         Ok(_) => Err(CliError::refused("custody file read back differs from what was written")),
         Err(e) => Err(io("reading back", e)),
@@ -247,8 +290,12 @@ pub(crate) fn sync_once(kre: &Addr, dir: &Path) -> Result<String, CliError> {
                     dir.display()
                 )));
             };
-            let (shares, genesis) = read_custody(dir)?.ok_or_else(|| {
-                CliError::refused(format!("{} has a sealed state but no {CUSTODY_FILE}", dir.display()))
+            let (shares, genesis) = read_custody(dir, &loaded.header.custodian_set_digest)?.ok_or_else(|| {
+                CliError::refused(format!(
+                    "{} has a sealed state but no {}",
+                    dir.display(),
+                    custody_file(&loaded.header.custodian_set_digest)
+                ))
             })?;
             for (slot, why) in &loaded.skipped {
                 eprintln!("keygate: warning: state {slot:?} not used: {why}");
@@ -283,7 +330,7 @@ fn init(a: &InitArgs) -> Result<(), CliError> {
             l.header.generation
         )));
     }
-    if read_custody(&a.state_dir)?.is_some() {
+    if any_custody(&a.state_dir) {
         return Err(CliError::refused(format!(
             "{} already holds custody data: genesis refused",
             a.state_dir.display()
@@ -339,6 +386,15 @@ fn unseal(a: &UnsealArgs) -> Result<(), CliError> {
         Err(e) => return Err(CliError::io(format!("reading {}", rec_path.display()), e)),
     };
     let genesis_pcrs = if a.expect_genesis_pcr.is_empty() { &a.expect_kre_pcr } else { &a.expect_genesis_pcr };
+    let approve_reshare = match &a.approve_reshare {
+        None => None,
+        Some(h) => Some(
+            hex::decode(h.trim())
+                .ok()
+                .and_then(|b| <[u8; 48]>::try_from(b).ok())
+                .ok_or_else(|| CliError::input("--approve-reshare: expected 96 hex digits (a custodian set digest)"))?,
+        ),
+    };
     let mut nonce = [0u8; 32];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
     let now_ms = keygate_enclave::server::now_ms();
@@ -370,6 +426,7 @@ fn unseal(a: &UnsealArgs) -> Result<(), CliError> {
             genesis_pcrs,
             record,
             accept_new_genesis: a.accept_new_genesis,
+            approve_reshare,
         };
         let mut rng = |b: &mut [u8]| rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, b);
         let resp = custodian::on_offer(&body, &nonce, &expect, &scalar, c, &mut rng)
@@ -391,7 +448,17 @@ fn unseal(a: &UnsealArgs) -> Result<(), CliError> {
         .and_then(|_| std::fs::rename(&tmp, &rec_path))
         .map_err(|e| CliError::io(format!("writing {}", rec_path.display()), e))?;
     let (have, need, serving, generation) = progress;
-    if serving {
+    if let Some(d) = resp.reshared_to {
+        if serving {
+            println!(
+                "reshare approved (share {}): {have} of {need}; the KRE split a new state key for set {} (store it with `keygate state sync`)",
+                resp.x,
+                hex::encode(d)
+            );
+        } else {
+            println!("reshare approved (share {}): {have} of {need}; waiting for more current custodians", resp.x);
+        }
+    } else if serving {
         println!(
             "share {} accepted: {have} of {need}; the KRE has unsealed generation {generation} and serves",
             resp.x
@@ -402,5 +469,39 @@ fn unseal(a: &UnsealArgs) -> Result<(), CliError> {
             resp.x
         );
     }
+    Ok(())
+}
+
+fn reshare(a: &ReshareArgs) -> Result<(), CliError> {
+    use p384::elliptic_curve::sec1::ToEncodedPoint;
+    use p384::pkcs8::DecodePublicKey;
+    let c = crypto::default_backend();
+    let mut keys = Vec::new();
+    for p in &a.new_custodians {
+        let pem = std::fs::read_to_string(p).map_err(|e| CliError::io(format!("reading {}", p.display()), e))?;
+        let k = p384::PublicKey::from_public_key_pem(&pem)
+            .map_err(|e| CliError::input(format!("{}: not a P-384 public key: {e}", p.display())))?;
+        let point: [u8; 97] = k
+            .to_encoded_point(false)
+            .as_bytes()
+            .try_into()
+            .map_err(|_| CliError::input(format!("{}: not an uncompressed point", p.display())))?;
+        keys.push(point);
+    }
+    let set = keygate_enclave::custody::CustodianSet::new(c, a.new_threshold, keys)
+        .map_err(|e| CliError::input(format!("new custodian set: {e}")))?;
+    let digest = hex::encode(set.digest());
+    let r = state_report(&a.kre, &Message::ReshareStart { set: keygate_enclave::vault::encode_set(&set) })?;
+    println!(
+        "reshare to {} of {} custodians requested (set {digest}); {} current custodians must approve:",
+        set.threshold(),
+        set.count(),
+        r.threshold
+    );
+    println!(
+        "  keygate custodian unseal --kre {} --key CUSTODIAN.pem --expect-kre-pcr ... --approve-reshare {digest}",
+        a.kre
+    );
+    println!("then store it: keygate state sync --kre {} --state-dir DIR; the KRE image for the new set is configured with --custodian for each new key", a.kre);
     Ok(())
 }

@@ -975,6 +975,7 @@ mod tests {
                     genesis_pcrs: &expect,
                     record: None,
                     accept_new_genesis: false,
+                    approve_reshare: None,
                 };
                 let resp = custodian::on_offer(
                     &s.reply[4..],
