@@ -831,10 +831,10 @@ mod tests {
             let k = derive_key(b"sweep", "approver");
             let point: bundle::ApproverKey = public_point(&k).try_into().expect("point");
             let cp = hex::encode([CP_PCR; 48]);
-            let policy = |clusters: &[&str]| {
+            let policy = |clusters: &[(&str, u32)]| {
                 let c: Vec<String> = clusters
                     .iter()
-                    .map(|c| format!(r#""{c}": {{"images": [{{"name": "cp", "pcrs": {{"0": "{cp}", "1": "{cp}", "2": "{cp}"}}}}]}}"#))
+                    .map(|(c, v)| format!(r#""{c}": {{"images": [{{"name": "cp", "pcrs": {{"0": "{cp}", "1": "{cp}", "2": "{cp}"}}}}], "kek_version": {v}}}"#))
                     .collect();
                 keygate_enclave::policy_file::parse(format!(r#"{{"clusters": {{{}}}}}"#, c.join(",")).as_bytes())
                     .expect("policy")
@@ -846,10 +846,16 @@ mod tests {
                 activation_delay: 0,
                 approvers: vec![point],
                 threshold: 1,
-                policy: policy(&["prod"]),
+                policy: policy(&[("prod", 1)]),
             };
             let gb = bundle::encode_body(&g);
-            let v2 = PolicyBody { version: 2, previous: bundle::digest(&gb), policy: policy(&["prod", "stage"]), ..g };
+            // v2 adds a cluster (a new KEK) and rotates prod's KEK to version 2.
+            let v2 = PolicyBody {
+                version: 2,
+                previous: bundle::digest(&gb),
+                policy: policy(&[("prod", 2), ("stage", 1)]),
+                ..g
+            };
             let vb = bundle::encode_body(&v2);
             let sig: p384::ecdsa::Signature = k.sign(&bundle::signing_message(&vb));
             (
@@ -864,6 +870,7 @@ mod tests {
             genesis: Vec<u8>,
             v2: Vec<u8>,
             boots: u64,
+            kill_during_unseal: bool,
             #[allow(clippy::type_complexity)]
             seen: std::collections::HashSet<(Option<Vec<u8>>, Option<Vec<u8>>, u64, Vec<(String, u32, [u8; 32])>)>,
         }
@@ -880,7 +887,7 @@ mod tests {
                 }
                 let set = CustodianSet::new(c, 2, keys).expect("set");
                 let (genesis, v2) = bundles();
-                Self { custodians, set, genesis, v2, boots: 0, seen: Default::default() }
+                Self { custodians, set, genesis, v2, boots: 0, kill_during_unseal: false, seen: Default::default() }
             }
 
             fn boot(&mut self) -> Kre {
@@ -1050,7 +1057,13 @@ mod tests {
                 Message::PolicyAccepted { .. }
             ));
             assert_eq!(fetch(&kre, "stage"), Err(DenyCode::StatePending), "released under an unstored KEK");
-            run.pending_refusals += 1;
+            let prod = fetch(&kre, "prod").expect("prod still released");
+            assert!(
+                prod.iter().all(|(v, _)| *v == 1),
+                "released under the unstored rotated version: {:?}",
+                prod.iter().map(|x| x.0).collect::<Vec<_>>()
+            );
+            run.pending_refusals += 2;
             if !alive(&mut step) {
                 return (run, store.fs);
             }
@@ -1060,16 +1073,23 @@ mod tests {
                 Ok(None) => panic!("nothing exported after the push"),
                 Err(()) => {
                     assert_eq!(fetch(&kre, "stage"), Err(DenyCode::StatePending), "released under an unstored KEK");
-                    run.pending_refusals += 1;
+                    let prod = fetch(&kre, "prod").expect("prod still released");
+                    assert!(prod.iter().all(|(v, _)| *v == 1), "released under the unstored rotated version");
+                    run.pending_refusals += 2;
                     return (run, store.fs);
                 }
             }
             if !alive(&mut step) || store.fs.crashed {
                 return (run, store.fs);
             }
-            // 6. Release stage.
+            // 6. Release stage, and prod under both versions (the rotation is stored).
             for (v, k) in fetch(&kre, "stage").expect("stage released") {
                 run.released.push(("stage".into(), v, k));
+            }
+            let prod = fetch(&kre, "prod").expect("prod released");
+            assert_eq!(prod.iter().map(|(v, _)| *v).collect::<Vec<_>>(), [2, 1], "current first, then the older one");
+            for (v, k) in prod {
+                run.released.push(("prod".into(), v, k));
             }
             (run, store.fs)
         }
@@ -1092,6 +1112,19 @@ mod tests {
             let g = loaded.header.generation;
             assert!(g >= run.committed, "{what}: rollback: loaded {g}, committed {}", run.committed);
             let custody = run.custody.clone().expect("custody stored before any blob");
+            if world.kill_during_unseal {
+                // The KRE dies after the load and one custodian's share: a new boot starts over.
+                let doomed = world.boot();
+                let _ = report(
+                    &doomed,
+                    Message::StateLoad {
+                        blob: loaded.blob.clone(),
+                        shares: custody.0.clone(),
+                        genesis_attestation: custody.1.clone(),
+                    },
+                );
+                drop(doomed);
+            }
             assert_eq!(unseal(world, &kre, loaded.blob, &custody), g, "{what}");
             // The parent replays the stored policy chain (v2 if it was pushed).
             let _ = one(&kre, Message::PolicyPush { bundle: world.v2.clone() }, 6);
@@ -1119,7 +1152,7 @@ mod tests {
             let mut world = World::new();
             // A clean run: how many file operations and protocol steps it takes.
             let (clean, fs) = script(&mut world, SimFs::new(Disk::default()), None);
-            assert_eq!(clean.released.len(), 2);
+            assert_eq!(clean.released.len(), 4);
             let n_ops = fs.ops;
             let faults = [Fault::DiskFull, Fault::IoError, Fault::Crash, Fault::TornWriteCrash, Fault::CorruptRead];
             let (mut points, mut outcomes, mut releases_checked, mut cases) = (0usize, 0usize, 0usize, 0usize);
@@ -1164,8 +1197,24 @@ mod tests {
                     outcomes += o;
                 }
             }
+            // The KRE killed during the unseal of a recovery (after the load), for each kill point.
+            world.kill_during_unseal = true;
+            world.seen.clear();
+            for kill in 0..=6 {
+                let (run, fs) = script(&mut world, SimFs::new(Disk::default()), Some(kill));
+                points += 1;
+                cases += 1;
+                let (c, o) = recover_and_check(
+                    &mut world,
+                    &run,
+                    fs.disk.clone(),
+                    &format!("unseal killed, run cut after {kill}"),
+                );
+                releases_checked += c;
+                outcomes += o;
+            }
             eprintln!(
-                "system sweep: {points} injection points ({} file operations x 5 faults, 7 KRE kills, 7 parent kills), {cases} crash outcomes, {outcomes} distinct recoveries unsealed, {releases_checked} earlier releases reproduced; 0 KEK versions lost, 0 rollbacks, 0 releases under an unstored version",
+                "system sweep: {points} injection points ({} file operations x 5 faults, 7 KRE kills, 7 parent kills, 7 KRE kills during the unseal), {cases} crash outcomes, {outcomes} distinct recoveries unsealed, {releases_checked} earlier releases reproduced; 0 KEK versions lost, 0 rollbacks, 0 releases under an unstored version",
                 n_ops + 1
             );
             assert!(points > 50, "{points}");
