@@ -540,6 +540,14 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
                 }
             },
         );
+        // Nothing the parent stored or logged, and nothing the custodians keep, holds a key.
+        let held: Vec<Vec<u8>> = std::fs::read_dir(&keys_dir)
+            .map(|rd| rd.flatten().filter_map(|e| std::fs::read(e.path()).ok()).collect())
+            .unwrap_or_default();
+        tour.step(
+            "no released key appears in the parent's state directory, the logs, the audit trail or the custodians' records",
+            scan_for_keys(d, &keys_dir, &held),
+        );
 
         // 8. Revocation: the image loses access immediately.
         let v3p = d.join("v3.proposal");
@@ -635,6 +643,42 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Scans every regular file under `dir` (except `skip`, where keys are meant to be) for any
+/// of `keys` as raw bytes, lower/upper hex or base64.
+fn scan_for_keys(dir: &Path, skip: &Path, keys: &[Vec<u8>]) -> Result<String, String> {
+    use base64::Engine;
+    if keys.is_empty() {
+        return Err("no keys to look for (the first fetch failed)".to_owned());
+    }
+    let mut needles: Vec<Vec<u8>> = Vec::new();
+    for k in keys {
+        needles.push(k.clone());
+        needles.push(hex::encode(k).into_bytes());
+        needles.push(hex::encode_upper(k).into_bytes());
+        needles.push(base64::engine::general_purpose::STANDARD.encode(k).into_bytes());
+    }
+    let mut stack = vec![dir.to_path_buf()];
+    let (mut files, mut bytes) = (0usize, 0usize);
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            let Ok(t) = e.file_type() else { continue };
+            if t.is_dir() && p != skip {
+                stack.push(p);
+            } else if t.is_file() {
+                let Ok(b) = std::fs::read(&p) else { continue };
+                if needles.iter().any(|n| b.windows(n.len()).any(|w| w == n.as_slice())) {
+                    return Err(format!("{} holds a released key", p.display()));
+                }
+                files += 1;
+                bytes += b.len();
+            }
+        }
+    }
+    Ok(format!("{files} files, {bytes} bytes scanned (raw, hex, base64): none"))
+}
+
 fn path(p: &Path) -> String {
     p.display().to_string()
 }
@@ -672,5 +716,42 @@ async fn replay(addr: &Addr, release: &[u8]) -> Result<String, String> {
         Ok(Message::Denied { code: DenyCode::NonceReused, reason }) => Ok(format!("denied: nonce_reused: {reason}")),
         Ok(m) => Err(format!("unexpected answer: {m:?}")),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_scan_finds_raw_hex_and_base64_keys_outside_the_key_directory() {
+        use base64::Engine;
+        let root = TempDir(std::env::temp_dir().join(format!("keygate-scan-test-{}", std::process::id())));
+        std::fs::create_dir_all(&root.0).expect("tmp");
+        struct D<'a>(&'a Path);
+        impl D<'_> {
+            fn path(&self) -> &Path {
+                self.0
+            }
+        }
+        let dir = D(&root.0);
+        let keys = dir.path().join("keys");
+        std::fs::create_dir_all(keys.join("sub")).expect("dirs");
+        let key = vec![0xa7u8; 32];
+        std::fs::write(keys.join("k.key"), &key).expect("key file");
+        std::fs::write(dir.path().join("log"), b"nothing here").expect("log");
+        assert!(scan_for_keys(dir.path(), &keys, &[key.clone()]).is_ok());
+        for leaked in [
+            key.clone(),
+            hex::encode(&key).into_bytes(),
+            hex::encode_upper(&key).into_bytes(),
+            base64::engine::general_purpose::STANDARD.encode(&key).into_bytes(),
+        ] {
+            let mut log = b"line: ".to_vec();
+            log.extend_from_slice(&leaked);
+            std::fs::write(dir.path().join("log"), &log).expect("log");
+            assert!(scan_for_keys(dir.path(), &keys, &[key.clone()]).is_err());
+        }
+        assert!(scan_for_keys(dir.path(), &keys, &[]).is_err(), "nothing to look for is a failure");
     }
 }
