@@ -740,7 +740,7 @@ mod tests {
         let key = vec![0xa7u8; 32];
         std::fs::write(keys.join("k.key"), &key).expect("key file");
         std::fs::write(dir.path().join("log"), b"nothing here").expect("log");
-        assert!(scan_for_keys(dir.path(), &keys, &[key.clone()]).is_ok());
+        assert!(scan_for_keys(dir.path(), &keys, std::slice::from_ref(&key)).is_ok());
         for leaked in [
             key.clone(),
             hex::encode(&key).into_bytes(),
@@ -750,7 +750,7 @@ mod tests {
             let mut log = b"line: ".to_vec();
             log.extend_from_slice(&leaked);
             std::fs::write(dir.path().join("log"), &log).expect("log");
-            assert!(scan_for_keys(dir.path(), &keys, &[key.clone()]).is_err());
+            assert!(scan_for_keys(dir.path(), &keys, std::slice::from_ref(&key)).is_err());
         }
         assert!(scan_for_keys(dir.path(), &keys, &[]).is_err(), "nothing to look for is a failure");
     }
