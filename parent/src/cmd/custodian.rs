@@ -130,8 +130,13 @@ pub(crate) struct UnsealArgs {
 pub(crate) fn run_state(cmd: StateCommand) -> Result<(), CliError> {
     match cmd {
         StateCommand::Sync(a) => loop {
-            let line = sync_once(&a.kre, &a.state_dir)?;
-            println!("{line}");
+            match (sync_once(&a.kre, &a.state_dir), a.follow) {
+                (Ok(line), _) => println!("{line}"),
+                (Err(e), None) => return Err(e),
+                // Following: a failed round (KRE restarting, disk full) is reported and retried;
+                // nothing is committed that was not stored.
+                (Err(e), Some(_)) => eprintln!("keygate: state sync: {}", e.message),
+            }
             match a.follow {
                 Some(s) => std::thread::sleep(Duration::from_secs(s.max(1))),
                 None => return Ok(()),
