@@ -53,6 +53,7 @@ fuzz_target!(|data: &[u8]| {
         genesis_pcrs: &expect,
         record: None,
         accept_new_genesis: false,
+        approve_reshare: None,
     };
     let _ = custodian::on_offer(data, &[1; 32], &e, &f.scalar, c, &mut |b: &mut [u8]| b.fill(5));
 });
