@@ -63,7 +63,9 @@ fn start_kre(d: &Path, policy: (&str, &Path)) -> Kre {
 fn start_kre_with(d: &Path, policy: (&str, &Path), custodians: &[&str], threshold: u8) -> Kre {
     let sock = d.join("kre.sock");
     let _ = std::fs::remove_file(&sock);
-    let log = std::fs::File::create(d.join(format!("kre-{}.log", std::process::id()))).expect("log");
+    static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let log = std::fs::File::create(d.join(format!("kre-{n}.log"))).expect("log");
     let mut cmd = Command::new(bin("keygate-enclave"));
     cmd.args(["--listen", &format!("unix:{}", sock.display()), policy.0, &s(policy.1)])
         .args(["--nsm", "mock", "--mock-seed", SEED])
@@ -72,7 +74,9 @@ fn start_kre_with(d: &Path, policy: (&str, &Path), custodians: &[&str], threshol
     for c in custodians {
         cmd.args(["--custodian", &s(&d.join(format!("{c}.pub.pem")))]);
     }
-    let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().expect("kre");
+    // Trace level: the logs scanned for secrets are as verbose as they get.
+    let child =
+        cmd.env("KEYGATE_LOG", "trace").stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().expect("kre");
     let start = Instant::now();
     while std::os::unix::net::UnixStream::connect(&sock).is_err() {
         assert!(start.elapsed() < Duration::from_secs(15), "KRE did not start");
@@ -348,4 +352,158 @@ fn reshare_to_new_custodians_approved_by_two_old_ones_survives_a_restart_with_th
     assert!(ok(unseal(d, &kre, "d1", KRE_PCR)).contains("unsealed generation 2"));
     ok(fetch(&kre, &d.join("k3")));
     assert_eq!(std::fs::read(d.join("k3/etcd.key")).expect("key"), key1, "the same data key under the new custodians");
+}
+
+/// Every output, log and file of a run at trace level, scanned for every secret of the run: the
+/// state key, each custodian's share, every KEK and every released data key (raw, hex both
+/// cases, base64). The test obtains the state key, shares and KEKs the way a quorum of
+/// custodians could — opening their envelopes with their private keys and the sealed state
+/// with the reconstructed key — so the scan looks for the real bytes.
+#[test]
+fn no_kek_share_state_key_or_data_key_in_any_output_log_or_file() {
+    use base64::Engine;
+    use keygate_attestation::crypto::default_backend;
+    use keygate_attestation::secret::Secret;
+    use keygate_enclave::custody::SharesFile;
+    use p384::pkcs8::DecodePrivateKey;
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    setup(d);
+    let policy = serde_json::json!({"clusters": {"prod": {"images": [
+        {"name": "cp", "pcrs": {"0": hex48(CP_PCR), "1": hex48(CP_PCR), "2": hex48(CP_PCR)}}
+    ], "kek_version": 2}}});
+    std::fs::write(d.join("policy.json"), policy.to_string()).expect("policy");
+    let state = d.join("state");
+    let mut outputs: Vec<u8> = Vec::new();
+    let mut traced = |args: &[&str]| {
+        let o = keygate_tests::keygate_traced(args);
+        outputs.extend_from_slice(&o.stdout);
+        outputs.extend_from_slice(&o.stderr);
+        o
+    };
+    let kre = start_kre(d, ("--policy", &d.join("policy.json")));
+    ok(traced(&["custodian", "init", "--kre", &kre.addr(), "--state-dir", &s(&state)]));
+    // The policy's KEK version 2 is made after genesis and stored with the next generation.
+    let out = ok(traced(&["state", "sync", "--kre", &kre.addr(), "--state-dir", &s(&state)]));
+    assert!(out.contains("committed generation 2"), "{out}");
+    let fetch_args = |kre: &Kre, out: &Path| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "fetch",
+            "--kre",
+            &kre.addr(),
+            "--cluster",
+            "prod",
+            "--key-id",
+            "etcd",
+            "--key-id",
+            "other",
+            "--out",
+            &s(out),
+            "--nsm",
+            "mock",
+            "--mock-seed",
+            SEED,
+            "--retries",
+            "0",
+            "--expect-kre-pcr",
+            &format!("0={}", hex48(KRE_PCR)),
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        for i in 0..3 {
+            a.extend(["--mock-pcr".into(), format!("{i}={}", hex48(CP_PCR))]);
+        }
+        a
+    };
+    let a = fetch_args(&kre, &d.join("keys-1"));
+    ok(traced(&a.iter().map(String::as_str).collect::<Vec<_>>()));
+    ok(traced(&["status", "--kre", &kre.addr()]));
+    ok(traced(&["audit", "pull", "--kre", &kre.addr(), "--dir", &s(&d.join("audit-1"))]));
+    kre.kill();
+    let kre = start_kre(d, ("--policy", &d.join("policy.json")));
+    ok(traced(&["state", "sync", "--kre", &kre.addr(), "--state-dir", &s(&state)]));
+    for c in ["c1", "c3"] {
+        ok(traced(&[
+            "custodian",
+            "unseal",
+            "--kre",
+            &kre.addr(),
+            "--key",
+            &s(&d.join(format!("{c}.pem"))),
+            "--root",
+            &s(&d.join("root.pem")),
+            "--expect-kre-pcr",
+            &format!("0={}", hex48(KRE_PCR)),
+        ]));
+    }
+    let a = fetch_args(&kre, &d.join("keys-2"));
+    ok(traced(&a.iter().map(String::as_str).collect::<Vec<_>>()));
+    ok(traced(&["audit", "pull", "--kre", &kre.addr(), "--dir", &s(&d.join("audit-2"))]));
+    drop(kre);
+
+    // The secrets, recovered as two custodians could.
+    let c = default_backend();
+    let custody = std::fs::read_dir(&state)
+        .expect("state dir")
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("custody-"))
+        .map(|e| std::fs::read(e.path()).expect("custody"))
+        .expect("a custody file");
+    let n = u32::from_be_bytes(custody[8..12].try_into().expect("len"));
+    let shares = SharesFile::decode(c, &custody[12..12 + usize::try_from(n).expect("len")]).expect("shares file");
+    let scalar = |name: &str| {
+        let pem = std::fs::read_to_string(d.join(format!("{name}.pem"))).expect("key");
+        let sk = p384::SecretKey::from_pkcs8_pem(&pem).expect("pkcs8");
+        Secret::<48>::from_slice(&sk.to_bytes()).expect("48 bytes")
+    };
+    let opened: Vec<_> =
+        ["c1", "c2", "c3"].iter().map(|n| shares.open_share(c, &scalar(n)).expect("my share")).collect();
+    let state_key = keygate_enclave::shamir::combine(&opened[..2], 2).expect("combine");
+    let blob = std::fs::read(state.join("state.current")).expect("state");
+    let kre_state = keygate_enclave::sealed::open(&blob, &state_key, c).expect("open the sealed state");
+    let mut secrets: Vec<(String, Vec<u8>)> = vec![("state key".into(), state_key.expose().to_vec())];
+    for sh in &opened {
+        secrets.push((format!("share {}", sh.x), sh.y.expose().to_vec()));
+    }
+    for (cluster, entries) in &kre_state.clusters {
+        for e in entries {
+            secrets.push((format!("KEK {cluster} v{}", e.version), e.kek.expose().to_vec()));
+        }
+    }
+    let mut data_keys = 0;
+    for kd in ["keys-1", "keys-2"] {
+        for e in std::fs::read_dir(d.join(kd)).expect("keys").flatten() {
+            secrets.push((format!("data key {}", e.path().display()), std::fs::read(e.path()).expect("key")));
+            data_keys += 1;
+        }
+    }
+    assert!(kre_state.clusters.values().map(Vec::len).sum::<usize>() >= 2, "two KEK versions (kek_version 2)");
+    assert!(data_keys >= 8, "{data_keys} key files");
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut haystacks: Vec<(String, Vec<u8>)> = vec![("CLI stdout and stderr".into(), outputs)];
+    for f in files(d) {
+        if f.starts_with(d.join("keys-1")) || f.starts_with(d.join("keys-2")) {
+            continue;
+        }
+        haystacks.push((f.display().to_string(), std::fs::read(&f).expect("read")));
+    }
+    let mut scanned = 0usize;
+    for (name, secret) in &secrets {
+        let needles = [
+            secret.clone(),
+            hex::encode(secret).into_bytes(),
+            hex::encode_upper(secret).into_bytes(),
+            b64.encode(secret).into_bytes(),
+        ];
+        for (where_, hay) in &haystacks {
+            for n in &needles {
+                assert!(!contains(hay, n), "{name} found in {where_}");
+            }
+        }
+        scanned += 1;
+    }
+    let bytes: usize = haystacks.iter().map(|(_, h)| h.len()).sum();
+    eprintln!("secret scan: {scanned} secrets × {} haystacks ({bytes} bytes, trace level): 0 hits", haystacks.len());
 }
