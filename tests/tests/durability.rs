@@ -507,3 +507,77 @@ fn no_kek_share_state_key_or_data_key_in_any_output_log_or_file() {
     let bytes: usize = haystacks.iter().map(|(_, h)| h.len()).sum();
     eprintln!("secret scan: {scanned} secrets × {} haystacks ({bytes} bytes, trace level): 0 hits", haystacks.len());
 }
+
+/// The KRE killed mid-traffic and restarted sealed: a control plane that keeps retrying gets
+/// its keys once the parent has handed back the state and two custodians have unsealed, and
+/// they are the same keys (issue 9: faults).
+#[test]
+fn a_client_retrying_through_a_kre_kill_and_unseal_gets_the_same_keys() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    setup(d);
+    let policy = serde_json::json!({"clusters": {"prod": {"images": [
+        {"name": "cp", "pcrs": {"0": hex48(CP_PCR), "1": hex48(CP_PCR), "2": hex48(CP_PCR)}}
+    ]}}});
+    std::fs::write(d.join("policy.json"), policy.to_string()).expect("policy");
+    let state = d.join("state");
+    let kre = start_kre(d, ("--policy", &d.join("policy.json")));
+    ok(keygate(&["custodian", "init", "--kre", &kre.addr(), "--state-dir", &s(&state)]));
+    ok(fetch(&kre, &d.join("k1")));
+    let key1 = std::fs::read(d.join("k1/etcd.key")).expect("key");
+    let addr = kre.addr();
+    kre.kill();
+
+    // A control plane boots while the KRE is down: it retries (unreachable, then sealed).
+    let mut args: Vec<String> = [
+        "fetch",
+        "--kre",
+        &addr,
+        "--cluster",
+        "prod",
+        "--key-id",
+        "etcd",
+        "--out",
+        &s(&d.join("k2")),
+        "--nsm",
+        "mock",
+        "--mock-seed",
+        SEED,
+        "--retries",
+        "12",
+        "--expect-kre-pcr",
+        &format!("0={}", hex48(KRE_PCR)),
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    for i in 0..3 {
+        args.extend(["--mock-pcr".into(), format!("{i}={}", hex48(CP_PCR))]);
+    }
+    let mut client = Command::new(bin("keygate"))
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("fetch");
+    std::thread::sleep(Duration::from_millis(700));
+    let kre = start_kre(d, ("--policy", &d.join("policy.json")));
+    std::thread::sleep(Duration::from_millis(500)); // the client now meets a sealed KRE
+    ok(keygate(&["state", "sync", "--kre", &kre.addr(), "--state-dir", &s(&state)]));
+    ok(unseal(d, &kre, "c1", KRE_PCR));
+    ok(unseal(d, &kre, "c2", KRE_PCR));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = client.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(start.elapsed() < Duration::from_secs(40), "the retrying client did not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = client.wait_with_output().expect("output");
+    assert!(status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("retrying"), "the client should have retried: {log}");
+    assert_eq!(std::fs::read(d.join("k2/etcd.key")).expect("key"), key1, "nothing lost across the kill");
+}
