@@ -380,6 +380,57 @@ mod tests {
     }
 
     #[test]
+    fn declared_counts_are_refused_before_reading_when_they_exceed_what_remains() {
+        // An array of 4 with 2 bytes left, a map of 3 pairs with 2 bytes left, a byte string of
+        // 5 with 3 left: refused at the count (offset 1), before any item is read or reserved.
+        for input in [&[0x84, 0x01, 0x02][..], &[0xa3, 0x01, 0x02], &[0x45, 1, 2, 3]] {
+            let e = decode(input).expect_err("must fail");
+            assert_eq!((e.kind, e.offset), (CborErrorKind::Truncated, 1), "{input:02x?}");
+        }
+        // Nested: the inner count is checked against what remains at its own position.
+        let e = decode(&[0x82, 0x01, 0x83, 0x01, 0x02]).expect_err("must fail");
+        assert_eq!((e.kind, e.offset), (CborErrorKind::Truncated, 3));
+    }
+
+    #[test]
+    fn type_names_name_each_kind() {
+        let names: Vec<&str> = [
+            Value::Unsigned(0),
+            Value::Negative(0),
+            Value::Bytes(Cow::Borrowed(&[])),
+            Value::Text(Cow::Borrowed("")),
+            Value::Array(vec![]),
+            Value::Map(vec![]),
+            Value::Tag(1, Box::new(Value::Null)),
+            Value::Bool(true),
+            Value::Null,
+            Value::Undefined,
+            Value::Simple(16),
+            Value::Float(0),
+        ]
+        .iter()
+        .map(Value::type_name)
+        .collect();
+        assert_eq!(
+            names,
+            [
+                "unsigned integer",
+                "negative integer",
+                "byte string",
+                "text string",
+                "array",
+                "map",
+                "tag",
+                "bool",
+                "null",
+                "undefined",
+                "simple value",
+                "float"
+            ]
+        );
+    }
+
+    #[test]
     fn scalars() {
         assert_eq!(decode(&[0x00]).ok(), Some(Value::Unsigned(0)));
         assert_eq!(decode(&[0x18, 0xff]).ok(), Some(Value::Unsigned(255)));
