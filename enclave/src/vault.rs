@@ -107,16 +107,6 @@ impl Phase {
             Phase::Serving => 3,
         }
     }
-
-    /// From the wire code.
-    pub fn from_code(c: u8) -> Option<Self> {
-        match c {
-            1 => Some(Phase::Awaiting),
-            2 => Some(Phase::Unsealing),
-            3 => Some(Phase::Serving),
-            _ => None,
-        }
-    }
 }
 
 /// Why the vault refused a step.
@@ -401,22 +391,6 @@ impl Vault {
         match &self.inner {
             Inner::Unsealing(u) => u8::try_from(u.shares.len()).unwrap_or(u8::MAX),
             _ => 0,
-        }
-    }
-
-    /// The pending export's generation, if any.
-    pub fn exported_generation(&self) -> Option<u64> {
-        match &self.inner {
-            Inner::Serving(s) => s.exported.as_ref().map(|e| e.generation),
-            _ => None,
-        }
-    }
-
-    /// Whether `working` holds changes not yet committed.
-    pub fn has_uncommitted(&self) -> bool {
-        match &self.inner {
-            Inner::Serving(s) => s.exported.is_some() || !same_content(&s.working, &s.committed),
-            _ => false,
         }
     }
 
@@ -1089,6 +1063,108 @@ mod tests {
         assert!(matches!(v.start_reshare(crypto, set, &mut r), Err(VaultError::ExportOutstanding)));
         v.commit(e.generation, &e.blob_sha384).expect("commit");
         assert_ne!(v.custody().expect("custody"), &custody, "a new shares file");
+    }
+
+    #[test]
+    fn session_bindings_are_the_documented_hashes() {
+        let h = |parts: &[&[u8]]| -> [u8; 48] {
+            let mut d = Sha384::new();
+            for p in parts {
+                d.update(p);
+            }
+            d.finalize().into()
+        };
+        let (n, g, sd, sh, nd) = ([1u8; 32], 7u64, [2u8; 48], [3u8; 48], [4u8; 48]);
+        assert_eq!(unseal_user_data(&n, g, &sd, &sh), h(&[b"keygate/v1/unseal-offer", &n, &g.to_be_bytes(), &sd, &sh]));
+        assert_eq!(
+            reshare_user_data(&n, g, &sd, &sh, &nd),
+            h(&[b"keygate/v1/reshare-offer", &n, &g.to_be_bytes(), &sd, &sh, &nd])
+        );
+        assert_eq!(genesis_user_data(b"shares"), h(&[b"keygate/v1/genesis", b"shares"]));
+        assert_ne!(unseal_user_data(&n, g + 1, &sd, &sh), unseal_user_data(&n, g, &sd, &sh));
+    }
+
+    #[test]
+    fn phases_name_themselves_and_errors_say_where_the_kre_is() {
+        assert_eq!(
+            [Phase::Awaiting, Phase::Unsealing, Phase::Serving].map(|p| (p.as_str(), p.code())),
+            [("awaiting_state", 1), ("unsealing", 2), ("serving", 3)]
+        );
+        let e = VaultError::WrongPhase { phase: Phase::Awaiting, step: "an unseal offer", needs: "unsealing" };
+        assert_eq!(e.to_string(), "the KRE is awaiting_state; an unseal offer needs it unsealing");
+        let crypto = keygate_attestation::crypto::default_backend();
+        let (_, set) = setup(crypto, 1, 1);
+        let (v, _, _) = genesis(crypto, &set);
+        let dbg = format!("{v:?}");
+        assert!(dbg.contains("Serving") && dbg.contains("committed_generation: 1"), "{dbg}");
+        let mut w = Vault::new(set);
+        let mut r = rng(2);
+        let e = w.genesis(crypto, &[id("a")], None, &mut r, &mut attest_ok).expect("genesis");
+        let dbg = format!("{e:?}");
+        assert!(dbg.contains("generation: 1") && dbg.contains("len:"), "{dbg}");
+    }
+
+    #[test]
+    fn custodian_sets_encode_and_refuse_bad_lengths() {
+        let crypto = keygate_attestation::crypto::default_backend();
+        let (_, set) = setup(crypto, 2, 3);
+        let b = encode_set(&set);
+        assert_eq!(b.len(), 2 + 3 * 97);
+        assert_eq!(decode_set(crypto, &b), Ok(set));
+        assert_eq!(decode_set(crypto, &b[..b.len() - 1]), Err(CustodyError::Truncated));
+        assert_eq!(decode_set(crypto, &[&b[..], &[0]].concat()), Err(CustodyError::TrailingBytes));
+        assert_eq!(decode_set(crypto, &b[..1]), Err(CustodyError::Truncated));
+        assert_eq!(decode_set(crypto, &[]), Err(CustodyError::Truncated));
+        assert_eq!(decode_set(crypto, &[1, 0]), Err(CustodyError::NoCustodians));
+    }
+
+    #[test]
+    fn size_limits_hold_at_their_boundaries() {
+        let crypto = keygate_attestation::crypto::default_backend();
+        // 32 custodians: the shares file (7,836 bytes) fits the 8 KiB limit.
+        let (_, big) = setup(crypto, 17, 32);
+        let mut v = Vault::new(big);
+        let mut r = rng(5);
+        let e = v.genesis(crypto, &[id("a")], None, &mut r, &mut attest_ok).expect("32 custodians");
+        assert_eq!(e.generation, 1);
+        assert_eq!(v.custody().expect("custody").shares.len(), 7836);
+        // A blob of exactly the limit is not refused for its size (it is not a sealed state).
+        let (_, set) = setup(crypto, 1, 1);
+        let mut w = Vault::new(set.clone());
+        let none = Custody { shares: vec![], genesis_attestation: vec![] };
+        assert_eq!(
+            w.load(crypto, vec![0; MAX_STATE_BLOB], none.clone(), &mut r),
+            Err(VaultError::Sealed(SealedError::BadMagic))
+        );
+        assert!(matches!(
+            w.load(crypto, vec![0; MAX_STATE_BLOB + 1], none, &mut r),
+            Err(VaultError::TooLarge { what: "sealed state", .. })
+        ));
+        // The sealed state limit (40 KiB): 850 clusters fit, 1,000 do not (a typed refusal).
+        let (mut s, _, _) = genesis(crypto, &set);
+        let many: Vec<Id> = (0..850).map(|i| id(&format!("c{i:04}"))).collect();
+        s.ensure_clusters(&many, &mut r).expect("add");
+        let e = s.export(crypto, &mut r).expect("850 clusters fit").expect("some").clone();
+        assert!(e.blob.len() > 30_000 && e.blob.len() <= MAX_STATE_BLOB, "{}", e.blob.len());
+        s.commit(e.generation, &e.blob_sha384).expect("commit");
+        let more: Vec<Id> = (850..1000).map(|i| id(&format!("c{i:04}"))).collect();
+        s.ensure_clusters(&more, &mut r).expect("add");
+        assert!(matches!(s.export(crypto, &mut r), Err(VaultError::TooLarge { what: "sealed state", .. })));
+    }
+
+    #[test]
+    fn shares_accepted_counts_the_unseal_session() {
+        let crypto = keygate_attestation::crypto::default_backend();
+        let (cs, set) = setup(crypto, 2, 3);
+        let (_, blob, custody) = genesis(crypto, &set);
+        let mut k = Vault::new(set);
+        assert_eq!(k.shares_accepted(), 0);
+        k.load(crypto, blob, custody, &mut rng(2)).expect("load");
+        let offer = k.offer().expect("offer");
+        k.add_share(crypto, [1; 48], &share_for(crypto, &cs[1], &offer, [1; 48], 3)).expect("share");
+        assert_eq!(k.shares_accepted(), 1);
+        k.add_share(crypto, [2; 48], &share_for(crypto, &cs[2], &offer, [2; 48], 4)).expect("share");
+        assert_eq!((k.phase(), k.shares_accepted()), (Phase::Serving, 0));
     }
 
     #[test]

@@ -219,6 +219,24 @@ fn custodians_refuse_wrong_pcrs_rollback_and_changed_shares_and_the_kre_refuses_
     let mut none = unsealer(0x70);
     none.kre_pcrs.clear();
     assert!(matches!(unseal_one(&k2, &c, 0, &none), Err(CustodianError::NoExpectedPcrs)));
+    // Expected KRE PCRs but no genesis PCRs: refused too.
+    let u0 = unsealer(0x70);
+    let nonce = [12; 32];
+    let mut conn = Connection::new();
+    let s0 = step(&mut conn, &k2, &Message::UnsealHello { client_nonce: nonce }.encode().expect("hello"));
+    let half = Expectations {
+        verifier: &u0.verifier,
+        now_ms: T,
+        kre_pcrs: &u0.kre_pcrs,
+        genesis_pcrs: &[],
+        record: None,
+        accept_new_genesis: false,
+        approve_reshare: None,
+    };
+    assert!(matches!(
+        custodian::on_offer(&s0.reply[4..], &nonce, &half, &c.scalars[0], default_backend(), &mut rng_from(3)),
+        Err(CustodianError::NoExpectedPcrs)
+    ));
     // A rollback: the custodian has unsealed generation 5 of this set before.
     let u = unsealer(0x70);
     let first = {
@@ -240,6 +258,24 @@ fn custodians_refuse_wrong_pcrs_rollback_and_changed_shares_and_the_kre_refuses_
     let newer = CustodianRecord { highest_generation: 5, ..first.record.clone() };
     let rb = Unsealer { record: Some(&newer), ..unsealer(0x70) };
     assert!(matches!(unseal_one(&k2, &c, 0, &rb), Err(CustodianError::Rollback { offered: 1, recorded: 5 })));
+    // The same generation as recorded (a second restart without changes) is not a rollback.
+    let same = CustodianRecord { highest_generation: 1, ..first.record.clone() };
+    let sm = Unsealer { record: Some(&same), ..unsealer(0x70) };
+    let nonce = [13; 32];
+    let mut conn = Connection::new();
+    let s1 = step(&mut conn, &k2, &Message::UnsealHello { client_nonce: nonce }.encode().expect("hello"));
+    let e = Expectations {
+        verifier: &sm.verifier,
+        now_ms: T,
+        kre_pcrs: &sm.kre_pcrs,
+        genesis_pcrs: &sm.kre_pcrs,
+        record: sm.record,
+        accept_new_genesis: false,
+        approve_reshare: None,
+    };
+    let resp = custodian::on_offer(&s1.reply[4..], &nonce, &e, &c.scalars[0], default_backend(), &mut rng_from(3))
+        .expect("the same generation again is fine");
+    assert_eq!(resp.record.highest_generation, 1);
     let changed = CustodianRecord { shares_sha384: "00".into(), ..first.record.clone() };
     let ch = Unsealer { record: Some(&changed), ..unsealer(0x70) };
     assert!(matches!(unseal_one(&k2, &c, 0, &ch), Err(CustodianError::SharesChanged)));
