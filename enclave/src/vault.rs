@@ -400,15 +400,6 @@ impl Vault {
         self.floor
     }
 
-    /// The policy has reached the floor (called when the chain passes it).
-    pub fn clear_floor_if_reached(&mut self, head: Option<(u64, [u8; 48])>) {
-        if let (Some((fv, _)), Some((hv, _))) = (self.floor, head) {
-            if hv >= fv {
-                self.floor = None;
-            }
-        }
-    }
-
     /// The shares file and genesis attestation (serving or unsealing).
     pub fn custody(&self) -> Option<&Custody> {
         match &self.inner {
