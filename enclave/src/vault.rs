@@ -697,8 +697,9 @@ impl Vault {
         };
         let Some(e) = &s.exported else {
             // Idempotent: a commit of the generation already committed (the parent retried
-            // after losing the answer) is acknowledged again.
-            if generation == s.committed.generation && generation > 0 {
+            // after losing the answer) is acknowledged again. (Serving without an export means
+            // at least generation 1 is committed: genesis always exports.)
+            if generation == s.committed.generation {
                 return Ok(generation);
             }
             return Err(VaultError::NothingExported);
@@ -1156,6 +1157,58 @@ mod tests {
         assert_eq!(k.shares_accepted(), 1);
         k.add_share(crypto, [2; 48], &share_for(crypto, &cs[2], &offer, [2; 48], 4)).expect("share");
         assert_eq!((k.phase(), k.shares_accepted()), (Phase::Serving, 0));
+    }
+
+    #[test]
+    fn the_policy_head_only_moves_forward_and_is_sealed() {
+        let crypto = keygate_attestation::crypto::default_backend();
+        let (_, set) = setup(crypto, 1, 1);
+        let (mut v, _, _) = genesis(crypto, &set);
+        let mut r = rng(6);
+        let key = {
+            let Inner::Serving(s) = &v.inner else { panic!("serving") };
+            s.state_key.clone()
+        };
+        v.set_policy_head((2, [2; 48]));
+        let e = v.export(crypto, &mut r).expect("export").expect("a new head is a change").clone();
+        assert_eq!(sealed::open(&e.blob, &key, crypto).expect("open").policy_head, Some((2, [2; 48])));
+        v.commit(e.generation, &e.blob_sha384).expect("commit");
+        v.set_policy_head((1, [1; 48]));
+        v.set_policy_head((2, [9; 48]));
+        assert!(v.export(crypto, &mut r).expect("export").is_none(), "an older or equal head changes nothing");
+        assert_eq!(v.commit(e.generation, &[0; 48]), Ok(e.generation), "a repeated commit is acknowledged");
+        assert_eq!(v.commit(e.generation + 3, &[0; 48]), Err(VaultError::NothingExported));
+    }
+
+    #[test]
+    fn reshare_waits_for_outstanding_exports_and_reports_its_progress() {
+        let crypto = keygate_attestation::crypto::default_backend();
+        let (_, set) = setup(crypto, 1, 1);
+        let (_, new_set) = setup(crypto, 1, 2);
+        let (mut v, _, _) = genesis(crypto, &set);
+        let mut r = rng(7);
+        v.ensure_clusters(&[id("z")], &mut r).expect("add");
+        let e = v.export(crypto, &mut r).expect("export").expect("some").clone();
+        assert_eq!(v.start_reshare(crypto, new_set.clone(), &mut r), Err(VaultError::ExportOutstanding));
+        v.commit(e.generation, &e.blob_sha384).expect("commit");
+        assert!(v.reshare_status().is_none());
+        v.start_reshare(crypto, new_set.clone(), &mut r).expect("start");
+        assert_eq!(v.reshare_status().map(|(s, n)| (s.clone(), n)), Some((new_set, 0)));
+    }
+
+    #[test]
+    fn retirement_keeps_the_boundary_version_and_the_current_one() {
+        let crypto = keygate_attestation::crypto::default_backend();
+        let (_, set) = setup(crypto, 1, 1);
+        let (mut v, _, _) = genesis(crypto, &set);
+        let mut r = rng(8);
+        v.rotate_to(&id("a"), 3, 2, &mut r).expect("rotate and retire");
+        let e = v.export(crypto, &mut r).expect("export").expect("some").clone();
+        v.commit(e.generation, &e.blob_sha384).expect("commit");
+        assert_eq!(
+            v.committed_versions()[0].1,
+            vec![(1, KekStatus::Retired), (2, KekStatus::Active), (3, KekStatus::Current)]
+        );
     }
 
     #[test]
