@@ -365,6 +365,18 @@ mod tests {
     }
 
     #[test]
+    fn anchor_pem_must_be_one_certificate_block_and_nothing_else() {
+        let pem = TrustAnchor::aws_nitro().expect("root").to_pem();
+        // The same DER under another label.
+        let relabelled = pem.replace("CERTIFICATE", "PUBLIC KEY");
+        assert_eq!(TrustAnchor::from_pem(relabelled.as_bytes()), Err(AnchorError::Pem));
+        // Anything after the block but whitespace.
+        assert_eq!(TrustAnchor::from_pem(format!("{pem}\ntrailing").as_bytes()), Err(AnchorError::Pem));
+        assert_eq!(TrustAnchor::from_pem(format!("{pem}{pem}").as_bytes()), Err(AnchorError::Pem));
+        assert!(TrustAnchor::from_pem(format!("{pem}\n\n  \n").as_bytes()).is_ok());
+    }
+
+    #[test]
     fn anchor_rejects_garbage() {
         assert_eq!(TrustAnchor::from_pem(b"nope"), Err(AnchorError::Pem));
         assert_eq!(TrustAnchor::from_der(b"\x30\x03\x02\x01\x01"), Err(AnchorError::Certificate));

@@ -190,8 +190,12 @@ pub struct CertSpec {
     pub ca: Option<Option<u32>>,
     /// Include keyUsage keyCertSign (CAs) — or digitalSignature (leaf) when false.
     pub key_cert_sign: bool,
-    /// Signature algorithm OID written in the certificate (both places).
+    /// Signature algorithm OID written in the certificate (both places, unless
+    /// `tbs_sig_alg` overrides the one inside tbsCertificate).
     pub sig_alg: &'static [u64],
+    /// A different signature algorithm OID inside tbsCertificate only (an inconsistent
+    /// certificate, RFC 5280 §4.1.1.2 requires both to match).
+    pub tbs_sig_alg: Option<&'static [u64]>,
     /// Named curve OID in the SubjectPublicKeyInfo.
     pub curve: &'static [u64],
     /// Add an unknown extension marked critical.
@@ -216,6 +220,7 @@ impl CertSpec {
             key_cert_sign: ca.is_some(),
             ca,
             sig_alg: oid::ECDSA_SHA384,
+            tbs_sig_alg: None,
             curve: oid::SECP384R1,
             unknown_critical_extension: false,
             issuer_override: None,
@@ -238,6 +243,7 @@ impl CertSpec {
     /// Issues the certificate for `subject_key`, signed by `issuer_key` with issuer name `issuer`.
     pub fn issue(&self, subject_key: &SigningKey, issuer: &[u8], issuer_key: &SigningKey) -> Vec<u8> {
         let alg = der::seq(&[der::oid(self.sig_alg)]);
+        let tbs_alg = der::seq(&[der::oid(self.tbs_sig_alg.unwrap_or(self.sig_alg))]);
         let spki = der::seq(&[
             der::seq(&[der::oid(oid::EC_PUBLIC_KEY), der::oid(self.curve)]),
             der::bit_string(0, &public_point(subject_key)),
@@ -263,7 +269,7 @@ impl CertSpec {
         let tbs = der::seq(&[
             der::explicit(0, &der::uint(&[2])),
             der::uint(&self.serial),
-            alg.clone(),
+            tbs_alg,
             issuer,
             der::seq(&[der::time(self.not_before), der::time(self.not_after)]),
             self.subject_der(),

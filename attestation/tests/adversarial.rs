@@ -441,6 +441,21 @@ fn cases() -> Vec<Case> {
         VerifyError::UnsupportedSignatureAlgorithm { at: CertAt::Cabundle(3) },
     ));
     v.push(ca_case(
+        "instance: outer algorithm SHA-256, tbsCertificate SHA-384 (inconsistent)",
+        3,
+        |s| {
+            s.sig_alg = oid::ECDSA_SHA256;
+            s.tbs_sig_alg = Some(oid::ECDSA_SHA384);
+        },
+        VerifyError::UnsupportedSignatureAlgorithm { at: CertAt::Cabundle(3) },
+    ));
+    v.push(ca_case(
+        "regional: outer algorithm SHA-384, tbsCertificate SHA-256 (inconsistent)",
+        1,
+        |s| s.tbs_sig_alg = Some(oid::ECDSA_SHA256),
+        VerifyError::UnsupportedSignatureAlgorithm { at: CertAt::Cabundle(1) },
+    ));
+    v.push(ca_case(
         "zonal key on the wrong curve",
         2,
         |s| s.curve = oid::PRIME256V1,
