@@ -229,6 +229,7 @@ pub(crate) struct ValidatedChain {
 #[derive(Debug, Default)]
 pub struct ChainCache {
     verified: Mutex<HashSet<[u8; 32]>>,
+    hits: std::sync::atomic::AtomicU64,
 }
 
 /// Entries kept before the cache is cleared (bounded memory whatever the input).
@@ -244,7 +245,16 @@ impl ChainCache {
     }
 
     fn contains(&self, key: &[u8; 32]) -> bool {
-        self.verified.lock().map(|s| s.contains(key)).unwrap_or(false)
+        let hit = self.verified.lock().map(|s| s.contains(key)).unwrap_or(false);
+        if hit {
+            self.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        hit
+    }
+
+    /// Signatures not re-verified because they were cached (for metrics and tests).
+    pub fn hits(&self) -> u64 {
+        self.hits.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn insert(&self, key: [u8; 32]) {
@@ -374,6 +384,16 @@ mod tests {
         assert_eq!(TrustAnchor::from_pem(format!("{pem}\ntrailing").as_bytes()), Err(AnchorError::Pem));
         assert_eq!(TrustAnchor::from_pem(format!("{pem}{pem}").as_bytes()), Err(AnchorError::Pem));
         assert!(TrustAnchor::from_pem(format!("{pem}\n\n  \n").as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn validity_bounds_are_inclusive() {
+        let a = TrustAnchor::aws_nitro().expect("root");
+        let c = CertInfo::from_der(a.der(), CertAt::Cabundle(0)).expect("parse");
+        assert!(c.check_time(c.not_before).is_ok());
+        assert!(c.check_time(c.not_after).is_ok());
+        assert!(matches!(c.check_time(c.not_before - 1), Err(VerifyError::CertificateNotYetValid { .. })));
+        assert!(matches!(c.check_time(c.not_after + 1), Err(VerifyError::CertificateExpired { .. })));
     }
 
     #[test]

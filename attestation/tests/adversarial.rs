@@ -397,6 +397,15 @@ fn cases() -> Vec<Case> {
         VerifyError::ChainTooLong { len: 10, max: 8 },
     ));
     v.push(case(
+        "a chain of exactly eight is not too long (it fails on a later check instead)",
+        &fx,
+        fx.with_doc(|d| {
+            let extra = d.cabundle[3].clone();
+            d.cabundle.extend(std::iter::repeat_n(extra, 3));
+        }),
+        VerifyError::PathLenExceeded { at: CertAt::Cabundle(1), path_len: 2, below: 5 },
+    ));
+    v.push(case(
         "cabundle entry is not a certificate",
         &fx,
         fx.with_doc(|d| d.cabundle[2] = vec![0x30, 0x00]),
@@ -671,4 +680,47 @@ fn chain_cache_skips_intermediate_signatures_but_still_checks_expiry() {
     late.max_age = Duration::from_secs(40 * 3600);
     let err = v.verify(&fx.signed(), &late).expect_err("expired despite cache");
     assert!(matches!(err, VerifyError::CertificateExpired { .. }), "{err}");
+}
+
+#[test]
+fn limits_hold_at_their_boundaries() {
+    use keygate_attestation::document::{parse_payload, MAX_PAYLOAD};
+    let fx = Fx::new();
+    let v = Verifier::new(fx.anchor());
+    // 32 PCRs is the most a document may carry; 33 is refused by count.
+    let doc = fx.with_doc(|d| d.pcrs = (0u8..32).map(|i| (i, vec![i.wrapping_add(1); 48])).collect());
+    let att = v.verify(&doc, &opts()).expect("32 PCRs");
+    assert_eq!(att.pcrs().len(), 32);
+    let doc = fx.with_doc(|d| d.pcrs = (0u8..33).map(|i| (i, vec![1; 48])).collect());
+    assert!(matches!(v.verify(&doc, &opts()), Err(VerifyError::PcrCount { count: 33 })));
+    // A payload of exactly 16 KiB is not refused for its size (this one is not a map).
+    let e = parse_payload(&vec![0x40; MAX_PAYLOAD], UnknownFields::Refuse).expect_err("not a document");
+    assert!(!matches!(e, VerifyError::PayloadTooLarge { .. }), "{e}");
+    let e = parse_payload(&vec![0x40; MAX_PAYLOAD + 1], UnknownFields::Refuse).expect_err("too large");
+    assert!(matches!(e, VerifyError::PayloadTooLarge { len, max } if len == MAX_PAYLOAD + 1 && max == MAX_PAYLOAD));
+    // The parsed payload keeps the chain and the timestamp as sent.
+    let p = parse_payload(&fx.doc.payload(), UnknownFields::Refuse).expect("parse");
+    assert_eq!((p.cabundle(), p.timestamp_ms()), (fx.doc.cabundle.as_slice(), fx.doc.timestamp_ms));
+    assert_eq!(p.certificate(), fx.doc.certificate.as_slice());
+    // Kind names (CLI, JSON, policies).
+    assert_eq!(
+        (DocumentKind::Enclave.as_str(), DocumentKind::NitroTpm.to_string()),
+        ("enclave", "nitrotpm".to_owned())
+    );
+}
+
+#[test]
+fn the_chain_cache_counts_its_hits() {
+    let fx = Fx::new();
+    let v = Verifier::new(fx.anchor());
+    assert!(v.cache().is_empty());
+    v.verify(&fx.signed(), &opts()).expect("first");
+    assert!(!v.cache().is_empty());
+    assert_eq!(v.cache().hits(), 0);
+    v.verify(&fx.signed(), &opts()).expect("second");
+    assert_eq!(v.cache().hits(), 3, "regional, zonal and instance signatures came from the cache");
+    let mut no = opts();
+    no.use_cache = false;
+    v.verify(&fx.signed(), &no).expect("without the cache");
+    assert_eq!(v.cache().hits(), 3, "not consulted when disabled");
 }
