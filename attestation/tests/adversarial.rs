@@ -724,3 +724,31 @@ fn the_chain_cache_counts_its_hits() {
     v.verify(&fx.signed(), &no).expect("without the cache");
     assert_eq!(v.cache().hits(), 3, "not consulted when disabled");
 }
+
+#[test]
+fn age_and_skew_limits_are_inclusive_and_the_verified_value_reports_its_inputs() {
+    use sha2::Digest;
+    let fx = Fx::new();
+    let v = Verifier::new(fx.anchor());
+    let doc = fx.signed();
+    let ts = fx.doc.timestamp_ms;
+    let at_with = |doc: &[u8], now: u64| {
+        let mut o = opts();
+        o.time = keygate_attestation::VerifyTime::Now(now);
+        o.max_age = Duration::from_secs(60);
+        o.clock_skew = Duration::from_secs(30);
+        v.verify(doc, &o)
+    };
+    let at = |now: u64| at_with(&doc, now);
+    // A document stamped ahead of the verifier's clock (the certificates already valid).
+    let ahead = |ms: u64| fx.with_doc(|d| d.timestamp_ms = ts + ms);
+    assert!(at_with(&ahead(30_000), ts).is_ok(), "exactly the allowed skew ahead");
+    assert!(matches!(at_with(&ahead(30_001), ts), Err(VerifyError::DocumentFromFuture { .. })));
+    assert!(at(ts + 60_000).is_ok(), "exactly the maximum age");
+    assert!(matches!(at(ts + 60_001), Err(VerifyError::DocumentTooOld { .. })));
+    let att = at(ts).expect("verifies");
+    assert_eq!(att.document_sha384(), <[u8; 48]>::from(sha2::Sha384::digest(&doc)));
+    assert_eq!(att.root_sha256(), fx.anchor().fingerprint());
+    let (_, leaf_not_after) = att.leaf_validity();
+    assert_eq!(att.chain_not_after(), leaf_not_after, "the mock leaf expires first");
+}

@@ -93,6 +93,7 @@ fn real_documents_fields_match_the_published_table() {
         (None, Some(91), Some(256))
     );
     assert_eq!(d1.leaf_validity(), (1_732_983_765, 1_732_994_568));
+    assert_eq!(d1.chain_not_after(), 1_732_994_568, "the leaf expires first");
 }
 
 #[test]
