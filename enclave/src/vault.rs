@@ -240,12 +240,10 @@ pub fn decode_set(crypto: &dyn Crypto, b: &[u8]) -> Result<CustodianSet, Custody
     let (&m, rest) = b.split_first().ok_or(CustodyError::Truncated)?;
     let (&n, rest) = rest.split_first().ok_or(CustodyError::Truncated)?;
     let n = usize::from(n);
-    if rest.len() != n * P384_POINT_LEN {
-        return Err(if rest.len() < n * P384_POINT_LEN {
-            CustodyError::Truncated
-        } else {
-            CustodyError::TrailingBytes
-        });
+    match rest.len().cmp(&(n * P384_POINT_LEN)) {
+        std::cmp::Ordering::Less => return Err(CustodyError::Truncated),
+        std::cmp::Ordering::Greater => return Err(CustodyError::TrailingBytes),
+        std::cmp::Ordering::Equal => {}
     }
     let keys = rest
         .chunks_exact(P384_POINT_LEN)
