@@ -485,3 +485,27 @@ fn a_rotation_in_a_loosening_bundle_applies_at_once() {
     assert_eq!((p.clusters["prod"].kek_version, p.clusters["prod"].kek_retire_below), (2, 1));
     assert!(policy::evaluate(&p, &verified(0xb), "prod", NOW_MS + 1).is_err(), "the added image still waits");
 }
+
+#[test]
+fn the_signed_message_is_the_documented_one() {
+    use sha2::Digest;
+    let body = b"any canonical body";
+    let mut expected = b"keygate/v1/policy-signature\0".to_vec();
+    expected.extend_from_slice(&sha2::Sha384::digest(body));
+    assert_eq!(bundle::signing_message(body), expected);
+    assert_eq!(bundle::digest(body), <[u8; 48]>::from(sha2::Sha384::digest(body)));
+}
+
+#[test]
+fn a_body_of_several_kilobytes_is_within_the_limits() {
+    // 60 images in one cluster: a body far above 1 KiB and below the 48 KiB limit decodes.
+    let images: Vec<ImageRule> = (0u8..60).map(|i| image(&format!("image-{i:03}"), 0x10 + i)).collect();
+    let b = body(1, [0; 48], &[1, 2, 3], 2, images, 3600);
+    let bytes = bundle::encode_body(&b);
+    assert!(bytes.len() > 8 * 1024 && bytes.len() <= bundle::MAX_BODY, "{}", bytes.len());
+    let decoded = bundle::decode_body(&bytes, default_backend()).expect("decodes");
+    assert!(bundle::encode_body(&decoded) == bytes, "re-encodes to the same bytes");
+    assert_eq!(decoded.policy.clusters["prod"].images.len(), 60);
+    let whole = bundle_bytes(&b, &[1, 2]);
+    assert!(bundle::decode_bundle(&whole, default_backend()).is_ok());
+}
