@@ -7,7 +7,7 @@ use keygate_attestation::bundle::{self, ApproverKey, BundleError, PolicyBody, Po
 use keygate_attestation::crypto::{all_backends, default_backend};
 use keygate_attestation::mock::{derive_key, public_point, MockNsm};
 use keygate_attestation::policy::{self, ClusterRule, ImageRule, MismatchDetail, PolicyDenial, ReleasePolicy};
-use keygate_attestation::{AttestRequest, Nsm, Verifier, VerifyOptions};
+use keygate_attestation::{AttestRequest, DocumentKind, Nsm, Verifier, VerifyOptions};
 use p384::ecdsa::signature::Signer;
 use p384::ecdsa::{Signature, SigningKey};
 
@@ -508,4 +508,54 @@ fn a_body_of_several_kilobytes_is_within_the_limits() {
     assert_eq!(decoded.policy.clusters["prod"].images.len(), 60);
     let whole = bundle_bytes(&b, &[1, 2]);
     assert!(bundle::decode_bundle(&whole, default_backend()).is_ok());
+}
+
+#[test]
+fn every_limit_of_the_bundle_format_holds_at_its_boundary() {
+    let c = default_backend();
+    let malformed = |r: Result<PolicyBody, BundleError>, what: &str| match r {
+        Err(BundleError::Malformed(m)) => assert!(m.contains(what), "{m}"),
+        other => panic!("expected Malformed({what}), got {:?}", other.map(|_| ())),
+    };
+    // Sizes: exactly the limit is not refused for its size (these bytes are no body at all).
+    for (len, max) in [(bundle::MAX_BODY, true), (bundle::MAX_BODY + 1, false)] {
+        let r = bundle::decode_body(&vec![0x40; len], c);
+        assert_eq!(matches!(r, Err(BundleError::TooLarge(_))), !max, "body of {len}");
+    }
+    for (len, max) in [(bundle::MAX_BUNDLE, true), (bundle::MAX_BUNDLE + 1, false)] {
+        let r = bundle::decode_bundle(&vec![0x40; len], c);
+        assert_eq!(matches!(r, Err(BundleError::TooLarge(_))), !max, "bundle of {len}");
+    }
+    for (len, max) in [(1024, true), (1025, false)] {
+        let r = bundle::decode_signature(&vec![0x40; len], b"body");
+        assert_eq!(matches!(r, Err(BundleError::TooLarge(_))), !max, "signature of {len}");
+    }
+    // Threshold equal to the number of approvers is fine.
+    let all = body(1, [0; 48], &[1, 2, 3], 3, vec![image("a", 1)], 0);
+    assert!(bundle::decode_body(&bundle::encode_body(&all), c).is_ok());
+    // 32 approvers is the most.
+    let signers: Vec<u8> = (1..=33).collect();
+    let many = body(1, [0; 48], &signers, 1, vec![image("a", 1)], 0);
+    malformed(bundle::decode_body(&bundle::encode_body(&many), c), "approvers: at most 32");
+    let ok32 = body(1, [0; 48], &signers[..32], 1, vec![image("a", 1)], 0);
+    assert!(bundle::decode_body(&bundle::encode_body(&ok32), c).is_ok());
+    // Names: 1 to 128 bytes, for clusters and images.
+    let with_cluster = |id: &str, img: &str| {
+        let mut b = body(1, [0; 48], &[1], 1, vec![], 0);
+        b.policy.clusters.insert(id.to_owned(), ClusterRule { images: vec![image(img, 1)], ..Default::default() });
+        bundle::decode_body(&bundle::encode_body(&b), c)
+    };
+    assert!(with_cluster(&"c".repeat(128), &"i".repeat(128)).is_ok());
+    malformed(with_cluster(&"c".repeat(129), "i"), "cluster id length");
+    malformed(with_cluster("", "i"), "cluster id length");
+    malformed(with_cluster("c", &"i".repeat(129)), "image name length");
+    malformed(with_cluster("c", ""), "image name length");
+    // Document kinds survive the encoding.
+    let mut kinds = body(1, [0; 48], &[1], 1, vec![image("e", 1), image("t", 2)], 0);
+    let imgs = &mut kinds.policy.clusters.get_mut("prod").expect("prod").images;
+    imgs[0].kind = Some(DocumentKind::Enclave);
+    imgs[1].kind = Some(DocumentKind::NitroTpm);
+    let back = bundle::decode_body(&bundle::encode_body(&kinds), c).expect("kinds");
+    let got: Vec<_> = back.policy.clusters["prod"].images.iter().map(|i| i.kind).collect();
+    assert_eq!(got, [Some(DocumentKind::Enclave), Some(DocumentKind::NitroTpm)]);
 }
