@@ -515,19 +515,6 @@ impl PolicyState {
         self.pending.as_ref().map_or(&self.active, |(p, _)| p)
     }
 
-    /// The bundle fully in force at `now_ms` (its approver set validates the next push).
-    pub fn active(&self, now_ms: u64) -> &AcceptedBundle {
-        match &self.pending {
-            Some((p, at)) if now_ms >= *at => p,
-            _ => &self.active,
-        }
-    }
-
-    /// The pending bundle and its activation time, if one waits.
-    pub fn pending(&self, now_ms: u64) -> Option<(&AcceptedBundle, u64)> {
-        self.pending.as_ref().filter(|(_, at)| now_ms < *at).map(|(p, at)| (p.as_ref(), *at))
-    }
-
     /// Verifies `bytes` as the next bundle and applies it.
     pub fn apply(&mut self, bytes: &[u8], now_ms: u64, crypto: &dyn Crypto) -> Result<ApplyReport, BundleError> {
         self.promote(now_ms);
@@ -535,15 +522,11 @@ impl PolicyState {
         let cand_digest = digest(&candidate.body_bytes);
         let latest = self.latest();
         let (cur_v, found) = (latest.bundle.body.version, candidate.body.version);
-        if found == cur_v {
-            return Err(if cand_digest == latest.digest {
-                BundleError::Replay(found)
-            } else {
-                BundleError::Fork(found)
-            });
-        }
-        if found < cur_v {
-            return Err(BundleError::Rollback { current: cur_v, found });
+        match found.cmp(&cur_v) {
+            std::cmp::Ordering::Equal if cand_digest == latest.digest => return Err(BundleError::Replay(found)),
+            std::cmp::Ordering::Equal => return Err(BundleError::Fork(found)),
+            std::cmp::Ordering::Less => return Err(BundleError::Rollback { current: cur_v, found }),
+            std::cmp::Ordering::Greater => {}
         }
         if found != cur_v + 1 {
             return Err(BundleError::VersionGap { expected: cur_v + 1, found });

@@ -559,3 +559,25 @@ fn every_limit_of_the_bundle_format_holds_at_its_boundary() {
     let got: Vec<_> = back.policy.clusters["prod"].images.iter().map(|i| i.kind).collect();
     assert_eq!(got, [Some(DocumentKind::Enclave), Some(DocumentKind::NitroTpm)]);
 }
+
+#[test]
+fn genesis_and_issue_time_rules_hold_at_their_boundaries() {
+    let c = default_backend();
+    // Genesis is version 1 *and* previous zero.
+    let v1_prev = body(1, [1; 48], &[1, 2, 3], 2, vec![], 3600);
+    assert!(matches!(PolicyState::genesis(&bundle_bytes(&v1_prev, &[]), c), Err(BundleError::NotGenesis)));
+    let v2_zero = body(2, [0; 48], &[1, 2, 3], 2, vec![], 3600);
+    assert!(matches!(PolicyState::genesis(&bundle_bytes(&v2_zero, &[]), c), Err(BundleError::NotGenesis)));
+    // issued_at: not before the previous bundle's, at most 300 s ahead of the KRE's clock.
+    let (state, d) = genesis();
+    let next = |issued_at: u64| {
+        let mut b = body(2, d, &[1, 2, 3], 2, vec![image("a", 0xa)], 3600);
+        b.issued_at = issued_at;
+        let mut s = state.clone();
+        s.apply(&bundle_bytes(&b, &[1, 2]), NOW_MS, c).map(|_| ())
+    };
+    assert!(next(NOW_S).is_ok(), "the same second as the previous bundle");
+    assert!(next(NOW_S + 300).is_ok(), "exactly the allowed skew ahead");
+    assert!(matches!(next(NOW_S + 301), Err(BundleError::BadIssueTime { .. })));
+    assert!(matches!(next(NOW_S - 1), Err(BundleError::BadIssueTime { .. })), "before the previous bundle");
+}
