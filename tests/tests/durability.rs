@@ -85,34 +85,34 @@ fn start_kre_with(d: &Path, policy: (&str, &Path), custodians: &[&str], threshol
     Kre(child, sock)
 }
 
-fn fetch(kre: &Kre, out: &Path) -> Output {
-    let mut args: Vec<String> = [
-        "fetch",
-        "--kre",
-        &kre.addr(),
-        "--cluster",
-        "prod",
-        "--key-id",
-        "etcd",
-        "--out",
-        &s(out),
-        "--nsm",
-        "mock",
-        "--mock-seed",
-        SEED,
-        "--retries",
-        "0",
-        "--expect-kre-pcr",
-        &format!("0={}", hex48(KRE_PCR)),
-    ]
-    .iter()
-    .map(|x| x.to_string())
-    .collect();
-    for i in 0..3 {
-        args.extend(["--mock-pcr".into(), format!("{i}={}", hex48(CP_PCR))]);
+/// `keygate fetch` arguments for the mock control plane (PCR0-2 = CP_PCR) asking `addr` for
+/// `key_ids` of cluster `prod`, expecting the KRE's PCR0.
+fn fetch_args(addr: &str, out: &Path, key_ids: &[&str], retries: u32) -> Vec<String> {
+    let mut a: Vec<String> = vec!["fetch".into(), "--kre".into(), addr.into(), "--cluster".into(), "prod".into()];
+    for k in key_ids {
+        a.extend(["--key-id".into(), (*k).into()]);
     }
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    keygate(&refs)
+    a.extend([
+        "--out".into(),
+        s(out),
+        "--nsm".into(),
+        "mock".into(),
+        "--mock-seed".into(),
+        SEED.into(),
+        "--retries".into(),
+        retries.to_string(),
+        "--expect-kre-pcr".into(),
+        format!("0={}", hex48(KRE_PCR)),
+    ]);
+    for i in 0..3 {
+        a.extend(["--mock-pcr".into(), format!("{i}={}", hex48(CP_PCR))]);
+    }
+    a
+}
+
+fn fetch(kre: &Kre, out: &Path) -> Output {
+    let args = fetch_args(&kre.addr(), out, &["etcd"], 0);
+    keygate(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 fn unseal(d: &Path, kre: &Kre, custodian: &str, expect_pcr: u8) -> Output {
@@ -387,37 +387,7 @@ fn no_kek_share_state_key_or_data_key_in_any_output_log_or_file() {
     // The policy's KEK version 2 is made after genesis and stored with the next generation.
     let out = ok(traced(&["state", "sync", "--kre", &kre.addr(), "--state-dir", &s(&state)]));
     assert!(out.contains("committed generation 2"), "{out}");
-    let fetch_args = |kre: &Kre, out: &Path| -> Vec<String> {
-        let mut a: Vec<String> = [
-            "fetch",
-            "--kre",
-            &kre.addr(),
-            "--cluster",
-            "prod",
-            "--key-id",
-            "etcd",
-            "--key-id",
-            "other",
-            "--out",
-            &s(out),
-            "--nsm",
-            "mock",
-            "--mock-seed",
-            SEED,
-            "--retries",
-            "0",
-            "--expect-kre-pcr",
-            &format!("0={}", hex48(KRE_PCR)),
-        ]
-        .iter()
-        .map(|x| x.to_string())
-        .collect();
-        for i in 0..3 {
-            a.extend(["--mock-pcr".into(), format!("{i}={}", hex48(CP_PCR))]);
-        }
-        a
-    };
-    let a = fetch_args(&kre, &d.join("keys-1"));
+    let a = fetch_args(&kre.addr(), &d.join("keys-1"), &["etcd", "other"], 0);
     ok(traced(&a.iter().map(String::as_str).collect::<Vec<_>>()));
     ok(traced(&["status", "--kre", &kre.addr()]));
     ok(traced(&["audit", "pull", "--kre", &kre.addr(), "--dir", &s(&d.join("audit-1"))]));
@@ -438,7 +408,7 @@ fn no_kek_share_state_key_or_data_key_in_any_output_log_or_file() {
             &format!("0={}", hex48(KRE_PCR)),
         ]));
     }
-    let a = fetch_args(&kre, &d.join("keys-2"));
+    let a = fetch_args(&kre.addr(), &d.join("keys-2"), &["etcd", "other"], 0);
     ok(traced(&a.iter().map(String::as_str).collect::<Vec<_>>()));
     ok(traced(&["audit", "pull", "--kre", &kre.addr(), "--dir", &s(&d.join("audit-2"))]));
     drop(kre);
@@ -529,31 +499,7 @@ fn a_client_retrying_through_a_kre_kill_and_unseal_gets_the_same_keys() {
     kre.kill();
 
     // A control plane boots while the KRE is down: it retries (unreachable, then sealed).
-    let mut args: Vec<String> = [
-        "fetch",
-        "--kre",
-        &addr,
-        "--cluster",
-        "prod",
-        "--key-id",
-        "etcd",
-        "--out",
-        &s(&d.join("k2")),
-        "--nsm",
-        "mock",
-        "--mock-seed",
-        SEED,
-        "--retries",
-        "12",
-        "--expect-kre-pcr",
-        &format!("0={}", hex48(KRE_PCR)),
-    ]
-    .iter()
-    .map(|x| x.to_string())
-    .collect();
-    for i in 0..3 {
-        args.extend(["--mock-pcr".into(), format!("{i}={}", hex48(CP_PCR))]);
-    }
+    let args = fetch_args(&addr, &d.join("k2"), &["etcd"], 12);
     let mut client = Command::new(bin("keygate"))
         .args(&args)
         .stdin(Stdio::null())
