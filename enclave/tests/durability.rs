@@ -141,23 +141,41 @@ struct Unsealer<'a> {
     record: Option<&'a CustodianRecord>,
 }
 
+impl Unsealer<'_> {
+    /// What this custodian expects: the KRE's PCRs (also for the genesis KRE), its record.
+    fn expect(&self, approve_reshare: Option<[u8; 48]>) -> Expectations<'_> {
+        Expectations {
+            verifier: &self.verifier,
+            now_ms: T,
+            kre_pcrs: &self.kre_pcrs,
+            genesis_pcrs: &self.kre_pcrs,
+            record: self.record,
+            accept_new_genesis: false,
+            approve_reshare,
+        }
+    }
+}
+
+/// A custodian's first step on a new connection: UnsealHello with `nonce`, then its check of
+/// the KRE's offer. Returns the connection (for the share) and the custodian's answer.
+fn offer(
+    kre: &Kre,
+    nonce: [u8; 32],
+    expect: &Expectations<'_>,
+    scalar: &P384Scalar,
+    seed: u64,
+) -> (Connection, Result<custodian::Response, CustodianError>) {
+    let mut conn = Connection::new();
+    let s = step(&mut conn, kre, &Message::UnsealHello { client_nonce: nonce }.encode().expect("hello"));
+    let resp = custodian::on_offer(&s.reply[4..], &nonce, expect, scalar, default_backend(), &mut rng_from(seed));
+    (conn, resp)
+}
+
 /// One custodian's unseal step; returns the KRE's progress or the refusal.
 fn unseal_one(kre: &Kre, c: &Custodians, i: usize, u: &Unsealer<'_>) -> Result<(u8, u8, bool, u64), CustodianError> {
     let nonce = [u8::try_from(i).expect("small") + 1; 32];
-    let mut conn = Connection::new();
-    let s = step(&mut conn, kre, &Message::UnsealHello { client_nonce: nonce }.encode().expect("hello"));
-    let expect = Expectations {
-        verifier: &u.verifier,
-        now_ms: T,
-        kre_pcrs: &u.kre_pcrs,
-        genesis_pcrs: &u.kre_pcrs,
-        record: u.record,
-        accept_new_genesis: false,
-        approve_reshare: None,
-    };
-    let resp =
-        custodian::on_offer(&s.reply[4..], &nonce, &expect, &c.scalars[i], default_backend(), &mut rng_from(77))?;
-    let s = step(&mut conn, kre, &resp.frame);
+    let (mut conn, resp) = offer(kre, nonce, &u.expect(None), &c.scalars[i], 77);
+    let s = step(&mut conn, kre, &resp?.frame);
     custodian::on_progress(&s.reply[4..])
 }
 
@@ -221,60 +239,18 @@ fn custodians_refuse_wrong_pcrs_rollback_and_changed_shares_and_the_kre_refuses_
     assert!(matches!(unseal_one(&k2, &c, 0, &none), Err(CustodianError::NoExpectedPcrs)));
     // Expected KRE PCRs but no genesis PCRs: refused too.
     let u0 = unsealer(0x70);
-    let nonce = [12; 32];
-    let mut conn = Connection::new();
-    let s0 = step(&mut conn, &k2, &Message::UnsealHello { client_nonce: nonce }.encode().expect("hello"));
-    let half = Expectations {
-        verifier: &u0.verifier,
-        now_ms: T,
-        kre_pcrs: &u0.kre_pcrs,
-        genesis_pcrs: &[],
-        record: None,
-        accept_new_genesis: false,
-        approve_reshare: None,
-    };
-    assert!(matches!(
-        custodian::on_offer(&s0.reply[4..], &nonce, &half, &c.scalars[0], default_backend(), &mut rng_from(3)),
-        Err(CustodianError::NoExpectedPcrs)
-    ));
+    let half = Expectations { genesis_pcrs: &[], ..u0.expect(None) };
+    assert!(matches!(offer(&k2, [12; 32], &half, &c.scalars[0], 3).1, Err(CustodianError::NoExpectedPcrs)));
     // A rollback: the custodian has unsealed generation 5 of this set before.
     let u = unsealer(0x70);
-    let first = {
-        let nonce = [9; 32];
-        let mut conn = Connection::new();
-        let s = step(&mut conn, &k2, &Message::UnsealHello { client_nonce: nonce }.encode().expect("hello"));
-        let expect = Expectations {
-            verifier: &u.verifier,
-            now_ms: T,
-            kre_pcrs: &u.kre_pcrs,
-            genesis_pcrs: &u.kre_pcrs,
-            record: None,
-            accept_new_genesis: false,
-            approve_reshare: None,
-        };
-        custodian::on_offer(&s.reply[4..], &nonce, &expect, &c.scalars[0], default_backend(), &mut rng_from(3))
-            .expect("offer ok")
-    };
+    let first = offer(&k2, [9; 32], &u.expect(None), &c.scalars[0], 3).1.expect("offer ok");
     let newer = CustodianRecord { highest_generation: 5, ..first.record.clone() };
     let rb = Unsealer { record: Some(&newer), ..unsealer(0x70) };
     assert!(matches!(unseal_one(&k2, &c, 0, &rb), Err(CustodianError::Rollback { offered: 1, recorded: 5 })));
     // The same generation as recorded (a second restart without changes) is not a rollback.
     let same = CustodianRecord { highest_generation: 1, ..first.record.clone() };
     let sm = Unsealer { record: Some(&same), ..unsealer(0x70) };
-    let nonce = [13; 32];
-    let mut conn = Connection::new();
-    let s1 = step(&mut conn, &k2, &Message::UnsealHello { client_nonce: nonce }.encode().expect("hello"));
-    let e = Expectations {
-        verifier: &sm.verifier,
-        now_ms: T,
-        kre_pcrs: &sm.kre_pcrs,
-        genesis_pcrs: &sm.kre_pcrs,
-        record: sm.record,
-        accept_new_genesis: false,
-        approve_reshare: None,
-    };
-    let resp = custodian::on_offer(&s1.reply[4..], &nonce, &e, &c.scalars[0], default_backend(), &mut rng_from(3))
-        .expect("the same generation again is fine");
+    let resp = offer(&k2, [13; 32], &sm.expect(None), &c.scalars[0], 3).1.expect("the same generation again is fine");
     assert_eq!(resp.record.highest_generation, 1);
     let changed = CustodianRecord { shares_sha384: "00".into(), ..first.record.clone() };
     let ch = Unsealer { record: Some(&changed), ..unsealer(0x70) };
@@ -287,19 +263,7 @@ fn custodians_refuse_wrong_pcrs_rollback_and_changed_shares_and_the_kre_refuses_
 
     // A share replayed on another connection (bound to another attestation) is refused.
     let nonce = [7; 32];
-    let mut conn = Connection::new();
-    let s = step(&mut conn, &k2, &Message::UnsealHello { client_nonce: nonce }.encode().expect("hello"));
-    let expect = Expectations {
-        verifier: &u.verifier,
-        now_ms: T,
-        kre_pcrs: &u.kre_pcrs,
-        genesis_pcrs: &u.kre_pcrs,
-        record: None,
-        accept_new_genesis: false,
-        approve_reshare: None,
-    };
-    let resp = custodian::on_offer(&s.reply[4..], &nonce, &expect, &c.scalars[1], default_backend(), &mut rng_from(4))
-        .expect("offer");
+    let resp = offer(&k2, nonce, &u.expect(None), &c.scalars[1], 4).1.expect("offer");
     let mut other = Connection::new();
     step(&mut other, &k2, &Message::UnsealHello { client_nonce: [8; 32] }.encode().expect("hello"));
     let s = step(&mut other, &k2, &resp.frame);
@@ -390,20 +354,8 @@ fn approve(
 ) -> Result<(u8, u8, bool, u64), CustodianError> {
     let u = unsealer(0x70);
     let nonce = [u8::try_from(i).expect("small") + 40; 32];
-    let mut conn = Connection::new();
-    let s = step(&mut conn, kre, &Message::UnsealHello { client_nonce: nonce }.encode().expect("hello"));
-    let expect = Expectations {
-        verifier: &u.verifier,
-        now_ms: T,
-        kre_pcrs: &u.kre_pcrs,
-        genesis_pcrs: &u.kre_pcrs,
-        record: None,
-        accept_new_genesis: false,
-        approve_reshare: approve,
-    };
-    let resp =
-        custodian::on_offer(&s.reply[4..], &nonce, &expect, &c.scalars[i], default_backend(), &mut rng_from(91))?;
-    let s = step(&mut conn, kre, &resp.frame);
+    let (mut conn, resp) = offer(kre, nonce, &u.expect(approve), &c.scalars[i], 91);
+    let s = step(&mut conn, kre, &resp?.frame);
     custodian::on_progress(&s.reply[4..])
 }
 
