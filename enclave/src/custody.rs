@@ -578,19 +578,33 @@ impl UnsealSession {
         kre_scalar: &P384Scalar,
         msg: &UnsealShare,
     ) -> Result<UnsealProgress, CustodyError> {
-        let share = kre_open_unseal_share(crypto, &self.set, kre_scalar, &self.ctx, msg)?;
-        if self.shares.iter().any(|s| s.x == share.x) {
-            return Err(CustodyError::DuplicateShare { x: share.x });
-        }
-        self.shares.push(share);
-        let have = u8::try_from(self.shares.len()).unwrap_or(u8::MAX);
-        if have < self.set.threshold {
-            return Ok(UnsealProgress::NeedMore { have, need: self.set.threshold });
-        }
-        let key = shamir::combine(&self.shares, self.set.threshold);
-        self.shares.clear();
-        Ok(UnsealProgress::Complete(key?))
+        collect_share(crypto, &self.set, kre_scalar, &self.ctx, &mut self.shares, msg)
     }
+}
+
+/// Opens `msg` for `ctx` and adds it to `shares` (one per custodian); at the set's threshold,
+/// reconstructs the key and clears (zeroizes) the shares. A refused message leaves `shares`
+/// unchanged. The one share collector of every session (unseal and reshare, `crate::vault`).
+pub fn collect_share(
+    crypto: &dyn Crypto,
+    set: &CustodianSet,
+    kre_scalar: &P384Scalar,
+    ctx: &UnsealContext,
+    shares: &mut Vec<Share>,
+    msg: &UnsealShare,
+) -> Result<UnsealProgress, CustodyError> {
+    let share = kre_open_unseal_share(crypto, set, kre_scalar, ctx, msg)?;
+    if shares.iter().any(|s| s.x == share.x) {
+        return Err(CustodyError::DuplicateShare { x: share.x });
+    }
+    shares.push(share);
+    let have = u8::try_from(shares.len()).unwrap_or(u8::MAX);
+    if have < set.threshold {
+        return Ok(UnsealProgress::NeedMore { have, need: set.threshold });
+    }
+    let key = shamir::combine(shares, set.threshold);
+    shares.clear();
+    Ok(UnsealProgress::Complete(key?))
 }
 
 #[cfg(test)]

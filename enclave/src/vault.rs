@@ -32,10 +32,12 @@ use keygate_attestation::crypto::{p384_scalar_from, Crypto, CryptoError, P384Sca
 use keygate_attestation::secret::Secret;
 use sha2::{Digest, Sha384};
 
-use crate::custody::{self, CustodianSet, CustodyError, PublicKey, SharesFile, UnsealContext, UnsealShare};
+use crate::custody::{
+    self, CustodianSet, CustodyError, PublicKey, SharesFile, UnsealContext, UnsealProgress, UnsealShare,
+};
 use crate::keys::{Kek, KekStatus};
 use crate::sealed::{self, KekEntry, KreState, SealedError, SealedHeader};
-use crate::shamir::{self, Share};
+use crate::shamir::Share;
 use crate::wire::Id;
 
 /// Largest sealed blob the KRE exports or loads: it travels in one 64 KiB frame together
@@ -582,18 +584,10 @@ impl Vault {
             set_digest,
             generation: s.committed.generation,
         };
-        let share = custody::kre_open_unseal_share(crypto, &self.set, &r.kre_key, &ctx, msg)?;
-        if r.shares.iter().any(|x| x.x == share.x) {
-            return Err(CustodyError::DuplicateShare { x: share.x }.into());
-        }
-        r.shares.push(share);
-        let have = u8::try_from(r.shares.len()).unwrap_or(u8::MAX);
-        if have < threshold {
-            return Ok((have, threshold, false));
-        }
-        let key = shamir::combine(&r.shares, threshold);
-        r.shares.clear();
-        let key = key.map_err(CustodyError::from)?;
+        let key = match custody::collect_share(crypto, &self.set, &r.kre_key, &ctx, &mut r.shares, msg)? {
+            UnsealProgress::NeedMore { have, need } => return Ok((have, need, false)),
+            UnsealProgress::Complete(key) => key,
+        };
         if key != s.state_key {
             s.reshare = None;
             return Err(VaultError::ReshareNotAuthorized);
@@ -608,7 +602,7 @@ impl Vault {
         s.custody = Custody { shares, genesis_attestation };
         s.resealed = true;
         self.set = r.new_set;
-        Ok((have, threshold, true))
+        Ok((threshold, threshold, true))
     }
 
     /// One custodian's share, re-encrypted to K and bound to the attestation the KRE sent on
@@ -622,7 +616,6 @@ impl Vault {
         msg: &UnsealShare,
     ) -> Result<UnsealOutcome, VaultError> {
         let set_digest = self.set.digest();
-        let threshold = self.set.threshold();
         let Inner::Unsealing(u) = &mut self.inner else {
             return Err(self.wrong("an unseal share", "unsealing"));
         };
@@ -633,18 +626,10 @@ impl Vault {
             set_digest,
             generation: u.header.generation,
         };
-        let share = custody::kre_open_unseal_share(crypto, &self.set, &u.kre_key, &ctx, msg)?;
-        if u.shares.iter().any(|s| s.x == share.x) {
-            return Err(CustodyError::DuplicateShare { x: share.x }.into());
-        }
-        u.shares.push(share);
-        let have = u8::try_from(u.shares.len()).unwrap_or(u8::MAX);
-        if have < threshold {
-            return Ok(UnsealOutcome::NeedMore { have, need: threshold });
-        }
-        let key = shamir::combine(&u.shares, threshold);
-        u.shares.clear();
-        let key = key.map_err(CustodyError::from)?;
+        let key = match custody::collect_share(crypto, &self.set, &u.kre_key, &ctx, &mut u.shares, msg)? {
+            UnsealProgress::NeedMore { have, need } => return Ok(UnsealOutcome::NeedMore { have, need }),
+            UnsealProgress::Complete(key) => key,
+        };
         let state = sealed::open(&u.blob, &key, crypto).map_err(|e| match e {
             SealedError::Decrypt => VaultError::StateDoesNotOpen,
             other => VaultError::Sealed(other),
