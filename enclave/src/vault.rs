@@ -924,10 +924,8 @@ mod tests {
         // A share from an earlier session (another K and nonce) is refused.
         let mut k2 = Vault::new(set.clone());
         k2.load(crypto, blob.clone(), custody.clone(), &mut rng(5)).expect("load");
-        let offer2 = k2.offer().expect("offer");
         let old = share_for(crypto, &cs[1], &offer, [5; 48], 4);
         assert!(k2.add_share(crypto, [5; 48], &old).is_err(), "replayed share from another session");
-        let _ = offer2;
         // A tampered blob is refused before unsealing (digest) ...
         let mut bad = blob.clone();
         bad[super::sealed::HEADER_LEN + 3] ^= 1;
