@@ -204,3 +204,37 @@ impl AwaitReleased {
         Ok(keys.into_iter().map(|(key_id, version, key)| ReleasedKey { key_id, version, key }).collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The retry classification is a decision the fetch loop and the KMS plugin act on: a
+    /// refusal on policy or attestation grounds must never be retried (it would hammer the KRE
+    /// and hide the refusal), while a busy, restarting or sealed KRE must be.
+    #[test]
+    fn exactly_the_transient_refusals_and_transport_errors_are_retryable() {
+        let transient = [
+            DenyCode::Busy,
+            DenyCode::ChallengeExpired,
+            DenyCode::Sealed,
+            DenyCode::StatePending,
+            DenyCode::PolicyStale,
+            DenyCode::Timeout,
+            DenyCode::Internal,
+        ];
+        for &code in DenyCode::ALL.iter().chain([DenyCode::Unknown(999)].iter()) {
+            let e = ClientError::Denied { code, reason: "r".into() };
+            assert_eq!(e.is_retryable(), transient.contains(&code), "{code}");
+        }
+        assert!(ClientError::Io("connection refused".into()).is_retryable());
+        for e in [
+            ClientError::KreBinding("x"),
+            ClientError::Unexpected("Hello"),
+            ClientError::Mismatch("x"),
+            ClientError::Wire(WireError::Truncated),
+        ] {
+            assert!(!e.is_retryable(), "{e}");
+        }
+    }
+}

@@ -569,6 +569,9 @@ impl Message {
                 put_bytes16(&mut body, attestation)?;
             }
             Message::Released { ephemeral_point, keys } => {
+                if keys.len() > MAX_RELEASED {
+                    return Err(WireError::BadKeyCount(keys.len()));
+                }
                 body.push(ty::RELEASED);
                 body.extend_from_slice(ephemeral_point);
                 body.push(u8::try_from(keys.len()).map_err(|_| WireError::TooLong)?);
@@ -986,6 +989,50 @@ mod tests {
             Message::Denied { reason, .. } => assert!(reason.len() <= MAX_REASON && reason.chars().all(|c| c == 'é')),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn release_key_counts_are_bounded_on_encode_as_on_decode() {
+        let ids = |n: usize| (0..n).map(|i| id(&format!("k{i}"))).collect::<Vec<_>>();
+        let release = |n| Message::Release { cluster_id: id("c"), key_ids: ids(n), attestation: vec![1] };
+        assert_eq!(release(0).encode(), Err(WireError::BadKeyCount(0)));
+        assert_eq!(release(17).encode(), Err(WireError::BadKeyCount(17)));
+        let sixteen = release(MAX_KEYS).encode().expect("16 keys");
+        assert_eq!(Message::decode(&sixteen[4..]), Ok(release(MAX_KEYS)));
+        let dup = Message::Release { cluster_id: id("c"), key_ids: vec![id("k"), id("k")], attestation: vec![] };
+        assert_eq!(dup.encode(), Err(WireError::DuplicateKeyId));
+
+        // A release answers up to 16 keys with up to 4 versions each: 64 wrapped keys.
+        let released = |n: usize| Message::Released {
+            ephemeral_point: [4; POINT_LEN],
+            keys: (0..n)
+                .map(|i| WrappedKey {
+                    key_id: id(&format!("k{}", i / 4)),
+                    version: u32::try_from(4 - i % 4).expect("small"),
+                    sealed: vec![5; 48],
+                })
+                .collect(),
+        };
+        assert_eq!(MAX_RELEASED, 64);
+        let full = released(MAX_RELEASED).encode().expect("64 wrapped keys");
+        assert_eq!(Message::decode(&full[4..]), Ok(released(MAX_RELEASED)));
+        let mut over = full[4..].to_vec();
+        over[2 + POINT_LEN] = 65;
+        assert_eq!(Message::decode(&over), Err(WireError::BadKeyCount(65)));
+        assert_eq!(released(MAX_RELEASED + 1).encode(), Err(WireError::BadKeyCount(65)));
+    }
+
+    #[test]
+    fn names_and_deny_code_texts_are_the_stable_ones() {
+        for m in samples() {
+            let debug = format!("{m:?}");
+            assert!(debug.starts_with(m.name()) && !m.name().is_empty(), "{} vs {debug}", m.name());
+        }
+        for c in DenyCode::ALL {
+            assert_eq!(c.to_string(), c.as_str());
+        }
+        assert_eq!(DenyCode::PolicyStale.to_string(), "policy_stale");
+        assert_eq!(DenyCode::Unknown(999).to_string(), "unknown(999)");
     }
 
     #[test]

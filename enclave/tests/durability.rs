@@ -10,8 +10,9 @@ use keygate_attestation::crypto::{default_backend, p384_scalar_from, P384Scalar}
 use keygate_attestation::mock::MockNsm;
 use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
 use keygate_attestation::{PcrExpectation, Verifier};
+use keygate_enclave::audit::AuditEvent;
 use keygate_enclave::client::{self, ClientError, FetchRequest, ReleasedKey};
-use keygate_enclave::core::{Connection, Env, Kre, KreConfig, Step};
+use keygate_enclave::core::{Connection, Env, Event, Kre, KreConfig, Step};
 use keygate_enclave::custodian::{self, CustodianError, CustodianRecord, Expectations};
 use keygate_enclave::custody::CustodianSet;
 use keygate_enclave::wire::{DenyCode, Id, Message, StateReport};
@@ -114,6 +115,19 @@ fn fetch(kre: &Kre) -> Result<Vec<ReleasedKey>, ClientError> {
     ar.on_released(&s.reply[4..], default_backend())
 }
 
+/// The durable-state steps the KRE refused, in order, from its audit trail: every refusal of
+/// a state step is audited under that step's name (not as a release or challenge refusal).
+fn refused_steps(kre: &Kre) -> Vec<String> {
+    kre.audit()
+        .entries_after(0, 1000)
+        .into_iter()
+        .filter_map(|e| match e.event() {
+            AuditEvent::UnsealStep { step, ok: false, .. } => Some(step.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
 fn deny_code(r: Result<Vec<ReleasedKey>, ClientError>) -> DenyCode {
     match r {
         Err(ClientError::Denied { code, .. }) => code,
@@ -193,12 +207,18 @@ fn genesis_commit_restart_and_two_of_three_unseal_keep_the_keys() {
     let r = report(&k1, Message::StateGenesis);
     assert_eq!((r.phase, r.export_generation, r.committed_generation), (3, 1, 0));
     assert_eq!(deny_code(fetch(&k1)), DenyCode::StatePending, "nothing released before the parent commits");
+    // The server logs a state step with the generation it concerns: the export before the
+    // commit, the committed one after.
+    let poll = Message::StatePoll.encode().expect("poll");
+    assert_eq!(step(&mut Connection::new(), &k1, &poll).event, Event::State { step: "poll", generation: 1 });
     let mut store = None;
     assert_eq!(sync(&k1, &mut store), 1);
+    assert_eq!(step(&mut Connection::new(), &k1, &poll).event, Event::State { step: "poll", generation: 1 });
     let keys = fetch(&k1).expect("released after commit");
     assert_eq!(keys[0].version, 1);
     // Genesis twice is refused.
     assert_eq!(denied(one(&k1, Message::StateGenesis)).0, DenyCode::StateRefused);
+    assert_eq!(refused_steps(&k1), ["genesis"]);
 
     // Restart: a new KRE gets the stored state and two custodians.
     let k2 = kre(&c.set, 0x70);
@@ -268,6 +288,7 @@ fn custodians_refuse_wrong_pcrs_rollback_and_changed_shares_and_the_kre_refuses_
     step(&mut other, &k2, &Message::UnsealHello { client_nonce: [8; 32] }.encode().expect("hello"));
     let s = step(&mut other, &k2, &resp.frame);
     assert_eq!(denied(Message::decode(&s.reply[4..]).expect("reply")).0, DenyCode::StateRefused);
+    assert_eq!(refused_steps(&k2), ["unseal-share"]);
     // A share sent without an offer on its connection.
     assert_eq!(denied(one(&k2, Message::decode(&resp.frame[4..]).expect("frame"))).0, DenyCode::UnexpectedMessage);
     // A share from an earlier boot's session does not open in this one.
@@ -280,6 +301,14 @@ fn custodians_refuse_wrong_pcrs_rollback_and_changed_shares_and_the_kre_refuses_
     step(&mut conn3, &k3, &Message::UnsealHello { client_nonce: nonce }.encode().expect("hello"));
     let s = step(&mut conn3, &k3, &resp.frame);
     assert_eq!(denied(Message::decode(&s.reply[4..]).expect("reply")).0, DenyCode::StateRefused);
+    // Anything but a share after an offer is refused, and audited as a refused share step.
+    let before = refused_steps(&k3).len();
+    let mut conn = Connection::new();
+    step(&mut conn, &k3, &Message::UnsealHello { client_nonce: [30; 32] }.encode().expect("hello"));
+    let s = step(&mut conn, &k3, &Message::StatePoll.encode().expect("poll"));
+    assert_eq!(denied(Message::decode(&s.reply[4..]).expect("reply")).0, DenyCode::UnexpectedMessage);
+    let steps = refused_steps(&k3);
+    assert_eq!((steps.len(), steps.last().map(String::as_str)), (before + 1, Some("unseal-share")));
     // Too few shares: one share leaves the KRE sealed.
     assert!(!unseal_one(&k3, &c, 0, &u).expect("one").2);
     assert_eq!(deny_code(fetch(&k3)), DenyCode::Sealed);
@@ -294,6 +323,7 @@ fn custodians_refuse_wrong_pcrs_rollback_and_changed_shares_and_the_kre_refuses_
     ));
     assert_eq!(code, DenyCode::StateRefused);
     assert!(reason.contains("digest"), "{reason}");
+    assert_eq!(refused_steps(&k4), ["load"]);
     let n = bad.len() - 48;
     let d: [u8; 48] = sha2::Digest::finalize(<sha2::Sha384 as sha2::Digest>::new_with_prefix(&bad[..n])).into();
     bad[n..].copy_from_slice(&d);
@@ -328,6 +358,7 @@ fn commits_must_name_the_exported_blob_and_a_kre_without_custodians_has_no_state
         Message::StateCommitted { generation: 1 }
     ));
     assert!(fetch(&k).is_ok());
+    assert_eq!(refused_steps(&k), ["commit", "commit"]);
     // Loading a state into a serving KRE is refused.
     assert_eq!(
         denied(one(
@@ -343,6 +374,7 @@ fn commits_must_name_the_exported_blob_and_a_kre_without_custodians_has_no_state
     assert_eq!(report(&plain, Message::StatePoll).phase, 0);
     assert_eq!(denied(one(&plain, Message::StateGenesis)).0, DenyCode::StateRefused);
     assert_eq!(denied(one(&plain, Message::UnsealHello { client_nonce: [1; 32] })).0, DenyCode::StateRefused);
+    assert_eq!(refused_steps(&plain), ["genesis", "unseal-offer"]);
 }
 
 /// One current custodian's reshare approval (or refusal) on its own connection.
@@ -376,17 +408,40 @@ fn reshare_to_a_new_set_needs_a_quorum_of_the_old_one_and_keeps_the_keys() {
         approve(&k1, &old, 0, Some(digest)),
         Err(CustodianError::Denied { code: DenyCode::StateRefused, .. })
     ));
+    assert_eq!(refused_steps(&k1), ["unseal-offer"]);
+    assert_eq!(denied(one(&k1, Message::ReshareStart { set: vec![1, 2, 3] })).0, DenyCode::StateRefused);
+    assert_eq!(refused_steps(&k1), ["unseal-offer", "reshare"]);
     assert_eq!(report(&k1, Message::ReshareStart { set: set_bytes.clone() }).phase, 3);
     // A custodian that did not approve this set refuses; one that approved another set too.
     assert!(matches!(approve(&k1, &old, 0, None), Err(CustodianError::ReshareNotApproved { .. })));
     assert!(matches!(approve(&k1, &old, 0, Some([0; 48])), Err(CustodianError::ReshareNotApproved { .. })));
     // A new custodian cannot approve (it holds no share of the current key).
     assert!(matches!(approve(&k1, &new, 0, Some(digest)), Err(CustodianError::Custody(_))));
+    // An approval replayed on another connection (bound to another offer) is refused by the KRE.
+    let u = unsealer(0x70);
+    let approval = offer(&k1, [50; 32], &u.expect(Some(digest)), &old.scalars[1], 92).1.expect("approval");
+    let mut other = Connection::new();
+    step(&mut other, &k1, &Message::UnsealHello { client_nonce: [51; 32] }.encode().expect("hello"));
+    let s = step(&mut other, &k1, &approval.frame);
+    assert_eq!(denied(Message::decode(&s.reply[4..]).expect("reply")).0, DenyCode::StateRefused);
+    assert_eq!(refused_steps(&k1), ["unseal-offer", "reshare", "reshare-share"]);
     assert_eq!(approve(&k1, &old, 0, Some(digest)).expect("first approval"), (1, 2, false, 1));
     assert_eq!(approve(&k1, &old, 2, Some(digest)).expect("second approval"), (2, 2, true, 1));
     // Serving goes on under the old generation until the reshared state is stored.
     assert_eq!(fetch(&k1).expect("still released"), keys);
     assert_eq!(sync(&k1, &mut store), 2, "the reshared state is the next generation");
+    // Each KEK version is audited once, when the commit that made it usable lands: the
+    // reshare's commit adds none.
+    let rotations: Vec<(String, u32)> = k1
+        .audit()
+        .entries_after(0, 1000)
+        .into_iter()
+        .filter_map(|e| match e.event() {
+            AuditEvent::KekRotated { cluster, new_version } => Some((cluster.to_string(), *new_version)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rotations, [("prod".to_owned(), 1)]);
 
     // A KRE configured with the old set cannot load it; one with the new set can, and the new
     // custodians unseal it. The old custodians cannot.

@@ -447,3 +447,94 @@ fn denial_reasons_never_contain_key_material() {
         assert!(!reason.contains(&hex::encode(k.key.expose())));
     }
 }
+
+/// Pulls one audit batch after `after`: (entries, checkpoint).
+fn pull(kre: &Kre, after: u64) -> (Vec<Vec<u8>>, Vec<u8>) {
+    let frame = Message::AuditPull { after_seq: after, max: 1024 }.encode().expect("encode");
+    let s = step(&mut Connection::new(), kre, &frame, T);
+    assert!(s.reply.len() <= 4 + wire::MAX_FRAME, "a batch fits one frame");
+    match Message::decode(&s.reply[4..]).expect("reply") {
+        Message::AuditBatch { entries, checkpoint } => (entries, checkpoint),
+        other => panic!("expected AuditBatch, got {other:?}"),
+    }
+}
+
+/// An audit batch carries at most 40 KiB of entries (room for the checkpoint in the 64 KiB
+/// frame) — exactly 40 KiB is allowed — and only the batch that reaches the head of the
+/// chain carries a checkpoint.
+#[test]
+fn audit_batches_hold_at_most_40_kib_of_entries_and_only_the_head_batch_has_a_checkpoint() {
+    use keygate_enclave::audit::{AuditEntry, AuditEvent};
+    const BUDGET: usize = 40 * 1024;
+    let kre = kre();
+    let refused = |n: usize| AuditEvent::ChallengeRefused { code: "busy".into(), reason: "r".repeat(n) };
+    let framed = |kre: &Kre| -> usize { kre.audit().entries_after(0, 4096).iter().map(|e| e.bytes().len() + 2).sum() };
+    // Fill the first batch to exactly the budget: the overhead of an entry is measured from
+    // one with an empty reason, the last entry's reason makes up the difference.
+    kre.audit().append(refused(0), T).expect("append");
+    let overhead = kre.audit().entries_after(0, 4096).last().expect("entry").bytes().len() + 2;
+    while BUDGET - framed(&kre) > overhead + wire::MAX_REASON {
+        let room = BUDGET - framed(&kre) - 2 * overhead;
+        kre.audit().append(refused(room.min(1000)), T).expect("append");
+    }
+    let last = refused(BUDGET - framed(&kre) - overhead);
+    kre.audit().append(last, T).expect("append");
+    assert_eq!(framed(&kre), BUDGET, "the test's own arithmetic");
+    let boundary = kre.audit().status().last_seq;
+    for _ in 0..60 {
+        kre.audit().append(refused(1000), T).expect("append");
+    }
+    let head = kre.audit().status().last_seq;
+
+    let (entries, checkpoint) = pull(&kre, 0);
+    let seqs: Vec<u64> = entries.iter().map(|e| AuditEntry::decode(e).expect("entry").seq()).collect();
+    assert_eq!(seqs, (1..=boundary).collect::<Vec<_>>(), "exactly the entries that fill the budget");
+    assert!(checkpoint.is_empty(), "not the head: no checkpoint");
+    let mut after = boundary;
+    let mut batches = 1;
+    loop {
+        let (entries, checkpoint) = pull(&kre, after);
+        assert!(!entries.is_empty());
+        assert!(entries.iter().map(|e| e.len() + 2).sum::<usize>() <= BUDGET);
+        let first = AuditEntry::decode(&entries[0]).expect("entry").seq();
+        assert_eq!(first, after + 1, "batches are contiguous");
+        after = AuditEntry::decode(entries.last().expect("last")).expect("entry").seq();
+        batches += 1;
+        if after == head {
+            assert!(!checkpoint.is_empty(), "the head batch carries a checkpoint");
+            break;
+        }
+        assert!(checkpoint.is_empty());
+        assert!(batches < 10, "no progress");
+    }
+    assert!(batches >= 3, "{batches}");
+}
+
+#[test]
+fn a_connection_is_done_only_after_its_final_answer() {
+    let kre = kre();
+    let cpi = cpi(0x10);
+    let mut conn = Connection::new();
+    assert!(!conn.is_done());
+    let (await_challenge, hello) = client::start(request("prod"), &mut rng()).expect("hello");
+    let s = step(&mut conn, &kre, &hello, T);
+    assert!(!conn.is_done(), "waiting for the Release");
+    let released = await_challenge
+        .on_challenge(&s.reply[4..], &Verifier::new(cpi.root_anchor()), T, &cpi, default_backend(), &mut rng())
+        .expect("challenge");
+    step(&mut conn, &kre, &released.release_frame, T);
+    assert!(conn.is_done());
+}
+
+#[test]
+fn env_debug_shows_the_time_not_the_rng_and_the_start_entry_has_the_wall_clock() {
+    let mut r = rng();
+    let env = Env { now_ms: 42, rng: &mut r };
+    assert_eq!(format!("{env:?}"), "Env { now_ms: 42, .. }");
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis();
+    let kre = kre();
+    let after = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis();
+    let first = kre.audit().entries_after(0, 1).pop().expect("the start entry");
+    let t = u128::from(first.time_ms());
+    assert!(before <= t && t <= after, "{before} <= {t} <= {after}");
+}

@@ -7,13 +7,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use keygate_attestation::bundle::{self, PolicyBody};
-use keygate_attestation::crypto::{default_backend, p384_scalar_from};
+use keygate_attestation::crypto::{default_backend, p384_scalar_from, P384Scalar};
 use keygate_attestation::mock::{derive_key, public_point, MockNsm};
 use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
-use keygate_attestation::Verifier;
+use keygate_attestation::{PcrExpectation, Verifier};
 use keygate_enclave::audit::AuditEvent;
 use keygate_enclave::client::{self, ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::core::{Connection, Env, Kre, KreConfig, Step};
+use keygate_enclave::custodian::{self, Expectations};
 use keygate_enclave::custody::CustodianSet;
 use keygate_enclave::wire::{DenyCode, Id, Message, StateReport};
 use p384::ecdsa::signature::Signer;
@@ -165,14 +166,157 @@ fn push(kre: &Kre, bundle: Vec<u8>) {
 }
 
 fn custodians() -> CustodianSet {
+    custodian_keys().1
+}
+
+/// Three custodians, two of them needed: their private scalars and the set.
+fn custodian_keys() -> (Vec<P384Scalar>, CustodianSet) {
     let c = default_backend();
-    let keys = (1..=3u64)
+    let (scalars, keys): (Vec<P384Scalar>, Vec<[u8; 97]>) = (1..=3u64)
         .map(|i| {
-            let (_, p) = p384_scalar_from(c, rng_from(1000 + i)).expect("key");
-            p.try_into().expect("point")
+            let (s, p) = p384_scalar_from(c, rng_from(1000 + i)).expect("key");
+            let point: [u8; 97] = p.try_into().expect("point");
+            (s, point)
         })
-        .collect();
-    CustodianSet::new(c, 2, keys).expect("set")
+        .unzip();
+    (scalars, CustodianSet::new(c, 2, keys).expect("set"))
+}
+
+/// Stores the KRE's export and commits it; returns the stored (blob, shares, genesis attestation).
+fn store(kre: &Kre) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let r = report(kre, Message::StatePoll);
+    assert_ne!(r.export_generation, 0, "something to store");
+    let stored = (r.blob.clone(), r.shares.clone(), r.genesis_attestation.clone());
+    sync(kre);
+    stored
+}
+
+/// A restarted KRE (the same image: genesis bundle, custodians) with `stored` loaded, sealed.
+fn restarted(genesis: &[u8], set: &CustodianSet, stored: &(Vec<u8>, Vec<u8>, Vec<u8>)) -> Kre {
+    let nsm = nsm();
+    let verifier = Verifier::new(nsm.root_anchor());
+    let config = KreConfig { custodians: Some(set.clone()), ..KreConfig::default() };
+    let kre = Kre::with_genesis(config, verifier, genesis, Arc::new(nsm)).expect("kre");
+    let (blob, shares, genesis_attestation) = stored.clone();
+    assert_eq!(report(&kre, Message::StateLoad { blob, shares, genesis_attestation }).phase, 2);
+    kre
+}
+
+/// Two custodians unseal `kre`.
+fn unseal(kre: &Kre, scalars: &[P384Scalar]) {
+    let verifier = Verifier::new(nsm().root_anchor());
+    let kre_pcrs: Vec<PcrExpectation> =
+        pcrs(0x70).into_iter().map(|(index, value)| PcrExpectation { index, value }).collect();
+    let expect = Expectations {
+        verifier: &verifier,
+        now_ms: T,
+        kre_pcrs: &kre_pcrs,
+        genesis_pcrs: &kre_pcrs,
+        record: None,
+        accept_new_genesis: false,
+        approve_reshare: None,
+    };
+    for (i, scalar) in scalars.iter().take(2).enumerate() {
+        let nonce = [u8::try_from(i).expect("small") + 1; 32];
+        let mut conn = Connection::new();
+        let s = step(&mut conn, kre, &Message::UnsealHello { client_nonce: nonce }.encode().expect("hello"));
+        let resp = custodian::on_offer(&s.reply[4..], &nonce, &expect, scalar, default_backend(), &mut rng_from(9))
+            .expect("the custodian accepts the offer");
+        let s = step(&mut conn, kre, &resp.frame);
+        assert_eq!(custodian::on_progress(&s.reply[4..]).expect("progress").2, i == 1);
+    }
+}
+
+fn denial(r: Result<Vec<ReleasedKey>, ClientError>) -> (DenyCode, String) {
+    match r {
+        Err(ClientError::Denied { code, reason }) => (code, reason),
+        other => panic!("expected a denial, got {other:?}"),
+    }
+}
+
+fn status(kre: &Kre) -> (serde_json::Value, serde_json::Value) {
+    let v: serde_json::Value = serde_json::from_str(&kre.status_json()).expect("status json");
+    (v["policy_version"].clone(), v["policy_digest"].clone())
+}
+
+#[test]
+fn the_sealed_policy_head_holds_releases_until_replayed_and_refuses_a_fork() {
+    let (scalars, set) = custodian_keys();
+    let (genesis, mut chain) = Chain::genesis();
+    let nsm = nsm();
+    let verifier = Verifier::new(nsm.root_anchor());
+    let config = KreConfig { custodians: Some(set.clone()), ..KreConfig::default() };
+    let kre = Kre::with_genesis(config, verifier, &genesis, Arc::new(nsm)).expect("kre");
+    assert_eq!(kre.nsm_kind(), "mock", "the startup log line names the NSM backend");
+    report(&kre, Message::StateGenesis);
+    store(&kre);
+    let keys = fetch(&kre).expect("released");
+    let v2 = chain.next(1, 0);
+    let v2_digest = bundle::digest(&bundle::encode_body(&chain.last));
+    push(&kre, v2.clone());
+    assert_eq!(status(&kre), (serde_json::json!(2), serde_json::json!(hex::encode(v2_digest))));
+    let stored = store(&kre);
+    assert_eq!(kek_rotations(&kre), [("prod".to_owned(), 1)], "a commit of a policy head adds no KEK version");
+
+    // Restart and unseal: releases wait until the parent has replayed up to version 2.
+    let k2 = restarted(&genesis, &set, &stored);
+    assert_eq!(status(&k2).0, serde_json::json!(1));
+    unseal(&k2, &scalars);
+    let (code, reason) = denial(fetch(&k2));
+    assert_eq!(code, DenyCode::PolicyStale);
+    assert!(reason.contains("policy version 2"), "{reason}");
+    assert!(
+        k2.audit().entries_after(0, 1000).iter().any(|e| matches!(
+            e.event(),
+            AuditEvent::ReleaseDenied { code, cluster: Some(c), .. } if code == "policy_stale" && c.as_str() == "prod"
+        )),
+        "the refused release is audited"
+    );
+
+    // Another version 2 (a fork of the chain at the recorded head) is refused, and audited
+    // with its version and digest.
+    let mut fork = Chain { key: chain.key.clone(), last: Chain::genesis().1.last };
+    let forked = fork.next(2, 0);
+    let fork_digest = bundle::digest(&bundle::encode_body(&fork.last));
+    match one(&k2, Message::PolicyPush { bundle: forked.clone() }) {
+        Message::Denied { code, reason } => {
+            assert_eq!(code, DenyCode::PolicyRefused);
+            assert!(reason.contains("fork"), "{reason}");
+        }
+        other => panic!("expected Denied, got {other:?}"),
+    }
+    assert!(k2.audit().entries_after(0, 1000).iter().any(|e| matches!(
+        e.event(),
+        AuditEvent::PolicyRefused { version: Some(2), digest: Some(d), .. } if *d == fork_digest
+    )));
+    assert_eq!(denial(fetch(&k2)).0, DenyCode::PolicyStale);
+    // The recorded version 2 is accepted, and the keys are those from before the restart.
+    push(&k2, v2.clone());
+    assert_eq!(status(&k2), (serde_json::json!(2), serde_json::json!(hex::encode(v2_digest))));
+    assert_eq!(fetch(&k2).expect("released after the replay"), keys);
+
+    // Bundles replayed while still sealed count once unsealed: a rotation among them gets its
+    // KEK version in the next generation, which the parent must store.
+    let k3 = restarted(&genesis, &set, &stored);
+    push(&k3, v2);
+    push(&k3, chain.next(2, 0));
+    unseal(&k3, &scalars);
+    let r = report(&k3, Message::StatePoll);
+    assert_eq!((r.committed_generation, r.export_generation), (2, 3), "the rotation to version 2 awaits storage");
+    sync(&k3);
+    assert_eq!(
+        versions(&fetch(&k3).expect("released")),
+        expect(&[("etcd", 2), ("etcd", 1), ("secrets", 2), ("secrets", 1)])
+    );
+
+    // A fork replayed while sealed (the KRE cannot know the recorded head yet) is found at
+    // the unseal: releases are refused, naming the fork.
+    let k4 = restarted(&genesis, &set, &stored);
+    push(&k4, forked);
+    unseal(&k4, &scalars);
+    let (code, reason) = denial(fetch(&k4));
+    assert_eq!(code, DenyCode::PolicyStale);
+    assert!(reason.contains("fork"), "{reason}");
 }
 
 #[test]
