@@ -597,6 +597,9 @@ impl Message {
                 body.extend_from_slice(&max.to_be_bytes());
             }
             Message::AuditBatch { entries, checkpoint } => {
+                if entries.len() > MAX_AUDIT_BATCH {
+                    return Err(WireError::TooLong);
+                }
                 body.push(ty::AUDIT_BATCH);
                 body.extend_from_slice(&u16::try_from(entries.len()).map_err(|_| WireError::TooLong)?.to_be_bytes());
                 for e in entries {
@@ -1033,6 +1036,44 @@ mod tests {
         }
         assert_eq!(DenyCode::PolicyStale.to_string(), "policy_stale");
         assert_eq!(DenyCode::Unknown(999).to_string(), "unknown(999)");
+    }
+
+    #[test]
+    fn frames_of_exactly_the_limits_pass_and_one_more_fails() {
+        // A body of exactly MAX_FRAME bytes: version, type, length, payload.
+        let push = |n: usize| Message::PolicyPush { bundle: vec![7; n] };
+        let max = push(MAX_FRAME - 4).encode().expect("a frame of exactly the limit");
+        assert_eq!(max.len(), 4 + MAX_FRAME);
+        assert_eq!(Message::decode(&max[4..]), Ok(push(MAX_FRAME - 4)));
+        assert_eq!(push(MAX_FRAME - 3).encode(), Err(WireError::BadLength(MAX_FRAME + 1)));
+        let mut over = max[4..].to_vec();
+        over.push(0);
+        assert_eq!(Message::decode(&over), Err(WireError::BadLength(MAX_FRAME + 1)));
+
+        // An audit batch of 1024 entries, not 1025.
+        let batch = |n: usize| Message::AuditBatch { entries: vec![vec![1]; n], checkpoint: vec![] };
+        let full = batch(MAX_AUDIT_BATCH).encode().expect("1024 entries");
+        assert_eq!(Message::decode(&full[4..]), Ok(batch(MAX_AUDIT_BATCH)));
+        assert_eq!(batch(MAX_AUDIT_BATCH + 1).encode(), Err(WireError::TooLong));
+        let mut over = full[4..].to_vec();
+        over[2..4].copy_from_slice(&1025u16.to_be_bytes());
+        over.extend_from_slice(&[0, 1, 1]);
+        assert_eq!(Message::decode(&over), Err(WireError::TooLong));
+    }
+
+    #[test]
+    fn reasons_of_exactly_the_limit_are_kept_and_longer_ones_cut_before_a_split_character() {
+        let denied = |reason: String| {
+            let f = Message::Denied { code: DenyCode::Internal, reason }.encode().expect("encode");
+            match Message::decode(&f[4..]).expect("decode") {
+                Message::Denied { reason, .. } => reason,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(denied("r".repeat(MAX_REASON)), "r".repeat(MAX_REASON));
+        // "a" then two-byte characters: byte 1024 falls inside one, so the cut is at 1023.
+        let odd = format!("a{}", "é".repeat(600));
+        assert_eq!(denied(odd.clone()), odd[..MAX_REASON - 1]);
     }
 
     #[test]
