@@ -356,13 +356,22 @@ impl Kre {
         }
     }
 
-    /// Runs `f` with the NSM's random source; an NSM failure anywhere is an error.
-    fn with_nsm_rng<T>(&self, f: impl FnOnce(&mut dyn FnMut(&mut [u8])) -> T) -> Result<T, String> {
+    /// Runs a step of the durable state with the NSM's random source, on a copy of the vault
+    /// that replaces it only if every draw succeeded. A failed draw leaves its buffer
+    /// unfilled, and the step goes on with it: had it run on the vault itself, a predictable
+    /// state key, KEK or nonce could have stayed behind (an export is kept until committed).
+    fn vault_step<T>(
+        &self,
+        vault: &mut Vault,
+        f: impl FnOnce(&mut Vault, &mut dyn FnMut(&mut [u8])) -> T,
+    ) -> Result<T, String> {
+        let mut work = vault.clone();
         let mut failed = false;
-        let out = f(&mut |b: &mut [u8]| self.nsm_random(b, &mut failed));
+        let out = f(&mut work, &mut |b: &mut [u8]| self.nsm_random(b, &mut failed));
         if failed {
-            return Err("the NSM's random source failed".into());
+            return Err("the NSM's random source failed; the durable state is unchanged".into());
         }
+        *vault = work;
         Ok(out)
     }
 
@@ -383,7 +392,7 @@ impl Kre {
             }
             let ids: Vec<Id> = wanted.iter().map(|(c, _)| c.clone()).collect();
             let added = self
-                .with_nsm_rng(|rng| -> Result<Vec<Id>, VaultError> {
+                .vault_step(&mut v, |v, rng| -> Result<Vec<Id>, VaultError> {
                     let added = v.ensure_clusters(&ids, rng)?;
                     for (c, version) in &wanted {
                         v.rotate_to(c, *version, 0, rng)?;
@@ -522,7 +531,7 @@ impl Kre {
         let mut v = lock(vault);
         let refuse = |e: String| Deny { stage: Stage::State { step: "export" }, ..Deny::new(DenyCode::Internal, e) };
         let export = self
-            .with_nsm_rng(|rng| v.export(self.crypto, rng).map(|e| e.cloned()))
+            .vault_step(&mut v, |v, rng| v.export(self.crypto, rng).map(|e| e.cloned()))
             .map_err(refuse)?
             .map_err(|e| refuse(e.to_string()))?;
         let custody = export.as_ref().and_then(|_| v.custody().cloned());
@@ -554,7 +563,7 @@ impl Kre {
                 nsm.attest(&AttestRequest { nonce: None, user_data: Some(ud.to_vec()), public_key: None })
                     .map_err(|e| e.to_string())
             };
-            self.with_nsm_rng(|rng| v.genesis(self.crypto, &ids, head, rng, &mut attest).map(|e| e.generation))
+            self.vault_step(&mut v, |v, rng| v.genesis(self.crypto, &ids, head, rng, &mut attest).map(|e| e.generation))
                 .map_err(refuse)?
                 .map_err(|e| refuse(e.to_string()))?
         };
@@ -577,7 +586,7 @@ impl Kre {
         let blob_sha: [u8; 48] = Sha384::digest(&blob).into();
         let generation = {
             let mut v = lock(vault);
-            self.with_nsm_rng(|rng| v.load(self.crypto, blob, custody, rng))
+            self.vault_step(&mut v, |v, rng| v.load(self.crypto, blob, custody, rng))
                 .map_err(refuse)?
                 .map_err(|e| refuse(e.to_string()))?
         };
@@ -676,7 +685,7 @@ impl Kre {
         let (m, n) = (new_set.threshold(), new_set.count());
         {
             let mut v = lock(vault);
-            self.with_nsm_rng(|rng| v.start_reshare(self.crypto, new_set, rng))
+            self.vault_step(&mut v, |v, rng| v.start_reshare(self.crypto, new_set, rng))
                 .map_err(refuse)?
                 .map_err(|e| refuse(e.to_string()))?;
         }
@@ -746,7 +755,9 @@ impl Kre {
         let (have, need, done, generation) = {
             let mut v = lock(vault);
             let (have, need, done) = self
-                .with_nsm_rng(|rng| v.add_reshare_share(self.crypto, attestation_sha384, msg, rng, &mut attest))
+                .vault_step(&mut v, |v, rng| {
+                    v.add_reshare_share(self.crypto, attestation_sha384, msg, rng, &mut attest)
+                })
                 .map_err(refuse)?
                 .map_err(|e| refuse(e.to_string()))?;
             (have, need, done, v.committed_generation())

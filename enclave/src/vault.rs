@@ -290,6 +290,7 @@ pub enum UnsealOutcome {
     },
 }
 
+#[derive(Clone)]
 struct Unsealing {
     blob: Vec<u8>,
     header: SealedHeader,
@@ -300,6 +301,7 @@ struct Unsealing {
     shares: Vec<Share>,
 }
 
+#[derive(Clone)]
 struct Serving {
     state_key: Secret<32>,
     custody: Custody,
@@ -313,6 +315,7 @@ struct Serving {
 }
 
 /// A reshare session: the new set, and the old custodians' shares proving a quorum.
+#[derive(Clone)]
 struct Reshare {
     new_set: CustodianSet,
     kre_key: P384Scalar,
@@ -321,13 +324,16 @@ struct Reshare {
     shares: Vec<Share>,
 }
 
+#[derive(Clone)]
 enum Inner {
     Awaiting,
     Unsealing(Box<Unsealing>),
     Serving(Box<Serving>),
 }
 
-/// The KRE's durable state. Never prints a key (no field is printed by `Debug`).
+/// The KRE's durable state. Never prints a key (no field is printed by `Debug`). `Clone` so
+/// that a step can run on a copy that is dropped (and zeroized) if it fails half-way.
+#[derive(Clone)]
 pub struct Vault {
     set: CustodianSet,
     inner: Inner,

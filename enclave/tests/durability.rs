@@ -461,3 +461,82 @@ fn reshare_to_a_new_set_needs_a_quorum_of_the_old_one_and_keeps_the_keys() {
     assert_eq!(unseal_one(&k2, &new, 0, &u).expect("new 0"), (2, 2, true, 2));
     assert_eq!(fetch(&k2).expect("released after the reshare"), keys, "same keys under the new custodians");
 }
+
+/// A mock NSM whose random source can be made to fail (as a real device can: an ioctl error).
+#[derive(Debug)]
+struct FlakyNsm {
+    inner: MockNsm,
+    fail: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl keygate_attestation::Nsm for FlakyNsm {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn attest(&self, req: &keygate_attestation::AttestRequest) -> Result<Vec<u8>, keygate_attestation::NsmError> {
+        self.inner.attest(req)
+    }
+    fn describe_pcr(
+        &self,
+        index: u16,
+    ) -> Result<keygate_attestation::nsm::PcrDescription, keygate_attestation::NsmError> {
+        self.inner.describe_pcr(index)
+    }
+    fn random(&self, buf: &mut [u8]) -> Result<(), keygate_attestation::NsmError> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(keygate_attestation::NsmError::Mock("random source failed".into()));
+        }
+        self.inner.random(buf)
+    }
+}
+
+/// A failing NSM random source fails the state step and leaves the durable state as it was:
+/// no state key, share, KEK or nonce made from an unfilled buffer survives the failure (an
+/// export is kept until committed, so a half-made one would be stored on the next poll).
+#[test]
+fn a_failing_nsm_random_source_changes_no_durable_state() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let c = custodians(2, 3, 11);
+    let fail = Arc::new(AtomicBool::new(false));
+    let nsm =
+        FlakyNsm { inner: MockNsm::new(SEED, pcrs(0x70), Arc::new(|| T)).with_instance("kre"), fail: fail.clone() };
+    let verifier = Verifier::new(nsm.inner.root_anchor());
+    let config = KreConfig { custodians: Some(c.set.clone()), ..KreConfig::default() };
+    let k = Kre::new(config, verifier, policy(), Arc::new(nsm)).expect("kre");
+
+    fail.store(true, Ordering::SeqCst);
+    let (code, reason) = denied(one(&k, Message::StateGenesis));
+    assert_eq!(code, DenyCode::StateRefused);
+    assert!(reason.contains("random source failed"), "{reason}");
+    let r = report(&k, Message::StatePoll);
+    assert_eq!((r.phase, r.export_generation), (1, 0), "still awaiting a state: no genesis was kept");
+
+    fail.store(false, Ordering::SeqCst);
+    report(&k, Message::StateGenesis);
+    let mut store = None;
+    assert_eq!(sync(&k, &mut store), 1);
+    let keys = fetch(&k).expect("released");
+
+    // A reshare: the last approval draws the new state key and its shares — it fails with the
+    // NSM and nothing of it is kept; then the export of the reshared state fails the same way.
+    let new = custodians(2, 2, 12);
+    report(&k, Message::ReshareStart { set: keygate_enclave::vault::encode_set(&new.set) });
+    assert_eq!(approve(&k, &c, 0, Some(new.set.digest())).expect("first approval"), (1, 2, false, 1));
+    fail.store(true, Ordering::SeqCst);
+    assert!(matches!(
+        approve(&k, &c, 1, Some(new.set.digest())),
+        Err(CustodianError::Denied { code: DenyCode::StateRefused, ref reason }) if reason.contains("random source")
+    ));
+    fail.store(false, Ordering::SeqCst);
+    assert_eq!(approve(&k, &c, 1, Some(new.set.digest())).expect("second approval"), (2, 2, true, 1));
+    fail.store(true, Ordering::SeqCst);
+    assert_eq!(denied(one(&k, Message::StatePoll)).0, DenyCode::Internal);
+    assert_eq!(refused_steps(&k), ["genesis", "reshare-share", "export"]);
+    fail.store(false, Ordering::SeqCst);
+    let r = report(&k, Message::StatePoll);
+    assert_eq!(r.export_generation, 2);
+    let header = keygate_enclave::sealed::peek_header(&r.blob).expect("header");
+    assert_ne!(header.nonce, [0; 12], "sealed with a drawn nonce, not an unfilled buffer");
+    assert_eq!(sync(&k, &mut store), 2);
+    assert_eq!(fetch(&k).expect("released"), keys);
+}

@@ -459,36 +459,49 @@ fn pull(kre: &Kre, after: u64) -> (Vec<Vec<u8>>, Vec<u8>) {
     }
 }
 
-/// An audit batch carries at most 40 KiB of entries (room for the checkpoint in the 64 KiB
-/// frame) — exactly 40 KiB is allowed — and only the batch that reaches the head of the
-/// chain carries a checkpoint.
-#[test]
-fn audit_batches_hold_at_most_40_kib_of_entries_and_only_the_head_batch_has_a_checkpoint() {
-    use keygate_enclave::audit::{AuditEntry, AuditEvent};
-    const BUDGET: usize = 40 * 1024;
-    let kre = kre();
+/// Appends audit entries until the entries (each framed with its 2-byte length) total exactly
+/// `total` bytes; returns the sequence number of the last one.
+fn fill_audit_to(kre: &Kre, total: usize) -> u64 {
+    use keygate_enclave::audit::AuditEvent;
     let refused = |n: usize| AuditEvent::ChallengeRefused { code: "busy".into(), reason: "r".repeat(n) };
     let framed = |kre: &Kre| -> usize { kre.audit().entries_after(0, 4096).iter().map(|e| e.bytes().len() + 2).sum() };
-    // Fill the first batch to exactly the budget: the overhead of an entry is measured from
-    // one with an empty reason, the last entry's reason makes up the difference.
+    // The overhead of an entry is measured from one with an empty reason; the last entry's
+    // reason makes up the difference.
     kre.audit().append(refused(0), T).expect("append");
     let overhead = kre.audit().entries_after(0, 4096).last().expect("entry").bytes().len() + 2;
-    while BUDGET - framed(&kre) > overhead + wire::MAX_REASON {
-        let room = BUDGET - framed(&kre) - 2 * overhead;
+    while total - framed(kre) > overhead + wire::MAX_REASON {
+        let room = total - framed(kre) - 2 * overhead;
         kre.audit().append(refused(room.min(1000)), T).expect("append");
     }
-    let last = refused(BUDGET - framed(&kre) - overhead);
+    let last = refused(total - framed(kre) - overhead);
     kre.audit().append(last, T).expect("append");
-    assert_eq!(framed(&kre), BUDGET, "the test's own arithmetic");
-    let boundary = kre.audit().status().last_seq;
+    assert_eq!(framed(kre), total, "the test's own arithmetic");
+    let seq = kre.audit().status().last_seq;
     for _ in 0..60 {
         kre.audit().append(refused(1000), T).expect("append");
     }
-    let head = kre.audit().status().last_seq;
+    seq
+}
 
+/// An audit batch carries at most 40 KiB of entries (room for the checkpoint in the 64 KiB
+/// frame) — exactly 40 KiB is allowed, one byte more is not — and only the batch that
+/// reaches the head of the chain carries a checkpoint.
+#[test]
+fn audit_batches_hold_at_most_40_kib_of_entries_and_only_the_head_batch_has_a_checkpoint() {
+    use keygate_enclave::audit::AuditEntry;
+    const BUDGET: usize = 40 * 1024;
+    let seqs = |entries: &[Vec<u8>]| -> Vec<u64> {
+        entries.iter().map(|e| AuditEntry::decode(e).expect("entry").seq()).collect()
+    };
+    let over = kre();
+    let crossing = fill_audit_to(&over, BUDGET + 1);
+    assert_eq!(seqs(&pull(&over, 0).0), (1..crossing).collect::<Vec<_>>(), "the entry crossing the budget waits");
+
+    let kre = kre();
+    let boundary = fill_audit_to(&kre, BUDGET);
+    let head = kre.audit().status().last_seq;
     let (entries, checkpoint) = pull(&kre, 0);
-    let seqs: Vec<u64> = entries.iter().map(|e| AuditEntry::decode(e).expect("entry").seq()).collect();
-    assert_eq!(seqs, (1..=boundary).collect::<Vec<_>>(), "exactly the entries that fill the budget");
+    assert_eq!(seqs(&entries), (1..=boundary).collect::<Vec<_>>(), "exactly the entries that fill the budget");
     assert!(checkpoint.is_empty(), "not the head: no checkpoint");
     let mut after = boundary;
     let mut batches = 1;
