@@ -581,3 +581,39 @@ fn genesis_and_issue_time_rules_hold_at_their_boundaries() {
     assert!(matches!(next(NOW_S + 301), Err(BundleError::BadIssueTime { .. })));
     assert!(matches!(next(NOW_S - 1), Err(BundleError::BadIssueTime { .. })), "before the previous bundle");
 }
+
+/// What counts as a loosening (held back for the activation delay): an image rule is the
+/// same only if both its name and its PCRs are; turning debug on loosens by itself.
+#[test]
+fn new_pcrs_under_an_old_name_and_turning_debug_on_are_loosenings() {
+    // Same name "a", new PCRs: a new image, whatever it is called.
+    let (mut s, gd) = genesis();
+    let v2 = next(gd, vec![image("a", 0xb)]);
+    let r = s.apply(&bundle_bytes(&v2, &[1, 2]), NOW_MS, default_backend()).expect("v2");
+    assert!(r.loosens, "PCRs changed under an unchanged name");
+    assert_eq!(r.activates_at_ms, NOW_MS + 3_600_000);
+    assert!(policy::evaluate(&s.effective(NOW_MS + 1000), &verified(0xb), "prod", NOW_MS + 1000).is_err());
+    // Same PCRs under a new name: a renaming, which is also a new rule identity.
+    let (mut s, gd) = genesis();
+    let v2 = next(gd, vec![image("renamed", 0xa)]);
+    assert!(s.apply(&bundle_bytes(&v2, &[1, 2]), NOW_MS, default_backend()).expect("v2").loosens);
+
+    // Only allow_debug turned on: a loosening.
+    let (mut s, gd) = genesis();
+    let mut v2 = next(gd, vec![image("a", 0xa)]);
+    v2.policy.allow_debug = true;
+    let r = s.apply(&bundle_bytes(&v2, &[1, 2]), NOW_MS, default_backend()).expect("v2");
+    assert!(r.loosens, "debug on");
+    assert!(!s.effective(NOW_MS + 1000).allow_debug, "held back until the activation");
+    assert!(s.effective(NOW_MS + 3_600_000).allow_debug);
+    // Keeping it on is not a loosening; turning it off is not either.
+    let v2d = bundle::digest(&bundle::encode_body(&v2));
+    let v3 = PolicyBody { version: 3, ..next(v2d, vec![image("a", 0xa)]) };
+    let mut v3_on = v3.clone();
+    v3_on.policy.allow_debug = true;
+    let later = NOW_MS + 3_600_000;
+    assert!(!s.apply(&bundle_bytes(&v3_on, &[1, 2]), later, default_backend()).expect("v3").loosens);
+    let v3d = bundle::digest(&bundle::encode_body(&v3_on));
+    let v4 = PolicyBody { version: 4, ..next(v3d, vec![image("a", 0xa)]) };
+    assert!(!s.apply(&bundle_bytes(&v4, &[1, 2]), later, default_backend()).expect("v4").loosens);
+}
