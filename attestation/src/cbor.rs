@@ -467,6 +467,11 @@ mod tests {
         assert_eq!(err(&[]), CborErrorKind::Truncated);
         assert_eq!(err(&[0x00, 0x00]), CborErrorKind::TrailingBytes);
         assert_eq!(err(&[0x1c]), CborErrorKind::Reserved);
+        // A reserved additional-information value is reported at its head byte.
+        for (input, offset) in [(&[0x1d][..], 0), (&[0x82, 0x01, 0x3e][..], 2), (&[0x81, 0x81, 0x81, 0xfc][..], 3)] {
+            let e = decode(input).expect_err("reserved");
+            assert_eq!((e.kind, e.offset), (CborErrorKind::Reserved, offset), "{input:02x?}");
+        }
         assert_eq!(err(&[0xff]), CborErrorKind::UnexpectedBreak);
         assert_eq!(err(&[0x1f]), CborErrorKind::IndefiniteNotAllowed);
         assert_eq!(err(&[0xdf, 0x00]), CborErrorKind::IndefiniteNotAllowed);

@@ -617,3 +617,61 @@ fn new_pcrs_under_an_old_name_and_turning_debug_on_are_loosenings() {
     let v4 = PolicyBody { version: 4, ..next(v3d, vec![image("a", 0xa)]) };
     assert!(!s.apply(&bundle_bytes(&v4, &[1, 2]), later, default_backend()).expect("v4").loosens);
 }
+
+/// A state whose genesis allows image "a" (PCRs 0x0a) with `kind` and `not_after_ms`.
+fn genesis_with(kind: Option<DocumentKind>, not_after_ms: Option<u64>) -> (PolicyState, [u8; 48]) {
+    let a = ImageRule { kind, not_after_ms, ..image("a", 0xa) };
+    let g = body(1, [0; 48], &[1, 2, 3], 2, vec![a], 3600);
+    let state = PolicyState::genesis(&bundle_bytes(&g, &[]), default_backend()).expect("genesis");
+    (state, bundle::digest(&bundle::encode_body(&g)))
+}
+
+/// v2 re-stating image "a" with `kind` and `not_after_ms`, activation delay 2 h.
+fn restate(prev: [u8; 48], kind: Option<DocumentKind>, not_after_ms: Option<u64>) -> Vec<u8> {
+    let a = ImageRule { kind, not_after_ms, ..image("a", 0xa) };
+    bundle_bytes(&body(2, prev, &[1, 2, 3], 2, vec![a], 7200), &[1, 2])
+}
+
+/// Widening an image's document kind or extending its expiry loosens: held back (the old kind,
+/// the earlier expiry) until the activation; keeping them as they are does not.
+#[test]
+fn a_widened_kind_or_a_later_expiry_waits_for_the_activation() {
+    let c = default_backend();
+    let enclave_doc = verified(0xa);
+    let pending = NOW_MS + 1_800_000;
+    let active = NOW_MS + 7_200_000;
+
+    // Kind: enclave only → NitroTPM only, or → any kind.
+    let (mut s, gd) = genesis_with(Some(DocumentKind::Enclave), None);
+    let r = s.apply(&restate(gd, Some(DocumentKind::NitroTpm), None), NOW_MS, c).expect("v2");
+    assert!(r.loosens, "another kind");
+    assert_eq!(s.effective(pending).clusters["prod"].images[0].kind, Some(DocumentKind::Enclave));
+    assert!(policy::evaluate(&s.effective(pending), &enclave_doc, "prod", pending).is_ok(), "old kind until active");
+    assert!(policy::evaluate(&s.effective(active), &enclave_doc, "prod", active).is_err(), "new kind once active");
+    let (mut s, gd) = genesis_with(Some(DocumentKind::Enclave), None);
+    assert!(s.apply(&restate(gd, None, None), NOW_MS, c).expect("v2").loosens, "any kind");
+    assert_eq!(s.effective(pending).clusters["prod"].images[0].kind, Some(DocumentKind::Enclave));
+    let (mut s, gd) = genesis_with(Some(DocumentKind::Enclave), None);
+    let r = s.apply(&restate(gd, Some(DocumentKind::Enclave), None), NOW_MS, c).expect("v2");
+    assert!(!r.loosens, "the same kind");
+
+    // Expiry: 1 h → 10 h is held at 1 h until the activation (2 h); the same expiry, an
+    // earlier one or a new one where there was none are not extensions.
+    let (one_h, ten_h) = (NOW_MS + 3_600_000, NOW_MS + 36_000_000);
+    let (mut s, gd) = genesis_with(None, Some(one_h));
+    let r = s.apply(&restate(gd, None, Some(ten_h)), NOW_MS, c).expect("v2");
+    assert!(r.loosens, "a later expiry");
+    let between = NOW_MS + 5_400_000;
+    assert_eq!(s.effective(between).clusters["prod"].images[0].not_after_ms, Some(one_h));
+    assert!(policy::evaluate(&s.effective(between), &enclave_doc, "prod", between).is_err(), "expired at 1 h");
+    let later = NOW_MS + 9_000_000;
+    assert!(policy::evaluate(&s.effective(later), &enclave_doc, "prod", later).is_ok(), "10 h once active");
+    for (new, what) in [(Some(one_h), "the same expiry"), (Some(one_h - 1), "an earlier expiry")] {
+        let (mut s, gd) = genesis_with(None, Some(one_h));
+        assert!(!s.apply(&restate(gd, None, new), NOW_MS, c).expect("v2").loosens, "{what}");
+    }
+    let (mut s, gd) = genesis_with(None, Some(one_h));
+    assert!(s.apply(&restate(gd, None, None), NOW_MS, c).expect("v2").loosens, "no expiry at all");
+    let (mut s, gd) = genesis_with(None, None);
+    assert!(!s.apply(&restate(gd, None, Some(one_h)), NOW_MS, c).expect("v2").loosens, "a new expiry");
+}
