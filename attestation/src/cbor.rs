@@ -492,6 +492,27 @@ mod tests {
     }
 
     #[test]
+    fn depth_and_item_limits_hold_at_their_boundaries() {
+        // Nesting: the innermost item at depth MAX_DEPTH is fine, one deeper is not.
+        let nested = |levels: usize| {
+            let mut v = vec![0x81; levels];
+            v.push(0x00);
+            v
+        };
+        assert!(decode(&nested(MAX_DEPTH)).is_ok());
+        assert_eq!(err(&nested(MAX_DEPTH + 1)), CborErrorKind::TooDeep);
+        // Items: an array and its elements, MAX_ITEMS in all, then one more.
+        let array = |elements: usize| {
+            let mut v = vec![0x99];
+            v.extend_from_slice(&u16::try_from(elements).expect("fits").to_be_bytes());
+            v.extend(std::iter::repeat_n(0x00, elements));
+            v
+        };
+        assert!(decode(&array(MAX_ITEMS - 1)).is_ok());
+        assert_eq!(err(&array(MAX_ITEMS)), CborErrorKind::TooManyItems);
+    }
+
+    #[test]
     fn encode_head_is_shortest_and_round_trips() {
         for n in [0u64, 23, 24, 255, 256, 65535, 65536, u64::from(u32::MAX), u64::from(u32::MAX) + 1] {
             let mut out = Vec::new();
