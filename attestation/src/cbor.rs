@@ -277,7 +277,6 @@ impl<'a> Reader<'a> {
                 match arg {
                     Arg::Value(n) => {
                         let n = self.len(n)?;
-                        pairs.reserve(n / 2);
                         for _ in 0..n {
                             let k = self.item(depth + 1)?;
                             let v = self.item(depth + 1)?;
@@ -510,6 +509,44 @@ mod tests {
         };
         assert!(decode(&array(MAX_ITEMS - 1)).is_ok());
         assert_eq!(err(&array(MAX_ITEMS)), CborErrorKind::TooManyItems);
+    }
+
+    /// Every way of nesting counts toward the depth limit: map keys and values, indefinite
+    /// arrays and maps (keys and values), tags.
+    #[test]
+    fn every_container_counts_toward_the_depth_limit() {
+        let chain = |open: &[u8], middle: &[u8], close: &[u8], levels: usize| {
+            let mut v = open.repeat(levels);
+            v.extend_from_slice(middle);
+            v.extend_from_slice(&close.repeat(levels));
+            v
+        };
+        let shapes: [(&str, &[u8], &[u8], &[u8]); 6] = [
+            ("map value", &[0xa1, 0x00], &[0x00], &[]),
+            ("map key", &[0xa1], &[0x00], &[0x00]),
+            ("indefinite array", &[0x9f], &[0x00], &[0xff]),
+            ("indefinite map value", &[0xbf, 0x00], &[0x00], &[0xff]),
+            ("indefinite map key", &[0xbf], &[0x00], &[0x00, 0xff]),
+            ("tag", &[0xc1], &[0x00], &[]),
+        ];
+        for (what, open, middle, close) in shapes {
+            assert!(decode(&chain(open, middle, close, MAX_DEPTH)).is_ok(), "{what} at the limit");
+            assert_eq!(err(&chain(open, middle, close, MAX_DEPTH + 1)), CborErrorKind::TooDeep, "{what}");
+        }
+    }
+
+    #[test]
+    fn simple_values_decode_to_their_kinds() {
+        assert_eq!(decode(&[0xf4]).ok(), Some(Value::Bool(false)));
+        assert_eq!(decode(&[0xf5]).ok(), Some(Value::Bool(true)));
+        assert_eq!(decode(&[0xf6]).ok(), Some(Value::Null));
+        assert_eq!(decode(&[0xf7]).ok(), Some(Value::Undefined));
+        assert_eq!(decode(&[0xe0]).ok(), Some(Value::Simple(0)));
+        assert_eq!(decode(&[0xe5]).ok(), Some(Value::Simple(5)));
+        assert_eq!(decode(&[0xf3]).ok(), Some(Value::Simple(19)));
+        assert_eq!(decode(&[0xf8, 0x20]).ok(), Some(Value::Simple(32)));
+        assert_eq!(decode(&[0xf8, 0xff]).ok(), Some(Value::Simple(255)));
+        assert_eq!(err(&[0xf8, 0x1f]), CborErrorKind::BadSimple);
     }
 
     #[test]
