@@ -642,11 +642,10 @@ fn merge(old: &ReleasePolicy, new: &ReleasePolicy, activates_at_ms: u64) -> Rele
             .iter()
             .map(|img| match old.clusters.get(id).and_then(|r| r.images.iter().find(|o| same_identity(o, img))) {
                 Some(prev) => {
-                    let kind = match (prev.kind, img.kind) {
-                        (Some(a), Some(b)) if a != b => Some(a),
-                        (Some(a), None) => Some(a),
-                        (_, k) => k,
-                    };
+                    // A kind the active rule names holds until the activation (a widening
+                    // to another kind or to any kind waits); a rule without one takes the
+                    // new one at once (a narrowing).
+                    let kind = prev.kind.or(img.kind);
                     let not_after_ms = match (prev.not_after_ms, img.not_after_ms) {
                         (Some(a), Some(b)) => Some(a.min(b)),
                         (a, b) => a.or(b),
