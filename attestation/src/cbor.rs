@@ -521,7 +521,9 @@ mod tests {
             v.extend_from_slice(&close.repeat(levels));
             v
         };
-        let shapes: [(&str, &[u8], &[u8], &[u8]); 6] = [
+        // (what, opening bytes of one level, the innermost item, closing bytes of one level)
+        type Shape = (&'static str, &'static [u8], &'static [u8], &'static [u8]);
+        let shapes: [Shape; 6] = [
             ("map value", &[0xa1, 0x00], &[0x00], &[]),
             ("map key", &[0xa1], &[0x00], &[0x00]),
             ("indefinite array", &[0x9f], &[0x00], &[0xff]),
