@@ -526,15 +526,9 @@ fn audit_batches_hold_at_most_40_kib_of_entries_and_only_the_head_batch_has_a_ch
 #[test]
 fn a_connection_is_done_only_after_its_final_answer() {
     let kre = kre();
-    let cpi = cpi(0x10);
-    let mut conn = Connection::new();
-    assert!(!conn.is_done());
-    let (await_challenge, hello) = client::start(request("prod"), &mut rng()).expect("hello");
-    let s = step(&mut conn, &kre, &hello, T);
+    assert!(!Connection::new().is_done());
+    let (mut conn, released) = handshake(&kre, &cpi(0x10), request("prod"));
     assert!(!conn.is_done(), "waiting for the Release");
-    let released = await_challenge
-        .on_challenge(&s.reply[4..], &Verifier::new(cpi.root_anchor()), T, &cpi, default_backend(), &mut rng())
-        .expect("challenge");
     step(&mut conn, &kre, &released.release_frame, T);
     assert!(conn.is_done());
 }

@@ -191,12 +191,18 @@ fn store(kre: &Kre) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
     stored
 }
 
-/// A restarted KRE (the same image: genesis bundle, custodians) with `stored` loaded, sealed.
-fn restarted(genesis: &[u8], set: &CustodianSet, stored: &(Vec<u8>, Vec<u8>, Vec<u8>)) -> Kre {
+/// A KRE of the image built with `genesis` and the custodian set `set` (sealed until genesis
+/// or an unseal).
+fn custodial_kre(genesis: &[u8], set: &CustodianSet) -> Kre {
     let nsm = nsm();
     let verifier = Verifier::new(nsm.root_anchor());
     let config = KreConfig { custodians: Some(set.clone()), ..KreConfig::default() };
-    let kre = Kre::with_genesis(config, verifier, genesis, Arc::new(nsm)).expect("kre");
+    Kre::with_genesis(config, verifier, genesis, Arc::new(nsm)).expect("kre")
+}
+
+/// A restarted KRE (the same image: genesis bundle, custodians) with `stored` loaded, sealed.
+fn restarted(genesis: &[u8], set: &CustodianSet, stored: &(Vec<u8>, Vec<u8>, Vec<u8>)) -> Kre {
+    let kre = custodial_kre(genesis, set);
     let (blob, shares, genesis_attestation) = stored.clone();
     assert_eq!(report(&kre, Message::StateLoad { blob, shares, genesis_attestation }).phase, 2);
     kre
@@ -227,6 +233,14 @@ fn unseal(kre: &Kre, scalars: &[P384Scalar]) {
     }
 }
 
+/// The KRE's refusal of `m`.
+fn refused(kre: &Kre, m: Message) -> (DenyCode, String) {
+    match one(kre, m) {
+        Message::Denied { code, reason } => (code, reason),
+        other => panic!("expected Denied, got {other:?}"),
+    }
+}
+
 fn denial(r: Result<Vec<ReleasedKey>, ClientError>) -> (DenyCode, String) {
     match r {
         Err(ClientError::Denied { code, reason }) => (code, reason),
@@ -243,10 +257,7 @@ fn status(kre: &Kre) -> (serde_json::Value, serde_json::Value) {
 fn the_sealed_policy_head_holds_releases_until_replayed_and_refuses_a_fork() {
     let (scalars, set) = custodian_keys();
     let (genesis, mut chain) = Chain::genesis();
-    let nsm = nsm();
-    let verifier = Verifier::new(nsm.root_anchor());
-    let config = KreConfig { custodians: Some(set.clone()), ..KreConfig::default() };
-    let kre = Kre::with_genesis(config, verifier, &genesis, Arc::new(nsm)).expect("kre");
+    let kre = custodial_kre(&genesis, &set);
     assert_eq!(kre.nsm_kind(), "mock", "the startup log line names the NSM backend");
     report(&kre, Message::StateGenesis);
     store(&kre);
@@ -278,13 +289,9 @@ fn the_sealed_policy_head_holds_releases_until_replayed_and_refuses_a_fork() {
     let mut fork = Chain { key: chain.key.clone(), last: Chain::genesis().1.last };
     let forked = fork.next(2, 0);
     let fork_digest = bundle::digest(&bundle::encode_body(&fork.last));
-    match one(&k2, Message::PolicyPush { bundle: forked.clone() }) {
-        Message::Denied { code, reason } => {
-            assert_eq!(code, DenyCode::PolicyRefused);
-            assert!(reason.contains("fork"), "{reason}");
-        }
-        other => panic!("expected Denied, got {other:?}"),
-    }
+    let (code, reason) = refused(&k2, Message::PolicyPush { bundle: forked.clone() });
+    assert_eq!(code, DenyCode::PolicyRefused);
+    assert!(reason.contains("fork"), "{reason}");
     assert!(k2.audit().entries_after(0, 1000).iter().any(|e| matches!(
         e.event(),
         AuditEvent::PolicyRefused { version: Some(2), digest: Some(d), .. } if *d == fork_digest
@@ -361,23 +368,16 @@ fn a_pushed_rotation_without_custodians_is_released_at_once_and_a_retirement_rem
 
     // A decrease is refused and changes nothing.
     let mut bad = Chain { key: chain.key.clone(), last: chain.last.clone() };
-    match one(&kre, Message::PolicyPush { bundle: bad.next(1, 0) }) {
-        Message::Denied { code, reason } => {
-            assert_eq!(code, DenyCode::PolicyRefused);
-            assert!(reason.contains("KEK version 1 is lower than version 2"), "{reason}");
-        }
-        other => panic!("expected Denied, got {other:?}"),
-    }
+    let (code, reason) = refused(&kre, Message::PolicyPush { bundle: bad.next(1, 0) });
+    assert_eq!(code, DenyCode::PolicyRefused);
+    assert!(reason.contains("KEK version 1 is lower than version 2"), "{reason}");
     assert_eq!(versions(&fetch(&kre).expect("released")), expect(&[("etcd", 2), ("secrets", 2)]));
 }
 
 #[test]
 fn with_custodians_a_rotation_is_released_only_after_the_commit_and_a_retirement_at_once() {
     let (genesis, mut chain) = Chain::genesis();
-    let nsm = nsm();
-    let verifier = Verifier::new(nsm.root_anchor());
-    let config = KreConfig { custodians: Some(custodians()), ..KreConfig::default() };
-    let kre = Kre::with_genesis(config, verifier, &genesis, Arc::new(nsm)).expect("kre");
+    let kre = custodial_kre(&genesis, &custodians());
     report(&kre, Message::StateGenesis);
     assert_eq!(sync(&kre), 1);
     let v1 = fetch(&kre).expect("released");
@@ -409,10 +409,7 @@ fn with_custodians_a_rotation_is_released_only_after_the_commit_and_a_retirement
     // Rotating and retiring in one bundle: version 3 is not durable yet and version 2 is
     // retired, so nothing may be released until the commit.
     push(&kre, chain.next(3, 3));
-    match fetch(&kre) {
-        Err(ClientError::Denied { code, .. }) => assert_eq!(code, DenyCode::StatePending),
-        other => panic!("expected a denial, got {other:?}"),
-    }
+    assert_eq!(denial(fetch(&kre)).0, DenyCode::StatePending);
     sync(&kre);
     assert_eq!(versions(&fetch(&kre).expect("released")), expect(&[("etcd", 3), ("secrets", 3)]));
 }
@@ -430,10 +427,7 @@ fn a_genesis_policy_with_a_later_kek_version_gets_it_in_the_next_generation() {
         policy: policy(2, 0),
     };
     let genesis = bundle::encode_bundle(&bundle::encode_body(&body), &[]);
-    let nsm = nsm();
-    let verifier = Verifier::new(nsm.root_anchor());
-    let config = KreConfig { custodians: Some(custodians()), ..KreConfig::default() };
-    let kre = Kre::with_genesis(config, verifier, &genesis, Arc::new(nsm)).expect("kre");
+    let kre = custodial_kre(&genesis, &custodians());
     report(&kre, Message::StateGenesis);
     assert_eq!(sync(&kre), 1);
     assert_eq!(versions(&fetch(&kre).expect("released")), expect(&[("etcd", 1), ("secrets", 1)]));
