@@ -2,9 +2,12 @@
 //! produces the frames to send and checks the frames received.
 //!
 //! It verifies the KRE's attestation (mutual attestation: the KRE's document must carry the
-//! client's nonce, bind the server nonce in `user_data`, verify to the pinned root, be an
-//! enclave document, and have the expected PCRs), attests itself with a fresh ephemeral
-//! P-384 key, and unwraps the released keys.
+//! client's nonce, bind the server nonce in `user_data`, carry the KRE's wrapping key for this
+//! connection in `public_key`, verify to the pinned root, be an enclave document, and have the
+//! expected PCRs), attests itself with a fresh ephemeral P-384 key, and unwraps the released
+//! keys — only if they are wrapped under the wrapping key the KRE attested. That last check is
+//! what makes a relay (the parent, or anyone on the path) unable to answer the Release with
+//! keys of its own choice: it cannot obtain a KRE document naming a key it holds.
 
 use keygate_attestation::crypto::{p384_scalar_from, Crypto, CryptoError, P384Scalar};
 use keygate_attestation::{
@@ -29,9 +32,14 @@ pub enum ClientError {
     /// The KRE's PCRs are not the expected ones.
     #[error("KRE attestation refused: {0}")]
     KrePcr(PcrMismatch),
-    /// The KRE's attestation does not carry our nonce or does not bind its challenge.
+    /// The KRE's attestation does not carry our nonce, does not bind its challenge, or
+    /// carries no usable wrapping key.
     #[error("KRE attestation refused: {0}")]
     KreBinding(&'static str),
+    /// `Released` is wrapped under a key other than the one the KRE attested in its Challenge:
+    /// someone other than the attested KRE answered the Release (a relay substituting keys).
+    #[error("Released refused: its keys are wrapped under a key the KRE did not attest (a relay answered in the KRE's place)")]
+    UnattestedWrap,
     /// The KRE sent something that is not a valid frame.
     #[error("bad frame from the KRE: {0}")]
     Wire(WireError),
@@ -70,6 +78,30 @@ impl ClientError {
             _ => false,
         }
     }
+
+    /// Whether the KRE's answer failed a check that only someone other than the genuine,
+    /// expected KRE can fail: a relay or a substituted KRE. Never a revocation: a caller that
+    /// holds keys keeps them and reports the refused answer.
+    pub fn is_attack(&self) -> bool {
+        matches!(
+            self,
+            ClientError::KreAttestation(_)
+                | ClientError::KrePcr(_)
+                | ClientError::KreBinding(_)
+                | ClientError::UnattestedWrap
+                | ClientError::Wire(_)
+                | ClientError::Unexpected(_)
+                | ClientError::Unwrap(_)
+                | ClientError::Mismatch(_)
+        )
+    }
+
+    /// Whether the KRE itself refused for good (its policy no longer allows this requester):
+    /// what a KMS plugin treats as a revocation. Transient refusals, failures of the local NSM
+    /// and answers that fail the client's checks ([`Self::is_attack`]) are not.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, ClientError::Denied { .. }) && !self.is_retryable()
+    }
 }
 
 /// What to request and how to check the KRE.
@@ -107,6 +139,8 @@ pub struct AwaitReleased {
     request: FetchRequest,
     transcript: Transcript,
     scalar: P384Scalar,
+    /// The KRE's wrapping key for this connection, from its verified attestation.
+    kre_wrapping_point: [u8; POINT_LEN],
     /// The Release frame that was sent (kept so tests and the demo can replay it).
     pub release_frame: Vec<u8>,
 }
@@ -151,6 +185,11 @@ impl AwaitChallenge {
             return Err(ClientError::KreBinding("its user_data does not bind the challenge"));
         }
         pcr::check(&att, &self.request.expect_kre_pcrs).map_err(ClientError::KrePcr)?;
+        let kre_wrapping_point: [u8; POINT_LEN] = att
+            .public_key()
+            .filter(|p| crypto.validate_p384_point(p).is_ok())
+            .and_then(|p| p.try_into().ok())
+            .ok_or(ClientError::KreBinding("its public_key is not a P-384 wrapping key"))?;
 
         let (scalar, point) = p384_scalar_from(crypto, &mut *rng).map_err(ClientError::Unwrap)?;
         let request_digest = wire::request_digest(&self.request.cluster, &self.request.key_ids);
@@ -175,7 +214,7 @@ impl AwaitChallenge {
         }
         .encode()
         .map_err(ClientError::Wire)?;
-        Ok(AwaitReleased { request: self.request, transcript, scalar, release_frame })
+        Ok(AwaitReleased { request: self.request, transcript, scalar, kre_wrapping_point, release_frame })
     }
 }
 
@@ -186,6 +225,10 @@ impl AwaitReleased {
             Message::Released { ephemeral_point, keys } => (ephemeral_point, keys),
             m => return Err(ClientError::Unexpected(m.name())),
         };
+        // Only the attested KRE holds the scalar of the point its Challenge carried.
+        if ephemeral_point != self.kre_wrapping_point {
+            return Err(ClientError::UnattestedWrap);
+        }
         // Each asked key id, in order, with one or more distinct KEK versions (the current one
         // first, then the still-active older ones).
         let asked: Vec<&Id> = self.request.key_ids.iter().collect();
@@ -228,8 +271,28 @@ mod tests {
             assert_eq!(e.is_retryable(), transient.contains(&code), "{code}");
         }
         assert!(ClientError::Io("connection refused".into()).is_retryable());
+        // Exactly the final denials read as a refusal; an answer failing the client's checks
+        // is an attack, never a refusal; a local NSM failure is neither.
+        for &code in DenyCode::ALL.iter() {
+            let e = ClientError::Denied { code, reason: "r".into() };
+            assert_eq!(e.is_refusal(), !transient.contains(&code), "{code}");
+            assert!(!e.is_attack());
+        }
+        for e in [
+            ClientError::UnattestedWrap,
+            ClientError::KreBinding("x"),
+            ClientError::Unwrap(CryptoError::Decrypt),
+            ClientError::Mismatch("x"),
+            ClientError::Wire(WireError::Truncated),
+            ClientError::Unexpected("Hello"),
+        ] {
+            assert!(e.is_attack() && !e.is_refusal(), "{e}");
+        }
+        let nsm = ClientError::Nsm(NsmError::DeviceAbsent);
+        assert!(!nsm.is_attack() && !nsm.is_refusal());
         for e in [
             ClientError::KreBinding("x"),
+            ClientError::UnattestedWrap,
             ClientError::Unexpected("Hello"),
             ClientError::Mismatch("x"),
             ClientError::Wire(WireError::Truncated),

@@ -22,7 +22,7 @@ use sha2::{Digest, Sha384};
 
 use crate::audit::{AuditConfig, AuditError, AuditEvent, AuditLog, AuditSigner, Requester};
 use crate::custody::{CustodianSet, UnsealShare};
-use crate::keys::{self, Kek, KekStatus, KekStore, Transcript};
+use crate::keys::{self, Kek, KekStatus, KekStore, Transcript, WrappingKey};
 use crate::nonces::{NonceTable, Redeem};
 use crate::vault::{self, Custody, Phase, UnsealOutcome, Vault, VaultError};
 use crate::wire::{self, DenyCode, Id, Message, StateReport, WireError};
@@ -906,8 +906,16 @@ fn millis(d: Duration) -> u64 {
 #[derive(Debug)]
 enum State {
     ExpectHello,
-    ExpectUnsealShare { attestation_sha384: [u8; 48] },
-    ExpectRelease { client_nonce: [u8; 32], server_nonce: [u8; 32], kre_attestation_sha384: [u8; 48] },
+    ExpectUnsealShare {
+        attestation_sha384: [u8; 48],
+    },
+    ExpectRelease {
+        client_nonce: [u8; 32],
+        server_nonce: [u8; 32],
+        kre_attestation_sha384: [u8; 48],
+        /// The wrapping key whose point the Challenge's attestation carries.
+        wrapping: Box<WrappingKey>,
+    },
     Done,
 }
 
@@ -1062,7 +1070,7 @@ impl Connection {
                     Err(d) => Err(d),
                 },
                 (
-                    State::ExpectRelease { client_nonce, server_nonce, kre_attestation_sha384 },
+                    State::ExpectRelease { client_nonce, server_nonce, kre_attestation_sha384, wrapping },
                     Message::Release { cluster_id, key_ids, attestation },
                 ) => {
                     let t = Transcript {
@@ -1072,7 +1080,7 @@ impl Connection {
                         client_attestation_sha384: Sha384::digest(&attestation).into(),
                         request_digest: wire::request_digest(&cluster_id, &key_ids),
                     };
-                    release(kre, &server_nonce, t, cluster_id, key_ids, &attestation, env)
+                    release(kre, &server_nonce, t, *wrapping, cluster_id, key_ids, &attestation, env)
                 }
                 (State::ExpectRelease { server_nonce, .. }, m) => {
                     kre.nonces().forget(&server_nonce);
@@ -1119,13 +1127,17 @@ impl Connection {
     fn hello(&mut self, kre: &Kre, client_nonce: [u8; 32], env: &mut Env<'_>) -> Result<Step, Deny> {
         let mut server_nonce = [0u8; 32];
         (env.rng)(&mut server_nonce);
+        // The key this connection's keys will be wrapped under: its point goes into the KRE's
+        // own attestation, so a client accepts a wrap only from the attested KRE.
+        let wrapping = WrappingKey::generate(kre.crypto, &mut *env.rng)
+            .map_err(|e| Deny::new(DenyCode::Internal, format!("wrapping key: {e}")))?;
         if !kre.nonces().issue(server_nonce, env.now_ms) {
             return Err(Deny::new(DenyCode::Busy, "challenge table full; retry shortly"));
         }
         let req = AttestRequest {
             nonce: Some(client_nonce.to_vec()),
             user_data: Some(kre_user_data(&server_nonce).to_vec()),
-            public_key: None,
+            public_key: Some(wrapping.point().to_vec()),
         };
         let kre_attestation = match kre.nsm.attest(&req) {
             Ok(doc) => doc,
@@ -1138,7 +1150,8 @@ impl Connection {
         let reply = Message::Challenge { server_nonce, kre_attestation }
             .encode()
             .map_err(|e| Deny::new(DenyCode::Internal, format!("encoding challenge: {e}")))?;
-        self.state = State::ExpectRelease { client_nonce, server_nonce, kre_attestation_sha384 };
+        self.state =
+            State::ExpectRelease { client_nonce, server_nonce, kre_attestation_sha384, wrapping: Box::new(wrapping) };
         Ok(Step { reply, close: false, event: Event::ChallengeIssued })
     }
 }
@@ -1207,10 +1220,12 @@ fn deny_step(d: Deny) -> Step {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // one call site, each argument a distinct handshake value
 fn release(
     kre: &Kre,
     server_nonce: &[u8; 32],
     transcript: Transcript,
+    wrapping: WrappingKey,
     cluster: Id,
     key_ids: Vec<Id>,
     attestation: &[u8],
@@ -1365,7 +1380,7 @@ fn release(
         }
     }
     drop(keks);
-    let (ephemeral_point, wrapped) = keys::wrap(kre.crypto, &transcript, client_point, &data_keys, &mut *env.rng)
+    let (ephemeral_point, wrapped) = keys::wrap(kre.crypto, &transcript, client_point, &data_keys, wrapping)
         .map_err(|e| with(DenyCode::Internal, format!("wrapping keys: {e}"), &requester))?;
     let reply = Message::Released { ephemeral_point, keys: wrapped }
         .encode()

@@ -96,17 +96,40 @@ fn wrap_key_and_nonce(
     Ok((key, nonce))
 }
 
-/// Wraps `keys` (id, version, data key) to `client_point` under a fresh ephemeral key drawn
-/// from `fill`. Returns the ephemeral point and the wrapped keys.
+/// The KRE's wrapping key for one connection: drawn at Hello, its point attested in the
+/// Challenge (`public_key` of the KRE's document), its scalar used once to wrap the Release's
+/// keys. A client accepts a wrap only under the point it saw attested, so no party but the
+/// attested KRE can produce keys the client will open.
+#[derive(Debug)]
+pub struct WrappingKey {
+    scalar: P384Scalar,
+    point: [u8; POINT_LEN],
+}
+
+impl WrappingKey {
+    /// A fresh key from `fill`.
+    pub fn generate(crypto: &dyn Crypto, fill: impl FnMut(&mut [u8])) -> Result<Self, CryptoError> {
+        let (scalar, point) = p384_scalar_from(crypto, fill)?;
+        let point: [u8; POINT_LEN] = point.try_into().map_err(|_| CryptoError::BadPublicKey)?;
+        Ok(Self { scalar, point })
+    }
+
+    /// Its uncompressed SEC1 point `E`.
+    pub fn point(&self) -> &[u8; POINT_LEN] {
+        &self.point
+    }
+}
+
+/// Wraps `keys` (id, version, data key) to `client_point` under the connection's wrapping key
+/// (consumed: one wrap per key). Returns the point `E` and the wrapped keys.
 pub fn wrap(
     crypto: &dyn Crypto,
     transcript: &Transcript,
     client_point: &[u8],
     keys: &[(Id, u32, DataKey)],
-    fill: impl FnMut(&mut [u8]),
+    wrapping: WrappingKey,
 ) -> Result<([u8; POINT_LEN], Vec<WrappedKey>), CryptoError> {
-    let (eph, eph_point) = p384_scalar_from(crypto, fill)?;
-    let eph_point: [u8; POINT_LEN] = eph_point.try_into().map_err(|_| CryptoError::BadPublicKey)?;
+    let WrappingKey { scalar: eph, point: eph_point } = wrapping;
     let z = crypto.ecdh_p384(&eph, client_point)?;
     let t = transcript.hash(&eph_point);
     let mut out = Vec::with_capacity(keys.len());
@@ -265,7 +288,9 @@ mod tests {
                 let kek = Secret::new([7u8; 32]);
                 let dk = derive_data_key(*kre, &kek, &id("c"), &id("etcd"), 1).expect("dk");
                 let keys = vec![(id("etcd"), 1, dk.clone())];
-                let (eph, wrapped) = wrap(*kre, &transcript(), &point, &keys, counter_rng(3)).expect("wrap");
+                let (eph, wrapped) =
+                    wrap(*kre, &transcript(), &point, &keys, WrappingKey::generate(*kre, counter_rng(3)).expect("key"))
+                        .expect("wrap");
                 let out = unwrap(*client, &transcript(), &scalar, &eph, &wrapped).expect("unwrap");
                 assert_eq!(out[0].2, dk, "{} -> {}", kre.name(), client.name());
             }
@@ -289,7 +314,9 @@ mod tests {
         let c = keygate_attestation::crypto::default_backend();
         let (scalar, point) = p384_scalar_from(c, counter_rng(9)).expect("client key");
         let keys = vec![(id("etcd"), 1, Secret::new([9u8; 32]))];
-        let (eph, wrapped) = wrap(c, &transcript(), &point, &keys, counter_rng(3)).expect("wrap");
+        let (eph, wrapped) =
+            wrap(c, &transcript(), &point, &keys, WrappingKey::generate(c, counter_rng(3)).expect("key"))
+                .expect("wrap");
         let variants: [fn(&mut Transcript); 5] = [
             |t| t.client_nonce[0] ^= 1,
             |t| t.server_nonce[0] ^= 1,

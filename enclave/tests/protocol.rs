@@ -545,3 +545,94 @@ fn env_debug_shows_the_time_not_the_rng_and_the_start_entry_has_the_wall_clock()
     let t = u128::from(first.time_ms());
     assert!(before <= t && t <= after, "{before} <= {t} <= {after}");
 }
+
+/// The wrapping key of a Released is the one the KRE attested in this connection's
+/// Challenge: the Challenge document's `public_key` is exactly the Released's point.
+#[test]
+fn the_released_point_is_the_one_the_challenge_attested() {
+    let kre = kre();
+    let cpi = cpi(0x10);
+    let mut r = rng();
+    let (c, hello) = client::start(request("prod"), &mut r).expect("hello");
+    let mut conn = Connection::new();
+    let s = step(&mut conn, &kre, &hello, T);
+    let Message::Challenge { kre_attestation, .. } = Message::decode(&s.reply[4..]).expect("challenge") else {
+        panic!("no challenge")
+    };
+    let verifier = Verifier::new(cpi.root_anchor());
+    let attested = verifier.verify(&kre_attestation, &keygate_attestation::VerifyOptions::at(T)).expect("doc");
+    let rel = c.on_challenge(&s.reply[4..], &verifier, T, &cpi, default_backend(), &mut r).expect("challenge ok");
+    let frame = rel.release_frame.clone();
+    let s = step(&mut conn, &kre, &frame, T);
+    let Message::Released { ephemeral_point, .. } = Message::decode(&s.reply[4..]).expect("released") else {
+        panic!("not released")
+    };
+    assert_eq!(attested.public_key(), Some(ephemeral_point.as_slice()));
+    assert!(rel.on_released(&s.reply[4..], default_backend()).is_ok());
+}
+
+/// A relay that answers the Release itself — its own wrapping key, the transcript from what it
+/// saw, the client's public key from the client's own document, keys of its choice — is
+/// refused: the wrap is not under the attested point.
+#[test]
+fn client_refuses_a_released_from_anyone_but_the_attested_kre() {
+    use keygate_enclave::keys::{self, Transcript, WrappingKey};
+    use sha2::{Digest, Sha384};
+    let kre = kre();
+    let cpi = cpi(0x10);
+    let mut r = rng();
+    let (c, hello) = client::start(request("prod"), &mut r).expect("hello");
+    let Message::Hello { client_nonce } = Message::decode(&hello[4..]).expect("hello") else { panic!("hello") };
+    let s = step(&mut Connection::new(), &kre, &hello, T);
+    let Message::Challenge { server_nonce, kre_attestation } = Message::decode(&s.reply[4..]).expect("challenge")
+    else {
+        panic!("no challenge")
+    };
+    let verifier = Verifier::new(cpi.root_anchor());
+    let rel = c.on_challenge(&s.reply[4..], &verifier, T, &cpi, default_backend(), &mut r).expect("challenge ok");
+    let Message::Release { cluster_id, key_ids, attestation } = Message::decode(&rel.release_frame[4..]).expect("rel")
+    else {
+        panic!("release")
+    };
+    let client_doc = verifier.verify(&attestation, &keygate_attestation::VerifyOptions::at(T)).expect("client doc");
+    let t = Transcript {
+        client_nonce,
+        server_nonce,
+        kre_attestation_sha384: Sha384::digest(&kre_attestation).into(),
+        client_attestation_sha384: Sha384::digest(&attestation).into(),
+        request_digest: wire::request_digest(&cluster_id, &key_ids),
+    };
+    let chosen: Vec<_> =
+        key_ids.iter().map(|k| (k.clone(), 1, keygate_attestation::secret::Secret::new([0xa7; 32]))).collect();
+    let relay_key = WrappingKey::generate(default_backend(), |b| b.fill(0x42)).expect("key");
+    let (ephemeral_point, keys) =
+        keys::wrap(default_backend(), &t, client_doc.public_key().expect("pk"), &chosen, relay_key).expect("wrap");
+    let forged = Message::Released { ephemeral_point, keys }.encode().expect("enc");
+    assert_eq!(rel.on_released(&forged[4..], default_backend()), Err(ClientError::UnattestedWrap));
+}
+
+/// A KRE document without a usable wrapping key (none, or not a P-384 point) is refused
+/// before the client attests itself.
+#[test]
+fn client_refuses_a_kre_document_without_a_wrapping_key() {
+    let mut r = rng();
+    let cpi = cpi(0x10);
+    let kre_nsm = MockNsm::new(SEED, kre_pcrs(), Arc::new(|| T)).with_instance("kre");
+    for public_key in [None, Some(vec![4u8; 97]), Some(valid_point()[..49].to_vec())] {
+        let (c, hello) = client::start(request("prod"), &mut r).expect("hello");
+        let Message::Hello { client_nonce } = Message::decode(&hello[4..]).expect("hello") else { panic!("hello") };
+        let server_nonce = [9u8; 32];
+        let doc = kre_nsm
+            .attest(&AttestRequest {
+                nonce: Some(client_nonce.to_vec()),
+                user_data: Some(keygate_enclave::core::kre_user_data(&server_nonce).to_vec()),
+                public_key,
+            })
+            .expect("attest");
+        let challenge = Message::Challenge { server_nonce, kre_attestation: doc }.encode().expect("enc");
+        let err = c
+            .on_challenge(&challenge[4..], &Verifier::new(cpi.root_anchor()), T, &cpi, default_backend(), &mut r)
+            .expect_err("refused");
+        assert_eq!(err, ClientError::KreBinding("its public_key is not a P-384 wrapping key"));
+    }
+}

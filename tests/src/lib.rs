@@ -2,6 +2,8 @@
 //! time, and the shared test vectors.
 #![forbid(unsafe_code)]
 
+pub mod relay;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};

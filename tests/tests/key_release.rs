@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use keygate_attestation::mock::{system_clock, MockNsm};
 use keygate_attestation::{AttestRequest, Nsm};
 use keygate_enclave::wire::{self, DenyCode, Id, Message};
+use keygate_tests::relay::{Attack, Relay};
 use keygate_tests::{bin, keygate, run_with_limit};
 
 const SEED: &str = "e2e-seed";
@@ -600,4 +601,34 @@ fn audit_trail_records_decisions_fails_closed_and_verifies_offline() {
     std::fs::write(trail.join("entries.log"), &bytes).expect("tamper");
     let o = keygate(&["audit", "verify", &s(&trail), "--root", &s(&root), "--expect-kre-pcr", &expect]);
     assert_ne!(o.status.code(), Some(0), "tampered trail accepted");
+}
+
+// ---- a relay on the path (the parent, or anyone between a control plane and the proxy) ----
+
+/// A relay cannot make `keygate fetch` accept keys the KRE did not wrap: the client takes a
+/// wrap only under the point the KRE's attestation carries for this connection.
+#[test]
+fn a_relay_cannot_substitute_released_keys_or_the_challenge() {
+    let kre = Kre::start(&[]);
+    let cases = [
+        (Attack::SubstituteReleased, "keys are wrapped under a key the KRE did not attest"),
+        (Attack::SubstituteChallengePoint, "KRE attestation refused: COSE signature"),
+        (Attack::SubstituteChallengeSignature, "KRE attestation refused: COSE signature"),
+        (Attack::SpliceChallenge, "KRE attestation refused: its nonce is not our Hello nonce"),
+    ];
+    for (i, (attack, error)) in cases.into_iter().enumerate() {
+        let sock = kre.dir.path().join(format!("relay{i}.sock"));
+        let relay = Relay::start(&sock, &kre.sock, cpi().root_anchor(), attack);
+        let out = kre.dir.path().join(format!("k{i}"));
+        let o = run_fetch(&fetch_args(&format!("unix:{}", sock.display()), "prod", GOOD, &out));
+        assert_refused(&o, error, &out);
+        assert!(!stderr(&o).contains("retrying"), "an attack is not retried: {attack:?}: {}", stderr(&o));
+        assert_eq!(relay.handled(), 1, "{attack:?}");
+    }
+    // The same relay, forwarding honestly, changes nothing.
+    let sock = kre.dir.path().join("honest.sock");
+    let _relay = Relay::start(&sock, &kre.sock, cpi().root_anchor(), Attack::Forward);
+    let out = kre.dir.path().join("honest");
+    let o = run_fetch(&fetch_args(&format!("unix:{}", sock.display()), "prod", GOOD, &out));
+    assert!(o.status.success(), "{}", stderr(&o));
 }

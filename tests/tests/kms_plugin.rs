@@ -613,3 +613,51 @@ async fn starts_before_the_kre_and_keeps_decrypting_for_the_grace_when_it_is_gon
     assert!(kms.status().await.healthz.contains("keys dropped"));
     assert!(plugin.log().contains("retrying with backoff"), "{}", plugin.log());
 }
+
+/// A relay between the plugin and the KRE answers refreshes with keys of its own (at a newer
+/// version): the plugin refuses every such answer as an attack, keeps the keys it holds
+/// (never adopting the relay's version, never reading it as a revocation), and renews as soon
+/// as the path is honest again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_cannot_make_the_plugin_adopt_its_keys_or_revoke_its_own() {
+    use keygate_tests::relay::{Attack, Relay};
+    let dir = tempfile::tempdir().expect("tmp");
+    let kre_sock = dir.path().join("kre.sock");
+    let _kre = start_kre(dir.path(), &kre_sock, true, "kre");
+    let relay_sock = dir.path().join("relay.sock");
+    let pcrs = (0..3).map(|i| (i, vec![GOOD; 48])).collect();
+    let root =
+        keygate_attestation::mock::MockNsm::new(SEED.as_bytes(), pcrs, keygate_attestation::mock::system_clock())
+            .root_anchor();
+    let relay = Relay::start(&relay_sock, &kre_sock, root, Attack::Forward);
+    let (plugin, sock) = start_plugin_on_kre(dir.path(), &relay_sock, "2s", "1s");
+    let mut kms = Kms::connect(&sock).await;
+    kms.wait_status(Duration::from_secs(15), |s| s.healthz == "ok").await;
+    let before = kms.encrypt(&seed(3)).await.expect("encrypt");
+    assert_eq!(before.key_id, "prod/etcd-kek/v1");
+
+    relay.set_version(2);
+    relay.set(Attack::SubstituteReleased);
+    let n = relay.handled();
+    let start = Instant::now();
+    while relay.handled() < n + 2 {
+        assert!(start.elapsed() < Duration::from_secs(10), "no refresh through the relay: {}", plugin.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = plugin.log();
+    assert!(log.contains("refused the KRE's answer") && log.contains("did not attest"), "{log}");
+    // Still the KRE's own key: the relay's v2 was never adopted, nothing was revoked.
+    let s = kms.status().await;
+    assert!(!s.healthz.contains("revoked"), "{s:?}");
+    assert_eq!(kms.decrypt(&before.ciphertext, &before.key_id).await.expect("decrypt"), seed(3));
+    if let Ok(e) = kms.encrypt(&seed(4)).await {
+        assert_eq!(e.key_id, "prod/etcd-kek/v1", "the relay's version was adopted");
+    }
+
+    relay.set(Attack::Forward);
+    let s = kms.wait_status(Duration::from_secs(10), |s| s.healthz == "ok").await;
+    assert_eq!(s.key_id, "prod/etcd-kek/v1");
+    let after = kms.encrypt(&seed(5)).await.expect("encrypt after the attack");
+    assert_eq!(kms.decrypt(&after.ciphertext, &after.key_id).await.expect("decrypt"), seed(5));
+    assert_eq!(kms.decrypt(&before.ciphertext, &before.key_id).await.expect("decrypt"), seed(3));
+}

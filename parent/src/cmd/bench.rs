@@ -122,7 +122,8 @@ fn bench_crypto(rounds: usize, seconds: f64) -> Result<(), CliError> {
         let mut ctr = 0u8;
         let wrap = rate(rounds, seconds, || {
             ctr = ctr.wrapping_add(1);
-            let _ = keys::wrap(c, &transcript, &client_point, &dk, |b| b.fill(ctr | 1));
+            let _ = keys::WrappingKey::generate(c, |b| b.fill(ctr | 1))
+                .and_then(|w| keys::wrap(c, &transcript, &client_point, &dk, w));
         });
         let ceiling = 1.0 / (1.0 / verify + 1.0 / wrap);
         for (name, doc, anchor, at) in

@@ -56,13 +56,23 @@ pub(crate) struct Lease {
     revoked: bool,
     last_error: Option<String>,
     failures: u32,
+    /// Answers refused by the client's checks (relays, substituted KREs) since the start.
+    refused_answers: u64,
     next_attempt: Instant,
 }
 
 impl Lease {
     /// A lease with no keys yet; the first fetch is due at `now`.
     pub(crate) fn new(policy: LeasePolicy, now: Instant) -> Self {
-        Self { policy, last_success: None, revoked: false, last_error: None, failures: 0, next_attempt: now }
+        Self {
+            policy,
+            last_success: None,
+            revoked: false,
+            last_error: None,
+            failures: 0,
+            refused_answers: 0,
+            next_attempt: now,
+        }
     }
 
     /// A fetch succeeded at `now`: the lease restarts, the next refresh is due at half lease.
@@ -84,6 +94,19 @@ impl Lease {
         // on the refresh schedule (the policy may allow the image again).
         let wait = if self.revoked { self.backoff().max(self.policy.lease / 2) } else { self.backoff() };
         self.next_attempt = now + wait;
+    }
+
+    /// An answer failed the client's checks at `now` (a relay or a substituted KRE): not a
+    /// revocation, the held keys stay, the refusal is counted and reported, and the next
+    /// attempt comes with backoff.
+    pub(crate) fn on_refused_answer(&mut self, now: Instant, reason: String) {
+        self.refused_answers = self.refused_answers.saturating_add(1);
+        self.on_failure(now, reason, false);
+    }
+
+    /// Answers refused by the client's checks since the start.
+    pub(crate) fn refused_answers(&self) -> u64 {
+        self.refused_answers
     }
 
     fn backoff(&self) -> Duration {

@@ -171,6 +171,11 @@ pub(crate) async fn refresh_from_kre(shared: Arc<Shared>, fetcher: Fetcher, key_
         let st = &mut *st;
         let Mode::Kre { lease } = &mut st.mode else { return };
         match result {
+            Ok(fetched) if version_jump(st.ring.current(), &fetched.keys, &key_id).is_some() => {
+                let why = version_jump(st.ring.current(), &fetched.keys, &key_id).unwrap_or_default();
+                lease.on_refused_answer(done, format!("refused the KRE's answer: {why}"));
+                tracing::error!(%why, refused_total = lease.refused_answers(), "refused the KRE's answer (versions the KRE's policy cannot produce): keys kept");
+            }
             Ok(fetched) => {
                 let mut outcome = Ok(Vec::new());
                 for k in fetched.keys.iter().filter(|k| k.key_id == key_id) {
@@ -216,8 +221,14 @@ pub(crate) async fn refresh_from_kre(shared: Arc<Shared>, fetcher: Fetcher, key_
                     }
                 }
             }
+            Err(e) if e.is_attack() => {
+                // Only someone other than the expected KRE fails the client's checks: keep the
+                // held keys (they came from the attested KRE), report, retry with backoff.
+                lease.on_refused_answer(done, format!("refused the KRE's answer: {e}"));
+                tracing::error!(error = %e, refused_total = lease.refused_answers(), "refused the KRE's answer (an attack on the path, not a revocation): keys kept");
+            }
             Err(e) => {
-                let revocation = !e.is_retryable();
+                let revocation = e.is_refusal();
                 if revocation {
                     tracing::error!(error = %e, "key fetch refused: encryption stops now, decryption at the lease end");
                 } else {
@@ -226,5 +237,61 @@ pub(crate) async fn refresh_from_kre(shared: Arc<Shared>, fetcher: Fetcher, key_
                 lease.on_failure(done, e.to_string(), revocation);
             }
         }
+    }
+}
+
+/// Why a refresh's versions of `key_id` are ones the KRE's policy cannot produce after the
+/// held `current`: the newest went backwards (the policy's KEK version only grows), or the
+/// held current version is missing while older ones are still released (a policy retires
+/// versions only below a floor, so it cannot retire a version and keep an older one).
+pub(crate) fn version_jump(
+    current: Option<u32>,
+    keys: &[keygate_enclave::client::ReleasedKey],
+    key_id: &Id,
+) -> Option<String> {
+    let held = current?;
+    let released: Vec<u32> = keys.iter().filter(|k| &k.key_id == key_id).map(|k| k.version).collect();
+    let newest = released.iter().copied().max()?;
+    if newest < held {
+        return Some(format!("KEK version went backwards: the KRE released up to v{newest}, v{held} is held"));
+    }
+    if !released.contains(&held) && released.iter().any(|v| *v < held) {
+        return Some(format!("KEK version v{held} is missing while older versions are still released"));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keygate_enclave::client::ReleasedKey;
+
+    fn released(key: &str, versions: &[u32]) -> Vec<ReleasedKey> {
+        versions
+            .iter()
+            .map(|v| ReleasedKey { key_id: Id::new(key).expect("id"), version: *v, key: Secret::new([1; 32]) })
+            .collect()
+    }
+
+    /// What a KRE's policy can produce after a held current version: the same or newer
+    /// current, older versions only with the held one (retirement is a floor).
+    #[test]
+    fn versions_a_policy_cannot_produce_are_refused() {
+        let k = Id::new("etcd").expect("id");
+        for (held, got, refused) in [
+            (None, vec![1], false),
+            (Some(3), vec![3, 2, 1], false),
+            (Some(3), vec![4, 3, 2, 1], false),
+            (Some(3), vec![9], false),
+            (Some(3), vec![5, 4], false),
+            (Some(3), vec![2, 1], true),
+            (Some(3), vec![4, 2], true),
+            (Some(3), vec![5, 4, 2], true),
+        ] {
+            let r = version_jump(held, &released("etcd", &got), &k);
+            assert_eq!(r.is_some(), refused, "{held:?} {got:?}: {r:?}");
+        }
+        // Other key ids do not count.
+        assert_eq!(version_jump(Some(3), &released("other", &[1]), &k), None);
     }
 }
