@@ -25,7 +25,7 @@ use crate::custody::{CustodianSet, UnsealShare};
 use crate::keys::{self, Kek, KekStatus, KekStore, Transcript, WrappingKey};
 use crate::nonces::{NonceTable, Redeem};
 use crate::vault::{self, Custody, Phase, UnsealOutcome, Vault, VaultError};
-use crate::wire::{self, DenyCode, Id, Message, StateReport, WireError};
+use crate::wire::{self, Channel, DenyCode, Id, Message, StateReport, WireError};
 
 /// Most KEK versions released per key id: the current one and up to three older active ones
 /// (so 16 key ids fit one Released frame).
@@ -919,16 +919,11 @@ enum State {
     Done,
 }
 
-/// One client connection's protocol state.
+/// One client connection's protocol state, on the listener of one channel.
 #[derive(Debug)]
 pub struct Connection {
+    channel: Channel,
     state: State,
-}
-
-impl Default for Connection {
-    fn default() -> Self {
-        Self::new()
-    }
 }
 
 /// The environment of one step: the time and a random source.
@@ -983,9 +978,15 @@ impl Deny {
 }
 
 impl Connection {
-    /// A connection waiting for Hello.
-    pub fn new() -> Self {
-        Self { state: State::ExpectHello }
+    /// A connection on `channel`'s listener, waiting for its first frame. Only request frames
+    /// of that channel are served; any other is refused with `wrong_channel`.
+    pub fn new(channel: Channel) -> Self {
+        Self { channel, state: State::ExpectHello }
+    }
+
+    /// The channel this connection came in on.
+    pub fn channel(&self) -> Channel {
+        self.channel
     }
 
     /// Whether the connection has finished (a Released or Denied was produced).
@@ -1004,6 +1005,20 @@ impl Connection {
                 Err(Deny::new(DenyCode::InvalidRequest, e.to_string()))
             }
             Err(e) => Err(Deny::new(DenyCode::Malformed, e.to_string())),
+            Ok(msg) if msg.channel().is_some_and(|c| c != self.channel) => {
+                if let State::ExpectRelease { server_nonce, .. } = &self.state {
+                    kre.nonces().forget(server_nonce);
+                }
+                Err(Deny::new(
+                    DenyCode::WrongChannel,
+                    format!(
+                        "{} belongs to the {} channel; this is the {} channel's listener",
+                        msg.name(),
+                        msg.channel().map_or("?", Channel::as_str),
+                        self.channel
+                    ),
+                ))
+            }
             Ok(msg) => match (std::mem::replace(&mut self.state, State::Done), msg) {
                 (State::ExpectHello, Message::Hello { client_nonce }) => self.hello(kre, client_nonce, env),
                 (State::ExpectHello, Message::AuditPull { after_seq, max }) => {

@@ -11,13 +11,23 @@ use keygate_attestation::{HardwareNsm, Nsm, PcrExpectation, TrustAnchor, Verifie
 use keygate_enclave::core::{Kre, KreConfig};
 use keygate_enclave::server::{self, ServerConfig};
 use keygate_enclave::transport::{Addr, Listener};
+use keygate_enclave::wire::Channel;
 
 #[derive(Debug, Parser)]
 #[command(name = "keygate-enclave", version, about = "keygate key release enclave")]
 struct Args {
-    /// Where to listen: vsock:PORT (production), vsock:CID:PORT, or unix:PATH.
+    /// The release channel (control planes; the only one the parent's proxy exposes):
+    /// vsock:PORT (production), vsock:CID:PORT, or unix:PATH.
     #[arg(long)]
     listen: Addr,
+    /// The parent channel (state, audit, status, policy delivery; never proxied). Default: the
+    /// release address's port + 1 (vsock, tcp), or `PATH.parent` (unix).
+    #[arg(long)]
+    parent_listen: Option<Addr>,
+    /// The custodian channel (unseal, reshare), bound only with custodians. Default: the
+    /// release address's port + 2 (vsock, tcp), or `PATH.custodian` (unix).
+    #[arg(long)]
+    custodian_listen: Option<Addr>,
     /// The startup policy file (JSON): per cluster, the allowed images. Takes no pushes.
     #[arg(long, required_unless_present = "genesis", conflicts_with = "genesis")]
     policy: Option<PathBuf>,
@@ -47,9 +57,12 @@ struct Args {
     /// Maximum age of a client's attestation document, seconds.
     #[arg(long, default_value_t = 60)]
     max_doc_age: u64,
-    /// Most concurrent connections.
+    /// Most concurrent connections on the release channel.
     #[arg(long, default_value_t = 4096)]
     max_connections: usize,
+    /// Most concurrent connections on each of the parent and custodian channels.
+    #[arg(long, default_value_t = 64)]
+    max_admin_connections: usize,
     /// Seconds allowed for one complete frame.
     #[arg(long, default_value_t = 10)]
     frame_timeout: u64,
@@ -157,6 +170,7 @@ fn main() -> ExitCode {
     let clusters = kre.policy(keygate_enclave::server::now_ms()).clusters.len();
     let server_cfg = ServerConfig {
         max_connections: args.max_connections,
+        max_admin_connections: args.max_admin_connections.max(1),
         frame_timeout: Duration::from_secs(args.frame_timeout),
         connection_timeout: Duration::from_secs(args.connection_timeout),
     };
@@ -171,12 +185,28 @@ fn main() -> ExitCode {
         Err(e) => return fail(format!("runtime: {e}")),
     };
     rt.block_on(async move {
-        let listener = match Listener::bind(&args.listen).await {
-            Ok(l) => l,
-            Err(e) => return fail(format!("cannot listen on {}: {e}", args.listen)),
-        };
+        let mut addrs = vec![(Channel::Release, args.listen.clone())];
+        addrs.push((
+            Channel::Parent,
+            args.parent_listen.clone().unwrap_or_else(|| beside(&args.listen, Channel::Parent)),
+        ));
+        if kre.vault_phase().is_some() || args.custodian_listen.is_some() {
+            let a = args.custodian_listen.clone().unwrap_or_else(|| beside(&args.listen, Channel::Custodian));
+            addrs.push((Channel::Custodian, a));
+        }
+        let mut listeners = Vec::with_capacity(addrs.len());
+        for (channel, addr) in &addrs {
+            if addrs.iter().filter(|(_, a)| a == addr).count() > 1 {
+                return fail(format!("the {channel} channel's address {addr} is also another channel's"));
+            }
+            match Listener::bind(addr).await {
+                Ok(l) => listeners.push((*channel, l)),
+                Err(e) => return fail(format!("cannot listen on {addr} ({channel} channel): {e}")),
+            }
+        }
+        let channels: Vec<String> = addrs.iter().map(|(c, a)| format!("{c}={a}")).collect();
         tracing::info!(
-            listen = %args.listen,
+            channels = %channels.join(" "),
             nsm = kre.nsm_kind(),
             clusters,
             client_root_sha256 = %hex::encode(anchor.fingerprint()),
@@ -194,10 +224,29 @@ fn main() -> ExitCode {
                 _ = term.recv() => {},
             }
         };
-        server::serve(listener, kre, server_cfg, shutdown).await;
+        server::serve(listeners, kre, server_cfg, shutdown).await;
         tracing::info!("keygate-enclave stopped");
         ExitCode::SUCCESS
     })
+}
+
+/// The default address of `channel` beside the release address: port + 1 (parent) or + 2
+/// (custodian) for vsock and tcp, `PATH.parent` / `PATH.custodian` for a Unix socket.
+fn beside(release: &Addr, channel: Channel) -> Addr {
+    let step: u16 = if channel == Channel::Parent { 1 } else { 2 };
+    match release {
+        Addr::Unix(p) => {
+            let mut name = p.as_os_str().to_owned();
+            name.push(format!(".{channel}"));
+            Addr::Unix(name.into())
+        }
+        Addr::Vsock { cid, port } => Addr::Vsock { cid: *cid, port: port.saturating_add(u32::from(step)) },
+        Addr::Tcp(a) => {
+            let mut a = *a;
+            a.set_port(a.port().saturating_add(step));
+            Addr::Tcp(a)
+        }
+    }
 }
 
 /// The custodian set from `--custodian` and `--custodian-threshold`.

@@ -1,10 +1,13 @@
 //! The thin tokio server around the protocol core: accepts connections, reads frames with
 //! time limits, hands them to [`crate::core::Connection`], writes the replies.
 //!
-//! Limits: at most `max_connections` at once (further clients get a `Busy` denial and are
-//! closed at once), each frame must arrive within `frame_timeout`, and each connection
-//! lives at most `connection_timeout` in all. A slow or half-open client therefore holds a
-//! connection slot for a bounded time and cannot hold the service.
+//! One listener per channel (release, parent, custodian), each with its own connection slots:
+//! a flood on the release port cannot take the parent's or the custodians' slots. Limits: at
+//! most `max_connections` release connections and `max_admin_connections` on each other
+//! channel at once (further clients get a `Busy` denial and are closed at once), each frame
+//! must arrive within `frame_timeout`, and each connection lives at most
+//! `connection_timeout` in all. A slow or half-open client therefore holds a connection slot
+//! for a bounded time and cannot hold the service.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,13 +15,15 @@ use std::time::{Duration, Instant};
 use crate::core::{Connection, Env, Event, Kre};
 use crate::io::{read_frame, write_frame, FrameError};
 use crate::transport::{accept_loop, BoxStream, Listener};
-use crate::wire::{DenyCode, Message};
+use crate::wire::{Channel, DenyCode, Message};
 
 /// Server limits.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Concurrent connections.
+    /// Concurrent connections on the release channel.
     pub max_connections: usize,
+    /// Concurrent connections on each of the parent and custodian channels.
+    pub max_admin_connections: usize,
     /// Time allowed for one complete frame.
     pub frame_timeout: Duration,
     /// Total lifetime of a connection.
@@ -29,6 +34,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             max_connections: 4096,
+            max_admin_connections: 64,
             frame_timeout: Duration::from_secs(10),
             connection_timeout: Duration::from_secs(30),
         }
@@ -48,29 +54,43 @@ fn os_random(buf: &mut [u8]) {
     rand_core::OsRng.fill_bytes(buf);
 }
 
-/// Serves until `shutdown` resolves.
+/// Serves every channel's listener until `shutdown` resolves.
 pub async fn serve(
-    listener: Listener,
+    listeners: Vec<(Channel, Listener)>,
     kre: Arc<Kre>,
     cfg: ServerConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let max = cfg.max_connections;
-    let serve_one = |stream: BoxStream, peer: String| {
-        let (kre, cfg) = (kre.clone(), cfg.clone());
-        async move { handle(stream, &peer, &kre, &cfg).await }
-    };
-    let refuse = |mut stream: BoxStream, _peer: String| async move {
-        let busy = Message::Denied { code: DenyCode::Busy, reason: "connection limit reached; retry shortly".into() };
-        let _ = write_frame(&mut stream, &busy.encode().unwrap_or_default(), Duration::from_secs(1)).await;
-    };
-    accept_loop(&listener, max, shutdown, serve_one, refuse).await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (channel, listener) in listeners {
+        let (kre, cfg, mut stopped) = (kre.clone(), cfg.clone(), stopped.clone());
+        tasks.spawn(async move {
+            let max = if channel == Channel::Release { cfg.max_connections } else { cfg.max_admin_connections };
+            let serve_one = |stream: BoxStream, peer: String| {
+                let (kre, cfg) = (kre.clone(), cfg.clone());
+                async move { handle(stream, &peer, channel, &kre, &cfg).await }
+            };
+            let refuse = |mut stream: BoxStream, _peer: String| async move {
+                let busy =
+                    Message::Denied { code: DenyCode::Busy, reason: "connection limit reached; retry shortly".into() };
+                let _ = write_frame(&mut stream, &busy.encode().unwrap_or_default(), Duration::from_secs(1)).await;
+            };
+            let until = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            accept_loop(&listener, max, until, serve_one, refuse).await;
+        });
+    }
+    shutdown.await;
+    let _ = stop.send(true);
+    while tasks.join_next().await.is_some() {}
 }
 
-async fn handle(mut stream: BoxStream, peer: &str, kre: &Kre, cfg: &ServerConfig) {
+async fn handle(mut stream: BoxStream, peer: &str, channel: Channel, kre: &Kre, cfg: &ServerConfig) {
     let deadline = Instant::now() + cfg.connection_timeout;
-    let mut conn = Connection::new();
-    tracing::debug!(%peer, "connection opened");
+    let mut conn = Connection::new(channel);
+    tracing::debug!(%peer, %channel, "connection opened");
     while !conn.is_done() {
         let left = deadline.saturating_duration_since(Instant::now());
         let step = match read_frame(&mut stream, left.min(cfg.frame_timeout)).await {

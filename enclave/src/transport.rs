@@ -86,6 +86,14 @@ impl Listener {
                 use std::os::unix::fs::FileTypeExt;
                 if let Ok(meta) = std::fs::symlink_metadata(path) {
                     if meta.file_type().is_socket() {
+                        // A socket someone still accepts on is a live service (a second copy
+                        // of the KRE, a proxy): never take it over. Only a stale one goes.
+                        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                            return Err(io::Error::new(
+                                io::ErrorKind::AddrInUse,
+                                format!("{} is served by a live process; refusing to take it over", path.display()),
+                            ));
+                        }
                         std::fs::remove_file(path)?;
                     } else {
                         return Err(io::Error::new(
@@ -257,11 +265,26 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let p = dir.path().join("s.sock");
         let a = Addr::Unix(p.clone());
-        let first = Listener::bind(&a).await.expect("bind");
-        std::mem::forget(first); // leave the socket file behind, as a crashed process would
+        // A socket file nobody accepts on any more, as a crashed process leaves behind.
+        drop(std::os::unix::net::UnixListener::bind(&p).expect("bind"));
         let second = Listener::bind(&a).await.expect("rebind over stale socket");
         drop(second);
         std::fs::write(&p, b"not a socket").expect("file");
         assert!(Listener::bind(&a).await.is_err());
+    }
+
+    /// A second copy (of the KRE, a proxy) must not unlink a live service's socket and
+    /// report itself ready: the bind is refused and the first keeps serving.
+    #[tokio::test]
+    async fn unix_listener_refuses_to_take_over_a_live_socket() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let a = Addr::Unix(dir.path().join("s.sock"));
+        let live = Listener::bind(&a).await.expect("bind");
+        let err = Listener::bind(&a).await.expect_err("a live socket is not taken over");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
+        assert!(err.to_string().contains("served by a live process"), "{err}");
+        let server = tokio::spawn(async move { live.accept().await.map(|_| ()) });
+        connect(&a, Duration::from_secs(2)).await.expect("the first still serves");
+        server.await.expect("join").expect("accept");
     }
 }

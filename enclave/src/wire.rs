@@ -59,6 +59,69 @@ mod ty {
     pub(super) const RESHARE_START: u8 = 24;
 }
 
+/// The audiences of the KRE, each served on its own listener with its own closed set of
+/// request frames (docs/protocol.md, "Channels"). A frame of another channel is refused with
+/// `wrong_channel`: an anonymous client of the release port can never reach the parent's
+/// state and audit steps or the custodians' unseal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Channel {
+    /// Control-plane instances: Hello, Release. The only channel the proxy exposes by default.
+    Release,
+    /// The parent's daemon: state steps, audit pull and ack, status, policy pushes (signed by
+    /// the approvers; the parent only delivers them). Never proxied.
+    Parent,
+    /// Custodians: unseal and reshare. Proxied only where the operator opts in, on its own port.
+    Custodian,
+}
+
+impl Channel {
+    /// Every channel.
+    pub const ALL: [Channel; 3] = [Channel::Release, Channel::Parent, Channel::Custodian];
+
+    /// The channel whose client sends the request frame of type `ty` (the body's second byte);
+    /// `None` for a frame only the KRE sends, or an unknown type.
+    pub fn of_request_type(t: u8) -> Option<Channel> {
+        match t {
+            ty::HELLO | ty::RELEASE => Some(Channel::Release),
+            ty::POLICY_PUSH
+            | ty::AUDIT_PULL
+            | ty::AUDIT_ACK
+            | ty::STATUS
+            | ty::STATE_POLL
+            | ty::STATE_GENESIS
+            | ty::STATE_LOAD
+            | ty::STATE_COMMIT => Some(Channel::Parent),
+            ty::UNSEAL_HELLO | ty::UNSEAL_SHARE | ty::RESHARE_START => Some(Channel::Custodian),
+            _ => None,
+        }
+    }
+
+    /// A stable lower-case name (flags, logs, docs).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Release => "release",
+            Channel::Parent => "parent",
+            Channel::Custodian => "custodian",
+        }
+    }
+}
+
+impl fmt::Display for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Channel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Channel::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| format!("unknown channel `{s}` (release, parent or custodian)"))
+    }
+}
+
 /// Length of a custodian's unseal share message (`custody::UNSEAL_SHARE_LEN`).
 pub const UNSEAL_SHARE_LEN: usize = crate::custody::UNSEAL_SHARE_LEN;
 
@@ -297,6 +360,41 @@ pub enum Message {
 }
 
 impl Message {
+    /// The channel of a request message (`None` for what only the KRE sends).
+    pub fn channel(&self) -> Option<Channel> {
+        Channel::of_request_type(self.type_byte())
+    }
+
+    /// The message's type byte on the wire.
+    fn type_byte(&self) -> u8 {
+        match self {
+            Message::Hello { .. } => ty::HELLO,
+            Message::Challenge { .. } => ty::CHALLENGE,
+            Message::Release { .. } => ty::RELEASE,
+            Message::Released { .. } => ty::RELEASED,
+            Message::PolicyPush { .. } => ty::POLICY_PUSH,
+            Message::PolicyAccepted { .. } => ty::POLICY_ACCEPTED,
+            Message::AuditPull { .. } => ty::AUDIT_PULL,
+            Message::AuditBatch { .. } => ty::AUDIT_BATCH,
+            Message::AuditAck { .. } => ty::AUDIT_ACK,
+            Message::AuditAcked { .. } => ty::AUDIT_ACKED,
+            Message::Status => ty::STATUS,
+            Message::StatusReport { .. } => ty::STATUS_REPORT,
+            Message::StatePoll => ty::STATE_POLL,
+            Message::StateReport(_) => ty::STATE_REPORT,
+            Message::StateGenesis => ty::STATE_GENESIS,
+            Message::StateLoad { .. } => ty::STATE_LOAD,
+            Message::StateCommit { .. } => ty::STATE_COMMIT,
+            Message::StateCommitted { .. } => ty::STATE_COMMITTED,
+            Message::UnsealHello { .. } => ty::UNSEAL_HELLO,
+            Message::UnsealOffer { .. } => ty::UNSEAL_OFFER,
+            Message::UnsealShare { .. } => ty::UNSEAL_SHARE,
+            Message::ReshareStart { .. } => ty::RESHARE_START,
+            Message::UnsealProgress { .. } => ty::UNSEAL_PROGRESS,
+            Message::Denied { .. } => ty::DENIED,
+        }
+    }
+
     /// A short name for logs.
     pub fn name(&self) -> &'static str {
         match self {
@@ -376,6 +474,8 @@ deny_codes! {
     UnexpectedMessage = 3, "unexpected_message";
     /// Frame length over the limit.
     FrameTooLarge = 4, "frame_too_large";
+    /// A request frame of another channel than the listener's (docs/protocol.md, "Channels").
+    WrongChannel = 6, "wrong_channel";
     /// Too much time without a complete frame, or the connection's total time ran out.
     Timeout = 5, "timeout";
     /// The challenge table is full: retry later.

@@ -15,7 +15,7 @@ use keygate_enclave::client::{self, ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::core::{Connection, Env, Event, Kre, KreConfig, Step};
 use keygate_enclave::custodian::{self, CustodianError, CustodianRecord, Expectations};
 use keygate_enclave::custody::CustodianSet;
-use keygate_enclave::wire::{DenyCode, Id, Message, StateReport};
+use keygate_enclave::wire::{Channel, DenyCode, Id, Message, StateReport};
 
 const T: u64 = 1_795_478_400_000 + 7 * 3_600_000;
 const SEED: &[u8] = b"durability-test";
@@ -83,7 +83,7 @@ fn step(conn: &mut Connection, kre: &Kre, frame: &[u8]) -> Step {
 }
 
 fn one(kre: &Kre, m: Message) -> Message {
-    let s = step(&mut Connection::new(), kre, &m.encode().expect("encode"));
+    let s = step(&mut Connection::new(m.channel().expect("a request")), kre, &m.encode().expect("encode"));
     Message::decode(&s.reply[4..]).expect("reply")
 }
 
@@ -106,7 +106,7 @@ fn fetch(kre: &Kre) -> Result<Vec<ReleasedKey>, ClientError> {
     let req = FetchRequest { cluster: id("prod"), key_ids: vec![id("etcd")], expect_kre_pcrs: vec![] };
     let mut r = rng_from(5);
     let (ac, hello) = client::start(req, &mut r).expect("hello");
-    let mut conn = Connection::new();
+    let mut conn = Connection::new(Channel::Release);
     let s = step(&mut conn, kre, &hello);
     let ar = ac
         .on_challenge(&s.reply[4..], &Verifier::new(cpi.root_anchor()), T, &cpi, default_backend(), &mut r)
@@ -179,7 +179,7 @@ fn offer(
     scalar: &P384Scalar,
     seed: u64,
 ) -> (Connection, Result<custodian::Response, CustodianError>) {
-    let mut conn = Connection::new();
+    let mut conn = Connection::new(Channel::Custodian);
     let s = step(&mut conn, kre, &Message::UnsealHello { client_nonce: nonce }.encode().expect("hello"));
     let resp = custodian::on_offer(&s.reply[4..], &nonce, expect, scalar, default_backend(), &mut rng_from(seed));
     (conn, resp)
@@ -210,10 +210,16 @@ fn genesis_commit_restart_and_two_of_three_unseal_keep_the_keys() {
     // The server logs a state step with the generation it concerns: the export before the
     // commit, the committed one after.
     let poll = Message::StatePoll.encode().expect("poll");
-    assert_eq!(step(&mut Connection::new(), &k1, &poll).event, Event::State { step: "poll", generation: 1 });
+    assert_eq!(
+        step(&mut Connection::new(Channel::Parent), &k1, &poll).event,
+        Event::State { step: "poll", generation: 1 }
+    );
     let mut store = None;
     assert_eq!(sync(&k1, &mut store), 1);
-    assert_eq!(step(&mut Connection::new(), &k1, &poll).event, Event::State { step: "poll", generation: 1 });
+    assert_eq!(
+        step(&mut Connection::new(Channel::Parent), &k1, &poll).event,
+        Event::State { step: "poll", generation: 1 }
+    );
     let keys = fetch(&k1).expect("released after commit");
     assert_eq!(keys[0].version, 1);
     // Genesis twice is refused.
@@ -284,7 +290,7 @@ fn custodians_refuse_wrong_pcrs_rollback_and_changed_shares_and_the_kre_refuses_
     // A share replayed on another connection (bound to another attestation) is refused.
     let nonce = [7; 32];
     let resp = offer(&k2, nonce, &u.expect(None), &c.scalars[1], 4).1.expect("offer");
-    let mut other = Connection::new();
+    let mut other = Connection::new(Channel::Custodian);
     step(&mut other, &k2, &Message::UnsealHello { client_nonce: [8; 32] }.encode().expect("hello"));
     let s = step(&mut other, &k2, &resp.frame);
     assert_eq!(denied(Message::decode(&s.reply[4..]).expect("reply")).0, DenyCode::StateRefused);
@@ -297,13 +303,13 @@ fn custodians_refuse_wrong_pcrs_rollback_and_changed_shares_and_the_kre_refuses_
         &k3,
         Message::StateLoad { blob: blob.clone(), shares: shares.clone(), genesis_attestation: genesis.clone() },
     );
-    let mut conn3 = Connection::new();
+    let mut conn3 = Connection::new(Channel::Custodian);
     step(&mut conn3, &k3, &Message::UnsealHello { client_nonce: nonce }.encode().expect("hello"));
     let s = step(&mut conn3, &k3, &resp.frame);
     assert_eq!(denied(Message::decode(&s.reply[4..]).expect("reply")).0, DenyCode::StateRefused);
     // Anything but a share after an offer is refused, and audited as a refused share step.
     let before = refused_steps(&k3).len();
-    let mut conn = Connection::new();
+    let mut conn = Connection::new(Channel::Custodian);
     step(&mut conn, &k3, &Message::UnsealHello { client_nonce: [30; 32] }.encode().expect("hello"));
     let s = step(&mut conn, &k3, &Message::StatePoll.encode().expect("poll"));
     assert_eq!(denied(Message::decode(&s.reply[4..]).expect("reply")).0, DenyCode::UnexpectedMessage);
@@ -420,7 +426,7 @@ fn reshare_to_a_new_set_needs_a_quorum_of_the_old_one_and_keeps_the_keys() {
     // An approval replayed on another connection (bound to another offer) is refused by the KRE.
     let u = unsealer(0x70);
     let approval = offer(&k1, [50; 32], &u.expect(Some(digest)), &old.scalars[1], 92).1.expect("approval");
-    let mut other = Connection::new();
+    let mut other = Connection::new(Channel::Custodian);
     step(&mut other, &k1, &Message::UnsealHello { client_nonce: [51; 32] }.encode().expect("hello"));
     let s = step(&mut other, &k1, &approval.frame);
     assert_eq!(denied(Message::decode(&s.reply[4..]).expect("reply")).0, DenyCode::StateRefused);

@@ -11,7 +11,7 @@ use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
 use keygate_attestation::{AttestRequest, Nsm, PcrExpectation, Verifier};
 use keygate_enclave::client::{self, AwaitReleased, ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::core::{Connection, Env, Event, Kre, KreConfig, Step};
-use keygate_enclave::wire::{self, DenyCode, Id, Message};
+use keygate_enclave::wire::{self, Channel, DenyCode, Id, Message};
 
 const T: u64 = 1_795_478_400_000 + 7 * 3_600_000;
 const SEED: &[u8] = b"protocol-test";
@@ -98,7 +98,7 @@ fn expectations(p: &BTreeMap<u8, Vec<u8>>) -> Vec<PcrExpectation> {
 fn handshake(kre: &Kre, cpi: &MockNsm, req: FetchRequest) -> (Connection, AwaitReleased) {
     let mut r = rng();
     let (await_challenge, hello) = client::start(req, &mut r).expect("hello");
-    let mut conn = Connection::new();
+    let mut conn = Connection::new(Channel::Release);
     let s = step(&mut conn, kre, &hello, T);
     assert_eq!(s.event, Event::ChallengeIssued);
     assert!(!s.close);
@@ -186,7 +186,7 @@ fn foreign_pki_is_refused() {
     let kre = kre();
     let mut r = rng();
     let (c, hello) = client::start(request("prod"), &mut r).expect("hello");
-    let mut conn = Connection::new();
+    let mut conn = Connection::new(Channel::Release);
     let s = step(&mut conn, &kre, &hello, T);
     // The client trusts the real (test) PKI for the KRE but attests with a foreign one.
     let kre_verifier = Verifier::new(cpi(0x10).root_anchor());
@@ -205,7 +205,7 @@ fn replayed_release_is_refused_as_a_replay() {
     let s = step(&mut conn, &kre, &captured, T);
     rel.on_released(&s.reply[4..], default_backend()).expect("first release works");
     // A new connection, a new challenge, the old Release.
-    let mut conn2 = Connection::new();
+    let mut conn2 = Connection::new(Channel::Release);
     let (_, hello) = client::start(request("prod"), &mut rng()).expect("hello");
     step(&mut conn2, &kre, &hello, T);
     let (code, _) = denial(&step(&mut conn2, &kre, &captured, T + 20));
@@ -216,7 +216,7 @@ fn replayed_release_is_refused_as_a_replay() {
 fn release_with_another_connections_challenge_is_refused() {
     let kre = kre();
     let (_conn_a, rel_a) = handshake(&kre, &cpi(0x10), request("prod"));
-    let mut conn_b = Connection::new();
+    let mut conn_b = Connection::new(Channel::Release);
     let (_, hello) = client::start(request("prod"), &mut rng()).expect("hello");
     step(&mut conn_b, &kre, &hello, T);
     let (code, _) = denial(&step(&mut conn_b, &kre, &rel_a.release_frame, T));
@@ -257,7 +257,7 @@ fn tampered_request_is_refused() {
 
 /// A Release whose attestation the test builds by hand.
 fn manual_release(kre: &Kre, cpi: &MockNsm, make: impl FnOnce([u8; 32]) -> AttestRequest) -> Step {
-    let mut conn = Connection::new();
+    let mut conn = Connection::new(Channel::Release);
     let (_, hello) = client::start(request("prod"), &mut rng()).expect("hello");
     let s = step(&mut conn, kre, &hello, T);
     let Message::Challenge { server_nonce, .. } = Message::decode(&s.reply[4..]).expect("challenge") else {
@@ -332,13 +332,13 @@ fn state_machine_refuses_out_of_order_and_malformed_frames() {
     let hello = Message::Hello { client_nonce: [1; 32] }.encode().expect("enc");
 
     // Release before Hello.
-    let mut c = Connection::new();
+    let mut c = Connection::new(Channel::Release);
     assert_eq!(denial(&step(&mut c, &kre, &release, T)).0, DenyCode::UnexpectedMessage);
     assert!(c.is_done());
     // Anything after the connection finished.
     assert_eq!(denial(&step(&mut c, &kre, &hello, T)).0, DenyCode::UnexpectedMessage);
     // Hello twice.
-    let mut c = Connection::new();
+    let mut c = Connection::new(Channel::Release);
     step(&mut c, &kre, &hello, T);
     assert_eq!(kre.live_challenges(), 1);
     assert_eq!(denial(&step(&mut c, &kre, &hello, T)).0, DenyCode::UnexpectedMessage);
@@ -349,7 +349,7 @@ fn state_machine_refuses_out_of_order_and_malformed_frames() {
         Message::Denied { code: DenyCode::Busy, reason: String::new() },
         Message::Released { ephemeral_point: [4; 97], keys: vec![] },
     ] {
-        let mut c = Connection::new();
+        let mut c = Connection::new(Channel::Release);
         assert_eq!(denial(&step(&mut c, &kre, &m.encode().expect("enc"), T)).0, DenyCode::UnexpectedMessage);
     }
     // Malformed bodies and versions; invalid ids and key counts.
@@ -362,7 +362,7 @@ fn state_machine_refuses_out_of_order_and_malformed_frames() {
         (vec![2u8, 1], DenyCode::UnsupportedVersion),
         (vec![1u8], DenyCode::Malformed),
     ] {
-        let mut c = Connection::new();
+        let mut c = Connection::new(Channel::Release);
         let mut frame = u32::try_from(body.len()).expect("len").to_be_bytes().to_vec();
         frame.extend_from_slice(&body);
         assert_eq!(denial(&step(&mut c, &kre, &frame, T)).0, code, "{body:?}");
@@ -373,13 +373,13 @@ fn state_machine_refuses_out_of_order_and_malformed_frames() {
 fn full_challenge_table_answers_busy() {
     let kre = kre_with(KreConfig { max_challenges: 2, ..KreConfig::default() });
     let hello = Message::Hello { client_nonce: [1; 32] }.encode().expect("enc");
-    let mut conns: Vec<Connection> = (0..3).map(|_| Connection::new()).collect();
+    let mut conns: Vec<Connection> = (0..3).map(|_| Connection::new(Channel::Release)).collect();
     assert_eq!(step(&mut conns[0], &kre, &hello, T).event, Event::ChallengeIssued);
     assert_eq!(step(&mut conns[1], &kre, &hello, T).event, Event::ChallengeIssued);
     assert_eq!(denial(&step(&mut conns[2], &kre, &hello, T)).0, DenyCode::Busy);
     // Abandoning a connection frees its slot.
     conns[0].abandon(&kre);
-    let mut c = Connection::new();
+    let mut c = Connection::new(Channel::Release);
     assert_eq!(step(&mut c, &kre, &hello, T).event, Event::ChallengeIssued);
 }
 
@@ -390,7 +390,7 @@ fn client_refuses_a_kre_with_unexpected_pcrs() {
     req.expect_kre_pcrs = expectations(&pcrs(0x71));
     let mut r = rng();
     let (c, hello) = client::start(req, &mut r).expect("hello");
-    let s = step(&mut Connection::new(), &kre, &hello, T);
+    let s = step(&mut Connection::new(Channel::Release), &kre, &hello, T);
     let cpi = cpi(0x10);
     let err = c
         .on_challenge(&s.reply[4..], &Verifier::new(cpi.root_anchor()), T, &cpi, default_backend(), &mut r)
@@ -403,7 +403,7 @@ fn client_refuses_a_challenge_not_bound_to_the_kre_attestation() {
     let kre = kre();
     let mut r = rng();
     let (c, hello) = client::start(request("prod"), &mut r).expect("hello");
-    let s = step(&mut Connection::new(), &kre, &hello, T);
+    let s = step(&mut Connection::new(Channel::Release), &kre, &hello, T);
     let Message::Challenge { mut server_nonce, kre_attestation } = Message::decode(&s.reply[4..]).expect("challenge")
     else {
         panic!("no challenge")
@@ -451,7 +451,7 @@ fn denial_reasons_never_contain_key_material() {
 /// Pulls one audit batch after `after`: (entries, checkpoint).
 fn pull(kre: &Kre, after: u64) -> (Vec<Vec<u8>>, Vec<u8>) {
     let frame = Message::AuditPull { after_seq: after, max: 1024 }.encode().expect("encode");
-    let s = step(&mut Connection::new(), kre, &frame, T);
+    let s = step(&mut Connection::new(Channel::Release), kre, &frame, T);
     assert!(s.reply.len() <= 4 + wire::MAX_FRAME, "a batch fits one frame");
     match Message::decode(&s.reply[4..]).expect("reply") {
         Message::AuditBatch { entries, checkpoint } => (entries, checkpoint),
@@ -526,7 +526,7 @@ fn audit_batches_hold_at_most_40_kib_of_entries_and_only_the_head_batch_has_a_ch
 #[test]
 fn a_connection_is_done_only_after_its_final_answer() {
     let kre = kre();
-    assert!(!Connection::new().is_done());
+    assert!(!Connection::new(Channel::Release).is_done());
     let (mut conn, released) = handshake(&kre, &cpi(0x10), request("prod"));
     assert!(!conn.is_done(), "waiting for the Release");
     step(&mut conn, &kre, &released.release_frame, T);
@@ -554,7 +554,7 @@ fn the_released_point_is_the_one_the_challenge_attested() {
     let cpi = cpi(0x10);
     let mut r = rng();
     let (c, hello) = client::start(request("prod"), &mut r).expect("hello");
-    let mut conn = Connection::new();
+    let mut conn = Connection::new(Channel::Release);
     let s = step(&mut conn, &kre, &hello, T);
     let Message::Challenge { kre_attestation, .. } = Message::decode(&s.reply[4..]).expect("challenge") else {
         panic!("no challenge")
@@ -583,7 +583,7 @@ fn client_refuses_a_released_from_anyone_but_the_attested_kre() {
     let mut r = rng();
     let (c, hello) = client::start(request("prod"), &mut r).expect("hello");
     let Message::Hello { client_nonce } = Message::decode(&hello[4..]).expect("hello") else { panic!("hello") };
-    let s = step(&mut Connection::new(), &kre, &hello, T);
+    let s = step(&mut Connection::new(Channel::Release), &kre, &hello, T);
     let Message::Challenge { server_nonce, kre_attestation } = Message::decode(&s.reply[4..]).expect("challenge")
     else {
         panic!("no challenge")
@@ -635,4 +635,70 @@ fn client_refuses_a_kre_document_without_a_wrapping_key() {
             .expect_err("refused");
         assert_eq!(err, ClientError::KreBinding("its public_key is not a P-384 wrapping key"));
     }
+}
+
+/// Each request frame is served only on its own channel's listener; on any other it is
+/// refused `wrong_channel` before anything happens (an anonymous client of the release port
+/// cannot ack audit entries away, commit or load state, or start an unseal or a reshare).
+#[test]
+fn every_request_is_served_only_on_its_own_channel() {
+    let kre = kre();
+    let id = |s: &str| Id::new(s).expect("id");
+    let requests = [
+        (Message::Hello { client_nonce: [1; 32] }, Channel::Release),
+        (Message::Release { cluster_id: id("prod"), key_ids: vec![id("k")], attestation: vec![1] }, Channel::Release),
+        (Message::PolicyPush { bundle: vec![1] }, Channel::Parent),
+        (Message::AuditPull { after_seq: 0, max: 1 }, Channel::Parent),
+        (Message::AuditAck { up_to_seq: 1 }, Channel::Parent),
+        (Message::Status, Channel::Parent),
+        (Message::StatePoll, Channel::Parent),
+        (Message::StateGenesis, Channel::Parent),
+        (Message::StateLoad { blob: vec![1], shares: vec![1], genesis_attestation: vec![1] }, Channel::Parent),
+        (Message::StateCommit { generation: 1, blob_sha384: [0; 48] }, Channel::Parent),
+        (Message::UnsealHello { client_nonce: [1; 32] }, Channel::Custodian),
+        (Message::UnsealShare { share: vec![0; wire::UNSEAL_SHARE_LEN] }, Channel::Custodian),
+        (Message::ReshareStart { set: vec![1] }, Channel::Custodian),
+    ];
+    for (m, home) in requests {
+        assert_eq!(m.channel(), Some(home), "{}", m.name());
+        let frame = m.encode().expect("enc");
+        for channel in Channel::ALL {
+            let before = kre.audit().status();
+            let s = step(&mut Connection::new(channel), &kre, &frame, T);
+            let refused = Message::decode(&s.reply[4..])
+                .ok()
+                .and_then(|r| match r {
+                    Message::Denied { code, .. } => Some(code),
+                    _ => None,
+                })
+                .is_some_and(|c| c == DenyCode::WrongChannel);
+            assert_eq!(refused, channel != home, "{} on the {channel} channel", m.name());
+            if channel != home {
+                assert!(s.close, "{} on {channel}", m.name());
+                assert_eq!(kre.audit().status().acked_up_to, before.acked_up_to, "nothing acked");
+            }
+        }
+    }
+    // Frames only the KRE sends are no channel's requests.
+    for m in [
+        Message::StatusReport { json: String::new() },
+        Message::Denied { code: DenyCode::Busy, reason: String::new() },
+        Message::Released { ephemeral_point: [4; 97], keys: vec![] },
+    ] {
+        assert_eq!(m.channel(), None, "{}", m.name());
+    }
+}
+
+/// A release connection with a challenge in flight that sends another channel's frame loses
+/// its challenge (refused `wrong_channel`), as with any out-of-order frame.
+#[test]
+fn another_channels_frame_mid_handshake_ends_the_handshake() {
+    let kre = kre();
+    let (mut conn, rel) = handshake(&kre, &cpi(0x10), request("prod"));
+    let live = kre.live_challenges();
+    let s = step(&mut conn, &kre, &Message::AuditAck { up_to_seq: 1 }.encode().expect("enc"), T);
+    assert_eq!(denial(&s).0, DenyCode::WrongChannel);
+    assert_eq!(kre.live_challenges(), live - 1);
+    let frame = rel.release_frame.clone();
+    assert_eq!(denial(&step(&mut conn, &kre, &frame, T)).0, DenyCode::UnexpectedMessage);
 }

@@ -16,7 +16,7 @@ use keygate_enclave::client::{self, ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::core::{Connection, Env, Kre, KreConfig, Step};
 use keygate_enclave::custodian::{self, Expectations};
 use keygate_enclave::custody::CustodianSet;
-use keygate_enclave::wire::{DenyCode, Id, Message, StateReport};
+use keygate_enclave::wire::{Channel, DenyCode, Id, Message, StateReport};
 use p384::ecdsa::signature::Signer;
 
 const T: u64 = 1_795_478_400_000 + 7 * 3_600_000;
@@ -61,7 +61,7 @@ fn step(conn: &mut Connection, kre: &Kre, frame: &[u8]) -> Step {
 }
 
 fn one(kre: &Kre, m: Message) -> Message {
-    let s = step(&mut Connection::new(), kre, &m.encode().expect("encode"));
+    let s = step(&mut Connection::new(m.channel().expect("a request")), kre, &m.encode().expect("encode"));
     Message::decode(&s.reply[4..]).expect("reply")
 }
 
@@ -90,7 +90,7 @@ fn fetch(kre: &Kre) -> Result<Vec<ReleasedKey>, ClientError> {
     let req = FetchRequest { cluster: id("prod"), key_ids: vec![id("etcd"), id("secrets")], expect_kre_pcrs: vec![] };
     let mut r = rng_from(5);
     let (ac, hello) = client::start(req, &mut r).expect("hello");
-    let mut conn = Connection::new();
+    let mut conn = Connection::new(Channel::Release);
     let s = step(&mut conn, kre, &hello);
     let ar = ac
         .on_challenge(&s.reply[4..], &Verifier::new(cpi.root_anchor()), T, &cpi, default_backend(), &mut r)
@@ -224,7 +224,7 @@ fn unseal(kre: &Kre, scalars: &[P384Scalar]) {
     };
     for (i, scalar) in scalars.iter().take(2).enumerate() {
         let nonce = [u8::try_from(i).expect("small") + 1; 32];
-        let mut conn = Connection::new();
+        let mut conn = Connection::new(Channel::Custodian);
         let s = step(&mut conn, kre, &Message::UnsealHello { client_nonce: nonce }.encode().expect("hello"));
         let resp = custodian::on_offer(&s.reply[4..], &nonce, &expect, scalar, default_backend(), &mut rng_from(9))
             .expect("the custodian accepts the offer");

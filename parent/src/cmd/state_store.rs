@@ -801,7 +801,7 @@ mod tests {
         use keygate_enclave::core::{Connection, Env, Kre, KreConfig};
         use keygate_enclave::custodian::{self, Expectations};
         use keygate_enclave::custody::CustodianSet;
-        use keygate_enclave::wire::{DenyCode, Id, Message, StateReport};
+        use keygate_enclave::wire::{Channel, DenyCode, Id, Message, StateReport};
         use p384::ecdsa::signature::Signer;
         use sha2::{Digest, Sha384};
 
@@ -901,8 +901,11 @@ mod tests {
 
         fn one(kre: &Kre, m: Message, seed: u64) -> Message {
             let mut r = rng_from(seed);
-            let s =
-                Connection::new().on_frame(kre, &m.encode().expect("encode")[4..], &mut Env { now_ms: T, rng: &mut r });
+            let s = Connection::new(m.channel().expect("a request")).on_frame(
+                kre,
+                &m.encode().expect("encode")[4..],
+                &mut Env { now_ms: T, rng: &mut r },
+            );
             Message::decode(&s.reply[4..]).expect("reply")
         }
 
@@ -926,7 +929,7 @@ mod tests {
             let n = CALLS.fetch_add(1, Ordering::Relaxed);
             let mut r = rng_from(n * 7919);
             let (ac, hello) = client::start(req, &mut r).expect("hello");
-            let mut conn = Connection::new();
+            let mut conn = Connection::new(Channel::Release);
             let mut kr = rng_from(n * 104_729 + 1);
             let s = conn.on_frame(kre, &hello[4..], &mut Env { now_ms: T, rng: &mut kr });
             let ar = ac
@@ -968,7 +971,7 @@ mod tests {
             let mut generation = 0;
             for i in [0usize, 2] {
                 let nonce = [u8::try_from(i).expect("small") + 1; 32];
-                let mut conn = Connection::new();
+                let mut conn = Connection::new(Channel::Release);
                 let mut kr = rng_from(40 + u64::try_from(i).expect("small"));
                 let s = conn.on_frame(
                     kre,
