@@ -195,7 +195,8 @@ fn main() -> ExitCode {
             addrs.push((Channel::Custodian, a));
         }
         let mut listeners = Vec::with_capacity(addrs.len());
-        for (channel, addr) in &addrs {
+        // The release channel last: once its socket accepts, every channel does.
+        for (channel, addr) in addrs.iter().rev() {
             if addrs.iter().filter(|(_, a)| a == addr).count() > 1 {
                 return fail(format!("the {channel} channel's address {addr} is also another channel's"));
             }

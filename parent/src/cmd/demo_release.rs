@@ -13,6 +13,7 @@ use keygate_enclave::client::{ClientError, FetchRequest};
 use keygate_enclave::io::{read_frame, write_frame};
 use keygate_enclave::transport::{self, Addr};
 use keygate_enclave::wire::{DenyCode, Id, Message};
+use keygate_tests::relay::{Attack, Relay};
 
 use super::demo::Tour;
 use super::fetch::{write_keys, Fetcher};
@@ -226,7 +227,10 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
 
         // Genesis of the sealed state: the KRE draws its state key, splits it 2-of-3 among the
         // custodians, and serves only once the parent has stored it.
-        let kre_addr = format!("unix:{}", parent_sock.display());
+        // The parent's own channel (state, audit, policy delivery) and the custodians' channel:
+        // the KRE's own sockets, never proxied; control planes reach it only through the proxy.
+        let kre_addr = format!("unix:{}.parent", kre_sock.display());
+        let custodian_addr = format!("unix:{}.custodian", kre_sock.display());
         tour.step(
             "genesis: the KRE seals its state for 2 of 3 custodians; the parent stores it durably before the KRE serves",
             keygate_cli(
@@ -415,6 +419,22 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
             },
         );
 
+        // 2b. A relay on the path answers in the KRE's place with keys the operator chose.
+        let relay_sock = d.join("relay.sock");
+        let relay = Relay::start(&relay_sock, &parent_sock, root.clone(), Attack::SubstituteReleased);
+        let mut through_relay = fetcher(cpi(&good_pcrs, "cpi-1"), expect_kre.clone());
+        through_relay.kre = Addr::Unix(relay_sock.clone());
+        let relayed = through_relay.once().await;
+        drop(relay);
+        tour.step(
+            "a relay on the path (the parent, or anyone before the proxy) forwards the genuine Challenge, then answers the Release with keys of its own choice: the control plane refuses them",
+            match relayed {
+                Err(e @ ClientError::UnattestedWrap) => Ok(format!("refused, no key written: {e}")),
+                Err(e) => Err(format!("refused for another reason: {e}")),
+                Ok(_) => Err("the relay's keys were accepted".to_owned()),
+            },
+        );
+
         // 3. An image the policy does not allow.
         let rogue_pcrs = super::attestation::pcrs_from_eif(&rogue_eif).map_err(|e| e.message);
         let bad = match &rogue_pcrs {
@@ -486,7 +506,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
                 "custodian".to_owned(),
                 "unseal".into(),
                 "--kre".into(),
-                kre_addr.clone(),
+                custodian_addr.clone(),
                 "--key".into(),
                 path(&custodian(i)),
                 "--root".into(),
