@@ -671,12 +671,13 @@ mod tests {
 
     #[test]
     fn attests_each_caller_field_up_to_the_nsm_maximum_and_refuses_one_more() {
-        use crate::document::{MAX_NONCE, MAX_PUBLIC_KEY, MAX_USER_DATA};
+        // What the NSM signs (docs/attestation.md), not the verifier's constants.
+        const NSM_MAX: usize = 1024;
         let nsm = MockNsm::new(b"seed", BTreeMap::from([(0, vec![1u8; 48])]), Arc::new(|| T));
         let max = AttestRequest {
-            user_data: Some(vec![1; MAX_USER_DATA]),
-            nonce: Some(vec![2; MAX_NONCE]),
-            public_key: Some(vec![3; MAX_PUBLIC_KEY]),
+            user_data: Some(vec![1; NSM_MAX]),
+            nonce: Some(vec![2; NSM_MAX]),
+            public_key: Some(vec![3; NSM_MAX]),
         };
         let doc = nsm.attest(&max).expect("1024 bytes each");
         let att = Verifier::new(nsm.root_anchor()).verify(&doc, &VerifyOptions::at(T)).expect("verifies");

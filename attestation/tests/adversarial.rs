@@ -11,7 +11,6 @@ use ciborium::Value as V;
 use keygate_attestation::cbor::{CborError, CborErrorKind};
 use keygate_attestation::cose::PROTECTED_ES384;
 use keygate_attestation::crypto::all_backends;
-use keygate_attestation::document::{MAX_NONCE, MAX_PUBLIC_KEY, MAX_USER_DATA};
 use keygate_attestation::mock::{self, encode_value, oid, sign_cose, CertSpec, Chain, MockDocument, MockPki};
 use keygate_attestation::{CertAt, DocumentKind, TrustAnchor, UnknownFields, Verifier, VerifyError, VerifyOptions};
 use p384::ecdsa::SigningKey;
@@ -19,6 +18,9 @@ use p384::ecdsa::SigningKey;
 /// 2026-11-24T05:00:01.234Z
 const T: u64 = 1_795_478_400_000 + 5 * 3_600_000 + 1234;
 const SEED: &[u8] = b"adversarial";
+/// The most `user_data`, `nonce` and `public_key` bytes the NSM signs (docs/attestation.md),
+/// written out rather than taken from the verifier's constants so that a wrong constant fails.
+const NSM_MAX: usize = 1024;
 
 fn pcrs() -> BTreeMap<u8, Vec<u8>> {
     (0u8..16).map(|i| (i, if i < 3 { vec![i + 1; 48] } else { vec![0; 48] })).collect()
@@ -325,9 +327,9 @@ fn cases() -> Vec<Case> {
     v.push(Case {
         name: "user_data, nonce and public_key of 1024 bytes each verify",
         doc: fx.with_doc(|d| {
-            d.user_data = Some(vec![1; MAX_USER_DATA]);
-            d.nonce = Some(vec![2; MAX_NONCE]);
-            d.public_key = Some(vec![3; MAX_PUBLIC_KEY]);
+            d.user_data = Some(vec![1; NSM_MAX]);
+            d.nonce = Some(vec![2; NSM_MAX]);
+            d.public_key = Some(vec![3; NSM_MAX]);
         }),
         anchor: fx.anchor(),
         opts: opts(),
@@ -691,9 +693,9 @@ fn nsm_shapes_verify_with_their_fields_as_signed() {
     let null = v.verify(&fx.with_doc(|d| d.public_key = None), &opts()).expect("null public_key");
     assert_eq!(null.public_key(), None);
     let max = fx.with_doc(|d| {
-        d.user_data = Some(vec![1; MAX_USER_DATA]);
-        d.nonce = Some(vec![2; MAX_NONCE]);
-        d.public_key = Some(vec![3; MAX_PUBLIC_KEY]);
+        d.user_data = Some(vec![1; NSM_MAX]);
+        d.nonce = Some(vec![2; NSM_MAX]);
+        d.public_key = Some(vec![3; NSM_MAX]);
     });
     let att = v.verify(&max, &opts()).expect("1024 bytes each");
     assert_eq!((att.user_data(), att.nonce()), (Some(&[1u8; 1024][..]), Some(&[2u8; 1024][..])));

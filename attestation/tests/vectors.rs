@@ -228,7 +228,8 @@ struct Shape {
 }
 
 fn shapes() -> Vec<Shape> {
-    use keygate_attestation::document::{MAX_NONCE, MAX_PUBLIC_KEY, MAX_USER_DATA};
+    // What the NSM signs (docs/attestation.md), not the verifier's constants.
+    const NSM_MAX: usize = 1024;
     use keygate_attestation::AttestRequest;
     let image = || (0u8..3).map(|i| (i, vec![0xA0 + i; 48])).collect::<Vec<_>>();
     vec![
@@ -237,9 +238,9 @@ fn shapes() -> Vec<Shape> {
             kind: DocumentKind::Enclave,
             pcrs: image(),
             req: AttestRequest {
-                user_data: Some(vec![1; MAX_USER_DATA]),
-                nonce: Some(vec![2; MAX_NONCE]),
-                public_key: Some(vec![3; MAX_PUBLIC_KEY]),
+                user_data: Some(vec![1; NSM_MAX]),
+                nonce: Some(vec![2; NSM_MAX]),
+                public_key: Some(vec![3; NSM_MAX]),
             },
             pcr_count: 16,
         },
