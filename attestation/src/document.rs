@@ -1,6 +1,8 @@
-//! The attestation document payload and its parser, with every limit of AWS's attestation
-//! specification ("Nitro Enclaves attestation process", section "Attestation document
-//! specification") encoded.
+//! The attestation document payload and its parser. It decides which payloads are
+//! well-formed: every limit of AWS's attestation document specification ("Nitro Enclaves
+//! attestation process", section "Attestation document specification") is encoded, each set
+//! to what the NSM (enclave or NitroTPM) actually signs, so that a genuine document is never
+//! refused for its shape and nothing larger is accepted.
 //!
 //! The parser decides nothing about trust: it turns untrusted bytes into a typed
 //! [`ParsedDocument`] or a precise [`VerifyError`]. Only the verifier turns a parsed document
@@ -16,10 +18,24 @@ use crate::error::{Field, VerifyError};
 pub const MAX_PAYLOAD: usize = 16 * 1024;
 /// Largest certificate or cabundle entry (AWS spec).
 pub const MAX_CERT: usize = 1024;
-/// Largest `public_key` (AWS spec).
+
+// The three caller-supplied fields take the bounds of what the NSM signs, not the stricter
+// advice in the same AWS document's validation checklist (`public_key` 1–1024, `user_data`
+// and `nonce` 0–512): the NSM signs documents outside that advice, and refusing a genuine
+// document is a failure too. Source (docs/attestation.md, "Where the limits come from"): the
+// CDDL `user_data = bytes .size (0..1024)` that AWS's attestation document specification
+// uses for all three fields, and the NSM's own hardware test, which requests documents with
+// 1,024-byte `user_data`, `nonce` and `public_key`.
+
+/// Largest `public_key` the NSM signs.
 pub const MAX_PUBLIC_KEY: usize = 1024;
-/// Largest `user_data` and `nonce` (AWS spec).
-pub const MAX_USER_DATA: usize = 512;
+/// Smallest `public_key`: the NSM signs an empty byte string, which is "present but empty"
+/// (`Some(&[])`), not absent. Whether an empty key is usable is the protocol's decision.
+pub const MIN_PUBLIC_KEY: usize = 0;
+/// Largest `user_data` the NSM signs.
+pub const MAX_USER_DATA: usize = 1024;
+/// Largest `nonce` the NSM signs.
+pub const MAX_NONCE: usize = 1024;
 /// Largest number of PCRs (AWS spec).
 pub const MAX_PCRS: usize = 32;
 
@@ -70,6 +86,7 @@ pub struct ParsedDocument {
     pub(crate) pcrs: BTreeMap<u8, Vec<u8>>,
     pub(crate) certificate: Vec<u8>,
     pub(crate) cabundle: Vec<Vec<u8>>,
+    /// `None` when absent or null; `Some(empty)` when present as an empty byte string.
     pub(crate) public_key: Option<Vec<u8>>,
     pub(crate) user_data: Option<Vec<u8>>,
     pub(crate) nonce: Option<Vec<u8>>,
@@ -167,9 +184,9 @@ pub fn parse_payload(payload: &[u8], unknown: UnknownFields) -> Result<ParsedDoc
     }
     let cabundle = bundle.iter().map(|c| bytes(c, "cabundle", 1, MAX_CERT)).collect::<Result<Vec<_>, _>>()?;
 
-    let public_key = get("public_key").map(|v| bytes(v, "public_key", 1, MAX_PUBLIC_KEY)).transpose()?;
+    let public_key = get("public_key").map(|v| bytes(v, "public_key", MIN_PUBLIC_KEY, MAX_PUBLIC_KEY)).transpose()?;
     let user_data = get("user_data").map(|v| bytes(v, "user_data", 0, MAX_USER_DATA)).transpose()?;
-    let nonce = get("nonce").map(|v| bytes(v, "nonce", 0, MAX_USER_DATA)).transpose()?;
+    let nonce = get("nonce").map(|v| bytes(v, "nonce", 0, MAX_NONCE)).transpose()?;
 
     Ok(ParsedDocument {
         module_id,
@@ -228,4 +245,99 @@ fn parse_pcrs(v: &Value<'_>, field: Field) -> Result<BTreeMap<u8, Vec<u8>>, Veri
         }
     }
     Ok(pcrs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ciborium::Value as V;
+
+    /// A payload with every required field; `pcr_key` names the PCR map, `extra` sets or
+    /// replaces the optional fields. Certificates are opaque bytes here: the parser does not
+    /// read them.
+    fn payload(pcr_key: &str, pcrs: &[(u8, Vec<u8>)], extra: &[(&str, V)]) -> Vec<u8> {
+        let mut m = vec![
+            (V::Text("module_id".into()), V::Text("i-0123456789abcdef0-enc0123456789abcdef".into())),
+            (V::Text("digest".into()), V::Text("SHA384".into())),
+            (V::Text("timestamp".into()), V::Integer(1_795_478_400_000u64.into())),
+            (
+                V::Text(pcr_key.into()),
+                V::Map(pcrs.iter().map(|(i, v)| (V::Integer((*i).into()), V::Bytes(v.clone()))).collect()),
+            ),
+            (V::Text("certificate".into()), V::Bytes(vec![0x30; 600])),
+            (V::Text("cabundle".into()), V::Array(vec![V::Bytes(vec![0x30; 600]); 4])),
+            (V::Text("public_key".into()), V::Null),
+            (V::Text("user_data".into()), V::Null),
+            (V::Text("nonce".into()), V::Null),
+        ];
+        for (name, value) in extra {
+            let slot = m.iter_mut().find(|(k, _)| k.as_text() == Some(name)).expect("a defined field");
+            slot.1 = value.clone();
+        }
+        let mut out = Vec::new();
+        ciborium::ser::into_writer(&V::Map(m), &mut out).expect("encode");
+        out
+    }
+
+    fn enclave(extra: &[(&str, V)]) -> Result<ParsedDocument, VerifyError> {
+        let pcrs: Vec<(u8, Vec<u8>)> = (0u8..16).map(|i| (i, vec![i; 48])).collect();
+        parse_payload(&payload("pcrs", &pcrs, extra), UnknownFields::Refuse)
+    }
+
+    fn bytes_of(n: usize) -> V {
+        V::Bytes(vec![0xA5; n])
+    }
+
+    #[test]
+    fn the_limits_are_what_the_nsm_signs() {
+        assert_eq!((MAX_USER_DATA, MAX_NONCE, MIN_PUBLIC_KEY, MAX_PUBLIC_KEY), (1024, 1024, 0, 1024));
+    }
+
+    #[test]
+    fn user_data_nonce_and_public_key_of_the_nsm_maximum_parse_together() {
+        let d = enclave(&[("user_data", bytes_of(1024)), ("nonce", bytes_of(1024)), ("public_key", bytes_of(1024))])
+            .expect("1,024 bytes each, as the NSM signs");
+        assert_eq!(d.user_data.as_deref().map(<[u8]>::len), Some(1024));
+        assert_eq!(d.nonce.as_deref().map(<[u8]>::len), Some(1024));
+        assert_eq!(d.public_key.as_deref().map(<[u8]>::len), Some(1024));
+    }
+
+    #[test]
+    fn one_byte_over_the_nsm_maximum_is_refused_naming_the_field() {
+        for (field, max) in [("user_data", MAX_USER_DATA), ("nonce", MAX_NONCE), ("public_key", MAX_PUBLIC_KEY)] {
+            let min = if field == "public_key" { MIN_PUBLIC_KEY } else { 0 };
+            assert_eq!(
+                enclave(&[(field, bytes_of(max + 1))]),
+                Err(VerifyError::FieldSize { field, len: max + 1, min, max }),
+                "{field}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_empty_public_key_is_present_but_empty_not_absent() {
+        let empty = enclave(&[("public_key", V::Bytes(vec![]))]).expect("the NSM signs an empty public_key");
+        assert_eq!(empty.public_key, Some(Vec::new()));
+        let null = enclave(&[]).expect("null public_key");
+        assert_eq!(null.public_key, None);
+        // Empty user_data and nonce were already accepted; they stay distinct from null too.
+        let d = enclave(&[("user_data", V::Bytes(vec![])), ("nonce", V::Bytes(vec![]))]).expect("empty");
+        assert_eq!((d.user_data, d.nonce), (Some(Vec::new()), Some(Vec::new())));
+    }
+
+    #[test]
+    fn a_nitrotpm_document_of_the_real_shape_parses() {
+        // PCRs 0–23 of 48 bytes (SHA-384 bank), 17–22 all 0xFF; a 10-byte nonce.
+        let pcrs: Vec<(u8, Vec<u8>)> =
+            (0u8..24).map(|i| (i, if (17..=22).contains(&i) { vec![0xFF; 48] } else { vec![i; 48] })).collect();
+        for key_len in [65, 91] {
+            let p = payload("nitrotpm_pcrs", &pcrs, &[("public_key", bytes_of(key_len)), ("nonce", bytes_of(10))]);
+            let d = parse_payload(&p, UnknownFields::Refuse).expect("NitroTPM shape");
+            assert_eq!(d.kind, DocumentKind::NitroTpm);
+            assert_eq!(d.pcrs.len(), 24);
+            assert!((17..=22).all(|i| d.pcrs[&i] == [0xFF; 48]));
+            assert_eq!(d.public_key.as_deref().map(<[u8]>::len), Some(key_len));
+            assert_eq!(d.nonce.as_deref().map(<[u8]>::len), Some(10));
+        }
+    }
 }

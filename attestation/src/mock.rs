@@ -511,8 +511,11 @@ impl std::fmt::Debug for MockNsm {
 
 /// Number of PCRs a mock enclave document carries (as real NSM documents do).
 pub const ENCLAVE_PCRS: u8 = 16;
-/// Number of PCRs a mock NitroTPM document carries.
+/// Number of PCRs a mock NitroTPM document carries (0–23, as real NitroTPM documents do).
 pub const TPM_PCRS: u8 = 24;
+/// The NitroTPM PCRs that hold all-ones bytes (0xFF) in real documents: the TPM's
+/// dynamic-launch PCRs, which a TPM resets to all ones.
+pub const TPM_ONES_PCRS: [u8; 6] = [17, 18, 19, 20, 21, 22];
 
 impl MockNsm {
     /// A mock NSM for an enclave whose PCRs are `pcrs` (others zero, 48 bytes each).
@@ -520,13 +523,15 @@ impl MockNsm {
         Self::with_kind(seed, DocumentKind::Enclave, pcrs, clock)
     }
 
-    /// A mock NSM of either document kind.
+    /// A mock NSM of either document kind. PCRs not in `given` are 48 bytes of zeros, except
+    /// that a NitroTPM document's [`TPM_ONES_PCRS`] are all 0xFF, as real ones are.
     pub fn with_kind(seed: &[u8], kind: DocumentKind, given: BTreeMap<u8, Vec<u8>>, clock: Clock) -> Self {
-        let n = match kind {
-            DocumentKind::Enclave => ENCLAVE_PCRS,
-            DocumentKind::NitroTpm => TPM_PCRS,
+        let (n, ones) = match kind {
+            DocumentKind::Enclave => (ENCLAVE_PCRS, None),
+            DocumentKind::NitroTpm => (TPM_PCRS, Some(TPM_ONES_PCRS)),
         };
-        let mut pcrs: BTreeMap<u8, Vec<u8>> = (0..n).map(|i| (i, vec![0u8; 48])).collect();
+        let fill = |i: u8| if ones.as_ref().is_some_and(|r| r.contains(&i)) { 0xFF } else { 0 };
+        let mut pcrs: BTreeMap<u8, Vec<u8>> = (0..n).map(|i| (i, vec![fill(i); 48])).collect();
         pcrs.extend(given);
         Self {
             seed: seed.to_vec(),
@@ -662,6 +667,42 @@ mod tests {
         assert_eq!(ok.pcrs().len(), 16);
         let aws = Verifier::new(TrustAnchor::aws_nitro().expect("aws"));
         assert!(matches!(aws.verify(&doc, &VerifyOptions::at(T)), Err(VerifyError::RootMismatch { .. })));
+    }
+
+    #[test]
+    fn attests_each_caller_field_up_to_the_nsm_maximum_and_refuses_one_more() {
+        // What the NSM signs (docs/attestation.md), not the verifier's constants.
+        const NSM_MAX: usize = 1024;
+        let nsm = MockNsm::new(b"seed", BTreeMap::from([(0, vec![1u8; 48])]), Arc::new(|| T));
+        let max = AttestRequest {
+            user_data: Some(vec![1; NSM_MAX]),
+            nonce: Some(vec![2; NSM_MAX]),
+            public_key: Some(vec![3; NSM_MAX]),
+        };
+        let doc = nsm.attest(&max).expect("1024 bytes each");
+        let att = Verifier::new(nsm.root_anchor()).verify(&doc, &VerifyOptions::at(T)).expect("verifies");
+        assert_eq!(att.public_key().map(<[u8]>::len), Some(1024));
+        let empty_key = AttestRequest { public_key: Some(vec![]), ..Default::default() };
+        let doc = nsm.attest(&empty_key).expect("empty public_key");
+        let att = Verifier::new(nsm.root_anchor()).verify(&doc, &VerifyOptions::at(T)).expect("verifies");
+        assert_eq!(att.public_key(), Some(&[][..]));
+        let over = |f: fn(&mut AttestRequest)| {
+            let mut r = max.clone();
+            f(&mut r);
+            nsm.attest(&r).map(|_| ())
+        };
+        assert_eq!(over(|r| r.user_data = Some(vec![0; 1025])), Err(NsmError::TooLarge("user_data")));
+        assert_eq!(over(|r| r.nonce = Some(vec![0; 1025])), Err(NsmError::TooLarge("nonce")));
+        assert_eq!(over(|r| r.public_key = Some(vec![0; 1025])), Err(NsmError::TooLarge("public_key")));
+    }
+
+    #[test]
+    fn nitrotpm_documents_have_the_real_pcr_shape() {
+        let nsm = MockNsm::with_kind(b"seed", DocumentKind::NitroTpm, BTreeMap::new(), Arc::new(|| T));
+        assert_eq!(nsm.pcrs().len(), 24);
+        assert!(nsm.pcrs().iter().all(|(i, v)| *v == [if (17..=22).contains(i) { 0xFF } else { 0 }; 48]));
+        let enclave = MockNsm::new(b"seed", BTreeMap::new(), Arc::new(|| T));
+        assert!(enclave.pcrs().values().all(|v| *v == [0; 48]), "enclave PCRs unchanged");
     }
 
     #[test]

@@ -9,11 +9,11 @@ use std::fmt;
 /// What an attestation document should carry.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AttestRequest {
-    /// `user_data` (≤ 512 bytes).
+    /// `user_data` (≤ [`MAX_USER_DATA`](crate::document::MAX_USER_DATA) bytes).
     pub user_data: Option<Vec<u8>>,
-    /// `nonce` (≤ 512 bytes).
+    /// `nonce` (≤ [`MAX_NONCE`](crate::document::MAX_NONCE) bytes).
     pub nonce: Option<Vec<u8>>,
-    /// `public_key` (≤ 1024 bytes).
+    /// `public_key` (≤ [`MAX_PUBLIC_KEY`](crate::document::MAX_PUBLIC_KEY) bytes; may be empty).
     pub public_key: Option<Vec<u8>>,
 }
 
@@ -66,7 +66,7 @@ pub(crate) fn check_request(req: &AttestRequest) -> Result<(), NsmError> {
     if req.user_data.as_ref().is_some_and(|v| v.len() > crate::document::MAX_USER_DATA) {
         return Err(NsmError::TooLarge("user_data"));
     }
-    if req.nonce.as_ref().is_some_and(|v| v.len() > crate::document::MAX_USER_DATA) {
+    if req.nonce.as_ref().is_some_and(|v| v.len() > crate::document::MAX_NONCE) {
         return Err(NsmError::TooLarge("nonce"));
     }
     if req.public_key.as_ref().is_some_and(|v| v.len() > crate::document::MAX_PUBLIC_KEY) {

@@ -120,7 +120,9 @@ impl VerifiedAttestation {
     pub fn pcr(&self, index: u8) -> Option<&[u8]> {
         self.pcrs.get(&index).map(Vec::as_slice)
     }
-    /// The `public_key` field, if present.
+    /// The `public_key` field: `None` when absent or null, `Some(&[])` when the document
+    /// carries an empty byte string (the NSM signs those). A protocol that needs a key must
+    /// check what it gets (keygate's key release refuses anything but a valid P-384 point).
     pub fn public_key(&self) -> Option<&[u8]> {
         self.public_key.as_deref()
     }

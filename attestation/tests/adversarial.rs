@@ -18,9 +18,17 @@ use p384::ecdsa::SigningKey;
 /// 2026-11-24T05:00:01.234Z
 const T: u64 = 1_795_478_400_000 + 5 * 3_600_000 + 1234;
 const SEED: &[u8] = b"adversarial";
+/// The most `user_data`, `nonce` and `public_key` bytes the NSM signs (docs/attestation.md),
+/// written out rather than taken from the verifier's constants so that a wrong constant fails.
+const NSM_MAX: usize = 1024;
 
 fn pcrs() -> BTreeMap<u8, Vec<u8>> {
     (0u8..16).map(|i| (i, if i < 3 { vec![i + 1; 48] } else { vec![0; 48] })).collect()
+}
+
+/// PCRs as a real NitroTPM document carries them: 0-23, SHA-384 (48 bytes), 17-22 all 0xFF.
+fn nitrotpm_pcrs() -> BTreeMap<u8, Vec<u8>> {
+    (0u8..24).map(|i| (i, if mock::TPM_ONES_PCRS.contains(&i) { vec![0xFF; 48] } else { vec![i + 1; 48] })).collect()
 }
 
 fn doc_for(pki: &MockPki, chain: &Chain) -> MockDocument {
@@ -314,30 +322,62 @@ fn cases() -> Vec<Case> {
         ),
         VerifyError::DuplicatePcr(0),
     ));
+    // user_data, nonce and public_key: exactly what the NSM signs (0..=1024 bytes each, an
+    // empty public_key included), and one byte more refused.
+    v.push(Case {
+        name: "user_data, nonce and public_key of 1024 bytes each verify",
+        doc: fx.with_doc(|d| {
+            d.user_data = Some(vec![1; NSM_MAX]);
+            d.nonce = Some(vec![2; NSM_MAX]);
+            d.public_key = Some(vec![3; NSM_MAX]);
+        }),
+        anchor: fx.anchor(),
+        opts: opts(),
+        expect: Ok(()),
+    });
+    v.push(Case {
+        name: "empty public_key verifies",
+        doc: fx.with_doc(|d| d.public_key = Some(vec![])),
+        anchor: fx.anchor(),
+        opts: opts(),
+        expect: Ok(()),
+    });
     v.push(case(
-        "user_data of 513 bytes",
+        "user_data of 1025 bytes",
         &fx,
-        fx.with_doc(|d| d.user_data = Some(vec![0; 513])),
-        VerifyError::FieldSize { field: "user_data", len: 513, min: 0, max: 512 },
+        fx.with_doc(|d| d.user_data = Some(vec![0; 1025])),
+        VerifyError::FieldSize { field: "user_data", len: 1025, min: 0, max: 1024 },
     ));
     v.push(case(
-        "nonce of 513 bytes",
+        "nonce of 1025 bytes",
         &fx,
-        fx.with_doc(|d| d.nonce = Some(vec![0; 513])),
-        VerifyError::FieldSize { field: "nonce", len: 513, min: 0, max: 512 },
+        fx.with_doc(|d| d.nonce = Some(vec![0; 1025])),
+        VerifyError::FieldSize { field: "nonce", len: 1025, min: 0, max: 1024 },
     ));
     v.push(case(
         "public_key of 1025 bytes",
         &fx,
         fx.with_doc(|d| d.public_key = Some(vec![0; 1025])),
-        VerifyError::FieldSize { field: "public_key", len: 1025, min: 1, max: 1024 },
+        VerifyError::FieldSize { field: "public_key", len: 1025, min: 0, max: 1024 },
     ));
-    v.push(case(
-        "empty public_key",
-        &fx,
-        fx.with_doc(|d| d.public_key = Some(vec![])),
-        VerifyError::FieldSize { field: "public_key", len: 0, min: 1, max: 1024 },
-    ));
+    // NitroTPM as AWS signs it: PCRs 0-23 of 48 bytes with 17-22 all 0xFF, a 65- or 91-byte
+    // public_key, a 10-byte nonce.
+    for (name, key_len) in
+        [("NitroTPM shape, 65-byte public_key, verifies", 65), ("NitroTPM shape, 91-byte public_key, verifies", 91)]
+    {
+        v.push(Case {
+            name,
+            doc: fx.with_doc(|d| {
+                d.kind = DocumentKind::NitroTpm;
+                d.pcrs = nitrotpm_pcrs();
+                d.public_key = Some(vec![4; key_len]);
+                d.nonce = Some(vec![5; 10]);
+            }),
+            anchor: fx.anchor(),
+            opts: opts(),
+            expect: Ok(()),
+        });
+    }
     v.push(case(
         "certificate of 1025 bytes",
         &fx,
@@ -642,6 +682,34 @@ fn nitrotpm_documents_verify_and_say_so() {
     let att = Verifier::new(fx.anchor()).verify(&doc, &opts()).expect("tpm doc");
     assert_eq!(att.kind(), DocumentKind::NitroTpm);
     assert_eq!(att.pcr(0), Some(&[1u8; 48][..]));
+}
+
+#[test]
+fn nsm_shapes_verify_with_their_fields_as_signed() {
+    let fx = Fx::new();
+    let v = Verifier::new(fx.anchor());
+    let empty = v.verify(&fx.with_doc(|d| d.public_key = Some(vec![])), &opts()).expect("empty public_key");
+    assert_eq!(empty.public_key(), Some(&[][..]), "present but empty, not absent");
+    let null = v.verify(&fx.with_doc(|d| d.public_key = None), &opts()).expect("null public_key");
+    assert_eq!(null.public_key(), None);
+    let max = fx.with_doc(|d| {
+        d.user_data = Some(vec![1; NSM_MAX]);
+        d.nonce = Some(vec![2; NSM_MAX]);
+        d.public_key = Some(vec![3; NSM_MAX]);
+    });
+    let att = v.verify(&max, &opts()).expect("1024 bytes each");
+    assert_eq!((att.user_data(), att.nonce()), (Some(&[1u8; 1024][..]), Some(&[2u8; 1024][..])));
+    assert_eq!(att.public_key(), Some(&[3u8; 1024][..]));
+    let tpm = fx.with_doc(|d| {
+        d.kind = DocumentKind::NitroTpm;
+        d.pcrs = nitrotpm_pcrs();
+        d.public_key = Some(vec![4; 91]);
+        d.nonce = Some(vec![5; 10]);
+    });
+    let att = v.verify(&tpm, &opts()).expect("NitroTPM shape");
+    assert_eq!((att.kind(), att.pcrs().len()), (DocumentKind::NitroTpm, 24));
+    assert!(mock::TPM_ONES_PCRS.iter().all(|&i| att.pcr(i) == Some(&[0xFF; 48][..])));
+    assert_eq!((att.public_key().map(<[u8]>::len), att.nonce()), (Some(91), Some(&[5u8; 10][..])));
 }
 
 #[test]

@@ -22,9 +22,10 @@ proptest! {
         // 2020-01-01 .. 2040-01-01
         t in 1_577_836_800_000u64..2_208_988_800_000,
         pcrs in proptest::collection::btree_map(0u8..16, pcr_value(), 0..6),
-        nonce in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..=512)),
-        user_data in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..=512)),
-        public_key in proptest::option::of(proptest::collection::vec(any::<u8>(), 1..=1024)),
+        // Every length the NSM signs: 0..=1024 bytes each (an empty public_key included).
+        nonce in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..=1024)),
+        user_data in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..=1024)),
+        public_key in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..=1024)),
         tpm in any::<bool>(),
     ) {
         let kind = if tpm { DocumentKind::NitroTpm } else { DocumentKind::Enclave };

@@ -215,3 +215,84 @@ fn single_bit_flips_in_each_region_name_the_cause() {
         }
     }
 }
+
+/// One shape of document the NSM signs, produced by the mock NSM through `Nsm::attest` (the
+/// same request path as the hardware NSM), with the fields the verifier must report.
+struct Shape {
+    name: &'static str,
+    kind: DocumentKind,
+    /// PCRs set on top of the mock's defaults (NitroTPM: 0–23, 17–22 all 0xFF).
+    pcrs: Vec<(u8, Vec<u8>)>,
+    req: keygate_attestation::AttestRequest,
+    pcr_count: usize,
+}
+
+fn shapes() -> Vec<Shape> {
+    // What the NSM signs (docs/attestation.md), not the verifier's constants.
+    const NSM_MAX: usize = 1024;
+    use keygate_attestation::AttestRequest;
+    let image = || (0u8..3).map(|i| (i, vec![0xA0 + i; 48])).collect::<Vec<_>>();
+    vec![
+        Shape {
+            name: "enclave, user_data, nonce and public_key of 1024 bytes each",
+            kind: DocumentKind::Enclave,
+            pcrs: image(),
+            req: AttestRequest {
+                user_data: Some(vec![1; NSM_MAX]),
+                nonce: Some(vec![2; NSM_MAX]),
+                public_key: Some(vec![3; NSM_MAX]),
+            },
+            pcr_count: 16,
+        },
+        Shape {
+            name: "enclave, empty public_key",
+            kind: DocumentKind::Enclave,
+            pcrs: image(),
+            req: AttestRequest { public_key: Some(vec![]), nonce: Some(vec![2; 32]), ..Default::default() },
+            pcr_count: 16,
+        },
+        Shape {
+            name: "NitroTPM, 65-byte public_key, 10-byte nonce",
+            kind: DocumentKind::NitroTpm,
+            pcrs: image(),
+            req: AttestRequest { public_key: Some(vec![4; 65]), nonce: Some(vec![5; 10]), ..Default::default() },
+            pcr_count: 24,
+        },
+        Shape {
+            name: "NitroTPM, 91-byte public_key, 10-byte nonce",
+            kind: DocumentKind::NitroTpm,
+            pcrs: image(),
+            req: AttestRequest { public_key: Some(vec![4; 91]), nonce: Some(vec![5; 10]), ..Default::default() },
+            pcr_count: 24,
+        },
+    ]
+}
+
+#[test]
+fn every_shape_the_nsm_signs_verifies_with_its_fields_on_every_backend() {
+    use keygate_attestation::mock::{MockNsm, TPM_ONES_PCRS};
+    use keygate_attestation::Nsm;
+    for s in shapes() {
+        let nsm =
+            MockNsm::with_kind(b"shapes", s.kind, s.pcrs.iter().cloned().collect(), std::sync::Arc::new(|| TODAY_MS));
+        let doc = nsm.attest(&s.req).unwrap_or_else(|e| panic!("{}: {e}", s.name));
+        for b in all_backends() {
+            let att = Verifier::with_crypto(nsm.root_anchor(), b)
+                .verify(&doc, &VerifyOptions::at(TODAY_MS))
+                .unwrap_or_else(|e| panic!("{} on {}: {e}", s.name, b.name()));
+            assert_eq!(att.kind(), s.kind, "{}", s.name);
+            assert_eq!(att.pcrs().len(), s.pcr_count, "{}", s.name);
+            assert_eq!(
+                (att.user_data(), att.nonce(), att.public_key()),
+                (s.req.user_data.as_deref(), s.req.nonce.as_deref(), s.req.public_key.as_deref()),
+                "{}",
+                s.name
+            );
+            if s.kind == DocumentKind::NitroTpm {
+                let ones: Vec<u8> =
+                    att.pcrs().iter().filter(|(_, v)| v.iter().all(|&b| b == 0xFF)).map(|(i, _)| *i).collect();
+                assert_eq!(ones, TPM_ONES_PCRS.to_vec(), "{}", s.name);
+            }
+        }
+    }
+}
