@@ -41,8 +41,17 @@ impl Kre {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+    /// The release channel.
     fn addr(&self) -> String {
         format!("unix:{}", self.1.display())
+    }
+    /// The parent channel (state, audit, status, policy delivery).
+    fn parent(&self) -> String {
+        format!("unix:{}.parent", self.1.display())
+    }
+    /// The custodian channel (unseal, reshare).
+    fn custodian(&self) -> String {
+        format!("unix:{}.custodian", self.1.display())
     }
 }
 
@@ -120,7 +129,7 @@ fn unseal(d: &Path, kre: &Kre, custodian: &str, expect_pcr: u8) -> Output {
         "custodian",
         "unseal",
         "--kre",
-        &kre.addr(),
+        &kre.custodian(),
         "--key",
         &s(&d.join(format!("{custodian}.pem"))),
         "--root",
@@ -170,10 +179,10 @@ fn kill_restart_and_two_of_three_unseal_keep_the_data_keys() {
 
     // A fresh KRE with custodians is sealed; the parent has nothing to hand it.
     refused(fetch(&kre, &d.join("k0")), "sealed");
-    refused(keygate(&["state", "sync", "--kre", &kre.addr(), "--state-dir", &s(&state)]), "custodian init");
-    let out = ok(keygate(&["custodian", "init", "--kre", &kre.addr(), "--state-dir", &s(&state)]));
+    refused(keygate(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&state)]), "custodian init");
+    let out = ok(keygate(&["custodian", "init", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
     assert!(out.contains("generation 1 stored"), "{out}");
-    refused(keygate(&["custodian", "init", "--kre", &kre.addr(), "--state-dir", &s(&state)]), "genesis refused");
+    refused(keygate(&["custodian", "init", "--kre", &kre.parent(), "--state-dir", &s(&state)]), "genesis refused");
     ok(fetch(&kre, &d.join("k1")));
     let key1 = std::fs::read(d.join("k1/etcd.key")).expect("key");
     assert_eq!(key1.len(), 32);
@@ -184,7 +193,7 @@ fn kill_restart_and_two_of_three_unseal_keep_the_data_keys() {
     let kre = start_kre(d, ("--policy", &d.join("policy.json")));
     refused(fetch(&kre, &d.join("k2")), "sealed");
     refused(unseal(d, &kre, "c1", KRE_PCR), "awaiting_state");
-    let out = ok(keygate(&["state", "sync", "--kre", &kre.addr(), "--state-dir", &s(&state)]));
+    let out = ok(keygate(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
     assert!(out.contains("handed stored generation 1"), "{out}");
     // A custodian expecting another KRE image refuses.
     refused(unseal(d, &kre, "c3", 0x4c), "PCR");
@@ -210,7 +219,7 @@ fn kill_restart_and_two_of_three_unseal_keep_the_data_keys() {
     std::fs::write(&cur, &bad).expect("tamper");
     // The store falls back to the previous generation if there is one; with only one
     // generation the damaged file leaves nothing intact.
-    refused(keygate(&["state", "sync", "--kre", &kre.addr(), "--state-dir", &s(&state)]), "no intact sealed state");
+    refused(keygate(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&state)]), "no intact sealed state");
     std::fs::write(&cur, &good).expect("restore");
 
     // Nothing the parent or the custodians wrote holds the data key.
@@ -247,7 +256,7 @@ fn the_policy_head_survives_a_restart_and_a_withheld_bundle_blocks_releases() {
     let state = p("state");
     let store = p("bundles");
     let kre = start_kre(d, ("--genesis", &p("genesis.bundle")));
-    ok(keygate(&["custodian", "init", "--kre", &kre.addr(), "--state-dir", &s(&state)]));
+    ok(keygate(&["custodian", "init", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
     let cp = (0..3).map(|i| format!("{i}={}", hex48(CP_PCR))).collect::<Vec<_>>().join(",");
     ok(keygate(&[
         "policy",
@@ -262,21 +271,21 @@ fn the_policy_head_survives_a_restart_and_a_withheld_bundle_blocks_releases() {
     ok(keygate(&["policy", "sign", &s(&p("v2.proposal")), "--key", &s(&p("a1.pem")), "--yes", "-o", &s(&p("sig"))]));
     ok(keygate(&["policy", "assemble", &s(&p("v2.proposal")), &s(&p("sig")), "-o", &s(&p("v2.bundle"))]));
     // Pushed without storing the state: the new cluster's KEK is not usable yet.
-    ok(keygate(&["policy", "push", &s(&p("v2.bundle")), "--kre", &kre.addr(), "--store", &s(&store)]));
+    ok(keygate(&["policy", "push", &s(&p("v2.bundle")), "--kre", &kre.parent(), "--store", &s(&store)]));
     refused(fetch(&kre, &p("k0")), "state_pending");
-    let out = ok(keygate(&["state", "sync", "--kre", &kre.addr(), "--state-dir", &s(&state)]));
+    let out = ok(keygate(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
     assert!(out.contains("committed generation 2"), "{out}");
     ok(fetch(&kre, &p("k1")));
     let key1 = std::fs::read(p("k1/etcd.key")).expect("key");
 
     kre.kill();
     let kre = start_kre(d, ("--genesis", &p("genesis.bundle")));
-    ok(keygate(&["state", "sync", "--kre", &kre.addr(), "--state-dir", &s(&state)]));
+    ok(keygate(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
     ok(unseal(d, &kre, "c1", KRE_PCR));
     ok(unseal(d, &kre, "c2", KRE_PCR));
     // The parent has not replayed v2 (withheld): the sealed state says v2 was accepted.
     refused(fetch(&kre, &p("k2")), "policy_stale");
-    let out = ok(keygate(&["policy", "restore", "--kre", &kre.addr(), "--store", &s(&store)]));
+    let out = ok(keygate(&["policy", "restore", "--kre", &kre.parent(), "--store", &s(&store)]));
     assert!(out.contains("restored 1 bundle(s)"), "{out}");
     ok(fetch(&kre, &p("k3")));
     assert_eq!(std::fs::read(p("k3/etcd.key")).expect("key"), key1);
@@ -296,7 +305,7 @@ fn reshare_to_new_custodians_approved_by_two_old_ones_survives_a_restart_with_th
     std::fs::write(d.join("policy.json"), policy.to_string()).expect("policy");
     let state = d.join("state");
     let kre = start_kre(d, ("--policy", &d.join("policy.json")));
-    ok(keygate(&["custodian", "init", "--kre", &kre.addr(), "--state-dir", &s(&state)]));
+    ok(keygate(&["custodian", "init", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
     ok(fetch(&kre, &d.join("k1")));
     let key1 = std::fs::read(d.join("k1/etcd.key")).expect("key");
 
@@ -304,7 +313,7 @@ fn reshare_to_new_custodians_approved_by_two_old_ones_survives_a_restart_with_th
         "custodian",
         "reshare",
         "--kre",
-        &kre.addr(),
+        &kre.custodian(),
         "--new-custodian",
         &s(&d.join("d1.pub.pem")),
         "--new-custodian",
@@ -326,7 +335,7 @@ fn reshare_to_new_custodians_approved_by_two_old_ones_survives_a_restart_with_th
             "custodian",
             "unseal",
             "--kre",
-            &kre.addr(),
+            &kre.custodian(),
             "--key",
             &s(&d.join(format!("{c}.pem"))),
             "--root",
@@ -339,14 +348,14 @@ fn reshare_to_new_custodians_approved_by_two_old_ones_survives_a_restart_with_th
     };
     assert!(ok(approve("c1")).contains("1 of 2"));
     assert!(ok(approve("c3")).contains("new state key"));
-    let out = ok(keygate(&["state", "sync", "--kre", &kre.addr(), "--state-dir", &s(&state)]));
+    let out = ok(keygate(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
     assert!(out.contains("committed generation 2"), "{out}");
     ok(fetch(&kre, &d.join("k2")));
 
     // The image for the new set: its custodians unseal it; the old ones cannot.
     kre.kill();
     let kre = start_kre_with(d, ("--policy", &d.join("policy.json")), &["d1", "d2"], 2);
-    ok(keygate(&["state", "sync", "--kre", &kre.addr(), "--state-dir", &s(&state)]));
+    ok(keygate(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
     refused(unseal(d, &kre, "c2", KRE_PCR), "not a custodian");
     assert!(ok(unseal(d, &kre, "d2", KRE_PCR)).contains("1 of 2"));
     assert!(ok(unseal(d, &kre, "d1", KRE_PCR)).contains("unsealed generation 2"));
@@ -383,23 +392,23 @@ fn no_kek_share_state_key_or_data_key_in_any_output_log_or_file() {
         o
     };
     let kre = start_kre(d, ("--policy", &d.join("policy.json")));
-    ok(traced(&["custodian", "init", "--kre", &kre.addr(), "--state-dir", &s(&state)]));
+    ok(traced(&["custodian", "init", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
     // The policy's KEK version 2 is made after genesis and stored with the next generation.
-    let out = ok(traced(&["state", "sync", "--kre", &kre.addr(), "--state-dir", &s(&state)]));
+    let out = ok(traced(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
     assert!(out.contains("committed generation 2"), "{out}");
     let a = fetch_args(&kre.addr(), &d.join("keys-1"), &["etcd", "other"], 0);
     ok(traced(&a.iter().map(String::as_str).collect::<Vec<_>>()));
-    ok(traced(&["status", "--kre", &kre.addr()]));
-    ok(traced(&["audit", "pull", "--kre", &kre.addr(), "--dir", &s(&d.join("audit-1"))]));
+    ok(traced(&["status", "--kre", &kre.parent()]));
+    ok(traced(&["audit", "pull", "--kre", &kre.parent(), "--dir", &s(&d.join("audit-1"))]));
     kre.kill();
     let kre = start_kre(d, ("--policy", &d.join("policy.json")));
-    ok(traced(&["state", "sync", "--kre", &kre.addr(), "--state-dir", &s(&state)]));
+    ok(traced(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
     for c in ["c1", "c3"] {
         ok(traced(&[
             "custodian",
             "unseal",
             "--kre",
-            &kre.addr(),
+            &kre.custodian(),
             "--key",
             &s(&d.join(format!("{c}.pem"))),
             "--root",
@@ -410,7 +419,7 @@ fn no_kek_share_state_key_or_data_key_in_any_output_log_or_file() {
     }
     let a = fetch_args(&kre.addr(), &d.join("keys-2"), &["etcd", "other"], 0);
     ok(traced(&a.iter().map(String::as_str).collect::<Vec<_>>()));
-    ok(traced(&["audit", "pull", "--kre", &kre.addr(), "--dir", &s(&d.join("audit-2"))]));
+    ok(traced(&["audit", "pull", "--kre", &kre.parent(), "--dir", &s(&d.join("audit-2"))]));
     drop(kre);
 
     // The secrets, recovered as two custodians could.
@@ -492,7 +501,7 @@ fn a_client_retrying_through_a_kre_kill_and_unseal_gets_the_same_keys() {
     std::fs::write(d.join("policy.json"), policy.to_string()).expect("policy");
     let state = d.join("state");
     let kre = start_kre(d, ("--policy", &d.join("policy.json")));
-    ok(keygate(&["custodian", "init", "--kre", &kre.addr(), "--state-dir", &s(&state)]));
+    ok(keygate(&["custodian", "init", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
     ok(fetch(&kre, &d.join("k1")));
     let key1 = std::fs::read(d.join("k1/etcd.key")).expect("key");
     let addr = kre.addr();
@@ -510,7 +519,7 @@ fn a_client_retrying_through_a_kre_kill_and_unseal_gets_the_same_keys() {
     std::thread::sleep(Duration::from_millis(700));
     let kre = start_kre(d, ("--policy", &d.join("policy.json")));
     std::thread::sleep(Duration::from_millis(500)); // the client now meets a sealed KRE
-    ok(keygate(&["state", "sync", "--kre", &kre.addr(), "--state-dir", &s(&state)]));
+    ok(keygate(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
     ok(unseal(d, &kre, "c1", KRE_PCR));
     ok(unseal(d, &kre, "c2", KRE_PCR));
     let start = Instant::now();

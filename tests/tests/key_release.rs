@@ -95,6 +95,11 @@ impl Kre {
     fn addr(&self) -> String {
         format!("unix:{}", self.sock.display())
     }
+
+    /// The parent channel (state, audit, status, policy delivery).
+    fn parent(&self) -> String {
+        format!("unix:{}.parent", self.sock.display())
+    }
 }
 
 fn fetch_args(kre: &str, cluster: &str, pcr: u8, out: &Path) -> Vec<String> {
@@ -564,17 +569,17 @@ fn audit_trail_records_decisions_fails_closed_and_verifies_offline() {
         }
     }
     assert!(full, "the KRE must refuse releases once its audit buffer is full");
-    let status = keygate(&["status", "--kre", &kre.addr()]);
+    let status = keygate(&["status", "--kre", &kre.parent()]);
     let j: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
     assert_eq!(j["audit"]["full"], true, "{j}");
 
-    let o = keygate(&["audit", "pull", "--kre", &kre.addr(), "--dir", &s(&trail)]);
+    let o = keygate(&["audit", "pull", "--kre", &kre.parent(), "--dir", &s(&trail)]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &kre.dir.path().join("after"))).status.success(),
         "released again after the pull"
     );
-    let o = keygate(&["audit", "pull", "--kre", &kre.addr(), "--dir", &s(&trail)]);
+    let o = keygate(&["audit", "pull", "--kre", &kre.parent(), "--dir", &s(&trail)]);
     assert!(o.status.success(), "{}", stderr(&o));
 
     assert!(keygate(&["attestation", "mock-root", "--seed", SEED, "-o", &s(&root)]).status.success());

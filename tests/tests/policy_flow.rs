@@ -151,7 +151,7 @@ fn pipeline_flow_against_a_running_kre() {
     }
     ok(keygate(&["policy", "assemble", &s(&p("v2.proposal")), &s(&p("s1")), "-o", &s(&p("v2-one.bundle"))]));
     refused(
-        keygate(&["policy", "push", &s(&p("v2-one.bundle")), "--kre", &format!("unix:{}", kre.1.display())]),
+        keygate(&["policy", "push", &s(&p("v2-one.bundle")), "--kre", &format!("unix:{}.parent", kre.1.display())]),
         "policy_refused: 1 valid approver signature(s), 2 required",
     );
     ok(keygate(&["policy", "assemble", &s(&p("v2.proposal")), &s(&p("s1")), &s(&p("s3")), "-o", &s(&p("v2.bundle"))]));
@@ -161,7 +161,7 @@ fn pipeline_flow_against_a_running_kre() {
         "push",
         &s(&p("v2.bundle")),
         "--kre",
-        &format!("unix:{}", kre.1.display()),
+        &format!("unix:{}.parent", kre.1.display()),
         "--store",
         &s(&store),
     ]));
@@ -206,7 +206,7 @@ fn pipeline_flow_against_a_running_kre() {
         "push",
         &s(&p("v3.bundle")),
         "--kre",
-        &format!("unix:{}", kre.1.display()),
+        &format!("unix:{}.parent", kre.1.display()),
         "--store",
         &s(&store),
     ]));
@@ -215,9 +215,9 @@ fn pipeline_flow_against_a_running_kre() {
     ok(fetch(&kre, 0xb, &p("k5")));
 
     // Replay and rollback are refused.
-    refused(keygate(&["policy", "push", &s(&p("v3.bundle")), "--kre", &format!("unix:{}", kre.1.display())]), "replay");
+    refused(keygate(&["policy", "push", &s(&p("v3.bundle")), "--kre", &format!("unix:{}.parent", kre.1.display())]), "replay");
     refused(
-        keygate(&["policy", "push", &s(&p("v2.bundle")), "--kre", &format!("unix:{}", kre.1.display())]),
+        keygate(&["policy", "push", &s(&p("v2.bundle")), "--kre", &format!("unix:{}.parent", kre.1.display())]),
         "rollback",
     );
 
@@ -225,7 +225,7 @@ fn pipeline_flow_against_a_running_kre() {
     drop(kre);
     let kre = start_kre(d, &p("genesis.bundle"));
     refused(fetch(&kre, 0xb, &p("k6")), "unknown_cluster");
-    let out = ok(keygate(&["policy", "restore", "--kre", &format!("unix:{}", kre.1.display()), "--store", &s(&store)]));
+    let out = ok(keygate(&["policy", "restore", "--kre", &format!("unix:{}.parent", kre.1.display()), "--store", &s(&store)]));
     assert!(out.contains("restored 2 bundle(s)"), "{out}");
     refused(fetch(&kre, 0xa, &p("k7")), "image_not_allowed");
     // Fail-safe: a KRE without sealed state cannot know when v2 was first accepted, so the
