@@ -608,6 +608,107 @@ fn audit_trail_records_decisions_fails_closed_and_verifies_offline() {
     assert_ne!(o.status.code(), Some(0), "tampered trail accepted");
 }
 
+// ---- channels: the administrative frames are not reachable from the release side ----
+
+fn start_proxy(listen: &Path, to: &str, extra: &[&str]) -> Child {
+    let mut p = Command::new(bin("keygate"))
+        .args(["proxy", "--listen", &format!("unix:{}", listen.display()), "--to", to])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("proxy");
+    let start = Instant::now();
+    while std::os::unix::net::UnixStream::connect(listen).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10), "proxy did not start");
+        if let Ok(Some(st)) = p.try_wait() {
+            panic!("proxy exited: {st}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p
+}
+
+fn first_answer(sock: &Path, frame: &[u8]) -> Message {
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    send(&mut s, frame);
+    recv(&mut s)
+}
+
+/// Every administrative frame sent by an anonymous client — through the proxy, or straight to
+/// the KRE's release socket — is refused `wrong_channel`, and has no effect: the audit
+/// entries it would have acknowledged away are still there for the parent.
+#[test]
+fn administrative_frames_are_refused_on_the_release_side() {
+    let kre = Kre::start(&[]);
+    let out = kre.dir.path().join("k");
+    assert!(run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &out)).status.success());
+    let psock = kre.dir.path().join("proxy.sock");
+    let mut proxy = start_proxy(&psock, &kre.addr(), &[]);
+    let admin = [
+        Message::AuditAck { up_to_seq: u64::MAX },
+        Message::AuditPull { after_seq: 0, max: 10 },
+        Message::StateCommit { generation: 1, blob_sha384: [0; 48] },
+        Message::StatePoll,
+        Message::StateGenesis,
+        Message::StateLoad { blob: vec![1], shares: vec![1], genesis_attestation: vec![1] },
+        Message::Status,
+        Message::PolicyPush { bundle: vec![1] },
+        Message::UnsealHello { client_nonce: [1; 32] },
+        Message::ReshareStart { set: vec![1] },
+    ];
+    for m in &admin {
+        let frame = m.encode().expect("enc");
+        for sock in [&psock, &kre.sock] {
+            let (code, reason) = denial(first_answer(sock, &frame));
+            assert_eq!(code, DenyCode::WrongChannel, "{} via {}: {reason}", m.name(), sock.display());
+        }
+    }
+    // The parent's own channel still has every entry: nothing was acknowledged away.
+    let status = keygate(&["status", "--kre", &kre.parent()]);
+    let j: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
+    assert_eq!(j["audit"]["acked_up_to"], 0, "{j}");
+    let _ = proxy.kill();
+    let plog = proxy.wait_with_output().expect("proxy output");
+    let plog = String::from_utf8_lossy(&plog.stderr);
+    assert!(plog.contains("first frame refused"), "{plog}");
+
+    // A proxy never forwards the parent channel.
+    let o = keygate(&["proxy", "--listen", "unix:/nonexistent/x", "--to", &kre.parent(), "--channel", "parent"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("the parent channel is never proxied"), "{}", stderr(&o));
+}
+
+/// A second KRE (or a proxy) started on a socket a live process serves exits with an error
+/// and leaves the live one serving; a stale socket of a killed process is taken over.
+#[test]
+fn a_second_kre_cannot_take_over_a_live_socket() {
+    let kre = Kre::start(&[]);
+    let policy = kre.dir.path().join("policy.json");
+    let second = run_with_limit(
+        Command::new(bin("keygate-enclave")).args([
+            "--listen",
+            &kre.addr(),
+            "--policy",
+            policy.to_str().expect("utf8"),
+            "--nsm",
+            "mock",
+            "--mock-seed",
+            SEED,
+        ]),
+        Duration::from_secs(15),
+    );
+    assert_eq!(second.status.code(), Some(2), "{}", stderr(&second));
+    assert!(stderr(&second).contains("served by a live process"), "{}", stderr(&second));
+    let out = kre.dir.path().join("k");
+    assert!(run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &out)).status.success(), "the first KRE still serves");
+    let o = keygate(&["proxy", "--listen", &kre.addr(), "--to", "unix:/nonexistent"]);
+    assert!(stderr(&o).contains("served by a live process"), "{}", stderr(&o));
+    assert!(run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &out)).status.success(), "the first KRE still serves");
+}
+
 // ---- a relay on the path (the parent, or anyone between a control plane and the proxy) ----
 
 /// A relay cannot make `keygate fetch` accept keys the KRE did not wrap: the client takes a

@@ -215,7 +215,10 @@ fn pipeline_flow_against_a_running_kre() {
     ok(fetch(&kre, 0xb, &p("k5")));
 
     // Replay and rollback are refused.
-    refused(keygate(&["policy", "push", &s(&p("v3.bundle")), "--kre", &format!("unix:{}.parent", kre.1.display())]), "replay");
+    refused(
+        keygate(&["policy", "push", &s(&p("v3.bundle")), "--kre", &format!("unix:{}.parent", kre.1.display())]),
+        "replay",
+    );
     refused(
         keygate(&["policy", "push", &s(&p("v2.bundle")), "--kre", &format!("unix:{}.parent", kre.1.display())]),
         "rollback",
@@ -225,7 +228,14 @@ fn pipeline_flow_against_a_running_kre() {
     drop(kre);
     let kre = start_kre(d, &p("genesis.bundle"));
     refused(fetch(&kre, 0xb, &p("k6")), "unknown_cluster");
-    let out = ok(keygate(&["policy", "restore", "--kre", &format!("unix:{}.parent", kre.1.display()), "--store", &s(&store)]));
+    let out = ok(keygate(&[
+        "policy",
+        "restore",
+        "--kre",
+        &format!("unix:{}.parent", kre.1.display()),
+        "--store",
+        &s(&store),
+    ]));
     assert!(out.contains("restored 2 bundle(s)"), "{out}");
     refused(fetch(&kre, 0xa, &p("k7")), "image_not_allowed");
     // Fail-safe: a KRE without sealed state cannot know when v2 was first accepted, so the
