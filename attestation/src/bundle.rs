@@ -1,6 +1,10 @@
 //! Pipeline-signed policy bundles: canonical encoding, M-of-N approval, no rollback, no fork,
 //! approver rotation, and asymmetric activation (tightening at once, loosening after a
 //! delay). Pure: bytes and a time in, a decision out. Specified in `docs/policy.md`.
+//!
+//! Every image rule names its document kind. Bodies signed before that spell a kind-less
+//! rule `"any"`; it decodes as an enclave rule (never as "any kind"), and such a body stays
+//! canonical in that spelling, so its digest and the chain through it are unchanged.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -156,15 +160,20 @@ pub fn signing_message(body_bytes: &[u8]) -> Vec<u8> {
     [SIGNING_DOMAIN, digest(body_bytes).as_slice()].concat()
 }
 
-fn kind_str(k: Option<DocumentKind>) -> &'static str {
-    match k {
-        None => "any",
-        Some(k) => k.as_str(),
-    }
-}
+/// The spelling of a kind-less rule in bodies signed before every rule named its kind.
+const LEGACY_KIND: &str = "any";
+
+/// (cluster id, image name) of the rules a decoded body spelled [`LEGACY_KIND`].
+type LegacyKinds = BTreeSet<(String, String)>;
 
 /// Encodes a body canonically (the only accepted encoding of its content).
 pub fn encode_body(b: &PolicyBody) -> Vec<u8> {
+    encode_body_spelled(b, &LegacyKinds::new())
+}
+
+/// [`encode_body`], spelling the kind of the rules in `legacy` as [`LEGACY_KIND`] (they are
+/// enclave rules): the canonical form of a body signed before kinds were required.
+fn encode_body_spelled(b: &PolicyBody, legacy: &LegacyKinds) -> Vec<u8> {
     let mut out = Vec::new();
     let uint = |out: &mut Vec<u8>, n: u64| cbor::encode_head(out, 0, n);
     let arr = |out: &mut Vec<u8>, n: usize| cbor::encode_head(out, 4, u64::try_from(n).unwrap_or(u64::MAX));
@@ -202,7 +211,8 @@ pub fn encode_body(b: &PolicyBody) -> Vec<u8> {
                 uint(&mut out, u64::from(*i));
                 cbor::encode_bytes(&mut out, v);
             }
-            cbor::encode_text(&mut out, kind_str(img.kind));
+            let legacy = img.kind == DocumentKind::Enclave && legacy.contains(&(id.clone(), img.name.clone()));
+            cbor::encode_text(&mut out, if legacy { LEGACY_KIND } else { img.kind.as_str() });
             match img.not_after_ms {
                 Some(ms) => uint(&mut out, ms / 1000),
                 None => out.push(0xf6),
@@ -320,6 +330,7 @@ pub fn decode_body(bytes: &[u8], crypto: &dyn Crypto) -> Result<PolicyBody, Bund
         _ => return Err(BundleError::Malformed("allow_debug must be a bool")),
     };
     let mut clusters = BTreeMap::new();
+    let mut legacy = LegacyKinds::new();
     for c in list(&f[8], MAX_CLUSTERS, "clusters: at most 1024")? {
         let c = match c {
             Value::Array(items) if items.len() == 2 || items.len() == 4 => items.as_slice(),
@@ -347,10 +358,13 @@ pub fn decode_body(bytes: &[u8], crypto: &dyn Crypto) -> Result<PolicyBody, Bund
                 pcrs.insert(index, bstr(&p[1])?.to_vec());
             }
             let kind = match text(&img[2])? {
-                "any" => None,
-                "enclave" => Some(DocumentKind::Enclave),
-                "nitrotpm" => Some(DocumentKind::NitroTpm),
-                _ => return Err(BundleError::Malformed("kind must be any, enclave or nitrotpm")),
+                LEGACY_KIND => {
+                    legacy.insert((id.to_owned(), name.to_owned()));
+                    DocumentKind::Enclave
+                }
+                "enclave" => DocumentKind::Enclave,
+                "nitrotpm" => DocumentKind::NitroTpm,
+                _ => return Err(BundleError::Malformed("kind must be enclave or nitrotpm")),
             };
             let not_after_ms = match &img[3] {
                 Value::Null => None,
@@ -381,8 +395,10 @@ pub fn decode_body(bytes: &[u8], crypto: &dyn Crypto) -> Result<PolicyBody, Bund
         policy: ReleasePolicy { clusters, allow_debug },
     };
     // Canonical: re-encoding the decoded content must give the same bytes (sorted, distinct
-    // sets; shortest integers; definite lengths). Two encodings of one policy cannot exist.
-    if encode_body(&body) != bytes {
+    // sets; shortest integers; definite lengths). Two encodings of one policy cannot exist,
+    // except that an enclave rule of a body signed before kinds were required keeps its
+    // legacy spelling.
+    if encode_body_spelled(&body, &legacy) != bytes {
         return Err(BundleError::NotCanonical);
     }
     body.policy.validate()?;
@@ -618,11 +634,8 @@ fn loosens(old: &ReleasePolicy, new: &ReleasePolicy) -> bool {
             let Some(prev) = old.clusters.get(id).and_then(|r| r.images.iter().find(|o| same_identity(o, img))) else {
                 return true;
             };
-            let kind_widens = match (prev.kind, img.kind) {
-                (Some(a), Some(b)) => a != b,
-                (Some(_), None) => true,
-                (None, _) => false,
-            };
+            // Another kind admits documents the active rule refuses.
+            let kind_widens = prev.kind != img.kind;
             let expiry_extends = match (prev.not_after_ms, img.not_after_ms) {
                 (Some(a), Some(b)) => b > a,
                 (Some(_), None) => true,
@@ -642,10 +655,9 @@ fn merge(old: &ReleasePolicy, new: &ReleasePolicy, activates_at_ms: u64) -> Rele
             .iter()
             .map(|img| match old.clusters.get(id).and_then(|r| r.images.iter().find(|o| same_identity(o, img))) {
                 Some(prev) => {
-                    // A kind the active rule names holds until the activation (a widening
-                    // to another kind or to any kind waits); a rule without one takes the
-                    // new one at once (a narrowing).
-                    let kind = prev.kind.or(img.kind);
+                    // The active rule's kind holds until the activation (a change of
+                    // kind admits documents the active rule refuses).
+                    let kind = prev.kind;
                     let not_after_ms = match (prev.not_after_ms, img.not_after_ms) {
                         (Some(a), Some(b)) => Some(a.min(b)),
                         (a, b) => a.or(b),

@@ -1,6 +1,16 @@
 //! Release policy: which images may receive which cluster's keys, and the one function that
 //! decides it. The startup policy file and (later) the pipeline-signed bundle both feed
 //! [`ReleasePolicy`]; [`evaluate`] is the only place the decision is made.
+//!
+//! [`ReleasePolicy::validate`] decides which rules are meaningful. Every rule names the one
+//! document kind it matches. An enclave rule pins the image measurement (PCR0, PCR1, PCR2)
+//! or the signing certificate (PCR8): the NSM locks those PCRs, so nothing in the enclave
+//! can change them. A NitroTPM rule must pin what measured boot extends before any
+//! instance software runs: the boot image and its command line (PCR4 and PCR12, standard
+//! boot) or the UEFI Secure Boot policy (PCR7). Every other NitroTPM PCR, PCR8 included,
+//! is either a constant or one root can extend after boot to a value of its choosing (an
+//! enclave's PCR8 is one extend of a zero PCR), so a rule pinning only those would match
+//! any instance under the same Nitro root. Specified in `docs/policy.md`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -13,17 +23,33 @@ use crate::verify::{UnixMillis, VerifiedAttestation};
 pub struct ImageRule {
     /// A name for logs and denials (e.g. the pipeline build id).
     pub name: String,
-    /// PCRs that must match exactly. Must include PCR0, PCR1 and PCR2, or PCR8 alone
-    /// (signer-based trust).
+    /// PCRs that must match exactly: for an enclave rule PCR0, PCR1 and PCR2, or PCR8
+    /// (signer-based trust); for a NitroTPM rule PCR4 and PCR12, or PCR7 (see
+    /// [`ReleasePolicy::validate`]).
     pub pcrs: BTreeMap<u8, Vec<u8>>,
-    /// Only this kind of document matches (any kind when `None`).
-    pub kind: Option<DocumentKind>,
+    /// Only documents of this kind match. Policy files and bundles written before every
+    /// rule named its kind mean [`DocumentKind::Enclave`], never "any kind".
+    pub kind: DocumentKind,
     /// The rule stops matching after this time (ms since epoch).
     pub not_after_ms: Option<UnixMillis>,
     /// The rule matches only from this time (ms since epoch). Never part of a policy
     /// document: set on rules that a pending signed bundle adds, until its activation.
     pub not_before_ms: Option<UnixMillis>,
 }
+
+/// The enclave image measurement (EIF, kernel, application): an enclave rule pins all three
+/// or [`ENCLAVE_SIGNER_PCR`].
+pub const ENCLAVE_IMAGE_PCRS: [u8; 3] = [0, 1, 2];
+/// The enclave signing certificate's measurement. Trustworthy only in an enclave document:
+/// a NitroTPM instance's root can extend its PCR8 to the same value.
+pub const ENCLAVE_SIGNER_PCR: u8 = 8;
+/// NitroTPM standard boot: the boot image (the attestable AMI's UKI, PCR4) and the command
+/// line passed to it (PCR12), as `nitro-tpm-pcr-compute` computes them. A NitroTPM rule pins
+/// both, or [`NITROTPM_SECURE_BOOT_PCR`].
+pub const NITROTPM_BOOT_PCRS: [u8; 2] = [4, 12];
+/// NitroTPM with UEFI Secure Boot: the Secure Boot policy (PK, KEK, db and the authorities
+/// that verified each boot binary).
+pub const NITROTPM_SECURE_BOOT_PCR: u8 = 7;
 
 /// Highest KEK version a policy may name for a cluster (the sealed state holds at most
 /// 1024 versions per cluster).
@@ -78,9 +104,17 @@ pub struct ReleasePolicy {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum PolicyError {
-    /// An image rule pins neither PCR0+1+2 nor PCR8: it would match too much.
+    /// An enclave rule pins neither PCR0+1+2 nor PCR8: it would match too much.
     #[error("image `{image}` of cluster `{cluster}` must pin PCR0, PCR1 and PCR2, or PCR8")]
     Underspecified { cluster: String, image: String },
+    /// A NitroTPM rule relies on PCR8 (the enclave signing certificate) without the boot
+    /// PCRs: root on any NitroTPM instance can extend its PCR8 to that value.
+    #[error("image `{image}` of cluster `{cluster}`: a PCR8 (signing certificate) rule must be of kind enclave; a NitroTPM instance can extend its PCR8 to any enclave's value")]
+    SignerRuleNotEnclave { cluster: String, image: String },
+    /// A NitroTPM rule pins neither PCR4+PCR12 (standard boot) nor PCR7 (Secure Boot): what
+    /// it pins is constant or extendable by software after boot.
+    #[error("image `{image}` of cluster `{cluster}`: a nitrotpm rule must pin PCR4 and PCR12 (boot image and command line), or PCR7 (Secure Boot policy)")]
+    NitroTpmBootUnpinned { cluster: String, image: String },
     /// A PCR value is not 32, 48 or 64 bytes, or its index is not below 32.
     #[error("image `{image}` of cluster `{cluster}`: PCR{index} is not a valid measurement")]
     BadPcr { cluster: String, image: String, index: u8 },
@@ -93,7 +127,8 @@ pub enum PolicyError {
 }
 
 impl ReleasePolicy {
-    /// Checks that every rule is meaningful.
+    /// Checks that every rule is meaningful: PCR indices and lengths, a KEK schedule in
+    /// range, and for each image rule the PCRs its document kind needs (see the module doc).
     pub fn validate(&self) -> Result<(), PolicyError> {
         for (cluster, rule) in &self.clusters {
             if rule.images.is_empty() {
@@ -116,10 +151,24 @@ impl ReleasePolicy {
                         });
                     }
                 }
-                let has = |i: u8| image.pcrs.contains_key(&i);
-                let pinned = (has(0) && has(1) && has(2)) || has(8);
-                if !pinned {
-                    return Err(PolicyError::Underspecified { cluster: cluster.clone(), image: image.name.clone() });
+                let has = |i: &u8| image.pcrs.contains_key(i);
+                let kind = image.kind;
+                let (cluster, image) = (cluster.clone(), image.name.clone());
+                match kind {
+                    DocumentKind::Enclave => {
+                        if !(ENCLAVE_IMAGE_PCRS.iter().all(has) || has(&ENCLAVE_SIGNER_PCR)) {
+                            return Err(PolicyError::Underspecified { cluster, image });
+                        }
+                    }
+                    DocumentKind::NitroTpm => {
+                        if !(NITROTPM_BOOT_PCRS.iter().all(has) || has(&NITROTPM_SECURE_BOOT_PCR)) {
+                            return Err(if has(&ENCLAVE_SIGNER_PCR) {
+                                PolicyError::SignerRuleNotEnclave { cluster, image }
+                            } else {
+                                PolicyError::NitroTpmBootUnpinned { cluster, image }
+                            });
+                        }
+                    }
                 }
             }
         }
@@ -147,7 +196,7 @@ pub enum PolicyDenial {
 pub enum MismatchDetail {
     /// The nearest rule differs at this PCR.
     Pcr { image: String, index: u8 },
-    /// Every rule whose PCRs match is of the other document kind.
+    /// Every rule whose PCRs match names the other document kind.
     Kind { image: String, required: DocumentKind, found: DocumentKind },
     /// Every rule whose PCRs match has passed its not-after time.
     Expired { image: String, not_after_ms: UnixMillis },
@@ -192,7 +241,7 @@ pub fn evaluate<'p>(
         let miss = match mismatch {
             Some(index) => (u16::from(index), MismatchDetail::Pcr { image: image.name.clone(), index }),
             None => match (image.kind, image.not_after_ms, image.not_before_ms) {
-                (Some(required), _, _) if required != att.kind() => {
+                (required, _, _) if required != att.kind() => {
                     (1000, MismatchDetail::Kind { image: image.name.clone(), required, found: att.kind() })
                 }
                 (_, Some(not_after_ms), _) if now_ms > not_after_ms => {
@@ -234,11 +283,19 @@ mod tests {
         ImageRule {
             name: name.into(),
             pcrs: pcrs.iter().map(|(i, b)| (*i, vec![*b; 48])).collect(),
-            kind: None,
+            kind: DocumentKind::Enclave,
             not_after_ms: None,
             not_before_ms: None,
         }
     }
+
+    fn tpm_image(name: &str, pcrs: &[(u8, u8)]) -> ImageRule {
+        ImageRule { kind: DocumentKind::NitroTpm, ..image(name, pcrs) }
+    }
+
+    /// A NitroTPM instance's PCRs: firmware constants (PCR0-2), the boot image (PCR4), the
+    /// Secure Boot policy (PCR7), the command line (PCR12).
+    const TPM_BOOT: [(u8, u8); 6] = [(0, 0x30), (1, 0x31), (2, 0x32), (4, 0x44), (7, 0x77), (12, 0xcc)];
 
     fn policy(images: Vec<ImageRule>) -> ReleasePolicy {
         ReleasePolicy { clusters: BTreeMap::from([("c".to_owned(), ClusterRule::new(images))]), allow_debug: false }
@@ -263,14 +320,20 @@ mod tests {
         let debug = att(&[], DocumentKind::Enclave);
         assert_eq!(evaluate(&p, &debug, "c", T), Err(PolicyDenial::DebugMode));
 
-        let mut kinded = p.clone();
-        kinded.clusters.get_mut("c").expect("c").images[1].kind = Some(DocumentKind::NitroTpm);
-        assert!(matches!(
-            evaluate(&kinded, &good, "c", T),
-            Err(PolicyDenial::NoMatchingImage { detail: MismatchDetail::Kind { .. }, .. })
-        ));
+        // The rules of `p` name no kind in their source: they are enclave rules, and a
+        // NitroTPM document with the same PCRs matches none of them.
         let tpm = att(&[(0, 1), (1, 2), (2, 3)], DocumentKind::NitroTpm);
-        assert!(evaluate(&kinded, &tpm, "c", T).is_ok());
+        assert_eq!(
+            evaluate(&p, &tpm, "c", T),
+            Err(PolicyDenial::NoMatchingImage {
+                cluster: "c".into(),
+                detail: MismatchDetail::Kind {
+                    image: "new".into(),
+                    required: DocumentKind::Enclave,
+                    found: DocumentKind::NitroTpm
+                }
+            })
+        );
 
         let mut expiring = p.clone();
         expiring.clusters.get_mut("c").expect("c").images[1].not_after_ms = Some(T);
@@ -311,12 +374,6 @@ mod tests {
         let p = policy(vec![image("signer", &[(8, 8)])]);
         p.validate().expect("valid");
         assert!(evaluate(&p, &signed, "c", T).is_ok());
-        for loose in [&[(0u8, 1u8)][..], &[(0, 1), (1, 1)], &[(1, 1), (2, 1)], &[(0, 1), (2, 1)]] {
-            assert!(
-                matches!(policy(vec![image("loose", loose)]).validate(), Err(PolicyError::Underspecified { .. })),
-                "{loose:?}"
-            );
-        }
         assert!(matches!(policy(vec![]).validate(), Err(PolicyError::EmptyCluster(_))));
         let schedule = |version: u32, retire_below: u32| {
             let mut p = policy(vec![image("signer", &[(8, 8)])]);
@@ -336,5 +393,93 @@ mod tests {
         let mut bad = image("bad", &[(0, 1), (1, 1), (2, 1)]);
         bad.pcrs.insert(3, vec![0; 5]);
         assert!(matches!(policy(vec![bad]).validate(), Err(PolicyError::BadPcr { index: 3, .. })));
+    }
+
+    /// A validation row: what, the rule's kind, its PCRs, the expected outcome.
+    type Row<'a> = (&'a str, DocumentKind, &'a [(u8, u8)], Result<(), PolicyError>);
+
+    /// Which PCR sets each document kind accepts, each refusal with its exact variant.
+    #[test]
+    fn validation_table() {
+        let runtime: Vec<(u8, u8)> = (16..=23).map(|i| (i, i)).collect();
+        let pcr8_and_runtime: Vec<(u8, u8)> = [(8, 8)].into_iter().chain(runtime.iter().copied()).collect();
+        let os_and_runtime: Vec<(u8, u8)> = (9..=23).filter(|i| *i != 12).map(|i| (i, i)).collect();
+        let under = || Err(PolicyError::Underspecified { cluster: "c".into(), image: "i".into() });
+        let signer = || Err(PolicyError::SignerRuleNotEnclave { cluster: "c".into(), image: "i".into() });
+        let unpinned = || Err(PolicyError::NitroTpmBootUnpinned { cluster: "c".into(), image: "i".into() });
+        #[rustfmt::skip]
+        let rows: Vec<Row<'_>> = vec![
+            ("enclave: PCR0-2", DocumentKind::Enclave, &[(0, 1), (1, 1), (2, 1)], Ok(())),
+            ("enclave: PCR8 alone (signer)", DocumentKind::Enclave, &[(8, 8)], Ok(())),
+            ("enclave: PCR0 alone", DocumentKind::Enclave, &[(0, 1)], under()),
+            ("enclave: PCR0+1", DocumentKind::Enclave, &[(0, 1), (1, 1)], under()),
+            ("enclave: PCR1+2", DocumentKind::Enclave, &[(1, 1), (2, 1)], under()),
+            ("enclave: PCR0+2", DocumentKind::Enclave, &[(0, 1), (2, 1)], under()),
+            ("enclave: the NitroTPM boot PCRs", DocumentKind::Enclave, &[(4, 4), (7, 7), (12, 12)], under()),
+            ("nitrotpm: PCR8 alone", DocumentKind::NitroTpm, &[(8, 8)], signer()),
+            ("nitrotpm: PCR0-2 and PCR8", DocumentKind::NitroTpm, &[(0, 1), (1, 1), (2, 1), (8, 8)], signer()),
+            ("nitrotpm: PCR8 and PCR16-23", DocumentKind::NitroTpm, &pcr8_and_runtime, signer()),
+            ("nitrotpm: PCR8 and PCR4 without PCR12", DocumentKind::NitroTpm, &[(4, 4), (8, 8)], signer()),
+            ("nitrotpm: PCR16-23", DocumentKind::NitroTpm, &runtime, unpinned()),
+            ("nitrotpm: PCR9-11, 13-23", DocumentKind::NitroTpm, &os_and_runtime, unpinned()),
+            ("nitrotpm: PCR0-2 (firmware constants)", DocumentKind::NitroTpm, &[(0, 1), (1, 1), (2, 1)], unpinned()),
+            ("nitrotpm: PCR4 without the command line", DocumentKind::NitroTpm, &[(4, 4)], unpinned()),
+            ("nitrotpm: PCR12 without the boot image", DocumentKind::NitroTpm, &[(12, 12)], unpinned()),
+            ("nitrotpm: PCR4+12 (standard boot)", DocumentKind::NitroTpm, &[(4, 4), (12, 12)], Ok(())),
+            ("nitrotpm: PCR7 (Secure Boot)", DocumentKind::NitroTpm, &[(7, 7)], Ok(())),
+            ("nitrotpm: PCR4+7+12 and PCR8", DocumentKind::NitroTpm, &[(4, 4), (7, 7), (8, 8), (12, 12)], Ok(())),
+        ];
+        for (what, kind, pcrs, want) in rows {
+            let rule = ImageRule { kind, ..image("i", pcrs) };
+            assert_eq!(policy(vec![rule]).validate(), want, "{what}");
+        }
+    }
+
+    /// The finding: root on a NitroTPM instance extends its PCR8 to an enclave signer rule's
+    /// value. The rule is an enclave rule, so the document is refused.
+    #[test]
+    fn a_nitrotpm_document_with_an_enclave_signers_pcr8_is_refused() {
+        let p = policy(vec![image("signer", &[(8, 8)])]);
+        p.validate().expect("valid");
+        let forged = att(&[(0, 1), (1, 2), (2, 3), (8, 8)], DocumentKind::NitroTpm);
+        assert_eq!(
+            evaluate(&p, &forged, "c", T),
+            Err(PolicyDenial::NoMatchingImage {
+                cluster: "c".into(),
+                detail: MismatchDetail::Kind {
+                    image: "signer".into(),
+                    required: DocumentKind::Enclave,
+                    found: DocumentKind::NitroTpm
+                }
+            })
+        );
+    }
+
+    /// A NitroTPM rule pinning the boot PCRs matches the instance; an enclave document with
+    /// the same PCRs does not match it.
+    #[test]
+    fn a_nitrotpm_rule_matches_only_nitrotpm_documents() {
+        let p = policy(vec![tpm_image("ami", &TPM_BOOT[3..])]);
+        p.validate().expect("valid");
+        let instance = att(&TPM_BOOT, DocumentKind::NitroTpm);
+        assert_eq!(evaluate(&p, &instance, "c", T).map(|i| i.name.as_str()), Ok("ami"));
+        let other_uki =
+            att(&[(0, 0x30), (1, 0x31), (2, 0x32), (4, 0x45), (7, 0x77), (12, 0xcc)], DocumentKind::NitroTpm);
+        assert!(matches!(
+            evaluate(&p, &other_uki, "c", T),
+            Err(PolicyDenial::NoMatchingImage { detail: MismatchDetail::Pcr { index: 4, .. }, .. })
+        ));
+        let enclave = att(&TPM_BOOT, DocumentKind::Enclave);
+        assert_eq!(
+            evaluate(&p, &enclave, "c", T),
+            Err(PolicyDenial::NoMatchingImage {
+                cluster: "c".into(),
+                detail: MismatchDetail::Kind {
+                    image: "ami".into(),
+                    required: DocumentKind::NitroTpm,
+                    found: DocumentKind::Enclave
+                }
+            })
+        );
     }
 }

@@ -26,10 +26,23 @@ fn image(name: &str, b: u8) -> ImageRule {
     ImageRule {
         name: name.into(),
         pcrs: (0..3).map(|i| (i, vec![b; 48])).collect(),
-        kind: None,
+        kind: DocumentKind::Enclave,
         not_after_ms: None,
         not_before_ms: None,
     }
+}
+
+/// A rule of `kind` pinning exactly `pcrs` (each value 48 bytes of `b`).
+fn rule(name: &str, kind: DocumentKind, pcrs: &[u8], b: u8) -> ImageRule {
+    ImageRule { kind, pcrs: pcrs.iter().map(|i| (*i, vec![b; 48])).collect(), ..image(name, b) }
+}
+
+/// A verified document of `kind` whose PCRs `pcrs` are 48 bytes of `b` (others zero).
+fn doc(kind: DocumentKind, pcrs: &[u8], b: u8) -> keygate_attestation::VerifiedAttestation {
+    let pcrs = pcrs.iter().map(|i| (*i, vec![b; 48])).collect();
+    let nsm = MockNsm::with_kind(b"bundle-test", kind, pcrs, std::sync::Arc::new(|| NOW_MS));
+    let doc = nsm.attest(&AttestRequest::default()).expect("doc");
+    Verifier::new(nsm.root_anchor()).verify(&doc, &VerifyOptions::at(NOW_MS)).expect("verify")
 }
 
 fn policy_with(images: Vec<ImageRule>) -> ReleasePolicy {
@@ -146,6 +159,8 @@ fn adversarial_table() {
         nc
     };
     let sign2 = |b: &[u8]| bundle::encode_bundle(b, &[sign(b, &key(1)), sign(b, &key(2))]);
+    let runtime: Vec<u8> = (16..=23).collect();
+    let runtime_and_8: Vec<u8> = [8].into_iter().chain(16..=23).collect();
 
     let cases: Vec<(&str, PolicyState, Vec<u8>, BundleError)> = vec![
         (
@@ -275,6 +290,48 @@ fn adversarial_table() {
                 version: 1025,
                 retire_below: 0,
             }),
+        ),
+        (
+            "PCR8-only rule of kind nitrotpm",
+            g.clone(),
+            bundle_bytes(&next(gd, vec![rule("s", DocumentKind::NitroTpm, &[8], 8)]), &[1, 2]),
+            BundleError::Policy(policy::PolicyError::SignerRuleNotEnclave {
+                cluster: "prod".into(),
+                image: "s".into(),
+            }),
+        ),
+        (
+            "nitrotpm rule pinning PCR8 and PCR16-23 only",
+            g.clone(),
+            bundle_bytes(&next(gd, vec![rule("s", DocumentKind::NitroTpm, &runtime_and_8, 8)]), &[1, 2]),
+            BundleError::Policy(policy::PolicyError::SignerRuleNotEnclave {
+                cluster: "prod".into(),
+                image: "s".into(),
+            }),
+        ),
+        (
+            "nitrotpm rule pinning PCR16-23 only",
+            g.clone(),
+            bundle_bytes(&next(gd, vec![rule("t", DocumentKind::NitroTpm, &runtime, 9)]), &[1, 2]),
+            BundleError::Policy(policy::PolicyError::NitroTpmBootUnpinned {
+                cluster: "prod".into(),
+                image: "t".into(),
+            }),
+        ),
+        (
+            "nitrotpm rule pinning PCR0-2 (firmware constants) only",
+            g.clone(),
+            bundle_bytes(&next(gd, vec![rule("t", DocumentKind::NitroTpm, &[0, 1, 2], 9)]), &[1, 2]),
+            BundleError::Policy(policy::PolicyError::NitroTpmBootUnpinned {
+                cluster: "prod".into(),
+                image: "t".into(),
+            }),
+        ),
+        (
+            "kind spelled other than enclave, nitrotpm (or the legacy any)",
+            g.clone(),
+            sign2(&respell(&bundle::encode_body(&next(gd, vec![image("a", 0xa)])), b"\x63Any")),
+            BundleError::Malformed("kind must be enclave or nitrotpm"),
         ),
         (
             "default KEK schedule written out (non-canonical)",
@@ -552,12 +609,10 @@ fn every_limit_of_the_bundle_format_holds_at_its_boundary() {
     malformed(with_cluster("c", ""), "image name length");
     // Document kinds survive the encoding.
     let mut kinds = body(1, [0; 48], &[1], 1, vec![image("e", 1), image("t", 2)], 0);
-    let imgs = &mut kinds.policy.clusters.get_mut("prod").expect("prod").images;
-    imgs[0].kind = Some(DocumentKind::Enclave);
-    imgs[1].kind = Some(DocumentKind::NitroTpm);
+    kinds.policy.clusters.get_mut("prod").expect("prod").images[1] = rule("t", DocumentKind::NitroTpm, &[4, 12], 2);
     let back = bundle::decode_body(&bundle::encode_body(&kinds), c).expect("kinds");
     let got: Vec<_> = back.policy.clusters["prod"].images.iter().map(|i| i.kind).collect();
-    assert_eq!(got, [Some(DocumentKind::Enclave), Some(DocumentKind::NitroTpm)]);
+    assert_eq!(got, [DocumentKind::Enclave, DocumentKind::NitroTpm]);
 }
 
 #[test]
@@ -618,48 +673,64 @@ fn new_pcrs_under_an_old_name_and_turning_debug_on_are_loosenings() {
     assert!(!s.apply(&bundle_bytes(&v4, &[1, 2]), later, default_backend()).expect("v4").loosens);
 }
 
-/// A state whose genesis allows image "a" (PCRs 0x0a) with `kind` and `not_after_ms`.
-fn genesis_with(kind: Option<DocumentKind>, not_after_ms: Option<u64>) -> (PolicyState, [u8; 48]) {
-    let a = ImageRule { kind, not_after_ms, ..image("a", 0xa) };
+/// PCRs of image "a" in the kind and expiry tests: a rule valid for either kind.
+const BOTH: [u8; 5] = [0, 1, 2, 4, 12];
+
+/// A state whose genesis allows image "a" (PCRs [`BOTH`] = 0x0a) with `kind` and `not_after_ms`.
+fn genesis_with(kind: DocumentKind, not_after_ms: Option<u64>) -> (PolicyState, [u8; 48]) {
+    let a = ImageRule { not_after_ms, ..rule("a", kind, &BOTH, 0xa) };
     let g = body(1, [0; 48], &[1, 2, 3], 2, vec![a], 3600);
     let state = PolicyState::genesis(&bundle_bytes(&g, &[]), default_backend()).expect("genesis");
     (state, bundle::digest(&bundle::encode_body(&g)))
 }
 
 /// v2 re-stating image "a" with `kind` and `not_after_ms`, activation delay 2 h.
-fn restate(prev: [u8; 48], kind: Option<DocumentKind>, not_after_ms: Option<u64>) -> Vec<u8> {
-    let a = ImageRule { kind, not_after_ms, ..image("a", 0xa) };
+fn restate(prev: [u8; 48], kind: DocumentKind, not_after_ms: Option<u64>) -> Vec<u8> {
+    let a = ImageRule { not_after_ms, ..rule("a", kind, &BOTH, 0xa) };
     bundle_bytes(&body(2, prev, &[1, 2, 3], 2, vec![a], 7200), &[1, 2])
 }
 
-/// Widening an image's document kind or extending its expiry loosens: held back (the old kind,
+/// Changing an image's document kind or extending its expiry loosens: held back (the old kind,
 /// the earlier expiry) until the activation; keeping them as they are does not.
 #[test]
-fn a_widened_kind_or_a_later_expiry_waits_for_the_activation() {
+fn a_changed_kind_or_a_later_expiry_waits_for_the_activation() {
     let c = default_backend();
-    let enclave_doc = verified(0xa);
+    let enclave_doc = doc(DocumentKind::Enclave, &BOTH, 0xa);
+    let tpm_doc = doc(DocumentKind::NitroTpm, &BOTH, 0xa);
     let pending = NOW_MS + 1_800_000;
     let active = NOW_MS + 7_200_000;
+    let (enclave, tpm) = (DocumentKind::Enclave, DocumentKind::NitroTpm);
 
-    // Kind: enclave only → NitroTPM only, or → any kind.
-    let (mut s, gd) = genesis_with(Some(DocumentKind::Enclave), None);
-    let r = s.apply(&restate(gd, Some(DocumentKind::NitroTpm), None), NOW_MS, c).expect("v2");
-    assert!(r.loosens, "another kind");
-    assert_eq!(s.effective(pending).clusters["prod"].images[0].kind, Some(DocumentKind::Enclave));
+    // Kind: enclave → NitroTPM (a widening to NitroTPM instances), and back.
+    let (mut s, gd) = genesis_with(enclave, None);
+    let r = s.apply(&restate(gd, tpm, None), NOW_MS, c).expect("v2");
+    assert!(r.loosens, "enclave to nitrotpm");
+    assert_eq!(s.effective(pending).clusters["prod"].images[0].kind, enclave);
     assert!(policy::evaluate(&s.effective(pending), &enclave_doc, "prod", pending).is_ok(), "old kind until active");
+    assert!(
+        matches!(
+            policy::evaluate(&s.effective(pending), &tpm_doc, "prod", pending),
+            Err(PolicyDenial::NoMatchingImage {
+                detail: MismatchDetail::Kind { required: DocumentKind::Enclave, .. },
+                ..
+            })
+        ),
+        "NitroTPM documents wait for the activation"
+    );
     assert!(policy::evaluate(&s.effective(active), &enclave_doc, "prod", active).is_err(), "new kind once active");
-    let (mut s, gd) = genesis_with(Some(DocumentKind::Enclave), None);
-    assert!(s.apply(&restate(gd, None, None), NOW_MS, c).expect("v2").loosens, "any kind");
-    assert_eq!(s.effective(pending).clusters["prod"].images[0].kind, Some(DocumentKind::Enclave));
-    let (mut s, gd) = genesis_with(Some(DocumentKind::Enclave), None);
-    let r = s.apply(&restate(gd, Some(DocumentKind::Enclave), None), NOW_MS, c).expect("v2");
+    assert!(policy::evaluate(&s.effective(active), &tpm_doc, "prod", active).is_ok(), "new kind once active");
+    let (mut s, gd) = genesis_with(tpm, None);
+    assert!(s.apply(&restate(gd, enclave, None), NOW_MS, c).expect("v2").loosens, "nitrotpm to enclave");
+    assert_eq!(s.effective(pending).clusters["prod"].images[0].kind, tpm);
+    let (mut s, gd) = genesis_with(enclave, None);
+    let r = s.apply(&restate(gd, enclave, None), NOW_MS, c).expect("v2");
     assert!(!r.loosens, "the same kind");
 
     // Expiry: 1 h → 10 h is held at 1 h until the activation (2 h); the same expiry, an
     // earlier one or a new one where there was none are not extensions.
     let (one_h, ten_h) = (NOW_MS + 3_600_000, NOW_MS + 36_000_000);
-    let (mut s, gd) = genesis_with(None, Some(one_h));
-    let r = s.apply(&restate(gd, None, Some(ten_h)), NOW_MS, c).expect("v2");
+    let (mut s, gd) = genesis_with(DocumentKind::Enclave, Some(one_h));
+    let r = s.apply(&restate(gd, DocumentKind::Enclave, Some(ten_h)), NOW_MS, c).expect("v2");
     assert!(r.loosens, "a later expiry");
     let between = NOW_MS + 5_400_000;
     assert_eq!(s.effective(between).clusters["prod"].images[0].not_after_ms, Some(one_h));
@@ -667,11 +738,96 @@ fn a_widened_kind_or_a_later_expiry_waits_for_the_activation() {
     let later = NOW_MS + 9_000_000;
     assert!(policy::evaluate(&s.effective(later), &enclave_doc, "prod", later).is_ok(), "10 h once active");
     for (new, what) in [(Some(one_h), "the same expiry"), (Some(one_h - 1), "an earlier expiry")] {
-        let (mut s, gd) = genesis_with(None, Some(one_h));
-        assert!(!s.apply(&restate(gd, None, new), NOW_MS, c).expect("v2").loosens, "{what}");
+        let (mut s, gd) = genesis_with(DocumentKind::Enclave, Some(one_h));
+        assert!(!s.apply(&restate(gd, DocumentKind::Enclave, new), NOW_MS, c).expect("v2").loosens, "{what}");
     }
-    let (mut s, gd) = genesis_with(None, Some(one_h));
-    assert!(s.apply(&restate(gd, None, None), NOW_MS, c).expect("v2").loosens, "no expiry at all");
-    let (mut s, gd) = genesis_with(None, None);
-    assert!(!s.apply(&restate(gd, None, Some(one_h)), NOW_MS, c).expect("v2").loosens, "a new expiry");
+    let (mut s, gd) = genesis_with(DocumentKind::Enclave, Some(one_h));
+    assert!(s.apply(&restate(gd, DocumentKind::Enclave, None), NOW_MS, c).expect("v2").loosens, "no expiry at all");
+    let (mut s, gd) = genesis_with(DocumentKind::Enclave, None);
+    assert!(!s.apply(&restate(gd, DocumentKind::Enclave, Some(one_h)), NOW_MS, c).expect("v2").loosens, "a new expiry");
+}
+
+/// `body` with the kind of every `enclave` rule spelled `spelling` (a CBOR text item).
+fn respell(body: &[u8], spelling: &[u8]) -> Vec<u8> {
+    let enclave = b"\x67enclave";
+    let mut out = Vec::new();
+    let mut rest = body;
+    while let Some(at) = rest.windows(enclave.len()).position(|w| w == enclave) {
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(spelling);
+        rest = &rest[at + enclave.len()..];
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
+/// The finding: root on a NitroTPM instance extends its PCR8 to an enclave signer rule's
+/// value. A PCR8-only rule is an enclave rule, also when its bundle predates kinds (spelled
+/// `any`), so the NitroTPM document is refused; the legacy body keeps its bytes and digest.
+#[test]
+fn a_pcr8_rule_without_a_kind_is_an_enclave_rule() {
+    let c = default_backend();
+    let g = body(1, [0; 48], &[1, 2, 3], 2, vec![rule("signer", DocumentKind::Enclave, &[8], 0x88)], 3600);
+    let legacy = respell(&bundle::encode_body(&g), b"\x63any");
+    assert_ne!(legacy, bundle::encode_body(&g), "the legacy spelling is in the body");
+    let decoded = bundle::decode_body(&legacy, c).expect("a legacy body stays canonical");
+    assert_eq!(decoded.policy, g.policy, "`any` decodes as enclave");
+    let s = PolicyState::genesis(&bundle::encode_bundle(&legacy, &[]), c).expect("legacy genesis");
+    assert_eq!(s.latest().digest, bundle::digest(&legacy));
+
+    let forged = doc(DocumentKind::NitroTpm, &[0, 1, 2, 4, 7, 8, 12], 0x88);
+    assert_eq!(
+        policy::evaluate(&s.effective(NOW_MS), &forged, "prod", NOW_MS),
+        Err(PolicyDenial::NoMatchingImage {
+            cluster: "prod".into(),
+            detail: MismatchDetail::Kind {
+                image: "signer".into(),
+                required: DocumentKind::Enclave,
+                found: DocumentKind::NitroTpm
+            }
+        })
+    );
+    let enclave = doc(DocumentKind::Enclave, &[0, 1, 2, 8], 0x88);
+    assert!(policy::evaluate(&s.effective(NOW_MS), &enclave, "prod", NOW_MS).is_ok());
+
+    // Old bodies may mix explicit `enclave` rules and kind-less ones: each rule keeps its own
+    // spelling.
+    let both = body(1, [0; 48], &[1], 1, vec![image("a", 1), image("b", 2)], 0);
+    let mixed = {
+        let all = respell(&bundle::encode_body(&both), b"\x63any");
+        let first = all.windows(4).position(|w| w == b"\x63any").expect("any");
+        [&all[..first], b"\x67enclave".as_slice(), &all[first + 4..]].concat()
+    };
+    let back = bundle::decode_body(&mixed, c).expect("each rule keeps its own spelling");
+    assert_eq!(back.policy, both.policy);
+}
+
+/// A NitroTPM rule pinning the boot PCRs (PCR4 and PCR12) is accepted; pushed in a bundle it
+/// waits for the activation, then matches the instance and not an enclave document.
+#[test]
+fn a_nitrotpm_rule_pinning_the_boot_pcrs_matches_nitrotpm_documents_only() {
+    let c = default_backend();
+    let (mut s, gd) = genesis();
+    let ami = rule("ami", DocumentKind::NitroTpm, &[4, 12], 0x44);
+    let r = s.apply(&bundle_bytes(&next(gd, vec![image("a", 0xa), ami]), &[1, 2]), NOW_MS, c).expect("v2");
+    assert!(r.loosens, "a new rule");
+    let (pending, active) = (NOW_MS + 1000, NOW_MS + 3_600_000);
+    let instance = doc(DocumentKind::NitroTpm, &[0, 1, 2, 4, 12], 0x44);
+    assert!(matches!(
+        policy::evaluate(&s.effective(pending), &instance, "prod", pending),
+        Err(PolicyDenial::NoMatchingImage { detail: MismatchDetail::NotYetActive { .. }, .. })
+    ));
+    assert_eq!(policy::evaluate(&s.effective(active), &instance, "prod", active).map(|i| i.name.as_str()), Ok("ami"));
+    let enclave = doc(DocumentKind::Enclave, &[0, 1, 2, 4, 12], 0x44);
+    assert_eq!(
+        policy::evaluate(&s.effective(active), &enclave, "prod", active),
+        Err(PolicyDenial::NoMatchingImage {
+            cluster: "prod".into(),
+            detail: MismatchDetail::Kind {
+                image: "ami".into(),
+                required: DocumentKind::NitroTpm,
+                found: DocumentKind::Enclave
+            }
+        })
+    );
 }

@@ -14,7 +14,9 @@
 //! ```
 //!
 //! `kek_version` (default 1) is the cluster's current KEK version; versions below
-//! `kek_retire_below` (default 0) are never released.
+//! `kek_retire_below` (default 0) are never released. An image without `"kind"` is an
+//! `enclave` rule (never "any kind"); a `nitrotpm` rule must pin the boot PCRs
+//! (`ReleasePolicy::validate`).
 
 use std::collections::BTreeMap;
 
@@ -98,9 +100,8 @@ pub fn parse(bytes: &[u8]) -> Result<ReleasePolicy, PolicyFileError> {
                 pcrs.insert(n, v);
             }
             let kind = match i.kind.as_deref() {
-                None => None,
-                Some("enclave") => Some(DocumentKind::Enclave),
-                Some("nitrotpm") => Some(DocumentKind::NitroTpm),
+                None | Some("enclave") => DocumentKind::Enclave,
+                Some("nitrotpm") => DocumentKind::NitroTpm,
                 Some(_) => return Err(PolicyFileError::Kind(i.name)),
             };
             images.push(ImageRule {
@@ -121,6 +122,7 @@ pub fn parse(bytes: &[u8]) -> Result<ReleasePolicy, PolicyFileError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keygate_attestation::policy::PolicyError;
 
     fn h(b: u8) -> String {
         hex::encode([b; 48])
@@ -137,10 +139,23 @@ mod tests {
         let p = parse(json.as_bytes()).expect("policy");
         let img = &p.clusters["c"].images[0];
         assert_eq!(img.pcrs[&0], vec![1; 48]);
-        assert_eq!(img.kind, Some(DocumentKind::Enclave));
+        assert_eq!(img.kind, DocumentKind::Enclave);
         assert_eq!(img.not_after_ms, Some(5000));
         assert!(!p.allow_debug);
         assert_eq!((p.clusters["c"].kek_version, p.clusters["c"].kek_retire_below), (1, 0));
+    }
+
+    #[test]
+    fn an_image_without_a_kind_is_an_enclave_rule() {
+        let file = |kind: &str, pcrs: &str| {
+            format!(r#"{{"clusters": {{"c": {{"images": [{{"name": "i"{kind}, "pcrs": {{{pcrs}}}}}]}}}}}}"#)
+        };
+        let pcr8 = format!(r#""8": "{}""#, h(1));
+        let p = parse(file("", &pcr8).as_bytes()).expect("policy");
+        assert_eq!(p.clusters["c"].images[0].kind, DocumentKind::Enclave);
+        let boot = format!(r#""4": "{}", "12": "{}""#, h(4), h(12));
+        let p = parse(file(r#", "kind": "nitrotpm""#, &boot).as_bytes()).expect("policy");
+        assert_eq!(p.clusters["c"].images[0].kind, DocumentKind::NitroTpm);
     }
 
     #[test]
@@ -172,6 +187,14 @@ mod tests {
             h(1)
         );
         assert!(matches!(parse(bad_kind.as_bytes()), Err(PolicyFileError::Kind(_))));
+        let pcr8_tpm = format!(
+            r#"{{"clusters": {{"c": {{"images": [{{"name": "i", "kind": "nitrotpm", "pcrs": {{"8": "{}"}}}}]}}}}}}"#,
+            h(1)
+        );
+        assert!(matches!(
+            parse(pcr8_tpm.as_bytes()),
+            Err(PolicyFileError::Invalid(PolicyError::SignerRuleNotEnclave { .. }))
+        ));
         assert!(matches!(parse(&vec![b' '; MAX_POLICY_FILE + 1]), Err(PolicyFileError::TooLarge)));
     }
 }

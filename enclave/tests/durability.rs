@@ -9,7 +9,7 @@ use std::sync::Arc;
 use keygate_attestation::crypto::{default_backend, p384_scalar_from, P384Scalar};
 use keygate_attestation::mock::MockNsm;
 use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
-use keygate_attestation::{PcrExpectation, Verifier};
+use keygate_attestation::{DocumentKind, PcrExpectation, Verifier};
 use keygate_enclave::audit::AuditEvent;
 use keygate_enclave::client::{self, ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::core::{Connection, Env, Event, Kre, KreConfig, Step};
@@ -33,7 +33,13 @@ fn expectations(p: &BTreeMap<u8, Vec<u8>>) -> Vec<PcrExpectation> {
 }
 
 fn policy() -> ReleasePolicy {
-    let image = ImageRule { name: "cp".into(), pcrs: pcrs(0x10), kind: None, not_after_ms: None, not_before_ms: None };
+    let image = ImageRule {
+        name: "cp".into(),
+        pcrs: pcrs(0x10),
+        kind: DocumentKind::Enclave,
+        not_after_ms: None,
+        not_before_ms: None,
+    };
     ReleasePolicy {
         clusters: BTreeMap::from([("prod".into(), ClusterRule { images: vec![image], ..Default::default() })]),
         allow_debug: false,

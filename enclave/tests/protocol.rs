@@ -8,7 +8,7 @@ use std::time::Duration;
 use keygate_attestation::crypto::default_backend;
 use keygate_attestation::mock::MockNsm;
 use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
-use keygate_attestation::{AttestRequest, Nsm, PcrExpectation, Verifier};
+use keygate_attestation::{AttestRequest, DocumentKind, Nsm, PcrExpectation, Verifier};
 use keygate_enclave::client::{self, AwaitReleased, ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::core::{Connection, Env, Event, Kre, KreConfig, Step};
 use keygate_enclave::wire::{self, Channel, DenyCode, Id, Message};
@@ -32,7 +32,7 @@ fn policy() -> ReleasePolicy {
     let image = |name: &str, b: u8| ImageRule {
         name: name.into(),
         pcrs: pcrs(b),
-        kind: None,
+        kind: DocumentKind::Enclave,
         not_after_ms: None,
         not_before_ms: None,
     };

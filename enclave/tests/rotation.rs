@@ -10,7 +10,7 @@ use keygate_attestation::bundle::{self, PolicyBody};
 use keygate_attestation::crypto::{default_backend, p384_scalar_from, P384Scalar};
 use keygate_attestation::mock::{derive_key, public_point, MockNsm};
 use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
-use keygate_attestation::{PcrExpectation, Verifier};
+use keygate_attestation::{DocumentKind, PcrExpectation, Verifier};
 use keygate_enclave::audit::AuditEvent;
 use keygate_enclave::client::{self, ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::core::{Connection, Env, Kre, KreConfig, Step};
@@ -42,7 +42,13 @@ fn rng_from(seed: u64) -> impl FnMut(&mut [u8]) {
 
 /// "prod" allows the image with PCRs `pcrs(0x10)`, with the given KEK schedule.
 fn policy(kek_version: u32, kek_retire_below: u32) -> ReleasePolicy {
-    let image = ImageRule { name: "cp".into(), pcrs: pcrs(0x10), kind: None, not_after_ms: None, not_before_ms: None };
+    let image = ImageRule {
+        name: "cp".into(),
+        pcrs: pcrs(0x10),
+        kind: DocumentKind::Enclave,
+        not_after_ms: None,
+        not_before_ms: None,
+    };
     ReleasePolicy {
         clusters: BTreeMap::from([("prod".into(), ClusterRule { images: vec![image], kek_version, kek_retire_below })]),
         allow_debug: false,

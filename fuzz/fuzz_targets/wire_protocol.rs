@@ -21,7 +21,7 @@ fn kre() -> &'static Kre {
         let image = ImageRule {
             name: "i".into(),
             pcrs: (0..3).map(|i| (i, vec![1; 48])).collect(),
-            kind: None,
+            kind: keygate_attestation::DocumentKind::Enclave,
             not_after_ms: None,
             not_before_ms: None,
         };

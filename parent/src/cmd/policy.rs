@@ -55,9 +55,10 @@ pub(crate) enum PolicyCommand {
         /// Allow an image: CLUSTER=[NAME@]IMAGE.eif or CLUSTER=[NAME@]0=HEX,1=HEX,2=HEX (repeatable).
         #[arg(long)]
         allow: Vec<String>,
-        /// Restrict `--allow`ed images to one document kind.
-        #[arg(long, value_parser = crate::cmd::attestation::parse_kind)]
-        kind: Option<DocumentKind>,
+        /// The document kind the `--allow`ed images match (a nitrotpm rule must pin PCR4 and
+        /// PCR12, or PCR7).
+        #[arg(long, value_parser = crate::cmd::attestation::parse_kind, default_value = "enclave")]
+        kind: DocumentKind,
         /// `--allow`ed images stop matching after this time (Unix seconds).
         #[arg(long)]
         not_after: Option<u64>,
@@ -223,7 +224,7 @@ fn public_path(private: &Path) -> PathBuf {
 }
 
 /// Parses `[NAME@]IMAGE.eif` or `[NAME@]0=HEX,1=HEX,...` into an image rule.
-fn parse_image(spec: &str, kind: Option<DocumentKind>, not_after: Option<u64>) -> Result<ImageRule, CliError> {
+fn parse_image(spec: &str, kind: DocumentKind, not_after: Option<u64>) -> Result<ImageRule, CliError> {
     let (name, rest) = match spec.split_once('@') {
         Some((n, r)) => (Some(n.to_owned()), r),
         None => (None, spec),
@@ -245,7 +246,12 @@ fn parse_image(spec: &str, kind: Option<DocumentKind>, not_after: Option<u64>) -
             Path::new(rest).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into())
         }
         None => {
-            format!("pcrs-{}", hex::encode(pcrs.get(&0).or_else(|| pcrs.get(&8)).map(|v| &v[..4]).unwrap_or_default()))
+            format!(
+                "pcrs-{}",
+                hex::encode(
+                    pcrs.get(&0).or_else(|| pcrs.get(&8)).or_else(|| pcrs.get(&4)).map(|v| &v[..4]).unwrap_or_default()
+                )
+            )
         }
     };
     Ok(ImageRule { name, pcrs, kind, not_after_ms: not_after.map(|s| s.saturating_mul(1000)), not_before_ms: None })
@@ -263,7 +269,7 @@ fn describe(policy: &ReleasePolicy) -> Vec<String> {
 
 fn image_line(cluster: &str, i: &ImageRule) -> String {
     let pcrs: Vec<String> = i.pcrs.iter().map(|(n, v)| format!("PCR{n}={}…", &hex::encode(v)[..12])).collect();
-    let kind = i.kind.map_or("any kind".to_owned(), |k| k.to_string());
+    let kind = i.kind;
     let until = i.not_after_ms.map_or(String::new(), |t| format!(", until {}", t / 1000));
     format!("{cluster}: image `{}` [{}] ({kind}{until})", i.name, pcrs.join(" "))
 }
@@ -396,7 +402,7 @@ fn body_json(b: &PolicyBody, digest: &[u8; 48], signatures: usize) -> serde_json
                 .map(|i| {
                     serde_json::json!({
                         "name": i.name,
-                        "kind": i.kind.map(|k| k.as_str()),
+                        "kind": i.kind.as_str(),
                         "not_after": i.not_after_ms.map(|t| t / 1000),
                         "pcrs": i.pcrs.iter().map(|(n, v)| (n.to_string(), hex::encode(v))).collect::<BTreeMap<_, _>>(),
                     })
@@ -705,7 +711,7 @@ mod tests {
         let image = ImageRule {
             name: "cp".into(),
             pcrs: (0u8..3).map(|i| (i, vec![i; 48])).collect(),
-            kind: None,
+            kind: DocumentKind::Enclave,
             not_after_ms: None,
             not_before_ms: None,
         };
