@@ -58,7 +58,7 @@ enum Command {
     Policy(cmd::policy::PolicyCommand),
     /// Ask the KRE for its status (policy head, audit buffer, challenges) as JSON.
     Status {
-        /// The KRE (through the parent proxy).
+        /// The KRE's parent channel (`--parent-listen`; never proxied).
         #[arg(long)]
         kre: keygate_enclave::transport::Addr,
     },

@@ -31,7 +31,7 @@ pub(crate) enum AuditCommand {
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct PullArgs {
-    /// The KRE (through the parent proxy).
+    /// The KRE's parent channel (`--parent-listen`; never proxied).
     #[arg(long)]
     kre: keygate_enclave::transport::Addr,
     /// The audit directory (one KRE run's chain).

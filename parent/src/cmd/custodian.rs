@@ -47,7 +47,7 @@ pub(crate) enum StateCommand {
 /// `keygate state sync`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct SyncArgs {
-    /// The KRE (through the parent proxy).
+    /// The KRE's parent channel (`--parent-listen`; never proxied).
     #[arg(long)]
     kre: Addr,
     /// The parent's state directory (created 0700 if missing).
@@ -75,7 +75,7 @@ pub(crate) enum CustodianCommand {
 /// `keygate custodian reshare`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct ReshareArgs {
-    /// The KRE.
+    /// The KRE's custodian channel (`--custodian-listen`; proxied only where the operator opts in).
     #[arg(long)]
     kre: Addr,
     /// A custodian of the new set: P-384 public key (PEM), repeatable, in share order.
@@ -89,7 +89,7 @@ pub(crate) struct ReshareArgs {
 /// `keygate custodian init`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct InitArgs {
-    /// The KRE.
+    /// The KRE's parent channel (`--parent-listen`; never proxied).
     #[arg(long)]
     kre: Addr,
     /// The parent's state directory (must hold no state).
@@ -100,7 +100,7 @@ pub(crate) struct InitArgs {
 /// `keygate custodian unseal`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct UnsealArgs {
-    /// The KRE.
+    /// The KRE's custodian channel (`--custodian-listen`; proxied only where the operator opts in).
     #[arg(long)]
     kre: Addr,
     /// This custodian's private key (PEM, from `keygate keygen`).
@@ -507,6 +507,6 @@ fn reshare(a: &ReshareArgs) -> Result<(), CliError> {
         "  keygate custodian unseal --kre {} --key CUSTODIAN.pem --expect-kre-pcr ... --approve-reshare {digest}",
         a.kre
     );
-    println!("then store it: keygate state sync --kre {} --state-dir DIR; the KRE image for the new set is configured with --custodian for each new key", a.kre);
+    println!("then store it: keygate state sync --kre PARENT-CHANNEL --state-dir DIR; the KRE image for the new set is configured with --custodian for each new key");
     Ok(())
 }

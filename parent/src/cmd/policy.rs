@@ -125,7 +125,7 @@ pub(crate) enum PolicyCommand {
     /// Push a bundle to the KRE; on acceptance store it for restarts.
     Push {
         bundle: PathBuf,
-        /// The KRE (through the parent proxy).
+        /// The KRE's parent channel (`--parent-listen`; never proxied).
         #[arg(long)]
         kre: Addr,
         /// Directory where accepted bundles are kept (`policy-v<N>.bundle`).
