@@ -61,7 +61,8 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// Whether retrying later may succeed (transport trouble, a busy or restarting KRE).
+    /// Whether retrying later may succeed (transport trouble, a busy or restarting KRE, a full
+    /// audit buffer that the parent has not collected yet: capacity, never a revocation).
     pub fn is_retryable(&self) -> bool {
         match self {
             ClientError::Io(_) => true,
@@ -74,6 +75,7 @@ impl ClientError {
                     | DenyCode::PolicyStale
                     | DenyCode::Timeout
                     | DenyCode::Internal
+                    | DenyCode::AuditFull
             ),
             _ => false,
         }
@@ -265,6 +267,7 @@ mod tests {
             DenyCode::PolicyStale,
             DenyCode::Timeout,
             DenyCode::Internal,
+            DenyCode::AuditFull,
         ];
         for &code in DenyCode::ALL.iter().chain([DenyCode::Unknown(999)].iter()) {
             let e = ClientError::Denied { code, reason: "r".into() };
