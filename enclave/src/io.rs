@@ -1,4 +1,9 @@
 //! Reading and writing frames on a stream, with time limits.
+//!
+//! The server reads requests with [`read_request`]: the declared length is checked against the
+//! largest body the frame's type can have before anything is allocated, the bytes are taken
+//! from a budget shared by every connection (so many half-sent frames cannot take the KRE's
+//! memory), and the buffer grows only with the bytes that actually arrive.
 
 use std::time::Duration;
 
@@ -19,6 +24,19 @@ pub enum FrameError {
     /// The length prefix is out of range.
     #[error("{0}")]
     Length(WireError),
+    /// The declared length is more than a request of its type can be.
+    #[error("a frame of type {ty} declares {len} bytes; that type has at most {max}")]
+    TooLargeForType {
+        /// The frame's type byte.
+        ty: u8,
+        /// Its declared length.
+        len: usize,
+        /// The most that type can have.
+        max: usize,
+    },
+    /// The bytes in flight across every connection are at their budget.
+    #[error("the server's budget of bytes in flight is spent; retry shortly")]
+    Busy,
     /// Any other I/O error (including a close in the middle of a frame).
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -42,6 +60,57 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, limit: Duration) -> Res
     .map_err(|_| FrameError::Timeout)?
 }
 
+/// Bytes of request bodies the server holds at once, across every connection.
+pub type ByteBudget = std::sync::Arc<tokio::sync::Semaphore>;
+
+/// A request body read by [`read_request`], holding its share of the byte budget until dropped.
+#[derive(Debug)]
+pub struct Request {
+    /// The frame body (after the length prefix).
+    pub body: Vec<u8>,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Reads one request frame within `limit`: the type's size cap is checked before allocating,
+/// its bytes are taken from `budget`, and the buffer grows with the bytes received. A frame
+/// whose type is no request is returned as its two header bytes (the decoder refuses it).
+pub async fn read_request<R: AsyncRead + Unpin>(
+    r: &mut R,
+    limit: Duration,
+    budget: &ByteBudget,
+) -> Result<Request, FrameError> {
+    tokio::time::timeout(limit, async {
+        let mut head = [0u8; 6];
+        match r.read(&mut head[..1]).await? {
+            0 => return Err(FrameError::Closed),
+            _ => r.read_exact(&mut head[1..4]).await?,
+        };
+        let n = wire::frame_len([head[0], head[1], head[2], head[3]]).map_err(FrameError::Length)?;
+        r.read_exact(&mut head[4..]).await?;
+        let Some(max) = wire::max_request_body(head[5]) else {
+            return Ok(Request { body: head[4..].to_vec(), _permit: None });
+        };
+        if n > max {
+            return Err(FrameError::TooLargeForType { ty: head[5], len: n, max });
+        }
+        let rest = n - 2;
+        let permit = match u32::try_from(rest) {
+            Ok(0) => None,
+            Ok(k) => Some(budget.clone().try_acquire_many_owned(k).map_err(|_| FrameError::Busy)?),
+            Err(_) => return Err(FrameError::Busy),
+        };
+        let mut body = Vec::with_capacity(n.min(4096));
+        body.extend_from_slice(&head[4..]);
+        let got = (&mut *r).take(u64::try_from(rest).unwrap_or(0)).read_to_end(&mut body).await?;
+        if got != rest {
+            return Err(FrameError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        Ok(Request { body, _permit: permit })
+    })
+    .await
+    .map_err(|_| FrameError::Timeout)?
+}
+
 /// Writes a complete frame within `limit`.
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &[u8], limit: Duration) -> Result<(), FrameError> {
     tokio::time::timeout(limit, async {
@@ -51,4 +120,98 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &[u8], limit: 
     })
     .await
     .map_err(|_| FrameError::Timeout)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Message;
+
+    fn budget(bytes: usize) -> ByteBudget {
+        std::sync::Arc::new(tokio::sync::Semaphore::new(bytes))
+    }
+
+    const T: Duration = Duration::from_secs(1);
+
+    #[tokio::test]
+    async fn a_request_is_read_and_holds_its_bytes_until_dropped() {
+        let b = budget(100);
+        let hello = Message::Hello { client_nonce: [7; 32] }.encode().expect("enc");
+        let req = read_request(&mut hello.as_slice(), T, &b).await.expect("read");
+        assert_eq!(req.body, hello[4..]);
+        assert_eq!(b.available_permits(), 100 - 32);
+        drop(req);
+        assert_eq!(b.available_permits(), 100);
+    }
+
+    /// A Hello that declares a whole frame is refused on its header: nothing is allocated or
+    /// read beyond the six header bytes.
+    #[tokio::test]
+    async fn a_declared_length_beyond_the_types_cap_is_refused_before_reading() {
+        let b = budget(1 << 20);
+        let mut frame = vec![0, 1, 0, 0, 1, 1]; // 65,536 bytes declared, version 1, Hello
+        frame.extend_from_slice(&[0; 10]);
+        let err = read_request(&mut frame.as_slice(), T, &b).await.expect_err("refused");
+        assert!(matches!(err, FrameError::TooLargeForType { ty: 1, len: 65_536, max: 34 }), "{err}");
+        assert_eq!(b.available_permits(), 1 << 20);
+    }
+
+    /// Half-sent frames hold only the budget: once it is spent, the next is refused `Busy`.
+    #[tokio::test]
+    async fn the_budget_of_bytes_in_flight_is_shared_and_bounded() {
+        let b = budget(40_000);
+        let push = Message::PolicyPush { bundle: vec![1; 30_000] }.encode().expect("enc");
+        let held = read_request(&mut push.as_slice(), T, &b).await.expect("first");
+        let err = read_request(&mut push.as_slice(), T, &b).await.expect_err("over budget");
+        assert!(matches!(err, FrameError::Busy), "{err}");
+        drop(held);
+        assert!(read_request(&mut push.as_slice(), T, &b).await.is_ok());
+    }
+
+    /// A frame cut short is an I/O error, not a shorter body.
+    #[tokio::test]
+    async fn a_truncated_body_is_an_error() {
+        let b = budget(1000);
+        let hello = Message::Hello { client_nonce: [7; 32] }.encode().expect("enc");
+        let err = read_request(&mut &hello[..20], T, &b).await.expect_err("truncated");
+        assert!(matches!(err, FrameError::Io(_)), "{err}");
+        assert_eq!(b.available_permits(), 1000);
+    }
+
+    /// Every request type's cap admits its largest valid message, and the fixed-size ones
+    /// exactly.
+    #[test]
+    fn each_cap_admits_its_largest_message() {
+        use crate::wire::{Id, UNSEAL_SHARE_LEN};
+        let id = Id::new(&"k".repeat(wire::MAX_ID)).expect("id");
+        let ids: Vec<Id> = (0..wire::MAX_KEYS).map(|i| Id::new(&format!("{i:0>64}")).expect("id")).collect();
+        let exact = [
+            Message::Hello { client_nonce: [0; 32] },
+            Message::UnsealHello { client_nonce: [0; 32] },
+            Message::AuditPull { after_seq: 0, max: 0 },
+            Message::AuditAck { up_to_seq: 0 },
+            Message::Status,
+            Message::StatePoll,
+            Message::StateGenesis,
+            Message::StateCommit { generation: 0, blob_sha384: [0; 48] },
+            Message::UnsealShare { share: vec![0; UNSEAL_SHARE_LEN] },
+        ];
+        for m in exact {
+            let f = m.encode().expect("enc");
+            assert_eq!(wire::max_request_body(f[5]), Some(f.len() - 4), "{}", m.name());
+        }
+        let release = Message::Release {
+            cluster_id: id,
+            key_ids: ids,
+            attestation: vec![0; keygate_attestation::cose::MAX_DOCUMENT],
+        }
+        .encode()
+        .expect("enc");
+        assert_eq!(wire::max_request_body(release[5]), Some(release.len() - 4));
+        for t in 0..=255u8 {
+            if let Some(max) = wire::max_request_body(t) {
+                assert!(max <= wire::MAX_FRAME && wire::Channel::of_request_type(t).is_some(), "type {t}");
+            }
+        }
+    }
 }

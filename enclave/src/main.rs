@@ -66,6 +66,13 @@ struct Args {
     /// Seconds allowed for one complete frame.
     #[arg(long, default_value_t = 10)]
     frame_timeout: u64,
+    /// Milliseconds allowed for a connection's first complete frame (an idle connection gives
+    /// its slot back this soon).
+    #[arg(long, default_value_t = 2000)]
+    first_frame_timeout_ms: u64,
+    /// Most bytes of request bodies held at once across every connection (MiB).
+    #[arg(long, default_value_t = 16)]
+    bytes_in_flight_mib: usize,
     /// Seconds a connection may live in all.
     #[arg(long, default_value_t = 30)]
     connection_timeout: u64,
@@ -172,6 +179,8 @@ fn main() -> ExitCode {
         max_connections: args.max_connections,
         max_admin_connections: args.max_admin_connections.max(1),
         frame_timeout: Duration::from_secs(args.frame_timeout),
+        first_frame_timeout: Duration::from_millis(args.first_frame_timeout_ms.max(1)),
+        bytes_in_flight: args.bytes_in_flight_mib.clamp(1, 1024) * 1024 * 1024,
         connection_timeout: Duration::from_secs(args.connection_timeout),
     };
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::core::{Connection, Env, Event, Kre};
-use crate::io::{read_frame, write_frame, FrameError};
+use crate::io::{read_request, write_frame, ByteBudget, FrameError};
 use crate::transport::{accept_loop, BoxStream, Listener};
 use crate::wire::{Channel, DenyCode, Message};
 
@@ -26,6 +26,12 @@ pub struct ServerConfig {
     pub max_admin_connections: usize,
     /// Time allowed for one complete frame.
     pub frame_timeout: Duration,
+    /// Time allowed for a connection's first complete frame (shorter: an idle connection
+    /// gives its slot back quickly).
+    pub first_frame_timeout: Duration,
+    /// Bytes of request bodies held at once across every connection (see
+    /// [`crate::io::read_request`]).
+    pub bytes_in_flight: usize,
     /// Total lifetime of a connection.
     pub connection_timeout: Duration,
 }
@@ -36,6 +42,8 @@ impl Default for ServerConfig {
             max_connections: 4096,
             max_admin_connections: 64,
             frame_timeout: Duration::from_secs(10),
+            first_frame_timeout: Duration::from_secs(2),
+            bytes_in_flight: 16 * 1024 * 1024,
             connection_timeout: Duration::from_secs(30),
         }
     }
@@ -54,7 +62,9 @@ fn os_random(buf: &mut [u8]) {
     rand_core::OsRng.fill_bytes(buf);
 }
 
-/// Serves every channel's listener until `shutdown` resolves.
+/// Serves every channel's listener until `shutdown` resolves. The release channel's accept
+/// loop runs on the caller's task (the runtime's main thread under `block_on`), so that
+/// accepting never waits behind connections busy in the NSM; the others are spawned.
 pub async fn serve(
     listeners: Vec<(Channel, Listener)>,
     kre: Arc<Kre>,
@@ -62,41 +72,77 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let budget: ByteBudget = Arc::new(tokio::sync::Semaphore::new(cfg.bytes_in_flight));
     let mut tasks = tokio::task::JoinSet::new();
+    let mut inline = None;
     for (channel, listener) in listeners {
-        let (kre, cfg, mut stopped) = (kre.clone(), cfg.clone(), stopped.clone());
-        tasks.spawn(async move {
-            let max = if channel == Channel::Release { cfg.max_connections } else { cfg.max_admin_connections };
-            let serve_one = |stream: BoxStream, peer: String| {
-                let (kre, cfg) = (kre.clone(), cfg.clone());
-                async move { handle(stream, &peer, channel, &kre, &cfg).await }
-            };
-            let refuse = |mut stream: BoxStream, _peer: String| async move {
-                let busy =
-                    Message::Denied { code: DenyCode::Busy, reason: "connection limit reached; retry shortly".into() };
-                let _ = write_frame(&mut stream, &busy.encode().unwrap_or_default(), Duration::from_secs(1)).await;
-            };
-            let until = async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            };
-            accept_loop(&listener, max, until, serve_one, refuse).await;
-        });
+        let run = accept_channel(channel, listener, kre.clone(), cfg.clone(), budget.clone(), stopped.clone());
+        if channel == Channel::Release && inline.is_none() {
+            inline = Some(run);
+        } else {
+            tasks.spawn(run);
+        }
     }
-    shutdown.await;
+    let inline = async move {
+        if let Some(run) = inline {
+            run.await;
+        }
+    };
+    tokio::pin!(shutdown);
+    tokio::pin!(inline);
+    tokio::select! {
+        _ = &mut shutdown => {}
+        _ = &mut inline => shutdown.await,
+    }
     let _ = stop.send(true);
+    inline.await;
     while tasks.join_next().await.is_some() {}
 }
 
-async fn handle(mut stream: BoxStream, peer: &str, channel: Channel, kre: &Kre, cfg: &ServerConfig) {
+/// One channel's accept loop, until `stopped` turns true.
+async fn accept_channel(
+    channel: Channel,
+    listener: Listener,
+    kre: Arc<Kre>,
+    cfg: ServerConfig,
+    budget: ByteBudget,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let max = if channel == Channel::Release { cfg.max_connections } else { cfg.max_admin_connections };
+    let serve_one = |stream: BoxStream, peer: String| {
+        let (kre, cfg, budget) = (kre.clone(), cfg.clone(), budget.clone());
+        async move { handle(stream, &peer, channel, &kre, &cfg, &budget).await }
+    };
+    let refuse = |mut stream: BoxStream, _peer: String| async move {
+        let busy = Message::Denied { code: DenyCode::Busy, reason: "connection limit reached; retry shortly".into() };
+        let _ = write_frame(&mut stream, &busy.encode().unwrap_or_default(), Duration::from_secs(1)).await;
+    };
+    let until = async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    accept_loop(&listener, max, until, serve_one, refuse).await;
+}
+
+async fn handle(
+    mut stream: BoxStream,
+    peer: &str,
+    channel: Channel,
+    kre: &Kre,
+    cfg: &ServerConfig,
+    budget: &ByteBudget,
+) {
     let deadline = Instant::now() + cfg.connection_timeout;
     let mut conn = Connection::new(channel);
     tracing::debug!(%peer, %channel, "connection opened");
+    let mut first = true;
     while !conn.is_done() {
         let left = deadline.saturating_duration_since(Instant::now());
-        let step = match read_frame(&mut stream, left.min(cfg.frame_timeout)).await {
-            Ok(body) => {
+        let frame_limit = if first { cfg.first_frame_timeout } else { cfg.frame_timeout };
+        first = false;
+        let step = match read_request(&mut stream, left.min(frame_limit), budget).await {
+            Ok(req) => {
                 let mut rng = os_random;
-                conn.on_frame(kre, &body, &mut Env { now_ms: now_ms(), rng: &mut rng })
+                conn.on_frame(kre, &req.body, &mut Env { now_ms: now_ms(), rng: &mut rng })
             }
             Err(FrameError::Closed) => {
                 conn.abandon(kre);
@@ -105,6 +151,10 @@ async fn handle(mut stream: BoxStream, peer: &str, channel: Channel, kre: &Kre, 
             }
             Err(FrameError::Timeout) => conn.deny(kre, DenyCode::Timeout, "no complete frame in time", now_ms()),
             Err(FrameError::Length(e)) => conn.deny(kre, DenyCode::FrameTooLarge, &e.to_string(), now_ms()),
+            Err(e @ FrameError::TooLargeForType { .. }) => {
+                conn.deny(kre, DenyCode::FrameTooLarge, &e.to_string(), now_ms())
+            }
+            Err(FrameError::Busy) => conn.deny(kre, DenyCode::Busy, &FrameError::Busy.to_string(), now_ms()),
             Err(FrameError::Io(e)) => {
                 conn.abandon(kre);
                 tracing::debug!(%peer, error = %e, "connection error");

@@ -122,6 +122,30 @@ impl std::str::FromStr for Channel {
     }
 }
 
+/// The largest body (version and type bytes included) a request of type `t` can have: what the
+/// server reader checks against the declared length before it allocates anything (a Hello is
+/// 34 bytes; only a policy bundle, a stored state and a custodian set may use a whole frame).
+/// `None` for a type that is no request.
+pub fn max_request_body(t: u8) -> Option<usize> {
+    const HEAD: usize = 2;
+    const STR8_ID: usize = 1 + MAX_ID;
+    Some(match t {
+        ty::HELLO | ty::UNSEAL_HELLO => HEAD + NONCE_LEN,
+        ty::RELEASE => HEAD + STR8_ID + 1 + MAX_KEYS * STR8_ID + 2 + keygate_attestation::cose::MAX_DOCUMENT,
+        ty::AUDIT_PULL => HEAD + 8 + 2,
+        ty::AUDIT_ACK => HEAD + 8,
+        ty::STATUS | ty::STATE_POLL | ty::STATE_GENESIS => HEAD,
+        ty::STATE_COMMIT => HEAD + 8 + 48,
+        ty::UNSEAL_SHARE => HEAD + UNSEAL_SHARE_LEN,
+        ty::POLICY_PUSH | ty::STATE_LOAD | ty::RESHARE_START => MAX_FRAME,
+        _ => return None,
+    })
+}
+
+// Every request's largest body fits one frame.
+const _: () =
+    assert!(2 + 1 + MAX_ID + 1 + MAX_KEYS * (1 + MAX_ID) + 2 + keygate_attestation::cose::MAX_DOCUMENT <= MAX_FRAME);
+
 /// Length of a custodian's unseal share message (`custody::UNSEAL_SHARE_LEN`).
 pub const UNSEAL_SHARE_LEN: usize = crate::custody::UNSEAL_SHARE_LEN;
 
