@@ -10,6 +10,10 @@
 //!   canonically encoded (version 1, big-endian, length-prefixed) and strictly decoded.
 //! - [`AuditLog`]: the KRE's bounded buffer. When it is full, [`AuditLog::append`] refuses
 //!   (fail closed): the KRE must not release a key it cannot record.
+//! - [`AnonymousTally`]: refusals before any authenticated step are counted per deny code
+//!   and recorded as one [`AuditEvent::AnonymousRefusals`] entry per period, appended with
+//!   [`AuditLog::append_anonymous`] from the non-release reserve: an unauthenticated flood
+//!   costs at most one entry a period and never blocks a release.
 //! - [`AuditSigner`] and [`Checkpoint`]: `(seq, chain head, time)` signed with a P-384 key
 //!   generated inside the KRE, bound to the KRE's attestation document.
 //! - [`verify_trail`]: the offline check a customer runs; the first broken link is reported
@@ -20,6 +24,7 @@
 //! Everything except [`store`] is pure: bytes, an injected time and an injected random
 //! source in, values out.
 
+mod anonymous;
 mod checkpoint;
 mod codec;
 mod event;
@@ -28,6 +33,7 @@ mod log;
 pub mod store;
 mod trail;
 
+pub use anonymous::{AnonymousTally, ANONYMOUS_PERIOD_MS, MAX_TALLY_CODE_LEN, MIN_PERIOD_MS, OTHER_CODE};
 pub use checkpoint::{binding_user_data, chain_id_of, AuditSigner, Checkpoint, CHECKPOINT_DOMAIN, SIGNED_BODY_LEN};
 pub use codec::DecodeError;
 pub use event::{entry_digest, AuditEntry, AuditEvent, Requester, ENTRY_DOMAIN};
@@ -44,6 +50,8 @@ pub const MAX_CHECKPOINT_LEN: usize = 21 * 1024;
 pub const MAX_TEXT: usize = 1024;
 /// Most key ids in one entry (as in a Release).
 pub const MAX_KEYS: usize = 16;
+/// Most (deny code, count) pairs in one `anonymous_refusals` entry.
+pub const MAX_ANONYMOUS_CODES: usize = 32;
 /// Most PCRs in one entry.
 pub const MAX_PCRS: usize = 32;
 /// Largest binding attestation document (the verifier's own limit).

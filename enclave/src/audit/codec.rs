@@ -71,6 +71,10 @@ pub enum DecodeError {
     /// A PCR index is ≥ 32 or not strictly increasing, or a value is not 32/48/64 bytes.
     #[error("PCR list: {0}")]
     BadPcr(&'static str),
+    /// An `anonymous_refusals` body breaks a rule of its own: first time after last time,
+    /// codes not strictly increasing (unsorted or duplicate), or a zero count.
+    #[error("anonymous refusal counts: {0}")]
+    BadAnonymousCounts(&'static str),
     /// A document kind byte other than 1 (enclave) or 2 (nitrotpm).
     #[error("unknown document kind {0}")]
     BadKind(u8),

@@ -10,7 +10,7 @@ use keygate_attestation::{DocumentKind, VerifiedAttestation};
 use sha2::{Digest, Sha384};
 
 use super::codec::{DecodeError, Reader, Writer};
-use super::{FORMAT_VERSION, MAX_ENTRY_LEN, MAX_KEYS, MAX_TEXT};
+use super::{FORMAT_VERSION, MAX_ANONYMOUS_CODES, MAX_ENTRY_LEN, MAX_KEYS, MAX_TEXT};
 use crate::wire::Id;
 
 /// Domain label of an entry's digest: `SHA-384(ENTRY_DOMAIN ‖ entry bytes)`.
@@ -110,7 +110,8 @@ pub enum AuditEvent {
         /// The key ids asked for, when known (0–16).
         key_ids: Vec<Id>,
     },
-    /// (4) A Hello was refused (busy, malformed, …).
+    /// (4) A Hello was refused (busy, malformed, …). Written by KREs before anonymous
+    /// refusals were aggregated; still decoded so that their trails verify.
     ChallengeRefused {
         /// The deny code.
         code: String,
@@ -170,6 +171,19 @@ pub enum AuditEvent {
         /// Time of the last refused append (ms).
         last_ms: u64,
     },
+    /// (11) Refusals before any authenticated step (malformed or oversized frames,
+    /// timeouts, busy, an unexpected first message, a refused Hello), counted per deny code
+    /// over one period by [`super::AnonymousTally`]. Takes no release capacity (see
+    /// [`super::AuditLog::append_anonymous`]).
+    AnonymousRefusals {
+        /// Time of the earliest refusal counted (ms).
+        first_ms: u64,
+        /// Time of the latest refusal counted (ms), ≥ `first_ms`.
+        last_ms: u64,
+        /// (deny code, count): 1–[`MAX_ANONYMOUS_CODES`] entries, codes strictly increasing
+        /// (bytewise), every count ≥ 1.
+        counts: Vec<(String, u64)>,
+    },
 }
 
 impl AuditEvent {
@@ -186,6 +200,7 @@ impl AuditEvent {
             AuditEvent::KekRotated { .. } => "kek_rotated",
             AuditEvent::ConfigChanged { .. } => "config_changed",
             AuditEvent::Unrecorded { .. } => "unrecorded",
+            AuditEvent::AnonymousRefusals { .. } => "anonymous_refusals",
         }
     }
 
@@ -193,7 +208,9 @@ impl AuditEvent {
     pub fn decision(&self) -> &'static str {
         match self {
             AuditEvent::ReleaseAllowed { .. } => "allow",
-            AuditEvent::ReleaseDenied { .. } | AuditEvent::ChallengeRefused { .. } => "deny",
+            AuditEvent::ReleaseDenied { .. }
+            | AuditEvent::ChallengeRefused { .. }
+            | AuditEvent::AnonymousRefusals { .. } => "deny",
             AuditEvent::PolicyAccepted { .. } => "accept",
             AuditEvent::PolicyRefused { .. } => "refuse",
             AuditEvent::UnsealStep { ok: true, .. } => "ok",
@@ -221,6 +238,7 @@ impl AuditEvent {
             AuditEvent::KekRotated { .. } => 8,
             AuditEvent::ConfigChanged { .. } => 9,
             AuditEvent::Unrecorded { .. } => 10,
+            AuditEvent::AnonymousRefusals { .. } => 11,
         }
     }
 
@@ -303,6 +321,24 @@ impl AuditEvent {
                 w.u64(*first_ms);
                 w.u64(*last_ms);
             }
+            AuditEvent::AnonymousRefusals { first_ms, last_ms, counts } => {
+                check_anonymous(*first_ms, *last_ms, counts.iter().map(|(c, n)| (c.as_str(), *n)))?;
+                w.u64(*first_ms);
+                w.u64(*last_ms);
+                if counts.is_empty() || counts.len() > MAX_ANONYMOUS_CODES {
+                    return Err(DecodeError::Count {
+                        field: "counts",
+                        count: counts.len(),
+                        min: 1,
+                        max: MAX_ANONYMOUS_CODES,
+                    });
+                }
+                w.u8(u8::try_from(counts.len()).unwrap_or(0));
+                for (code, count) in counts {
+                    w.str8("code", code, false)?;
+                    w.u64(*count);
+                }
+            }
         }
         Ok(())
     }
@@ -372,9 +408,48 @@ impl AuditEvent {
                 first_ms: r.u64("first_ms")?,
                 last_ms: r.u64("last_ms")?,
             },
+            11 => {
+                let first_ms = r.u64("first_ms")?;
+                let last_ms = r.u64("last_ms")?;
+                let n = usize::from(r.u8("counts")?);
+                if n == 0 || n > MAX_ANONYMOUS_CODES {
+                    return Err(DecodeError::Count { field: "counts", count: n, min: 1, max: MAX_ANONYMOUS_CODES });
+                }
+                let mut counts = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let code = r.str8("code", false)?;
+                    counts.push((code, r.u64("count")?));
+                }
+                check_anonymous(first_ms, last_ms, counts.iter().map(|(c, n)| (c.as_str(), *n)))?;
+                AuditEvent::AnonymousRefusals { first_ms, last_ms, counts }
+            }
             other => return Err(DecodeError::UnknownEvent(other)),
         })
     }
+}
+
+/// The rules of an `anonymous_refusals` body that lengths alone do not express, checked
+/// identically on encode and decode so that the encoding stays canonical: times in order,
+/// codes strictly increasing (sorted, no duplicate), no zero count.
+fn check_anonymous<'a>(
+    first_ms: u64,
+    last_ms: u64,
+    counts: impl Iterator<Item = (&'a str, u64)>,
+) -> Result<(), DecodeError> {
+    if first_ms > last_ms {
+        return Err(DecodeError::BadAnonymousCounts("first_ms after last_ms"));
+    }
+    let mut last: Option<&str> = None;
+    for (code, count) in counts {
+        if last.is_some_and(|l| code.as_bytes() <= l.as_bytes()) {
+            return Err(DecodeError::BadAnonymousCounts("codes not strictly increasing"));
+        }
+        if count == 0 {
+            return Err(DecodeError::BadAnonymousCounts("zero count"));
+        }
+        last = Some(code);
+    }
+    Ok(())
 }
 
 /// One record of the chain. Holds its exact encoding: the digest is over those bytes.
@@ -535,7 +610,87 @@ mod tests {
             AuditEvent::KekRotated { cluster: id("prod"), new_version: 4 },
             AuditEvent::ConfigChanged { setting: "challenge_ttl".into(), value: "30s".into() },
             AuditEvent::Unrecorded { count: 5, first_ms: 1, last_ms: 2 },
+            AuditEvent::AnonymousRefusals {
+                first_ms: 10,
+                last_ms: 70_000,
+                counts: vec![("busy".into(), 12), ("wrong_channel".into(), 3)],
+            },
         ]
+    }
+
+    fn anonymous(counts: &[(&str, u64)]) -> AuditEvent {
+        AuditEvent::AnonymousRefusals {
+            first_ms: 1,
+            last_ms: 2,
+            counts: counts.iter().map(|(c, n)| ((*c).to_owned(), *n)).collect(),
+        }
+    }
+
+    /// Offset of the event body (after the type byte) in an entry.
+    const BODY: usize = 1 + 48 + 8 + 48 + 8 + 8 + 1;
+
+    #[test]
+    fn anonymous_refusals_known_bytes() {
+        let ev = anonymous(&[("busy", 12), ("wrong_channel", 3)]);
+        assert_eq!((ev.name(), ev.decision(), ev.is_release()), ("anonymous_refusals", "deny", false));
+        let e = AuditEntry::new([0; 48], 1, [0; 48], 0, 0, ev).expect("encode");
+        assert_eq!(e.bytes()[BODY - 1], 11);
+        let mut body = Vec::new();
+        body.extend_from_slice(&1u64.to_be_bytes());
+        body.extend_from_slice(&2u64.to_be_bytes());
+        body.push(2);
+        body.extend_from_slice(b"\x04busy");
+        body.extend_from_slice(&12u64.to_be_bytes());
+        body.extend_from_slice(b"\x0dwrong_channel");
+        body.extend_from_slice(&3u64.to_be_bytes());
+        assert_eq!(&e.bytes()[BODY..], &body[..]);
+    }
+
+    #[test]
+    fn anonymous_refusals_must_be_canonical() {
+        let bad = |counts: &[(&str, u64)]| AuditEntry::new([0; 48], 1, [0; 48], 0, 0, anonymous(counts));
+        let unsorted = DecodeError::BadAnonymousCounts("codes not strictly increasing");
+        assert_eq!(bad(&[("timeout", 1), ("busy", 1)]), Err(unsorted.clone()));
+        assert_eq!(bad(&[("busy", 1), ("busy", 1)]), Err(unsorted.clone()));
+        assert_eq!(bad(&[("busy", 0)]), Err(DecodeError::BadAnonymousCounts("zero count")));
+        assert_eq!(bad(&[]), Err(DecodeError::Count { field: "counts", count: 0, min: 1, max: MAX_ANONYMOUS_CODES }));
+        let codes: Vec<String> = (0..=MAX_ANONYMOUS_CODES).map(|i| format!("c{i:02}")).collect();
+        let too_many: Vec<(&str, u64)> = codes.iter().map(|c| (c.as_str(), 1)).collect();
+        assert_eq!(bad(&too_many), Err(DecodeError::Count { field: "counts", count: 33, min: 1, max: 32 }));
+        assert_eq!(bad(&too_many[..MAX_ANONYMOUS_CODES]).map(|_| ()), Ok(()));
+        assert_eq!(bad(&[("", 1)]), Err(DecodeError::Empty("code")));
+        let backwards = AuditEvent::AnonymousRefusals { first_ms: 3, last_ms: 2, counts: vec![("busy".into(), 1)] };
+        assert_eq!(
+            AuditEntry::new([0; 48], 1, [0; 48], 0, 0, backwards),
+            Err(DecodeError::BadAnonymousCounts("first_ms after last_ms"))
+        );
+
+        // The decoder refuses what the encoder refuses: tamper a valid entry.
+        let ok = AuditEntry::new([0; 48], 1, [0; 48], 0, 0, anonymous(&[("aa", 1), ("ab", 1)])).expect("ok");
+        let at = |b: &[u8]| AuditEntry::decode(b);
+        let n = BODY + 16;
+        // n ‖ 02 "aa" ‖ count[8] ‖ 02 "ab" ‖ count[8]
+        let (first_code, second_code) = (n + 2, n + 1 + 3 + 8 + 2);
+        let mut b = ok.bytes().to_vec();
+        b[second_code] = b'a'; // "aa", "aa": a duplicate
+        assert_eq!(at(&b), Err(unsorted.clone()));
+        let mut b = ok.bytes().to_vec();
+        b[first_code] = b'c'; // "ca", "ab": unsorted
+        assert_eq!(at(&b), Err(unsorted));
+        let mut b = ok.bytes().to_vec();
+        b[n + 1 + 3 + 7] = 0; // count of "aa" = 0
+        assert_eq!(at(&b), Err(DecodeError::BadAnonymousCounts("zero count")));
+        let mut b = ok.bytes().to_vec();
+        b[BODY + 7] = 3; // first_ms = 3 > last_ms = 2
+        assert_eq!(at(&b), Err(DecodeError::BadAnonymousCounts("first_ms after last_ms")));
+        for (count, n_byte) in [(0, 0u8), (33, 33), (255, 255)] {
+            let mut b = ok.bytes().to_vec();
+            b[n] = n_byte;
+            assert_eq!(at(&b), Err(DecodeError::Count { field: "counts", count, min: 1, max: 32 }));
+        }
+        let mut b = ok.bytes().to_vec();
+        b[n] = 3; // one pair more than present: truncated, not an over-allocation
+        assert_eq!(at(&b), Err(DecodeError::Truncated("code")));
     }
 
     #[test]

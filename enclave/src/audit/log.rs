@@ -7,9 +7,16 @@
 //! refusals are still recorded while releases are already blocked; appends refused even
 //! from the reserve are counted and recorded as one [`AuditEvent::Unrecorded`] entry as soon
 //! as space is free again.
+//!
+//! Aggregates of anonymous refusals ([`AuditEvent::AnonymousRefusals`], one per period) are
+//! drawn from the reserve alone: while they are buffered they count against the reserve,
+//! never against the `capacity − reserve` that releases may use, so an unauthenticated peer
+//! cannot make the buffer refuse a release. At most `reserve` of them are buffered; one that
+//! does not fit stays in its [`AnonymousTally`] until it does.
 
 use std::collections::VecDeque;
 
+use super::anonymous::AnonymousTally;
 use super::checkpoint::{AuditSigner, Checkpoint};
 use super::event::{AuditEntry, AuditEvent};
 use super::{AuditError, MAX_ENTRY_LEN};
@@ -22,7 +29,7 @@ pub struct AuditConfig {
     /// Most unacknowledged bytes (entries are ≤ 8 KiB each).
     pub max_bytes: usize,
     /// Slots (of `capacity`, and `reserve` × 8 KiB of `max_bytes`) that only non-release
-    /// events may use.
+    /// events may use. Anonymous-refusal aggregates may use nothing else.
     pub reserve: usize,
     /// Most entries returned by one [`AuditLog::entries_after`].
     pub max_batch: usize,
@@ -57,6 +64,8 @@ pub struct AuditStatus {
     pub refused_total: u64,
     /// Refused appends not yet recorded as an `Unrecorded` entry.
     pub unrecorded_pending: u64,
+    /// Buffered `anonymous_refusals` entries (held in the reserve, at most `reserve`).
+    pub anonymous_buffered: usize,
     /// Checkpoints signed since start.
     pub checkpoints_signed: u64,
 }
@@ -75,7 +84,24 @@ pub struct AuditLog {
     refused_total: u64,
     /// (count, first_ms, last_ms) of refused appends not yet recorded.
     unrecorded: Option<(u64, u64, u64)>,
+    /// Buffered anonymous-refusal entries and their bytes: part of `buffer` and
+    /// `buffered_bytes`, charged to the reserve instead of the release capacity.
+    anonymous_slots: usize,
+    anonymous_bytes: usize,
     checkpoints_signed: u64,
+}
+
+/// Slots and bytes an append needs, split by the budget they are charged to.
+#[derive(Debug, Clone, Copy, Default)]
+struct Need {
+    slots: usize,
+    bytes: usize,
+    anonymous_slots: usize,
+    anonymous_bytes: usize,
+}
+
+fn is_anonymous(event: &AuditEvent) -> bool {
+    matches!(event, AuditEvent::AnonymousRefusals { .. })
 }
 
 impl AuditLog {
@@ -93,6 +119,8 @@ impl AuditLog {
             policy_version: 0,
             refused_total: 0,
             unrecorded: None,
+            anonymous_slots: 0,
+            anonymous_bytes: 0,
             checkpoints_signed: 0,
         }
     }
@@ -115,18 +143,32 @@ impl AuditLog {
         self.config.max_bytes.saturating_sub(self.buffered_bytes)
     }
 
+    /// Free slots and bytes as a release sees them: anonymous aggregates sit in the
+    /// reserve, so the space they hold is not taken from releases.
+    fn release_free(&self) -> (usize, usize) {
+        (self.free_slots().saturating_add(self.anonymous_slots), self.free_bytes().saturating_add(self.anonymous_bytes))
+    }
+
     /// True when a release cannot be recorded: only the reserve is left. The KRE refuses
     /// releases while this holds (and `append` of a release would refuse anyway).
     pub fn is_full(&self) -> bool {
         let reserve_bytes = self.config.reserve.saturating_add(1).saturating_mul(MAX_ENTRY_LEN);
-        self.free_slots() <= self.config.reserve || self.free_bytes() < reserve_bytes
+        let (slots, bytes) = self.release_free();
+        slots <= self.config.reserve || bytes < reserve_bytes
     }
 
-    fn fits(&self, slots: usize, bytes: usize, release: bool) -> bool {
-        let (reserve_slots, reserve_bytes) =
-            if release { (self.config.reserve, self.config.reserve.saturating_mul(MAX_ENTRY_LEN)) } else { (0, 0) };
-        self.free_slots() >= slots.saturating_add(reserve_slots)
-            && self.free_bytes() >= bytes.saturating_add(reserve_bytes)
+    fn fits(&self, need: Need, release: bool) -> bool {
+        let reserve_bytes = self.config.reserve.saturating_mul(MAX_ENTRY_LEN);
+        let physical = self.free_slots() >= need.slots.saturating_add(need.anonymous_slots)
+            && self.free_bytes() >= need.bytes.saturating_add(need.anonymous_bytes);
+        let (release_slots, release_bytes) = self.release_free();
+        let outside_reserve = !release
+            || release_slots >= need.slots.saturating_add(self.config.reserve)
+                && release_bytes >= need.bytes.saturating_add(reserve_bytes);
+        let within_reserve = need.anonymous_slots == 0
+            || self.anonymous_slots.saturating_add(need.anonymous_slots) <= self.config.reserve
+                && self.anonymous_bytes.saturating_add(need.anonymous_bytes) <= reserve_bytes;
+        physical && outside_reserve && within_reserve
     }
 
     /// Counts a refused append. A refused release is not a lost record (the release does
@@ -151,16 +193,65 @@ impl AuditLog {
     fn push(&mut self, entry: AuditEntry) {
         self.head = entry.digest();
         self.last_seq = entry.seq();
-        self.buffered_bytes = self.buffered_bytes.saturating_add(entry.bytes().len());
+        let len = entry.bytes().len();
+        self.buffered_bytes = self.buffered_bytes.saturating_add(len);
+        if is_anonymous(entry.event()) {
+            self.anonymous_slots = self.anonymous_slots.saturating_add(1);
+            self.anonymous_bytes = self.anonymous_bytes.saturating_add(len);
+        }
         self.buffer.push_back(entry);
     }
 
     /// Records `event` at `now_ms`; returns its sequence number. Refuses with
     /// [`AuditError::BufferFull`] when it does not fit (a release also when only the reserve
-    /// is left): the caller must then not perform the action it was recording.
+    /// is left): the caller must then not perform the action it was recording. An
+    /// [`AuditEvent::AnonymousRefusals`] is charged to the reserve as in
+    /// [`append_anonymous`](Self::append_anonymous), which should be preferred: a refused
+    /// one appended here is only counted as unrecorded.
     pub fn append(&mut self, event: AuditEvent, now_ms: u64) -> Result<u64, AuditError> {
+        let release = event.is_release();
+        match self.try_append(event, now_ms)? {
+            Some(seq) => Ok(seq),
+            None => Err(self.refuse(now_ms, release)),
+        }
+    }
+
+    /// Appends the tally's aggregate entry when one is due ([`AnonymousTally::take`] with
+    /// `now_ms` and `force`; force it when the parent pulls the trail). Returns its sequence
+    /// number, or `None` when nothing was due.
+    ///
+    /// The entry is charged to the reserve only: it never reduces what releases may use,
+    /// and it is refused once `reserve` aggregates are waiting for acknowledgement. When it
+    /// is refused ([`AuditError::BufferFull`], or [`AuditError::Encode`]), its counts are
+    /// merged back into `tally`, so the next successful append records them: nothing is
+    /// dropped and nothing is counted twice.
+    pub fn append_anonymous(
+        &mut self,
+        tally: &mut AnonymousTally,
+        now_ms: u64,
+        force: bool,
+    ) -> Result<Option<u64>, AuditError> {
+        let Some(event) = tally.take(now_ms, force) else {
+            return Ok(None);
+        };
+        let refused = match self.try_append(event.clone(), now_ms) {
+            Ok(Some(seq)) => return Ok(Some(seq)),
+            Ok(None) => {
+                self.refused_total = self.refused_total.saturating_add(1);
+                AuditError::BufferFull { buffered: self.buffer.len(), bytes: self.buffered_bytes }
+            }
+            Err(e) => e,
+        };
+        tally.merge(&event);
+        Err(refused)
+    }
+
+    /// Appends `event` (after a pending `Unrecorded` gap) if it fits; `Ok(None)`, with no
+    /// change, if it does not.
+    fn try_append(&mut self, event: AuditEvent, now_ms: u64) -> Result<Option<u64>, AuditError> {
         let seq = self.last_seq.checked_add(1).ok_or(AuditError::SequenceOverflow)?;
         let release = event.is_release();
+        let anonymous = is_anonymous(&event);
         // Encode first: an unencodable event is a caller bug, not a full buffer.
         let probe = self.build(event, now_ms, seq, self.head)?;
         let gap = match self.unrecorded {
@@ -169,12 +260,19 @@ impl AuditLog {
             }
             None => None,
         };
-        let (slots, bytes) = match &gap {
-            Some(g) => (2, g.bytes().len().saturating_add(probe.bytes().len())),
-            None => (1, probe.bytes().len()),
+        let mut need = match &gap {
+            Some(g) => Need { slots: 1, bytes: g.bytes().len(), ..Need::default() },
+            None => Need::default(),
         };
-        if !self.fits(slots, bytes, release) {
-            return Err(self.refuse(now_ms, release));
+        if anonymous {
+            need.anonymous_slots = 1;
+            need.anonymous_bytes = probe.bytes().len();
+        } else {
+            need.slots = need.slots.saturating_add(1);
+            need.bytes = need.bytes.saturating_add(probe.bytes().len());
+        }
+        if !self.fits(need, release) {
+            return Ok(None);
         }
         let entry = match gap {
             Some(g) => {
@@ -187,7 +285,7 @@ impl AuditLog {
         };
         let seq = entry.seq();
         self.push(entry);
-        Ok(seq)
+        Ok(Some(seq))
     }
 
     /// Up to `max` (and at most `max_batch`) buffered entries with a sequence number above
@@ -210,7 +308,12 @@ impl AuditLog {
         let mut freed = 0;
         while self.buffer.front().is_some_and(|e| e.seq() <= up_to) {
             if let Some(e) = self.buffer.pop_front() {
-                self.buffered_bytes = self.buffered_bytes.saturating_sub(e.bytes().len());
+                let len = e.bytes().len();
+                self.buffered_bytes = self.buffered_bytes.saturating_sub(len);
+                if is_anonymous(e.event()) {
+                    self.anonymous_slots = self.anonymous_slots.saturating_sub(1);
+                    self.anonymous_bytes = self.anonymous_bytes.saturating_sub(len);
+                }
                 freed += 1;
             }
         }
@@ -241,6 +344,7 @@ impl AuditLog {
             full: self.is_full(),
             refused_total: self.refused_total,
             unrecorded_pending: self.unrecorded.map_or(0, |u| u.0),
+            anonymous_buffered: self.anonymous_slots,
             checkpoints_signed: self.checkpoints_signed,
         }
     }
@@ -324,6 +428,98 @@ mod tests {
         assert_eq!((cp.seq(), *cp.head(), cp.time_ms()), (1, l.status().head, 5));
         assert!(cp.verify_signature(default_backend()));
         assert_eq!(l.status().checkpoints_signed, 1);
+    }
+
+    fn anonymous(ev: &AuditEvent) -> (u64, u64, Vec<(&str, u64)>) {
+        match ev {
+            AuditEvent::AnonymousRefusals { first_ms, last_ms, counts } => {
+                (*first_ms, *last_ms, counts.iter().map(|(c, n)| (c.as_str(), *n)).collect())
+            }
+            other => panic!("not an aggregate: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn anonymous_flood_takes_no_release_capacity() {
+        let (capacity, reserve) = (100, 4);
+        let mut l = log(capacity, reserve);
+        for n in 0..capacity - reserve - 1 {
+            l.append(info(u32::try_from(n).expect("small")), 0).expect("fill");
+        }
+        assert!(!l.is_full());
+        let mut tally = AnonymousTally::default();
+        let mut appended = Vec::new();
+        const T: u64 = 1_000_000;
+        for i in 0..100_000u64 {
+            tally.record(if i % 4 == 0 { "wrong_channel" } else { "busy" }, T + i);
+            if let Some(seq) = l.append_anonymous(&mut tally, T + i, false).expect("reserve has room") {
+                appended.push((seq, i));
+            }
+        }
+        // One entry when the first 60 s period elapsed, none since: the flood ends 39,999 ms
+        // into the second period.
+        assert_eq!(appended, vec![(96, 60_000)]);
+        assert_eq!(l.append_anonymous(&mut tally, T + 100_000, true), Ok(Some(97)));
+        assert_eq!(l.append_anonymous(&mut tally, T + 100_000, true), Ok(None));
+        let es = l.entries_after(95, 10);
+        assert_eq!(es.len(), 2);
+        assert_eq!(anonymous(es[0].event()), (T, T + 60_000, vec![("busy", 45_000), ("wrong_channel", 15_001)]));
+        assert_eq!(
+            anonymous(es[1].event()),
+            (T + 60_001, T + 99_999, vec![("busy", 30_000), ("wrong_channel", 9_999)])
+        );
+        assert_eq!(l.status().anonymous_buffered, 2);
+        // The release capacity is untouched: the one slot left outside the reserve is free.
+        assert!(!l.is_full());
+        assert_eq!(l.append(release(), T + 100_001), Ok(98));
+        assert!(l.is_full());
+        assert!(matches!(l.append(release(), T + 100_002), Err(AuditError::BufferFull { .. })));
+        assert_eq!(l.status().refused_total, 1, "the flood itself was never refused");
+    }
+
+    #[test]
+    fn refused_aggregate_keeps_its_counts_until_it_fits() {
+        let mut l = log(10, 2);
+        let mut tally = AnonymousTally::default();
+        tally.record("malformed", 1);
+        assert_eq!(l.append_anonymous(&mut tally, 1, true), Ok(Some(1)));
+        tally.record("malformed", 2);
+        assert_eq!(l.append_anonymous(&mut tally, 2, true), Ok(Some(2)));
+        // Two aggregates fill the reserve share: the third is refused although 8 slots are free.
+        tally.record("timeout", 3);
+        tally.record("busy", 4);
+        assert!(matches!(l.append_anonymous(&mut tally, 5, true), Err(AuditError::BufferFull { .. })));
+        assert_eq!(tally.total(), 2, "counts kept");
+        let st = l.status();
+        assert_eq!((st.last_seq, st.anonymous_buffered, st.refused_total, st.unrecorded_pending), (2, 2, 1, 0));
+        tally.record("timeout", 6);
+        assert!(matches!(l.append_anonymous(&mut tally, 7, true), Err(AuditError::BufferFull { .. })));
+        assert_eq!(l.ack(2), Ok(2));
+        assert_eq!(l.status().anonymous_buffered, 0);
+        assert_eq!(l.append_anonymous(&mut tally, 8, true), Ok(Some(3)));
+        assert!(tally.is_empty());
+        let es = l.entries_after(2, 10);
+        assert_eq!(anonymous(es[0].event()), (3, 6, vec![("busy", 1), ("timeout", 2)]));
+    }
+
+    #[test]
+    fn aggregate_refused_by_a_full_buffer_is_recorded_after_the_gap() {
+        let mut l = log(3, 1);
+        let mut tally = AnonymousTally::default();
+        for n in 0..3 {
+            l.append(info(n), 0).expect("fill");
+        }
+        assert!(matches!(l.append(info(3), 1), Err(AuditError::BufferFull { .. })));
+        tally.record("busy", 2);
+        assert!(matches!(l.append_anonymous(&mut tally, 2, true), Err(AuditError::BufferFull { .. })));
+        assert_eq!(tally.total(), 1);
+        assert_eq!(l.status().unrecorded_pending, 1, "the aggregate is not a lost record");
+        assert_eq!(l.ack(3), Ok(3));
+        assert_eq!(l.append_anonymous(&mut tally, 9, true), Ok(Some(5)));
+        let es = l.entries_after(3, 10);
+        assert_eq!(es[0].event(), &AuditEvent::Unrecorded { count: 1, first_ms: 1, last_ms: 1 });
+        assert_eq!(anonymous(es[1].event()), (2, 2, vec![("busy", 1)]));
+        assert_eq!(l.status().unrecorded_pending, 0);
     }
 
     #[test]

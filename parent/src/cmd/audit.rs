@@ -347,6 +347,11 @@ fn requester_text(r: &Requester) -> String {
     format!("requester={} ({}) doc=sha384:{}…", r.module_id, r.kind, short(&r.document_sha384))
 }
 
+/// Refusals in an `anonymous_refusals` entry (saturating: each count is a u64).
+fn anonymous_total(counts: &[(String, u64)]) -> u64 {
+    counts.iter().fold(0u64, |a, (_, n)| a.saturating_add(*n))
+}
+
 fn detail_text(ev: &AuditEvent) -> String {
     match ev {
         AuditEvent::KreStarted { nsm_kind, pcrs, software } => format!(
@@ -389,6 +394,16 @@ fn detail_text(ev: &AuditEvent) -> String {
             fmt_time(*first_ms),
             fmt_time(*last_ms)
         ),
+        AuditEvent::AnonymousRefusals { first_ms, last_ms, counts } => {
+            let list: Vec<String> = counts.iter().map(|(code, n)| format!("{code}:{n}")).collect();
+            format!(
+                "from={} to={} total={} counts={}",
+                fmt_time(*first_ms),
+                fmt_time(*last_ms),
+                anonymous_total(counts),
+                list.join(",")
+            )
+        }
         _ => String::new(),
     }
 }
@@ -448,6 +463,12 @@ fn entry_json(e: &AuditEntry) -> Value {
         AuditEvent::Unrecorded { count, first_ms, last_ms } => {
             json!({ "count": count, "first_ms": first_ms, "last_ms": last_ms })
         }
+        AuditEvent::AnonymousRefusals { first_ms, last_ms, counts } => json!({
+            "first_ms": first_ms,
+            "last_ms": last_ms,
+            "total": anonymous_total(counts),
+            "counts": counts.iter().map(|(code, n)| json!({ "code": code, "count": n })).collect::<Vec<_>>(),
+        }),
         _ => json!({}),
     };
     if let (Value::Object(m), Value::Object(f)) = (&mut v, fields) {
@@ -497,6 +518,27 @@ mod tests {
         assert_eq!(fmt_time(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(fmt_time(1_795_478_400_123), "2026-11-24T00:00:00.123Z");
         assert_eq!(fmt_time(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn anonymous_refusals_render() {
+        let ev = AuditEvent::AnonymousRefusals {
+            first_ms: 1_795_478_400_000,
+            last_ms: 1_795_478_460_000,
+            counts: vec![("busy".into(), 12), ("wrong_channel".into(), 3)],
+        };
+        assert_eq!(
+            detail_text(&ev),
+            "from=2026-11-24T00:00:00.000Z to=2026-11-24T00:01:00.000Z total=15 counts=busy:12,wrong_channel:3"
+        );
+        let e = AuditEntry::new([0; 48], 1, [0; 48], 5, 0, ev).expect("entry");
+        let v = entry_json(&e);
+        assert_eq!(v["event"], "anonymous_refusals");
+        assert_eq!(v["decision"], "deny");
+        assert_eq!(v["first_ms"], 1_795_478_400_000u64);
+        assert_eq!(v["last_ms"], 1_795_478_460_000u64);
+        assert_eq!(v["total"], 15);
+        assert_eq!(v["counts"], json!([{ "code": "busy", "count": 12 }, { "code": "wrong_channel", "count": 3 }]));
     }
 
     #[test]
