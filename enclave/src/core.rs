@@ -20,7 +20,7 @@ use keygate_attestation::policy::{self, ClusterRule, PolicyDenial, ReleasePolicy
 use keygate_attestation::{AttestRequest, Nsm, UnknownFields, Verifier, VerifyError, VerifyOptions, VerifyTime};
 use sha2::{Digest, Sha384};
 
-use crate::audit::{AuditConfig, AuditError, AuditEvent, AuditLog, AuditSigner, Requester};
+use crate::audit::{AnonymousTally, AuditConfig, AuditError, AuditEvent, AuditLog, AuditSigner, Requester};
 use crate::custody::{CustodianSet, UnsealShare};
 use crate::keys::{self, Kek, KekStatus, KekStore, Transcript, WrappingKey};
 use crate::nonces::{NonceTable, Redeem};
@@ -165,6 +165,9 @@ pub struct Kre {
     nsm: Arc<dyn Nsm>,
     crypto: &'static dyn Crypto,
     audit: Mutex<AuditLog>,
+    /// Refusals before any authenticated step, counted per code and written as one audit
+    /// entry per period (never from the release capacity). Lock order: this, then `audit`.
+    anonymous: Mutex<AnonymousTally>,
     /// The durable state (with custodians configured).
     vault: Option<Mutex<Vault>>,
     /// (version, digest) of every bundle accepted in this run, to check the sealed policy head.
@@ -256,6 +259,7 @@ impl Kre {
             nsm,
             crypto,
             audit,
+            anonymous: Mutex::new(AnonymousTally::new(crate::audit::ANONYMOUS_PERIOD_MS)),
             vault,
             policy_history: Mutex::new(Vec::new()),
         };
@@ -289,12 +293,20 @@ impl Kre {
         }
     }
 
-    /// Records a refusal in the audit trail. When even the reserve is exhausted the log
-    /// counts it as unrecorded and writes an `Unrecorded` entry once there is room.
+    /// Records a refusal in the audit trail. A refusal before any authenticated step (a
+    /// malformed or foreign frame, a refused Hello, a timeout) is only counted, and the counts
+    /// are written as one entry per period from the reserve, so anonymous traffic can neither
+    /// fill the buffer nor thin out what releases need. Any other refusal is an entry of its
+    /// own; when even the reserve is exhausted the log counts it as unrecorded and writes an
+    /// `Unrecorded` entry once there is room.
     fn record_denial(&self, d: &Deny, now_ms: u64) {
         let (code, reason) = (d.code.as_str().to_owned(), d.reason.clone());
         let event = match &d.stage {
-            Stage::Challenge => AuditEvent::ChallengeRefused { code, reason },
+            Stage::Challenge => {
+                lock(&self.anonymous).record(d.code.as_str(), now_ms);
+                self.flush_anonymous(now_ms, false);
+                return;
+            }
             Stage::Release => AuditEvent::ReleaseDenied {
                 code,
                 reason,
@@ -307,7 +319,19 @@ impl Kre {
             }
             Stage::State { step } => AuditEvent::UnsealStep { step: (*step).to_owned(), ok: false, detail: reason },
         };
-        let _ = self.audit().append(event, now_ms);
+        if let Err(e) = self.audit().append(event, now_ms) {
+            // Counted as unrecorded by the log and written as an `Unrecorded` entry later.
+            tracing::debug!(error = %e, "refusal not recorded yet");
+        }
+    }
+
+    /// Writes the anonymous refusals' aggregate entry when its period is over (or now, with
+    /// `force`, e.g. before an audit pull). A refused append keeps the counts for later.
+    fn flush_anonymous(&self, now_ms: u64, force: bool) {
+        let mut tally = lock(&self.anonymous);
+        if let Err(e) = self.audit().append_anonymous(&mut tally, now_ms, force) {
+            tracing::debug!(error = %e, "anonymous refusals kept for the next entry");
+        }
     }
 
     /// A JSON status report (never secret).
@@ -1174,6 +1198,7 @@ impl Connection {
 /// Entries after `after_seq` (as many as fit one frame) and, when they reach the head of the
 /// chain, a checkpoint over the last one.
 fn audit_pull(kre: &Kre, after_seq: u64, max: u16, now_ms: u64) -> Result<Step, Deny> {
+    kre.flush_anonymous(now_ms, true);
     let mut log = kre.audit();
     let wanted = usize::from(max).clamp(1, wire::MAX_AUDIT_BATCH);
     let mut entries = Vec::new();

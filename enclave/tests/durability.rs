@@ -317,7 +317,7 @@ fn custodians_refuse_wrong_pcrs_rollback_and_changed_shares_and_the_kre_refuses_
     let before = refused_steps(&k3).len();
     let mut conn = Connection::new(Channel::Custodian);
     step(&mut conn, &k3, &Message::UnsealHello { client_nonce: [30; 32] }.encode().expect("hello"));
-    let s = step(&mut conn, &k3, &Message::StatePoll.encode().expect("poll"));
+    let s = step(&mut conn, &k3, &Message::UnsealHello { client_nonce: [31; 32] }.encode().expect("hello"));
     assert_eq!(denied(Message::decode(&s.reply[4..]).expect("reply")).0, DenyCode::UnexpectedMessage);
     let steps = refused_steps(&k3);
     assert_eq!((steps.len(), steps.last().map(String::as_str)), (before + 1, Some("unseal-share")));

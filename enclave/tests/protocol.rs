@@ -451,7 +451,7 @@ fn denial_reasons_never_contain_key_material() {
 /// Pulls one audit batch after `after`: (entries, checkpoint).
 fn pull(kre: &Kre, after: u64) -> (Vec<Vec<u8>>, Vec<u8>) {
     let frame = Message::AuditPull { after_seq: after, max: 1024 }.encode().expect("encode");
-    let s = step(&mut Connection::new(Channel::Release), kre, &frame, T);
+    let s = step(&mut Connection::new(Channel::Parent), kre, &frame, T);
     assert!(s.reply.len() <= 4 + wire::MAX_FRAME, "a batch fits one frame");
     match Message::decode(&s.reply[4..]).expect("reply") {
         Message::AuditBatch { entries, checkpoint } => (entries, checkpoint),
@@ -701,4 +701,40 @@ fn another_channels_frame_mid_handshake_ends_the_handshake() {
     assert_eq!(kre.live_challenges(), live - 1);
     let frame = rel.release_frame.clone();
     assert_eq!(denial(&step(&mut conn, &kre, &frame, T)).0, DenyCode::UnexpectedMessage);
+}
+
+/// Anonymous junk (malformed frames, foreign frames, refused Hellos) is counted, not logged
+/// one entry per frame: 10,000 of them leave a 64-entry audit buffer able to record releases,
+/// and the counts reach the trail as one aggregate entry at the next pull.
+#[test]
+fn anonymous_junk_cannot_fill_the_audit_buffer_or_starve_releases() {
+    use keygate_enclave::audit::{AuditConfig, AuditEvent};
+    let kre = kre_with(KreConfig {
+        audit: AuditConfig { capacity: 64, reserve: 8, ..AuditConfig::default() },
+        ..KreConfig::default()
+    });
+    let junk = [vec![0u8, 0, 0, 3, 1, 99, 0], Message::AuditAck { up_to_seq: 1 }.encode().expect("enc")];
+    for i in 0..10_000 {
+        let frame = &junk[i % 2];
+        let s = step(&mut Connection::new(Channel::Release), &kre, frame, T + u64::try_from(i).expect("i"));
+        assert!(matches!(denial(&s).0, DenyCode::Malformed | DenyCode::WrongChannel));
+    }
+    assert!(!kre.audit().is_full(), "{:?}", kre.audit().status());
+    assert!(fetch(&kre, &cpi(0x10), request("prod")).is_ok(), "a release after the flood");
+    let (entries, _) = pull(&kre, 0);
+    let aggregates: Vec<AuditEvent> = entries
+        .iter()
+        .filter_map(|b| keygate_enclave::audit::AuditEntry::decode(b).ok())
+        .map(|e| e.event().clone())
+        .filter(|e| matches!(e, AuditEvent::AnonymousRefusals { .. }))
+        .collect();
+    let total: u64 = aggregates
+        .iter()
+        .map(|e| match e {
+            AuditEvent::AnonymousRefusals { counts, .. } => counts.iter().map(|(_, n)| n).sum::<u64>(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(total, 10_000, "every refusal counted once: {aggregates:?}");
+    assert!(aggregates.len() <= 2, "one entry per period: {}", aggregates.len());
 }
