@@ -22,7 +22,6 @@ pub const ATTACKER_KEY: [u8; 32] = [0xa7; 32];
 
 /// What the relay does to each handshake it carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
 pub enum Attack {
     /// Forwards every frame unchanged.
     Forward,
@@ -41,6 +40,11 @@ pub enum Attack {
 }
 
 impl Attack {
+    /// Its index in [`Attack::ALL`].
+    fn index(self) -> u8 {
+        Attack::ALL.iter().position(|a| *a == self).and_then(|i| u8::try_from(i).ok()).unwrap_or(0)
+    }
+
     const ALL: [Attack; 5] = [
         Attack::Forward,
         Attack::SubstituteReleased,
@@ -66,7 +70,7 @@ impl Relay {
     /// documents (to read their public keys, as anyone can).
     pub fn start(listen: &Path, kre: &Path, client_root: TrustAnchor, attack: Attack) -> Relay {
         let listener = UnixListener::bind(listen).expect("relay bind");
-        let attack = Arc::new(AtomicU8::new(attack as u8));
+        let attack = Arc::new(AtomicU8::new(attack.index()));
         let version = Arc::new(std::sync::atomic::AtomicU32::new(1));
         let handled = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -89,7 +93,7 @@ impl Relay {
 
     /// Changes what the relay does from the next connection on.
     pub fn set(&self, attack: Attack) {
-        self.attack.store(attack as u8, Ordering::SeqCst);
+        self.attack.store(attack.index(), Ordering::SeqCst);
     }
 
     /// The KEK version the substituted keys claim.
