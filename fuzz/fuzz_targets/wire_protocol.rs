@@ -9,7 +9,7 @@ use keygate_attestation::mock::MockNsm;
 use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
 use keygate_attestation::Verifier;
 use keygate_enclave::core::{Connection, Env, Kre, KreConfig};
-use keygate_enclave::wire::Message;
+use keygate_enclave::wire::{Channel, Message};
 use libfuzzer_sys::fuzz_target;
 
 const T: u64 = 1_795_478_400_000;
@@ -35,8 +35,11 @@ fn kre() -> &'static Kre {
 
 fuzz_target!(|data: &[u8]| {
     let _ = Message::decode(data);
-    // Split the input into frames at 0xff bytes and feed them to one connection.
-    let mut conn = Connection::new();
+    // The first byte picks the channel; the rest is split into frames at 0xff bytes and fed
+    // to one connection.
+    let Some((&pick, data)) = data.split_first() else { return };
+    let channel = Channel::ALL[usize::from(pick) % Channel::ALL.len()];
+    let mut conn = Connection::new(channel);
     let mut rng = |b: &mut [u8]| b.fill(7);
     for body in data.split(|b| *b == 0xff).take(4) {
         let step = conn.on_frame(kre(), body, &mut Env { now_ms: T, rng: &mut rng });
