@@ -681,6 +681,30 @@ fn administrative_frames_are_refused_on_the_release_side() {
     assert!(stderr(&o).contains("the parent channel is never proxied"), "{}", stderr(&o));
 }
 
+/// One source (here a Unix peer's uid) holds at most `--max-per-source` proxied connections:
+/// beyond it the proxy closes at once, and frees the slot when a connection ends.
+#[test]
+fn the_proxy_limits_connections_per_source() {
+    use std::io::Read;
+    let kre = Kre::start(&[]);
+    let psock = kre.dir.path().join("proxy.sock");
+    let mut proxy = start_proxy(&psock, &kre.addr(), &["--max-per-source", "2"]);
+    let held: Vec<_> = (0..2).map(|_| std::os::unix::net::UnixStream::connect(&psock).expect("connect")).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut third = std::os::unix::net::UnixStream::connect(&psock).expect("connect");
+    third.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+    let mut b = [0u8; 1];
+    assert_eq!(third.read(&mut b).expect("closed, not timed out"), 0, "the third is closed at once");
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = kre.dir.path().join("k");
+    let o = run_fetch(&fetch_args(&format!("unix:{}", psock.display()), "prod", GOOD, &out));
+    assert!(o.status.success(), "a slot is free again: {}", stderr(&o));
+    let _ = proxy.kill();
+    let log = proxy.wait_with_output().expect("proxy output");
+    assert!(String::from_utf8_lossy(&log.stderr).contains("too many connections from this source"));
+}
+
 /// A second KRE (or a proxy) started on a socket a live process serves exits with an error
 /// and leaves the live one serving; a stale socket of a killed process is taken over.
 #[test]

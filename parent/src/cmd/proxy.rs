@@ -8,6 +8,8 @@
 //! frame's header and refuses a connection whose first frame is not a request of its channel
 //! before anything reaches the KRE.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keygate_enclave::transport::{self, Addr, BoxStream, Listener};
@@ -34,6 +36,10 @@ pub(crate) struct ProxyArgs {
     /// Most concurrent connections.
     #[arg(long, default_value_t = 4096)]
     max_connections: usize,
+    /// Most concurrent connections from one source (an IP address; a Unix peer's uid): one
+    /// host cannot take every slot.
+    #[arg(long, default_value_t = 64)]
+    max_per_source: usize,
     /// Seconds a proxied connection may live in all.
     #[arg(long, default_value_t = 60)]
     max_lifetime: u64,
@@ -49,6 +55,7 @@ pub(crate) struct ProxyConfig {
     pub(crate) channel: Channel,
     pub(crate) first_frame_timeout: Duration,
     pub(crate) max_connections: usize,
+    pub(crate) max_per_source: usize,
     pub(crate) max_lifetime: Duration,
     pub(crate) connect_timeout: Duration,
 }
@@ -56,13 +63,69 @@ pub(crate) struct ProxyConfig {
 /// Forwards connections from `listener` to `cfg.to` until `shutdown` resolves.
 pub(crate) async fn serve(listener: Listener, cfg: ProxyConfig, shutdown: impl std::future::Future<Output = ()>) {
     let max = cfg.max_connections;
+    let sources = Arc::new(Sources::default());
     let serve_one = |client: BoxStream, peer: String| {
-        let cfg = cfg.clone();
-        async move { forward(client, &peer, &cfg).await }
+        let (cfg, sources) = (cfg.clone(), sources.clone());
+        async move {
+            let Some(_held) = sources.enter(&peer, cfg.max_per_source) else {
+                tracing::warn!(%peer, max = cfg.max_per_source, "too many connections from this source; closed");
+                return;
+            };
+            forward(client, &peer, &cfg).await
+        }
     };
     // Beyond the limit the connection is closed at once (the proxy speaks no protocol).
     let refuse = |client: BoxStream, _peer: String| async move { drop(client) };
     transport::accept_loop(&listener, max, shutdown, serve_one, refuse).await;
+}
+
+/// Open connections per source. A source is what identifies a peer host: the IP address of a
+/// TCP peer (not its port), the uid of a Unix peer.
+#[derive(Debug, Default)]
+struct Sources(Mutex<HashMap<String, usize>>);
+
+/// One connection counted against its source until dropped.
+struct Held<'a> {
+    sources: &'a Sources,
+    key: String,
+}
+
+impl Sources {
+    fn enter(&self, peer: &str, max: usize) -> Option<Held<'_>> {
+        let key = source_of(peer);
+        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = map.entry(key.clone()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Held { sources: self, key })
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let mut map = self.sources.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// The source of a peer label from the transport (`tcp IP:PORT`, `unix pid=… uid=N`).
+fn source_of(peer: &str) -> String {
+    if let Some(addr) = peer.strip_prefix("tcp ") {
+        if let Ok(a) = addr.parse::<std::net::SocketAddr>() {
+            return a.ip().to_string();
+        }
+    }
+    if let Some(uid) = peer.split_whitespace().find(|w| w.starts_with("uid=")) {
+        return format!("unix {uid}");
+    }
+    peer.to_owned()
 }
 
 /// Reads the first frame's length prefix and its version and type bytes; `Err` with the
@@ -139,6 +202,7 @@ pub(crate) fn run(a: ProxyArgs) -> Result<(), CliError> {
         channel: a.channel,
         first_frame_timeout: Duration::from_secs(a.first_frame_timeout.max(1)),
         max_connections: a.max_connections,
+        max_per_source: a.max_per_source.max(1),
         max_lifetime: Duration::from_secs(a.max_lifetime),
         connect_timeout: Duration::from_secs(a.connect_timeout),
     };
@@ -161,5 +225,29 @@ pub(crate) async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {},
         _ = term.recv() => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_is_the_ip_or_the_uid_not_the_port_or_pid() {
+        assert_eq!(source_of("tcp 10.0.0.5:40001"), "10.0.0.5");
+        assert_eq!(source_of("tcp [::1]:9"), "::1");
+        assert_eq!(source_of("unix pid=Some(42) uid=1000"), "unix uid=1000");
+        assert_eq!(source_of("unix pid=Some(43) uid=1000"), source_of("unix pid=Some(42) uid=1000"));
+        assert_eq!(source_of("vsock cid=3 port=9"), "vsock cid=3 port=9");
+    }
+
+    #[test]
+    fn each_source_has_its_own_limit_released_on_drop() {
+        let s = Sources::default();
+        let a: Vec<_> = (0..3).map(|p| s.enter(&format!("tcp 10.0.0.1:{p}"), 3).expect("room")).collect();
+        assert!(s.enter("tcp 10.0.0.1:99", 3).is_none(), "a fourth from the same host");
+        assert!(s.enter("tcp 10.0.0.2:1", 3).is_some(), "another host is not affected");
+        drop(a);
+        assert!(s.enter("tcp 10.0.0.1:99", 3).is_some());
     }
 }
