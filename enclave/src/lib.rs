@@ -6,9 +6,12 @@
 //! - [`nonces`]: the bounded, single-use challenge table.
 //! - [`client`]: the control-plane side of the handshake, without I/O.
 //! - [`transport`], [`io`], [`server`]: the thin tokio adapters (Unix sockets, vsock).
+//! - [`cli`]: the KRE's command line and start-up, shared by the production binary
+//!   (`keygate-enclave`, hardware NSM only) and the development one (`keygate-enclave-dev`).
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod cli;
 pub mod client;
 pub mod core;
 pub mod custodian;

@@ -1,5 +1,5 @@
-//! KEK durability end to end (issue 6): real `keygate-enclave` and `keygate` processes over
-//! Unix sockets. Genesis, kill -9 of the KRE, restart sealed, the parent hands back the
+//! KEK durability end to end: real `keygate-enclave-dev` (the KRE with the mock NSM) and
+//! `keygate` processes over Unix sockets. Genesis, kill -9 of the KRE, restart sealed, the parent hands back the
 //! stored state, a 2-of-3 unseal by custodians who check the KRE's attestation, and the same
 //! data keys afterwards; the custodians' refusals; the policy head surviving the restart; and
 //! a scan of everything the parent wrote for key bytes.
@@ -75,7 +75,7 @@ fn start_kre_with(d: &Path, policy: (&str, &Path), custodians: &[&str], threshol
     static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let log = std::fs::File::create(d.join(format!("kre-{n}.log"))).expect("log");
-    let mut cmd = Command::new(bin("keygate-enclave"));
+    let mut cmd = Command::new(bin("keygate-enclave-dev"));
     cmd.args(["--listen", &format!("unix:{}", sock.display()), policy.0, &s(policy.1)])
         .args(["--nsm", "mock", "--mock-seed", SEED])
         .args(["--mock-pcr", &format!("0={}", hex48(KRE_PCR))])

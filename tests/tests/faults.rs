@@ -41,7 +41,7 @@ fn start_kre(dir: &Path) -> (Proc, PathBuf) {
         serde_json::json!({"clusters": {"prod": {"images": [{"name": "cp", "pcrs": {"0": pcr, "1": pcr, "2": pcr}}]}}});
     std::fs::write(dir.join("policy.json"), policy.to_string()).expect("policy");
     let sock = dir.join("kre.sock");
-    let child = Command::new(bin("keygate-enclave"))
+    let child = Command::new(bin("keygate-enclave-dev"))
         .args(["--listen", &format!("unix:{}", sock.display()), "--policy"])
         .arg(dir.join("policy.json"))
         .args(["--nsm", "mock", "--mock-seed", SEED, "--mock-pcr", &format!("0={}", hex48(0x4b))])

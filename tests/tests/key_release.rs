@@ -1,4 +1,5 @@
-//! End to end: the real `keygate-enclave` and `keygate` binaries over Unix sockets.
+//! End to end: the real `keygate-enclave-dev` (the KRE with the mock NSM), `keygate-enclave`
+//! (the production KRE, hardware NSM only) and `keygate` binaries over Unix sockets.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -62,7 +63,7 @@ impl Kre {
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = std::fs::File::create(dir.path().join("kre.log")).expect("log");
-        let child = Command::new(bin("keygate-enclave"))
+        let child = Command::new(bin("keygate-enclave-dev"))
             .args(&args)
             .env("KEYGATE_LOG", "trace")
             .stdin(Stdio::null())
@@ -414,14 +415,65 @@ fn enclave_binary_refuses_bad_configuration() {
     let dir = tempfile::tempdir().expect("tmp");
     let policy = dir.path().join("p.json");
     std::fs::write(&policy, r#"{"clusters": {"c": {"images": [{"name": "x", "pcrs": {"0": "00"}}]}}}"#).expect("write");
-    let run = |args: &[&str]| run_with_limit(Command::new(bin("keygate-enclave")).args(args), Duration::from_secs(10));
+    let run = |name: &str, args: &[&str]| run_with_limit(Command::new(bin(name)).args(args), Duration::from_secs(10));
     let sock = format!("unix:{}", dir.path().join("s").display());
-    let o = run(&["--listen", &sock, "--policy", policy.to_str().expect("utf8"), "--nsm", "mock", "--mock-seed", "s"]);
+    // The policy is read after the NSM is open: only the mock NSM gets that far outside Nitro.
+    let o = run(
+        "keygate-enclave-dev",
+        &["--listen", &sock, "--policy", policy.to_str().expect("utf8"), "--nsm", "mock", "--mock-seed", "s"],
+    );
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("PCR"), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = run(&["--listen", &sock, "--policy", policy.to_str().expect("utf8")]);
+    let o = run("keygate-enclave", &["--listen", &sock, "--policy", policy.to_str().expect("utf8")]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("/dev/nsm"), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// The production binary names its NSM backends and has no mock NSM: `--nsm mock` (alone, or
+/// with the dev binary's flags) is refused before anything starts, with a message naming the
+/// binary that has one. The development binary lists the mock.
+#[test]
+fn production_enclave_binary_has_no_mock_nsm() {
+    const REFUSAL: &str = "keygate-enclave: error: this binary has no mock NSM (NSM backends: hardware); \
+                           the development binary keygate-enclave-dev has one\n";
+    let run = |name: &str, args: &[&str]| run_with_limit(Command::new(bin(name)).args(args), Duration::from_secs(10));
+    let version = env!("CARGO_PKG_VERSION");
+
+    let o = run("keygate-enclave", &["--version"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), format!("keygate-enclave {version} (NSM backends: hardware)\n"));
+    let o = run("keygate-enclave-dev", &["--version"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        format!("keygate-enclave-dev {version} (NSM backends: hardware, mock)\n")
+    );
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let policy = dir.path().join("p.json");
+    std::fs::write(&policy, r#"{"clusters": {}}"#).expect("write");
+    let sock = format!("unix:{}", dir.path().join("s").display());
+    let policy = policy.to_str().expect("utf8");
+    for args in [
+        &["--nsm", "mock"][..],
+        &["--listen", &sock, "--policy", policy, "--nsm", "mock"],
+        &["--listen", &sock, "--policy", policy, "--nsm=mock"],
+        &["--listen", &sock, "--policy", policy, "--nsm", "mock", "--mock-seed", "s"],
+        &["--listen", &sock, "--policy", policy, "--mock-pcr", &format!("0={}", hex48(KRE_PCR))],
+    ] {
+        let o = run("keygate-enclave", args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert_eq!(stderr(&o), REFUSAL, "{args:?}");
+        assert!(!dir.path().join("s").exists(), "{args:?}: nothing was bound");
+    }
+    // Any other backend name is refused too, listing the ones the binary has.
+    let o = run("keygate-enclave", &["--listen", &sock, "--policy", policy, "--nsm", "tpm"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--nsm tpm: no such NSM backend (NSM backends: hardware)"), "{}", stderr(&o));
+    // The development binary has the mock NSM: the same command line reaches the mock's own check.
+    let o = run("keygate-enclave-dev", &["--listen", &sock, "--policy", policy, "--nsm", "mock"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--nsm mock needs --mock-seed"), "{}", stderr(&o));
 }
 
 #[test]
@@ -476,7 +528,7 @@ fn image_built_by_the_pipeline_gets_keys_via_mock_pcrs_from() {
     ]}}});
     std::fs::write(d.join("policy.json"), policy.to_string()).expect("policy");
     let sock = d.join("kre.sock");
-    let mut child = Command::new(bin("keygate-enclave"))
+    let mut child = Command::new(bin("keygate-enclave-dev"))
         .args([
             "--listen",
             &format!("unix:{}", sock.display()),
@@ -712,7 +764,7 @@ fn a_second_kre_cannot_take_over_a_live_socket() {
     let kre = Kre::start(&[]);
     let policy = kre.dir.path().join("policy.json");
     let second = run_with_limit(
-        Command::new(bin("keygate-enclave")).args([
+        Command::new(bin("keygate-enclave-dev")).args([
             "--listen",
             &kre.addr(),
             "--policy",

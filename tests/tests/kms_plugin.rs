@@ -1,6 +1,6 @@
 //! End to end: the real `keygate kms-plugin` serving the Kubernetes KMS v2 API on a Unix
 //! socket, driven by gRPC clients as kube-apiserver drives it, on key files and on a real
-//! `keygate-enclave` (mock NSM) with a short lease.
+//! `keygate-enclave-dev` (the KRE with the mock NSM) with a short lease.
 //!
 //! The Rust client below does not use the plugin's generated code: its messages are written
 //! by hand from the published k8s.io/kms/apis/v2 api.proto (names and field numbers), so a
@@ -202,7 +202,7 @@ fn start_kre(dir: &Path, sock: &Path, allow_good: bool, name: &str) -> Proc {
     for i in 0..3 {
         args.extend(["--mock-pcr".into(), format!("{i}={}", hex48(KRE_PCR))]);
     }
-    let mut p = Proc::spawn(bin("keygate-enclave"), &args, dir.join(format!("{name}.log")));
+    let mut p = Proc::spawn(bin("keygate-enclave-dev"), &args, dir.join(format!("{name}.log")));
     p.wait_socket(sock);
     p
 }

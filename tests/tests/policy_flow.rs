@@ -45,7 +45,7 @@ impl Drop for Kre {
 fn start_kre(dir: &Path, genesis: &Path) -> Kre {
     let sock = dir.join("kre.sock");
     let _ = std::fs::remove_file(&sock);
-    let child = Command::new(bin("keygate-enclave"))
+    let child = Command::new(bin("keygate-enclave-dev"))
         .args([
             "--listen",
             &format!("unix:{}", sock.display()),

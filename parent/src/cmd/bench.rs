@@ -205,7 +205,7 @@ fn start_kre(threads: usize, extra: &[&str]) -> Result<KreProc, CliError> {
     let policy_path = dir.join("policy.json");
     std::fs::write(&policy_path, policy.to_string()).map_err(|e| CliError::io("policy", e))?;
     let sock = dir.join("kre.sock");
-    let exe = std::env::current_exe().map_err(|e| CliError::io("exe", e))?.with_file_name("keygate-enclave");
+    let exe = std::env::current_exe().map_err(|e| CliError::io("exe", e))?.with_file_name("keygate-enclave-dev");
     // Raise the descriptor limit for the connection benchmarks through the shell (no unsafe).
     let mut cmd = format!(
         "ulimit -n 65536 2>/dev/null || ulimit -n $(ulimit -Hn); exec '{}' --listen unix:{} --policy {} --nsm mock --mock-seed {SEED} --threads {threads} --mock-pcr 0={}",
@@ -224,11 +224,11 @@ fn start_kre(threads: usize, extra: &[&str]) -> Result<KreProc, CliError> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| CliError::io("starting keygate-enclave", e))?;
+        .map_err(|e| CliError::io("starting keygate-enclave-dev", e))?;
     let start = Instant::now();
     while std::os::unix::net::UnixStream::connect(&sock).is_err() {
         if start.elapsed() > Duration::from_secs(15) {
-            return Err(CliError::refused("keygate-enclave did not start"));
+            return Err(CliError::refused("keygate-enclave-dev did not start"));
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -1,5 +1,6 @@
-//! The demo's key release part: a real `keygate-enclave` process with the mock NSM behind a
-//! real `keygate proxy` process, and control-plane instances fetching keys through them.
+//! The demo's key release part: a real `keygate-enclave-dev` process (the KRE with the mock
+//! NSM) behind a real `keygate proxy` process, and control-plane instances fetching keys
+//! through them.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -201,7 +202,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         kre_args.extend(["--custodian".to_owned(), path(&cu.join(format!("custodian-{i}.pub.pem")))]);
     }
     kre_args.extend(["--custodian-threshold".to_owned(), "2".to_owned()]);
-    let mut kre = spawn(&sibling_binary("keygate-enclave")?, &kre_args, &d.join("kre.log"), "keygate-enclave")?;
+    let mut kre = spawn(&sibling_binary("keygate-enclave-dev")?, &kre_args, &d.join("kre.log"), "keygate-enclave-dev")?;
     let proxy_args = vec![
         "proxy".to_owned(),
         "--listen".to_owned(),
@@ -486,7 +487,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         let _ = kre.0.kill(); // SIGKILL
         let _ = kre.0.wait();
         let _ = std::fs::remove_file(&kre_sock);
-        kre = spawn(&sibling_binary("keygate-enclave")?, &kre_args, &d.join("kre-2.log"), "keygate-enclave")?;
+        kre = spawn(&sibling_binary("keygate-enclave-dev")?, &kre_args, &d.join("kre-2.log"), "keygate-enclave-dev")?;
         wait_for_socket(&kre_sock, &mut kre).await?;
         let sealed = fetcher(cpi(&good_pcrs, "cpi-1"), expect_kre.clone()).once().await;
         tour.step(

@@ -1,0 +1,72 @@
+//! `keygate-enclave-dev`: the key release enclave with the mock NSM, for the end-to-end tests,
+//! the demo and the bench. It is `keygate-enclave` plus one NSM backend, `--nsm mock`, whose
+//! attestation documents are signed by a test PKI derived from `--mock-seed`: never put this
+//! binary in an enclave image. Being a different binary (not a cargo feature of the production
+//! one) is what keeps the mock NSM out of `keygate-enclave` whatever the workspace build
+//! enables; `--version` names the backends each binary has.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use keygate_attestation::mock::{system_clock, MockNsm};
+use keygate_attestation::PcrExpectation;
+use keygate_enclave::cli::{self, EnclaveArgs, NsmBackend, OpenedNsm, MOCK};
+
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "keygate-enclave-dev",
+    about = "keygate key release enclave, development build with the mock NSM (NEVER in production)"
+)]
+struct Cli {
+    #[command(flatten)]
+    enclave: EnclaveArgs,
+    /// Mock NSM: seed of the mock PKI.
+    #[arg(long)]
+    mock_seed: Option<String>,
+    /// Mock NSM: this KRE's PCRs (repeatable).
+    #[arg(long = "mock-pcr", value_name = "N=HEX")]
+    mock_pcr: Vec<PcrExpectation>,
+}
+
+/// Why the mock NSM cannot start.
+#[derive(Debug, thiserror::Error)]
+enum MockError {
+    #[error("--nsm mock needs --mock-seed")]
+    NoSeed,
+}
+
+/// `--nsm mock`: a [`MockNsm`] from `--mock-seed` and `--mock-pcr`.
+#[derive(Debug)]
+struct Mock<'a> {
+    seed: Option<&'a str>,
+    pcrs: &'a [PcrExpectation],
+}
+
+impl NsmBackend for Mock<'_> {
+    fn name(&self) -> &'static str {
+        MOCK
+    }
+
+    fn open(&self) -> Result<OpenedNsm, Box<dyn std::error::Error + Send + Sync>> {
+        let seed = self.seed.ok_or(MockError::NoSeed)?;
+        let pcrs = self.pcrs.iter().map(|e| (e.index, e.value.clone())).collect();
+        let nsm = MockNsm::new(seed.as_bytes(), pcrs, system_clock()).with_instance("kre");
+        let anchor = nsm.root_anchor();
+        for line in [
+            "################################################################",
+            "#  MOCK NSM IN USE: this KRE's attestation is NOT genuine.     #",
+            "#  Documents are signed by a test PKI. NEVER use in production. #",
+            "################################################################",
+        ] {
+            tracing::warn!("{line}");
+        }
+        Ok(OpenedNsm { nsm: Arc::new(nsm), default_root: Some(anchor) })
+    }
+}
+
+fn main() -> ExitCode {
+    let cli: Cli = cli::parse(&[MOCK]);
+    let mock = Mock { seed: cli.mock_seed.as_deref(), pcrs: &cli.mock_pcr };
+    cli::run("keygate-enclave-dev", cli.enclave, &[&mock])
+}
