@@ -971,7 +971,7 @@ mod tests {
             let mut generation = 0;
             for i in [0usize, 2] {
                 let nonce = [u8::try_from(i).expect("small") + 1; 32];
-                let mut conn = Connection::new(Channel::Release);
+                let mut conn = Connection::new(Channel::Custodian);
                 let mut kr = rng_from(40 + u64::try_from(i).expect("small"));
                 let s = conn.on_frame(
                     kre,
