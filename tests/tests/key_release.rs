@@ -252,19 +252,10 @@ fn unreachable_kre_fails_after_bounded_retries() {
 fn fetch_through_the_proxy() {
     let kre = Kre::start(&[]);
     let psock = kre.dir.path().join("parent.sock");
-    let mut proxy = Command::new(bin("keygate"))
-        .args(["proxy", "--listen", &format!("unix:{}", psock.display()), "--to", &kre.addr()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("proxy");
-    let start = Instant::now();
-    while std::os::unix::net::UnixStream::connect(&psock).is_err() && start.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let proxy = start_proxy(&psock, &kre.addr(), &[]);
     let out = kre.dir.path().join("k");
     let o = run_fetch(&fetch_args(&format!("unix:{}", psock.display()), "prod", GOOD, &out));
+    let mut proxy = proxy;
     let _ = proxy.kill();
     let proxy_out = proxy.wait_with_output().expect("proxy output");
     assert!(o.status.success(), "{}", stderr(&o));
