@@ -20,7 +20,7 @@ use keygate_attestation::policy::{self, ClusterRule, PolicyDenial, ReleasePolicy
 use keygate_attestation::{AttestRequest, Nsm, UnknownFields, Verifier, VerifyError, VerifyOptions, VerifyTime};
 use sha2::{Digest, Sha384};
 
-use crate::audit::{AnonymousTally, AuditConfig, AuditError, AuditEvent, AuditLog, AuditSigner, Requester};
+use crate::audit::{AnonymousTally, AuditConfig, AuditError, AuditEvent, AuditLog, AuditSigner, Requester, MAX_TEXT};
 use crate::custody::{CustodianSet, UnsealShare};
 use crate::keys::{self, Kek, KekStatus, KekStore, Transcript, WrappingKey};
 use crate::nonces::{NonceTable, Redeem};
@@ -281,7 +281,7 @@ impl Kre {
             )?;
         }
         // After KreStarted, so that the rotations of an ephemeral start follow it in the trail.
-        kre.ensure_keks(&kre.policy_schedule())?;
+        drop(kre.ensure_keks(&kre.policy_schedule(), &[])?);
         Ok(kre)
     }
 
@@ -300,7 +300,8 @@ impl Kre {
     /// own; when even the reserve is exhausted the log counts it as unrecorded and writes an
     /// `Unrecorded` entry once there is room.
     fn record_denial(&self, d: &Deny, now_ms: u64) {
-        let (code, reason) = (d.code.as_str().to_owned(), d.reason.clone());
+        // The reason is cut to what an entry holds, so that a long one is recorded, not refused.
+        let (code, reason) = (d.code.as_str().to_owned(), cut_text(d.reason.clone()));
         let event = match &d.stage {
             Stage::Challenge => {
                 lock(&self.anonymous).record(d.code.as_str(), now_ms);
@@ -317,7 +318,7 @@ impl Kre {
             Stage::Policy { version, digest } => {
                 AuditEvent::PolicyRefused { version: *version, digest: *digest, code, reason }
             }
-            Stage::State { step } => AuditEvent::UnsealStep { step: (*step).to_owned(), ok: false, detail: reason },
+            Stage::State { step } => state_event(step, false, reason),
         };
         if let Err(e) = self.audit().append(event, now_ms) {
             // Counted as unrecorded by the log and written as an `Unrecorded` entry later.
@@ -402,21 +403,38 @@ impl Kre {
     /// Makes every named cluster have KEK versions up to its `kek_version` (the newest
     /// current, the older ones active): in memory (no custodians), or in the durable state's
     /// working copy (stored and committed before use; `KekRotated` is recorded at the commit).
-    fn ensure_keks(&self, schedule: &[(String, u32)]) -> Result<(), StartError> {
+    ///
+    /// Nothing is changed unless its record fits: the `KekRotated` entries of the change and
+    /// the caller's `then` entries are checked against the audit buffer (reserve included)
+    /// while the lock on the KEKs is held, and the rotations are appended under the same
+    /// audit lock. The lock is returned, so that the caller appends `then` knowing it fits
+    /// (lock order: policy → vault → KEKs → audit). A buffer without room refuses with
+    /// [`StartError::Audit`] holding [`AuditError::BufferFull`], and nothing has changed.
+    fn ensure_keks(
+        &self,
+        schedule: &[(String, u32)],
+        then: &[AuditEvent],
+    ) -> Result<std::sync::MutexGuard<'_, AuditLog>, StartError> {
         let wanted = schedule
             .iter()
             .map(|(n, v)| Ok((Id::new(n).map_err(|_| StartError::ClusterName(n.clone()))?, *v)))
             .collect::<Result<Vec<_>, StartError>>()?;
+        let now_ms = wall_clock_ms();
         if let Some(v) = &self.vault {
             let mut v = lock(v);
             if v.phase() != Phase::Serving {
                 // Genesis or the unsealed state provides them (and `after_unseal` / the
                 // genesis step rotate them to the policy's versions).
-                return Ok(());
+                drop(v);
+                let log = self.audit();
+                log.room_for(then)?;
+                return Ok(log);
             }
             let ids: Vec<Id> = wanted.iter().map(|(c, _)| c.clone()).collect();
+            // On a copy: it replaces the state only once its record is known to fit.
+            let mut work = v.clone();
             let added = self
-                .vault_step(&mut v, |v, rng| -> Result<Vec<Id>, VaultError> {
+                .vault_step(&mut work, |v, rng| -> Result<Vec<Id>, VaultError> {
                     let added = v.ensure_clusters(&ids, rng)?;
                     for (c, version) in &wanted {
                         v.rotate_to(c, *version, 0, rng)?;
@@ -425,29 +443,51 @@ impl Kre {
                 })
                 .map_err(StartError::State)?
                 .map_err(|e| StartError::State(e.to_string()))?;
+            let rotations: Vec<AuditEvent> =
+                added.into_iter().map(|c| AuditEvent::KekRotated { cluster: c, new_version: 1 }).collect();
+            let mut log = self.audit();
+            log.room_for(&[rotations.as_slice(), then].concat())?;
+            *v = work;
             drop(v);
-            for c in added {
-                let _ = self.audit().append(AuditEvent::KekRotated { cluster: c, new_version: 1 }, wall_clock_ms());
-            }
-            return Ok(());
+            append_admin(&mut log, rotations, now_ms);
+            return Ok(log);
         }
+        let mut keks = match self.keks.write() {
+            Ok(k) => k,
+            Err(p) => p.into_inner(),
+        };
+        // Version 1 of a new cluster is its first KEK, not a rotation.
+        let rotations: Vec<AuditEvent> = wanted
+            .iter()
+            .flat_map(|(id, version)| {
+                let first = keks.newest_version(id).map_or(1, |n| n.saturating_add(1));
+                (first.max(2)..=(*version).min(keys::MAX_KEK_VERSIONS))
+                    .map(|new_version| AuditEvent::KekRotated { cluster: id.clone(), new_version })
+            })
+            .collect();
+        let mut log = self.audit();
+        log.room_for(&[rotations.as_slice(), then].concat())?;
         let mut created = Vec::new();
-        {
-            let mut keks = match self.keks.write() {
-                Ok(k) => k,
-                Err(p) => p.into_inner(),
-            };
-            for (id, version) in &wanted {
-                let new = keks.ensure_versions(id, *version, |b| self.nsm.random(b)).map_err(StartError::Nsm)?;
-                // Version 1 of a new cluster is its first KEK, not a rotation.
-                created.extend(new.into_iter().filter(|v| *v > 1).map(|v| (id.clone(), v)));
+        let mut failed = None;
+        for (id, version) in &wanted {
+            match keks.ensure_versions(id, *version, |b| self.nsm.random(b)) {
+                Ok(new) => created.extend(new.into_iter().filter(|v| *v > 1).map(|v| (id.clone(), v))),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
             }
         }
-        // Ephemeral KEKs are usable at once: every rotation is recorded as it happens.
-        for (cluster, new_version) in created {
-            let _ = self.audit().append(AuditEvent::KekRotated { cluster, new_version }, wall_clock_ms());
+        drop(keks);
+        // Ephemeral KEKs are usable at once: every rotation is recorded as it happens (even
+        // when a later cluster's draw failed).
+        let rotations =
+            created.into_iter().map(|(cluster, new_version)| AuditEvent::KekRotated { cluster, new_version }).collect();
+        append_admin(&mut log, rotations, now_ms);
+        match failed {
+            Some(e) => Err(StartError::Nsm(e)),
+            None => Ok(log),
         }
-        Ok(())
     }
 
     fn source(&self) -> std::sync::RwLockReadGuard<'_, PolicySource> {
@@ -497,27 +537,39 @@ impl Kre {
         }
         // New clusters get their KEKs, and rotated ones their new versions, before the bundle
         // takes effect (with custodians: in the working state, usable once the parent has
-        // stored and committed it).
+        // stored and committed it). Nothing is applied without its record: `ensure_keks`
+        // checks that the rotations and the `PolicyAccepted` entry fit before it changes
+        // anything, and hands back the audit lock, under which the entry is appended before
+        // the new state is committed. Lock order: policy → vault → KEKs → audit (the policy
+        // lock is held throughout; the vault is locked again only after the audit lock is
+        // released).
+        let accepted = AuditEvent::PolicyAccepted {
+            version: report.version,
+            digest: report.digest,
+            activates_at_ms: report.activates_at_ms,
+        };
         let schedule = schedule_of(&next.latest().bundle.body.policy);
-        self.ensure_keks(&schedule).map_err(|e| deny(DenyCode::Internal, e.to_string()))?;
+        let mut log = self.ensure_keks(&schedule, std::slice::from_ref(&accepted)).map_err(|e| match e {
+            StartError::Audit(e) => {
+                deny(DenyCode::AuditFull, format!("policy not applied: it cannot be recorded: {e}"))
+            }
+            e => deny(DenyCode::Internal, e.to_string()),
+        })?;
+        let previous_version = log.policy_version();
+        log.set_policy_version(report.version);
+        if let Err(e) = log.append(accepted, now_ms) {
+            log.set_policy_version(previous_version);
+            tracing::debug!(error = %e, "policy acceptance not recorded; the policy is not applied");
+            return Err(deny(DenyCode::AuditFull, format!("policy not applied: it cannot be recorded: {e}")));
+        }
         *state = next;
+        drop(log);
         drop(guard);
         lock(&self.policy_history).push((report.version, report.digest));
         if let Some(v) = &self.vault {
             let mut v = lock(v);
             v.set_policy_head((report.version, report.digest));
         }
-
-        let mut log = self.audit();
-        log.set_policy_version(report.version);
-        let _ = log.append(
-            AuditEvent::PolicyAccepted {
-                version: report.version,
-                digest: report.digest,
-                activates_at_ms: report.activates_at_ms,
-            },
-            now_ms,
-        );
         Ok(report)
     }
 
@@ -531,9 +583,40 @@ impl Kre {
         })
     }
 
-    /// Records a durable-state step in the audit trail.
-    fn audit_state(&self, step: &str, ok: bool, detail: String, now_ms: u64) {
-        let _ = self.audit().append(AuditEvent::UnsealStep { step: step.to_owned(), ok, detail }, now_ms);
+    /// Runs a durable-state step (genesis, load, commit, reshare, unseal) that must be
+    /// recorded. The step runs on a copy of the vault and `f` returns its result with the
+    /// entries recording it; the copy replaces the vault only if those entries fit the audit
+    /// buffer (reserve included), and they are appended at once. A buffer without room
+    /// refuses with `audit_full` and the state is unchanged.
+    ///
+    /// Room is checked first (one entry of the largest size, [`AuditLog::has_room_for_admin`])
+    /// so that a full buffer refuses before any work, and again exactly once the entries are
+    /// known: the vault lock is held from the step to the append, and the audit lock from
+    /// the exact check to the append (lock order: vault → audit), so a concurrent refusal
+    /// cannot take the room in between.
+    fn recorded_step<T>(
+        &self,
+        vault: &Mutex<Vault>,
+        step: &'static str,
+        now_ms: u64,
+        f: impl FnOnce(&mut Vault) -> Result<(T, Vec<AuditEvent>), Deny>,
+    ) -> Result<T, Deny> {
+        let full = |e: AuditError| Deny {
+            stage: Stage::State { step },
+            ..Deny::new(DenyCode::AuditFull, format!("not done: the step cannot be recorded: {e}"))
+        };
+        let mut v = lock(vault);
+        if !self.audit().has_room_for_admin() {
+            let s = self.audit().status();
+            return Err(full(AuditError::BufferFull { buffered: s.buffered, bytes: s.buffered_bytes }));
+        }
+        let mut work = v.clone();
+        let (out, events) = f(&mut work)?;
+        let mut log = self.audit();
+        log.room_for(&events).map_err(full)?;
+        *v = work;
+        append_admin(&mut log, events, now_ms);
+        Ok(out)
     }
 
     /// The durable-state report; when there is a generation to store, it is exported here.
@@ -580,26 +663,23 @@ impl Kre {
             |e: String| Deny { stage: Stage::State { step: "genesis" }, ..Deny::new(DenyCode::StateRefused, e) };
         let ids: Vec<Id> = self.policy_clusters().iter().filter_map(|c| Id::new(c).ok()).collect();
         let head = self.policy_head();
-        let generation = {
-            let mut v = lock(vault);
+        self.recorded_step(vault, "genesis", now_ms, |v| {
             let nsm = &self.nsm;
             let mut attest = |ud: &[u8; 48]| {
                 nsm.attest(&AttestRequest { nonce: None, user_data: Some(ud.to_vec()), public_key: None })
                     .map_err(|e| e.to_string())
             };
-            self.vault_step(&mut v, |v, rng| v.genesis(self.crypto, &ids, head, rng, &mut attest).map(|e| e.generation))
+            let generation = self
+                .vault_step(v, |v, rng| v.genesis(self.crypto, &ids, head, rng, &mut attest).map(|e| e.generation))
                 .map_err(refuse)?
-                .map_err(|e| refuse(e.to_string()))?
-        };
-        self.audit_state(
-            "state-genesis",
-            true,
-            format!("generation {generation} prepared with {} cluster(s); not used until stored", ids.len()),
-            now_ms,
-        );
+                .map_err(|e| refuse(e.to_string()))?;
+            let detail =
+                format!("generation {generation} prepared with {} cluster(s); not used until stored", ids.len());
+            Ok(((), vec![state_event("state-genesis", true, detail)]))
+        })?;
         // Clusters whose policy names a later KEK version get it in the next generation
         // (exported once this one is committed).
-        self.ensure_keks(&self.policy_schedule()).map_err(|e| refuse(e.to_string()))?;
+        self.ensure_keks(&self.policy_schedule(), &[]).map(drop).map_err(|e| keks_denial("genesis", e))?;
         self.state_report()
     }
 
@@ -608,21 +688,17 @@ impl Kre {
         let vault = self.vault_or_refuse("load")?;
         let refuse = |e: String| Deny { stage: Stage::State { step: "load" }, ..Deny::new(DenyCode::StateRefused, e) };
         let blob_sha: [u8; 48] = Sha384::digest(&blob).into();
-        let generation = {
-            let mut v = lock(vault);
-            self.vault_step(&mut v, |v, rng| v.load(self.crypto, blob, custody, rng))
+        self.recorded_step(vault, "load", now_ms, |v| {
+            let generation = self
+                .vault_step(v, |v, rng| v.load(self.crypto, blob, custody, rng))
                 .map_err(refuse)?
-                .map_err(|e| refuse(e.to_string()))?
-        };
-        self.audit_state(
-            "state-loaded",
-            true,
-            format!(
+                .map_err(|e| refuse(e.to_string()))?;
+            let detail = format!(
                 "generation {generation} (blob sha384 {}) loaded; awaiting custodian shares",
                 hex::encode(blob_sha)
-            ),
-            now_ms,
-        );
+            );
+            Ok(((), vec![state_event("state-loaded", true, detail)]))
+        })?;
         self.state_report()
     }
 
@@ -633,32 +709,26 @@ impl Kre {
             stage: Stage::State { step: "commit" },
             ..Deny::new(DenyCode::StateRefused, e.to_string())
         };
-        let (before, after, committed) = {
-            let mut v = lock(vault);
+        // The commit and every KEK version that becomes usable with it are recorded together,
+        // or the commit is refused.
+        let committed = self.recorded_step(vault, "commit", now_ms, |v| {
             let before = v.committed_versions();
-            let g = v.commit(generation, blob_sha384).map_err(refuse)?;
-            (before, v.committed_versions(), g)
-        };
-        self.audit_state(
-            "state-committed",
-            true,
-            format!(
+            let committed = v.commit(generation, blob_sha384).map_err(refuse)?;
+            let detail = format!(
                 "generation {committed} (blob sha384 {}) stored by the parent and in use",
                 hex::encode(blob_sha384)
-            ),
-            now_ms,
-        );
-        // Every KEK version that became usable with this commit.
-        for (cluster, versions) in &after {
-            let old = before.iter().find(|(c, _)| c == cluster).map(|(_, v)| v.as_slice()).unwrap_or(&[]);
-            for (version, _) in versions {
-                if !old.iter().any(|(v, _)| v == version) {
-                    let _ = self
-                        .audit()
-                        .append(AuditEvent::KekRotated { cluster: cluster.clone(), new_version: *version }, now_ms);
+            );
+            let mut events = vec![state_event("state-committed", true, detail)];
+            for (cluster, versions) in &v.committed_versions() {
+                let old = before.iter().find(|(c, _)| c == cluster).map(|(_, v)| v.as_slice()).unwrap_or(&[]);
+                for (version, _) in versions {
+                    if !old.iter().any(|(v, _)| v == version) {
+                        events.push(AuditEvent::KekRotated { cluster: cluster.clone(), new_version: *version });
+                    }
                 }
             }
-        }
+            Ok((committed, events))
+        })?;
         Ok(committed)
     }
 
@@ -707,21 +777,16 @@ impl Kre {
         let new_set = vault::decode_set(self.crypto, set).map_err(|e| refuse(format!("new custodian set: {e}")))?;
         let digest = new_set.digest();
         let (m, n) = (new_set.threshold(), new_set.count());
-        {
-            let mut v = lock(vault);
-            self.vault_step(&mut v, |v, rng| v.start_reshare(self.crypto, new_set, rng))
+        self.recorded_step(vault, "reshare", now_ms, |v| {
+            self.vault_step(v, |v, rng| v.start_reshare(self.crypto, new_set, rng))
                 .map_err(refuse)?
                 .map_err(|e| refuse(e.to_string()))?;
-        }
-        self.audit_state(
-            "reshare-started",
-            true,
-            format!(
+            let detail = format!(
                 "to {m} of {n} custodians (set {}); awaiting the current custodians' approval",
                 hex::encode(digest)
-            ),
-            now_ms,
-        );
+            );
+            Ok(((), vec![state_event("reshare-started", true, detail)]))
+        })?;
         self.state_report()
     }
 
@@ -734,32 +799,27 @@ impl Kre {
         if lock(vault).phase() == Phase::Serving {
             return self.reshare_share(attestation_sha384, &msg, now_ms);
         }
-        let (outcome, need) = {
-            let mut v = lock(vault);
+        let (have, need, serving, generation) = self.recorded_step(vault, "unseal-share", now_ms, |v| {
             let need = v.set().threshold();
-            (v.add_share(self.crypto, attestation_sha384, &msg).map_err(|e| refuse(e.to_string()))?, need)
-        };
-        let (have, serving, generation) = match outcome {
-            UnsealOutcome::NeedMore { have, .. } => {
-                self.audit_state(
-                    "custodian-share-accepted",
-                    true,
-                    format!("share {} accepted ({have} of {need})", msg.x),
-                    now_ms,
-                );
-                (have, false, lock(vault).unsealing_generation().unwrap_or(0))
-            }
-            UnsealOutcome::Serving { generation } => {
-                self.audit_state(
-                    "unsealed",
-                    true,
-                    format!("share {} accepted; {need} of {need}: generation {generation} unsealed and in use", msg.x),
-                    now_ms,
-                );
-                self.after_unseal();
-                (need, true, generation)
-            }
-        };
+            let outcome = v.add_share(self.crypto, attestation_sha384, &msg).map_err(|e| refuse(e.to_string()))?;
+            Ok(match outcome {
+                UnsealOutcome::NeedMore { have, .. } => {
+                    let detail = format!("share {} accepted ({have} of {need})", msg.x);
+                    let generation = v.unsealing_generation().unwrap_or(0);
+                    ((have, need, false, generation), vec![state_event("custodian-share-accepted", true, detail)])
+                }
+                UnsealOutcome::Serving { generation } => {
+                    let detail = format!(
+                        "share {} accepted; {need} of {need}: generation {generation} unsealed and in use",
+                        msg.x
+                    );
+                    ((need, need, true, generation), vec![state_event("unsealed", true, detail)])
+                }
+            })
+        })?;
+        if serving {
+            self.after_unseal();
+        }
         Message::UnsealProgress { have, need, serving, generation }
             .encode()
             .map(|reply| Step { reply, close: true, event: Event::UnsealShareAccepted { have, need, serving } })
@@ -776,34 +836,25 @@ impl Kre {
             nsm.attest(&AttestRequest { nonce: None, user_data: Some(ud.to_vec()), public_key: None })
                 .map_err(|e| e.to_string())
         };
-        let (have, need, done, generation) = {
-            let mut v = lock(vault);
+        let (have, need, done, generation) = self.recorded_step(vault, "reshare-share", now_ms, |v| {
             let (have, need, done) = self
-                .vault_step(&mut v, |v, rng| {
-                    v.add_reshare_share(self.crypto, attestation_sha384, msg, rng, &mut attest)
-                })
+                .vault_step(v, |v, rng| v.add_reshare_share(self.crypto, attestation_sha384, msg, rng, &mut attest))
                 .map_err(refuse)?
                 .map_err(|e| refuse(e.to_string()))?;
-            (have, need, done, v.committed_generation())
-        };
-        if done {
-            self.audit_state(
-                "reshared",
-                true,
-                format!(
-                    "share {} accepted; {need} of {need} current custodians approved: new state key split for the new set; stored with the next generation",
-                    msg.x
-                ),
-                now_ms,
-            );
-        } else {
-            self.audit_state(
-                "reshare-share-accepted",
-                true,
-                format!("share {} accepted ({have} of {need})", msg.x),
-                now_ms,
-            );
-        }
+            let event = if done {
+                state_event(
+                    "reshared",
+                    true,
+                    format!(
+                        "share {} accepted; {need} of {need} current custodians approved: new state key split for the new set; stored with the next generation",
+                        msg.x
+                    ),
+                )
+            } else {
+                state_event("reshare-share-accepted", true, format!("share {} accepted ({have} of {need})", msg.x))
+            };
+            Ok(((have, need, done, v.committed_generation()), vec![event]))
+        })?;
         Message::UnsealProgress { have, need, serving: done, generation }
             .encode()
             .map(|reply| Step { reply, close: true, event: Event::UnsealShareAccepted { have, need, serving: done } })
@@ -816,7 +867,7 @@ impl Kre {
         if let (Some(v), Some(head)) = (&self.vault, self.policy_head()) {
             lock(v).set_policy_head(head);
         }
-        if let Err(e) = self.ensure_keks(&self.policy_schedule()) {
+        if let Err(e) = self.ensure_keks(&self.policy_schedule(), &[]).map(drop) {
             tracing::warn!(error = %e, "could not add KEKs for new clusters or rotations after unseal");
         }
     }
@@ -915,6 +966,46 @@ impl Kre {
 
 /// Milliseconds since the Unix epoch, only for the start-up audit entry; every decision
 /// takes its time from the caller's `Env`.
+/// Appends `events` (entries that release nothing), in order. A refused append is counted as
+/// unrecorded by the log, which writes an `Unrecorded` entry once there is room.
+fn append_admin(log: &mut AuditLog, events: Vec<AuditEvent>, now_ms: u64) {
+    for event in events {
+        if let Err(e) = log.append(event, now_ms) {
+            tracing::debug!(error = %e, "audit entry not recorded; counted as unrecorded");
+        }
+    }
+}
+
+/// The `UnsealStep` entry of a durable-state step (its detail cut to the entry limit).
+fn state_event(step: &str, ok: bool, detail: String) -> AuditEvent {
+    AuditEvent::UnsealStep { step: step.to_owned(), ok, detail: cut_text(detail) }
+}
+
+/// Text recorded in an audit entry (a reason, a detail) is cut to [`MAX_TEXT`] bytes, at a
+/// char boundary, ending in `…` when cut: an over-long reason must not make the entry
+/// unencodable, and so unrecorded.
+fn cut_text(mut text: String) -> String {
+    if text.len() <= MAX_TEXT {
+        return text;
+    }
+    let mut end = MAX_TEXT.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end = end.saturating_sub(1);
+    }
+    text.truncate(end);
+    text.push('…');
+    text
+}
+
+/// The refusal of a step whose KEKs could not be made (or recorded).
+fn keks_denial(step: &'static str, e: StartError) -> Deny {
+    let code = match e {
+        StartError::Audit(_) => DenyCode::AuditFull,
+        _ => DenyCode::StateRefused,
+    };
+    Deny { stage: Stage::State { step }, ..Deny::new(code, e.to_string()) }
+}
+
 fn wall_clock_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1447,4 +1538,58 @@ fn release(
             document_sha384: att.document_sha384(),
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use keygate_attestation::mock::MockNsm;
+    use keygate_attestation::policy::ImageRule;
+    use keygate_attestation::DocumentKind;
+
+    use super::*;
+
+    const T: u64 = 1_795_478_400_000;
+
+    fn kre() -> Kre {
+        let pcrs: BTreeMap<u8, Vec<u8>> = (0u8..3).map(|i| (i, vec![0x10 + i; 48])).collect();
+        let image =
+            ImageRule { name: "cp".into(), pcrs, kind: DocumentKind::Enclave, not_after_ms: None, not_before_ms: None };
+        let policy = ReleasePolicy {
+            clusters: BTreeMap::from([("prod".into(), ClusterRule { images: vec![image], ..Default::default() })]),
+            allow_debug: false,
+        };
+        let nsm = MockNsm::new(b"core-test", BTreeMap::new(), Arc::new(|| T));
+        let verifier = Verifier::new(nsm.root_anchor());
+        Kre::new(KreConfig::default(), verifier, policy, Arc::new(nsm)).expect("kre")
+    }
+
+    /// A refusal with a reason longer than an entry holds is recorded, its reason cut at a
+    /// char boundary, for every kind of refusal that carries one.
+    #[test]
+    fn a_denial_with_a_very_long_reason_is_recorded_cut() {
+        let kre = kre();
+        // 5,000 bytes of two-byte chars, shifted by one so that `MAX_TEXT - 3` is mid-char.
+        let long = format!("x{}", "é".repeat(2_500));
+        let stages =
+            [Stage::Release, Stage::Policy { version: Some(2), digest: None }, Stage::State { step: "commit" }];
+        for stage in stages {
+            let before = kre.audit().status().last_seq;
+            let deny = Deny { stage, ..Deny::new(DenyCode::ImageNotAllowed, long.clone()) };
+            kre.record_denial(&deny, T);
+            let log = kre.audit();
+            assert_eq!(log.status().last_seq, before + 1, "recorded");
+            assert_eq!(log.status().unrecorded_pending, 0);
+            let entries = log.entries_after(before, 1);
+            let text = match entries[0].event() {
+                AuditEvent::ReleaseDenied { reason, .. } | AuditEvent::PolicyRefused { reason, .. } => reason,
+                AuditEvent::UnsealStep { detail, .. } => detail,
+                other => panic!("unexpected {other:?}"),
+            };
+            assert!(text.len() <= MAX_TEXT && text.len() > MAX_TEXT - 4, "{}", text.len());
+            assert!(text.ends_with('…'));
+            assert!(long.starts_with(text.trim_end_matches('…')));
+        }
+    }
 }

@@ -225,6 +225,11 @@ impl KekStore {
         Ok(created)
     }
 
+    /// The newest KEK version of `cluster`, whatever its status (`None`: no KEK yet).
+    pub fn newest_version(&self, cluster: &Id) -> Option<u32> {
+        self.clusters.get(cluster).and_then(|e| e.keys().next_back()).copied()
+    }
+
     /// The current KEK version of `cluster` and the KEK.
     pub fn current(&self, cluster: &Id) -> Option<(u32, &Kek)> {
         self.clusters.get(cluster)?.iter().rev().find(|(_, (s, _))| *s == KekStatus::Current).map(|(v, (_, k))| (*v, k))

@@ -443,3 +443,93 @@ fn a_genesis_policy_with_a_later_kek_version_gets_it_in_the_next_generation() {
         expect(&[("etcd", 2), ("etcd", 1), ("secrets", 2), ("secrets", 1)])
     );
 }
+
+/// Fills the audit buffer until even its reserve is exhausted (entries that release nothing).
+fn fill_audit(kre: &Kre) {
+    let refused = || AuditEvent::ChallengeRefused { code: "busy".into(), reason: "filler".into() };
+    while kre.audit().append(refused(), T).is_ok() {}
+    assert!(!kre.audit().has_room_for_admin(), "the reserve is exhausted");
+}
+
+/// Acknowledges every buffered entry, as `keygate audit pull` does once they are stored.
+fn pull_and_ack(kre: &Kre) {
+    let entries = match one(kre, Message::AuditPull { after_seq: 0, max: 1024 }) {
+        Message::AuditBatch { entries, .. } => entries,
+        other => panic!("expected AuditBatch, got {other:?}"),
+    };
+    assert!(!entries.is_empty());
+    let up_to_seq = kre.audit().status().last_seq;
+    match one(kre, Message::AuditAck { up_to_seq }) {
+        Message::AuditAcked { .. } => {}
+        other => panic!("expected AuditAcked, got {other:?}"),
+    }
+}
+
+/// A policy push that cannot be recorded is refused (`audit_full`, retryable) and changes
+/// nothing: neither the policy head nor the KEKs. Once the trail is collected, the same
+/// bundle is accepted and recorded.
+#[test]
+fn a_policy_push_that_cannot_be_recorded_is_refused_and_changes_nothing() {
+    let (genesis, mut chain) = Chain::genesis();
+    let nsm = nsm();
+    let verifier = Verifier::new(nsm.root_anchor());
+    let config = KreConfig {
+        audit: keygate_enclave::audit::AuditConfig {
+            capacity: 8,
+            reserve: 2,
+            ..keygate_enclave::audit::AuditConfig::default()
+        },
+        ..KreConfig::default()
+    };
+    let kre = Kre::with_genesis(config, verifier, &genesis, Arc::new(nsm)).expect("kre");
+    let head = kre.policy_head();
+    fill_audit(&kre);
+
+    let next = chain.next(2, 0);
+    let (code, reason) = refused(&kre, Message::PolicyPush { bundle: next.clone() });
+    assert_eq!(code, DenyCode::AuditFull, "{reason}");
+    assert_eq!(kre.policy_head(), head, "the policy is unchanged");
+    pull_and_ack(&kre);
+    assert_eq!(kek_rotations(&kre), vec![], "no KEK was rotated");
+    assert_eq!(versions(&fetch(&kre).expect("released")), expect(&[("etcd", 1), ("secrets", 1)]));
+
+    push(&kre, next);
+    assert_eq!(kre.policy_head().map(|(v, _)| v), Some(2));
+    let recorded: Vec<u64> = kre
+        .audit()
+        .entries_after(0, 1000)
+        .iter()
+        .filter_map(|e| match e.event() {
+            AuditEvent::PolicyAccepted { version, .. } => Some(*version),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(recorded, vec![2]);
+    assert_eq!(kek_rotations(&kre), vec![("prod".to_owned(), 2)]);
+}
+
+/// With custodians, a commit whose record (the commit and the KEK versions it makes usable)
+/// does not fit is refused, and the exported generation stays uncommitted until it does.
+#[test]
+fn a_commit_that_cannot_be_recorded_is_refused_until_the_trail_is_collected() {
+    let (genesis, mut chain) = Chain::genesis();
+    let kre = custodial_kre(&genesis, &custodians());
+    report(&kre, Message::StateGenesis);
+    assert_eq!(sync(&kre), 1);
+    push(&kre, chain.next(2, 0));
+    let r = report(&kre, Message::StatePoll);
+    assert_eq!((r.committed_generation, r.export_generation), (1, 2));
+    let sha: [u8; 48] = sha2::Digest::finalize(<sha2::Sha384 as sha2::Digest>::new_with_prefix(&r.blob)).into();
+    fill_audit(&kre);
+    let (code, reason) = refused(&kre, Message::StateCommit { generation: r.export_generation, blob_sha384: sha });
+    assert_eq!(code, DenyCode::AuditFull, "{reason}");
+    assert_eq!(report(&kre, Message::StatePoll).committed_generation, 1, "not committed");
+    pull_and_ack(&kre);
+    assert_eq!(versions(&fetch(&kre).expect("released")), expect(&[("etcd", 1), ("secrets", 1)]));
+    assert_eq!(kek_rotations(&kre), vec![]);
+    match one(&kre, Message::StateCommit { generation: r.export_generation, blob_sha384: sha }) {
+        Message::StateCommitted { .. } => {}
+        other => panic!("expected StateCommitted, got {other:?}"),
+    }
+    assert_eq!(kek_rotations(&kre), vec![("prod".to_owned(), 2)]);
+}

@@ -274,3 +274,124 @@ fn verify_reports_each_kind_of_tampering() {
     assert_eq!(keygate(&["audit", "verify", &missing, "--root", &r]).status.code(), Some(3));
     assert_eq!(keygate(&["audit", "show", &missing]).status.code(), Some(3));
 }
+
+/// A process killed on drop (the KRE, a following `audit pull`).
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.kill() {
+            eprintln!("kill: {e}");
+        }
+        if let Err(e) = self.0.wait() {
+            eprintln!("wait: {e}");
+        }
+    }
+}
+
+/// Starts the KRE binary (mock NSM, static policy) on `sock`; returns once its release
+/// socket accepts connections (its parent channel is `<sock>.parent`).
+fn start_kre(d: &Path, sock: &Path, n: usize) -> Proc {
+    use std::time::{Duration, Instant};
+    let pcr = hex::encode([0x5a; 48]);
+    let policy =
+        serde_json::json!({"clusters": {"prod": {"images": [{"name": "cp", "pcrs": {"0": pcr, "1": pcr, "2": pcr}}]}}});
+    std::fs::write(d.join("policy.json"), policy.to_string()).expect("policy");
+    let log = std::fs::File::create(d.join(format!("kre-{n}.log"))).expect("log");
+    let child = std::process::Command::new(keygate_tests::bin("keygate-enclave"))
+        .args(["--listen", &format!("unix:{}", sock.display()), "--policy"])
+        .arg(d.join("policy.json"))
+        .args(["--nsm", "mock", "--mock-seed", "cli-audit-follow"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("kre");
+    let start = Instant::now();
+    let parent = format!("{}.parent", sock.display());
+    while std::os::unix::net::UnixStream::connect(sock).is_err()
+        || std::os::unix::net::UnixStream::connect(&parent).is_err()
+    {
+        assert!(start.elapsed() < Duration::from_secs(8), "KRE did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Proc(child)
+}
+
+/// The chain ids of the audit directories under `root` whose name starts with `prefix`, with
+/// their entry count.
+fn stored_runs(root: &Path, prefix: &str) -> Vec<(std::path::PathBuf, [u8; 48], usize)> {
+    let mut runs = Vec::new();
+    for e in std::fs::read_dir(root).expect("read_dir").flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(prefix) || !e.path().join(ENTRIES_FILE).exists() {
+            continue;
+        }
+        if let Ok(t) = store::read_dir(&e.path()) {
+            if let Some(first) = t.entries.first() {
+                runs.push((e.path(), *first.chain_id(), t.entries.len()));
+            }
+        }
+    }
+    runs.sort();
+    runs
+}
+
+/// `keygate audit pull --follow` survives the KRE being killed (its rounds fail meanwhile)
+/// and collects the restarted KRE's new chain, into the sibling directory named after it.
+#[test]
+fn audit_pull_follow_survives_a_kre_restart() {
+    use std::time::{Duration, Instant};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let sock = tmp.path().join("kre.sock");
+    let mut kre = start_kre(tmp.path(), &sock, 1);
+    let dir = tmp.path().join("audit");
+    let pull_log = tmp.path().join("pull.log");
+    let mut pull = Proc(
+        std::process::Command::new(keygate_tests::bin("keygate"))
+            .args(["audit", "pull", "--follow", "1", "--dir"])
+            .arg(&dir)
+            .args(["--kre", &format!("unix:{}.parent", sock.display())])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(tmp.path().join("pull.out")).expect("out"))
+            .stderr(std::fs::File::create(&pull_log).expect("log"))
+            .spawn()
+            .expect("audit pull"),
+    );
+    let log = || std::fs::read_to_string(&pull_log).unwrap_or_default();
+    let start = Instant::now();
+    let wait_until = |what: &str, limit: Duration, done: &dyn Fn() -> bool| {
+        while !done() {
+            assert!(start.elapsed() < limit, "{what} within {limit:?}; pull log: {}", log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    wait_until("the first run collected", Duration::from_secs(6), &|| !stored_runs(tmp.path(), "audit").is_empty());
+    let first = stored_runs(tmp.path(), "audit");
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].0, dir);
+
+    // kill -9, and a failed round or more while the KRE is down.
+    kre.0.kill().expect("kill the KRE");
+    kre.0.wait().expect("reap the KRE");
+    wait_until("a failed round reported", Duration::from_secs(10), &|| log().contains("audit pull:"));
+    let mut kre = start_kre(tmp.path(), &sock, 2);
+    let status = keygate(&["status", "--kre", &format!("unix:{}.parent", sock.display())]);
+    assert!(status.status.success(), "{}", text(&status.stderr));
+
+    wait_until("the new run collected", Duration::from_secs(19), &|| stored_runs(tmp.path(), "audit").len() == 2);
+    assert!(pull.0.try_wait().expect("try_wait").is_none(), "the pull is still running; log: {}", log());
+    let runs = stored_runs(tmp.path(), "audit");
+    let new = runs.iter().find(|r| r.0 != dir).expect("the new run's directory");
+    assert_ne!(new.1, first[0].1, "a new chain");
+    assert!(new.0.to_string_lossy().ends_with(&hex::encode(&new.1[..8])), "{}", new.0.display());
+    assert!(new.2 >= 1, "the new run's entries are stored");
+    assert_eq!(stored_runs(tmp.path(), "audit")[0].2, first[0].2, "the first run's directory is unchanged");
+    let l = log();
+    let line = l.lines().find(|l| l.contains("audit pull:")).expect("an error line");
+    assert!(line.starts_with("keygate: 20"), "the line names the time: {line}");
+
+    kre.0.kill().expect("kill the KRE");
+    pull.0.kill().expect("kill the pull");
+}

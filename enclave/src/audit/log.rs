@@ -130,6 +130,11 @@ impl AuditLog {
         self.policy_version = version;
     }
 
+    /// The policy version recorded in new entries.
+    pub fn policy_version(&self) -> u64 {
+        self.policy_version
+    }
+
     /// The signer (its public key and chain id, for status).
     pub fn signer(&self) -> &AuditSigner {
         &self.signer
@@ -174,15 +179,19 @@ impl AuditLog {
     /// Counts a refused append. A refused release is not a lost record (the release does
     /// not happen; the caller records a denial instead); any other refused event is.
     fn refuse(&mut self, now_ms: u64, release: bool) -> AuditError {
+        self.count_refused(now_ms, release);
+        AuditError::BufferFull { buffered: self.buffer.len(), bytes: self.buffered_bytes }
+    }
+
+    fn count_refused(&mut self, now_ms: u64, release: bool) {
         self.refused_total = self.refused_total.saturating_add(1);
         if release {
-            return AuditError::BufferFull { buffered: self.buffer.len(), bytes: self.buffered_bytes };
+            return;
         }
         self.unrecorded = Some(match self.unrecorded {
             Some((n, first, _)) => (n.saturating_add(1), first, now_ms),
             None => (1, now_ms, now_ms),
         });
-        AuditError::BufferFull { buffered: self.buffer.len(), bytes: self.buffered_bytes }
     }
 
     fn build(&self, event: AuditEvent, now_ms: u64, seq: u64, prev: [u8; 48]) -> Result<AuditEntry, AuditError> {
@@ -208,11 +217,59 @@ impl AuditLog {
     /// [`AuditEvent::AnonymousRefusals`] is charged to the reserve as in
     /// [`append_anonymous`](Self::append_anonymous), which should be preferred: a refused
     /// one appended here is only counted as unrecorded.
+    ///
+    /// Every refused append of an event that is not a release is counted as unrecorded
+    /// (and later written as an [`AuditEvent::Unrecorded`] entry), whether the buffer was
+    /// full or the event could not be encoded.
     pub fn append(&mut self, event: AuditEvent, now_ms: u64) -> Result<u64, AuditError> {
         let release = event.is_release();
-        match self.try_append(event, now_ms)? {
-            Some(seq) => Ok(seq),
-            None => Err(self.refuse(now_ms, release)),
+        match self.try_append(event, now_ms) {
+            Ok(Some(seq)) => Ok(seq),
+            Ok(None) => Err(self.refuse(now_ms, release)),
+            Err(e) => {
+                self.count_refused(now_ms, release);
+                Err(e)
+            }
+        }
+    }
+
+    /// True when one entry that releases nothing (of the largest size) fits, reserve included:
+    /// what a policy change or a durable-state step checks before it is made.
+    pub fn has_room_for_admin(&self) -> bool {
+        self.fits(self.admin_need(1, MAX_ENTRY_LEN), false)
+    }
+
+    /// Whether `events` (none of them a release) would all be appended now, reserve included,
+    /// after any pending `Unrecorded` entry. A caller holding the log's lock can check this
+    /// before it makes a change and then append the events knowing they fit: the change and
+    /// its record happen together or not at all.
+    pub fn room_for(&self, events: &[AuditEvent]) -> Result<(), AuditError> {
+        let mut bytes = 0usize;
+        for event in events {
+            if event.is_release() || is_anonymous(event) {
+                return Err(AuditError::BufferFull { buffered: self.buffer.len(), bytes: self.buffered_bytes });
+            }
+            // The size of an entry does not depend on its sequence number or predecessor.
+            let probe = self.build(event.clone(), 0, self.last_seq.saturating_add(1), self.head)?;
+            bytes = bytes.saturating_add(probe.bytes().len());
+        }
+        let need = self.admin_need(events.len(), 0);
+        let need = Need { bytes: need.bytes.saturating_add(bytes), ..need };
+        if self.fits(need, false) {
+            Ok(())
+        } else {
+            Err(AuditError::BufferFull { buffered: self.buffer.len(), bytes: self.buffered_bytes })
+        }
+    }
+
+    /// What `entries` non-release entries of `each` bytes need, with the pending
+    /// `Unrecorded` entry written before them (counted at its largest size).
+    fn admin_need(&self, entries: usize, each: usize) -> Need {
+        let gap = usize::from(self.unrecorded.is_some());
+        Need {
+            slots: entries.saturating_add(gap),
+            bytes: entries.saturating_mul(each).saturating_add(gap.saturating_mul(MAX_ENTRY_LEN)),
+            ..Need::default()
         }
     }
 

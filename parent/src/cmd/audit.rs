@@ -37,7 +37,9 @@ pub(crate) struct PullArgs {
     /// The audit directory (one KRE run's chain).
     #[arg(long)]
     dir: PathBuf,
-    /// Keep pulling every this many seconds (until interrupted).
+    /// Keep pulling every this many seconds (until interrupted). A failed round is reported
+    /// and retried (backoff 1 s doubling to 30 s); after a KRE restart its new chain goes to
+    /// `<DIR>-<chain id prefix>`.
     #[arg(long)]
     follow: Option<u64>,
 }
@@ -158,16 +160,99 @@ pub(crate) fn status(kre: &keygate_enclave::transport::Addr) -> Result<(), CliEr
 }
 
 fn pull(a: PullArgs) -> Result<(), CliError> {
-    loop {
+    let Some(every) = a.follow else {
         let (stored, last) = pull_once(&a.kre, &a.dir)?;
-        println!(
-            "stored {stored} new audit entr{} in {} (last seq {last})",
-            if stored == 1 { "y" } else { "ies" },
-            a.dir.display()
-        );
-        match a.follow {
-            Some(s) => std::thread::sleep(std::time::Duration::from_secs(s.max(1))),
-            None => return Ok(()),
+        println!("{}", stored_line(stored, &a.dir, last));
+        return Ok(());
+    };
+    // Following: a failed round (KRE restarting, a refused pull, disk full) is reported on one
+    // line and retried after a bounded backoff, reset by the next successful round; nothing is
+    // acknowledged that was not stored.
+    let mut backoff = Backoff::default();
+    loop {
+        let round = run_dir(&a.kre, &a.dir).and_then(|dir| pull_once(&a.kre, &dir).map(|r| (dir, r)));
+        let wait = match round {
+            Ok((dir, (stored, last))) => {
+                println!("{}", stored_line(stored, &dir, last));
+                backoff.reset();
+                std::time::Duration::from_secs(every.max(1))
+            }
+            Err(e) => {
+                let wait = backoff.next_wait();
+                eprintln!(
+                    "keygate: {} audit pull: {}; retrying in {} s",
+                    fmt_time(keygate_enclave::server::now_ms()),
+                    e.message,
+                    wait.as_secs()
+                );
+                wait
+            }
+        };
+        std::thread::sleep(wait);
+    }
+}
+
+fn stored_line(stored: usize, dir: &Path, last: u64) -> String {
+    format!(
+        "stored {stored} new audit entr{} in {} (last seq {last})",
+        if stored == 1 { "y" } else { "ies" },
+        dir.display()
+    )
+}
+
+/// The wait after failed rounds: 1 s, doubled after each failure up to 30 s.
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    const MAX_SECS: u64 = 30;
+
+    fn next_wait(&mut self) -> std::time::Duration {
+        let secs = 1u64.checked_shl(self.failures).unwrap_or(Self::MAX_SECS).min(Self::MAX_SECS);
+        self.failures = self.failures.saturating_add(1).min(16);
+        std::time::Duration::from_secs(secs)
+    }
+
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// The directory for the KRE's current chain when following. One directory holds one chain
+/// (one KRE run): `dir` while it is empty or holds the KRE's chain; after a KRE restart (a new
+/// chain id in its status), the sibling `<dir>-<first 8 bytes of the chain id, hex>`, where
+/// the new run is collected from its first entry (`audit verify` checks each run's directory
+/// on its own). Asking the status first matters: the new chain's sequence numbers restart at
+/// 1, so pulling after the old chain's last entry would silently return nothing.
+fn run_dir(kre: &keygate_enclave::transport::Addr, dir: &Path) -> Result<PathBuf, CliError> {
+    let json = match exchange(kre, &keygate_enclave::wire::Message::Status)? {
+        keygate_enclave::wire::Message::StatusReport { json } => json,
+        keygate_enclave::wire::Message::Denied { code, reason } => {
+            return Err(CliError::refused(format!("the KRE refused its status: {code}: {reason}")))
+        }
+        m => return Err(CliError::refused(format!("unexpected answer {}", m.name()))),
+    };
+    let status: Value =
+        serde_json::from_str(&json).map_err(|e| CliError::refused(format!("malformed status from the KRE: {e}")))?;
+    let kre_chain = status["audit"]["chain_id"]
+        .as_str()
+        .and_then(|h| hex::decode(h).ok())
+        .filter(|c| c.len() == 48)
+        .ok_or_else(|| CliError::refused("the KRE's status names no audit chain id"))?;
+    let stored_chain = match store::read_dir(dir) {
+        Ok(t) => t.entries.first().map(|e| e.chain_id().to_vec()),
+        Err(_) if !dir.join(store::ENTRIES_FILE).exists() => None,
+        Err(e) => return Err(store_error(dir, e)),
+    };
+    match stored_chain {
+        None => Ok(dir.to_path_buf()),
+        Some(c) if c == kre_chain => Ok(dir.to_path_buf()),
+        Some(_) => {
+            let mut name = dir.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "audit".into());
+            name.push(format!("-{}", hex::encode(kre_chain.get(..8).unwrap_or_default())));
+            Ok(dir.with_file_name(name))
         }
     }
 }
@@ -512,6 +597,15 @@ fn fmt_time(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_doubles_to_30_s_and_resets() {
+        let mut b = Backoff::default();
+        let secs: Vec<u64> = (0..8).map(|_| b.next_wait().as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 30, 30, 30]);
+        b.reset();
+        assert_eq!(b.next_wait().as_secs(), 1);
+    }
 
     #[test]
     fn time_format() {
