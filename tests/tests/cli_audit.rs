@@ -298,7 +298,7 @@ fn start_kre(d: &Path, sock: &Path, n: usize) -> Proc {
         serde_json::json!({"clusters": {"prod": {"images": [{"name": "cp", "pcrs": {"0": pcr, "1": pcr, "2": pcr}}]}}});
     std::fs::write(d.join("policy.json"), policy.to_string()).expect("policy");
     let log = std::fs::File::create(d.join(format!("kre-{n}.log"))).expect("log");
-    let child = std::process::Command::new(keygate_tests::bin("keygate-enclave"))
+    let child = std::process::Command::new(keygate_tests::bin("keygate-enclave-dev"))
         .args(["--listen", &format!("unix:{}", sock.display()), "--policy"])
         .arg(d.join("policy.json"))
         .args(["--nsm", "mock", "--mock-seed", "cli-audit-follow"])
