@@ -671,20 +671,17 @@ fn check_key_ids(ids: &[Id]) -> Result<(), WireError> {
 impl Message {
     /// Encodes the message as a complete frame (length prefix included).
     pub fn encode(&self) -> Result<Vec<u8>, WireError> {
-        let mut body = vec![VERSION];
+        let mut body = vec![VERSION, self.type_byte()];
         match self {
             Message::Hello { client_nonce } => {
-                body.push(ty::HELLO);
                 body.extend_from_slice(client_nonce);
             }
             Message::Challenge { server_nonce, kre_attestation } => {
-                body.push(ty::CHALLENGE);
                 body.extend_from_slice(server_nonce);
                 put_bytes16(&mut body, kre_attestation)?;
             }
             Message::Release { cluster_id, key_ids, attestation } => {
                 check_key_ids(key_ids)?;
-                body.push(ty::RELEASE);
                 put_str8(&mut body, cluster_id.as_str())?;
                 body.push(u8::try_from(key_ids.len()).map_err(|_| WireError::TooLong)?);
                 for k in key_ids {
@@ -696,7 +693,6 @@ impl Message {
                 if keys.len() > MAX_RELEASED {
                     return Err(WireError::BadKeyCount(keys.len()));
                 }
-                body.push(ty::RELEASED);
                 body.extend_from_slice(ephemeral_point);
                 body.push(u8::try_from(keys.len()).map_err(|_| WireError::TooLong)?);
                 for k in keys {
@@ -706,17 +702,14 @@ impl Message {
                 }
             }
             Message::PolicyPush { bundle } => {
-                body.push(ty::POLICY_PUSH);
                 put_bytes16(&mut body, bundle)?;
             }
             Message::PolicyAccepted { version, digest, activates_at_ms } => {
-                body.push(ty::POLICY_ACCEPTED);
                 body.extend_from_slice(&version.to_be_bytes());
                 body.extend_from_slice(digest);
                 body.extend_from_slice(&activates_at_ms.to_be_bytes());
             }
             Message::AuditPull { after_seq, max } => {
-                body.push(ty::AUDIT_PULL);
                 body.extend_from_slice(&after_seq.to_be_bytes());
                 body.extend_from_slice(&max.to_be_bytes());
             }
@@ -724,7 +717,6 @@ impl Message {
                 if entries.len() > MAX_AUDIT_BATCH {
                     return Err(WireError::TooLong);
                 }
-                body.push(ty::AUDIT_BATCH);
                 body.extend_from_slice(&u16::try_from(entries.len()).map_err(|_| WireError::TooLong)?.to_be_bytes());
                 for e in entries {
                     put_bytes16(&mut body, e)?;
@@ -732,22 +724,18 @@ impl Message {
                 put_bytes16(&mut body, checkpoint)?;
             }
             Message::AuditAck { up_to_seq } => {
-                body.push(ty::AUDIT_ACK);
                 body.extend_from_slice(&up_to_seq.to_be_bytes());
             }
             Message::AuditAcked { up_to_seq, buffered } => {
-                body.push(ty::AUDIT_ACKED);
                 body.extend_from_slice(&up_to_seq.to_be_bytes());
                 body.extend_from_slice(&buffered.to_be_bytes());
             }
-            Message::Status => body.push(ty::STATUS),
+            Message::Status => {}
             Message::StatusReport { json } => {
-                body.push(ty::STATUS_REPORT);
                 put_bytes16(&mut body, json.as_bytes())?;
             }
-            Message::StatePoll => body.push(ty::STATE_POLL),
+            Message::StatePoll => {}
             Message::StateReport(r) => {
-                body.push(ty::STATE_REPORT);
                 body.push(r.phase);
                 body.extend_from_slice(&r.committed_generation.to_be_bytes());
                 body.extend_from_slice(&r.unsealing_generation.to_be_bytes());
@@ -759,28 +747,23 @@ impl Message {
                 put_bytes16(&mut body, &r.shares)?;
                 put_bytes16(&mut body, &r.genesis_attestation)?;
             }
-            Message::StateGenesis => body.push(ty::STATE_GENESIS),
+            Message::StateGenesis => {}
             Message::StateLoad { blob, shares, genesis_attestation } => {
-                body.push(ty::STATE_LOAD);
                 put_bytes16(&mut body, blob)?;
                 put_bytes16(&mut body, shares)?;
                 put_bytes16(&mut body, genesis_attestation)?;
             }
             Message::StateCommit { generation, blob_sha384 } => {
-                body.push(ty::STATE_COMMIT);
                 body.extend_from_slice(&generation.to_be_bytes());
                 body.extend_from_slice(blob_sha384);
             }
             Message::StateCommitted { generation } => {
-                body.push(ty::STATE_COMMITTED);
                 body.extend_from_slice(&generation.to_be_bytes());
             }
             Message::UnsealHello { client_nonce } => {
-                body.push(ty::UNSEAL_HELLO);
                 body.extend_from_slice(client_nonce);
             }
             Message::UnsealOffer { attestation, unseal_nonce, generation, shares, genesis_attestation, reshare_to } => {
-                body.push(ty::UNSEAL_OFFER);
                 put_bytes16(&mut body, attestation)?;
                 body.extend_from_slice(unseal_nonce);
                 body.extend_from_slice(&generation.to_be_bytes());
@@ -789,25 +772,21 @@ impl Message {
                 put_bytes16(&mut body, reshare_to)?;
             }
             Message::ReshareStart { set } => {
-                body.push(ty::RESHARE_START);
                 put_bytes16(&mut body, set)?;
             }
             Message::UnsealShare { share } => {
                 if share.len() != UNSEAL_SHARE_LEN {
                     return Err(WireError::TooLong);
                 }
-                body.push(ty::UNSEAL_SHARE);
                 body.extend_from_slice(share);
             }
             Message::UnsealProgress { have, need, serving, generation } => {
-                body.push(ty::UNSEAL_PROGRESS);
                 body.push(*have);
                 body.push(*need);
                 body.push(u8::from(*serving));
                 body.extend_from_slice(&generation.to_be_bytes());
             }
             Message::Denied { code, reason } => {
-                body.push(ty::DENIED);
                 body.extend_from_slice(&code.to_u16().to_be_bytes());
                 let mut r = reason.as_str();
                 while r.len() > MAX_REASON {
