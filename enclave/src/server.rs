@@ -83,19 +83,18 @@ pub async fn serve(
             tasks.spawn(run);
         }
     }
-    let inline = async move {
-        if let Some(run) = inline {
-            run.await;
+    // Dropping the release loop at shutdown stops its accepting (and unlinks its socket).
+    let release = async move {
+        match inline {
+            Some(run) => run.await,
+            None => std::future::pending().await,
         }
     };
-    tokio::pin!(shutdown);
-    tokio::pin!(inline);
     tokio::select! {
-        _ = &mut shutdown => {}
-        _ = &mut inline => shutdown.await,
+        _ = shutdown => {}
+        _ = release => {}
     }
     let _ = stop.send(true);
-    inline.await;
     while tasks.join_next().await.is_some() {}
 }
 
