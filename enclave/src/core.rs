@@ -25,7 +25,7 @@ use crate::custody::{CustodianSet, UnsealShare};
 use crate::keys::{self, Kek, KekStatus, KekStore, Transcript, WrappingKey};
 use crate::nonces::{NonceTable, Redeem};
 use crate::vault::{self, Custody, Phase, UnsealOutcome, Vault, VaultError};
-use crate::wire::{self, Channel, DenyCode, Id, Message, StateReport, WireError};
+use crate::wire::{self, ty, Channel, DenyCode, Id, Message, StateReport, WireError};
 
 /// Most KEK versions released per key id: the current one and up to three older active ones
 /// (so 16 key ids fit one Released frame).
@@ -1109,9 +1109,93 @@ impl Connection {
         matches!(self.state, State::Done)
     }
 
+    /// Whether this connection, in its present state, takes a request of type `t` next.
+    fn expects(&self, t: u8) -> bool {
+        match (&self.state, self.channel) {
+            (State::ExpectHello, Channel::Release) => t == ty::HELLO,
+            (State::ExpectHello, Channel::Parent) => Channel::of_request_type(t) == Some(Channel::Parent),
+            (State::ExpectHello, Channel::Custodian) => matches!(t, ty::UNSEAL_HELLO | ty::RESHARE_START),
+            (State::ExpectRelease { .. }, _) => t == ty::RELEASE,
+            (State::ExpectUnsealShare { .. }, _) => t == ty::UNSEAL_SHARE,
+            (State::Done, _) => false,
+        }
+    }
+
+    /// The refusal of a frame from its two header bytes alone (version and type), or `None`
+    /// when this connection takes that frame now. Nothing after the header is needed to refuse
+    /// a frame of another channel or one the connection does not wait for.
+    fn refusal_of_header(&self, version: u8, t: u8) -> Option<Deny> {
+        if version != wire::VERSION {
+            return Some(Deny::new(
+                DenyCode::UnsupportedVersion,
+                format!("protocol version {version} not supported (this KRE speaks {})", wire::VERSION),
+            ));
+        }
+        let Some(name) = wire::type_name(t) else {
+            return Some(Deny::new(DenyCode::Malformed, WireError::UnknownType(t).to_string()));
+        };
+        if let Some(c) = Channel::of_request_type(t).filter(|c| *c != self.channel) {
+            return Some(Deny::new(
+                DenyCode::WrongChannel,
+                format!("{name} belongs to the {c} channel; this is the {} channel's listener", self.channel),
+            ));
+        }
+        if self.expects(t) {
+            return None;
+        }
+        Some(match self.state {
+            State::ExpectHello => Deny::new(DenyCode::UnexpectedMessage, format!("expected Hello, got {name}")),
+            State::ExpectRelease { .. } => {
+                Deny::new(DenyCode::UnexpectedMessage, format!("expected Release, got {name}"))
+            }
+            State::ExpectUnsealShare { .. } => Deny {
+                stage: Stage::State { step: "unseal-share" },
+                ..Deny::new(DenyCode::UnexpectedMessage, format!("expected UnsealShare, got {name}"))
+            },
+            State::Done => Deny::new(DenyCode::UnexpectedMessage, format!("connection finished, got {name}")),
+        })
+    }
+
+    /// The most body bytes a frame with this header may declare on this connection now, or
+    /// `None` when the frame is refused from its header ([`Connection::on_frame`] with the two
+    /// header bytes gives the refusal). The server checks this before it allocates or waits
+    /// for a body: a release-port client can make the KRE hold at most a Hello's 34 bytes
+    /// until it has been issued a challenge.
+    pub fn admit(&self, version: u8, t: u8) -> Option<usize> {
+        if self.refusal_of_header(version, t).is_some() {
+            return None;
+        }
+        wire::max_request_body(t)
+    }
+
     /// Handles one frame body (the bytes after the length prefix).
     pub fn on_frame(&mut self, kre: &Kre, body: &[u8], env: &mut Env<'_>) -> Step {
-        let result = match Message::decode(body) {
+        let header_refusal = match body {
+            [version, t, ..] => self.refusal_of_header(*version, *t),
+            _ => None,
+        };
+        let result = match header_refusal {
+            Some(d) => {
+                if let State::ExpectRelease { server_nonce, .. } = &self.state {
+                    kre.nonces().forget(server_nonce);
+                }
+                Err(d)
+            }
+            None => self.on_message(kre, body, env),
+        };
+        match result {
+            Ok(step) => step,
+            Err(d) => {
+                self.state = State::Done;
+                kre.record_denial(&d, env.now_ms);
+                deny_step(d)
+            }
+        }
+    }
+
+    /// Handles a frame whose header this connection takes.
+    fn on_message(&mut self, kre: &Kre, body: &[u8], env: &mut Env<'_>) -> Result<Step, Deny> {
+        match Message::decode(body) {
             Err(WireError::UnsupportedVersion(v)) => Err(Deny::new(
                 DenyCode::UnsupportedVersion,
                 format!("protocol version {v} not supported (this KRE speaks {})", wire::VERSION),
@@ -1120,20 +1204,6 @@ impl Connection {
                 Err(Deny::new(DenyCode::InvalidRequest, e.to_string()))
             }
             Err(e) => Err(Deny::new(DenyCode::Malformed, e.to_string())),
-            Ok(msg) if msg.channel().is_some_and(|c| c != self.channel) => {
-                if let State::ExpectRelease { server_nonce, .. } = &self.state {
-                    kre.nonces().forget(server_nonce);
-                }
-                Err(Deny::new(
-                    DenyCode::WrongChannel,
-                    format!(
-                        "{} belongs to the {} channel; this is the {} channel's listener",
-                        msg.name(),
-                        msg.channel().map_or("?", Channel::as_str),
-                        self.channel
-                    ),
-                ))
-            }
             Ok(msg) => match (std::mem::replace(&mut self.state, State::Done), msg) {
                 (State::ExpectHello, Message::Hello { client_nonce }) => self.hello(kre, client_nonce, env),
                 (State::ExpectHello, Message::AuditPull { after_seq, max }) => {
@@ -1176,10 +1246,6 @@ impl Connection {
                 (State::ExpectUnsealShare { attestation_sha384 }, Message::UnsealShare { share }) => {
                     kre.unseal_share(attestation_sha384, &share, env.now_ms)
                 }
-                (State::ExpectUnsealShare { .. }, m) => Err(Deny {
-                    stage: Stage::State { step: "unseal-share" },
-                    ..Deny::new(DenyCode::UnexpectedMessage, format!("expected UnsealShare, got {}", m.name()))
-                }),
                 (State::ExpectHello, Message::PolicyPush { bundle }) => match kre.push_policy(&bundle, env.now_ms) {
                     Ok(r) => Message::PolicyAccepted {
                         version: r.version,
@@ -1212,25 +1278,15 @@ impl Connection {
                     };
                     release(kre, &server_nonce, t, *wrapping, cluster_id, key_ids, &attestation, env)
                 }
-                (State::ExpectRelease { server_nonce, .. }, m) => {
-                    kre.nonces().forget(&server_nonce);
-                    Err(Deny::new(DenyCode::UnexpectedMessage, format!("expected Release, got {}", m.name())))
-                }
-                (State::ExpectHello, m) => {
-                    Err(Deny::new(DenyCode::UnexpectedMessage, format!("expected Hello, got {}", m.name())))
-                }
-                (State::Done, m) => {
-                    Err(Deny::new(DenyCode::UnexpectedMessage, format!("connection finished, got {}", m.name())))
+                (state, m) => {
+                    // Not reached through on_frame, whose header check refuses every frame this
+                    // connection does not take; kept total rather than a panic.
+                    if let State::ExpectRelease { server_nonce, .. } = &state {
+                        kre.nonces().forget(server_nonce);
+                    }
+                    Err(Deny::new(DenyCode::Internal, format!("no handler for {} in this state", m.name())))
                 }
             },
-        };
-        match result {
-            Ok(step) => step,
-            Err(d) => {
-                self.state = State::Done;
-                kre.record_denial(&d, env.now_ms);
-                deny_step(d)
-            }
         }
     }
 

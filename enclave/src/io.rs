@@ -71,13 +71,17 @@ pub struct Request {
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
-/// Reads one request frame within `limit`: the type's size cap is checked before allocating,
-/// its bytes are taken from `budget`, and the buffer grows with the bytes received. A frame
-/// whose type is no request is returned as its two header bytes (the decoder refuses it).
+/// Reads one request frame within `limit`. `admit(version, type)` gives the most body bytes
+/// the reader takes a frame with that header (the connection's state decides: only the types
+/// it waits for, each with its own cap), or `None`: then only the two header bytes are read and
+/// returned, for the connection to refuse without waiting for the rest. The cap is checked
+/// before allocating, the bytes are taken from `budget`, and the buffer grows with the bytes
+/// received.
 pub async fn read_request<R: AsyncRead + Unpin>(
     r: &mut R,
     limit: Duration,
     budget: &ByteBudget,
+    admit: impl Fn(u8, u8) -> Option<usize>,
 ) -> Result<Request, FrameError> {
     tokio::time::timeout(limit, async {
         let mut head = [0u8; 6];
@@ -87,7 +91,7 @@ pub async fn read_request<R: AsyncRead + Unpin>(
         };
         let n = wire::frame_len([head[0], head[1], head[2], head[3]]).map_err(FrameError::Length)?;
         r.read_exact(&mut head[4..]).await?;
-        let Some(max) = wire::max_request_body(head[5]) else {
+        let Some(max) = admit(head[4], head[5]) else {
             return Ok(Request { body: head[4..].to_vec(), _permit: None });
         };
         if n > max {
@@ -133,11 +137,28 @@ mod tests {
 
     const T: Duration = Duration::from_secs(1);
 
+    /// Admits every request type with its own cap (no connection state).
+    fn by_type(_version: u8, t: u8) -> Option<usize> {
+        wire::max_request_body(t)
+    }
+
+    /// A frame the connection does not take is returned as its two header bytes: the rest is
+    /// neither allocated, nor waited for, nor charged to the budget.
+    #[tokio::test]
+    async fn a_frame_not_admitted_is_read_no_further_than_its_header() {
+        let b = budget(1 << 20);
+        let push = Message::PolicyPush { bundle: vec![1; 30_000] }.encode().expect("enc");
+        // Only the first 6 bytes are there: a reader waiting for the body would time out.
+        let req = read_request(&mut &push[..6], T, &b, |_, _| None).await.expect("header");
+        assert_eq!(req.body, push[4..6]);
+        assert_eq!(b.available_permits(), 1 << 20);
+    }
+
     #[tokio::test]
     async fn a_request_is_read_and_holds_its_bytes_until_dropped() {
         let b = budget(100);
         let hello = Message::Hello { client_nonce: [7; 32] }.encode().expect("enc");
-        let req = read_request(&mut hello.as_slice(), T, &b).await.expect("read");
+        let req = read_request(&mut hello.as_slice(), T, &b, by_type).await.expect("read");
         assert_eq!(req.body, hello[4..]);
         assert_eq!(b.available_permits(), 100 - 32);
         drop(req);
@@ -151,7 +172,7 @@ mod tests {
         let b = budget(1 << 20);
         let mut frame = vec![0, 1, 0, 0, 1, 1]; // 65,536 bytes declared, version 1, Hello
         frame.extend_from_slice(&[0; 10]);
-        let err = read_request(&mut frame.as_slice(), T, &b).await.expect_err("refused");
+        let err = read_request(&mut frame.as_slice(), T, &b, by_type).await.expect_err("refused");
         assert!(matches!(err, FrameError::TooLargeForType { ty: 1, len: 65_536, max: 34 }), "{err}");
         assert_eq!(b.available_permits(), 1 << 20);
     }
@@ -161,11 +182,11 @@ mod tests {
     async fn the_budget_of_bytes_in_flight_is_shared_and_bounded() {
         let b = budget(40_000);
         let push = Message::PolicyPush { bundle: vec![1; 30_000] }.encode().expect("enc");
-        let held = read_request(&mut push.as_slice(), T, &b).await.expect("first");
-        let err = read_request(&mut push.as_slice(), T, &b).await.expect_err("over budget");
+        let held = read_request(&mut push.as_slice(), T, &b, by_type).await.expect("first");
+        let err = read_request(&mut push.as_slice(), T, &b, by_type).await.expect_err("over budget");
         assert!(matches!(err, FrameError::Busy), "{err}");
         drop(held);
-        assert!(read_request(&mut push.as_slice(), T, &b).await.is_ok());
+        assert!(read_request(&mut push.as_slice(), T, &b, by_type).await.is_ok());
     }
 
     /// A frame cut short is an I/O error, not a shorter body.
@@ -173,7 +194,7 @@ mod tests {
     async fn a_truncated_body_is_an_error() {
         let b = budget(1000);
         let hello = Message::Hello { client_nonce: [7; 32] }.encode().expect("enc");
-        let err = read_request(&mut &hello[..20], T, &b).await.expect_err("truncated");
+        let err = read_request(&mut &hello[..20], T, &b, by_type).await.expect_err("truncated");
         assert!(matches!(err, FrameError::Io(_)), "{err}");
         assert_eq!(b.available_permits(), 1000);
     }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::core::{Connection, Env, Event, Kre};
 use crate::io::{read_request, write_frame, ByteBudget, FrameError};
 use crate::transport::{accept_loop, BoxStream, Listener};
-use crate::wire::{Channel, DenyCode, Message};
+use crate::wire::{self, Channel, DenyCode, Message};
 
 /// Server limits.
 #[derive(Debug, Clone)]
@@ -29,8 +29,10 @@ pub struct ServerConfig {
     /// Time allowed for a connection's first complete frame (shorter: an idle connection
     /// gives its slot back quickly).
     pub first_frame_timeout: Duration,
-    /// Bytes of request bodies held at once across every connection (see
-    /// [`crate::io::read_request`]).
+    /// Bytes of request bodies held at once across every connection of the release channel
+    /// (see [`crate::io::read_request`]). The parent and custodian channels each have their
+    /// own budget, enough for a largest frame on every one of their connections, so that a
+    /// flood on the release port can never make a policy push or an unseal share wait.
     pub bytes_in_flight: usize,
     /// Total lifetime of a connection.
     pub connection_timeout: Duration,
@@ -72,11 +74,15 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let budget: ByteBudget = Arc::new(tokio::sync::Semaphore::new(cfg.bytes_in_flight));
     let mut tasks = tokio::task::JoinSet::new();
     let mut inline = None;
     for (channel, listener) in listeners {
-        let run = accept_channel(channel, listener, kre.clone(), cfg.clone(), budget.clone(), stopped.clone());
+        let bytes = match channel {
+            Channel::Release => cfg.bytes_in_flight,
+            Channel::Parent | Channel::Custodian => cfg.max_admin_connections.saturating_mul(wire::MAX_FRAME),
+        };
+        let budget: ByteBudget = Arc::new(tokio::sync::Semaphore::new(bytes.min(tokio::sync::Semaphore::MAX_PERMITS)));
+        let run = accept_channel(channel, listener, kre.clone(), cfg.clone(), budget, stopped.clone());
         if channel == Channel::Release && inline.is_none() {
             inline = Some(run);
         } else {
@@ -138,7 +144,7 @@ async fn handle(
         let left = deadline.saturating_duration_since(Instant::now());
         let frame_limit = if first { cfg.first_frame_timeout } else { cfg.frame_timeout };
         first = false;
-        let step = match read_request(&mut stream, left.min(frame_limit), budget).await {
+        let step = match read_request(&mut stream, left.min(frame_limit), budget, |v, t| conn.admit(v, t)).await {
             Ok(req) => {
                 let mut rng = os_random;
                 conn.on_frame(kre, &req.body, &mut Env { now_ms: now_ms(), rng: &mut rng })

@@ -31,32 +31,64 @@ pub const MAX_REASON: usize = 1024;
 /// Uncompressed P-384 point length.
 pub const POINT_LEN: usize = 97;
 
-/// Message type codes.
-mod ty {
-    pub(super) const HELLO: u8 = 1;
-    pub(super) const CHALLENGE: u8 = 2;
-    pub(super) const RELEASE: u8 = 3;
-    pub(super) const RELEASED: u8 = 4;
-    pub(super) const DENIED: u8 = 5;
-    pub(super) const POLICY_PUSH: u8 = 6;
-    pub(super) const POLICY_ACCEPTED: u8 = 7;
-    pub(super) const AUDIT_PULL: u8 = 8;
-    pub(super) const AUDIT_BATCH: u8 = 9;
-    pub(super) const AUDIT_ACK: u8 = 10;
-    pub(super) const AUDIT_ACKED: u8 = 11;
-    pub(super) const STATUS: u8 = 12;
-    pub(super) const STATUS_REPORT: u8 = 13;
-    pub(super) const STATE_POLL: u8 = 14;
-    pub(super) const STATE_REPORT: u8 = 15;
-    pub(super) const STATE_GENESIS: u8 = 16;
-    pub(super) const STATE_LOAD: u8 = 17;
-    pub(super) const STATE_COMMIT: u8 = 18;
-    pub(super) const STATE_COMMITTED: u8 = 19;
-    pub(super) const UNSEAL_HELLO: u8 = 20;
-    pub(super) const UNSEAL_OFFER: u8 = 21;
-    pub(super) const UNSEAL_SHARE: u8 = 22;
-    pub(super) const UNSEAL_PROGRESS: u8 = 23;
-    pub(super) const RESHARE_START: u8 = 24;
+/// The type bytes of the messages (the second byte of every frame body).
+#[allow(missing_docs)]
+pub mod ty {
+    pub const HELLO: u8 = 1;
+    pub const CHALLENGE: u8 = 2;
+    pub const RELEASE: u8 = 3;
+    pub const RELEASED: u8 = 4;
+    pub const DENIED: u8 = 5;
+    pub const POLICY_PUSH: u8 = 6;
+    pub const POLICY_ACCEPTED: u8 = 7;
+    pub const AUDIT_PULL: u8 = 8;
+    pub const AUDIT_BATCH: u8 = 9;
+    pub const AUDIT_ACK: u8 = 10;
+    pub const AUDIT_ACKED: u8 = 11;
+    pub const STATUS: u8 = 12;
+    pub const STATUS_REPORT: u8 = 13;
+    pub const STATE_POLL: u8 = 14;
+    pub const STATE_REPORT: u8 = 15;
+    pub const STATE_GENESIS: u8 = 16;
+    pub const STATE_LOAD: u8 = 17;
+    pub const STATE_COMMIT: u8 = 18;
+    pub const STATE_COMMITTED: u8 = 19;
+    pub const UNSEAL_HELLO: u8 = 20;
+    pub const UNSEAL_OFFER: u8 = 21;
+    pub const UNSEAL_SHARE: u8 = 22;
+    pub const UNSEAL_PROGRESS: u8 = 23;
+    pub const RESHARE_START: u8 = 24;
+}
+
+/// The message name of a type byte (`None` for a byte that is no message type).
+pub fn type_name(t: u8) -> Option<&'static str> {
+    Some(match t {
+        ty::HELLO => "Hello",
+        ty::CHALLENGE => "Challenge",
+        ty::RELEASE => "Release",
+        ty::RELEASED => "Released",
+        ty::DENIED => "Denied",
+        ty::POLICY_PUSH => "PolicyPush",
+        ty::POLICY_ACCEPTED => "PolicyAccepted",
+        ty::AUDIT_PULL => "AuditPull",
+        ty::AUDIT_BATCH => "AuditBatch",
+        ty::AUDIT_ACK => "AuditAck",
+        ty::AUDIT_ACKED => "AuditAcked",
+        ty::STATUS => "Status",
+        ty::STATUS_REPORT => "StatusReport",
+        ty::STATE_POLL => "StatePoll",
+        ty::STATE_REPORT => "StateReport",
+        ty::STATE_GENESIS => "StateGenesis",
+        ty::STATE_LOAD => "StateLoad",
+        ty::STATE_COMMIT => "StateCommit",
+        ty::STATE_COMMITTED => "StateCommitted",
+        ty::UNSEAL_HELLO => "UnsealHello",
+        ty::UNSEAL_OFFER => "UnsealOffer",
+        ty::UNSEAL_SHARE => "UnsealShare",
+        ty::UNSEAL_PROGRESS => "UnsealProgress",
+        ty::RESHARE_START => "ReshareStart",
+        _ => return None,
+    })
 }
 
 /// The audiences of the KRE, each served on its own listener with its own closed set of
@@ -421,32 +453,7 @@ impl Message {
 
     /// A short name for logs.
     pub fn name(&self) -> &'static str {
-        match self {
-            Message::Hello { .. } => "Hello",
-            Message::Challenge { .. } => "Challenge",
-            Message::Release { .. } => "Release",
-            Message::Released { .. } => "Released",
-            Message::PolicyPush { .. } => "PolicyPush",
-            Message::PolicyAccepted { .. } => "PolicyAccepted",
-            Message::AuditPull { .. } => "AuditPull",
-            Message::AuditBatch { .. } => "AuditBatch",
-            Message::AuditAck { .. } => "AuditAck",
-            Message::AuditAcked { .. } => "AuditAcked",
-            Message::Status => "Status",
-            Message::StatusReport { .. } => "StatusReport",
-            Message::StatePoll => "StatePoll",
-            Message::StateReport(_) => "StateReport",
-            Message::StateGenesis => "StateGenesis",
-            Message::StateLoad { .. } => "StateLoad",
-            Message::StateCommit { .. } => "StateCommit",
-            Message::StateCommitted { .. } => "StateCommitted",
-            Message::UnsealHello { .. } => "UnsealHello",
-            Message::UnsealOffer { .. } => "UnsealOffer",
-            Message::UnsealShare { .. } => "UnsealShare",
-            Message::ReshareStart { .. } => "ReshareStart",
-            Message::UnsealProgress { .. } => "UnsealProgress",
-            Message::Denied { .. } => "Denied",
-        }
+        type_name(self.type_byte()).unwrap_or("?")
     }
 }
 

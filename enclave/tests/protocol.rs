@@ -362,7 +362,11 @@ fn state_machine_refuses_out_of_order_and_malformed_frames() {
         (vec![2u8, 1], DenyCode::UnsupportedVersion),
         (vec![1u8], DenyCode::Malformed),
     ] {
-        let mut c = Connection::new(Channel::Release);
+        // Release bodies are read only once a challenge is out.
+        let mut c = match body.get(1) {
+            Some(3) => handshake(&kre, &cpi(0x10), request("prod")).0,
+            _ => Connection::new(Channel::Release),
+        };
         let mut frame = u32::try_from(body.len()).expect("len").to_be_bytes().to_vec();
         frame.extend_from_slice(&body);
         assert_eq!(denial(&step(&mut c, &kre, &frame, T)).0, code, "{body:?}");
@@ -686,6 +690,51 @@ fn every_request_is_served_only_on_its_own_channel() {
         Message::Released { ephemeral_point: [4; 97], keys: vec![] },
     ] {
         assert_eq!(m.channel(), None, "{}", m.name());
+    }
+}
+
+/// The reader takes from each connection only the frame it waits for, with that type's cap:
+/// a release-port client that has no challenge can make the KRE read at most a Hello. Any
+/// other header is refused from its two bytes, with the same code and reason as the whole
+/// frame would get.
+#[test]
+fn a_connection_admits_only_the_frame_it_waits_for() {
+    use keygate_enclave::wire::ty;
+    let kre = kre();
+    let hello = wire::max_request_body(ty::HELLO);
+    let fresh = |c| Connection::new(c);
+    assert_eq!(fresh(Channel::Release).admit(wire::VERSION, ty::HELLO), hello);
+    for t in [ty::RELEASE, ty::POLICY_PUSH, ty::STATE_LOAD, ty::RESHARE_START, ty::DENIED, 99] {
+        assert_eq!(fresh(Channel::Release).admit(wire::VERSION, t), None, "type {t} before a challenge");
+    }
+    assert_eq!(fresh(Channel::Release).admit(2, ty::HELLO), None, "another version");
+    let (conn, _) = handshake(&kre, &cpi(0x10), request("prod"));
+    assert_eq!(conn.admit(wire::VERSION, ty::RELEASE), wire::max_request_body(ty::RELEASE));
+    assert_eq!(conn.admit(wire::VERSION, ty::HELLO), None, "a second Hello");
+    assert_eq!(fresh(Channel::Parent).admit(wire::VERSION, ty::POLICY_PUSH), Some(wire::MAX_FRAME));
+    assert_eq!(fresh(Channel::Parent).admit(wire::VERSION, ty::HELLO), None);
+    assert_eq!(fresh(Channel::Custodian).admit(wire::VERSION, ty::UNSEAL_SHARE), None, "a share before its offer");
+    assert_eq!(fresh(Channel::Custodian).admit(wire::VERSION, ty::UNSEAL_HELLO), hello);
+    // The refusal from the header alone is the refusal of the whole frame.
+    let id = |s: &str| Id::new(s).expect("id");
+    let frames = [
+        Message::Hello { client_nonce: [1; 32] },
+        Message::Release { cluster_id: id("prod"), key_ids: vec![id("k")], attestation: vec![1] },
+        Message::PolicyPush { bundle: vec![1] },
+        Message::StateCommit { generation: 1, blob_sha384: [0; 48] },
+        Message::UnsealShare { share: vec![0; wire::UNSEAL_SHARE_LEN] },
+        Message::Denied { code: DenyCode::Busy, reason: String::new() },
+    ];
+    for m in frames {
+        let frame = m.encode().expect("enc");
+        for channel in Channel::ALL {
+            if fresh(channel).admit(frame[4], frame[5]).is_some() {
+                continue;
+            }
+            let whole = denial(&step(&mut fresh(channel), &kre, &frame, T));
+            let header = denial(&step(&mut fresh(channel), &kre, &frame[..6], T));
+            assert_eq!(whole, header, "{} on {channel}", m.name());
+        }
     }
 }
 

@@ -36,6 +36,10 @@ fn wait_for(sock: &Path) {
 }
 
 fn start_kre(dir: &Path) -> (Proc, PathBuf) {
+    start_kre_with(dir, &[])
+}
+
+fn start_kre_with(dir: &Path, extra: &[&str]) -> (Proc, PathBuf) {
     let pcr = hex48(0x5a);
     let policy =
         serde_json::json!({"clusters": {"prod": {"images": [{"name": "cp", "pcrs": {"0": pcr, "1": pcr, "2": pcr}}]}}});
@@ -46,6 +50,7 @@ fn start_kre(dir: &Path) -> (Proc, PathBuf) {
         .arg(dir.join("policy.json"))
         .args(["--nsm", "mock", "--mock-seed", SEED, "--mock-pcr", &format!("0={}", hex48(0x4b))])
         .args(["--frame-timeout", "2", "--connection-timeout", "5", "--max-connections", "4096"])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -139,6 +144,70 @@ fn a_legitimate_client_gets_its_keys_during_a_flood() {
         }
     }
     assert_eq!(answered, 50, "every oversized frame gets its denial");
+    drop(held);
+}
+
+/// A frame header declaring `len` body bytes of type `t`, followed by `send` of them.
+fn half_sent(t: u8, len: u32, send: usize) -> Vec<u8> {
+    let mut f = len.to_be_bytes().to_vec();
+    f.extend_from_slice(&[1, t]);
+    f.resize(6 + send, 0x5a);
+    f
+}
+
+/// Half-sent frames hold bytes of the KRE's budget until their deadline. On the release port
+/// a client without a challenge can make the KRE read no more than a Hello, so frames of other
+/// types (a policy push's 64 KiB, a Release's 21 KiB) spend nothing a release needs; and the
+/// parent channel has its own budget, so a release port whose budget is spent by clients that
+/// did complete a handshake still leaves the parent's state steps served.
+#[test]
+fn half_sent_frames_cannot_spend_the_bytes_a_release_or_the_parent_needs() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (_kre, sock) = start_kre_with(dir.path(), &["--bytes-in-flight-mib", "1"]);
+    let mut held = Vec::new();
+    // 1 MiB of budget: 17 policy pushes or 49 Releases would spend it, the smaller frames
+    // (state commits are 56 bytes) take what is left.
+    for (t, len, n) in [(6u8, 65_000u32, 20), (3, 21_000, 60), (3, 2_000, 20), (3, 200, 20), (18, 56, 100)] {
+        for _ in 0..n {
+            let mut s = UnixStream::connect(&sock).expect("connect");
+            s.write_all(&half_sent(t, len, usize::try_from(len).expect("len") - 10)).expect("send");
+            held.push(s);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let o = fetch(&sock, &dir.path().join("keys"), "0");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // Now spend the release port's budget the only way left: Hello, Challenge, then most of a
+    // Release.
+    let hello = Message::Hello { client_nonce: [1; 32] }.encode().expect("hello");
+    for len in [21_000u32; 60].into_iter().chain([2_000; 20]).chain([200; 20]).chain([40; 20]) {
+        let mut s = UnixStream::connect(&sock).expect("connect");
+        s.write_all(&hello).expect("hello");
+        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let mut prefix = [0u8; 4];
+        s.read_exact(&mut prefix).expect("challenge prefix");
+        let mut body = vec![0u8; usize::try_from(u32::from_be_bytes(prefix)).expect("len")];
+        s.read_exact(&mut body).expect("challenge");
+        s.write_all(&half_sent(3, len, usize::try_from(len).expect("len") - 10)).expect("send");
+        held.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // The parent's state step still gets its answer, not `busy`.
+    let mut p = UnixStream::connect(sock.with_extension("sock.parent")).expect("parent channel");
+    let commit = Message::StateCommit { generation: 1, blob_sha384: [0; 48] }.encode().expect("enc");
+    p.write_all(&commit).expect("commit");
+    p.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut prefix = [0u8; 4];
+    p.read_exact(&mut prefix).expect("answer");
+    let mut body = vec![0u8; usize::try_from(u32::from_be_bytes(prefix)).expect("len")];
+    p.read_exact(&mut body).expect("answer body");
+    match Message::decode(&body).expect("decode") {
+        Message::Denied { code, reason } => {
+            assert_ne!(code, keygate_enclave::wire::DenyCode::Busy, "{reason}");
+        }
+        other => panic!("unexpected answer {}", other.name()),
+    }
     drop(held);
 }
 
