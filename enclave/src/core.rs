@@ -302,13 +302,21 @@ impl Kre {
     fn record_denial(&self, d: &Deny, now_ms: u64) {
         // The reason is cut to what an entry holds, so that a long one is recorded, not refused.
         let (code, reason) = (d.code.as_str().to_owned(), cut_text(d.reason.clone()));
+        // Nothing an unauthenticated peer causes takes an entry of its own: refusals before a
+        // verified attestation (a Release whose document fails, or one refused before it was
+        // checked) are counted with the other anonymous refusals.
+        let anonymous = match d.stage {
+            Stage::Challenge => true,
+            Stage::Release => d.requester.is_none(),
+            Stage::Policy { .. } | Stage::State { .. } => false,
+        };
+        if anonymous {
+            lock(&self.anonymous).record(d.code.as_str(), now_ms);
+            self.flush_anonymous(now_ms, false);
+            return;
+        }
         let event = match &d.stage {
-            Stage::Challenge => {
-                lock(&self.anonymous).record(d.code.as_str(), now_ms);
-                self.flush_anonymous(now_ms, false);
-                return;
-            }
-            Stage::Release => AuditEvent::ReleaseDenied {
+            Stage::Challenge | Stage::Release => AuditEvent::ReleaseDenied {
                 code,
                 reason,
                 requester: d.requester.clone(),
@@ -1292,10 +1300,9 @@ impl Connection {
 
     /// A Denied for a frame that could not even be read (bad length prefix, timeout).
     pub fn deny(&mut self, kre: &Kre, code: DenyCode, reason: &str, now_ms: u64) -> Step {
-        let mut d = Deny::new(code, reason);
+        let d = Deny::new(code, reason);
         if let State::ExpectRelease { server_nonce, .. } = &self.state {
             kre.nonces().forget(server_nonce);
-            d.stage = Stage::Release;
         }
         self.state = State::Done;
         kre.record_denial(&d, now_ms);
@@ -1632,7 +1639,14 @@ mod tests {
             [Stage::Release, Stage::Policy { version: Some(2), digest: None }, Stage::State { step: "commit" }];
         for stage in stages {
             let before = kre.audit().status().last_seq;
-            let deny = Deny { stage, ..Deny::new(DenyCode::ImageNotAllowed, long.clone()) };
+            // A Release refusal has its own entry once the requester's document was verified.
+            let requester = Some(crate::audit::Requester {
+                module_id: "i-0123".into(),
+                kind: DocumentKind::Enclave,
+                pcrs: BTreeMap::new(),
+                document_sha384: [1; 48],
+            });
+            let deny = Deny { stage, requester, ..Deny::new(DenyCode::ImageNotAllowed, long.clone()) };
             kre.record_denial(&deny, T);
             let log = kre.audit();
             assert_eq!(log.status().last_seq, before + 1, "recorded");

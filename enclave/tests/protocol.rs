@@ -752,6 +752,48 @@ fn another_channels_frame_mid_handshake_ends_the_handshake() {
     assert_eq!(denial(&step(&mut conn, &kre, &frame, T)).0, DenyCode::UnexpectedMessage);
 }
 
+/// A peer that completes a Hello but never shows a valid document is as anonymous as junk:
+/// 200 Releases with documents that fail verification, and 200 Release frames that never
+/// arrive (timed out or refused `busy`), take no entry of their own from a 64-entry buffer
+/// and are counted in the aggregate by deny code.
+#[test]
+fn unverified_releases_are_counted_with_the_anonymous_refusals() {
+    use keygate_enclave::audit::{AuditConfig, AuditEntry, AuditEvent};
+    let kre = kre_with(KreConfig {
+        audit: AuditConfig { capacity: 64, reserve: 8, ..AuditConfig::default() },
+        ..KreConfig::default()
+    });
+    let hello = Message::Hello { client_nonce: [1; 32] }.encode().expect("enc");
+    let bad = Message::Release { cluster_id: id("prod"), key_ids: vec![id("etcd")], attestation: vec![0xa0; 64] }
+        .encode()
+        .expect("enc");
+    let before = kre.audit().status().last_seq;
+    for i in 0..400u64 {
+        let mut c = Connection::new(Channel::Release);
+        step(&mut c, &kre, &hello, T + i);
+        let code = if i % 2 == 0 {
+            denial(&step(&mut c, &kre, &bad, T + i)).0
+        } else {
+            denial(&c.deny(&kre, DenyCode::Timeout, "no complete frame in time", T + i)).0
+        };
+        assert!(matches!(code, DenyCode::AttestationInvalid | DenyCode::Timeout), "{code:?}");
+    }
+    assert_eq!(kre.audit().status().last_seq, before, "no entry of their own");
+    assert!(fetch(&kre, &cpi(0x10), request("prod")).is_ok(), "a release after the flood");
+    let (entries, _) = pull(&kre, 0);
+    let counts: Vec<(String, u64)> = entries
+        .iter()
+        .filter_map(|b| AuditEntry::decode(b).ok())
+        .filter_map(|e| match e.event() {
+            AuditEvent::AnonymousRefusals { counts, .. } => Some(counts.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert!(counts.contains(&("attestation_invalid".to_owned(), 200)), "{counts:?}");
+    assert!(counts.contains(&("timeout".to_owned(), 200)), "{counts:?}");
+}
+
 /// Anonymous junk (malformed frames, foreign frames, refused Hellos) is counted, not logged
 /// one entry per frame: 10,000 of them leave a 64-entry audit buffer able to record releases,
 /// and the counts reach the trail as one aggregate entry at the next pull.

@@ -1,4 +1,4 @@
-//! `keygate bench crypto | release | memory`: the measurements of docs/benchmarks.md.
+//! `keygate bench crypto | release | memory | attack`: the measurements of docs/benchmarks.md.
 //!
 //! Benchmarks, not tests: nothing here asserts a time. Every figure is the median of several
 //! rounds, and the ratios that the targets are about are measured in the same run.
@@ -7,7 +7,7 @@
 #![allow(clippy::as_conversions, clippy::cast_precision_loss)]
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +23,9 @@ use keygate_enclave::wire::{Id, Message};
 
 use super::fetch::Fetcher;
 use crate::CliError;
+
+mod attack;
+use attack::Attack;
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum BenchCommand {
@@ -45,6 +48,32 @@ pub(crate) enum BenchCommand {
         threads: String,
         /// Seconds per measurement.
         #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
+    /// A legitimate client's boot fetches while one process attacks the release port.
+    Attack {
+        /// Attacks to run, one KRE each (comma-separated; `none` is the baseline).
+        #[arg(long, value_delimiter = ',', default_value = "none,junk,idle,declared-length,half-release")]
+        attacks: Vec<Attack>,
+        /// Where the attacker is: a network peer through the proxy, or the parent itself.
+        #[arg(long, value_delimiter = ',', default_value = "proxy,direct")]
+        via: Vec<attack::Via>,
+        /// Seconds of fetching per attack.
+        #[arg(long, default_value_t = 15.0)]
+        seconds: f64,
+    },
+    /// The attacking process of `bench attack` (not for direct use).
+    #[command(hide = true)]
+    AttackRun {
+        #[arg(long)]
+        attack: Attack,
+        /// unix:PATH or tcp:IP:PORT.
+        #[arg(long)]
+        to: String,
+        /// Source address of TCP connections.
+        #[arg(long, default_value = "127.0.0.2")]
+        from: std::net::IpAddr,
+        #[arg(long)]
         seconds: f64,
     },
     /// KRE resident memory: idle, with many idle connections, under a Hello flood.
@@ -80,7 +109,7 @@ fn rate(rounds: usize, seconds: f64, mut f: impl FnMut()) -> f64 {
     median(samples)
 }
 
-const REAL_DOC: &[u8] = include_bytes!("../../../attestation/tests/vectors/doc-1.cbor");
+const REAL_DOC: &[u8] = include_bytes!("../../../../attestation/tests/vectors/doc-1.cbor");
 const REAL_DOC_TIME_MS: u64 = 1_732_983_769_000;
 
 fn bench_crypto(rounds: usize, seconds: f64) -> Result<(), CliError> {
@@ -235,9 +264,9 @@ fn start_kre(threads: usize, extra: &[&str]) -> Result<KreProc, CliError> {
     Ok(KreProc { child, sock, dir })
 }
 
-fn fetcher(sock: &Path, nsm: Arc<dyn Nsm>, root: &TrustAnchor) -> Fetcher {
+fn fetcher(kre: Addr, nsm: Arc<dyn Nsm>, root: &TrustAnchor) -> Fetcher {
     Fetcher {
-        kre: Addr::Unix(sock.to_path_buf()),
+        kre,
         request: FetchRequest {
             cluster: Id::new("prod").unwrap_or_else(|_| unreachable!("valid id")),
             key_ids: vec![Id::new("etcd").unwrap_or_else(|_| unreachable!("valid id"))],
@@ -249,6 +278,13 @@ fn fetcher(sock: &Path, nsm: Arc<dyn Nsm>, root: &TrustAnchor) -> Fetcher {
     }
 }
 
+/// A control-plane instance's mock NSM (the image the bench policy allows) and the mock root.
+fn mock_client() -> (Arc<dyn Nsm>, TrustAnchor) {
+    let pcrs: BTreeMap<u8, Vec<u8>> = (0..3).map(|i| (i, vec![0x5a; 48])).collect();
+    let nsm: Arc<dyn Nsm> = Arc::new(MockNsm::new(SEED.as_bytes(), pcrs, system_clock()).with_instance("bench-client"));
+    (nsm, MockNsm::new(SEED.as_bytes(), BTreeMap::new(), system_clock()).root_anchor())
+}
+
 fn bench_release(clients: &[usize], threads: &[usize], seconds: f64) -> Result<(), CliError> {
     println!(
         "# keygate bench release ({seconds} s per row; KRE CPU from /proc; {} cores shared by KRE and clients)",
@@ -258,14 +294,12 @@ fn bench_release(clients: &[usize], threads: &[usize], seconds: f64) -> Result<(
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
-    let pcrs: BTreeMap<u8, Vec<u8>> = (0..3).map(|i| (i, vec![0x5a; 48])).collect();
-    let nsm: Arc<dyn Nsm> = Arc::new(MockNsm::new(SEED.as_bytes(), pcrs, system_clock()).with_instance("bench-client"));
-    let root = MockNsm::new(SEED.as_bytes(), BTreeMap::new(), system_clock()).root_anchor();
+    let (nsm, root) = mock_client();
     let mut per_thread_rate = BTreeMap::new();
     for &t in threads {
         for &n in clients {
             let kre = start_kre(t, &[])?;
-            let f = Arc::new(fetcher(&kre.sock, nsm.clone(), &root));
+            let f = Arc::new(fetcher(Addr::Unix(kre.sock.clone()), nsm.clone(), &root));
             // Pre-warm (chain cache, mock PKI); its key is the reference every fetch must get.
             let reference = rt.block_on(f.once()).map_err(|e| CliError::refused(format!("warm-up fetch: {e}")))?;
             let reference =
@@ -400,6 +434,21 @@ fn bench_memory(connections: usize, flood_seconds: u64) -> Result<(), CliError> 
     for (s, r) in &samples {
         println!("| Hello flood, t = {s} s ({hellos} Hellos in all) | {:.1} |", *r as f64 / 1024.0);
     }
+    drop(kre);
+    // The connection attacks of `bench attack`, against a KRE with its default limits.
+    for a in [Attack::DeclaredLength, Attack::HalfRelease] {
+        let kre = start_kre(2, &[])?;
+        let peak = attack::PeakRss::sample(kre.child.id());
+        let out = attack::spawn_attacker(a, &format!("unix:{}", kre.sock.display()), 10.0)?
+            .wait_with_output()
+            .map_err(|e| CliError::io("attacker", e))?;
+        println!(
+            "| {} for 10 s ({} connections opened), peak | {:.1} |",
+            a.name(),
+            String::from_utf8_lossy(&out.stdout).trim(),
+            peak.stop() as f64 / 1024.0
+        );
+    }
     Ok(())
 }
 
@@ -414,5 +463,7 @@ pub(crate) fn run(cmd: BenchCommand) -> Result<(), CliError> {
             bench_release(&list(&clients)?, &list(&threads)?, seconds)
         }
         BenchCommand::Memory { connections, flood_seconds } => bench_memory(connections, flood_seconds),
+        BenchCommand::Attack { attacks, via, seconds } => attack::bench_attack(&attacks, &via, seconds),
+        BenchCommand::AttackRun { attack, to, from, seconds } => attack::run_attacker(attack, &to, from, seconds),
     }
 }
