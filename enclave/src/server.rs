@@ -81,7 +81,7 @@ pub async fn serve(
             Channel::Release => cfg.bytes_in_flight,
             Channel::Parent | Channel::Custodian => cfg.max_admin_connections.saturating_mul(wire::MAX_FRAME),
         };
-        let budget: ByteBudget = Arc::new(tokio::sync::Semaphore::new(bytes.min(tokio::sync::Semaphore::MAX_PERMITS)));
+        let budget = ByteBudget::new(bytes);
         let run = accept_channel(channel, listener, kre.clone(), cfg.clone(), budget, stopped.clone());
         if channel == Channel::Release && inline.is_none() {
             inline = Some(run);
@@ -125,7 +125,8 @@ async fn accept_channel(
     let until = async move {
         let _ = stopped.wait_for(|s| *s).await;
     };
-    accept_loop(&listener, max, until, serve_one, refuse).await;
+    let waiting = budget.waiting().clone();
+    accept_loop(&listener, max, until, serve_one, refuse, move || waiting.evict_oldest(false)).await;
 }
 
 async fn handle(
@@ -159,7 +160,9 @@ async fn handle(
             Err(e @ FrameError::TooLargeForType { .. }) => {
                 conn.deny(kre, DenyCode::FrameTooLarge, &e.to_string(), now_ms())
             }
-            Err(FrameError::Busy) => conn.deny(kre, DenyCode::Busy, &FrameError::Busy.to_string(), now_ms()),
+            Err(e @ (FrameError::Busy | FrameError::Evicted)) => {
+                conn.deny(kre, DenyCode::Busy, &e.to_string(), now_ms())
+            }
             Err(FrameError::Io(e)) => {
                 conn.abandon(kre);
                 tracing::debug!(%peer, error = %e, "connection error");

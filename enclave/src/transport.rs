@@ -146,16 +146,20 @@ impl Drop for Listener {
     }
 }
 
-/// Accepts connections on `listener` until `shutdown` resolves, at most `max` at once. Each
-/// connection goes to `serve_one`, holding its slot until that finishes; beyond the limit a
-/// connection goes to `refuse` (which should answer quickly and return). An accept error (for
-/// example, out of file descriptors) is logged and retried after a short pause, never a spin.
+/// Accepts connections until `shutdown` resolves. Up to `max` at once (the slots), each
+/// connection goes to `serve_one`, holding its slot until that finishes. Beyond the limit,
+/// `make_room` is asked to end a connection that holds a slot to no purpose (it returns whether
+/// it did): if so, the new connection is served at once on one of [`EVICTION_HEADROOM`] spare
+/// slots (the evicted one gives its slot back within moments); if not, it goes to `refuse`
+/// (which should answer quickly and return). An accept error (for example, out of file
+/// descriptors) is logged and retried after a short pause, never a spin.
 pub async fn accept_loop<S, SF, R, RF>(
     listener: &Listener,
     max: usize,
     shutdown: impl std::future::Future<Output = ()>,
     serve_one: S,
     refuse: R,
+    make_room: impl Fn() -> bool,
 ) where
     S: Fn(BoxStream, String) -> SF,
     SF: std::future::Future<Output = ()> + Send + 'static,
@@ -163,6 +167,7 @@ pub async fn accept_loop<S, SF, R, RF>(
     RF: std::future::Future<Output = ()> + Send + 'static,
 {
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max));
+    let spare = std::sync::Arc::new(tokio::sync::Semaphore::new(EVICTION_HEADROOM));
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -177,7 +182,11 @@ pub async fn accept_loop<S, SF, R, RF>(
                 continue;
             }
         };
-        match slots.clone().try_acquire_owned() {
+        let permit = slots.clone().try_acquire_owned().or_else(|_| match spare.clone().try_acquire_owned() {
+            Ok(p) if make_room() => Ok(p),
+            _ => Err(()),
+        });
+        match permit {
             Ok(permit) => {
                 let work = serve_one(stream, peer);
                 tokio::spawn(async move {
@@ -185,13 +194,16 @@ pub async fn accept_loop<S, SF, R, RF>(
                     drop(permit);
                 });
             }
-            Err(_) => {
+            Err(()) => {
                 tracing::warn!(%peer, "connection limit reached; refusing");
                 tokio::spawn(refuse(stream, peer));
             }
         }
     }
 }
+
+/// Connections served beyond the limit while the ones evicted to make room close.
+pub const EVICTION_HEADROOM: usize = 64;
 
 /// Connects to `addr` within `timeout`.
 pub async fn connect(addr: &Addr, timeout: Duration) -> io::Result<BoxStream> {

@@ -49,7 +49,8 @@ fn start_kre_with(dir: &Path, extra: &[&str]) -> (Proc, PathBuf) {
         .args(["--listen", &format!("unix:{}", sock.display()), "--policy"])
         .arg(dir.join("policy.json"))
         .args(["--nsm", "mock", "--mock-seed", SEED, "--mock-pcr", &format!("0={}", hex48(0x4b))])
-        .args(["--frame-timeout", "2", "--connection-timeout", "5", "--max-connections", "4096"])
+        .args(["--frame-timeout", "2", "--connection-timeout", "5"])
+        .args(if extra.contains(&"--max-connections") { &[][..] } else { &["--max-connections", "4096"][..] })
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -193,6 +194,9 @@ fn half_sent_frames_cannot_spend_the_bytes_a_release_or_the_parent_needs() {
         held.push(s);
     }
     std::thread::sleep(Duration::from_millis(300));
+    // A release still gets its bytes: the longest-waiting holder is evicted for it.
+    let o = fetch(&sock, &dir.path().join("keys2"), "0");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // The parent's state step still gets its answer, not `busy`.
     let mut p = UnixStream::connect(sock.with_extension("sock.parent")).expect("parent channel");
     let commit = Message::StateCommit { generation: 1, blob_sha384: [0; 48] }.encode().expect("enc");
@@ -207,6 +211,22 @@ fn half_sent_frames_cannot_spend_the_bytes_a_release_or_the_parent_needs() {
             assert_ne!(code, keygate_enclave::wire::DenyCode::Busy, "{reason}");
         }
         other => panic!("unexpected answer {}", other.name()),
+    }
+    drop(held);
+}
+
+/// Connections that hold every slot without sending a frame cannot keep a client out: the one
+/// that has waited longest is evicted for the newcomer, however many more the attacker opens.
+#[test]
+fn idle_connections_holding_every_slot_make_room_for_a_client() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (_kre, sock) = start_kre_with(dir.path(), &["--max-connections", "64"]);
+    // Every slot, then as many again (each of those evicts an older idle one).
+    let held: Vec<UnixStream> = (0..128).map(|_| UnixStream::connect(&sock).expect("idle")).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..3 {
+        let o = fetch(&sock, &dir.path().join(format!("keys{i}")), "0");
+        assert!(o.status.success(), "fetch {i}: {}", String::from_utf8_lossy(&o.stderr));
     }
     drop(held);
 }

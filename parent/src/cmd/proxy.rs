@@ -76,7 +76,9 @@ pub(crate) async fn serve(listener: Listener, cfg: ProxyConfig, shutdown: impl s
     };
     // Beyond the limit the connection is closed at once (the proxy speaks no protocol).
     let refuse = |client: BoxStream, _peer: String| async move { drop(client) };
-    transport::accept_loop(&listener, max, shutdown, serve_one, refuse).await;
+    // No eviction here: one source is held to its share by the per-source limit, and the KRE
+    // evicts the reads that wait longest when its own limits are reached.
+    transport::accept_loop(&listener, max, shutdown, serve_one, refuse, || false).await;
 }
 
 /// Open connections per source. A source is what identifies a peer host: the IP address of a

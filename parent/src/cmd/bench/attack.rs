@@ -236,16 +236,27 @@ pub(crate) fn run_attacker(attack: Attack, to: &str, from: IpAddr, seconds: f64)
     Ok(())
 }
 
-/// The KRE's status report, read over its parent channel.
-fn status(kre: &KreProc) -> Result<serde_json::Value, CliError> {
+/// One request on the KRE's parent channel and its answer.
+fn ask_parent_channel(kre: &KreProc, m: &Message) -> Result<Message, CliError> {
     let mut path = kre.sock.clone().into_os_string();
     path.push(".parent");
     let mut s = UnixStream::connect(PathBuf::from(path)).map_err(|e| CliError::io("parent channel", e))?;
     s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| CliError::io("parent channel", e))?;
-    let frame = Message::Status.encode().map_err(|e| CliError::input(e.to_string()))?;
-    s.write_all(&frame).map_err(|e| CliError::io("status", e))?;
-    match read_frame(&mut s).map(|b| Message::decode(&b)) {
-        Some(Ok(Message::StatusReport { json })) => {
+    let frame = m.encode().map_err(|e| CliError::input(e.to_string()))?;
+    s.write_all(&frame).map_err(|e| CliError::io("parent channel", e))?;
+    read_frame(&mut s)
+        .and_then(|b| Message::decode(&b).ok())
+        .ok_or_else(|| CliError::refused(format!("the KRE did not answer {}", m.name())))
+}
+
+/// The KRE's status report. With `flush`, an audit pull first makes it write its aggregate
+/// of anonymous refusals (as a collecting parent's pulls do).
+fn status(kre: &KreProc, flush: bool) -> Result<serde_json::Value, CliError> {
+    if flush {
+        ask_parent_channel(kre, &Message::AuditPull { after_seq: u64::MAX - 1, max: 1 })?;
+    }
+    match ask_parent_channel(kre, &Message::Status)? {
+        Message::StatusReport { json } => {
             serde_json::from_str(&json).map_err(|e| CliError::input(format!("status report: {e}")))
         }
         _ => Err(CliError::refused("the KRE gave no status report")),
@@ -379,7 +390,7 @@ pub(crate) fn bench_attack(attacks: &[Attack], via: &[Via], seconds: f64) -> Res
             };
             let f = fetcher(client, nsm.clone(), &root);
             rt.block_on(f.once()).map_err(|e| CliError::refused(format!("warm-up fetch: {e}")))?;
-            let before = audit_u64(&status(&kre)?, "last_seq");
+            let before = audit_u64(&status(&kre, true)?, "last_seq");
             let attacker = spawn_attacker(attack, &to, seconds + 2.0)?;
             std::thread::sleep(Duration::from_secs(1));
             let peak = PeakRss::sample(kre.child.id());
@@ -395,7 +406,7 @@ pub(crate) fn bench_attack(attacks: &[Attack], via: &[Via], seconds: f64) -> Res
             }
             let out = attacker.wait_with_output().map_err(|e| CliError::io("attacker", e))?;
             let peak = peak.stop();
-            let after = status(&kre)?;
+            let after = status(&kre, true)?;
             lat.sort_by(|a, b| a.total_cmp(b));
             let pct = |p: f64| lat.get(((lat.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0);
             let total = ok + failed;
