@@ -604,6 +604,28 @@ impl PolicyState {
         Ok(ApplyReport { version: found, digest: cand_digest, activates_at_ms, loosens, signatures: report })
     }
 
+    /// The pending (loosening) bundle and when it comes into force: (version, digest,
+    /// activation time). `None` when the newest bundle is in force.
+    pub fn pending_activation(&self) -> Option<(u64, [u8; 48], u64)> {
+        self.pending.as_ref().map(|(p, at)| (p.bundle.body.version, p.digest, *at))
+    }
+
+    /// Re-applies the activation time the KRE recorded when it first accepted exactly the
+    /// pending bundle (`version`, `digest`): after a restart the chain is replayed, and a
+    /// change that was already in force (or waiting) keeps its original time instead of a
+    /// fresh delay. Applies only to that exact bundle and only moves the time earlier (the
+    /// record is the KRE's own earlier decision; a later time is never adopted). Returns
+    /// whether the time changed.
+    pub fn restore_activation(&mut self, version: u64, digest: &[u8; 48], activates_at_ms: u64) -> bool {
+        match &mut self.pending {
+            Some((p, at)) if p.bundle.body.version == version && p.digest == *digest && activates_at_ms < *at => {
+                *at = activates_at_ms;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The release policy in force at `now_ms`. While a loosening bundle waits, the effective
     /// policy is the pending one with every loosening held back: rules it adds (or widens)
     /// carry `not_before` = its activation time, and every removal or tightening applies now.

@@ -73,6 +73,7 @@ impl ClientError {
                     | DenyCode::Sealed
                     | DenyCode::StatePending
                     | DenyCode::PolicyStale
+                    | DenyCode::ActivationPending
                     | DenyCode::Timeout
                     | DenyCode::Internal
                     | DenyCode::AuditFull
@@ -265,6 +266,7 @@ mod tests {
             DenyCode::Sealed,
             DenyCode::StatePending,
             DenyCode::PolicyStale,
+            DenyCode::ActivationPending,
             DenyCode::Timeout,
             DenyCode::Internal,
             DenyCode::AuditFull,

@@ -371,11 +371,12 @@ impl Kre {
 
     /// The clusters of the newest policy.
     fn policy_clusters(&self) -> Vec<String> {
-        self.policy_schedule().into_iter().map(|(c, _)| c).collect()
+        self.policy_schedule().into_iter().map(|(c, _, _)| c).collect()
     }
 
-    /// The clusters of the newest policy with their current KEK version.
-    fn policy_schedule(&self) -> Vec<(String, u32)> {
+    /// The clusters of the newest policy with their current KEK version and the version
+    /// below which it retires KEKs.
+    fn policy_schedule(&self) -> Vec<(String, u32, u32)> {
         match &*self.source() {
             PolicySource::Static(p) => schedule_of(p),
             PolicySource::Signed(s) => schedule_of(&s.latest().bundle.body.policy),
@@ -420,12 +421,12 @@ impl Kre {
     /// [`StartError::Audit`] holding [`AuditError::BufferFull`], and nothing has changed.
     fn ensure_keks(
         &self,
-        schedule: &[(String, u32)],
+        schedule: &[(String, u32, u32)],
         then: &[AuditEvent],
     ) -> Result<std::sync::MutexGuard<'_, AuditLog>, StartError> {
         let wanted = schedule
             .iter()
-            .map(|(n, v)| Ok((Id::new(n).map_err(|_| StartError::ClusterName(n.clone()))?, *v)))
+            .map(|(n, v, r)| Ok((Id::new(n).map_err(|_| StartError::ClusterName(n.clone()))?, *v, *r)))
             .collect::<Result<Vec<_>, StartError>>()?;
         let now_ms = wall_clock_ms();
         if let Some(v) = &self.vault {
@@ -438,14 +439,17 @@ impl Kre {
                 log.room_for(then)?;
                 return Ok(log);
             }
-            let ids: Vec<Id> = wanted.iter().map(|(c, _)| c.clone()).collect();
+            let ids: Vec<Id> = wanted.iter().map(|(c, _, _)| c.clone()).collect();
             // On a copy: it replaces the state only once its record is known to fit.
             let mut work = v.clone();
             let added = self
                 .vault_step(&mut work, |v, rng| -> Result<Vec<Id>, VaultError> {
                     let added = v.ensure_clusters(&ids, rng)?;
-                    for (c, version) in &wanted {
-                        v.rotate_to(c, *version, 0, rng)?;
+                    // The retirement goes into the sealed state too, where it only ever rises:
+                    // a version retired there is never released again, whatever bundle
+                    // (older, replayed, or un-retiring) is in force later.
+                    for (c, version, retire_below) in &wanted {
+                        v.rotate_to(c, *version, *retire_below, rng)?;
                     }
                     Ok(added)
                 })
@@ -467,7 +471,7 @@ impl Kre {
         // Version 1 of a new cluster is its first KEK, not a rotation.
         let rotations: Vec<AuditEvent> = wanted
             .iter()
-            .flat_map(|(id, version)| {
+            .flat_map(|(id, version, _)| {
                 let first = keks.newest_version(id).map_or(1, |n| n.saturating_add(1));
                 (first.max(2)..=(*version).min(keys::MAX_KEK_VERSIONS))
                     .map(|new_version| AuditEvent::KekRotated { cluster: id.clone(), new_version })
@@ -477,7 +481,7 @@ impl Kre {
         log.room_for(&[rotations.as_slice(), then].concat())?;
         let mut created = Vec::new();
         let mut failed = None;
-        for (id, version) in &wanted {
+        for (id, version, _) in &wanted {
             match keks.ensure_versions(id, *version, |b| self.nsm.random(b)) {
                 Ok(new) => created.extend(new.into_iter().filter(|v| *v > 1).map(|v| (id.clone(), v))),
                 Err(e) => {
@@ -530,8 +534,15 @@ impl Kre {
         };
         // Apply to a copy, make the KEKs, then commit: a failure leaves the state as it was.
         let mut next = state.clone();
-        let report =
+        let mut report =
             next.apply(bundle, now_ms, self.crypto).map_err(|e| deny(DenyCode::PolicyRefused, e.to_string()))?;
+        // A bundle accepted before (a replay after a restart) keeps the activation time the
+        // sealed state recorded for exactly it, not a fresh delay.
+        if let Some(at) = self.vault.as_ref().and_then(|v| lock(v).activation_of(report.version, &report.digest)) {
+            if next.restore_activation(report.version, &report.digest, at) {
+                report.activates_at_ms = at;
+            }
+        }
         if let Some((fv, fd)) = self.vault.as_ref().and_then(|v| lock(v).policy_floor()) {
             if report.version == fv && report.digest != fd {
                 return Err(deny(
@@ -577,6 +588,7 @@ impl Kre {
         if let Some(v) = &self.vault {
             let mut v = lock(v);
             v.set_policy_head((report.version, report.digest));
+            v.record_activation(report.version, report.digest, report.activates_at_ms);
         }
         Ok(report)
     }
@@ -826,7 +838,7 @@ impl Kre {
             })
         })?;
         if serving {
-            self.after_unseal();
+            self.after_unseal(now_ms);
         }
         Message::UnsealProgress { have, need, serving, generation }
             .encode()
@@ -869,12 +881,37 @@ impl Kre {
             .map_err(|e| Deny::new(DenyCode::Internal, e.to_string()))
     }
 
-    /// After an unseal: bundles replayed before it count toward the policy head, and clusters
-    /// of the current policy that the state lacks get KEKs (stored before use).
-    fn after_unseal(&self) {
-        if let (Some(v), Some(head)) = (&self.vault, self.policy_head()) {
-            lock(v).set_policy_head(head);
+    /// After an unseal: bundles replayed before it count toward the policy head (a pending
+    /// head takes the activation time the sealed state recorded for it, and the head's time
+    /// is recorded), and clusters of the current policy that the state lacks get KEKs
+    /// (stored before use).
+    fn after_unseal(&self, now_ms: u64) {
+        if let Some(v) = &self.vault {
+            // Lock order: policy → vault; both released before the KEK step.
+            let mut guard = match self.policy.write() {
+                Ok(p) => p,
+                Err(p) => p.into_inner(),
+            };
+            if let PolicySource::Signed(state) = &mut *guard {
+                let (version, digest) = (state.latest().bundle.body.version, state.latest().digest);
+                let mut v = lock(v);
+                v.set_policy_head((version, digest));
+                // The genesis bundle (version 1) is in force from the start: no record.
+                if version > 1 {
+                    if let Some(at) = v.activation_of(version, &digest) {
+                        state.restore_activation(version, &digest, at);
+                    }
+                    let at = state.pending_activation().map_or(now_ms, |(_, _, at)| at);
+                    v.record_activation(version, digest, at);
+                }
+            }
         }
+        self.after_unseal_keks();
+    }
+
+    /// Clusters of the current policy that the unsealed state lacks get KEKs, rotations
+    /// their versions and retirements are sealed (all stored before use).
+    fn after_unseal_keks(&self) {
         if let Err(e) = self.ensure_keks(&self.policy_schedule(), &[]).map(drop) {
             tracing::warn!(error = %e, "could not add KEKs for new clusters or rotations after unseal");
         }
@@ -1400,9 +1437,9 @@ fn report_step(r: StateReport, step: &'static str) -> Result<Step, Deny> {
         .map_err(|e| Deny::new(DenyCode::Internal, e.to_string()))
 }
 
-/// (cluster, kek_version) of every cluster of `p`.
-fn schedule_of(p: &ReleasePolicy) -> Vec<(String, u32)> {
-    p.clusters.iter().map(|(c, r)| (c.clone(), r.kek_version)).collect()
+/// (cluster, kek_version, kek_retire_below) of every cluster of `p`.
+fn schedule_of(p: &ReleasePolicy) -> Vec<(String, u32, u32)> {
+    p.clusters.iter().map(|(c, r)| (c.clone(), r.kek_version, r.kek_retire_below)).collect()
 }
 
 fn deny_step(d: Deny) -> Step {
@@ -1553,6 +1590,12 @@ fn release(
         }
         Err(PolicyDenial::DebugMode) => {
             return Err(with(DenyCode::DebugMode, "debug-mode attestation not allowed".into(), &requester))
+        }
+        // An image whose rule waits for its activation time is not refused for good: a
+        // client that holds keys keeps them and asks again (a restart replaying the chain
+        // must not read as a revocation).
+        Err(e @ PolicyDenial::NoMatchingImage { detail: policy::MismatchDetail::NotYetActive { .. }, .. }) => {
+            return Err(with(DenyCode::ActivationPending, e.to_string(), &requester))
         }
         Err(e) => return Err(with(DenyCode::ImageNotAllowed, e.to_string(), &requester)),
     };

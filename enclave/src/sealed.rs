@@ -7,22 +7,30 @@
 //!
 //! ```text
 //! blob    = header ‖ ciphertext ‖ digest
-//! header  = magic "KGSEALED" (8) ‖ u16be format_version = 1 ‖ u64be generation
+//! header  = magic "KGSEALED" (8) ‖ u16be format_version (1 or 2) ‖ u64be generation
 //!           ‖ custodian_set_digest (48) ‖ nonce (12) ‖ u32be ciphertext_len          (82 bytes)
 //! key     = HKDF-SHA384(salt = "keygate/v1/sealed-state", ikm = state_key,
 //!                       info = u64be(generation) ‖ custodian_set_digest, L = 32)
 //! ciphertext = AES-256-GCM(key, nonce, aad = header, plaintext)                  (‖ 16-byte tag)
 //! digest  = SHA-384(header ‖ ciphertext)
 //!
-//! plaintext = policy_head ‖ u32be cluster_count ‖ cluster*
+//! plaintext = policy_head ‖ u32be cluster_count ‖ cluster* ‖ activations      (format 2)
+//!           | policy_head ‖ u32be cluster_count ‖ cluster*                    (format 1)
 //! policy_head = 0x00 | 0x01 ‖ u64be version ‖ digest (48)
 //! cluster   = str8 id ‖ u16be version_count ‖ (u32be version ‖ u8 status ‖ kek (32))*
 //! status    = 1 Current | 2 Active | 3 Retired
+//! activations = u16be count ‖ (u64be bundle_version ‖ bundle_digest (48) ‖ u64be activates_at_ms)*
 //! ```
 //!
 //! Canonical: clusters strictly ascending by id, versions strictly ascending (≥ 1), every
-//! cluster non-empty with at most one `Current`; a blob that violates this is refused, and
-//! [`seal`] refuses to write such a state.
+//! cluster non-empty with at most one `Current`; activations strictly ascending by bundle
+//! version, at most [`MAX_ACTIVATIONS`]; a blob that violates this is refused, and [`seal`]
+//! refuses to write such a state.
+//!
+//! Format 2 (written by this code) adds the activation record: when each recently accepted
+//! policy bundle is (or was) in force, bound to its version and digest, so that a restart
+//! re-applies it with its original activation time instead of a fresh activation delay.
+//! Format 1 blobs (no activation record) are still read, as a state with no record.
 //!
 //! The trailing digest is not a security check (anyone can recompute it): it tells a torn or
 //! corrupted file ([`SealedError::Truncated`], [`SealedError::DigestMismatch`]) from a wrong
@@ -43,8 +51,10 @@ use crate::wire::{put_str8, Id};
 
 /// First bytes of every sealed state blob.
 pub const MAGIC: [u8; 8] = *b"KGSEALED";
-/// The format version this code writes and reads.
-pub const FORMAT_VERSION: u16 = 1;
+/// The format version this code writes (it also reads [`FORMAT_VERSION_1`]).
+pub const FORMAT_VERSION: u16 = 2;
+/// The first format: no activation record.
+pub const FORMAT_VERSION_1: u16 = 1;
 /// Length of the fixed header.
 pub const HEADER_LEN: usize = 8 + 2 + 8 + 48 + 12 + 4;
 /// Length of the trailing digest.
@@ -57,6 +67,8 @@ pub const MAX_BLOB: usize = 4 * 1024 * 1024;
 pub const MAX_CLUSTERS: usize = 4096;
 /// Most KEK versions per cluster.
 pub const MAX_VERSIONS: usize = 1024;
+/// Most policy bundles with a recorded activation time (the newest are kept).
+pub const MAX_ACTIVATIONS: usize = 16;
 
 const KEY_SALT: &[u8] = b"keygate/v1/sealed-state";
 
@@ -71,6 +83,18 @@ pub struct KekEntry {
     pub kek: Kek,
 }
 
+/// When an accepted policy bundle is (or was) fully in force, as the KRE decided when it
+/// first accepted that exact bundle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Activation {
+    /// The bundle's version.
+    pub version: u64,
+    /// SHA-384 of the bundle's body (the policy head digest).
+    pub digest: [u8; 48],
+    /// Its activation time (ms since the Unix epoch).
+    pub activates_at_ms: u64,
+}
+
 /// Everything the KRE must not lose across a restart.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct KreState {
@@ -80,13 +104,17 @@ pub struct KreState {
     pub policy_head: Option<(u64, [u8; 48])>,
     /// KEK versions per cluster, ascending by version.
     pub clusters: BTreeMap<Id, Vec<KekEntry>>,
+    /// The activation times of the newest accepted bundles, ascending by version (at most
+    /// [`MAX_ACTIVATIONS`]).
+    pub activations: Vec<Activation>,
 }
 
 /// The unencrypted header of a sealed blob; only meaningful once [`peek_header`] or
 /// [`open`] has checked the blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SealedHeader {
-    /// Format version (always [`FORMAT_VERSION`] for a header this code returns).
+    /// Format version ([`FORMAT_VERSION`] or [`FORMAT_VERSION_1`] for a header this code
+    /// returns).
     pub format_version: u16,
     /// The state's generation.
     pub generation: u64,
@@ -148,6 +176,15 @@ pub enum Malformed {
     /// More than one `Current` version in a cluster.
     #[error("more than one current KEK version")]
     MultipleCurrent,
+    /// More than [`MAX_ACTIVATIONS`] activation records.
+    #[error("too many activation records ({count})")]
+    TooManyActivations {
+        /// The count.
+        count: usize,
+    },
+    /// Activation records not strictly ascending by bundle version.
+    #[error("activation records out of order or duplicated")]
+    UnsortedActivations,
 }
 
 /// Why a sealed blob could not be written or opened.
@@ -293,6 +330,17 @@ fn check_versions(entries: &[KekEntry]) -> Result<(), Malformed> {
     Ok(())
 }
 
+/// Checks the canonical-form rules of the activation record.
+fn check_activations(a: &[Activation]) -> Result<(), Malformed> {
+    if a.len() > MAX_ACTIVATIONS {
+        return Err(Malformed::TooManyActivations { count: a.len() });
+    }
+    if a.windows(2).any(|w| w[0].version >= w[1].version) {
+        return Err(Malformed::UnsortedActivations);
+    }
+    Ok(())
+}
+
 fn encode_plaintext(state: &KreState) -> Result<Zeroizing<Vec<u8>>, SealedError> {
     if state.clusters.len() > MAX_CLUSTERS {
         return Err(Malformed::TooManyClusters { count: state.clusters.len() }.into());
@@ -323,10 +371,20 @@ fn encode_plaintext(state: &KreState) -> Result<Zeroizing<Vec<u8>>, SealedError>
             return Err(SealedError::TooLarge { len: out.len(), max: MAX_BLOB });
         }
     }
+    check_activations(&state.activations)?;
+    // Bounded by MAX_ACTIVATIONS (checked above).
+    let n = u16::try_from(state.activations.len())
+        .map_err(|_| Malformed::TooManyActivations { count: state.activations.len() })?;
+    out.extend_from_slice(&n.to_be_bytes());
+    for a in &state.activations {
+        out.extend_from_slice(&a.version.to_be_bytes());
+        out.extend_from_slice(&a.digest);
+        out.extend_from_slice(&a.activates_at_ms.to_be_bytes());
+    }
     Ok(out)
 }
 
-fn decode_plaintext(generation: u64, pt: &[u8]) -> Result<KreState, Malformed> {
+fn decode_plaintext(format_version: u16, generation: u64, pt: &[u8]) -> Result<KreState, Malformed> {
     let mut r = Reader::new(pt);
     let policy_head = match r.u8()? {
         0 => None,
@@ -360,10 +418,25 @@ fn decode_plaintext(generation: u64, pt: &[u8]) -> Result<KreState, Malformed> {
         last = Some(id.clone());
         clusters.insert(id, entries);
     }
+    let mut activations = Vec::new();
+    if format_version != FORMAT_VERSION_1 {
+        let count = usize::from(r.u16()?);
+        if count > MAX_ACTIVATIONS {
+            return Err(Malformed::TooManyActivations { count });
+        }
+        activations.reserve_exact(count);
+        for _ in 0..count {
+            let version = r.u64()?;
+            let digest = r.array::<48>()?;
+            let activates_at_ms = r.u64()?;
+            activations.push(Activation { version, digest, activates_at_ms });
+        }
+        check_activations(&activations)?;
+    }
     if r.remaining() != 0 {
         return Err(Malformed::TrailingBytes);
     }
-    Ok(KreState { generation, policy_head, clusters })
+    Ok(KreState { generation, policy_head, clusters, activations })
 }
 
 fn encode_header(h: &SealedHeader) -> [u8; HEADER_LEN] {
@@ -458,7 +531,7 @@ pub fn peek_header(blob: &[u8]) -> Result<SealedHeader, SealedError> {
     }
     let min = HEADER_LEN + TAG_LEN + DIGEST_LEN;
     let format_version = r.u16().map_err(|_| trunc(min))?;
-    if format_version != FORMAT_VERSION {
+    if format_version != FORMAT_VERSION && format_version != FORMAT_VERSION_1 {
         return Err(SealedError::UnsupportedVersion { version: format_version });
     }
     let generation = r.u64().map_err(|_| trunc(min))?;
@@ -495,7 +568,7 @@ pub fn open(blob: &[u8], state_key: &Secret<32>, crypto: &dyn Crypto) -> Result<
     let pt = crypto
         .aes256gcm_open(&key, &header.nonce, &blob[..HEADER_LEN], &blob[HEADER_LEN..ct_end])
         .map_err(|_| SealedError::Decrypt)?;
-    Ok(decode_plaintext(header.generation, pt.expose())?)
+    Ok(decode_plaintext(header.format_version, header.generation, pt.expose())?)
 }
 
 #[cfg(test)]
@@ -522,7 +595,11 @@ mod tests {
             ],
         );
         clusters.insert(id("staging"), vec![entry(1, KekStatus::Current, 0x21)]);
-        KreState { generation: 7, policy_head: Some((4, [0x44; 48])), clusters }
+        let activations = vec![
+            Activation { version: 3, digest: [0x33; 48], activates_at_ms: 1_000 },
+            Activation { version: 4, digest: [0x44; 48], activates_at_ms: 3_601_000 },
+        ];
+        KreState { generation: 7, policy_head: Some((4, [0x44; 48])), clusters, activations }
     }
 
     const SET: [u8; 48] = [0x5e; 48];
@@ -538,9 +615,14 @@ mod tests {
     /// Re-seals a hand-made plaintext with a valid header, tag and digest (to reach the
     /// plaintext checks through the AEAD).
     fn seal_raw(pt: &[u8]) -> Vec<u8> {
+        seal_raw_as(FORMAT_VERSION_1, pt)
+    }
+
+    /// As [`seal_raw`], with the given format version in the header.
+    fn seal_raw_as(format_version: u16, pt: &[u8]) -> Vec<u8> {
         let c = default_backend();
         let h = SealedHeader {
-            format_version: 1,
+            format_version,
             generation: 1,
             custodian_set_digest: SET,
             nonce: [3; 12],
@@ -578,7 +660,7 @@ mod tests {
     fn header_layout_and_peek() {
         let blob = sealed();
         assert_eq!(&blob[..8], b"KGSEALED");
-        assert_eq!(&blob[8..10], &[0, 1]);
+        assert_eq!(&blob[8..10], &[0, 2]);
         assert_eq!(&blob[10..18], &7u64.to_be_bytes());
         assert_eq!(&blob[18..66], &SET);
         assert_eq!(&blob[66..78], &[9; 12]);
@@ -587,8 +669,9 @@ mod tests {
         assert_eq!(h.custodian_set_digest, SET);
         assert_eq!(h.nonce, [9; 12]);
         assert_eq!(usize::try_from(h.ciphertext_len).expect("len"), blob.len() - HEADER_LEN - DIGEST_LEN);
-        // Plaintext: 1 + 8 + 48 + 4 + (1+4 + 2 + 3·37) + (1+7 + 2 + 37) = 226, + tag 16.
-        assert_eq!(h.ciphertext_len, 226 + 16);
+        // Plaintext: 1 + 8 + 48 + 4 + (1+4 + 2 + 3·37) + (1+7 + 2 + 37) = 226,
+        // + activations 2 + 2·64, + tag 16.
+        assert_eq!(h.ciphertext_len, 226 + 2 + 2 * 64 + 16);
     }
 
     #[test]
@@ -659,9 +742,11 @@ mod tests {
             Err(SealedError::Truncated { len: 3, need: HEADER_LEN + TAG_LEN + DIGEST_LEN })
         );
         assert_eq!(peek_header(b"X"), Err(SealedError::BadMagic));
-        let mut v2 = sealed();
-        v2[9] = 2;
-        assert_eq!(peek_header(&v2), Err(SealedError::UnsupportedVersion { version: 2 }));
+        let mut v3 = sealed();
+        v3[9] = 3;
+        assert_eq!(peek_header(&v3), Err(SealedError::UnsupportedVersion { version: 3 }));
+        v3[9] = 0;
+        assert_eq!(peek_header(&v3), Err(SealedError::UnsupportedVersion { version: 0 }));
     }
 
     #[test]
@@ -725,6 +810,59 @@ mod tests {
         }
     }
 
+    /// A format-1 blob (written before the activation record existed) still opens, as a
+    /// state without activation records; the same plaintext under a format-2 header lacks its
+    /// record and is refused as truncated (the header is authenticated, so a parent cannot
+    /// relabel one as the other).
+    #[test]
+    fn format_1_blobs_open_without_activations_and_format_2_needs_its_record() {
+        let c = default_backend();
+        let mut pt = vec![1u8];
+        pt.extend_from_slice(&5u64.to_be_bytes());
+        pt.extend_from_slice(&[0x55; 48]);
+        pt.extend_from_slice(&0u32.to_be_bytes());
+        let s = open(&seal_raw_as(FORMAT_VERSION_1, &pt), &key(), c).expect("format 1 opens");
+        assert_eq!((s.policy_head, s.activations), (Some((5, [0x55; 48])), vec![]));
+        assert_eq!(open(&seal_raw_as(2, &pt), &key(), c), Err(SealedError::Malformed(Malformed::Truncated)));
+        let mut relabelled = seal_raw_as(FORMAT_VERSION_1, &pt);
+        relabelled[9] = 2;
+        redigest(&mut relabelled);
+        assert_eq!(open(&relabelled, &key(), c), Err(SealedError::Decrypt));
+    }
+
+    #[test]
+    fn malformed_activation_records_are_refused_with_their_variant() {
+        let c = default_backend();
+        let act = |v: u64| [&v.to_be_bytes()[..], &[0xdd; 48], &9u64.to_be_bytes()].concat();
+        let doc = |count: u16, acts: &[Vec<u8>]| {
+            let mut v = vec![0u8];
+            v.extend_from_slice(&0u32.to_be_bytes());
+            v.extend_from_slice(&count.to_be_bytes());
+            for a in acts {
+                v.extend_from_slice(a);
+            }
+            v
+        };
+        let ok = doc(2, &[act(1), act(2)]);
+        assert_eq!(open(&seal_raw_as(2, &ok), &key(), c).expect("opens").activations.len(), 2);
+        let max = u16::try_from(MAX_ACTIVATIONS).expect("small");
+        let cases: Vec<(Vec<u8>, Malformed)> = vec![
+            (ok[..ok.len() - 1].to_vec(), Malformed::Truncated),
+            ([ok.clone(), vec![0]].concat(), Malformed::TrailingBytes),
+            (doc(3, &[act(1), act(2)]), Malformed::Truncated),
+            (doc(2, &[act(2), act(1)]), Malformed::UnsortedActivations),
+            (doc(2, &[act(2), act(2)]), Malformed::UnsortedActivations),
+            // The count is checked before anything is read or allocated for it.
+            (doc(max + 1, &[]), Malformed::TooManyActivations { count: MAX_ACTIVATIONS + 1 }),
+            (doc(u16::MAX, &[]), Malformed::TooManyActivations { count: 0xffff }),
+        ];
+        for (pt, want) in cases {
+            assert_eq!(open(&seal_raw_as(2, &pt), &key(), c), Err(SealedError::Malformed(want)), "{want:?}");
+        }
+        let full: Vec<Vec<u8>> = (1..=u64::from(max)).map(act).collect();
+        assert!(open(&seal_raw_as(2, &doc(max, &full)), &key(), c).is_ok(), "exactly the limit");
+    }
+
     #[test]
     fn seal_refuses_invalid_states() {
         let c = default_backend();
@@ -738,6 +876,17 @@ mod tests {
         let mut s = state();
         s.clusters.insert(id("x"), vec![entry(2, KekStatus::Active, 1), entry(1, KekStatus::Current, 2)]);
         assert_eq!(seal(&s, &key(), &SET, &mut rng, c), Err(SealedError::Malformed(Malformed::UnsortedVersions)));
+        let mut s = state();
+        s.activations.reverse();
+        assert_eq!(seal(&s, &key(), &SET, &mut rng, c), Err(SealedError::Malformed(Malformed::UnsortedActivations)));
+        let mut s = state();
+        s.activations = (0..=u64::try_from(MAX_ACTIVATIONS).expect("small"))
+            .map(|version| Activation { version, digest: [0; 48], activates_at_ms: 0 })
+            .collect();
+        assert_eq!(
+            seal(&s, &key(), &SET, &mut rng, c),
+            Err(SealedError::Malformed(Malformed::TooManyActivations { count: MAX_ACTIVATIONS + 1 }))
+        );
     }
 
     #[test]

@@ -36,7 +36,7 @@ use crate::custody::{
     self, CustodianSet, CustodyError, PublicKey, SharesFile, UnsealContext, UnsealProgress, UnsealShare,
 };
 use crate::keys::{Kek, KekStatus};
-use crate::sealed::{self, KekEntry, KreState, SealedError, SealedHeader};
+use crate::sealed::{self, Activation, KekEntry, KreState, SealedError, SealedHeader};
 use crate::shamir::Share;
 use crate::wire::Id;
 
@@ -439,7 +439,7 @@ impl Vault {
         let genesis_attestation = attest(&genesis_user_data(&shares)).map_err(VaultError::Attestation)?;
         check_len("genesis attestation", &genesis_attestation, MAX_GENESIS_ATTESTATION)?;
         let committed = KreState::default();
-        let mut working = KreState { generation: 0, policy_head, clusters: Default::default() };
+        let mut working = KreState { generation: 0, policy_head, ..KreState::default() };
         for c in clusters {
             working.clusters.entry(c.clone()).or_insert_with(|| {
                 vec![KekEntry { version: 1, status: KekStatus::Current, kek: Secret::generate(&mut *rng) }]
@@ -765,6 +765,36 @@ impl Vault {
         Ok(created)
     }
 
+    /// Records when the accepted bundle (`version`, `digest`) is fully in force, in
+    /// `working` (sealed with the next export). A bundle keeps the time first recorded for
+    /// it: accepting it again (a replay after a restart) changes nothing. A record for the
+    /// same version with another digest (a bundle no longer in the chain) is replaced. Only
+    /// the [`sealed::MAX_ACTIVATIONS`] newest versions are kept.
+    pub fn record_activation(&mut self, version: u64, digest: [u8; 48], activates_at_ms: u64) {
+        let Inner::Serving(s) = &mut self.inner else {
+            return;
+        };
+        let a = &mut s.working.activations;
+        let record = Activation { version, digest, activates_at_ms };
+        match a.binary_search_by_key(&version, |r| r.version) {
+            Ok(i) if a[i].digest == digest => {}
+            Ok(i) => a[i] = record,
+            Err(i) => a.insert(i, record),
+        }
+        if a.len() > sealed::MAX_ACTIVATIONS {
+            let extra = a.len() - sealed::MAX_ACTIVATIONS;
+            a.drain(..extra);
+        }
+    }
+
+    /// The activation time recorded for exactly the bundle (`version`, `digest`) (serving).
+    pub fn activation_of(&self, version: u64, digest: &[u8; 48]) -> Option<u64> {
+        let Inner::Serving(s) = &self.inner else {
+            return None;
+        };
+        s.working.activations.iter().find(|a| a.version == version && a.digest == *digest).map(|a| a.activates_at_ms)
+    }
+
     /// Records a newer policy head in `working`.
     pub fn set_policy_head(&mut self, head: (u64, [u8; 48])) {
         if let Inner::Serving(s) = &mut self.inner {
@@ -807,7 +837,7 @@ impl Vault {
 }
 
 fn same_content(a: &KreState, b: &KreState) -> bool {
-    a.policy_head == b.policy_head && a.clusters == b.clusters
+    a.policy_head == b.policy_head && a.clusters == b.clusters && a.activations == b.activations
 }
 
 #[cfg(test)]
@@ -1181,6 +1211,41 @@ mod tests {
         assert!(v.reshare_status().is_none());
         v.start_reshare(crypto, new_set.clone(), &mut r).expect("start");
         assert_eq!(v.reshare_status().map(|(s, n)| (s.clone(), n)), Some((new_set, 0)));
+    }
+
+    /// Activation times are sealed with the state, bound to the bundle's version and digest,
+    /// first record wins, and only the newest are kept.
+    #[test]
+    fn activation_times_are_sealed_bound_to_the_bundle_and_first_one_wins() {
+        let crypto = keygate_attestation::crypto::default_backend();
+        let (cs, set) = setup(crypto, 2, 3);
+        let (mut v, _, custody) = genesis(crypto, &set);
+        let mut r = rng(15);
+        v.record_activation(2, [2; 48], 5_000);
+        v.record_activation(2, [2; 48], 9_000);
+        assert_eq!(v.activation_of(2, &[2; 48]), Some(5_000), "a replay keeps the first time");
+        assert_eq!(v.activation_of(2, &[3; 48]), None, "another bundle at that version has none");
+        assert_eq!(v.activation_of(3, &[2; 48]), None, "the digest at another version has none");
+        let e = v.export(crypto, &mut r).expect("export").expect("a record is a change").clone();
+        v.commit(e.generation, &e.blob_sha384).expect("commit");
+        let mut k = Vault::new(set);
+        assert_eq!(k.activation_of(2, &[2; 48]), None, "nothing before the unseal");
+        k.load(crypto, e.blob, custody, &mut rng(16)).expect("load");
+        let offer = k.offer().expect("offer");
+        k.add_share(crypto, [1; 48], &share_for(crypto, &cs[0], &offer, [1; 48], 17)).expect("share");
+        k.add_share(crypto, [2; 48], &share_for(crypto, &cs[1], &offer, [2; 48], 18)).expect("share");
+        assert_eq!(k.activation_of(2, &[2; 48]), Some(5_000), "restored from the sealed state");
+        // A fork at version 2 replaces the record; the newest MAX_ACTIVATIONS are kept.
+        k.record_activation(2, [7; 48], 6_000);
+        assert_eq!((k.activation_of(2, &[2; 48]), k.activation_of(2, &[7; 48])), (None, Some(6_000)));
+        for n in 3..=40u64 {
+            k.record_activation(n, [8; 48], n);
+        }
+        assert_eq!(k.activation_of(2, &[7; 48]), None);
+        assert_eq!(k.activation_of(40 - 15, &[8; 48]), Some(25));
+        assert_eq!(k.activation_of(40 - 16, &[8; 48]), None);
+        let e = k.export(crypto, &mut r).expect("export").expect("some").clone();
+        assert!(e.blob.len() < MAX_STATE_BLOB);
     }
 
     #[test]

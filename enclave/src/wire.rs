@@ -531,6 +531,9 @@ deny_codes! {
     UnknownCluster = 40, "unknown_cluster";
     /// No image allowed for the cluster matches the attested PCRs.
     ImageNotAllowed = 41, "image_not_allowed";
+    /// The matching image rule waits for its activation time (a loosening policy change
+    /// not yet in force): retry later; not a revocation.
+    ActivationPending = 42, "activation_pending";
     /// The KRE is sealed (state not yet unsealed).
     Sealed = 50, "sealed";
     /// The KEK version asked for is not yet durably stored (the parent has not committed it).

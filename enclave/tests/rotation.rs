@@ -21,6 +21,20 @@ use p384::ecdsa::signature::Signer;
 
 const T: u64 = 1_795_478_400_000 + 7 * 3_600_000;
 const SEED: &[u8] = b"rotation-test";
+const HOUR: u64 = 3_600_000;
+
+thread_local! {
+    /// The clock of this test (every KRE, NSM and client of a test runs on its thread).
+    static NOW: std::cell::Cell<u64> = const { std::cell::Cell::new(T) };
+}
+
+fn now() -> u64 {
+    NOW.with(std::cell::Cell::get)
+}
+
+fn set_now(t: u64) {
+    NOW.with(|n| n.set(t));
+}
 
 fn pcrs(b: u8) -> BTreeMap<u8, Vec<u8>> {
     (0u8..3).map(|i| (i, vec![b + i; 48])).collect()
@@ -56,14 +70,14 @@ fn policy(kek_version: u32, kek_retire_below: u32) -> ReleasePolicy {
 }
 
 fn nsm() -> MockNsm {
-    MockNsm::new(SEED, pcrs(0x70), Arc::new(|| T)).with_instance("kre")
+    MockNsm::new(SEED, pcrs(0x70), Arc::new(now)).with_instance("kre")
 }
 
 fn step(conn: &mut Connection, kre: &Kre, frame: &[u8]) -> Step {
     use std::sync::atomic::{AtomicU64, Ordering};
     static CALLS: AtomicU64 = AtomicU64::new(1);
     let mut r = rng_from(CALLS.fetch_add(1, Ordering::Relaxed) * 7919);
-    conn.on_frame(kre, &frame[4..], &mut Env { now_ms: T, rng: &mut r })
+    conn.on_frame(kre, &frame[4..], &mut Env { now_ms: now(), rng: &mut r })
 }
 
 fn one(kre: &Kre, m: Message) -> Message {
@@ -92,14 +106,19 @@ fn sync(kre: &Kre) -> u64 {
 }
 
 fn fetch(kre: &Kre) -> Result<Vec<ReleasedKey>, ClientError> {
-    let cpi = MockNsm::new(SEED, pcrs(0x10), Arc::new(|| T)).with_instance("cpi");
+    fetch_as(kre, 0x10)
+}
+
+/// A fetch by the control plane with PCRs `pcrs(image)`.
+fn fetch_as(kre: &Kre, image: u8) -> Result<Vec<ReleasedKey>, ClientError> {
+    let cpi = MockNsm::new(SEED, pcrs(image), Arc::new(now)).with_instance("cpi");
     let req = FetchRequest { cluster: id("prod"), key_ids: vec![id("etcd"), id("secrets")], expect_kre_pcrs: vec![] };
     let mut r = rng_from(5);
     let (ac, hello) = client::start(req, &mut r).expect("hello");
     let mut conn = Connection::new(Channel::Release);
     let s = step(&mut conn, kre, &hello);
     let ar = ac
-        .on_challenge(&s.reply[4..], &Verifier::new(cpi.root_anchor()), T, &cpi, default_backend(), &mut r)
+        .on_challenge(&s.reply[4..], &Verifier::new(cpi.root_anchor()), now(), &cpi, default_backend(), &mut r)
         .expect("challenge");
     let s = step(&mut conn, kre, &ar.release_frame.clone());
     ar.on_released(&s.reply[4..], default_backend())
@@ -134,12 +153,17 @@ struct Chain {
 impl Chain {
     /// The genesis bundle (prod at KEK version 1) and the chain.
     fn genesis() -> (Vec<u8>, Self) {
+        Self::genesis_with_delay(3600)
+    }
+
+    /// As [`Self::genesis`], with the given activation delay (seconds).
+    fn genesis_with_delay(activation_delay: u64) -> (Vec<u8>, Self) {
         let key = derive_key(b"rotation-approvers", "approver-1");
         let body = PolicyBody {
             version: 1,
             previous: [0; 48],
             issued_at: T / 1000 - 60,
-            activation_delay: 3600,
+            activation_delay,
             approvers: vec![public_point(&key).try_into().expect("97 bytes")],
             threshold: 1,
             policy: policy(1, 0),
@@ -150,13 +174,14 @@ impl Chain {
 
     /// The next bundle with `prod`'s KEK schedule set, signed.
     fn next(&mut self, kek_version: u32, kek_retire_below: u32) -> Vec<u8> {
+        self.next_policy(policy(kek_version, kek_retire_below))
+    }
+
+    /// The next bundle with `policy`, signed.
+    fn next_policy(&mut self, policy: ReleasePolicy) -> Vec<u8> {
         let prev = bundle::encode_body(&self.last);
-        let body = PolicyBody {
-            version: self.last.version + 1,
-            previous: bundle::digest(&prev),
-            policy: policy(kek_version, kek_retire_below),
-            ..self.last.clone()
-        };
+        let body =
+            PolicyBody { version: self.last.version + 1, previous: bundle::digest(&prev), policy, ..self.last.clone() };
         let body_bytes = bundle::encode_body(&body);
         let sig: p384::ecdsa::Signature = self.key.sign(&bundle::signing_message(&body_bytes));
         self.last = body;
@@ -221,7 +246,7 @@ fn unseal(kre: &Kre, scalars: &[P384Scalar]) {
         pcrs(0x70).into_iter().map(|(index, value)| PcrExpectation { index, value }).collect();
     let expect = Expectations {
         verifier: &verifier,
-        now_ms: T,
+        now_ms: now(),
         kre_pcrs: &kre_pcrs,
         genesis_pcrs: &kre_pcrs,
         record: None,
@@ -535,4 +560,121 @@ fn a_commit_that_cannot_be_recorded_is_refused_until_the_trail_is_collected() {
         other => panic!("expected StateCommitted, got {other:?}"),
     }
     assert_eq!(kek_rotations(&kre), vec![("prod".to_owned(), 2)]);
+}
+
+/// The policy's retirement reaches the sealed state and only ever rises there: a later
+/// bundle that lowers it (here without an activation delay), an older bundle replayed, and
+/// a restart with the chain replayed never make a retired version releasable again.
+#[test]
+fn a_retired_kek_version_stays_retired_across_an_unretiring_bundle_a_restart_and_a_replay() {
+    let (scalars, set) = custodian_keys();
+    let (genesis, mut chain) = Chain::genesis_with_delay(0);
+    let kre = custodial_kre(&genesis, &set);
+    report(&kre, Message::StateGenesis);
+    sync(&kre);
+    let (v2, v3) = (chain.next(2, 0), chain.next(2, 2));
+    push(&kre, v2.clone());
+    sync(&kre);
+    assert_eq!(
+        versions(&fetch(&kre).expect("released")),
+        expect(&[("etcd", 2), ("etcd", 1), ("secrets", 2), ("secrets", 1)])
+    );
+    push(&kre, v3.clone());
+    let current_only = expect(&[("etcd", 2), ("secrets", 2)]);
+    assert_eq!(versions(&fetch(&kre).expect("released")), current_only, "retired at once");
+    let retired = store(&kre);
+    // The parent replays the older bundle: refused, nothing changes.
+    assert_eq!(refused(&kre, Message::PolicyPush { bundle: v2.clone() }).0, DenyCode::PolicyRefused);
+    // A later bundle un-retires (in force at once in this chain): version 1 stays retired.
+    let v4 = chain.next(2, 0);
+    push(&kre, v4.clone());
+    assert_eq!(versions(&fetch(&kre).expect("released")), current_only, "the sealed retirement holds");
+    let unretired = store(&kre);
+    // Restart at either generation, unseal, replay the chain: version 1 never comes back.
+    for (stored, replay) in [
+        (&retired, vec![v2.clone(), v3.clone()]),
+        (&retired, vec![v2.clone(), v3.clone(), v4.clone()]),
+        (&unretired, vec![v2.clone(), v3.clone(), v4.clone()]),
+    ] {
+        let k = restarted(&genesis, &set, stored);
+        unseal(&k, &scalars);
+        for b in replay {
+            push(&k, b);
+        }
+        sync(&k);
+        assert_eq!(versions(&fetch(&k).expect("released")), current_only);
+    }
+}
+
+/// "prod" allows the images with PCRs `pcrs(b)` for each `b` (KEK version 1).
+fn images(bases: &[u8]) -> ReleasePolicy {
+    let mut p = policy(1, 0);
+    let rule = p.clusters.get_mut("prod").expect("prod");
+    rule.images = bases
+        .iter()
+        .map(|b| ImageRule {
+            name: format!("cp{b:02x}"),
+            pcrs: pcrs(*b),
+            kind: DocumentKind::Enclave,
+            not_after_ms: None,
+            not_before_ms: None,
+        })
+        .collect();
+    p
+}
+
+/// The KRE's answer to a push: its activation time.
+fn push_at(kre: &Kre, bundle: Vec<u8>) -> u64 {
+    match one(kre, Message::PolicyPush { bundle }) {
+        Message::PolicyAccepted { activates_at_ms, .. } => activates_at_ms,
+        other => panic!("expected PolicyAccepted, got {other:?}"),
+    }
+}
+
+/// A restart replays the chain with the activation times the sealed state recorded: an
+/// image in force for long is released at once after the unseal and restore, one still
+/// waiting keeps its original time (not a fresh delay), a new change gets a fresh delay, and
+/// a waiting image is refused with `activation_pending`, which a client retries and never
+/// reads as a revocation.
+#[test]
+fn a_restore_reapplies_the_recorded_activation_times_and_pending_is_not_a_revocation() {
+    let (scalars, set) = custodian_keys();
+    let (genesis, mut chain) = Chain::genesis();
+    set_now(T);
+    let kre = custodial_kre(&genesis, &set);
+    report(&kre, Message::StateGenesis);
+    sync(&kre);
+    // v2 adds image 0x20: loosening, in force one hour later.
+    let v2 = chain.next_policy(images(&[0x10, 0x20]));
+    assert_eq!(push_at(&kre, v2.clone()), T + HOUR);
+    let e = fetch_as(&kre, 0x20).expect_err("waits");
+    let (code, reason) = denial(Err(e.clone()));
+    assert_eq!(code, DenyCode::ActivationPending, "{reason}");
+    assert!(e.is_retryable() && !e.is_refusal(), "a waiting image is not a revocation");
+    sync(&kre);
+    set_now(T + 2 * HOUR);
+    let keys = fetch_as(&kre, 0x20).expect("in force");
+    // v3 adds image 0x30: in force at T + 3 h.
+    let v3 = chain.next_policy(images(&[0x10, 0x20, 0x30]));
+    assert_eq!(push_at(&kre, v3.clone()), T + 3 * HOUR);
+    let stored = store(&kre);
+
+    // Restart half an hour later, unseal, restore.
+    set_now(T + 2 * HOUR + HOUR / 2);
+    let k = restarted(&genesis, &set, &stored);
+    unseal(&k, &scalars);
+    assert_eq!(push_at(&k, v2.clone()), T + HOUR, "the recorded time, not a fresh delay");
+    assert_eq!(push_at(&k, v3), T + 3 * HOUR);
+    assert_eq!(fetch_as(&k, 0x20).expect("in force at once"), keys);
+    let (code, reason) = denial(fetch_as(&k, 0x30));
+    assert_eq!(code, DenyCode::ActivationPending);
+    assert!(reason.contains(&(T + 3 * HOUR).to_string()), "its original time: {reason}");
+    set_now(T + 3 * HOUR);
+    fetch_as(&k, 0x30).expect("in force at its original time");
+    // A new change gets a fresh delay; the parent cannot replay an old one to move a time.
+    let v4 = chain.next_policy(images(&[0x10, 0x20, 0x30, 0x40]));
+    assert_eq!(push_at(&k, v4), T + 4 * HOUR);
+    assert_eq!(denial(fetch_as(&k, 0x40)).0, DenyCode::ActivationPending);
+    assert_eq!(refused(&k, Message::PolicyPush { bundle: v2 }).0, DenyCode::PolicyRefused);
+    assert_eq!(denial(fetch_as(&k, 0x40)).0, DenyCode::ActivationPending);
 }

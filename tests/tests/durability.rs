@@ -536,3 +536,122 @@ fn a_client_retrying_through_a_kre_kill_and_unseal_gets_the_same_keys() {
     assert!(log.contains("retrying"), "the client should have retried: {log}");
     assert_eq!(std::fs::read(d.join("k2/etcd.key")).expect("key"), key1, "nothing lost across the kill");
 }
+
+/// A signed-policy deployment: approver `a1` (threshold 1), a genesis bundle with
+/// `delay`, a KRE with custodians started on it, its genesis stored.
+fn signed_setup(d: &Path, delay: &str) -> Kre {
+    setup(d);
+    ok(keygate(&["keygen", "-o", &s(&d.join("a1.pem"))]));
+    ok(keygate(&[
+        "policy",
+        "init",
+        "--approver",
+        &s(&d.join("a1.pub.pem")),
+        "--threshold",
+        "1",
+        "--activation-delay",
+        delay,
+        "-o",
+        &s(&d.join("v1.bundle")),
+    ]));
+    let kre = start_kre(d, ("--genesis", &d.join("v1.bundle")));
+    ok(keygate(&["custodian", "init", "--kre", &kre.parent(), "--state-dir", &s(&d.join("state"))]));
+    kre
+}
+
+/// Proposes `v{n}.bundle` from `v{n-1}.bundle` with `args`, signs it with `a1` and assembles it.
+fn next_bundle(d: &Path, n: u32, args: &[&str]) -> PathBuf {
+    let p = |f: String| s(&d.join(f));
+    let from = p(format!("v{}.bundle", n - 1));
+    let prop = p(format!("v{n}.proposal"));
+    let mut a = vec!["policy", "propose", "--from", &from];
+    a.extend_from_slice(args);
+    a.extend(["-o", &prop]);
+    ok(keygate(&a));
+    let sig = p(format!("v{n}.sig"));
+    ok(keygate(&["policy", "sign", &prop, "--key", &p("a1.pem".into()), "--current", &from, "--yes", "-o", &sig]));
+    let out = d.join(format!("v{n}.bundle"));
+    ok(keygate(&["policy", "assemble", &prop, &sig, "-o", &s(&out)]));
+    out
+}
+
+/// Pushes `bundle` (kept in the parent's bundle store) and stores the state it changed.
+fn push_and_sync(d: &Path, kre: &Kre, bundle: &Path) {
+    ok(keygate(&["policy", "push", &s(bundle), "--kre", &kre.parent(), "--store", &s(&d.join("bundles"))]));
+    ok(keygate(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&d.join("state"))]));
+}
+
+/// kill -9, restart on the genesis bundle, hand back the stored state, unseal with two
+/// custodians, restore the stored policy chain.
+fn restart_unseal_restore(d: &Path, kre: Kre) -> (Kre, String) {
+    kre.kill();
+    let kre = start_kre(d, ("--genesis", &d.join("v1.bundle")));
+    ok(keygate(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&d.join("state"))]));
+    ok(unseal(d, &kre, "c1", KRE_PCR));
+    ok(unseal(d, &kre, "c2", KRE_PCR));
+    let out = ok(keygate(&["policy", "restore", "--kre", &kre.parent(), "--store", &s(&d.join("bundles"))]));
+    (kre, out)
+}
+
+/// The KEK versions of `etcd` a fetch into `out` received.
+fn fetched_versions(out: &Path) -> Vec<u32> {
+    (1..=4).filter(|v| out.join(format!("etcd.v{v}.key")).exists()).collect()
+}
+
+#[test]
+fn a_long_active_image_is_served_at_once_after_a_restart_unseal_and_restore() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    let kre = signed_setup(d, "4s");
+    let cp = (0..3).map(|i| format!("{i}={}", hex48(CP_PCR))).collect::<Vec<_>>().join(",");
+    let v2 = next_bundle(d, 2, &["--allow", &format!("prod=cp@{cp}")]);
+    push_and_sync(d, &kre, &v2);
+    // The new image waits for the activation delay: a transient refusal, not a revocation.
+    refused(fetch(&kre, &d.join("k0")), "activation_pending");
+    std::thread::sleep(Duration::from_secs(5));
+    ok(fetch(&kre, &d.join("k1")));
+    let key1 = std::fs::read(d.join("k1/etcd.key")).expect("key");
+
+    // The sealed state recorded when v2 came into force: after the restart the image is
+    // served at once, not held back by a fresh delay.
+    let (kre, out) = restart_unseal_restore(d, kre);
+    assert!(out.contains("restored 1 bundle(s)"), "{out}");
+    let started = Instant::now();
+    ok(fetch(&kre, &d.join("k2")));
+    assert!(started.elapsed() < Duration::from_secs(4), "within the delay a fresh one would impose");
+    assert_eq!(std::fs::read(d.join("k2/etcd.key")).expect("key"), key1);
+}
+
+#[test]
+fn a_retired_kek_version_stays_retired_across_an_unretiring_bundle_a_replay_and_a_restart() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    let kre = signed_setup(d, "0s");
+    let cp = (0..3).map(|i| format!("{i}={}", hex48(CP_PCR))).collect::<Vec<_>>().join(",");
+    let v2 = next_bundle(d, 2, &["--allow", &format!("prod=cp@{cp}"), "--rotate", "prod"]);
+    push_and_sync(d, &kre, &v2);
+    ok(fetch(&kre, &d.join("k1")));
+    assert_eq!(fetched_versions(&d.join("k1")), [1, 2]);
+    let v3 = next_bundle(d, 3, &["--retire", "prod=2"]);
+    push_and_sync(d, &kre, &v3);
+    ok(fetch(&kre, &d.join("k2")));
+    assert_eq!(fetched_versions(&d.join("k2")), [2]);
+    // The parent replays the older bundle: refused.
+    refused(keygate(&["policy", "push", &s(&v2), "--kre", &kre.parent()]), "rollback");
+    // A later bundle lowers the retirement (no activation delay here): version 1 stays
+    // retired, because the sealed state says so.
+    let v4 = next_bundle(d, 4, &["--retire", "prod=0"]);
+    push_and_sync(d, &kre, &v4);
+    ok(fetch(&kre, &d.join("k3")));
+    assert_eq!(fetched_versions(&d.join("k3")), [2]);
+    // Restart, unseal, restore the whole chain: still retired.
+    let (kre, out) = restart_unseal_restore(d, kre);
+    assert!(out.contains("restored 3 bundle(s)"), "{out}");
+    ok(keygate(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&d.join("state"))]));
+    ok(fetch(&kre, &d.join("k4")));
+    assert_eq!(fetched_versions(&d.join("k4")), [2]);
+    assert_eq!(
+        std::fs::read(d.join("k4/etcd.v2.key")).expect("v2"),
+        std::fs::read(d.join("k2/etcd.v2.key")).expect("v2")
+    );
+}
