@@ -92,6 +92,11 @@ pub struct EnclaveArgs {
     /// Seconds a connection may live in all.
     #[arg(long, default_value_t = 30)]
     pub connection_timeout: u64,
+    /// Milliseconds a release, an accepted policy or a state step waits for the parent to
+    /// acknowledge storing its audit entry (`keygate audit pull --follow`) before its answer
+    /// is withheld (`audit_unacknowledged`, retryable). No answer leaves unrecorded.
+    #[arg(long, default_value_t = 2000)]
+    pub audit_ack_timeout_ms: u64,
     /// Most unacknowledged audit entries; when the parent does not collect them the KRE
     /// refuses releases (fail closed).
     #[arg(long, default_value_t = 65_536)]
@@ -345,6 +350,7 @@ pub fn run(program: &str, args: EnclaveArgs, extra: &[&dyn NsmBackend]) -> ExitC
         first_frame_timeout: Duration::from_millis(args.first_frame_timeout_ms.max(1)),
         bytes_in_flight: args.bytes_in_flight_mib.clamp(1, 1024) * 1024 * 1024,
         connection_timeout: Duration::from_secs(args.connection_timeout),
+        audit_ack_timeout: Duration::from_millis(args.audit_ack_timeout_ms.clamp(1, 60_000)),
     };
 
     let mut rt = tokio::runtime::Builder::new_multi_thread();

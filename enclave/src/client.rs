@@ -77,6 +77,7 @@ impl ClientError {
                     | DenyCode::Timeout
                     | DenyCode::Internal
                     | DenyCode::AuditFull
+                    | DenyCode::AuditUnacknowledged
             ),
             _ => false,
         }
@@ -270,6 +271,7 @@ mod tests {
             DenyCode::Timeout,
             DenyCode::Internal,
             DenyCode::AuditFull,
+            DenyCode::AuditUnacknowledged,
         ];
         for &code in DenyCode::ALL.iter().chain([DenyCode::Unknown(999)].iter()) {
             let e = ClientError::Denied { code, reason: "r".into() };

@@ -172,6 +172,8 @@ pub struct Kre {
     vault: Option<Mutex<Vault>>,
     /// (version, digest) of every bundle accepted in this run, to check the sealed policy head.
     policy_history: Mutex<Vec<(u64, [u8; 48])>>,
+    /// Answers withheld because the parent did not acknowledge storing their entries in time.
+    withheld: std::sync::atomic::AtomicU64,
 }
 
 /// Where the allowed images come from.
@@ -262,6 +264,7 @@ impl Kre {
             anonymous: Mutex::new(AnonymousTally::new(crate::audit::ANONYMOUS_PERIOD_MS)),
             vault,
             policy_history: Mutex::new(Vec::new()),
+            withheld: std::sync::atomic::AtomicU64::new(0),
         };
         if let Some(head) = kre.policy_head() {
             lock(&kre.policy_history).push(head);
@@ -343,6 +346,11 @@ impl Kre {
         }
     }
 
+    /// Counts an answer withheld because its audit entry was not acknowledged in time.
+    pub fn count_withheld(&self) {
+        self.withheld.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// A JSON status report (never secret).
     pub fn status_json(&self) -> String {
         let a = self.audit().status();
@@ -362,6 +370,7 @@ impl Kre {
                 "capacity": a.capacity,
                 "full": a.full,
                 "releases_refused_because_full": a.refused_total,
+                "answers_withheld_unacknowledged": self.withheld.load(std::sync::atomic::Ordering::Relaxed),
                 "unrecorded_pending": a.unrecorded_pending,
                 "checkpoints_signed": a.checkpoints_signed,
             },
@@ -1251,9 +1260,10 @@ impl Connection {
             Err(e) => Err(Deny::new(DenyCode::Malformed, e.to_string())),
             Ok(msg) => match (std::mem::replace(&mut self.state, State::Done), msg) {
                 (State::ExpectHello, Message::Hello { client_nonce }) => self.hello(kre, client_nonce, env),
-                (State::ExpectHello, Message::AuditPull { after_seq, max }) => {
-                    audit_pull(kre, after_seq, max, env.now_ms)
-                }
+                (
+                    State::ExpectHello,
+                    Message::AuditPull { after_seq, max } | Message::AuditWait { after_seq, max, .. },
+                ) => audit_pull(kre, after_seq, max, env.now_ms),
                 (State::ExpectHello, Message::AuditAck { up_to_seq }) => audit_ack(kre, up_to_seq),
                 (State::ExpectHello, Message::Status) => Message::StatusReport { json: kre.status_json() }
                     .encode()

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::core::{Connection, Env, Event, Kre};
+use crate::core::{Connection, Env, Event, Kre, Step};
 use crate::io::{read_request, write_frame, ByteBudget, FrameError};
 use crate::transport::{accept_loop, BoxStream, Listener};
 use crate::wire::{self, Channel, DenyCode, Message};
@@ -36,6 +36,10 @@ pub struct ServerConfig {
     pub bytes_in_flight: usize,
     /// Total lifetime of a connection.
     pub connection_timeout: Duration,
+    /// How long a step whose audit entry must be stored first (a release, an accepted policy,
+    /// a state or unseal step) waits for the parent's acknowledgement before its answer is
+    /// withheld (`audit_unacknowledged`).
+    pub audit_ack_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -47,6 +51,7 @@ impl Default for ServerConfig {
             first_frame_timeout: Duration::from_secs(2),
             bytes_in_flight: 16 * 1024 * 1024,
             connection_timeout: Duration::from_secs(30),
+            audit_ack_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -74,6 +79,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let sync = Arc::new(AuditSync::default());
     let mut tasks = tokio::task::JoinSet::new();
     let mut inline = None;
     for (channel, listener) in listeners {
@@ -82,7 +88,8 @@ pub async fn serve(
             Channel::Parent | Channel::Custodian => cfg.max_admin_connections.saturating_mul(wire::MAX_FRAME),
         };
         let budget = ByteBudget::new(bytes);
-        let run = accept_channel(channel, listener, kre.clone(), cfg.clone(), budget, stopped.clone());
+        let shared = Shared { kre: kre.clone(), cfg: cfg.clone(), budget, sync: sync.clone() };
+        let run = accept_channel(channel, listener, shared, stopped.clone());
         if channel == Channel::Release && inline.is_none() {
             inline = Some(run);
         } else {
@@ -104,19 +111,70 @@ pub async fn serve(
     while tasks.join_next().await.is_some() {}
 }
 
+/// Wakes the parent's audit follower when entries are appended, and the steps waiting for
+/// their entries to be stored when the parent acknowledges.
+#[derive(Debug, Default)]
+struct AuditSync {
+    appended: tokio::sync::Notify,
+    acked: tokio::sync::Notify,
+}
+
+/// What every connection of a listener shares.
+#[derive(Debug, Clone)]
+struct Shared {
+    kre: Arc<Kre>,
+    cfg: ServerConfig,
+    budget: ByteBudget,
+    sync: Arc<AuditSync>,
+}
+
+/// Waits until `ready()` holds or `limit` passes (woken by `notify`, and every 50 ms in any
+/// case); returns whether it holds.
+async fn wait_until(notify: &tokio::sync::Notify, limit: Duration, ready: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        let woken = notify.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        if ready() {
+            return true;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let _ = tokio::time::timeout(left.min(Duration::from_millis(50)), woken).await;
+    }
+}
+
+/// Whether a step's answer may leave the KRE only once its audit entry is stored by the
+/// parent: everything that hands out keys or changes what the KRE will do.
+fn write_ahead(event: &Event) -> bool {
+    match event {
+        Event::Released { .. } | Event::PolicyAccepted { .. } | Event::UnsealShareAccepted { .. } => true,
+        Event::State { step, .. } => *step != "poll",
+        Event::ChallengeIssued
+        | Event::AuditPulled { .. }
+        | Event::AuditAcked { .. }
+        | Event::StatusReported
+        | Event::UnsealOffered
+        | Event::Denied { .. } => false,
+    }
+}
+
 /// One channel's accept loop, until `stopped` turns true.
 async fn accept_channel(
     channel: Channel,
     listener: Listener,
-    kre: Arc<Kre>,
-    cfg: ServerConfig,
-    budget: ByteBudget,
+    shared: Shared,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
+    let cfg = &shared.cfg;
     let max = if channel == Channel::Release { cfg.max_connections } else { cfg.max_admin_connections };
+    let waiting = shared.budget.waiting().clone();
     let serve_one = |stream: BoxStream, peer: String| {
-        let (kre, cfg, budget) = (kre.clone(), cfg.clone(), budget.clone());
-        async move { handle(stream, &peer, channel, &kre, &cfg, &budget).await }
+        let shared = shared.clone();
+        async move { handle(stream, &peer, channel, &shared).await }
     };
     let refuse = |mut stream: BoxStream, _peer: String| async move {
         let busy = Message::Denied { code: DenyCode::Busy, reason: "connection limit reached; retry shortly".into() };
@@ -125,18 +183,11 @@ async fn accept_channel(
     let until = async move {
         let _ = stopped.wait_for(|s| *s).await;
     };
-    let waiting = budget.waiting().clone();
     accept_loop(&listener, max, until, serve_one, refuse, move || waiting.evict_oldest(false)).await;
 }
 
-async fn handle(
-    mut stream: BoxStream,
-    peer: &str,
-    channel: Channel,
-    kre: &Kre,
-    cfg: &ServerConfig,
-    budget: &ByteBudget,
-) {
+async fn handle(mut stream: BoxStream, peer: &str, channel: Channel, shared: &Shared) {
+    let Shared { kre, cfg, budget, sync } = shared;
     let deadline = Instant::now() + cfg.connection_timeout;
     let mut conn = Connection::new(channel);
     tracing::debug!(%peer, %channel, "connection opened");
@@ -147,6 +198,12 @@ async fn handle(
         first = false;
         let step = match read_request(&mut stream, left.min(frame_limit), budget, |v, t| conn.admit(v, t)).await {
             Ok(req) => {
+                if req.body.get(1) == Some(&wire::ty::AUDIT_WAIT) {
+                    if let Ok(Message::AuditWait { after_seq, wait_ms, .. }) = Message::decode(&req.body) {
+                        let limit = Duration::from_millis(u64::from(wait_ms.min(wire::MAX_AUDIT_WAIT_MS)));
+                        wait_until(&sync.appended, limit, || kre.audit().status().last_seq > after_seq).await;
+                    }
+                }
                 let mut rng = os_random;
                 conn.on_frame(kre, &req.body, &mut Env { now_ms: now_ms(), rng: &mut rng })
             }
@@ -169,6 +226,11 @@ async fn handle(
                 return;
             }
         };
+        sync.appended.notify_waiters();
+        if matches!(step.event, Event::AuditAcked { .. }) {
+            sync.acked.notify_waiters();
+        }
+        let step = if write_ahead(&step.event) { stored_first(step, kre, cfg, sync).await } else { step };
         log_event(peer, &step.event);
         if let Err(e) = write_frame(&mut stream, &step.reply, cfg.frame_timeout).await {
             tracing::debug!(%peer, error = %e, "could not send reply");
@@ -178,6 +240,29 @@ async fn handle(
         if step.close {
             break;
         }
+    }
+}
+
+/// The step's answer once the parent has acknowledged storing every entry up to the head it
+/// left (its own among them); otherwise, after `audit_ack_timeout`, a retryable refusal and
+/// the answer is never sent. The entry stays in the trail: it records a decision whose answer
+/// may have been withheld, never an answer that left unrecorded.
+async fn stored_first(step: Step, kre: &Kre, cfg: &ServerConfig, sync: &AuditSync) -> Step {
+    let need = kre.audit().status().last_seq;
+    if wait_until(&sync.acked, cfg.audit_ack_timeout, || kre.audit().status().acked_up_to >= need).await {
+        return step;
+    }
+    let reason = format!(
+        "the parent has not stored this step's audit entry (seq {need}) within {} ms; the answer is withheld; retry",
+        cfg.audit_ack_timeout.as_millis()
+    );
+    kre.count_withheld();
+    let reply =
+        Message::Denied { code: DenyCode::AuditUnacknowledged, reason: reason.clone() }.encode().unwrap_or_default();
+    Step {
+        reply,
+        close: true,
+        event: Event::Denied { code: DenyCode::AuditUnacknowledged, reason, cluster: None, module_id: None },
     }
 }
 

@@ -58,6 +58,7 @@ pub mod ty {
     pub const UNSEAL_SHARE: u8 = 22;
     pub const UNSEAL_PROGRESS: u8 = 23;
     pub const RESHARE_START: u8 = 24;
+    pub const AUDIT_WAIT: u8 = 25;
 }
 
 /// The message name of a type byte (`None` for a byte that is no message type).
@@ -87,6 +88,7 @@ pub fn type_name(t: u8) -> Option<&'static str> {
         ty::UNSEAL_SHARE => "UnsealShare",
         ty::UNSEAL_PROGRESS => "UnsealProgress",
         ty::RESHARE_START => "ReshareStart",
+        ty::AUDIT_WAIT => "AuditWait",
         _ => return None,
     })
 }
@@ -117,6 +119,7 @@ impl Channel {
             ty::HELLO | ty::RELEASE => Some(Channel::Release),
             ty::POLICY_PUSH
             | ty::AUDIT_PULL
+            | ty::AUDIT_WAIT
             | ty::AUDIT_ACK
             | ty::STATUS
             | ty::STATE_POLL
@@ -165,6 +168,7 @@ pub fn max_request_body(t: u8) -> Option<usize> {
         ty::HELLO | ty::UNSEAL_HELLO => HEAD + NONCE_LEN,
         ty::RELEASE => HEAD + STR8_ID + 1 + MAX_KEYS * STR8_ID + 2 + keygate_attestation::cose::MAX_DOCUMENT,
         ty::AUDIT_PULL => HEAD + 8 + 2,
+        ty::AUDIT_WAIT => HEAD + 8 + 2 + 2,
         ty::AUDIT_ACK => HEAD + 8,
         ty::STATUS | ty::STATE_POLL | ty::STATE_GENESIS => HEAD,
         ty::STATE_COMMIT => HEAD + 8 + 48,
@@ -209,6 +213,8 @@ pub struct StateReport {
 
 /// Most audit entries in one batch.
 pub const MAX_AUDIT_BATCH: usize = 1024;
+/// Longest wait an [`Message::AuditWait`] may ask for, ms.
+pub const MAX_AUDIT_WAIT_MS: u16 = 5000;
 
 /// A cluster or key id: 1–64 bytes of `[A-Za-z0-9._-]`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -307,6 +313,18 @@ pub enum Message {
         after_seq: u64,
         /// Most entries wanted.
         max: u16,
+    },
+    /// Parent → KRE: as [`Message::AuditPull`], but when no entry follows `after_seq` the KRE
+    /// answers once one does, or after `wait_ms` (at most [`MAX_AUDIT_WAIT_MS`]) with an empty
+    /// batch: the parent's follower waits here, so that a step waiting for its entry to be
+    /// stored is stored at once.
+    AuditWait {
+        /// The last sequence number the parent has stored (0: none).
+        after_seq: u64,
+        /// Most entries wanted.
+        max: u16,
+        /// Longest wait for a new entry, ms.
+        wait_ms: u16,
     },
     /// KRE → parent: audit entries (canonical bytes, `docs/audit.md`) and, when the batch
     /// reaches the head of the chain, a checkpoint signed now.
@@ -431,6 +449,7 @@ impl Message {
             Message::PolicyPush { .. } => ty::POLICY_PUSH,
             Message::PolicyAccepted { .. } => ty::POLICY_ACCEPTED,
             Message::AuditPull { .. } => ty::AUDIT_PULL,
+            Message::AuditWait { .. } => ty::AUDIT_WAIT,
             Message::AuditBatch { .. } => ty::AUDIT_BATCH,
             Message::AuditAck { .. } => ty::AUDIT_ACK,
             Message::AuditAcked { .. } => ty::AUDIT_ACKED,
@@ -550,6 +569,9 @@ deny_codes! {
     PolicyStatic = 71, "policy_static";
     /// The audit buffer is full (nobody collected it): releases fail closed.
     AuditFull = 80, "audit_full";
+    /// The parent did not acknowledge storing the step's audit entry in time, so the answer
+    /// (keys, an accepted policy, a state step) is withheld: retry; not a revocation.
+    AuditUnacknowledged = 81, "audit_unacknowledged";
 }
 
 impl fmt::Display for DenyCode {
@@ -723,6 +745,11 @@ impl Message {
                 body.extend_from_slice(&after_seq.to_be_bytes());
                 body.extend_from_slice(&max.to_be_bytes());
             }
+            Message::AuditWait { after_seq, max, wait_ms } => {
+                body.extend_from_slice(&after_seq.to_be_bytes());
+                body.extend_from_slice(&max.to_be_bytes());
+                body.extend_from_slice(&wait_ms.to_be_bytes());
+            }
             Message::AuditBatch { entries, checkpoint } => {
                 if entries.len() > MAX_AUDIT_BATCH {
                     return Err(WireError::TooLong);
@@ -857,6 +884,7 @@ impl Message {
                 Message::PolicyAccepted { version: r.u64()?, digest: r.array()?, activates_at_ms: r.u64()? }
             }
             ty::AUDIT_PULL => Message::AuditPull { after_seq: r.u64()?, max: r.u16()? },
+            ty::AUDIT_WAIT => Message::AuditWait { after_seq: r.u64()?, max: r.u16()?, wait_ms: r.u16()? },
             ty::AUDIT_BATCH => {
                 let n = usize::from(r.u16()?);
                 if n > MAX_AUDIT_BATCH {
@@ -977,6 +1005,7 @@ mod tests {
             Message::PolicyPush { bundle: vec![9; 3000] },
             Message::PolicyAccepted { version: 7, digest: [8; 48], activates_at_ms: 1_795_478_400_000 },
             Message::AuditPull { after_seq: 9, max: 100 },
+            Message::AuditWait { after_seq: 9, max: 100, wait_ms: 1000 },
             Message::AuditBatch { entries: vec![vec![1; 300], vec![2; 10]], checkpoint: vec![3; 5000] },
             Message::AuditBatch { entries: vec![], checkpoint: vec![] },
             Message::AuditAck { up_to_seq: 12 },

@@ -63,3 +63,40 @@ pub fn keygate(args: &[&str]) -> Output {
 pub fn keygate_traced(args: &[&str]) -> Output {
     run_with_limit(Command::new(bin("keygate")).args(args).env("KEYGATE_LOG", "trace"), Duration::from_secs(30))
 }
+
+/// `keygate audit pull --follow` on a KRE's parent channel, storing the trail in `dir`: the
+/// parent's side of the write-ahead audit, without which the KRE withholds every release's
+/// answer (`audit_unacknowledged`). Killed when dropped.
+#[derive(Debug)]
+pub struct AuditFollower {
+    child: std::process::Child,
+    dir: PathBuf,
+}
+
+impl AuditFollower {
+    /// Starts following `parent` (`unix:PATH` or another address of the parent channel).
+    pub fn start(parent: &str, dir: &Path) -> Self {
+        let child = Command::new(bin("keygate"))
+            .args(["audit", "pull", "--kre", parent, "--dir"])
+            .arg(dir)
+            .args(["--follow", "1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("keygate audit pull --follow");
+        Self { child, dir: dir.to_path_buf() }
+    }
+
+    /// Where the trail is stored.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for AuditFollower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -33,7 +33,8 @@ fn refused(o: Output, needle: &str) {
     assert!(e.contains(needle), "expected `{needle}` in: {e}");
 }
 
-struct Kre(Child, PathBuf);
+/// A KRE and the parent's audit follower (releases and state steps are withheld without one).
+struct Kre(Child, PathBuf, #[allow(dead_code)] keygate_tests::AuditFollower);
 
 impl Kre {
     /// kill -9.
@@ -91,7 +92,8 @@ fn start_kre_with(d: &Path, policy: (&str, &Path), custodians: &[&str], threshol
         assert!(start.elapsed() < Duration::from_secs(15), "KRE did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    Kre(child, sock)
+    let follower = keygate_tests::AuditFollower::start(&format!("unix:{}.parent", sock.display()), &d.join("followed"));
+    Kre(child, sock, follower)
 }
 
 /// `keygate fetch` arguments for the mock control plane (PCR0-2 = CP_PCR) asking `addr` for

@@ -18,7 +18,8 @@ fn hex48(b: u8) -> String {
     hex::encode([b; 48])
 }
 
-struct Proc(Child);
+/// A process, and for a KRE the parent's audit follower (held only to be stopped with it).
+struct Proc(Child, #[allow(dead_code)] Option<keygate_tests::AuditFollower>);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -58,7 +59,9 @@ fn start_kre_with(dir: &Path, extra: &[&str]) -> (Proc, PathBuf) {
         .spawn()
         .expect("kre");
     wait_for(&sock);
-    (Proc(child), sock)
+    let follower =
+        keygate_tests::AuditFollower::start(&format!("unix:{}.parent", sock.display()), &dir.join("followed"));
+    (Proc(child, Some(follower)), sock)
 }
 
 fn fetch_args(sock: &Path, out: &Path, retries: &str) -> Vec<String> {
@@ -251,6 +254,7 @@ fn a_fetch_survives_the_proxy_being_killed_and_restarted() {
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("proxy"),
+            None,
         )
     };
     let proxy = start_proxy();

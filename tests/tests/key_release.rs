@@ -24,6 +24,8 @@ struct Kre {
     child: Child,
     dir: tempfile::TempDir,
     sock: PathBuf,
+    /// The parent's audit follower (the KRE withholds releases without one).
+    follower: Option<keygate_tests::AuditFollower>,
 }
 
 impl Drop for Kre {
@@ -34,7 +36,18 @@ impl Drop for Kre {
 }
 
 impl Kre {
+    /// A KRE on a Unix socket in a new directory, with the parent's audit follower storing
+    /// its trail in `<dir>/followed`.
     fn start(extra: &[&str]) -> Self {
+        let mut kre = Self::start_unfollowed(extra);
+        if !extra.contains(&"--listen") {
+            kre.follower = Some(keygate_tests::AuditFollower::start(&kre.parent(), &kre.dir.path().join("followed")));
+        }
+        kre
+    }
+
+    /// A KRE whose audit nobody collects.
+    fn start_unfollowed(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tmp");
         let policy = serde_json::json!({
             "clusters": {
@@ -71,7 +84,7 @@ impl Kre {
             .stderr(log)
             .spawn()
             .expect("spawn");
-        let kre = Kre { child, dir, sock };
+        let kre = Kre { child, dir, sock, follower: None };
         kre.wait_ready();
         kre
     }
@@ -387,8 +400,10 @@ fn oversized_frames_garbage_and_slow_clients_get_denials_not_hangs() {
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
+/// At the connection limit, the connection that has waited longest for its next frame gives
+/// its slot up (`busy`, "evicted") and the newcomer is served.
 #[test]
-fn connection_limit_answers_busy() {
+fn connection_limit_evicts_the_longest_waiting() {
     let kre = Kre::start(&["--max-connections", "2"]);
     // Let the readiness probes' connections finish, then occupy both slots (a Challenge
     // received proves the connection holds a slot).
@@ -398,7 +413,10 @@ fn connection_limit_answers_busy() {
     let mut b = connect(&kre);
     hello(&mut b);
     let mut c = connect(&kre);
-    assert_eq!(denial(recv(&mut c)).0, DenyCode::Busy);
+    hello(&mut c);
+    let (code, reason) = denial(recv(&mut a));
+    assert_eq!(code, DenyCode::Busy);
+    assert!(reason.contains("evicted"), "{reason}");
 }
 
 #[test]
@@ -540,6 +558,8 @@ fn image_built_by_the_pipeline_gets_keys_via_mock_pcrs_from() {
     while std::os::unix::net::UnixStream::connect(&sock).is_err() && start.elapsed() < Duration::from_secs(15) {
         std::thread::sleep(Duration::from_millis(20));
     }
+    let _follower =
+        keygate_tests::AuditFollower::start(&format!("unix:{}.parent", sock.display()), &d.join("followed"));
     let out = d.join("keys");
     let o = keygate(&[
         "fetch",
@@ -586,42 +606,32 @@ fn image_built_by_the_pipeline_gets_keys_via_mock_pcrs_from() {
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
-/// Every decision lands in the audit trail; when nobody collects it the KRE fails closed;
-/// `keygate audit pull` frees it; the trail verifies offline and a tampered copy does not.
+/// Every decision lands in the audit trail, stored by the parent before the answer leaves the
+/// KRE: with nobody acknowledging, a release's answer is withheld (`audit_unacknowledged`,
+/// retryable; no key written); with the parent's follower, keys are released and the trail
+/// holds each decision; it verifies offline and a tampered copy does not.
 #[test]
 fn audit_trail_records_decisions_fails_closed_and_verifies_offline() {
-    let kre = Kre::start(&["--audit-capacity", "6"]);
+    let kre = Kre::start_unfollowed(&["--audit-ack-timeout-ms", "300"]);
     let out = kre.dir.path().join("k");
     let trail = kre.dir.path().join("trail");
     let root = kre.dir.path().join("root.pem");
     let s = |p: &Path| p.display().to_string();
+    let withheld = kre.dir.path().join("withheld");
+    assert_refused(&run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &withheld)), "audit_unacknowledged", &withheld);
+    let status = keygate(&["status", "--kre", &kre.parent()]);
+    let j: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
+    assert_eq!(j["audit"]["answers_withheld_unacknowledged"], 1, "{j}");
+
+    let follower = keygate_tests::AuditFollower::start(&kre.parent(), &trail);
     assert!(run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &out)).status.success());
     assert_refused(
         &run_fetch(&fetch_args(&kre.addr(), "prod", 0x99, &kre.dir.path().join("x"))),
         "image_not_allowed",
         &kre.dir.path().join("x"),
     );
-    // Fill the buffer (KreStarted + 2 so far; capacity 6 with a reserve of 1).
-    let mut full = false;
-    for i in 0..6 {
-        let o = run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &kre.dir.path().join(format!("f{i}"))));
-        if !o.status.success() {
-            assert!(stderr(&o).contains("audit_full"), "{}", stderr(&o));
-            full = true;
-            break;
-        }
-    }
-    assert!(full, "the KRE must refuse releases once its audit buffer is full");
-    let status = keygate(&["status", "--kre", &kre.parent()]);
-    let j: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
-    assert_eq!(j["audit"]["full"], true, "{j}");
-
-    let o = keygate(&["audit", "pull", "--kre", &kre.parent(), "--dir", &s(&trail)]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(
-        run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &kre.dir.path().join("after"))).status.success(),
-        "released again after the pull"
-    );
+    drop(follower);
+    // A last one-shot pull stores what followed and a checkpoint at the head.
     let o = keygate(&["audit", "pull", "--kre", &kre.parent(), "--dir", &s(&trail)]);
     assert!(o.status.success(), "{}", stderr(&o));
 
@@ -631,7 +641,7 @@ fn audit_trail_records_decisions_fails_closed_and_verifies_offline() {
     assert!(o.status.success(), "{}", stderr(&o));
     let o = keygate(&["audit", "show", &s(&trail), "--json"]);
     let lines = String::from_utf8_lossy(&o.stdout).into_owned();
-    for needle in ["kre_started", "release_allowed", "release_denied", "image_not_allowed", "audit_full"] {
+    for needle in ["kre_started", "release_allowed", "release_denied", "image_not_allowed"] {
         assert!(lines.contains(needle), "trail lacks {needle}: {lines}");
     }
     // Never key material.
@@ -649,6 +659,25 @@ fn audit_trail_records_decisions_fails_closed_and_verifies_offline() {
     std::fs::write(trail.join("entries.log"), &bytes).expect("tamper");
     let o = keygate(&["audit", "verify", &s(&trail), "--root", &s(&root), "--expect-kre-pcr", &expect]);
     assert_ne!(o.status.code(), Some(0), "tampered trail accepted");
+}
+
+/// A release's answer leaves the KRE only after the parent has stored its audit entry: a
+/// kill -9 right after the fetch returns loses nothing, the stored trail already holds the
+/// release (with the requester's document digest).
+#[test]
+fn a_kill_right_after_a_release_loses_no_audit_entry() {
+    let mut kre = Kre::start(&[]);
+    for i in 0..2 {
+        let o = run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &kre.dir.path().join(format!("k{i}"))));
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    kre.child.kill().expect("kill -9");
+    let _ = kre.child.wait();
+    let followed = kre.dir.path().join("followed");
+    let o = keygate(&["audit", "show", &followed.display().to_string(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let released = String::from_utf8_lossy(&o.stdout).lines().filter(|l| l.contains("\"release_allowed\"")).count();
+    assert_eq!(released, 2, "{}", String::from_utf8_lossy(&o.stdout));
 }
 
 // ---- channels: the administrative frames are not reachable from the release side ----
@@ -685,9 +714,17 @@ fn first_answer(sock: &Path, frame: &[u8]) -> Message {
 /// entries it would have acknowledged away are still there for the parent.
 #[test]
 fn administrative_frames_are_refused_on_the_release_side() {
-    let kre = Kre::start(&[]);
+    let mut kre = Kre::start(&[]);
     let out = kre.dir.path().join("k");
     assert!(run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &out)).status.success());
+    // From here on nobody acknowledges on the parent channel.
+    drop(kre.follower.take());
+    let acked = |kre: &Kre| {
+        let status = keygate(&["status", "--kre", &kre.parent()]);
+        let j: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
+        j["audit"]["acked_up_to"].clone()
+    };
+    let acked_before = acked(&kre);
     let psock = kre.dir.path().join("proxy.sock");
     let mut proxy = start_proxy(&psock, &kre.addr(), &[]);
     let admin = [
@@ -710,9 +747,7 @@ fn administrative_frames_are_refused_on_the_release_side() {
         }
     }
     // The parent's own channel still has every entry: nothing was acknowledged away.
-    let status = keygate(&["status", "--kre", &kre.parent()]);
-    let j: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
-    assert_eq!(j["audit"]["acked_up_to"], 0, "{j}");
+    assert_eq!(acked(&kre), acked_before);
     let _ = proxy.kill();
     let plog = proxy.wait_with_output().expect("proxy output");
     let plog = String::from_utf8_lossy(&plog.stderr);

@@ -148,6 +148,8 @@ fn hex48(b: u8) -> String {
 struct Proc {
     child: Child,
     log: PathBuf,
+    /// For a KRE: the parent's audit follower (releases are withheld without one).
+    follower: Option<keygate_tests::AuditFollower>,
 }
 
 impl Drop for Proc {
@@ -162,7 +164,7 @@ impl Proc {
         let f = std::fs::File::create(&log).expect("log");
         let child =
             Command::new(bin).args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(f).spawn().expect("spawn");
-        Proc { child, log }
+        Proc { child, log, follower: None }
     }
 
     fn log(&self) -> String {
@@ -204,6 +206,8 @@ fn start_kre(dir: &Path, sock: &Path, allow_good: bool, name: &str) -> Proc {
     }
     let mut p = Proc::spawn(bin("keygate-enclave-dev"), &args, dir.join(format!("{name}.log")));
     p.wait_socket(sock);
+    let parent = format!("unix:{}.parent", sock.display());
+    p.follower = Some(keygate_tests::AuditFollower::start(&parent, &dir.join(format!("{name}.audit"))));
     p
 }
 

@@ -33,7 +33,8 @@ fn refused(o: Output, needle: &str) {
     assert!(e.contains(needle), "expected `{needle}` in: {e}");
 }
 
-struct Kre(Child, PathBuf);
+/// A KRE and the parent's audit follower (releases and state steps are withheld without one).
+struct Kre(Child, PathBuf, #[allow(dead_code)] keygate_tests::AuditFollower);
 
 impl Drop for Kre {
     fn drop(&mut self) {
@@ -67,7 +68,9 @@ fn start_kre(dir: &Path, genesis: &Path) -> Kre {
         assert!(start.elapsed() < Duration::from_secs(15), "KRE did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    Kre(child, sock)
+    let follower =
+        keygate_tests::AuditFollower::start(&format!("unix:{}.parent", sock.display()), &dir.join("followed"));
+    Kre(child, sock, follower)
 }
 
 fn fetch(kre: &Kre, pcr: u8, out: &Path) -> Output {

@@ -37,9 +37,11 @@ pub(crate) struct PullArgs {
     /// The audit directory (one KRE run's chain).
     #[arg(long)]
     dir: PathBuf,
-    /// Keep pulling every this many seconds (until interrupted). A failed round is reported
-    /// and retried (backoff 1 s doubling to 30 s); after a KRE restart its new chain goes to
-    /// `<DIR>-<chain id prefix>`.
+    /// Keep collecting until interrupted: each round waits in the KRE up to this many seconds
+    /// (at most 5) for new entries, stores them (fsynced, many per fsync) and acknowledges
+    /// them at once; the KRE withholds each release's answer until then. A failed round is
+    /// reported and retried (backoff 1 s doubling to 30 s); after a KRE restart its new chain
+    /// goes to `<DIR>-<chain id prefix>`.
     #[arg(long)]
     follow: Option<u64>,
 }
@@ -100,18 +102,38 @@ pub(crate) fn exchange(
     })
 }
 
-/// Pulls until the stored trail reaches the KRE's head; returns (entries stored, last seq).
-pub(crate) fn pull_once(kre: &keygate_enclave::transport::Addr, dir: &Path) -> Result<(usize, u64), CliError> {
+/// The last sequence number stored in `dir` (0 for none).
+fn stored_last(dir: &Path) -> Result<u64, CliError> {
+    match store::read_dir(dir) {
+        Ok(t) => Ok(t.entries.last().map_or(0, AuditEntry::seq)),
+        Err(_) if !dir.join(store::ENTRIES_FILE).exists() => Ok(0),
+        Err(e) => Err(store_error(dir, e)),
+    }
+}
+
+/// Pulls until the stored trail reaches the KRE's head, storing (fsynced) and acknowledging
+/// each batch; returns (entries stored, last seq). `after` is the last stored sequence number
+/// when the caller knows it (read from `dir` otherwise). The first request waits up to
+/// `wait_ms` for an entry after it (0: answer at once), so a follower stores each entry as
+/// soon as it is written: the KRE withholds a release's answer until then.
+pub(crate) fn pull_once(
+    kre: &keygate_enclave::transport::Addr,
+    dir: &Path,
+    after: Option<u64>,
+    wait_ms: u16,
+) -> Result<(usize, u64), CliError> {
     use keygate_enclave::wire::Message;
-    let mut last = match store::read_dir(dir) {
-        Ok(t) => t.entries.last().map_or(0, AuditEntry::seq),
-        Err(_) if !dir.join(store::ENTRIES_FILE).exists() => 0,
-        Err(e) => return Err(store_error(dir, e)),
+    let mut last = match after {
+        Some(a) => a,
+        None => stored_last(dir)?,
     };
     let mut stored = 0;
+    let mut wait = wait_ms;
     // Bounded: the KRE's buffer holds at most 65,536 entries, ≥ 1 per batch.
     for _ in 0..100_000 {
-        let (entries, checkpoint) = match exchange(kre, &Message::AuditPull { after_seq: last, max: 1024 })? {
+        let ask = Message::AuditWait { after_seq: last, max: 1024, wait_ms: wait };
+        wait = 0;
+        let (entries, checkpoint) = match exchange(kre, &ask)? {
             Message::AuditBatch { entries, checkpoint } => (entries, checkpoint),
             Message::Denied { code, reason } => {
                 return Err(CliError::refused(format!("the KRE refused: {code}: {reason}")))
@@ -161,21 +183,37 @@ pub(crate) fn status(kre: &keygate_enclave::transport::Addr) -> Result<(), CliEr
 
 fn pull(a: PullArgs) -> Result<(), CliError> {
     let Some(every) = a.follow else {
-        let (stored, last) = pull_once(&a.kre, &a.dir)?;
+        let (stored, last) = pull_once(&a.kre, &a.dir, None, 0)?;
         println!("{}", stored_line(stored, &a.dir, last));
         return Ok(());
     };
     // Following: a failed round (KRE restarting, a refused pull, disk full) is reported on one
     // line and retried after a bounded backoff, reset by the next successful round; nothing is
     // acknowledged that was not stored.
+    // Each round waits in the KRE for new entries (so releases wait only for one store and
+    // fsync, not for a polling period); the last stored sequence number is kept between
+    // rounds and read from disk again after an error.
+    let wait_ms = u16::try_from(every.saturating_mul(1000))
+        .unwrap_or(u16::MAX)
+        .clamp(1, keygate_enclave::wire::MAX_AUDIT_WAIT_MS);
     let mut backoff = Backoff::default();
+    let mut known: Option<(PathBuf, u64)> = None;
+    let mut rounds = 0u64;
     loop {
-        let round = run_dir(&a.kre, &a.dir).and_then(|dir| pull_once(&a.kre, &dir).map(|r| (dir, r)));
-        let wait = match round {
+        // The chain is checked on the first round, after an error, and every 64 rounds.
+        let dir = match known.take() {
+            Some((dir, last)) if rounds % 64 != 0 => Ok((dir, Some(last))),
+            _ => run_dir(&a.kre, &a.dir).map(|dir| (dir, None)),
+        };
+        rounds += 1;
+        let round = dir.and_then(|(dir, after)| pull_once(&a.kre, &dir, after, wait_ms).map(|r| (dir, r)));
+        match round {
             Ok((dir, (stored, last))) => {
-                println!("{}", stored_line(stored, &dir, last));
+                if stored > 0 {
+                    println!("{}", stored_line(stored, &dir, last));
+                }
+                known = Some((dir, last));
                 backoff.reset();
-                std::time::Duration::from_secs(every.max(1))
             }
             Err(e) => {
                 let wait = backoff.next_wait();
@@ -185,10 +223,9 @@ fn pull(a: PullArgs) -> Result<(), CliError> {
                     e.message,
                     wait.as_secs()
                 );
-                wait
+                std::thread::sleep(wait);
             }
-        };
-        std::thread::sleep(wait);
+        }
     }
 }
 

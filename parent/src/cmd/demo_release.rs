@@ -211,12 +211,31 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         format!("unix:{}", kre_sock.display()),
     ];
     let mut proxy = spawn(&exe, &proxy_args, &d.join("proxy.log"), "keygate proxy")?;
+    // The parent's audit follower: it stores (fsynced) and acknowledges each entry as the KRE
+    // writes it; the KRE sends no release, policy or state answer before that.
+    let follow = |dir: &Path, log: &str| {
+        let args: Vec<String> = [
+            "audit",
+            "pull",
+            "--kre",
+            &format!("unix:{}.parent", kre_sock.display()),
+            "--dir",
+            &path(dir),
+            "--follow",
+            "1",
+        ]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
+        spawn(&exe, &args, &d.join(log), "keygate audit pull --follow")
+    };
 
     let rt =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
     rt.block_on(async {
         wait_for_socket(&kre_sock, &mut kre).await?;
         wait_for_socket(&parent_sock, &mut proxy).await?;
+        let mut follower = follow(&d.join("audit-run-1"), "audit-follow-1.log")?;
         tour.step(
             "the KRE and the proxy are up",
             Ok(format!(
@@ -355,9 +374,9 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         // 0. Before the delay has passed, the new image is not yet allowed.
         let early = fetcher(cpi(&good_pcrs, "cpi-1"), expect_kre.clone()).once().await;
         tour.step(
-            "a control plane asking before the activation delay has passed is denied",
+            "a control plane asking before the activation delay has passed is told to wait (activation_pending: retryable, never read as a revocation)",
             match early {
-                Err(ClientError::Denied { code: DenyCode::ImageNotAllowed, reason })
+                Err(ClientError::Denied { code: DenyCode::ActivationPending, reason })
                     if reason.contains("activation delay") =>
                 {
                     Ok(format!("denied: {reason}"))
@@ -479,16 +498,33 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         tour.section("Durability: the KRE is killed and restarted; two of three custodians unseal it");
         let root_pem = d.join("mock-root.pem");
         std::fs::write(&root_pem, root.to_pem()).map_err(|e| CliError::io("writing the mock root", e))?;
-        // The parent collects the first run's audit trail before the restart.
-        let _ = keygate_cli(
-            &exe,
-            &["audit".into(), "pull".into(), "--kre".into(), kre_addr.clone(), "--dir".into(), path(&d.join("audit-run-1"))],
-        );
+        // A release, and the KRE is killed the moment the keys arrive: its audit entry was
+        // stored by the parent before the keys left.
+        let last = fetcher(cpi(&good_pcrs, "cpi-1"), expect_kre.clone()).once().await;
         let _ = kre.0.kill(); // SIGKILL
         let _ = kre.0.wait();
+        drop(follower);
+        let run1 = d.join("audit-run-1");
+        let mut verify1 = vec!["audit".to_owned(), "verify".into(), path(&run1), "--root".into(), path(&root_pem)];
+        for i in 0..3 {
+            verify1.extend(["--expect-kre-pcr".to_owned(), format!("{i}={}", pcr_hex(kre_pcr))]);
+        }
+        tour.step(
+            "a release, then kill -9 the moment the keys arrive: the release is already in the parent's stored trail (write-ahead audit), which verifies",
+            match last {
+                Err(e) => Err(format!("the release failed: {e}")),
+                Ok(_) => keygate_cli(&exe, &["audit".into(), "show".into(), path(&run1), "--json".into()]).and_then(|shown| {
+                    let released = shown.lines().filter(|l| l.contains("\"release_allowed\"")).count();
+                    keygate_cli(&exe, &verify1).map(|v| {
+                        format!("{released} releases in the first run's trail; {}", v.lines().next().unwrap_or_default().trim())
+                    })
+                }),
+            },
+        );
         let _ = std::fs::remove_file(&kre_sock);
         kre = spawn(&sibling_binary("keygate-enclave-dev")?, &kre_args, &d.join("kre-2.log"), "keygate-enclave-dev")?;
         wait_for_socket(&kre_sock, &mut kre).await?;
+        follower = follow(&d.join("audit"), "audit-follow-2.log")?;
         let sealed = fetcher(cpi(&good_pcrs, "cpi-1"), expect_kre.clone()).once().await;
         tour.step(
             "the restarted KRE (kill -9, then started again) is sealed: it holds no KEK and refuses releases",
@@ -642,10 +678,11 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         for i in 0..3 {
             verify.extend(["--expect-kre-pcr".to_owned(), format!("{i}={}", pcr_hex(kre_pcr))]);
         }
+        drop(follower);
         let audited = keygate_cli(&exe, &["audit".into(), "pull".into(), "--kre".into(), kre_addr.clone(), "--dir".into(), path(&trail)])
             .and_then(|_| keygate_cli(&exe, &verify));
         tour.step(
-            "the parent pulls the restarted KRE's audit trail (unseal ceremony included); it verifies offline (hash chain, checkpoint signed by a key bound to the KRE's attestation)",
+            "the parent's follower stored the restarted KRE's audit trail as it was written (unseal ceremony included); it verifies offline (hash chain, checkpoint signed by a key bound to the KRE's attestation)",
             audited.map(|o| o.lines().take(4).map(str::trim).collect::<Vec<_>>().join("; ")),
         );
         if let Ok(table) = keygate_cli(&exe, &["audit".into(), "show".into(), path(&trail)]) {

@@ -213,12 +213,17 @@ struct KreProc {
     child: Child,
     sock: PathBuf,
     dir: PathBuf,
+    /// The parent's audit follower (`keygate audit pull --follow`), without which the KRE
+    /// withholds every release.
+    follower: Child,
 }
 
 impl Drop for KreProc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for c in [&mut self.child, &mut self.follower] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -261,7 +266,16 @@ fn start_kre(threads: usize, extra: &[&str]) -> Result<KreProc, CliError> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(KreProc { child, sock, dir })
+    let follower = Command::new(std::env::current_exe().map_err(|e| CliError::io("exe", e))?)
+        .args(["audit", "pull", "--kre", &format!("unix:{}.parent", sock.display()), "--dir"])
+        .arg(dir.join("audit"))
+        .args(["--follow", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| CliError::io("starting keygate audit pull --follow", e))?;
+    Ok(KreProc { child, sock, dir, follower })
 }
 
 fn fetcher(kre: Addr, nsm: Arc<dyn Nsm>, root: &TrustAnchor) -> Fetcher {
