@@ -1260,10 +1260,15 @@ impl Connection {
             Err(e) => Err(Deny::new(DenyCode::Malformed, e.to_string())),
             Ok(msg) => match (std::mem::replace(&mut self.state, State::Done), msg) {
                 (State::ExpectHello, Message::Hello { client_nonce }) => self.hello(kre, client_nonce, env),
-                (
-                    State::ExpectHello,
-                    Message::AuditPull { after_seq, max } | Message::AuditWait { after_seq, max, .. },
-                ) => audit_pull(kre, after_seq, max, env.now_ms),
+                // A one-shot pull brings the trail up to date (the anonymous aggregate is
+                // written now); the follower's continuous rounds leave it to its period, or
+                // it would write one aggregate a round.
+                (State::ExpectHello, Message::AuditPull { after_seq, max }) => {
+                    audit_pull(kre, after_seq, max, env.now_ms, true)
+                }
+                (State::ExpectHello, Message::AuditWait { after_seq, max, .. }) => {
+                    audit_pull(kre, after_seq, max, env.now_ms, false)
+                }
                 (State::ExpectHello, Message::AuditAck { up_to_seq }) => audit_ack(kre, up_to_seq),
                 (State::ExpectHello, Message::Status) => Message::StatusReport { json: kre.status_json() }
                     .encode()
@@ -1398,8 +1403,8 @@ impl Connection {
 
 /// Entries after `after_seq` (as many as fit one frame) and, when they reach the head of the
 /// chain, a checkpoint over the last one.
-fn audit_pull(kre: &Kre, after_seq: u64, max: u16, now_ms: u64) -> Result<Step, Deny> {
-    kre.flush_anonymous(now_ms, true);
+fn audit_pull(kre: &Kre, after_seq: u64, max: u16, now_ms: u64, flush: bool) -> Result<Step, Deny> {
+    kre.flush_anonymous(now_ms, flush);
     let mut log = kre.audit();
     let wanted = usize::from(max).clamp(1, wire::MAX_AUDIT_BATCH);
     let mut entries = Vec::new();

@@ -752,6 +752,30 @@ fn another_channels_frame_mid_handshake_ends_the_handshake() {
     assert_eq!(denial(&step(&mut conn, &kre, &frame, T)).0, DenyCode::UnexpectedMessage);
 }
 
+/// The parent's follower waits in the KRE round after round (AuditWait): its rounds do not
+/// write the anonymous aggregate early (or a flood would cost one entry a round), while a
+/// one-shot AuditPull brings the trail up to date.
+#[test]
+fn follower_rounds_leave_the_anonymous_aggregate_to_its_period() {
+    let kre = kre();
+    let junk = vec![0u8, 0, 0, 3, 1, 99, 0];
+    let anonymous = |kre: &Kre| {
+        kre.audit()
+            .entries_after(0, 1000)
+            .iter()
+            .filter(|e| matches!(e.event(), keygate_enclave::audit::AuditEvent::AnonymousRefusals { .. }))
+            .count()
+    };
+    for round in 0..5u64 {
+        step(&mut Connection::new(Channel::Release), &kre, &junk, T + round);
+        let wait = Message::AuditWait { after_seq: 0, max: 1024, wait_ms: 0 }.encode().expect("enc");
+        step(&mut Connection::new(Channel::Parent), &kre, &wait, T + round);
+    }
+    assert_eq!(anonymous(&kre), 0, "no aggregate before its period");
+    pull(&kre, 0);
+    assert_eq!(anonymous(&kre), 1, "a one-shot pull writes it");
+}
+
 /// A peer that completes a Hello but never shows a valid document is as anonymous as junk:
 /// 200 Releases with documents that fail verification, and 200 Release frames that never
 /// arrive (timed out or refused `busy`), take no entry of their own from a 64-entry buffer

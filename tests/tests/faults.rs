@@ -151,6 +151,16 @@ fn a_legitimate_client_gets_its_keys_during_a_flood() {
     drop(held);
 }
 
+/// The body of the next frame the KRE sends (5 s at most).
+fn read_answer(s: &mut UnixStream) -> Vec<u8> {
+    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut prefix = [0u8; 4];
+    s.read_exact(&mut prefix).expect("answer prefix");
+    let mut body = vec![0u8; usize::try_from(u32::from_be_bytes(prefix)).expect("len")];
+    s.read_exact(&mut body).expect("answer body");
+    body
+}
+
 /// A frame header declaring `len` body bytes of type `t`, followed by `send` of them.
 fn half_sent(t: u8, len: u32, send: usize) -> Vec<u8> {
     let mut f = len.to_be_bytes().to_vec();
@@ -188,11 +198,7 @@ fn half_sent_frames_cannot_spend_the_bytes_a_release_or_the_parent_needs() {
     for len in [21_000u32; 60].into_iter().chain([2_000; 20]).chain([200; 20]).chain([40; 20]) {
         let mut s = UnixStream::connect(&sock).expect("connect");
         s.write_all(&hello).expect("hello");
-        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-        let mut prefix = [0u8; 4];
-        s.read_exact(&mut prefix).expect("challenge prefix");
-        let mut body = vec![0u8; usize::try_from(u32::from_be_bytes(prefix)).expect("len")];
-        s.read_exact(&mut body).expect("challenge");
+        read_answer(&mut s);
         s.write_all(&half_sent(3, len, usize::try_from(len).expect("len") - 10)).expect("send");
         held.push(s);
     }
@@ -204,12 +210,7 @@ fn half_sent_frames_cannot_spend_the_bytes_a_release_or_the_parent_needs() {
     let mut p = UnixStream::connect(sock.with_extension("sock.parent")).expect("parent channel");
     let commit = Message::StateCommit { generation: 1, blob_sha384: [0; 48] }.encode().expect("enc");
     p.write_all(&commit).expect("commit");
-    p.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-    let mut prefix = [0u8; 4];
-    p.read_exact(&mut prefix).expect("answer");
-    let mut body = vec![0u8; usize::try_from(u32::from_be_bytes(prefix)).expect("len")];
-    p.read_exact(&mut body).expect("answer body");
-    match Message::decode(&body).expect("decode") {
+    match Message::decode(&read_answer(&mut p)).expect("decode") {
         Message::Denied { code, reason } => {
             assert_ne!(code, keygate_enclave::wire::DenyCode::Busy, "{reason}");
         }
