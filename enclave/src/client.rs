@@ -274,7 +274,7 @@ impl AwaitReleased {
         let keys = keys::unwrap_bound(crypto, &self.transcript, &self.scalar, point, &wrapped, &receipt.to_bytes())
             .map_err(ClientError::Unwrap)?;
         let keys = keys.into_iter().map(|(key_id, version, key)| ReleasedKey { key_id, version, key }).collect();
-        Ok(ReleasedKeys { keys, receipt })
+        Ok(ReleasedKeys { keys, receipt: *receipt })
     }
 }
 

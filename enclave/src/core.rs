@@ -1652,7 +1652,7 @@ fn release(
     let (ephemeral_point, wrapped) =
         keys::wrap_bound(kre.crypto, &transcript, client_point, &data_keys, wrapping, &receipt.to_bytes())
             .map_err(|e| with(DenyCode::Internal, format!("wrapping keys: {e}"), &requester))?;
-    let reply = Message::Released { ephemeral_point, keys: wrapped, receipt }
+    let reply = Message::Released { ephemeral_point, keys: wrapped, receipt: Box::new(receipt) }
         .encode()
         .map_err(|e| with(DenyCode::Internal, format!("encoding: {e}"), &requester))?;
     Ok(Step {

@@ -297,7 +297,7 @@ pub enum Message {
         /// The release's audit entry (chain, seq, digest), signed by the KRE's audit key; every
         /// key's wrap binds its bytes (`keys::wrap_bound`), so only the KRE that wrapped the
         /// keys can have chosen it.
-        receipt: Receipt,
+        receipt: Box<Receipt>,
     },
     /// Pipeline → KRE (through the parent): a signed policy bundle.
     PolicyPush {
@@ -889,7 +889,7 @@ impl Message {
                     .map(|_| Ok(WrappedKey { key_id: r.id()?, version: r.u32()?, sealed: r.bytes16()?.to_vec() }))
                     .collect::<Result<Vec<_>, WireError>>()?;
                 let receipt = Receipt::decode(r.take(RECEIPT_LEN)?).map_err(|_| WireError::BadReceipt)?;
-                Message::Released { ephemeral_point, keys, receipt }
+                Message::Released { ephemeral_point, keys, receipt: Box::new(receipt) }
             }
             ty::POLICY_PUSH => Message::PolicyPush { bundle: r.bytes16()?.to_vec() },
             ty::POLICY_ACCEPTED => {
@@ -1017,7 +1017,7 @@ mod tests {
             Message::Released {
                 ephemeral_point: [4; 97],
                 keys: vec![WrappedKey { key_id: id("etcd"), version: 7, sealed: vec![5; 48] }],
-                receipt: receipt(),
+                receipt: Box::new(receipt()),
             },
             Message::Denied { code: DenyCode::ImageNotAllowed, reason: "PCR0 differs".into() },
             Message::PolicyPush { bundle: vec![9; 3000] },
@@ -1078,7 +1078,7 @@ mod tests {
         let m = Message::Released {
             ephemeral_point: [4; POINT_LEN],
             keys: vec![WrappedKey { key_id: id("k"), version: 1, sealed: vec![5; 48] }],
-            receipt: receipt(),
+            receipt: Box::new(receipt()),
         };
         let f = m.encode().expect("encode");
         let body = &f[4..];
@@ -1200,7 +1200,7 @@ mod tests {
                     sealed: vec![5; 48],
                 })
                 .collect(),
-            receipt: receipt(),
+            receipt: Box::new(receipt()),
         };
         assert_eq!(MAX_RELEASED, 64);
         let full = released(MAX_RELEASED).encode().expect("64 wrapped keys");

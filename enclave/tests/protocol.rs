@@ -353,7 +353,7 @@ fn state_machine_refuses_out_of_order_and_malformed_frames() {
     for m in [
         Message::Challenge { server_nonce: [0; 32], kre_attestation: vec![] },
         Message::Denied { code: DenyCode::Busy, reason: String::new() },
-        Message::Released { ephemeral_point: [4; 97], keys: vec![], receipt: dummy_receipt() },
+        Message::Released { ephemeral_point: [4; 97], keys: vec![], receipt: Box::new(dummy_receipt()) },
     ] {
         let mut c = Connection::new(Channel::Release);
         assert_eq!(denial(&step(&mut c, &kre, &m.encode().expect("enc"), T)).0, DenyCode::UnexpectedMessage);
@@ -618,7 +618,7 @@ fn client_refuses_a_released_from_anyone_but_the_attested_kre() {
     let relay_key = WrappingKey::generate(default_backend(), |b| b.fill(0x42)).expect("key");
     let (ephemeral_point, keys) =
         keys::wrap(default_backend(), &t, client_doc.public_key().expect("pk"), &chosen, relay_key).expect("wrap");
-    let forged = Message::Released { ephemeral_point, keys, receipt: dummy_receipt() }.encode().expect("enc");
+    let forged = Message::Released { ephemeral_point, keys, receipt: Box::new(dummy_receipt()) }.encode().expect("enc");
     assert_eq!(rel.on_released(&forged[4..], default_backend()), Err(ClientError::UnattestedWrap));
 }
 
@@ -694,7 +694,7 @@ fn every_request_is_served_only_on_its_own_channel() {
     for m in [
         Message::StatusReport { json: String::new() },
         Message::Denied { code: DenyCode::Busy, reason: String::new() },
-        Message::Released { ephemeral_point: [4; 97], keys: vec![], receipt: dummy_receipt() },
+        Message::Released { ephemeral_point: [4; 97], keys: vec![], receipt: Box::new(dummy_receipt()) },
     ] {
         assert_eq!(m.channel(), None, "{}", m.name());
     }
@@ -898,7 +898,7 @@ fn client_refuses_a_released_whose_receipt_is_forged_or_another_releases() {
         let (rel, ephemeral_point, keys, receipt) = answer(&kre);
         assert_ne!(*receipt.document_sha384(), earlier_document);
         let swapped = match case {
-            "another release's" => earlier.clone(),
+            "another release's" => (*earlier).clone(),
             "seq changed" => Receipt::assemble(
                 *receipt.chain_id(),
                 receipt.seq() + 1,
@@ -912,7 +912,7 @@ fn client_refuses_a_released_whose_receipt_is_forged_or_another_releases() {
                 .sign_receipt(receipt.seq(), *receipt.entry_digest(), *receipt.document_sha384())
                 .expect("relay signs"),
         };
-        let mut frame = Message::Released { ephemeral_point, keys, receipt: swapped }.encode().expect("enc");
+        let mut frame = Message::Released { ephemeral_point, keys, receipt: Box::new(swapped) }.encode().expect("enc");
         if case == "absent" {
             frame.truncate(frame.len() - keygate_enclave::audit::RECEIPT_LEN);
             let len = u32::try_from(frame.len() - 4).expect("len");

@@ -172,7 +172,7 @@ fn relay_one(
             let mut reply = read_body(&mut upstream)?;
             if let Message::Released { ephemeral_point, keys, receipt } = decode(&reply)? {
                 let mut held = last.lock().map_err(|e| e.to_string())?;
-                let previous = held.replace(receipt.clone());
+                let previous = held.replace((*receipt).clone());
                 if attack == Attack::ReplaceReceipt {
                     let other = match previous {
                         Some(r) => r,
@@ -186,7 +186,7 @@ fn relay_one(
                         )
                         .map_err(|e| e.to_string())?,
                     };
-                    let swapped = Message::Released { ephemeral_point, keys, receipt: other };
+                    let swapped = Message::Released { ephemeral_point, keys, receipt: Box::new(other) };
                     reply = swapped.encode().map_err(|e| e.to_string())?.split_off(4);
                 }
             }
@@ -245,5 +245,8 @@ fn relay_one(
     let receipt = signer.sign_receipt(1, [0; 48], t.client_attestation_sha384).map_err(|e| e.to_string())?;
     let (ephemeral_point, keys) =
         keys::wrap_bound(crypto, &t, client_point, &chosen, mine, &receipt.to_bytes()).map_err(|e| e.to_string())?;
-    send(&mut client, &Message::Released { ephemeral_point, keys, receipt }.encode().map_err(|e| e.to_string())?)
+    send(
+        &mut client,
+        &Message::Released { ephemeral_point, keys, receipt: Box::new(receipt) }.encode().map_err(|e| e.to_string())?,
+    )
 }

@@ -74,9 +74,12 @@ pub(crate) struct VerifyArgs {
 /// Most receipt files read from one directory.
 const MAX_RECEIPT_FILES: usize = 1_000_000;
 
+/// A receipt file and its decoding (or why it holds no receipt).
+type LoadedReceipt = (PathBuf, Result<Receipt, String>);
+
 /// The receipts at `path` (a file, or the `*.receipt` files of a directory, by name), each
 /// with its decoding: a malformed one is a receipt that proves nothing, named like a missing one.
-fn load_receipts(path: &Path) -> Result<Vec<(PathBuf, Result<Receipt, String>)>, CliError> {
+fn load_receipts(path: &Path) -> Result<Vec<LoadedReceipt>, CliError> {
     let meta = std::fs::metadata(path).map_err(|e| CliError::io(format!("receipts {}", path.display()), e))?;
     let files = if meta.is_dir() {
         let mut files = Vec::new();
