@@ -16,6 +16,9 @@
 //!   costs at most one entry a period and never blocks a release.
 //! - [`AuditSigner`] and [`Checkpoint`]: `(seq, chain head, time)` signed with a P-384 key
 //!   generated inside the KRE, bound to the KRE's attestation document.
+//! - [`Receipt`]: what a client keeps of each release, signed by the same key: the chain, the
+//!   sequence number and the digest of the release's entry, and the client's document digest.
+//!   [`check_receipt`] proves that a stored trail holds a receipt's entry.
 //! - [`verify_trail`]: the offline check a customer runs; the first broken link is reported
 //!   with its own [`TrailError`] variant.
 //! - [`files`]: the on-disk framing (pure); [`store`]: the parent's append-only directory
@@ -30,6 +33,7 @@ mod codec;
 mod event;
 pub mod files;
 mod log;
+mod receipt;
 pub mod store;
 mod trail;
 
@@ -38,6 +42,7 @@ pub use checkpoint::{binding_user_data, chain_id_of, AuditSigner, Checkpoint, CH
 pub use codec::DecodeError;
 pub use event::{entry_digest, AuditEntry, AuditEvent, Requester, ENTRY_DOMAIN};
 pub use log::{AuditConfig, AuditLog, AuditStatus};
+pub use receipt::{check_receipt, Receipt, ReceiptError, RECEIPT_BODY_LEN, RECEIPT_DOMAIN, RECEIPT_LEN};
 pub use trail::{verify_trail, verify_trail_with, NotAttested, TrailError, TrailOptions, TrailSummary};
 
 /// Version byte that starts every entry and checkpoint.

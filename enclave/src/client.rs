@@ -8,6 +8,11 @@
 //! keys — only if they are wrapped under the wrapping key the KRE attested. That last check is
 //! what makes a relay (the parent, or anyone on the path) unable to answer the Release with
 //! keys of its own choice: it cannot obtain a KRE document naming a key it holds.
+//!
+//! The `Released` also carries the release's audit receipt. Every key's wrap binds the
+//! receipt's bytes, so the receipt is the attested KRE's for this very release; the client
+//! checks its signature under the key it names, and that it names this client's attestation
+//! document, before it opens any key. A receipt that fails is an attack: no key is returned.
 
 use keygate_attestation::crypto::{p384_scalar_from, Crypto, CryptoError, P384Scalar};
 use keygate_attestation::{
@@ -15,6 +20,7 @@ use keygate_attestation::{
 };
 use sha2::{Digest, Sha384};
 
+use crate::audit::{Receipt, ReceiptError};
 use crate::core::kre_user_data;
 use crate::keys::{self, DataKey, Transcript};
 use crate::wire::{self, DenyCode, Id, Message, WireError, POINT_LEN};
@@ -40,6 +46,10 @@ pub enum ClientError {
     /// someone other than the attested KRE answered the Release (a relay substituting keys).
     #[error("Released refused: its keys are wrapped under a key the KRE did not attest (a relay answered in the KRE's place)")]
     UnattestedWrap,
+    /// The audit receipt in `Released` is forged or belongs to another release: a relay
+    /// substituted it (the genuine KRE signs each release's own).
+    #[error("Released refused: its audit receipt is not this release's: {0}")]
+    Receipt(ReceiptError),
     /// The KRE sent something that is not a valid frame.
     #[error("bad frame from the KRE: {0}")]
     Wire(WireError),
@@ -93,6 +103,7 @@ impl ClientError {
                 | ClientError::KrePcr(_)
                 | ClientError::KreBinding(_)
                 | ClientError::UnattestedWrap
+                | ClientError::Receipt(_)
                 | ClientError::Wire(_)
                 | ClientError::Unexpected(_)
                 | ClientError::Unwrap(_)
@@ -128,6 +139,16 @@ pub struct ReleasedKey {
     pub version: u32,
     /// The key.
     pub key: DataKey,
+}
+
+/// What a successful fetch returns: the keys, and the audit receipt to keep beside them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleasedKeys {
+    /// The keys, in the order of the `Released`.
+    pub keys: Vec<ReleasedKey>,
+    /// The release's audit receipt, verified: signed by the KRE's audit key, for this client's
+    /// attestation document, bound by every key's wrap.
+    pub receipt: Receipt,
 }
 
 /// Waiting for the Challenge.
@@ -223,10 +244,11 @@ impl AwaitChallenge {
 }
 
 impl AwaitReleased {
-    /// Unwraps the released keys; they must answer exactly the request.
-    pub fn on_released(self, body: &[u8], crypto: &dyn Crypto) -> Result<Vec<ReleasedKey>, ClientError> {
-        let (ephemeral_point, wrapped) = match expect_ok(body)? {
-            Message::Released { ephemeral_point, keys } => (ephemeral_point, keys),
+    /// Checks the audit receipt and unwraps the released keys; they must answer exactly the
+    /// request.
+    pub fn on_released(self, body: &[u8], crypto: &dyn Crypto) -> Result<ReleasedKeys, ClientError> {
+        let (ephemeral_point, wrapped, receipt) = match expect_ok(body)? {
+            Message::Released { ephemeral_point, keys, receipt } => (ephemeral_point, keys, receipt),
             m => return Err(ClientError::Unexpected(m.name())),
         };
         // Only the attested KRE holds the scalar of the point its Challenge carried.
@@ -245,10 +267,14 @@ impl AwaitReleased {
         if !wrapped.iter().all(|w| seen.insert((&w.key_id, w.version))) {
             return Err(ClientError::Mismatch("a key version appears twice"));
         }
+        // The receipt: signed by the key it names, for our document. That the key is the KRE's
+        // audit key follows from the unwrap below: every wrap binds the receipt's bytes.
+        receipt.verify_for(crypto, &self.transcript.client_attestation_sha384).map_err(ClientError::Receipt)?;
         let point: &[u8; POINT_LEN] = &ephemeral_point;
-        let keys =
-            keys::unwrap(crypto, &self.transcript, &self.scalar, point, &wrapped).map_err(ClientError::Unwrap)?;
-        Ok(keys.into_iter().map(|(key_id, version, key)| ReleasedKey { key_id, version, key }).collect())
+        let keys = keys::unwrap_bound(crypto, &self.transcript, &self.scalar, point, &wrapped, &receipt.to_bytes())
+            .map_err(ClientError::Unwrap)?;
+        let keys = keys.into_iter().map(|(key_id, version, key)| ReleasedKey { key_id, version, key }).collect();
+        Ok(ReleasedKeys { keys, receipt: *receipt })
     }
 }
 
@@ -287,6 +313,8 @@ mod tests {
         }
         for e in [
             ClientError::UnattestedWrap,
+            ClientError::Receipt(ReceiptError::SignatureInvalid),
+            ClientError::Receipt(ReceiptError::OtherRelease),
             ClientError::KreBinding("x"),
             ClientError::Unwrap(CryptoError::Decrypt),
             ClientError::Mismatch("x"),
@@ -300,6 +328,7 @@ mod tests {
         for e in [
             ClientError::KreBinding("x"),
             ClientError::UnattestedWrap,
+            ClientError::Receipt(ReceiptError::SignatureInvalid),
             ClientError::Unexpected("Hello"),
             ClientError::Mismatch("x"),
             ClientError::Wire(WireError::Truncated),

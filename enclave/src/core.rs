@@ -1632,12 +1632,10 @@ fn release(
         }
     }
     drop(keks);
-    let (ephemeral_point, wrapped) = keys::wrap(kre.crypto, &transcript, client_point, &data_keys, wrapping)
-        .map_err(|e| with(DenyCode::Internal, format!("wrapping keys: {e}"), &requester))?;
-    let reply = Message::Released { ephemeral_point, keys: wrapped }
-        .encode()
-        .map_err(|e| with(DenyCode::Internal, format!("encoding: {e}"), &requester))?;
-    // Recorded before the reply leaves: a release that cannot be recorded is not made.
+    // Recorded before the keys are wrapped: a release that cannot be recorded is not made, and
+    // the reply carries the entry's receipt, which every key's wrap binds. Should the wrap or
+    // the signature fail after this (never, short of a bug), the entry records a decision
+    // whose answer was not sent, as when the parent does not acknowledge it in time.
     let released: Vec<(Id, u32)> = data_keys.iter().map(|(k, v, _)| (k.clone(), *v)).collect();
     let allowed = AuditEvent::ReleaseAllowed {
         requester: Requester::from_verified(&att),
@@ -1645,9 +1643,23 @@ fn release(
         keys: released.clone(),
         image: image.clone(),
     };
-    if let Err(e) = kre.audit().append(allowed, env.now_ms) {
-        return Err(with(DenyCode::AuditFull, format!("not released: {e}"), &requester));
-    }
+    let (seq, entry_digest, signer) = {
+        let mut log = kre.audit();
+        if let Err(e) = log.append(allowed, env.now_ms) {
+            return Err(with(DenyCode::AuditFull, format!("not released: {e}"), &requester));
+        }
+        let (seq, digest) = log.head();
+        (seq, digest, log.signer_handle())
+    };
+    let receipt = signer
+        .sign_receipt(seq, entry_digest, att.document_sha384())
+        .map_err(|e| with(DenyCode::Internal, format!("signing the audit receipt: {e}"), &requester))?;
+    let (ephemeral_point, wrapped) =
+        keys::wrap_bound(kre.crypto, &transcript, client_point, &data_keys, wrapping, &receipt.to_bytes())
+            .map_err(|e| with(DenyCode::Internal, format!("wrapping keys: {e}"), &requester))?;
+    let reply = Message::Released { ephemeral_point, keys: wrapped, receipt: Box::new(receipt) }
+        .encode()
+        .map_err(|e| with(DenyCode::Internal, format!("encoding: {e}"), &requester))?;
     Ok(Step {
         reply,
         close: true,

@@ -8,8 +8,11 @@
 //!                     ‖ request_digest ‖ ephemeral_point)
 //! Z         = ECDH-P384(ephemeral, client_public_key).x
 //! key‖nonce = HKDF-SHA384(salt = T, ikm = Z, info = "keygate/v1/wrap" ‖ str8(key_id) ‖ u32be(version), L = 44)
-//! sealed    = AES-256-GCM(key, nonce, aad = T ‖ str8(key_id) ‖ u32be(version), data_key)
+//! sealed    = AES-256-GCM(key, nonce, aad = T ‖ str8(key_id) ‖ u32be(version) ‖ bound, data_key)
 //! ```
+//!
+//! `bound` is what the wrap authenticates beside the keys: in a `Released`, the audit receipt
+//! (fixed length); empty in [`wrap`] and [`unwrap`].
 //!
 //! Everything here is pure; randomness comes from the caller.
 
@@ -121,7 +124,8 @@ impl WrappingKey {
 }
 
 /// Wraps `keys` (id, version, data key) to `client_point` under the connection's wrapping key
-/// (consumed: one wrap per key). Returns the point `E` and the wrapped keys.
+/// (consumed: one wrap per key). Returns the point `E` and the wrapped keys. Binds nothing
+/// beside the keys: [`wrap_bound`] with empty `bound`.
 pub fn wrap(
     crypto: &dyn Crypto,
     transcript: &Transcript,
@@ -129,13 +133,27 @@ pub fn wrap(
     keys: &[(Id, u32, DataKey)],
     wrapping: WrappingKey,
 ) -> Result<([u8; POINT_LEN], Vec<WrappedKey>), CryptoError> {
+    wrap_bound(crypto, transcript, client_point, keys, wrapping, &[])
+}
+
+/// [`wrap`], with `bound` appended to every key's associated data: the client opens no key
+/// unless it holds exactly these bytes, as the attested KRE sent them (a `Released` binds
+/// its audit receipt so).
+pub fn wrap_bound(
+    crypto: &dyn Crypto,
+    transcript: &Transcript,
+    client_point: &[u8],
+    keys: &[(Id, u32, DataKey)],
+    wrapping: WrappingKey,
+    bound: &[u8],
+) -> Result<([u8; POINT_LEN], Vec<WrappedKey>), CryptoError> {
     let WrappingKey { scalar: eph, point: eph_point } = wrapping;
     let z = crypto.ecdh_p384(&eph, client_point)?;
     let t = transcript.hash(&eph_point);
     let mut out = Vec::with_capacity(keys.len());
     for (key_id, version, dk) in keys {
         let (k, nonce) = wrap_key_and_nonce(crypto, &t, &z, key_id, *version)?;
-        let aad = [t.as_slice(), &key_info(b"", key_id, *version)].concat();
+        let aad = [t.as_slice(), &key_info(b"", key_id, *version), bound].concat();
         let sealed = crypto.aes256gcm_seal(&k, &nonce, &aad, dk.expose())?;
         out.push(WrappedKey { key_id: key_id.clone(), version: *version, sealed });
     }
@@ -150,13 +168,25 @@ pub fn unwrap(
     ephemeral_point: &[u8; POINT_LEN],
     wrapped: &[WrappedKey],
 ) -> Result<Vec<(Id, u32, DataKey)>, CryptoError> {
+    unwrap_bound(crypto, transcript, client_scalar, ephemeral_point, wrapped, &[])
+}
+
+/// The client side of [`wrap_bound`]: fails unless `bound` is exactly what was wrapped with.
+pub fn unwrap_bound(
+    crypto: &dyn Crypto,
+    transcript: &Transcript,
+    client_scalar: &P384Scalar,
+    ephemeral_point: &[u8; POINT_LEN],
+    wrapped: &[WrappedKey],
+    bound: &[u8],
+) -> Result<Vec<(Id, u32, DataKey)>, CryptoError> {
     let z = crypto.ecdh_p384(client_scalar, ephemeral_point)?;
     let t = transcript.hash(ephemeral_point);
     wrapped
         .iter()
         .map(|w| {
             let (k, nonce) = wrap_key_and_nonce(crypto, &t, &z, &w.key_id, w.version)?;
-            let aad = [t.as_slice(), &key_info(b"", &w.key_id, w.version)].concat();
+            let aad = [t.as_slice(), &key_info(b"", &w.key_id, w.version), bound].concat();
             let pt = crypto.aes256gcm_open(&k, &nonce, &aad, &w.sealed)?;
             let dk = Secret::from_slice(pt.expose()).ok_or(CryptoError::Decrypt)?;
             Ok((w.key_id.clone(), w.version, dk))
@@ -345,6 +375,30 @@ mod tests {
         assert_eq!(unwrap(c, &transcript(), &scalar, &eph, &w).map(|_| ()), Err(CryptoError::Decrypt));
         let (other, _) = p384_scalar_from(c, counter_rng(11)).expect("other key");
         assert_eq!(unwrap(c, &transcript(), &other, &eph, &wrapped).map(|_| ()), Err(CryptoError::Decrypt));
+    }
+
+    /// The bytes a wrap binds (a `Released`'s receipt) must be exactly those the client holds:
+    /// one flipped, one missing or one more, and no key opens.
+    #[test]
+    fn unwrap_fails_unless_the_bound_bytes_are_exactly_the_wrapped_ones() {
+        let c = keygate_attestation::crypto::default_backend();
+        let (scalar, point) = p384_scalar_from(c, counter_rng(9)).expect("client key");
+        let keys = vec![(id("etcd"), 1, Secret::new([9u8; 32])), (id("etcd"), 2, Secret::new([8u8; 32]))];
+        let bound = [0x5a; 346];
+        let (eph, wrapped) =
+            wrap_bound(c, &transcript(), &point, &keys, WrappingKey::generate(c, counter_rng(3)).expect("key"), &bound)
+                .expect("wrap");
+        let out = unwrap_bound(c, &transcript(), &scalar, &eph, &wrapped, &bound).expect("unwrap");
+        assert_eq!(out.len(), 2);
+        let mut flipped = bound;
+        flipped[100] ^= 1;
+        for other in [&flipped[..], &bound[..345], &[bound.as_slice(), &[0]].concat(), &[]] {
+            assert_eq!(
+                unwrap_bound(c, &transcript(), &scalar, &eph, &wrapped, other).map(|_| ()),
+                Err(CryptoError::Decrypt)
+            );
+        }
+        assert_eq!(unwrap(c, &transcript(), &scalar, &eph, &wrapped).map(|_| ()), Err(CryptoError::Decrypt));
     }
 
     #[test]

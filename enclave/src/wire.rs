@@ -14,6 +14,8 @@ use std::fmt;
 
 use sha2::{Digest, Sha384};
 
+use crate::audit::{Receipt, RECEIPT_LEN};
+
 /// Protocol version carried in every frame.
 pub const VERSION: u8 = 1;
 /// Largest frame body accepted (bytes after the length prefix).
@@ -286,12 +288,16 @@ pub enum Message {
         /// The client's attestation document.
         attestation: Vec<u8>,
     },
-    /// KRE → client: the wrapped keys.
+    /// KRE → client: the wrapped keys and the audit receipt of the release.
     Released {
         /// The KRE's ephemeral P-384 public key (uncompressed).
         ephemeral_point: [u8; POINT_LEN],
         /// One entry per requested key id, in request order.
         keys: Vec<WrappedKey>,
+        /// The release's audit entry (chain, seq, digest), signed by the KRE's audit key; every
+        /// key's wrap binds its bytes (`keys::wrap_bound`), so only the KRE that wrapped the
+        /// keys can have chosen it.
+        receipt: Box<Receipt>,
     },
     /// Pipeline → KRE (through the parent): a signed policy bundle.
     PolicyPush {
@@ -620,6 +626,10 @@ pub enum WireError {
     /// A boolean byte other than 0 or 1.
     #[error("flag byte must be 0 or 1")]
     BadFlag,
+    /// A `Released`'s audit receipt has another version, sequence number 0 or a key that is
+    /// not an uncompressed point.
+    #[error("the audit receipt is malformed")]
+    BadReceipt,
 }
 
 struct Reader<'a> {
@@ -721,7 +731,7 @@ impl Message {
                 }
                 put_bytes16(&mut body, attestation)?;
             }
-            Message::Released { ephemeral_point, keys } => {
+            Message::Released { ephemeral_point, keys, receipt } => {
                 if keys.len() > MAX_RELEASED {
                     return Err(WireError::BadKeyCount(keys.len()));
                 }
@@ -732,6 +742,7 @@ impl Message {
                     body.extend_from_slice(&k.version.to_be_bytes());
                     put_bytes16(&mut body, &k.sealed)?;
                 }
+                body.extend_from_slice(&receipt.to_bytes());
             }
             Message::PolicyPush { bundle } => {
                 put_bytes16(&mut body, bundle)?;
@@ -877,7 +888,8 @@ impl Message {
                 let keys = (0..n)
                     .map(|_| Ok(WrappedKey { key_id: r.id()?, version: r.u32()?, sealed: r.bytes16()?.to_vec() }))
                     .collect::<Result<Vec<_>, WireError>>()?;
-                Message::Released { ephemeral_point, keys }
+                let receipt = Receipt::decode(r.take(RECEIPT_LEN)?).map_err(|_| WireError::BadReceipt)?;
+                Message::Released { ephemeral_point, keys, receipt: Box::new(receipt) }
             }
             ty::POLICY_PUSH => Message::PolicyPush { bundle: r.bytes16()?.to_vec() },
             ty::POLICY_ACCEPTED => {
@@ -988,6 +1000,11 @@ mod tests {
         Id::new(s).expect("id")
     }
 
+    /// A structurally valid receipt (the codec does not check signatures).
+    fn receipt() -> Receipt {
+        Receipt::assemble([6; 48], 3, [7; 48], [8; 48], [4; POINT_LEN], [9; 96]).expect("receipt")
+    }
+
     fn samples() -> Vec<Message> {
         vec![
             Message::Hello { client_nonce: [1; 32] },
@@ -1000,6 +1017,7 @@ mod tests {
             Message::Released {
                 ephemeral_point: [4; 97],
                 keys: vec![WrappedKey { key_id: id("etcd"), version: 7, sealed: vec![5; 48] }],
+                receipt: Box::new(receipt()),
             },
             Message::Denied { code: DenyCode::ImageNotAllowed, reason: "PCR0 differs".into() },
             Message::PolicyPush { bundle: vec![9; 3000] },
@@ -1051,6 +1069,31 @@ mod tests {
             Message::UnsealProgress { have: 1, need: 2, serving: false, generation: 9 },
             Message::UnsealProgress { have: 2, need: 2, serving: true, generation: 9 },
         ]
+    }
+
+    /// A Released carries exactly one well-formed receipt at its end: none, a short one, a bad
+    /// version, sequence 0 or a compressed key are refused.
+    #[test]
+    fn released_needs_a_well_formed_receipt() {
+        let m = Message::Released {
+            ephemeral_point: [4; POINT_LEN],
+            keys: vec![WrappedKey { key_id: id("k"), version: 1, sealed: vec![5; 48] }],
+            receipt: Box::new(receipt()),
+        };
+        let f = m.encode().expect("encode");
+        let body = &f[4..];
+        let at = body.len() - RECEIPT_LEN;
+        assert_eq!(&body[at..], &receipt().to_bytes()[..]);
+        assert_eq!(Message::decode(&body[..at]), Err(WireError::Truncated), "no receipt");
+        for (offset, value) in [(0, 2u8), (1 + 48 + 7, 0), (crate::audit::RECEIPT_BODY_LEN, 2)] {
+            let mut bad = body.to_vec();
+            if offset == 1 + 48 + 7 {
+                bad[at + 1 + 48..at + 1 + 48 + 8].fill(value);
+            } else {
+                bad[at + offset] = value;
+            }
+            assert_eq!(Message::decode(&bad), Err(WireError::BadReceipt), "receipt byte {offset}");
+        }
     }
 
     #[test]
@@ -1157,6 +1200,7 @@ mod tests {
                     sealed: vec![5; 48],
                 })
                 .collect(),
+            receipt: Box::new(receipt()),
         };
         assert_eq!(MAX_RELEASED, 64);
         let full = released(MAX_RELEASED).encode().expect("64 wrapped keys");

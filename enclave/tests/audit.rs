@@ -11,8 +11,9 @@ use keygate_attestation::mock::MockNsm;
 use keygate_attestation::{DocumentKind, Nsm, PcrExpectation, TrustAnchor, Verifier, VerifyError};
 use keygate_enclave::audit::store::{self, StoreError};
 use keygate_enclave::audit::{
-    verify_trail, verify_trail_with, AuditConfig, AuditEntry, AuditError, AuditEvent, AuditLog, AuditSigner,
-    Checkpoint, NotAttested, Requester, TrailError, TrailOptions, CHECKPOINT_DOMAIN, SIGNED_BODY_LEN,
+    check_receipt, verify_trail, verify_trail_with, AuditConfig, AuditEntry, AuditError, AuditEvent, AuditLog,
+    AuditSigner, Checkpoint, NotAttested, Receipt, ReceiptError, Requester, TrailError, TrailOptions,
+    CHECKPOINT_DOMAIN, SIGNED_BODY_LEN,
 };
 use keygate_enclave::wire::Id;
 
@@ -448,4 +449,58 @@ fn the_store_round_trips_and_refuses_broken_appends() {
     std::fs::OpenOptions::new().write(true).open(&ep).expect("open").set_len(len - 3).expect("truncate");
     assert!(matches!(store::read_dir(&d), Err(StoreError::Format { .. })));
     assert!(matches!(store::append_to_dir(&d, &[], &[]), Err(StoreError::Format { .. })));
+}
+
+/// A receipt proves its entry is in a stored trail only when the trail holds exactly that
+/// entry: a trail that ends before it (the parent acknowledged the entry without storing it)
+/// still verifies on its own, and only the receipt catches it. Each way a receipt fails to
+/// prove its entry has its own variant.
+#[test]
+fn receipts_prove_their_entry_is_in_the_stored_trail() {
+    let mut kre = start("kre", 0x70);
+    let mut cps = Vec::new();
+    for i in 2..=10 {
+        assert_eq!(kre.log.append(event(i), T + i), Ok(i));
+        if i == 4 || i == 10 {
+            cps.push(kre.log.checkpoint(T + i).expect("checkpoint"));
+        }
+    }
+    let entries = kre.log.entries_after(0, usize::MAX);
+    let verifier = Verifier::new(kre.root.clone());
+    let summary = verify_trail(&entries, &cps, &verifier, &expect_kre()).expect("trail");
+    let signer = kre.log.signer();
+    // Entry 5 is the release to the client document [5; 48] (`event`).
+    let at = |seq: u64| entries[usize::try_from(seq - 1).expect("small")].digest();
+    let release = signer.sign_receipt(5, at(5), [5; 48]).expect("receipt");
+    let c = default_backend();
+    assert_eq!(check_receipt(&release, &summary, &entries, c), Ok(()));
+
+    // The parent stored entries 1..=4 only (and the checkpoint at 4): that trail verifies,
+    // the receipt of entry 5 does not.
+    let prefix = &entries[..4];
+    let short = verify_trail(prefix, &cps[..1], &verifier, &expect_kre()).expect("the prefix verifies on its own");
+    assert_eq!(check_receipt(&release, &short, prefix, c), Err(ReceiptError::NotStored { seq: 5, last_seq: 4 }));
+    // Signed for another digest than the stored entry 5's.
+    let other_digest = signer.sign_receipt(5, [9; 48], [5; 48]).expect("receipt");
+    assert_eq!(check_receipt(&other_digest, &summary, &entries, c), Err(ReceiptError::EntryMismatch { seq: 5 }));
+    // The stored entry 6 is a refusal, not a release; entry 5 released to another document.
+    let refusal = signer.sign_receipt(6, at(6), [6; 48]).expect("receipt");
+    assert_eq!(check_receipt(&refusal, &summary, &entries, c), Err(ReceiptError::NotARelease { seq: 6 }));
+    let other_doc = signer.sign_receipt(5, at(5), [7; 48]).expect("receipt");
+    assert_eq!(check_receipt(&other_doc, &summary, &entries, c), Err(ReceiptError::NotARelease { seq: 5 }));
+    // Another KRE's (valid) receipt: of another chain.
+    let other = start("other", 0x70);
+    let foreign = other.log.signer().sign_receipt(5, at(5), [5; 48]).expect("receipt");
+    assert!(matches!(check_receipt(&foreign, &summary, &entries, c), Err(ReceiptError::ForeignChain { .. })));
+    // A tampered receipt: the signature fails before anything else is looked at.
+    let tampered = Receipt::assemble(
+        *release.chain_id(),
+        4,
+        *release.entry_digest(),
+        *release.document_sha384(),
+        *release.public_key(),
+        *release.signature(),
+    )
+    .expect("assemble");
+    assert_eq!(check_receipt(&tampered, &summary, &entries, c), Err(ReceiptError::SignatureInvalid));
 }

@@ -118,7 +118,7 @@ fn fetch(kre: &Kre) -> Result<Vec<ReleasedKey>, ClientError> {
         .on_challenge(&s.reply[4..], &Verifier::new(cpi.root_anchor()), T, &cpi, default_backend(), &mut r)
         .expect("challenge");
     let s = step(&mut conn, kre, &ar.release_frame.clone());
-    ar.on_released(&s.reply[4..], default_backend())
+    ar.on_released(&s.reply[4..], default_backend()).map(|r| r.keys)
 }
 
 /// The durable-state steps the KRE refused, in order, from its audit trail: every refusal of

@@ -9,6 +9,7 @@ use keygate_attestation::crypto::default_backend;
 use keygate_attestation::mock::MockNsm;
 use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
 use keygate_attestation::{AttestRequest, DocumentKind, Nsm, PcrExpectation, Verifier};
+use keygate_enclave::audit::{Receipt, ReceiptError};
 use keygate_enclave::client::{self, AwaitReleased, ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::core::{Connection, Env, Event, Kre, KreConfig, Step};
 use keygate_enclave::wire::{self, Channel, DenyCode, Id, Message};
@@ -114,7 +115,12 @@ fn fetch(kre: &Kre, cpi: &MockNsm, req: FetchRequest) -> Result<Vec<ReleasedKey>
     let frame = await_released.release_frame.clone();
     let s = step(&mut conn, kre, &frame, T + 10);
     assert!(s.close);
-    await_released.on_released(&s.reply[4..], default_backend())
+    await_released.on_released(&s.reply[4..], default_backend()).map(|r| r.keys)
+}
+
+/// A well-formed receipt that no KRE signed (for frames that never reach a signature check).
+fn dummy_receipt() -> Receipt {
+    Receipt::assemble([6; 48], 3, [7; 48], [8; 48], [4; 97], [9; 96]).expect("receipt")
 }
 
 fn denial(s: &Step) -> (DenyCode, String) {
@@ -347,7 +353,7 @@ fn state_machine_refuses_out_of_order_and_malformed_frames() {
     for m in [
         Message::Challenge { server_nonce: [0; 32], kre_attestation: vec![] },
         Message::Denied { code: DenyCode::Busy, reason: String::new() },
-        Message::Released { ephemeral_point: [4; 97], keys: vec![] },
+        Message::Released { ephemeral_point: [4; 97], keys: vec![], receipt: Box::new(dummy_receipt()) },
     ] {
         let mut c = Connection::new(Channel::Release);
         assert_eq!(denial(&step(&mut c, &kre, &m.encode().expect("enc"), T)).0, DenyCode::UnexpectedMessage);
@@ -434,11 +440,12 @@ fn client_refuses_tampered_released_keys() {
     let (mut conn, rel) = handshake(&kre, &cpi(0x10), request("prod"));
     let frame = rel.release_frame.clone();
     let s = step(&mut conn, &kre, &frame, T);
-    let Message::Released { ephemeral_point, mut keys } = Message::decode(&s.reply[4..]).expect("released") else {
+    let Message::Released { ephemeral_point, mut keys, receipt } = Message::decode(&s.reply[4..]).expect("released")
+    else {
         panic!("not released")
     };
     keys[1].sealed[0] ^= 1;
-    let tampered = Message::Released { ephemeral_point, keys }.encode().expect("enc");
+    let tampered = Message::Released { ephemeral_point, keys, receipt }.encode().expect("enc");
     assert!(matches!(rel.on_released(&tampered[4..], default_backend()), Err(ClientError::Unwrap(_))));
 }
 
@@ -611,7 +618,7 @@ fn client_refuses_a_released_from_anyone_but_the_attested_kre() {
     let relay_key = WrappingKey::generate(default_backend(), |b| b.fill(0x42)).expect("key");
     let (ephemeral_point, keys) =
         keys::wrap(default_backend(), &t, client_doc.public_key().expect("pk"), &chosen, relay_key).expect("wrap");
-    let forged = Message::Released { ephemeral_point, keys }.encode().expect("enc");
+    let forged = Message::Released { ephemeral_point, keys, receipt: Box::new(dummy_receipt()) }.encode().expect("enc");
     assert_eq!(rel.on_released(&forged[4..], default_backend()), Err(ClientError::UnattestedWrap));
 }
 
@@ -687,7 +694,7 @@ fn every_request_is_served_only_on_its_own_channel() {
     for m in [
         Message::StatusReport { json: String::new() },
         Message::Denied { code: DenyCode::Busy, reason: String::new() },
-        Message::Released { ephemeral_point: [4; 97], keys: vec![] },
+        Message::Released { ephemeral_point: [4; 97], keys: vec![], receipt: Box::new(dummy_receipt()) },
     ] {
         assert_eq!(m.channel(), None, "{}", m.name());
     }
@@ -852,4 +859,97 @@ fn anonymous_junk_cannot_fill_the_audit_buffer_or_starve_releases() {
         .sum();
     assert_eq!(total, 10_000, "every refusal counted once: {aggregates:?}");
     assert!(aggregates.len() <= 2, "one entry per period: {}", aggregates.len());
+}
+
+/// A release's answer carries the receipt of its own audit entry: signed by the KRE's audit
+/// key, naming the entry the KRE appended (its sequence number and digest) and the client's
+/// attestation document, which the entry records as the requester's.
+#[test]
+fn a_released_carries_the_receipt_of_its_audit_entry() {
+    use sha2::{Digest, Sha384};
+    let kre = kre();
+    let (mut conn, rel) = handshake(&kre, &cpi(0x10), request("prod"));
+    let Message::Release { attestation, .. } = Message::decode(&rel.release_frame[4..]).expect("release") else {
+        panic!("release")
+    };
+    let frame = rel.release_frame.clone();
+    let s = step(&mut conn, &kre, &frame, T);
+    let got = rel.on_released(&s.reply[4..], default_backend()).expect("released");
+    let r = &got.receipt;
+    let log = kre.audit();
+    let head = log.status();
+    assert_eq!((r.seq(), *r.entry_digest(), *r.chain_id()), (head.last_seq, head.head, head.chain_id));
+    assert_eq!(r.public_key(), log.signer().public_key());
+    let doc: [u8; 48] = Sha384::digest(&attestation).into();
+    assert_eq!(*r.document_sha384(), doc);
+    let entry = log.entries_after(r.seq() - 1, 1).pop().expect("the entry");
+    match entry.event() {
+        keygate_enclave::audit::AuditEvent::ReleaseAllowed { requester, .. } => {
+            assert_eq!(requester.document_sha384, doc)
+        }
+        other => panic!("the receipt names {other:?}"),
+    }
+    assert_eq!(r.verify(default_backend()), Ok(()));
+}
+
+/// The genuine Released with its receipt replaced: the receipt of another release (a valid
+/// signature, another client document), a receipt with its sequence number changed (the
+/// signature fails), one signed by a key of the relay's own for this very client (its
+/// signature holds, but the wraps bind the KRE's receipt), or no receipt at all. Each is an
+/// attack, refused before any key is returned.
+#[test]
+fn client_refuses_a_released_whose_receipt_is_forged_or_another_releases() {
+    use keygate_enclave::audit::AuditSigner;
+    let kre = kre();
+    let cpi = cpi(0x10);
+    let answer = |kre: &Kre| {
+        let (mut conn, rel) = handshake(kre, &cpi, request("prod"));
+        let frame = rel.release_frame.clone();
+        let s = step(&mut conn, kre, &frame, T);
+        let Message::Released { ephemeral_point, keys, receipt } = Message::decode(&s.reply[4..]).expect("released")
+        else {
+            panic!("not released")
+        };
+        (rel, ephemeral_point, keys, receipt)
+    };
+    let (first, p, k, earlier) = answer(&kre);
+    let genuine = Message::Released { ephemeral_point: p, keys: k, receipt: earlier.clone() };
+    let earlier_document = *earlier.document_sha384();
+    assert!(first.on_released(&genuine.encode().expect("enc")[4..], default_backend()).is_ok());
+
+    let relay_signer = AuditSigner::generate(default_backend(), |b| b.fill(0x42)).expect("relay key");
+    for case in ["another release's", "seq changed", "relay-signed", "absent"] {
+        let (rel, ephemeral_point, keys, receipt) = answer(&kre);
+        assert_ne!(*receipt.document_sha384(), earlier_document);
+        let swapped = match case {
+            "another release's" => (*earlier).clone(),
+            "seq changed" => Receipt::assemble(
+                *receipt.chain_id(),
+                receipt.seq() + 1,
+                *receipt.entry_digest(),
+                *receipt.document_sha384(),
+                *receipt.public_key(),
+                *receipt.signature(),
+            )
+            .expect("assemble"),
+            _ => relay_signer
+                .sign_receipt(receipt.seq(), *receipt.entry_digest(), *receipt.document_sha384())
+                .expect("relay signs"),
+        };
+        let mut frame = Message::Released { ephemeral_point, keys, receipt: Box::new(swapped) }.encode().expect("enc");
+        if case == "absent" {
+            frame.truncate(frame.len() - keygate_enclave::audit::RECEIPT_LEN);
+            let len = u32::try_from(frame.len() - 4).expect("len");
+            frame[..4].copy_from_slice(&len.to_be_bytes());
+        }
+        let err = rel.on_released(&frame[4..], default_backend()).expect_err(case);
+        let expected = match case {
+            "another release's" => ClientError::Receipt(ReceiptError::OtherRelease),
+            "seq changed" => ClientError::Receipt(ReceiptError::SignatureInvalid),
+            "relay-signed" => ClientError::Unwrap(keygate_attestation::crypto::CryptoError::Decrypt),
+            _ => ClientError::Wire(wire::WireError::Truncated),
+        };
+        assert_eq!(err, expected, "{case}");
+        assert!(err.is_attack() && !err.is_retryable() && !err.is_refusal(), "{case}");
+    }
 }

@@ -121,7 +121,7 @@ fn fetch_as(kre: &Kre, image: u8) -> Result<Vec<ReleasedKey>, ClientError> {
         .on_challenge(&s.reply[4..], &Verifier::new(cpi.root_anchor()), now(), &cpi, default_backend(), &mut r)
         .expect("challenge");
     let s = step(&mut conn, kre, &ar.release_frame.clone());
-    ar.on_released(&s.reply[4..], default_backend())
+    ar.on_released(&s.reply[4..], default_backend()).map(|r| r.keys)
 }
 
 /// (key id, version) of each released key, in release order.

@@ -1,9 +1,9 @@
-//! Fuzz target: the audit entry and checkpoint decoders and the audit file readers must never
-//! panic or allocate without bound, and whatever decodes must re-encode to the same bytes
-//! (the encoding is canonical: the chain digests are over exactly these bytes).
+//! Fuzz target: the audit entry, checkpoint and receipt decoders and the audit file readers must
+//! never panic or allocate without bound, and whatever decodes must re-encode to the same bytes
+//! (the encoding is canonical: the chain digests and signatures are over exactly these bytes).
 #![no_main]
 
-use keygate_enclave::audit::{files, AuditEntry, Checkpoint};
+use keygate_enclave::audit::{files, AuditEntry, Checkpoint, Receipt};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -25,6 +25,10 @@ fuzz_target!(|data: &[u8]| {
         )
         .expect("a decoded checkpoint re-encodes");
         assert_eq!(again.bytes(), data, "checkpoint encoding is not canonical");
+    }
+    if let Ok(r) = Receipt::decode(data) {
+        assert_eq!(&r.to_bytes()[..], data, "receipt encoding is not canonical");
+        let _ = r.verify(keygate_attestation::crypto::default_backend());
     }
     let _ = files::parse_entries_file(data);
     let _ = files::parse_checkpoints_file(data);

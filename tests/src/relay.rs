@@ -13,6 +13,7 @@ use std::time::Duration;
 use keygate_attestation::crypto::default_backend;
 use keygate_attestation::secret::Secret;
 use keygate_attestation::{TrustAnchor, Verifier, VerifyOptions};
+use keygate_enclave::audit::{AuditSigner, Receipt};
 use keygate_enclave::keys::{self, Transcript, WrappingKey};
 use keygate_enclave::wire::{self, Message};
 use sha2::{Digest, Sha384};
@@ -37,6 +38,11 @@ pub enum Attack {
     /// Hands the client a genuine Challenge for another Hello nonce (another connection's),
     /// then answers the Release as above.
     SpliceChallenge,
+    /// Forwards the whole handshake, then replaces the audit receipt in the KRE's genuine
+    /// Released with the receipt of the previous release it carried (a receipt whose entry the
+    /// parent did store, in place of this release's), or, before it has carried one, with the
+    /// genuine receipt naming the next sequence number.
+    ReplaceReceipt,
 }
 
 impl Attack {
@@ -45,12 +51,13 @@ impl Attack {
         Attack::ALL.iter().position(|a| *a == self).and_then(|i| u8::try_from(i).ok()).unwrap_or(0)
     }
 
-    const ALL: [Attack; 5] = [
+    const ALL: [Attack; 6] = [
         Attack::Forward,
         Attack::SubstituteReleased,
         Attack::SubstituteChallengePoint,
         Attack::SubstituteChallengeSignature,
         Attack::SpliceChallenge,
+        Attack::ReplaceReceipt,
     ];
 }
 
@@ -65,6 +72,9 @@ pub struct Relay {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// The receipt of the last genuine Released the relay carried.
+type LastReceipt = Arc<std::sync::Mutex<Option<Receipt>>>;
+
 impl Relay {
     /// Listens on `listen`, relaying to the KRE at `kre`; `client_root` verifies the clients'
     /// documents (to read their public keys, as anyone can).
@@ -76,6 +86,7 @@ impl Relay {
         let stop = Arc::new(AtomicBool::new(false));
         let (a, v, h, s, kre) = (attack.clone(), version.clone(), handled.clone(), stop.clone(), kre.to_path_buf());
         let verifier = Verifier::new(client_root);
+        let last: LastReceipt = Arc::default();
         let thread = std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if s.load(Ordering::SeqCst) {
@@ -84,7 +95,7 @@ impl Relay {
                 let Ok(client) = conn else { continue };
                 let attack = Attack::ALL[usize::from(a.load(Ordering::SeqCst))];
                 // A failed relay step is the client hanging up on a refused answer.
-                let _ = relay_one(client, &kre, attack, v.load(Ordering::SeqCst), &verifier);
+                let _ = relay_one(client, &kre, attack, v.load(Ordering::SeqCst), &verifier, &last);
                 h.fetch_add(1, Ordering::SeqCst);
             }
         });
@@ -140,18 +151,45 @@ fn decode(body: &[u8]) -> Step<Message> {
     Message::decode(body).map_err(|e| e.to_string())
 }
 
-fn relay_one(mut client: UnixStream, kre: &Path, attack: Attack, version: u32, verifier: &Verifier) -> Step<()> {
+fn relay_one(
+    mut client: UnixStream,
+    kre: &Path,
+    attack: Attack,
+    version: u32,
+    verifier: &Verifier,
+    last: &LastReceipt,
+) -> Step<()> {
     let limit = Some(Duration::from_secs(10));
     client.set_read_timeout(limit).map_err(|e| e.to_string())?;
     let mut upstream = UnixStream::connect(kre).map_err(|e| e.to_string())?;
     upstream.set_read_timeout(limit).map_err(|e| e.to_string())?;
     let hello = read_body(&mut client)?;
-    if attack == Attack::Forward {
+    if matches!(attack, Attack::Forward | Attack::ReplaceReceipt) {
         // One handshake: Hello → Challenge, then Release → its answer.
         let mut body = hello;
         loop {
             send(&mut upstream, &frame(&body))?;
-            let reply = read_body(&mut upstream)?;
+            let mut reply = read_body(&mut upstream)?;
+            if let Message::Released { ephemeral_point, keys, receipt } = decode(&reply)? {
+                let mut held = last.lock().map_err(|e| e.to_string())?;
+                let previous = held.replace((*receipt).clone());
+                if attack == Attack::ReplaceReceipt {
+                    let other = match previous {
+                        Some(r) => r,
+                        None => Receipt::assemble(
+                            *receipt.chain_id(),
+                            receipt.seq() + 1,
+                            *receipt.entry_digest(),
+                            *receipt.document_sha384(),
+                            *receipt.public_key(),
+                            *receipt.signature(),
+                        )
+                        .map_err(|e| e.to_string())?,
+                    };
+                    let swapped = Message::Released { ephemeral_point, keys, receipt: Box::new(other) };
+                    reply = swapped.encode().map_err(|e| e.to_string())?.split_off(4);
+                }
+            }
             send(&mut client, &frame(&reply))?;
             if !matches!(decode(&reply)?, Message::Challenge { .. }) {
                 return Ok(());
@@ -202,6 +240,13 @@ fn relay_one(mut client: UnixStream, kre: &Path, attack: Attack, version: u32, v
     };
     let chosen: Vec<_> = key_ids.iter().map(|k| (k.clone(), version, Secret::new(ATTACKER_KEY))).collect();
     let client_point = client_doc.public_key().ok_or("client document without public_key")?;
-    let (ephemeral_point, keys) = keys::wrap(crypto, &t, client_point, &chosen, mine).map_err(|e| e.to_string())?;
-    send(&mut client, &Message::Released { ephemeral_point, keys }.encode().map_err(|e| e.to_string())?)
+    // A receipt the relay signs itself, for this client's document (it has no KRE's key).
+    let signer = AuditSigner::generate(crypto, |b| b.fill(0x43)).map_err(|e| e.to_string())?;
+    let receipt = signer.sign_receipt(1, [0; 48], t.client_attestation_sha384).map_err(|e| e.to_string())?;
+    let (ephemeral_point, keys) =
+        keys::wrap_bound(crypto, &t, client_point, &chosen, mine, &receipt.to_bytes()).map_err(|e| e.to_string())?;
+    send(
+        &mut client,
+        &Message::Released { ephemeral_point, keys, receipt: Box::new(receipt) }.encode().map_err(|e| e.to_string())?,
+    )
 }

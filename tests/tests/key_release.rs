@@ -840,3 +840,137 @@ fn a_relay_cannot_substitute_released_keys_or_the_challenge() {
     let o = run_fetch(&fetch_args(&format!("unix:{}", sock.display()), "prod", GOOD, &out));
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+// ---- audit receipts: what the customer holds of each release ----
+
+/// The receipts `keygate fetch` kept in `out/receipts`, by file name.
+fn receipts_in(out: &Path) -> Vec<(PathBuf, keygate_enclave::audit::Receipt)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(out.join("receipts"))
+        .expect("receipts directory")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "receipt"))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| {
+            let r = keygate_enclave::audit::Receipt::decode(&std::fs::read(&p).expect("receipt")).expect("decodes");
+            (p, r)
+        })
+        .collect()
+}
+
+/// Each fetch keeps its release's audit receipt beside the keys (mode 0600), and `audit verify
+/// --receipts` proves every receipt's entry is in the follower's stored trail. A parent that
+/// acknowledged the second release's entry without storing it keeps a trail that ends before
+/// it: that trail verifies on its own (nothing shows a gap), but not with the customer's
+/// receipts, and the failure names exactly the missing receipt's sequence number.
+#[test]
+fn a_customer_receipt_catches_a_parent_that_acknowledged_without_storing() {
+    use keygate_enclave::audit::store;
+    use std::os::unix::fs::PermissionsExt;
+    let kre = Kre::start(&[]);
+    let out = kre.dir.path().join("keys");
+    for _ in 0..2 {
+        let o = run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &out));
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("audit receipt: entry "), "{o:?}");
+    }
+    let receipts = receipts_in(&out);
+    assert_eq!(receipts.len(), 2, "one receipt per release: {receipts:?}");
+    for (p, _) in &receipts {
+        let meta = std::fs::metadata(p).expect("meta");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{}", p.display());
+        assert_eq!(meta.len(), u64::try_from(keygate_enclave::audit::RECEIPT_LEN).expect("len"));
+    }
+    let (first, second) = (receipts[0].1.seq().min(receipts[1].1.seq()), receipts[0].1.seq().max(receipts[1].1.seq()));
+    assert!(first < second);
+
+    let s = |p: &Path| p.display().to_string();
+    let root = kre.dir.path().join("root.pem");
+    assert!(keygate(&["attestation", "mock-root", "--seed", SEED, "-o", &s(&root)]).status.success());
+    let expect = format!("0={}", hex48(KRE_PCR));
+    let verify = |dir: &Path, receipts: Option<&Path>, json: bool| {
+        let mut args = vec!["audit".to_owned(), "verify".into(), s(dir), "--root".into(), s(&root)];
+        args.extend(["--expect-kre-pcr".into(), expect.clone()]);
+        if let Some(r) = receipts {
+            args.extend(["--receipts".into(), s(r)]);
+        }
+        if json {
+            args.push("--json".into());
+        }
+        keygate(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+
+    // The follower stored and acknowledged each entry before the answer left the KRE.
+    let followed = kre.dir.path().join("followed");
+    let o = verify(&followed, Some(&out.join("receipts")), false);
+    assert!(o.status.success(), "{}\n{}", stderr(&o), String::from_utf8_lossy(&o.stdout));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("receipts     2 checked, 2 with their entry stored"));
+    // One receipt file works as well as the directory.
+    assert!(verify(&followed, Some(&receipts[0].0), false).status.success());
+
+    // What a parent keeps that acknowledged entry `second` without storing it: the trail up
+    // to the entry before, with the checkpoints that cover it.
+    let trail = store::read_dir(&followed).expect("stored trail");
+    let lying = kre.dir.path().join("lying");
+    let entries: Vec<_> = trail.entries.iter().filter(|e| e.seq() < second).cloned().collect();
+    let checkpoints: Vec<_> = trail.checkpoints.iter().filter(|c| c.seq() < second).cloned().collect();
+    assert!(!checkpoints.is_empty(), "a checkpoint covers the first release");
+    store::append_to_dir(&lying, &entries, &checkpoints).expect("store the prefix");
+    let o = verify(&lying, None, false);
+    assert!(o.status.success(), "without receipts the shortened trail verifies: {}", stderr(&o));
+
+    let o = verify(&lying, Some(&out.join("receipts")), false);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains(&format!("(seq {second}): entry {second} is not in the stored trail")), "{e}");
+    assert!(!e.contains(&format!("(seq {first})")), "the stored release's receipt is not named: {e}");
+    assert!(e.contains(&format!("1 of 2 receipts NOT proven by the stored trail (seq {second})")), "{e}");
+    let o = verify(&lying, Some(&out.join("receipts")), true);
+    assert_eq!(o.status.code(), Some(1));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(j["ok"], false, "{j}");
+    assert_eq!(j["receipts"]["checked"], 2, "{j}");
+    assert_eq!(j["receipts"]["failed"][0]["seq"], second, "{j}");
+    assert_eq!(j["receipts"]["failed"][0]["error"], "not_stored", "{j}");
+    assert_eq!(j["receipts"]["failed"].as_array().map(Vec::len), Some(1), "{j}");
+
+    // A receipt file that is not one is named too, never skipped.
+    let bad = kre.dir.path().join("bad.receipt");
+    std::fs::write(&bad, b"not a receipt").expect("write");
+    let o = verify(&followed, Some(&bad), false);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("malformed receipt"), "{}", stderr(&o));
+}
+
+/// A relay cannot hand the client a receipt other than its release's own: neither a forged
+/// one (the genuine receipt naming another sequence number) nor the genuine receipt of the
+/// release before (whose entry the parent did store). `keygate fetch` refuses as an attack,
+/// not retried, and writes no key and no receipt.
+#[test]
+fn a_relay_cannot_hand_the_client_another_releases_receipt() {
+    let kre = Kre::start(&[]);
+    let sock = kre.dir.path().join("relay.sock");
+    let relay = Relay::start(&sock, &kre.sock, cpi().root_anchor(), Attack::ReplaceReceipt);
+    let via = format!("unix:{}", sock.display());
+    for (i, error) in [
+        "its audit receipt is not this release's: its signature does not verify",
+        "its audit receipt is not this release's: it is the receipt of another release",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = kre.dir.path().join(format!("k{i}"));
+        let o = run_fetch(&fetch_args(&via, "prod", GOOD, &out));
+        assert_refused(&o, error, &out);
+        assert!(!stderr(&o).contains("retrying"), "an attack is not retried: {}", stderr(&o));
+        assert_eq!(relay.handled(), i + 1);
+    }
+    relay.set(Attack::Forward);
+    let out = kre.dir.path().join("honest");
+    let o = run_fetch(&fetch_args(&via, "prod", GOOD, &out));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(receipts_in(&out).len(), 1);
+}

@@ -248,6 +248,8 @@ fn start_plugin_on_kre(dir: &Path, kre_sock: &Path, lease: &str, grace: &str) ->
         grace.into(),
         "--fetch-timeout".into(),
         "2s".into(),
+        "--receipts".into(),
+        dir.join("plugin-receipts").display().to_string(),
     ];
     for i in 0..3 {
         extra.extend(["--mock-pcr".into(), format!("{i}={}", hex48(GOOD))]);
@@ -547,6 +549,26 @@ async fn kre_lease_is_renewed_and_a_revoked_image_stops_within_the_lease() {
     assert_eq!(kms.status().await.healthz, "ok", "{}", plugin.log());
     assert!(kms.encrypt(&seed(4)).await.is_ok());
     assert!(plugin.log().matches("lease renewed").count() >= 2, "{}", plugin.log());
+    // Every fetch (the first and each renewal) kept its audit receipt, and the trail the
+    // parent's follower stored holds each one's entry.
+    let receipts = dir.path().join("plugin-receipts");
+    let kept = std::fs::read_dir(&receipts)
+        .map(|d| d.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "receipt")).count())
+        .unwrap_or(0);
+    assert!(kept >= 3, "{kept} receipts kept: {}", plugin.log());
+    let root = dir.path().join("root.pem");
+    let s = |p: &Path| p.display().to_string();
+    assert!(keygate_tests::keygate(&["attestation", "mock-root", "--seed", SEED, "-o", &s(&root)]).status.success());
+    let o = keygate_tests::keygate(&[
+        "audit",
+        "verify",
+        &s(&dir.path().join("kre1.audit")),
+        "--root",
+        &s(&root),
+        "--receipts",
+        &s(&receipts),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     // The pipeline revokes the image: the KRE restarts with a policy that no longer allows it.
     drop(kre);

@@ -1,4 +1,5 @@
-//! Signed checkpoints and the KRE's checkpoint key.
+//! Signed checkpoints and the KRE's checkpoint key (which also signs the audit receipts of
+//! releases, `super::receipt`).
 //!
 //! The key is generated inside the KRE at start and never leaves it. Its public point is
 //! bound to the KRE image by an attestation document whose `public_key` is the point and
@@ -13,6 +14,7 @@ use keygate_attestation::{AttestRequest, Nsm};
 use sha2::{Digest, Sha384};
 
 use super::codec::{DecodeError, Reader, Writer};
+use super::receipt::{receipt_body, Receipt};
 use super::{AuditError, CHAIN_DOMAIN, FORMAT_VERSION, MAX_BINDING_DOCUMENT, MAX_CHECKPOINT_LEN};
 
 /// Domain label of the checkpoint signature: the signed message is
@@ -107,19 +109,36 @@ impl AuditSigner {
 
     /// Signs `(seq, head, time_ms)` for this chain.
     pub fn sign(&self, seq: u64, head: [u8; 48], time_ms: u64) -> Result<Checkpoint, AuditError> {
-        use p384::ecdsa::signature::Signer;
         let binding = self.binding.clone().ok_or(AuditError::Unbound)?;
         if seq == 0 {
             return Err(AuditError::NothingToCheckpoint);
         }
         let body = signed_body(&self.chain_id, seq, &head, time_ms);
-        let key = p384::ecdsa::SigningKey::from_slice(self.scalar.expose())
-            .map_err(|_| AuditError::Crypto("invalid scalar"))?;
-        let sig: p384::ecdsa::Signature = key.sign(&signed_message(&body));
-        let bytes = sig.to_bytes();
-        let signature: [u8; P384_SIG_LEN] = bytes[..].try_into().map_err(|_| AuditError::Crypto("signature length"))?;
+        let signature = self.sign_message(&signed_message(&body))?;
         Checkpoint::assemble(self.chain_id, seq, head, time_ms, self.public, signature, binding)
             .map_err(AuditError::Encode)
+    }
+
+    /// Signs the receipt of entry `seq` (digest `entry_digest`) of this chain, the release to
+    /// the client document whose SHA-384 is `document_sha384` (`super::receipt`).
+    pub fn sign_receipt(
+        &self,
+        seq: u64,
+        entry_digest: [u8; 48],
+        document_sha384: [u8; 48],
+    ) -> Result<Receipt, AuditError> {
+        let signature = self.sign_message(&receipt_body(&self.chain_id, seq, &entry_digest, &document_sha384))?;
+        Receipt::assemble(self.chain_id, seq, entry_digest, document_sha384, self.public, signature)
+            .map_err(AuditError::Encode)
+    }
+
+    /// ECDSA P-384 / SHA-384 (RFC 6979 nonces) over `msg`, as raw `r ‖ s`.
+    fn sign_message(&self, msg: &[u8]) -> Result<[u8; P384_SIG_LEN], AuditError> {
+        use p384::ecdsa::signature::Signer;
+        let key = p384::ecdsa::SigningKey::from_slice(self.scalar.expose())
+            .map_err(|_| AuditError::Crypto("invalid scalar"))?;
+        let sig: p384::ecdsa::Signature = key.sign(msg);
+        sig.to_bytes()[..].try_into().map_err(|_| AuditError::Crypto("signature length"))
     }
 }
 

@@ -15,6 +15,7 @@
 //! does not fit stays in its [`AnonymousTally`] until it does.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use super::anonymous::AnonymousTally;
 use super::checkpoint::{AuditSigner, Checkpoint};
@@ -74,7 +75,8 @@ pub struct AuditStatus {
 #[derive(Debug)]
 pub struct AuditLog {
     config: AuditConfig,
-    signer: AuditSigner,
+    /// Shared, so that a release's receipt is signed without holding the log.
+    signer: Arc<AuditSigner>,
     buffer: VecDeque<AuditEntry>,
     buffered_bytes: usize,
     last_seq: u64,
@@ -110,7 +112,7 @@ impl AuditLog {
         let head = *signer.chain_id();
         Self {
             config,
-            signer,
+            signer: Arc::new(signer),
             buffer: VecDeque::new(),
             buffered_bytes: 0,
             last_seq: 0,
@@ -138,6 +140,16 @@ impl AuditLog {
     /// The signer (its public key and chain id, for status).
     pub fn signer(&self) -> &AuditSigner {
         &self.signer
+    }
+
+    /// The signer, to sign a release's receipt once the log is released.
+    pub fn signer_handle(&self) -> Arc<AuditSigner> {
+        Arc::clone(&self.signer)
+    }
+
+    /// The last entry's sequence number and digest (0 and the chain id before the first).
+    pub fn head(&self) -> (u64, [u8; 48]) {
+        (self.last_seq, self.head)
     }
 
     fn free_slots(&self) -> usize {

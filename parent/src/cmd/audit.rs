@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use keygate_attestation::{PcrExpectation, Verifier};
 use keygate_enclave::audit::store::{self, AppendReport, StoreError, StoredTrail};
 use keygate_enclave::audit::{
-    verify_trail_with, AuditEntry, AuditEvent, Checkpoint, Requester, TrailOptions, TrailSummary,
+    check_receipt, verify_trail_with, AuditEntry, AuditEvent, Checkpoint, Receipt, Requester, TrailOptions,
+    TrailSummary, RECEIPT_LEN,
 };
 use serde_json::{json, Value};
 
@@ -59,9 +60,113 @@ pub(crate) struct VerifyArgs {
     /// Accept a debug-mode KRE (PCR0-2 zero). For demos only.
     #[arg(long)]
     allow_debug: bool,
+    /// Also prove that the trail holds the entry of every audit receipt in PATH: a receipt
+    /// file, or a directory of `*.receipt` files as `keygate fetch` (`<out>/receipts`) and the
+    /// KMS plugin (`--receipts`) keep them. Each receipt must be signed by the trail's attested
+    /// audit key, and its entry stored with the digest it names; every one that is not is named.
+    #[arg(long, value_name = "PATH")]
+    receipts: Option<PathBuf>,
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
+}
+
+/// Most receipt files read from one directory.
+const MAX_RECEIPT_FILES: usize = 1_000_000;
+
+/// A receipt file and its decoding (or why it holds no receipt).
+type LoadedReceipt = (PathBuf, Result<Receipt, String>);
+
+/// The receipts at `path` (a file, or the `*.receipt` files of a directory, by name), each
+/// with its decoding: a malformed one is a receipt that proves nothing, named like a missing one.
+fn load_receipts(path: &Path) -> Result<Vec<LoadedReceipt>, CliError> {
+    let meta = std::fs::metadata(path).map_err(|e| CliError::io(format!("receipts {}", path.display()), e))?;
+    let files = if meta.is_dir() {
+        let mut files = Vec::new();
+        let list = std::fs::read_dir(path).map_err(|e| CliError::io(format!("receipts {}", path.display()), e))?;
+        for entry in list {
+            let entry = entry.map_err(|e| CliError::io(format!("receipts {}", path.display()), e))?;
+            if entry.file_name().to_str().is_some_and(|n| n.ends_with(".receipt") && !n.starts_with('.')) {
+                if files.len() == MAX_RECEIPT_FILES {
+                    return Err(CliError::input(format!(
+                        "more than {MAX_RECEIPT_FILES} receipts in {}: verify them in parts",
+                        path.display()
+                    )));
+                }
+                files.push(entry.path());
+            }
+        }
+        files.sort();
+        if files.is_empty() {
+            return Err(CliError::input(format!("no *.receipt files in {}", path.display())));
+        }
+        files
+    } else {
+        vec![path.to_path_buf()]
+    };
+    Ok(files
+        .into_iter()
+        .map(|f| {
+            let decoded = read_receipt(&f);
+            (f, decoded)
+        })
+        .collect())
+}
+
+/// One receipt file: a regular file of exactly [`RECEIPT_LEN`] bytes (read no further).
+fn read_receipt(path: &Path) -> Result<Receipt, String> {
+    use std::io::Read as _;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| e.to_string())?;
+    if !meta.file_type().is_file() {
+        return Err("not a regular file".into());
+    }
+    let mut bytes = Vec::with_capacity(RECEIPT_LEN + 1);
+    let limit = u64::try_from(RECEIPT_LEN + 1).unwrap_or(u64::MAX);
+    std::fs::File::open(path).and_then(|f| f.take(limit).read_to_end(&mut bytes)).map_err(|e| e.to_string())?;
+    Receipt::decode(&bytes).map_err(|e| format!("malformed receipt: {e}"))
+}
+
+/// A receipt that does not prove its entry is in the trail.
+struct ReceiptFailure {
+    path: PathBuf,
+    seq: Option<u64>,
+    kind: &'static str,
+    message: String,
+}
+
+impl ReceiptFailure {
+    fn line(&self) -> String {
+        match self.seq {
+            Some(seq) => format!("receipt {} (seq {seq}): {}", self.path.display(), self.message),
+            None => format!("receipt {}: {}", self.path.display(), self.message),
+        }
+    }
+}
+
+/// Checks each receipt against a verified trail; returns how many were checked and the failures.
+fn check_receipts(
+    path: &Path,
+    summary: &TrailSummary,
+    trail: &StoredTrail,
+    verifier: &Verifier,
+) -> Result<(usize, Vec<ReceiptFailure>), CliError> {
+    let receipts = load_receipts(path)?;
+    let mut failures = Vec::new();
+    for (path, receipt) in &receipts {
+        let failure = match receipt {
+            Err(message) => {
+                Some(ReceiptFailure { path: path.clone(), seq: None, kind: "malformed", message: message.clone() })
+            }
+            Ok(r) => check_receipt(r, summary, &trail.entries, verifier.crypto()).err().map(|e| ReceiptFailure {
+                path: path.clone(),
+                seq: Some(r.seq()),
+                kind: e.kind(),
+                message: e.to_string(),
+            }),
+        };
+        failures.extend(failure);
+    }
+    Ok((receipts.len(), failures))
 }
 
 #[derive(Debug, clap::Args)]
@@ -329,10 +434,43 @@ fn verify(a: VerifyArgs) -> Result<(), CliError> {
     let options = TrailOptions { allow_debug: a.allow_debug };
     match verify_trail_with(&trail.entries, &trail.checkpoints, &verifier, &a.expect_kre_pcr, options) {
         Ok(s) => {
+            let receipts = match &a.receipts {
+                Some(p) => Some(check_receipts(p, &s, &trail, &verifier)?),
+                None => None,
+            };
             if a.json {
-                println!("{}", summary_json(&s));
+                let mut v = summary_json(&s);
+                if let Some((checked, failures)) = &receipts {
+                    v["ok"] = json!(failures.is_empty());
+                    v["receipts"] = json!({
+                        "checked": checked,
+                        "failed": failures.iter().map(|f| json!({
+                            "path": f.path.display().to_string(),
+                            "seq": f.seq,
+                            "error": f.kind,
+                            "message": f.message,
+                        })).collect::<Vec<_>>(),
+                    });
+                }
+                println!("{v}");
             } else {
                 print!("{}", summary_text(&a.dir, &s));
+                if let Some((checked, failures)) = &receipts {
+                    println!("  receipts     {checked} checked, {} with their entry stored", checked - failures.len());
+                }
+            }
+            if let Some((checked, failures)) = receipts.filter(|(_, f)| !f.is_empty()) {
+                for f in &failures {
+                    eprintln!("keygate: {}", f.line());
+                }
+                let seqs: Vec<String> =
+                    failures.iter().map(|f| f.seq.map_or_else(|| "?".to_owned(), |s| s.to_string())).collect();
+                return Err(CliError::refused(format!(
+                    "audit trail {}: {} of {checked} receipts NOT proven by the stored trail (seq {})",
+                    a.dir.display(),
+                    failures.len(),
+                    seqs.join(", ")
+                )));
             }
             if !s.pcrs_pinned {
                 eprintln!(

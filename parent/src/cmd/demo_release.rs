@@ -397,7 +397,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         tour.step(
             "a control plane running the allowed image gets its keys",
             match first {
-                Ok(f) => write_keys(&keys_dir, &f.keys).map_err(|e| e.message).and_then(|paths| {
+                Ok(f) => write_keys(&keys_dir, &f.keys, &f.receipt).map_err(|e| e.message).and_then(|(paths, receipt)| {
                     use std::os::unix::fs::PermissionsExt;
                     let modes: Vec<u32> = paths
                         .iter()
@@ -409,6 +409,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
                             .iter()
                             .zip(&paths)
                             .map(|(k, p)| format!("{} v{} -> {} (0600)", k.key_id, k.version, p.display()))
+                            .chain([format!("audit receipt -> {}", receipt.display())])
                             .collect::<Vec<_>>()
                             .join("; "))
                     } else {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use keygate_attestation::crypto;
 use keygate_attestation::{HardwareNsm, Nsm, PcrExpectation, TrustAnchor, Verifier};
+use keygate_enclave::audit::Receipt;
 use keygate_enclave::client::{self, ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::io::{read_frame, write_frame, FrameError};
 use keygate_enclave::transport::{self, Addr};
@@ -24,7 +25,9 @@ pub(crate) struct FetchArgs {
     /// Key ids (repeatable, 1-16).
     #[arg(long = "key-id", required = true)]
     key_id: Vec<Id>,
-    /// Directory to write `<key-id>.key` files into (mode 0600).
+    /// Directory to write `<key-id>.key` files into (mode 0600), and the release's audit
+    /// receipt into `receipts/<chain id prefix>-<seq>.receipt` beneath it (for
+    /// `keygate audit verify --receipts`).
     #[arg(long)]
     out: PathBuf,
     #[command(flatten)]
@@ -117,9 +120,11 @@ pub(crate) struct Fetcher {
     pub(crate) timeout: Duration,
 }
 
-/// The outcome of one attempt: the keys, and the Release frame that was sent.
+/// The outcome of one attempt: the keys, their audit receipt, and the Release frame that was
+/// sent.
 pub(crate) struct Fetched {
     pub(crate) keys: Vec<ReleasedKey>,
+    pub(crate) receipt: Receipt,
     pub(crate) release_frame: Vec<u8>,
 }
 
@@ -158,8 +163,8 @@ impl Fetcher {
         let release_frame = await_released.release_frame.clone();
         write_frame(&mut s, &release_frame, self.timeout).await.map_err(io_err)?;
         let body = read_frame(&mut s, self.timeout).await.map_err(io_err)?;
-        let keys = await_released.on_released(&body, crypto)?;
-        Ok(Fetched { keys, release_frame })
+        let released = await_released.on_released(&body, crypto)?;
+        Ok(Fetched { keys: released.keys, receipt: released.receipt, release_frame })
     }
 
     /// Attempts with exponential backoff (0.2 s, 0.4 s, … capped at 5 s) while the failure is
@@ -182,11 +187,20 @@ impl Fetcher {
     }
 }
 
+/// The subdirectory of a key directory that holds the audit receipts.
+pub(crate) const RECEIPTS_DIR: &str = "receipts";
+
 /// Writes every key to `dir/<key-id>.v<version>.key` and, for the newest version of each
-/// key id, `dir/<key-id>.key` (32 raw bytes each, mode 0600): all temporary files first
-/// (fsynced), then the renames, then the directory fsync. If any write fails, no key file is
-/// left behind. Returns the `<key-id>.key` paths, in the order of `keys`' first occurrences.
-pub(crate) fn write_keys(dir: &Path, keys: &[ReleasedKey]) -> Result<Vec<PathBuf>, CliError> {
+/// key id, `dir/<key-id>.key` (32 raw bytes each, mode 0600), and the release's audit receipt
+/// to `dir/receipts/<chain id prefix>-<seq>.receipt` (mode 0600; the directory 0700): all
+/// temporary files first (fsynced), then the renames, then the directory fsyncs. If any write
+/// fails, no key file or receipt is left behind. Returns the `<key-id>.key` paths, in the
+/// order of `keys`' first occurrences, and the receipt's path.
+pub(crate) fn write_keys(
+    dir: &Path,
+    keys: &[ReleasedKey],
+    receipt: &Receipt,
+) -> Result<(Vec<PathBuf>, PathBuf), CliError> {
     let mut newest: Vec<&ReleasedKey> = Vec::new();
     for k in keys {
         match newest.iter_mut().find(|n| n.key_id == k.key_id) {
@@ -195,29 +209,51 @@ pub(crate) fn write_keys(dir: &Path, keys: &[ReleasedKey]) -> Result<Vec<PathBuf
             None => newest.push(k),
         }
     }
-    let mut files: Vec<(String, &ReleasedKey)> =
-        keys.iter().map(|k| (format!("{}.v{}.key", k.key_id, k.version), k)).collect();
-    files.extend(newest.iter().map(|k| (format!("{}.key", k.key_id), *k)));
-    let written = write_files(dir, &files)?;
-    Ok(written.into_iter().skip(keys.len()).collect())
+    let receipts = dir.join(RECEIPTS_DIR);
+    let receipt_bytes = receipt.to_bytes();
+    let mut files: Vec<(PathBuf, &[u8])> =
+        keys.iter().map(|k| (dir.join(format!("{}.v{}.key", k.key_id, k.version)), &k.key.expose()[..])).collect();
+    files.extend(newest.iter().map(|k| (dir.join(format!("{}.key", k.key_id)), &k.key.expose()[..])));
+    files.push((receipts.join(receipt.file_name()), &receipt_bytes[..]));
+    let mut written = write_files(&[dir, &receipts], &files)?;
+    let receipt_path = written.pop().unwrap_or_default();
+    Ok((written.into_iter().skip(keys.len()).collect(), receipt_path))
 }
 
-fn write_files(dir: &Path, files: &[(String, &ReleasedKey)]) -> Result<Vec<PathBuf>, CliError> {
+/// Writes `receipt` into `dir` (created with mode 0700) as `<chain id prefix>-<seq>.receipt`,
+/// mode 0600, fsynced with the directory. Returns its path.
+pub(crate) fn write_receipt(dir: &Path, receipt: &Receipt) -> Result<PathBuf, CliError> {
+    let bytes = receipt.to_bytes();
+    let mut written = write_files(&[dir], &[(dir.join(receipt.file_name()), &bytes[..])])?;
+    Ok(written.pop().unwrap_or_default())
+}
+
+/// Writes each `(path, bytes)` (mode 0600) after creating `dirs` (mode 0700), the parents of
+/// every path: temporary files beside their targets first (fsynced), then the renames, then
+/// each directory's fsync. On a failure, no temporary file and no target is left behind.
+fn write_files(dirs: &[&Path], files: &[(PathBuf, &[u8])]) -> Result<Vec<PathBuf>, CliError> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::create_dir_all(dir).map_err(|e| CliError::io(format!("creating {}", dir.display()), e))?;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    for d in dirs {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(d)
+            .map_err(|e| CliError::io(format!("creating {}", d.display()), e))?;
+    }
     let mut temps: Vec<(PathBuf, PathBuf)> = Vec::new();
     let cleanup = |temps: &[(PathBuf, PathBuf)]| {
         for (t, _) in temps {
             let _ = std::fs::remove_file(t);
         }
     };
-    for (name, k) in files {
-        let final_path = dir.join(name);
-        let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    for (final_path, bytes) in files {
+        let final_path = final_path.clone();
+        let name = final_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = final_path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
         let written =
             std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).and_then(|mut f| {
-                f.write_all(k.key.expose())?;
+                f.write_all(bytes)?;
                 f.sync_all()
             });
         if let Err(e) = written {
@@ -227,14 +263,20 @@ fn write_files(dir: &Path, files: &[(String, &ReleasedKey)]) -> Result<Vec<PathB
         }
         temps.push((tmp, final_path));
     }
-    for (tmp, path) in &temps {
+    for (i, (tmp, path)) in temps.iter().enumerate() {
         if let Err(e) = std::fs::rename(tmp, path) {
+            // The ones renamed already go too: nothing of a failed write is left behind.
+            for (_, done) in temps.iter().take(i) {
+                let _ = std::fs::remove_file(done);
+            }
             cleanup(&temps);
             return Err(CliError::io(format!("renaming into {}", path.display()), e));
         }
     }
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
+    for d in dirs {
+        if let Ok(d) = std::fs::File::open(d) {
+            let _ = d.sync_all();
+        }
     }
     Ok(temps.into_iter().map(|(_, p)| p).collect())
 }
@@ -256,7 +298,8 @@ pub(crate) fn run(a: FetchArgs) -> Result<(), CliError> {
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
     let fetched =
         rt.block_on(fetcher.with_retries(a.retries)).map_err(|e| CliError::refused(format!("fetch failed: {e}")))?;
-    let paths = write_keys(&a.out, &fetched.keys)?;
+    let (paths, receipt_path) = write_keys(&a.out, &fetched.keys, &fetched.receipt)?;
+    let r = &fetched.receipt;
     if a.json {
         let keys: Vec<_> = fetched
             .keys
@@ -264,11 +307,23 @@ pub(crate) fn run(a: FetchArgs) -> Result<(), CliError> {
             .zip(&paths)
             .map(|(k, p)| serde_json::json!({"key_id": k.key_id.as_str(), "version": k.version, "path": p.display().to_string()}))
             .collect();
-        println!("{}", serde_json::json!({"cluster": a.cluster.as_str(), "keys": keys}));
+        let receipt = serde_json::json!({
+            "chain_id": hex::encode(r.chain_id()),
+            "seq": r.seq(),
+            "entry_digest": hex::encode(r.entry_digest()),
+            "path": receipt_path.display().to_string(),
+        });
+        println!("{}", serde_json::json!({"cluster": a.cluster.as_str(), "keys": keys, "receipt": receipt}));
     } else {
         for (k, p) in fetched.keys.iter().zip(&paths) {
             println!("released {}/{} version {} -> {}", a.cluster, k.key_id, k.version, p.display());
         }
+        println!(
+            "audit receipt: entry {} of chain {} -> {}",
+            r.seq(),
+            hex::encode(&r.chain_id()[..8]),
+            receipt_path.display()
+        );
     }
     Ok(())
 }

@@ -63,6 +63,11 @@ pub(crate) struct KmsPluginArgs {
     /// the lease.
     #[arg(long, value_name = "ADDR")]
     kre: Option<Addr>,
+    /// With --kre: keep the audit receipt of every fetch in DIR (created with mode 0700), as
+    /// `<chain id prefix>-<seq>.receipt` (mode 0600, fsynced), for `keygate audit verify
+    /// --receipts DIR`. Without it, receipts are checked but not kept.
+    #[arg(long, value_name = "DIR", requires = "kre")]
+    receipts: Option<PathBuf>,
     /// With --kre: PCRs the KRE must have (repeatable; at least one).
     #[arg(long = "expect-kre-pcr", value_name = "N=HEX")]
     expect_kre_pcr: Vec<PcrExpectation>,
@@ -347,7 +352,11 @@ pub(crate) fn run(a: KmsPluginArgs) -> Result<(), CliError> {
             Some(f) => {
                 let p = LeasePolicy { lease: a.lease, grace: a.grace };
                 tracing::info!(lease = ?p.lease, grace = ?p.grace, kre = %f.kre, "keys come from the KRE, on a lease");
-                tokio::spawn(source::refresh_from_kre(shared.clone(), f, a.key_id.clone()));
+                match &a.receipts {
+                    Some(d) => tracing::info!(dir = %d.display(), "audit receipts are kept"),
+                    None => tracing::warn!("no --receipts DIR: the audit receipts of fetches are checked but not kept"),
+                }
+                tokio::spawn(source::refresh_from_kre(shared.clone(), f, a.key_id.clone(), a.receipts.clone()));
             }
             None => {
                 let dir = a.keys.clone().unwrap_or_default();

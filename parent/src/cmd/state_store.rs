@@ -937,7 +937,7 @@ mod tests {
                 .expect("challenge");
             let s = conn.on_frame(kre, &ar.release_frame.clone()[4..], &mut Env { now_ms: T, rng: &mut kr });
             match ar.on_released(&s.reply[4..], default_backend()) {
-                Ok(keys) => Ok(keys.iter().map(|k| (k.version, *k.key.expose())).collect()),
+                Ok(r) => Ok(r.keys.iter().map(|k| (k.version, *k.key.expose())).collect()),
                 Err(ClientError::Denied { code, .. }) => Err(code),
                 Err(e) => panic!("fetch failed: {e}"),
             }

@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 
 use super::keyring::{parse_version, Insert};
 use super::{Mode, Shared};
-use crate::cmd::fetch::Fetcher;
+use crate::cmd::fetch::{write_receipt, Fetcher};
 
 /// Most directory entries looked at per scan.
 const MAX_DIR_ENTRIES: usize = 4096;
@@ -139,8 +139,14 @@ pub(crate) async fn watch_dir(shared: Arc<Shared>, dir: std::path::PathBuf, key_
 }
 
 /// `--kre`: fetches the key from the KRE, then re-fetches (re-attests) on the lease; drops the
-/// keys when the lease says so. Runs until the process ends.
-pub(crate) async fn refresh_from_kre(shared: Arc<Shared>, fetcher: Fetcher, key_id: Id) {
+/// keys when the lease says so; keeps each fetch's audit receipt in `receipts`, when given.
+/// Runs until the process ends.
+pub(crate) async fn refresh_from_kre(
+    shared: Arc<Shared>,
+    fetcher: Fetcher,
+    key_id: Id,
+    receipts: Option<std::path::PathBuf>,
+) {
     loop {
         let (next, drop_at, held) = match shared.read() {
             Ok(st) => match &st.mode {
@@ -166,6 +172,17 @@ pub(crate) async fn refresh_from_kre(shared: Arc<Shared>, fetcher: Fetcher, key_
             continue;
         }
         let result = fetcher.once().await;
+        if let (Ok(fetched), Some(dir)) = (&result, &receipts) {
+            // Every release the KRE made is kept, whether or not its keys are taken below: the
+            // receipt proves the release's entry must be in the stored trail. A receipt that
+            // cannot be written is reported, never a reason to drop keys.
+            let (dir, receipt) = (dir.clone(), fetched.receipt.clone());
+            match tokio::task::spawn_blocking(move || write_receipt(&dir, &receipt)).await {
+                Ok(Ok(path)) => tracing::info!(path = %path.display(), "audit receipt kept"),
+                Ok(Err(e)) => tracing::error!(error = %e.message, "audit receipt NOT kept"),
+                Err(e) => tracing::error!(error = %e, "audit receipt NOT kept"),
+            }
+        }
         let done = Instant::now();
         let Ok(mut st) = shared.write() else { return };
         let st = &mut *st;
