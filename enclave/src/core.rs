@@ -1052,6 +1052,16 @@ impl Kre {
         lock(v).committed_policy().and_then(|(_, head)| head).map(|(version, _)| version)
     }
 
+    /// Whether a `PolicyDurableWait` for `version` has its answer now: without custodians or
+    /// before serving at once (a refusal), while serving once the committed head reaches it.
+    pub fn durable_answer_ready(&self, version: u64) -> bool {
+        let Some(v) = &self.vault else { return true };
+        match lock(v).committed_policy() {
+            None => true,
+            Some((_, head)) => head.is_some_and(|(committed, _)| committed >= version),
+        }
+    }
+
     /// Drops the kept durable policy once the committed sealed state carries the newest head
     /// (after a commit or an unseal). Lock order: policy → vault.
     fn refresh_durable_policy(&self) {

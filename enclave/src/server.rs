@@ -209,10 +209,7 @@ async fn handle(mut stream: BoxStream, peer: &str, channel: Channel, shared: &Sh
                 if req.body.get(1) == Some(&wire::ty::POLICY_DURABLE_WAIT) {
                     if let Ok(Message::PolicyDurableWait { version, wait_ms, .. }) = Message::decode(&req.body) {
                         let limit = Duration::from_millis(u64::from(wait_ms.min(wire::MAX_DURABLE_WAIT_MS)));
-                        wait_until(&sync.appended, limit, || {
-                            kre.committed_policy_version().is_some_and(|v| v >= version)
-                        })
-                        .await;
+                        wait_until(&sync.appended, limit, || kre.durable_answer_ready(version)).await;
                     }
                 }
                 let mut rng = os_random;

@@ -754,6 +754,8 @@ fn wait_durable(
         }
         let wait_ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX).min(MAX_DURABLE_WAIT_MS);
         let ask = Message::PolicyDurableWait { version, digest: *digest, wait_ms };
+        let round = std::time::Instant::now();
+        let pause = || std::thread::sleep(Duration::from_millis(200).saturating_sub(round.elapsed()).min(left));
         match ask_kre(kre, &ask, Duration::from_millis(u64::from(wait_ms)) + Duration::from_secs(10)) {
             Ok(Message::PolicyDurable { receipt }) => {
                 let r = PolicyReceipt::decode(&receipt).map_err(|e| {
@@ -790,6 +792,8 @@ fn wait_durable(
                 reason,
             }) => {
                 last = format!("{code}: {reason}");
+                // An older KRE, or a busy one, may answer at once: never a tight loop.
+                pause();
             }
             Ok(Message::Denied { code, reason }) => {
                 return Err(CliError::refused(format!("the KRE refused to report durability: {code}: {reason}")))
@@ -797,7 +801,7 @@ fn wait_durable(
             Ok(m) => return Err(CliError::refused(format!("unexpected answer {}", m.name()))),
             Err(e) => {
                 last = e.message;
-                std::thread::sleep(Duration::from_millis(200).min(left));
+                pause();
             }
         }
     }

@@ -1076,11 +1076,7 @@ mod tests {
                 Ok(Some(g)) => run.committed = g,
                 Ok(None) => panic!("nothing exported after the push"),
                 Err(()) => {
-                    assert_eq!(
-                        fetch(&kre, "stage"),
-                        Err(DenyCode::PolicyNotDurable),
-                        "released under an unstored KEK"
-                    );
+                    assert_eq!(fetch(&kre, "stage"), Err(DenyCode::PolicyNotDurable), "released under an unstored KEK");
                     let prod = fetch(&kre, "prod").expect("prod still released");
                     assert!(prod.iter().all(|(v, _)| *v == 1), "released under the unstored rotated version");
                     run.pending_refusals += 2;
