@@ -27,6 +27,10 @@ struct Cli {
     /// Mock NSM: this KRE's PCRs (repeatable).
     #[arg(long = "mock-pcr", value_name = "N=HEX")]
     mock_pcr: Vec<PcrExpectation>,
+    /// Benchmarks only: answer releases without waiting for the parent to store their audit
+    /// entries (`keygate bench release --write-ahead off` measures what write-ahead costs).
+    #[arg(long)]
+    bench_without_write_ahead: bool,
 }
 
 /// Why the mock NSM cannot start.
@@ -68,5 +72,6 @@ impl NsmBackend for Mock<'_> {
 fn main() -> ExitCode {
     let cli: Cli = cli::parse(&[MOCK]);
     let mock = Mock { seed: cli.mock_seed.as_deref(), pcrs: &cli.mock_pcr };
-    cli::run("keygate-enclave-dev", cli.enclave, &[&mock])
+    let dev = cli::DevOptions { write_ahead: !cli.bench_without_write_ahead };
+    cli::run_with("keygate-enclave-dev", cli.enclave, &[&mock], dev)
 }

@@ -278,6 +278,25 @@ fn refuse(program: &str, msg: impl fmt::Display) -> ExitCode {
 /// Runs the KRE as `program` (the name in error messages) with `args` and the NSM backends
 /// [`HARDWARE`] and `extra`, until SIGINT or SIGTERM. Exit code 2: a configuration error.
 pub fn run(program: &str, args: EnclaveArgs, extra: &[&dyn NsmBackend]) -> ExitCode {
+    run_with(program, args, extra, DevOptions::default())
+}
+
+/// What only the development binary may change (never `keygate-enclave`).
+#[derive(Debug, Clone, Copy)]
+pub struct DevOptions {
+    /// Answer without waiting for the parent to store the audit entry (to measure what
+    /// write-ahead audit costs; the production binary always waits).
+    pub write_ahead: bool,
+}
+
+impl Default for DevOptions {
+    fn default() -> Self {
+        Self { write_ahead: true }
+    }
+}
+
+/// [`run`] with the development binary's [`DevOptions`].
+pub fn run_with(program: &str, args: EnclaveArgs, extra: &[&dyn NsmBackend], dev: DevOptions) -> ExitCode {
     let fail = |msg: String| refuse(program, msg);
     // No core dumps: a dump of this process would hold KEKs in plaintext.
     if let Err(e) = rlimit::setrlimit(rlimit::Resource::CORE, 0, 0) {
@@ -351,6 +370,7 @@ pub fn run(program: &str, args: EnclaveArgs, extra: &[&dyn NsmBackend]) -> ExitC
         bytes_in_flight: args.bytes_in_flight_mib.clamp(1, 1024) * 1024 * 1024,
         connection_timeout: Duration::from_secs(args.connection_timeout),
         audit_ack_timeout: Duration::from_millis(args.audit_ack_timeout_ms.clamp(1, 60_000)),
+        write_ahead: dev.write_ahead,
     };
 
     let mut rt = tokio::runtime::Builder::new_multi_thread();

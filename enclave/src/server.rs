@@ -40,6 +40,9 @@ pub struct ServerConfig {
     /// a state or unseal step) waits for the parent's acknowledgement before its answer is
     /// withheld (`audit_unacknowledged`).
     pub audit_ack_timeout: Duration,
+    /// Whether answers wait for their audit entry to be stored (always, except in the
+    /// development binary's `--bench-without-write-ahead`, which measures what it costs).
+    pub write_ahead: bool,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +55,7 @@ impl Default for ServerConfig {
             bytes_in_flight: 16 * 1024 * 1024,
             connection_timeout: Duration::from_secs(30),
             audit_ack_timeout: Duration::from_secs(2),
+            write_ahead: true,
         }
     }
 }
@@ -238,7 +242,8 @@ async fn handle(mut stream: BoxStream, peer: &str, channel: Channel, shared: &Sh
         if matches!(step.event, Event::AuditAcked { .. }) {
             sync.acked.notify_waiters();
         }
-        let step = if write_ahead(&step.event) { stored_first(step, kre, cfg, sync).await } else { step };
+        let step =
+            if cfg.write_ahead && write_ahead(&step.event) { stored_first(step, kre, cfg, sync).await } else { step };
         log_event(peer, &step.event);
         if let Err(e) = write_frame(&mut stream, &step.reply, cfg.frame_timeout).await {
             tracing::debug!(%peer, error = %e, "could not send reply");

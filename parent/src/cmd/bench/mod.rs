@@ -49,6 +49,11 @@ pub(crate) enum BenchCommand {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
+        /// Write-ahead audit: `on` (what every KRE does), `off` (answers without waiting for
+        /// the parent to store their entries; the development binary only), or `on,off` for
+        /// both, row by row, in one run.
+        #[arg(long, value_delimiter = ',', default_value = "on")]
+        write_ahead: Vec<OnOff>,
     },
     /// A legitimate client's boot fetches while one process attacks the release port.
     Attack {
@@ -299,82 +304,94 @@ fn mock_client() -> (Arc<dyn Nsm>, TrustAnchor) {
     (nsm, MockNsm::new(SEED.as_bytes(), BTreeMap::new(), system_clock()).root_anchor())
 }
 
-fn bench_release(clients: &[usize], threads: &[usize], seconds: f64) -> Result<(), CliError> {
+/// A switch of a benchmark row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum OnOff {
+    On,
+    Off,
+}
+
+fn bench_release(clients: &[usize], threads: &[usize], seconds: f64, write_ahead: &[OnOff]) -> Result<(), CliError> {
     println!(
         "# keygate bench release ({seconds} s per row; KRE CPU from /proc; {} cores shared by KRE and clients)",
         cores()
     );
-    println!("| KRE threads | clients | releases | releases/s (wall) | KRE CPU s | releases per KRE CPU-s | p50 ms | p99 ms | max ms | errors | wrong keys |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| write-ahead audit | KRE threads | clients | releases | releases/s (wall) | KRE CPU s | releases per KRE CPU-s | p50 ms | p99 ms | max ms | errors | wrong keys |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
     let (nsm, root) = mock_client();
     let mut per_thread_rate = BTreeMap::new();
     for &t in threads {
         for &n in clients {
-            let kre = start_kre(t, &[])?;
-            let f = Arc::new(fetcher(Addr::Unix(kre.sock.clone()), nsm.clone(), &root));
-            // Pre-warm (chain cache, mock PKI); its key is the reference every fetch must get.
-            let reference = rt.block_on(f.once()).map_err(|e| CliError::refused(format!("warm-up fetch: {e}")))?;
-            let reference =
-                Arc::new(reference.keys.first().map(|k| k.key.clone()).ok_or_else(|| CliError::refused("no key"))?);
-            let cpu0 = cpu_seconds(kre.child.id())?;
-            let start = Instant::now();
-            let deadline = start + Duration::from_secs_f64(seconds);
-            let results = rt.block_on(async {
-                let tasks: Vec<_> = (0..n)
-                    .map(|_| {
-                        let f = f.clone();
-                        let reference = reference.clone();
-                        tokio::spawn(async move {
-                            let mut lat = Vec::new();
-                            let mut errors = 0u64;
-                            let mut wrong = 0u64;
-                            while Instant::now() < deadline {
-                                let s = Instant::now();
-                                match f.once().await {
-                                    Ok(got) => {
-                                        lat.push(s.elapsed().as_secs_f64() * 1000.0);
-                                        if got.keys.first().map(|k| &k.key) != Some(&*reference) {
-                                            wrong += 1;
+            for &wa in write_ahead {
+                let kre = start_kre(t, if wa == OnOff::On { &[] } else { &["--bench-without-write-ahead"] })?;
+                let f = Arc::new(fetcher(Addr::Unix(kre.sock.clone()), nsm.clone(), &root));
+                // Pre-warm (chain cache, mock PKI); its key is the reference every fetch must get.
+                let reference = rt.block_on(f.once()).map_err(|e| CliError::refused(format!("warm-up fetch: {e}")))?;
+                let reference =
+                    Arc::new(reference.keys.first().map(|k| k.key.clone()).ok_or_else(|| CliError::refused("no key"))?);
+                let cpu0 = cpu_seconds(kre.child.id())?;
+                let start = Instant::now();
+                let deadline = start + Duration::from_secs_f64(seconds);
+                let results = rt.block_on(async {
+                    let tasks: Vec<_> = (0..n)
+                        .map(|_| {
+                            let f = f.clone();
+                            let reference = reference.clone();
+                            tokio::spawn(async move {
+                                let mut lat = Vec::new();
+                                let mut errors = 0u64;
+                                let mut wrong = 0u64;
+                                while Instant::now() < deadline {
+                                    let s = Instant::now();
+                                    match f.once().await {
+                                        Ok(got) => {
+                                            lat.push(s.elapsed().as_secs_f64() * 1000.0);
+                                            if got.keys.first().map(|k| &k.key) != Some(&*reference) {
+                                                wrong += 1;
+                                            }
                                         }
+                                        Err(_) => errors += 1,
                                     }
-                                    Err(_) => errors += 1,
                                 }
-                            }
-                            (lat, errors, wrong)
+                                (lat, errors, wrong)
+                            })
                         })
-                    })
-                    .collect();
-                let mut lat = Vec::new();
-                let mut errors = 0;
-                let mut wrong = 0;
-                for t in tasks {
-                    if let Ok((l, e, w)) = t.await {
-                        lat.extend(l);
-                        errors += e;
-                        wrong += w;
+                        .collect();
+                    let mut lat = Vec::new();
+                    let mut errors = 0;
+                    let mut wrong = 0;
+                    for t in tasks {
+                        if let Ok((l, e, w)) = t.await {
+                            lat.extend(l);
+                            errors += e;
+                            wrong += w;
+                        }
                     }
+                    (lat, errors, wrong)
+                });
+                let wall = start.elapsed().as_secs_f64();
+                let cpu = cpu_seconds(kre.child.id())? - cpu0;
+                let (mut lat, errors, wrong) = results;
+                lat.sort_by(|a, b| a.total_cmp(b));
+                let pct = |p: f64| lat.get(((lat.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0);
+                let per_cpu = lat.len() as f64 / cpu.max(1e-9);
+                if write_ahead.first() == Some(&wa) {
+                    per_thread_rate.insert((t, n), lat.len() as f64 / wall);
                 }
-                (lat, errors, wrong)
-            });
-            let wall = start.elapsed().as_secs_f64();
-            let cpu = cpu_seconds(kre.child.id())? - cpu0;
-            let (mut lat, errors, wrong) = results;
-            lat.sort_by(|a, b| a.total_cmp(b));
-            let pct = |p: f64| lat.get(((lat.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0);
-            let per_cpu = lat.len() as f64 / cpu.max(1e-9);
-            per_thread_rate.insert((t, n), lat.len() as f64 / wall);
-            println!(
-                "| {t} | {n} | {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {errors} | {wrong} |",
-                lat.len(),
-                lat.len() as f64 / wall,
-                cpu,
-                per_cpu,
-                pct(0.5),
-                pct(0.99),
-                lat.last().copied().unwrap_or(0.0)
-            );
+                println!(
+                    "| {} | {t} | {n} | {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {errors} | {wrong} |",
+                    if wa == OnOff::On { "on" } else { "off" },
+                    lat.len(),
+                    lat.len() as f64 / wall,
+                    cpu,
+                    per_cpu,
+                    pct(0.5),
+                    pct(0.99),
+                    lat.last().copied().unwrap_or(0.0)
+                );
+            }
         }
     }
     for &n in clients {
@@ -473,8 +490,8 @@ fn list(s: &str) -> Result<Vec<usize>, CliError> {
 pub(crate) fn run(cmd: BenchCommand) -> Result<(), CliError> {
     match cmd {
         BenchCommand::Crypto { rounds, seconds } => bench_crypto(rounds, seconds),
-        BenchCommand::Release { clients, threads, seconds } => {
-            bench_release(&list(&clients)?, &list(&threads)?, seconds)
+        BenchCommand::Release { clients, threads, seconds, write_ahead } => {
+            bench_release(&list(&clients)?, &list(&threads)?, seconds, &write_ahead)
         }
         BenchCommand::Memory { connections, flood_seconds } => bench_memory(connections, flood_seconds),
         BenchCommand::Attack { attacks, via, seconds } => attack::bench_attack(&attacks, &via, seconds),
