@@ -21,6 +21,9 @@
 //!   [`check_receipt`] proves that a stored trail holds a receipt's entry.
 //! - [`verify_trail`]: the offline check a customer runs; the first broken link is reported
 //!   with its own [`TrailError`] variant.
+//! - [`AuditHead`] and [`verify_history`]: runs linked across restarts. The sealed state
+//!   carries the head the parent had acknowledged when it was exported; a restarted KRE's
+//!   [`AuditEvent::ChainLinked`] entry names it, and every gap the links show is named.
 //! - [`files`]: the on-disk framing (pure); [`store`]: the parent's append-only directory
 //!   (the only part of this module that does I/O, and it never runs inside the KRE).
 //!
@@ -32,6 +35,7 @@ mod checkpoint;
 mod codec;
 mod event;
 pub mod files;
+mod history;
 mod log;
 mod receipt;
 pub mod store;
@@ -41,6 +45,7 @@ pub use anonymous::{AnonymousTally, ANONYMOUS_PERIOD_MS, MAX_TALLY_CODE_LEN, MIN
 pub use checkpoint::{binding_user_data, chain_id_of, AuditSigner, Checkpoint, CHECKPOINT_DOMAIN, SIGNED_BODY_LEN};
 pub use codec::DecodeError;
 pub use event::{entry_digest, AuditEntry, AuditEvent, Requester, ENTRY_DOMAIN};
+pub use history::{verify_history, AuditHead, HistoryGap, HistoryReport, HistoryRun};
 pub use log::{AuditConfig, AuditLog, AuditStatus};
 pub use receipt::{check_receipt, Receipt, ReceiptError, RECEIPT_BODY_LEN, RECEIPT_DOMAIN, RECEIPT_LEN};
 pub use trail::{verify_trail, verify_trail_with, NotAttested, TrailError, TrailOptions, TrailSummary};
