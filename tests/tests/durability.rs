@@ -679,6 +679,7 @@ fn audit_runs_are_linked_across_a_kill_and_unseal_and_a_deleted_tail_is_named_ex
     let v3 = next_bundle(d, 3, &["--rotate", "prod"]);
     push_and_sync(d, &kre, &v3);
     let (kre, _) = restart_unseal_restore(d, kre);
+    ok(keygate(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&d.join("state"))]));
     ok(fetch(&kre, &d.join("k3")));
     drop(kre);
 

@@ -55,7 +55,7 @@ pub enum HistoryGap {
     /// A stored chain ends before the head its successor's link names: its tail was deleted.
     #[error(
         "chain {}…: entries {from}–{to} missing (run {}… was unsealed from a state sealed at seq {to}; the stored trail ends at seq {})",
-        short(.chain), short(.linked_from), .from - 1
+        short(.chain), short(.linked_from), .from.saturating_sub(1)
     )]
     TailMissing {
         /// The chain.
@@ -200,7 +200,10 @@ pub fn verify_history(runs: &[&[AuditEntry]]) -> HistoryReport {
         let (link, links) = links_of(entries);
         all.push(Run { index, chain: *first.chain_id(), entries, digests, link, links, first_ms: first.time_ms() });
     }
-    let position = |chain: &[u8; 48]| all.iter().position(|r| r.chain == *chain);
+    let by_chain: BTreeMap<[u8; 48], usize> = all.iter().enumerate().rev().map(|(i, r)| (r.chain, i)).collect();
+    let position = |chain: &[u8; 48]| by_chain.get(chain).copied();
+    // The stored predecessor of each run, found once (the ordering below is quadratic at most).
+    let pred: Vec<Option<usize>> = all.iter().map(|r| r.link.and_then(|l| position(&l.chain_id))).collect();
 
     // Order: repeatedly place, among the runs whose predecessor is placed or not stored, the
     // one whose first entry is earliest. Runs left over are on a cycle.
@@ -210,7 +213,7 @@ pub fn verify_history(runs: &[&[AuditEntry]]) -> HistoryReport {
     while placed.len() < all.len() {
         let ready = (0..all.len())
             .filter(|&i| !done[i])
-            .filter(|&i| match all[i].link.and_then(|l| position(&l.chain_id)) {
+            .filter(|&i| match pred[i] {
                 Some(p) => done[p] && p != i,
                 None => true,
             })
