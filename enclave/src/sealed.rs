@@ -931,7 +931,10 @@ mod tests {
         let v3 = [&v2[..], &head].concat();
         let s = open(&seal_raw_as(3, &v3), &key(), c).expect("format 3 opens");
         assert_eq!(s.audit_head.map(|h| (h.seq, h.chain_id[0], h.digest[0])), Some((57, 0xc1, 0xd1)));
-        assert_eq!(open(&seal_raw_as(FORMAT_VERSION_2, &v3), &key(), c), Err(SealedError::Malformed(Malformed::TrailingBytes)));
+        assert_eq!(
+            open(&seal_raw_as(FORMAT_VERSION_2, &v3), &key(), c),
+            Err(SealedError::Malformed(Malformed::TrailingBytes))
+        );
         let cases: Vec<(Vec<u8>, Malformed)> = vec![
             ([&v2[..], &[2]].concat(), Malformed::BadAuditHeadTag { tag: 2 }),
             (v3[..v3.len() - 1].to_vec(), Malformed::Truncated),

@@ -686,11 +686,24 @@ fn audit_runs_are_linked_across_a_kill_and_unseal_and_a_deleted_tail_is_named_ex
     let trail = d.join("followed");
     let root = d.join("root.pem");
     let verify = |dir: &Path| {
-        keygate(&["audit", "verify", &s(dir), "--root", &s(&root), "--expect-kre-pcr", &format!("0={}", hex48(KRE_PCR))])
+        keygate(&[
+            "audit",
+            "verify",
+            &s(dir),
+            "--root",
+            &s(&root),
+            "--expect-kre-pcr",
+            &format!("0={}", hex48(KRE_PCR)),
+        ])
     };
     // (a) Both runs, in DIR, linked.
     let runs = store::read_runs(&trail).expect("runs");
-    assert_eq!(runs.len(), 2, "the restarted run is stored beside the first: {:?}", runs.iter().map(|r| &r.0).collect::<Vec<_>>());
+    assert_eq!(
+        runs.len(),
+        2,
+        "the restarted run is stored beside the first: {:?}",
+        runs.iter().map(|r| &r.0).collect::<Vec<_>>()
+    );
     let (first_dir, first) = &runs[0];
     assert_eq!(first_dir, &trail);
     let chain1 = *first.entries[0].chain_id();
@@ -713,7 +726,11 @@ fn audit_runs_are_linked_across_a_kill_and_unseal_and_a_deleted_tail_is_named_ex
     assert_eq!(released.len(), 2);
     assert!(released.iter().all(|&r| r < link.seq), "the sealed head {} covers the releases {released:?}", link.seq);
     let out = ok(verify(&trail));
-    assert!(out.contains("2 runs") && out.contains(&format!("continues chain {}… at seq {}", hex::encode(&chain1[..8]), link.seq)), "{out}");
+    assert!(
+        out.contains("2 runs")
+            && out.contains(&format!("continues chain {}… at seq {}", hex::encode(&chain1[..8]), link.seq)),
+        "{out}"
+    );
 
     // (b) The parent deletes the first run's entries from after its last checkpoint before the
     // second release (and the checkpoints covering them): that run alone still verifies.

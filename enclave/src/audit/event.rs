@@ -670,8 +670,9 @@ mod tests {
         assert_eq!(e.bytes()[BODY - 1], 12);
         let body = [&9u64.to_be_bytes()[..], &[1], &[3; 48], &57u64.to_be_bytes(), &[4; 48]].concat();
         assert_eq!(&e.bytes()[BODY..], &body[..]);
-        let none = AuditEntry::new([0; 48], 1, [0; 48], 0, 0, AuditEvent::ChainLinked { generation: 2, previous: None })
-            .expect("encode");
+        let none =
+            AuditEntry::new([0; 48], 1, [0; 48], 0, 0, AuditEvent::ChainLinked { generation: 2, previous: None })
+                .expect("encode");
         assert_eq!(&none.bytes()[BODY..], &[&2u64.to_be_bytes()[..], &[0]].concat()[..]);
         let mut b = none.bytes().to_vec();
         b[BODY + 8] = 2;

@@ -256,9 +256,7 @@ pub fn verify_history(runs: &[&[AuditEntry]]) -> HistoryReport {
             // Seq 0 claims no entry: the predecessor had nothing acknowledged when it sealed.
             Some(l) if l.seq == 0 => {}
             Some(l) => match position(&l.chain_id) {
-                None => {
-                    gaps.push(HistoryGap::ChainMissing { chain: l.chain_id, seq: l.seq, linked_from: run.chain })
-                }
+                None => gaps.push(HistoryGap::ChainMissing { chain: l.chain_id, seq: l.seq, linked_from: run.chain }),
                 Some(p) => {
                     let prev = &all[p];
                     let last = prev.entries.iter().map(AuditEntry::seq).max().unwrap_or(0);
@@ -358,7 +356,8 @@ mod tests {
     #[test]
     fn sequence_gaps_missing_chains_and_wrong_digests_are_each_named() {
         let a = run(1, 20, 1_000, None);
-        let holes: Vec<AuditEntry> = a.iter().filter(|e| !(5..=7).contains(&e.seq()) && e.seq() != 12).cloned().collect();
+        let holes: Vec<AuditEntry> =
+            a.iter().filter(|e| !(5..=7).contains(&e.seq()) && e.seq() != 12).cloned().collect();
         assert_eq!(
             verify_history(&[&holes]).gaps,
             vec![
@@ -366,10 +365,7 @@ mod tests {
                 HistoryGap::SequenceGap { chain: chain(1), from: 12, to: 12 },
             ]
         );
-        assert_eq!(
-            verify_history(&[&a[3..]]).gaps,
-            vec![HistoryGap::SequenceGap { chain: chain(1), from: 1, to: 3 }]
-        );
+        assert_eq!(verify_history(&[&a[3..]]).gaps, vec![HistoryGap::SequenceGap { chain: chain(1), from: 1, to: 3 }]);
         // The predecessor is not stored at all.
         let b = run(2, 3, 5_000, Some((1, Some(head(&a, 20)))));
         assert_eq!(

@@ -579,9 +579,9 @@ fn verify_runs(
             Some(l) => format!("continues chain {}… at seq {}", short(&l.chain_id), l.seq),
             None => "no predecessor".to_owned(),
         };
-        let link_json = run.link.map(|l| {
-            json!({ "chain_id": hex::encode(l.chain_id), "seq": l.seq, "digest": hex::encode(l.digest) })
-        });
+        let link_json = run
+            .link
+            .map(|l| json!({ "chain_id": hex::encode(l.chain_id), "seq": l.seq, "digest": hex::encode(l.digest) }));
         let result = verify_trail_with(&trail.entries, &trail.checkpoints, verifier, &a.expect_kre_pcr, options);
         let _ = write!(
             text,
