@@ -318,27 +318,21 @@ fn start_kre(d: &Path, sock: &Path, n: usize) -> Proc {
     Proc(child)
 }
 
-/// The chain ids of the audit directories under `root` whose name starts with `prefix`, with
-/// their entry count.
-fn stored_runs(root: &Path, prefix: &str) -> Vec<(std::path::PathBuf, [u8; 48], usize)> {
+/// The runs stored in the history directory `dir` (`dir` itself and its `chain-*`
+/// subdirectories): each directory, chain id and entry count.
+fn stored_runs(dir: &Path) -> Vec<(std::path::PathBuf, [u8; 48], usize)> {
     let mut runs = Vec::new();
-    for e in std::fs::read_dir(root).expect("read_dir").flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with(prefix) || !e.path().join(ENTRIES_FILE).exists() {
-            continue;
-        }
-        if let Ok(t) = store::read_dir(&e.path()) {
-            if let Some(first) = t.entries.first() {
-                runs.push((e.path(), *first.chain_id(), t.entries.len()));
-            }
+    for (path, t) in store::read_runs(dir).unwrap_or_default() {
+        if let Some(first) = t.entries.first() {
+            runs.push((path, *first.chain_id(), t.entries.len()));
         }
     }
-    runs.sort();
     runs
 }
 
 /// `keygate audit pull --follow` survives the KRE being killed (its rounds fail meanwhile)
-/// and collects the restarted KRE's new chain, into the sibling directory named after it.
+/// and collects the restarted KRE's new chain into the same directory, in the subdirectory
+/// named after it (beside the first run).
 #[test]
 fn audit_pull_follow_survives_a_kre_restart() {
     use std::time::{Duration, Instant};
@@ -367,8 +361,8 @@ fn audit_pull_follow_survives_a_kre_restart() {
         }
     };
 
-    wait_until("the first run collected", Duration::from_secs(6), &|| !stored_runs(tmp.path(), "audit").is_empty());
-    let first = stored_runs(tmp.path(), "audit");
+    wait_until("the first run collected", Duration::from_secs(6), &|| !stored_runs(&dir).is_empty());
+    let first = stored_runs(&dir);
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].0, dir);
 
@@ -380,14 +374,14 @@ fn audit_pull_follow_survives_a_kre_restart() {
     let status = keygate(&["status", "--kre", &format!("unix:{}.parent", sock.display())]);
     assert!(status.status.success(), "{}", text(&status.stderr));
 
-    wait_until("the new run collected", Duration::from_secs(19), &|| stored_runs(tmp.path(), "audit").len() == 2);
+    wait_until("the new run collected", Duration::from_secs(19), &|| stored_runs(&dir).len() == 2);
     assert!(pull.0.try_wait().expect("try_wait").is_none(), "the pull is still running; log: {}", log());
-    let runs = stored_runs(tmp.path(), "audit");
+    let runs = stored_runs(&dir);
     let new = runs.iter().find(|r| r.0 != dir).expect("the new run's directory");
     assert_ne!(new.1, first[0].1, "a new chain");
-    assert!(new.0.to_string_lossy().ends_with(&hex::encode(&new.1[..8])), "{}", new.0.display());
+    assert_eq!(new.0, dir.join(format!("chain-{}", hex::encode(&new.1[..8]))), "beside the first run, in DIR");
     assert!(new.2 >= 1, "the new run's entries are stored");
-    assert_eq!(stored_runs(tmp.path(), "audit")[0].2, first[0].2, "the first run's directory is unchanged");
+    assert_eq!(stored_runs(&dir)[0].2, first[0].2, "the first run's directory is unchanged");
     let l = log();
     let line = l.lines().find(|l| l.contains("audit pull:")).expect("an error line");
     assert!(line.starts_with("keygate: 20"), "the line names the time: {line}");
