@@ -668,6 +668,42 @@ fn loosens(old: &ReleasePolicy, new: &ReleasePolicy) -> bool {
     })
 }
 
+/// What both `old` and `new` allow, and nothing else: the policy a KRE applies while a change
+/// from `old` to `new` is in force but not yet durable. A removal or tightening in `new` holds
+/// at once; a cluster, image or looser rule that `new` adds does not, until `new` is durable.
+///
+/// Per cluster in both: the images both pin with the same PCR values and kind (what admits a
+/// document; the name is a label, and a kind change admits no document under both), each
+/// within both time windows; the KEK version `new`
+/// names (a rotation needs its new KEK committed before anything is released under it); the
+/// higher retirement of the two. Debug documents only if both allow them.
+pub fn stricter(old: &ReleasePolicy, new: &ReleasePolicy) -> ReleasePolicy {
+    let later = |a: Option<u64>, b: Option<u64>| a.max(b);
+    let earlier = |a: Option<u64>, b: Option<u64>| match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let mut clusters = BTreeMap::new();
+    for (id, rule) in &new.clusters {
+        let Some(prev) = old.clusters.get(id) else { continue };
+        let images = rule
+            .images
+            .iter()
+            .filter_map(|img| {
+                let o = prev.images.iter().find(|o| o.pcrs == img.pcrs && o.kind == img.kind)?;
+                Some(ImageRule {
+                    not_before_ms: later(o.not_before_ms, img.not_before_ms),
+                    not_after_ms: earlier(o.not_after_ms, img.not_after_ms),
+                    ..img.clone()
+                })
+            })
+            .collect();
+        let kek_retire_below = prev.kek_retire_below.max(rule.kek_retire_below).min(rule.kek_version);
+        clusters.insert(id.clone(), ClusterRule { images, kek_version: rule.kek_version, kek_retire_below });
+    }
+    ReleasePolicy { clusters, allow_debug: old.allow_debug && new.allow_debug }
+}
+
 /// The policy in force while `new` waits for `activates_at_ms`.
 fn merge(old: &ReleasePolicy, new: &ReleasePolicy, activates_at_ms: u64) -> ReleasePolicy {
     let mut clusters = BTreeMap::new();

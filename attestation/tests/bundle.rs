@@ -831,3 +831,55 @@ fn a_nitrotpm_rule_pinning_the_boot_pcrs_matches_nitrotpm_documents_only() {
         })
     );
 }
+
+#[test]
+fn the_stricter_of_two_policies_allows_only_what_both_allow() {
+    let (a, b, c) = (verified(0xa), verified(0xb), verified(0xc));
+    let allows = |p: &ReleasePolicy, d: &keygate_attestation::VerifiedAttestation| {
+        policy::evaluate(p, d, "prod", NOW_MS).is_ok()
+    };
+    let old = policy_with(vec![image("a", 0xa), image("b", 0xb)]);
+    // The new policy revokes "b" and adds "c": only "a" is allowed by both.
+    let new = policy_with(vec![image("a", 0xa), image("c", 0xc)]);
+    let both = bundle::stricter(&old, &new);
+    assert!(allows(&both, &a));
+    assert!(!allows(&both, &b), "a revocation holds at once");
+    assert!(!allows(&both, &c), "an addition waits until the new policy is durable");
+    assert_eq!(bundle::stricter(&new, &old), both, "symmetric in what it allows");
+
+    // Time windows: the later start and the earlier end hold.
+    let old = policy_with(vec![ImageRule { not_after_ms: Some(NOW_MS - 1), ..image("a", 0xa) }]);
+    let new = policy_with(vec![ImageRule { not_after_ms: Some(NOW_MS + 1000), ..image("a", 0xa) }]);
+    assert!(allows(&new, &a));
+    assert!(!allows(&bundle::stricter(&old, &new), &a), "an extended expiry waits too");
+    let new = policy_with(vec![ImageRule { not_before_ms: Some(NOW_MS + 1), ..image("a", 0xa) }]);
+    let old = policy_with(vec![image("a", 0xa)]);
+    assert!(!allows(&bundle::stricter(&old, &new), &a));
+
+    // A kind change: no document is of both kinds.
+    let old = policy_with(vec![rule("t", DocumentKind::Enclave, &[0, 1, 2], 0xa)]);
+    let new = policy_with(vec![rule("t", DocumentKind::NitroTpm, &[0, 1, 2], 0xa)]);
+    assert!(bundle::stricter(&old, &new).clusters["prod"].images.is_empty());
+
+    // A cluster only one side has is not in the result; retirement takes the higher of the two,
+    // the KEK version the new one.
+    let mut old = policy_with(vec![image("a", 0xa)]);
+    let mut new = old.clone();
+    old.clusters.insert("staging".into(), ClusterRule::new(vec![image("a", 0xa)]));
+    if let Some(r) = old.clusters.get_mut("prod") {
+        (r.kek_version, r.kek_retire_below) = (3, 2);
+    }
+    if let Some(r) = new.clusters.get_mut("prod") {
+        (r.kek_version, r.kek_retire_below) = (4, 1);
+    }
+    let both = bundle::stricter(&old, &new);
+    assert!(!both.clusters.contains_key("staging"));
+    assert_eq!((both.clusters["prod"].kek_version, both.clusters["prod"].kek_retire_below), (4, 2));
+
+    // Debug documents only if both allow them.
+    let (mut old, mut new) = (policy_with(vec![]), policy_with(vec![]));
+    (old.allow_debug, new.allow_debug) = (true, false);
+    assert!(!bundle::stricter(&old, &new).allow_debug);
+    new.allow_debug = true;
+    assert!(bundle::stricter(&old, &new).allow_debug);
+}

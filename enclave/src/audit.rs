@@ -19,6 +19,9 @@
 //! - [`Receipt`]: what a client keeps of each release, signed by the same key: the chain, the
 //!   sequence number and the digest of the release's entry, and the client's document digest.
 //!   [`check_receipt`] proves that a stored trail holds a receipt's entry.
+//! - [`PolicyReceipt`]: what the pipeline keeps of each policy change once it is durable,
+//!   signed by the same key and carrying the document that binds it: the committed
+//!   generation that carries the bundle.
 //! - [`verify_trail`]: the offline check a customer runs; the first broken link is reported
 //!   with its own [`TrailError`] variant.
 //! - [`AuditHead`] and [`verify_history`]: runs linked across restarts. The sealed state
@@ -33,6 +36,7 @@
 mod anonymous;
 mod checkpoint;
 mod codec;
+mod durable;
 mod event;
 pub mod files;
 mod history;
@@ -44,6 +48,10 @@ mod trail;
 pub use anonymous::{AnonymousTally, ANONYMOUS_PERIOD_MS, MAX_TALLY_CODE_LEN, MIN_PERIOD_MS, OTHER_CODE};
 pub use checkpoint::{binding_user_data, chain_id_of, AuditSigner, Checkpoint, CHECKPOINT_DOMAIN, SIGNED_BODY_LEN};
 pub use codec::DecodeError;
+pub use durable::{
+    DurablePolicy, PolicyReceipt, PolicyReceiptError, MAX_POLICY_RECEIPT_LEN, POLICY_RECEIPT_BODY_LEN,
+    POLICY_RECEIPT_DOMAIN,
+};
 pub use event::{entry_digest, AuditEntry, AuditEvent, Requester, ENTRY_DOMAIN};
 pub use history::{verify_history, AuditHead, HistoryGap, HistoryReport, HistoryRun};
 pub use log::{AuditConfig, AuditLog, AuditStatus};

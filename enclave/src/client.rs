@@ -83,6 +83,7 @@ impl ClientError {
                     | DenyCode::Sealed
                     | DenyCode::StatePending
                     | DenyCode::PolicyStale
+                    | DenyCode::PolicyNotDurable
                     | DenyCode::ActivationPending
                     | DenyCode::Timeout
                     | DenyCode::Internal
@@ -293,6 +294,7 @@ mod tests {
             DenyCode::Sealed,
             DenyCode::StatePending,
             DenyCode::PolicyStale,
+            DenyCode::PolicyNotDurable,
             DenyCode::ActivationPending,
             DenyCode::Timeout,
             DenyCode::Internal,

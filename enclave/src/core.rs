@@ -112,6 +112,13 @@ pub enum Event {
     },
     /// A status report was sent.
     StatusReported,
+    /// A durability receipt was sent: the committed sealed state carries the policy.
+    PolicyDurable {
+        /// The policy version asked about.
+        version: u64,
+        /// The committed generation that carries it.
+        generation: u64,
+    },
     /// A durable-state step (genesis, load, export, commit).
     State {
         /// Which step.
@@ -181,8 +188,10 @@ pub struct Kre {
 enum PolicySource {
     /// A startup policy file (no pushes).
     Static(Arc<ReleasePolicy>),
-    /// Pipeline-signed bundles, from the genesis bundle built into the image.
-    Signed(PolicyState),
+    /// Pipeline-signed bundles, from the genesis bundle built into the image; with custodians,
+    /// also the state as of the policy head the committed sealed state carries, kept while a
+    /// newer bundle is in force but not yet durable (the stricter of the two then holds).
+    Signed(PolicyState, Option<Box<PolicyState>>),
 }
 
 /// A KRE could not start.
@@ -238,7 +247,7 @@ impl Kre {
         nsm: Arc<dyn Nsm>,
     ) -> Result<Self, StartError> {
         let state = PolicyState::genesis(genesis, verifier.crypto())?;
-        Self::build(config, verifier, PolicySource::Signed(state), nsm)
+        Self::build(config, verifier, PolicySource::Signed(state, None), nsm)
     }
 
     fn build(
@@ -359,6 +368,8 @@ impl Kre {
             "nsm": self.nsm.kind(),
             "policy_version": head.map(|(v, _)| v),
             "policy_digest": head.map(|(_, d)| hex::encode(d)),
+            "policy_durable_version": self.committed_policy_version(),
+            "policy_in_force_not_durable": matches!(&*self.source(), PolicySource::Signed(_, Some(_))),
             "live_challenges": self.live_challenges(),
             "audit": {
                 "last_seq": a.last_seq,
@@ -388,7 +399,7 @@ impl Kre {
     fn policy_schedule(&self) -> Vec<(String, u32, u32)> {
         match &*self.source() {
             PolicySource::Static(p) => schedule_of(p),
-            PolicySource::Signed(s) => schedule_of(&s.latest().bundle.body.policy),
+            PolicySource::Signed(s, _) => schedule_of(&s.latest().bundle.body.policy),
         }
     }
 
@@ -522,7 +533,7 @@ impl Kre {
     pub fn policy_head(&self) -> Option<(u64, [u8; 48])> {
         match &*self.source() {
             PolicySource::Static(_) => None,
-            PolicySource::Signed(s) => Some((s.latest().bundle.body.version, s.latest().digest)),
+            PolicySource::Signed(s, _) => Some((s.latest().bundle.body.version, s.latest().digest)),
         }
     }
 
@@ -538,7 +549,9 @@ impl Kre {
             digest: meta.as_ref().map(|b| keygate_attestation::bundle::digest(&b.body_bytes)),
         };
         let deny = |code, reason: String| Deny { stage: stage.clone(), ..Deny::new(code, reason) };
-        let PolicySource::Signed(state) = &mut *guard else {
+        // What a restart would come back to (lock order: policy → vault, released at once).
+        let committed = self.vault.as_ref().map(|v| lock(v).committed_policy().and_then(|(_, head)| head));
+        let PolicySource::Signed(state, durable) = &mut *guard else {
             return Err(deny(DenyCode::PolicyStatic, "this KRE runs a static policy file and takes no pushes".into()));
         };
         // Apply to a copy, make the KEKs, then commit: a failure leaves the state as it was.
@@ -590,7 +603,15 @@ impl Kre {
             tracing::debug!(error = %e, "policy acceptance not recorded; the policy is not applied");
             return Err(deny(DenyCode::AuditFull, format!("policy not applied: it cannot be recorded: {e}")));
         }
-        *state = next;
+        let before = std::mem::replace(state, next);
+        // With custodians, a bundle beyond the committed head is in force but not durable: the
+        // state as of the durable head is kept (if not kept already), and the stricter of the
+        // two applies until a commit carries the new head.
+        if let Some(committed) = committed {
+            if durable.is_none() && committed.is_none_or(|(v, _)| report.version > v) {
+                *durable = Some(Box::new(before));
+            }
+        }
         drop(log);
         drop(guard);
         lock(&self.policy_history).push((report.version, report.digest));
@@ -761,6 +782,7 @@ impl Kre {
             }
             Ok((committed, events))
         })?;
+        self.refresh_durable_policy();
         Ok(committed)
     }
 
@@ -906,7 +928,7 @@ impl Kre {
                 Ok(p) => p,
                 Err(p) => p.into_inner(),
             };
-            if let PolicySource::Signed(state) = &mut *guard {
+            if let PolicySource::Signed(state, _) = &mut *guard {
                 let (version, digest) = (state.latest().bundle.body.version, state.latest().digest);
                 let mut v = lock(v);
                 v.set_policy_head((version, digest));
@@ -921,6 +943,7 @@ impl Kre {
             }
         }
         self.after_unseal_keks();
+        self.refresh_durable_policy();
     }
 
     /// Clusters of the current policy that the unsealed state lacks get KEKs, rotations
@@ -1011,8 +1034,99 @@ impl Kre {
     pub fn policy(&self, now_ms: u64) -> Arc<ReleasePolicy> {
         match &*self.source() {
             PolicySource::Static(p) => p.clone(),
-            PolicySource::Signed(s) => Arc::new(s.effective(now_ms)),
+            PolicySource::Signed(s, None) => Arc::new(s.effective(now_ms)),
+            PolicySource::Signed(s, Some(durable)) => {
+                Arc::new(keygate_attestation::bundle::stricter(&durable.effective(now_ms), &s.effective(now_ms)))
+            }
         }
+    }
+
+    /// The newest policy alone at `now_ms`, while it is in force but not durable (the policy in
+    /// force is then the stricter of it and the durable one); `None` once it is durable.
+    pub fn undurable_policy(&self, now_ms: u64) -> Option<ReleasePolicy> {
+        match &*self.source() {
+            PolicySource::Signed(s, Some(_)) => Some(s.effective(now_ms)),
+            _ => None,
+        }
+    }
+
+    /// The policy version the committed sealed state carries (`None` without custodians or
+    /// before serving).
+    pub fn committed_policy_version(&self) -> Option<u64> {
+        let v = self.vault.as_ref()?;
+        lock(v).committed_policy().and_then(|(_, head)| head).map(|(version, _)| version)
+    }
+
+    /// Whether a `PolicyDurableWait` for `version` has its answer now: without custodians or
+    /// before serving at once (a refusal), while serving once the committed head reaches it.
+    pub fn durable_answer_ready(&self, version: u64) -> bool {
+        let Some(v) = &self.vault else { return true };
+        match lock(v).committed_policy() {
+            None => true,
+            Some((_, head)) => head.is_some_and(|(committed, _)| committed >= version),
+        }
+    }
+
+    /// Drops the kept durable policy once the committed sealed state carries the newest head
+    /// (after a commit or an unseal). Lock order: policy → vault.
+    fn refresh_durable_policy(&self) {
+        let Some(v) = &self.vault else { return };
+        let mut guard = match self.policy.write() {
+            Ok(p) => p,
+            Err(p) => p.into_inner(),
+        };
+        if let PolicySource::Signed(state, durable) = &mut *guard {
+            let latest = state.latest().bundle.body.version;
+            let carried = lock(v).committed_policy().and_then(|(_, head)| head).is_some_and(|(cv, _)| cv >= latest);
+            if durable.is_some() && carried {
+                *durable = None;
+            }
+        }
+    }
+
+    /// Whether the committed sealed state carries bundle `(version, digest)`: the durability
+    /// receipt when it does, `policy_not_durable` with what is committed when not yet.
+    fn policy_durable(&self, version: u64, digest: &[u8; 48], now_ms: u64) -> Result<Step, Deny> {
+        let stage = Stage::Policy { version: Some(version), digest: Some(*digest) };
+        let deny = |code, reason: String| Deny { stage: stage.clone(), ..Deny::new(code, reason) };
+        let vault = self.vault.as_ref().ok_or_else(|| {
+            deny(
+                DenyCode::StateRefused,
+                "this KRE runs without custodians: it has no sealed state, so no policy is durable beyond this run"
+                    .into(),
+            )
+        })?;
+        let known = lock(&self.policy_history).iter().any(|(v, d)| *v == version && d == digest);
+        if !known {
+            return Err(deny(
+                DenyCode::PolicyRefused,
+                format!("policy v{version} with this digest was not accepted by this KRE run"),
+            ));
+        }
+        let (generation, head) = match lock(vault).committed_policy() {
+            Some(c) => c,
+            None => return Err(deny(DenyCode::Sealed, "the KRE is sealed: nothing is committed".into())),
+        };
+        match head {
+            Some((cv, _)) if cv >= version => {}
+            _ => {
+                return Err(deny(
+                    DenyCode::PolicyNotDurable,
+                    format!(
+                        "policy v{version} is in force but not durable: the committed sealed state (generation {generation}) carries {}; the parent has not stored and committed the export that carries it (`keygate state sync`)",
+                        head.map_or("no policy head".into(), |(v, _)| format!("policy v{v}"))
+                    ),
+                ))
+            }
+        }
+        let signer = self.audit().signer_handle();
+        let receipt = signer
+            .sign_policy_receipt(generation, version, *digest, now_ms)
+            .map_err(|e| deny(DenyCode::Internal, format!("signing the durability receipt: {e}")))?;
+        Message::PolicyDurable { receipt: receipt.to_bytes() }
+            .encode()
+            .map(|reply| Step { reply, close: true, event: Event::PolicyDurable { version, generation } })
+            .map_err(|e| deny(DenyCode::Internal, e.to_string()))
     }
 
     fn nonces(&self) -> std::sync::MutexGuard<'_, NonceTable> {
@@ -1275,6 +1389,9 @@ impl Connection {
                     audit_pull(kre, after_seq, max, env.now_ms, false)
                 }
                 (State::ExpectHello, Message::AuditAck { up_to_seq }) => audit_ack(kre, up_to_seq),
+                (State::ExpectHello, Message::PolicyDurableWait { version, digest, .. }) => {
+                    kre.policy_durable(version, &digest, env.now_ms)
+                }
                 (State::ExpectHello, Message::Status) => Message::StatusReport { json: kre.status_json() }
                     .encode()
                     .map(|reply| Step { reply, close: true, event: Event::StatusReported })
@@ -1483,6 +1600,7 @@ fn release(
     env: &mut Env<'_>,
 ) -> Result<Step, Deny> {
     let policy = kre.policy(env.now_ms);
+    let undurable = kre.undurable_policy(env.now_ms);
     let with = |code, reason: String, requester: &Option<Requester>| Deny {
         code,
         reason,
@@ -1602,9 +1720,24 @@ fn release(
         ));
     }
 
-    // Policy.
-    let image = match policy::evaluate(&policy, &att, cluster.as_str(), env.now_ms) {
-        Ok(image) => image.name.clone(),
+    // Policy. What only a newer, not yet durable policy allows waits for the parent's commit
+    // (retryable, never read as a revocation); what the newest denies is refused for its reason.
+    let verdict = match (policy::evaluate(&policy, &att, cluster.as_str(), env.now_ms), &undurable) {
+        (Ok(image), _) => Ok(image.name.clone()),
+        (Err(e), None) => Err(e),
+        (Err(e), Some(newest)) => match policy::evaluate(newest, &att, cluster.as_str(), env.now_ms) {
+            Ok(_) => {
+                return Err(with(
+                    DenyCode::PolicyNotDurable,
+                    format!("{e}; the newest policy allows it, but the parent has not yet committed the sealed state that carries it"),
+                    &requester,
+                ))
+            }
+            Err(newest_denial) => Err(newest_denial),
+        },
+    };
+    let image = match verdict {
+        Ok(image) => image,
         Err(PolicyDenial::UnknownCluster(c)) => {
             return Err(with(DenyCode::UnknownCluster, format!("cluster `{c}` is not in the policy"), &requester))
         }

@@ -157,6 +157,7 @@ fn write_ahead(event: &Event) -> bool {
         | Event::AuditPulled { .. }
         | Event::AuditAcked { .. }
         | Event::StatusReported
+        | Event::PolicyDurable { .. }
         | Event::UnsealOffered
         | Event::Denied { .. } => false,
     }
@@ -202,6 +203,13 @@ async fn handle(mut stream: BoxStream, peer: &str, channel: Channel, shared: &Sh
                     if let Ok(Message::AuditWait { after_seq, wait_ms, .. }) = Message::decode(&req.body) {
                         let limit = Duration::from_millis(u64::from(wait_ms.min(wire::MAX_AUDIT_WAIT_MS)));
                         wait_until(&sync.appended, limit, || kre.audit().status().last_seq > after_seq).await;
+                    }
+                }
+                // A commit appends its entry, so waiting for appends sees it.
+                if req.body.get(1) == Some(&wire::ty::POLICY_DURABLE_WAIT) {
+                    if let Ok(Message::PolicyDurableWait { version, wait_ms, .. }) = Message::decode(&req.body) {
+                        let limit = Duration::from_millis(u64::from(wait_ms.min(wire::MAX_DURABLE_WAIT_MS)));
+                        wait_until(&sync.appended, limit, || kre.durable_answer_ready(version)).await;
                     }
                 }
                 let mut rng = os_random;
@@ -276,6 +284,9 @@ fn log_event(peer: &str, event: &Event) {
         Event::AuditPulled { entries } => tracing::debug!(%peer, entries, "audit entries pulled"),
         Event::AuditAcked { up_to_seq } => tracing::info!(%peer, up_to_seq, "audit entries acknowledged"),
         Event::StatusReported => tracing::debug!(%peer, "status reported"),
+        Event::PolicyDurable { version, generation } => {
+            tracing::info!(%peer, version, generation, "policy durable: receipt sent");
+        }
         Event::State { step, generation } => tracing::info!(%peer, step, generation, "sealed state step"),
         Event::UnsealOffered => tracing::info!(%peer, "unseal offer sent to a custodian"),
         Event::UnsealShareAccepted { have, need, serving } => {

@@ -432,6 +432,15 @@ impl Vault {
         self.floor
     }
 
+    /// The committed generation and the policy head it carries, while serving: what a restart
+    /// would come back to. `None` before serving.
+    pub fn committed_policy(&self) -> Option<(u64, Option<(u64, [u8; 48])>)> {
+        match &self.inner {
+            Inner::Serving(s) => Some((s.committed.generation, s.committed.policy_head)),
+            _ => None,
+        }
+    }
+
     /// The shares file and genesis attestation (serving or unsealing).
     pub fn custody(&self) -> Option<&Custody> {
         match &self.inner {

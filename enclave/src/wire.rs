@@ -61,6 +61,8 @@ pub mod ty {
     pub const UNSEAL_PROGRESS: u8 = 23;
     pub const RESHARE_START: u8 = 24;
     pub const AUDIT_WAIT: u8 = 25;
+    pub const POLICY_DURABLE_WAIT: u8 = 26;
+    pub const POLICY_DURABLE: u8 = 27;
 }
 
 /// The message name of a type byte (`None` for a byte that is no message type).
@@ -91,6 +93,8 @@ pub fn type_name(t: u8) -> Option<&'static str> {
         ty::UNSEAL_PROGRESS => "UnsealProgress",
         ty::RESHARE_START => "ReshareStart",
         ty::AUDIT_WAIT => "AuditWait",
+        ty::POLICY_DURABLE_WAIT => "PolicyDurableWait",
+        ty::POLICY_DURABLE => "PolicyDurable",
         _ => return None,
     })
 }
@@ -120,6 +124,7 @@ impl Channel {
         match t {
             ty::HELLO | ty::RELEASE => Some(Channel::Release),
             ty::POLICY_PUSH
+            | ty::POLICY_DURABLE_WAIT
             | ty::AUDIT_PULL
             | ty::AUDIT_WAIT
             | ty::AUDIT_ACK
@@ -171,6 +176,7 @@ pub fn max_request_body(t: u8) -> Option<usize> {
         ty::RELEASE => HEAD + STR8_ID + 1 + MAX_KEYS * STR8_ID + 2 + keygate_attestation::cose::MAX_DOCUMENT,
         ty::AUDIT_PULL => HEAD + 8 + 2,
         ty::AUDIT_WAIT => HEAD + 8 + 2 + 2,
+        ty::POLICY_DURABLE_WAIT => HEAD + 8 + 48 + 2,
         ty::AUDIT_ACK => HEAD + 8,
         ty::STATUS | ty::STATE_POLL | ty::STATE_GENESIS => HEAD,
         ty::STATE_COMMIT => HEAD + 8 + 48,
@@ -217,6 +223,8 @@ pub struct StateReport {
 pub const MAX_AUDIT_BATCH: usize = 1024;
 /// Longest wait an [`Message::AuditWait`] may ask for, ms.
 pub const MAX_AUDIT_WAIT_MS: u16 = 5000;
+/// Longest wait a [`Message::PolicyDurableWait`] may ask for, ms.
+pub const MAX_DURABLE_WAIT_MS: u16 = 5000;
 
 /// A cluster or key id: 1–64 bytes of `[A-Za-z0-9._-]`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -331,6 +339,23 @@ pub enum Message {
         max: u16,
         /// Longest wait for a new entry, ms.
         wait_ms: u16,
+    },
+    /// Pipeline (through the parent) → KRE: answer once the sealed state the parent committed
+    /// carries policy bundle `(version, digest)`, or after `wait_ms` (at most
+    /// [`MAX_DURABLE_WAIT_MS`]) with `policy_not_durable`.
+    PolicyDurableWait {
+        /// The bundle's version.
+        version: u64,
+        /// The bundle's digest.
+        digest: [u8; 48],
+        /// Longest wait, ms.
+        wait_ms: u16,
+    },
+    /// KRE → pipeline: the bundle is durable; the receipt (`audit::PolicyReceipt`, signed by the
+    /// KRE's attested audit key) names the committed generation that carries it.
+    PolicyDurable {
+        /// The encoded durability receipt.
+        receipt: Vec<u8>,
     },
     /// KRE → parent: audit entries (canonical bytes, `docs/audit.md`) and, when the batch
     /// reaches the head of the chain, a checkpoint signed now.
@@ -456,6 +481,8 @@ impl Message {
             Message::PolicyAccepted { .. } => ty::POLICY_ACCEPTED,
             Message::AuditPull { .. } => ty::AUDIT_PULL,
             Message::AuditWait { .. } => ty::AUDIT_WAIT,
+            Message::PolicyDurableWait { .. } => ty::POLICY_DURABLE_WAIT,
+            Message::PolicyDurable { .. } => ty::POLICY_DURABLE,
             Message::AuditBatch { .. } => ty::AUDIT_BATCH,
             Message::AuditAck { .. } => ty::AUDIT_ACK,
             Message::AuditAcked { .. } => ty::AUDIT_ACKED,
@@ -567,6 +594,10 @@ deny_codes! {
     StateRefused = 52, "state_refused";
     /// The policy chain has not been replayed up to the head recorded in the sealed state.
     PolicyStale = 72, "policy_stale";
+    /// Allowed by the newest policy, but not by the one the committed sealed state carries:
+    /// until the parent commits the change, the stricter of the two holds. Retry; not a
+    /// revocation. Also the answer to a `PolicyDurableWait` that timed out.
+    PolicyNotDurable = 73, "policy_not_durable";
     /// An internal failure (NSM, crypto); nothing was released.
     Internal = 60, "internal";
     /// A policy bundle was refused (the reason says which rule).
@@ -761,6 +792,12 @@ impl Message {
                 body.extend_from_slice(&max.to_be_bytes());
                 body.extend_from_slice(&wait_ms.to_be_bytes());
             }
+            Message::PolicyDurableWait { version, digest, wait_ms } => {
+                body.extend_from_slice(&version.to_be_bytes());
+                body.extend_from_slice(digest);
+                body.extend_from_slice(&wait_ms.to_be_bytes());
+            }
+            Message::PolicyDurable { receipt } => put_bytes16(&mut body, receipt)?,
             Message::AuditBatch { entries, checkpoint } => {
                 if entries.len() > MAX_AUDIT_BATCH {
                     return Err(WireError::TooLong);
@@ -897,6 +934,10 @@ impl Message {
             }
             ty::AUDIT_PULL => Message::AuditPull { after_seq: r.u64()?, max: r.u16()? },
             ty::AUDIT_WAIT => Message::AuditWait { after_seq: r.u64()?, max: r.u16()?, wait_ms: r.u16()? },
+            ty::POLICY_DURABLE_WAIT => {
+                Message::PolicyDurableWait { version: r.u64()?, digest: r.array()?, wait_ms: r.u16()? }
+            }
+            ty::POLICY_DURABLE => Message::PolicyDurable { receipt: r.bytes16()?.to_vec() },
             ty::AUDIT_BATCH => {
                 let n = usize::from(r.u16()?);
                 if n > MAX_AUDIT_BATCH {
@@ -1024,6 +1065,8 @@ mod tests {
             Message::PolicyAccepted { version: 7, digest: [8; 48], activates_at_ms: 1_795_478_400_000 },
             Message::AuditPull { after_seq: 9, max: 100 },
             Message::AuditWait { after_seq: 9, max: 100, wait_ms: 1000 },
+            Message::PolicyDurableWait { version: 3, digest: [5; 48], wait_ms: 1000 },
+            Message::PolicyDurable { receipt: vec![6; 5000] },
             Message::AuditBatch { entries: vec![vec![1; 300], vec![2; 10]], checkpoint: vec![3; 5000] },
             Message::AuditBatch { entries: vec![], checkpoint: vec![] },
             Message::AuditAck { up_to_seq: 12 },

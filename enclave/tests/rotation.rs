@@ -678,3 +678,93 @@ fn a_restore_reapplies_the_recorded_activation_times_and_pending_is_not_a_revoca
     assert_eq!(refused(&k, Message::PolicyPush { bundle: v2 }).0, DenyCode::PolicyRefused);
     assert_eq!(denial(fetch_as(&k, 0x40)).0, DenyCode::ActivationPending);
 }
+
+fn durable_wait(kre: &Kre, version: u64, digest: [u8; 48]) -> Message {
+    one(kre, Message::PolicyDurableWait { version, digest, wait_ms: 0 })
+}
+
+#[test]
+fn a_policy_change_is_durable_only_once_committed_and_until_then_the_stricter_policy_holds() {
+    use keygate_enclave::audit::{PolicyReceipt, PolicyReceiptError, TrailOptions};
+    // No activation delay: an addition would be in force at once, were it not for durability.
+    let (genesis, mut chain) = Chain::genesis_with_delay(0);
+    let kre = custodial_kre(&genesis, &custodians());
+    report(&kre, Message::StateGenesis);
+    assert_eq!(sync(&kre), 1);
+    fetch_as(&kre, 0x10).expect("the genesis image");
+    let not_durable = |kre: &Kre| {
+        let v: serde_json::Value = serde_json::from_str(&kre.status_json()).expect("status json");
+        v["policy_in_force_not_durable"].as_bool().expect("bool")
+    };
+
+    // v2 adds image 0x20: accepted, in force, not durable. The stricter of v1 and v2 holds, so
+    // 0x20 waits (retryable, not a revocation) and 0x10 is still served.
+    let v2 = chain.next_policy(images(&[0x10, 0x20]));
+    let v2_digest = bundle::digest(&bundle::encode_body(&chain.last));
+    push(&kre, v2);
+    assert!(not_durable(&kre));
+    let (code, reason) = denial(fetch_as(&kre, 0x20));
+    assert_eq!(code, DenyCode::PolicyNotDurable, "{reason}");
+    assert!(ClientError::Denied { code, reason }.is_retryable());
+    fetch_as(&kre, 0x10).expect("allowed by both");
+    let (code, reason) = refused(&kre, Message::PolicyDurableWait { version: 2, digest: v2_digest, wait_ms: 0 });
+    assert_eq!(code, DenyCode::PolicyNotDurable);
+    assert!(reason.contains("generation 1") && reason.contains("policy v1"), "{reason}");
+    // A bundle this KRE never accepted gets no receipt.
+    assert_eq!(
+        refused(&kre, Message::PolicyDurableWait { version: 2, digest: [7; 48], wait_ms: 0 }).0,
+        DenyCode::PolicyRefused
+    );
+
+    // The parent stores and commits the export that carries v2: durable, receipt, 0x20 served.
+    assert_eq!(sync(&kre), 2);
+    assert!(!not_durable(&kre));
+    fetch_as(&kre, 0x20).expect("durable now");
+    let Message::PolicyDurable { receipt } = durable_wait(&kre, 2, v2_digest) else { panic!("expected PolicyDurable") };
+    let verifier = Verifier::new(nsm().root_anchor());
+    let kre_pcrs: Vec<PcrExpectation> =
+        pcrs(0x70).into_iter().map(|(index, value)| PcrExpectation { index, value }).collect();
+    let r = PolicyReceipt::decode(&receipt).expect("decode");
+    let proof = r.verify(&verifier, &kre_pcrs, TrailOptions::default(), 2, &v2_digest).expect("verifies");
+    assert_eq!((proof.generation, proof.policy_version), (2, 2));
+    assert_eq!(PolicyReceipt::decode(&r.to_bytes()).expect("round trip"), r);
+    // Each claim is checked: another bundle, another KRE image, a changed byte.
+    assert!(matches!(
+        r.verify(&verifier, &kre_pcrs, TrailOptions::default(), 2, &[7; 48]),
+        Err(PolicyReceiptError::OtherPolicy { expected: 2, found: 2 })
+    ));
+    let other_kre: Vec<PcrExpectation> =
+        pcrs(0x71).into_iter().map(|(index, value)| PcrExpectation { index, value }).collect();
+    assert!(matches!(
+        r.verify(&verifier, &other_kre, TrailOptions::default(), 2, &v2_digest),
+        Err(PolicyReceiptError::KreImageMismatch(_))
+    ));
+    for at in [1 + 48 + 3, 1 + 48 + 8 + 3, receipt.len() - 100] {
+        let mut bad = receipt.clone();
+        bad[at] ^= 1;
+        let verified = PolicyReceipt::decode(&bad)
+            .and_then(|b| Ok(b.verify(&verifier, &kre_pcrs, TrailOptions::default(), 2, &v2_digest).is_ok()));
+        assert_ne!(verified, Ok(true), "byte {at} changed and still verifies");
+    }
+
+    // v3 revokes 0x10: in force at once, durable or not.
+    let v3 = chain.next_policy(images(&[0x20]));
+    push(&kre, v3);
+    assert!(not_durable(&kre));
+    assert_eq!(denial(fetch_as(&kre, 0x10)).0, DenyCode::ImageNotAllowed, "a revocation does not wait");
+    fetch_as(&kre, 0x20).expect("allowed by both");
+}
+
+#[test]
+fn without_custodians_no_policy_is_reported_durable() {
+    let (genesis, mut chain) = Chain::genesis_with_delay(0);
+    let nsm = nsm();
+    let verifier = Verifier::new(nsm.root_anchor());
+    let kre = Kre::with_genesis(KreConfig::default(), verifier, &genesis, Arc::new(nsm)).expect("kre");
+    push(&kre, chain.next_policy(images(&[0x10, 0x20])));
+    let digest = bundle::digest(&bundle::encode_body(&chain.last));
+    fetch_as(&kre, 0x20).expect("no sealed state: the newest policy alone holds");
+    let (code, reason) = refused(&kre, Message::PolicyDurableWait { version: 2, digest, wait_ms: 0 });
+    assert_eq!(code, DenyCode::StateRefused);
+    assert!(reason.contains("without custodians"), "{reason}");
+}

@@ -1,11 +1,11 @@
-//! Fuzz target: the audit entry, checkpoint and receipt decoders and the audit file readers must
+//! Fuzz target: the audit entry, checkpoint, receipt and durability receipt decoders and the audit file readers must
 //! never panic or allocate without bound, and whatever decodes must re-encode to the same bytes
 //! (the encoding is canonical: the chain digests and signatures are over exactly these bytes).
 //! Whatever entries a file yields, the history check of linked runs (`chain_linked` entries,
 //! event type 12) must name its gaps without panicking, however the runs are split.
 #![no_main]
 
-use keygate_enclave::audit::{files, verify_history, AuditEntry, Checkpoint, Receipt};
+use keygate_enclave::audit::{files, verify_history, AuditEntry, Checkpoint, PolicyReceipt, Receipt};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -31,6 +31,9 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(r) = Receipt::decode(data) {
         assert_eq!(&r.to_bytes()[..], data, "receipt encoding is not canonical");
         let _ = r.verify(keygate_attestation::crypto::default_backend());
+    }
+    if let Ok(r) = PolicyReceipt::decode(data) {
+        assert_eq!(r.to_bytes(), data, "durability receipt encoding is not canonical");
     }
     let _ = files::parse_entries_file(data);
     let _ = files::parse_checkpoints_file(data);

@@ -116,6 +116,16 @@ impl Relay {
     pub fn handled(&self) -> usize {
         self.handled.load(Ordering::SeqCst)
     }
+
+    /// Connections relayed so far, once at least `n` are (or after 5 s): the relay counts a
+    /// connection after the client may already have read its answer and exited.
+    pub fn handled_at_least(&self, n: usize) -> usize {
+        let start = std::time::Instant::now();
+        while self.handled() < n && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.handled()
+    }
 }
 
 impl Drop for Relay {

@@ -272,9 +272,23 @@ fn the_policy_head_survives_a_restart_and_a_withheld_bundle_blocks_releases() {
     ]));
     ok(keygate(&["policy", "sign", &s(&p("v2.proposal")), "--key", &s(&p("a1.pem")), "--yes", "-o", &s(&p("sig"))]));
     ok(keygate(&["policy", "assemble", &s(&p("v2.proposal")), &s(&p("sig")), "-o", &s(&p("v2.bundle"))]));
-    // Pushed without storing the state: the new cluster's KEK is not usable yet.
-    ok(keygate(&["policy", "push", &s(&p("v2.bundle")), "--kre", &kre.parent(), "--store", &s(&store)]));
-    refused(fetch(&kre, &p("k0")), "state_pending");
+    // Pushed without storing the state: the new cluster's KEK is not usable yet, and the push
+    // says the change is not durable.
+    refused(
+        keygate(&[
+            "policy",
+            "push",
+            &s(&p("v2.bundle")),
+            "--kre",
+            &kre.parent(),
+            "--store",
+            &s(&store),
+            "--durable-within",
+            "1s",
+        ]),
+        "not durable after 1 s",
+    );
+    refused(fetch(&kre, &p("k0")), "policy_not_durable");
     let out = ok(keygate(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
     assert!(out.contains("committed generation 2"), "{out}");
     ok(fetch(&kre, &p("k1")));
@@ -455,7 +469,7 @@ fn no_kek_share_state_key_or_data_key_in_any_output_log_or_file() {
     }
     let mut data_keys = 0;
     for kd in ["keys-1", "keys-2"] {
-        // Key files only: `receipts/` beside them holds the releases' audit receipts.
+        // Key files only: the receipts beside them (`receipts/`) are no secret.
         for e in std::fs::read_dir(d.join(kd)).expect("keys").flatten().filter(|e| e.path().is_file()) {
             secrets.push((format!("data key {}", e.path().display()), std::fs::read(e.path()).expect("key")));
             data_keys += 1;
@@ -578,10 +592,22 @@ fn next_bundle(d: &Path, n: u32, args: &[&str]) -> PathBuf {
     out
 }
 
-/// Pushes `bundle` (kept in the parent's bundle store) and stores the state it changed.
+/// `--root` and `--expect-kre-pcr`: what the pipeline checks a durability receipt against.
+fn receipt_checks(d: &Path) -> Vec<String> {
+    vec!["--root".into(), s(&d.join("root.pem")), "--expect-kre-pcr".into(), format!("0={}", hex48(KRE_PCR))]
+}
+
+/// Pushes `bundle` (kept in the parent's bundle store), stores the state it changed and checks
+/// the KRE's durability receipt.
 fn push_and_sync(d: &Path, kre: &Kre, bundle: &Path) {
-    ok(keygate(&["policy", "push", &s(bundle), "--kre", &kre.parent(), "--store", &s(&d.join("bundles"))]));
-    ok(keygate(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&d.join("state"))]));
+    let (store, state) = (s(&d.join("bundles")), s(&d.join("state")));
+    let mut args = vec!["policy", "push", &s(bundle), "--kre", &kre.parent(), "--store", &store, "--state-dir", &state]
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+    args.extend(receipt_checks(d));
+    let out = ok(keygate(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+    assert!(out.contains("durable: the sealed state committed as generation"), "{out}");
 }
 
 /// kill -9, restart on the genesis bundle, hand back the stored state, unseal with two
@@ -657,6 +683,55 @@ fn a_retired_kek_version_stays_retired_across_an_unretiring_bundle_a_replay_and_
         std::fs::read(d.join("k4/etcd.v2.key")).expect("v2"),
         std::fs::read(d.join("k2/etcd.v2.key")).expect("v2")
     );
+}
+
+#[test]
+fn a_revocation_is_reported_durable_only_once_committed_and_then_survives_a_restart() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    let kre = signed_setup(d, "0s");
+    let cp = (0..3).map(|i| format!("{i}={}", hex48(CP_PCR))).collect::<Vec<_>>().join(",");
+    let v2 = next_bundle(d, 2, &["--allow", &format!("prod=cp@{cp}")]);
+    push_and_sync(d, &kre, &v2);
+    ok(fetch(&kre, &d.join("k1")));
+
+    // The revocation is pushed, but the parent withholds the commit: it is in force at once,
+    // and the push fails, naming what is committed.
+    let v3 = next_bundle(d, 3, &["--revoke", "prod=cp"]);
+    let store = s(&d.join("bundles"));
+    let mut push = vec!["policy", "push", &s(&v3), "--kre", &kre.parent(), "--store", &store, "--durable-within", "2s"]
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+    push.extend(receipt_checks(d));
+    let o = keygate(&push.iter().map(String::as_str).collect::<Vec<_>>());
+    refused(o, "policy v3 was accepted and is in force, but it is not durable after 2 s: policy_not_durable");
+    refused(fetch(&kre, &d.join("k2")), "unknown_cluster");
+    let receipt = d.join("bundles/policy-v00000003.durable");
+    assert!(!receipt.exists(), "no receipt for a change that is not durable");
+
+    // The parent stores and commits; the pipeline asks again and gets the receipt.
+    ok(keygate(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&d.join("state"))]));
+    let mut check = vec!["policy", "durable", &s(&v3), "--kre", &kre.parent(), "--receipt-out", &s(&receipt)]
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+    check.extend(receipt_checks(d));
+    let out = ok(keygate(&check.iter().map(String::as_str).collect::<Vec<_>>()));
+    assert!(
+        out.contains("durable: the sealed state committed as generation") && out.contains("carries policy v3"),
+        "{out}"
+    );
+    assert!(receipt.exists());
+    // A receipt checked against another KRE image is refused.
+    let mut wrong = check.clone();
+    let last = wrong.len() - 1;
+    wrong[last] = format!("0={}", hex48(CP_PCR));
+    refused(keygate(&wrong.iter().map(String::as_str).collect::<Vec<_>>()), "does not verify");
+
+    // Durable: a kill -9, restart, unseal and restore keep the image revoked.
+    let (kre, _) = restart_unseal_restore(d, kre);
+    refused(fetch(&kre, &d.join("k3")), "unknown_cluster");
 }
 
 /// The audit history across a kill -9: the restarted KRE's trail names the previous run's

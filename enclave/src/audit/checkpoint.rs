@@ -14,6 +14,7 @@ use keygate_attestation::{AttestRequest, Nsm};
 use sha2::{Digest, Sha384};
 
 use super::codec::{DecodeError, Reader, Writer};
+use super::durable::{policy_receipt_body, PolicyReceipt};
 use super::receipt::{receipt_body, Receipt};
 use super::{AuditError, CHAIN_DOMAIN, FORMAT_VERSION, MAX_BINDING_DOCUMENT, MAX_CHECKPOINT_LEN};
 
@@ -130,6 +131,32 @@ impl AuditSigner {
         let signature = self.sign_message(&receipt_body(&self.chain_id, seq, &entry_digest, &document_sha384))?;
         Receipt::assemble(self.chain_id, seq, entry_digest, document_sha384, self.public, signature)
             .map_err(AuditError::Encode)
+    }
+
+    /// Signs the durability receipt of policy bundle `(policy_version, policy_digest)`, carried
+    /// by the sealed state committed as `generation` (`super::durable`). Carries the binding
+    /// document, so the pipeline can check it alone.
+    pub fn sign_policy_receipt(
+        &self,
+        generation: u64,
+        policy_version: u64,
+        policy_digest: [u8; 48],
+        time_ms: u64,
+    ) -> Result<PolicyReceipt, AuditError> {
+        let binding = self.binding.clone().ok_or(AuditError::Unbound)?;
+        let msg = policy_receipt_body(&self.chain_id, generation, policy_version, &policy_digest, time_ms);
+        let signature = self.sign_message(&msg)?;
+        PolicyReceipt::assemble(
+            self.chain_id,
+            generation,
+            policy_version,
+            policy_digest,
+            time_ms,
+            self.public,
+            signature,
+            binding,
+        )
+        .map_err(AuditError::Encode)
     }
 
     /// ECDSA P-384 / SHA-384 (RFC 6979 nonces) over `msg`, as raw `r ‖ s`.

@@ -241,25 +241,48 @@ fn check_binding(
     options: TrailOptions,
     cache: &mut HashMap<[u8; 48], VerifiedAttestation>,
 ) -> Result<VerifiedAttestation, NotAttested> {
-    if chain_id_of(cp.public_key()) != *cp.chain_id() {
+    let doc_digest: [u8; 48] = Sha384::digest(cp.binding_document()).into();
+    if let Some(att) = cache.get(&doc_digest) {
+        return check_bound(att.clone(), cp.public_key(), cp.chain_id());
+    }
+    let att = attested_key(cp.public_key(), cp.chain_id(), cp.binding_document(), verifier, options)?;
+    cache.insert(doc_digest, att.clone());
+    Ok(att)
+}
+
+/// Proves that `public_key` is a KRE's audit key for `chain_id`: the chain id is derived from
+/// the key, and `binding` verifies (under `verifier`'s root, at its own time, an enclave
+/// document) with that key as `public_key` and the chain id as `user_data`. Returns the KRE's
+/// attestation, whose PCRs the caller checks.
+pub(crate) fn attested_key(
+    public_key: &[u8],
+    chain_id: &[u8; 48],
+    binding: &[u8],
+    verifier: &Verifier,
+    options: TrailOptions,
+) -> Result<VerifiedAttestation, NotAttested> {
+    if chain_id_of(public_key) != *chain_id {
         return Err(NotAttested::ChainIdMismatch);
     }
-    let doc_digest: [u8; 48] = Sha384::digest(cp.binding_document()).into();
-    let att = match cache.get(&doc_digest) {
-        Some(att) => att.clone(),
-        None => {
-            let mut opts = VerifyOptions::at_document_time();
-            opts.require_kind = Some(DocumentKind::Enclave);
-            opts.allow_debug = options.allow_debug;
-            let att = verifier.verify(cp.binding_document(), &opts).map_err(NotAttested::Document)?;
-            cache.insert(doc_digest, att.clone());
-            att
-        }
-    };
-    if att.public_key() != Some(&cp.public_key()[..]) {
+    let mut opts = VerifyOptions::at_document_time();
+    opts.require_kind = Some(DocumentKind::Enclave);
+    opts.allow_debug = options.allow_debug;
+    let att = verifier.verify(binding, &opts).map_err(NotAttested::Document)?;
+    check_bound(att, public_key, chain_id)
+}
+
+fn check_bound(
+    att: VerifiedAttestation,
+    public_key: &[u8],
+    chain_id: &[u8; 48],
+) -> Result<VerifiedAttestation, NotAttested> {
+    if chain_id_of(public_key) != *chain_id {
+        return Err(NotAttested::ChainIdMismatch);
+    }
+    if att.public_key() != Some(public_key) {
         return Err(NotAttested::KeyMismatch);
     }
-    if att.user_data() != Some(&cp.chain_id()[..]) {
+    if att.user_data() != Some(&chain_id[..]) {
         return Err(NotAttested::UserDataMismatch);
     }
     Ok(att)

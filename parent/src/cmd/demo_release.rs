@@ -320,6 +320,12 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         tour.step("a bundle with one approver's signature is refused by the KRE", pushed_one);
         let v2 = d.join("v2.bundle");
         let store = d.join("parent-store");
+        // The pipeline checks each push's durability receipt against the (mock) Nitro root and
+        // the KRE's image.
+        let root = MockNsm::new(SEED.as_bytes(), Default::default(), system_clock()).root_anchor();
+        let root_pem = d.join("mock-root.pem");
+        std::fs::write(&root_pem, root.to_pem()).map_err(|e| CliError::io("writing the mock root", e))?;
+        let kre_pcr_arg = |i: u8| format!("{i}={}", pcr_hex(kre_pcr));
         let pushed = sign(2, &proposal, &d.join("v2.sig2"))
             .and_then(|_| {
                 keygate_cli(
@@ -348,15 +354,22 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
                         path(&store),
                         "--state-dir".into(),
                         path(&state_dir),
+                        "--root".into(),
+                        path(&root_pem),
+                        "--expect-kre-pcr".into(),
+                        kre_pcr_arg(0),
+                        "--expect-kre-pcr".into(),
+                        kre_pcr_arg(1),
+                        "--expect-kre-pcr".into(),
+                        kre_pcr_arg(2),
                     ],
                 )
             });
         tour.step(
-            "with a second approver's signature it is accepted (an addition: it waits for the activation delay); the new cluster's KEK is stored and committed",
+            "with a second approver's signature it is accepted (an addition: it waits for the activation delay); the new cluster's KEK is stored and committed, and the KRE's durability receipt is checked and kept",
             pushed.map(|o| o.lines().map(str::trim).collect::<Vec<_>>().join("; ")),
         );
 
-        let root = MockNsm::new(SEED.as_bytes(), Default::default(), system_clock()).root_anchor();
         let expect_kre: Vec<PcrExpectation> =
             (0..3).map(|i| PcrExpectation { index: i, value: vec![kre_pcr; 48] }).collect();
         let fetcher = |nsm: Arc<dyn Nsm>, expect: Vec<PcrExpectation>| Fetcher {
@@ -497,8 +510,6 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
 
         // 7. Durability: kill -9, restart sealed, the parent's stored state, 2-of-3 unseal.
         tour.section("Durability: the KRE is killed and restarted; two of three custodians unseal it");
-        let root_pem = d.join("mock-root.pem");
-        std::fs::write(&root_pem, root.to_pem()).map_err(|e| CliError::io("writing the mock root", e))?;
         // A release, and the KRE is killed the moment the keys arrive: its audit entry was
         // stored by the parent before the keys left.
         let last = fetcher(cpi(&good_pcrs, "cpi-1"), expect_kre.clone()).once().await;
@@ -653,6 +664,14 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
                     path(&store),
                     "--state-dir".into(),
                     path(&state_dir),
+                    "--root".into(),
+                    path(&root_pem),
+                    "--expect-kre-pcr".into(),
+                    kre_pcr_arg(0),
+                    "--expect-kre-pcr".into(),
+                    kre_pcr_arg(1),
+                    "--expect-kre-pcr".into(),
+                    kre_pcr_arg(2),
                 ],
             )
         });

@@ -135,6 +135,18 @@ pub(crate) enum PolicyCommand {
         /// new clusters) are stored and committed right after the push (`keygate state sync`).
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        durable: DurableArgs,
+    },
+    /// Wait until a pushed bundle is durable and check the KRE's receipt (as `push` does):
+    /// for a pipeline that asks again later.
+    Durable {
+        bundle: PathBuf,
+        /// The KRE's parent channel.
+        #[arg(long)]
+        kre: Addr,
+        #[command(flatten)]
+        durable: DurableArgs,
     },
     /// Push every stored bundle to a restarted KRE, oldest first.
     Restore {
@@ -143,6 +155,29 @@ pub(crate) enum PolicyCommand {
         #[arg(long)]
         store: PathBuf,
     },
+}
+
+/// How `policy push` learns that a change is durable: the KRE's receipt, checked here.
+#[derive(Debug, clap::Args)]
+pub(crate) struct DurableArgs {
+    /// Wait at most this long for the change to become durable — the parent's state store
+    /// committing the sealed state that carries it (`--state-dir` here, or the parent's `state
+    /// sync --follow`) — and exit non-zero if it is not (the KRE then keeps applying the
+    /// stricter of the old and new policies). `0`: do not wait.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    durable_within: Duration,
+    /// Keep the KRE's durability receipt here (default: `policy-v<N>.durable` in `--store`).
+    #[arg(long, value_name = "FILE")]
+    receipt_out: Option<PathBuf>,
+    /// Trust this root (PEM) for the receipt's attestation instead of the AWS Nitro root.
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Require the KRE's PCR N to equal HEX in the receipt's attestation (repeatable).
+    #[arg(long = "expect-kre-pcr", value_name = "N=HEX")]
+    expect_kre_pcr: Vec<keygate_attestation::PcrExpectation>,
+    /// Accept a debug-mode KRE's receipt (PCR0-2 zero). For demos only.
+    #[arg(long)]
+    allow_debug_kre: bool,
 }
 
 /// Parses `90`, `90s`, `30m`, `1h`, `2d`.
@@ -640,12 +675,12 @@ pub(crate) fn run(cmd: PolicyCommand) -> Result<(), CliError> {
             }
             Ok(())
         }
-        PolicyCommand::Push { bundle: path, kre, store, state_dir } => {
+        PolicyCommand::Push { bundle: path, kre, store, state_dir, durable } => {
             let bytes = read(&path)?;
             let b = bundle::decode_bundle(&bytes, crypto())
                 .map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
             let (version, activates) = push(&kre, &bytes)?;
-            if let Some(dir) = store {
+            if let Some(dir) = &store {
                 std::fs::create_dir_all(&dir).map_err(|e| CliError::io(format!("creating {}", dir.display()), e))?;
                 write_file(&dir.join(format!("policy-v{:08}.bundle", b.body.version)), &bytes)?;
             }
@@ -658,7 +693,16 @@ pub(crate) fn run(cmd: PolicyCommand) -> Result<(), CliError> {
             if let Some(dir) = state_dir {
                 println!("{}", super::custodian::sync_once(&kre, &dir)?);
             }
-            Ok(())
+            let receipt_out =
+                durable.receipt_out.clone().or_else(|| store.map(|d| d.join(format!("policy-v{version:08}.durable"))));
+            wait_durable(&kre, version, &bundle::digest(&b.body_bytes), &durable, receipt_out.as_deref())
+        }
+        PolicyCommand::Durable { bundle: path, kre, durable } => {
+            let bytes = read(&path)?;
+            let b = bundle::decode_bundle(&bytes, crypto())
+                .map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
+            let digest = bundle::digest(&b.body_bytes);
+            wait_durable(&kre, b.body.version, &digest, &durable, durable.receipt_out.as_deref())
         }
         PolicyCommand::Restore { kre, store } => {
             let mut files: Vec<PathBuf> = std::fs::read_dir(&store)
@@ -682,25 +726,108 @@ pub(crate) fn run(cmd: PolicyCommand) -> Result<(), CliError> {
     }
 }
 
-fn push(kre: &Addr, bytes: &[u8]) -> Result<(u64, u64), CliError> {
+/// Asks the KRE, in rounds of at most 5 s, until the committed sealed state carries bundle
+/// `(version, digest)` or `args.durable_within` has passed; checks and keeps the receipt.
+fn wait_durable(
+    kre: &Addr,
+    version: u64,
+    digest: &[u8; 48],
+    args: &DurableArgs,
+    receipt_out: Option<&Path>,
+) -> Result<(), CliError> {
+    use keygate_enclave::audit::{PolicyReceipt, TrailOptions};
+    use keygate_enclave::wire::{DenyCode, MAX_DURABLE_WAIT_MS};
+    if args.durable_within.is_zero() {
+        println!("not waiting for durability (--durable-within 0): the KRE applies the stricter of the old and new policies until the parent commits the sealed state that carries it");
+        return Ok(());
+    }
+    let verifier = keygate_attestation::Verifier::new(super::attestation::load_anchor(args.root.as_deref())?);
+    let deadline = std::time::Instant::now() + args.durable_within;
+    let mut last = String::from("no answer yet");
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(CliError::refused(format!(
+                "policy v{version} was accepted and is in force, but it is not durable after {} s: {last}",
+                args.durable_within.as_secs()
+            )));
+        }
+        let wait_ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX).min(MAX_DURABLE_WAIT_MS);
+        let ask = Message::PolicyDurableWait { version, digest: *digest, wait_ms };
+        let round = std::time::Instant::now();
+        let pause = || std::thread::sleep(Duration::from_millis(200).saturating_sub(round.elapsed()).min(left));
+        match ask_kre(kre, &ask, Duration::from_millis(u64::from(wait_ms)) + Duration::from_secs(10)) {
+            Ok(Message::PolicyDurable { receipt }) => {
+                let r = PolicyReceipt::decode(&receipt).map_err(|e| {
+                    CliError::refused(format!(
+                        "the KRE's durability receipt is malformed ({e}): not a genuine KRE's answer"
+                    ))
+                })?;
+                let options = TrailOptions { allow_debug: args.allow_debug_kre };
+                let proof = r.verify(&verifier, &args.expect_kre_pcr, options, version, digest).map_err(|e| {
+                    CliError::refused(format!(
+                        "the KRE's durability receipt does not verify: {e}; not a genuine KRE's answer"
+                    ))
+                })?;
+                if let Some(path) = receipt_out {
+                    write_file(path, &receipt)?;
+                }
+                println!(
+                    "durable: the sealed state committed as generation {} carries policy v{version} (receipt {}verified: KRE module {})",
+                    proof.generation,
+                    receipt_out.map_or(String::new(), |p| format!("{}, ", p.display())),
+                    proof.kre.module_id()
+                );
+                if args.expect_kre_pcr.is_empty() {
+                    eprintln!("warning: no --expect-kre-pcr given: the receipt proves a genuine KRE, not which image");
+                }
+                return Ok(());
+            }
+            Ok(Message::Denied { code: DenyCode::StateRefused, reason }) => {
+                eprintln!("warning: not durable: {reason}");
+                return Ok(());
+            }
+            Ok(Message::Denied {
+                code: code @ (DenyCode::PolicyNotDurable | DenyCode::Busy | DenyCode::Timeout),
+                reason,
+            }) => {
+                last = format!("{code}: {reason}");
+                // An older KRE, or a busy one, may answer at once: never a tight loop.
+                pause();
+            }
+            Ok(Message::Denied { code, reason }) => {
+                return Err(CliError::refused(format!("the KRE refused to report durability: {code}: {reason}")))
+            }
+            Ok(m) => return Err(CliError::refused(format!("unexpected answer {}", m.name()))),
+            Err(e) => {
+                last = e.message;
+                pause();
+            }
+        }
+    }
+}
+
+/// One request on the KRE's parent channel and its answer.
+fn ask_kre(kre: &Addr, m: &Message, t: Duration) -> Result<Message, CliError> {
     let rt =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
     rt.block_on(async {
-        let t = Duration::from_secs(10);
         let mut s = transport::connect(kre, t).await.map_err(|e| CliError::io(format!("connecting to {kre}"), e))?;
-        let frame =
-            Message::PolicyPush { bundle: bytes.to_vec() }.encode().map_err(|e| CliError::input(e.to_string()))?;
+        let frame = m.encode().map_err(|e| CliError::input(e.to_string()))?;
         write_frame(&mut s, &frame, t).await.map_err(|e| CliError::io("sending", e))?;
         let body = read_frame(&mut s, t).await.map_err(|e| CliError::io("reading the answer", e))?;
-        match Message::decode(&body) {
-            Ok(Message::PolicyAccepted { version, activates_at_ms, .. }) => Ok((version, activates_at_ms)),
-            Ok(Message::Denied { code, reason }) => {
-                Err(CliError::refused(format!("the KRE refused the bundle: {code}: {reason}")))
-            }
-            Ok(m) => Err(CliError::refused(format!("unexpected answer {}", m.name()))),
-            Err(e) => Err(CliError::refused(format!("bad answer: {e}"))),
-        }
+        Message::decode(&body).map_err(|e| CliError::refused(format!("bad answer: {e}")))
     })
+}
+
+fn push(kre: &Addr, bytes: &[u8]) -> Result<(u64, u64), CliError> {
+    match ask_kre(kre, &Message::PolicyPush { bundle: bytes.to_vec() }, Duration::from_secs(10))? {
+        Message::PolicyAccepted { version, activates_at_ms, .. } => Ok((version, activates_at_ms)),
+        Message::Denied { code, reason } => {
+            Err(CliError::refused(format!("the KRE refused the bundle: {code}: {reason}")))
+        }
+        m => Err(CliError::refused(format!("unexpected answer {}", m.name()))),
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,239 @@
+//! Durability receipts: the KRE's signed statement, handed to the pipeline once a policy
+//! change is durable, that the sealed state committed as `generation` carries a policy head at
+//! or after bundle `(policy_version, policy_digest)`.
+//!
+//! What this decides: the exact bytes of a durability receipt and whether it proves what it
+//! claims ([`PolicyReceipt::verify`]). What it trusts: the pinned Nitro root of the caller's
+//! verifier and the KRE PCRs the caller expects. The receipt carries its own proof: the KRE's
+//! audit key (the checkpoint key), its signature, and the attestation document that binds that
+//! key to the KRE image — so the pipeline needs no trail and no connection to check it.
+//!
+//! Signed, by the audit key, over
+//!
+//! ```text
+//! POLICY_RECEIPT_DOMAIN ‖ version:u8 (=1) ‖ chain_id[48] ‖ generation:u64be
+//!   ‖ policy_version:u64be ‖ policy_digest[48] ‖ time_ms:u64be
+//! ```
+//!
+//! and encoded as that body (without the domain) ‖ public_key[97] ‖ signature[96] ‖
+//! binding_len:u32be ‖ binding document.
+
+use std::fmt;
+
+use keygate_attestation::crypto::{P384_POINT_LEN, P384_SIG_LEN};
+use keygate_attestation::pcr::{self, PcrMismatch};
+use keygate_attestation::{PcrExpectation, VerifiedAttestation, Verifier};
+
+use super::checkpoint::chain_id_of;
+use super::codec::{DecodeError, Reader, Writer};
+use super::trail::{attested_key, NotAttested, TrailOptions};
+use super::{FORMAT_VERSION, MAX_CHECKPOINT_LEN};
+
+/// Domain label of the durability receipt signature.
+pub const POLICY_RECEIPT_DOMAIN: &[u8] = b"keygate/v1/policy-durable";
+/// Length of the signed body (without the domain).
+pub const POLICY_RECEIPT_BODY_LEN: usize = 1 + 48 + 8 + 8 + 48 + 8;
+/// Largest encoded durability receipt (as a checkpoint: body, key, signature, binding).
+pub const MAX_POLICY_RECEIPT_LEN: usize = MAX_CHECKPOINT_LEN;
+
+/// Why a durability receipt does not prove what it claims. Each case has its own variant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyReceiptError {
+    /// The bytes are not a durability receipt.
+    #[error("not a durability receipt: {0}")]
+    Malformed(DecodeError),
+    /// The receipt's chain id is not derived from its key.
+    #[error("its chain id is not derived from its audit key")]
+    ChainIdMismatch,
+    /// The signature does not verify under the receipt's key.
+    #[error("its signature does not verify")]
+    SignatureInvalid,
+    /// The key is not proven to be a KRE's audit key.
+    #[error("its audit key is not attested: {0}")]
+    NotAttested(NotAttested),
+    /// The attested KRE is not the expected image.
+    #[error("the attested KRE is not the expected image: {0}")]
+    KreImageMismatch(PcrMismatch),
+    /// A valid receipt, but for another policy bundle than the one asked about.
+    #[error("it is the receipt of policy v{found}, not of v{expected} with this digest")]
+    OtherPolicy {
+        /// The version asked about.
+        expected: u64,
+        /// The version the receipt names.
+        found: u64,
+    },
+}
+
+/// One durability receipt. Decoding only checks the structure; [`PolicyReceipt::verify`]
+/// checks the signature, the attested key and the bundle.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PolicyReceipt {
+    chain_id: [u8; 48],
+    generation: u64,
+    policy_version: u64,
+    policy_digest: [u8; 48],
+    time_ms: u64,
+    public_key: [u8; P384_POINT_LEN],
+    signature: [u8; P384_SIG_LEN],
+    binding: Vec<u8>,
+}
+
+impl fmt::Debug for PolicyReceipt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PolicyReceipt")
+            .field("chain_id", &hex::encode(&self.chain_id[..8]))
+            .field("generation", &self.generation)
+            .field("policy_version", &self.policy_version)
+            .field("policy_digest", &hex::encode(&self.policy_digest[..8]))
+            .field("time_ms", &self.time_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The signed message: the domain, then the body.
+pub(super) fn policy_receipt_body(
+    chain_id: &[u8; 48],
+    generation: u64,
+    policy_version: u64,
+    policy_digest: &[u8; 48],
+    time_ms: u64,
+) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.bytes(POLICY_RECEIPT_DOMAIN);
+    w.u8(FORMAT_VERSION);
+    w.bytes(chain_id);
+    w.u64(generation);
+    w.u64(policy_version);
+    w.bytes(policy_digest);
+    w.u64(time_ms);
+    w.buf
+}
+
+/// What a verified durability receipt proves.
+#[derive(Debug, Clone)]
+pub struct DurablePolicy {
+    /// The sealed state's generation that carries the policy.
+    pub generation: u64,
+    /// The policy version asked about.
+    pub policy_version: u64,
+    /// When the KRE signed the receipt (its clock, ms).
+    pub time_ms: u64,
+    /// The KRE's attestation that binds the signing key.
+    pub kre: VerifiedAttestation,
+}
+
+impl PolicyReceipt {
+    /// A receipt from its parts (the signer uses it; tests use it to forge).
+    #[allow(clippy::too_many_arguments)] // the receipt's fields, each distinct
+    pub fn assemble(
+        chain_id: [u8; 48],
+        generation: u64,
+        policy_version: u64,
+        policy_digest: [u8; 48],
+        time_ms: u64,
+        public_key: [u8; P384_POINT_LEN],
+        signature: [u8; P384_SIG_LEN],
+        binding: Vec<u8>,
+    ) -> Result<Self, DecodeError> {
+        if public_key[0] != 0x04 {
+            return Err(DecodeError::BadPoint);
+        }
+        if binding.is_empty() {
+            return Err(DecodeError::Empty("binding"));
+        }
+        let len = POLICY_RECEIPT_BODY_LEN + P384_POINT_LEN + P384_SIG_LEN + 4 + binding.len();
+        if len > MAX_POLICY_RECEIPT_LEN {
+            return Err(DecodeError::TooLarge { len, max: MAX_POLICY_RECEIPT_LEN });
+        }
+        Ok(Self { chain_id, generation, policy_version, policy_digest, time_ms, public_key, signature, binding })
+    }
+
+    /// Strictly decodes a receipt: at most [`MAX_POLICY_RECEIPT_LEN`] bytes, version 1, an
+    /// uncompressed point, a non-empty binding document, nothing after it.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        if bytes.len() > MAX_POLICY_RECEIPT_LEN {
+            return Err(DecodeError::TooLarge { len: bytes.len(), max: MAX_POLICY_RECEIPT_LEN });
+        }
+        let mut r = Reader::new(bytes);
+        let version = r.u8("version")?;
+        if version != FORMAT_VERSION {
+            return Err(DecodeError::Version(version));
+        }
+        let chain_id = r.array("chain_id")?;
+        let generation = r.u64("generation")?;
+        let policy_version = r.u64("policy_version")?;
+        let policy_digest = r.array("policy_digest")?;
+        let time_ms = r.u64("time_ms")?;
+        let public_key = r.array("public_key")?;
+        let signature = r.array("signature")?;
+        let len = usize::try_from(r.u32("binding_len")?).unwrap_or(usize::MAX);
+        let binding = r.take(len, "binding")?.to_vec();
+        r.finish()?;
+        Self::assemble(chain_id, generation, policy_version, policy_digest, time_ms, public_key, signature, binding)
+    }
+
+    /// The exact encoding.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let body = policy_receipt_body(
+            &self.chain_id,
+            self.generation,
+            self.policy_version,
+            &self.policy_digest,
+            self.time_ms,
+        );
+        let mut w = Writer::default();
+        w.bytes(&body[POLICY_RECEIPT_DOMAIN.len()..]);
+        w.bytes(&self.public_key);
+        w.bytes(&self.signature);
+        // At most MAX_POLICY_RECEIPT_LEN, checked in `assemble`.
+        w.u32(u32::try_from(self.binding.len()).unwrap_or(u32::MAX));
+        w.bytes(&self.binding);
+        w.buf
+    }
+
+    /// The generation the receipt names.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The policy version the receipt names.
+    pub fn policy_version(&self) -> u64 {
+        self.policy_version
+    }
+
+    /// Checks everything the receipt claims for bundle `(policy_version, policy_digest)`: the
+    /// chain id is derived from the key, the key signed the body, the binding document (under
+    /// `verifier`'s root, at its own time, an enclave document) attests that key for that chain,
+    /// the attested KRE has the expected PCRs, and the receipt names exactly that bundle.
+    pub fn verify(
+        &self,
+        verifier: &Verifier,
+        expect_kre_pcrs: &[PcrExpectation],
+        options: TrailOptions,
+        policy_version: u64,
+        policy_digest: &[u8; 48],
+    ) -> Result<DurablePolicy, PolicyReceiptError> {
+        if chain_id_of(&self.public_key) != self.chain_id {
+            return Err(PolicyReceiptError::ChainIdMismatch);
+        }
+        let msg = policy_receipt_body(
+            &self.chain_id,
+            self.generation,
+            self.policy_version,
+            &self.policy_digest,
+            self.time_ms,
+        );
+        verifier
+            .crypto()
+            .verify_p384_sha384_fixed(&self.public_key, &msg, &self.signature)
+            .map_err(|_| PolicyReceiptError::SignatureInvalid)?;
+        let kre = attested_key(&self.public_key, &self.chain_id, &self.binding, verifier, options)
+            .map_err(PolicyReceiptError::NotAttested)?;
+        pcr::check(&kre, expect_kre_pcrs).map_err(PolicyReceiptError::KreImageMismatch)?;
+        if self.policy_version != policy_version || self.policy_digest != *policy_digest {
+            return Err(PolicyReceiptError::OtherPolicy { expected: policy_version, found: self.policy_version });
+        }
+        Ok(DurablePolicy { generation: self.generation, policy_version, time_ms: self.time_ms, kre })
+    }
+}
