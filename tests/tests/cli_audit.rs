@@ -417,7 +417,7 @@ fn audit_verify_checks_linked_runs_and_names_each_gap() {
     let second: Vec<AuditEntry> = log.entries_after(0, 10);
     let second_dir = d.join(store::run_dir_name(log.signer().chain_id()));
     store::append_to_dir(&d, &first.entries, &first.checkpoints).expect("store run 1");
-    store::append_to_dir(&second_dir, &second, &[cp.clone()]).expect("store run 2");
+    store::append_to_dir(&second_dir, &second, std::slice::from_ref(&cp)).expect("store run 2");
 
     let out = verify(&d, &root, true);
     assert!(out.status.success(), "{} {}", text(&out.stdout), text(&out.stderr));
