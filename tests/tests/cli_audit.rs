@@ -389,3 +389,68 @@ fn audit_pull_follow_survives_a_kre_restart() {
     kre.0.kill().expect("kill the KRE");
     pull.0.kill().expect("kill the pull");
 }
+
+/// Two runs in one history directory, the second linked to the first: `audit verify DIR`
+/// checks both and the link (JSON: `runs`, `gaps`); with the first run cut back before the
+/// linked head (checkpoints included, so it verifies alone) the gap is named with its range;
+/// the second run alone names its predecessor as missing.
+#[test]
+fn audit_verify_checks_linked_runs_and_names_each_gap() {
+    use keygate_enclave::audit::AuditHead;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let d = tmp.path().join("history");
+    let root = tmp.path().join("root.pem");
+    let first = trail("run-1");
+    std::fs::write(&root, &first.root_pem).expect("root");
+    let linked = &first.entries[9];
+    let head = AuditHead { chain_id: *linked.chain_id(), seq: linked.seq(), digest: linked.digest() };
+
+    let nsm = MockNsm::new(b"cli-audit", pcrs(0x70), Arc::new(|| T)).with_instance("run-2");
+    let mut log = AuditLog::new(AuditConfig::default(), AuditSigner::start(&nsm, default_backend()).expect("signer"));
+    log.append(
+        AuditEvent::KreStarted { nsm_kind: "mock".into(), pcrs: pcrs(0x70), software: "0.1.0".into() },
+        T + 30_000,
+    )
+    .expect("append");
+    log.append(AuditEvent::ChainLinked { generation: 3, previous: Some(head) }, T + 31_000).expect("append");
+    let cp = log.checkpoint(T + 32_000).expect("checkpoint");
+    let second: Vec<AuditEntry> = log.entries_after(0, 10);
+    let second_dir = d.join(store::run_dir_name(log.signer().chain_id()));
+    store::append_to_dir(&d, &first.entries, &first.checkpoints).expect("store run 1");
+    store::append_to_dir(&second_dir, &second, std::slice::from_ref(&cp)).expect("store run 2");
+
+    let out = verify(&d, &root, true);
+    assert!(out.status.success(), "{} {}", text(&out.stdout), text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!((v["ok"].clone(), v["runs"].as_array().map(Vec::len)), (serde_json::json!(true), Some(2)), "{v}");
+    assert_eq!(v["gaps"], serde_json::json!([]));
+    assert_eq!(v["runs"][1]["link"]["seq"], 10);
+
+    // The parent cuts the first run back to seq 8 (its checkpoint there kept): it verifies alone.
+    let kept: Vec<Checkpoint> = first.checkpoints.iter().filter(|c| c.seq() <= 8).cloned().collect();
+    write_raw(&d, &first.entries[..8], &kept);
+    let alone = tmp.path().join("alone");
+    write_raw(&alone, &first.entries[..8], &kept);
+    assert!(verify(&alone, &root, false).status.success());
+    let chain = hex::encode(&first.entries[0].chain_id()[..8]);
+    let out = verify(&d, &root, false);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(text(&out.stderr).contains(&format!("chain {chain}…: entries 9–10 missing")), "{}", text(&out.stderr));
+    let out = verify(&d, &root, true);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        (v["ok"].clone(), v["gaps"][0]["error"].clone()),
+        (serde_json::json!(false), "tail_missing".into()),
+        "{v}"
+    );
+
+    // The second run alone: its predecessor is not there.
+    let out = verify(&second_dir, &root, true);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        (v["ok"].clone(), v["gaps"][0]["error"].clone()),
+        (serde_json::json!(false), "chain_missing".into()),
+        "{v}"
+    );
+}
