@@ -522,16 +522,30 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         for i in 0..3 {
             verify1.extend(["--expect-kre-pcr".to_owned(), format!("{i}={}", pcr_hex(kre_pcr))]);
         }
+        // The control plane keeps the release's audit receipt; checked against the stored trail,
+        // it proves that the parent stored the entry it acknowledged.
+        let client_receipts = d.join("client-receipts");
         tour.step(
-            "a release, then kill -9 the moment the keys arrive: the release is already in the parent's stored trail (write-ahead audit), which verifies",
+            "a release, then kill -9 the moment the keys arrive: the release is already in the parent's stored trail (write-ahead audit), which verifies, and the client's receipt for it is checked against that trail",
             match last {
                 Err(e) => Err(format!("the release failed: {e}")),
-                Ok(_) => keygate_cli(&exe, &["audit".into(), "show".into(), path(&run1), "--json".into()]).and_then(|shown| {
-                    let released = shown.lines().filter(|l| l.contains("\"release_allowed\"")).count();
-                    keygate_cli(&exe, &verify1).map(|v| {
-                        format!("{released} releases in the first run's trail; {}", v.lines().next().unwrap_or_default().trim())
-                    })
-                }),
+                Ok(f) => super::fetch::write_receipt(&client_receipts, &f.receipt)
+                    .map_err(|e| e.message)
+                    .and_then(|_| keygate_cli(&exe, &["audit".into(), "show".into(), path(&run1), "--json".into()]))
+                    .and_then(|shown| {
+                        let released = shown.lines().filter(|l| l.contains("\"release_allowed\"")).count();
+                        verify1.extend(["--receipts".to_owned(), path(&client_receipts)]);
+                        keygate_cli(&exe, &verify1).map(|v| {
+                            format!(
+                                "{released} releases in the first run's trail; {}",
+                                v.lines()
+                                    .filter(|l| l.contains(": OK") || l.trim_start().starts_with("receipts"))
+                                    .map(str::trim)
+                                    .collect::<Vec<_>>()
+                                    .join("; ")
+                            )
+                        })
+                    }),
             },
         );
         let _ = std::fs::remove_file(&kre_sock);
