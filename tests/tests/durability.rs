@@ -223,6 +223,9 @@ fn kill_restart_and_two_of_three_unseal_keep_the_data_keys() {
     // generation the damaged file leaves nothing intact.
     refused(keygate(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&state)]), "no intact sealed state");
     std::fs::write(&cur, &good).expect("restore");
+    // Stopped first: its audit follower would otherwise still be creating files under `d`
+    // (temporary ones renamed into place) while they are scanned.
+    drop(kre);
 
     // Nothing the parent or the custodians wrote holds the data key.
     for f in files(d) {
@@ -233,7 +236,6 @@ fn kill_restart_and_two_of_three_unseal_keep_the_data_keys() {
         assert!(!contains(&b, &key1), "{} holds the data key", f.display());
         assert!(!contains(&b, hex::encode(&key1).as_bytes()), "{} holds the data key as hex", f.display());
     }
-    drop(kre);
 }
 
 #[test]
