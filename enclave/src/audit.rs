@@ -24,6 +24,9 @@
 //!   generation that carries the bundle.
 //! - [`verify_trail`]: the offline check a customer runs; the first broken link is reported
 //!   with its own [`TrailError`] variant.
+//! - [`AuditHead`] and [`verify_history`]: runs linked across restarts. The sealed state
+//!   carries the head the parent had acknowledged when it was exported; a restarted KRE's
+//!   [`AuditEvent::ChainLinked`] entry names it, and every gap the links show is named.
 //! - [`files`]: the on-disk framing (pure); [`store`]: the parent's append-only directory
 //!   (the only part of this module that does I/O, and it never runs inside the KRE).
 //!
@@ -36,6 +39,7 @@ mod codec;
 mod durable;
 mod event;
 pub mod files;
+mod history;
 mod log;
 mod receipt;
 pub mod store;
@@ -49,6 +53,7 @@ pub use durable::{
     POLICY_RECEIPT_DOMAIN,
 };
 pub use event::{entry_digest, AuditEntry, AuditEvent, Requester, ENTRY_DOMAIN};
+pub use history::{verify_history, AuditHead, HistoryGap, HistoryReport, HistoryRun};
 pub use log::{AuditConfig, AuditLog, AuditStatus};
 pub use receipt::{check_receipt, Receipt, ReceiptError, RECEIPT_BODY_LEN, RECEIPT_DOMAIN, RECEIPT_LEN};
 pub use trail::{verify_trail, verify_trail_with, NotAttested, TrailError, TrailOptions, TrailSummary};

@@ -687,6 +687,8 @@ impl Kre {
         };
         let mut v = lock(vault);
         let refuse = |e: String| Deny { stage: Stage::State { step: "export" }, ..Deny::new(DenyCode::Internal, e) };
+        // A generation exported now records how far the parent has stored this run's trail.
+        v.note_audit_head(self.audit().acked_head());
         let export = self
             .vault_step(&mut v, |v, rng| v.export(self.crypto, rng).map(|e| e.cloned()))
             .map_err(refuse)?
@@ -714,6 +716,7 @@ impl Kre {
         let ids: Vec<Id> = self.policy_clusters().iter().filter_map(|c| Id::new(c).ok()).collect();
         let head = self.policy_head();
         self.recorded_step(vault, "genesis", now_ms, |v| {
+            v.note_audit_head(self.audit().acked_head());
             let nsm = &self.nsm;
             let mut attest = |ud: &[u8; 48]| {
                 nsm.attest(&AttestRequest { nonce: None, user_data: Some(ud.to_vec()), public_key: None })
@@ -864,7 +867,9 @@ impl Kre {
                         "share {} accepted; {need} of {need}: generation {generation} unsealed and in use",
                         msg.x
                     );
-                    ((need, need, true, generation), vec![state_event("unsealed", true, detail)])
+                    // This run continues the history of the run that sealed the state.
+                    let link = AuditEvent::ChainLinked { generation, previous: v.committed_audit_head() };
+                    ((need, need, true, generation), vec![state_event("unsealed", true, detail), link])
                 }
             })
         })?;

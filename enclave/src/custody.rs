@@ -770,7 +770,7 @@ mod tests {
             let mut clusters = std::collections::BTreeMap::new();
             let kek = KekEntry { version: 1, status: KekStatus::Current, kek: Secret::new([0x33; 32]) };
             clusters.insert(crate::wire::Id::new("prod").expect("id"), vec![kek]);
-            let state = KreState { generation: 3, policy_head: None, clusters, activations: vec![] };
+            let state = KreState { generation: 3, policy_head: None, clusters, activations: vec![], audit_head: None };
             let blob = sealed::seal(&state, &f.state_key, &f.set.digest(), &mut rng(5), c).expect("seal");
             // Any two custodians unseal it.
             for (a, b) in [(0usize, 1usize), (0, 2), (2, 1)] {

@@ -7,19 +7,21 @@
 //!
 //! ```text
 //! blob    = header ‖ ciphertext ‖ digest
-//! header  = magic "KGSEALED" (8) ‖ u16be format_version (1 or 2) ‖ u64be generation
+//! header  = magic "KGSEALED" (8) ‖ u16be format_version (1, 2 or 3) ‖ u64be generation
 //!           ‖ custodian_set_digest (48) ‖ nonce (12) ‖ u32be ciphertext_len          (82 bytes)
 //! key     = HKDF-SHA384(salt = "keygate/v1/sealed-state", ikm = state_key,
 //!                       info = u64be(generation) ‖ custodian_set_digest, L = 32)
 //! ciphertext = AES-256-GCM(key, nonce, aad = header, plaintext)                  (‖ 16-byte tag)
 //! digest  = SHA-384(header ‖ ciphertext)
 //!
-//! plaintext = policy_head ‖ u32be cluster_count ‖ cluster* ‖ activations      (format 2)
+//! plaintext = policy_head ‖ u32be cluster_count ‖ cluster* ‖ activations ‖ audit_head (format 3)
+//!           | policy_head ‖ u32be cluster_count ‖ cluster* ‖ activations      (format 2)
 //!           | policy_head ‖ u32be cluster_count ‖ cluster*                    (format 1)
 //! policy_head = 0x00 | 0x01 ‖ u64be version ‖ digest (48)
 //! cluster   = str8 id ‖ u16be version_count ‖ (u32be version ‖ u8 status ‖ kek (32))*
 //! status    = 1 Current | 2 Active | 3 Retired
 //! activations = u16be count ‖ (u64be bundle_version ‖ bundle_digest (48) ‖ u64be activates_at_ms)*
+//! audit_head  = 0x00 | 0x01 ‖ chain_id (48) ‖ u64be seq ‖ entry_digest (48)
 //! ```
 //!
 //! Canonical: clusters strictly ascending by id, versions strictly ascending (≥ 1), every
@@ -31,6 +33,12 @@
 //! policy bundle is (or was) in force, bound to its version and digest, so that a restart
 //! re-applies it with its original activation time instead of a fresh activation delay.
 //! Format 1 blobs (no activation record) are still read, as a state with no record.
+//!
+//! Format 3 (written by this code) adds the audit head: the KRE run's audit chain and the
+//! newest entry the parent had acknowledged storing when the generation was exported, so
+//! that a KRE unsealing this generation names it as its predecessor's head
+//! ([`crate::audit::AuditEvent::ChainLinked`]) and a deleted tail of that run's stored trail
+//! shows as a gap. Format 2 and 1 blobs are read as states without an audit head.
 //!
 //! The trailing digest is not a security check (anyone can recompute it): it tells a torn or
 //! corrupted file ([`SealedError::Truncated`], [`SealedError::DigestMismatch`]) from a wrong
@@ -46,13 +54,17 @@ use keygate_attestation::secret::Secret;
 use sha2::{Digest, Sha384};
 use zeroize::Zeroizing;
 
+use crate::audit::AuditHead;
 use crate::keys::{Kek, KekStatus};
 use crate::wire::{put_str8, Id};
 
 /// First bytes of every sealed state blob.
 pub const MAGIC: [u8; 8] = *b"KGSEALED";
-/// The format version this code writes (it also reads [`FORMAT_VERSION_1`]).
-pub const FORMAT_VERSION: u16 = 2;
+/// The format version this code writes (it also reads [`FORMAT_VERSION_2`] and
+/// [`FORMAT_VERSION_1`]).
+pub const FORMAT_VERSION: u16 = 3;
+/// The second format: an activation record, no audit head.
+pub const FORMAT_VERSION_2: u16 = 2;
 /// The first format: no activation record.
 pub const FORMAT_VERSION_1: u16 = 1;
 /// Length of the fixed header.
@@ -107,14 +119,18 @@ pub struct KreState {
     /// The activation times of the newest accepted bundles, ascending by version (at most
     /// [`MAX_ACTIVATIONS`]).
     pub activations: Vec<Activation>,
+    /// How far the run's audit chain had got (the newest entry the parent had acknowledged)
+    /// when this state was exported; `None` in a state read from format 1 or 2. Not content:
+    /// a change here alone never makes a new generation.
+    pub audit_head: Option<AuditHead>,
 }
 
 /// The unencrypted header of a sealed blob; only meaningful once [`peek_header`] or
 /// [`open`] has checked the blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SealedHeader {
-    /// Format version ([`FORMAT_VERSION`] or [`FORMAT_VERSION_1`] for a header this code
-    /// returns).
+    /// Format version ([`FORMAT_VERSION`], [`FORMAT_VERSION_2`] or [`FORMAT_VERSION_1`] for a
+    /// header this code returns).
     pub format_version: u16,
     /// The state's generation.
     pub generation: u64,
@@ -185,6 +201,12 @@ pub enum Malformed {
     /// Activation records not strictly ascending by bundle version.
     #[error("activation records out of order or duplicated")]
     UnsortedActivations,
+    /// The audit head tag is neither 0 nor 1.
+    #[error("bad audit head tag {tag}")]
+    BadAuditHeadTag {
+        /// The tag read.
+        tag: u8,
+    },
 }
 
 /// Why a sealed blob could not be written or opened.
@@ -381,6 +403,15 @@ fn encode_plaintext(state: &KreState) -> Result<Zeroizing<Vec<u8>>, SealedError>
         out.extend_from_slice(&a.digest);
         out.extend_from_slice(&a.activates_at_ms.to_be_bytes());
     }
+    match &state.audit_head {
+        None => out.push(0),
+        Some(h) => {
+            out.push(1);
+            out.extend_from_slice(&h.chain_id);
+            out.extend_from_slice(&h.seq.to_be_bytes());
+            out.extend_from_slice(&h.digest);
+        }
+    }
     Ok(out)
 }
 
@@ -433,10 +464,19 @@ fn decode_plaintext(format_version: u16, generation: u64, pt: &[u8]) -> Result<K
         }
         check_activations(&activations)?;
     }
+    let audit_head = if format_version == FORMAT_VERSION {
+        match r.u8()? {
+            0 => None,
+            1 => Some(AuditHead { chain_id: r.array()?, seq: r.u64()?, digest: r.array()? }),
+            tag => return Err(Malformed::BadAuditHeadTag { tag }),
+        }
+    } else {
+        None
+    };
     if r.remaining() != 0 {
         return Err(Malformed::TrailingBytes);
     }
-    Ok(KreState { generation, policy_head, clusters, activations })
+    Ok(KreState { generation, policy_head, clusters, activations, audit_head })
 }
 
 fn encode_header(h: &SealedHeader) -> [u8; HEADER_LEN] {
@@ -531,7 +571,7 @@ pub fn peek_header(blob: &[u8]) -> Result<SealedHeader, SealedError> {
     }
     let min = HEADER_LEN + TAG_LEN + DIGEST_LEN;
     let format_version = r.u16().map_err(|_| trunc(min))?;
-    if format_version != FORMAT_VERSION && format_version != FORMAT_VERSION_1 {
+    if ![FORMAT_VERSION, FORMAT_VERSION_2, FORMAT_VERSION_1].contains(&format_version) {
         return Err(SealedError::UnsupportedVersion { version: format_version });
     }
     let generation = r.u64().map_err(|_| trunc(min))?;
@@ -599,7 +639,8 @@ mod tests {
             Activation { version: 3, digest: [0x33; 48], activates_at_ms: 1_000 },
             Activation { version: 4, digest: [0x44; 48], activates_at_ms: 3_601_000 },
         ];
-        KreState { generation: 7, policy_head: Some((4, [0x44; 48])), clusters, activations }
+        let audit_head = Some(AuditHead { chain_id: [0xc1; 48], seq: 57, digest: [0xd1; 48] });
+        KreState { generation: 7, policy_head: Some((4, [0x44; 48])), clusters, activations, audit_head }
     }
 
     const SET: [u8; 48] = [0x5e; 48];
@@ -660,7 +701,7 @@ mod tests {
     fn header_layout_and_peek() {
         let blob = sealed();
         assert_eq!(&blob[..8], b"KGSEALED");
-        assert_eq!(&blob[8..10], &[0, 2]);
+        assert_eq!(&blob[8..10], &[0, 3]);
         assert_eq!(&blob[10..18], &7u64.to_be_bytes());
         assert_eq!(&blob[18..66], &SET);
         assert_eq!(&blob[66..78], &[9; 12]);
@@ -670,8 +711,8 @@ mod tests {
         assert_eq!(h.nonce, [9; 12]);
         assert_eq!(usize::try_from(h.ciphertext_len).expect("len"), blob.len() - HEADER_LEN - DIGEST_LEN);
         // Plaintext: 1 + 8 + 48 + 4 + (1+4 + 2 + 3·37) + (1+7 + 2 + 37) = 226,
-        // + activations 2 + 2·64, + tag 16.
-        assert_eq!(h.ciphertext_len, 226 + 2 + 2 * 64 + 16);
+        // + activations 2 + 2·64, + audit head 1 + 48 + 8 + 48, + tag 16.
+        assert_eq!(h.ciphertext_len, 226 + 2 + 2 * 64 + 105 + 16);
     }
 
     #[test]
@@ -701,7 +742,9 @@ mod tests {
             let err = open(&t, &key(), default_backend()).expect_err("tampered");
             let expected_kind = match i {
                 0..=7 => matches!(err, SealedError::BadMagic),
-                8..=9 => matches!(err, SealedError::UnsupportedVersion { .. }),
+                8 => matches!(err, SealedError::UnsupportedVersion { .. }),
+                // 3 ^ 1 = 2, a format this code reads: the digest (and the AEAD) refuse it.
+                9 => err == SealedError::DigestMismatch,
                 // The length field: the blob is now too short or too long for it.
                 78..=81 => matches!(
                     err,
@@ -742,11 +785,11 @@ mod tests {
             Err(SealedError::Truncated { len: 3, need: HEADER_LEN + TAG_LEN + DIGEST_LEN })
         );
         assert_eq!(peek_header(b"X"), Err(SealedError::BadMagic));
-        let mut v3 = sealed();
-        v3[9] = 3;
-        assert_eq!(peek_header(&v3), Err(SealedError::UnsupportedVersion { version: 3 }));
-        v3[9] = 0;
-        assert_eq!(peek_header(&v3), Err(SealedError::UnsupportedVersion { version: 0 }));
+        let mut v4 = sealed();
+        v4[9] = 4;
+        assert_eq!(peek_header(&v4), Err(SealedError::UnsupportedVersion { version: 4 }));
+        v4[9] = 0;
+        assert_eq!(peek_header(&v4), Err(SealedError::UnsupportedVersion { version: 0 }));
     }
 
     #[test]
@@ -861,6 +904,46 @@ mod tests {
         }
         let full: Vec<Vec<u8>> = (1..=u64::from(max)).map(act).collect();
         assert!(open(&seal_raw_as(2, &doc(max, &full)), &key(), c).is_ok(), "exactly the limit");
+    }
+
+    /// Format 3 carries the audit head through seal and open, with or without one; a format-2
+    /// blob (no audit head) still opens as a state without one, and the same plaintext under a
+    /// format-3 header lacks its head and is refused; a bad head tag is refused by name.
+    #[test]
+    fn format_3_round_trips_the_audit_head_and_format_2_still_opens_without_one() {
+        let c = default_backend();
+        let with = state();
+        let blob = seal(&with, &key(), &SET, &mut |b: &mut [u8]| b.fill(1), c).expect("seal");
+        assert_eq!(peek_header(&blob).expect("peek").format_version, FORMAT_VERSION);
+        let opened = open(&blob, &key(), c).expect("open");
+        assert_eq!(opened.audit_head, Some(AuditHead { chain_id: [0xc1; 48], seq: 57, digest: [0xd1; 48] }));
+        assert_eq!(opened, with);
+        let without = KreState { audit_head: None, ..state() };
+        let blob = seal(&without, &key(), &SET, &mut |b: &mut [u8]| b.fill(1), c).expect("seal");
+        assert_eq!(open(&blob, &key(), c).expect("open").audit_head, None);
+
+        // policy head none, no clusters, no activations: a format-2 plaintext.
+        let v2 = [&[0u8][..], &0u32.to_be_bytes(), &0u16.to_be_bytes()].concat();
+        let s = open(&seal_raw_as(FORMAT_VERSION_2, &v2), &key(), c).expect("format 2 opens");
+        assert_eq!(s.audit_head, None);
+        assert_eq!(open(&seal_raw_as(3, &v2), &key(), c), Err(SealedError::Malformed(Malformed::Truncated)));
+        let head = [&[1u8][..], &[0xc1; 48], &57u64.to_be_bytes(), &[0xd1; 48]].concat();
+        let v3 = [&v2[..], &head].concat();
+        let s = open(&seal_raw_as(3, &v3), &key(), c).expect("format 3 opens");
+        assert_eq!(s.audit_head.map(|h| (h.seq, h.chain_id[0], h.digest[0])), Some((57, 0xc1, 0xd1)));
+        assert_eq!(
+            open(&seal_raw_as(FORMAT_VERSION_2, &v3), &key(), c),
+            Err(SealedError::Malformed(Malformed::TrailingBytes))
+        );
+        let cases: Vec<(Vec<u8>, Malformed)> = vec![
+            ([&v2[..], &[2]].concat(), Malformed::BadAuditHeadTag { tag: 2 }),
+            (v3[..v3.len() - 1].to_vec(), Malformed::Truncated),
+            ([&v3[..], &[0]].concat(), Malformed::TrailingBytes),
+            ([&v2[..], &[0], &[0]].concat(), Malformed::TrailingBytes),
+        ];
+        for (pt, want) in cases {
+            assert_eq!(open(&seal_raw_as(3, &pt), &key(), c), Err(SealedError::Malformed(want)), "{want:?}");
+        }
     }
 
     #[test]

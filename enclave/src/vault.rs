@@ -23,6 +23,12 @@
 //!   commits it again). No key is ever released under a KEK version that exists only in
 //!   `working` or in an uncommitted export.
 //!
+//! The audit head: every export records the head the KRE noted last
+//! ([`Vault::note_audit_head`]: the newest audit entry the parent had acknowledged storing),
+//! so a committed generation says how far this run's trail had got; after an unseal,
+//! [`Vault::committed_audit_head`] is the previous run's. It is never a reason for a new
+//! generation by itself.
+//!
 //! The floor: the policy head recorded in the unsealed state. Until the parent has replayed
 //! the policy chain up to it (with the same digest at that version), releases are refused
 //! (`policy_stale`), so a parent that withholds newer bundles after a restart cannot roll
@@ -32,6 +38,7 @@ use keygate_attestation::crypto::{p384_scalar_from, Crypto, CryptoError, P384Sca
 use keygate_attestation::secret::Secret;
 use sha2::{Digest, Sha384};
 
+use crate::audit::AuditHead;
 use crate::custody::{
     self, CustodianSet, CustodyError, PublicKey, SharesFile, UnsealContext, UnsealProgress, UnsealShare,
 };
@@ -338,6 +345,8 @@ pub struct Vault {
     set: CustodianSet,
     inner: Inner,
     floor: Option<(u64, [u8; 48])>,
+    /// The audit head the next export records ([`Vault::note_audit_head`]).
+    audit_head: Option<AuditHead>,
 }
 
 impl std::fmt::Debug for Vault {
@@ -359,7 +368,24 @@ fn check_len(what: &'static str, b: &[u8], max: usize) -> Result<(), VaultError>
 impl Vault {
     /// A vault for the configured custodian set, awaiting its state.
     pub fn new(set: CustodianSet) -> Self {
-        Self { set, inner: Inner::Awaiting, floor: None }
+        Self { set, inner: Inner::Awaiting, floor: None, audit_head: None }
+    }
+
+    /// Notes how far this run's audit chain has got (the newest entry the parent has
+    /// acknowledged storing): the next export records it in the sealed state. Not a change of
+    /// content: it never makes a generation of its own, and an export already made keeps the
+    /// head it was made with.
+    pub fn note_audit_head(&mut self, head: AuditHead) {
+        self.audit_head = Some(head);
+    }
+
+    /// The audit head recorded in the committed state (serving), e.g. the previous run's, in
+    /// the state just unsealed.
+    pub fn committed_audit_head(&self) -> Option<AuditHead> {
+        match &self.inner {
+            Inner::Serving(s) => s.committed.audit_head,
+            _ => None,
+        }
     }
 
     /// The configured custodian set.
@@ -672,11 +698,14 @@ impl Vault {
         rng: &mut dyn FnMut(&mut [u8]),
     ) -> Result<Option<&Export>, VaultError> {
         let set_digest = self.set.digest();
+        let audit_head = self.audit_head;
         let Inner::Serving(s) = &mut self.inner else {
             return Ok(None);
         };
         if s.exported.is_none() && (s.resealed || !same_content(&s.working, &s.committed)) {
             let generation = s.committed.generation.checked_add(1).ok_or(VaultError::GenerationExhausted)?;
+            // Each generation records how far the audit chain had got when it was exported.
+            s.working.audit_head = audit_head;
             let mut state = s.working.clone();
             state.generation = generation;
             let blob = sealed::seal(&state, &s.state_key, &set_digest, rng, crypto)?;
@@ -845,6 +874,8 @@ impl Vault {
     }
 }
 
+/// Whether two states hold the same keys and policy records. The audit head is not content: it
+/// is recorded with each export, never a reason for one.
 fn same_content(a: &KreState, b: &KreState) -> bool {
     a.policy_head == b.policy_head && a.clusters == b.clusters && a.activations == b.activations
 }
@@ -935,6 +966,40 @@ mod tests {
             assert_eq!(after[0].2, before[0].2, "{}", crypto.name());
             assert_eq!(k.policy_floor(), Some((1, [9; 48])));
         }
+    }
+
+    /// Each export records the audit head noted last; a new head alone makes no generation;
+    /// an export keeps the head it was made with; the unsealed state gives the head back.
+    #[test]
+    fn each_export_records_the_noted_audit_head_and_the_unsealed_state_names_it() {
+        let crypto = keygate_attestation::crypto::default_backend();
+        let (cs, set) = setup(crypto, 2, 3);
+        let head = |seq: u64| AuditHead { chain_id: [0xc1; 48], seq, digest: [u8::try_from(seq).expect("small"); 48] };
+        let mut v = Vault::new(set.clone());
+        v.note_audit_head(head(3));
+        let e = v.genesis(crypto, &[id("a")], None, &mut rng(1), &mut attest_ok).expect("genesis");
+        assert_eq!(e.state.audit_head, Some(head(3)));
+        let sha = e.blob_sha384;
+        v.commit(1, &sha).expect("commit");
+        assert_eq!(v.committed_audit_head(), Some(head(3)));
+        v.note_audit_head(head(9));
+        assert!(v.export(crypto, &mut rng(2)).expect("export").is_none(), "a head alone is no new generation");
+        v.ensure_clusters(&[id("b")], &mut rng(3)).expect("cluster");
+        let e = v.export(crypto, &mut rng(4)).expect("export").expect("generation 2").clone();
+        assert_eq!(e.state.audit_head, Some(head(9)));
+        v.note_audit_head(head(12));
+        let again = v.export(crypto, &mut rng(5)).expect("export").expect("still generation 2");
+        assert_eq!((again.generation, again.state.audit_head), (2, Some(head(9))), "an export is fixed");
+        v.commit(2, &e.blob_sha384).expect("commit");
+        // Restart from generation 2.
+        let mut k = Vault::new(set.clone());
+        k.load(crypto, e.blob.clone(), v.custody().expect("custody").clone(), &mut rng(6)).expect("load");
+        assert_eq!(k.committed_audit_head(), None, "nothing before the unseal");
+        let offer = k.offer().expect("offer");
+        k.add_share(crypto, [1; 48], &share_for(crypto, &cs[0], &offer, [1; 48], 7)).expect("share");
+        let out = k.add_share(crypto, [2; 48], &share_for(crypto, &cs[1], &offer, [2; 48], 8)).expect("share");
+        assert_eq!(out, UnsealOutcome::Serving { generation: 2 });
+        assert_eq!(k.committed_audit_head(), Some(head(9)));
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! Fuzz target: the audit entry, checkpoint, receipt and durability receipt decoders and the audit file readers must
 //! never panic or allocate without bound, and whatever decodes must re-encode to the same bytes
 //! (the encoding is canonical: the chain digests and signatures are over exactly these bytes).
+//! Whatever entries a file yields, the history check of linked runs (`chain_linked` entries,
+//! event type 12) must name its gaps without panicking, however the runs are split.
 #![no_main]
 
-use keygate_enclave::audit::{files, AuditEntry, Checkpoint, PolicyReceipt, Receipt};
+use keygate_enclave::audit::{files, verify_history, AuditEntry, Checkpoint, PolicyReceipt, Receipt};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -38,7 +40,11 @@ fuzz_target!(|data: &[u8]| {
     // The same bytes behind each magic, so the record parser is reached directly.
     let mut framed = files::ENTRIES_MAGIC.to_vec();
     framed.extend_from_slice(data);
-    let _ = files::parse_entries_file(&framed);
+    if let Ok(entries) = files::parse_entries_file(&framed) {
+        let cut = entries.len() / 2;
+        let _ = verify_history(&[&entries]);
+        let _ = verify_history(&[&entries[..cut], &entries[cut..]]);
+    }
     let mut framed = files::CHECKPOINTS_MAGIC.to_vec();
     framed.extend_from_slice(data);
     let _ = files::parse_checkpoints_file(&framed);

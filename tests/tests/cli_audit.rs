@@ -318,27 +318,21 @@ fn start_kre(d: &Path, sock: &Path, n: usize) -> Proc {
     Proc(child)
 }
 
-/// The chain ids of the audit directories under `root` whose name starts with `prefix`, with
-/// their entry count.
-fn stored_runs(root: &Path, prefix: &str) -> Vec<(std::path::PathBuf, [u8; 48], usize)> {
+/// The runs stored in the history directory `dir` (`dir` itself and its `chain-*`
+/// subdirectories): each directory, chain id and entry count.
+fn stored_runs(dir: &Path) -> Vec<(std::path::PathBuf, [u8; 48], usize)> {
     let mut runs = Vec::new();
-    for e in std::fs::read_dir(root).expect("read_dir").flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with(prefix) || !e.path().join(ENTRIES_FILE).exists() {
-            continue;
-        }
-        if let Ok(t) = store::read_dir(&e.path()) {
-            if let Some(first) = t.entries.first() {
-                runs.push((e.path(), *first.chain_id(), t.entries.len()));
-            }
+    for (path, t) in store::read_runs(dir).unwrap_or_default() {
+        if let Some(first) = t.entries.first() {
+            runs.push((path, *first.chain_id(), t.entries.len()));
         }
     }
-    runs.sort();
     runs
 }
 
 /// `keygate audit pull --follow` survives the KRE being killed (its rounds fail meanwhile)
-/// and collects the restarted KRE's new chain, into the sibling directory named after it.
+/// and collects the restarted KRE's new chain into the same directory, in the subdirectory
+/// named after it (beside the first run).
 #[test]
 fn audit_pull_follow_survives_a_kre_restart() {
     use std::time::{Duration, Instant};
@@ -367,8 +361,8 @@ fn audit_pull_follow_survives_a_kre_restart() {
         }
     };
 
-    wait_until("the first run collected", Duration::from_secs(6), &|| !stored_runs(tmp.path(), "audit").is_empty());
-    let first = stored_runs(tmp.path(), "audit");
+    wait_until("the first run collected", Duration::from_secs(6), &|| !stored_runs(&dir).is_empty());
+    let first = stored_runs(&dir);
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].0, dir);
 
@@ -380,18 +374,83 @@ fn audit_pull_follow_survives_a_kre_restart() {
     let status = keygate(&["status", "--kre", &format!("unix:{}.parent", sock.display())]);
     assert!(status.status.success(), "{}", text(&status.stderr));
 
-    wait_until("the new run collected", Duration::from_secs(19), &|| stored_runs(tmp.path(), "audit").len() == 2);
+    wait_until("the new run collected", Duration::from_secs(19), &|| stored_runs(&dir).len() == 2);
     assert!(pull.0.try_wait().expect("try_wait").is_none(), "the pull is still running; log: {}", log());
-    let runs = stored_runs(tmp.path(), "audit");
+    let runs = stored_runs(&dir);
     let new = runs.iter().find(|r| r.0 != dir).expect("the new run's directory");
     assert_ne!(new.1, first[0].1, "a new chain");
-    assert!(new.0.to_string_lossy().ends_with(&hex::encode(&new.1[..8])), "{}", new.0.display());
+    assert_eq!(new.0, dir.join(format!("chain-{}", hex::encode(&new.1[..8]))), "beside the first run, in DIR");
     assert!(new.2 >= 1, "the new run's entries are stored");
-    assert_eq!(stored_runs(tmp.path(), "audit")[0].2, first[0].2, "the first run's directory is unchanged");
+    assert_eq!(stored_runs(&dir)[0].2, first[0].2, "the first run's directory is unchanged");
     let l = log();
     let line = l.lines().find(|l| l.contains("audit pull:")).expect("an error line");
     assert!(line.starts_with("keygate: 20"), "the line names the time: {line}");
 
     kre.0.kill().expect("kill the KRE");
     pull.0.kill().expect("kill the pull");
+}
+
+/// Two runs in one history directory, the second linked to the first: `audit verify DIR`
+/// checks both and the link (JSON: `runs`, `gaps`); with the first run cut back before the
+/// linked head (checkpoints included, so it verifies alone) the gap is named with its range;
+/// the second run alone names its predecessor as missing.
+#[test]
+fn audit_verify_checks_linked_runs_and_names_each_gap() {
+    use keygate_enclave::audit::AuditHead;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let d = tmp.path().join("history");
+    let root = tmp.path().join("root.pem");
+    let first = trail("run-1");
+    std::fs::write(&root, &first.root_pem).expect("root");
+    let linked = &first.entries[9];
+    let head = AuditHead { chain_id: *linked.chain_id(), seq: linked.seq(), digest: linked.digest() };
+
+    let nsm = MockNsm::new(b"cli-audit", pcrs(0x70), Arc::new(|| T)).with_instance("run-2");
+    let mut log = AuditLog::new(AuditConfig::default(), AuditSigner::start(&nsm, default_backend()).expect("signer"));
+    log.append(
+        AuditEvent::KreStarted { nsm_kind: "mock".into(), pcrs: pcrs(0x70), software: "0.1.0".into() },
+        T + 30_000,
+    )
+    .expect("append");
+    log.append(AuditEvent::ChainLinked { generation: 3, previous: Some(head) }, T + 31_000).expect("append");
+    let cp = log.checkpoint(T + 32_000).expect("checkpoint");
+    let second: Vec<AuditEntry> = log.entries_after(0, 10);
+    let second_dir = d.join(store::run_dir_name(log.signer().chain_id()));
+    store::append_to_dir(&d, &first.entries, &first.checkpoints).expect("store run 1");
+    store::append_to_dir(&second_dir, &second, std::slice::from_ref(&cp)).expect("store run 2");
+
+    let out = verify(&d, &root, true);
+    assert!(out.status.success(), "{} {}", text(&out.stdout), text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!((v["ok"].clone(), v["runs"].as_array().map(Vec::len)), (serde_json::json!(true), Some(2)), "{v}");
+    assert_eq!(v["gaps"], serde_json::json!([]));
+    assert_eq!(v["runs"][1]["link"]["seq"], 10);
+
+    // The parent cuts the first run back to seq 8 (its checkpoint there kept): it verifies alone.
+    let kept: Vec<Checkpoint> = first.checkpoints.iter().filter(|c| c.seq() <= 8).cloned().collect();
+    write_raw(&d, &first.entries[..8], &kept);
+    let alone = tmp.path().join("alone");
+    write_raw(&alone, &first.entries[..8], &kept);
+    assert!(verify(&alone, &root, false).status.success());
+    let chain = hex::encode(&first.entries[0].chain_id()[..8]);
+    let out = verify(&d, &root, false);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(text(&out.stderr).contains(&format!("chain {chain}…: entries 9–10 missing")), "{}", text(&out.stderr));
+    let out = verify(&d, &root, true);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        (v["ok"].clone(), v["gaps"][0]["error"].clone()),
+        (serde_json::json!(false), "tail_missing".into()),
+        "{v}"
+    );
+
+    // The second run alone: its predecessor is not there.
+    let out = verify(&second_dir, &root, true);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        (v["ok"].clone(), v["gaps"][0]["error"].clone()),
+        (serde_json::json!(false), "chain_missing".into()),
+        "{v}"
+    );
 }

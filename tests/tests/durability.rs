@@ -223,6 +223,9 @@ fn kill_restart_and_two_of_three_unseal_keep_the_data_keys() {
     // generation the damaged file leaves nothing intact.
     refused(keygate(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&state)]), "no intact sealed state");
     std::fs::write(&cur, &good).expect("restore");
+    // Stopped first: its audit follower would otherwise still be creating files under `d`
+    // (temporary ones renamed into place) while they are scanned.
+    drop(kre);
 
     // Nothing the parent or the custodians wrote holds the data key.
     for f in files(d) {
@@ -233,7 +236,6 @@ fn kill_restart_and_two_of_three_unseal_keep_the_data_keys() {
         assert!(!contains(&b, &key1), "{} holds the data key", f.display());
         assert!(!contains(&b, hex::encode(&key1).as_bytes()), "{} holds the data key as hex", f.display());
     }
-    drop(kre);
 }
 
 #[test]
@@ -732,4 +734,102 @@ fn a_revocation_is_reported_durable_only_once_committed_and_then_survives_a_rest
     // Durable: a kill -9, restart, unseal and restore keep the image revoked.
     let (kre, _) = restart_unseal_restore(d, kre);
     refused(fetch(&kre, &d.join("k3")), "unknown_cluster");
+}
+
+/// The audit history across a kill -9: the restarted KRE's trail names the previous run's
+/// chain and the head its sealed state recorded, the follower stores the new run beside the
+/// old one, and `audit verify DIR` checks both runs and the link. A parent that deletes the
+/// first run's last entries (with the checkpoints covering them, so that run still verifies
+/// alone) is caught: the link names entries the stored trail no longer holds, by exact range.
+#[test]
+fn audit_runs_are_linked_across_a_kill_and_unseal_and_a_deleted_tail_is_named_exactly() {
+    use keygate_enclave::audit::{files, store, AuditEvent};
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    let kre = signed_setup(d, "0s");
+    let cp = (0..3).map(|i| format!("{i}={}", hex48(CP_PCR))).collect::<Vec<_>>().join(",");
+    let v2 = next_bundle(d, 2, &["--allow", &format!("prod=cp@{cp}")]);
+    push_and_sync(d, &kre, &v2);
+    ok(fetch(&kre, &d.join("k1")));
+    ok(fetch(&kre, &d.join("k2")));
+    // A committed generation after the releases: its sealed audit head covers them.
+    let v3 = next_bundle(d, 3, &["--rotate", "prod"]);
+    push_and_sync(d, &kre, &v3);
+    let (kre, _) = restart_unseal_restore(d, kre);
+    ok(keygate(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&d.join("state"))]));
+    ok(fetch(&kre, &d.join("k3")));
+    drop(kre);
+
+    let trail = d.join("followed");
+    let root = d.join("root.pem");
+    let verify = |dir: &Path| {
+        keygate(&[
+            "audit",
+            "verify",
+            &s(dir),
+            "--root",
+            &s(&root),
+            "--expect-kre-pcr",
+            &format!("0={}", hex48(KRE_PCR)),
+        ])
+    };
+    // (a) Both runs, in DIR, linked.
+    let runs = store::read_runs(&trail).expect("runs");
+    assert_eq!(
+        runs.len(),
+        2,
+        "the restarted run is stored beside the first: {:?}",
+        runs.iter().map(|r| &r.0).collect::<Vec<_>>()
+    );
+    let (first_dir, first) = &runs[0];
+    assert_eq!(first_dir, &trail);
+    let chain1 = *first.entries[0].chain_id();
+    let link = runs[1]
+        .1
+        .entries
+        .iter()
+        .find_map(|e| match e.event() {
+            AuditEvent::ChainLinked { previous, .. } => Some(previous.expect("the sealed state has an audit head")),
+            _ => None,
+        })
+        .expect("the restarted run records its link");
+    assert_eq!(link.chain_id, chain1);
+    let released: Vec<u64> = first
+        .entries
+        .iter()
+        .filter(|e| matches!(e.event(), AuditEvent::ReleaseAllowed { .. }))
+        .map(|e| e.seq())
+        .collect();
+    assert_eq!(released.len(), 2);
+    assert!(released.iter().all(|&r| r < link.seq), "the sealed head {} covers the releases {released:?}", link.seq);
+    let out = ok(verify(&trail));
+    assert!(
+        out.contains("2 runs")
+            && out.contains(&format!("continues chain {}… at seq {}", hex::encode(&chain1[..8]), link.seq)),
+        "{out}"
+    );
+
+    // (b) The parent deletes the first run's entries from after its last checkpoint before the
+    // second release (and the checkpoints covering them): that run alone still verifies.
+    let keep =
+        first.checkpoints.iter().map(|c| c.seq()).filter(|&c| c < released[1]).max().expect("a checkpoint before it");
+    let mut entries = files::ENTRIES_MAGIC.to_vec();
+    for e in first.entries.iter().filter(|e| e.seq() <= keep) {
+        entries.extend(files::frame_record(e.bytes()));
+    }
+    let mut checkpoints = files::CHECKPOINTS_MAGIC.to_vec();
+    for c in first.checkpoints.iter().filter(|c| c.seq() <= keep) {
+        checkpoints.extend(files::frame_record(c.bytes()));
+    }
+    std::fs::write(trail.join(store::ENTRIES_FILE), &entries).expect("cut");
+    std::fs::write(trail.join(store::CHECKPOINTS_FILE), &checkpoints).expect("cut");
+    let alone = d.join("first-run-alone");
+    std::fs::create_dir(&alone).expect("dir");
+    std::fs::write(alone.join(store::ENTRIES_FILE), &entries).expect("copy");
+    std::fs::write(alone.join(store::CHECKPOINTS_FILE), &checkpoints).expect("copy");
+    ok(verify(&alone));
+    let o = verify(&trail);
+    let missing = format!("chain {}…: entries {}–{} missing", hex::encode(&chain1[..8]), keep + 1, link.seq);
+    refused(o, &missing);
 }

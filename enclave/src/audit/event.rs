@@ -10,6 +10,7 @@ use keygate_attestation::{DocumentKind, VerifiedAttestation};
 use sha2::{Digest, Sha384};
 
 use super::codec::{DecodeError, Reader, Writer};
+use super::history::AuditHead;
 use super::{FORMAT_VERSION, MAX_ANONYMOUS_CODES, MAX_ENTRY_LEN, MAX_KEYS, MAX_TEXT};
 use crate::wire::Id;
 
@@ -184,6 +185,16 @@ pub enum AuditEvent {
         /// (bytewise), every count ≥ 1.
         counts: Vec<(String, u64)>,
     },
+    /// (12) The KRE unsealed a sealed state: this run's chain continues the history of the
+    /// run that sealed it. Appended with the `unsealed` step, before any release of the run.
+    ChainLinked {
+        /// The generation unsealed.
+        generation: u64,
+        /// The audit head that generation recorded: the previous run's chain and the newest
+        /// entry its parent had acknowledged storing when the generation was exported. `None`
+        /// for a state sealed before audit heads were recorded (format 1 or 2).
+        previous: Option<AuditHead>,
+    },
 }
 
 impl AuditEvent {
@@ -201,6 +212,7 @@ impl AuditEvent {
             AuditEvent::ConfigChanged { .. } => "config_changed",
             AuditEvent::Unrecorded { .. } => "unrecorded",
             AuditEvent::AnonymousRefusals { .. } => "anonymous_refusals",
+            AuditEvent::ChainLinked { .. } => "chain_linked",
         }
     }
 
@@ -216,7 +228,10 @@ impl AuditEvent {
             AuditEvent::UnsealStep { ok: true, .. } => "ok",
             AuditEvent::UnsealStep { ok: false, .. } => "fail",
             AuditEvent::Unrecorded { .. } => "lost",
-            AuditEvent::KreStarted { .. } | AuditEvent::KekRotated { .. } | AuditEvent::ConfigChanged { .. } => "info",
+            AuditEvent::KreStarted { .. }
+            | AuditEvent::KekRotated { .. }
+            | AuditEvent::ConfigChanged { .. }
+            | AuditEvent::ChainLinked { .. } => "info",
         }
     }
 
@@ -239,6 +254,7 @@ impl AuditEvent {
             AuditEvent::ConfigChanged { .. } => 9,
             AuditEvent::Unrecorded { .. } => 10,
             AuditEvent::AnonymousRefusals { .. } => 11,
+            AuditEvent::ChainLinked { .. } => 12,
         }
     }
 
@@ -339,6 +355,15 @@ impl AuditEvent {
                     w.u64(*count);
                 }
             }
+            AuditEvent::ChainLinked { generation, previous } => {
+                w.u64(*generation);
+                w.flag(previous.is_some());
+                if let Some(h) = previous {
+                    w.bytes(&h.chain_id);
+                    w.u64(h.seq);
+                    w.bytes(&h.digest);
+                }
+            }
         }
         Ok(())
     }
@@ -422,6 +447,19 @@ impl AuditEvent {
                 }
                 check_anonymous(first_ms, last_ms, counts.iter().map(|(c, n)| (c.as_str(), *n)))?;
                 AuditEvent::AnonymousRefusals { first_ms, last_ms, counts }
+            }
+            12 => {
+                let generation = r.u64("generation")?;
+                let previous = if r.flag("previous present")? {
+                    Some(AuditHead {
+                        chain_id: r.array("previous chain")?,
+                        seq: r.u64("previous seq")?,
+                        digest: r.array("previous digest")?,
+                    })
+                } else {
+                    None
+                };
+                AuditEvent::ChainLinked { generation, previous }
             }
             other => return Err(DecodeError::UnknownEvent(other)),
         })
@@ -615,7 +653,33 @@ mod tests {
                 last_ms: 70_000,
                 counts: vec![("busy".into(), 12), ("wrong_channel".into(), 3)],
             },
+            AuditEvent::ChainLinked {
+                generation: 9,
+                previous: Some(AuditHead { chain_id: [3; 48], seq: 57, digest: [4; 48] }),
+            },
+            AuditEvent::ChainLinked { generation: 2, previous: None },
         ]
+    }
+
+    #[test]
+    fn chain_linked_known_bytes_and_strict_flag() {
+        let head = AuditHead { chain_id: [3; 48], seq: 57, digest: [4; 48] };
+        let ev = AuditEvent::ChainLinked { generation: 9, previous: Some(head) };
+        assert_eq!((ev.name(), ev.decision(), ev.is_release()), ("chain_linked", "info", false));
+        let e = AuditEntry::new([0; 48], 1, [0; 48], 0, 0, ev).expect("encode");
+        assert_eq!(e.bytes()[BODY - 1], 12);
+        let body = [&9u64.to_be_bytes()[..], &[1], &[3; 48], &57u64.to_be_bytes(), &[4; 48]].concat();
+        assert_eq!(&e.bytes()[BODY..], &body[..]);
+        let none =
+            AuditEntry::new([0; 48], 1, [0; 48], 0, 0, AuditEvent::ChainLinked { generation: 2, previous: None })
+                .expect("encode");
+        assert_eq!(&none.bytes()[BODY..], &[&2u64.to_be_bytes()[..], &[0]].concat()[..]);
+        let mut b = none.bytes().to_vec();
+        b[BODY + 8] = 2;
+        assert_eq!(AuditEntry::decode(&b), Err(DecodeError::BadFlag { field: "previous present", value: 2 }));
+        let mut b = e.bytes().to_vec();
+        b.pop();
+        assert!(matches!(AuditEntry::decode(&b), Err(DecodeError::Truncated(_))));
     }
 
     fn anonymous(counts: &[(&str, u64)]) -> AuditEvent {

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use super::anonymous::AnonymousTally;
 use super::checkpoint::{AuditSigner, Checkpoint};
 use super::event::{AuditEntry, AuditEvent};
+use super::history::AuditHead;
 use super::{AuditError, MAX_ENTRY_LEN};
 
 /// Buffer limits.
@@ -82,6 +83,8 @@ pub struct AuditLog {
     last_seq: u64,
     head: [u8; 48],
     acked_up_to: u64,
+    /// Digest of entry `acked_up_to` (the chain id while it is 0).
+    acked_digest: [u8; 48],
     policy_version: u64,
     refused_total: u64,
     /// (count, first_ms, last_ms) of refused appends not yet recorded.
@@ -118,6 +121,7 @@ impl AuditLog {
             last_seq: 0,
             head,
             acked_up_to: 0,
+            acked_digest: head,
             policy_version: 0,
             refused_total: 0,
             unrecorded: None,
@@ -150,6 +154,13 @@ impl AuditLog {
     /// The last entry's sequence number and digest (0 and the chain id before the first).
     pub fn head(&self) -> (u64, [u8; 48]) {
         (self.last_seq, self.head)
+    }
+
+    /// The newest entry the parent has acknowledged storing (seq 0 and the chain id before
+    /// any): what a sealed state records, so that a link never claims an entry the parent was
+    /// not asked to have stored.
+    pub fn acked_head(&self) -> AuditHead {
+        AuditHead { chain_id: *self.signer.chain_id(), seq: self.acked_up_to, digest: self.acked_digest }
     }
 
     fn free_slots(&self) -> usize {
@@ -383,6 +394,9 @@ impl AuditLog {
                     self.anonymous_slots = self.anonymous_slots.saturating_sub(1);
                     self.anonymous_bytes = self.anonymous_bytes.saturating_sub(len);
                 }
+                if e.seq() > self.acked_up_to {
+                    self.acked_digest = e.digest();
+                }
                 freed += 1;
             }
         }
@@ -446,6 +460,24 @@ mod tests {
             keys: vec![(crate::wire::Id::new("k").expect("id"), 1)],
             image: "i".into(),
         }
+    }
+
+    #[test]
+    fn the_acked_head_is_the_newest_acknowledged_entry() {
+        let mut l = log(10, 0);
+        let chain = *l.signer().chain_id();
+        assert_eq!(l.acked_head(), AuditHead { chain_id: chain, seq: 0, digest: chain });
+        for n in 1..=4 {
+            l.append(info(n), 10).expect("append");
+        }
+        let es = l.entries_after(0, 10);
+        assert_eq!(l.acked_head().seq, 0, "appended is not acknowledged");
+        l.ack(3).expect("ack");
+        assert_eq!(l.acked_head(), AuditHead { chain_id: chain, seq: 3, digest: es[2].digest() });
+        l.ack(2).expect("an older ack is a no-op");
+        assert_eq!(l.acked_head().seq, 3);
+        l.ack(4).expect("ack");
+        assert_eq!(l.acked_head(), AuditHead { chain_id: chain, seq: 4, digest: es[3].digest() });
     }
 
     #[test]

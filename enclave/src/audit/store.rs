@@ -5,9 +5,12 @@
 //! ```text
 //! DIR/entries.log       entries, in sequence order   (format: super::files)
 //! DIR/checkpoints.log   checkpoints, in sequence order
+//! DIR/chain-<16 hex>/   the same two files for every later run (chain) collected into DIR
 //! ```
 //!
-//! One directory holds one chain (one KRE run). Files are created atomically (temporary
+//! One directory holds one chain (one KRE run); a history of runs is DIR with the first chain
+//! collected into it and each later one in `DIR/chain-<first 8 bytes of its id, hex>`
+//! ([`run_dir_name`], [`read_runs`]). Files are created atomically (temporary
 //! file, fsync, rename, fsync of the directory) and only ever appended to, each append
 //! followed by fsync; entries are made durable before the checkpoints that cover them. An
 //! append is refused unless it continues the stored chain exactly, so the parent never
@@ -31,6 +34,10 @@ pub const CHECKPOINTS_FILE: &str = "checkpoints.log";
 pub const MAX_ENTRIES_FILE: u64 = 1 << 30;
 /// Largest `checkpoints.log` read whole.
 pub const MAX_CHECKPOINTS_FILE: u64 = 256 << 20;
+/// Prefix of the subdirectory of each later run in a history directory.
+pub const RUN_DIR_PREFIX: &str = "chain-";
+/// Most runs read from one history directory.
+pub const MAX_RUNS: usize = 4096;
 
 /// Why the directory could not be read or appended to.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +111,16 @@ pub enum StoreError {
         /// Its sequence number.
         seq: u64,
     },
+    /// More runs in a history directory than the reader accepts.
+    #[error("{} holds {count} runs, more than {max}", dir.display())]
+    TooManyRuns {
+        /// The directory.
+        dir: PathBuf,
+        /// Runs found.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
     /// A checkpoint older than the last stored one.
     #[error("checkpoint for seq {seq} is older than the stored checkpoint for seq {stored}")]
     CheckpointOutOfOrder {
@@ -152,6 +169,44 @@ pub fn read_dir(dir: &Path) -> Result<StoredTrail, StoreError> {
     let checkpoints = files::parse_checkpoints_file(&read_capped(&cp, MAX_CHECKPOINTS_FILE)?)
         .map_err(|error| StoreError::Format { path: cp.clone(), error })?;
     Ok(StoredTrail { entries, checkpoints })
+}
+
+/// The subdirectory name of the run with chain `chain_id` in a history directory.
+pub fn run_dir_name(chain_id: &[u8; 48]) -> String {
+    format!("{RUN_DIR_PREFIX}{}", hex::encode(&chain_id[..8]))
+}
+
+/// Every run stored in the history directory `dir`: `dir` itself when it holds
+/// `entries.log`, then each `dir/chain-*` subdirectory holding one, by name. Each is read as
+/// [`read_dir`] reads it. At most [`MAX_RUNS`].
+pub fn read_runs(dir: &Path) -> Result<Vec<(PathBuf, StoredTrail)>, StoreError> {
+    let mut dirs = Vec::new();
+    if dir.join(ENTRIES_FILE).exists() {
+        dirs.push(dir.to_path_buf());
+    }
+    let mut subs = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io("listing", dir))? {
+        let entry = entry.map_err(io("listing", dir))?;
+        let is_run = entry.file_name().to_str().is_some_and(|n| n.starts_with(RUN_DIR_PREFIX));
+        if is_run && entry.path().join(ENTRIES_FILE).exists() {
+            subs.push(entry.path());
+        }
+    }
+    subs.sort();
+    dirs.extend(subs);
+    if dirs.len() > MAX_RUNS {
+        return Err(StoreError::TooManyRuns { dir: dir.to_path_buf(), count: dirs.len(), max: MAX_RUNS });
+    }
+    if dirs.is_empty() {
+        // As for a single run: name the file that is not there.
+        let path = dir.join(ENTRIES_FILE);
+        return Err(StoreError::Io {
+            op: "opening",
+            path,
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no audit trail in this directory"),
+        });
+    }
+    dirs.into_iter().map(|d| read_dir(&d).map(|t| (d, t))).collect()
 }
 
 /// What [`append_to_dir`] did.

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use keygate_attestation::{PcrExpectation, Verifier};
 use keygate_enclave::audit::store::{self, AppendReport, StoreError, StoredTrail};
 use keygate_enclave::audit::{
-    check_receipt, verify_trail_with, AuditEntry, AuditEvent, Checkpoint, Receipt, Requester, TrailOptions,
-    TrailSummary, RECEIPT_LEN,
+    check_receipt, verify_history, verify_trail_with, AuditEntry, AuditEvent, Checkpoint, HistoryGap, HistoryReport,
+    Receipt, Requester, TrailOptions, TrailSummary, RECEIPT_LEN,
 };
 use serde_json::{json, Value};
 
@@ -35,21 +35,24 @@ pub(crate) struct PullArgs {
     /// The KRE's parent channel (`--parent-listen`; never proxied).
     #[arg(long)]
     kre: keygate_enclave::transport::Addr,
-    /// The audit directory (one KRE run's chain).
+    /// The audit directory: the first KRE run's chain, and each later run's in
+    /// `DIR/chain-<chain id prefix>` (`audit verify DIR` checks them all and their links).
     #[arg(long)]
     dir: PathBuf,
     /// Keep collecting until interrupted: each round waits in the KRE up to this many seconds
     /// (at most 5) for new entries, stores them (fsynced, many per fsync) and acknowledges
     /// them at once; the KRE withholds each release's answer until then. A failed round is
     /// reported and retried (backoff 1 s doubling to 30 s); after a KRE restart its new chain
-    /// goes to `<DIR>-<chain id prefix>`.
+    /// goes to `DIR/chain-<chain id prefix>`.
     #[arg(long)]
     follow: Option<u64>,
 }
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct VerifyArgs {
-    /// The audit directory (entries.log, checkpoints.log).
+    /// The audit directory (entries.log, checkpoints.log), with every later run's chain in
+    /// `chain-*` subdirectories: each run is verified, and each run's link to the one before
+    /// it must name an entry (seq and digest) that run's stored trail holds; every gap is named.
     dir: PathBuf,
     /// Trust this root (PEM) instead of the built-in AWS Nitro Enclaves root.
     #[arg(long)]
@@ -143,11 +146,11 @@ impl ReceiptFailure {
     }
 }
 
-/// Checks each receipt against a verified trail; returns how many were checked and the failures.
+/// Checks each receipt against the verified run of its chain (the first run when none has
+/// it, which names it as foreign); returns how many were checked and the failures.
 fn check_receipts(
     path: &Path,
-    summary: &TrailSummary,
-    trail: &StoredTrail,
+    verified: &[(&TrailSummary, &StoredTrail)],
     verifier: &Verifier,
 ) -> Result<(usize, Vec<ReceiptFailure>), CliError> {
     let receipts = load_receipts(path)?;
@@ -157,12 +160,17 @@ fn check_receipts(
             Err(message) => {
                 Some(ReceiptFailure { path: path.clone(), seq: None, kind: "malformed", message: message.clone() })
             }
-            Ok(r) => check_receipt(r, summary, &trail.entries, verifier.crypto()).err().map(|e| ReceiptFailure {
-                path: path.clone(),
-                seq: Some(r.seq()),
-                kind: e.kind(),
-                message: e.to_string(),
-            }),
+            Ok(r) => {
+                let run = verified.iter().find(|(s, _)| s.chain_id == *r.chain_id()).or(verified.first());
+                run.and_then(|(summary, trail)| {
+                    check_receipt(r, summary, &trail.entries, verifier.crypto()).err().map(|e| ReceiptFailure {
+                        path: path.clone(),
+                        seq: Some(r.seq()),
+                        kind: e.kind(),
+                        message: e.to_string(),
+                    })
+                })
+            }
         };
         failures.extend(failure);
     }
@@ -288,8 +296,9 @@ pub(crate) fn status(kre: &keygate_enclave::transport::Addr) -> Result<(), CliEr
 
 fn pull(a: PullArgs) -> Result<(), CliError> {
     let Some(every) = a.follow else {
-        let (stored, last) = pull_once(&a.kre, &a.dir, None, 0)?;
-        println!("{}", stored_line(stored, &a.dir, last));
+        let dir = run_dir(&a.kre, &a.dir)?;
+        let (stored, last) = pull_once(&a.kre, &dir, None, 0)?;
+        println!("{}", stored_line(stored, &dir, last));
         return Ok(());
     };
     // Following: a failed round (KRE restarting, a refused pull, disk full) is reported on one
@@ -362,11 +371,11 @@ impl Backoff {
     }
 }
 
-/// The directory for the KRE's current chain when following. One directory holds one chain
-/// (one KRE run): `dir` while it is empty or holds the KRE's chain; after a KRE restart (a new
-/// chain id in its status), the sibling `<dir>-<first 8 bytes of the chain id, hex>`, where
-/// the new run is collected from its first entry (`audit verify` checks each run's directory
-/// on its own). Asking the status first matters: the new chain's sequence numbers restart at
+/// The directory for the KRE's current chain. `dir` is a history of runs: it holds the first
+/// chain collected into it; after a KRE restart (a new chain id in its status) the new run is
+/// collected from its first entry into `dir/chain-<first 8 bytes of the chain id, hex>`,
+/// beside the runs before it (`audit verify dir` checks every run and the links between
+/// them). Asking the status first matters: the new chain's sequence numbers restart at
 /// 1, so pulling after the old chain's last entry would silently return nothing.
 fn run_dir(kre: &keygate_enclave::transport::Addr, dir: &Path) -> Result<PathBuf, CliError> {
     let json = match exchange(kre, &keygate_enclave::wire::Message::Status)? {
@@ -392,9 +401,11 @@ fn run_dir(kre: &keygate_enclave::transport::Addr, dir: &Path) -> Result<PathBuf
         None => Ok(dir.to_path_buf()),
         Some(c) if c == kre_chain => Ok(dir.to_path_buf()),
         Some(_) => {
-            let mut name = dir.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "audit".into());
-            name.push(format!("-{}", hex::encode(kre_chain.get(..8).unwrap_or_default())));
-            Ok(dir.with_file_name(name))
+            let chain: [u8; 48] = kre_chain
+                .as_slice()
+                .try_into()
+                .map_err(|_| CliError::refused("the KRE's status names a malformed audit chain id"))?;
+            Ok(dir.join(store::run_dir_name(&chain)))
         }
     }
 }
@@ -423,8 +434,8 @@ fn read(dir: &Path) -> Result<StoredTrail, CliError> {
 
 fn verify(a: VerifyArgs) -> Result<(), CliError> {
     let verifier = Verifier::new(load_anchor(a.root.as_deref())?);
-    let trail = match read(&a.dir) {
-        Ok(t) => t,
+    let runs = match store::read_runs(&a.dir).map_err(|e| store_error(&a.dir, e)) {
+        Ok(r) => r,
         Err(e) if a.json && e.code == 1 => {
             println!("{}", json!({ "ok": false, "error": "malformed", "message": e.message }));
             return Err(e);
@@ -432,25 +443,80 @@ fn verify(a: VerifyArgs) -> Result<(), CliError> {
         Err(e) => return Err(e),
     };
     let options = TrailOptions { allow_debug: a.allow_debug };
-    match verify_trail_with(&trail.entries, &trail.checkpoints, &verifier, &a.expect_kre_pcr, options) {
+    let history = verify_history(&runs.iter().map(|(_, t)| t.entries.as_slice()).collect::<Vec<_>>());
+    match runs.as_slice() {
+        [(_, trail)] => verify_single(&a, &verifier, trail, &history, options),
+        _ => verify_runs(&a, &verifier, &runs, &history, options),
+    }
+}
+
+fn gaps_json(history: &HistoryReport) -> Value {
+    Value::Array(history.gaps.iter().map(|g| json!({ "error": g.kind(), "message": g.to_string() })).collect())
+}
+
+fn receipts_json(checked: usize, failures: &[ReceiptFailure]) -> Value {
+    json!({
+        "checked": checked,
+        "failed": failures.iter().map(|f| json!({
+            "path": f.path.display().to_string(),
+            "seq": f.seq,
+            "error": f.kind,
+            "message": f.message,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The receipt failures as one refusal (each named on stderr).
+fn receipts_refusal(dir: &Path, checked: usize, failures: &[ReceiptFailure]) -> CliError {
+    for f in failures {
+        eprintln!("keygate: {}", f.line());
+    }
+    let seqs: Vec<String> = failures.iter().map(|f| f.seq.map_or_else(|| "?".to_owned(), |s| s.to_string())).collect();
+    CliError::refused(format!(
+        "audit trail {}: {} of {checked} receipts NOT proven by the stored trail (seq {})",
+        dir.display(),
+        failures.len(),
+        seqs.join(", ")
+    ))
+}
+
+/// The gaps in a history as one refusal (each named on stderr).
+fn gaps_refusal(dir: &Path, gaps: &[HistoryGap]) -> CliError {
+    for g in gaps {
+        eprintln!("keygate: {g}");
+    }
+    let first = gaps.first().map(ToString::to_string).unwrap_or_default();
+    CliError::refused(format!(
+        "audit history {} FAILED: {} gap{} in the runs' linked trails (first: {first})",
+        dir.display(),
+        gaps.len(),
+        if gaps.len() == 1 { "" } else { "s" }
+    ))
+}
+
+/// DIR holds one run: its trail, and its link (a predecessor it names must be in DIR).
+fn verify_single(
+    a: &VerifyArgs,
+    verifier: &Verifier,
+    trail: &StoredTrail,
+    history: &HistoryReport,
+    options: TrailOptions,
+) -> Result<(), CliError> {
+    match verify_trail_with(&trail.entries, &trail.checkpoints, verifier, &a.expect_kre_pcr, options) {
         Ok(s) => {
             let receipts = match &a.receipts {
-                Some(p) => Some(check_receipts(p, &s, &trail, &verifier)?),
+                Some(p) => Some(check_receipts(p, &[(&s, trail)], verifier)?),
                 None => None,
             };
             if a.json {
                 let mut v = summary_json(&s);
                 if let Some((checked, failures)) = &receipts {
                     v["ok"] = json!(failures.is_empty());
-                    v["receipts"] = json!({
-                        "checked": checked,
-                        "failed": failures.iter().map(|f| json!({
-                            "path": f.path.display().to_string(),
-                            "seq": f.seq,
-                            "error": f.kind,
-                            "message": f.message,
-                        })).collect::<Vec<_>>(),
-                    });
+                    v["receipts"] = receipts_json(*checked, failures);
+                }
+                if !history.gaps.is_empty() {
+                    v["ok"] = json!(false);
+                    v["gaps"] = gaps_json(history);
                 }
                 println!("{v}");
             } else {
@@ -458,31 +524,17 @@ fn verify(a: VerifyArgs) -> Result<(), CliError> {
                 if let Some((checked, failures)) = &receipts {
                     println!("  receipts     {checked} checked, {} with their entry stored", checked - failures.len());
                 }
+                if let Some(l) = history.runs.first().and_then(|r| r.link) {
+                    println!("  continues    chain {} at seq {}", hex::encode(l.chain_id), l.seq);
+                }
             }
             if let Some((checked, failures)) = receipts.filter(|(_, f)| !f.is_empty()) {
-                for f in &failures {
-                    eprintln!("keygate: {}", f.line());
-                }
-                let seqs: Vec<String> =
-                    failures.iter().map(|f| f.seq.map_or_else(|| "?".to_owned(), |s| s.to_string())).collect();
-                return Err(CliError::refused(format!(
-                    "audit trail {}: {} of {checked} receipts NOT proven by the stored trail (seq {})",
-                    a.dir.display(),
-                    failures.len(),
-                    seqs.join(", ")
-                )));
+                return Err(receipts_refusal(&a.dir, checked, &failures));
             }
-            if !s.pcrs_pinned {
-                eprintln!(
-                    "keygate: warning: KRE PCRs not pinned (--expect-kre-pcr): the trail of any genuine Nitro enclave would verify"
-                );
+            if !history.gaps.is_empty() {
+                return Err(gaps_refusal(&a.dir, &history.gaps));
             }
-            if s.unsigned_tail > 0 {
-                eprintln!(
-                    "keygate: warning: the last {} entries are not covered by a checkpoint yet: their deletion would not be detected",
-                    s.unsigned_tail
-                );
-            }
+            warn_unpinned_and_unsigned(&s);
             Ok(())
         }
         Err(e) => {
@@ -492,6 +544,125 @@ fn verify(a: VerifyArgs) -> Result<(), CliError> {
             Err(CliError::refused(format!("audit trail {} FAILED verification: {e}", a.dir.display())))
         }
     }
+}
+
+fn warn_unpinned_and_unsigned(s: &TrailSummary) {
+    if !s.pcrs_pinned {
+        eprintln!(
+            "keygate: warning: KRE PCRs not pinned (--expect-kre-pcr): the trail of any genuine Nitro enclave would verify"
+        );
+    }
+    if s.unsigned_tail > 0 {
+        eprintln!(
+            "keygate: warning: the last {} entries are not covered by a checkpoint yet: their deletion would not be detected",
+            s.unsigned_tail
+        );
+    }
+}
+
+/// DIR holds several runs: each run's trail on its own, then the links between them, in
+/// history order. Every failed run and every gap is named.
+fn verify_runs(
+    a: &VerifyArgs,
+    verifier: &Verifier,
+    runs: &[(PathBuf, StoredTrail)],
+    history: &HistoryReport,
+    options: TrailOptions,
+) -> Result<(), CliError> {
+    let mut problems: Vec<String> = Vec::new();
+    let mut verified: Vec<(TrailSummary, &StoredTrail)> = Vec::new();
+    let mut runs_json = Vec::new();
+    let mut text = format!("audit history {}: {} runs\n", a.dir.display(), history.runs.len());
+    for (k, run) in history.runs.iter().enumerate() {
+        let Some((path, trail)) = runs.get(run.index) else { continue };
+        let link = match run.link {
+            Some(l) => format!("continues chain {}… at seq {}", short(&l.chain_id), l.seq),
+            None => "no predecessor".to_owned(),
+        };
+        let link_json = run
+            .link
+            .map(|l| json!({ "chain_id": hex::encode(l.chain_id), "seq": l.seq, "digest": hex::encode(l.digest) }));
+        let result = verify_trail_with(&trail.entries, &trail.checkpoints, verifier, &a.expect_kre_pcr, options);
+        let _ = write!(
+            text,
+            "  run {}  chain {}…  seq 1..={}  from {}  {link}  {}: ",
+            k + 1,
+            short(&run.chain_id),
+            run.last_seq,
+            fmt_time(run.first_time_ms),
+            path.display()
+        );
+        match result {
+            Ok(s) => {
+                let _ = writeln!(text, "OK (signed up to seq {})", s.signed_up_to);
+                let mut v = summary_json(&s);
+                v["dir"] = json!(path.display().to_string());
+                v["link"] = json!(link_json);
+                runs_json.push(v);
+                verified.push((s, trail));
+            }
+            Err(e) => {
+                let _ = writeln!(text, "FAILED");
+                problems.push(format!("run {} ({}): FAILED verification: {e}", k + 1, path.display()));
+                runs_json.push(json!({
+                    "ok": false,
+                    "dir": path.display().to_string(),
+                    "chain_id": hex::encode(run.chain_id),
+                    "link": link_json,
+                    "error": e.kind(),
+                    "message": e.to_string(),
+                }));
+            }
+        }
+    }
+    let receipts = match &a.receipts {
+        Some(p) if !verified.is_empty() => {
+            let pairs: Vec<(&TrailSummary, &StoredTrail)> = verified.iter().map(|(s, t)| (s, *t)).collect();
+            Some(check_receipts(p, &pairs, verifier)?)
+        }
+        _ => None,
+    };
+    let ok = problems.is_empty() && history.gaps.is_empty() && receipts.as_ref().is_none_or(|(_, f)| f.is_empty());
+    if a.json {
+        let mut v = json!({ "ok": ok, "runs": runs_json, "gaps": gaps_json(history) });
+        if let Some((checked, failures)) = &receipts {
+            v["receipts"] = receipts_json(*checked, failures);
+        }
+        println!("{v}");
+    } else {
+        print!("{text}");
+        if history.gaps.is_empty() {
+            println!("  links        every run after the first continues the one before it; no gap");
+        }
+        if let Some((checked, failures)) = &receipts {
+            println!("  receipts     {checked} checked, {} with their entry stored", checked - failures.len());
+        }
+    }
+    if let Some((checked, failures)) = receipts.filter(|(_, f)| !f.is_empty()) {
+        return Err(receipts_refusal(&a.dir, checked, &failures));
+    }
+    if !problems.is_empty() {
+        for p in &problems {
+            eprintln!("keygate: {p}");
+        }
+        if !history.gaps.is_empty() {
+            return Err(gaps_refusal(&a.dir, &history.gaps));
+        }
+        return Err(CliError::refused(format!(
+            "audit history {} FAILED: {} run{} failed verification (first: {})",
+            a.dir.display(),
+            problems.len(),
+            if problems.len() == 1 { "" } else { "s" },
+            problems[0]
+        )));
+    }
+    if !history.gaps.is_empty() {
+        return Err(gaps_refusal(&a.dir, &history.gaps));
+    }
+    if let Some((s, _)) = verified.last() {
+        warn_unpinned_and_unsigned(s);
+    }
+    Ok(())
 }
 
 fn pcrs_json(pcrs: &BTreeMap<u8, Vec<u8>>) -> Value {
@@ -664,6 +835,15 @@ fn detail_text(ev: &AuditEvent) -> String {
                 list.join(",")
             )
         }
+        AuditEvent::ChainLinked { generation, previous } => match previous {
+            Some(h) => format!(
+                "generation={generation} previous_chain={}… previous_seq={} previous_head={}…",
+                short(&h.chain_id),
+                h.seq,
+                short(&h.digest)
+            ),
+            None => format!("generation={generation} previous=none (state sealed without an audit head)"),
+        },
         _ => String::new(),
     }
 }
@@ -728,6 +908,12 @@ fn entry_json(e: &AuditEntry) -> Value {
             "last_ms": last_ms,
             "total": anonymous_total(counts),
             "counts": counts.iter().map(|(code, n)| json!({ "code": code, "count": n })).collect::<Vec<_>>(),
+        }),
+        AuditEvent::ChainLinked { generation, previous } => json!({
+            "generation": generation,
+            "previous_chain": previous.map(|h| hex::encode(h.chain_id)),
+            "previous_seq": previous.map(|h| h.seq),
+            "previous_head": previous.map(|h| hex::encode(h.digest)),
         }),
         _ => json!({}),
     };

@@ -235,7 +235,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
     rt.block_on(async {
         wait_for_socket(&kre_sock, &mut kre).await?;
         wait_for_socket(&parent_sock, &mut proxy).await?;
-        let mut follower = follow(&d.join("audit-run-1"), "audit-follow-1.log")?;
+        let mut follower = follow(&d.join("audit"), "audit-follow-1.log")?;
         tour.step(
             "the KRE and the proxy are up",
             Ok(format!(
@@ -516,7 +516,8 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         let _ = kre.0.kill(); // SIGKILL
         let _ = kre.0.wait();
         drop(follower);
-        let run1 = d.join("audit-run-1");
+        // The follower keeps every run in one directory: this run's chain is `audit/` itself.
+        let run1 = d.join("audit");
         let mut verify1 = vec!["audit".to_owned(), "verify".into(), path(&run1), "--root".into(), path(&root_pem)];
         for i in 0..3 {
             verify1.extend(["--expect-kre-pcr".to_owned(), format!("{i}={}", pcr_hex(kre_pcr))]);
@@ -716,10 +717,14 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         let audited = keygate_cli(&exe, &["audit".into(), "pull".into(), "--kre".into(), kre_addr.clone(), "--dir".into(), path(&trail)])
             .and_then(|_| keygate_cli(&exe, &verify));
         tour.step(
-            "the parent's follower stored the restarted KRE's audit trail as it was written (unseal ceremony included); it verifies offline (hash chain, checkpoint signed by a key bound to the KRE's attestation)",
+            "the parent's follower stored the restarted KRE's audit trail beside the first run's as it was written (unseal ceremony included); both verify offline (hash chain, checkpoint signed by a key bound to the KRE's attestation), and the restarted run's chain_linked entry names the first run's sealed head, which the stored first run holds",
             audited.map(|o| o.lines().take(4).map(str::trim).collect::<Vec<_>>().join("; ")),
         );
-        if let Ok(table) = keygate_cli(&exe, &["audit".into(), "show".into(), path(&trail)]) {
+        let run2 = keygate_enclave::audit::store::read_runs(&trail)
+            .ok()
+            .and_then(|runs| runs.into_iter().last().map(|(dir, _)| dir))
+            .unwrap_or_else(|| trail.clone());
+        if let Ok(table) = keygate_cli(&exe, &["audit".into(), "show".into(), path(&run2)]) {
             println!("\n       the audit trail of this run:");
             for line in table.lines() {
                 println!("       {line}");
