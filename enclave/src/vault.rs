@@ -59,6 +59,9 @@ pub const MAX_GENESIS_ATTESTATION: usize = 12 * 1024;
 /// `user_data` of the KRE's unseal attestation:
 /// `SHA-384("keygate/v1/unseal-offer" ‖ unseal_nonce ‖ u64be generation ‖ set_digest ‖ SHA-384(shares file))`.
 /// Its `public_key` is `K`.
+/// A policy bundle as the sealed state records it: (version, SHA-384 of the body).
+pub type PolicyHead = (u64, [u8; 48]);
+
 pub fn unseal_user_data(
     unseal_nonce: &[u8; 32],
     generation: u64,
@@ -434,7 +437,7 @@ impl Vault {
 
     /// The committed generation and the policy head it carries, while serving: what a restart
     /// would come back to. `None` before serving.
-    pub fn committed_policy(&self) -> Option<(u64, Option<(u64, [u8; 48])>)> {
+    pub fn committed_policy(&self) -> Option<(u64, Option<PolicyHead>)> {
         match &self.inner {
             Inner::Serving(s) => Some((s.committed.generation, s.committed.policy_head)),
             _ => None,

@@ -681,7 +681,7 @@ pub(crate) fn run(cmd: PolicyCommand) -> Result<(), CliError> {
                 .map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
             let (version, activates) = push(&kre, &bytes)?;
             if let Some(dir) = &store {
-                std::fs::create_dir_all(&dir).map_err(|e| CliError::io(format!("creating {}", dir.display()), e))?;
+                std::fs::create_dir_all(dir).map_err(|e| CliError::io(format!("creating {}", dir.display()), e))?;
                 write_file(&dir.join(format!("policy-v{:08}.bundle", b.body.version)), &bytes)?;
             }
             let wait = activates.saturating_sub(now_ms()).div_ceil(1000);
