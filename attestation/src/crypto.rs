@@ -34,6 +34,16 @@ pub enum CryptoError {
     /// A key derivation was asked for more than it can produce.
     #[error("key derivation failed")]
     Kdf,
+    /// A signature could not be made (the backend's random source failed).
+    #[error("signing failed")]
+    Sign,
+}
+
+/// A P-384 signing key, made once from a scalar by a backend ([`Crypto::p384_signing_key`]) and
+/// used for many signatures; it zeroizes (or has its backend free) the scalar when dropped.
+pub trait P384SigningKey: Send + Sync {
+    /// ECDSA P-384 with SHA-384 over `msg`, signature as raw `r || s`.
+    fn sign(&self, msg: &[u8]) -> Result<[u8; P384_SIG_LEN], CryptoError>;
 }
 
 /// Cryptographic primitives needed by verification and key release.
@@ -55,6 +65,9 @@ pub trait Crypto: Send + Sync + fmt::Debug {
 
     /// ECDH P-384: the x-coordinate of `scalar · peer`.
     fn ecdh_p384(&self, scalar: &P384Scalar, peer: &[u8]) -> Result<SharedSecret, CryptoError>;
+
+    /// A signing key for `scalar` (refused if zero or ≥ n), to sign many messages.
+    fn p384_signing_key(&self, scalar: &P384Scalar) -> Result<Box<dyn P384SigningKey>, CryptoError>;
 
     /// HKDF-SHA384 (RFC 5869): fills `out` (at most 255 × 48 bytes).
     fn hkdf_sha384(&self, salt: &[u8], ikm: &[u8], info: &[u8], out: &mut [u8]) -> Result<(), CryptoError>;
@@ -106,6 +119,17 @@ impl RustCrypto {
     }
 }
 
+/// RFC 6979 deterministic ECDSA; the ecdsa crate zeroizes the scalar on drop.
+struct RustCryptoSigningKey(p384::ecdsa::SigningKey);
+
+impl P384SigningKey for RustCryptoSigningKey {
+    fn sign(&self, msg: &[u8]) -> Result<[u8; P384_SIG_LEN], CryptoError> {
+        use p384::ecdsa::signature::Signer;
+        let sig: p384::ecdsa::Signature = self.0.sign(msg);
+        sig.to_bytes()[..].try_into().map_err(|_| CryptoError::Sign)
+    }
+}
+
 impl Crypto for RustCrypto {
     fn name(&self) -> &'static str {
         "rustcrypto"
@@ -133,6 +157,11 @@ impl Crypto for RustCrypto {
         let sk = p384::SecretKey::from_slice(scalar.expose()).map_err(|_| CryptoError::BadPublicKey)?;
         use p384::elliptic_curve::sec1::ToEncodedPoint as _;
         Ok(sk.public_key().to_encoded_point(false).as_bytes().to_vec())
+    }
+
+    fn p384_signing_key(&self, scalar: &P384Scalar) -> Result<Box<dyn P384SigningKey>, CryptoError> {
+        let key = p384::ecdsa::SigningKey::from_slice(scalar.expose()).map_err(|_| CryptoError::BadPublicKey)?;
+        Ok(Box::new(RustCryptoSigningKey(key)))
     }
 
     fn ecdh_p384(&self, scalar: &P384Scalar, peer: &[u8]) -> Result<SharedSecret, CryptoError> {
@@ -195,6 +224,19 @@ impl AwsLc {
     }
 }
 
+/// ECDSA with nonces from the system's random source; aws-lc clears the key when it frees it.
+#[cfg(feature = "aws-lc")]
+struct AwsLcSigningKey(aws_lc_rs::signature::EcdsaKeyPair);
+
+#[cfg(feature = "aws-lc")]
+impl P384SigningKey for AwsLcSigningKey {
+    fn sign(&self, msg: &[u8]) -> Result<[u8; P384_SIG_LEN], CryptoError> {
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let sig = self.0.sign(&rng, msg).map_err(|_| CryptoError::Sign)?;
+        sig.as_ref().try_into().map_err(|_| CryptoError::Sign)
+    }
+}
+
 #[cfg(feature = "aws-lc")]
 impl Crypto for AwsLc {
     fn name(&self) -> &'static str {
@@ -225,6 +267,14 @@ impl Crypto for AwsLc {
         use aws_lc_rs::agreement::{PrivateKey, ECDH_P384};
         let key = PrivateKey::from_private_key(&ECDH_P384, scalar.expose()).map_err(|_| CryptoError::BadPublicKey)?;
         key.compute_public_key().map(|p| p.as_ref().to_vec()).map_err(|_| CryptoError::BadPublicKey)
+    }
+
+    fn p384_signing_key(&self, scalar: &P384Scalar) -> Result<Box<dyn P384SigningKey>, CryptoError> {
+        use aws_lc_rs::signature::{EcdsaKeyPair, ECDSA_P384_SHA384_FIXED_SIGNING};
+        let public = self.p384_public(scalar)?;
+        let key = EcdsaKeyPair::from_private_key_and_public_key(&ECDSA_P384_SHA384_FIXED_SIGNING, scalar.expose(), &public)
+            .map_err(|_| CryptoError::BadPublicKey)?;
+        Ok(Box::new(AwsLcSigningKey(key)))
     }
 
     fn ecdh_p384(&self, scalar: &P384Scalar, peer: &[u8]) -> Result<SharedSecret, CryptoError> {
@@ -337,6 +387,22 @@ mod tests {
             assert!(b.verify_p384_sha384_fixed(&bad_point, msg, &fixed).is_err());
             assert_eq!(b.validate_p384_point(&point), Ok(()));
             assert_eq!(b.validate_p384_point(&point[..96]), Err(CryptoError::BadPublicKey));
+        }
+    }
+
+    #[test]
+    fn each_backend_signs_what_every_backend_verifies_and_refuses_a_bad_scalar() {
+        let scalar = Secret::new([5u8; 48]);
+        for signer in all_backends() {
+            let point = signer.p384_public(&scalar).expect("public");
+            let key = signer.p384_signing_key(&scalar).expect("signing key");
+            let sig = key.sign(b"keygate").expect("sign");
+            for verifier in all_backends() {
+                assert!(verifier.verify_p384_sha384_fixed(&point, b"keygate", &sig).is_ok(), "{}", signer.name());
+                assert!(verifier.verify_p384_sha384_fixed(&point, b"keygatf", &sig).is_err());
+            }
+            assert!(signer.p384_signing_key(&Secret::new([0u8; 48])).is_err(), "zero scalar");
+            assert!(signer.p384_signing_key(&Secret::new([0xffu8; 48])).is_err(), "scalar ≥ n");
         }
     }
 

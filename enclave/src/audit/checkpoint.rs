@@ -9,7 +9,7 @@
 
 use std::fmt;
 
-use keygate_attestation::crypto::{self, Crypto, P384Scalar, P384_POINT_LEN, P384_SIG_LEN};
+use keygate_attestation::crypto::{self, Crypto, P384SigningKey, P384_POINT_LEN, P384_SIG_LEN};
 use keygate_attestation::{AttestRequest, Nsm};
 use sha2::{Digest, Sha384};
 
@@ -38,10 +38,11 @@ pub fn binding_user_data(point: &[u8]) -> [u8; 48] {
     chain_id_of(point)
 }
 
-/// The KRE's checkpoint signing key. The scalar is a zeroizing [`crypto::P384Scalar`];
+/// The KRE's checkpoint signing key, made once by the KRE's crypto backend (it signs every
+/// checkpoint and every release's receipt); the backend's key clears its scalar when dropped.
 /// `Debug` shows only the public point's chain id.
 pub struct AuditSigner {
-    scalar: P384Scalar,
+    key: Box<dyn P384SigningKey>,
     public: [u8; P384_POINT_LEN],
     chain_id: [u8; 48],
     binding: Option<Vec<u8>>,
@@ -63,7 +64,8 @@ impl AuditSigner {
             crypto::p384_scalar_from(crypto, fill).map_err(|_| AuditError::Crypto("key generation failed"))?;
         let public: [u8; P384_POINT_LEN] =
             point.as_slice().try_into().map_err(|_| AuditError::Crypto("public point has the wrong length"))?;
-        Ok(Self { scalar, chain_id: chain_id_of(&public), public, binding: None })
+        let key = crypto.p384_signing_key(&scalar).map_err(|_| AuditError::Crypto("invalid scalar"))?;
+        Ok(Self { key, chain_id: chain_id_of(&public), public, binding: None })
     }
 
     /// Generates a key with the NSM's randomness and binds it with an NSM attestation: what
@@ -159,13 +161,9 @@ impl AuditSigner {
         .map_err(AuditError::Encode)
     }
 
-    /// ECDSA P-384 / SHA-384 (RFC 6979 nonces) over `msg`, as raw `r ‖ s`.
+    /// ECDSA P-384 / SHA-384 over `msg` (nonces as the backend makes them), as raw `r ‖ s`.
     fn sign_message(&self, msg: &[u8]) -> Result<[u8; P384_SIG_LEN], AuditError> {
-        use p384::ecdsa::signature::Signer;
-        let key = p384::ecdsa::SigningKey::from_slice(self.scalar.expose())
-            .map_err(|_| AuditError::Crypto("invalid scalar"))?;
-        let sig: p384::ecdsa::Signature = key.sign(msg);
-        sig.to_bytes()[..].try_into().map_err(|_| AuditError::Crypto("signature length"))
+        self.key.sign(msg).map_err(|_| AuditError::Crypto("signing failed"))
     }
 }
 
@@ -370,7 +368,7 @@ mod tests {
         s.binding = None;
         assert_eq!(s.sign(1, [0; 48], 0), Err(AuditError::Unbound));
         let dbg = format!("{s:?}");
-        assert!(!dbg.contains(&hex::encode(s.scalar.expose())));
+        assert_eq!(dbg, format!("AuditSigner {{ chain_id: {:?}, bound: false, .. }}", hex::encode(&s.chain_id[..8])));
         assert!(dbg.contains("chain_id"));
         assert!(matches!(s.bind(Vec::new()), Err(AuditError::BindingSize { .. })));
         let req = s.attestation_request();
