@@ -272,8 +272,9 @@ impl Crypto for AwsLc {
     fn p384_signing_key(&self, scalar: &P384Scalar) -> Result<Box<dyn P384SigningKey>, CryptoError> {
         use aws_lc_rs::signature::{EcdsaKeyPair, ECDSA_P384_SHA384_FIXED_SIGNING};
         let public = self.p384_public(scalar)?;
-        let key = EcdsaKeyPair::from_private_key_and_public_key(&ECDSA_P384_SHA384_FIXED_SIGNING, scalar.expose(), &public)
-            .map_err(|_| CryptoError::BadPublicKey)?;
+        let key =
+            EcdsaKeyPair::from_private_key_and_public_key(&ECDSA_P384_SHA384_FIXED_SIGNING, scalar.expose(), &public)
+                .map_err(|_| CryptoError::BadPublicKey)?;
         Ok(Box::new(AwsLcSigningKey(key)))
     }
 

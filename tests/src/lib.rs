@@ -100,3 +100,28 @@ impl Drop for AuditFollower {
         let _ = self.child.wait();
     }
 }
+
+/// A child process killed (and reaped) when dropped: a daemon a test starts beside the KRE.
+#[derive(Debug)]
+pub struct KillOnDrop(pub std::process::Child);
+
+impl KillOnDrop {
+    /// Starts `keygate ARGS` with stdin, stdout and stderr closed.
+    pub fn keygate(args: &[&str]) -> Self {
+        let child = Command::new(bin("keygate"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("keygate");
+        Self(child)
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

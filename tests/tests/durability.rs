@@ -833,3 +833,158 @@ fn audit_runs_are_linked_across_a_kill_and_unseal_and_a_deleted_tail_is_named_ex
     let missing = format!("chain {}…: entries {}–{} missing", hex::encode(&chain1[..8]), keep + 1, link.seq);
     refused(o, &missing);
 }
+
+/// Every `*.receipt` file under `dir`, copied into `into`.
+fn collect_receipts(dir: &Path, into: &Path) -> usize {
+    std::fs::create_dir_all(into).expect("receipts dir");
+    let mut n = 0;
+    for f in files(dir).into_iter().filter(|f| f.extension().is_some_and(|x| x == "receipt")) {
+        std::fs::copy(&f, into.join(f.file_name().expect("name"))).expect("copy receipt");
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn a_kill_at_any_moment_loses_no_receipted_release_and_no_durable_policy_change() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    let mut kre = signed_setup(d, "0s");
+    let cp = (0..3).map(|i| format!("{i}={}", hex48(CP_PCR))).collect::<Vec<_>>().join(",");
+    let other = (0..3).map(|i| format!("{i}={}", hex48(0x2d))).collect::<Vec<_>>().join(",");
+    push_and_sync(d, &kre, &next_bundle(d, 2, &["--allow", &format!("prod=cp@{cp}")]));
+    let (store, state) = (s(&d.join("bundles")), s(&d.join("state")));
+    let receipts = d.join("all-receipts");
+    let (mut held, mut durable_pushes) = (0, 0);
+    // The parent's state daemon stores and commits each export within a second; the pipeline's
+    // push waits for it, as in a deployment.
+    let syncing = |kre: &Kre| {
+        keygate_tests::KillOnDrop::keygate(&[
+            "state",
+            "sync",
+            "--kre",
+            &kre.parent(),
+            "--state-dir",
+            &state,
+            "--follow",
+            "1",
+        ])
+    };
+    let mut sync_daemon = syncing(&kre);
+    // Each round: a fetch and a policy push (another image allowed, then revoked) race a kill -9
+    // of the KRE: after a delay, from "at once" through the steps of both (each takes 100-300
+    // ms here), or the moment the client holds its receipt, or the moment the push reports the
+    // change durable.
+    #[derive(Debug, Clone, Copy)]
+    enum KillAt {
+        After(u64),
+        ClientHoldsReceipt,
+        PushReportsDurable,
+    }
+    let plan = [
+        KillAt::After(0),
+        KillAt::ClientHoldsReceipt,
+        KillAt::After(150),
+        KillAt::PushReportsDurable,
+        KillAt::After(300),
+        KillAt::ClientHoldsReceipt,
+        KillAt::PushReportsDurable,
+        KillAt::After(600),
+    ];
+    for (round, kill_at) in plan.into_iter().enumerate() {
+        let n = u32::try_from(round).expect("small") + 3;
+        let change = if round % 2 == 0 { format!("prod=other@{other}") } else { "prod=other".to_owned() };
+        let flag = if round % 2 == 0 { "--allow" } else { "--revoke" };
+        let bundle = next_bundle(d, n, &[flag, &change]);
+        let out = d.join(format!("keys-{round}"));
+        let fetch_args = fetch_args(&kre.addr(), &out, &["etcd"], 0);
+        let fetcher =
+            Command::new(bin("keygate")).args(&fetch_args).stdout(Stdio::null()).stderr(Stdio::null()).spawn();
+        let mut push: Vec<String> = ["policy", "push", &s(&bundle), "--kre", &kre.parent(), "--store", &store]
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        push.extend(["--durable-within".into(), "5s".into()]);
+        push.extend(receipt_checks(d));
+        let mut pusher = Command::new(bin("keygate"))
+            .args(&push)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("push");
+        let start = Instant::now();
+        let until = |done: &mut dyn FnMut() -> bool| {
+            while !done() && start.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        match kill_at {
+            KillAt::After(ms) => std::thread::sleep(Duration::from_millis(ms)),
+            KillAt::ClientHoldsReceipt => {
+                until(&mut || std::fs::read_dir(out.join("receipts")).is_ok_and(|mut r| r.next().is_some()))
+            }
+            KillAt::PushReportsDurable => until(&mut || pusher.try_wait().is_ok_and(|e| e.is_some())),
+        }
+        drop(sync_daemon);
+        let (restarted, _) = restart_unseal_restore(d, kre);
+        kre = restarted;
+        sync_daemon = syncing(&kre);
+        let fetched = fetcher.expect("fetch").wait().expect("fetch ends");
+        let pushed = pusher.wait_with_output().expect("push ends");
+        if fetched.success() {
+            held += collect_receipts(&out, &receipts);
+        }
+        // A change the push reported durable is carried by the state the restarted KRE was
+        // unsealed from: the KRE proves it with a receipt.
+        let reported_durable = pushed.status.success() && String::from_utf8_lossy(&pushed.stdout).contains("durable:");
+        if reported_durable {
+            durable_pushes += 1;
+            // The state the restarted KRE was unsealed from carries it (read from its status,
+            // not from its answer to the pipeline).
+            let status: serde_json::Value =
+                serde_json::from_str(&ok(keygate(&["status", "--kre", &kre.parent()]))).expect("status json");
+            assert!(
+                status["policy_durable_version"].as_u64().is_some_and(|v| v >= u64::from(n)),
+                "round {round} ({kill_at:?}): v{n} was reported durable, but the restarted KRE's committed state carries {}",
+                status["policy_durable_version"]
+            );
+            let mut check: Vec<String> =
+                ["policy", "durable", &s(&bundle), "--kre", &kre.parent(), "--durable-within", "5s"]
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect();
+            check.extend(receipt_checks(d));
+            ok(keygate(&check.iter().map(String::as_str).collect::<Vec<_>>()));
+        } else {
+            // Not durable: the pipeline pushes it again (the restore may already have replayed
+            // it from the store) and stores the state.
+            let _ = keygate(&[
+                "policy",
+                "push",
+                &s(&bundle),
+                "--kre",
+                &kre.parent(),
+                "--store",
+                &store,
+                "--durable-within",
+                "0",
+            ]);
+            ok(keygate(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &state]));
+        }
+    }
+    drop(sync_daemon);
+    kre.kill();
+    // Every receipt a client holds names an entry of the stored trail, across every run.
+    assert!(held >= 1, "at least one fetch completed before its kill");
+    let mut verify: Vec<String> = vec!["audit".into(), "verify".into(), s(&d.join("followed"))];
+    verify.extend([
+        "--root".into(),
+        s(&d.join("root.pem")),
+        "--expect-kre-pcr".into(),
+        format!("0={}", hex48(KRE_PCR)),
+    ]);
+    verify.extend(["--receipts".into(), s(&receipts)]);
+    let out = ok(keygate(&verify.iter().map(String::as_str).collect::<Vec<_>>()));
+    assert!(out.contains(&format!("{held} checked, {held} with their entry stored")), "{out}");
+    eprintln!("{held} receipts held, {durable_pushes} pushes reported durable, all kept");
+}
