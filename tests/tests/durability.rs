@@ -871,7 +871,8 @@ fn a_kill_at_any_moment_loses_no_receipted_release_and_no_durable_policy_change(
         ])
     };
     let mut sync_daemon = syncing(&kre);
-    // Each round: a fetch and a policy push (another image allowed, then revoked) race a kill -9
+    // Each round: a fetch and a policy push (another image allowed, then revoked; the last one
+    // with a KEK rotation) race a kill -9
     // of the KRE: after a delay, from "at once" through the steps of both (each takes 100-300
     // ms here), or the moment the client holds its receipt, or the moment the push reports the
     // change durable.
@@ -895,7 +896,12 @@ fn a_kill_at_any_moment_loses_no_receipted_release_and_no_durable_policy_change(
         let n = u32::try_from(round).expect("small") + 3;
         let change = if round % 2 == 0 { format!("prod=other@{other}") } else { "prod=other".to_owned() };
         let flag = if round % 2 == 0 { "--allow" } else { "--revoke" };
-        let bundle = next_bundle(d, n, &[flag, &change]);
+        // The last change also rotates prod's KEK: a rotation is a policy change like the others.
+        let mut args = vec![flag, change.as_str()];
+        if round + 1 == plan.len() {
+            args.extend(["--rotate", "prod"]);
+        }
+        let bundle = next_bundle(d, n, &args);
         let out = d.join(format!("keys-{round}"));
         let fetch_args = fetch_args(&kre.addr(), &out, &["etcd"], 0);
         let fetcher =

@@ -1013,6 +1013,8 @@ mod tests {
             custody: Option<(Vec<u8>, Vec<u8>)>,
             /// Releases refused because their KEK was not yet stored.
             pending_refusals: usize,
+            /// The policy version the KRE reported durable (with a durability receipt).
+            durable_policy: Option<u64>,
         }
 
         /// The script: genesis, release prod, push v2 (new cluster), sync, release stage. The
@@ -1073,7 +1075,17 @@ mod tests {
             }
             // 5. Store and commit generation 2.
             match sync(&kre, &mut store) {
-                Ok(Some(g)) => run.committed = g,
+                Ok(Some(g)) => {
+                    run.committed = g;
+                    // The pipeline asks whether v2 is durable: a receipt is a promise that a
+                    // restart, whatever happens to the parent's disk, comes back with v2.
+                    let b = bundle::decode_bundle(&world.v2, default_backend()).expect("v2");
+                    let ask =
+                        Message::PolicyDurableWait { version: 2, digest: bundle::digest(&b.body_bytes), wait_ms: 0 };
+                    if let Message::PolicyDurable { .. } = one(&kre, ask, 7) {
+                        run.durable_policy = Some(2);
+                    }
+                }
                 Ok(None) => panic!("nothing exported after the push"),
                 Err(()) => {
                     assert_eq!(fetch(&kre, "stage"), Err(DenyCode::PolicyNotDurable), "released under an unstored KEK");
@@ -1130,6 +1142,15 @@ mod tests {
                 drop(doomed);
             }
             assert_eq!(unseal(world, &kre, loaded.blob, &custody), g, "{what}");
+            // A policy change reported durable is in the state the KRE came back with.
+            if let Some(v) = run.durable_policy {
+                let status: serde_json::Value = serde_json::from_str(&kre.status_json()).expect("status");
+                assert!(
+                    status["policy_durable_version"].as_u64().is_some_and(|d| d >= v),
+                    "{what}: policy v{v} was reported durable, the recovered state carries {}",
+                    status["policy_durable_version"]
+                );
+            }
             // The parent replays the stored policy chain (v2 if it was pushed).
             let _ = one(&kre, Message::PolicyPush { bundle: world.v2.clone() }, 6);
             // Bring any uncommitted change (a cluster without a stored KEK) to the store.
