@@ -261,7 +261,7 @@ fn the_policy_head_survives_a_restart_and_a_withheld_bundle_blocks_releases() {
     let store = p("bundles");
     let kre = start_kre(d, ("--genesis", &p("genesis.bundle")));
     ok(keygate(&["custodian", "init", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
-    let cp = (0..3).map(|i| format!("{i}={}", hex48(CP_PCR))).collect::<Vec<_>>().join(",");
+    let cp = pcrs_arg(CP_PCR);
     ok(keygate(&[
         "policy",
         "propose",
@@ -578,6 +578,20 @@ fn signed_setup(d: &Path, delay: &str) -> Kre {
     kre
 }
 
+/// `0=HEX,1=HEX,2=HEX` with every PCR 48 bytes of `b` (an image for `policy propose --allow`).
+fn pcrs_arg(b: u8) -> String {
+    (0..3).map(|i| format!("{i}={}", hex48(b))).collect::<Vec<_>>().join(",")
+}
+
+/// A signed deployment without activation delay whose v2 allows the control plane `cp`
+/// (PCRs `CP_PCR`), pushed and durable.
+fn serving_cp(d: &Path) -> Kre {
+    let kre = signed_setup(d, "0s");
+    let v2 = next_bundle(d, 2, &["--allow", &format!("prod=cp@{}", pcrs_arg(CP_PCR))]);
+    push_and_sync(d, &kre, &v2);
+    kre
+}
+
 /// Proposes `v{n}.bundle` from `v{n-1}.bundle` with `args`, signs it with `a1` and assembles it.
 fn next_bundle(d: &Path, n: u32, args: &[&str]) -> PathBuf {
     let p = |f: String| s(&d.join(f));
@@ -634,7 +648,7 @@ fn a_long_active_image_is_served_at_once_after_a_restart_unseal_and_restore() {
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
     let kre = signed_setup(d, "4s");
-    let cp = (0..3).map(|i| format!("{i}={}", hex48(CP_PCR))).collect::<Vec<_>>().join(",");
+    let cp = pcrs_arg(CP_PCR);
     let v2 = next_bundle(d, 2, &["--allow", &format!("prod=cp@{cp}")]);
     push_and_sync(d, &kre, &v2);
     // The new image waits for the activation delay: a transient refusal, not a revocation.
@@ -658,7 +672,7 @@ fn a_retired_kek_version_stays_retired_across_an_unretiring_bundle_a_replay_and_
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
     let kre = signed_setup(d, "0s");
-    let cp = (0..3).map(|i| format!("{i}={}", hex48(CP_PCR))).collect::<Vec<_>>().join(",");
+    let cp = pcrs_arg(CP_PCR);
     let v2 = next_bundle(d, 2, &["--allow", &format!("prod=cp@{cp}"), "--rotate", "prod"]);
     push_and_sync(d, &kre, &v2);
     ok(fetch(&kre, &d.join("k1")));
@@ -691,10 +705,7 @@ fn a_retired_kek_version_stays_retired_across_an_unretiring_bundle_a_replay_and_
 fn a_revocation_is_reported_durable_only_once_committed_and_then_survives_a_restart() {
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
-    let kre = signed_setup(d, "0s");
-    let cp = (0..3).map(|i| format!("{i}={}", hex48(CP_PCR))).collect::<Vec<_>>().join(",");
-    let v2 = next_bundle(d, 2, &["--allow", &format!("prod=cp@{cp}")]);
-    push_and_sync(d, &kre, &v2);
+    let kre = serving_cp(d);
     ok(fetch(&kre, &d.join("k1")));
 
     // The revocation is pushed, but the parent withholds the commit: it is in force at once,
@@ -747,10 +758,7 @@ fn audit_runs_are_linked_across_a_kill_and_unseal_and_a_deleted_tail_is_named_ex
 
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
-    let kre = signed_setup(d, "0s");
-    let cp = (0..3).map(|i| format!("{i}={}", hex48(CP_PCR))).collect::<Vec<_>>().join(",");
-    let v2 = next_bundle(d, 2, &["--allow", &format!("prod=cp@{cp}")]);
-    push_and_sync(d, &kre, &v2);
+    let kre = serving_cp(d);
     ok(fetch(&kre, &d.join("k1")));
     ok(fetch(&kre, &d.join("k2")));
     // A committed generation after the releases: its sealed audit head covers them.
@@ -849,10 +857,8 @@ fn collect_receipts(dir: &Path, into: &Path) -> usize {
 fn a_kill_at_any_moment_loses_no_receipted_release_and_no_durable_policy_change() {
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
-    let mut kre = signed_setup(d, "0s");
-    let cp = (0..3).map(|i| format!("{i}={}", hex48(CP_PCR))).collect::<Vec<_>>().join(",");
-    let other = (0..3).map(|i| format!("{i}={}", hex48(0x2d))).collect::<Vec<_>>().join(",");
-    push_and_sync(d, &kre, &next_bundle(d, 2, &["--allow", &format!("prod=cp@{cp}")]));
+    let mut kre = serving_cp(d);
+    let other = pcrs_arg(0x2d);
     let (store, state) = (s(&d.join("bundles")), s(&d.join("state")));
     let receipts = d.join("all-receipts");
     let (mut held, mut durable_pushes) = (0, 0);

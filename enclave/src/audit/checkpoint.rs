@@ -246,14 +246,7 @@ impl Checkpoint {
 
     /// Strictly decodes one checkpoint.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        if bytes.len() > MAX_CHECKPOINT_LEN {
-            return Err(DecodeError::TooLarge { len: bytes.len(), max: MAX_CHECKPOINT_LEN });
-        }
-        let mut r = Reader::new(bytes);
-        let version = r.u8("version")?;
-        if version != FORMAT_VERSION {
-            return Err(DecodeError::Version(version));
-        }
+        let mut r = Reader::record(bytes, MAX_CHECKPOINT_LEN)?;
         let chain_id = r.array("chain_id")?;
         let seq = r.u64("seq")?;
         if seq == 0 {

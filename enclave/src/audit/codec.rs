@@ -190,6 +190,19 @@ impl<'a> Reader<'a> {
     pub(crate) fn new(bytes: &'a [u8]) -> Self {
         Self { rest: bytes }
     }
+    /// A reader of one versioned record (an entry, a checkpoint, a receipt): refuses a record
+    /// over `max` bytes before reading anything, then reads and checks the version byte.
+    pub(crate) fn record(bytes: &'a [u8], max: usize) -> Result<Self, DecodeError> {
+        if bytes.len() > max {
+            return Err(DecodeError::TooLarge { len: bytes.len(), max });
+        }
+        let mut r = Self::new(bytes);
+        let version = r.u8("version")?;
+        if version != super::FORMAT_VERSION {
+            return Err(DecodeError::Version(version));
+        }
+        Ok(r)
+    }
     pub(crate) fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], DecodeError> {
         if self.rest.len() < n {
             return Err(DecodeError::Truncated(field));

@@ -152,14 +152,7 @@ impl PolicyReceipt {
     /// Strictly decodes a receipt: at most [`MAX_POLICY_RECEIPT_LEN`] bytes, version 1, an
     /// uncompressed point, a non-empty binding document, nothing after it.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        if bytes.len() > MAX_POLICY_RECEIPT_LEN {
-            return Err(DecodeError::TooLarge { len: bytes.len(), max: MAX_POLICY_RECEIPT_LEN });
-        }
-        let mut r = Reader::new(bytes);
-        let version = r.u8("version")?;
-        if version != FORMAT_VERSION {
-            return Err(DecodeError::Version(version));
-        }
+        let mut r = Reader::record(bytes, MAX_POLICY_RECEIPT_LEN)?;
         let chain_id = r.array("chain_id")?;
         let generation = r.u64("generation")?;
         let policy_version = r.u64("policy_version")?;

@@ -540,14 +540,7 @@ impl AuditEntry {
 
     /// Strictly decodes one entry: version 1, every limit, no trailing bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        if bytes.len() > MAX_ENTRY_LEN {
-            return Err(DecodeError::TooLarge { len: bytes.len(), max: MAX_ENTRY_LEN });
-        }
-        let mut r = Reader::new(bytes);
-        let version = r.u8("version")?;
-        if version != FORMAT_VERSION {
-            return Err(DecodeError::Version(version));
-        }
+        let mut r = Reader::record(bytes, MAX_ENTRY_LEN)?;
         let chain_id = r.array("chain_id")?;
         let seq = r.u64("seq")?;
         if seq == 0 {

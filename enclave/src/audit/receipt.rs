@@ -163,14 +163,7 @@ impl Receipt {
     /// Strictly decodes a receipt: exactly [`RECEIPT_LEN`] bytes, version 1, a sequence number
     /// from 1, an uncompressed point.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        if bytes.len() > RECEIPT_LEN {
-            return Err(DecodeError::TooLarge { len: bytes.len(), max: RECEIPT_LEN });
-        }
-        let mut r = Reader::new(bytes);
-        let version = r.u8("version")?;
-        if version != FORMAT_VERSION {
-            return Err(DecodeError::Version(version));
-        }
+        let mut r = Reader::record(bytes, RECEIPT_LEN)?;
         let chain_id = r.array("chain_id")?;
         let seq = r.u64("seq")?;
         let entry_digest = r.array("entry_digest")?;

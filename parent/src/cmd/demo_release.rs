@@ -325,7 +325,17 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         let root = MockNsm::new(SEED.as_bytes(), Default::default(), system_clock()).root_anchor();
         let root_pem = d.join("mock-root.pem");
         std::fs::write(&root_pem, root.to_pem()).map_err(|e| CliError::io("writing the mock root", e))?;
-        let kre_pcr_arg = |i: u8| format!("{i}={}", pcr_hex(kre_pcr));
+        // Push a bundle, store and commit the state it changes, check and keep the KRE's
+        // durability receipt.
+        let push_durably = |bundle: &Path| {
+            let mut args = vec!["policy".to_owned(), "push".into(), path(bundle), "--kre".into(), kre_addr.clone()];
+            args.extend(["--store".into(), path(&store), "--state-dir".into(), path(&state_dir)]);
+            args.extend(["--root".into(), path(&root_pem)]);
+            for i in 0..3 {
+                args.extend(["--expect-kre-pcr".to_owned(), format!("{i}={}", pcr_hex(kre_pcr))]);
+            }
+            keygate_cli(&exe, &args)
+        };
         let pushed = sign(2, &proposal, &d.join("v2.sig2"))
             .and_then(|_| {
                 keygate_cli(
@@ -342,28 +352,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
                 )
             })
             .and_then(|_| {
-                keygate_cli(
-                    &exe,
-                    &[
-                        "policy".into(),
-                        "push".into(),
-                        path(&v2),
-                        "--kre".into(),
-                        kre_addr.clone(),
-                        "--store".into(),
-                        path(&store),
-                        "--state-dir".into(),
-                        path(&state_dir),
-                        "--root".into(),
-                        path(&root_pem),
-                        "--expect-kre-pcr".into(),
-                        kre_pcr_arg(0),
-                        "--expect-kre-pcr".into(),
-                        kre_pcr_arg(1),
-                        "--expect-kre-pcr".into(),
-                        kre_pcr_arg(2),
-                    ],
-                )
+                push_durably(&v2)
             });
         tour.step(
             "with a second approver's signature it is accepted (an addition: it waits for the activation delay); the new cluster's KEK is stored and committed, and the KRE's durability receipt is checked and kept",
@@ -666,28 +655,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
             )
         })
         .and_then(|_| {
-            keygate_cli(
-                &exe,
-                &[
-                    "policy".into(),
-                    "push".into(),
-                    path(&v3),
-                    "--kre".into(),
-                    kre_addr.clone(),
-                    "--store".into(),
-                    path(&store),
-                    "--state-dir".into(),
-                    path(&state_dir),
-                    "--root".into(),
-                    path(&root_pem),
-                    "--expect-kre-pcr".into(),
-                    kre_pcr_arg(0),
-                    "--expect-kre-pcr".into(),
-                    kre_pcr_arg(1),
-                    "--expect-kre-pcr".into(),
-                    kre_pcr_arg(2),
-                ],
-            )
+            push_durably(&v3)
         });
         tour.step(
             "approvers 2 and 3 revoke the image (a removal: in force at once)",
