@@ -1015,6 +1015,21 @@ mod tests {
             pending_refusals: usize,
             /// The policy version the KRE reported durable (with a durability receipt).
             durable_policy: Option<u64>,
+            /// (chain, seq, digest) of every audit entry the parent stored and acknowledged
+            /// (its audit directory is fsynced before the acknowledgement: never lost here).
+            stored: Vec<([u8; 48], u64, [u8; 48])>,
+            /// The newest seq acknowledged when the committed generation was exported.
+            acked_at_commit: u64,
+        }
+
+        /// The parent's audit follower: stores every new entry, then acknowledges it (what
+        /// `audit pull --follow` does between the KRE's steps).
+        fn collect(kre: &Kre, run: &mut Run) {
+            let after = run.stored.last().map_or(0, |e| e.1);
+            let entries = kre.audit().entries_after(after, 4096);
+            let Some(last) = entries.last().map(|e| e.seq()) else { return };
+            run.stored.extend(entries.iter().map(|e| (*e.chain_id(), e.seq(), e.digest())));
+            assert!(matches!(one(kre, Message::AuditAck { up_to_seq: last }, 8), Message::AuditAcked { .. }));
         }
 
         /// The script: genesis, release prod, push v2 (new cluster), sync, release stage. The
@@ -1035,9 +1050,11 @@ mod tests {
             if !alive(&mut step) {
                 return (run, store.fs);
             }
-            // 2. Store and commit generation 1.
+            // 2. Store and commit generation 1 (exported at genesis, before anything was
+            // acknowledged: its audit head is the empty chain).
+            collect(&kre, &mut run);
             match sync(&kre, &mut store) {
-                Ok(Some(g)) => run.committed = g,
+                Ok(Some(g)) => (run.committed, run.acked_at_commit) = (g, 0),
                 Ok(None) => panic!("nothing exported at genesis"),
                 Err(()) => {
                     // Not stored: nothing may be released.
@@ -1074,9 +1091,15 @@ mod tests {
                 return (run, store.fs);
             }
             // 5. Store and commit generation 2.
+            collect(&kre, &mut run);
+            let acked = run.stored.last().map_or(0, |e| e.1);
+            // A refusal is recorded without waiting for the parent (only answers that hand out
+            // keys or change the KRE wait): its entry is not yet stored when the state is
+            // exported, and a crash may lose it.
+            assert_eq!(fetch(&kre, "unknown"), Err(DenyCode::UnknownCluster));
             match sync(&kre, &mut store) {
                 Ok(Some(g)) => {
-                    run.committed = g;
+                    (run.committed, run.acked_at_commit) = (g, acked);
                     // The pipeline asks whether v2 is durable: a receipt is a promise that a
                     // restart, whatever happens to the parent's disk, comes back with v2.
                     let b = bundle::decode_bundle(&world.v2, default_backend()).expect("v2");
@@ -1098,6 +1121,7 @@ mod tests {
             if !alive(&mut step) || store.fs.crashed {
                 return (run, store.fs);
             }
+            collect(&kre, &mut run);
             // 6. Release stage, and prod under both versions (the rotation is stored).
             for (v, k) in fetch(&kre, "stage").expect("stage released") {
                 run.released.push(("stage".into(), v, k));
@@ -1107,6 +1131,7 @@ mod tests {
             for (v, k) in prod {
                 run.released.push(("prod".into(), v, k));
             }
+            collect(&kre, &mut run);
             (run, store.fs)
         }
 
@@ -1142,6 +1167,35 @@ mod tests {
                 drop(doomed);
             }
             assert_eq!(unseal(world, &kre, loaded.blob, &custody), g, "{what}");
+            // The restarted KRE's trail names the run before it at the head the unsealed state
+            // recorded: an entry the parent stored (so an honest crash never shows as a gap),
+            // and, for the committed generation, no older than what was acknowledged before it
+            // was exported.
+            let linked = kre
+                .audit()
+                .entries_after(0, 64)
+                .into_iter()
+                .find_map(|e| match e.event() {
+                    keygate_enclave::audit::AuditEvent::ChainLinked { previous, .. } => Some(*previous),
+                    _ => None,
+                })
+                .unwrap_or_else(|| panic!("{what}: no chain_linked entry after the unseal"));
+            let head = linked.unwrap_or_else(|| panic!("{what}: the unsealed state records no audit head"));
+            if head.seq > 0 {
+                assert!(
+                    run.stored.iter().any(|e| *e == (head.chain_id, head.seq, head.digest)),
+                    "{what}: the link names seq {} of the previous run, which the parent never stored",
+                    head.seq
+                );
+            }
+            if g == run.committed {
+                assert!(
+                    head.seq >= run.acked_at_commit,
+                    "{what}: the link names seq {}, older than the {} acknowledged before the commit",
+                    head.seq,
+                    run.acked_at_commit
+                );
+            }
             // A policy change reported durable is in the state the KRE came back with.
             if let Some(v) = run.durable_policy {
                 let status: serde_json::Value = serde_json::from_str(&kre.status_json()).expect("status");
@@ -1171,7 +1225,9 @@ mod tests {
         /// Every fault at every file operation of the whole flow (genesis, a change, the loads of
         /// the unseal), the KRE killed after every protocol step, the parent killed at every
         /// step; then restart, unseal and check: zero KEK versions lost, zero rollbacks, zero
-        /// keys released under an unstored version.
+        /// keys released under an unstored version, a policy reported durable always back, and
+        /// the restarted run linked to an audit entry the parent stored, no older than what was
+        /// acknowledged before the committed generation was exported.
         #[test]
         fn crash_anywhere_in_genesis_change_and_unseal_loses_nothing() {
             let mut world = World::new();
