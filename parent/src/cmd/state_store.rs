@@ -1183,7 +1183,7 @@ mod tests {
             let head = linked.unwrap_or_else(|| panic!("{what}: the unsealed state records no audit head"));
             if head.seq > 0 {
                 assert!(
-                    run.stored.iter().any(|e| *e == (head.chain_id, head.seq, head.digest)),
+                    run.stored.contains(&(head.chain_id, head.seq, head.digest)),
                     "{what}: the link names seq {} of the previous run, which the parent never stored",
                     head.seq
                 );
