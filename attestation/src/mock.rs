@@ -22,8 +22,10 @@ use sha2::{Digest, Sha384};
 
 use crate::chain::{pem_encode, TrustAnchor};
 use crate::cose;
+use crate::crypto::{Crypto, P384SigningKey};
 use crate::document::DocumentKind;
 use crate::nsm::{check_request, AttestRequest, Nsm, NsmError, PcrDescription};
+use crate::secret::Secret;
 use crate::verify::UnixMillis;
 
 /// One hour in seconds.
@@ -502,6 +504,10 @@ pub struct MockNsm {
     /// The leaf chain of the current second (a real NSM's leaf certificate also serves many
     /// documents); reissuing it per document made the mock as slow as three signatures.
     leaf: Mutex<Option<(u64, Chain)>>,
+    /// With [`MockNsm::with_fast_signing`]: the backend whose P-384 signs documents, and the
+    /// current leaf's key in that backend (made once per leaf).
+    fast: Option<&'static dyn Crypto>,
+    fast_key: Mutex<Option<(u64, Arc<dyn P384SigningKey>)>>,
     counter: Mutex<u64>,
     instance: String,
 }
@@ -543,9 +549,38 @@ impl MockNsm {
             clock,
             pki: Mutex::new(None),
             leaf: Mutex::new(None),
+            fast: None,
+            fast_key: Mutex::new(None),
             counter: Mutex::new(0),
             instance: String::new(),
         }
+    }
+
+    /// Signs documents with `crypto`'s P-384 (aws-lc-rs signs several times faster than the
+    /// pure-Rust RFC 6979 signer) instead of deterministically: the same request no longer
+    /// gives byte-identical documents. For load generators and benchmarks, where the mock
+    /// stands in for a device whose signing costs the enclave nothing.
+    pub fn with_fast_signing(mut self, crypto: &'static dyn Crypto) -> Self {
+        self.fast = Some(crypto);
+        self
+    }
+
+    /// The fast signer's key for the leaf of `second`, made once per leaf.
+    fn fast_key(&self, crypto: &dyn Crypto, second: u64, chain: &Chain) -> Result<Arc<dyn P384SigningKey>, NsmError> {
+        let mut guard = match self.fast_key.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some((s, k)) = guard.as_ref() {
+            if *s == second {
+                return Ok(k.clone());
+            }
+        }
+        let scalar = Secret::new(chain.leaf_key.to_bytes().into());
+        let key: Arc<dyn P384SigningKey> =
+            Arc::from(crypto.p384_signing_key(&scalar).map_err(|e| NsmError::Mock(e.to_string()))?);
+        *guard = Some((second, key.clone()));
+        Ok(key)
     }
 
     /// Names this instance: documents from the same PKI get a distinct `module_id` per name
@@ -623,8 +658,17 @@ impl Nsm for MockNsm {
 
     fn attest(&self, req: &AttestRequest) -> Result<Vec<u8>, NsmError> {
         check_request(req)?;
-        let (doc, chain) = self.document((self.clock)(), req);
-        Ok(sign_cose(&cose::PROTECTED_ES384, &doc.payload(), &chain.leaf_key))
+        let now = (self.clock)();
+        let (doc, chain) = self.document(now, req);
+        let Some(crypto) = self.fast else {
+            return Ok(sign_cose(&cose::PROTECTED_ES384, &doc.payload(), &chain.leaf_key));
+        };
+        let payload = doc.payload();
+        let key = self.fast_key(crypto, now / 1000, &chain)?;
+        let sig = key
+            .sign(&cose::sig_structure(&cose::PROTECTED_ES384, &payload))
+            .map_err(|e| NsmError::Mock(e.to_string()))?;
+        Ok(cose::encode_sign1(&cose::PROTECTED_ES384, &payload, &sig))
     }
 
     fn describe_pcr(&self, index: u16) -> Result<PcrDescription, NsmError> {
@@ -663,6 +707,34 @@ mod tests {
     fn der_oid_encoding() {
         assert_eq!(der::oid(oid::ECDSA_SHA384), vec![0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03]);
         assert_eq!(der::oid(oid::SECP384R1), vec![0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22]);
+    }
+
+    #[test]
+    fn fast_signed_documents_verify_with_every_backend_and_are_randomized() {
+        for signer in crate::crypto::all_backends() {
+            let pcrs = BTreeMap::from([(0, vec![1u8; 48])]);
+            let nsm = MockNsm::new(b"seed", pcrs.clone(), Arc::new(|| T)).with_fast_signing(signer);
+            let req = AttestRequest { nonce: Some(vec![9; 32]), ..Default::default() };
+            let a = nsm.attest(&req).expect("doc");
+            let b = nsm.attest(&req).expect("doc");
+            for verifier in crate::crypto::all_backends() {
+                let v = Verifier::with_crypto(nsm.root_anchor(), verifier);
+                if let Err(e) = v.verify(&a, &VerifyOptions::at(T)) {
+                    panic!("{} signed, {} verified: {e}", signer.name(), verifier.name());
+                }
+                let mut bad = a.clone();
+                let last = bad.len() - 1;
+                bad[last] ^= 1;
+                assert!(v.verify(&bad, &VerifyOptions::at(T)).is_err());
+            }
+            // The same payload as the deterministic signer's; aws-lc-rs signatures are
+            // randomized (RustCrypto's stay RFC 6979).
+            let sig_len = crate::crypto::P384_SIG_LEN;
+            let det = MockNsm::new(b"seed", pcrs, Arc::new(|| T)).attest(&req).expect("doc");
+            assert!(a[..a.len() - sig_len] == b[..b.len() - sig_len]);
+            assert!(det[..det.len() - sig_len] == a[..a.len() - sig_len]);
+            assert_eq!(a == b, signer.name() == "rustcrypto", "{}", signer.name());
+        }
     }
 
     #[test]

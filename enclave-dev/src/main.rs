@@ -31,6 +31,10 @@ struct Cli {
     /// entries (`keygate bench release --write-ahead off` measures what write-ahead costs).
     #[arg(long)]
     bench_without_write_ahead: bool,
+    /// Mock NSM: sign documents with the fast crypto backend (aws-lc-rs), randomized rather
+    /// than deterministic, so that a benchmark measures the KRE and not the mock's signer.
+    #[arg(long)]
+    mock_fast_signing: bool,
 }
 
 /// Why the mock NSM cannot start.
@@ -45,6 +49,7 @@ enum MockError {
 struct Mock<'a> {
     seed: Option<&'a str>,
     pcrs: &'a [PcrExpectation],
+    fast_signing: bool,
 }
 
 impl NsmBackend for Mock<'_> {
@@ -55,7 +60,10 @@ impl NsmBackend for Mock<'_> {
     fn open(&self) -> Result<OpenedNsm, Box<dyn std::error::Error + Send + Sync>> {
         let seed = self.seed.ok_or(MockError::NoSeed)?;
         let pcrs = self.pcrs.iter().map(|e| (e.index, e.value.clone())).collect();
-        let nsm = MockNsm::new(seed.as_bytes(), pcrs, system_clock()).with_instance("kre");
+        let mut nsm = MockNsm::new(seed.as_bytes(), pcrs, system_clock()).with_instance("kre");
+        if self.fast_signing {
+            nsm = nsm.with_fast_signing(keygate_attestation::crypto::default_backend());
+        }
         let anchor = nsm.root_anchor();
         for line in [
             "################################################################",
@@ -71,7 +79,7 @@ impl NsmBackend for Mock<'_> {
 
 fn main() -> ExitCode {
     let cli: Cli = cli::parse(&[MOCK]);
-    let mock = Mock { seed: cli.mock_seed.as_deref(), pcrs: &cli.mock_pcr };
+    let mock = Mock { seed: cli.mock_seed.as_deref(), pcrs: &cli.mock_pcr, fast_signing: cli.mock_fast_signing };
     let dev = cli::DevOptions { write_ahead: !cli.bench_without_write_ahead };
     cli::run_with("keygate-enclave-dev", cli.enclave, &[&mock], dev)
 }

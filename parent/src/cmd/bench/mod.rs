@@ -25,6 +25,8 @@ use super::fetch::Fetcher;
 use crate::CliError;
 
 mod attack;
+mod plot;
+mod release;
 use attack::Attack;
 
 #[derive(Debug, clap::Subcommand)]
@@ -54,6 +56,27 @@ pub(crate) enum BenchCommand {
         /// both, row by row, in one run.
         #[arg(long, value_delimiter = ',', default_value = "on")]
         write_ahead: Vec<OnOff>,
+        /// Open-loop rows after the closed-loop ones: this many connections offering half the
+        /// highest closed-loop rate (comma-separated; empty for none).
+        #[arg(long, value_delimiter = ',', default_value = "256")]
+        half_capacity: Vec<usize>,
+        /// Write the latency distributions (one client, and the open-loop rows) as an SVG plot.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
+    /// The load generator of `bench release` (not for direct use).
+    #[command(hide = true)]
+    LoadRun {
+        /// unix:PATH or tcp:IP:PORT.
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        connections: usize,
+        #[arg(long)]
+        seconds: f64,
+        /// Open loop at this many fetches per second in all; closed loop without.
+        #[arg(long)]
+        rate: Option<f64>,
     },
     /// A legitimate client's boot fetches while one process attacks the release port.
     Attack {
@@ -300,106 +323,19 @@ fn fetcher(kre: Addr, nsm: Arc<dyn Nsm>, root: &TrustAnchor) -> Fetcher {
 /// A control-plane instance's mock NSM (the image the bench policy allows) and the mock root.
 fn mock_client() -> (Arc<dyn Nsm>, TrustAnchor) {
     let pcrs: BTreeMap<u8, Vec<u8>> = (0..3).map(|i| (i, vec![0x5a; 48])).collect();
-    let nsm: Arc<dyn Nsm> = Arc::new(MockNsm::new(SEED.as_bytes(), pcrs, system_clock()).with_instance("bench-client"));
+    let nsm: Arc<dyn Nsm> = Arc::new(
+        MockNsm::new(SEED.as_bytes(), pcrs, system_clock())
+            .with_instance("bench-client")
+            .with_fast_signing(crypto::default_backend()),
+    );
     (nsm, MockNsm::new(SEED.as_bytes(), BTreeMap::new(), system_clock()).root_anchor())
 }
 
 /// A switch of a benchmark row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub(crate) enum OnOff {
     On,
     Off,
-}
-
-fn bench_release(clients: &[usize], threads: &[usize], seconds: f64, write_ahead: &[OnOff]) -> Result<(), CliError> {
-    println!(
-        "# keygate bench release ({seconds} s per row; KRE CPU from /proc; {} cores shared by KRE and clients)",
-        cores()
-    );
-    println!("| write-ahead audit | KRE threads | clients | releases | releases/s (wall) | KRE CPU s | releases per KRE CPU-s | p50 ms | p99 ms | max ms | errors | wrong keys |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
-    let rt =
-        tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
-    let (nsm, root) = mock_client();
-    let mut per_thread_rate = BTreeMap::new();
-    for &t in threads {
-        for &n in clients {
-            for &wa in write_ahead {
-                let kre = start_kre(t, if wa == OnOff::On { &[] } else { &["--bench-without-write-ahead"] })?;
-                let f = Arc::new(fetcher(Addr::Unix(kre.sock.clone()), nsm.clone(), &root));
-                // Pre-warm (chain cache, mock PKI); its key is the reference every fetch must get.
-                let reference = rt.block_on(f.once()).map_err(|e| CliError::refused(format!("warm-up fetch: {e}")))?;
-                let reference =
-                    Arc::new(reference.keys.first().map(|k| k.key.clone()).ok_or_else(|| CliError::refused("no key"))?);
-                let cpu0 = cpu_seconds(kre.child.id())?;
-                let start = Instant::now();
-                let deadline = start + Duration::from_secs_f64(seconds);
-                let results = rt.block_on(async {
-                    let tasks: Vec<_> = (0..n)
-                        .map(|_| {
-                            let f = f.clone();
-                            let reference = reference.clone();
-                            tokio::spawn(async move {
-                                let mut lat = Vec::new();
-                                let mut errors = 0u64;
-                                let mut wrong = 0u64;
-                                while Instant::now() < deadline {
-                                    let s = Instant::now();
-                                    match f.once().await {
-                                        Ok(got) => {
-                                            lat.push(s.elapsed().as_secs_f64() * 1000.0);
-                                            if got.keys.first().map(|k| &k.key) != Some(&*reference) {
-                                                wrong += 1;
-                                            }
-                                        }
-                                        Err(_) => errors += 1,
-                                    }
-                                }
-                                (lat, errors, wrong)
-                            })
-                        })
-                        .collect();
-                    let mut lat = Vec::new();
-                    let mut errors = 0;
-                    let mut wrong = 0;
-                    for t in tasks {
-                        if let Ok((l, e, w)) = t.await {
-                            lat.extend(l);
-                            errors += e;
-                            wrong += w;
-                        }
-                    }
-                    (lat, errors, wrong)
-                });
-                let wall = start.elapsed().as_secs_f64();
-                let cpu = cpu_seconds(kre.child.id())? - cpu0;
-                let (mut lat, errors, wrong) = results;
-                lat.sort_by(|a, b| a.total_cmp(b));
-                let pct = |p: f64| lat.get(((lat.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0);
-                let per_cpu = lat.len() as f64 / cpu.max(1e-9);
-                if write_ahead.first() == Some(&wa) {
-                    per_thread_rate.insert((t, n), lat.len() as f64 / wall);
-                }
-                println!(
-                    "| {} | {t} | {n} | {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {errors} | {wrong} |",
-                    if wa == OnOff::On { "on" } else { "off" },
-                    lat.len(),
-                    lat.len() as f64 / wall,
-                    cpu,
-                    per_cpu,
-                    pct(0.5),
-                    pct(0.99),
-                    lat.last().copied().unwrap_or(0.0)
-                );
-            }
-        }
-    }
-    for &n in clients {
-        if let (Some(one), Some(two)) = (per_thread_rate.get(&(1, n)), per_thread_rate.get(&(2, n))) {
-            println!("scaling with {n} clients: 2 threads / 1 thread = {:.2}", two / one);
-        }
-    }
-    Ok(())
 }
 
 fn bench_memory(connections: usize, flood_seconds: u64) -> Result<(), CliError> {
@@ -490,9 +426,17 @@ fn list(s: &str) -> Result<Vec<usize>, CliError> {
 pub(crate) fn run(cmd: BenchCommand) -> Result<(), CliError> {
     match cmd {
         BenchCommand::Crypto { rounds, seconds } => bench_crypto(rounds, seconds),
-        BenchCommand::Release { clients, threads, seconds, write_ahead } => {
-            bench_release(&list(&clients)?, &list(&threads)?, seconds, &write_ahead)
+        BenchCommand::Release { clients, threads, seconds, write_ahead, half_capacity, plot } => {
+            release::bench_release(
+                &list(&clients)?,
+                &list(&threads)?,
+                seconds,
+                &write_ahead,
+                &half_capacity,
+                plot.as_deref(),
+            )
         }
+        BenchCommand::LoadRun { to, connections, seconds, rate } => release::run_load(&to, connections, seconds, rate),
         BenchCommand::Memory { connections, flood_seconds } => bench_memory(connections, flood_seconds),
         BenchCommand::Attack { attacks, via, seconds } => attack::bench_attack(&attacks, &via, seconds),
         BenchCommand::AttackRun { attack, to, from, seconds } => attack::run_attacker(attack, &to, from, seconds),
