@@ -29,7 +29,14 @@ fn peer_verify(doc: &[u8], root: &[u8], at_ms: u64) -> Result<AttestationDoc, Ve
 fn outcome(r: &Result<AttestationDoc, VerifyError>) -> String {
     match r {
         Ok(d) => format!("ACCEPTED (module_id {}, timestamp {} ms)", d.module_id, d.timestamp),
-        Err(e) => format!("REFUSED ({:?}: {e:?})", e.kind()),
+        Err(e) => {
+            // The crate's error keeps its cause private (and may carry a backtrace): show the
+            // cause from its Debug form.
+            let debug = format!("{e:?}");
+            let cause =
+                debug.split_once("_source: ").map_or(debug.as_str(), |(_, c)| c.strip_suffix(" }").unwrap_or(c));
+            format!("REFUSED ({:?}: {cause})", e.kind())
+        }
     }
 }
 
@@ -67,10 +74,9 @@ fn main() {
     let mut tampered = DOC.to_vec();
     let at = DOC.len() - sign1.signature.len() / 2; // first byte of s in r || s
     tampered[at] ^= 0x01;
-    let now_ms = u64::try_from(
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis(),
-    )
-    .expect("ms");
+    let now_ms =
+        u64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis())
+            .expect("ms");
     let good = peer_verify(DOC, &root, AT_MS);
     let bad = peer_verify(&tampered, &root, AT_MS);
     let late = peer_verify(DOC, &root, now_ms);
@@ -110,7 +116,7 @@ fn main() {
     }
     let peer = rate(|| peer_verify(DOC, &root, AT_MS).is_ok());
     println!(
-        "| nsm-nitro-enclave-utils 0.1.3 (rustls-webpki 0.103 + ring for the chain, RustCrypto p384 for COSE), at the document's time | chain to the AWS root (4 certificate signatures, validity at the given time, CA constraints), COSE signature; no AWS field limits, no chain cache | {peer:.0} |"
+        "| nsm-nitro-enclave-utils 0.1.3 (chain: rustls-webpki 0.103 + ring; COSE: RustCrypto p384), time given | chain to the caller-given AWS root (4 certificate signatures, each certificate's validity at the given time, CA constraints), COSE signature; payload decoded, but no AWS field limits; no chain cache | {peer:.0} |"
     );
     for b in all_backends() {
         let o = VerifyOptions::at(AT_MS);
