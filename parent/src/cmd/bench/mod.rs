@@ -57,7 +57,7 @@ pub(crate) enum BenchCommand {
         #[arg(long, value_delimiter = ',', default_value = "on")]
         write_ahead: Vec<OnOff>,
         /// Open-loop rows after the closed-loop ones: this many connections offering half the
-        /// highest closed-loop rate (comma-separated; empty for none).
+        /// highest closed-loop rate (comma-separated; 0 for none).
         #[arg(long, value_delimiter = ',', default_value = "256")]
         half_capacity: Vec<usize>,
         /// Write the latency distributions (one client, and the open-loop rows) as an SVG plot.

@@ -255,7 +255,7 @@ pub(super) fn bench_release(
             }
         }
     }
-    for &n in half_capacity {
+    for &n in half_capacity.iter().filter(|&&n| n > 0) {
         for &t in threads {
             for &wa in write_ahead {
                 let Some(&c) = capacity.get(&(t, wa)) else { continue };
