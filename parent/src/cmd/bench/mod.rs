@@ -26,6 +26,7 @@ use crate::CliError;
 
 mod attack;
 use attack::Attack;
+mod kms;
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum BenchCommand {
@@ -79,6 +80,15 @@ pub(crate) enum BenchCommand {
         #[arg(long, default_value = "127.0.0.2")]
         from: std::net::IpAddr,
         #[arg(long)]
+        seconds: f64,
+    },
+    /// KMS plugin latency (Status, Encrypt, Decrypt) over its Unix socket, on a key from a KRE.
+    Kms {
+        /// Concurrent callers on one gRPC connection (comma-separated).
+        #[arg(long, default_value = "64")]
+        callers: String,
+        /// Seconds per method.
+        #[arg(long, default_value_t = 5.0)]
         seconds: f64,
     },
     /// KRE resident memory: idle, with many idle connections, under a Hello flood.
@@ -493,6 +503,7 @@ pub(crate) fn run(cmd: BenchCommand) -> Result<(), CliError> {
         BenchCommand::Release { clients, threads, seconds, write_ahead } => {
             bench_release(&list(&clients)?, &list(&threads)?, seconds, &write_ahead)
         }
+        BenchCommand::Kms { callers, seconds } => kms::bench_kms(&list(&callers)?, seconds),
         BenchCommand::Memory { connections, flood_seconds } => bench_memory(connections, flood_seconds),
         BenchCommand::Attack { attacks, via, seconds } => attack::bench_attack(&attacks, &via, seconds),
         BenchCommand::AttackRun { attack, to, from, seconds } => attack::run_attacker(attack, &to, from, seconds),
