@@ -28,6 +28,7 @@ mod attack;
 mod plot;
 mod release;
 use attack::Attack;
+mod kms;
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum BenchCommand {
@@ -103,6 +104,22 @@ pub(crate) enum BenchCommand {
         from: std::net::IpAddr,
         #[arg(long)]
         seconds: f64,
+    },
+    /// KMS plugin latency (Status, Encrypt, Decrypt) over its Unix socket, on a key from a KRE.
+    Kms {
+        /// Concurrent callers on one gRPC connection (comma-separated).
+        #[arg(long, default_value = "64")]
+        callers: String,
+        /// Open-loop rows after the closed-loop ones: the most callers offering this many calls
+        /// per second in all, each call timed from when it was due (comma-separated; 0 for none).
+        #[arg(long, value_delimiter = ',', default_value = "2000")]
+        rate: Vec<f64>,
+        /// Seconds per method.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Write every row's latency distribution as an SVG plot.
+        #[arg(long)]
+        plot: Option<PathBuf>,
     },
     /// KRE resident memory: idle, with many idle connections, under a Hello flood.
     Memory {
@@ -437,6 +454,9 @@ pub(crate) fn run(cmd: BenchCommand) -> Result<(), CliError> {
             )
         }
         BenchCommand::LoadRun { to, connections, seconds, rate } => release::run_load(&to, connections, seconds, rate),
+        BenchCommand::Kms { callers, rate, seconds, plot } => {
+            kms::bench_kms(&list(&callers)?, &rate, seconds, plot.as_deref())
+        }
         BenchCommand::Memory { connections, flood_seconds } => bench_memory(connections, flood_seconds),
         BenchCommand::Attack { attacks, via, seconds } => attack::bench_attack(&attacks, &via, seconds),
         BenchCommand::AttackRun { attack, to, from, seconds } => attack::run_attacker(attack, &to, from, seconds),
