@@ -247,6 +247,21 @@ fn code_name(s: &tonic::Status) -> String {
     format!("{:?}", s.code())
 }
 
+/// When a call starts, for its latency: now in a closed loop; in an open loop, when it was
+/// due, unless the caller is late only by the timer's granularity (tokio's timers fire on the
+/// millisecond, up to [`TIMER_SLACK`] late), which is the harness's delay, not the plugin's.
+/// A caller held up longer — its previous call was slow — still counts from when it was due.
+pub(super) fn call_start(due: Option<Instant>) -> Instant {
+    let now = Instant::now();
+    match due {
+        Some(d) if now.saturating_duration_since(d) > TIMER_SLACK => d,
+        _ => now,
+    }
+}
+
+/// How late a tokio timer may fire.
+const TIMER_SLACK: Duration = Duration::from_millis(2);
+
 /// An open-loop schedule: `callers` callers offering one call per `period` / `callers` in all.
 #[derive(Debug, Clone, Copy)]
 struct OpenLoop {
@@ -280,7 +295,7 @@ async fn caller(
         n = n.wrapping_add(1);
         match method {
             Method::Status => {
-                let start = due.unwrap_or_else(Instant::now);
+                let start = call_start(due);
                 let r = client.status(StatusRequest {}).await;
                 latency.saturating_record(micros(start.elapsed()));
                 match r {
@@ -292,7 +307,7 @@ async fn caller(
             Method::Encrypt => {
                 let pt = plaintext(index, n);
                 let req = EncryptRequest { plaintext: pt.clone(), uid: uid.clone() };
-                let start = due.unwrap_or_else(Instant::now);
+                let start = call_start(due);
                 let r = client.encrypt(req).await;
                 latency.saturating_record(micros(start.elapsed()));
                 match r {
@@ -317,7 +332,7 @@ async fn caller(
                     key_id: s.key_id.clone(),
                     annotations: Default::default(),
                 };
-                let start = due.unwrap_or_else(Instant::now);
+                let start = call_start(due);
                 let r = client.decrypt(req).await;
                 latency.saturating_record(micros(start.elapsed()));
                 match r {

@@ -6,8 +6,9 @@
 //! reported apart. Both sides' mock NSMs sign with the fast backend: the mock stands in for a
 //! device whose signing costs the enclave nothing, and the load generator must not be the
 //! bottleneck. Closed-loop rows find the capacity; open-loop rows offer a fixed rate (half the
-//! capacity) and time every fetch from its scheduled start, so a stalled KRE shows in the
-//! latency instead of slowing the offered load (no coordinated omission).
+//! capacity) and time every fetch from its scheduled start (less the timer's own lateness), so a
+//! stalled KRE shows in the latency instead of slowing the offered load (no coordinated
+//! omission).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -312,14 +313,16 @@ pub(super) fn run_load(to: &str, connections: usize, seconds: f64, rate: Option<
                     let period = rate.map(|r| Duration::from_secs_f64(n as f64 / r.max(1e-9)));
                     let mut due = start + rate.map_or(Duration::ZERO, |r| Duration::from_secs_f64(i as f64 / r));
                     while due < deadline {
-                        if period.is_some() {
+                        let started = if period.is_some() {
                             tokio::time::sleep_until(due.into()).await;
+                            super::kms::call_start(Some(due))
                         } else {
                             due = Instant::now();
-                        }
+                            due
+                        };
                         match f.once().await {
                             Ok(got) => {
-                                let us = u64::try_from(due.elapsed().as_micros()).unwrap_or(u64::MAX);
+                                let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
                                 hist.saturating_record(us.max(1));
                                 if got.keys.first().map(|k| &k.key) != Some(&*reference) {
                                     wrong += 1;
