@@ -57,6 +57,7 @@ pub(super) fn latency_svg(path: &Path, title: &str, series: &[(String, &Histogra
         .x_desc("percentile")
         .y_desc("latency (ms)")
         .x_labels(6)
+        .y_labels(12)
         .x_label_formatter(&|x| percentile_label(*x))
         .y_label_formatter(&|y| format!("{y}"))
         .draw()

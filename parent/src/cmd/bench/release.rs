@@ -126,9 +126,10 @@ impl Row {
         self.report.releases as f64 / self.report.wall_s.max(1e-9)
     }
     fn label(&self) -> String {
+        let audit = if self.write_ahead == OnOff::On { "write-ahead audit" } else { "no write-ahead" };
         match self.load {
-            Load::Closed => format!("{} closed-loop", self.connections),
-            Load::Open { per_s } => format!("{} at {per_s:.0}/s", self.connections),
+            Load::Closed => format!("{} closed-loop, {audit}", self.connections),
+            Load::Open { per_s } => format!("{} at {per_s:.0}/s, {audit}", self.connections),
         }
     }
 }
