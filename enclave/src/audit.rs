@@ -1,4 +1,4 @@
-//! The tamper-evident audit trail (issue 7; the contract is `docs/audit.md`).
+//! The tamper-evident audit trail (the contract is `docs/audit.md`).
 //!
 //! What this module decides: the exact bytes of an audit entry and of a checkpoint, how
 //! entries are chained, when the KRE's buffer refuses a record, and whether a stored trail

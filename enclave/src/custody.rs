@@ -1,5 +1,5 @@
 //! Custodians: who holds the shares of the state key, how a share is stored for its
-//! custodian, and how a custodian hands its share to a freshly booted, attested KRE (issue 6).
+//! custodian, and how a custodian hands its share to a freshly booted, attested KRE.
 //!
 //! What this module decides: the custodian set and its canonical digest, the envelope that
 //! encrypts a Shamir share ([`crate::shamir`]) to one custodian, the shares file the parent

@@ -1,4 +1,4 @@
-//! The sealed KRE state: the only form in which KEKs leave the enclave (issue 6).
+//! The sealed KRE state: the only form in which KEKs leave the enclave.
 //!
 //! What this module decides: the exact bytes of a sealed state blob, how it is encrypted
 //! under the state key, and which blobs are refused, each with its own [`SealedError`]

@@ -1,4 +1,4 @@
-//! The KRE's durable state as a state machine without I/O (issue 6, docs/durability.md).
+//! The KRE's durable state as a state machine without I/O (the contract is docs/durability.md).
 //!
 //! ```text
 //!            StateGenesis                      StateCommit(g+1, digest)

@@ -508,7 +508,7 @@ fn no_kek_share_state_key_or_data_key_in_any_output_log_or_file() {
 
 /// The KRE killed mid-traffic and restarted sealed: a control plane that keeps retrying gets
 /// its keys once the parent has handed back the state and two custodians have unsealed, and
-/// they are the same keys (issue 9: faults).
+/// they are the same keys.
 #[test]
 fn a_client_retrying_through_a_kre_kill_and_unseal_gets_the_same_keys() {
     let dir = tempfile::tempdir().expect("tmp");

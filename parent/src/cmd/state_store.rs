@@ -1,4 +1,4 @@
-//! Durable storage of the KRE's sealed state on the parent (issue 6).
+//! Durable storage of the KRE's sealed state on the parent.
 //!
 //! What this module decides: how a sealed blob ([`keygate_enclave::sealed`]) is written so
 //! that a crash at any point leaves an intact generation on disk, and which stored
