@@ -101,6 +101,24 @@ impl Drop for AuditFollower {
     }
 }
 
+/// A child process and its private directory (socket, log, state): when dropped, the process
+/// is killed and reaped, then the directory removed.
+#[derive(Debug)]
+pub struct ProcessInDir {
+    /// The process.
+    pub child: std::process::Child,
+    /// Its directory, removed after the process is gone.
+    pub dir: PathBuf,
+}
+
+impl Drop for ProcessInDir {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A child process killed (and reaped) when dropped: a daemon a test starts beside the KRE.
 #[derive(Debug)]
 pub struct KillOnDrop(pub std::process::Child);

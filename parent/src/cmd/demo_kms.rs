@@ -2,14 +2,15 @@
 //! control plane fetched, driven over its Unix socket with the KMS v2 gRPC calls that
 //! kube-apiserver makes (Status, Encrypt, Decrypt), then a key rotation.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::demo::Tour;
 use super::kms_plugin::pb::key_management_service_client::KeyManagementServiceClient;
 use super::kms_plugin::pb::{DecryptRequest, EncryptRequest, StatusRequest};
 use crate::CliError;
+use keygate_tests::ProcessInDir;
 
 /// The cluster label in the plugin's key ids (the demo's cluster).
 const CLUSTER: &str = "prod-eu1";
@@ -18,21 +19,12 @@ type Client = KeyManagementServiceClient<tonic::transport::Channel>;
 
 /// The plugin process, killed when dropped, and its private directory, removed.
 struct Plugin {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Drop for Plugin {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    p: ProcessInDir,
 }
 
 impl Plugin {
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("plugin.log")).unwrap_or_default()
+        std::fs::read_to_string(self.p.dir.join("plugin.log")).unwrap_or_default()
     }
 }
 
@@ -92,7 +84,7 @@ fn write_new_version(dir: &Path, key: &str, version: u32) -> Result<(), String> 
 async fn connect(sock: &Path, plugin: &mut Plugin) -> Result<Client, String> {
     let start = Instant::now();
     loop {
-        if let Ok(Some(status)) = plugin.child.try_wait() {
+        if let Ok(Some(status)) = plugin.p.child.try_wait() {
             return Err(format!("the plugin exited ({status}): {}", plugin.log()));
         }
         if tokio::net::UnixStream::connect(sock).await.is_ok() {
@@ -103,19 +95,7 @@ async fn connect(sock: &Path, plugin: &mut Plugin) -> Result<Client, String> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let path = sock.to_path_buf();
-    let channel = tonic::transport::Endpoint::from_static("http://kms-plugin.invalid")
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(10))
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .map_err(|e| format!("connecting to the plugin: {e}"))?;
-    Ok(KeyManagementServiceClient::new(channel))
+    super::kms_plugin::connect_unix(sock).await.map_err(|e| format!("connecting to the plugin: {e}"))
 }
 
 async fn wait_for_key_id(client: &mut Client, want: &str) -> Result<String, String> {
@@ -161,7 +141,7 @@ pub(crate) fn kms_tour(tour: &mut Tour, keys_dir: &Path) -> Result<(), CliError>
         .stderr(log)
         .spawn()
         .map_err(|e| CliError::io("starting keygate kms-plugin", e))?;
-    let mut plugin = Plugin { child, dir };
+    let mut plugin = Plugin { p: ProcessInDir { child, dir } };
     let rt =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
     rt.block_on(async {

@@ -280,7 +280,30 @@ pub(crate) async fn serve(
         .await
 }
 
-async fn shutdown_signal() {
+/// A KMS v2 client on one HTTP/2 connection to a plugin's Unix socket (clones share it), as
+/// kube-apiserver holds one: for the demo and the bench.
+pub(crate) async fn connect_unix(
+    sock: &Path,
+) -> Result<
+    pb::key_management_service_client::KeyManagementServiceClient<tonic::transport::Channel>,
+    tonic::transport::Error,
+> {
+    let path = sock.to_path_buf();
+    let channel = tonic::transport::Endpoint::from_static("http://kms-plugin.invalid")
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await?;
+    Ok(pb::key_management_service_client::KeyManagementServiceClient::new(channel))
+}
+
+/// Resolves on SIGTERM or SIGINT (never, if the handlers cannot be installed).
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
         (Ok(mut term), Ok(mut int)) => {

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,7 @@ use super::{cores, cpu_seconds, start_kre, KreProc, SEED};
 use crate::cmd::kms_plugin::pb::key_management_service_client::KeyManagementServiceClient;
 use crate::cmd::kms_plugin::pb::{DecryptRequest, EncryptRequest, StatusRequest};
 use crate::CliError;
+use keygate_tests::ProcessInDir;
 
 type Client = KeyManagementServiceClient<Channel>;
 
@@ -99,17 +100,8 @@ pub(crate) fn histograms(rows: &[KmsRow]) -> Vec<(String, Histogram<u64>)> {
 
 /// The plugin process, killed when dropped, and its directory (socket, log, receipts), removed.
 struct Plugin {
-    child: Child,
-    dir: PathBuf,
+    p: ProcessInDir,
     sock: PathBuf,
-}
-
-impl Drop for Plugin {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 impl Plugin {
@@ -142,7 +134,7 @@ impl Plugin {
             cmd.args(["--mock-pcr", &format!("{i}={client_pcr}")]);
         }
         match cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn() {
-            Ok(child) => Ok(Self { child, dir, sock }),
+            Ok(child) => Ok(Self { p: ProcessInDir { child, dir }, sock }),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
                 Err(CliError::io("starting keygate kms-plugin", e))
@@ -151,11 +143,11 @@ impl Plugin {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("plugin.log")).unwrap_or_default()
+        std::fs::read_to_string(self.p.dir.join("plugin.log")).unwrap_or_default()
     }
 
     fn exited(&mut self) -> Result<(), CliError> {
-        match self.child.try_wait() {
+        match self.p.child.try_wait() {
             Ok(Some(status)) => Err(CliError::refused(format!("the plugin exited ({status}): {}", self.log()))),
             _ => Ok(()),
         }
@@ -194,19 +186,7 @@ impl Plugin {
 
 /// One gRPC connection to the plugin's socket; clones share it.
 async fn connect(sock: &Path) -> Result<Client, CliError> {
-    let path = sock.to_path_buf();
-    let channel = tonic::transport::Endpoint::from_static("http://kms-plugin.invalid")
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(10))
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .map_err(|e| CliError::io("connecting to the plugin", e))?;
-    Ok(KeyManagementServiceClient::new(channel))
+    crate::cmd::kms_plugin::connect_unix(sock).await.map_err(|e| CliError::io("connecting to the plugin", e))
 }
 
 /// A plaintext the Encrypt caller `caller` seals on its `n`th call: 32 bytes, distinct per call.
@@ -396,20 +376,6 @@ async fn row(
     Ok((row, kept))
 }
 
-/// Resolves when the bench is interrupted (SIGINT or SIGTERM), so the processes are cleaned up.
-async fn interrupted() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => std::future::pending::<()>().await,
-    }
-}
-
 fn check_args(callers: &[usize], seconds: f64) -> Result<(), CliError> {
     if callers.is_empty() || callers.iter().any(|&n| n == 0 || n > 4096) {
         return Err(CliError::input("--callers: 1 to 4096 each"));
@@ -430,7 +396,7 @@ pub(crate) fn measure(callers: &[usize], rates: &[f64], seconds: f64) -> Result<
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
     let kre = start_kre(1, &[])?;
     let mut plugin = Plugin::start(&kre)?;
-    let pids = (plugin.child.id(), kre.child.id());
+    let pids = (plugin.p.child.id(), kre.child.id());
     let rows = rt.block_on(async {
         let measured = async {
             let client = plugin.connect_when_healthy().await?;
@@ -463,7 +429,7 @@ pub(crate) fn measure(callers: &[usize], rates: &[f64], seconds: f64) -> Result<
         };
         tokio::select! {
             r = measured => r,
-            () = interrupted() => Err(CliError::refused("interrupted")),
+            () = crate::cmd::kms_plugin::shutdown_signal() => Err(CliError::refused("interrupted")),
         }
     });
     drop(rt);

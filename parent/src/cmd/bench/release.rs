@@ -20,11 +20,8 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use keygate_attestation::crypto::{self, p384_scalar_from};
 use keygate_attestation::mock::{system_clock, MockNsm};
-use keygate_attestation::secret::Secret;
 use keygate_attestation::{AttestRequest, Nsm};
-use keygate_enclave::keys::{self, Transcript};
 use keygate_enclave::transport::Addr;
-use keygate_enclave::wire::Id;
 
 use super::{cores, cpu_seconds, fetcher, mock_client, plot, rate, start_kre, OnOff};
 use crate::CliError;
@@ -74,22 +71,7 @@ impl Floor {
         let sign_per_s = rate(3, seconds, || {
             let _ = signer.sign(b"an audit receipt of about this size, a few hundred bytes long");
         });
-        let (_, client_point) = p384_scalar_from(c, |b| b.fill(3)).map_err(|e| CliError::input(e.to_string()))?;
-        let transcript = Transcript {
-            client_nonce: [1; 32],
-            server_nonce: [2; 32],
-            kre_attestation_sha384: [3; 48],
-            client_attestation_sha384: [4; 48],
-            request_digest: [5; 48],
-        };
-        let id = Id::new("etcd").map_err(|e| CliError::input(e.to_string()))?;
-        let dk = vec![(id, 1u32, Secret::new([9u8; 32]))];
-        let mut ctr = 0u8;
-        let wrap_per_s = rate(3, seconds, || {
-            ctr = ctr.wrapping_add(1);
-            let _ = keys::WrappingKey::generate(c, |b| b.fill(ctr | 1))
-                .and_then(|w| keys::wrap(c, &transcript, &client_point, &dk, w));
-        });
+        let wrap_per_s = super::wrap_rate(c, 3, seconds)?;
         let pcrs: BTreeMap<u8, Vec<u8>> = (0..3).map(|i| (i, vec![0x4b; 48])).collect();
         let nsm = MockNsm::new(super::SEED.as_bytes(), pcrs, system_clock()).with_fast_signing(c);
         let req = AttestRequest { nonce: Some(vec![2; 32]), public_key: Some(point.clone()), ..Default::default() };
