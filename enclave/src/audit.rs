@@ -54,7 +54,7 @@ pub use durable::{
 };
 pub use event::{entry_digest, AuditEntry, AuditEvent, Requester, ENTRY_DOMAIN};
 pub use history::{verify_history, AuditHead, HistoryGap, HistoryReport, HistoryRun};
-pub use log::{AuditConfig, AuditLog, AuditStatus};
+pub use log::{AuditConfig, AuditLog, AuditStatus, FOLLOWER_CHECKPOINT_EVERY_MS};
 pub use receipt::{check_receipt, Receipt, ReceiptError, RECEIPT_BODY_LEN, RECEIPT_DOMAIN, RECEIPT_LEN};
 pub use trail::{verify_trail, verify_trail_with, NotAttested, TrailError, TrailOptions, TrailSummary};
 

@@ -1543,7 +1543,10 @@ fn audit_pull(kre: &Kre, after_seq: u64, max: u16, now_ms: u64, flush: bool) -> 
         entries.push(b.to_vec());
     }
     let head = log.status().last_seq;
-    let checkpoint = if last == head && head > 0 {
+    // A one-shot pull (`flush`) always ends with a checkpoint at the head; a follower's at
+    // most once per FOLLOWER_CHECKPOINT_EVERY_MS (the receipts sign each release meanwhile).
+    let due = flush || log.checkpoint_due(now_ms, crate::audit::FOLLOWER_CHECKPOINT_EVERY_MS);
+    let checkpoint = if last == head && head > 0 && due {
         log.checkpoint(now_ms).map(|c| c.bytes().to_vec()).map_err(|e| Deny::new(DenyCode::Internal, e.to_string()))?
     } else {
         Vec::new()

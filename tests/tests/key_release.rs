@@ -624,7 +624,15 @@ fn audit_trail_records_decisions_fails_closed_and_verifies_offline() {
     assert_eq!(j["audit"]["answers_withheld_unacknowledged"], 1, "{j}");
 
     let follower = keygate_tests::AuditFollower::start(&kre.parent(), &trail);
-    assert!(run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &out)).status.success());
+    // The KRE waits only 300 ms for an acknowledgement: fetch once the follower is running
+    // (it has stored what was buffered), not while its process is still starting.
+    let start = std::time::Instant::now();
+    while std::fs::metadata(trail.join("entries.log")).map_or(true, |m| m.len() == 0) {
+        assert!(start.elapsed() < std::time::Duration::from_secs(20), "the follower stored nothing");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let o = run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &out));
+    assert!(o.status.success(), "{}", stderr(&o));
     assert_refused(
         &run_fetch(&fetch_args(&kre.addr(), "prod", 0x99, &kre.dir.path().join("x"))),
         "image_not_allowed",

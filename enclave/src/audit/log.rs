@@ -94,7 +94,14 @@ pub struct AuditLog {
     anonymous_slots: usize,
     anonymous_bytes: usize,
     checkpoints_signed: u64,
+    /// The sequence number and time of the last checkpoint signed.
+    last_checkpoint: Option<(u64, u64)>,
 }
+
+/// The follower's checkpoints: at most one per this many milliseconds while entries keep
+/// coming. Each signature costs as much as a release's receipt; with write-ahead audit the
+/// follower pulls once per release or few, so one per pull was a second signature per release.
+pub const FOLLOWER_CHECKPOINT_EVERY_MS: u64 = 1000;
 
 /// Slots and bytes an append needs, split by the budget they are charged to.
 #[derive(Debug, Clone, Copy, Default)]
@@ -128,6 +135,7 @@ impl AuditLog {
             anonymous_slots: 0,
             anonymous_bytes: 0,
             checkpoints_signed: 0,
+            last_checkpoint: None,
         }
     }
 
@@ -411,7 +419,19 @@ impl AuditLog {
         }
         let cp = self.signer.sign(self.last_seq, self.head, now_ms)?;
         self.checkpoints_signed = self.checkpoints_signed.saturating_add(1);
+        self.last_checkpoint = Some((self.last_seq, now_ms));
         Ok(cp)
+    }
+
+    /// Whether a follower's pull that reached the head gets a new checkpoint: the head is not
+    /// covered by the last one, and that one is at least `every_ms` old (or there is none).
+    /// A one-shot pull always gets one; a follower's tail is covered by its first pull once
+    /// `every_ms` has passed, with new entries or at the end of its wait without them.
+    pub fn checkpoint_due(&self, now_ms: u64, every_ms: u64) -> bool {
+        match self.last_checkpoint {
+            None => self.last_seq > 0,
+            Some((seq, at)) => seq < self.last_seq && now_ms.saturating_sub(at) >= every_ms,
+        }
     }
 
     /// Counters for the KRE's status and metrics.
@@ -518,6 +538,19 @@ mod tests {
         assert_eq!(es[1].seq(), 4);
         assert_eq!(es[2].prev(), &es[1].digest());
         assert_eq!(l.status().unrecorded_pending, 0);
+    }
+
+    #[test]
+    fn a_follower_gets_a_checkpoint_when_the_head_moved_and_the_last_is_old_enough() {
+        let mut l = log(10, 0);
+        assert!(!l.checkpoint_due(0, 1000), "nothing to cover");
+        l.append(info(1), 1).expect("append");
+        assert!(l.checkpoint_due(1, 1000), "the first one at once");
+        l.checkpoint(1).expect("cp");
+        assert!(!l.checkpoint_due(5000, 1000), "the head is covered");
+        l.append(info(2), 2).expect("append");
+        assert!(!l.checkpoint_due(1000, 1000), "too soon");
+        assert!(l.checkpoint_due(1001, 1000), "old enough, head moved");
     }
 
     #[test]
