@@ -783,6 +783,39 @@ fn follower_rounds_leave_the_anonymous_aggregate_to_its_period() {
     assert_eq!(anonymous(&kre), 1, "a one-shot pull writes it");
 }
 
+/// A follower's rounds that reach the head get a checkpoint at most once per
+/// `FOLLOWER_CHECKPOINT_EVERY_MS` while entries keep coming, and none when the head is already
+/// covered; a one-shot pull always ends with one.
+#[test]
+fn a_follower_gets_a_checkpoint_at_most_once_a_second_and_a_one_shot_pull_always() {
+    use keygate_enclave::audit::FOLLOWER_CHECKPOINT_EVERY_MS as EVERY;
+    let kre = kre();
+    let junk = vec![0u8, 0, 0, 3, 1, 99, 0];
+    let follow = |after: u64, at: u64| -> (usize, bool) {
+        let wait = Message::AuditWait { after_seq: after, max: 1024, wait_ms: 0 }.encode().expect("enc");
+        let s = step(&mut Connection::new(Channel::Parent), &kre, &wait, at);
+        match Message::decode(&s.reply[4..]).expect("reply") {
+            Message::AuditBatch { entries, checkpoint } => (entries.len(), !checkpoint.is_empty()),
+            other => panic!("expected AuditBatch, got {other:?}"),
+        }
+    };
+    let head = |kre: &Kre| kre.audit().status().last_seq;
+    // The first round at the head gets one.
+    assert!(follow(0, T).1, "the first checkpoint at once");
+    // A new entry a moment later: pulled, but no signature yet.
+    step(&mut Connection::new(Channel::Release), &kre, &junk, T + 1);
+    pull(&kre, 0); // a one-shot pull signs (and writes the anonymous aggregate)
+    let covered = head(&kre);
+    assert_eq!(follow(covered, T + 2), (0, false), "the head is covered: nothing to sign");
+    kre.audit()
+        .append(keygate_enclave::audit::AuditEvent::ChallengeRefused { code: "busy".into(), reason: "r".into() }, T + 3)
+        .expect("append");
+    assert_eq!(follow(covered, T + 4), (1, false), "too soon after the last checkpoint");
+    assert_eq!(follow(covered, T + 3 + EVERY), (1, true), "a second later, the moved head is signed");
+    let (_, cp) = pull(&kre, head(&kre));
+    assert!(!cp.is_empty(), "a one-shot pull always ends with a checkpoint");
+}
+
 /// A peer that completes a Hello but never shows a valid document is as anonymous as junk:
 /// 200 Releases with documents that fail verification, and 200 Release frames that never
 /// arrive (timed out or refused `busy`), take no entry of their own from a 64-entry buffer
