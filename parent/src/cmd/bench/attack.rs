@@ -393,7 +393,7 @@ pub(crate) fn bench_attack(attacks: &[Attack], via: &[Via], seconds: f64) -> Res
             let before = audit_u64(&status(&kre, true)?, "last_seq");
             let attacker = spawn_attacker(attack, &to, seconds + 2.0)?;
             std::thread::sleep(Duration::from_secs(1));
-            let peak = PeakRss::sample(kre.child.id());
+            let peak = PeakRss::sample(kre.pid());
             let start = Instant::now();
             let (mut lat, mut ok, mut failed) = (Vec::new(), 0u64, 0u64);
             while start.elapsed().as_secs_f64() < seconds {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use tonic::transport::Channel;
 
-use super::{cores, cpu_seconds, start_kre, KreProc, SEED};
+use super::{cores, cpu_seconds, latency_histogram, start_call, start_kre, KreProc, OpenLoop, SEED};
 use crate::cmd::kms_plugin::pb::key_management_service_client::KeyManagementServiceClient;
 use crate::cmd::kms_plugin::pb::{DecryptRequest, EncryptRequest, StatusRequest};
 use crate::CliError;
@@ -30,8 +30,6 @@ type Client = KeyManagementServiceClient<Channel>;
 /// The cluster and key the plugin serves (the bench KRE's policy allows cluster `prod`).
 const CLUSTER: &str = "prod";
 const KEY_ID: &str = "etcd";
-/// Highest latency the histograms hold (larger values are recorded as this).
-const MAX_MICROS: u64 = 60_000_000;
 /// Ciphertexts each Encrypt caller keeps for the Decrypt row.
 const KEEP_PER_CALLER: usize = 8;
 /// The target of every method, at 64 callers: p99 under 1 ms.
@@ -215,40 +213,12 @@ struct CallerResult {
     kept: Vec<Sealed>,
 }
 
-fn new_histogram() -> Result<Histogram<u64>, CliError> {
-    Histogram::new_with_bounds(1, MAX_MICROS, 3).map_err(|e| CliError::input(format!("histogram: {e}")))
-}
-
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
 }
 
 fn code_name(s: &tonic::Status) -> String {
     format!("{:?}", s.code())
-}
-
-/// When a call starts, for its latency: now in a closed loop; in an open loop, when it was
-/// due, unless the caller is late only by the timer's granularity (tokio's timers fire on the
-/// millisecond, up to [`TIMER_SLACK`] late), which is the harness's delay, not the plugin's.
-/// A caller held up longer — its previous call was slow — still counts from when it was due.
-pub(super) fn call_start(due: Option<Instant>) -> Instant {
-    let now = Instant::now();
-    match due {
-        Some(d) if now.saturating_duration_since(d) > TIMER_SLACK => d,
-        _ => now,
-    }
-}
-
-/// How late a tokio timer may fire.
-const TIMER_SLACK: Duration = Duration::from_millis(2);
-
-/// An open-loop schedule: `callers` callers offering one call per `period` / `callers` in all.
-#[derive(Debug, Clone, Copy)]
-struct OpenLoop {
-    start: Instant,
-    callers: usize,
-    /// Each caller's interval between calls.
-    period: Duration,
 }
 
 /// One caller: calls `method` until `deadline`, closed loop or on an open-loop schedule.
@@ -260,22 +230,19 @@ async fn caller(
     sealed: Arc<Vec<Sealed>>,
     open_loop: Option<OpenLoop>,
 ) -> Result<CallerResult, CliError> {
-    let mut latency = new_histogram()?;
+    let mut latency = latency_histogram()?;
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     let mut kept = Vec::new();
     let uid = format!("00000000-0000-4000-8000-{index:012}");
     let mut n = 0u64;
     let mut error = |e: String| *errors.entry(e).or_default() += 1;
     // Open loop: this caller's k-th call is due at start + (index + k·callers) / rate.
-    let mut due = open_loop.map(|o| o.start + o.period.mul_f64(index as f64 / o.callers as f64));
+    let mut due = open_loop.map(|o| o.first_due(index));
     while due.unwrap_or_else(Instant::now) < deadline {
-        if let Some(d) = due {
-            tokio::time::sleep_until(d.into()).await;
-        }
+        let start = start_call(due).await;
         n = n.wrapping_add(1);
         match method {
             Method::Status => {
-                let start = call_start(due);
                 let r = client.status(StatusRequest {}).await;
                 latency.saturating_record(micros(start.elapsed()));
                 match r {
@@ -287,7 +254,6 @@ async fn caller(
             Method::Encrypt => {
                 let pt = plaintext(index, n);
                 let req = EncryptRequest { plaintext: pt.clone(), uid: uid.clone() };
-                let start = call_start(due);
                 let r = client.encrypt(req).await;
                 latency.saturating_record(micros(start.elapsed()));
                 match r {
@@ -312,7 +278,6 @@ async fn caller(
                     key_id: s.key_id.clone(),
                     annotations: Default::default(),
                 };
-                let start = call_start(due);
                 let r = client.decrypt(req).await;
                 latency.saturating_record(micros(start.elapsed()));
                 match r {
@@ -323,7 +288,7 @@ async fn caller(
             }
         }
         if let (Some(d), Some(o)) = (due.as_mut(), open_loop) {
-            *d += o.period;
+            *d += o.period();
         }
     }
     Ok(CallerResult { latency, errors, kept })
@@ -343,15 +308,11 @@ async fn row(
     let (plugin_cpu0, kre_cpu0) = (cpu_seconds(pids.0)?, cpu_seconds(pids.1)?);
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(seconds);
-    let open_loop = offered_per_s.map(|r| OpenLoop {
-        start,
-        callers,
-        period: Duration::from_secs_f64(callers as f64 / r.max(1e-3)),
-    });
+    let open_loop = offered_per_s.map(|r| OpenLoop::new(start, callers, r));
     let tasks: Vec<_> = (0..callers)
         .map(|i| tokio::spawn(caller(client.clone(), method, i, deadline, sealed.clone(), open_loop)))
         .collect();
-    let mut latency = new_histogram()?;
+    let mut latency = latency_histogram()?;
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     let mut kept = Vec::new();
     for t in tasks {
@@ -396,7 +357,7 @@ pub(crate) fn measure(callers: &[usize], rates: &[f64], seconds: f64) -> Result<
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
     let kre = start_kre(1, &[])?;
     let mut plugin = Plugin::start(&kre)?;
-    let pids = (plugin.p.child.id(), kre.child.id());
+    let pids = (plugin.p.child.id(), kre.pid());
     let rows = rt.block_on(async {
         let measured = async {
             let client = plugin.connect_when_healthy().await?;
@@ -537,7 +498,7 @@ mod tests {
     use super::*;
 
     fn row_with(method: Method, callers: usize, micros: &[u64], errors: &[(&str, u64)]) -> KmsRow {
-        let mut latency = new_histogram().expect("histogram");
+        let mut latency = latency_histogram().expect("histogram");
         for &m in micros {
             latency.saturating_record(m);
         }

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -234,6 +234,57 @@ fn wrap_rate(c: &'static dyn crypto::Crypto, rounds: usize, seconds: f64) -> Res
     }))
 }
 
+/// A latency histogram: microseconds from 1 µs to 100 s (larger values are recorded as
+/// 100 s), 3 significant digits.
+pub(super) fn latency_histogram() -> Result<hdrhistogram::Histogram<u64>, CliError> {
+    hdrhistogram::Histogram::new_with_bounds(1, 100_000_000, 3).map_err(|e| CliError::input(format!("histogram: {e}")))
+}
+
+/// An open-loop schedule: `callers` callers offering `per_s` calls per second in all; caller
+/// `i`'s k-th call is due at start + (i + k·callers) / per_s, however slow the answers are (no
+/// coordinated omission).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct OpenLoop {
+    start: Instant,
+    callers: usize,
+    per_s: f64,
+}
+
+impl OpenLoop {
+    pub(super) fn new(start: Instant, callers: usize, per_s: f64) -> Self {
+        Self { start, callers: callers.max(1), per_s: per_s.max(1e-3) }
+    }
+
+    /// When caller `i`'s first call is due.
+    pub(super) fn first_due(&self, i: usize) -> Instant {
+        self.start + Duration::from_secs_f64(i as f64 / self.per_s)
+    }
+
+    /// Each caller's interval between calls.
+    pub(super) fn period(&self) -> Duration {
+        Duration::from_secs_f64(self.callers as f64 / self.per_s)
+    }
+}
+
+/// Waits until a call is `due` (closed loop: `None`, at once) and returns the instant its
+/// latency counts from: now in a closed loop; in an open loop, when it was due, unless the
+/// caller is late only by the timer's granularity (tokio's timers fire on the millisecond, up
+/// to [`TIMER_SLACK`] late), which is the harness's delay, not the server's. A caller held up
+/// longer — its previous call was slow — still counts from when it was due.
+pub(super) async fn start_call(due: Option<Instant>) -> Instant {
+    if let Some(d) = due {
+        tokio::time::sleep_until(d.into()).await;
+    }
+    let now = Instant::now();
+    match due {
+        Some(d) if now.saturating_duration_since(d) > TIMER_SLACK => d,
+        _ => now,
+    }
+}
+
+/// How late a tokio timer may fire.
+const TIMER_SLACK: Duration = Duration::from_millis(2);
+
 fn cores() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
@@ -261,21 +312,18 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 struct KreProc {
-    child: Child,
-    sock: PathBuf,
-    dir: PathBuf,
     /// The parent's audit follower (`keygate audit pull --follow`), without which the KRE
-    /// withholds every release.
-    follower: Child,
+    /// withholds every release; stopped first.
+    _follower: keygate_tests::KillOnDrop,
+    /// The KRE and its directory (policy, sockets, the follower's trail), removed last.
+    kre: keygate_tests::ProcessInDir,
+    sock: PathBuf,
 }
 
-impl Drop for KreProc {
-    fn drop(&mut self) {
-        for c in [&mut self.child, &mut self.follower] {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
+impl KreProc {
+    /// The KRE's process id.
+    fn pid(&self) -> u32 {
+        self.kre.child.id()
     }
 }
 
@@ -310,6 +358,8 @@ fn start_kre(threads: usize, extra: &[&str]) -> Result<KreProc, CliError> {
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| CliError::io("starting keygate-enclave-dev", e))?;
+    // Owned from here: a KRE that does not start is killed and its directory removed.
+    let kre = keygate_tests::ProcessInDir { child, dir };
     let start = Instant::now();
     while std::os::unix::net::UnixStream::connect(&sock).is_err() {
         if start.elapsed() > Duration::from_secs(15) {
@@ -319,14 +369,14 @@ fn start_kre(threads: usize, extra: &[&str]) -> Result<KreProc, CliError> {
     }
     let follower = Command::new(std::env::current_exe().map_err(|e| CliError::io("exe", e))?)
         .args(["audit", "pull", "--kre", &format!("unix:{}.parent", sock.display()), "--dir"])
-        .arg(dir.join("audit"))
+        .arg(kre.dir.join("audit"))
         .args(["--follow", "1"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| CliError::io("starting keygate audit pull --follow", e))?;
-    Ok(KreProc { child, sock, dir, follower })
+    Ok(KreProc { _follower: keygate_tests::KillOnDrop(follower), kre, sock })
 }
 
 fn fetcher(kre: Addr, nsm: Arc<dyn Nsm>, root: &TrustAnchor) -> Fetcher {
@@ -364,7 +414,7 @@ pub(crate) enum OnOff {
 fn bench_memory(connections: usize, flood_seconds: u64) -> Result<(), CliError> {
     println!("# keygate bench memory");
     let kre = start_kre(2, &["--max-connections", "20000", "--frame-timeout", "600", "--connection-timeout", "600"])?;
-    let pid = kre.child.id();
+    let pid = kre.pid();
     std::thread::sleep(Duration::from_millis(300));
     println!("| state | KRE RSS MiB |");
     println!("|---|---|");
@@ -428,7 +478,7 @@ fn bench_memory(connections: usize, flood_seconds: u64) -> Result<(), CliError> 
     // The connection attacks of `bench attack`, against a KRE with its default limits.
     for a in [Attack::DeclaredLength, Attack::HalfRelease] {
         let kre = start_kre(2, &[])?;
-        let peak = attack::PeakRss::sample(kre.child.id());
+        let peak = attack::PeakRss::sample(kre.pid());
         let out = attack::spawn_attacker(a, &format!("unix:{}", kre.sock.display()), 10.0)?
             .wait_with_output()
             .map_err(|e| CliError::io("attacker", e))?;

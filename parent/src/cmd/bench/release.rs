@@ -23,13 +23,10 @@ use keygate_attestation::mock::{system_clock, MockNsm};
 use keygate_attestation::{AttestRequest, Nsm};
 use keygate_enclave::transport::Addr;
 
-use super::{cores, cpu_seconds, fetcher, mock_client, plot, rate, start_kre, OnOff};
+use super::{
+    cores, cpu_seconds, fetcher, latency_histogram, mock_client, plot, rate, start_call, start_kre, OnOff, OpenLoop,
+};
 use crate::CliError;
-
-/// Latency histograms count microseconds, from 1 µs to 100 s, 3 significant digits.
-pub(super) fn latency_histogram() -> Result<Histogram<u64>, CliError> {
-    Histogram::new_with_bounds(1, 100_000_000, 3).map_err(|e| CliError::input(format!("histogram: {e}")))
-}
 
 /// What one run of the load generator reports (one JSON line on its stdout).
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -163,10 +160,10 @@ fn run_row(
     if next("it was ready")? != "ready" {
         return Err(CliError::refused("the load generator did not report ready"));
     }
-    let cpu0 = cpu_seconds(kre.child.id())?;
+    let cpu0 = cpu_seconds(kre.pid())?;
     let report: LoadReport = serde_json::from_str(&next("its report")?)
         .map_err(|e| CliError::input(format!("load generator report: {e}")))?;
-    let kre_cpu_s = cpu_seconds(kre.child.id())? - cpu0;
+    let kre_cpu_s = cpu_seconds(kre.pid())? - cpu0;
     let mut hist = latency_histogram()?;
     for &(v, n) in &report.latency_us {
         hist.record_n(v, n).map_err(|e| CliError::input(format!("histogram: {e}")))?;
@@ -274,7 +271,6 @@ pub(super) fn run_load(to: &str, connections: usize, seconds: f64, rate: Option<
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
     let (nsm, root) = mock_client();
-    let nsm: Arc<dyn Nsm> = nsm;
     let f = Arc::new(fetcher(kre, nsm, &root));
     let reference = rt.block_on(f.once()).map_err(|e| CliError::refused(format!("warm-up fetch: {e}")))?;
     let reference = Arc::new(reference.keys.first().map(|k| k.key.clone()).ok_or_else(|| CliError::refused("no key"))?);
@@ -292,17 +288,10 @@ pub(super) fn run_load(to: &str, connections: usize, seconds: f64, rate: Option<
                 tokio::spawn(async move {
                     let mut hist = latency_histogram().ok()?;
                     let (mut errors, mut wrong) = (0u64, 0u64);
-                    // Open loop: this connection's k-th fetch is due at start + (i + k·n) / rate.
-                    let period = rate.map(|r| Duration::from_secs_f64(n as f64 / r.max(1e-9)));
-                    let mut due = start + rate.map_or(Duration::ZERO, |r| Duration::from_secs_f64(i as f64 / r));
-                    while due < deadline {
-                        let started = if period.is_some() {
-                            tokio::time::sleep_until(due.into()).await;
-                            super::kms::call_start(Some(due))
-                        } else {
-                            due = Instant::now();
-                            due
-                        };
+                    let schedule = rate.map(|r| OpenLoop::new(start, n, r));
+                    let mut due = schedule.map(|s| s.first_due(i));
+                    while due.unwrap_or_else(Instant::now) < deadline {
+                        let started = start_call(due).await;
                         match f.once().await {
                             Ok(got) => {
                                 let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -313,8 +302,8 @@ pub(super) fn run_load(to: &str, connections: usize, seconds: f64, rate: Option<
                             }
                             Err(_) => errors += 1,
                         }
-                        if let Some(p) = period {
-                            due += p;
+                        if let (Some(d), Some(s)) = (due.as_mut(), schedule) {
+                            *d += s.period();
                         }
                     }
                     Some((hist, errors, wrong))
