@@ -37,7 +37,7 @@ use keygate_attestation::secret::Secret;
 use sha2::{Digest, Sha384};
 use zeroize::Zeroizing;
 
-use crate::sealed::Reader;
+use crate::codec::{CodecError, Reader};
 use crate::shamir::{self, ShamirError, Share};
 
 /// A P-384 public key, uncompressed SEC1.
@@ -156,9 +156,17 @@ pub enum CustodyError {
     Crypto(CryptoError),
 }
 
-impl From<crate::sealed::Short> for CustodyError {
-    fn from(_: crate::sealed::Short) -> Self {
-        CustodyError::Truncated
+impl From<CodecError> for CustodyError {
+    fn from(e: CodecError) -> Self {
+        match e {
+            CodecError::TrailingBytes { .. } => CustodyError::TrailingBytes,
+            // Custody formats are fixed fields only: every other failure is a field cut short.
+            CodecError::Truncated { .. }
+            | CodecError::Utf8 { .. }
+            | CodecError::TooLong { .. }
+            | CodecError::BadId { .. }
+            | CodecError::BadFlag { .. } => CustodyError::Truncated,
+        }
     }
 }
 
@@ -362,7 +370,7 @@ impl SharesFile {
     /// ciphertexts are checked when a custodian opens its own.
     pub fn decode(crypto: &dyn Crypto, bytes: &[u8]) -> Result<Self, CustodyError> {
         let mut r = Reader::new(bytes);
-        let magic: [u8; 8] = r.array().map_err(|_| {
+        let magic: [u8; 8] = r.array("magic").map_err(|_| {
             if SHARES_MAGIC.starts_with(bytes) {
                 CustodyError::Truncated
             } else {
@@ -372,22 +380,22 @@ impl SharesFile {
         if magic != SHARES_MAGIC {
             return Err(CustodyError::BadMagic);
         }
-        let version = r.u16()?;
+        let version = r.u16("version")?;
         if version != SHARES_VERSION {
             return Err(CustodyError::UnsupportedVersion { version });
         }
-        let stored_digest: [u8; 48] = r.array()?;
-        let threshold = r.u8()?;
-        let n = usize::from(r.u8()?);
+        let stored_digest: [u8; 48] = r.array("set digest")?;
+        let threshold = r.u8("threshold")?;
+        let n = usize::from(r.u8("custodian count")?);
         if n > MAX_CUSTODIANS {
             return Err(CustodyError::TooManyCustodians { count: n });
         }
-        let keys = (0..n).map(|_| r.array::<P384_POINT_LEN>()).collect::<Result<Vec<_>, _>>()?;
+        let keys = (0..n).map(|_| r.array::<P384_POINT_LEN>("custodian key")).collect::<Result<Vec<_>, _>>()?;
         let mut envelopes = Vec::with_capacity(n);
         for index in 0..n {
-            let x = r.u8()?;
-            let ephemeral = r.array()?;
-            let sealed = r.array()?;
+            let x = r.u8("envelope x")?;
+            let ephemeral = r.array("envelope ephemeral")?;
+            let sealed = r.array("envelope sealed")?;
             if usize::from(x) != index + 1 {
                 return Err(CustodyError::EnvelopeIndexMismatch { index });
             }
@@ -459,7 +467,12 @@ impl UnsealShare {
     /// Parses exactly [`UNSEAL_SHARE_LEN`] bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, CustodyError> {
         let mut r = Reader::new(bytes);
-        let m = Self { x: r.u8()?, custodian: r.array()?, ephemeral: r.array()?, sealed: r.array()? };
+        let m = Self {
+            x: r.u8("x")?,
+            custodian: r.array("custodian")?,
+            ephemeral: r.array("ephemeral")?,
+            sealed: r.array("sealed")?,
+        };
         if r.remaining() != 0 {
             return Err(CustodyError::TrailingBytes);
         }
@@ -769,7 +782,7 @@ mod tests {
             // Genesis: a sealed state under the state key for this set.
             let mut clusters = std::collections::BTreeMap::new();
             let kek = KekEntry { version: 1, status: KekStatus::Current, kek: Secret::new([0x33; 32]) };
-            clusters.insert(crate::wire::Id::new("prod").expect("id"), vec![kek]);
+            clusters.insert(crate::codec::Id::new("prod").expect("id"), vec![kek]);
             let state = KreState { generation: 3, policy_head: None, clusters, activations: vec![], audit_head: None };
             let blob = sealed::seal(&state, &f.state_key, &f.set.digest(), &mut rng(5), c).expect("seal");
             // Any two custodians unseal it.

@@ -22,7 +22,21 @@ use keygate_attestation::crypto::{p384_scalar_from, Crypto, CryptoError, P384Sca
 use keygate_attestation::secret::Secret;
 use sha2::{Digest, Sha384};
 
-use crate::wire::{put_str8, Id, WrappedKey, POINT_LEN};
+use crate::codec::{Id, Writer};
+
+/// Uncompressed P-384 point length.
+pub const POINT_LEN: usize = 97;
+
+/// One data key, wrapped to the client's attested public key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrappedKey {
+    /// The key id requested.
+    pub key_id: Id,
+    /// The KEK version the key derives from.
+    pub version: u32,
+    /// AES-256-GCM ciphertext ‖ tag of the 32-byte data key.
+    pub sealed: Vec<u8>,
+}
 
 /// A 32-byte data key.
 pub type DataKey = Secret<32>;
@@ -60,11 +74,10 @@ impl Transcript {
 }
 
 fn key_info(prefix: &[u8], key_id: &Id, version: u32) -> Vec<u8> {
-    let mut info = prefix.to_vec();
-    // Ids are at most 64 bytes: str8 cannot fail.
-    let _ = put_str8(&mut info, key_id.as_str());
-    info.extend_from_slice(&version.to_be_bytes());
-    info
+    let mut info = Writer::from_vec(prefix.to_vec());
+    info.id(key_id);
+    info.u32(version);
+    info.into_bytes()
 }
 
 /// Derives the data key `key_id` of `cluster` from KEK version `version`.
@@ -75,10 +88,11 @@ pub fn derive_data_key(
     key_id: &Id,
     version: u32,
 ) -> Result<DataKey, CryptoError> {
-    let mut info = Vec::new();
-    let _ = put_str8(&mut info, cluster.as_str());
-    let _ = put_str8(&mut info, key_id.as_str());
-    info.extend_from_slice(&version.to_be_bytes());
+    let mut info = Writer::new();
+    info.id(cluster);
+    info.id(key_id);
+    info.u32(version);
+    let info = info.into_bytes();
     let mut buf = zeroize::Zeroizing::new([0u8; 32]);
     crypto.hkdf_sha384(b"keygate/v1/data-key", kek.expose(), &info, &mut buf[..])?;
     Ok(Secret::new(*buf))

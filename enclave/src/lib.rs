@@ -13,6 +13,7 @@
 pub mod audit;
 pub mod cli;
 pub mod client;
+pub mod codec;
 pub mod core;
 pub mod custodian;
 pub mod custody;

@@ -55,8 +55,8 @@ use sha2::{Digest, Sha384};
 use zeroize::Zeroizing;
 
 use crate::audit::AuditHead;
+use crate::codec::{CodecError, Id, Reader};
 use crate::keys::{Kek, KekStatus};
-use crate::wire::{put_str8, Id};
 
 /// First bytes of every sealed state blob.
 pub const MAGIC: [u8; 8] = *b"KGSEALED";
@@ -261,52 +261,17 @@ pub enum SealedError {
     Crypto(CryptoError),
 }
 
-/// A strict big-endian reader over untrusted bytes (shared with [`crate::custody`]).
-pub(crate) struct Reader<'a> {
-    buf: &'a [u8],
-}
-
-/// The reader ran out of bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Short;
-
-impl<'a> Reader<'a> {
-    pub(crate) fn new(buf: &'a [u8]) -> Self {
-        Self { buf }
-    }
-    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], Short> {
-        if self.buf.len() < n {
-            return Err(Short);
+impl From<CodecError> for Malformed {
+    fn from(e: CodecError) -> Self {
+        match e {
+            CodecError::TrailingBytes { .. } => Malformed::TrailingBytes,
+            CodecError::BadId { .. } | CodecError::Utf8 { .. } => Malformed::BadId,
+            // The plaintext reader reads fixed fields and ids only: every other failure is a
+            // field cut short.
+            CodecError::Truncated { .. } | CodecError::TooLong { .. } | CodecError::BadFlag { .. } => {
+                Malformed::Truncated
+            }
         }
-        let (head, rest) = self.buf.split_at(n);
-        self.buf = rest;
-        Ok(head)
-    }
-    pub(crate) fn u8(&mut self) -> Result<u8, Short> {
-        Ok(self.array::<1>()?[0])
-    }
-    pub(crate) fn u16(&mut self) -> Result<u16, Short> {
-        Ok(u16::from_be_bytes(self.array()?))
-    }
-    pub(crate) fn u32(&mut self) -> Result<u32, Short> {
-        Ok(u32::from_be_bytes(self.array()?))
-    }
-    pub(crate) fn u64(&mut self) -> Result<u64, Short> {
-        Ok(u64::from_be_bytes(self.array()?))
-    }
-    pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N], Short> {
-        let mut out = [0u8; N];
-        out.copy_from_slice(self.take(N)?);
-        Ok(out)
-    }
-    pub(crate) fn remaining(&self) -> usize {
-        self.buf.len()
-    }
-}
-
-impl From<Short> for Malformed {
-    fn from(_: Short) -> Self {
-        Malformed::Truncated
     }
 }
 
@@ -381,7 +346,9 @@ fn encode_plaintext(state: &KreState) -> Result<Zeroizing<Vec<u8>>, SealedError>
     out.extend_from_slice(&count.to_be_bytes());
     for (id, entries) in &state.clusters {
         check_versions(entries)?;
-        put_str8(&mut out, id.as_str()).map_err(|_| Malformed::BadId)?;
+        // The plaintext holds KEKs, so it grows in its zeroizing buffer, not a codec Writer.
+        out.push(id.len_u8());
+        out.extend_from_slice(id.as_str().as_bytes());
         let n = u16::try_from(entries.len()).map_err(|_| Malformed::TooManyVersions { count: entries.len() })?;
         out.extend_from_slice(&n.to_be_bytes());
         for e in entries {
@@ -417,32 +384,32 @@ fn encode_plaintext(state: &KreState) -> Result<Zeroizing<Vec<u8>>, SealedError>
 
 fn decode_plaintext(format_version: u16, generation: u64, pt: &[u8]) -> Result<KreState, Malformed> {
     let mut r = Reader::new(pt);
-    let policy_head = match r.u8()? {
+    let policy_head = match r.u8("policy head tag")? {
         0 => None,
-        1 => Some((r.u64()?, r.array::<48>()?)),
+        1 => Some((r.u64("policy version")?, r.array::<48>("policy digest")?)),
         tag => return Err(Malformed::BadPolicyTag { tag }),
     };
-    let count = usize::try_from(r.u32()?).map_err(|_| Malformed::TooManyClusters { count: usize::MAX })?;
+    let count =
+        usize::try_from(r.u32("cluster count")?).map_err(|_| Malformed::TooManyClusters { count: usize::MAX })?;
     if count > MAX_CLUSTERS {
         return Err(Malformed::TooManyClusters { count });
     }
     let mut clusters = BTreeMap::new();
     let mut last: Option<Id> = None;
     for _ in 0..count {
-        let n = usize::from(r.u8()?);
-        let id = std::str::from_utf8(r.take(n)?).ok().and_then(|s| Id::new(s).ok()).ok_or(Malformed::BadId)?;
+        let id = r.id("cluster id")?;
         if last.as_ref().is_some_and(|l| *l >= id) {
             return Err(Malformed::UnsortedClusters);
         }
-        let versions = usize::from(r.u16()?);
+        let versions = usize::from(r.u16("version count")?);
         if versions > MAX_VERSIONS {
             return Err(Malformed::TooManyVersions { count: versions });
         }
         let mut entries = Vec::with_capacity(versions);
         for _ in 0..versions {
-            let version = r.u32()?;
-            let status = status_from(r.u8()?)?;
-            let kek = Secret::new(r.array::<32>()?);
+            let version = r.u32("kek version")?;
+            let status = status_from(r.u8("kek status")?)?;
+            let kek = Secret::new(r.array::<32>("kek")?);
             entries.push(KekEntry { version, status, kek });
         }
         check_versions(&entries)?;
@@ -451,23 +418,27 @@ fn decode_plaintext(format_version: u16, generation: u64, pt: &[u8]) -> Result<K
     }
     let mut activations = Vec::new();
     if format_version != FORMAT_VERSION_1 {
-        let count = usize::from(r.u16()?);
+        let count = usize::from(r.u16("activation count")?);
         if count > MAX_ACTIVATIONS {
             return Err(Malformed::TooManyActivations { count });
         }
         activations.reserve_exact(count);
         for _ in 0..count {
-            let version = r.u64()?;
-            let digest = r.array::<48>()?;
-            let activates_at_ms = r.u64()?;
+            let version = r.u64("activation version")?;
+            let digest = r.array::<48>("activation digest")?;
+            let activates_at_ms = r.u64("activates_at_ms")?;
             activations.push(Activation { version, digest, activates_at_ms });
         }
         check_activations(&activations)?;
     }
     let audit_head = if format_version == FORMAT_VERSION {
-        match r.u8()? {
+        match r.u8("audit head tag")? {
             0 => None,
-            1 => Some(AuditHead { chain_id: r.array()?, seq: r.u64()?, digest: r.array()? }),
+            1 => Some(AuditHead {
+                chain_id: r.array("audit chain_id")?,
+                seq: r.u64("audit seq")?,
+                digest: r.array("audit digest")?,
+            }),
             tag => return Err(Malformed::BadAuditHeadTag { tag }),
         }
     } else {
@@ -558,7 +529,7 @@ pub fn peek_header(blob: &[u8]) -> Result<SealedHeader, SealedError> {
     }
     let mut r = Reader::new(blob);
     let trunc = |need: usize| SealedError::Truncated { len: blob.len(), need };
-    let magic: [u8; 8] = r.array().map_err(|_| {
+    let magic: [u8; 8] = r.array("magic").map_err(|_| {
         // A prefix of the magic is a torn file; anything else is not ours.
         if MAGIC.starts_with(blob) {
             trunc(HEADER_LEN + TAG_LEN + DIGEST_LEN)
@@ -570,14 +541,14 @@ pub fn peek_header(blob: &[u8]) -> Result<SealedHeader, SealedError> {
         return Err(SealedError::BadMagic);
     }
     let min = HEADER_LEN + TAG_LEN + DIGEST_LEN;
-    let format_version = r.u16().map_err(|_| trunc(min))?;
+    let format_version = r.u16("format version").map_err(|_| trunc(min))?;
     if ![FORMAT_VERSION, FORMAT_VERSION_2, FORMAT_VERSION_1].contains(&format_version) {
         return Err(SealedError::UnsupportedVersion { version: format_version });
     }
-    let generation = r.u64().map_err(|_| trunc(min))?;
-    let custodian_set_digest = r.array::<48>().map_err(|_| trunc(min))?;
-    let nonce = r.array::<12>().map_err(|_| trunc(min))?;
-    let ciphertext_len = r.u32().map_err(|_| trunc(min))?;
+    let generation = r.u64("generation").map_err(|_| trunc(min))?;
+    let custodian_set_digest = r.array::<48>("custodian set digest").map_err(|_| trunc(min))?;
+    let nonce = r.array::<12>("nonce").map_err(|_| trunc(min))?;
+    let ciphertext_len = r.u32("ciphertext length").map_err(|_| trunc(min))?;
     let ct = usize::try_from(ciphertext_len).map_err(|_| SealedError::TooLarge { len: usize::MAX, max: MAX_BLOB })?;
     let need = HEADER_LEN.saturating_add(ct).saturating_add(DIGEST_LEN);
     if need > MAX_BLOB {

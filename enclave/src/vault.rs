@@ -39,13 +39,13 @@ use keygate_attestation::secret::Secret;
 use sha2::{Digest, Sha384};
 
 use crate::audit::AuditHead;
+use crate::codec::Id;
 use crate::custody::{
     self, CustodianSet, CustodyError, PublicKey, SharesFile, UnsealContext, UnsealProgress, UnsealShare,
 };
 use crate::keys::{Kek, KekStatus};
 use crate::sealed::{self, Activation, KekEntry, KreState, SealedError, SealedHeader};
 use crate::shamir::Share;
-use crate::wire::Id;
 
 /// Largest sealed blob the KRE exports or loads: it travels in one 64 KiB frame together
 /// with the shares file and the genesis attestation. About 1,000 KEK versions with

@@ -15,6 +15,9 @@ use std::fmt;
 use sha2::{Digest, Sha384};
 
 use crate::audit::{Receipt, RECEIPT_LEN};
+use crate::codec::{BadId, CodecError, Reader, Writer};
+pub use crate::codec::{Id, MAX_ID};
+pub use crate::keys::{WrappedKey, POINT_LEN};
 
 /// Protocol version carried in every frame.
 pub const VERSION: u8 = 1;
@@ -26,12 +29,8 @@ pub const NONCE_LEN: usize = 32;
 pub const MAX_KEYS: usize = 16;
 /// Most wrapped keys in one Released: every key id with up to four KEK versions.
 pub const MAX_RELEASED: usize = MAX_KEYS * 4;
-/// Longest cluster or key id.
-pub const MAX_ID: usize = 64;
 /// Longest denial reason text.
 pub const MAX_REASON: usize = 1024;
-/// Uncompressed P-384 point length.
-pub const POINT_LEN: usize = 97;
 
 /// The type bytes of the messages (the second byte of every frame body).
 #[allow(missing_docs)]
@@ -225,52 +224,6 @@ pub const MAX_AUDIT_BATCH: usize = 1024;
 pub const MAX_AUDIT_WAIT_MS: u16 = 5000;
 /// Longest wait a [`Message::PolicyDurableWait`] may ask for, ms.
 pub const MAX_DURABLE_WAIT_MS: u16 = 5000;
-
-/// A cluster or key id: 1–64 bytes of `[A-Za-z0-9._-]`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Id(String);
-
-impl Id {
-    /// Validates `s`.
-    pub fn new(s: &str) -> Result<Self, WireError> {
-        let ok = !s.is_empty()
-            && s.len() <= MAX_ID
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        if ok {
-            Ok(Self(s.to_owned()))
-        } else {
-            Err(WireError::BadId)
-        }
-    }
-    /// The id.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for Id {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::str::FromStr for Id {
-    type Err = WireError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::new(s)
-    }
-}
-
-/// One data key, wrapped to the client's attested public key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WrappedKey {
-    /// The key id requested.
-    pub key_id: Id,
-    /// The KEK version the key derives from.
-    pub version: u32,
-    /// AES-256-GCM ciphertext ‖ tag of the 32-byte data key.
-    pub sealed: Vec<u8>,
-}
 
 /// Every message of protocol version 1.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -663,71 +616,29 @@ pub enum WireError {
     BadReceipt,
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
-        if self.buf.len() < n {
-            return Err(WireError::Truncated);
-        }
-        let (head, rest) = self.buf.split_at(n);
-        self.buf = rest;
-        Ok(head)
-    }
-    fn u8(&mut self) -> Result<u8, WireError> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, WireError> {
-        let b = self.take(2)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> Result<u32, WireError> {
-        let b = self.take(4)?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    }
-    fn u64(&mut self) -> Result<u64, WireError> {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(self.take(8)?);
-        Ok(u64::from_be_bytes(b))
-    }
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
-        let mut out = [0u8; N];
-        out.copy_from_slice(self.take(N)?);
-        Ok(out)
-    }
-    fn str8(&mut self) -> Result<&'a str, WireError> {
-        let n = usize::from(self.u8()?);
-        std::str::from_utf8(self.take(n)?).map_err(|_| WireError::BadText)
-    }
-    fn id(&mut self) -> Result<Id, WireError> {
-        Id::new(self.str8()?)
-    }
-    fn bytes16(&mut self) -> Result<&'a [u8], WireError> {
-        let n = usize::from(self.u16()?);
-        self.take(n)
-    }
-    fn finish(&self) -> Result<(), WireError> {
-        if self.buf.is_empty() {
-            Ok(())
-        } else {
-            Err(WireError::TrailingBytes)
+impl From<CodecError> for WireError {
+    fn from(e: CodecError) -> Self {
+        match e {
+            CodecError::Truncated { .. } => WireError::Truncated,
+            CodecError::TrailingBytes { .. } => WireError::TrailingBytes,
+            CodecError::Utf8 { .. } => WireError::BadText,
+            CodecError::TooLong { .. } => WireError::TooLong,
+            CodecError::BadId { .. } => WireError::BadId,
+            CodecError::BadFlag { .. } => WireError::BadFlag,
         }
     }
 }
 
-/// Appends `s` as str8.
-pub(crate) fn put_str8(out: &mut Vec<u8>, s: &str) -> Result<(), WireError> {
-    out.push(u8::try_from(s.len()).map_err(|_| WireError::TooLong)?);
-    out.extend_from_slice(s.as_bytes());
-    Ok(())
+impl From<BadId> for WireError {
+    fn from(_: BadId) -> Self {
+        WireError::BadId
+    }
 }
 
-fn put_bytes16(out: &mut Vec<u8>, b: &[u8]) -> Result<(), WireError> {
-    out.extend_from_slice(&u16::try_from(b.len()).map_err(|_| WireError::TooLong)?.to_be_bytes());
-    out.extend_from_slice(b);
-    Ok(())
+/// An id in a frame: text that is not UTF-8 is [`WireError::BadText`], text that is not an
+/// id [`WireError::BadId`].
+fn id(r: &mut Reader<'_>, field: &'static str) -> Result<Id, WireError> {
+    Ok(Id::new(r.str8(field)?)?)
 }
 
 fn check_key_ids(ids: &[Id]) -> Result<(), WireError> {
@@ -744,135 +655,135 @@ fn check_key_ids(ids: &[Id]) -> Result<(), WireError> {
 impl Message {
     /// Encodes the message as a complete frame (length prefix included).
     pub fn encode(&self) -> Result<Vec<u8>, WireError> {
-        let mut body = vec![VERSION, self.type_byte()];
+        let mut w = Writer::from_vec(vec![VERSION, self.type_byte()]);
         match self {
             Message::Hello { client_nonce } => {
-                body.extend_from_slice(client_nonce);
+                w.bytes(client_nonce);
             }
             Message::Challenge { server_nonce, kre_attestation } => {
-                body.extend_from_slice(server_nonce);
-                put_bytes16(&mut body, kre_attestation)?;
+                w.bytes(server_nonce);
+                w.bytes16("kre_attestation", kre_attestation)?;
             }
             Message::Release { cluster_id, key_ids, attestation } => {
                 check_key_ids(key_ids)?;
-                put_str8(&mut body, cluster_id.as_str())?;
-                body.push(u8::try_from(key_ids.len()).map_err(|_| WireError::TooLong)?);
+                w.id(cluster_id);
+                w.u8(u8::try_from(key_ids.len()).map_err(|_| WireError::TooLong)?);
                 for k in key_ids {
-                    put_str8(&mut body, k.as_str())?;
+                    w.id(k);
                 }
-                put_bytes16(&mut body, attestation)?;
+                w.bytes16("attestation", attestation)?;
             }
             Message::Released { ephemeral_point, keys, receipt } => {
                 if keys.len() > MAX_RELEASED {
                     return Err(WireError::BadKeyCount(keys.len()));
                 }
-                body.extend_from_slice(ephemeral_point);
-                body.push(u8::try_from(keys.len()).map_err(|_| WireError::TooLong)?);
+                w.bytes(ephemeral_point);
+                w.u8(u8::try_from(keys.len()).map_err(|_| WireError::TooLong)?);
                 for k in keys {
-                    put_str8(&mut body, k.key_id.as_str())?;
-                    body.extend_from_slice(&k.version.to_be_bytes());
-                    put_bytes16(&mut body, &k.sealed)?;
+                    w.id(&k.key_id);
+                    w.bytes(&k.version.to_be_bytes());
+                    w.bytes16("sealed", &k.sealed)?;
                 }
-                body.extend_from_slice(&receipt.to_bytes());
+                w.bytes(&receipt.to_bytes());
             }
             Message::PolicyPush { bundle } => {
-                put_bytes16(&mut body, bundle)?;
+                w.bytes16("bundle", bundle)?;
             }
             Message::PolicyAccepted { version, digest, activates_at_ms } => {
-                body.extend_from_slice(&version.to_be_bytes());
-                body.extend_from_slice(digest);
-                body.extend_from_slice(&activates_at_ms.to_be_bytes());
+                w.bytes(&version.to_be_bytes());
+                w.bytes(digest);
+                w.bytes(&activates_at_ms.to_be_bytes());
             }
             Message::AuditPull { after_seq, max } => {
-                body.extend_from_slice(&after_seq.to_be_bytes());
-                body.extend_from_slice(&max.to_be_bytes());
+                w.bytes(&after_seq.to_be_bytes());
+                w.bytes(&max.to_be_bytes());
             }
             Message::AuditWait { after_seq, max, wait_ms } => {
-                body.extend_from_slice(&after_seq.to_be_bytes());
-                body.extend_from_slice(&max.to_be_bytes());
-                body.extend_from_slice(&wait_ms.to_be_bytes());
+                w.bytes(&after_seq.to_be_bytes());
+                w.bytes(&max.to_be_bytes());
+                w.bytes(&wait_ms.to_be_bytes());
             }
             Message::PolicyDurableWait { version, digest, wait_ms } => {
-                body.extend_from_slice(&version.to_be_bytes());
-                body.extend_from_slice(digest);
-                body.extend_from_slice(&wait_ms.to_be_bytes());
+                w.bytes(&version.to_be_bytes());
+                w.bytes(digest);
+                w.bytes(&wait_ms.to_be_bytes());
             }
-            Message::PolicyDurable { receipt } => put_bytes16(&mut body, receipt)?,
+            Message::PolicyDurable { receipt } => w.bytes16("receipt", receipt)?,
             Message::AuditBatch { entries, checkpoint } => {
                 if entries.len() > MAX_AUDIT_BATCH {
                     return Err(WireError::TooLong);
                 }
-                body.extend_from_slice(&u16::try_from(entries.len()).map_err(|_| WireError::TooLong)?.to_be_bytes());
+                w.bytes(&u16::try_from(entries.len()).map_err(|_| WireError::TooLong)?.to_be_bytes());
                 for e in entries {
-                    put_bytes16(&mut body, e)?;
+                    w.bytes16("entries", e)?;
                 }
-                put_bytes16(&mut body, checkpoint)?;
+                w.bytes16("checkpoint", checkpoint)?;
             }
             Message::AuditAck { up_to_seq } => {
-                body.extend_from_slice(&up_to_seq.to_be_bytes());
+                w.bytes(&up_to_seq.to_be_bytes());
             }
             Message::AuditAcked { up_to_seq, buffered } => {
-                body.extend_from_slice(&up_to_seq.to_be_bytes());
-                body.extend_from_slice(&buffered.to_be_bytes());
+                w.bytes(&up_to_seq.to_be_bytes());
+                w.bytes(&buffered.to_be_bytes());
             }
             Message::Status => {}
             Message::StatusReport { json } => {
-                put_bytes16(&mut body, json.as_bytes())?;
+                w.bytes16("json", json.as_bytes())?;
             }
             Message::StatePoll => {}
             Message::StateReport(r) => {
-                body.push(r.phase);
-                body.extend_from_slice(&r.committed_generation.to_be_bytes());
-                body.extend_from_slice(&r.unsealing_generation.to_be_bytes());
-                body.push(r.shares_accepted);
-                body.push(r.threshold);
-                body.extend_from_slice(&r.set_digest);
-                body.extend_from_slice(&r.export_generation.to_be_bytes());
-                put_bytes16(&mut body, &r.blob)?;
-                put_bytes16(&mut body, &r.shares)?;
-                put_bytes16(&mut body, &r.genesis_attestation)?;
+                w.u8(r.phase);
+                w.bytes(&r.committed_generation.to_be_bytes());
+                w.bytes(&r.unsealing_generation.to_be_bytes());
+                w.u8(r.shares_accepted);
+                w.u8(r.threshold);
+                w.bytes(&r.set_digest);
+                w.bytes(&r.export_generation.to_be_bytes());
+                w.bytes16("blob", &r.blob)?;
+                w.bytes16("shares", &r.shares)?;
+                w.bytes16("genesis_attestation", &r.genesis_attestation)?;
             }
             Message::StateGenesis => {}
             Message::StateLoad { blob, shares, genesis_attestation } => {
-                put_bytes16(&mut body, blob)?;
-                put_bytes16(&mut body, shares)?;
-                put_bytes16(&mut body, genesis_attestation)?;
+                w.bytes16("blob", blob)?;
+                w.bytes16("shares", shares)?;
+                w.bytes16("genesis_attestation", genesis_attestation)?;
             }
             Message::StateCommit { generation, blob_sha384 } => {
-                body.extend_from_slice(&generation.to_be_bytes());
-                body.extend_from_slice(blob_sha384);
+                w.bytes(&generation.to_be_bytes());
+                w.bytes(blob_sha384);
             }
             Message::StateCommitted { generation } => {
-                body.extend_from_slice(&generation.to_be_bytes());
+                w.bytes(&generation.to_be_bytes());
             }
             Message::UnsealHello { client_nonce } => {
-                body.extend_from_slice(client_nonce);
+                w.bytes(client_nonce);
             }
             Message::UnsealOffer { attestation, unseal_nonce, generation, shares, genesis_attestation, reshare_to } => {
-                put_bytes16(&mut body, attestation)?;
-                body.extend_from_slice(unseal_nonce);
-                body.extend_from_slice(&generation.to_be_bytes());
-                put_bytes16(&mut body, shares)?;
-                put_bytes16(&mut body, genesis_attestation)?;
-                put_bytes16(&mut body, reshare_to)?;
+                w.bytes16("attestation", attestation)?;
+                w.bytes(unseal_nonce);
+                w.bytes(&generation.to_be_bytes());
+                w.bytes16("shares", shares)?;
+                w.bytes16("genesis_attestation", genesis_attestation)?;
+                w.bytes16("reshare_to", reshare_to)?;
             }
             Message::ReshareStart { set } => {
-                put_bytes16(&mut body, set)?;
+                w.bytes16("set", set)?;
             }
             Message::UnsealShare { share } => {
                 if share.len() != UNSEAL_SHARE_LEN {
                     return Err(WireError::TooLong);
                 }
-                body.extend_from_slice(share);
+                w.bytes(share);
             }
             Message::UnsealProgress { have, need, serving, generation } => {
-                body.push(*have);
-                body.push(*need);
-                body.push(u8::from(*serving));
-                body.extend_from_slice(&generation.to_be_bytes());
+                w.u8(*have);
+                w.u8(*need);
+                w.u8(u8::from(*serving));
+                w.bytes(&generation.to_be_bytes());
             }
             Message::Denied { code, reason } => {
-                body.extend_from_slice(&code.to_u16().to_be_bytes());
+                w.bytes(&code.to_u16().to_be_bytes());
                 let mut r = reason.as_str();
                 while r.len() > MAX_REASON {
                     // Truncate on a character boundary.
@@ -882,9 +793,10 @@ impl Message {
                     }
                     r = &r[..cut];
                 }
-                put_bytes16(&mut body, r.as_bytes())?;
+                w.bytes16("reason", r.as_bytes())?;
             }
         }
+        let body = w.into_bytes();
         if body.len() > MAX_FRAME {
             return Err(WireError::BadLength(body.len()));
         }
@@ -898,104 +810,122 @@ impl Message {
         if body.len() < 2 || body.len() > MAX_FRAME {
             return Err(WireError::BadLength(body.len()));
         }
-        let mut r = Reader { buf: body };
-        let version = r.u8()?;
+        let mut r = Reader::new(body);
+        let version = r.u8("version")?;
         if version != VERSION {
             return Err(WireError::UnsupportedVersion(version));
         }
-        let m = match r.u8()? {
-            ty::HELLO => Message::Hello { client_nonce: r.array()? },
-            ty::CHALLENGE => Message::Challenge { server_nonce: r.array()?, kre_attestation: r.bytes16()?.to_vec() },
+        let m = match r.u8("type")? {
+            ty::HELLO => Message::Hello { client_nonce: r.array("client_nonce")? },
+            ty::CHALLENGE => Message::Challenge {
+                server_nonce: r.array("server_nonce")?,
+                kre_attestation: r.bytes16("kre_attestation")?.to_vec(),
+            },
             ty::RELEASE => {
-                let cluster_id = r.id()?;
-                let n = usize::from(r.u8()?);
+                let cluster_id = id(&mut r, "cluster_id")?;
+                let n = usize::from(r.u8("key count")?);
                 if n == 0 || n > MAX_KEYS {
                     return Err(WireError::BadKeyCount(n));
                 }
-                let key_ids = (0..n).map(|_| r.id()).collect::<Result<Vec<_>, _>>()?;
+                let key_ids = (0..n).map(|_| id(&mut r, "key_id")).collect::<Result<Vec<_>, _>>()?;
                 check_key_ids(&key_ids)?;
-                Message::Release { cluster_id, key_ids, attestation: r.bytes16()?.to_vec() }
+                Message::Release { cluster_id, key_ids, attestation: r.bytes16("attestation")?.to_vec() }
             }
             ty::RELEASED => {
-                let ephemeral_point = r.array()?;
-                let n = usize::from(r.u8()?);
+                let ephemeral_point = r.array("ephemeral_point")?;
+                let n = usize::from(r.u8("key count")?);
                 if n > MAX_RELEASED {
                     return Err(WireError::BadKeyCount(n));
                 }
                 let keys = (0..n)
-                    .map(|_| Ok(WrappedKey { key_id: r.id()?, version: r.u32()?, sealed: r.bytes16()?.to_vec() }))
+                    .map(|_| {
+                        Ok(WrappedKey {
+                            key_id: id(&mut r, "key_id")?,
+                            version: r.u32("version")?,
+                            sealed: r.bytes16("sealed")?.to_vec(),
+                        })
+                    })
                     .collect::<Result<Vec<_>, WireError>>()?;
-                let receipt = Receipt::decode(r.take(RECEIPT_LEN)?).map_err(|_| WireError::BadReceipt)?;
+                let receipt = Receipt::decode(r.take(RECEIPT_LEN, "receipt")?).map_err(|_| WireError::BadReceipt)?;
                 Message::Released { ephemeral_point, keys, receipt: Box::new(receipt) }
             }
-            ty::POLICY_PUSH => Message::PolicyPush { bundle: r.bytes16()?.to_vec() },
-            ty::POLICY_ACCEPTED => {
-                Message::PolicyAccepted { version: r.u64()?, digest: r.array()?, activates_at_ms: r.u64()? }
+            ty::POLICY_PUSH => Message::PolicyPush { bundle: r.bytes16("bundle")?.to_vec() },
+            ty::POLICY_ACCEPTED => Message::PolicyAccepted {
+                version: r.u64("version")?,
+                digest: r.array("digest")?,
+                activates_at_ms: r.u64("activates_at_ms")?,
+            },
+            ty::AUDIT_PULL => Message::AuditPull { after_seq: r.u64("after_seq")?, max: r.u16("max")? },
+            ty::AUDIT_WAIT => {
+                Message::AuditWait { after_seq: r.u64("after_seq")?, max: r.u16("max")?, wait_ms: r.u16("wait_ms")? }
             }
-            ty::AUDIT_PULL => Message::AuditPull { after_seq: r.u64()?, max: r.u16()? },
-            ty::AUDIT_WAIT => Message::AuditWait { after_seq: r.u64()?, max: r.u16()?, wait_ms: r.u16()? },
-            ty::POLICY_DURABLE_WAIT => {
-                Message::PolicyDurableWait { version: r.u64()?, digest: r.array()?, wait_ms: r.u16()? }
-            }
-            ty::POLICY_DURABLE => Message::PolicyDurable { receipt: r.bytes16()?.to_vec() },
+            ty::POLICY_DURABLE_WAIT => Message::PolicyDurableWait {
+                version: r.u64("version")?,
+                digest: r.array("digest")?,
+                wait_ms: r.u16("wait_ms")?,
+            },
+            ty::POLICY_DURABLE => Message::PolicyDurable { receipt: r.bytes16("receipt")?.to_vec() },
             ty::AUDIT_BATCH => {
-                let n = usize::from(r.u16()?);
+                let n = usize::from(r.u16("entry count")?);
                 if n > MAX_AUDIT_BATCH {
                     return Err(WireError::TooLong);
                 }
-                let entries = (0..n).map(|_| r.bytes16().map(<[u8]>::to_vec)).collect::<Result<Vec<_>, _>>()?;
-                Message::AuditBatch { entries, checkpoint: r.bytes16()?.to_vec() }
+                let entries =
+                    (0..n).map(|_| r.bytes16("entries").map(<[u8]>::to_vec)).collect::<Result<Vec<_>, _>>()?;
+                Message::AuditBatch { entries, checkpoint: r.bytes16("checkpoint")?.to_vec() }
             }
-            ty::AUDIT_ACK => Message::AuditAck { up_to_seq: r.u64()? },
-            ty::AUDIT_ACKED => Message::AuditAcked { up_to_seq: r.u64()?, buffered: r.u32()? },
+            ty::AUDIT_ACK => Message::AuditAck { up_to_seq: r.u64("up_to_seq")? },
+            ty::AUDIT_ACKED => Message::AuditAcked { up_to_seq: r.u64("up_to_seq")?, buffered: r.u32("buffered")? },
             ty::STATUS => Message::Status,
             ty::STATUS_REPORT => Message::StatusReport {
-                json: std::str::from_utf8(r.bytes16()?).map_err(|_| WireError::BadText)?.to_owned(),
+                json: std::str::from_utf8(r.bytes16("json")?).map_err(|_| WireError::BadText)?.to_owned(),
             },
             ty::STATE_POLL => Message::StatePoll,
             ty::STATE_REPORT => Message::StateReport(Box::new(StateReport {
-                phase: r.u8()?,
-                committed_generation: r.u64()?,
-                unsealing_generation: r.u64()?,
-                shares_accepted: r.u8()?,
-                threshold: r.u8()?,
-                set_digest: r.array()?,
-                export_generation: r.u64()?,
-                blob: r.bytes16()?.to_vec(),
-                shares: r.bytes16()?.to_vec(),
-                genesis_attestation: r.bytes16()?.to_vec(),
+                phase: r.u8("phase")?,
+                committed_generation: r.u64("committed_generation")?,
+                unsealing_generation: r.u64("unsealing_generation")?,
+                shares_accepted: r.u8("shares_accepted")?,
+                threshold: r.u8("threshold")?,
+                set_digest: r.array("set_digest")?,
+                export_generation: r.u64("export_generation")?,
+                blob: r.bytes16("blob")?.to_vec(),
+                shares: r.bytes16("shares")?.to_vec(),
+                genesis_attestation: r.bytes16("genesis_attestation")?.to_vec(),
             })),
             ty::STATE_GENESIS => Message::StateGenesis,
             ty::STATE_LOAD => Message::StateLoad {
-                blob: r.bytes16()?.to_vec(),
-                shares: r.bytes16()?.to_vec(),
-                genesis_attestation: r.bytes16()?.to_vec(),
+                blob: r.bytes16("blob")?.to_vec(),
+                shares: r.bytes16("shares")?.to_vec(),
+                genesis_attestation: r.bytes16("genesis_attestation")?.to_vec(),
             },
-            ty::STATE_COMMIT => Message::StateCommit { generation: r.u64()?, blob_sha384: r.array()? },
-            ty::STATE_COMMITTED => Message::StateCommitted { generation: r.u64()? },
-            ty::UNSEAL_HELLO => Message::UnsealHello { client_nonce: r.array()? },
+            ty::STATE_COMMIT => {
+                Message::StateCommit { generation: r.u64("generation")?, blob_sha384: r.array("blob_sha384")? }
+            }
+            ty::STATE_COMMITTED => Message::StateCommitted { generation: r.u64("generation")? },
+            ty::UNSEAL_HELLO => Message::UnsealHello { client_nonce: r.array("client_nonce")? },
             ty::UNSEAL_OFFER => Message::UnsealOffer {
-                attestation: r.bytes16()?.to_vec(),
-                unseal_nonce: r.array()?,
-                generation: r.u64()?,
-                shares: r.bytes16()?.to_vec(),
-                genesis_attestation: r.bytes16()?.to_vec(),
-                reshare_to: r.bytes16()?.to_vec(),
+                attestation: r.bytes16("attestation")?.to_vec(),
+                unseal_nonce: r.array("unseal_nonce")?,
+                generation: r.u64("generation")?,
+                shares: r.bytes16("shares")?.to_vec(),
+                genesis_attestation: r.bytes16("genesis_attestation")?.to_vec(),
+                reshare_to: r.bytes16("reshare_to")?.to_vec(),
             },
-            ty::RESHARE_START => Message::ReshareStart { set: r.bytes16()?.to_vec() },
-            ty::UNSEAL_SHARE => Message::UnsealShare { share: r.take(UNSEAL_SHARE_LEN)?.to_vec() },
+            ty::RESHARE_START => Message::ReshareStart { set: r.bytes16("set")?.to_vec() },
+            ty::UNSEAL_SHARE => Message::UnsealShare { share: r.take(UNSEAL_SHARE_LEN, "share")?.to_vec() },
             ty::UNSEAL_PROGRESS => {
-                let (have, need) = (r.u8()?, r.u8()?);
-                let serving = match r.u8()? {
+                let (have, need) = (r.u8("have")?, r.u8("need")?);
+                let serving = match r.u8("serving")? {
                     0 => false,
                     1 => true,
                     _ => return Err(WireError::BadFlag),
                 };
-                Message::UnsealProgress { have, need, serving, generation: r.u64()? }
+                Message::UnsealProgress { have, need, serving, generation: r.u64("generation")? }
             }
             ty::DENIED => {
-                let code = DenyCode::from_u16(r.u16()?);
-                let reason = r.bytes16()?;
+                let code = DenyCode::from_u16(r.u16("code")?);
+                let reason = r.bytes16("reason")?;
                 if reason.len() > MAX_REASON {
                     return Err(WireError::TooLong);
                 }
@@ -1196,10 +1126,10 @@ mod tests {
     fn ids_are_validated() {
         assert!(Id::new("a").is_ok());
         assert!(Id::new(&"a".repeat(64)).is_ok());
-        assert_eq!(Id::new(""), Err(WireError::BadId));
-        assert_eq!(Id::new(&"a".repeat(65)), Err(WireError::BadId));
-        assert_eq!(Id::new("a b"), Err(WireError::BadId));
-        assert_eq!(Id::new("ä"), Err(WireError::BadId));
+        assert_eq!(Id::new("").map_err(WireError::from), Err(WireError::BadId));
+        assert_eq!(Id::new(&"a".repeat(65)).map_err(WireError::from), Err(WireError::BadId));
+        assert_eq!(Id::new("a b").map_err(WireError::from), Err(WireError::BadId));
+        assert_eq!(Id::new("ä").map_err(WireError::from), Err(WireError::BadId));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use keygate_attestation::crypto::{self, Crypto, P384SigningKey, P384_POINT_LEN, 
 use keygate_attestation::{AttestRequest, Nsm};
 use sha2::{Digest, Sha384};
 
-use super::codec::{DecodeError, Reader, Writer};
+use super::codec::{record, DecodeError, Writer};
 use super::durable::{policy_receipt_body, PolicyReceipt};
 use super::receipt::{receipt_body, Receipt};
 use super::{AuditError, CHAIN_DOMAIN, FORMAT_VERSION, MAX_BINDING_DOCUMENT, MAX_CHECKPOINT_LEN};
@@ -174,7 +174,7 @@ fn signed_body(chain_id: &[u8; 48], seq: u64, head: &[u8; 48], time_ms: u64) -> 
     w.u64(seq);
     w.bytes(head);
     w.u64(time_ms);
-    w.buf
+    w.into_bytes()
 }
 
 fn signed_message(body: &[u8]) -> Vec<u8> {
@@ -236,17 +236,17 @@ impl Checkpoint {
                 len: binding_document.len(),
                 max: MAX_BINDING_DOCUMENT,
             })?;
-        let mut w = Writer { buf: signed_body(&chain_id, seq, &head, time_ms) };
+        let mut w = Writer::from_vec(signed_body(&chain_id, seq, &head, time_ms));
         w.bytes(&public_key);
         w.bytes(&signature);
-        w.buf.extend_from_slice(&doc_len.to_be_bytes());
+        w.bytes(&doc_len.to_be_bytes());
         w.bytes(&binding_document);
-        Ok(Self { chain_id, seq, head, time_ms, public_key, signature, binding_document, raw: w.buf })
+        Ok(Self { chain_id, seq, head, time_ms, public_key, signature, binding_document, raw: w.into_bytes() })
     }
 
     /// Strictly decodes one checkpoint.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let mut r = Reader::record(bytes, MAX_CHECKPOINT_LEN)?;
+        let mut r = record(bytes, MAX_CHECKPOINT_LEN)?;
         let chain_id = r.array("chain_id")?;
         let seq = r.u64("seq")?;
         if seq == 0 {

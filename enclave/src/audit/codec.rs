@@ -1,9 +1,11 @@
-//! The byte-level codec of audit records: a writer that refuses values over their limits,
-//! and a strict reader (every length checked before use, typed errors, no trailing bytes).
+//! The audit records' fields above the crate's one byte codec ([`crate::codec`]): text with
+//! its emptiness rule and limit, PCR lists, the versioned record, and [`DecodeError`], the
+//! audit formats' error (every [`CodecError`] converts into it, naming the same field).
 
 use std::collections::BTreeMap;
 
-use crate::wire::Id;
+use crate::codec::CodecError;
+pub(crate) use crate::codec::{Reader, Writer};
 
 /// Why an audit entry, checkpoint or file did not decode (or an event did not encode).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -112,55 +114,58 @@ pub enum DecodeError {
     TooManyRecords(usize),
 }
 
-/// Appends fields; every variable-length field is checked against its limit.
-#[derive(Debug, Default)]
-pub(crate) struct Writer {
-    pub(crate) buf: Vec<u8>,
+impl From<CodecError> for DecodeError {
+    fn from(e: CodecError) -> Self {
+        match e {
+            CodecError::Truncated { field } => DecodeError::Truncated(field),
+            CodecError::TrailingBytes { len } => DecodeError::TrailingBytes(len),
+            CodecError::Utf8 { field } => DecodeError::Utf8(field),
+            CodecError::TooLong { field, len, max } => DecodeError::FieldTooLong { field, len, max },
+            CodecError::BadId { field } => DecodeError::BadId(field),
+            CodecError::BadFlag { field, value } => DecodeError::BadFlag { field, value },
+        }
+    }
 }
 
-impl Writer {
-    pub(crate) fn u8(&mut self, v: u8) {
-        self.buf.push(v);
+/// A reader of one versioned record (an entry, a checkpoint, a receipt): refuses a record
+/// over `max` bytes before reading anything, then reads and checks the version byte.
+pub(crate) fn record(bytes: &[u8], max: usize) -> Result<Reader<'_>, DecodeError> {
+    if bytes.len() > max {
+        return Err(DecodeError::TooLarge { len: bytes.len(), max });
     }
-    pub(crate) fn u32(&mut self, v: u32) {
-        self.buf.extend_from_slice(&v.to_be_bytes());
+    let mut r = Reader::new(bytes);
+    let version = r.u8("version")?;
+    if version != super::FORMAT_VERSION {
+        return Err(DecodeError::Version(version));
     }
-    pub(crate) fn u64(&mut self, v: u64) {
-        self.buf.extend_from_slice(&v.to_be_bytes());
-    }
-    pub(crate) fn bytes(&mut self, v: &[u8]) {
-        self.buf.extend_from_slice(v);
-    }
-    pub(crate) fn flag(&mut self, v: bool) {
-        self.buf.push(u8::from(v));
-    }
-    /// `len:u8 ‖ UTF-8`, 1..=max bytes (or 0..=max when `allow_empty`).
-    pub(crate) fn str8(&mut self, field: &'static str, s: &str, allow_empty: bool) -> Result<(), DecodeError> {
-        let len = u8::try_from(s.len()).map_err(|_| DecodeError::FieldTooLong { field, len: s.len(), max: 255 })?;
-        if len == 0 && !allow_empty {
+    Ok(r)
+}
+
+/// The audit fields a [`Writer`] writes: every variable-length field is checked against its
+/// limit.
+pub(crate) trait WriteAudit {
+    /// `len:u8 ‖ UTF-8`, 1..=255 bytes (or 0..=255 when `allow_empty`).
+    fn text8(&mut self, field: &'static str, s: &str, allow_empty: bool) -> Result<(), DecodeError>;
+    /// `len:u16be ‖ UTF-8`, at most `max` bytes.
+    fn text16(&mut self, field: &'static str, s: &str, max: usize) -> Result<(), DecodeError>;
+    /// `n:u8 ‖ (index:u8 ‖ len:u8 ‖ value) × n`, indexes strictly increasing (a BTreeMap).
+    fn pcrs(&mut self, pcrs: &BTreeMap<u8, Vec<u8>>) -> Result<(), DecodeError>;
+}
+
+impl WriteAudit for Writer {
+    fn text8(&mut self, field: &'static str, s: &str, allow_empty: bool) -> Result<(), DecodeError> {
+        if s.is_empty() && !allow_empty {
             return Err(DecodeError::Empty(field));
         }
-        self.u8(len);
-        self.bytes(s.as_bytes());
-        Ok(())
+        Ok(self.str8(field, s)?)
     }
-    /// `len:u16be ‖ UTF-8`, at most `max` bytes.
-    pub(crate) fn str16(&mut self, field: &'static str, s: &str, max: usize) -> Result<(), DecodeError> {
+    fn text16(&mut self, field: &'static str, s: &str, max: usize) -> Result<(), DecodeError> {
         if s.len() > max {
             return Err(DecodeError::FieldTooLong { field, len: s.len(), max });
         }
-        let len = u16::try_from(s.len()).map_err(|_| DecodeError::FieldTooLong { field, len: s.len(), max })?;
-        self.buf.extend_from_slice(&len.to_be_bytes());
-        self.bytes(s.as_bytes());
-        Ok(())
+        Ok(self.bytes16(field, s.as_bytes())?)
     }
-    pub(crate) fn id(&mut self, id: &Id) {
-        // An `Id` is 1–64 bytes by construction.
-        self.buf.push(u8::try_from(id.as_str().len()).unwrap_or(0));
-        self.bytes(id.as_str().as_bytes());
-    }
-    /// `n:u8 ‖ (index:u8 ‖ len:u8 ‖ value) × n`, indexes strictly increasing (a BTreeMap).
-    pub(crate) fn pcrs(&mut self, pcrs: &BTreeMap<u8, Vec<u8>>) -> Result<(), DecodeError> {
+    fn pcrs(&mut self, pcrs: &BTreeMap<u8, Vec<u8>>) -> Result<(), DecodeError> {
         if pcrs.len() > super::MAX_PCRS {
             return Err(DecodeError::Count { field: "pcrs", count: pcrs.len(), min: 0, max: super::MAX_PCRS });
         }
@@ -173,92 +178,38 @@ impl Writer {
                 return Err(DecodeError::BadPcr("value not 32, 48 or 64 bytes"));
             }
             self.u8(i);
-            self.u8(u8::try_from(v.len()).unwrap_or(0));
-            self.bytes(v);
+            self.bytes8("pcr value", v)?;
         }
         Ok(())
     }
 }
 
-/// Reads fields from a slice; every read checks the remaining length first.
-#[derive(Debug)]
-pub(crate) struct Reader<'a> {
-    rest: &'a [u8],
+/// The audit fields a [`Reader`] reads: every length checked before use.
+pub(crate) trait ReadAudit {
+    /// `len:u8 ‖ UTF-8`, empty only when `allow_empty`.
+    fn text8(&mut self, field: &'static str, allow_empty: bool) -> Result<String, DecodeError>;
+    /// `len:u16be ‖ UTF-8`, at most `max` bytes.
+    fn text16(&mut self, field: &'static str, max: usize) -> Result<String, DecodeError>;
+    /// A PCR list as [`WriteAudit::pcrs`] writes it.
+    fn pcrs(&mut self) -> Result<BTreeMap<u8, Vec<u8>>, DecodeError>;
 }
 
-impl<'a> Reader<'a> {
-    pub(crate) fn new(bytes: &'a [u8]) -> Self {
-        Self { rest: bytes }
-    }
-    /// A reader of one versioned record (an entry, a checkpoint, a receipt): refuses a record
-    /// over `max` bytes before reading anything, then reads and checks the version byte.
-    pub(crate) fn record(bytes: &'a [u8], max: usize) -> Result<Self, DecodeError> {
-        if bytes.len() > max {
-            return Err(DecodeError::TooLarge { len: bytes.len(), max });
-        }
-        let mut r = Self::new(bytes);
-        let version = r.u8("version")?;
-        if version != super::FORMAT_VERSION {
-            return Err(DecodeError::Version(version));
-        }
-        Ok(r)
-    }
-    pub(crate) fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], DecodeError> {
-        if self.rest.len() < n {
-            return Err(DecodeError::Truncated(field));
-        }
-        let (head, tail) = self.rest.split_at(n);
-        self.rest = tail;
-        Ok(head)
-    }
-    pub(crate) fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], DecodeError> {
-        let mut out = [0u8; N];
-        out.copy_from_slice(self.take(N, field)?);
-        Ok(out)
-    }
-    pub(crate) fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
-        Ok(self.array::<1>(field)?[0])
-    }
-    pub(crate) fn u16(&mut self, field: &'static str) -> Result<u16, DecodeError> {
-        Ok(u16::from_be_bytes(self.array(field)?))
-    }
-    pub(crate) fn u32(&mut self, field: &'static str) -> Result<u32, DecodeError> {
-        Ok(u32::from_be_bytes(self.array(field)?))
-    }
-    pub(crate) fn u64(&mut self, field: &'static str) -> Result<u64, DecodeError> {
-        Ok(u64::from_be_bytes(self.array(field)?))
-    }
-    pub(crate) fn flag(&mut self, field: &'static str) -> Result<bool, DecodeError> {
-        match self.u8(field)? {
-            0 => Ok(false),
-            1 => Ok(true),
-            value => Err(DecodeError::BadFlag { field, value }),
-        }
-    }
-    fn utf8(bytes: &[u8], field: &'static str) -> Result<String, DecodeError> {
-        std::str::from_utf8(bytes).map(str::to_owned).map_err(|_| DecodeError::Utf8(field))
-    }
-    pub(crate) fn str8(&mut self, field: &'static str, allow_empty: bool) -> Result<String, DecodeError> {
-        let len = usize::from(self.u8(field)?);
-        if len == 0 && !allow_empty {
+impl ReadAudit for Reader<'_> {
+    fn text8(&mut self, field: &'static str, allow_empty: bool) -> Result<String, DecodeError> {
+        let bytes = self.bytes8(field)?;
+        if bytes.is_empty() && !allow_empty {
             return Err(DecodeError::Empty(field));
         }
-        Self::utf8(self.take(len, field)?, field)
+        Ok(crate::codec::utf8(bytes, field)?.to_owned())
     }
-    pub(crate) fn str16(&mut self, field: &'static str, max: usize) -> Result<String, DecodeError> {
+    fn text16(&mut self, field: &'static str, max: usize) -> Result<String, DecodeError> {
         let len = usize::from(self.u16(field)?);
         if len > max {
             return Err(DecodeError::FieldTooLong { field, len, max });
         }
-        Self::utf8(self.take(len, field)?, field)
+        Ok(crate::codec::utf8(self.take(len, field)?, field)?.to_owned())
     }
-    pub(crate) fn id(&mut self, field: &'static str) -> Result<Id, DecodeError> {
-        let len = usize::from(self.u8(field)?);
-        let raw = self.take(len, field)?;
-        let s = std::str::from_utf8(raw).map_err(|_| DecodeError::BadId(field))?;
-        Id::new(s).map_err(|_| DecodeError::BadId(field))
-    }
-    pub(crate) fn pcrs(&mut self) -> Result<BTreeMap<u8, Vec<u8>>, DecodeError> {
+    fn pcrs(&mut self) -> Result<BTreeMap<u8, Vec<u8>>, DecodeError> {
         let n = usize::from(self.u8("pcrs")?);
         if n > super::MAX_PCRS {
             return Err(DecodeError::Count { field: "pcrs", count: n, min: 0, max: super::MAX_PCRS });
@@ -281,13 +232,5 @@ impl<'a> Reader<'a> {
             out.insert(i, self.take(len, "pcr value")?.to_vec());
         }
         Ok(out)
-    }
-    /// Fails unless every byte was consumed.
-    pub(crate) fn finish(self) -> Result<(), DecodeError> {
-        if self.rest.is_empty() {
-            Ok(())
-        } else {
-            Err(DecodeError::TrailingBytes(self.rest.len()))
-        }
     }
 }

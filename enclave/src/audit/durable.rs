@@ -25,7 +25,7 @@ use keygate_attestation::pcr::{self, PcrMismatch};
 use keygate_attestation::{PcrExpectation, VerifiedAttestation, Verifier};
 
 use super::checkpoint::chain_id_of;
-use super::codec::{DecodeError, Reader, Writer};
+use super::codec::{record, DecodeError, Writer};
 use super::trail::{attested_key, NotAttested, TrailOptions};
 use super::{FORMAT_VERSION, MAX_CHECKPOINT_LEN};
 
@@ -107,7 +107,7 @@ pub(super) fn policy_receipt_body(
     w.u64(policy_version);
     w.bytes(policy_digest);
     w.u64(time_ms);
-    w.buf
+    w.into_bytes()
 }
 
 /// What a verified durability receipt proves.
@@ -152,7 +152,7 @@ impl PolicyReceipt {
     /// Strictly decodes a receipt: at most [`MAX_POLICY_RECEIPT_LEN`] bytes, version 1, an
     /// uncompressed point, a non-empty binding document, nothing after it.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let mut r = Reader::record(bytes, MAX_POLICY_RECEIPT_LEN)?;
+        let mut r = record(bytes, MAX_POLICY_RECEIPT_LEN)?;
         let chain_id = r.array("chain_id")?;
         let generation = r.u64("generation")?;
         let policy_version = r.u64("policy_version")?;
@@ -182,7 +182,7 @@ impl PolicyReceipt {
         // At most MAX_POLICY_RECEIPT_LEN, checked in `assemble`.
         w.u32(u32::try_from(self.binding.len()).unwrap_or(u32::MAX));
         w.bytes(&self.binding);
-        w.buf
+        w.into_bytes()
     }
 
     /// The generation the receipt names.

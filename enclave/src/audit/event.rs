@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 use keygate_attestation::{DocumentKind, VerifiedAttestation};
 use sha2::{Digest, Sha384};
 
-use super::codec::{DecodeError, Reader, Writer};
+use super::codec::{record, DecodeError, ReadAudit, Reader, WriteAudit, Writer};
 use super::history::AuditHead;
 use super::{FORMAT_VERSION, MAX_ANONYMOUS_CODES, MAX_ENTRY_LEN, MAX_KEYS, MAX_TEXT};
-use crate::wire::Id;
+use crate::codec::Id;
 
 /// Domain label of an entry's digest: `SHA-384(ENTRY_DOMAIN ‖ entry bytes)`.
 pub const ENTRY_DOMAIN: &[u8] = b"keygate/v1/audit-entry";
@@ -42,7 +42,7 @@ impl Requester {
     }
 
     fn encode(&self, w: &mut Writer) -> Result<(), DecodeError> {
-        w.str8("module_id", &self.module_id, false)?;
+        w.text8("module_id", &self.module_id, false)?;
         w.u8(kind_to_u8(self.kind));
         w.pcrs(&self.pcrs)?;
         w.bytes(&self.document_sha384);
@@ -51,7 +51,7 @@ impl Requester {
 
     fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         Ok(Self {
-            module_id: r.str8("module_id", false)?,
+            module_id: r.text8("module_id", false)?,
             kind: kind_from_u8(r.u8("document kind")?)?,
             pcrs: r.pcrs()?,
             document_sha384: r.array("document_sha384")?,
@@ -262,9 +262,9 @@ impl AuditEvent {
         w.u8(self.type_code());
         match self {
             AuditEvent::KreStarted { nsm_kind, pcrs, software } => {
-                w.str8("nsm_kind", nsm_kind, false)?;
+                w.text8("nsm_kind", nsm_kind, false)?;
                 w.pcrs(pcrs)?;
-                w.str8("software", software, true)?;
+                w.text8("software", software, true)?;
             }
             AuditEvent::ReleaseAllowed { requester, cluster, keys, image } => {
                 requester.encode(w)?;
@@ -277,11 +277,11 @@ impl AuditEvent {
                     w.id(id);
                     w.u32(*version);
                 }
-                w.str8("image", image, true)?;
+                w.text8("image", image, true)?;
             }
             AuditEvent::ReleaseDenied { code, reason, requester, cluster, key_ids } => {
-                w.str8("code", code, false)?;
-                w.str16("reason", reason, MAX_TEXT)?;
+                w.text8("code", code, false)?;
+                w.text16("reason", reason, MAX_TEXT)?;
                 w.flag(requester.is_some());
                 if let Some(r) = requester {
                     r.encode(w)?;
@@ -299,8 +299,8 @@ impl AuditEvent {
                 }
             }
             AuditEvent::ChallengeRefused { code, reason } => {
-                w.str8("code", code, false)?;
-                w.str16("reason", reason, MAX_TEXT)?;
+                w.text8("code", code, false)?;
+                w.text16("reason", reason, MAX_TEXT)?;
             }
             AuditEvent::PolicyAccepted { version, digest, activates_at_ms } => {
                 w.u64(*version);
@@ -316,21 +316,21 @@ impl AuditEvent {
                 if let Some(d) = digest {
                     w.bytes(d);
                 }
-                w.str8("code", code, false)?;
-                w.str16("reason", reason, MAX_TEXT)?;
+                w.text8("code", code, false)?;
+                w.text16("reason", reason, MAX_TEXT)?;
             }
             AuditEvent::UnsealStep { step, ok, detail } => {
-                w.str8("step", step, false)?;
+                w.text8("step", step, false)?;
                 w.flag(*ok);
-                w.str16("detail", detail, MAX_TEXT)?;
+                w.text16("detail", detail, MAX_TEXT)?;
             }
             AuditEvent::KekRotated { cluster, new_version } => {
                 w.id(cluster);
                 w.u32(*new_version);
             }
             AuditEvent::ConfigChanged { setting, value } => {
-                w.str8("setting", setting, false)?;
-                w.str16("value", value, MAX_TEXT)?;
+                w.text8("setting", setting, false)?;
+                w.text16("value", value, MAX_TEXT)?;
             }
             AuditEvent::Unrecorded { count, first_ms, last_ms } => {
                 w.u64(*count);
@@ -351,7 +351,7 @@ impl AuditEvent {
                 }
                 w.u8(u8::try_from(counts.len()).unwrap_or(0));
                 for (code, count) in counts {
-                    w.str8("code", code, false)?;
+                    w.text8("code", code, false)?;
                     w.u64(*count);
                 }
             }
@@ -372,9 +372,9 @@ impl AuditEvent {
         let ty = r.u8("event type")?;
         Ok(match ty {
             1 => AuditEvent::KreStarted {
-                nsm_kind: r.str8("nsm_kind", false)?,
+                nsm_kind: r.text8("nsm_kind", false)?,
                 pcrs: r.pcrs()?,
-                software: r.str8("software", true)?,
+                software: r.text8("software", true)?,
             },
             2 => {
                 let requester = Requester::decode(r)?;
@@ -388,11 +388,11 @@ impl AuditEvent {
                     let id = r.id("key id")?;
                     keys.push((id, r.u32("key version")?));
                 }
-                AuditEvent::ReleaseAllowed { requester, cluster, keys, image: r.str8("image", true)? }
+                AuditEvent::ReleaseAllowed { requester, cluster, keys, image: r.text8("image", true)? }
             }
             3 => {
-                let code = r.str8("code", false)?;
-                let reason = r.str16("reason", MAX_TEXT)?;
+                let code = r.text8("code", false)?;
+                let reason = r.text16("reason", MAX_TEXT)?;
                 let requester = if r.flag("requester present")? { Some(Requester::decode(r)?) } else { None };
                 let cluster = if r.flag("cluster present")? { Some(r.id("cluster")?) } else { None };
                 let n = usize::from(r.u8("key_ids")?);
@@ -405,7 +405,7 @@ impl AuditEvent {
                 }
                 AuditEvent::ReleaseDenied { code, reason, requester, cluster, key_ids }
             }
-            4 => AuditEvent::ChallengeRefused { code: r.str8("code", false)?, reason: r.str16("reason", MAX_TEXT)? },
+            4 => AuditEvent::ChallengeRefused { code: r.text8("code", false)?, reason: r.text16("reason", MAX_TEXT)? },
             5 => AuditEvent::PolicyAccepted {
                 version: r.u64("version")?,
                 digest: r.array("digest")?,
@@ -417,17 +417,17 @@ impl AuditEvent {
                 AuditEvent::PolicyRefused {
                     version,
                     digest,
-                    code: r.str8("code", false)?,
-                    reason: r.str16("reason", MAX_TEXT)?,
+                    code: r.text8("code", false)?,
+                    reason: r.text16("reason", MAX_TEXT)?,
                 }
             }
             7 => AuditEvent::UnsealStep {
-                step: r.str8("step", false)?,
+                step: r.text8("step", false)?,
                 ok: r.flag("ok")?,
-                detail: r.str16("detail", MAX_TEXT)?,
+                detail: r.text16("detail", MAX_TEXT)?,
             },
             8 => AuditEvent::KekRotated { cluster: r.id("cluster")?, new_version: r.u32("new_version")? },
-            9 => AuditEvent::ConfigChanged { setting: r.str8("setting", false)?, value: r.str16("value", MAX_TEXT)? },
+            9 => AuditEvent::ConfigChanged { setting: r.text8("setting", false)?, value: r.text16("value", MAX_TEXT)? },
             10 => AuditEvent::Unrecorded {
                 count: r.u64("count")?,
                 first_ms: r.u64("first_ms")?,
@@ -442,7 +442,7 @@ impl AuditEvent {
                 }
                 let mut counts = Vec::with_capacity(n);
                 for _ in 0..n {
-                    let code = r.str8("code", false)?;
+                    let code = r.text8("code", false)?;
                     counts.push((code, r.u64("count")?));
                 }
                 check_anonymous(first_ms, last_ms, counts.iter().map(|(c, n)| (c.as_str(), *n)))?;
@@ -532,15 +532,15 @@ impl AuditEntry {
         w.u64(time_ms);
         w.u64(policy_version);
         event.encode(&mut w)?;
-        if w.buf.len() > MAX_ENTRY_LEN {
-            return Err(DecodeError::TooLarge { len: w.buf.len(), max: MAX_ENTRY_LEN });
+        if w.len() > MAX_ENTRY_LEN {
+            return Err(DecodeError::TooLarge { len: w.len(), max: MAX_ENTRY_LEN });
         }
-        Ok(Self { chain_id, seq, prev, time_ms, policy_version, event, raw: w.buf })
+        Ok(Self { chain_id, seq, prev, time_ms, policy_version, event, raw: w.into_bytes() })
     }
 
     /// Strictly decodes one entry: version 1, every limit, no trailing bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let mut r = Reader::record(bytes, MAX_ENTRY_LEN)?;
+        let mut r = record(bytes, MAX_ENTRY_LEN)?;
         let chain_id = r.array("chain_id")?;
         let seq = r.u64("seq")?;
         if seq == 0 {

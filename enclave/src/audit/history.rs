@@ -312,7 +312,7 @@ mod tests {
         for seq in 1..=n {
             let event = match link {
                 Some((at, previous)) if at == seq => AuditEvent::ChainLinked { generation: 3, previous },
-                _ => AuditEvent::KekRotated { cluster: crate::wire::Id::new("prod").expect("id"), new_version: 1 },
+                _ => AuditEvent::KekRotated { cluster: crate::codec::Id::new("prod").expect("id"), new_version: 1 },
             };
             let e = AuditEntry::new(chain(c), seq, prev, t0 + seq, 0, event).expect("entry");
             prev = e.digest();

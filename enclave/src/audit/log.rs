@@ -476,8 +476,8 @@ mod tests {
                 pcrs: Default::default(),
                 document_sha384: [0; 48],
             },
-            cluster: crate::wire::Id::new("c").expect("id"),
-            keys: vec![(crate::wire::Id::new("k").expect("id"), 1)],
+            cluster: crate::codec::Id::new("c").expect("id"),
+            keys: vec![(crate::codec::Id::new("k").expect("id"), 1)],
             image: "i".into(),
         }
     }

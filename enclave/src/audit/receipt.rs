@@ -29,7 +29,7 @@ use std::fmt;
 use keygate_attestation::crypto::{Crypto, P384_POINT_LEN, P384_SIG_LEN};
 
 use super::checkpoint::chain_id_of;
-use super::codec::{DecodeError, Reader, Writer};
+use super::codec::{record, DecodeError, Writer};
 use super::event::{AuditEntry, AuditEvent};
 use super::trail::TrailSummary;
 use super::FORMAT_VERSION;
@@ -131,14 +131,14 @@ pub(crate) fn receipt_body(
     entry_digest: &[u8; 48],
     document_sha384: &[u8; 48],
 ) -> Vec<u8> {
-    let mut w = Writer { buf: Vec::with_capacity(RECEIPT_DOMAIN.len() + RECEIPT_BODY_LEN) };
+    let mut w = Writer::from_vec(Vec::with_capacity(RECEIPT_DOMAIN.len() + RECEIPT_BODY_LEN));
     w.bytes(RECEIPT_DOMAIN);
     w.u8(FORMAT_VERSION);
     w.bytes(chain_id);
     w.u64(seq);
     w.bytes(entry_digest);
     w.bytes(document_sha384);
-    w.buf
+    w.into_bytes()
 }
 
 impl Receipt {
@@ -163,7 +163,7 @@ impl Receipt {
     /// Strictly decodes a receipt: exactly [`RECEIPT_LEN`] bytes, version 1, a sequence number
     /// from 1, an uncompressed point.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let mut r = Reader::record(bytes, RECEIPT_LEN)?;
+        let mut r = record(bytes, RECEIPT_LEN)?;
         let chain_id = r.array("chain_id")?;
         let seq = r.u64("seq")?;
         let entry_digest = r.array("entry_digest")?;
