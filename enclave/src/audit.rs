@@ -74,8 +74,7 @@ pub const MAX_ANONYMOUS_CODES: usize = 32;
 pub const MAX_PCRS: usize = 32;
 /// Largest binding attestation document (the verifier's own limit).
 pub const MAX_BINDING_DOCUMENT: usize = keygate_attestation::cose::MAX_DOCUMENT;
-/// Domain label of the chain id (and of the binding document's `user_data`).
-pub const CHAIN_DOMAIN: &[u8] = b"keygate/v1/audit-chain";
+pub use crate::binding::CHAIN_DOMAIN;
 
 /// Why the KRE could not record or sign. Never carries key material.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

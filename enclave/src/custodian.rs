@@ -17,6 +17,7 @@ use keygate_attestation::{DocumentKind, PcrExpectation, Verifier, VerifyError, V
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha384};
 
+use crate::binding;
 use crate::custody::{self, CustodyError, PublicKey, SharesFile, UnsealContext};
 use crate::vault;
 use crate::wire::{DenyCode, Message, WireError};
@@ -192,8 +193,8 @@ pub fn on_offer(
     let set_digest = shares.set().digest();
     let shares_sha: [u8; 48] = Sha384::digest(&shares_bytes).into();
     let user_data = match &new_set {
-        None => vault::unseal_user_data(&unseal_nonce, generation, &set_digest, &shares_sha),
-        Some(new) => vault::reshare_user_data(&unseal_nonce, generation, &set_digest, &shares_sha, new),
+        None => binding::unseal_user_data(&unseal_nonce, generation, &set_digest, &shares_sha),
+        Some(new) => binding::reshare_user_data(&unseal_nonce, generation, &set_digest, &shares_sha, new),
     };
     if att.user_data() != Some(user_data.as_slice()) {
         return Err(CustodianError::KreBinding("its user_data does not bind the unseal nonce, generation and shares"));
@@ -207,7 +208,7 @@ pub fn on_offer(
     let mut gopts = VerifyOptions::at_document_time();
     gopts.require_kind = Some(DocumentKind::Enclave);
     let genesis = expect.verifier.verify(&genesis_attestation, &gopts).map_err(CustodianError::GenesisAttestation)?;
-    if genesis.user_data() != Some(vault::genesis_user_data(&shares_bytes).as_slice()) {
+    if genesis.user_data() != Some(binding::genesis_user_data(&shares_bytes).as_slice()) {
         return Err(CustodianError::GenesisBinding);
     }
     pcr::check(&genesis, expect.genesis_pcrs).map_err(CustodianError::GenesisPcr)?;

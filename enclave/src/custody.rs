@@ -34,9 +34,9 @@
 
 use keygate_attestation::crypto::{p384_scalar_from, Crypto, CryptoError, P384Scalar, P384_POINT_LEN};
 use keygate_attestation::secret::Secret;
-use sha2::{Digest, Sha384};
 use zeroize::Zeroizing;
 
+use crate::binding;
 use crate::codec::{CodecError, Reader};
 use crate::shamir::{self, ShamirError, Share};
 
@@ -53,11 +53,6 @@ pub const SHARES_MAGIC: [u8; 8] = *b"KGSHARES";
 pub const SHARES_VERSION: u16 = 1;
 /// Length of an encoded [`UnsealShare`].
 pub const UNSEAL_SHARE_LEN: usize = 1 + 2 * P384_POINT_LEN + SEALED_SHARE_LEN;
-
-const SET_DOMAIN: &[u8] = b"keygate/v1/custodian-set";
-const ENVELOPE_DOMAIN: &[u8] = b"keygate/v1/share-envelope";
-const UNSEAL_DOMAIN: &[u8] = b"keygate/v1/unseal";
-const UNSEAL_INFO: &[u8] = b"keygate/v1/unseal-share";
 
 /// Why a custodian operation was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -221,13 +216,7 @@ impl CustodianSet {
 
     /// The canonical digest (bound into the sealed state header and every envelope).
     pub fn digest(&self) -> [u8; 48] {
-        let mut h = Sha384::new();
-        h.update(SET_DOMAIN);
-        h.update([self.threshold, self.count()]);
-        for k in &self.keys {
-            h.update(k);
-        }
-        h.finalize().into()
+        binding::custodian_set_digest(self.threshold, self.count(), &self.keys)
     }
 }
 
@@ -240,10 +229,6 @@ pub struct ShareEnvelope {
     pub ephemeral: PublicKey,
     /// AES-256-GCM ciphertext ‖ tag of the share's 32 bytes.
     pub sealed: [u8; SEALED_SHARE_LEN],
-}
-
-fn envelope_info(set_digest: &[u8; 48], x: u8, custodian: &PublicKey, ephemeral: &PublicKey) -> Vec<u8> {
-    [ENVELOPE_DOMAIN, set_digest, &[x], custodian, ephemeral].concat()
 }
 
 fn key_nonce(crypto: &dyn Crypto, salt: &[u8], ikm: &[u8], info: &[u8]) -> Result<(Secret<32>, [u8; 12]), CryptoError> {
@@ -276,7 +261,7 @@ pub fn seal_envelope(
     let z = crypto
         .ecdh_p384(&e, custodian)
         .map_err(|_| CustodyError::BadCustodianKey { index: usize::from(share.x).saturating_sub(1) })?;
-    let info = envelope_info(set_digest, share.x, custodian, &ephemeral);
+    let info = binding::share_envelope_info(set_digest, share.x, custodian, &ephemeral);
     let (key, nonce) = key_nonce(crypto, set_digest, z.expose(), &info).map_err(CustodyError::Crypto)?;
     let sealed = crypto.aes256gcm_seal(&key, &nonce, &info, share.y.expose()).map_err(CustodyError::Crypto)?;
     Ok(ShareEnvelope { x: share.x, ephemeral, sealed: sealed_array(sealed)? })
@@ -292,7 +277,7 @@ pub fn open_envelope(
     let custodian =
         to_point(crypto.p384_public(custodian_scalar).map_err(CustodyError::Crypto)?).map_err(CustodyError::Crypto)?;
     let z = crypto.ecdh_p384(custodian_scalar, &envelope.ephemeral).map_err(|_| CustodyError::BadEphemeralKey)?;
-    let info = envelope_info(set_digest, envelope.x, &custodian, &envelope.ephemeral);
+    let info = binding::share_envelope_info(set_digest, envelope.x, &custodian, &envelope.ephemeral);
     let (key, nonce) = key_nonce(crypto, set_digest, z.expose(), &info).map_err(CustodyError::Crypto)?;
     let pt = crypto.aes256gcm_open(&key, &nonce, &info, &envelope.sealed).map_err(|_| CustodyError::EnvelopeDecrypt)?;
     let y = Secret::from_slice(pt.expose()).ok_or(CustodyError::EnvelopeDecrypt)?;
@@ -431,17 +416,17 @@ pub struct UnsealContext {
 
 impl UnsealContext {
     fn transcript(&self, x: u8, custodian: &PublicKey, ephemeral: &PublicKey) -> [u8; 48] {
-        let mut h = Sha384::new();
-        h.update(UNSEAL_DOMAIN);
-        h.update(self.kre_attestation_sha384);
-        h.update(self.unseal_nonce);
-        h.update(self.kre_public);
-        h.update(self.set_digest);
-        h.update(self.generation.to_be_bytes());
-        h.update([x]);
-        h.update(custodian);
-        h.update(ephemeral);
-        h.finalize().into()
+        binding::UnsealTranscript {
+            kre_attestation_sha384: &self.kre_attestation_sha384,
+            unseal_nonce: &self.unseal_nonce,
+            kre_public: &self.kre_public,
+            set_digest: &self.set_digest,
+            generation: self.generation,
+            x,
+            custodian,
+            ephemeral,
+        }
+        .hash()
     }
 }
 
@@ -489,7 +474,7 @@ fn unseal_key(
     let mut ikm = Zeroizing::new([0u8; 96]);
     ikm[..48].copy_from_slice(z1.expose());
     ikm[48..].copy_from_slice(z2.expose());
-    key_nonce(crypto, t, &ikm[..], UNSEAL_INFO)
+    key_nonce(crypto, t, &ikm[..], binding::UNSEAL_SHARE)
 }
 
 /// The custodian's side of an unseal: opens its envelope from `shares` and re-encrypts the

@@ -20,9 +20,9 @@ use std::collections::BTreeMap;
 
 use keygate_attestation::crypto::{p384_scalar_from, Crypto, CryptoError, P384Scalar};
 use keygate_attestation::secret::Secret;
-use sha2::{Digest, Sha384};
 
-use crate::codec::{Id, Writer};
+use crate::binding;
+use crate::codec::Id;
 
 /// Uncompressed P-384 point length.
 pub const POINT_LEN: usize = 97;
@@ -61,23 +61,15 @@ pub struct Transcript {
 impl Transcript {
     /// `T` for a given ephemeral point.
     pub fn hash(&self, ephemeral_point: &[u8; POINT_LEN]) -> [u8; 48] {
-        let mut h = Sha384::new();
-        h.update(b"keygate/v1/transcript");
-        h.update(self.client_nonce);
-        h.update(self.server_nonce);
-        h.update(self.kre_attestation_sha384);
-        h.update(self.client_attestation_sha384);
-        h.update(self.request_digest);
-        h.update(ephemeral_point);
-        h.finalize().into()
+        binding::transcript(
+            &self.client_nonce,
+            &self.server_nonce,
+            &self.kre_attestation_sha384,
+            &self.client_attestation_sha384,
+            &self.request_digest,
+            ephemeral_point,
+        )
     }
-}
-
-fn key_info(prefix: &[u8], key_id: &Id, version: u32) -> Vec<u8> {
-    let mut info = Writer::from_vec(prefix.to_vec());
-    info.id(key_id);
-    info.u32(version);
-    info.into_bytes()
 }
 
 /// Derives the data key `key_id` of `cluster` from KEK version `version`.
@@ -88,13 +80,9 @@ pub fn derive_data_key(
     key_id: &Id,
     version: u32,
 ) -> Result<DataKey, CryptoError> {
-    let mut info = Writer::new();
-    info.id(cluster);
-    info.id(key_id);
-    info.u32(version);
-    let info = info.into_bytes();
+    let info = binding::data_key_info(cluster, key_id, version);
     let mut buf = zeroize::Zeroizing::new([0u8; 32]);
-    crypto.hkdf_sha384(b"keygate/v1/data-key", kek.expose(), &info, &mut buf[..])?;
+    crypto.hkdf_sha384(binding::DATA_KEY, kek.expose(), &info, &mut buf[..])?;
     Ok(Secret::new(*buf))
 }
 
@@ -106,7 +94,7 @@ fn wrap_key_and_nonce(
     version: u32,
 ) -> Result<(Secret<32>, [u8; 12]), CryptoError> {
     let mut okm = zeroize::Zeroizing::new([0u8; 44]);
-    crypto.hkdf_sha384(t, z.expose(), &key_info(b"keygate/v1/wrap", key_id, version), &mut okm[..])?;
+    crypto.hkdf_sha384(t, z.expose(), &binding::wrap_info(binding::WRAP, key_id, version), &mut okm[..])?;
     let key = Secret::from_slice(&okm[..32]).ok_or(CryptoError::Kdf)?;
     let mut nonce = [0u8; 12];
     nonce.copy_from_slice(&okm[32..]);
@@ -167,7 +155,7 @@ pub fn wrap_bound(
     let mut out = Vec::with_capacity(keys.len());
     for (key_id, version, dk) in keys {
         let (k, nonce) = wrap_key_and_nonce(crypto, &t, &z, key_id, *version)?;
-        let aad = [t.as_slice(), &key_info(b"", key_id, *version), bound].concat();
+        let aad = [t.as_slice(), &binding::wrap_info(b"", key_id, *version), bound].concat();
         let sealed = crypto.aes256gcm_seal(&k, &nonce, &aad, dk.expose())?;
         out.push(WrappedKey { key_id: key_id.clone(), version: *version, sealed });
     }
@@ -200,7 +188,7 @@ pub fn unwrap_bound(
         .iter()
         .map(|w| {
             let (k, nonce) = wrap_key_and_nonce(crypto, &t, &z, &w.key_id, w.version)?;
-            let aad = [t.as_slice(), &key_info(b"", &w.key_id, w.version), bound].concat();
+            let aad = [t.as_slice(), &binding::wrap_info(b"", &w.key_id, w.version), bound].concat();
             let pt = crypto.aes256gcm_open(&k, &nonce, &aad, &w.sealed)?;
             let dk = Secret::from_slice(pt.expose()).ok_or(CryptoError::Decrypt)?;
             Ok((w.key_id.clone(), w.version, dk))

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod binding;
 pub mod cli;
 pub mod client;
 pub mod codec;

@@ -55,6 +55,7 @@ use sha2::{Digest, Sha384};
 use zeroize::Zeroizing;
 
 use crate::audit::AuditHead;
+use crate::binding;
 use crate::codec::{CodecError, Id, Reader};
 use crate::keys::{Kek, KekStatus};
 
@@ -81,8 +82,6 @@ pub const MAX_CLUSTERS: usize = 4096;
 pub const MAX_VERSIONS: usize = 1024;
 /// Most policy bundles with a recorded activation time (the newest are kept).
 pub const MAX_ACTIVATIONS: usize = 16;
-
-const KEY_SALT: &[u8] = b"keygate/v1/sealed-state";
 
 /// One KEK version of a cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -474,11 +473,9 @@ fn state_subkey(
     generation: u64,
     custodian_set_digest: &[u8; 48],
 ) -> Result<Secret<32>, CryptoError> {
-    let mut info = [0u8; 8 + 48];
-    info[..8].copy_from_slice(&generation.to_be_bytes());
-    info[8..].copy_from_slice(custodian_set_digest);
+    let info = binding::sealed_state_info(generation, custodian_set_digest);
     let mut okm = Zeroizing::new([0u8; 32]);
-    crypto.hkdf_sha384(KEY_SALT, state_key.expose(), &info, &mut okm[..])?;
+    crypto.hkdf_sha384(binding::SEALED_STATE, state_key.expose(), &info, &mut okm[..])?;
     Ok(Secret::new(*okm))
 }
 

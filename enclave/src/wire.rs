@@ -12,9 +12,8 @@
 
 use std::fmt;
 
-use sha2::{Digest, Sha384};
-
 use crate::audit::{Receipt, RECEIPT_LEN};
+pub use crate::binding::request_digest;
 use crate::codec::{BadId, CodecError, Reader, Writer};
 pub use crate::codec::{Id, MAX_ID};
 pub use crate::keys::{WrappedKey, POINT_LEN};
@@ -946,21 +945,6 @@ pub fn frame_len(prefix: [u8; 4]) -> Result<usize, WireError> {
         return Err(WireError::BadLength(n));
     }
     Ok(n)
-}
-
-/// The digest a client puts in its attestation's `user_data`, binding the request:
-/// `SHA-384("keygate/v1/release-request" ‖ str8(cluster_id) ‖ u8(n) ‖ str8(key_id)×n)`.
-pub fn request_digest(cluster_id: &Id, key_ids: &[Id]) -> [u8; 48] {
-    let mut h = Sha384::new();
-    h.update(b"keygate/v1/release-request");
-    h.update([u8::try_from(cluster_id.as_str().len()).unwrap_or(u8::MAX)]);
-    h.update(cluster_id.as_str().as_bytes());
-    h.update([u8::try_from(key_ids.len()).unwrap_or(u8::MAX)]);
-    for k in key_ids {
-        h.update([u8::try_from(k.as_str().len()).unwrap_or(u8::MAX)]);
-        h.update(k.as_str().as_bytes());
-    }
-    h.finalize().into()
 }
 
 #[cfg(test)]

@@ -11,27 +11,15 @@ use std::fmt;
 
 use keygate_attestation::crypto::{self, Crypto, P384SigningKey, P384_POINT_LEN, P384_SIG_LEN};
 use keygate_attestation::{AttestRequest, Nsm};
-use sha2::{Digest, Sha384};
 
 use super::codec::{record, DecodeError, Writer};
 use super::durable::{policy_receipt_body, PolicyReceipt};
 use super::receipt::{receipt_body, Receipt};
-use super::{AuditError, CHAIN_DOMAIN, FORMAT_VERSION, MAX_BINDING_DOCUMENT, MAX_CHECKPOINT_LEN};
+use super::{AuditError, FORMAT_VERSION, MAX_BINDING_DOCUMENT, MAX_CHECKPOINT_LEN};
 
-/// Domain label of the checkpoint signature: the signed message is
-/// `CHECKPOINT_DOMAIN ‖ signed body`.
-pub const CHECKPOINT_DOMAIN: &[u8] = b"keygate/v1/audit-checkpoint";
+pub use crate::binding::{chain_id_of, CHECKPOINT_DOMAIN};
 /// Length of the signed body: version, chain id, seq, head, time.
 pub const SIGNED_BODY_LEN: usize = 1 + 48 + 8 + 48 + 8;
-
-/// The chain id of a checkpoint key: `SHA-384(CHAIN_DOMAIN ‖ point)`. Entry 1 records it as
-/// `prev`, every entry as `chain_id`, and the binding document as `user_data`.
-pub fn chain_id_of(point: &[u8]) -> [u8; 48] {
-    let mut h = Sha384::new();
-    h.update(CHAIN_DOMAIN);
-    h.update(point);
-    h.finalize().into()
-}
 
 /// The `user_data` the binding attestation document must carry (the chain id).
 pub fn binding_user_data(point: &[u8]) -> [u8; 48] {

@@ -30,7 +30,7 @@ use super::trail::{attested_key, NotAttested, TrailOptions};
 use super::{FORMAT_VERSION, MAX_CHECKPOINT_LEN};
 
 /// Domain label of the durability receipt signature.
-pub const POLICY_RECEIPT_DOMAIN: &[u8] = b"keygate/v1/policy-durable";
+pub use crate::binding::POLICY_RECEIPT_DOMAIN;
 /// Length of the signed body (without the domain).
 pub const POLICY_RECEIPT_BODY_LEN: usize = 1 + 48 + 8 + 8 + 48 + 8;
 /// Largest encoded durability receipt (as a checkpoint: body, key, signature, binding).

@@ -7,15 +7,13 @@
 use std::collections::BTreeMap;
 
 use keygate_attestation::{DocumentKind, VerifiedAttestation};
-use sha2::{Digest, Sha384};
 
 use super::codec::{record, DecodeError, ReadAudit, Reader, WriteAudit, Writer};
 use super::history::AuditHead;
 use super::{FORMAT_VERSION, MAX_ANONYMOUS_CODES, MAX_ENTRY_LEN, MAX_KEYS, MAX_TEXT};
 use crate::codec::Id;
 
-/// Domain label of an entry's digest: `SHA-384(ENTRY_DOMAIN ‖ entry bytes)`.
-pub const ENTRY_DOMAIN: &[u8] = b"keygate/v1/audit-entry";
+pub use crate::binding::{entry_digest, ENTRY_DOMAIN};
 
 /// The attested party a decision was about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -500,15 +498,6 @@ pub struct AuditEntry {
     policy_version: u64,
     event: AuditEvent,
     raw: Vec<u8>,
-}
-
-/// `SHA-384(ENTRY_DOMAIN ‖ bytes)`: the digest of an encoded entry, which the next entry
-/// records as `prev` and a checkpoint signs as `head`.
-pub fn entry_digest(bytes: &[u8]) -> [u8; 48] {
-    let mut h = Sha384::new();
-    h.update(ENTRY_DOMAIN);
-    h.update(bytes);
-    h.finalize().into()
 }
 
 impl AuditEntry {

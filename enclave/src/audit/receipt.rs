@@ -35,7 +35,7 @@ use super::trail::TrailSummary;
 use super::FORMAT_VERSION;
 
 /// Domain label of the receipt signature.
-pub const RECEIPT_DOMAIN: &[u8] = b"keygate/v1/audit-receipt";
+pub use crate::binding::RECEIPT_DOMAIN;
 /// Length of the signed body: version, chain id, seq, entry digest, document digest.
 pub const RECEIPT_BODY_LEN: usize = 1 + 48 + 8 + 48 + 48;
 /// Length of an encoded receipt: the signed body, the audit key and the signature.

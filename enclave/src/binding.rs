@@ -1,0 +1,263 @@
+//! Every domain-separated digest, transcript hash and key-derivation label of keygate, in
+//! one place: the exact bytes each one covers.
+//!
+//! What this module decides: the domain tag and the byte order of every value that binds
+//! one thing to another — a request to an attestation (`user_data`), a handshake to the
+//! wrapped keys, an unseal session to a share, a KRE image to an audit chain. A tag is never
+//! reused for two purposes, so a digest made for one cannot be replayed as another. What it
+//! trusts: nothing; these are pure functions of their arguments. The spec is
+//! `docs/protocol.md` (release handshake, custody and unseal) and `docs/audit.md` (entries,
+//! checkpoints, receipts), which point here for the byte layouts.
+//!
+//! Notation: `‖` is concatenation, `str8(s)` is `len:u8 ‖ s`, `u64be` a big-endian `u64`.
+
+use sha2::{Digest, Sha384};
+
+use crate::codec::{Id, Writer};
+
+/// Salt of the data-key derivation (HKDF-SHA384, [`data_key_info`]).
+pub const DATA_KEY: &[u8] = b"keygate/v1/data-key";
+/// Prefix of the wrapping key's HKDF info ([`wrap_info`]).
+pub const WRAP: &[u8] = b"keygate/v1/wrap";
+/// Salt of the sealed-state subkey (HKDF-SHA384, [`sealed_state_info`]).
+pub const SEALED_STATE: &[u8] = b"keygate/v1/sealed-state";
+/// Prefix of a share envelope's HKDF info ([`share_envelope_info`]).
+pub const SHARE_ENVELOPE: &[u8] = b"keygate/v1/share-envelope";
+/// HKDF info of the key a custodian re-encrypts its share under (salt: [`UnsealTranscript::hash`]).
+pub const UNSEAL_SHARE: &[u8] = b"keygate/v1/unseal-share";
+/// Domain label of an audit entry's digest ([`entry_digest`]).
+pub const ENTRY_DOMAIN: &[u8] = b"keygate/v1/audit-entry";
+/// Domain label of the audit chain id ([`chain_id_of`]), which is also the `user_data` of
+/// the document binding the checkpoint key.
+pub const CHAIN_DOMAIN: &[u8] = b"keygate/v1/audit-chain";
+/// Domain label of a checkpoint signature: the signed message is
+/// `CHECKPOINT_DOMAIN ‖ signed body` (`docs/audit.md`).
+pub const CHECKPOINT_DOMAIN: &[u8] = b"keygate/v1/audit-checkpoint";
+/// Domain label of a release receipt signature: `RECEIPT_DOMAIN ‖ receipt body`.
+pub const RECEIPT_DOMAIN: &[u8] = b"keygate/v1/audit-receipt";
+/// Domain label of a policy receipt signature: `POLICY_RECEIPT_DOMAIN ‖ receipt body`.
+pub const POLICY_RECEIPT_DOMAIN: &[u8] = b"keygate/v1/policy-durable";
+
+fn sha384(parts: &[&[u8]]) -> [u8; 48] {
+    let mut h = Sha384::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().into()
+}
+
+/// The digest a client puts in its attestation's `user_data`, binding the request:
+/// `SHA-384("keygate/v1/release-request" ‖ str8(cluster_id) ‖ u8(n) ‖ str8(key_id)×n)`.
+pub fn request_digest(cluster_id: &Id, key_ids: &[Id]) -> [u8; 48] {
+    let mut w = Writer::from_vec(b"keygate/v1/release-request".to_vec());
+    w.id(cluster_id);
+    w.u8(u8::try_from(key_ids.len()).unwrap_or(u8::MAX));
+    for k in key_ids {
+        w.id(k);
+    }
+    sha384(&[&w.into_bytes()])
+}
+
+/// `user_data` of the KRE's attestation in a Challenge, binding it to this connection:
+/// `SHA-384("keygate/v1/kre-challenge" ‖ server_nonce)`.
+pub fn kre_user_data(server_nonce: &[u8; 32]) -> [u8; 48] {
+    sha384(&[b"keygate/v1/kre-challenge", server_nonce])
+}
+
+/// The release transcript `T`, the salt of every wrapping key and the start of its AAD:
+/// `SHA-384("keygate/v1/transcript" ‖ client_nonce ‖ server_nonce ‖ SHA-384(kre_attestation)
+/// ‖ SHA-384(client_attestation) ‖ request_digest ‖ ephemeral_point)`.
+pub fn transcript(
+    client_nonce: &[u8; 32],
+    server_nonce: &[u8; 32],
+    kre_attestation_sha384: &[u8; 48],
+    client_attestation_sha384: &[u8; 48],
+    request_digest: &[u8; 48],
+    ephemeral_point: &[u8],
+) -> [u8; 48] {
+    sha384(&[
+        b"keygate/v1/transcript",
+        client_nonce,
+        server_nonce,
+        kre_attestation_sha384,
+        client_attestation_sha384,
+        request_digest,
+        ephemeral_point,
+    ])
+}
+
+/// HKDF info of a data key (salt [`DATA_KEY`], ikm the KEK):
+/// `str8(cluster) ‖ str8(key_id) ‖ u32be(version)`.
+pub fn data_key_info(cluster: &Id, key_id: &Id, version: u32) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.id(cluster);
+    w.id(key_id);
+    w.u32(version);
+    w.into_bytes()
+}
+
+/// `prefix ‖ str8(key_id) ‖ u32be(version)`: with `prefix` = [`WRAP`], the HKDF info of a
+/// wrapping key (salt `T`, ikm the ECDH secret); with an empty prefix, the part of the
+/// wrap's AAD after `T`.
+pub fn wrap_info(prefix: &[u8], key_id: &Id, version: u32) -> Vec<u8> {
+    let mut w = Writer::from_vec(prefix.to_vec());
+    w.id(key_id);
+    w.u32(version);
+    w.into_bytes()
+}
+
+/// HKDF info of the sealed-state subkey (salt [`SEALED_STATE`], ikm the state key):
+/// `u64be(generation) ‖ custodian_set_digest`.
+pub fn sealed_state_info(generation: u64, custodian_set_digest: &[u8; 48]) -> [u8; 56] {
+    let mut info = [0u8; 56];
+    info[..8].copy_from_slice(&generation.to_be_bytes());
+    info[8..].copy_from_slice(custodian_set_digest);
+    info
+}
+
+/// The canonical digest of a custodian set (in the sealed state header and every envelope):
+/// `SHA-384("keygate/v1/custodian-set" ‖ u8(threshold) ‖ u8(n) ‖ key×n)`, keys uncompressed
+/// P-384 points in set order.
+pub fn custodian_set_digest<K: AsRef<[u8]>>(threshold: u8, count: u8, keys: &[K]) -> [u8; 48] {
+    let mut h = Sha384::new();
+    h.update(b"keygate/v1/custodian-set");
+    h.update([threshold, count]);
+    for k in keys {
+        h.update(k);
+    }
+    h.finalize().into()
+}
+
+/// HKDF info of a share envelope's key:
+/// `"keygate/v1/share-envelope" ‖ set_digest ‖ u8(x) ‖ custodian ‖ ephemeral`.
+pub fn share_envelope_info(set_digest: &[u8; 48], x: u8, custodian: &[u8], ephemeral: &[u8]) -> Vec<u8> {
+    [SHARE_ENVELOPE, set_digest, &[x], custodian, ephemeral].concat()
+}
+
+/// What a re-encrypted unseal share is bound to.
+#[derive(Debug, Clone, Copy)]
+pub struct UnsealTranscript<'a> {
+    /// SHA-384 of the KRE's unseal attestation document.
+    pub kre_attestation_sha384: &'a [u8; 48],
+    /// The KRE's unseal nonce.
+    pub unseal_nonce: &'a [u8; 32],
+    /// The KRE's ephemeral key K.
+    pub kre_public: &'a [u8],
+    /// The digest of the custodian set.
+    pub set_digest: &'a [u8; 48],
+    /// The generation being unsealed.
+    pub generation: u64,
+    /// The share index.
+    pub x: u8,
+    /// The custodian's key C_x.
+    pub custodian: &'a [u8],
+    /// The custodian's fresh ephemeral key E.
+    pub ephemeral: &'a [u8],
+}
+
+impl UnsealTranscript<'_> {
+    /// `SHA-384("keygate/v1/unseal" ‖ SHA-384(kre_attestation) ‖ unseal_nonce ‖ K ‖ set_digest
+    /// ‖ u64be(generation) ‖ u8(x) ‖ C_x ‖ E)`: the HKDF salt of the re-encrypted share.
+    pub fn hash(&self) -> [u8; 48] {
+        sha384(&[
+            b"keygate/v1/unseal",
+            self.kre_attestation_sha384,
+            self.unseal_nonce,
+            self.kre_public,
+            self.set_digest,
+            &self.generation.to_be_bytes(),
+            &[self.x],
+            self.custodian,
+            self.ephemeral,
+        ])
+    }
+}
+
+/// `user_data` of the KRE's unseal attestation:
+/// `SHA-384("keygate/v1/unseal-offer" ‖ unseal_nonce ‖ u64be generation ‖ set_digest ‖ SHA-384(shares file))`.
+/// Its `public_key` is `K`.
+pub fn unseal_user_data(
+    unseal_nonce: &[u8; 32],
+    generation: u64,
+    set_digest: &[u8; 48],
+    shares_sha384: &[u8; 48],
+) -> [u8; 48] {
+    sha384(&[b"keygate/v1/unseal-offer", unseal_nonce, &generation.to_be_bytes(), set_digest, shares_sha384])
+}
+
+/// `user_data` of the KRE's reshare attestation: as [`unseal_user_data`], with the new set:
+/// `SHA-384("keygate/v1/reshare-offer" ‖ nonce ‖ u64be generation ‖ set_digest ‖ SHA-384(shares) ‖ new_set_digest)`.
+pub fn reshare_user_data(
+    nonce: &[u8; 32],
+    generation: u64,
+    set_digest: &[u8; 48],
+    shares_sha384: &[u8; 48],
+    new_set_digest: &[u8; 48],
+) -> [u8; 48] {
+    sha384(&[b"keygate/v1/reshare-offer", nonce, &generation.to_be_bytes(), set_digest, shares_sha384, new_set_digest])
+}
+
+/// `user_data` of the genesis attestation that travels with the shares file:
+/// `SHA-384("keygate/v1/genesis" ‖ shares file)`. It shows custodians that the shares were
+/// made inside a genuine KRE (so nobody outside knows the state key).
+pub fn genesis_user_data(shares_file: &[u8]) -> [u8; 48] {
+    sha384(&[b"keygate/v1/genesis", shares_file])
+}
+
+/// `SHA-384(ENTRY_DOMAIN ‖ bytes)`: the digest of an encoded audit entry, which the next
+/// entry records as `prev` and a checkpoint signs as `head`.
+pub fn entry_digest(bytes: &[u8]) -> [u8; 48] {
+    sha384(&[ENTRY_DOMAIN, bytes])
+}
+
+/// The chain id of a checkpoint key: `SHA-384(CHAIN_DOMAIN ‖ point)`. Entry 1 records it as
+/// `prev`, every entry as `chain_id`, and the binding document as `user_data`.
+pub fn chain_id_of(point: &[u8]) -> [u8; 48] {
+    sha384(&[CHAIN_DOMAIN, point])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(parts: &[&[u8]]) -> [u8; 48] {
+        let mut d = Sha384::new();
+        for p in parts {
+            d.update(p);
+        }
+        d.finalize().into()
+    }
+
+    #[test]
+    fn request_and_challenge_digests_cover_the_documented_bytes() {
+        let c = Id::new("prod").expect("id");
+        let k = [Id::new("a").expect("id"), Id::new("bc").expect("id")];
+        assert_eq!(request_digest(&c, &k), h(&[b"keygate/v1/release-request", b"\x04prod\x02\x01a\x02bc"]));
+        assert_eq!(kre_user_data(&[7; 32]), h(&[b"keygate/v1/kre-challenge", &[7; 32]]));
+        assert_eq!(
+            transcript(&[1; 32], &[2; 32], &[3; 48], &[4; 48], &[5; 48], &[6; 97]),
+            h(&[b"keygate/v1/transcript", &[1; 32], &[2; 32], &[3; 48], &[4; 48], &[5; 48], &[6; 97]])
+        );
+    }
+
+    #[test]
+    fn kdf_inputs_are_the_documented_bytes() {
+        let c = Id::new("c").expect("id");
+        let k = Id::new("kk").expect("id");
+        assert_eq!(data_key_info(&c, &k, 3), b"\x01c\x02kk\x00\x00\x00\x03".to_vec());
+        assert_eq!(wrap_info(WRAP, &k, 1), [WRAP, b"\x02kk\x00\x00\x00\x01"].concat());
+        assert_eq!(sealed_state_info(1, &[9; 48])[..8], [0, 0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(share_envelope_info(&[1; 48], 2, &[3], &[4]), [SHARE_ENVELOPE, &[1; 48], &[2, 3, 4]].concat());
+        assert_eq!(
+            custodian_set_digest(1, 2, &[[5u8; 97], [6; 97]]),
+            h(&[b"keygate/v1/custodian-set", &[1, 2], &[5; 97], &[6; 97]])
+        );
+    }
+
+    #[test]
+    fn audit_digests_are_domain_separated() {
+        assert_eq!(entry_digest(b"e"), h(&[b"keygate/v1/audit-entry", b"e"]));
+        assert_eq!(chain_id_of(b"p"), h(&[b"keygate/v1/audit-chain", b"p"]));
+        assert_ne!(entry_digest(b"p"), chain_id_of(b"p"));
+    }
+}
