@@ -230,8 +230,8 @@ mod tests {
 
     #[test]
     fn request_and_challenge_digests_cover_the_documented_bytes() {
-        let c = Id::new("prod").expect("id");
-        let k = [Id::new("a").expect("id"), Id::new("bc").expect("id")];
+        let c = id("prod");
+        let k = [id("a"), id("bc")];
         assert_eq!(request_digest(&c, &k), h(&[b"keygate/v1/release-request", b"\x04prod\x02\x01a\x02bc"]));
         assert_eq!(kre_user_data(&[7; 32]), h(&[b"keygate/v1/kre-challenge", &[7; 32]]));
         assert_eq!(
@@ -242,8 +242,8 @@ mod tests {
 
     #[test]
     fn kdf_inputs_are_the_documented_bytes() {
-        let c = Id::new("c").expect("id");
-        let k = Id::new("kk").expect("id");
+        let c = id("c");
+        let k = id("kk");
         assert_eq!(data_key_info(&c, &k, 3), b"\x01c\x02kk\x00\x00\x00\x03".to_vec());
         assert_eq!(wrap_info(WRAP, &k, 1), [WRAP, b"\x02kk\x00\x00\x00\x01"].concat());
         assert_eq!(sealed_state_info(1, &[9; 48])[..8], [0, 0, 0, 0, 0, 0, 0, 1]);
@@ -259,5 +259,19 @@ mod tests {
         assert_eq!(entry_digest(b"e"), h(&[b"keygate/v1/audit-entry", b"e"]));
         assert_eq!(chain_id_of(b"p"), h(&[b"keygate/v1/audit-chain", b"p"]));
         assert_ne!(entry_digest(b"p"), chain_id_of(b"p"));
+    }
+
+    fn id(s: &str) -> Id {
+        Id::new(s).expect("id")
+    }
+
+    #[test]
+    fn request_digest_binds_every_field() {
+        let a = request_digest(&id("c"), &[id("k1"), id("k2")]);
+        assert_ne!(a, request_digest(&id("d"), &[id("k1"), id("k2")]));
+        assert_ne!(a, request_digest(&id("c"), &[id("k2"), id("k1")]));
+        assert_ne!(a, request_digest(&id("c"), &[id("k1")]));
+        // Length prefixes prevent ambiguity between ("ck", "1") and ("c", "k1").
+        assert_ne!(request_digest(&id("ck"), &[id("1")]), request_digest(&id("c"), &[id("k1")]));
     }
 }

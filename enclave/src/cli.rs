@@ -22,8 +22,8 @@ use std::time::Duration;
 use keygate_attestation::{HardwareNsm, Nsm, NsmError, TrustAnchor, Verifier};
 
 use crate::core::{Kre, KreConfig};
-use crate::server::{self, ServerConfig};
-use crate::transport::{Addr, Listener};
+use crate::net::server::{self, ServerConfig};
+use crate::net::transport::{Addr, Listener};
 use crate::wire::Channel;
 
 /// The NSM backend every binary has: the Nitro Secure Module at `/dev/nsm`.
@@ -449,7 +449,7 @@ fn beside(release: &Addr, channel: Channel) -> Addr {
 }
 
 /// The custodian set from `--custodian` and `--custodian-threshold`.
-fn custodian_set(args: &EnclaveArgs) -> Result<Option<crate::custody::CustodianSet>, String> {
+fn custodian_set(args: &EnclaveArgs) -> Result<Option<crate::state::custody::CustodianSet>, String> {
     if args.custodians.is_empty() {
         if args.custodian_threshold.is_some() {
             return Err("--custodian-threshold needs --custodian".into());
@@ -472,7 +472,7 @@ fn custodian_set(args: &EnclaveArgs) -> Result<Option<crate::custody::CustodianS
             .map_err(|_| format!("--custodian {}: not an uncompressed P-384 point", path.display()))?;
         keys.push(point);
     }
-    crate::custody::CustodianSet::new(crypto, threshold, keys).map(Some).map_err(|e| format!("custodians: {e}"))
+    crate::state::custody::CustodianSet::new(crypto, threshold, keys).map(Some).map_err(|e| format!("custodians: {e}"))
 }
 
 #[cfg(test)]

@@ -21,10 +21,10 @@ use keygate_attestation::{AttestRequest, Nsm, UnknownFields, Verifier, VerifyErr
 use sha2::{Digest, Sha384};
 
 use crate::audit::{AnonymousTally, AuditConfig, AuditError, AuditEvent, AuditLog, AuditSigner, Requester, MAX_TEXT};
-use crate::custody::{CustodianSet, UnsealShare};
-use crate::keys::{self, Kek, KekStatus, KekStore, Transcript, WrappingKey};
+use crate::crypto::keys::{self, Kek, KekStatus, KekStore, Transcript, WrappingKey};
 use crate::nonces::{NonceTable, Redeem};
-use crate::vault::{self, Custody, Phase, UnsealOutcome, Vault, VaultError};
+use crate::state::custody::{CustodianSet, UnsealShare};
+use crate::state::vault::{self, Custody, Phase, UnsealOutcome, Vault, VaultError};
 use crate::wire::{self, ty, Channel, DenyCode, Id, Message, StateReport, WireError};
 
 /// Most KEK versions released per key id: the current one and up to three older active ones

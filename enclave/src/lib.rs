@@ -1,30 +1,48 @@
 //! keygate-enclave: the key release enclave (KRE).
 //!
-//! - [`wire`]: the framed wire format (docs/protocol.md).
-//! - [`core`]: the per-connection state machine and every release decision, without I/O.
-//! - [`keys`]: KEKs, data-key derivation, wrapping to an attested key.
-//! - [`nonces`]: the bounded, single-use challenge table.
-//! - [`client`]: the control-plane side of the handshake, without I/O.
-//! - [`transport`], [`io`], [`server`]: the thin tokio adapters (Unix sockets, vsock).
-//! - [`cli`]: the KRE's command line and start-up, shared by the production binary
-//!   (`keygate-enclave`, hardware NSM only) and the development one (`keygate-enclave-dev`).
+//! The crate is layered; a module imports only from its own layer and the layers listed
+//! before it (`tests/layers.rs` checks every `crate::` and `super::` path):
+//!
+//! 1. [`codec`]: the one never-panicking byte `Reader`/`Writer` and the validated [`codec::Id`];
+//!    decides how fields are laid out and that a malformed input is a typed error naming the field.
+//! 2. [`binding`]: every domain-separated digest, transcript hash and KDF label; decides the
+//!    exact bytes each binding covers.
+//! 3. [`crypto`]: KEKs, data-key derivation, wrapping to an attested key, Shamir; decides how
+//!    keys derive, wrap and split.
+//! 4. [`audit`]: entries, chain, checkpoints, receipts and trail verification; decides what a
+//!    trail is and when the KRE's buffer refuses (fail closed).
+//! 5. [`state`]: the sealed format, custody (sets, shares, envelopes) and the vault state
+//!    machine; decides what is durable and which KEK versions may be used. Above `audit`
+//!    because the sealed state carries an audit head.
+//! 6. [`wire`]: frames, messages, channels, deny codes; decides the bytes on every channel.
+//! 7. `kre` ([`core`], [`nonces`]): the KRE's parts and the per-connection state machine;
+//!    decides every release, policy, state and unseal step, without I/O.
+//! 8. [`peer`]: the other ends (control-plane client, custodian), without I/O; never uses `kre`.
+//! 9. [`net`]: transports, framed I/O with budgets, the server binding channels to
+//!    listeners; the only tokio code.
+//! 10. [`cli`] and [`policy_file`]: the KRE's command line and start-up, shared by the
+//!     production binary (`keygate-enclave`, hardware NSM only) and the development one
+//!     (`keygate-enclave-dev`).
 #![forbid(unsafe_code)]
 
-pub mod audit;
-pub mod binding;
-pub mod cli;
-pub mod client;
 pub mod codec;
-pub mod core;
-pub mod custodian;
-pub mod custody;
-pub mod io;
-pub mod keys;
-pub mod nonces;
-pub mod policy_file;
-pub mod sealed;
-pub mod server;
-pub mod shamir;
-pub mod transport;
-pub mod vault;
+
+pub mod binding;
+
+pub mod crypto;
+
+pub mod audit;
+
+pub mod state;
+
 pub mod wire;
+
+pub mod core;
+pub mod nonces;
+
+pub mod peer;
+
+pub mod net;
+
+pub mod cli;
+pub mod policy_file;

@@ -11,10 +11,10 @@ use keygate_attestation::mock::MockNsm;
 use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
 use keygate_attestation::{DocumentKind, PcrExpectation, Verifier};
 use keygate_enclave::audit::AuditEvent;
-use keygate_enclave::client::{self, ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::core::{Connection, Env, Event, Kre, KreConfig, Step};
-use keygate_enclave::custodian::{self, CustodianError, CustodianRecord, Expectations};
-use keygate_enclave::custody::CustodianSet;
+use keygate_enclave::peer::client::{self, ClientError, FetchRequest, ReleasedKey};
+use keygate_enclave::peer::custodian::{self, CustodianError, CustodianRecord, Expectations};
+use keygate_enclave::state::custody::CustodianSet;
 use keygate_enclave::wire::{Channel, DenyCode, Id, Message, StateReport};
 
 const T: u64 = 1_795_478_400_000 + 7 * 3_600_000;
@@ -412,7 +412,7 @@ fn reshare_to_a_new_set_needs_a_quorum_of_the_old_one_and_keeps_the_keys() {
     let mut store = None;
     sync(&k1, &mut store);
     let keys = fetch(&k1).expect("released");
-    let set_bytes = keygate_enclave::vault::encode_set(&new.set);
+    let set_bytes = keygate_enclave::state::vault::encode_set(&new.set);
     let digest = new.set.digest();
 
     // Without a reshare in progress, an approval is refused by the custodian itself.
@@ -532,7 +532,7 @@ fn a_failing_nsm_random_source_changes_no_durable_state() {
     // A reshare: the last approval draws the new state key and its shares — it fails with the
     // NSM and nothing of it is kept; then the export of the reshared state fails the same way.
     let new = custodians(2, 2, 12);
-    report(&k, Message::ReshareStart { set: keygate_enclave::vault::encode_set(&new.set) });
+    report(&k, Message::ReshareStart { set: keygate_enclave::state::vault::encode_set(&new.set) });
     assert_eq!(approve(&k, &c, 0, Some(new.set.digest())).expect("first approval"), (1, 2, false, 1));
     fail.store(true, Ordering::SeqCst);
     assert!(matches!(
@@ -547,7 +547,7 @@ fn a_failing_nsm_random_source_changes_no_durable_state() {
     fail.store(false, Ordering::SeqCst);
     let r = report(&k, Message::StatePoll);
     assert_eq!(r.export_generation, 2);
-    let header = keygate_enclave::sealed::peek_header(&r.blob).expect("header");
+    let header = keygate_enclave::state::sealed::peek_header(&r.blob).expect("header");
     assert_ne!(header.nonce, [0; 12], "sealed with a drawn nonce, not an unfilled buffer");
     assert_eq!(sync(&k, &mut store), 2);
     assert_eq!(fetch(&k).expect("released"), keys);

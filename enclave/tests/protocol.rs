@@ -10,8 +10,8 @@ use keygate_attestation::mock::MockNsm;
 use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
 use keygate_attestation::{AttestRequest, DocumentKind, Nsm, PcrExpectation, Verifier};
 use keygate_enclave::audit::{Receipt, ReceiptError};
-use keygate_enclave::client::{self, AwaitReleased, ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::core::{Connection, Env, Event, Kre, KreConfig, Step};
+use keygate_enclave::peer::client::{self, AwaitReleased, ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::wire::{self, Channel, DenyCode, Id, Message};
 
 const T: u64 = 1_795_478_400_000 + 7 * 3_600_000;
@@ -587,7 +587,7 @@ fn the_released_point_is_the_one_the_challenge_attested() {
 /// refused: the wrap is not under the attested point.
 #[test]
 fn client_refuses_a_released_from_anyone_but_the_attested_kre() {
-    use keygate_enclave::keys::{self, Transcript, WrappingKey};
+    use keygate_enclave::crypto::keys::{self, Transcript, WrappingKey};
     use sha2::{Digest, Sha384};
     let kre = kre();
     let cpi = cpi(0x10);

@@ -9,10 +9,10 @@ use keygate_attestation::crypto::{default_backend, p384_scalar_from, P384Scalar}
 use keygate_attestation::mock::MockNsm;
 use keygate_attestation::secret::Secret;
 use keygate_attestation::{PcrExpectation, Verifier};
-use keygate_enclave::custodian::{self, Expectations};
-use keygate_enclave::custody::{CustodianSet, SharesFile, UnsealShare};
-use keygate_enclave::sealed;
-use keygate_enclave::vault::{Custody, Vault};
+use keygate_enclave::peer::custodian::{self, Expectations};
+use keygate_enclave::state::custody::{CustodianSet, SharesFile, UnsealShare};
+use keygate_enclave::state::sealed;
+use keygate_enclave::state::vault::{Custody, Vault};
 use libfuzzer_sys::fuzz_target;
 
 struct Fixture {

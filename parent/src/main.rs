@@ -60,7 +60,7 @@ enum Command {
     Status {
         /// The KRE's parent channel (`--parent-listen`; never proxied).
         #[arg(long)]
-        kre: keygate_enclave::transport::Addr,
+        kre: keygate_enclave::net::transport::Addr,
     },
     /// The KRE's sealed state on the parent: store and commit what it exports, hand a
     /// restarted KRE its stored state (docs/durability.md).

@@ -14,7 +14,7 @@ use keygate_attestation::crypto::default_backend;
 use keygate_attestation::secret::Secret;
 use keygate_attestation::{TrustAnchor, Verifier, VerifyOptions};
 use keygate_enclave::audit::{AuditSigner, Receipt};
-use keygate_enclave::keys::{self, Transcript, WrappingKey};
+use keygate_enclave::crypto::keys::{self, Transcript, WrappingKey};
 use keygate_enclave::wire::{self, Message};
 use sha2::{Digest, Sha384};
 

@@ -391,7 +391,7 @@ fn no_kek_share_state_key_or_data_key_in_any_output_log_or_file() {
     use base64::Engine;
     use keygate_attestation::crypto::default_backend;
     use keygate_attestation::secret::Secret;
-    use keygate_enclave::custody::SharesFile;
+    use keygate_enclave::state::custody::SharesFile;
     use p384::pkcs8::DecodePrivateKey;
 
     let dir = tempfile::tempdir().expect("tmp");
@@ -457,9 +457,9 @@ fn no_kek_share_state_key_or_data_key_in_any_output_log_or_file() {
     };
     let opened: Vec<_> =
         ["c1", "c2", "c3"].iter().map(|n| shares.open_share(c, &scalar(n)).expect("my share")).collect();
-    let state_key = keygate_enclave::shamir::combine(&opened[..2], 2).expect("combine");
+    let state_key = keygate_enclave::crypto::shamir::combine(&opened[..2], 2).expect("combine");
     let blob = std::fs::read(state.join("state.current")).expect("state");
-    let kre_state = keygate_enclave::sealed::open(&blob, &state_key, c).expect("open the sealed state");
+    let kre_state = keygate_enclave::state::sealed::open(&blob, &state_key, c).expect("open the sealed state");
     let mut secrets: Vec<(String, Vec<u8>)> = vec![("state key".into(), state_key.expose().to_vec())];
     for sh in &opened {
         secrets.push((format!("share {}", sh.x), sh.y.expose().to_vec()));

@@ -487,7 +487,7 @@ fn production_enclave_binary_has_no_mock_nsm() {
 
 #[test]
 fn vsock_transport_is_skipped_without_loopback() {
-    if let Err(why) = keygate_enclave::transport::vsock_loopback() {
+    if let Err(why) = keygate_enclave::net::transport::vsock_loopback() {
         eprintln!("SKIPPED vsock end-to-end: {why}");
         return;
     }

@@ -132,7 +132,7 @@ pub(crate) fn run(cmd: AttestationCommand) -> Result<(), CliError> {
     }
 }
 
-pub(crate) use keygate_enclave::server::now_ms;
+pub(crate) use keygate_enclave::net::server::now_ms;
 
 /// Reads a trust anchor: the given PEM file, or the built-in AWS root.
 pub(crate) fn load_anchor(root: Option<&Path>) -> Result<TrustAnchor, CliError> {

@@ -34,7 +34,7 @@ pub(crate) enum AuditCommand {
 pub(crate) struct PullArgs {
     /// The KRE's parent channel (`--parent-listen`; never proxied).
     #[arg(long)]
-    kre: keygate_enclave::transport::Addr,
+    kre: keygate_enclave::net::transport::Addr,
     /// The audit directory: the first KRE run's chain, and each later run's in
     /// `DIR/chain-<chain id prefix>` (`audit verify DIR` checks them all and their links).
     #[arg(long)]
@@ -196,15 +196,15 @@ pub(crate) fn run(cmd: AuditCommand) -> Result<(), CliError> {
 
 /// One request/answer exchange with the KRE.
 pub(crate) fn exchange(
-    kre: &keygate_enclave::transport::Addr,
+    kre: &keygate_enclave::net::transport::Addr,
     msg: &keygate_enclave::wire::Message,
 ) -> Result<keygate_enclave::wire::Message, CliError> {
-    use keygate_enclave::io::{read_frame, write_frame};
+    use keygate_enclave::net::io::{read_frame, write_frame};
     let rt =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
     rt.block_on(async {
         let t = std::time::Duration::from_secs(10);
-        let mut s = keygate_enclave::transport::connect(kre, t)
+        let mut s = keygate_enclave::net::transport::connect(kre, t)
             .await
             .map_err(|e| CliError::io(format!("connecting to {kre}"), e))?;
         let frame = msg.encode().map_err(|e| CliError::input(e.to_string()))?;
@@ -230,7 +230,7 @@ fn stored_last(dir: &Path) -> Result<u64, CliError> {
 /// `wait_ms` for an entry after it (0: answer at once), so a follower stores each entry as
 /// soon as it is written: the KRE withholds a release's answer until then.
 pub(crate) fn pull_once(
-    kre: &keygate_enclave::transport::Addr,
+    kre: &keygate_enclave::net::transport::Addr,
     dir: &Path,
     after: Option<u64>,
     wait_ms: u16,
@@ -284,7 +284,7 @@ pub(crate) fn pull_once(
 }
 
 /// `keygate status --kre ADDR`.
-pub(crate) fn status(kre: &keygate_enclave::transport::Addr) -> Result<(), CliError> {
+pub(crate) fn status(kre: &keygate_enclave::net::transport::Addr) -> Result<(), CliError> {
     match exchange(kre, &keygate_enclave::wire::Message::Status)? {
         keygate_enclave::wire::Message::StatusReport { json } => {
             println!("{json}");
@@ -333,7 +333,7 @@ fn pull(a: PullArgs) -> Result<(), CliError> {
                 let wait = backoff.next_wait();
                 eprintln!(
                     "keygate: {} audit pull: {}; retrying in {} s",
-                    fmt_time(keygate_enclave::server::now_ms()),
+                    fmt_time(keygate_enclave::net::server::now_ms()),
                     e.message,
                     wait.as_secs()
                 );
@@ -377,7 +377,7 @@ impl Backoff {
 /// beside the runs before it (`audit verify dir` checks every run and the links between
 /// them). Asking the status first matters: the new chain's sequence numbers restart at
 /// 1, so pulling after the old chain's last entry would silently return nothing.
-fn run_dir(kre: &keygate_enclave::transport::Addr, dir: &Path) -> Result<PathBuf, CliError> {
+fn run_dir(kre: &keygate_enclave::net::transport::Addr, dir: &Path) -> Result<PathBuf, CliError> {
     let json = match exchange(kre, &keygate_enclave::wire::Message::Status)? {
         keygate_enclave::wire::Message::StatusReport { json } => json,
         keygate_enclave::wire::Message::Denied { code, reason } => {

@@ -5,7 +5,7 @@
 //! blob, [`super::state_store`]) and `custody.bin` (the shares file and the genesis
 //! attestation, written once at genesis, atomically). None of it is useful without M
 //! custodians and a genuine KRE. Every decision about the KRE's state is made in the KRE
-//! ([`keygate_enclave::vault`]) and by the custodians ([`keygate_enclave::custodian`]); this
+//! ([`keygate_enclave::state::vault`]) and by the custodians ([`keygate_enclave::peer::custodian`]); this
 //! module moves bytes and makes them durable.
 
 use std::path::{Path, PathBuf};
@@ -14,8 +14,8 @@ use std::time::Duration;
 use keygate_attestation::crypto::{self, Crypto};
 use keygate_attestation::secret::Secret;
 use keygate_attestation::{PcrExpectation, TrustAnchor, Verifier};
-use keygate_enclave::custodian::{self, CustodianRecord, Expectations};
-use keygate_enclave::transport::Addr;
+use keygate_enclave::net::transport::Addr;
+use keygate_enclave::peer::custodian::{self, CustodianRecord, Expectations};
 use keygate_enclave::wire::{Message, StateReport};
 use sha2::{Digest, Sha384};
 
@@ -223,7 +223,7 @@ fn any_custody(dir: &Path) -> bool {
 
 /// The custodian set digest a shares file is for.
 fn shares_set_digest(shares: &[u8]) -> Result<[u8; 48], CliError> {
-    keygate_enclave::custody::SharesFile::decode(crypto::default_backend(), shares)
+    keygate_enclave::state::custody::SharesFile::decode(crypto::default_backend(), shares)
         .map(|f| f.set().digest())
         .map_err(|e| CliError::refused(format!("the KRE exported an unreadable shares file: {e}")))
 }
@@ -372,7 +372,7 @@ fn record_path(a: &UnsealArgs) -> PathBuf {
 }
 
 fn unseal(a: &UnsealArgs) -> Result<(), CliError> {
-    use keygate_enclave::io::{read_frame, write_frame};
+    use keygate_enclave::net::io::{read_frame, write_frame};
     let c: &'static dyn Crypto = crypto::default_backend();
     let scalar = load_scalar(&a.key)?;
     let anchor = match &a.root {
@@ -402,13 +402,13 @@ fn unseal(a: &UnsealArgs) -> Result<(), CliError> {
     };
     let mut nonce = [0u8; 32];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
-    let now_ms = keygate_enclave::server::now_ms();
+    let now_ms = keygate_enclave::net::server::now_ms();
 
     let rt =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
     let (resp, progress) = rt.block_on(async {
         let t = Duration::from_secs(10);
-        let mut s = keygate_enclave::transport::connect(&a.kre, t)
+        let mut s = keygate_enclave::net::transport::connect(&a.kre, t)
             .await
             .map_err(|e| CliError::io(format!("connecting to {}", a.kre), e))?;
         let hello =
@@ -418,9 +418,9 @@ fn unseal(a: &UnsealArgs) -> Result<(), CliError> {
         // The record for this set, if any (the set digest is only known from the offer, so
         // every record is tried by on_offer's filter through the matching digest).
         let set_digest = match Message::decode(&body) {
-            Ok(Message::UnsealOffer { shares, .. }) => {
-                keygate_enclave::custody::SharesFile::decode(c, &shares).map(|f| hex::encode(f.set().digest())).ok()
-            }
+            Ok(Message::UnsealOffer { shares, .. }) => keygate_enclave::state::custody::SharesFile::decode(c, &shares)
+                .map(|f| hex::encode(f.set().digest()))
+                .ok(),
             _ => None,
         };
         let record = set_digest.and_then(|d| records.iter().find(|r| r.set_digest == d));
@@ -493,10 +493,10 @@ fn reshare(a: &ReshareArgs) -> Result<(), CliError> {
             .map_err(|_| CliError::input(format!("{}: not an uncompressed point", p.display())))?;
         keys.push(point);
     }
-    let set = keygate_enclave::custody::CustodianSet::new(c, a.new_threshold, keys)
+    let set = keygate_enclave::state::custody::CustodianSet::new(c, a.new_threshold, keys)
         .map_err(|e| CliError::input(format!("new custodian set: {e}")))?;
     let digest = hex::encode(set.digest());
-    let r = state_report(&a.kre, &Message::ReshareStart { set: keygate_enclave::vault::encode_set(&set) })?;
+    let r = state_report(&a.kre, &Message::ReshareStart { set: keygate_enclave::state::vault::encode_set(&set) })?;
     println!(
         "reshare to {} of {} custodians requested (set {digest}); {} current custodians must approve:",
         set.threshold(),

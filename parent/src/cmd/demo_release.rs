@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use keygate_attestation::mock::{system_clock, MockNsm};
 use keygate_attestation::{Nsm, PcrExpectation, Verifier};
-use keygate_enclave::client::{ClientError, FetchRequest};
-use keygate_enclave::io::{read_frame, write_frame};
-use keygate_enclave::transport::{self, Addr};
+use keygate_enclave::net::io::{read_frame, write_frame};
+use keygate_enclave::net::transport::{self, Addr};
+use keygate_enclave::peer::client::{ClientError, FetchRequest};
 use keygate_enclave::wire::{DenyCode, Id, Message};
 use keygate_tests::relay::{Attack, Relay};
 

@@ -7,9 +7,9 @@ use std::time::Duration;
 use keygate_attestation::crypto;
 use keygate_attestation::{HardwareNsm, Nsm, PcrExpectation, TrustAnchor, Verifier};
 use keygate_enclave::audit::Receipt;
-use keygate_enclave::client::{self, ClientError, FetchRequest, ReleasedKey};
-use keygate_enclave::io::{read_frame, write_frame, FrameError};
-use keygate_enclave::transport::{self, Addr};
+use keygate_enclave::net::io::{read_frame, write_frame, FrameError};
+use keygate_enclave::net::transport::{self, Addr};
+use keygate_enclave::peer::client::{self, ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::wire::Id;
 
 use crate::CliError;

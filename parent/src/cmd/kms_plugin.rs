@@ -17,8 +17,8 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use keygate_attestation::{PcrExpectation, Verifier};
-use keygate_enclave::client::FetchRequest;
-use keygate_enclave::transport::Addr;
+use keygate_enclave::net::transport::Addr;
+use keygate_enclave::peer::client::FetchRequest;
 use keygate_enclave::wire::Id;
 
 use crate::cmd::fetch::{Fetcher, NsmArgs};

@@ -10,8 +10,8 @@ use keygate_attestation::bundle::{self, ApproverKey, Bundle, PolicyBody, PolicyS
 use keygate_attestation::crypto::{self, Crypto};
 use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
 use keygate_attestation::DocumentKind;
-use keygate_enclave::io::{read_frame, write_frame};
-use keygate_enclave::transport::{self, Addr};
+use keygate_enclave::net::io::{read_frame, write_frame};
+use keygate_enclave::net::transport::{self, Addr};
 use keygate_enclave::wire::Message;
 use p384::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding};
 

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keygate_enclave::transport::{self, Addr, BoxStream, Listener};
+use keygate_enclave::net::transport::{self, Addr, BoxStream, Listener};
 use keygate_enclave::wire::{self, Channel, DenyCode, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

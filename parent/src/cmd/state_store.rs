@@ -1,6 +1,6 @@
 //! Durable storage of the KRE's sealed state on the parent.
 //!
-//! What this module decides: how a sealed blob ([`keygate_enclave::sealed`]) is written so
+//! What this module decides: how a sealed blob ([`keygate_enclave::state::sealed`]) is written so
 //! that a crash at any point leaves an intact generation on disk, and which stored
 //! generation is handed back to the KRE after a restart. What it trusts: nothing it reads;
 //! every file is checked with [`sealed::peek_header`] (lengths, trailing SHA-384) before it
@@ -33,7 +33,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
-use keygate_enclave::sealed::{self, SealedError, SealedHeader};
+use keygate_enclave::state::sealed::{self, SealedError, SealedHeader};
 
 /// The newest generation.
 pub(crate) const CURRENT: &str = "state.current";
@@ -326,7 +326,7 @@ mod tests {
 
     use keygate_attestation::crypto::default_backend;
     use keygate_attestation::secret::Secret;
-    use keygate_enclave::sealed::{seal, KreState};
+    use keygate_enclave::state::sealed::{seal, KreState};
 
     use super::*;
 
@@ -797,10 +797,10 @@ mod tests {
         use keygate_attestation::crypto::{default_backend, p384_scalar_from, P384Scalar};
         use keygate_attestation::mock::{derive_key, public_point, MockNsm};
         use keygate_attestation::{PcrExpectation, Verifier};
-        use keygate_enclave::client::{self, ClientError, FetchRequest};
         use keygate_enclave::core::{Connection, Env, Kre, KreConfig};
-        use keygate_enclave::custodian::{self, Expectations};
-        use keygate_enclave::custody::CustodianSet;
+        use keygate_enclave::peer::client::{self, ClientError, FetchRequest};
+        use keygate_enclave::peer::custodian::{self, Expectations};
+        use keygate_enclave::state::custody::CustodianSet;
         use keygate_enclave::wire::{Channel, DenyCode, Id, Message, StateReport};
         use p384::ecdsa::signature::Signer;
         use sha2::{Digest, Sha384};

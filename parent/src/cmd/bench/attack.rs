@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use keygate_enclave::wire::{self, ty, Message};
 
-use keygate_enclave::transport::Addr;
+use keygate_enclave::net::transport::Addr;
 
 use super::{fetcher, mock_client, rss_kib, start_kre, KreProc};
 use crate::CliError;

@@ -16,9 +16,9 @@ use keygate_attestation::crypto::{self, p384_scalar_from};
 use keygate_attestation::mock::{system_clock, MockNsm};
 use keygate_attestation::secret::Secret;
 use keygate_attestation::{AttestRequest, Nsm, PcrExpectation, TrustAnchor, Verifier, VerifyOptions};
-use keygate_enclave::client::FetchRequest;
-use keygate_enclave::keys::{self, Transcript};
-use keygate_enclave::transport::Addr;
+use keygate_enclave::crypto::keys::{self, Transcript};
+use keygate_enclave::net::transport::Addr;
+use keygate_enclave::peer::client::FetchRequest;
 use keygate_enclave::wire::{Id, Message};
 
 use super::fetch::Fetcher;
@@ -448,13 +448,13 @@ fn bench_memory(connections: usize, flood_seconds: u64) -> Result<(), CliError> 
                     let hello = hello.clone();
                     tokio::spawn(async move {
                         let t = Duration::from_secs(5);
-                        let Ok(mut s) = keygate_enclave::transport::connect(&Addr::Unix(sock), t).await else {
+                        let Ok(mut s) = keygate_enclave::net::transport::connect(&Addr::Unix(sock), t).await else {
                             return 0;
                         };
-                        if keygate_enclave::io::write_frame(&mut s, &hello, t).await.is_err() {
+                        if keygate_enclave::net::io::write_frame(&mut s, &hello, t).await.is_err() {
                             return 0;
                         }
-                        u64::from(keygate_enclave::io::read_frame(&mut s, t).await.is_ok())
+                        u64::from(keygate_enclave::net::io::read_frame(&mut s, t).await.is_ok())
                     })
                 })
                 .collect();

@@ -21,7 +21,7 @@ use hdrhistogram::Histogram;
 use keygate_attestation::crypto::{self, p384_scalar_from};
 use keygate_attestation::mock::{system_clock, MockNsm};
 use keygate_attestation::{AttestRequest, Nsm};
-use keygate_enclave::transport::Addr;
+use keygate_enclave::net::transport::Addr;
 
 use super::{
     cores, cpu_seconds, fetcher, latency_histogram, mock_client, plot, rate, start_call, start_kre, OnOff, OpenLoop,

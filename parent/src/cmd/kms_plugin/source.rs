@@ -263,7 +263,7 @@ pub(crate) async fn refresh_from_kre(
 /// versions only below a floor, so it cannot retire a version and keep an older one).
 pub(crate) fn version_jump(
     current: Option<u32>,
-    keys: &[keygate_enclave::client::ReleasedKey],
+    keys: &[keygate_enclave::peer::client::ReleasedKey],
     key_id: &Id,
 ) -> Option<String> {
     let held = current?;
@@ -281,7 +281,7 @@ pub(crate) fn version_jump(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keygate_enclave::client::ReleasedKey;
+    use keygate_enclave::peer::client::ReleasedKey;
 
     fn released(key: &str, versions: &[u32]) -> Vec<ReleasedKey> {
         versions

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::core::{Connection, Env, Event, Kre, Step};
-use crate::io::{read_request, write_frame, ByteBudget, FrameError};
-use crate::transport::{accept_loop, BoxStream, Listener};
+use crate::net::io::{read_request, write_frame, ByteBudget, FrameError};
+use crate::net::transport::{accept_loop, BoxStream, Listener};
 use crate::wire::{self, Channel, DenyCode, Message};
 
 /// Server limits.
@@ -30,7 +30,7 @@ pub struct ServerConfig {
     /// gives its slot back quickly).
     pub first_frame_timeout: Duration,
     /// Bytes of request bodies held at once across every connection of the release channel
-    /// (see [`crate::io::read_request`]). The parent and custodian channels each have their
+    /// (see [`crate::net::io::read_request`]). The parent and custodian channels each have their
     /// own budget, enough for a largest frame on every one of their connections, so that a
     /// flood on the release port can never make a policy push or an unseal share wait.
     pub bytes_in_flight: usize,

@@ -40,12 +40,12 @@ use sha2::{Digest, Sha384};
 
 use crate::audit::AuditHead;
 use crate::codec::Id;
-use crate::custody::{
+use crate::crypto::keys::{Kek, KekStatus};
+use crate::crypto::shamir::Share;
+use crate::state::custody::{
     self, CustodianSet, CustodyError, PublicKey, SharesFile, UnsealContext, UnsealProgress, UnsealShare,
 };
-use crate::keys::{Kek, KekStatus};
-use crate::sealed::{self, Activation, KekEntry, KreState, SealedError, SealedHeader};
-use crate::shamir::Share;
+use crate::state::sealed::{self, Activation, KekEntry, KreState, SealedError, SealedHeader};
 
 /// Largest sealed blob the KRE exports or loads: it travels in one 64 KiB frame together
 /// with the shares file and the genesis attestation. About 1,000 KEK versions with

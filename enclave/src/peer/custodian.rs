@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha384};
 
 use crate::binding;
-use crate::custody::{self, CustodyError, PublicKey, SharesFile, UnsealContext};
-use crate::vault;
+use crate::state::custody::{self, CustodyError, PublicKey, SharesFile, UnsealContext};
+use crate::state::vault;
 use crate::wire::{DenyCode, Message, WireError};
 
 /// What a custodian remembers between unseals (one record per custodian set).

@@ -2,7 +2,7 @@
 //! custodian, and how a custodian hands its share to a freshly booted, attested KRE.
 //!
 //! What this module decides: the custodian set and its canonical digest, the envelope that
-//! encrypts a Shamir share ([`crate::shamir`]) to one custodian, the shares file the parent
+//! encrypts a Shamir share ([`crate::crypto::shamir`]) to one custodian, the shares file the parent
 //! stores, and the unseal message a custodian sends to the KRE, with every check the KRE
 //! makes on it. What it trusts: the custodian set given by the caller (in production, the
 //! enclave's configuration, covered by its PCRs) and, on the custodian's side, an
@@ -38,7 +38,7 @@ use zeroize::Zeroizing;
 
 use crate::binding;
 use crate::codec::{CodecError, Reader};
-use crate::shamir::{self, ShamirError, Share};
+use crate::crypto::shamir::{self, ShamirError, Share};
 
 /// A P-384 public key, uncompressed SEC1.
 pub type PublicKey = [u8; P384_POINT_LEN];
@@ -582,7 +582,7 @@ impl UnsealSession {
 
 /// Opens `msg` for `ctx` and adds it to `shares` (one per custodian); at the set's threshold,
 /// reconstructs the key and clears (zeroizes) the shares. A refused message leaves `shares`
-/// unchanged. The one share collector of every session (unseal and reshare, `crate::vault`).
+/// unchanged. The one share collector of every session (unseal and reshare, `crate::state::vault`).
 pub fn collect_share(
     crypto: &dyn Crypto,
     set: &CustodianSet,
@@ -608,8 +608,8 @@ pub fn collect_share(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::KekStatus;
-    use crate::sealed::{self, KekEntry, KreState};
+    use crate::crypto::keys::KekStatus;
+    use crate::state::sealed::{self, KekEntry, KreState};
     use keygate_attestation::crypto::{all_backends, default_backend};
 
     fn rng(seed: u8) -> impl FnMut(&mut [u8]) {

@@ -3,8 +3,8 @@
 //! What this module decides: how the state key is split into `N` shares of which any `M`
 //! reconstruct it, and which share sets are refused. It trusts nothing: shares are checked
 //! for shape (x ≠ 0, distinct x, enough of them), not for authenticity — that is the job of
-//! the custodian envelopes ([`crate::custody`]) and, in the end, of the AEAD of the sealed
-//! state ([`crate::sealed`]): a wrong share yields a wrong key, and a wrong key fails to open
+//! the custodian envelopes ([`crate::state::custody`]) and, in the end, of the AEAD of the sealed
+//! state ([`crate::state::sealed`]): a wrong share yields a wrong key, and a wrong key fails to open
 //! the state.
 //!
 //! ```text

@@ -57,7 +57,7 @@ use zeroize::Zeroizing;
 use crate::audit::AuditHead;
 use crate::binding;
 use crate::codec::{CodecError, Id, Reader};
-use crate::keys::{Kek, KekStatus};
+use crate::crypto::keys::{Kek, KekStatus};
 
 /// First bytes of every sealed state blob.
 pub const MAGIC: [u8; 8] = *b"KGSEALED";
@@ -134,7 +134,7 @@ pub struct SealedHeader {
     /// The state's generation.
     pub generation: u64,
     /// SHA-384 digest of the custodian set whose shares open this state
-    /// ([`crate::custody::CustodianSet::digest`]).
+    /// ([`crate::state::custody::CustodianSet::digest`]).
     pub custodian_set_digest: [u8; 48],
     /// The AES-GCM nonce.
     pub nonce: [u8; 12],

@@ -22,7 +22,7 @@ use sha2::{Digest, Sha384};
 
 use crate::audit::{Receipt, ReceiptError};
 use crate::binding::kre_user_data;
-use crate::keys::{self, DataKey, Transcript};
+use crate::crypto::keys::{self, DataKey, Transcript};
 use crate::wire::{self, DenyCode, Id, Message, WireError, POINT_LEN};
 
 /// Why a fetch failed.

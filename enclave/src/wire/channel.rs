@@ -1,0 +1,78 @@
+//! The channels: which audience may send which request frame (`docs/protocol.md`,
+//! "Channels"). The server binds each channel to its own listener.
+
+use std::fmt;
+
+use super::messages::{ty, Message};
+
+/// The audiences of the KRE, each served on its own listener with its own closed set of
+/// request frames (docs/protocol.md, "Channels"). A frame of another channel is refused with
+/// `wrong_channel`: an anonymous client of the release port can never reach the parent's
+/// state and audit steps or the custodians' unseal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Channel {
+    /// Control-plane instances: Hello, Release. The only channel the proxy exposes by default.
+    Release,
+    /// The parent's daemon: state steps, audit pull and ack, status, policy pushes (signed by
+    /// the approvers; the parent only delivers them). Never proxied.
+    Parent,
+    /// Custodians: unseal and reshare. Proxied only where the operator opts in, on its own port.
+    Custodian,
+}
+
+impl Channel {
+    /// Every channel.
+    pub const ALL: [Channel; 3] = [Channel::Release, Channel::Parent, Channel::Custodian];
+
+    /// The channel whose client sends the request frame of type `ty` (the body's second byte);
+    /// `None` for a frame only the KRE sends, or an unknown type.
+    pub fn of_request_type(t: u8) -> Option<Channel> {
+        match t {
+            ty::HELLO | ty::RELEASE => Some(Channel::Release),
+            ty::POLICY_PUSH
+            | ty::POLICY_DURABLE_WAIT
+            | ty::AUDIT_PULL
+            | ty::AUDIT_WAIT
+            | ty::AUDIT_ACK
+            | ty::STATUS
+            | ty::STATE_POLL
+            | ty::STATE_GENESIS
+            | ty::STATE_LOAD
+            | ty::STATE_COMMIT => Some(Channel::Parent),
+            ty::UNSEAL_HELLO | ty::UNSEAL_SHARE | ty::RESHARE_START => Some(Channel::Custodian),
+            _ => None,
+        }
+    }
+
+    /// A stable lower-case name (flags, logs, docs).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Release => "release",
+            Channel::Parent => "parent",
+            Channel::Custodian => "custodian",
+        }
+    }
+}
+
+impl Message {
+    /// The channel of a request message (`None` for what only the KRE sends).
+    pub fn channel(&self) -> Option<Channel> {
+        Channel::of_request_type(self.type_byte())
+    }
+}
+
+impl fmt::Display for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Channel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Channel::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| format!("unknown channel `{s}` (release, parent or custodian)"))
+    }
+}
