@@ -42,20 +42,22 @@ pub mod files;
 mod history;
 mod log;
 mod receipt;
+mod signer;
 pub mod store;
 mod trail;
 
 pub use anonymous::{AnonymousTally, ANONYMOUS_PERIOD_MS, MAX_TALLY_CODE_LEN, MIN_PERIOD_MS, OTHER_CODE};
-pub use checkpoint::{binding_user_data, chain_id_of, AuditSigner, Checkpoint, CHECKPOINT_DOMAIN, SIGNED_BODY_LEN};
+pub use checkpoint::{binding_user_data, chain_id_of, Checkpoint, CHECKPOINT_DOMAIN, SIGNED_BODY_LEN};
 pub use codec::DecodeError;
 pub use durable::{
     DurablePolicy, PolicyReceipt, PolicyReceiptError, MAX_POLICY_RECEIPT_LEN, POLICY_RECEIPT_BODY_LEN,
     POLICY_RECEIPT_DOMAIN,
 };
-pub use event::{entry_digest, AuditEntry, AuditEvent, Requester, ENTRY_DOMAIN};
-pub use history::{verify_history, AuditHead, HistoryGap, HistoryReport, HistoryRun};
+pub use event::{entry_digest, AuditEntry, AuditEvent, AuditHead, Requester, ENTRY_DOMAIN};
+pub use history::{verify_history, HistoryGap, HistoryReport, HistoryRun};
 pub use log::{AuditConfig, AuditLog, AuditStatus, FOLLOWER_CHECKPOINT_EVERY_MS};
 pub use receipt::{check_receipt, Receipt, ReceiptError, RECEIPT_BODY_LEN, RECEIPT_DOMAIN, RECEIPT_LEN};
+pub use signer::AuditSigner;
 pub use trail::{verify_trail, verify_trail_with, NotAttested, TrailError, TrailOptions, TrailSummary};
 
 /// Version byte that starts every entry and checkpoint.

@@ -74,7 +74,10 @@ fn code_only(src: &str) -> String {
                     i += 1;
                 }
             }
-        } else if c == 'r' && (next == Some('"') || next == Some('#')) && !b.get(i.wrapping_sub(1)).is_some_and(|p| p.is_alphanumeric() || *p == '_') {
+        } else if c == 'r'
+            && (next == Some('"') || next == Some('#'))
+            && !b.get(i.wrapping_sub(1)).is_some_and(|p| p.is_alphanumeric() || *p == '_')
+        {
             // A raw string: r"..." or r#"..."#.
             let mut j = i + 1;
             let mut hashes = 0;
@@ -189,8 +192,53 @@ fn group_heads(s: &[char], mut i: usize) -> Vec<String> {
     heads
 }
 
-/// Every top-level module a file refers to, with the line of the reference and its text.
-fn references(file_module: &[String], code: &str) -> Vec<(usize, String, String)> {
+/// One `crate::` or `super::` path in a file.
+struct Ref {
+    line: usize,
+    /// The path from the crate root, as far as it goes (`["audit", "event", "AuditEntry"]`).
+    path: Vec<String>,
+    /// The path as written.
+    text: String,
+    /// Inside an inline `mod tests`.
+    in_tests: bool,
+}
+
+/// `ident(::ident)*` from `i`, and then, after a trailing `::{`, the first segment of each
+/// path in the group: one path per group member.
+fn paths_at(s: &[char], mut i: usize) -> (Vec<Vec<String>>, usize) {
+    let mut segs = Vec::new();
+    loop {
+        if s.get(i) == Some(&'{') {
+            let heads = group_heads(s, i + 1);
+            let all = heads
+                .into_iter()
+                .map(|h| {
+                    let mut p = segs.clone();
+                    if h != "self" {
+                        p.push(h);
+                    }
+                    p
+                })
+                .collect();
+            return (all, i);
+        }
+        let (id, j) = ident_at(s, i);
+        if id.is_empty() {
+            break;
+        }
+        segs.push(id);
+        i = j;
+        if s.get(i) == Some(&':') && s.get(i + 1) == Some(&':') {
+            i += 2;
+        } else {
+            break;
+        }
+    }
+    (vec![segs], i)
+}
+
+/// Every `crate::` and `super::` path of a file whose module path is `file_module`.
+fn references(file_module: &[String], code: &str) -> Vec<Ref> {
     let s: Vec<char> = code.chars().collect();
     let mut out = Vec::new();
     let mut line = 1;
@@ -220,39 +268,36 @@ fn references(file_module: &[String], code: &str) -> Vec<(usize, String, String)
             pending_mod = Some(name);
             i = j;
             continue;
-        } else if starts_with(&s, i, "crate::") {
-            let after = i + "crate::".len();
-            let heads = if s.get(after) == Some(&'{') {
-                group_heads(&s, after + 1)
-            } else {
-                vec![ident_at(&s, after).0]
-            };
-            for h in heads {
-                out.push((line, h.clone(), format!("crate::{h}")));
-            }
-            i = after;
-            continue;
-        } else if starts_with(&s, i, "super::") {
-            let mut k = 0;
-            let mut j = i;
-            while starts_with(&s, j, "super::") {
-                k += 1;
-                j += "super::".len();
-            }
+        } else if starts_with(&s, i, "crate::") || starts_with(&s, i, "super::") {
             let mut here: Vec<String> = file_module.to_vec();
             here.extend(inline.iter().map(|(n, _)| n.clone()));
-            let text: String = s[i..j].iter().collect();
-            if k > here.len() {
-                out.push((line, "<above the crate root>".to_owned(), text));
-            } else if k == here.len() {
-                let heads = if s.get(j) == Some(&'{') { group_heads(&s, j + 1) } else { vec![ident_at(&s, j).0] };
-                for h in heads {
-                    out.push((line, h.clone(), format!("{text}{h}")));
-                }
+            let in_tests = inline.iter().any(|(n, _)| n == "tests");
+            let mut j = i;
+            let base = if starts_with(&s, i, "crate::") {
+                j += "crate::".len();
+                Some(Vec::new())
             } else {
-                out.push((line, here[0].clone(), text));
+                let mut k = 0;
+                while starts_with(&s, j, "super::") {
+                    k += 1;
+                    j += "super::".len();
+                }
+                here.len().checked_sub(k).map(|n| here[..n].to_vec())
+            };
+            let written: String = s[i..j].iter().collect();
+            let (paths, end) = paths_at(&s, j);
+            for p in paths {
+                let text = format!("{written}{}", p.join("::"));
+                match &base {
+                    Some(b) => {
+                        let mut path = b.clone();
+                        path.extend(p);
+                        out.push(Ref { line, path, text, in_tests });
+                    }
+                    None => out.push(Ref { line, path: vec!["<above the crate root>".to_owned()], text, in_tests }),
+                }
             }
-            i = j;
+            i = end.max(j);
             continue;
         }
         i += 1;
@@ -267,43 +312,112 @@ fn violations(src: &Path) -> Vec<String> {
     let mut bad = Vec::new();
     for f in files {
         let rel = f.strip_prefix(src).expect("under src");
-        let parts: Vec<String> = rel.iter().map(|p| p.to_string_lossy().trim_end_matches(".rs").to_owned()).collect();
-        if parts == ["lib"] || parts == ["main"] {
-            continue;
-        }
-        let mut module = parts.clone();
-        if module.last().is_some_and(|m| m == "mod") {
-            module.pop();
-        }
+        let Some(module) = module_of(rel) else { continue };
         let top = module[0].clone();
         let Some((mine, my_name)) = layer_of(&top) else {
             bad.push(format!("src/{}: module `{top}` is in no layer (add it to src/lib.rs and LAYERS)", rel.display()));
             continue;
         };
         let src_text = std::fs::read_to_string(&f).expect("read");
-        for (line, target, text) in references(&module, &code_only(&src_text)) {
-            if target == top || target == "self" {
+        for Ref { line, path, text, .. } in references(&module, &code_only(&src_text)) {
+            let Some(target) = path.first().cloned() else { continue };
+            if target == top {
                 continue;
             }
             match layer_of(&target) {
-                None => bad.push(format!(
-                    "src/{}:{line}: `{text}` names `{target}`, which is in no layer",
-                    rel.display()
-                )),
+                None => {
+                    bad.push(format!("src/{}:{line}: `{text}` names `{target}`, which is in no layer", rel.display()))
+                }
                 Some((theirs, their_name)) if theirs > mine => bad.push(format!(
                     "src/{}:{line}: `{text}`: {my_name} (layer {}) imports {their_name} (layer {}), a layer above it",
                     rel.display(),
                     mine + 1,
                     theirs + 1
                 )),
-                Some((_, their_name)) if FORBIDDEN.contains(&(my_name, their_name)) => {
-                    bad.push(format!("src/{}:{line}: `{text}`: {my_name} must never import {their_name}", rel.display()))
-                }
+                Some((_, their_name)) if FORBIDDEN.contains(&(my_name, their_name)) => bad
+                    .push(format!("src/{}:{line}: `{text}`: {my_name} must never import {their_name}", rel.display())),
                 Some(_) => {}
             }
         }
     }
     bad
+}
+
+/// The module path of a file under `src` (`["audit", "event"]`), `None` for the crate roots.
+fn module_of(rel: &Path) -> Option<Vec<String>> {
+    let mut parts: Vec<String> = rel.iter().map(|p| p.to_string_lossy().trim_end_matches(".rs").to_owned()).collect();
+    if parts == ["lib"] || parts == ["main"] {
+        return None;
+    }
+    if parts.last().is_some_and(|m| m == "mod") {
+        parts.pop();
+    }
+    Some(parts)
+}
+
+/// Every circle of imports between the crate's modules (files), outside test modules. A
+/// child's path to an item of its parent (`super::Item`) is not counted: the parent only
+/// declares and re-exports its children.
+fn circles(src: &Path) -> Vec<String> {
+    let mut files = Vec::new();
+    rust_files(src, &mut files);
+    let mut modules: Vec<(Vec<String>, PathBuf)> = Vec::new();
+    for f in files {
+        if let Some(m) = module_of(f.strip_prefix(src).expect("under src")) {
+            modules.push((m, f));
+        }
+    }
+    let known: Vec<Vec<String>> = modules.iter().map(|(m, _)| m.clone()).collect();
+    let mut edges: Vec<Vec<usize>> = vec![Vec::new(); known.len()];
+    for (from, (module, f)) in modules.iter().enumerate() {
+        let text = std::fs::read_to_string(f).expect("read");
+        for r in references(module, &code_only(&text)) {
+            if r.in_tests {
+                continue;
+            }
+            let target = (1..=r.path.len()).rev().find_map(|n| known.iter().position(|k| k[..] == r.path[..n]));
+            if let Some(to) = target {
+                let is_ancestor = known[to].len() < module.len() && module[..known[to].len()] == known[to][..];
+                if to != from && !is_ancestor && !edges[from].contains(&to) {
+                    edges[from].push(to);
+                }
+            }
+        }
+    }
+    // Depth-first search; a back edge closes a circle.
+    let name = |i: usize| known[i].join("::");
+    let mut state = vec![0u8; known.len()];
+    let mut stack: Vec<usize> = Vec::new();
+    let mut found = Vec::new();
+    fn visit(v: usize, edges: &[Vec<usize>], state: &mut [u8], stack: &mut Vec<usize>, found: &mut Vec<Vec<usize>>) {
+        state[v] = 1;
+        stack.push(v);
+        for &w in &edges[v] {
+            if state[w] == 1 {
+                let at = stack.iter().position(|&x| x == w).expect("on the stack");
+                let mut c = stack[at..].to_vec();
+                c.push(w);
+                found.push(c);
+            } else if state[w] == 0 {
+                visit(w, edges, state, stack, found);
+            }
+        }
+        stack.pop();
+        state[v] = 2;
+    }
+    for v in 0..known.len() {
+        if state[v] == 0 {
+            visit(v, &edges, &mut state, &mut stack, &mut found);
+        }
+    }
+    found.into_iter().map(|c| c.into_iter().map(name).collect::<Vec<_>>().join(" → ")).collect()
+}
+
+#[test]
+fn no_module_imports_in_a_circle() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let found = circles(&src);
+    assert!(found.is_empty(), "import circles between modules:\n{}", found.join("\n"));
 }
 
 #[test]
@@ -342,13 +456,16 @@ fn the_scanner_finds_upward_imports_and_skips_comments_and_strings() {
     .expect("write");
     std::fs::write(src.join("peer.rs"), "use crate::core::Kre;\nuse crate::wire::Message;\n").expect("write");
     std::fs::write(src.join("stray.rs"), "").expect("write");
+    std::fs::write(src.join("wire/deny.rs"), "use super::frame::Y;\n").expect("write");
+    std::fs::write(src.join("wire/messages.rs"), "use crate::wire::deny::Z;\n").expect("write");
+    assert_eq!(circles(src), ["wire::deny → wire::frame → wire::messages → wire::deny"]);
     let bad = violations(src);
     let expected = [
         "src/codec.rs:2: `crate::binding`: codec (layer 1) imports binding (layer 2), a layer above it",
         "src/codec.rs:2: `crate::state`: codec (layer 1) imports state (layer 5), a layer above it",
-        "src/peer.rs:1: `crate::core`: peer must never import kre",
+        "src/peer.rs:1: `crate::core::Kre`: peer must never import kre",
         "src/stray.rs: module `stray` is in no layer (add it to src/lib.rs and LAYERS)",
-        "src/wire/frame.rs:4: `super::super::super::peer`: wire (layer 6) imports peer (layer 8), a layer above it",
+        "src/wire/frame.rs:4: `super::super::super::peer::client`: wire (layer 6) imports peer (layer 8), a layer above it",
     ];
     assert_eq!(bad, expected);
 }

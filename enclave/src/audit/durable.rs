@@ -24,10 +24,10 @@ use keygate_attestation::crypto::{P384_POINT_LEN, P384_SIG_LEN};
 use keygate_attestation::pcr::{self, PcrMismatch};
 use keygate_attestation::{PcrExpectation, VerifiedAttestation, Verifier};
 
-use super::checkpoint::chain_id_of;
 use super::codec::{record, DecodeError, Writer};
 use super::trail::{attested_key, NotAttested, TrailOptions};
 use super::{FORMAT_VERSION, MAX_CHECKPOINT_LEN};
+use crate::binding::chain_id_of;
 
 /// Domain label of the durability receipt signature.
 pub use crate::binding::POLICY_RECEIPT_DOMAIN;

@@ -9,11 +9,22 @@ use std::collections::BTreeMap;
 use keygate_attestation::{DocumentKind, VerifiedAttestation};
 
 use super::codec::{record, DecodeError, ReadAudit, Reader, WriteAudit, Writer};
-use super::history::AuditHead;
 use super::{FORMAT_VERSION, MAX_ANONYMOUS_CODES, MAX_ENTRY_LEN, MAX_KEYS, MAX_TEXT};
 use crate::codec::Id;
 
 pub use crate::binding::{entry_digest, ENTRY_DOMAIN};
+
+/// How far a chain had got: its id, the sequence number of an entry, and that entry's digest
+/// (seq 0 and the chain id itself: no entry yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AuditHead {
+    /// The chain.
+    pub chain_id: [u8; 48],
+    /// The entry's sequence number (0: none).
+    pub seq: u64,
+    /// The entry's digest (the chain id for seq 0).
+    pub digest: [u8; 48],
+}
 
 /// The attested party a decision was about.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -20,19 +20,7 @@
 
 use std::collections::BTreeMap;
 
-use super::event::{AuditEntry, AuditEvent};
-
-/// How far a chain had got: its id, the sequence number of an entry, and that entry's digest
-/// (seq 0 and the chain id itself: no entry yet).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct AuditHead {
-    /// The chain.
-    pub chain_id: [u8; 48],
-    /// The entry's sequence number (0: none).
-    pub seq: u64,
-    /// The entry's digest (the chain id for seq 0).
-    pub digest: [u8; 48],
-}
+use super::event::{AuditEntry, AuditEvent, AuditHead};
 
 fn short(id: &[u8; 48]) -> String {
     hex::encode(&id[..8])

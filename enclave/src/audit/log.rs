@@ -18,9 +18,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::anonymous::AnonymousTally;
-use super::checkpoint::{AuditSigner, Checkpoint};
-use super::event::{AuditEntry, AuditEvent};
-use super::history::AuditHead;
+use super::checkpoint::Checkpoint;
+use super::event::{AuditEntry, AuditEvent, AuditHead};
+use super::signer::AuditSigner;
 use super::{AuditError, MAX_ENTRY_LEN};
 
 /// Buffer limits.

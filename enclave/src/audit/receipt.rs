@@ -28,11 +28,11 @@ use std::fmt;
 
 use keygate_attestation::crypto::{Crypto, P384_POINT_LEN, P384_SIG_LEN};
 
-use super::checkpoint::chain_id_of;
 use super::codec::{record, DecodeError, Writer};
 use super::event::{AuditEntry, AuditEvent};
 use super::trail::TrailSummary;
 use super::FORMAT_VERSION;
+use crate::binding::chain_id_of;
 
 /// Domain label of the receipt signature.
 pub use crate::binding::RECEIPT_DOMAIN;

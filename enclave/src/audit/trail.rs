@@ -13,8 +13,9 @@ use keygate_attestation::pcr::{self, PcrMismatch};
 use keygate_attestation::{DocumentKind, PcrExpectation, VerifiedAttestation, Verifier, VerifyError, VerifyOptions};
 use sha2::{Digest, Sha384};
 
-use super::checkpoint::{chain_id_of, Checkpoint};
+use super::checkpoint::Checkpoint;
 use super::event::AuditEntry;
+use crate::binding::chain_id_of;
 
 /// Verification switches.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
