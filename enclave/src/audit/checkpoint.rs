@@ -11,7 +11,7 @@ use std::fmt;
 
 use keygate_attestation::crypto::{Crypto, P384_POINT_LEN, P384_SIG_LEN};
 
-use super::codec::{record, DecodeError, Writer};
+use super::codec::{check_point, check_seq, record, short, DecodeError, ReadAudit, Writer};
 use super::{FORMAT_VERSION, MAX_BINDING_DOCUMENT, MAX_CHECKPOINT_LEN};
 
 pub use crate::binding::{chain_id_of, CHECKPOINT_DOMAIN};
@@ -55,7 +55,7 @@ pub struct Checkpoint {
 impl fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Checkpoint")
-            .field("chain_id", &hex::encode(&self.chain_id[..8]))
+            .field("chain_id", &short(&self.chain_id))
             .field("seq", &self.seq)
             .field("head", &hex::encode(self.head))
             .field("time_ms", &self.time_ms)
@@ -75,12 +75,8 @@ impl Checkpoint {
         signature: [u8; P384_SIG_LEN],
         binding_document: Vec<u8>,
     ) -> Result<Self, DecodeError> {
-        if seq == 0 {
-            return Err(DecodeError::ZeroSequence);
-        }
-        if public_key[0] != 0x04 {
-            return Err(DecodeError::BadPoint);
-        }
+        check_seq(seq)?;
+        check_point(&public_key)?;
         if binding_document.is_empty() {
             return Err(DecodeError::Empty("binding_document"));
         }
@@ -104,16 +100,10 @@ impl Checkpoint {
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let mut r = record(bytes, MAX_CHECKPOINT_LEN)?;
         let chain_id = r.array("chain_id")?;
-        let seq = r.u64("seq")?;
-        if seq == 0 {
-            return Err(DecodeError::ZeroSequence);
-        }
+        let seq = r.seq("seq")?;
         let head = r.array("head")?;
         let time_ms = r.u64("time_ms")?;
-        let public_key: [u8; P384_POINT_LEN] = r.array("public_key")?;
-        if public_key[0] != 0x04 {
-            return Err(DecodeError::BadPoint);
-        }
+        let public_key = r.point("public_key")?;
         let signature = r.array("signature")?;
         let len = usize::from(r.u16("binding_document")?);
         if len == 0 {

@@ -4,6 +4,8 @@
 
 use std::collections::BTreeMap;
 
+use keygate_attestation::crypto::P384_POINT_LEN;
+
 use crate::codec::CodecError;
 pub(crate) use crate::codec::{Reader, Writer};
 
@@ -127,6 +129,28 @@ impl From<CodecError> for DecodeError {
     }
 }
 
+/// A sequence number: they start at 1.
+pub(crate) fn check_seq(seq: u64) -> Result<u64, DecodeError> {
+    if seq == 0 {
+        return Err(DecodeError::ZeroSequence);
+    }
+    Ok(seq)
+}
+
+/// A public key: an uncompressed SEC1 P-384 point (`04 ‖ x ‖ y`).
+pub(crate) fn check_point(point: &[u8; P384_POINT_LEN]) -> Result<(), DecodeError> {
+    if point[0] != 0x04 {
+        return Err(DecodeError::BadPoint);
+    }
+    Ok(())
+}
+
+/// The first 8 bytes of a chain id or digest, in hex: how `Debug`, reports and file names
+/// name them.
+pub(crate) fn short(id: &[u8]) -> String {
+    hex::encode(&id[..id.len().min(8)])
+}
+
 /// A reader of one versioned record (an entry, a checkpoint, a receipt): refuses a record
 /// over `max` bytes before reading anything, then reads and checks the version byte.
 pub(crate) fn record(bytes: &[u8], max: usize) -> Result<Reader<'_>, DecodeError> {
@@ -192,9 +216,21 @@ pub(crate) trait ReadAudit {
     fn text16(&mut self, field: &'static str, max: usize) -> Result<String, DecodeError>;
     /// A PCR list as [`WriteAudit::pcrs`] writes it.
     fn pcrs(&mut self) -> Result<BTreeMap<u8, Vec<u8>>, DecodeError>;
+    /// A sequence number ([`check_seq`]).
+    fn seq(&mut self, field: &'static str) -> Result<u64, DecodeError>;
+    /// A public key ([`check_point`]).
+    fn point(&mut self, field: &'static str) -> Result<[u8; P384_POINT_LEN], DecodeError>;
 }
 
 impl ReadAudit for Reader<'_> {
+    fn seq(&mut self, field: &'static str) -> Result<u64, DecodeError> {
+        check_seq(self.u64(field)?)
+    }
+    fn point(&mut self, field: &'static str) -> Result<[u8; P384_POINT_LEN], DecodeError> {
+        let point = self.array(field)?;
+        check_point(&point)?;
+        Ok(point)
+    }
     fn text8(&mut self, field: &'static str, allow_empty: bool) -> Result<String, DecodeError> {
         let bytes = self.bytes8(field)?;
         if bytes.is_empty() && !allow_empty {

@@ -24,7 +24,7 @@ use keygate_attestation::crypto::{P384_POINT_LEN, P384_SIG_LEN};
 use keygate_attestation::pcr::{self, PcrMismatch};
 use keygate_attestation::{PcrExpectation, VerifiedAttestation, Verifier};
 
-use super::codec::{record, DecodeError, Writer};
+use super::codec::{check_point, record, short, DecodeError, Writer};
 use super::trail::{attested_key, NotAttested, TrailOptions};
 use super::{FORMAT_VERSION, MAX_CHECKPOINT_LEN};
 use crate::binding::chain_id_of;
@@ -82,10 +82,10 @@ pub struct PolicyReceipt {
 impl fmt::Debug for PolicyReceipt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PolicyReceipt")
-            .field("chain_id", &hex::encode(&self.chain_id[..8]))
+            .field("chain_id", &short(&self.chain_id))
             .field("generation", &self.generation)
             .field("policy_version", &self.policy_version)
-            .field("policy_digest", &hex::encode(&self.policy_digest[..8]))
+            .field("policy_digest", &short(&self.policy_digest))
             .field("time_ms", &self.time_ms)
             .finish_non_exhaustive()
     }
@@ -136,9 +136,7 @@ impl PolicyReceipt {
         signature: [u8; P384_SIG_LEN],
         binding: Vec<u8>,
     ) -> Result<Self, DecodeError> {
-        if public_key[0] != 0x04 {
-            return Err(DecodeError::BadPoint);
-        }
+        check_point(&public_key)?;
         if binding.is_empty() {
             return Err(DecodeError::Empty("binding"));
         }

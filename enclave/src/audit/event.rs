@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use keygate_attestation::{DocumentKind, VerifiedAttestation};
 
-use super::codec::{record, DecodeError, ReadAudit, Reader, WriteAudit, Writer};
+use super::codec::{check_seq, record, DecodeError, ReadAudit, Reader, WriteAudit, Writer};
 use super::{FORMAT_VERSION, MAX_ANONYMOUS_CODES, MAX_ENTRY_LEN, MAX_KEYS, MAX_TEXT};
 use crate::codec::Id;
 
@@ -521,9 +521,7 @@ impl AuditEntry {
         policy_version: u64,
         event: AuditEvent,
     ) -> Result<Self, DecodeError> {
-        if seq == 0 {
-            return Err(DecodeError::ZeroSequence);
-        }
+        check_seq(seq)?;
         let mut w = Writer::default();
         w.u8(FORMAT_VERSION);
         w.bytes(&chain_id);
@@ -542,10 +540,7 @@ impl AuditEntry {
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let mut r = record(bytes, MAX_ENTRY_LEN)?;
         let chain_id = r.array("chain_id")?;
-        let seq = r.u64("seq")?;
-        if seq == 0 {
-            return Err(DecodeError::ZeroSequence);
-        }
+        let seq = r.seq("seq")?;
         let prev = r.array("prev")?;
         let time_ms = r.u64("time_ms")?;
         let policy_version = r.u64("policy_version")?;

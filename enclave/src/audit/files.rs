@@ -10,7 +10,7 @@
 //! malformed entry or bytes after the last record are errors naming the record and offset.
 
 use super::checkpoint::Checkpoint;
-use super::codec::DecodeError;
+use super::codec::{DecodeError, Reader, Writer};
 use super::event::AuditEntry;
 use super::{MAX_CHECKPOINT_LEN, MAX_ENTRY_LEN};
 
@@ -24,12 +24,12 @@ pub const MAX_RECORDS: usize = 10_000_000;
 /// Frames one record: `len ‖ body ‖ len`.
 pub fn frame_record(body: &[u8]) -> Vec<u8> {
     // Bodies are at most MAX_CHECKPOINT_LEN bytes, so the length fits a u32.
-    let len = u32::try_from(body.len()).unwrap_or(u32::MAX).to_be_bytes();
-    let mut out = Vec::with_capacity(body.len() + 8);
-    out.extend_from_slice(&len);
-    out.extend_from_slice(body);
-    out.extend_from_slice(&len);
-    out
+    let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
+    let mut w = Writer::from_vec(Vec::with_capacity(body.len() + 8));
+    w.u32(len);
+    w.bytes(body);
+    w.u32(len);
+    w.into_bytes()
 }
 
 /// Splits a file into record bodies with their offsets.
@@ -42,53 +42,54 @@ pub fn split_records<'a>(
     let rest = bytes.strip_prefix(&magic[..]).ok_or(DecodeError::BadMagic(what))?;
     let mut out = Vec::new();
     let mut offset = magic.len();
-    let mut rest = rest;
-    while !rest.is_empty() {
+    let mut r = Reader::new(rest);
+    while r.remaining() > 0 {
         let index = out.len();
         if index >= MAX_RECORDS {
             return Err(DecodeError::TooManyRecords(MAX_RECORDS));
         }
-        let err = |error| DecodeError::Record { index, offset, error: Box::new(error) };
-        let (head, tail) = rest.split_at_checked(4).ok_or_else(|| err(DecodeError::Truncated("record length")))?;
-        let head_len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        let err = |error: DecodeError| DecodeError::Record { index, offset, error: Box::new(error) };
+        let head_len = r.u32("record length").map_err(|e| err(e.into()))?;
         let len = usize::try_from(head_len).unwrap_or(usize::MAX);
         if len > max_len {
             return Err(err(DecodeError::TooLarge { len, max: max_len }));
         }
-        let (body, tail) = tail.split_at_checked(len).ok_or_else(|| err(DecodeError::Truncated("record body")))?;
-        let (trailer, tail) =
-            tail.split_at_checked(4).ok_or_else(|| err(DecodeError::Truncated("record trailing length")))?;
-        let tail_len = u32::from_be_bytes([trailer[0], trailer[1], trailer[2], trailer[3]]);
+        let body = r.take(len, "record body").map_err(|e| err(e.into()))?;
+        let tail_len = r.u32("record trailing length").map_err(|e| err(e.into()))?;
         if tail_len != head_len {
             return Err(err(DecodeError::LengthMismatch { offset, head: head_len, tail: tail_len }));
         }
         out.push((offset, body));
         offset += len + 8;
-        rest = tail;
     }
     Ok(out)
 }
 
-/// Parses a whole `entries.log`.
-pub fn parse_entries_file(bytes: &[u8]) -> Result<Vec<AuditEntry>, DecodeError> {
-    split_records(bytes, ENTRIES_MAGIC, "entries", MAX_ENTRY_LEN)?
+/// Splits a file and decodes every record, naming the record that does not decode.
+fn parse_records<T>(
+    bytes: &[u8],
+    magic: &[u8; 8],
+    what: &'static str,
+    max_len: usize,
+    decode: fn(&[u8]) -> Result<T, DecodeError>,
+) -> Result<Vec<T>, DecodeError> {
+    split_records(bytes, magic, what, max_len)?
         .into_iter()
         .enumerate()
         .map(|(index, (offset, body))| {
-            AuditEntry::decode(body).map_err(|e| DecodeError::Record { index, offset, error: Box::new(e) })
+            decode(body).map_err(|e| DecodeError::Record { index, offset, error: Box::new(e) })
         })
         .collect()
 }
 
+/// Parses a whole `entries.log`.
+pub fn parse_entries_file(bytes: &[u8]) -> Result<Vec<AuditEntry>, DecodeError> {
+    parse_records(bytes, ENTRIES_MAGIC, "entries", MAX_ENTRY_LEN, AuditEntry::decode)
+}
+
 /// Parses a whole `checkpoints.log`.
 pub fn parse_checkpoints_file(bytes: &[u8]) -> Result<Vec<Checkpoint>, DecodeError> {
-    split_records(bytes, CHECKPOINTS_MAGIC, "checkpoints", MAX_CHECKPOINT_LEN)?
-        .into_iter()
-        .enumerate()
-        .map(|(index, (offset, body))| {
-            Checkpoint::decode(body).map_err(|e| DecodeError::Record { index, offset, error: Box::new(e) })
-        })
-        .collect()
+    parse_records(bytes, CHECKPOINTS_MAGIC, "checkpoints", MAX_CHECKPOINT_LEN, Checkpoint::decode)
 }
 
 #[cfg(test)]

@@ -20,11 +20,8 @@
 
 use std::collections::BTreeMap;
 
+use super::codec::short;
 use super::event::{AuditEntry, AuditEvent, AuditHead};
-
-fn short(id: &[u8; 48]) -> String {
-    hex::encode(&id[..8])
-}
 
 /// One gap in the stored history.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -28,7 +28,7 @@ use std::fmt;
 
 use keygate_attestation::crypto::{Crypto, P384_POINT_LEN, P384_SIG_LEN};
 
-use super::codec::{record, DecodeError, Writer};
+use super::codec::{check_point, check_seq, record, short, DecodeError, Writer};
 use super::event::{AuditEntry, AuditEvent};
 use super::trail::TrailSummary;
 use super::FORMAT_VERSION;
@@ -116,7 +116,7 @@ pub struct Receipt {
 impl fmt::Debug for Receipt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Receipt")
-            .field("chain_id", &hex::encode(&self.chain_id[..8]))
+            .field("chain_id", &short(&self.chain_id))
             .field("seq", &self.seq)
             .field("entry_digest", &hex::encode(self.entry_digest))
             .field("document_sha384", &hex::encode(self.document_sha384))
@@ -151,12 +151,8 @@ impl Receipt {
         public_key: [u8; P384_POINT_LEN],
         signature: [u8; P384_SIG_LEN],
     ) -> Result<Self, DecodeError> {
-        if seq == 0 {
-            return Err(DecodeError::ZeroSequence);
-        }
-        if public_key[0] != 0x04 {
-            return Err(DecodeError::BadPoint);
-        }
+        check_seq(seq)?;
+        check_point(&public_key)?;
         Ok(Self { chain_id, seq, entry_digest, document_sha384, public_key, signature })
     }
 
@@ -240,7 +236,7 @@ impl Receipt {
     }
     /// A file name for the receipt: `<first 8 bytes of the chain id, hex>-<seq>.receipt`.
     pub fn file_name(&self) -> String {
-        format!("{}-{}.receipt", hex::encode(&self.chain_id[..8]), self.seq)
+        format!("{}-{}.receipt", short(&self.chain_id), self.seq)
     }
 }
 

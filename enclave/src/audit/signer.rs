@@ -12,6 +12,7 @@ use keygate_attestation::crypto::{self, Crypto, P384SigningKey, P384_POINT_LEN, 
 use keygate_attestation::{AttestRequest, Nsm};
 
 use super::checkpoint::{signed_body, signed_message, Checkpoint};
+use super::codec::short;
 use super::durable::{policy_receipt_body, PolicyReceipt};
 use super::receipt::{receipt_body, Receipt};
 use super::{AuditError, MAX_BINDING_DOCUMENT};
@@ -30,7 +31,7 @@ pub struct AuditSigner {
 impl fmt::Debug for AuditSigner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AuditSigner")
-            .field("chain_id", &hex::encode(&self.chain_id[..8]))
+            .field("chain_id", &short(&self.chain_id))
             .field("bound", &self.binding.is_some())
             .finish_non_exhaustive()
     }

@@ -14,6 +14,7 @@ use keygate_attestation::{DocumentKind, PcrExpectation, VerifiedAttestation, Ver
 use sha2::{Digest, Sha384};
 
 use super::checkpoint::Checkpoint;
+use super::codec::short;
 use super::event::AuditEntry;
 use crate::binding::chain_id_of;
 
@@ -230,10 +231,6 @@ pub fn verify_trail(
     expect_kre_pcrs: &[PcrExpectation],
 ) -> Result<TrailSummary, TrailError> {
     verify_trail_with(entries, checkpoints, verifier, expect_kre_pcrs, TrailOptions::default())
-}
-
-fn short(id: &[u8]) -> String {
-    hex::encode(&id[..id.len().min(8)])
 }
 
 fn check_binding(
