@@ -216,6 +216,14 @@ pub(crate) trait ReadAudit {
     fn text16(&mut self, field: &'static str, max: usize) -> Result<String, DecodeError>;
     /// A PCR list as [`WriteAudit::pcrs`] writes it.
     fn pcrs(&mut self) -> Result<BTreeMap<u8, Vec<u8>>, DecodeError>;
+    /// `n:u8 ‖ item × n`, with `min <= n <= max` (else [`DecodeError::Count`] naming `field`).
+    fn list<T>(
+        &mut self,
+        field: &'static str,
+        min: usize,
+        max: usize,
+        item: impl FnMut(&mut Self) -> Result<T, DecodeError>,
+    ) -> Result<Vec<T>, DecodeError>;
     /// A sequence number ([`check_seq`]).
     fn seq(&mut self, field: &'static str) -> Result<u64, DecodeError>;
     /// A public key ([`check_point`]).
@@ -223,6 +231,19 @@ pub(crate) trait ReadAudit {
 }
 
 impl ReadAudit for Reader<'_> {
+    fn list<T>(
+        &mut self,
+        field: &'static str,
+        min: usize,
+        max: usize,
+        mut item: impl FnMut(&mut Self) -> Result<T, DecodeError>,
+    ) -> Result<Vec<T>, DecodeError> {
+        let n = usize::from(self.u8(field)?);
+        if n < min || n > max {
+            return Err(DecodeError::Count { field, count: n, min, max });
+        }
+        (0..n).map(|_| item(self)).collect()
+    }
     fn seq(&mut self, field: &'static str) -> Result<u64, DecodeError> {
         check_seq(self.u64(field)?)
     }

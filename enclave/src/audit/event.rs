@@ -388,15 +388,7 @@ impl AuditEvent {
             2 => {
                 let requester = Requester::decode(r)?;
                 let cluster = r.id("cluster")?;
-                let n = usize::from(r.u8("keys")?);
-                if n == 0 || n > MAX_KEYS {
-                    return Err(DecodeError::Count { field: "keys", count: n, min: 1, max: MAX_KEYS });
-                }
-                let mut keys = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let id = r.id("key id")?;
-                    keys.push((id, r.u32("key version")?));
-                }
+                let keys = r.list("keys", 1, MAX_KEYS, |r| Ok((r.id("key id")?, r.u32("key version")?)))?;
                 AuditEvent::ReleaseAllowed { requester, cluster, keys, image: r.text8("image", true)? }
             }
             3 => {
@@ -404,14 +396,7 @@ impl AuditEvent {
                 let reason = r.text16("reason", MAX_TEXT)?;
                 let requester = if r.flag("requester present")? { Some(Requester::decode(r)?) } else { None };
                 let cluster = if r.flag("cluster present")? { Some(r.id("cluster")?) } else { None };
-                let n = usize::from(r.u8("key_ids")?);
-                if n > MAX_KEYS {
-                    return Err(DecodeError::Count { field: "key_ids", count: n, min: 0, max: MAX_KEYS });
-                }
-                let mut key_ids = Vec::with_capacity(n);
-                for _ in 0..n {
-                    key_ids.push(r.id("key id")?);
-                }
+                let key_ids = r.list("key_ids", 0, MAX_KEYS, |r| Ok(r.id("key id")?))?;
                 AuditEvent::ReleaseDenied { code, reason, requester, cluster, key_ids }
             }
             4 => AuditEvent::ChallengeRefused { code: r.text8("code", false)?, reason: r.text16("reason", MAX_TEXT)? },
@@ -445,15 +430,8 @@ impl AuditEvent {
             11 => {
                 let first_ms = r.u64("first_ms")?;
                 let last_ms = r.u64("last_ms")?;
-                let n = usize::from(r.u8("counts")?);
-                if n == 0 || n > MAX_ANONYMOUS_CODES {
-                    return Err(DecodeError::Count { field: "counts", count: n, min: 1, max: MAX_ANONYMOUS_CODES });
-                }
-                let mut counts = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let code = r.text8("code", false)?;
-                    counts.push((code, r.u64("count")?));
-                }
+                let counts =
+                    r.list("counts", 1, MAX_ANONYMOUS_CODES, |r| Ok((r.text8("code", false)?, r.u64("count")?)))?;
                 check_anonymous(first_ms, last_ms, counts.iter().map(|(c, n)| (c.as_str(), *n)))?;
                 AuditEvent::AnonymousRefusals { first_ms, last_ms, counts }
             }
