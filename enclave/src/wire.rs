@@ -21,7 +21,7 @@ mod deny;
 mod frame;
 mod messages;
 
-pub use self::channel::Channel;
+pub use self::channel::{Channel, UnknownChannel};
 pub use self::deny::DenyCode;
 pub use self::frame::{frame_len, WireError, MAX_FRAME, MAX_KEYS, MAX_REASON, MAX_RELEASED, NONCE_LEN, VERSION};
 pub use self::messages::{

@@ -224,14 +224,25 @@ pub async fn connect(addr: &Addr, timeout: Duration) -> io::Result<BoxStream> {
 /// Whether this kernel offers vsock loopback (CID 1), so that vsock can be tested locally.
 /// Decided without connecting anywhere: a vsock connection on a machine without loopback
 /// goes to the hypervisor.
-pub fn vsock_loopback() -> Result<(), String> {
+pub fn vsock_loopback() -> Result<(), NoVsockLoopback> {
     if !std::path::Path::new("/dev/vsock").exists() {
-        return Err("no /dev/vsock on this machine".into());
+        return Err(NoVsockLoopback::NoDevice);
     }
     if !std::path::Path::new("/sys/module/vsock_loopback").exists() {
-        return Err("the vsock_loopback kernel module is not loaded (no CID 1 loopback); a vsock connection here would go to the hypervisor".into());
+        return Err(NoVsockLoopback::NoLoopbackModule);
     }
     Ok(())
+}
+
+/// Why vsock cannot be tested on this machine ([`vsock_loopback`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NoVsockLoopback {
+    /// No vsock device.
+    #[error("no /dev/vsock on this machine")]
+    NoDevice,
+    /// vsock without the loopback module: a connection would reach the hypervisor.
+    #[error("the vsock_loopback kernel module is not loaded (no CID 1 loopback); a vsock connection here would go to the hypervisor")]
+    NoLoopbackModule,
 }
 
 #[cfg(test)]

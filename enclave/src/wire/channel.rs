@@ -67,12 +67,28 @@ impl fmt::Display for Channel {
     }
 }
 
+/// A channel name that is none of [`Channel::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown channel `{0}` (release, parent or custodian)")]
+pub struct UnknownChannel(pub String);
+
 impl std::str::FromStr for Channel {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Channel::ALL
-            .into_iter()
-            .find(|c| c.as_str() == s)
-            .ok_or_else(|| format!("unknown channel `{s}` (release, parent or custodian)"))
+    type Err = UnknownChannel;
+    fn from_str(s: &str) -> Result<Self, UnknownChannel> {
+        Channel::ALL.into_iter().find(|c| c.as_str() == s).ok_or_else(|| UnknownChannel(s.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_back_and_others_are_refused_with_the_list() {
+        for c in Channel::ALL {
+            assert_eq!(c.as_str().parse::<Channel>(), Ok(c));
+        }
+        let e = "admin".parse::<Channel>().expect_err("unknown");
+        assert_eq!(e.to_string(), "unknown channel `admin` (release, parent or custodian)");
     }
 }
