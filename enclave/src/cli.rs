@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use keygate_attestation::{HardwareNsm, Nsm, NsmError, TrustAnchor, Verifier};
 
-use crate::core::{Kre, KreConfig};
+use crate::kre::{Kre, KreConfig};
 use crate::server::{self, ServerConfig};
 use crate::transport::{Addr, Listener};
 use crate::wire::Channel;

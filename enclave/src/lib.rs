@@ -1,9 +1,9 @@
 //! keygate-enclave: the key release enclave (KRE).
 //!
 //! - [`wire`]: the framed wire format (docs/protocol.md).
-//! - [`core`]: the per-connection state machine and every release decision, without I/O.
+//! - [`kre`]: the KRE's parts (policy book, KEK source, sealed-state service, audit log,
+//!   challenge table) and the per-channel connection state machines, without I/O.
 //! - [`keys`]: KEKs, data-key derivation, wrapping to an attested key.
-//! - [`nonces`]: the bounded, single-use challenge table.
 //! - [`client`]: the control-plane side of the handshake, without I/O.
 //! - [`transport`], [`io`], [`server`]: the thin tokio adapters (Unix sockets, vsock).
 //! - [`cli`]: the KRE's command line and start-up, shared by the production binary
@@ -13,12 +13,11 @@
 pub mod audit;
 pub mod cli;
 pub mod client;
-pub mod core;
 pub mod custodian;
 pub mod custody;
 pub mod io;
 pub mod keys;
-pub mod nonces;
+pub mod kre;
 pub mod policy_file;
 pub mod sealed;
 pub mod server;

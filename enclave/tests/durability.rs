@@ -12,7 +12,7 @@ use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
 use keygate_attestation::{DocumentKind, PcrExpectation, Verifier};
 use keygate_enclave::audit::AuditEvent;
 use keygate_enclave::client::{self, ClientError, FetchRequest, ReleasedKey};
-use keygate_enclave::core::{Connection, Env, Event, Kre, KreConfig, Step};
+use keygate_enclave::kre::{Connection, Env, Event, Kre, KreConfig, Step};
 use keygate_enclave::custodian::{self, CustodianError, CustodianRecord, Expectations};
 use keygate_enclave::custody::CustodianSet;
 use keygate_enclave::wire::{Channel, DenyCode, Id, Message, StateReport};

@@ -798,7 +798,7 @@ mod tests {
         use keygate_attestation::mock::{derive_key, public_point, MockNsm};
         use keygate_attestation::{PcrExpectation, Verifier};
         use keygate_enclave::client::{self, ClientError, FetchRequest};
-        use keygate_enclave::core::{Connection, Env, Kre, KreConfig};
+        use keygate_enclave::kre::{Connection, Env, Kre, KreConfig};
         use keygate_enclave::custodian::{self, Expectations};
         use keygate_enclave::custody::CustodianSet;
         use keygate_enclave::wire::{Channel, DenyCode, Id, Message, StateReport};

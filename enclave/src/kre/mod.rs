@@ -11,6 +11,8 @@
 // built once per refused connection, so its size on the error path does not matter.
 #![allow(clippy::result_large_err)]
 
+pub mod challenges;
+
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -23,7 +25,7 @@ use sha2::{Digest, Sha384};
 use crate::audit::{AnonymousTally, AuditConfig, AuditError, AuditEvent, AuditLog, AuditSigner, Requester, MAX_TEXT};
 use crate::custody::{CustodianSet, UnsealShare};
 use crate::keys::{self, Kek, KekStatus, KekStore, Transcript, WrappingKey};
-use crate::nonces::{NonceTable, Redeem};
+use challenges::{NonceTable, Redeem};
 use crate::vault::{self, Custody, Phase, UnsealOutcome, Vault, VaultError};
 use crate::wire::{self, ty, Channel, DenyCode, Id, Message, StateReport, WireError};
 
