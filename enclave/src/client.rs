@@ -21,8 +21,8 @@ use keygate_attestation::{
 use sha2::{Digest, Sha384};
 
 use crate::audit::{Receipt, ReceiptError};
-use crate::kre::kre_user_data;
 use crate::keys::{self, DataKey, Transcript};
+use crate::kre::kre_user_data;
 use crate::wire::{self, DenyCode, Id, Message, WireError, POINT_LEN};
 
 /// Why a fetch failed.

@@ -12,8 +12,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::kre::{Connection, Env, Event, Kre, Step};
 use crate::io::{read_request, write_frame, ByteBudget, FrameError};
+use crate::kre::{Connection, Env, Event, Kre, Step};
 use crate::transport::{accept_loop, BoxStream, Listener};
 use crate::wire::{self, Channel, DenyCode, Message};
 

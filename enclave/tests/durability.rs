@@ -12,9 +12,9 @@ use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
 use keygate_attestation::{DocumentKind, PcrExpectation, Verifier};
 use keygate_enclave::audit::AuditEvent;
 use keygate_enclave::client::{self, ClientError, FetchRequest, ReleasedKey};
-use keygate_enclave::kre::{Connection, Env, Event, Kre, KreConfig, Step};
 use keygate_enclave::custodian::{self, CustodianError, CustodianRecord, Expectations};
 use keygate_enclave::custody::CustodianSet;
+use keygate_enclave::kre::{Connection, Env, Event, Kre, KreConfig, Step};
 use keygate_enclave::wire::{Channel, DenyCode, Id, Message, StateReport};
 
 const T: u64 = 1_795_478_400_000 + 7 * 3_600_000;

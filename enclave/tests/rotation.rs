@@ -13,9 +13,9 @@ use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
 use keygate_attestation::{DocumentKind, PcrExpectation, Verifier};
 use keygate_enclave::audit::AuditEvent;
 use keygate_enclave::client::{self, ClientError, FetchRequest, ReleasedKey};
-use keygate_enclave::kre::{Connection, Env, Kre, KreConfig, Step};
 use keygate_enclave::custodian::{self, Expectations};
 use keygate_enclave::custody::CustodianSet;
+use keygate_enclave::kre::{Connection, Env, Kre, KreConfig, Step};
 use keygate_enclave::wire::{Channel, DenyCode, Id, Message, StateReport};
 use p384::ecdsa::signature::Signer;
 

@@ -798,9 +798,9 @@ mod tests {
         use keygate_attestation::mock::{derive_key, public_point, MockNsm};
         use keygate_attestation::{PcrExpectation, Verifier};
         use keygate_enclave::client::{self, ClientError, FetchRequest};
-        use keygate_enclave::kre::{Connection, Env, Kre, KreConfig};
         use keygate_enclave::custodian::{self, Expectations};
         use keygate_enclave::custody::CustodianSet;
+        use keygate_enclave::kre::{Connection, Env, Kre, KreConfig};
         use keygate_enclave::wire::{Channel, DenyCode, Id, Message, StateReport};
         use p384::ecdsa::signature::Signer;
         use sha2::{Digest, Sha384};
