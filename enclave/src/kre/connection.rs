@@ -183,3 +183,39 @@ impl Connection {
         Step { reply, close: true, event: Event::Denied { code, reason, cluster: d.cluster, module_id } }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::ty;
+
+    fn code(c: &Connection, version: u8, t: u8) -> Option<DenyCode> {
+        c.refusal_of_header(version, t).map(|d| d.code())
+    }
+
+    #[test]
+    fn each_channel_refuses_from_the_header_what_it_does_not_take_now() {
+        let r = Connection::new(Channel::Release);
+        assert_eq!(code(&r, wire::VERSION, ty::HELLO), None);
+        assert_eq!(code(&r, 9, ty::HELLO), Some(DenyCode::UnsupportedVersion));
+        assert_eq!(code(&r, wire::VERSION, 0xee), Some(DenyCode::Malformed));
+        assert_eq!(code(&r, wire::VERSION, ty::RELEASE), Some(DenyCode::UnexpectedMessage));
+        assert_eq!(code(&r, wire::VERSION, ty::STATUS), Some(DenyCode::WrongChannel));
+        let p = Connection::new(Channel::Parent);
+        for t in [ty::STATUS, ty::AUDIT_PULL, ty::POLICY_PUSH, ty::STATE_COMMIT] {
+            assert_eq!(code(&p, wire::VERSION, t), None);
+        }
+        assert_eq!(code(&p, wire::VERSION, ty::HELLO), Some(DenyCode::WrongChannel));
+        assert_eq!(code(&p, wire::VERSION, ty::CHALLENGE), Some(DenyCode::UnexpectedMessage));
+        let mut c = Connection::new(Channel::Custodian);
+        assert_eq!(code(&c, wire::VERSION, ty::UNSEAL_HELLO), None);
+        assert_eq!(code(&c, wire::VERSION, ty::UNSEAL_SHARE), Some(DenyCode::UnexpectedMessage));
+        c.machine = Machine::Custodian(CustodianConnection::ExpectUnsealShare { attestation_sha384: [0; 48] });
+        let d = c.refusal_of_header(wire::VERSION, ty::UNSEAL_HELLO).expect("refused");
+        assert!(matches!(d.stage, Stage::State { step: "unseal-share" }));
+        assert_eq!(d.error.to_string(), "expected UnsealShare, got UnsealHello");
+        c.machine.finish();
+        assert!(c.is_done());
+        assert_eq!(code(&c, wire::VERSION, ty::UNSEAL_SHARE), Some(DenyCode::UnexpectedMessage));
+    }
+}
