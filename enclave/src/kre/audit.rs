@@ -139,13 +139,53 @@ fn cut_text(mut text: String) -> String {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+    use std::sync::Arc;
 
-    use keygate_attestation::DocumentKind;
+    use keygate_attestation::mock::MockNsm;
+    use keygate_attestation::{DocumentKind, Verifier};
 
     use super::*;
     use crate::audit::Requester;
     use crate::kre::Error;
     use crate::wire::{DenyCode, Id};
+
+    const T: u64 = 1_795_478_400_000;
+
+    fn trail() -> AuditTrail {
+        let nsm = MockNsm::new(b"core-test", BTreeMap::new(), Arc::new(|| T));
+        let crypto = Verifier::new(nsm.root_anchor()).crypto();
+        AuditTrail::new(AuditConfig::default(), AuditSigner::start(&nsm, crypto).expect("signer"))
+    }
+
+    /// A refusal with a reason longer than an entry holds is recorded, its reason cut at a
+    /// char boundary, for every kind of refusal that carries one.
+    #[test]
+    fn a_denial_with_a_very_long_reason_is_recorded_cut() {
+        let trail = trail();
+        // 5,000 bytes of two-byte chars, shifted by one so that `MAX_TEXT - 3` is mid-char.
+        let long = format!("x{}", "é".repeat(2_500));
+        let stages =
+            [Stage::Release, Stage::Policy { version: Some(2), digest: None }, Stage::State { step: "commit" }];
+        for stage in stages {
+            let before = trail.log().status().last_seq;
+            // A Release refusal has its own entry once the requester's document was verified.
+            let error = Error::Transport { code: DenyCode::ImageNotAllowed, reason: long.clone() };
+            let deny = Denial { requester: Some(requester()), ..Denial::at(stage, error) };
+            trail.record_denial(&deny, T);
+            let log = trail.log();
+            assert_eq!(log.status().last_seq, before + 1, "recorded");
+            assert_eq!(log.status().unrecorded_pending, 0);
+            let entries = log.entries_after(before, 1);
+            let text = match entries[0].event() {
+                AuditEvent::ReleaseDenied { reason, .. } | AuditEvent::PolicyRefused { reason, .. } => reason,
+                AuditEvent::UnsealStep { detail, .. } => detail,
+                other => panic!("unexpected {other:?}"),
+            };
+            assert!(text.len() <= MAX_TEXT && text.len() > MAX_TEXT - 4, "{}", text.len());
+            assert!(text.ends_with('…'));
+            assert!(long.starts_with(text.trim_end_matches('…')));
+        }
+    }
 
     fn requester() -> Requester {
         Requester {
