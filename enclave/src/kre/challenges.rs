@@ -7,6 +7,9 @@
 //! legitimate clients' challenges, while refusing only delays new handshakes, which retry.
 //! Outstanding challenges are further bounded by the server's connection limit, since each
 //! connection holds at most one.
+//!
+//! Owned by the KRE as [`Challenges`] (a leaf lock); trusts only the caller's clock. Spec:
+//! docs/protocol.md (the challenge), docs/threat-model.md (Hello floods).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};

@@ -2,7 +2,8 @@
 //! check with its typed data, mapped to its wire deny code in one place
 //! (`impl From<&Error> for DenyCode`). The reason a client reads in `Denied` and the audit
 //! entry records is the error's `Display`. A [`Denial`] adds what the audit entry of the
-//! refusal needs (stage, cluster, requester, key ids). Spec: docs/protocol.md ("Deny codes").
+//! refusal needs (stage, cluster, requester, key ids). Spec: docs/protocol.md ("The KRE's
+//! decision" lists the checks and their codes).
 
 use keygate_attestation::bundle::BundleError;
 use keygate_attestation::crypto::CryptoError;

@@ -27,8 +27,8 @@
 //! 7. leaves, under which nothing is taken: the policy history (`PolicyBook`) and the
 //!    challenge table (`Challenges`).
 //!
-//! A release takes them one at a time (the policy, the audit log, the vault, the challenge
-//! table), never two together. The NSM is drawn from only where a step must be atomic: a
+//! A release takes them one at a time (the policy source, the audit log, the vault, the
+//! policy history, the challenge table, the vault or the KEKs), never two together. The NSM is drawn from only where a step must be atomic: a
 //! sealed-state step under the vault lock (its draws and attestation are part of the step),
 //! ephemeral KEKs under the KEK and audit locks (at start-up and on a push), and a push under
 //! the policy writer; never under the policy source, the audit log alone or the challenge
