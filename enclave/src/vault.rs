@@ -854,7 +854,8 @@ impl Vault {
         let Some(entries) = s.committed.clusters.get(cluster) else {
             return Vec::new();
         };
-        crate::keys::releasable_first(entries.iter().map(|e| (e.version, e.status, e.kek.clone())))
+        let releasable = crate::keys::releasable_first(entries.iter().map(|e| (e.version, e.status, &e.kek)));
+        releasable.into_iter().map(|(v, s, k)| (v, s, k.clone())).collect()
     }
 
     /// The committed KEK versions per cluster (version, status), for status reports.
