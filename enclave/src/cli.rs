@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use keygate_attestation::{HardwareNsm, Nsm, NsmError, TrustAnchor, Verifier};
 
-use crate::core::{Kre, KreConfig};
+use crate::kre::{Kre, KreConfig};
 use crate::net::server::{self, ServerConfig};
 use crate::net::transport::{Addr, Listener};
 use crate::wire::Channel;

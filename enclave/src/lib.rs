@@ -15,8 +15,10 @@
 //!    machine; decides what is durable and which KEK versions may be used. Above `audit`
 //!    because the sealed state carries an audit head.
 //! 6. [`wire`]: frames, messages, channels, deny codes; decides the bytes on every channel.
-//! 7. `kre` ([`core`], [`nonces`]): the KRE's parts and the per-connection state machine;
-//!    decides every release, policy, state and unseal step, without I/O.
+//! 7. [`kre`]: the KRE's parts (policy book, KEK source, sealed-state service, audit log,
+//!    challenge table), each with one owner and a written lock order, and the per-channel
+//!    connection state machines that borrow them; decides every release, policy, state and
+//!    unseal step, without I/O.
 //! 8. [`peer`]: the other ends (control-plane client, custodian), without I/O; never uses `kre`.
 //! 9. [`net`]: transports, framed I/O with budgets, the server binding channels to
 //!    listeners; the only tokio code.
@@ -37,8 +39,7 @@ pub mod state;
 
 pub mod wire;
 
-pub mod core;
-pub mod nonces;
+pub mod kre;
 
 pub mod peer;
 

@@ -11,7 +11,7 @@ use keygate_attestation::mock::MockNsm;
 use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
 use keygate_attestation::{DocumentKind, PcrExpectation, Verifier};
 use keygate_enclave::audit::AuditEvent;
-use keygate_enclave::core::{Connection, Env, Event, Kre, KreConfig, Step};
+use keygate_enclave::kre::{Connection, Env, Event, Kre, KreConfig, Step};
 use keygate_enclave::peer::client::{self, ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::peer::custodian::{self, CustodianError, CustodianRecord, Expectations};
 use keygate_enclave::state::custody::CustodianSet;

@@ -15,7 +15,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("audit", &["audit"]),
     ("state", &["state"]),
     ("wire", &["wire"]),
-    ("kre", &["kre", "core", "nonces"]),
+    ("kre", &["kre"]),
     ("peer", &["peer"]),
     ("net", &["net"]),
     ("cli", &["cli", "policy_file"]),
@@ -454,7 +454,7 @@ fn the_scanner_finds_upward_imports_and_skips_comments_and_strings() {
         "use super::messages::X;\nmod tests {\n    use super::*;\n    use super::super::super::peer::client;\n}\n",
     )
     .expect("write");
-    std::fs::write(src.join("peer.rs"), "use crate::core::Kre;\nuse crate::wire::Message;\n").expect("write");
+    std::fs::write(src.join("peer.rs"), "use crate::kre::Kre;\nuse crate::wire::Message;\n").expect("write");
     std::fs::write(src.join("stray.rs"), "").expect("write");
     std::fs::write(src.join("wire/deny.rs"), "use super::frame::Y;\n").expect("write");
     std::fs::write(src.join("wire/messages.rs"), "use crate::wire::deny::Z;\n").expect("write");
@@ -463,7 +463,7 @@ fn the_scanner_finds_upward_imports_and_skips_comments_and_strings() {
     let expected = [
         "src/codec.rs:2: `crate::binding`: codec (layer 1) imports binding (layer 2), a layer above it",
         "src/codec.rs:2: `crate::state`: codec (layer 1) imports state (layer 5), a layer above it",
-        "src/peer.rs:1: `crate::core::Kre`: peer must never import kre",
+        "src/peer.rs:1: `crate::kre::Kre`: peer must never import kre",
         "src/stray.rs: module `stray` is in no layer (add it to src/lib.rs and LAYERS)",
         "src/wire/frame.rs:4: `super::super::super::peer::client`: wire (layer 6) imports peer (layer 8), a layer above it",
     ];

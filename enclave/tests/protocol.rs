@@ -10,7 +10,7 @@ use keygate_attestation::mock::MockNsm;
 use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
 use keygate_attestation::{AttestRequest, DocumentKind, Nsm, PcrExpectation, Verifier};
 use keygate_enclave::audit::{Receipt, ReceiptError};
-use keygate_enclave::core::{Connection, Env, Event, Kre, KreConfig, Step};
+use keygate_enclave::kre::{Connection, Env, Event, Kre, KreConfig, Step};
 use keygate_enclave::peer::client::{self, AwaitReleased, ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::wire::{self, Channel, DenyCode, Id, Message};
 
@@ -636,7 +636,7 @@ fn client_refuses_a_kre_document_without_a_wrapping_key() {
         let doc = kre_nsm
             .attest(&AttestRequest {
                 nonce: Some(client_nonce.to_vec()),
-                user_data: Some(keygate_enclave::core::kre_user_data(&server_nonce).to_vec()),
+                user_data: Some(keygate_enclave::kre::kre_user_data(&server_nonce).to_vec()),
                 public_key,
             })
             .expect("attest");

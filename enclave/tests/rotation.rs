@@ -12,7 +12,7 @@ use keygate_attestation::mock::{derive_key, public_point, MockNsm};
 use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
 use keygate_attestation::{DocumentKind, PcrExpectation, Verifier};
 use keygate_enclave::audit::AuditEvent;
-use keygate_enclave::core::{Connection, Env, Kre, KreConfig, Step};
+use keygate_enclave::kre::{Connection, Env, Kre, KreConfig, Step};
 use keygate_enclave::peer::client::{self, ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::peer::custodian::{self, Expectations};
 use keygate_enclave::state::custody::CustodianSet;

@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use keygate_attestation::mock::MockNsm;
 use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
 use keygate_attestation::Verifier;
-use keygate_enclave::core::{Connection, Env, Kre, KreConfig};
+use keygate_enclave::kre::{Connection, Env, Kre, KreConfig};
 use keygate_enclave::wire::{Channel, Message};
 use libfuzzer_sys::fuzz_target;
 

@@ -273,15 +273,17 @@ impl KekStore {
         let Some(entries) = self.clusters.get(cluster) else {
             return Vec::new();
         };
-        let mut out: Vec<(u32, KekStatus, &Kek)> = entries
-            .iter()
-            .rev()
-            .filter(|(_, (s, _))| *s != KekStatus::Retired)
-            .map(|(v, (s, k))| (*v, *s, k))
-            .collect();
-        out.sort_by_key(|(v, s, _)| (*s != KekStatus::Current, std::cmp::Reverse(*v)));
-        out
+        releasable_first(entries.iter().map(|(v, (s, k))| (*v, *s, k)))
     }
+}
+
+/// The releasable ones of a cluster's KEK `versions`, in release order: the current one
+/// first, then the active older ones, newest first (retired versions never). The one order
+/// of the ephemeral store and the sealed state.
+pub fn releasable_first<K>(versions: impl IntoIterator<Item = (u32, KekStatus, K)>) -> Vec<(u32, KekStatus, K)> {
+    let mut out: Vec<(u32, KekStatus, K)> = versions.into_iter().filter(|(_, s, _)| *s != KekStatus::Retired).collect();
+    out.sort_by_key(|(v, s, _)| (*s != KekStatus::Current, std::cmp::Reverse(*v)));
+    out
 }
 
 /// Most KEK versions per cluster (as in the sealed state).

@@ -1,5 +1,5 @@
 //! The thin tokio server around the protocol core: accepts connections, reads frames with
-//! time limits, hands them to [`crate::core::Connection`], writes the replies.
+//! time limits, hands them to [`crate::kre::Connection`], writes the replies.
 //!
 //! One listener per channel (release, parent, custodian), each with its own connection slots:
 //! a flood on the release port cannot take the parent's or the custodians' slots. Limits: at
@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::core::{Connection, Env, Event, Kre, Step};
+use crate::kre::{Connection, Env, Event, Kre, Step};
 use crate::net::io::{read_request, write_frame, ByteBudget, FrameError};
 use crate::net::transport::{accept_loop, BoxStream, Listener};
 use crate::wire::{self, Channel, DenyCode, Message};

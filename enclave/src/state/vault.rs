@@ -88,7 +88,7 @@ pub fn genesis_user_data(shares_file: &[u8]) -> [u8; 48] {
 }
 
 /// Produces the KRE's attestation document with the given `user_data`.
-pub type Attest<'a> = dyn FnMut(&[u8; 48]) -> Result<Vec<u8>, String> + 'a;
+pub type Attest<'a> = dyn FnMut(&[u8; 48]) -> Result<Vec<u8>, keygate_attestation::NsmError> + 'a;
 
 /// Where the vault is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,7 +191,7 @@ pub enum VaultError {
     ReshareNotAuthorized,
     /// The NSM could not attest (genesis).
     #[error("attestation for the genesis shares failed: {0}")]
-    Attestation(String),
+    Attestation(keygate_attestation::NsmError),
 }
 
 /// A state the KRE wants the parent to store.
@@ -854,14 +854,8 @@ impl Vault {
         let Some(entries) = s.committed.clusters.get(cluster) else {
             return Vec::new();
         };
-        let mut out: Vec<(u32, KekStatus, Kek)> = entries
-            .iter()
-            .rev()
-            .filter(|e| e.status != KekStatus::Retired)
-            .map(|e| (e.version, e.status, e.kek.clone()))
-            .collect();
-        out.sort_by_key(|(v, s, _)| (*s != KekStatus::Current, std::cmp::Reverse(*v)));
-        out
+        let releasable = crate::crypto::keys::releasable_first(entries.iter().map(|e| (e.version, e.status, &e.kek)));
+        releasable.into_iter().map(|(v, s, k)| (v, s, k.clone())).collect()
     }
 
     /// The committed KEK versions per cluster (version, status), for status reports.
@@ -918,7 +912,7 @@ mod tests {
         Id::new(s).expect("id")
     }
 
-    fn attest_ok(_: &[u8; 48]) -> Result<Vec<u8>, String> {
+    fn attest_ok(_: &[u8; 48]) -> Result<Vec<u8>, keygate_attestation::NsmError> {
         Ok(b"genesis-attestation".to_vec())
     }
 

@@ -797,7 +797,7 @@ mod tests {
         use keygate_attestation::crypto::{default_backend, p384_scalar_from, P384Scalar};
         use keygate_attestation::mock::{derive_key, public_point, MockNsm};
         use keygate_attestation::{PcrExpectation, Verifier};
-        use keygate_enclave::core::{Connection, Env, Kre, KreConfig};
+        use keygate_enclave::kre::{Connection, Env, Kre, KreConfig};
         use keygate_enclave::peer::client::{self, ClientError, FetchRequest};
         use keygate_enclave::peer::custodian::{self, Expectations};
         use keygate_enclave::state::custody::CustodianSet;

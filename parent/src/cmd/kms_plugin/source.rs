@@ -210,7 +210,7 @@ pub(crate) async fn refresh_from_kre(
                     // Versions the policy retired are no longer released: stop opening them.
                     let released: Vec<u32> =
                         fetched.keys.iter().filter(|k| k.key_id == key_id).map(|k| k.version).collect();
-                    let retired = st.ring.forget_retired(&released, keygate_enclave::core::MAX_VERSIONS_RELEASED);
+                    let retired = st.ring.forget_retired(&released, keygate_enclave::kre::MAX_VERSIONS_RELEASED);
                     if !retired.is_empty() {
                         tracing::warn!(retired = ?retired, "KEK versions retired by the policy: forgotten (zeroized)");
                     }

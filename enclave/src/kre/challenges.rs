@@ -7,8 +7,12 @@
 //! legitimate clients' challenges, while refusing only delays new handshakes, which retry.
 //! Outstanding challenges are further bounded by the server's connection limit, since each
 //! connection holds at most one.
+//!
+//! Owned by the KRE as [`Challenges`] (a leaf lock); trusts only the caller's clock. Spec:
+//! docs/protocol.md (the challenge), docs/threat-model.md (Hello floods).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard};
 
 /// What became of a nonce presented in a Release.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +127,23 @@ impl NonceTable {
         }
         self.used.insert(nonce, now_ms);
         self.used_order.push_back(nonce);
+    }
+}
+
+/// The KRE's challenge table, the one owner of its lock (a leaf of the lock order: nothing
+/// else is taken while it is held).
+#[derive(Debug)]
+pub(super) struct Challenges(Mutex<NonceTable>);
+
+impl Challenges {
+    /// See [`NonceTable::new`].
+    pub(super) fn new(capacity: usize, ttl_ms: u64) -> Self {
+        Self(Mutex::new(NonceTable::new(capacity, ttl_ms)))
+    }
+
+    /// The table, locked.
+    pub(super) fn table(&self) -> MutexGuard<'_, NonceTable> {
+        super::lock(&self.0)
     }
 }
 
