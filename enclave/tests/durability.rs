@@ -3,13 +3,12 @@
 //! refusal the issue lists (too few shares, a non-custodian, a replayed share, a KRE with
 //! the wrong PCRs, a tampered blob, a rollback).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use keygate_attestation::crypto::{default_backend, p384_scalar_from, P384Scalar};
 use keygate_attestation::mock::MockNsm;
-use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
-use keygate_attestation::{DocumentKind, PcrExpectation, Verifier};
+use keygate_attestation::policy::ReleasePolicy;
+use keygate_attestation::{PcrExpectation, Verifier};
 use keygate_enclave::audit::AuditEvent;
 use keygate_enclave::client::{ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::core::{Connection, Event, Kre, KreConfig};
@@ -18,22 +17,15 @@ use keygate_enclave::custody::CustodianSet;
 use keygate_enclave::wire::{Channel, DenyCode, Message};
 
 mod common;
-use common::{denied, expectations, fetch_as, id, one, pcrs, report, rng_from, sha384, step, sync_stored, T};
+use common::{
+    denied, expectations, fetch_as, id, one, pcrs, prod_policy, report, rng_from, sha384, step, sync_stored, T,
+};
 
 const SEED: &[u8] = b"durability-test";
 
+/// "prod" allows the image with PCRs `pcrs(0x10)`, KEK version 1.
 fn policy() -> ReleasePolicy {
-    let image = ImageRule {
-        name: "cp".into(),
-        pcrs: pcrs(0x10),
-        kind: DocumentKind::Enclave,
-        not_after_ms: None,
-        not_before_ms: None,
-    };
-    ReleasePolicy {
-        clusters: BTreeMap::from([("prod".into(), ClusterRule { images: vec![image], ..Default::default() })]),
-        allow_debug: false,
-    }
+    prod_policy(1, 0)
 }
 
 struct Custodians {
@@ -90,6 +82,11 @@ fn sync(kre: &Kre, store: &mut Option<(Vec<u8>, Vec<u8>, Vec<u8>)>) -> u64 {
         *store = stored;
     }
     generation
+}
+
+/// The parent handing back a stored state.
+fn state_load(blob: &[u8], shares: &[u8], genesis: &[u8]) -> Message {
+    Message::StateLoad { blob: blob.to_vec(), shares: shares.to_vec(), genesis_attestation: genesis.to_vec() }
 }
 
 struct Unsealer<'a> {
@@ -195,10 +192,7 @@ fn custodians_refuse_wrong_pcrs_rollback_and_changed_shares_and_the_kre_refuses_
     sync(&k1, &mut store);
     let (blob, shares, genesis) = store.clone().expect("stored");
     let k2 = kre(&c.set, 0x70);
-    report(
-        &k2,
-        Message::StateLoad { blob: blob.clone(), shares: shares.clone(), genesis_attestation: genesis.clone() },
-    );
+    report(&k2, state_load(&blob, &shares, &genesis));
 
     // A KRE with other PCRs than expected: the custodian refuses.
     assert!(matches!(unseal_one(&k2, &c, 0, &unsealer(0x60)), Err(CustodianError::KrePcr(_))));
@@ -242,10 +236,7 @@ fn custodians_refuse_wrong_pcrs_rollback_and_changed_shares_and_the_kre_refuses_
     assert_eq!(denied(one(&k2, Message::decode(&resp.frame[4..]).expect("frame"))).0, DenyCode::UnexpectedMessage);
     // A share from an earlier boot's session does not open in this one.
     let k3 = kre(&c.set, 0x70);
-    report(
-        &k3,
-        Message::StateLoad { blob: blob.clone(), shares: shares.clone(), genesis_attestation: genesis.clone() },
-    );
+    report(&k3, state_load(&blob, &shares, &genesis));
     let mut conn3 = Connection::new(Channel::Custodian);
     step(&mut conn3, &k3, &Message::UnsealHello { client_nonce: nonce }.encode().expect("hello"));
     let s = step(&mut conn3, &k3, &resp.frame);
@@ -396,10 +387,7 @@ fn reshare_to_a_new_set_needs_a_quorum_of_the_old_one_and_keeps_the_keys() {
     // custodians unseal it. The old custodians cannot.
     let (blob, shares, genesis) = store.clone().expect("stored");
     let k_old = kre(&old.set, 0x70);
-    let (code, reason) = denied(one(
-        &k_old,
-        Message::StateLoad { blob: blob.clone(), shares: shares.clone(), genesis_attestation: genesis.clone() },
-    ));
+    let (code, reason) = denied(one(&k_old, state_load(&blob, &shares, &genesis)));
     assert_eq!(code, DenyCode::StateRefused);
     assert!(reason.contains("another custodian set"), "{reason}");
     let k2 = kre(&new.set, 0x70);

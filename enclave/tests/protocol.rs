@@ -7,15 +7,15 @@ use std::time::Duration;
 
 use keygate_attestation::crypto::default_backend;
 use keygate_attestation::mock::MockNsm;
-use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
-use keygate_attestation::{AttestRequest, DocumentKind, Nsm, Verifier};
+use keygate_attestation::policy::{ClusterRule, ReleasePolicy};
+use keygate_attestation::{AttestRequest, Nsm, Verifier};
 use keygate_enclave::audit::{Receipt, ReceiptError};
 use keygate_enclave::client::{self, AwaitReleased, ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::core::{Connection, Env, Event, Kre, KreConfig, Step};
 use keygate_enclave::wire::{self, Channel, DenyCode, Id, Message};
 
 mod common;
-use common::{expectations, id, pcrs, rng, step_at as step, T};
+use common::{expectations, id, image, pcrs, rng, step_at as step, T};
 
 const SEED: &[u8] = b"protocol-test";
 
@@ -24,13 +24,6 @@ fn kre_pcrs() -> BTreeMap<u8, Vec<u8>> {
 }
 
 fn policy() -> ReleasePolicy {
-    let image = |name: &str, b: u8| ImageRule {
-        name: name.into(),
-        pcrs: pcrs(b),
-        kind: DocumentKind::Enclave,
-        not_after_ms: None,
-        not_before_ms: None,
-    };
     ReleasePolicy {
         clusters: BTreeMap::from([
             ("prod".into(), ClusterRule { images: vec![image("cp-good", 0x10)], ..Default::default() }),

@@ -3,14 +3,13 @@
 //! custodians: released only once the parent has stored and committed the new version), and
 //! a retirement removes old versions from releases at once.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use keygate_attestation::bundle::{self, PolicyBody};
 use keygate_attestation::crypto::{default_backend, p384_scalar_from, P384Scalar};
 use keygate_attestation::mock::{derive_key, public_point, MockNsm};
-use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
-use keygate_attestation::{DocumentKind, Verifier};
+use keygate_attestation::policy::ReleasePolicy;
+use keygate_attestation::Verifier;
 use keygate_enclave::audit::AuditEvent;
 use keygate_enclave::client::{ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::core::{Connection, Kre, KreConfig};
@@ -20,24 +19,17 @@ use keygate_enclave::wire::{Channel, DenyCode, Message};
 use p384::ecdsa::signature::Signer;
 
 mod common;
-use common::{expectations, fetch_denial as denial, id, now, one, pcrs, report, rng_from, set_now, sha384, step, T};
+use common::{
+    expectations, fetch_denial as denial, id, image, now, one, pcrs, prod_policy, report, rng_from, set_now, sha384,
+    step, T,
+};
 
 const SEED: &[u8] = b"rotation-test";
 const HOUR: u64 = 3_600_000;
 
 /// "prod" allows the image with PCRs `pcrs(0x10)`, with the given KEK schedule.
 fn policy(kek_version: u32, kek_retire_below: u32) -> ReleasePolicy {
-    let image = ImageRule {
-        name: "cp".into(),
-        pcrs: pcrs(0x10),
-        kind: DocumentKind::Enclave,
-        not_after_ms: None,
-        not_before_ms: None,
-    };
-    ReleasePolicy {
-        clusters: BTreeMap::from([("prod".into(), ClusterRule { images: vec![image], kek_version, kek_retire_below })]),
-        allow_debug: false,
-    }
+    prod_policy(kek_version, kek_retire_below)
 }
 
 fn nsm() -> MockNsm {
@@ -165,6 +157,15 @@ fn custodial_kre(genesis: &[u8], set: &CustodianSet) -> Kre {
     let verifier = Verifier::new(nsm.root_anchor());
     let config = KreConfig { custodians: Some(set.clone()), ..KreConfig::default() };
     Kre::with_genesis(config, verifier, genesis, Arc::new(nsm)).expect("kre")
+}
+
+/// A KRE of the image built with `genesis`, with the three custodians, past genesis and
+/// serving generation 1.
+fn committed_kre(genesis: &[u8]) -> Kre {
+    let kre = custodial_kre(genesis, &custodians());
+    report(&kre, Message::StateGenesis);
+    assert_eq!(sync(&kre), 1);
+    kre
 }
 
 /// A restarted KRE (the same image: genesis bundle, custodians) with `stored` loaded, sealed.
@@ -336,9 +337,7 @@ fn a_pushed_rotation_without_custodians_is_released_at_once_and_a_retirement_rem
 #[test]
 fn with_custodians_a_rotation_is_released_only_after_the_commit_and_a_retirement_at_once() {
     let (genesis, mut chain) = Chain::genesis();
-    let kre = custodial_kre(&genesis, &custodians());
-    report(&kre, Message::StateGenesis);
-    assert_eq!(sync(&kre), 1);
+    let kre = committed_kre(&genesis);
     let v1 = fetch(&kre).expect("released");
     assert_eq!(versions(&v1), expect(&[("etcd", 1), ("secrets", 1)]));
 
@@ -386,9 +385,7 @@ fn a_genesis_policy_with_a_later_kek_version_gets_it_in_the_next_generation() {
         policy: policy(2, 0),
     };
     let genesis = bundle::encode_bundle(&bundle::encode_body(&body), &[]);
-    let kre = custodial_kre(&genesis, &custodians());
-    report(&kre, Message::StateGenesis);
-    assert_eq!(sync(&kre), 1);
+    let kre = committed_kre(&genesis);
     assert_eq!(versions(&fetch(&kre).expect("released")), expect(&[("etcd", 1), ("secrets", 1)]));
     assert_eq!(sync(&kre), 2);
     assert_eq!(
@@ -466,9 +463,7 @@ fn a_policy_push_that_cannot_be_recorded_is_refused_and_changes_nothing() {
 #[test]
 fn a_commit_that_cannot_be_recorded_is_refused_until_the_trail_is_collected() {
     let (genesis, mut chain) = Chain::genesis();
-    let kre = custodial_kre(&genesis, &custodians());
-    report(&kre, Message::StateGenesis);
-    assert_eq!(sync(&kre), 1);
+    let kre = committed_kre(&genesis);
     push(&kre, chain.next(2, 0));
     let r = report(&kre, Message::StatePoll);
     assert_eq!((r.committed_generation, r.export_generation), (1, 2));
@@ -535,16 +530,7 @@ fn a_retired_kek_version_stays_retired_across_an_unretiring_bundle_a_restart_and
 fn images(bases: &[u8]) -> ReleasePolicy {
     let mut p = policy(1, 0);
     let rule = p.clusters.get_mut("prod").expect("prod");
-    rule.images = bases
-        .iter()
-        .map(|b| ImageRule {
-            name: format!("cp{b:02x}"),
-            pcrs: pcrs(*b),
-            kind: DocumentKind::Enclave,
-            not_after_ms: None,
-            not_before_ms: None,
-        })
-        .collect();
+    rule.images = bases.iter().map(|b| image(&format!("cp{b:02x}"), *b)).collect();
     p
 }
 
@@ -613,9 +599,7 @@ fn a_policy_change_is_durable_only_once_committed_and_until_then_the_stricter_po
     use keygate_enclave::audit::{PolicyReceipt, PolicyReceiptError, TrailOptions};
     // No activation delay: an addition would be in force at once, were it not for durability.
     let (genesis, mut chain) = Chain::genesis_with_delay(0);
-    let kre = custodial_kre(&genesis, &custodians());
-    report(&kre, Message::StateGenesis);
-    assert_eq!(sync(&kre), 1);
+    let kre = committed_kre(&genesis);
     fetch_as(&kre, 0x10).expect("the genesis image");
     let not_durable = |kre: &Kre| {
         let v: serde_json::Value = serde_json::from_str(&kre.status_json()).expect("status json");

@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 
 use keygate_attestation::crypto::default_backend;
 use keygate_attestation::mock::MockNsm;
-use keygate_attestation::{PcrExpectation, Verifier};
+use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
+use keygate_attestation::{DocumentKind, PcrExpectation, Verifier};
 use keygate_enclave::client::{self, ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::core::{Connection, Env, Kre, Step};
 use keygate_enclave::wire::{Channel, DenyCode, Id, Message, StateReport};
@@ -40,6 +41,17 @@ pub(crate) fn pcrs(b: u8) -> BTreeMap<u8, Vec<u8>> {
 /// The expectations that pin exactly the PCRs `p`.
 pub(crate) fn expectations(p: &BTreeMap<u8, Vec<u8>>) -> Vec<PcrExpectation> {
     p.iter().map(|(i, v)| PcrExpectation { index: *i, value: v.clone() }).collect()
+}
+
+/// An enclave image named `name` with the PCRs `pcrs(b)`, valid at any time.
+pub(crate) fn image(name: &str, b: u8) -> ImageRule {
+    ImageRule { name: name.into(), pcrs: pcrs(b), kind: DocumentKind::Enclave, not_after_ms: None, not_before_ms: None }
+}
+
+/// "prod" allows the image "cp" with PCRs `pcrs(0x10)`, with the given KEK schedule.
+pub(crate) fn prod_policy(kek_version: u32, kek_retire_below: u32) -> ReleasePolicy {
+    let rule = ClusterRule { images: vec![image("cp", 0x10)], kek_version, kek_retire_below };
+    ReleasePolicy { clusters: BTreeMap::from([("prod".into(), rule)]), allow_debug: false }
 }
 
 pub(crate) fn id(s: &str) -> Id {
