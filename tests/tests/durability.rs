@@ -5,63 +5,17 @@
 //! a scan of everything the parent wrote for key bytes.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use keygate_tests::e2e::{
+    dev_kre, hex48, keygate_args, ok, path_arg as s, pcr_args, pcr_list, prod_policy_for, refused, unix, DevKre as Kre,
+};
 use keygate_tests::{bin, keygate};
 
 const SEED: &str = "durability-e2e";
 const KRE_PCR: u8 = 0x4b;
 const CP_PCR: u8 = 0x1c;
-
-fn hex48(b: u8) -> String {
-    hex::encode([b; 48])
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
-
-fn ok(o: Output) -> String {
-    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn refused(o: Output, needle: &str) {
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "stdout: {} stderr: {e}", String::from_utf8_lossy(&o.stdout));
-    assert!(e.contains(needle), "expected `{needle}` in: {e}");
-}
-
-/// A KRE and the parent's audit follower (releases and state steps are withheld without one).
-struct Kre(Child, PathBuf, #[allow(dead_code)] keygate_tests::AuditFollower);
-
-impl Kre {
-    /// kill -9.
-    fn kill(mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-    /// The release channel.
-    fn addr(&self) -> String {
-        format!("unix:{}", self.1.display())
-    }
-    /// The parent channel (state, audit, status, policy delivery).
-    fn parent(&self) -> String {
-        format!("unix:{}.parent", self.1.display())
-    }
-    /// The custodian channel (unseal, reshare).
-    fn custodian(&self) -> String {
-        format!("unix:{}.custodian", self.1.display())
-    }
-}
-
-impl Drop for Kre {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Starts the KRE with three custodians, threshold 2, and either a static policy file or a
 /// genesis bundle.
@@ -76,24 +30,15 @@ fn start_kre_with(d: &Path, policy: (&str, &Path), custodians: &[&str], threshol
     static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let log = std::fs::File::create(d.join(format!("kre-{n}.log"))).expect("log");
-    let mut cmd = Command::new(bin("keygate-enclave-dev"));
-    cmd.args(["--listen", &format!("unix:{}", sock.display()), policy.0, &s(policy.1)])
-        .args(["--nsm", "mock", "--mock-seed", SEED])
-        .args(["--mock-pcr", &format!("0={}", hex48(KRE_PCR))])
+    let mut cmd = dev_kre(SEED);
+    cmd.args(["--listen", &unix(&sock), policy.0, &s(policy.1)])
+        .args(pcr_args("--mock-pcr", KRE_PCR, 1))
         .args(["--custodian-threshold", &threshold.to_string()]);
     for c in custodians {
         cmd.args(["--custodian", &s(&d.join(format!("{c}.pub.pem")))]);
     }
     // Trace level: the logs scanned for secrets are as verbose as they get.
-    let child =
-        cmd.env("KEYGATE_LOG", "trace").stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().expect("kre");
-    let start = Instant::now();
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(start.elapsed() < Duration::from_secs(15), "KRE did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let follower = keygate_tests::AuditFollower::start(&format!("unix:{}.parent", sock.display()), &d.join("followed"));
-    Kre(child, sock, follower)
+    Kre::start(cmd.env("KEYGATE_LOG", "trace").stderr(log), &sock, &d.join("followed"))
 }
 
 /// `keygate fetch` arguments for the mock control plane (PCR0-2 = CP_PCR) asking `addr` for
@@ -103,27 +48,16 @@ fn fetch_args(addr: &str, out: &Path, key_ids: &[&str], retries: u32) -> Vec<Str
     for k in key_ids {
         a.extend(["--key-id".into(), (*k).into()]);
     }
-    a.extend([
-        "--out".into(),
-        s(out),
-        "--nsm".into(),
-        "mock".into(),
-        "--mock-seed".into(),
-        SEED.into(),
-        "--retries".into(),
-        retries.to_string(),
-        "--expect-kre-pcr".into(),
-        format!("0={}", hex48(KRE_PCR)),
-    ]);
-    for i in 0..3 {
-        a.extend(["--mock-pcr".into(), format!("{i}={}", hex48(CP_PCR))]);
-    }
+    a.extend(["--out".into(), s(out), "--nsm".into(), "mock".into(), "--mock-seed".into(), SEED.into()]);
+    a.extend(["--retries".into(), retries.to_string()]);
+    a.extend(pcr_args("--expect-kre-pcr", KRE_PCR, 1));
+    a.extend(pcr_args("--mock-pcr", CP_PCR, 3));
     a
 }
 
 fn fetch(kre: &Kre, out: &Path) -> Output {
     let args = fetch_args(&kre.addr(), out, &["etcd"], 0);
-    keygate(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    keygate_args(&args)
 }
 
 fn unseal(d: &Path, kre: &Kre, custodian: &str, expect_pcr: u8) -> Output {
@@ -146,6 +80,16 @@ fn setup(d: &Path) {
         ok(keygate(&["keygen", "-o", &s(&d.join(format!("c{i}.pem")))]));
     }
     ok(keygate(&["attestation", "mock-root", "--seed", SEED, "-o", &s(&d.join("root.pem"))]));
+}
+
+/// The static policy `d/policy.json`: `prod` allows the control plane `cp` (PCRs `CP_PCR`),
+/// at `kek_version` when given.
+fn write_cp_policy(d: &Path, kek_version: Option<u32>) {
+    let mut policy = prod_policy_for("cp", CP_PCR);
+    if let Some(v) = kek_version {
+        policy["clusters"]["prod"]["kek_version"] = v.into();
+    }
+    std::fs::write(d.join("policy.json"), policy.to_string()).expect("policy");
 }
 
 /// Every file under `dir`, recursively.
@@ -172,10 +116,7 @@ fn kill_restart_and_two_of_three_unseal_keep_the_data_keys() {
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
     setup(d);
-    let policy = serde_json::json!({"clusters": {"prod": {"images": [
-        {"name": "cp", "pcrs": {"0": hex48(CP_PCR), "1": hex48(CP_PCR), "2": hex48(CP_PCR)}}
-    ]}}});
-    std::fs::write(d.join("policy.json"), policy.to_string()).expect("policy");
+    write_cp_policy(d, None);
     let state = d.join("state");
     let kre = start_kre(d, ("--policy", &d.join("policy.json")));
 
@@ -261,7 +202,7 @@ fn the_policy_head_survives_a_restart_and_a_withheld_bundle_blocks_releases() {
     let store = p("bundles");
     let kre = start_kre(d, ("--genesis", &p("genesis.bundle")));
     ok(keygate(&["custodian", "init", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
-    let cp = pcrs_arg(CP_PCR);
+    let cp = pcr_list(CP_PCR);
     ok(keygate(&[
         "policy",
         "propose",
@@ -317,10 +258,7 @@ fn reshare_to_new_custodians_approved_by_two_old_ones_survives_a_restart_with_th
     for n in ["d1", "d2"] {
         ok(keygate(&["keygen", "-o", &s(&d.join(format!("{n}.pem")))]));
     }
-    let policy = serde_json::json!({"clusters": {"prod": {"images": [
-        {"name": "cp", "pcrs": {"0": hex48(CP_PCR), "1": hex48(CP_PCR), "2": hex48(CP_PCR)}}
-    ]}}});
-    std::fs::write(d.join("policy.json"), policy.to_string()).expect("policy");
+    write_cp_policy(d, None);
     let state = d.join("state");
     let kre = start_kre(d, ("--policy", &d.join("policy.json")));
     ok(keygate(&["custodian", "init", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
@@ -397,10 +335,7 @@ fn no_kek_share_state_key_or_data_key_in_any_output_log_or_file() {
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
     setup(d);
-    let policy = serde_json::json!({"clusters": {"prod": {"images": [
-        {"name": "cp", "pcrs": {"0": hex48(CP_PCR), "1": hex48(CP_PCR), "2": hex48(CP_PCR)}}
-    ], "kek_version": 2}}});
-    std::fs::write(d.join("policy.json"), policy.to_string()).expect("policy");
+    write_cp_policy(d, Some(2));
     let state = d.join("state");
     let mut outputs: Vec<u8> = Vec::new();
     let mut traced = |args: &[&str]| {
@@ -514,10 +449,7 @@ fn a_client_retrying_through_a_kre_kill_and_unseal_gets_the_same_keys() {
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
     setup(d);
-    let policy = serde_json::json!({"clusters": {"prod": {"images": [
-        {"name": "cp", "pcrs": {"0": hex48(CP_PCR), "1": hex48(CP_PCR), "2": hex48(CP_PCR)}}
-    ]}}});
-    std::fs::write(d.join("policy.json"), policy.to_string()).expect("policy");
+    write_cp_policy(d, None);
     let state = d.join("state");
     let kre = start_kre(d, ("--policy", &d.join("policy.json")));
     ok(keygate(&["custodian", "init", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
@@ -578,16 +510,11 @@ fn signed_setup(d: &Path, delay: &str) -> Kre {
     kre
 }
 
-/// `0=HEX,1=HEX,2=HEX` with every PCR 48 bytes of `b` (an image for `policy propose --allow`).
-fn pcrs_arg(b: u8) -> String {
-    (0..3).map(|i| format!("{i}={}", hex48(b))).collect::<Vec<_>>().join(",")
-}
-
 /// A signed deployment without activation delay whose v2 allows the control plane `cp`
 /// (PCRs `CP_PCR`), pushed and durable.
 fn serving_cp(d: &Path) -> Kre {
     let kre = signed_setup(d, "0s");
-    let v2 = next_bundle(d, 2, &["--allow", &format!("prod=cp@{}", pcrs_arg(CP_PCR))]);
+    let v2 = next_bundle(d, 2, &["--allow", &format!("prod=cp@{}", pcr_list(CP_PCR))]);
     push_and_sync(d, &kre, &v2);
     kre
 }
@@ -622,7 +549,7 @@ fn push_and_sync(d: &Path, kre: &Kre, bundle: &Path) {
         .map(str::to_owned)
         .collect::<Vec<_>>();
     args.extend(receipt_checks(d));
-    let out = ok(keygate(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+    let out = ok(keygate_args(&args));
     assert!(out.contains("durable: the sealed state committed as generation"), "{out}");
 }
 
@@ -648,7 +575,7 @@ fn a_long_active_image_is_served_at_once_after_a_restart_unseal_and_restore() {
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
     let kre = signed_setup(d, "4s");
-    let cp = pcrs_arg(CP_PCR);
+    let cp = pcr_list(CP_PCR);
     let v2 = next_bundle(d, 2, &["--allow", &format!("prod=cp@{cp}")]);
     push_and_sync(d, &kre, &v2);
     // The new image waits for the activation delay: a transient refusal, not a revocation.
@@ -672,7 +599,7 @@ fn a_retired_kek_version_stays_retired_across_an_unretiring_bundle_a_replay_and_
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
     let kre = signed_setup(d, "0s");
-    let cp = pcrs_arg(CP_PCR);
+    let cp = pcr_list(CP_PCR);
     let v2 = next_bundle(d, 2, &["--allow", &format!("prod=cp@{cp}"), "--rotate", "prod"]);
     push_and_sync(d, &kre, &v2);
     ok(fetch(&kre, &d.join("k1")));
@@ -717,7 +644,7 @@ fn a_revocation_is_reported_durable_only_once_committed_and_then_survives_a_rest
         .map(str::to_owned)
         .collect::<Vec<_>>();
     push.extend(receipt_checks(d));
-    let o = keygate(&push.iter().map(String::as_str).collect::<Vec<_>>());
+    let o = keygate_args(&push);
     refused(o, "policy v3 was accepted and is in force, but it is not durable after 2 s: policy_not_durable");
     refused(fetch(&kre, &d.join("k2")), "unknown_cluster");
     let receipt = d.join("bundles/policy-v00000003.durable");
@@ -730,7 +657,7 @@ fn a_revocation_is_reported_durable_only_once_committed_and_then_survives_a_rest
         .map(str::to_owned)
         .collect::<Vec<_>>();
     check.extend(receipt_checks(d));
-    let out = ok(keygate(&check.iter().map(String::as_str).collect::<Vec<_>>()));
+    let out = ok(keygate_args(&check));
     assert!(
         out.contains("durable: the sealed state committed as generation") && out.contains("carries policy v3"),
         "{out}"
@@ -740,7 +667,7 @@ fn a_revocation_is_reported_durable_only_once_committed_and_then_survives_a_rest
     let mut wrong = check.clone();
     let last = wrong.len() - 1;
     wrong[last] = format!("0={}", hex48(CP_PCR));
-    refused(keygate(&wrong.iter().map(String::as_str).collect::<Vec<_>>()), "does not verify");
+    refused(keygate_args(&wrong), "does not verify");
 
     // Durable: a kill -9, restart, unseal and restore keep the image revoked.
     let (kre, _) = restart_unseal_restore(d, kre);
@@ -858,7 +785,7 @@ fn a_kill_at_any_moment_loses_no_receipted_release_and_no_durable_policy_change(
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
     let mut kre = serving_cp(d);
-    let other = pcrs_arg(0x2d);
+    let other = pcr_list(0x2d);
     let (store, state) = (s(&d.join("bundles")), s(&d.join("state")));
     let receipts = d.join("all-receipts");
     let (mut held, mut durable_pushes) = (0, 0);
@@ -966,7 +893,7 @@ fn a_kill_at_any_moment_loses_no_receipted_release_and_no_durable_policy_change(
                     .map(str::to_owned)
                     .collect();
             check.extend(receipt_checks(d));
-            ok(keygate(&check.iter().map(String::as_str).collect::<Vec<_>>()));
+            ok(keygate_args(&check));
         } else {
             // Not durable: the pipeline pushes it again (the restore may already have replayed
             // it from the store) and stores the state.
@@ -996,7 +923,7 @@ fn a_kill_at_any_moment_loses_no_receipted_release_and_no_durable_policy_change(
         format!("0={}", hex48(KRE_PCR)),
     ]);
     verify.extend(["--receipts".into(), s(&receipts)]);
-    let out = ok(keygate(&verify.iter().map(String::as_str).collect::<Vec<_>>()));
+    let out = ok(keygate_args(&verify));
     assert!(out.contains(&format!("{held} checked, {held} with their entry stored")), "{out}");
     eprintln!("{held} receipts held, {durable_pushes} pushes reported durable, all kept");
 }
