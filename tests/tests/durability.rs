@@ -60,19 +60,17 @@ fn fetch(kre: &Kre, out: &Path) -> Output {
     keygate_args(&args)
 }
 
+/// `keygate custodian unseal` arguments: `custodian`'s key, the mock root, the KRE's PCR0.
+fn unseal_args(d: &Path, kre: &Kre, custodian: &str, expect_pcr: u8) -> Vec<String> {
+    let key = s(&d.join(format!("{custodian}.pem")));
+    let mut a: Vec<String> = ["custodian", "unseal", "--kre", &kre.custodian(), "--key", &key].map(String::from).into();
+    a.extend(["--root".into(), s(&d.join("root.pem"))]);
+    a.extend(pcr_args("--expect-kre-pcr", expect_pcr, 1));
+    a
+}
+
 fn unseal(d: &Path, kre: &Kre, custodian: &str, expect_pcr: u8) -> Output {
-    keygate(&[
-        "custodian",
-        "unseal",
-        "--kre",
-        &kre.custodian(),
-        "--key",
-        &s(&d.join(format!("{custodian}.pem"))),
-        "--root",
-        &s(&d.join("root.pem")),
-        "--expect-kre-pcr",
-        &format!("0={}", hex48(expect_pcr)),
-    ])
+    keygate_args(&unseal_args(d, kre, custodian, expect_pcr))
 }
 
 fn setup(d: &Path) {
@@ -287,20 +285,9 @@ fn reshare_to_new_custodians_approved_by_two_old_ones_survives_a_restart_with_th
     // Without an explicit approval of that set, a custodian refuses.
     refused(unseal(d, &kre, "c1", KRE_PCR), "--approve-reshare");
     let approve = |c: &str| {
-        keygate(&[
-            "custodian",
-            "unseal",
-            "--kre",
-            &kre.custodian(),
-            "--key",
-            &s(&d.join(format!("{c}.pem"))),
-            "--root",
-            &s(&d.join("root.pem")),
-            "--expect-kre-pcr",
-            &format!("0={}", hex48(KRE_PCR)),
-            "--approve-reshare",
-            &digest,
-        ])
+        let mut a = unseal_args(d, &kre, c, KRE_PCR);
+        a.extend(["--approve-reshare".into(), digest.clone()]);
+        keygate_args(&a)
     };
     assert!(ok(approve("c1")).contains("1 of 2"));
     assert!(ok(approve("c3")).contains("new state key"));
@@ -357,18 +344,8 @@ fn no_kek_share_state_key_or_data_key_in_any_output_log_or_file() {
     let kre = start_kre(d, ("--policy", &d.join("policy.json")));
     ok(traced(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
     for c in ["c1", "c3"] {
-        ok(traced(&[
-            "custodian",
-            "unseal",
-            "--kre",
-            &kre.custodian(),
-            "--key",
-            &s(&d.join(format!("{c}.pem"))),
-            "--root",
-            &s(&d.join("root.pem")),
-            "--expect-kre-pcr",
-            &format!("0={}", hex48(KRE_PCR)),
-        ]));
+        let a = unseal_args(d, &kre, c, KRE_PCR);
+        ok(traced(&a.iter().map(String::as_str).collect::<Vec<_>>()));
     }
     let a = fetch_args(&kre.addr(), &d.join("keys-2"), &["etcd", "other"], 0);
     ok(traced(&a.iter().map(String::as_str).collect::<Vec<_>>()));

@@ -13,25 +13,18 @@ use keygate_tests::e2e::{
     dev_kre, hex48, keygate_args as run_fetch, path_arg as s, pcr_args, prod_policy, stderr, unix, DevKre,
 };
 use keygate_tests::relay::{Attack, Relay};
-use keygate_tests::{bin, keygate, run_with_limit};
+use keygate_tests::{bin, keygate, run_with_limit, KillOnDrop};
 
 const SEED: &str = "e2e-seed";
 const GOOD: u8 = 0x5a;
 const KRE_PCR: u8 = 0x4b;
 
 struct Kre {
-    child: Child,
+    child: KillOnDrop,
     dir: tempfile::TempDir,
     sock: PathBuf,
     /// The parent's audit follower (the KRE withholds releases without one).
     follower: Option<keygate_tests::AuditFollower>,
-}
-
-impl Drop for Kre {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Kre {
@@ -65,7 +58,8 @@ impl Kre {
         args.extend(pcr_args("--mock-pcr", KRE_PCR, 3));
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = std::fs::File::create(dir.path().join("kre.log")).expect("log");
-        let child = dev_kre(SEED).args(&args).env("KEYGATE_LOG", "trace").stderr(log).spawn().expect("spawn");
+        let child =
+            KillOnDrop(dev_kre(SEED).args(&args).env("KEYGATE_LOG", "trace").stderr(log).spawn().expect("spawn"));
         let kre = Kre { child, dir, sock, follower: None };
         kre.wait_ready();
         kre
@@ -176,7 +170,7 @@ fn allowed_image_gets_keys_and_the_same_keys_on_a_second_boot() {
     assert_ne!(std::fs::read(out2.join("secrets.key")).expect("key"), k1);
     assert!(kre.log().contains("keys released"), "{}", kre.log());
     // The KRE runs with core dumps disabled.
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", kre.child.id())).expect("limits");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", kre.child.0.id())).expect("limits");
     let core = limits.lines().find(|l| l.starts_with("Max core file size")).expect("core limit line");
     assert_eq!(core.split_whitespace().nth(4), Some("0"), "{core}");
 }
@@ -627,8 +621,8 @@ fn a_kill_right_after_a_release_loses_no_audit_entry() {
         let o = run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &kre.dir.path().join(format!("k{i}"))));
         assert!(o.status.success(), "{}", stderr(&o));
     }
-    kre.child.kill().expect("kill -9");
-    let _ = kre.child.wait();
+    kre.child.0.kill().expect("kill -9");
+    let _ = kre.child.0.wait();
     let followed = kre.dir.path().join("followed");
     let o = keygate(&["audit", "show", &followed.display().to_string(), "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));

@@ -9,11 +9,11 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use keygate_tests::e2e::{dev_kre, pcr_args, prod_policy_for, unix};
-use keygate_tests::{bin, keygate, run_with_limit};
+use keygate_tests::{bin, keygate, run_with_limit, KillOnDrop};
 use tonic::{Code, Status};
 
 // ---- the KMS v2 messages (package v2), from the published API ----
@@ -143,24 +143,17 @@ const GOOD: u8 = 0x5a;
 const KRE_PCR: u8 = 0x4b;
 
 struct Proc {
-    child: Child,
+    child: KillOnDrop,
     log: PathBuf,
     /// For a KRE: the parent's audit follower (releases are withheld without one).
     follower: Option<keygate_tests::AuditFollower>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Proc {
     /// Starts `cmd` with its standard error in the file `log`.
     fn spawn(cmd: &mut Command, log: PathBuf) -> Proc {
         let f = std::fs::File::create(&log).expect("log");
-        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(f).spawn().expect("spawn");
+        let child = KillOnDrop(cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(f).spawn().expect("spawn"));
         Proc { child, log, follower: None }
     }
 
@@ -171,7 +164,7 @@ impl Proc {
     fn wait_socket(&mut self, sock: &Path) {
         let start = Instant::now();
         while std::os::unix::net::UnixStream::connect(sock).is_err() {
-            if let Ok(Some(st)) = self.child.try_wait() {
+            if let Ok(Some(st)) = self.child.0.try_wait() {
                 panic!("exited early ({st}): {}", self.log());
             }
             assert!(start.elapsed() < Duration::from_secs(15), "no socket {}: {}", sock.display(), self.log());
