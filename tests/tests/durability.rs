@@ -90,6 +90,18 @@ fn write_cp_policy(d: &Path, kek_version: Option<u32>) {
     std::fs::write(d.join("policy.json"), policy.to_string()).expect("policy");
 }
 
+/// Starts the KRE on the static policy `d/policy.json`.
+fn static_kre(d: &Path) -> Kre {
+    start_kre(d, ("--policy", &d.join("policy.json")))
+}
+
+/// The custodians' and root keys, the static policy for `cp`, and the KRE started on it.
+fn set_up_static(d: &Path) -> Kre {
+    setup(d);
+    write_cp_policy(d, None);
+    static_kre(d)
+}
+
 /// Every file under `dir`, recursively.
 fn files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -113,10 +125,8 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 fn kill_restart_and_two_of_three_unseal_keep_the_data_keys() {
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
-    setup(d);
-    write_cp_policy(d, None);
+    let kre = set_up_static(d);
     let state = d.join("state");
-    let kre = start_kre(d, ("--policy", &d.join("policy.json")));
 
     // A fresh KRE with custodians is sealed; the parent has nothing to hand it.
     refused(fetch(&kre, &d.join("k0")), "sealed");
@@ -131,7 +141,7 @@ fn kill_restart_and_two_of_three_unseal_keep_the_data_keys() {
     // kill -9; the restarted KRE is sealed until the parent hands it the state and two
     // custodians act.
     kre.kill();
-    let kre = start_kre(d, ("--policy", &d.join("policy.json")));
+    let kre = static_kre(d);
     refused(fetch(&kre, &d.join("k2")), "sealed");
     refused(unseal(d, &kre, "c1", KRE_PCR), "awaiting_state");
     let out = ok(keygate(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
@@ -152,7 +162,7 @@ fn kill_restart_and_two_of_three_unseal_keep_the_data_keys() {
 
     // A tampered sealed state is refused at load.
     kre.kill();
-    let kre = start_kre(d, ("--policy", &d.join("policy.json")));
+    let kre = static_kre(d);
     let cur = state.join("state.current");
     let good = std::fs::read(&cur).expect("state");
     let mut bad = good.clone();
@@ -258,7 +268,7 @@ fn reshare_to_new_custodians_approved_by_two_old_ones_survives_a_restart_with_th
     }
     write_cp_policy(d, None);
     let state = d.join("state");
-    let kre = start_kre(d, ("--policy", &d.join("policy.json")));
+    let kre = static_kre(d);
     ok(keygate(&["custodian", "init", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
     ok(fetch(&kre, &d.join("k1")));
     let key1 = std::fs::read(d.join("k1/etcd.key")).expect("key");
@@ -331,7 +341,7 @@ fn no_kek_share_state_key_or_data_key_in_any_output_log_or_file() {
         outputs.extend_from_slice(&o.stderr);
         o
     };
-    let kre = start_kre(d, ("--policy", &d.join("policy.json")));
+    let kre = static_kre(d);
     ok(traced(&["custodian", "init", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
     // The policy's KEK version 2 is made after genesis and stored with the next generation.
     let out = ok(traced(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
@@ -341,7 +351,7 @@ fn no_kek_share_state_key_or_data_key_in_any_output_log_or_file() {
     ok(traced(&["status", "--kre", &kre.parent()]));
     ok(traced(&["audit", "pull", "--kre", &kre.parent(), "--dir", &s(&d.join("audit-1"))]));
     kre.kill();
-    let kre = start_kre(d, ("--policy", &d.join("policy.json")));
+    let kre = static_kre(d);
     ok(traced(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
     for c in ["c1", "c3"] {
         let a = unseal_args(d, &kre, c, KRE_PCR);
@@ -425,10 +435,8 @@ fn no_kek_share_state_key_or_data_key_in_any_output_log_or_file() {
 fn a_client_retrying_through_a_kre_kill_and_unseal_gets_the_same_keys() {
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
-    setup(d);
-    write_cp_policy(d, None);
+    let kre = set_up_static(d);
     let state = d.join("state");
-    let kre = start_kre(d, ("--policy", &d.join("policy.json")));
     ok(keygate(&["custodian", "init", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
     ok(fetch(&kre, &d.join("k1")));
     let key1 = std::fs::read(d.join("k1/etcd.key")).expect("key");
@@ -445,7 +453,7 @@ fn a_client_retrying_through_a_kre_kill_and_unseal_gets_the_same_keys() {
         .spawn()
         .expect("fetch");
     std::thread::sleep(Duration::from_millis(700));
-    let kre = start_kre(d, ("--policy", &d.join("policy.json")));
+    let kre = static_kre(d);
     std::thread::sleep(Duration::from_millis(500)); // the client now meets a sealed KRE
     ok(keygate(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
     ok(unseal(d, &kre, "c1", KRE_PCR));
