@@ -254,18 +254,63 @@ pub fn encode_signature(body_bytes: &[u8], key: &[u8], sig: &[u8]) -> Vec<u8> {
 
 /// Decodes a detached signature and checks it is for `body_bytes`.
 pub fn decode_signature(bytes: &[u8], body_bytes: &[u8]) -> Result<(Vec<u8>, Vec<u8>), BundleError> {
-    if bytes.len() > 1024 {
-        return Err(BundleError::TooLarge(bytes.len()));
-    }
-    let v = cbor::decode(bytes).map_err(BundleError::Cbor)?;
-    let items = array(&v, 4, "signature file")?;
-    if text(&items[0])? != SIGNATURE_TAG {
-        return Err(BundleError::Malformed("not a keygate policy signature"));
-    }
+    let items = SIGNATURE_FILE.fields(bytes)?;
     if bstr(&items[1])? != digest(body_bytes).as_slice() {
         return Err(BundleError::SignatureForOtherBody);
     }
     Ok((bstr(&items[2])?.to_vec(), bstr(&items[3])?.to_vec()))
+}
+
+/// The envelope of each file format: at most `max` bytes of CBOR, an array of `fields`
+/// whose first field is the text `tag`; each refusal with its own message.
+struct Envelope {
+    max: usize,
+    fields: usize,
+    shape: &'static str,
+    tag: &'static str,
+    other_tag: &'static str,
+}
+
+const SIGNATURE_FILE: Envelope = Envelope {
+    max: 1024,
+    fields: 4,
+    shape: "signature file",
+    tag: SIGNATURE_TAG,
+    other_tag: "not a keygate policy signature",
+};
+
+const BODY_FILE: Envelope = Envelope {
+    max: MAX_BODY,
+    fields: 9,
+    shape: "body must be an array of 9",
+    tag: BODY_TAG,
+    other_tag: "not a keygate policy body",
+};
+
+const BUNDLE_FILE: Envelope = Envelope {
+    max: MAX_BUNDLE,
+    fields: 3,
+    shape: "bundle must be an array of 3",
+    tag: BUNDLE_TAG,
+    other_tag: "not a keygate policy bundle",
+};
+
+impl Envelope {
+    /// The fields of `bytes`, the tag first, once the envelope checks pass.
+    fn fields<'a>(&self, bytes: &'a [u8]) -> Result<Vec<Value<'a>>, BundleError> {
+        if bytes.len() > self.max {
+            return Err(BundleError::TooLarge(bytes.len()));
+        }
+        let v = cbor::decode(bytes).map_err(BundleError::Cbor)?;
+        let Value::Array(fields) = v else { return Err(BundleError::Malformed(self.shape)) };
+        if fields.len() != self.fields {
+            return Err(BundleError::Malformed(self.shape));
+        }
+        if text(&fields[0])? != self.tag {
+            return Err(BundleError::Malformed(self.other_tag));
+        }
+        Ok(fields)
+    }
 }
 
 fn array<'a, 'b>(v: &'b Value<'a>, n: usize, what: &'static str) -> Result<&'b [Value<'a>], BundleError> {
@@ -305,14 +350,7 @@ fn bstr<'a>(v: &'a Value<'_>) -> Result<&'a [u8], BundleError> {
 
 /// Decodes and validates a body (canonical form, limits, threshold, keys, rules).
 pub fn decode_body(bytes: &[u8], crypto: &dyn Crypto) -> Result<PolicyBody, BundleError> {
-    if bytes.len() > MAX_BODY {
-        return Err(BundleError::TooLarge(bytes.len()));
-    }
-    let v = cbor::decode(bytes).map_err(BundleError::Cbor)?;
-    let f = array(&v, 9, "body must be an array of 9")?;
-    if text(&f[0])? != BODY_TAG {
-        return Err(BundleError::Malformed("not a keygate policy body"));
-    }
+    let f = BODY_FILE.fields(bytes)?;
     let previous: [u8; 48] =
         bstr(&f[2])?.try_into().map_err(|_| BundleError::Malformed("previous must be 48 bytes"))?;
     let mut approvers = Vec::new();
@@ -407,14 +445,7 @@ pub fn decode_body(bytes: &[u8], crypto: &dyn Crypto) -> Result<PolicyBody, Bund
 
 /// Decodes a bundle file.
 pub fn decode_bundle(bytes: &[u8], crypto: &dyn Crypto) -> Result<Bundle, BundleError> {
-    if bytes.len() > MAX_BUNDLE {
-        return Err(BundleError::TooLarge(bytes.len()));
-    }
-    let v = cbor::decode(bytes).map_err(BundleError::Cbor)?;
-    let f = array(&v, 3, "bundle must be an array of 3")?;
-    if text(&f[0])? != BUNDLE_TAG {
-        return Err(BundleError::Malformed("not a keygate policy bundle"));
-    }
+    let f = BUNDLE_FILE.fields(bytes)?;
     let body_bytes = bstr(&f[1])?.to_vec();
     let body = decode_body(&body_bytes, crypto)?;
     let mut signatures = Vec::new();

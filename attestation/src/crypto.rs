@@ -91,6 +91,16 @@ pub trait Crypto: Send + Sync + fmt::Debug {
     ) -> Result<SecretVec, CryptoError>;
 }
 
+/// Refuses anything but an uncompressed SEC1 point of P-384's length before a backend parses
+/// it: the backends' own parsers differ in what else they would accept.
+fn uncompressed_point(point: &[u8]) -> Result<(), CryptoError> {
+    if point.len() == P384_POINT_LEN && point.first() == Some(&0x04) {
+        Ok(())
+    } else {
+        Err(CryptoError::BadPublicKey)
+    }
+}
+
 /// Derives a P-384 private scalar from random bytes drawn by `fill` (rejection sampling:
 /// a 48-byte string that is zero or ≥ n is drawn again; the chance is below 2^-190).
 pub fn p384_scalar_from(
@@ -112,9 +122,7 @@ pub struct RustCrypto;
 
 impl RustCrypto {
     fn key(point: &[u8]) -> Result<p384::ecdsa::VerifyingKey, CryptoError> {
-        if point.len() != P384_POINT_LEN || point[0] != 0x04 {
-            return Err(CryptoError::BadPublicKey);
-        }
+        uncompressed_point(point)?;
         p384::ecdsa::VerifyingKey::from_sec1_bytes(point).map_err(|_| CryptoError::BadPublicKey)
     }
 }
@@ -217,9 +225,7 @@ impl AwsLc {
         msg: &[u8],
         sig: &[u8],
     ) -> Result<(), CryptoError> {
-        if point.len() != P384_POINT_LEN || point[0] != 0x04 {
-            return Err(CryptoError::BadPublicKey);
-        }
+        uncompressed_point(point)?;
         aws_lc_rs::signature::UnparsedPublicKey::new(alg, point).verify(msg, sig).map_err(|_| CryptoError::BadSignature)
     }
 }
@@ -255,9 +261,7 @@ impl Crypto for AwsLc {
     }
 
     fn validate_p384_point(&self, point: &[u8]) -> Result<(), CryptoError> {
-        if point.len() != P384_POINT_LEN || point[0] != 0x04 {
-            return Err(CryptoError::BadPublicKey);
-        }
+        uncompressed_point(point)?;
         // aws-lc validates the point when parsing it as an ECDH peer key.
         let unparsed = aws_lc_rs::agreement::UnparsedPublicKey::new(&aws_lc_rs::agreement::ECDH_P384, point);
         aws_lc_rs::agreement::ParsedPublicKey::try_from(&unparsed).map(|_| ()).map_err(|_| CryptoError::BadPublicKey)
@@ -280,9 +284,7 @@ impl Crypto for AwsLc {
 
     fn ecdh_p384(&self, scalar: &P384Scalar, peer: &[u8]) -> Result<SharedSecret, CryptoError> {
         use aws_lc_rs::agreement::{agree, PrivateKey, UnparsedPublicKey, ECDH_P384};
-        if peer.len() != P384_POINT_LEN || peer[0] != 0x04 {
-            return Err(CryptoError::BadPublicKey);
-        }
+        uncompressed_point(peer)?;
         let key = PrivateKey::from_private_key(&ECDH_P384, scalar.expose()).map_err(|_| CryptoError::BadPublicKey)?;
         agree(&key, UnparsedPublicKey::new(&ECDH_P384, peer), CryptoError::BadPublicKey, |x| {
             Secret::from_slice(x).ok_or(CryptoError::BadPublicKey)

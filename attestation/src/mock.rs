@@ -518,6 +518,23 @@ impl std::fmt::Debug for MockNsm {
     }
 }
 
+/// The value `cell` caches for `key` (an hour, a second), made and cached anew when it holds
+/// another key. A poisoned cache is still used: it only ever holds complete values.
+fn cached<T: Clone>(cell: &Mutex<Option<(u64, T)>>, key: u64, make: impl FnOnce() -> T) -> T {
+    let mut guard = match cell.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    match guard.as_ref() {
+        Some((k, v)) if *k == key => v.clone(),
+        _ => {
+            let v = make();
+            *guard = Some((key, v.clone()));
+            v
+        }
+    }
+}
+
 /// Number of PCRs a mock enclave document carries (as real NSM documents do).
 pub const ENCLAVE_PCRS: u8 = 16;
 /// Number of PCRs a mock NitroTPM document carries (0–23, as real NitroTPM documents do).
@@ -592,19 +609,7 @@ impl MockNsm {
 
     /// The PKI in force at `now_ms`.
     pub fn pki_at(&self, now_ms: UnixMillis) -> MockPki {
-        let hour = now_ms / 3_600_000;
-        let mut guard = match self.pki.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        match guard.as_ref() {
-            Some((h, pki)) if *h == hour => pki.clone(),
-            _ => {
-                let pki = MockPki::from_seed(&self.seed, now_ms);
-                *guard = Some((hour, pki.clone()));
-                pki
-            }
-        }
+        cached(&self.pki, now_ms / 3_600_000, || MockPki::from_seed(&self.seed, now_ms))
     }
 
     /// The mock root.
@@ -621,20 +626,7 @@ impl MockNsm {
     pub fn document(&self, timestamp_ms: UnixMillis, req: &AttestRequest) -> (MockDocument, Chain) {
         let pki = self.pki_at(timestamp_ms);
         let second = timestamp_ms / 1000;
-        let chain = {
-            let mut guard = match self.leaf.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-            match guard.as_ref() {
-                Some((s, c)) if *s == second => c.clone(),
-                _ => {
-                    let c = pki.chain(timestamp_ms);
-                    *guard = Some((second, c.clone()));
-                    c
-                }
-            }
-        };
+        let chain = cached(&self.leaf, second, || pki.chain(timestamp_ms));
         let doc = MockDocument {
             module_id: pki.module_id_for(&self.instance),
             digest: "SHA384".to_owned(),

@@ -162,6 +162,16 @@ fn adversarial_table() {
     let runtime: Vec<u8> = (16..=23).collect();
     let runtime_and_8: Vec<u8> = [8].into_iter().chain(16..=23).collect();
 
+    // A bundle giving `prod` the KEK schedule (version, retire below) that the policy refuses.
+    let bad_schedule = |name: &'static str, version: u32, retire_below: u32| {
+        let bytes = bundle_bytes(&scheduled(next(gd, vec![image("a", 0xa)]), version, retire_below), &[1, 2]);
+        let error = policy::PolicyError::BadKekSchedule { cluster: "prod".into(), version, retire_below };
+        (name, g.clone(), bytes, BundleError::Policy(error))
+    };
+    // A bundle whose one image rule the policy refuses.
+    let bad_rule = |name: &'static str, rule: ImageRule, error: policy::PolicyError| {
+        (name, g.clone(), bundle_bytes(&next(gd, vec![rule]), &[1, 2]), BundleError::Policy(error))
+    };
     let cases: Vec<(&str, PolicyState, Vec<u8>, BundleError)> = vec![
         (
             "one signature below the threshold of 2",
@@ -261,71 +271,28 @@ fn adversarial_table() {
             bundle_bytes(&after(&removed_body, next(gd, vec![image("a", 0xa)])), &[1, 2]),
             BundleError::KekVersionDecrease { cluster: "prod".into(), from: 3, to: 1 },
         ),
-        (
-            "retirement above the current KEK version",
-            g.clone(),
-            bundle_bytes(&scheduled(next(gd, vec![image("a", 0xa)]), 2, 3), &[1, 2]),
-            BundleError::Policy(policy::PolicyError::BadKekSchedule {
-                cluster: "prod".into(),
-                version: 2,
-                retire_below: 3,
-            }),
-        ),
-        (
-            "KEK version 0",
-            g.clone(),
-            bundle_bytes(&scheduled(next(gd, vec![image("a", 0xa)]), 0, 0), &[1, 2]),
-            BundleError::Policy(policy::PolicyError::BadKekSchedule {
-                cluster: "prod".into(),
-                version: 0,
-                retire_below: 0,
-            }),
-        ),
-        (
-            "KEK version above 1024",
-            g.clone(),
-            bundle_bytes(&scheduled(next(gd, vec![image("a", 0xa)]), 1025, 0), &[1, 2]),
-            BundleError::Policy(policy::PolicyError::BadKekSchedule {
-                cluster: "prod".into(),
-                version: 1025,
-                retire_below: 0,
-            }),
-        ),
-        (
+        bad_schedule("retirement above the current KEK version", 2, 3),
+        bad_schedule("KEK version 0", 0, 0),
+        bad_schedule("KEK version above 1024", 1025, 0),
+        bad_rule(
             "PCR8-only rule of kind nitrotpm",
-            g.clone(),
-            bundle_bytes(&next(gd, vec![rule("s", DocumentKind::NitroTpm, &[8], 8)]), &[1, 2]),
-            BundleError::Policy(policy::PolicyError::SignerRuleNotEnclave {
-                cluster: "prod".into(),
-                image: "s".into(),
-            }),
+            rule("s", DocumentKind::NitroTpm, &[8], 8),
+            policy::PolicyError::SignerRuleNotEnclave { cluster: "prod".into(), image: "s".into() },
         ),
-        (
+        bad_rule(
             "nitrotpm rule pinning PCR8 and PCR16-23 only",
-            g.clone(),
-            bundle_bytes(&next(gd, vec![rule("s", DocumentKind::NitroTpm, &runtime_and_8, 8)]), &[1, 2]),
-            BundleError::Policy(policy::PolicyError::SignerRuleNotEnclave {
-                cluster: "prod".into(),
-                image: "s".into(),
-            }),
+            rule("s", DocumentKind::NitroTpm, &runtime_and_8, 8),
+            policy::PolicyError::SignerRuleNotEnclave { cluster: "prod".into(), image: "s".into() },
         ),
-        (
+        bad_rule(
             "nitrotpm rule pinning PCR16-23 only",
-            g.clone(),
-            bundle_bytes(&next(gd, vec![rule("t", DocumentKind::NitroTpm, &runtime, 9)]), &[1, 2]),
-            BundleError::Policy(policy::PolicyError::NitroTpmBootUnpinned {
-                cluster: "prod".into(),
-                image: "t".into(),
-            }),
+            rule("t", DocumentKind::NitroTpm, &runtime, 9),
+            policy::PolicyError::NitroTpmBootUnpinned { cluster: "prod".into(), image: "t".into() },
         ),
-        (
+        bad_rule(
             "nitrotpm rule pinning PCR0-2 (firmware constants) only",
-            g.clone(),
-            bundle_bytes(&next(gd, vec![rule("t", DocumentKind::NitroTpm, &[0, 1, 2], 9)]), &[1, 2]),
-            BundleError::Policy(policy::PolicyError::NitroTpmBootUnpinned {
-                cluster: "prod".into(),
-                image: "t".into(),
-            }),
+            rule("t", DocumentKind::NitroTpm, &[0, 1, 2], 9),
+            policy::PolicyError::NitroTpmBootUnpinned { cluster: "prod".into(), image: "t".into() },
         ),
         (
             "kind spelled other than enclave, nitrotpm (or the legacy any)",

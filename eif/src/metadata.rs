@@ -159,16 +159,16 @@ pub fn os_and_kernel_from_config(config: &[u8]) -> Result<(String, String), EifE
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    #[test]
-    fn metadata_serialises_in_the_reference_field_order() {
-        let m = Metadata {
-            image_name: "bzImage".into(),
+    /// The metadata of a test image: version 1.0, built by keygate 0.1.0 on Linux 6.1.0.
+    pub(crate) fn sample(image_name: &str, build_time: &str) -> Metadata {
+        Metadata {
+            image_name: image_name.into(),
             image_version: "1.0".into(),
             build: BuildInfo {
-                build_time: "2024-01-01T00:00:00+00:00".into(),
+                build_time: build_time.into(),
                 build_tool: "keygate".into(),
                 build_tool_version: "0.1.0".into(),
                 operating_system: "Linux".into(),
@@ -176,7 +176,12 @@ mod tests {
             },
             docker_info: serde_json::Value::Null,
             custom: serde_json::Value::Null,
-        };
+        }
+    }
+
+    #[test]
+    fn metadata_serialises_in_the_reference_field_order() {
+        let m = sample("bzImage", "2024-01-01T00:00:00+00:00");
         let json = String::from_utf8(m.to_json().expect("json")).expect("utf8");
         assert_eq!(
             json,

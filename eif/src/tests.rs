@@ -9,19 +9,7 @@ use crate::signature::tests::{signer, NOW};
 use crate::*;
 
 fn metadata(build_time: &str) -> Metadata {
-    Metadata {
-        image_name: "kernel.bin".into(),
-        image_version: "1.0".into(),
-        build: BuildInfo {
-            build_time: build_time.into(),
-            build_tool: "keygate".into(),
-            build_tool_version: "0.1.0".into(),
-            operating_system: "Linux".into(),
-            kernel_version: "6.1.0".into(),
-        },
-        docker_info: serde_json::Value::Null,
-        custom: serde_json::Value::Null,
-    }
+    crate::metadata::tests::sample("kernel.bin", build_time)
 }
 
 fn builder(ramdisks: &[&[u8]]) -> EifBuilder {
@@ -194,6 +182,13 @@ fn minimal() -> Vec<(u16, u16, Vec<u8>)> {
     vec![(K, 0, b"kernel".to_vec()), (C, 0, b"cmdline".to_vec()), (M, 0, meta_json()), (R, 0, b"ramdisk".to_vec())]
 }
 
+/// [`minimal`] with `extra` sections after the ramdisk, assembled.
+fn minimal_with(extra: Vec<(u16, u16, Vec<u8>)>) -> Vec<u8> {
+    let mut s = minimal();
+    s.extend(extra);
+    assemble(&s)
+}
+
 #[test]
 fn assembler_matches_the_builder() {
     let mut b = EifBuilder::new(Input::Bytes(b"kernel".to_vec()), "cmdline", metadata("t")).expect("builder");
@@ -241,11 +236,7 @@ fn malformed_file_table() {
     let cose_es256 = sig_section(cert.clone(), cose(&[0xa1, 0x01, 0x26], &[0xa0], &[1; 96]));
     let payload_bad = sig_section(cert.clone(), cose(&[0xa1, 0x01, 0x38, 0x22], &[0x01], &[1; 96]));
     let cert_bad = sig_section(b"not a certificate".to_vec(), cose(&[0xa1, 0x01, 0x38, 0x22], &[0xa0], &[1; 96]));
-    let with = |extra: (u16, u16, Vec<u8>)| {
-        let mut s = minimal();
-        s.push(extra);
-        assemble(&s)
-    };
+    let with = |extra: (u16, u16, Vec<u8>)| minimal_with(vec![extra]);
 
     type Check = fn(&EifError) -> bool;
     let cases: Vec<(&str, Vec<u8>, Check)> = vec![
@@ -350,29 +341,15 @@ fn malformed_file_table() {
         ("cmdline before kernel", assemble(&[(C, 0, vec![1]), (K, 0, vec![1]), (R, 0, vec![2])]), |e| {
             matches!(e, EifError::SectionOutOfOrder { index: 1, kind: SectionKind::Kernel })
         }),
-        (
-            "ramdisk after signature",
-            {
-                let mut s = minimal();
-                s.push((S, 0, vec![0x80]));
-                s.push((R, 0, vec![1]));
-                assemble(&s)
-            },
-            |e| matches!(e, EifError::SectionOutOfOrder { index: 5, kind: SectionKind::Ramdisk }),
-        ),
+        ("ramdisk after signature", minimal_with(vec![(S, 0, vec![0x80]), (R, 0, vec![1])]), |e| {
+            matches!(e, EifError::SectionOutOfOrder { index: 5, kind: SectionKind::Ramdisk })
+        }),
         ("two kernels", assemble(&[(K, 0, vec![1]), (K, 0, vec![1]), (C, 0, vec![]), (R, 0, vec![2])]), |e| {
             matches!(e, EifError::DuplicateSection { index: 1, kind: SectionKind::Kernel })
         }),
-        (
-            "two signature sections",
-            {
-                let mut s = minimal();
-                s.push((S, 0, vec![0x80]));
-                s.push((S, 0, vec![0x80]));
-                assemble(&s)
-            },
-            |e| matches!(e, EifError::DuplicateSection { index: 5, kind: SectionKind::Signature }),
-        ),
+        ("two signature sections", minimal_with(vec![(S, 0, vec![0x80]), (S, 0, vec![0x80])]), |e| {
+            matches!(e, EifError::DuplicateSection { index: 5, kind: SectionKind::Signature })
+        }),
         ("oversized cmdline", assemble(&[(K, 0, vec![1]), (C, 0, vec![b'a'; 64 * 1024 + 1]), (R, 0, vec![2])]), |e| {
             matches!(e, EifError::SectionTooLarge { kind: SectionKind::Cmdline, .. })
         }),
@@ -457,9 +434,7 @@ fn a_signature_over_another_image_is_detected() {
     let sig = image.sections().last().expect("sig");
     let start = usize::try_from(sig.offset).expect("usize") + 12;
     let section = signed[start..].to_vec();
-    let mut s = minimal();
-    s.push((S, 0, section));
-    let forged = read_eif(&assemble(&s)[..]).expect("well-formed");
+    let forged = read_eif(&minimal_with(vec![(S, 0, section)])[..]).expect("well-formed");
     assert!(matches!(forged.verify_signature(NOW), Err(EifError::SignedPcrMismatch { index: 0, register: 0 })));
     // PCR8 is still reported: it depends on the certificate only.
     assert_eq!(forged.measurements().pcr8, image.measurements().pcr8);

@@ -15,21 +15,14 @@ use keygate_enclave::audit::{
     AuditSigner, Checkpoint, NotAttested, Receipt, ReceiptError, Requester, TrailError, TrailOptions,
     CHECKPOINT_DOMAIN, SIGNED_BODY_LEN,
 };
-use keygate_enclave::wire::Id;
 
-const T: u64 = 1_795_478_400_000 + 7 * 3_600_000;
+mod common;
+use common::{expectations, id, pcrs, T};
+
 const SEED: &[u8] = b"audit-test";
 
-fn pcrs(b: u8) -> BTreeMap<u8, Vec<u8>> {
-    (0u8..3).map(|i| (i, vec![b + i; 48])).collect()
-}
-
-fn id(s: &str) -> Id {
-    Id::new(s).expect("id")
-}
-
 fn expect_kre() -> Vec<PcrExpectation> {
-    pcrs(0x70).into_iter().map(|(index, value)| PcrExpectation { index, value }).collect()
+    expectations(&pcrs(0x70))
 }
 
 fn nsm(instance: &str, pcr_byte: u8) -> MockNsm {

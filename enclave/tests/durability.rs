@@ -3,57 +3,29 @@
 //! refusal the issue lists (too few shares, a non-custodian, a replayed share, a KRE with
 //! the wrong PCRs, a tampered blob, a rollback).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use keygate_attestation::crypto::{default_backend, p384_scalar_from, P384Scalar};
 use keygate_attestation::mock::MockNsm;
-use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
-use keygate_attestation::{DocumentKind, PcrExpectation, Verifier};
+use keygate_attestation::policy::ReleasePolicy;
+use keygate_attestation::{PcrExpectation, Verifier};
 use keygate_enclave::audit::AuditEvent;
-use keygate_enclave::kre::{Connection, Env, Event, Kre, KreConfig, Step};
-use keygate_enclave::peer::client::{self, ClientError, FetchRequest, ReleasedKey};
+use keygate_enclave::kre::{Connection, Event, Kre, KreConfig};
+use keygate_enclave::peer::client::{ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::peer::custodian::{self, CustodianError, CustodianRecord, Expectations};
 use keygate_enclave::state::custody::CustodianSet;
-use keygate_enclave::wire::{Channel, DenyCode, Id, Message, StateReport};
+use keygate_enclave::wire::{Channel, DenyCode, Message};
 
-const T: u64 = 1_795_478_400_000 + 7 * 3_600_000;
+mod common;
+use common::{
+    denied, expectations, fetch_as, id, one, pcrs, prod_policy, report, rng_from, sha384, step, sync_stored, T,
+};
+
 const SEED: &[u8] = b"durability-test";
 
-fn pcrs(b: u8) -> BTreeMap<u8, Vec<u8>> {
-    (0u8..3).map(|i| (i, vec![b + i; 48])).collect()
-}
-
-fn id(s: &str) -> Id {
-    Id::new(s).expect("id")
-}
-
-fn expectations(p: &BTreeMap<u8, Vec<u8>>) -> Vec<PcrExpectation> {
-    p.iter().map(|(i, v)| PcrExpectation { index: *i, value: v.clone() }).collect()
-}
-
+/// "prod" allows the image with PCRs `pcrs(0x10)`, KEK version 1.
 fn policy() -> ReleasePolicy {
-    let image = ImageRule {
-        name: "cp".into(),
-        pcrs: pcrs(0x10),
-        kind: DocumentKind::Enclave,
-        not_after_ms: None,
-        not_before_ms: None,
-    };
-    ReleasePolicy {
-        clusters: BTreeMap::from([("prod".into(), ClusterRule { images: vec![image], ..Default::default() })]),
-        allow_debug: false,
-    }
-}
-
-fn rng_from(seed: u64) -> impl FnMut(&mut [u8]) {
-    let mut n = seed;
-    move |b: &mut [u8]| {
-        for x in b.iter_mut() {
-            n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            *x = u8::try_from(n >> 56).unwrap_or(0);
-        }
-    }
+    prod_policy(1, 0)
 }
 
 struct Custodians {
@@ -81,44 +53,9 @@ fn kre(set: &CustodianSet, kre_pcr: u8) -> Kre {
     Kre::new(config, verifier, policy(), Arc::new(nsm)).expect("kre")
 }
 
-fn step(conn: &mut Connection, kre: &Kre, frame: &[u8]) -> Step {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static CALLS: AtomicU64 = AtomicU64::new(1);
-    let mut r = rng_from(CALLS.fetch_add(1, Ordering::Relaxed) * 7919);
-    conn.on_frame(kre, &frame[4..], &mut Env { now_ms: T, rng: &mut r })
-}
-
-fn one(kre: &Kre, m: Message) -> Message {
-    let s = step(&mut Connection::new(m.channel().expect("a request")), kre, &m.encode().expect("encode"));
-    Message::decode(&s.reply[4..]).expect("reply")
-}
-
-fn report(kre: &Kre, m: Message) -> StateReport {
-    match one(kre, m) {
-        Message::StateReport(r) => *r,
-        other => panic!("expected StateReport, got {other:?}"),
-    }
-}
-
-fn denied(m: Message) -> (DenyCode, String) {
-    match m {
-        Message::Denied { code, reason } => (code, reason),
-        other => panic!("expected Denied, got {other:?}"),
-    }
-}
-
 fn fetch(kre: &Kre) -> Result<Vec<ReleasedKey>, ClientError> {
     let cpi = MockNsm::new(SEED, pcrs(0x10), Arc::new(|| T)).with_instance("cpi");
-    let req = FetchRequest { cluster: id("prod"), key_ids: vec![id("etcd")], expect_kre_pcrs: vec![] };
-    let mut r = rng_from(5);
-    let (ac, hello) = client::start(req, &mut r).expect("hello");
-    let mut conn = Connection::new(Channel::Release);
-    let s = step(&mut conn, kre, &hello);
-    let ar = ac
-        .on_challenge(&s.reply[4..], &Verifier::new(cpi.root_anchor()), T, &cpi, default_backend(), &mut r)
-        .expect("challenge");
-    let s = step(&mut conn, kre, &ar.release_frame.clone());
-    ar.on_released(&s.reply[4..], default_backend()).map(|r| r.keys)
+    fetch_as(kre, &cpi, FetchRequest { cluster: id("prod"), key_ids: vec![id("etcd")], expect_kre_pcrs: vec![] })
 }
 
 /// The durable-state steps the KRE refused, in order, from its audit trail: every refusal of
@@ -135,24 +72,21 @@ fn refused_steps(kre: &Kre) -> Vec<String> {
 }
 
 fn deny_code(r: Result<Vec<ReleasedKey>, ClientError>) -> DenyCode {
-    match r {
-        Err(ClientError::Denied { code, .. }) => code,
-        other => panic!("expected a denial, got {other:?}"),
-    }
+    common::fetch_denial(r).0
 }
 
 /// Stores what the KRE exports (as the parent does) and commits it.
 fn sync(kre: &Kre, store: &mut Option<(Vec<u8>, Vec<u8>, Vec<u8>)>) -> u64 {
-    let r = report(kre, Message::StatePoll);
-    if r.export_generation == 0 {
-        return r.committed_generation;
+    let (generation, stored) = sync_stored(kre);
+    if stored.is_some() {
+        *store = stored;
     }
-    *store = Some((r.blob.clone(), r.shares.clone(), r.genesis_attestation.clone()));
-    let sha: [u8; 48] = sha2::Digest::finalize(<sha2::Sha384 as sha2::Digest>::new_with_prefix(&r.blob)).into();
-    match one(kre, Message::StateCommit { generation: r.export_generation, blob_sha384: sha }) {
-        Message::StateCommitted { generation } => generation,
-        other => panic!("expected StateCommitted, got {other:?}"),
-    }
+    generation
+}
+
+/// The parent handing back a stored state.
+fn state_load(blob: &[u8], shares: &[u8], genesis: &[u8]) -> Message {
+    Message::StateLoad { blob: blob.to_vec(), shares: shares.to_vec(), genesis_attestation: genesis.to_vec() }
 }
 
 struct Unsealer<'a> {
@@ -258,10 +192,7 @@ fn custodians_refuse_wrong_pcrs_rollback_and_changed_shares_and_the_kre_refuses_
     sync(&k1, &mut store);
     let (blob, shares, genesis) = store.clone().expect("stored");
     let k2 = kre(&c.set, 0x70);
-    report(
-        &k2,
-        Message::StateLoad { blob: blob.clone(), shares: shares.clone(), genesis_attestation: genesis.clone() },
-    );
+    report(&k2, state_load(&blob, &shares, &genesis));
 
     // A KRE with other PCRs than expected: the custodian refuses.
     assert!(matches!(unseal_one(&k2, &c, 0, &unsealer(0x60)), Err(CustodianError::KrePcr(_))));
@@ -305,10 +236,7 @@ fn custodians_refuse_wrong_pcrs_rollback_and_changed_shares_and_the_kre_refuses_
     assert_eq!(denied(one(&k2, Message::decode(&resp.frame[4..]).expect("frame"))).0, DenyCode::UnexpectedMessage);
     // A share from an earlier boot's session does not open in this one.
     let k3 = kre(&c.set, 0x70);
-    report(
-        &k3,
-        Message::StateLoad { blob: blob.clone(), shares: shares.clone(), genesis_attestation: genesis.clone() },
-    );
+    report(&k3, state_load(&blob, &shares, &genesis));
     let mut conn3 = Connection::new(Channel::Custodian);
     step(&mut conn3, &k3, &Message::UnsealHello { client_nonce: nonce }.encode().expect("hello"));
     let s = step(&mut conn3, &k3, &resp.frame);
@@ -337,7 +265,7 @@ fn custodians_refuse_wrong_pcrs_rollback_and_changed_shares_and_the_kre_refuses_
     assert!(reason.contains("digest"), "{reason}");
     assert_eq!(refused_steps(&k4), ["load"]);
     let n = bad.len() - 48;
-    let d: [u8; 48] = sha2::Digest::finalize(<sha2::Sha384 as sha2::Digest>::new_with_prefix(&bad[..n])).into();
+    let d = sha384(&bad[..n]);
     bad[n..].copy_from_slice(&d);
     report(&k4, Message::StateLoad { blob: bad, shares: shares.clone(), genesis_attestation: genesis.clone() });
     unseal_one(&k4, &c, 0, &u).expect("one");
@@ -364,7 +292,7 @@ fn commits_must_name_the_exported_blob_and_a_kre_without_custodians_has_no_state
     assert_eq!(denied(one(&k, Message::StateCommit { generation: 1, blob_sha384: [0; 48] })).0, DenyCode::StateRefused);
     assert_eq!(denied(one(&k, Message::StateCommit { generation: 2, blob_sha384: [0; 48] })).0, DenyCode::StateRefused);
     assert_eq!(deny_code(fetch(&k)), DenyCode::StatePending);
-    let sha: [u8; 48] = sha2::Digest::finalize(<sha2::Sha384 as sha2::Digest>::new_with_prefix(&r.blob)).into();
+    let sha = sha384(&r.blob);
     assert!(matches!(
         one(&k, Message::StateCommit { generation: 1, blob_sha384: sha }),
         Message::StateCommitted { generation: 1 }
@@ -459,10 +387,7 @@ fn reshare_to_a_new_set_needs_a_quorum_of_the_old_one_and_keeps_the_keys() {
     // custodians unseal it. The old custodians cannot.
     let (blob, shares, genesis) = store.clone().expect("stored");
     let k_old = kre(&old.set, 0x70);
-    let (code, reason) = denied(one(
-        &k_old,
-        Message::StateLoad { blob: blob.clone(), shares: shares.clone(), genesis_attestation: genesis.clone() },
-    ));
+    let (code, reason) = denied(one(&k_old, state_load(&blob, &shares, &genesis)));
     assert_eq!(code, DenyCode::StateRefused);
     assert!(reason.contains("another custodian set"), "{reason}");
     let k2 = kre(&new.set, 0x70);

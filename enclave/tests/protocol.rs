@@ -7,36 +7,23 @@ use std::time::Duration;
 
 use keygate_attestation::crypto::default_backend;
 use keygate_attestation::mock::MockNsm;
-use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
-use keygate_attestation::{AttestRequest, DocumentKind, Nsm, PcrExpectation, Verifier};
+use keygate_attestation::policy::{ClusterRule, ReleasePolicy};
+use keygate_attestation::{AttestRequest, Nsm, Verifier};
 use keygate_enclave::audit::{Receipt, ReceiptError};
 use keygate_enclave::kre::{Connection, Env, Event, Kre, KreConfig, Step};
 use keygate_enclave::peer::client::{self, AwaitReleased, ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::wire::{self, Channel, DenyCode, Id, Message};
 
-const T: u64 = 1_795_478_400_000 + 7 * 3_600_000;
+mod common;
+use common::{expectations, id, image, pcrs, rng, step_at as step, T};
+
 const SEED: &[u8] = b"protocol-test";
-
-fn pcrs(b: u8) -> BTreeMap<u8, Vec<u8>> {
-    (0u8..3).map(|i| (i, vec![b + i; 48])).collect()
-}
-
-fn id(s: &str) -> Id {
-    Id::new(s).expect("id")
-}
 
 fn kre_pcrs() -> BTreeMap<u8, Vec<u8>> {
     pcrs(0x70)
 }
 
 fn policy() -> ReleasePolicy {
-    let image = |name: &str, b: u8| ImageRule {
-        name: name.into(),
-        pcrs: pcrs(b),
-        kind: DocumentKind::Enclave,
-        not_after_ms: None,
-        not_before_ms: None,
-    };
     ReleasePolicy {
         clusters: BTreeMap::from([
             ("prod".into(), ClusterRule { images: vec![image("cp-good", 0x10)], ..Default::default() }),
@@ -60,39 +47,12 @@ fn cpi(pcr_byte: u8) -> MockNsm {
     MockNsm::new(SEED, pcrs(pcr_byte), Arc::new(|| T)).with_instance("cpi")
 }
 
-fn rng() -> impl FnMut(&mut [u8]) {
-    rng_from(0)
-}
-
-/// A deterministic generator (tests only; the server uses the OS RNG).
-fn rng_from(seed: u64) -> impl FnMut(&mut [u8]) {
-    let mut n = seed;
-    move |b: &mut [u8]| {
-        for x in b.iter_mut() {
-            n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            *x = u8::try_from(n >> 56).unwrap_or(0);
-        }
-    }
-}
-
-/// One server step; each call gets its own random stream so challenges differ.
-fn step(conn: &mut Connection, kre: &Kre, frame: &[u8], now: u64) -> Step {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static CALLS: AtomicU64 = AtomicU64::new(1);
-    let mut r = rng_from(CALLS.fetch_add(1, Ordering::Relaxed) * 7919);
-    conn.on_frame(kre, &frame[4..], &mut Env { now_ms: now, rng: &mut r })
-}
-
 fn request(cluster: &str) -> FetchRequest {
     FetchRequest {
         cluster: id(cluster),
         key_ids: vec![id("etcd-kek"), id("secrets")],
         expect_kre_pcrs: expectations(&kre_pcrs()),
     }
-}
-
-fn expectations(p: &BTreeMap<u8, Vec<u8>>) -> Vec<PcrExpectation> {
-    p.iter().map(|(i, v)| PcrExpectation { index: *i, value: v.clone() }).collect()
 }
 
 /// Runs Hello/Challenge and prepares the Release; returns the connection and client state.
@@ -276,6 +236,11 @@ fn manual_release(kre: &Kre, cpi: &MockNsm, make: impl FnOnce([u8; 32]) -> Attes
     step(&mut conn, kre, &frame, T)
 }
 
+/// A release whose attestation carries the challenge's nonce and the given user data and key.
+fn attested_release(kre: &Kre, user_data: Option<Vec<u8>>, public_key: Option<Vec<u8>>) -> Step {
+    manual_release(kre, &cpi(0x10), |n| AttestRequest { nonce: Some(n.to_vec()), user_data, public_key })
+}
+
 fn valid_point() -> Vec<u8> {
     keygate_attestation::mock::public_point(&keygate_attestation::mock::derive_key(b"k", "client"))
 }
@@ -283,11 +248,7 @@ fn valid_point() -> Vec<u8> {
 #[test]
 fn wrong_user_data_is_refused() {
     let kre = kre();
-    let s = manual_release(&kre, &cpi(0x10), |n| AttestRequest {
-        nonce: Some(n.to_vec()),
-        user_data: Some(vec![0; 48]),
-        public_key: Some(valid_point()),
-    });
+    let s = attested_release(&kre, Some(vec![0; 48]), Some(valid_point()));
     assert_eq!(denial(&s).0, DenyCode::UserDataMismatch);
 }
 
@@ -295,25 +256,13 @@ fn wrong_user_data_is_refused() {
 fn missing_or_invalid_public_key_is_refused() {
     let kre = kre();
     let digest = wire::request_digest(&id("prod"), &request("prod").key_ids).to_vec();
-    let s = manual_release(&kre, &cpi(0x10), |n| AttestRequest {
-        nonce: Some(n.to_vec()),
-        user_data: Some(digest.clone()),
-        public_key: None,
-    });
+    let s = attested_release(&kre, Some(digest.clone()), None);
     assert_eq!(denial(&s).0, DenyCode::PublicKeyInvalid);
     let mut off_curve = valid_point();
     off_curve[50] ^= 1;
-    let s = manual_release(&kre, &cpi(0x10), |n| AttestRequest {
-        nonce: Some(n.to_vec()),
-        user_data: Some(digest.clone()),
-        public_key: Some(off_curve),
-    });
+    let s = attested_release(&kre, Some(digest.clone()), Some(off_curve));
     assert_eq!(denial(&s).0, DenyCode::PublicKeyInvalid);
-    let s = manual_release(&kre, &cpi(0x10), |n| AttestRequest {
-        nonce: Some(n.to_vec()),
-        user_data: Some(digest.clone()),
-        public_key: Some(vec![0x04; 32]),
-    });
+    let s = attested_release(&kre, Some(digest.clone()), Some(vec![0x04; 32]));
     assert_eq!(denial(&s).0, DenyCode::PublicKeyInvalid);
 }
 

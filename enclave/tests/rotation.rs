@@ -3,106 +3,42 @@
 //! custodians: released only once the parent has stored and committed the new version), and
 //! a retirement removes old versions from releases at once.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use keygate_attestation::bundle::{self, PolicyBody};
 use keygate_attestation::crypto::{default_backend, p384_scalar_from, P384Scalar};
 use keygate_attestation::mock::{derive_key, public_point, MockNsm};
-use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
-use keygate_attestation::{DocumentKind, PcrExpectation, Verifier};
+use keygate_attestation::policy::ReleasePolicy;
+use keygate_attestation::Verifier;
 use keygate_enclave::audit::AuditEvent;
-use keygate_enclave::kre::{Connection, Env, Kre, KreConfig, Step};
-use keygate_enclave::peer::client::{self, ClientError, FetchRequest, ReleasedKey};
+use keygate_enclave::kre::{Connection, Kre, KreConfig};
+use keygate_enclave::peer::client::{ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::peer::custodian::{self, Expectations};
 use keygate_enclave::state::custody::CustodianSet;
-use keygate_enclave::wire::{Channel, DenyCode, Id, Message, StateReport};
+use keygate_enclave::wire::{Channel, DenyCode, Message};
 use p384::ecdsa::signature::Signer;
 
-const T: u64 = 1_795_478_400_000 + 7 * 3_600_000;
+mod common;
+use common::{
+    expectations, fetch_denial as denial, id, image, now, one, pcrs, prod_policy, report, rng_from, set_now, sha384,
+    step, T,
+};
+
 const SEED: &[u8] = b"rotation-test";
 const HOUR: u64 = 3_600_000;
 
-thread_local! {
-    /// The clock of this test (every KRE, NSM and client of a test runs on its thread).
-    static NOW: std::cell::Cell<u64> = const { std::cell::Cell::new(T) };
-}
-
-fn now() -> u64 {
-    NOW.with(std::cell::Cell::get)
-}
-
-fn set_now(t: u64) {
-    NOW.with(|n| n.set(t));
-}
-
-fn pcrs(b: u8) -> BTreeMap<u8, Vec<u8>> {
-    (0u8..3).map(|i| (i, vec![b + i; 48])).collect()
-}
-
-fn id(s: &str) -> Id {
-    Id::new(s).expect("id")
-}
-
-fn rng_from(seed: u64) -> impl FnMut(&mut [u8]) {
-    let mut n = seed;
-    move |b: &mut [u8]| {
-        for x in b.iter_mut() {
-            n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            *x = u8::try_from(n >> 56).unwrap_or(0);
-        }
-    }
-}
-
 /// "prod" allows the image with PCRs `pcrs(0x10)`, with the given KEK schedule.
 fn policy(kek_version: u32, kek_retire_below: u32) -> ReleasePolicy {
-    let image = ImageRule {
-        name: "cp".into(),
-        pcrs: pcrs(0x10),
-        kind: DocumentKind::Enclave,
-        not_after_ms: None,
-        not_before_ms: None,
-    };
-    ReleasePolicy {
-        clusters: BTreeMap::from([("prod".into(), ClusterRule { images: vec![image], kek_version, kek_retire_below })]),
-        allow_debug: false,
-    }
+    prod_policy(kek_version, kek_retire_below)
 }
 
 fn nsm() -> MockNsm {
     MockNsm::new(SEED, pcrs(0x70), Arc::new(now)).with_instance("kre")
 }
 
-fn step(conn: &mut Connection, kre: &Kre, frame: &[u8]) -> Step {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static CALLS: AtomicU64 = AtomicU64::new(1);
-    let mut r = rng_from(CALLS.fetch_add(1, Ordering::Relaxed) * 7919);
-    conn.on_frame(kre, &frame[4..], &mut Env { now_ms: now(), rng: &mut r })
-}
-
-fn one(kre: &Kre, m: Message) -> Message {
-    let s = step(&mut Connection::new(m.channel().expect("a request")), kre, &m.encode().expect("encode"));
-    Message::decode(&s.reply[4..]).expect("reply")
-}
-
-fn report(kre: &Kre, m: Message) -> StateReport {
-    match one(kre, m) {
-        Message::StateReport(r) => *r,
-        other => panic!("expected StateReport, got {other:?}"),
-    }
-}
-
 /// Stores what the KRE exports (as the parent does) and commits it; returns the generation.
 fn sync(kre: &Kre) -> u64 {
-    let r = report(kre, Message::StatePoll);
-    if r.export_generation == 0 {
-        return r.committed_generation;
-    }
-    let sha: [u8; 48] = sha2::Digest::finalize(<sha2::Sha384 as sha2::Digest>::new_with_prefix(&r.blob)).into();
-    match one(kre, Message::StateCommit { generation: r.export_generation, blob_sha384: sha }) {
-        Message::StateCommitted { generation } => generation,
-        other => panic!("expected StateCommitted, got {other:?}"),
-    }
+    common::sync_stored(kre).0
 }
 
 fn fetch(kre: &Kre) -> Result<Vec<ReleasedKey>, ClientError> {
@@ -113,15 +49,7 @@ fn fetch(kre: &Kre) -> Result<Vec<ReleasedKey>, ClientError> {
 fn fetch_as(kre: &Kre, image: u8) -> Result<Vec<ReleasedKey>, ClientError> {
     let cpi = MockNsm::new(SEED, pcrs(image), Arc::new(now)).with_instance("cpi");
     let req = FetchRequest { cluster: id("prod"), key_ids: vec![id("etcd"), id("secrets")], expect_kre_pcrs: vec![] };
-    let mut r = rng_from(5);
-    let (ac, hello) = client::start(req, &mut r).expect("hello");
-    let mut conn = Connection::new(Channel::Release);
-    let s = step(&mut conn, kre, &hello);
-    let ar = ac
-        .on_challenge(&s.reply[4..], &Verifier::new(cpi.root_anchor()), now(), &cpi, default_backend(), &mut r)
-        .expect("challenge");
-    let s = step(&mut conn, kre, &ar.release_frame.clone());
-    ar.on_released(&s.reply[4..], default_backend()).map(|r| r.keys)
+    common::fetch_as(kre, &cpi, req)
 }
 
 /// (key id, version) of each released key, in release order.
@@ -231,6 +159,15 @@ fn custodial_kre(genesis: &[u8], set: &CustodianSet) -> Kre {
     Kre::with_genesis(config, verifier, genesis, Arc::new(nsm)).expect("kre")
 }
 
+/// A KRE of the image built with `genesis`, with the three custodians, past genesis and
+/// serving generation 1.
+fn committed_kre(genesis: &[u8]) -> Kre {
+    let kre = custodial_kre(genesis, &custodians());
+    report(&kre, Message::StateGenesis);
+    assert_eq!(sync(&kre), 1);
+    kre
+}
+
 /// A restarted KRE (the same image: genesis bundle, custodians) with `stored` loaded, sealed.
 fn restarted(genesis: &[u8], set: &CustodianSet, stored: &(Vec<u8>, Vec<u8>, Vec<u8>)) -> Kre {
     let kre = custodial_kre(genesis, set);
@@ -242,8 +179,7 @@ fn restarted(genesis: &[u8], set: &CustodianSet, stored: &(Vec<u8>, Vec<u8>, Vec
 /// Two custodians unseal `kre`.
 fn unseal(kre: &Kre, scalars: &[P384Scalar]) {
     let verifier = Verifier::new(nsm().root_anchor());
-    let kre_pcrs: Vec<PcrExpectation> =
-        pcrs(0x70).into_iter().map(|(index, value)| PcrExpectation { index, value }).collect();
+    let kre_pcrs = expectations(&pcrs(0x70));
     let expect = Expectations {
         verifier: &verifier,
         now_ms: now(),
@@ -266,17 +202,7 @@ fn unseal(kre: &Kre, scalars: &[P384Scalar]) {
 
 /// The KRE's refusal of `m`.
 fn refused(kre: &Kre, m: Message) -> (DenyCode, String) {
-    match one(kre, m) {
-        Message::Denied { code, reason } => (code, reason),
-        other => panic!("expected Denied, got {other:?}"),
-    }
-}
-
-fn denial(r: Result<Vec<ReleasedKey>, ClientError>) -> (DenyCode, String) {
-    match r {
-        Err(ClientError::Denied { code, reason }) => (code, reason),
-        other => panic!("expected a denial, got {other:?}"),
-    }
+    common::denied(one(kre, m))
 }
 
 fn status(kre: &Kre) -> (serde_json::Value, serde_json::Value) {
@@ -411,9 +337,7 @@ fn a_pushed_rotation_without_custodians_is_released_at_once_and_a_retirement_rem
 #[test]
 fn with_custodians_a_rotation_is_released_only_after_the_commit_and_a_retirement_at_once() {
     let (genesis, mut chain) = Chain::genesis();
-    let kre = custodial_kre(&genesis, &custodians());
-    report(&kre, Message::StateGenesis);
-    assert_eq!(sync(&kre), 1);
+    let kre = committed_kre(&genesis);
     let v1 = fetch(&kre).expect("released");
     assert_eq!(versions(&v1), expect(&[("etcd", 1), ("secrets", 1)]));
 
@@ -461,9 +385,7 @@ fn a_genesis_policy_with_a_later_kek_version_gets_it_in_the_next_generation() {
         policy: policy(2, 0),
     };
     let genesis = bundle::encode_bundle(&bundle::encode_body(&body), &[]);
-    let kre = custodial_kre(&genesis, &custodians());
-    report(&kre, Message::StateGenesis);
-    assert_eq!(sync(&kre), 1);
+    let kre = committed_kre(&genesis);
     assert_eq!(versions(&fetch(&kre).expect("released")), expect(&[("etcd", 1), ("secrets", 1)]));
     assert_eq!(sync(&kre), 2);
     assert_eq!(
@@ -541,13 +463,11 @@ fn a_policy_push_that_cannot_be_recorded_is_refused_and_changes_nothing() {
 #[test]
 fn a_commit_that_cannot_be_recorded_is_refused_until_the_trail_is_collected() {
     let (genesis, mut chain) = Chain::genesis();
-    let kre = custodial_kre(&genesis, &custodians());
-    report(&kre, Message::StateGenesis);
-    assert_eq!(sync(&kre), 1);
+    let kre = committed_kre(&genesis);
     push(&kre, chain.next(2, 0));
     let r = report(&kre, Message::StatePoll);
     assert_eq!((r.committed_generation, r.export_generation), (1, 2));
-    let sha: [u8; 48] = sha2::Digest::finalize(<sha2::Sha384 as sha2::Digest>::new_with_prefix(&r.blob)).into();
+    let sha = sha384(&r.blob);
     fill_audit(&kre);
     let (code, reason) = refused(&kre, Message::StateCommit { generation: r.export_generation, blob_sha384: sha });
     assert_eq!(code, DenyCode::AuditFull, "{reason}");
@@ -610,16 +530,7 @@ fn a_retired_kek_version_stays_retired_across_an_unretiring_bundle_a_restart_and
 fn images(bases: &[u8]) -> ReleasePolicy {
     let mut p = policy(1, 0);
     let rule = p.clusters.get_mut("prod").expect("prod");
-    rule.images = bases
-        .iter()
-        .map(|b| ImageRule {
-            name: format!("cp{b:02x}"),
-            pcrs: pcrs(*b),
-            kind: DocumentKind::Enclave,
-            not_after_ms: None,
-            not_before_ms: None,
-        })
-        .collect();
+    rule.images = bases.iter().map(|b| image(&format!("cp{b:02x}"), *b)).collect();
     p
 }
 
@@ -688,9 +599,7 @@ fn a_policy_change_is_durable_only_once_committed_and_until_then_the_stricter_po
     use keygate_enclave::audit::{PolicyReceipt, PolicyReceiptError, TrailOptions};
     // No activation delay: an addition would be in force at once, were it not for durability.
     let (genesis, mut chain) = Chain::genesis_with_delay(0);
-    let kre = custodial_kre(&genesis, &custodians());
-    report(&kre, Message::StateGenesis);
-    assert_eq!(sync(&kre), 1);
+    let kre = committed_kre(&genesis);
     fetch_as(&kre, 0x10).expect("the genesis image");
     let not_durable = |kre: &Kre| {
         let v: serde_json::Value = serde_json::from_str(&kre.status_json()).expect("status json");
@@ -722,8 +631,7 @@ fn a_policy_change_is_durable_only_once_committed_and_until_then_the_stricter_po
     fetch_as(&kre, 0x20).expect("durable now");
     let Message::PolicyDurable { receipt } = durable_wait(&kre, 2, v2_digest) else { panic!("expected PolicyDurable") };
     let verifier = Verifier::new(nsm().root_anchor());
-    let kre_pcrs: Vec<PcrExpectation> =
-        pcrs(0x70).into_iter().map(|(index, value)| PcrExpectation { index, value }).collect();
+    let kre_pcrs = expectations(&pcrs(0x70));
     let r = PolicyReceipt::decode(&receipt).expect("decode");
     let proof = r.verify(&verifier, &kre_pcrs, TrailOptions::default(), 2, &v2_digest).expect("verifies");
     assert_eq!((proof.generation, proof.policy_version), (2, 2));
@@ -733,8 +641,7 @@ fn a_policy_change_is_durable_only_once_committed_and_until_then_the_stricter_po
         r.verify(&verifier, &kre_pcrs, TrailOptions::default(), 2, &[7; 48]),
         Err(PolicyReceiptError::OtherPolicy { expected: 2, found: 2 })
     ));
-    let other_kre: Vec<PcrExpectation> =
-        pcrs(0x71).into_iter().map(|(index, value)| PcrExpectation { index, value }).collect();
+    let other_kre = expectations(&pcrs(0x71));
     assert!(matches!(
         r.verify(&verifier, &other_kre, TrailOptions::default(), 2, &v2_digest),
         Err(PolicyReceiptError::KreImageMismatch(_))

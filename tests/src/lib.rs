@@ -2,6 +2,7 @@
 //! time, and the shared test vectors.
 #![forbid(unsafe_code)]
 
+pub mod e2e;
 pub mod relay;
 
 use std::path::{Path, PathBuf};

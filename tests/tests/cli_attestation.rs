@@ -1,13 +1,10 @@
 //! `keygate attestation ...` as a user runs it, on the shared real vectors.
 
+use keygate_tests::e2e::stderr;
 use keygate_tests::{keygate, shared_vectors};
 
 fn path(name: &str) -> String {
     shared_vectors().join(name).to_string_lossy().into_owned()
-}
-
-fn stderr(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 #[test]

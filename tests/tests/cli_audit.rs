@@ -13,7 +13,8 @@ use keygate_enclave::audit::files::{frame_record, CHECKPOINTS_MAGIC, ENTRIES_MAG
 use keygate_enclave::audit::store::{self, CHECKPOINTS_FILE, ENTRIES_FILE};
 use keygate_enclave::audit::{AuditConfig, AuditEntry, AuditEvent, AuditLog, AuditSigner, Checkpoint, Requester};
 use keygate_enclave::wire::Id;
-use keygate_tests::keygate;
+use keygate_tests::e2e::{dev_kre, prod_policy_for, unix, wait_for_socket};
+use keygate_tests::{keygate, KillOnDrop};
 
 const T: u64 = 1_795_478_400_000 + 5 * 3_600_000;
 
@@ -275,47 +276,21 @@ fn verify_reports_each_kind_of_tampering() {
     assert_eq!(keygate(&["audit", "show", &missing]).status.code(), Some(3));
 }
 
-/// A process killed on drop (the KRE, a following `audit pull`).
-struct Proc(std::process::Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Err(e) = self.0.kill() {
-            eprintln!("kill: {e}");
-        }
-        if let Err(e) = self.0.wait() {
-            eprintln!("wait: {e}");
-        }
-    }
-}
-
 /// Starts the KRE binary (mock NSM, static policy) on `sock`; returns once its release
-/// socket accepts connections (its parent channel is `<sock>.parent`).
-fn start_kre(d: &Path, sock: &Path, n: usize) -> Proc {
-    use std::time::{Duration, Instant};
-    let pcr = hex::encode([0x5a; 48]);
-    let policy =
-        serde_json::json!({"clusters": {"prod": {"images": [{"name": "cp", "pcrs": {"0": pcr, "1": pcr, "2": pcr}}]}}});
-    std::fs::write(d.join("policy.json"), policy.to_string()).expect("policy");
+/// socket and its parent channel (`<sock>.parent`) accept connections.
+fn start_kre(d: &Path, sock: &Path, n: usize) -> KillOnDrop {
+    std::fs::write(d.join("policy.json"), prod_policy_for("cp", 0x5a).to_string()).expect("policy");
     let log = std::fs::File::create(d.join(format!("kre-{n}.log"))).expect("log");
-    let child = std::process::Command::new(keygate_tests::bin("keygate-enclave-dev"))
-        .args(["--listen", &format!("unix:{}", sock.display()), "--policy"])
+    let child = dev_kre("cli-audit-follow")
+        .args(["--listen", &unix(sock), "--policy"])
         .arg(d.join("policy.json"))
-        .args(["--nsm", "mock", "--mock-seed", "cli-audit-follow"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn()
         .expect("kre");
-    let start = Instant::now();
-    let parent = format!("{}.parent", sock.display());
-    while std::os::unix::net::UnixStream::connect(sock).is_err()
-        || std::os::unix::net::UnixStream::connect(&parent).is_err()
-    {
-        assert!(start.elapsed() < Duration::from_secs(8), "KRE did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Proc(child)
+    let kre = KillOnDrop(child);
+    wait_for_socket(sock, "KRE");
+    wait_for_socket(Path::new(&format!("{}.parent", sock.display())), "KRE's parent channel");
+    kre
 }
 
 /// The runs stored in the history directory `dir` (`dir` itself and its `chain-*`
@@ -341,7 +316,7 @@ fn audit_pull_follow_survives_a_kre_restart() {
     let mut kre = start_kre(tmp.path(), &sock, 1);
     let dir = tmp.path().join("audit");
     let pull_log = tmp.path().join("pull.log");
-    let mut pull = Proc(
+    let mut pull = KillOnDrop(
         std::process::Command::new(keygate_tests::bin("keygate"))
             .args(["audit", "pull", "--follow", "1", "--dir"])
             .arg(&dir)

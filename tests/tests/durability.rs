@@ -5,63 +5,17 @@
 //! a scan of everything the parent wrote for key bytes.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use keygate_tests::e2e::{
+    dev_kre, hex48, keygate_args, ok, path_arg as s, pcr_args, pcr_list, prod_policy_for, refused, unix, DevKre as Kre,
+};
 use keygate_tests::{bin, keygate};
 
 const SEED: &str = "durability-e2e";
 const KRE_PCR: u8 = 0x4b;
 const CP_PCR: u8 = 0x1c;
-
-fn hex48(b: u8) -> String {
-    hex::encode([b; 48])
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
-
-fn ok(o: Output) -> String {
-    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn refused(o: Output, needle: &str) {
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "stdout: {} stderr: {e}", String::from_utf8_lossy(&o.stdout));
-    assert!(e.contains(needle), "expected `{needle}` in: {e}");
-}
-
-/// A KRE and the parent's audit follower (releases and state steps are withheld without one).
-struct Kre(Child, PathBuf, #[allow(dead_code)] keygate_tests::AuditFollower);
-
-impl Kre {
-    /// kill -9.
-    fn kill(mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-    /// The release channel.
-    fn addr(&self) -> String {
-        format!("unix:{}", self.1.display())
-    }
-    /// The parent channel (state, audit, status, policy delivery).
-    fn parent(&self) -> String {
-        format!("unix:{}.parent", self.1.display())
-    }
-    /// The custodian channel (unseal, reshare).
-    fn custodian(&self) -> String {
-        format!("unix:{}.custodian", self.1.display())
-    }
-}
-
-impl Drop for Kre {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Starts the KRE with three custodians, threshold 2, and either a static policy file or a
 /// genesis bundle.
@@ -76,24 +30,15 @@ fn start_kre_with(d: &Path, policy: (&str, &Path), custodians: &[&str], threshol
     static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let log = std::fs::File::create(d.join(format!("kre-{n}.log"))).expect("log");
-    let mut cmd = Command::new(bin("keygate-enclave-dev"));
-    cmd.args(["--listen", &format!("unix:{}", sock.display()), policy.0, &s(policy.1)])
-        .args(["--nsm", "mock", "--mock-seed", SEED])
-        .args(["--mock-pcr", &format!("0={}", hex48(KRE_PCR))])
+    let mut cmd = dev_kre(SEED);
+    cmd.args(["--listen", &unix(&sock), policy.0, &s(policy.1)])
+        .args(pcr_args("--mock-pcr", KRE_PCR, 1))
         .args(["--custodian-threshold", &threshold.to_string()]);
     for c in custodians {
         cmd.args(["--custodian", &s(&d.join(format!("{c}.pub.pem")))]);
     }
     // Trace level: the logs scanned for secrets are as verbose as they get.
-    let child =
-        cmd.env("KEYGATE_LOG", "trace").stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().expect("kre");
-    let start = Instant::now();
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(start.elapsed() < Duration::from_secs(15), "KRE did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let follower = keygate_tests::AuditFollower::start(&format!("unix:{}.parent", sock.display()), &d.join("followed"));
-    Kre(child, sock, follower)
+    Kre::start(cmd.env("KEYGATE_LOG", "trace").stderr(log), &sock, &d.join("followed"))
 }
 
 /// `keygate fetch` arguments for the mock control plane (PCR0-2 = CP_PCR) asking `addr` for
@@ -103,42 +48,29 @@ fn fetch_args(addr: &str, out: &Path, key_ids: &[&str], retries: u32) -> Vec<Str
     for k in key_ids {
         a.extend(["--key-id".into(), (*k).into()]);
     }
-    a.extend([
-        "--out".into(),
-        s(out),
-        "--nsm".into(),
-        "mock".into(),
-        "--mock-seed".into(),
-        SEED.into(),
-        "--retries".into(),
-        retries.to_string(),
-        "--expect-kre-pcr".into(),
-        format!("0={}", hex48(KRE_PCR)),
-    ]);
-    for i in 0..3 {
-        a.extend(["--mock-pcr".into(), format!("{i}={}", hex48(CP_PCR))]);
-    }
+    a.extend(["--out".into(), s(out), "--nsm".into(), "mock".into(), "--mock-seed".into(), SEED.into()]);
+    a.extend(["--retries".into(), retries.to_string()]);
+    a.extend(pcr_args("--expect-kre-pcr", KRE_PCR, 1));
+    a.extend(pcr_args("--mock-pcr", CP_PCR, 3));
     a
 }
 
 fn fetch(kre: &Kre, out: &Path) -> Output {
     let args = fetch_args(&kre.addr(), out, &["etcd"], 0);
-    keygate(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    keygate_args(&args)
+}
+
+/// `keygate custodian unseal` arguments: `custodian`'s key, the mock root, the KRE's PCR0.
+fn unseal_args(d: &Path, kre: &Kre, custodian: &str, expect_pcr: u8) -> Vec<String> {
+    let key = s(&d.join(format!("{custodian}.pem")));
+    let mut a: Vec<String> = ["custodian", "unseal", "--kre", &kre.custodian(), "--key", &key].map(String::from).into();
+    a.extend(["--root".into(), s(&d.join("root.pem"))]);
+    a.extend(pcr_args("--expect-kre-pcr", expect_pcr, 1));
+    a
 }
 
 fn unseal(d: &Path, kre: &Kre, custodian: &str, expect_pcr: u8) -> Output {
-    keygate(&[
-        "custodian",
-        "unseal",
-        "--kre",
-        &kre.custodian(),
-        "--key",
-        &s(&d.join(format!("{custodian}.pem"))),
-        "--root",
-        &s(&d.join("root.pem")),
-        "--expect-kre-pcr",
-        &format!("0={}", hex48(expect_pcr)),
-    ])
+    keygate_args(&unseal_args(d, kre, custodian, expect_pcr))
 }
 
 fn setup(d: &Path) {
@@ -146,6 +78,28 @@ fn setup(d: &Path) {
         ok(keygate(&["keygen", "-o", &s(&d.join(format!("c{i}.pem")))]));
     }
     ok(keygate(&["attestation", "mock-root", "--seed", SEED, "-o", &s(&d.join("root.pem"))]));
+}
+
+/// The static policy `d/policy.json`: `prod` allows the control plane `cp` (PCRs `CP_PCR`),
+/// at `kek_version` when given.
+fn write_cp_policy(d: &Path, kek_version: Option<u32>) {
+    let mut policy = prod_policy_for("cp", CP_PCR);
+    if let Some(v) = kek_version {
+        policy["clusters"]["prod"]["kek_version"] = v.into();
+    }
+    std::fs::write(d.join("policy.json"), policy.to_string()).expect("policy");
+}
+
+/// Starts the KRE on the static policy `d/policy.json`.
+fn static_kre(d: &Path) -> Kre {
+    start_kre(d, ("--policy", &d.join("policy.json")))
+}
+
+/// The custodians' and root keys, the static policy for `cp`, and the KRE started on it.
+fn set_up_static(d: &Path) -> Kre {
+    setup(d);
+    write_cp_policy(d, None);
+    static_kre(d)
 }
 
 /// Every file under `dir`, recursively.
@@ -171,13 +125,8 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 fn kill_restart_and_two_of_three_unseal_keep_the_data_keys() {
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
-    setup(d);
-    let policy = serde_json::json!({"clusters": {"prod": {"images": [
-        {"name": "cp", "pcrs": {"0": hex48(CP_PCR), "1": hex48(CP_PCR), "2": hex48(CP_PCR)}}
-    ]}}});
-    std::fs::write(d.join("policy.json"), policy.to_string()).expect("policy");
+    let kre = set_up_static(d);
     let state = d.join("state");
-    let kre = start_kre(d, ("--policy", &d.join("policy.json")));
 
     // A fresh KRE with custodians is sealed; the parent has nothing to hand it.
     refused(fetch(&kre, &d.join("k0")), "sealed");
@@ -192,7 +141,7 @@ fn kill_restart_and_two_of_three_unseal_keep_the_data_keys() {
     // kill -9; the restarted KRE is sealed until the parent hands it the state and two
     // custodians act.
     kre.kill();
-    let kre = start_kre(d, ("--policy", &d.join("policy.json")));
+    let kre = static_kre(d);
     refused(fetch(&kre, &d.join("k2")), "sealed");
     refused(unseal(d, &kre, "c1", KRE_PCR), "awaiting_state");
     let out = ok(keygate(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
@@ -213,7 +162,7 @@ fn kill_restart_and_two_of_three_unseal_keep_the_data_keys() {
 
     // A tampered sealed state is refused at load.
     kre.kill();
-    let kre = start_kre(d, ("--policy", &d.join("policy.json")));
+    let kre = static_kre(d);
     let cur = state.join("state.current");
     let good = std::fs::read(&cur).expect("state");
     let mut bad = good.clone();
@@ -261,7 +210,7 @@ fn the_policy_head_survives_a_restart_and_a_withheld_bundle_blocks_releases() {
     let store = p("bundles");
     let kre = start_kre(d, ("--genesis", &p("genesis.bundle")));
     ok(keygate(&["custodian", "init", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
-    let cp = pcrs_arg(CP_PCR);
+    let cp = pcr_list(CP_PCR);
     ok(keygate(&[
         "policy",
         "propose",
@@ -317,12 +266,9 @@ fn reshare_to_new_custodians_approved_by_two_old_ones_survives_a_restart_with_th
     for n in ["d1", "d2"] {
         ok(keygate(&["keygen", "-o", &s(&d.join(format!("{n}.pem")))]));
     }
-    let policy = serde_json::json!({"clusters": {"prod": {"images": [
-        {"name": "cp", "pcrs": {"0": hex48(CP_PCR), "1": hex48(CP_PCR), "2": hex48(CP_PCR)}}
-    ]}}});
-    std::fs::write(d.join("policy.json"), policy.to_string()).expect("policy");
+    write_cp_policy(d, None);
     let state = d.join("state");
-    let kre = start_kre(d, ("--policy", &d.join("policy.json")));
+    let kre = static_kre(d);
     ok(keygate(&["custodian", "init", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
     ok(fetch(&kre, &d.join("k1")));
     let key1 = std::fs::read(d.join("k1/etcd.key")).expect("key");
@@ -349,20 +295,9 @@ fn reshare_to_new_custodians_approved_by_two_old_ones_survives_a_restart_with_th
     // Without an explicit approval of that set, a custodian refuses.
     refused(unseal(d, &kre, "c1", KRE_PCR), "--approve-reshare");
     let approve = |c: &str| {
-        keygate(&[
-            "custodian",
-            "unseal",
-            "--kre",
-            &kre.custodian(),
-            "--key",
-            &s(&d.join(format!("{c}.pem"))),
-            "--root",
-            &s(&d.join("root.pem")),
-            "--expect-kre-pcr",
-            &format!("0={}", hex48(KRE_PCR)),
-            "--approve-reshare",
-            &digest,
-        ])
+        let mut a = unseal_args(d, &kre, c, KRE_PCR);
+        a.extend(["--approve-reshare".into(), digest.clone()]);
+        keygate_args(&a)
     };
     assert!(ok(approve("c1")).contains("1 of 2"));
     assert!(ok(approve("c3")).contains("new state key"));
@@ -397,10 +332,7 @@ fn no_kek_share_state_key_or_data_key_in_any_output_log_or_file() {
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
     setup(d);
-    let policy = serde_json::json!({"clusters": {"prod": {"images": [
-        {"name": "cp", "pcrs": {"0": hex48(CP_PCR), "1": hex48(CP_PCR), "2": hex48(CP_PCR)}}
-    ], "kek_version": 2}}});
-    std::fs::write(d.join("policy.json"), policy.to_string()).expect("policy");
+    write_cp_policy(d, Some(2));
     let state = d.join("state");
     let mut outputs: Vec<u8> = Vec::new();
     let mut traced = |args: &[&str]| {
@@ -409,7 +341,7 @@ fn no_kek_share_state_key_or_data_key_in_any_output_log_or_file() {
         outputs.extend_from_slice(&o.stderr);
         o
     };
-    let kre = start_kre(d, ("--policy", &d.join("policy.json")));
+    let kre = static_kre(d);
     ok(traced(&["custodian", "init", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
     // The policy's KEK version 2 is made after genesis and stored with the next generation.
     let out = ok(traced(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
@@ -419,21 +351,11 @@ fn no_kek_share_state_key_or_data_key_in_any_output_log_or_file() {
     ok(traced(&["status", "--kre", &kre.parent()]));
     ok(traced(&["audit", "pull", "--kre", &kre.parent(), "--dir", &s(&d.join("audit-1"))]));
     kre.kill();
-    let kre = start_kre(d, ("--policy", &d.join("policy.json")));
+    let kre = static_kre(d);
     ok(traced(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
     for c in ["c1", "c3"] {
-        ok(traced(&[
-            "custodian",
-            "unseal",
-            "--kre",
-            &kre.custodian(),
-            "--key",
-            &s(&d.join(format!("{c}.pem"))),
-            "--root",
-            &s(&d.join("root.pem")),
-            "--expect-kre-pcr",
-            &format!("0={}", hex48(KRE_PCR)),
-        ]));
+        let a = unseal_args(d, &kre, c, KRE_PCR);
+        ok(traced(&a.iter().map(String::as_str).collect::<Vec<_>>()));
     }
     let a = fetch_args(&kre.addr(), &d.join("keys-2"), &["etcd", "other"], 0);
     ok(traced(&a.iter().map(String::as_str).collect::<Vec<_>>()));
@@ -513,13 +435,8 @@ fn no_kek_share_state_key_or_data_key_in_any_output_log_or_file() {
 fn a_client_retrying_through_a_kre_kill_and_unseal_gets_the_same_keys() {
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
-    setup(d);
-    let policy = serde_json::json!({"clusters": {"prod": {"images": [
-        {"name": "cp", "pcrs": {"0": hex48(CP_PCR), "1": hex48(CP_PCR), "2": hex48(CP_PCR)}}
-    ]}}});
-    std::fs::write(d.join("policy.json"), policy.to_string()).expect("policy");
+    let kre = set_up_static(d);
     let state = d.join("state");
-    let kre = start_kre(d, ("--policy", &d.join("policy.json")));
     ok(keygate(&["custodian", "init", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
     ok(fetch(&kre, &d.join("k1")));
     let key1 = std::fs::read(d.join("k1/etcd.key")).expect("key");
@@ -536,7 +453,7 @@ fn a_client_retrying_through_a_kre_kill_and_unseal_gets_the_same_keys() {
         .spawn()
         .expect("fetch");
     std::thread::sleep(Duration::from_millis(700));
-    let kre = start_kre(d, ("--policy", &d.join("policy.json")));
+    let kre = static_kre(d);
     std::thread::sleep(Duration::from_millis(500)); // the client now meets a sealed KRE
     ok(keygate(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
     ok(unseal(d, &kre, "c1", KRE_PCR));
@@ -578,16 +495,11 @@ fn signed_setup(d: &Path, delay: &str) -> Kre {
     kre
 }
 
-/// `0=HEX,1=HEX,2=HEX` with every PCR 48 bytes of `b` (an image for `policy propose --allow`).
-fn pcrs_arg(b: u8) -> String {
-    (0..3).map(|i| format!("{i}={}", hex48(b))).collect::<Vec<_>>().join(",")
-}
-
 /// A signed deployment without activation delay whose v2 allows the control plane `cp`
 /// (PCRs `CP_PCR`), pushed and durable.
 fn serving_cp(d: &Path) -> Kre {
     let kre = signed_setup(d, "0s");
-    let v2 = next_bundle(d, 2, &["--allow", &format!("prod=cp@{}", pcrs_arg(CP_PCR))]);
+    let v2 = next_bundle(d, 2, &["--allow", &format!("prod=cp@{}", pcr_list(CP_PCR))]);
     push_and_sync(d, &kre, &v2);
     kre
 }
@@ -622,7 +534,7 @@ fn push_and_sync(d: &Path, kre: &Kre, bundle: &Path) {
         .map(str::to_owned)
         .collect::<Vec<_>>();
     args.extend(receipt_checks(d));
-    let out = ok(keygate(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+    let out = ok(keygate_args(&args));
     assert!(out.contains("durable: the sealed state committed as generation"), "{out}");
 }
 
@@ -648,7 +560,7 @@ fn a_long_active_image_is_served_at_once_after_a_restart_unseal_and_restore() {
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
     let kre = signed_setup(d, "4s");
-    let cp = pcrs_arg(CP_PCR);
+    let cp = pcr_list(CP_PCR);
     let v2 = next_bundle(d, 2, &["--allow", &format!("prod=cp@{cp}")]);
     push_and_sync(d, &kre, &v2);
     // The new image waits for the activation delay: a transient refusal, not a revocation.
@@ -672,7 +584,7 @@ fn a_retired_kek_version_stays_retired_across_an_unretiring_bundle_a_replay_and_
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
     let kre = signed_setup(d, "0s");
-    let cp = pcrs_arg(CP_PCR);
+    let cp = pcr_list(CP_PCR);
     let v2 = next_bundle(d, 2, &["--allow", &format!("prod=cp@{cp}"), "--rotate", "prod"]);
     push_and_sync(d, &kre, &v2);
     ok(fetch(&kre, &d.join("k1")));
@@ -717,7 +629,7 @@ fn a_revocation_is_reported_durable_only_once_committed_and_then_survives_a_rest
         .map(str::to_owned)
         .collect::<Vec<_>>();
     push.extend(receipt_checks(d));
-    let o = keygate(&push.iter().map(String::as_str).collect::<Vec<_>>());
+    let o = keygate_args(&push);
     refused(o, "policy v3 was accepted and is in force, but it is not durable after 2 s: policy_not_durable");
     refused(fetch(&kre, &d.join("k2")), "unknown_cluster");
     let receipt = d.join("bundles/policy-v00000003.durable");
@@ -730,7 +642,7 @@ fn a_revocation_is_reported_durable_only_once_committed_and_then_survives_a_rest
         .map(str::to_owned)
         .collect::<Vec<_>>();
     check.extend(receipt_checks(d));
-    let out = ok(keygate(&check.iter().map(String::as_str).collect::<Vec<_>>()));
+    let out = ok(keygate_args(&check));
     assert!(
         out.contains("durable: the sealed state committed as generation") && out.contains("carries policy v3"),
         "{out}"
@@ -740,7 +652,7 @@ fn a_revocation_is_reported_durable_only_once_committed_and_then_survives_a_rest
     let mut wrong = check.clone();
     let last = wrong.len() - 1;
     wrong[last] = format!("0={}", hex48(CP_PCR));
-    refused(keygate(&wrong.iter().map(String::as_str).collect::<Vec<_>>()), "does not verify");
+    refused(keygate_args(&wrong), "does not verify");
 
     // Durable: a kill -9, restart, unseal and restore keep the image revoked.
     let (kre, _) = restart_unseal_restore(d, kre);
@@ -858,7 +770,7 @@ fn a_kill_at_any_moment_loses_no_receipted_release_and_no_durable_policy_change(
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
     let mut kre = serving_cp(d);
-    let other = pcrs_arg(0x2d);
+    let other = pcr_list(0x2d);
     let (store, state) = (s(&d.join("bundles")), s(&d.join("state")));
     let receipts = d.join("all-receipts");
     let (mut held, mut durable_pushes) = (0, 0);
@@ -966,7 +878,7 @@ fn a_kill_at_any_moment_loses_no_receipted_release_and_no_durable_policy_change(
                     .map(str::to_owned)
                     .collect();
             check.extend(receipt_checks(d));
-            ok(keygate(&check.iter().map(String::as_str).collect::<Vec<_>>()));
+            ok(keygate_args(&check));
         } else {
             // Not durable: the pipeline pushes it again (the restore may already have replayed
             // it from the store) and stores the state.
@@ -996,7 +908,7 @@ fn a_kill_at_any_moment_loses_no_receipted_release_and_no_durable_policy_change(
         format!("0={}", hex48(KRE_PCR)),
     ]);
     verify.extend(["--receipts".into(), s(&receipts)]);
-    let out = ok(keygate(&verify.iter().map(String::as_str).collect::<Vec<_>>()));
+    let out = ok(keygate_args(&verify));
     assert!(out.contains(&format!("{held} checked, {held} with their entry stored")), "{out}");
     eprintln!("{held} receipts held, {durable_pushes} pushes reported durable, all kept");
 }

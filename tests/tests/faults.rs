@@ -6,62 +6,37 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use keygate_enclave::wire::Message;
-use keygate_tests::{bin, keygate};
+use keygate_tests::e2e::{dev_kre, keygate_args, pcr_args, prod_policy_for, unix, wait_for_socket, DevKre};
+use keygate_tests::KillOnDrop;
 
 const SEED: &str = "faults";
 
-fn hex48(b: u8) -> String {
-    hex::encode([b; 48])
-}
-
-/// A process, and for a KRE the parent's audit follower (held only to be stopped with it).
-struct Proc(Child, #[allow(dead_code)] Option<keygate_tests::AuditFollower>);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+const KRE_PCR: u8 = 0x4b;
+const CP_PCR: u8 = 0x5a;
 
 fn wait_for(sock: &Path) {
-    let start = Instant::now();
-    while UnixStream::connect(sock).is_err() {
-        assert!(start.elapsed() < Duration::from_secs(15), "{} did not come up", sock.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_socket(sock, "a listener");
 }
 
-fn start_kre(dir: &Path) -> (Proc, PathBuf) {
+fn start_kre(dir: &Path) -> (DevKre, PathBuf) {
     start_kre_with(dir, &[])
 }
 
-fn start_kre_with(dir: &Path, extra: &[&str]) -> (Proc, PathBuf) {
-    let pcr = hex48(0x5a);
-    let policy =
-        serde_json::json!({"clusters": {"prod": {"images": [{"name": "cp", "pcrs": {"0": pcr, "1": pcr, "2": pcr}}]}}});
-    std::fs::write(dir.join("policy.json"), policy.to_string()).expect("policy");
+fn start_kre_with(dir: &Path, extra: &[&str]) -> (DevKre, PathBuf) {
+    std::fs::write(dir.join("policy.json"), prod_policy_for("cp", CP_PCR).to_string()).expect("policy");
     let sock = dir.join("kre.sock");
-    let child = Command::new(bin("keygate-enclave-dev"))
-        .args(["--listen", &format!("unix:{}", sock.display()), "--policy"])
+    let mut cmd = dev_kre(SEED);
+    cmd.args(["--listen", &unix(&sock), "--policy"])
         .arg(dir.join("policy.json"))
-        .args(["--nsm", "mock", "--mock-seed", SEED, "--mock-pcr", &format!("0={}", hex48(0x4b))])
+        .args(pcr_args("--mock-pcr", KRE_PCR, 1))
         .args(["--frame-timeout", "2", "--connection-timeout", "5"])
         .args(if extra.contains(&"--max-connections") { &[][..] } else { &["--max-connections", "4096"][..] })
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("kre");
-    wait_for(&sock);
-    let follower =
-        keygate_tests::AuditFollower::start(&format!("unix:{}.parent", sock.display()), &dir.join("followed"));
-    (Proc(child, Some(follower)), sock)
+        .args(extra);
+    let kre = DevKre::start(&mut cmd, &sock, &dir.join("followed"));
+    (kre, sock)
 }
 
 fn fetch_args(sock: &Path, out: &Path, retries: &str) -> Vec<String> {
@@ -83,17 +58,15 @@ fn fetch_args(sock: &Path, out: &Path, retries: &str) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    a.extend(["--kre".into(), format!("unix:{}", sock.display()), "--out".into(), out.display().to_string()]);
-    a.extend(["--expect-kre-pcr".into(), format!("0={}", hex48(0x4b))]);
-    for i in 0..3 {
-        a.extend(["--mock-pcr".into(), format!("{i}={}", hex48(0x5a))]);
-    }
+    a.extend(["--kre".into(), unix(sock), "--out".into(), out.display().to_string()]);
+    a.extend(pcr_args("--expect-kre-pcr", KRE_PCR, 1));
+    a.extend(pcr_args("--mock-pcr", CP_PCR, 3));
     a
 }
 
 fn fetch(sock: &Path, out: &Path, retries: &str) -> std::process::Output {
     let args = fetch_args(sock, out, retries);
-    keygate(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    keygate_args(&args)
 }
 
 #[test]
@@ -240,30 +213,13 @@ fn a_fetch_survives_the_proxy_being_killed_and_restarted() {
     let dir = tempfile::tempdir().expect("tmp");
     let (_kre, kre_sock) = start_kre(dir.path());
     let psock = dir.path().join("parent.sock");
-    let start_proxy = || {
-        Proc(
-            Command::new(bin("keygate"))
-                .args([
-                    "proxy",
-                    "--listen",
-                    &format!("unix:{}", psock.display()),
-                    "--to",
-                    &format!("unix:{}", kre_sock.display()),
-                ])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("proxy"),
-            None,
-        )
-    };
+    let start_proxy = || KillOnDrop::keygate(&["proxy", "--listen", &unix(&psock), "--to", &unix(&kre_sock)]);
     let proxy = start_proxy();
     wait_for(&psock);
     // Kill the proxy (SIGKILL: no cleanup), start the fetch while it is down, bring it back.
     drop(proxy);
     let args = fetch_args(&psock, &dir.path().join("keys"), "8");
-    let fetcher = std::thread::spawn(move || keygate(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+    let fetcher = std::thread::spawn(move || keygate_args(&args));
     std::thread::sleep(Duration::from_millis(700));
     let _proxy = start_proxy();
     let o = fetcher.join().expect("fetch thread");

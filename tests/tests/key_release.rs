@@ -9,30 +9,22 @@ use std::time::{Duration, Instant};
 use keygate_attestation::mock::{system_clock, MockNsm};
 use keygate_attestation::{AttestRequest, Nsm};
 use keygate_enclave::wire::{self, DenyCode, Id, Message};
+use keygate_tests::e2e::{
+    dev_kre, hex48, keygate_args as run_fetch, path_arg as s, pcr_args, prod_policy, stderr, unix, DevKre,
+};
 use keygate_tests::relay::{Attack, Relay};
-use keygate_tests::{bin, keygate, run_with_limit};
+use keygate_tests::{bin, keygate, run_with_limit, KillOnDrop};
 
 const SEED: &str = "e2e-seed";
 const GOOD: u8 = 0x5a;
 const KRE_PCR: u8 = 0x4b;
 
-fn hex48(b: u8) -> String {
-    hex::encode([b; 48])
-}
-
 struct Kre {
-    child: Child,
+    child: KillOnDrop,
     dir: tempfile::TempDir,
     sock: PathBuf,
     /// The parent's audit follower (the KRE withholds releases without one).
     follower: Option<keygate_tests::AuditFollower>,
-}
-
-impl Drop for Kre {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Kre {
@@ -60,30 +52,14 @@ impl Kre {
         let sock = dir.path().join("kre.sock");
         let mut args: Vec<String> = Vec::new();
         if !extra.contains(&"--listen") {
-            args.extend(["--listen".into(), format!("unix:{}", sock.display())]);
+            args.extend(["--listen".into(), unix(&sock)]);
         }
-        args.extend([
-            "--policy".into(),
-            policy_path.display().to_string(),
-            "--nsm".into(),
-            "mock".into(),
-            "--mock-seed".into(),
-            SEED.into(),
-        ]);
-        for i in 0..3 {
-            args.push("--mock-pcr".into());
-            args.push(format!("{i}={}", hex48(KRE_PCR)));
-        }
+        args.extend(["--policy".into(), policy_path.display().to_string()]);
+        args.extend(pcr_args("--mock-pcr", KRE_PCR, 3));
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = std::fs::File::create(dir.path().join("kre.log")).expect("log");
-        let child = Command::new(bin("keygate-enclave-dev"))
-            .args(&args)
-            .env("KEYGATE_LOG", "trace")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn");
+        let child =
+            KillOnDrop(dev_kre(SEED).args(&args).env("KEYGATE_LOG", "trace").stderr(log).spawn().expect("spawn"));
         let kre = Kre { child, dir, sock, follower: None };
         kre.wait_ready();
         kre
@@ -138,22 +114,9 @@ fn fetch_args(kre: &str, cluster: &str, pcr: u8, out: &Path) -> Vec<String> {
         "--timeout".into(),
         "10".into(),
     ];
-    for i in 0..3 {
-        a.push("--mock-pcr".into());
-        a.push(format!("{i}={}", hex48(pcr)));
-        a.push("--expect-kre-pcr".into());
-        a.push(format!("{i}={}", hex48(KRE_PCR)));
-    }
+    a.extend(pcr_args("--mock-pcr", pcr, 3));
+    a.extend(pcr_args("--expect-kre-pcr", KRE_PCR, 3));
     a
-}
-
-fn run_fetch(args: &[String]) -> Output {
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    keygate(&refs)
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 fn assert_refused(o: &Output, code: &str, out: &Path) {
@@ -207,7 +170,7 @@ fn allowed_image_gets_keys_and_the_same_keys_on_a_second_boot() {
     assert_ne!(std::fs::read(out2.join("secrets.key")).expect("key"), k1);
     assert!(kre.log().contains("keys released"), "{}", kre.log());
     // The KRE runs with core dumps disabled.
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", kre.child.id())).expect("limits");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", kre.child.0.id())).expect("limits");
     let core = limits.lines().find(|l| l.starts_with("Max core file size")).expect("core limit line");
     assert_eq!(core.split_whitespace().nth(4), Some("0"), "{core}");
 }
@@ -267,7 +230,7 @@ fn fetch_through_the_proxy() {
     let psock = kre.dir.path().join("parent.sock");
     let proxy = start_proxy(&psock, &kre.addr(), &[]);
     let out = kre.dir.path().join("k");
-    let o = run_fetch(&fetch_args(&format!("unix:{}", psock.display()), "prod", GOOD, &out));
+    let o = run_fetch(&fetch_args(&unix(&psock), "prod", GOOD, &out));
     let mut proxy = proxy;
     let _ = proxy.kill();
     let proxy_out = proxy.wait_with_output().expect("proxy output");
@@ -509,7 +472,6 @@ fn image_built_by_the_pipeline_gets_keys_via_mock_pcrs_from() {
     std::fs::write(d.join("k.config"), b"#\n#\n# Linux/x86_64 6.1.0 Kernel Configuration\n").expect("w");
     std::fs::write(d.join("rootfs/init"), b"#!/bin/sh\n").expect("w");
     let eif = d.join("cp.eif");
-    let s = |p: &Path| p.display().to_string();
     let o = keygate(&[
         "eif",
         "build",
@@ -532,39 +494,21 @@ fn image_built_by_the_pipeline_gets_keys_via_mock_pcrs_from() {
     let pcr = |k: &str| m[k].as_str().expect("pcr").to_owned();
 
     // A KRE whose policy allows exactly that image.
-    let policy = serde_json::json!({"clusters": {"prod": {"images": [
-        {"name": "cp", "pcrs": {"0": pcr("PCR0"), "1": pcr("PCR1"), "2": pcr("PCR2")}}
-    ]}}});
+    let policy = prod_policy("cp", [&pcr("PCR0"), &pcr("PCR1"), &pcr("PCR2")]);
     std::fs::write(d.join("policy.json"), policy.to_string()).expect("policy");
     let sock = d.join("kre.sock");
-    let mut child = Command::new(bin("keygate-enclave-dev"))
-        .args([
-            "--listen",
-            &format!("unix:{}", sock.display()),
-            "--policy",
-            &s(&d.join("policy.json")),
-            "--nsm",
-            "mock",
-            "--mock-seed",
-            SEED,
-        ])
-        .args(["--mock-pcr", &format!("0={}", hex48(KRE_PCR))])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("kre");
-    let start = Instant::now();
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() && start.elapsed() < Duration::from_secs(15) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _follower =
-        keygate_tests::AuditFollower::start(&format!("unix:{}.parent", sock.display()), &d.join("followed"));
+    let mut cmd = dev_kre(SEED);
+    cmd.args(["--listen", &unix(&sock), "--policy", &s(&d.join("policy.json"))]).args(pcr_args(
+        "--mock-pcr",
+        KRE_PCR,
+        1,
+    ));
+    let kre = DevKre::start(&mut cmd, &sock, &d.join("followed"));
     let out = d.join("keys");
     let o = keygate(&[
         "fetch",
         "--kre",
-        &format!("unix:{}", sock.display()),
+        &kre.addr(),
         "--cluster",
         "prod",
         "--key-id",
@@ -582,8 +526,7 @@ fn image_built_by_the_pipeline_gets_keys_via_mock_pcrs_from() {
         "--retries",
         "0",
     ]);
-    let _ = child.kill();
-    let _ = child.wait();
+    kre.kill();
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(std::fs::read(out.join("etcd-kek.key")).expect("key").len(), 32);
 
@@ -616,7 +559,6 @@ fn audit_trail_records_decisions_fails_closed_and_verifies_offline() {
     let out = kre.dir.path().join("k");
     let trail = kre.dir.path().join("trail");
     let root = kre.dir.path().join("root.pem");
-    let s = |p: &Path| p.display().to_string();
     let withheld = kre.dir.path().join("withheld");
     assert_refused(&run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &withheld)), "audit_unacknowledged", &withheld);
     let status = keygate(&["status", "--kre", &kre.parent()]);
@@ -679,8 +621,8 @@ fn a_kill_right_after_a_release_loses_no_audit_entry() {
         let o = run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &kre.dir.path().join(format!("k{i}"))));
         assert!(o.status.success(), "{}", stderr(&o));
     }
-    kre.child.kill().expect("kill -9");
-    let _ = kre.child.wait();
+    kre.child.0.kill().expect("kill -9");
+    let _ = kre.child.0.wait();
     let followed = kre.dir.path().join("followed");
     let o = keygate(&["audit", "show", &followed.display().to_string(), "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -784,7 +726,7 @@ fn the_proxy_limits_connections_per_source() {
     drop(held);
     std::thread::sleep(Duration::from_millis(300));
     let out = kre.dir.path().join("k");
-    let o = run_fetch(&fetch_args(&format!("unix:{}", psock.display()), "prod", GOOD, &out));
+    let o = run_fetch(&fetch_args(&unix(&psock), "prod", GOOD, &out));
     assert!(o.status.success(), "a slot is free again: {}", stderr(&o));
     let _ = proxy.kill();
     let log = proxy.wait_with_output().expect("proxy output");
@@ -798,16 +740,7 @@ fn a_second_kre_cannot_take_over_a_live_socket() {
     let kre = Kre::start(&[]);
     let policy = kre.dir.path().join("policy.json");
     let second = run_with_limit(
-        Command::new(bin("keygate-enclave-dev")).args([
-            "--listen",
-            &kre.addr(),
-            "--policy",
-            policy.to_str().expect("utf8"),
-            "--nsm",
-            "mock",
-            "--mock-seed",
-            SEED,
-        ]),
+        dev_kre(SEED).args(["--listen", &kre.addr(), "--policy", policy.to_str().expect("utf8")]),
         Duration::from_secs(15),
     );
     assert_eq!(second.status.code(), Some(2), "{}", stderr(&second));
@@ -836,7 +769,7 @@ fn a_relay_cannot_substitute_released_keys_or_the_challenge() {
         let sock = kre.dir.path().join(format!("relay{i}.sock"));
         let relay = Relay::start(&sock, &kre.sock, cpi().root_anchor(), attack);
         let out = kre.dir.path().join(format!("k{i}"));
-        let o = run_fetch(&fetch_args(&format!("unix:{}", sock.display()), "prod", GOOD, &out));
+        let o = run_fetch(&fetch_args(&unix(&sock), "prod", GOOD, &out));
         assert_refused(&o, error, &out);
         assert!(!stderr(&o).contains("retrying"), "an attack is not retried: {attack:?}: {}", stderr(&o));
         assert_eq!(relay.handled_at_least(1), 1, "{attack:?}");
@@ -845,7 +778,7 @@ fn a_relay_cannot_substitute_released_keys_or_the_challenge() {
     let sock = kre.dir.path().join("honest.sock");
     let _relay = Relay::start(&sock, &kre.sock, cpi().root_anchor(), Attack::Forward);
     let out = kre.dir.path().join("honest");
-    let o = run_fetch(&fetch_args(&format!("unix:{}", sock.display()), "prod", GOOD, &out));
+    let o = run_fetch(&fetch_args(&unix(&sock), "prod", GOOD, &out));
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
@@ -895,7 +828,6 @@ fn a_customer_receipt_catches_a_parent_that_acknowledged_without_storing() {
     let (first, second) = (receipts[0].1.seq().min(receipts[1].1.seq()), receipts[0].1.seq().max(receipts[1].1.seq()));
     assert!(first < second);
 
-    let s = |p: &Path| p.display().to_string();
     let root = kre.dir.path().join("root.pem");
     assert!(keygate(&["attestation", "mock-root", "--seed", SEED, "-o", &s(&root)]).status.success());
     let expect = format!("0={}", hex48(KRE_PCR));
@@ -962,7 +894,7 @@ fn a_relay_cannot_hand_the_client_another_releases_receipt() {
     let kre = Kre::start(&[]);
     let sock = kre.dir.path().join("relay.sock");
     let relay = Relay::start(&sock, &kre.sock, cpi().root_anchor(), Attack::ReplaceReceipt);
-    let via = format!("unix:{}", sock.display());
+    let via = unix(&sock);
     for (i, error) in [
         "its audit receipt is not this release's: its signature does not verify",
         "its audit receipt is not this release's: it is the receipt of another release",

@@ -9,10 +9,11 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use keygate_tests::{bin, keygate, run_with_limit};
+use keygate_tests::e2e::{dev_kre, pcr_args, prod_policy_for, unix};
+use keygate_tests::{bin, keygate, run_with_limit, KillOnDrop};
 use tonic::{Code, Status};
 
 // ---- the KMS v2 messages (package v2), from the published API ----
@@ -141,29 +142,18 @@ const SEED: &str = "kms-e2e-seed";
 const GOOD: u8 = 0x5a;
 const KRE_PCR: u8 = 0x4b;
 
-fn hex48(b: u8) -> String {
-    hex::encode([b; 48])
-}
-
 struct Proc {
-    child: Child,
+    child: KillOnDrop,
     log: PathBuf,
     /// For a KRE: the parent's audit follower (releases are withheld without one).
     follower: Option<keygate_tests::AuditFollower>,
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 impl Proc {
-    fn spawn(bin: PathBuf, args: &[String], log: PathBuf) -> Proc {
+    /// Starts `cmd` with its standard error in the file `log`.
+    fn spawn(cmd: &mut Command, log: PathBuf) -> Proc {
         let f = std::fs::File::create(&log).expect("log");
-        let child =
-            Command::new(bin).args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(f).spawn().expect("spawn");
+        let child = KillOnDrop(cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(f).spawn().expect("spawn"));
         Proc { child, log, follower: None }
     }
 
@@ -174,7 +164,7 @@ impl Proc {
     fn wait_socket(&mut self, sock: &Path) {
         let start = Instant::now();
         while std::os::unix::net::UnixStream::connect(sock).is_err() {
-            if let Ok(Some(st)) = self.child.try_wait() {
+            if let Ok(Some(st)) = self.child.0.try_wait() {
                 panic!("exited early ({st}): {}", self.log());
             }
             assert!(start.elapsed() < Duration::from_secs(15), "no socket {}: {}", sock.display(), self.log());
@@ -186,25 +176,15 @@ impl Proc {
 /// A KRE allowing (or not) the GOOD image in cluster `prod`, on `sock`.
 fn start_kre(dir: &Path, sock: &Path, allow_good: bool, name: &str) -> Proc {
     let pcr = if allow_good { GOOD } else { 0x77 };
-    let policy = serde_json::json!({
-        "clusters": { "prod": { "images": [ { "name": "cp", "pcrs": { "0": hex48(pcr), "1": hex48(pcr), "2": hex48(pcr) } } ] } }
-    });
     let policy_path = dir.join(format!("{name}.policy.json"));
-    std::fs::write(&policy_path, policy.to_string()).expect("policy");
-    let mut args: Vec<String> = vec![
-        "--listen".into(),
-        format!("unix:{}", sock.display()),
-        "--policy".into(),
-        policy_path.display().to_string(),
-        "--nsm".into(),
-        "mock".into(),
-        "--mock-seed".into(),
-        SEED.into(),
-    ];
-    for i in 0..3 {
-        args.extend(["--mock-pcr".into(), format!("{i}={}", hex48(KRE_PCR))]);
-    }
-    let mut p = Proc::spawn(bin("keygate-enclave-dev"), &args, dir.join(format!("{name}.log")));
+    std::fs::write(&policy_path, prod_policy_for("cp", pcr).to_string()).expect("policy");
+    let mut cmd = dev_kre(SEED);
+    cmd.args(["--listen".into(), unix(sock), "--policy".into(), policy_path.display().to_string()]).args(pcr_args(
+        "--mock-pcr",
+        KRE_PCR,
+        3,
+    ));
+    let mut p = Proc::spawn(&mut cmd, dir.join(format!("{name}.log")));
     p.wait_socket(sock);
     let parent = format!("unix:{}.parent", sock.display());
     p.follower = Some(keygate_tests::AuditFollower::start(&parent, &dir.join(format!("{name}.audit"))));
@@ -215,7 +195,7 @@ fn plugin_args(sock: &Path, extra: &[String]) -> Vec<String> {
     let mut a: Vec<String> = vec![
         "kms-plugin".into(),
         "--listen".into(),
-        format!("unix:{}", sock.display()),
+        unix(sock),
         "--cluster".into(),
         "prod".into(),
         "--key-id".into(),
@@ -228,7 +208,7 @@ fn plugin_args(sock: &Path, extra: &[String]) -> Vec<String> {
 fn start_plugin_on_dir(dir: &Path, keys: &Path) -> (Proc, PathBuf) {
     let sock = dir.join("kms.sock");
     let extra = ["--keys".to_owned(), keys.display().to_string(), "--rescan".into(), "100ms".into()];
-    let mut p = Proc::spawn(bin("keygate"), &plugin_args(&sock, &extra), dir.join("plugin.log"));
+    let mut p = Proc::spawn(Command::new(bin("keygate")).args(plugin_args(&sock, &extra)), dir.join("plugin.log"));
     p.wait_socket(&sock);
     (p, sock)
 }
@@ -237,7 +217,7 @@ fn start_plugin_on_kre(dir: &Path, kre_sock: &Path, lease: &str, grace: &str) ->
     let sock = dir.join("kms.sock");
     let mut extra: Vec<String> = vec![
         "--kre".into(),
-        format!("unix:{}", kre_sock.display()),
+        unix(kre_sock),
         "--nsm".into(),
         "mock".into(),
         "--mock-seed".into(),
@@ -251,13 +231,27 @@ fn start_plugin_on_kre(dir: &Path, kre_sock: &Path, lease: &str, grace: &str) ->
         "--receipts".into(),
         dir.join("plugin-receipts").display().to_string(),
     ];
-    for i in 0..3 {
-        extra.extend(["--mock-pcr".into(), format!("{i}={}", hex48(GOOD))]);
-        extra.extend(["--expect-kre-pcr".into(), format!("{i}={}", hex48(KRE_PCR))]);
-    }
-    let mut p = Proc::spawn(bin("keygate"), &plugin_args(&sock, &extra), dir.join("plugin.log"));
+    extra.extend(pcr_args("--mock-pcr", GOOD, 3));
+    extra.extend(pcr_args("--expect-kre-pcr", KRE_PCR, 3));
+    let mut p = Proc::spawn(Command::new(bin("keygate")).args(plugin_args(&sock, &extra)), dir.join("plugin.log"));
     p.wait_socket(&sock);
     (p, sock)
+}
+
+/// A plugin on the key directory `<dir>/keys` holding version 1 (bytes 0x11): the keys, the
+/// plugin and its socket.
+fn plugin_with_key_v1(dir: &Path) -> (PathBuf, Proc, PathBuf) {
+    let keys = dir.join("keys");
+    write_key(&keys, 1, 0x11);
+    let (plugin, sock) = start_plugin_on_dir(dir, &keys);
+    (keys, plugin, sock)
+}
+
+/// A client of the plugin on `sock`, once the plugin reports itself healthy.
+async fn healthy(sock: &Path) -> Kms {
+    let mut kms = Kms::connect(sock).await;
+    kms.wait_status(Duration::from_secs(10), |s| s.healthz == "ok").await;
+    kms
 }
 
 fn write_key(keys: &Path, version: u32, byte: u8) {
@@ -279,9 +273,7 @@ fn seed(i: u8) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_encrypt_decrypt_round_trip_and_refusals() {
     let dir = tempfile::tempdir().expect("tmp");
-    let keys = dir.path().join("keys");
-    write_key(&keys, 1, 0x11);
-    let (plugin, sock) = start_plugin_on_dir(dir.path(), &keys);
+    let (_, plugin, sock) = plugin_with_key_v1(dir.path());
     {
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&sock).expect("meta").permissions().mode() & 0o777, 0o600);
@@ -339,11 +331,8 @@ async fn status_encrypt_decrypt_round_trip_and_refusals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_changes_the_key_id_and_old_ciphertexts_still_decrypt() {
     let dir = tempfile::tempdir().expect("tmp");
-    let keys = dir.path().join("keys");
-    write_key(&keys, 1, 0x11);
-    let (_plugin, sock) = start_plugin_on_dir(dir.path(), &keys);
-    let mut kms = Kms::connect(&sock).await;
-    kms.wait_status(Duration::from_secs(10), |s| s.healthz == "ok").await;
+    let (keys, _plugin, sock) = plugin_with_key_v1(dir.path());
+    let mut kms = healthy(&sock).await;
     let old = kms.encrypt(&seed(1)).await.expect("encrypt");
     assert_eq!(old.key_id, "prod/etcd-kek/v1");
 
@@ -374,10 +363,8 @@ async fn rotation_changes_the_key_id_and_old_ciphertexts_still_decrypt() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_clients() {
     let dir = tempfile::tempdir().expect("tmp");
-    let keys = dir.path().join("keys");
-    write_key(&keys, 1, 0x11);
-    let (_plugin, sock) = start_plugin_on_dir(dir.path(), &keys);
-    Kms::connect(&sock).await.wait_status(Duration::from_secs(10), |s| s.healthz == "ok").await;
+    let (_, _plugin, sock) = plugin_with_key_v1(dir.path());
+    healthy(&sock).await;
     let (conns, tasks, rounds) = (4usize, 8usize, 25usize);
     let start = Instant::now();
     let mut handles = Vec::new();
@@ -491,11 +478,8 @@ async fn python_grpcio_client_agrees_with_the_plugin() {
         return;
     }
     let dir = tempfile::tempdir().expect("tmp");
-    let keys = dir.path().join("keys");
-    write_key(&keys, 1, 0x11);
-    let (_plugin, sock) = start_plugin_on_dir(dir.path(), &keys);
-    let mut kms = Kms::connect(&sock).await;
-    kms.wait_status(Duration::from_secs(10), |s| s.healthz == "ok").await;
+    let (_, _plugin, sock) = plugin_with_key_v1(dir.path());
+    let mut kms = healthy(&sock).await;
     // Rust seals, Python opens; Python seals, Rust opens.
     let mine = kms.encrypt(&seed(9)).await.expect("encrypt");
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));

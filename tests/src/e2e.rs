@@ -1,0 +1,137 @@
+//! What the end-to-end test files share beside the process kit: the mock PCR arguments, the
+//! checks of a command's outcome, a one-image release policy, and the development KRE
+//! (`keygate-enclave-dev` with the mock NSM) on a Unix socket with the parent's audit
+//! follower. It decides nothing for the product and trusts the binaries only to exit or to
+//! open their sockets; every helper panics with the output when a check fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{bin, keygate, AuditFollower, KillOnDrop};
+
+/// How long a started process may take to open its socket.
+pub const START_LIMIT: Duration = Duration::from_secs(15);
+
+/// 48 bytes of `b`, in hex: a mock PCR value.
+pub fn hex48(b: u8) -> String {
+    format!("{b:02x}").repeat(48)
+}
+
+/// `flag I=hex48(b)` for PCR0 up to PCR`count - 1`, as command-line arguments.
+pub fn pcr_args(flag: &str, b: u8, count: u8) -> Vec<String> {
+    (0..count).flat_map(|i| [flag.to_owned(), format!("{i}={}", hex48(b))]).collect()
+}
+
+/// `0=HEX,1=HEX,2=HEX` with every PCR `hex48(b)` (an image for `policy propose --allow`).
+pub fn pcr_list(b: u8) -> String {
+    (0..3).map(|i| format!("{i}={}", hex48(b))).collect::<Vec<_>>().join(",")
+}
+
+/// A path as a command-line argument.
+pub fn path_arg(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// The address of the Unix socket `sock` (`unix:PATH`).
+pub fn unix(sock: &Path) -> String {
+    format!("unix:{}", sock.display())
+}
+
+/// The standard error of `o`, as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs `keygate` with owned arguments (30 s limit).
+pub fn keygate_args(args: &[String]) -> Output {
+    keygate(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// Asserts that the command succeeded; returns its standard output.
+pub fn ok(o: Output) -> String {
+    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Asserts that the command was refused (exit 1) with `needle` in its standard error.
+pub fn refused(o: Output, needle: &str) {
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "stdout: {} stderr: {e}", String::from_utf8_lossy(&o.stdout));
+    assert!(e.contains(needle), "expected `{needle}` in: {e}");
+}
+
+/// A release policy: cluster `prod` allows the one image `name` with PCR0-2 `pcrs`.
+pub fn prod_policy(name: &str, pcrs: [&str; 3]) -> serde_json::Value {
+    serde_json::json!({"clusters": {"prod": {"images": [
+        {"name": name, "pcrs": {"0": pcrs[0], "1": pcrs[1], "2": pcrs[2]}}
+    ]}}})
+}
+
+/// [`prod_policy`] for the mock image whose PCR0-2 are all `hex48(b)`.
+pub fn prod_policy_for(name: &str, b: u8) -> serde_json::Value {
+    let h = hex48(b);
+    prod_policy(name, [&h, &h, &h])
+}
+
+/// `keygate-enclave-dev` with the mock NSM seeded `seed`, its standard streams closed (the
+/// caller adds `--listen`, the policy, PCRs and anything else).
+pub fn dev_kre(seed: &str) -> Command {
+    let mut cmd = Command::new(bin("keygate-enclave-dev"));
+    cmd.args(["--nsm", "mock", "--mock-seed", seed]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    cmd
+}
+
+/// Waits until `sock` accepts a connection; panics naming `what` after [`START_LIMIT`].
+pub fn wait_for_socket(sock: &Path, what: &str) {
+    let start = Instant::now();
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        assert!(start.elapsed() < START_LIMIT, "{what} did not start on {}", sock.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running development KRE and the parent's audit follower (releases and state steps are
+/// withheld without one); both are stopped when dropped.
+#[derive(Debug)]
+pub struct DevKre {
+    _child: KillOnDrop,
+    sock: PathBuf,
+    _follower: AuditFollower,
+}
+
+impl DevKre {
+    /// Starts `cmd` (a [`dev_kre`] listening on `sock`), waits for its release socket, and
+    /// follows its audit trail into `followed`.
+    pub fn start(cmd: &mut Command, sock: &Path, followed: &Path) -> Self {
+        let child = KillOnDrop(cmd.spawn().expect("keygate-enclave-dev"));
+        wait_for_socket(sock, "KRE");
+        let follower = AuditFollower::start(&format!("unix:{}.parent", sock.display()), followed);
+        Self { _child: child, sock: sock.to_path_buf(), _follower: follower }
+    }
+
+    /// The release channel's socket.
+    pub fn sock(&self) -> &Path {
+        &self.sock
+    }
+
+    /// The release channel.
+    pub fn addr(&self) -> String {
+        unix(&self.sock)
+    }
+
+    /// The parent channel (state, audit, status, policy delivery).
+    pub fn parent(&self) -> String {
+        format!("unix:{}.parent", self.sock.display())
+    }
+
+    /// The custodian channel (unseal, reshare).
+    pub fn custodian(&self) -> String {
+        format!("unix:{}.custodian", self.sock.display())
+    }
+
+    /// kill -9 (and the follower with it).
+    pub fn kill(self) {
+        drop(self);
+    }
+}
