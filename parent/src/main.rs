@@ -2,32 +2,12 @@
 //! attestation tools, the control-plane fetch client, the parent proxy, pipeline
 //! commands and the local demo.
 
-use std::fmt;
 use std::process::ExitCode;
 
 use clap::Parser;
 
 mod cmd;
-
-/// A failure reported to the user as one line on stderr and a non-zero exit code.
-#[derive(Debug)]
-pub(crate) struct CliError {
-    /// Process exit code: 1 = refused / verification failed, 2 = bad input, 3 = I/O.
-    pub(crate) code: u8,
-    pub(crate) message: String,
-}
-
-impl CliError {
-    pub(crate) fn refused(message: impl fmt::Display) -> Self {
-        Self { code: 1, message: message.to_string() }
-    }
-    pub(crate) fn input(message: impl fmt::Display) -> Self {
-        Self { code: 2, message: message.to_string() }
-    }
-    pub(crate) fn io(context: impl fmt::Display, err: impl fmt::Display) -> Self {
-        Self { code: 3, message: format!("{context}: {err}") }
-    }
-}
+mod error;
 
 #[derive(Debug, Parser)]
 #[command(name = "keygate", version, about = "keygate: attested key release for confidential control planes")]

@@ -12,7 +12,7 @@ use keygate_attestation::{
     VerifyOptions, VerifyTime,
 };
 
-use crate::CliError;
+use crate::error::CliError;
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum AttestationCommand {

@@ -16,7 +16,7 @@ use keygate_enclave::audit::{
 use serde_json::{json, Value};
 
 use crate::cmd::attestation::load_anchor;
-use crate::CliError;
+use crate::error::CliError;
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum AuditCommand {

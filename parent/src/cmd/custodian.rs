@@ -21,7 +21,7 @@ use sha2::{Digest, Sha384};
 
 use super::audit::exchange;
 use super::state_store::{DirFs, StateFs, StateStore};
-use crate::CliError;
+use crate::error::CliError;
 
 /// The custody file of one custodian set, `custody-<hex set digest>.bin`:
 /// `"KGCUSTDY" ‖ u32be n ‖ shares file ‖ u32be m ‖ genesis attestation`. A sealed blob's header

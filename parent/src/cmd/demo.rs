@@ -8,7 +8,7 @@ use std::sync::Arc;
 use keygate_attestation::mock::MockNsm;
 use keygate_attestation::{AttestRequest, Nsm, TrustAnchor, Verifier, VerifyError, VerifyOptions};
 
-use crate::CliError;
+use crate::error::CliError;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct DemoArgs {}

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use super::demo::Tour;
 use super::kms_plugin::pb::key_management_service_client::KeyManagementServiceClient;
 use super::kms_plugin::pb::{DecryptRequest, EncryptRequest, StatusRequest};
-use crate::CliError;
+use crate::error::CliError;
 use keygate_tests::ProcessInDir;
 
 /// The cluster label in the plugin's key ids (the demo's cluster).

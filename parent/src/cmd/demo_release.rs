@@ -18,7 +18,7 @@ use keygate_tests::relay::{Attack, Relay};
 
 use super::demo::Tour;
 use super::fetch::{write_keys, Fetcher};
-use crate::CliError;
+use crate::error::CliError;
 
 const SEED: &str = "keygate-demo";
 

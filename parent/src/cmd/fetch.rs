@@ -12,7 +12,7 @@ use keygate_enclave::io::{read_frame, write_frame, FrameError};
 use keygate_enclave::transport::{self, Addr};
 use keygate_enclave::wire::Id;
 
-use crate::CliError;
+use crate::error::CliError;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct FetchArgs {

@@ -22,7 +22,7 @@ use keygate_enclave::transport::Addr;
 use keygate_enclave::wire::Id;
 
 use crate::cmd::fetch::{Fetcher, NsmArgs};
-use crate::CliError;
+use crate::error::CliError;
 
 mod keyring;
 mod lease;

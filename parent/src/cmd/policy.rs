@@ -16,7 +16,7 @@ use keygate_enclave::wire::Message;
 use p384::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding};
 
 use crate::cmd::attestation::{now_ms, pcrs_from_eif, write_file};
-use crate::CliError;
+use crate::error::CliError;
 
 /// Largest key or bundle file read.
 const MAX_FILE: u64 = 128 * 1024;

@@ -22,7 +22,7 @@ use tonic::transport::Channel;
 use super::{cores, cpu_seconds, latency_histogram, start_call, start_kre, KreProc, OpenLoop, SEED};
 use crate::cmd::kms_plugin::pb::key_management_service_client::KeyManagementServiceClient;
 use crate::cmd::kms_plugin::pb::{DecryptRequest, EncryptRequest, StatusRequest};
-use crate::CliError;
+use crate::error::CliError;
 use keygate_tests::ProcessInDir;
 
 type Client = KeyManagementServiceClient<Channel>;

@@ -22,7 +22,7 @@ use keygate_enclave::transport::Addr;
 use keygate_enclave::wire::{Id, Message};
 
 use super::fetch::Fetcher;
-use crate::CliError;
+use crate::error::CliError;
 
 mod attack;
 mod plot;

@@ -10,7 +10,7 @@ use std::path::Path;
 use hdrhistogram::Histogram;
 use plotters::prelude::*;
 
-use crate::CliError;
+use crate::error::CliError;
 
 /// The deepest percentile drawn: 99.999 %.
 const MAX_NINES: f64 = 5.0;
