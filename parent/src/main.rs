@@ -8,6 +8,7 @@ use clap::Parser;
 
 mod cmd;
 mod error;
+mod kre_client;
 
 #[derive(Debug, Parser)]
 #[command(name = "keygate", version, about = "keygate: attested key release for confidential control planes")]

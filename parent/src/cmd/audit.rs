@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 
 use crate::cmd::attestation::load_anchor;
 use crate::error::CliError;
+use crate::kre_client::{self, KreError};
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum AuditCommand {
@@ -194,27 +195,6 @@ pub(crate) fn run(cmd: AuditCommand) -> Result<(), CliError> {
     }
 }
 
-/// One request/answer exchange with the KRE.
-pub(crate) fn exchange(
-    kre: &keygate_enclave::transport::Addr,
-    msg: &keygate_enclave::wire::Message,
-) -> Result<keygate_enclave::wire::Message, CliError> {
-    use keygate_enclave::io::{read_frame, write_frame};
-    let rt =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
-    rt.block_on(async {
-        let t = std::time::Duration::from_secs(10);
-        let mut s = keygate_enclave::transport::connect(kre, t)
-            .await
-            .map_err(|e| CliError::io(format!("connecting to {kre}"), e))?;
-        let frame = msg.encode().map_err(|e| CliError::input(e.to_string()))?;
-        write_frame(&mut s, &frame, t).await.map_err(|e| CliError::io("sending", e))?;
-        let body = read_frame(&mut s, t).await.map_err(|e| CliError::io("reading the answer", e))?;
-        keygate_enclave::wire::Message::decode(&body)
-            .map_err(|e| CliError::refused(format!("bad answer from the KRE: {e}")))
-    })
-}
-
 /// The last sequence number stored in `dir` (0 for none).
 fn stored_last(dir: &Path) -> Result<u64, CliError> {
     match store::read_dir(dir) {
@@ -246,12 +226,9 @@ pub(crate) fn pull_once(
     for _ in 0..100_000 {
         let ask = Message::AuditWait { after_seq: last, max: 1024, wait_ms: wait };
         wait = 0;
-        let (entries, checkpoint) = match exchange(kre, &ask)? {
+        let (entries, checkpoint) = match kre_client::ask(kre, &ask, kre_client::DEFAULT_TIMEOUT)? {
             Message::AuditBatch { entries, checkpoint } => (entries, checkpoint),
-            Message::Denied { code, reason } => {
-                return Err(CliError::refused(format!("the KRE refused: {code}: {reason}")))
-            }
-            m => return Err(CliError::refused(format!("unexpected answer {}", m.name()))),
+            m => return Err(kre_client::unexpected(&m)),
         };
         let entries = entries
             .iter()
@@ -268,12 +245,13 @@ pub(crate) fn pull_once(
         stored += report.entries_written;
         if n > 0 {
             last = report.last_seq;
-            match exchange(kre, &Message::AuditAck { up_to_seq: last })? {
-                Message::AuditAcked { .. } => {}
-                Message::Denied { code, reason } => {
+            match kre_client::ask(kre, &Message::AuditAck { up_to_seq: last }, kre_client::DEFAULT_TIMEOUT) {
+                Ok(Message::AuditAcked { .. }) => {}
+                Err(KreError::Denied { code, reason }) => {
                     return Err(CliError::refused(format!("ack refused: {code}: {reason}")))
                 }
-                m => return Err(CliError::refused(format!("unexpected answer {}", m.name()))),
+                Ok(m) => return Err(kre_client::unexpected(&m)),
+                Err(e) => return Err(e.into()),
             }
         }
         if at_head || n == 0 {
@@ -285,12 +263,12 @@ pub(crate) fn pull_once(
 
 /// `keygate status --kre ADDR`.
 pub(crate) fn status(kre: &keygate_enclave::transport::Addr) -> Result<(), CliError> {
-    match exchange(kre, &keygate_enclave::wire::Message::Status)? {
+    match kre_client::ask(kre, &keygate_enclave::wire::Message::Status, kre_client::DEFAULT_TIMEOUT)? {
         keygate_enclave::wire::Message::StatusReport { json } => {
             println!("{json}");
             Ok(())
         }
-        m => Err(CliError::refused(format!("unexpected answer {}", m.name()))),
+        m => Err(kre_client::unexpected(&m)),
     }
 }
 
@@ -378,12 +356,13 @@ impl Backoff {
 /// them). Asking the status first matters: the new chain's sequence numbers restart at
 /// 1, so pulling after the old chain's last entry would silently return nothing.
 fn run_dir(kre: &keygate_enclave::transport::Addr, dir: &Path) -> Result<PathBuf, CliError> {
-    let json = match exchange(kre, &keygate_enclave::wire::Message::Status)? {
-        keygate_enclave::wire::Message::StatusReport { json } => json,
-        keygate_enclave::wire::Message::Denied { code, reason } => {
+    let json = match kre_client::ask(kre, &keygate_enclave::wire::Message::Status, kre_client::DEFAULT_TIMEOUT) {
+        Ok(keygate_enclave::wire::Message::StatusReport { json }) => json,
+        Err(KreError::Denied { code, reason }) => {
             return Err(CliError::refused(format!("the KRE refused its status: {code}: {reason}")))
         }
-        m => return Err(CliError::refused(format!("unexpected answer {}", m.name()))),
+        Ok(m) => return Err(kre_client::unexpected(&m)),
+        Err(e) => return Err(e.into()),
     };
     let status: Value =
         serde_json::from_str(&json).map_err(|e| CliError::refused(format!("malformed status from the KRE: {e}")))?;

@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 use keygate_attestation::mock::{system_clock, MockNsm};
 use keygate_attestation::{Nsm, PcrExpectation, Verifier};
 use keygate_enclave::client::{ClientError, FetchRequest};
-use keygate_enclave::io::{read_frame, write_frame};
-use keygate_enclave::transport::{self, Addr};
+use keygate_enclave::transport::Addr;
 use keygate_enclave::wire::{DenyCode, Id, Message};
 use keygate_tests::relay::{Attack, Relay};
 
 use super::demo::Tour;
 use super::fetch::{write_keys, Fetcher};
 use crate::error::CliError;
+use crate::kre_client::{Connection, KreError};
 
 const SEED: &str = "keygate-demo";
 
@@ -770,15 +770,10 @@ fn expect_denial(r: Result<(), ClientError>, code: DenyCode) -> Result<String, S
 }
 
 async fn replay(addr: &Addr, release: &[u8]) -> Result<String, String> {
-    let t = Duration::from_secs(5);
-    let mut s = transport::connect(addr, t).await.map_err(|e| e.to_string())?;
-    let hello = Message::Hello { client_nonce: [7; 32] }.encode().map_err(|e| e.to_string())?;
-    write_frame(&mut s, &hello, t).await.map_err(|e| e.to_string())?;
-    read_frame(&mut s, t).await.map_err(|e| e.to_string())?;
-    write_frame(&mut s, release, t).await.map_err(|e| e.to_string())?;
-    let body = read_frame(&mut s, t).await.map_err(|e| e.to_string())?;
-    match Message::decode(&body) {
-        Ok(Message::Denied { code: DenyCode::NonceReused, reason }) => Ok(format!("denied: nonce_reused: {reason}")),
+    let mut s = Connection::open(addr, Duration::from_secs(5)).await.map_err(|e| e.to_string())?;
+    s.ask(&Message::Hello { client_nonce: [7; 32] }).await.map_err(|e| e.to_string())?;
+    match s.round_trip(release).await {
+        Err(KreError::Denied { code: DenyCode::NonceReused, reason }) => Ok(format!("denied: nonce_reused: {reason}")),
         Ok(m) => Err(format!("unexpected answer: {m:?}")),
         Err(e) => Err(e.to_string()),
     }

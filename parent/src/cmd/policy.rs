@@ -10,13 +10,13 @@ use keygate_attestation::bundle::{self, ApproverKey, Bundle, PolicyBody, PolicyS
 use keygate_attestation::crypto::{self, Crypto};
 use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
 use keygate_attestation::DocumentKind;
-use keygate_enclave::io::{read_frame, write_frame};
-use keygate_enclave::transport::{self, Addr};
+use keygate_enclave::transport::Addr;
 use keygate_enclave::wire::Message;
 use p384::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding};
 
 use crate::cmd::attestation::{now_ms, pcrs_from_eif, write_file};
 use crate::error::CliError;
+use crate::kre_client::{self, KreError};
 
 /// Largest key or bundle file read.
 const MAX_FILE: u64 = 128 * 1024;
@@ -756,7 +756,7 @@ fn wait_durable(
         let ask = Message::PolicyDurableWait { version, digest: *digest, wait_ms };
         let round = std::time::Instant::now();
         let pause = || std::thread::sleep(Duration::from_millis(200).saturating_sub(round.elapsed()).min(left));
-        match ask_kre(kre, &ask, Duration::from_millis(u64::from(wait_ms)) + Duration::from_secs(10)) {
+        match kre_client::ask(kre, &ask, Duration::from_millis(u64::from(wait_ms)) + Duration::from_secs(10)) {
             Ok(Message::PolicyDurable { receipt }) => {
                 let r = PolicyReceipt::decode(&receipt).map_err(|e| {
                     CliError::refused(format!(
@@ -783,11 +783,11 @@ fn wait_durable(
                 }
                 return Ok(());
             }
-            Ok(Message::Denied { code: DenyCode::StateRefused, reason }) => {
+            Err(KreError::Denied { code: DenyCode::StateRefused, reason }) => {
                 eprintln!("warning: not durable: {reason}");
                 return Ok(());
             }
-            Ok(Message::Denied {
+            Err(KreError::Denied {
                 code: code @ (DenyCode::PolicyNotDurable | DenyCode::Busy | DenyCode::Timeout),
                 reason,
             }) => {
@@ -795,38 +795,26 @@ fn wait_durable(
                 // An older KRE, or a busy one, may answer at once: never a tight loop.
                 pause();
             }
-            Ok(Message::Denied { code, reason }) => {
+            Err(KreError::Denied { code, reason }) => {
                 return Err(CliError::refused(format!("the KRE refused to report durability: {code}: {reason}")))
             }
-            Ok(m) => return Err(CliError::refused(format!("unexpected answer {}", m.name()))),
+            Ok(m) => return Err(kre_client::unexpected(&m)),
             Err(e) => {
-                last = e.message;
+                last = e.to_string();
                 pause();
             }
         }
     }
 }
 
-/// One request on the KRE's parent channel and its answer.
-fn ask_kre(kre: &Addr, m: &Message, t: Duration) -> Result<Message, CliError> {
-    let rt =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
-    rt.block_on(async {
-        let mut s = transport::connect(kre, t).await.map_err(|e| CliError::io(format!("connecting to {kre}"), e))?;
-        let frame = m.encode().map_err(|e| CliError::input(e.to_string()))?;
-        write_frame(&mut s, &frame, t).await.map_err(|e| CliError::io("sending", e))?;
-        let body = read_frame(&mut s, t).await.map_err(|e| CliError::io("reading the answer", e))?;
-        Message::decode(&body).map_err(|e| CliError::refused(format!("bad answer: {e}")))
-    })
-}
-
 fn push(kre: &Addr, bytes: &[u8]) -> Result<(u64, u64), CliError> {
-    match ask_kre(kre, &Message::PolicyPush { bundle: bytes.to_vec() }, Duration::from_secs(10))? {
-        Message::PolicyAccepted { version, activates_at_ms, .. } => Ok((version, activates_at_ms)),
-        Message::Denied { code, reason } => {
+    match kre_client::ask(kre, &Message::PolicyPush { bundle: bytes.to_vec() }, kre_client::DEFAULT_TIMEOUT) {
+        Ok(Message::PolicyAccepted { version, activates_at_ms, .. }) => Ok((version, activates_at_ms)),
+        Err(KreError::Denied { code, reason }) => {
             Err(CliError::refused(format!("the KRE refused the bundle: {code}: {reason}")))
         }
-        m => Err(CliError::refused(format!("unexpected answer {}", m.name()))),
+        Ok(m) => Err(kre_client::unexpected(&m)),
+        Err(e) => Err(e.into()),
     }
 }
 
