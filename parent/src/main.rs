@@ -9,6 +9,7 @@ use clap::Parser;
 mod cmd;
 mod error;
 mod kre_client;
+mod storage;
 
 #[derive(Debug, Parser)]
 #[command(name = "keygate", version, about = "keygate: attested key release for confidential control planes")]

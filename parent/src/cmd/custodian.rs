@@ -2,7 +2,7 @@
 //! init | unseal` (the ceremony), docs/durability.md.
 //!
 //! The parent stores, in its state directory: `state.current` / `state.previous` (the sealed
-//! blob, [`super::state_store`]) and `custody.bin` (the shares file and the genesis
+//! blob, [`crate::storage::state`]) and `custody.bin` (the shares file and the genesis
 //! attestation, written once at genesis, atomically). None of it is useful without M
 //! custodians and a genuine KRE. Every decision about the KRE's state is made in the KRE
 //! ([`keygate_enclave::vault`]) and by the custodians ([`keygate_enclave::custodian`]); this
@@ -19,9 +19,9 @@ use keygate_enclave::transport::Addr;
 use keygate_enclave::wire::{Message, StateReport};
 use sha2::{Digest, Sha384};
 
-use super::state_store::{DirFs, StateFs, StateStore};
 use crate::error::CliError;
 use crate::kre_client::{self, Connection};
+use crate::storage::state::{DirFs, StateFs, StateStore};
 
 /// The custody file of one custodian set, `custody-<hex set digest>.bin`:
 /// `"KGCUSTDY" ‖ u32be n ‖ shares file ‖ u32be m ‖ genesis attestation`. A sealed blob's header

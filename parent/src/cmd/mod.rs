@@ -12,4 +12,3 @@ pub(crate) mod fetch;
 pub(crate) mod kms_plugin;
 pub(crate) mod policy;
 pub(crate) mod proxy;
-pub(crate) mod state_store;
