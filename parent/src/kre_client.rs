@@ -39,6 +39,9 @@ pub(crate) enum KreError {
     /// The answer is not a message of the protocol.
     #[error("bad answer from the KRE: {0}")]
     Decode(WireError),
+    /// A well-formed answer, but not one the request can have.
+    #[error("unexpected answer {0}")]
+    Unexpected(&'static str),
     /// The KRE refused, with its code.
     #[error("the KRE refused: {code}: {reason}")]
     Denied { code: DenyCode, reason: String },
@@ -51,14 +54,14 @@ impl From<KreError> for CliError {
                 CliError { code: 3, message: e.to_string() }
             }
             KreError::Encode(_) => CliError::input(e),
-            KreError::Decode(_) | KreError::Denied { .. } => CliError::refused(e),
+            KreError::Decode(_) | KreError::Unexpected(_) | KreError::Denied { .. } => CliError::refused(e),
         }
     }
 }
 
 /// An unexpected (well-formed) answer, named.
 pub(crate) fn unexpected(m: &Message) -> CliError {
-    CliError::refused(format!("unexpected answer {}", m.name()))
+    KreError::Unexpected(m.name()).into()
 }
 
 /// A connection to one KRE channel; every read and write is bounded by `timeout`.
