@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 mod cmd;
+mod demo;
 mod error;
 mod kre_client;
 mod storage;
@@ -55,7 +56,7 @@ enum Command {
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
     /// Run the local demo of the full flow on the mock NSM.
-    Demo(cmd::demo::DemoArgs),
+    Demo(demo::DemoArgs),
     /// Build, describe and measure enclave images (EIF).
     #[command(subcommand)]
     Eif(cmd::eif::EifCommand),
@@ -81,7 +82,7 @@ fn main() -> ExitCode {
         Command::Attestation(c) => cmd::attestation::run(c),
         Command::Audit(c) => cmd::audit::run(c),
         Command::Eif(c) => cmd::eif::run(c),
-        Command::Demo(a) => cmd::demo::run(a),
+        Command::Demo(a) => demo::run(a),
         Command::Bench(c) => cmd::bench::run(c),
         Command::Status { kre } => cmd::audit::status(&kre),
         Command::Fetch(a) => cmd::fetch::run(a),

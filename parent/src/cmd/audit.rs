@@ -977,17 +977,10 @@ mod tests {
 
     #[test]
     fn append_to_dir_maps_errors() {
-        let dir = tempfile_dir();
-        let e = append_to_dir(&dir.join("f").join("x"), &[], &[]).map(|_| ());
+        let dir = keygate_tests::TempDir::new("keygate-audit-unit").expect("dir");
+        std::fs::write(dir.path().join("f"), b"x").expect("file");
+        let e = append_to_dir(&dir.path().join("f").join("x"), &[], &[]).map(|_| ());
         // A directory under a regular file cannot be created: an I/O error (exit 3).
         assert_eq!(e.map_err(|e| e.code), Err(3));
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    fn tempfile_dir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("keygate-audit-unit-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&d);
-        let _ = std::fs::write(d.join("f"), b"x");
-        d
     }
 }

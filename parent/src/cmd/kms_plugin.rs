@@ -434,7 +434,8 @@ mod tests {
     #[test]
     fn the_socket_is_owner_only_and_a_stale_one_is_replaced() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile_dir();
+        let tmp = keygate_tests::TempDir::new("keygate-kms-unit").expect("dir");
+        let dir = tmp.path();
         let p = dir.join("kms.sock");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
         rt.block_on(async {
@@ -447,13 +448,5 @@ mod tests {
         std::fs::write(dir.join("file"), b"x").expect("write");
         let rt2 = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
         rt2.block_on(async { assert!(bind_socket(&dir.join("file")).is_err()) });
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    fn tempfile_dir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("keygate-kms-unit-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).expect("mkdir");
-        d
     }
 }

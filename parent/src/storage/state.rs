@@ -322,8 +322,6 @@ impl<F: StateFs> StateStore<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU32, Ordering};
-
     use crate::storage::crash::{blob, disk_with, loaded_gen, Disk, Fault, SimFs, Survives, ALL_SURVIVES};
 
     // ---------- the exhaustive crash/failure sweep ----------
@@ -490,22 +488,12 @@ mod tests {
 
     // ---------- the real filesystem ----------
 
-    fn temp_dir() -> PathBuf {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let d = std::env::temp_dir().join(format!(
-            "keygate-state-store-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&d).expect("mkdir");
-        d
-    }
-
     #[test]
     fn real_directory_round_trip_modes_and_fallback() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = temp_dir();
-        let mut s = StateStore::new(DirFs::new(&dir));
+        let tmp = keygate_tests::TempDir::new("keygate-state-store").expect("mkdir");
+        let dir = tmp.path();
+        let mut s = StateStore::new(DirFs::new(dir));
         assert_eq!(s.load(0).expect("empty"), None);
         for g in 1..=3 {
             assert_eq!(s.store(&blob(g)).expect("store"), g);
@@ -526,6 +514,5 @@ mod tests {
         std::fs::write(dir.join(CURRENT), vec![0u8; sealed::MAX_BLOB + 10]).expect("big");
         let l = s.load(2).expect("load").expect("some");
         assert!(matches!(l.skipped[..], [(Slot::Current, SlotProblem::Damaged(SealedError::TooLarge { .. }))]));
-        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

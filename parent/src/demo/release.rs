@@ -1,12 +1,14 @@
 //! The demo's key release part: a real `keygate-enclave-dev` process (the KRE with the mock
 //! NSM) behind a real `keygate proxy` process, and control-plane instances fetching keys
-//! through them.
+//! through them; durability (kill -9, restart sealed, unseal by two of three custodians, policy
+//! restore) and revocation. It leaves the first control plane's keys in [`KEYS_DIR`] of the
+//! directory it returns, for the KMS part.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keygate_attestation::mock::{system_clock, MockNsm};
 use keygate_attestation::{Nsm, PcrExpectation, Verifier};
@@ -14,9 +16,11 @@ use keygate_enclave::client::{ClientError, FetchRequest};
 use keygate_enclave::transport::Addr;
 use keygate_enclave::wire::{DenyCode, Id, Message};
 use keygate_tests::relay::{Attack, Relay};
+use keygate_tests::{spawn_logged, wait_for_socket, KillOnDrop, TempDir};
 
-use super::demo::Tour;
-use super::fetch::{write_keys, Fetcher};
+use super::tour::Tour;
+use crate::cmd::attestation::pcrs_from_eif;
+use crate::cmd::fetch::{write_keys, write_receipt, Fetcher};
 use crate::error::CliError;
 use crate::kre_client::{Connection, KreError};
 
@@ -26,22 +30,23 @@ fn pcr_hex(byte: u8) -> String {
     hex::encode([byte; 48])
 }
 
-/// A child process killed when dropped.
-struct Proc(Child, &'static str);
+/// Where the first control plane writes its keys, in the demo's directory.
+pub(super) const KEYS_DIR: &str = "cpi-1-keys";
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// How long a started daemon has to listen on its socket.
+const START_LIMIT: Duration = Duration::from_secs(15);
+
+/// A daemon of the demo, killed when dropped, and its name for messages.
+struct Daemon {
+    process: KillOnDrop,
+    what: &'static str,
 }
 
-/// A directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+impl Daemon {
+    /// Waits until it listens on `sock`.
+    fn listening(&mut self, sock: &Path) -> Result<(), CliError> {
+        wait_for_socket(sock, Some(&mut self.process.0), START_LIMIT)
+            .map_err(|e| CliError::refused(format!("{} {e}", self.what)))
     }
 }
 
@@ -58,30 +63,10 @@ fn sibling_binary(name: &str) -> Result<PathBuf, CliError> {
     }
 }
 
-fn spawn(bin: &Path, args: &[String], log: &Path, what: &'static str) -> Result<Proc, CliError> {
-    let log_file = std::fs::File::create(log).map_err(|e| CliError::io(format!("creating {}", log.display()), e))?;
-    let child = Command::new(bin)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .spawn()
+fn spawn(bin: &Path, args: &[String], log: &Path, what: &'static str) -> Result<Daemon, CliError> {
+    let child = spawn_logged(Command::new(bin).args(args), log)
         .map_err(|e| CliError::io(format!("starting {}", bin.display()), e))?;
-    Ok(Proc(child, what))
-}
-
-async fn wait_for_socket(path: &Path, proc: &mut Proc) -> Result<(), CliError> {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(15) {
-        if let Ok(Some(status)) = proc.0.try_wait() {
-            return Err(CliError::refused(format!("{} exited early ({status})", proc.1)));
-        }
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Err(CliError::refused(format!("{} did not start listening on {}", proc.1, path.display())))
+    Ok(Daemon { process: KillOnDrop(child), what })
 }
 
 fn cpi(pcrs: &BTreeMap<u8, Vec<u8>>, instance: &str) -> Arc<dyn Nsm> {
@@ -128,10 +113,10 @@ fn ids(v: &[&str]) -> Vec<Id> {
     v.iter().filter_map(|s| Id::new(s).ok()).collect()
 }
 
-pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
-    let dir = TempDir(std::env::temp_dir().join(format!("keygate-demo-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).map_err(|e| CliError::io("creating the demo directory", e))?;
-    let d = &dir.0;
+/// The key release part; returns the demo's directory (removed when dropped).
+pub(super) fn key_release_tour(tour: &mut Tour) -> Result<TempDir, CliError> {
+    let dir = TempDir::new("keygate-demo").map_err(|e| CliError::io("creating the demo directory", e))?;
+    let d = dir.path();
     let kre_sock = d.join("kre.sock");
     let parent_sock = d.join("parent.sock");
 
@@ -140,7 +125,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
     let good_eif = build_image(&exe, d, "control-plane", b"kube-apiserver v1.31 (pipeline build)")?;
     let rogue_eif = build_image(&exe, d, "rogue", b"kube-apiserver v1.31 (patched by someone)")?;
     let rebuilt = build_image(&exe, d, "control-plane-rebuild", b"kube-apiserver v1.31 (pipeline build)")?;
-    let good_pcrs = super::attestation::pcrs_from_eif(&good_eif)?;
+    let good_pcrs = pcrs_from_eif(&good_eif)?;
     let same = std::fs::read(&good_eif).ok() == std::fs::read(&rebuilt).ok();
     tour.step(
         "`keygate eif build` makes the image reproducibly and gives its PCRs",
@@ -233,8 +218,8 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
     let rt =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
     rt.block_on(async {
-        wait_for_socket(&kre_sock, &mut kre).await?;
-        wait_for_socket(&parent_sock, &mut proxy).await?;
+        kre.listening(&kre_sock)?;
+        proxy.listening(&parent_sock)?;
         let mut follower = follow(&d.join("audit"), "audit-follow-1.log")?;
         tour.step(
             "the KRE and the proxy are up",
@@ -390,7 +375,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         tokio::time::sleep(Duration::from_millis(3100)).await;
 
         // 1. The allowed image.
-        let keys_dir = d.join("cpi-1-keys");
+        let keys_dir = d.join(KEYS_DIR);
         let first = fetcher(cpi(&good_pcrs, "cpi-1"), expect_kre.clone()).once().await;
         let captured = match &first {
             Ok(f) => Some(f.release_frame.clone()),
@@ -459,7 +444,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         );
 
         // 3. An image the policy does not allow.
-        let rogue_pcrs = super::attestation::pcrs_from_eif(&rogue_eif).map_err(|e| e.message);
+        let rogue_pcrs = pcrs_from_eif(&rogue_eif).map_err(|e| e.message);
         let bad = match &rogue_pcrs {
             Ok(p) => fetcher(cpi(p, "rogue"), expect_kre.clone()).once().await,
             Err(e) => Err(ClientError::Io(e.clone())),
@@ -502,8 +487,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         // A release, and the KRE is killed the moment the keys arrive: its audit entry was
         // stored by the parent before the keys left.
         let last = fetcher(cpi(&good_pcrs, "cpi-1"), expect_kre.clone()).once().await;
-        let _ = kre.0.kill(); // SIGKILL
-        let _ = kre.0.wait();
+        kre.process.kill(); // SIGKILL
         drop(follower);
         // The follower keeps every run in one directory: this run's chain is `audit/` itself.
         let run1 = d.join("audit");
@@ -518,7 +502,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
             "a release, then kill -9 the moment the keys arrive: the release is already in the parent's stored trail (write-ahead audit), which verifies, and the client's receipt for it is checked against that trail",
             match last {
                 Err(e) => Err(format!("the release failed: {e}")),
-                Ok(f) => super::fetch::write_receipt(&client_receipts, &f.receipt)
+                Ok(f) => write_receipt(&client_receipts, &f.receipt)
                     .map_err(|e| e.message)
                     .and_then(|_| keygate_cli(&exe, &["audit".into(), "show".into(), path(&run1), "--json".into()]))
                     .and_then(|shown| {
@@ -539,7 +523,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         );
         let _ = std::fs::remove_file(&kre_sock);
         kre = spawn(&sibling_binary("keygate-enclave-dev")?, &kre_args, &d.join("kre-2.log"), "keygate-enclave-dev")?;
-        wait_for_socket(&kre_sock, &mut kre).await?;
+        kre.listening(&kre_sock)?;
         follower = follow(&d.join("audit"), "audit-follow-2.log")?;
         let sealed = fetcher(cpi(&good_pcrs, "cpi-1"), expect_kre.clone()).once().await;
         tour.step(
@@ -702,10 +686,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
     })?;
     drop(proxy);
     drop(kre);
-    // The control plane's kube-apiserver seals etcd's DEKs through the KMS v2 plugin, with the
-    // keys the first fetch wrote (the plugin's own lease handles revocation in `--kre` mode).
-    super::demo_kms::kms_tour(tour, &d.join("cpi-1-keys"))?;
-    Ok(())
+    Ok(dir)
 }
 
 /// Scans every regular file under `dir` (except `skip`, where keys are meant to be) for any
@@ -786,15 +767,7 @@ mod tests {
     #[test]
     fn the_key_scan_finds_raw_hex_and_base64_keys_outside_the_key_directory() {
         use base64::Engine;
-        let root = TempDir(std::env::temp_dir().join(format!("keygate-scan-test-{}", std::process::id())));
-        std::fs::create_dir_all(&root.0).expect("tmp");
-        struct D<'a>(&'a Path);
-        impl D<'_> {
-            fn path(&self) -> &Path {
-                self.0
-            }
-        }
-        let dir = D(&root.0);
+        let dir = TempDir::new("keygate-scan-test").expect("tmp");
         let keys = dir.path().join("keys");
         std::fs::create_dir_all(keys.join("sub")).expect("dirs");
         let key = vec![0xa7u8; 32];
