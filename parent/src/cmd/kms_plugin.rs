@@ -180,19 +180,18 @@ impl State {
 
     /// Whether Encrypt may run now.
     pub(crate) fn can_encrypt(&self, now: Instant) -> Result<(), Refusal> {
-        if let Mode::Kre { lease } = &self.mode {
-            lease.can_encrypt(now).map_err(Self::lease_refusal)?;
-        }
-        if self.ring.is_empty() {
-            return Err(self.no_key());
-        }
-        Ok(())
+        self.may_use(|lease| lease.can_encrypt(now))
     }
 
     /// Whether Decrypt may run now.
     pub(crate) fn can_decrypt(&self, now: Instant) -> Result<(), Refusal> {
+        self.may_use(|lease| lease.can_decrypt(now))
+    }
+
+    /// A use is allowed when the lease allows it (`--kre` mode) and a key is held.
+    fn may_use(&self, lease_allows: impl FnOnce(&Lease) -> Result<(), lease::LeaseRefusal>) -> Result<(), Refusal> {
         if let Mode::Kre { lease } = &self.mode {
-            lease.can_decrypt(now).map_err(Self::lease_refusal)?;
+            lease_allows(lease).map_err(Self::lease_refusal)?;
         }
         if self.ring.is_empty() {
             return Err(self.no_key());

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use keygate_attestation::mock::{system_clock, MockNsm};
 use keygate_attestation::{Nsm, PcrExpectation, Verifier};
-use keygate_enclave::client::{ClientError, FetchRequest};
+use keygate_enclave::client::{ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::transport::Addr;
 use keygate_enclave::wire::{DenyCode, Id, Message};
 use keygate_tests::relay::{Attack, Relay};
@@ -278,22 +278,17 @@ pub(super) fn key_release_tour(tour: &mut Tour) -> Result<TempDir, CliError> {
                 ],
             )
         };
+        // A proposal and its signatures into a bundle.
+        let assemble = |prop: &Path, sigs: &[&str], out: &Path| {
+            let mut args = vec!["policy".to_owned(), "assemble".into(), path(prop)];
+            args.extend(sigs.iter().map(|s| path(&d.join(s))));
+            args.extend(["-o".to_owned(), path(out)]);
+            keygate_cli(&exe, &args)
+        };
         let one = d.join("v2-one-signature.bundle");
         let pushed_one = proposed
             .and_then(|_| sign(1, &proposal, &d.join("v2.sig1")))
-            .and_then(|_| {
-                keygate_cli(
-                    &exe,
-                    &[
-                        "policy".into(),
-                        "assemble".into(),
-                        path(&proposal),
-                        path(&d.join("v2.sig1")),
-                        "-o".into(),
-                        path(&one),
-                    ],
-                )
-            })
+            .and_then(|_| assemble(&proposal, &["v2.sig1"], &one))
             .and_then(|_| {
                 match keygate_cli(&exe, &["policy".into(), "push".into(), path(&one), "--kre".into(), kre_addr.clone()])
                 {
@@ -322,23 +317,8 @@ pub(super) fn key_release_tour(tour: &mut Tour) -> Result<TempDir, CliError> {
             keygate_cli(&exe, &args)
         };
         let pushed = sign(2, &proposal, &d.join("v2.sig2"))
-            .and_then(|_| {
-                keygate_cli(
-                    &exe,
-                    &[
-                        "policy".into(),
-                        "assemble".into(),
-                        path(&proposal),
-                        path(&d.join("v2.sig1")),
-                        path(&d.join("v2.sig2")),
-                        "-o".into(),
-                        path(&v2),
-                    ],
-                )
-            })
-            .and_then(|_| {
-                push_durably(&v2)
-            });
+            .and_then(|_| assemble(&proposal, &["v2.sig1", "v2.sig2"], &v2))
+            .and_then(|_| push_durably(&v2));
         tour.step(
             "with a second approver's signature it is accepted (an addition: it waits for the activation delay); the new cluster's KEK is stored and committed, and the KRE's durability receipt is checked and kept",
             pushed.map(|o| o.lines().map(str::trim).collect::<Vec<_>>().join("; ")),
@@ -413,11 +393,7 @@ pub(super) fn key_release_tour(tour: &mut Tour) -> Result<TempDir, CliError> {
             "after a reboot it gets the same keys (data encrypted before stays readable)",
             match second {
                 Ok(f) => {
-                    let same = f.keys.iter().all(|k| {
-                        std::fs::read(keys_dir.join(format!("{}.key", k.key_id))).ok().as_deref()
-                            == Some(k.key.expose().as_slice())
-                    });
-                    if same {
+                    if same_keys(&keys_dir, &f.keys) {
                         Ok("identical keys, compared in memory (never printed)".to_owned())
                     } else {
                         Err("keys differ".to_owned())
@@ -585,11 +561,7 @@ pub(super) fn key_release_tour(tour: &mut Tour) -> Result<TempDir, CliError> {
                 (Err(e), _) => Err(format!("restore failed: {e}")),
                 (_, Err(e)) => Err(e.to_string()),
                 (Ok(_), Ok(f)) => {
-                    let same = f.keys.iter().all(|k| {
-                        std::fs::read(keys_dir.join(format!("{}.key", k.key_id))).ok().as_deref()
-                            == Some(k.key.expose().as_slice())
-                    });
-                    if same {
+                    if same_keys(&keys_dir, &f.keys) {
                         Ok("identical keys: no KEK was lost (compared in memory, never printed)".to_owned())
                     } else {
                         Err("keys differ after the restart".to_owned())
@@ -624,23 +596,8 @@ pub(super) fn key_release_tour(tour: &mut Tour) -> Result<TempDir, CliError> {
         )
         .and_then(|_| sign(2, &v3p, &d.join("v3.sig2")))
         .and_then(|_| sign(3, &v3p, &d.join("v3.sig3")))
-        .and_then(|_| {
-            keygate_cli(
-                &exe,
-                &[
-                    "policy".into(),
-                    "assemble".into(),
-                    path(&v3p),
-                    path(&d.join("v3.sig2")),
-                    path(&d.join("v3.sig3")),
-                    "-o".into(),
-                    path(&v3),
-                ],
-            )
-        })
-        .and_then(|_| {
-            push_durably(&v3)
-        });
+        .and_then(|_| assemble(&v3p, &["v3.sig2", "v3.sig3"], &v3))
+        .and_then(|_| push_durably(&v3));
         tour.step(
             "approvers 2 and 3 revoke the image (a removal: in force at once)",
             revoked.map(|o| o.lines().map(str::trim).collect::<Vec<_>>().join("; ")),
@@ -723,6 +680,13 @@ fn scan_for_keys(dir: &Path, skip: &Path, keys: &[Vec<u8>]) -> Result<String, St
         }
     }
     Ok(format!("{files} files, {bytes} bytes scanned (raw, hex, base64): none"))
+}
+
+/// Whether each released key equals the one stored in `dir` (compared in memory).
+fn same_keys(dir: &Path, keys: &[ReleasedKey]) -> bool {
+    keys.iter().all(|k| {
+        std::fs::read(dir.join(format!("{}.key", k.key_id))).ok().as_deref() == Some(k.key.expose().as_slice())
+    })
 }
 
 fn path(p: &Path) -> String {

@@ -132,6 +132,24 @@ impl SimFs {
         }
     }
 
+    /// The fault for an operation that is done whole or not at all (a sync, a rename): a
+    /// failure is returned, a torn write becomes the process dying before it, a corrupt read
+    /// does nothing.
+    fn step_whole(&mut self) -> io::Result<()> {
+        match self.step()? {
+            Some(Fault::DiskFull) => Err(enospc()),
+            Some(Fault::IoError) => Err(eio()),
+            Some(Fault::TornWriteCrash) => Err(self.die()),
+            _ => Ok(()),
+        }
+    }
+
+    /// The process dies now.
+    fn die(&mut self) -> io::Error {
+        self.crashed = true;
+        io::Error::other("crash")
+    }
+
     pub(super) fn inode(&mut self, name: &str) -> u64 {
         if let Some(i) = self.disk.v_dir.get(name) {
             return *i;
@@ -143,8 +161,12 @@ impl SimFs {
     }
 }
 
-pub(super) fn enospc() -> io::Error {
+fn enospc() -> io::Error {
     io::Error::from_raw_os_error(28)
+}
+
+fn eio() -> io::Error {
+    io::Error::from_raw_os_error(5)
 }
 
 impl StateFs for SimFs {
@@ -162,24 +184,15 @@ impl StateFs for SimFs {
             }
             Some(Fault::TornWriteCrash) => {
                 self.disk.v_data.insert(i, bytes[..bytes.len() / 2].to_vec());
-                self.crashed = true;
-                Err(io::Error::other("crash"))
+                Err(self.die())
             }
-            Some(Fault::IoError) => Err(io::Error::from_raw_os_error(5)),
+            Some(Fault::IoError) => Err(eio()),
             Some(Fault::Crash) => unreachable!("handled in step"),
         }
     }
 
     fn sync_file(&mut self, name: &str) -> io::Result<()> {
-        match self.step()? {
-            Some(Fault::DiskFull) => return Err(enospc()),
-            Some(Fault::IoError) => return Err(io::Error::from_raw_os_error(5)),
-            Some(Fault::TornWriteCrash) => {
-                self.crashed = true;
-                return Err(io::Error::other("crash"));
-            }
-            _ => {}
-        }
+        self.step_whole()?;
         let i = *self.disk.v_dir.get(name).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         let v = self.disk.v_data.get(&i).cloned().unwrap_or_default();
         self.disk.d_data.insert(i, v);
@@ -187,30 +200,14 @@ impl StateFs for SimFs {
     }
 
     fn rename(&mut self, from: &str, to: &str) -> io::Result<()> {
-        match self.step()? {
-            Some(Fault::DiskFull) => return Err(enospc()),
-            Some(Fault::IoError) => return Err(io::Error::from_raw_os_error(5)),
-            Some(Fault::TornWriteCrash) => {
-                self.crashed = true;
-                return Err(io::Error::other("crash"));
-            }
-            _ => {}
-        }
+        self.step_whole()?;
         let i = self.disk.v_dir.remove(from).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         self.disk.v_dir.insert(to.to_owned(), i);
         Ok(())
     }
 
     fn sync_dir(&mut self) -> io::Result<()> {
-        match self.step()? {
-            Some(Fault::DiskFull) => return Err(enospc()),
-            Some(Fault::IoError) => return Err(io::Error::from_raw_os_error(5)),
-            Some(Fault::TornWriteCrash) => {
-                self.crashed = true;
-                return Err(io::Error::other("crash"));
-            }
-            _ => {}
-        }
+        self.step_whole()?;
         self.disk.d_dir = self.disk.v_dir.clone();
         Ok(())
     }
@@ -218,11 +215,8 @@ impl StateFs for SimFs {
     fn read_file(&mut self, name: &str, max: usize) -> io::Result<Option<Vec<u8>>> {
         let fault = self.step()?;
         match fault {
-            Some(Fault::DiskFull) | Some(Fault::IoError) => return Err(io::Error::from_raw_os_error(5)),
-            Some(Fault::TornWriteCrash) => {
-                self.crashed = true;
-                return Err(io::Error::other("crash"));
-            }
+            Some(Fault::DiskFull) | Some(Fault::IoError) => return Err(eio()),
+            Some(Fault::TornWriteCrash) => return Err(self.die()),
             _ => {}
         }
         let Some(mut v) = self.disk.slot(name).cloned() else { return Ok(None) };
