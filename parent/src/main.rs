@@ -1,6 +1,8 @@
 //! `keygate`: the command-line tool for every actor outside the key release enclave:
 //! attestation tools, the control-plane fetch client, the parent proxy, pipeline
-//! commands and the local demo.
+//! commands and the local demo. It parses and dispatches; `cmd` holds the verbs, `demo` the
+//! demo, `kre_client` the round trip to a KRE, `storage` the parent's durable stores, `error`
+//! the failure every verb reports.
 
 use std::process::ExitCode;
 

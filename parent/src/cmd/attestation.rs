@@ -1,4 +1,8 @@
-//! `keygate attestation verify | mock | mock-root`.
+//! `keygate attestation verify | mock | mock-root`, and the small shared readers the other verbs
+//! use (`load_anchor`, `pcrs_from_eif`, `now_ms`, `write_file`).
+//!
+//! Every verdict on a document is `keygate_attestation::Verifier`'s (against the pinned AWS
+//! Nitro root, or a root the user names); this module reads files and prints the result.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,6 @@
-//! `keygate audit verify | show`: the customer's offline check of a stored audit trail and
-//! its human-readable / JSON Lines rendering; and [`append_to_dir`], the storage side of
-//! `keygate audit pull`. The format and the checks are specified in docs/audit.md; every
+//! `keygate audit pull | verify | show` and `keygate status`: the parent's collection of the
+//! KRE's audit trail (`pull`, stored and acknowledged through [`append_to_dir`]), the customer's
+//! offline check of a stored trail and its human-readable / JSON Lines rendering. The format and the checks are specified in docs/audit.md; every
 //! decision is made by `keygate_enclave::audit`.
 
 use std::collections::BTreeMap;

@@ -1,4 +1,9 @@
-//! `keygate fetch`: the control-plane instance's boot key fetch.
+//! `keygate fetch`: the control-plane instance's boot key fetch, and the `Fetcher` the KMS
+//! plugin, the bench and the demo use.
+//!
+//! The protocol's decisions (the KRE's attestation against `--expect-kre-pcr`, the wrap bound to
+//! it) are `keygate_enclave::client`'s; this module drives it over a transport, retries what is
+//! retryable, and writes the released keys (mode 0600) and the audit receipt.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -1,5 +1,11 @@
 //! `keygate keygen` and `keygate policy init | propose | sign | assemble | verify | show | push |
-//! restore`: the pipeline's and the approvers' side of signed policy bundles.
+//! durable | restore`: the pipeline's and the approvers' side of signed policy bundles
+//! (docs/policy.md), one function per sub-verb.
+//!
+//! Whether a bundle is valid is decided by `keygate_attestation::bundle` (here for `verify`,
+//! in the KRE for `push`); this module builds proposals, signs offline, and pushes. It trusts the
+//! KRE's answer only through its typed deny code and, for durability, through the receipt it
+//! verifies against the attestation root.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
