@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 mod cmd;
+#[cfg(feature = "mock")]
 mod demo;
 mod error;
 mod kre_client;
@@ -55,9 +56,11 @@ enum Command {
     #[command(subcommand)]
     Custodian(cmd::custodian::CustodianCommand),
     /// Benchmarks (docs/benchmarks.md).
+    #[cfg(feature = "mock")]
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
     /// Run the local demo of the full flow on the mock NSM.
+    #[cfg(feature = "mock")]
     Demo(demo::DemoArgs),
     /// Build, describe and measure enclave images (EIF).
     #[command(subcommand)]
@@ -84,7 +87,9 @@ fn main() -> ExitCode {
         Command::Attestation(c) => cmd::attestation::run(c),
         Command::Audit(c) => cmd::audit::run(c),
         Command::Eif(c) => cmd::eif::run(c),
+        #[cfg(feature = "mock")]
         Command::Demo(a) => demo::run(a),
+        #[cfg(feature = "mock")]
         Command::Bench(c) => cmd::bench::run(c),
         Command::Status { kre } => cmd::audit::status(&kre),
         Command::Fetch(a) => cmd::fetch::run(a),

@@ -55,8 +55,10 @@ pub(crate) struct FetchArgs {
     json: bool,
 }
 
-/// How this instance attests: its NSM.
+/// How this instance attests: its NSM. (Without the `mock` feature the `--mock-*` options are
+/// parsed and `--nsm mock` is refused.)
 #[derive(Debug, Clone, clap::Args)]
+#[cfg_attr(not(feature = "mock"), allow(dead_code))]
 pub(crate) struct NsmArgs {
     /// NSM backend: hardware (/dev/nsm) or mock (testing only).
     #[arg(long, default_value = "hardware")]
@@ -98,6 +100,9 @@ impl NsmArgs {
                 ),
                 None,
             )),
+            #[cfg(not(feature = "mock"))]
+            "mock" => Err(CliError::input("this keygate has no mock NSM (built without the `mock` feature)")),
+            #[cfg(feature = "mock")]
             "mock" => {
                 use keygate_attestation::mock::{system_clock, MockNsm};
                 let seed = self.mock_seed.as_deref().ok_or_else(|| CliError::input("--nsm mock needs --mock-seed"))?;
@@ -130,6 +135,8 @@ pub(crate) struct Fetcher {
 pub(crate) struct Fetched {
     pub(crate) keys: Vec<ReleasedKey>,
     pub(crate) receipt: Receipt,
+    /// (Replayed by the demo's attack step.)
+    #[cfg_attr(not(feature = "mock"), allow(dead_code))]
     pub(crate) release_frame: Vec<u8>,
 }
 

@@ -281,6 +281,7 @@ pub(crate) async fn serve(
 
 /// A KMS v2 client on one HTTP/2 connection to a plugin's Unix socket (clones share it), as
 /// kube-apiserver holds one: for the demo and the bench.
+#[cfg(feature = "mock")]
 pub(crate) async fn connect_unix(
     sock: &Path,
 ) -> Result<

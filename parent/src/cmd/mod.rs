@@ -14,9 +14,12 @@
 //! | `proxy` | `proxy` |
 //!
 //! `keygate demo` is not here: it lives in `crate::demo`, reached only through its entry point.
+//! `bench`, the demo, `attestation mock | mock-root` and `--nsm mock` exist only with the
+//! default feature `mock`.
 
 pub(crate) mod attestation;
 pub(crate) mod audit;
+#[cfg(feature = "mock")]
 pub(crate) mod bench;
 pub(crate) mod custodian;
 pub(crate) mod eif;
