@@ -236,13 +236,14 @@ pub(super) fn key_release_tour(tour: &mut Tour) -> Result<TempDir, CliError> {
         // the KRE's own sockets, never proxied; control planes reach it only through the proxy.
         let kre_addr = format!("unix:{}.parent", kre_sock.display());
         let custodian_addr = format!("unix:{}.custodian", kre_sock.display());
+        // `keygate VERB SUB --kre <parent channel> --state-dir <the parent's state directory>`.
+        let on_state = |verb: &str, sub: &str| {
+            let args = [verb, sub, "--kre", &kre_addr, "--state-dir", &path(&state_dir)].map(str::to_owned);
+            keygate_cli(&exe, &args).map(|o| o.trim().to_owned())
+        };
         tour.step(
             "genesis: the KRE seals its state for 2 of 3 custodians; the parent stores it durably before the KRE serves",
-            keygate_cli(
-                &exe,
-                &["custodian".into(), "init".into(), "--kre".into(), kre_addr.clone(), "--state-dir".into(), path(&state_dir)],
-            )
-            .map(|o| o.trim().to_owned()),
+            on_state("custodian", "init"),
         );
 
         // The pipeline proposes allowing the image it built; one signature is not enough.
@@ -508,11 +509,7 @@ pub(super) fn key_release_tour(tour: &mut Tour) -> Result<TempDir, CliError> {
         );
         tour.step(
             "the parent hands it the stored sealed state (`keygate state sync`): useless without the custodians",
-            keygate_cli(
-                &exe,
-                &["state".into(), "sync".into(), "--kre".into(), kre_addr.clone(), "--state-dir".into(), path(&state_dir)],
-            )
-            .map(|o| o.trim().to_owned()),
+            on_state("state", "sync"),
         );
         let unseal = |i: u32, pcr: u8| {
             let mut a = vec![
