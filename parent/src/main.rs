@@ -1,33 +1,19 @@
 //! `keygate`: the command-line tool for every actor outside the key release enclave:
 //! attestation tools, the control-plane fetch client, the parent proxy, pipeline
-//! commands and the local demo.
+//! commands and the local demo. It parses and dispatches; `cmd` holds the verbs, `demo` the
+//! demo, `kre_client` the round trip to a KRE, `storage` the parent's durable stores, `error`
+//! the failure every verb reports.
 
-use std::fmt;
 use std::process::ExitCode;
 
 use clap::Parser;
 
 mod cmd;
-
-/// A failure reported to the user as one line on stderr and a non-zero exit code.
-#[derive(Debug)]
-pub(crate) struct CliError {
-    /// Process exit code: 1 = refused / verification failed, 2 = bad input, 3 = I/O.
-    pub(crate) code: u8,
-    pub(crate) message: String,
-}
-
-impl CliError {
-    pub(crate) fn refused(message: impl fmt::Display) -> Self {
-        Self { code: 1, message: message.to_string() }
-    }
-    pub(crate) fn input(message: impl fmt::Display) -> Self {
-        Self { code: 2, message: message.to_string() }
-    }
-    pub(crate) fn io(context: impl fmt::Display, err: impl fmt::Display) -> Self {
-        Self { code: 3, message: format!("{context}: {err}") }
-    }
-}
+#[cfg(feature = "mock")]
+mod demo;
+mod error;
+mod kre_client;
+mod storage;
 
 #[derive(Debug, Parser)]
 #[command(name = "keygate", version, about = "keygate: attested key release for confidential control planes")]
@@ -70,10 +56,12 @@ enum Command {
     #[command(subcommand)]
     Custodian(cmd::custodian::CustodianCommand),
     /// Benchmarks (docs/benchmarks.md).
+    #[cfg(feature = "mock")]
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
     /// Run the local demo of the full flow on the mock NSM.
-    Demo(cmd::demo::DemoArgs),
+    #[cfg(feature = "mock")]
+    Demo(demo::DemoArgs),
     /// Build, describe and measure enclave images (EIF).
     #[command(subcommand)]
     Eif(cmd::eif::EifCommand),
@@ -99,7 +87,9 @@ fn main() -> ExitCode {
         Command::Attestation(c) => cmd::attestation::run(c),
         Command::Audit(c) => cmd::audit::run(c),
         Command::Eif(c) => cmd::eif::run(c),
-        Command::Demo(a) => cmd::demo::run(a),
+        #[cfg(feature = "mock")]
+        Command::Demo(a) => demo::run(a),
+        #[cfg(feature = "mock")]
         Command::Bench(c) => cmd::bench::run(c),
         Command::Status { kre } => cmd::audit::status(&kre),
         Command::Fetch(a) => cmd::fetch::run(a),

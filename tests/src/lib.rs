@@ -3,7 +3,10 @@
 #![forbid(unsafe_code)]
 
 pub mod e2e;
+mod process;
 pub mod relay;
+
+pub use process::*;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -99,48 +102,5 @@ impl Drop for AuditFollower {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// A child process and its private directory (socket, log, state): when dropped, the process
-/// is killed and reaped, then the directory removed.
-#[derive(Debug)]
-pub struct ProcessInDir {
-    /// The process.
-    pub child: std::process::Child,
-    /// Its directory, removed after the process is gone.
-    pub dir: PathBuf,
-}
-
-impl Drop for ProcessInDir {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A child process killed (and reaped) when dropped: a daemon a test starts beside the KRE.
-#[derive(Debug)]
-pub struct KillOnDrop(pub std::process::Child);
-
-impl KillOnDrop {
-    /// Starts `keygate ARGS` with stdin, stdout and stderr closed.
-    pub fn keygate(args: &[&str]) -> Self {
-        let child = Command::new(bin("keygate"))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("keygate");
-        Self(child)
-    }
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }

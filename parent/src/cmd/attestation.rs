@@ -1,26 +1,36 @@
-//! `keygate attestation verify | mock | mock-root`.
+//! `keygate attestation verify | mock | mock-root`, and the small shared readers the other verbs
+//! use (`load_anchor`, `pcrs_from_eif`, `now_ms`, `write_file`).
+//!
+//! Every verdict on a document is `keygate_attestation::Verifier`'s (against the pinned AWS
+//! Nitro root, or a root the user names); this module reads files and prints the result.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+#[cfg(feature = "mock")]
 use std::sync::Arc;
 use std::time::Duration;
 
 use keygate_attestation::crypto::{self, Crypto};
+#[cfg(feature = "mock")]
 use keygate_attestation::mock::{MockNsm, MockPki};
 use keygate_attestation::{
-    pcr, AttestRequest, DocumentKind, Nsm, PcrExpectation, TrustAnchor, UnknownFields, VerifiedAttestation, Verifier,
-    VerifyOptions, VerifyTime,
+    pcr, DocumentKind, PcrExpectation, TrustAnchor, UnknownFields, VerifiedAttestation, Verifier, VerifyOptions,
+    VerifyTime,
 };
+#[cfg(feature = "mock")]
+use keygate_attestation::{AttestRequest, Nsm};
 
-use crate::CliError;
+use crate::error::CliError;
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum AttestationCommand {
     /// Verify an attestation document (raw CBOR, base64 or hex; detected).
     Verify(VerifyArgs),
     /// Produce a mock attestation document signed by the mock PKI.
+    #[cfg(feature = "mock")]
     Mock(MockArgs),
     /// Write the mock PKI's root certificate (PEM) for a seed.
+    #[cfg(feature = "mock")]
     MockRoot(MockRootArgs),
 }
 
@@ -63,6 +73,7 @@ pub(crate) struct VerifyArgs {
     json: bool,
 }
 
+#[cfg(feature = "mock")]
 #[derive(Debug, clap::Args)]
 pub(crate) struct MockArgs {
     /// Seed of the mock PKI (any string).
@@ -95,6 +106,7 @@ pub(crate) struct MockArgs {
     out: PathBuf,
 }
 
+#[cfg(feature = "mock")]
 #[derive(Debug, clap::Args)]
 pub(crate) struct MockRootArgs {
     /// Seed of the mock PKI.
@@ -106,9 +118,11 @@ pub(crate) struct MockRootArgs {
 }
 
 /// Bytes parsed from hex on the command line.
+#[cfg(feature = "mock")]
 #[derive(Debug, Clone)]
 pub(crate) struct Bytes(pub(crate) Vec<u8>);
 
+#[cfg(feature = "mock")]
 pub(crate) fn parse_hex(s: &str) -> Result<Bytes, String> {
     hex::decode(s.trim()).map(Bytes).map_err(|e| format!("not hex: {e}"))
 }
@@ -124,7 +138,9 @@ pub(crate) fn parse_kind(s: &str) -> Result<DocumentKind, String> {
 pub(crate) fn run(cmd: AttestationCommand) -> Result<(), CliError> {
     match cmd {
         AttestationCommand::Verify(a) => verify(a),
+        #[cfg(feature = "mock")]
         AttestationCommand::Mock(a) => mock(a),
+        #[cfg(feature = "mock")]
         AttestationCommand::MockRoot(a) => {
             let pem = MockPki::from_seed(a.seed.as_bytes(), now_ms()).root_pem();
             write_file(&a.out, pem.as_bytes())
@@ -281,6 +297,7 @@ fn summary_text(att: &VerifiedAttestation) -> String {
     s
 }
 
+#[cfg(feature = "mock")]
 fn mock(a: MockArgs) -> Result<(), CliError> {
     let at_ms = a.at.map_or_else(now_ms, |s| s.saturating_mul(1000));
     let mut pcrs = match &a.pcrs_from {

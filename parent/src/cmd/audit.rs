@@ -1,6 +1,6 @@
-//! `keygate audit verify | show`: the customer's offline check of a stored audit trail and
-//! its human-readable / JSON Lines rendering; and [`append_to_dir`], the storage side of
-//! `keygate audit pull`. The format and the checks are specified in docs/audit.md; every
+//! `keygate audit pull | verify | show` and `keygate status`: the parent's collection of the
+//! KRE's audit trail (`pull`, stored and acknowledged through [`append_to_dir`]), the customer's
+//! offline check of a stored trail and its human-readable / JSON Lines rendering. The format and the checks are specified in docs/audit.md; every
 //! decision is made by `keygate_enclave::audit`.
 
 use std::collections::BTreeMap;
@@ -16,7 +16,8 @@ use keygate_enclave::audit::{
 use serde_json::{json, Value};
 
 use crate::cmd::attestation::load_anchor;
-use crate::CliError;
+use crate::error::CliError;
+use crate::kre_client::{self, KreError};
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum AuditCommand {
@@ -194,27 +195,6 @@ pub(crate) fn run(cmd: AuditCommand) -> Result<(), CliError> {
     }
 }
 
-/// One request/answer exchange with the KRE.
-pub(crate) fn exchange(
-    kre: &keygate_enclave::net::transport::Addr,
-    msg: &keygate_enclave::wire::Message,
-) -> Result<keygate_enclave::wire::Message, CliError> {
-    use keygate_enclave::net::io::{read_frame, write_frame};
-    let rt =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
-    rt.block_on(async {
-        let t = std::time::Duration::from_secs(10);
-        let mut s = keygate_enclave::net::transport::connect(kre, t)
-            .await
-            .map_err(|e| CliError::io(format!("connecting to {kre}"), e))?;
-        let frame = msg.encode().map_err(|e| CliError::input(e.to_string()))?;
-        write_frame(&mut s, &frame, t).await.map_err(|e| CliError::io("sending", e))?;
-        let body = read_frame(&mut s, t).await.map_err(|e| CliError::io("reading the answer", e))?;
-        keygate_enclave::wire::Message::decode(&body)
-            .map_err(|e| CliError::refused(format!("bad answer from the KRE: {e}")))
-    })
-}
-
 /// The last sequence number stored in `dir` (0 for none).
 fn stored_last(dir: &Path) -> Result<u64, CliError> {
     match store::read_dir(dir) {
@@ -246,12 +226,9 @@ pub(crate) fn pull_once(
     for _ in 0..100_000 {
         let ask = Message::AuditWait { after_seq: last, max: 1024, wait_ms: wait };
         wait = 0;
-        let (entries, checkpoint) = match exchange(kre, &ask)? {
+        let (entries, checkpoint) = match kre_client::ask(kre, &ask, kre_client::DEFAULT_TIMEOUT)? {
             Message::AuditBatch { entries, checkpoint } => (entries, checkpoint),
-            Message::Denied { code, reason } => {
-                return Err(CliError::refused(format!("the KRE refused: {code}: {reason}")))
-            }
-            m => return Err(CliError::refused(format!("unexpected answer {}", m.name()))),
+            m => return Err(kre_client::unexpected(&m)),
         };
         let entries = entries
             .iter()
@@ -268,12 +245,13 @@ pub(crate) fn pull_once(
         stored += report.entries_written;
         if n > 0 {
             last = report.last_seq;
-            match exchange(kre, &Message::AuditAck { up_to_seq: last })? {
-                Message::AuditAcked { .. } => {}
-                Message::Denied { code, reason } => {
+            match kre_client::ask(kre, &Message::AuditAck { up_to_seq: last }, kre_client::DEFAULT_TIMEOUT) {
+                Ok(Message::AuditAcked { .. }) => {}
+                Err(KreError::Denied { code, reason }) => {
                     return Err(CliError::refused(format!("ack refused: {code}: {reason}")))
                 }
-                m => return Err(CliError::refused(format!("unexpected answer {}", m.name()))),
+                Ok(m) => return Err(kre_client::unexpected(&m)),
+                Err(e) => return Err(e.into()),
             }
         }
         if at_head || n == 0 {
@@ -285,12 +263,12 @@ pub(crate) fn pull_once(
 
 /// `keygate status --kre ADDR`.
 pub(crate) fn status(kre: &keygate_enclave::net::transport::Addr) -> Result<(), CliError> {
-    match exchange(kre, &keygate_enclave::wire::Message::Status)? {
+    match kre_client::ask(kre, &keygate_enclave::wire::Message::Status, kre_client::DEFAULT_TIMEOUT)? {
         keygate_enclave::wire::Message::StatusReport { json } => {
             println!("{json}");
             Ok(())
         }
-        m => Err(CliError::refused(format!("unexpected answer {}", m.name()))),
+        m => Err(kre_client::unexpected(&m)),
     }
 }
 
@@ -378,12 +356,13 @@ impl Backoff {
 /// them). Asking the status first matters: the new chain's sequence numbers restart at
 /// 1, so pulling after the old chain's last entry would silently return nothing.
 fn run_dir(kre: &keygate_enclave::net::transport::Addr, dir: &Path) -> Result<PathBuf, CliError> {
-    let json = match exchange(kre, &keygate_enclave::wire::Message::Status)? {
-        keygate_enclave::wire::Message::StatusReport { json } => json,
-        keygate_enclave::wire::Message::Denied { code, reason } => {
+    let json = match kre_client::ask(kre, &keygate_enclave::wire::Message::Status, kre_client::DEFAULT_TIMEOUT) {
+        Ok(keygate_enclave::wire::Message::StatusReport { json }) => json,
+        Err(KreError::Denied { code, reason }) => {
             return Err(CliError::refused(format!("the KRE refused its status: {code}: {reason}")))
         }
-        m => return Err(CliError::refused(format!("unexpected answer {}", m.name()))),
+        Ok(m) => return Err(kre_client::unexpected(&m)),
+        Err(e) => return Err(e.into()),
     };
     let status: Value =
         serde_json::from_str(&json).map_err(|e| CliError::refused(format!("malformed status from the KRE: {e}")))?;
@@ -998,17 +977,10 @@ mod tests {
 
     #[test]
     fn append_to_dir_maps_errors() {
-        let dir = tempfile_dir();
-        let e = append_to_dir(&dir.join("f").join("x"), &[], &[]).map(|_| ());
+        let dir = keygate_tests::TempDir::new("keygate-audit-unit").expect("dir");
+        std::fs::write(dir.path().join("f"), b"x").expect("file");
+        let e = append_to_dir(&dir.path().join("f").join("x"), &[], &[]).map(|_| ());
         // A directory under a regular file cannot be created: an I/O error (exit 3).
         assert_eq!(e.map_err(|e| e.code), Err(3));
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    fn tempfile_dir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("keygate-audit-unit-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&d);
-        let _ = std::fs::write(d.join("f"), b"x");
-        d
     }
 }

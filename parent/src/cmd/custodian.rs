@@ -2,7 +2,7 @@
 //! init | unseal` (the ceremony), docs/durability.md.
 //!
 //! The parent stores, in its state directory: `state.current` / `state.previous` (the sealed
-//! blob, [`super::state_store`]) and `custody.bin` (the shares file and the genesis
+//! blob, [`crate::storage::state`]) and `custody.bin` (the shares file and the genesis
 //! attestation, written once at genesis, atomically). None of it is useful without M
 //! custodians and a genuine KRE. Every decision about the KRE's state is made in the KRE
 //! ([`keygate_enclave::state::vault`]) and by the custodians ([`keygate_enclave::peer::custodian`]); this
@@ -19,9 +19,9 @@ use keygate_enclave::peer::custodian::{self, CustodianRecord, Expectations};
 use keygate_enclave::wire::{Message, StateReport};
 use sha2::{Digest, Sha384};
 
-use super::audit::exchange;
-use super::state_store::{DirFs, StateFs, StateStore};
-use crate::CliError;
+use crate::error::CliError;
+use crate::kre_client::{self, Connection};
+use crate::storage::state::{DirFs, StateFs, StateStore};
 
 /// The custody file of one custodian set, `custody-<hex set digest>.bin`:
 /// `"KGCUSTDY" ‖ u32be n ‖ shares file ‖ u32be m ‖ genesis attestation`. A sealed blob's header
@@ -153,17 +153,14 @@ pub(crate) fn run_custodian(cmd: CustodianCommand) -> Result<(), CliError> {
     }
 }
 
-fn refused_by_kre(m: Message) -> CliError {
-    match m {
-        Message::Denied { code, reason } => CliError::refused(format!("the KRE refused: {code}: {reason}")),
-        m => CliError::refused(format!("unexpected answer {} from the KRE", m.name())),
-    }
+fn unexpected(m: &Message) -> CliError {
+    CliError::refused(format!("unexpected answer {} from the KRE", m.name()))
 }
 
 fn state_report(kre: &Addr, msg: &Message) -> Result<StateReport, CliError> {
-    match exchange(kre, msg)? {
+    match kre_client::ask(kre, msg, kre_client::DEFAULT_TIMEOUT)? {
         Message::StateReport(r) => Ok(*r),
-        m => Err(refused_by_kre(m)),
+        m => Err(unexpected(&m)),
     }
 }
 
@@ -274,9 +271,10 @@ fn store_and_commit(kre: &Addr, dir: &Path, r: &StateReport) -> Result<u64, CliE
     let loaded = store.load(g).map_err(|e| CliError::refused(format!("not committed: {e}")))?;
     let Some(loaded) = loaded else { return Err(CliError::refused("stored state vanished before the commit")) };
     let sha: [u8; 48] = Sha384::digest(&loaded.blob).into();
-    match exchange(kre, &Message::StateCommit { generation: g, blob_sha384: sha })? {
+    match kre_client::ask(kre, &Message::StateCommit { generation: g, blob_sha384: sha }, kre_client::DEFAULT_TIMEOUT)?
+    {
         Message::StateCommitted { generation } => Ok(generation),
-        m => Err(refused_by_kre(m)),
+        m => Err(unexpected(&m)),
     }
 }
 
@@ -372,7 +370,6 @@ fn record_path(a: &UnsealArgs) -> PathBuf {
 }
 
 fn unseal(a: &UnsealArgs) -> Result<(), CliError> {
-    use keygate_enclave::net::io::{read_frame, write_frame};
     let c: &'static dyn Crypto = crypto::default_backend();
     let scalar = load_scalar(&a.key)?;
     let anchor = match &a.root {
@@ -407,14 +404,11 @@ fn unseal(a: &UnsealArgs) -> Result<(), CliError> {
     let rt =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
     let (resp, progress) = rt.block_on(async {
-        let t = Duration::from_secs(10);
-        let mut s = keygate_enclave::net::transport::connect(&a.kre, t)
-            .await
-            .map_err(|e| CliError::io(format!("connecting to {}", a.kre), e))?;
+        let mut s = Connection::open(&a.kre, kre_client::DEFAULT_TIMEOUT).await?;
         let hello =
             Message::UnsealHello { client_nonce: nonce }.encode().map_err(|e| CliError::input(e.to_string()))?;
-        write_frame(&mut s, &hello, t).await.map_err(|e| CliError::io("sending", e))?;
-        let body = read_frame(&mut s, t).await.map_err(|e| CliError::io("reading the offer", e))?;
+        s.send(&hello).await?;
+        let body = s.receive().await?;
         // The record for this set, if any (the set digest is only known from the offer, so
         // every record is tried by on_offer's filter through the matching digest).
         let set_digest = match Message::decode(&body) {
@@ -436,8 +430,8 @@ fn unseal(a: &UnsealArgs) -> Result<(), CliError> {
         let mut rng = |b: &mut [u8]| rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, b);
         let resp = custodian::on_offer(&body, &nonce, &expect, &scalar, c, &mut rng)
             .map_err(|e| CliError::refused(format!("unseal refused: {e}")))?;
-        write_frame(&mut s, &resp.frame, t).await.map_err(|e| CliError::io("sending the share", e))?;
-        let body = read_frame(&mut s, t).await.map_err(|e| CliError::io("reading the answer", e))?;
+        s.send(&resp.frame).await?;
+        let body = s.receive().await?;
         let progress =
             custodian::on_progress(&body).map_err(|e| CliError::refused(format!("share not accepted: {e}")))?;
         Ok::<_, CliError>((resp, progress))

@@ -12,7 +12,7 @@ use keygate_eif::{
 };
 use serde_json::{json, Map, Value};
 
-use crate::CliError;
+use crate::error::CliError;
 
 /// Largest PEM file (certificate or key) read.
 const MAX_PEM_FILE: u64 = 1024 * 1024;

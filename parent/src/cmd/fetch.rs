@@ -1,4 +1,9 @@
-//! `keygate fetch`: the control-plane instance's boot key fetch.
+//! `keygate fetch`: the control-plane instance's boot key fetch, and the `Fetcher` the KMS
+//! plugin, the bench and the demo use.
+//!
+//! The protocol's decisions (the KRE's attestation against `--expect-kre-pcr`, the wrap bound to
+//! it) are `keygate_enclave::peer::client`'s; this module drives it over a transport, retries what is
+//! retryable, and writes the released keys (mode 0600) and the audit receipt.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,7 +17,7 @@ use keygate_enclave::net::transport::{self, Addr};
 use keygate_enclave::peer::client::{self, ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::wire::Id;
 
-use crate::CliError;
+use crate::error::CliError;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct FetchArgs {
@@ -50,8 +55,10 @@ pub(crate) struct FetchArgs {
     json: bool,
 }
 
-/// How this instance attests: its NSM.
+/// How this instance attests: its NSM. (Without the `mock` feature the `--mock-*` options are
+/// parsed and `--nsm mock` is refused.)
 #[derive(Debug, Clone, clap::Args)]
+#[cfg_attr(not(feature = "mock"), allow(dead_code))]
 pub(crate) struct NsmArgs {
     /// NSM backend: hardware (/dev/nsm) or mock (testing only).
     #[arg(long, default_value = "hardware")]
@@ -93,6 +100,9 @@ impl NsmArgs {
                 ),
                 None,
             )),
+            #[cfg(not(feature = "mock"))]
+            "mock" => Err(CliError::input("this keygate has no mock NSM (built without the `mock` feature)")),
+            #[cfg(feature = "mock")]
             "mock" => {
                 use keygate_attestation::mock::{system_clock, MockNsm};
                 let seed = self.mock_seed.as_deref().ok_or_else(|| CliError::input("--nsm mock needs --mock-seed"))?;
@@ -125,6 +135,8 @@ pub(crate) struct Fetcher {
 pub(crate) struct Fetched {
     pub(crate) keys: Vec<ReleasedKey>,
     pub(crate) receipt: Receipt,
+    /// (Replayed by the demo's attack step.)
+    #[cfg_attr(not(feature = "mock"), allow(dead_code))]
     pub(crate) release_frame: Vec<u8>,
 }
 

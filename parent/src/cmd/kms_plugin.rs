@@ -22,7 +22,7 @@ use keygate_enclave::peer::client::FetchRequest;
 use keygate_enclave::wire::Id;
 
 use crate::cmd::fetch::{Fetcher, NsmArgs};
-use crate::CliError;
+use crate::error::CliError;
 
 mod keyring;
 mod lease;
@@ -180,19 +180,18 @@ impl State {
 
     /// Whether Encrypt may run now.
     pub(crate) fn can_encrypt(&self, now: Instant) -> Result<(), Refusal> {
-        if let Mode::Kre { lease } = &self.mode {
-            lease.can_encrypt(now).map_err(Self::lease_refusal)?;
-        }
-        if self.ring.is_empty() {
-            return Err(self.no_key());
-        }
-        Ok(())
+        self.may_use(|lease| lease.can_encrypt(now))
     }
 
     /// Whether Decrypt may run now.
     pub(crate) fn can_decrypt(&self, now: Instant) -> Result<(), Refusal> {
+        self.may_use(|lease| lease.can_decrypt(now))
+    }
+
+    /// A use is allowed when the lease allows it (`--kre` mode) and a key is held.
+    fn may_use(&self, lease_allows: impl FnOnce(&Lease) -> Result<(), lease::LeaseRefusal>) -> Result<(), Refusal> {
         if let Mode::Kre { lease } = &self.mode {
-            lease.can_decrypt(now).map_err(Self::lease_refusal)?;
+            lease_allows(lease).map_err(Self::lease_refusal)?;
         }
         if self.ring.is_empty() {
             return Err(self.no_key());
@@ -282,6 +281,7 @@ pub(crate) async fn serve(
 
 /// A KMS v2 client on one HTTP/2 connection to a plugin's Unix socket (clones share it), as
 /// kube-apiserver holds one: for the demo and the bench.
+#[cfg(feature = "mock")]
 pub(crate) async fn connect_unix(
     sock: &Path,
 ) -> Result<
@@ -434,7 +434,8 @@ mod tests {
     #[test]
     fn the_socket_is_owner_only_and_a_stale_one_is_replaced() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile_dir();
+        let tmp = keygate_tests::TempDir::new("keygate-kms-unit").expect("dir");
+        let dir = tmp.path();
         let p = dir.join("kms.sock");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
         rt.block_on(async {
@@ -447,13 +448,5 @@ mod tests {
         std::fs::write(dir.join("file"), b"x").expect("write");
         let rt2 = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
         rt2.block_on(async { assert!(bind_socket(&dir.join("file")).is_err()) });
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    fn tempfile_dir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("keygate-kms-unit-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).expect("mkdir");
-        d
     }
 }

@@ -1,15 +1,29 @@
-//! One module per top-level subcommand.
+//! The production verbs, each thin: parse its arguments, call the crate that decides, print.
+//! A module per family of verbs, not strictly one per top-level subcommand:
+//!
+//! | module | verbs |
+//! |---|---|
+//! | `attestation` | `attestation verify / mock / mock-root` |
+//! | `audit` | `audit pull / verify / show`, and `status` (both ask the KRE's parent channel) |
+//! | `bench` | `bench …` (docs/benchmarks.md) |
+//! | `custodian` | `state sync` and `custodian init / unseal / reshare` (the sealed state's two sides) |
+//! | `eif` | `eif …` |
+//! | `fetch` | `fetch` (and the fetch client the KMS plugin, the bench and the demo use) |
+//! | `kms_plugin` | `kms-plugin` |
+//! | `policy` | `keygen` and `policy …` |
+//! | `proxy` | `proxy` |
+//!
+//! `keygate demo` is not here: it lives in `crate::demo`, reached only through its entry point.
+//! `bench`, the demo, `attestation mock | mock-root` and `--nsm mock` exist only with the
+//! default feature `mock`.
 
 pub(crate) mod attestation;
 pub(crate) mod audit;
+#[cfg(feature = "mock")]
 pub(crate) mod bench;
 pub(crate) mod custodian;
-pub(crate) mod demo;
-pub(crate) mod demo_kms;
-pub(crate) mod demo_release;
 pub(crate) mod eif;
 pub(crate) mod fetch;
 pub(crate) mod kms_plugin;
 pub(crate) mod policy;
 pub(crate) mod proxy;
-pub(crate) mod state_store;

@@ -1,5 +1,11 @@
 //! `keygate keygen` and `keygate policy init | propose | sign | assemble | verify | show | push |
-//! restore`: the pipeline's and the approvers' side of signed policy bundles.
+//! durable | restore`: the pipeline's and the approvers' side of signed policy bundles
+//! (docs/policy.md), one function per sub-verb.
+//!
+//! Whether a bundle is valid is decided by `keygate_attestation::bundle` (here for `verify`,
+//! in the KRE for `push`); this module builds proposals, signs offline, and pushes. It trusts the
+//! KRE's answer only through its typed deny code and, for durability, through the receipt it
+//! verifies against the attestation root.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -10,13 +16,13 @@ use keygate_attestation::bundle::{self, ApproverKey, Bundle, PolicyBody, PolicyS
 use keygate_attestation::crypto::{self, Crypto};
 use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
 use keygate_attestation::DocumentKind;
-use keygate_enclave::net::io::{read_frame, write_frame};
-use keygate_enclave::net::transport::{self, Addr};
-use keygate_enclave::wire::Message;
+use keygate_enclave::net::transport::Addr;
+use keygate_enclave::wire::{DenyCode, Message};
 use p384::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding};
 
 use crate::cmd::attestation::{now_ms, pcrs_from_eif, write_file};
-use crate::CliError;
+use crate::error::CliError;
+use crate::kre_client::{self, KreError};
 
 /// Largest key or bundle file read.
 const MAX_FILE: u64 = 128 * 1024;
@@ -31,130 +37,166 @@ pub(crate) struct KeygenArgs {
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum PolicyCommand {
     /// Create the genesis bundle (built into the enclave image).
-    Init {
-        /// Approver public keys (PEM), repeatable.
-        #[arg(long = "approver", required = true)]
-        approvers: Vec<PathBuf>,
-        /// Signatures required for every later bundle.
-        #[arg(long)]
-        threshold: u32,
-        /// Minimum activation delay for loosening changes (e.g. 1h, 30m, 86400).
-        #[arg(long, default_value = "1h", value_parser = parse_duration)]
-        activation_delay: Duration,
-        /// Unix seconds (default: now).
-        #[arg(long)]
-        issued_at: Option<u64>,
-        #[arg(short = 'o', long)]
-        out: PathBuf,
-    },
+    Init(InitArgs),
     /// Propose the next bundle from the current one.
-    Propose {
-        /// The current bundle.
-        #[arg(long)]
-        from: PathBuf,
-        /// Allow an image: CLUSTER=[NAME@]IMAGE.eif or CLUSTER=[NAME@]0=HEX,1=HEX,2=HEX (repeatable).
-        #[arg(long)]
-        allow: Vec<String>,
-        /// The document kind the `--allow`ed images match (a nitrotpm rule must pin PCR4 and
-        /// PCR12, or PCR7).
-        #[arg(long, value_parser = crate::cmd::attestation::parse_kind, default_value = "enclave")]
-        kind: DocumentKind,
-        /// `--allow`ed images stop matching after this time (Unix seconds).
-        #[arg(long)]
-        not_after: Option<u64>,
-        /// Revoke: CLUSTER=NAME (one image) or CLUSTER (the whole cluster), repeatable.
-        #[arg(long)]
-        revoke: Vec<String>,
-        /// Rotate CLUSTER's KEK: its KEK version + 1 (the new version wraps/derives new keys,
-        /// older ones stay released until retired). Repeatable.
-        #[arg(long)]
-        rotate: Vec<String>,
-        /// Retire KEK versions: CLUSTER=N, versions below N are never released again (at
-        /// once; lowering N later waits for the activation delay). Repeatable.
-        #[arg(long)]
-        retire: Vec<String>,
-        /// Activation delay of this bundle for loosening changes.
-        #[arg(long, value_parser = parse_duration)]
-        activation_delay: Option<Duration>,
-        /// New approver set (rotation; needs a quorum of the old and of the new set).
-        #[arg(long = "approver")]
-        approvers: Vec<PathBuf>,
-        /// New threshold.
-        #[arg(long)]
-        threshold: Option<u32>,
-        /// Unix seconds (default: now).
-        #[arg(long)]
-        issued_at: Option<u64>,
-        #[arg(short = 'o', long)]
-        out: PathBuf,
-    },
+    Propose(ProposeArgs),
     /// Sign a proposal as one approver (offline).
-    Sign {
-        proposal: PathBuf,
-        /// The approver's private key (PEM).
-        #[arg(long)]
-        key: PathBuf,
-        /// The bundle now in force, to show what changes.
-        #[arg(long)]
-        current: Option<PathBuf>,
-        /// Do not ask for confirmation.
-        #[arg(long)]
-        yes: bool,
-        #[arg(short = 'o', long)]
-        out: PathBuf,
-    },
+    Sign(SignArgs),
     /// Combine a proposal and approvers' signatures into a bundle.
-    Assemble {
-        proposal: PathBuf,
-        signatures: Vec<PathBuf>,
-        #[arg(short = 'o', long)]
-        out: PathBuf,
-    },
+    Assemble(AssembleArgs),
     /// Check a bundle (against the current one: every rule the KRE applies).
-    Verify {
-        bundle: PathBuf,
-        #[arg(long)]
-        current: Option<PathBuf>,
-    },
+    Verify(VerifyArgs),
     /// Print a bundle.
-    Show {
-        bundle: PathBuf,
-        #[arg(long)]
-        json: bool,
-    },
+    Show(ShowArgs),
     /// Push a bundle to the KRE; on acceptance store it for restarts.
-    Push {
-        bundle: PathBuf,
-        /// The KRE's parent channel (`--parent-listen`; never proxied).
-        #[arg(long)]
-        kre: Addr,
-        /// Directory where accepted bundles are kept (`policy-v<N>.bundle`).
-        #[arg(long)]
-        store: Option<PathBuf>,
-        /// With custodians: the parent's state directory; the new policy head (and KEKs for
-        /// new clusters) are stored and committed right after the push (`keygate state sync`).
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
-        #[command(flatten)]
-        durable: DurableArgs,
-    },
+    Push(PushArgs),
     /// Wait until a pushed bundle is durable and check the KRE's receipt (as `push` does):
     /// for a pipeline that asks again later.
-    Durable {
-        bundle: PathBuf,
-        /// The KRE's parent channel.
-        #[arg(long)]
-        kre: Addr,
-        #[command(flatten)]
-        durable: DurableArgs,
-    },
+    Durable(DurableCheckArgs),
     /// Push every stored bundle to a restarted KRE, oldest first.
-    Restore {
-        #[arg(long)]
-        kre: Addr,
-        #[arg(long)]
-        store: PathBuf,
-    },
+    Restore(RestoreArgs),
+}
+
+/// The arguments of `policy init`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct InitArgs {
+    /// Approver public keys (PEM), repeatable.
+    #[arg(long = "approver", required = true)]
+    approvers: Vec<PathBuf>,
+    /// Signatures required for every later bundle.
+    #[arg(long)]
+    threshold: u32,
+    /// Minimum activation delay for loosening changes (e.g. 1h, 30m, 86400).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    activation_delay: Duration,
+    /// Unix seconds (default: now).
+    #[arg(long)]
+    issued_at: Option<u64>,
+    #[arg(short = 'o', long)]
+    out: PathBuf,
+}
+
+/// The arguments of `policy propose`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ProposeArgs {
+    /// The current bundle.
+    #[arg(long)]
+    from: PathBuf,
+    /// Allow an image: CLUSTER=[NAME@]IMAGE.eif or CLUSTER=[NAME@]0=HEX,1=HEX,2=HEX (repeatable).
+    #[arg(long)]
+    allow: Vec<String>,
+    /// The document kind the `--allow`ed images match (a nitrotpm rule must pin PCR4 and
+    /// PCR12, or PCR7).
+    #[arg(long, value_parser = crate::cmd::attestation::parse_kind, default_value = "enclave")]
+    kind: DocumentKind,
+    /// `--allow`ed images stop matching after this time (Unix seconds).
+    #[arg(long)]
+    not_after: Option<u64>,
+    /// Revoke: CLUSTER=NAME (one image) or CLUSTER (the whole cluster), repeatable.
+    #[arg(long)]
+    revoke: Vec<String>,
+    /// Rotate CLUSTER's KEK: its KEK version + 1 (the new version wraps/derives new keys,
+    /// older ones stay released until retired). Repeatable.
+    #[arg(long)]
+    rotate: Vec<String>,
+    /// Retire KEK versions: CLUSTER=N, versions below N are never released again (at
+    /// once; lowering N later waits for the activation delay). Repeatable.
+    #[arg(long)]
+    retire: Vec<String>,
+    /// Activation delay of this bundle for loosening changes.
+    #[arg(long, value_parser = parse_duration)]
+    activation_delay: Option<Duration>,
+    /// New approver set (rotation; needs a quorum of the old and of the new set).
+    #[arg(long = "approver")]
+    approvers: Vec<PathBuf>,
+    /// New threshold.
+    #[arg(long)]
+    threshold: Option<u32>,
+    /// Unix seconds (default: now).
+    #[arg(long)]
+    issued_at: Option<u64>,
+    #[arg(short = 'o', long)]
+    out: PathBuf,
+}
+
+/// The arguments of `policy sign`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct SignArgs {
+    proposal: PathBuf,
+    /// The approver's private key (PEM).
+    #[arg(long)]
+    key: PathBuf,
+    /// The bundle now in force, to show what changes.
+    #[arg(long)]
+    current: Option<PathBuf>,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    yes: bool,
+    #[arg(short = 'o', long)]
+    out: PathBuf,
+}
+
+/// The arguments of `policy assemble`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct AssembleArgs {
+    proposal: PathBuf,
+    signatures: Vec<PathBuf>,
+    #[arg(short = 'o', long)]
+    out: PathBuf,
+}
+
+/// The arguments of `policy verify`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct VerifyArgs {
+    bundle: PathBuf,
+    #[arg(long)]
+    current: Option<PathBuf>,
+}
+
+/// The arguments of `policy show`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ShowArgs {
+    bundle: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+/// The arguments of `policy push`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct PushArgs {
+    bundle: PathBuf,
+    /// The KRE's parent channel (`--parent-listen`; never proxied).
+    #[arg(long)]
+    kre: Addr,
+    /// Directory where accepted bundles are kept (`policy-v<N>.bundle`).
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// With custodians: the parent's state directory; the new policy head (and KEKs for
+    /// new clusters) are stored and committed right after the push (`keygate state sync`).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    durable: DurableArgs,
+}
+
+/// The arguments of `policy durable`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct DurableCheckArgs {
+    bundle: PathBuf,
+    /// The KRE's parent channel.
+    #[arg(long)]
+    kre: Addr,
+    #[command(flatten)]
+    durable: DurableArgs,
+}
+
+/// The arguments of `policy restore`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct RestoreArgs {
+    #[arg(long)]
+    kre: Addr,
+    #[arg(long)]
+    store: PathBuf,
 }
 
 /// How `policy push` learns that a change is durable: the KRE's receipt, checked here.
@@ -474,256 +516,289 @@ fn write_bundle(path: &Path, body: &PolicyBody, sigs: &[(Vec<u8>, Vec<u8>)]) -> 
 
 pub(crate) fn run(cmd: PolicyCommand) -> Result<(), CliError> {
     match cmd {
-        PolicyCommand::Init { approvers, threshold, activation_delay, issued_at, out } => {
-            let mut keys = approvers.iter().map(|p| load_public(p)).collect::<Result<Vec<_>, _>>()?;
-            keys.sort();
-            keys.dedup();
-            let body = PolicyBody {
-                version: 1,
-                previous: [0; 48],
-                issued_at: issued_at.unwrap_or(now_ms() / 1000),
-                activation_delay: activation_delay.as_secs(),
-                approvers: keys,
-                threshold,
-                policy: ReleasePolicy::default(),
-            };
-            let d = write_bundle(&out, &body, &[])?;
-            println!(
-                "genesis bundle {} (version 1, {} of {} approvers, digest {})",
-                out.display(),
-                threshold,
-                body.approvers.len(),
-                hex::encode(d)
-            );
-            Ok(())
-        }
-        PolicyCommand::Propose {
-            from,
-            allow,
-            kind,
-            not_after,
-            revoke,
-            rotate,
-            retire,
-            activation_delay,
-            approvers,
-            threshold,
-            issued_at,
-            out,
-        } => {
-            let current = load_bundle(&from)?;
-            let mut body = current.body.clone();
-            body.version += 1;
-            body.previous = bundle::digest(&current.body_bytes);
-            body.issued_at = issued_at.unwrap_or(now_ms() / 1000).max(current.body.issued_at);
-            if let Some(d) = activation_delay {
-                body.activation_delay = d.as_secs();
-            }
-            if !approvers.is_empty() {
-                let mut keys = approvers.iter().map(|p| load_public(p)).collect::<Result<Vec<_>, _>>()?;
-                keys.sort();
-                keys.dedup();
-                body.approvers = keys;
-            }
-            if let Some(t) = threshold {
-                body.threshold = t;
-            }
-            for r in &revoke {
-                match r.split_once('=') {
-                    Some((cluster, name)) => {
-                        let rule = body
-                            .policy
-                            .clusters
-                            .get_mut(cluster)
-                            .ok_or_else(|| CliError::input(format!("--revoke {r}: no cluster `{cluster}`")))?;
-                        let before = rule.images.len();
-                        rule.images.retain(|i| i.name != name);
-                        if rule.images.len() == before {
-                            return Err(CliError::input(format!("--revoke {r}: no image `{name}` in `{cluster}`")));
-                        }
-                        if rule.images.is_empty() {
-                            body.policy.clusters.remove(cluster);
-                        }
-                    }
-                    None => {
-                        body.policy
-                            .clusters
-                            .remove(r.as_str())
-                            .ok_or_else(|| CliError::input(format!("--revoke {r}: no such cluster")))?;
-                    }
+        PolicyCommand::Init(a) => init(a),
+        PolicyCommand::Propose(a) => propose(a),
+        PolicyCommand::Sign(a) => sign(a),
+        PolicyCommand::Assemble(a) => assemble(a),
+        PolicyCommand::Verify(a) => verify(a),
+        PolicyCommand::Show(a) => show(a),
+        PolicyCommand::Push(a) => push_bundle(a),
+        PolicyCommand::Durable(a) => durable(a),
+        PolicyCommand::Restore(a) => restore(a),
+    }
+}
+
+/// `policy init`: the genesis bundle.
+fn init(a: InitArgs) -> Result<(), CliError> {
+    let InitArgs { approvers, threshold, activation_delay, issued_at, out } = a;
+    let mut keys = approvers.iter().map(|p| load_public(p)).collect::<Result<Vec<_>, _>>()?;
+    keys.sort();
+    keys.dedup();
+    let body = PolicyBody {
+        version: 1,
+        previous: [0; 48],
+        issued_at: issued_at.unwrap_or(now_ms() / 1000),
+        activation_delay: activation_delay.as_secs(),
+        approvers: keys,
+        threshold,
+        policy: ReleasePolicy::default(),
+    };
+    let d = write_bundle(&out, &body, &[])?;
+    println!(
+        "genesis bundle {} (version 1, {} of {} approvers, digest {})",
+        out.display(),
+        threshold,
+        body.approvers.len(),
+        hex::encode(d)
+    );
+    Ok(())
+}
+
+/// `policy propose`: the next bundle from the current one, and what changes.
+fn propose(a: ProposeArgs) -> Result<(), CliError> {
+    let ProposeArgs {
+        from,
+        allow,
+        kind,
+        not_after,
+        revoke,
+        rotate,
+        retire,
+        activation_delay,
+        approvers,
+        threshold,
+        issued_at,
+        out,
+    } = a;
+    let current = load_bundle(&from)?;
+    let mut body = current.body.clone();
+    body.version += 1;
+    body.previous = bundle::digest(&current.body_bytes);
+    body.issued_at = issued_at.unwrap_or(now_ms() / 1000).max(current.body.issued_at);
+    if let Some(d) = activation_delay {
+        body.activation_delay = d.as_secs();
+    }
+    if !approvers.is_empty() {
+        let mut keys = approvers.iter().map(|p| load_public(p)).collect::<Result<Vec<_>, _>>()?;
+        keys.sort();
+        keys.dedup();
+        body.approvers = keys;
+    }
+    if let Some(t) = threshold {
+        body.threshold = t;
+    }
+    for r in &revoke {
+        match r.split_once('=') {
+            Some((cluster, name)) => {
+                let rule = body
+                    .policy
+                    .clusters
+                    .get_mut(cluster)
+                    .ok_or_else(|| CliError::input(format!("--revoke {r}: no cluster `{cluster}`")))?;
+                let before = rule.images.len();
+                rule.images.retain(|i| i.name != name);
+                if rule.images.len() == before {
+                    return Err(CliError::input(format!("--revoke {r}: no image `{name}` in `{cluster}`")));
+                }
+                if rule.images.is_empty() {
+                    body.policy.clusters.remove(cluster);
                 }
             }
-            for a in &allow {
-                let (cluster, spec) = a
-                    .split_once('=')
-                    .ok_or_else(|| CliError::input(format!("--allow {a}: expected CLUSTER=IMAGE.eif|PCRS")))?;
-                let image = parse_image(spec, kind, not_after)?;
-                // A cluster revoked and allowed again keeps its KEK schedule (versions never
-                // restart lower).
-                let schedule = current.body.policy.clusters.get(cluster).map(|r| (r.kek_version, r.kek_retire_below));
-                let rule = body.policy.clusters.entry(cluster.to_owned()).or_insert_with(|| {
-                    let (kek_version, kek_retire_below) = schedule.unwrap_or((1, 0));
-                    ClusterRule { images: Vec::new(), kek_version, kek_retire_below }
-                });
-                rule.images.retain(|i| i.name != image.name);
-                rule.images.push(image);
+            None => {
+                body.policy
+                    .clusters
+                    .remove(r.as_str())
+                    .ok_or_else(|| CliError::input(format!("--revoke {r}: no such cluster")))?;
             }
-            apply_kek_changes(&mut body.policy, &rotate, &retire)?;
-            let d = write_bundle(&out, &body, &[])?;
-            println!("proposal {} (version {}, digest {}):", out.display(), body.version, hex::encode(d));
-            for l in diff(&current.body, &body) {
-                println!("{l}");
-            }
-            Ok(())
-        }
-        PolicyCommand::Sign { proposal, key, current, yes, out } => {
-            let p = load_bundle(&proposal)?;
-            let sk = load_private(&key)?;
-            let d = bundle::digest(&p.body_bytes);
-            match &current {
-                Some(c) => {
-                    let c = load_bundle(c)?;
-                    if p.body.previous != bundle::digest(&c.body_bytes) {
-                        return Err(CliError::refused("the proposal does not follow the given current bundle"));
-                    }
-                    println!("version {} -> {} (digest {}):", c.body.version, p.body.version, hex::encode(d));
-                    for l in diff(&c.body, &p.body) {
-                        println!("{l}");
-                    }
-                }
-                None => print_body(&p.body, &d),
-            }
-            if !yes {
-                if !std::io::stdin().is_terminal() {
-                    return Err(CliError::input(
-                        "refusing to sign without confirmation: run in a terminal or pass --yes",
-                    ));
-                }
-                eprint!("sign this proposal? [y/N] ");
-                let mut answer = String::new();
-                std::io::stdin().read_line(&mut answer).map_err(|e| CliError::io("reading the answer", e))?;
-                if !matches!(answer.trim(), "y" | "Y" | "yes") {
-                    return Err(CliError::refused("not signed"));
-                }
-            }
-            use p384::ecdsa::signature::Signer;
-            let sig: p384::ecdsa::Signature = sk.sign(&bundle::signing_message(&p.body_bytes));
-            let point = sk.verifying_key().to_encoded_point(false).as_bytes().to_vec();
-            write_file(&out, &bundle::encode_signature(&p.body_bytes, &point, &sig.to_bytes()))?;
-            println!("signature {} by approver {}", out.display(), hex::encode(&point[..16]));
-            Ok(())
-        }
-        PolicyCommand::Assemble { proposal, signatures, out } => {
-            let p = load_bundle(&proposal)?;
-            let mut sigs = p.signatures.clone();
-            for s in &signatures {
-                sigs.push(
-                    bundle::decode_signature(&read(s)?, &p.body_bytes)
-                        .map_err(|e| CliError::input(format!("{}: {e}", s.display())))?,
-                );
-            }
-            write_bundle(&out, &p.body, &sigs)?;
-            let r = bundle::tally(crypto(), &p.body.approvers, &p.body_bytes, &sigs);
-            println!(
-                "bundle {} with {} signature(s) ({} valid from its own approver set)",
-                out.display(),
-                sigs.len(),
-                r.valid.len()
-            );
-            Ok(())
-        }
-        PolicyCommand::Verify { bundle: path, current } => {
-            let b = load_bundle(&path)?;
-            match current {
-                Some(c) => {
-                    let c = read(&c)?;
-                    let mut state =
-                        PolicyState::trusting(&c, crypto()).map_err(|e| CliError::input(format!("current: {e}")))?;
-                    let r = state
-                        .apply(&read(&path)?, now_ms(), crypto())
-                        .map_err(|e| CliError::refused(format!("bundle refused: {e}")))?;
-                    println!(
-                        "valid: version {} follows the current bundle; {} approver signature(s) valid ({} unknown ignored, {} duplicate, {} invalid); {}",
-                        r.version,
-                        r.signatures.valid.len(),
-                        r.signatures.unknown,
-                        r.signatures.duplicates,
-                        r.signatures.invalid,
-                        if r.loosens { "loosens: takes effect after the activation delay" } else { "takes effect at once" }
-                    );
-                }
-                None => {
-                    let r = bundle::tally(crypto(), &b.body.approvers, &b.body_bytes, &b.signatures);
-                    println!(
-                        "well-formed version {} bundle; {} valid signature(s) from its own approver set (threshold {}); pass --current to check it as the KRE will",
-                        b.body.version,
-                        r.valid.len(),
-                        b.body.threshold
-                    );
-                }
-            }
-            Ok(())
-        }
-        PolicyCommand::Show { bundle: path, json } => {
-            let b = load_bundle(&path)?;
-            let d = bundle::digest(&b.body_bytes);
-            if json {
-                println!("{}", body_json(&b.body, &d, b.signatures.len()));
-            } else {
-                print_body(&b.body, &d);
-                println!("  signatures {}", b.signatures.len());
-            }
-            Ok(())
-        }
-        PolicyCommand::Push { bundle: path, kre, store, state_dir, durable } => {
-            let bytes = read(&path)?;
-            let b = bundle::decode_bundle(&bytes, crypto())
-                .map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
-            let (version, activates) = push(&kre, &bytes)?;
-            if let Some(dir) = &store {
-                std::fs::create_dir_all(dir).map_err(|e| CliError::io(format!("creating {}", dir.display()), e))?;
-                write_file(&dir.join(format!("policy-v{:08}.bundle", b.body.version)), &bytes)?;
-            }
-            let wait = activates.saturating_sub(now_ms()).div_ceil(1000);
-            if wait > 0 {
-                println!("accepted: version {version}; loosening changes take effect in {wait} s");
-            } else {
-                println!("accepted: version {version}; in force now");
-            }
-            if let Some(dir) = state_dir {
-                println!("{}", super::custodian::sync_once(&kre, &dir)?);
-            }
-            let receipt_out =
-                durable.receipt_out.clone().or_else(|| store.map(|d| d.join(format!("policy-v{version:08}.durable"))));
-            wait_durable(&kre, version, &bundle::digest(&b.body_bytes), &durable, receipt_out.as_deref())
-        }
-        PolicyCommand::Durable { bundle: path, kre, durable } => {
-            let bytes = read(&path)?;
-            let b = bundle::decode_bundle(&bytes, crypto())
-                .map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
-            let digest = bundle::digest(&b.body_bytes);
-            wait_durable(&kre, b.body.version, &digest, &durable, durable.receipt_out.as_deref())
-        }
-        PolicyCommand::Restore { kre, store } => {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(&store)
-                .map_err(|e| CliError::io(format!("reading {}", store.display()), e))?
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "bundle"))
-                .collect();
-            files.sort();
-            let mut pushed = 0;
-            for f in &files {
-                match push(&kre, &read(f)?) {
-                    Ok(_) => pushed += 1,
-                    Err(e) if e.message.contains("replay") || e.message.contains("rollback") => {}
-                    Err(e) => return Err(CliError::refused(format!("{}: {}", f.display(), e.message))),
-                }
-            }
-            println!("restored {pushed} bundle(s) from {}", store.display());
-            Ok(())
         }
     }
+    for a in &allow {
+        let (cluster, spec) = a
+            .split_once('=')
+            .ok_or_else(|| CliError::input(format!("--allow {a}: expected CLUSTER=IMAGE.eif|PCRS")))?;
+        let image = parse_image(spec, kind, not_after)?;
+        // A cluster revoked and allowed again keeps its KEK schedule (versions never
+        // restart lower).
+        let schedule = current.body.policy.clusters.get(cluster).map(|r| (r.kek_version, r.kek_retire_below));
+        let rule = body.policy.clusters.entry(cluster.to_owned()).or_insert_with(|| {
+            let (kek_version, kek_retire_below) = schedule.unwrap_or((1, 0));
+            ClusterRule { images: Vec::new(), kek_version, kek_retire_below }
+        });
+        rule.images.retain(|i| i.name != image.name);
+        rule.images.push(image);
+    }
+    apply_kek_changes(&mut body.policy, &rotate, &retire)?;
+    let d = write_bundle(&out, &body, &[])?;
+    println!("proposal {} (version {}, digest {}):", out.display(), body.version, hex::encode(d));
+    for l in diff(&current.body, &body) {
+        println!("{l}");
+    }
+    Ok(())
+}
+
+/// `policy sign`: one approver's signature over a proposal, after showing it (and confirming).
+fn sign(a: SignArgs) -> Result<(), CliError> {
+    let SignArgs { proposal, key, current, yes, out } = a;
+    let p = load_bundle(&proposal)?;
+    let sk = load_private(&key)?;
+    let d = bundle::digest(&p.body_bytes);
+    match &current {
+        Some(c) => {
+            let c = load_bundle(c)?;
+            if p.body.previous != bundle::digest(&c.body_bytes) {
+                return Err(CliError::refused("the proposal does not follow the given current bundle"));
+            }
+            println!("version {} -> {} (digest {}):", c.body.version, p.body.version, hex::encode(d));
+            for l in diff(&c.body, &p.body) {
+                println!("{l}");
+            }
+        }
+        None => print_body(&p.body, &d),
+    }
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            return Err(CliError::input("refusing to sign without confirmation: run in a terminal or pass --yes"));
+        }
+        eprint!("sign this proposal? [y/N] ");
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer).map_err(|e| CliError::io("reading the answer", e))?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            return Err(CliError::refused("not signed"));
+        }
+    }
+    use p384::ecdsa::signature::Signer;
+    let sig: p384::ecdsa::Signature = sk.sign(&bundle::signing_message(&p.body_bytes));
+    let point = sk.verifying_key().to_encoded_point(false).as_bytes().to_vec();
+    write_file(&out, &bundle::encode_signature(&p.body_bytes, &point, &sig.to_bytes()))?;
+    println!("signature {} by approver {}", out.display(), hex::encode(&point[..16]));
+    Ok(())
+}
+
+/// `policy assemble`: a proposal and signatures into a bundle.
+fn assemble(a: AssembleArgs) -> Result<(), CliError> {
+    let AssembleArgs { proposal, signatures, out } = a;
+    let p = load_bundle(&proposal)?;
+    let mut sigs = p.signatures.clone();
+    for s in &signatures {
+        sigs.push(
+            bundle::decode_signature(&read(s)?, &p.body_bytes)
+                .map_err(|e| CliError::input(format!("{}: {e}", s.display())))?,
+        );
+    }
+    write_bundle(&out, &p.body, &sigs)?;
+    let r = bundle::tally(crypto(), &p.body.approvers, &p.body_bytes, &sigs);
+    println!(
+        "bundle {} with {} signature(s) ({} valid from its own approver set)",
+        out.display(),
+        sigs.len(),
+        r.valid.len()
+    );
+    Ok(())
+}
+
+/// `policy verify`: a bundle checked alone, or as the KRE will against the current one.
+fn verify(a: VerifyArgs) -> Result<(), CliError> {
+    let VerifyArgs { bundle: path, current } = a;
+    let b = load_bundle(&path)?;
+    match current {
+        Some(c) => {
+            let c = read(&c)?;
+            let mut state =
+                PolicyState::trusting(&c, crypto()).map_err(|e| CliError::input(format!("current: {e}")))?;
+            let r = state
+                .apply(&read(&path)?, now_ms(), crypto())
+                .map_err(|e| CliError::refused(format!("bundle refused: {e}")))?;
+            println!(
+                "valid: version {} follows the current bundle; {} approver signature(s) valid ({} unknown ignored, {} duplicate, {} invalid); {}",
+                r.version,
+                r.signatures.valid.len(),
+                r.signatures.unknown,
+                r.signatures.duplicates,
+                r.signatures.invalid,
+                if r.loosens { "loosens: takes effect after the activation delay" } else { "takes effect at once" }
+            );
+        }
+        None => {
+            let r = bundle::tally(crypto(), &b.body.approvers, &b.body_bytes, &b.signatures);
+            println!(
+                "well-formed version {} bundle; {} valid signature(s) from its own approver set (threshold {}); pass --current to check it as the KRE will",
+                b.body.version,
+                r.valid.len(),
+                b.body.threshold
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `policy show`: a bundle as text or JSON.
+fn show(a: ShowArgs) -> Result<(), CliError> {
+    let ShowArgs { bundle: path, json } = a;
+    let b = load_bundle(&path)?;
+    let d = bundle::digest(&b.body_bytes);
+    if json {
+        println!("{}", body_json(&b.body, &d, b.signatures.len()));
+    } else {
+        print_body(&b.body, &d);
+        println!("  signatures {}", b.signatures.len());
+    }
+    Ok(())
+}
+
+/// `policy push`: push to the KRE, keep the accepted bundle, sync the state, wait until durable.
+fn push_bundle(a: PushArgs) -> Result<(), CliError> {
+    let PushArgs { bundle: path, kre, store, state_dir, durable } = a;
+    let bytes = read(&path)?;
+    let b = bundle::decode_bundle(&bytes, crypto()).map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
+    let (version, activates) = push(&kre, &bytes).map_err(push_refused)?;
+    if let Some(dir) = &store {
+        std::fs::create_dir_all(dir).map_err(|e| CliError::io(format!("creating {}", dir.display()), e))?;
+        write_file(&dir.join(format!("policy-v{:08}.bundle", b.body.version)), &bytes)?;
+    }
+    let wait = activates.saturating_sub(now_ms()).div_ceil(1000);
+    if wait > 0 {
+        println!("accepted: version {version}; loosening changes take effect in {wait} s");
+    } else {
+        println!("accepted: version {version}; in force now");
+    }
+    if let Some(dir) = state_dir {
+        println!("{}", super::custodian::sync_once(&kre, &dir)?);
+    }
+    let receipt_out =
+        durable.receipt_out.clone().or_else(|| store.map(|d| d.join(format!("policy-v{version:08}.durable"))));
+    wait_durable(&kre, version, &bundle::digest(&b.body_bytes), &durable, receipt_out.as_deref())
+}
+
+/// `policy durable`: wait for a pushed bundle's durability receipt and check it.
+fn durable(a: DurableCheckArgs) -> Result<(), CliError> {
+    let DurableCheckArgs { bundle: path, kre, durable } = a;
+    let bytes = read(&path)?;
+    let b = bundle::decode_bundle(&bytes, crypto()).map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
+    let digest = bundle::digest(&b.body_bytes);
+    wait_durable(&kre, b.body.version, &digest, &durable, durable.receipt_out.as_deref())
+}
+
+/// `policy restore`: replay the stored chain to a restarted KRE.
+fn restore(a: RestoreArgs) -> Result<(), CliError> {
+    let RestoreArgs { kre, store } = a;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&store)
+        .map_err(|e| CliError::io(format!("reading {}", store.display()), e))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "bundle"))
+        .collect();
+    files.sort();
+    let mut pushed = 0;
+    for f in &files {
+        let bytes = read(f)?;
+        match push(&kre, &bytes) {
+            Ok(_) => pushed += 1,
+            Err(KreError::Denied { code: DenyCode::PolicyRefused, .. }) if already_applied(&kre, &bytes)? => {}
+            Err(e) => return Err(CliError::refused(format!("{}: {}", f.display(), push_refused(e).message))),
+        }
+    }
+    println!("restored {pushed} bundle(s) from {}", store.display());
+    Ok(())
 }
 
 /// Asks the KRE, in rounds of at most 5 s, until the committed sealed state carries bundle
@@ -736,7 +811,7 @@ fn wait_durable(
     receipt_out: Option<&Path>,
 ) -> Result<(), CliError> {
     use keygate_enclave::audit::{PolicyReceipt, TrailOptions};
-    use keygate_enclave::wire::{DenyCode, MAX_DURABLE_WAIT_MS};
+    use keygate_enclave::wire::MAX_DURABLE_WAIT_MS;
     if args.durable_within.is_zero() {
         println!("not waiting for durability (--durable-within 0): the KRE applies the stricter of the old and new policies until the parent commits the sealed state that carries it");
         return Ok(());
@@ -756,7 +831,7 @@ fn wait_durable(
         let ask = Message::PolicyDurableWait { version, digest: *digest, wait_ms };
         let round = std::time::Instant::now();
         let pause = || std::thread::sleep(Duration::from_millis(200).saturating_sub(round.elapsed()).min(left));
-        match ask_kre(kre, &ask, Duration::from_millis(u64::from(wait_ms)) + Duration::from_secs(10)) {
+        match kre_client::ask(kre, &ask, Duration::from_millis(u64::from(wait_ms)) + Duration::from_secs(10)) {
             Ok(Message::PolicyDurable { receipt }) => {
                 let r = PolicyReceipt::decode(&receipt).map_err(|e| {
                     CliError::refused(format!(
@@ -783,11 +858,11 @@ fn wait_durable(
                 }
                 return Ok(());
             }
-            Ok(Message::Denied { code: DenyCode::StateRefused, reason }) => {
+            Err(KreError::Denied { code: DenyCode::StateRefused, reason }) => {
                 eprintln!("warning: not durable: {reason}");
                 return Ok(());
             }
-            Ok(Message::Denied {
+            Err(KreError::Denied {
                 code: code @ (DenyCode::PolicyNotDurable | DenyCode::Busy | DenyCode::Timeout),
                 reason,
             }) => {
@@ -795,39 +870,53 @@ fn wait_durable(
                 // An older KRE, or a busy one, may answer at once: never a tight loop.
                 pause();
             }
-            Ok(Message::Denied { code, reason }) => {
+            Err(KreError::Denied { code, reason }) => {
                 return Err(CliError::refused(format!("the KRE refused to report durability: {code}: {reason}")))
             }
-            Ok(m) => return Err(CliError::refused(format!("unexpected answer {}", m.name()))),
+            Ok(m) => return Err(kre_client::unexpected(&m)),
             Err(e) => {
-                last = e.message;
+                last = e.to_string();
                 pause();
             }
         }
     }
 }
 
-/// One request on the KRE's parent channel and its answer.
-fn ask_kre(kre: &Addr, m: &Message, t: Duration) -> Result<Message, CliError> {
-    let rt =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
-    rt.block_on(async {
-        let mut s = transport::connect(kre, t).await.map_err(|e| CliError::io(format!("connecting to {kre}"), e))?;
-        let frame = m.encode().map_err(|e| CliError::input(e.to_string()))?;
-        write_frame(&mut s, &frame, t).await.map_err(|e| CliError::io("sending", e))?;
-        let body = read_frame(&mut s, t).await.map_err(|e| CliError::io("reading the answer", e))?;
-        Message::decode(&body).map_err(|e| CliError::refused(format!("bad answer: {e}")))
-    })
+/// Pushes a bundle; Ok((version, activates at ms)) when the KRE accepts it.
+fn push(kre: &Addr, bytes: &[u8]) -> Result<(u64, u64), KreError> {
+    match kre_client::ask(kre, &Message::PolicyPush { bundle: bytes.to_vec() }, kre_client::DEFAULT_TIMEOUT)? {
+        Message::PolicyAccepted { version, activates_at_ms, .. } => Ok((version, activates_at_ms)),
+        m => Err(KreError::Unexpected(m.name())),
+    }
 }
 
-fn push(kre: &Addr, bytes: &[u8]) -> Result<(u64, u64), CliError> {
-    match ask_kre(kre, &Message::PolicyPush { bundle: bytes.to_vec() }, Duration::from_secs(10))? {
-        Message::PolicyAccepted { version, activates_at_ms, .. } => Ok((version, activates_at_ms)),
-        Message::Denied { code, reason } => {
-            Err(CliError::refused(format!("the KRE refused the bundle: {code}: {reason}")))
-        }
-        m => Err(CliError::refused(format!("unexpected answer {}", m.name()))),
+/// A failed push as the user sees it.
+fn push_refused(e: KreError) -> CliError {
+    match e {
+        KreError::Denied { code, reason } => CliError::refused(format!("the KRE refused the bundle: {code}: {reason}")),
+        e => e.into(),
     }
+}
+
+/// Whether the KRE already holds `bundle` or a later one: its policy head (from its status) is
+/// this bundle, or newer. A refused push of such a bundle is a replay or a rollback, which a
+/// restore skips; any other refusal is an error.
+fn already_applied(kre: &Addr, bundle: &[u8]) -> Result<bool, CliError> {
+    let Ok(b) = bundle::decode_bundle(bundle, crypto()) else { return Ok(false) };
+    let json = match kre_client::ask(kre, &Message::Status, kre_client::DEFAULT_TIMEOUT)? {
+        Message::StatusReport { json } => json,
+        m => return Err(kre_client::unexpected(&m)),
+    };
+    let status: serde_json::Value =
+        serde_json::from_str(&json).map_err(|e| CliError::refused(format!("malformed status from the KRE: {e}")))?;
+    let head_version = status["policy_version"].as_u64();
+    let head_digest = status["policy_digest"].as_str().and_then(|h| hex::decode(h).ok());
+    Ok(match (head_version, head_digest) {
+        (Some(v), Some(d)) => {
+            b.body.version < v || (b.body.version == v && d.as_slice() == bundle::digest(&b.body_bytes).as_slice())
+        }
+        _ => false,
+    })
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use keygate_enclave::net::transport::{self, Addr, BoxStream, Listener};
 use keygate_enclave::wire::{self, Channel, DenyCode, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::CliError;
+use crate::error::CliError;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct ProxyArgs {

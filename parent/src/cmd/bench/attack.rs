@@ -23,7 +23,7 @@ use keygate_enclave::wire::{self, ty, Message};
 use keygate_enclave::net::transport::Addr;
 
 use super::{fetcher, mock_client, rss_kib, start_kre, KreProc};
-use crate::CliError;
+use crate::error::CliError;
 
 /// What the attacking process does, for as long as it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

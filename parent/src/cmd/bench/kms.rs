@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,8 +22,8 @@ use tonic::transport::Channel;
 use super::{cores, cpu_seconds, latency_histogram, start_call, start_kre, KreProc, OpenLoop, SEED};
 use crate::cmd::kms_plugin::pb::key_management_service_client::KeyManagementServiceClient;
 use crate::cmd::kms_plugin::pb::{DecryptRequest, EncryptRequest, StatusRequest};
-use crate::CliError;
-use keygate_tests::ProcessInDir;
+use crate::error::CliError;
+use keygate_tests::{spawn_logged, wait_for_socket, ProcessInDir, SocketWaitError, TempDir};
 
 type Client = KeyManagementServiceClient<Channel>;
 
@@ -106,19 +106,9 @@ impl Plugin {
     /// `keygate kms-plugin` on `kre`'s key, as a control-plane instance runs it (the image the
     /// bench policy allows, checking the KRE's PCR 0, keeping receipts).
     fn start(kre: &KreProc) -> Result<Self, CliError> {
-        let dir = std::env::temp_dir().join(format!("keygate-bench-kms-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(|e| CliError::io("bench dir", e))?;
-        let log = std::fs::File::create(dir.join("plugin.log")).map_err(|e| CliError::io("plugin log", e));
-        let exe = std::env::current_exe().map_err(|e| CliError::io("exe", e));
-        let (log, exe) = match (log, exe) {
-            (Ok(l), Ok(e)) => (l, e),
-            (Err(e), _) | (_, Err(e)) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(e);
-            }
-        };
-        let sock = dir.join("kms.sock");
+        let dir = TempDir::new("keygate-bench-kms").map_err(|e| CliError::io("bench dir", e))?;
+        let exe = std::env::current_exe().map_err(|e| CliError::io("exe", e))?;
+        let sock = dir.path().join("kms.sock");
         let client_pcr = hex::encode([0x5au8; 48]);
         let mut cmd = Command::new(exe);
         cmd.args(["kms-plugin", "--listen", &format!("unix:{}", sock.display())])
@@ -127,17 +117,13 @@ impl Plugin {
             .args(["--nsm", "mock", "--mock-seed", SEED])
             .args(["--expect-kre-pcr", &format!("0={}", hex::encode([0x4bu8; 48]))])
             .arg("--receipts")
-            .arg(dir.join("receipts"));
+            .arg(dir.path().join("receipts"));
         for i in 0..3 {
             cmd.args(["--mock-pcr", &format!("{i}={client_pcr}")]);
         }
-        match cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn() {
-            Ok(child) => Ok(Self { p: ProcessInDir { child, dir }, sock }),
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                Err(CliError::io("starting keygate kms-plugin", e))
-            }
-        }
+        let child = spawn_logged(&mut cmd, &dir.path().join("plugin.log"))
+            .map_err(|e| CliError::io("starting keygate kms-plugin", e))?;
+        Ok(Self { p: ProcessInDir { child, dir: dir.keep() }, sock })
     }
 
     fn log(&self) -> String {
@@ -155,12 +141,11 @@ impl Plugin {
     async fn connect_when_healthy(&mut self) -> Result<Client, CliError> {
         let start = Instant::now();
         let limit = Duration::from_secs(30);
-        while tokio::net::UnixStream::connect(&self.sock).await.is_err() {
-            self.exited()?;
-            if start.elapsed() > limit {
-                return Err(CliError::refused(format!("the plugin did not listen: {}", self.log())));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Err(e) = wait_for_socket(&self.sock, Some(&mut self.p.child), limit) {
+            return Err(CliError::refused(match e {
+                SocketWaitError::Exited(status) => format!("the plugin exited ({status}): {}", self.log()),
+                SocketWaitError::Timeout { .. } => format!("the plugin did not listen: {}", self.log()),
+            }));
         }
         let mut client = connect(&self.sock).await?;
         loop {

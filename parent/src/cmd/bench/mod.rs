@@ -21,8 +21,10 @@ use keygate_enclave::net::transport::Addr;
 use keygate_enclave::peer::client::FetchRequest;
 use keygate_enclave::wire::{Id, Message};
 
+use keygate_tests::{wait_for_socket, KillOnDrop, ProcessInDir, TempDir};
+
 use super::fetch::Fetcher;
-use crate::CliError;
+use crate::error::CliError;
 
 mod attack;
 mod plot;
@@ -314,9 +316,9 @@ fn rss_kib(pid: u32) -> u64 {
 struct KreProc {
     /// The parent's audit follower (`keygate audit pull --follow`), without which the KRE
     /// withholds every release; stopped first.
-    _follower: keygate_tests::KillOnDrop,
+    _follower: KillOnDrop,
     /// The KRE and its directory (policy, sockets, the follower's trail), removed last.
-    kre: keygate_tests::ProcessInDir,
+    kre: ProcessInDir,
     sock: PathBuf,
 }
 
@@ -330,14 +332,13 @@ impl KreProc {
 const SEED: &str = "bench";
 
 fn start_kre(threads: usize, extra: &[&str]) -> Result<KreProc, CliError> {
-    let dir = std::env::temp_dir().join(format!("keygate-bench-{}-{threads}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| CliError::io("bench dir", e))?;
+    let dir = TempDir::new(&format!("keygate-bench-{threads}")).map_err(|e| CliError::io("bench dir", e))?;
     let pcr = hex::encode([0x5au8; 48]);
     let policy =
         serde_json::json!({"clusters": {"prod": {"images": [{"name": "cp", "pcrs": {"0": pcr, "1": pcr, "2": pcr}}]}}});
-    let policy_path = dir.join("policy.json");
+    let policy_path = dir.path().join("policy.json");
     std::fs::write(&policy_path, policy.to_string()).map_err(|e| CliError::io("policy", e))?;
-    let sock = dir.join("kre.sock");
+    let sock = dir.path().join("kre.sock");
     let exe = std::env::current_exe().map_err(|e| CliError::io("exe", e))?.with_file_name("keygate-enclave-dev");
     // Raise the descriptor limit for the connection benchmarks through the shell (no unsafe).
     let mut cmd = format!(
@@ -359,14 +360,10 @@ fn start_kre(threads: usize, extra: &[&str]) -> Result<KreProc, CliError> {
         .spawn()
         .map_err(|e| CliError::io("starting keygate-enclave-dev", e))?;
     // Owned from here: a KRE that does not start is killed and its directory removed.
-    let kre = keygate_tests::ProcessInDir { child, dir };
-    let start = Instant::now();
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        if start.elapsed() > Duration::from_secs(15) {
-            return Err(CliError::refused("keygate-enclave-dev did not start"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut kre = ProcessInDir { child, dir: dir.keep() };
+    // Through `sh -c … exec`: the shell's pid is the KRE's.
+    wait_for_socket(&sock, Some(&mut kre.child), Duration::from_secs(15))
+        .map_err(|e| CliError::refused(format!("keygate-enclave-dev did not start: {e}")))?;
     let follower = Command::new(std::env::current_exe().map_err(|e| CliError::io("exe", e))?)
         .args(["audit", "pull", "--kre", &format!("unix:{}.parent", sock.display()), "--dir"])
         .arg(kre.dir.join("audit"))
@@ -376,7 +373,7 @@ fn start_kre(threads: usize, extra: &[&str]) -> Result<KreProc, CliError> {
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| CliError::io("starting keygate audit pull --follow", e))?;
-    Ok(KreProc { _follower: keygate_tests::KillOnDrop(follower), kre, sock })
+    Ok(KreProc { _follower: KillOnDrop(follower), kre, sock })
 }
 
 fn fetcher(kre: Addr, nsm: Arc<dyn Nsm>, root: &TrustAnchor) -> Fetcher {

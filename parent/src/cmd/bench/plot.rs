@@ -10,7 +10,7 @@ use std::path::Path;
 use hdrhistogram::Histogram;
 use plotters::prelude::*;
 
-use crate::CliError;
+use crate::error::CliError;
 
 /// The deepest percentile drawn: 99.999 %.
 const MAX_NINES: f64 = 5.0;
@@ -100,9 +100,8 @@ mod tests {
 
     #[test]
     fn a_plot_names_every_series_and_is_an_svg() {
-        let dir = std::env::temp_dir().join(format!("keygate-plot-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("p.svg");
+        let dir = keygate_tests::TempDir::new("keygate-plot").expect("dir");
+        let path = dir.path().join("p.svg");
         let mut a = Histogram::<u64>::new_with_bounds(1, 100_000_000, 3).expect("h");
         let mut b = a.clone();
         for v in 1..=1000u64 {
@@ -113,6 +112,5 @@ mod tests {
         let svg = std::fs::read_to_string(&path).expect("read");
         assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(80)]);
         assert!(svg.contains("one client") && svg.contains("256 at 400/s") && svg.contains("99.9%"));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

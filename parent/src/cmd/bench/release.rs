@@ -26,7 +26,7 @@ use keygate_enclave::net::transport::Addr;
 use super::{
     cores, cpu_seconds, fetcher, latency_histogram, mock_client, plot, rate, start_call, start_kre, OnOff, OpenLoop,
 };
-use crate::CliError;
+use crate::error::CliError;
 
 /// What one run of the load generator reports (one JSON line on its stdout).
 #[derive(Debug, serde::Serialize, serde::Deserialize)]

@@ -1,59 +1,15 @@
-//! `keygate demo`: the tour of the product, on ordinary Linux, with no set-up.
-//!
-//! Every step states what should happen, does it, and checks that it did; the demo exits 0
-//! only if every step behaved as it should.
+//! The demo's attestation part: real AWS Nitro documents verified against the pinned AWS root
+//! (and refused when expired, debug-mode or tampered), then mock NSM documents, which verify
+//! against the mock root and never against AWS's.
 
 use std::sync::Arc;
 
 use keygate_attestation::mock::MockNsm;
 use keygate_attestation::{AttestRequest, Nsm, TrustAnchor, Verifier, VerifyError, VerifyOptions};
 
-use crate::CliError;
-
-#[derive(Debug, clap::Args)]
-pub(crate) struct DemoArgs {}
-
-/// Collects step outcomes and prints them as it goes.
-#[derive(Debug, Default)]
-pub(crate) struct Tour {
-    passed: usize,
-    failed: Vec<String>,
-}
-
-impl Tour {
-    pub(crate) fn section(&self, title: &str) {
-        println!("\n== {title}");
-    }
-
-    /// Records a step: `outcome` is Ok(what happened) when the step behaved as it should.
-    pub(crate) fn step(&mut self, what: &str, outcome: Result<String, String>) {
-        match outcome {
-            Ok(detail) => {
-                self.passed += 1;
-                println!("  ok   {what}\n         {detail}");
-            }
-            Err(detail) => {
-                self.failed.push(what.to_owned());
-                println!("  FAIL {what}\n         {detail}");
-            }
-        }
-    }
-
-    pub(crate) fn finish(self) -> Result<(), CliError> {
-        println!();
-        if self.failed.is_empty() {
-            println!("demo: all {} steps behaved as they should", self.passed);
-            Ok(())
-        } else {
-            Err(CliError::refused(format!(
-                "demo: {} of {} steps did not behave as they should: {}",
-                self.failed.len(),
-                self.passed + self.failed.len(),
-                self.failed.join("; ")
-            )))
-        }
-    }
-}
+use super::tour::Tour;
+use crate::cmd::attestation::now_ms;
+use crate::error::CliError;
 
 /// A real AWS Nitro attestation document (production enclave, us-east-1).
 const REAL_DOC: &[u8] = include_bytes!("../../../attestation/tests/vectors/doc-1.cbor");
@@ -84,7 +40,7 @@ pub(crate) fn attestation_tour(tour: &mut Tour) -> Result<(), CliError> {
     );
     tour.step(
         "the same document is refused today: its certificates have expired",
-        expect_refusal(aws.verify(REAL_DOC, &VerifyOptions::at(super::attestation::now_ms())), |e| {
+        expect_refusal(aws.verify(REAL_DOC, &VerifyOptions::at(now_ms())), |e| {
             matches!(e, VerifyError::CertificateExpired { .. })
         }),
     );
@@ -105,7 +61,7 @@ pub(crate) fn attestation_tour(tour: &mut Tour) -> Result<(), CliError> {
     );
 
     tour.section("Attestation: the mock NSM");
-    let now = super::attestation::now_ms();
+    let now = now_ms();
     let pcrs = [(0u8, vec![0x11; 48]), (1, vec![0x22; 48]), (2, vec![0x33; 48])].into_iter().collect();
     let nsm = MockNsm::new(b"demo", pcrs, Arc::new(move || now));
     let doc = nsm
@@ -123,12 +79,4 @@ pub(crate) fn attestation_tour(tour: &mut Tour) -> Result<(), CliError> {
         expect_refusal(aws.verify(&doc, &VerifyOptions::at(now)), |e| matches!(e, VerifyError::RootMismatch { .. })),
     );
     Ok(())
-}
-
-pub(crate) fn run(_args: DemoArgs) -> Result<(), CliError> {
-    println!("keygate demo: attested key release, end to end, on the mock NSM");
-    let mut tour = Tour::default();
-    attestation_tour(&mut tour)?;
-    super::demo_release::key_release_tour(&mut tour)?;
-    tour.finish()
 }

@@ -1,24 +1,28 @@
 //! The demo's key release part: a real `keygate-enclave-dev` process (the KRE with the mock
 //! NSM) behind a real `keygate proxy` process, and control-plane instances fetching keys
-//! through them.
+//! through them; durability (kill -9, restart sealed, unseal by two of three custodians, policy
+//! restore) and revocation. It leaves the first control plane's keys in [`KEYS_DIR`] of the
+//! directory it returns, for the KMS part.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keygate_attestation::mock::{system_clock, MockNsm};
 use keygate_attestation::{Nsm, PcrExpectation, Verifier};
-use keygate_enclave::net::io::{read_frame, write_frame};
-use keygate_enclave::net::transport::{self, Addr};
-use keygate_enclave::peer::client::{ClientError, FetchRequest};
+use keygate_enclave::net::transport::Addr;
+use keygate_enclave::peer::client::{ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::wire::{DenyCode, Id, Message};
 use keygate_tests::relay::{Attack, Relay};
+use keygate_tests::{spawn_logged, wait_for_socket, KillOnDrop, TempDir};
 
-use super::demo::Tour;
-use super::fetch::{write_keys, Fetcher};
-use crate::CliError;
+use super::tour::Tour;
+use crate::cmd::attestation::pcrs_from_eif;
+use crate::cmd::fetch::{write_keys, write_receipt, Fetcher};
+use crate::error::CliError;
+use crate::kre_client::{Connection, KreError};
 
 const SEED: &str = "keygate-demo";
 
@@ -26,22 +30,23 @@ fn pcr_hex(byte: u8) -> String {
     hex::encode([byte; 48])
 }
 
-/// A child process killed when dropped.
-struct Proc(Child, &'static str);
+/// Where the first control plane writes its keys, in the demo's directory.
+pub(super) const KEYS_DIR: &str = "cpi-1-keys";
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// How long a started daemon has to listen on its socket.
+const START_LIMIT: Duration = Duration::from_secs(15);
+
+/// A daemon of the demo, killed when dropped, and its name for messages.
+struct Daemon {
+    process: KillOnDrop,
+    what: &'static str,
 }
 
-/// A directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+impl Daemon {
+    /// Waits until it listens on `sock`.
+    fn listening(&mut self, sock: &Path) -> Result<(), CliError> {
+        wait_for_socket(sock, Some(&mut self.process.0), START_LIMIT)
+            .map_err(|e| CliError::refused(format!("{} {e}", self.what)))
     }
 }
 
@@ -58,30 +63,10 @@ fn sibling_binary(name: &str) -> Result<PathBuf, CliError> {
     }
 }
 
-fn spawn(bin: &Path, args: &[String], log: &Path, what: &'static str) -> Result<Proc, CliError> {
-    let log_file = std::fs::File::create(log).map_err(|e| CliError::io(format!("creating {}", log.display()), e))?;
-    let child = Command::new(bin)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .spawn()
+fn spawn(bin: &Path, args: &[String], log: &Path, what: &'static str) -> Result<Daemon, CliError> {
+    let child = spawn_logged(Command::new(bin).args(args), log)
         .map_err(|e| CliError::io(format!("starting {}", bin.display()), e))?;
-    Ok(Proc(child, what))
-}
-
-async fn wait_for_socket(path: &Path, proc: &mut Proc) -> Result<(), CliError> {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(15) {
-        if let Ok(Some(status)) = proc.0.try_wait() {
-            return Err(CliError::refused(format!("{} exited early ({status})", proc.1)));
-        }
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Err(CliError::refused(format!("{} did not start listening on {}", proc.1, path.display())))
+    Ok(Daemon { process: KillOnDrop(child), what })
 }
 
 fn cpi(pcrs: &BTreeMap<u8, Vec<u8>>, instance: &str) -> Arc<dyn Nsm> {
@@ -128,10 +113,10 @@ fn ids(v: &[&str]) -> Vec<Id> {
     v.iter().filter_map(|s| Id::new(s).ok()).collect()
 }
 
-pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
-    let dir = TempDir(std::env::temp_dir().join(format!("keygate-demo-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).map_err(|e| CliError::io("creating the demo directory", e))?;
-    let d = &dir.0;
+/// The key release part; returns the demo's directory (removed when dropped).
+pub(super) fn key_release_tour(tour: &mut Tour) -> Result<TempDir, CliError> {
+    let dir = TempDir::new("keygate-demo").map_err(|e| CliError::io("creating the demo directory", e))?;
+    let d = dir.path();
     let kre_sock = d.join("kre.sock");
     let parent_sock = d.join("parent.sock");
 
@@ -140,7 +125,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
     let good_eif = build_image(&exe, d, "control-plane", b"kube-apiserver v1.31 (pipeline build)")?;
     let rogue_eif = build_image(&exe, d, "rogue", b"kube-apiserver v1.31 (patched by someone)")?;
     let rebuilt = build_image(&exe, d, "control-plane-rebuild", b"kube-apiserver v1.31 (pipeline build)")?;
-    let good_pcrs = super::attestation::pcrs_from_eif(&good_eif)?;
+    let good_pcrs = pcrs_from_eif(&good_eif)?;
     let same = std::fs::read(&good_eif).ok() == std::fs::read(&rebuilt).ok();
     tour.step(
         "`keygate eif build` makes the image reproducibly and gives its PCRs",
@@ -233,8 +218,8 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
     let rt =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
     rt.block_on(async {
-        wait_for_socket(&kre_sock, &mut kre).await?;
-        wait_for_socket(&parent_sock, &mut proxy).await?;
+        kre.listening(&kre_sock)?;
+        proxy.listening(&parent_sock)?;
         let mut follower = follow(&d.join("audit"), "audit-follow-1.log")?;
         tour.step(
             "the KRE and the proxy are up",
@@ -251,13 +236,14 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         // the KRE's own sockets, never proxied; control planes reach it only through the proxy.
         let kre_addr = format!("unix:{}.parent", kre_sock.display());
         let custodian_addr = format!("unix:{}.custodian", kre_sock.display());
+        // `keygate VERB SUB --kre <parent channel> --state-dir <the parent's state directory>`.
+        let on_state = |verb: &str, sub: &str| {
+            let args = [verb, sub, "--kre", &kre_addr, "--state-dir", &path(&state_dir)].map(str::to_owned);
+            keygate_cli(&exe, &args).map(|o| o.trim().to_owned())
+        };
         tour.step(
             "genesis: the KRE seals its state for 2 of 3 custodians; the parent stores it durably before the KRE serves",
-            keygate_cli(
-                &exe,
-                &["custodian".into(), "init".into(), "--kre".into(), kre_addr.clone(), "--state-dir".into(), path(&state_dir)],
-            )
-            .map(|o| o.trim().to_owned()),
+            on_state("custodian", "init"),
         );
 
         // The pipeline proposes allowing the image it built; one signature is not enough.
@@ -293,22 +279,17 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
                 ],
             )
         };
+        // A proposal and its signatures into a bundle.
+        let assemble = |prop: &Path, sigs: &[&str], out: &Path| {
+            let mut args = vec!["policy".to_owned(), "assemble".into(), path(prop)];
+            args.extend(sigs.iter().map(|s| path(&d.join(s))));
+            args.extend(["-o".to_owned(), path(out)]);
+            keygate_cli(&exe, &args)
+        };
         let one = d.join("v2-one-signature.bundle");
         let pushed_one = proposed
             .and_then(|_| sign(1, &proposal, &d.join("v2.sig1")))
-            .and_then(|_| {
-                keygate_cli(
-                    &exe,
-                    &[
-                        "policy".into(),
-                        "assemble".into(),
-                        path(&proposal),
-                        path(&d.join("v2.sig1")),
-                        "-o".into(),
-                        path(&one),
-                    ],
-                )
-            })
+            .and_then(|_| assemble(&proposal, &["v2.sig1"], &one))
             .and_then(|_| {
                 match keygate_cli(&exe, &["policy".into(), "push".into(), path(&one), "--kre".into(), kre_addr.clone()])
                 {
@@ -337,23 +318,8 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
             keygate_cli(&exe, &args)
         };
         let pushed = sign(2, &proposal, &d.join("v2.sig2"))
-            .and_then(|_| {
-                keygate_cli(
-                    &exe,
-                    &[
-                        "policy".into(),
-                        "assemble".into(),
-                        path(&proposal),
-                        path(&d.join("v2.sig1")),
-                        path(&d.join("v2.sig2")),
-                        "-o".into(),
-                        path(&v2),
-                    ],
-                )
-            })
-            .and_then(|_| {
-                push_durably(&v2)
-            });
+            .and_then(|_| assemble(&proposal, &["v2.sig1", "v2.sig2"], &v2))
+            .and_then(|_| push_durably(&v2));
         tour.step(
             "with a second approver's signature it is accepted (an addition: it waits for the activation delay); the new cluster's KEK is stored and committed, and the KRE's durability receipt is checked and kept",
             pushed.map(|o| o.lines().map(str::trim).collect::<Vec<_>>().join("; ")),
@@ -390,7 +356,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         tokio::time::sleep(Duration::from_millis(3100)).await;
 
         // 1. The allowed image.
-        let keys_dir = d.join("cpi-1-keys");
+        let keys_dir = d.join(KEYS_DIR);
         let first = fetcher(cpi(&good_pcrs, "cpi-1"), expect_kre.clone()).once().await;
         let captured = match &first {
             Ok(f) => Some(f.release_frame.clone()),
@@ -428,11 +394,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
             "after a reboot it gets the same keys (data encrypted before stays readable)",
             match second {
                 Ok(f) => {
-                    let same = f.keys.iter().all(|k| {
-                        std::fs::read(keys_dir.join(format!("{}.key", k.key_id))).ok().as_deref()
-                            == Some(k.key.expose().as_slice())
-                    });
-                    if same {
+                    if same_keys(&keys_dir, &f.keys) {
                         Ok("identical keys, compared in memory (never printed)".to_owned())
                     } else {
                         Err("keys differ".to_owned())
@@ -459,7 +421,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         );
 
         // 3. An image the policy does not allow.
-        let rogue_pcrs = super::attestation::pcrs_from_eif(&rogue_eif).map_err(|e| e.message);
+        let rogue_pcrs = pcrs_from_eif(&rogue_eif).map_err(|e| e.message);
         let bad = match &rogue_pcrs {
             Ok(p) => fetcher(cpi(p, "rogue"), expect_kre.clone()).once().await,
             Err(e) => Err(ClientError::Io(e.clone())),
@@ -502,8 +464,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         // A release, and the KRE is killed the moment the keys arrive: its audit entry was
         // stored by the parent before the keys left.
         let last = fetcher(cpi(&good_pcrs, "cpi-1"), expect_kre.clone()).once().await;
-        let _ = kre.0.kill(); // SIGKILL
-        let _ = kre.0.wait();
+        kre.process.kill(); // SIGKILL
         drop(follower);
         // The follower keeps every run in one directory: this run's chain is `audit/` itself.
         let run1 = d.join("audit");
@@ -518,7 +479,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
             "a release, then kill -9 the moment the keys arrive: the release is already in the parent's stored trail (write-ahead audit), which verifies, and the client's receipt for it is checked against that trail",
             match last {
                 Err(e) => Err(format!("the release failed: {e}")),
-                Ok(f) => super::fetch::write_receipt(&client_receipts, &f.receipt)
+                Ok(f) => write_receipt(&client_receipts, &f.receipt)
                     .map_err(|e| e.message)
                     .and_then(|_| keygate_cli(&exe, &["audit".into(), "show".into(), path(&run1), "--json".into()]))
                     .and_then(|shown| {
@@ -539,7 +500,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         );
         let _ = std::fs::remove_file(&kre_sock);
         kre = spawn(&sibling_binary("keygate-enclave-dev")?, &kre_args, &d.join("kre-2.log"), "keygate-enclave-dev")?;
-        wait_for_socket(&kre_sock, &mut kre).await?;
+        kre.listening(&kre_sock)?;
         follower = follow(&d.join("audit"), "audit-follow-2.log")?;
         let sealed = fetcher(cpi(&good_pcrs, "cpi-1"), expect_kre.clone()).once().await;
         tour.step(
@@ -548,11 +509,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         );
         tour.step(
             "the parent hands it the stored sealed state (`keygate state sync`): useless without the custodians",
-            keygate_cli(
-                &exe,
-                &["state".into(), "sync".into(), "--kre".into(), kre_addr.clone(), "--state-dir".into(), path(&state_dir)],
-            )
-            .map(|o| o.trim().to_owned()),
+            on_state("state", "sync"),
         );
         let unseal = |i: u32, pcr: u8| {
             let mut a = vec![
@@ -601,11 +558,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
                 (Err(e), _) => Err(format!("restore failed: {e}")),
                 (_, Err(e)) => Err(e.to_string()),
                 (Ok(_), Ok(f)) => {
-                    let same = f.keys.iter().all(|k| {
-                        std::fs::read(keys_dir.join(format!("{}.key", k.key_id))).ok().as_deref()
-                            == Some(k.key.expose().as_slice())
-                    });
-                    if same {
+                    if same_keys(&keys_dir, &f.keys) {
                         Ok("identical keys: no KEK was lost (compared in memory, never printed)".to_owned())
                     } else {
                         Err("keys differ after the restart".to_owned())
@@ -640,23 +593,8 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
         )
         .and_then(|_| sign(2, &v3p, &d.join("v3.sig2")))
         .and_then(|_| sign(3, &v3p, &d.join("v3.sig3")))
-        .and_then(|_| {
-            keygate_cli(
-                &exe,
-                &[
-                    "policy".into(),
-                    "assemble".into(),
-                    path(&v3p),
-                    path(&d.join("v3.sig2")),
-                    path(&d.join("v3.sig3")),
-                    "-o".into(),
-                    path(&v3),
-                ],
-            )
-        })
-        .and_then(|_| {
-            push_durably(&v3)
-        });
+        .and_then(|_| assemble(&v3p, &["v3.sig2", "v3.sig3"], &v3))
+        .and_then(|_| push_durably(&v3));
         tour.step(
             "approvers 2 and 3 revoke the image (a removal: in force at once)",
             revoked.map(|o| o.lines().map(str::trim).collect::<Vec<_>>().join("; ")),
@@ -702,10 +640,7 @@ pub(crate) fn key_release_tour(tour: &mut Tour) -> Result<(), CliError> {
     })?;
     drop(proxy);
     drop(kre);
-    // The control plane's kube-apiserver seals etcd's DEKs through the KMS v2 plugin, with the
-    // keys the first fetch wrote (the plugin's own lease handles revocation in `--kre` mode).
-    super::demo_kms::kms_tour(tour, &d.join("cpi-1-keys"))?;
-    Ok(())
+    Ok(dir)
 }
 
 /// Scans every regular file under `dir` (except `skip`, where keys are meant to be) for any
@@ -744,6 +679,13 @@ fn scan_for_keys(dir: &Path, skip: &Path, keys: &[Vec<u8>]) -> Result<String, St
     Ok(format!("{files} files, {bytes} bytes scanned (raw, hex, base64): none"))
 }
 
+/// Whether each released key equals the one stored in `dir` (compared in memory).
+fn same_keys(dir: &Path, keys: &[ReleasedKey]) -> bool {
+    keys.iter().all(|k| {
+        std::fs::read(dir.join(format!("{}.key", k.key_id))).ok().as_deref() == Some(k.key.expose().as_slice())
+    })
+}
+
 fn path(p: &Path) -> String {
     p.display().to_string()
 }
@@ -770,15 +712,10 @@ fn expect_denial(r: Result<(), ClientError>, code: DenyCode) -> Result<String, S
 }
 
 async fn replay(addr: &Addr, release: &[u8]) -> Result<String, String> {
-    let t = Duration::from_secs(5);
-    let mut s = transport::connect(addr, t).await.map_err(|e| e.to_string())?;
-    let hello = Message::Hello { client_nonce: [7; 32] }.encode().map_err(|e| e.to_string())?;
-    write_frame(&mut s, &hello, t).await.map_err(|e| e.to_string())?;
-    read_frame(&mut s, t).await.map_err(|e| e.to_string())?;
-    write_frame(&mut s, release, t).await.map_err(|e| e.to_string())?;
-    let body = read_frame(&mut s, t).await.map_err(|e| e.to_string())?;
-    match Message::decode(&body) {
-        Ok(Message::Denied { code: DenyCode::NonceReused, reason }) => Ok(format!("denied: nonce_reused: {reason}")),
+    let mut s = Connection::open(addr, Duration::from_secs(5)).await.map_err(|e| e.to_string())?;
+    s.ask(&Message::Hello { client_nonce: [7; 32] }).await.map_err(|e| e.to_string())?;
+    match s.round_trip(release).await {
+        Err(KreError::Denied { code: DenyCode::NonceReused, reason }) => Ok(format!("denied: nonce_reused: {reason}")),
         Ok(m) => Err(format!("unexpected answer: {m:?}")),
         Err(e) => Err(e.to_string()),
     }
@@ -791,15 +728,7 @@ mod tests {
     #[test]
     fn the_key_scan_finds_raw_hex_and_base64_keys_outside_the_key_directory() {
         use base64::Engine;
-        let root = TempDir(std::env::temp_dir().join(format!("keygate-scan-test-{}", std::process::id())));
-        std::fs::create_dir_all(&root.0).expect("tmp");
-        struct D<'a>(&'a Path);
-        impl D<'_> {
-            fn path(&self) -> &Path {
-                self.0
-            }
-        }
-        let dir = D(&root.0);
+        let dir = TempDir::new("keygate-scan-test").expect("tmp");
         let keys = dir.path().join("keys");
         std::fs::create_dir_all(keys.join("sub")).expect("dirs");
         let key = vec![0xa7u8; 32];

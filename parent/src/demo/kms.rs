@@ -3,14 +3,16 @@
 //! kube-apiserver makes (Status, Encrypt, Decrypt), then a key rotation.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use super::demo::Tour;
-use super::kms_plugin::pb::key_management_service_client::KeyManagementServiceClient;
-use super::kms_plugin::pb::{DecryptRequest, EncryptRequest, StatusRequest};
-use crate::CliError;
-use keygate_tests::ProcessInDir;
+use keygate_tests::{spawn_logged, wait_for_socket, ProcessInDir, TempDir};
+
+use super::tour::Tour;
+use crate::cmd::kms_plugin::connect_unix;
+use crate::cmd::kms_plugin::pb::key_management_service_client::KeyManagementServiceClient;
+use crate::cmd::kms_plugin::pb::{DecryptRequest, EncryptRequest, StatusRequest};
+use crate::error::CliError;
 
 /// The cluster label in the plugin's key ids (the demo's cluster).
 const CLUSTER: &str = "prod-eu1";
@@ -82,20 +84,11 @@ fn write_new_version(dir: &Path, key: &str, version: u32) -> Result<(), String> 
 }
 
 async fn connect(sock: &Path, plugin: &mut Plugin) -> Result<Client, String> {
-    let start = Instant::now();
-    loop {
-        if let Ok(Some(status)) = plugin.p.child.try_wait() {
-            return Err(format!("the plugin exited ({status}): {}", plugin.log()));
-        }
-        if tokio::net::UnixStream::connect(sock).await.is_ok() {
-            break;
-        }
-        if start.elapsed() > Duration::from_secs(15) {
-            return Err(format!("the plugin did not listen on {}", sock.display()));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    super::kms_plugin::connect_unix(sock).await.map_err(|e| format!("connecting to the plugin: {e}"))
+    wait_for_socket(sock, Some(&mut plugin.p.child), Duration::from_secs(15)).map_err(|e| match e {
+        keygate_tests::SocketWaitError::Exited(status) => format!("the plugin exited ({status}): {}", plugin.log()),
+        e => format!("the plugin {e}"),
+    })?;
+    connect_unix(sock).await.map_err(|e| format!("connecting to the plugin: {e}"))
 }
 
 async fn wait_for_key_id(client: &mut Client, want: &str) -> Result<String, String> {
@@ -113,35 +106,32 @@ async fn wait_for_key_id(client: &mut Client, want: &str) -> Result<String, Stri
 }
 
 /// The tour's KMS section, on the key files in `keys_dir` (as `keygate fetch` wrote them).
-// Until demo.rs calls it (the lead wires it in), nothing else does.
-pub(crate) fn kms_tour(tour: &mut Tour, keys_dir: &Path) -> Result<(), CliError> {
+pub(super) fn kms_tour(tour: &mut Tour, keys_dir: &Path) -> Result<(), CliError> {
     tour.section("Kubernetes: kube-apiserver's KMS v2 plugin on the released key");
     let key = pick_key(keys_dir)?;
-    let dir = std::env::temp_dir().join(format!("keygate-demo-kms-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| CliError::io("creating the plugin's directory", e))?;
-    let log = std::fs::File::create(dir.join("plugin.log")).map_err(|e| CliError::io("creating the plugin log", e))?;
-    let keys = dir.join("keys");
-    let sock = dir.join("kms.sock");
+    let dir = TempDir::new("keygate-demo-kms").map_err(|e| CliError::io("creating the plugin's directory", e))?;
+    let keys = dir.path().join("keys");
+    let sock = dir.path().join("kms.sock");
     let exe = std::env::current_exe().map_err(|e| CliError::io("locating keygate", e))?;
-    let newest = match copy_keys(keys_dir, &keys, &key) {
-        Ok(v) => v,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(e);
-        }
-    };
-    let child = Command::new(exe)
-        .args(["kms-plugin", "--listen", &format!("unix:{}", sock.display()), "--cluster", CLUSTER, "--key-id", &key])
-        .arg("--keys")
-        .arg(&keys)
-        .args(["--rescan", "200ms"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(|e| CliError::io("starting keygate kms-plugin", e))?;
-    let mut plugin = Plugin { p: ProcessInDir { child, dir } };
+    let newest = copy_keys(keys_dir, &keys, &key)?;
+    let child = spawn_logged(
+        Command::new(exe)
+            .args([
+                "kms-plugin",
+                "--listen",
+                &format!("unix:{}", sock.display()),
+                "--cluster",
+                CLUSTER,
+                "--key-id",
+                &key,
+            ])
+            .arg("--keys")
+            .arg(&keys)
+            .args(["--rescan", "200ms"]),
+        &dir.path().join("plugin.log"),
+    )
+    .map_err(|e| CliError::io("starting keygate kms-plugin", e))?;
+    let mut plugin = Plugin { p: ProcessInDir { child, dir: dir.keep() } };
     let rt =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
     rt.block_on(async {

@@ -1,0 +1,25 @@
+//! `CliError`: how every `keygate` verb reports a failure — one line on stderr and an exit
+//! code (1 refused or verification failed, 2 bad input, 3 I/O). It decides only the exit code;
+//! the message is the verb's own.
+
+use std::fmt;
+
+/// A failure reported to the user as one line on stderr and a non-zero exit code.
+#[derive(Debug)]
+pub(crate) struct CliError {
+    /// Process exit code: 1 = refused / verification failed, 2 = bad input, 3 = I/O.
+    pub(crate) code: u8,
+    pub(crate) message: String,
+}
+
+impl CliError {
+    pub(crate) fn refused(message: impl fmt::Display) -> Self {
+        Self { code: 1, message: message.to_string() }
+    }
+    pub(crate) fn input(message: impl fmt::Display) -> Self {
+        Self { code: 2, message: message.to_string() }
+    }
+    pub(crate) fn io(context: impl fmt::Display, err: impl fmt::Display) -> Self {
+        Self { code: 3, message: format!("{context}: {err}") }
+    }
+}

@@ -1,0 +1,13 @@
+//! The parent's durable storage of what the KRE exports. `state`: the sealed-state store (a
+//! local directory, written so that a crash at any point leaves an intact generation; the
+//! format is the KRE's, docs/durability.md). The audit trail's disk format is
+//! `keygate_enclave::audit::store`, written by `cmd::audit`.
+//!
+//! `crash` (test-only) is the disk-with-a-crash-model the store is swept against, and
+//! `system_sweep` the whole-system sweep over it (a real KRE core, custodians, the store).
+
+#[cfg(test)]
+mod crash;
+pub(crate) mod state;
+#[cfg(test)]
+mod system_sweep;
