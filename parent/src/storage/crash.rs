@@ -170,6 +170,13 @@ fn eio() -> io::Error {
 }
 
 impl StateFs for SimFs {
+    /// One simulated process: nothing to exclude.
+    type Guard = ();
+
+    fn lock(&mut self, _wait: std::time::Duration) -> io::Result<()> {
+        Ok(())
+    }
+
     fn write_file(&mut self, name: &str, bytes: &[u8]) -> io::Result<()> {
         let fault = self.step()?;
         let i = self.inode(name);

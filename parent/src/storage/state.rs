@@ -11,7 +11,14 @@
 //! DIR/state.current    the newest generation
 //! DIR/state.previous   the generation before it (the fallback for a damaged current)
 //! DIR/state.tmp        a write in progress; never read
+//! DIR/state.lock       held (flock, exclusive) by whichever process stores or loads
 //! ```
+//!
+//! Two processes may work on one directory (a `state sync --follow` loop and a one-shot
+//! `state sync`, or a custodian's `unseal` beside them): each [`StateStore::store`] and
+//! [`StateStore::load`] holds an exclusive lock on `state.lock` for its whole run, waiting at
+//! most [`LOCK_WAIT`] for another, so one writer's `state.tmp` is never renamed by another
+//! and the generation checks see what the last writer left.
 //!
 //! [`StateStore::store`]: check the blob → write `state.tmp` → fsync it → rename
 //! `state.current` to `state.previous` (only if the current file is intact: a damaged one
@@ -32,6 +39,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use keygate_enclave::state::sealed::{self, SealedError, SealedHeader};
 
@@ -41,9 +49,17 @@ pub(crate) const CURRENT: &str = "state.current";
 pub(crate) const PREVIOUS: &str = "state.previous";
 /// A write in progress.
 pub(crate) const TEMP: &str = "state.tmp";
+/// The lock file: held exclusively for each store and load.
+pub(crate) const LOCK: &str = "state.lock";
+/// The longest a store or load waits for another process's to finish.
+pub(crate) const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 /// The file operations the store needs, each one step that a test can fail or crash.
 pub(crate) trait StateFs {
+    /// Held while one store or load runs; dropping it lets another process in.
+    type Guard;
+    /// Exclusive use of the directory against other processes, waiting at most `wait`.
+    fn lock(&mut self, wait: Duration) -> io::Result<Self::Guard>;
     /// Creates or truncates `name` (mode 0600) and writes all of `bytes`.
     fn write_file(&mut self, name: &str, bytes: &[u8]) -> io::Result<()>;
     /// fsync of `name`'s data and metadata.
@@ -71,6 +87,30 @@ impl DirFs {
 }
 
 impl StateFs for DirFs {
+    /// The open lock file: the kernel drops the flock when it closes.
+    type Guard = File;
+
+    fn lock(&mut self, wait: Duration) -> io::Result<File> {
+        let path = self.dir.join(LOCK);
+        let f = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(&path)?;
+        let deadline = Instant::now() + wait;
+        loop {
+            match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => return Ok(f),
+                Err(e) if e == rustix::io::Errno::WOULDBLOCK && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("another process has held {} for {} s", path.display(), wait.as_secs()),
+                    ))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     fn write_file(&mut self, name: &str, bytes: &[u8]) -> io::Result<()> {
         let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(self.dir.join(name))?;
         f.write_all(bytes)?;
@@ -145,6 +185,8 @@ impl fmt::Display for SlotProblem {
 /// The store step an I/O error happened in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Step {
+    /// Taking `state.lock` (another process stores or loads, or the directory is unusable).
+    Lock,
     /// Writing `state.tmp`.
     WriteTemp,
     /// fsync of `state.tmp`.
@@ -252,6 +294,7 @@ impl<F: StateFs> StateStore<F> {
     /// with the same bytes is a no-op (a retry); anything older is refused.
     pub(crate) fn store(&mut self, blob: &[u8]) -> Result<u64, StateStoreError> {
         let header = sealed::peek_header(blob).map_err(StateStoreError::InvalidBlob)?;
+        let _held = self.fs.lock(LOCK_WAIT).map_err(|source| StateStoreError::Io { step: Step::Lock, source })?;
         let generation = header.generation;
         let current = self.read_slot(Slot::Current);
         let previous = self.read_slot(Slot::Previous);
@@ -294,6 +337,7 @@ impl<F: StateFs> StateStore<F> {
     /// The newest intact stored generation, refusing anything older than `min_generation`.
     /// `Ok(None)` only when nothing was ever stored and `min_generation` is 0 (genesis).
     pub(crate) fn load(&mut self, min_generation: u64) -> Result<Option<Loaded>, StateStoreError> {
+        let _held = self.fs.lock(LOCK_WAIT).map_err(|source| StateStoreError::Io { step: Step::Lock, source })?;
         let current = self.read_slot(Slot::Current);
         let previous = self.read_slot(Slot::Previous);
         let (slot, (blob, header), other) = match (current, previous) {
@@ -514,5 +558,46 @@ mod tests {
         std::fs::write(dir.join(CURRENT), vec![0u8; sealed::MAX_BLOB + 10]).expect("big");
         let l = s.load(2).expect("load").expect("some");
         assert!(matches!(l.skipped[..], [(Slot::Current, SlotProblem::Damaged(SealedError::TooLarge { .. }))]));
+    }
+
+    /// Two processes' stores on one directory (a follow loop and a one-shot sync) take turns:
+    /// neither renames the other's `state.tmp`, each either commits or loses to a newer
+    /// generation, and the directory ends at the newest committed one.
+    #[test]
+    fn concurrent_stores_on_one_directory_take_turns() {
+        let tmp = keygate_tests::TempDir::new("keygate-state-race").expect("mkdir");
+        let dir = tmp.path().to_path_buf();
+        let writers: Vec<_> = (0..2u64)
+            .map(|w| {
+                let dir = dir.clone();
+                std::thread::spawn(move || {
+                    let mut s = StateStore::new(DirFs::new(dir));
+                    let mut committed = 0;
+                    for g in (1..=120u64).filter(|g| g % 2 == w) {
+                        match s.store(&blob(g)) {
+                            Ok(n) => committed = committed.max(n),
+                            Err(StateStoreError::StaleGeneration { .. }) => {}
+                            Err(e) => panic!("writer {w} generation {g}: {e}"),
+                        }
+                    }
+                    committed
+                })
+            })
+            .collect();
+        let newest = writers.into_iter().map(|t| t.join().expect("writer")).max().expect("two");
+        let l = StateStore::new(DirFs::new(&dir)).load(newest).expect("load").expect("some");
+        assert_eq!((l.slot, l.header.generation), (Slot::Current, newest));
+        assert!(!dir.join(TEMP).exists());
+    }
+
+    #[test]
+    fn a_held_lock_makes_the_other_wait_then_time_out() {
+        let tmp = keygate_tests::TempDir::new("keygate-state-lock").expect("mkdir");
+        let mut first = DirFs::new(tmp.path());
+        let held = first.lock(Duration::ZERO).expect("free");
+        let err = DirFs::new(tmp.path()).lock(Duration::from_millis(50)).expect_err("held elsewhere");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        drop(held);
+        DirFs::new(tmp.path()).lock(Duration::ZERO).expect("released with the file");
     }
 }
