@@ -231,6 +231,11 @@ fn store_custody(dir: &Path, shares: &[u8], genesis: &[u8]) -> Result<(), CliErr
     let bytes = encode_custody(shares, genesis)?;
     let digest = shares_set_digest(shares)?;
     let name = custody_file(&digest);
+    let mut fs = DirFs::new(dir);
+    // The state store's lock: another process's write of the same temp file waits its turn.
+    let _held = fs
+        .lock(crate::storage::state::LOCK_WAIT)
+        .map_err(|e| CliError::io(format!("locking {}", dir.join(crate::storage::state::LOCK).display()), e))?;
     if let Some((s, g)) = read_custody(dir, &digest)? {
         if s == shares && g == genesis {
             return Ok(());
@@ -240,7 +245,6 @@ fn store_custody(dir: &Path, shares: &[u8], genesis: &[u8]) -> Result<(), CliErr
             dir.join(&name).display()
         )));
     }
-    let mut fs = DirFs::new(dir);
     let io = |what: &str, e: std::io::Error| CliError::io(format!("{what} {}", dir.join(&name).display()), e);
     fs.write_file(CUSTODY_TMP, &bytes).map_err(|e| io("writing", e))?;
     fs.sync_file(CUSTODY_TMP).map_err(|e| io("syncing", e))?;
