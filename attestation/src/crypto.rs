@@ -322,6 +322,7 @@ pub fn default_backend() -> &'static dyn Crypto {
 
 /// Every backend compiled into this build (for tests and benchmarks).
 pub fn all_backends() -> Vec<&'static dyn Crypto> {
+    #[cfg_attr(not(feature = "aws-lc"), allow(unused_mut))]
     let mut v: Vec<&'static dyn Crypto> = vec![&RustCrypto];
     #[cfg(feature = "aws-lc")]
     v.push(&AwsLc);
