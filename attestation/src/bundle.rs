@@ -111,15 +111,15 @@ pub enum BundleError {
     /// Issued before the current bundle, or too far in the future.
     #[error("issued_at {issued_at} is outside [{min}, now + {ISSUE_SKEW_S} s]")]
     BadIssueTime { issued_at: u64, min: u64 },
+    /// A detached signature is for another body.
+    #[error("signature is for another proposal")]
+    SignatureForOtherBody,
     /// Not enough valid signatures from the approver set in force.
     #[error("{valid} valid approver signature(s), {threshold} required ({unknown} from unknown signers ignored, {duplicates} duplicate(s) counted once, {invalid} invalid)")]
     BelowThreshold { valid: usize, threshold: u32, unknown: usize, duplicates: usize, invalid: usize },
     /// The bundle changes the approver set or threshold but the new set's quorum did not sign.
     #[error("approver rotation not signed by a quorum of the new set ({valid} of {threshold})")]
     RotationNotConfirmed { valid: usize, threshold: u32 },
-    /// A detached signature is for another body.
-    #[error("signature is for another proposal")]
-    SignatureForOtherBody,
     /// A cluster's KEK version is lower than one an earlier bundle of the chain set (KEK
     /// versions only move forward, also across a removal and re-addition of the cluster).
     #[error("cluster `{cluster}`: KEK version {to} is lower than version {from} set by an earlier bundle")]

@@ -141,15 +141,15 @@ pub enum VerifyError {
     /// A certificate above the leaf is not a CA.
     #[error("{at}: is not a CA (basicConstraints cA missing or false)")]
     NotACa { at: CertAt },
+    /// The leaf certificate is a CA.
+    #[error("leaf certificate is a CA")]
+    LeafIsCa,
     /// A CA certificate lacks keyUsage keyCertSign.
     #[error("{at}: keyUsage lacks keyCertSign")]
     MissingKeyCertSign { at: CertAt },
     /// A CA's pathLenConstraint is exceeded by the CAs below it.
     #[error("{at}: pathLenConstraint {path_len} exceeded ({below} CAs below it)")]
     PathLenExceeded { at: CertAt, path_len: u32, below: usize },
-    /// The leaf certificate is a CA.
-    #[error("leaf certificate is a CA")]
-    LeafIsCa,
     /// A critical extension this verifier does not process.
     #[error("{at}: unhandled critical extension {oid}")]
     UnhandledCriticalExtension { at: CertAt, oid: String },

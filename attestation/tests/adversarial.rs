@@ -149,52 +149,34 @@ fn cases() -> Vec<Case> {
     });
 
     // ---- COSE envelope ----
-    v.push(case(
+    // The good payload signed under these protected and unprotected headers.
+    let envelope = |name, protected: &[u8], unprotected, expect| {
+        case(name, &fx, cose_parts(protected.to_vec(), V::Map(unprotected), payload.clone(), key, None), expect)
+    };
+    v.push(envelope(
         "alg ES256 in protected header",
-        &fx,
-        cose_parts(vec![0xa1, 0x01, 0x26], V::Map(vec![]), payload.clone(), key, None),
+        &[0xa1, 0x01, 0x26],
+        vec![],
         VerifyError::UnsupportedAlgorithm(-7),
     ));
-    v.push(case(
-        "extra field in protected header",
-        &fx,
-        cose_parts(vec![0xa2, 0x01, 0x38, 0x22, 0x04, 0x41, 0x00], V::Map(vec![]), payload.clone(), key, None),
-        VerifyError::ProtectedHeader("fields other than alg"),
-    ));
-    v.push(case(
+    // Protected headers other than exactly `{1: -35}`, and what the verifier says of each.
+    for (name, protected, reason) in [
+        ("extra field in protected header", &[0xa2, 0x01, 0x38, 0x22, 0x04, 0x41, 0x00][..], "fields other than alg"),
+        ("zero-length protected header", &[], "not well-formed CBOR"),
+        ("duplicate alg in protected header", &[0xa2, 0x01, 0x38, 0x22, 0x01, 0x38, 0x22], "duplicate alg"),
+    ] {
+        v.push(envelope(name, protected, vec![], VerifyError::ProtectedHeader(reason)));
+    }
+    v.push(envelope(
         "alg only in the unprotected header",
-        &fx,
-        cose_parts(
-            vec![0xa0],
-            V::Map(vec![(V::Integer(1.into()), V::Integer((-35).into()))]),
-            payload.clone(),
-            key,
-            None,
-        ),
+        &[0xa0],
+        vec![(V::Integer(1.into()), V::Integer((-35).into()))],
         VerifyError::ProtectedHeader("no alg"),
     ));
-    v.push(case(
-        "zero-length protected header",
-        &fx,
-        cose_parts(vec![], V::Map(vec![]), payload.clone(), key, None),
-        VerifyError::ProtectedHeader("not well-formed CBOR"),
-    ));
-    v.push(case(
-        "duplicate alg in protected header",
-        &fx,
-        cose_parts(vec![0xa2, 0x01, 0x38, 0x22, 0x01, 0x38, 0x22], V::Map(vec![]), payload.clone(), key, None),
-        VerifyError::ProtectedHeader("duplicate alg"),
-    ));
-    v.push(case(
+    v.push(envelope(
         "unprotected header carries a kid",
-        &fx,
-        cose_parts(
-            PROTECTED_ES384.to_vec(),
-            V::Map(vec![(V::Integer(4.into()), V::Bytes(vec![1]))]),
-            payload.clone(),
-            key,
-            None,
-        ),
+        &PROTECTED_ES384,
+        vec![(V::Integer(4.into()), V::Bytes(vec![1]))],
         VerifyError::UnprotectedHeaderNotEmpty,
     ));
     v.push(case(
@@ -414,35 +396,27 @@ fn cases() -> Vec<Case> {
     v.push(case(
         "cabundle missing the root",
         &fx,
-        fx.with_doc(|d| {
-            d.cabundle.remove(0);
-        }),
+        fx.with_doc(|d| _ = d.cabundle.remove(0)),
         VerifyError::RootMismatch { found: root_sha(&fx.chain.cabundle[1]) },
     ));
     v.push(case(
         "cabundle missing an intermediate",
         &fx,
-        fx.with_doc(|d| {
-            d.cabundle.remove(1);
-        }),
+        fx.with_doc(|d| _ = d.cabundle.remove(1)),
         VerifyError::IssuerMismatch { at: CertAt::Cabundle(1) },
     ));
-    v.push(case(
-        "chain too long",
-        &fx,
+    // The cabundle with `n` more copies of the instance CA certificate after it.
+    let with_instance_ca_repeated = |n| {
         fx.with_doc(|d| {
             let extra = d.cabundle[3].clone();
-            d.cabundle.extend(std::iter::repeat_n(extra, 5));
-        }),
-        VerifyError::ChainTooLong { len: 10, max: 8 },
-    ));
+            d.cabundle.extend(std::iter::repeat_n(extra, n));
+        })
+    };
+    v.push(case("chain too long", &fx, with_instance_ca_repeated(5), VerifyError::ChainTooLong { len: 10, max: 8 }));
     v.push(case(
         "a chain of exactly eight is not too long (it fails on a later check instead)",
         &fx,
-        fx.with_doc(|d| {
-            let extra = d.cabundle[3].clone();
-            d.cabundle.extend(std::iter::repeat_n(extra, 3));
-        }),
+        with_instance_ca_repeated(3),
         VerifyError::PathLenExceeded { at: CertAt::Cabundle(1), path_len: 2, below: 5 },
     ));
     v.push(case(
@@ -452,104 +426,70 @@ fn cases() -> Vec<Case> {
         VerifyError::CertificateParse { at: CertAt::Cabundle(2) },
     ));
 
-    let tweak = |level: usize, f: fn(&mut CertSpec)| {
-        move |l: usize, s: &mut CertSpec| {
-            if l == level {
-                f(s)
-            }
-        }
-    };
-    let ca_case = |name: &'static str, level: usize, f: fn(&mut CertSpec), expect: VerifyError| {
-        let fx = Fx::tweaked(&tweak(level, f), &|_| {});
-        let doc = fx.signed();
-        case(name, &fx, doc, expect)
-    };
+    let t = i64::try_from(T / 1000).expect("time");
+    // The good chain with CA certificate `level` (0 root … 3 instance) changed by `f`, refused
+    // with the error `expect` gives for that certificate.
+    let ca_case =
+        |name: &'static str, level: usize, f: &dyn Fn(&mut CertSpec), expect: &dyn Fn(CertAt) -> VerifyError| {
+            let fx = Fx::tweaked(
+                &|l, s| {
+                    if l == level {
+                        f(s)
+                    }
+                },
+                &|_| {},
+            );
+            let doc = fx.signed();
+            case(name, &fx, doc, expect(CertAt::Cabundle(level)))
+        };
     let leaf_case = |name: &'static str, f: fn(&mut CertSpec), expect: VerifyError| {
         let fx = Fx::tweaked(&|_, _| {}, &f);
         let doc = fx.signed();
         case(name, &fx, doc, expect)
     };
-    let t = i64::try_from(T / 1000).expect("time");
-    v.push(ca_case("zonal without CA flag", 2, |s| s.ca = None, VerifyError::NotACa { at: CertAt::Cabundle(2) }));
-    v.push(ca_case(
-        "regional without keyCertSign",
-        1,
-        |s| s.key_cert_sign = false,
-        VerifyError::MissingKeyCertSign { at: CertAt::Cabundle(1) },
-    ));
-    v.push(ca_case(
-        "regional pathLen 0 with two CAs below",
-        1,
-        |s| s.ca = Some(Some(0)),
-        VerifyError::PathLenExceeded { at: CertAt::Cabundle(1), path_len: 0, below: 2 },
-    ));
-    v.push(ca_case(
-        "instance signed with ecdsa-with-SHA256",
-        3,
-        |s| s.sig_alg = oid::ECDSA_SHA256,
-        VerifyError::UnsupportedSignatureAlgorithm { at: CertAt::Cabundle(3) },
-    ));
+    v.push(ca_case("zonal without CA flag", 2, &|s| s.ca = None, &|at| VerifyError::NotACa { at }));
+    v.push(ca_case("regional without keyCertSign", 1, &|s| s.key_cert_sign = false, &|at| {
+        VerifyError::MissingKeyCertSign { at }
+    }));
+    v.push(ca_case("regional pathLen 0 with two CAs below", 1, &|s| s.ca = Some(Some(0)), &|at| {
+        VerifyError::PathLenExceeded { at, path_len: 0, below: 2 }
+    }));
+    v.push(ca_case("instance signed with ecdsa-with-SHA256", 3, &|s| s.sig_alg = oid::ECDSA_SHA256, &|at| {
+        VerifyError::UnsupportedSignatureAlgorithm { at }
+    }));
     v.push(ca_case(
         "instance: outer algorithm SHA-256, tbsCertificate SHA-384 (inconsistent)",
         3,
-        |s| {
+        &|s| {
             s.sig_alg = oid::ECDSA_SHA256;
             s.tbs_sig_alg = Some(oid::ECDSA_SHA384);
         },
-        VerifyError::UnsupportedSignatureAlgorithm { at: CertAt::Cabundle(3) },
+        &|at| VerifyError::UnsupportedSignatureAlgorithm { at },
     ));
     v.push(ca_case(
         "regional: outer algorithm SHA-384, tbsCertificate SHA-256 (inconsistent)",
         1,
-        |s| s.tbs_sig_alg = Some(oid::ECDSA_SHA256),
-        VerifyError::UnsupportedSignatureAlgorithm { at: CertAt::Cabundle(1) },
+        &|s| s.tbs_sig_alg = Some(oid::ECDSA_SHA256),
+        &|at| VerifyError::UnsupportedSignatureAlgorithm { at },
     ));
-    v.push(ca_case(
-        "zonal key on the wrong curve",
-        2,
-        |s| s.curve = oid::PRIME256V1,
-        VerifyError::UnsupportedPublicKey { at: CertAt::Cabundle(2) },
-    ));
-    v.push(ca_case(
-        "unknown critical extension",
-        1,
-        |s| s.unknown_critical_extension = true,
-        VerifyError::UnhandledCriticalExtension { at: CertAt::Cabundle(1), oid: "1.3.6.1.4.1.55555.1".into() },
-    ));
+    v.push(ca_case("zonal key on the wrong curve", 2, &|s| s.curve = oid::PRIME256V1, &|at| {
+        VerifyError::UnsupportedPublicKey { at }
+    }));
+    v.push(ca_case("unknown critical extension", 1, &|s| s.unknown_critical_extension = true, &|at| {
+        VerifyError::UnhandledCriticalExtension { at, oid: "1.3.6.1.4.1.55555.1".into() }
+    }));
+    // Each CA certificate in turn expired, then not yet valid.
+    let expired = ["expired root", "expired regional", "expired zonal", "expired instance"];
+    let future = ["future root", "future regional", "future zonal", "future instance"];
+    let expire = |s: &mut CertSpec| {
+        s.not_after = t - 10;
+        s.not_before = s.not_before.min(t - 100);
+    };
+    let expired_at = |at| VerifyError::CertificateExpired { at, not_after: t - 10, time: t };
+    let future_at = |at| VerifyError::CertificateNotYetValid { at, not_before: t + 10, time: t };
     for level in 0..4 {
-        let names = ["expired root", "expired regional", "expired zonal", "expired instance"];
-        let fx = Fx::tweaked(
-            &move |l, s| {
-                if l == level {
-                    s.not_after = t - 10;
-                    s.not_before = s.not_before.min(t - 100);
-                }
-            },
-            &|_| {},
-        );
-        let doc = fx.signed();
-        v.push(case(
-            names[level],
-            &fx,
-            doc,
-            VerifyError::CertificateExpired { at: CertAt::Cabundle(level), not_after: t - 10, time: t },
-        ));
-        let names = ["future root", "future regional", "future zonal", "future instance"];
-        let fx = Fx::tweaked(
-            &move |l, s| {
-                if l == level {
-                    s.not_before = t + 10;
-                }
-            },
-            &|_| {},
-        );
-        let doc = fx.signed();
-        v.push(case(
-            names[level],
-            &fx,
-            doc,
-            VerifyError::CertificateNotYetValid { at: CertAt::Cabundle(level), not_before: t + 10, time: t },
-        ));
+        v.push(ca_case(expired[level], level, &expire, &expired_at));
+        v.push(ca_case(future[level], level, &|s| s.not_before = t + 10, &future_at));
     }
     v.push(leaf_case("expired leaf", |s| s.not_after = s.not_before + 1, {
         let nb = t - 3;

@@ -172,37 +172,16 @@ fn adversarial_table() {
     let bad_rule = |name: &'static str, rule: ImageRule, error: policy::PolicyError| {
         (name, g.clone(), bundle_bytes(&next(gd, vec![rule]), &[1, 2]), BundleError::Policy(error))
     };
+    // A bundle refused below the threshold of 2 with this tally: [valid, unknown, duplicates, invalid].
+    let below = |name: &'static str, bytes: Vec<u8>, [valid, unknown, duplicates, invalid]: [usize; 4]| {
+        (name, g.clone(), bytes, BundleError::BelowThreshold { valid, threshold: 2, unknown, duplicates, invalid })
+    };
     let cases: Vec<(&str, PolicyState, Vec<u8>, BundleError)> = vec![
-        (
-            "one signature below the threshold of 2",
-            g.clone(),
-            bundle_bytes(&good, &[1]),
-            BundleError::BelowThreshold { valid: 1, threshold: 2, unknown: 0, duplicates: 0, invalid: 0 },
-        ),
-        (
-            "duplicate signer counts once",
-            g.clone(),
-            dup_bytes,
-            BundleError::BelowThreshold { valid: 1, threshold: 2, unknown: 0, duplicates: 1, invalid: 0 },
-        ),
-        (
-            "unknown signers are ignored",
-            g.clone(),
-            bundle_bytes(&good, &[1, 7, 8]),
-            BundleError::BelowThreshold { valid: 1, threshold: 2, unknown: 2, duplicates: 0, invalid: 0 },
-        ),
-        (
-            "an invalid signature does not count",
-            g.clone(),
-            bad_sig_bytes,
-            BundleError::BelowThreshold { valid: 1, threshold: 2, unknown: 0, duplicates: 0, invalid: 1 },
-        ),
-        (
-            "no signatures",
-            g.clone(),
-            bundle_bytes(&good, &[]),
-            BundleError::BelowThreshold { valid: 0, threshold: 2, unknown: 0, duplicates: 0, invalid: 0 },
-        ),
+        below("one signature below the threshold of 2", bundle_bytes(&good, &[1]), [1, 0, 0, 0]),
+        below("duplicate signer counts once", dup_bytes, [1, 0, 1, 0]),
+        below("unknown signers are ignored", bundle_bytes(&good, &[1, 7, 8]), [1, 2, 0, 0]),
+        below("an invalid signature does not count", bad_sig_bytes, [1, 0, 0, 1]),
+        below("no signatures", bundle_bytes(&good, &[]), [0, 0, 0, 0]),
         (
             "rollback to genesis",
             applied.clone(),
@@ -223,12 +202,7 @@ fn adversarial_table() {
             BundleError::VersionGap { expected: 2, found: 3 },
         ),
         ("wrong previous digest", g.clone(), bundle_bytes(&next(gd2, vec![]), &[1, 2]), BundleError::WrongPrevious),
-        (
-            "approver rotation signed only by the new set",
-            g.clone(),
-            bundle_bytes(&rotation, &[7, 8, 9]),
-            BundleError::BelowThreshold { valid: 0, threshold: 2, unknown: 3, duplicates: 0, invalid: 0 },
-        ),
+        below("approver rotation signed only by the new set", bundle_bytes(&rotation, &[7, 8, 9]), [0, 3, 0, 0]),
         (
             "approver rotation not confirmed by the new set",
             g.clone(),

@@ -185,10 +185,11 @@ pub enum EifError {
 
     // ----- signature section -----
     /// The signature section is not a CBOR array of PCR signatures.
-    #[error("invalid signature section: {reason}")]
+    #[error("invalid signature section: {source}")]
     InvalidSignatureSection {
         /// What is wrong.
-        reason: String,
+        #[source]
+        source: CborError,
     },
     /// The signature section holds no PCR signature.
     #[error("signature section holds no PCR signature")]
@@ -211,10 +212,11 @@ pub enum EifError {
     #[error("COSE algorithm is not ES384 (-35)")]
     UnsupportedCoseAlgorithm,
     /// The signed payload is not a CBOR `{register_index, register_value}` map.
-    #[error("invalid signed PCR payload: {reason}")]
+    #[error("invalid signed PCR payload: {source}")]
     InvalidPcrPayload {
         /// What is wrong.
-        reason: String,
+        #[source]
+        source: CborError,
     },
 
     // ----- certificates and keys -----
@@ -222,7 +224,7 @@ pub enum EifError {
     #[error("no PEM certificate found: {reason}")]
     CertificatePem {
         /// What is wrong.
-        reason: String,
+        reason: &'static str,
     },
     /// The certificate is not valid X.509 DER.
     #[error("invalid X.509 certificate: {reason}")]
@@ -317,6 +319,21 @@ pub enum EifError {
         /// Which limit.
         reason: &'static str,
     },
+}
+
+/// Why CBOR in the signature section could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CborError {
+    /// A value could not be encoded.
+    #[error("CBOR encoding failed: {0}")]
+    Encode(#[source] ciborium::ser::Error<std::io::Error>),
+    /// The bytes are not one well-formed CBOR item of the expected shape.
+    #[error(transparent)]
+    Decode(#[from] ciborium::de::Error<std::io::Error>),
+    /// Bytes follow the one CBOR item.
+    #[error("{0} trailing bytes after the CBOR item")]
+    TrailingBytes(usize),
 }
 
 impl EifError {

@@ -28,7 +28,7 @@ mod signature;
 use std::path::Path;
 
 pub use builder::{BuildOutput, EifBuilder, Input, MAX_RAMDISKS};
-pub use error::EifError;
+pub use error::{CborError, EifError};
 pub use format::{
     Arch, SectionKind, DEFAULT_CPUS, DEFAULT_MEM, EIF_MAGIC, EIF_VERSION, FLAG_ARCH_ARM64, HEADER_LEN, MAX_SECTIONS,
     SECTION_HEADER_LEN,

@@ -21,7 +21,7 @@ use std::fmt;
 use x509_parser::oid_registry::{OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384};
 use zeroize::Zeroize;
 
-use crate::error::EifError;
+use crate::error::{CborError, EifError};
 use crate::pcr::{pcr8_from_certificate_der, PCR_LEN};
 use crate::Measurements;
 
@@ -69,7 +69,7 @@ impl SigningCertificate {
     /// certificate (as `openssl::X509::from_pem`, which AWS's tools use, requires).
     pub fn from_pem(pem: Vec<u8>) -> Result<Self, EifError> {
         let der = first_pem_block(&pem, &["CERTIFICATE", "X509 CERTIFICATE"])
-            .map_err(|reason| EifError::CertificatePem { reason: reason.to_owned() })?;
+            .map_err(|reason| EifError::CertificatePem { reason })?;
         let (rest, cert) = x509_parser::parse_x509_certificate(&der)
             .map_err(|e| EifError::CertificateDer { reason: e.to_string() })?;
         if !rest.is_empty() {
@@ -283,7 +283,7 @@ impl PcrSignature {
 /// Parse a signature section (already bounded in size by the reader).
 pub(crate) fn parse_signature_section(bytes: &[u8]) -> Result<Vec<PcrSignature>, EifError> {
     let entries: Vec<PcrSignatureWire> =
-        from_cbor_exact(bytes).map_err(|reason| EifError::InvalidSignatureSection { reason })?;
+        from_cbor_exact(bytes).map_err(|source| EifError::InvalidSignatureSection { source })?;
     if entries.is_empty() {
         return Err(EifError::EmptySignatureSection);
     }
@@ -349,7 +349,7 @@ fn parse_cose_sign1(certificate: SigningCertificate, bytes: &[u8]) -> Result<Pcr
         return Err(malformed("signature is not 96 bytes"));
     }
     let signature = Signature::from_slice(&signature).map_err(|_| malformed("signature scalars out of range"))?;
-    let info: PcrInfoWire = from_cbor_exact(&payload).map_err(|reason| EifError::InvalidPcrPayload { reason })?;
+    let info: PcrInfoWire = from_cbor_exact(&payload).map_err(|source| EifError::InvalidPcrPayload { source })?;
     Ok(PcrSignature {
         certificate,
         protected,
@@ -373,16 +373,16 @@ fn sig_structure(protected: &[u8], payload: &[u8]) -> Result<Vec<u8>, EifError> 
 fn to_cbor<T: Serialize>(value: &T) -> Result<Vec<u8>, EifError> {
     let mut out = Vec::new();
     ciborium::into_writer(value, &mut out)
-        .map_err(|e| EifError::InvalidSignatureSection { reason: format!("CBOR encoding failed: {e}") })?;
+        .map_err(|e| EifError::InvalidSignatureSection { source: CborError::Encode(e) })?;
     Ok(out)
 }
 
 /// Decode exactly one CBOR item that fills `bytes`.
-fn from_cbor_exact<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+fn from_cbor_exact<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, CborError> {
     let mut rest = bytes;
-    let value = ciborium::from_reader(&mut rest).map_err(|e| e.to_string())?;
+    let value = ciborium::from_reader(&mut rest)?;
     if !rest.is_empty() {
-        return Err(format!("{} trailing bytes after the CBOR item", rest.len()));
+        return Err(CborError::TrailingBytes(rest.len()));
     }
     Ok(value)
 }
@@ -475,10 +475,15 @@ pub(crate) mod tests {
     #[test]
     fn malformed_sections_get_their_own_errors() {
         assert!(matches!(parse_signature_section(&[0x80]), Err(EifError::EmptySignatureSection)));
-        assert!(matches!(parse_signature_section(&[0xff]), Err(EifError::InvalidSignatureSection { .. })));
+        assert!(matches!(
+            parse_signature_section(&[0xff]),
+            Err(EifError::InvalidSignatureSection { source: CborError::Decode(_) })
+        ));
         let mut good = signer().signature_section(&[7u8; 48]).expect("sign");
         good.push(0);
-        assert!(matches!(parse_signature_section(&good), Err(EifError::InvalidSignatureSection { .. })));
+        let trailing = parse_signature_section(&good).expect_err("trailing byte");
+        assert_eq!(trailing.to_string(), "invalid signature section: 1 trailing bytes after the CBOR item");
+        assert!(matches!(trailing, EifError::InvalidSignatureSection { source: CborError::TrailingBytes(1) }));
         let cert = SigningCertificate::from_pem(CERT.to_vec()).expect("cert");
         assert!(matches!(
             parse_cose_sign1(cert.clone(), &[0x83, 0x40, 0xa0, 0x40]),
