@@ -42,6 +42,7 @@ pub mod files;
 mod history;
 mod log;
 mod receipt;
+mod signed;
 mod signer;
 pub mod store;
 mod trail;

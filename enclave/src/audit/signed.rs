@@ -1,0 +1,148 @@
+//! The shape every record the audit key signs shares (checkpoints, receipts, durability
+//! receipts): a body — the version byte, then fixed-size fields, the chain id first — signed
+//! under the record's domain label, followed by the [`Seal`]: the audit key and its signature.
+//!
+//! What this module decides: how a body is written and read (fields in declaration order, see
+//! [`signed_body!`]), the exact message the key signs (`DOMAIN ‖ version ‖ fields`), and the
+//! one check of a seal (the chain id is derived from the key, then the key signed the body).
+//! What it trusts: the crypto backend it is given. Whether the key is attested to a KRE image
+//! is the trail's question (`trail.rs`).
+
+use keygate_attestation::crypto::{Crypto, P384_POINT_LEN, P384_SIG_LEN};
+
+use super::codec::{record, DecodeError, Reader, Writer};
+use super::FORMAT_VERSION;
+use crate::binding::chain_id_of;
+
+/// A fixed-size field of a signed body: a big-endian `u64`, or 48 bytes (a chain id or digest).
+pub(super) trait Field: Sized {
+    /// Appends the field.
+    fn put(&self, w: &mut Writer);
+    /// Reads the field named `field`.
+    fn get(r: &mut Reader<'_>, field: &'static str) -> Result<Self, DecodeError>;
+}
+
+impl Field for u64 {
+    fn put(&self, w: &mut Writer) {
+        w.u64(*self);
+    }
+    fn get(r: &mut Reader<'_>, field: &'static str) -> Result<Self, DecodeError> {
+        Ok(r.u64(field)?)
+    }
+}
+
+impl Field for [u8; 48] {
+    fn put(&self, w: &mut Writer) {
+        w.bytes(self);
+    }
+    fn get(r: &mut Reader<'_>, field: &'static str) -> Result<Self, DecodeError> {
+        Ok(r.array(field)?)
+    }
+}
+
+/// The fields a record signs, after its version byte. Declared with [`signed_body!`].
+pub(super) trait Body: Sized {
+    /// The domain label of the signature (from [`crate::binding`]).
+    const DOMAIN: &'static [u8];
+    /// The chain (KRE run) the record belongs to: the first field.
+    fn chain_id(&self) -> &[u8; 48];
+    /// Appends the fields, in order.
+    fn write_fields(&self, w: &mut Writer);
+    /// Reads the fields, in order.
+    fn read_fields(r: &mut Reader<'_>) -> Result<Self, DecodeError>;
+
+    /// `version ‖ fields`: the body as the record's encoding starts with it.
+    fn encode(&self, w: &mut Writer) {
+        w.u8(FORMAT_VERSION);
+        self.write_fields(w);
+    }
+
+    /// `DOMAIN ‖ version ‖ fields`: what the audit key signs.
+    fn message(&self) -> Vec<u8> {
+        let mut w = Writer::from_vec(Self::DOMAIN.to_vec());
+        self.encode(&mut w);
+        w.into_bytes()
+    }
+}
+
+/// Declares a signed body: a struct of [`Field`]s (the first named `chain_id`), written and read
+/// in declaration order, each read naming its field, signed under `$domain`.
+macro_rules! signed_body {
+    ($(#[$meta:meta])* $name:ident under $domain:expr => { $($field:ident: $ty:ty),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, PartialEq, Eq)]
+        pub(super) struct $name {
+            $(pub(super) $field: $ty,)+
+        }
+
+        impl $crate::audit::signed::Body for $name {
+            const DOMAIN: &'static [u8] = $domain;
+            fn chain_id(&self) -> &[u8; 48] {
+                &self.chain_id
+            }
+            fn write_fields(&self, w: &mut $crate::codec::Writer) {
+                $($crate::audit::signed::Field::put(&self.$field, w);)+
+            }
+            fn read_fields(
+                r: &mut $crate::codec::Reader<'_>,
+            ) -> Result<Self, $crate::audit::DecodeError> {
+                Ok(Self { $($field: $crate::audit::signed::Field::get(r, stringify!($field))?,)+ })
+            }
+        }
+    };
+}
+pub(super) use signed_body;
+
+/// The audit key and its signature over a body.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) struct Seal {
+    /// The audit key (uncompressed SEC1; checked by each record's constructor).
+    pub(super) public_key: [u8; P384_POINT_LEN],
+    /// The raw `r ‖ s` signature.
+    pub(super) signature: [u8; P384_SIG_LEN],
+}
+
+/// The two ways a seal fails, as a record's own error type names them.
+pub(super) trait SealFailure {
+    /// The record's chain id is not derived from its key.
+    const CHAIN_ID_MISMATCH: Self;
+    /// The signature does not verify under the record's key.
+    const SIGNATURE_INVALID: Self;
+}
+
+impl Seal {
+    /// Whether the key signed `body` (not whether the key belongs to the body's chain).
+    pub(super) fn signs(&self, body: &impl Body, crypto: &dyn Crypto) -> bool {
+        crypto.verify_p384_sha384_fixed(&self.public_key, &body.message(), &self.signature).is_ok()
+    }
+
+    /// The body's chain id is derived from the key, and the key signed the body.
+    pub(super) fn check<E: SealFailure>(&self, body: &impl Body, crypto: &dyn Crypto) -> Result<(), E> {
+        if chain_id_of(&self.public_key) != *body.chain_id() {
+            return Err(E::CHAIN_ID_MISMATCH);
+        }
+        if !self.signs(body, crypto) {
+            return Err(E::SIGNATURE_INVALID);
+        }
+        Ok(())
+    }
+}
+
+/// `version ‖ fields ‖ public_key ‖ signature`: how every signed record's encoding starts
+/// (a record may append more, e.g. its binding document).
+pub(super) fn write_signed(body: &impl Body, seal: &Seal) -> Writer {
+    let mut w = Writer::default();
+    body.encode(&mut w);
+    w.bytes(&seal.public_key);
+    w.bytes(&seal.signature);
+    w
+}
+
+/// Reads what [`write_signed`] writes from a record of at most `max` bytes (version 1), and
+/// returns the reader for what follows. The record's constructor checks the values.
+pub(super) fn read_signed<B: Body>(bytes: &[u8], max: usize) -> Result<(B, Seal, Reader<'_>), DecodeError> {
+    let mut r = record(bytes, max)?;
+    let body = B::read_fields(&mut r)?;
+    let seal = Seal { public_key: r.array("public_key")?, signature: r.array("signature")? };
+    Ok((body, seal, r))
+}
