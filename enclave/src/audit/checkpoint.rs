@@ -11,8 +11,8 @@ use std::fmt;
 
 use keygate_attestation::crypto::{Crypto, P384_POINT_LEN, P384_SIG_LEN};
 
-use super::codec::{check_point, check_seq, short, DecodeError};
-use super::signed::{read_signed, signed_body, write_signed, Seal};
+use super::codec::{check_point, check_seq, DecodeError};
+use super::signed::{read_signed, signed_body, write_signed, Body, Seal};
 use super::{MAX_BINDING_DOCUMENT, MAX_CHECKPOINT_LEN};
 
 pub use crate::binding::{chain_id_of, CHECKPOINT_DOMAIN};
@@ -27,7 +27,7 @@ pub fn binding_user_data(point: &[u8]) -> [u8; 48] {
 signed_body! {
     /// What a checkpoint signs: the chain had `seq` entries, the last with digest `head`, at
     /// `time_ms`.
-    CheckpointBody under CHECKPOINT_DOMAIN => { chain_id: [u8; 48], seq: u64, head: [u8; 48], time_ms: u64 }
+    CheckpointBody under CHECKPOINT_DOMAIN => { seq: u64, head: [u8; 48], time_ms: u64 }
 }
 
 /// A signed checkpoint: the chain `chain_id` had `seq` entries, the last with digest `head`,
@@ -43,13 +43,7 @@ pub struct Checkpoint {
 
 impl fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Checkpoint")
-            .field("chain_id", &short(&self.body.chain_id))
-            .field("seq", &self.body.seq)
-            .field("head", &hex::encode(self.body.head))
-            .field("time_ms", &self.body.time_ms)
-            .field("binding_document", &self.binding_document.len())
-            .finish_non_exhaustive()
+        self.body.debug(f, "Checkpoint", Some(("binding_document", self.binding_document.len())))
     }
 }
 

@@ -24,8 +24,8 @@ use keygate_attestation::crypto::{P384_POINT_LEN, P384_SIG_LEN};
 use keygate_attestation::pcr::{self, PcrMismatch};
 use keygate_attestation::{PcrExpectation, VerifiedAttestation, Verifier};
 
-use super::codec::{check_point, short, DecodeError};
-use super::signed::{read_signed, signed_body, write_signed, Seal, SealFailure};
+use super::codec::{check_point, DecodeError};
+use super::signed::{read_signed, signed_body, write_signed, Body, Seal, SealFailure};
 use super::trail::{attested_key, NotAttested, TrailOptions};
 use super::MAX_CHECKPOINT_LEN;
 
@@ -74,7 +74,7 @@ signed_body! {
     /// What a durability receipt signs: the sealed state committed as `generation` carries a
     /// policy head at or after bundle `(policy_version, policy_digest)`; signed at `time_ms`.
     PolicyBody under POLICY_RECEIPT_DOMAIN => {
-        chain_id: [u8; 48], generation: u64, policy_version: u64, policy_digest: [u8; 48], time_ms: u64
+        generation: u64, policy_version: u64, policy_digest: [u8; 48], time_ms: u64
     }
 }
 
@@ -89,13 +89,7 @@ pub struct PolicyReceipt {
 
 impl fmt::Debug for PolicyReceipt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PolicyReceipt")
-            .field("chain_id", &short(&self.body.chain_id))
-            .field("generation", &self.body.generation)
-            .field("policy_version", &self.body.policy_version)
-            .field("policy_digest", &short(&self.body.policy_digest))
-            .field("time_ms", &self.body.time_ms)
-            .finish_non_exhaustive()
+        self.body.debug(f, "PolicyReceipt", None)
     }
 }
 

@@ -30,7 +30,7 @@ use keygate_attestation::crypto::{Crypto, P384_POINT_LEN, P384_SIG_LEN};
 
 use super::codec::{check_point, check_seq, short, DecodeError};
 use super::event::{AuditEntry, AuditEvent};
-use super::signed::{read_signed, signed_body, write_signed, Seal, SealFailure};
+use super::signed::{read_signed, signed_body, write_signed, Body, Seal, SealFailure};
 use super::trail::TrailSummary;
 
 /// Domain label of the receipt signature.
@@ -109,7 +109,7 @@ signed_body! {
     /// What a receipt signs: entry `seq` of the chain, with its digest, the release to the
     /// client document whose SHA-384 is `document_sha384`.
     ReceiptBody under RECEIPT_DOMAIN => {
-        chain_id: [u8; 48], seq: u64, entry_digest: [u8; 48], document_sha384: [u8; 48]
+        seq: u64, entry_digest: [u8; 48], document_sha384: [u8; 48]
     }
 }
 
@@ -123,12 +123,7 @@ pub struct Receipt {
 
 impl fmt::Debug for Receipt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Receipt")
-            .field("chain_id", &short(&self.body.chain_id))
-            .field("seq", &self.body.seq)
-            .field("entry_digest", &hex::encode(self.body.entry_digest))
-            .field("document_sha384", &hex::encode(self.body.document_sha384))
-            .finish_non_exhaustive()
+        self.body.debug(f, "Receipt", None)
     }
 }
 

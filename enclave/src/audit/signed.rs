@@ -8,6 +8,8 @@
 //! What it trusts: the crypto backend it is given. Whether the key is attested to a KRE image
 //! is the trail's question (`trail.rs`).
 
+use std::fmt;
+
 use keygate_attestation::crypto::{Crypto, P384_POINT_LEN, P384_SIG_LEN};
 
 use super::codec::{record, DecodeError, Reader, Writer};
@@ -20,6 +22,8 @@ pub(super) trait Field: Sized {
     fn put(&self, w: &mut Writer);
     /// Reads the field named `field`.
     fn get(r: &mut Reader<'_>, field: &'static str) -> Result<Self, DecodeError>;
+    /// Adds the field to a `Debug` output.
+    fn show(&self, d: &mut fmt::DebugStruct<'_, '_>, name: &str);
 }
 
 impl Field for u64 {
@@ -29,6 +33,9 @@ impl Field for u64 {
     fn get(r: &mut Reader<'_>, field: &'static str) -> Result<Self, DecodeError> {
         Ok(r.u64(field)?)
     }
+    fn show(&self, d: &mut fmt::DebugStruct<'_, '_>, name: &str) {
+        d.field(name, self);
+    }
 }
 
 impl Field for [u8; 48] {
@@ -37,6 +44,9 @@ impl Field for [u8; 48] {
     }
     fn get(r: &mut Reader<'_>, field: &'static str) -> Result<Self, DecodeError> {
         Ok(r.array(field)?)
+    }
+    fn show(&self, d: &mut fmt::DebugStruct<'_, '_>, name: &str) {
+        d.field(name, &hex::encode(self));
     }
 }
 
@@ -50,6 +60,8 @@ pub(super) trait Body: Sized {
     fn write_fields(&self, w: &mut Writer);
     /// Reads the fields, in order.
     fn read_fields(r: &mut Reader<'_>) -> Result<Self, DecodeError>;
+    /// Adds the fields to a `Debug` output.
+    fn show_fields(&self, d: &mut fmt::DebugStruct<'_, '_>);
 
     /// `version ‖ fields`: the body as the record's encoding starts with it.
     fn encode(&self, w: &mut Writer) {
@@ -63,15 +75,28 @@ pub(super) trait Body: Sized {
         self.encode(&mut w);
         w.into_bytes()
     }
+
+    /// `name { chain_id: …, fields…, <extra>, .. }`: a record's `Debug`, which never shows its key
+    /// or signature.
+    fn debug(&self, f: &mut fmt::Formatter<'_>, name: &str, extra: Option<(&str, usize)>) -> fmt::Result {
+        let mut d = f.debug_struct(name);
+        self.show_fields(&mut d);
+        if let Some((field, value)) = extra {
+            d.field(field, &value);
+        }
+        d.finish_non_exhaustive()
+    }
 }
 
-/// Declares a signed body: a struct of [`Field`]s (the first named `chain_id`), written and read
-/// in declaration order, each read naming its field, signed under `$domain`.
+/// Declares a signed body: a struct of the chain id and then the given [`Field`]s, written and
+/// read in that order (each read naming its field), signed under `$domain`. Its `Debug` shows
+/// the chain id short and every other field (digests in hex).
 macro_rules! signed_body {
     ($(#[$meta:meta])* $name:ident under $domain:expr => { $($field:ident: $ty:ty),+ $(,)? }) => {
         $(#[$meta])*
         #[derive(Clone, Copy, PartialEq, Eq)]
         pub(super) struct $name {
+            pub(super) chain_id: [u8; 48],
             $(pub(super) $field: $ty,)+
         }
 
@@ -81,12 +106,18 @@ macro_rules! signed_body {
                 &self.chain_id
             }
             fn write_fields(&self, w: &mut $crate::codec::Writer) {
+                w.bytes(&self.chain_id);
                 $($crate::audit::signed::Field::put(&self.$field, w);)+
             }
-            fn read_fields(
-                r: &mut $crate::codec::Reader<'_>,
-            ) -> Result<Self, $crate::audit::DecodeError> {
-                Ok(Self { $($field: $crate::audit::signed::Field::get(r, stringify!($field))?,)+ })
+            fn read_fields(r: &mut $crate::codec::Reader<'_>) -> Result<Self, $crate::audit::DecodeError> {
+                Ok(Self {
+                    chain_id: r.array("chain_id")?,
+                    $($field: $crate::audit::signed::Field::get(r, stringify!($field))?,)+
+                })
+            }
+            fn show_fields(&self, d: &mut ::std::fmt::DebugStruct<'_, '_>) {
+                d.field("chain_id", &$crate::audit::codec::short(&self.chain_id));
+                $($crate::audit::signed::Field::show(&self.$field, d, stringify!($field));)+
             }
         }
     };
