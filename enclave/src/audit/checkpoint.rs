@@ -43,7 +43,7 @@ pub struct Checkpoint {
 
 impl fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.body.debug(f, "Checkpoint", Some(("binding_document", self.binding_document.len())))
+        self.body.debug(f, "Checkpoint").field("binding_document", &self.binding_document.len()).finish_non_exhaustive()
     }
 }
 

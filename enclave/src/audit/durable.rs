@@ -89,7 +89,7 @@ pub struct PolicyReceipt {
 
 impl fmt::Debug for PolicyReceipt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.body.debug(f, "PolicyReceipt", None)
+        self.body.debug(f, "PolicyReceipt").finish_non_exhaustive()
     }
 }
 
@@ -107,7 +107,7 @@ pub struct DurablePolicy {
 }
 
 impl PolicyReceipt {
-    /// Checks a receipt's structure (the signer's, an assembled or a decoded one).
+    /// Checks a receipt's structure (the signer's or a decoded one).
     pub(super) fn new(body: PolicyBody, seal: Seal, binding: Vec<u8>) -> Result<Self, DecodeError> {
         check_point(&seal.public_key)?;
         if binding.is_empty() {
@@ -118,22 +118,6 @@ impl PolicyReceipt {
             return Err(DecodeError::TooLarge { len, max: MAX_POLICY_RECEIPT_LEN });
         }
         Ok(Self { body, seal, binding })
-    }
-
-    /// A receipt from its parts (the signer uses it; tests use it to forge).
-    #[allow(clippy::too_many_arguments)] // the receipt's fields, each distinct
-    pub fn assemble(
-        chain_id: [u8; 48],
-        generation: u64,
-        policy_version: u64,
-        policy_digest: [u8; 48],
-        time_ms: u64,
-        public_key: [u8; P384_POINT_LEN],
-        signature: [u8; P384_SIG_LEN],
-        binding: Vec<u8>,
-    ) -> Result<Self, DecodeError> {
-        let body = PolicyBody { chain_id, generation, policy_version, policy_digest, time_ms };
-        Self::new(body, Seal { public_key, signature }, binding)
     }
 
     /// Strictly decodes a receipt: at most [`MAX_POLICY_RECEIPT_LEN`] bytes, version 1, an

@@ -123,7 +123,7 @@ pub struct Receipt {
 
 impl fmt::Debug for Receipt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.body.debug(f, "Receipt", None)
+        self.body.debug(f, "Receipt").finish_non_exhaustive()
     }
 }
 

@@ -3,7 +3,7 @@
 //! under the record's domain label, followed by the [`Seal`]: the audit key and its signature.
 //!
 //! What this module decides: how a body is written and read (fields in declaration order, see
-//! [`signed_body!`]), the exact message the key signs (`DOMAIN ‖ version ‖ fields`), and the
+//! `signed_body!`), the exact message the key signs (`DOMAIN ‖ version ‖ fields`), and the
 //! one check of a seal (the chain id is derived from the key, then the key signed the body).
 //! What it trusts: the crypto backend it is given. Whether the key is attested to a KRE image
 //! is the trail's question (`trail.rs`).
@@ -50,7 +50,7 @@ impl Field for [u8; 48] {
     }
 }
 
-/// The fields a record signs, after its version byte. Declared with [`signed_body!`].
+/// The fields a record signs, after its version byte. Declared with `signed_body!`.
 pub(super) trait Body: Sized {
     /// The domain label of the signature (from [`crate::binding`]).
     const DOMAIN: &'static [u8];
@@ -76,15 +76,12 @@ pub(super) trait Body: Sized {
         w.into_bytes()
     }
 
-    /// `name { chain_id: …, fields…, <extra>, .. }`: a record's `Debug`, which never shows its key
-    /// or signature.
-    fn debug(&self, f: &mut fmt::Formatter<'_>, name: &str, extra: Option<(&str, usize)>) -> fmt::Result {
+    /// `name { chain_id: …, fields…`: how a record's `Debug` starts (it never shows the key or
+    /// the signature); the record adds its own fields and finishes it.
+    fn debug<'a, 'b>(&self, f: &'a mut fmt::Formatter<'b>, name: &str) -> fmt::DebugStruct<'a, 'b> {
         let mut d = f.debug_struct(name);
         self.show_fields(&mut d);
-        if let Some((field, value)) = extra {
-            d.field(field, &value);
-        }
-        d.finish_non_exhaustive()
+        d
     }
 }
 
