@@ -161,8 +161,8 @@ impl PolicyReceipt {
         policy_version: u64,
         policy_digest: &[u8; 48],
     ) -> Result<DurablePolicy, PolicyReceiptError> {
-        self.seal.check::<PolicyReceiptError>(&self.body, verifier.crypto())?;
-        let (seal, body) = (&self.seal, &self.body);
+        let (body, seal) = (&self.body, &self.seal);
+        seal.check::<PolicyReceiptError>(body, verifier.crypto())?;
         let kre = attested_key(&seal.public_key, &body.chain_id, &self.binding, verifier, options)
             .map_err(PolicyReceiptError::NotAttested)?;
         pcr::check(&kre, expect_kre_pcrs).map_err(PolicyReceiptError::KreImageMismatch)?;

@@ -223,27 +223,24 @@ pub fn check_receipt(
     crypto: &dyn Crypto,
 ) -> Result<(), ReceiptError> {
     receipt.verify(crypto)?;
-    if receipt.seal.public_key.as_slice() != summary.checkpoint_key.as_slice()
-        || receipt.body.chain_id != summary.chain_id
-    {
+    let (body, seal) = (&receipt.body, &receipt.seal);
+    if seal.public_key.as_slice() != summary.checkpoint_key.as_slice() || body.chain_id != summary.chain_id {
         return Err(ReceiptError::ForeignChain {
-            chain: hex::encode(&receipt.body.chain_id[..8]),
+            chain: hex::encode(&body.chain_id[..8]),
             trail: hex::encode(&summary.chain_id[..8]),
         });
     }
-    let seq = receipt.body.seq;
+    let seq = body.seq;
     // A verified trail holds seq 1..=last_seq in order; search anyway rather than index.
     let Ok(at) = entries.binary_search_by_key(&seq, AuditEntry::seq) else {
         return Err(ReceiptError::NotStored { seq, last_seq: summary.last_seq });
     };
     let entry = entries.get(at).ok_or(ReceiptError::NotStored { seq, last_seq: summary.last_seq })?;
-    if entry.digest() != receipt.body.entry_digest || *entry.chain_id() != receipt.body.chain_id {
+    if entry.digest() != body.entry_digest || *entry.chain_id() != body.chain_id {
         return Err(ReceiptError::EntryMismatch { seq });
     }
     match entry.event() {
-        AuditEvent::ReleaseAllowed { requester, .. } if requester.document_sha384 == receipt.body.document_sha384 => {
-            Ok(())
-        }
+        AuditEvent::ReleaseAllowed { requester, .. } if requester.document_sha384 == body.document_sha384 => Ok(()),
         _ => Err(ReceiptError::NotARelease { seq }),
     }
 }

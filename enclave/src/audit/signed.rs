@@ -174,3 +174,62 @@ pub(super) fn read_signed<B: Body>(bytes: &[u8], max: usize) -> Result<(B, Seal,
     let seal = Seal { public_key: r.array("public_key")?, signature: r.array("signature")? };
     Ok((body, seal, r))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::checkpoint::CheckpointBody;
+    use crate::audit::durable::PolicyBody;
+    use crate::audit::receipt::ReceiptBody;
+    use crate::audit::{
+        AuditSigner, CHECKPOINT_DOMAIN, POLICY_RECEIPT_BODY_LEN, POLICY_RECEIPT_DOMAIN, RECEIPT_BODY_LEN,
+        RECEIPT_DOMAIN, SIGNED_BODY_LEN,
+    };
+    use keygate_attestation::crypto::default_backend;
+
+    /// Each body signs `DOMAIN ‖ version ‖ chain_id ‖ its fields` in declaration order, and reads
+    /// back what it writes.
+    #[test]
+    fn each_body_signs_its_documented_layout() {
+        fn layout<B: Body + PartialEq>(body: B, domain: &[u8], fields: &[&[u8]], len: usize) {
+            let msg = body.message();
+            assert_eq!(msg, [domain, &[FORMAT_VERSION], &[7; 48], &fields.concat()].concat());
+            assert_eq!(msg.len(), domain.len() + len);
+            let mut r = Reader::new(&msg[domain.len() + 1..]);
+            assert!(B::read_fields(&mut r).is_ok_and(|b| b == body) && r.finish().is_ok());
+        }
+        let cp = CheckpointBody { chain_id: [7; 48], seq: 2, head: [3; 48], time_ms: 4 };
+        layout(cp, CHECKPOINT_DOMAIN, &[&2u64.to_be_bytes(), &[3; 48], &4u64.to_be_bytes()], SIGNED_BODY_LEN);
+        let rc = ReceiptBody { chain_id: [7; 48], seq: 5, entry_digest: [6; 48], document_sha384: [8; 48] };
+        layout(rc, RECEIPT_DOMAIN, &[&5u64.to_be_bytes(), &[6; 48], &[8; 48]], RECEIPT_BODY_LEN);
+        let pr = PolicyBody { chain_id: [7; 48], generation: 1, policy_version: 2, policy_digest: [3; 48], time_ms: 4 };
+        let fields: [&[u8]; 4] = [&1u64.to_be_bytes(), &2u64.to_be_bytes(), &[3; 48], &4u64.to_be_bytes()];
+        layout(pr, POLICY_RECEIPT_DOMAIN, &fields, POLICY_RECEIPT_BODY_LEN);
+    }
+
+    /// A record's `Debug` names its chain (short) and its fields, never its key or signature.
+    #[test]
+    fn debug_shows_the_body_and_never_the_seal() {
+        let mut s = AuditSigner::generate(default_backend(), |b| b.fill(3)).expect("key");
+        s.bind(vec![0xa5; 10]).expect("bind");
+        let chain = hex::encode(&s.chain_id()[..8]);
+        let r = s.sign_receipt(7, [1; 48], [2; 48]).expect("receipt");
+        let (one, two) = (hex::encode([1; 48]), hex::encode([2; 48]));
+        let expected =
+            format!("Receipt {{ chain_id: {chain:?}, seq: 7, entry_digest: {one:?}, document_sha384: {two:?}, .. }}");
+        assert_eq!(format!("{r:?}"), expected);
+        let cp = s.sign(3, [1; 48], 9).expect("checkpoint");
+        let expected = format!(
+            "Checkpoint {{ chain_id: {chain:?}, seq: 3, head: {one:?}, time_ms: 9, binding_document: 10, .. }}"
+        );
+        assert_eq!(format!("{cp:?}"), expected);
+        let p = s.sign_policy_receipt(4, 5, [2; 48], 6).expect("policy receipt");
+        let expected = format!(
+            "PolicyReceipt {{ chain_id: {chain:?}, generation: 4, policy_version: 5, policy_digest: {two:?}, time_ms: 6, .. }}"
+        );
+        assert_eq!(format!("{p:?}"), expected);
+        for shown in [format!("{r:?}"), format!("{cp:?}"), format!("{p:?}")] {
+            assert!(!shown.contains(&hex::encode(&s.public_key()[1..9])), "{shown}");
+        }
+    }
+}
