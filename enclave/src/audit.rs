@@ -22,6 +22,9 @@
 //! - [`PolicyReceipt`]: what the pipeline keeps of each policy change once it is durable,
 //!   signed by the same key and carrying the document that binds it: the committed
 //!   generation that carries the bundle.
+//! - Checkpoints, receipts and durability receipts share one signed shape (`signed.rs`): a
+//!   body that starts with the chain id, signed under its own domain label, then the key and
+//!   the signature, checked in one place.
 //! - [`verify_trail`]: the offline check a customer runs; the first broken link is reported
 //!   with its own [`TrailError`] variant.
 //! - [`AuditHead`] and [`verify_history`]: runs linked across restarts. The sealed state
@@ -42,6 +45,7 @@ pub mod files;
 mod history;
 mod log;
 mod receipt;
+mod signed;
 mod signer;
 pub mod store;
 mod trail;

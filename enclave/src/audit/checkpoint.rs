@@ -11,8 +11,9 @@ use std::fmt;
 
 use keygate_attestation::crypto::{Crypto, P384_POINT_LEN, P384_SIG_LEN};
 
-use super::codec::{check_point, check_seq, record, short, DecodeError, ReadAudit, Writer};
-use super::{FORMAT_VERSION, MAX_BINDING_DOCUMENT, MAX_CHECKPOINT_LEN};
+use super::codec::{check_point, check_seq, DecodeError};
+use super::signed::{read_signed, signed_body, write_signed, Body, Seal};
+use super::{MAX_BINDING_DOCUMENT, MAX_CHECKPOINT_LEN};
 
 pub use crate::binding::{chain_id_of, CHECKPOINT_DOMAIN};
 /// Length of the signed body: version, chain id, seq, head, time.
@@ -23,18 +24,10 @@ pub fn binding_user_data(point: &[u8]) -> [u8; 48] {
     chain_id_of(point)
 }
 
-pub(super) fn signed_body(chain_id: &[u8; 48], seq: u64, head: &[u8; 48], time_ms: u64) -> Vec<u8> {
-    let mut w = Writer::default();
-    w.u8(FORMAT_VERSION);
-    w.bytes(chain_id);
-    w.u64(seq);
-    w.bytes(head);
-    w.u64(time_ms);
-    w.into_bytes()
-}
-
-pub(super) fn signed_message(body: &[u8]) -> Vec<u8> {
-    [CHECKPOINT_DOMAIN, body].concat()
+signed_body! {
+    /// What a checkpoint signs: the chain had `seq` entries, the last with digest `head`, at
+    /// `time_ms`.
+    CheckpointBody under CHECKPOINT_DOMAIN => { seq: u64, head: [u8; 48], time_ms: u64 }
 }
 
 /// A signed checkpoint: the chain `chain_id` had `seq` entries, the last with digest `head`,
@@ -42,29 +35,42 @@ pub(super) fn signed_message(body: &[u8]) -> Vec<u8> {
 /// Holds its exact encoding.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Checkpoint {
-    chain_id: [u8; 48],
-    seq: u64,
-    head: [u8; 48],
-    time_ms: u64,
-    public_key: [u8; P384_POINT_LEN],
-    signature: [u8; P384_SIG_LEN],
+    body: CheckpointBody,
+    seal: Seal,
     binding_document: Vec<u8>,
     raw: Vec<u8>,
 }
 
 impl fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Checkpoint")
-            .field("chain_id", &short(&self.chain_id))
-            .field("seq", &self.seq)
-            .field("head", &hex::encode(self.head))
-            .field("time_ms", &self.time_ms)
-            .field("binding_document", &self.binding_document.len())
-            .finish_non_exhaustive()
+        self.body.debug(f, "Checkpoint").field("binding_document", &self.binding_document.len()).finish_non_exhaustive()
     }
 }
 
+/// The binding document's length prefix: 1..=[`MAX_BINDING_DOCUMENT`] bytes.
+fn document_len(len: usize) -> Result<u16, DecodeError> {
+    if len == 0 {
+        return Err(DecodeError::Empty("binding_document"));
+    }
+    u16::try_from(len).ok().filter(|&l| usize::from(l) <= MAX_BINDING_DOCUMENT).ok_or(DecodeError::FieldTooLong {
+        field: "binding_document",
+        len,
+        max: MAX_BINDING_DOCUMENT,
+    })
+}
+
 impl Checkpoint {
+    /// Checks and encodes a checkpoint (the signer's, an assembled or a decoded one).
+    pub(super) fn new(body: CheckpointBody, seal: Seal, binding_document: Vec<u8>) -> Result<Self, DecodeError> {
+        check_seq(body.seq)?;
+        check_point(&seal.public_key)?;
+        let len = document_len(binding_document.len())?;
+        let mut w = write_signed(&body, &seal);
+        w.u16(len);
+        w.bytes(&binding_document);
+        Ok(Self { body, seal, binding_document, raw: w.into_bytes() })
+    }
+
     /// Encodes a checkpoint from its parts (the signer uses it; tests use it to forge).
     pub fn assemble(
         chain_id: [u8; 48],
@@ -75,53 +81,23 @@ impl Checkpoint {
         signature: [u8; P384_SIG_LEN],
         binding_document: Vec<u8>,
     ) -> Result<Self, DecodeError> {
-        check_seq(seq)?;
-        check_point(&public_key)?;
-        if binding_document.is_empty() {
-            return Err(DecodeError::Empty("binding_document"));
-        }
-        let doc_len = u16::try_from(binding_document.len())
-            .ok()
-            .filter(|&l| usize::from(l) <= MAX_BINDING_DOCUMENT)
-            .ok_or(DecodeError::FieldTooLong {
-                field: "binding_document",
-                len: binding_document.len(),
-                max: MAX_BINDING_DOCUMENT,
-            })?;
-        let mut w = Writer::from_vec(signed_body(&chain_id, seq, &head, time_ms));
-        w.bytes(&public_key);
-        w.bytes(&signature);
-        w.bytes(&doc_len.to_be_bytes());
-        w.bytes(&binding_document);
-        Ok(Self { chain_id, seq, head, time_ms, public_key, signature, binding_document, raw: w.into_bytes() })
+        Self::new(CheckpointBody { chain_id, seq, head, time_ms }, Seal { public_key, signature }, binding_document)
     }
 
     /// Strictly decodes one checkpoint.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let mut r = record(bytes, MAX_CHECKPOINT_LEN)?;
-        let chain_id = r.array("chain_id")?;
-        let seq = r.seq("seq")?;
-        let head = r.array("head")?;
-        let time_ms = r.u64("time_ms")?;
-        let public_key = r.point("public_key")?;
-        let signature = r.array("signature")?;
+        let (body, seal, mut r) = read_signed(bytes, MAX_CHECKPOINT_LEN)?;
         let len = usize::from(r.u16("binding_document")?);
-        if len == 0 {
-            return Err(DecodeError::Empty("binding_document"));
-        }
-        if len > MAX_BINDING_DOCUMENT {
-            return Err(DecodeError::FieldTooLong { field: "binding_document", len, max: MAX_BINDING_DOCUMENT });
-        }
+        document_len(len)?;
         let binding_document = r.take(len, "binding_document")?.to_vec();
         r.finish()?;
-        Ok(Self { chain_id, seq, head, time_ms, public_key, signature, binding_document, raw: bytes.to_vec() })
+        Self::new(body, seal, binding_document)
     }
 
     /// Checks the signature under the checkpoint's own `public_key` (not whether that key is
     /// attested: [`super::verify_trail`] does that).
     pub fn verify_signature(&self, crypto: &dyn Crypto) -> bool {
-        let body = signed_body(&self.chain_id, self.seq, &self.head, self.time_ms);
-        crypto.verify_p384_sha384_fixed(&self.public_key, &signed_message(&body), &self.signature).is_ok()
+        self.seal.signs(&self.body, crypto)
     }
 
     /// The exact encoded bytes.
@@ -130,27 +106,27 @@ impl Checkpoint {
     }
     /// The chain signed for.
     pub fn chain_id(&self) -> &[u8; 48] {
-        &self.chain_id
+        &self.body.chain_id
     }
     /// Number of entries covered (the last one's sequence number).
     pub fn seq(&self) -> u64 {
-        self.seq
+        self.body.seq
     }
     /// Digest of entry `seq`.
     pub fn head(&self) -> &[u8; 48] {
-        &self.head
+        &self.body.head
     }
     /// When it was signed (ms, the KRE's clock).
     pub fn time_ms(&self) -> u64 {
-        self.time_ms
+        self.body.time_ms
     }
     /// The checkpoint key.
     pub fn public_key(&self) -> &[u8; P384_POINT_LEN] {
-        &self.public_key
+        &self.seal.public_key
     }
     /// The raw `r ‖ s` signature.
     pub fn signature(&self) -> &[u8; P384_SIG_LEN] {
-        &self.signature
+        &self.seal.signature
     }
     /// The attestation document binding `public_key` to the KRE.
     pub fn binding_document(&self) -> &[u8] {

@@ -13,6 +13,7 @@ pub(crate) use crate::codec::{Reader, Writer};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum DecodeError {
+    // --- The record.
     /// The record is larger than its limit.
     #[error("record is {len} bytes, more than the {max}-byte limit")]
     TooLarge {
@@ -24,18 +25,25 @@ pub enum DecodeError {
     /// The record ends inside a field.
     #[error("truncated inside `{0}`")]
     Truncated(&'static str),
+    /// Bytes follow the record.
+    #[error("{0} bytes left over after the record")]
+    TrailingBytes(usize),
     /// The format version is not 1.
     #[error("unsupported format version {0}")]
     Version(u8),
     /// An event type this version does not know.
     #[error("unknown event type {0}")]
     UnknownEvent(u8),
-    /// Bytes follow the record.
-    #[error("{0} bytes left over after the record")]
-    TrailingBytes(usize),
+    // --- A field.
     /// A text field is not UTF-8.
     #[error("field `{0}` is not valid UTF-8")]
     Utf8(&'static str),
+    /// An id is not 1–64 bytes of `[A-Za-z0-9._-]`.
+    #[error("field `{0}` is not a valid id")]
+    BadId(&'static str),
+    /// A document kind byte other than 1 (enclave) or 2 (nitrotpm).
+    #[error("unknown document kind {0}")]
+    BadKind(u8),
     /// A field is longer than its limit.
     #[error("field `{field}` is {len} bytes, more than {max}")]
     FieldTooLong {
@@ -49,9 +57,6 @@ pub enum DecodeError {
     /// A field that must not be empty is empty.
     #[error("field `{0}` is empty")]
     Empty(&'static str),
-    /// An id is not 1–64 bytes of `[A-Za-z0-9._-]`.
-    #[error("field `{0}` is not a valid id")]
-    BadId(&'static str),
     /// A presence flag or boolean is neither 0 nor 1.
     #[error("field `{field}`: flag {value} is neither 0 nor 1")]
     BadFlag {
@@ -72,6 +77,7 @@ pub enum DecodeError {
         /// Maximum.
         max: usize,
     },
+    // --- The audit formats' own rules.
     /// A PCR index is ≥ 32 or not strictly increasing, or a value is not 32/48/64 bytes.
     #[error("PCR list: {0}")]
     BadPcr(&'static str),
@@ -79,15 +85,13 @@ pub enum DecodeError {
     /// codes not strictly increasing (unsorted or duplicate), or a zero count.
     #[error("anonymous refusal counts: {0}")]
     BadAnonymousCounts(&'static str),
-    /// A document kind byte other than 1 (enclave) or 2 (nitrotpm).
-    #[error("unknown document kind {0}")]
-    BadKind(u8),
     /// A sequence number of 0 (they start at 1).
     #[error("sequence number 0 (sequence numbers start at 1)")]
     ZeroSequence,
     /// A public key that is not an uncompressed SEC1 point.
     #[error("public key is not an uncompressed P-384 point (04 ‖ x ‖ y)")]
     BadPoint,
+    // --- The audit files.
     /// A file does not start with the expected magic.
     #[error("not a keygate audit {0} file (bad magic)")]
     BadMagic(&'static str),
@@ -226,8 +230,6 @@ pub(crate) trait ReadAudit {
     ) -> Result<Vec<T>, DecodeError>;
     /// A sequence number ([`check_seq`]).
     fn seq(&mut self, field: &'static str) -> Result<u64, DecodeError>;
-    /// A public key ([`check_point`]).
-    fn point(&mut self, field: &'static str) -> Result<[u8; P384_POINT_LEN], DecodeError>;
 }
 
 impl ReadAudit for Reader<'_> {
@@ -246,11 +248,6 @@ impl ReadAudit for Reader<'_> {
     }
     fn seq(&mut self, field: &'static str) -> Result<u64, DecodeError> {
         check_seq(self.u64(field)?)
-    }
-    fn point(&mut self, field: &'static str) -> Result<[u8; P384_POINT_LEN], DecodeError> {
-        let point = self.array(field)?;
-        check_point(&point)?;
-        Ok(point)
     }
     fn text8(&mut self, field: &'static str, allow_empty: bool) -> Result<String, DecodeError> {
         let bytes = self.bytes8(field)?;

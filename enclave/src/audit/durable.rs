@@ -24,10 +24,10 @@ use keygate_attestation::crypto::{P384_POINT_LEN, P384_SIG_LEN};
 use keygate_attestation::pcr::{self, PcrMismatch};
 use keygate_attestation::{PcrExpectation, VerifiedAttestation, Verifier};
 
-use super::codec::{check_point, record, short, DecodeError, Writer};
+use super::codec::{check_point, DecodeError};
+use super::signed::{read_signed, signed_body, write_signed, Body, Seal, SealFailure};
 use super::trail::{attested_key, NotAttested, TrailOptions};
-use super::{FORMAT_VERSION, MAX_CHECKPOINT_LEN};
-use crate::binding::chain_id_of;
+use super::MAX_CHECKPOINT_LEN;
 
 /// Domain label of the durability receipt signature.
 pub use crate::binding::POLICY_RECEIPT_DOMAIN;
@@ -65,49 +65,32 @@ pub enum PolicyReceiptError {
     },
 }
 
+impl SealFailure for PolicyReceiptError {
+    const CHAIN_ID_MISMATCH: Self = Self::ChainIdMismatch;
+    const SIGNATURE_INVALID: Self = Self::SignatureInvalid;
+}
+
+signed_body! {
+    /// What a durability receipt signs: the sealed state committed as `generation` carries a
+    /// policy head at or after bundle `(policy_version, policy_digest)`; signed at `time_ms`.
+    PolicyBody under POLICY_RECEIPT_DOMAIN => {
+        generation: u64, policy_version: u64, policy_digest: [u8; 48], time_ms: u64
+    }
+}
+
 /// One durability receipt. Decoding only checks the structure; [`PolicyReceipt::verify`]
 /// checks the signature, the attested key and the bundle.
 #[derive(Clone, PartialEq, Eq)]
 pub struct PolicyReceipt {
-    chain_id: [u8; 48],
-    generation: u64,
-    policy_version: u64,
-    policy_digest: [u8; 48],
-    time_ms: u64,
-    public_key: [u8; P384_POINT_LEN],
-    signature: [u8; P384_SIG_LEN],
+    body: PolicyBody,
+    seal: Seal,
     binding: Vec<u8>,
 }
 
 impl fmt::Debug for PolicyReceipt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PolicyReceipt")
-            .field("chain_id", &short(&self.chain_id))
-            .field("generation", &self.generation)
-            .field("policy_version", &self.policy_version)
-            .field("policy_digest", &short(&self.policy_digest))
-            .field("time_ms", &self.time_ms)
-            .finish_non_exhaustive()
+        self.body.debug(f, "PolicyReceipt").finish_non_exhaustive()
     }
-}
-
-/// The signed message: the domain, then the body.
-pub(super) fn policy_receipt_body(
-    chain_id: &[u8; 48],
-    generation: u64,
-    policy_version: u64,
-    policy_digest: &[u8; 48],
-    time_ms: u64,
-) -> Vec<u8> {
-    let mut w = Writer::default();
-    w.bytes(POLICY_RECEIPT_DOMAIN);
-    w.u8(FORMAT_VERSION);
-    w.bytes(chain_id);
-    w.u64(generation);
-    w.u64(policy_version);
-    w.bytes(policy_digest);
-    w.u64(time_ms);
-    w.into_bytes()
 }
 
 /// What a verified durability receipt proves.
@@ -124,19 +107,9 @@ pub struct DurablePolicy {
 }
 
 impl PolicyReceipt {
-    /// A receipt from its parts (the signer uses it; tests use it to forge).
-    #[allow(clippy::too_many_arguments)] // the receipt's fields, each distinct
-    pub fn assemble(
-        chain_id: [u8; 48],
-        generation: u64,
-        policy_version: u64,
-        policy_digest: [u8; 48],
-        time_ms: u64,
-        public_key: [u8; P384_POINT_LEN],
-        signature: [u8; P384_SIG_LEN],
-        binding: Vec<u8>,
-    ) -> Result<Self, DecodeError> {
-        check_point(&public_key)?;
+    /// Checks a receipt's structure (the signer's or a decoded one).
+    pub(super) fn new(body: PolicyBody, seal: Seal, binding: Vec<u8>) -> Result<Self, DecodeError> {
+        check_point(&seal.public_key)?;
         if binding.is_empty() {
             return Err(DecodeError::Empty("binding"));
         }
@@ -144,40 +117,23 @@ impl PolicyReceipt {
         if len > MAX_POLICY_RECEIPT_LEN {
             return Err(DecodeError::TooLarge { len, max: MAX_POLICY_RECEIPT_LEN });
         }
-        Ok(Self { chain_id, generation, policy_version, policy_digest, time_ms, public_key, signature, binding })
+        Ok(Self { body, seal, binding })
     }
 
     /// Strictly decodes a receipt: at most [`MAX_POLICY_RECEIPT_LEN`] bytes, version 1, an
     /// uncompressed point, a non-empty binding document, nothing after it.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let mut r = record(bytes, MAX_POLICY_RECEIPT_LEN)?;
-        let chain_id = r.array("chain_id")?;
-        let generation = r.u64("generation")?;
-        let policy_version = r.u64("policy_version")?;
-        let policy_digest = r.array("policy_digest")?;
-        let time_ms = r.u64("time_ms")?;
-        let public_key = r.array("public_key")?;
-        let signature = r.array("signature")?;
+        let (body, seal, mut r) = read_signed(bytes, MAX_POLICY_RECEIPT_LEN)?;
         let len = usize::try_from(r.u32("binding_len")?).unwrap_or(usize::MAX);
         let binding = r.take(len, "binding")?.to_vec();
         r.finish()?;
-        Self::assemble(chain_id, generation, policy_version, policy_digest, time_ms, public_key, signature, binding)
+        Self::new(body, seal, binding)
     }
 
     /// The exact encoding.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let body = policy_receipt_body(
-            &self.chain_id,
-            self.generation,
-            self.policy_version,
-            &self.policy_digest,
-            self.time_ms,
-        );
-        let mut w = Writer::default();
-        w.bytes(&body[POLICY_RECEIPT_DOMAIN.len()..]);
-        w.bytes(&self.public_key);
-        w.bytes(&self.signature);
-        // At most MAX_POLICY_RECEIPT_LEN, checked in `assemble`.
+        let mut w = write_signed(&self.body, &self.seal);
+        // At most MAX_POLICY_RECEIPT_LEN, checked in `new`.
         w.u32(u32::try_from(self.binding.len()).unwrap_or(u32::MAX));
         w.bytes(&self.binding);
         w.into_bytes()
@@ -185,12 +141,12 @@ impl PolicyReceipt {
 
     /// The generation the receipt names.
     pub fn generation(&self) -> u64 {
-        self.generation
+        self.body.generation
     }
 
     /// The policy version the receipt names.
     pub fn policy_version(&self) -> u64 {
-        self.policy_version
+        self.body.policy_version
     }
 
     /// Checks everything the receipt claims for bundle `(policy_version, policy_digest)`: the
@@ -205,26 +161,14 @@ impl PolicyReceipt {
         policy_version: u64,
         policy_digest: &[u8; 48],
     ) -> Result<DurablePolicy, PolicyReceiptError> {
-        if chain_id_of(&self.public_key) != self.chain_id {
-            return Err(PolicyReceiptError::ChainIdMismatch);
-        }
-        let msg = policy_receipt_body(
-            &self.chain_id,
-            self.generation,
-            self.policy_version,
-            &self.policy_digest,
-            self.time_ms,
-        );
-        verifier
-            .crypto()
-            .verify_p384_sha384_fixed(&self.public_key, &msg, &self.signature)
-            .map_err(|_| PolicyReceiptError::SignatureInvalid)?;
-        let kre = attested_key(&self.public_key, &self.chain_id, &self.binding, verifier, options)
+        let (body, seal) = (&self.body, &self.seal);
+        seal.check::<PolicyReceiptError>(body, verifier.crypto())?;
+        let kre = attested_key(&seal.public_key, &body.chain_id, &self.binding, verifier, options)
             .map_err(PolicyReceiptError::NotAttested)?;
         pcr::check(&kre, expect_kre_pcrs).map_err(PolicyReceiptError::KreImageMismatch)?;
-        if self.policy_version != policy_version || self.policy_digest != *policy_digest {
-            return Err(PolicyReceiptError::OtherPolicy { expected: policy_version, found: self.policy_version });
+        if body.policy_version != policy_version || body.policy_digest != *policy_digest {
+            return Err(PolicyReceiptError::OtherPolicy { expected: policy_version, found: body.policy_version });
         }
-        Ok(DurablePolicy { generation: self.generation, policy_version, time_ms: self.time_ms, kre })
+        Ok(DurablePolicy { generation: body.generation, policy_version, time_ms: body.time_ms, kre })
     }
 }

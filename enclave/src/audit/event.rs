@@ -565,10 +565,6 @@ impl AuditEntry {
 mod tests {
     use super::*;
 
-    fn id(s: &str) -> Id {
-        Id::new(s).expect("id")
-    }
-
     fn requester() -> Requester {
         Requester {
             module_id: "i-0123-enc0123".into(),
@@ -576,6 +572,10 @@ mod tests {
             pcrs: (0u8..3).map(|i| (i, vec![i + 1; 48])).collect(),
             document_sha384: [9; 48],
         }
+    }
+
+    fn id(s: &str) -> Id {
+        Id::new(s).expect("id")
     }
 
     pub(crate) fn every_event() -> Vec<AuditEvent> {

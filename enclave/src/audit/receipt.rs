@@ -28,11 +28,10 @@ use std::fmt;
 
 use keygate_attestation::crypto::{Crypto, P384_POINT_LEN, P384_SIG_LEN};
 
-use super::codec::{check_point, check_seq, record, short, DecodeError, Writer};
+use super::codec::{check_point, check_seq, short, DecodeError};
 use super::event::{AuditEntry, AuditEvent};
+use super::signed::{read_signed, signed_body, write_signed, Body, Seal, SealFailure};
 use super::trail::TrailSummary;
-use super::FORMAT_VERSION;
-use crate::binding::chain_id_of;
 
 /// Domain label of the receipt signature.
 pub use crate::binding::RECEIPT_DOMAIN;
@@ -101,47 +100,41 @@ impl ReceiptError {
     }
 }
 
+impl SealFailure for ReceiptError {
+    const CHAIN_ID_MISMATCH: Self = Self::ChainIdMismatch;
+    const SIGNATURE_INVALID: Self = Self::SignatureInvalid;
+}
+
+signed_body! {
+    /// What a receipt signs: entry `seq` of the chain, with its digest, the release to the
+    /// client document whose SHA-384 is `document_sha384`.
+    ReceiptBody under RECEIPT_DOMAIN => {
+        seq: u64, entry_digest: [u8; 48], document_sha384: [u8; 48]
+    }
+}
+
 /// One audit receipt. Decoding only checks the structure; [`Receipt::verify`] checks the
 /// signature, [`check_receipt`] the trail.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Receipt {
-    chain_id: [u8; 48],
-    seq: u64,
-    entry_digest: [u8; 48],
-    document_sha384: [u8; 48],
-    public_key: [u8; P384_POINT_LEN],
-    signature: [u8; P384_SIG_LEN],
+    body: ReceiptBody,
+    seal: Seal,
 }
 
 impl fmt::Debug for Receipt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Receipt")
-            .field("chain_id", &short(&self.chain_id))
-            .field("seq", &self.seq)
-            .field("entry_digest", &hex::encode(self.entry_digest))
-            .field("document_sha384", &hex::encode(self.document_sha384))
-            .finish_non_exhaustive()
+        self.body.debug(f, "Receipt").finish_non_exhaustive()
     }
 }
 
-/// The signed body of a receipt.
-pub(crate) fn receipt_body(
-    chain_id: &[u8; 48],
-    seq: u64,
-    entry_digest: &[u8; 48],
-    document_sha384: &[u8; 48],
-) -> Vec<u8> {
-    let mut w = Writer::from_vec(Vec::with_capacity(RECEIPT_DOMAIN.len() + RECEIPT_BODY_LEN));
-    w.bytes(RECEIPT_DOMAIN);
-    w.u8(FORMAT_VERSION);
-    w.bytes(chain_id);
-    w.u64(seq);
-    w.bytes(entry_digest);
-    w.bytes(document_sha384);
-    w.into_bytes()
-}
-
 impl Receipt {
+    /// Checks a receipt's structure (the signer's, an assembled or a decoded one).
+    pub(super) fn new(body: ReceiptBody, seal: Seal) -> Result<Self, DecodeError> {
+        check_seq(body.seq)?;
+        check_point(&seal.public_key)?;
+        Ok(Self { body, seal })
+    }
+
     /// A receipt from its parts (the signer uses it; tests use it to forge).
     pub fn assemble(
         chain_id: [u8; 48],
@@ -151,37 +144,22 @@ impl Receipt {
         public_key: [u8; P384_POINT_LEN],
         signature: [u8; P384_SIG_LEN],
     ) -> Result<Self, DecodeError> {
-        check_seq(seq)?;
-        check_point(&public_key)?;
-        Ok(Self { chain_id, seq, entry_digest, document_sha384, public_key, signature })
+        Self::new(ReceiptBody { chain_id, seq, entry_digest, document_sha384 }, Seal { public_key, signature })
     }
 
     /// Strictly decodes a receipt: exactly [`RECEIPT_LEN`] bytes, version 1, a sequence number
     /// from 1, an uncompressed point.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let mut r = record(bytes, RECEIPT_LEN)?;
-        let chain_id = r.array("chain_id")?;
-        let seq = r.u64("seq")?;
-        let entry_digest = r.array("entry_digest")?;
-        let document_sha384 = r.array("document_sha384")?;
-        let public_key = r.array("public_key")?;
-        let signature = r.array("signature")?;
+        let (body, seal, r) = read_signed(bytes, RECEIPT_LEN)?;
         r.finish()?;
-        Self::assemble(chain_id, seq, entry_digest, document_sha384, public_key, signature)
+        Self::new(body, seal)
     }
 
     /// The exact encoding ([`RECEIPT_LEN`] bytes).
     pub fn to_bytes(&self) -> [u8; RECEIPT_LEN] {
         let mut out = [0u8; RECEIPT_LEN];
-        let body = receipt_body(&self.chain_id, self.seq, &self.entry_digest, &self.document_sha384);
-        let body = &body[RECEIPT_DOMAIN.len()..];
-        let parts: [&[u8]; 3] = [body, &self.public_key, &self.signature];
-        let mut at = 0;
-        for p in parts {
-            if let Some(dst) = out.get_mut(at..at + p.len()) {
-                dst.copy_from_slice(p);
-            }
-            at += p.len();
+        for (o, b) in out.iter_mut().zip(write_signed(&self.body, &self.seal).into_bytes()) {
+            *o = b;
         }
         out
     }
@@ -191,20 +169,14 @@ impl Receipt {
     /// takes the receipt from inside the authenticated `Released`, `keygate audit verify`
     /// compares the key with the trail's attested one.
     pub fn verify(&self, crypto: &dyn Crypto) -> Result<(), ReceiptError> {
-        if chain_id_of(&self.public_key) != self.chain_id {
-            return Err(ReceiptError::ChainIdMismatch);
-        }
-        let msg = receipt_body(&self.chain_id, self.seq, &self.entry_digest, &self.document_sha384);
-        crypto
-            .verify_p384_sha384_fixed(&self.public_key, &msg, &self.signature)
-            .map_err(|_| ReceiptError::SignatureInvalid)
+        self.seal.check(&self.body, crypto)
     }
 
     /// [`Self::verify`], and that the receipt is for the release to the client document whose
     /// SHA-384 is `document_sha384` (what a client checks against its own document).
     pub fn verify_for(&self, crypto: &dyn Crypto, document_sha384: &[u8; 48]) -> Result<(), ReceiptError> {
         self.verify(crypto)?;
-        if self.document_sha384 != *document_sha384 {
+        if self.body.document_sha384 != *document_sha384 {
             return Err(ReceiptError::OtherRelease);
         }
         Ok(())
@@ -212,31 +184,31 @@ impl Receipt {
 
     /// The chain (KRE run) of the entry.
     pub fn chain_id(&self) -> &[u8; 48] {
-        &self.chain_id
+        &self.body.chain_id
     }
     /// The entry's sequence number.
     pub fn seq(&self) -> u64 {
-        self.seq
+        self.body.seq
     }
     /// The entry's digest (`SHA-384(ENTRY_DOMAIN ‖ entry bytes)`).
     pub fn entry_digest(&self) -> &[u8; 48] {
-        &self.entry_digest
+        &self.body.entry_digest
     }
     /// SHA-384 of the released-to client's attestation document.
     pub fn document_sha384(&self) -> &[u8; 48] {
-        &self.document_sha384
+        &self.body.document_sha384
     }
     /// The audit key that signed it.
     pub fn public_key(&self) -> &[u8; P384_POINT_LEN] {
-        &self.public_key
+        &self.seal.public_key
     }
     /// The raw `r ‖ s` signature.
     pub fn signature(&self) -> &[u8; P384_SIG_LEN] {
-        &self.signature
+        &self.seal.signature
     }
     /// A file name for the receipt: `<first 8 bytes of the chain id, hex>-<seq>.receipt`.
     pub fn file_name(&self) -> String {
-        format!("{}-{}.receipt", short(&self.chain_id), self.seq)
+        format!("{}-{}.receipt", short(&self.body.chain_id), self.body.seq)
     }
 }
 
@@ -251,23 +223,24 @@ pub fn check_receipt(
     crypto: &dyn Crypto,
 ) -> Result<(), ReceiptError> {
     receipt.verify(crypto)?;
-    if receipt.public_key.as_slice() != summary.checkpoint_key.as_slice() || receipt.chain_id != summary.chain_id {
+    let (body, seal) = (&receipt.body, &receipt.seal);
+    if seal.public_key.as_slice() != summary.checkpoint_key.as_slice() || body.chain_id != summary.chain_id {
         return Err(ReceiptError::ForeignChain {
-            chain: hex::encode(&receipt.chain_id[..8]),
+            chain: hex::encode(&body.chain_id[..8]),
             trail: hex::encode(&summary.chain_id[..8]),
         });
     }
-    let seq = receipt.seq;
+    let seq = body.seq;
     // A verified trail holds seq 1..=last_seq in order; search anyway rather than index.
     let Ok(at) = entries.binary_search_by_key(&seq, AuditEntry::seq) else {
         return Err(ReceiptError::NotStored { seq, last_seq: summary.last_seq });
     };
     let entry = entries.get(at).ok_or(ReceiptError::NotStored { seq, last_seq: summary.last_seq })?;
-    if entry.digest() != receipt.entry_digest || *entry.chain_id() != receipt.chain_id {
+    if entry.digest() != body.entry_digest || *entry.chain_id() != body.chain_id {
         return Err(ReceiptError::EntryMismatch { seq });
     }
     match entry.event() {
-        AuditEvent::ReleaseAllowed { requester, .. } if requester.document_sha384 == receipt.document_sha384 => Ok(()),
+        AuditEvent::ReleaseAllowed { requester, .. } if requester.document_sha384 == body.document_sha384 => Ok(()),
         _ => Err(ReceiptError::NotARelease { seq }),
     }
 }

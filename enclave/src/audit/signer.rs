@@ -8,13 +8,14 @@
 
 use std::fmt;
 
-use keygate_attestation::crypto::{self, Crypto, P384SigningKey, P384_POINT_LEN, P384_SIG_LEN};
+use keygate_attestation::crypto::{self, Crypto, P384SigningKey, P384_POINT_LEN};
 use keygate_attestation::{AttestRequest, Nsm};
 
-use super::checkpoint::{signed_body, signed_message, Checkpoint};
+use super::checkpoint::{Checkpoint, CheckpointBody};
 use super::codec::short;
-use super::durable::{policy_receipt_body, PolicyReceipt};
-use super::receipt::{receipt_body, Receipt};
+use super::durable::{PolicyBody, PolicyReceipt};
+use super::receipt::{Receipt, ReceiptBody};
+use super::signed::{Body, Seal};
 use super::{AuditError, MAX_BINDING_DOCUMENT};
 use crate::binding::chain_id_of;
 
@@ -96,10 +97,8 @@ impl AuditSigner {
         if seq == 0 {
             return Err(AuditError::NothingToCheckpoint);
         }
-        let body = signed_body(&self.chain_id, seq, &head, time_ms);
-        let signature = self.sign_message(&signed_message(&body))?;
-        Checkpoint::assemble(self.chain_id, seq, head, time_ms, self.public, signature, binding)
-            .map_err(AuditError::Encode)
+        let body = CheckpointBody { chain_id: self.chain_id, seq, head, time_ms };
+        Checkpoint::new(body, self.seal(&body)?, binding).map_err(AuditError::Encode)
     }
 
     /// Signs the receipt of entry `seq` (digest `entry_digest`) of this chain, the release to
@@ -110,9 +109,8 @@ impl AuditSigner {
         entry_digest: [u8; 48],
         document_sha384: [u8; 48],
     ) -> Result<Receipt, AuditError> {
-        let signature = self.sign_message(&receipt_body(&self.chain_id, seq, &entry_digest, &document_sha384))?;
-        Receipt::assemble(self.chain_id, seq, entry_digest, document_sha384, self.public, signature)
-            .map_err(AuditError::Encode)
+        let body = ReceiptBody { chain_id: self.chain_id, seq, entry_digest, document_sha384 };
+        Receipt::new(body, self.seal(&body)?).map_err(AuditError::Encode)
     }
 
     /// Signs the durability receipt of policy bundle `(policy_version, policy_digest)`, carried
@@ -126,24 +124,15 @@ impl AuditSigner {
         time_ms: u64,
     ) -> Result<PolicyReceipt, AuditError> {
         let binding = self.binding.clone().ok_or(AuditError::Unbound)?;
-        let msg = policy_receipt_body(&self.chain_id, generation, policy_version, &policy_digest, time_ms);
-        let signature = self.sign_message(&msg)?;
-        PolicyReceipt::assemble(
-            self.chain_id,
-            generation,
-            policy_version,
-            policy_digest,
-            time_ms,
-            self.public,
-            signature,
-            binding,
-        )
-        .map_err(AuditError::Encode)
+        let body = PolicyBody { chain_id: self.chain_id, generation, policy_version, policy_digest, time_ms };
+        PolicyReceipt::new(body, self.seal(&body)?, binding).map_err(AuditError::Encode)
     }
 
-    /// ECDSA P-384 / SHA-384 over `msg` (nonces as the backend makes them), as raw `r ‖ s`.
-    fn sign_message(&self, msg: &[u8]) -> Result<[u8; P384_SIG_LEN], AuditError> {
-        self.key.sign(msg).map_err(|_| AuditError::Crypto("signing failed"))
+    /// ECDSA P-384 / SHA-384 over the body's signed message (nonces as the backend makes them),
+    /// as raw `r ‖ s`, with this key.
+    fn seal(&self, body: &impl Body) -> Result<Seal, AuditError> {
+        let signature = self.key.sign(&body.message()).map_err(|_| AuditError::Crypto("signing failed"))?;
+        Ok(Seal { public_key: self.public, signature })
     }
 }
 
