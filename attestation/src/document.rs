@@ -9,7 +9,6 @@
 //! into a `VerifiedAttestation`.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use crate::cbor::{self, Value};
 use crate::error::{Field, VerifyError};
@@ -39,30 +38,7 @@ pub const MAX_NONCE: usize = 1024;
 /// Largest number of PCRs (AWS spec).
 pub const MAX_PCRS: usize = 32;
 
-/// Which kind of Nitro attestation document this is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum DocumentKind {
-    /// Produced by a Nitro enclave's NSM: PCRs under `pcrs`.
-    Enclave,
-    /// Produced by NitroTPM on an EC2 instance (`nitro-tpm-attest`): PCRs under `nitrotpm_pcrs`.
-    NitroTpm,
-}
-
-impl DocumentKind {
-    /// The stable lower-case name used in CLI output, JSON and policies.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DocumentKind::Enclave => "enclave",
-            DocumentKind::NitroTpm => "nitrotpm",
-        }
-    }
-}
-
-impl fmt::Display for DocumentKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::kind::DocumentKind;
 
 /// What to do with payload fields that the AWS specification does not define.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -3,7 +3,7 @@
 use std::fmt;
 
 use crate::cbor::CborError;
-use crate::document::DocumentKind;
+use crate::kind::DocumentKind;
 
 /// Which certificate of a document's chain an error is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -13,6 +13,7 @@ pub mod cose;
 pub mod crypto;
 pub mod document;
 pub mod error;
+mod kind;
 #[cfg(feature = "mock")]
 pub mod mock;
 pub mod nsm;
