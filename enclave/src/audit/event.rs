@@ -84,8 +84,9 @@ fn kind_from_u8(b: u8) -> Result<DocumentKind, DecodeError> {
 }
 
 /// What happened. Event type numbers are stable (docs/audit.md).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, strum::IntoStaticStr)]
 #[non_exhaustive]
+#[strum(serialize_all = "snake_case")]
 pub enum AuditEvent {
     /// (1) The KRE started. Its PCRs are those of its own attestation.
     KreStarted {
@@ -209,20 +210,7 @@ pub enum AuditEvent {
 impl AuditEvent {
     /// Stable snake_case name (CLI and JSON).
     pub fn name(&self) -> &'static str {
-        match self {
-            AuditEvent::KreStarted { .. } => "kre_started",
-            AuditEvent::ReleaseAllowed { .. } => "release_allowed",
-            AuditEvent::ReleaseDenied { .. } => "release_denied",
-            AuditEvent::ChallengeRefused { .. } => "challenge_refused",
-            AuditEvent::PolicyAccepted { .. } => "policy_accepted",
-            AuditEvent::PolicyRefused { .. } => "policy_refused",
-            AuditEvent::UnsealStep { .. } => "unseal_step",
-            AuditEvent::KekRotated { .. } => "kek_rotated",
-            AuditEvent::ConfigChanged { .. } => "config_changed",
-            AuditEvent::Unrecorded { .. } => "unrecorded",
-            AuditEvent::AnonymousRefusals { .. } => "anonymous_refusals",
-            AuditEvent::ChainLinked { .. } => "chain_linked",
-        }
+        self.into()
     }
 
     /// The decision: "allow", "deny", "accept", "refuse", "ok", "fail", "info" or "lost".
@@ -721,6 +709,31 @@ mod tests {
         let mut b = ok.bytes().to_vec();
         b[n] = 3; // one pair more than present: truncated, not an over-allocation
         assert_eq!(at(&b), Err(DecodeError::Truncated("code")));
+    }
+
+    /// The names are a stable interface (trail JSON, `audit show`, metrics): pinned here.
+    #[test]
+    fn event_names_are_the_published_ones() {
+        let names: Vec<&str> = every_event().iter().map(AuditEvent::name).collect();
+        let mut published = vec![
+            "kre_started",
+            "release_allowed",
+            "release_denied",
+            "challenge_refused",
+            "policy_accepted",
+            "policy_refused",
+            "unseal_step",
+            "kek_rotated",
+            "config_changed",
+            "unrecorded",
+            "anonymous_refusals",
+            "chain_linked",
+        ];
+        let mut seen = names.clone();
+        seen.sort_unstable();
+        seen.dedup();
+        published.sort_unstable();
+        assert_eq!(seen, published, "every event: {names:?}");
     }
 
     #[test]

@@ -24,8 +24,9 @@ use super::codec::short;
 use super::event::{AuditEntry, AuditEvent, AuditHead};
 
 /// One gap in the stored history.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, strum::IntoStaticStr)]
 #[non_exhaustive]
+#[strum(serialize_all = "snake_case")]
 pub enum HistoryGap {
     /// A stored chain lacks entries between two stored ones (or before its first).
     #[error("chain {}…: entries {from}–{to} missing (sequence gap)", short(.chain))]
@@ -107,15 +108,7 @@ pub enum HistoryGap {
 impl HistoryGap {
     /// Stable snake_case name (JSON output).
     pub fn kind(&self) -> &'static str {
-        match self {
-            HistoryGap::SequenceGap { .. } => "sequence_gap",
-            HistoryGap::TailMissing { .. } => "tail_missing",
-            HistoryGap::ChainMissing { .. } => "chain_missing",
-            HistoryGap::LinkDigestMismatch { .. } => "link_digest_mismatch",
-            HistoryGap::Unlinked { .. } => "unlinked",
-            HistoryGap::MultipleLinks { .. } => "multiple_links",
-            HistoryGap::LinkCycle { .. } => "link_cycle",
-        }
+        self.into()
     }
 }
 

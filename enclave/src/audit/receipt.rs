@@ -41,8 +41,9 @@ pub const RECEIPT_BODY_LEN: usize = 1 + 48 + 8 + 48 + 48;
 pub const RECEIPT_LEN: usize = RECEIPT_BODY_LEN + P384_POINT_LEN + P384_SIG_LEN;
 
 /// Why a receipt does not prove what it claims. Each case has its own variant.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, strum::IntoStaticStr)]
 #[non_exhaustive]
+#[strum(serialize_all = "snake_case")]
 pub enum ReceiptError {
     /// The receipt's chain id is not derived from its key: not a receipt of that key's chain.
     #[error("its chain id is not derived from its audit key")]
@@ -88,15 +89,7 @@ pub enum ReceiptError {
 impl ReceiptError {
     /// Stable snake_case name (JSON output).
     pub fn kind(&self) -> &'static str {
-        match self {
-            ReceiptError::ChainIdMismatch => "chain_id_mismatch",
-            ReceiptError::SignatureInvalid => "signature_invalid",
-            ReceiptError::OtherRelease => "other_release",
-            ReceiptError::ForeignChain { .. } => "foreign_chain",
-            ReceiptError::NotStored { .. } => "not_stored",
-            ReceiptError::EntryMismatch { .. } => "entry_mismatch",
-            ReceiptError::NotARelease { .. } => "not_a_release",
-        }
+        self.into()
     }
 }
 

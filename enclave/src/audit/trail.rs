@@ -44,8 +44,9 @@ pub enum NotAttested {
 }
 
 /// The first broken link of a trail. Each tampering case has its own variant.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, strum::IntoStaticStr)]
 #[non_exhaustive]
+#[strum(serialize_all = "snake_case")]
 pub enum TrailError {
     /// No entries at all.
     #[error("the trail holds no entries")]
@@ -172,22 +173,7 @@ pub enum TrailError {
 impl TrailError {
     /// Stable snake_case name (JSON output, metrics).
     pub fn kind(&self) -> &'static str {
-        match self {
-            TrailError::Empty => "empty",
-            TrailError::NoCheckpoint { .. } => "no_checkpoint",
-            TrailError::CheckpointSignatureInvalid { .. } => "checkpoint_signature_invalid",
-            TrailError::CheckpointKeyNotAttested { .. } => "checkpoint_key_not_attested",
-            TrailError::KreImageMismatch { .. } => "kre_image_mismatch",
-            TrailError::ForeignCheckpoint { .. } => "foreign_checkpoint",
-            TrailError::CheckpointOutOfOrder { .. } => "checkpoint_out_of_order",
-            TrailError::ForeignEntry { .. } => "foreign_entry",
-            TrailError::EntryDeleted { .. } => "entry_deleted",
-            TrailError::EntryReordered { .. } => "entry_reordered",
-            TrailError::EntryDuplicated { .. } => "entry_duplicated",
-            TrailError::EntryModified { .. } => "entry_modified",
-            TrailError::CheckpointHeadMismatch { .. } => "checkpoint_head_mismatch",
-            TrailError::TruncatedAfterCheckpoint { .. } => "truncated_after_checkpoint",
-        }
+        self.into()
     }
 }
 
