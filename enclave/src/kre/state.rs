@@ -12,6 +12,7 @@ use keygate_attestation::{AttestRequest, Nsm};
 use sha2::{Digest, Sha384};
 
 use crate::audit::{AuditError, AuditEvent};
+use crate::binding;
 use crate::state::custody::{CustodianSet, UnsealShare};
 use crate::state::vault::{self, Custody, Phase, PolicyHead, UnsealOutcome, Vault};
 use crate::wire::{Id, Message, StateReport};
@@ -219,16 +220,14 @@ impl StateService {
         let refuse = |e| Denial::state("unseal-offer", e);
         let offer = self.vault().offer().map_err(|e| refuse(Error::Vault(e)))?;
         let shares_sha: [u8; 48] = Sha384::digest(&offer.custody.shares).into();
-        let user_data = match &offer.reshare_to {
-            None => vault::unseal_user_data(&offer.unseal_nonce, offer.generation, &offer.set_digest, &shares_sha),
-            Some(new) => vault::reshare_user_data(
-                &offer.unseal_nonce,
-                offer.generation,
-                &offer.set_digest,
-                &shares_sha,
-                &new.digest(),
-            ),
-        };
+        let new_set_digest = offer.reshare_to.as_ref().map(CustodianSet::digest);
+        let user_data = binding::offer_user_data(
+            &offer.unseal_nonce,
+            offer.generation,
+            &offer.set_digest,
+            &shares_sha,
+            new_set_digest.as_ref(),
+        );
         let attestation = self
             .nsm
             .attest(&AttestRequest {

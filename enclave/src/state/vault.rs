@@ -39,6 +39,7 @@ use keygate_attestation::secret::Secret;
 use sha2::{Digest, Sha384};
 
 use crate::audit::AuditHead;
+use crate::binding::genesis_user_data;
 use crate::codec::Id;
 use crate::crypto::keys::{Kek, KekStatus};
 use crate::crypto::shamir::Share;
@@ -56,36 +57,8 @@ pub const MAX_SHARES_FILE: usize = 8 * 1024;
 /// Largest genesis attestation document.
 pub const MAX_GENESIS_ATTESTATION: usize = 12 * 1024;
 
-/// `user_data` of the KRE's unseal attestation:
-/// `SHA-384("keygate/v1/unseal-offer" ‖ unseal_nonce ‖ u64be generation ‖ set_digest ‖ SHA-384(shares file))`.
-/// Its `public_key` is `K`.
 /// A policy bundle as the sealed state records it: (version, SHA-384 of the body).
 pub type PolicyHead = (u64, [u8; 48]);
-
-pub fn unseal_user_data(
-    unseal_nonce: &[u8; 32],
-    generation: u64,
-    set_digest: &[u8; 48],
-    shares_sha384: &[u8; 48],
-) -> [u8; 48] {
-    let mut h = Sha384::new();
-    h.update(b"keygate/v1/unseal-offer");
-    h.update(unseal_nonce);
-    h.update(generation.to_be_bytes());
-    h.update(set_digest);
-    h.update(shares_sha384);
-    h.finalize().into()
-}
-
-/// `user_data` of the genesis attestation that travels with the shares file:
-/// `SHA-384("keygate/v1/genesis" ‖ shares file)`. It shows custodians that the shares were
-/// made inside a genuine KRE (so nobody outside knows the state key).
-pub fn genesis_user_data(shares_file: &[u8]) -> [u8; 48] {
-    let mut h = Sha384::new();
-    h.update(b"keygate/v1/genesis");
-    h.update(shares_file);
-    h.finalize().into()
-}
 
 /// Produces the KRE's attestation document with the given `user_data`.
 pub type Attest<'a> = dyn FnMut(&[u8; 48]) -> Result<Vec<u8>, keygate_attestation::NsmError> + 'a;
@@ -262,25 +235,6 @@ pub fn decode_set(crypto: &dyn Crypto, b: &[u8]) -> Result<CustodianSet, Custody
         .map(|c| c.try_into().map_err(|_| CustodyError::Truncated))
         .collect::<Result<Vec<PublicKey>, _>>()?;
     CustodianSet::new(crypto, m, keys)
-}
-
-/// `user_data` of the KRE's reshare attestation: as [`unseal_user_data`], with the new set:
-/// `SHA-384("keygate/v1/reshare-offer" ‖ nonce ‖ u64be generation ‖ set_digest ‖ SHA-384(shares) ‖ new_set_digest)`.
-pub fn reshare_user_data(
-    nonce: &[u8; 32],
-    generation: u64,
-    set_digest: &[u8; 48],
-    shares_sha384: &[u8; 48],
-    new_set_digest: &[u8; 48],
-) -> [u8; 48] {
-    let mut h = Sha384::new();
-    h.update(b"keygate/v1/reshare-offer");
-    h.update(nonce);
-    h.update(generation.to_be_bytes());
-    h.update(set_digest);
-    h.update(shares_sha384);
-    h.update(new_set_digest);
-    h.finalize().into()
 }
 
 /// The result of one accepted share.
@@ -1143,25 +1097,6 @@ mod tests {
         assert!(matches!(v.start_reshare(crypto, set, &mut r), Err(VaultError::ExportOutstanding)));
         v.commit(e.generation, &e.blob_sha384).expect("commit");
         assert_ne!(v.custody().expect("custody"), &custody, "a new shares file");
-    }
-
-    #[test]
-    fn session_bindings_are_the_documented_hashes() {
-        let h = |parts: &[&[u8]]| -> [u8; 48] {
-            let mut d = Sha384::new();
-            for p in parts {
-                d.update(p);
-            }
-            d.finalize().into()
-        };
-        let (n, g, sd, sh, nd) = ([1u8; 32], 7u64, [2u8; 48], [3u8; 48], [4u8; 48]);
-        assert_eq!(unseal_user_data(&n, g, &sd, &sh), h(&[b"keygate/v1/unseal-offer", &n, &g.to_be_bytes(), &sd, &sh]));
-        assert_eq!(
-            reshare_user_data(&n, g, &sd, &sh, &nd),
-            h(&[b"keygate/v1/reshare-offer", &n, &g.to_be_bytes(), &sd, &sh, &nd])
-        );
-        assert_eq!(genesis_user_data(b"shares"), h(&[b"keygate/v1/genesis", b"shares"]));
-        assert_ne!(unseal_user_data(&n, g + 1, &sd, &sh), unseal_user_data(&n, g, &sd, &sh));
     }
 
     #[test]
