@@ -834,17 +834,8 @@ fn same_content(a: &KreState, b: &KreState) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::test_rng as rng;
     use keygate_attestation::crypto::all_backends;
-
-    fn rng(seed: u8) -> impl FnMut(&mut [u8]) {
-        let mut n = u32::from(seed);
-        move |b: &mut [u8]| {
-            for x in b.iter_mut() {
-                n = n.wrapping_mul(1_103_515_245).wrapping_add(12_345);
-                *x = n.to_be_bytes()[1];
-            }
-        }
-    }
 
     struct Custodian {
         scalar: P384Scalar,
@@ -881,6 +872,15 @@ mod tests {
         assert_eq!(v.commit(1, &sha), Ok(1));
         let custody = v.custody().expect("custody").clone();
         (v, blob, custody)
+    }
+
+    /// [`genesis`] on the default backend with `m` of `n` test custodians: the backend, the
+    /// custodians, their set, and the serving vault with its committed blob and custody.
+    fn serving(m: u8, n: u8) -> (&'static dyn Crypto, Vec<Custodian>, CustodianSet, Vault, Vec<u8>, Custody) {
+        let crypto = keygate_attestation::crypto::default_backend();
+        let (cs, set) = setup(crypto, m, n);
+        let (v, blob, custody) = genesis(crypto, &set);
+        (crypto, cs, set, v, blob, custody)
     }
 
     fn share_for(crypto: &dyn Crypto, c: &Custodian, offer: &UnsealOffer, att: [u8; 48], seed: u8) -> UnsealShare {
@@ -955,9 +955,7 @@ mod tests {
 
     #[test]
     fn unseal_refusals() {
-        let crypto = keygate_attestation::crypto::default_backend();
-        let (cs, set) = setup(crypto, 2, 3);
-        let (_, blob, custody) = genesis(crypto, &set);
+        let (crypto, cs, set, _, blob, custody) = serving(2, 3);
         let mut k = Vault::new(set.clone());
         k.load(crypto, blob.clone(), custody.clone(), &mut rng(2)).expect("load");
         let offer = k.offer().expect("offer");
@@ -1017,9 +1015,7 @@ mod tests {
 
     #[test]
     fn changes_are_used_only_after_commit_and_exports_are_fixed() {
-        let crypto = keygate_attestation::crypto::default_backend();
-        let (_, set) = setup(crypto, 1, 1);
-        let (mut v, _, _) = genesis(crypto, &set);
+        let (crypto, _, set, mut v, _, _) = serving(1, 1);
         let mut r = rng(3);
         assert!(v.export(crypto, &mut r).expect("export").is_none(), "nothing to export");
         assert_eq!(v.ensure_clusters(&[id("a"), id("c")], &mut r), Ok(vec![id("c")]));
@@ -1059,9 +1055,7 @@ mod tests {
 
     #[test]
     fn a_reshare_needs_shares_of_the_key_in_use() {
-        let crypto = keygate_attestation::crypto::default_backend();
-        let (cs, set) = setup(crypto, 2, 3);
-        let (mut v, _, custody) = genesis(crypto, &set);
+        let (crypto, cs, set, mut v, _, custody) = serving(2, 3);
         let (_, new_set) = setup(crypto, 1, 2);
         let mut r = rng(9);
         v.start_reshare(crypto, new_set.clone(), &mut r).expect("start");
@@ -1107,9 +1101,7 @@ mod tests {
         );
         let e = VaultError::WrongPhase { phase: Phase::Awaiting, step: "an unseal offer", needs: "unsealing" };
         assert_eq!(e.to_string(), "the KRE is awaiting_state; an unseal offer needs it unsealing");
-        let crypto = keygate_attestation::crypto::default_backend();
-        let (_, set) = setup(crypto, 1, 1);
-        let (v, _, _) = genesis(crypto, &set);
+        let (crypto, _, set, v, _, _) = serving(1, 1);
         let dbg = format!("{v:?}");
         assert!(dbg.contains("Serving") && dbg.contains("committed_generation: 1"), "{dbg}");
         let mut w = Vault::new(set);
@@ -1169,9 +1161,7 @@ mod tests {
 
     #[test]
     fn shares_accepted_counts_the_unseal_session() {
-        let crypto = keygate_attestation::crypto::default_backend();
-        let (cs, set) = setup(crypto, 2, 3);
-        let (_, blob, custody) = genesis(crypto, &set);
+        let (crypto, cs, set, _, blob, custody) = serving(2, 3);
         let mut k = Vault::new(set);
         assert_eq!(k.shares_accepted(), 0);
         k.load(crypto, blob, custody, &mut rng(2)).expect("load");
@@ -1184,9 +1174,7 @@ mod tests {
 
     #[test]
     fn the_policy_head_only_moves_forward_and_is_sealed() {
-        let crypto = keygate_attestation::crypto::default_backend();
-        let (_, set) = setup(crypto, 1, 1);
-        let (mut v, _, _) = genesis(crypto, &set);
+        let (crypto, _, set, mut v, _, _) = serving(1, 1);
         let mut r = rng(6);
         let key = {
             let Inner::Serving(s) = &v.inner else { panic!("serving") };
@@ -1223,9 +1211,7 @@ mod tests {
     /// first record wins, and only the newest are kept.
     #[test]
     fn activation_times_are_sealed_bound_to_the_bundle_and_first_one_wins() {
-        let crypto = keygate_attestation::crypto::default_backend();
-        let (cs, set) = setup(crypto, 2, 3);
-        let (mut v, _, custody) = genesis(crypto, &set);
+        let (crypto, cs, set, mut v, _, custody) = serving(2, 3);
         let mut r = rng(15);
         v.record_activation(2, [2; 48], 5_000);
         v.record_activation(2, [2; 48], 9_000);
@@ -1256,9 +1242,7 @@ mod tests {
 
     #[test]
     fn retirement_keeps_the_boundary_version_and_the_current_one() {
-        let crypto = keygate_attestation::crypto::default_backend();
-        let (_, set) = setup(crypto, 1, 1);
-        let (mut v, _, _) = genesis(crypto, &set);
+        let (crypto, _, set, mut v, _, _) = serving(1, 1);
         let mut r = rng(8);
         v.rotate_to(&id("a"), 3, 2, &mut r).expect("rotate and retire");
         let e = v.export(crypto, &mut r).expect("export").expect("some").clone();
@@ -1271,9 +1255,7 @@ mod tests {
 
     #[test]
     fn nothing_exported_holds_the_state_key_or_a_kek() {
-        let crypto = keygate_attestation::crypto::default_backend();
-        let (_, set) = setup(crypto, 2, 3);
-        let (mut v, blob, custody) = genesis(crypto, &set);
+        let (crypto, _, set, mut v, blob, custody) = serving(2, 3);
         let mut r = rng(4);
         v.rotate_to(&id("a"), 3, 0, &mut r).expect("rotate");
         let blob2 = v.export(crypto, &mut r).expect("export").expect("some").blob.clone();
