@@ -1015,7 +1015,7 @@ mod tests {
 
     #[test]
     fn changes_are_used_only_after_commit_and_exports_are_fixed() {
-        let (crypto, _, set, mut v, _, _) = serving(1, 1);
+        let (crypto, _, _, mut v, _, _) = serving(1, 1);
         let mut r = rng(3);
         assert!(v.export(crypto, &mut r).expect("export").is_none(), "nothing to export");
         assert_eq!(v.ensure_clusters(&[id("a"), id("c")], &mut r), Ok(vec![id("c")]));
@@ -1174,7 +1174,7 @@ mod tests {
 
     #[test]
     fn the_policy_head_only_moves_forward_and_is_sealed() {
-        let (crypto, _, set, mut v, _, _) = serving(1, 1);
+        let (crypto, _, _, mut v, _, _) = serving(1, 1);
         let mut r = rng(6);
         let key = {
             let Inner::Serving(s) = &v.inner else { panic!("serving") };
@@ -1242,7 +1242,7 @@ mod tests {
 
     #[test]
     fn retirement_keeps_the_boundary_version_and_the_current_one() {
-        let (crypto, _, set, mut v, _, _) = serving(1, 1);
+        let (crypto, _, _, mut v, _, _) = serving(1, 1);
         let mut r = rng(8);
         v.rotate_to(&id("a"), 3, 2, &mut r).expect("rotate and retire");
         let e = v.export(crypto, &mut r).expect("export").expect("some").clone();
@@ -1255,7 +1255,7 @@ mod tests {
 
     #[test]
     fn nothing_exported_holds_the_state_key_or_a_kek() {
-        let (crypto, _, set, mut v, blob, custody) = serving(2, 3);
+        let (crypto, _, _, mut v, blob, custody) = serving(2, 3);
         let mut r = rng(4);
         v.rotate_to(&id("a"), 3, 0, &mut r).expect("rotate");
         let blob2 = v.export(crypto, &mut r).expect("export").expect("some").blob.clone();
