@@ -784,7 +784,7 @@ fn unverified_releases_are_counted_with_the_anonymous_refusals() {
         let code = if i % 2 == 0 {
             denial(&step(&mut c, &kre, &bad, T + i)).0
         } else {
-            denial(&c.deny(&kre, DenyCode::Timeout, "no complete frame in time", T + i)).0
+            denial(&c.deny(&kre, wire::Unreadable::Timeout, T + i)).0
         };
         assert!(matches!(code, DenyCode::AttestationInvalid | DenyCode::Timeout), "{code:?}");
     }
