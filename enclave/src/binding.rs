@@ -234,6 +234,7 @@ pub fn chain_id_of(point: &[u8]) -> [u8; 48] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::test_id as id;
 
     fn h(parts: &[&[u8]]) -> [u8; 48] {
         let mut d = Sha384::new();
@@ -288,10 +289,6 @@ mod tests {
         assert_eq!(entry_digest(b"e"), h(&[b"keygate/v1/audit-entry", b"e"]));
         assert_eq!(chain_id_of(b"p"), h(&[b"keygate/v1/audit-chain", b"p"]));
         assert_ne!(entry_digest(b"p"), chain_id_of(b"p"));
-    }
-
-    fn id(s: &str) -> Id {
-        Id::new(s).expect("id")
     }
 
     #[test]

@@ -292,12 +292,9 @@ pub const MAX_KEK_VERSIONS: u32 = 1024;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::test_id as id;
     use crate::crypto::test_rng;
     use keygate_attestation::crypto::all_backends;
-
-    fn id(s: &str) -> Id {
-        Id::new(s).expect("id")
-    }
 
     fn transcript() -> Transcript {
         Transcript {

@@ -582,11 +582,8 @@ pub fn open(blob: &[u8], state_key: &Secret<32>, crypto: &dyn Crypto) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::test_id as id;
     use keygate_attestation::crypto::{all_backends, default_backend};
-
-    fn id(s: &str) -> Id {
-        Id::new(s).expect("id")
-    }
 
     fn entry(version: u32, status: KekStatus, b: u8) -> KekEntry {
         KekEntry { version, status, kek: Secret::new([b; 32]) }

@@ -834,6 +834,7 @@ fn same_content(a: &KreState, b: &KreState) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::test_id as id;
     use crate::crypto::test_rng as rng;
     use keygate_attestation::crypto::all_backends;
 
@@ -851,10 +852,6 @@ mod tests {
         }
         let set = CustodianSet::new(crypto, m, keys).expect("set");
         (cs, set)
-    }
-
-    fn id(s: &str) -> Id {
-        Id::new(s).expect("id")
     }
 
     fn attest_ok(_: &[u8; 48]) -> Result<Vec<u8>, keygate_attestation::NsmError> {

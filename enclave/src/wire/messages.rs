@@ -623,11 +623,8 @@ impl Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::test_id as id;
     use crate::wire::frame_len;
-
-    fn id(s: &str) -> Id {
-        Id::new(s).expect("id")
-    }
 
     /// A structurally valid receipt (the codec does not check signatures).
     fn receipt() -> Receipt {
