@@ -1,6 +1,7 @@
 //! The KRE wire format (version 1), specified in `docs/protocol.md`.
 //!
-//! - [`frame`](self::frame): the length prefix, version and type bytes, and [`WireError`];
+//! - [`frame`](self::frame): the length prefix, version and type bytes, [`WireError`] and
+//!   [`Unreadable`];
 //! - `messages`: every [`Message`] with its payload layout and limits;
 //! - `channel`: which [`Channel`] may send which request;
 //! - `deny`: the [`DenyCode`]s.

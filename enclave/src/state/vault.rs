@@ -12,7 +12,7 @@
 //!   releases nothing (`sealed`).
 //! - **Unsealing**: the parent handed over the stored blob and shares file; the KRE drew an
 //!   ephemeral P-384 key `K` and an unseal nonce for this session and collects custodian
-//!   shares re-encrypted to `K` ([`crate::custody`]). At M shares it reconstructs the state
+//!   shares re-encrypted to `K` ([`crate::state::custody`]). At M shares it reconstructs the state
 //!   key, opens the blob and serves exactly that generation.
 //! - **Serving**: `committed` is the newest state the parent has stored durably and
 //!   acknowledged; only its KEKs are used. Changes (a new cluster, a rotation, a new policy

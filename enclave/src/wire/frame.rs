@@ -1,5 +1,6 @@
 //! Framing: the length prefix, the version and type bytes, the limits of frames and of
-//! their fields, and the wire format's error (`docs/protocol.md`, "Transport and framing").
+//! their fields, the wire format's error, and the refusals of frames a server does not read
+//! with their deny codes (`docs/protocol.md`, "Transport and framing").
 //!
 //! ```text
 //! frame   = length:u32be body           ; 2 <= length <= MAX_FRAME
