@@ -197,6 +197,21 @@ pub fn reshare_user_data(
     sha384(&[b"keygate/v1/reshare-offer", nonce, &generation.to_be_bytes(), set_digest, shares_sha384, new_set_digest])
 }
 
+/// `user_data` of an unseal offer: [`unseal_user_data`], or [`reshare_user_data`] when the
+/// offer reshares to the set with digest `new_set_digest`. The KRE makes it; a custodian checks it.
+pub fn offer_user_data(
+    nonce: &[u8; 32],
+    generation: u64,
+    set_digest: &[u8; 48],
+    shares_sha384: &[u8; 48],
+    new_set_digest: Option<&[u8; 48]>,
+) -> [u8; 48] {
+    match new_set_digest {
+        None => unseal_user_data(nonce, generation, set_digest, shares_sha384),
+        Some(new) => reshare_user_data(nonce, generation, set_digest, shares_sha384, new),
+    }
+}
+
 /// `user_data` of the genesis attestation that travels with the shares file:
 /// `SHA-384("keygate/v1/genesis" ‖ shares file)`. It shows custodians that the shares were
 /// made inside a genuine KRE (so nobody outside knows the state key).
@@ -219,6 +234,7 @@ pub fn chain_id_of(point: &[u8]) -> [u8; 48] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::test_id as id;
 
     fn h(parts: &[&[u8]]) -> [u8; 48] {
         let mut d = Sha384::new();
@@ -255,14 +271,24 @@ mod tests {
     }
 
     #[test]
+    fn session_bindings_are_the_documented_hashes() {
+        let (n, g, sd, sh, nd) = ([1u8; 32], 7u64, [2u8; 48], [3u8; 48], [4u8; 48]);
+        assert_eq!(unseal_user_data(&n, g, &sd, &sh), h(&[b"keygate/v1/unseal-offer", &n, &g.to_be_bytes(), &sd, &sh]));
+        assert_eq!(
+            reshare_user_data(&n, g, &sd, &sh, &nd),
+            h(&[b"keygate/v1/reshare-offer", &n, &g.to_be_bytes(), &sd, &sh, &nd])
+        );
+        assert_eq!(genesis_user_data(b"shares"), h(&[b"keygate/v1/genesis", b"shares"]));
+        assert_ne!(unseal_user_data(&n, g + 1, &sd, &sh), unseal_user_data(&n, g, &sd, &sh));
+        assert_eq!(offer_user_data(&n, g, &sd, &sh, None), unseal_user_data(&n, g, &sd, &sh));
+        assert_eq!(offer_user_data(&n, g, &sd, &sh, Some(&nd)), reshare_user_data(&n, g, &sd, &sh, &nd));
+    }
+
+    #[test]
     fn audit_digests_are_domain_separated() {
         assert_eq!(entry_digest(b"e"), h(&[b"keygate/v1/audit-entry", b"e"]));
         assert_eq!(chain_id_of(b"p"), h(&[b"keygate/v1/audit-chain", b"p"]));
         assert_ne!(entry_digest(b"p"), chain_id_of(b"p"));
-    }
-
-    fn id(s: &str) -> Id {
-        Id::new(s).expect("id")
     }
 
     #[test]

@@ -19,11 +19,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keygate_attestation::{HardwareNsm, Nsm, NsmError, TrustAnchor, Verifier};
+use keygate_attestation::{AnchorError, HardwareNsm, Nsm, NsmError, TrustAnchor, Verifier};
 
-use crate::kre::{Kre, KreConfig};
+use crate::kre::{Kre, KreConfig, StartError};
 use crate::net::server::{self, ServerConfig};
 use crate::net::transport::{Addr, Listener};
+use crate::policy_file::PolicyFileError;
+use crate::state::custody::{CustodianSet, CustodyError};
 use crate::wire::Channel;
 
 /// The NSM backend every binary has: the Nitro Secure Module at `/dev/nsm`.
@@ -269,10 +271,105 @@ pub fn parse<P: clap::Parser>(extra: &[&'static str]) -> P {
     }
 }
 
-/// Prints a configuration error; exit code 2.
-fn refuse(program: &str, msg: impl fmt::Display) -> ExitCode {
-    eprintln!("{program}: error: {msg}");
-    ExitCode::from(2)
+/// Why [`run`] did not start the KRE (exit code 2): each failure names the flag, file or
+/// address concerned and keeps its cause.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// Core dumps could not be disabled (a dump would hold KEKs in plaintext).
+    #[error("cannot disable core dumps: {0}")]
+    CoreDumps(#[source] std::io::Error),
+    /// The NSM `--nsm` names cannot serve.
+    #[error(transparent)]
+    Nsm(#[from] NsmChoiceError),
+    /// A file a flag names cannot be read.
+    #[error("{flag} {}: {source}", .path.display())]
+    Read {
+        /// The flag (`--root`, `--custodian`, `--policy`, `--genesis`).
+        flag: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The `--root` file is not a root certificate (PEM).
+    #[error("--root {}: {source}", .path.display())]
+    Root {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: AnchorError,
+    },
+    /// The built-in AWS Nitro root does not load.
+    #[error(transparent)]
+    NitroRoot(AnchorError),
+    /// `--custodian-threshold` without any `--custodian`.
+    #[error("--custodian-threshold needs --custodian")]
+    ThresholdWithoutCustodians,
+    /// `--custodian` without `--custodian-threshold`.
+    #[error("--custodian needs --custodian-threshold M")]
+    CustodiansWithoutThreshold,
+    /// A `--custodian` file is not a P-384 public key (PEM).
+    #[error("--custodian {}: not a P-384 public key (PEM): {source}", .path.display())]
+    CustodianKey {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: p384::pkcs8::spki::Error,
+    },
+    /// A `--custodian` key has no 97-byte uncompressed encoding.
+    #[error("--custodian {}: not an uncompressed P-384 point", .0.display())]
+    CustodianPoint(PathBuf),
+    /// The custodian keys and the threshold make no custodian set.
+    #[error("custodians: {0}")]
+    Custodians(#[source] CustodyError),
+    /// The `--policy` file is not a policy file.
+    #[error("--policy {}: {source}", .path.display())]
+    PolicyFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: PolicyFileError,
+    },
+    /// The KRE did not start with the `--policy` or `--genesis` file.
+    #[error("{flag} {}: {source}", .path.display())]
+    Start {
+        /// `--policy` or `--genesis`.
+        flag: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: StartError,
+    },
+    /// Neither `--policy` nor `--genesis` (clap refuses this first).
+    #[error("one of --policy or --genesis is required")]
+    NoPolicy,
+    /// The async runtime did not start.
+    #[error("runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// Two channels were given one address.
+    #[error("the {channel} channel's address {addr} is also another channel's")]
+    SharedAddress {
+        /// The channel.
+        channel: Channel,
+        /// The address.
+        addr: Addr,
+    },
+    /// A channel's address cannot be listened on.
+    #[error("cannot listen on {addr} ({channel} channel): {source}")]
+    Listen {
+        /// The address.
+        addr: Addr,
+        /// The channel.
+        channel: Channel,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Reads the file `path` that `flag` names.
+fn read_file(flag: &'static str, path: &std::path::Path) -> Result<Vec<u8>, RunError> {
+    std::fs::read(path).map_err(|source| RunError::Read { flag, path: path.to_owned(), source })
 }
 
 /// Runs the KRE as `program` (the name in error messages) with `args` and the NSM backends
@@ -297,11 +394,19 @@ impl Default for DevOptions {
 
 /// [`run`] with the development binary's [`DevOptions`].
 pub fn run_with(program: &str, args: EnclaveArgs, extra: &[&dyn NsmBackend], dev: DevOptions) -> ExitCode {
-    let fail = |msg: String| refuse(program, msg);
-    // No core dumps: a dump of this process would hold KEKs in plaintext.
-    if let Err(e) = rlimit::setrlimit(rlimit::Resource::CORE, 0, 0) {
-        return fail(format!("cannot disable core dumps: {e}"));
+    match serve(args, extra, dev) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{program}: error: {e}");
+            ExitCode::from(2)
+        }
     }
+}
+
+/// Starts the KRE and serves until SIGINT or SIGTERM.
+fn serve(args: EnclaveArgs, extra: &[&dyn NsmBackend], dev: DevOptions) -> Result<(), RunError> {
+    // No core dumps: a dump of this process would hold KEKs in plaintext.
+    rlimit::setrlimit(rlimit::Resource::CORE, 0, 0).map_err(RunError::CoreDumps)?;
     let filter = tracing_subscriber::EnvFilter::try_from_env("KEYGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
@@ -311,23 +416,12 @@ pub fn run_with(program: &str, args: EnclaveArgs, extra: &[&dyn NsmBackend], dev
         builder.init();
     }
 
-    let OpenedNsm { nsm, default_root } = match open_nsm(&args.nsm, extra) {
-        Ok(o) => o,
-        Err(e) => return fail(e.to_string()),
-    };
+    let OpenedNsm { nsm, default_root } = open_nsm(&args.nsm, extra)?;
     let anchor = match (&args.root, default_root) {
-        (Some(p), _) => match std::fs::read(p)
-            .map_err(|e| e.to_string())
-            .and_then(|b| TrustAnchor::from_pem(&b).map_err(|e| e.to_string()))
-        {
-            Ok(a) => a,
-            Err(e) => return fail(format!("--root {}: {e}", p.display())),
-        },
+        (Some(p), _) => TrustAnchor::from_pem(&read_file("--root", p)?)
+            .map_err(|source| RunError::Root { path: p.clone(), source })?,
         (None, Some(a)) => a,
-        (None, None) => match TrustAnchor::aws_nitro() {
-            Ok(a) => a,
-            Err(e) => return fail(e.to_string()),
-        },
+        (None, None) => TrustAnchor::aws_nitro().map_err(RunError::NitroRoot)?,
     };
     let config = KreConfig {
         challenge_ttl: Duration::from_secs(args.challenge_ttl),
@@ -338,29 +432,24 @@ pub fn run_with(program: &str, args: EnclaveArgs, extra: &[&dyn NsmBackend], dev
             reserve: (args.audit_capacity / 256).clamp(1, 256),
             ..Default::default()
         },
-        custodians: match custodian_set(&args) {
-            Ok(set) => set,
-            Err(e) => return fail(e),
-        },
+        custodians: custodian_set(&args)?,
         ..KreConfig::default()
     };
     let verifier = Verifier::new(anchor.clone());
-    let built = match (&args.policy, &args.genesis) {
-        (Some(path), _) => std::fs::read(path)
-            .map_err(|e| e.to_string())
-            .and_then(|b| crate::policy_file::parse(&b).map_err(|e| e.to_string()))
-            .and_then(|p| Kre::new(config, verifier, p, nsm).map_err(|e| e.to_string()))
-            .map_err(|e| format!("--policy {}: {e}", path.display())),
-        (None, Some(path)) => std::fs::read(path)
-            .map_err(|e| e.to_string())
-            .and_then(|b| Kre::with_genesis(config, verifier, &b, nsm).map_err(|e| e.to_string()))
-            .map_err(|e| format!("--genesis {}: {e}", path.display())),
-        (None, None) => Err("one of --policy or --genesis is required".to_owned()),
-    };
-    let kre = match built {
-        Ok(k) => Arc::new(k),
-        Err(e) => return fail(e),
-    };
+    let kre = Arc::new(match (&args.policy, &args.genesis) {
+        (Some(path), _) => {
+            let policy = crate::policy_file::parse(&read_file("--policy", path)?)
+                .map_err(|source| RunError::PolicyFile { path: path.clone(), source })?;
+            Kre::new(config, verifier, policy, nsm).map_err(|source| RunError::Start {
+                flag: "--policy",
+                path: path.clone(),
+                source,
+            })?
+        }
+        (None, Some(path)) => Kre::with_genesis(config, verifier, &read_file("--genesis", path)?, nsm)
+            .map_err(|source| RunError::Start { flag: "--genesis", path: path.clone(), source })?,
+        (None, None) => return Err(RunError::NoPolicy),
+    });
     let clusters = kre.policy(server::now_ms()).clusters.len();
     let server_cfg = ServerConfig {
         max_connections: args.max_connections,
@@ -378,10 +467,7 @@ pub fn run_with(program: &str, args: EnclaveArgs, extra: &[&dyn NsmBackend], dev
     if let Some(n) = args.threads {
         rt.worker_threads(n.max(1));
     }
-    let rt = match rt.build() {
-        Ok(rt) => rt,
-        Err(e) => return fail(format!("runtime: {e}")),
-    };
+    let rt = rt.build().map_err(RunError::Runtime)?;
     rt.block_on(async move {
         let mut addrs = vec![(Channel::Release, args.listen.clone())];
         addrs.push((
@@ -395,12 +481,13 @@ pub fn run_with(program: &str, args: EnclaveArgs, extra: &[&dyn NsmBackend], dev
         let mut listeners = Vec::with_capacity(addrs.len());
         // The release channel last: once its socket accepts, every channel does.
         for (channel, addr) in addrs.iter().rev() {
-            if addrs.iter().filter(|(_, a)| a == addr).count() > 1 {
-                return fail(format!("the {channel} channel's address {addr} is also another channel's"));
+            let (channel, addr) = (*channel, addr.clone());
+            if addrs.iter().filter(|(_, a)| *a == addr).count() > 1 {
+                return Err(RunError::SharedAddress { channel, addr });
             }
-            match Listener::bind(addr).await {
-                Ok(l) => listeners.push((*channel, l)),
-                Err(e) => return fail(format!("cannot listen on {addr} ({channel} channel): {e}")),
+            match Listener::bind(&addr).await {
+                Ok(l) => listeners.push((channel, l)),
+                Err(source) => return Err(RunError::Listen { addr, channel, source }),
             }
         }
         let channels: Vec<String> = addrs.iter().map(|(c, a)| format!("{c}={a}")).collect();
@@ -425,7 +512,7 @@ pub fn run_with(program: &str, args: EnclaveArgs, extra: &[&dyn NsmBackend], dev
         };
         server::serve(listeners, kre, server_cfg, shutdown).await;
         tracing::info!("keygate-enclave stopped");
-        ExitCode::SUCCESS
+        Ok(())
     })
 }
 
@@ -449,30 +536,31 @@ fn beside(release: &Addr, channel: Channel) -> Addr {
 }
 
 /// The custodian set from `--custodian` and `--custodian-threshold`.
-fn custodian_set(args: &EnclaveArgs) -> Result<Option<crate::state::custody::CustodianSet>, String> {
+fn custodian_set(args: &EnclaveArgs) -> Result<Option<CustodianSet>, RunError> {
     if args.custodians.is_empty() {
         if args.custodian_threshold.is_some() {
-            return Err("--custodian-threshold needs --custodian".into());
+            return Err(RunError::ThresholdWithoutCustodians);
         }
         return Ok(None);
     }
-    let threshold = args.custodian_threshold.ok_or("--custodian needs --custodian-threshold M")?;
+    let threshold = args.custodian_threshold.ok_or(RunError::CustodiansWithoutThreshold)?;
     let crypto = keygate_attestation::crypto::default_backend();
     let mut keys = Vec::with_capacity(args.custodians.len());
     for path in &args.custodians {
         use p384::elliptic_curve::sec1::ToEncodedPoint;
         use p384::pkcs8::DecodePublicKey;
-        let pem = std::fs::read_to_string(path).map_err(|e| format!("--custodian {}: {e}", path.display()))?;
+        let pem = std::fs::read_to_string(path).map_err(|source| RunError::Read {
+            flag: "--custodian",
+            path: path.clone(),
+            source,
+        })?;
         let key = p384::PublicKey::from_public_key_pem(&pem)
-            .map_err(|e| format!("--custodian {}: not a P-384 public key (PEM): {e}", path.display()))?;
-        let point: [u8; 97] = key
-            .to_encoded_point(false)
-            .as_bytes()
-            .try_into()
-            .map_err(|_| format!("--custodian {}: not an uncompressed P-384 point", path.display()))?;
+            .map_err(|source| RunError::CustodianKey { path: path.clone(), source })?;
+        let point: [u8; 97] =
+            key.to_encoded_point(false).as_bytes().try_into().map_err(|_| RunError::CustodianPoint(path.clone()))?;
         keys.push(point);
     }
-    crate::state::custody::CustodianSet::new(crypto, threshold, keys).map(Some).map_err(|e| format!("custodians: {e}"))
+    CustodianSet::new(crypto, threshold, keys).map(Some).map_err(RunError::Custodians)
 }
 
 #[cfg(test)]
@@ -571,6 +659,28 @@ mod tests {
             let err = Cli::try_parse_from(base.iter().chain(&extra)).expect_err("no mock flags");
             assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument, "{extra:?}");
         }
+    }
+
+    #[test]
+    fn start_up_errors_name_the_flag_and_the_file() {
+        let base = ["keygate-enclave", "--listen", "unix:s", "--policy", "p.json"];
+        let mut args = Cli::try_parse_from(base).expect("parse").enclave;
+        args.custodian_threshold = Some(1);
+        let err = |args: &EnclaveArgs| custodian_set(args).expect_err("refused").to_string();
+        assert_eq!(err(&args), "--custodian-threshold needs --custodian");
+        let dir = tempfile::tempdir().expect("dir");
+        let missing = dir.path().join("missing.pem");
+        args.custodians = vec![missing.clone()];
+        assert!(err(&args).starts_with(&format!("--custodian {}: ", missing.display())), "{}", err(&args));
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not a key").expect("write");
+        args.custodians = vec![garbage.clone()];
+        let e = err(&args);
+        assert!(e.starts_with(&format!("--custodian {}: not a P-384 public key (PEM): ", garbage.display())), "{e}");
+        args.custodian_threshold = None;
+        assert_eq!(err(&args), "--custodian needs --custodian-threshold M");
+        let e = RunError::Read { flag: "--policy", path: missing.clone(), source: std::io::ErrorKind::NotFound.into() };
+        assert_eq!(e.to_string(), format!("--policy {}: entity not found", missing.display()));
     }
 
     #[test]

@@ -276,6 +276,12 @@ impl Writer {
     }
 }
 
+/// `s` as an [`Id`], for the crate's unit tests (panics on an invalid id).
+#[cfg(test)]
+pub(crate) fn test_id(s: &str) -> Id {
+    Id::new(s).expect("id")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

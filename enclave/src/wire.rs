@@ -1,6 +1,7 @@
 //! The KRE wire format (version 1), specified in `docs/protocol.md`.
 //!
-//! - [`frame`](self::frame): the length prefix, version and type bytes, and [`WireError`];
+//! - [`frame`](self::frame): the length prefix, version and type bytes, [`WireError`] and
+//!   [`Unreadable`];
 //! - `messages`: every [`Message`] with its payload layout and limits;
 //! - `channel`: which [`Channel`] may send which request;
 //! - `deny`: the [`DenyCode`]s.
@@ -23,7 +24,9 @@ mod messages;
 
 pub use self::channel::{Channel, UnknownChannel};
 pub use self::deny::DenyCode;
-pub use self::frame::{frame_len, WireError, MAX_FRAME, MAX_KEYS, MAX_REASON, MAX_RELEASED, NONCE_LEN, VERSION};
+pub use self::frame::{
+    frame_len, Unreadable, WireError, MAX_FRAME, MAX_KEYS, MAX_REASON, MAX_RELEASED, NONCE_LEN, VERSION,
+};
 pub use self::messages::{
     max_request_body, ty, type_name, Message, StateReport, MAX_AUDIT_BATCH, MAX_AUDIT_WAIT_MS, MAX_DURABLE_WAIT_MS,
     UNSEAL_SHARE_LEN,

@@ -11,11 +11,11 @@ use keygate_attestation::policy::{ClusterRule, ReleasePolicy};
 use keygate_attestation::{AttestRequest, Nsm, Verifier};
 use keygate_enclave::audit::{Receipt, ReceiptError};
 use keygate_enclave::kre::{Connection, Env, Event, Kre, KreConfig, Step};
-use keygate_enclave::peer::client::{self, AwaitReleased, ClientError, FetchRequest, ReleasedKey};
+use keygate_enclave::peer::client::{self, AwaitChallenge, AwaitReleased, ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::wire::{self, Channel, DenyCode, Id, Message};
 
 mod common;
-use common::{expectations, id, image, pcrs, rng, step_at as step, T};
+use common::{expectations, id, image, pcrs, rng, sha384, step_at as step, T};
 
 const SEED: &[u8] = b"protocol-test";
 
@@ -55,12 +55,28 @@ fn request(cluster: &str) -> FetchRequest {
     }
 }
 
+/// A client's Hello on a new release connection: the client, the Hello frame, the connection
+/// and the KRE's answer to the Hello.
+fn hello(kre: &Kre, req: FetchRequest, r: &mut dyn FnMut(&mut [u8])) -> (AwaitChallenge, Vec<u8>, Connection, Step) {
+    let (c, hello) = client::start(req, r).expect("hello");
+    let mut conn = Connection::new(Channel::Release);
+    let s = step(&mut conn, kre, &hello, T);
+    (c, hello, conn, s)
+}
+
+/// The server nonce and KRE attestation of a step that answered with a Challenge.
+fn challenge_of(s: &Step) -> ([u8; 32], Vec<u8>) {
+    let Message::Challenge { server_nonce, kre_attestation } = Message::decode(&s.reply[4..]).expect("challenge")
+    else {
+        panic!("no challenge")
+    };
+    (server_nonce, kre_attestation)
+}
+
 /// Runs Hello/Challenge and prepares the Release; returns the connection and client state.
 fn handshake(kre: &Kre, cpi: &MockNsm, req: FetchRequest) -> (Connection, AwaitReleased) {
     let mut r = rng();
-    let (await_challenge, hello) = client::start(req, &mut r).expect("hello");
-    let mut conn = Connection::new(Channel::Release);
-    let s = step(&mut conn, kre, &hello, T);
+    let (await_challenge, _, conn, s) = hello(kre, req, &mut r);
     assert_eq!(s.event, Event::ChallengeIssued);
     assert!(!s.close);
     let verifier = Verifier::new(cpi.root_anchor());
@@ -68,6 +84,15 @@ fn handshake(kre: &Kre, cpi: &MockNsm, req: FetchRequest) -> (Connection, AwaitR
         .on_challenge(&s.reply[4..], &verifier, T, cpi, default_backend(), &mut r)
         .expect("challenge ok");
     (conn, released)
+}
+
+/// A good client's prod handshake whose Release the KRE answers at `T`: the client state, its
+/// Release frame and the KRE's answer.
+fn released(kre: &Kre) -> (AwaitReleased, Vec<u8>, Step) {
+    let (mut conn, rel) = handshake(kre, &cpi(0x10), request("prod"));
+    let frame = rel.release_frame.clone();
+    let s = step(&mut conn, kre, &frame, T);
+    (rel, frame, s)
 }
 
 fn fetch(kre: &Kre, cpi: &MockNsm, req: FetchRequest) -> Result<Vec<ReleasedKey>, ClientError> {
@@ -151,9 +176,7 @@ fn foreign_pki_is_refused() {
     let foreign = MockNsm::new(b"another-pki", pcrs(0x10), Arc::new(|| T));
     let kre = kre();
     let mut r = rng();
-    let (c, hello) = client::start(request("prod"), &mut r).expect("hello");
-    let mut conn = Connection::new(Channel::Release);
-    let s = step(&mut conn, &kre, &hello, T);
+    let (c, _, mut conn, s) = hello(&kre, request("prod"), &mut r);
     // The client trusts the real (test) PKI for the KRE but attests with a foreign one.
     let kre_verifier = Verifier::new(cpi(0x10).root_anchor());
     let rel = c.on_challenge(&s.reply[4..], &kre_verifier, T, &foreign, default_backend(), &mut r).expect("release");
@@ -166,14 +189,10 @@ fn foreign_pki_is_refused() {
 #[test]
 fn replayed_release_is_refused_as_a_replay() {
     let kre = kre();
-    let (mut conn, rel) = handshake(&kre, &cpi(0x10), request("prod"));
-    let captured = rel.release_frame.clone();
-    let s = step(&mut conn, &kre, &captured, T);
+    let (rel, captured, s) = released(&kre);
     rel.on_released(&s.reply[4..], default_backend()).expect("first release works");
     // A new connection, a new challenge, the old Release.
-    let mut conn2 = Connection::new(Channel::Release);
-    let (_, hello) = client::start(request("prod"), &mut rng()).expect("hello");
-    step(&mut conn2, &kre, &hello, T);
+    let (_, _, mut conn2, _) = hello(&kre, request("prod"), &mut rng());
     let (code, _) = denial(&step(&mut conn2, &kre, &captured, T + 20));
     assert_eq!(code, DenyCode::NonceReused);
 }
@@ -182,9 +201,7 @@ fn replayed_release_is_refused_as_a_replay() {
 fn release_with_another_connections_challenge_is_refused() {
     let kre = kre();
     let (_conn_a, rel_a) = handshake(&kre, &cpi(0x10), request("prod"));
-    let mut conn_b = Connection::new(Channel::Release);
-    let (_, hello) = client::start(request("prod"), &mut rng()).expect("hello");
-    step(&mut conn_b, &kre, &hello, T);
+    let (_, _, mut conn_b, _) = hello(&kre, request("prod"), &mut rng());
     let (code, _) = denial(&step(&mut conn_b, &kre, &rel_a.release_frame, T));
     assert_eq!(code, DenyCode::NonceMismatch);
 }
@@ -223,12 +240,8 @@ fn tampered_request_is_refused() {
 
 /// A Release whose attestation the test builds by hand.
 fn manual_release(kre: &Kre, cpi: &MockNsm, make: impl FnOnce([u8; 32]) -> AttestRequest) -> Step {
-    let mut conn = Connection::new(Channel::Release);
-    let (_, hello) = client::start(request("prod"), &mut rng()).expect("hello");
-    let s = step(&mut conn, kre, &hello, T);
-    let Message::Challenge { server_nonce, .. } = Message::decode(&s.reply[4..]).expect("challenge") else {
-        panic!("no challenge")
-    };
+    let (_, _, mut conn, s) = hello(kre, request("prod"), &mut rng());
+    let (server_nonce, _) = challenge_of(&s);
     let doc = cpi.attest(&make(server_nonce)).expect("attest");
     let req = request("prod");
     let frame =
@@ -348,8 +361,7 @@ fn client_refuses_a_kre_with_unexpected_pcrs() {
     let mut req = request("prod");
     req.expect_kre_pcrs = expectations(&pcrs(0x71));
     let mut r = rng();
-    let (c, hello) = client::start(req, &mut r).expect("hello");
-    let s = step(&mut Connection::new(Channel::Release), &kre, &hello, T);
+    let (c, _, _, s) = hello(&kre, req, &mut r);
     let cpi = cpi(0x10);
     let err = c
         .on_challenge(&s.reply[4..], &Verifier::new(cpi.root_anchor()), T, &cpi, default_backend(), &mut r)
@@ -361,12 +373,8 @@ fn client_refuses_a_kre_with_unexpected_pcrs() {
 fn client_refuses_a_challenge_not_bound_to_the_kre_attestation() {
     let kre = kre();
     let mut r = rng();
-    let (c, hello) = client::start(request("prod"), &mut r).expect("hello");
-    let s = step(&mut Connection::new(Channel::Release), &kre, &hello, T);
-    let Message::Challenge { mut server_nonce, kre_attestation } = Message::decode(&s.reply[4..]).expect("challenge")
-    else {
-        panic!("no challenge")
-    };
+    let (c, _, _, s) = hello(&kre, request("prod"), &mut r);
+    let (mut server_nonce, kre_attestation) = challenge_of(&s);
     server_nonce[0] ^= 1; // a man in the middle substitutes the server nonce
     let forged = Message::Challenge { server_nonce, kre_attestation }.encode().expect("enc");
     let cpi = cpi(0x10);
@@ -386,9 +394,7 @@ fn client_refuses_a_challenge_not_bound_to_the_kre_attestation() {
 #[test]
 fn client_refuses_tampered_released_keys() {
     let kre = kre();
-    let (mut conn, rel) = handshake(&kre, &cpi(0x10), request("prod"));
-    let frame = rel.release_frame.clone();
-    let s = step(&mut conn, &kre, &frame, T);
+    let (rel, _, s) = released(&kre);
     let Message::Released { ephemeral_point, mut keys, receipt } = Message::decode(&s.reply[4..]).expect("released")
     else {
         panic!("not released")
@@ -513,12 +519,8 @@ fn the_released_point_is_the_one_the_challenge_attested() {
     let kre = kre();
     let cpi = cpi(0x10);
     let mut r = rng();
-    let (c, hello) = client::start(request("prod"), &mut r).expect("hello");
-    let mut conn = Connection::new(Channel::Release);
-    let s = step(&mut conn, &kre, &hello, T);
-    let Message::Challenge { kre_attestation, .. } = Message::decode(&s.reply[4..]).expect("challenge") else {
-        panic!("no challenge")
-    };
+    let (c, _, mut conn, s) = hello(&kre, request("prod"), &mut r);
+    let (_, kre_attestation) = challenge_of(&s);
     let verifier = Verifier::new(cpi.root_anchor());
     let attested = verifier.verify(&kre_attestation, &keygate_attestation::VerifyOptions::at(T)).expect("doc");
     let rel = c.on_challenge(&s.reply[4..], &verifier, T, &cpi, default_backend(), &mut r).expect("challenge ok");
@@ -537,17 +539,12 @@ fn the_released_point_is_the_one_the_challenge_attested() {
 #[test]
 fn client_refuses_a_released_from_anyone_but_the_attested_kre() {
     use keygate_enclave::crypto::keys::{self, Transcript, WrappingKey};
-    use sha2::{Digest, Sha384};
     let kre = kre();
     let cpi = cpi(0x10);
     let mut r = rng();
-    let (c, hello) = client::start(request("prod"), &mut r).expect("hello");
+    let (c, hello, _, s) = hello(&kre, request("prod"), &mut r);
     let Message::Hello { client_nonce } = Message::decode(&hello[4..]).expect("hello") else { panic!("hello") };
-    let s = step(&mut Connection::new(Channel::Release), &kre, &hello, T);
-    let Message::Challenge { server_nonce, kre_attestation } = Message::decode(&s.reply[4..]).expect("challenge")
-    else {
-        panic!("no challenge")
-    };
+    let (server_nonce, kre_attestation) = challenge_of(&s);
     let verifier = Verifier::new(cpi.root_anchor());
     let rel = c.on_challenge(&s.reply[4..], &verifier, T, &cpi, default_backend(), &mut r).expect("challenge ok");
     let Message::Release { cluster_id, key_ids, attestation } = Message::decode(&rel.release_frame[4..]).expect("rel")
@@ -558,8 +555,8 @@ fn client_refuses_a_released_from_anyone_but_the_attested_kre() {
     let t = Transcript {
         client_nonce,
         server_nonce,
-        kre_attestation_sha384: Sha384::digest(&kre_attestation).into(),
-        client_attestation_sha384: Sha384::digest(&attestation).into(),
+        kre_attestation_sha384: sha384(&kre_attestation),
+        client_attestation_sha384: sha384(&attestation),
         request_digest: wire::request_digest(&cluster_id, &key_ids),
     };
     let chosen: Vec<_> =
@@ -787,7 +784,7 @@ fn unverified_releases_are_counted_with_the_anonymous_refusals() {
         let code = if i % 2 == 0 {
             denial(&step(&mut c, &kre, &bad, T + i)).0
         } else {
-            denial(&c.deny(&kre, DenyCode::Timeout, "no complete frame in time", T + i)).0
+            denial(&c.deny(&kre, wire::Unreadable::Timeout, T + i)).0
         };
         assert!(matches!(code, DenyCode::AttestationInvalid | DenyCode::Timeout), "{code:?}");
     }
@@ -848,21 +845,18 @@ fn anonymous_junk_cannot_fill_the_audit_buffer_or_starve_releases() {
 /// attestation document, which the entry records as the requester's.
 #[test]
 fn a_released_carries_the_receipt_of_its_audit_entry() {
-    use sha2::{Digest, Sha384};
     let kre = kre();
-    let (mut conn, rel) = handshake(&kre, &cpi(0x10), request("prod"));
-    let Message::Release { attestation, .. } = Message::decode(&rel.release_frame[4..]).expect("release") else {
+    let (rel, frame, s) = released(&kre);
+    let Message::Release { attestation, .. } = Message::decode(&frame[4..]).expect("release") else {
         panic!("release")
     };
-    let frame = rel.release_frame.clone();
-    let s = step(&mut conn, &kre, &frame, T);
     let got = rel.on_released(&s.reply[4..], default_backend()).expect("released");
     let r = &got.receipt;
     let log = kre.audit();
     let head = log.status();
     assert_eq!((r.seq(), *r.entry_digest(), *r.chain_id()), (head.last_seq, head.head, head.chain_id));
     assert_eq!(r.public_key(), log.signer().public_key());
-    let doc: [u8; 48] = Sha384::digest(&attestation).into();
+    let doc = sha384(&attestation);
     assert_eq!(*r.document_sha384(), doc);
     let entry = log.entries_after(r.seq() - 1, 1).pop().expect("the entry");
     match entry.event() {

@@ -292,11 +292,9 @@ pub const MAX_KEK_VERSIONS: u32 = 1024;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::test_id as id;
+    use crate::crypto::test_rng;
     use keygate_attestation::crypto::all_backends;
-
-    fn id(s: &str) -> Id {
-        Id::new(s).expect("id")
-    }
 
     fn transcript() -> Transcript {
         Transcript {
@@ -308,27 +306,17 @@ mod tests {
         }
     }
 
-    fn counter_rng(start: u8) -> impl FnMut(&mut [u8]) {
-        let mut n = start;
-        move |b: &mut [u8]| {
-            for x in b.iter_mut() {
-                n = n.wrapping_mul(31).wrapping_add(7);
-                *x = n;
-            }
-        }
-    }
-
     #[test]
     fn wrap_unwrap_round_trip_on_every_backend_and_across_backends() {
         let backends = all_backends();
         for kre in &backends {
             for client in &backends {
-                let (scalar, point) = p384_scalar_from(*client, counter_rng(9)).expect("client key");
+                let (scalar, point) = p384_scalar_from(*client, test_rng(9)).expect("client key");
                 let kek = Secret::new([7u8; 32]);
                 let dk = derive_data_key(*kre, &kek, &id("c"), &id("etcd"), 1).expect("dk");
                 let keys = vec![(id("etcd"), 1, dk.clone())];
                 let (eph, wrapped) =
-                    wrap(*kre, &transcript(), &point, &keys, WrappingKey::generate(*kre, counter_rng(3)).expect("key"))
+                    wrap(*kre, &transcript(), &point, &keys, WrappingKey::generate(*kre, test_rng(3)).expect("key"))
                         .expect("wrap");
                 let out = unwrap(*client, &transcript(), &scalar, &eph, &wrapped).expect("unwrap");
                 assert_eq!(out[0].2, dk, "{} -> {}", kre.name(), client.name());
@@ -351,11 +339,10 @@ mod tests {
     #[test]
     fn unwrap_fails_on_any_transcript_or_ciphertext_change() {
         let c = keygate_attestation::crypto::default_backend();
-        let (scalar, point) = p384_scalar_from(c, counter_rng(9)).expect("client key");
+        let (scalar, point) = p384_scalar_from(c, test_rng(9)).expect("client key");
         let keys = vec![(id("etcd"), 1, Secret::new([9u8; 32]))];
         let (eph, wrapped) =
-            wrap(c, &transcript(), &point, &keys, WrappingKey::generate(c, counter_rng(3)).expect("key"))
-                .expect("wrap");
+            wrap(c, &transcript(), &point, &keys, WrappingKey::generate(c, test_rng(3)).expect("key")).expect("wrap");
         let variants: [fn(&mut Transcript); 5] = [
             |t| t.client_nonce[0] ^= 1,
             |t| t.server_nonce[0] ^= 1,
@@ -377,7 +364,7 @@ mod tests {
         let mut w = wrapped.clone();
         w[0].key_id = id("other");
         assert_eq!(unwrap(c, &transcript(), &scalar, &eph, &w).map(|_| ()), Err(CryptoError::Decrypt));
-        let (other, _) = p384_scalar_from(c, counter_rng(11)).expect("other key");
+        let (other, _) = p384_scalar_from(c, test_rng(11)).expect("other key");
         assert_eq!(unwrap(c, &transcript(), &other, &eph, &wrapped).map(|_| ()), Err(CryptoError::Decrypt));
     }
 
@@ -386,11 +373,11 @@ mod tests {
     #[test]
     fn unwrap_fails_unless_the_bound_bytes_are_exactly_the_wrapped_ones() {
         let c = keygate_attestation::crypto::default_backend();
-        let (scalar, point) = p384_scalar_from(c, counter_rng(9)).expect("client key");
+        let (scalar, point) = p384_scalar_from(c, test_rng(9)).expect("client key");
         let keys = vec![(id("etcd"), 1, Secret::new([9u8; 32])), (id("etcd"), 2, Secret::new([8u8; 32]))];
         let bound = [0x5a; 346];
         let (eph, wrapped) =
-            wrap_bound(c, &transcript(), &point, &keys, WrappingKey::generate(c, counter_rng(3)).expect("key"), &bound)
+            wrap_bound(c, &transcript(), &point, &keys, WrappingKey::generate(c, test_rng(3)).expect("key"), &bound)
                 .expect("wrap");
         let out = unwrap_bound(c, &transcript(), &scalar, &eph, &wrapped, &bound).expect("unwrap");
         assert_eq!(out.len(), 2);

@@ -185,24 +185,11 @@ pub fn combine(shares: &[Share], threshold: u8) -> Result<Secret<SECRET_LEN>, Sh
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::test_rng;
     use proptest::prelude::*;
 
-    /// A deterministic fill for tests (splitmix64; not an RNG for production use).
-    fn counter_rng(seed: u8) -> impl FnMut(&mut [u8]) {
-        let mut n = u64::from(seed);
-        move |b: &mut [u8]| {
-            for x in b.iter_mut() {
-                n = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
-                let mut z = n;
-                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-                *x = (z ^ (z >> 31)).to_le_bytes()[0];
-            }
-        }
-    }
-
     fn secret(seed: u8) -> Secret<32> {
-        let mut rng = counter_rng(seed);
+        let mut rng = test_rng(seed);
         Secret::generate(|b| rng(b))
     }
 
@@ -291,7 +278,7 @@ mod tests {
     #[test]
     fn every_subset_of_a_three_of_five_split_reconstructs() {
         let s = secret(7);
-        let shares = split(&s, 3, 5, &mut counter_rng(1)).expect("split");
+        let shares = split(&s, 3, 5, &mut test_rng(1)).expect("split");
         let sets = subsets(&shares, 3);
         assert_eq!(sets.len(), 10);
         for set in &sets {
@@ -309,7 +296,7 @@ mod tests {
     #[test]
     fn fewer_than_threshold_shares_do_not_give_the_secret() {
         let s = secret(9);
-        let shares = split(&s, 3, 5, &mut counter_rng(2)).expect("split");
+        let shares = split(&s, 3, 5, &mut test_rng(2)).expect("split");
         for set in subsets(&shares, 2) {
             assert_eq!(combine(&set, 3), Err(ShamirError::TooFewShares { got: 2, threshold: 3 }));
             // Interpolating 2 shares as if the threshold were 2 gives some other value.
@@ -320,9 +307,9 @@ mod tests {
     #[test]
     fn threshold_one_and_full_size_splits() {
         let s = secret(3);
-        let one = split(&s, 1, 4, &mut counter_rng(0)).expect("split");
+        let one = split(&s, 1, 4, &mut test_rng(0)).expect("split");
         assert!(one.iter().all(|sh| sh.y == s));
-        let big = split(&s, 255, 255, &mut counter_rng(5)).expect("split");
+        let big = split(&s, 255, 255, &mut test_rng(5)).expect("split");
         assert_eq!(big.len(), 255);
         assert_eq!(big.last().map(|s| s.x), Some(255));
         assert_eq!(combine(&big, 255).expect("combine"), s);
@@ -331,7 +318,7 @@ mod tests {
     #[test]
     fn refused_parameters_and_share_sets() {
         let s = secret(4);
-        let mut rng = counter_rng(0);
+        let mut rng = test_rng(0);
         assert_eq!(split(&s, 0, 3, &mut rng), Err(ShamirError::ZeroThreshold));
         assert_eq!(split(&s, 4, 3, &mut rng), Err(ShamirError::ThresholdAboveShares { threshold: 4, shares: 3 }));
         assert_eq!(split(&s, 1, 0, &mut rng), Err(ShamirError::ThresholdAboveShares { threshold: 1, shares: 0 }));
@@ -350,7 +337,7 @@ mod tests {
     #[test]
     fn a_corrupted_share_gives_a_different_secret() {
         let s = secret(6);
-        let mut shares = split(&s, 2, 2, &mut counter_rng(8)).expect("split");
+        let mut shares = split(&s, 2, 2, &mut test_rng(8)).expect("split");
         let mut y = *shares[1].y.expose();
         y[17] ^= 0x01;
         shares[1].y = Secret::new(y);
@@ -374,7 +361,7 @@ mod tests {
             pick_seed in any::<u64>(),
         ) {
             let s = Secret::new(secret_bytes);
-            let shares = split(&s, t, n, &mut counter_rng(seed)).expect("split");
+            let shares = split(&s, t, n, &mut test_rng(seed)).expect("split");
             prop_assert_eq!(shares.len(), usize::from(n));
             // A pseudo-random subset of size t, in a pseudo-random order.
             let mut pool = shares.clone();

@@ -142,12 +142,13 @@ mod tests {
     use std::sync::Arc;
 
     use keygate_attestation::mock::MockNsm;
+    use keygate_attestation::policy::PolicyDenial;
     use keygate_attestation::{DocumentKind, Verifier};
 
     use super::*;
     use crate::audit::Requester;
     use crate::kre::Error;
-    use crate::wire::{DenyCode, Id};
+    use crate::wire::Id;
 
     const T: u64 = 1_795_478_400_000;
 
@@ -162,15 +163,16 @@ mod tests {
     #[test]
     fn a_denial_with_a_very_long_reason_is_recorded_cut() {
         let trail = trail();
-        // 5,000 bytes of two-byte chars, shifted by one so that `MAX_TEXT - 3` is mid-char.
-        let long = format!("x{}", "é".repeat(2_500));
+        // 5,000 bytes of two-byte chars after the 9 bytes "cluster `", so that `MAX_TEXT - 3`
+        // is mid-char.
+        let error = || Error::Policy(PolicyDenial::UnknownCluster("é".repeat(2_500)));
+        let long = error().to_string();
         let stages =
             [Stage::Release, Stage::Policy { version: Some(2), digest: None }, Stage::State { step: "commit" }];
         for stage in stages {
             let before = trail.log().status().last_seq;
             // A Release refusal has its own entry once the requester's document was verified.
-            let error = Error::Transport { code: DenyCode::ImageNotAllowed, reason: long.clone() };
-            let deny = Denial { requester: Some(requester()), ..Denial::at(stage, error) };
+            let deny = Denial { requester: Some(requester()), ..Denial::at(stage, error()) };
             trail.record_denial(&deny, T);
             let log = trail.log();
             assert_eq!(log.status().last_seq, before + 1, "recorded");
@@ -197,8 +199,7 @@ mod tests {
     }
 
     fn denial(stage: Stage, requester: Option<Requester>) -> Denial {
-        let error = Error::Transport { code: DenyCode::ImageNotAllowed, reason: "no".into() };
-        Denial { requester, ..Denial::at(stage, error) }
+        Denial { requester, ..Denial::at(stage, Error::Policy(PolicyDenial::UnknownCluster("no".into()))) }
     }
 
     #[test]
@@ -210,7 +211,10 @@ mod tests {
         else {
             panic!("a verified requester's refusal is an entry");
         };
-        assert_eq!((code.as_str(), reason.as_str(), r.module_id.as_str()), ("image_not_allowed", "no", "i-0123"));
+        assert_eq!(
+            (code.as_str(), reason.as_str(), r.module_id.as_str()),
+            ("image_not_allowed", "cluster `no` is not in the policy", "i-0123")
+        );
         assert!(matches!(
             denial_event(&denial(Stage::Policy { version: Some(3), digest: None }, None)),
             Some(AuditEvent::PolicyRefused { version: Some(3), .. })

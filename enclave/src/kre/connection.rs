@@ -3,7 +3,7 @@
 //! the dispatch to that channel's state machine. A frame of another channel is refused with
 //! `wrong_channel` from its two header bytes, before its body is read. Spec: docs/protocol.md.
 
-use crate::wire::{self, Channel, DenyCode, Message, WireError};
+use crate::wire::{self, Channel, Message, Unreadable, WireError};
 
 use super::custodian::CustodianConnection;
 use super::error::{Denial, Error, Stage};
@@ -162,10 +162,10 @@ impl Connection {
         }
     }
 
-    /// A Denied for a frame that could not even be read (bad length prefix, timeout).
-    pub fn deny(&mut self, kre: &Kre, code: DenyCode, reason: &str, now_ms: u64) -> Step {
+    /// A Denied for a frame that could not even be read (bad length prefix, timeout, busy).
+    pub fn deny(&mut self, kre: &Kre, why: Unreadable, now_ms: u64) -> Step {
         self.machine.abandon(kre);
-        self.refuse(kre, Error::Transport { code, reason: reason.to_owned() }.into(), now_ms)
+        self.refuse(kre, Error::Transport(why).into(), now_ms)
     }
 
     /// Releases this connection's challenge (the connection closed early).
@@ -187,7 +187,7 @@ impl Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::ty;
+    use crate::wire::{ty, DenyCode};
 
     fn code(c: &Connection, version: u8, t: u8) -> Option<DenyCode> {
         c.refusal_of_header(version, t).map(|d| d.code())

@@ -13,7 +13,7 @@ use keygate_attestation::{NsmError, VerifyError};
 use crate::audit::{AuditError, Requester};
 use crate::state::custody::CustodyError;
 use crate::state::vault::{Phase, VaultError};
-use crate::wire::{self, Channel, DenyCode, Id, WireError};
+use crate::wire::{self, Channel, DenyCode, Id, Unreadable, WireError};
 
 /// A refused request, one variant per failed check.
 #[derive(Debug, thiserror::Error)]
@@ -54,15 +54,9 @@ pub enum Error {
     /// refuses it first).
     #[error("no handler for {0} in this state")]
     NoHandler(&'static str),
-    /// The transport refused a frame it could not read (bad length prefix, timeout, busy);
-    /// code and reason are the server's.
-    #[error("{reason}")]
-    Transport {
-        /// The code the server chose.
-        code: DenyCode,
-        /// The server's reason.
-        reason: String,
-    },
+    /// The transport refused a frame it could not read (bad length prefix, timeout, busy).
+    #[error("{0}")]
+    Transport(Unreadable),
     /// A reply could not be encoded.
     #[error("encoding {what}: {source}")]
     Encode {
@@ -263,7 +257,7 @@ impl From<&Error> for DenyCode {
             E::InvalidRequest(_) | E::Ack(_) => Self::InvalidRequest,
             E::WrongChannel { .. } => Self::WrongChannel,
             E::Unexpected { .. } | E::Finished(_) => Self::UnexpectedMessage,
-            E::Transport { code, .. } => *code,
+            E::Transport(why) => why.code(),
             E::Busy => Self::Busy,
             E::AuditFull | E::ReleaseNotRecorded(_) | E::PolicyNotRecorded(_) | E::StepNotRecorded(_) => {
                 Self::AuditFull
@@ -411,7 +405,7 @@ mod tests {
             E::Unexpected { .. } => 4,
             E::Finished(_) => 5,
             E::NoHandler(_) => 6,
-            E::Transport { .. } => 7,
+            E::Transport(_) => 7,
             E::Encode { .. } => 8,
             E::WrappingKey(_) => 9,
             E::Busy => 10,
@@ -482,7 +476,8 @@ mod tests {
             (E::Unexpected { expected: "Hello", got: "Release" }, C::UnexpectedMessage),
             (E::Finished("Hello"), C::UnexpectedMessage),
             (E::NoHandler("Hello"), C::Internal),
-            (E::Transport { code: C::Timeout, reason: "slow".into() }, C::Timeout),
+            (E::Transport(Unreadable::Timeout), C::Timeout),
+            (E::Transport(Unreadable::Busy), C::Busy),
             (E::Encode { what: "x", source: WireError::BadId }, C::Internal),
             (E::WrappingKey(CryptoError::Kdf), C::Internal),
             (E::Busy, C::Busy),

@@ -12,8 +12,9 @@ use keygate_attestation::{AttestRequest, Nsm};
 use sha2::{Digest, Sha384};
 
 use crate::audit::{AuditError, AuditEvent};
+use crate::binding;
 use crate::state::custody::{CustodianSet, UnsealShare};
-use crate::state::vault::{self, Custody, Phase, PolicyHead, UnsealOutcome, Vault};
+use crate::state::vault::{self, Custody, Phase, PolicyHead, UnsealOutcome, Vault, VaultError};
 use crate::wire::{Id, Message, StateReport};
 
 use super::audit::{append_admin, state_event, AuditTrail};
@@ -81,6 +82,16 @@ impl StateService {
         Ok(out)
     }
 
+    /// [`Self::step`] for a vault step that may refuse: a failed draw is [`Error::Random`], a
+    /// refusal [`Error::Vault`].
+    fn vault_step<T>(
+        &self,
+        vault: &mut Vault,
+        f: impl FnOnce(&mut Vault, &mut dyn FnMut(&mut [u8])) -> Result<T, VaultError>,
+    ) -> Result<T, Error> {
+        self.step(vault, f).map_err(Error::Random)?.map_err(Error::Vault)
+    }
+
     /// Produces the KRE's attestation with `user_data` (genesis and reshare shares files).
     fn attest(&self, user_data: &[u8; 48]) -> Result<Vec<u8>, keygate_attestation::NsmError> {
         self.nsm.attest(&AttestRequest { nonce: None, user_data: Some(user_data.to_vec()), public_key: None })
@@ -119,16 +130,27 @@ impl StateService {
         Ok(out)
     }
 
+    /// [`Self::recorded`] for a step recorded by one successful state event `event`, whose
+    /// detail `f` returns.
+    fn recorded_event(
+        &self,
+        audit: &AuditTrail,
+        step: &'static str,
+        event: &'static str,
+        now_ms: u64,
+        f: impl FnOnce(&mut Vault) -> Result<String, Error>,
+    ) -> Result<(), Denial> {
+        self.recorded(audit, step, now_ms, |v| Ok(((), vec![state_event(event, true, f(v)?)])))
+    }
+
     /// The durable-state report; when there is a generation to store, it is exported here.
     pub(super) fn report(&self, audit: &AuditTrail) -> Result<StateReport, Denial> {
         let mut v = self.vault();
         let refuse = |e: Error| Denial::state("export", Error::Export(Box::new(e)));
         // A generation exported now records how far the parent has stored this run's trail.
         v.note_audit_head(audit.log().acked_head());
-        let export = self
-            .step(&mut v, |v, rng| v.export(self.crypto, rng).map(|e| e.cloned()))
-            .map_err(|e| refuse(Error::Random(e)))?
-            .map_err(|e| refuse(Error::Vault(e)))?;
+        let export =
+            self.vault_step(&mut v, |v, rng| v.export(self.crypto, rng).map(|e| e.cloned())).map_err(refuse)?;
         let custody = export.as_ref().and_then(|_| v.custody().cloned());
         Ok(StateReport {
             phase: v.phase().code(),
@@ -153,32 +175,23 @@ impl StateService {
         head: Option<(u64, [u8; 48])>,
         now_ms: u64,
     ) -> Result<(), Denial> {
-        self.recorded(audit, "genesis", now_ms, |v| {
+        self.recorded_event(audit, "genesis", "state-genesis", now_ms, |v| {
             v.note_audit_head(audit.log().acked_head());
             let mut attest = |ud: &[u8; 48]| self.attest(ud);
-            let generation = self
-                .step(v, |v, rng| v.genesis(self.crypto, clusters, head, rng, &mut attest).map(|e| e.generation))
-                .map_err(Error::Random)?
-                .map_err(Error::Vault)?;
-            let detail =
-                format!("generation {generation} prepared with {} cluster(s); not used until stored", clusters.len());
-            Ok(((), vec![state_event("state-genesis", true, detail)]))
+            let generation = self.vault_step(v, |v, rng| {
+                v.genesis(self.crypto, clusters, head, rng, &mut attest).map(|e| e.generation)
+            })?;
+            Ok(format!("generation {generation} prepared with {} cluster(s); not used until stored", clusters.len()))
         })
     }
 
     /// The parent's stored state: starts an unseal session.
     pub(super) fn load(&self, audit: &AuditTrail, blob: Vec<u8>, custody: Custody, now_ms: u64) -> Result<(), Denial> {
         let blob_sha: [u8; 48] = Sha384::digest(&blob).into();
-        self.recorded(audit, "load", now_ms, |v| {
-            let generation = self
-                .step(v, |v, rng| v.load(self.crypto, blob, custody, rng))
-                .map_err(Error::Random)?
-                .map_err(Error::Vault)?;
-            let detail = format!(
-                "generation {generation} (blob sha384 {}) loaded; awaiting custodian shares",
-                hex::encode(blob_sha)
-            );
-            Ok(((), vec![state_event("state-loaded", true, detail)]))
+        self.recorded_event(audit, "load", "state-loaded", now_ms, |v| {
+            let generation = self.vault_step(v, |v, rng| v.load(self.crypto, blob, custody, rng))?;
+            let blob_sha = hex::encode(blob_sha);
+            Ok(format!("generation {generation} (blob sha384 {blob_sha}) loaded; awaiting custodian shares"))
         })
     }
 
@@ -219,16 +232,14 @@ impl StateService {
         let refuse = |e| Denial::state("unseal-offer", e);
         let offer = self.vault().offer().map_err(|e| refuse(Error::Vault(e)))?;
         let shares_sha: [u8; 48] = Sha384::digest(&offer.custody.shares).into();
-        let user_data = match &offer.reshare_to {
-            None => vault::unseal_user_data(&offer.unseal_nonce, offer.generation, &offer.set_digest, &shares_sha),
-            Some(new) => vault::reshare_user_data(
-                &offer.unseal_nonce,
-                offer.generation,
-                &offer.set_digest,
-                &shares_sha,
-                &new.digest(),
-            ),
-        };
+        let new_set_digest = offer.reshare_to.as_ref().map(CustodianSet::digest);
+        let user_data = binding::offer_user_data(
+            &offer.unseal_nonce,
+            offer.generation,
+            &offer.set_digest,
+            &shares_sha,
+            new_set_digest.as_ref(),
+        );
         let attestation = self
             .nsm
             .attest(&AttestRequest {
@@ -254,15 +265,10 @@ impl StateService {
         let new_set = vault::decode_set(self.crypto, set).map_err(|e| Denial::state("reshare", Error::NewSet(e)))?;
         let digest = new_set.digest();
         let (m, n) = (new_set.threshold(), new_set.count());
-        self.recorded(audit, "reshare", now_ms, |v| {
-            self.step(v, |v, rng| v.start_reshare(self.crypto, new_set, rng))
-                .map_err(Error::Random)?
-                .map_err(Error::Vault)?;
-            let detail = format!(
-                "to {m} of {n} custodians (set {}); awaiting the current custodians' approval",
-                hex::encode(digest)
-            );
-            Ok(((), vec![state_event("reshare-started", true, detail)]))
+        self.recorded_event(audit, "reshare", "reshare-started", now_ms, |v| {
+            self.vault_step(v, |v, rng| v.start_reshare(self.crypto, new_set, rng))?;
+            let digest = hex::encode(digest);
+            Ok(format!("to {m} of {n} custodians (set {digest}); awaiting the current custodians' approval"))
         })
     }
 
@@ -313,10 +319,8 @@ impl StateService {
     ) -> Result<Progress, Denial> {
         let mut attest = |ud: &[u8; 48]| self.attest(ud);
         self.recorded(audit, "reshare-share", now_ms, |v| {
-            let (have, need, done) = self
-                .step(v, |v, rng| v.add_reshare_share(self.crypto, attestation_sha384, msg, rng, &mut attest))
-                .map_err(Error::Random)?
-                .map_err(Error::Vault)?;
+            let (have, need, done) =
+                self.vault_step(v, |v, rng| v.add_reshare_share(self.crypto, attestation_sha384, msg, rng, &mut attest))?;
             let event = if done {
                 state_event(
                     "reshared",

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::wire::{self, WireError};
+use crate::wire::{self, Unreadable};
 
 /// Why a frame could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -27,26 +27,10 @@ pub enum FrameError {
     /// No complete frame within the time limit.
     #[error("timed out waiting for a frame")]
     Timeout,
-    /// The length prefix is out of range.
-    #[error("{0}")]
-    Length(WireError),
-    /// The declared length is more than a request of its type can be.
-    #[error("a frame of type {ty} declares {len} bytes; that type has at most {max}")]
-    TooLargeForType {
-        /// The frame's type byte.
-        ty: u8,
-        /// Its declared length.
-        len: usize,
-        /// The most that type can have.
-        max: usize,
-    },
-    /// The bytes in flight across every connection are at their budget.
-    #[error("the server's budget of bytes in flight is spent; retry shortly")]
-    Busy,
-    /// The read was made to give its place up for a newer one (the server's connection slots
-    /// or byte budget had run out and this read had waited longest).
-    #[error("evicted: the server is at its limits and this connection had waited longest for its frame; retry")]
-    Evicted,
+    /// A frame the server refuses to read: its length prefix, its type's cap, the byte
+    /// budget, an eviction. (A server's timeout is [`FrameError::Timeout`].)
+    #[error(transparent)]
+    Refused(#[from] Unreadable),
     /// Any other I/O error (including a close in the middle of a frame).
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -61,7 +45,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, limit: Duration) -> Res
             0 => return Err(FrameError::Closed),
             _ => r.read_exact(&mut prefix[1..]).await?,
         };
-        let n = wire::frame_len(prefix).map_err(FrameError::Length)?;
+        let n = wire::frame_len(prefix).map_err(Unreadable::Length)?;
         let mut body = vec![0u8; n];
         r.read_exact(&mut body).await?;
         Ok(body)
@@ -186,11 +170,11 @@ impl ByteBudget {
             return Ok(p);
         }
         if !self.waiting.evict_oldest(true) {
-            return Err(FrameError::Busy);
+            return Err(Unreadable::Busy.into());
         }
         match tokio::time::timeout(MAKE_ROOM_WAIT, self.bytes.clone().acquire_many_owned(n)).await {
             Ok(Ok(p)) => Ok(p),
-            _ => Err(FrameError::Busy),
+            _ => Err(Unreadable::Busy.into()),
         }
     }
 }
@@ -225,19 +209,19 @@ pub async fn read_request<R: AsyncRead + Unpin>(
             0 => return Err(FrameError::Closed),
             _ => r.read_exact(&mut head[1..4]).await?,
         };
-        let n = wire::frame_len([head[0], head[1], head[2], head[3]]).map_err(FrameError::Length)?;
+        let n = wire::frame_len([head[0], head[1], head[2], head[3]]).map_err(Unreadable::Length)?;
         r.read_exact(&mut head[4..]).await?;
         let Some(max) = admit(head[4], head[5]) else {
             return Ok(Request { body: head[4..].to_vec(), _permit: None });
         };
         if n > max {
-            return Err(FrameError::TooLargeForType { ty: head[5], len: n, max });
+            return Err(Unreadable::TooLargeForType { ty: head[5], len: n, max }.into());
         }
         let rest = n - 2;
         let permit = match u32::try_from(rest) {
             Ok(0) => None,
             Ok(k) => Some(budget.take(k).await?),
-            Err(_) => return Err(FrameError::Busy),
+            Err(_) => return Err(Unreadable::Busy.into()),
         };
         waiter.holding_bytes();
         let mut body = Vec::with_capacity(n.min(4096));
@@ -250,7 +234,7 @@ pub async fn read_request<R: AsyncRead + Unpin>(
     });
     tokio::select! {
         r = read => r.map_err(|_| FrameError::Timeout)?,
-        () = waiter.evicted() => Err(FrameError::Evicted),
+        () = waiter.evicted() => Err(Unreadable::Evicted.into()),
     }
 }
 
@@ -312,7 +296,10 @@ mod tests {
         let mut frame = vec![0, 1, 0, 0, 1, 1]; // 65,536 bytes declared, version 1, Hello
         frame.extend_from_slice(&[0; 10]);
         let err = read_request(&mut frame.as_slice(), T, &b, by_type).await.expect_err("refused");
-        assert!(matches!(err, FrameError::TooLargeForType { ty: 1, len: 65_536, max: 34 }), "{err}");
+        assert!(
+            matches!(err, FrameError::Refused(Unreadable::TooLargeForType { ty: 1, len: 65_536, max: 34 })),
+            "{err}"
+        );
         assert_eq!(b.available(), 1 << 20);
     }
 
@@ -323,7 +310,7 @@ mod tests {
         let push = Message::PolicyPush { bundle: vec![1; 30_000] }.encode().expect("enc");
         let held = read_request(&mut push.as_slice(), T, &b, by_type).await.expect("first");
         let err = read_request(&mut push.as_slice(), T, &b, by_type).await.expect_err("over budget");
-        assert!(matches!(err, FrameError::Busy), "{err}");
+        assert!(matches!(err, FrameError::Refused(Unreadable::Busy)), "{err}");
         drop(held);
         assert!(read_request(&mut push.as_slice(), T, &b, by_type).await.is_ok());
     }
@@ -349,11 +336,11 @@ mod tests {
         let fresh = read_request(&mut push.as_slice(), T, &b, by_type).await.expect("the new frame is read");
         assert_eq!(fresh.body.len(), push.len() - 4);
         let err = stalled.await.expect("join").expect_err("evicted");
-        assert!(matches!(err, FrameError::Evicted), "{err}");
+        assert!(matches!(err, FrameError::Refused(Unreadable::Evicted)), "{err}");
         assert_eq!(b.waiting().len(), 1, "the idle read still waits");
         // For a slot, the oldest waiting read goes, whether or not it holds bytes.
         assert!(b.waiting().evict_oldest(false));
-        assert!(matches!(idle.await.expect("join"), Err(FrameError::Evicted)));
+        assert!(matches!(idle.await.expect("join"), Err(FrameError::Refused(Unreadable::Evicted))));
         assert!(b.waiting().is_empty() && !b.waiting().evict_oldest(false));
         drop((idle_tx.shutdown().await, stalled_tx));
     }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::kre::{Connection, Env, Event, Kre, Step};
 use crate::net::io::{read_request, write_frame, ByteBudget, FrameError};
 use crate::net::transport::{accept_loop, BoxStream, Listener};
-use crate::wire::{self, Channel, DenyCode, Message};
+use crate::wire::{self, Channel, DenyCode, Message, Unreadable};
 
 /// Server limits.
 #[derive(Debug, Clone)]
@@ -224,14 +224,8 @@ async fn handle(mut stream: BoxStream, peer: &str, channel: Channel, shared: &Sh
                 tracing::debug!(%peer, "connection closed by peer");
                 return;
             }
-            Err(FrameError::Timeout) => conn.deny(kre, DenyCode::Timeout, "no complete frame in time", now_ms()),
-            Err(FrameError::Length(e)) => conn.deny(kre, DenyCode::FrameTooLarge, &e.to_string(), now_ms()),
-            Err(e @ FrameError::TooLargeForType { .. }) => {
-                conn.deny(kre, DenyCode::FrameTooLarge, &e.to_string(), now_ms())
-            }
-            Err(e @ (FrameError::Busy | FrameError::Evicted)) => {
-                conn.deny(kre, DenyCode::Busy, &e.to_string(), now_ms())
-            }
+            Err(FrameError::Timeout) => conn.deny(kre, Unreadable::Timeout, now_ms()),
+            Err(FrameError::Refused(why)) => conn.deny(kre, why, now_ms()),
             Err(FrameError::Io(e)) => {
                 conn.abandon(kre);
                 tracing::debug!(%peer, error = %e, "connection error");

@@ -192,10 +192,7 @@ pub fn on_offer(
     let shares = SharesFile::decode(crypto, &shares_bytes).map_err(CustodianError::Custody)?;
     let set_digest = shares.set().digest();
     let shares_sha: [u8; 48] = Sha384::digest(&shares_bytes).into();
-    let user_data = match &new_set {
-        None => binding::unseal_user_data(&unseal_nonce, generation, &set_digest, &shares_sha),
-        Some(new) => binding::reshare_user_data(&unseal_nonce, generation, &set_digest, &shares_sha, new),
-    };
+    let user_data = binding::offer_user_data(&unseal_nonce, generation, &set_digest, &shares_sha, new_set.as_ref());
     if att.user_data() != Some(user_data.as_slice()) {
         return Err(CustodianError::KreBinding("its user_data does not bind the unseal nonce, generation and shares"));
     }

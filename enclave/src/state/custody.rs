@@ -609,20 +609,9 @@ pub fn collect_share(
 mod tests {
     use super::*;
     use crate::crypto::keys::KekStatus;
+    use crate::crypto::test_rng as rng;
     use crate::state::sealed::{self, KekEntry, KreState};
     use keygate_attestation::crypto::{all_backends, default_backend};
-
-    fn rng(seed: u8) -> impl FnMut(&mut [u8]) {
-        let mut n = (u64::from(seed) << 8) | 1;
-        move |b: &mut [u8]| {
-            for x in b.iter_mut() {
-                n ^= n << 13;
-                n ^= n >> 7;
-                n ^= n << 17;
-                *x = n.to_le_bytes()[3];
-            }
-        }
-    }
 
     fn keypair(c: &dyn Crypto, seed: u8) -> (P384Scalar, PublicKey) {
         let (s, p) = p384_scalar_from(c, rng(seed)).expect("key");

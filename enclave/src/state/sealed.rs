@@ -208,6 +208,20 @@ pub enum Malformed {
     },
 }
 
+impl From<CodecError> for Malformed {
+    fn from(e: CodecError) -> Self {
+        match e {
+            CodecError::TrailingBytes { .. } => Malformed::TrailingBytes,
+            CodecError::BadId { .. } | CodecError::Utf8 { .. } => Malformed::BadId,
+            // The plaintext reader reads fixed fields and ids only: every other failure is a
+            // field cut short.
+            CodecError::Truncated { .. } | CodecError::TooLong { .. } | CodecError::BadFlag { .. } => {
+                Malformed::Truncated
+            }
+        }
+    }
+}
+
 /// Why a sealed blob could not be written or opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -258,20 +272,6 @@ pub enum SealedError {
     /// A cryptographic primitive failed while sealing.
     #[error("crypto failure while sealing: {0}")]
     Crypto(CryptoError),
-}
-
-impl From<CodecError> for Malformed {
-    fn from(e: CodecError) -> Self {
-        match e {
-            CodecError::TrailingBytes { .. } => Malformed::TrailingBytes,
-            CodecError::BadId { .. } | CodecError::Utf8 { .. } => Malformed::BadId,
-            // The plaintext reader reads fixed fields and ids only: every other failure is a
-            // field cut short.
-            CodecError::Truncated { .. } | CodecError::TooLong { .. } | CodecError::BadFlag { .. } => {
-                Malformed::Truncated
-            }
-        }
-    }
 }
 
 fn status_byte(s: KekStatus) -> u8 {
@@ -582,11 +582,8 @@ pub fn open(blob: &[u8], state_key: &Secret<32>, crypto: &dyn Crypto) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::test_id as id;
     use keygate_attestation::crypto::{all_backends, default_backend};
-
-    fn id(s: &str) -> Id {
-        Id::new(s).expect("id")
-    }
 
     fn entry(version: u32, status: KekStatus, b: u8) -> KekEntry {
         KekEntry { version, status, kek: Secret::new([b; 32]) }

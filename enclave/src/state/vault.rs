@@ -12,7 +12,7 @@
 //!   releases nothing (`sealed`).
 //! - **Unsealing**: the parent handed over the stored blob and shares file; the KRE drew an
 //!   ephemeral P-384 key `K` and an unseal nonce for this session and collects custodian
-//!   shares re-encrypted to `K` ([`crate::custody`]). At M shares it reconstructs the state
+//!   shares re-encrypted to `K` ([`crate::state::custody`]). At M shares it reconstructs the state
 //!   key, opens the blob and serves exactly that generation.
 //! - **Serving**: `committed` is the newest state the parent has stored durably and
 //!   acknowledged; only its KEKs are used. Changes (a new cluster, a rotation, a new policy
@@ -39,6 +39,7 @@ use keygate_attestation::secret::Secret;
 use sha2::{Digest, Sha384};
 
 use crate::audit::AuditHead;
+use crate::binding::genesis_user_data;
 use crate::codec::Id;
 use crate::crypto::keys::{Kek, KekStatus};
 use crate::crypto::shamir::Share;
@@ -56,36 +57,8 @@ pub const MAX_SHARES_FILE: usize = 8 * 1024;
 /// Largest genesis attestation document.
 pub const MAX_GENESIS_ATTESTATION: usize = 12 * 1024;
 
-/// `user_data` of the KRE's unseal attestation:
-/// `SHA-384("keygate/v1/unseal-offer" ‖ unseal_nonce ‖ u64be generation ‖ set_digest ‖ SHA-384(shares file))`.
-/// Its `public_key` is `K`.
 /// A policy bundle as the sealed state records it: (version, SHA-384 of the body).
 pub type PolicyHead = (u64, [u8; 48]);
-
-pub fn unseal_user_data(
-    unseal_nonce: &[u8; 32],
-    generation: u64,
-    set_digest: &[u8; 48],
-    shares_sha384: &[u8; 48],
-) -> [u8; 48] {
-    let mut h = Sha384::new();
-    h.update(b"keygate/v1/unseal-offer");
-    h.update(unseal_nonce);
-    h.update(generation.to_be_bytes());
-    h.update(set_digest);
-    h.update(shares_sha384);
-    h.finalize().into()
-}
-
-/// `user_data` of the genesis attestation that travels with the shares file:
-/// `SHA-384("keygate/v1/genesis" ‖ shares file)`. It shows custodians that the shares were
-/// made inside a genuine KRE (so nobody outside knows the state key).
-pub fn genesis_user_data(shares_file: &[u8]) -> [u8; 48] {
-    let mut h = Sha384::new();
-    h.update(b"keygate/v1/genesis");
-    h.update(shares_file);
-    h.finalize().into()
-}
 
 /// Produces the KRE's attestation document with the given `user_data`.
 pub type Attest<'a> = dyn FnMut(&[u8; 48]) -> Result<Vec<u8>, keygate_attestation::NsmError> + 'a;
@@ -262,25 +235,6 @@ pub fn decode_set(crypto: &dyn Crypto, b: &[u8]) -> Result<CustodianSet, Custody
         .map(|c| c.try_into().map_err(|_| CustodyError::Truncated))
         .collect::<Result<Vec<PublicKey>, _>>()?;
     CustodianSet::new(crypto, m, keys)
-}
-
-/// `user_data` of the KRE's reshare attestation: as [`unseal_user_data`], with the new set:
-/// `SHA-384("keygate/v1/reshare-offer" ‖ nonce ‖ u64be generation ‖ set_digest ‖ SHA-384(shares) ‖ new_set_digest)`.
-pub fn reshare_user_data(
-    nonce: &[u8; 32],
-    generation: u64,
-    set_digest: &[u8; 48],
-    shares_sha384: &[u8; 48],
-    new_set_digest: &[u8; 48],
-) -> [u8; 48] {
-    let mut h = Sha384::new();
-    h.update(b"keygate/v1/reshare-offer");
-    h.update(nonce);
-    h.update(generation.to_be_bytes());
-    h.update(set_digest);
-    h.update(shares_sha384);
-    h.update(new_set_digest);
-    h.finalize().into()
 }
 
 /// The result of one accepted share.
@@ -880,17 +834,9 @@ fn same_content(a: &KreState, b: &KreState) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::test_id as id;
+    use crate::crypto::test_rng as rng;
     use keygate_attestation::crypto::all_backends;
-
-    fn rng(seed: u8) -> impl FnMut(&mut [u8]) {
-        let mut n = u32::from(seed);
-        move |b: &mut [u8]| {
-            for x in b.iter_mut() {
-                n = n.wrapping_mul(1_103_515_245).wrapping_add(12_345);
-                *x = n.to_be_bytes()[1];
-            }
-        }
-    }
 
     struct Custodian {
         scalar: P384Scalar,
@@ -908,10 +854,6 @@ mod tests {
         (cs, set)
     }
 
-    fn id(s: &str) -> Id {
-        Id::new(s).expect("id")
-    }
-
     fn attest_ok(_: &[u8; 48]) -> Result<Vec<u8>, keygate_attestation::NsmError> {
         Ok(b"genesis-attestation".to_vec())
     }
@@ -927,6 +869,15 @@ mod tests {
         assert_eq!(v.commit(1, &sha), Ok(1));
         let custody = v.custody().expect("custody").clone();
         (v, blob, custody)
+    }
+
+    /// [`genesis`] on the default backend with `m` of `n` test custodians: the backend, the
+    /// custodians, their set, and the serving vault with its committed blob and custody.
+    fn serving(m: u8, n: u8) -> (&'static dyn Crypto, Vec<Custodian>, CustodianSet, Vault, Vec<u8>, Custody) {
+        let crypto = keygate_attestation::crypto::default_backend();
+        let (cs, set) = setup(crypto, m, n);
+        let (v, blob, custody) = genesis(crypto, &set);
+        (crypto, cs, set, v, blob, custody)
     }
 
     fn share_for(crypto: &dyn Crypto, c: &Custodian, offer: &UnsealOffer, att: [u8; 48], seed: u8) -> UnsealShare {
@@ -1001,9 +952,7 @@ mod tests {
 
     #[test]
     fn unseal_refusals() {
-        let crypto = keygate_attestation::crypto::default_backend();
-        let (cs, set) = setup(crypto, 2, 3);
-        let (_, blob, custody) = genesis(crypto, &set);
+        let (crypto, cs, set, _, blob, custody) = serving(2, 3);
         let mut k = Vault::new(set.clone());
         k.load(crypto, blob.clone(), custody.clone(), &mut rng(2)).expect("load");
         let offer = k.offer().expect("offer");
@@ -1063,9 +1012,7 @@ mod tests {
 
     #[test]
     fn changes_are_used_only_after_commit_and_exports_are_fixed() {
-        let crypto = keygate_attestation::crypto::default_backend();
-        let (_, set) = setup(crypto, 1, 1);
-        let (mut v, _, _) = genesis(crypto, &set);
+        let (crypto, _, _, mut v, _, _) = serving(1, 1);
         let mut r = rng(3);
         assert!(v.export(crypto, &mut r).expect("export").is_none(), "nothing to export");
         assert_eq!(v.ensure_clusters(&[id("a"), id("c")], &mut r), Ok(vec![id("c")]));
@@ -1105,9 +1052,7 @@ mod tests {
 
     #[test]
     fn a_reshare_needs_shares_of_the_key_in_use() {
-        let crypto = keygate_attestation::crypto::default_backend();
-        let (cs, set) = setup(crypto, 2, 3);
-        let (mut v, _, custody) = genesis(crypto, &set);
+        let (crypto, cs, set, mut v, _, custody) = serving(2, 3);
         let (_, new_set) = setup(crypto, 1, 2);
         let mut r = rng(9);
         v.start_reshare(crypto, new_set.clone(), &mut r).expect("start");
@@ -1146,25 +1091,6 @@ mod tests {
     }
 
     #[test]
-    fn session_bindings_are_the_documented_hashes() {
-        let h = |parts: &[&[u8]]| -> [u8; 48] {
-            let mut d = Sha384::new();
-            for p in parts {
-                d.update(p);
-            }
-            d.finalize().into()
-        };
-        let (n, g, sd, sh, nd) = ([1u8; 32], 7u64, [2u8; 48], [3u8; 48], [4u8; 48]);
-        assert_eq!(unseal_user_data(&n, g, &sd, &sh), h(&[b"keygate/v1/unseal-offer", &n, &g.to_be_bytes(), &sd, &sh]));
-        assert_eq!(
-            reshare_user_data(&n, g, &sd, &sh, &nd),
-            h(&[b"keygate/v1/reshare-offer", &n, &g.to_be_bytes(), &sd, &sh, &nd])
-        );
-        assert_eq!(genesis_user_data(b"shares"), h(&[b"keygate/v1/genesis", b"shares"]));
-        assert_ne!(unseal_user_data(&n, g + 1, &sd, &sh), unseal_user_data(&n, g, &sd, &sh));
-    }
-
-    #[test]
     fn phases_name_themselves_and_errors_say_where_the_kre_is() {
         assert_eq!(
             [Phase::Awaiting, Phase::Unsealing, Phase::Serving].map(|p| (p.as_str(), p.code())),
@@ -1172,9 +1098,7 @@ mod tests {
         );
         let e = VaultError::WrongPhase { phase: Phase::Awaiting, step: "an unseal offer", needs: "unsealing" };
         assert_eq!(e.to_string(), "the KRE is awaiting_state; an unseal offer needs it unsealing");
-        let crypto = keygate_attestation::crypto::default_backend();
-        let (_, set) = setup(crypto, 1, 1);
-        let (v, _, _) = genesis(crypto, &set);
+        let (crypto, _, set, v, _, _) = serving(1, 1);
         let dbg = format!("{v:?}");
         assert!(dbg.contains("Serving") && dbg.contains("committed_generation: 1"), "{dbg}");
         let mut w = Vault::new(set);
@@ -1234,9 +1158,7 @@ mod tests {
 
     #[test]
     fn shares_accepted_counts_the_unseal_session() {
-        let crypto = keygate_attestation::crypto::default_backend();
-        let (cs, set) = setup(crypto, 2, 3);
-        let (_, blob, custody) = genesis(crypto, &set);
+        let (crypto, cs, set, _, blob, custody) = serving(2, 3);
         let mut k = Vault::new(set);
         assert_eq!(k.shares_accepted(), 0);
         k.load(crypto, blob, custody, &mut rng(2)).expect("load");
@@ -1249,9 +1171,7 @@ mod tests {
 
     #[test]
     fn the_policy_head_only_moves_forward_and_is_sealed() {
-        let crypto = keygate_attestation::crypto::default_backend();
-        let (_, set) = setup(crypto, 1, 1);
-        let (mut v, _, _) = genesis(crypto, &set);
+        let (crypto, _, _, mut v, _, _) = serving(1, 1);
         let mut r = rng(6);
         let key = {
             let Inner::Serving(s) = &v.inner else { panic!("serving") };
@@ -1288,9 +1208,7 @@ mod tests {
     /// first record wins, and only the newest are kept.
     #[test]
     fn activation_times_are_sealed_bound_to_the_bundle_and_first_one_wins() {
-        let crypto = keygate_attestation::crypto::default_backend();
-        let (cs, set) = setup(crypto, 2, 3);
-        let (mut v, _, custody) = genesis(crypto, &set);
+        let (crypto, cs, set, mut v, _, custody) = serving(2, 3);
         let mut r = rng(15);
         v.record_activation(2, [2; 48], 5_000);
         v.record_activation(2, [2; 48], 9_000);
@@ -1321,9 +1239,7 @@ mod tests {
 
     #[test]
     fn retirement_keeps_the_boundary_version_and_the_current_one() {
-        let crypto = keygate_attestation::crypto::default_backend();
-        let (_, set) = setup(crypto, 1, 1);
-        let (mut v, _, _) = genesis(crypto, &set);
+        let (crypto, _, _, mut v, _, _) = serving(1, 1);
         let mut r = rng(8);
         v.rotate_to(&id("a"), 3, 2, &mut r).expect("rotate and retire");
         let e = v.export(crypto, &mut r).expect("export").expect("some").clone();
@@ -1336,9 +1252,7 @@ mod tests {
 
     #[test]
     fn nothing_exported_holds_the_state_key_or_a_kek() {
-        let crypto = keygate_attestation::crypto::default_backend();
-        let (_, set) = setup(crypto, 2, 3);
-        let (mut v, blob, custody) = genesis(crypto, &set);
+        let (crypto, _, _, mut v, blob, custody) = serving(2, 3);
         let mut r = rng(4);
         v.rotate_to(&id("a"), 3, 0, &mut r).expect("rotate");
         let blob2 = v.export(crypto, &mut r).expect("export").expect("some").blob.clone();

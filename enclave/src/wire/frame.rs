@@ -1,11 +1,13 @@
 //! Framing: the length prefix, the version and type bytes, the limits of frames and of
-//! their fields, and the wire format's error (`docs/protocol.md`, "Transport and framing").
+//! their fields, the wire format's error, and the refusals of frames a server does not read
+//! with their deny codes (`docs/protocol.md`, "Transport and framing").
 //!
 //! ```text
 //! frame   = length:u32be body           ; 2 <= length <= MAX_FRAME
 //! body    = version:u8 (=1) type:u8 payload
 //! ```
 
+use super::deny::DenyCode;
 use crate::codec::{BadId, CodecError, Reader, Writer};
 
 /// Protocol version carried in every frame.
@@ -64,6 +66,47 @@ pub enum WireError {
     BadReceipt,
 }
 
+/// A request frame the server refuses without reading it, and answers with a Denied saying
+/// why: decides each one's deny code. The server's reader finds these (`crate::net::io`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Unreadable {
+    /// No complete frame within the time limit.
+    #[error("no complete frame in time")]
+    Timeout,
+    /// The length prefix is out of range.
+    #[error("{0}")]
+    Length(WireError),
+    /// The declared length is more than a request of its type can be.
+    #[error("a frame of type {ty} declares {len} bytes; that type has at most {max}")]
+    TooLargeForType {
+        /// The frame's type byte.
+        ty: u8,
+        /// Its declared length.
+        len: usize,
+        /// The most that type can have.
+        max: usize,
+    },
+    /// The bytes in flight across every connection are at their budget.
+    #[error("the server's budget of bytes in flight is spent; retry shortly")]
+    Busy,
+    /// The read was made to give its place up for a newer one (the server's connection slots
+    /// or byte budget had run out and this read had waited longest).
+    #[error("evicted: the server is at its limits and this connection had waited longest for its frame; retry")]
+    Evicted,
+}
+
+impl Unreadable {
+    /// The code of the Denied that answers it.
+    pub fn code(&self) -> DenyCode {
+        match self {
+            Unreadable::Timeout => DenyCode::Timeout,
+            Unreadable::Length(_) | Unreadable::TooLargeForType { .. } => DenyCode::FrameTooLarge,
+            Unreadable::Busy | Unreadable::Evicted => DenyCode::Busy,
+        }
+    }
+}
+
 impl From<CodecError> for WireError {
     fn from(e: CodecError) -> Self {
         match e {
@@ -118,4 +161,28 @@ pub fn frame_len(prefix: [u8; 4]) -> Result<usize, WireError> {
         return Err(WireError::BadLength(n));
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Denied a server sends for a frame it did not read: these codes and reasons.
+    #[test]
+    fn unreadable_frames_have_their_codes_and_reasons() {
+        let cases = [
+            (Unreadable::Timeout, DenyCode::Timeout, "no complete frame in time"),
+            (Unreadable::Length(WireError::TooLong), DenyCode::FrameTooLarge, "field too long"),
+            (
+                Unreadable::TooLargeForType { ty: 1, len: 65_536, max: 34 },
+                DenyCode::FrameTooLarge,
+                "a frame of type 1 declares 65536 bytes; that type has at most 34",
+            ),
+            (Unreadable::Busy, DenyCode::Busy, "the server's budget of bytes in flight is spent; retry shortly"),
+        ];
+        for (why, code, reason) in cases {
+            assert_eq!((why.code(), why.to_string().as_str()), (code, reason));
+        }
+        assert_eq!(Unreadable::Evicted.code(), DenyCode::Busy);
+    }
 }

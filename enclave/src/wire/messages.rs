@@ -8,70 +8,64 @@ use crate::audit::{Receipt, RECEIPT_LEN};
 use crate::codec::{Id, Reader, MAX_ID};
 use crate::crypto::keys::{WrappedKey, POINT_LEN};
 
-/// The type bytes of the messages (the second byte of every frame body).
-#[allow(missing_docs)]
-pub mod ty {
-    pub const HELLO: u8 = 1;
-    pub const CHALLENGE: u8 = 2;
-    pub const RELEASE: u8 = 3;
-    pub const RELEASED: u8 = 4;
-    pub const DENIED: u8 = 5;
-    pub const POLICY_PUSH: u8 = 6;
-    pub const POLICY_ACCEPTED: u8 = 7;
-    pub const AUDIT_PULL: u8 = 8;
-    pub const AUDIT_BATCH: u8 = 9;
-    pub const AUDIT_ACK: u8 = 10;
-    pub const AUDIT_ACKED: u8 = 11;
-    pub const STATUS: u8 = 12;
-    pub const STATUS_REPORT: u8 = 13;
-    pub const STATE_POLL: u8 = 14;
-    pub const STATE_REPORT: u8 = 15;
-    pub const STATE_GENESIS: u8 = 16;
-    pub const STATE_LOAD: u8 = 17;
-    pub const STATE_COMMIT: u8 = 18;
-    pub const STATE_COMMITTED: u8 = 19;
-    pub const UNSEAL_HELLO: u8 = 20;
-    pub const UNSEAL_OFFER: u8 = 21;
-    pub const UNSEAL_SHARE: u8 = 22;
-    pub const UNSEAL_PROGRESS: u8 = 23;
-    pub const RESHARE_START: u8 = 24;
-    pub const AUDIT_WAIT: u8 = 25;
-    pub const POLICY_DURABLE_WAIT: u8 = 26;
-    pub const POLICY_DURABLE: u8 = 27;
+/// Declares the message types in one table: each type byte's constant in [`ty`], its name
+/// ([`type_name`], the variant's name) and the [`Message`] variant that carries it
+/// ([`Message::type_byte`]).
+macro_rules! message_types {
+    ($($variant:ident = $constant:ident = $byte:literal,)*) => {
+        /// The type bytes of the messages (the second byte of every frame body).
+        #[allow(missing_docs)]
+        pub mod ty {
+            $(pub const $constant: u8 = $byte;)*
+        }
+
+        /// The message name of a type byte (`None` for a byte that is no message type).
+        pub fn type_name(t: u8) -> Option<&'static str> {
+            match t {
+                $(ty::$constant => Some(stringify!($variant)),)*
+                _ => None,
+            }
+        }
+
+        impl Message {
+            /// The message's type byte on the wire.
+            pub(super) fn type_byte(&self) -> u8 {
+                match self {
+                    $(Message::$variant { .. } => ty::$constant,)*
+                }
+            }
+        }
+    };
 }
 
-/// The message name of a type byte (`None` for a byte that is no message type).
-pub fn type_name(t: u8) -> Option<&'static str> {
-    Some(match t {
-        ty::HELLO => "Hello",
-        ty::CHALLENGE => "Challenge",
-        ty::RELEASE => "Release",
-        ty::RELEASED => "Released",
-        ty::DENIED => "Denied",
-        ty::POLICY_PUSH => "PolicyPush",
-        ty::POLICY_ACCEPTED => "PolicyAccepted",
-        ty::AUDIT_PULL => "AuditPull",
-        ty::AUDIT_BATCH => "AuditBatch",
-        ty::AUDIT_ACK => "AuditAck",
-        ty::AUDIT_ACKED => "AuditAcked",
-        ty::STATUS => "Status",
-        ty::STATUS_REPORT => "StatusReport",
-        ty::STATE_POLL => "StatePoll",
-        ty::STATE_REPORT => "StateReport",
-        ty::STATE_GENESIS => "StateGenesis",
-        ty::STATE_LOAD => "StateLoad",
-        ty::STATE_COMMIT => "StateCommit",
-        ty::STATE_COMMITTED => "StateCommitted",
-        ty::UNSEAL_HELLO => "UnsealHello",
-        ty::UNSEAL_OFFER => "UnsealOffer",
-        ty::UNSEAL_SHARE => "UnsealShare",
-        ty::UNSEAL_PROGRESS => "UnsealProgress",
-        ty::RESHARE_START => "ReshareStart",
-        ty::AUDIT_WAIT => "AuditWait",
-        ty::POLICY_DURABLE_WAIT => "PolicyDurableWait",
-        ty::POLICY_DURABLE => "PolicyDurable",
-        _ => return None,
-    })
+message_types! {
+    Hello = HELLO = 1,
+    Challenge = CHALLENGE = 2,
+    Release = RELEASE = 3,
+    Released = RELEASED = 4,
+    Denied = DENIED = 5,
+    PolicyPush = POLICY_PUSH = 6,
+    PolicyAccepted = POLICY_ACCEPTED = 7,
+    AuditPull = AUDIT_PULL = 8,
+    AuditBatch = AUDIT_BATCH = 9,
+    AuditAck = AUDIT_ACK = 10,
+    AuditAcked = AUDIT_ACKED = 11,
+    Status = STATUS = 12,
+    StatusReport = STATUS_REPORT = 13,
+    StatePoll = STATE_POLL = 14,
+    StateReport = STATE_REPORT = 15,
+    StateGenesis = STATE_GENESIS = 16,
+    StateLoad = STATE_LOAD = 17,
+    StateCommit = STATE_COMMIT = 18,
+    StateCommitted = STATE_COMMITTED = 19,
+    UnsealHello = UNSEAL_HELLO = 20,
+    UnsealOffer = UNSEAL_OFFER = 21,
+    UnsealShare = UNSEAL_SHARE = 22,
+    UnsealProgress = UNSEAL_PROGRESS = 23,
+    ReshareStart = RESHARE_START = 24,
+    AuditWait = AUDIT_WAIT = 25,
+    PolicyDurableWait = POLICY_DURABLE_WAIT = 26,
+    PolicyDurable = POLICY_DURABLE = 27,
 }
 
 /// The largest body (version and type bytes included) a request of type `t` can have: what the
@@ -329,39 +323,6 @@ pub enum Message {
 }
 
 impl Message {
-    /// The message's type byte on the wire.
-    pub(super) fn type_byte(&self) -> u8 {
-        match self {
-            Message::Hello { .. } => ty::HELLO,
-            Message::Challenge { .. } => ty::CHALLENGE,
-            Message::Release { .. } => ty::RELEASE,
-            Message::Released { .. } => ty::RELEASED,
-            Message::PolicyPush { .. } => ty::POLICY_PUSH,
-            Message::PolicyAccepted { .. } => ty::POLICY_ACCEPTED,
-            Message::AuditPull { .. } => ty::AUDIT_PULL,
-            Message::AuditWait { .. } => ty::AUDIT_WAIT,
-            Message::PolicyDurableWait { .. } => ty::POLICY_DURABLE_WAIT,
-            Message::PolicyDurable { .. } => ty::POLICY_DURABLE,
-            Message::AuditBatch { .. } => ty::AUDIT_BATCH,
-            Message::AuditAck { .. } => ty::AUDIT_ACK,
-            Message::AuditAcked { .. } => ty::AUDIT_ACKED,
-            Message::Status => ty::STATUS,
-            Message::StatusReport { .. } => ty::STATUS_REPORT,
-            Message::StatePoll => ty::STATE_POLL,
-            Message::StateReport(_) => ty::STATE_REPORT,
-            Message::StateGenesis => ty::STATE_GENESIS,
-            Message::StateLoad { .. } => ty::STATE_LOAD,
-            Message::StateCommit { .. } => ty::STATE_COMMIT,
-            Message::StateCommitted { .. } => ty::STATE_COMMITTED,
-            Message::UnsealHello { .. } => ty::UNSEAL_HELLO,
-            Message::UnsealOffer { .. } => ty::UNSEAL_OFFER,
-            Message::UnsealShare { .. } => ty::UNSEAL_SHARE,
-            Message::ReshareStart { .. } => ty::RESHARE_START,
-            Message::UnsealProgress { .. } => ty::UNSEAL_PROGRESS,
-            Message::Denied { .. } => ty::DENIED,
-        }
-    }
-
     /// A short name for logs.
     pub fn name(&self) -> &'static str {
         type_name(self.type_byte()).unwrap_or("?")
@@ -662,15 +623,24 @@ impl Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::test_id as id;
     use crate::wire::frame_len;
-
-    fn id(s: &str) -> Id {
-        Id::new(s).expect("id")
-    }
 
     /// A structurally valid receipt (the codec does not check signatures).
     fn receipt() -> Receipt {
         Receipt::assemble([6; 48], 3, [7; 48], [8; 48], [4; POINT_LEN], [9; 96]).expect("receipt")
+    }
+
+    /// An unseal offer whose byte fields have these lengths (a non-empty `reshare_to`: a reshare).
+    fn unseal_offer(attestation: usize, shares: usize, genesis: usize, reshare_to: usize) -> Message {
+        Message::UnsealOffer {
+            attestation: vec![1; attestation],
+            unseal_nonce: [2; 32],
+            generation: 9,
+            shares: vec![3; shares],
+            genesis_attestation: vec![4; genesis],
+            reshare_to: vec![5; reshare_to],
+        }
     }
 
     fn samples() -> Vec<Message> {
@@ -718,22 +688,8 @@ mod tests {
             Message::StateCommit { generation: 5, blob_sha384: [7; 48] },
             Message::StateCommitted { generation: 5 },
             Message::UnsealHello { client_nonce: [8; 32] },
-            Message::UnsealOffer {
-                attestation: vec![1; 4600],
-                unseal_nonce: [2; 32],
-                generation: 9,
-                shares: vec![3; 700],
-                genesis_attestation: vec![4; 4600],
-                reshare_to: vec![],
-            },
-            Message::UnsealOffer {
-                attestation: vec![1; 10],
-                unseal_nonce: [2; 32],
-                generation: 9,
-                shares: vec![3; 7],
-                genesis_attestation: vec![4; 4],
-                reshare_to: vec![5; 99],
-            },
+            unseal_offer(4600, 700, 4600, 0),
+            unseal_offer(10, 7, 4, 99),
             Message::ReshareStart { set: vec![2, 1, 4] },
             Message::UnsealShare { share: vec![5; UNSEAL_SHARE_LEN] },
             Message::UnsealProgress { have: 1, need: 2, serving: false, generation: 9 },
