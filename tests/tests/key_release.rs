@@ -3,17 +3,18 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use keygate_attestation::mock::{system_clock, MockNsm};
 use keygate_attestation::{AttestRequest, Nsm};
 use keygate_enclave::wire::{self, DenyCode, Id, Message};
 use keygate_tests::e2e::{
-    dev_kre, hex48, keygate_args as run_fetch, path_arg as s, pcr_args, prod_policy, stderr, unix, DevKre,
+    dev_kre, exited, hex48, keygate_args as run_fetch, path_arg as s, pcr_args, prod_policy, stderr, unix, DevKre,
+    START_LIMIT,
 };
 use keygate_tests::relay::{Attack, Relay};
-use keygate_tests::{bin, keygate, run_with_limit, KillOnDrop};
+use keygate_tests::{bin, keygate, run_with_limit, spawn_logged, wait_for_socket, KillOnDrop, TempDir};
 
 const SEED: &str = "e2e-seed";
 const GOOD: u8 = 0x5a;
@@ -21,7 +22,7 @@ const KRE_PCR: u8 = 0x4b;
 
 struct Kre {
     child: KillOnDrop,
-    dir: tempfile::TempDir,
+    dir: TempDir,
     sock: PathBuf,
     /// The parent's audit follower (the KRE withholds releases without one).
     follower: Option<keygate_tests::AuditFollower>,
@@ -40,7 +41,7 @@ impl Kre {
 
     /// A KRE whose audit nobody collects.
     fn start_unfollowed(extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().expect("tmp");
+        let dir = TempDir::new("keygate-key-release").expect("tmp");
         let policy = serde_json::json!({
             "clusters": {
                 "prod": { "images": [ { "name": "cp-good", "pcrs": { "0": hex48(GOOD), "1": hex48(GOOD), "2": hex48(GOOD) } } ] },
@@ -60,22 +61,25 @@ impl Kre {
         let log = std::fs::File::create(dir.path().join("kre.log")).expect("log");
         let child =
             KillOnDrop(dev_kre(SEED).args(&args).env("KEYGATE_LOG", "trace").stderr(log).spawn().expect("spawn"));
-        let kre = Kre { child, dir, sock, follower: None };
-        kre.wait_ready();
+        let mut kre = Kre { child, dir, sock, follower: None };
+        kre.wait_ready(!extra.contains(&"--listen"));
         kre
     }
 
-    fn wait_ready(&self) {
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(15) {
-            if std::os::unix::net::UnixStream::connect(&self.sock).is_ok()
-                || self.log().contains("keygate-enclave ready")
-            {
-                return;
+    /// Waits until the KRE listens: on its Unix socket, or (`on_unix` false: another
+    /// `--listen`) until its log says it is ready.
+    fn wait_ready(&mut self, on_unix: bool) {
+        if on_unix {
+            if let Err(e) = wait_for_socket(&self.sock, Some(&mut self.child.0), START_LIMIT) {
+                panic!("KRE {e}: {}", self.log());
             }
+            return;
+        }
+        let start = Instant::now();
+        while !self.log().contains("keygate-enclave ready") {
+            assert!(start.elapsed() < START_LIMIT, "KRE did not start: {}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("KRE did not start: {}", self.log());
     }
 
     fn log(&self) -> String {
@@ -212,7 +216,7 @@ fn kre_with_unexpected_pcrs_is_refused_by_the_client() {
 
 #[test]
 fn unreachable_kre_fails_after_bounded_retries() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-key-release").expect("tmp");
     let out = dir.path().join("k");
     let mut args = fetch_args(&format!("unix:{}", dir.path().join("none.sock").display()), "prod", GOOD, &out);
     let r = args.iter().position(|a| a == "--retries").expect("retries") + 1;
@@ -228,15 +232,12 @@ fn unreachable_kre_fails_after_bounded_retries() {
 fn fetch_through_the_proxy() {
     let kre = Kre::start(&[]);
     let psock = kre.dir.path().join("parent.sock");
-    let proxy = start_proxy(&psock, &kre.addr(), &[]);
+    let proxy = Proxy::start(&psock, &kre.addr(), &[]);
     let out = kre.dir.path().join("k");
     let o = run_fetch(&fetch_args(&unix(&psock), "prod", GOOD, &out));
-    let mut proxy = proxy;
-    let _ = proxy.kill();
-    let proxy_out = proxy.wait_with_output().expect("proxy output");
+    let plog = proxy.stop();
     assert!(o.status.success(), "{}", stderr(&o));
     let key = std::fs::read(out.join("etcd-kek.key")).expect("key");
-    let plog = String::from_utf8_lossy(&proxy_out.stderr);
     assert!(plog.contains("connection opened") && plog.contains("bytes_to_kre"), "{plog}");
     assert!(!plog.contains(&hex::encode(&key)));
 }
@@ -384,7 +385,7 @@ fn connection_limit_evicts_the_longest_waiting() {
 
 #[test]
 fn enclave_binary_refuses_bad_configuration() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-key-release").expect("tmp");
     let policy = dir.path().join("p.json");
     std::fs::write(&policy, r#"{"clusters": {"c": {"images": [{"name": "x", "pcrs": {"0": "00"}}]}}}"#).expect("write");
     let run = |name: &str, args: &[&str]| run_with_limit(Command::new(bin(name)).args(args), Duration::from_secs(10));
@@ -421,7 +422,7 @@ fn production_enclave_binary_has_no_mock_nsm() {
         format!("keygate-enclave-dev {version} (NSM backends: hardware, mock)\n")
     );
 
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-key-release").expect("tmp");
     let policy = dir.path().join("p.json");
     std::fs::write(&policy, r#"{"clusters": {}}"#).expect("write");
     let sock = format!("unix:{}", dir.path().join("s").display());
@@ -440,12 +441,10 @@ fn production_enclave_binary_has_no_mock_nsm() {
     }
     // Any other backend name is refused too, listing the ones the binary has.
     let o = run("keygate-enclave", &["--listen", &sock, "--policy", policy, "--nsm", "tpm"]);
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("--nsm tpm: no such NSM backend (NSM backends: hardware)"), "{}", stderr(&o));
+    exited(&o, 2, "--nsm tpm: no such NSM backend (NSM backends: hardware)");
     // The development binary has the mock NSM: the same command line reaches the mock's own check.
     let o = run("keygate-enclave-dev", &["--listen", &sock, "--policy", policy, "--nsm", "mock"]);
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("--nsm mock needs --mock-seed"), "{}", stderr(&o));
+    exited(&o, 2, "--nsm mock needs --mock-seed");
 }
 
 #[test]
@@ -465,7 +464,7 @@ fn vsock_transport_is_skipped_without_loopback() {
 /// (`keygate eif describe --json`), and a mock NSM that boots "from" it gets the keys.
 #[test]
 fn image_built_by_the_pipeline_gets_keys_via_mock_pcrs_from() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-key-release").expect("tmp");
     let d = dir.path();
     std::fs::create_dir_all(d.join("rootfs")).expect("dir");
     std::fs::write(d.join("bzImage"), b"kernel").expect("w");
@@ -632,24 +631,28 @@ fn a_kill_right_after_a_release_loses_no_audit_entry() {
 
 // ---- channels: the administrative frames are not reachable from the release side ----
 
-fn start_proxy(listen: &Path, to: &str, extra: &[&str]) -> Child {
-    let mut p = Command::new(bin("keygate"))
-        .args(["proxy", "--listen", &format!("unix:{}", listen.display()), "--to", to])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("proxy");
-    let start = Instant::now();
-    while std::os::unix::net::UnixStream::connect(listen).is_err() {
-        assert!(start.elapsed() < Duration::from_secs(10), "proxy did not start");
-        if let Ok(Some(st)) = p.try_wait() {
-            panic!("proxy exited: {st}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+/// A `keygate proxy` process, killed when dropped, its standard error in a log file.
+struct Proxy {
+    process: KillOnDrop,
+    log: PathBuf,
+}
+
+impl Proxy {
+    /// Starts `keygate proxy --listen unix:LISTEN --to TO EXTRA...`; returns once it listens.
+    fn start(listen: &Path, to: &str, extra: &[&str]) -> Self {
+        let log = listen.with_extension("log");
+        let mut cmd = Command::new(bin("keygate"));
+        cmd.args(["proxy", "--listen", &unix(listen), "--to", to]).args(extra);
+        let mut process = KillOnDrop(spawn_logged(&mut cmd, &log).expect("proxy"));
+        wait_for_socket(listen, Some(&mut process.0), START_LIMIT).unwrap_or_else(|e| panic!("proxy {e}"));
+        Self { process, log }
     }
-    p
+
+    /// Kills it (kill -9); what it logged.
+    fn stop(mut self) -> String {
+        self.process.kill();
+        std::fs::read_to_string(&self.log).expect("proxy log")
+    }
 }
 
 fn first_answer(sock: &Path, frame: &[u8]) -> Message {
@@ -676,7 +679,7 @@ fn administrative_frames_are_refused_on_the_release_side() {
     };
     let acked_before = acked(&kre);
     let psock = kre.dir.path().join("proxy.sock");
-    let mut proxy = start_proxy(&psock, &kre.addr(), &[]);
+    let proxy = Proxy::start(&psock, &kre.addr(), &[]);
     let admin = [
         Message::AuditAck { up_to_seq: u64::MAX },
         Message::AuditPull { after_seq: 0, max: 10 },
@@ -698,15 +701,12 @@ fn administrative_frames_are_refused_on_the_release_side() {
     }
     // The parent's own channel still has every entry: nothing was acknowledged away.
     assert_eq!(acked(&kre), acked_before);
-    let _ = proxy.kill();
-    let plog = proxy.wait_with_output().expect("proxy output");
-    let plog = String::from_utf8_lossy(&plog.stderr);
+    let plog = proxy.stop();
     assert!(plog.contains("first frame refused"), "{plog}");
 
     // A proxy never forwards the parent channel.
     let o = keygate(&["proxy", "--listen", "unix:/nonexistent/x", "--to", &kre.parent(), "--channel", "parent"]);
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("the parent channel is never proxied"), "{}", stderr(&o));
+    exited(&o, 2, "the parent channel is never proxied");
 }
 
 /// One source (here a Unix peer's uid) holds at most `--max-per-source` proxied connections:
@@ -716,7 +716,7 @@ fn the_proxy_limits_connections_per_source() {
     use std::io::Read;
     let kre = Kre::start(&[]);
     let psock = kre.dir.path().join("proxy.sock");
-    let mut proxy = start_proxy(&psock, &kre.addr(), &["--max-per-source", "2"]);
+    let proxy = Proxy::start(&psock, &kre.addr(), &["--max-per-source", "2"]);
     let held: Vec<_> = (0..2).map(|_| std::os::unix::net::UnixStream::connect(&psock).expect("connect")).collect();
     std::thread::sleep(Duration::from_millis(300));
     let mut third = std::os::unix::net::UnixStream::connect(&psock).expect("connect");
@@ -728,9 +728,7 @@ fn the_proxy_limits_connections_per_source() {
     let out = kre.dir.path().join("k");
     let o = run_fetch(&fetch_args(&unix(&psock), "prod", GOOD, &out));
     assert!(o.status.success(), "a slot is free again: {}", stderr(&o));
-    let _ = proxy.kill();
-    let log = proxy.wait_with_output().expect("proxy output");
-    assert!(String::from_utf8_lossy(&log.stderr).contains("too many connections from this source"));
+    assert!(proxy.stop().contains("too many connections from this source"));
 }
 
 /// A second KRE (or a proxy) started on a socket a live process serves exits with an error
@@ -743,8 +741,7 @@ fn a_second_kre_cannot_take_over_a_live_socket() {
         dev_kre(SEED).args(["--listen", &kre.addr(), "--policy", policy.to_str().expect("utf8")]),
         Duration::from_secs(15),
     );
-    assert_eq!(second.status.code(), Some(2), "{}", stderr(&second));
-    assert!(stderr(&second).contains("served by a live process"), "{}", stderr(&second));
+    exited(&second, 2, "served by a live process");
     let out = kre.dir.path().join("k");
     assert!(run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &out)).status.success(), "the first KRE still serves");
     let o = keygate(&["proxy", "--listen", &kre.addr(), "--to", "unix:/nonexistent"]);
@@ -881,8 +878,7 @@ fn a_customer_receipt_catches_a_parent_that_acknowledged_without_storing() {
     let bad = kre.dir.path().join("bad.receipt");
     std::fs::write(&bad, b"not a receipt").expect("write");
     let o = verify(&followed, Some(&bad), false);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    assert!(stderr(&o).contains("malformed receipt"), "{}", stderr(&o));
+    exited(&o, 1, "malformed receipt");
 }
 
 /// A relay cannot hand the client a receipt other than its release's own: neither a forged

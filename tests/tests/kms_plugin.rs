@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use keygate_tests::e2e::{dev_kre, pcr_args, prod_policy_for, unix};
-use keygate_tests::{bin, keygate, run_with_limit, KillOnDrop};
+use keygate_tests::{bin, keygate, run_with_limit, KillOnDrop, TempDir};
 use tonic::{Code, Status};
 
 // ---- the KMS v2 messages (package v2), from the published API ----
@@ -272,7 +272,7 @@ fn seed(i: u8) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_encrypt_decrypt_round_trip_and_refusals() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-kms-plugin").expect("tmp");
     let (_, plugin, sock) = plugin_with_key_v1(dir.path());
     {
         use std::os::unix::fs::PermissionsExt;
@@ -330,7 +330,7 @@ async fn status_encrypt_decrypt_round_trip_and_refusals() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_changes_the_key_id_and_old_ciphertexts_still_decrypt() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-kms-plugin").expect("tmp");
     let (keys, _plugin, sock) = plugin_with_key_v1(dir.path());
     let mut kms = healthy(&sock).await;
     let old = kms.encrypt(&seed(1)).await.expect("encrypt");
@@ -362,7 +362,7 @@ async fn rotation_changes_the_key_id_and_old_ciphertexts_still_decrypt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_clients() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-kms-plugin").expect("tmp");
     let (_, _plugin, sock) = plugin_with_key_v1(dir.path());
     healthy(&sock).await;
     let (conns, tasks, rounds) = (4usize, 8usize, 25usize);
@@ -395,7 +395,7 @@ async fn concurrent_clients() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starts_without_keys_and_refuses_unsafe_key_files() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-kms-plugin").expect("tmp");
     let keys = dir.path().join("keys");
     std::fs::create_dir_all(&keys).expect("mkdir");
     let (_plugin, sock) = start_plugin_on_dir(dir.path(), &keys);
@@ -431,7 +431,7 @@ async fn starts_without_keys_and_refuses_unsafe_key_files() {
 
 #[test]
 fn bad_command_lines_are_refused() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-kms-plugin").expect("tmp");
     let sock = format!("unix:{}", dir.path().join("s").display());
     let d = dir.path().display().to_string();
     let base = ["kms-plugin", "--listen", &sock, "--cluster", "prod", "--key-id", "etcd-kek"];
@@ -477,7 +477,7 @@ async fn python_grpcio_client_agrees_with_the_plugin() {
     if !python_ready() {
         return;
     }
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-kms-plugin").expect("tmp");
     let (_, _plugin, sock) = plugin_with_key_v1(dir.path());
     let mut kms = healthy(&sock).await;
     // Rust seals, Python opens; Python seals, Rust opens.
@@ -516,7 +516,7 @@ async fn python_grpcio_client_agrees_with_the_plugin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kre_lease_is_renewed_and_a_revoked_image_stops_within_the_lease() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-kms-plugin").expect("tmp");
     let kre_sock = dir.path().join("kre.sock");
     let kre = start_kre(dir.path(), &kre_sock, true, "kre1");
     let (plugin, sock) = start_plugin_on_kre(dir.path(), &kre_sock, "2s", "1s");
@@ -596,7 +596,7 @@ async fn kre_lease_is_renewed_and_a_revoked_image_stops_within_the_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starts_before_the_kre_and_keeps_decrypting_for_the_grace_when_it_is_gone() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-kms-plugin").expect("tmp");
     let kre_sock = dir.path().join("kre.sock");
     // The plugin starts first (as kube-apiserver's static pod may): not ready, retrying.
     let (plugin, sock) = start_plugin_on_kre(dir.path(), &kre_sock, "2s", "2s");
@@ -640,7 +640,7 @@ async fn starts_before_the_kre_and_keeps_decrypting_for_the_grace_when_it_is_gon
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_cannot_make_the_plugin_adopt_its_keys_or_revoke_its_own() {
     use keygate_tests::relay::{Attack, Relay};
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-kms-plugin").expect("tmp");
     let kre_sock = dir.path().join("kre.sock");
     let _kre = start_kre(dir.path(), &kre_sock, true, "kre");
     let relay_sock = dir.path().join("relay.sock");
