@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use crate::{bin, keygate, wait_for_socket, AuditFollower, KillOnDrop};
+use crate::{bin, keygate, spawn_logged, wait_for_socket, AuditFollower, KillOnDrop};
 
 /// How long a started process may take to open its socket.
 pub const START_LIMIT: Duration = Duration::from_secs(15);
@@ -95,6 +95,41 @@ pub fn dev_kre(seed: &str) -> Command {
     let mut cmd = Command::new(bin("keygate-enclave-dev"));
     cmd.args(["--nsm", "mock", "--mock-seed", seed]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
     cmd
+}
+
+/// A process of a test, killed when dropped, with its standard error in a log file.
+#[derive(Debug)]
+pub struct Logged {
+    /// The process.
+    pub process: KillOnDrop,
+    log: PathBuf,
+}
+
+impl Logged {
+    /// Starts `cmd` with stdin and stdout closed and its standard error in the new file `log`.
+    pub fn start(cmd: &mut Command, log: &Path) -> Self {
+        let child = spawn_logged(cmd, log).unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+        Self { process: KillOnDrop(child), log: log.to_path_buf() }
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until it listens on `sock`; panics with its log when it exits first or after
+    /// [`START_LIMIT`].
+    pub fn wait_for_socket(&mut self, sock: &Path) {
+        if let Err(e) = wait_for_socket(sock, Some(&mut self.process.0), START_LIMIT) {
+            panic!("{e}: {}", self.log());
+        }
+    }
+
+    /// Kills it (kill -9); what it logged.
+    pub fn stop(mut self) -> String {
+        self.process.kill();
+        self.log()
+    }
 }
 
 /// A running development KRE and the parent's audit follower (releases and state steps are

@@ -11,17 +11,17 @@ use keygate_attestation::{AttestRequest, Nsm};
 use keygate_enclave::wire::{self, DenyCode, Id, Message};
 use keygate_tests::e2e::{
     dev_kre, exited, hex48, keygate_args as run_fetch, path_arg as s, pcr_args, prod_policy, stderr, unix, DevKre,
-    START_LIMIT,
+    Logged, START_LIMIT,
 };
 use keygate_tests::relay::{Attack, Relay};
-use keygate_tests::{bin, keygate, run_with_limit, spawn_logged, wait_for_socket, KillOnDrop, TempDir};
+use keygate_tests::{bin, keygate, run_with_limit, TempDir};
 
 const SEED: &str = "e2e-seed";
 const GOOD: u8 = 0x5a;
 const KRE_PCR: u8 = 0x4b;
 
 struct Kre {
-    child: KillOnDrop,
+    child: Logged,
     dir: TempDir,
     sock: PathBuf,
     /// The parent's audit follower (the KRE withholds releases without one).
@@ -58,9 +58,7 @@ impl Kre {
         args.extend(["--policy".into(), policy_path.display().to_string()]);
         args.extend(pcr_args("--mock-pcr", KRE_PCR, 3));
         args.extend(extra.iter().map(|s| s.to_string()));
-        let log = std::fs::File::create(dir.path().join("kre.log")).expect("log");
-        let child =
-            KillOnDrop(dev_kre(SEED).args(&args).env("KEYGATE_LOG", "trace").stderr(log).spawn().expect("spawn"));
+        let child = Logged::start(dev_kre(SEED).args(&args).env("KEYGATE_LOG", "trace"), &dir.path().join("kre.log"));
         let mut kre = Kre { child, dir, sock, follower: None };
         kre.wait_ready(!extra.contains(&"--listen"));
         kre
@@ -70,10 +68,7 @@ impl Kre {
     /// `--listen`) until its log says it is ready.
     fn wait_ready(&mut self, on_unix: bool) {
         if on_unix {
-            if let Err(e) = wait_for_socket(&self.sock, Some(&mut self.child.0), START_LIMIT) {
-                panic!("KRE {e}: {}", self.log());
-            }
-            return;
+            return self.child.wait_for_socket(&self.sock);
         }
         let start = Instant::now();
         while !self.log().contains("keygate-enclave ready") {
@@ -83,7 +78,7 @@ impl Kre {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("kre.log")).unwrap_or_default()
+        self.child.log()
     }
 
     fn addr(&self) -> String {
@@ -174,7 +169,7 @@ fn allowed_image_gets_keys_and_the_same_keys_on_a_second_boot() {
     assert_ne!(std::fs::read(out2.join("secrets.key")).expect("key"), k1);
     assert!(kre.log().contains("keys released"), "{}", kre.log());
     // The KRE runs with core dumps disabled.
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", kre.child.0.id())).expect("limits");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", kre.child.process.0.id())).expect("limits");
     let core = limits.lines().find(|l| l.starts_with("Max core file size")).expect("core limit line");
     assert_eq!(core.split_whitespace().nth(4), Some("0"), "{core}");
 }
@@ -232,7 +227,7 @@ fn unreachable_kre_fails_after_bounded_retries() {
 fn fetch_through_the_proxy() {
     let kre = Kre::start(&[]);
     let psock = kre.dir.path().join("parent.sock");
-    let proxy = Proxy::start(&psock, &kre.addr(), &[]);
+    let proxy = start_proxy(&psock, &kre.addr(), &[]);
     let out = kre.dir.path().join("k");
     let o = run_fetch(&fetch_args(&unix(&psock), "prod", GOOD, &out));
     let plog = proxy.stop();
@@ -620,8 +615,8 @@ fn a_kill_right_after_a_release_loses_no_audit_entry() {
         let o = run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &kre.dir.path().join(format!("k{i}"))));
         assert!(o.status.success(), "{}", stderr(&o));
     }
-    kre.child.0.kill().expect("kill -9");
-    let _ = kre.child.0.wait();
+    kre.child.process.0.kill().expect("kill -9");
+    let _ = kre.child.process.0.wait();
     let followed = kre.dir.path().join("followed");
     let o = keygate(&["audit", "show", &followed.display().to_string(), "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -631,28 +626,14 @@ fn a_kill_right_after_a_release_loses_no_audit_entry() {
 
 // ---- channels: the administrative frames are not reachable from the release side ----
 
-/// A `keygate proxy` process, killed when dropped, its standard error in a log file.
-struct Proxy {
-    process: KillOnDrop,
-    log: PathBuf,
-}
-
-impl Proxy {
-    /// Starts `keygate proxy --listen unix:LISTEN --to TO EXTRA...`; returns once it listens.
-    fn start(listen: &Path, to: &str, extra: &[&str]) -> Self {
-        let log = listen.with_extension("log");
-        let mut cmd = Command::new(bin("keygate"));
-        cmd.args(["proxy", "--listen", &unix(listen), "--to", to]).args(extra);
-        let mut process = KillOnDrop(spawn_logged(&mut cmd, &log).expect("proxy"));
-        wait_for_socket(listen, Some(&mut process.0), START_LIMIT).unwrap_or_else(|e| panic!("proxy {e}"));
-        Self { process, log }
-    }
-
-    /// Kills it (kill -9); what it logged.
-    fn stop(mut self) -> String {
-        self.process.kill();
-        std::fs::read_to_string(&self.log).expect("proxy log")
-    }
+/// `keygate proxy --listen unix:LISTEN --to TO EXTRA...`, its log beside the socket; returns
+/// once it listens.
+fn start_proxy(listen: &Path, to: &str, extra: &[&str]) -> Logged {
+    let mut cmd = Command::new(bin("keygate"));
+    cmd.args(["proxy", "--listen", &unix(listen), "--to", to]).args(extra);
+    let mut proxy = Logged::start(&mut cmd, &listen.with_extension("log"));
+    proxy.wait_for_socket(listen);
+    proxy
 }
 
 fn first_answer(sock: &Path, frame: &[u8]) -> Message {
@@ -679,7 +660,7 @@ fn administrative_frames_are_refused_on_the_release_side() {
     };
     let acked_before = acked(&kre);
     let psock = kre.dir.path().join("proxy.sock");
-    let proxy = Proxy::start(&psock, &kre.addr(), &[]);
+    let proxy = start_proxy(&psock, &kre.addr(), &[]);
     let admin = [
         Message::AuditAck { up_to_seq: u64::MAX },
         Message::AuditPull { after_seq: 0, max: 10 },
@@ -716,7 +697,7 @@ fn the_proxy_limits_connections_per_source() {
     use std::io::Read;
     let kre = Kre::start(&[]);
     let psock = kre.dir.path().join("proxy.sock");
-    let proxy = Proxy::start(&psock, &kre.addr(), &["--max-per-source", "2"]);
+    let proxy = start_proxy(&psock, &kre.addr(), &["--max-per-source", "2"]);
     let held: Vec<_> = (0..2).map(|_| std::os::unix::net::UnixStream::connect(&psock).expect("connect")).collect();
     std::thread::sleep(Duration::from_millis(300));
     let mut third = std::os::unix::net::UnixStream::connect(&psock).expect("connect");

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use keygate_tests::e2e::{dev_kre, pcr_args, prod_policy_for, unix};
-use keygate_tests::{bin, keygate, run_with_limit, KillOnDrop, TempDir};
+use keygate_tests::e2e::{dev_kre, pcr_args, prod_policy_for, unix, Logged};
+use keygate_tests::{bin, keygate, run_with_limit, TempDir};
 use tonic::{Code, Status};
 
 // ---- the KMS v2 messages (package v2), from the published API ----
@@ -143,8 +143,7 @@ const GOOD: u8 = 0x5a;
 const KRE_PCR: u8 = 0x4b;
 
 struct Proc {
-    child: KillOnDrop,
-    log: PathBuf,
+    process: Logged,
     /// For a KRE: the parent's audit follower (releases are withheld without one).
     follower: Option<keygate_tests::AuditFollower>,
 }
@@ -152,24 +151,11 @@ struct Proc {
 impl Proc {
     /// Starts `cmd` with its standard error in the file `log`.
     fn spawn(cmd: &mut Command, log: PathBuf) -> Proc {
-        let f = std::fs::File::create(&log).expect("log");
-        let child = KillOnDrop(cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(f).spawn().expect("spawn"));
-        Proc { child, log, follower: None }
+        Proc { process: Logged::start(cmd, &log), follower: None }
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_socket(&mut self, sock: &Path) {
-        let start = Instant::now();
-        while std::os::unix::net::UnixStream::connect(sock).is_err() {
-            if let Ok(Some(st)) = self.child.0.try_wait() {
-                panic!("exited early ({st}): {}", self.log());
-            }
-            assert!(start.elapsed() < Duration::from_secs(15), "no socket {}: {}", sock.display(), self.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.process.log()
     }
 }
 
@@ -185,7 +171,7 @@ fn start_kre(dir: &Path, sock: &Path, allow_good: bool, name: &str) -> Proc {
         3,
     ));
     let mut p = Proc::spawn(&mut cmd, dir.join(format!("{name}.log")));
-    p.wait_socket(sock);
+    p.process.wait_for_socket(sock);
     let parent = format!("unix:{}.parent", sock.display());
     p.follower = Some(keygate_tests::AuditFollower::start(&parent, &dir.join(format!("{name}.audit"))));
     p
@@ -209,7 +195,7 @@ fn start_plugin_on_dir(dir: &Path, keys: &Path) -> (Proc, PathBuf) {
     let sock = dir.join("kms.sock");
     let extra = ["--keys".to_owned(), keys.display().to_string(), "--rescan".into(), "100ms".into()];
     let mut p = Proc::spawn(Command::new(bin("keygate")).args(plugin_args(&sock, &extra)), dir.join("plugin.log"));
-    p.wait_socket(&sock);
+    p.process.wait_for_socket(&sock);
     (p, sock)
 }
 
@@ -234,7 +220,7 @@ fn start_plugin_on_kre(dir: &Path, kre_sock: &Path, lease: &str, grace: &str) ->
     extra.extend(pcr_args("--mock-pcr", GOOD, 3));
     extra.extend(pcr_args("--expect-kre-pcr", KRE_PCR, 3));
     let mut p = Proc::spawn(Command::new(bin("keygate")).args(plugin_args(&sock, &extra)), dir.join("plugin.log"));
-    p.wait_socket(&sock);
+    p.process.wait_for_socket(&sock);
     (p, sock)
 }
 

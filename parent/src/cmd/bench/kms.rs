@@ -53,20 +53,6 @@ impl Method {
     }
 }
 
-/// One row: a [`Load`] for the row's duration, and what it measured.
-#[derive(Debug)]
-pub(crate) struct KmsRow {
-    pub(crate) load: Load,
-    /// Every call's latency in microseconds, failed calls included.
-    pub(crate) latency: Histogram<u64>,
-    pub(crate) wall_seconds: f64,
-    /// Failed calls by gRPC code; wrong answers (a Decrypt that returned another plaintext, a
-    /// Status that is not healthy) under their own names.
-    pub(crate) errors: BTreeMap<String, u64>,
-    pub(crate) plugin_cpu_seconds: f64,
-    pub(crate) kre_cpu_seconds: f64,
-}
-
 /// What a row measures: one method with `callers` concurrent callers.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Load {
@@ -87,6 +73,20 @@ impl std::fmt::Display for Load {
             Some(r) => write!(f, " at {r:.0}/s"),
         }
     }
+}
+
+/// One row: a [`Load`] for the row's duration, and what it measured.
+#[derive(Debug)]
+pub(crate) struct KmsRow {
+    pub(crate) load: Load,
+    /// Every call's latency in microseconds, failed calls included.
+    pub(crate) latency: Histogram<u64>,
+    pub(crate) wall_seconds: f64,
+    /// Failed calls by gRPC code; wrong answers (a Decrypt that returned another plaintext, a
+    /// Status that is not healthy) under their own names.
+    pub(crate) errors: BTreeMap<String, u64>,
+    pub(crate) plugin_cpu_seconds: f64,
+    pub(crate) kre_cpu_seconds: f64,
 }
 
 impl KmsRow {
