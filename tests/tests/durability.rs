@@ -484,13 +484,19 @@ fn signed_setup(d: &Path, delay: &str) -> Kre {
     kre
 }
 
-/// A signed deployment without activation delay whose v2 allows the control plane `cp`
-/// (PCRs `CP_PCR`), pushed and durable.
-fn serving_cp(d: &Path) -> Kre {
-    let kre = signed_setup(d, "0s");
-    let v2 = next_bundle(d, 2, &["--allow", &format!("prod=cp@{}", pcr_list(CP_PCR))]);
+/// A signed deployment with activation delay `delay` whose v2 allows the control plane `cp`
+/// (PCRs `CP_PCR`), with `more` arguments to its proposal, pushed and durable: the KRE and v2.
+fn allowing_cp(d: &Path, delay: &str, more: &[&str]) -> (Kre, PathBuf) {
+    let kre = signed_setup(d, delay);
+    let allow = format!("prod=cp@{}", pcr_list(CP_PCR));
+    let v2 = next_bundle(d, 2, &[&["--allow", allow.as_str()], more].concat());
     push_and_sync(d, &kre, &v2);
-    kre
+    (kre, v2)
+}
+
+/// [`allowing_cp`] without activation delay: `cp` is served at once.
+fn serving_cp(d: &Path) -> Kre {
+    allowing_cp(d, "0s", &[]).0
 }
 
 /// Proposes `v{n}.bundle` from `v{n-1}.bundle` with `args`, signs it with `a1` and assembles it.
@@ -548,10 +554,7 @@ fn fetched_versions(out: &Path) -> Vec<u32> {
 fn a_long_active_image_is_served_at_once_after_a_restart_unseal_and_restore() {
     let dir = TempDir::new("keygate-durability").expect("tmp");
     let d = dir.path();
-    let kre = signed_setup(d, "4s");
-    let cp = pcr_list(CP_PCR);
-    let v2 = next_bundle(d, 2, &["--allow", &format!("prod=cp@{cp}")]);
-    push_and_sync(d, &kre, &v2);
+    let (kre, _) = allowing_cp(d, "4s", &[]);
     // The new image waits for the activation delay: a transient refusal, not a revocation.
     refused(fetch(&kre, &d.join("k0")), "activation_pending");
     std::thread::sleep(Duration::from_secs(5));
@@ -572,10 +575,7 @@ fn a_long_active_image_is_served_at_once_after_a_restart_unseal_and_restore() {
 fn a_retired_kek_version_stays_retired_across_an_unretiring_bundle_a_replay_and_a_restart() {
     let dir = TempDir::new("keygate-durability").expect("tmp");
     let d = dir.path();
-    let kre = signed_setup(d, "0s");
-    let cp = pcr_list(CP_PCR);
-    let v2 = next_bundle(d, 2, &["--allow", &format!("prod=cp@{cp}"), "--rotate", "prod"]);
-    push_and_sync(d, &kre, &v2);
+    let (kre, v2) = allowing_cp(d, "0s", &["--rotate", "prod"]);
     ok(fetch(&kre, &d.join("k1")));
     assert_eq!(fetched_versions(&d.join("k1")), [1, 2]);
     let v3 = next_bundle(d, 3, &["--retire", "prod=2"]);
