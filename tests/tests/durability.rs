@@ -660,8 +660,9 @@ fn audit_runs_are_linked_across_a_kill_and_unseal_and_a_deleted_tail_is_named_ex
     let dir = TempDir::new("keygate-durability").expect("tmp");
     let d = dir.path();
     let kre = serving_cp(d);
-    ok(fetch(&kre, &d.join("k1")));
-    ok(fetch(&kre, &d.join("k2")));
+    for out in ["k1", "k2"] {
+        ok(fetch(&kre, &d.join(out)));
+    }
     // A committed generation after the releases: its sealed audit head covers them.
     let v3 = next_bundle(d, 3, &["--rotate", "prod"]);
     push_and_sync(d, &kre, &v3);
