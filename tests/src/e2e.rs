@@ -1,7 +1,7 @@
 //! What the end-to-end test files share beside the process kit: the mock PCR arguments, the
-//! checks of a command's outcome, a one-image release policy, and the development KRE
-//! (`keygate-enclave-dev` with the mock NSM) on a Unix socket with the parent's audit
-//! follower. It decides nothing for the product and trusts the binaries only to exit or to
+//! checks of a command's outcome, a one-image release policy, a process with its log file, and
+//! the development KRE (`keygate-enclave-dev` with the mock NSM) on a Unix socket with the
+//! parent's audit follower. It decides nothing for the product and trusts the binaries only to exit or to
 //! open their sockets; every helper panics with the output when a check fails.
 
 use std::path::{Path, PathBuf};
