@@ -421,10 +421,9 @@ pub(super) fn key_release_tour(tour: &mut Tour) -> Result<TempDir, CliError> {
         );
 
         // 3. An image the policy does not allow.
-        let rogue_pcrs = pcrs_from_eif(&rogue_eif).map_err(|e| e.message);
-        let bad = match &rogue_pcrs {
-            Ok(p) => fetcher(cpi(p, "rogue"), expect_kre.clone()).once().await,
-            Err(e) => Err(ClientError::Io(e.clone())),
+        let bad = match pcrs_from_eif(&rogue_eif) {
+            Ok(p) => fetcher(cpi(&p, "rogue"), expect_kre.clone()).once().await,
+            Err(e) => Err(ClientError::Io(e.message)),
         };
         tour.step(
             "an image the pipeline did not build (one file changed) is denied, with the reason",
