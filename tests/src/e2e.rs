@@ -1,14 +1,14 @@
 //! What the end-to-end test files share beside the process kit: the mock PCR arguments, the
-//! checks of a command's outcome, a one-image release policy, and the development KRE
-//! (`keygate-enclave-dev` with the mock NSM) on a Unix socket with the parent's audit
-//! follower. It decides nothing for the product and trusts the binaries only to exit or to
+//! checks of a command's outcome, a one-image release policy, a process with its log file, and
+//! the development KRE (`keygate-enclave-dev` with the mock NSM) on a Unix socket with the
+//! parent's audit follower. It decides nothing for the product and trusts the binaries only to exit or to
 //! open their sockets; every helper panics with the output when a check fails.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::{bin, keygate, AuditFollower, KillOnDrop};
+use crate::{bin, keygate, spawn_logged, wait_for_socket, AuditFollower, KillOnDrop};
 
 /// How long a started process may take to open its socket.
 pub const START_LIMIT: Duration = Duration::from_secs(15);
@@ -56,8 +56,23 @@ pub fn ok(o: Output) -> String {
 
 /// Asserts that the command was refused (exit 1) with `needle` in its standard error.
 pub fn refused(o: Output, needle: &str) {
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "stdout: {} stderr: {e}", String::from_utf8_lossy(&o.stdout));
+    exited(&o, 1, needle);
+}
+
+/// `keygate policy propose --from FROM --allow A ... -o OUT`, which must succeed; its output.
+pub fn propose(from: &Path, allow: &[String], out: &Path) -> String {
+    let mut args = vec!["policy".to_owned(), "propose".into(), "--from".into(), path_arg(from)];
+    for a in allow {
+        args.extend(["--allow".into(), a.clone()]);
+    }
+    args.extend(["-o".into(), path_arg(out)]);
+    ok(keygate_args(&args))
+}
+
+/// Asserts that the command exited with `code` and `needle` in its standard error.
+pub fn exited(o: &Output, code: i32, needle: &str) {
+    let e = stderr(o);
+    assert_eq!(o.status.code(), Some(code), "stdout: {} stderr: {e}", String::from_utf8_lossy(&o.stdout));
     assert!(e.contains(needle), "expected `{needle}` in: {e}");
 }
 
@@ -82,12 +97,38 @@ pub fn dev_kre(seed: &str) -> Command {
     cmd
 }
 
-/// Waits until `sock` accepts a connection; panics naming `what` after [`START_LIMIT`].
-pub fn wait_for_socket(sock: &Path, what: &str) {
-    let start = Instant::now();
-    while std::os::unix::net::UnixStream::connect(sock).is_err() {
-        assert!(start.elapsed() < START_LIMIT, "{what} did not start on {}", sock.display());
-        std::thread::sleep(Duration::from_millis(20));
+/// A process of a test, killed when dropped, with its standard error in a log file.
+#[derive(Debug)]
+pub struct Logged {
+    /// The process.
+    pub process: KillOnDrop,
+    log: PathBuf,
+}
+
+impl Logged {
+    /// Starts `cmd` with stdin and stdout closed and its standard error in the new file `log`.
+    pub fn start(cmd: &mut Command, log: &Path) -> Self {
+        let child = spawn_logged(cmd, log).unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+        Self { process: KillOnDrop(child), log: log.to_path_buf() }
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until it listens on `sock`; panics with its log when it exits first or after
+    /// [`START_LIMIT`].
+    pub fn wait_for_socket(&mut self, sock: &Path) {
+        if let Err(e) = wait_for_socket(sock, Some(&mut self.process.0), START_LIMIT) {
+            panic!("{e}: {}", self.log());
+        }
+    }
+
+    /// Kills it (kill -9); what it logged.
+    pub fn stop(mut self) -> String {
+        self.process.kill();
+        self.log()
     }
 }
 
@@ -104,8 +145,10 @@ impl DevKre {
     /// Starts `cmd` (a [`dev_kre`] listening on `sock`), waits for its release socket, and
     /// follows its audit trail into `followed`.
     pub fn start(cmd: &mut Command, sock: &Path, followed: &Path) -> Self {
-        let child = KillOnDrop(cmd.spawn().expect("keygate-enclave-dev"));
-        wait_for_socket(sock, "KRE");
+        let mut child = KillOnDrop(cmd.spawn().expect("keygate-enclave-dev"));
+        if let Err(e) = wait_for_socket(sock, Some(&mut child.0), START_LIMIT) {
+            panic!("KRE {e}");
+        }
         let follower = AuditFollower::start(&format!("unix:{}.parent", sock.display()), followed);
         Self { _child: child, sock: sock.to_path_buf(), _follower: follower }
     }

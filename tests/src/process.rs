@@ -10,6 +10,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::bin;
@@ -62,16 +63,18 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// A private directory under the system's temporary directory, named after `prefix` and this
-/// process's id, created empty (a stale one of the same name is removed first) and removed when
-/// dropped.
+/// A private directory under the system's temporary directory, named after `prefix`, this
+/// process's id and how many this process made before, created empty (a stale one of the same
+/// name, from a process with a reused id, is removed first) and removed when dropped.
 #[derive(Debug)]
 pub struct TempDir(Option<PathBuf>);
 
 impl TempDir {
-    /// Creates `$TMPDIR/<prefix>-<pid>`.
+    /// Creates `$TMPDIR/<prefix>-<pid>-<n>`: the tests of one process each get their own.
     pub fn new(prefix: &str) -> std::io::Result<Self> {
-        let path = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+        static MADE: AtomicUsize = AtomicUsize::new(0);
+        let n = MADE.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path)?;
         Ok(Self(Some(path)))

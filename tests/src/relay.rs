@@ -138,18 +138,20 @@ impl Drop for Relay {
     }
 }
 
-type Step<T> = Result<T, String>;
+/// A handshake step; the relay drops the connection on any error (the test sees the client's
+/// side), so the error only has to exist.
+type Step<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 fn read_body(s: &mut UnixStream) -> Step<Vec<u8>> {
     let mut p = [0u8; 4];
-    s.read_exact(&mut p).map_err(|e| e.to_string())?;
-    let mut body = vec![0u8; wire::frame_len(p).map_err(|e| e.to_string())?];
-    s.read_exact(&mut body).map_err(|e| e.to_string())?;
+    s.read_exact(&mut p)?;
+    let mut body = vec![0u8; wire::frame_len(p)?];
+    s.read_exact(&mut body)?;
     Ok(body)
 }
 
 fn send(s: &mut UnixStream, frame: &[u8]) -> Step<()> {
-    s.write_all(frame).map_err(|e| e.to_string())
+    Ok(s.write_all(frame)?)
 }
 
 fn frame(body: &[u8]) -> Vec<u8> {
@@ -158,7 +160,7 @@ fn frame(body: &[u8]) -> Vec<u8> {
 }
 
 fn decode(body: &[u8]) -> Step<Message> {
-    Message::decode(body).map_err(|e| e.to_string())
+    Ok(Message::decode(body)?)
 }
 
 fn relay_one(
@@ -170,9 +172,9 @@ fn relay_one(
     last: &LastReceipt,
 ) -> Step<()> {
     let limit = Some(Duration::from_secs(10));
-    client.set_read_timeout(limit).map_err(|e| e.to_string())?;
-    let mut upstream = UnixStream::connect(kre).map_err(|e| e.to_string())?;
-    upstream.set_read_timeout(limit).map_err(|e| e.to_string())?;
+    client.set_read_timeout(limit)?;
+    let mut upstream = UnixStream::connect(kre)?;
+    upstream.set_read_timeout(limit)?;
     let hello = read_body(&mut client)?;
     if matches!(attack, Attack::Forward | Attack::ReplaceReceipt) {
         // One handshake: Hello → Challenge, then Release → its answer.
@@ -181,7 +183,7 @@ fn relay_one(
             send(&mut upstream, &frame(&body))?;
             let mut reply = read_body(&mut upstream)?;
             if let Message::Released { ephemeral_point, keys, receipt } = decode(&reply)? {
-                let mut held = last.lock().map_err(|e| e.to_string())?;
+                let mut held = last.lock().map_err(|_| "the last receipt's lock is poisoned")?;
                 let previous = held.replace((*receipt).clone());
                 if attack == Attack::ReplaceReceipt {
                     let other = match previous {
@@ -193,11 +195,10 @@ fn relay_one(
                             *receipt.document_sha384(),
                             *receipt.public_key(),
                             *receipt.signature(),
-                        )
-                        .map_err(|e| e.to_string())?,
+                        )?,
                     };
                     let swapped = Message::Released { ephemeral_point, keys, receipt: Box::new(other) };
-                    reply = swapped.encode().map_err(|e| e.to_string())?.split_off(4);
+                    reply = swapped.encode()?.split_off(4);
                 }
             }
             send(&mut client, &frame(&reply))?;
@@ -209,12 +210,12 @@ fn relay_one(
     }
     let Message::Hello { client_nonce } = decode(&hello)? else { return Err("expected Hello".into()) };
     let upstream_nonce = if attack == Attack::SpliceChallenge { [0x55; 32] } else { client_nonce };
-    send(&mut upstream, &Message::Hello { client_nonce: upstream_nonce }.encode().map_err(|e| e.to_string())?)?;
+    send(&mut upstream, &Message::Hello { client_nonce: upstream_nonce }.encode()?)?;
     let Message::Challenge { server_nonce, mut kre_attestation } = decode(&read_body(&mut upstream)?)? else {
         return Err("expected Challenge".into());
     };
     let crypto = default_backend();
-    let mine = WrappingKey::generate(crypto, |b| b.fill(0x42)).map_err(|e| e.to_string())?;
+    let mine = WrappingKey::generate(crypto, |b| b.fill(0x42))?;
     match attack {
         Attack::SubstituteChallengePoint => {
             // The attested 97-byte point follows its CBOR byte-string head (0x58 0x61).
@@ -232,15 +233,15 @@ fn relay_one(
         _ => {}
     }
     let challenge = Message::Challenge { server_nonce, kre_attestation: kre_attestation.clone() };
-    send(&mut client, &challenge.encode().map_err(|e| e.to_string())?)?;
+    send(&mut client, &challenge.encode()?)?;
     // A client that refused the Challenge hangs up here.
     let Message::Release { cluster_id, key_ids, attestation } = decode(&read_body(&mut client)?)? else {
         return Err("expected Release".into());
     };
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_err(|e| e.to_string())?;
-    let mut opts = VerifyOptions::at(u64::try_from(now.as_millis()).map_err(|e| e.to_string())?);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    let mut opts = VerifyOptions::at(u64::try_from(now.as_millis())?);
     opts.allow_debug = true;
-    let client_doc = verifier.verify(&attestation, &opts).map_err(|e| e.to_string())?;
+    let client_doc = verifier.verify(&attestation, &opts)?;
     let t = Transcript {
         client_nonce,
         server_nonce,
@@ -251,12 +252,8 @@ fn relay_one(
     let chosen: Vec<_> = key_ids.iter().map(|k| (k.clone(), version, Secret::new(ATTACKER_KEY))).collect();
     let client_point = client_doc.public_key().ok_or("client document without public_key")?;
     // A receipt the relay signs itself, for this client's document (it has no KRE's key).
-    let signer = AuditSigner::generate(crypto, |b| b.fill(0x43)).map_err(|e| e.to_string())?;
-    let receipt = signer.sign_receipt(1, [0; 48], t.client_attestation_sha384).map_err(|e| e.to_string())?;
-    let (ephemeral_point, keys) =
-        keys::wrap_bound(crypto, &t, client_point, &chosen, mine, &receipt.to_bytes()).map_err(|e| e.to_string())?;
-    send(
-        &mut client,
-        &Message::Released { ephemeral_point, keys, receipt: Box::new(receipt) }.encode().map_err(|e| e.to_string())?,
-    )
+    let signer = AuditSigner::generate(crypto, |b| b.fill(0x43))?;
+    let receipt = signer.sign_receipt(1, [0; 48], t.client_attestation_sha384)?;
+    let (ephemeral_point, keys) = keys::wrap_bound(crypto, &t, client_point, &chosen, mine, &receipt.to_bytes())?;
+    send(&mut client, &Message::Released { ephemeral_point, keys, receipt: Box::new(receipt) }.encode()?)
 }

@@ -1,7 +1,7 @@
 //! `keygate attestation ...` as a user runs it, on the shared real vectors.
 
 use keygate_tests::e2e::stderr;
-use keygate_tests::{keygate, shared_vectors};
+use keygate_tests::{keygate, shared_vectors, TempDir};
 
 fn path(name: &str) -> String {
     shared_vectors().join(name).to_string_lossy().into_owned()
@@ -42,7 +42,7 @@ fn real_document_today_fails_with_one_precise_line() {
 
 #[test]
 fn wrong_root_is_refused() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-cli-attestation").expect("tmp");
     let root = dir.path().join("mock-root.pem");
     let o = keygate(&["attestation", "mock-root", "--seed", "x", "-o", root.to_str().expect("utf8")]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -80,7 +80,7 @@ fn expect_pcr_mismatch_names_the_pcr() {
 fn hex_and_base64_encodings_are_detected() {
     use base64::Engine as _;
     let raw = std::fs::read(path("doc-3.cbor")).expect("read");
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-cli-attestation").expect("tmp");
     let h = dir.path().join("doc.hex");
     let b = dir.path().join("doc.b64");
     std::fs::write(&h, hex::encode(&raw) + "\n").expect("write");
@@ -97,7 +97,7 @@ fn hex_and_base64_encodings_are_detected() {
 
 #[test]
 fn mock_document_round_trip_through_the_cli() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-cli-attestation").expect("tmp");
     let root = dir.path().join("root.pem");
     let doc = dir.path().join("doc.cbor");
     let pcr0 = format!("0={}", "ab".repeat(48));

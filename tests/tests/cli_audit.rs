@@ -3,7 +3,7 @@
 //! intact, and tampered in each way the parent could tamper with it.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use keygate_attestation::crypto::default_backend;
@@ -13,8 +13,8 @@ use keygate_enclave::audit::files::{frame_record, CHECKPOINTS_MAGIC, ENTRIES_MAG
 use keygate_enclave::audit::store::{self, CHECKPOINTS_FILE, ENTRIES_FILE};
 use keygate_enclave::audit::{AuditConfig, AuditEntry, AuditEvent, AuditLog, AuditSigner, Checkpoint, Requester};
 use keygate_enclave::wire::Id;
-use keygate_tests::e2e::{dev_kre, prod_policy_for, unix, wait_for_socket};
-use keygate_tests::{keygate, KillOnDrop};
+use keygate_tests::e2e::{dev_kre, prod_policy_for, unix, START_LIMIT};
+use keygate_tests::{keygate, wait_for_socket, KillOnDrop, TempDir};
 
 const T: u64 = 1_795_478_400_000 + 5 * 3_600_000;
 
@@ -133,7 +133,7 @@ fn assert_refused(dir: &Path, root: &Path, kind: &str, needle: &str) {
 
 #[test]
 fn verify_and_show_an_intact_trail() {
-    let tmp = tempfile::tempdir().expect("tmp");
+    let tmp = TempDir::new("keygate-cli-audit").expect("tmp");
     let t = trail("kre");
     let root = tmp.path().join("root.pem");
     std::fs::write(&root, &t.root_pem).expect("root");
@@ -193,7 +193,7 @@ fn verify_and_show_an_intact_trail() {
 
 #[test]
 fn verify_reports_each_kind_of_tampering() {
-    let tmp = tempfile::tempdir().expect("tmp");
+    let tmp = TempDir::new("keygate-cli-audit").expect("tmp");
     let t = trail("kre");
     let other = trail("kre-b");
     let root = tmp.path().join("root.pem");
@@ -287,9 +287,11 @@ fn start_kre(d: &Path, sock: &Path, n: usize) -> KillOnDrop {
         .stderr(log)
         .spawn()
         .expect("kre");
-    let kre = KillOnDrop(child);
-    wait_for_socket(sock, "KRE");
-    wait_for_socket(Path::new(&format!("{}.parent", sock.display())), "KRE's parent channel");
+    let mut kre = KillOnDrop(child);
+    let parent = PathBuf::from(format!("{}.parent", sock.display()));
+    for (listening, what) in [(sock, "KRE"), (parent.as_path(), "KRE's parent channel")] {
+        wait_for_socket(listening, Some(&mut kre.0), START_LIMIT).unwrap_or_else(|e| panic!("{what} {e}"));
+    }
     kre
 }
 
@@ -311,7 +313,7 @@ fn stored_runs(dir: &Path) -> Vec<(std::path::PathBuf, [u8; 48], usize)> {
 #[test]
 fn audit_pull_follow_survives_a_kre_restart() {
     use std::time::{Duration, Instant};
-    let tmp = tempfile::tempdir().expect("tmp");
+    let tmp = TempDir::new("keygate-cli-audit").expect("tmp");
     let sock = tmp.path().join("kre.sock");
     let mut kre = start_kre(tmp.path(), &sock, 1);
     let dir = tmp.path().join("audit");
@@ -372,7 +374,7 @@ fn audit_pull_follow_survives_a_kre_restart() {
 #[test]
 fn audit_verify_checks_linked_runs_and_names_each_gap() {
     use keygate_enclave::audit::AuditHead;
-    let tmp = tempfile::tempdir().expect("tmp");
+    let tmp = TempDir::new("keygate-cli-audit").expect("tmp");
     let d = tmp.path().join("history");
     let root = tmp.path().join("root.pem");
     let first = trail("run-1");

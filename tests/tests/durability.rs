@@ -9,9 +9,10 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use keygate_tests::e2e::{
-    dev_kre, hex48, keygate_args, ok, path_arg as s, pcr_args, pcr_list, prod_policy_for, refused, unix, DevKre as Kre,
+    dev_kre, hex48, keygate_args, ok, path_arg as s, pcr_args, pcr_list, prod_policy_for, propose, refused, unix,
+    DevKre as Kre,
 };
-use keygate_tests::{bin, keygate};
+use keygate_tests::{bin, keygate, TempDir};
 
 const SEED: &str = "durability-e2e";
 const KRE_PCR: u8 = 0x4b;
@@ -102,6 +103,22 @@ fn set_up_static(d: &Path) -> Kre {
     static_kre(d)
 }
 
+/// `keygate custodian init`: the KRE's genesis, its custody stored in `state`.
+fn custodian_init(kre: &Kre, state: &Path) -> Output {
+    keygate(&["custodian", "init", "--kre", &kre.parent(), "--state-dir", &s(state)])
+}
+
+/// [`set_up_static`], then genesis (custody in `d/state`) and a first fetch into `d/k1`:
+/// the KRE, the state directory and the data key `etcd`.
+fn serving_static(d: &Path) -> (Kre, PathBuf, Vec<u8>) {
+    let kre = set_up_static(d);
+    let state = d.join("state");
+    ok(custodian_init(&kre, &state));
+    ok(fetch(&kre, &d.join("k1")));
+    let key1 = std::fs::read(d.join("k1/etcd.key")).expect("key");
+    (kre, state, key1)
+}
+
 /// Every file under `dir`, recursively.
 fn files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -123,7 +140,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 #[test]
 fn kill_restart_and_two_of_three_unseal_keep_the_data_keys() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-durability").expect("tmp");
     let d = dir.path();
     let kre = set_up_static(d);
     let state = d.join("state");
@@ -131,9 +148,9 @@ fn kill_restart_and_two_of_three_unseal_keep_the_data_keys() {
     // A fresh KRE with custodians is sealed; the parent has nothing to hand it.
     refused(fetch(&kre, &d.join("k0")), "sealed");
     refused(keygate(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&state)]), "custodian init");
-    let out = ok(keygate(&["custodian", "init", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
+    let out = ok(custodian_init(&kre, &state));
     assert!(out.contains("generation 1 stored"), "{out}");
-    refused(keygate(&["custodian", "init", "--kre", &kre.parent(), "--state-dir", &s(&state)]), "genesis refused");
+    refused(custodian_init(&kre, &state), "genesis refused");
     ok(fetch(&kre, &d.join("k1")));
     let key1 = std::fs::read(d.join("k1/etcd.key")).expect("key");
     assert_eq!(key1.len(), 32);
@@ -189,7 +206,7 @@ fn kill_restart_and_two_of_three_unseal_keep_the_data_keys() {
 
 #[test]
 fn the_policy_head_survives_a_restart_and_a_withheld_bundle_blocks_releases() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-durability").expect("tmp");
     let d = dir.path();
     setup(d);
     let p = |n: &str| d.join(n);
@@ -209,18 +226,9 @@ fn the_policy_head_survives_a_restart_and_a_withheld_bundle_blocks_releases() {
     let state = p("state");
     let store = p("bundles");
     let kre = start_kre(d, ("--genesis", &p("genesis.bundle")));
-    ok(keygate(&["custodian", "init", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
+    ok(custodian_init(&kre, &state));
     let cp = pcr_list(CP_PCR);
-    ok(keygate(&[
-        "policy",
-        "propose",
-        "--from",
-        &s(&p("genesis.bundle")),
-        "--allow",
-        &format!("prod=cp@{cp}"),
-        "-o",
-        &s(&p("v2.proposal")),
-    ]));
+    propose(&p("genesis.bundle"), &[format!("prod=cp@{cp}")], &p("v2.proposal"));
     ok(keygate(&["policy", "sign", &s(&p("v2.proposal")), "--key", &s(&p("a1.pem")), "--yes", "-o", &s(&p("sig"))]));
     ok(keygate(&["policy", "assemble", &s(&p("v2.proposal")), &s(&p("sig")), "-o", &s(&p("v2.bundle"))]));
     // Pushed without storing the state: the new cluster's KEK is not usable yet, and the push
@@ -260,31 +268,16 @@ fn the_policy_head_survives_a_restart_and_a_withheld_bundle_blocks_releases() {
 
 #[test]
 fn reshare_to_new_custodians_approved_by_two_old_ones_survives_a_restart_with_the_new_set() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-durability").expect("tmp");
     let d = dir.path();
-    setup(d);
+    let (kre, state, key1) = serving_static(d);
+    let mut reshare =
+        ["custodian", "reshare", "--kre", &kre.custodian(), "--new-threshold", "2"].map(String::from).to_vec();
     for n in ["d1", "d2"] {
         ok(keygate(&["keygen", "-o", &s(&d.join(format!("{n}.pem")))]));
+        reshare.extend(["--new-custodian".into(), s(&d.join(format!("{n}.pub.pem")))]);
     }
-    write_cp_policy(d, None);
-    let state = d.join("state");
-    let kre = static_kre(d);
-    ok(keygate(&["custodian", "init", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
-    ok(fetch(&kre, &d.join("k1")));
-    let key1 = std::fs::read(d.join("k1/etcd.key")).expect("key");
-
-    let out = ok(keygate(&[
-        "custodian",
-        "reshare",
-        "--kre",
-        &kre.custodian(),
-        "--new-custodian",
-        &s(&d.join("d1.pub.pem")),
-        "--new-custodian",
-        &s(&d.join("d2.pub.pem")),
-        "--new-threshold",
-        "2",
-    ]));
+    let out = ok(keygate_args(&reshare));
     let digest = out
         .split("--approve-reshare ")
         .nth(1)
@@ -329,7 +322,7 @@ fn no_kek_share_state_key_or_data_key_in_any_output_log_or_file() {
     use keygate_enclave::state::custody::SharesFile;
     use p384::pkcs8::DecodePrivateKey;
 
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-durability").expect("tmp");
     let d = dir.path();
     setup(d);
     write_cp_policy(d, Some(2));
@@ -433,13 +426,9 @@ fn no_kek_share_state_key_or_data_key_in_any_output_log_or_file() {
 /// they are the same keys.
 #[test]
 fn a_client_retrying_through_a_kre_kill_and_unseal_gets_the_same_keys() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-durability").expect("tmp");
     let d = dir.path();
-    let kre = set_up_static(d);
-    let state = d.join("state");
-    ok(keygate(&["custodian", "init", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
-    ok(fetch(&kre, &d.join("k1")));
-    let key1 = std::fs::read(d.join("k1/etcd.key")).expect("key");
+    let (kre, state, key1) = serving_static(d);
     let addr = kre.addr();
     kre.kill();
 
@@ -491,17 +480,23 @@ fn signed_setup(d: &Path, delay: &str) -> Kre {
         &s(&d.join("v1.bundle")),
     ]));
     let kre = start_kre(d, ("--genesis", &d.join("v1.bundle")));
-    ok(keygate(&["custodian", "init", "--kre", &kre.parent(), "--state-dir", &s(&d.join("state"))]));
+    ok(custodian_init(&kre, &d.join("state")));
     kre
 }
 
-/// A signed deployment without activation delay whose v2 allows the control plane `cp`
-/// (PCRs `CP_PCR`), pushed and durable.
-fn serving_cp(d: &Path) -> Kre {
-    let kre = signed_setup(d, "0s");
-    let v2 = next_bundle(d, 2, &["--allow", &format!("prod=cp@{}", pcr_list(CP_PCR))]);
+/// A signed deployment with activation delay `delay` whose v2 allows the control plane `cp`
+/// (PCRs `CP_PCR`), with `more` arguments to its proposal, pushed and durable: the KRE and v2.
+fn allowing_cp(d: &Path, delay: &str, more: &[&str]) -> (Kre, PathBuf) {
+    let kre = signed_setup(d, delay);
+    let allow = format!("prod=cp@{}", pcr_list(CP_PCR));
+    let v2 = next_bundle(d, 2, &[&["--allow", allow.as_str()], more].concat());
     push_and_sync(d, &kre, &v2);
-    kre
+    (kre, v2)
+}
+
+/// [`allowing_cp`] without activation delay: `cp` is served at once.
+fn serving_cp(d: &Path) -> Kre {
+    allowing_cp(d, "0s", &[]).0
 }
 
 /// Proposes `v{n}.bundle` from `v{n-1}.bundle` with `args`, signs it with `a1` and assembles it.
@@ -557,12 +552,9 @@ fn fetched_versions(out: &Path) -> Vec<u32> {
 
 #[test]
 fn a_long_active_image_is_served_at_once_after_a_restart_unseal_and_restore() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-durability").expect("tmp");
     let d = dir.path();
-    let kre = signed_setup(d, "4s");
-    let cp = pcr_list(CP_PCR);
-    let v2 = next_bundle(d, 2, &["--allow", &format!("prod=cp@{cp}")]);
-    push_and_sync(d, &kre, &v2);
+    let (kre, _) = allowing_cp(d, "4s", &[]);
     // The new image waits for the activation delay: a transient refusal, not a revocation.
     refused(fetch(&kre, &d.join("k0")), "activation_pending");
     std::thread::sleep(Duration::from_secs(5));
@@ -581,12 +573,9 @@ fn a_long_active_image_is_served_at_once_after_a_restart_unseal_and_restore() {
 
 #[test]
 fn a_retired_kek_version_stays_retired_across_an_unretiring_bundle_a_replay_and_a_restart() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-durability").expect("tmp");
     let d = dir.path();
-    let kre = signed_setup(d, "0s");
-    let cp = pcr_list(CP_PCR);
-    let v2 = next_bundle(d, 2, &["--allow", &format!("prod=cp@{cp}"), "--rotate", "prod"]);
-    push_and_sync(d, &kre, &v2);
+    let (kre, v2) = allowing_cp(d, "0s", &["--rotate", "prod"]);
     ok(fetch(&kre, &d.join("k1")));
     assert_eq!(fetched_versions(&d.join("k1")), [1, 2]);
     let v3 = next_bundle(d, 3, &["--retire", "prod=2"]);
@@ -615,7 +604,7 @@ fn a_retired_kek_version_stays_retired_across_an_unretiring_bundle_a_replay_and_
 
 #[test]
 fn a_revocation_is_reported_durable_only_once_committed_and_then_survives_a_restart() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-durability").expect("tmp");
     let d = dir.path();
     let kre = serving_cp(d);
     ok(fetch(&kre, &d.join("k1")));
@@ -668,11 +657,12 @@ fn a_revocation_is_reported_durable_only_once_committed_and_then_survives_a_rest
 fn audit_runs_are_linked_across_a_kill_and_unseal_and_a_deleted_tail_is_named_exactly() {
     use keygate_enclave::audit::{files, store, AuditEvent};
 
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-durability").expect("tmp");
     let d = dir.path();
     let kre = serving_cp(d);
-    ok(fetch(&kre, &d.join("k1")));
-    ok(fetch(&kre, &d.join("k2")));
+    for out in ["k1", "k2"] {
+        ok(fetch(&kre, &d.join(out)));
+    }
     // A committed generation after the releases: its sealed audit head covers them.
     let v3 = next_bundle(d, 3, &["--rotate", "prod"]);
     push_and_sync(d, &kre, &v3);
@@ -767,7 +757,7 @@ fn collect_receipts(dir: &Path, into: &Path) -> usize {
 
 #[test]
 fn a_kill_at_any_moment_loses_no_receipted_release_and_no_durable_policy_change() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-durability").expect("tmp");
     let d = dir.path();
     let mut kre = serving_cp(d);
     let other = pcr_list(0x2d);

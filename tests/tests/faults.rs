@@ -9,17 +9,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use keygate_enclave::wire::Message;
-use keygate_tests::e2e::{dev_kre, keygate_args, pcr_args, prod_policy_for, unix, wait_for_socket, DevKre};
-use keygate_tests::KillOnDrop;
+use keygate_tests::e2e::{dev_kre, keygate_args, pcr_args, prod_policy_for, unix, DevKre, START_LIMIT};
+use keygate_tests::{wait_for_socket, KillOnDrop, TempDir};
 
 const SEED: &str = "faults";
 
 const KRE_PCR: u8 = 0x4b;
 const CP_PCR: u8 = 0x5a;
-
-fn wait_for(sock: &Path) {
-    wait_for_socket(sock, "a listener");
-}
 
 fn start_kre(dir: &Path) -> (DevKre, PathBuf) {
     start_kre_with(dir, &[])
@@ -74,7 +70,7 @@ fn a_legitimate_client_gets_its_keys_during_a_flood() {
     // Room for the flood's descriptors in this process and in the KRE (which inherits it).
     let limit = rlimit::increase_nofile_limit(4096).expect("descriptor limit");
     let idle = usize::try_from(limit).unwrap_or(4096).saturating_sub(600).min(1500);
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-faults").expect("tmp");
     let (_kre, sock) = start_kre(dir.path());
 
     // Up to 1,500 idle connections, 50 slowloris senders (one byte, then silence), 50 oversized
@@ -149,7 +145,7 @@ fn half_sent(t: u8, len: u32, send: usize) -> Vec<u8> {
 /// did complete a handshake still leaves the parent's state steps served.
 #[test]
 fn half_sent_frames_cannot_spend_the_bytes_a_release_or_the_parent_needs() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-faults").expect("tmp");
     let (_kre, sock) = start_kre_with(dir.path(), &["--bytes-in-flight-mib", "1"]);
     let mut held = Vec::new();
     // 1 MiB of budget: 17 policy pushes or 49 Releases would spend it, the smaller frames
@@ -196,7 +192,7 @@ fn half_sent_frames_cannot_spend_the_bytes_a_release_or_the_parent_needs() {
 /// that has waited longest is evicted for the newcomer, however many more the attacker opens.
 #[test]
 fn idle_connections_holding_every_slot_make_room_for_a_client() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-faults").expect("tmp");
     let (_kre, sock) = start_kre_with(dir.path(), &["--max-connections", "64"]);
     // Every slot, then as many again (each of those evicts an older idle one).
     let held: Vec<UnixStream> = (0..128).map(|_| UnixStream::connect(&sock).expect("idle")).collect();
@@ -210,12 +206,12 @@ fn idle_connections_holding_every_slot_make_room_for_a_client() {
 
 #[test]
 fn a_fetch_survives_the_proxy_being_killed_and_restarted() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-faults").expect("tmp");
     let (_kre, kre_sock) = start_kre(dir.path());
     let psock = dir.path().join("parent.sock");
     let start_proxy = || KillOnDrop::keygate(&["proxy", "--listen", &unix(&psock), "--to", &unix(&kre_sock)]);
     let proxy = start_proxy();
-    wait_for(&psock);
+    wait_for_socket(&psock, None, START_LIMIT).unwrap_or_else(|e| panic!("proxy {e}"));
     // Kill the proxy (SIGKILL: no cleanup), start the fetch while it is down, bring it back.
     drop(proxy);
     let args = fetch_args(&psock, &dir.path().join("keys"), "8");

@@ -3,25 +3,26 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use keygate_attestation::mock::{system_clock, MockNsm};
 use keygate_attestation::{AttestRequest, Nsm};
 use keygate_enclave::wire::{self, DenyCode, Id, Message};
 use keygate_tests::e2e::{
-    dev_kre, hex48, keygate_args as run_fetch, path_arg as s, pcr_args, prod_policy, stderr, unix, DevKre,
+    dev_kre, exited, hex48, keygate_args as run_fetch, path_arg as s, pcr_args, prod_policy, stderr, unix, DevKre,
+    Logged, START_LIMIT,
 };
 use keygate_tests::relay::{Attack, Relay};
-use keygate_tests::{bin, keygate, run_with_limit, KillOnDrop};
+use keygate_tests::{bin, keygate, run_with_limit, TempDir};
 
 const SEED: &str = "e2e-seed";
 const GOOD: u8 = 0x5a;
 const KRE_PCR: u8 = 0x4b;
 
 struct Kre {
-    child: KillOnDrop,
-    dir: tempfile::TempDir,
+    child: Logged,
+    dir: TempDir,
     sock: PathBuf,
     /// The parent's audit follower (the KRE withholds releases without one).
     follower: Option<keygate_tests::AuditFollower>,
@@ -40,7 +41,7 @@ impl Kre {
 
     /// A KRE whose audit nobody collects.
     fn start_unfollowed(extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().expect("tmp");
+        let dir = TempDir::new("keygate-key-release").expect("tmp");
         let policy = serde_json::json!({
             "clusters": {
                 "prod": { "images": [ { "name": "cp-good", "pcrs": { "0": hex48(GOOD), "1": hex48(GOOD), "2": hex48(GOOD) } } ] },
@@ -57,29 +58,27 @@ impl Kre {
         args.extend(["--policy".into(), policy_path.display().to_string()]);
         args.extend(pcr_args("--mock-pcr", KRE_PCR, 3));
         args.extend(extra.iter().map(|s| s.to_string()));
-        let log = std::fs::File::create(dir.path().join("kre.log")).expect("log");
-        let child =
-            KillOnDrop(dev_kre(SEED).args(&args).env("KEYGATE_LOG", "trace").stderr(log).spawn().expect("spawn"));
-        let kre = Kre { child, dir, sock, follower: None };
-        kre.wait_ready();
+        let child = Logged::start(dev_kre(SEED).args(&args).env("KEYGATE_LOG", "trace"), &dir.path().join("kre.log"));
+        let mut kre = Kre { child, dir, sock, follower: None };
+        kre.wait_ready(!extra.contains(&"--listen"));
         kre
     }
 
-    fn wait_ready(&self) {
+    /// Waits until the KRE listens: on its Unix socket, or (`on_unix` false: another
+    /// `--listen`) until its log says it is ready.
+    fn wait_ready(&mut self, on_unix: bool) {
+        if on_unix {
+            return self.child.wait_for_socket(&self.sock);
+        }
         let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(15) {
-            if std::os::unix::net::UnixStream::connect(&self.sock).is_ok()
-                || self.log().contains("keygate-enclave ready")
-            {
-                return;
-            }
+        while !self.log().contains("keygate-enclave ready") {
+            assert!(start.elapsed() < START_LIMIT, "KRE did not start: {}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("KRE did not start: {}", self.log());
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("kre.log")).unwrap_or_default()
+        self.child.log()
     }
 
     fn addr(&self) -> String {
@@ -170,7 +169,7 @@ fn allowed_image_gets_keys_and_the_same_keys_on_a_second_boot() {
     assert_ne!(std::fs::read(out2.join("secrets.key")).expect("key"), k1);
     assert!(kre.log().contains("keys released"), "{}", kre.log());
     // The KRE runs with core dumps disabled.
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", kre.child.0.id())).expect("limits");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", kre.child.process.0.id())).expect("limits");
     let core = limits.lines().find(|l| l.starts_with("Max core file size")).expect("core limit line");
     assert_eq!(core.split_whitespace().nth(4), Some("0"), "{core}");
 }
@@ -212,7 +211,7 @@ fn kre_with_unexpected_pcrs_is_refused_by_the_client() {
 
 #[test]
 fn unreachable_kre_fails_after_bounded_retries() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-key-release").expect("tmp");
     let out = dir.path().join("k");
     let mut args = fetch_args(&format!("unix:{}", dir.path().join("none.sock").display()), "prod", GOOD, &out);
     let r = args.iter().position(|a| a == "--retries").expect("retries") + 1;
@@ -231,12 +230,9 @@ fn fetch_through_the_proxy() {
     let proxy = start_proxy(&psock, &kre.addr(), &[]);
     let out = kre.dir.path().join("k");
     let o = run_fetch(&fetch_args(&unix(&psock), "prod", GOOD, &out));
-    let mut proxy = proxy;
-    let _ = proxy.kill();
-    let proxy_out = proxy.wait_with_output().expect("proxy output");
+    let plog = proxy.stop();
     assert!(o.status.success(), "{}", stderr(&o));
     let key = std::fs::read(out.join("etcd-kek.key")).expect("key");
-    let plog = String::from_utf8_lossy(&proxy_out.stderr);
     assert!(plog.contains("connection opened") && plog.contains("bytes_to_kre"), "{plog}");
     assert!(!plog.contains(&hex::encode(&key)));
 }
@@ -384,7 +380,7 @@ fn connection_limit_evicts_the_longest_waiting() {
 
 #[test]
 fn enclave_binary_refuses_bad_configuration() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-key-release").expect("tmp");
     let policy = dir.path().join("p.json");
     std::fs::write(&policy, r#"{"clusters": {"c": {"images": [{"name": "x", "pcrs": {"0": "00"}}]}}}"#).expect("write");
     let run = |name: &str, args: &[&str]| run_with_limit(Command::new(bin(name)).args(args), Duration::from_secs(10));
@@ -421,7 +417,7 @@ fn production_enclave_binary_has_no_mock_nsm() {
         format!("keygate-enclave-dev {version} (NSM backends: hardware, mock)\n")
     );
 
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-key-release").expect("tmp");
     let policy = dir.path().join("p.json");
     std::fs::write(&policy, r#"{"clusters": {}}"#).expect("write");
     let sock = format!("unix:{}", dir.path().join("s").display());
@@ -440,12 +436,10 @@ fn production_enclave_binary_has_no_mock_nsm() {
     }
     // Any other backend name is refused too, listing the ones the binary has.
     let o = run("keygate-enclave", &["--listen", &sock, "--policy", policy, "--nsm", "tpm"]);
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("--nsm tpm: no such NSM backend (NSM backends: hardware)"), "{}", stderr(&o));
+    exited(&o, 2, "--nsm tpm: no such NSM backend (NSM backends: hardware)");
     // The development binary has the mock NSM: the same command line reaches the mock's own check.
     let o = run("keygate-enclave-dev", &["--listen", &sock, "--policy", policy, "--nsm", "mock"]);
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("--nsm mock needs --mock-seed"), "{}", stderr(&o));
+    exited(&o, 2, "--nsm mock needs --mock-seed");
 }
 
 #[test]
@@ -465,7 +459,7 @@ fn vsock_transport_is_skipped_without_loopback() {
 /// (`keygate eif describe --json`), and a mock NSM that boots "from" it gets the keys.
 #[test]
 fn image_built_by_the_pipeline_gets_keys_via_mock_pcrs_from() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-key-release").expect("tmp");
     let d = dir.path();
     std::fs::create_dir_all(d.join("rootfs")).expect("dir");
     std::fs::write(d.join("bzImage"), b"kernel").expect("w");
@@ -621,8 +615,8 @@ fn a_kill_right_after_a_release_loses_no_audit_entry() {
         let o = run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &kre.dir.path().join(format!("k{i}"))));
         assert!(o.status.success(), "{}", stderr(&o));
     }
-    kre.child.0.kill().expect("kill -9");
-    let _ = kre.child.0.wait();
+    kre.child.process.0.kill().expect("kill -9");
+    let _ = kre.child.process.0.wait();
     let followed = kre.dir.path().join("followed");
     let o = keygate(&["audit", "show", &followed.display().to_string(), "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -632,24 +626,14 @@ fn a_kill_right_after_a_release_loses_no_audit_entry() {
 
 // ---- channels: the administrative frames are not reachable from the release side ----
 
-fn start_proxy(listen: &Path, to: &str, extra: &[&str]) -> Child {
-    let mut p = Command::new(bin("keygate"))
-        .args(["proxy", "--listen", &format!("unix:{}", listen.display()), "--to", to])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("proxy");
-    let start = Instant::now();
-    while std::os::unix::net::UnixStream::connect(listen).is_err() {
-        assert!(start.elapsed() < Duration::from_secs(10), "proxy did not start");
-        if let Ok(Some(st)) = p.try_wait() {
-            panic!("proxy exited: {st}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    p
+/// `keygate proxy --listen unix:LISTEN --to TO EXTRA...`, its log beside the socket; returns
+/// once it listens.
+fn start_proxy(listen: &Path, to: &str, extra: &[&str]) -> Logged {
+    let mut cmd = Command::new(bin("keygate"));
+    cmd.args(["proxy", "--listen", &unix(listen), "--to", to]).args(extra);
+    let mut proxy = Logged::start(&mut cmd, &listen.with_extension("log"));
+    proxy.wait_for_socket(listen);
+    proxy
 }
 
 fn first_answer(sock: &Path, frame: &[u8]) -> Message {
@@ -676,7 +660,7 @@ fn administrative_frames_are_refused_on_the_release_side() {
     };
     let acked_before = acked(&kre);
     let psock = kre.dir.path().join("proxy.sock");
-    let mut proxy = start_proxy(&psock, &kre.addr(), &[]);
+    let proxy = start_proxy(&psock, &kre.addr(), &[]);
     let admin = [
         Message::AuditAck { up_to_seq: u64::MAX },
         Message::AuditPull { after_seq: 0, max: 10 },
@@ -698,15 +682,12 @@ fn administrative_frames_are_refused_on_the_release_side() {
     }
     // The parent's own channel still has every entry: nothing was acknowledged away.
     assert_eq!(acked(&kre), acked_before);
-    let _ = proxy.kill();
-    let plog = proxy.wait_with_output().expect("proxy output");
-    let plog = String::from_utf8_lossy(&plog.stderr);
+    let plog = proxy.stop();
     assert!(plog.contains("first frame refused"), "{plog}");
 
     // A proxy never forwards the parent channel.
     let o = keygate(&["proxy", "--listen", "unix:/nonexistent/x", "--to", &kre.parent(), "--channel", "parent"]);
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("the parent channel is never proxied"), "{}", stderr(&o));
+    exited(&o, 2, "the parent channel is never proxied");
 }
 
 /// One source (here a Unix peer's uid) holds at most `--max-per-source` proxied connections:
@@ -716,7 +697,7 @@ fn the_proxy_limits_connections_per_source() {
     use std::io::Read;
     let kre = Kre::start(&[]);
     let psock = kre.dir.path().join("proxy.sock");
-    let mut proxy = start_proxy(&psock, &kre.addr(), &["--max-per-source", "2"]);
+    let proxy = start_proxy(&psock, &kre.addr(), &["--max-per-source", "2"]);
     let held: Vec<_> = (0..2).map(|_| std::os::unix::net::UnixStream::connect(&psock).expect("connect")).collect();
     std::thread::sleep(Duration::from_millis(300));
     let mut third = std::os::unix::net::UnixStream::connect(&psock).expect("connect");
@@ -728,9 +709,7 @@ fn the_proxy_limits_connections_per_source() {
     let out = kre.dir.path().join("k");
     let o = run_fetch(&fetch_args(&unix(&psock), "prod", GOOD, &out));
     assert!(o.status.success(), "a slot is free again: {}", stderr(&o));
-    let _ = proxy.kill();
-    let log = proxy.wait_with_output().expect("proxy output");
-    assert!(String::from_utf8_lossy(&log.stderr).contains("too many connections from this source"));
+    assert!(proxy.stop().contains("too many connections from this source"));
 }
 
 /// A second KRE (or a proxy) started on a socket a live process serves exits with an error
@@ -743,8 +722,7 @@ fn a_second_kre_cannot_take_over_a_live_socket() {
         dev_kre(SEED).args(["--listen", &kre.addr(), "--policy", policy.to_str().expect("utf8")]),
         Duration::from_secs(15),
     );
-    assert_eq!(second.status.code(), Some(2), "{}", stderr(&second));
-    assert!(stderr(&second).contains("served by a live process"), "{}", stderr(&second));
+    exited(&second, 2, "served by a live process");
     let out = kre.dir.path().join("k");
     assert!(run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &out)).status.success(), "the first KRE still serves");
     let o = keygate(&["proxy", "--listen", &kre.addr(), "--to", "unix:/nonexistent"]);
@@ -881,8 +859,7 @@ fn a_customer_receipt_catches_a_parent_that_acknowledged_without_storing() {
     let bad = kre.dir.path().join("bad.receipt");
     std::fs::write(&bad, b"not a receipt").expect("write");
     let o = verify(&followed, Some(&bad), false);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    assert!(stderr(&o).contains("malformed receipt"), "{}", stderr(&o));
+    exited(&o, 1, "malformed receipt");
 }
 
 /// A relay cannot hand the client a receipt other than its release's own: neither a forged

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use keygate_tests::e2e::{dev_kre, pcr_args, prod_policy_for, unix};
-use keygate_tests::{bin, keygate, run_with_limit, KillOnDrop};
+use keygate_tests::e2e::{dev_kre, pcr_args, prod_policy_for, unix, Logged};
+use keygate_tests::{bin, keygate, run_with_limit, TempDir};
 use tonic::{Code, Status};
 
 // ---- the KMS v2 messages (package v2), from the published API ----
@@ -143,8 +143,7 @@ const GOOD: u8 = 0x5a;
 const KRE_PCR: u8 = 0x4b;
 
 struct Proc {
-    child: KillOnDrop,
-    log: PathBuf,
+    process: Logged,
     /// For a KRE: the parent's audit follower (releases are withheld without one).
     follower: Option<keygate_tests::AuditFollower>,
 }
@@ -152,24 +151,11 @@ struct Proc {
 impl Proc {
     /// Starts `cmd` with its standard error in the file `log`.
     fn spawn(cmd: &mut Command, log: PathBuf) -> Proc {
-        let f = std::fs::File::create(&log).expect("log");
-        let child = KillOnDrop(cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(f).spawn().expect("spawn"));
-        Proc { child, log, follower: None }
+        Proc { process: Logged::start(cmd, &log), follower: None }
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_socket(&mut self, sock: &Path) {
-        let start = Instant::now();
-        while std::os::unix::net::UnixStream::connect(sock).is_err() {
-            if let Ok(Some(st)) = self.child.0.try_wait() {
-                panic!("exited early ({st}): {}", self.log());
-            }
-            assert!(start.elapsed() < Duration::from_secs(15), "no socket {}: {}", sock.display(), self.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.process.log()
     }
 }
 
@@ -185,7 +171,7 @@ fn start_kre(dir: &Path, sock: &Path, allow_good: bool, name: &str) -> Proc {
         3,
     ));
     let mut p = Proc::spawn(&mut cmd, dir.join(format!("{name}.log")));
-    p.wait_socket(sock);
+    p.process.wait_for_socket(sock);
     let parent = format!("unix:{}.parent", sock.display());
     p.follower = Some(keygate_tests::AuditFollower::start(&parent, &dir.join(format!("{name}.audit"))));
     p
@@ -209,7 +195,7 @@ fn start_plugin_on_dir(dir: &Path, keys: &Path) -> (Proc, PathBuf) {
     let sock = dir.join("kms.sock");
     let extra = ["--keys".to_owned(), keys.display().to_string(), "--rescan".into(), "100ms".into()];
     let mut p = Proc::spawn(Command::new(bin("keygate")).args(plugin_args(&sock, &extra)), dir.join("plugin.log"));
-    p.wait_socket(&sock);
+    p.process.wait_for_socket(&sock);
     (p, sock)
 }
 
@@ -234,7 +220,7 @@ fn start_plugin_on_kre(dir: &Path, kre_sock: &Path, lease: &str, grace: &str) ->
     extra.extend(pcr_args("--mock-pcr", GOOD, 3));
     extra.extend(pcr_args("--expect-kre-pcr", KRE_PCR, 3));
     let mut p = Proc::spawn(Command::new(bin("keygate")).args(plugin_args(&sock, &extra)), dir.join("plugin.log"));
-    p.wait_socket(&sock);
+    p.process.wait_for_socket(&sock);
     (p, sock)
 }
 
@@ -272,7 +258,7 @@ fn seed(i: u8) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_encrypt_decrypt_round_trip_and_refusals() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-kms-plugin").expect("tmp");
     let (_, plugin, sock) = plugin_with_key_v1(dir.path());
     {
         use std::os::unix::fs::PermissionsExt;
@@ -330,7 +316,7 @@ async fn status_encrypt_decrypt_round_trip_and_refusals() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_changes_the_key_id_and_old_ciphertexts_still_decrypt() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-kms-plugin").expect("tmp");
     let (keys, _plugin, sock) = plugin_with_key_v1(dir.path());
     let mut kms = healthy(&sock).await;
     let old = kms.encrypt(&seed(1)).await.expect("encrypt");
@@ -362,7 +348,7 @@ async fn rotation_changes_the_key_id_and_old_ciphertexts_still_decrypt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_clients() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-kms-plugin").expect("tmp");
     let (_, _plugin, sock) = plugin_with_key_v1(dir.path());
     healthy(&sock).await;
     let (conns, tasks, rounds) = (4usize, 8usize, 25usize);
@@ -395,7 +381,7 @@ async fn concurrent_clients() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starts_without_keys_and_refuses_unsafe_key_files() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-kms-plugin").expect("tmp");
     let keys = dir.path().join("keys");
     std::fs::create_dir_all(&keys).expect("mkdir");
     let (_plugin, sock) = start_plugin_on_dir(dir.path(), &keys);
@@ -431,7 +417,7 @@ async fn starts_without_keys_and_refuses_unsafe_key_files() {
 
 #[test]
 fn bad_command_lines_are_refused() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-kms-plugin").expect("tmp");
     let sock = format!("unix:{}", dir.path().join("s").display());
     let d = dir.path().display().to_string();
     let base = ["kms-plugin", "--listen", &sock, "--cluster", "prod", "--key-id", "etcd-kek"];
@@ -477,7 +463,7 @@ async fn python_grpcio_client_agrees_with_the_plugin() {
     if !python_ready() {
         return;
     }
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-kms-plugin").expect("tmp");
     let (_, _plugin, sock) = plugin_with_key_v1(dir.path());
     let mut kms = healthy(&sock).await;
     // Rust seals, Python opens; Python seals, Rust opens.
@@ -516,7 +502,7 @@ async fn python_grpcio_client_agrees_with_the_plugin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kre_lease_is_renewed_and_a_revoked_image_stops_within_the_lease() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-kms-plugin").expect("tmp");
     let kre_sock = dir.path().join("kre.sock");
     let kre = start_kre(dir.path(), &kre_sock, true, "kre1");
     let (plugin, sock) = start_plugin_on_kre(dir.path(), &kre_sock, "2s", "1s");
@@ -596,7 +582,7 @@ async fn kre_lease_is_renewed_and_a_revoked_image_stops_within_the_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starts_before_the_kre_and_keeps_decrypting_for_the_grace_when_it_is_gone() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-kms-plugin").expect("tmp");
     let kre_sock = dir.path().join("kre.sock");
     // The plugin starts first (as kube-apiserver's static pod may): not ready, retrying.
     let (plugin, sock) = start_plugin_on_kre(dir.path(), &kre_sock, "2s", "2s");
@@ -640,7 +626,7 @@ async fn starts_before_the_kre_and_keeps_decrypting_for_the_grace_when_it_is_gon
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_cannot_make_the_plugin_adopt_its_keys_or_revoke_its_own() {
     use keygate_tests::relay::{Attack, Relay};
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-kms-plugin").expect("tmp");
     let kre_sock = dir.path().join("kre.sock");
     let _kre = start_kre(dir.path(), &kre_sock, true, "kre");
     let relay_sock = dir.path().join("relay.sock");

@@ -7,9 +7,9 @@ use std::process::Output;
 use std::time::Duration;
 
 use keygate_tests::e2e::{
-    dev_kre, keygate_args, ok, path_arg as s, pcr_args, pcr_list as pcrs, refused, unix, DevKre as Kre,
+    dev_kre, keygate_args, ok, path_arg as s, pcr_args, pcr_list as pcrs, propose, refused, unix, DevKre as Kre,
 };
-use keygate_tests::keygate;
+use keygate_tests::{keygate, TempDir};
 
 const SEED: &str = "policy-e2e";
 const KRE_PCR: u8 = 0x4b;
@@ -46,7 +46,7 @@ fn fetch(kre: &Kre, pcr: u8, out: &Path) -> Output {
 
 #[test]
 fn pipeline_flow_against_a_running_kre() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = TempDir::new("keygate-policy-flow").expect("tmp");
     let d = dir.path();
     let p = |n: &str| d.join(n);
     for i in 1..=3 {
@@ -77,18 +77,8 @@ fn pipeline_flow_against_a_running_kre() {
     refused(fetch(&kre, 0xa, &p("k0")), "unknown_cluster");
 
     // v2 allows images A and B; signed 1-of-3 first (refused), then 2-of-3.
-    ok(keygate(&[
-        "policy",
-        "propose",
-        "--from",
-        &s(&p("genesis.bundle")),
-        "--allow",
-        &format!("prod=img-a@{}", pcrs(0xa)),
-        "--allow",
-        &format!("prod=img-b@{}", pcrs(0xb)),
-        "-o",
-        &s(&p("v2.proposal")),
-    ]));
+    let allow = [format!("prod=img-a@{}", pcrs(0xa)), format!("prod=img-b@{}", pcrs(0xb))];
+    propose(&p("genesis.bundle"), &allow, &p("v2.proposal"));
     for (k, sig) in [("a1.pem", "s1"), ("a3.pem", "s3")] {
         ok(keygate(&["policy", "sign", &s(&p("v2.proposal")), "--key", &s(&p(k)), "--yes", "-o", &s(&p(sig))]));
     }

@@ -122,16 +122,27 @@ pub(crate) struct MockRootArgs {
 #[derive(Debug, Clone)]
 pub(crate) struct Bytes(pub(crate) Vec<u8>);
 
+/// A command-line value that is not hex.
 #[cfg(feature = "mock")]
-pub(crate) fn parse_hex(s: &str) -> Result<Bytes, String> {
-    hex::decode(s.trim()).map(Bytes).map_err(|e| format!("not hex: {e}"))
+#[derive(Debug, thiserror::Error)]
+#[error("not hex: {0}")]
+pub(crate) struct NotHex(#[from] hex::FromHexError);
+
+#[cfg(feature = "mock")]
+pub(crate) fn parse_hex(s: &str) -> Result<Bytes, NotHex> {
+    Ok(Bytes(hex::decode(s.trim())?))
 }
 
-pub(crate) fn parse_kind(s: &str) -> Result<DocumentKind, String> {
+/// A `--kind` that names no document kind.
+#[derive(Debug, thiserror::Error)]
+#[error("expected `enclave` or `nitrotpm`")]
+pub(crate) struct UnknownKind;
+
+pub(crate) fn parse_kind(s: &str) -> Result<DocumentKind, UnknownKind> {
     match s {
         "enclave" => Ok(DocumentKind::Enclave),
         "nitrotpm" => Ok(DocumentKind::NitroTpm),
-        _ => Err("expected `enclave` or `nitrotpm`".to_owned()),
+        _ => Err(UnknownKind),
     }
 }
 

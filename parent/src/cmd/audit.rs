@@ -79,7 +79,18 @@ pub(crate) struct VerifyArgs {
 const MAX_RECEIPT_FILES: usize = 1_000_000;
 
 /// A receipt file and its decoding (or why it holds no receipt).
-type LoadedReceipt = (PathBuf, Result<Receipt, String>);
+type LoadedReceipt = (PathBuf, Result<Receipt, UnreadableReceipt>);
+
+/// Why a receipt file holds no receipt.
+#[derive(Debug, thiserror::Error)]
+enum UnreadableReceipt {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("not a regular file")]
+    NotAFile,
+    #[error("malformed receipt: {0}")]
+    Malformed(#[from] keygate_enclave::audit::DecodeError),
+}
 
 /// The receipts at `path` (a file, or the `*.receipt` files of a directory, by name), each
 /// with its decoding: a malformed one is a receipt that proves nothing, named like a missing one.
@@ -118,16 +129,16 @@ fn load_receipts(path: &Path) -> Result<Vec<LoadedReceipt>, CliError> {
 }
 
 /// One receipt file: a regular file of exactly [`RECEIPT_LEN`] bytes (read no further).
-fn read_receipt(path: &Path) -> Result<Receipt, String> {
+fn read_receipt(path: &Path) -> Result<Receipt, UnreadableReceipt> {
     use std::io::Read as _;
-    let meta = std::fs::symlink_metadata(path).map_err(|e| e.to_string())?;
+    let meta = std::fs::symlink_metadata(path)?;
     if !meta.file_type().is_file() {
-        return Err("not a regular file".into());
+        return Err(UnreadableReceipt::NotAFile);
     }
     let mut bytes = Vec::with_capacity(RECEIPT_LEN + 1);
     let limit = u64::try_from(RECEIPT_LEN + 1).unwrap_or(u64::MAX);
-    std::fs::File::open(path).and_then(|f| f.take(limit).read_to_end(&mut bytes)).map_err(|e| e.to_string())?;
-    Receipt::decode(&bytes).map_err(|e| format!("malformed receipt: {e}"))
+    std::fs::File::open(path).and_then(|f| f.take(limit).read_to_end(&mut bytes))?;
+    Ok(Receipt::decode(&bytes)?)
 }
 
 /// A receipt that does not prove its entry is in the trail.
@@ -158,9 +169,7 @@ fn check_receipts(
     let mut failures = Vec::new();
     for (path, receipt) in &receipts {
         let failure = match receipt {
-            Err(message) => {
-                Some(ReceiptFailure { path: path.clone(), seq: None, kind: "malformed", message: message.clone() })
-            }
+            Err(e) => Some(ReceiptFailure { path: path.clone(), seq: None, kind: "malformed", message: e.to_string() }),
             Ok(r) => {
                 let run = verified.iter().find(|(s, _)| s.chain_id == *r.chain_id()).or(verified.first());
                 run.and_then(|(summary, trail)| {

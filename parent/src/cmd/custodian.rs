@@ -183,18 +183,32 @@ fn encode_custody(shares: &[u8], genesis: &[u8]) -> Result<Vec<u8>, CliError> {
     Ok(out)
 }
 
-fn decode_custody(b: &[u8]) -> Result<Custody, String> {
-    let rest = b.strip_prefix(CUSTODY_MAGIC.as_slice()).ok_or("not a keygate custody file (bad magic)")?;
-    let take = |r: &[u8]| -> Result<(Vec<u8>, usize), String> {
-        let n = r.get(..4).ok_or("truncated")?;
-        let n = usize::try_from(u32::from_be_bytes([n[0], n[1], n[2], n[3]])).map_err(|_| "too large")?;
-        let v = r.get(4..4 + n).ok_or("truncated")?;
+/// Why a custody file does not decode.
+#[derive(Debug, thiserror::Error)]
+enum CustodyFileError {
+    #[error("not a keygate custody file (bad magic)")]
+    BadMagic,
+    #[error("truncated")]
+    Truncated,
+    #[error("too large")]
+    TooLarge,
+    #[error("trailing bytes")]
+    TrailingBytes,
+}
+
+fn decode_custody(b: &[u8]) -> Result<Custody, CustodyFileError> {
+    let rest = b.strip_prefix(CUSTODY_MAGIC.as_slice()).ok_or(CustodyFileError::BadMagic)?;
+    let take = |r: &[u8]| -> Result<(Vec<u8>, usize), CustodyFileError> {
+        let n = r.get(..4).ok_or(CustodyFileError::Truncated)?;
+        let n =
+            usize::try_from(u32::from_be_bytes([n[0], n[1], n[2], n[3]])).map_err(|_| CustodyFileError::TooLarge)?;
+        let v = r.get(4..4 + n).ok_or(CustodyFileError::Truncated)?;
         Ok((v.to_vec(), 4 + n))
     };
     let (shares, used) = take(rest)?;
     let (genesis, used2) = take(&rest[used..])?;
     if used + used2 != rest.len() {
-        return Err("trailing bytes".into());
+        return Err(CustodyFileError::TrailingBytes);
     }
     Ok((shares, genesis))
 }

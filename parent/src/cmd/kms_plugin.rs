@@ -103,19 +103,28 @@ pub(crate) struct KmsPluginArgs {
 #[derive(Debug, Clone)]
 pub(crate) struct ListenAddr(PathBuf);
 
+/// A command-line value the plugin does not take.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ArgError {
+    #[error("`{0}`: expected unix:PATH (a filesystem socket)")]
+    NotUnixPath(String),
+    #[error("`{0}`: expected a duration like 500ms, 30s, 10m or 1h")]
+    NotDuration(String),
+}
+
 impl FromStr for ListenAddr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ArgError;
+    fn from_str(s: &str) -> Result<Self, ArgError> {
         match s.strip_prefix("unix:") {
             Some(p) if !p.is_empty() && !p.starts_with('@') => Ok(Self(PathBuf::from(p))),
-            _ => Err(format!("`{s}`: expected unix:PATH (a filesystem socket)")),
+            _ => Err(ArgError::NotUnixPath(s.to_owned())),
         }
     }
 }
 
 /// Parses `500ms`, `30s`, `10m`, `1h` (a bare number is seconds).
-pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("`{s}`: expected a duration like 500ms, 30s, 10m or 1h");
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, ArgError> {
+    let bad = || ArgError::NotDuration(s.to_owned());
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (n, unit) = s.split_at(split);
     if n.is_empty() || n.len() > 9 {

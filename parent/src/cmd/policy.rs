@@ -222,17 +222,26 @@ pub(crate) struct DurableArgs {
     allow_debug_kre: bool,
 }
 
+/// Why a `--delay`-style value is not a duration.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DurationError {
+    #[error("`{0}` is not a duration (e.g. 90, 30m, 1h, 2d)")]
+    NotANumber(String),
+    #[error("unknown unit in `{0}` (s, m, h, d)")]
+    UnknownUnit(String),
+}
+
 /// Parses `90`, `90s`, `30m`, `1h`, `2d`.
-pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, DurationError> {
     let s = s.trim();
     let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, ""), |i| s.split_at(i));
-    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration (e.g. 90, 30m, 1h, 2d)"))?;
+    let n: u64 = num.parse().map_err(|_| DurationError::NotANumber(s.to_owned()))?;
     let mult = match unit {
         "" | "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
-        _ => return Err(format!("unknown unit in `{s}` (s, m, h, d)")),
+        _ => return Err(DurationError::UnknownUnit(s.to_owned())),
     };
     Ok(Duration::from_secs(n.saturating_mul(mult)))
 }

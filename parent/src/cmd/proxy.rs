@@ -48,27 +48,44 @@ pub(crate) struct ProxyArgs {
     connect_timeout: u64,
 }
 
-/// Proxy limits.
+/// Where the proxy forwards, which channel, and its limits.
 #[derive(Debug, Clone)]
 pub(crate) struct ProxyConfig {
     pub(crate) to: Addr,
     pub(crate) channel: Channel,
-    pub(crate) first_frame_timeout: Duration,
-    pub(crate) max_connections: usize,
-    pub(crate) max_per_source: usize,
-    pub(crate) max_lifetime: Duration,
-    pub(crate) connect_timeout: Duration,
+    pub(crate) slots: Slots,
+    pub(crate) timeouts: Timeouts,
+}
+
+/// Most concurrent connections.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Slots {
+    /// In all.
+    pub(crate) total: usize,
+    /// From one source (at least 1).
+    pub(crate) per_source: usize,
+}
+
+/// How long each step of a proxied connection may take.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timeouts {
+    /// For the client's first frame header.
+    pub(crate) first_frame: Duration,
+    /// To connect to the KRE.
+    pub(crate) connect: Duration,
+    /// For the whole connection.
+    pub(crate) lifetime: Duration,
 }
 
 /// Forwards connections from `listener` to `cfg.to` until `shutdown` resolves.
 pub(crate) async fn serve(listener: Listener, cfg: ProxyConfig, shutdown: impl std::future::Future<Output = ()>) {
-    let max = cfg.max_connections;
+    let max = cfg.slots.total;
     let sources = Arc::new(Sources::default());
     let serve_one = |client: BoxStream, peer: String| {
         let (cfg, sources) = (cfg.clone(), sources.clone());
         async move {
-            let Some(_held) = sources.enter(&peer, cfg.max_per_source) else {
-                tracing::warn!(%peer, max = cfg.max_per_source, "too many connections from this source; closed");
+            let Some(_held) = sources.enter(&peer, cfg.slots.per_source) else {
+                tracing::warn!(%peer, max = cfg.slots.per_source, "too many connections from this source; closed");
                 return;
             };
             forward(client, &peer, &cfg).await
@@ -134,7 +151,7 @@ fn source_of(peer: &str) -> String {
 /// refusal to answer when they are not a request of `channel`.
 async fn first_header(client: &mut BoxStream, cfg: &ProxyConfig) -> Result<[u8; 6], Option<(DenyCode, String)>> {
     let mut head = [0u8; 6];
-    match tokio::time::timeout(cfg.first_frame_timeout, client.read_exact(&mut head)).await {
+    match tokio::time::timeout(cfg.timeouts.first_frame, client.read_exact(&mut head)).await {
         Ok(Ok(_)) => {}
         Ok(Err(_)) => return Err(None),
         Err(_) => return Err(Some((DenyCode::Timeout, "no first frame in time".into()))),
@@ -171,7 +188,7 @@ async fn forward(mut client: BoxStream, peer: &str, cfg: &ProxyConfig) {
             return;
         }
     };
-    let mut upstream = match transport::connect(&cfg.to, cfg.connect_timeout).await {
+    let mut upstream = match transport::connect(&cfg.to, cfg.timeouts.connect).await {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(%peer, to = %cfg.to, error = %e, "cannot reach the KRE");
@@ -183,7 +200,7 @@ async fn forward(mut client: BoxStream, peer: &str, cfg: &ProxyConfig) {
         tracing::info!(%peer, error = %e, "connection ended with an error");
         return;
     }
-    match tokio::time::timeout(cfg.max_lifetime, tokio::io::copy_bidirectional(&mut client, &mut upstream)).await {
+    match tokio::time::timeout(cfg.timeouts.lifetime, tokio::io::copy_bidirectional(&mut client, &mut upstream)).await {
         Ok(Ok((up, down))) => tracing::info!(%peer, bytes_to_kre = up, bytes_from_kre = down, "connection closed"),
         Ok(Err(e)) => tracing::info!(%peer, error = %e, "connection ended with an error"),
         Err(_) => tracing::warn!(%peer, "connection exceeded its lifetime; closed"),
@@ -202,11 +219,12 @@ pub(crate) fn run(a: ProxyArgs) -> Result<(), CliError> {
     let cfg = ProxyConfig {
         to: a.to,
         channel: a.channel,
-        first_frame_timeout: Duration::from_secs(a.first_frame_timeout.max(1)),
-        max_connections: a.max_connections,
-        max_per_source: a.max_per_source.max(1),
-        max_lifetime: Duration::from_secs(a.max_lifetime),
-        connect_timeout: Duration::from_secs(a.connect_timeout),
+        slots: Slots { total: a.max_connections, per_source: a.max_per_source.max(1) },
+        timeouts: Timeouts {
+            first_frame: Duration::from_secs(a.first_frame_timeout.max(1)),
+            connect: Duration::from_secs(a.connect_timeout),
+            lifetime: Duration::from_secs(a.max_lifetime),
+        },
     };
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;

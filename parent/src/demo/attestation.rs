@@ -7,7 +7,7 @@ use std::sync::Arc;
 use keygate_attestation::mock::MockNsm;
 use keygate_attestation::{AttestRequest, Nsm, TrustAnchor, Verifier, VerifyError, VerifyOptions};
 
-use super::tour::Tour;
+use super::tour::{Misbehaved, Outcome, Tour};
 use crate::cmd::attestation::now_ms;
 use crate::error::CliError;
 
@@ -21,11 +21,11 @@ const REAL_DEBUG_TIME_MS: u64 = 1_694_102_162_000;
 fn expect_refusal(
     r: Result<keygate_attestation::VerifiedAttestation, VerifyError>,
     ok: fn(&VerifyError) -> bool,
-) -> Result<String, String> {
+) -> Outcome {
     match r {
         Err(e) if ok(&e) => Ok(format!("refused: {e}")),
-        Err(e) => Err(format!("refused for the wrong reason: {e}")),
-        Ok(_) => Err("accepted, but must be refused".to_owned()),
+        Err(e) => Err(format!("refused for the wrong reason: {e}").into()),
+        Ok(_) => Err("accepted, but must be refused".into()),
     }
 }
 
@@ -36,7 +36,7 @@ pub(crate) fn attestation_tour(tour: &mut Tour) -> Result<(), CliError> {
         "a real enclave document verifies against the pinned AWS root, as of its own time",
         aws.verify(REAL_DOC, &VerifyOptions::at(REAL_DOC_TIME_MS))
             .map(|a| format!("module {}, PCR0 {}…", a.module_id(), hex::encode(&a.pcr(0).unwrap_or_default()[..8])))
-            .map_err(|e| e.to_string()),
+            .map_err(Misbehaved::because),
     );
     tour.step(
         "the same document is refused today: its certificates have expired",
@@ -72,7 +72,7 @@ pub(crate) fn attestation_tour(tour: &mut Tour) -> Result<(), CliError> {
         Verifier::new(nsm.root_anchor())
             .verify(&doc, &VerifyOptions::at(now))
             .map(|a| format!("{} bytes, module {}, same structure as a real document", doc.len(), a.module_id()))
-            .map_err(|e| e.to_string()),
+            .map_err(Misbehaved::because),
     );
     tour.step(
         "a mock document never verifies against the AWS root",

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use keygate_tests::{spawn_logged, wait_for_socket, ProcessInDir, TempDir};
 
-use super::tour::Tour;
+use super::tour::{Misbehaved, Outcome, Tour};
 use crate::cmd::kms_plugin::connect_unix;
 use crate::cmd::kms_plugin::pb::key_management_service_client::KeyManagementServiceClient;
 use crate::cmd::kms_plugin::pb::{DecryptRequest, EncryptRequest, StatusRequest};
@@ -64,7 +64,7 @@ fn copy_keys(from: &Path, to: &Path, key: &str) -> Result<u32, CliError> {
     Ok(newest)
 }
 
-fn write_new_version(dir: &Path, key: &str, version: u32) -> Result<(), String> {
+fn write_new_version(dir: &Path, key: &str, version: u32) -> Result<(), Misbehaved> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let bytes = zeroize::Zeroizing::new({
@@ -80,26 +80,26 @@ fn write_new_version(dir: &Path, key: &str, version: u32) -> Result<(), String> 
         .open(&tmp)
         .and_then(|mut f| f.write_all(&*bytes))
         .and_then(|()| std::fs::rename(&tmp, dir.join(format!("{key}.v{version}.key"))))
-        .map_err(|e| format!("writing version {version}: {e}"))
+        .map_err(|e| format!("writing version {version}: {e}").into())
 }
 
-async fn connect(sock: &Path, plugin: &mut Plugin) -> Result<Client, String> {
+async fn connect(sock: &Path, plugin: &mut Plugin) -> Result<Client, Misbehaved> {
     wait_for_socket(sock, Some(&mut plugin.p.child), Duration::from_secs(15)).map_err(|e| match e {
         keygate_tests::SocketWaitError::Exited(status) => format!("the plugin exited ({status}): {}", plugin.log()),
         e => format!("the plugin {e}"),
     })?;
-    connect_unix(sock).await.map_err(|e| format!("connecting to the plugin: {e}"))
+    connect_unix(sock).await.map_err(|e| format!("connecting to the plugin: {e}").into())
 }
 
-async fn wait_for_key_id(client: &mut Client, want: &str) -> Result<String, String> {
+async fn wait_for_key_id(client: &mut Client, want: &str) -> Outcome {
     let start = Instant::now();
     loop {
-        let s = client.status(StatusRequest {}).await.map_err(|e| e.to_string())?.into_inner();
+        let s = client.status(StatusRequest {}).await.map_err(Misbehaved::because)?.into_inner();
         if s.healthz == "ok" && s.key_id == want {
             return Ok(s.key_id);
         }
         if start.elapsed() > Duration::from_secs(10) {
-            return Err(format!("Status still says healthz={:?} key_id={:?}", s.healthz, s.key_id));
+            return Err(format!("Status still says healthz={:?} key_id={:?}", s.healthz, s.key_id).into());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -164,7 +164,7 @@ pub(super) fn kms_tour(tour: &mut Tour, keys_dir: &Path) -> Result<(), CliError>
             "Encrypt seals a 32-byte DEK seed with the attested key",
             match &sealed {
                 Ok(r) => Ok(format!("{}-byte ciphertext under key_id {}", r.ciphertext.len(), r.key_id)),
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(Misbehaved::because(e)),
             },
         );
         let Ok(sealed) = sealed else { return };
@@ -181,7 +181,7 @@ pub(super) fn kms_tour(tour: &mut Tour, keys_dir: &Path) -> Result<(), CliError>
             match opened {
                 Ok(r) if r.get_ref().plaintext == *seed => Ok("identical, compared in memory (never printed)".into()),
                 Ok(_) => Err("a different plaintext came back".into()),
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(Misbehaved::because(e)),
             },
         );
         let mut tampered = sealed.ciphertext.clone();
@@ -200,7 +200,7 @@ pub(super) fn kms_tour(tour: &mut Tour, keys_dir: &Path) -> Result<(), CliError>
             "a ciphertext with one flipped bit is refused",
             match refused {
                 Err(s) if s.code() == tonic::Code::InvalidArgument => Ok(format!("refused: {}", s.message())),
-                Err(s) => Err(format!("refused with the wrong code: {s}")),
+                Err(s) => Err(format!("refused with the wrong code: {s}").into()),
                 Ok(_) => Err("a tampered ciphertext decrypted".into()),
             },
         );
@@ -226,7 +226,7 @@ pub(super) fn kms_tour(tour: &mut Tour, keys_dir: &Path) -> Result<(), CliError>
                     Ok(format!("key_id {} -> {id}; old seed recovered", sealed.key_id))
                 }
                 (Err(e), _) => Err(e),
-                (_, Err(e)) => Err(format!("old ciphertext refused: {e}")),
+                (_, Err(e)) => Err(format!("old ciphertext refused: {e}").into()),
                 (_, Ok(_)) => Err("old ciphertext decrypted to something else".into()),
             },
         );

@@ -18,7 +18,7 @@ use keygate_enclave::wire::{DenyCode, Id, Message};
 use keygate_tests::relay::{Attack, Relay};
 use keygate_tests::{spawn_logged, wait_for_socket, KillOnDrop, TempDir};
 
-use super::tour::Tour;
+use super::tour::{Misbehaved, Outcome, Tour};
 use crate::cmd::attestation::pcrs_from_eif;
 use crate::cmd::fetch::{write_keys, write_receipt, Fetcher};
 use crate::error::CliError;
@@ -135,7 +135,7 @@ pub(super) fn key_release_tour(tour: &mut Tour) -> Result<TempDir, CliError> {
                 &hex::encode(&good_pcrs[&0])[..16]
             ))
         } else {
-            Err("two builds from the same inputs differ".to_owned())
+            Err("two builds from the same inputs differ".into())
         },
     );
 
@@ -293,9 +293,9 @@ pub(super) fn key_release_tour(tour: &mut Tour) -> Result<TempDir, CliError> {
             .and_then(|_| {
                 match keygate_cli(&exe, &["policy".into(), "push".into(), path(&one), "--kre".into(), kre_addr.clone()])
                 {
-                    Err(e) if e.contains("2 required") => Ok(e),
-                    Err(e) => Err(format!("refused for the wrong reason: {e}")),
-                    Ok(_) => Err("a 1-of-3 bundle was accepted".to_owned()),
+                    Err(e) if e.says("2 required") => Ok(e.to_string()),
+                    Err(e) => Err(format!("refused for the wrong reason: {e}").into()),
+                    Ok(_) => Err("a 1-of-3 bundle was accepted".into()),
                 }
             });
         tour.step("a bundle with one approver's signature is refused by the KRE", pushed_one);
@@ -349,8 +349,8 @@ pub(super) fn key_release_tour(tour: &mut Tour) -> Result<TempDir, CliError> {
                 {
                     Ok(format!("denied: {reason}"))
                 }
-                Err(e) => Err(format!("failed for another reason: {e}")),
-                Ok(_) => Err("released before activation".to_owned()),
+                Err(e) => Err(format!("failed for another reason: {e}").into()),
+                Ok(_) => Err("released before activation".into()),
             },
         );
         tokio::time::sleep(Duration::from_millis(3100)).await;
@@ -365,7 +365,7 @@ pub(super) fn key_release_tour(tour: &mut Tour) -> Result<TempDir, CliError> {
         tour.step(
             "a control plane running the allowed image gets its keys",
             match first {
-                Ok(f) => write_keys(&keys_dir, &f.keys, &f.receipt).map_err(|e| e.message).and_then(|(paths, receipt)| {
+                Ok(f) => write_keys(&keys_dir, &f.keys, &f.receipt).map_err(Misbehaved::from).and_then(|(paths, receipt)| {
                     use std::os::unix::fs::PermissionsExt;
                     let modes: Vec<u32> = paths
                         .iter()
@@ -381,10 +381,10 @@ pub(super) fn key_release_tour(tour: &mut Tour) -> Result<TempDir, CliError> {
                             .collect::<Vec<_>>()
                             .join("; "))
                     } else {
-                        Err(format!("key files have modes {modes:?}"))
+                        Err(format!("key files have modes {modes:?}").into())
                     }
                 }),
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(Misbehaved::because(e)),
             },
         );
 
@@ -397,10 +397,10 @@ pub(super) fn key_release_tour(tour: &mut Tour) -> Result<TempDir, CliError> {
                     if same_keys(&keys_dir, &f.keys) {
                         Ok("identical keys, compared in memory (never printed)".to_owned())
                     } else {
-                        Err("keys differ".to_owned())
+                        Err("keys differ".into())
                     }
                 }
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(Misbehaved::because(e)),
             },
         );
 
@@ -415,16 +415,15 @@ pub(super) fn key_release_tour(tour: &mut Tour) -> Result<TempDir, CliError> {
             "a relay on the path (the parent, or anyone before the proxy) forwards the genuine Challenge, then answers the Release with keys of its own choice: the control plane refuses them",
             match relayed {
                 Err(e @ ClientError::UnattestedWrap) => Ok(format!("refused, no key written: {e}")),
-                Err(e) => Err(format!("refused for another reason: {e}")),
-                Ok(_) => Err("the relay's keys were accepted".to_owned()),
+                Err(e) => Err(format!("refused for another reason: {e}").into()),
+                Ok(_) => Err("the relay's keys were accepted".into()),
             },
         );
 
         // 3. An image the policy does not allow.
-        let rogue_pcrs = pcrs_from_eif(&rogue_eif).map_err(|e| e.message);
-        let bad = match &rogue_pcrs {
-            Ok(p) => fetcher(cpi(p, "rogue"), expect_kre.clone()).once().await,
-            Err(e) => Err(ClientError::Io(e.clone())),
+        let bad = match pcrs_from_eif(&rogue_eif) {
+            Ok(p) => fetcher(cpi(&p, "rogue"), expect_kre.clone()).once().await,
+            Err(e) => Err(ClientError::Io(e.message)),
         };
         tour.step(
             "an image the pipeline did not build (one file changed) is denied, with the reason",
@@ -442,7 +441,7 @@ pub(super) fn key_release_tour(tour: &mut Tour) -> Result<TempDir, CliError> {
             "a captured Release replayed on a new connection is denied",
             match captured {
                 Some(frame) => replay(&Addr::Unix(parent_sock.clone()), &frame).await,
-                None => Err("nothing captured (step 1 failed)".to_owned()),
+                None => Err("nothing captured (step 1 failed)".into()),
             },
         );
 
@@ -454,8 +453,8 @@ pub(super) fn key_release_tour(tour: &mut Tour) -> Result<TempDir, CliError> {
             "a control plane refuses a KRE whose PCRs are not the expected ones",
             match refused {
                 Err(e @ ClientError::KrePcr(_)) => Ok(format!("refused: {e}")),
-                Err(e) => Err(format!("failed for another reason: {e}")),
-                Ok(_) => Err("accepted a KRE with unexpected PCRs".to_owned()),
+                Err(e) => Err(format!("failed for another reason: {e}").into()),
+                Ok(_) => Err("accepted a KRE with unexpected PCRs".into()),
             },
         );
 
@@ -478,9 +477,9 @@ pub(super) fn key_release_tour(tour: &mut Tour) -> Result<TempDir, CliError> {
         tour.step(
             "a release, then kill -9 the moment the keys arrive: the release is already in the parent's stored trail (write-ahead audit), which verifies, and the client's receipt for it is checked against that trail",
             match last {
-                Err(e) => Err(format!("the release failed: {e}")),
+                Err(e) => Err(format!("the release failed: {e}").into()),
                 Ok(f) => write_receipt(&client_receipts, &f.receipt)
-                    .map_err(|e| e.message)
+                    .map_err(Misbehaved::from)
                     .and_then(|_| keygate_cli(&exe, &["audit".into(), "show".into(), path(&run1), "--json".into()]))
                     .and_then(|shown| {
                         let released = shown.lines().filter(|l| l.contains("\"release_allowed\"")).count();
@@ -530,9 +529,9 @@ pub(super) fn key_release_tour(tour: &mut Tour) -> Result<TempDir, CliError> {
         tour.step(
             "a custodian that expects another KRE image refuses to hand over its share",
             match unseal(3, 0x11) {
-                Err(e) if e.contains("PCR") => Ok(e),
-                Err(e) => Err(format!("refused for the wrong reason: {e}")),
-                Ok(_) => Err("a share went to an unexpected KRE".to_owned()),
+                Err(e) if e.says("PCR") => Ok(e.to_string()),
+                Err(e) => Err(format!("refused for the wrong reason: {e}").into()),
+                Ok(_) => Err("a share went to an unexpected KRE".into()),
             },
         );
         tour.step(
@@ -555,13 +554,13 @@ pub(super) fn key_release_tour(tour: &mut Tour) -> Result<TempDir, CliError> {
         tour.step(
             "after `keygate policy restore` the control plane gets the same keys as before the restart",
             match (restored, after_restart) {
-                (Err(e), _) => Err(format!("restore failed: {e}")),
-                (_, Err(e)) => Err(e.to_string()),
+                (Err(e), _) => Err(format!("restore failed: {e}").into()),
+                (_, Err(e)) => Err(Misbehaved::because(e)),
                 (Ok(_), Ok(f)) => {
                     if same_keys(&keys_dir, &f.keys) {
                         Ok("identical keys: no KEK was lost (compared in memory, never printed)".to_owned())
                     } else {
-                        Err("keys differ after the restart".to_owned())
+                        Err("keys differ after the restart".into())
                     }
                 }
             },
@@ -608,8 +607,8 @@ pub(super) fn key_release_tour(tour: &mut Tour) -> Result<TempDir, CliError> {
                 {
                     Ok(format!("denied: {code}: {reason}"))
                 }
-                Err(e) => Err(format!("failed for another reason: {e}")),
-                Ok(_) => Err("still released after revocation".to_owned()),
+                Err(e) => Err(format!("failed for another reason: {e}").into()),
+                Ok(_) => Err("still released after revocation".into()),
             },
         );
 
@@ -645,10 +644,10 @@ pub(super) fn key_release_tour(tour: &mut Tour) -> Result<TempDir, CliError> {
 
 /// Scans every regular file under `dir` (except `skip`, where keys are meant to be) for any
 /// of `keys` as raw bytes, lower/upper hex or base64.
-fn scan_for_keys(dir: &Path, skip: &Path, keys: &[Vec<u8>]) -> Result<String, String> {
+fn scan_for_keys(dir: &Path, skip: &Path, keys: &[Vec<u8>]) -> Outcome {
     use base64::Engine;
     if keys.is_empty() {
-        return Err("no keys to look for (the first fetch failed)".to_owned());
+        return Err("no keys to look for (the first fetch failed)".into());
     }
     let mut needles: Vec<Vec<u8>> = Vec::new();
     for k in keys {
@@ -669,7 +668,7 @@ fn scan_for_keys(dir: &Path, skip: &Path, keys: &[Vec<u8>]) -> Result<String, St
             } else if t.is_file() {
                 let Ok(b) = std::fs::read(&p) else { continue };
                 if needles.iter().any(|n| b.windows(n.len()).any(|w| w == n.as_slice())) {
-                    return Err(format!("{} holds a released key", p.display()));
+                    return Err(format!("{} holds a released key", p.display()).into());
                 }
                 files += 1;
                 bytes += b.len();
@@ -692,32 +691,35 @@ fn path(p: &Path) -> String {
 
 /// Runs `keygate ARGS` (the demo uses the CLI as the pipeline and approvers would); Ok(stdout)
 /// on success, Err(the error line) otherwise.
-fn keygate_cli(exe: &Path, args: &[String]) -> Result<String, String> {
-    let out =
-        Command::new(exe).args(args).stdin(Stdio::null()).output().map_err(|e| format!("running keygate: {e}"))?;
+fn keygate_cli(exe: &Path, args: &[String]) -> Outcome {
+    let out = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Misbehaved::from(format!("running keygate: {e}")))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         let err = String::from_utf8_lossy(&out.stderr);
-        Err(err.lines().rev().find(|l| l.contains("error")).unwrap_or(&err).trim().to_owned())
+        Err(err.lines().rev().find(|l| l.contains("error")).unwrap_or(&err).trim().into())
     }
 }
 
-fn expect_denial(r: Result<(), ClientError>, code: DenyCode) -> Result<String, String> {
+fn expect_denial(r: Result<(), ClientError>, code: DenyCode) -> Outcome {
     match r {
         Err(ClientError::Denied { code: c, reason }) if c == code => Ok(format!("denied: {c}: {reason}")),
-        Err(e) => Err(format!("failed, but not with {code}: {e}")),
-        Ok(()) => Err("keys were released, but must not be".to_owned()),
+        Err(e) => Err(format!("failed, but not with {code}: {e}").into()),
+        Ok(()) => Err("keys were released, but must not be".into()),
     }
 }
 
-async fn replay(addr: &Addr, release: &[u8]) -> Result<String, String> {
-    let mut s = Connection::open(addr, Duration::from_secs(5)).await.map_err(|e| e.to_string())?;
-    s.ask(&Message::Hello { client_nonce: [7; 32] }).await.map_err(|e| e.to_string())?;
+async fn replay(addr: &Addr, release: &[u8]) -> Outcome {
+    let mut s = Connection::open(addr, Duration::from_secs(5)).await.map_err(Misbehaved::because)?;
+    s.ask(&Message::Hello { client_nonce: [7; 32] }).await.map_err(Misbehaved::because)?;
     match s.round_trip(release).await {
         Err(KreError::Denied { code: DenyCode::NonceReused, reason }) => Ok(format!("denied: nonce_reused: {reason}")),
-        Ok(m) => Err(format!("unexpected answer: {m:?}")),
-        Err(e) => Err(e.to_string()),
+        Ok(m) => Err(format!("unexpected answer: {m:?}").into()),
+        Err(e) => Err(Misbehaved::because(e)),
     }
 }
 
@@ -728,10 +730,10 @@ mod tests {
     #[test]
     fn the_key_scan_finds_raw_hex_and_base64_keys_outside_the_key_directory() {
         use base64::Engine;
+        let key = vec![0xa7u8; 32];
         let dir = TempDir::new("keygate-scan-test").expect("tmp");
         let keys = dir.path().join("keys");
         std::fs::create_dir_all(keys.join("sub")).expect("dirs");
-        let key = vec![0xa7u8; 32];
         std::fs::write(keys.join("k.key"), &key).expect("key file");
         std::fs::write(dir.path().join("log"), b"nothing here").expect("log");
         assert!(scan_for_keys(dir.path(), &keys, std::slice::from_ref(&key)).is_ok());

@@ -1,7 +1,52 @@
 //! The demo's score sheet: each step says what should happen and whether it did; the demo
 //! fails (exit 1) when any step did not.
 
+use std::fmt;
+
 use crate::error::CliError;
+
+/// What a step did instead of what it should have: printed, and the step fails.
+#[derive(Debug)]
+pub(crate) struct Misbehaved(String);
+
+impl Misbehaved {
+    /// The step failed with `e`.
+    pub(crate) fn because(e: impl fmt::Display) -> Self {
+        Self(e.to_string())
+    }
+
+    /// Whether what happened mentions `needle`.
+    pub(crate) fn says(&self, needle: &str) -> bool {
+        self.0.contains(needle)
+    }
+}
+
+impl From<String> for Misbehaved {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
+impl From<&str> for Misbehaved {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+impl From<CliError> for Misbehaved {
+    fn from(e: CliError) -> Self {
+        Self(e.message)
+    }
+}
+
+impl fmt::Display for Misbehaved {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A step's outcome: what happened, when it behaved as it should.
+pub(crate) type Outcome = Result<String, Misbehaved>;
 
 /// Collects step outcomes and prints them as it goes.
 #[derive(Debug, Default)]
@@ -16,7 +61,7 @@ impl Tour {
     }
 
     /// Records a step: `outcome` is Ok(what happened) when the step behaved as it should.
-    pub(crate) fn step(&mut self, what: &str, outcome: Result<String, String>) {
+    pub(crate) fn step(&mut self, what: &str, outcome: Outcome) {
         match outcome {
             Ok(detail) => {
                 self.passed += 1;

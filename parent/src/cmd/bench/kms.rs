@@ -53,14 +53,32 @@ impl Method {
     }
 }
 
-/// One row: one method with `callers` concurrent callers for the row's duration.
-#[derive(Debug)]
-pub(crate) struct KmsRow {
+/// What a row measures: one method with `callers` concurrent callers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Load {
     pub(crate) method: Method,
     pub(crate) callers: usize,
     /// Open loop: the calls per second offered in all (each call timed from when it was
     /// due); closed loop (each caller calls again when answered) when `None`.
     pub(crate) offered_per_s: Option<f64>,
+}
+
+impl std::fmt::Display for Load {
+    /// `64 callers` or `64 callers at 2000/s`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let plural = if self.callers == 1 { "" } else { "s" };
+        write!(f, "{} caller{plural}", self.callers)?;
+        match self.offered_per_s {
+            None => Ok(()),
+            Some(r) => write!(f, " at {r:.0}/s"),
+        }
+    }
+}
+
+/// One row: a [`Load`] for the row's duration, and what it measured.
+#[derive(Debug)]
+pub(crate) struct KmsRow {
+    pub(crate) load: Load,
     /// Every call's latency in microseconds, failed calls included.
     pub(crate) latency: Histogram<u64>,
     pub(crate) wall_seconds: f64,
@@ -74,16 +92,7 @@ pub(crate) struct KmsRow {
 impl KmsRow {
     /// `Encrypt, 64 callers`: the row's name in a plot.
     pub(crate) fn label(&self) -> String {
-        format!("{}, {}", self.method.name(), self.load())
-    }
-
-    /// `64 callers` or `64 callers at 2000/s`.
-    fn load(&self) -> String {
-        let plural = if self.callers == 1 { "" } else { "s" };
-        match self.offered_per_s {
-            None => format!("{} caller{plural}", self.callers),
-            Some(r) => format!("{} caller{plural} at {r:.0}/s", self.callers),
-        }
+        format!("{}, {}", self.load.method.name(), self.load)
     }
 
     fn error_count(&self) -> u64 {
@@ -310,9 +319,7 @@ async fn row(
     }
     let wall_seconds = start.elapsed().as_secs_f64();
     let row = KmsRow {
-        method,
-        callers,
-        offered_per_s,
+        load: Load { method, callers, offered_per_s },
         latency,
         wall_seconds,
         errors,
@@ -406,8 +413,8 @@ pub(crate) fn table(rows: &[KmsRow]) -> String {
         };
         out.push_str(&format!(
             "| {} | {} | {calls} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {errors} | {:.2} | {:.1} | {:.2} |\n",
-            r.method.name(),
-            r.load(),
+            r.load.method.name(),
+            r.load,
             calls as f64 / r.wall_seconds.max(1e-9),
             ms(h.value_at_quantile(0.5)),
             ms(h.value_at_quantile(0.9)),
@@ -428,7 +435,7 @@ pub(crate) fn table(rows: &[KmsRow]) -> String {
 /// so the calls in flight wait for each other (Little's law: mean >= callers x CPU per call).
 pub(crate) fn verdicts(rows: &[KmsRow]) -> Vec<String> {
     rows.iter()
-        .filter(|r| r.callers == 64 || r.method == Method::Status)
+        .filter(|r| r.load.callers == 64 || r.load.method == Method::Status)
         .map(|r| {
             let p99 = ms(r.latency.value_at_quantile(0.99));
             let met = p99 < TARGET_P99_MS && r.error_count() == 0;
@@ -438,12 +445,12 @@ pub(crate) fn verdicts(rows: &[KmsRow]) -> Vec<String> {
                 r.error_count(),
                 if met { "met" } else { "NOT met" }
             );
-            if r.callers > 1 && r.offered_per_s.is_none() {
+            if r.load.callers > 1 && r.load.offered_per_s.is_none() {
                 let per_call_us = r.plugin_cpu_seconds * 1e6 / (r.latency.len().max(1) as f64);
                 v.push_str(&format!(
                     " (plugin CPU {per_call_us:.1} µs/call on one serving thread: mean >= {} x {per_call_us:.1} µs = {:.2} ms)",
-                    r.callers,
-                    r.callers as f64 * per_call_us / 1000.0
+                    r.load.callers,
+                    r.load.callers as f64 * per_call_us / 1000.0
                 ));
             }
             v
@@ -488,9 +495,7 @@ mod tests {
             latency.saturating_record(m);
         }
         KmsRow {
-            method,
-            callers,
-            offered_per_s: None,
+            load: Load { method, callers, offered_per_s: None },
             latency,
             wall_seconds: 2.0,
             errors: errors.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
