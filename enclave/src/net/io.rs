@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::peer::client::TransportError;
 use crate::wire::{self, Unreadable};
 
 /// Why a frame could not be read.
@@ -34,6 +35,18 @@ pub enum FrameError {
     /// Any other I/O error (including a close in the middle of a frame).
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+impl From<FrameError> for TransportError {
+    /// A client's view of a failed frame: what happened, without the server's detail.
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::Closed => TransportError::Closed,
+            FrameError::Timeout => TransportError::FrameTimeout,
+            FrameError::Refused(u) => TransportError::Unreadable(u),
+            FrameError::Io(e) => TransportError::Frame(e.kind()),
+        }
+    }
 }
 
 /// Reads one frame body within `limit` (the whole frame, not per byte: a client sending

@@ -67,7 +67,42 @@ pub enum ClientError {
     Mismatch(&'static str),
     /// A transport failure.
     #[error("transport: {0}")]
-    Io(String),
+    Transport(#[from] TransportError),
+}
+
+/// What failed on the way to the KRE (the connection, not the KRE's answer): always worth a
+/// retry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// No connection could be made to the address.
+    #[error("connecting to {kre}: {kind}")]
+    Connect {
+        /// The KRE's address as given.
+        kre: String,
+        /// Why, as the operating system said.
+        kind: std::io::ErrorKind,
+    },
+    /// The whole attempt took longer than its limit.
+    #[error("no answer from {kre} within {within:?}")]
+    NoAnswer {
+        /// The KRE's address as given.
+        kre: String,
+        /// The attempt's limit.
+        within: std::time::Duration,
+    },
+    /// The KRE (or the proxy) closed the connection before its answer started.
+    #[error("the connection closed before the KRE answered")]
+    Closed,
+    /// A frame did not arrive whole within the limit.
+    #[error("timed out waiting for a frame")]
+    FrameTimeout,
+    /// A frame the client refuses to read (its length prefix, its type's cap).
+    #[error("a frame from the KRE: {0}")]
+    Unreadable(wire::Unreadable),
+    /// A frame could not be sent or read whole (a close mid-frame, a reset).
+    #[error("sending or reading a frame: {0}")]
+    Frame(std::io::ErrorKind),
 }
 
 impl ClientError {
@@ -75,7 +110,7 @@ impl ClientError {
     /// audit buffer that the parent has not collected yet: capacity, never a revocation).
     pub fn is_retryable(&self) -> bool {
         match self {
-            ClientError::Io(_) => true,
+            ClientError::Transport(_) => true,
             ClientError::Denied { code, .. } => matches!(
                 code,
                 DenyCode::Busy
@@ -305,7 +340,15 @@ mod tests {
             let e = ClientError::Denied { code, reason: "r".into() };
             assert_eq!(e.is_retryable(), transient.contains(&code), "{code}");
         }
-        assert!(ClientError::Io("connection refused".into()).is_retryable());
+        for t in [
+            TransportError::Connect { kre: "unix:/x".into(), kind: std::io::ErrorKind::ConnectionRefused },
+            TransportError::NoAnswer { kre: "unix:/x".into(), within: std::time::Duration::from_secs(1) },
+            TransportError::Closed,
+            TransportError::FrameTimeout,
+            TransportError::Frame(std::io::ErrorKind::UnexpectedEof),
+        ] {
+            assert!(ClientError::from(t).is_retryable());
+        }
         // Exactly the final denials read as a refusal; an answer failing the client's checks
         // is an attack, never a refusal; a local NSM failure is neither.
         for &code in DenyCode::ALL.iter() {

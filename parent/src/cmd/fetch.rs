@@ -14,7 +14,7 @@ use keygate_attestation::{HardwareNsm, Nsm, PcrExpectation, TrustAnchor, Verifie
 use keygate_enclave::audit::Receipt;
 use keygate_enclave::net::io::{read_frame, write_frame, FrameError};
 use keygate_enclave::net::transport::{self, Addr};
-use keygate_enclave::peer::client::{self, ClientError, FetchRequest, ReleasedKey};
+use keygate_enclave::peer::client::{self, ClientError, FetchRequest, ReleasedKey, TransportError};
 use keygate_enclave::wire::Id;
 
 use crate::error::CliError;
@@ -141,15 +141,15 @@ pub(crate) struct Fetched {
 }
 
 fn io_err(e: FrameError) -> ClientError {
-    ClientError::Io(e.to_string())
+    ClientError::Transport(e.into())
 }
 
 impl Fetcher {
     /// One attempt, bounded by `timeout`.
     pub(crate) async fn once(&self) -> Result<Fetched, ClientError> {
-        tokio::time::timeout(self.timeout, self.attempt())
-            .await
-            .unwrap_or_else(|_| Err(ClientError::Io(format!("no answer from {} within {:?}", self.kre, self.timeout))))
+        tokio::time::timeout(self.timeout, self.attempt()).await.unwrap_or_else(|_| {
+            Err(TransportError::NoAnswer { kre: self.kre.to_string(), within: self.timeout }.into())
+        })
     }
 
     async fn attempt(&self) -> Result<Fetched, ClientError> {
@@ -160,7 +160,7 @@ impl Fetcher {
         };
         let mut s = transport::connect(&self.kre, self.timeout)
             .await
-            .map_err(|e| ClientError::Io(format!("connecting to {}: {e}", self.kre)))?;
+            .map_err(|e| TransportError::Connect { kre: self.kre.to_string(), kind: e.kind() })?;
         let (await_challenge, hello) = client::start(self.request.clone(), &mut rng)?;
         write_frame(&mut s, &hello, self.timeout).await.map_err(io_err)?;
         let body = read_frame(&mut s, self.timeout).await.map_err(io_err)?;

@@ -421,10 +421,8 @@ pub(super) fn key_release_tour(tour: &mut Tour) -> Result<TempDir, CliError> {
         );
 
         // 3. An image the policy does not allow.
-        let bad = match pcrs_from_eif(&rogue_eif) {
-            Ok(p) => fetcher(cpi(&p, "rogue"), expect_kre.clone()).once().await,
-            Err(e) => Err(ClientError::Io(e.message)),
-        };
+        let rogue = pcrs_from_eif(&rogue_eif)?;
+        let bad = fetcher(cpi(&rogue, "rogue"), expect_kre.clone()).once().await;
         tour.step(
             "an image the pipeline did not build (one file changed) is denied, with the reason",
             expect_denial(bad.map(|_| ()), DenyCode::ImageNotAllowed),
