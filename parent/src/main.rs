@@ -42,12 +42,9 @@ enum Command {
     /// Pipeline-signed policy bundles: init, propose, sign, assemble, verify, show, push.
     #[command(subcommand)]
     Policy(cmd::policy::PolicyCommand),
-    /// Ask the KRE for its status (policy head, audit buffer, challenges) as JSON.
-    Status {
-        /// The KRE's parent channel (`--parent-listen`; never proxied).
-        #[arg(long)]
-        kre: keygate_enclave::net::transport::Addr,
-    },
+    /// The KRE's phase (sealed, unsealing M of N, serving), generations, policy head and audit
+    /// buffer, as a table or `--json`; exit 0 serving, 4 not serving.
+    Status(cmd::status::StatusArgs),
     /// The KRE's sealed state on the parent: store and commit what it exports, hand a
     /// restarted KRE its stored state (docs/durability.md).
     #[command(subcommand)]
@@ -91,7 +88,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => demo::run(a),
         #[cfg(feature = "mock")]
         Command::Bench(c) => cmd::bench::run(c),
-        Command::Status { kre } => cmd::audit::status(&kre),
+        Command::Status(a) => cmd::status::run(a),
         Command::Fetch(a) => cmd::fetch::run(a),
         Command::Keygen(a) => cmd::policy::keygen(a),
         Command::Policy(c) => cmd::policy::run(c),

@@ -348,7 +348,7 @@ fn audit_pull_follow_survives_a_kre_restart() {
     kre.0.wait().expect("reap the KRE");
     wait_until("a failed round reported", Duration::from_secs(10), &|| log().contains("audit pull:"));
     let mut kre = start_kre(tmp.path(), &sock, 2);
-    let status = keygate(&["status", "--kre", &format!("unix:{}.parent", sock.display())]);
+    let status = keygate(&["status", "--json", "--kre", &format!("unix:{}.parent", sock.display())]);
     assert!(status.status.success(), "{}", text(&status.stderr));
 
     wait_until("the new run collected", Duration::from_secs(19), &|| stored_runs(&dir).len() == 2);

@@ -9,8 +9,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use keygate_tests::e2e::{
-    dev_kre, hex48, keygate_args, ok, path_arg as s, pcr_args, pcr_list, prod_policy_for, propose, refused, unix,
-    DevKre as Kre,
+    dev_kre, exited, hex48, keygate_args, ok, path_arg as s, pcr_args, pcr_list, prod_policy_for, propose, refused,
+    unix, DevKre as Kre,
 };
 use keygate_tests::{bin, keygate, TempDir};
 
@@ -538,9 +538,17 @@ fn push_and_sync(d: &Path, kre: &Kre, bundle: &Path) {
 fn restart_unseal_restore(d: &Path, kre: Kre) -> (Kre, String) {
     kre.kill();
     let kre = start_kre(d, ("--genesis", &d.join("v1.bundle")));
+    // `keygate status` exits 4 until the KRE serves, saying how far the unseal is.
+    let status = || keygate(&["status", "--kre", &kre.parent()]);
+    exited(&status(), 4, "the KRE is not serving: sealed (awaiting its stored state");
     ok(keygate(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&d.join("state"))]));
+    exited(&status(), 4, ": 0 of 2 custodian shares");
     ok(unseal(d, &kre, "c1", KRE_PCR));
+    exited(&status(), 4, ": 1 of 2 custodian shares");
     ok(unseal(d, &kre, "c2", KRE_PCR));
+    let table = ok(status());
+    assert!(table.lines().any(|l| l.starts_with("Phase ") && l.ends_with(" serving")), "{table}");
+    assert!(table.contains("2 of 3 (set "), "{table}");
     let out = ok(keygate(&["policy", "restore", "--kre", &kre.parent(), "--store", &s(&d.join("bundles"))]));
     (kre, out)
 }
@@ -856,7 +864,7 @@ fn a_kill_at_any_moment_loses_no_receipted_release_and_no_durable_policy_change(
             // The state the restarted KRE was unsealed from carries it (read from its status,
             // not from its answer to the pipeline).
             let status: serde_json::Value =
-                serde_json::from_str(&ok(keygate(&["status", "--kre", &kre.parent()]))).expect("status json");
+                serde_json::from_str(&ok(keygate(&["status", "--json", "--kre", &kre.parent()]))).expect("status json");
             assert!(
                 status["policy_durable_version"].as_u64().is_some_and(|v| v >= u64::from(n)),
                 "round {round} ({kill_at:?}): v{n} was reported durable, but the restarted KRE's committed state carries {}",

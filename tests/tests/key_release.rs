@@ -555,7 +555,7 @@ fn audit_trail_records_decisions_fails_closed_and_verifies_offline() {
     let root = kre.dir.path().join("root.pem");
     let withheld = kre.dir.path().join("withheld");
     assert_refused(&run_fetch(&fetch_args(&kre.addr(), "prod", GOOD, &withheld)), "audit_unacknowledged", &withheld);
-    let status = keygate(&["status", "--kre", &kre.parent()]);
+    let status = keygate(&["status", "--json", "--kre", &kre.parent()]);
     let j: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
     assert_eq!(j["audit"]["answers_withheld_unacknowledged"], 1, "{j}");
 
@@ -654,7 +654,7 @@ fn administrative_frames_are_refused_on_the_release_side() {
     // From here on nobody acknowledges on the parent channel.
     drop(kre.follower.take());
     let acked = |kre: &Kre| {
-        let status = keygate(&["status", "--kre", &kre.parent()]);
+        let status = keygate(&["status", "--json", "--kre", &kre.parent()]);
         let j: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
         j["audit"]["acked_up_to"].clone()
     };

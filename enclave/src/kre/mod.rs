@@ -336,6 +336,7 @@ impl Kre {
             "policy_durable_version": self.committed_policy_version(),
             "policy_in_force_not_durable": self.policy.in_force_not_durable(),
             "live_challenges": self.live_challenges(),
+            "state": self.state.as_ref().map(StateService::summary),
             "audit": {
                 "last_seq": a.last_seq,
                 "head": hex::encode(a.head),

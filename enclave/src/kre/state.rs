@@ -143,6 +143,21 @@ impl StateService {
         self.recorded(audit, step, now_ms, |v| Ok(((), vec![state_event(event, true, f(v)?)])))
     }
 
+    /// Where the sealed state is, for the status report (read only: nothing is exported).
+    pub(super) fn summary(&self) -> serde_json::Value {
+        let v = self.vault();
+        serde_json::json!({
+            "phase": v.phase().as_str(),
+            "committed_generation": v.committed_generation(),
+            "pending_generation": v.pending_generation(),
+            "unsealing_generation": v.unsealing_generation(),
+            "shares_accepted": v.shares_accepted(),
+            "threshold": v.set().threshold(),
+            "custodians": v.set().keys().len(),
+            "set_digest": hex::encode(v.set().digest()),
+        })
+    }
+
     /// The durable-state report; when there is a generation to store, it is exported here.
     pub(super) fn report(&self, audit: &AuditTrail) -> Result<StateReport, Denial> {
         let mut v = self.vault();

@@ -383,6 +383,14 @@ impl Vault {
         }
     }
 
+    /// The generation exported and not yet committed by the parent, while serving.
+    pub fn pending_generation(&self) -> Option<u64> {
+        match &self.inner {
+            Inner::Serving(s) => s.exported.as_ref().map(|e| e.generation),
+            _ => None,
+        }
+    }
+
     /// The policy head recorded in the unsealed state: releases wait until the policy has
     /// been replayed up to it.
     pub fn policy_floor(&self) -> Option<(u64, [u8; 48])> {

@@ -270,17 +270,6 @@ pub(crate) fn pull_once(
     Err(CliError::refused("the KRE kept sending entries beyond any plausible buffer size"))
 }
 
-/// `keygate status --kre ADDR`.
-pub(crate) fn status(kre: &keygate_enclave::net::transport::Addr) -> Result<(), CliError> {
-    match kre_client::ask(kre, &keygate_enclave::wire::Message::Status, kre_client::DEFAULT_TIMEOUT)? {
-        keygate_enclave::wire::Message::StatusReport { json } => {
-            println!("{json}");
-            Ok(())
-        }
-        m => Err(kre_client::unexpected(&m)),
-    }
-}
-
 fn pull(a: PullArgs) -> Result<(), CliError> {
     let Some(every) = a.follow else {
         let dir = run_dir(&a.kre, &a.dir)?;

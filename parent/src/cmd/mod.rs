@@ -4,7 +4,7 @@
 //! | module | verbs |
 //! |---|---|
 //! | `attestation` | `attestation verify / mock / mock-root` |
-//! | `audit` | `audit pull / verify / show`, and `status` (both ask the KRE's parent channel) |
+//! | `audit` | `audit pull / verify / show` |
 //! | `bench` | `bench …` (docs/benchmarks.md) |
 //! | `custodian` | `state sync` and `custodian init / unseal / reshare` (the sealed state's two sides) |
 //! | `eif` | `eif …` |
@@ -12,6 +12,7 @@
 //! | `kms_plugin` | `kms-plugin` |
 //! | `policy` | `keygen` and `policy …` |
 //! | `proxy` | `proxy` |
+//! | `status` | `status` (the KRE's own report, as a table or JSON) |
 //!
 //! `keygate demo` is not here: it lives in `crate::demo`, reached only through its entry point.
 //! `bench`, the demo, `attestation mock | mock-root` and `--nsm mock` exist only with the
@@ -27,3 +28,4 @@ pub(crate) mod fetch;
 pub(crate) mod kms_plugin;
 pub(crate) mod policy;
 pub(crate) mod proxy;
+pub(crate) mod status;
