@@ -6,7 +6,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 mod cmd;
 #[cfg(feature = "mock")]
@@ -67,6 +67,10 @@ enum Command {
     Eif(cmd::eif::EifCommand),
     /// Kubernetes KMS v2 plugin: kube-apiserver seals etcd's DEKs with the attested key.
     KmsPlugin(cmd::kms_plugin::KmsPluginArgs),
+    /// Print a shell completion script for `keygate` on stdout.
+    Completions(cmd::completions::CompletionsArgs),
+    /// Write `keygate`'s man pages, one per subcommand, into a directory.
+    Man(cmd::completions::ManArgs),
 }
 
 fn init_logging(json: bool) {
@@ -99,6 +103,8 @@ fn main() -> ExitCode {
         Command::KmsPlugin(a) => cmd::kms_plugin::run(a),
         Command::State(c) => cmd::custodian::run_state(c),
         Command::Custodian(c) => cmd::custodian::run_custodian(c),
+        Command::Completions(a) => cmd::completions::completions(a, Cli::command()),
+        Command::Man(a) => cmd::completions::man(a, Cli::command()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

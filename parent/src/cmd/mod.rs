@@ -6,6 +6,7 @@
 //! | `attestation` | `attestation verify / mock / mock-root` |
 //! | `audit` | `audit pull / verify / show`, and `status` (both ask the KRE's parent channel) |
 //! | `bench` | `bench …` (docs/benchmarks.md) |
+//! | `completions` | `completions` and `man` (generated from the clap definitions) |
 //! | `custodian` | `state sync` and `custodian init / unseal / reshare` (the sealed state's two sides) |
 //! | `eif` | `eif …` |
 //! | `fetch` | `fetch` (and the fetch client the KMS plugin, the bench and the demo use) |
@@ -21,6 +22,7 @@ pub(crate) mod attestation;
 pub(crate) mod audit;
 #[cfg(feature = "mock")]
 pub(crate) mod bench;
+pub(crate) mod completions;
 pub(crate) mod custodian;
 pub(crate) mod eif;
 pub(crate) mod fetch;
