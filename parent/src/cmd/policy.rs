@@ -72,6 +72,7 @@ pub(crate) struct InitArgs {
     /// Unix seconds (default: now).
     #[arg(long)]
     issued_at: Option<u64>,
+    /// Where the genesis bundle is written.
     #[arg(short = 'o', long)]
     out: PathBuf,
 }
@@ -115,6 +116,7 @@ pub(crate) struct ProposeArgs {
     /// Unix seconds (default: now).
     #[arg(long)]
     issued_at: Option<u64>,
+    /// Where the proposal (the next bundle, not yet signed) is written.
     #[arg(short = 'o', long)]
     out: PathBuf,
 }
@@ -122,6 +124,7 @@ pub(crate) struct ProposeArgs {
 /// The arguments of `policy sign`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct SignArgs {
+    /// The proposal to sign (from `policy propose`).
     proposal: PathBuf,
     /// The approver's private key (PEM).
     #[arg(long)]
@@ -132,6 +135,7 @@ pub(crate) struct SignArgs {
     /// Do not ask for confirmation.
     #[arg(long)]
     yes: bool,
+    /// Where this approver's signature is written.
     #[arg(short = 'o', long)]
     out: PathBuf,
 }
@@ -139,8 +143,11 @@ pub(crate) struct SignArgs {
 /// The arguments of `policy assemble`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct AssembleArgs {
+    /// The proposal the signatures are over.
     proposal: PathBuf,
+    /// Approvers' signature files (from `policy sign`).
     signatures: Vec<PathBuf>,
+    /// Where the signed bundle is written.
     #[arg(short = 'o', long)]
     out: PathBuf,
 }
@@ -148,7 +155,10 @@ pub(crate) struct AssembleArgs {
 /// The arguments of `policy verify`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct VerifyArgs {
+    /// The bundle to check.
     bundle: PathBuf,
+    /// The bundle now in force: check the new one as the KRE will (version, chain,
+    /// signatures of the current approver set). Without it: well-formedness only.
     #[arg(long)]
     current: Option<PathBuf>,
 }
@@ -156,7 +166,9 @@ pub(crate) struct VerifyArgs {
 /// The arguments of `policy show`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct ShowArgs {
+    /// The bundle to print.
     bundle: PathBuf,
+    /// Print it as JSON instead of text.
     #[arg(long)]
     json: bool,
 }
@@ -164,6 +176,7 @@ pub(crate) struct ShowArgs {
 /// The arguments of `policy push`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct PushArgs {
+    /// The signed bundle to push (from `policy assemble`).
     bundle: PathBuf,
     /// The KRE's parent channel (`--parent-listen`; never proxied).
     #[arg(long)]
@@ -182,6 +195,7 @@ pub(crate) struct PushArgs {
 /// The arguments of `policy durable`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct DurableCheckArgs {
+    /// The bundle that was pushed.
     bundle: PathBuf,
     /// The KRE's parent channel.
     #[arg(long)]
@@ -193,8 +207,10 @@ pub(crate) struct DurableCheckArgs {
 /// The arguments of `policy restore`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct RestoreArgs {
+    /// The restarted KRE's parent channel (`--parent-listen`; never proxied).
     #[arg(long)]
     kre: Addr,
+    /// The directory `policy push --store` kept the accepted bundles in.
     #[arg(long)]
     store: PathBuf,
 }
