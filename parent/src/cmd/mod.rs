@@ -18,6 +18,7 @@
 //! `bench`, the demo, `attestation mock | mock-root` and `--nsm mock` exist only with the
 //! default feature `mock`.
 
+pub(crate) mod args;
 pub(crate) mod attestation;
 pub(crate) mod audit;
 #[cfg(feature = "mock")]

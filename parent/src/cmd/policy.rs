@@ -20,6 +20,7 @@ use keygate_enclave::net::transport::Addr;
 use keygate_enclave::wire::{DenyCode, Message};
 use p384::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding};
 
+use crate::cmd::args::parse_duration;
 use crate::cmd::attestation::{now_ms, pcrs_from_eif, write_file};
 use crate::error::CliError;
 use crate::kre_client::{self, KreError};
@@ -236,30 +237,6 @@ pub(crate) struct DurableArgs {
     /// Accept a debug-mode KRE's receipt (PCR0-2 zero). For demos only.
     #[arg(long)]
     allow_debug_kre: bool,
-}
-
-/// Why a `--delay`-style value is not a duration.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum DurationError {
-    #[error("`{0}` is not a duration (e.g. 90, 30m, 1h, 2d)")]
-    NotANumber(String),
-    #[error("unknown unit in `{0}` (s, m, h, d)")]
-    UnknownUnit(String),
-}
-
-/// Parses `90`, `90s`, `30m`, `1h`, `2d`.
-pub(crate) fn parse_duration(s: &str) -> Result<Duration, DurationError> {
-    let s = s.trim();
-    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, ""), |i| s.split_at(i));
-    let n: u64 = num.parse().map_err(|_| DurationError::NotANumber(s.to_owned()))?;
-    let mult = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(DurationError::UnknownUnit(s.to_owned())),
-    };
-    Ok(Duration::from_secs(n.saturating_mul(mult)))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, CliError> {
