@@ -50,10 +50,21 @@ pub(crate) fn completion_script(shell: Shell, mut cmd: clap::Command) -> Vec<u8>
     script
 }
 
-/// Writes one man page per (sub)command of `cmd` into `dir`, creating it if missing.
+/// Writes one man page per visible (sub)command of `cmd` into `dir` (`keygate.1`,
+/// `keygate-policy.1`, `keygate-policy-push.1`, …), creating it if missing. Every page's
+/// source line names the tool and its version (`keygate 0.1.0`), subcommands' too.
 pub(crate) fn write_man_pages(cmd: clap::Command, dir: &Path) -> Result<(), GenError> {
+    fn write(cmd: clap::Command, source: &str, dir: &Path) -> std::io::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            write(sub.clone(), source, dir)?;
+        }
+        clap_mangen::Man::new(cmd).source(source).generate_to(dir).map(drop)
+    }
     std::fs::create_dir_all(dir).map_err(|source| GenError::CreateDir { dir: dir.to_owned(), source })?;
-    clap_mangen::generate_to(cmd, dir).map_err(|source| GenError::WriteMan { dir: dir.to_owned(), source })
+    let mut cmd = cmd.disable_help_subcommand(true);
+    cmd.build();
+    let source = format!("{} {}", cmd.get_name(), cmd.get_version().unwrap_or_default());
+    write(cmd, source.trim_end(), dir).map_err(|source| GenError::WriteMan { dir: dir.to_owned(), source })
 }
 
 pub(crate) fn completions(a: CompletionsArgs, cmd: clap::Command) -> Result<(), CliError> {
@@ -118,7 +129,9 @@ mod tests {
         for name in &names {
             let page = std::fs::read_to_string(out.join(format!("{name}.1")))
                 .unwrap_or_else(|e| panic!("no page {name}.1: {e}"));
-            assert!(page.starts_with(".TH") || page.contains("\n.TH "), "{name}.1 is not roff: {page:.80}");
+            let th = page.lines().find(|l| l.starts_with(".TH ")).unwrap_or_else(|| panic!("{name}.1 is not roff"));
+            assert!(th.starts_with(&format!(".TH {name} 1 ")), "{th}");
+            assert!(th.contains(concat!("\"keygate ", env!("CARGO_PKG_VERSION"), "\"")), "{th}");
         }
         let written = std::fs::read_dir(&out).expect("dir").count();
         assert_eq!(written, names.len(), "one page per subcommand: {names:?}");
