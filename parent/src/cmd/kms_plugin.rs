@@ -80,23 +80,23 @@ pub(crate) struct KmsPluginArgs {
     nsm: NsmArgs,
     /// With --kre: keys are valid this long after the last successful fetch, and refreshed
     /// every half lease (e.g. 10m, 90s, 2s).
-    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    #[arg(long, default_value = "10m", value_parser = parse_duration, value_name = "DURATION")]
     lease: Duration,
     /// With --kre: after the lease ends without a refresh, decryption (not encryption) goes on
     /// this long; then the keys are dropped. At most one lease.
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
     grace: Duration,
     /// Time limit of one fetch attempt.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     fetch_timeout: Duration,
     /// With --keys: how often the directory is rescanned.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     rescan: Duration,
     /// Most requests served at once on one connection.
     #[arg(long, default_value_t = 64)]
     max_concurrent: usize,
     /// Time limit of one request.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     request_timeout: Duration,
 }
 

@@ -68,7 +68,7 @@ pub(crate) struct InitArgs {
     #[arg(long)]
     threshold: u32,
     /// Minimum activation delay for loosening changes (e.g. 1h, 30m, 86400).
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = parse_duration, value_name = "DURATION")]
     activation_delay: Duration,
     /// Unix seconds (default: now).
     #[arg(long)]
@@ -106,7 +106,7 @@ pub(crate) struct ProposeArgs {
     #[arg(long)]
     retire: Vec<String>,
     /// Activation delay of this bundle for loosening changes.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     activation_delay: Option<Duration>,
     /// New approver set (rotation; needs a quorum of the old and of the new set).
     #[arg(long = "approver")]
