@@ -6,6 +6,7 @@
 //! | `attestation` | `attestation verify / mock / mock-root` |
 //! | `audit` | `audit pull / verify / show` |
 //! | `bench` | `bench …` (docs/benchmarks.md) |
+//! | `completions` | `completions` and `man` (generated from the clap definitions) |
 //! | `custodian` | `state sync` and `custodian init / unseal / reshare` (the sealed state's two sides) |
 //! | `eif` | `eif …` |
 //! | `fetch` | `fetch` (and the fetch client the KMS plugin, the bench and the demo use) |
@@ -18,10 +19,12 @@
 //! `bench`, the demo, `attestation mock | mock-root` and `--nsm mock` exist only with the
 //! default feature `mock`.
 
+pub(crate) mod args;
 pub(crate) mod attestation;
 pub(crate) mod audit;
 #[cfg(feature = "mock")]
 pub(crate) mod bench;
+pub(crate) mod completions;
 pub(crate) mod custodian;
 pub(crate) mod eif;
 pub(crate) mod fetch;

@@ -20,6 +20,7 @@ use keygate_enclave::net::transport::Addr;
 use keygate_enclave::wire::{DenyCode, Message};
 use p384::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding};
 
+use crate::cmd::args::parse_duration;
 use crate::cmd::attestation::{now_ms, pcrs_from_eif, write_file};
 use crate::error::CliError;
 use crate::kre_client::{self, KreError};
@@ -67,11 +68,12 @@ pub(crate) struct InitArgs {
     #[arg(long)]
     threshold: u32,
     /// Minimum activation delay for loosening changes (e.g. 1h, 30m, 86400).
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = parse_duration, value_name = "DURATION")]
     activation_delay: Duration,
     /// Unix seconds (default: now).
     #[arg(long)]
     issued_at: Option<u64>,
+    /// Where the genesis bundle is written.
     #[arg(short = 'o', long)]
     out: PathBuf,
 }
@@ -104,7 +106,7 @@ pub(crate) struct ProposeArgs {
     #[arg(long)]
     retire: Vec<String>,
     /// Activation delay of this bundle for loosening changes.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     activation_delay: Option<Duration>,
     /// New approver set (rotation; needs a quorum of the old and of the new set).
     #[arg(long = "approver")]
@@ -115,6 +117,7 @@ pub(crate) struct ProposeArgs {
     /// Unix seconds (default: now).
     #[arg(long)]
     issued_at: Option<u64>,
+    /// Where the proposal (the next bundle, not yet signed) is written.
     #[arg(short = 'o', long)]
     out: PathBuf,
 }
@@ -122,6 +125,7 @@ pub(crate) struct ProposeArgs {
 /// The arguments of `policy sign`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct SignArgs {
+    /// The proposal to sign (from `policy propose`).
     proposal: PathBuf,
     /// The approver's private key (PEM).
     #[arg(long)]
@@ -132,6 +136,7 @@ pub(crate) struct SignArgs {
     /// Do not ask for confirmation.
     #[arg(long)]
     yes: bool,
+    /// Where this approver's signature is written.
     #[arg(short = 'o', long)]
     out: PathBuf,
 }
@@ -139,8 +144,11 @@ pub(crate) struct SignArgs {
 /// The arguments of `policy assemble`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct AssembleArgs {
+    /// The proposal the signatures are over.
     proposal: PathBuf,
+    /// Approvers' signature files (from `policy sign`).
     signatures: Vec<PathBuf>,
+    /// Where the signed bundle is written.
     #[arg(short = 'o', long)]
     out: PathBuf,
 }
@@ -148,7 +156,10 @@ pub(crate) struct AssembleArgs {
 /// The arguments of `policy verify`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct VerifyArgs {
+    /// The bundle to check.
     bundle: PathBuf,
+    /// The bundle now in force: check the new one as the KRE will (version, chain,
+    /// signatures of the current approver set). Without it: well-formedness only.
     #[arg(long)]
     current: Option<PathBuf>,
 }
@@ -156,7 +167,9 @@ pub(crate) struct VerifyArgs {
 /// The arguments of `policy show`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct ShowArgs {
+    /// The bundle to print.
     bundle: PathBuf,
+    /// Print it as JSON instead of text.
     #[arg(long)]
     json: bool,
 }
@@ -164,6 +177,7 @@ pub(crate) struct ShowArgs {
 /// The arguments of `policy push`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct PushArgs {
+    /// The signed bundle to push (from `policy assemble`).
     bundle: PathBuf,
     /// The KRE's parent channel (`--parent-listen`; never proxied).
     #[arg(long)]
@@ -182,6 +196,7 @@ pub(crate) struct PushArgs {
 /// The arguments of `policy durable`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct DurableCheckArgs {
+    /// The bundle that was pushed.
     bundle: PathBuf,
     /// The KRE's parent channel.
     #[arg(long)]
@@ -193,8 +208,10 @@ pub(crate) struct DurableCheckArgs {
 /// The arguments of `policy restore`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct RestoreArgs {
+    /// The restarted KRE's parent channel (`--parent-listen`; never proxied).
     #[arg(long)]
     kre: Addr,
+    /// The directory `policy push --store` kept the accepted bundles in.
     #[arg(long)]
     store: PathBuf,
 }
@@ -220,30 +237,6 @@ pub(crate) struct DurableArgs {
     /// Accept a debug-mode KRE's receipt (PCR0-2 zero). For demos only.
     #[arg(long)]
     allow_debug_kre: bool,
-}
-
-/// Why a `--delay`-style value is not a duration.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum DurationError {
-    #[error("`{0}` is not a duration (e.g. 90, 30m, 1h, 2d)")]
-    NotANumber(String),
-    #[error("unknown unit in `{0}` (s, m, h, d)")]
-    UnknownUnit(String),
-}
-
-/// Parses `90`, `90s`, `30m`, `1h`, `2d`.
-pub(crate) fn parse_duration(s: &str) -> Result<Duration, DurationError> {
-    let s = s.trim();
-    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, ""), |i| s.split_at(i));
-    let n: u64 = num.parse().map_err(|_| DurationError::NotANumber(s.to_owned()))?;
-    let mult = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(DurationError::UnknownUnit(s.to_owned())),
-    };
-    Ok(Duration::from_secs(n.saturating_mul(mult)))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, CliError> {

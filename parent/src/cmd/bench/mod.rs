@@ -73,8 +73,10 @@ pub(crate) enum BenchCommand {
         /// unix:PATH or tcp:IP:PORT.
         #[arg(long)]
         to: String,
+        /// Concurrent client connections.
         #[arg(long)]
         connections: usize,
+        /// Seconds of fetching.
         #[arg(long)]
         seconds: f64,
         /// Open loop at this many fetches per second in all; closed loop without.
@@ -96,6 +98,7 @@ pub(crate) enum BenchCommand {
     /// The attacking process of `bench attack` (not for direct use).
     #[command(hide = true)]
     AttackRun {
+        /// The attack to run.
         #[arg(long)]
         attack: Attack,
         /// unix:PATH or tcp:IP:PORT.
@@ -104,6 +107,7 @@ pub(crate) enum BenchCommand {
         /// Source address of TCP connections.
         #[arg(long, default_value = "127.0.0.2")]
         from: std::net::IpAddr,
+        /// Seconds of attacking.
         #[arg(long)]
         seconds: f64,
     },

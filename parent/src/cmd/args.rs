@@ -1,0 +1,91 @@
+//! Command-line values several verbs share. Durations have one syntax for every flag that
+//! takes one (`kms-plugin --lease`, `policy init --activation-delay`, `policy push
+//! --durable-within`, …): a bare number of seconds (`90`, `0`), or humantime's terms
+//! (`250ms`, `90s`, `5m`, `1h 30m`, `2d`). It decides the syntax and an upper bound that holds
+//! for every flag (a flag's own range is its verb's to check); it trusts humantime to read the
+//! terms.
+
+use std::time::Duration;
+
+/// The longest duration any flag takes: 100 years (Julian), far beyond every flag's own limit,
+/// so a typo of a few digits too many is refused rather than read as forever.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
+
+/// Why a command-line value is not a duration.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub(crate) enum DurationError {
+    #[error("`{value}` is not a duration (e.g. 90, 250ms, 30s, 5m, 1h 30m, 2d): {reason}")]
+    Syntax { value: String, reason: humantime::DurationError },
+    #[error("`{0}` is not a duration: a bare number is whole seconds (e.g. 90)")]
+    BadSeconds(String),
+    #[error("`{0}` is longer than any flag takes (at most 100 years)")]
+    TooLong(String),
+}
+
+/// Parses a duration: a bare number of seconds, or humantime's `NUMBER UNIT` terms.
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, DurationError> {
+    let t = s.trim();
+    let d = if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        Duration::from_secs(t.parse().map_err(|_| DurationError::BadSeconds(s.to_owned()))?)
+    } else {
+        humantime::parse_duration(t).map_err(|reason| DurationError::Syntax { value: s.to_owned(), reason })?
+    };
+    if d > MAX_DURATION {
+        return Err(DurationError::TooLong(s.to_owned()));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn accepts_bare_seconds_and_humantime_terms() {
+        let cases = [
+            // What the old per-verb parsers took, so every documented example still parses.
+            ("0", S(0)),
+            ("2", S(2)),
+            ("86400", S(86_400)),
+            ("0s", S(0)),
+            ("2s", S(2)),
+            ("90s", S(90)),
+            ("500ms", Duration::from_millis(500)),
+            ("10m", S(600)),
+            ("30m", S(1_800)),
+            ("1h", S(3_600)),
+            ("1d", S(86_400)),
+            ("2d", S(172_800)),
+            (" 5m ", S(300)),
+            // humantime's terms.
+            ("250ms", Duration::from_millis(250)),
+            ("1h 30m", S(5_400)),
+            ("1h30m", S(5_400)),
+            ("5min", S(300)),
+            ("2 days", S(172_800)),
+            ("1.5s", Duration::from_millis(1_500)),
+            ("100y", MAX_DURATION),
+        ];
+        for (s, want) in cases {
+            assert_eq!(parse_duration(s), Ok(want), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_duration_with_a_typed_error() {
+        for bad in ["", " ", "s", "-1s", "ten", "1x", "1.5", "5 m m", "1h -2m"] {
+            let err = parse_duration(bad).expect_err(bad);
+            assert!(matches!(err, DurationError::Syntax { .. }), "{bad:?}: {err:?}");
+            assert!(err.to_string().contains(&format!("`{bad}`")), "{err}");
+        }
+        assert_eq!(
+            parse_duration("99999999999999999999"),
+            Err(DurationError::BadSeconds("99999999999999999999".into()))
+        );
+        for long in ["9999999999s", "9999999999", "101y", "100y 1s"] {
+            assert_eq!(parse_duration(long), Err(DurationError::TooLong(long.into())), "{long:?}");
+        }
+    }
+}
