@@ -532,6 +532,7 @@ fn beside(release: &Addr, channel: Channel) -> Addr {
             a.set_port(a.port().saturating_add(step));
             Addr::Tcp(a)
         }
+        Addr::TcpHost { host, port } => Addr::TcpHost { host: host.clone(), port: port.saturating_add(step) },
     }
 }
 

@@ -24,11 +24,19 @@ pub enum Addr {
     },
     /// `tcp:IP:PORT`
     Tcp(SocketAddr),
+    /// `tcp:HOST:PORT` with a DNS name, resolved at each bind or connect (every address the
+    /// name has is tried in turn).
+    TcpHost {
+        /// The DNS name, checked for its syntax only.
+        host: String,
+        /// Port.
+        port: u16,
+    },
 }
 
 /// Why an address string is not valid.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid address `{0}`: expected unix:PATH, vsock:CID:PORT, vsock:PORT or tcp:IP:PORT")]
+#[error("invalid address `{0}`: expected unix:PATH, vsock:CID:PORT, vsock:PORT, tcp:IP:PORT or tcp:HOST:PORT")]
 pub struct AddrError(String);
 
 impl FromStr for Addr {
@@ -44,10 +52,35 @@ impl FromStr for Addr {
                 }
                 None => Ok(Addr::Vsock { cid: tokio_vsock::VMADDR_CID_ANY, port: rest.parse().map_err(|_| err())? }),
             },
-            "tcp" => rest.parse().map(Addr::Tcp).map_err(|_| err()),
+            "tcp" => match rest.parse() {
+                Ok(a) => Ok(Addr::Tcp(a)),
+                Err(_) => {
+                    let (host, port) = rest.rsplit_once(':').ok_or_else(err)?;
+                    if !is_dns_name(host) {
+                        return Err(err());
+                    }
+                    Ok(Addr::TcpHost { host: host.to_ascii_lowercase(), port: port.parse().map_err(|_| err())? })
+                }
+            },
             _ => Err(err()),
         }
     }
+}
+
+/// A DNS host name (RFC 1123): dot-separated labels of letters, digits and inner hyphens, each
+/// 1–63 characters, 253 in all, not all digits in the last label (that would be an IP address
+/// written wrong).
+fn is_dns_name(host: &str) -> bool {
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    (1..=253).contains(&host.len())
+        && host.split('.').all(label_ok)
+        && !host.rsplit('.').next().is_some_and(|last| last.bytes().all(|b| b.is_ascii_digit()))
 }
 
 impl fmt::Display for Addr {
@@ -56,6 +89,7 @@ impl fmt::Display for Addr {
             Addr::Unix(p) => write!(f, "unix:{}", p.display()),
             Addr::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
             Addr::Tcp(a) => write!(f, "tcp:{a}"),
+            Addr::TcpHost { host, port } => write!(f, "tcp:{host}:{port}"),
         }
     }
 }
@@ -112,6 +146,9 @@ impl Listener {
                 Ok(Listener::Vsock(tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(*cid, *port))?))
             }
             Addr::Tcp(a) => Ok(Listener::Tcp(tokio::net::TcpListener::bind(a).await?)),
+            Addr::TcpHost { host, port } => {
+                Ok(Listener::Tcp(tokio::net::TcpListener::bind((host.as_str(), *port)).await?))
+            }
         }
     }
 
@@ -214,6 +251,7 @@ pub async fn connect(addr: &Addr, timeout: Duration) -> io::Result<BoxStream> {
                 Box::new(tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(*cid, *port)).await?)
             }
             Addr::Tcp(a) => Box::new(tokio::net::TcpStream::connect(a).await?),
+            Addr::TcpHost { host, port } => Box::new(tokio::net::TcpStream::connect((host.as_str(), *port)).await?),
         })
     };
     tokio::time::timeout(timeout, fut)
@@ -251,13 +289,56 @@ mod tests {
 
     #[test]
     fn parses_and_prints_addresses() {
-        for s in ["unix:/tmp/kre.sock", "vsock:16:5000", "tcp:127.0.0.1:8443"] {
+        for s in [
+            "unix:/tmp/kre.sock",
+            "vsock:16:5000",
+            "tcp:127.0.0.1:8443",
+            "tcp:[::1]:8443",
+            "tcp:kre-1.prod.internal:5000",
+            "tcp:localhost:1",
+        ] {
             assert_eq!(s.parse::<Addr>().expect(s).to_string(), s);
         }
         assert_eq!("vsock:5000".parse::<Addr>(), Ok(Addr::Vsock { cid: tokio_vsock::VMADDR_CID_ANY, port: 5000 }));
-        for bad in ["", "unix:", "vsock:x", "vsock:1:y", "tcp:localhost", "http://x", "kre.sock"] {
+        assert_eq!("tcp:KRE.Example.:7".parse::<Addr>(), Ok(Addr::TcpHost { host: "kre.example.".into(), port: 7 }));
+        let long_label = format!("tcp:{}.x:1", "a".repeat(64));
+        let long_name = format!("tcp:{}:1", ["a"; 128].join("."));
+        for bad in [
+            "",
+            "unix:",
+            "vsock:x",
+            "vsock:1:y",
+            "tcp:localhost",
+            "tcp:localhost:",
+            "tcp:localhost:65536",
+            "tcp::80",
+            "tcp:under_score:1",
+            "tcp:-lead.x:1",
+            "tcp:trail-.x:1",
+            "tcp:a..b:1",
+            "tcp:10.0.0.256:1",
+            "tcp:1.2.3:1",
+            &long_label,
+            &long_name,
+            "http://x",
+            "kre.sock",
+        ] {
             assert!(bad.parse::<Addr>().is_err(), "{bad}");
         }
+    }
+
+    /// A name resolves at connect time, trying each of its addresses.
+    #[tokio::test]
+    async fn a_host_name_is_resolved_when_connecting() {
+        let l = Listener::bind(&"tcp:127.0.0.1:0".parse().expect("addr")).await.expect("bind");
+        let Listener::Tcp(t) = &l else { panic!("tcp") };
+        let port = t.local_addr().expect("port").port();
+        let addr: Addr = format!("tcp:localhost:{port}").parse().expect("addr");
+        let server = tokio::spawn(async move { l.accept().await.map(|_| ()) });
+        connect(&addr, Duration::from_secs(5)).await.expect("localhost resolves to the loopback listener");
+        server.await.expect("join").expect("accept");
+        let nowhere: Addr = "tcp:no-such-host.invalid:1".parse().expect("syntax is fine");
+        assert!(connect(&nowhere, Duration::from_secs(5)).await.is_err());
     }
 
     #[tokio::test]

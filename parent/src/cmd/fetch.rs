@@ -21,7 +21,7 @@ use crate::error::CliError;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct FetchArgs {
-    /// The KRE (through the parent proxy): unix:PATH, vsock:CID:PORT or tcp:IP:PORT.
+    /// The KRE (through the parent proxy): unix:PATH, vsock:CID:PORT, tcp:IP:PORT or tcp:HOST:PORT.
     #[arg(long)]
     kre: Addr,
     /// The cluster whose keys to fetch.
