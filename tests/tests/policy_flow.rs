@@ -82,6 +82,28 @@ fn pipeline_flow_against_a_running_kre() {
     for (k, sig) in [("a1.pem", "s1"), ("a3.pem", "s3")] {
         ok(keygate(&["policy", "sign", &s(&p("v2.proposal")), "--key", &s(&p(k)), "--yes", "-o", &s(&p(sig))]));
     }
+    // A key outside the approver set signs with a warning naming its fingerprint, the one
+    // `keygen` printed; `policy show` lists the approvers' fingerprints.
+    let made = ok(keygate(&["keygen", "-o", &s(&p("outsider.pem"))]));
+    let fp = made.rsplit("fingerprint ").next().expect("keygen names the fingerprint").trim().to_owned();
+    assert!(fp.starts_with("sha256:") && fp.len() == 7 + 32, "{made}");
+    let o = keygate(&[
+        "policy",
+        "sign",
+        &s(&p("v2.proposal")),
+        "--key",
+        &s(&p("outsider.pem")),
+        "--current",
+        &s(&p("genesis.bundle")),
+        "--yes",
+        "-o",
+        &s(&p("sx")),
+    ]);
+    let warned = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success() && warned.contains(&format!("warning: key {fp} is not an approver")), "{warned}");
+    let shown = ok(keygate(&["policy", "show", &s(&p("genesis.bundle"))]));
+    assert_eq!(shown.matches("sha256:").count(), 3, "{shown}");
+    assert!(!shown.contains(&fp), "{shown}");
     ok(keygate(&["policy", "assemble", &s(&p("v2.proposal")), &s(&p("s1")), "-o", &s(&p("v2-one.bundle"))]));
     refused(push(&kre, &p("v2-one.bundle"), None), "policy_refused: 1 valid approver signature(s), 2 required");
     ok(keygate(&["policy", "assemble", &s(&p("v2.proposal")), &s(&p("s1")), &s(&p("s3")), "-o", &s(&p("v2.bundle"))]));

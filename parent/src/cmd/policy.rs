@@ -293,8 +293,21 @@ pub(crate) fn keygen(a: KeygenArgs) -> Result<(), CliError> {
         .map_err(|e| CliError::io(format!("writing {}", a.out.display()), e))?;
     let pub_path = public_path(&a.out);
     write_file(&pub_path, public.as_bytes())?;
-    println!("private key {} (0600), public key {}", a.out.display(), pub_path.display());
+    let point = p384::ecdsa::SigningKey::from(&sk).verifying_key().to_encoded_point(false);
+    println!(
+        "private key {} (0600), public key {}, fingerprint {}",
+        a.out.display(),
+        pub_path.display(),
+        fingerprint(point.as_bytes())
+    );
     Ok(())
+}
+
+/// A key's fingerprint for people to compare: `sha256:` and the first 128 bits of the SHA-256
+/// of its uncompressed SEC1 point, as `keygen`, `policy show` and `policy sign` print it.
+pub(crate) fn fingerprint(point: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    format!("sha256:{}", hex::encode(&Sha256::digest(point)[..16]))
 }
 
 fn public_path(private: &Path) -> PathBuf {
@@ -456,7 +469,7 @@ fn print_body(b: &PolicyBody, digest: &[u8; 48]) {
     println!("  previous  {}", hex::encode(b.previous));
     println!("  approvers {} of {}:", b.threshold, b.approvers.len());
     for a in &b.approvers {
-        println!("    {}", hex::encode(&a[..16]));
+        println!("    {}  (point {}…)", fingerprint(a), hex::encode(&a[..16]));
     }
     println!("  allow_debug {}", b.policy.allow_debug);
     for l in describe(&b.policy) {
@@ -498,6 +511,7 @@ fn body_json(b: &PolicyBody, digest: &[u8; 48], signatures: usize) -> serde_json
         "activation_delay": b.activation_delay,
         "threshold": b.threshold,
         "approvers": b.approvers.iter().map(hex::encode).collect::<Vec<_>>(),
+        "approver_fingerprints": b.approvers.iter().map(|a| fingerprint(a)).collect::<Vec<_>>(),
         "allow_debug": b.policy.allow_debug,
         "clusters": clusters,
         "kek": b.policy.clusters.iter().map(|(c, r)| {
@@ -644,9 +658,17 @@ fn sign(a: SignArgs) -> Result<(), CliError> {
     let p = load_bundle(&proposal)?;
     let sk = load_private(&key)?;
     let d = bundle::digest(&p.body_bytes);
+    let point = sk.verifying_key().to_encoded_point(false).as_bytes().to_vec();
     match &current {
         Some(c) => {
             let c = load_bundle(c)?;
+            if !c.body.approvers.iter().any(|a| a[..] == point[..]) {
+                eprintln!(
+                    "warning: key {} is not an approver of the current bundle (version {}): the KRE will not count its signature",
+                    fingerprint(&point),
+                    c.body.version
+                );
+            }
             if p.body.previous != bundle::digest(&c.body_bytes) {
                 return Err(CliError::refused("the proposal does not follow the given current bundle"));
             }
@@ -655,7 +677,15 @@ fn sign(a: SignArgs) -> Result<(), CliError> {
                 println!("{l}");
             }
         }
-        None => print_body(&p.body, &d),
+        None => {
+            if !p.body.approvers.iter().any(|a| a[..] == point[..]) {
+                eprintln!(
+                    "warning: key {} is not among the proposal's approvers (pass --current to check it against the set that must approve)",
+                    fingerprint(&point)
+                );
+            }
+            print_body(&p.body, &d)
+        }
     }
     if !yes {
         if !std::io::stdin().is_terminal() {
@@ -670,9 +700,8 @@ fn sign(a: SignArgs) -> Result<(), CliError> {
     }
     use p384::ecdsa::signature::Signer;
     let sig: p384::ecdsa::Signature = sk.sign(&bundle::signing_message(&p.body_bytes));
-    let point = sk.verifying_key().to_encoded_point(false).as_bytes().to_vec();
     write_file(&out, &bundle::encode_signature(&p.body_bytes, &point, &sig.to_bytes()))?;
-    println!("signature {} by approver {}", out.display(), hex::encode(&point[..16]));
+    println!("signature {} by approver {}", out.display(), fingerprint(&point));
     Ok(())
 }
 
@@ -753,6 +782,11 @@ fn push_bundle(a: PushArgs) -> Result<(), CliError> {
     let bytes = read(&path)?;
     let b = bundle::decode_bundle(&bytes, crypto()).map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
     let (version, activates) = push(&kre, &bytes).map_err(push_refused)?;
+    if store.is_none() {
+        eprintln!(
+            "warning: no --store: the accepted bundle is not kept on the parent, so `policy restore` cannot replay it after a KRE restart"
+        );
+    }
     if let Some(dir) = &store {
         std::fs::create_dir_all(dir).map_err(|e| CliError::io(format!("creating {}", dir.display()), e))?;
         write_file(&dir.join(format!("policy-v{:08}.bundle", b.body.version)), &bytes)?;
