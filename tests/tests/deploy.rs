@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use keygate_tests::e2e::{exited, ok, path_arg};
+use keygate_tests::e2e::{dev_kre, exited, ok, path_arg, unix, Logged};
 use keygate_tests::{bin, keygate, run_with_limit, TempDir};
 
 /// The repository's `deploy/` directory.
@@ -54,11 +54,17 @@ fn fake_blobs(dir: &Path) {
 
 /// The genesis bundle (one approver) and three custodian public keys, made once in `d`.
 fn genesis_and_custodians(d: &Path) -> (PathBuf, Vec<PathBuf>) {
+    let (genesis, custodians, _) = genesis_custodians_and_digest(d);
+    (genesis, custodians)
+}
+
+/// [`genesis_and_custodians`] and the genesis bundle's digest, as `keygate policy init` prints it.
+fn genesis_custodians_and_digest(d: &Path) -> (PathBuf, Vec<PathBuf>, String) {
     for n in ["a1", "c1", "c2", "c3"] {
         ok(keygate(&["keygen", "-o", &path_arg(&d.join(format!("{n}.pem")))]));
     }
     let genesis = d.join("genesis.bundle");
-    ok(keygate(&[
+    let said = ok(keygate(&[
         "policy",
         "init",
         "--approver",
@@ -68,7 +74,20 @@ fn genesis_and_custodians(d: &Path) -> (PathBuf, Vec<PathBuf>) {
         "-o",
         &path_arg(&genesis),
     ]));
-    (genesis, ["c1", "c2", "c3"].iter().map(|n| d.join(format!("{n}.pub.pem"))).collect())
+    let digest = said.split_whitespace().last().unwrap_or_default().trim_end_matches(')').to_owned();
+    (genesis, ["c1", "c2", "c3"].iter().map(|n| d.join(format!("{n}.pub.pem"))).collect(), digest)
+}
+
+/// A copy of the workspace's keygate-enclave in `d` (the production binary: hardware NSM only).
+/// A test build, not the release build the script makes by default (too slow for the shared
+/// test machine); stripped when `strip` is there, only to make the builds faster.
+fn enclave_binary(d: &Path) -> PathBuf {
+    let enclave = d.join("keygate-enclave");
+    std::fs::copy(bin("keygate-enclave"), &enclave).expect("copy");
+    if on_path("strip") {
+        assert!(Command::new("strip").arg(&enclave).status().expect("strip").success());
+    }
+    enclave
 }
 
 /// Runs deploy/kre-image.sh with `args` (2 min limit: it gzips the whole KRE binary).
@@ -99,14 +118,7 @@ fn the_kre_image_reproduces_byte_for_byte_and_prints_its_pcrs() {
     let dir = TempDir::new("keygate-deploy-image").expect("tmp");
     let d = dir.path();
     let (genesis, custodians) = genesis_and_custodians(d);
-    // The workspace's keygate-enclave (the production binary: hardware NSM only). A test build,
-    // not the release build the script makes by default (too slow for the shared test machine);
-    // stripped when `strip` is there, only to make the two builds faster.
-    let enclave = d.join("keygate-enclave");
-    std::fs::copy(bin("keygate-enclave"), &enclave).expect("copy");
-    if on_path("strip") {
-        assert!(Command::new("strip").arg(&enclave).status().expect("strip").success());
-    }
+    let enclave = enclave_binary(d);
     // The second build's inputs are copies elsewhere, written later: only their bytes count.
     let (blobs1, blobs2) = (d.join("one/blobs"), d.join("two/blobs"));
     fake_blobs(&blobs1);
@@ -139,6 +151,98 @@ fn the_kre_image_reproduces_byte_for_byte_and_prints_its_pcrs() {
     assert_eq!(other[1], pcrs[1]);
     assert_ne!(other[0], pcrs[0]);
     assert_ne!(other[2], pcrs[2]);
+}
+
+/// Unpacks every ramdisk of an EIF into `out/ramdisk<N>/` (regular files and directories only,
+/// anything else fails): the section table as docs/eif.md "File layout" gives it, gzip, cpio
+/// "newc". Python, because the test kit has no gzip.
+const UNPACK_RAMDISKS: &str = r#"
+import gzip, os, struct, sys
+data = open(sys.argv[1], "rb").read()
+ramdisks = []
+for i in range(struct.unpack_from(">H", data, 26)[0]):
+    off = struct.unpack_from(">Q", data, 28 + 8 * i)[0]
+    kind, _, size = struct.unpack_from(">HHQ", data, off)
+    if kind == 3:
+        ramdisks.append(data[off + 12 : off + 12 + size])
+for n, blob in enumerate(ramdisks, 1):
+    cpio, pos = gzip.decompress(blob), 0
+    while True:
+        mode, size, namesize = (int(cpio[pos + 6 + 8 * k : pos + 14 + 8 * k], 16) for k in (1, 6, 11))
+        name = cpio[pos + 110 : pos + 110 + namesize - 1].decode()
+        body = (pos + 110 + namesize + 3) & ~3
+        if name == "TRAILER!!!":
+            break
+        path = os.path.join(sys.argv[2], "ramdisk%d" % n, name)
+        if mode & 0o170000 == 0o040000:
+            os.makedirs(path, exist_ok=True)
+        elif mode & 0o170000 == 0o100000:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            open(path, "wb").write(cpio[body : body + size])
+        else:
+            sys.exit("unexpected entry %s (mode %o)" % (name, mode))
+        pos = (body + size + 3) & ~3
+"#;
+
+#[test]
+fn the_kre_image_holds_the_kre_and_a_configuration_the_kre_accepts() {
+    if !on_path("python3") {
+        println!("SKIPPED KRE image contents: python3 (to unpack the ramdisks) is not on PATH");
+        return;
+    }
+    let dir = TempDir::new("keygate-deploy-contents").expect("tmp");
+    let d = dir.path();
+    let (genesis, custodians, digest) = genesis_custodians_and_digest(d);
+    let enclave = enclave_binary(d);
+    fake_blobs(&d.join("blobs"));
+    ok(kre_image(&image_args(&d.join("blobs"), &genesis, &custodians, &enclave, &d.join("out"))));
+    let unpacked = d.join("unpacked");
+    let o = Command::new("python3").args(["-c", UNPACK_RAMDISKS]).arg(d.join("out/kre.eif")).arg(&unpacked).output();
+    ok(o.expect("python3"));
+
+    // Ramdisk 1: the boot blobs as given. Ramdisk 2: the KRE, its configuration, its argv.
+    let same = |inside: &str, outside: &Path| {
+        let got = std::fs::read(unpacked.join(inside)).unwrap_or_else(|e| panic!("{inside}: {e}"));
+        assert!(got == std::fs::read(outside).expect("input"), "{inside} differs from {}", outside.display());
+    };
+    same("ramdisk1/init", &d.join("blobs/init"));
+    same("ramdisk1/nsm.ko", &d.join("blobs/nsm.ko"));
+    assert!(unpacked.join("ramdisk1/dev").is_dir());
+    same("ramdisk2/rootfs/usr/bin/keygate-enclave", &enclave);
+    same("ramdisk2/rootfs/etc/keygate/genesis.bundle", &genesis);
+    for (i, c) in custodians.iter().enumerate() {
+        same(&format!("ramdisk2/rootfs/etc/keygate/custodian-{}.pub.pem", i + 1), c);
+    }
+    let cmd = read(&unpacked.join("ramdisk2/cmd"));
+    let argv: Vec<&str> = cmd.lines().collect();
+    let mut want =
+        vec!["/usr/bin/keygate-enclave", "--listen", "vsock:5000", "--genesis", "/etc/keygate/genesis.bundle"];
+    want.extend(["--custodian", "/etc/keygate/custodian-1.pub.pem", "--custodian", "/etc/keygate/custodian-2.pub.pem"]);
+    want.extend(["--custodian", "/etc/keygate/custodian-3.pub.pem", "--custodian-threshold", "2", "--log-json"]);
+    assert_eq!(argv, want);
+
+    // The KRE takes that configuration: the development binary (the same flags, plus the mock
+    // NSM the production one lacks) started with the image's argv — its files read from the
+    // unpacked rootfs, its release channel on a Unix socket instead of vsock — starts sealed
+    // with the image's custodians and genesis policy.
+    let rootfs = unpacked.join("ramdisk2/rootfs");
+    let sock = d.join("kre.sock");
+    let mut args: Vec<String> = argv[1..]
+        .iter()
+        .map(|a| match a.strip_prefix('/') {
+            Some(inside) => path_arg(&rootfs.join(inside)),
+            None => (*a).to_owned(),
+        })
+        .collect();
+    args[1] = unix(&sock);
+    let mut kre = Logged::start(dev_kre("deploy").args(&args), &d.join("kre.log"));
+    kre.wait_for_socket(&sock);
+    let o = keygate(&["status", "--kre", &format!("{}.parent", unix(&sock))]);
+    let status = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(4), "a fresh KRE with custodians is not serving: {status}");
+    assert!(status.contains("sealed"), "{status}");
+    assert!(status.contains("2 of 3"), "{status}");
+    assert!(status.contains(&format!("version 1 (digest {}", &digest[..16])), "{status}\n{digest}");
 }
 
 #[test]
