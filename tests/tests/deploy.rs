@@ -34,6 +34,16 @@ fn on_path(tool: &str) -> bool {
     std::env::var_os("PATH").map(|paths| std::env::split_paths(&paths).any(|d| d.join(tool).is_file())).unwrap_or(false)
 }
 
+/// A private directory for a check that needs `tool`; without `tool` on PATH, a SKIPPED line
+/// naming the check instead (never a silent pass).
+fn dir_for_check_with(tool: &str, check: &str) -> Option<TempDir> {
+    if !on_path(tool) {
+        println!("SKIPPED {check}: {tool} is not on PATH");
+        return None;
+    }
+    Some(TempDir::new("keygate-deploy").expect("tmp"))
+}
+
 /// Stand-ins for nitro-cli's blob directory: the script needs their bytes, not a real kernel.
 fn fake_blobs(dir: &Path) {
     std::fs::create_dir_all(dir).expect("blobs");
@@ -186,11 +196,9 @@ for n, blob in enumerate(ramdisks, 1):
 
 #[test]
 fn the_kre_image_holds_the_kre_and_a_configuration_the_kre_accepts() {
-    if !on_path("python3") {
-        println!("SKIPPED KRE image contents: python3 (to unpack the ramdisks) is not on PATH");
+    let Some(dir) = dir_for_check_with("python3", "KRE image contents (python3 unpacks the ramdisks)") else {
         return;
-    }
-    let dir = TempDir::new("keygate-deploy-contents").expect("tmp");
+    };
     let d = dir.path();
     let (genesis, custodians, digest) = genesis_custodians_and_digest(d);
     let enclave = enclave_binary(d);
@@ -353,15 +361,13 @@ fn the_systemd_units_say_what_the_deployment_needs() {
 
 #[test]
 fn the_systemd_units_pass_systemd_analyze_verify() {
-    if !on_path("systemd-analyze") {
-        println!("SKIPPED systemd-analyze verify: systemd-analyze is not on PATH");
+    let Some(dir) = dir_for_check_with("systemd-analyze", "systemd-analyze verify") else {
         return;
-    }
+    };
     // verify checks that ExecStart's program exists and that Requires= units load. keygate and
     // nitro-cli are not installed here, nor nitro-cli's allocator unit: the units are verified
     // as copies whose two program paths point at stand-in executables, beside a stand-in
     // allocator unit. Nothing else is changed, and any output at all fails the test.
-    let dir = TempDir::new("keygate-deploy-units").expect("tmp");
     let d = dir.path();
     let stub = |name: &str| {
         let p = d.join(name);
