@@ -35,13 +35,15 @@ pub(crate) trait Exporter: Send + Sync + 'static {
 }
 
 /// The listener's bounds: every size, count and wait has one.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Limits {
-    /// Connections served at once; more are closed at once.
+    /// Connections served at once. A connection past the limit is closed at once, unanswered:
+    /// a scraper retries at its next interval, and a flood holds no memory.
     pub(crate) max_connections: usize,
     /// Largest request head (request line and headers); hyper's floor is 8 KiB.
     pub(crate) max_head: usize,
-    /// Time to send the request head.
+    /// Time to send the request head. A client that sends it slowly (or never) is cut off
+    /// then, and frees its connection slot.
     pub(crate) head_timeout: Duration,
     /// Time for the whole exchange, from accept to the last byte of the answer.
     pub(crate) exchange_timeout: Duration,

@@ -71,7 +71,7 @@ fn operation_histogram() -> Histogram {
 pub(crate) struct KmsMetrics {
     registry: Registry,
     operations: Family<OperationLabels, Counter>,
-    durations: Family<MethodLabel, Histogram, fn() -> Histogram>,
+    latency: Family<MethodLabel, Histogram, fn() -> Histogram>,
     fetches: Family<FetchLabels, Counter>,
     lease_remaining: Gauge<f64, AtomicU64>,
     current_key: Family<KeyLabel, Gauge>,
@@ -84,7 +84,7 @@ impl KmsMetrics {
         let mut registry = Registry::with_prefix("keygate");
         let m = Self {
             operations: Family::default(),
-            durations: Family::new_with_constructor(operation_histogram),
+            latency: Family::new_with_constructor(operation_histogram),
             fetches: Family::default(),
             lease_remaining: Gauge::default(),
             current_key: Family::default(),
@@ -93,12 +93,7 @@ impl KmsMetrics {
         };
         let kms = registry.sub_registry_with_prefix("kms");
         kms.register("operations", "KMS v2 calls answered, by method and gRPC status code", m.operations.clone());
-        kms.register_with_unit(
-            "operation_duration",
-            "Time to answer a KMS v2 call",
-            Unit::Seconds,
-            m.durations.clone(),
-        );
+        kms.register_with_unit("operation_duration", "Time to answer a KMS v2 call", Unit::Seconds, m.latency.clone());
         if lease {
             kms.register("key_fetches", "Key fetches from the KRE, by outcome and deny code", m.fetches.clone());
             kms.register_with_unit(
@@ -120,7 +115,7 @@ impl KmsMetrics {
     /// One call answered with `code` after `took`.
     pub(crate) fn operation(&self, method: &'static str, code: tonic::Code, took: Duration) {
         self.operations.get_or_create(&OperationLabels { method, code: code_name(code) }).inc();
-        self.durations.get_or_create(&MethodLabel { method }).observe(took.as_secs_f64());
+        self.latency.get_or_create(&MethodLabel { method }).observe(took.as_secs_f64());
     }
 
     /// One fetch from the KRE ended.
