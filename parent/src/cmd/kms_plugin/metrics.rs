@@ -171,9 +171,14 @@ impl crate::metrics::Exporter for KmsExporter {
         let now = Instant::now();
         let versions = st.ring.versions();
         m.keys_held.set(i64::try_from(versions.len()).unwrap_or(i64::MAX));
-        m.current_key.clear();
-        if let Some(v) = st.ring.current() {
-            m.current_key.get_or_create(&KeyLabel { key_id: st.ring.kms_key_id(v) }).set(1);
+        // Replaced only when it changed: a concurrent scrape never sees the info missing.
+        match st.ring.current().map(|v| KeyLabel { key_id: st.ring.kms_key_id(v) }) {
+            Some(key) if m.current_key.get(&key).is_some() => {}
+            Some(key) => {
+                m.current_key.clear();
+                m.current_key.get_or_create(&key).set(1);
+            }
+            None => m.current_key.clear(),
         }
         if let Mode::Kre { lease } = &st.mode {
             m.lease_remaining.set(lease.encrypt_remaining(now).as_secs_f64());
@@ -235,6 +240,9 @@ mod tests {
             assert!(text.contains(line), "{line}: {text}");
         }
         assert!(!text.contains("v1\""), "only the current key is the info: {text}");
+        e.0.write().expect("lock").ring.clear();
+        let text = scrape(&e);
+        assert!(text.contains("keygate_kms_keys_held 0\n") && !text.contains("current_key_info{"), "{text}");
     }
 
     #[test]
