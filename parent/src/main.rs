@@ -13,6 +13,7 @@ mod cmd;
 mod demo;
 mod error;
 mod kre_client;
+mod metrics;
 mod storage;
 
 #[derive(Debug, Parser)]

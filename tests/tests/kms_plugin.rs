@@ -191,9 +191,11 @@ fn plugin_args(sock: &Path, extra: &[String]) -> Vec<String> {
     a
 }
 
-fn start_plugin_on_dir(dir: &Path, keys: &Path) -> (Proc, PathBuf) {
+/// A plugin on the key directory `keys`, with `more` arguments.
+fn start_plugin_on_dir(dir: &Path, keys: &Path, more: &[String]) -> (Proc, PathBuf) {
     let sock = dir.join("kms.sock");
-    let extra = ["--keys".to_owned(), keys.display().to_string(), "--rescan".into(), "100ms".into()];
+    let mut extra = vec!["--keys".to_owned(), keys.display().to_string(), "--rescan".into(), "100ms".into()];
+    extra.extend_from_slice(more);
     let mut p = Proc::spawn(Command::new(bin("keygate")).args(plugin_args(&sock, &extra)), dir.join("plugin.log"));
     p.process.wait_for_socket(&sock);
     (p, sock)
@@ -229,7 +231,7 @@ fn start_plugin_on_kre(dir: &Path, kre_sock: &Path, lease: &str, grace: &str) ->
 fn plugin_with_key_v1(dir: &Path) -> (PathBuf, Proc, PathBuf) {
     let keys = dir.join("keys");
     write_key(&keys, 1, 0x11);
-    let (plugin, sock) = start_plugin_on_dir(dir, &keys);
+    let (plugin, sock) = start_plugin_on_dir(dir, &keys, &[]);
     (keys, plugin, sock)
 }
 
@@ -384,7 +386,7 @@ async fn starts_without_keys_and_refuses_unsafe_key_files() {
     let dir = TempDir::new("keygate-kms-plugin").expect("tmp");
     let keys = dir.path().join("keys");
     std::fs::create_dir_all(&keys).expect("mkdir");
-    let (_plugin, sock) = start_plugin_on_dir(dir.path(), &keys);
+    let (_plugin, sock) = start_plugin_on_dir(dir.path(), &keys, &[]);
     let mut kms = Kms::connect(&sock).await;
     let s = kms.status().await;
     assert_ne!(s.healthz, "ok");
@@ -440,9 +442,10 @@ fn bad_command_lines_are_refused() {
 
 // ---- the independent Python client ----
 
-fn python_ready() -> bool {
+/// Whether python3 can `import {modules}` (in CI it must).
+fn python_ready(modules: &str) -> bool {
     let ok = Command::new("python3")
-        .args(["-c", "import grpc, grpc_tools"])
+        .args(["-c", &format!("import {modules}")])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
@@ -451,16 +454,16 @@ fn python_ready() -> bool {
     if !ok {
         assert!(
             std::env::var_os("CI").is_none(),
-            "CI must have grpcio and grpcio-tools: run .ci/python-deps.sh before the tests"
+            "CI must have Python's {modules}: run .ci/python-deps.sh before the tests"
         );
-        eprintln!("SKIPPED Python client: python3 with grpcio and grpcio-tools not found (run .ci/python-deps.sh)");
+        eprintln!("SKIPPED Python client: python3 with {modules} not found (run .ci/python-deps.sh)");
     }
     ok
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpcio_client_agrees_with_the_plugin() {
-    if !python_ready() {
+    if !python_ready("grpc, grpc_tools") {
         return;
     }
     let dir = TempDir::new("keygate-kms-plugin").expect("tmp");
@@ -496,6 +499,84 @@ async fn python_grpcio_client_agrees_with_the_plugin() {
     let pt = hex::decode(theirs["plaintext"].as_str().expect("pt")).expect("hex");
     let id = theirs["key_id"].as_str().expect("key_id");
     assert_eq!(kms.decrypt(&ct, id).await.expect("Python's ciphertext decrypts"), pt);
+}
+
+/// Scrapes `http://{addr}` with Python's urllib and parses /metrics with prometheus_client's
+/// Prometheus text-format parser: `{content_type, families: {name: {type, samples: [[name,
+/// labels, value]]}}, healthz: [status, body], not_found: status}`.
+const SCRAPE_PY: &str = r#"
+import json, sys, urllib.error, urllib.request
+from prometheus_client.parser import text_string_to_metric_families
+base = "http://" + sys.argv[1]
+m = urllib.request.urlopen(base + "/metrics", timeout=10)
+ctype, body = m.headers["Content-Type"], m.read().decode()
+families = {f.name: {"type": f.type, "samples": [[s.name, s.labels, s.value] for s in f.samples]}
+            for f in text_string_to_metric_families(body)}
+h = urllib.request.urlopen(base + "/healthz", timeout=10)
+healthz = [h.status, h.read().decode()]
+try:
+    not_found = urllib.request.urlopen(base + "/nothing", timeout=10).status
+except urllib.error.HTTPError as e:
+    not_found = e.code
+print(json.dumps({"content_type": ctype, "families": families, "healthz": healthz, "not_found": not_found}))
+"#;
+
+fn scrape(addr: &str) -> serde_json::Value {
+    let out = run_with_limit(Command::new("python3").args(["-c", SCRAPE_PY, addr]), Duration::from_secs(60));
+    assert!(out.status.success(), "scrape failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("JSON report")
+}
+
+/// The value of `sample` with exactly `labels` in `family` of a scrape (0 when absent).
+fn sample(scraped: &serde_json::Value, family: &str, sample: &str, labels: serde_json::Value) -> f64 {
+    let samples = scraped["families"][family]["samples"].as_array().cloned().unwrap_or_default();
+    samples.iter().find(|s| s[0] == sample && s[1] == labels).and_then(|s| s[2].as_f64()).unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_healthz_over_http_parse_as_prometheus_text() {
+    if !python_ready("prometheus_client") {
+        return;
+    }
+    let dir = TempDir::new("keygate-kms-plugin").expect("tmp");
+    let keys = dir.path().join("keys");
+    write_key(&keys, 1, 0x11);
+    // A free port: bound by the kernel's choice, released, then taken by the plugin.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+    let addr = format!("127.0.0.1:{port}");
+    let (plugin, sock) = start_plugin_on_dir(dir.path(), &keys, &["--metrics-listen".into(), addr.clone()]);
+    let mut kms = healthy(&sock).await;
+    let before = scrape(&addr);
+    let e = kms.encrypt(&seed(3)).await.expect("encrypt");
+    assert_eq!(kms.decrypt(&e.ciphertext, &e.key_id).await.expect("decrypt"), seed(3));
+    let after = scrape(&addr);
+
+    let ops = |s: &serde_json::Value, method: &str| {
+        sample(
+            s,
+            "keygate_kms_operations",
+            "keygate_kms_operations_total",
+            serde_json::json!({"method": method, "code": "OK"}),
+        )
+    };
+    let latency = "keygate_kms_operation_duration_seconds";
+    let count = |s: &serde_json::Value, method: &str| {
+        sample(s, latency, &format!("{latency}_count"), serde_json::json!({ "method": method }))
+    };
+    assert!(after["content_type"].as_str().unwrap_or_default().starts_with("text/plain; version=0.0.4"), "{after}");
+    assert_eq!(after["families"]["keygate_kms_operations"]["type"], "counter", "{after}");
+    assert_eq!(after["families"][latency]["type"], "histogram", "{after}");
+    for method in ["Encrypt", "Decrypt"] {
+        assert_eq!((ops(&before, method), ops(&after, method)), (0.0, 1.0), "{method}: {after}");
+        assert_eq!((count(&before, method), count(&after, method)), (0.0, 1.0), "{method}: {after}");
+    }
+    assert!(ops(&after, "Status") >= 1.0, "the health polls: {after}");
+    let key = serde_json::json!({"key_id": "prod/etcd-kek/v1"});
+    assert_eq!(sample(&after, "keygate_kms_current_key_info", "keygate_kms_current_key_info", key), 1.0, "{after}");
+    assert_eq!(sample(&after, "keygate_kms_keys_held", "keygate_kms_keys_held", serde_json::json!({})), 1.0);
+    assert_eq!(after["healthz"], serde_json::json!([200, "ok\n"]), "{after}");
+    assert_eq!(after["not_found"], 404, "{after}");
+    assert!(plugin.log().contains("metrics and health served over HTTP"), "{}", plugin.log());
 }
 
 // ---- on a real KRE, with a lease ----

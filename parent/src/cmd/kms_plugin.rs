@@ -27,6 +27,7 @@ use crate::error::CliError;
 
 mod keyring;
 mod lease;
+mod metrics;
 mod service;
 mod source;
 
@@ -98,6 +99,11 @@ pub(crate) struct KmsPluginArgs {
     /// Time limit of one request.
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     request_timeout: Duration,
+    /// Serve Prometheus metrics (GET /metrics) and health (GET /healthz: 200 `ok`, or 503 and
+    /// why) over HTTP on this TCP address, e.g. 127.0.0.1:9464. Unauthenticated and nothing
+    /// secret: bind it where only the scraper reaches. Off without it.
+    #[arg(long, value_name = "IP:PORT")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// `unix:PATH`: the only transport kube-apiserver uses for KMS plugins.
@@ -200,19 +206,24 @@ impl State {
     }
 }
 
-/// The state shared by the service and the key source.
+/// The state shared by the service and the key source, and what they count (always counted,
+/// served only with `--metrics-listen`).
 #[derive(Debug)]
-pub(crate) struct Shared(RwLock<State>);
+pub(crate) struct Shared {
+    state: RwLock<State>,
+    pub(crate) metrics: metrics::KmsMetrics,
+}
 
 impl Shared {
     pub(crate) fn new(state: State) -> Arc<Self> {
-        Arc::new(Self(RwLock::new(state)))
+        let metrics = metrics::KmsMetrics::new(matches!(state.mode, Mode::Kre { .. }));
+        Arc::new(Self { state: RwLock::new(state), metrics })
     }
     pub(crate) fn read(&self) -> Result<RwLockReadGuard<'_, State>, ()> {
-        self.0.read().map_err(|_| ())
+        self.state.read().map_err(|_| ())
     }
     pub(crate) fn write(&self) -> Result<RwLockWriteGuard<'_, State>, ()> {
-        self.0.write().map_err(|_| ())
+        self.state.write().map_err(|_| ())
     }
 }
 
@@ -368,6 +379,15 @@ pub(crate) fn run(a: KmsPluginArgs) -> Result<(), CliError> {
         .build()
         .map_err(|e| CliError::io("runtime", e))?;
     rt.block_on(async {
+        // Bound before the KMS socket: once that exists, so do the metrics.
+        if let Some(addr) = a.metrics_listen {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| CliError::io(format!("metrics: listening on {addr}"), e))?;
+            tracing::info!(addr = %addr, "metrics and health served over HTTP (GET /metrics, /healthz)");
+            let exporter = Arc::new(metrics::KmsExporter(shared.clone()));
+            tokio::spawn(crate::metrics::serve(l, exporter, crate::metrics::Limits::default()));
+        }
         let listener = bind_socket(&a.listen.0)?;
         match fetcher {
             Some(f) => {

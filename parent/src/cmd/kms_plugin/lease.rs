@@ -130,6 +130,14 @@ impl Lease {
         self.last_error.clone().unwrap_or_else(|| "no error recorded".to_owned())
     }
 
+    /// How long Encrypt may still run after `now` without a refresh (zero: no keys, or revoked).
+    pub(crate) fn encrypt_remaining(&self, now: Instant) -> Duration {
+        match self.last_success {
+            Some(t) if !self.revoked => (t + self.policy.lease).saturating_duration_since(now),
+            _ => Duration::ZERO,
+        }
+    }
+
     /// Whether Encrypt may run at `now`.
     pub(crate) fn can_encrypt(&self, now: Instant) -> Result<(), LeaseRefusal> {
         self.can_decrypt(now)?;
@@ -193,6 +201,8 @@ mod tests {
         assert_eq!(l.healthz(t0), "ok");
         assert_eq!(l.next_attempt(), t0 + 5 * S);
         assert!(l.can_encrypt(t0 + 9 * S).is_ok());
+        assert_eq!(l.encrypt_remaining(t0 + 4 * S), 6 * S);
+        assert_eq!(l.encrypt_remaining(t0 + 11 * S), Duration::ZERO);
         l.on_success(t0 + 5 * S);
         assert!(l.can_encrypt(t0 + 14 * S).is_ok());
         assert_eq!(l.drop_at(), Some(t0 + 19 * S));
@@ -226,6 +236,7 @@ mod tests {
         l.on_success(t0);
         l.on_failure(t0 + 5 * S, "the KRE denied the request: image_not_allowed".into(), true);
         assert!(matches!(l.can_encrypt(t0 + 5 * S), Err(LeaseRefusal::Revoked(_))));
+        assert_eq!(l.encrypt_remaining(t0 + 5 * S), Duration::ZERO);
         assert!(l.healthz(t0 + 5 * S).contains("image_not_allowed"));
         assert!(l.can_decrypt(t0 + 9 * S).is_ok());
         assert!(l.can_decrypt(t0 + 10 * S).is_err(), "no grace after a revocation");

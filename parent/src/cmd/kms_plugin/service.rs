@@ -93,14 +93,41 @@ fn check_annotations(a: &HashMap<String, Vec<u8>>) -> Result<(), RequestError> {
 
 #[tonic::async_trait]
 impl KeyManagementService for KmsService {
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        self.counted("Status", self.answer_status(request)).await
+    }
+
+    async fn encrypt(&self, request: Request<EncryptRequest>) -> Result<Response<EncryptResponse>, Status> {
+        self.counted("Encrypt", self.answer_encrypt(request)).await
+    }
+
+    async fn decrypt(&self, request: Request<DecryptRequest>) -> Result<Response<DecryptResponse>, Status> {
+        self.counted("Decrypt", self.answer_decrypt(request)).await
+    }
+}
+
+impl KmsService {
+    /// Runs one call, counting it by `method` and the code it answers with, and timing it.
+    async fn counted<T>(
+        &self,
+        method: &'static str,
+        call: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let start = Instant::now();
+        let answer = call.await;
+        let code = answer.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        self.shared.metrics.operation(method, code, start.elapsed());
+        answer
+    }
+
+    async fn answer_status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let st = self.shared.read().map_err(|_| poisoned())?;
         let healthz = st.healthz(Instant::now());
         let key_id = st.ring.current().map(|v| st.ring.kms_key_id(v)).unwrap_or_default();
         Ok(Response::new(StatusResponse { version: API_VERSION.to_owned(), healthz, key_id }))
     }
 
-    async fn encrypt(&self, request: Request<EncryptRequest>) -> Result<Response<EncryptResponse>, Status> {
+    async fn answer_encrypt(&self, request: Request<EncryptRequest>) -> Result<Response<EncryptResponse>, Status> {
         let req = request.into_inner();
         check_uid(&req.uid)?;
         let plaintext = zeroize::Zeroizing::new(req.plaintext);
@@ -120,7 +147,7 @@ impl KeyManagementService for KmsService {
         Ok(Response::new(EncryptResponse { ciphertext, key_id, annotations: HashMap::new() }))
     }
 
-    async fn decrypt(&self, request: Request<DecryptRequest>) -> Result<Response<DecryptResponse>, Status> {
+    async fn answer_decrypt(&self, request: Request<DecryptRequest>) -> Result<Response<DecryptResponse>, Status> {
         let req = request.into_inner();
         check_uid(&req.uid)?;
         check_annotations(&req.annotations)?;

@@ -8,10 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keygate_attestation::secret::Secret;
+use keygate_enclave::peer::client::ClientError;
 use keygate_enclave::wire::Id;
 use zeroize::Zeroizing;
 
 use super::keyring::{parse_version, Insert};
+use super::metrics::FetchOutcome;
 use super::{Mode, Shared};
 use crate::cmd::fetch::{write_receipt, Fetcher};
 
@@ -191,6 +193,7 @@ pub(crate) async fn refresh_from_kre(
             Ok(fetched) if version_jump(st.ring.current(), &fetched.keys, &key_id).is_some() => {
                 let why = version_jump(st.ring.current(), &fetched.keys, &key_id).unwrap_or_default();
                 lease.on_refused_answer(done, format!("refused the KRE's answer: {why}"));
+                shared.metrics.fetch(FetchOutcome::RefusedAnswer);
                 tracing::error!(%why, refused_total = lease.refused_answers(), "refused the KRE's answer (versions the KRE's policy cannot produce): keys kept");
             }
             Ok(fetched) => {
@@ -218,10 +221,12 @@ pub(crate) async fn refresh_from_kre(
                 match outcome {
                     Ok(_) if st.ring.is_empty() => {
                         lease.on_failure(done, format!("the KRE released no key `{key_id}`"), false);
+                        shared.metrics.fetch(FetchOutcome::Error);
                         tracing::error!("the KRE released no key `{key_id}`");
                     }
                     Ok(new) => {
                         lease.on_success(done);
+                        shared.metrics.fetch(FetchOutcome::Ok);
                         let current = st.ring.current().map(|v| st.ring.kms_key_id(v)).unwrap_or_default();
                         if new.is_empty() {
                             tracing::info!(current = %current, "lease renewed (re-attested to the KRE)");
@@ -235,6 +240,7 @@ pub(crate) async fn refresh_from_kre(
                         let why = format!("the KRE released a different key: {conflict}");
                         tracing::error!("{why}");
                         lease.on_failure(done, why, false);
+                        shared.metrics.fetch(FetchOutcome::Conflict);
                     }
                 }
             }
@@ -242,6 +248,7 @@ pub(crate) async fn refresh_from_kre(
                 // Only someone other than the expected KRE fails the client's checks: keep the
                 // held keys (they came from the attested KRE), report, retry with backoff.
                 lease.on_refused_answer(done, format!("refused the KRE's answer: {e}"));
+                shared.metrics.fetch(FetchOutcome::RefusedAnswer);
                 tracing::error!(error = %e, refused_total = lease.refused_answers(), "refused the KRE's answer (an attack on the path, not a revocation): keys kept");
             }
             Err(e) => {
@@ -251,6 +258,10 @@ pub(crate) async fn refresh_from_kre(
                 } else {
                     tracing::warn!(error = %e, "key fetch failed; retrying with backoff");
                 }
+                shared.metrics.fetch(match &e {
+                    ClientError::Denied { code, .. } => FetchOutcome::Denied(code.as_str()),
+                    _ => FetchOutcome::Error,
+                });
                 lease.on_failure(done, e.to_string(), revocation);
             }
         }
