@@ -115,15 +115,21 @@ pub(crate) struct Forward {
 /// What `keygate parent` runs.
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
+    /// The KRE's parent channel, which the state and audit tasks ask.
     pub(crate) kre_parent: Addr,
+    /// The proxies: the release channel, and the custodian channel where configured.
     pub(crate) release: Forward,
     pub(crate) custodian: Option<Forward>,
+    /// `state sync` following into this directory, pausing `sync_every` between rounds.
     pub(crate) state_dir: Option<PathBuf>,
-    pub(crate) audit_dir: Option<PathBuf>,
     pub(crate) sync_every: Duration,
+    /// `audit pull` following into this directory, each round waiting `audit_follow` in the KRE.
+    pub(crate) audit_dir: Option<PathBuf>,
     pub(crate) audit_follow: Duration,
+    /// Each proxy's limits.
     pub(crate) slots: Slots,
     pub(crate) timeouts: Timeouts,
+    /// How long a stop waits for the tasks' current steps.
     pub(crate) shutdown_grace: Duration,
 }
 
@@ -266,8 +272,8 @@ pub(crate) fn resolve(
         release: Forward { listen: l.required("release_listen", addr)?, to: l.required("release_to", addr)? },
         custodian,
         state_dir: l.get("state_dir", path)?,
-        audit_dir: l.get("audit_dir", path)?,
         sync_every: l.duration("sync_every", secs(5))?,
+        audit_dir: l.get("audit_dir", path)?,
         audit_follow: l.duration("audit_follow", secs(1))?,
         slots: Slots::new(l.count("max_connections", 4096)?, l.count("max_per_source", 64)?),
         timeouts: Timeouts::new(
