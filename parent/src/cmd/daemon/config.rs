@@ -26,7 +26,7 @@ keys are refused. Durations: a bare number of seconds or `250ms`, `30s`, `5m`, `
 
 /// The flags, one per key (all text, parsed with the other sources' values), and the key list.
 macro_rules! keys {
-    ($( $(#[doc = $doc:literal])* $key:ident ),* $(,)?) => {
+    ($( $(#[doc = $doc:literal])* $key:ident: $value:literal ),* $(,)?) => {
         /// `keygate parent`.
         #[derive(Debug, Default, clap::Args)]
         #[command(after_help = PRECEDENCE)]
@@ -36,7 +36,7 @@ macro_rules! keys {
             pub(crate) config: Option<PathBuf>,
             $(
                 $(#[doc = $doc])*
-                #[arg(long, value_name = "VALUE")]
+                #[arg(long, value_name = $value)]
                 pub(crate) $key: Option<String>,
             )*
         }
@@ -62,47 +62,47 @@ macro_rules! keys {
 keys! {
     /// The KRE's parent channel (state, audit; never proxied): vsock:CID:PORT or unix:PATH.
     /// Required. Environment KEYGATE_PARENT_KRE_PARENT.
-    kre_parent,
+    kre_parent: "ADDR",
     /// The release channel's host side: unix:PATH or tcp:IP:PORT. Required.
     /// Environment KEYGATE_PARENT_RELEASE_LISTEN.
-    release_listen,
+    release_listen: "ADDR",
     /// The KRE's release channel port: vsock:CID:PORT or unix:PATH. Required.
     /// Environment KEYGATE_PARENT_RELEASE_TO.
-    release_to,
+    release_to: "ADDR",
     /// The custodian channel's host side (opt-in; with --custodian-to).
     /// Environment KEYGATE_PARENT_CUSTODIAN_LISTEN.
-    custodian_listen,
+    custodian_listen: "ADDR",
     /// The KRE's custodian channel port (opt-in; with --custodian-listen).
     /// Environment KEYGATE_PARENT_CUSTODIAN_TO.
-    custodian_to,
+    custodian_to: "ADDR",
     /// The sealed state directory: `state sync` follows when set.
     /// Environment KEYGATE_PARENT_STATE_DIR.
-    state_dir,
+    state_dir: "DIR",
     /// The audit directory: `audit pull` follows when set.
     /// Environment KEYGATE_PARENT_AUDIT_DIR.
-    audit_dir,
+    audit_dir: "DIR",
     /// The pause between state sync rounds (default 5s). Environment KEYGATE_PARENT_SYNC_EVERY.
-    sync_every,
+    sync_every: "DURATION",
     /// How long each audit round waits in the KRE for new entries (default 1s, at most 5s).
     /// Environment KEYGATE_PARENT_AUDIT_FOLLOW.
-    audit_follow,
+    audit_follow: "DURATION",
     /// How long a client has to send its first frame's header (default 5s).
     /// Environment KEYGATE_PARENT_FIRST_FRAME_TIMEOUT.
-    first_frame_timeout,
+    first_frame_timeout: "DURATION",
     /// How long to connect to the KRE (default 5s). Environment KEYGATE_PARENT_CONNECT_TIMEOUT.
-    connect_timeout,
+    connect_timeout: "DURATION",
     /// How long a proxied connection may live in all (default 60s).
     /// Environment KEYGATE_PARENT_MAX_LIFETIME.
-    max_lifetime,
+    max_lifetime: "DURATION",
     /// Most concurrent connections per proxied channel (default 4096).
     /// Environment KEYGATE_PARENT_MAX_CONNECTIONS.
-    max_connections,
+    max_connections: "N",
     /// Most concurrent connections from one source (default 64).
     /// Environment KEYGATE_PARENT_MAX_PER_SOURCE.
-    max_per_source,
+    max_per_source: "N",
     /// How long a stop (SIGTERM, SIGINT) waits for the tasks' current steps (default 5s).
     /// Environment KEYGATE_PARENT_SHUTDOWN_GRACE.
-    shutdown_grace,
+    shutdown_grace: "DURATION",
 }
 
 /// One proxied channel: its host side and the KRE's port.
@@ -313,45 +313,31 @@ mod tests {
 
     #[test]
     fn a_flag_wins_over_the_environment_over_the_file_over_the_default() {
-        let unix = |p: &str| Addr::Unix(PathBuf::from(p));
-        // (flag, environment, file, what wins) for two keys.
-        type Row = (Option<&'static str>, Option<&'static str>, Option<&'static str>, &'static str);
-        let rows: [Row; 5] = [
-            (Some("7"), Some("8"), Some("9"), "7"),
-            (None, Some("8"), Some("9"), "8"),
-            (None, None, Some("9"), "9"),
-            (Some("7"), None, Some("9"), "7"),
-            (None, None, None, "default"),
+        // (flag, environment, file, the value that wins; 0: the defaults) for two keys at once:
+        // sync_every (seconds; 5 by default) and max_connections (4096 by default).
+        let rows = [
+            (Some("7"), Some("8"), Some("9"), 7),
+            (Some("7"), Some("8"), None, 7),
+            (Some("7"), None, Some("9"), 7),
+            (None, Some("8"), Some("9"), 8),
+            (None, Some("8"), None, 8),
+            (None, None, Some("9"), 9),
+            (None, None, None, 0),
         ];
         for (flag, from_env, file, wins) in rows {
             let args = DaemonArgs {
-                sync_every: flag.map(|v| format!("{v}s")),
-                kre_parent: flag.map(|v| format!("unix:/flag{v}")),
+                sync_every: flag.map(str::to_owned),
+                max_connections: flag.map(str::to_owned),
                 ..DaemonArgs::default()
             };
-            let e: Vec<(&str, String)> = from_env
-                .map(|v| vec![("sync_every", format!("{v}s")), ("kre_parent", format!("unix:/env{v}"))])
-                .unwrap_or_default();
-            let e: Vec<(&str, &str)> = e.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let mut text = String::new();
-            if let Some(v) = file {
-                text = format!("sync_every = \"{v}s\"\n");
-            }
-            let mut base = BASE.to_owned();
-            if let Some(v) = file {
-                base = base.replace("unix:/k.parent", &format!("unix:/file{v}"));
-            }
-            let cfg = resolve(&args, &env(&e), Some((Path::new(FILE), &format!("{base}{text}")))).expect("config");
-            let (secs, parent) = match wins {
-                "default" => (5, unix("/k.parent")),
-                n => {
-                    let origin =
-                        [("7", "flag"), ("8", "env"), ("9", "file")].iter().find(|(v, _)| *v == n).expect("row").1;
-                    (n.parse().expect("n"), unix(&format!("/{origin}{n}")))
-                }
-            };
-            assert_eq!(cfg.sync_every, Duration::from_secs(secs), "{flag:?} {from_env:?} {file:?}");
-            assert_eq!(cfg.kre_parent, parent, "{flag:?} {from_env:?} {file:?}");
+            let e: Vec<(&str, &str)> =
+                from_env.into_iter().flat_map(|v| [("sync_every", v), ("max_connections", v)]).collect();
+            let text = file.map(|v| format!("sync_every = \"{v}s\"\nmax_connections = {v}\n")).unwrap_or_default();
+            let cfg = from(&args, &e, &text).expect("config");
+            let (secs, total) = if wins == 0 { (5, 4096) } else { (wins, wins) };
+            let row = format!("flag {flag:?} env {from_env:?} file {file:?}");
+            assert_eq!(cfg.sync_every, Duration::from_secs(secs), "{row}");
+            assert_eq!(cfg.slots.total, usize::try_from(total).expect("small"), "{row}");
         }
     }
 

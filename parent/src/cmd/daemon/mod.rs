@@ -31,7 +31,12 @@ fn task_backoff() -> Backoff {
 }
 
 pub(crate) fn run(a: DaemonArgs) -> Result<(), CliError> {
-    let env: std::collections::HashMap<String, String> = std::env::vars().collect();
+    // Only this verb's variables, and only those that are text (`std::env::vars` would panic
+    // on another program's non-UTF-8 value).
+    let env: std::collections::HashMap<String, String> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| k.starts_with("KEYGATE_PARENT_"))
+        .collect();
     let cfg = config::load(&a, &env).map_err(CliError::input)?;
     proxy::check_forward(&cfg.release.listen, Channel::Release)?;
     if let Some(c) = &cfg.custodian {
