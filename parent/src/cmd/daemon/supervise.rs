@@ -74,8 +74,8 @@ impl Stop {
 }
 
 /// Runs `step` until `stop` is set: after a successful step waits `pause`, after a failed one
-/// reports it (one line) and waits `backoff`'s next wait. A step in progress when the stop
-/// is set finishes (the daemon bounds how long it waits for it).
+/// (an error or a panic) reports it (one line) and waits `backoff`'s next wait. A step in
+/// progress when the stop is set finishes (the daemon bounds how long it waits for it).
 pub(crate) async fn supervise<F, Fut>(
     name: &'static str,
     stop: Stop,
@@ -84,10 +84,10 @@ pub(crate) async fn supervise<F, Fut>(
     mut step: F,
 ) where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), CliError>>,
+    Fut: Future<Output = Result<(), CliError>> + Send + 'static,
 {
     while !stop.is_set() {
-        let wait = match step().await {
+        let wait = match joined(tokio::spawn(step()).await) {
             Ok(()) => {
                 backoff.reset();
                 pause
@@ -107,7 +107,12 @@ pub(crate) async fn supervise<F, Fut>(
 pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, CliError> + Send + 'static,
 ) -> Result<T, CliError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| CliError::refused(format!("task panicked: {e}")))?
+    joined(tokio::task::spawn_blocking(f).await)
+}
+
+/// A step's outcome; its panic is a failed step.
+fn joined<T>(r: Result<Result<T, CliError>, tokio::task::JoinError>) -> Result<T, CliError> {
+    r.unwrap_or_else(|e| Err(CliError::refused(format!("task panicked: {e}"))))
 }
 
 #[cfg(test)]
@@ -142,22 +147,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failing_step_is_restarted_until_the_stop() {
+    async fn a_failing_or_panicking_step_is_restarted_until_the_stop() {
         let (tx, stop) = Stop::new();
         let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
         let counted = calls.clone();
         let task = tokio::spawn(supervise("test", stop, MS(10), Backoff::new(MS(20), MS(20), 0), move || {
             let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             async move {
-                if n % 2 == 0 {
-                    Err(CliError::refused("the KRE is restarting"))
-                } else {
-                    Ok(())
+                match n % 3 {
+                    0 => Err(CliError::refused("the KRE is restarting")),
+                    1 => panic!("a step's bug"),
+                    _ => Ok(()),
                 }
             }
         }));
-        tokio::time::sleep(MS(300)).await;
-        assert!(calls.load(std::sync::atomic::Ordering::SeqCst) >= 4, "restarted after each failure");
+        // Restarted after each error and panic (a panic's report may be slow to print).
+        let restarted = async {
+            while calls.load(std::sync::atomic::Ordering::SeqCst) < 6 {
+                tokio::time::sleep(MS(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), restarted).await.expect("restarted after each error and panic");
         tx.send(true).expect("stop");
         tokio::time::timeout(Duration::from_secs(1), task).await.expect("stops at once").expect("task");
     }
