@@ -38,6 +38,9 @@ enum Command {
     Fetch(cmd::fetch::FetchArgs),
     /// Forward connections between the host side and the KRE.
     Proxy(cmd::proxy::ProxyArgs),
+    /// The parent instance's side as one supervised daemon: the proxies, `state sync` and
+    /// `audit pull` following, each restarted after a failure (docs/operations.md).
+    Parent(cmd::daemon::DaemonArgs),
     /// Generate an approver (or custodian) P-384 key pair.
     Keygen(cmd::policy::KeygenArgs),
     /// Pipeline-signed policy bundles: init, propose, sign, assemble, verify, show, push.
@@ -98,6 +101,7 @@ fn main() -> ExitCode {
         Command::Keygen(a) => cmd::policy::keygen(a),
         Command::Policy(c) => cmd::policy::run(c),
         Command::Proxy(a) => cmd::proxy::run(a),
+        Command::Parent(a) => cmd::daemon::run(a),
         Command::KmsPlugin(a) => cmd::kms_plugin::run(a),
         Command::State(c) => cmd::custodian::run_state(c),
         Command::Custodian(c) => cmd::custodian::run_custodian(c),

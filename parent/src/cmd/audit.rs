@@ -16,6 +16,7 @@ use keygate_enclave::audit::{
 use serde_json::{json, Value};
 
 use crate::cmd::attestation::load_anchor;
+use crate::cmd::daemon::Backoff;
 use crate::error::CliError;
 use crate::kre_client::{self, KreError};
 
@@ -280,29 +281,14 @@ fn pull(a: PullArgs) -> Result<(), CliError> {
     // Following: a failed round (KRE restarting, a refused pull, disk full) is reported on one
     // line and retried after a bounded backoff, reset by the next successful round; nothing is
     // acknowledged that was not stored.
-    // Each round waits in the KRE for new entries (so releases wait only for one store and
-    // fsync, not for a polling period); the last stored sequence number is kept between
-    // rounds and read from disk again after an error.
-    let wait_ms = u16::try_from(every.saturating_mul(1000))
-        .unwrap_or(u16::MAX)
-        .clamp(1, keygate_enclave::wire::MAX_AUDIT_WAIT_MS);
-    let mut backoff = Backoff::default();
-    let mut known: Option<(PathBuf, u64)> = None;
-    let mut rounds = 0u64;
+    let mut follower = Follower::new(a.kre, a.dir, std::time::Duration::from_secs(every));
+    let mut backoff = pull_backoff();
     loop {
-        // The chain is checked on the first round, after an error, and every 64 rounds.
-        let dir = match known.take() {
-            Some((dir, last)) if rounds % 64 != 0 => Ok((dir, Some(last))),
-            _ => run_dir(&a.kre, &a.dir).map(|dir| (dir, None)),
-        };
-        rounds += 1;
-        let round = dir.and_then(|(dir, after)| pull_once(&a.kre, &dir, after, wait_ms).map(|r| (dir, r)));
-        match round {
-            Ok((dir, (stored, last))) => {
-                if stored > 0 {
-                    println!("{}", stored_line(stored, &dir, last));
+        match follower.round() {
+            Ok(line) => {
+                if let Some(line) = line {
+                    println!("{line}");
                 }
-                known = Some((dir, last));
                 backoff.reset();
             }
             Err(e) => {
@@ -319,32 +305,54 @@ fn pull(a: PullArgs) -> Result<(), CliError> {
     }
 }
 
+/// `audit pull --follow`'s wait after failed rounds: 1 s, doubled after each failure up to 30 s.
+fn pull_backoff() -> Backoff {
+    Backoff::new(std::time::Duration::from_secs(1), std::time::Duration::from_secs(30), 0)
+}
+
+/// A follower of the KRE's audit trail between its rounds (`audit pull --follow` and the
+/// audit task of `keygate parent`). Each round waits in the KRE for new entries (so releases
+/// wait only for one store and fsync, not for a polling period); the run's directory and its
+/// last stored sequence number are kept between rounds, and read again (the KRE's status,
+/// the disk) on the first round, after an error and every 64 rounds.
+pub(crate) struct Follower {
+    kre: keygate_enclave::net::transport::Addr,
+    dir: PathBuf,
+    wait_ms: u16,
+    known: Option<(PathBuf, u64)>,
+    rounds: u64,
+}
+
+impl Follower {
+    /// Follows `kre` into `dir`, each round waiting in the KRE up to `wait` (1 ms to 5 s).
+    pub(crate) fn new(kre: keygate_enclave::net::transport::Addr, dir: PathBuf, wait: std::time::Duration) -> Self {
+        let wait_ms =
+            u16::try_from(wait.as_millis()).unwrap_or(u16::MAX).clamp(1, keygate_enclave::wire::MAX_AUDIT_WAIT_MS);
+        Self { kre, dir, wait_ms, known: None, rounds: 0 }
+    }
+
+    /// One round: stores and acknowledges what the KRE has (or writes within the wait);
+    /// the line to print when it stored any.
+    pub(crate) fn round(&mut self) -> Result<Option<String>, CliError> {
+        let recheck = self.rounds % 64 == 0;
+        self.rounds += 1;
+        let (dir, after) = match self.known.take() {
+            Some((dir, last)) if !recheck => (dir, Some(last)),
+            _ => (run_dir(&self.kre, &self.dir)?, None),
+        };
+        let (stored, last) = pull_once(&self.kre, &dir, after, self.wait_ms)?;
+        let line = (stored > 0).then(|| stored_line(stored, &dir, last));
+        self.known = Some((dir, last));
+        Ok(line)
+    }
+}
+
 fn stored_line(stored: usize, dir: &Path, last: u64) -> String {
     format!(
         "stored {stored} new audit entr{} in {} (last seq {last})",
         if stored == 1 { "y" } else { "ies" },
         dir.display()
     )
-}
-
-/// The wait after failed rounds: 1 s, doubled after each failure up to 30 s.
-#[derive(Debug, Default)]
-struct Backoff {
-    failures: u32,
-}
-
-impl Backoff {
-    const MAX_SECS: u64 = 30;
-
-    fn next_wait(&mut self) -> std::time::Duration {
-        let secs = 1u64.checked_shl(self.failures).unwrap_or(Self::MAX_SECS).min(Self::MAX_SECS);
-        self.failures = self.failures.saturating_add(1).min(16);
-        std::time::Duration::from_secs(secs)
-    }
-
-    fn reset(&mut self) {
-        self.failures = 0;
-    }
 }
 
 /// The directory for the KRE's current chain. `dir` is a history of runs: it holds the first
@@ -938,7 +946,7 @@ mod tests {
 
     #[test]
     fn backoff_doubles_to_30_s_and_resets() {
-        let mut b = Backoff::default();
+        let mut b = pull_backoff();
         let secs: Vec<u64> = (0..8).map(|_| b.next_wait().as_secs()).collect();
         assert_eq!(secs, [1, 2, 4, 8, 16, 30, 30, 30]);
         b.reset();

@@ -8,6 +8,7 @@
 //! | `bench` | `bench …` (docs/benchmarks.md) |
 //! | `completions` | `completions` and `man` (generated from the clap definitions) |
 //! | `custodian` | `state sync` and `custodian init / unseal / reshare` (the sealed state's two sides) |
+//! | `daemon` | `parent` (the proxies, `state sync` and `audit pull` as one supervised daemon) |
 //! | `eif` | `eif …` |
 //! | `fetch` | `fetch` (and the fetch client the KMS plugin, the bench and the demo use) |
 //! | `kms_plugin` | `kms-plugin` |
@@ -26,6 +27,7 @@ pub(crate) mod audit;
 pub(crate) mod bench;
 pub(crate) mod completions;
 pub(crate) mod custodian;
+pub(crate) mod daemon;
 pub(crate) mod eif;
 pub(crate) mod fetch;
 pub(crate) mod kms_plugin;

@@ -207,34 +207,61 @@ async fn forward(mut client: BoxStream, peer: &str, cfg: &ProxyConfig) {
     }
 }
 
-pub(crate) fn run(a: ProxyArgs) -> Result<(), CliError> {
-    if matches!(a.listen, Addr::Vsock { .. }) {
+impl Slots {
+    /// At least one connection per source.
+    pub(crate) fn new(total: usize, per_source: usize) -> Self {
+        Self { total, per_source: per_source.max(1) }
+    }
+}
+
+impl Timeouts {
+    /// A client has at least a second for its first frame's header.
+    pub(crate) fn new(first_frame: Duration, connect: Duration, lifetime: Duration) -> Self {
+        Self { first_frame: first_frame.max(Duration::from_secs(1)), connect, lifetime }
+    }
+}
+
+/// Refuses a host side on vsock and the parent channel (never proxied).
+pub(crate) fn check_forward(listen: &Addr, channel: Channel) -> Result<(), CliError> {
+    if matches!(listen, Addr::Vsock { .. }) {
         return Err(CliError::input("--listen is the host side: unix:PATH or tcp:IP:PORT"));
     }
-    if a.channel == Channel::Parent {
+    if channel == Channel::Parent {
         return Err(CliError::input(
             "the parent channel is never proxied: it serves the parent's own daemon on the parent instance",
         ));
     }
+    Ok(())
+}
+
+/// Binds `listen` and forwards its connections to `cfg.to` until `shutdown` resolves: the
+/// `proxy` verb and each proxy task of `keygate parent`.
+pub(crate) async fn listen_and_serve(
+    listen: &Addr,
+    cfg: ProxyConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), CliError> {
+    let listener = Listener::bind(listen).await.map_err(|e| CliError::io(format!("listening on {listen}"), e))?;
+    tracing::info!(%listen, to = %cfg.to, channel = %cfg.channel, "keygate proxy ready");
+    serve(listener, cfg, shutdown).await;
+    Ok(())
+}
+
+pub(crate) fn run(a: ProxyArgs) -> Result<(), CliError> {
+    check_forward(&a.listen, a.channel)?;
     let cfg = ProxyConfig {
         to: a.to,
         channel: a.channel,
-        slots: Slots { total: a.max_connections, per_source: a.max_per_source.max(1) },
-        timeouts: Timeouts {
-            first_frame: Duration::from_secs(a.first_frame_timeout.max(1)),
-            connect: Duration::from_secs(a.connect_timeout),
-            lifetime: Duration::from_secs(a.max_lifetime),
-        },
+        slots: Slots::new(a.max_connections, a.max_per_source),
+        timeouts: Timeouts::new(
+            Duration::from_secs(a.first_frame_timeout),
+            Duration::from_secs(a.connect_timeout),
+            Duration::from_secs(a.max_lifetime),
+        ),
     };
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
-    rt.block_on(async move {
-        let listener =
-            Listener::bind(&a.listen).await.map_err(|e| CliError::io(format!("listening on {}", a.listen), e))?;
-        tracing::info!(listen = %a.listen, to = %cfg.to, channel = %cfg.channel, "keygate proxy ready");
-        serve(listener, cfg, shutdown_signal()).await;
-        Ok(())
-    })
+    rt.block_on(listen_and_serve(&a.listen, cfg, shutdown_signal()))
 }
 
 /// Resolves on SIGINT or SIGTERM.

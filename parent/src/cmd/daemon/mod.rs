@@ -1,0 +1,103 @@
+//! `keygate parent --config FILE`: the parent instance's side as one supervised daemon. It runs,
+//! as tasks of one process, the proxy of the release channel (and of the custodian channel
+//! when configured), `state sync` following (with a state directory) and `audit pull`
+//! following (with an audit directory), each the verb's own code. It decides which tasks run,
+//! that a failed step is retried (supervise.rs) rather than ending the daemon, and the stop:
+//! on SIGTERM or SIGINT the proxies stop accepting, each task finishes its current step
+//! (waited for at most `shutdown_grace`) and the daemon exits 0. It trusts the verbs' code for
+//! what each step does; configuration is config.rs.
+
+mod config;
+mod supervise;
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use keygate_enclave::wire::Channel;
+use tokio::task::JoinSet;
+
+pub(crate) use self::config::DaemonArgs;
+use self::config::{Config, Forward};
+pub(crate) use self::supervise::Backoff;
+use self::supervise::{blocking, supervise, Stop};
+use crate::cmd::audit::Follower;
+use crate::cmd::custodian::sync_once;
+use crate::cmd::proxy::{self, ProxyConfig};
+use crate::error::CliError;
+
+/// The wait after a task's failed step: 0.2 s doubling to 5 s, ±20 %.
+fn task_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(200), Duration::from_secs(5), 20)
+}
+
+pub(crate) fn run(a: DaemonArgs) -> Result<(), CliError> {
+    // Only this verb's variables, and only those that are text (`std::env::vars` would panic
+    // on another program's non-UTF-8 value).
+    let env: std::collections::HashMap<String, String> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| k.starts_with("KEYGATE_PARENT_"))
+        .collect();
+    let cfg = config::load(&a, &env).map_err(CliError::input)?;
+    proxy::check_forward(&cfg.release.listen, Channel::Release)?;
+    if let Some(c) = &cfg.custodian {
+        proxy::check_forward(&c.listen, Channel::Custodian)?;
+    }
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
+    rt.block_on(daemon(cfg));
+    // A blocking step still waiting on the KRE past the grace is abandoned with the process.
+    rt.shutdown_timeout(Duration::from_millis(100));
+    Ok(())
+}
+
+/// Starts every configured task, waits for SIGTERM or SIGINT, then stops them.
+async fn daemon(cfg: Config) {
+    let (stop_tx, stop) = Stop::new();
+    let mut tasks = JoinSet::new();
+    let forwards = [(Channel::Release, Some(cfg.release.clone())), (Channel::Custodian, cfg.custodian.clone())];
+    for (channel, forward) in forwards {
+        if let Some(Forward { listen, to }) = forward {
+            let pc = ProxyConfig { to, channel, slots: cfg.slots, timeouts: cfg.timeouts };
+            let s = stop.clone();
+            let name = if channel == Channel::Release { "proxy release" } else { "proxy custodian" };
+            tasks.spawn(supervise(name, stop.clone(), Duration::ZERO, task_backoff(), move || {
+                let (listen, pc, s) = (listen.clone(), pc.clone(), s.clone());
+                async move { proxy::listen_and_serve(&listen, pc, s.wait()).await }
+            }));
+        }
+    }
+    if let Some(dir) = cfg.state_dir.clone() {
+        let kre = cfg.kre_parent.clone();
+        tasks.spawn(supervise("state sync", stop.clone(), cfg.sync_every, task_backoff(), move || {
+            let (kre, dir) = (kre.clone(), dir.clone());
+            async move {
+                let line = blocking(move || sync_once(&kre, &dir)).await?;
+                tracing::info!(task = "state sync", "{line}");
+                Ok(())
+            }
+        }));
+    }
+    if let Some(dir) = cfg.audit_dir.clone() {
+        let follower = Arc::new(Mutex::new(Follower::new(cfg.kre_parent.clone(), dir, cfg.audit_follow)));
+        tasks.spawn(supervise("audit pull", stop.clone(), Duration::ZERO, task_backoff(), move || {
+            let follower = follower.clone();
+            async move {
+                let line = blocking(move || follower.lock().unwrap_or_else(PoisonError::into_inner).round()).await?;
+                if let Some(line) = line {
+                    tracing::info!(task = "audit pull", "{line}");
+                }
+                Ok(())
+            }
+        }));
+    }
+    tracing::info!(tasks = tasks.len(), kre_parent = %cfg.kre_parent, "keygate parent ready");
+    proxy::shutdown_signal().await;
+    tracing::info!(grace_ms = cfg.shutdown_grace.as_millis(), "stopping: finishing the current steps");
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(cfg.shutdown_grace, async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(left = tasks.len(), "tasks still busy after the grace; exiting without them");
+        tasks.abort_all();
+    }
+    tracing::info!("keygate parent stopped");
+}

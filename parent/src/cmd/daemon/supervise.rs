@@ -1,0 +1,174 @@
+//! How `keygate parent` keeps its tasks running: a task is a step repeated until the daemon
+//! stops; a failed step (the KRE restarting, a store error) is reported on one line and tried
+//! again after a jittered exponential backoff, reset by the next successful step. It decides
+//! only the pacing and the stop; what a step does is its verb's code.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::error::CliError;
+
+/// The wait after failed attempts: `base`, doubled after each failure up to `max`, each wait
+/// moved by up to ±`jitter_pct` % at random so that restarted peers do not retry in step.
+#[derive(Debug, Clone)]
+pub(crate) struct Backoff {
+    base: Duration,
+    max: Duration,
+    jitter_pct: u32,
+    failures: u32,
+}
+
+impl Backoff {
+    pub(crate) const fn new(base: Duration, max: Duration, jitter_pct: u32) -> Self {
+        Self { base, max, jitter_pct, failures: 0 }
+    }
+
+    /// The wait before the next attempt (counts a failure).
+    pub(crate) fn next_wait(&mut self) -> Duration {
+        let doubled = 1u32.checked_shl(self.failures).map_or(self.max, |f| self.base.saturating_mul(f));
+        self.failures = self.failures.saturating_add(1).min(16);
+        jittered(doubled.min(self.max), self.jitter_pct, rand_core::RngCore::next_u32(&mut rand_core::OsRng))
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// `d` scaled by a factor in [100 − pct, 100 + pct] %, chosen by `random`.
+fn jittered(d: Duration, pct: u32, random: u32) -> Duration {
+    let pct = pct.min(100);
+    let percent = 100 - pct + random % (2 * pct + 1);
+    d.saturating_mul(percent) / 100
+}
+
+/// The daemon's stop, seen by every task: set once, on SIGTERM or SIGINT.
+#[derive(Debug, Clone)]
+pub(crate) struct Stop(watch::Receiver<bool>);
+
+impl Stop {
+    /// A stop and the sender that sets it.
+    pub(crate) fn new() -> (watch::Sender<bool>, Self) {
+        let (tx, rx) = watch::channel(false);
+        (tx, Self(rx))
+    }
+
+    pub(crate) fn is_set(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once the stop is set (or its sender is gone).
+    pub(crate) async fn wait(mut self) {
+        let _ = self.0.wait_for(|stop| *stop).await;
+    }
+
+    /// Sleeps `d`, or less when the stop is set meanwhile.
+    async fn sleep(&self, d: Duration) {
+        tokio::select! {
+            () = tokio::time::sleep(d) => {},
+            () = self.clone().wait() => {},
+        }
+    }
+}
+
+/// Runs `step` until `stop` is set: after a successful step waits `pause`, after a failed one
+/// (an error or a panic) reports it (one line) and waits `backoff`'s next wait. A step in
+/// progress when the stop is set finishes (the daemon bounds how long it waits for it).
+pub(crate) async fn supervise<F, Fut>(
+    name: &'static str,
+    stop: Stop,
+    pause: Duration,
+    mut backoff: Backoff,
+    mut step: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), CliError>> + Send + 'static,
+{
+    while !stop.is_set() {
+        let wait = match joined(tokio::spawn(step()).await) {
+            Ok(()) => {
+                backoff.reset();
+                pause
+            }
+            Err(e) => {
+                let wait = backoff.next_wait();
+                tracing::warn!(task = name, error = %e.message, retry_in_ms = wait.as_millis(), "task failed; restarting it");
+                wait
+            }
+        };
+        stop.sleep(wait).await;
+    }
+}
+
+/// Runs a blocking step (a verb's synchronous round) on the blocking pool; a panic in it is a
+/// failed step.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, CliError> + Send + 'static,
+) -> Result<T, CliError> {
+    joined(tokio::task::spawn_blocking(f).await)
+}
+
+/// A step's outcome; its panic is a failed step.
+fn joined<T>(r: Result<Result<T, CliError>, tokio::task::JoinError>) -> Result<T, CliError> {
+    r.unwrap_or_else(|e| Err(CliError::refused(format!("task panicked: {e}"))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    #[test]
+    fn jitter_stays_within_its_percentage() {
+        let d = MS(1000);
+        assert_eq!(jittered(d, 20, 0), MS(800));
+        assert_eq!(jittered(d, 20, 40), MS(1200));
+        assert_eq!(jittered(d, 20, 41), MS(800));
+        assert_eq!(jittered(d, 0, 12345), d);
+        for r in [1, 7, 999, u32::MAX] {
+            let j = jittered(d, 20, r);
+            assert!(MS(800) <= j && j <= MS(1200), "{j:?}");
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_maximum_within_the_jitter_and_resets() {
+        let mut b = Backoff::new(MS(200), MS(5000), 20);
+        let nominal = [200, 400, 800, 1600, 3200, 5000, 5000, 5000];
+        for n in nominal {
+            let w = b.next_wait();
+            assert!(MS(n * 8 / 10) <= w && w <= MS(n * 12 / 10), "{w:?} for {n} ms");
+        }
+        b.reset();
+        assert!(b.next_wait() <= MS(240));
+    }
+
+    #[tokio::test]
+    async fn a_failing_or_panicking_step_is_restarted_until_the_stop() {
+        let (tx, stop) = Stop::new();
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = calls.clone();
+        let task = tokio::spawn(supervise("test", stop, MS(10), Backoff::new(MS(20), MS(20), 0), move || {
+            let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                match n % 3 {
+                    0 => Err(CliError::refused("the KRE is restarting")),
+                    1 => panic!("a step's bug"),
+                    _ => Ok(()),
+                }
+            }
+        }));
+        // Restarted after each error and panic (a panic's report may be slow to print).
+        let restarted = async {
+            while calls.load(std::sync::atomic::Ordering::SeqCst) < 6 {
+                tokio::time::sleep(MS(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), restarted).await.expect("restarted after each error and panic");
+        tx.send(true).expect("stop");
+        tokio::time::timeout(Duration::from_secs(1), task).await.expect("stops at once").expect("task");
+    }
+}

@@ -1,0 +1,118 @@
+//! End to end: `keygate parent --config FILE` beside a development KRE on Unix sockets. The
+//! daemon proxies the release channel, follows the audit trail (without which the KRE
+//! withholds every release) and syncs the state; the KRE is killed with kill -9 and started
+//! again, and the daemon, still running, serves fetches again; SIGTERM stops it with exit 0.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use keygate_tests::e2e::{dev_kre, keygate_args, path_arg, pcr_args, prod_policy_for, stderr, unix, Logged};
+use keygate_tests::{bin, TempDir};
+
+const SEED: &str = "parent-daemon-seed";
+const KRE_PCR: u8 = 0x4b;
+const CP_PCR: u8 = 0x5a;
+/// How long a fetch may take to succeed again (a KRE restart, the daemon's backoff).
+const FETCH_LIMIT: Duration = Duration::from_secs(40);
+
+/// Starts the development KRE listening on `dir/kre.sock` (its log `dir/kre-N.log`).
+fn start_kre(dir: &Path, n: u32) -> Logged {
+    let sock = dir.join("kre.sock");
+    let mut cmd = dev_kre(SEED);
+    cmd.args(["--listen", &unix(&sock), "--policy", &path_arg(&dir.join("policy.json"))]);
+    cmd.args(pcr_args("--mock-pcr", KRE_PCR, 1));
+    let mut kre = Logged::start(&mut cmd, &dir.join(format!("kre-{n}.log")));
+    kre.wait_for_socket(&sock);
+    kre
+}
+
+/// Fetches the key `etcd` through `proxy` until it succeeds, at most [`FETCH_LIMIT`].
+fn fetch_until_released(proxy: &Path, out: &Path, daemon: &Logged) {
+    let mut args: Vec<String> = vec!["fetch".into(), "--kre".into(), unix(proxy), "--out".into(), path_arg(out)];
+    for (flag, value) in [("--cluster", "prod"), ("--key-id", "etcd"), ("--nsm", "mock"), ("--mock-seed", SEED)] {
+        args.extend([flag.to_owned(), value.to_owned()]);
+    }
+    args.extend(["--retries".into(), "0".into(), "--timeout".into(), "5".into()]);
+    args.extend(pcr_args("--expect-kre-pcr", KRE_PCR, 1));
+    args.extend(pcr_args("--mock-pcr", CP_PCR, 3));
+    let start = Instant::now();
+    loop {
+        let o = keygate_args(&args);
+        if o.status.success() {
+            assert!(out.join("etcd.key").exists(), "the key is written");
+            return;
+        }
+        assert!(
+            start.elapsed() < FETCH_LIMIT,
+            "no release through the daemon: {}\ndaemon: {}",
+            stderr(&o),
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn the_daemon_survives_a_kre_kill_and_stops_cleanly_on_sigterm() {
+    let tmp = TempDir::new("keygate-parent-daemon").expect("tmp");
+    let dir = tmp.path();
+    std::fs::write(dir.join("policy.json"), prod_policy_for("cp", CP_PCR).to_string()).expect("policy");
+    let kre = start_kre(dir, 1);
+
+    let proxy = dir.join("proxy.sock");
+    let kre_sock = dir.join("kre.sock");
+    let config = format!(
+        "kre_parent = \"unix:{}.parent\"\nrelease_listen = \"{}\"\nrelease_to = \"{}\"\n\
+         state_dir = \"{}\"\naudit_dir = \"{}\"\naudit_follow = \"1s\"\n",
+        kre_sock.display(),
+        unix(&proxy),
+        unix(&kre_sock),
+        dir.join("state").display(),
+        dir.join("audit").display(),
+    );
+    std::fs::write(dir.join("parent.toml"), config).expect("config");
+    // One key from each source: the file above, the environment and a flag.
+    let mut cmd = Command::new(bin("keygate"));
+    cmd.args(["parent", "--config", &path_arg(&dir.join("parent.toml")), "--sync-every", "1s"])
+        .env("KEYGATE_PARENT_SHUTDOWN_GRACE", "3s")
+        .env("KEYGATE_LOG", "info");
+    let mut daemon = Logged::start(&mut cmd, &dir.join("parent.log"));
+    daemon.wait_for_socket(&proxy);
+
+    let out = dir.join("out");
+    fetch_until_released(&proxy, &out, &daemon);
+
+    // kill -9 the KRE: the daemon's tasks fail, are reported and restarted; it keeps running.
+    let _ = kre.stop();
+    let start = Instant::now();
+    while !daemon.log().contains("task failed; restarting it") {
+        assert!(start.elapsed() < FETCH_LIMIT, "no task failure reported: {}", daemon.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(daemon.process.0.try_wait().expect("wait").is_none(), "the daemon exited: {}", daemon.log());
+
+    let _kre = start_kre(dir, 2);
+    std::fs::remove_dir_all(&out).expect("clear");
+    fetch_until_released(&proxy, &out, &daemon);
+    assert!(daemon.process.0.try_wait().expect("wait").is_none(), "the daemon exited: {}", daemon.log());
+    let runs = std::fs::read_dir(dir.join("audit")).expect("audit dir").flatten();
+    assert!(
+        runs.into_iter().any(|e| e.file_name().to_string_lossy().starts_with("chain-")),
+        "the restarted KRE's chain is followed into its own run directory"
+    );
+
+    // SIGTERM: the daemon stops within its grace (3 s) and exits 0.
+    let pid = daemon.process.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = daemon.process.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "still running after SIGTERM: {}", daemon.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0), "{}", daemon.log());
+    assert!(daemon.log().contains("keygate parent stopped"), "{}", daemon.log());
+}
