@@ -32,6 +32,16 @@ fn push(kre: &Kre, bundle: &Path, store: Option<&Path>) -> Output {
     keygate_args(&args)
 }
 
+/// `keygate policy sign PROPOSAL --key KEY [--current CURRENT] --yes -o OUT`.
+fn sign(proposal: &Path, key: &Path, current: Option<&Path>, out: &Path) -> Output {
+    let mut args = vec!["policy".to_owned(), "sign".into(), s(proposal), "--key".into(), s(key)];
+    if let Some(c) = current {
+        args.extend(["--current".into(), s(c)]);
+    }
+    args.extend(["--yes".into(), "-o".into(), s(out)]);
+    keygate_args(&args)
+}
+
 fn fetch(kre: &Kre, pcr: u8, out: &Path) -> Output {
     let mut args: Vec<String> =
         ["fetch", "--kre", &kre.addr(), "--cluster", "prod", "--key-id", "etcd", "--out", &s(out)]
@@ -80,25 +90,14 @@ fn pipeline_flow_against_a_running_kre() {
     let allow = [format!("prod=img-a@{}", pcrs(0xa)), format!("prod=img-b@{}", pcrs(0xb))];
     propose(&p("genesis.bundle"), &allow, &p("v2.proposal"));
     for (k, sig) in [("a1.pem", "s1"), ("a3.pem", "s3")] {
-        ok(keygate(&["policy", "sign", &s(&p("v2.proposal")), "--key", &s(&p(k)), "--yes", "-o", &s(&p(sig))]));
+        ok(sign(&p("v2.proposal"), &p(k), None, &p(sig)));
     }
     // A key outside the approver set signs with a warning naming its fingerprint, the one
     // `keygen` printed; `policy show` lists the approvers' fingerprints.
     let made = ok(keygate(&["keygen", "-o", &s(&p("outsider.pem"))]));
     let fp = made.rsplit("fingerprint ").next().expect("keygen names the fingerprint").trim().to_owned();
     assert!(fp.starts_with("sha256:") && fp.len() == 7 + 32, "{made}");
-    let o = keygate(&[
-        "policy",
-        "sign",
-        &s(&p("v2.proposal")),
-        "--key",
-        &s(&p("outsider.pem")),
-        "--current",
-        &s(&p("genesis.bundle")),
-        "--yes",
-        "-o",
-        &s(&p("sx")),
-    ]);
+    let o = sign(&p("v2.proposal"), &p("outsider.pem"), Some(&p("genesis.bundle")), &p("sx"));
     let warned = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(o.status.success() && warned.contains(&format!("warning: key {fp} is not an approver")), "{warned}");
     let shown = ok(keygate(&["policy", "show", &s(&p("genesis.bundle"))]));
@@ -131,18 +130,7 @@ fn pipeline_flow_against_a_running_kre() {
         &s(&p("v3.proposal")),
     ]));
     for (k, sig) in [("a2.pem", "t2"), ("a3.pem", "t3")] {
-        ok(keygate(&[
-            "policy",
-            "sign",
-            &s(&p("v3.proposal")),
-            "--key",
-            &s(&p(k)),
-            "--current",
-            &s(&p("v2.bundle")),
-            "--yes",
-            "-o",
-            &s(&p(sig)),
-        ]));
+        ok(sign(&p("v3.proposal"), &p(k), Some(&p("v2.bundle")), &p(sig)));
     }
     ok(keygate(&["policy", "assemble", &s(&p("v3.proposal")), &s(&p("t2")), &s(&p("t3")), "-o", &s(&p("v3.bundle"))]));
     let out = ok(push(&kre, &p("v3.bundle"), Some(&store)));

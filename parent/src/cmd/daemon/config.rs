@@ -341,6 +341,16 @@ mod tests {
         }
     }
 
+    /// The example the deploy recipe installs (deploy/parent.toml) is a valid configuration
+    /// with every task on.
+    #[test]
+    fn the_deployed_example_configuration_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/parent.toml");
+        let text = std::fs::read_to_string(&path).expect("deploy/parent.toml");
+        let cfg = resolve(&DaemonArgs::default(), &env(&[]), Some((&path, &text))).expect("the example loads");
+        assert!(cfg.custodian.is_some() && cfg.state_dir.is_some(), "{cfg:?}");
+    }
+
     #[test]
     fn defaults_and_optional_tasks() {
         let cfg = from(&DaemonArgs::default(), &[], "").expect("config");
