@@ -423,6 +423,8 @@ mod tests {
         assert_eq!(s.ensure_versions(&id("c"), 2, ok(9)), Ok(vec![]), "never lower, never again");
         assert_eq!(s.ensure_versions(&id("c"), 5, |_| Err("nsm")), Err("nsm"));
         assert_eq!(s.current(&id("c")).map(|(v, _)| v), Some(3), "a failed fill changes nothing");
+        // The newest version, whatever its status: what a rotation's audit entries count from.
+        assert_eq!((s.newest_version(&id("c")), s.newest_version(&id("d"))), (Some(3), None));
         assert_eq!(s.current(&id("c")).map(|(v, k)| (v, k.expose()[0])), Some((3, 3)));
         let r: Vec<(u32, KekStatus, u8)> =
             s.releasable(&id("c")).into_iter().map(|(v, st, k)| (v, st, k.expose()[0])).collect();
