@@ -403,18 +403,29 @@ pub fn run_with(program: &str, args: EnclaveArgs, extra: &[&dyn NsmBackend], dev
     }
 }
 
-/// Starts the KRE and serves until SIGINT or SIGTERM.
-fn serve(args: EnclaveArgs, extra: &[&dyn NsmBackend], dev: DevOptions) -> Result<(), RunError> {
-    // No core dumps: a dump of this process would hold KEKs in plaintext.
-    rlimit::setrlimit(rlimit::Resource::CORE, 0, 0).map_err(RunError::CoreDumps)?;
+/// Logging for every keygate binary, on standard error: `KEYGATE_LOG` filters (default
+/// `info`); one JSON object a line with `--log-json`; otherwise text with RFC 3339 UTC times,
+/// coloured only when standard error is a terminal (no escape codes in journald or a file).
+pub fn init_logging(json: bool) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("KEYGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if args.log_json {
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(!json && std::io::stderr().is_terminal());
+    if json {
         builder.json().init();
     } else {
         builder.init();
     }
+}
+
+/// Starts the KRE and serves until SIGINT or SIGTERM.
+fn serve(args: EnclaveArgs, extra: &[&dyn NsmBackend], dev: DevOptions) -> Result<(), RunError> {
+    // No core dumps: a dump of this process would hold KEKs in plaintext.
+    rlimit::setrlimit(rlimit::Resource::CORE, 0, 0).map_err(RunError::CoreDumps)?;
+    init_logging(args.log_json);
 
     let OpenedNsm { nsm, default_root } = open_nsm(&args.nsm, extra)?;
     let anchor = match (&args.root, default_root) {

@@ -74,20 +74,9 @@ enum Command {
     Man(cmd::completions::ManArgs),
 }
 
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYGATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_json);
+    keygate_enclave::cli::init_logging(cli.log_json);
     let result = match cli.command {
         Command::Attestation(c) => cmd::attestation::run(c),
         Command::Audit(c) => cmd::audit::run(c),

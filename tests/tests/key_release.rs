@@ -369,8 +369,13 @@ fn connection_limit_evicts_the_longest_waiting() {
     std::thread::sleep(Duration::from_millis(300));
     let mut a = connect(&kre);
     hello(&mut a);
+    // The KRE counts a connection as waiting from when its task asks for the next frame, just
+    // after it sent the Challenge; on a loaded machine that task may run late, so give it time
+    // to start waiting before b does (otherwise b is the longest waiting, and is evicted).
+    std::thread::sleep(Duration::from_millis(500));
     let mut b = connect(&kre);
     hello(&mut b);
+    std::thread::sleep(Duration::from_millis(500));
     let mut c = connect(&kre);
     hello(&mut c);
     let (code, reason) = denial(recv(&mut a));

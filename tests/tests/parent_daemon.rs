@@ -114,5 +114,10 @@ fn the_daemon_survives_a_kre_kill_and_stops_cleanly_on_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(status.code(), Some(0), "{}", daemon.log());
-    assert!(daemon.log().contains("keygate parent stopped"), "{}", daemon.log());
+    let log = daemon.log();
+    assert!(log.contains("keygate parent stopped"), "{log}");
+    // Its log is a file, not a terminal: plain text, no colour escape codes; times in RFC 3339.
+    assert!(!log.contains('\u{1b}'), "escape codes in a log file: {log:?}");
+    let first = log.lines().next().unwrap_or_default();
+    assert!(first.len() > 20 && first.as_bytes()[4] == b'-' && first[..20].contains('T'), "{first}");
 }

@@ -3,9 +3,10 @@
 //! --durable-within`, …): a bare number of seconds (`90`, `0`), or humantime's terms
 //! (`250ms`, `90s`, `5m`, `1h 30m`, `2d`). It decides the syntax and an upper bound that holds
 //! for every flag (a flag's own range is its verb's to check); it trusts humantime to read the
-//! terms.
+//! terms. Points in time likewise: Unix seconds (`1764583200`) or RFC 3339 in UTC
+//! (`2025-12-01T10:00:00Z`), read by humantime.
 
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 /// The longest duration any flag takes: 100 years (Julian), far beyond every flag's own limit,
 /// so a typo of a few digits too many is refused rather than read as forever.
@@ -34,6 +35,28 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, DurationError> {
         return Err(DurationError::TooLong(s.to_owned()));
     }
     Ok(d)
+}
+
+/// Why a command-line value is not a point in time.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub(crate) enum TimeError {
+    #[error("`{value}` is not a time (Unix seconds, e.g. 1764583200, or RFC 3339 in UTC, e.g. 2025-12-01T10:00:00Z): {reason}")]
+    Syntax { value: String, reason: humantime::TimestampError },
+    #[error("`{0}` is not a time: a bare number is whole Unix seconds")]
+    BadSeconds(String),
+    #[error("`{0}` is before 1970")]
+    BeforeEpoch(String),
+}
+
+/// Parses a point in time as Unix seconds: a bare number of seconds, or an RFC 3339 time in
+/// UTC (fractions of a second are dropped).
+pub(crate) fn parse_time(s: &str) -> Result<u64, TimeError> {
+    let t = s.trim();
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        return t.parse().map_err(|_| TimeError::BadSeconds(s.to_owned()));
+    }
+    let at = humantime::parse_rfc3339(t).map_err(|reason| TimeError::Syntax { value: s.to_owned(), reason })?;
+    at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).map_err(|_| TimeError::BeforeEpoch(s.to_owned()))
 }
 
 #[cfg(test)]
@@ -87,5 +110,24 @@ mod tests {
         for long in ["9999999999s", "9999999999", "101y", "100y 1s"] {
             assert_eq!(parse_duration(long), Err(DurationError::TooLong(long.into())), "{long:?}");
         }
+    }
+
+    #[test]
+    fn times_are_unix_seconds_or_rfc3339_in_utc() {
+        for (s, want) in [
+            ("0", 0),
+            ("1764583200", 1_764_583_200),
+            ("2025-12-01T10:00:00Z", 1_764_583_200),
+            ("2025-12-01T10:00:00.999Z", 1_764_583_200),
+            ("1970-01-01T00:00:00Z", 0),
+        ] {
+            assert_eq!(parse_time(s), Ok(want), "{s}");
+        }
+        for bad in ["", "yesterday", "2025-12-01", "2025-12-01T10:00:00", "2025-13-01T10:00:00Z", "-5", "1.5"] {
+            let err = parse_time(bad).expect_err(bad);
+            assert!(matches!(err, TimeError::Syntax { .. }), "{bad}: {err:?}");
+            assert!(err.to_string().contains("RFC 3339"), "{err}");
+        }
+        assert_eq!(parse_time("99999999999999999999999"), Err(TimeError::BadSeconds("99999999999999999999999".into())));
     }
 }

@@ -41,8 +41,8 @@ pub(crate) struct VerifyArgs {
     /// Trust this root (PEM) instead of the built-in AWS Nitro Enclaves root.
     #[arg(long)]
     root: Option<PathBuf>,
-    /// Verify as of this time (Unix seconds) instead of now.
-    #[arg(long, conflicts_with = "at_document_time")]
+    /// Verify as of this time (Unix seconds or RFC 3339 in UTC) instead of now.
+    #[arg(long, conflicts_with = "at_document_time", value_name = "TIME", value_parser = super::args::parse_time)]
     at: Option<u64>,
     /// Verify as of the document's own timestamp (archived documents).
     #[arg(long)]
@@ -95,8 +95,8 @@ pub(crate) struct MockArgs {
     /// `public_key`, hex.
     #[arg(long, value_parser = parse_hex)]
     public_key: Option<Bytes>,
-    /// Document time, Unix seconds (default: now).
-    #[arg(long)]
+    /// Document time, Unix seconds or RFC 3339 in UTC (default: now).
+    #[arg(long, value_name = "TIME", value_parser = super::args::parse_time)]
     at: Option<u64>,
     /// Document kind.
     #[arg(long, value_parser = parse_kind, default_value = "enclave")]

@@ -70,8 +70,8 @@ pub(crate) struct InitArgs {
     /// Minimum activation delay for loosening changes (e.g. 1h, 30m, 86400).
     #[arg(long, default_value = "1h", value_parser = parse_duration, value_name = "DURATION")]
     activation_delay: Duration,
-    /// Unix seconds (default: now).
-    #[arg(long)]
+    /// Issue time: Unix seconds or RFC 3339 in UTC (default: now).
+    #[arg(long, value_name = "TIME", value_parser = super::args::parse_time)]
     issued_at: Option<u64>,
     /// Where the genesis bundle is written.
     #[arg(short = 'o', long)]
@@ -91,8 +91,8 @@ pub(crate) struct ProposeArgs {
     /// PCR12, or PCR7).
     #[arg(long, value_parser = crate::cmd::attestation::parse_kind, default_value = "enclave")]
     kind: DocumentKind,
-    /// `--allow`ed images stop matching after this time (Unix seconds).
-    #[arg(long)]
+    /// `--allow`ed images stop matching after this time (Unix seconds or RFC 3339 in UTC).
+    #[arg(long, value_name = "TIME", value_parser = super::args::parse_time)]
     not_after: Option<u64>,
     /// Revoke: CLUSTER=NAME (one image) or CLUSTER (the whole cluster), repeatable.
     #[arg(long)]
@@ -114,8 +114,8 @@ pub(crate) struct ProposeArgs {
     /// New threshold.
     #[arg(long)]
     threshold: Option<u32>,
-    /// Unix seconds (default: now).
-    #[arg(long)]
+    /// Issue time: Unix seconds or RFC 3339 in UTC (default: now).
+    #[arg(long, value_name = "TIME", value_parser = super::args::parse_time)]
     issued_at: Option<u64>,
     /// Where the proposal (the next bundle, not yet signed) is written.
     #[arg(short = 'o', long)]
