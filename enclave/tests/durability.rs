@@ -1,6 +1,6 @@
 //! The sealed state through the protocol core, frame by frame without I/O: genesis, the
 //! two-phase commit, a restart, the unseal ceremony with the custodians' checks, and every
-//! refusal the issue lists (too few shares, a non-custodian, a replayed share, a KRE with
+//! refusal a custodian ceremony must make (too few shares, a non-custodian, a replayed share, a KRE with
 //! the wrong PCRs, a tampered blob, a rollback).
 
 use std::sync::Arc;

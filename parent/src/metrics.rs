@@ -24,14 +24,24 @@ use prometheus_client::registry::Registry;
 /// The OpenMetrics text format's content type (served when the scraper's Accept names it).
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// A component's health as `/healthz` reports it: a state, not an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Health {
+    /// It can do its job (200 `ok`).
+    Ok,
+    /// It cannot, for this reason (503 with the reason, the same text the component reports
+    /// elsewhere, e.g. the KMS plugin's Status `healthz`).
+    Unhealthy(String),
+}
+
 /// What an HTTP metrics listener serves.
 pub(crate) trait Exporter: Send + Sync + 'static {
     /// The metrics to encode.
     fn registry(&self) -> &Registry;
     /// Brings the gauges that mirror state up to date, just before they are encoded.
     fn refresh(&self) {}
-    /// `Ok` when healthy; otherwise why not (served with 503).
-    fn health(&self) -> Result<(), String>;
+    /// Whether the component can do its job now, and if not why (served with 503).
+    fn health(&self) -> Health;
 }
 
 /// The listener's bounds: every size, count and wait has one.
@@ -104,8 +114,8 @@ fn respond(exporter: &dyn Exporter, req: &Request<Incoming>) -> Response<Full<By
     }
     if path == "/healthz" {
         return match exporter.health() {
-            Ok(()) => text(StatusCode::OK, "ok\n"),
-            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+            Health::Ok => text(StatusCode::OK, "ok\n"),
+            Health::Unhealthy(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
         };
     }
     let accept = req.headers().get(ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or_default();
@@ -171,11 +181,11 @@ mod tests {
         fn refresh(&self) {
             self.requests.inc();
         }
-        fn health(&self) -> Result<(), String> {
+        fn health(&self) -> Health {
             if self.healthy.load(Ordering::SeqCst) {
-                Ok(())
+                Health::Ok
             } else {
-                Err("lease expired 3s ago; refusing new encryptions (transport)".to_owned())
+                Health::Unhealthy("lease expired 3s ago; refusing new encryptions (transport)".to_owned())
             }
         }
     }

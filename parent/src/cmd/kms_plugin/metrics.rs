@@ -23,6 +23,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
 use super::{Mode, Shared};
+use crate::metrics::Health;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OperationLabels {
@@ -185,11 +186,13 @@ impl crate::metrics::Exporter for KmsExporter {
         }
     }
 
-    fn health(&self) -> Result<(), String> {
-        let st = self.0.read().map_err(|()| "internal: state lock poisoned".to_owned())?;
+    fn health(&self) -> Health {
+        let Ok(st) = self.0.read() else {
+            return Health::Unhealthy("internal: state lock poisoned".to_owned());
+        };
         match st.healthz(Instant::now()) {
-            h if h == "ok" => Ok(()),
-            h => Err(h),
+            h if h == "ok" => Health::Ok,
+            h => Health::Unhealthy(h),
         }
     }
 }
@@ -216,7 +219,7 @@ mod tests {
     #[test]
     fn gauges_follow_the_state_and_health_is_the_status_healthz() {
         let e = KmsExporter(Shared::new(State { ring: ring(), mode: Mode::Dir { dir: "/k".into(), problem: None } }));
-        assert_eq!(e.health(), Err("no key files in /k".to_owned()));
+        assert_eq!(e.health(), Health::Unhealthy("no key files in /k".to_owned()));
         let text = scrape(&e);
         assert!(
             text.contains("keygate_kms_keys_held 0\n") && !text.contains("keygate_kms_current_key_info{"),
@@ -228,7 +231,7 @@ mod tests {
         }
         e.0.metrics.operation("Encrypt", tonic::Code::Ok, Duration::from_millis(2));
         e.0.metrics.operation("Decrypt", tonic::Code::InvalidArgument, Duration::from_millis(1));
-        assert_eq!(e.health(), Ok(()));
+        assert_eq!(e.health(), Health::Ok);
         let text = scrape(&e);
         for line in [
             "keygate_kms_keys_held 2\n",
