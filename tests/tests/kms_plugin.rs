@@ -684,6 +684,9 @@ async fn starts_before_the_kre_and_keeps_decrypting_for_the_grace_when_it_is_gon
     let s = kms.wait_status(Duration::from_secs(5), |s| s.healthz != "ok").await;
     let expired = gone.elapsed();
     assert!(s.healthz.contains("lease expired"), "{s:?}");
+    // The outage shows in healthz, not in the key_id: a changed key_id would make kube-apiserver
+    // start migrating every DEK seed (KMS v2: Status and Encrypt name the same key_id).
+    assert_eq!(s.key_id, e.key_id, "a transient KRE outage keeps the last key_id");
     assert_eq!(kms.encrypt(&seed(7)).await.expect_err("encrypt after the lease").code(), Code::Unavailable);
     // Decrypt-only during the grace…
     assert_eq!(kms.decrypt(&e.ciphertext, &e.key_id).await.expect("decrypt in the grace"), seed(6));
