@@ -87,6 +87,26 @@ pub fn check(att: &VerifiedAttestation, expected: &[PcrExpectation]) -> Result<(
     Ok(())
 }
 
+/// Checks a set of accepted images, each a list of expectations: passes when every
+/// expectation of any one image holds (during an upgrade a client accepts the old image and
+/// the new). No image at all expects nothing, as [`check`] with no expectation. The error is
+/// the first image's mismatch, so that a refusal names what the caller expected first.
+pub fn check_any<'a>(
+    att: &VerifiedAttestation,
+    images: impl IntoIterator<Item = &'a [PcrExpectation]>,
+) -> Result<(), PcrMismatch> {
+    let mut first = None;
+    for image in images {
+        match check(att, image) {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                first.get_or_insert(e);
+            }
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,6 +135,16 @@ mod tests {
         assert_eq!(err.found, hex::encode([2u8; 48]));
         let absent = check(&att, &[exp(20, 1)]).expect_err("absent");
         assert_eq!(absent.found, "absent");
+
+        // Any one image's expectations, all of them; never a mix of two images.
+        let old = [exp(0, 7), exp(1, 2)];
+        let new = [exp(0, 1), exp(1, 2), exp(2, 3)];
+        assert_eq!(check_any(&att, [&old[..], &new[..]]), Ok(()));
+        assert_eq!(check_any(&att, [&new[..], &old[..]]), Ok(()));
+        let mixed = [exp(0, 1), exp(1, 9)];
+        let err = check_any(&att, [&old[..], &mixed[..]]).expect_err("neither image");
+        assert_eq!((err.index, err.expected), (0, hex::encode([7u8; 48])), "the first image's mismatch");
+        assert_eq!(check_any(&att, std::iter::empty()), Ok(()));
     }
 
     #[test]

@@ -55,7 +55,16 @@ fn kre(set: &CustodianSet, kre_pcr: u8) -> Kre {
 
 fn fetch(kre: &Kre) -> Result<Vec<ReleasedKey>, ClientError> {
     let cpi = MockNsm::new(SEED, pcrs(0x10), Arc::new(|| T)).with_instance("cpi");
-    fetch_as(kre, &cpi, FetchRequest { cluster: id("prod"), key_ids: vec![id("etcd")], expect_kre_pcrs: vec![] })
+    fetch_as(
+        kre,
+        &cpi,
+        FetchRequest {
+            cluster: id("prod"),
+            key_ids: vec![id("etcd")],
+            expect_kre_pcrs: vec![],
+            also_accept_kre: vec![],
+        },
+    )
 }
 
 /// The durable-state steps the KRE refused, in order, from its audit trail: every refusal of

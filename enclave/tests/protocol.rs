@@ -52,6 +52,7 @@ fn request(cluster: &str) -> FetchRequest {
         cluster: id(cluster),
         key_ids: vec![id("etcd-kek"), id("secrets")],
         expect_kre_pcrs: expectations(&kre_pcrs()),
+        also_accept_kre: vec![],
     }
 }
 
@@ -367,6 +368,31 @@ fn client_refuses_a_kre_with_unexpected_pcrs() {
         .on_challenge(&s.reply[4..], &Verifier::new(cpi.root_anchor()), T, &cpi, default_backend(), &mut r)
         .expect_err("refuse");
     assert!(matches!(err, ClientError::KrePcr(ref m) if m.index == 0), "{err}");
+}
+
+/// During a KRE upgrade a client accepts the old image and the new: a KRE matching any one
+/// accepted image entirely passes; one matching none is refused with the first image's mismatch.
+#[test]
+fn client_accepts_any_one_of_its_kre_images_and_nothing_else() {
+    let kre = kre();
+    let cpi = cpi(0x10);
+    let check = |primary: Vec<_>, also: Vec<Vec<_>>| {
+        let mut req = request("prod");
+        req.expect_kre_pcrs = primary;
+        req.also_accept_kre = also;
+        let mut r = rng();
+        let (c, _, _, s) = hello(&kre, req, &mut r);
+        c.on_challenge(&s.reply[4..], &Verifier::new(cpi.root_anchor()), T, &cpi, default_backend(), &mut r).map(|_| ())
+    };
+    let (other, this) = (expectations(&pcrs(0x71)), expectations(&kre_pcrs()));
+    assert_eq!(check(other.clone(), vec![this.clone()]), Ok(()), "the new image accepted beside the old");
+    assert_eq!(check(this.clone(), vec![other.clone()]), Ok(()));
+    let err = check(other.clone(), vec![expectations(&pcrs(0x72))]).expect_err("neither image");
+    assert!(matches!(err, ClientError::KrePcr(ref m) if m.expected == hex::encode([0x71; 48])), "{err}");
+    // An image is all of its PCRs: this KRE's PCR0 with another image's PCR1 is no image.
+    let mut mixed = this.clone();
+    mixed[1] = other[1].clone();
+    assert!(matches!(check(other, vec![mixed]), Err(ClientError::KrePcr(_))));
 }
 
 #[test]

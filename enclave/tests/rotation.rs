@@ -48,7 +48,12 @@ fn fetch(kre: &Kre) -> Result<Vec<ReleasedKey>, ClientError> {
 /// A fetch by the control plane with PCRs `pcrs(image)`.
 fn fetch_as(kre: &Kre, image: u8) -> Result<Vec<ReleasedKey>, ClientError> {
     let cpi = MockNsm::new(SEED, pcrs(image), Arc::new(now)).with_instance("cpi");
-    let req = FetchRequest { cluster: id("prod"), key_ids: vec![id("etcd"), id("secrets")], expect_kre_pcrs: vec![] };
+    let req = FetchRequest {
+        cluster: id("prod"),
+        key_ids: vec![id("etcd"), id("secrets")],
+        expect_kre_pcrs: vec![],
+        also_accept_kre: vec![],
+    };
     common::fetch_as(kre, &cpi, req)
 }
 

@@ -10,8 +10,8 @@ use keygate_attestation::mock::{system_clock, MockNsm};
 use keygate_attestation::{AttestRequest, Nsm};
 use keygate_enclave::wire::{self, DenyCode, Id, Message};
 use keygate_tests::e2e::{
-    dev_kre, exited, hex48, keygate_args as run_fetch, path_arg as s, pcr_args, prod_policy, stderr, unix, DevKre,
-    Logged, START_LIMIT,
+    dev_kre, exited, hex48, keygate_args as run_fetch, path_arg as s, pcr_args, pcr_list, prod_policy, stderr, unix,
+    DevKre, Logged, START_LIMIT,
 };
 use keygate_tests::relay::{Attack, Relay};
 use keygate_tests::{bin, keygate, run_with_limit, TempDir};
@@ -125,6 +125,39 @@ fn assert_refused(o: &Output, code: &str, out: &Path) {
     assert!(last.contains(code), "expected `{code}` in: {e}");
     let files: Vec<_> = std::fs::read_dir(out).map(|d| d.flatten().collect()).unwrap_or_default();
     assert!(files.is_empty(), "no files may be written on failure: {files:?}");
+}
+
+/// A KRE upgrade: a client names the image it knew with `--expect-kre-pcr` and the new one
+/// with `--expect-kre-image`, and gets keys from whichever runs; a KRE of neither image is
+/// refused before anything is sent.
+#[test]
+fn a_client_accepts_either_kre_image_during_an_upgrade() {
+    let kre = Kre::start(&[]);
+    let d = kre.dir.path();
+    let fetch_expecting = |first: u8, image: Option<String>, out: &Path| {
+        let mut a = fetch_args(&kre.addr(), "prod", GOOD, out);
+        a.truncate(a.len() - 6); // fetch_args' own three --expect-kre-pcr
+        a.extend(pcr_args("--expect-kre-pcr", first, 3));
+        if let Some(image) = image {
+            a.extend(["--expect-kre-image".into(), image]);
+        }
+        run_fetch(&a)
+    };
+    // The running KRE (KRE_PCR) is the second image named: keys.
+    let o = fetch_expecting(0x11, Some(pcr_list(KRE_PCR)), &d.join("k1"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(d.join("k1/etcd-kek.key").exists());
+    // Named first, beside another: keys too.
+    assert!(fetch_expecting(KRE_PCR, Some(pcr_list(0x11)), &d.join("k2")).status.success());
+    // Neither image: refused, naming the first image's PCR0; no file written.
+    let out = d.join("k3");
+    let o = fetch_expecting(0x11, Some(pcr_list(0x22)), &out);
+    assert!(stderr(&o).contains(&format!("PCR0 mismatch: expected {}", hex48(0x11))), "{}", stderr(&o));
+    assert_refused(&o, "KRE attestation refused", &out);
+    // Only the old image named: refused, as before the upgrade.
+    assert_refused(&fetch_expecting(0x11, None, &out), "KRE attestation refused", &out);
+    // An image that is not N=HEX,...: a usage error.
+    exited(&fetch_expecting(0x11, Some("0=zz".into()), &out), 2, "--expect-kre-image");
 }
 
 #[test]

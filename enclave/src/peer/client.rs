@@ -164,6 +164,9 @@ pub struct FetchRequest {
     pub key_ids: Vec<Id>,
     /// PCRs the KRE must have.
     pub expect_kre_pcrs: Vec<PcrExpectation>,
+    /// Other KRE images accepted instead, each its own PCRs (during a KRE upgrade, the old
+    /// image and the new): the KRE must match one image entirely.
+    pub also_accept_kre: Vec<Vec<PcrExpectation>>,
 }
 
 /// A released data key.
@@ -245,7 +248,8 @@ impl AwaitChallenge {
         if att.user_data() != Some(kre_user_data(&server_nonce).as_slice()) {
             return Err(ClientError::KreBinding("its user_data does not bind the challenge"));
         }
-        pcr::check(&att, &self.request.expect_kre_pcrs).map_err(ClientError::KrePcr)?;
+        let images = std::iter::once(&self.request.expect_kre_pcrs).chain(&self.request.also_accept_kre);
+        pcr::check_any(&att, images.map(Vec::as_slice)).map_err(ClientError::KrePcr)?;
         let kre_wrapping_point: [u8; POINT_LEN] = att
             .public_key()
             .filter(|p| crypto.validate_p384_point(p).is_ok())

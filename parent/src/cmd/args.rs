@@ -59,6 +59,40 @@ pub(crate) fn parse_time(s: &str) -> Result<u64, TimeError> {
     at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).map_err(|_| TimeError::BeforeEpoch(s.to_owned()))
 }
 
+/// One KRE image a client accepts: all of its PCRs, `N=HEX,N=HEX,...` (`--expect-kre-image`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KreImage(pub(crate) Vec<keygate_attestation::PcrExpectation>);
+
+/// Why a value is not a KRE image.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub(crate) enum KreImageError {
+    #[error("`{0}`: an image is its PCRs as N=HEX,N=HEX,... (at least one)")]
+    Empty(String),
+    #[error("`{value}`: {reason}")]
+    Pcr { value: String, reason: keygate_attestation::pcr::PcrParseError },
+    #[error("`{value}`: PCR{index} given twice")]
+    Duplicate { value: String, index: u8 },
+}
+
+impl std::str::FromStr for KreImage {
+    type Err = KreImageError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut pcrs: Vec<keygate_attestation::PcrExpectation> = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let e: keygate_attestation::PcrExpectation =
+                part.parse().map_err(|reason| KreImageError::Pcr { value: s.to_owned(), reason })?;
+            if pcrs.iter().any(|p| p.index == e.index) {
+                return Err(KreImageError::Duplicate { value: s.to_owned(), index: e.index });
+            }
+            pcrs.push(e);
+        }
+        if pcrs.is_empty() {
+            return Err(KreImageError::Empty(s.to_owned()));
+        }
+        Ok(KreImage(pcrs))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,5 +163,16 @@ mod tests {
             assert!(err.to_string().contains("RFC 3339"), "{err}");
         }
         assert_eq!(parse_time("99999999999999999999999"), Err(TimeError::BadSeconds("99999999999999999999999".into())));
+    }
+
+    #[test]
+    fn a_kre_image_is_all_of_its_pcrs() {
+        let (a, b) = ("ab".repeat(48), "cd".repeat(48));
+        let img: KreImage = format!("0={a}, 1={b},2={a}").parse().expect("image");
+        assert_eq!(img.0.iter().map(|e| e.index).collect::<Vec<_>>(), [0, 1, 2]);
+        assert!(matches!("".parse::<KreImage>(), Err(KreImageError::Empty(_))));
+        assert!(matches!(",".parse::<KreImage>(), Err(KreImageError::Empty(_))));
+        assert!(matches!(format!("0={a},0={b}").parse::<KreImage>(), Err(KreImageError::Duplicate { index: 0, .. })));
+        assert!(matches!(format!("0={a},1=zz").parse::<KreImage>(), Err(KreImageError::Pcr { .. })));
     }
 }

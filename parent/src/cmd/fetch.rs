@@ -44,6 +44,10 @@ pub(crate) struct FetchArgs {
     /// PCRs the KRE must have (repeatable; at least one).
     #[arg(long = "expect-kre-pcr", value_name = "N=HEX", required = true)]
     expect_kre_pcr: Vec<PcrExpectation>,
+    /// Another KRE image accepted instead (repeatable; during a KRE upgrade, the old image and
+    /// the new): all of its PCRs, as N=HEX,N=HEX,...
+    #[arg(long = "expect-kre-image", value_name = "N=HEX,...")]
+    expect_kre_image: Vec<super::args::KreImage>,
     /// Retries after a retryable failure (KRE unreachable, busy, restarting).
     #[arg(long, default_value_t = 5)]
     retries: u32,
@@ -301,6 +305,7 @@ pub(crate) fn run(a: FetchArgs) -> Result<(), CliError> {
             cluster: a.cluster.clone(),
             key_ids: a.key_id.clone(),
             expect_kre_pcrs: a.expect_kre_pcr.clone(),
+            also_accept_kre: a.expect_kre_image.iter().map(|i| i.0.clone()).collect(),
         },
         nsm,
         kre_verifier: Verifier::new(anchor),

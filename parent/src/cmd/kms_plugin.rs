@@ -73,6 +73,10 @@ pub(crate) struct KmsPluginArgs {
     /// With --kre: PCRs the KRE must have (repeatable; at least one).
     #[arg(long = "expect-kre-pcr", value_name = "N=HEX")]
     expect_kre_pcr: Vec<PcrExpectation>,
+    /// With --kre: another KRE image accepted instead (repeatable; during a KRE upgrade, the
+    /// old image and the new): all of its PCRs, as N=HEX,N=HEX,...
+    #[arg(long = "expect-kre-image", value_name = "N=HEX,...", requires = "kre")]
+    expect_kre_image: Vec<super::args::KreImage>,
     /// With --kre: trust this root (PEM) for the KRE's attestation. Default: the AWS Nitro
     /// root, or with `--nsm mock` the mock PKI's root.
     #[arg(long)]
@@ -353,6 +357,7 @@ pub(crate) fn run(a: KmsPluginArgs) -> Result<(), CliError> {
                     cluster: a.cluster.clone(),
                     key_ids: vec![a.key_id.clone()],
                     expect_kre_pcrs: a.expect_kre_pcr.clone(),
+                    also_accept_kre: a.expect_kre_image.iter().map(|i| i.0.clone()).collect(),
                 },
                 nsm,
                 kre_verifier: Verifier::new(anchor),

@@ -333,6 +333,7 @@ pub(super) fn key_release_tour(tour: &mut Tour) -> Result<TempDir, CliError> {
                 cluster: Id::new("prod-eu1").unwrap_or_else(|_| unreachable!("valid id")),
                 key_ids: ids(&["etcd-kek", "secrets-kek"]),
                 expect_kre_pcrs: expect,
+                also_accept_kre: vec![],
             },
             nsm,
             kre_verifier: Verifier::new(root.clone()),

@@ -131,6 +131,7 @@ fn fetch(kre: &Kre, cluster: &str) -> Result<Vec<(u32, [u8; 32])>, DenyCode> {
         cluster: Id::new(cluster).expect("id"),
         key_ids: vec![Id::new("etcd").expect("id")],
         expect_kre_pcrs: vec![],
+        also_accept_kre: vec![],
     };
     use std::sync::atomic::{AtomicU64, Ordering};
     static CALLS: AtomicU64 = AtomicU64::new(1);

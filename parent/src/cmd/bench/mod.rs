@@ -387,6 +387,7 @@ fn fetcher(kre: Addr, nsm: Arc<dyn Nsm>, root: &TrustAnchor) -> Fetcher {
             cluster: Id::new("prod").unwrap_or_else(|_| unreachable!("valid id")),
             key_ids: vec![Id::new("etcd").unwrap_or_else(|_| unreachable!("valid id"))],
             expect_kre_pcrs: vec![PcrExpectation { index: 0, value: vec![0x4b; 48] }],
+            also_accept_kre: vec![],
         },
         nsm,
         kre_verifier: Verifier::new(root.clone()),
