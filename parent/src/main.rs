@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 
+mod backoff;
 mod cmd;
 #[cfg(feature = "mock")]
 mod demo;

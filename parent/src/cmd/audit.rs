@@ -15,8 +15,8 @@ use keygate_enclave::audit::{
 };
 use serde_json::{json, Value};
 
+use crate::backoff::Backoff;
 use crate::cmd::attestation::load_anchor;
-use crate::cmd::daemon::Backoff;
 use crate::error::CliError;
 use crate::kre_client::{self, KreError};
 

@@ -18,8 +18,8 @@ use tokio::task::JoinSet;
 
 pub(crate) use self::config::DaemonArgs;
 use self::config::{Config, Forward};
-pub(crate) use self::supervise::Backoff;
 use self::supervise::{blocking, supervise, Stop};
+use crate::backoff::Backoff;
 use crate::cmd::audit::Follower;
 use crate::cmd::custodian::sync_once;
 use crate::cmd::proxy::{self, ProxyConfig};
