@@ -1,7 +1,7 @@
 //! The wait between retries of anything that talks to a KRE or a store (the parent daemon's
-//! tasks, `audit pull --follow`): exponential from a base to a maximum, each wait moved by a
-//! random share so that peers restarted together do not retry in step. It decides only the
-//! pacing.
+//! tasks, `audit pull --follow`, `keygate fetch --retries`): exponential from a base to a
+//! maximum, each wait moved by a random share so that peers restarted together do not retry in
+//! step. It decides only the pacing.
 
 use std::time::Duration;
 

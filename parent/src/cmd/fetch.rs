@@ -17,6 +17,7 @@ use keygate_enclave::net::transport::{self, Addr};
 use keygate_enclave::peer::client::{self, ClientError, FetchRequest, ReleasedKey, TransportError};
 use keygate_enclave::wire::Id;
 
+use crate::backoff::Backoff;
 use crate::error::CliError;
 
 #[derive(Debug, clap::Args)]
@@ -186,16 +187,16 @@ impl Fetcher {
     /// Attempts with exponential backoff (0.2 s, 0.4 s, … capped at 5 s) while the failure is
     /// retryable.
     pub(crate) async fn with_retries(&self, retries: u32) -> Result<Fetched, ClientError> {
-        let mut delay = Duration::from_millis(200);
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5), 0);
         let mut attempt = 0;
         loop {
             match self.once().await {
                 Ok(f) => return Ok(f),
                 Err(e) if e.is_retryable() && attempt < retries => {
                     attempt += 1;
+                    let delay = backoff.next_wait();
                     tracing::warn!(error = %e, attempt, retries, "fetch failed; retrying in {delay:?}");
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
                 Err(e) => return Err(e),
             }
