@@ -9,10 +9,11 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use keygate_tests::e2e::{dev_kre, pcr_args, prod_policy_for, unix, Logged};
+use keygate_tests::scrape::{free_loopback_addr, python_ready, sample, scrape};
 use keygate_tests::{bin, keygate, run_with_limit, TempDir};
 use tonic::{Code, Status};
 
@@ -442,25 +443,6 @@ fn bad_command_lines_are_refused() {
 
 // ---- the independent Python client ----
 
-/// Whether python3 can `import {modules}` (in CI it must).
-fn python_ready(modules: &str) -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", &format!("import {modules}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must have Python's {modules}: run .ci/python-deps.sh before the tests"
-        );
-        eprintln!("SKIPPED Python client: python3 with {modules} not found (run .ci/python-deps.sh)");
-    }
-    ok
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpcio_client_agrees_with_the_plugin() {
     if !python_ready("grpc, grpc_tools") {
@@ -501,38 +483,6 @@ async fn python_grpcio_client_agrees_with_the_plugin() {
     assert_eq!(kms.decrypt(&ct, id).await.expect("Python's ciphertext decrypts"), pt);
 }
 
-/// Scrapes `http://{addr}` with Python's urllib and parses /metrics with prometheus_client's
-/// Prometheus text-format parser: `{content_type, families: {name: {type, samples: [[name,
-/// labels, value]]}}, healthz: [status, body], not_found: status}`.
-const SCRAPE_PY: &str = r#"
-import json, sys, urllib.error, urllib.request
-from prometheus_client.parser import text_string_to_metric_families
-base = "http://" + sys.argv[1]
-m = urllib.request.urlopen(base + "/metrics", timeout=10)
-ctype, body = m.headers["Content-Type"], m.read().decode()
-families = {f.name: {"type": f.type, "samples": [[s.name, s.labels, s.value] for s in f.samples]}
-            for f in text_string_to_metric_families(body)}
-h = urllib.request.urlopen(base + "/healthz", timeout=10)
-healthz = [h.status, h.read().decode()]
-try:
-    not_found = urllib.request.urlopen(base + "/nothing", timeout=10).status
-except urllib.error.HTTPError as e:
-    not_found = e.code
-print(json.dumps({"content_type": ctype, "families": families, "healthz": healthz, "not_found": not_found}))
-"#;
-
-fn scrape(addr: &str) -> serde_json::Value {
-    let out = run_with_limit(Command::new("python3").args(["-c", SCRAPE_PY, addr]), Duration::from_secs(60));
-    assert!(out.status.success(), "scrape failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).expect("JSON report")
-}
-
-/// The value of `sample` with exactly `labels` in `family` of a scrape (0 when absent).
-fn sample(scraped: &serde_json::Value, family: &str, sample: &str, labels: serde_json::Value) -> f64 {
-    let samples = scraped["families"][family]["samples"].as_array().cloned().unwrap_or_default();
-    samples.iter().find(|s| s[0] == sample && s[1] == labels).and_then(|s| s[2].as_f64()).unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_healthz_over_http_parse_as_prometheus_text() {
     if !python_ready("prometheus_client") {
@@ -541,9 +491,7 @@ async fn metrics_and_healthz_over_http_parse_as_prometheus_text() {
     let dir = TempDir::new("keygate-kms-plugin").expect("tmp");
     let keys = dir.path().join("keys");
     write_key(&keys, 1, 0x11);
-    // A free port: bound by the kernel's choice, released, then taken by the plugin.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_loopback_addr();
     let (plugin, sock) = start_plugin_on_dir(dir.path(), &keys, &["--metrics-listen".into(), addr.clone()]);
     let mut kms = healthy(&sock).await;
     let before = scrape(&addr);

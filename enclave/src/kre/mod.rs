@@ -50,6 +50,7 @@ mod parent;
 mod policy;
 mod release;
 mod state;
+mod tally;
 
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
@@ -215,6 +216,8 @@ pub struct Kre {
     state: Option<StateService>,
     audit: AuditTrail,
     challenges: Challenges,
+    /// Releases and refusals since the start, for the status report.
+    tally: tally::Tally,
 }
 
 /// A KRE could not start.
@@ -295,6 +298,7 @@ impl Kre {
             state,
             audit,
             challenges,
+            tally: tally::Tally::default(),
         };
         let pcrs =
             (0u16..16).filter_map(|i| Some((u8::try_from(i).ok()?, kre.nsm.describe_pcr(i).ok()?.data))).collect();
@@ -325,6 +329,11 @@ impl Kre {
         self.audit.count_withheld();
     }
 
+    /// Counts an answer the server sends (a release or a refusal) for the status report.
+    pub fn count_answer(&self, event: &Event) {
+        self.tally.record(event);
+    }
+
     /// A JSON status report (never secret).
     pub fn status_json(&self) -> String {
         let a = self.audit().status();
@@ -336,6 +345,7 @@ impl Kre {
             "policy_durable_version": self.committed_policy_version(),
             "policy_in_force_not_durable": self.policy.in_force_not_durable(),
             "live_challenges": self.live_challenges(),
+            "answers": self.tally.json(),
             "state": self.state.as_ref().map(StateService::summary),
             "audit": {
                 "last_seq": a.last_seq,

@@ -181,9 +181,19 @@ async fn accept_channel(
         let shared = shared.clone();
         async move { handle(stream, &peer, channel, &shared).await }
     };
-    let refuse = |mut stream: BoxStream, _peer: String| async move {
-        let busy = Message::Denied { code: DenyCode::Busy, reason: "connection limit reached; retry shortly".into() };
-        let _ = write_frame(&mut stream, &busy.encode().unwrap_or_default(), Duration::from_secs(1)).await;
+    let kre = shared.kre.clone();
+    let refuse = move |mut stream: BoxStream, _peer: String| {
+        let reason = "connection limit reached; retry shortly";
+        kre.count_answer(&Event::Denied {
+            code: DenyCode::Busy,
+            reason: reason.into(),
+            cluster: None,
+            module_id: None,
+        });
+        async move {
+            let busy = Message::Denied { code: DenyCode::Busy, reason: reason.into() };
+            let _ = write_frame(&mut stream, &busy.encode().unwrap_or_default(), Duration::from_secs(1)).await;
+        }
     };
     let until = async move {
         let _ = stopped.wait_for(|s| *s).await;
@@ -239,6 +249,7 @@ async fn handle(mut stream: BoxStream, peer: &str, channel: Channel, shared: &Sh
         let step =
             if cfg.write_ahead && write_ahead(&step.event) { stored_first(step, kre, cfg, sync).await } else { step };
         log_event(peer, &step.event);
+        kre.count_answer(&step.event);
         if let Err(e) = write_frame(&mut stream, &step.reply, cfg.frame_timeout).await {
             tracing::debug!(%peer, error = %e, "could not send reply");
             conn.abandon(kre);

@@ -18,6 +18,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::error::CliError;
 
+mod stats;
+
+pub(crate) use self::stats::ProxyMetrics;
+
 #[derive(Debug, clap::Args)]
 pub(crate) struct ProxyArgs {
     /// Host-side address: unix:PATH or tcp:IP:PORT.
@@ -55,6 +59,8 @@ pub(crate) struct ProxyConfig {
     pub(crate) channel: Channel,
     pub(crate) slots: Slots,
     pub(crate) timeouts: Timeouts,
+    /// What it counts (registered by the daemon; the one-off verb keeps them unread).
+    pub(crate) metrics: ProxyMetrics,
 }
 
 /// Most concurrent connections.
@@ -86,13 +92,19 @@ pub(crate) async fn serve(listener: Listener, cfg: ProxyConfig, shutdown: impl s
         async move {
             let Some(_held) = sources.enter(&peer, cfg.slots.per_source) else {
                 tracing::warn!(%peer, max = cfg.slots.per_source, "too many connections from this source; closed");
+                cfg.metrics.refused(cfg.channel, "per_source_limit");
                 return;
             };
+            let _open = cfg.metrics.open(cfg.channel);
             forward(client, &peer, &cfg).await
         }
     };
     // Beyond the limit the connection is closed at once (the proxy speaks no protocol).
-    let refuse = |client: BoxStream, _peer: String| async move { drop(client) };
+    let metrics = (cfg.metrics.clone(), cfg.channel);
+    let refuse = move |client: BoxStream, _peer: String| {
+        metrics.0.refused(metrics.1, "connection_limit");
+        async move { drop(client) }
+    };
     // No eviction here: one source is held to its share by the per-source limit, and the KRE
     // evicts the reads that wait longest when its own limits are reached.
     transport::accept_loop(&listener, max, shutdown, serve_one, refuse, || false).await;
@@ -181,6 +193,7 @@ async fn forward(mut client: BoxStream, peer: &str, cfg: &ProxyConfig) {
         Ok(h) => h,
         Err(refusal) => {
             if let Some((code, reason)) = refusal {
+                cfg.metrics.refused(cfg.channel, code.as_str());
                 tracing::warn!(%peer, channel = %cfg.channel, %code, %reason, "first frame refused; not forwarded");
                 let denied = Message::Denied { code, reason }.encode().unwrap_or_default();
                 let _ = tokio::time::timeout(Duration::from_secs(1), client.write_all(&denied)).await;
@@ -192,6 +205,7 @@ async fn forward(mut client: BoxStream, peer: &str, cfg: &ProxyConfig) {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(%peer, to = %cfg.to, error = %e, "cannot reach the KRE");
+            cfg.metrics.refused(cfg.channel, "kre_unreachable");
             return;
         }
     };
@@ -252,6 +266,7 @@ pub(crate) fn run(a: ProxyArgs) -> Result<(), CliError> {
     let cfg = ProxyConfig {
         to: a.to,
         channel: a.channel,
+        metrics: ProxyMetrics::default(),
         slots: Slots::new(a.max_connections, a.max_per_source),
         timeouts: Timeouts::new(
             Duration::from_secs(a.first_frame_timeout),

@@ -28,13 +28,19 @@ pub(crate) struct StatusArgs {
     json: bool,
 }
 
-pub(crate) fn run(a: StatusArgs) -> Result<(), CliError> {
-    let json = match kre_client::ask(&a.kre, &Message::Status, kre_client::DEFAULT_TIMEOUT)? {
+/// The KRE's status report, as it sent it and parsed.
+pub(crate) fn report(kre: &Addr, timeout: std::time::Duration) -> Result<(String, Value), CliError> {
+    let json = match kre_client::ask(kre, &Message::Status, timeout)? {
         Message::StatusReport { json } => json,
         m => return Err(kre_client::unexpected(&m)),
     };
     let report: Value =
         serde_json::from_str(&json).map_err(|e| CliError::refused(format!("the KRE's status is not JSON: {e}")))?;
+    Ok((json, report))
+}
+
+pub(crate) fn run(a: StatusArgs) -> Result<(), CliError> {
+    let (json, report) = report(&a.kre, kre_client::DEFAULT_TIMEOUT)?;
     if a.json {
         println!("{json}");
     } else {
@@ -48,7 +54,7 @@ pub(crate) fn run(a: StatusArgs) -> Result<(), CliError> {
 
 /// Where the KRE is, from its report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
+pub(crate) enum Phase {
     /// A KRE without custodians (a static policy), or unsealed.
     Serving,
     /// Waiting for its stored state (or a genesis).
@@ -57,7 +63,7 @@ enum Phase {
     Unsealing,
 }
 
-fn phase(report: &Value) -> Phase {
+pub(crate) fn phase(report: &Value) -> Phase {
     match report.pointer("/state/phase").and_then(Value::as_str) {
         None | Some("serving") => Phase::Serving,
         Some("unsealing") => Phase::Unsealing,
@@ -66,7 +72,20 @@ fn phase(report: &Value) -> Phase {
 }
 
 impl Phase {
-    fn describe(self, report: &Value) -> String {
+    /// The phase as a metric label.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Phase::Serving => "serving",
+            Phase::Awaiting => "awaiting",
+            Phase::Unsealing => "unsealing",
+        }
+    }
+
+    /// Every phase.
+    pub(crate) const ALL: [Phase; 3] = [Phase::Serving, Phase::Awaiting, Phase::Unsealing];
+
+    /// The phase as one line for people (the status table, a health reason).
+    pub(crate) fn describe(self, report: &Value) -> String {
         let n = |key: &str| report.pointer(&format!("/state/{key}")).and_then(Value::as_u64).unwrap_or(0);
         match self {
             Phase::Serving => "serving".to_owned(),

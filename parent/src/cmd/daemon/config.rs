@@ -103,6 +103,12 @@ keys! {
     /// How long a stop (SIGTERM, SIGINT) waits for the tasks' current steps (default 5s).
     /// Environment KEYGATE_PARENT_SHUTDOWN_GRACE.
     shutdown_grace: "DURATION",
+    /// Serve Prometheus metrics and a health check over HTTP here (GET /metrics, /healthz),
+    /// e.g. 127.0.0.1:9464; off unless set. Environment KEYGATE_PARENT_METRICS_LISTEN.
+    metrics_listen: "IP:PORT",
+    /// With metrics_listen: how often the KRE's status is asked for the metrics and health
+    /// (default 5s). Environment KEYGATE_PARENT_STATUS_EVERY.
+    status_every: "DURATION",
 }
 
 /// One proxied channel: its host side and the KRE's port.
@@ -131,6 +137,9 @@ pub(crate) struct Config {
     pub(crate) timeouts: Timeouts,
     /// How long a stop waits for the tasks' current steps.
     pub(crate) shutdown_grace: Duration,
+    /// Metrics and health over HTTP, asking the KRE's status every `status_every`.
+    pub(crate) metrics_listen: Option<std::net::SocketAddr>,
+    pub(crate) status_every: Duration,
 }
 
 /// Where a value came from.
@@ -282,6 +291,8 @@ pub(crate) fn resolve(
             l.duration("max_lifetime", secs(60))?,
         ),
         shutdown_grace: l.duration("shutdown_grace", secs(5))?,
+        metrics_listen: l.get("metrics_listen", |v: &str| v.trim().parse::<std::net::SocketAddr>())?,
+        status_every: l.duration("status_every", secs(5))?,
     })
 }
 

@@ -4,10 +4,13 @@
 //! following (with an audit directory), each the verb's own code. It decides which tasks run,
 //! that a failed step is retried (supervise.rs) rather than ending the daemon, and the stop:
 //! on SIGTERM or SIGINT the proxies stop accepting, each task finishes its current step
-//! (waited for at most `shutdown_grace`) and the daemon exits 0. It trusts the verbs' code for
-//! what each step does; configuration is config.rs.
+//! (waited for at most `shutdown_grace`) and the daemon exits 0. With `metrics_listen` it
+//! also serves Prometheus metrics and a health check (metrics.rs), asking the KRE's status
+//! every `status_every`. It trusts the verbs' code for what each step does; configuration is
+//! config.rs.
 
 mod config;
+mod metrics;
 mod supervise;
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -18,12 +21,17 @@ use tokio::task::JoinSet;
 
 pub(crate) use self::config::DaemonArgs;
 use self::config::{Config, Forward};
+use self::metrics::DaemonMetrics;
 use self::supervise::{blocking, supervise, Stop};
 use crate::backoff::Backoff;
 use crate::cmd::audit::Follower;
 use crate::cmd::custodian::sync_once;
 use crate::cmd::proxy::{self, ProxyConfig};
+use crate::cmd::status;
 use crate::error::CliError;
+
+/// How long the metrics' status ask waits for the KRE.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The wait after a task's failed step: 0.2 s doubling to 5 s, ±20 %.
 fn task_backoff() -> Backoff {
@@ -44,23 +52,30 @@ pub(crate) fn run(a: DaemonArgs) -> Result<(), CliError> {
     }
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
-    rt.block_on(daemon(cfg));
+    rt.block_on(daemon(cfg))?;
     // A blocking step still waiting on the KRE past the grace is abandoned with the process.
     rt.shutdown_timeout(Duration::from_millis(100));
     Ok(())
 }
 
-/// Starts every configured task, waits for SIGTERM or SIGINT, then stops them.
-async fn daemon(cfg: Config) {
+/// Starts every configured task, waits for SIGTERM or SIGINT, then stops them. Fails only
+/// when the metrics address cannot be bound.
+async fn daemon(cfg: Config) -> Result<(), CliError> {
     let (stop_tx, stop) = Stop::new();
     let mut tasks = JoinSet::new();
+    let metrics = match cfg.metrics_listen {
+        Some(addr) => Some(serve_metrics(addr, &cfg, &stop, &mut tasks).await?),
+        None => None,
+    };
+    let proxy_metrics = metrics.as_ref().map(|m| m.proxy.clone()).unwrap_or_default();
     let forwards = [(Channel::Release, Some(cfg.release.clone())), (Channel::Custodian, cfg.custodian.clone())];
     for (channel, forward) in forwards {
         if let Some(Forward { listen, to }) = forward {
-            let pc = ProxyConfig { to, channel, slots: cfg.slots, timeouts: cfg.timeouts };
+            let pc =
+                ProxyConfig { to, channel, slots: cfg.slots, timeouts: cfg.timeouts, metrics: proxy_metrics.clone() };
             let s = stop.clone();
             let name = if channel == Channel::Release { "proxy release" } else { "proxy custodian" };
-            tasks.spawn(supervise(name, stop.clone(), Duration::ZERO, task_backoff(), move || {
+            tasks.spawn(supervise(name, stop.clone(), Duration::ZERO, task_backoff(), metrics.clone(), move || {
                 let (listen, pc, s) = (listen.clone(), pc.clone(), s.clone());
                 async move { proxy::listen_and_serve(&listen, pc, s.wait()).await }
             }));
@@ -68,27 +83,42 @@ async fn daemon(cfg: Config) {
     }
     if let Some(dir) = cfg.state_dir.clone() {
         let kre = cfg.kre_parent.clone();
-        tasks.spawn(supervise("state sync", stop.clone(), cfg.sync_every, task_backoff(), move || {
-            let (kre, dir) = (kre.clone(), dir.clone());
-            async move {
-                let line = blocking(move || sync_once(&kre, &dir)).await?;
-                tracing::info!(task = "state sync", "{line}");
-                Ok(())
-            }
-        }));
+        tasks.spawn(supervise(
+            "state sync",
+            stop.clone(),
+            cfg.sync_every,
+            task_backoff(),
+            metrics.clone(),
+            move || {
+                let (kre, dir) = (kre.clone(), dir.clone());
+                async move {
+                    let line = blocking(move || sync_once(&kre, &dir)).await?;
+                    tracing::info!(task = "state sync", "{line}");
+                    Ok(())
+                }
+            },
+        ));
     }
     if let Some(dir) = cfg.audit_dir.clone() {
         let follower = Arc::new(Mutex::new(Follower::new(cfg.kre_parent.clone(), dir, cfg.audit_follow)));
-        tasks.spawn(supervise("audit pull", stop.clone(), Duration::ZERO, task_backoff(), move || {
-            let follower = follower.clone();
-            async move {
-                let line = blocking(move || follower.lock().unwrap_or_else(PoisonError::into_inner).round()).await?;
-                if let Some(line) = line {
-                    tracing::info!(task = "audit pull", "{line}");
+        tasks.spawn(supervise(
+            "audit pull",
+            stop.clone(),
+            Duration::ZERO,
+            task_backoff(),
+            metrics.clone(),
+            move || {
+                let follower = follower.clone();
+                async move {
+                    let line =
+                        blocking(move || follower.lock().unwrap_or_else(PoisonError::into_inner).round()).await?;
+                    if let Some(line) = line {
+                        tracing::info!(task = "audit pull", "{line}");
+                    }
+                    Ok(())
                 }
-                Ok(())
-            }
-        }));
+            },
+        ));
     }
     tracing::info!(tasks = tasks.len(), kre_parent = %cfg.kre_parent, "keygate parent ready");
     proxy::shutdown_signal().await;
@@ -100,4 +130,39 @@ async fn daemon(cfg: Config) {
         tasks.abort_all();
     }
     tracing::info!("keygate parent stopped");
+    Ok(())
+}
+
+/// Binds the metrics listener, serves it, and starts the task that asks the KRE's status
+/// every `status_every` for the metrics and health.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    cfg: &Config,
+    stop: &Stop,
+    tasks: &mut JoinSet<()>,
+) -> Result<Arc<DaemonMetrics>, CliError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| CliError::io(format!("metrics: listening on {addr}"), e))?;
+    let metrics = Arc::new(DaemonMetrics::new());
+    tracing::info!(addr = %addr, "metrics and health served over HTTP (GET /metrics, /healthz)");
+    let served = tokio::spawn(crate::metrics::serve(listener, metrics.clone(), crate::metrics::Limits::default()));
+    let s = stop.clone();
+    tokio::spawn(async move {
+        s.wait().await;
+        served.abort();
+    });
+    let (kre, m) = (cfg.kre_parent.clone(), metrics.clone());
+    // The status ask's own failures are the KRE's health, not a task's: never counted as one.
+    tasks.spawn(supervise("status", stop.clone(), cfg.status_every, task_backoff(), None, move || {
+        let (kre, m) = (kre.clone(), m.clone());
+        async move {
+            match blocking(move || status::report(&kre, STATUS_TIMEOUT)).await {
+                Ok((_, report)) => m.kre_report(&report),
+                Err(e) => m.kre_unreachable(&e.message),
+            }
+            Ok(())
+        }
+    }));
+    Ok(metrics)
 }

@@ -4,10 +4,12 @@
 //! only the pacing and the stop; what a step does is its verb's code.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
+use super::metrics::DaemonMetrics;
 use crate::backoff::Backoff;
 use crate::error::CliError;
 
@@ -42,19 +44,25 @@ impl Stop {
 
 /// Runs `step` until `stop` is set: after a successful step waits `pause`, after a failed one
 /// (an error or a panic) reports it (one line) and waits `backoff`'s next wait. A step in
-/// progress when the stop is set finishes (the daemon bounds how long it waits for it).
+/// progress when the stop is set finishes (the daemon bounds how long it waits for it). Each
+/// step's outcome is counted in `metrics` when the daemon serves them.
 pub(crate) async fn supervise<F, Fut>(
     name: &'static str,
     stop: Stop,
     pause: Duration,
     mut backoff: Backoff,
+    metrics: Option<Arc<DaemonMetrics>>,
     mut step: F,
 ) where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<(), CliError>> + Send + 'static,
 {
     while !stop.is_set() {
-        let wait = match joined(tokio::spawn(step()).await) {
+        let outcome = joined(tokio::spawn(step()).await);
+        if let Some(m) = &metrics {
+            m.step(name, outcome.as_ref().map(|_| ()).map_err(|e| e.message.as_str()));
+        }
+        let wait = match outcome {
             Ok(()) => {
                 backoff.reset();
                 pause
@@ -93,7 +101,7 @@ mod tests {
         let (tx, stop) = Stop::new();
         let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
         let counted = calls.clone();
-        let task = tokio::spawn(supervise("test", stop, MS(10), Backoff::new(MS(20), MS(20), 0), move || {
+        let task = tokio::spawn(supervise("test", stop, MS(10), Backoff::new(MS(20), MS(20), 0), None, move || {
             let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             async move {
                 match n % 3 {
