@@ -507,7 +507,7 @@ fn serve(args: EnclaveArgs, extra: &[&dyn NsmBackend], dev: DevOptions) -> Resul
             nsm = kre.nsm_kind(),
             clusters,
             client_root_sha256 = %hex::encode(anchor.fingerprint()),
-            policy_version = ?kre.policy_head().map(|(v, _)| v),
+            policy_version = kre.policy_head().map(|(v, _)| v),
             state = kre.vault_phase().map_or("ephemeral KEKs (no custodians)", |p| p.as_str()),
             "keygate-enclave ready"
         );

@@ -306,7 +306,7 @@ fn log_event(peer: &str, event: &Event) {
             tracing::info!(%peer, version, digest = %hex::encode(digest), activates_at_ms, "policy bundle accepted");
         }
         Event::Denied { code, reason, cluster, module_id } => {
-            tracing::warn!(%peer, %code, %reason, cluster = ?cluster.as_ref().map(|c| c.as_str()), module_id = ?module_id, "request denied");
+            tracing::warn!(%peer, %code, %reason, cluster = cluster.as_ref().map(|c| c.as_str()), module_id = module_id.as_deref(), "request denied");
         }
     }
 }

@@ -159,7 +159,10 @@ impl Listener {
                 let (s, _) = l.accept().await?;
                 let peer = s
                     .peer_cred()
-                    .map(|c| format!("unix pid={:?} uid={}", c.pid(), c.uid()))
+                    .map(|c| match c.pid() {
+                        Some(pid) => format!("unix pid={pid} uid={}", c.uid()),
+                        None => format!("unix uid={}", c.uid()),
+                    })
                     .unwrap_or_else(|_| "unix".into());
                 Ok((Box::new(s), peer))
             }

@@ -298,8 +298,9 @@ mod tests {
     fn a_source_is_the_ip_or_the_uid_not_the_port_or_pid() {
         assert_eq!(source_of("tcp 10.0.0.5:40001"), "10.0.0.5");
         assert_eq!(source_of("tcp [::1]:9"), "::1");
-        assert_eq!(source_of("unix pid=Some(42) uid=1000"), "unix uid=1000");
-        assert_eq!(source_of("unix pid=Some(43) uid=1000"), source_of("unix pid=Some(42) uid=1000"));
+        assert_eq!(source_of("unix pid=42 uid=1000"), "unix uid=1000");
+        assert_eq!(source_of("unix pid=43 uid=1000"), source_of("unix pid=42 uid=1000"));
+        assert_eq!(source_of("unix uid=1000"), source_of("unix pid=42 uid=1000"));
         assert_eq!(source_of("vsock cid=3 port=9"), "vsock cid=3 port=9");
     }
 
