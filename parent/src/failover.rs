@@ -416,12 +416,14 @@ impl Failover {
                 Err(e) => {
                     let class = classify(&e);
                     let kre = self.name(m);
+                    // (With one KRE, the round's end says it, as before clusters.)
                     match class {
                         Class::Final => {}
+                        _ if self.members.len() == 1 => {}
                         Class::Untrusted => {
-                            tracing::error!(%kre, error = %e, "refused a KRE's answer; asking the next KRE")
+                            tracing::error!(%kre, error = %e, "refused a KRE's answer; asking the other KREs")
                         }
-                        _ => tracing::warn!(%kre, error = %e, "KRE attempt failed; asking the next KRE"),
+                        _ => tracing::warn!(%kre, error = %e, "KRE attempt failed; asking the other KREs"),
                     }
                     schedule.on_failure(class, Instant::now());
                     if class == Class::Untrusted && untrusted.is_none() {

@@ -5,6 +5,7 @@
 pub mod e2e;
 mod process;
 pub mod relay;
+pub mod silent;
 
 pub use process::*;
 
