@@ -198,9 +198,10 @@ fn the_kms_plugin_fails_over_and_reports_an_outage() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
     let metrics = format!("127.0.0.1:{port}");
     let sock = dir.path().join("kms.sock");
-    let mut a: Vec<String> = ["kms-plugin", "--cluster", "prod", "--key-id", "etcd", "--nsm", "mock", "--mock-seed", SEED]
-        .map(String::from)
-        .to_vec();
+    let mut a: Vec<String> =
+        ["kms-plugin", "--cluster", "prod", "--key-id", "etcd", "--nsm", "mock", "--mock-seed", SEED]
+            .map(String::from)
+            .to_vec();
     a.extend(["--listen".into(), unix(&sock), "--metrics-listen".into(), metrics.clone()]);
     a.extend(["--kre".into(), unix(&dir.path().join("dead.sock")), "--kre".into(), live.addr()]);
     a.extend(["--kre-order".into(), "listed".into(), "--lease".into(), "2s".into(), "--grace".into(), "1s".into()]);
