@@ -2,8 +2,9 @@
 //! plugin, the bench and the demo use.
 //!
 //! The protocol's decisions (the KRE's attestation against `--expect-kre-pcr`, the wrap bound to
-//! it) are `keygate_enclave::peer::client`'s; this module drives it over a transport, retries what is
-//! retryable, and writes the released keys (mode 0600) and the audit receipt.
+//! it) are `keygate_enclave::peer::client`'s; this module drives one attempt over a transport
+//! (`crate::failover` decides which KRE of a cluster to ask, and what to retry), and writes the
+//! released keys (mode 0600) and the audit receipt.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -136,6 +137,9 @@ impl NsmArgs {
 
 /// Everything one fetch attempt needs.
 pub(crate) struct Fetcher {
+    /// The KRE [`Fetcher::once`] asks (the bench, the demo); `keygate fetch` and the KMS plugin
+    /// ask their members through `crate::failover` with [`Fetcher::once_at`].
+    #[cfg_attr(not(feature = "mock"), allow(dead_code))]
     pub(crate) kre: Addr,
     pub(crate) request: FetchRequest,
     pub(crate) nsm: Arc<dyn Nsm>,
@@ -159,6 +163,7 @@ fn io_err(e: FrameError) -> ClientError {
 
 impl Fetcher {
     /// One attempt, bounded by `timeout`.
+    #[cfg_attr(not(feature = "mock"), allow(dead_code))]
     pub(crate) async fn once(&self) -> Result<Fetched, ClientError> {
         self.once_at(&self.kre).await
     }
@@ -199,7 +204,8 @@ impl Fetcher {
     }
 
     /// Attempts with exponential backoff (0.2 s, 0.4 s, … capped at 5 s) while the failure is
-    /// retryable.
+    /// retryable (the bench; `keygate fetch` fails over through `crate::failover`).
+    #[cfg_attr(not(feature = "mock"), allow(dead_code))]
     pub(crate) async fn with_retries(&self, retries: u32) -> Result<Fetched, ClientError> {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5), 0);
         let mut attempt = 0;
