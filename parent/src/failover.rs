@@ -675,6 +675,114 @@ mod tests {
         assert!(now < s.deadline());
     }
 
+    fn failover(members: usize, hedge: u64, budget: u64, retries: u32) -> Failover {
+        let addrs = (0..members).map(|i| format!("unix:/k{i}").parse().expect("addr")).collect();
+        Failover::new(addrs, Order::Listed, policy(hedge, budget, retries))
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+    }
+
+    fn denied(code: DenyCode) -> ClientError {
+        ClientError::Denied { code, reason: "r".into() }
+    }
+
+    /// The driver over real futures: a member that never answers is hedged, the first answer
+    /// wins, and the one that never answers is dropped.
+    #[test]
+    fn the_driver_hedges_a_silent_member_and_takes_the_first_answer() {
+        let f = failover(3, 50, 10_000, 0);
+        let asked = std::sync::Mutex::new(Vec::new());
+        let start = Instant::now();
+        let got = rt().block_on(f.run(|kre| {
+            let name = kre.to_string();
+            asked.lock().expect("lock").push(name.clone());
+            async move {
+                if name == "unix:/k0" {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, ClientError>(name)
+            }
+        }));
+        let (v, m) = got.expect("served");
+        assert_eq!((v.as_str(), m), ("unix:/k1", 1));
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert_eq!(*asked.lock().expect("lock"), ["unix:/k0", "unix:/k1"], "k2 never asked");
+        // The next run starts at the last member that served (random order only).
+        assert_eq!(f.last_good.load(Ordering::Relaxed), 1);
+    }
+
+    /// A policy refusal ends the run: the next member is never asked, even after the hedge
+    /// delay and with rounds left.
+    #[test]
+    fn the_driver_never_asks_another_member_after_a_final_refusal() {
+        // A refusal while a hedged attempt runs ends the run at once; the hedged one is dropped.
+        let f = failover(2, 10, 10_000, 5);
+        let start = Instant::now();
+        let got = rt().block_on(f.run(|kre| {
+            let name = kre.to_string();
+            async move {
+                if name == "unix:/k0" {
+                    tokio::time::sleep(MS(30)).await;
+                    return Err(denied(DenyCode::ImageNotAllowed));
+                }
+                std::future::pending::<Result<(), ClientError>>().await
+            }
+        }));
+        assert!(matches!(got, Err(FailoverError::Final { .. })), "{got:?}");
+        assert!(start.elapsed() < Duration::from_secs(5), "not the budget: {:?}", start.elapsed());
+        let f = failover(2, 1_000, 10_000, 5);
+        let calls = AtomicUsize::new(0);
+        let got = rt().block_on(f.run(|_| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Err::<(), _>(denied(DenyCode::ImageNotAllowed)) }
+        }));
+        assert!(matches!(got, Err(FailoverError::Final { .. })), "{got:?}");
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one member asked");
+        // A member that cannot serve now is passed over.
+        let f = failover(2, 1_000, 10_000, 0);
+        let got = rt().block_on(f.run(|kre| {
+            let name = kre.to_string();
+            async move {
+                if name == "unix:/k0" {
+                    Err(denied(DenyCode::Sealed))
+                } else {
+                    Ok(name)
+                }
+            }
+        }));
+        assert_eq!(got.expect("served").1, 1);
+    }
+
+    /// Every member failing: a typed error naming the last failure, after the rounds.
+    #[test]
+    fn the_driver_reports_the_rounds_or_the_budget() {
+        let f = failover(2, 1_000, 10_000, 1);
+        let calls = AtomicUsize::new(0);
+        let got = rt().block_on(f.run(|_| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Err::<(), _>(denied(DenyCode::Busy)) }
+        }));
+        match got {
+            Err(FailoverError::Exhausted { attempts: 4, members: 2, error, .. }) => {
+                assert_eq!(error, denied(DenyCode::Busy))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 4, "two rounds over two members");
+        let f = failover(2, 20, 200, 3);
+        let start = Instant::now();
+        let got = rt().block_on(f.run(|_| std::future::pending::<Result<(), ClientError>>()));
+        assert!(start.elapsed() >= MS(200) && start.elapsed() < Duration::from_secs(5));
+        match got {
+            Err(FailoverError::Budget { attempts: 2, ref error, .. }) => {
+                assert!(matches!(error, ClientError::Transport(TransportError::NoAnswer { .. })), "{error:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn the_budget_cuts_a_hedge_wait() {
         let t0 = Instant::now();
