@@ -13,6 +13,7 @@ mod cmd;
 #[cfg(feature = "mock")]
 mod demo;
 mod error;
+mod failover;
 mod kre_client;
 mod metrics;
 mod storage;

@@ -6,6 +6,7 @@ pub mod e2e;
 mod process;
 pub mod relay;
 pub mod scrape;
+pub mod silent;
 
 pub use process::*;
 

@@ -68,6 +68,7 @@ pub struct Relay {
     attack: Arc<AtomicU8>,
     version: Arc<std::sync::atomic::AtomicU32>,
     handled: Arc<AtomicUsize>,
+    accepted: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -83,8 +84,10 @@ impl Relay {
         let attack = Arc::new(AtomicU8::new(attack.index()));
         let version = Arc::new(std::sync::atomic::AtomicU32::new(1));
         let handled = Arc::new(AtomicUsize::new(0));
+        let accepted = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (a, v, h, s, kre) = (attack.clone(), version.clone(), handled.clone(), stop.clone(), kre.to_path_buf());
+        let acc = accepted.clone();
         let verifier = Verifier::new(client_root);
         let last: LastReceipt = Arc::default();
         let thread = std::thread::spawn(move || {
@@ -93,13 +96,14 @@ impl Relay {
                     return;
                 }
                 let Ok(client) = conn else { continue };
+                acc.fetch_add(1, Ordering::SeqCst);
                 let attack = Attack::ALL[usize::from(a.load(Ordering::SeqCst))];
                 // A failed relay step is the client hanging up on a refused answer.
                 let _ = relay_one(client, &kre, attack, v.load(Ordering::SeqCst), &verifier, &last);
                 h.fetch_add(1, Ordering::SeqCst);
             }
         });
-        Relay { listen: listen.to_path_buf(), attack, version, handled, stop, thread: Some(thread) }
+        Relay { listen: listen.to_path_buf(), attack, version, handled, accepted, stop, thread: Some(thread) }
     }
 
     /// Changes what the relay does from the next connection on.
@@ -115,6 +119,11 @@ impl Relay {
     /// Connections relayed so far.
     pub fn handled(&self) -> usize {
         self.handled.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted so far (counted when accepted, before they are relayed).
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     /// Connections relayed so far, once at least `n` are (or after 5 s): the relay counts a

@@ -2,8 +2,9 @@
 //! plugin, the bench and the demo use.
 //!
 //! The protocol's decisions (the KRE's attestation against `--expect-kre-pcr`, the wrap bound to
-//! it) are `keygate_enclave::peer::client`'s; this module drives it over a transport, retries what is
-//! retryable, and writes the released keys (mode 0600) and the audit receipt.
+//! it) are `keygate_enclave::peer::client`'s; this module drives one attempt over a transport
+//! (`crate::failover` decides which KRE of a cluster to ask, and what to retry), and writes the
+//! released keys (mode 0600) and the audit receipt.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,8 +24,10 @@ use crate::error::CliError;
 #[derive(Debug, clap::Args)]
 pub(crate) struct FetchArgs {
     /// The KRE (through the parent proxy): unix:PATH, vsock:CID:PORT, tcp:IP:PORT or tcp:HOST:PORT.
-    #[arg(long)]
-    kre: Addr,
+    /// Repeatable (at most 16): the members of a KRE cluster, each checked against the same
+    /// expected images; a member that cannot serve is passed over (docs/operations.md).
+    #[arg(long, required = true)]
+    kre: Vec<Addr>,
     /// The cluster whose keys to fetch.
     #[arg(long)]
     cluster: Id,
@@ -49,12 +52,18 @@ pub(crate) struct FetchArgs {
     /// the new): all of its PCRs, as N=HEX,N=HEX,...
     #[arg(long = "expect-kre-image", value_name = "N=HEX,...")]
     expect_kre_image: Vec<super::args::KreImage>,
-    /// Retries after a retryable failure (KRE unreachable, busy, restarting).
+    /// Retries after a retryable failure (KRE unreachable, busy, restarting): further rounds
+    /// over the KREs, each after a backoff.
     #[arg(long, default_value_t = 5)]
     retries: u32,
-    /// Time limit of one attempt, seconds.
-    #[arg(long, default_value_t = 10)]
-    timeout: u64,
+    /// Time limit of one attempt (e.g. 10, 10s, 500ms; 100ms to 10m).
+    #[arg(long, default_value = "10s", value_parser = super::args::parse_duration, value_name = "DURATION")]
+    timeout: Duration,
+    /// Time limit of the whole fetch, every attempt, retry and backoff included (1s to 1h).
+    #[arg(long, default_value = "90s", value_parser = super::args::parse_duration, value_name = "DURATION")]
+    budget: Duration,
+    #[command(flatten)]
+    failover: crate::failover::FailoverArgs,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -128,6 +137,9 @@ impl NsmArgs {
 
 /// Everything one fetch attempt needs.
 pub(crate) struct Fetcher {
+    /// The KRE [`Fetcher::once`] asks (the bench, the demo); `keygate fetch` and the KMS plugin
+    /// ask their members through `crate::failover` with [`Fetcher::once_at`].
+    #[cfg_attr(not(feature = "mock"), allow(dead_code))]
     pub(crate) kre: Addr,
     pub(crate) request: FetchRequest,
     pub(crate) nsm: Arc<dyn Nsm>,
@@ -151,21 +163,28 @@ fn io_err(e: FrameError) -> ClientError {
 
 impl Fetcher {
     /// One attempt, bounded by `timeout`.
+    #[cfg_attr(not(feature = "mock"), allow(dead_code))]
     pub(crate) async fn once(&self) -> Result<Fetched, ClientError> {
-        tokio::time::timeout(self.timeout, self.attempt()).await.unwrap_or_else(|_| {
-            Err(TransportError::NoAnswer { kre: self.kre.to_string(), within: self.timeout }.into())
-        })
+        self.once_at(&self.kre).await
     }
 
-    async fn attempt(&self) -> Result<Fetched, ClientError> {
+    /// One attempt at the KRE `kre` (a member of a cluster) instead of `self.kre`, bounded by
+    /// `timeout`: a whole handshake of its own (its own nonce, attestation and key).
+    pub(crate) async fn once_at(&self, kre: &Addr) -> Result<Fetched, ClientError> {
+        tokio::time::timeout(self.timeout, self.attempt(kre))
+            .await
+            .unwrap_or_else(|_| Err(TransportError::NoAnswer { kre: kre.to_string(), within: self.timeout }.into()))
+    }
+
+    async fn attempt(&self, kre: &Addr) -> Result<Fetched, ClientError> {
         let crypto = crypto::default_backend();
         let mut rng = |b: &mut [u8]| {
             use rand_core::RngCore;
             rand_core::OsRng.fill_bytes(b);
         };
-        let mut s = transport::connect(&self.kre, self.timeout)
+        let mut s = transport::connect(kre, self.timeout)
             .await
-            .map_err(|e| TransportError::Connect { kre: self.kre.to_string(), kind: e.kind() })?;
+            .map_err(|e| TransportError::Connect { kre: kre.to_string(), kind: e.kind() })?;
         let (await_challenge, hello) = client::start(self.request.clone(), &mut rng)?;
         write_frame(&mut s, &hello, self.timeout).await.map_err(io_err)?;
         let body = read_frame(&mut s, self.timeout).await.map_err(io_err)?;
@@ -185,7 +204,8 @@ impl Fetcher {
     }
 
     /// Attempts with exponential backoff (0.2 s, 0.4 s, … capped at 5 s) while the failure is
-    /// retryable.
+    /// retryable (the bench; `keygate fetch` fails over through `crate::failover`).
+    #[cfg_attr(not(feature = "mock"), allow(dead_code))]
     pub(crate) async fn with_retries(&self, retries: u32) -> Result<Fetched, ClientError> {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5), 0);
         let mut attempt = 0;
@@ -298,10 +318,41 @@ fn write_files(dirs: &[&Path], files: &[(PathBuf, &[u8])]) -> Result<Vec<PathBuf
     Ok(temps.into_iter().map(|(_, p)| p).collect())
 }
 
+/// The failover over `--kre`'s members for one fetch: `retries` rounds at most, within
+/// `budget`, with the shared backoff between rounds (0.2 s doubling to 5 s, ±20 %).
+pub(crate) fn failover(
+    members: Vec<Addr>,
+    args: &crate::failover::FailoverArgs,
+    retries: u32,
+    budget: Duration,
+) -> crate::failover::Failover {
+    let policy = crate::failover::Policy {
+        hedge: args.hedge,
+        budget,
+        retries,
+        backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(5), 20),
+    };
+    crate::failover::Failover::new(members, args.kre_order, policy)
+}
+
+fn check_times(a: &FetchArgs) -> Result<(), CliError> {
+    a.failover.check(&a.kre)?;
+    let within = |d: Duration, lo: Duration, hi: Duration, what: &str| {
+        if d < lo || d > hi {
+            Err(CliError::input(format!("{what} must be between {lo:?} and {hi:?}, not {d:?}")))
+        } else {
+            Ok(())
+        }
+    };
+    within(a.timeout, Duration::from_millis(100), Duration::from_secs(600), "--timeout")?;
+    within(a.budget, Duration::from_secs(1), Duration::from_secs(3600), "--budget")
+}
+
 pub(crate) fn run(a: FetchArgs) -> Result<(), CliError> {
+    check_times(&a)?;
     let (nsm, anchor) = a.nsm.open_with_anchor(a.root.as_deref())?;
     let fetcher = Fetcher {
-        kre: a.kre.clone(),
+        kre: a.kre.first().cloned().ok_or_else(|| CliError::input("give at least one --kre"))?,
         request: FetchRequest {
             cluster: a.cluster.clone(),
             key_ids: a.key_id.clone(),
@@ -310,12 +361,14 @@ pub(crate) fn run(a: FetchArgs) -> Result<(), CliError> {
         },
         nsm,
         kre_verifier: Verifier::new(anchor),
-        timeout: Duration::from_secs(a.timeout.max(1)),
+        timeout: a.timeout,
     };
+    let members = failover(a.kre.clone(), &a.failover, a.retries, a.budget);
     let rt =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
-    let fetched =
-        rt.block_on(fetcher.with_retries(a.retries)).map_err(|e| CliError::refused(format!("fetch failed: {e}")))?;
+    let (fetched, _) = rt
+        .block_on(members.run(|kre| fetcher.once_at(kre)))
+        .map_err(|e| CliError::refused(format!("fetch failed: {e}")))?;
     let (paths, receipt_path) = write_keys(&a.out, &fetched.keys, &fetched.receipt)?;
     let r = &fetched.receipt;
     if a.json {

@@ -62,9 +62,10 @@ pub(crate) struct KmsPluginArgs {
     #[arg(long, value_name = "DIR", required_unless_present = "kre", conflicts_with = "kre")]
     keys: Option<PathBuf>,
     /// Fetch the key from the KRE (unix:PATH, vsock:CID:PORT or tcp:IP:PORT) and re-attest on
-    /// the lease.
+    /// the lease. Repeatable (at most 16): the members of a KRE cluster, each checked against
+    /// the same expected images; a member that cannot serve is passed over.
     #[arg(long, value_name = "ADDR")]
-    kre: Option<Addr>,
+    kre: Vec<Addr>,
     /// With --kre: keep the audit receipt of every fetch in DIR (created with mode 0700), as
     /// `<chain id prefix>-<seq>.receipt` (mode 0600, fsynced), for `keygate audit verify
     /// --receipts DIR`. Without it, receipts are checked but not kept.
@@ -94,6 +95,12 @@ pub(crate) struct KmsPluginArgs {
     /// Time limit of one fetch attempt.
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     fetch_timeout: Duration,
+    /// With --kre: time limit of one refresh over the KREs, every attempt at every KRE
+    /// included. Default: twice --fetch-timeout.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    fetch_budget: Option<Duration>,
+    #[command(flatten)]
+    failover: crate::failover::FailoverArgs,
     /// With --keys: how often the directory is rescanned.
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     rescan: Duration,
@@ -338,18 +345,27 @@ fn check_limits(a: &KmsPluginArgs) -> Result<(), CliError> {
     if a.max_concurrent == 0 || a.max_concurrent > 4096 {
         return Err(CliError::input("--max-concurrent must be 1 to 4096"));
     }
-    if a.kre.is_some() && a.expect_kre_pcr.is_empty() {
+    if !a.kre.is_empty() && a.expect_kre_pcr.is_empty() {
         return Err(CliError::input("--kre needs at least one --expect-kre-pcr"));
     }
+    if !a.kre.is_empty() {
+        a.failover.check(&a.kre)?;
+    }
+    within(fetch_budget(a), Duration::from_millis(100), Duration::from_secs(600), "--fetch-budget")?;
     Ok(())
+}
+
+/// `--fetch-budget`, or twice `--fetch-timeout`.
+fn fetch_budget(a: &KmsPluginArgs) -> Duration {
+    a.fetch_budget.unwrap_or(a.fetch_timeout.saturating_mul(2))
 }
 
 pub(crate) fn run(a: KmsPluginArgs) -> Result<(), CliError> {
     check_limits(&a)?;
     let ring = KeyRing::new(a.cluster.clone(), a.key_id.clone());
-    let (mode, fetcher) = match (&a.keys, &a.kre) {
-        (Some(dir), None) => (Mode::Dir { dir: dir.clone(), problem: None }, None),
-        (None, Some(kre)) => {
+    let (mode, fetcher) = match (&a.keys, a.kre.as_slice()) {
+        (Some(dir), []) => (Mode::Dir { dir: dir.clone(), problem: None }, None),
+        (None, [kre, ..]) => {
             let (nsm, anchor) = a.nsm.open_with_anchor(a.root.as_deref())?;
             let fetcher = Fetcher {
                 kre: kre.clone(),
@@ -364,7 +380,9 @@ pub(crate) fn run(a: KmsPluginArgs) -> Result<(), CliError> {
                 timeout: a.fetch_timeout,
             };
             let policy = LeasePolicy { lease: a.lease, grace: a.grace };
-            (Mode::Kre { lease: Lease::new(policy, Instant::now()) }, Some(fetcher))
+            // One round over the KREs per refresh: the lease paces the refreshes.
+            let members = crate::cmd::fetch::failover(a.kre.clone(), &a.failover, 0, fetch_budget(&a));
+            (Mode::Kre { lease: Lease::new(policy, Instant::now()) }, Some((fetcher, members)))
         }
         _ => return Err(CliError::input("give exactly one of --keys DIR and --kre ADDR")),
     };
@@ -395,14 +413,21 @@ pub(crate) fn run(a: KmsPluginArgs) -> Result<(), CliError> {
         }
         let listener = bind_socket(&a.listen.0)?;
         match fetcher {
-            Some(f) => {
+            Some((f, members)) => {
                 let p = LeasePolicy { lease: a.lease, grace: a.grace };
-                tracing::info!(lease = ?p.lease, grace = ?p.grace, kre = %f.kre, "keys come from the KRE, on a lease");
+                let kres: Vec<String> = members.members().iter().map(ToString::to_string).collect();
+                tracing::info!(lease = ?p.lease, grace = ?p.grace, kre = %kres.join(" "), "keys come from the KRE, on a lease");
                 match &a.receipts {
                     Some(d) => tracing::info!(dir = %d.display(), "audit receipts are kept"),
                     None => tracing::warn!("no --receipts DIR: the audit receipts of fetches are checked but not kept"),
                 }
-                source_rt.spawn(source::refresh_from_kre(shared.clone(), f, a.key_id.clone(), a.receipts.clone()));
+                source_rt.spawn(source::refresh_from_kre(
+                    shared.clone(),
+                    f,
+                    members,
+                    a.key_id.clone(),
+                    a.receipts.clone(),
+                ));
             }
             None => {
                 let dir = a.keys.clone().unwrap_or_default();

@@ -16,6 +16,7 @@ use super::keyring::{parse_version, Insert};
 use super::metrics::FetchOutcome;
 use super::{Mode, Shared};
 use crate::cmd::fetch::{write_receipt, Fetcher};
+use crate::failover::Failover;
 
 /// Most directory entries looked at per scan.
 const MAX_DIR_ENTRIES: usize = 4096;
@@ -142,10 +143,13 @@ pub(crate) async fn watch_dir(shared: Arc<Shared>, dir: std::path::PathBuf, key_
 
 /// `--kre`: fetches the key from the KRE, then re-fetches (re-attests) on the lease; drops the
 /// keys when the lease says so; keeps each fetch's audit receipt in `receipts`, when given.
+/// Each fetch is one round over the KREs in `members` (`failover`): the lease sees the member
+/// that served, or the error that decided the round (a refusal, a refused answer, an outage).
 /// Runs until the process ends.
 pub(crate) async fn refresh_from_kre(
     shared: Arc<Shared>,
     fetcher: Fetcher,
+    members: Failover,
     key_id: Id,
     receipts: Option<std::path::PathBuf>,
 ) {
@@ -173,7 +177,21 @@ pub(crate) async fn refresh_from_kre(
             tokio::time::sleep_until(wake.into()).await;
             continue;
         }
-        let result = fetcher.once().await;
+        let result = match members.run(|kre| fetcher.once_at(kre)).await {
+            Ok((fetched, m)) => {
+                if members.members().len() > 1 {
+                    let kre = members.members().get(m).map(ToString::to_string).unwrap_or_default();
+                    tracing::debug!(%kre, "served by");
+                }
+                Ok(fetched)
+            }
+            Err(e) => {
+                if members.members().len() > 1 {
+                    tracing::warn!(error = %e, "no KRE served this refresh");
+                }
+                Err(e.client_error().clone())
+            }
+        };
         if let (Ok(fetched), Some(dir)) = (&result, &receipts) {
             // Every release the KRE made is kept, whether or not its keys are taken below: the
             // receipt proves the release's entry must be in the stored trail. A receipt that
