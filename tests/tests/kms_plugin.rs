@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use keygate_tests::e2e::{dev_kre, pcr_args, prod_policy_for, unix, Logged};
+use keygate_tests::e2e::{dev_kre, pcr_args, pcr_list, prod_policy_for, unix, Logged};
 use keygate_tests::scrape::{free_loopback_addr, python_ready, sample, scrape};
 use keygate_tests::{bin, keygate, run_with_limit, TempDir};
 use tonic::{Code, Status};
@@ -203,7 +203,20 @@ fn start_plugin_on_dir(dir: &Path, keys: &Path, more: &[String]) -> (Proc, PathB
 }
 
 fn start_plugin_on_kre(dir: &Path, kre_sock: &Path, lease: &str, grace: &str) -> (Proc, PathBuf) {
-    let sock = dir.join("kms.sock");
+    start_plugin_expecting(dir, kre_sock, lease, grace, "kms", pcr_args("--expect-kre-pcr", KRE_PCR, 3))
+}
+
+/// A plugin on the KRE at `kre_sock` that accepts the KRE images `expect` names, socket
+/// `dir/<name>.sock`.
+fn start_plugin_expecting(
+    dir: &Path,
+    kre_sock: &Path,
+    lease: &str,
+    grace: &str,
+    name: &str,
+    expect: Vec<String>,
+) -> (Proc, PathBuf) {
+    let sock = dir.join(format!("{name}.sock"));
     let mut extra: Vec<String> = vec![
         "--kre".into(),
         unix(kre_sock),
@@ -221,8 +234,9 @@ fn start_plugin_on_kre(dir: &Path, kre_sock: &Path, lease: &str, grace: &str) ->
         dir.join("plugin-receipts").display().to_string(),
     ];
     extra.extend(pcr_args("--mock-pcr", GOOD, 3));
-    extra.extend(pcr_args("--expect-kre-pcr", KRE_PCR, 3));
-    let mut p = Proc::spawn(Command::new(bin("keygate")).args(plugin_args(&sock, &extra)), dir.join("plugin.log"));
+    extra.extend(expect);
+    let log = dir.join(format!("{}.log", if name == "kms" { "plugin" } else { name }));
+    let mut p = Proc::spawn(Command::new(bin("keygate")).args(plugin_args(&sock, &extra)), log);
     p.process.wait_for_socket(&sock);
     (p, sock)
 }
@@ -528,6 +542,33 @@ async fn metrics_and_healthz_over_http_parse_as_prometheus_text() {
 }
 
 // ---- on a real KRE, with a lease ----
+
+/// A KRE upgrade: the plugin names the old image with `--expect-kre-pcr` and the new one with
+/// `--expect-kre-image`, and is served by a KRE of the new image; a plugin that names neither
+/// the running image never holds a key and says why in its health.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plugin_accepts_either_kre_image_during_an_upgrade() {
+    let dir = TempDir::new("keygate-kms-plugin").expect("tmp");
+    let kre_sock = dir.path().join("kre.sock");
+    let _kre = start_kre(dir.path(), &kre_sock, true, "kre1");
+    let expecting = |image: u8| {
+        let mut e = pcr_args("--expect-kre-pcr", 0x11, 3);
+        e.extend(["--expect-kre-image".into(), pcr_list(image)]);
+        e
+    };
+    let (upgraded, sock) = start_plugin_expecting(dir.path(), &kre_sock, "30s", "5s", "upgraded", expecting(KRE_PCR));
+    let mut kms = Kms::connect(&sock).await;
+    let s = kms.wait_status(Duration::from_secs(15), |s| s.healthz == "ok").await;
+    assert_eq!(s.key_id, "prod/etcd-kek/v1", "{}", upgraded.log());
+    let e = kms.encrypt(&seed(5)).await.expect("encrypt");
+    assert_eq!(kms.decrypt(&e.ciphertext, &e.key_id).await.expect("decrypt"), seed(5));
+
+    let (stale, sock) = start_plugin_expecting(dir.path(), &kre_sock, "30s", "5s", "stale", expecting(0x22));
+    let mut kms = Kms::connect(&sock).await;
+    let s = kms.wait_status(Duration::from_secs(15), |s| s.healthz.contains("attestation refused")).await;
+    assert!(s.healthz.contains("PCR0 mismatch"), "{}: {}", s.healthz, stale.log());
+    assert!(kms.encrypt(&seed(6)).await.is_err(), "no key, no Encrypt");
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kre_lease_is_renewed_and_a_revoked_image_stops_within_the_lease() {
