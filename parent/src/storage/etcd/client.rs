@@ -4,8 +4,8 @@
 //!
 //! What it decides: which endpoint to ask (the one that answered last, then the next ones in
 //! order), when to give up (one deadline per operation, shared by its attempts; a connect has
-//! its own shorter bound), which failures are worth another endpoint (`Unavailable`: refused,
-//! reset, no leader) and which are the answer (every other status). What it trusts: nothing
+//! its own shorter bound), which failures are worth another endpoint (the transport's and
+//! `Unavailable`: refused, reset, no leader) and which are the answer (every other status). What it trusts: nothing
 //! etcd says beyond the protobuf decoding; answers larger than [`Limits::max_response`] are
 //! refused by the decoder before they are allocated, and server messages are shortened before
 //! they are kept. Plaintext HTTP/2 only (no TLS, no etcd authentication).
@@ -182,6 +182,13 @@ pub(crate) enum EtcdError {
     },
 }
 
+/// A failure of the connection or of the member (refused, reset, no leader), not an answer:
+/// the next endpoint is asked. (etcd's own refusals carry other codes.)
+fn worth_another_endpoint(code: tonic::Code) -> bool {
+    use tonic::Code::{Cancelled, DeadlineExceeded, Unavailable, Unknown};
+    matches!(code, Unavailable | Unknown | Cancelled | DeadlineExceeded)
+}
+
 fn shorten(s: &str) -> String {
     s.chars().take(MAX_MESSAGE).filter(|c| !c.is_control()).collect()
 }
@@ -261,7 +268,7 @@ impl EtcdClient {
                 };
                 match tokio::time::timeout(left, f(channel.clone(), limits)).await {
                     Ok(Ok(v)) => Ok((v, channel)),
-                    Ok(Err(s)) if s.code() == tonic::Code::Unavailable => {
+                    Ok(Err(s)) if worth_another_endpoint(s.code()) => {
                         Err(Attempt::Next(format!("{endpoint}: {}", shorten(s.message()))))
                     }
                     Ok(Err(s)) => Err(Attempt::Final(EtcdError::Status {
