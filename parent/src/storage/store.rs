@@ -19,7 +19,9 @@ use super::state::{Loaded, SlotProblem, StateFs, StateStore, StateStoreError};
 #[non_exhaustive]
 pub(crate) enum StoreError {
     /// Another writer stored this or a newer generation first: do not commit.
-    #[error("generation {generation} not stored: the store holds generation {stored} from another writer; not committed")]
+    #[error(
+        "generation {generation} not stored: the store holds generation {stored} from another writer; not committed"
+    )]
     Conflict {
         /// The generation offered.
         generation: u64,
@@ -27,7 +29,9 @@ pub(crate) enum StoreError {
         stored: u64,
     },
     /// The store is behind: the offered generation does not follow the stored one.
-    #[error("generation {generation} not stored: the store holds generation {stored}, and only the one after it may follow")]
+    #[error(
+        "generation {generation} not stored: the store holds generation {stored}, and only the one after it may follow"
+    )]
     Gap {
         /// The generation offered.
         generation: u64,
@@ -88,7 +92,9 @@ impl From<StateStoreError> for StoreError {
     fn from(e: StateStoreError) -> Self {
         match e {
             StateStoreError::StaleGeneration { generation, stored } => StoreError::Conflict { generation, stored },
-            StateStoreError::GenerationConflict { generation } => StoreError::Conflict { generation, stored: generation },
+            StateStoreError::GenerationConflict { generation } => {
+                StoreError::Conflict { generation, stored: generation }
+            }
             e => StoreError::Dir(e),
         }
     }

@@ -52,7 +52,9 @@ pub(crate) enum EtcdUrlError {
     NoEndpoint,
     #[error("the etcd URL names {0} endpoints; at most {MAX_ENDPOINTS}")]
     TooManyEndpoints(usize),
-    #[error("`{0}` is not an etcd endpoint: expected HOST:PORT (a name, an IPv4 address or [IPv6], and a port 1-65535)")]
+    #[error(
+        "`{0}` is not an etcd endpoint: expected HOST:PORT (a name, an IPv4 address or [IPv6], and a port 1-65535)"
+    )]
     BadEndpoint(String),
     #[error("the etcd key prefix must be at most {MAX_PREFIX} bytes of letters, digits and `/._-`, without `//` or a trailing `/`")]
     BadPrefix,
@@ -124,7 +126,12 @@ pub(crate) struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { connect: Duration::from_secs(2), call: Duration::from_secs(5), max_response: 2 << 20, max_request: 2 << 20 }
+        Self {
+            connect: Duration::from_secs(2),
+            call: Duration::from_secs(5),
+            max_response: 2 << 20,
+            max_request: 2 << 20,
+        }
     }
 }
 
@@ -222,16 +229,6 @@ impl EtcdClient {
         Ok(Self { rt, url, limits, active: 0, channel: None })
     }
 
-    /// The URL.
-    pub(crate) fn url(&self) -> &EtcdUrl {
-        &self.url
-    }
-
-    /// The limits.
-    pub(crate) fn limits(&self) -> Limits {
-        self.limits
-    }
-
     /// Runs `f` against one endpoint after another (starting with the last that answered)
     /// until one answers, all are tried, or the operation's deadline passes.
     fn call<T, F, Fut>(&mut self, op: &'static str, f: F) -> Result<T, EtcdError>
@@ -277,7 +274,9 @@ impl EtcdClient {
                         code: s.code(),
                         message: shorten(s.message()),
                     })),
-                    Err(_) => Err(Attempt::Final(EtcdError::Timeout { op, endpoint: endpoint.clone(), limit: limits.call })),
+                    Err(_) => {
+                        Err(Attempt::Final(EtcdError::Timeout { op, endpoint: endpoint.clone(), limit: limits.call }))
+                    }
                 }
             });
             match outcome {
@@ -355,7 +354,7 @@ impl EtcdClient {
                         if resp.canceled {
                             return Ok(Err("canceled"));
                         }
-                        let put = resp.events.into_iter().rev().find(|e| e.r#type == EventType::Put as i32);
+                        let put = resp.events.into_iter().rev().find(|e| e.r#type() == EventType::Put);
                         if let Some(kv) = put.and_then(|e| e.kv) {
                             return Ok(Ok(kv));
                         }
@@ -421,9 +420,10 @@ mod tests {
         let ports: Vec<u16> = (0..3)
             .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port())
             .collect();
-        let url: EtcdUrl = format!("etcd://{}", ports.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>().join(","))
-            .parse()
-            .expect("url");
+        let url: EtcdUrl =
+            format!("etcd://{}", ports.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>().join(","))
+                .parse()
+                .expect("url");
         let limits = Limits { call: Duration::from_secs(3), ..Limits::default() };
         let mut c = EtcdClient::new(url, limits).expect("client");
         let t = Instant::now();

@@ -75,15 +75,15 @@ impl Kv for EtcdClient {
             .iter()
             .map(|c| match c {
                 Cond::Absent(key) => Compare {
-                    result: compare::CompareResult::Equal as i32,
-                    target: compare::CompareTarget::Version as i32,
+                    result: i32::from(compare::CompareResult::Equal),
+                    target: i32::from(compare::CompareTarget::Version),
                     key: key.clone(),
                     target_union: Some(compare::TargetUnion::Version(0)),
                     range_end: Vec::new(),
                 },
                 Cond::ValueIs(key, value) => Compare {
-                    result: compare::CompareResult::Equal as i32,
-                    target: compare::CompareTarget::Value as i32,
+                    result: i32::from(compare::CompareResult::Equal),
+                    target: i32::from(compare::CompareTarget::Value),
                     key: key.clone(),
                     target_union: Some(compare::TargetUnion::Value(value.clone())),
                     range_end: Vec::new(),
@@ -210,7 +210,8 @@ impl<K: Kv> EtcdStore<K> {
         let key = self.generation_key(g).into_bytes();
         let puts = [(key.clone(), blob.to_vec()), (current, g.to_string().into_bytes())];
         // Keep the generation before as the fallback; the one before it goes.
-        let deletes: Vec<Vec<u8>> = g.checked_sub(2).map(|old| self.generation_key(old).into_bytes()).into_iter().collect();
+        let deletes: Vec<Vec<u8>> =
+            g.checked_sub(2).map(|old| self.generation_key(old).into_bytes()).into_iter().collect();
         if !self.kv.txn(&[when], &puts, &deletes)? {
             // Lost the race (or an earlier attempt of ours applied after all): what is there?
             return match self.current()? {
@@ -305,6 +306,6 @@ impl<K: Kv> SealedStore for EtcdStore<K> {
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod real_tests;
+#[cfg(test)]
+mod tests;

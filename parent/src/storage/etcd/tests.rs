@@ -199,7 +199,11 @@ fn an_oversized_blob_is_refused_before_it_is_sent() {
     let mut state = KreState { generation: 1, ..KreState::default() };
     for c in 0..40 {
         let versions = (1..=800u32)
-            .map(|v| KekEntry { version: v, status: KekStatus::Active, kek: keygate_attestation::secret::Secret::new([3; 32]) })
+            .map(|v| KekEntry {
+                version: v,
+                status: KekStatus::Active,
+                kek: keygate_attestation::secret::Secret::new([3; 32]),
+            })
             .collect();
         state.clusters.insert(Id::new(&format!("c{c}")).expect("id"), versions);
     }
