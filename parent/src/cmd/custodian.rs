@@ -575,11 +575,13 @@ fn store_and_commit_etcd(
     store.store_custody(&digest, &encode_custody(&r.shares, &r.genesis_attestation)?).map_err(not_committed)?;
     let g = match store.store(&r.blob) {
         Ok(g) => g,
-        Err(StoreError::Conflict { generation, stored }) => return Ok(EtcdRound::Lost(format!(
+        Err(StoreError::Conflict { generation, stored }) => {
+            return Ok(EtcdRound::Lost(format!(
             "generation {generation} not committed: {url} holds generation {stored}, stored by another parent first; \
                  this parent stops committing (the KRE keeps serving its committed generation {})",
             r.committed_generation
-        ))),
+        )))
+        }
         Err(e) => return Err(not_committed(e)),
     };
     if g != r.export_generation {
