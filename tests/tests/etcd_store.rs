@@ -3,16 +3,18 @@
 //! into etcd, a policy change stored and committed by `state sync --store etcd://…` with one
 //! etcd member killed, a second parent whose KRE exports the same generation losing the
 //! compare-and-swap (nothing committed, its KRE keeps refusing the uncommitted change), and a
-//! killed KRE handed its state back from etcd and unsealed.
+//! killed KRE handed its state back from etcd and unsealed; and the daemon (`state_store`)
+//! committing a change into etcd.
 
 use std::path::Path;
-use std::process::Output;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 use keygate_tests::e2e::{
-    dev_kre, keygate_args, ok, path_arg as s, pcr_args, pcr_list, propose, refused, unix, DevKre as Kre,
+    dev_kre, keygate_args, ok, path_arg as s, pcr_args, pcr_list, propose, refused, unix, DevKre as Kre, Logged,
 };
 use keygate_tests::etcd::EtcdCluster;
-use keygate_tests::{keygate, TempDir};
+use keygate_tests::{bin, keygate, TempDir};
 
 const SEED: &str = "etcd-store-e2e";
 const KRE_PCR: u8 = 0x4b;
@@ -81,12 +83,9 @@ fn push_v2(d: &Path, kre: &Kre) {
     );
 }
 
-#[test]
-fn state_sync_with_an_etcd_store_commits_and_a_parent_that_loses_the_cas_commits_nothing() {
-    let mut etcd = EtcdCluster::start(3).unwrap_or_else(|e| panic!("{e}"));
-    let url = etcd.url("/e2e");
-    let dir = TempDir::new("keygate-etcd-e2e").expect("tmp");
-    let d = dir.path();
+/// The custodians' keys c1-c3, the approver a1, the mock root, the genesis bundle and a
+/// signed bundle v2 that adds the control plane `cp` to `prod` (a new KEK: a new generation).
+fn setup(d: &Path) {
     let p = |n: &str| d.join(n);
     for c in ["c1", "c2", "c3", "a1"] {
         ok(keygate(&["keygen", "-o", &s(&p(&format!("{c}.pem")))]));
@@ -107,6 +106,16 @@ fn state_sync_with_an_etcd_store_commits_and_a_parent_that_loses_the_cas_commits
     propose(&p("genesis.bundle"), &[format!("prod=cp@{}", pcr_list(CP_PCR))], &p("v2.proposal"));
     ok(keygate(&["policy", "sign", &s(&p("v2.proposal")), "--key", &s(&p("a1.pem")), "--yes", "-o", &s(&p("sig"))]));
     ok(keygate(&["policy", "assemble", &s(&p("v2.proposal")), &s(&p("sig")), "-o", &s(&p("v2.bundle"))]));
+}
+
+#[test]
+fn state_sync_with_an_etcd_store_commits_and_a_parent_that_loses_the_cas_commits_nothing() {
+    let mut etcd = EtcdCluster::start(3).unwrap_or_else(|e| panic!("{e}"));
+    let url = etcd.url("/e2e");
+    let dir = TempDir::new("keygate-etcd-e2e").expect("tmp");
+    let d = dir.path();
+    let p = |n: &str| d.join(n);
+    setup(d);
 
     // Parent A: genesis into etcd.
     let a = start_kre(d, "a", &["c1", "c2", "c3"]);
@@ -153,4 +162,33 @@ fn state_sync_with_an_etcd_store_commits_and_a_parent_that_loses_the_cas_commits
     ok(keygate(&["policy", "restore", "--kre", &b.parent(), "--store", &s(&bundles(&b))]));
     ok(fetch(&b, &p("kb2")));
     assert_eq!(std::fs::read(p("kb2/etcd.key")).expect("key"), key_b, "the same data key from the etcd store");
+}
+
+/// `keygate parent` with `state_store`: the daemon's state sync task stores and commits a
+/// pending change into etcd; the change becomes usable without any other parent step.
+#[test]
+fn the_daemon_with_an_etcd_state_store_stores_and_commits() {
+    let etcd = EtcdCluster::start(3).unwrap_or_else(|e| panic!("{e}"));
+    let url = etcd.url("/daemon");
+    let dir = TempDir::new("keygate-etcd-daemon").expect("tmp");
+    let d = dir.path();
+    setup(d);
+    let kre = start_kre(d, "k", &["c1", "c2", "c3"]);
+    ok(keygate(&["custodian", "init", "--kre", &kre.parent(), "--store", &url]));
+    push_v2(d, &kre);
+    refused(fetch(&kre, &d.join("k0")), "policy_not_durable");
+    let mut cmd = Command::new(bin("keygate"));
+    cmd.args(["parent", "--kre-parent", &kre.parent(), "--release-to", &kre.addr()])
+        .args(["--release-listen", &unix(&d.join("proxy.sock")), "--state-store", &url, "--sync-every", "1s"])
+        .env("KEYGATE_LOG", "info");
+    let daemon = Logged::start(&mut cmd, &d.join("parent.log"));
+    let start = Instant::now();
+    while !fetch(&kre, &d.join("k1")).status.success() {
+        assert!(start.elapsed() < Duration::from_secs(40), "not committed by the daemon: {}", daemon.log());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let log = daemon.stop();
+    assert!(log.contains("stored and committed generation 2 in etcd://"), "{log}");
+    let out = ok(sync(&kre, &url));
+    assert!(out.contains("nothing new to store"), "{out}");
 }
