@@ -239,3 +239,31 @@ impl Drop for EtcdCluster {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_server_names_the_set_up_script_and_sizes_are_bounded() {
+        assert!(EtcdClusterError::Missing.to_string().contains("bash .ci/etcd-deps.sh"));
+        if Path::new(ETCD_BIN).exists() {
+            assert!(matches!(EtcdCluster::start(0), Err(EtcdClusterError::Size(0))));
+            assert!(matches!(EtcdCluster::start(MAX_MEMBERS + 1), Err(EtcdClusterError::Size(_))));
+        }
+    }
+
+    /// One member: killed, it is not healthy; restarted on its data, it is again.
+    #[test]
+    fn a_member_is_killed_and_restarted_on_its_data() {
+        let mut c = EtcdCluster::start(1).unwrap_or_else(|e| panic!("{e}"));
+        let addr = c.client_addr(0).expect("member 0");
+        assert!(healthy(addr.port()));
+        c.kill(0).expect("kill");
+        assert!(!healthy(addr.port()));
+        c.restart(0).expect("restart");
+        assert!(healthy(addr.port()));
+        assert!(matches!(c.kill(3), Err(EtcdClusterError::NoMember(3))));
+        assert!(c.url("/p").starts_with("etcd://127.0.0.1:") && c.url("/p").ends_with("/p"));
+    }
+}
