@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod e2e;
+pub mod etcd;
 mod process;
 pub mod relay;
 pub mod scrape;

@@ -21,7 +21,9 @@ use sha2::{Digest, Sha384};
 
 use crate::error::CliError;
 use crate::kre_client::{self, Connection};
+use crate::storage::etcd::{EtcdStore, EtcdUrl};
 use crate::storage::state::{DirFs, StateFs, StateStore};
+use crate::storage::store::{SealedStore, StoreError};
 
 /// The custody file of one custodian set, `custody-<hex set digest>.bin`:
 /// `"KGCUSTDY" ‖ u32be n ‖ shares file ‖ u32be m ‖ genesis attestation`. A sealed blob's header
@@ -51,8 +53,12 @@ pub(crate) struct SyncArgs {
     #[arg(long)]
     kre: Addr,
     /// The parent's state directory (created 0700 if missing).
-    #[arg(long)]
-    state_dir: PathBuf,
+    #[arg(long, required_unless_present = "store", conflicts_with = "store")]
+    state_dir: Option<PathBuf>,
+    /// Keep the sealed state in etcd instead, shared with other parents:
+    /// etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (docs/durability.md, "The etcd backend").
+    #[arg(long, value_name = "URL")]
+    store: Option<EtcdUrl>,
     /// Keep syncing every this many seconds.
     #[arg(long, value_name = "SECONDS")]
     follow: Option<u64>,
@@ -93,8 +99,11 @@ pub(crate) struct InitArgs {
     #[arg(long)]
     kre: Addr,
     /// The parent's state directory (must hold no state).
-    #[arg(long)]
-    state_dir: PathBuf,
+    #[arg(long, required_unless_present = "store", conflicts_with = "store")]
+    state_dir: Option<PathBuf>,
+    /// Store the genesis in etcd instead (which must hold no state): etcd://HOST:PORT[,...][/PREFIX].
+    #[arg(long, value_name = "URL")]
+    store: Option<EtcdUrl>,
 }
 
 /// `keygate custodian unseal`.
@@ -129,8 +138,10 @@ pub(crate) struct UnsealArgs {
 
 pub(crate) fn run_state(cmd: StateCommand) -> Result<(), CliError> {
     match cmd {
+        StateCommand::Sync(a) if a.store.is_some() => sync_etcd(&a),
         StateCommand::Sync(a) => loop {
-            match (sync_once(&a.kre, &a.state_dir), a.follow) {
+            let dir = a.state_dir.as_deref().ok_or_else(|| CliError::input("give --state-dir DIR or --store URL"))?;
+            match (sync_once(&a.kre, dir), a.follow) {
                 (Ok(line), _) => println!("{line}"),
                 (Err(e), None) => return Err(e),
                 // Following: a failed round (KRE restarting, disk full) is reported and retried;
@@ -147,6 +158,7 @@ pub(crate) fn run_state(cmd: StateCommand) -> Result<(), CliError> {
 
 pub(crate) fn run_custodian(cmd: CustodianCommand) -> Result<(), CliError> {
     match cmd {
+        CustodianCommand::Init(a) if a.store.is_some() => init_etcd(&a),
         CustodianCommand::Init(a) => init(&a),
         CustodianCommand::Unseal(a) => unseal(&a),
         CustodianCommand::Reshare(a) => reshare(&a),
@@ -342,26 +354,24 @@ pub(crate) fn sync_once(kre: &Addr, dir: &Path) -> Result<String, CliError> {
 }
 
 fn init(a: &InitArgs) -> Result<(), CliError> {
-    open_dir(&a.state_dir)?;
-    let mut store = StateStore::new(DirFs::new(&a.state_dir));
+    let state_dir = a.state_dir.as_deref().ok_or_else(|| CliError::input("give --state-dir DIR or --store URL"))?;
+    open_dir(state_dir)?;
+    let mut store = StateStore::new(DirFs::new(state_dir));
     if let Ok(Some(l)) = store.load(0) {
         return Err(CliError::refused(format!(
             "{} already holds sealed state generation {}: genesis refused (restart the KRE and unseal instead)",
-            a.state_dir.display(),
+            state_dir.display(),
             l.header.generation
         )));
     }
-    if any_custody(&a.state_dir) {
-        return Err(CliError::refused(format!(
-            "{} already holds custody data: genesis refused",
-            a.state_dir.display()
-        )));
+    if any_custody(state_dir) {
+        return Err(CliError::refused(format!("{} already holds custody data: genesis refused", state_dir.display())));
     }
     let r = state_report(&a.kre, &Message::StateGenesis)?;
-    let g = store_and_commit(&a.kre, &a.state_dir, &r)?;
+    let g = store_and_commit(&a.kre, state_dir, &r)?;
     println!(
         "genesis: generation {g} stored in {} and committed; {}-of-N custodians hold the state key",
-        a.state_dir.display(),
+        state_dir.display(),
         r.threshold
     );
     Ok(())
@@ -521,4 +531,185 @@ fn reshare(a: &ReshareArgs) -> Result<(), CliError> {
     );
     println!("then store it: keygate state sync --kre PARENT-CHANNEL --state-dir DIR; the KRE image for the new set is configured with --custodian for each new key");
     Ok(())
+}
+
+// ---------- the etcd backend (`--store etcd://…`) ----------
+
+/// What one sync round against etcd did.
+#[derive(Debug)]
+pub(crate) enum EtcdRound {
+    /// A line describing it, and the newest generation the store is known to hold.
+    Done(String, u64),
+    /// Another parent stored this or a newer generation first: nothing was committed, and this
+    /// parent stops committing (adopting the newer generation into the KRE is not built).
+    Lost(String),
+}
+
+fn etcd_store(url: &EtcdUrl) -> Result<EtcdStore, CliError> {
+    EtcdStore::connect(url).map_err(|e| CliError::io(format!("etcd {url}"), e))
+}
+
+/// Commits generation `g` to the KRE, naming the blob as read back from the store.
+fn commit(kre: &Addr, g: u64, blob: &[u8]) -> Result<u64, CliError> {
+    let sha: [u8; 48] = Sha384::digest(blob).into();
+    match kre_client::ask(kre, &Message::StateCommit { generation: g, blob_sha384: sha }, kre_client::DEFAULT_TIMEOUT)?
+    {
+        Message::StateCommitted { generation } => Ok(generation),
+        m => Err(unexpected(&m)),
+    }
+}
+
+/// Stores an export in etcd (custody first, then the blob by compare-and-swap) and commits it;
+/// a lost compare-and-swap commits nothing.
+fn store_and_commit_etcd(
+    kre: &Addr,
+    store: &mut EtcdStore,
+    url: &EtcdUrl,
+    r: &StateReport,
+) -> Result<EtcdRound, CliError> {
+    if r.shares.is_empty() || r.blob.is_empty() {
+        return Err(CliError::refused("the KRE exported a state without its custody data"));
+    }
+    let not_committed = |e: StoreError| CliError::refused(format!("not committed: {e}"));
+    let digest = shares_set_digest(&r.shares)?;
+    store.store_custody(&digest, &encode_custody(&r.shares, &r.genesis_attestation)?).map_err(not_committed)?;
+    let g = match store.store(&r.blob) {
+        Ok(g) => g,
+        Err(StoreError::Conflict { generation, stored }) => {
+            return Ok(EtcdRound::Lost(format!(
+            "generation {generation} not committed: {url} holds generation {stored}, stored by another parent first; \
+                 this parent stops committing (the KRE keeps serving its committed generation {})",
+            r.committed_generation
+        )))
+        }
+        Err(e) => return Err(not_committed(e)),
+    };
+    if g != r.export_generation {
+        return Err(CliError::refused(format!(
+            "the blob's header says generation {g}, the KRE said {}",
+            r.export_generation
+        )));
+    }
+    // Commit what the store holds, as read back.
+    let loaded = store.load(g).map_err(not_committed)?;
+    let Some(loaded) = loaded.filter(|l| l.header.generation == g) else {
+        return Err(CliError::refused("the stored generation vanished before the commit"));
+    };
+    let committed = commit(kre, g, &loaded.blob)?;
+    Ok(EtcdRound::Done(format!("stored and committed generation {committed} in {url}"), committed))
+}
+
+/// One sync round against etcd.
+pub(crate) fn sync_once_etcd(kre: &Addr, store: &mut EtcdStore, url: &EtcdUrl) -> Result<EtcdRound, CliError> {
+    let etcd = |e: StoreError| CliError::refused(format!("{url}: {e}"));
+    let r = state_report(kre, &Message::StatePoll)?;
+    let held = store.current().map_err(etcd)?.unwrap_or(0);
+    match r.phase {
+        0 => Ok(EtcdRound::Done("the KRE runs without custodians (ephemeral KEKs): nothing to store".into(), held)),
+        1 => {
+            let Some(loaded) = store.load(0).map_err(etcd)? else {
+                return Err(CliError::refused(format!(
+                    "the KRE awaits its state but {url} holds none; for a first start run `keygate custodian init --store {url}`"
+                )));
+            };
+            let custody = store.load_custody(&loaded.header.custodian_set_digest).map_err(etcd)?.ok_or_else(|| {
+                CliError::refused(format!(
+                    "{url} has a sealed state but no custody data for its custodian set {}",
+                    hex::encode(loaded.header.custodian_set_digest)
+                ))
+            })?;
+            let (shares, genesis) =
+                decode_custody(&custody).map_err(|e| CliError::refused(format!("{url}: custody: {e}")))?;
+            for (slot, why) in &loaded.skipped {
+                eprintln!("keygate: warning: state {slot:?} not used: {why}");
+            }
+            let g = loaded.header.generation;
+            let r = state_report(kre, &Message::StateLoad { blob: loaded.blob, shares, genesis_attestation: genesis })?;
+            Ok(EtcdRound::Done(
+                format!(
+                    "handed stored generation {g} to the KRE; it waits for {} custodian share(s) (`keygate custodian unseal`)",
+                    r.threshold
+                ),
+                held,
+            ))
+        }
+        2 => Ok(EtcdRound::Done(
+            format!(
+                "the KRE is unsealing generation {}: {} of {} custodian shares",
+                r.unsealing_generation, r.shares_accepted, r.threshold
+            ),
+            held,
+        )),
+        3 if r.export_generation > 0 => store_and_commit_etcd(kre, store, url, &r),
+        3 if held > r.committed_generation => Ok(EtcdRound::Lost(format!(
+            "{url} holds generation {held}, newer than the KRE's committed {}: another parent commits; \
+             this parent stops committing (adopting the newer generation is not built)",
+            r.committed_generation
+        ))),
+        3 => Ok(EtcdRound::Done(
+            format!("the KRE serves generation {}; nothing new to store", r.committed_generation),
+            held,
+        )),
+        p => Err(CliError::refused(format!("the KRE reports an unknown phase {p}"))),
+    }
+}
+
+/// One round against etcd for the daemon: a lost compare-and-swap is a failed step.
+pub(crate) fn sync_once_store(kre: &Addr, url: &EtcdUrl) -> Result<String, CliError> {
+    match sync_once_etcd(kre, &mut etcd_store(url)?, url)? {
+        EtcdRound::Done(line, _) => Ok(line),
+        EtcdRound::Lost(why) => Err(CliError::refused(why)),
+    }
+}
+
+/// `keygate state sync --store etcd://…`: rounds as with a directory; following, the pause
+/// between rounds ends early when the store gets a newer generation (an etcd watch), and a
+/// lost compare-and-swap ends the loop (reported, exit 1).
+fn sync_etcd(a: &SyncArgs) -> Result<(), CliError> {
+    let Some(url) = &a.store else { return Err(CliError::input("give --state-dir DIR or --store URL")) };
+    let mut store = etcd_store(url)?;
+    let mut known = 0;
+    loop {
+        match (sync_once_etcd(&a.kre, &mut store, url), a.follow) {
+            (Ok(EtcdRound::Done(line, held)), _) => {
+                println!("{line}");
+                known = held;
+            }
+            (Ok(EtcdRound::Lost(why)), _) => return Err(CliError::refused(why)),
+            (Err(e), None) => return Err(e),
+            (Err(e), Some(_)) => eprintln!("keygate: state sync: {}", e.message),
+        }
+        let Some(s) = a.follow else { return Ok(()) };
+        let pause = Duration::from_secs(s.max(1));
+        match store.wait_newer(known, pause) {
+            Ok(Some(g)) => eprintln!("keygate: state sync: {url} now holds generation {g}"),
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("keygate: state sync: watching {url}: {e}");
+                std::thread::sleep(pause);
+            }
+        }
+    }
+}
+
+/// `keygate custodian init --store etcd://…`: genesis into an empty etcd store.
+fn init_etcd(a: &InitArgs) -> Result<(), CliError> {
+    let Some(url) = &a.store else { return Err(CliError::input("give --state-dir DIR or --store URL")) };
+    let mut store = etcd_store(url)?;
+    if let Some(g) = store.current().map_err(|e| CliError::refused(format!("{url}: {e}")))? {
+        return Err(CliError::refused(format!(
+            "{url} already holds sealed state generation {g}: genesis refused (restart the KRE and unseal instead)"
+        )));
+    }
+    let r = state_report(&a.kre, &Message::StateGenesis)?;
+    match store_and_commit_etcd(&a.kre, &mut store, url, &r)? {
+        EtcdRound::Done(_, g) => {
+            println!(
+                "genesis: generation {g} stored in {url} and committed; {}-of-N custodians hold the state key",
+                r.threshold
+            );
+            Ok(())
+        }
+        EtcdRound::Lost(why) => Err(CliError::refused(format!("genesis: {why}"))),
+    }
 }

@@ -170,6 +170,14 @@ pub(crate) enum SlotProblem {
     Unreadable(io::ErrorKind),
     /// The file is torn, corrupted or not a sealed state.
     Damaged(SealedError),
+    /// An intact sealed state under another generation's name (the etcd store's keys name
+    /// their generation; the directory store never reports this).
+    WrongGeneration {
+        /// The generation the key names.
+        named: u64,
+        /// The generation the blob's header holds.
+        holds: u64,
+    },
 }
 
 impl fmt::Display for SlotProblem {
@@ -178,6 +186,9 @@ impl fmt::Display for SlotProblem {
             SlotProblem::Missing => f.write_str("missing"),
             SlotProblem::Unreadable(k) => write!(f, "unreadable ({k})"),
             SlotProblem::Damaged(e) => write!(f, "damaged ({e})"),
+            SlotProblem::WrongGeneration { named, holds } => {
+                write!(f, "holds generation {holds} under the name of generation {named}")
+            }
         }
     }
 }

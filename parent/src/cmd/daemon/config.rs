@@ -14,6 +14,7 @@ use keygate_enclave::net::transport::Addr;
 
 use crate::cmd::args::parse_duration;
 use crate::cmd::proxy::{Slots, Timeouts};
+use crate::storage::etcd::EtcdUrl;
 
 /// The environment variable of the configuration file's path.
 pub(crate) const CONFIG_ENV: &str = "KEYGATE_PARENT_CONFIG";
@@ -78,6 +79,9 @@ keys! {
     /// The sealed state directory: `state sync` follows when set.
     /// Environment KEYGATE_PARENT_STATE_DIR.
     state_dir: "DIR",
+    /// The sealed state in etcd instead of a directory (etcd://HOST:PORT[,HOST:PORT...][/PREFIX]):
+    /// `state sync` follows when set. Environment KEYGATE_PARENT_STATE_STORE.
+    state_store: "URL",
     /// The audit directory: `audit pull` follows when set.
     /// Environment KEYGATE_PARENT_AUDIT_DIR.
     audit_dir: "DIR",
@@ -128,6 +132,8 @@ pub(crate) struct Config {
     pub(crate) custodian: Option<Forward>,
     /// `state sync` following into this directory, pausing `sync_every` between rounds.
     pub(crate) state_dir: Option<PathBuf>,
+    /// Or into etcd.
+    pub(crate) state_store: Option<EtcdUrl>,
     pub(crate) sync_every: Duration,
     /// `audit pull` following into this directory, each round waiting `audit_follow` in the KRE.
     pub(crate) audit_dir: Option<PathBuf>,
@@ -165,6 +171,8 @@ pub(crate) enum ConfigError {
     Missing(&'static str),
     #[error("custodian_listen and custodian_to go together: `{0}` is not set")]
     CustodianHalf(&'static str),
+    #[error("state_dir and state_store exclude each other: the sealed state goes to one store")]
+    TwoStateStores,
 }
 
 /// A key as its origin names it: `--sync-every`, `KEYGATE_PARENT_SYNC_EVERY`, `file key`.
@@ -276,11 +284,17 @@ pub(crate) fn resolve(
         (None, Some(_)) => return Err(ConfigError::CustodianHalf("custodian_listen")),
     };
     let secs = Duration::from_secs;
+    let state_dir = l.get("state_dir", path)?;
+    let state_store = l.get("state_store", |v: &str| v.trim().parse::<EtcdUrl>())?;
+    if state_dir.is_some() && state_store.is_some() {
+        return Err(ConfigError::TwoStateStores);
+    }
     Ok(Config {
         kre_parent: l.required("kre_parent", addr)?,
         release: Forward { listen: l.required("release_listen", addr)?, to: l.required("release_to", addr)? },
         custodian,
-        state_dir: l.get("state_dir", path)?,
+        state_dir,
+        state_store,
         sync_every: l.duration("sync_every", secs(5))?,
         audit_dir: l.get("audit_dir", path)?,
         audit_follow: l.duration("audit_follow", secs(1))?,
@@ -419,6 +433,16 @@ mod tests {
             from(&none, &[("custodian_listen", "tcp:127.0.0.1:1")], "").expect_err("half"),
             ConfigError::CustodianHalf("custodian_to")
         );
+        assert_eq!(
+            from(&none, &[("state_store", "etcd://h:1")], "state_dir = \"/s\"\n").expect_err("two stores"),
+            ConfigError::TwoStateStores
+        );
+        assert_eq!(
+            from(&none, &[], "state_store = \"http://h:1\"\n").expect_err("not etcd").to_string(),
+            "file key `state_store`: not an etcd URL: expected etcd://HOST:PORT[,HOST:PORT...][/PREFIX]"
+        );
+        let cfg = from(&none, &[], "state_store = \"etcd://10.0.0.1:2379,10.0.0.2:2379/kg\"\n").expect("etcd");
+        assert_eq!(cfg.state_store.map(|u| u.to_string()).as_deref(), Some("etcd://10.0.0.1:2379,10.0.0.2:2379/kg"));
     }
 
     #[test]

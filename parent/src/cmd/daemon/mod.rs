@@ -1,8 +1,8 @@
 //! `keygate parent --config FILE`: the parent instance's side as one supervised daemon. It runs,
 //! as tasks of one process, the proxy of the release channel (and of the custodian channel
-//! when configured), `state sync` following (with a state directory) and `audit pull`
-//! following (with an audit directory), each the verb's own code. It decides which tasks run,
-//! that a failed step is retried (supervise.rs) rather than ending the daemon, and the stop:
+//! when configured), `state sync` following (with a state directory or an etcd store) and
+//! `audit pull` following (with an audit directory), each the verb's own code. It decides which
+//! tasks run, that a failed step is retried (supervise.rs) rather than ending the daemon, and the stop:
 //! on SIGTERM or SIGINT the proxies stop accepting, each task finishes its current step
 //! (waited for at most `shutdown_grace`) and the daemon exits 0. With `metrics_listen` it
 //! also serves Prometheus metrics and a health check (metrics.rs), asking the KRE's status
@@ -25,7 +25,7 @@ use self::metrics::DaemonMetrics;
 use self::supervise::{blocking, supervise, Stop};
 use crate::backoff::Backoff;
 use crate::cmd::audit::Follower;
-use crate::cmd::custodian::sync_once;
+use crate::cmd::custodian::{sync_once, sync_once_store};
 use crate::cmd::proxy::{self, ProxyConfig};
 use crate::cmd::status;
 use crate::error::CliError;
@@ -98,6 +98,17 @@ async fn daemon(cfg: Config) -> Result<(), CliError> {
                 }
             },
         ));
+    }
+    if let Some(url) = cfg.state_store.clone() {
+        let kre = cfg.kre_parent.clone();
+        tasks.spawn(supervise("state sync", stop.clone(), cfg.sync_every, task_backoff(), move || {
+            let (kre, url) = (kre.clone(), url.clone());
+            async move {
+                let line = blocking(move || sync_once_store(&kre, &url)).await?;
+                tracing::info!(task = "state sync", "{line}");
+                Ok(())
+            }
+        }));
     }
     if let Some(dir) = cfg.audit_dir.clone() {
         let follower = Arc::new(Mutex::new(Follower::new(cfg.kre_parent.clone(), dir, cfg.audit_follow)));

@@ -1,0 +1,269 @@
+//! A real etcd cluster for the tests: N members of `/usr/bin/etcd` (Debian's etcd-server,
+//! installed by `.ci/etcd-deps.sh`) on loopback ports picked free, each with its data in a
+//! private directory of a [`TempDir`], started with one `--initial-cluster`, waited for until
+//! every running member reports healthy (bounded). A member can be killed with SIGKILL and
+//! restarted on the same data; every member is killed and reaped when the cluster is dropped.
+//!
+//! It decides only ports, lifetimes and deadlines; it trusts nothing etcd says beyond
+//! `/health` answering `"health":"true"`. Nothing here panics: errors are [`EtcdClusterError`].
+
+use std::fmt;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::TempDir;
+
+/// Where the tests expect the etcd server.
+pub const ETCD_BIN: &str = "/usr/bin/etcd";
+/// The longest [`EtcdCluster::start`] and [`EtcdCluster::restart`] wait for health.
+pub const HEALTHY_WITHIN: Duration = Duration::from_secs(30);
+/// The most members a test cluster has.
+const MAX_MEMBERS: usize = 7;
+
+/// Why the cluster could not be started or reached.
+#[derive(Debug)]
+pub enum EtcdClusterError {
+    /// `/usr/bin/etcd` is missing.
+    Missing,
+    /// A cluster of this size is not offered.
+    Size(usize),
+    /// A file or process operation failed.
+    Io(&'static str, std::io::Error),
+    /// A member exited while it should run.
+    Exited {
+        /// The member.
+        member: usize,
+        /// The end of its log.
+        log_tail: String,
+    },
+    /// Not every running member was healthy in time.
+    Unhealthy {
+        /// How long was waited.
+        waited: Duration,
+        /// The members that were not healthy.
+        members: Vec<usize>,
+    },
+    /// No such member.
+    NoMember(usize),
+}
+
+impl fmt::Display for EtcdClusterError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Missing => write!(
+                f,
+                "{ETCD_BIN} is missing: run `bash .ci/etcd-deps.sh` (installs Debian's etcd-server), as .ci/test does"
+            ),
+            Self::Size(n) => write!(f, "a test cluster has 1 to {MAX_MEMBERS} members, not {n}"),
+            Self::Io(what, e) => write!(f, "{what}: {e}"),
+            Self::Exited { member, log_tail } => write!(f, "etcd member {member} exited; its log ends:\n{log_tail}"),
+            Self::Unhealthy { waited, members } => write!(f, "etcd members {members:?} not healthy within {waited:?}"),
+            Self::NoMember(i) => write!(f, "no etcd member {i}"),
+        }
+    }
+}
+
+impl std::error::Error for EtcdClusterError {}
+
+/// One member: its ports, directory and process (None while killed).
+#[derive(Debug)]
+struct Member {
+    client: u16,
+    peer: u16,
+    child: Option<Child>,
+    starts: usize,
+}
+
+/// A running etcd cluster on loopback; stopped (SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    members: Vec<Member>,
+    dir: TempDir,
+    token: String,
+}
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> Result<u16, EtcdClusterError> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| EtcdClusterError::Io("binding a free port", e))?;
+    l.local_addr().map(|a| a.port()).map_err(|e| EtcdClusterError::Io("reading a free port", e))
+}
+
+impl EtcdCluster {
+    /// Starts `n` members and waits until all are healthy (at most [`HEALTHY_WITHIN`]).
+    pub fn start(n: usize) -> Result<Self, EtcdClusterError> {
+        if !Path::new(ETCD_BIN).exists() {
+            return Err(EtcdClusterError::Missing);
+        }
+        if n == 0 || n > MAX_MEMBERS {
+            return Err(EtcdClusterError::Size(n));
+        }
+        let dir = TempDir::new("keygate-etcd").map_err(|e| EtcdClusterError::Io("creating the data directory", e))?;
+        let token = dir.path().file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut members = Vec::with_capacity(n);
+        for _ in 0..n {
+            members.push(Member { client: free_port()?, peer: free_port()?, child: None, starts: 0 });
+        }
+        let mut cluster = Self { members, dir, token };
+        for i in 0..n {
+            cluster.spawn(i, "new")?;
+        }
+        cluster.wait_healthy(HEALTHY_WITHIN)?;
+        Ok(cluster)
+    }
+
+    fn initial_cluster(&self) -> String {
+        let urls: Vec<String> =
+            self.members.iter().enumerate().map(|(i, m)| format!("m{i}=http://127.0.0.1:{}", m.peer)).collect();
+        urls.join(",")
+    }
+
+    fn member_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("m{i}"))
+    }
+
+    fn spawn(&mut self, i: usize, state: &str) -> Result<(), EtcdClusterError> {
+        let initial = self.initial_cluster();
+        let data = self.member_dir(i);
+        let m = self.members.get_mut(i).ok_or(EtcdClusterError::NoMember(i))?;
+        let log = std::fs::File::create(data.with_extension(format!("log.{}", m.starts)))
+            .map_err(|e| EtcdClusterError::Io("creating the member's log", e))?;
+        m.starts += 1;
+        let client = format!("http://127.0.0.1:{}", m.client);
+        let peer = format!("http://127.0.0.1:{}", m.peer);
+        let child = Command::new(ETCD_BIN)
+            .args(["--name", &format!("m{i}")])
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &initial, "--initial-cluster-state", state])
+            .args(["--initial-cluster-token", &self.token])
+            // Quick elections: the tests kill members and want a leader again soon.
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .args(["--logger", "zap", "--log-outputs", "stderr"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| EtcdClusterError::Io("starting etcd", e))?;
+        m.child = Some(child);
+        Ok(())
+    }
+
+    /// `etcd://127.0.0.1:C1,127.0.0.1:C2,…` followed by `/prefix` when given (keygate's
+    /// `--store` syntax).
+    pub fn url(&self, prefix: &str) -> String {
+        let eps: Vec<String> = self.members.iter().map(|m| format!("127.0.0.1:{}", m.client)).collect();
+        format!("etcd://{}{prefix}", eps.join(","))
+    }
+
+    /// Member `i`'s client address.
+    pub fn client_addr(&self, i: usize) -> Option<SocketAddr> {
+        self.members.get(i).map(|m| SocketAddr::from(([127, 0, 0, 1], m.client)))
+    }
+
+    /// Kills member `i` with SIGKILL and reaps it.
+    pub fn kill(&mut self, i: usize) -> Result<(), EtcdClusterError> {
+        let m = self.members.get_mut(i).ok_or(EtcdClusterError::NoMember(i))?;
+        if let Some(mut c) = m.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        Ok(())
+    }
+
+    /// Starts member `i` again on its data and waits until every running member is healthy.
+    pub fn restart(&mut self, i: usize) -> Result<(), EtcdClusterError> {
+        self.kill(i)?;
+        self.spawn(i, "existing")?;
+        self.wait_healthy(HEALTHY_WITHIN)
+    }
+
+    /// Waits until every running member answers `/health` with `"health":"true"`.
+    pub fn wait_healthy(&mut self, limit: Duration) -> Result<(), EtcdClusterError> {
+        let start = Instant::now();
+        loop {
+            let mut sick = Vec::new();
+            for i in 0..self.members.len() {
+                let log = self.last_log(i);
+                let m = &mut self.members[i];
+                let Some(child) = m.child.as_mut() else { continue };
+                if let Ok(Some(_)) = child.try_wait() {
+                    m.child = None;
+                    return Err(EtcdClusterError::Exited { member: i, log_tail: log });
+                }
+                if !healthy(m.client) {
+                    sick.push(i);
+                }
+            }
+            if sick.is_empty() {
+                return Ok(());
+            }
+            if start.elapsed() > limit {
+                return Err(EtcdClusterError::Unhealthy { waited: limit, members: sick });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The last lines of member `i`'s newest log.
+    fn last_log(&self, i: usize) -> String {
+        let n = self.members.get(i).map_or(0, |m| m.starts.saturating_sub(1));
+        let text = std::fs::read_to_string(self.member_dir(i).with_extension(format!("log.{n}"))).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(10)..].join("\n")
+    }
+}
+
+/// Whether the member on `port` answers `/health` with `"health":"true"` within a second.
+fn healthy(port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut body = Vec::new();
+    let _ = s.take(64 * 1024).read_to_end(&mut body);
+    String::from_utf8_lossy(&body).contains("\"health\":\"true\"")
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            let _ = self.kill(i);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_server_names_the_set_up_script_and_sizes_are_bounded() {
+        assert!(EtcdClusterError::Missing.to_string().contains("bash .ci/etcd-deps.sh"));
+        if Path::new(ETCD_BIN).exists() {
+            assert!(matches!(EtcdCluster::start(0), Err(EtcdClusterError::Size(0))));
+            assert!(matches!(EtcdCluster::start(MAX_MEMBERS + 1), Err(EtcdClusterError::Size(_))));
+        }
+    }
+
+    /// One member: killed, it is not healthy; restarted on its data, it is again.
+    #[test]
+    fn a_member_is_killed_and_restarted_on_its_data() {
+        let mut c = EtcdCluster::start(1).unwrap_or_else(|e| panic!("{e}"));
+        let addr = c.client_addr(0).expect("member 0");
+        assert!(healthy(addr.port()));
+        c.kill(0).expect("kill");
+        assert!(!healthy(addr.port()));
+        c.restart(0).expect("restart");
+        assert!(healthy(addr.port()));
+        assert!(matches!(c.kill(3), Err(EtcdClusterError::NoMember(3))));
+        assert!(c.url("/p").starts_with("etcd://127.0.0.1:") && c.url("/p").ends_with("/p"));
+    }
+}
