@@ -101,14 +101,21 @@ async fn daemon(cfg: Config) -> Result<(), CliError> {
     }
     if let Some(url) = cfg.state_store.clone() {
         let kre = cfg.kre_parent.clone();
-        tasks.spawn(supervise("state sync", stop.clone(), cfg.sync_every, task_backoff(), move || {
-            let (kre, url) = (kre.clone(), url.clone());
-            async move {
-                let line = blocking(move || sync_once_store(&kre, &url)).await?;
-                tracing::info!(task = "state sync", "{line}");
-                Ok(())
-            }
-        }));
+        tasks.spawn(supervise(
+            "state sync",
+            stop.clone(),
+            cfg.sync_every,
+            task_backoff(),
+            metrics.clone(),
+            move || {
+                let (kre, url) = (kre.clone(), url.clone());
+                async move {
+                    let line = blocking(move || sync_once_store(&kre, &url)).await?;
+                    tracing::info!(task = "state sync", "{line}");
+                    Ok(())
+                }
+            },
+        ));
     }
     if let Some(dir) = cfg.audit_dir.clone() {
         let follower = Arc::new(Mutex::new(Follower::new(cfg.kre_parent.clone(), dir, cfg.audit_follow)));
