@@ -18,10 +18,14 @@
 
 use std::time::{Duration, Instant};
 
+use crate::backoff::Backoff;
+
 /// First retry delay after a failed fetch; doubles per failure.
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 /// Longest retry delay (also bounded by a quarter lease).
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Each wait moved by up to ±20 % at random.
+const BACKOFF_JITTER_PCT: u32 = 20;
 
 /// The configured lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,10 +59,17 @@ pub(crate) struct Lease {
     last_success: Option<Instant>,
     revoked: bool,
     last_error: Option<String>,
-    failures: u32,
+    /// The wait before the next attempt after failures (jittered, so that a fleet of plugins
+    /// does not retry a restarted KRE in step).
+    backoff: Backoff,
     /// Answers refused by the client's checks (relays, substituted KREs) since the start.
     refused_answers: u64,
     next_attempt: Instant,
+}
+
+/// The longest wait between attempts: [`MAX_BACKOFF`], or a quarter of a shorter lease.
+fn retry_cap(policy: LeasePolicy) -> Duration {
+    MAX_BACKOFF.min((policy.lease / 4).max(Duration::from_millis(100)))
 }
 
 impl Lease {
@@ -69,7 +80,7 @@ impl Lease {
             last_success: None,
             revoked: false,
             last_error: None,
-            failures: 0,
+            backoff: Backoff::new(FIRST_BACKOFF, retry_cap(policy), BACKOFF_JITTER_PCT),
             refused_answers: 0,
             next_attempt: now,
         }
@@ -80,19 +91,20 @@ impl Lease {
         self.last_success = Some(now);
         self.revoked = false;
         self.last_error = None;
-        self.failures = 0;
+        self.backoff.reset();
         self.next_attempt = now + self.policy.lease / 2;
     }
 
     /// A fetch failed at `now` with `reason` (never secret). `revocation` = the failure is
     /// final (the KRE refused this instance, or the KRE failed our checks).
     pub(crate) fn on_failure(&mut self, now: Instant, reason: String, revocation: bool) {
-        self.failures = self.failures.saturating_add(1);
         self.revoked |= revocation;
         self.last_error = Some(reason);
         // After a refusal, asking again at once would only fill the KRE's audit log: try again
         // on the refresh schedule (the policy may allow the image again).
-        let wait = if self.revoked { self.backoff().max(self.policy.lease / 2) } else { self.backoff() };
+        // Never past the cap, jitter included: a lease sees several attempts before it ends.
+        let backoff = self.backoff.next_wait().min(retry_cap(self.policy));
+        let wait = if self.revoked { backoff.max(self.policy.lease / 2) } else { backoff };
         self.next_attempt = now + wait;
     }
 
@@ -107,12 +119,6 @@ impl Lease {
     /// Answers refused by the client's checks since the start.
     pub(crate) fn refused_answers(&self) -> u64 {
         self.refused_answers
-    }
-
-    fn backoff(&self) -> Duration {
-        let cap = MAX_BACKOFF.min((self.policy.lease / 4).max(Duration::from_millis(100)));
-        let shift = self.failures.saturating_sub(1).min(16);
-        FIRST_BACKOFF.saturating_mul(1u32 << shift).min(cap)
     }
 
     /// When the next fetch should start.
@@ -246,21 +252,27 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_and_is_capped() {
+    fn backoff_doubles_and_is_capped_within_its_jitter() {
         let t0 = Instant::now();
+        let within = |d: Duration, nominal: Duration| nominal * 8 / 10 <= d && d <= nominal * 12 / 10;
         let mut l = Lease::new(LeasePolicy { lease: 600 * S, grace: S }, t0);
         let mut delays = Vec::new();
         for _ in 0..8 {
             l.on_failure(t0, "x".into(), false);
             delays.push(l.next_attempt() - t0);
         }
-        assert_eq!(delays[0], Duration::from_millis(200));
-        assert_eq!(delays[1], Duration::from_millis(400));
-        assert_eq!(delays[7], MAX_BACKOFF);
+        assert!(within(delays[0], Duration::from_millis(200)), "{delays:?}");
+        assert!(within(delays[1], Duration::from_millis(400)), "{delays:?}");
+        assert!(within(delays[7], MAX_BACKOFF) && delays[7] <= MAX_BACKOFF, "{delays:?}");
         let mut short = Lease::new(LeasePolicy { lease: 2 * S, grace: S }, t0);
         for _ in 0..8 {
             short.on_failure(t0, "x".into(), false);
         }
-        assert_eq!(short.next_attempt() - t0, Duration::from_millis(500), "a quarter of a short lease");
+        let capped = short.next_attempt() - t0;
+        assert!(within(capped, Duration::from_millis(500)) && capped <= Duration::from_millis(500), "{capped:?}");
+        // A success starts the doubling again.
+        short.on_success(t0);
+        short.on_failure(t0, "x".into(), false);
+        assert!(within(short.next_attempt() - t0, Duration::from_millis(200)));
     }
 }
