@@ -56,12 +56,12 @@ pub(crate) struct VerifyArgs {
     /// Require this document kind.
     #[arg(long, value_parser = parse_kind)]
     require_kind: Option<DocumentKind>,
-    /// Maximum document age in seconds.
-    #[arg(long, default_value_t = 300)]
-    max_age: u64,
-    /// Allowed clock skew in seconds.
-    #[arg(long, default_value_t = 30)]
-    clock_skew: u64,
+    /// Maximum document age (a duration, e.g. 300, 5m or 90s).
+    #[arg(long, default_value = "5m", value_parser = super::args::parse_duration, value_name = "DURATION")]
+    max_age: Duration,
+    /// Allowed clock skew (a duration, e.g. 30s or 500ms).
+    #[arg(long, default_value = "30s", value_parser = super::args::parse_duration, value_name = "DURATION")]
+    clock_skew: Duration,
     /// Accept payload fields the AWS spec does not define, and report them.
     #[arg(long)]
     tolerate_unknown_fields: bool,
@@ -235,8 +235,8 @@ fn verify(a: VerifyArgs) -> Result<(), CliError> {
     };
     let opts = VerifyOptions {
         time,
-        max_age: Duration::from_secs(a.max_age),
-        clock_skew: Duration::from_secs(a.clock_skew),
+        max_age: a.max_age,
+        clock_skew: a.clock_skew,
         allow_debug: a.allow_debug,
         unknown_fields: if a.tolerate_unknown_fields {
             UnknownFields::TolerateAndReport

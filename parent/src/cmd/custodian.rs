@@ -53,9 +53,9 @@ pub(crate) struct SyncArgs {
     /// The parent's state directory (created 0700 if missing).
     #[arg(long)]
     state_dir: PathBuf,
-    /// Keep syncing every this many seconds.
-    #[arg(long, value_name = "SECONDS")]
-    follow: Option<u64>,
+    /// Keep syncing, pausing this long between rounds (a duration, e.g. 5 or 5s; at least 1s).
+    #[arg(long, value_name = "DURATION", value_parser = super::args::parse_duration)]
+    follow: Option<Duration>,
 }
 
 /// `keygate custodian ...`
@@ -138,7 +138,7 @@ pub(crate) fn run_state(cmd: StateCommand) -> Result<(), CliError> {
                 (Err(e), Some(_)) => eprintln!("keygate: state sync: {}", e.message),
             }
             match a.follow {
-                Some(s) => std::thread::sleep(Duration::from_secs(s.max(1))),
+                Some(s) => std::thread::sleep(s.max(Duration::from_secs(1))),
                 None => return Ok(()),
             }
         },
