@@ -279,6 +279,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_host_name_is_a_host_side_vsock_and_the_parent_channel_are_not() {
+        let host: Addr = "tcp:localhost:8443".parse().expect("a host name");
+        assert!(check_forward(&host, Channel::Release).is_ok());
+        assert!(check_forward(&"tcp:127.0.0.1:1".parse().expect("ip"), Channel::Custodian).is_ok());
+        let err = check_forward(&"vsock:3:5000".parse().expect("vsock"), Channel::Release).expect_err("vsock");
+        assert!(err.message.contains("tcp:HOST:PORT"), "{}", err.message);
+        assert!(check_forward(&host, Channel::Parent).is_err());
+    }
+
+    #[test]
     fn a_source_is_the_ip_or_the_uid_not_the_port_or_pid() {
         assert_eq!(source_of("tcp 10.0.0.5:40001"), "10.0.0.5");
         assert_eq!(source_of("tcp [::1]:9"), "::1");
