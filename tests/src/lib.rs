@@ -2,10 +2,12 @@
 //! time, and the shared test vectors.
 #![forbid(unsafe_code)]
 
+mod cleanup;
 pub mod e2e;
 mod process;
 pub mod relay;
 
+pub use cleanup::{clean_up, track_for_cleanup, Cleaned};
 pub use process::*;
 
 use std::path::{Path, PathBuf};
