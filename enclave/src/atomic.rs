@@ -112,6 +112,19 @@ fn temporary_name(name: &std::ffi::OsStr) -> std::ffi::OsString {
 
 /// Writes `bytes` to `path` atomically (see the module's documentation).
 pub fn write_file_with(path: &Path, bytes: &[u8], opts: WriteOptions) -> Result<(), AtomicWriteError> {
+    let failed_write = |source| AtomicWriteError::Io { path: path.to_path_buf(), step: Step::Write, source };
+    write_file_streamed(path, opts, |f: &mut File| f.write_all(bytes).map_err(failed_write))
+}
+
+/// Writes to `path` atomically what `fill` writes into the temporary file (a large output
+/// written as it is made, e.g. an enclave image), with `fill`'s own error type; `fill` must
+/// not keep the file. A `fill` that fails is a failed write: its error is returned, the
+/// temporary file removed.
+pub fn write_file_streamed<T, E: From<AtomicWriteError>>(
+    path: &Path,
+    opts: WriteOptions,
+    fill: impl FnOnce(&mut File) -> Result<T, E>,
+) -> Result<T, E> {
     let name = path.file_name().ok_or_else(|| AtomicWriteError::NotAFile(path.to_path_buf()))?;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -119,7 +132,7 @@ pub fn write_file_with(path: &Path, bytes: &[u8], opts: WriteOptions) -> Result<
     };
     let fail = |step| move |source| AtomicWriteError::Io { path: path.to_path_buf(), step, source };
     if !opts.replace && path.symlink_metadata().is_ok() {
-        return Err(AtomicWriteError::Exists(path.to_path_buf()));
+        return Err(AtomicWriteError::Exists(path.to_path_buf()).into());
     }
     let tmp = dir.join(temporary_name(name));
     let mut f = OpenOptions::new()
@@ -128,19 +141,19 @@ pub fn write_file_with(path: &Path, bytes: &[u8], opts: WriteOptions) -> Result<
         .mode(opts.mode)
         .open(&tmp)
         .map_err(fail(Step::CreateTemporary))?;
-    let written = f.write_all(bytes).map_err(fail(Step::Write)).and_then(|()| f.sync_all().map_err(fail(Step::Sync)));
+    let written = fill(&mut f).and_then(|t| f.sync_all().map(|()| t).map_err(|e| E::from(fail(Step::Sync)(e))));
     drop(f);
-    let placed = written.and_then(|()| {
+    let placed = written.and_then(|t| {
         if opts.replace {
-            std::fs::rename(&tmp, path).map_err(fail(Step::Rename))
+            std::fs::rename(&tmp, path).map(|()| t).map_err(|e| E::from(fail(Step::Rename)(e)))
         } else {
             // A link fails if the target appeared meanwhile: never replaced.
-            std::fs::hard_link(&tmp, path).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::AlreadyExists {
+            std::fs::hard_link(&tmp, path).map(|()| t).map_err(|e| {
+                E::from(if e.kind() == std::io::ErrorKind::AlreadyExists {
                     AtomicWriteError::Exists(path.to_path_buf())
                 } else {
                     fail(Step::Rename)(e)
-                }
+                })
             })
         }
     });
@@ -148,8 +161,9 @@ pub fn write_file_with(path: &Path, bytes: &[u8], opts: WriteOptions) -> Result<
     if !(opts.replace && placed.is_ok()) {
         let _ = std::fs::remove_file(&tmp);
     }
-    placed?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(fail(Step::SyncDirectory))
+    let t = placed?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| E::from(fail(Step::SyncDirectory)(e)))?;
+    Ok(t)
 }
 
 #[cfg(test)]
@@ -261,6 +275,41 @@ mod tests {
         assert!(out.status.success() && said.contains("1 passed"), "{said}{}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(std::fs::read(&p).expect("read"), [1u8; 8192], "the old file is whole");
         assert_eq!(entries(dir.path()), ["out"], "no temporary file is left");
+    }
+
+    /// A streamed write whose filler fails: its own error, no temporary file, the old file.
+    #[test]
+    fn a_failed_streamed_write_is_its_fillers_error() {
+        #[derive(Debug, PartialEq)]
+        enum Mine {
+            Gave,
+            Atomic(String),
+        }
+        impl Mine {
+            fn from_io(e: std::io::Error) -> Self {
+                Mine::Atomic(e.to_string())
+            }
+        }
+        impl From<AtomicWriteError> for Mine {
+            fn from(e: AtomicWriteError) -> Self {
+                Mine::Atomic(e.to_string())
+            }
+        }
+        let dir = tempfile::tempdir().expect("dir");
+        let p = dir.path().join("image.eif");
+        std::fs::write(&p, b"old").expect("old");
+        let r: Result<(), Mine> = write_file_streamed(&p, WriteOptions::default(), |f| {
+            f.write_all(b"half").map_err(|e| Mine::Atomic(e.to_string()))?;
+            Err(Mine::Gave)
+        });
+        assert_eq!(r, Err(Mine::Gave));
+        assert_eq!(std::fs::read(&p).expect("read"), b"old");
+        assert_eq!(entries(dir.path()), ["image.eif"]);
+        let n = write_file_streamed(&p, WriteOptions::default(), |f| {
+            f.write_all(b"new").map(|()| 3).map_err(Mine::from_io)
+        })
+        .expect("streamed");
+        assert_eq!((n, std::fs::read(&p).expect("read")), (3, b"new".to_vec()));
     }
 
     #[test]

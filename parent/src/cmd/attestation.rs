@@ -337,15 +337,8 @@ pub(crate) fn pcrs_from_eif(path: &Path) -> Result<BTreeMap<u8, Vec<u8>>, CliErr
     Ok(pcrs)
 }
 
-/// Writes a file atomically (temporary file in the same directory, then rename).
+/// Writes a file atomically ([`keygate_enclave::atomic`]: a temporary file beside it, fsync,
+/// rename, directory fsync; on a failure the previous file is untouched and nothing is left).
 pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<(), CliError> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let ctx = || format!("writing {}", path.display());
-    std::fs::write(&tmp, bytes).map_err(|e| CliError::io(ctx(), e))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        CliError::io(ctx(), e)
-    })
+    Ok(keygate_enclave::atomic::write_file(path, bytes)?)
 }

@@ -459,11 +459,7 @@ fn unseal(a: &UnsealArgs) -> Result<(), CliError> {
         records.into_iter().filter(|r| r.set_digest != resp.record.set_digest).collect();
     records.push(resp.record.clone());
     let json = serde_json::to_vec_pretty(&records).map_err(|e| CliError::input(e.to_string()))?;
-    let tmp = rec_path.with_extension("tmp");
-    std::fs::write(&tmp, &json)
-        .and_then(|_| std::fs::File::open(&tmp).and_then(|f| f.sync_all()))
-        .and_then(|_| std::fs::rename(&tmp, &rec_path))
-        .map_err(|e| CliError::io(format!("writing {}", rec_path.display()), e))?;
+    keygate_enclave::atomic::write_file(&rec_path, &json)?;
     let (have, need, serving, generation) = progress;
     if let Some(d) = resp.reshared_to {
         if serving {
