@@ -4,6 +4,11 @@
 //! demo does, the tests do not); [`clean_up`] then kills every child still recorded and removes
 //! every directory, once.
 //!
+//! A kill -9 of the owner leaves no time to clean up: for that, a child started while
+//! recording gets [`DIE_WITH_PARENT`] in its environment, and a binary that calls
+//! [`die_with_parent_if_asked`] first (`keygate`, `keygate-enclave-dev`) asks the kernel to
+//! kill it when its parent dies (PR_SET_PDEATHSIG). Its directories then remain.
+//!
 //! It decides only what is stopped: a child is recorded from its start until its owner is
 //! about to reap it (never after, so a reused pid is never killed), a directory until it is
 //! removed. It trusts the kit's owners to un-record what they reap.
@@ -48,6 +53,31 @@ fn kill(pid: u32) -> bool {
         .ok()
         .and_then(rustix::process::Pid::from_raw)
         .is_some_and(|p| rustix::process::kill_process(p, rustix::process::Signal::KILL).is_ok())
+}
+
+/// The environment variable that asks a child to die with its parent: the parent's pid.
+pub const DIE_WITH_PARENT: &str = "KEYGATE_DIE_WITH_PARENT";
+
+/// Called first by a binary the kit may start: when [`DIE_WITH_PARENT`] names this
+/// process's parent, the kernel kills this process (SIGKILL) when the parent dies; when the
+/// parent died already (the variable names another pid), exits at once. Otherwise nothing.
+pub fn die_with_parent_if_asked() {
+    let Some(parent) = std::env::var(DIE_WITH_PARENT).ok().and_then(|v| v.parse::<i32>().ok()) else {
+        return;
+    };
+    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
+    // Checked after asking: a parent that died before is seen here, one that dies after is
+    // the kernel's to report.
+    if rustix::process::getppid().map(rustix::process::Pid::as_raw_nonzero).map(|p| p.get()) != Some(parent) {
+        std::process::exit(1);
+    }
+}
+
+/// Asks `cmd`'s process to die with this one ([`die_with_parent_if_asked`]) while recording.
+pub(crate) fn prepare(cmd: &mut std::process::Command) {
+    if tracked().on {
+        cmd.env(DIE_WITH_PARENT, std::process::id().to_string());
+    }
 }
 
 /// Records a child just started; after [`clean_up`], kills it at once.

@@ -7,7 +7,7 @@ pub mod e2e;
 mod process;
 pub mod relay;
 
-pub use cleanup::{clean_up, track_for_cleanup, Cleaned};
+pub use cleanup::{clean_up, die_with_parent_if_asked, track_for_cleanup, Cleaned, DIE_WITH_PARENT};
 pub use process::*;
 
 use std::path::{Path, PathBuf};

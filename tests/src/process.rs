@@ -110,6 +110,7 @@ impl Drop for TempDir {
 /// it reaps it (an owner that reaps it otherwise un-records it first).
 pub fn spawn_logged(cmd: &mut Command, log: &Path) -> std::io::Result<Child> {
     let log = std::fs::File::create(log)?;
+    crate::cleanup::prepare(cmd);
     let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn()?;
     crate::cleanup::child_started(child.id());
     Ok(child)
@@ -119,6 +120,7 @@ pub fn spawn_logged(cmd: &mut Command, log: &Path) -> std::io::Result<Child> {
 /// [`crate::clean_up`] while it runs: a short step of the demo (a build, a fetch).
 pub fn run_tracked(cmd: &mut Command) -> std::io::Result<std::process::Output> {
     use std::io::Read;
+    crate::cleanup::prepare(cmd);
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     crate::cleanup::child_started(child.id());
     fn drain(r: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
