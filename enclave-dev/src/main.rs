@@ -78,6 +78,8 @@ impl NsmBackend for Mock<'_> {
 }
 
 fn main() -> ExitCode {
+    // Started by the demo: die with it, even when it is killed with kill -9.
+    keygate_tests::die_with_parent_if_asked();
     let cli: Cli = cli::parse(&[MOCK]);
     let mock = Mock { seed: cli.mock_seed.as_deref(), pcrs: &cli.mock_pcr, fast_signing: cli.mock_fast_signing };
     let dev = cli::DevOptions { write_ahead: !cli.bench_without_write_ahead };

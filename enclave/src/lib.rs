@@ -5,6 +5,8 @@
 //!
 //! 1. [`codec`]: the one never-panicking byte `Reader`/`Writer` and the validated [`codec::Id`];
 //!    decides how fields are laid out and that a malformed input is a typed error naming the field.
+//!    Beside it [`atomic`]: a whole file written so a crash or a full disk leaves the old one or
+//!    the new one (the parent's files; the KRE writes none).
 //! 2. [`binding`]: every domain-separated digest, transcript hash and KDF label; decides the
 //!    exact bytes each binding covers.
 //! 3. [`crypto`]: KEKs, data-key derivation, wrapping to an attested key, Shamir; decides how
@@ -27,6 +29,7 @@
 //!     (`keygate-enclave-dev`).
 #![forbid(unsafe_code)]
 
+pub mod atomic;
 pub mod codec;
 
 pub mod binding;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 /// The layers, lowest first: each layer's name and its top-level modules.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("codec", &["codec"]),
+    ("codec", &["codec", "atomic"]),
     ("binding", &["binding"]),
     ("crypto", &["crypto"]),
     ("audit", &["audit"]),

@@ -23,3 +23,11 @@ impl CliError {
         Self { code: 3, message: format!("{context}: {err}") }
     }
 }
+
+/// A file not written (a full disk, a refused directory; the previous file is untouched): an
+/// I/O failure naming the file and the step.
+impl From<keygate_enclave::atomic::AtomicWriteError> for CliError {
+    fn from(e: keygate_enclave::atomic::AtomicWriteError) -> Self {
+        Self { code: 3, message: e.to_string() }
+    }
+}

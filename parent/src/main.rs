@@ -77,6 +77,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Started by the demo: die with it, even when it is killed with kill -9.
+    #[cfg(feature = "mock")]
+    keygate_tests::die_with_parent_if_asked();
     let cli = Cli::parse();
     keygate_enclave::cli::init_logging(cli.log_json);
     let result = match cli.command {

@@ -2,6 +2,7 @@
 //! time, and the shared test vectors.
 #![forbid(unsafe_code)]
 
+mod cleanup;
 pub mod e2e;
 pub mod etcd;
 mod process;
@@ -9,6 +10,7 @@ pub mod relay;
 pub mod scrape;
 pub mod silent;
 
+pub use cleanup::{clean_up, die_with_parent_if_asked, track_for_cleanup, Cleaned, DIE_WITH_PARENT};
 pub use process::*;
 
 use std::path::{Path, PathBuf};

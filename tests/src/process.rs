@@ -27,9 +27,11 @@ pub struct ProcessInDir {
 
 impl Drop for ProcessInDir {
     fn drop(&mut self) {
+        crate::cleanup::child_reaping(self.child.id());
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+        crate::cleanup::dir_removed(&self.dir);
     }
 }
 
@@ -52,6 +54,7 @@ impl KillOnDrop {
 
     /// Kills the process now (SIGKILL) and reaps it.
     pub fn kill(&mut self) {
+        crate::cleanup::child_reaping(self.0.id());
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -77,6 +80,7 @@ impl TempDir {
         let path = std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path)?;
+        crate::cleanup::dir_created(&path);
         Ok(Self(Some(path)))
     }
 
@@ -95,15 +99,47 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         if let Some(path) = self.0.take() {
-            let _ = std::fs::remove_dir_all(path);
+            let _ = std::fs::remove_dir_all(&path);
+            crate::cleanup::dir_removed(&path);
         }
     }
 }
 
-/// Starts `cmd` with stdin and stdout closed and stderr appended to a new file `log`.
+/// Starts `cmd` with stdin and stdout closed and stderr appended to a new file `log`. The
+/// child is recorded for [`crate::clean_up`] until a [`KillOnDrop`] or [`ProcessInDir`] holding
+/// it reaps it (an owner that reaps it otherwise un-records it first).
 pub fn spawn_logged(cmd: &mut Command, log: &Path) -> std::io::Result<Child> {
     let log = std::fs::File::create(log)?;
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn()
+    crate::cleanup::prepare(cmd);
+    let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn()?;
+    crate::cleanup::child_started(child.id());
+    Ok(child)
+}
+
+/// Runs `cmd` to completion with stdin closed and its output captured, recorded for
+/// [`crate::clean_up`] while it runs: a short step of the demo (a build, a fetch).
+pub fn run_tracked(cmd: &mut Command) -> std::io::Result<std::process::Output> {
+    use std::io::Read;
+    crate::cleanup::prepare(cmd);
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    crate::cleanup::child_started(child.id());
+    fn drain(r: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    }
+    let (out, err) = (drain(child.stdout.take()), drain(child.stderr.take()));
+    let status = loop {
+        if let Some(status) = crate::cleanup::try_reap(&mut child)? {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Ok(std::process::Output { status, stdout: out.join().unwrap_or_default(), stderr: err.join().unwrap_or_default() })
 }
 
 /// Why a process's socket never accepted.

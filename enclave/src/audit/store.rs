@@ -224,24 +224,35 @@ pub struct AppendReport {
     pub last_seq: u64,
 }
 
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io("syncing directory", dir))
-}
-
 /// Creates `path` holding only `magic`, atomically, if it does not exist.
 fn ensure_file(dir: &Path, name: &str, magic: &[u8; 8]) -> Result<PathBuf, StoreError> {
     let path = dir.join(name);
     if path.exists() {
         return Ok(path);
     }
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = File::create(&tmp).map_err(io("creating", &tmp))?;
-    f.write_all(magic).map_err(io("writing", &tmp))?;
-    f.sync_all().map_err(io("syncing", &tmp))?;
-    drop(f);
-    fs::rename(&tmp, &path).map_err(io("renaming into place", &path))?;
-    sync_dir(dir)?;
-    Ok(path)
+    // Never replaced: a writer that raced this one has created the same header.
+    let once = crate::atomic::WriteOptions { mode: 0o666, replace: false };
+    match crate::atomic::write_file_with(&path, magic, once) {
+        Ok(()) | Err(crate::atomic::AtomicWriteError::Exists(_)) => Ok(path),
+        Err(crate::atomic::AtomicWriteError::Io { step, source, .. }) => {
+            Err(StoreError::Io { op: step_op(step), path, source })
+        }
+        Err(crate::atomic::AtomicWriteError::NotAFile(_)) => {
+            Err(StoreError::Io { op: "creating", path, source: std::io::ErrorKind::InvalidInput.into() })
+        }
+    }
+}
+
+/// An atomic write's failed step, as [`StoreError::Io`] names what was being done.
+fn step_op(step: crate::atomic::Step) -> &'static str {
+    use crate::atomic::Step;
+    match step {
+        Step::CreateTemporary => "creating a temporary file for",
+        Step::Write => "writing",
+        Step::Sync => "syncing",
+        Step::Rename => "renaming into place",
+        Step::SyncDirectory => "syncing the directory of",
+    }
 }
 
 /// Reads the last record of a framed file (found from its trailing length), if any.

@@ -56,12 +56,12 @@ pub(crate) struct VerifyArgs {
     /// Require this document kind.
     #[arg(long, value_parser = parse_kind)]
     require_kind: Option<DocumentKind>,
-    /// Maximum document age in seconds.
-    #[arg(long, default_value_t = 300)]
-    max_age: u64,
-    /// Allowed clock skew in seconds.
-    #[arg(long, default_value_t = 30)]
-    clock_skew: u64,
+    /// Maximum document age (a duration, e.g. 300, 5m or 90s).
+    #[arg(long, default_value = "5m", value_parser = super::args::parse_duration, value_name = "DURATION")]
+    max_age: Duration,
+    /// Allowed clock skew (a duration, e.g. 30s or 500ms).
+    #[arg(long, default_value = "30s", value_parser = super::args::parse_duration, value_name = "DURATION")]
+    clock_skew: Duration,
     /// Accept payload fields the AWS spec does not define, and report them.
     #[arg(long)]
     tolerate_unknown_fields: bool,
@@ -235,8 +235,8 @@ fn verify(a: VerifyArgs) -> Result<(), CliError> {
     };
     let opts = VerifyOptions {
         time,
-        max_age: Duration::from_secs(a.max_age),
-        clock_skew: Duration::from_secs(a.clock_skew),
+        max_age: a.max_age,
+        clock_skew: a.clock_skew,
         allow_debug: a.allow_debug,
         unknown_fields: if a.tolerate_unknown_fields {
             UnknownFields::TolerateAndReport
@@ -337,15 +337,8 @@ pub(crate) fn pcrs_from_eif(path: &Path) -> Result<BTreeMap<u8, Vec<u8>>, CliErr
     Ok(pcrs)
 }
 
-/// Writes a file atomically (temporary file in the same directory, then rename).
+/// Writes a file atomically ([`keygate_enclave::atomic`]: a temporary file beside it, fsync,
+/// rename, directory fsync; on a failure the previous file is untouched and nothing is left).
 pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<(), CliError> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let ctx = || format!("writing {}", path.display());
-    std::fs::write(&tmp, bytes).map_err(|e| CliError::io(ctx(), e))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        CliError::io(ctx(), e)
-    })
+    Ok(keygate_enclave::atomic::write_file(path, bytes)?)
 }

@@ -41,13 +41,13 @@ pub(crate) struct PullArgs {
     /// `DIR/chain-<chain id prefix>` (`audit verify DIR` checks them all and their links).
     #[arg(long)]
     dir: PathBuf,
-    /// Keep collecting until interrupted: each round waits in the KRE up to this many seconds
-    /// (at most 5) for new entries, stores them (fsynced, many per fsync) and acknowledges
+    /// Keep collecting until interrupted: each round waits in the KRE up to this long (a
+    /// duration, e.g. 1s or 500ms; at most 5s) for new entries, stores them (fsynced, many per fsync) and acknowledges
     /// them at once; the KRE withholds each release's answer until then. A failed round is
     /// reported and retried (backoff 1 s doubling to 30 s); after a KRE restart its new chain
     /// goes to `DIR/chain-<chain id prefix>`.
-    #[arg(long)]
-    follow: Option<u64>,
+    #[arg(long, value_parser = super::args::parse_duration, value_name = "DURATION")]
+    follow: Option<std::time::Duration>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -281,7 +281,7 @@ fn pull(a: PullArgs) -> Result<(), CliError> {
     // Following: a failed round (KRE restarting, a refused pull, disk full) is reported on one
     // line and retried after a bounded backoff, reset by the next successful round; nothing is
     // acknowledged that was not stored.
-    let mut follower = Follower::new(a.kre, a.dir, std::time::Duration::from_secs(every));
+    let mut follower = Follower::new(a.kre, a.dir, every);
     let mut backoff = pull_backoff();
     loop {
         match follower.round() {

@@ -34,6 +34,8 @@ pub(crate) enum GenError {
     WriteMan { dir: PathBuf, source: std::io::Error },
     #[error("cannot write the completion script: {0}")]
     WriteStdout(std::io::Error),
+    #[error("cannot write a man page: {0}")]
+    WritePage(#[from] keygate_enclave::atomic::AtomicWriteError),
 }
 
 impl From<GenError> for CliError {
@@ -54,17 +56,22 @@ pub(crate) fn completion_script(shell: Shell, mut cmd: clap::Command) -> Vec<u8>
 /// `keygate-policy.1`, `keygate-policy-push.1`, …), creating it if missing. Every page's
 /// source line names the tool and its version (`keygate 0.1.0`), subcommands' too.
 pub(crate) fn write_man_pages(cmd: clap::Command, dir: &Path) -> Result<(), GenError> {
-    fn write(cmd: clap::Command, source: &str, dir: &Path) -> std::io::Result<()> {
+    // Each page rendered in memory, then written atomically (clap_mangen's own `generate_to`
+    // writes in place).
+    fn write(cmd: clap::Command, source: &str, dir: &Path) -> Result<(), GenError> {
         for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
             write(sub.clone(), source, dir)?;
         }
-        clap_mangen::Man::new(cmd).source(source).generate_to(dir).map(drop)
+        let man = clap_mangen::Man::new(cmd).source(source);
+        let mut page = Vec::new();
+        man.render(&mut page).map_err(|source| GenError::WriteMan { dir: dir.to_owned(), source })?;
+        Ok(keygate_enclave::atomic::write_file(&dir.join(man.get_filename()), &page)?)
     }
     std::fs::create_dir_all(dir).map_err(|source| GenError::CreateDir { dir: dir.to_owned(), source })?;
     let mut cmd = cmd.disable_help_subcommand(true);
     cmd.build();
     let source = format!("{} {}", cmd.get_name(), cmd.get_version().unwrap_or_default());
-    write(cmd, source.trim_end(), dir).map_err(|source| GenError::WriteMan { dir: dir.to_owned(), source })
+    write(cmd, source.trim_end(), dir)
 }
 
 pub(crate) fn completions(a: CompletionsArgs, cmd: clap::Command) -> Result<(), CliError> {
@@ -143,7 +150,7 @@ mod tests {
         let file = dir.path().join("not-a-dir");
         std::fs::write(&file, b"x").expect("write");
         let err = write_man_pages(crate::Cli::command(), &file).expect_err("a file is not a directory");
-        assert!(matches!(err, GenError::CreateDir { .. } | GenError::WriteMan { .. }), "{err:?}");
+        assert!(matches!(err, GenError::CreateDir { .. } | GenError::WritePage(_)), "{err:?}");
         let cli = CliError::from(err);
         assert_eq!(cli.code, 3);
         assert!(cli.message.contains("not-a-dir"), "{}", cli.message);

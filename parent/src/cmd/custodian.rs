@@ -59,9 +59,9 @@ pub(crate) struct SyncArgs {
     /// etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (docs/durability.md, "The etcd backend").
     #[arg(long, value_name = "URL")]
     store: Option<EtcdUrl>,
-    /// Keep syncing every this many seconds.
-    #[arg(long, value_name = "SECONDS")]
-    follow: Option<u64>,
+    /// Keep syncing, pausing this long between rounds (a duration, e.g. 5 or 5s; at least 1s).
+    #[arg(long, value_name = "DURATION", value_parser = super::args::parse_duration)]
+    follow: Option<Duration>,
 }
 
 /// `keygate custodian ...`
@@ -149,7 +149,7 @@ pub(crate) fn run_state(cmd: StateCommand) -> Result<(), CliError> {
                 (Err(e), Some(_)) => eprintln!("keygate: state sync: {}", e.message),
             }
             match a.follow {
-                Some(s) => std::thread::sleep(Duration::from_secs(s.max(1))),
+                Some(s) => std::thread::sleep(s.max(Duration::from_secs(1))),
                 None => return Ok(()),
             }
         },
@@ -469,11 +469,7 @@ fn unseal(a: &UnsealArgs) -> Result<(), CliError> {
         records.into_iter().filter(|r| r.set_digest != resp.record.set_digest).collect();
     records.push(resp.record.clone());
     let json = serde_json::to_vec_pretty(&records).map_err(|e| CliError::input(e.to_string()))?;
-    let tmp = rec_path.with_extension("tmp");
-    std::fs::write(&tmp, &json)
-        .and_then(|_| std::fs::File::open(&tmp).and_then(|f| f.sync_all()))
-        .and_then(|_| std::fs::rename(&tmp, &rec_path))
-        .map_err(|e| CliError::io(format!("writing {}", rec_path.display()), e))?;
+    keygate_enclave::atomic::write_file(&rec_path, &json)?;
     let (have, need, serving, generation) = progress;
     if let Some(d) = resp.reshared_to {
         if serving {
@@ -680,7 +676,7 @@ fn sync_etcd(a: &SyncArgs) -> Result<(), CliError> {
             (Err(e), Some(_)) => eprintln!("keygate: state sync: {}", e.message),
         }
         let Some(s) = a.follow else { return Ok(()) };
-        let pause = Duration::from_secs(s.max(1));
+        let pause = s.max(Duration::from_secs(1));
         match store.wait_newer(known, pause) {
             Ok(Some(g)) => eprintln!("keygate: state sync: {url} now holds generation {g}"),
             Ok(None) => {}

@@ -206,8 +206,10 @@ fn build(args: BuildArgs) -> Result<(), CliError> {
         builder.sign_with(signer.map_err(|e| eif_error("signing", e))?);
     }
 
-    let out =
-        builder.write_file(&args.output).map_err(|e| eif_error(&format!("writing {}", args.output.display()), e))?;
+    // Written as it is made, atomically: a full disk leaves the previous image and no part.
+    let out = keygate_enclave::atomic::write_file_streamed(&args.output, Default::default(), |f| {
+        builder.write(f).map_err(|e| eif_error(&format!("writing {}", args.output.display()), e))
+    })?;
 
     if args.json {
         let mut v = json!({ "Measurements": measurements_json(&out.measurements) });

@@ -269,8 +269,7 @@ pub(crate) fn write_receipt(dir: &Path, receipt: &Receipt) -> Result<PathBuf, Cl
 /// every path: temporary files beside their targets first (fsynced), then the renames, then
 /// each directory's fsync. On a failure, no temporary file and no target is left behind.
 fn write_files(dirs: &[&Path], files: &[(PathBuf, &[u8])]) -> Result<Vec<PathBuf>, CliError> {
-    use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     for d in dirs {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -288,11 +287,11 @@ fn write_files(dirs: &[&Path], files: &[(PathBuf, &[u8])]) -> Result<Vec<PathBuf
         let final_path = final_path.clone();
         let name = final_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let tmp = final_path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-        let written =
-            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).and_then(|mut f| {
-                f.write_all(bytes)?;
-                f.sync_all()
-            });
+        let written = keygate_enclave::atomic::write_file_with(
+            &tmp,
+            bytes,
+            keygate_enclave::atomic::WriteOptions { mode: 0o600, replace: false },
+        );
         if let Err(e) = written {
             let _ = std::fs::remove_file(&tmp);
             cleanup(&temps);

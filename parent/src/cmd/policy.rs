@@ -277,20 +277,12 @@ fn load_private(path: &Path) -> Result<p384::ecdsa::SigningKey, CliError> {
 }
 
 pub(crate) fn keygen(a: KeygenArgs) -> Result<(), CliError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let sk = p384::SecretKey::random(&mut rand_core::OsRng);
     let pem = sk.to_pkcs8_pem(LineEnding::LF).map_err(|e| CliError::input(e.to_string()))?;
     let public = sk.public_key().to_public_key_pem(LineEnding::LF).map_err(|e| CliError::input(e.to_string()))?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&a.out)
-        .map_err(|e| CliError::io(format!("creating {} (it must not exist)", a.out.display()), e))?;
-    f.write_all(pem.as_bytes())
-        .and_then(|_| f.sync_all())
-        .map_err(|e| CliError::io(format!("writing {}", a.out.display()), e))?;
+    // Mode 0600, never over an existing key; whole or not at all.
+    let private = keygate_enclave::atomic::WriteOptions { mode: 0o600, replace: false };
+    keygate_enclave::atomic::write_file_with(&a.out, pem.as_bytes(), private)?;
     let pub_path = public_path(&a.out);
     write_file(&pub_path, public.as_bytes())?;
     let point = p384::ecdsa::SigningKey::from(&sk).verifying_key().to_encoded_point(false);

@@ -24,19 +24,22 @@ pub(crate) use self::stats::ProxyMetrics;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct ProxyArgs {
-    /// Host-side address: unix:PATH or tcp:IP:PORT.
+    /// Host-side address: unix:PATH, tcp:IP:PORT or tcp:HOST:PORT (a DNS name, resolved when
+    /// binding, e.g. tcp:localhost:8443).
     #[arg(long)]
     listen: Addr,
-    /// The KRE's port of that channel: vsock:CID:PORT or unix:PATH.
+    /// The KRE's port of that channel: vsock:CID:PORT, unix:PATH, tcp:IP:PORT or tcp:HOST:PORT
+    /// (resolved at each connect).
     #[arg(long)]
     to: Addr,
     /// The channel forwarded: `release` (control planes) or `custodian` (opt-in, on its own
     /// port). The parent channel is never proxied.
     #[arg(long, default_value = "release")]
     channel: Channel,
-    /// Seconds a client has to send its first frame's header.
-    #[arg(long, default_value_t = 5)]
-    first_frame_timeout: u64,
+    /// How long a client has to send its first frame's header (a duration, e.g. 5s or 500ms;
+    /// at least 1s).
+    #[arg(long, default_value = "5s", value_parser = super::args::parse_duration, value_name = "DURATION")]
+    first_frame_timeout: Duration,
     /// Most concurrent connections.
     #[arg(long, default_value_t = 4096)]
     max_connections: usize,
@@ -44,12 +47,12 @@ pub(crate) struct ProxyArgs {
     /// host cannot take every slot.
     #[arg(long, default_value_t = 64)]
     max_per_source: usize,
-    /// Seconds a proxied connection may live in all.
-    #[arg(long, default_value_t = 60)]
-    max_lifetime: u64,
-    /// Seconds to connect to the KRE.
-    #[arg(long, default_value_t = 5)]
-    connect_timeout: u64,
+    /// How long a proxied connection may live in all (a duration, e.g. 60s or 10m).
+    #[arg(long, default_value = "60s", value_parser = super::args::parse_duration, value_name = "DURATION")]
+    max_lifetime: Duration,
+    /// How long to connect to the KRE (a duration, e.g. 5s).
+    #[arg(long, default_value = "5s", value_parser = super::args::parse_duration, value_name = "DURATION")]
+    connect_timeout: Duration,
 }
 
 /// Where the proxy forwards, which channel, and its limits.
@@ -238,7 +241,7 @@ impl Timeouts {
 /// Refuses a host side on vsock and the parent channel (never proxied).
 pub(crate) fn check_forward(listen: &Addr, channel: Channel) -> Result<(), CliError> {
     if matches!(listen, Addr::Vsock { .. }) {
-        return Err(CliError::input("--listen is the host side: unix:PATH or tcp:IP:PORT"));
+        return Err(CliError::input("--listen is the host side: unix:PATH, tcp:IP:PORT or tcp:HOST:PORT"));
     }
     if channel == Channel::Parent {
         return Err(CliError::input(
@@ -268,11 +271,7 @@ pub(crate) fn run(a: ProxyArgs) -> Result<(), CliError> {
         channel: a.channel,
         metrics: ProxyMetrics::default(),
         slots: Slots::new(a.max_connections, a.max_per_source),
-        timeouts: Timeouts::new(
-            Duration::from_secs(a.first_frame_timeout),
-            Duration::from_secs(a.connect_timeout),
-            Duration::from_secs(a.max_lifetime),
-        ),
+        timeouts: Timeouts::new(a.first_frame_timeout, a.connect_timeout, a.max_lifetime),
     };
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
@@ -293,6 +292,16 @@ pub(crate) async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_name_is_a_host_side_vsock_and_the_parent_channel_are_not() {
+        let host: Addr = "tcp:localhost:8443".parse().expect("a host name");
+        assert!(check_forward(&host, Channel::Release).is_ok());
+        assert!(check_forward(&"tcp:127.0.0.1:1".parse().expect("ip"), Channel::Custodian).is_ok());
+        let err = check_forward(&"vsock:3:5000".parse().expect("vsock"), Channel::Release).expect_err("vsock");
+        assert!(err.message.contains("tcp:HOST:PORT"), "{}", err.message);
+        assert!(check_forward(&host, Channel::Parent).is_err());
+    }
 
     #[test]
     fn a_source_is_the_ip_or_the_uid_not_the_port_or_pid() {

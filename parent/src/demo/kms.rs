@@ -65,21 +65,13 @@ fn copy_keys(from: &Path, to: &Path, key: &str) -> Result<u32, CliError> {
 }
 
 fn write_new_version(dir: &Path, key: &str, version: u32) -> Result<(), Misbehaved> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let bytes = zeroize::Zeroizing::new({
         let mut b = [0u8; 32];
         rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
         b
     });
-    let tmp = dir.join(format!(".{key}.v{version}.key.tmp"));
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(&*bytes))
-        .and_then(|()| std::fs::rename(&tmp, dir.join(format!("{key}.v{version}.key"))))
+    let path = dir.join(format!("{key}.v{version}.key"));
+    keygate_enclave::atomic::write_file_with(&path, &*bytes, keygate_enclave::atomic::WriteOptions::PRIVATE)
         .map_err(|e| format!("writing version {version}: {e}").into())
 }
 

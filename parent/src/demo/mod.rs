@@ -12,6 +12,7 @@
 mod attestation;
 mod kms;
 mod release;
+mod signals;
 mod tour;
 
 use crate::error::CliError;
@@ -20,6 +21,14 @@ use crate::error::CliError;
 pub(crate) struct DemoArgs {}
 
 pub(crate) fn run(_args: DemoArgs) -> Result<(), CliError> {
+    // SIGINT or SIGTERM: the demo's processes and directories go with it.
+    signals::clean_up_on_signal()?;
+    let result = tour();
+    signals::wait_if_stopping();
+    result
+}
+
+fn tour() -> Result<(), CliError> {
     println!("keygate demo: attested key release, end to end, on the mock NSM");
     let mut tour = tour::Tour::default();
     attestation::attestation_tour(&mut tour)?;

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,20 +91,25 @@ fn build_image(exe: &Path, dir: &Path, name: &str, payload: &[u8]) -> Result<Pat
         std::fs::write(p, b).map_err(|e| CliError::io(format!("writing {}", p.display()), e))?;
     }
     let out = dir.join(format!("{name}.eif"));
-    let status = Command::new(exe)
-        .args(["eif", "build", "--kernel"])
-        .arg(src.join("bzImage"))
-        .arg("--kernel-config")
-        .arg(src.join("kernel.config"))
-        .args(["--cmdline", "console=ttyS0 reboot=k", "--build-time", "2026-11-01T00:00:00Z", "--ramdisk"])
-        .arg(&rootfs)
-        .arg("-o")
-        .arg(&out)
-        .stdout(Stdio::null())
-        .status()
-        .map_err(|e| CliError::io("running keygate eif build", e))?;
-    if !status.success() {
-        return Err(CliError::refused(format!("keygate eif build failed for {name} ({status})")));
+    let built = keygate_tests::run_tracked(
+        Command::new(exe)
+            .args(["eif", "build", "--kernel"])
+            .arg(src.join("bzImage"))
+            .arg("--kernel-config")
+            .arg(src.join("kernel.config"))
+            .args(["--cmdline", "console=ttyS0 reboot=k", "--build-time", "2026-11-01T00:00:00Z", "--ramdisk"])
+            .arg(&rootfs)
+            .arg("-o")
+            .arg(&out),
+    )
+    .map_err(|e| CliError::io("running keygate eif build", e))?;
+    if !built.status.success() {
+        let err = String::from_utf8_lossy(&built.stderr);
+        return Err(CliError::refused(format!(
+            "keygate eif build failed for {name} ({}): {}",
+            built.status,
+            err.trim()
+        )));
     }
     Ok(out)
 }
@@ -691,10 +696,7 @@ fn path(p: &Path) -> String {
 /// Runs `keygate ARGS` (the demo uses the CLI as the pipeline and approvers would); Ok(stdout)
 /// on success, Err(the error line) otherwise.
 fn keygate_cli(exe: &Path, args: &[String]) -> Outcome {
-    let out = Command::new(exe)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
+    let out = keygate_tests::run_tracked(Command::new(exe).args(args))
         .map_err(|e| Misbehaved::from(format!("running keygate: {e}")))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())

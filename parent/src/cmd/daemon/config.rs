@@ -64,13 +64,15 @@ keys! {
     /// The KRE's parent channel (state, audit; never proxied): vsock:CID:PORT or unix:PATH.
     /// Required. Environment KEYGATE_PARENT_KRE_PARENT.
     kre_parent: "ADDR",
-    /// The release channel's host side: unix:PATH or tcp:IP:PORT. Required.
+    /// The release channel's host side: unix:PATH, tcp:IP:PORT or tcp:HOST:PORT (a DNS name,
+    /// resolved when binding). Required.
     /// Environment KEYGATE_PARENT_RELEASE_LISTEN.
     release_listen: "ADDR",
-    /// The KRE's release channel port: vsock:CID:PORT or unix:PATH. Required.
+    /// The KRE's release channel port: vsock:CID:PORT, unix:PATH or tcp:HOST:PORT. Required.
     /// Environment KEYGATE_PARENT_RELEASE_TO.
     release_to: "ADDR",
-    /// The custodian channel's host side (opt-in; with --custodian-to).
+    /// The custodian channel's host side (opt-in; with --custodian-to): unix:PATH,
+    /// tcp:IP:PORT or tcp:HOST:PORT.
     /// Environment KEYGATE_PARENT_CUSTODIAN_LISTEN.
     custodian_listen: "ADDR",
     /// The KRE's custodian channel port (opt-in; with --custodian-listen).
@@ -443,6 +445,22 @@ mod tests {
         );
         let cfg = from(&none, &[], "state_store = \"etcd://10.0.0.1:2379,10.0.0.2:2379/kg\"\n").expect("etcd");
         assert_eq!(cfg.state_store.map(|u| u.to_string()).as_deref(), Some("etcd://10.0.0.1:2379,10.0.0.2:2379/kg"));
+    }
+
+    #[test]
+    fn host_names_are_taken_in_listen_and_to_addresses() {
+        let cfg = from(
+            &DaemonArgs::default(),
+            &[("release_listen", "tcp:LocalHost:5000")],
+            "custodian_listen = \"tcp:localhost:5002\"\ncustodian_to = \"tcp:kre.internal:5003\"\n",
+        )
+        .expect("config");
+        assert_eq!(cfg.release.listen, Addr::TcpHost { host: "localhost".into(), port: 5000 });
+        let custodian = cfg.custodian.expect("custodian");
+        assert_eq!(custodian.listen, Addr::TcpHost { host: "localhost".into(), port: 5002 });
+        assert_eq!(custodian.to, Addr::TcpHost { host: "kre.internal".into(), port: 5003 });
+        let err = from(&DaemonArgs::default(), &[("release_listen", "tcp:bad_name!:1")], "").expect_err("bad name");
+        assert!(matches!(err, ConfigError::BadValue { key: "release_listen", origin: Origin::Env, .. }), "{err:?}");
     }
 
     #[test]
