@@ -15,6 +15,7 @@ mod demo;
 mod error;
 mod kre_client;
 mod metrics;
+mod output;
 mod storage;
 
 #[derive(Debug, Parser)]
@@ -23,6 +24,12 @@ struct Cli {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, global = true)]
     log_json: bool,
+    /// Print each result as one JSON document on stdout (one JSON line per event for the
+    /// long-running verbs) and a failure as one `{"error":{"code","kind","message"}}` object on
+    /// stderr, with the same exit code. `completions` and `man` print their artifact as is; the
+    /// demo and the benchmarks print text.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -69,14 +76,19 @@ enum Command {
     Eif(cmd::eif::EifCommand),
     /// Kubernetes KMS v2 plugin: kube-apiserver seals etcd's DEKs with the attested key.
     KmsPlugin(cmd::kms_plugin::KmsPluginArgs),
-    /// Print a shell completion script for `keygate` on stdout.
+    /// Print a shell completion script for `keygate` on stdout (the script even under `--json`).
     Completions(cmd::completions::CompletionsArgs),
-    /// Write `keygate`'s man pages, one per subcommand, into a directory.
+    /// Write `keygate`'s man pages, one per subcommand, into a directory (`--json` changes
+    /// nothing).
     Man(cmd::completions::ManArgs),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
+    output::set_format(if cli.json { output::Format::Json } else { output::Format::Text });
     keygate_enclave::cli::init_logging(cli.log_json);
     let result = match cli.command {
         Command::Attestation(c) => cmd::attestation::run(c),
@@ -101,10 +113,23 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("keygate: error: {}", e.message);
+            output::print_error(&e);
             ExitCode::from(e.code)
         }
     }
+}
+
+/// A command line clap refuses: clap's own text and exit code (2), or, when `--json` is among
+/// the arguments, the error object (kind `input`). `--help` and `--version` print as clap does.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    if !e.use_stderr() || !std::env::args_os().any(|a| a == "--json") {
+        e.exit()
+    }
+    let text = e.render().to_string();
+    let message = text.trim().strip_prefix("error: ").unwrap_or(text.trim());
+    output::set_format(output::Format::Json);
+    output::print_error(&error::CliError::input(message));
+    ExitCode::from(2)
 }
 
 #[cfg(test)]
