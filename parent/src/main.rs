@@ -24,10 +24,14 @@ struct Cli {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, global = true)]
     log_json: bool,
-    /// Print each result as one JSON document on stdout (one JSON line per event for the
-    /// long-running verbs) and a failure as one `{"error":{"code","kind","message"}}` object on
-    /// stderr, with the same exit code. `completions` and `man` print their artifact as is; the
-    /// demo and the benchmarks print text.
+    /// Print results as JSON: one document on stdout, a failure as one JSON object on stderr.
+    ///
+    /// Each verb prints one JSON document on stdout instead of its text (a verb that writes
+    /// files: what it wrote; a long-running verb: one JSON line per event it would print) and
+    /// a failure as one `{"error":{"code":N,"kind":"refused|input|io|not_serving","message":"…"}}`
+    /// line on stderr, with the same exit code; warnings become `{"warning":{"message":"…"}}`
+    /// lines on stderr. `completions` and `man` print their artifact as is; the demo and the
+    /// benchmarks print text (docs/operations.md).
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
@@ -64,11 +68,11 @@ enum Command {
     /// Custodians of the state key: genesis and the unseal ceremony (docs/durability.md).
     #[command(subcommand)]
     Custodian(cmd::custodian::CustodianCommand),
-    /// Benchmarks (docs/benchmarks.md).
+    /// Benchmarks (docs/benchmarks.md); their tables are text even under `--json`.
     #[cfg(feature = "mock")]
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
-    /// Run the local demo of the full flow on the mock NSM.
+    /// Run the local demo of the full flow on the mock NSM (text even under `--json`).
     #[cfg(feature = "mock")]
     Demo(demo::DemoArgs),
     /// Build, describe and measure enclave images (EIF).

@@ -66,6 +66,43 @@ impl<J: Serialize> Report for Shown<J> {
     }
 }
 
+/// Prints a verb's JSON document built before `--json` was global, for its own `--json` flag
+/// (one flag with the global one: clap hands it to both), one line in either format.
+pub(crate) fn print_json(v: &impl Serialize) -> Result<(), CliError> {
+    let text = serde_json::to_string(v).map_err(|e| CliError::io("rendering the JSON output", e))? + "\n";
+    print(&Shown { json: v, text })
+}
+
+/// What a verb that only writes files (and prints nothing as text) prints under `--json`:
+/// `{"wrote":[{"path":…,"bytes":…}]}`.
+#[derive(Debug, Serialize)]
+pub(crate) struct Wrote {
+    /// The files written, in order.
+    pub(crate) wrote: Vec<WroteFile>,
+}
+
+/// One file a verb wrote.
+#[derive(Debug, Serialize)]
+pub(crate) struct WroteFile {
+    /// Its path, as given.
+    pub(crate) path: String,
+    /// Its length.
+    pub(crate) bytes: usize,
+}
+
+impl Wrote {
+    /// One file of `bytes` bytes at `path`.
+    pub(crate) fn one(path: &std::path::Path, bytes: usize) -> Self {
+        Self { wrote: vec![WroteFile { path: path.display().to_string(), bytes }] }
+    }
+}
+
+impl Report for Wrote {
+    fn text(&self) -> String {
+        String::new()
+    }
+}
+
 /// `r` in format `f`: its text, or its JSON on one line ending in a newline.
 pub(crate) fn render(r: &impl Report, f: Format) -> Result<String, CliError> {
     match f {
@@ -84,6 +121,26 @@ pub(crate) fn print(r: &impl Report) -> Result<(), CliError> {
     let s = render(r, format())?;
     let mut out = std::io::stdout().lock();
     out.write_all(s.as_bytes()).and_then(|()| out.flush()).map_err(|e| CliError::io("writing to stdout", e))
+}
+
+/// Prints, as text only, a step of a verb whose `--json` document comes at its end (and holds
+/// the step): the line an operator wants as soon as it happens.
+pub(crate) fn step(text: &str) -> Result<(), CliError> {
+    match format() {
+        Format::Json => Ok(()),
+        Format::Text => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(text.as_bytes()).and_then(|()| out.flush()).map_err(|e| CliError::io("writing to stdout", e))
+        }
+    }
+}
+
+/// Prints on stderr, as text only, a line that details a failure (the error line follows);
+/// under `--json` the verb's document on stdout holds the same details.
+pub(crate) fn detail(text: &str) {
+    if format() == Format::Text {
+        eprintln!("{text}");
+    }
 }
 
 /// A warning line for stderr, without its newline: `text` as the verb words it, or

@@ -131,11 +131,17 @@ pub(crate) fn run_state(cmd: StateCommand) -> Result<(), CliError> {
     match cmd {
         StateCommand::Sync(a) => loop {
             match (sync_once(&a.kre, &a.state_dir), a.follow) {
-                (Ok(line), _) => println!("{line}"),
+                (Ok(line), _) => crate::output::print(&super::reports::StateSynced {
+                    state_dir: a.state_dir.display().to_string(),
+                    result: line,
+                })?,
                 (Err(e), None) => return Err(e),
                 // Following: a failed round (KRE restarting, disk full) is reported and retried;
                 // nothing is committed that was not stored.
-                (Err(e), Some(_)) => eprintln!("keygate: state sync: {}", e.message),
+                (Err(e), Some(_)) => crate::output::warn(
+                    &format!("keygate: state sync: {}", e.message),
+                    &format!("state sync: {}", e.message),
+                ),
             }
             match a.follow {
                 Some(s) => std::thread::sleep(Duration::from_secs(s.max(1))),
@@ -319,7 +325,8 @@ pub(crate) fn sync_once(kre: &Addr, dir: &Path) -> Result<String, CliError> {
                 ))
             })?;
             for (slot, why) in &loaded.skipped {
-                eprintln!("keygate: warning: state {slot:?} not used: {why}");
+                let m = format!("state {slot:?} not used: {why}");
+                crate::output::warn(&format!("keygate: warning: {m}"), &m);
             }
             let g = loaded.header.generation;
             let r = state_report(kre, &Message::StateLoad { blob: loaded.blob, shares, genesis_attestation: genesis })?;
@@ -359,12 +366,11 @@ fn init(a: &InitArgs) -> Result<(), CliError> {
     }
     let r = state_report(&a.kre, &Message::StateGenesis)?;
     let g = store_and_commit(&a.kre, &a.state_dir, &r)?;
-    println!(
-        "genesis: generation {g} stored in {} and committed; {}-of-N custodians hold the state key",
-        a.state_dir.display(),
-        r.threshold
-    );
-    Ok(())
+    crate::output::print(&super::reports::CustodianGenesis {
+        generation: g,
+        state_dir: a.state_dir.display().to_string(),
+        threshold: r.threshold,
+    })
 }
 
 fn load_scalar(path: &Path) -> Result<Secret<48>, CliError> {
@@ -465,28 +471,14 @@ fn unseal(a: &UnsealArgs) -> Result<(), CliError> {
         .and_then(|_| std::fs::rename(&tmp, &rec_path))
         .map_err(|e| CliError::io(format!("writing {}", rec_path.display()), e))?;
     let (have, need, serving, generation) = progress;
-    if let Some(d) = resp.reshared_to {
-        if serving {
-            println!(
-                "reshare approved (share {}): {have} of {need}; the KRE split a new state key for set {} (store it with `keygate state sync`)",
-                resp.x,
-                hex::encode(d)
-            );
-        } else {
-            println!("reshare approved (share {}): {have} of {need}; waiting for more current custodians", resp.x);
-        }
-    } else if serving {
-        println!(
-            "share {} accepted: {have} of {need}; the KRE has unsealed generation {generation} and serves",
-            resp.x
-        );
-    } else {
-        println!(
-            "share {} accepted: {have} of {need} for generation {generation}; waiting for more custodians",
-            resp.x
-        );
-    }
-    Ok(())
+    crate::output::print(&super::reports::CustodianUnsealed {
+        share: resp.x,
+        accepted: have,
+        needed: need,
+        serving,
+        generation,
+        reshared_to: resp.reshared_to.map(hex::encode),
+    })
 }
 
 fn reshare(a: &ReshareArgs) -> Result<(), CliError> {
@@ -509,16 +501,11 @@ fn reshare(a: &ReshareArgs) -> Result<(), CliError> {
         .map_err(|e| CliError::input(format!("new custodian set: {e}")))?;
     let digest = hex::encode(set.digest());
     let r = state_report(&a.kre, &Message::ReshareStart { set: keygate_enclave::state::vault::encode_set(&set) })?;
-    println!(
-        "reshare to {} of {} custodians requested (set {digest}); {} current custodians must approve:",
-        set.threshold(),
-        set.count(),
-        r.threshold
-    );
-    println!(
-        "  keygate custodian unseal --kre {} --key CUSTODIAN.pem --expect-kre-pcr ... --approve-reshare {digest}",
-        a.kre
-    );
-    println!("then store it: keygate state sync --kre PARENT-CHANNEL --state-dir DIR; the KRE image for the new set is configured with --custodian for each new key");
-    Ok(())
+    crate::output::print(&super::reports::CustodianReshare {
+        threshold: set.threshold(),
+        custodians: set.count(),
+        set_digest: digest,
+        approvals_needed: r.threshold,
+        kre: a.kre.to_string(),
+    })
 }

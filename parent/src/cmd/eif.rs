@@ -222,7 +222,7 @@ fn build(args: BuildArgs) -> Result<(), CliError> {
                 }),
             );
         }
-        print_json(&v);
+        print_json(&v)?;
     } else {
         println!("Output file: {}", args.output.display());
         println!("Size: {} bytes, CRC32 {:08x}", out.file_len, out.crc32);
@@ -263,11 +263,11 @@ fn print_measurements(m: &Measurements) {
     }
 }
 
-fn print_json(v: &Value) {
-    match serde_json::to_string_pretty(v) {
-        Ok(s) => println!("{s}"),
-        Err(_) => println!("{v}"),
-    }
+/// A JSON result: pretty as text (nitro-cli's look), one line under the global `--json` (the
+/// verbs' own `--json` is the same flag).
+fn print_json(v: &Value) -> Result<(), CliError> {
+    let text = serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()) + "\n";
+    crate::output::print(&crate::output::Shown { json: v, text })
 }
 
 fn rfc3339(unix: i64) -> String {
@@ -353,8 +353,7 @@ fn describe(args: &DescribeArgs) -> Result<(), CliError> {
             );
         }
         top.insert("Keygate".to_owned(), keygate);
-        print_json(&Value::Object(top));
-        return Ok(());
+        return print_json(&Value::Object(top));
     }
 
     println!("EIF version {}, {}", image.version(), image.arch().name());
@@ -406,10 +405,11 @@ fn describe(args: &DescribeArgs) -> Result<(), CliError> {
 fn verify(args: &VerifyArgs) -> Result<(), CliError> {
     let image = keygate_eif::read_file(&args.eif).map_err(|e| eif_error(&format!("{}", args.eif.display()), e))?;
     match image.verify_signature(now_unix()) {
-        Ok(n) => {
-            println!("{}: signature valid ({n} PCR signature{})", args.eif.display(), if n == 1 { "" } else { "s" });
-            Ok(())
-        }
+        Ok(n) => crate::output::print(&super::reports::EifVerified {
+            eif: args.eif.display().to_string(),
+            signature_valid: true,
+            pcr_signatures: n,
+        }),
         Err(e) => Err(CliError::refused(format!("{}: {e}", args.eif.display()))),
     }
 }
@@ -418,6 +418,5 @@ fn pcr8(args: &Pcr8Args) -> Result<(), CliError> {
     let pem = read_capped(&args.signing_certificate, MAX_PEM_FILE, "signing certificate")?;
     let pcr8 = keygate_eif::pcr8_from_certificate_pem(&pem)
         .map_err(|e| eif_error(&format!("{}", args.signing_certificate.display()), e))?;
-    print_json(&json!({ "PCR8": hex::encode(pcr8) }));
-    Ok(())
+    print_json(&json!({ "PCR8": hex::encode(pcr8) }))
 }

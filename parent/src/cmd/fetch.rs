@@ -331,7 +331,9 @@ pub(crate) fn run(a: FetchArgs) -> Result<(), CliError> {
             "entry_digest": hex::encode(r.entry_digest()),
             "path": receipt_path.display().to_string(),
         });
-        println!("{}", serde_json::json!({"cluster": a.cluster.as_str(), "keys": keys, "receipt": receipt}));
+        crate::output::print_json(
+            &serde_json::json!({"cluster": a.cluster.as_str(), "keys": keys, "receipt": receipt}),
+        )?;
     } else {
         for (k, p) in fetched.keys.iter().zip(&paths) {
             println!("released {}/{} version {} -> {}", a.cluster, k.key_id, k.version, p.display());
