@@ -208,16 +208,16 @@ mod tests {
     #[test]
     fn a_result_is_its_text_or_one_line_of_json() {
         let r = Example { path: "a \"b\"\n".into(), count: 3 };
-        assert_eq!(render(&r, Format::Text).unwrap(), "wrote a \"b\"\n (3 entries)\n");
-        let j = render(&r, Format::Json).unwrap();
+        assert_eq!(render(&r, Format::Text).expect("text"), "wrote a \"b\"\n (3 entries)\n");
+        let j = render(&r, Format::Json).expect("json");
         assert_eq!(j.matches('\n').count(), 1, "{j}");
         assert!(j.ends_with('\n'));
-        let v: Value = serde_json::from_str(&j).unwrap();
+        let v: Value = serde_json::from_str(&j).expect("one JSON document");
         assert_eq!(v, serde_json::json!({"path": "a \"b\"\n", "count": 3}));
 
         let shown = Shown { json: serde_json::json!({"ok": true}), text: "fine\n".into() };
-        assert_eq!(render(&shown, Format::Text).unwrap(), "fine\n");
-        assert_eq!(render(&shown, Format::Json).unwrap(), "{\"ok\":true}\n");
+        assert_eq!(render(&shown, Format::Text).expect("text"), "fine\n");
+        assert_eq!(render(&shown, Format::Json).expect("json"), "{\"ok\":true}\n");
     }
 
     #[test]
@@ -233,7 +233,7 @@ mod tests {
             assert_eq!(error_line(&e, Format::Text), format!("keygate: error: {}", e.message));
             let line = error_line(&e, Format::Json);
             assert!(!line.contains('\n'), "{line}");
-            let v: Value = serde_json::from_str(&line).unwrap();
+            let v: Value = serde_json::from_str(&line).expect("one JSON object");
             assert_eq!(v, serde_json::json!({"error": {"code": code, "kind": kind, "message": e.message}}));
         }
     }
@@ -241,7 +241,8 @@ mod tests {
     #[test]
     fn a_warning_is_the_verbs_line_or_a_json_object() {
         assert_eq!(warning_line("warning: no --store", "no --store", Format::Text), "warning: no --store");
-        let v: Value = serde_json::from_str(&warning_line("warning: no --store", "no --store", Format::Json)).unwrap();
+        let v: Value = serde_json::from_str(&warning_line("warning: no --store", "no --store", Format::Json))
+            .expect("one JSON object");
         assert_eq!(v, serde_json::json!({"warning": {"message": "no --store"}}));
     }
 }
