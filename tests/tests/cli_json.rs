@@ -319,7 +319,8 @@ fn every_offline_verb_prints_one_json_document_or_one_error_object() {
 }
 
 /// `status` against a running KRE: its report, with `--json` after the verb (its own flag, as
-/// before) or before it (the global flag); the error object once the KRE is gone.
+/// before) or before it (the global flag); `fetch`'s document; the error object once the KRE
+/// is gone.
 #[test]
 fn status_of_a_running_kre_is_its_report_with_the_flag_before_or_after_the_verb() {
     let tmp = TempDir::new("keygate-cli-json").expect("tmp");
@@ -340,6 +341,26 @@ fn status_of_a_running_kre_is_its_report_with_the_flag_before_or_after_the_verb(
         assert!(v["audit"]["chain_id"].is_string(), "{v}");
     }
     assert_eq!(after["audit"]["chain_id"], before["audit"]["chain_id"]);
+    // `fetch`: the keys by path and the receipt; the key bytes only in the files.
+    let out = d.join("keys");
+    let mut args: Vec<String> = ["fetch", "--json", "--kre", &kre.addr(), "--cluster", "prod", "--key-id", "etcd-kek"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    args.extend(["--out".into(), path_arg(&out), "--nsm".into(), "mock".into(), "--mock-seed".into(), SEED.into()]);
+    args.extend(pcr_args("--mock-pcr", 0x5a, 3));
+    args.extend(["--expect-kre-pcr".into(), format!("0={}", hex48(0x4b)), "--retries".into(), "0".into()]);
+    let o = keygate_args(&args);
+    let v = json_stdout(&o, 0);
+    assert_eq!((v["cluster"].as_str(), v["keys"][0]["key_id"].as_str()), (Some("prod"), Some("etcd-kek")), "{v}");
+    let key_path = v["keys"][0]["path"].as_str().expect("path").to_owned();
+    let key = std::fs::read(&key_path).expect("key file");
+    assert_eq!(key.len(), 32);
+    assert!(v["receipt"]["seq"].as_u64().is_some_and(|s| s > 0), "{v}");
+    assert!(Path::new(v["receipt"]["path"].as_str().expect("receipt path")).exists());
+    let printed = format!("{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+    assert!(!printed.contains(&hex::encode(&key)), "key bytes printed: {printed}");
+    assert!(!printed.contains(&base64::engine::Engine::encode(&base64::engine::general_purpose::STANDARD, &key)));
     // Text as before without it.
     let o = keygate(&["status", "--kre", &kre.parent()]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("Phase"), "{}", stderr(&o));

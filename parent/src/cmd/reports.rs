@@ -346,6 +346,44 @@ impl Report for CustodianReshare {
     }
 }
 
+/// `fetch`: the keys written (as paths: the key bytes are only in the files) and the receipt.
+#[derive(Serialize)]
+pub(crate) struct Fetched {
+    pub(crate) cluster: String,
+    pub(crate) keys: Vec<FetchedKey>,
+    pub(crate) receipt: FetchedReceipt,
+}
+
+/// One released key, by the file it was written to.
+#[derive(Serialize)]
+pub(crate) struct FetchedKey {
+    pub(crate) key_id: String,
+    pub(crate) version: u32,
+    pub(crate) path: String,
+}
+
+/// The release's audit receipt, and where it was kept.
+#[derive(Serialize)]
+pub(crate) struct FetchedReceipt {
+    pub(crate) chain_id: String,
+    pub(crate) seq: u64,
+    pub(crate) entry_digest: String,
+    pub(crate) path: String,
+}
+
+impl Report for Fetched {
+    fn text(&self) -> String {
+        let mut s = String::new();
+        for k in &self.keys {
+            let _ = writeln!(s, "released {}/{} version {} -> {}", self.cluster, k.key_id, k.version, k.path);
+        }
+        let r = &self.receipt;
+        let chain = r.chain_id.get(..16).unwrap_or(&r.chain_id);
+        let _ = writeln!(s, "audit receipt: entry {} of chain {chain} -> {}", r.seq, r.path);
+        s
+    }
+}
+
 /// `eif verify`: a signed image whose signature checks.
 #[derive(Serialize)]
 pub(crate) struct EifVerified {
