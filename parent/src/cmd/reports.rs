@@ -398,3 +398,71 @@ impl Report for EifVerified {
         format!("{}: signature valid ({n} PCR signature{})\n", self.eif, if n == 1 { "" } else { "s" })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::{render, Format};
+
+    #[test]
+    fn texts_keep_the_verbs_wording_and_json_names_the_same_facts() {
+        let unsealed = |reshared_to: Option<&str>, serving| CustodianUnsealed {
+            share: 2,
+            accepted: 1,
+            needed: 2,
+            serving,
+            generation: 7,
+            reshared_to: reshared_to.map(str::to_owned),
+        };
+        assert_eq!(
+            unsealed(None, false).text(),
+            "share 2 accepted: 1 of 2 for generation 7; waiting for more custodians\n"
+        );
+        assert_eq!(
+            unsealed(None, true).text(),
+            "share 2 accepted: 1 of 2; the KRE has unsealed generation 7 and serves\n"
+        );
+        assert!(unsealed(Some("ab"), true).text().contains("new state key for set ab"));
+        assert!(unsealed(Some("ab"), false).text().contains("waiting for more current custodians"));
+
+        let d = Durability::Durable { version: 3, generation: 9, receipt: Some("r".into()), kre_module: "m".into() };
+        assert_eq!(
+            d.text(),
+            "durable: the sealed state committed as generation 9 carries policy v3 (receipt r, verified: KRE module m)\n"
+        );
+        let j: serde_json::Value = serde_json::from_str(&render(&d, Format::Json).expect("json")).expect("one JSON");
+        assert_eq!(
+            j,
+            serde_json::json!({"status": "durable", "version": 3, "generation": 9, "receipt": "r", "kre_module": "m"})
+        );
+        // Said as a warning on stderr, not as a result line.
+        assert_eq!(Durability::NotDurable { version: 3, reason: "x".into() }.text(), "");
+
+        let p = PolicyProposal::new(
+            "p".into(),
+            2,
+            "dd".into(),
+            &["  + prod: a".into(), "  ~ allow_debug: false -> true".into()],
+        );
+        assert_eq!(p.changes, ["+ prod: a", "~ allow_debug: false -> true"]);
+        assert_eq!(p.text(), "proposal p (version 2, digest dd):\n  + prod: a\n  ~ allow_debug: false -> true\n");
+
+        let f = Fetched {
+            cluster: "prod".into(),
+            keys: vec![FetchedKey { key_id: "k".into(), version: 1, path: "o/k.key".into() }],
+            receipt: FetchedReceipt {
+                chain_id: "ab".repeat(48),
+                seq: 4,
+                entry_digest: "cd".into(),
+                path: "o/r".into(),
+            },
+        };
+        assert_eq!(
+            f.text(),
+            format!(
+                "released prod/k version 1 -> o/k.key\naudit receipt: entry 4 of chain {} -> o/r\n",
+                "ab".repeat(8)
+            )
+        );
+    }
+}
