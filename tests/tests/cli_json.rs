@@ -369,3 +369,56 @@ fn status_of_a_running_kre_is_its_report_with_the_flag_before_or_after_the_verb(
     let o = keygate(&["--json", "status", "--kre", &unix(&sock).replace(".sock", ".sock.parent")]);
     json_error(&o, 3, "io");
 }
+
+/// `policy push` and `policy restore` against a KRE started from a genesis bundle: one document
+/// each (the steps printed as text along the way are inside it), a refused push the error
+/// object, and every stderr line JSON.
+#[test]
+fn policy_push_prints_one_document_and_a_refused_push_the_error_object() {
+    let tmp = TempDir::new("keygate-cli-json").expect("tmp");
+    let d = tmp.path();
+    let p = |n: &str| path_arg(&d.join(n));
+    for k in ["a", "b"] {
+        assert!(keygate(&["keygen", "--out", &p(&format!("{k}.pem"))]).status.success());
+    }
+    let init = ["policy", "init", "--approver", &p("a.pub.pem"), "--approver", &p("b.pub.pem"), "--threshold", "2"];
+    assert!(keygate(&[&init[..], &["-o", &p("g.bundle")]].concat()).status.success());
+    let allow = format!("prod={}", pcr_list(0x5a));
+    assert!(keygate(&["policy", "propose", "--from", &p("g.bundle"), "--allow", &allow, "-o", &p("v2.proposal")])
+        .status
+        .success());
+    for k in ["a", "b"] {
+        let sign = ["policy", "sign", &p("v2.proposal"), "--key", &p(&format!("{k}.pem")), "--yes"];
+        assert!(keygate(&[&sign[..], &["-o", &p(&format!("{k}.sig"))]].concat()).status.success());
+    }
+    assert!(keygate(&["policy", "assemble", &p("v2.proposal"), &p("a.sig"), &p("b.sig"), "-o", &p("v2.bundle")])
+        .status
+        .success());
+
+    let sock = d.join("kre.sock");
+    let mut cmd = dev_kre(SEED);
+    cmd.args(["--listen", &unix(&sock), "--genesis", &p("g.bundle")]).args(pcr_args("--mock-pcr", 0x4b, 1));
+    let kre = DevKre::start(&mut cmd, &sock, &d.join("followed"));
+    let push = ["--json", "policy", "push", &p("v2.bundle"), "--kre", &kre.parent(), "--store", &p("store")];
+    let o = keygate(&push);
+    let v = json_stdout(&o, 0);
+    assert_eq!(v["version"], 2, "{v}");
+    assert!(v["activates_in_s"].as_u64().is_some_and(|s| s > 0), "a loosening waits: {v}");
+    assert!(v["stored"].as_str().is_some_and(|s| Path::new(s).exists()), "{v}");
+    assert!(v["durability"]["status"].is_string(), "{v}");
+    for l in stderr(&o).lines() {
+        let w: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("stderr not JSON ({e}): {l}"));
+        assert!(w["warning"]["message"].is_string(), "{w}");
+    }
+    // The same bundle again: a replay, refused.
+    let e = json_error(&keygate(&push), 1, "refused");
+    assert!(e["error"]["message"].as_str().is_some_and(|m| m.contains("replay")), "{e}");
+    // A restarted KRE, and the stored chain replayed to it.
+    drop(kre);
+    let _ = std::fs::remove_file(&sock);
+    let mut cmd = dev_kre(SEED);
+    cmd.args(["--listen", &unix(&sock), "--genesis", &p("g.bundle")]).args(pcr_args("--mock-pcr", 0x4b, 1));
+    let kre = DevKre::start(&mut cmd, &sock, &d.join("followed2"));
+    let v = json_stdout(&keygate(&["--json", "policy", "restore", "--kre", &kre.parent(), "--store", &p("store")]), 0);
+    assert_eq!((v["restored"].as_u64(), v["store"].as_str()), (Some(1), Some(p("store").as_str())), "{v}");
+}
