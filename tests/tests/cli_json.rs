@@ -319,7 +319,8 @@ fn every_offline_verb_prints_one_json_document_or_one_error_object() {
 }
 
 /// `status` against a running KRE: its report, with `--json` after the verb (its own flag, as
-/// before) or before it (the global flag); `fetch`'s document; the error object once the KRE
+/// before) or before it (the global flag); `fetch`'s document; `audit verify` and `audit show`
+/// on the trail the parent followed; the error object once the KRE
 /// is gone.
 #[test]
 fn status_of_a_running_kre_is_its_report_with_the_flag_before_or_after_the_verb() {
@@ -365,6 +366,23 @@ fn status_of_a_running_kre_is_its_report_with_the_flag_before_or_after_the_verb(
     let o = keygate(&["status", "--kre", &kre.parent()]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("Phase"), "{}", stderr(&o));
     kre.kill();
+    // The trail the parent followed meanwhile: `audit verify` one document, `audit show` one
+    // object per entry and checkpoint (JSON Lines, as before `--json` was global).
+    let root = d.join("root.pem");
+    assert!(keygate(&["attestation", "mock-root", "--seed", SEED, "-o", &path_arg(&root)]).status.success());
+    let followed = path_arg(&d.join("followed"));
+    let pcr = format!("0={}", hex48(0x4b));
+    let verify = ["--json", "audit", "verify", &followed, "--root", &path_arg(&root), "--expect-kre-pcr", &pcr];
+    let o = keygate(&verify);
+    let v = json_stdout(&o, 0);
+    assert_eq!((v["ok"].as_bool(), v["pcrs_pinned"].as_bool()), (Some(true), Some(true)), "{v}");
+    assert!(v["last_seq"].as_u64().is_some_and(|n| n >= 1), "{v}");
+    let o = keygate(&["audit", "show", &followed, "--json"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && out.lines().count() >= 1, "{out}");
+    for l in out.lines() {
+        serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+    }
     // The KRE gone: the error object.
     let o = keygate(&["--json", "status", "--kre", &unix(&sock).replace(".sock", ".sock.parent")]);
     json_error(&o, 3, "io");
