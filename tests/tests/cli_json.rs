@@ -320,8 +320,7 @@ fn every_offline_verb_prints_one_json_document_or_one_error_object() {
 
 /// `status` against a running KRE: its report, with `--json` after the verb (its own flag, as
 /// before) or before it (the global flag); `fetch`'s document; `audit verify` and `audit show`
-/// on the trail the parent followed; the error object once the KRE
-/// is gone.
+/// on the trail the parent followed; the error object once the KRE is gone.
 #[test]
 fn status_of_a_running_kre_is_its_report_with_the_flag_before_or_after_the_verb() {
     let tmp = TempDir::new("keygate-cli-json").expect("tmp");
