@@ -484,7 +484,7 @@ fn verify_single(
                 Some(p) => Some(check_receipts(p, &[(&s, trail)], verifier)?),
                 None => None,
             };
-            if a.json {
+            let json = {
                 let mut v = summary_json(&s);
                 if let Some((checked, failures)) = &receipts {
                     v["ok"] = json!(failures.is_empty());
@@ -494,16 +494,20 @@ fn verify_single(
                     v["ok"] = json!(false);
                     v["gaps"] = gaps_json(history);
                 }
-                crate::output::print_json(&v)?;
-            } else {
-                print!("{}", summary_text(&a.dir, &s));
-                if let Some((checked, failures)) = &receipts {
-                    println!("  receipts     {checked} checked, {} with their entry stored", checked - failures.len());
-                }
-                if let Some(l) = history.runs.first().and_then(|r| r.link) {
-                    println!("  continues    chain {} at seq {}", hex::encode(l.chain_id), l.seq);
-                }
+                v
+            };
+            let mut text = summary_text(&a.dir, &s);
+            if let Some((checked, failures)) = &receipts {
+                let _ = writeln!(
+                    text,
+                    "  receipts     {checked} checked, {} with their entry stored",
+                    checked - failures.len()
+                );
             }
+            if let Some(l) = history.runs.first().and_then(|r| r.link) {
+                let _ = writeln!(text, "  continues    chain {} at seq {}", hex::encode(l.chain_id), l.seq);
+            }
+            crate::output::print(&crate::output::Shown { json, text })?;
             if let Some((checked, failures)) = receipts.filter(|(_, f)| !f.is_empty()) {
                 return Err(receipts_refusal(&a.dir, checked, &failures));
             }
@@ -599,21 +603,21 @@ fn verify_runs(
         _ => None,
     };
     let ok = problems.is_empty() && history.gaps.is_empty() && receipts.as_ref().is_none_or(|(_, f)| f.is_empty());
-    if a.json {
+    let json = {
         let mut v = json!({ "ok": ok, "runs": runs_json, "gaps": gaps_json(history) });
         if let Some((checked, failures)) = &receipts {
             v["receipts"] = receipts_json(*checked, failures);
         }
-        crate::output::print_json(&v)?;
-    } else {
-        print!("{text}");
-        if history.gaps.is_empty() {
-            println!("  links        every run after the first continues the one before it; no gap");
-        }
-        if let Some((checked, failures)) = &receipts {
-            println!("  receipts     {checked} checked, {} with their entry stored", checked - failures.len());
-        }
+        v
+    };
+    if history.gaps.is_empty() {
+        let _ = writeln!(text, "  links        every run after the first continues the one before it; no gap");
     }
+    if let Some((checked, failures)) = &receipts {
+        let _ =
+            writeln!(text, "  receipts     {checked} checked, {} with their entry stored", checked - failures.len());
+    }
+    crate::output::print(&crate::output::Shown { json, text })?;
     if let Some((checked, failures)) = receipts.filter(|(_, f)| !f.is_empty()) {
         return Err(receipts_refusal(&a.dir, checked, &failures));
     }
