@@ -73,36 +73,6 @@ pub(crate) fn print_json(v: &impl Serialize) -> Result<(), CliError> {
     print(&Shown { json: v, text })
 }
 
-/// What a verb that only writes files (and prints nothing as text) prints under `--json`:
-/// `{"wrote":[{"path":…,"bytes":…}]}`.
-#[derive(Debug, Serialize)]
-pub(crate) struct Wrote {
-    /// The files written, in order.
-    pub(crate) wrote: Vec<WroteFile>,
-}
-
-/// One file a verb wrote.
-#[derive(Debug, Serialize)]
-pub(crate) struct WroteFile {
-    /// Its path, as given.
-    pub(crate) path: String,
-    /// Its length.
-    pub(crate) bytes: usize,
-}
-
-impl Wrote {
-    /// One file of `bytes` bytes at `path`.
-    pub(crate) fn one(path: &std::path::Path, bytes: usize) -> Self {
-        Self { wrote: vec![WroteFile { path: path.display().to_string(), bytes }] }
-    }
-}
-
-impl Report for Wrote {
-    fn text(&self) -> String {
-        String::new()
-    }
-}
-
 /// `r` in format `f`: its text, or its JSON on one line ending in a newline.
 pub(crate) fn render(r: &impl Report, f: Format) -> Result<String, CliError> {
     match f {

@@ -155,7 +155,7 @@ pub(crate) fn run(cmd: AttestationCommand) -> Result<(), CliError> {
         AttestationCommand::MockRoot(a) => {
             let pem = MockPki::from_seed(a.seed.as_bytes(), now_ms()).root_pem();
             write_file(&a.out, pem.as_bytes())?;
-            crate::output::print(&crate::output::Wrote::one(&a.out, pem.len()))
+            crate::output::print(&super::reports::Wrote::one(&a.out, pem.len()))
         }
     }
 }
@@ -322,7 +322,7 @@ fn mock(a: MockArgs) -> Result<(), CliError> {
     };
     let doc = nsm.attest(&req).map_err(|e| CliError::input(e.to_string()))?;
     write_file(&a.out, &doc)?;
-    crate::output::print(&crate::output::Wrote::one(&a.out, doc.len()))
+    crate::output::print(&super::reports::Wrote::one(&a.out, doc.len()))
 }
 
 /// The PCRs an enclave booted from the image at `path` reports (PCR0/1/2, and PCR8 when

@@ -384,6 +384,41 @@ impl Report for Fetched {
     }
 }
 
+/// What a verb that only writes files (and prints nothing as text) prints under `--json`
+/// (`attestation mock | mock-root`, which exist with the feature `mock`):
+/// `{"wrote":[{"path":…,"bytes":…}]}`.
+#[cfg(feature = "mock")]
+#[derive(Debug, Serialize)]
+pub(crate) struct Wrote {
+    /// The files written, in order.
+    pub(crate) wrote: Vec<WroteFile>,
+}
+
+/// One file a verb wrote.
+#[cfg(feature = "mock")]
+#[derive(Debug, Serialize)]
+pub(crate) struct WroteFile {
+    /// Its path, as given.
+    pub(crate) path: String,
+    /// Its length.
+    pub(crate) bytes: usize,
+}
+
+#[cfg(feature = "mock")]
+impl Wrote {
+    /// One file of `bytes` bytes at `path`.
+    pub(crate) fn one(path: &std::path::Path, bytes: usize) -> Self {
+        Self { wrote: vec![WroteFile { path: path.display().to_string(), bytes }] }
+    }
+}
+
+#[cfg(feature = "mock")]
+impl Report for Wrote {
+    fn text(&self) -> String {
+        String::new()
+    }
+}
+
 /// `eif verify`: a signed image whose signature checks.
 #[derive(Serialize)]
 pub(crate) struct EifVerified {
