@@ -66,8 +66,9 @@ impl<J: Serialize> Report for Shown<J> {
     }
 }
 
-/// Prints a verb's JSON document built before `--json` was global, for its own `--json` flag
-/// (one flag with the global one: clap hands it to both), one line in either format.
+/// Prints a JSON document as one line in either format: for a verb's branch that runs only
+/// under `--json` (a verb's own `--json` and the global one are one flag: clap sets both), such
+/// as the `{"ok":false,…}` document `audit verify` prints beside its failure.
 pub(crate) fn print_json(v: &impl Serialize) -> Result<(), CliError> {
     let text = serde_json::to_string(v).map_err(|e| CliError::io("rendering the JSON output", e))? + "\n";
     print(&Shown { json: v, text })
