@@ -1,6 +1,7 @@
-//! `CliError`: how every `keygate` verb reports a failure — one line on stderr and an exit
-//! code (1 refused or verification failed, 2 bad input, 3 I/O). It decides only the exit code;
-//! the message is the verb's own.
+//! `CliError`: how every `keygate` verb reports a failure — one line on stderr (text, or a JSON
+//! object under `--json`: `crate::output`) and an exit code (1 refused or verification failed,
+//! 2 bad input, 3 I/O, 4 a KRE that answers but does not serve). It decides only the exit code
+//! and the kind named for it; the message is the verb's own.
 
 use std::fmt;
 
@@ -21,6 +22,16 @@ impl CliError {
     }
     pub(crate) fn io(context: impl fmt::Display, err: impl fmt::Display) -> Self {
         Self { code: 3, message: format!("{context}: {err}") }
+    }
+    /// The exit code's name in the `--json` error object.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self.code {
+            1 => "refused",
+            2 => "input",
+            3 => "io",
+            4 => "not_serving",
+            _ => "error",
+        }
     }
 }
 

@@ -16,6 +16,7 @@ mod error;
 mod failover;
 mod kre_client;
 mod metrics;
+mod output;
 mod storage;
 
 #[derive(Debug, Parser)]
@@ -24,6 +25,16 @@ struct Cli {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, global = true)]
     log_json: bool,
+    /// Print results as JSON: one document on stdout, a failure as one JSON object on stderr.
+    ///
+    /// Each verb prints one JSON document on stdout instead of its text (a verb that writes
+    /// files: what it wrote; a long-running verb: one JSON line per event it would print) and
+    /// a failure as one `{"error":{"code":N,"kind":"refused|input|io|not_serving","message":"…"}}`
+    /// line on stderr, with the same exit code; warnings become `{"warning":{"message":"…"}}`
+    /// lines on stderr. `completions` and `man` print their artifact as is; the demo and the
+    /// benchmarks print text (docs/operations.md).
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -58,11 +69,11 @@ enum Command {
     /// Custodians of the state key: genesis and the unseal ceremony (docs/durability.md).
     #[command(subcommand)]
     Custodian(cmd::custodian::CustodianCommand),
-    /// Benchmarks (docs/benchmarks.md).
+    /// Benchmarks (docs/benchmarks.md); their tables are text even under `--json`.
     #[cfg(feature = "mock")]
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
-    /// Run the local demo of the full flow on the mock NSM.
+    /// Run the local demo of the full flow on the mock NSM (text even under `--json`).
     #[cfg(feature = "mock")]
     Demo(demo::DemoArgs),
     /// Build, describe and measure enclave images (EIF).
@@ -70,9 +81,10 @@ enum Command {
     Eif(cmd::eif::EifCommand),
     /// Kubernetes KMS v2 plugin: kube-apiserver seals etcd's DEKs with the attested key.
     KmsPlugin(cmd::kms_plugin::KmsPluginArgs),
-    /// Print a shell completion script for `keygate` on stdout.
+    /// Print a shell completion script for `keygate` on stdout (the script even under `--json`).
     Completions(cmd::completions::CompletionsArgs),
-    /// Write `keygate`'s man pages, one per subcommand, into a directory.
+    /// Write `keygate`'s man pages, one per subcommand, into a directory (`--json` changes
+    /// nothing).
     Man(cmd::completions::ManArgs),
 }
 
@@ -80,7 +92,11 @@ fn main() -> ExitCode {
     // Started by the demo: die with it, even when it is killed with kill -9.
     #[cfg(feature = "mock")]
     keygate_tests::die_with_parent_if_asked();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
+    output::set_format(if cli.json { output::Format::Json } else { output::Format::Text });
     keygate_enclave::cli::init_logging(cli.log_json);
     let result = match cli.command {
         Command::Attestation(c) => cmd::attestation::run(c),
@@ -105,10 +121,23 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("keygate: error: {}", e.message);
+            output::print_error(&e);
             ExitCode::from(e.code)
         }
     }
+}
+
+/// A command line clap refuses: clap's own text and exit code (2), or, when `--json` is among
+/// the arguments, the error object (kind `input`). `--help` and `--version` print as clap does.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    if !e.use_stderr() || !std::env::args_os().any(|a| a == "--json") {
+        e.exit()
+    }
+    let text = e.render().to_string();
+    let message = text.trim().strip_prefix("error: ").unwrap_or(text.trim());
+    output::set_format(output::Format::Json);
+    output::print_error(&error::CliError::input(message));
+    ExitCode::from(2)
 }
 
 #[cfg(test)]

@@ -178,3 +178,28 @@ impl DevKre {
         drop(self);
     }
 }
+
+/// The one JSON document a `keygate --json` verb printed on stdout (asserted to be exactly one
+/// line, with exit code `code`).
+pub fn json_stdout(o: &Output, code: i32) -> serde_json::Value {
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(code), "stdout: {out} stderr: {}", stderr(o));
+    assert_eq!(out.lines().count(), 1, "one JSON line expected on stdout: {out}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {out}"))
+}
+
+/// The `{"error":{"code","kind","message"}}` object a failed `keygate --json` verb printed as
+/// the last line of stderr, after checking its exit code is `code` and every stderr line is JSON.
+pub fn json_error(o: &Output, code: i32, kind: &str) -> serde_json::Value {
+    let e = stderr(o);
+    assert_eq!(o.status.code(), Some(code), "stdout: {} stderr: {e}", String::from_utf8_lossy(&o.stdout));
+    let lines: Vec<serde_json::Value> = e
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|err| panic!("stderr line is not JSON ({err}): {l}")))
+        .collect();
+    let last = lines.last().unwrap_or_else(|| panic!("nothing on stderr")).clone();
+    assert_eq!(last["error"]["code"], code, "{last}");
+    assert_eq!(last["error"]["kind"], kind, "{last}");
+    assert!(last["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{last}");
+    last
+}

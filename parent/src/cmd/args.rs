@@ -165,10 +165,6 @@ mod tests {
         assert_eq!(parse_time("99999999999999999999999"), Err(TimeError::BadSeconds("99999999999999999999999".into())));
     }
 
-    /// Flags whose value is a whole number of seconds in a file another change converts;
-    /// each entry must still be one (the test fails once it is converted: drop it then).
-    const NOT_YET_DURATIONS: &[&str] = &["keygate fetch --timeout"];
-
     /// Words in a flag's name that say its value is a span of time (its help saying
     /// "seconds" or "milliseconds" does too).
     const TIME_WORDS: &[&str] =
@@ -213,10 +209,6 @@ mod tests {
                     .is_some_and(|v| v.iter().any(|n| ["DURATION", "SECONDS", "MS"].contains(&n.as_str())));
             let takes_value = arg.get_action().takes_values();
             let exempt = path.starts_with("keygate parent") || path.starts_with("keygate bench");
-            if NOT_YET_DURATIONS.contains(&name.as_str()) {
-                assert!(!is_duration(arg), "{name} is a duration now: drop it from NOT_YET_DURATIONS");
-                continue;
-            }
             if !is_duration(arg) {
                 if timely && takes_value && !exempt {
                     wrong.push(format!("{name}: takes a time but is not a duration"));

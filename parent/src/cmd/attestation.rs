@@ -154,7 +154,8 @@ pub(crate) fn run(cmd: AttestationCommand) -> Result<(), CliError> {
         #[cfg(feature = "mock")]
         AttestationCommand::MockRoot(a) => {
             let pem = MockPki::from_seed(a.seed.as_bytes(), now_ms()).root_pem();
-            write_file(&a.out, pem.as_bytes())
+            write_file(&a.out, pem.as_bytes())?;
+            crate::output::print(&super::reports::Wrote::one(&a.out, pem.len()))
         }
     }
 }
@@ -251,12 +252,9 @@ fn verify(a: VerifyArgs) -> Result<(), CliError> {
     for f in att.unknown_fields() {
         tracing::warn!(field = %f, "document carries a field the AWS specification does not define (tolerated)");
     }
-    if a.json {
-        println!("{}", summary_json(&att));
-    } else {
-        print!("{}", summary_text(&att));
-    }
-    Ok(())
+    // `--json` here and the global `--json` are one flag (clap hands it to both).
+    let text = if a.json { format!("{}\n", summary_json(&att)) } else { summary_text(&att) };
+    crate::output::print(&crate::output::Shown { json: summary_json(&att), text })
 }
 
 pub(crate) fn summary_json(att: &VerifiedAttestation) -> serde_json::Value {
@@ -323,7 +321,8 @@ fn mock(a: MockArgs) -> Result<(), CliError> {
         public_key: a.public_key.map(|b| b.0),
     };
     let doc = nsm.attest(&req).map_err(|e| CliError::input(e.to_string()))?;
-    write_file(&a.out, &doc)
+    write_file(&a.out, &doc)?;
+    crate::output::print(&super::reports::Wrote::one(&a.out, doc.len()))
 }
 
 /// The PCRs an enclave booted from the image at `path` reports (PCR0/1/2, and PCR8 when

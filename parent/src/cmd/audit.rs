@@ -275,8 +275,7 @@ fn pull(a: PullArgs) -> Result<(), CliError> {
     let Some(every) = a.follow else {
         let dir = run_dir(&a.kre, &a.dir)?;
         let (stored, last) = pull_once(&a.kre, &dir, None, 0)?;
-        println!("{}", stored_line(stored, &dir, last));
-        return Ok(());
+        return crate::output::print(&stored_line(stored, &dir, last));
     };
     // Following: a failed round (KRE restarting, a refused pull, disk full) is reported on one
     // line and retried after a bounded backoff, reset by the next successful round; nothing is
@@ -287,18 +286,14 @@ fn pull(a: PullArgs) -> Result<(), CliError> {
         match follower.round() {
             Ok(line) => {
                 if let Some(line) = line {
-                    println!("{line}");
+                    crate::output::print(&line)?;
                 }
                 backoff.reset();
             }
             Err(e) => {
                 let wait = backoff.next_wait();
-                eprintln!(
-                    "keygate: {} audit pull: {}; retrying in {} s",
-                    fmt_time(keygate_enclave::net::server::now_ms()),
-                    e.message,
-                    wait.as_secs()
-                );
+                let m = format!("audit pull: {}; retrying in {} s", e.message, wait.as_secs());
+                crate::output::warn(&format!("keygate: {} {m}", fmt_time(keygate_enclave::net::server::now_ms())), &m);
                 std::thread::sleep(wait);
             }
         }
@@ -333,7 +328,7 @@ impl Follower {
 
     /// One round: stores and acknowledges what the KRE has (or writes within the wait);
     /// the line to print when it stored any.
-    pub(crate) fn round(&mut self) -> Result<Option<String>, CliError> {
+    pub(crate) fn round(&mut self) -> Result<Option<super::reports::AuditStored>, CliError> {
         let recheck = self.rounds % 64 == 0;
         self.rounds += 1;
         let (dir, after) = match self.known.take() {
@@ -347,12 +342,8 @@ impl Follower {
     }
 }
 
-fn stored_line(stored: usize, dir: &Path, last: u64) -> String {
-    format!(
-        "stored {stored} new audit entr{} in {} (last seq {last})",
-        if stored == 1 { "y" } else { "ies" },
-        dir.display()
-    )
+fn stored_line(stored: usize, dir: &Path, last: u64) -> super::reports::AuditStored {
+    super::reports::AuditStored { stored, dir: dir.display().to_string(), last_seq: last }
 }
 
 /// The directory for the KRE's current chain. `dir` is a history of runs: it holds the first
@@ -422,7 +413,7 @@ fn verify(a: VerifyArgs) -> Result<(), CliError> {
     let runs = match store::read_runs(&a.dir).map_err(|e| store_error(&a.dir, e)) {
         Ok(r) => r,
         Err(e) if a.json && e.code == 1 => {
-            println!("{}", json!({ "ok": false, "error": "malformed", "message": e.message }));
+            crate::output::print_json(&json!({ "ok": false, "error": "malformed", "message": e.message }))?;
             return Err(e);
         }
         Err(e) => return Err(e),
@@ -454,7 +445,7 @@ fn receipts_json(checked: usize, failures: &[ReceiptFailure]) -> Value {
 /// The receipt failures as one refusal (each named on stderr).
 fn receipts_refusal(dir: &Path, checked: usize, failures: &[ReceiptFailure]) -> CliError {
     for f in failures {
-        eprintln!("keygate: {}", f.line());
+        crate::output::detail(&format!("keygate: {}", f.line()));
     }
     let seqs: Vec<String> = failures.iter().map(|f| f.seq.map_or_else(|| "?".to_owned(), |s| s.to_string())).collect();
     CliError::refused(format!(
@@ -468,7 +459,7 @@ fn receipts_refusal(dir: &Path, checked: usize, failures: &[ReceiptFailure]) -> 
 /// The gaps in a history as one refusal (each named on stderr).
 fn gaps_refusal(dir: &Path, gaps: &[HistoryGap]) -> CliError {
     for g in gaps {
-        eprintln!("keygate: {g}");
+        crate::output::detail(&format!("keygate: {g}"));
     }
     let first = gaps.first().map(ToString::to_string).unwrap_or_default();
     CliError::refused(format!(
@@ -493,7 +484,7 @@ fn verify_single(
                 Some(p) => Some(check_receipts(p, &[(&s, trail)], verifier)?),
                 None => None,
             };
-            if a.json {
+            let json = {
                 let mut v = summary_json(&s);
                 if let Some((checked, failures)) = &receipts {
                     v["ok"] = json!(failures.is_empty());
@@ -503,16 +494,20 @@ fn verify_single(
                     v["ok"] = json!(false);
                     v["gaps"] = gaps_json(history);
                 }
-                println!("{v}");
-            } else {
-                print!("{}", summary_text(&a.dir, &s));
-                if let Some((checked, failures)) = &receipts {
-                    println!("  receipts     {checked} checked, {} with their entry stored", checked - failures.len());
-                }
-                if let Some(l) = history.runs.first().and_then(|r| r.link) {
-                    println!("  continues    chain {} at seq {}", hex::encode(l.chain_id), l.seq);
-                }
+                v
+            };
+            let mut text = summary_text(&a.dir, &s);
+            if let Some((checked, failures)) = &receipts {
+                let _ = writeln!(
+                    text,
+                    "  receipts     {checked} checked, {} with their entry stored",
+                    checked - failures.len()
+                );
             }
+            if let Some(l) = history.runs.first().and_then(|r| r.link) {
+                let _ = writeln!(text, "  continues    chain {} at seq {}", hex::encode(l.chain_id), l.seq);
+            }
+            crate::output::print(&crate::output::Shown { json, text })?;
             if let Some((checked, failures)) = receipts.filter(|(_, f)| !f.is_empty()) {
                 return Err(receipts_refusal(&a.dir, checked, &failures));
             }
@@ -524,7 +519,7 @@ fn verify_single(
         }
         Err(e) => {
             if a.json {
-                println!("{}", json!({ "ok": false, "error": e.kind(), "message": e.to_string() }));
+                crate::output::print_json(&json!({ "ok": false, "error": e.kind(), "message": e.to_string() }))?;
             }
             Err(CliError::refused(format!("audit trail {} FAILED verification: {e}", a.dir.display())))
         }
@@ -533,15 +528,15 @@ fn verify_single(
 
 fn warn_unpinned_and_unsigned(s: &TrailSummary) {
     if !s.pcrs_pinned {
-        eprintln!(
-            "keygate: warning: KRE PCRs not pinned (--expect-kre-pcr): the trail of any genuine Nitro enclave would verify"
-        );
+        let m = "KRE PCRs not pinned (--expect-kre-pcr): the trail of any genuine Nitro enclave would verify";
+        crate::output::warn(&format!("keygate: warning: {m}"), m);
     }
     if s.unsigned_tail > 0 {
-        eprintln!(
-            "keygate: warning: the last {} entries are not covered by a checkpoint yet: their deletion would not be detected",
+        let m = format!(
+            "the last {} entries are not covered by a checkpoint yet: their deletion would not be detected",
             s.unsigned_tail
         );
+        crate::output::warn(&format!("keygate: warning: {m}"), &m);
     }
 }
 
@@ -608,27 +603,27 @@ fn verify_runs(
         _ => None,
     };
     let ok = problems.is_empty() && history.gaps.is_empty() && receipts.as_ref().is_none_or(|(_, f)| f.is_empty());
-    if a.json {
+    let json = {
         let mut v = json!({ "ok": ok, "runs": runs_json, "gaps": gaps_json(history) });
         if let Some((checked, failures)) = &receipts {
             v["receipts"] = receipts_json(*checked, failures);
         }
-        println!("{v}");
-    } else {
-        print!("{text}");
-        if history.gaps.is_empty() {
-            println!("  links        every run after the first continues the one before it; no gap");
-        }
-        if let Some((checked, failures)) = &receipts {
-            println!("  receipts     {checked} checked, {} with their entry stored", checked - failures.len());
-        }
+        v
+    };
+    if history.gaps.is_empty() {
+        let _ = writeln!(text, "  links        every run after the first continues the one before it; no gap");
     }
+    if let Some((checked, failures)) = &receipts {
+        let _ =
+            writeln!(text, "  receipts     {checked} checked, {} with their entry stored", checked - failures.len());
+    }
+    crate::output::print(&crate::output::Shown { json, text })?;
     if let Some((checked, failures)) = receipts.filter(|(_, f)| !f.is_empty()) {
         return Err(receipts_refusal(&a.dir, checked, &failures));
     }
     if !problems.is_empty() {
         for p in &problems {
-            eprintln!("keygate: {p}");
+            crate::output::detail(&format!("keygate: {p}"));
         }
         if !history.gaps.is_empty() {
             return Err(gaps_refusal(&a.dir, &history.gaps));

@@ -142,11 +142,17 @@ pub(crate) fn run_state(cmd: StateCommand) -> Result<(), CliError> {
         StateCommand::Sync(a) => loop {
             let dir = a.state_dir.as_deref().ok_or_else(|| CliError::input("give --state-dir DIR or --store URL"))?;
             match (sync_once(&a.kre, dir), a.follow) {
-                (Ok(line), _) => println!("{line}"),
+                (Ok(line), _) => crate::output::print(&super::reports::StateSynced {
+                    state_dir: dir.display().to_string(),
+                    result: line,
+                })?,
                 (Err(e), None) => return Err(e),
                 // Following: a failed round (KRE restarting, disk full) is reported and retried;
                 // nothing is committed that was not stored.
-                (Err(e), Some(_)) => eprintln!("keygate: state sync: {}", e.message),
+                (Err(e), Some(_)) => crate::output::warn(
+                    &format!("keygate: state sync: {}", e.message),
+                    &format!("state sync: {}", e.message),
+                ),
             }
             match a.follow {
                 Some(s) => std::thread::sleep(s.max(Duration::from_secs(1))),
@@ -331,7 +337,8 @@ pub(crate) fn sync_once(kre: &Addr, dir: &Path) -> Result<String, CliError> {
                 ))
             })?;
             for (slot, why) in &loaded.skipped {
-                eprintln!("keygate: warning: state {slot:?} not used: {why}");
+                let m = format!("state {slot:?} not used: {why}");
+                crate::output::warn(&format!("keygate: warning: {m}"), &m);
             }
             let g = loaded.header.generation;
             let r = state_report(kre, &Message::StateLoad { blob: loaded.blob, shares, genesis_attestation: genesis })?;
@@ -369,12 +376,11 @@ fn init(a: &InitArgs) -> Result<(), CliError> {
     }
     let r = state_report(&a.kre, &Message::StateGenesis)?;
     let g = store_and_commit(&a.kre, state_dir, &r)?;
-    println!(
-        "genesis: generation {g} stored in {} and committed; {}-of-N custodians hold the state key",
-        state_dir.display(),
-        r.threshold
-    );
-    Ok(())
+    crate::output::print(&super::reports::CustodianGenesis {
+        generation: g,
+        state_dir: state_dir.display().to_string(),
+        threshold: r.threshold,
+    })
 }
 
 fn load_scalar(path: &Path) -> Result<Secret<48>, CliError> {
@@ -471,28 +477,14 @@ fn unseal(a: &UnsealArgs) -> Result<(), CliError> {
     let json = serde_json::to_vec_pretty(&records).map_err(|e| CliError::input(e.to_string()))?;
     keygate_enclave::atomic::write_file(&rec_path, &json)?;
     let (have, need, serving, generation) = progress;
-    if let Some(d) = resp.reshared_to {
-        if serving {
-            println!(
-                "reshare approved (share {}): {have} of {need}; the KRE split a new state key for set {} (store it with `keygate state sync`)",
-                resp.x,
-                hex::encode(d)
-            );
-        } else {
-            println!("reshare approved (share {}): {have} of {need}; waiting for more current custodians", resp.x);
-        }
-    } else if serving {
-        println!(
-            "share {} accepted: {have} of {need}; the KRE has unsealed generation {generation} and serves",
-            resp.x
-        );
-    } else {
-        println!(
-            "share {} accepted: {have} of {need} for generation {generation}; waiting for more custodians",
-            resp.x
-        );
-    }
-    Ok(())
+    crate::output::print(&super::reports::CustodianUnsealed {
+        share: resp.x,
+        accepted: have,
+        needed: need,
+        serving,
+        generation,
+        reshared_to: resp.reshared_to.map(hex::encode),
+    })
 }
 
 fn reshare(a: &ReshareArgs) -> Result<(), CliError> {
@@ -515,18 +507,13 @@ fn reshare(a: &ReshareArgs) -> Result<(), CliError> {
         .map_err(|e| CliError::input(format!("new custodian set: {e}")))?;
     let digest = hex::encode(set.digest());
     let r = state_report(&a.kre, &Message::ReshareStart { set: keygate_enclave::state::vault::encode_set(&set) })?;
-    println!(
-        "reshare to {} of {} custodians requested (set {digest}); {} current custodians must approve:",
-        set.threshold(),
-        set.count(),
-        r.threshold
-    );
-    println!(
-        "  keygate custodian unseal --kre {} --key CUSTODIAN.pem --expect-kre-pcr ... --approve-reshare {digest}",
-        a.kre
-    );
-    println!("then store it: keygate state sync --kre PARENT-CHANNEL --state-dir DIR; the KRE image for the new set is configured with --custodian for each new key");
-    Ok(())
+    crate::output::print(&super::reports::CustodianReshare {
+        threshold: set.threshold(),
+        custodians: set.count(),
+        set_digest: digest,
+        approvals_needed: r.threshold,
+        kre: a.kre.to_string(),
+    })
 }
 
 // ---------- the etcd backend (`--store etcd://…`) ----------
@@ -617,7 +604,8 @@ pub(crate) fn sync_once_etcd(kre: &Addr, store: &mut EtcdStore, url: &EtcdUrl) -
             let (shares, genesis) =
                 decode_custody(&custody).map_err(|e| CliError::refused(format!("{url}: custody: {e}")))?;
             for (slot, why) in &loaded.skipped {
-                eprintln!("keygate: warning: state {slot:?} not used: {why}");
+                let m = format!("state {slot:?} not used: {why}");
+                crate::output::warn(&format!("keygate: warning: {m}"), &m);
             }
             let g = loaded.header.generation;
             let r = state_report(kre, &Message::StateLoad { blob: loaded.blob, shares, genesis_attestation: genesis })?;
@@ -668,20 +656,24 @@ fn sync_etcd(a: &SyncArgs) -> Result<(), CliError> {
     loop {
         match (sync_once_etcd(&a.kre, &mut store, url), a.follow) {
             (Ok(EtcdRound::Done(line, held)), _) => {
-                println!("{line}");
+                crate::output::print(&super::reports::StateSynced { state_dir: url.to_string(), result: line })?;
                 known = held;
             }
             (Ok(EtcdRound::Lost(why)), _) => return Err(CliError::refused(why)),
             (Err(e), None) => return Err(e),
-            (Err(e), Some(_)) => eprintln!("keygate: state sync: {}", e.message),
+            (Err(e), Some(_)) => crate::output::warn(
+                &format!("keygate: state sync: {}", e.message),
+                &format!("state sync: {}", e.message),
+            ),
         }
         let Some(s) = a.follow else { return Ok(()) };
         let pause = s.max(Duration::from_secs(1));
         match store.wait_newer(known, pause) {
-            Ok(Some(g)) => eprintln!("keygate: state sync: {url} now holds generation {g}"),
+            Ok(Some(g)) => tracing::info!(store = %url, generation = g, "the store holds a newer generation"),
             Ok(None) => {}
             Err(e) => {
-                eprintln!("keygate: state sync: watching {url}: {e}");
+                let m = format!("state sync: watching {url}: {e}");
+                crate::output::warn(&format!("keygate: {m}"), &m);
                 std::thread::sleep(pause);
             }
         }
@@ -699,13 +691,11 @@ fn init_etcd(a: &InitArgs) -> Result<(), CliError> {
     }
     let r = state_report(&a.kre, &Message::StateGenesis)?;
     match store_and_commit_etcd(&a.kre, &mut store, url, &r)? {
-        EtcdRound::Done(_, g) => {
-            println!(
-                "genesis: generation {g} stored in {url} and committed; {}-of-N custodians hold the state key",
-                r.threshold
-            );
-            Ok(())
-        }
+        EtcdRound::Done(_, generation) => crate::output::print(&super::reports::CustodianGenesis {
+            generation,
+            state_dir: url.to_string(),
+            threshold: r.threshold,
+        }),
         EtcdRound::Lost(why) => Err(CliError::refused(format!("genesis: {why}"))),
     }
 }

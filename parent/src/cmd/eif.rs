@@ -4,6 +4,7 @@
 //! clock for certificate validity) and prints results; every format rule, measurement
 //! and signature check lives in `keygate-eif`.
 
+use std::fmt::Write as _;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -22,9 +23,11 @@ const MAX_CONFIG_PREFIX: u64 = 64 * 1024;
 /// `keygate eif` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum EifCommand {
-    /// Build an EIF, reproducibly, byte-compatible with AWS's eif_build.
+    /// Build an EIF, reproducibly, byte-compatible with AWS's eif_build (`--json`: nitro-cli's
+    /// `{"Measurements": …}` shape plus a `Keygate` object).
     Build(Box<BuildArgs>),
-    /// Show an EIF's sections, metadata, signature status and PCRs.
+    /// Show an EIF's sections, metadata, signature status and PCRs (`--json`: nitro-cli's
+    /// describe-eif fields plus a `Keygate` object).
     Describe(DescribeArgs),
     /// Verify a signed EIF's signature (exit 1 if unsigned or invalid).
     Verify(VerifyArgs),
@@ -76,9 +79,6 @@ pub(crate) struct BuildArgs {
     /// Build tool version in the metadata (default: this keygate's version).
     #[arg(long)]
     build_tool_version: Option<String>,
-    /// Print the result as JSON (nitro-cli's `{"Measurements": ...}` shape).
-    #[arg(long)]
-    json: bool,
 }
 
 /// Arguments of `keygate eif describe`.
@@ -87,9 +87,6 @@ pub(crate) struct DescribeArgs {
     /// The EIF.
     #[arg(value_name = "FILE.eif")]
     eif: PathBuf,
-    /// Print JSON: nitro-cli's describe-eif fields plus a `Keygate` object.
-    #[arg(long)]
-    json: bool,
 }
 
 /// Arguments of `keygate eif verify`.
@@ -211,7 +208,7 @@ fn build(args: BuildArgs) -> Result<(), CliError> {
         builder.write(f).map_err(|e| eif_error(&format!("writing {}", args.output.display()), e))
     })?;
 
-    if args.json {
+    let json = {
         let mut v = json!({ "Measurements": measurements_json(&out.measurements) });
         if let Some(obj) = v.as_object_mut() {
             obj.insert(
@@ -224,13 +221,16 @@ fn build(args: BuildArgs) -> Result<(), CliError> {
                 }),
             );
         }
-        print_json(&v);
-    } else {
-        println!("Output file: {}", args.output.display());
-        println!("Size: {} bytes, CRC32 {:08x}", out.file_len, out.crc32);
-        print_measurements(&out.measurements);
-    }
-    Ok(())
+        v
+    };
+    let text = format!(
+        "Output file: {}\nSize: {} bytes, CRC32 {:08x}\n{}",
+        args.output.display(),
+        out.file_len,
+        out.crc32,
+        measurements_text(&out.measurements)
+    );
+    crate::output::print(&crate::output::Shown { json, text })
 }
 
 fn read_capped_prefix(path: &Path) -> Result<Vec<u8>, CliError> {
@@ -256,20 +256,20 @@ fn measurements_json(m: &Measurements) -> Value {
     Value::Object(map)
 }
 
-fn print_measurements(m: &Measurements) {
-    println!("PCR0: {}", hex::encode(m.pcr0));
-    println!("PCR1: {}", hex::encode(m.pcr1));
-    println!("PCR2: {}", hex::encode(m.pcr2));
+fn measurements_text(m: &Measurements) -> String {
+    let mut t =
+        format!("PCR0: {}\nPCR1: {}\nPCR2: {}\n", hex::encode(m.pcr0), hex::encode(m.pcr1), hex::encode(m.pcr2));
     if let Some(pcr8) = m.pcr8 {
-        println!("PCR8: {}", hex::encode(pcr8));
+        t += &format!("PCR8: {}\n", hex::encode(pcr8));
     }
+    t
 }
 
-fn print_json(v: &Value) {
-    match serde_json::to_string_pretty(v) {
-        Ok(s) => println!("{s}"),
-        Err(_) => println!("{v}"),
-    }
+/// A JSON result: pretty as text (nitro-cli's look), one line under the global `--json` (the
+/// verbs' own `--json` is the same flag).
+fn print_json(v: &Value) -> Result<(), CliError> {
+    let text = serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()) + "\n";
+    crate::output::print(&crate::output::Shown { json: v, text })
 }
 
 fn rfc3339(unix: i64) -> String {
@@ -292,7 +292,7 @@ fn describe(args: &DescribeArgs) -> Result<(), CliError> {
     let m = image.measurements();
     let status = image.is_signed().then(|| signature_status(&image, now));
 
-    if args.json {
+    let json = {
         let mut top = Map::new();
         top.insert("EifVersion".to_owned(), json!(image.version()));
         top.insert("Measurements".to_owned(), measurements_json(m));
@@ -355,25 +355,27 @@ fn describe(args: &DescribeArgs) -> Result<(), CliError> {
             );
         }
         top.insert("Keygate".to_owned(), keygate);
-        print_json(&Value::Object(top));
-        return Ok(());
-    }
+        Value::Object(top)
+    };
+    let mut t = String::new();
 
-    println!("EIF version {}, {}", image.version(), image.arch().name());
-    println!(
+    let _ = writeln!(t, "EIF version {}, {}", image.version(), image.arch().name());
+    let _ = writeln!(
+        t,
         "Size {} bytes, CRC32 {:08x} (ok), default memory {} MiB, {} vCPUs",
         image.file_len(),
         image.crc32(),
         image.default_mem() / (1024 * 1024),
         image.default_cpus()
     );
-    println!("Sections:");
+    let _ = writeln!(t, "Sections:");
     for (i, s) in image.sections().iter().enumerate() {
-        println!("  {i:>2} {:<9} offset {:>10} size {:>10}", s.kind.name(), s.offset, s.size);
+        let _ = writeln!(t, "  {i:>2} {:<9} offset {:>10} size {:>10}", s.kind.name(), s.offset, s.size);
     }
-    println!("Cmdline: {}", String::from_utf8_lossy(image.cmdline()));
+    let _ = writeln!(t, "Cmdline: {}", String::from_utf8_lossy(image.cmdline()));
     if let Some(md) = image.metadata() {
-        println!(
+        let _ = writeln!(
+            t,
             "Image {} {}, built {} by {} {} ({} {})",
             md.image_name,
             md.image_version,
@@ -388,10 +390,15 @@ fn describe(args: &DescribeArgs) -> Result<(), CliError> {
         (Some((_, verdict)), Some(sig)) => {
             let cert = sig.certificate();
             match verdict {
-                Ok(()) => println!("Signature: valid"),
-                Err(e) => println!("Signature: INVALID ({e})"),
+                Ok(()) => {
+                    let _ = writeln!(t, "Signature: valid");
+                }
+                Err(e) => {
+                    let _ = writeln!(t, "Signature: INVALID ({e})");
+                }
             }
-            println!(
+            let _ = writeln!(
+                t,
                 "  certificate {} (issuer {}), valid {} to {}",
                 cert.subject(),
                 cert.issuer(),
@@ -399,19 +406,22 @@ fn describe(args: &DescribeArgs) -> Result<(), CliError> {
                 rfc3339(cert.not_after())
             );
         }
-        _ => println!("Signature: none (unsigned image)"),
+        _ => {
+            let _ = writeln!(t, "Signature: none (unsigned image)");
+        }
     }
-    print_measurements(m);
-    Ok(())
+    t += &measurements_text(m);
+    crate::output::print(&crate::output::Shown { json, text: t })
 }
 
 fn verify(args: &VerifyArgs) -> Result<(), CliError> {
     let image = keygate_eif::read_file(&args.eif).map_err(|e| eif_error(&format!("{}", args.eif.display()), e))?;
     match image.verify_signature(now_unix()) {
-        Ok(n) => {
-            println!("{}: signature valid ({n} PCR signature{})", args.eif.display(), if n == 1 { "" } else { "s" });
-            Ok(())
-        }
+        Ok(n) => crate::output::print(&super::reports::EifVerified {
+            eif: args.eif.display().to_string(),
+            signature_valid: true,
+            pcr_signatures: n,
+        }),
         Err(e) => Err(CliError::refused(format!("{}: {e}", args.eif.display()))),
     }
 }
@@ -420,6 +430,5 @@ fn pcr8(args: &Pcr8Args) -> Result<(), CliError> {
     let pem = read_capped(&args.signing_certificate, MAX_PEM_FILE, "signing certificate")?;
     let pcr8 = keygate_eif::pcr8_from_certificate_pem(&pem)
         .map_err(|e| eif_error(&format!("{}", args.signing_certificate.display()), e))?;
-    print_json(&json!({ "PCR8": hex::encode(pcr8) }));
-    Ok(())
+    print_json(&json!({ "PCR8": hex::encode(pcr8) }))
 }

@@ -64,9 +64,6 @@ pub(crate) struct FetchArgs {
     budget: Duration,
     #[command(flatten)]
     failover: crate::failover::FailoverArgs,
-    /// Print the result as JSON.
-    #[arg(long)]
-    json: bool,
 }
 
 /// How this instance attests: its NSM. (Without the `mock` feature the `--mock-*` options are
@@ -370,30 +367,21 @@ pub(crate) fn run(a: FetchArgs) -> Result<(), CliError> {
         .map_err(|e| CliError::refused(format!("fetch failed: {e}")))?;
     let (paths, receipt_path) = write_keys(&a.out, &fetched.keys, &fetched.receipt)?;
     let r = &fetched.receipt;
-    if a.json {
-        let keys: Vec<_> = fetched
-            .keys
-            .iter()
-            .zip(&paths)
-            .map(|(k, p)| serde_json::json!({"key_id": k.key_id.as_str(), "version": k.version, "path": p.display().to_string()}))
-            .collect();
-        let receipt = serde_json::json!({
-            "chain_id": hex::encode(r.chain_id()),
-            "seq": r.seq(),
-            "entry_digest": hex::encode(r.entry_digest()),
-            "path": receipt_path.display().to_string(),
-        });
-        println!("{}", serde_json::json!({"cluster": a.cluster.as_str(), "keys": keys, "receipt": receipt}));
-    } else {
-        for (k, p) in fetched.keys.iter().zip(&paths) {
-            println!("released {}/{} version {} -> {}", a.cluster, k.key_id, k.version, p.display());
-        }
-        println!(
-            "audit receipt: entry {} of chain {} -> {}",
-            r.seq(),
-            hex::encode(&r.chain_id()[..8]),
-            receipt_path.display()
-        );
-    }
-    Ok(())
+    let keys = fetched.keys.iter().zip(&paths);
+    crate::output::print(&super::reports::Fetched {
+        cluster: a.cluster.to_string(),
+        keys: keys
+            .map(|(k, p)| super::reports::FetchedKey {
+                key_id: k.key_id.to_string(),
+                version: k.version,
+                path: p.display().to_string(),
+            })
+            .collect(),
+        receipt: super::reports::FetchedReceipt {
+            chain_id: hex::encode(r.chain_id()),
+            seq: r.seq(),
+            entry_digest: hex::encode(r.entry_digest()),
+            path: receipt_path.display().to_string(),
+        },
+    })
 }

@@ -14,6 +14,7 @@
 //! | `kms_plugin` | `kms-plugin` |
 //! | `policy` | `keygen` and `policy …` |
 //! | `proxy` | `proxy` |
+//! | `reports` | what each verb prints: its `--json` struct and its text (through `crate::output`) |
 //! | `status` | `status` (the KRE's own report, as a table or JSON) |
 //!
 //! `keygate demo` is not here: it lives in `crate::demo`, reached only through its entry point.
@@ -33,4 +34,5 @@ pub(crate) mod fetch;
 pub(crate) mod kms_plugin;
 pub(crate) mod policy;
 pub(crate) mod proxy;
+pub(crate) mod reports;
 pub(crate) mod status;

@@ -22,6 +22,7 @@ use p384::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePub
 
 use crate::cmd::args::parse_duration;
 use crate::cmd::attestation::{now_ms, pcrs_from_eif, write_file};
+use crate::cmd::reports;
 use crate::error::CliError;
 use crate::kre_client::{self, KreError};
 
@@ -286,13 +287,11 @@ pub(crate) fn keygen(a: KeygenArgs) -> Result<(), CliError> {
     let pub_path = public_path(&a.out);
     write_file(&pub_path, public.as_bytes())?;
     let point = p384::ecdsa::SigningKey::from(&sk).verifying_key().to_encoded_point(false);
-    println!(
-        "private key {} (0600), public key {}, fingerprint {}",
-        a.out.display(),
-        pub_path.display(),
-        fingerprint(point.as_bytes())
-    );
-    Ok(())
+    crate::output::print(&reports::Keygen {
+        private_key: reports::path(&a.out),
+        public_key: reports::path(&pub_path),
+        fingerprint: fingerprint(point.as_bytes()),
+    })
 }
 
 /// A key's fingerprint for people to compare: `sha256:` and the first 128 bits of the SHA-256
@@ -455,23 +454,26 @@ fn diff(old: &PolicyBody, new: &PolicyBody) -> Vec<String> {
     out
 }
 
-fn print_body(b: &PolicyBody, digest: &[u8; 48]) {
-    println!("policy bundle version {} (digest {})", b.version, hex::encode(digest));
-    println!("  issued at {} (Unix s), activation delay {} s", b.issued_at, b.activation_delay);
-    println!("  previous  {}", hex::encode(b.previous));
-    println!("  approvers {} of {}:", b.threshold, b.approvers.len());
+fn body_text(b: &PolicyBody, digest: &[u8; 48]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(s, "policy bundle version {} (digest {})", b.version, hex::encode(digest));
+    let _ = writeln!(s, "  issued at {} (Unix s), activation delay {} s", b.issued_at, b.activation_delay);
+    let _ = writeln!(s, "  previous  {}", hex::encode(b.previous));
+    let _ = writeln!(s, "  approvers {} of {}:", b.threshold, b.approvers.len());
     for a in &b.approvers {
-        println!("    {}  (point {}…)", fingerprint(a), hex::encode(&a[..16]));
+        let _ = writeln!(s, "    {}  (point {}…)", fingerprint(a), hex::encode(&a[..16]));
     }
-    println!("  allow_debug {}", b.policy.allow_debug);
+    let _ = writeln!(s, "  allow_debug {}", b.policy.allow_debug);
     for l in describe(&b.policy) {
-        println!("  {l}");
+        let _ = writeln!(s, "  {l}");
     }
     for (c, r) in &b.policy.clusters {
         if let Some(l) = kek_line(c, r) {
-            println!("  {l}");
+            let _ = writeln!(s, "  {l}");
         }
     }
+    s
 }
 
 fn body_json(b: &PolicyBody, digest: &[u8; 48], signatures: usize) -> serde_json::Value {
@@ -552,14 +554,13 @@ fn init(a: InitArgs) -> Result<(), CliError> {
         policy: ReleasePolicy::default(),
     };
     let d = write_bundle(&out, &body, &[])?;
-    println!(
-        "genesis bundle {} (version 1, {} of {} approvers, digest {})",
-        out.display(),
+    crate::output::print(&reports::PolicyInit {
+        bundle: reports::path(&out),
+        version: 1,
         threshold,
-        body.approvers.len(),
-        hex::encode(d)
-    );
-    Ok(())
+        approvers: body.approvers.len(),
+        digest: hex::encode(d),
+    })
 }
 
 /// `policy propose`: the next bundle from the current one, and what changes.
@@ -637,11 +638,8 @@ fn propose(a: ProposeArgs) -> Result<(), CliError> {
     }
     apply_kek_changes(&mut body.policy, &rotate, &retire)?;
     let d = write_bundle(&out, &body, &[])?;
-    println!("proposal {} (version {}, digest {}):", out.display(), body.version, hex::encode(d));
-    for l in diff(&current.body, &body) {
-        println!("{l}");
-    }
-    Ok(())
+    let changes = diff(&current.body, &body);
+    crate::output::print(&reports::PolicyProposal::new(reports::path(&out), body.version, hex::encode(d), &changes))
 }
 
 /// `policy sign`: one approver's signature over a proposal, after showing it (and confirming).
@@ -651,32 +649,47 @@ fn sign(a: SignArgs) -> Result<(), CliError> {
     let sk = load_private(&key)?;
     let d = bundle::digest(&p.body_bytes);
     let point = sk.verifying_key().to_encoded_point(false).as_bytes().to_vec();
+    // What is about to be signed, shown first: on stdout as text; under `--json` on stderr, and
+    // only when a person is asked to confirm (the JSON document at the end carries the changes).
+    let show_first = |text: &str| match crate::output::format() {
+        crate::output::Format::Text => crate::output::step(text),
+        crate::output::Format::Json => {
+            if !yes {
+                eprint!("{text}");
+            }
+            Ok(())
+        }
+    };
+    let mut changes = None;
     match &current {
         Some(c) => {
             let c = load_bundle(c)?;
             if !c.body.approvers.iter().any(|a| a[..] == point[..]) {
-                eprintln!(
-                    "warning: key {} is not an approver of the current bundle (version {}): the KRE will not count its signature",
+                let m = format!(
+                    "key {} is not an approver of the current bundle (version {}): the KRE will not count its signature",
                     fingerprint(&point),
                     c.body.version
                 );
+                crate::output::warn(&format!("warning: {m}"), &m);
             }
             if p.body.previous != bundle::digest(&c.body_bytes) {
                 return Err(CliError::refused("the proposal does not follow the given current bundle"));
             }
-            println!("version {} -> {} (digest {}):", c.body.version, p.body.version, hex::encode(d));
-            for l in diff(&c.body, &p.body) {
-                println!("{l}");
-            }
+            let lines = diff(&c.body, &p.body);
+            let mut text = format!("version {} -> {} (digest {}):\n", c.body.version, p.body.version, hex::encode(d));
+            lines.iter().for_each(|l| text.extend([l.as_str(), "\n"]));
+            show_first(&text)?;
+            changes = Some(lines);
         }
         None => {
             if !p.body.approvers.iter().any(|a| a[..] == point[..]) {
-                eprintln!(
-                    "warning: key {} is not among the proposal's approvers (pass --current to check it against the set that must approve)",
+                let m = format!(
+                    "key {} is not among the proposal's approvers (pass --current to check it against the set that must approve)",
                     fingerprint(&point)
                 );
+                crate::output::warn(&format!("warning: {m}"), &m);
             }
-            print_body(&p.body, &d)
+            show_first(&body_text(&p.body, &d))?;
         }
     }
     if !yes {
@@ -693,8 +706,13 @@ fn sign(a: SignArgs) -> Result<(), CliError> {
     use p384::ecdsa::signature::Signer;
     let sig: p384::ecdsa::Signature = sk.sign(&bundle::signing_message(&p.body_bytes));
     write_file(&out, &bundle::encode_signature(&p.body_bytes, &point, &sig.to_bytes()))?;
-    println!("signature {} by approver {}", out.display(), fingerprint(&point));
-    Ok(())
+    crate::output::print(&reports::PolicySigned::new(
+        reports::path(&out),
+        fingerprint(&point),
+        p.body.version,
+        hex::encode(d),
+        changes.as_deref(),
+    ))
 }
 
 /// `policy assemble`: a proposal and signatures into a bundle.
@@ -710,13 +728,11 @@ fn assemble(a: AssembleArgs) -> Result<(), CliError> {
     }
     write_bundle(&out, &p.body, &sigs)?;
     let r = bundle::tally(crypto(), &p.body.approvers, &p.body_bytes, &sigs);
-    println!(
-        "bundle {} with {} signature(s) ({} valid from its own approver set)",
-        out.display(),
-        sigs.len(),
-        r.valid.len()
-    );
-    Ok(())
+    crate::output::print(&reports::PolicyAssembled {
+        bundle: reports::path(&out),
+        signatures: sigs.len(),
+        valid: r.valid.len(),
+    })
 }
 
 /// `policy verify`: a bundle checked alone, or as the KRE will against the current one.
@@ -731,27 +747,31 @@ fn verify(a: VerifyArgs) -> Result<(), CliError> {
             let r = state
                 .apply(&read(&path)?, now_ms(), crypto())
                 .map_err(|e| CliError::refused(format!("bundle refused: {e}")))?;
-            println!(
-                "valid: version {} follows the current bundle; {} approver signature(s) valid ({} unknown ignored, {} duplicate, {} invalid); {}",
-                r.version,
-                r.signatures.valid.len(),
-                r.signatures.unknown,
-                r.signatures.duplicates,
-                r.signatures.invalid,
-                if r.loosens { "loosens: takes effect after the activation delay" } else { "takes effect at once" }
-            );
+            crate::output::print(&reports::PolicyVerified {
+                version: r.version,
+                checked_against_current: true,
+                valid_signatures: r.signatures.valid.len(),
+                threshold: None,
+                unknown_signatures: Some(r.signatures.unknown),
+                duplicate_signatures: Some(r.signatures.duplicates),
+                invalid_signatures: Some(r.signatures.invalid),
+                loosens: Some(r.loosens),
+            })
         }
         None => {
             let r = bundle::tally(crypto(), &b.body.approvers, &b.body_bytes, &b.signatures);
-            println!(
-                "well-formed version {} bundle; {} valid signature(s) from its own approver set (threshold {}); pass --current to check it as the KRE will",
-                b.body.version,
-                r.valid.len(),
-                b.body.threshold
-            );
+            crate::output::print(&reports::PolicyVerified {
+                version: b.body.version,
+                checked_against_current: false,
+                valid_signatures: r.valid.len(),
+                threshold: Some(b.body.threshold),
+                unknown_signatures: None,
+                duplicate_signatures: None,
+                invalid_signatures: None,
+                loosens: None,
+            })
         }
     }
-    Ok(())
 }
 
 /// `policy show`: a bundle as text or JSON.
@@ -759,13 +779,14 @@ fn show(a: ShowArgs) -> Result<(), CliError> {
     let ShowArgs { bundle: path, json } = a;
     let b = load_bundle(&path)?;
     let d = bundle::digest(&b.body_bytes);
-    if json {
-        println!("{}", body_json(&b.body, &d, b.signatures.len()));
+    // `--json` here and the global `--json` are one flag (clap hands it to both).
+    let j = body_json(&b.body, &d, b.signatures.len());
+    let text = if json {
+        format!("{j}\n")
     } else {
-        print_body(&b.body, &d);
-        println!("  signatures {}", b.signatures.len());
-    }
-    Ok(())
+        format!("{}  signatures {}\n", body_text(&b.body, &d), b.signatures.len())
+    };
+    crate::output::print(&crate::output::Shown { json: j, text })
 }
 
 /// `policy push`: push to the KRE, keep the accepted bundle, sync the state, wait until durable.
@@ -775,26 +796,28 @@ fn push_bundle(a: PushArgs) -> Result<(), CliError> {
     let b = bundle::decode_bundle(&bytes, crypto()).map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
     let (version, activates) = push(&kre, &bytes).map_err(push_refused)?;
     if store.is_none() {
-        eprintln!(
-            "warning: no --store: the accepted bundle is not kept on the parent, so `policy restore` cannot replay it after a KRE restart"
-        );
+        let m = "no --store: the accepted bundle is not kept on the parent, so `policy restore` cannot replay it after a KRE restart";
+        crate::output::warn(&format!("warning: {m}"), m);
     }
+    let mut stored = None;
     if let Some(dir) = &store {
         std::fs::create_dir_all(dir).map_err(|e| CliError::io(format!("creating {}", dir.display()), e))?;
-        write_file(&dir.join(format!("policy-v{:08}.bundle", b.body.version)), &bytes)?;
+        let kept = dir.join(format!("policy-v{:08}.bundle", b.body.version));
+        write_file(&kept, &bytes)?;
+        stored = Some(reports::path(&kept));
     }
     let wait = activates.saturating_sub(now_ms()).div_ceil(1000);
-    if wait > 0 {
-        println!("accepted: version {version}; loosening changes take effect in {wait} s");
-    } else {
-        println!("accepted: version {version}; in force now");
-    }
+    crate::output::step(&reports::PolicyPushed::accepted_text(version, wait))?;
+    let mut state_sync = None;
     if let Some(dir) = state_dir {
-        println!("{}", super::custodian::sync_once(&kre, &dir)?);
+        let line = super::custodian::sync_once(&kre, &dir)?;
+        crate::output::step(&format!("{line}\n"))?;
+        state_sync = Some(line);
     }
     let receipt_out =
         durable.receipt_out.clone().or_else(|| store.map(|d| d.join(format!("policy-v{version:08}.durable"))));
-    wait_durable(&kre, version, &bundle::digest(&b.body_bytes), &durable, receipt_out.as_deref())
+    let durability = wait_durable(&kre, version, &bundle::digest(&b.body_bytes), &durable, receipt_out.as_deref())?;
+    crate::output::print(&reports::PolicyPushed { version, activates_in_s: wait, stored, state_sync, durability })
 }
 
 /// `policy durable`: wait for a pushed bundle's durability receipt and check it.
@@ -803,7 +826,7 @@ fn durable(a: DurableCheckArgs) -> Result<(), CliError> {
     let bytes = read(&path)?;
     let b = bundle::decode_bundle(&bytes, crypto()).map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
     let digest = bundle::digest(&b.body_bytes);
-    wait_durable(&kre, b.body.version, &digest, &durable, durable.receipt_out.as_deref())
+    crate::output::print(&wait_durable(&kre, b.body.version, &digest, &durable, durable.receipt_out.as_deref())?)
 }
 
 /// `policy restore`: replay the stored chain to a restarted KRE.
@@ -825,8 +848,7 @@ fn restore(a: RestoreArgs) -> Result<(), CliError> {
             Err(e) => return Err(CliError::refused(format!("{}: {}", f.display(), push_refused(e).message))),
         }
     }
-    println!("restored {pushed} bundle(s) from {}", store.display());
-    Ok(())
+    crate::output::print(&reports::PolicyRestored { restored: pushed, store: reports::path(&store) })
 }
 
 /// Asks the KRE, in rounds of at most 5 s, until the committed sealed state carries bundle
@@ -837,12 +859,11 @@ fn wait_durable(
     digest: &[u8; 48],
     args: &DurableArgs,
     receipt_out: Option<&Path>,
-) -> Result<(), CliError> {
+) -> Result<reports::Durability, CliError> {
     use keygate_enclave::audit::{PolicyReceipt, TrailOptions};
     use keygate_enclave::wire::MAX_DURABLE_WAIT_MS;
     if args.durable_within.is_zero() {
-        println!("not waiting for durability (--durable-within 0): the KRE applies the stricter of the old and new policies until the parent commits the sealed state that carries it");
-        return Ok(());
+        return Ok(reports::Durability::NotWaited);
     }
     let verifier = keygate_attestation::Verifier::new(super::attestation::load_anchor(args.root.as_deref())?);
     let deadline = std::time::Instant::now() + args.durable_within;
@@ -875,20 +896,21 @@ fn wait_durable(
                 if let Some(path) = receipt_out {
                     write_file(path, &receipt)?;
                 }
-                println!(
-                    "durable: the sealed state committed as generation {} carries policy v{version} (receipt {}verified: KRE module {})",
-                    proof.generation,
-                    receipt_out.map_or(String::new(), |p| format!("{}, ", p.display())),
-                    proof.kre.module_id()
-                );
                 if args.expect_kre_pcr.is_empty() {
-                    eprintln!("warning: no --expect-kre-pcr given: the receipt proves a genuine KRE, not which image");
+                    let m = "no --expect-kre-pcr given: the receipt proves a genuine KRE, not which image";
+                    crate::output::warn(&format!("warning: {m}"), m);
                 }
-                return Ok(());
+                return Ok(reports::Durability::Durable {
+                    version,
+                    generation: proof.generation,
+                    receipt: receipt_out.map(reports::path),
+                    kre_module: proof.kre.module_id().to_string(),
+                });
             }
             Err(KreError::Denied { code: DenyCode::StateRefused, reason }) => {
-                eprintln!("warning: not durable: {reason}");
-                return Ok(());
+                let m = format!("not durable: {reason}");
+                crate::output::warn(&format!("warning: {m}"), &m);
+                return Ok(reports::Durability::NotDurable { version, reason });
             }
             Err(KreError::Denied {
                 code: code @ (DenyCode::PolicyNotDurable | DenyCode::Busy | DenyCode::Timeout),

@@ -23,7 +23,7 @@ pub(crate) struct StatusArgs {
     /// The KRE's parent channel (`--parent-listen`; never proxied).
     #[arg(long)]
     kre: Addr,
-    /// Print the KRE's report as JSON (one line) instead of a table.
+    /// Print the KRE's report as JSON (one line) instead of a table (the global `--json`).
     #[arg(long)]
     json: bool,
 }
@@ -41,11 +41,9 @@ pub(crate) fn report(kre: &Addr, timeout: std::time::Duration) -> Result<(String
 
 pub(crate) fn run(a: StatusArgs) -> Result<(), CliError> {
     let (json, report) = report(&a.kre, kre_client::DEFAULT_TIMEOUT)?;
-    if a.json {
-        println!("{json}");
-    } else {
-        print!("{}", table(&a.kre.to_string(), &report));
-    }
+    // `status --json` and the global `--json` are one flag (clap hands it to both).
+    let text = if a.json { format!("{json}\n") } else { table(&a.kre.to_string(), &report) };
+    crate::output::print(&crate::output::Shown { json: &report, text })?;
     match phase(&report) {
         Phase::Serving => Ok(()),
         p => Err(CliError { code: NOT_SERVING, message: format!("the KRE is not serving: {}", p.describe(&report)) }),
