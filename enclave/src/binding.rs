@@ -310,7 +310,10 @@ mod tests {
         let salted = sealed_state_info_salted(1, &[9; 48], &[8; 32]);
         assert_eq!(salted[..56], sealed_state_info(1, &[9; 48]));
         assert_eq!(salted[56..], [8; 32]);
-        assert_eq!(share_commitment(&[1; 48], 2, &[3; 32]), h(&[b"keygate/v1/share-commitment", &[1; 48], &[2], &[3; 32]]));
+        assert_eq!(
+            share_commitment(&[1; 48], 2, &[3; 32]),
+            h(&[b"keygate/v1/share-commitment", &[1; 48], &[2], &[3; 32]])
+        );
         assert_ne!(share_commitment(&[1; 48], 3, &[3; 32]), share_commitment(&[1; 48], 2, &[3; 32]));
         assert_eq!(share_envelope_info(&[1; 48], 2, &[3], &[4]), [SHARE_ENVELOPE, &[1; 48], &[2, 3, 4]].concat());
         assert_eq!(

@@ -316,13 +316,7 @@ pub fn on_offer(
     let msg =
         custody::custodian_reencrypt(crypto, &shares, custodian_scalar, &ctx, rng).map_err(CustodianError::Custody)?;
     let frame = Message::UnsealShare { share: msg.encode() }.encode().map_err(CustodianError::Wire)?;
-    Ok(Response {
-        frame,
-        record,
-        generation,
-        x: msg.x,
-        reshared_to: new_set,
-    })
+    Ok(Response { frame, record, generation, x: msg.x, reshared_to: new_set })
 }
 
 /// The KRE's answer to a share: (have, need, serving, generation).
@@ -385,7 +379,10 @@ mod tests {
             "{err:?}"
         );
         // accept_new_genesis is about another shares file, not about a fork.
-        assert!(matches!(check_record(Some(&record(3, Some(A))), &offer(3, B), true), Err(CustodianError::Fork { .. })));
+        assert!(matches!(
+            check_record(Some(&record(3, Some(A))), &offer(3, B), true),
+            Err(CustodianError::Fork { .. })
+        ));
         // A record written before blobs were recorded learns the blob at its generation.
         assert_eq!(ok(Some(&record(3, None)), &offer(3, B)), record(3, Some(B)));
     }

@@ -911,10 +911,7 @@ mod tests {
         let others: Vec<PublicKey> = (10..12).map(|i| keypair(c, i).1).collect();
         assert_eq!(check_one_purpose(&set, &others), Ok(()));
         assert_eq!(check_one_purpose::<PublicKey>(&set, &[]), Ok(()));
-        assert_eq!(
-            check_one_purpose(&set, &[others[0], keys[1]]),
-            Err(CustodyError::CustodianIsApprover { index: 1 })
-        );
+        assert_eq!(check_one_purpose(&set, &[others[0], keys[1]]), Err(CustodyError::CustodianIsApprover { index: 1 }));
         assert_eq!(check_one_purpose(&set, &[keys[2], keys[0]]), Err(CustodyError::CustodianIsApprover { index: 0 }));
     }
 

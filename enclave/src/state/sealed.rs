@@ -637,9 +637,8 @@ pub fn open(blob: &[u8], state_key: &Secret<32>, crypto: &dyn Crypto) -> Result<
     let ct_end = blob.len() - DIGEST_LEN;
     let hl = header_len(header.format_version);
     let key = state_subkey(crypto, state_key, &header).map_err(|_| SealedError::Decrypt)?;
-    let pt = crypto
-        .aes256gcm_open(&key, &header.nonce, &blob[..hl], &blob[hl..ct_end])
-        .map_err(|_| SealedError::Decrypt)?;
+    let pt =
+        crypto.aes256gcm_open(&key, &header.nonce, &blob[..hl], &blob[hl..ct_end]).map_err(|_| SealedError::Decrypt)?;
     Ok(decode_plaintext(header.format_version, header.generation, pt.expose())?)
 }
 

@@ -951,7 +951,8 @@ mod tests {
     fn genesis(crypto: &dyn Crypto, set: &CustodianSet) -> (Vault, Vec<u8>, Custody) {
         let mut v = Vault::new(set.clone());
         let mut r = rng(1);
-        let e = v.genesis(crypto, &[id("a"), id("b")], Some((1, [9; 48])), &[], &mut r, &mut attest_ok).expect("genesis");
+        let e =
+            v.genesis(crypto, &[id("a"), id("b")], Some((1, [9; 48])), &[], &mut r, &mut attest_ok).expect("genesis");
         let (g, blob, sha) = (e.generation, e.blob.clone(), e.blob_sha384);
         assert_eq!(g, 1);
         assert!(v.releasable(&id("a")).is_empty(), "nothing released before the commit");
@@ -1277,6 +1278,87 @@ mod tests {
         assert_eq!(k.shares_accepted(), 1);
         k.add_share(crypto, [2; 48], &share_for(crypto, &cs[2], &offer, [2; 48], 4)).expect("share");
         assert_eq!((k.phase(), k.shares_accepted()), (Phase::Serving, 0));
+    }
+
+    /// One key, one purpose: a custodian key that is also a policy approver is refused at
+    /// genesis (the configured set) and at a reshare (the new set), each by its position.
+    #[test]
+    fn a_custodian_that_is_also_an_approver_is_refused_at_genesis_and_at_reshare() {
+        let crypto = keygate_attestation::crypto::default_backend();
+        let (_, set) = setup(crypto, 2, 3);
+        let approver: PublicKey = p384_scalar_from(crypto, rng(60)).expect("key").1.try_into().expect("point");
+        let mut v = Vault::new(set.clone());
+        let mut r = rng(1);
+        assert_eq!(
+            v.genesis(crypto, &[id("a")], None, &[approver, set.keys()[2]], &mut r, &mut attest_ok).map(|_| ()),
+            Err(VaultError::CustodianIsApprover { index: 2 })
+        );
+        assert_eq!(v.phase(), Phase::Awaiting, "nothing was made");
+        v.genesis(crypto, &[id("a")], None, &[approver], &mut r, &mut attest_ok).expect("other approvers are fine");
+
+        let (_, _, _, mut v, _, _) = serving(2, 3);
+        let (_, new_set) = setup(crypto, 1, 2);
+        let mut r = rng(9);
+        assert_eq!(
+            v.start_reshare(crypto, new_set.clone(), &[new_set.keys()[0]], &mut r),
+            Err(VaultError::CustodianIsApprover { index: 0 })
+        );
+        assert!(v.reshare_status().is_none());
+        v.start_reshare(crypto, new_set, &[approver], &mut r).expect("other approvers are fine");
+    }
+
+    /// The offer names the exact blob: two blobs of one generation (a fork) give two offers,
+    /// and a share made for one does not count for a KRE that holds the other.
+    #[test]
+    fn an_unseal_is_bound_to_the_exact_blob_not_only_its_generation() {
+        let (crypto, cs, set, mut v, blob1, custody) = serving(2, 3);
+        let mut r = rng(4);
+        v.rotate_to(&id("a"), 2, 0, &mut r).expect("rotate");
+        let a = v.export(crypto, &mut r).expect("export").expect("a").clone();
+        // The same state sealed again at the same generation (a restart from generation 1).
+        let b = {
+            let Inner::Serving(s) = &v.inner else { panic!("serving") };
+            sealed::seal(&a.state, &s.state_key, &set.digest(), &mut r, crypto).expect("seal")
+        };
+        assert_eq!(sealed::peek_header(&b).expect("b").generation, a.generation);
+        assert_ne!(b, a.blob);
+        let mut ka = Vault::new(set.clone());
+        ka.load(crypto, a.blob.clone(), custody.clone(), &mut rng(5)).expect("load a");
+        let offer_a = ka.offer().expect("offer");
+        assert_eq!(offer_a.blob_sha384, a.blob_sha384);
+        let mut kb = Vault::new(set.clone());
+        kb.load(crypto, b.clone(), custody.clone(), &mut rng(5)).expect("load b");
+        let offer_b = kb.offer().expect("offer");
+        assert_eq!(offer_b.blob_sha384, <[u8; 48]>::from(Sha384::digest(&b)));
+        // Same boot randomness, same generation: only the blob differs, and the share for A
+        // does not open for B.
+        assert_eq!((offer_a.unseal_nonce, offer_a.generation), (offer_b.unseal_nonce, offer_b.generation));
+        let share = share_for(crypto, &cs[0], &offer_a, [1; 48], 3);
+        assert_eq!(kb.add_share(crypto, [1; 48], &share), Err(VaultError::Custody(CustodyError::UnsealShareDecrypt)));
+        assert_eq!(ka.add_share(crypto, [1; 48], &share), Ok(UnsealOutcome::NeedMore { have: 1, need: 2 }));
+        // A reshare offer names the committed blob.
+        v.commit(a.generation, &a.blob_sha384).expect("commit");
+        let (_, new_set) = setup(crypto, 1, 2);
+        v.start_reshare(crypto, new_set, &[], &mut r).expect("start");
+        assert_eq!(v.offer().expect("offer").blob_sha384, a.blob_sha384);
+        assert_ne!(a.blob_sha384, <[u8; 48]>::from(Sha384::digest(&blob1)));
+    }
+
+    /// A KEK vector never grows in place: a rotation rebuilds it at its final size.
+    #[test]
+    fn a_rotation_rebuilds_the_kek_vector_at_its_final_size() {
+        let (_, _, _, mut v, _, _) = serving(1, 1);
+        let mut r = rng(8);
+        v.rotate_to(&id("a"), 5, 0, &mut r).expect("rotate");
+        let Inner::Serving(s) = &v.inner else { panic!("serving") };
+        let entries = &s.working.clusters[&id("a")];
+        assert_eq!((entries.len(), entries.capacity()), (5, 5));
+        let mut grown = entries.clone();
+        reserve_kek_entries(&mut grown, 0);
+        assert_eq!(grown.capacity(), 5);
+        reserve_kek_entries(&mut grown, 2);
+        assert_eq!((grown.len(), grown.capacity()), (5, 7));
+        assert_eq!(&grown, entries);
     }
 
     #[test]
