@@ -994,3 +994,38 @@ fn custodians_refuse_a_parent_switching_between_two_blobs_of_one_generation() {
     assert_eq!(std::fs::read(d.join("key-a3/etcd.key")).expect("key"), key_a);
     drop(kre);
 }
+
+/// One key, one purpose: a key that signs policy bundles is refused as a custodian, at genesis
+/// (a custodian of the image is an approver of its genesis bundle) and at a reshare (a new
+/// custodian is an approver in force).
+#[test]
+fn a_custodian_key_that_is_also_an_approver_is_refused_at_genesis_and_at_reshare() {
+    let dir = TempDir::new("keygate-durability-purpose").expect("tmp");
+    let d = dir.path();
+    setup(d);
+    let p = |n: &str| d.join(n);
+    let bundle = |approver: &str, out: &str| {
+        let (a, o) = (s(&p(approver)), s(&p(out)));
+        ok(keygate(&["policy", "init", "--approver", &a, "--threshold", "1", "--activation-delay", "0s", "-o", &o]));
+    };
+    bundle("c2.pub.pem", "c2-approves.bundle");
+    let kre = start_kre(d, ("--genesis", &p("c2-approves.bundle")));
+    refused(custodian_init(&kre, &p("state-1")), "custodian key 1 is also a policy approver key");
+    refused(fetch(&kre, &p("k0")), "sealed");
+    kre.kill();
+
+    ok(keygate(&["keygen", "-o", &s(&p("a1.pem"))]));
+    bundle("a1.pub.pem", "a1-approves.bundle");
+    let kre = start_kre(d, ("--genesis", &p("a1-approves.bundle")));
+    ok(custodian_init(&kre, &p("state-2")));
+    let reshare = |new: &[&str]| {
+        let mut a =
+            ["custodian", "reshare", "--kre", &kre.custodian(), "--new-threshold", "1"].map(String::from).to_vec();
+        for n in new {
+            a.extend(["--new-custodian".into(), s(&p(n))]);
+        }
+        keygate_args(&a)
+    };
+    refused(reshare(&["c1.pub.pem", "a1.pub.pem"]), "custodian key 1 is also a policy approver key");
+    ok(reshare(&["c1.pub.pem", "c3.pub.pem"]));
+}
