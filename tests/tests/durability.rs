@@ -945,7 +945,7 @@ fn custodians_refuse_a_parent_switching_between_two_blobs_of_one_generation() {
     write_cp_policy(d, Some(2));
 
     // Fork A: restart from generation 1, unsealed by c1 and c2, generation 2 with a new KEK.
-    let mut fork = |kre: Kre, name: &str| {
+    let fork = |kre: Kre, name: &str| {
         put_state(&d.join("g1"), &state);
         let kre = restart_with(d, kre, &state);
         ok(unseal(d, &kre, "c1", KRE_PCR));
