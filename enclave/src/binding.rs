@@ -19,8 +19,11 @@ use crate::codec::{Id, Writer};
 pub const DATA_KEY: &[u8] = b"keygate/v1/data-key";
 /// Prefix of the wrapping key's HKDF info ([`wrap_info`]).
 pub const WRAP: &[u8] = b"keygate/v1/wrap";
-/// Salt of the sealed-state subkey (HKDF-SHA384, [`sealed_state_info`]).
+/// Salt of the sealed-state subkey of formats 1 to 3 (HKDF-SHA384, [`sealed_state_info`]).
 pub const SEALED_STATE: &[u8] = b"keygate/v1/sealed-state";
+/// Salt of the sealed-state subkey from format 4 on (HKDF-SHA384, [`sealed_state_info_salted`]):
+/// a changed derivation, so a new label.
+pub const SEALED_STATE_SALTED: &[u8] = b"keygate/v2/sealed-state";
 /// Prefix of a share envelope's HKDF info ([`share_envelope_info`]).
 pub const SHARE_ENVELOPE: &[u8] = b"keygate/v1/share-envelope";
 /// Domain label of a share commitment in the shares file ([`share_commitment`]).
@@ -117,7 +120,7 @@ pub fn sealed_state_info(generation: u64, custodian_set_digest: &[u8; 48]) -> [u
     info
 }
 
-/// HKDF info of the sealed-state subkey from format 4 on (salt [`SEALED_STATE`], ikm the state
+/// HKDF info of the sealed-state subkey from format 4 on (salt [`SEALED_STATE_SALTED`], ikm the state
 /// key): `u64be(generation) ‖ custodian_set_digest ‖ seal_salt`, where `seal_salt` is 32 fresh
 /// random bytes in the blob's header, so that every seal (even two of one generation) has its
 /// own AES-GCM key.
@@ -178,12 +181,12 @@ pub struct UnsealTranscript<'a> {
 }
 
 impl UnsealTranscript<'_> {
-    /// `SHA-384("keygate/v1/unseal" ‖ SHA-384(kre_attestation) ‖ unseal_nonce ‖ K ‖ set_digest
+    /// `SHA-384("keygate/v2/unseal" ‖ SHA-384(kre_attestation) ‖ unseal_nonce ‖ K ‖ set_digest
     /// ‖ u64be(generation) ‖ SHA-384(blob) ‖ u8(x) ‖ C_x ‖ E)`: the HKDF salt of the
     /// re-encrypted share.
     pub fn hash(&self) -> [u8; 48] {
         sha384(&[
-            b"keygate/v1/unseal",
+            b"keygate/v2/unseal",
             self.kre_attestation_sha384,
             self.unseal_nonce,
             self.kre_public,
@@ -198,7 +201,7 @@ impl UnsealTranscript<'_> {
 }
 
 /// `user_data` of the KRE's unseal attestation:
-/// `SHA-384("keygate/v1/unseal-offer" ‖ unseal_nonce ‖ u64be generation ‖ SHA-384(blob) ‖ set_digest
+/// `SHA-384("keygate/v2/unseal-offer" ‖ unseal_nonce ‖ u64be generation ‖ SHA-384(blob) ‖ set_digest
 /// ‖ SHA-384(shares file))`. Its `public_key` is `K`. The blob's digest names the exact sealed
 /// state: two blobs of one generation (a fork) have different digests.
 pub fn unseal_user_data(
@@ -209,7 +212,7 @@ pub fn unseal_user_data(
     shares_sha384: &[u8; 48],
 ) -> [u8; 48] {
     sha384(&[
-        b"keygate/v1/unseal-offer",
+        b"keygate/v2/unseal-offer",
         unseal_nonce,
         &generation.to_be_bytes(),
         blob_sha384,
@@ -219,7 +222,7 @@ pub fn unseal_user_data(
 }
 
 /// `user_data` of the KRE's reshare attestation: as [`unseal_user_data`], with the new set:
-/// `SHA-384("keygate/v1/reshare-offer" ‖ nonce ‖ u64be generation ‖ SHA-384(blob) ‖ set_digest
+/// `SHA-384("keygate/v2/reshare-offer" ‖ nonce ‖ u64be generation ‖ SHA-384(blob) ‖ set_digest
 /// ‖ SHA-384(shares) ‖ new_set_digest)`, the blob being the committed one.
 pub fn reshare_user_data(
     nonce: &[u8; 32],
@@ -230,7 +233,7 @@ pub fn reshare_user_data(
     new_set_digest: &[u8; 48],
 ) -> [u8; 48] {
     sha384(&[
-        b"keygate/v1/reshare-offer",
+        b"keygate/v2/reshare-offer",
         nonce,
         &generation.to_be_bytes(),
         blob_sha384,
@@ -307,6 +310,7 @@ mod tests {
         assert_eq!(data_key_info(&c, &k, 3), b"\x01c\x02kk\x00\x00\x00\x03".to_vec());
         assert_eq!(wrap_info(WRAP, &k, 1), [WRAP, b"\x02kk\x00\x00\x00\x01"].concat());
         assert_eq!(sealed_state_info(1, &[9; 48])[..8], [0, 0, 0, 0, 0, 0, 0, 1]);
+        assert_ne!(SEALED_STATE_SALTED, SEALED_STATE, "a changed derivation, a new label");
         let salted = sealed_state_info_salted(1, &[9; 48], &[8; 32]);
         assert_eq!(salted[..56], sealed_state_info(1, &[9; 48]));
         assert_eq!(salted[56..], [8; 32]);
@@ -327,11 +331,11 @@ mod tests {
         let (n, g, b, sd, sh, nd) = ([1u8; 32], 7u64, [5u8; 48], [2u8; 48], [3u8; 48], [4u8; 48]);
         assert_eq!(
             unseal_user_data(&n, g, &b, &sd, &sh),
-            h(&[b"keygate/v1/unseal-offer", &n, &g.to_be_bytes(), &b, &sd, &sh])
+            h(&[b"keygate/v2/unseal-offer", &n, &g.to_be_bytes(), &b, &sd, &sh])
         );
         assert_eq!(
             reshare_user_data(&n, g, &b, &sd, &sh, &nd),
-            h(&[b"keygate/v1/reshare-offer", &n, &g.to_be_bytes(), &b, &sd, &sh, &nd])
+            h(&[b"keygate/v2/reshare-offer", &n, &g.to_be_bytes(), &b, &sd, &sh, &nd])
         );
         assert_eq!(genesis_user_data(b"shares"), h(&[b"keygate/v1/genesis", b"shares"]));
         assert_ne!(unseal_user_data(&n, g + 1, &b, &sd, &sh), unseal_user_data(&n, g, &b, &sd, &sh));
@@ -355,7 +359,7 @@ mod tests {
         };
         assert_eq!(
             t(&b),
-            h(&[b"keygate/v1/unseal", &[1; 48], &n, &[2; 97], &sd, &g.to_be_bytes(), &b, &[1], &[3; 97], &[4; 97]])
+            h(&[b"keygate/v2/unseal", &[1; 48], &n, &[2; 97], &sd, &g.to_be_bytes(), &b, &[1], &[3; 97], &[4; 97]])
         );
         assert_ne!(t(&b), t(&[6; 48]));
     }

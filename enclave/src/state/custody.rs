@@ -22,7 +22,7 @@
 //!   commit_x  = SHA-384("keygate/v1/share-commitment" ‖ set_digest ‖ u8 x ‖ y)
 //!
 //! unseal (custodian x → KRE with attested ephemeral key K), e fresh, E = e·G, c = custodian scalar:
-//!   T         = SHA-384("keygate/v1/unseal" ‖ SHA-384(kre_attestation) ‖ unseal_nonce ‖ K
+//!   T         = SHA-384("keygate/v2/unseal" ‖ SHA-384(kre_attestation) ‖ unseal_nonce ‖ K
 //!                       ‖ set_digest ‖ u64be generation ‖ SHA-384(blob) ‖ u8 x ‖ C_x ‖ E)
 //!   key‖nonce = HKDF-SHA384(salt = T, ikm = ECDH(e, K) ‖ ECDH(c, K), info = "keygate/v1/unseal-share", L = 44)
 //!   sealed    = AES-256-GCM(key, nonce, aad = T, y)

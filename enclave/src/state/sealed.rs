@@ -10,9 +10,9 @@
 //! header  = magic "KGSEALED" (8) ‖ u16be format_version (4) ‖ u64be generation
 //!           ‖ custodian_set_digest (48) ‖ seal_salt (32) ‖ nonce (12) ‖ u32be ciphertext_len  (114 bytes)
 //!         | the same without seal_salt, formats 1, 2 and 3                                   (82 bytes)
-//! key     = HKDF-SHA384(salt = "keygate/v1/sealed-state", ikm = state_key,
+//! key     = HKDF-SHA384(salt = "keygate/v2/sealed-state", ikm = state_key,
 //!                       info = u64be(generation) ‖ custodian_set_digest ‖ seal_salt, L = 32)
-//!           (formats 1 to 3: info without seal_salt)
+//!           (formats 1 to 3: salt "keygate/v1/sealed-state", info without seal_salt)
 //! ciphertext = AES-256-GCM(key, nonce, aad = header, plaintext)                  (‖ 16-byte tag)
 //! digest  = SHA-384(header ‖ ciphertext)
 //!
@@ -523,7 +523,7 @@ fn state_subkey(crypto: &dyn Crypto, state_key: &Secret<32>, h: &SealedHeader) -
     match &h.seal_salt {
         Some(salt) => {
             let info = binding::sealed_state_info_salted(h.generation, &h.custodian_set_digest, salt);
-            crypto.hkdf_sha384(binding::SEALED_STATE, state_key.expose(), &info, &mut okm[..])?;
+            crypto.hkdf_sha384(binding::SEALED_STATE_SALTED, state_key.expose(), &info, &mut okm[..])?;
         }
         None => {
             let info = binding::sealed_state_info(h.generation, &h.custodian_set_digest);
