@@ -997,7 +997,8 @@ fn custodians_refuse_a_parent_switching_between_two_blobs_of_one_generation() {
 
 /// One key, one purpose: a key that signs policy bundles is refused as a custodian, at genesis
 /// (a custodian of the image is an approver of its genesis bundle) and at a reshare (a new
-/// custodian is an approver in force).
+/// custodian is an approver in force), and a bundle that makes a custodian an approver is
+/// refused.
 #[test]
 fn a_custodian_key_that_is_also_an_approver_is_refused_at_genesis_and_at_reshare() {
     let dir = TempDir::new("keygate-durability-purpose").expect("tmp");
@@ -1027,5 +1028,18 @@ fn a_custodian_key_that_is_also_an_approver_is_refused_at_genesis_and_at_reshare
         keygate_args(&a)
     };
     refused(reshare(&["c1.pub.pem", "a1.pub.pem"]), "custodian key 1 is also a policy approver key");
+
+    // A bundle that rotates a custodian's key into the approver set is refused too.
+    let (from, proposal) = (s(&p("a1-approves.bundle")), s(&p("rotate.proposal")));
+    let (a1, c3) = (s(&p("a1.pub.pem")), s(&p("c3.pub.pem")));
+    let propose = ["policy", "propose", "--from", &from, "--approver", &a1, "--approver", &c3, "--threshold", "1"];
+    ok(keygate(&[&propose[..], &["-o", &proposal]].concat()));
+    let sig = s(&p("rotate.sig"));
+    ok(keygate(&["policy", "sign", &proposal, "--key", &s(&p("a1.pem")), "--yes", "-o", &sig]));
+    let rotated = s(&p("rotate.bundle"));
+    ok(keygate(&["policy", "assemble", &proposal, &sig, "-o", &rotated]));
+    let push = ["policy", "push", &rotated, "--kre", &kre.parent(), "--store", &s(&p("bundles"))];
+    refused(keygate(&push), "custodian key 2 of this KRE is an approver key of the bundle");
+
     ok(reshare(&["c1.pub.pem", "c3.pub.pem"]));
 }

@@ -257,10 +257,15 @@ impl CustodianSet {
 /// (the policy signing keys in force). A key holding both roles would let one compromise
 /// both approve a policy and hold a share; the KRE checks it at genesis and at a reshare.
 pub fn check_one_purpose<A: AsRef<[u8]>>(set: &CustodianSet, approvers: &[A]) -> Result<(), CustodyError> {
-    match set.keys.iter().position(|k| approvers.iter().any(|a| a.as_ref() == k.as_slice())) {
+    match custodian_also_approver(set, approvers) {
         Some(index) => Err(CustodyError::CustodianIsApprover { index }),
         None => Ok(()),
     }
+}
+
+/// The 0-based position of the first custodian key of `set` that is one of `approvers`.
+pub fn custodian_also_approver<A: AsRef<[u8]>>(set: &CustodianSet, approvers: &[A]) -> Option<usize> {
+    set.keys.iter().position(|k| approvers.iter().any(|a| a.as_ref() == k.as_slice()))
 }
 
 /// One share encrypted to one custodian.
