@@ -19,10 +19,15 @@ use crate::codec::{Id, Writer};
 pub const DATA_KEY: &[u8] = b"keygate/v1/data-key";
 /// Prefix of the wrapping key's HKDF info ([`wrap_info`]).
 pub const WRAP: &[u8] = b"keygate/v1/wrap";
-/// Salt of the sealed-state subkey (HKDF-SHA384, [`sealed_state_info`]).
+/// Salt of the sealed-state subkey of formats 1 to 3 (HKDF-SHA384, [`sealed_state_info`]).
 pub const SEALED_STATE: &[u8] = b"keygate/v1/sealed-state";
+/// Salt of the sealed-state subkey from format 4 on (HKDF-SHA384, [`sealed_state_info_salted`]):
+/// a changed derivation, so a new label.
+pub const SEALED_STATE_SALTED: &[u8] = b"keygate/v2/sealed-state";
 /// Prefix of a share envelope's HKDF info ([`share_envelope_info`]).
 pub const SHARE_ENVELOPE: &[u8] = b"keygate/v1/share-envelope";
+/// Domain label of a share commitment in the shares file ([`share_commitment`]).
+pub const SHARE_COMMITMENT: &[u8] = b"keygate/v1/share-commitment";
 /// HKDF info of the key a custodian re-encrypts its share under (salt: [`UnsealTranscript::hash`]).
 pub const UNSEAL_SHARE: &[u8] = b"keygate/v1/unseal-share";
 /// Domain label of an audit entry's digest ([`entry_digest`]).
@@ -115,6 +120,17 @@ pub fn sealed_state_info(generation: u64, custodian_set_digest: &[u8; 48]) -> [u
     info
 }
 
+/// HKDF info of the sealed-state subkey from format 4 on (salt [`SEALED_STATE_SALTED`], ikm the state
+/// key): `u64be(generation) ‖ custodian_set_digest ‖ seal_salt`, where `seal_salt` is 32 fresh
+/// random bytes in the blob's header, so that every seal (even two of one generation) has its
+/// own AES-GCM key.
+pub fn sealed_state_info_salted(generation: u64, custodian_set_digest: &[u8; 48], seal_salt: &[u8; 32]) -> [u8; 88] {
+    let mut info = [0u8; 88];
+    info[..56].copy_from_slice(&sealed_state_info(generation, custodian_set_digest));
+    info[56..].copy_from_slice(seal_salt);
+    info
+}
+
 /// The canonical digest of a custodian set (in the sealed state header and every envelope):
 /// `SHA-384("keygate/v1/custodian-set" ‖ u8(threshold) ‖ u8(n) ‖ key×n)`, keys uncompressed
 /// P-384 points in set order.
@@ -134,6 +150,13 @@ pub fn share_envelope_info(set_digest: &[u8; 48], x: u8, custodian: &[u8], ephem
     [SHARE_ENVELOPE, set_digest, &[x], custodian, ephemeral].concat()
 }
 
+/// The commitment to share `x` that the shares file records (format 2):
+/// `SHA-384("keygate/v1/share-commitment" ‖ set_digest ‖ u8(x) ‖ y)`, `y` the share's 32 bytes.
+/// The KRE refuses an unseal share whose `y` does not hash to its index's commitment.
+pub fn share_commitment(set_digest: &[u8; 48], x: u8, y: &[u8; 32]) -> [u8; 48] {
+    sha384(&[SHARE_COMMITMENT, set_digest, &[x], y])
+}
+
 /// What a re-encrypted unseal share is bound to.
 #[derive(Debug, Clone, Copy)]
 pub struct UnsealTranscript<'a> {
@@ -147,6 +170,8 @@ pub struct UnsealTranscript<'a> {
     pub set_digest: &'a [u8; 48],
     /// The generation being unsealed.
     pub generation: u64,
+    /// SHA-384 of the exact sealed blob being unsealed (a generation alone does not name one).
+    pub blob_sha384: &'a [u8; 48],
     /// The share index.
     pub x: u8,
     /// The custodian's key C_x.
@@ -156,16 +181,18 @@ pub struct UnsealTranscript<'a> {
 }
 
 impl UnsealTranscript<'_> {
-    /// `SHA-384("keygate/v1/unseal" ‖ SHA-384(kre_attestation) ‖ unseal_nonce ‖ K ‖ set_digest
-    /// ‖ u64be(generation) ‖ u8(x) ‖ C_x ‖ E)`: the HKDF salt of the re-encrypted share.
+    /// `SHA-384("keygate/v2/unseal" ‖ SHA-384(kre_attestation) ‖ unseal_nonce ‖ K ‖ set_digest
+    /// ‖ u64be(generation) ‖ SHA-384(blob) ‖ u8(x) ‖ C_x ‖ E)`: the HKDF salt of the
+    /// re-encrypted share.
     pub fn hash(&self) -> [u8; 48] {
         sha384(&[
-            b"keygate/v1/unseal",
+            b"keygate/v2/unseal",
             self.kre_attestation_sha384,
             self.unseal_nonce,
             self.kre_public,
             self.set_digest,
             &self.generation.to_be_bytes(),
+            self.blob_sha384,
             &[self.x],
             self.custodian,
             self.ephemeral,
@@ -174,27 +201,46 @@ impl UnsealTranscript<'_> {
 }
 
 /// `user_data` of the KRE's unseal attestation:
-/// `SHA-384("keygate/v1/unseal-offer" ‖ unseal_nonce ‖ u64be generation ‖ set_digest ‖ SHA-384(shares file))`.
-/// Its `public_key` is `K`.
+/// `SHA-384("keygate/v2/unseal-offer" ‖ unseal_nonce ‖ u64be generation ‖ SHA-384(blob) ‖ set_digest
+/// ‖ SHA-384(shares file))`. Its `public_key` is `K`. The blob's digest names the exact sealed
+/// state: two blobs of one generation (a fork) have different digests.
 pub fn unseal_user_data(
     unseal_nonce: &[u8; 32],
     generation: u64,
+    blob_sha384: &[u8; 48],
     set_digest: &[u8; 48],
     shares_sha384: &[u8; 48],
 ) -> [u8; 48] {
-    sha384(&[b"keygate/v1/unseal-offer", unseal_nonce, &generation.to_be_bytes(), set_digest, shares_sha384])
+    sha384(&[
+        b"keygate/v2/unseal-offer",
+        unseal_nonce,
+        &generation.to_be_bytes(),
+        blob_sha384,
+        set_digest,
+        shares_sha384,
+    ])
 }
 
 /// `user_data` of the KRE's reshare attestation: as [`unseal_user_data`], with the new set:
-/// `SHA-384("keygate/v1/reshare-offer" ‖ nonce ‖ u64be generation ‖ set_digest ‖ SHA-384(shares) ‖ new_set_digest)`.
+/// `SHA-384("keygate/v2/reshare-offer" ‖ nonce ‖ u64be generation ‖ SHA-384(blob) ‖ set_digest
+/// ‖ SHA-384(shares) ‖ new_set_digest)`, the blob being the committed one.
 pub fn reshare_user_data(
     nonce: &[u8; 32],
     generation: u64,
+    blob_sha384: &[u8; 48],
     set_digest: &[u8; 48],
     shares_sha384: &[u8; 48],
     new_set_digest: &[u8; 48],
 ) -> [u8; 48] {
-    sha384(&[b"keygate/v1/reshare-offer", nonce, &generation.to_be_bytes(), set_digest, shares_sha384, new_set_digest])
+    sha384(&[
+        b"keygate/v2/reshare-offer",
+        nonce,
+        &generation.to_be_bytes(),
+        blob_sha384,
+        set_digest,
+        shares_sha384,
+        new_set_digest,
+    ])
 }
 
 /// `user_data` of an unseal offer: [`unseal_user_data`], or [`reshare_user_data`] when the
@@ -202,13 +248,14 @@ pub fn reshare_user_data(
 pub fn offer_user_data(
     nonce: &[u8; 32],
     generation: u64,
+    blob_sha384: &[u8; 48],
     set_digest: &[u8; 48],
     shares_sha384: &[u8; 48],
     new_set_digest: Option<&[u8; 48]>,
 ) -> [u8; 48] {
     match new_set_digest {
-        None => unseal_user_data(nonce, generation, set_digest, shares_sha384),
-        Some(new) => reshare_user_data(nonce, generation, set_digest, shares_sha384, new),
+        None => unseal_user_data(nonce, generation, blob_sha384, set_digest, shares_sha384),
+        Some(new) => reshare_user_data(nonce, generation, blob_sha384, set_digest, shares_sha384, new),
     }
 }
 
@@ -263,6 +310,15 @@ mod tests {
         assert_eq!(data_key_info(&c, &k, 3), b"\x01c\x02kk\x00\x00\x00\x03".to_vec());
         assert_eq!(wrap_info(WRAP, &k, 1), [WRAP, b"\x02kk\x00\x00\x00\x01"].concat());
         assert_eq!(sealed_state_info(1, &[9; 48])[..8], [0, 0, 0, 0, 0, 0, 0, 1]);
+        assert_ne!(SEALED_STATE_SALTED, SEALED_STATE, "a changed derivation, a new label");
+        let salted = sealed_state_info_salted(1, &[9; 48], &[8; 32]);
+        assert_eq!(salted[..56], sealed_state_info(1, &[9; 48]));
+        assert_eq!(salted[56..], [8; 32]);
+        assert_eq!(
+            share_commitment(&[1; 48], 2, &[3; 32]),
+            h(&[b"keygate/v1/share-commitment", &[1; 48], &[2], &[3; 32]])
+        );
+        assert_ne!(share_commitment(&[1; 48], 3, &[3; 32]), share_commitment(&[1; 48], 2, &[3; 32]));
         assert_eq!(share_envelope_info(&[1; 48], 2, &[3], &[4]), [SHARE_ENVELOPE, &[1; 48], &[2, 3, 4]].concat());
         assert_eq!(
             custodian_set_digest(1, 2, &[[5u8; 97], [6; 97]]),
@@ -272,16 +328,40 @@ mod tests {
 
     #[test]
     fn session_bindings_are_the_documented_hashes() {
-        let (n, g, sd, sh, nd) = ([1u8; 32], 7u64, [2u8; 48], [3u8; 48], [4u8; 48]);
-        assert_eq!(unseal_user_data(&n, g, &sd, &sh), h(&[b"keygate/v1/unseal-offer", &n, &g.to_be_bytes(), &sd, &sh]));
+        let (n, g, b, sd, sh, nd) = ([1u8; 32], 7u64, [5u8; 48], [2u8; 48], [3u8; 48], [4u8; 48]);
         assert_eq!(
-            reshare_user_data(&n, g, &sd, &sh, &nd),
-            h(&[b"keygate/v1/reshare-offer", &n, &g.to_be_bytes(), &sd, &sh, &nd])
+            unseal_user_data(&n, g, &b, &sd, &sh),
+            h(&[b"keygate/v2/unseal-offer", &n, &g.to_be_bytes(), &b, &sd, &sh])
+        );
+        assert_eq!(
+            reshare_user_data(&n, g, &b, &sd, &sh, &nd),
+            h(&[b"keygate/v2/reshare-offer", &n, &g.to_be_bytes(), &b, &sd, &sh, &nd])
         );
         assert_eq!(genesis_user_data(b"shares"), h(&[b"keygate/v1/genesis", b"shares"]));
-        assert_ne!(unseal_user_data(&n, g + 1, &sd, &sh), unseal_user_data(&n, g, &sd, &sh));
-        assert_eq!(offer_user_data(&n, g, &sd, &sh, None), unseal_user_data(&n, g, &sd, &sh));
-        assert_eq!(offer_user_data(&n, g, &sd, &sh, Some(&nd)), reshare_user_data(&n, g, &sd, &sh, &nd));
+        assert_ne!(unseal_user_data(&n, g + 1, &b, &sd, &sh), unseal_user_data(&n, g, &b, &sd, &sh));
+        // Two blobs of one generation (a fork) are two different offers.
+        assert_ne!(unseal_user_data(&n, g, &[6; 48], &sd, &sh), unseal_user_data(&n, g, &b, &sd, &sh));
+        assert_eq!(offer_user_data(&n, g, &b, &sd, &sh, None), unseal_user_data(&n, g, &b, &sd, &sh));
+        assert_eq!(offer_user_data(&n, g, &b, &sd, &sh, Some(&nd)), reshare_user_data(&n, g, &b, &sd, &sh, &nd));
+        let t = |blob: &[u8; 48]| {
+            UnsealTranscript {
+                kre_attestation_sha384: &[1; 48],
+                unseal_nonce: &n,
+                kre_public: &[2; 97],
+                set_digest: &sd,
+                generation: g,
+                blob_sha384: blob,
+                x: 1,
+                custodian: &[3; 97],
+                ephemeral: &[4; 97],
+            }
+            .hash()
+        };
+        assert_eq!(
+            t(&b),
+            h(&[b"keygate/v2/unseal", &[1; 48], &n, &[2; 97], &sd, &g.to_be_bytes(), &b, &[1], &[3; 97], &[4; 97]])
+        );
+        assert_ne!(t(&b), t(&[6; 48]));
     }
 
     #[test]

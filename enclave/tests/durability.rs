@@ -486,3 +486,107 @@ fn a_failing_nsm_random_source_changes_no_durable_state() {
     assert_eq!(sync(&k, &mut store), 2);
     assert_eq!(fetch(&k).expect("released"), keys);
 }
+
+/// A KRE like [`kre`] whose policy names KEK version `kek_version` for "prod": restarted from
+/// a state with version 1, it makes version 2 (a fresh KEK) in the next generation.
+fn kre_at(set: &CustodianSet, kek_version: u32) -> Kre {
+    let nsm = MockNsm::new(SEED, pcrs(0x70), Arc::new(|| T)).with_instance("kre");
+    let verifier = Verifier::new(nsm.root_anchor());
+    let config = KreConfig { custodians: Some(set.clone()), ..KreConfig::default() };
+    Kre::new(config, verifier, prod_policy(kek_version, 0), Arc::new(nsm)).expect("kre")
+}
+
+/// Custodian `i`'s unseal step with its record: the KRE's progress and the record to keep, or
+/// the refusal (the record unchanged).
+fn unseal_recorded(
+    kre: &Kre,
+    c: &Custodians,
+    i: usize,
+    record: &mut Option<CustodianRecord>,
+) -> Result<(u8, u8, bool, u64), CustodianError> {
+    let u = Unsealer { record: record.as_ref(), ..unsealer(0x70) };
+    let nonce = [u8::try_from(i).expect("small") + 50; 32];
+    let (mut conn, resp) = offer(kre, nonce, &u.expect(None), &c.scalars[i], 78);
+    let resp = resp?;
+    let kept = resp.record.clone();
+    let s = step(&mut conn, kre, &resp.frame);
+    let progress = custodian::on_progress(&s.reply[4..]);
+    *record = Some(kept);
+    progress
+}
+
+/// A KRE restarted from `stored`, unsealed by custodians `who` (with their records).
+fn restart_and_unseal(
+    c: &Custodians,
+    kek_version: u32,
+    stored: &(Vec<u8>, Vec<u8>, Vec<u8>),
+    who: &[usize],
+    records: &mut [Option<CustodianRecord>],
+) -> Kre {
+    let k = kre_at(&c.set, kek_version);
+    report(&k, state_load(&stored.0, &stored.1, &stored.2));
+    for &i in who {
+        unseal_recorded(&k, c, i, &mut records[i]).expect("share");
+    }
+    k
+}
+
+/// (a) A generation does not name a sealed state: a KRE restarted twice from generation 1
+/// seals two different generation-2 states (two KEKs named `prod/v2`). Once custodians have
+/// unsealed one of them, a parent that switches to the other at a restart is refused by each
+/// of them (a fork), and the KRE stays sealed. (b) A quorum whose records hold a newer
+/// (generation, blob) refuses the older generation outright.
+#[test]
+fn custodians_refuse_the_other_blob_of_a_generation_they_unsealed_and_an_older_one() {
+    let c = custodians(2, 3, 12);
+    let mut records: Vec<Option<CustodianRecord>> = vec![None, None, None];
+    let k1 = kre_at(&c.set, 1);
+    report(&k1, Message::StateGenesis);
+    let mut store = None;
+    assert_eq!(sync(&k1, &mut store), 1);
+    let g1 = store.clone().expect("generation 1");
+
+    // Two restarts from generation 1, each making its own generation 2 (fork A and fork B).
+    let ka = restart_and_unseal(&c, 2, &g1, &[0, 1], &mut records);
+    let mut fork_a = None;
+    assert_eq!(sync(&ka, &mut fork_a), 2);
+    let fork_a = fork_a.expect("fork A");
+    let kb = restart_and_unseal(&c, 2, &g1, &[0, 1], &mut records);
+    let mut fork_b = None;
+    assert_eq!(sync(&kb, &mut fork_b), 2);
+    let fork_b = fork_b.expect("fork B");
+    assert_ne!(sha384(&fork_a.0), sha384(&fork_b.0), "two sealed states of generation 2");
+    let (keys_a, keys_b) = (fetch(&ka).expect("A"), fetch(&kb).expect("B"));
+    assert_eq!((keys_a[0].version, keys_b[0].version), (2, 2));
+    assert_ne!(keys_a, keys_b, "prod/v2 names two different data keys");
+
+    // The custodians unseal fork A at the next restart: they record (2, SHA-384(A)).
+    let kc = restart_and_unseal(&c, 2, &fork_a, &[0, 2], &mut records);
+    assert_eq!(fetch(&kc).expect("A again"), keys_a);
+    assert_eq!(records[0].as_ref().and_then(|r| r.blob_sha384.clone()), Some(hex::encode(sha384(&fork_a.0))));
+    assert_eq!(records[2].as_ref().map(|r| r.highest_generation), Some(2));
+
+    // (a) The parent switches to fork B at the next restart: both custodians that unsealed A
+    // refuse it, by name; the KRE stays sealed.
+    let kd = kre_at(&c.set, 2);
+    report(&kd, state_load(&fork_b.0, &fork_b.1, &fork_b.2));
+    for i in [0, 2] {
+        let before = records[i].clone();
+        let err = unseal_recorded(&kd, &c, i, &mut records[i]).expect_err("fork refused");
+        assert!(matches!(err, CustodianError::Fork { generation: 2, .. }), "custodian {i}: {err:?}");
+        assert_eq!(records[i], before, "a refusal changes no record");
+    }
+    assert_eq!(deny_code(fetch(&kd)), DenyCode::Sealed);
+    // Fork A, the blob they recorded, still unseals (a restart with nothing committed since).
+    let ke = restart_and_unseal(&c, 2, &fork_a, &[2, 0], &mut records);
+    assert_eq!(fetch(&ke).expect("A once more"), keys_a);
+
+    // (b) Generation 1 again: the quorum whose records hold (2, A) refuses it as a rollback.
+    let kf = kre_at(&c.set, 2);
+    report(&kf, state_load(&g1.0, &g1.1, &g1.2));
+    for i in [0, 2] {
+        let err = unseal_recorded(&kf, &c, i, &mut records[i]).expect_err("rollback refused");
+        assert!(matches!(err, CustodianError::Rollback { offered: 1, recorded: 2 }), "custodian {i}: {err:?}");
+    }
+    assert_eq!(deny_code(fetch(&kf)), DenyCode::Sealed);
+}

@@ -910,3 +910,136 @@ fn a_kill_at_any_moment_loses_no_receipted_release_and_no_durable_policy_change(
     assert!(out.contains(&format!("{held} checked, {held} with their entry stored")), "{out}");
     eprintln!("{held} receipts held, {durable_pushes} pushes reported durable, all kept");
 }
+
+/// Replaces the parent's state directory `to` with a copy of `from` (the parent choosing which
+/// stored states to hand a restarted KRE).
+fn put_state(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("dir").flatten() {
+        if e.file_type().expect("type").is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+        }
+    }
+}
+
+/// kill -9, restart on the static policy, and the parent hands over what is in `state`.
+fn restart_with(d: &Path, kre: Kre, state: &Path) -> Kre {
+    kre.kill();
+    let kre = static_kre(d);
+    ok(keygate(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(state)]));
+    kre
+}
+
+/// A generation does not name a sealed state: a KRE restarted twice from generation 1 (its
+/// policy now naming KEK version 2) seals two different generation-2 states, and `prod/v2`
+/// names two data keys. Once custodians have unsealed fork A, the parent switching to fork B
+/// at a restart is refused by each of them (their records hold generation 2 with A's digest),
+/// and so is generation 1 (a rollback); fork A still unseals, with the same data key.
+#[test]
+fn custodians_refuse_a_parent_switching_between_two_blobs_of_one_generation() {
+    let dir = TempDir::new("keygate-durability-fork").expect("tmp");
+    let d = dir.path();
+    let (kre, state, _) = serving_static(d);
+    put_state(&state, &d.join("g1"));
+    write_cp_policy(d, Some(2));
+
+    // Fork A: restart from generation 1, unsealed by c1 and c2, generation 2 with a new KEK.
+    let fork = |kre: Kre, name: &str| {
+        put_state(&d.join("g1"), &state);
+        let kre = restart_with(d, kre, &state);
+        ok(unseal(d, &kre, "c1", KRE_PCR));
+        let out = ok(unseal(d, &kre, "c2", KRE_PCR));
+        assert!(out.contains("unsealed generation 1"), "{out}");
+        let out = ok(keygate(&["state", "sync", "--kre", &kre.parent(), "--state-dir", &s(&state)]));
+        assert!(out.contains("committed generation 2"), "{out}");
+        ok(fetch(&kre, &d.join(format!("key-{name}"))));
+        put_state(&state, &d.join(name));
+        (kre, std::fs::read(d.join(format!("key-{name}/etcd.key"))).expect("key"))
+    };
+    let (kre, key_a) = fork(kre, "fork-a");
+    // Fork B: the parent restarts from generation 1 again (the custodians have only seen it).
+    let (kre, key_b) = fork(kre, "fork-b");
+    let blob = |name: &str| std::fs::read(d.join(name).join("state.current")).expect("blob");
+    assert_ne!(blob("fork-a"), blob("fork-b"), "two sealed states of generation 2");
+    assert_ne!(key_a, key_b, "prod/v2 names two different data keys");
+
+    // c1 and c3 unseal fork A: their records now hold (2, SHA-384(A)).
+    put_state(&d.join("fork-a"), &state);
+    let kre = restart_with(d, kre, &state);
+    ok(unseal(d, &kre, "c1", KRE_PCR));
+    let out = ok(unseal(d, &kre, "c3", KRE_PCR));
+    assert!(out.contains("unsealed generation 2"), "{out}");
+    ok(fetch(&kre, &d.join("key-a2")));
+    assert_eq!(std::fs::read(d.join("key-a2/etcd.key")).expect("key"), key_a);
+
+    // The parent switches to fork B at the next restart: refused by both, the KRE stays sealed.
+    put_state(&d.join("fork-b"), &state);
+    let kre = restart_with(d, kre, &state);
+    refused(unseal(d, &kre, "c1", KRE_PCR), "a fork of that generation");
+    refused(unseal(d, &kre, "c3", KRE_PCR), "a fork of that generation");
+    refused(fetch(&kre, &d.join("key-b2")), "sealed");
+    // Generation 1: refused by the quorum whose records hold generation 2.
+    put_state(&d.join("g1"), &state);
+    let kre = restart_with(d, kre, &state);
+    refused(unseal(d, &kre, "c1", KRE_PCR), "rollback refused");
+    refused(unseal(d, &kre, "c3", KRE_PCR), "rollback refused");
+    refused(fetch(&kre, &d.join("key-g1")), "sealed");
+    // Fork A, the recorded blob, still unseals with its data key.
+    put_state(&d.join("fork-a"), &state);
+    let kre = restart_with(d, kre, &state);
+    ok(unseal(d, &kre, "c3", KRE_PCR));
+    ok(unseal(d, &kre, "c1", KRE_PCR));
+    ok(fetch(&kre, &d.join("key-a3")));
+    assert_eq!(std::fs::read(d.join("key-a3/etcd.key")).expect("key"), key_a);
+    drop(kre);
+}
+
+/// One key, one purpose: a key that signs policy bundles is refused as a custodian, at genesis
+/// (a custodian of the image is an approver of its genesis bundle) and at a reshare (a new
+/// custodian is an approver in force), and a bundle that makes a custodian an approver is
+/// refused.
+#[test]
+fn a_custodian_key_that_is_also_an_approver_is_refused_at_genesis_and_at_reshare() {
+    let dir = TempDir::new("keygate-durability-purpose").expect("tmp");
+    let d = dir.path();
+    setup(d);
+    let p = |n: &str| d.join(n);
+    let bundle = |approver: &str, out: &str| {
+        let (a, o) = (s(&p(approver)), s(&p(out)));
+        ok(keygate(&["policy", "init", "--approver", &a, "--threshold", "1", "--activation-delay", "0s", "-o", &o]));
+    };
+    bundle("c2.pub.pem", "c2-approves.bundle");
+    let kre = start_kre(d, ("--genesis", &p("c2-approves.bundle")));
+    refused(custodian_init(&kre, &p("state-1")), "custodian key 1 is also a policy approver key");
+    refused(fetch(&kre, &p("k0")), "sealed");
+    kre.kill();
+
+    ok(keygate(&["keygen", "-o", &s(&p("a1.pem"))]));
+    bundle("a1.pub.pem", "a1-approves.bundle");
+    let kre = start_kre(d, ("--genesis", &p("a1-approves.bundle")));
+    ok(custodian_init(&kre, &p("state-2")));
+    let reshare = |new: &[&str]| {
+        let mut a =
+            ["custodian", "reshare", "--kre", &kre.custodian(), "--new-threshold", "1"].map(String::from).to_vec();
+        for n in new {
+            a.extend(["--new-custodian".into(), s(&p(n))]);
+        }
+        keygate_args(&a)
+    };
+    refused(reshare(&["c1.pub.pem", "a1.pub.pem"]), "custodian key 1 is also a policy approver key");
+
+    // A bundle that rotates a custodian's key into the approver set is refused too.
+    let (from, proposal) = (s(&p("a1-approves.bundle")), s(&p("rotate.proposal")));
+    let (a1, c3) = (s(&p("a1.pub.pem")), s(&p("c3.pub.pem")));
+    let propose = ["policy", "propose", "--from", &from, "--approver", &a1, "--approver", &c3, "--threshold", "1"];
+    ok(keygate(&[&propose[..], &["-o", &proposal]].concat()));
+    let sig = s(&p("rotate.sig"));
+    ok(keygate(&["policy", "sign", &proposal, "--key", &s(&p("a1.pem")), "--yes", "-o", &sig]));
+    let rotated = s(&p("rotate.bundle"));
+    ok(keygate(&["policy", "assemble", &proposal, &sig, "-o", &rotated]));
+    let push = ["policy", "push", &rotated, "--kre", &kre.parent(), "--store", &s(&p("bundles"))];
+    refused(keygate(&push), "custodian key 2 of this KRE is an approver key of the bundle");
+
+    ok(reshare(&["c1.pub.pem", "c3.pub.pem"]));
+}

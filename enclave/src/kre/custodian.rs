@@ -49,7 +49,7 @@ impl CustodianConnection {
     pub(super) fn on_message(&mut self, kre: &Kre, msg: Message, env: &mut Env<'_>) -> Result<Step, Denial> {
         match (std::mem::replace(self, Self::Done), msg) {
             (Self::ExpectHello, Message::ReshareStart { set }) => {
-                kre.sealed("reshare")?.reshare_start(&kre.audit, &set, env.now_ms)?;
+                kre.sealed("reshare")?.reshare_start(&kre.audit, &set, &kre.policy.approvers(), env.now_ms)?;
                 report_step(kre.state_report()?, "reshare")
             }
             (Self::ExpectHello, Message::UnsealHello { client_nonce }) => {

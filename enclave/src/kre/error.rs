@@ -176,6 +176,12 @@ pub enum Error {
     /// The bundle does not apply.
     #[error("{0}")]
     BundleRefused(BundleError),
+    /// The bundle's approver set holds one of this KRE's custodian keys (one key, one purpose).
+    #[error("custodian key {index} of this KRE is an approver key of the bundle: a key is a custodian or an approver, never both")]
+    ApproverIsCustodian {
+        /// 0-based position in the custodian set.
+        index: usize,
+    },
     /// The bundle differs from the sealed state's policy head at its version.
     #[error("fork: bundle version {version} differs from the policy head recorded in the sealed state ({})", hex::encode(&.recorded[..8]))]
     BundleForked {
@@ -283,7 +289,9 @@ impl From<&Error> for DenyCode {
             E::Policy(_) => Self::ImageNotAllowed,
             E::KekNotStored(_) | E::KekVersionNotStored { .. } => Self::StatePending,
             E::PolicyStatic => Self::PolicyStatic,
-            E::BundleRefused(_) | E::BundleForked { .. } | E::NotAccepted(_) => Self::PolicyRefused,
+            E::BundleRefused(_) | E::BundleForked { .. } | E::NotAccepted(_) | E::ApproverIsCustodian { .. } => {
+                Self::PolicyRefused
+            }
             E::NoDurability
             | E::NoCustodians
             | E::Vault(_)
@@ -455,10 +463,11 @@ mod tests {
             E::NewSet(_) => 54,
             E::Share(_) => 55,
             E::StateKeks(_) => 56,
+            E::ApproverIsCustodian { .. } => 57,
         }
     }
 
-    const VARIANTS: usize = 57;
+    const VARIANTS: usize = 58;
 
     /// One value of every variant with the code it must map to (and, where the code depends
     /// on the data, one more).
@@ -514,6 +523,7 @@ mod tests {
             (E::PolicyStatic, C::PolicyStatic),
             (E::BundleRefused(BundleError::TooLarge(1)), C::PolicyRefused),
             (E::BundleForked { version: 2, recorded: [0; 48] }, C::PolicyRefused),
+            (E::ApproverIsCustodian { index: 1 }, C::PolicyRefused),
             (E::PolicyNotRecorded(full()), C::AuditFull),
             (E::PolicyKeks(KekError::Random(RandomFailed)), C::Internal),
             (E::NoDurability, C::StateRefused),

@@ -90,7 +90,7 @@ impl ParentConnection {
 fn state_genesis(kre: &Kre, now_ms: u64) -> Result<StateReport, Denial> {
     let state = kre.sealed("genesis")?;
     let ids: Vec<Id> = kre.policy.clusters().iter().filter_map(|c| Id::new(c).ok()).collect();
-    state.genesis(&kre.audit, &ids, kre.policy_head(), now_ms)?;
+    state.genesis(&kre.audit, &ids, kre.policy_head(), &kre.policy.approvers(), now_ms)?;
     kre.ensure_keks(&kre.policy.schedule(), &[]).map(drop).map_err(|e| keks_denial("genesis", e))?;
     kre.state_report()
 }

@@ -12,6 +12,7 @@ use keygate_attestation::bundle::{self, ApplyReport, PolicyState};
 use keygate_attestation::policy::ReleasePolicy;
 
 use crate::audit::AuditEvent;
+use crate::state::custody;
 
 use super::error::KekError;
 use super::error::{Denial, Error, Stage};
@@ -60,6 +61,15 @@ impl PolicyBook {
         match &*self.source() {
             PolicySource::Static(_) => None,
             PolicySource::Signed(s, _) => Some((s.latest().bundle.body.version, s.latest().digest)),
+        }
+    }
+
+    /// The approver keys of the newest signed policy (none with a static policy file): a
+    /// custodian key may not be one of them (one key, one purpose).
+    pub(super) fn approvers(&self) -> Vec<[u8; 97]> {
+        match &*self.source() {
+            PolicySource::Static(_) => Vec::new(),
+            PolicySource::Signed(s, _) => s.latest().bundle.body.approvers.clone(),
         }
     }
 
@@ -157,6 +167,13 @@ impl Kre {
             PolicySource::Signed(state, _) => state.clone(),
         };
         let mut report = next.apply(bundle, now_ms, self.crypto).map_err(|e| deny(Error::BundleRefused(e)))?;
+        // One key, one purpose: no approver set in force may hold a custodian key.
+        if let Some(s) = &self.state {
+            let approvers = &next.latest().bundle.body.approvers;
+            if let Some(index) = custody::custodian_also_approver(s.vault().set(), approvers) {
+                return Err(deny(Error::ApproverIsCustodian { index }));
+            }
+        }
         // A bundle accepted before (a replay after a restart) keeps the activation time the
         // sealed state recorded for exactly it, not a fresh delay.
         if let Some(at) = self.state.as_ref().and_then(|s| s.vault().activation_of(report.version, &report.digest)) {

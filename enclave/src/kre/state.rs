@@ -13,7 +13,7 @@ use sha2::{Digest, Sha384};
 
 use crate::audit::{AuditError, AuditEvent};
 use crate::binding;
-use crate::state::custody::{CustodianSet, UnsealShare};
+use crate::state::custody::{CustodianSet, PublicKey, UnsealShare};
 use crate::state::vault::{self, Custody, Phase, PolicyHead, UnsealOutcome, Vault, VaultError};
 use crate::wire::{Id, Message, StateReport};
 
@@ -182,19 +182,21 @@ impl StateService {
     }
 
     /// Genesis: a fresh KRE with no stored state creates it (exported, not yet in use) with a
-    /// KEK for each of `clusters` and the policy `head`.
+    /// KEK for each of `clusters` and the policy `head`. Refused if a custodian key is one of
+    /// `approvers` (the policy signing keys in force).
     pub(super) fn genesis(
         &self,
         audit: &AuditTrail,
         clusters: &[Id],
         head: Option<(u64, [u8; 48])>,
+        approvers: &[PublicKey],
         now_ms: u64,
     ) -> Result<(), Denial> {
         self.recorded_event(audit, "genesis", "state-genesis", now_ms, |v| {
             v.note_audit_head(audit.log().acked_head());
             let mut attest = |ud: &[u8; 48]| self.attest(ud);
             let generation = self.vault_step(v, |v, rng| {
-                v.genesis(self.crypto, clusters, head, rng, &mut attest).map(|e| e.generation)
+                v.genesis(self.crypto, clusters, head, approvers, rng, &mut attest).map(|e| e.generation)
             })?;
             Ok(format!("generation {generation} prepared with {} cluster(s); not used until stored", clusters.len()))
         })
@@ -251,6 +253,7 @@ impl StateService {
         let user_data = binding::offer_user_data(
             &offer.unseal_nonce,
             offer.generation,
+            &offer.blob_sha384,
             &offer.set_digest,
             &shares_sha,
             new_set_digest.as_ref(),
@@ -271,17 +274,25 @@ impl StateService {
             shares: offer.custody.shares,
             genesis_attestation: offer.custody.genesis_attestation,
             reshare_to: offer.reshare_to.as_ref().map(vault::encode_set).unwrap_or_default(),
+            blob_sha384: offer.blob_sha384,
         };
         Ok((msg, sha))
     }
 
-    /// Starts a reshare of the state key to a new custodian set (serving KRE).
-    pub(super) fn reshare_start(&self, audit: &AuditTrail, set: &[u8], now_ms: u64) -> Result<(), Denial> {
+    /// Starts a reshare of the state key to a new custodian set (serving KRE); refused if a new
+    /// custodian key is one of `approvers` (the policy signing keys in force).
+    pub(super) fn reshare_start(
+        &self,
+        audit: &AuditTrail,
+        set: &[u8],
+        approvers: &[PublicKey],
+        now_ms: u64,
+    ) -> Result<(), Denial> {
         let new_set = vault::decode_set(self.crypto, set).map_err(|e| Denial::state("reshare", Error::NewSet(e)))?;
         let digest = new_set.digest();
         let (m, n) = (new_set.threshold(), new_set.count());
         self.recorded_event(audit, "reshare", "reshare-started", now_ms, |v| {
-            self.vault_step(v, |v, rng| v.start_reshare(self.crypto, new_set, rng))?;
+            self.vault_step(v, |v, rng| v.start_reshare(self.crypto, new_set, approvers, rng))?;
             let digest = hex::encode(digest);
             Ok(format!("to {m} of {n} custodians (set {digest}); awaiting the current custodians' approval"))
         })

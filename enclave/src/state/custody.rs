@@ -18,9 +18,12 @@
 //!   key‖nonce = HKDF-SHA384(salt = set_digest, ikm = ECDH(e, C_x), info, L = 44)
 //!   sealed    = AES-256-GCM(key, nonce, aad = info, y)                         (48 bytes)
 //!
+//! commitment to share x (shares file format 2):
+//!   commit_x  = SHA-384("keygate/v1/share-commitment" ‖ set_digest ‖ u8 x ‖ y)
+//!
 //! unseal (custodian x → KRE with attested ephemeral key K), e fresh, E = e·G, c = custodian scalar:
-//!   T         = SHA-384("keygate/v1/unseal" ‖ SHA-384(kre_attestation) ‖ unseal_nonce ‖ K
-//!                       ‖ set_digest ‖ u64be generation ‖ u8 x ‖ C_x ‖ E)
+//!   T         = SHA-384("keygate/v2/unseal" ‖ SHA-384(kre_attestation) ‖ unseal_nonce ‖ K
+//!                       ‖ set_digest ‖ u64be generation ‖ SHA-384(blob) ‖ u8 x ‖ C_x ‖ E)
 //!   key‖nonce = HKDF-SHA384(salt = T, ikm = ECDH(e, K) ‖ ECDH(c, K), info = "keygate/v1/unseal-share", L = 44)
 //!   sealed    = AES-256-GCM(key, nonce, aad = T, y)
 //! ```
@@ -31,6 +34,18 @@
 //! binds the KRE's attestation, the unseal nonce the KRE chose for this session and its
 //! ephemeral key, so a message captured from an earlier unseal does not open in a later one.
 //! Shares are zeroized when dropped ([`Share`] holds a [`Secret`]).
+//!
+//! The AEAD shows who sent a share, not that the share is the one genesis made: a custodian
+//! can encrypt any 32 bytes. So the shares file (format 2) records a hash commitment to every
+//! share, and the KRE refuses a share that does not match its index's commitment as it
+//! arrives ([`CustodyError::ShareCommitmentMismatch`]); the session goes on with the others,
+//! and one malicious custodian can neither make the reconstruction fail nor have an honest
+//! one blamed. The commitments are covered by the genesis attestation (over the whole file).
+//! A hash commitment rather than Feldman's: Shamir here is over GF(2^8), which has no group
+//! to commit in, and the dealer (the genesis KRE) is attested, so only the binding of each
+//! share to its index is needed. A share has 256 bits of entropy, so its hash reveals
+//! nothing a brute force could use. A custodian key that is also a policy approver is
+//! refused ([`check_one_purpose`]): one key, one purpose.
 
 use keygate_attestation::crypto::{p384_scalar_from, Crypto, CryptoError, P384Scalar, P384_POINT_LEN};
 use keygate_attestation::secret::Secret;
@@ -49,8 +64,12 @@ pub const MAX_CUSTODIANS: usize = 32;
 pub const SEALED_SHARE_LEN: usize = 48;
 /// First bytes of a shares file.
 pub const SHARES_MAGIC: [u8; 8] = *b"KGSHARES";
-/// Shares file format version.
-pub const SHARES_VERSION: u16 = 1;
+/// Shares file format version this code writes (format 2: per-share commitments). It also
+/// reads [`SHARES_VERSION_1`].
+pub const SHARES_VERSION: u16 = 2;
+/// The first shares file format: no commitments (shares are checked only by the AEAD and
+/// the reconstruction). Read, never written; a reshare writes format 2.
+pub const SHARES_VERSION_1: u16 = 1;
 /// Length of an encoded [`UnsealShare`].
 pub const UNSEAL_SHARE_LEN: usize = 1 + 2 * P384_POINT_LEN + SEALED_SHARE_LEN;
 
@@ -143,6 +162,20 @@ pub enum CustodyError {
         /// The share index.
         x: u8,
     },
+    /// The share does not match the commitment the shares file records for its index: a
+    /// custodian sent (or holds) another share than genesis made. Refused on arrival; the
+    /// session goes on with the other custodians.
+    #[error("share {x} does not match its commitment in the shares file (refused; the other custodians' shares still count)")]
+    ShareCommitmentMismatch {
+        /// The share index.
+        x: u8,
+    },
+    /// A custodian key is also a policy approver key (one key, one purpose).
+    #[error("custodian key {index} is also a policy approver key: a key is a custodian or an approver, never both")]
+    CustodianIsApprover {
+        /// 0-based position in the custodian set.
+        index: usize,
+    },
     /// Splitting or combining failed.
     #[error("shamir: {0}")]
     Shamir(#[from] ShamirError),
@@ -220,6 +253,21 @@ impl CustodianSet {
     }
 }
 
+/// One key, one purpose: refuses a custodian set in which a key is also one of `approvers`
+/// (the policy signing keys in force). A key holding both roles would let one compromise
+/// both approve a policy and hold a share; the KRE checks it at genesis and at a reshare.
+pub fn check_one_purpose<A: AsRef<[u8]>>(set: &CustodianSet, approvers: &[A]) -> Result<(), CustodyError> {
+    match custodian_also_approver(set, approvers) {
+        Some(index) => Err(CustodyError::CustodianIsApprover { index }),
+        None => Ok(()),
+    }
+}
+
+/// The 0-based position of the first custodian key of `set` that is one of `approvers`.
+pub fn custodian_also_approver<A: AsRef<[u8]>>(set: &CustodianSet, approvers: &[A]) -> Option<usize> {
+    set.keys.iter().position(|k| approvers.iter().any(|a| a.as_ref() == k.as_slice()))
+}
+
 /// One share encrypted to one custodian.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShareEnvelope {
@@ -284,17 +332,36 @@ pub fn open_envelope(
     Ok(Share { x: envelope.x, y })
 }
 
-/// What the parent stores next to the sealed state: the custodian set and one envelope per
-/// custodian, in set order.
+/// What the parent stores next to the sealed state: the custodian set, one envelope per
+/// custodian and (format 2) one commitment per share, in set order.
 ///
 /// ```text
-/// "KGSHARES" ‖ u16be version = 1 ‖ set_digest (48) ‖ u8 M ‖ u8 N ‖ N × C_i (97)
-///            ‖ N × (u8 x ‖ E (97) ‖ sealed (48))
+/// "KGSHARES" ‖ u16be version = 2 ‖ set_digest (48) ‖ u8 M ‖ u8 N ‖ N × C_i (97)
+///            ‖ N × (u8 x ‖ E (97) ‖ sealed (48) ‖ commit_x (48))
+/// format 1:  the same with version = 1 and no commit_x
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SharesFile {
     set: CustodianSet,
     envelopes: Vec<ShareEnvelope>,
+    /// commit_x per envelope (format 2); `None` for a format-1 file.
+    commitments: Option<Vec<[u8; 48]>>,
+}
+
+/// Refuses `share` if `commitments` (a format-2 shares file's) has another commitment for its
+/// index. A format-1 file (`None`) has none to check.
+pub fn check_commitment(
+    commitments: Option<&[[u8; 48]]>,
+    set_digest: &[u8; 48],
+    share: &Share,
+) -> Result<(), CustodyError> {
+    let Some(commitments) = commitments else { return Ok(()) };
+    let mismatch = CustodyError::ShareCommitmentMismatch { x: share.x };
+    let expected = usize::from(share.x).checked_sub(1).and_then(|i| commitments.get(i)).ok_or(mismatch)?;
+    if binding::share_commitment(set_digest, share.x, share.y.expose()) != *expected {
+        return Err(mismatch);
+    }
+    Ok(())
 }
 
 impl SharesFile {
@@ -312,7 +379,13 @@ impl SharesFile {
             .zip(&set.keys)
             .map(|(share, key)| seal_envelope(crypto, &digest, key, share, rng))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { set, envelopes })
+        let commitments = shares.iter().map(|s| binding::share_commitment(&digest, s.x, s.y.expose())).collect();
+        Ok(Self { set, envelopes, commitments: Some(commitments) })
+    }
+
+    /// The per-share commitments, in set order (`None` for a format-1 file).
+    pub fn commitments(&self) -> Option<&[[u8; 48]]> {
+        self.commitments.as_deref()
     }
 
     /// The custodian set.
@@ -330,23 +403,31 @@ impl SharesFile {
         let public = crypto.p384_public(custodian_scalar).map_err(CustodyError::Crypto)?;
         let x = self.set.x_of(&public).ok_or(CustodyError::NotACustodian)?;
         let env = self.envelopes.get(usize::from(x) - 1).ok_or(CustodyError::NotACustodian)?;
-        open_envelope(crypto, &self.set.digest(), custodian_scalar, env)
+        let digest = self.set.digest();
+        let share = open_envelope(crypto, &digest, custodian_scalar, env)?;
+        // A custodian whose own share does not match learns it here, before the KRE does.
+        check_commitment(self.commitments(), &digest, &share)?;
+        Ok(share)
     }
 
     /// The file's bytes.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend_from_slice(&SHARES_MAGIC);
-        out.extend_from_slice(&SHARES_VERSION.to_be_bytes());
+        let version = if self.commitments.is_some() { SHARES_VERSION } else { SHARES_VERSION_1 };
+        out.extend_from_slice(&version.to_be_bytes());
         out.extend_from_slice(&self.set.digest());
         out.extend_from_slice(&[self.set.threshold, self.set.count()]);
         for k in &self.set.keys {
             out.extend_from_slice(k);
         }
-        for e in &self.envelopes {
+        for (i, e) in self.envelopes.iter().enumerate() {
             out.push(e.x);
             out.extend_from_slice(&e.ephemeral);
             out.extend_from_slice(&e.sealed);
+            if let Some(c) = self.commitments.as_ref().and_then(|c| c.get(i)) {
+                out.extend_from_slice(c);
+            }
         }
         out
     }
@@ -366,7 +447,7 @@ impl SharesFile {
             return Err(CustodyError::BadMagic);
         }
         let version = r.u16("version")?;
-        if version != SHARES_VERSION {
+        if version != SHARES_VERSION && version != SHARES_VERSION_1 {
             return Err(CustodyError::UnsupportedVersion { version });
         }
         let stored_digest: [u8; 48] = r.array("set digest")?;
@@ -377,10 +458,14 @@ impl SharesFile {
         }
         let keys = (0..n).map(|_| r.array::<P384_POINT_LEN>("custodian key")).collect::<Result<Vec<_>, _>>()?;
         let mut envelopes = Vec::with_capacity(n);
+        let mut commitments = (version == SHARES_VERSION).then(|| Vec::with_capacity(n));
         for index in 0..n {
             let x = r.u8("envelope x")?;
             let ephemeral = r.array("envelope ephemeral")?;
             let sealed = r.array("envelope sealed")?;
+            if let Some(c) = commitments.as_mut() {
+                c.push(r.array::<48>("share commitment")?);
+            }
             if usize::from(x) != index + 1 {
                 return Err(CustodyError::EnvelopeIndexMismatch { index });
             }
@@ -393,7 +478,7 @@ impl SharesFile {
         if set.digest() != stored_digest {
             return Err(CustodyError::SetDigestMismatch);
         }
-        Ok(Self { set, envelopes })
+        Ok(Self { set, envelopes, commitments })
     }
 }
 
@@ -412,6 +497,9 @@ pub struct UnsealContext {
     pub set_digest: [u8; 48],
     /// Generation of the sealed state being unsealed (custodians record the highest).
     pub generation: u64,
+    /// SHA-384 of the exact sealed blob being unsealed (custodians record it with the
+    /// generation: two blobs of one generation are a fork).
+    pub blob_sha384: [u8; 48],
 }
 
 impl UnsealContext {
@@ -422,6 +510,7 @@ impl UnsealContext {
             kre_public: &self.kre_public,
             set_digest: &self.set_digest,
             generation: self.generation,
+            blob_sha384: &self.blob_sha384,
             x,
             custodian,
             ephemeral,
@@ -550,17 +639,19 @@ pub enum UnsealProgress {
 #[derive(Debug)]
 pub struct UnsealSession {
     set: CustodianSet,
+    commitments: Option<Vec<[u8; 48]>>,
     ctx: UnsealContext,
     shares: Vec<Share>,
 }
 
 impl UnsealSession {
-    /// A session for `set`; `ctx` must carry `set.digest()`.
-    pub fn new(set: CustodianSet, ctx: UnsealContext) -> Result<Self, CustodyError> {
-        if ctx.set_digest != set.digest() {
+    /// A session for the set of `shares` (whose commitments each share must match); `ctx`
+    /// must carry the set's digest.
+    pub fn new(shares: &SharesFile, ctx: UnsealContext) -> Result<Self, CustodyError> {
+        if ctx.set_digest != shares.set.digest() {
             return Err(CustodyError::ContextMismatch);
         }
-        Ok(Self { set, ctx, shares: Vec::new() })
+        Ok(Self { set: shares.set.clone(), commitments: shares.commitments.clone(), ctx, shares: Vec::new() })
     }
 
     /// The context custodians must bind to.
@@ -576,22 +667,25 @@ impl UnsealSession {
         kre_scalar: &P384Scalar,
         msg: &UnsealShare,
     ) -> Result<UnsealProgress, CustodyError> {
-        collect_share(crypto, &self.set, kre_scalar, &self.ctx, &mut self.shares, msg)
+        collect_share(crypto, &self.set, self.commitments.as_deref(), kre_scalar, &self.ctx, &mut self.shares, msg)
     }
 }
 
-/// Opens `msg` for `ctx` and adds it to `shares` (one per custodian); at the set's threshold,
-/// reconstructs the key and clears (zeroizes) the shares. A refused message leaves `shares`
-/// unchanged. The one share collector of every session (unseal and reshare, `crate::state::vault`).
+/// Opens `msg` for `ctx`, checks it against its index's commitment (when the shares file has
+/// them) and adds it to `shares` (one per custodian); at the set's threshold, reconstructs the
+/// key and clears (zeroizes) the shares. A refused message leaves `shares` unchanged. The one
+/// share collector of every session (unseal and reshare, `crate::state::vault`).
 pub fn collect_share(
     crypto: &dyn Crypto,
     set: &CustodianSet,
+    commitments: Option<&[[u8; 48]]>,
     kre_scalar: &P384Scalar,
     ctx: &UnsealContext,
     shares: &mut Vec<Share>,
     msg: &UnsealShare,
 ) -> Result<UnsealProgress, CustodyError> {
     let share = kre_open_unseal_share(crypto, set, kre_scalar, ctx, msg)?;
+    check_commitment(commitments, &ctx.set_digest, &share)?;
     if shares.iter().any(|s| s.x == share.x) {
         return Err(CustodyError::DuplicateShare { x: share.x });
     }
@@ -641,7 +735,22 @@ mod tests {
             kre_public: f.kre.1,
             set_digest: f.set.digest(),
             generation: 3,
+            blob_sha384: [0xb1; 48],
         }
+    }
+
+    /// What a malicious custodian `x` (holding `scalar`) can send: a well-formed message for
+    /// this session carrying any 32 bytes `y` instead of its share.
+    fn reencrypt_y(c: &dyn Crypto, ctx: &UnsealContext, scalar: &P384Scalar, x: u8, y: &[u8; 32]) -> UnsealShare {
+        let (e, eph) = p384_scalar_from(c, rng(41)).expect("eph");
+        let ephemeral: PublicKey = eph.try_into().expect("point");
+        let custodian: PublicKey = c.p384_public(scalar).expect("public").try_into().expect("point");
+        let z1 = c.ecdh_p384(&e, &ctx.kre_public).expect("z1");
+        let z2 = c.ecdh_p384(scalar, &ctx.kre_public).expect("z2");
+        let t = ctx.transcript(x, &custodian, &ephemeral);
+        let (key, nonce) = unseal_key(c, &t, &z1, &z2).expect("key");
+        let sealed = c.aes256gcm_seal(&key, &nonce, &t, y).expect("seal");
+        UnsealShare { x, custodian, ephemeral, sealed: sealed.try_into().expect("48") }
     }
 
     #[test]
@@ -719,7 +828,8 @@ mod tests {
         let c = default_backend();
         let f = fixture(c, 2, 3);
         let bytes = f.shares.encode();
-        assert_eq!(bytes.len(), 8 + 2 + 48 + 2 + 3 * 97 + 3 * (1 + 97 + 48));
+        assert_eq!(bytes.len(), 8 + 2 + 48 + 2 + 3 * 97 + 3 * (1 + 97 + 48 + 48));
+        assert_eq!(&bytes[8..10], &[0, 2]);
         assert_eq!(SharesFile::decode(c, &bytes), Ok(f.shares.clone()));
         for n in 0..bytes.len() {
             assert_eq!(SharesFile::decode(c, &bytes[..n]), Err(CustodyError::Truncated), "len {n}");
@@ -727,8 +837,8 @@ mod tests {
         assert_eq!(SharesFile::decode(c, &[bytes.clone(), vec![0]].concat()), Err(CustodyError::TrailingBytes));
         assert_eq!(SharesFile::decode(c, b"nope, not it"), Err(CustodyError::BadMagic));
         let mut t = bytes.clone();
-        t[9] = 2;
-        assert_eq!(SharesFile::decode(c, &t), Err(CustodyError::UnsupportedVersion { version: 2 }));
+        t[9] = 3;
+        assert_eq!(SharesFile::decode(c, &t), Err(CustodyError::UnsupportedVersion { version: 3 }));
         let mut t = bytes.clone();
         t[20] ^= 1;
         assert_eq!(SharesFile::decode(c, &t), Err(CustodyError::SetDigestMismatch));
@@ -743,10 +853,71 @@ mod tests {
         assert_eq!(SharesFile::decode(c, &t), Err(CustodyError::EnvelopeIndexMismatch { index: 0 }));
         // Envelope ciphertext tamper decodes, and fails when the custodian opens it.
         let mut t = bytes.clone();
+        let last_sealed = t.len() - 1 - 48;
+        t[last_sealed] ^= 1;
+        let tampered = SharesFile::decode(c, &t).expect("decode");
+        assert_eq!(tampered.open_share(c, &f.custodians[2].0), Err(CustodyError::EnvelopeDecrypt));
+        // A commitment tamper decodes, and its custodian learns that its share does not match.
+        let mut t = bytes.clone();
         let last = t.len() - 1;
         t[last] ^= 1;
         let tampered = SharesFile::decode(c, &t).expect("decode");
-        assert_eq!(tampered.open_share(c, &f.custodians[2].0), Err(CustodyError::EnvelopeDecrypt));
+        assert_eq!(tampered.open_share(c, &f.custodians[2].0), Err(CustodyError::ShareCommitmentMismatch { x: 3 }));
+        assert!(tampered.open_share(c, &f.custodians[1].0).is_ok());
+    }
+
+    /// A format-1 file (no commitments, written before format 2) still decodes, re-encodes
+    /// to the same bytes (the genesis attestation covers them) and unseals without the check.
+    #[test]
+    fn format_1_shares_files_still_read_without_commitments() {
+        let c = default_backend();
+        let f = fixture(c, 2, 3);
+        let v1 = SharesFile { commitments: None, ..f.shares.clone() };
+        let bytes = v1.encode();
+        assert_eq!(&bytes[8..10], &[0, 1]);
+        assert_eq!(bytes.len(), 8 + 2 + 48 + 2 + 3 * 97 + 3 * (1 + 97 + 48));
+        let back = SharesFile::decode(c, &bytes).expect("format 1");
+        assert_eq!((back.commitments(), back.encode()), (None, bytes));
+        let share = back.open_share(c, &f.custodians[0].0).expect("opens");
+        assert_eq!(check_commitment(None, &f.set.digest(), &share), Ok(()));
+    }
+
+    /// One malicious custodian (2) sends a well-formed share of its own making: refused on
+    /// arrival by name, the session unchanged, and custodians 1 and 3 still unseal. Without
+    /// the commitment it would be accepted and the reconstruction would fail for everyone.
+    #[test]
+    fn a_bad_share_from_custodian_2_is_refused_on_arrival_and_1_and_3_still_unseal() {
+        for c in all_backends() {
+            let f = fixture(c, 2, 3);
+            let mut session = UnsealSession::new(&f.shares, ctx(&f, 1)).expect("session");
+            let bad = reencrypt_y(c, session.context(), &f.custodians[1].0, 2, &[0x42; 32]);
+            // The message itself is genuine (from custodian 2, for this session)...
+            assert!(kre_open_unseal_share(c, &f.set, &f.kre.0, session.context(), &bad).is_ok());
+            // ...but its share is not the one genesis committed to.
+            assert_eq!(session.add(c, &f.kre.0, &bad), Err(CustodyError::ShareCommitmentMismatch { x: 2 }));
+            let m1 = custodian_reencrypt(c, &f.shares, &f.custodians[0].0, session.context(), &mut rng(9)).expect("1");
+            assert_eq!(session.add(c, &f.kre.0, &m1), Ok(UnsealProgress::NeedMore { have: 1, need: 2 }));
+            assert_eq!(session.add(c, &f.kre.0, &bad), Err(CustodyError::ShareCommitmentMismatch { x: 2 }));
+            let m3 = custodian_reencrypt(c, &f.shares, &f.custodians[2].0, session.context(), &mut rng(8)).expect("3");
+            let Ok(UnsealProgress::Complete(key)) = session.add(c, &f.kre.0, &m3) else { panic!("not complete") };
+            assert_eq!(key, f.state_key);
+            // Custodian 2's real share is accepted (the check refuses only a wrong one).
+            let mut again = UnsealSession::new(&f.shares, ctx(&f, 1)).expect("session");
+            let good = custodian_reencrypt(c, &f.shares, &f.custodians[1].0, again.context(), &mut rng(7)).expect("2");
+            assert_eq!(again.add(c, &f.kre.0, &good), Ok(UnsealProgress::NeedMore { have: 1, need: 2 }));
+        }
+    }
+
+    #[test]
+    fn a_custodian_key_that_is_also_an_approver_is_refused() {
+        let c = default_backend();
+        let keys: Vec<PublicKey> = (0..3).map(|i| keypair(c, i).1).collect();
+        let set = CustodianSet::new(c, 2, keys.clone()).expect("set");
+        let others: Vec<PublicKey> = (10..12).map(|i| keypair(c, i).1).collect();
+        assert_eq!(check_one_purpose(&set, &others), Ok(()));
+        assert_eq!(check_one_purpose::<PublicKey>(&set, &[]), Ok(()));
+        assert_eq!(check_one_purpose(&set, &[others[0], keys[1]]), Err(CustodyError::CustodianIsApprover { index: 1 }));
+        assert_eq!(check_one_purpose(&set, &[keys[2], keys[0]]), Err(CustodyError::CustodianIsApprover { index: 0 }));
     }
 
     #[test]
@@ -761,7 +932,7 @@ mod tests {
             let blob = sealed::seal(&state, &f.state_key, &f.set.digest(), &mut rng(5), c).expect("seal");
             // Any two custodians unseal it.
             for (a, b) in [(0usize, 1usize), (0, 2), (2, 1)] {
-                let mut session = UnsealSession::new(f.set.clone(), ctx(&f, 1)).expect("session");
+                let mut session = UnsealSession::new(&f.shares, ctx(&f, 1)).expect("session");
                 let m1 =
                     custodian_reencrypt(c, &f.shares, &f.custodians[a].0, session.context(), &mut rng(9)).expect("m1");
                 let m2 =
@@ -797,6 +968,10 @@ mod tests {
         assert_eq!(kre_open_unseal_share(c, &f.set, k, &other, &msg), Err(CustodyError::UnsealShareDecrypt));
         let mut other = now.clone();
         other.generation = 2;
+        assert_eq!(kre_open_unseal_share(c, &f.set, k, &other, &msg), Err(CustodyError::UnsealShareDecrypt));
+        // Another blob of the same generation (a fork): does not open either.
+        let mut other = now.clone();
+        other.blob_sha384[0] ^= 1;
         assert_eq!(kre_open_unseal_share(c, &f.set, k, &other, &msg), Err(CustodyError::UnsealShareDecrypt));
         let (k2, p2) = keypair(c, 8);
         let mut other = now.clone();
@@ -838,7 +1013,7 @@ mod tests {
             custodian_reencrypt(c, &f.shares, &f.custodians[0].0, &other_set, &mut rng(9)),
             Err(CustodyError::ContextMismatch)
         );
-        assert!(UnsealSession::new(f.set.clone(), other_set).is_err());
+        assert!(UnsealSession::new(&f.shares, other_set).is_err());
         let mut bad_kre = now.clone();
         bad_kre.kre_public[5] ^= 1;
         assert_eq!(
@@ -864,7 +1039,7 @@ mod tests {
     fn too_few_or_bad_shares_do_not_unseal() {
         let c = default_backend();
         let f = fixture(c, 3, 5);
-        let mut session = UnsealSession::new(f.set.clone(), ctx(&f, 1)).expect("session");
+        let mut session = UnsealSession::new(&f.shares, ctx(&f, 1)).expect("session");
         for (i, (s, _)) in f.custodians.iter().take(2).enumerate() {
             let m = custodian_reencrypt(c, &f.shares, s, session.context(), &mut rng(20)).expect("m");
             let have = u8::try_from(i + 1).expect("small");

@@ -7,14 +7,16 @@
 //!
 //! ```text
 //! blob    = header ‖ ciphertext ‖ digest
-//! header  = magic "KGSEALED" (8) ‖ u16be format_version (1, 2 or 3) ‖ u64be generation
-//!           ‖ custodian_set_digest (48) ‖ nonce (12) ‖ u32be ciphertext_len          (82 bytes)
-//! key     = HKDF-SHA384(salt = "keygate/v1/sealed-state", ikm = state_key,
-//!                       info = u64be(generation) ‖ custodian_set_digest, L = 32)
+//! header  = magic "KGSEALED" (8) ‖ u16be format_version (4) ‖ u64be generation
+//!           ‖ custodian_set_digest (48) ‖ seal_salt (32) ‖ nonce (12) ‖ u32be ciphertext_len  (114 bytes)
+//!         | the same without seal_salt, formats 1, 2 and 3                                   (82 bytes)
+//! key     = HKDF-SHA384(salt = "keygate/v2/sealed-state", ikm = state_key,
+//!                       info = u64be(generation) ‖ custodian_set_digest ‖ seal_salt, L = 32)
+//!           (formats 1 to 3: salt "keygate/v1/sealed-state", info without seal_salt)
 //! ciphertext = AES-256-GCM(key, nonce, aad = header, plaintext)                  (‖ 16-byte tag)
 //! digest  = SHA-384(header ‖ ciphertext)
 //!
-//! plaintext = policy_head ‖ u32be cluster_count ‖ cluster* ‖ activations ‖ audit_head (format 3)
+//! plaintext = policy_head ‖ u32be cluster_count ‖ cluster* ‖ activations ‖ audit_head (formats 3, 4)
 //!           | policy_head ‖ u32be cluster_count ‖ cluster* ‖ activations      (format 2)
 //!           | policy_head ‖ u32be cluster_count ‖ cluster*                    (format 1)
 //! policy_head = 0x00 | 0x01 ‖ u64be version ‖ digest (48)
@@ -40,12 +42,22 @@
 //! ([`crate::audit::AuditEvent::ChainLinked`]) and a deleted tail of that run's stored trail
 //! shows as a gap. Format 2 and 1 blobs are read as states without an audit head.
 //!
+//! Format 4 (written by this code) adds the seal salt: 32 fresh random bytes per seal, fed
+//! into the subkey derivation, so no two seals share an AES-GCM key even when they seal the
+//! same generation (a KRE restarted from generation g−1 seals a new generation g, with new
+//! KEKs, beside the g it sealed before). Its plaintext is format 3's. Formats 1 to 3 are
+//! still read (their subkey is per generation only).
+//!
+//! The plaintext holds every KEK, so it is written into a buffer of exactly its computed
+//! length ([`plaintext_len`]): the buffer never grows, and no reallocation leaves an
+//! unzeroized copy of KEKs on the heap.
+//!
 //! The trailing digest is not a security check (anyone can recompute it): it tells a torn or
 //! corrupted file ([`SealedError::Truncated`], [`SealedError::DigestMismatch`]) from a wrong
 //! key or a forgery ([`SealedError::Decrypt`]) without the key, so the parent can fall back to
 //! the previous generation ([`peek_header`]). The AEAD binds the header (generation,
-//! custodian set) to the contents; the per-generation key means a random 96-bit nonce is
-//! only ever used with one key for one generation.
+//! custodian set, salt) to the contents; the per-seal key means a random 96-bit nonce is
+//! only ever used with one key for one seal.
 
 use std::collections::BTreeMap;
 
@@ -61,15 +73,21 @@ use crate::crypto::keys::{Kek, KekStatus};
 
 /// First bytes of every sealed state blob.
 pub const MAGIC: [u8; 8] = *b"KGSEALED";
-/// The format version this code writes (it also reads [`FORMAT_VERSION_2`] and
-/// [`FORMAT_VERSION_1`]).
-pub const FORMAT_VERSION: u16 = 3;
+/// The format version this code writes (it also reads [`FORMAT_VERSION_3`],
+/// [`FORMAT_VERSION_2`] and [`FORMAT_VERSION_1`]).
+pub const FORMAT_VERSION: u16 = 4;
+/// The third format: an audit head, no seal salt (the subkey is per generation).
+pub const FORMAT_VERSION_3: u16 = 3;
 /// The second format: an activation record, no audit head.
 pub const FORMAT_VERSION_2: u16 = 2;
 /// The first format: no activation record.
 pub const FORMAT_VERSION_1: u16 = 1;
-/// Length of the fixed header.
-pub const HEADER_LEN: usize = 8 + 2 + 8 + 48 + 12 + 4;
+/// Length of the fixed header of the format this code writes ([`FORMAT_VERSION`]).
+pub const HEADER_LEN: usize = 8 + 2 + 8 + 48 + SALT_LEN + 12 + 4;
+/// Length of the header of formats 1 to 3 (no seal salt).
+pub const HEADER_LEN_V3: usize = 8 + 2 + 8 + 48 + 12 + 4;
+/// Length of the seal salt (format 4).
+pub const SALT_LEN: usize = 32;
 /// Length of the trailing digest.
 pub const DIGEST_LEN: usize = 48;
 /// AES-GCM tag length.
@@ -128,14 +146,16 @@ pub struct KreState {
 /// [`open`] has checked the blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SealedHeader {
-    /// Format version ([`FORMAT_VERSION`], [`FORMAT_VERSION_2`] or [`FORMAT_VERSION_1`] for a
-    /// header this code returns).
+    /// Format version ([`FORMAT_VERSION`], [`FORMAT_VERSION_3`], [`FORMAT_VERSION_2`] or
+    /// [`FORMAT_VERSION_1`] for a header this code returns).
     pub format_version: u16,
     /// The state's generation.
     pub generation: u64,
     /// SHA-384 digest of the custodian set whose shares open this state
     /// ([`crate::state::custody::CustodianSet::digest`]).
     pub custodian_set_digest: [u8; 48],
+    /// The seal salt (format 4; `None` in formats 1 to 3).
+    pub seal_salt: Option<[u8; SALT_LEN]>,
     /// The AES-GCM nonce.
     pub nonce: [u8; 12],
     /// Length of ciphertext ‖ tag.
@@ -327,11 +347,31 @@ fn check_activations(a: &[Activation]) -> Result<(), Malformed> {
     Ok(())
 }
 
-fn encode_plaintext(state: &KreState) -> Result<Zeroizing<Vec<u8>>, SealedError> {
+/// The exact length of `state`'s plaintext (format 4), checked against the limits before
+/// anything is allocated for it; [`encode_plaintext`] writes exactly this many bytes into a
+/// buffer of exactly this capacity.
+pub fn plaintext_len(state: &KreState) -> Result<usize, SealedError> {
     if state.clusters.len() > MAX_CLUSTERS {
         return Err(Malformed::TooManyClusters { count: state.clusters.len() }.into());
     }
-    let mut out = Zeroizing::new(Vec::new());
+    check_activations(&state.activations)?;
+    let head = if state.policy_head.is_some() { 1 + 8 + 48 } else { 1 };
+    let audit = if state.audit_head.is_some() { 1 + 48 + 8 + 48 } else { 1 };
+    let mut len = head + 4 + 2 + state.activations.len() * (8 + 48 + 8) + audit;
+    for (id, entries) in &state.clusters {
+        check_versions(entries)?;
+        // Bounded: at most MAX_CLUSTERS × (1 + 255 + 2 + MAX_VERSIONS × 37) bytes in all.
+        len += 1 + id.as_str().len() + 2 + entries.len() * (4 + 1 + 32);
+        if len > MAX_BLOB {
+            return Err(SealedError::TooLarge { len, max: MAX_BLOB });
+        }
+    }
+    Ok(len)
+}
+
+fn encode_plaintext(state: &KreState) -> Result<Zeroizing<Vec<u8>>, SealedError> {
+    let len = plaintext_len(state)?;
+    let mut out = Zeroizing::new(Vec::with_capacity(len));
     match &state.policy_head {
         None => out.push(0),
         Some((version, digest)) => {
@@ -377,6 +417,10 @@ fn encode_plaintext(state: &KreState) -> Result<Zeroizing<Vec<u8>>, SealedError>
             out.extend_from_slice(&h.seq.to_be_bytes());
             out.extend_from_slice(&h.digest);
         }
+    }
+    if out.len() != len {
+        // plaintext_len and this encoder disagree: a bug, never sealed.
+        return Err(SealedError::Crypto(CryptoError::Kdf));
     }
     Ok(out)
 }
@@ -430,7 +474,7 @@ fn decode_plaintext(format_version: u16, generation: u64, pt: &[u8]) -> Result<K
         }
         check_activations(&activations)?;
     }
-    let audit_head = if format_version == FORMAT_VERSION {
+    let audit_head = if format_version >= FORMAT_VERSION_3 {
         match r.u8("audit head tag")? {
             0 => None,
             1 => Some(AuditHead {
@@ -449,38 +493,48 @@ fn decode_plaintext(format_version: u16, generation: u64, pt: &[u8]) -> Result<K
     Ok(KreState { generation, policy_head, clusters, activations, audit_head })
 }
 
-fn encode_header(h: &SealedHeader) -> [u8; HEADER_LEN] {
-    let mut out = [0u8; HEADER_LEN];
-    let parts: [&[u8]; 6] = [
-        &MAGIC,
-        &h.format_version.to_be_bytes(),
-        &h.generation.to_be_bytes(),
-        &h.custodian_set_digest,
-        &h.nonce,
-        &h.ciphertext_len.to_be_bytes(),
-    ];
-    let mut at = 0;
-    for p in parts {
-        out[at..at + p.len()].copy_from_slice(p);
-        at += p.len();
+/// The header's bytes: with the seal salt when it has one (format 4), without it otherwise.
+fn encode_header(h: &SealedHeader) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&h.format_version.to_be_bytes());
+    out.extend_from_slice(&h.generation.to_be_bytes());
+    out.extend_from_slice(&h.custodian_set_digest);
+    if let Some(salt) = &h.seal_salt {
+        out.extend_from_slice(salt);
     }
+    out.extend_from_slice(&h.nonce);
+    out.extend_from_slice(&h.ciphertext_len.to_be_bytes());
     out
 }
 
-fn state_subkey(
-    crypto: &dyn Crypto,
-    state_key: &Secret<32>,
-    generation: u64,
-    custodian_set_digest: &[u8; 48],
-) -> Result<Secret<32>, CryptoError> {
-    let info = binding::sealed_state_info(generation, custodian_set_digest);
+/// The header length of a format this code reads.
+fn header_len(format_version: u16) -> usize {
+    if format_version >= FORMAT_VERSION {
+        HEADER_LEN
+    } else {
+        HEADER_LEN_V3
+    }
+}
+
+/// The AES-GCM key of one seal: per seal (format 4, salted), or per generation (formats 1-3).
+fn state_subkey(crypto: &dyn Crypto, state_key: &Secret<32>, h: &SealedHeader) -> Result<Secret<32>, CryptoError> {
     let mut okm = Zeroizing::new([0u8; 32]);
-    crypto.hkdf_sha384(binding::SEALED_STATE, state_key.expose(), &info, &mut okm[..])?;
+    match &h.seal_salt {
+        Some(salt) => {
+            let info = binding::sealed_state_info_salted(h.generation, &h.custodian_set_digest, salt);
+            crypto.hkdf_sha384(binding::SEALED_STATE_SALTED, state_key.expose(), &info, &mut okm[..])?;
+        }
+        None => {
+            let info = binding::sealed_state_info(h.generation, &h.custodian_set_digest);
+            crypto.hkdf_sha384(binding::SEALED_STATE, state_key.expose(), &info, &mut okm[..])?;
+        }
+    }
     Ok(Secret::new(*okm))
 }
 
 /// Seals `state` under `state_key` for the custodian set with digest `custodian_set_digest`.
-/// `nonce_rng` fills the 12-byte AES-GCM nonce.
+/// `nonce_rng` fills the 32-byte seal salt and the 12-byte AES-GCM nonce.
 pub fn seal(
     state: &KreState,
     state_key: &Secret<32>,
@@ -494,17 +548,20 @@ pub fn seal(
     if total > MAX_BLOB {
         return Err(SealedError::TooLarge { len: total, max: MAX_BLOB });
     }
+    let mut seal_salt = [0u8; SALT_LEN];
+    nonce_rng(&mut seal_salt);
     let mut nonce = [0u8; 12];
     nonce_rng(&mut nonce);
     let header = SealedHeader {
         format_version: FORMAT_VERSION,
         generation: state.generation,
         custodian_set_digest: *custodian_set_digest,
+        seal_salt: Some(seal_salt),
         nonce,
         ciphertext_len: u32::try_from(ct_len).map_err(|_| SealedError::TooLarge { len: total, max: MAX_BLOB })?,
     };
     let hdr = encode_header(&header);
-    let key = state_subkey(crypto, state_key, state.generation, custodian_set_digest).map_err(SealedError::Crypto)?;
+    let key = state_subkey(crypto, state_key, &header).map_err(SealedError::Crypto)?;
     let ct = crypto.aes256gcm_seal(&key, &nonce, &hdr, &pt).map_err(SealedError::Crypto)?;
     if ct.len() != ct_len {
         return Err(SealedError::Crypto(CryptoError::Decrypt));
@@ -539,15 +596,22 @@ pub fn peek_header(blob: &[u8]) -> Result<SealedHeader, SealedError> {
     }
     let min = HEADER_LEN + TAG_LEN + DIGEST_LEN;
     let format_version = r.u16("format version").map_err(|_| trunc(min))?;
-    if ![FORMAT_VERSION, FORMAT_VERSION_2, FORMAT_VERSION_1].contains(&format_version) {
+    if ![FORMAT_VERSION, FORMAT_VERSION_3, FORMAT_VERSION_2, FORMAT_VERSION_1].contains(&format_version) {
         return Err(SealedError::UnsupportedVersion { version: format_version });
     }
+    let header_len = header_len(format_version);
+    let min = header_len + TAG_LEN + DIGEST_LEN;
     let generation = r.u64("generation").map_err(|_| trunc(min))?;
     let custodian_set_digest = r.array::<48>("custodian set digest").map_err(|_| trunc(min))?;
+    let seal_salt = if format_version >= FORMAT_VERSION {
+        Some(r.array::<SALT_LEN>("seal salt").map_err(|_| trunc(min))?)
+    } else {
+        None
+    };
     let nonce = r.array::<12>("nonce").map_err(|_| trunc(min))?;
     let ciphertext_len = r.u32("ciphertext length").map_err(|_| trunc(min))?;
     let ct = usize::try_from(ciphertext_len).map_err(|_| SealedError::TooLarge { len: usize::MAX, max: MAX_BLOB })?;
-    let need = HEADER_LEN.saturating_add(ct).saturating_add(DIGEST_LEN);
+    let need = header_len.saturating_add(ct).saturating_add(DIGEST_LEN);
     if need > MAX_BLOB {
         return Err(SealedError::TooLarge { len: need, max: MAX_BLOB });
     }
@@ -564,18 +628,17 @@ pub fn peek_header(blob: &[u8]) -> Result<SealedHeader, SealedError> {
     if Sha384::digest(body)[..] != *digest {
         return Err(SealedError::DigestMismatch);
     }
-    Ok(SealedHeader { format_version, generation, custodian_set_digest, nonce, ciphertext_len })
+    Ok(SealedHeader { format_version, generation, custodian_set_digest, seal_salt, nonce, ciphertext_len })
 }
 
 /// Checks and decrypts a sealed blob with `state_key`.
 pub fn open(blob: &[u8], state_key: &Secret<32>, crypto: &dyn Crypto) -> Result<KreState, SealedError> {
     let header = peek_header(blob)?;
     let ct_end = blob.len() - DIGEST_LEN;
-    let key = state_subkey(crypto, state_key, header.generation, &header.custodian_set_digest)
-        .map_err(|_| SealedError::Decrypt)?;
-    let pt = crypto
-        .aes256gcm_open(&key, &header.nonce, &blob[..HEADER_LEN], &blob[HEADER_LEN..ct_end])
-        .map_err(|_| SealedError::Decrypt)?;
+    let hl = header_len(header.format_version);
+    let key = state_subkey(crypto, state_key, &header).map_err(|_| SealedError::Decrypt)?;
+    let pt =
+        crypto.aes256gcm_open(&key, &header.nonce, &blob[..hl], &blob[hl..ct_end]).map_err(|_| SealedError::Decrypt)?;
     Ok(decode_plaintext(header.format_version, header.generation, pt.expose())?)
 }
 
@@ -631,12 +694,13 @@ mod tests {
             format_version,
             generation: 1,
             custodian_set_digest: SET,
+            seal_salt: (format_version >= FORMAT_VERSION).then_some([4; SALT_LEN]),
             nonce: [3; 12],
             ciphertext_len: u32::try_from(pt.len() + TAG_LEN).expect("len"),
         };
         let hdr = encode_header(&h);
-        let k = state_subkey(c, &key(), 1, &SET).expect("key");
-        let mut out = hdr.to_vec();
+        let k = state_subkey(c, &key(), &h).expect("key");
+        let mut out = hdr.clone();
         out.extend(c.aes256gcm_seal(&k, &h.nonce, &hdr, pt).expect("seal"));
         let d = Sha384::digest(&out);
         out.extend_from_slice(&d);
@@ -666,13 +730,16 @@ mod tests {
     fn header_layout_and_peek() {
         let blob = sealed();
         assert_eq!(&blob[..8], b"KGSEALED");
-        assert_eq!(&blob[8..10], &[0, 3]);
+        assert_eq!(&blob[8..10], &[0, 4]);
         assert_eq!(&blob[10..18], &7u64.to_be_bytes());
         assert_eq!(&blob[18..66], &SET);
-        assert_eq!(&blob[66..78], &[9; 12]);
+        assert_eq!(&blob[66..98], &[9; 32]);
+        assert_eq!(&blob[98..110], &[9; 12]);
+        assert_eq!(HEADER_LEN, 114);
         let h = peek_header(&blob).expect("peek");
         assert_eq!(h.generation, 7);
         assert_eq!(h.custodian_set_digest, SET);
+        assert_eq!(h.seal_salt, Some([9; 32]));
         assert_eq!(h.nonce, [9; 12]);
         assert_eq!(usize::try_from(h.ciphertext_len).expect("len"), blob.len() - HEADER_LEN - DIGEST_LEN);
         // Plaintext: 1 + 8 + 48 + 4 + (1+4 + 2 + 3·37) + (1+7 + 2 + 37) = 226,
@@ -707,11 +774,10 @@ mod tests {
             let err = open(&t, &key(), default_backend()).expect_err("tampered");
             let expected_kind = match i {
                 0..=7 => matches!(err, SealedError::BadMagic),
-                8 => matches!(err, SealedError::UnsupportedVersion { .. }),
-                // 3 ^ 1 = 2, a format this code reads: the digest (and the AEAD) refuse it.
-                9 => err == SealedError::DigestMismatch,
+                // 4 ^ 1 = 5: a format this code does not read.
+                8..=9 => matches!(err, SealedError::UnsupportedVersion { .. }),
                 // The length field: the blob is now too short or too long for it.
-                78..=81 => matches!(
+                110..=113 => matches!(
                     err,
                     SealedError::Truncated { .. } | SealedError::TrailingBytes { .. } | SealedError::TooLarge { .. }
                 ),
@@ -750,19 +816,19 @@ mod tests {
             Err(SealedError::Truncated { len: 3, need: HEADER_LEN + TAG_LEN + DIGEST_LEN })
         );
         assert_eq!(peek_header(b"X"), Err(SealedError::BadMagic));
-        let mut v4 = sealed();
-        v4[9] = 4;
-        assert_eq!(peek_header(&v4), Err(SealedError::UnsupportedVersion { version: 4 }));
-        v4[9] = 0;
-        assert_eq!(peek_header(&v4), Err(SealedError::UnsupportedVersion { version: 0 }));
+        let mut v5 = sealed();
+        v5[9] = 5;
+        assert_eq!(peek_header(&v5), Err(SealedError::UnsupportedVersion { version: 5 }));
+        v5[9] = 0;
+        assert_eq!(peek_header(&v5), Err(SealedError::UnsupportedVersion { version: 0 }));
     }
 
     #[test]
     fn limits_are_enforced_before_work() {
         let mut blob = sealed();
-        blob[78..82].copy_from_slice(&u32::MAX.to_be_bytes());
+        blob[110..114].copy_from_slice(&u32::MAX.to_be_bytes());
         assert!(matches!(peek_header(&blob), Err(SealedError::TooLarge { .. })));
-        blob[78..82].copy_from_slice(&15u32.to_be_bytes());
+        blob[110..114].copy_from_slice(&15u32.to_be_bytes());
         assert_eq!(peek_header(&blob), Err(SealedError::CiphertextTooShort));
         let huge = vec![0u8; MAX_BLOB + 1];
         assert_eq!(peek_header(&huge), Err(SealedError::TooLarge { len: MAX_BLOB + 1, max: MAX_BLOB }));
@@ -952,6 +1018,71 @@ mod tests {
         assert_eq!(open(&spliced, &key(), c), Err(SealedError::Decrypt));
         let other = seal(&state(), &key(), &[0x5f; 48], &mut |x: &mut [u8]| x.fill(9), c).expect("seal");
         assert_ne!(other[HEADER_LEN..], a[HEADER_LEN..]);
+    }
+
+    /// Two seals of the same state at the same generation (what a KRE restarted from g−1 does
+    /// when it seals g again) use different subkeys: the salt in the header differs, each opens
+    /// only under its own header, and neither shares an AES-GCM key/nonce pair with the other.
+    #[test]
+    fn two_seals_of_one_generation_use_different_subkeys_and_both_open() {
+        let c = default_backend();
+        // The same nonce both times: only the salt differs.
+        let mut draws = [[1u8; SALT_LEN], [2u8; SALT_LEN]].into_iter();
+        let mut first = true;
+        let mut rng = |b: &mut [u8]| {
+            if b.len() == SALT_LEN {
+                b.copy_from_slice(&draws.next().expect("two seals"));
+            } else {
+                b.fill(7);
+                first = false;
+            }
+        };
+        let a = seal(&state(), &key(), &SET, &mut rng, c).expect("seal a");
+        let b = seal(&state(), &key(), &SET, &mut rng, c).expect("seal b");
+        assert!(!first);
+        let (ha, hb) = (peek_header(&a).expect("a"), peek_header(&b).expect("b"));
+        assert_eq!((ha.generation, ha.nonce), (hb.generation, hb.nonce));
+        assert_ne!(ha.seal_salt, hb.seal_salt);
+        let (ka, kb) = (state_subkey(c, &key(), &ha).expect("ka"), state_subkey(c, &key(), &hb).expect("kb"));
+        assert_ne!(ka.expose(), kb.expose(), "one key per seal");
+        assert_ne!(a[HEADER_LEN..a.len() - DIGEST_LEN], b[HEADER_LEN..b.len() - DIGEST_LEN]);
+        assert_eq!(open(&a, &key(), c).expect("a opens"), state());
+        assert_eq!(open(&b, &key(), c).expect("b opens"), state());
+        // Each ciphertext opens only under its own salt.
+        let mut swapped = a.clone();
+        swapped[66..98].copy_from_slice(&[2; SALT_LEN]);
+        redigest(&mut swapped);
+        assert_eq!(open(&swapped, &key(), c), Err(SealedError::Decrypt));
+        // Formats 1 to 3 (no salt) still derive the per-generation key.
+        let unsalted = SealedHeader { format_version: FORMAT_VERSION_3, seal_salt: None, ..ha };
+        assert_ne!(state_subkey(c, &key(), &unsalted).expect("k3").expose(), ka.expose());
+    }
+
+    /// The plaintext (every KEK) is written into a buffer of exactly the computed length, so it
+    /// never grows (no reallocation leaves a copy on the heap).
+    #[test]
+    fn the_plaintext_buffer_is_sized_exactly_before_it_is_written() {
+        let mut big = state();
+        for i in 0..40u32 {
+            let name = format!("cluster-{i:03}");
+            let entries = (1..=i % 7 + 1).map(|v| entry(v, KekStatus::Active, 0x30)).collect();
+            big.clusters.insert(id(&name), entries);
+        }
+        for s in [state(), KreState::default(), KreState { audit_head: None, policy_head: None, ..state() }, big] {
+            let len = plaintext_len(&s).expect("len");
+            let pt = encode_plaintext(&s).expect("encode");
+            assert_eq!(pt.len(), len);
+            assert_eq!(pt.capacity(), len, "the buffer was allocated once, at its final size");
+            let blob = seal(&s, &key(), &SET, &mut |b: &mut [u8]| b.fill(1), default_backend()).expect("seal");
+            assert_eq!(blob.len(), HEADER_LEN + len + TAG_LEN + DIGEST_LEN);
+        }
+        // Limits are checked before the buffer is allocated.
+        let mut huge = KreState::default();
+        for i in 0..200u32 {
+            let entries = (1..=800).map(|v| entry(v, KekStatus::Active, 1)).collect();
+            huge.clusters.insert(id(&format!("c{i}")), entries);
+        }
+        assert!(matches!(plaintext_len(&huge), Err(SealedError::TooLarge { .. })));
     }
 
     #[test]

@@ -29,6 +29,13 @@
 //! [`Vault::committed_audit_head`] is the previous run's. It is never a reason for a new
 //! generation by itself.
 //!
+//! An unseal (and a reshare) is bound to the exact blob, not only its generation: the offer
+//! carries the blob's SHA-384 and the KRE's attestation and every share's transcript cover it,
+//! so a custodian that records (generation, digest) refuses another blob of that generation.
+//! Shares are checked against the shares file's commitments as they arrive. A custodian key
+//! that is also a policy approver is refused at genesis and at a reshare (one key, one
+//! purpose).
+//!
 //! The floor: the policy head recorded in the unsealed state. Until the parent has replayed
 //! the policy chain up to it (with the same digest at that version), releases are refused
 //! (`policy_stale`), so a parent that withholds newer bundles after a restart cannot roll
@@ -52,8 +59,8 @@ use crate::state::sealed::{self, Activation, KekEntry, KreState, SealedError, Se
 /// with the shares file and the genesis attestation. About 1,000 KEK versions with
 /// 16-character cluster names.
 pub const MAX_STATE_BLOB: usize = 40 * 1024;
-/// Largest shares file (32 custodians need 7,836 bytes).
-pub const MAX_SHARES_FILE: usize = 8 * 1024;
+/// Largest shares file (32 custodians need 9,372 bytes in format 2).
+pub const MAX_SHARES_FILE: usize = 10 * 1024;
 /// Largest genesis attestation document.
 pub const MAX_GENESIS_ATTESTATION: usize = 12 * 1024;
 
@@ -156,6 +163,13 @@ pub enum VaultError {
     /// Cryptography failed.
     #[error("crypto: {0}")]
     Crypto(CryptoError),
+    /// A custodian key is also a policy approver key (genesis or reshare refused).
+    #[error("custodian key {index} is also a policy approver key: a key is a custodian or an approver, never both")]
+    CustodianIsApprover {
+        /// 0-based position in the custodian set (the configured one at genesis, the new one
+        /// at a reshare).
+        index: usize,
+    },
     /// A reshare needs the outstanding export committed first.
     #[error("an exported generation is not yet committed: run `keygate state sync` first")]
     ExportOutstanding,
@@ -203,6 +217,8 @@ pub struct UnsealOffer {
     pub unseal_nonce: [u8; 32],
     /// The generation being unsealed.
     pub generation: u64,
+    /// SHA-384 of the exact blob being unsealed (for a reshare: the committed one).
+    pub blob_sha384: [u8; 48],
     /// The custodian set digest.
     pub set_digest: [u8; 48],
     /// The shares file and genesis attestation.
@@ -257,8 +273,11 @@ pub enum UnsealOutcome {
 #[derive(Clone)]
 struct Unsealing {
     blob: Vec<u8>,
+    blob_sha384: [u8; 48],
     header: SealedHeader,
     custody: Custody,
+    /// The shares file's per-share commitments (`None`: a format-1 file).
+    commitments: Option<Vec<[u8; 48]>>,
     kre_key: P384Scalar,
     kre_public: PublicKey,
     unseal_nonce: [u8; 32],
@@ -270,6 +289,8 @@ struct Serving {
     state_key: Secret<32>,
     custody: Custody,
     committed: KreState,
+    /// SHA-384 of the committed blob (the one unsealed, or the last export committed).
+    committed_sha384: [u8; 48],
     working: KreState,
     exported: Option<Export>,
     /// A reshare in progress: old custodians prove their shares to authorize it.
@@ -282,6 +303,8 @@ struct Serving {
 #[derive(Clone)]
 struct Reshare {
     new_set: CustodianSet,
+    /// The current shares file's per-share commitments.
+    commitments: Option<Vec<[u8; 48]>>,
     kre_key: P384Scalar,
     kre_public: PublicKey,
     nonce: [u8; 32],
@@ -422,17 +445,20 @@ impl Vault {
     /// Genesis: draws the state key, splits it among the custodians, creates version 1 of a
     /// KEK for every cluster, and exports generation 1. `attest` produces the KRE's
     /// attestation with the given `user_data` ([`genesis_user_data`] of the shares file).
+    /// `approvers` are the policy signing keys in force: none may be a custodian.
     pub fn genesis(
         &mut self,
         crypto: &dyn Crypto,
         clusters: &[Id],
         policy_head: Option<(u64, [u8; 48])>,
+        approvers: &[PublicKey],
         rng: &mut dyn FnMut(&mut [u8]),
         attest: &mut Attest<'_>,
     ) -> Result<&Export, VaultError> {
         if !matches!(self.inner, Inner::Awaiting) {
             return Err(self.wrong("genesis", "awaiting state (a fresh KRE with no state loaded)"));
         }
+        one_purpose(&self.set, approvers)?;
         let state_key: Secret<32> = Secret::generate(&mut *rng);
         let shares = SharesFile::create(crypto, self.set.clone(), &state_key, rng)?.encode();
         check_len("shares file", &shares, MAX_SHARES_FILE)?;
@@ -449,6 +475,7 @@ impl Vault {
             state_key,
             custody: Custody { shares, genesis_attestation },
             committed,
+            committed_sha384: [0; 48],
             working,
             exported: None,
             reshare: None,
@@ -483,6 +510,8 @@ impl Vault {
         if shares.set() != &self.set {
             return Err(VaultError::SharesSetMismatch);
         }
+        let commitments = shares.commitments().map(<[_]>::to_vec);
+        let blob_sha384 = Sha384::digest(&blob).into();
         let (kre_key, kre_public) = p384_scalar_from(crypto, &mut *rng).map_err(VaultError::Crypto)?;
         let kre_public: PublicKey = kre_public.try_into().map_err(|_| VaultError::Crypto(CryptoError::BadPublicKey))?;
         let mut unseal_nonce = [0u8; 32];
@@ -490,8 +519,10 @@ impl Vault {
         let generation = header.generation;
         self.inner = Inner::Unsealing(Box::new(Unsealing {
             blob,
+            blob_sha384,
             header,
             custody,
+            commitments,
             kre_key,
             kre_public,
             unseal_nonce,
@@ -507,6 +538,7 @@ impl Vault {
                 kre_public: u.kre_public,
                 unseal_nonce: u.unseal_nonce,
                 generation: u.header.generation,
+                blob_sha384: u.blob_sha384,
                 set_digest: self.set.digest(),
                 custody: u.custody.clone(),
                 reshare_to: None,
@@ -517,6 +549,7 @@ impl Vault {
                         kre_public: r.kre_public,
                         unseal_nonce: r.nonce,
                         generation: s.committed.generation,
+                        blob_sha384: s.committed_sha384,
                         set_digest: self.set.digest(),
                         custody: s.custody.clone(),
                         reshare_to: Some(r.new_set.clone()),
@@ -531,12 +564,15 @@ impl Vault {
 
     /// Starts a reshare to `new_set` (serving, nothing exported outstanding). Old custodians
     /// authorize it by proving their shares, exactly as in an unseal ([`Self::add_share`]).
+    /// `approvers` are the policy signing keys in force: none may be a new custodian.
     pub fn start_reshare(
         &mut self,
         crypto: &dyn Crypto,
         new_set: CustodianSet,
+        approvers: &[PublicKey],
         rng: &mut dyn FnMut(&mut [u8]),
     ) -> Result<(), VaultError> {
+        one_purpose(&new_set, approvers)?;
         let phase = self.phase();
         let Inner::Serving(s) = &mut self.inner else {
             return Err(VaultError::WrongPhase { phase, step: "a reshare", needs: "serving" });
@@ -544,11 +580,12 @@ impl Vault {
         if s.exported.is_some() || s.resealed {
             return Err(VaultError::ExportOutstanding);
         }
+        let commitments = SharesFile::decode(crypto, &s.custody.shares)?.commitments().map(<[_]>::to_vec);
         let (kre_key, kre_public) = p384_scalar_from(crypto, &mut *rng).map_err(VaultError::Crypto)?;
         let kre_public: PublicKey = kre_public.try_into().map_err(|_| VaultError::Crypto(CryptoError::BadPublicKey))?;
         let mut nonce = [0u8; 32];
         rng(&mut nonce);
-        s.reshare = Some(Box::new(Reshare { new_set, kre_key, kre_public, nonce, shares: Vec::new() }));
+        s.reshare = Some(Box::new(Reshare { new_set, commitments, kre_key, kre_public, nonce, shares: Vec::new() }));
         Ok(())
     }
 
@@ -589,8 +626,10 @@ impl Vault {
             kre_public: r.kre_public,
             set_digest,
             generation: s.committed.generation,
+            blob_sha384: s.committed_sha384,
         };
-        let key = match custody::collect_share(crypto, &self.set, &r.kre_key, &ctx, &mut r.shares, msg)? {
+        let commitments = r.commitments.as_deref();
+        let key = match custody::collect_share(crypto, &self.set, commitments, &r.kre_key, &ctx, &mut r.shares, msg)? {
             UnsealProgress::NeedMore { have, need } => return Ok((have, need, false)),
             UnsealProgress::Complete(key) => key,
         };
@@ -631,8 +670,10 @@ impl Vault {
             kre_public: u.kre_public,
             set_digest,
             generation: u.header.generation,
+            blob_sha384: u.blob_sha384,
         };
-        let key = match custody::collect_share(crypto, &self.set, &u.kre_key, &ctx, &mut u.shares, msg)? {
+        let commitments = u.commitments.as_deref();
+        let key = match custody::collect_share(crypto, &self.set, commitments, &u.kre_key, &ctx, &mut u.shares, msg)? {
             UnsealProgress::NeedMore { have, need } => return Ok(UnsealOutcome::NeedMore { have, need }),
             UnsealProgress::Complete(key) => key,
         };
@@ -643,10 +684,12 @@ impl Vault {
         let generation = state.generation;
         self.floor = state.policy_head;
         let custody = u.custody.clone();
+        let committed_sha384 = u.blob_sha384;
         self.inner = Inner::Serving(Box::new(Serving {
             state_key: key,
             custody,
             committed: state.clone(),
+            committed_sha384,
             working: state,
             exported: None,
             reshare: None,
@@ -701,6 +744,7 @@ impl Vault {
         }
         let Some(e) = s.exported.take() else { return Err(VaultError::NothingExported) };
         s.committed = e.state;
+        s.committed_sha384 = e.blob_sha384;
         s.working.generation = generation;
         s.resealed = false;
         Ok(generation)
@@ -751,6 +795,10 @@ impl Vault {
             if entries.len() >= sealed::MAX_VERSIONS {
                 return Err(VaultError::TooManyVersions { cluster: cluster.to_string() });
             }
+            // The vector holds KEKs: it never grows in place (a reallocation would leave an
+            // unzeroized copy of them behind), it is rebuilt at its final size instead.
+            let missing = usize::try_from(version - newest).unwrap_or(usize::MAX);
+            reserve_kek_entries(entries, missing.min(sealed::MAX_VERSIONS - entries.len()));
             for e in entries.iter_mut() {
                 if e.status == KekStatus::Current {
                     e.status = KekStatus::Active;
@@ -833,6 +881,27 @@ impl Vault {
     }
 }
 
+/// Refuses a custodian set in which a key is also a policy approver (one key, one purpose).
+fn one_purpose(set: &CustodianSet, approvers: &[PublicKey]) -> Result<(), VaultError> {
+    custody::check_one_purpose(set, approvers).map_err(|e| match e {
+        CustodyError::CustodianIsApprover { index } => VaultError::CustodianIsApprover { index },
+        other => VaultError::Custody(other),
+    })
+}
+
+/// Makes room for `additional` more entries without a reallocation that would leave KEK
+/// bytes behind: a vector without the room is replaced by a copy of exactly the needed
+/// capacity, and the old one dropped (each KEK zeroized as it drops).
+fn reserve_kek_entries(entries: &mut Vec<KekEntry>, additional: usize) {
+    let need = entries.len().saturating_add(additional);
+    if entries.capacity() >= need {
+        return;
+    }
+    let mut grown = Vec::with_capacity(need);
+    grown.extend(entries.iter().cloned());
+    *entries = grown;
+}
+
 /// Whether two states hold the same keys and policy records. The audit head is not content: it
 /// is recorded with each export, never a reason for one.
 fn same_content(a: &KreState, b: &KreState) -> bool {
@@ -862,6 +931,18 @@ mod tests {
         (cs, set)
     }
 
+    /// The format-1 encoding of a format-2 shares file of `n` custodians (the same envelopes,
+    /// no commitments), as written before commitments existed.
+    fn format_1(shares: &[u8], n: usize) -> Vec<u8> {
+        let head = 8 + 2 + 48 + 2 + n * P384_POINT_LEN;
+        let mut out = shares[..head].to_vec();
+        out[9] = 1;
+        for e in shares[head..].chunks_exact(1 + P384_POINT_LEN + 48 + 48) {
+            out.extend_from_slice(&e[..1 + P384_POINT_LEN + 48]);
+        }
+        out
+    }
+
     fn attest_ok(_: &[u8; 48]) -> Result<Vec<u8>, keygate_attestation::NsmError> {
         Ok(b"genesis-attestation".to_vec())
     }
@@ -870,7 +951,8 @@ mod tests {
     fn genesis(crypto: &dyn Crypto, set: &CustodianSet) -> (Vault, Vec<u8>, Custody) {
         let mut v = Vault::new(set.clone());
         let mut r = rng(1);
-        let e = v.genesis(crypto, &[id("a"), id("b")], Some((1, [9; 48])), &mut r, &mut attest_ok).expect("genesis");
+        let e =
+            v.genesis(crypto, &[id("a"), id("b")], Some((1, [9; 48])), &[], &mut r, &mut attest_ok).expect("genesis");
         let (g, blob, sha) = (e.generation, e.blob.clone(), e.blob_sha384);
         assert_eq!(g, 1);
         assert!(v.releasable(&id("a")).is_empty(), "nothing released before the commit");
@@ -896,6 +978,7 @@ mod tests {
             kre_public: offer.kre_public,
             set_digest: offer.set_digest,
             generation: offer.generation,
+            blob_sha384: offer.blob_sha384,
         };
         custody::custodian_reencrypt(crypto, &shares, &c.scalar, &ctx, &mut rng(seed)).expect("reencrypt")
     }
@@ -933,7 +1016,7 @@ mod tests {
         let head = |seq: u64| AuditHead { chain_id: [0xc1; 48], seq, digest: [u8::try_from(seq).expect("small"); 48] };
         let mut v = Vault::new(set.clone());
         v.note_audit_head(head(3));
-        let e = v.genesis(crypto, &[id("a")], None, &mut rng(1), &mut attest_ok).expect("genesis");
+        let e = v.genesis(crypto, &[id("a")], None, &[], &mut rng(1), &mut attest_ok).expect("genesis");
         assert_eq!(e.state.audit_head, Some(head(3)));
         let sha = e.blob_sha384;
         v.commit(1, &sha).expect("commit");
@@ -983,6 +1066,7 @@ mod tests {
             kre_public: offer.kre_public,
             set_digest: offer.set_digest,
             generation: offer.generation,
+            blob_sha384: offer.blob_sha384,
         };
         assert!(custody::custodian_reencrypt(crypto, &shares, &outsiders[3].scalar, &ctx, &mut rng(3)).is_err());
         // A share from an earlier session (another K and nonce) is refused.
@@ -1063,7 +1147,7 @@ mod tests {
         let (crypto, cs, set, mut v, _, custody) = serving(2, 3);
         let (_, new_set) = setup(crypto, 1, 2);
         let mut r = rng(9);
-        v.start_reshare(crypto, new_set.clone(), &mut r).expect("start");
+        v.start_reshare(crypto, new_set.clone(), &[], &mut r).expect("start");
         let offer = v.offer().expect("offer");
         assert_eq!(offer.reshare_to.as_ref(), Some(&new_set));
         // Shares of another state key for the same set (custodians cooperating with a forger,
@@ -1072,18 +1156,37 @@ mod tests {
         let forged_offer =
             UnsealOffer { custody: Custody { shares: forged.encode(), genesis_attestation: vec![] }, ..offer.clone() };
         let mut attest = |_: &[u8; 48]| Ok(b"att".to_vec());
+        // The shares file in use (format 2) commits to each share: a forged one is refused as
+        // it arrives, and the session goes on.
         let s0 = share_for(crypto, &cs[0], &forged_offer, [1; 48], 1);
-        assert_eq!(v.add_reshare_share(crypto, [1; 48], &s0, &mut r, &mut attest), Ok((1, 2, false)));
+        assert_eq!(
+            v.add_reshare_share(crypto, [1; 48], &s0, &mut r, &mut attest),
+            Err(VaultError::Custody(CustodyError::ShareCommitmentMismatch { x: 1 }))
+        );
+        assert_eq!(v.reshare_status().map(|(_, have)| have), Some(0));
+        // With a format-1 shares file (no commitments) each forged share opens, but together
+        // they do not give the key in use.
+        let mut old = v.clone();
+        if let Inner::Serving(s) = &mut old.inner {
+            s.custody.shares = format_1(&custody.shares, 3);
+        }
+        old.start_reshare(crypto, new_set.clone(), &[], &mut r).expect("start");
+        let forged_offer = UnsealOffer {
+            custody: Custody { shares: forged.encode(), genesis_attestation: vec![] },
+            ..old.offer().expect("offer")
+        };
+        let s0 = share_for(crypto, &cs[0], &forged_offer, [1; 48], 1);
+        assert_eq!(old.add_reshare_share(crypto, [1; 48], &s0, &mut r, &mut attest), Ok((1, 2, false)));
         let s1 = share_for(crypto, &cs[1], &forged_offer, [2; 48], 2);
         assert_eq!(
-            v.add_reshare_share(crypto, [2; 48], &s1, &mut r, &mut attest),
+            old.add_reshare_share(crypto, [2; 48], &s1, &mut r, &mut attest),
             Err(VaultError::ReshareNotAuthorized)
         );
-        assert!(v.reshare_status().is_none(), "the session ends");
-        assert_eq!(v.set(), &set, "nothing changed");
-        assert!(v.export(crypto, &mut r).expect("export").is_none(), "nothing to store");
+        assert!(old.reshare_status().is_none(), "the session ends");
+        assert_eq!(old.set(), &set, "nothing changed");
+        assert!(old.export(crypto, &mut r).expect("export").is_none(), "nothing to store");
         // With the real shares it goes through; the next export is sealed for the new set.
-        v.start_reshare(crypto, new_set.clone(), &mut r).expect("start again");
+        v.start_reshare(crypto, new_set.clone(), &[], &mut r).expect("start again");
         let offer = v.offer().expect("offer");
         assert_eq!(offer.custody, custody);
         let s0 = share_for(crypto, &cs[0], &offer, [3; 48], 3);
@@ -1093,7 +1196,7 @@ mod tests {
         assert_eq!(v.set(), &new_set);
         let e = v.export(crypto, &mut r).expect("export").expect("some").clone();
         assert_eq!(sealed::peek_header(&e.blob).expect("header").custodian_set_digest, new_set.digest());
-        assert!(matches!(v.start_reshare(crypto, set, &mut r), Err(VaultError::ExportOutstanding)));
+        assert!(matches!(v.start_reshare(crypto, set, &[], &mut r), Err(VaultError::ExportOutstanding)));
         v.commit(e.generation, &e.blob_sha384).expect("commit");
         assert_ne!(v.custody().expect("custody"), &custody, "a new shares file");
     }
@@ -1111,7 +1214,7 @@ mod tests {
         assert!(dbg.contains("Serving") && dbg.contains("committed_generation: 1"), "{dbg}");
         let mut w = Vault::new(set);
         let mut r = rng(2);
-        let e = w.genesis(crypto, &[id("a")], None, &mut r, &mut attest_ok).expect("genesis");
+        let e = w.genesis(crypto, &[id("a")], None, &[], &mut r, &mut attest_ok).expect("genesis");
         let dbg = format!("{e:?}");
         assert!(dbg.contains("generation: 1") && dbg.contains("len:"), "{dbg}");
     }
@@ -1133,13 +1236,13 @@ mod tests {
     #[test]
     fn size_limits_hold_at_their_boundaries() {
         let crypto = keygate_attestation::crypto::default_backend();
-        // 32 custodians: the shares file (7,836 bytes) fits the 8 KiB limit.
+        // 32 custodians: the shares file (9,372 bytes) fits the 10 KiB limit.
         let (_, big) = setup(crypto, 17, 32);
         let mut v = Vault::new(big);
         let mut r = rng(5);
-        let e = v.genesis(crypto, &[id("a")], None, &mut r, &mut attest_ok).expect("32 custodians");
+        let e = v.genesis(crypto, &[id("a")], None, &[], &mut r, &mut attest_ok).expect("32 custodians");
         assert_eq!(e.generation, 1);
-        assert_eq!(v.custody().expect("custody").shares.len(), 7836);
+        assert_eq!(v.custody().expect("custody").shares.len(), 9372);
         // A blob of exactly the limit is not refused for its size (it is not a sealed state).
         let (_, set) = setup(crypto, 1, 1);
         let mut w = Vault::new(set.clone());
@@ -1177,6 +1280,87 @@ mod tests {
         assert_eq!((k.phase(), k.shares_accepted()), (Phase::Serving, 0));
     }
 
+    /// One key, one purpose: a custodian key that is also a policy approver is refused at
+    /// genesis (the configured set) and at a reshare (the new set), each by its position.
+    #[test]
+    fn a_custodian_that_is_also_an_approver_is_refused_at_genesis_and_at_reshare() {
+        let crypto = keygate_attestation::crypto::default_backend();
+        let (_, set) = setup(crypto, 2, 3);
+        let approver: PublicKey = p384_scalar_from(crypto, rng(60)).expect("key").1.try_into().expect("point");
+        let mut v = Vault::new(set.clone());
+        let mut r = rng(1);
+        assert_eq!(
+            v.genesis(crypto, &[id("a")], None, &[approver, set.keys()[2]], &mut r, &mut attest_ok).map(|_| ()),
+            Err(VaultError::CustodianIsApprover { index: 2 })
+        );
+        assert_eq!(v.phase(), Phase::Awaiting, "nothing was made");
+        v.genesis(crypto, &[id("a")], None, &[approver], &mut r, &mut attest_ok).expect("other approvers are fine");
+
+        let (_, _, _, mut v, _, _) = serving(2, 3);
+        let (_, new_set) = setup(crypto, 1, 2);
+        let mut r = rng(9);
+        assert_eq!(
+            v.start_reshare(crypto, new_set.clone(), &[new_set.keys()[0]], &mut r),
+            Err(VaultError::CustodianIsApprover { index: 0 })
+        );
+        assert!(v.reshare_status().is_none());
+        v.start_reshare(crypto, new_set, &[approver], &mut r).expect("other approvers are fine");
+    }
+
+    /// The offer names the exact blob: two blobs of one generation (a fork) give two offers,
+    /// and a share made for one does not count for a KRE that holds the other.
+    #[test]
+    fn an_unseal_is_bound_to_the_exact_blob_not_only_its_generation() {
+        let (crypto, cs, set, mut v, blob1, custody) = serving(2, 3);
+        let mut r = rng(4);
+        v.rotate_to(&id("a"), 2, 0, &mut r).expect("rotate");
+        let a = v.export(crypto, &mut r).expect("export").expect("a").clone();
+        // The same state sealed again at the same generation (a restart from generation 1).
+        let b = {
+            let Inner::Serving(s) = &v.inner else { panic!("serving") };
+            sealed::seal(&a.state, &s.state_key, &set.digest(), &mut r, crypto).expect("seal")
+        };
+        assert_eq!(sealed::peek_header(&b).expect("b").generation, a.generation);
+        assert_ne!(b, a.blob);
+        let mut ka = Vault::new(set.clone());
+        ka.load(crypto, a.blob.clone(), custody.clone(), &mut rng(5)).expect("load a");
+        let offer_a = ka.offer().expect("offer");
+        assert_eq!(offer_a.blob_sha384, a.blob_sha384);
+        let mut kb = Vault::new(set.clone());
+        kb.load(crypto, b.clone(), custody.clone(), &mut rng(5)).expect("load b");
+        let offer_b = kb.offer().expect("offer");
+        assert_eq!(offer_b.blob_sha384, <[u8; 48]>::from(Sha384::digest(&b)));
+        // Same boot randomness, same generation: only the blob differs, and the share for A
+        // does not open for B.
+        assert_eq!((offer_a.unseal_nonce, offer_a.generation), (offer_b.unseal_nonce, offer_b.generation));
+        let share = share_for(crypto, &cs[0], &offer_a, [1; 48], 3);
+        assert_eq!(kb.add_share(crypto, [1; 48], &share), Err(VaultError::Custody(CustodyError::UnsealShareDecrypt)));
+        assert_eq!(ka.add_share(crypto, [1; 48], &share), Ok(UnsealOutcome::NeedMore { have: 1, need: 2 }));
+        // A reshare offer names the committed blob.
+        v.commit(a.generation, &a.blob_sha384).expect("commit");
+        let (_, new_set) = setup(crypto, 1, 2);
+        v.start_reshare(crypto, new_set, &[], &mut r).expect("start");
+        assert_eq!(v.offer().expect("offer").blob_sha384, a.blob_sha384);
+        assert_ne!(a.blob_sha384, <[u8; 48]>::from(Sha384::digest(&blob1)));
+    }
+
+    /// A KEK vector never grows in place: a rotation rebuilds it at its final size.
+    #[test]
+    fn a_rotation_rebuilds_the_kek_vector_at_its_final_size() {
+        let (_, _, _, mut v, _, _) = serving(1, 1);
+        let mut r = rng(8);
+        v.rotate_to(&id("a"), 5, 0, &mut r).expect("rotate");
+        let Inner::Serving(s) = &v.inner else { panic!("serving") };
+        let entries = &s.working.clusters[&id("a")];
+        assert_eq!((entries.len(), entries.capacity()), (5, 5));
+        let mut grown = entries.clone();
+        reserve_kek_entries(&mut grown, 0);
+        assert_eq!(grown.capacity(), 5);
+        reserve_kek_entries(&mut grown, 2);
+        assert_eq!((grown.len(), grown.capacity()), (5, 7));
+        assert_eq!(&grown, entries);
+    }
+
     #[test]
     fn the_policy_head_only_moves_forward_and_is_sealed() {
         let (crypto, _, _, mut v, _, _) = serving(1, 1);
@@ -1205,10 +1389,10 @@ mod tests {
         let mut r = rng(7);
         v.ensure_clusters(&[id("z")], &mut r).expect("add");
         let e = v.export(crypto, &mut r).expect("export").expect("some").clone();
-        assert_eq!(v.start_reshare(crypto, new_set.clone(), &mut r), Err(VaultError::ExportOutstanding));
+        assert_eq!(v.start_reshare(crypto, new_set.clone(), &[], &mut r), Err(VaultError::ExportOutstanding));
         v.commit(e.generation, &e.blob_sha384).expect("commit");
         assert!(v.reshare_status().is_none());
-        v.start_reshare(crypto, new_set.clone(), &mut r).expect("start");
+        v.start_reshare(crypto, new_set.clone(), &[], &mut r).expect("start");
         assert_eq!(v.reshare_status().map(|(s, n)| (s.clone(), n)), Some((new_set, 0)));
     }
 
@@ -1289,13 +1473,13 @@ mod tests {
         assert!(v.releasable(&id("a")).is_empty());
         let (mut s, blob, custody) = genesis(crypto, &set);
         assert!(matches!(
-            s.genesis(crypto, &[], None, &mut r, &mut attest_ok),
+            s.genesis(crypto, &[], None, &[], &mut r, &mut attest_ok),
             Err(VaultError::WrongPhase { phase: Phase::Serving, .. })
         ));
         assert!(matches!(s.load(crypto, blob.clone(), custody.clone(), &mut r), Err(VaultError::WrongPhase { .. })));
         v.load(crypto, blob, custody, &mut r).expect("load");
         assert!(matches!(
-            v.genesis(crypto, &[], None, &mut r, &mut attest_ok),
+            v.genesis(crypto, &[], None, &[], &mut r, &mut attest_ok),
             Err(VaultError::WrongPhase { phase: Phase::Unsealing, .. })
         ));
         assert!(matches!(

@@ -290,6 +290,9 @@ pub enum Message {
         /// Empty for an unseal; for a reshare, the new custodian set (`vault::encode_set`)
         /// that this custodian's share would authorize.
         reshare_to: Vec<u8>,
+        /// SHA-384 of the exact sealed blob being unsealed (for a reshare: the committed one),
+        /// bound by the attestation's `user_data`; custodians record it with the generation.
+        blob_sha384: [u8; 48],
     },
     /// Operator → serving KRE: reshare the state key to a new custodian set; a quorum of the
     /// current custodians authorizes it by proving their shares (UnsealHello/UnsealShare).
@@ -453,13 +456,22 @@ impl Message {
             Message::UnsealHello { client_nonce } => {
                 w.bytes(client_nonce);
             }
-            Message::UnsealOffer { attestation, unseal_nonce, generation, shares, genesis_attestation, reshare_to } => {
+            Message::UnsealOffer {
+                attestation,
+                unseal_nonce,
+                generation,
+                shares,
+                genesis_attestation,
+                reshare_to,
+                blob_sha384,
+            } => {
                 w.bytes16("attestation", attestation)?;
                 w.bytes(unseal_nonce);
                 w.bytes(&generation.to_be_bytes());
                 w.bytes16("shares", shares)?;
                 w.bytes16("genesis_attestation", genesis_attestation)?;
                 w.bytes16("reshare_to", reshare_to)?;
+                w.bytes(blob_sha384);
             }
             Message::ReshareStart { set } => {
                 w.bytes16("set", set)?;
@@ -592,6 +604,7 @@ impl Message {
                 shares: r.bytes16("shares")?.to_vec(),
                 genesis_attestation: r.bytes16("genesis_attestation")?.to_vec(),
                 reshare_to: r.bytes16("reshare_to")?.to_vec(),
+                blob_sha384: r.array("blob_sha384")?,
             },
             ty::RESHARE_START => Message::ReshareStart { set: r.bytes16("set")?.to_vec() },
             ty::UNSEAL_SHARE => Message::UnsealShare { share: r.take(UNSEAL_SHARE_LEN, "share")?.to_vec() },
@@ -640,6 +653,7 @@ mod tests {
             shares: vec![3; shares],
             genesis_attestation: vec![4; genesis],
             reshare_to: vec![5; reshare_to],
+            blob_sha384: [6; 48],
         }
     }
 

@@ -25,6 +25,8 @@ use crate::storage::etcd::{EtcdStore, EtcdUrl};
 use crate::storage::state::{DirFs, StateFs, StateStore};
 use crate::storage::store::{SealedStore, StoreError};
 
+mod record;
+
 /// The custody file of one custodian set, `custody-<hex set digest>.bin`:
 /// `"KGCUSTDY" ‖ u32be n ‖ shares file ‖ u32be m ‖ genesis attestation`. A sealed blob's header
 /// names its set, so after a reshare the parent hands each stored generation the custody
@@ -403,6 +405,16 @@ fn record_path(a: &UnsealArgs) -> PathBuf {
     })
 }
 
+/// The CLI's exit code for a record that cannot be used: 2 for a corrupt one, 3 for I/O.
+fn record_error(e: record::RecordError) -> CliError {
+    match e {
+        record::RecordError::Corrupt { .. } | record::RecordError::TooLarge { .. } => CliError::input(e),
+        record::RecordError::Read { .. } | record::RecordError::Write(_) | record::RecordError::Encode(_) => {
+            CliError { code: 3, message: e.to_string() }
+        }
+    }
+}
+
 fn unseal(a: &UnsealArgs) -> Result<(), CliError> {
     let c: &'static dyn Crypto = crypto::default_backend();
     let scalar = load_scalar(&a.key)?;
@@ -415,12 +427,7 @@ fn unseal(a: &UnsealArgs) -> Result<(), CliError> {
     };
     let verifier = Verifier::new(anchor);
     let rec_path = record_path(a);
-    let records: Vec<CustodianRecord> = match std::fs::read(&rec_path) {
-        Ok(b) => serde_json::from_slice(&b)
-            .map_err(|e| CliError::input(format!("{}: not a custodian record: {e}", rec_path.display())))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(CliError::io(format!("reading {}", rec_path.display()), e)),
-    };
+    let records: Vec<CustodianRecord> = record::load(&rec_path).map_err(record_error)?;
     let genesis_pcrs = if a.expect_genesis_pcr.is_empty() { &a.expect_kre_pcr } else { &a.expect_genesis_pcr };
     let approve_reshare = match &a.approve_reshare {
         None => None,
@@ -464,18 +471,15 @@ fn unseal(a: &UnsealArgs) -> Result<(), CliError> {
         let mut rng = |b: &mut [u8]| rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, b);
         let resp = custodian::on_offer(&body, &nonce, &expect, &scalar, c, &mut rng)
             .map_err(|e| CliError::refused(format!("unseal refused: {e}")))?;
+        // Remember (generation, blob) for this set before the share leaves: a parent that
+        // drops the connection after taking the share cannot make this custodian forget it.
+        record::store(&rec_path, &record::updated(&records, &resp.record)).map_err(record_error)?;
         s.send(&resp.frame).await?;
         let body = s.receive().await?;
         let progress =
             custodian::on_progress(&body).map_err(|e| CliError::refused(format!("share not accepted: {e}")))?;
         Ok::<_, CliError>((resp, progress))
     })?;
-    // Remember the highest generation unsealed for this set (atomically).
-    let mut records: Vec<CustodianRecord> =
-        records.into_iter().filter(|r| r.set_digest != resp.record.set_digest).collect();
-    records.push(resp.record.clone());
-    let json = serde_json::to_vec_pretty(&records).map_err(|e| CliError::input(e.to_string()))?;
-    keygate_enclave::atomic::write_file(&rec_path, &json)?;
     let (have, need, serving, generation) = progress;
     crate::output::print(&super::reports::CustodianUnsealed {
         share: resp.x,
