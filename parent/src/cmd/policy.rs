@@ -558,6 +558,7 @@ fn init(a: InitArgs) -> Result<(), CliError> {
         approvers: keys,
         threshold,
         policy: ReleasePolicy::default(),
+        members: Vec::new(),
     };
     let d = write_bundle(&out, &body, &[])?;
     println!(
