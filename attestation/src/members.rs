@@ -13,6 +13,7 @@
 
 use sha2::{Digest, Sha384};
 
+use crate::pcr::{self, PcrExpectation, PcrMismatch};
 use crate::verify::VerifiedAttestation;
 
 /// Most members in one list.
@@ -98,6 +99,39 @@ pub fn pcr_value(name: &str, index: u8, bytes: &[u8]) -> Result<[u8; MEMBER_PCR_
 pub fn member_of<'a>(members: &'a [Member], att: &VerifiedAttestation) -> Option<&'a Member> {
     let pcr4 = att.pcr(4)?;
     members.iter().find(|m| m.pcr4.as_slice() == pcr4 && m.pcr3.is_none_or(|p3| att.pcr(3) == Some(p3.as_slice())))
+}
+
+/// Why a verified attestation is not one of a cluster member.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NotAMember {
+    /// No KRE image is expected: any enclave would pass the image check.
+    #[error("no KRE image expected: refusing to trust an unidentified enclave")]
+    NoImages,
+    /// The enclave runs none of the KRE images.
+    #[error("not a KRE image: {0}")]
+    Image(PcrMismatch),
+    /// A KRE image, but its parent instance (PCR4, with PCR3 where pinned) is no member.
+    #[error("a KRE image on a parent that is no member (PCR4 {pcr4})")]
+    NotListed {
+        /// Its PCR4, hex ("absent" when missing).
+        pcr4: String,
+    },
+}
+
+/// Checks that `att` is a member KRE: it runs one of the KRE `images` (every PCR of one image,
+/// never a mix) and its identity PCRs are those of one of `members` ([`member_of`]).
+pub fn check<'a>(
+    att: &VerifiedAttestation,
+    images: &[Vec<PcrExpectation>],
+    members: &'a [Member],
+) -> Result<&'a Member, NotAMember> {
+    if images.is_empty() || images.iter().any(Vec::is_empty) {
+        return Err(NotAMember::NoImages);
+    }
+    pcr::check_any(att, images.iter().map(Vec::as_slice)).map_err(NotAMember::Image)?;
+    member_of(members, att)
+        .ok_or_else(|| NotAMember::NotListed { pcr4: att.pcr(4).map_or_else(|| "absent".to_owned(), hex::encode) })
 }
 
 /// The value of a SHA-384 PCR that starts at zero and is extended once with `data`:
