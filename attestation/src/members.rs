@@ -177,10 +177,7 @@ mod tests {
         assert_eq!(validate(&full), Ok(()));
         let over: Vec<Member> = (0..65u8).map(|i| m(&format!("m{i}"), i)).collect();
         assert_eq!(validate(&over), Err(MemberError::TooMany(65)));
-        assert_eq!(
-            pcr_value("a", 4, &[0; 32]),
-            Err(MemberError::BadPcrLength { name: "a".into(), index: 4, len: 32 })
-        );
+        assert_eq!(pcr_value("a", 4, &[0; 32]), Err(MemberError::BadPcrLength { name: "a".into(), index: 4, len: 32 }));
     }
 
     #[test]

@@ -108,7 +108,13 @@ impl Cluster {
     }
 
     /// The serving member's answer to `body`, as `s_nsm` and `vault` give it.
-    fn answer_by(&self, vault: &Vault, s_nsm: &MockNsm, expect: &JoinExpect<'_>, body: &[u8]) -> Result<Vec<u8>, JoinRefusal> {
+    fn answer_by(
+        &self,
+        vault: &Vault,
+        s_nsm: &MockNsm,
+        expect: &JoinExpect<'_>,
+        body: &[u8],
+    ) -> Result<Vec<u8>, JoinRefusal> {
         let mut attest = |r: &keygate_attestation::AttestRequest| s_nsm.attest(r);
         join::answer(expect, vault, body, self.crypto, &mut rng_from(77), &mut attest).map(|a| a.frame[4..].to_vec())
     }
@@ -176,7 +182,8 @@ fn the_serving_member_refuses_a_non_member_copy_of_the_image_and_other_images() 
         Err(JoinRefusal::NotAMember(NotAMember::NoImages))
     ));
     // A member that pins PCR3: the right instance with another role is refused.
-    let pinned = vec![Member { pcr3: Some(parent_role_pcr3("arn:aws:iam::1:role/kre")), ..member("joiner", "i-0joiner") }];
+    let pinned =
+        vec![Member { pcr3: Some(parent_role_pcr3("arn:aws:iam::1:role/kre")), ..member("joiner", "i-0joiner") }];
     let strict = JoinExpect { members: &pinned, ..c.s_expect() };
     let wrong_role = MockNsm::new(SEED, pcrs(KRE_IMAGE), Arc::new(|| T))
         .with_instance("j")

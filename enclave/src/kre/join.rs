@@ -165,12 +165,9 @@ pub fn answer(
     }
     .hash();
     let sealed_key = forward::seal_state_key(crypto, &s, &joiner, &t, &state.state_key).map_err(JoinRefusal::Crypto)?;
-    let own = attest(&AttestRequest {
-        user_data: Some(t.to_vec()),
-        nonce: Some(nonce.to_vec()),
-        public_key: Some(server),
-    })
-    .map_err(JoinRefusal::Attest)?;
+    let own =
+        attest(&AttestRequest { user_data: Some(t.to_vec()), nonce: Some(nonce.to_vec()), public_key: Some(server) })
+            .map_err(JoinRefusal::Attest)?;
     let frame = MemberMessage::JoinOffer(Box::new(JoinOffer {
         attestation: own,
         generation: state.generation,

@@ -29,7 +29,7 @@ use sha2::{Digest, Sha384};
 use crate::binding::{self, JoinTranscript};
 use crate::crypto::forward;
 use crate::state::vault::{Forwardable, PolicyHead};
-use crate::wire::{DenyCode, Message, MemberMessage, WireError};
+use crate::wire::{DenyCode, MemberMessage, Message, WireError};
 
 /// The newest state this KRE knows of: it never joins from an older one.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -259,7 +259,10 @@ mod tests {
         let f = Floor { generation: 5, policy: Some((3, [3; 48])) };
         assert!(check_floor(&f, 5, Some((3, [3; 48]))).is_ok());
         assert!(check_floor(&f, 9, Some((4, [4; 48]))).is_ok());
-        assert!(matches!(check_floor(&f, 4, Some((3, [3; 48]))), Err(JoinError::StaleGeneration { offered: 4, floor: 5 })));
+        assert!(matches!(
+            check_floor(&f, 4, Some((3, [3; 48]))),
+            Err(JoinError::StaleGeneration { offered: 4, floor: 5 })
+        ));
         assert!(matches!(check_floor(&f, 6, Some((2, [2; 48]))), Err(JoinError::StalePolicy { offered: 2, floor: 3 })));
         assert!(matches!(check_floor(&f, 6, Some((3, [9; 48]))), Err(JoinError::StalePolicy { .. })), "a fork");
         assert!(matches!(check_floor(&f, 6, None), Err(JoinError::StalePolicy { offered: 0, .. })));

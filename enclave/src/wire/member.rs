@@ -94,7 +94,9 @@ impl MemberMessage {
     pub fn decode(body: &[u8]) -> Result<Self, WireError> {
         let (t, mut r) = frame::open(body)?;
         let m = match t {
-            JOIN_REQUEST => MemberMessage::JoinRequest { attestation: attestation(r.bytes16("attestation")?)?.to_vec() },
+            JOIN_REQUEST => {
+                MemberMessage::JoinRequest { attestation: attestation(r.bytes16("attestation")?)?.to_vec() }
+            }
             JOIN_OFFER => MemberMessage::JoinOffer(Box::new(JoinOffer {
                 attestation: attestation(r.bytes16("attestation")?)?.to_vec(),
                 generation: r.u64("generation")?,
