@@ -312,3 +312,57 @@ fn the_joiner_serves_only_the_blob_the_serving_member_vouched_for() {
     ));
     assert_eq!(j.join(c.crypto, fwd, c.blobs[1].clone(), c.custody.clone()), Ok(2));
 }
+
+/// The KRE core answers a join: members from its signed genesis, its own image from its NSM,
+/// its committed state; a joiner takes the key and serves the stored blob.
+#[test]
+fn a_kre_answers_a_member_and_refuses_a_copy_of_its_image() {
+    use keygate_attestation::bundle::{self, PolicyBody};
+    use keygate_attestation::mock::{derive_key, public_point};
+    use keygate_enclave::kre::{Env, Kre, KreConfig};
+
+    let c = cluster();
+    let key = derive_key(b"member-approvers", "approver-1");
+    let body = PolicyBody {
+        version: 1,
+        previous: [0; 48],
+        issued_at: T / 1000 - 60,
+        activation_delay: 3600,
+        approvers: vec![public_point(&key).try_into().expect("97 bytes")],
+        threshold: 1,
+        policy: common::prod_policy(1, 0),
+        members: c.members.clone(),
+    };
+    let genesis = bundle::encode_bundle(&bundle::encode_body(&body), &[]);
+    let config = KreConfig { custodians: Some(c.set.clone()), ..KreConfig::default() };
+    let kre = Kre::with_genesis(
+        config,
+        Verifier::new(c.s_nsm.root_anchor()),
+        &genesis,
+        Arc::new(kre_nsm("i-0serving", KRE_IMAGE)),
+    )
+    .expect("kre");
+    let mut r = rng_from(3);
+    let mut env = Env { now_ms: T, rng: &mut r };
+    let j_nsm = kre_nsm("i-0joiner", KRE_IMAGE);
+    let (session, req) = c.request(&j_nsm, 5);
+    assert!(matches!(kre.answer_join(&req, None, &mut env), Err(JoinRefusal::NotServing(_))), "nothing committed yet");
+    common::report(&kre, keygate_enclave::wire::Message::StateGenesis);
+    let (generation, stored) = common::sync_stored(&kre);
+    assert_eq!(generation, 1);
+    let (blob, shares, genesis_attestation) = stored.expect("stored");
+
+    let answer = kre.answer_join(&req, None, &mut env).expect("forwarded");
+    assert_eq!((answer.member.as_str(), answer.generation), ("joiner", 1));
+    let fwd = session.on_offer(&answer.frame[4..], &c.j_expect(), &mut Floor::default(), c.crypto).expect("accepted");
+    let mut j = Vault::new(c.set.clone());
+    assert_eq!(j.join(c.crypto, fwd, blob, Custody { shares, genesis_attestation }), Ok(1));
+
+    let (_, req) = c.request(&kre_nsm("i-0stranger", KRE_IMAGE), 5);
+    assert!(matches!(
+        kre.answer_join(&req, None, &mut env),
+        Err(JoinRefusal::NotAMember(NotAMember::NotListed { .. }))
+    ));
+    let (_, req) = c.request(&kre_nsm("i-0joiner", 0x71), 5);
+    assert!(matches!(kre.answer_join(&req, None, &mut env), Err(JoinRefusal::NotAMember(NotAMember::Image(_)))));
+}

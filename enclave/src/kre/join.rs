@@ -186,3 +186,43 @@ pub fn answer(
 pub fn own_image(pcr: impl Fn(u8) -> Option<Vec<u8>>) -> Option<Vec<PcrExpectation>> {
     (0u8..3).map(|index| Some(PcrExpectation { index, value: pcr(index)? })).collect()
 }
+
+impl super::Kre {
+    /// The KRE's answer to a JoinRequest frame `body` ([`answer`]): with the members of the
+    /// policy in force, this KRE's own image (PCR0..2 from its NSM, unless `images` names the
+    /// accepted KRE images), its committed state and its NSM. Takes the policy source and then
+    /// the vault, one at a time; the NSM attests under the vault lock (a sealed-state step).
+    pub fn answer_join(
+        &self,
+        body: &[u8],
+        images: Option<&[Vec<PcrExpectation>]>,
+        env: &mut super::Env<'_>,
+    ) -> Result<JoinAnswer, JoinRefusal> {
+        let members = self.policy.members(env.now_ms);
+        let own;
+        let images = match images {
+            Some(i) => i,
+            None => {
+                own = own_image(|i| self.nsm.describe_pcr(u16::from(i)).ok().map(|d| d.data))
+                    .map(|image| vec![image])
+                    .unwrap_or_default();
+                &own
+            }
+        };
+        let expect = JoinExpect {
+            verifier: &self.verifier,
+            now_ms: env.now_ms,
+            max_doc_age: self.config.max_doc_age,
+            clock_skew: self.config.clock_skew,
+            images,
+            members: &members,
+        };
+        let Some(state) = &self.state else {
+            return Err(JoinRefusal::NotServing(VaultError::NothingToForward));
+        };
+        let vault = state.vault();
+        let nsm = &self.nsm;
+        let mut attest = |r: &AttestRequest| nsm.attest(r);
+        answer(&expect, &vault, body, self.crypto, env.rng, &mut attest)
+    }
+}
