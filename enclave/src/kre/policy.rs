@@ -251,21 +251,6 @@ impl Kre {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_floor_holds_until_the_replayed_chain_reaches_it_unforked() {
-        let history = [(1, [1; 48]), (2, [2; 48])];
-        assert!(floor_check(&history, (2, [2; 48])).is_ok());
-        assert!(floor_check(&history, (1, [1; 48])).is_ok());
-        assert!(matches!(floor_check(&history, (2, [9; 48])), Err(Error::PolicyForked(2))));
-        assert!(matches!(floor_check(&history, (3, [3; 48])), Err(Error::PolicyBehind { recorded: 3, replayed: 2 })));
-        assert!(matches!(floor_check(&[], (1, [1; 48])), Err(Error::PolicyBehind { recorded: 1, replayed: 0 })));
-    }
-}
-
 impl PolicyBook {
     /// The cluster members in force at `now_ms` (`docs/cluster.md`): none with a static policy
     /// file; with signed bundles, the members of the bundle in force, and while the newest is
@@ -280,5 +265,20 @@ impl PolicyBook {
                 s.members_in_force(now_ms).into_iter().filter(|m| old.contains(m)).collect()
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_floor_holds_until_the_replayed_chain_reaches_it_unforked() {
+        let history = [(1, [1; 48]), (2, [2; 48])];
+        assert!(floor_check(&history, (2, [2; 48])).is_ok());
+        assert!(floor_check(&history, (1, [1; 48])).is_ok());
+        assert!(matches!(floor_check(&history, (2, [9; 48])), Err(Error::PolicyForked(2))));
+        assert!(matches!(floor_check(&history, (3, [3; 48])), Err(Error::PolicyBehind { recorded: 3, replayed: 2 })));
+        assert!(matches!(floor_check(&[], (1, [1; 48])), Err(Error::PolicyBehind { recorded: 1, replayed: 0 })));
     }
 }
