@@ -366,3 +366,96 @@ fn a_kre_answers_a_member_and_refuses_a_copy_of_its_image() {
     let (_, req) = c.request(&kre_nsm("i-0joiner", 0x71), 5);
     assert!(matches!(kre.answer_join(&req, None, &mut env), Err(JoinRefusal::NotAMember(NotAMember::Image(_)))));
 }
+
+/// A restarted KRE whose sealed state records a newer policy head than its parent has
+/// replayed refuses to forward: the bundle that removed a member cannot be withheld to make it
+/// forward to that member.
+#[test]
+fn a_kre_behind_its_sealed_policy_head_refuses_to_forward() {
+    use keygate_attestation::bundle::{self, PolicyBody};
+    use keygate_attestation::crypto::P384Scalar;
+    use keygate_attestation::mock::{derive_key, public_point};
+    use keygate_enclave::kre::{Connection, Env, Kre, KreConfig};
+    use keygate_enclave::peer::custodian::{self, Expectations};
+    use keygate_enclave::wire::{Channel, Message};
+    use p384::ecdsa::signature::Signer;
+
+    let c = cluster();
+    let scalars: Vec<P384Scalar> =
+        (0..3u64).map(|i| p384_scalar_from(c.crypto, rng_from(100 + i)).expect("key").0).collect();
+    let key = derive_key(b"member-approvers", "approver-1");
+    let g = PolicyBody {
+        version: 1,
+        previous: [0; 48],
+        issued_at: T / 1000 - 60,
+        activation_delay: 3600,
+        approvers: vec![public_point(&key).try_into().expect("97 bytes")],
+        threshold: 1,
+        policy: common::prod_policy(1, 0),
+        members: c.members.clone(),
+    };
+    let genesis = bundle::encode_bundle(&bundle::encode_body(&g), &[]);
+    // Version 2 removes the joiner (a tightening: in force at once).
+    let v2 = PolicyBody {
+        version: 2,
+        previous: bundle::digest(&bundle::encode_body(&g)),
+        members: vec![member("serving", "i-0serving")],
+        ..g.clone()
+    };
+    let v2_body = bundle::encode_body(&v2);
+    let sig: p384::ecdsa::Signature = key.sign(&bundle::signing_message(&v2_body));
+    let v2_bundle = bundle::encode_bundle(&v2_body, &[(public_point(&key), sig.to_bytes().to_vec())]);
+    let start = || {
+        let config = KreConfig { custodians: Some(c.set.clone()), ..KreConfig::default() };
+        Kre::with_genesis(
+            config,
+            Verifier::new(c.s_nsm.root_anchor()),
+            &genesis,
+            Arc::new(kre_nsm("i-0serving", KRE_IMAGE)),
+        )
+        .expect("kre")
+    };
+    let kre = start();
+    common::report(&kre, Message::StateGenesis);
+    common::sync_stored(&kre);
+    assert!(matches!(
+        common::one(&kre, Message::PolicyPush { bundle: v2_bundle.clone() }),
+        Message::PolicyAccepted { .. }
+    ));
+    let (generation, stored) = common::sync_stored(&kre);
+    assert_eq!(generation, 2, "the sealed state records policy version 2");
+    let (blob, shares, genesis_attestation) = stored.expect("stored");
+
+    // The restart: genesis v1 only (the parent withholds v2), unsealed by two custodians.
+    let k2 = start();
+    assert_eq!(common::report(&k2, Message::StateLoad { blob, shares, genesis_attestation }).phase, 2);
+    let kre_pcrs = expectations(&pcrs(KRE_IMAGE));
+    let expect = Expectations {
+        verifier: &c.verifier,
+        now_ms: T,
+        kre_pcrs: &kre_pcrs,
+        genesis_pcrs: &kre_pcrs,
+        record: None,
+        accept_new_genesis: false,
+        approve_reshare: None,
+    };
+    for (i, scalar) in scalars.iter().take(2).enumerate() {
+        let nonce = [u8::try_from(i).expect("small") + 1; 32];
+        let mut conn = Connection::new(Channel::Custodian);
+        let s = common::step(&mut conn, &k2, &Message::UnsealHello { client_nonce: nonce }.encode().expect("hello"));
+        let resp = custodian::on_offer(&s.reply[4..], &nonce, &expect, scalar, c.crypto, &mut rng_from(9))
+            .expect("the custodian accepts");
+        common::step(&mut conn, &k2, &resp.frame);
+    }
+    assert_eq!(k2.vault_phase(), Some(Phase::Serving));
+
+    let mut r = rng_from(3);
+    let mut env = Env { now_ms: T, rng: &mut r };
+    let (_, req) = c.request(&kre_nsm("i-0joiner", KRE_IMAGE), 5);
+    let e = k2.answer_join(&req, None, &mut env).expect_err("behind its floor");
+    assert!(matches!(e, JoinRefusal::PolicyStale(_)), "{e}");
+    // Once the parent replays version 2, the joiner is no member any more.
+    assert!(matches!(common::one(&k2, Message::PolicyPush { bundle: v2_bundle }), Message::PolicyAccepted { .. }));
+    let e = k2.answer_join(&req, None, &mut env).expect_err("removed");
+    assert!(matches!(e, JoinRefusal::NotAMember(NotAMember::NotListed { .. })), "{e}");
+}

@@ -90,6 +90,10 @@ pub enum JoinRefusal {
     /// Not a member KRE.
     #[error("the joiner is not a member KRE: {0}")]
     NotAMember(NotAMember),
+    /// This KRE's policy has not been replayed up to the head its sealed state records: its
+    /// member list may be one a newer bundle has changed.
+    #[error("{0}")]
+    PolicyStale(super::Error),
     /// This KRE could not attest.
     #[error("attestation failed: {0}")]
     Attest(NsmError),
@@ -111,6 +115,7 @@ impl JoinRefusal {
             JoinRefusal::BadPublicKey => DenyCode::PublicKeyInvalid,
             JoinRefusal::UserDataMismatch => DenyCode::UserDataMismatch,
             JoinRefusal::NotAMember(_) => DenyCode::ImageNotAllowed,
+            JoinRefusal::PolicyStale(_) => DenyCode::PolicyStale,
             JoinRefusal::Attest(_) | JoinRefusal::Crypto(_) => DenyCode::Internal,
         }
     }
@@ -190,14 +195,24 @@ pub fn own_image(pcr: impl Fn(u8) -> Option<Vec<u8>>) -> Option<Vec<PcrExpectati
 impl super::Kre {
     /// The KRE's answer to a JoinRequest frame `body` ([`answer`]): with the members of the
     /// policy in force, this KRE's own image (PCR0..2 from its NSM, unless `images` names the
-    /// accepted KRE images), its committed state and its NSM. Takes the policy source and then
-    /// the vault, one at a time; the NSM attests under the vault lock (a sealed-state step).
+    /// accepted KRE images), its committed state and its NSM. Refused until the policy has been
+    /// replayed up to the head the sealed state records (as releases are: a parent that
+    /// withholds the bundle removing a member cannot make this KRE forward to it). Takes the
+    /// policy history, the policy source and then the vault, one at a time; the NSM attests
+    /// under the vault lock (a sealed-state step).
     pub fn answer_join(
         &self,
         body: &[u8],
         images: Option<&[Vec<PcrExpectation>]>,
         env: &mut super::Env<'_>,
     ) -> Result<JoinAnswer, JoinRefusal> {
+        let Some(state) = &self.state else {
+            return Err(JoinRefusal::NotServing(VaultError::NothingToForward));
+        };
+        let floor = state.vault().policy_floor();
+        if let Some(f) = floor {
+            self.policy.check_floor(f).map_err(JoinRefusal::PolicyStale)?;
+        }
         let members = self.policy.members(env.now_ms);
         let own;
         let images = match images {
@@ -216,9 +231,6 @@ impl super::Kre {
             clock_skew: self.config.clock_skew,
             images,
             members: &members,
-        };
-        let Some(state) = &self.state else {
-            return Err(JoinRefusal::NotServing(VaultError::NothingToForward));
         };
         let vault = state.vault();
         let nsm = &self.nsm;
