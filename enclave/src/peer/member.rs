@@ -168,10 +168,9 @@ impl JoinSession {
 
     /// The JoinRequest frame carrying `attestation` (made for [`Self::attest_request`]).
     pub fn request(&mut self, attestation: Vec<u8>) -> Result<Vec<u8>, JoinError> {
+        let sha: [u8; 48] = Sha384::digest(&attestation).into();
         let frame = MemberMessage::JoinRequest { attestation }.encode().map_err(JoinError::Wire)?;
-        // The digest of the document as sent (the frame's body after its 2-byte attestation length).
-        let doc = frame.get(8..).ok_or(JoinError::Wire(WireError::Truncated))?;
-        self.request_sha384 = Some(Sha384::digest(doc).into());
+        self.request_sha384 = Some(sha);
         Ok(frame)
     }
 
