@@ -893,7 +893,8 @@ fn member_lists_encode_canonically_and_are_validated() {
         Err(BundleError::Members(MemberError::BadName("a b".into())))
     );
     let names: Vec<String> = (0..65).map(|i| format!("m{i:02}")).collect();
-    let many: Vec<(&str, u8)> = names.iter().enumerate().map(|(i, n)| (n.as_str(), u8::try_from(i).expect("small"))).collect();
+    let many: Vec<(&str, u8)> =
+        names.iter().enumerate().map(|(i, n)| (n.as_str(), u8::try_from(i).expect("small"))).collect();
     assert_eq!(bundle::decode_body(&raw(&many), c), Err(BundleError::Members(MemberError::TooMany(65))));
     assert!(bundle::decode_body(&raw(&many[..64]), c).is_ok());
     let mut short = raw(&[("a", 1)]);
