@@ -14,6 +14,7 @@ use sha2::{Digest, Sha384};
 use crate::cbor::{self, Value};
 use crate::crypto::{Crypto, P384_POINT_LEN, P384_SIG_LEN};
 use crate::document::DocumentKind;
+use crate::members::{self, Member, MemberError};
 use crate::policy::{ClusterRule, ImageRule, ReleasePolicy};
 
 /// Format tag of the signed body.
@@ -63,6 +64,10 @@ pub struct PolicyBody {
     pub threshold: u32,
     /// The release policy.
     pub policy: ReleasePolicy,
+    /// The member KREs of the cluster (`docs/cluster.md`): who may be forwarded the state key.
+    /// Empty for a body without a member list; such a body encodes exactly as before lists
+    /// existed (9 fields), so its digest is unchanged.
+    pub members: Vec<Member>,
 }
 
 /// Why a bundle was refused.
@@ -124,6 +129,9 @@ pub enum BundleError {
     /// versions only move forward, also across a removal and re-addition of the cluster).
     #[error("cluster `{cluster}`: KEK version {to} is lower than version {from} set by an earlier bundle")]
     KekVersionDecrease { cluster: String, from: u32, to: u32 },
+    /// The member list is unusable.
+    #[error("members: {0}")]
+    Members(#[from] MemberError),
 }
 
 /// Tally of the signatures on a bundle.
@@ -177,7 +185,8 @@ fn encode_body_spelled(b: &PolicyBody, legacy: &LegacyKinds) -> Vec<u8> {
     let mut out = Vec::new();
     let uint = |out: &mut Vec<u8>, n: u64| cbor::encode_head(out, 0, n);
     let arr = |out: &mut Vec<u8>, n: usize| cbor::encode_head(out, 4, u64::try_from(n).unwrap_or(u64::MAX));
-    arr(&mut out, 9);
+    // A member list is a tenth field, present only when not empty.
+    arr(&mut out, if b.members.is_empty() { 9 } else { 10 });
     cbor::encode_text(&mut out, BODY_TAG);
     uint(&mut out, b.version);
     cbor::encode_bytes(&mut out, &b.previous);
@@ -223,7 +232,50 @@ fn encode_body_spelled(b: &PolicyBody, legacy: &LegacyKinds) -> Vec<u8> {
             uint(&mut out, u64::from(rule.kek_retire_below));
         }
     }
+    if !b.members.is_empty() {
+        encode_members(&mut out, &b.members);
+    }
     out
+}
+
+/// The member list field: `[[name, pcr4, pcr3 / null], ...]`, sorted by name.
+fn encode_members(out: &mut Vec<u8>, list: &[Member]) {
+    let mut sorted: Vec<&Member> = list.iter().collect();
+    sorted.sort_by(|x, y| x.name.cmp(&y.name));
+    cbor::encode_head(out, 4, u64::try_from(sorted.len()).unwrap_or(u64::MAX));
+    for m in sorted {
+        cbor::encode_head(out, 4, 3);
+        cbor::encode_text(out, &m.name);
+        cbor::encode_bytes(out, &m.pcr4);
+        match &m.pcr3 {
+            Some(p) => cbor::encode_bytes(out, p),
+            None => out.push(0xf6),
+        }
+    }
+}
+
+/// Decodes and validates the member list field.
+fn decode_members(v: &Value<'_>) -> Result<Vec<Member>, BundleError> {
+    let items = match v {
+        Value::Array(items) if items.len() > members::MAX_MEMBERS => {
+            return Err(MemberError::TooMany(items.len()).into())
+        }
+        Value::Array(items) => items,
+        _ => return Err(BundleError::Malformed("members must be an array")),
+    };
+    let mut list = Vec::with_capacity(items.len());
+    for item in items {
+        let f = array(item, 3, "member must be [name, pcr4, pcr3 or null]")?;
+        let name = text(&f[0])?;
+        let pcr4 = members::pcr_value(name, 4, bstr(&f[1])?)?;
+        let pcr3 = match &f[2] {
+            Value::Null => None,
+            v => Some(members::pcr_value(name, 3, bstr(v)?)?),
+        };
+        list.push(Member { name: name.to_owned(), pcr4, pcr3 });
+    }
+    members::validate(&list)?;
+    Ok(list)
 }
 
 /// Encodes a bundle file.
@@ -266,6 +318,8 @@ pub fn decode_signature(bytes: &[u8], body_bytes: &[u8]) -> Result<(Vec<u8>, Vec
 struct Envelope {
     max: usize,
     fields: usize,
+    /// Optional fields after the `fields` required ones.
+    optional: usize,
     shape: &'static str,
     tag: &'static str,
     other_tag: &'static str,
@@ -274,6 +328,7 @@ struct Envelope {
 const SIGNATURE_FILE: Envelope = Envelope {
     max: 1024,
     fields: 4,
+    optional: 0,
     shape: "signature file",
     tag: SIGNATURE_TAG,
     other_tag: "not a keygate policy signature",
@@ -282,7 +337,8 @@ const SIGNATURE_FILE: Envelope = Envelope {
 const BODY_FILE: Envelope = Envelope {
     max: MAX_BODY,
     fields: 9,
-    shape: "body must be an array of 9",
+    optional: 1,
+    shape: "body must be an array of 9 (10 with members)",
     tag: BODY_TAG,
     other_tag: "not a keygate policy body",
 };
@@ -290,6 +346,7 @@ const BODY_FILE: Envelope = Envelope {
 const BUNDLE_FILE: Envelope = Envelope {
     max: MAX_BUNDLE,
     fields: 3,
+    optional: 0,
     shape: "bundle must be an array of 3",
     tag: BUNDLE_TAG,
     other_tag: "not a keygate policy bundle",
@@ -303,7 +360,7 @@ impl Envelope {
         }
         let v = cbor::decode(bytes).map_err(BundleError::Cbor)?;
         let Value::Array(fields) = v else { return Err(BundleError::Malformed(self.shape)) };
-        if fields.len() != self.fields {
+        if fields.len() < self.fields || fields.len() > self.fields + self.optional {
             return Err(BundleError::Malformed(self.shape));
         }
         if text(&fields[0])? != self.tag {
@@ -431,6 +488,10 @@ pub fn decode_body(bytes: &[u8], crypto: &dyn Crypto) -> Result<PolicyBody, Bund
         approvers,
         threshold,
         policy: ReleasePolicy { clusters, allow_debug },
+        members: match f.get(9) {
+            Some(v) => decode_members(v)?,
+            None => Vec::new(),
+        },
     };
     // Canonical: re-encoding the decoded content must give the same bytes (sorted, distinct
     // sets; shortest integers; definite lengths). Two encodings of one policy cannot exist,
@@ -618,7 +679,8 @@ impl PolicyState {
                 }
             }
         }
-        let loosens = rotates || loosens(&active.policy, &candidate.body.policy);
+        let adds_member = candidate.body.members.iter().any(|m| !active.members.contains(m));
+        let loosens = rotates || adds_member || loosens(&active.policy, &candidate.body.policy);
         let delay_s = candidate.body.activation_delay.max(active.activation_delay);
         let activates_at_ms = if loosens { now_ms.saturating_add(delay_s.saturating_mul(1000)) } else { now_ms };
         for (id, v) in kek_versions(&candidate.body.policy) {
@@ -654,6 +716,20 @@ impl PolicyState {
                 true
             }
             _ => false,
+        }
+    }
+
+    /// The members in force at `now_ms`. While a bundle that adds members waits for its
+    /// activation, only the members both it and the active bundle name are in force (a
+    /// removal holds at once, an addition waits), as for the release policy.
+    pub fn members_in_force(&self, now_ms: u64) -> Vec<Member> {
+        let active = &self.active.bundle.body.members;
+        match &self.pending {
+            Some((p, at)) if now_ms < *at => {
+                p.bundle.body.members.iter().filter(|m| active.contains(m)).cloned().collect()
+            }
+            Some((p, _)) => p.bundle.body.members.clone(),
+            None => active.clone(),
         }
     }
 

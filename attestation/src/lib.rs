@@ -14,6 +14,7 @@ pub mod crypto;
 pub mod document;
 pub mod error;
 mod kind;
+pub mod members;
 #[cfg(feature = "mock")]
 pub mod mock;
 pub mod nsm;

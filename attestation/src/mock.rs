@@ -607,6 +607,19 @@ impl MockNsm {
         self
     }
 
+    /// Runs this enclave on the parent instance `instance_id` (`i-…`), optionally with the IAM
+    /// role `role_arn`: PCR4 (and PCR3) take the values a Nitro hypervisor measures for them
+    /// ([`crate::members::parent_instance_pcr4`], [`crate::members::parent_role_pcr3`]:
+    /// SHA-384 of 48 zero bytes ‖ the UTF-8 id). Without it both stay as given (zero by
+    /// default), as before.
+    pub fn with_parent(mut self, instance_id: &str, role_arn: Option<&str>) -> Self {
+        self.pcrs.insert(4, crate::members::parent_instance_pcr4(instance_id).to_vec());
+        if let Some(role) = role_arn {
+            self.pcrs.insert(3, crate::members::parent_role_pcr3(role).to_vec());
+        }
+        self
+    }
+
     /// The PKI in force at `now_ms`.
     pub fn pki_at(&self, now_ms: UnixMillis) -> MockPki {
         cached(&self.pki, now_ms / 3_600_000, || MockPki::from_seed(&self.seed, now_ms))
@@ -776,6 +789,20 @@ mod tests {
         assert_eq!(over(|r| r.user_data = Some(vec![0; 1025])), Err(NsmError::TooLarge("user_data")));
         assert_eq!(over(|r| r.nonce = Some(vec![0; 1025])), Err(NsmError::TooLarge("nonce")));
         assert_eq!(over(|r| r.public_key = Some(vec![0; 1025])), Err(NsmError::TooLarge("public_key")));
+    }
+
+    #[test]
+    fn a_parent_instance_sets_pcr4_and_a_role_pcr3_and_nothing_else() {
+        let plain = MockNsm::new(b"seed", BTreeMap::new(), Arc::new(|| T));
+        let parented = MockNsm::new(b"seed", BTreeMap::new(), Arc::new(|| T)).with_parent("i-0abc", None);
+        let both =
+            MockNsm::new(b"seed", BTreeMap::new(), Arc::new(|| T)).with_parent("i-0abc", Some("arn:aws:iam::1:role/r"));
+        assert_eq!(plain.pcrs().get(&4), Some(&vec![0u8; 48]), "default unchanged");
+        assert_eq!(parented.pcrs().get(&4), Some(&crate::members::parent_instance_pcr4("i-0abc").to_vec()));
+        assert_eq!(parented.pcrs().get(&3), Some(&vec![0u8; 48]));
+        assert_eq!(both.pcrs().get(&3), Some(&crate::members::parent_role_pcr3("arn:aws:iam::1:role/r").to_vec()));
+        let differs: Vec<u8> = (0..16).filter(|i| plain.pcrs().get(i) != both.pcrs().get(i)).collect();
+        assert_eq!(differs, vec![3, 4]);
     }
 
     #[test]

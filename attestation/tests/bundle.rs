@@ -69,6 +69,7 @@ fn body(
         approvers: signers.iter().map(|i| point(&key(*i))).collect(),
         threshold,
         policy: policy_with(images),
+        members: Vec::new(),
     }
 }
 
@@ -823,4 +824,114 @@ fn the_stricter_of_two_policies_allows_only_what_both_allow() {
     assert!(!bundle::stricter(&old, &new).allow_debug);
     new.allow_debug = true;
     assert!(bundle::stricter(&old, &new).allow_debug);
+}
+
+fn member(name: &str, b: u8) -> keygate_attestation::members::Member {
+    keygate_attestation::members::Member { name: name.into(), pcr4: [b; 48], pcr3: None }
+}
+
+/// A member list is part of the signed body: an empty one leaves the encoding (and every
+/// existing digest) as it was; a list round-trips, only in canonical form, and is validated.
+#[test]
+fn member_lists_encode_canonically_and_are_validated() {
+    use keygate_attestation::members::MemberError;
+    // Minimal CBOR heads (lengths below 256) for hand-made bodies.
+    fn head(b: &mut Vec<u8>, major: u8, n: usize) {
+        match u8::try_from(n).expect("below 256") {
+            n @ 0..=23 => b.push(major << 5 | n),
+            n => b.extend([major << 5 | 24, n]),
+        }
+    }
+    fn bytes(b: &mut Vec<u8>, v: &[u8]) {
+        head(b, 2, v.len());
+        b.extend_from_slice(v);
+    }
+    let c = default_backend();
+    let plain = body(1, [0; 48], &[1, 2, 3], 2, vec![image("a", 0xa)], 3600);
+    let plain_bytes = bundle::encode_body(&plain);
+    assert_eq!(plain_bytes[0], 0x89, "no members: still an array of 9");
+    let mut with = plain.clone();
+    with.members = vec![member("b", 2), member("a", 1)];
+    with.members[0].pcr3 = Some([3; 48]);
+    let with_bytes = bundle::encode_body(&with);
+    assert_eq!(with_bytes[0], 0x8a, "members: an array of 10");
+    assert_eq!(&with_bytes[..plain_bytes.len()][1..], &plain_bytes[1..], "the nine fields are unchanged");
+    let back = bundle::decode_body(&with_bytes, c).expect("decode");
+    assert_eq!(back.members, vec![member("a", 1), with.members[0].clone()], "sorted by name");
+
+    // A tenth field that is an empty list is not canonical (the empty list is no field).
+    let mut empty_tenth = plain_bytes.clone();
+    empty_tenth[0] = 0x8a;
+    empty_tenth.push(0x80);
+    assert_eq!(bundle::decode_body(&empty_tenth, c), Err(BundleError::NotCanonical));
+    // Out of order: not canonical.
+    let raw = |list: &[(&str, u8)]| {
+        let mut b = plain_bytes.clone();
+        b[0] = 0x8a;
+        head(&mut b, 4, list.len());
+        for (n, p) in list {
+            head(&mut b, 4, 3);
+            head(&mut b, 3, n.len());
+            b.extend_from_slice(n.as_bytes());
+            bytes(&mut b, &[*p; 48]);
+            b.push(0xf6);
+        }
+        b
+    };
+    assert_eq!(bundle::decode_body(&raw(&[("b", 2), ("a", 1)]), c), Err(BundleError::NotCanonical));
+    assert!(bundle::decode_body(&raw(&[("a", 1), ("b", 2)]), c).is_ok());
+    assert_eq!(
+        bundle::decode_body(&raw(&[("a", 1), ("a", 2)]), c),
+        Err(BundleError::Members(MemberError::DuplicateName("a".into())))
+    );
+    assert_eq!(
+        bundle::decode_body(&raw(&[("a", 1), ("b", 1)]), c),
+        Err(BundleError::Members(MemberError::DuplicatePcr4("a".into(), "b".into())))
+    );
+    assert_eq!(
+        bundle::decode_body(&raw(&[("a b", 1)]), c),
+        Err(BundleError::Members(MemberError::BadName("a b".into())))
+    );
+    let names: Vec<String> = (0..65).map(|i| format!("m{i:02}")).collect();
+    let many: Vec<(&str, u8)> =
+        names.iter().enumerate().map(|(i, n)| (n.as_str(), u8::try_from(i).expect("small"))).collect();
+    assert_eq!(bundle::decode_body(&raw(&many), c), Err(BundleError::Members(MemberError::TooMany(65))));
+    assert!(bundle::decode_body(&raw(&many[..64]), c).is_ok());
+    let mut short = raw(&[("a", 1)]);
+    short.truncate(short.len() - 1 - 50);
+    bytes(&mut short, &[1; 32]);
+    short.push(0xf6);
+    assert_eq!(
+        bundle::decode_body(&short, c),
+        Err(BundleError::Members(MemberError::BadPcrLength { name: "a".into(), index: 4, len: 32 }))
+    );
+}
+
+/// Adding a member loosens (it waits for the activation delay; until then only the members
+/// both bundles name are in force); removing one holds at once.
+#[test]
+fn members_are_added_after_the_delay_and_removed_at_once() {
+    let c = default_backend();
+    let mut g = body(1, [0; 48], &[1, 2, 3], 2, vec![image("a", 0xa)], 3600);
+    g.members = vec![member("a", 1)];
+    let mut s = PolicyState::genesis(&bundle_bytes(&g, &[]), c).expect("genesis");
+    assert_eq!(s.members_in_force(NOW_MS), vec![member("a", 1)]);
+    let mut v2 = after(&g, g.clone());
+    v2.members = vec![member("a", 1), member("b", 2)];
+    let r = s.apply(&bundle_bytes(&v2, &[1, 2]), NOW_MS, c).expect("v2");
+    assert!(r.loosens, "a new member loosens");
+    assert_eq!(s.members_in_force(NOW_MS), vec![member("a", 1)], "b waits");
+    assert_eq!(s.members_in_force(NOW_MS + 3_600_000), v2.members, "b in force after the delay");
+    let mut v3 = after(&v2, v2.clone());
+    v3.members = vec![member("b", 2)];
+    let r = s.apply(&bundle_bytes(&v3, &[1, 2]), NOW_MS + 3_600_000, c).expect("v3");
+    assert!(!r.loosens, "a removal tightens");
+    assert_eq!(s.members_in_force(NOW_MS + 3_600_000), vec![member("b", 2)]);
+    // Below the threshold, a member list change is refused like any other change.
+    let mut v4 = after(&v3, v3.clone());
+    v4.members = vec![member("b", 2), member("c", 3)];
+    assert!(matches!(
+        s.apply(&bundle_bytes(&v4, &[1]), NOW_MS + 3_600_000, c),
+        Err(BundleError::BelowThreshold { .. })
+    ));
 }

@@ -27,6 +27,15 @@ struct Cli {
     /// Mock NSM: this KRE's PCRs (repeatable).
     #[arg(long = "mock-pcr", value_name = "N=HEX")]
     mock_pcr: Vec<PcrExpectation>,
+    /// Mock NSM: the parent instance id (`i-…`) this KRE runs on: PCR4 becomes SHA-384(48
+    /// zero bytes ‖ id), as on Nitro, so that cluster members differ (`docs/cluster.md`).
+    /// Overrides a `--mock-pcr 4=…`.
+    #[arg(long, value_name = "INSTANCE_ID")]
+    mock_parent_instance: Option<String>,
+    /// Mock NSM: the parent's IAM role ARN: PCR3 becomes SHA-384(48 zero bytes ‖ ARN). Needs
+    /// --mock-parent-instance.
+    #[arg(long, value_name = "ROLE_ARN", requires = "mock_parent_instance")]
+    mock_parent_role: Option<String>,
     /// Benchmarks only: answer releases without waiting for the parent to store their audit
     /// entries (`keygate bench release --write-ahead off` measures what write-ahead costs).
     #[arg(long)]
@@ -49,6 +58,7 @@ enum MockError {
 struct Mock<'a> {
     seed: Option<&'a str>,
     pcrs: &'a [PcrExpectation],
+    parent: Option<(&'a str, Option<&'a str>)>,
     fast_signing: bool,
 }
 
@@ -61,6 +71,9 @@ impl NsmBackend for Mock<'_> {
         let seed = self.seed.ok_or(MockError::NoSeed)?;
         let pcrs = self.pcrs.iter().map(|e| (e.index, e.value.clone())).collect();
         let mut nsm = MockNsm::new(seed.as_bytes(), pcrs, system_clock()).with_instance("kre");
+        if let Some((instance, role)) = self.parent {
+            nsm = nsm.with_parent(instance, role);
+        }
         if self.fast_signing {
             nsm = nsm.with_fast_signing(keygate_attestation::crypto::default_backend());
         }
@@ -81,7 +94,12 @@ fn main() -> ExitCode {
     // Started by the demo: die with it, even when it is killed with kill -9.
     keygate_tests::die_with_parent_if_asked();
     let cli: Cli = cli::parse(&[MOCK]);
-    let mock = Mock { seed: cli.mock_seed.as_deref(), pcrs: &cli.mock_pcr, fast_signing: cli.mock_fast_signing };
+    let mock = Mock {
+        seed: cli.mock_seed.as_deref(),
+        pcrs: &cli.mock_pcr,
+        parent: cli.mock_parent_instance.as_deref().map(|i| (i, cli.mock_parent_role.as_deref())),
+        fast_signing: cli.mock_fast_signing,
+    };
     let dev = cli::DevOptions { write_ahead: !cli.bench_without_write_ahead };
     cli::run_with("keygate-enclave-dev", cli.enclave, &[&mock], dev)
 }

@@ -381,3 +381,90 @@ mod tests {
         assert_ne!(request_digest(&id("ck"), &[id("1")]), request_digest(&id("c"), &[id("k1")]));
     }
 }
+
+/// HKDF info of the key a serving member encrypts the state key under for a joining member
+/// (salt: [`JoinTranscript::hash`], ikm: ECDH of the two members' ephemeral keys).
+pub const JOIN_STATE_KEY: &[u8] = b"keygate/v1/join-state-key";
+
+/// `user_data` of a joining member's attestation: `SHA-384("keygate/v1/join-request" ‖
+/// nonce ‖ J)`, with `J` its ephemeral P-384 key (also the document's `public_key`) and
+/// `nonce` the join nonce (also the document's `nonce`).
+pub fn join_request_user_data(nonce: &[u8; 32], joiner_public: &[u8]) -> [u8; 48] {
+    sha384(&[b"keygate/v1/join-request", nonce, joiner_public])
+}
+
+/// What a forwarded state key is bound to (`docs/cluster.md`).
+#[derive(Debug, Clone, Copy)]
+pub struct JoinTranscript<'a> {
+    /// SHA-384 of the joining member's attestation document.
+    pub joiner_attestation_sha384: &'a [u8; 48],
+    /// The joiner's nonce.
+    pub nonce: &'a [u8; 32],
+    /// The joiner's ephemeral key J.
+    pub joiner_public: &'a [u8],
+    /// The serving member's ephemeral key S.
+    pub server_public: &'a [u8],
+    /// The serving member's committed generation.
+    pub generation: u64,
+    /// SHA-384 of the blob of that generation.
+    pub blob_sha384: &'a [u8; 48],
+    /// The policy head that generation carries: its version (0: none).
+    pub policy_version: u64,
+    /// Its digest (zeros: none).
+    pub policy_digest: &'a [u8; 48],
+}
+
+impl JoinTranscript<'_> {
+    /// `SHA-384("keygate/v1/join" ‖ SHA-384(joiner_attestation) ‖ nonce ‖ J ‖ S ‖
+    /// u64be(generation) ‖ blob_sha384 ‖ u64be(policy_version) ‖ policy_digest)`: the
+    /// `user_data` of the serving member's attestation, and the HKDF salt and AEAD AAD of the
+    /// forwarded state key.
+    pub fn hash(&self) -> [u8; 48] {
+        sha384(&[
+            b"keygate/v1/join",
+            self.joiner_attestation_sha384,
+            self.nonce,
+            self.joiner_public,
+            self.server_public,
+            &self.generation.to_be_bytes(),
+            self.blob_sha384,
+            &self.policy_version.to_be_bytes(),
+            self.policy_digest,
+        ])
+    }
+}
+
+#[cfg(test)]
+mod join_tests {
+    use super::*;
+
+    fn h(parts: &[&[u8]]) -> [u8; 48] {
+        let mut d = Sha384::new();
+        for p in parts {
+            d.update(p);
+        }
+        d.finalize().into()
+    }
+
+    #[test]
+    fn join_bindings_are_the_documented_hashes() {
+        let (n, j, sp, b, d) = ([1u8; 32], [2u8; 97], [3u8; 97], [4u8; 48], [5u8; 48]);
+        assert_eq!(join_request_user_data(&n, &j), h(&[b"keygate/v1/join-request", &n, &j]));
+        let t = JoinTranscript {
+            joiner_attestation_sha384: &[6; 48],
+            nonce: &n,
+            joiner_public: &j,
+            server_public: &sp,
+            generation: 7,
+            blob_sha384: &b,
+            policy_version: 8,
+            policy_digest: &d,
+        };
+        assert_eq!(
+            t.hash(),
+            h(&[b"keygate/v1/join", &[6; 48], &n, &j, &sp, &7u64.to_be_bytes(), &b, &8u64.to_be_bytes(), &d])
+        );
+        assert_ne!(JoinTranscript { generation: 6, ..t }.hash(), t.hash());
+        assert_ne!(join_request_user_data(&n, &j), unseal_user_data(&n, 0, &[0; 48], &[0; 48], &[0; 48]));
+    }
+}

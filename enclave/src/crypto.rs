@@ -8,6 +8,7 @@
 //! `docs/protocol.md` ("Data keys", "Wrapping") and `docs/durability.md` (custody); every
 //! label and transcript they use is in [`crate::binding`].
 
+pub mod forward;
 pub mod keys;
 pub mod shamir;
 

@@ -4,7 +4,8 @@
 //!   [`Unreadable`];
 //! - `messages`: every [`Message`] with its payload layout and limits;
 //! - `channel`: which [`Channel`] may send which request;
-//! - `deny`: the [`DenyCode`]s.
+//! - `deny`: the [`DenyCode`]s;
+//! - `member`: the member channel's [`MemberMessage`]s (a joining member and a serving one).
 //!
 //! ```text
 //! frame   = length:u32be body           ; 2 <= length <= MAX_FRAME
@@ -20,12 +21,17 @@
 mod channel;
 mod deny;
 mod frame;
+mod member;
 mod messages;
 
 pub use self::channel::{Channel, UnknownChannel};
 pub use self::deny::DenyCode;
 pub use self::frame::{
     frame_len, Unreadable, WireError, MAX_FRAME, MAX_KEYS, MAX_REASON, MAX_RELEASED, NONCE_LEN, VERSION,
+};
+pub use self::member::{
+    max_member_request_body, JoinOffer, MemberMessage, JOIN_OFFER, JOIN_REQUEST, MAX_MEMBER_ATTESTATION,
+    SEALED_STATE_KEY_LEN,
 };
 pub use self::messages::{
     max_request_body, ty, type_name, Message, StateReport, MAX_AUDIT_BATCH, MAX_AUDIT_WAIT_MS, MAX_DURABLE_WAIT_MS,

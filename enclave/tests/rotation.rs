@@ -100,6 +100,7 @@ impl Chain {
             approvers: vec![public_point(&key).try_into().expect("97 bytes")],
             threshold: 1,
             policy: policy(1, 0),
+            members: Vec::new(),
         };
         let bytes = bundle::encode_bundle(&bundle::encode_body(&body), &[]);
         (bytes, Self { key, last: body })
@@ -388,6 +389,7 @@ fn a_genesis_policy_with_a_later_kek_version_gets_it_in_the_next_generation() {
         approvers: vec![public_point(&key).try_into().expect("97 bytes")],
         threshold: 1,
         policy: policy(2, 0),
+        members: Vec::new(),
     };
     let genesis = bundle::encode_bundle(&bundle::encode_body(&body), &[]);
     let kre = committed_kre(&genesis);

@@ -45,6 +45,7 @@ pub mod challenges;
 mod connection;
 mod custodian;
 pub mod error;
+pub mod join;
 mod keks;
 mod parent;
 mod policy;

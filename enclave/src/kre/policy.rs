@@ -268,6 +268,23 @@ impl Kre {
     }
 }
 
+impl PolicyBook {
+    /// The cluster members in force at `now_ms` (`docs/cluster.md`): none with a static policy
+    /// file; with signed bundles, the members of the bundle in force, and while the newest is
+    /// in force but not durable only those the durable bundle also names (as the stricter
+    /// policy holds for releases).
+    pub(super) fn members(&self, now_ms: u64) -> Vec<keygate_attestation::members::Member> {
+        match &*self.source() {
+            PolicySource::Static(_) => Vec::new(),
+            PolicySource::Signed(s, None) => s.members_in_force(now_ms),
+            PolicySource::Signed(s, Some(durable)) => {
+                let old = durable.members_in_force(now_ms);
+                s.members_in_force(now_ms).into_iter().filter(|m| old.contains(m)).collect()
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -179,6 +179,15 @@ pub enum VaultError {
     /// The NSM could not attest (genesis).
     #[error("attestation for the genesis shares failed: {0}")]
     Attestation(keygate_attestation::NsmError),
+    /// A join: the stored blob is not the one the serving member vouched for.
+    #[error("the stored state is not the generation the serving member vouched for (its digest differs)")]
+    JoinBlobMismatch,
+    /// A join: the blob opened but holds another generation or policy head than vouched for.
+    #[error("the forwarded state key opens a state that is not the one the serving member vouched for")]
+    JoinStateMismatch,
+    /// Forwarding: nothing committed yet, or a reshare's new key is not yet committed.
+    #[error("no committed state to forward (nothing committed yet, or a reshare is not yet committed)")]
+    NothingToForward,
 }
 
 /// A state the KRE wants the parent to store.
@@ -1491,5 +1500,98 @@ mod tests {
             ),
             Err(VaultError::TooLarge { .. })
         ));
+    }
+}
+
+/// What a serving member forwards to a joining one (`docs/cluster.md`): the state key and the
+/// committed generation it opens. Never printed.
+#[derive(Clone)]
+pub struct Forwardable {
+    /// The state key.
+    pub state_key: Secret<32>,
+    /// The committed generation.
+    pub generation: u64,
+    /// SHA-384 of its blob.
+    pub blob_sha384: [u8; 48],
+    /// The policy head it carries.
+    pub policy_head: Option<PolicyHead>,
+}
+
+impl std::fmt::Debug for Forwardable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forwardable").field("generation", &self.generation).finish_non_exhaustive()
+    }
+}
+
+impl Vault {
+    /// The committed state a serving member may forward: only while serving, after a commit,
+    /// and not while a reshare's new state key waits for its first commit (the committed blob
+    /// is still sealed under the old key).
+    pub fn forwardable(&self) -> Result<Forwardable, VaultError> {
+        let Inner::Serving(s) = &self.inner else {
+            return Err(self.wrong("forwarding the state key", "serving"));
+        };
+        let blob_sha384 = s.committed_sha384;
+        if s.resealed || s.committed.generation == 0 {
+            return Err(VaultError::NothingToForward);
+        }
+        Ok(Forwardable {
+            state_key: s.state_key.clone(),
+            generation: s.committed.generation,
+            blob_sha384,
+            policy_head: s.committed.policy_head,
+        })
+    }
+
+    /// A joining member's entry to serving: the state key a serving member forwarded (after
+    /// every check of the join, `crate::peer::member`), with the generation, blob digest and
+    /// policy head it vouched for, and the stored blob and custody the parent hands over.
+    /// Serves exactly that generation, only if the blob's digest is the one vouched for, it is
+    /// for this KRE's custodian set, the key opens it, and it holds the vouched generation and
+    /// policy head. Awaiting state or unsealing (an unseal session in progress is abandoned).
+    pub fn join(
+        &mut self,
+        crypto: &dyn Crypto,
+        forwarded: Forwardable,
+        blob: Vec<u8>,
+        custody: Custody,
+    ) -> Result<u64, VaultError> {
+        if matches!(self.inner, Inner::Serving(_)) {
+            return Err(self.wrong("a join", "awaiting state or unsealing"));
+        }
+        check_len("sealed state", &blob, MAX_STATE_BLOB)?;
+        check_len("shares file", &custody.shares, MAX_SHARES_FILE)?;
+        check_len("genesis attestation", &custody.genesis_attestation, MAX_GENESIS_ATTESTATION)?;
+        let digest: [u8; 48] = Sha384::digest(&blob).into();
+        if digest != forwarded.blob_sha384 {
+            return Err(VaultError::JoinBlobMismatch);
+        }
+        let header = sealed::peek_header(&blob)?;
+        if header.custodian_set_digest != self.set.digest() {
+            return Err(VaultError::StateSetMismatch);
+        }
+        if SharesFile::decode(crypto, &custody.shares)?.set() != &self.set {
+            return Err(VaultError::SharesSetMismatch);
+        }
+        let state = sealed::open(&blob, &forwarded.state_key, crypto).map_err(|e| match e {
+            SealedError::Decrypt => VaultError::StateDoesNotOpen,
+            other => VaultError::Sealed(other),
+        })?;
+        if state.generation != forwarded.generation || state.policy_head != forwarded.policy_head {
+            return Err(VaultError::JoinStateMismatch);
+        }
+        let generation = state.generation;
+        self.floor = state.policy_head;
+        self.inner = Inner::Serving(Box::new(Serving {
+            state_key: forwarded.state_key,
+            custody,
+            committed: state.clone(),
+            committed_sha384: digest,
+            working: state,
+            exported: None,
+            reshare: None,
+            resealed: false,
+        }));
+        Ok(generation)
     }
 }

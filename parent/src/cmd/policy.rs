@@ -552,6 +552,7 @@ fn init(a: InitArgs) -> Result<(), CliError> {
         approvers: keys,
         threshold,
         policy: ReleasePolicy::default(),
+        members: Vec::new(),
     };
     let d = write_bundle(&out, &body, &[])?;
     crate::output::print(&reports::PolicyInit {

@@ -62,6 +62,7 @@ fn bundles() -> (Vec<u8>, Vec<u8>) {
         approvers: vec![point],
         threshold: 1,
         policy: policy(&[("prod", 1)]),
+        members: Vec::new(),
     };
     let gb = bundle::encode_body(&g);
     // v2 adds a cluster (a new KEK) and rotates prod's KEK to version 2.
