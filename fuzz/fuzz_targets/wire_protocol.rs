@@ -1,4 +1,4 @@
-//! Fuzz target: the wire codec and the KRE's per-connection state machine. Any sequence of
+//! Fuzz target: the wire codec (both message families) and the KRE's per-connection state machine. Any sequence of
 //! frames must produce a reply (never a panic), and a connection ends after a denial.
 #![no_main]
 
@@ -9,7 +9,7 @@ use keygate_attestation::mock::MockNsm;
 use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
 use keygate_attestation::Verifier;
 use keygate_enclave::kre::{Connection, Env, Kre, KreConfig};
-use keygate_enclave::wire::{Channel, Message};
+use keygate_enclave::wire::{Channel, MemberMessage, Message};
 use libfuzzer_sys::fuzz_target;
 
 const T: u64 = 1_795_478_400_000;
@@ -35,6 +35,12 @@ fn kre() -> &'static Kre {
 
 fuzz_target!(|data: &[u8]| {
     let _ = Message::decode(data);
+    // The member channel's own family (join request and offer): decoded, and re-encoded
+    // to the same bytes when it decodes.
+    if let Ok(m) = MemberMessage::decode(data) {
+        let again = m.encode().expect("a decoded member message encodes");
+        assert_eq!(MemberMessage::decode(&again[4..]).ok().map(|m| m.encode().ok()), Some(Some(again.clone())));
+    }
     // The first byte picks the channel; the rest is split into frames at 0xff bytes and fed
     // to one connection.
     let Some((&pick, data)) = data.split_first() else { return };
