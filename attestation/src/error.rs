@@ -4,6 +4,7 @@ use std::fmt;
 
 use crate::cbor::CborError;
 use crate::kind::DocumentKind;
+use crate::time::{UnixMillis, UnixSeconds};
 
 /// Which certificate of a document's chain an error is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,10 +134,10 @@ pub enum VerifyError {
     #[error("{at}: signature by its issuer does not verify")]
     BadCertificateSignature { at: CertAt },
     /// Expired at the verification time.
-    #[error("{at}: expired (not after {not_after}, verification time {time})")]
+    #[error("{at}: expired (not after {}, verification time {})", UnixSeconds(*.not_after), UnixSeconds(*.time))]
     CertificateExpired { at: CertAt, not_after: i64, time: i64 },
     /// Not yet valid at the verification time.
-    #[error("{at}: not yet valid (not before {not_before}, verification time {time})")]
+    #[error("{at}: not yet valid (not before {}, verification time {})", UnixSeconds(*.not_before), UnixSeconds(*.time))]
     CertificateNotYetValid { at: CertAt, not_before: i64, time: i64 },
     /// A certificate above the leaf is not a CA.
     #[error("{at}: is not a CA (basicConstraints cA missing or false)")]
@@ -159,10 +160,10 @@ pub enum VerifyError {
     #[error("COSE signature does not verify with the leaf certificate's key")]
     BadSignature,
     /// The document is older than `max_age`.
-    #[error("document timestamp {timestamp_ms} ms is older than the maximum age ({max_age_ms} ms) at {now_ms} ms")]
+    #[error("document timestamp {} is older than the maximum age ({max_age_ms} ms) at {}", UnixMillis(*.timestamp_ms), UnixMillis(*.now_ms))]
     DocumentTooOld { timestamp_ms: u64, now_ms: u64, max_age_ms: u64 },
     /// The document's timestamp is in the future beyond the allowed skew.
-    #[error("document timestamp {timestamp_ms} ms is in the future (now {now_ms} ms, skew {skew_ms} ms)")]
+    #[error("document timestamp {} is in the future (now {}, skew {skew_ms} ms)", UnixMillis(*.timestamp_ms), UnixMillis(*.now_ms))]
     DocumentFromFuture { timestamp_ms: u64, now_ms: u64, skew_ms: u64 },
     /// PCR0, PCR1 and PCR2 are all zero (a debug-mode enclave), and debug was not allowed.
     #[error("debug-mode document (PCR0, PCR1, PCR2 all zero) refused")]

@@ -21,6 +21,7 @@ pub mod nsm;
 pub mod pcr;
 pub mod policy;
 pub mod secret;
+pub mod time;
 pub mod verify;
 
 pub use chain::{AnchorError, TrustAnchor};

@@ -83,7 +83,7 @@ fn every_offline_verb_prints_one_json_document_or_one_error_object() {
         case(
             "keygen over an existing key: I/O",
             &["keygen", "--out", "a.pem"],
-            Expect::Error { code: 3, kind: "io", needle: "it must not exist" },
+            Expect::Error { code: 3, kind: "io", needle: "exists: it is not replaced" },
         ),
         case(
             "policy init",

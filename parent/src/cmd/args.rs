@@ -59,6 +59,17 @@ pub(crate) fn parse_time(s: &str) -> Result<u64, TimeError> {
     at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).map_err(|_| TimeError::BeforeEpoch(s.to_owned()))
 }
 
+/// A point in time (Unix milliseconds) as every human message prints it: RFC 3339 in UTC
+/// with milliseconds (`keygate_attestation::time`).
+pub(crate) fn format_time_ms(ms: u64) -> String {
+    keygate_attestation::time::UnixMillis(ms).to_string()
+}
+
+/// A point in time (Unix seconds) as RFC 3339 in UTC.
+pub(crate) fn format_time_s(s: i64) -> String {
+    keygate_attestation::time::UnixSeconds(s).to_string()
+}
+
 /// One KRE image a client accepts: all of its PCRs, `N=HEX,N=HEX,...` (`--expect-kre-image`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct KreImage(pub(crate) Vec<keygate_attestation::PcrExpectation>);
@@ -188,6 +199,16 @@ mod tests {
     /// bare seconds included, and the same bound. `keygate parent` takes its values as text and
     /// parses them with [`parse_duration`] beside the environment's and the file's (its
     /// config tests); `keygate bench` measures for `--seconds` (fractions of a second).
+    #[test]
+    fn times_print_as_rfc_3339_in_utc() {
+        assert_eq!(format_time_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_time_ms(1_795_478_400_123), "2026-11-24T00:00:00.123Z");
+        assert_eq!(format_time_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(format_time_s(1_795_478_400), "2026-11-24T00:00:00Z");
+        // What is printed parses back.
+        assert_eq!(parse_time(&format_time_s(1_795_478_400)), Ok(1_795_478_400));
+    }
+
     #[test]
     fn every_duration_flag_in_the_cli_uses_the_shared_parser() {
         use clap::CommandFactory;

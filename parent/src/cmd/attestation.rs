@@ -286,9 +286,10 @@ fn summary_text(att: &VerifiedAttestation) -> String {
     let _ =
         writeln!(s, "valid {} attestation document{}", att.kind(), if att.is_debug() { " (DEBUG MODE)" } else { "" });
     let _ = writeln!(s, "  module_id   {}", att.module_id());
-    let _ = writeln!(s, "  timestamp   {} ms", att.timestamp_ms());
+    let _ = writeln!(s, "  timestamp   {}", super::args::format_time_ms(att.timestamp_ms()));
     let _ = writeln!(s, "  digest      {}", att.digest());
-    let _ = writeln!(s, "  leaf valid  {nb} .. {na} (Unix s); chain valid until {}", att.chain_not_after());
+    let t = super::args::format_time_s;
+    let _ = writeln!(s, "  leaf valid  {} .. {}; chain valid until {}", t(nb), t(na), t(att.chain_not_after()));
     let _ = writeln!(s, "  root        sha256 {}", hex::encode(att.root_sha256()));
     for (i, v) in att.pcrs() {
         if v.iter().any(|&b| b != 0) {

@@ -16,6 +16,7 @@ use keygate_enclave::audit::{
 use serde_json::{json, Value};
 
 use crate::backoff::Backoff;
+use crate::cmd::args::format_time_ms;
 use crate::cmd::attestation::load_anchor;
 use crate::error::CliError;
 use crate::kre_client::{self, KreError};
@@ -293,7 +294,10 @@ fn pull(a: PullArgs) -> Result<(), CliError> {
             Err(e) => {
                 let wait = backoff.next_wait();
                 let m = format!("audit pull: {}; retrying in {} s", e.message, wait.as_secs());
-                crate::output::warn(&format!("keygate: {} {m}", fmt_time(keygate_enclave::net::server::now_ms())), &m);
+                crate::output::warn(
+                    &format!("keygate: {} {m}", format_time_ms(keygate_enclave::net::server::now_ms())),
+                    &m,
+                );
                 std::thread::sleep(wait);
             }
         }
@@ -569,7 +573,7 @@ fn verify_runs(
             k + 1,
             short(&run.chain_id),
             run.last_seq,
-            fmt_time(run.first_time_ms),
+            format_time_ms(run.first_time_ms),
             path.display()
         );
         match result {
@@ -678,19 +682,23 @@ fn summary_text(dir: &Path, s: &TrailSummary) -> String {
         out,
         "  entries      seq 1..={} ({} → {})",
         s.last_seq,
-        fmt_time(s.time_range_ms.0),
-        fmt_time(s.time_range_ms.1)
+        format_time_ms(s.time_range_ms.0),
+        format_time_ms(s.time_range_ms.1)
     );
     let _ = writeln!(
         out,
         "  signed       up to seq {} ({} checkpoints, last at {})",
         s.signed_up_to,
         s.checkpoints,
-        fmt_time(s.last_checkpoint_ms)
+        format_time_ms(s.last_checkpoint_ms)
     );
     let _ = writeln!(out, "  unsigned     {} entries after the last checkpoint", s.unsigned_tail);
-    let _ =
-        writeln!(out, "  KRE          module {} (key attested at {})", s.kre_module_id, fmt_time(s.binding_time_ms));
+    let _ = writeln!(
+        out,
+        "  KRE          module {} (key attested at {})",
+        s.kre_module_id,
+        format_time_ms(s.binding_time_ms)
+    );
     for (i, v) in &s.kre_pcrs {
         if v.iter().any(|&b| b != 0) {
             let _ = writeln!(out, "  KRE PCR{i:<2}    {}", hex::encode(v));
@@ -723,7 +731,7 @@ fn show(a: ShowArgs) -> Result<(), CliError> {
                 out,
                 "{:>6}  {:<24}  {:<17}  {:<6}  {:>6}  {}",
                 e.seq(),
-                fmt_time(e.time_ms()),
+                format_time_ms(e.time_ms()),
                 ev.name(),
                 ev.decision(),
                 e.policy_version(),
@@ -735,7 +743,7 @@ fn show(a: ShowArgs) -> Result<(), CliError> {
                 out,
                 "checkpoint  seq {:<6} at {}  head {}…",
                 c.seq(),
-                fmt_time(c.time_ms()),
+                format_time_ms(c.time_ms()),
                 &hex::encode(c.head())[..16]
             );
         }
@@ -790,7 +798,7 @@ fn detail_text(ev: &AuditEvent) -> String {
         }
         AuditEvent::ChallengeRefused { code, reason } => format!("code={code} reason={reason:?}"),
         AuditEvent::PolicyAccepted { version, digest, activates_at_ms } => {
-            format!("version={version} digest={}… activates={}", short(digest), fmt_time(*activates_at_ms))
+            format!("version={version} digest={}… activates={}", short(digest), format_time_ms(*activates_at_ms))
         }
         AuditEvent::PolicyRefused { version, digest, code, reason } => format!(
             "version={} digest={} code={code} reason={reason:?}",
@@ -802,15 +810,15 @@ fn detail_text(ev: &AuditEvent) -> String {
         AuditEvent::ConfigChanged { setting, value } => format!("{setting}={value:?}"),
         AuditEvent::Unrecorded { count, first_ms, last_ms } => format!(
             "{count} events NOT RECORDED (buffer full) between {} and {}",
-            fmt_time(*first_ms),
-            fmt_time(*last_ms)
+            format_time_ms(*first_ms),
+            format_time_ms(*last_ms)
         ),
         AuditEvent::AnonymousRefusals { first_ms, last_ms, counts } => {
             let list: Vec<String> = counts.iter().map(|(code, n)| format!("{code}:{n}")).collect();
             format!(
                 "from={} to={} total={} counts={}",
-                fmt_time(*first_ms),
-                fmt_time(*last_ms),
+                format_time_ms(*first_ms),
+                format_time_ms(*last_ms),
                 anonymous_total(counts),
                 list.join(",")
             )
@@ -843,7 +851,7 @@ fn entry_json(e: &AuditEntry) -> Value {
         "type": "entry",
         "seq": e.seq(),
         "time_ms": e.time_ms(),
-        "time": fmt_time(e.time_ms()),
+        "time": format_time_ms(e.time_ms()),
         "event": ev.name(),
         "decision": ev.decision(),
         "policy_version": e.policy_version(),
@@ -909,30 +917,12 @@ fn checkpoint_json(c: &Checkpoint) -> Value {
         "type": "checkpoint",
         "seq": c.seq(),
         "time_ms": c.time_ms(),
-        "time": fmt_time(c.time_ms()),
+        "time": format_time_ms(c.time_ms()),
         "chain_id": hex::encode(c.chain_id()),
         "head": hex::encode(c.head()),
         "public_key": hex::encode(c.public_key()),
         "binding_document_sha384": hex::encode(sha2::Sha384::digest(c.binding_document())),
     })
-}
-
-/// `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC) from Unix milliseconds.
-fn fmt_time(ms: u64) -> String {
-    let secs = ms / 1000;
-    let days = i64::try_from(secs / 86_400).unwrap_or(0);
-    let rem = secs % 86_400;
-    // Civil-from-days (H. Hinnant), proleptic Gregorian.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z", rem / 3600, rem % 3600 / 60, rem % 60, ms % 1000)
 }
 
 #[cfg(test)]
@@ -946,13 +936,6 @@ mod tests {
         assert_eq!(secs, [1, 2, 4, 8, 16, 30, 30, 30]);
         b.reset();
         assert_eq!(b.next_wait().as_secs(), 1);
-    }
-
-    #[test]
-    fn time_format() {
-        assert_eq!(fmt_time(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(fmt_time(1_795_478_400_123), "2026-11-24T00:00:00.123Z");
-        assert_eq!(fmt_time(951_782_400_000), "2000-02-29T00:00:00.000Z");
     }
 
     #[test]

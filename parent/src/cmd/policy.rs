@@ -353,7 +353,7 @@ fn describe(policy: &ReleasePolicy) -> Vec<String> {
 fn image_line(cluster: &str, i: &ImageRule) -> String {
     let pcrs: Vec<String> = i.pcrs.iter().map(|(n, v)| format!("PCR{n}={}…", &hex::encode(v)[..12])).collect();
     let kind = i.kind;
-    let until = i.not_after_ms.map_or(String::new(), |t| format!(", until {}", t / 1000));
+    let until = i.not_after_ms.map_or(String::new(), |t| format!(", until {}", super::args::format_time_ms(t)));
     format!("{cluster}: image `{}` [{}] ({kind}{until})", i.name, pcrs.join(" "))
 }
 
@@ -458,7 +458,8 @@ fn body_text(b: &PolicyBody, digest: &[u8; 48]) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
     let _ = writeln!(s, "policy bundle version {} (digest {})", b.version, hex::encode(digest));
-    let _ = writeln!(s, "  issued at {} (Unix s), activation delay {} s", b.issued_at, b.activation_delay);
+    let issued = super::args::format_time_s(i64::try_from(b.issued_at).unwrap_or(i64::MAX));
+    let _ = writeln!(s, "  issued at {issued}, activation delay {} s", b.activation_delay);
     let _ = writeln!(s, "  previous  {}", hex::encode(b.previous));
     let _ = writeln!(s, "  approvers {} of {}:", b.threshold, b.approvers.len());
     for a in &b.approvers {
