@@ -740,9 +740,17 @@ fn the_proxy_limits_connections_per_source() {
     use std::io::Read;
     let kre = Kre::start(&[]);
     let psock = kre.dir.path().join("proxy.sock");
-    let proxy = start_proxy(&psock, &kre.addr(), &["--max-per-source", "2"]);
+    let mut cmd = Command::new(bin("keygate"));
+    cmd.args(["proxy", "--listen", &unix(&psock), "--to", &kre.addr(), "--max-per-source", "2"]);
+    let mut proxy = Logged::start(cmd.env("KEYGATE_LOG", "debug"), &psock.with_extension("log"));
+    proxy.wait_for_socket(&psock);
     let held: Vec<_> = (0..2).map(|_| std::os::unix::net::UnixStream::connect(&psock).expect("connect")).collect();
-    std::thread::sleep(Duration::from_millis(300));
+    // Both hold their slot before the third comes (the proxy admits each in a task of its own).
+    let start = Instant::now();
+    while proxy.log().matches("connection admitted").count() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(20), "not admitted: {}", proxy.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let mut third = std::os::unix::net::UnixStream::connect(&psock).expect("connect");
     third.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
     let mut b = [0u8; 1];

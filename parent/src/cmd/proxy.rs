@@ -98,6 +98,7 @@ pub(crate) async fn serve(listener: Listener, cfg: ProxyConfig, shutdown: impl s
                 cfg.metrics.refused(cfg.channel, "per_source_limit");
                 return;
             };
+            tracing::debug!(%peer, "connection admitted");
             let _open = cfg.metrics.open(cfg.channel);
             forward(client, &peer, &cfg).await
         }
