@@ -54,13 +54,8 @@ pub(crate) struct SyncArgs {
     /// The KRE's parent channel (`--parent-listen`; never proxied).
     #[arg(long)]
     kre: Addr,
-    /// The parent's state directory (created 0700 if missing).
-    #[arg(long, required_unless_present = "store", conflicts_with = "store")]
-    state_dir: Option<PathBuf>,
-    /// Keep the sealed state in etcd instead, shared with other parents:
-    /// etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (docs/durability.md, "The etcd backend").
-    #[arg(long, value_name = "URL")]
-    store: Option<EtcdUrl>,
+    #[command(flatten)]
+    at: StoreArgs,
     /// Keep syncing, pausing this long between rounds (a duration, e.g. 5 or 5s; at least 1s).
     #[arg(long, value_name = "DURATION", value_parser = super::args::parse_duration)]
     follow: Option<Duration>,
@@ -100,12 +95,22 @@ pub(crate) struct InitArgs {
     /// The KRE's parent channel (`--parent-listen`; never proxied).
     #[arg(long)]
     kre: Addr,
-    /// The parent's state directory (must hold no state).
+    /// Where the genesis is stored (which must hold no state yet).
+    #[command(flatten)]
+    at: StoreArgs,
+}
+
+/// Where the parent keeps the sealed state: a local directory, or an etcd store shared with
+/// other parents (exactly one).
+#[derive(Debug, clap::Args)]
+pub(crate) struct StoreArgs {
+    /// The parent's state directory (created 0700 if missing).
     #[arg(long, required_unless_present = "store", conflicts_with = "store")]
-    state_dir: Option<PathBuf>,
-    /// Store the genesis in etcd instead (which must hold no state): etcd://HOST:PORT[,...][/PREFIX].
+    pub(crate) state_dir: Option<PathBuf>,
+    /// The sealed state in etcd instead, shared with other parents:
+    /// etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (docs/durability.md, "The etcd backend").
     #[arg(long, value_name = "URL")]
-    store: Option<EtcdUrl>,
+    pub(crate) store: Option<EtcdUrl>,
 }
 
 /// `keygate custodian unseal`.
@@ -140,9 +145,10 @@ pub(crate) struct UnsealArgs {
 
 pub(crate) fn run_state(cmd: StateCommand) -> Result<(), CliError> {
     match cmd {
-        StateCommand::Sync(a) if a.store.is_some() => sync_etcd(&a),
+        StateCommand::Sync(a) if a.at.store.is_some() => sync_etcd(&a),
         StateCommand::Sync(a) => loop {
-            let dir = a.state_dir.as_deref().ok_or_else(|| CliError::input("give --state-dir DIR or --store URL"))?;
+            let dir =
+                a.at.state_dir.as_deref().ok_or_else(|| CliError::input("give --state-dir DIR or --store URL"))?;
             match (sync_once(&a.kre, dir), a.follow) {
                 (Ok(line), _) => crate::output::print(&super::reports::StateSynced {
                     state_dir: dir.display().to_string(),
@@ -166,7 +172,7 @@ pub(crate) fn run_state(cmd: StateCommand) -> Result<(), CliError> {
 
 pub(crate) fn run_custodian(cmd: CustodianCommand) -> Result<(), CliError> {
     match cmd {
-        CustodianCommand::Init(a) if a.store.is_some() => init_etcd(&a),
+        CustodianCommand::Init(a) if a.at.store.is_some() => init_etcd(&a),
         CustodianCommand::Init(a) => init(&a),
         CustodianCommand::Unseal(a) => unseal(&a),
         CustodianCommand::Reshare(a) => reshare(&a),
@@ -363,7 +369,7 @@ pub(crate) fn sync_once(kre: &Addr, dir: &Path) -> Result<String, CliError> {
 }
 
 fn init(a: &InitArgs) -> Result<(), CliError> {
-    let state_dir = a.state_dir.as_deref().ok_or_else(|| CliError::input("give --state-dir DIR or --store URL"))?;
+    let state_dir = a.at.state_dir.as_deref().ok_or_else(|| CliError::input("give --state-dir DIR or --store URL"))?;
     open_dir(state_dir)?;
     let mut store = StateStore::new(DirFs::new(state_dir));
     if let Ok(Some(l)) = store.load(0) {
@@ -654,7 +660,7 @@ pub(crate) fn sync_once_store(kre: &Addr, url: &EtcdUrl) -> Result<String, CliEr
 /// between rounds ends early when the store gets a newer generation (an etcd watch), and a
 /// lost compare-and-swap ends the loop (reported, exit 1).
 fn sync_etcd(a: &SyncArgs) -> Result<(), CliError> {
-    let Some(url) = &a.store else { return Err(CliError::input("give --state-dir DIR or --store URL")) };
+    let Some(url) = &a.at.store else { return Err(CliError::input("give --state-dir DIR or --store URL")) };
     let mut store = etcd_store(url)?;
     let mut known = 0;
     loop {
@@ -686,7 +692,7 @@ fn sync_etcd(a: &SyncArgs) -> Result<(), CliError> {
 
 /// `keygate custodian init --store etcd://…`: genesis into an empty etcd store.
 fn init_etcd(a: &InitArgs) -> Result<(), CliError> {
-    let Some(url) = &a.store else { return Err(CliError::input("give --state-dir DIR or --store URL")) };
+    let Some(url) = &a.at.store else { return Err(CliError::input("give --state-dir DIR or --store URL")) };
     let mut store = etcd_store(url)?;
     if let Some(g) = store.current().map_err(|e| CliError::refused(format!("{url}: {e}")))? {
         return Err(CliError::refused(format!(

@@ -241,21 +241,30 @@ pub(crate) enum StateStoreError {
         /// The generation.
         generation: u64,
     },
+    /// What was read back or found is not usable (both stores refuse these alike).
+    #[error(transparent)]
+    Unusable(#[from] Unusable),
+}
+
+/// Why a stored generation is not handed back, or a write not trusted: the refusals the
+/// directory store and the etcd store share.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Unusable {
     /// What was read back is not what was written.
     #[error("sealed state read back differs from what was written")]
     ReadBackMismatch,
-    /// Neither file holds an intact state.
+    /// Neither slot holds an intact state.
     #[error("no intact sealed state: current {current}, previous {previous}")]
     NoIntactState {
-        /// What is wrong with `state.current`.
+        /// What is wrong with the current generation.
         current: SlotProblem,
-        /// What is wrong with `state.previous`.
+        /// What is wrong with the previous one.
         previous: SlotProblem,
     },
     /// The newest intact state is older than the minimum acknowledged generation.
     #[error("newest intact sealed state is generation {found}, older than the acknowledged {min}: refused")]
     Rollback {
-        /// The newest intact generation on disk.
+        /// The newest intact stored generation.
         found: u64,
         /// The minimum the caller accepts.
         min: u64,
@@ -340,7 +349,7 @@ impl<F: StateFs> StateStore<F> {
         self.fs.sync_dir().map_err(failed(Step::SyncDir))?;
         let back = self.fs.read_file(CURRENT, sealed::MAX_BLOB).map_err(failed(Step::ReadBack))?;
         if back.as_deref() != Some(blob) {
-            return Err(StateStoreError::ReadBackMismatch);
+            return Err(Unusable::ReadBackMismatch.into());
         }
         Ok(generation)
     }
@@ -353,7 +362,7 @@ impl<F: StateFs> StateStore<F> {
         let previous = self.read_slot(Slot::Previous);
         let (slot, (blob, header), other) = match (current, previous) {
             (Err(SlotProblem::Missing), Err(SlotProblem::Missing)) if min_generation == 0 => return Ok(None),
-            (Err(c), Err(p)) => return Err(StateStoreError::NoIntactState { current: c, previous: p }),
+            (Err(c), Err(p)) => return Err(Unusable::NoIntactState { current: c, previous: p }.into()),
             (Ok(c), Err(p)) => (Slot::Current, c, Some((Slot::Previous, p))),
             (Err(c), Ok(p)) => (Slot::Previous, p, Some((Slot::Current, c))),
             // Both intact: the newer one (current on a tie).
@@ -366,7 +375,7 @@ impl<F: StateFs> StateStore<F> {
             }
         };
         if header.generation < min_generation {
-            return Err(StateStoreError::Rollback { found: header.generation, min: min_generation });
+            return Err(Unusable::Rollback { found: header.generation, min: min_generation }.into());
         }
         // A missing previous is normal (only one generation stored yet); not worth reporting.
         let skipped = other.into_iter().filter(|(_, p)| *p != SlotProblem::Missing || slot == Slot::Previous).collect();
@@ -469,7 +478,10 @@ mod tests {
             let [(Slot::Current, SlotProblem::Damaged(e))] = l.skipped.as_slice() else { panic!("{what}: {l:?}") };
             assert_eq!(std::mem::discriminant(e), std::mem::discriminant(&want), "{what}");
             // But not if generation 2 was acknowledged: no silent rollback.
-            assert!(matches!(s.load(2), Err(StateStoreError::Rollback { found: 1, min: 2 })), "{what}");
+            assert!(
+                matches!(s.load(2), Err(StateStoreError::Unusable(Unusable::Rollback { found: 1, min: 2 }))),
+                "{what}"
+            );
             // Storing generation 3 replaces the damaged current and keeps the intact previous.
             assert_eq!(s.store(&blob(3)).expect("store"), 3);
             let d = s.fs.disk.after_crash(Survives::DurableOnly);
@@ -486,17 +498,20 @@ mod tests {
         let err = loaded_gen(disk, 0).expect_err("both damaged");
         assert!(matches!(
             err,
-            StateStoreError::NoIntactState {
+            StateStoreError::Unusable(Unusable::NoIntactState {
                 current: SlotProblem::Damaged(SealedError::BadMagic),
                 previous: SlotProblem::Damaged(SealedError::Truncated { .. })
-            }
+            })
         ));
         assert!(!format!("{err}").is_empty());
         // Nothing stored: genesis only if nothing was ever acknowledged.
         assert_eq!(loaded_gen(Disk::default(), 0).expect("genesis"), None);
         assert!(matches!(
             loaded_gen(Disk::default(), 1),
-            Err(StateStoreError::NoIntactState { current: SlotProblem::Missing, previous: SlotProblem::Missing })
+            Err(StateStoreError::Unusable(Unusable::NoIntactState {
+                current: SlotProblem::Missing,
+                previous: SlotProblem::Missing
+            }))
         ));
         // Only a previous file (crash between the two renames): it loads.
         let mut disk = disk_with(&[1, 2]);
@@ -564,7 +579,7 @@ mod tests {
         std::fs::write(dir.join(CURRENT), &cur[..cur.len() / 3]).expect("tear");
         let l = s.load(2).expect("load").expect("some");
         assert_eq!((l.slot, l.header.generation), (Slot::Previous, 2));
-        assert!(matches!(s.load(3), Err(StateStoreError::Rollback { found: 2, min: 3 })));
+        assert!(matches!(s.load(3), Err(StateStoreError::Unusable(Unusable::Rollback { found: 2, min: 3 }))));
         // An oversized file is damaged, not read whole.
         std::fs::write(dir.join(CURRENT), vec![0u8; sealed::MAX_BLOB + 10]).expect("big");
         let l = s.load(2).expect("load").expect("some");

@@ -12,7 +12,7 @@
 use keygate_enclave::state::sealed::SealedError;
 
 use super::etcd::client::EtcdError;
-use super::state::{Loaded, SlotProblem, StateFs, StateStore, StateStoreError};
+use super::state::{Loaded, StateFs, StateStore, StateStoreError, Unusable};
 
 /// Why a store or a load failed. Carries no blob content.
 #[derive(Debug, thiserror::Error)]
@@ -61,25 +61,9 @@ pub(crate) enum StoreError {
         /// The key.
         key: String,
     },
-    /// What was read back is not what was written.
-    #[error("sealed state read back differs from what was written")]
-    ReadBackMismatch,
-    /// No intact generation is stored.
-    #[error("no intact sealed state: current {current}, previous {previous}")]
-    NoIntactState {
-        /// What is wrong with the current generation.
-        current: SlotProblem,
-        /// What is wrong with the previous one.
-        previous: SlotProblem,
-    },
-    /// The newest intact state is older than the minimum acknowledged generation.
-    #[error("newest intact sealed state is generation {found}, older than the acknowledged {min}: refused")]
-    Rollback {
-        /// The newest intact stored generation.
-        found: u64,
-        /// The minimum the caller accepts.
-        min: u64,
-    },
+    /// What was read back or found is not usable.
+    #[error(transparent)]
+    Unusable(#[from] Unusable),
     /// Other custody data for the same custodian set is stored.
     #[error("{key} holds other custody data for the same custodian set (another genesis); refusing to replace it")]
     CustodyConflict {
@@ -185,6 +169,9 @@ mod tests {
         assert_eq!(store.store(&blob(2)).expect("retry"), 2);
         assert_eq!(store.store(&blob(3)).expect("next"), 3);
         assert_eq!(store.load(3).expect("load").map(|l| l.header.generation), Some(3));
-        assert!(matches!(store.load(4), Err(StoreError::Dir(StateStoreError::Rollback { found: 3, min: 4 }))));
+        assert!(matches!(
+            store.load(4),
+            Err(StoreError::Dir(StateStoreError::Unusable(Unusable::Rollback { found: 3, min: 4 })))
+        ));
     }
 }

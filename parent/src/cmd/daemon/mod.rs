@@ -81,8 +81,15 @@ async fn daemon(cfg: Config) -> Result<(), CliError> {
             }));
         }
     }
-    if let Some(dir) = cfg.state_dir.clone() {
-        let kre = cfg.kre_parent.clone();
+    // One state sync task, into the directory or the etcd store (the configuration allows one).
+    type SyncRound = Arc<dyn Fn() -> Result<String, CliError> + Send + Sync>;
+    let kre = cfg.kre_parent.clone();
+    let round: Option<SyncRound> = match (cfg.state_dir.clone(), cfg.state_store.clone()) {
+        (Some(dir), _) => Some(Arc::new(move || sync_once(&kre, &dir))),
+        (None, Some(url)) => Some(Arc::new(move || sync_once_store(&kre, &url))),
+        (None, None) => None,
+    };
+    if let Some(round) = round {
         tasks.spawn(supervise(
             "state sync",
             stop.clone(),
@@ -90,27 +97,9 @@ async fn daemon(cfg: Config) -> Result<(), CliError> {
             task_backoff(),
             metrics.clone(),
             move || {
-                let (kre, dir) = (kre.clone(), dir.clone());
+                let round = round.clone();
                 async move {
-                    let line = blocking(move || sync_once(&kre, &dir)).await?;
-                    tracing::info!(task = "state sync", "{line}");
-                    Ok(())
-                }
-            },
-        ));
-    }
-    if let Some(url) = cfg.state_store.clone() {
-        let kre = cfg.kre_parent.clone();
-        tasks.spawn(supervise(
-            "state sync",
-            stop.clone(),
-            cfg.sync_every,
-            task_backoff(),
-            metrics.clone(),
-            move || {
-                let (kre, url) = (kre.clone(), url.clone());
-                async move {
-                    let line = blocking(move || sync_once_store(&kre, &url)).await?;
+                    let line = blocking(move || round()).await?;
                     tracing::info!(task = "state sync", "{line}");
                     Ok(())
                 }

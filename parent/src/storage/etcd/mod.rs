@@ -27,7 +27,7 @@ use keygate_enclave::state::sealed;
 
 pub(crate) use self::client::{EtcdClient, EtcdError, EtcdUrl, Limits};
 use self::pb::etcdserverpb::{compare, request_op, Compare, DeleteRangeRequest, PutRequest, RequestOp, TxnRequest};
-use super::state::{Loaded, Slot, SlotProblem};
+use super::state::{Loaded, Slot, SlotProblem, Unusable};
 use super::store::{plan, Plan, SealedStore, StoreError};
 
 /// The generated etcd API (build.rs, from `proto/etcd`).
@@ -222,7 +222,7 @@ impl<K: Kv> EtcdStore<K> {
             };
         }
         if self.kv.get(&key)?.as_deref() != Some(blob) {
-            return Err(StoreError::ReadBackMismatch);
+            return Err(Unusable::ReadBackMismatch.into());
         }
         Ok(g)
     }
@@ -259,7 +259,7 @@ impl<K: Kv> EtcdStore<K> {
             return Err(StoreError::CustodyConflict { key });
         }
         if self.kv.get(&k)?.as_deref() != Some(custody) {
-            return Err(StoreError::ReadBackMismatch);
+            return Err(Unusable::ReadBackMismatch.into());
         }
         Ok(())
     }
@@ -285,7 +285,7 @@ impl<K: Kv> SealedStore for EtcdStore<K> {
             return if min_generation == 0 {
                 Ok(None)
             } else {
-                Err(StoreError::NoIntactState { current: SlotProblem::Missing, previous: SlotProblem::Missing })
+                Err(Unusable::NoIntactState { current: SlotProblem::Missing, previous: SlotProblem::Missing }.into())
             };
         };
         let current = self.read_generation(c)?;
@@ -296,10 +296,10 @@ impl<K: Kv> SealedStore for EtcdStore<K> {
         let (slot, (blob, header), skipped) = match (current, previous) {
             (Ok(cur), _) => (Slot::Current, cur, Vec::new()),
             (Err(why), Ok(prev)) => (Slot::Previous, prev, vec![(Slot::Current, why)]),
-            (Err(current), Err(previous)) => return Err(StoreError::NoIntactState { current, previous }),
+            (Err(current), Err(previous)) => return Err(Unusable::NoIntactState { current, previous }.into()),
         };
         if header.generation < min_generation {
-            return Err(StoreError::Rollback { found: header.generation, min: min_generation });
+            return Err(Unusable::Rollback { found: header.generation, min: min_generation }.into());
         }
         Ok(Some(Loaded { blob, header, slot, skipped }))
     }

@@ -70,7 +70,7 @@ fn other(g: u64) -> Vec<u8> {
 fn genesis_next_generations_keep_the_previous_and_load_the_newest() {
     let mut s = store();
     assert_eq!(s.load(0).expect("empty"), None);
-    assert!(matches!(s.load(1), Err(StoreError::NoIntactState { .. })));
+    assert!(matches!(s.load(1), Err(StoreError::Unusable(Unusable::NoIntactState { .. }))));
     for g in 1..=4 {
         assert_eq!(s.store(&blob(g)).expect("store"), g);
     }
@@ -83,7 +83,7 @@ fn genesis_next_generations_keep_the_previous_and_load_the_newest() {
     assert_eq!(s.kv.map[b"/kg/state/current".as_slice()], b"4");
     let l = s.load(4).expect("load").expect("some");
     assert_eq!((l.slot, l.header.generation, l.blob.clone(), l.skipped.clone()), (Slot::Current, 4, blob(4), vec![]));
-    assert!(matches!(s.load(5), Err(StoreError::Rollback { found: 4, min: 5 })));
+    assert!(matches!(s.load(5), Err(StoreError::Unusable(Unusable::Rollback { found: 4, min: 5 }))));
 }
 
 /// The CAS: a writer that saw generation 4 stores 5; another that also saw 4 loses with a
@@ -165,7 +165,10 @@ fn a_damaged_or_misnamed_current_falls_back_to_the_previous() {
             l.skipped == [(Slot::Current, SlotProblem::Missing)],
         ];
         assert!(want[damage], "damage {damage}: {:?}", l.skipped);
-        assert!(matches!(s.load(3), Err(StoreError::Rollback { found: 2, min: 3 })), "damage {damage}");
+        assert!(
+            matches!(s.load(3), Err(StoreError::Unusable(Unusable::Rollback { found: 2, min: 3 }))),
+            "damage {damage}"
+        );
     }
     // A current key that is not a number.
     let mut s = store();
