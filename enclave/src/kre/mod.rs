@@ -47,6 +47,7 @@ mod custodian;
 pub mod error;
 pub mod join;
 mod keks;
+mod member;
 mod parent;
 mod policy;
 mod release;
