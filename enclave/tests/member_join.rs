@@ -10,7 +10,7 @@ use keygate_attestation::members::{parent_instance_pcr4, parent_role_pcr3, Membe
 use keygate_attestation::mock::MockNsm;
 use keygate_attestation::{Nsm, PcrExpectation, Verifier, VerifyError};
 use keygate_enclave::kre::join::{self, JoinExpect, JoinRefusal};
-use keygate_enclave::peer::member::{Floor, JoinError, JoinSession, MemberExpect};
+use keygate_enclave::kre::joiner::{Floor, JoinError, JoinSession, MemberExpect};
 use keygate_enclave::state::custody::CustodianSet;
 use keygate_enclave::state::vault::{Custody, Phase, Vault, VaultError};
 use keygate_enclave::wire::{JoinOffer, MemberMessage};

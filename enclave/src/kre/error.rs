@@ -259,7 +259,7 @@ pub enum Error {
     Join(Box<super::join::JoinRefusal>),
     /// This KRE, joining, refused the serving member's answer (or the member refused it).
     #[error("join failed: {0}")]
-    Joiner(crate::peer::member::JoinError),
+    Joiner(crate::kre::joiner::JoinError),
     /// A join asked of a KRE that already serves.
     #[error("this KRE already serves: a join is for a member awaiting its state")]
     JoinWhileServing,
@@ -312,7 +312,7 @@ impl From<&Error> for DenyCode {
             | E::StateKeks(_)
             | E::JoinWhileServing => Self::StateRefused,
             E::Join(r) => r.code(),
-            E::Joiner(crate::peer::member::JoinError::Denied { code, .. }) => *code,
+            E::Joiner(crate::kre::joiner::JoinError::Denied { code, .. }) => *code,
             E::Joiner(_) => Self::StateRefused,
             E::NoHandler(_)
             | E::Encode { .. }
@@ -562,9 +562,9 @@ mod tests {
             (E::StateKeks(KekError::Audit(full())), C::AuditFull),
             (E::Join(Box::new(super::super::join::JoinRefusal::NoNonce)), C::NonceMismatch),
             (E::Join(Box::new(super::super::join::JoinRefusal::Unexpected)), C::UnexpectedMessage),
-            (E::Joiner(crate::peer::member::JoinError::KeyDoesNotOpen), C::StateRefused),
+            (E::Joiner(crate::kre::joiner::JoinError::KeyDoesNotOpen), C::StateRefused),
             (
-                E::Joiner(crate::peer::member::JoinError::Denied { code: C::ImageNotAllowed, reason: "no".into() }),
+                E::Joiner(crate::kre::joiner::JoinError::Denied { code: C::ImageNotAllowed, reason: "no".into() }),
                 C::ImageNotAllowed,
             ),
             (E::JoinWhileServing, C::StateRefused),

@@ -4,14 +4,14 @@
 //! Denied. On the parent listener of a member awaiting its state: JoinStart → this KRE's
 //! JoinRequest frame, then, on the same connection, JoinFinish (the serving member's answer
 //! with the stored blob and custody) → the joiner's checks
-//! ([`crate::peer::member::JoinSession::on_offer`]) and [`crate::state::vault::Vault::join`].
+//! ([`crate::kre::joiner::JoinSession::on_offer`]) and [`crate::state::vault::Vault::join`].
 //!
 //! The join session (the ephemeral key J and the nonce) lives only in the parent connection
 //! that started it: an answer carried on another connection, or after the connection closed,
-//! has no session to open it. Trusts the decisions of `kre::join` and `peer::member`, the
+//! has no session to open it. Trusts the decisions of `kre::join` and `kre::joiner`, the
 //! policy this KRE knows (its member list) and the NSM; the parent only carries frames.
 
-use crate::peer::member::{Floor, JoinSession, MemberExpect};
+use crate::kre::joiner::{Floor, JoinSession, MemberExpect};
 use crate::state::vault::{Custody, Phase};
 use crate::wire::JOIN_REQUEST;
 
@@ -62,7 +62,7 @@ impl MemberConnection {
 }
 
 /// The refusal of a joiner's step.
-fn joiner(e: crate::peer::member::JoinError) -> Denial {
+fn joiner(e: crate::kre::joiner::JoinError) -> Denial {
     Denial::state("join", Error::Joiner(e))
 }
 

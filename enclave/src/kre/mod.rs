@@ -46,6 +46,7 @@ mod connection;
 mod custodian;
 pub mod error;
 pub mod join;
+pub mod joiner;
 mod keks;
 mod member;
 mod parent;

@@ -19,7 +19,7 @@ pub(super) enum ParentConnection {
     /// Any request of the parent channel.
     ExpectRequest,
     /// The JoinFinish of the join this connection started (its session).
-    ExpectJoinFinish(Box<crate::peer::member::JoinSession>),
+    ExpectJoinFinish(Box<crate::kre::joiner::JoinSession>),
     Done,
 }
 
