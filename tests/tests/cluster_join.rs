@@ -38,8 +38,10 @@ fn fetch(kre: &DevKre, out: &Path) -> Output {
     keygate_args(&fetch_args(SEED, (KRE_PCR, CP_PCR), &kre.addr(), out, &["etcd"], 0))
 }
 
-fn join(kre: &DevKre, from: &DevKre, state: &Path) -> Output {
-    keygate(&["member", "join", "--kre", &kre.parent(), "--from", &from.member(), "--state-dir", &s(state)])
+/// `keygate member join` of `kre` from `from`, the stored state in `store` (`--state-dir
+/// DIR` or `--store URL`).
+fn join(kre: &DevKre, from: &DevKre, store: &[String; 2]) -> Output {
+    keygate(&["member", "join", "--kre", &kre.parent(), "--from", &from.member(), &store[0], &store[1]])
 }
 
 /// Whether any file the audit follower of the KRE on `sock` wrote contains `needle`.
@@ -56,6 +58,21 @@ fn followed_contains(sock: &Path, needle: &[u8]) -> bool {
 fn a_restarted_member_joins_from_a_serving_one_without_custodians_and_a_non_member_is_refused() {
     let dir = TempDir::new("keygate-cluster-join").expect("tmp");
     let d = dir.path();
+    let store = ["--state-dir".to_owned(), s(&d.join("state"))];
+    join_and_refuse(d, &store);
+}
+
+/// The same with the sealed state in a (one-member) etcd store shared by the members' parents.
+#[test]
+fn a_member_joins_with_the_state_in_etcd() {
+    let etcd = keygate_tests::etcd::EtcdCluster::start(1).unwrap_or_else(|e| panic!("{e}"));
+    let dir = TempDir::new("keygate-cluster-join").expect("tmp");
+    let store = ["--store".to_owned(), etcd.url("/cluster")];
+    join_and_refuse(dir.path(), &store);
+}
+
+/// Genesis on A into `store`, B joins from A, C (no member) is refused.
+fn join_and_refuse(d: &Path, store: &[String; 2]) {
     custodians_and_root(d, SEED);
     ok(keygate(&["keygen", "-o", &s(&d.join("a1.pem"))]));
     ok(keygate(&[
@@ -76,11 +93,9 @@ fn a_restarted_member_joins_from_a_serving_one_without_custodians_and_a_non_memb
         &[("a", "i-a"), ("b", "i-b")],
         &d.join("genesis.bundle"),
     );
-    let state = d.join("state");
-
     // A: genesis with its custodians; serves.
     let a = member_kre(d, "a", "i-a");
-    ok(keygate(&["custodian", "init", "--kre", &a.parent(), "--state-dir", &s(&state)]));
+    ok(keygate(&["custodian", "init", "--kre", &a.parent(), &store[0], &store[1]]));
     ok(fetch(&a, &d.join("ka")));
     let key_a = std::fs::read(d.join("ka/etcd.key")).expect("key");
 
@@ -88,7 +103,7 @@ fn a_restarted_member_joins_from_a_serving_one_without_custodians_and_a_non_memb
     let b = member_kre(d, "b", "i-b");
     refused(fetch(&b, &d.join("kb0")), "sealed");
     let started = Instant::now();
-    let out = ok(join(&b, &a, &state));
+    let out = ok(join(&b, &a, store));
     let joined = started.elapsed();
     assert!(out.contains("the KRE serves generation 1"), "{out}");
     ok(fetch(&b, &d.join("kb")));
@@ -98,11 +113,11 @@ fn a_restarted_member_joins_from_a_serving_one_without_custodians_and_a_non_memb
     ok(fetch(&a, &d.join("ka2")));
     assert_eq!(std::fs::read(d.join("ka2/etcd.key")).expect("key"), key_a);
     // A serving member takes no join.
-    refused(join(&a, &b, &state), "already serves");
+    refused(join(&a, &b, store), "already serves");
 
     // C: the same image on a parent instance that is no member: A refuses, C keeps no key.
     let c = member_kre(d, "c", "i-c");
-    refused(join(&c, &a, &state), "image_not_allowed");
+    refused(join(&c, &a, store), "image_not_allowed");
     refused(fetch(&c, &d.join("kc")), "sealed");
     exited(&keygate(&["status", "--kre", &c.parent()]), 4, "not serving");
 

@@ -132,33 +132,35 @@ fn join(a: &JoinArgs) -> Result<StateReport, CliError> {
         .enable_all()
         .build()
         .map_err(|e| CliError::from(KreError::Runtime(e)))?;
-    rt.block_on(async {
+    // The store is read between the two steps, outside the runtime (its etcd client has one
+    // of its own); the joining KRE's connection, with its session, stays open meanwhile.
+    let (mut kre, offer) = rt.block_on(async {
         let mut kre = Connection::open(&a.kre, timeout).await?;
         kre.send(&Message::JoinStart.encode().map_err(KreError::Encode)?).await?;
         let body = kre.receive().await?;
         let request = match MemberMessage::decode(&body).map_err(KreError::Decode)? {
             MemberMessage::JoinRequest { attestation } => MemberMessage::JoinRequest { attestation },
             MemberMessage::Denied(Message::Denied { code, reason }) => {
-                return Err(KreError::Denied { code, reason }.into())
+                return Err(CliError::from(KreError::Denied { code, reason }))
             }
             _ => return Err(KreError::Unexpected("JoinOffer").into()),
         };
         let mut member = Connection::open(&a.from, timeout).await?;
         member.send(&request.encode().map_err(KreError::Encode)?).await?;
-        let offer = member.receive().await?;
-        let (generation, sha) = match MemberMessage::decode(&offer).map_err(KreError::Decode)? {
-            MemberMessage::JoinOffer(o) => (o.generation, o.blob_sha384),
-            MemberMessage::Denied(Message::Denied { code, reason }) => {
-                return Err(CliError::refused(format!("the serving member refused: {code}: {reason}")))
-            }
-            _ => return Err(KreError::Unexpected("JoinRequest").into()),
-        };
-        let s = stored(a, generation, &sha)?;
-        let finish =
-            Message::JoinFinish { offer, blob: s.blob, shares: s.shares, genesis_attestation: s.genesis_attestation };
-        match kre.ask(&finish).await? {
-            Message::StateReport(r) => Ok(*r),
-            m => Err(kre_client::unexpected(&m)),
+        Ok((kre, member.receive().await?))
+    })?;
+    let (generation, sha) = match MemberMessage::decode(&offer).map_err(KreError::Decode)? {
+        MemberMessage::JoinOffer(o) => (o.generation, o.blob_sha384),
+        MemberMessage::Denied(Message::Denied { code, reason }) => {
+            return Err(CliError::refused(format!("the serving member refused: {code}: {reason}")))
         }
-    })
+        _ => return Err(KreError::Unexpected("JoinRequest").into()),
+    };
+    let s = stored(a, generation, &sha)?;
+    let finish =
+        Message::JoinFinish { offer, blob: s.blob, shares: s.shares, genesis_attestation: s.genesis_attestation };
+    match rt.block_on(kre.ask(&finish))? {
+        Message::StateReport(r) => Ok(*r),
+        m => Err(kre_client::unexpected(&m)),
+    }
 }
