@@ -51,6 +51,10 @@ pub struct EnclaveArgs {
     /// release address's port + 2 (vsock, tcp), or `PATH.custodian` (unix).
     #[arg(long)]
     pub custodian_listen: Option<Addr>,
+    /// The member channel (other member KREs ask this one for the state key,
+    /// `docs/cluster.md`), bound only when given.
+    #[arg(long)]
+    pub member_listen: Option<Addr>,
     /// The startup policy file (JSON): per cluster, the allowed images. Takes no pushes.
     #[arg(long, required_unless_present = "genesis", conflicts_with = "genesis")]
     pub policy: Option<PathBuf>,
@@ -488,6 +492,9 @@ fn serve(args: EnclaveArgs, extra: &[&dyn NsmBackend], dev: DevOptions) -> Resul
         if kre.vault_phase().is_some() || args.custodian_listen.is_some() {
             let a = args.custodian_listen.clone().unwrap_or_else(|| beside(&args.listen, Channel::Custodian));
             addrs.push((Channel::Custodian, a));
+        }
+        if let Some(a) = args.member_listen.clone() {
+            addrs.push((Channel::Member, a));
         }
         let mut listeners = Vec::with_capacity(addrs.len());
         // The release channel last: once its socket accepts, every channel does.

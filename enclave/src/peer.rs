@@ -1,5 +1,6 @@
 //! The other ends of the KRE's channels, without I/O: the control-plane client of the
-//! release handshake, the custodian of unseal and reshare, and a member KRE joining a cluster.
+//! release handshake and the custodian of unseal and reshare. (A member KRE joining a cluster
+//! is the KRE itself: its decision is `kre::joiner`.)
 //!
 //! What this layer decides: what a peer checks before it trusts a KRE (its attestation, the
 //! `user_data` binding, the receipt) and what it sends. What it trusts: the pinned Nitro root
@@ -8,4 +9,3 @@
 
 pub mod client;
 pub mod custodian;
-pub mod member;

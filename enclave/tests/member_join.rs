@@ -10,7 +10,7 @@ use keygate_attestation::members::{parent_instance_pcr4, parent_role_pcr3, Membe
 use keygate_attestation::mock::MockNsm;
 use keygate_attestation::{Nsm, PcrExpectation, Verifier, VerifyError};
 use keygate_enclave::kre::join::{self, JoinExpect, JoinRefusal};
-use keygate_enclave::peer::member::{Floor, JoinError, JoinSession, MemberExpect};
+use keygate_enclave::kre::joiner::{Floor, JoinError, JoinSession, MemberExpect};
 use keygate_enclave::state::custody::CustodianSet;
 use keygate_enclave::state::vault::{Custody, Phase, Vault, VaultError};
 use keygate_enclave::wire::{JoinOffer, MemberMessage};
@@ -458,4 +458,107 @@ fn a_kre_behind_its_sealed_policy_head_refuses_to_forward() {
     assert!(matches!(common::one(&k2, Message::PolicyPush { bundle: v2_bundle }), Message::PolicyAccepted { .. }));
     let e = k2.answer_join(&req, None, &mut env).expect_err("removed");
     assert!(matches!(e, JoinRefusal::NotAMember(NotAMember::NotListed { .. })), "{e}");
+}
+
+/// The join over the KREs' connections, as the processes carry it: the joiner's parent
+/// channel (JoinStart → its JoinRequest; JoinFinish on the same connection), the serving
+/// member's member channel (JoinRequest → JoinOffer). The joiner then serves without any
+/// custodian; an offer for another session, a JoinFinish without a JoinStart, a non-member
+/// and the member frame on another listener are refused.
+#[test]
+fn a_join_over_the_member_and_parent_channels_serves_and_refuses_what_it_must() {
+    use keygate_attestation::bundle::{self, PolicyBody};
+    use keygate_attestation::mock::{derive_key, public_point};
+    use keygate_enclave::kre::{Connection, Kre, KreConfig};
+    use keygate_enclave::wire::{Channel, DenyCode, Message};
+
+    let c = cluster();
+    let key = derive_key(b"member-approvers", "approver-1");
+    let body = PolicyBody {
+        version: 1,
+        previous: [0; 48],
+        issued_at: T / 1000 - 60,
+        activation_delay: 3600,
+        approvers: vec![public_point(&key).try_into().expect("97 bytes")],
+        threshold: 1,
+        policy: common::prod_policy(1, 0),
+        members: c.members.clone(),
+    };
+    let genesis = bundle::encode_bundle(&bundle::encode_body(&body), &[]);
+    let start = |instance: &str| {
+        let config = KreConfig { custodians: Some(c.set.clone()), ..KreConfig::default() };
+        Kre::with_genesis(
+            config,
+            Verifier::new(c.s_nsm.root_anchor()),
+            &genesis,
+            Arc::new(kre_nsm(instance, KRE_IMAGE)),
+        )
+        .expect("kre")
+    };
+    let denied = |reply: &[u8]| match MemberMessage::decode(&reply[4..]) {
+        Ok(MemberMessage::Denied(Message::Denied { code, .. })) => code,
+        other => panic!("expected a Denied, got {other:?}"),
+    };
+    let s = start("i-0serving");
+    common::report(&s, Message::StateGenesis);
+    let (_, stored) = common::sync_stored(&s);
+    let (blob, shares, genesis_attestation) = stored.expect("stored");
+    let finish = |offer: &[u8]| {
+        Message::JoinFinish {
+            offer: offer.to_vec(),
+            blob: blob.clone(),
+            shares: shares.clone(),
+            genesis_attestation: genesis_attestation.clone(),
+        }
+        .encode()
+        .expect("finish")
+    };
+    let start_frame = Message::JoinStart.encode().expect("start");
+
+    let j = start("i-0joiner");
+    // A JoinFinish without its JoinStart has no session.
+    let mut fresh = Connection::new(Channel::Parent);
+    assert_eq!(denied(&common::step(&mut fresh, &j, &finish(&[1, 2])).reply), DenyCode::UnexpectedMessage);
+    // Two sessions: the offer for the first does not open on the second's connection.
+    let mut first = Connection::new(Channel::Parent);
+    let req1 = common::step(&mut first, &j, &start_frame);
+    assert!(!req1.close, "the connection waits for the JoinFinish");
+    let mut second = Connection::new(Channel::Parent);
+    common::step(&mut second, &j, &start_frame);
+    // The member frame is refused from any other listener, and the member listener takes
+    // nothing else.
+    for channel in [Channel::Release, Channel::Parent, Channel::Custodian] {
+        let r = common::step(&mut Connection::new(channel), &s, &req1.reply);
+        assert_eq!(denied(&r.reply), DenyCode::WrongChannel, "{channel}");
+    }
+    let hello = Message::Hello { client_nonce: [1; 32] }.encode().expect("hello");
+    assert_eq!(denied(&common::step(&mut Connection::new(Channel::Member), &s, &hello).reply), DenyCode::WrongChannel);
+    let offer = common::step(&mut Connection::new(Channel::Member), &s, &req1.reply);
+    assert!(matches!(MemberMessage::decode(&offer.reply[4..]), Ok(MemberMessage::JoinOffer(_))));
+    let r = common::step(&mut second, &j, &finish(&offer.reply[4..]));
+    assert_eq!(denied(&r.reply), DenyCode::StateRefused, "an offer for another session");
+    assert_eq!(j.vault_phase(), Some(Phase::Awaiting));
+    // On its own session's connection, it serves the stored generation.
+    let r = common::step(&mut first, &j, &finish(&offer.reply[4..]));
+    match Message::decode(&r.reply[4..]) {
+        Ok(Message::StateReport(rep)) => assert_eq!((rep.phase, rep.committed_generation), (3, 1)),
+        other => panic!("expected a StateReport, got {other:?}"),
+    }
+    assert_eq!(j.vault_phase(), Some(Phase::Serving));
+    // A serving KRE takes no join; a non-member is refused by the serving member.
+    assert_eq!(
+        denied(&common::step(&mut Connection::new(Channel::Parent), &j, &start_frame).reply),
+        DenyCode::StateRefused
+    );
+    let stranger = start("i-0stranger");
+    let req = common::step(&mut Connection::new(Channel::Parent), &stranger, &start_frame);
+    let r = common::step(&mut Connection::new(Channel::Member), &s, &req.reply);
+    assert_eq!(denied(&r.reply), DenyCode::ImageNotAllowed);
+    // The joined member forwards in turn (to the first member, restarted and awaiting).
+    let s2 = start("i-0serving");
+    let mut conn = Connection::new(Channel::Parent);
+    let req = common::step(&mut conn, &s2, &start_frame);
+    let offer = common::step(&mut Connection::new(Channel::Member), &j, &req.reply);
+    common::step(&mut conn, &s2, &finish(&offer.reply[4..]));
+    assert_eq!(s2.vault_phase(), Some(Phase::Serving));
 }

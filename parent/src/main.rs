@@ -69,6 +69,9 @@ enum Command {
     /// Custodians of the state key: genesis and the unseal ceremony (docs/durability.md).
     #[command(subcommand)]
     Custodian(cmd::custodian::CustodianCommand),
+    /// Cluster members: join from a serving member, without custodians (docs/cluster.md).
+    #[command(subcommand)]
+    Member(cmd::member::MemberCommand),
     /// Benchmarks (docs/benchmarks.md); their tables are text even under `--json`.
     #[cfg(feature = "mock")]
     #[command(subcommand)]
@@ -115,6 +118,7 @@ fn main() -> ExitCode {
         Command::KmsPlugin(a) => cmd::kms_plugin::run(a),
         Command::State(c) => cmd::custodian::run_state(c),
         Command::Custodian(c) => cmd::custodian::run_custodian(c),
+        Command::Member(c) => cmd::member::run(c),
         Command::Completions(a) => cmd::completions::completions(a, Cli::command()),
         Command::Man(a) => cmd::completions::man(a, Cli::command()),
     };

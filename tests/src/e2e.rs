@@ -173,6 +173,11 @@ impl DevKre {
         format!("unix:{}.custodian", self.sock.display())
     }
 
+    /// The member channel, when the KRE was started with `--member-listen` at this path.
+    pub fn member(&self) -> String {
+        format!("unix:{}.member", self.sock.display())
+    }
+
     /// kill -9 (and the follower with it).
     pub fn kill(self) {
         drop(self);

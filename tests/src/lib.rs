@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod cleanup;
+pub mod cluster;
 pub mod e2e;
 pub mod etcd;
 mod process;

@@ -45,15 +45,7 @@ fn start_kre_with(d: &Path, policy: (&str, &Path), custodians: &[&str], threshol
 /// `keygate fetch` arguments for the mock control plane (PCR0-2 = CP_PCR) asking `addr` for
 /// `key_ids` of cluster `prod`, expecting the KRE's PCR0.
 fn fetch_args(addr: &str, out: &Path, key_ids: &[&str], retries: u32) -> Vec<String> {
-    let mut a: Vec<String> = vec!["fetch".into(), "--kre".into(), addr.into(), "--cluster".into(), "prod".into()];
-    for k in key_ids {
-        a.extend(["--key-id".into(), (*k).into()]);
-    }
-    a.extend(["--out".into(), s(out), "--nsm".into(), "mock".into(), "--mock-seed".into(), SEED.into()]);
-    a.extend(["--retries".into(), retries.to_string()]);
-    a.extend(pcr_args("--expect-kre-pcr", KRE_PCR, 1));
-    a.extend(pcr_args("--mock-pcr", CP_PCR, 3));
-    a
+    keygate_tests::cluster::fetch_args(SEED, (KRE_PCR, CP_PCR), addr, out, key_ids, retries)
 }
 
 fn fetch(kre: &Kre, out: &Path) -> Output {
@@ -75,10 +67,7 @@ fn unseal(d: &Path, kre: &Kre, custodian: &str, expect_pcr: u8) -> Output {
 }
 
 fn setup(d: &Path) {
-    for i in 1..=3 {
-        ok(keygate(&["keygen", "-o", &s(&d.join(format!("c{i}.pem")))]));
-    }
-    ok(keygate(&["attestation", "mock-root", "--seed", SEED, "-o", &s(&d.join("root.pem"))]));
+    keygate_tests::cluster::custodians_and_root(d, SEED);
 }
 
 /// The static policy `d/policy.json`: `prod` allows the control plane `cp` (PCRs `CP_PCR`),

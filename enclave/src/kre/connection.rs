@@ -7,6 +7,7 @@ use crate::wire::{self, Channel, Message, Unreadable, WireError};
 
 use super::custodian::CustodianConnection;
 use super::error::{Denial, Error, Stage};
+use super::member::MemberConnection;
 use super::parent::ParentConnection;
 use super::release::ReleaseConnection;
 use super::{Env, Event, Kre, Step};
@@ -24,6 +25,7 @@ enum Machine {
     Release(ReleaseConnection),
     Parent(ParentConnection),
     Custodian(CustodianConnection),
+    Member(MemberConnection),
 }
 
 impl Machine {
@@ -32,6 +34,7 @@ impl Machine {
             Self::Release(m) => m.expects(t),
             Self::Parent(m) => m.expects(t),
             Self::Custodian(m) => m.expects(t),
+            Self::Member(m) => m.expects(t),
         }
     }
 
@@ -41,6 +44,7 @@ impl Machine {
             Self::Release(m) => (m.expected(), Stage::Challenge),
             Self::Parent(m) => (m.expected(), Stage::Challenge),
             Self::Custodian(m) => (m.expected(), m.step().map_or(Stage::Challenge, |step| Stage::State { step })),
+            Self::Member(m) => (m.expected(), Stage::Challenge),
         }
     }
 
@@ -50,6 +54,7 @@ impl Machine {
             Self::Release(m) => m.abandon(kre),
             Self::Parent(m) => *m = ParentConnection::Done,
             Self::Custodian(m) => *m = CustodianConnection::Done,
+            Self::Member(m) => *m = MemberConnection::Done,
         }
     }
 
@@ -59,6 +64,7 @@ impl Machine {
             Self::Release(m) => *m = ReleaseConnection::Done,
             Self::Parent(m) => *m = ParentConnection::Done,
             Self::Custodian(m) => *m = CustodianConnection::Done,
+            Self::Member(m) => *m = MemberConnection::Done,
         }
     }
 
@@ -68,6 +74,7 @@ impl Machine {
             Self::Release(ReleaseConnection::Done)
                 | Self::Parent(ParentConnection::Done)
                 | Self::Custodian(CustodianConnection::Done)
+                | Self::Member(MemberConnection::Done)
         )
     }
 
@@ -76,6 +83,8 @@ impl Machine {
             Self::Release(m) => m.on_message(kre, msg, env),
             Self::Parent(m) => m.on_message(kre, msg, env),
             Self::Custodian(m) => m.on_message(kre, msg, env),
+            // The member family is decoded by its own state machine (`on_frame`).
+            Self::Member(_) => Err(Error::NoHandler(msg.name()).into()),
         }
     }
 }
@@ -88,6 +97,7 @@ impl Connection {
             Channel::Release => Machine::Release(ReleaseConnection::ExpectHello),
             Channel::Parent => Machine::Parent(ParentConnection::ExpectRequest),
             Channel::Custodian => Machine::Custodian(CustodianConnection::ExpectHello),
+            Channel::Member => Machine::Member(MemberConnection::ExpectJoinRequest),
         };
         Self { channel, machine }
     }
@@ -109,7 +119,7 @@ impl Connection {
         if version != wire::VERSION {
             return Some(Error::UnsupportedVersion(version).into());
         }
-        let Some(name) = wire::type_name(t) else {
+        let Some(name) = wire::type_name(t).or((t == wire::JOIN_REQUEST).then_some("JoinRequest")) else {
             return Some(Error::Malformed(WireError::UnknownType(t)).into());
         };
         if let Some(belongs) = Channel::of_request_type(t).filter(|c| *c != self.channel) {
@@ -133,7 +143,7 @@ impl Connection {
         if self.refusal_of_header(version, t).is_some() {
             return None;
         }
-        wire::max_request_body(t)
+        wire::max_request_body(t).or_else(|| wire::max_member_request_body(t))
     }
 
     /// Handles one frame body (the bytes after the length prefix).
@@ -147,6 +157,10 @@ impl Connection {
                 self.machine.abandon(kre);
                 Err(d)
             }
+            None if matches!(self.machine, Machine::Member(_)) => match &mut self.machine {
+                Machine::Member(m) => m.on_frame(kre, body, env),
+                _ => Err(Error::NoHandler("JoinRequest").into()),
+            },
             None => match Message::decode(body) {
                 Err(WireError::UnsupportedVersion(v)) => Err(Error::UnsupportedVersion(v).into()),
                 Err(e @ (WireError::BadId | WireError::BadKeyCount(_) | WireError::DuplicateKeyId)) => {

@@ -252,6 +252,17 @@ pub enum Error {
     /// The KEKs after a sealed-state step could not be made (or recorded).
     #[error("{0}")]
     StateKeks(KekError),
+
+    // --- Members (docs/cluster.md).
+    /// This KRE, a serving member, refused to forward its state key.
+    #[error("join refused: {0}")]
+    Join(Box<super::join::JoinRefusal>),
+    /// This KRE, joining, refused the serving member's answer (or the member refused it).
+    #[error("join failed: {0}")]
+    Joiner(crate::kre::joiner::JoinError),
+    /// A join asked of a KRE that already serves.
+    #[error("this KRE already serves: a join is for a member awaiting its state")]
+    JoinWhileServing,
 }
 
 impl From<&Error> for DenyCode {
@@ -298,7 +309,11 @@ impl From<&Error> for DenyCode {
             | E::Random(_)
             | E::NewSet(_)
             | E::Share(_)
-            | E::StateKeks(_) => Self::StateRefused,
+            | E::StateKeks(_)
+            | E::JoinWhileServing => Self::StateRefused,
+            E::Join(r) => r.code(),
+            E::Joiner(crate::kre::joiner::JoinError::Denied { code, .. }) => *code,
+            E::Joiner(_) => Self::StateRefused,
             E::NoHandler(_)
             | E::Encode { .. }
             | E::WrappingKey(_)
@@ -464,10 +479,13 @@ mod tests {
             E::Share(_) => 55,
             E::StateKeks(_) => 56,
             E::ApproverIsCustodian { .. } => 57,
+            E::Join(_) => 58,
+            E::Joiner(_) => 59,
+            E::JoinWhileServing => 60,
         }
     }
 
-    const VARIANTS: usize = 58;
+    const VARIANTS: usize = 61;
 
     /// One value of every variant with the code it must map to (and, where the code depends
     /// on the data, one more).
@@ -542,6 +560,14 @@ mod tests {
             (E::Share(CustodyError::NoCustodians), C::StateRefused),
             (E::StateKeks(KekError::ClusterName("x y".into())), C::StateRefused),
             (E::StateKeks(KekError::Audit(full())), C::AuditFull),
+            (E::Join(Box::new(super::super::join::JoinRefusal::NoNonce)), C::NonceMismatch),
+            (E::Join(Box::new(super::super::join::JoinRefusal::Unexpected)), C::UnexpectedMessage),
+            (E::Joiner(crate::kre::joiner::JoinError::KeyDoesNotOpen), C::StateRefused),
+            (
+                E::Joiner(crate::kre::joiner::JoinError::Denied { code: C::ImageNotAllowed, reason: "no".into() }),
+                C::ImageNotAllowed,
+            ),
+            (E::JoinWhileServing, C::StateRefused),
         ]
     }
 

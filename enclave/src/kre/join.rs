@@ -60,6 +60,10 @@ pub struct JoinAnswer {
     pub member: String,
     /// The generation forwarded.
     pub generation: u64,
+    /// The joiner's module id (its document).
+    pub module_id: String,
+    /// The joiner's PCR4, hex.
+    pub pcr4: String,
 }
 
 /// Why a serving member refused a join.
@@ -183,7 +187,13 @@ pub fn answer(
     }))
     .encode()
     .map_err(JoinRefusal::Wire)?;
-    Ok(JoinAnswer { frame, member: member.name.clone(), generation: state.generation })
+    Ok(JoinAnswer {
+        frame,
+        member: member.name.clone(),
+        generation: state.generation,
+        module_id: att.module_id().to_owned(),
+        pcr4: att.pcr(4).map(hex::encode).unwrap_or_default(),
+    })
 }
 
 /// A KRE's own image, as a member expects it of the others: its PCR0, PCR1 and PCR2 (`None`

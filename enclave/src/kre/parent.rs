@@ -18,13 +18,19 @@ use super::{encode, Env, Event, Kre, Step};
 pub(super) enum ParentConnection {
     /// Any request of the parent channel.
     ExpectRequest,
+    /// The JoinFinish of the join this connection started (its session).
+    ExpectJoinFinish(Box<crate::kre::joiner::JoinSession>),
     Done,
 }
 
 impl ParentConnection {
     /// Whether the connection takes a request of type `t` now.
     pub(super) fn expects(&self, t: u8) -> bool {
-        matches!(self, Self::ExpectRequest) && Channel::of_request_type(t) == Some(Channel::Parent)
+        match self {
+            Self::ExpectRequest => Channel::of_request_type(t) == Some(Channel::Parent) && t != wire::ty::JOIN_FINISH,
+            Self::ExpectJoinFinish(_) => t == wire::ty::JOIN_FINISH,
+            Self::Done => false,
+        }
     }
 
     /// What the connection waits for, as refusals name it (`None`: finished).
@@ -32,15 +38,26 @@ impl ParentConnection {
         match self {
             // Named as on every channel: the connection's first frame.
             Self::ExpectRequest => Some("Hello"),
+            Self::ExpectJoinFinish(_) => Some("JoinFinish"),
             Self::Done => None,
         }
     }
 
     /// Handles a decoded request this connection takes.
     pub(super) fn on_message(&mut self, kre: &Kre, msg: Message, env: &mut Env<'_>) -> Result<Step, Denial> {
-        if matches!(std::mem::replace(self, Self::Done), Self::Done) {
-            return Err(Error::NoHandler(msg.name()).into());
-        }
+        let msg = match (std::mem::replace(self, Self::Done), msg) {
+            (Self::ExpectRequest, Message::JoinStart) => {
+                let (session, reply) = kre.join_start(env)?;
+                *self = Self::ExpectJoinFinish(Box::new(session));
+                return Ok(Step { reply, close: false, event: Event::State { step: "join-request", generation: 0 } });
+            }
+            (Self::ExpectJoinFinish(session), Message::JoinFinish { offer, blob, shares, genesis_attestation }) => {
+                kre.join_finish(&session, &offer, blob, Custody { shares, genesis_attestation }, env)?;
+                return report_step(kre.state_report()?, "join");
+            }
+            (Self::ExpectRequest, msg) => msg,
+            (_, msg) => return Err(Error::NoHandler(msg.name()).into()),
+        };
         let now_ms = env.now_ms;
         match msg {
             // A one-shot pull brings the trail up to date (the anonymous aggregate is written

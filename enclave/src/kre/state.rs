@@ -363,6 +363,38 @@ impl StateService {
         })
     }
 
+    /// A join (`docs/cluster.md`): the state key a serving member forwarded, checked by the
+    /// joiner's session, with the stored blob and custody the parent hands over. Serves exactly
+    /// the vouched generation ([`Vault::join`]), recorded or not done.
+    pub(super) fn join(
+        &self,
+        audit: &AuditTrail,
+        forwarded: vault::Forwardable,
+        blob: Vec<u8>,
+        custody: Custody,
+        now_ms: u64,
+    ) -> Result<u64, Denial> {
+        let blob_sha: [u8; 48] = Sha384::digest(&blob).into();
+        self.recorded(audit, "join", now_ms, |v| {
+            let generation = v.join(self.crypto, forwarded, blob, custody).map_err(Error::Vault)?;
+            let detail = format!(
+                "generation {generation} (blob sha384 {}) forwarded by a serving member and in use",
+                hex::encode(blob_sha)
+            );
+            Ok((generation, vec![state_event("joined", true, detail)]))
+        })
+    }
+
+    /// Records that this serving member forwarded its state key (`detail` names the joiner
+    /// and the generation); refused, and nothing is sent, if the entry cannot be recorded.
+    pub(super) fn record_forward(&self, audit: &AuditTrail, detail: String, now_ms: u64) -> Result<(), Denial> {
+        let events = vec![state_event("state-key-forwarded", true, detail)];
+        let mut log = audit.log();
+        log.room_for(&events).map_err(|e| Denial::state("join-answer", Error::StepNotRecorded(e)))?;
+        append_admin(&mut log, events, now_ms);
+        Ok(())
+    }
+
     /// The committed sealed state's generation and the policy head it carries (`None`
     /// before serving).
     pub(super) fn committed_policy(&self) -> Option<(u64, Option<PolicyHead>)> {

@@ -89,7 +89,9 @@ pub async fn serve(
     for (channel, listener) in listeners {
         let bytes = match channel {
             Channel::Release => cfg.bytes_in_flight,
-            Channel::Parent | Channel::Custodian => cfg.max_admin_connections.saturating_mul(wire::MAX_FRAME),
+            Channel::Parent | Channel::Custodian | Channel::Member => {
+                cfg.max_admin_connections.saturating_mul(wire::MAX_FRAME)
+            }
         };
         let budget = ByteBudget::new(bytes);
         let shared = Shared { kre: kre.clone(), cfg: cfg.clone(), budget, sync: sync.clone() };

@@ -1544,7 +1544,7 @@ impl Vault {
     }
 
     /// A joining member's entry to serving: the state key a serving member forwarded (after
-    /// every check of the join, `crate::peer::member`), with the generation, blob digest and
+    /// every check of the join, `crate::kre::joiner`), with the generation, blob digest and
     /// policy head it vouched for, and the stored blob and custody the parent hands over.
     /// Serves exactly that generation, only if the blob's digest is the one vouched for, it is
     /// for this KRE's custodian set, the key opens it, and it holds the vouched generation and

@@ -18,11 +18,14 @@ pub enum Channel {
     Parent,
     /// Custodians: unseal and reshare. Proxied only where the operator opts in, on its own port.
     Custodian,
+    /// Other member KREs: JoinRequest (`docs/cluster.md`). Proxied only where the operator
+    /// opts in, on its own port.
+    Member,
 }
 
 impl Channel {
     /// Every channel.
-    pub const ALL: [Channel; 3] = [Channel::Release, Channel::Parent, Channel::Custodian];
+    pub const ALL: [Channel; 4] = [Channel::Release, Channel::Parent, Channel::Custodian, Channel::Member];
 
     /// The channel whose client sends the request frame of type `ty` (the body's second byte);
     /// `None` for a frame only the KRE sends, or an unknown type.
@@ -38,8 +41,11 @@ impl Channel {
             | ty::STATE_POLL
             | ty::STATE_GENESIS
             | ty::STATE_LOAD
-            | ty::STATE_COMMIT => Some(Channel::Parent),
+            | ty::STATE_COMMIT
+            | ty::JOIN_START
+            | ty::JOIN_FINISH => Some(Channel::Parent),
             ty::UNSEAL_HELLO | ty::UNSEAL_SHARE | ty::RESHARE_START => Some(Channel::Custodian),
+            super::member::JOIN_REQUEST => Some(Channel::Member),
             _ => None,
         }
     }
@@ -50,6 +56,7 @@ impl Channel {
             Channel::Release => "release",
             Channel::Parent => "parent",
             Channel::Custodian => "custodian",
+            Channel::Member => "member",
         }
     }
 }
@@ -69,7 +76,7 @@ impl fmt::Display for Channel {
 
 /// A channel name that is none of [`Channel::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown channel `{0}` (release, parent or custodian)")]
+#[error("unknown channel `{0}` (release, parent, custodian or member)")]
 pub struct UnknownChannel(pub String);
 
 impl std::str::FromStr for Channel {
@@ -89,6 +96,6 @@ mod tests {
             assert_eq!(c.as_str().parse::<Channel>(), Ok(c));
         }
         let e = "admin".parse::<Channel>().expect_err("unknown");
-        assert_eq!(e.to_string(), "unknown channel `admin` (release, parent or custodian)");
+        assert_eq!(e.to_string(), "unknown channel `admin` (release, parent, custodian or member)");
     }
 }

@@ -66,6 +66,8 @@ message_types! {
     AuditWait = AUDIT_WAIT = 25,
     PolicyDurableWait = POLICY_DURABLE_WAIT = 26,
     PolicyDurable = POLICY_DURABLE = 27,
+    JoinStart = JOIN_START = 28,
+    JoinFinish = JOIN_FINISH = 29,
 }
 
 /// The largest body (version and type bytes included) a request of type `t` can have: what the
@@ -82,10 +84,10 @@ pub fn max_request_body(t: u8) -> Option<usize> {
         ty::AUDIT_WAIT => HEAD + 8 + 2 + 2,
         ty::POLICY_DURABLE_WAIT => HEAD + 8 + 48 + 2,
         ty::AUDIT_ACK => HEAD + 8,
-        ty::STATUS | ty::STATE_POLL | ty::STATE_GENESIS => HEAD,
+        ty::STATUS | ty::STATE_POLL | ty::STATE_GENESIS | ty::JOIN_START => HEAD,
         ty::STATE_COMMIT => HEAD + 8 + 48,
         ty::UNSEAL_SHARE => HEAD + UNSEAL_SHARE_LEN,
-        ty::POLICY_PUSH | ty::STATE_LOAD | ty::RESHARE_START => MAX_FRAME,
+        ty::POLICY_PUSH | ty::STATE_LOAD | ty::RESHARE_START | ty::JOIN_FINISH => MAX_FRAME,
         _ => return None,
     })
 }
@@ -255,6 +257,22 @@ pub enum Message {
         /// The shares file.
         shares: Vec<u8>,
         /// The genesis attestation.
+        genesis_attestation: Vec<u8>,
+    },
+    /// Parent → KRE (awaiting state): start a join; the answer is this KRE's JoinRequest frame
+    /// (the member family, `docs/cluster.md`), for the parent to carry to a serving member.
+    /// The JoinFinish must follow on the same connection.
+    JoinStart,
+    /// Parent → KRE, after its JoinStart on the same connection: the serving member's answer
+    /// and the stored state of the generation it vouched for. Answered with a StateReport.
+    JoinFinish {
+        /// The serving member's answer frame body (a JoinOffer, or its Denied).
+        offer: Vec<u8>,
+        /// The stored sealed blob of the offered generation.
+        blob: Vec<u8>,
+        /// The shares file stored with it.
+        shares: Vec<u8>,
+        /// The genesis attestation stored with it.
         genesis_attestation: Vec<u8>,
     },
     /// Parent → KRE: the exported generation is stored durably and was read back.
@@ -440,7 +458,13 @@ impl Message {
                 w.bytes16("shares", &r.shares)?;
                 w.bytes16("genesis_attestation", &r.genesis_attestation)?;
             }
-            Message::StateGenesis => {}
+            Message::StateGenesis | Message::JoinStart => {}
+            Message::JoinFinish { offer, blob, shares, genesis_attestation } => {
+                w.bytes16("offer", offer)?;
+                w.bytes16("blob", blob)?;
+                w.bytes16("shares", shares)?;
+                w.bytes16("genesis_attestation", genesis_attestation)?;
+            }
             Message::StateLoad { blob, shares, genesis_attestation } => {
                 w.bytes16("blob", blob)?;
                 w.bytes16("shares", shares)?;
@@ -587,6 +611,13 @@ impl Message {
                 genesis_attestation: r.bytes16("genesis_attestation")?.to_vec(),
             })),
             ty::STATE_GENESIS => Message::StateGenesis,
+            ty::JOIN_START => Message::JoinStart,
+            ty::JOIN_FINISH => Message::JoinFinish {
+                offer: r.bytes16("offer")?.to_vec(),
+                blob: r.bytes16("blob")?.to_vec(),
+                shares: r.bytes16("shares")?.to_vec(),
+                genesis_attestation: r.bytes16("genesis_attestation")?.to_vec(),
+            },
             ty::STATE_LOAD => Message::StateLoad {
                 blob: r.bytes16("blob")?.to_vec(),
                 shares: r.bytes16("shares")?.to_vec(),
@@ -699,6 +730,13 @@ mod tests {
             })),
             Message::StateGenesis,
             Message::StateLoad { blob: vec![1; 40], shares: vec![2; 30], genesis_attestation: vec![3; 20] },
+            Message::JoinStart,
+            Message::JoinFinish {
+                offer: vec![1; 500],
+                blob: vec![2; 40],
+                shares: vec![3; 30],
+                genesis_attestation: vec![4; 20],
+            },
             Message::StateCommit { generation: 5, blob_sha384: [7; 48] },
             Message::StateCommitted { generation: 5 },
             Message::UnsealHello { client_nonce: [8; 32] },

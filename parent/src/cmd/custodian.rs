@@ -211,7 +211,7 @@ fn encode_custody(shares: &[u8], genesis: &[u8]) -> Result<Vec<u8>, CliError> {
 
 /// Why a custody file does not decode.
 #[derive(Debug, thiserror::Error)]
-enum CustodyFileError {
+pub(crate) enum CustodyFileError {
     #[error("not a keygate custody file (bad magic)")]
     BadMagic,
     #[error("truncated")]
@@ -222,7 +222,7 @@ enum CustodyFileError {
     TrailingBytes,
 }
 
-fn decode_custody(b: &[u8]) -> Result<Custody, CustodyFileError> {
+pub(crate) fn decode_custody(b: &[u8]) -> Result<Custody, CustodyFileError> {
     let rest = b.strip_prefix(CUSTODY_MAGIC.as_slice()).ok_or(CustodyFileError::BadMagic)?;
     let take = |r: &[u8]| -> Result<(Vec<u8>, usize), CustodyFileError> {
         let n = r.get(..4).ok_or(CustodyFileError::Truncated)?;
@@ -240,7 +240,7 @@ fn decode_custody(b: &[u8]) -> Result<Custody, CustodyFileError> {
 }
 
 /// The stored custody data of the set with `set_digest`, if any.
-fn read_custody(dir: &Path, set_digest: &[u8; 48]) -> Result<Option<Custody>, CliError> {
+pub(crate) fn read_custody(dir: &Path, set_digest: &[u8; 48]) -> Result<Option<Custody>, CliError> {
     let name = custody_file(set_digest);
     let mut fs = DirFs::new(dir);
     match fs.read_file(&name, MAX_CUSTODY) {
@@ -538,7 +538,7 @@ pub(crate) enum EtcdRound {
     Lost(String),
 }
 
-fn etcd_store(url: &EtcdUrl) -> Result<EtcdStore, CliError> {
+pub(crate) fn etcd_store(url: &EtcdUrl) -> Result<EtcdStore, CliError> {
     EtcdStore::connect(url).map_err(|e| CliError::io(format!("etcd {url}"), e))
 }
 

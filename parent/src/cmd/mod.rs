@@ -32,6 +32,7 @@ pub(crate) mod daemon;
 pub(crate) mod eif;
 pub(crate) mod fetch;
 pub(crate) mod kms_plugin;
+pub(crate) mod member;
 pub(crate) mod policy;
 pub(crate) mod proxy;
 pub(crate) mod reports;

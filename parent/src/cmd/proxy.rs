@@ -3,7 +3,7 @@
 //! never payloads.
 //!
 //! It forwards one channel to that channel's port only: the release channel (the default),
-//! or the custodian channel where the operator opts in. The parent channel is never proxied.
+//! or the custodian or member channel where the operator opts in. The parent channel is never proxied.
 //! As defence in depth (the KRE refuses another channel's frames itself) it reads the first
 //! frame's header and refuses a connection whose first frame is not a request of its channel
 //! before anything reaches the KRE.
@@ -32,7 +32,7 @@ pub(crate) struct ProxyArgs {
     /// (resolved at each connect).
     #[arg(long)]
     to: Addr,
-    /// The channel forwarded: `release` (control planes) or `custodian` (opt-in, on its own
+    /// The channel forwarded: `release` (control planes), `custodian` or `member` (opt-in, on its own
     /// port). The parent channel is never proxied.
     #[arg(long, default_value = "release")]
     channel: Channel,

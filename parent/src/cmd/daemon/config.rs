@@ -78,6 +78,12 @@ keys! {
     /// The KRE's custodian channel port (opt-in; with --custodian-listen).
     /// Environment KEYGATE_PARENT_CUSTODIAN_TO.
     custodian_to: "ADDR",
+    /// The member channel's host side (opt-in; with --member-to; docs/cluster.md): unix:PATH,
+    /// tcp:IP:PORT or tcp:HOST:PORT. Environment KEYGATE_PARENT_MEMBER_LISTEN.
+    member_listen: "ADDR",
+    /// The KRE's member channel port (`--member-listen` of the KRE; opt-in; with
+    /// --member-listen). Environment KEYGATE_PARENT_MEMBER_TO.
+    member_to: "ADDR",
     /// The sealed state directory: `state sync` follows when set.
     /// Environment KEYGATE_PARENT_STATE_DIR.
     state_dir: "DIR",
@@ -132,6 +138,8 @@ pub(crate) struct Config {
     /// The proxies: the release channel, and the custodian channel where configured.
     pub(crate) release: Forward,
     pub(crate) custodian: Option<Forward>,
+    /// The member channel, where configured.
+    pub(crate) member: Option<Forward>,
     /// `state sync` following into this directory, pausing `sync_every` between rounds.
     pub(crate) state_dir: Option<PathBuf>,
     /// Or into etcd.
@@ -173,6 +181,8 @@ pub(crate) enum ConfigError {
     Missing(&'static str),
     #[error("custodian_listen and custodian_to go together: `{0}` is not set")]
     CustodianHalf(&'static str),
+    #[error("member_listen and member_to go together: `{0}` is not set")]
+    MemberHalf(&'static str),
     #[error("state_dir and state_store exclude each other: the sealed state goes to one store")]
     TwoStateStores,
 }
@@ -285,6 +295,12 @@ pub(crate) fn resolve(
         (Some(_), None) => return Err(ConfigError::CustodianHalf("custodian_to")),
         (None, Some(_)) => return Err(ConfigError::CustodianHalf("custodian_listen")),
     };
+    let member = match (l.get("member_listen", addr)?, l.get("member_to", addr)?) {
+        (Some(listen), Some(to)) => Some(Forward { listen, to }),
+        (None, None) => None,
+        (Some(_), None) => return Err(ConfigError::MemberHalf("member_to")),
+        (None, Some(_)) => return Err(ConfigError::MemberHalf("member_listen")),
+    };
     let secs = Duration::from_secs;
     let state_dir = l.get("state_dir", path)?;
     let state_store = l.get("state_store", |v: &str| v.trim().parse::<EtcdUrl>())?;
@@ -295,6 +311,7 @@ pub(crate) fn resolve(
         kre_parent: l.required("kre_parent", addr)?,
         release: Forward { listen: l.required("release_listen", addr)?, to: l.required("release_to", addr)? },
         custodian,
+        member,
         state_dir,
         state_store,
         sync_every: l.duration("sync_every", secs(5))?,
@@ -435,6 +452,13 @@ mod tests {
             from(&none, &[("custodian_listen", "tcp:127.0.0.1:1")], "").expect_err("half"),
             ConfigError::CustodianHalf("custodian_to")
         );
+        assert_eq!(
+            from(&none, &[("member_to", "unix:/k.member")], "").expect_err("half"),
+            ConfigError::MemberHalf("member_listen")
+        );
+        let cfg = from(&none, &[("member_listen", "tcp:127.0.0.1:5003"), ("member_to", "unix:/k.member")], "")
+            .expect("a member forward");
+        assert_eq!(cfg.member.map(|m| m.to), Some(Addr::Unix(PathBuf::from("/k.member"))));
         assert_eq!(
             from(&none, &[("state_store", "etcd://h:1")], "state_dir = \"/s\"\n").expect_err("two stores"),
             ConfigError::TwoStateStores

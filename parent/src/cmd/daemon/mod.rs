@@ -50,6 +50,9 @@ pub(crate) fn run(a: DaemonArgs) -> Result<(), CliError> {
     if let Some(c) = &cfg.custodian {
         proxy::check_forward(&c.listen, Channel::Custodian)?;
     }
+    if let Some(m) = &cfg.member {
+        proxy::check_forward(&m.listen, Channel::Member)?;
+    }
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
     rt.block_on(daemon(cfg))?;
@@ -68,13 +71,21 @@ async fn daemon(cfg: Config) -> Result<(), CliError> {
         None => None,
     };
     let proxy_metrics = metrics.as_ref().map(|m| m.proxy.clone()).unwrap_or_default();
-    let forwards = [(Channel::Release, Some(cfg.release.clone())), (Channel::Custodian, cfg.custodian.clone())];
+    let forwards = [
+        (Channel::Release, Some(cfg.release.clone())),
+        (Channel::Custodian, cfg.custodian.clone()),
+        (Channel::Member, cfg.member.clone()),
+    ];
     for (channel, forward) in forwards {
         if let Some(Forward { listen, to }) = forward {
             let pc =
                 ProxyConfig { to, channel, slots: cfg.slots, timeouts: cfg.timeouts, metrics: proxy_metrics.clone() };
             let s = stop.clone();
-            let name = if channel == Channel::Release { "proxy release" } else { "proxy custodian" };
+            let name = match channel {
+                Channel::Release => "proxy release",
+                Channel::Member => "proxy member",
+                _ => "proxy custodian",
+            };
             tasks.spawn(supervise(name, stop.clone(), Duration::ZERO, task_backoff(), metrics.clone(), move || {
                 let (listen, pc, s) = (listen.clone(), pc.clone(), s.clone());
                 async move { proxy::listen_and_serve(&listen, pc, s.wait()).await }

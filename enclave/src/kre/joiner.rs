@@ -14,8 +14,9 @@
 //! KRE's floor (what it has itself or learned from other members: ROTE-style, never serve an
 //! older state than a serving member has) → the state key opens.
 //!
-//! Trusts the pinned root, the member list it is given and its floor. Never uses the KRE's
-//! core (`kre`).
+//! Trusts the pinned root, the member list it is given and its floor. Pure: uses none of the
+//! KRE's parts (its caller, `kre::member`, hands it the policy's members, the image and the
+//! floor), as `kre::join` is for the serving side.
 
 use std::time::Duration;
 

@@ -1,0 +1,135 @@
+//! A KRE cluster's join end to end (`docs/cluster.md`): real `keygate-enclave-dev` (the KRE
+//! with the mock NSM) and `keygate` processes over Unix sockets. Member A does genesis with
+//! its custodians and serves; member B, fresh and awaiting its state, joins from A through
+//! `keygate member join` (its parent relays JoinStart → A's member channel → JoinFinish with
+//! the stored blob) and serves without any custodian: both release the same data key. A KRE
+//! C of the same image on a parent instance that is not a member is refused by A and keeps
+//! no key.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Instant;
+
+use keygate_tests::cluster::{custodial_kre, custodians_and_root, fetch_args, genesis_with_members};
+use keygate_tests::e2e::{exited, keygate_args, ok, path_arg as s, prod_policy_for, refused, unix, DevKre};
+use keygate_tests::{keygate, TempDir};
+
+const SEED: &str = "cluster-join-e2e";
+const KRE_PCR: u8 = 0x4b;
+const CP_PCR: u8 = 0x1c;
+
+/// A member KRE `name` on the mock parent instance `instance`, with its member listener.
+fn member_kre(d: &Path, name: &str, instance: &str) -> DevKre {
+    let sock = d.join(format!("{name}.sock"));
+    let member = d.join(format!("{name}.sock.member"));
+    let _ = std::fs::remove_file(&member);
+    let extra = [
+        "--genesis".to_owned(),
+        s(&d.join("genesis.bundle")),
+        "--member-listen".into(),
+        unix(&member),
+        "--mock-parent-instance".into(),
+        instance.into(),
+    ];
+    custodial_kre(d, SEED, KRE_PCR, &sock, &extra, &d.join(format!("{name}.log")))
+}
+
+fn fetch(kre: &DevKre, out: &Path) -> Output {
+    keygate_args(&fetch_args(SEED, (KRE_PCR, CP_PCR), &kre.addr(), out, &["etcd"], 0))
+}
+
+/// `keygate member join` of `kre` from `from`, the stored state in `store` (`--state-dir
+/// DIR` or `--store URL`).
+fn join(kre: &DevKre, from: &DevKre, store: &[String; 2]) -> Output {
+    keygate(&["member", "join", "--kre", &kre.parent(), "--from", &from.member(), &store[0], &store[1]])
+}
+
+/// Whether any file the audit follower of the KRE on `sock` wrote contains `needle`.
+fn followed_contains(sock: &Path, needle: &[u8]) -> bool {
+    let dir = std::path::PathBuf::from(format!("{}.followed", sock.display()));
+    std::fs::read_dir(&dir)
+        .map(|rd| {
+            rd.flatten().any(|e| std::fs::read(e.path()).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_restarted_member_joins_from_a_serving_one_without_custodians_and_a_non_member_is_refused() {
+    let dir = TempDir::new("keygate-cluster-join").expect("tmp");
+    let d = dir.path();
+    let store = ["--state-dir".to_owned(), s(&d.join("state"))];
+    join_and_refuse(d, &store);
+}
+
+/// The same with the sealed state in a (one-member) etcd store shared by the members' parents.
+#[test]
+fn a_member_joins_with_the_state_in_etcd() {
+    let etcd = keygate_tests::etcd::EtcdCluster::start(1).unwrap_or_else(|e| panic!("{e}"));
+    let dir = TempDir::new("keygate-cluster-join").expect("tmp");
+    let store = ["--store".to_owned(), etcd.url("/cluster")];
+    join_and_refuse(dir.path(), &store);
+}
+
+/// Genesis on A into `store`, B joins from A, C (no member) is refused.
+fn join_and_refuse(d: &Path, store: &[String; 2]) {
+    custodians_and_root(d, SEED);
+    ok(keygate(&["keygen", "-o", &s(&d.join("a1.pem"))]));
+    ok(keygate(&[
+        "policy",
+        "init",
+        "--approver",
+        &s(&d.join("a1.pub.pem")),
+        "--threshold",
+        "1",
+        "--activation-delay",
+        "0s",
+        "-o",
+        &s(&d.join("init.bundle")),
+    ]));
+    genesis_with_members(
+        &d.join("init.bundle"),
+        &prod_policy_for("cp", CP_PCR),
+        &[("a", "i-a"), ("b", "i-b")],
+        &d.join("genesis.bundle"),
+    );
+    // A: genesis with its custodians; serves.
+    let a = member_kre(d, "a", "i-a");
+    ok(keygate(&["custodian", "init", "--kre", &a.parent(), &store[0], &store[1]]));
+    ok(fetch(&a, &d.join("ka")));
+    let key_a = std::fs::read(d.join("ka/etcd.key")).expect("key");
+
+    // B: fresh, awaiting its state; joins from A through its parent, no custodian acts.
+    let b = member_kre(d, "b", "i-b");
+    refused(fetch(&b, &d.join("kb0")), "sealed");
+    let started = Instant::now();
+    let out = ok(join(&b, &a, store));
+    let joined = started.elapsed();
+    assert!(out.contains("the KRE serves generation 1"), "{out}");
+    ok(fetch(&b, &d.join("kb")));
+    let serving = started.elapsed();
+    eprintln!("member join: {} ms; join and a first release from B: {} ms", joined.as_millis(), serving.as_millis());
+    assert_eq!(std::fs::read(d.join("kb/etcd.key")).expect("key"), key_a, "B releases A's data key");
+    ok(fetch(&a, &d.join("ka2")));
+    assert_eq!(std::fs::read(d.join("ka2/etcd.key")).expect("key"), key_a);
+    // A serving member takes no join.
+    refused(join(&a, &b, store), "already serves");
+
+    // C: the same image on a parent instance that is no member: A refuses, C keeps no key.
+    let c = member_kre(d, "c", "i-c");
+    refused(join(&c, &a, store), "image_not_allowed");
+    refused(fetch(&c, &d.join("kc")), "sealed");
+    exited(&keygate(&["status", "--kre", &c.parent()]), 4, "not serving");
+
+    // A's audit trail records the forward to B and the refusal of C (once the follower has
+    // collected them).
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    let sock_a = d.join("a.sock");
+    while !(followed_contains(&sock_a, b"state-key-forwarded") && followed_contains(&sock_a, b"no member"))
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(followed_contains(&sock_a, b"forwarded to member `b`"), "A records the forward");
+    assert!(followed_contains(&sock_a, b"no member"), "A records the refusal of C");
+}
