@@ -33,22 +33,39 @@ use crate::crypto::forward;
 use crate::state::vault::{Vault, VaultError};
 use crate::wire::{DenyCode, JoinOffer, MemberMessage, WireError};
 
-/// What a serving member expects of a joiner.
+/// What one member expects of the other: a serving member of a joiner, and a joiner of the
+/// serving member ([`super::joiner::MemberExpect`]).
 #[derive(Debug, Clone, Copy)]
 pub struct JoinExpect<'a> {
     /// Verifies the joiner's document (the pinned root).
     pub verifier: &'a Verifier,
     /// Now, ms since the Unix epoch.
     pub now_ms: u64,
-    /// Oldest joiner document accepted.
+    /// Oldest document accepted.
     pub max_doc_age: Duration,
     /// Allowed clock skew.
     pub clock_skew: Duration,
     /// The KRE images a member may run, each every PCR of one image: this KRE's own PCR0..2,
     /// or the images the policy names for KREs.
     pub images: &'a [Vec<PcrExpectation>],
-    /// The members of the policy in force.
+    /// The members of the policy in force (the joiner: of the policy it knows).
     pub members: &'a [Member],
+}
+
+impl JoinExpect<'_> {
+    /// How the other member's document is verified: at `now_ms`, fresh, a genuine enclave
+    /// (never debug, never a NitroTPM document), no unknown fields.
+    pub(crate) fn verify_options(&self) -> VerifyOptions {
+        VerifyOptions {
+            time: VerifyTime::Now(self.now_ms),
+            max_age: self.max_doc_age,
+            clock_skew: self.clock_skew,
+            allow_debug: false,
+            unknown_fields: UnknownFields::Refuse,
+            require_kind: Some(DocumentKind::Enclave),
+            use_cache: true,
+        }
+    }
 }
 
 /// A forwarded state key: the frame to send and what it was.
@@ -140,15 +157,7 @@ pub fn answer(
         _ => return Err(JoinRefusal::Unexpected),
     };
     let state = vault.forwardable().map_err(JoinRefusal::NotServing)?;
-    let opts = VerifyOptions {
-        time: VerifyTime::Now(expect.now_ms),
-        max_age: expect.max_doc_age,
-        clock_skew: expect.clock_skew,
-        allow_debug: false,
-        unknown_fields: UnknownFields::Refuse,
-        require_kind: Some(DocumentKind::Enclave),
-        use_cache: true,
-    };
+    let opts = expect.verify_options();
     let att = expect.verifier.verify(&attestation, &opts).map_err(JoinRefusal::Attestation)?;
     let nonce: [u8; 32] = att.nonce().and_then(|n| n.try_into().ok()).ok_or(JoinRefusal::NoNonce)?;
     let joiner: [u8; P384_POINT_LEN] =

@@ -18,13 +18,9 @@
 //! KRE's parts (its caller, `kre::member`, hands it the policy's members, the image and the
 //! floor), as `kre::join` is for the serving side.
 
-use std::time::Duration;
-
 use keygate_attestation::crypto::{p384_scalar_from, Crypto, CryptoError, P384Scalar, P384_POINT_LEN};
-use keygate_attestation::members::{self, Member, NotAMember};
-use keygate_attestation::{
-    AttestRequest, DocumentKind, PcrExpectation, UnknownFields, Verifier, VerifyError, VerifyOptions, VerifyTime,
-};
+use keygate_attestation::members::{self, NotAMember};
+use keygate_attestation::{AttestRequest, VerifyError};
 use sha2::{Digest, Sha384};
 
 use crate::binding::{self, JoinTranscript};
@@ -53,22 +49,9 @@ impl Floor {
     }
 }
 
-/// What a joiner expects of a serving member.
-#[derive(Debug, Clone, Copy)]
-pub struct MemberExpect<'a> {
-    /// Verifies the serving member's document (the pinned root).
-    pub verifier: &'a Verifier,
-    /// Now, ms since the Unix epoch.
-    pub now_ms: u64,
-    /// Oldest document accepted.
-    pub max_doc_age: Duration,
-    /// Allowed clock skew.
-    pub clock_skew: Duration,
-    /// The KRE images a member may run (each every PCR of one image).
-    pub images: &'a [Vec<PcrExpectation>],
-    /// The members of the policy this KRE knows.
-    pub members: &'a [Member],
-}
+/// What a joiner expects of a serving member: the same checks a serving member makes of a
+/// joiner (its document, its image, its membership), from this KRE's side.
+pub type MemberExpect<'a> = super::join::JoinExpect<'a>;
 
 /// Why a joiner refused an answer (or the serving member refused the joiner).
 #[derive(Debug, thiserror::Error)]
@@ -191,15 +174,7 @@ impl JoinSession {
             MemberMessage::Denied(Message::Denied { code, reason }) => return Err(JoinError::Denied { code, reason }),
             _ => return Err(JoinError::Unexpected),
         };
-        let opts = VerifyOptions {
-            time: VerifyTime::Now(expect.now_ms),
-            max_age: expect.max_doc_age,
-            clock_skew: expect.clock_skew,
-            allow_debug: false,
-            unknown_fields: UnknownFields::Refuse,
-            require_kind: Some(DocumentKind::Enclave),
-            use_cache: true,
-        };
+        let opts = expect.verify_options();
         let att = expect.verifier.verify(&offer.attestation, &opts).map_err(JoinError::Attestation)?;
         if att.nonce() != Some(self.nonce.as_slice()) {
             return Err(JoinError::NonceMismatch);
