@@ -59,6 +59,13 @@ pub fn refused(o: Output, needle: &str) {
     exited(&o, 1, needle);
 }
 
+/// `keygate policy init --approver APPROVER --threshold 1 --activation-delay DELAY -o OUT`: a
+/// genesis bundle with one approver, which must succeed.
+pub fn policy_init(approver: &Path, delay: &str, out: &Path) {
+    let (a, o) = (path_arg(approver), path_arg(out));
+    ok(keygate(&["policy", "init", "--approver", &a, "--threshold", "1", "--activation-delay", delay, "-o", &o]));
+}
+
 /// `keygate policy propose --from FROM --allow A ... -o OUT`, which must succeed; its output.
 pub fn propose(from: &Path, allow: &[String], out: &Path) -> String {
     let mut args = vec!["policy".to_owned(), "propose".into(), "--from".into(), path_arg(from)];

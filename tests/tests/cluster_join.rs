@@ -11,7 +11,9 @@ use std::process::Output;
 use std::time::Instant;
 
 use keygate_tests::cluster::{custodial_kre, custodians_and_root, fetch_args, genesis_with_members};
-use keygate_tests::e2e::{exited, keygate_args, ok, path_arg as s, prod_policy_for, refused, unix, DevKre};
+use keygate_tests::e2e::{
+    exited, keygate_args, ok, path_arg as s, policy_init, prod_policy_for, refused, unix, DevKre,
+};
 use keygate_tests::{keygate, TempDir};
 
 const SEED: &str = "cluster-join-e2e";
@@ -75,18 +77,7 @@ fn a_member_joins_with_the_state_in_etcd() {
 fn join_and_refuse(d: &Path, store: &[String; 2]) {
     custodians_and_root(d, SEED);
     ok(keygate(&["keygen", "-o", &s(&d.join("a1.pem"))]));
-    ok(keygate(&[
-        "policy",
-        "init",
-        "--approver",
-        &s(&d.join("a1.pub.pem")),
-        "--threshold",
-        "1",
-        "--activation-delay",
-        "0s",
-        "-o",
-        &s(&d.join("init.bundle")),
-    ]));
+    policy_init(&d.join("a1.pub.pem"), "0s", &d.join("init.bundle"));
     genesis_with_members(
         &d.join("init.bundle"),
         &prod_policy_for("cp", CP_PCR),

@@ -9,8 +9,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use keygate_tests::e2e::{
-    dev_kre, exited, hex48, keygate_args, ok, path_arg as s, pcr_args, pcr_list, prod_policy_for, propose, refused,
-    unix, DevKre as Kre,
+    dev_kre, exited, hex48, keygate_args, ok, path_arg as s, pcr_args, pcr_list, policy_init, prod_policy_for, propose,
+    refused, unix, DevKre as Kre,
 };
 use keygate_tests::{bin, keygate, TempDir};
 
@@ -200,18 +200,7 @@ fn the_policy_head_survives_a_restart_and_a_withheld_bundle_blocks_releases() {
     setup(d);
     let p = |n: &str| d.join(n);
     ok(keygate(&["keygen", "-o", &s(&p("a1.pem"))]));
-    ok(keygate(&[
-        "policy",
-        "init",
-        "--approver",
-        &s(&p("a1.pub.pem")),
-        "--threshold",
-        "1",
-        "--activation-delay",
-        "0s",
-        "-o",
-        &s(&p("genesis.bundle")),
-    ]));
+    policy_init(&p("a1.pub.pem"), "0s", &p("genesis.bundle"));
     let state = p("state");
     let store = p("bundles");
     let kre = start_kre(d, ("--genesis", &p("genesis.bundle")));
@@ -456,18 +445,7 @@ fn a_client_retrying_through_a_kre_kill_and_unseal_gets_the_same_keys() {
 fn signed_setup(d: &Path, delay: &str) -> Kre {
     setup(d);
     ok(keygate(&["keygen", "-o", &s(&d.join("a1.pem"))]));
-    ok(keygate(&[
-        "policy",
-        "init",
-        "--approver",
-        &s(&d.join("a1.pub.pem")),
-        "--threshold",
-        "1",
-        "--activation-delay",
-        delay,
-        "-o",
-        &s(&d.join("v1.bundle")),
-    ]));
+    policy_init(&d.join("a1.pub.pem"), delay, &d.join("v1.bundle"));
     let kre = start_kre(d, ("--genesis", &d.join("v1.bundle")));
     ok(custodian_init(&kre, &d.join("state")));
     kre
@@ -994,10 +972,7 @@ fn a_custodian_key_that_is_also_an_approver_is_refused_at_genesis_and_at_reshare
     let d = dir.path();
     setup(d);
     let p = |n: &str| d.join(n);
-    let bundle = |approver: &str, out: &str| {
-        let (a, o) = (s(&p(approver)), s(&p(out)));
-        ok(keygate(&["policy", "init", "--approver", &a, "--threshold", "1", "--activation-delay", "0s", "-o", &o]));
-    };
+    let bundle = |approver: &str, out: &str| policy_init(&p(approver), "0s", &p(out));
     bundle("c2.pub.pem", "c2-approves.bundle");
     let kre = start_kre(d, ("--genesis", &p("c2-approves.bundle")));
     refused(custodian_init(&kre, &p("state-1")), "custodian key 1 is also a policy approver key");

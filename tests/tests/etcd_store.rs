@@ -11,7 +11,8 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use keygate_tests::e2e::{
-    dev_kre, keygate_args, ok, path_arg as s, pcr_args, pcr_list, propose, refused, unix, DevKre as Kre, Logged,
+    dev_kre, keygate_args, ok, path_arg as s, pcr_args, pcr_list, policy_init, propose, refused, unix, DevKre as Kre,
+    Logged,
 };
 use keygate_tests::etcd::EtcdCluster;
 use keygate_tests::{bin, keygate, TempDir};
@@ -91,18 +92,7 @@ fn setup(d: &Path) {
         ok(keygate(&["keygen", "-o", &s(&p(&format!("{c}.pem")))]));
     }
     ok(keygate(&["attestation", "mock-root", "--seed", SEED, "-o", &s(&p("root.pem"))]));
-    ok(keygate(&[
-        "policy",
-        "init",
-        "--approver",
-        &s(&p("a1.pub.pem")),
-        "--threshold",
-        "1",
-        "--activation-delay",
-        "0s",
-        "-o",
-        &s(&p("genesis.bundle")),
-    ]));
+    policy_init(&p("a1.pub.pem"), "0s", &p("genesis.bundle"));
     propose(&p("genesis.bundle"), &[format!("prod=cp@{}", pcr_list(CP_PCR))], &p("v2.proposal"));
     ok(keygate(&["policy", "sign", &s(&p("v2.proposal")), "--key", &s(&p("a1.pem")), "--yes", "-o", &s(&p("sig"))]));
     ok(keygate(&["policy", "assemble", &s(&p("v2.proposal")), &s(&p("sig")), "-o", &s(&p("v2.bundle"))]));
