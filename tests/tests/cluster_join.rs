@@ -105,12 +105,17 @@ fn join_and_refuse(d: &Path, store: &[String; 2]) {
     assert_eq!(std::fs::read(d.join("ka2/etcd.key")).expect("key"), key_a);
     // A serving member takes no join.
     refused(join(&a, &b, store), "already serves");
+    // `status` names the members and which one answers.
+    let status = ok(keygate(&["status", "--kre", &b.parent()]));
+    assert!(status.contains("Members") && status.contains("(a, b); this KRE is b"), "{status}");
 
     // C: the same image on a parent instance that is no member: A refuses, C keeps no key.
     let c = member_kre(d, "c", "i-c");
     refused(join(&c, &a, store), "image_not_allowed");
     refused(fetch(&c, &d.join("kc")), "sealed");
-    exited(&keygate(&["status", "--kre", &c.parent()]), 4, "not serving");
+    let status = keygate(&["status", "--kre", &c.parent()]);
+    exited(&status, 4, "not serving");
+    assert!(String::from_utf8_lossy(&status.stdout).contains("this KRE is not one of them"));
 
     // A's audit trail records the forward to B and the refusal of C (once the follower has
     // collected them).

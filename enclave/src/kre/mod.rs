@@ -337,6 +337,21 @@ impl Kre {
         self.tally.record(event);
     }
 
+    /// The cluster members in force, and which of them this KRE is (by its own PCR4): `null`
+    /// without a member list (a single KRE).
+    fn members_json(&self) -> serde_json::Value {
+        let members = self.policy.members(wall_clock_ms());
+        if members.is_empty() {
+            return serde_json::Value::Null;
+        }
+        let own = self.nsm.describe_pcr(4).ok().map(|p| p.data);
+        let this = members.iter().find(|m| own.as_deref() == Some(m.pcr4.as_slice())).map(|m| m.name.clone());
+        serde_json::json!({
+            "names": members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
+            "this": this,
+        })
+    }
+
     /// A JSON status report (never secret).
     pub fn status_json(&self) -> String {
         let a = self.audit().status();
@@ -349,6 +364,7 @@ impl Kre {
             "policy_in_force_not_durable": self.policy.in_force_not_durable(),
             "live_challenges": self.live_challenges(),
             "answers": self.tally.json(),
+            "members": self.members_json(),
             "state": self.state.as_ref().map(StateService::summary),
             "audit": {
                 "last_seq": a.last_seq,

@@ -131,6 +131,14 @@ fn table(kre: &str, r: &Value) -> String {
     } else {
         rows.push(("Generation", "- (no custodians: a static policy, nothing sealed)".to_owned()));
     }
+    if let Some(names) = r.pointer("/members/names").and_then(Value::as_array) {
+        let names: Vec<&str> = names.iter().filter_map(Value::as_str).collect();
+        let this = match r.pointer("/members/this").and_then(Value::as_str) {
+            Some(n) => format!("; this KRE is {n}"),
+            None => "; this KRE is not one of them".to_owned(),
+        };
+        rows.push(("Members", format!("{} ({}){this}", names.len(), names.join(", "))));
+    }
     rows.push((
         "Policy",
         format!(
