@@ -84,6 +84,24 @@ fn join_and_refuse(d: &Path, store: &[String; 2]) {
         &[("a", "i-a"), ("b", "i-b")],
         &d.join("genesis.bundle"),
     );
+    // The approvers change members with `policy propose`: what changes, and what the next
+    // bundle holds (the proposal is not pushed here).
+    let next = d.join("members.proposal");
+    let diff = ok(keygate_args(&[
+        "policy".into(),
+        "propose".into(),
+        "--from".into(),
+        s(&d.join("genesis.bundle")),
+        "--remove-member".into(),
+        "b".into(),
+        "--member".into(),
+        "d=i-d".into(),
+        "-o".into(),
+        s(&next),
+    ]));
+    assert!(diff.contains("- member b") && diff.contains("+ member d"), "{diff}");
+    let shown = ok(keygate(&["policy", "show", &s(&next)]));
+    assert!(shown.contains("member a") && shown.contains("member d") && !shown.contains("member b"), "{shown}");
     // A: genesis with its custodians; serves.
     let a = member_kre(d, "a", "i-a");
     ok(keygate(&["custodian", "init", "--kre", &a.parent(), &store[0], &store[1]]));

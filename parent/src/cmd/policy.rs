@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use keygate_attestation::bundle::{self, ApproverKey, Bundle, PolicyBody, PolicyState};
 use keygate_attestation::crypto::{self, Crypto};
+use keygate_attestation::members::{self, Member};
 use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
 use keygate_attestation::DocumentKind;
 use keygate_enclave::net::transport::Addr;
@@ -115,6 +116,14 @@ pub(crate) struct ProposeArgs {
     /// New threshold.
     #[arg(long)]
     threshold: Option<u32>,
+    /// Add (or replace) a cluster member KRE, by its parent instance: NAME=INSTANCE_ID
+    /// (PCR4 from the instance id) or NAME=INSTANCE_ID,ROLE_ARN (also PCR3 from the IAM
+    /// role), or by measured values NAME=4:HEX[,3:HEX] (docs/cluster.md). Repeatable.
+    #[arg(long = "member", value_name = "NAME=INSTANCE[,ROLE]")]
+    members: Vec<String>,
+    /// Remove a cluster member by name (at once: a removal tightens). Repeatable.
+    #[arg(long = "remove-member", value_name = "NAME")]
+    remove_members: Vec<String>,
     /// Issue time: Unix seconds or RFC 3339 in UTC (default: now).
     #[arg(long, value_name = "TIME", value_parser = super::args::parse_time)]
     issued_at: Option<u64>,
@@ -418,6 +427,55 @@ fn kek_line(cluster: &str, r: &ClusterRule) -> Option<String> {
     Some(format!("{cluster}: KEK version {}{retired}", r.kek_version))
 }
 
+/// A member from `--member NAME=INSTANCE[,ROLE]` or `NAME=4:HEX[,3:HEX]`.
+fn parse_member(spec: &str) -> Result<Member, CliError> {
+    let bad = |why: &str| CliError::input(format!("--member {spec}: {why}"));
+    let (name, rest) =
+        spec.split_once('=').ok_or_else(|| bad("expected NAME=INSTANCE[,ROLE] or NAME=4:HEX[,3:HEX]"))?;
+    let (first, second) = match rest.split_once(',') {
+        Some((a, b)) => (a, Some(b)),
+        None => (rest, None),
+    };
+    let measured = |text: &str, index: u8| -> Result<[u8; 48], CliError> {
+        let hex_text = text.strip_prefix(&format!("{index}:")).ok_or_else(|| bad(&format!("expected {index}:HEX")))?;
+        let bytes = hex::decode(hex_text).map_err(|e| bad(&format!("PCR{index}: {e}")))?;
+        members::pcr_value(name, index, &bytes).map_err(|e| bad(&e.to_string()))
+    };
+    let (pcr4, pcr3) = if first.starts_with("4:") {
+        (measured(first, 4)?, second.map(|t| measured(t, 3)).transpose()?)
+    } else {
+        if first.is_empty() {
+            return Err(bad("the parent instance id is empty"));
+        }
+        (members::parent_instance_pcr4(first), second.map(members::parent_role_pcr3))
+    };
+    Ok(Member { name: name.to_owned(), pcr4, pcr3 })
+}
+
+/// Applies `--member` and `--remove-member` to `list`, kept sorted by name and valid.
+fn apply_member_changes(list: &mut Vec<Member>, add: &[String], remove: &[String]) -> Result<(), CliError> {
+    for name in remove {
+        let before = list.len();
+        list.retain(|m| &m.name != name);
+        if list.len() == before {
+            return Err(CliError::input(format!("--remove-member {name}: no such member")));
+        }
+    }
+    for spec in add {
+        let m = parse_member(spec)?;
+        list.retain(|o| o.name != m.name);
+        list.push(m);
+    }
+    list.sort_by(|a, b| a.name.cmp(&b.name));
+    members::validate(list).map_err(|e| CliError::input(format!("members: {e}")))
+}
+
+/// A member as one line: its name and the start of its PCR4 (and PCR3).
+fn member_line(m: &Member) -> String {
+    let pcr3 = m.pcr3.map_or(String::new(), |p| format!(" PCR3 {}…", hex::encode(&p[..8])));
+    format!("member {} PCR4 {}…{pcr3}", m.name, hex::encode(&m.pcr4[..8]))
+}
+
 fn diff(old: &PolicyBody, new: &PolicyBody) -> Vec<String> {
     let mut out = Vec::new();
     let old_lines: Vec<String> = describe(&old.policy);
@@ -442,6 +500,10 @@ fn diff(old: &PolicyBody, new: &PolicyBody) -> Vec<String> {
         ));
     }
     out.extend(kek_diff(&old.policy, &new.policy));
+    let (old_members, new_members): (Vec<String>, Vec<String>) =
+        (old.members.iter().map(member_line).collect(), new.members.iter().map(member_line).collect());
+    out.extend(old_members.iter().filter(|l| !new_members.contains(l)).map(|l| format!("  - {l}")));
+    out.extend(new_members.iter().filter(|l| !old_members.contains(l)).map(|l| format!("  + {l}")));
     if old.policy.allow_debug != new.policy.allow_debug {
         out.push(format!("  ~ allow_debug: {} -> {}", old.policy.allow_debug, new.policy.allow_debug));
     }
@@ -473,6 +535,9 @@ fn body_text(b: &PolicyBody, digest: &[u8; 48]) -> String {
         if let Some(l) = kek_line(c, r) {
             let _ = writeln!(s, "  {l}");
         }
+    }
+    for m in &b.members {
+        let _ = writeln!(s, "  {}", member_line(m));
     }
     s
 }
@@ -512,6 +577,11 @@ fn body_json(b: &PolicyBody, digest: &[u8; 48], signatures: usize) -> serde_json
         "kek": b.policy.clusters.iter().map(|(c, r)| {
             (c, serde_json::json!({ "version": r.kek_version, "retire_below": r.kek_retire_below }))
         }).collect::<BTreeMap<_, _>>(),
+        "members": b.members.iter().map(|m| serde_json::json!({
+            "name": m.name,
+            "pcr4": hex::encode(m.pcr4),
+            "pcr3": m.pcr3.map(hex::encode),
+        })).collect::<Vec<_>>(),
         "signatures": signatures,
     })
 }
@@ -578,6 +648,8 @@ fn propose(a: ProposeArgs) -> Result<(), CliError> {
         activation_delay,
         approvers,
         threshold,
+        members,
+        remove_members,
         issued_at,
         out,
     } = a;
@@ -639,6 +711,7 @@ fn propose(a: ProposeArgs) -> Result<(), CliError> {
         rule.images.push(image);
     }
     apply_kek_changes(&mut body.policy, &rotate, &retire)?;
+    apply_member_changes(&mut body.members, &members, &remove_members)?;
     let d = write_bundle(&out, &body, &[])?;
     let changes = diff(&current.body, &body);
     crate::output::print(&reports::PolicyProposal::new(reports::path(&out), body.version, hex::encode(d), &changes))
@@ -974,6 +1047,38 @@ fn already_applied(kre: &Addr, bundle: &[u8]) -> Result<bool, CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn members_are_added_by_instance_or_measurement_replaced_and_removed() {
+        let mut list = Vec::new();
+        let pcr4 = hex::encode(members::parent_instance_pcr4("i-b"));
+        let add = ["b=i-b".to_owned(), "a=i-a,arn:aws:iam::1:role/kre".to_owned(), format!("c=4:{pcr4}")];
+        // Two members with one PCR4 (the same parent instance) are refused.
+        let e = apply_member_changes(&mut list.clone(), &add, &[]).expect_err("b and c share a PCR4");
+        assert!(e.message.contains("members:"), "{}", e.message);
+        apply_member_changes(&mut list, &add[..2], &[]).expect("add");
+        assert_eq!(list.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["a", "b"], "sorted by name");
+        assert_eq!(list[0].pcr3, Some(members::parent_role_pcr3("arn:aws:iam::1:role/kre")));
+        assert_eq!(list[1].pcr4, members::parent_instance_pcr4("i-b"));
+        // Replacing a member by name, then removing one.
+        apply_member_changes(&mut list, &["b=i-b2".to_owned()], &["a".to_owned()]).expect("change");
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].pcr4, members::parent_instance_pcr4("i-b2"));
+        let wrong_index = format!("x=4:{pcr4},9:00");
+        for (bad, needle) in [
+            ("noequals", "expected NAME="),
+            ("x=", "instance id is empty"),
+            ("x=4:zz", "PCR4"),
+            ("x=4:00", "PCR4"),
+            (wrong_index.as_str(), "expected 3:HEX"),
+            ("bad name!=i-x", "members:"),
+        ] {
+            let e = apply_member_changes(&mut list.clone(), &[bad.to_owned()], &[]).expect_err(bad);
+            assert!(e.message.contains(needle), "{bad}: {}", e.message);
+        }
+        let e = apply_member_changes(&mut list, &[], &["nobody".to_owned()]).expect_err("unknown");
+        assert!(e.message.contains("no such member"), "{}", e.message);
+    }
 
     fn policy(v: u32, r: u32) -> ReleasePolicy {
         let image = ImageRule {
