@@ -89,7 +89,9 @@ impl ParentConnection {
             }
             Message::StateAdopt { blob } => {
                 kre.sealed("adopt")?.adopt(&kre.audit, &blob, now_ms)?;
-                kre.refresh_durable_policy();
+                // As after an unseal: bundles this member accepted beyond the adopted head,
+                // and KEKs its policy names that the adopted state lacks, go to the next export.
+                kre.after_unseal(now_ms);
                 report_step(kre.state_report()?, "adopt")
             }
             Message::PolicyPush { bundle } => {
