@@ -129,3 +129,78 @@ fn join_and_refuse(d: &Path, store: &[String; 2]) {
     assert!(followed_contains(&sock_a, b"forwarded to member `b`"), "A records the forward");
     assert!(followed_contains(&sock_a, b"no member"), "A records the refusal of C");
 }
+
+/// Convergence (`docs/cluster.md`): A and B serve from one etcd store (B joined from A); a
+/// signed bundle rotates `prod`'s KEK through A, whose parent stores and commits generation 2.
+/// B's parent finds the newer generation and hands it to B (StateAdopt) instead of stopping;
+/// once the bundle is replayed to B, B releases the rotated key, the same one A releases.
+#[test]
+fn a_serving_member_adopts_the_generation_another_member_committed_to_etcd() {
+    let etcd = keygate_tests::etcd::EtcdCluster::start(1).unwrap_or_else(|e| panic!("{e}"));
+    let dir = TempDir::new("keygate-cluster-adopt").expect("tmp");
+    let d = dir.path();
+    let store = ["--store".to_owned(), etcd.url("/cluster")];
+    custodians_and_root(d, SEED);
+    ok(keygate(&["keygen", "-o", &s(&d.join("a1.pem"))]));
+    policy_init(&d.join("a1.pub.pem"), "0s", &d.join("init.bundle"));
+    genesis_with_members(
+        &d.join("init.bundle"),
+        &prod_policy_for("cp", CP_PCR),
+        &[("a", "i-a"), ("b", "i-b")],
+        &d.join("genesis.bundle"),
+    );
+    let a = member_kre(d, "a", "i-a");
+    ok(keygate(&["custodian", "init", "--kre", &a.parent(), &store[0], &store[1]]));
+    let b = member_kre(d, "b", "i-b");
+    ok(join(&b, &a, &store));
+    ok(fetch(&b, &d.join("kb1")));
+    let key1 = std::fs::read(d.join("kb1/etcd.key")).expect("key");
+
+    // v2 rotates prod's KEK; A takes it and its parent commits generation 2 to etcd.
+    let (g, v2p, sig, v2) =
+        (s(&d.join("genesis.bundle")), s(&d.join("v2.proposal")), s(&d.join("v2.sig")), d.join("v2.bundle"));
+    ok(keygate(&["policy", "propose", "--from", &g, "--rotate", "prod", "-o", &v2p]));
+    ok(keygate(&["policy", "sign", &v2p, "--key", &s(&d.join("a1.pem")), "--current", &g, "--yes", "-o", &sig]));
+    ok(keygate(&["policy", "assemble", &v2p, &sig, "-o", &s(&v2)]));
+    let push = |kre: &DevKre, bundles: &str| {
+        ok(keygate(&[
+            "policy",
+            "push",
+            &s(&v2),
+            "--kre",
+            &kre.parent(),
+            "--store",
+            &s(&d.join(bundles)),
+            "--durable-within",
+            "0",
+        ]))
+    };
+    push(&a, "bundles-a");
+    let out = ok(keygate(&["state", "sync", "--kre", &a.parent(), &store[0], &store[1]]));
+    assert!(out.contains("committed generation 2"), "{out}");
+    ok(fetch(&a, &d.join("ka2")));
+    let key2 = std::fs::read(d.join("ka2/etcd.key")).expect("key");
+    assert_ne!(key2, key1, "the rotation gives a new data key");
+
+    // B's parent: etcd holds generation 2, newer than B's committed 1: B adopts it.
+    let started = Instant::now();
+    let out = ok(keygate(&["state", "sync", "--kre", &b.parent(), &store[0], &store[1]]));
+    eprintln!("adoption by B's state sync: {} ms", started.elapsed().as_millis());
+    assert!(out.contains("the KRE adopted it and serves generation 2"), "{out}");
+    // The adopted state records policy v2: B waits until its parent replays the bundle.
+    refused(fetch(&b, &d.join("kb2")), "policy_stale");
+    push(&b, "bundles-b");
+    ok(fetch(&b, &d.join("kb3")));
+    assert_eq!(std::fs::read(d.join("kb3/etcd.key")).expect("key"), key2, "B releases A's rotated key");
+    // Nothing of B's own to store: the adopted generation is what it serves.
+    let out = ok(keygate(&["state", "sync", "--kre", &b.parent(), &store[0], &store[1]]));
+    assert!(out.contains("the KRE serves generation 2; nothing new to store"), "{out}");
+
+    // B's audit trail records the adoption.
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    let sock_b = d.join("b.sock");
+    while !followed_contains(&sock_b, b"state-adopted") && Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(followed_contains(&sock_b, b"committed by another member, adopted"), "B records the adoption");
+}
