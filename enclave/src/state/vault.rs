@@ -1710,20 +1710,20 @@ mod adopt_tests {
         let set = set(crypto);
         let mut a = Vault::new(set.clone());
         let mut r = rng(1);
-        let e = a.genesis(crypto, &[id("c1")], Some((1, [1; 48])), &[], &mut r, &mut attest_ok).unwrap().clone();
-        a.commit(e.generation, &e.blob_sha384).unwrap();
-        let custody = a.custody().unwrap().clone();
+        let e = a.genesis(crypto, &[id("c1")], Some((1, [1; 48])), &[], &mut r, &mut attest_ok).expect("step").clone();
+        a.commit(e.generation, &e.blob_sha384).expect("step");
+        let custody = a.custody().expect("step").clone();
         let mut b = Vault::new(set);
-        b.join(crypto, a.forwardable().unwrap(), e.blob.clone(), custody).unwrap();
+        b.join(crypto, a.forwardable().expect("step"), e.blob.clone(), custody).expect("step");
         (a, b, e.blob)
     }
 
     /// A adds a cluster and commits generation 2 with policy head v2; returns its blob.
     fn a_commits_2(crypto: &dyn Crypto, a: &mut Vault) -> Vec<u8> {
-        a.ensure_clusters(&[id("c2")], &mut rng(2)).unwrap();
+        a.ensure_clusters(&[id("c2")], &mut rng(2)).expect("step");
         a.set_policy_head((2, [2; 48]));
-        let e = a.export(crypto, &mut rng(3)).unwrap().unwrap().clone();
-        a.commit(e.generation, &e.blob_sha384).unwrap();
+        let e = a.export(crypto, &mut rng(3)).expect("export").expect("a change").clone();
+        a.commit(e.generation, &e.blob_sha384).expect("step");
         e.blob
     }
 
@@ -1737,8 +1737,8 @@ mod adopt_tests {
             let (mut a, mut b, _) = pair(crypto);
             let g2 = a_commits_2(crypto, &mut a);
             // B made its own change meanwhile: its export of generation 2 loses the race.
-            b.ensure_clusters(&[id("c2")], &mut rng(9)).unwrap();
-            let lost = b.export(crypto, &mut rng(10)).unwrap().unwrap().clone();
+            b.ensure_clusters(&[id("c2")], &mut rng(9)).expect("step");
+            let lost = b.export(crypto, &mut rng(10)).expect("export").expect("a change").clone();
             assert_eq!(lost.generation, 2);
             assert!(b.releasable(&id("c2")).is_empty(), "an export is never released from");
             assert_eq!(b.adopt(crypto, &g2), Ok(2));
@@ -1753,10 +1753,10 @@ mod adopt_tests {
             assert_eq!(kek_bytes(&b, "c2"), kek_bytes(&a, "c2"));
             assert_eq!(b.adopt(crypto, &g2), Ok(2));
             // Nothing to export: working is the adopted state. The next change follows it.
-            assert!(b.export(crypto, &mut rng(11)).unwrap().is_none());
-            b.ensure_clusters(&[id("c3")], &mut rng(12)).unwrap();
-            assert_eq!(b.export(crypto, &mut rng(13)).unwrap().unwrap().generation, 3);
-            assert_eq!(b.forwardable().unwrap().generation, 2);
+            assert!(b.export(crypto, &mut rng(11)).expect("step").is_none());
+            b.ensure_clusters(&[id("c3")], &mut rng(12)).expect("step");
+            assert_eq!(b.export(crypto, &mut rng(13)).expect("export").expect("a change").generation, 3);
+            assert_eq!(b.forwardable().expect("step").generation, 2);
         }
     }
 
@@ -1765,7 +1765,7 @@ mod adopt_tests {
         let crypto = all_backends()[0];
         let (mut a, mut b, g1) = pair(crypto);
         let g2 = a_commits_2(crypto, &mut a);
-        b.adopt(crypto, &g2).unwrap();
+        b.adopt(crypto, &g2).expect("step");
         let before = kek_bytes(&b, "c2");
         // Older.
         assert_eq!(b.adopt(crypto, &g1), Err(VaultError::AdoptNotNewer { offered: 1, committed: 2 }));
@@ -1777,7 +1777,7 @@ mod adopt_tests {
         // A blob that does not open under this KRE's key: a newer generation of another cluster
         // with the same custodian set.
         let (mut other, _, _) = pair(crypto);
-        other.ensure_clusters(&[id("c9")], &mut rng(20)).unwrap();
+        other.ensure_clusters(&[id("c9")], &mut rng(20)).expect("step");
         let mut other_state = other.committed_state_for_test();
         other_state.generation = 3;
         let foreign = other.seal_with_other_key_for_test(crypto, &other_state);

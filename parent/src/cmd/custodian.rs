@@ -636,10 +636,17 @@ pub(crate) fn sync_once_etcd(kre: &Addr, store: &mut EtcdStore, url: &EtcdUrl) -
             held,
         )),
         3 if r.export_generation > 0 => match store_and_commit_etcd(kre, store, url, &r)? {
-            EtcdRound::Lost(_) => adopt_etcd(kre, store, url, &r),
+            EtcdRound::Lost(why) => adopt_etcd(kre, store, url, &r, why),
             done => Ok(done),
         },
-        3 if held > r.committed_generation => adopt_etcd(kre, store, url, &r),
+        3 if held > r.committed_generation => {
+            let why = format!(
+                "{url} holds generation {held}, newer than the KRE's committed {}: another parent commits; \
+                 this parent stops committing",
+                r.committed_generation
+            );
+            adopt_etcd(kre, store, url, &r, why)
+        }
         3 => Ok(EtcdRound::Done(
             format!("the KRE serves generation {}; nothing new to store", r.committed_generation),
             held,
@@ -651,15 +658,29 @@ pub(crate) fn sync_once_etcd(kre: &Addr, store: &mut EtcdStore, url: &EtcdUrl) -
 /// The store holds a newer generation than the KRE's committed one (another member's parent
 /// committed it first): hands it to the KRE to adopt (StateAdopt; the KRE checks that it opens
 /// under its state key, is newer and does not roll its policy back). An export of this KRE
-/// that lost is dropped by the KRE; its next export follows the adopted generation.
-fn adopt_etcd(kre: &Addr, store: &mut EtcdStore, url: &EtcdUrl, r: &StateReport) -> Result<EtcdRound, CliError> {
+/// that lost is dropped by the KRE; its next export follows the adopted generation. A KRE that
+/// refuses it (another custodian set or state key, an older policy) leaves the round lost
+/// (`why`, with the KRE's reason): this parent stops committing.
+fn adopt_etcd(
+    kre: &Addr,
+    store: &mut EtcdStore,
+    url: &EtcdUrl,
+    r: &StateReport,
+    why: String,
+) -> Result<EtcdRound, CliError> {
     let etcd = |e: StoreError| CliError::refused(format!("{url}: {e}"));
     let newer = r.committed_generation.saturating_add(1);
     let Some(loaded) = store.load(newer).map_err(etcd)? else {
         return Err(CliError::refused(format!("{url} holds no generation newer than {}", r.committed_generation)));
     };
     let g = loaded.header.generation;
-    let a = state_report(kre, &Message::StateAdopt { blob: loaded.blob })?;
+    let a = match state_report(kre, &Message::StateAdopt { blob: loaded.blob }) {
+        Ok(a) => a,
+        Err(e) if e.code == 1 => {
+            return Ok(EtcdRound::Lost(format!("{why}; the KRE refused to adopt generation {g}: {}", e.message)))
+        }
+        Err(e) => return Err(e),
+    };
     let lost = if r.export_generation > 0 {
         format!(" (its own export of generation {} lost the compare-and-swap and was dropped)", r.export_generation)
     } else {
