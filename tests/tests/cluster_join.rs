@@ -157,16 +157,12 @@ fn a_serving_member_adopts_the_generation_another_member_committed_to_etcd() {
     let key1 = std::fs::read(d.join("kb1/etcd.key")).expect("key");
 
     // v2 rotates prod's KEK; A takes it and its parent commits generation 2 to etcd.
-    let (g, v2p, sig, v2) =
-        (s(&d.join("genesis.bundle")), s(&d.join("v2.proposal")), s(&d.join("v2.sig")), d.join("v2.bundle"));
-    ok(keygate(&["policy", "propose", "--from", &g, "--rotate", "prod", "-o", &v2p]));
-    ok(keygate(&["policy", "sign", &v2p, "--key", &s(&d.join("a1.pem")), "--current", &g, "--yes", "-o", &sig]));
-    ok(keygate(&["policy", "assemble", &v2p, &sig, "-o", &s(&v2)]));
-    let push = |kre: &DevKre, bundles: &str| {
+    let v2 = rotating_bundle(d, &d.join("genesis.bundle"), "v2");
+    let push = |bundle: &Path, kre: &DevKre, bundles: &str| {
         ok(keygate(&[
             "policy",
             "push",
-            &s(&v2),
+            &s(bundle),
             "--kre",
             &kre.parent(),
             "--store",
@@ -175,7 +171,7 @@ fn a_serving_member_adopts_the_generation_another_member_committed_to_etcd() {
             "0",
         ]))
     };
-    push(&a, "bundles-a");
+    push(&v2, &a, "bundles-a");
     let out = ok(keygate(&["state", "sync", "--kre", &a.parent(), &store[0], &store[1]]));
     assert!(out.contains("committed generation 2"), "{out}");
     ok(fetch(&a, &d.join("ka2")));
@@ -189,12 +185,29 @@ fn a_serving_member_adopts_the_generation_another_member_committed_to_etcd() {
     assert!(out.contains("the KRE adopted it and serves generation 2"), "{out}");
     // The adopted state records policy v2: B waits until its parent replays the bundle.
     refused(fetch(&b, &d.join("kb2")), "policy_stale");
-    push(&b, "bundles-b");
+    push(&v2, &b, "bundles-b");
     ok(fetch(&b, &d.join("kb3")));
     assert_eq!(std::fs::read(d.join("kb3/etcd.key")).expect("key"), key2, "B releases A's rotated key");
     // Nothing of B's own to store: the adopted generation is what it serves.
     let out = ok(keygate(&["state", "sync", "--kre", &b.parent(), &store[0], &store[1]]));
     assert!(out.contains("the KRE serves generation 2; nothing new to store"), "{out}");
+
+    // The race: v3 rotates again and both members take it, each exporting its own generation 3
+    // with its own new KEK. A's parent commits first; B's loses the compare-and-swap, and B
+    // adopts A's generation 3, dropping its own export: both release A's key.
+    let v3 = rotating_bundle(d, &v2, "v3");
+    push(&v3, &a, "bundles-a");
+    push(&v3, &b, "bundles-b");
+    let out = ok(keygate(&["state", "sync", "--kre", &a.parent(), &store[0], &store[1]]));
+    assert!(out.contains("committed generation 3"), "{out}");
+    let out = ok(keygate(&["state", "sync", "--kre", &b.parent(), &store[0], &store[1]]));
+    assert!(out.contains("the KRE adopted it and serves generation 3"), "{out}");
+    assert!(out.contains("its own export of generation 3 lost the compare-and-swap and was dropped"), "{out}");
+    ok(fetch(&a, &d.join("ka4")));
+    ok(fetch(&b, &d.join("kb4")));
+    let key3 = std::fs::read(d.join("ka4/etcd.key")).expect("key");
+    assert_ne!(key3, key2);
+    assert_eq!(std::fs::read(d.join("kb4/etcd.key")).expect("key"), key3, "B releases A's key, not its own");
 
     // B's audit trail records the adoption.
     let deadline = Instant::now() + std::time::Duration::from_secs(10);
@@ -203,4 +216,15 @@ fn a_serving_member_adopts_the_generation_another_member_committed_to_etcd() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert!(followed_contains(&sock_b, b"committed by another member, adopted"), "B records the adoption");
+}
+
+/// Proposes `NAME.bundle` from `from` rotating `prod`'s KEK, signed by `a1` and assembled.
+fn rotating_bundle(d: &Path, from: &Path, name: &str) -> std::path::PathBuf {
+    let (prop, sig, out) =
+        (d.join(format!("{name}.proposal")), d.join(format!("{name}.sig")), d.join(format!("{name}.bundle")));
+    ok(keygate(&["policy", "propose", "--from", &s(from), "--rotate", "prod", "-o", &s(&prop)]));
+    let key = s(&d.join("a1.pem"));
+    ok(keygate(&["policy", "sign", &s(&prop), "--key", &key, "--current", &s(from), "--yes", "-o", &s(&sig)]));
+    ok(keygate(&["policy", "assemble", &s(&prop), &s(&sig), "-o", &s(&out)]));
+    out
 }
