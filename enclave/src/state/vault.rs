@@ -23,6 +23,10 @@
 //!   commits it again). No key is ever released under a KEK version that exists only in
 //!   `working` or in an uncommitted export.
 //!
+//! A serving member may also adopt a newer generation another member of the same state
+//! committed to the shared store ([`Vault::adopt`], `docs/cluster.md`): it replaces
+//! `committed` and `working`, and an outstanding export (which lost the race) is dropped.
+//!
 //! The audit head: every export records the head the KRE noted last
 //! ([`Vault::note_audit_head`]: the newest audit entry the parent had acknowledged storing),
 //! so a committed generation says how far this run's trail had got; after an unseal,
