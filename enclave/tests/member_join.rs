@@ -545,6 +545,22 @@ fn a_join_over_the_member_and_parent_channels_serves_and_refuses_what_it_must() 
         other => panic!("expected a StateReport, got {other:?}"),
     }
     assert_eq!(j.vault_phase(), Some(Phase::Serving));
+    // StateAdopt (`docs/cluster.md`): the committed blob again is acknowledged; a blob that is
+    // no sealed state is refused (`state_refused`), as is any adoption by a KRE not serving.
+    let adopt = |kre: &Kre, blob: Vec<u8>| {
+        let frame = Message::StateAdopt { blob }.encode().expect("adopt");
+        Message::decode(&common::step(&mut Connection::new(Channel::Parent), kre, &frame).reply[4..])
+    };
+    match adopt(&j, blob.clone()) {
+        Ok(Message::StateReport(rep)) => assert_eq!((rep.phase, rep.committed_generation), (3, 1)),
+        other => panic!("expected a StateReport, got {other:?}"),
+    }
+    for (kre, bad) in [(&j, vec![7; 100]), (&start("i-0idle"), blob.clone())] {
+        match adopt(kre, bad) {
+            Ok(Message::Denied { code, .. }) => assert_eq!(code, DenyCode::StateRefused),
+            other => panic!("expected a Denied, got {other:?}"),
+        }
+    }
     // A serving KRE takes no join; a non-member is refused by the serving member.
     assert_eq!(
         denied(&common::step(&mut Connection::new(Channel::Parent), &j, &start_frame).reply),

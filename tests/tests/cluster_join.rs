@@ -147,3 +147,102 @@ fn join_and_refuse(d: &Path, store: &[String; 2]) {
     assert!(followed_contains(&sock_a, b"forwarded to member `b`"), "A records the forward");
     assert!(followed_contains(&sock_a, b"no member"), "A records the refusal of C");
 }
+
+/// Convergence (`docs/cluster.md`): A and B serve from one etcd store (B joined from A); a
+/// signed bundle rotates `prod`'s KEK through A, whose parent stores and commits generation 2.
+/// B's parent finds the newer generation and hands it to B (StateAdopt) instead of stopping;
+/// once the bundle is replayed to B, B releases the rotated key, the same one A releases.
+#[test]
+fn a_serving_member_adopts_the_generation_another_member_committed_to_etcd() {
+    let etcd = keygate_tests::etcd::EtcdCluster::start(1).unwrap_or_else(|e| panic!("{e}"));
+    let dir = TempDir::new("keygate-cluster-adopt").expect("tmp");
+    let d = dir.path();
+    let store = ["--store".to_owned(), etcd.url("/cluster")];
+    custodians_and_root(d, SEED);
+    ok(keygate(&["keygen", "-o", &s(&d.join("a1.pem"))]));
+    policy_init(&d.join("a1.pub.pem"), "0s", &d.join("init.bundle"));
+    genesis_with_members(
+        &d.join("init.bundle"),
+        &prod_policy_for("cp", CP_PCR),
+        &[("a", "i-a"), ("b", "i-b")],
+        &d.join("genesis.bundle"),
+    );
+    let a = member_kre(d, "a", "i-a");
+    ok(keygate(&["custodian", "init", "--kre", &a.parent(), &store[0], &store[1]]));
+    let b = member_kre(d, "b", "i-b");
+    ok(join(&b, &a, &store));
+    ok(fetch(&b, &d.join("kb1")));
+    let key1 = std::fs::read(d.join("kb1/etcd.key")).expect("key");
+
+    // v2 rotates prod's KEK; A takes it and its parent commits generation 2 to etcd.
+    let v2 = rotating_bundle(d, &d.join("genesis.bundle"), "v2");
+    let push = |bundle: &Path, kre: &DevKre, bundles: &str| {
+        ok(keygate(&[
+            "policy",
+            "push",
+            &s(bundle),
+            "--kre",
+            &kre.parent(),
+            "--store",
+            &s(&d.join(bundles)),
+            "--durable-within",
+            "0",
+        ]))
+    };
+    push(&v2, &a, "bundles-a");
+    let out = ok(keygate(&["state", "sync", "--kre", &a.parent(), &store[0], &store[1]]));
+    assert!(out.contains("committed generation 2"), "{out}");
+    ok(fetch(&a, &d.join("ka2")));
+    let key2 = std::fs::read(d.join("ka2/etcd.key")).expect("key");
+    assert_ne!(key2, key1, "the rotation gives a new data key");
+
+    // B's parent: etcd holds generation 2, newer than B's committed 1: B adopts it.
+    let started = Instant::now();
+    let out = ok(keygate(&["state", "sync", "--kre", &b.parent(), &store[0], &store[1]]));
+    eprintln!("adoption by B's state sync: {} ms", started.elapsed().as_millis());
+    assert!(out.contains("the KRE adopted it and serves generation 2"), "{out}");
+    // The adopted state records policy v2: B waits until its parent replays the bundle.
+    refused(fetch(&b, &d.join("kb2")), "policy_stale");
+    push(&v2, &b, "bundles-b");
+    ok(fetch(&b, &d.join("kb3")));
+    assert_eq!(std::fs::read(d.join("kb3/etcd.key")).expect("key"), key2, "B releases A's rotated key");
+    // Nothing of B's own to store: the adopted generation is what it serves.
+    let out = ok(keygate(&["state", "sync", "--kre", &b.parent(), &store[0], &store[1]]));
+    assert!(out.contains("the KRE serves generation 2; nothing new to store"), "{out}");
+
+    // The race: v3 rotates again and both members take it, each exporting its own generation 3
+    // with its own new KEK. A's parent commits first; B's loses the compare-and-swap, and B
+    // adopts A's generation 3, dropping its own export: both release A's key.
+    let v3 = rotating_bundle(d, &v2, "v3");
+    push(&v3, &a, "bundles-a");
+    push(&v3, &b, "bundles-b");
+    let out = ok(keygate(&["state", "sync", "--kre", &a.parent(), &store[0], &store[1]]));
+    assert!(out.contains("committed generation 3"), "{out}");
+    let out = ok(keygate(&["state", "sync", "--kre", &b.parent(), &store[0], &store[1]]));
+    assert!(out.contains("the KRE adopted it and serves generation 3"), "{out}");
+    assert!(out.contains("its own export of generation 3 lost the compare-and-swap and was dropped"), "{out}");
+    ok(fetch(&a, &d.join("ka4")));
+    ok(fetch(&b, &d.join("kb4")));
+    let key3 = std::fs::read(d.join("ka4/etcd.key")).expect("key");
+    assert_ne!(key3, key2);
+    assert_eq!(std::fs::read(d.join("kb4/etcd.key")).expect("key"), key3, "B releases A's key, not its own");
+
+    // B's audit trail records the adoption.
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    let sock_b = d.join("b.sock");
+    while !followed_contains(&sock_b, b"state-adopted") && Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(followed_contains(&sock_b, b"committed by another member, adopted"), "B records the adoption");
+}
+
+/// Proposes `NAME.bundle` from `from` rotating `prod`'s KEK, signed by `a1` and assembled.
+fn rotating_bundle(d: &Path, from: &Path, name: &str) -> std::path::PathBuf {
+    let (prop, sig, out) =
+        (d.join(format!("{name}.proposal")), d.join(format!("{name}.sig")), d.join(format!("{name}.bundle")));
+    ok(keygate(&["policy", "propose", "--from", &s(from), "--rotate", "prod", "-o", &s(&prop)]));
+    let key = s(&d.join("a1.pem"));
+    ok(keygate(&["policy", "sign", &s(&prop), "--key", &key, "--current", &s(from), "--yes", "-o", &s(&sig)]));
+    ok(keygate(&["policy", "assemble", &s(&prop), &s(&sig), "-o", &s(&out)]));
+    out
+}

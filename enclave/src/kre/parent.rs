@@ -1,7 +1,7 @@
 //! The parent channel's connection: one request, one answer. The parent collects and
 //! acknowledges the audit trail, asks for status and durability receipts, pushes policy
 //! bundles (as the pipeline's courier) and drives the sealed state (poll, genesis, load,
-//! commit). Decides nothing about releases; trusts nothing the parent says beyond what the
+//! commit, adopt). Decides nothing about releases; trusts nothing the parent says beyond what the
 //! policy book, the sealed-state service and the audit log check. Spec: docs/protocol.md,
 //! docs/audit.md, docs/durability.md.
 
@@ -86,6 +86,13 @@ impl ParentConnection {
                     close: true,
                     event: Event::State { step: "commit", generation },
                 })
+            }
+            Message::StateAdopt { blob } => {
+                kre.sealed("adopt")?.adopt(&kre.audit, &blob, now_ms)?;
+                // As after an unseal: bundles this member accepted beyond the adopted head,
+                // and KEKs its policy names that the adopted state lacks, go to the next export.
+                kre.after_unseal(now_ms);
+                report_step(kre.state_report()?, "adopt")
             }
             Message::PolicyPush { bundle } => {
                 let r = kre.push_policy(&bundle, now_ms)?;

@@ -385,6 +385,35 @@ impl StateService {
         })
     }
 
+    /// An adoption (`docs/cluster.md`): a newer generation another member committed to the
+    /// shared store becomes the state in use ([`Vault::adopt`]); an outstanding export of this
+    /// member is dropped. Recorded with every KEK version that becomes usable with it, or not
+    /// done.
+    pub(super) fn adopt(&self, audit: &AuditTrail, blob: &[u8], now_ms: u64) -> Result<u64, Denial> {
+        let blob_sha: [u8; 48] = Sha384::digest(blob).into();
+        self.recorded(audit, "adopt", now_ms, |v| {
+            let before = v.committed_versions();
+            let dropped = v.pending_generation();
+            let generation = v.adopt(self.crypto, blob).map_err(Error::Vault)?;
+            let dropped = dropped.map(|g| format!("; this member's export of generation {g} lost and dropped"));
+            let detail = format!(
+                "generation {generation} (blob sha384 {}) committed by another member, adopted and in use{}",
+                hex::encode(blob_sha),
+                dropped.unwrap_or_default()
+            );
+            let mut events = vec![state_event("state-adopted", true, detail)];
+            for (cluster, versions) in &v.committed_versions() {
+                let old = before.iter().find(|(c, _)| c == cluster).map(|(_, v)| v.as_slice()).unwrap_or(&[]);
+                for (version, _) in versions {
+                    if !old.iter().any(|(v, _)| v == version) {
+                        events.push(AuditEvent::KekRotated { cluster: cluster.clone(), new_version: *version });
+                    }
+                }
+            }
+            Ok((generation, events))
+        })
+    }
+
     /// Records that this serving member forwarded its state key (`detail` names the joiner
     /// and the generation); refused, and nothing is sent, if the entry cannot be recorded.
     pub(super) fn record_forward(&self, audit: &AuditTrail, detail: String, now_ms: u64) -> Result<(), Denial> {

@@ -23,6 +23,10 @@
 //!   commits it again). No key is ever released under a KEK version that exists only in
 //!   `working` or in an uncommitted export.
 //!
+//! A serving member may also adopt a newer generation another member of the same state
+//! committed to the shared store ([`Vault::adopt`], `docs/cluster.md`): it replaces
+//! `committed` and `working`, and an outstanding export (which lost the race) is dropped.
+//!
 //! The audit head: every export records the head the KRE noted last
 //! ([`Vault::note_audit_head`]: the newest audit entry the parent had acknowledged storing),
 //! so a committed generation says how far this run's trail had got; after an unseal,
@@ -188,6 +192,27 @@ pub enum VaultError {
     /// Forwarding: nothing committed yet, or a reshare's new key is not yet committed.
     #[error("no committed state to forward (nothing committed yet, or a reshare is not yet committed)")]
     NothingToForward,
+    /// An adoption: the offered generation is not newer than the committed one.
+    #[error("the offered state is generation {offered}; generation {committed} is committed here (only a newer one is adopted)")]
+    AdoptNotNewer {
+        /// The offered generation.
+        offered: u64,
+        /// The committed generation.
+        committed: u64,
+    },
+    /// An adoption: another blob of the committed generation (a fork).
+    #[error("the offered state is generation {generation}, committed here with another digest (a fork)")]
+    AdoptFork {
+        /// The generation.
+        generation: u64,
+    },
+    /// An adoption: the offered state's policy head is older than this KRE's floor, or
+    /// another bundle of the same version.
+    #[error("the offered state's policy head is older than (or forks) the policy this KRE has recorded")]
+    AdoptPolicyBehind,
+    /// An adoption while a reshare is in progress or its new key is not yet committed.
+    #[error("a reshare is in progress or not yet committed: no state is adopted meanwhile")]
+    AdoptDuringReshare,
 }
 
 /// A state the KRE wants the parent to store.
@@ -1593,5 +1618,209 @@ impl Vault {
             resealed: false,
         }));
         Ok(generation)
+    }
+}
+
+impl Vault {
+    /// A serving member adopts a newer generation another member committed to the shared
+    /// store (`docs/cluster.md`). Only while serving and not during a reshare; the blob must be
+    /// for this KRE's custodian set and open under its state key; its generation must be newer
+    /// than the committed one (the same generation with another digest is a fork; the same
+    /// blob is acknowledged again); its policy head must not be older than (or fork) the
+    /// floor and the committed head. Then it is the committed and working state, any
+    /// outstanding export is dropped (it lost the race: never committed, so never used for a
+    /// release), and the floor rises to its policy head. Returns the generation.
+    pub fn adopt(&mut self, crypto: &dyn Crypto, blob: &[u8]) -> Result<u64, VaultError> {
+        let set_digest = self.set.digest();
+        let floor = self.floor;
+        let Inner::Serving(s) = &mut self.inner else {
+            return Err(self.wrong("an adoption", "serving"));
+        };
+        if s.reshare.is_some() || s.resealed {
+            return Err(VaultError::AdoptDuringReshare);
+        }
+        check_len("sealed state", blob, MAX_STATE_BLOB)?;
+        let digest: [u8; 48] = Sha384::digest(blob).into();
+        let header = sealed::peek_header(blob)?;
+        if header.custodian_set_digest != set_digest {
+            return Err(VaultError::StateSetMismatch);
+        }
+        let committed = s.committed.generation;
+        if header.generation == committed && digest == s.committed_sha384 {
+            return Ok(committed);
+        }
+        if header.generation == committed {
+            return Err(VaultError::AdoptFork { generation: committed });
+        }
+        if header.generation < committed {
+            return Err(VaultError::AdoptNotNewer { offered: header.generation, committed });
+        }
+        let state = sealed::open(blob, &s.state_key, crypto).map_err(|e| match e {
+            SealedError::Decrypt => VaultError::StateDoesNotOpen,
+            other => VaultError::Sealed(other),
+        })?;
+        // The header is authenticated by the open, but check the opened state itself.
+        if state.generation <= committed {
+            return Err(VaultError::AdoptNotNewer { offered: state.generation, committed });
+        }
+        for known in [floor, s.committed.policy_head].into_iter().flatten() {
+            if !head_not_older(state.policy_head, known) {
+                return Err(VaultError::AdoptPolicyBehind);
+            }
+        }
+        let generation = state.generation;
+        s.exported = None;
+        s.committed = state.clone();
+        s.committed_sha384 = digest;
+        s.working = state;
+        if let Some(h) = s.committed.policy_head {
+            if floor.is_none_or(|(v, _)| h.0 > v) {
+                self.floor = Some(h);
+            }
+        }
+        Ok(generation)
+    }
+}
+
+/// Whether policy head `offered` is at least `known`: a newer version, or the same bundle.
+fn head_not_older(offered: Option<PolicyHead>, known: PolicyHead) -> bool {
+    offered.is_some_and(|(v, d)| v > known.0 || (v == known.0 && d == known.1))
+}
+
+#[cfg(test)]
+mod adopt_tests {
+    use super::*;
+    use crate::codec::test_id as id;
+    use crate::crypto::test_rng as rng;
+    use keygate_attestation::crypto::all_backends;
+
+    fn attest_ok(_: &[u8; 48]) -> Result<Vec<u8>, keygate_attestation::NsmError> {
+        Ok(b"attestation".to_vec())
+    }
+
+    fn set(crypto: &dyn Crypto) -> CustodianSet {
+        let keys: Vec<PublicKey> = (0..3)
+            .map(|i| {
+                let (_, p) = p384_scalar_from(crypto, rng(100 + i)).expect("key");
+                p.try_into().expect("point")
+            })
+            .collect();
+        CustodianSet::new(crypto, 2, keys).expect("set")
+    }
+
+    /// Member A after genesis (generation 1 committed, policy head v1) and member B joined from
+    /// it, both serving generation 1.
+    fn pair(crypto: &dyn Crypto) -> (Vault, Vault, Vec<u8>) {
+        let set = set(crypto);
+        let mut a = Vault::new(set.clone());
+        let mut r = rng(1);
+        let e = a.genesis(crypto, &[id("c1")], Some((1, [1; 48])), &[], &mut r, &mut attest_ok).expect("step").clone();
+        a.commit(e.generation, &e.blob_sha384).expect("step");
+        let custody = a.custody().expect("step").clone();
+        let mut b = Vault::new(set);
+        b.join(crypto, a.forwardable().expect("step"), e.blob.clone(), custody).expect("step");
+        (a, b, e.blob)
+    }
+
+    /// A adds a cluster and commits generation 2 with policy head v2; returns its blob.
+    fn a_commits_2(crypto: &dyn Crypto, a: &mut Vault) -> Vec<u8> {
+        a.ensure_clusters(&[id("c2")], &mut rng(2)).expect("step");
+        a.set_policy_head((2, [2; 48]));
+        let e = a.export(crypto, &mut rng(3)).expect("export").expect("a change").clone();
+        a.commit(e.generation, &e.blob_sha384).expect("step");
+        e.blob
+    }
+
+    fn kek_bytes(v: &Vault, c: &str) -> Vec<Vec<u8>> {
+        v.releasable(&id(c)).iter().map(|(_, _, k)| k.expose().to_vec()).collect()
+    }
+
+    #[test]
+    fn a_member_adopts_a_newer_generation_and_releases_its_keks_dropping_its_lost_export() {
+        for crypto in all_backends() {
+            let (mut a, mut b, _) = pair(crypto);
+            let g2 = a_commits_2(crypto, &mut a);
+            // B made its own change meanwhile: its export of generation 2 loses the race.
+            b.ensure_clusters(&[id("c2")], &mut rng(9)).expect("step");
+            let lost = b.export(crypto, &mut rng(10)).expect("export").expect("a change").clone();
+            assert_eq!(lost.generation, 2);
+            assert!(b.releasable(&id("c2")).is_empty(), "an export is never released from");
+            assert_eq!(b.adopt(crypto, &g2), Ok(2));
+            assert_eq!(b.committed_generation(), 2);
+            assert_eq!(b.pending_generation(), None, "the lost export is dropped");
+            assert_eq!(kek_bytes(&b, "c2"), kek_bytes(&a, "c2"));
+            assert_eq!(kek_bytes(&b, "c1"), kek_bytes(&a, "c1"));
+            assert_eq!(b.policy_floor(), Some((2, [2; 48])), "the floor rises to the adopted head");
+            // A commit of the lost export changes nothing (generation 2 is committed: the
+            // commit is acknowledged as a repeat); the same blob again is acknowledged.
+            assert_eq!(b.commit(2, &lost.blob_sha384), Ok(2));
+            assert_eq!(kek_bytes(&b, "c2"), kek_bytes(&a, "c2"));
+            assert_eq!(b.adopt(crypto, &g2), Ok(2));
+            // Nothing to export: working is the adopted state. The next change follows it.
+            assert!(b.export(crypto, &mut rng(11)).expect("step").is_none());
+            b.ensure_clusters(&[id("c3")], &mut rng(12)).expect("step");
+            assert_eq!(b.export(crypto, &mut rng(13)).expect("export").expect("a change").generation, 3);
+            assert_eq!(b.forwardable().expect("step").generation, 2);
+        }
+    }
+
+    #[test]
+    fn an_older_a_forked_or_a_foreign_blob_is_refused_and_nothing_changes() {
+        let crypto = all_backends()[0];
+        let (mut a, mut b, g1) = pair(crypto);
+        let g2 = a_commits_2(crypto, &mut a);
+        b.adopt(crypto, &g2).expect("step");
+        let before = kek_bytes(&b, "c2");
+        // Older.
+        assert_eq!(b.adopt(crypto, &g1), Err(VaultError::AdoptNotNewer { offered: 1, committed: 2 }));
+        // A fork: another blob of generation 2 under the same key.
+        let mut fork_state = b.committed_state_for_test();
+        fork_state.clusters.remove(&id("c1"));
+        let forked = b.seal_for_test(crypto, &fork_state);
+        assert_eq!(b.adopt(crypto, &forked), Err(VaultError::AdoptFork { generation: 2 }));
+        // A blob that does not open under this KRE's key: a newer generation of another cluster
+        // with the same custodian set.
+        let (mut other, _, _) = pair(crypto);
+        other.ensure_clusters(&[id("c9")], &mut rng(20)).expect("step");
+        let mut other_state = other.committed_state_for_test();
+        other_state.generation = 3;
+        let foreign = other.seal_with_other_key_for_test(crypto, &other_state);
+        assert_eq!(b.adopt(crypto, &foreign), Err(VaultError::StateDoesNotOpen));
+        // An older policy head than the floor, at a newer generation.
+        let mut behind = b.committed_state_for_test();
+        behind.generation = 3;
+        behind.policy_head = Some((1, [1; 48]));
+        let behind = b.seal_for_test(crypto, &behind);
+        assert_eq!(b.adopt(crypto, &behind), Err(VaultError::AdoptPolicyBehind));
+        // A forked policy head of the same version.
+        let mut forked_head = b.committed_state_for_test();
+        forked_head.generation = 3;
+        forked_head.policy_head = Some((2, [9; 48]));
+        let forked_head = b.seal_for_test(crypto, &forked_head);
+        assert_eq!(b.adopt(crypto, &forked_head), Err(VaultError::AdoptPolicyBehind));
+        // Garbage.
+        assert!(matches!(b.adopt(crypto, b"not a sealed state"), Err(VaultError::Sealed(_))));
+        assert_eq!(b.committed_generation(), 2);
+        assert_eq!(kek_bytes(&b, "c2"), before);
+        // Not serving.
+        let mut fresh = Vault::new(b.set().clone());
+        assert!(matches!(fresh.adopt(crypto, &g2), Err(VaultError::WrongPhase { .. })));
+    }
+
+    impl Vault {
+        fn committed_state_for_test(&self) -> KreState {
+            let Inner::Serving(s) = &self.inner else { panic!("not serving") };
+            s.committed.clone()
+        }
+
+        fn seal_for_test(&self, crypto: &dyn Crypto, state: &KreState) -> Vec<u8> {
+            let Inner::Serving(s) = &self.inner else { panic!("not serving") };
+            sealed::seal(state, &s.state_key, &self.set.digest(), &mut rng(30), crypto).expect("seal")
+        }
+
+        fn seal_with_other_key_for_test(&self, crypto: &dyn Crypto, state: &KreState) -> Vec<u8> {
+            let key: Secret<32> = Secret::generate(rng(31));
+            sealed::seal(state, &key, &self.set.digest(), &mut rng(32), crypto).expect("seal")
+        }
     }
 }

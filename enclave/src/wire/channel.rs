@@ -43,7 +43,8 @@ impl Channel {
             | ty::STATE_LOAD
             | ty::STATE_COMMIT
             | ty::JOIN_START
-            | ty::JOIN_FINISH => Some(Channel::Parent),
+            | ty::JOIN_FINISH
+            | ty::STATE_ADOPT => Some(Channel::Parent),
             ty::UNSEAL_HELLO | ty::UNSEAL_SHARE | ty::RESHARE_START => Some(Channel::Custodian),
             super::member::JOIN_REQUEST => Some(Channel::Member),
             _ => None,

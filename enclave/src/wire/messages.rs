@@ -68,6 +68,7 @@ message_types! {
     PolicyDurable = POLICY_DURABLE = 27,
     JoinStart = JOIN_START = 28,
     JoinFinish = JOIN_FINISH = 29,
+    StateAdopt = STATE_ADOPT = 30,
 }
 
 /// The largest body (version and type bytes included) a request of type `t` can have: what the
@@ -87,7 +88,7 @@ pub fn max_request_body(t: u8) -> Option<usize> {
         ty::STATUS | ty::STATE_POLL | ty::STATE_GENESIS | ty::JOIN_START => HEAD,
         ty::STATE_COMMIT => HEAD + 8 + 48,
         ty::UNSEAL_SHARE => HEAD + UNSEAL_SHARE_LEN,
-        ty::POLICY_PUSH | ty::STATE_LOAD | ty::RESHARE_START | ty::JOIN_FINISH => MAX_FRAME,
+        ty::POLICY_PUSH | ty::STATE_LOAD | ty::RESHARE_START | ty::JOIN_FINISH | ty::STATE_ADOPT => MAX_FRAME,
         _ => return None,
     })
 }
@@ -281,6 +282,12 @@ pub enum Message {
         generation: u64,
         /// SHA-384 of the blob as stored and read back.
         blob_sha384: [u8; 48],
+    },
+    /// Parent → KRE (serving): a newer generation another member committed to the shared
+    /// store, to adopt (`docs/cluster.md`). Answered with a StateReport.
+    StateAdopt {
+        /// The sealed blob as stored.
+        blob: Vec<u8>,
     },
     /// KRE → parent: the generation is now in use.
     StateCommitted {
@@ -477,6 +484,9 @@ impl Message {
             Message::StateCommitted { generation } => {
                 w.bytes(&generation.to_be_bytes());
             }
+            Message::StateAdopt { blob } => {
+                w.bytes16("blob", blob)?;
+            }
             Message::UnsealHello { client_nonce } => {
                 w.bytes(client_nonce);
             }
@@ -627,6 +637,7 @@ impl Message {
                 Message::StateCommit { generation: r.u64("generation")?, blob_sha384: r.array("blob_sha384")? }
             }
             ty::STATE_COMMITTED => Message::StateCommitted { generation: r.u64("generation")? },
+            ty::STATE_ADOPT => Message::StateAdopt { blob: r.bytes16("blob")?.to_vec() },
             ty::UNSEAL_HELLO => Message::UnsealHello { client_nonce: r.array("client_nonce")? },
             ty::UNSEAL_OFFER => Message::UnsealOffer {
                 attestation: r.bytes16("attestation")?.to_vec(),
@@ -739,6 +750,7 @@ mod tests {
             },
             Message::StateCommit { generation: 5, blob_sha384: [7; 48] },
             Message::StateCommitted { generation: 5 },
+            Message::StateAdopt { blob: vec![4; 50] },
             Message::UnsealHello { client_nonce: [8; 32] },
             unseal_offer(4600, 700, 4600, 0),
             unseal_offer(10, 7, 4, 99),

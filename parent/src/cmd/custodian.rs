@@ -533,8 +533,9 @@ fn reshare(a: &ReshareArgs) -> Result<(), CliError> {
 pub(crate) enum EtcdRound {
     /// A line describing it, and the newest generation the store is known to hold.
     Done(String, u64),
-    /// Another parent stored this or a newer generation first: nothing was committed, and this
-    /// parent stops committing (adopting the newer generation into the KRE is not built).
+    /// Another parent stored this or a newer generation first: nothing was committed. A sync
+    /// round then hands the newer generation to the KRE to adopt ([`adopt_etcd`]); a genesis
+    /// stops.
     Lost(String),
 }
 
@@ -634,18 +635,64 @@ pub(crate) fn sync_once_etcd(kre: &Addr, store: &mut EtcdStore, url: &EtcdUrl) -
             ),
             held,
         )),
-        3 if r.export_generation > 0 => store_and_commit_etcd(kre, store, url, &r),
-        3 if held > r.committed_generation => Ok(EtcdRound::Lost(format!(
-            "{url} holds generation {held}, newer than the KRE's committed {}: another parent commits; \
-             this parent stops committing (adopting the newer generation is not built)",
-            r.committed_generation
-        ))),
+        3 if r.export_generation > 0 => match store_and_commit_etcd(kre, store, url, &r)? {
+            EtcdRound::Lost(why) => adopt_etcd(kre, store, url, &r, why),
+            done => Ok(done),
+        },
+        3 if held > r.committed_generation => {
+            let why = format!(
+                "{url} holds generation {held}, newer than the KRE's committed {}: another parent commits; \
+                 this parent stops committing",
+                r.committed_generation
+            );
+            adopt_etcd(kre, store, url, &r, why)
+        }
         3 => Ok(EtcdRound::Done(
             format!("the KRE serves generation {}; nothing new to store", r.committed_generation),
             held,
         )),
         p => Err(CliError::refused(format!("the KRE reports an unknown phase {p}"))),
     }
+}
+
+/// The store holds a newer generation than the KRE's committed one (another member's parent
+/// committed it first): hands it to the KRE to adopt (StateAdopt; the KRE checks that it opens
+/// under its state key, is newer and does not roll its policy back). An export of this KRE
+/// that lost is dropped by the KRE; its next export follows the adopted generation. A KRE that
+/// refuses it (another custodian set or state key, an older policy) leaves the round lost
+/// (`why`, with the KRE's reason): this parent stops committing.
+fn adopt_etcd(
+    kre: &Addr,
+    store: &mut EtcdStore,
+    url: &EtcdUrl,
+    r: &StateReport,
+    why: String,
+) -> Result<EtcdRound, CliError> {
+    let etcd = |e: StoreError| CliError::refused(format!("{url}: {e}"));
+    let newer = r.committed_generation.saturating_add(1);
+    let Some(loaded) = store.load(newer).map_err(etcd)? else {
+        return Err(CliError::refused(format!("{url} holds no generation newer than {}", r.committed_generation)));
+    };
+    let g = loaded.header.generation;
+    let a = match state_report(kre, &Message::StateAdopt { blob: loaded.blob }) {
+        Ok(a) => a,
+        Err(e) if e.code == 1 => {
+            return Ok(EtcdRound::Lost(format!("{why}; the KRE refused to adopt generation {g}: {}", e.message)))
+        }
+        Err(e) => return Err(e),
+    };
+    let lost = if r.export_generation > 0 {
+        format!(" (its own export of generation {} lost the compare-and-swap and was dropped)", r.export_generation)
+    } else {
+        String::new()
+    };
+    Ok(EtcdRound::Done(
+        format!(
+            "{url} holds generation {g}, committed by another member: the KRE adopted it and serves generation {}{lost}",
+            a.committed_generation
+        ),
+        g,
+    ))
 }
 
 /// One round against etcd for the daemon: a lost compare-and-swap is a failed step.
@@ -657,8 +704,8 @@ pub(crate) fn sync_once_store(kre: &Addr, url: &EtcdUrl) -> Result<String, CliEr
 }
 
 /// `keygate state sync --store etcd://…`: rounds as with a directory; following, the pause
-/// between rounds ends early when the store gets a newer generation (an etcd watch), and a
-/// lost compare-and-swap ends the loop (reported, exit 1).
+/// between rounds ends early when the store gets a newer generation (an etcd watch), which the
+/// next round hands to the KRE to adopt.
 fn sync_etcd(a: &SyncArgs) -> Result<(), CliError> {
     let Some(url) = &a.at.store else { return Err(CliError::input("give --state-dir DIR or --store URL")) };
     let mut store = etcd_store(url)?;
