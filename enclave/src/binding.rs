@@ -283,7 +283,8 @@ mod tests {
     use super::*;
     use crate::codec::test_id as id;
 
-    fn h(parts: &[&[u8]]) -> [u8; 48] {
+    /// SHA-384 over `parts`, written here apart from the code under test.
+    pub(super) fn h(parts: &[&[u8]]) -> [u8; 48] {
         let mut d = Sha384::new();
         for p in parts {
             d.update(p);
@@ -436,15 +437,8 @@ impl JoinTranscript<'_> {
 
 #[cfg(test)]
 mod join_tests {
+    use super::tests::h;
     use super::*;
-
-    fn h(parts: &[&[u8]]) -> [u8; 48] {
-        let mut d = Sha384::new();
-        for p in parts {
-            d.update(p);
-        }
-        d.finalize().into()
-    }
 
     #[test]
     fn join_bindings_are_the_documented_hashes() {

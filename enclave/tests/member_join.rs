@@ -44,6 +44,22 @@ struct Cluster {
     custody: Custody,
 }
 
+/// The members' genesis: approver `approver-1` (threshold 1), the prod policy, the cluster's
+/// members, a 1 h activation delay.
+fn genesis_body(c: &Cluster) -> keygate_attestation::bundle::PolicyBody {
+    let key = keygate_attestation::mock::derive_key(b"member-approvers", "approver-1");
+    keygate_attestation::bundle::PolicyBody {
+        version: 1,
+        previous: [0; 48],
+        issued_at: T / 1000 - 60,
+        activation_delay: 3600,
+        approvers: vec![keygate_attestation::mock::public_point(&key).try_into().expect("97 bytes")],
+        threshold: 1,
+        policy: common::prod_policy(1, 0),
+        members: c.members.clone(),
+    }
+}
+
 fn cluster() -> Cluster {
     let crypto = default_backend();
     let keys = (0..3u64)
@@ -317,22 +333,11 @@ fn the_joiner_serves_only_the_blob_the_serving_member_vouched_for() {
 /// its committed state; a joiner takes the key and serves the stored blob.
 #[test]
 fn a_kre_answers_a_member_and_refuses_a_copy_of_its_image() {
-    use keygate_attestation::bundle::{self, PolicyBody};
-    use keygate_attestation::mock::{derive_key, public_point};
+    use keygate_attestation::bundle;
     use keygate_enclave::kre::{Env, Kre, KreConfig};
 
     let c = cluster();
-    let key = derive_key(b"member-approvers", "approver-1");
-    let body = PolicyBody {
-        version: 1,
-        previous: [0; 48],
-        issued_at: T / 1000 - 60,
-        activation_delay: 3600,
-        approvers: vec![public_point(&key).try_into().expect("97 bytes")],
-        threshold: 1,
-        policy: common::prod_policy(1, 0),
-        members: c.members.clone(),
-    };
+    let body = genesis_body(&c);
     let genesis = bundle::encode_bundle(&bundle::encode_body(&body), &[]);
     let config = KreConfig { custodians: Some(c.set.clone()), ..KreConfig::default() };
     let kre = Kre::with_genesis(
@@ -384,16 +389,7 @@ fn a_kre_behind_its_sealed_policy_head_refuses_to_forward() {
     let scalars: Vec<P384Scalar> =
         (0..3u64).map(|i| p384_scalar_from(c.crypto, rng_from(100 + i)).expect("key").0).collect();
     let key = derive_key(b"member-approvers", "approver-1");
-    let g = PolicyBody {
-        version: 1,
-        previous: [0; 48],
-        issued_at: T / 1000 - 60,
-        activation_delay: 3600,
-        approvers: vec![public_point(&key).try_into().expect("97 bytes")],
-        threshold: 1,
-        policy: common::prod_policy(1, 0),
-        members: c.members.clone(),
-    };
+    let g = genesis_body(&c);
     let genesis = bundle::encode_bundle(&bundle::encode_body(&g), &[]);
     // Version 2 removes the joiner (a tightening: in force at once).
     let v2 = PolicyBody {
@@ -467,23 +463,12 @@ fn a_kre_behind_its_sealed_policy_head_refuses_to_forward() {
 /// and the member frame on another listener are refused.
 #[test]
 fn a_join_over_the_member_and_parent_channels_serves_and_refuses_what_it_must() {
-    use keygate_attestation::bundle::{self, PolicyBody};
-    use keygate_attestation::mock::{derive_key, public_point};
+    use keygate_attestation::bundle;
     use keygate_enclave::kre::{Connection, Kre, KreConfig};
     use keygate_enclave::wire::{Channel, DenyCode, Message};
 
     let c = cluster();
-    let key = derive_key(b"member-approvers", "approver-1");
-    let body = PolicyBody {
-        version: 1,
-        previous: [0; 48],
-        issued_at: T / 1000 - 60,
-        activation_delay: 3600,
-        approvers: vec![public_point(&key).try_into().expect("97 bytes")],
-        threshold: 1,
-        policy: common::prod_policy(1, 0),
-        members: c.members.clone(),
-    };
+    let body = genesis_body(&c);
     let genesis = bundle::encode_bundle(&bundle::encode_body(&body), &[]);
     let start = |instance: &str| {
         let config = KreConfig { custodians: Some(c.set.clone()), ..KreConfig::default() };

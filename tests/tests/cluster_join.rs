@@ -73,8 +73,9 @@ fn a_member_joins_with_the_state_in_etcd() {
     join_and_refuse(dir.path(), &store);
 }
 
-/// Genesis on A into `store`, B joins from A, C (no member) is refused.
-fn join_and_refuse(d: &Path, store: &[String; 2]) {
+/// Custodians, the mock root, approver `a1` and `genesis.bundle`: the prod policy with
+/// members `a` (instance `i-a`) and `b` (`i-b`).
+fn members_genesis(d: &Path) {
     custodians_and_root(d, SEED);
     ok(keygate(&["keygen", "-o", &s(&d.join("a1.pem"))]));
     policy_init(&d.join("a1.pub.pem"), "0s", &d.join("init.bundle"));
@@ -84,6 +85,11 @@ fn join_and_refuse(d: &Path, store: &[String; 2]) {
         &[("a", "i-a"), ("b", "i-b")],
         &d.join("genesis.bundle"),
     );
+}
+
+/// Genesis on A into `store`, B joins from A, C (no member) is refused.
+fn join_and_refuse(d: &Path, store: &[String; 2]) {
+    members_genesis(d);
     // The approvers change members with `policy propose`: what changes, and what the next
     // bundle holds (the proposal is not pushed here).
     let next = d.join("members.proposal");
@@ -158,15 +164,7 @@ fn a_serving_member_adopts_the_generation_another_member_committed_to_etcd() {
     let dir = TempDir::new("keygate-cluster-adopt").expect("tmp");
     let d = dir.path();
     let store = ["--store".to_owned(), etcd.url("/cluster")];
-    custodians_and_root(d, SEED);
-    ok(keygate(&["keygen", "-o", &s(&d.join("a1.pem"))]));
-    policy_init(&d.join("a1.pub.pem"), "0s", &d.join("init.bundle"));
-    genesis_with_members(
-        &d.join("init.bundle"),
-        &prod_policy_for("cp", CP_PCR),
-        &[("a", "i-a"), ("b", "i-b")],
-        &d.join("genesis.bundle"),
-    );
+    members_genesis(d);
     let a = member_kre(d, "a", "i-a");
     ok(keygate(&["custodian", "init", "--kre", &a.parent(), &store[0], &store[1]]));
     let b = member_kre(d, "b", "i-b");
