@@ -127,6 +127,24 @@ pub fn clean_up() -> Cleaned {
     let mut t = tracked();
     t.closed = true;
     let killed = std::mem::take(&mut t.pids).into_iter().filter(|p| kill(*p)).count();
-    let removed = std::mem::take(&mut t.dirs).into_iter().filter(|d| std::fs::remove_dir_all(d).is_ok()).count();
+    let removed = std::mem::take(&mut t.dirs).into_iter().filter(|d| remove_settled(d)).count();
     Cleaned { killed, removed }
+}
+
+/// How long [`clean_up`] keeps removing a directory that a killed child was still writing
+/// into (SIGKILL is delivered, not instant: a dying child may create a file or a socket after
+/// the first removal began, which then fails with "directory not empty").
+const REMOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Removes `dir`, trying again every 20 ms for at most [`REMOVE_WAIT`]; whether it is gone.
+fn remove_settled(dir: &Path) -> bool {
+    let start = std::time::Instant::now();
+    loop {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => return true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return true,
+            Err(_) if start.elapsed() < REMOVE_WAIT => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Err(_) => return false,
+        }
+    }
 }
