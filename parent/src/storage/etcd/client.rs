@@ -218,7 +218,12 @@ impl fmt::Debug for EtcdClient {
 
 /// One attempt's failure: worth another endpoint, or the answer.
 enum Attempt {
+    /// The endpoint could not be reached: try the next.
     Next(String),
+    /// The endpoint answered with a passing condition (no leader yet): try the next, and
+    /// another round later.
+    Answered(String),
+    /// The outcome is known: no other endpoint is asked.
     Final(EtcdError),
 }
 
@@ -240,56 +245,74 @@ impl EtcdClient {
         let n = self.url.endpoints.len();
         let deadline = Instant::now() + limits.call;
         let mut last = String::from("not tried");
-        for k in 0..n {
-            let i = (self.active + k) % n;
-            let endpoint = self.url.endpoints[i].clone();
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(EtcdError::Timeout { op, endpoint, limit: limits.call });
-            }
-            let reuse = if i == self.active { self.channel.take() } else { None };
-            let outcome = self.rt.block_on(async {
-                let channel = match reuse {
-                    Some(c) => c,
-                    None => {
-                        let ep = Endpoint::from_shared(format!("http://{endpoint}"))
-                            .map_err(|e| Attempt::Next(format!("{endpoint}: {e}")))?
-                            .connect_timeout(limits.connect.min(left))
-                            .tcp_nodelay(true);
-                        match tokio::time::timeout(limits.connect.min(left), ep.connect()).await {
-                            Ok(Ok(c)) => c,
-                            Ok(Err(e)) => return Err(Attempt::Next(format!("{endpoint}: connect: {e}"))),
-                            Err(_) => return Err(Attempt::Next(format!("{endpoint}: connect timed out"))),
+        // A round tries every endpoint once. When a reachable member answered with a passing
+        // condition (a leader election: "leader changed", "no leader"), another round follows
+        // after a short pause, within the same deadline; when none was reachable, one round.
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let mut answered = false;
+            for k in 0..n {
+                let i = (self.active + k) % n;
+                let endpoint = self.url.endpoints[i].clone();
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(EtcdError::Timeout { op, endpoint, limit: limits.call });
+                }
+                let reuse = if i == self.active { self.channel.take() } else { None };
+                let outcome = self.rt.block_on(async {
+                    let channel = match reuse {
+                        Some(c) => c,
+                        None => {
+                            let ep = Endpoint::from_shared(format!("http://{endpoint}"))
+                                .map_err(|e| Attempt::Next(format!("{endpoint}: {e}")))?
+                                .connect_timeout(limits.connect.min(left))
+                                .tcp_nodelay(true);
+                            match tokio::time::timeout(limits.connect.min(left), ep.connect()).await {
+                                Ok(Ok(c)) => c,
+                                Ok(Err(e)) => return Err(Attempt::Next(format!("{endpoint}: connect: {e}"))),
+                                Err(_) => return Err(Attempt::Next(format!("{endpoint}: connect timed out"))),
+                            }
                         }
+                    };
+                    match tokio::time::timeout(left, f(channel.clone(), limits)).await {
+                        Ok(Ok(v)) => Ok((v, channel)),
+                        Ok(Err(s)) if worth_another_endpoint(s.code()) => {
+                            Err(Attempt::Answered(format!("{endpoint}: {}", shorten(s.message()))))
+                        }
+                        Ok(Err(s)) => Err(Attempt::Final(EtcdError::Status {
+                            op,
+                            endpoint: endpoint.clone(),
+                            code: s.code(),
+                            message: shorten(s.message()),
+                        })),
+                        Err(_) => Err(Attempt::Final(EtcdError::Timeout {
+                            op,
+                            endpoint: endpoint.clone(),
+                            limit: limits.call,
+                        })),
                     }
-                };
-                match tokio::time::timeout(left, f(channel.clone(), limits)).await {
-                    Ok(Ok(v)) => Ok((v, channel)),
-                    Ok(Err(s)) if worth_another_endpoint(s.code()) => {
-                        Err(Attempt::Next(format!("{endpoint}: {}", shorten(s.message()))))
+                });
+                match outcome {
+                    Ok((v, channel)) => {
+                        self.active = i;
+                        self.channel = Some(channel);
+                        return Ok(v);
                     }
-                    Ok(Err(s)) => Err(Attempt::Final(EtcdError::Status {
-                        op,
-                        endpoint: endpoint.clone(),
-                        code: s.code(),
-                        message: shorten(s.message()),
-                    })),
-                    Err(_) => {
-                        Err(Attempt::Final(EtcdError::Timeout { op, endpoint: endpoint.clone(), limit: limits.call }))
+                    Err(Attempt::Next(why)) => last = why,
+                    Err(Attempt::Answered(why)) => {
+                        answered = true;
+                        last = why;
                     }
+                    Err(Attempt::Final(e)) => return Err(e),
                 }
-            });
-            match outcome {
-                Ok((v, channel)) => {
-                    self.active = i;
-                    self.channel = Some(channel);
-                    return Ok(v);
-                }
-                Err(Attempt::Next(why)) => last = why,
-                Err(Attempt::Final(e)) => return Err(e),
             }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !answered || left <= pause {
+                return Err(EtcdError::Unavailable { op, endpoints: self.url.endpoints.join(","), last });
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(500));
         }
-        Err(EtcdError::Unavailable { op, endpoints: self.url.endpoints.join(","), last })
     }
 
     fn kv(channel: Channel, limits: Limits) -> KvClient<Channel> {
