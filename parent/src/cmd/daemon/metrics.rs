@@ -100,15 +100,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The increase of a restartable count: `now − before`, or `now` after a restart.
-fn increase(before: u64, now: u64) -> u64 {
-    if now >= before {
-        now - before
-    } else {
-        now
-    }
-}
-
 fn gauge(v: Option<u64>) -> i64 {
     v.and_then(|v| i64::try_from(v).ok()).unwrap_or(0)
 }
@@ -223,11 +214,11 @@ impl DaemonMetrics {
             if restarted {
                 *seen = Seen::default();
             }
-            self.releases.inc_by(increase(seen.releases, releases));
-            self.keys_released.inc_by(increase(seen.keys, keys));
+            self.releases.inc_by(releases.saturating_sub(seen.releases));
+            self.keys_released.inc_by(keys.saturating_sub(seen.keys));
             for (code, n) in &refusals {
                 let before = seen.refusals.get(code).copied().unwrap_or(0);
-                self.refusals.get_or_create(&CodeLabel { code: code.clone() }).inc_by(increase(before, *n));
+                self.refusals.get_or_create(&CodeLabel { code: code.clone() }).inc_by(n.saturating_sub(before));
             }
             *seen = Seen { releases, keys, refusals };
         }
