@@ -380,9 +380,9 @@ fn a_kre_behind_its_sealed_policy_head_refuses_to_forward() {
     use keygate_attestation::bundle::{self, PolicyBody};
     use keygate_attestation::crypto::P384Scalar;
     use keygate_attestation::mock::{derive_key, public_point};
-    use keygate_enclave::kre::{Connection, Env, Kre, KreConfig};
-    use keygate_enclave::peer::custodian::{self, Expectations};
-    use keygate_enclave::wire::{Channel, Message};
+    use keygate_enclave::kre::{Env, Kre, KreConfig};
+    use keygate_enclave::peer::custodian::Expectations;
+    use keygate_enclave::wire::Message;
     use p384::ecdsa::signature::Signer;
 
     let c = cluster();
@@ -435,14 +435,7 @@ fn a_kre_behind_its_sealed_policy_head_refuses_to_forward() {
         accept_new_genesis: false,
         approve_reshare: None,
     };
-    for (i, scalar) in scalars.iter().take(2).enumerate() {
-        let nonce = [u8::try_from(i).expect("small") + 1; 32];
-        let mut conn = Connection::new(Channel::Custodian);
-        let s = common::step(&mut conn, &k2, &Message::UnsealHello { client_nonce: nonce }.encode().expect("hello"));
-        let resp = custodian::on_offer(&s.reply[4..], &nonce, &expect, scalar, c.crypto, &mut rng_from(9))
-            .expect("the custodian accepts");
-        common::step(&mut conn, &k2, &resp.frame);
-    }
+    common::unseal_with(&k2, &scalars[..2], &expect, c.crypto);
     assert_eq!(k2.vault_phase(), Some(Phase::Serving));
 
     let mut r = rng_from(3);

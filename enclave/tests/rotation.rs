@@ -11,17 +11,16 @@ use keygate_attestation::mock::{derive_key, public_point, MockNsm};
 use keygate_attestation::policy::ReleasePolicy;
 use keygate_attestation::Verifier;
 use keygate_enclave::audit::AuditEvent;
-use keygate_enclave::kre::{Connection, Kre, KreConfig};
+use keygate_enclave::kre::{Kre, KreConfig};
 use keygate_enclave::peer::client::{ClientError, FetchRequest, ReleasedKey};
-use keygate_enclave::peer::custodian::{self, Expectations};
+use keygate_enclave::peer::custodian::Expectations;
 use keygate_enclave::state::custody::CustodianSet;
-use keygate_enclave::wire::{Channel, DenyCode, Message};
+use keygate_enclave::wire::{DenyCode, Message};
 use p384::ecdsa::signature::Signer;
 
 mod common;
 use common::{
-    expectations, fetch_denial as denial, id, image, now, one, pcrs, prod_policy, report, rng_from, set_now, sha384,
-    step, T,
+    expectations, fetch_denial as denial, id, image, now, one, pcrs, prod_policy, report, rng_from, set_now, sha384, T,
 };
 
 const SEED: &[u8] = b"rotation-test";
@@ -195,15 +194,7 @@ fn unseal(kre: &Kre, scalars: &[P384Scalar]) {
         accept_new_genesis: false,
         approve_reshare: None,
     };
-    for (i, scalar) in scalars.iter().take(2).enumerate() {
-        let nonce = [u8::try_from(i).expect("small") + 1; 32];
-        let mut conn = Connection::new(Channel::Custodian);
-        let s = step(&mut conn, kre, &Message::UnsealHello { client_nonce: nonce }.encode().expect("hello"));
-        let resp = custodian::on_offer(&s.reply[4..], &nonce, &expect, scalar, default_backend(), &mut rng_from(9))
-            .expect("the custodian accepts the offer");
-        let s = step(&mut conn, kre, &resp.frame);
-        assert_eq!(custodian::on_progress(&s.reply[4..]).expect("progress").2, i == 1);
-    }
+    common::unseal_with(kre, &scalars[..2], &expect, default_backend());
 }
 
 /// The KRE's refusal of `m`.

@@ -8,11 +8,13 @@
 use std::collections::BTreeMap;
 
 use keygate_attestation::crypto::default_backend;
+use keygate_attestation::crypto::{Crypto, P384Scalar};
 use keygate_attestation::mock::MockNsm;
 use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
 use keygate_attestation::{DocumentKind, PcrExpectation, Verifier};
 use keygate_enclave::kre::{Connection, Env, Kre, Step};
 use keygate_enclave::peer::client::{self, ClientError, FetchRequest, ReleasedKey};
+use keygate_enclave::peer::custodian::{self, Expectations};
 use keygate_enclave::wire::{Channel, DenyCode, Id, Message, StateReport};
 
 /// The tests' wall clock: 2026-11-24 07:00 UTC, within the mock NSM's certificates.
@@ -151,5 +153,19 @@ pub(crate) fn sync_stored(kre: &Kre) -> (u64, Option<Stored>) {
     match one(kre, Message::StateCommit { generation: r.export_generation, blob_sha384: sha384(&r.blob) }) {
         Message::StateCommitted { generation } => (generation, Some(stored)),
         other => panic!("expected StateCommitted, got {other:?}"),
+    }
+}
+
+/// The custodians holding `scalars` unseal `kre` over its custodian channel, one after the
+/// other, each checking the offer against `expect`; the last share makes it serve.
+pub(crate) fn unseal_with(kre: &Kre, scalars: &[P384Scalar], expect: &Expectations<'_>, crypto: &dyn Crypto) {
+    for (i, scalar) in scalars.iter().enumerate() {
+        let nonce = [u8::try_from(i).expect("small") + 1; 32];
+        let mut conn = Connection::new(Channel::Custodian);
+        let s = step(&mut conn, kre, &Message::UnsealHello { client_nonce: nonce }.encode().expect("hello"));
+        let resp = custodian::on_offer(&s.reply[4..], &nonce, expect, scalar, crypto, &mut rng_from(9))
+            .expect("the custodian accepts the offer");
+        let s = step(&mut conn, kre, &resp.frame);
+        assert_eq!(custodian::on_progress(&s.reply[4..]).expect("progress").2, i + 1 == scalars.len());
     }
 }
