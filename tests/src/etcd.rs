@@ -22,6 +22,8 @@ pub const ETCD_BIN: &str = "/usr/bin/etcd";
 pub const HEALTHY_WITHIN: Duration = Duration::from_secs(30);
 /// The most members a test cluster has.
 const MAX_MEMBERS: usize = 7;
+/// How many times [`EtcdCluster::start`] tries new ports after one was taken under it.
+const START_ATTEMPTS: usize = 4;
 
 /// Why the cluster could not be started or reached.
 #[derive(Debug)]
@@ -85,10 +87,15 @@ pub struct EtcdCluster {
     token: String,
 }
 
-/// A loopback port that was free a moment ago.
-fn free_port() -> Result<u16, EtcdClusterError> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| EtcdClusterError::Io("binding a free port", e))?;
-    l.local_addr().map(|a| a.port()).map_err(|e| EtcdClusterError::Io("reading a free port", e))
+/// `n` distinct loopback ports that were free a moment ago (each held until all are picked).
+fn free_ports(n: usize) -> Result<Vec<u16>, EtcdClusterError> {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        held.push(TcpListener::bind("127.0.0.1:0").map_err(|e| EtcdClusterError::Io("binding a free port", e))?);
+    }
+    held.iter()
+        .map(|l| l.local_addr().map(|a| a.port()).map_err(|e| EtcdClusterError::Io("reading a free port", e)))
+        .collect()
 }
 
 impl EtcdCluster {
@@ -100,12 +107,27 @@ impl EtcdCluster {
         if n == 0 || n > MAX_MEMBERS {
             return Err(EtcdClusterError::Size(n));
         }
+        // A port picked free can be taken by another test before etcd binds it: such a start
+        // is thrown away whole and tried again on new ports (a few times).
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(n) {
+                Err(EtcdClusterError::Exited { log_tail, .. })
+                    if attempt < START_ATTEMPTS && log_tail.contains("address already in use") =>
+                {
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn start_once(n: usize) -> Result<Self, EtcdClusterError> {
         let dir = TempDir::new("keygate-etcd").map_err(|e| EtcdClusterError::Io("creating the data directory", e))?;
         let token = dir.path().file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        let mut members = Vec::with_capacity(n);
-        for _ in 0..n {
-            members.push(Member { client: free_port()?, peer: free_port()?, child: None, starts: 0 });
-        }
+        let ports = free_ports(2 * n)?;
+        let members =
+            ports.chunks_exact(2).map(|p| Member { client: p[0], peer: p[1], child: None, starts: 0 }).collect();
         let mut cluster = Self { members, dir, token };
         for i in 0..n {
             cluster.spawn(i, "new")?;
