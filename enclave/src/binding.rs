@@ -252,11 +252,35 @@ pub fn offer_user_data(
     set_digest: &[u8; 48],
     shares_sha384: &[u8; 48],
     new_set_digest: Option<&[u8; 48]>,
+    cold_start: bool,
 ) -> [u8; 48] {
-    match new_set_digest {
-        None => unseal_user_data(nonce, generation, blob_sha384, set_digest, shares_sha384),
-        Some(new) => reshare_user_data(nonce, generation, blob_sha384, set_digest, shares_sha384, new),
+    match (new_set_digest, cold_start) {
+        (None, false) => unseal_user_data(nonce, generation, blob_sha384, set_digest, shares_sha384),
+        (None, true) => cold_start_user_data(nonce, generation, blob_sha384, set_digest, shares_sha384),
+        (Some(new), _) => reshare_user_data(nonce, generation, blob_sha384, set_digest, shares_sha384, new),
     }
+}
+
+/// `user_data` of the KRE's unseal attestation for a cold start (a member KRE that will serve
+/// without a serving member's confirmation, `docs/cluster.md`): as [`unseal_user_data`] under
+/// its own tag, `SHA-384("keygate/v2/cold-start-unseal-offer" ‖ unseal_nonce ‖ u64be
+/// generation ‖ SHA-384(blob) ‖ set_digest ‖ SHA-384(shares file))`, so a custodian's share,
+/// whose transcript covers the attestation, consents to exactly that.
+pub fn cold_start_user_data(
+    unseal_nonce: &[u8; 32],
+    generation: u64,
+    blob_sha384: &[u8; 48],
+    set_digest: &[u8; 48],
+    shares_sha384: &[u8; 48],
+) -> [u8; 48] {
+    sha384(&[
+        b"keygate/v2/cold-start-unseal-offer",
+        unseal_nonce,
+        &generation.to_be_bytes(),
+        blob_sha384,
+        set_digest,
+        shares_sha384,
+    ])
 }
 
 /// `user_data` of the genesis attestation that travels with the shares file:
@@ -335,6 +359,10 @@ mod tests {
             h(&[b"keygate/v2/unseal-offer", &n, &g.to_be_bytes(), &b, &sd, &sh])
         );
         assert_eq!(
+            cold_start_user_data(&n, g, &b, &sd, &sh),
+            h(&[b"keygate/v2/cold-start-unseal-offer", &n, &g.to_be_bytes(), &b, &sd, &sh])
+        );
+        assert_eq!(
             reshare_user_data(&n, g, &b, &sd, &sh, &nd),
             h(&[b"keygate/v2/reshare-offer", &n, &g.to_be_bytes(), &b, &sd, &sh, &nd])
         );
@@ -342,8 +370,11 @@ mod tests {
         assert_ne!(unseal_user_data(&n, g + 1, &b, &sd, &sh), unseal_user_data(&n, g, &b, &sd, &sh));
         // Two blobs of one generation (a fork) are two different offers.
         assert_ne!(unseal_user_data(&n, g, &[6; 48], &sd, &sh), unseal_user_data(&n, g, &b, &sd, &sh));
-        assert_eq!(offer_user_data(&n, g, &b, &sd, &sh, None), unseal_user_data(&n, g, &b, &sd, &sh));
-        assert_eq!(offer_user_data(&n, g, &b, &sd, &sh, Some(&nd)), reshare_user_data(&n, g, &b, &sd, &sh, &nd));
+        assert_eq!(offer_user_data(&n, g, &b, &sd, &sh, None, false), unseal_user_data(&n, g, &b, &sd, &sh));
+        assert_eq!(offer_user_data(&n, g, &b, &sd, &sh, Some(&nd), false), reshare_user_data(&n, g, &b, &sd, &sh, &nd));
+        // A cold start is its own statement: a share for a plain unseal does not consent to it.
+        assert_eq!(offer_user_data(&n, g, &b, &sd, &sh, None, true), cold_start_user_data(&n, g, &b, &sd, &sh));
+        assert_ne!(cold_start_user_data(&n, g, &b, &sd, &sh), unseal_user_data(&n, g, &b, &sd, &sh));
         let t = |blob: &[u8; 48]| {
             UnsealTranscript {
                 kre_attestation_sha384: &[1; 48],

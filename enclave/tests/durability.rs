@@ -95,7 +95,12 @@ fn sync(kre: &Kre, store: &mut Option<(Vec<u8>, Vec<u8>, Vec<u8>)>) -> u64 {
 
 /// The parent handing back a stored state.
 fn state_load(blob: &[u8], shares: &[u8], genesis: &[u8]) -> Message {
-    Message::StateLoad { blob: blob.to_vec(), shares: shares.to_vec(), genesis_attestation: genesis.to_vec() }
+    Message::StateLoad {
+        blob: blob.to_vec(),
+        shares: shares.to_vec(),
+        genesis_attestation: genesis.to_vec(),
+        cold_start: false,
+    }
 }
 
 struct Unsealer<'a> {
@@ -115,6 +120,7 @@ impl Unsealer<'_> {
             record: self.record,
             accept_new_genesis: false,
             approve_reshare,
+            cold_start: false,
         }
     }
 }
@@ -179,7 +185,7 @@ fn genesis_commit_restart_and_two_of_three_unseal_keep_the_keys() {
     let k2 = kre(&c.set, 0x70);
     assert_eq!(deny_code(fetch(&k2)), DenyCode::Sealed);
     let (blob, shares, genesis) = store.clone().expect("stored");
-    let r = report(&k2, Message::StateLoad { blob, shares, genesis_attestation: genesis });
+    let r = report(&k2, Message::StateLoad { blob, shares, genesis_attestation: genesis, cold_start: false });
     assert_eq!((r.phase, r.unsealing_generation), (2, 1));
     let u = unsealer(0x70);
     assert_eq!(unseal_one(&k2, &c, 2, &u).expect("first share"), (1, 2, false, 1));
@@ -268,7 +274,12 @@ fn custodians_refuse_wrong_pcrs_rollback_and_changed_shares_and_the_kre_refuses_
     let k4 = kre(&c.set, 0x70);
     let (code, reason) = denied(one(
         &k4,
-        Message::StateLoad { blob: bad.clone(), shares: shares.clone(), genesis_attestation: genesis.clone() },
+        Message::StateLoad {
+            blob: bad.clone(),
+            shares: shares.clone(),
+            genesis_attestation: genesis.clone(),
+            cold_start: false,
+        },
     ));
     assert_eq!(code, DenyCode::StateRefused);
     assert!(reason.contains("digest"), "{reason}");
@@ -276,7 +287,15 @@ fn custodians_refuse_wrong_pcrs_rollback_and_changed_shares_and_the_kre_refuses_
     let n = bad.len() - 48;
     let d = sha384(&bad[..n]);
     bad[n..].copy_from_slice(&d);
-    report(&k4, Message::StateLoad { blob: bad, shares: shares.clone(), genesis_attestation: genesis.clone() });
+    report(
+        &k4,
+        Message::StateLoad {
+            blob: bad,
+            shares: shares.clone(),
+            genesis_attestation: genesis.clone(),
+            cold_start: false,
+        },
+    );
     unseal_one(&k4, &c, 0, &u).expect("one");
     assert!(matches!(
         unseal_one(&k4, &c, 1, &u),
@@ -289,7 +308,7 @@ fn custodians_refuse_wrong_pcrs_rollback_and_changed_shares_and_the_kre_refuses_
     let c2 = kre(&c.set, 0x70);
     report(&c2, Message::StateGenesis);
     let other_genesis = report(&c2, Message::StatePoll).genesis_attestation;
-    report(&k5, Message::StateLoad { blob, shares, genesis_attestation: other_genesis });
+    report(&k5, Message::StateLoad { blob, shares, genesis_attestation: other_genesis, cold_start: false });
     assert!(matches!(unseal_one(&k5, &c, 0, &u), Err(CustodianError::GenesisBinding)));
 }
 
@@ -312,7 +331,12 @@ fn commits_must_name_the_exported_blob_and_a_kre_without_custodians_has_no_state
     assert_eq!(
         denied(one(
             &k,
-            Message::StateLoad { blob: r.blob, shares: r.shares, genesis_attestation: r.genesis_attestation }
+            Message::StateLoad {
+                blob: r.blob,
+                shares: r.shares,
+                genesis_attestation: r.genesis_attestation,
+                cold_start: false
+            }
         ))
         .0,
         DenyCode::StateRefused
@@ -400,7 +424,7 @@ fn reshare_to_a_new_set_needs_a_quorum_of_the_old_one_and_keeps_the_keys() {
     assert_eq!(code, DenyCode::StateRefused);
     assert!(reason.contains("another custodian set"), "{reason}");
     let k2 = kre(&new.set, 0x70);
-    report(&k2, Message::StateLoad { blob, shares, genesis_attestation: genesis });
+    report(&k2, Message::StateLoad { blob, shares, genesis_attestation: genesis, cold_start: false });
     let u = unsealer(0x70);
     assert!(matches!(unseal_one(&k2, &old, 0, &u), Err(CustodianError::Custody(_))), "an old custodian holds no share");
     assert_eq!(unseal_one(&k2, &new, 1, &u).expect("new 1"), (1, 2, false, 2));

@@ -422,9 +422,13 @@ fn a_kre_behind_its_sealed_policy_head_refuses_to_forward() {
     assert_eq!(generation, 2, "the sealed state records policy version 2");
     let (blob, shares, genesis_attestation) = stored.expect("stored");
 
-    // The restart: genesis v1 only (the parent withholds v2), unsealed by two custodians.
+    // The restart: genesis v1 only (the parent withholds v2), unsealed by two custodians in a
+    // cold start (no other member serves: none to confirm it).
     let k2 = start();
-    assert_eq!(common::report(&k2, Message::StateLoad { blob, shares, genesis_attestation }).phase, 2);
+    assert_eq!(
+        common::report(&k2, Message::StateLoad { blob, shares, genesis_attestation, cold_start: true }).phase,
+        2
+    );
     let kre_pcrs = expectations(&pcrs(KRE_IMAGE));
     let expect = Expectations {
         verifier: &c.verifier,
@@ -434,6 +438,7 @@ fn a_kre_behind_its_sealed_policy_head_refuses_to_forward() {
         record: None,
         accept_new_genesis: false,
         approve_reshare: None,
+        cold_start: true,
     };
     common::unseal_with(&k2, &scalars[..2], &expect, c.crypto);
     assert_eq!(k2.vault_phase(), Some(Phase::Serving));
@@ -555,4 +560,157 @@ fn a_join_over_the_member_and_parent_channels_serves_and_refuses_what_it_must() 
     let offer = common::step(&mut Connection::new(Channel::Member), &j, &req.reply);
     common::step(&mut conn, &s2, &finish(&offer.reply[4..]));
     assert_eq!(s2.vault_phase(), Some(Phase::Serving));
+}
+
+/// The two rollback attacks on a cluster, refused in the KRE: the parent unseals a copy of a
+/// member (the same image, on a member's instance) from the generation before the one the
+/// members serve (its `state.previous`, from before a revocation was committed), with shares
+/// from custodians whose records never saw the newer generation. Unsealed as a member, the copy
+/// releases nothing until a serving member confirms it, and the confirmation brings the newer
+/// generation. A cold start, which skips the confirmation, needs each custodian's consent, and
+/// the parent can neither add it to an offer nor remove it.
+#[test]
+fn a_copy_unsealed_from_an_older_generation_waits_for_a_member_and_a_cold_start_needs_consent() {
+    use keygate_attestation::bundle::{self, PolicyBody};
+    use keygate_attestation::crypto::P384Scalar;
+    use keygate_attestation::mock::{derive_key, public_point};
+    use keygate_enclave::kre::{Connection, Kre, KreConfig};
+    use keygate_enclave::peer::custodian::{self, CustodianError, Expectations};
+    use keygate_enclave::wire::{Channel, DenyCode, Message};
+    use p384::ecdsa::signature::Signer;
+
+    let c = cluster();
+    let scalars: Vec<P384Scalar> =
+        (0..3u64).map(|i| p384_scalar_from(c.crypto, rng_from(100 + i)).expect("key").0).collect();
+    let g = genesis_body(&c);
+    let genesis = bundle::encode_bundle(&bundle::encode_body(&g), &[]);
+    let start = |instance: &str| {
+        let config = KreConfig { custodians: Some(c.set.clone()), ..KreConfig::default() };
+        Kre::with_genesis(
+            config,
+            Verifier::new(c.s_nsm.root_anchor()),
+            &genesis,
+            Arc::new(kre_nsm(instance, KRE_IMAGE)),
+        )
+        .expect("kre")
+    };
+    // Member S: genesis (generation 1), then policy version 2 committed as generation 2.
+    let s = start("i-0serving");
+    common::report(&s, Message::StateGenesis);
+    let (_, stored) = common::sync_stored(&s);
+    let (blob1, shares, genesis_attestation) = stored.expect("stored");
+    let key = derive_key(b"member-approvers", "approver-1");
+    let v2 = bundle::encode_body(&PolicyBody { version: 2, previous: bundle::digest(&bundle::encode_body(&g)), ..g });
+    let sig: p384::ecdsa::Signature = key.sign(&bundle::signing_message(&v2));
+    let v2 = bundle::encode_bundle(&v2, &[(public_point(&key), sig.to_bytes().to_vec())]);
+    assert!(matches!(common::one(&s, Message::PolicyPush { bundle: v2 }), Message::PolicyAccepted { .. }));
+    let (generation, stored) = common::sync_stored(&s);
+    assert_eq!(generation, 2);
+    let blob2 = stored.expect("stored").0;
+
+    let kre_pcrs = expectations(&pcrs(KRE_IMAGE));
+    let expect = |cold_start| Expectations {
+        verifier: &c.verifier,
+        now_ms: T,
+        kre_pcrs: &kre_pcrs,
+        genesis_pcrs: &kre_pcrs,
+        record: None,
+        accept_new_genesis: false,
+        approve_reshare: None,
+        cold_start,
+    };
+    let load = |kre: &Kre, blob: &[u8], cold_start| {
+        let m = Message::StateLoad {
+            blob: blob.to_vec(),
+            shares: shares.clone(),
+            genesis_attestation: genesis_attestation.clone(),
+            cold_start,
+        };
+        assert_eq!(common::report(kre, m).phase, 2);
+    };
+    let offer = |kre: &Kre, nonce: [u8; 32]| {
+        let hello = Message::UnsealHello { client_nonce: nonce }.encode().expect("hello");
+        common::step(&mut Connection::new(Channel::Custodian), kre, &hello).reply[4..].to_vec()
+    };
+    // The offer as a parent that rewrites its cold-start flag would relay it.
+    let flipped = |body: &[u8]| {
+        let mut m = Message::decode(body).expect("offer");
+        if let Message::UnsealOffer { cold_start, .. } = &mut m {
+            *cold_start = !*cold_start;
+        }
+        m.encode().expect("frame")[4..].to_vec()
+    };
+    let custodian_on = |body: &[u8], nonce: [u8; 32], cold_start| {
+        custodian::on_offer(body, &nonce, &expect(cold_start), &scalars[0], c.crypto, &mut rng_from(5))
+    };
+
+    // X: a copy on the joiner's instance, unsealed from generation 1 without a cold start.
+    let x = start("i-0joiner");
+    load(&x, &blob1, false);
+    let body = offer(&x, [5; 32]);
+    let e = custodian_on(&flipped(&body), [5; 32], true).expect_err("rewritten");
+    assert!(matches!(e, CustodianError::KreBinding(_)), "{e}");
+    let e = custodian_on(&body, [5; 32], true).expect_err("no cold start");
+    assert!(matches!(e, CustodianError::NotAColdStart), "{e}");
+    common::unseal_with(&x, &scalars[..2], &expect(false), c.crypto);
+    assert_eq!(x.vault_phase(), Some(Phase::Confirming), "unsealed, and waiting for a member");
+    assert!(common::sync_stored(&x).1.is_none(), "nothing of it is stored");
+    let status = match common::one(&x, Message::Status) {
+        Message::StatusReport { json } => json,
+        other => panic!("expected a StatusReport, got {other:?}"),
+    };
+    assert!(status.contains("confirming"), "{status}");
+    // It forwards nothing to another member.
+    let mut session = JoinSession::start(c.crypto, &mut rng_from(9)).expect("session");
+    let doc = kre_nsm("i-0serving", KRE_IMAGE).attest(&session.attest_request()).expect("attest");
+    let r = common::step(&mut Connection::new(Channel::Member), &x, &session.request(doc).expect("request"));
+    match MemberMessage::decode(&r.reply[4..]) {
+        Ok(MemberMessage::Denied(Message::Denied { code, reason })) => {
+            assert_eq!(code, DenyCode::Sealed, "{reason}");
+            assert!(reason.contains("the KRE is confirming"), "{reason}");
+        }
+        other => panic!("expected a Denied, got {other:?}"),
+    }
+
+    // The confirmation: X's JoinStart, S's answer (generation 2), the JoinFinish.
+    let finish = |offer: &[u8], blob: &[u8]| {
+        Message::JoinFinish {
+            offer: offer.to_vec(),
+            blob: blob.to_vec(),
+            shares: shares.clone(),
+            genesis_attestation: genesis_attestation.clone(),
+        }
+        .encode()
+        .expect("finish")
+    };
+    let confirm = |blob: &[u8]| {
+        let mut conn = Connection::new(Channel::Parent);
+        let req = common::step(&mut conn, &x, &Message::JoinStart.encode().expect("start"));
+        let answer = common::step(&mut Connection::new(Channel::Member), &s, &req.reply);
+        Message::decode(&common::step(&mut conn, &x, &finish(&answer.reply[4..], blob)).reply[4..]).expect("reply")
+    };
+    // The parent hands over the older blob instead of the one S vouched for: refused.
+    match confirm(&blob1) {
+        Message::Denied { code, .. } => assert_eq!(code, DenyCode::StateRefused),
+        other => panic!("expected a Denied, got {other:?}"),
+    }
+    assert_eq!(x.vault_phase(), Some(Phase::Confirming));
+    match confirm(&blob2) {
+        Message::StateReport(r) => assert_eq!((r.phase, r.committed_generation), (3, 2), "the newer generation"),
+        other => panic!("expected a StateReport, got {other:?}"),
+    }
+    assert_eq!(x.vault_phase(), Some(Phase::Serving));
+
+    // Y: a cold start from generation 2. A custodian that did not consent refuses; one that
+    // did accepts; the parent removing the flag breaks the binding.
+    let y = start("i-0joiner");
+    load(&y, &blob2, true);
+    let body = offer(&y, [6; 32]);
+    let e = custodian_on(&body, [6; 32], false).expect_err("no consent");
+    assert!(matches!(e, CustodianError::ColdStartNotApproved { generation: 2 }), "{e}");
+    assert!(e.to_string().contains("--cold-start"), "{e}");
+    let e = custodian_on(&flipped(&body), [6; 32], false).expect_err("rewritten");
+    assert!(matches!(e, CustodianError::KreBinding(_)), "{e}");
+    common::unseal_with(&y, &scalars[..2], &expect(true), c.crypto);
+    assert_eq!(y.vault_phase(), Some(Phase::Serving), "a cold start serves at once");
 }

@@ -636,7 +636,10 @@ fn every_request_is_served_only_on_its_own_channel() {
         (Message::Status, Channel::Parent),
         (Message::StatePoll, Channel::Parent),
         (Message::StateGenesis, Channel::Parent),
-        (Message::StateLoad { blob: vec![1], shares: vec![1], genesis_attestation: vec![1] }, Channel::Parent),
+        (
+            Message::StateLoad { blob: vec![1], shares: vec![1], genesis_attestation: vec![1], cold_start: false },
+            Channel::Parent,
+        ),
         (Message::StateCommit { generation: 1, blob_sha384: [0; 48] }, Channel::Parent),
         (Message::UnsealHello { client_nonce: [1; 32] }, Channel::Custodian),
         (Message::UnsealShare { share: vec![0; wire::UNSEAL_SHARE_LEN] }, Channel::Custodian),

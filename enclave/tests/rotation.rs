@@ -177,7 +177,7 @@ fn committed_kre(genesis: &[u8]) -> Kre {
 fn restarted(genesis: &[u8], set: &CustodianSet, stored: &(Vec<u8>, Vec<u8>, Vec<u8>)) -> Kre {
     let kre = custodial_kre(genesis, set);
     let (blob, shares, genesis_attestation) = stored.clone();
-    assert_eq!(report(&kre, Message::StateLoad { blob, shares, genesis_attestation }).phase, 2);
+    assert_eq!(report(&kre, Message::StateLoad { blob, shares, genesis_attestation, cold_start: false }).phase, 2);
     kre
 }
 
@@ -193,6 +193,7 @@ fn unseal(kre: &Kre, scalars: &[P384Scalar]) {
         record: None,
         accept_new_genesis: false,
         approve_reshare: None,
+        cold_start: false,
     };
     common::unseal_with(kre, &scalars[..2], &expect, default_backend());
 }

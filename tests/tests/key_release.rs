@@ -710,7 +710,7 @@ fn administrative_frames_are_refused_on_the_release_side() {
         Message::StateCommit { generation: 1, blob_sha384: [0; 48] },
         Message::StatePoll,
         Message::StateGenesis,
-        Message::StateLoad { blob: vec![1], shares: vec![1], genesis_attestation: vec![1] },
+        Message::StateLoad { blob: vec![1], shares: vec![1], genesis_attestation: vec![1], cold_start: false },
         Message::Status,
         Message::PolicyPush { bundle: vec![1] },
         Message::UnsealHello { client_nonce: [1; 32] },

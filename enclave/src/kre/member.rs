@@ -12,7 +12,7 @@
 //! policy this KRE knows (its member list) and the NSM; the parent only carries frames.
 
 use crate::kre::joiner::{Floor, JoinSession, MemberExpect};
-use crate::state::vault::{Custody, Phase};
+use crate::state::vault::{Custody, Phase, UnsealMode};
 use crate::wire::JOIN_REQUEST;
 
 use super::error::{Denial, Error};
@@ -67,8 +67,21 @@ fn joiner(e: crate::kre::joiner::JoinError) -> Denial {
 }
 
 impl Kre {
+    /// How an unseal of the state the parent hands over ends: a KRE whose policy names other
+    /// members waits for a serving member's confirmation ([`UnsealMode::AwaitMember`]) unless
+    /// the parent asks the custodians for a cold start; a single KRE serves at once. Decided
+    /// from the members in force when the state is loaded.
+    pub(super) fn unseal_mode(&self, cold_start: bool, now_ms: u64) -> UnsealMode {
+        match (self.policy.members(now_ms).len() > 1, cold_start) {
+            (false, _) => UnsealMode::Plain,
+            (true, false) => UnsealMode::AwaitMember,
+            (true, true) => UnsealMode::ColdStart,
+        }
+    }
+
     /// JoinStart: a fresh join session and this KRE's JoinRequest frame (its attestation binds
-    /// the session's nonce and key). Refused unless this KRE has custodians and does not serve.
+    /// the session's nonce and key). Refused unless this KRE has custodians and does not serve
+    /// (awaiting its state, unsealing, or confirming an unseal).
     pub(super) fn join_start(&self, env: &mut Env<'_>) -> Result<(JoinSession, Vec<u8>), Denial> {
         if self.sealed("join")?.phase() == Phase::Serving {
             return Err(Denial::state("join", Error::JoinWhileServing));
@@ -83,7 +96,8 @@ impl Kre {
     /// JoinFinish: checks the serving member's answer `offer` (a frame body) against this
     /// session, the members of the policy this KRE knows, its own image and its floor (its
     /// committed generation and policy head), then serves the vouched generation from `blob`
-    /// and `custody`. Returns the generation now served.
+    /// and `custody` — or, confirming an unseal, takes it as the confirmation (the same state
+    /// key; the unsealed generation, or a newer one adopted). Returns the generation now served.
     pub(super) fn join_finish(
         &self,
         session: &JoinSession,
@@ -106,7 +120,11 @@ impl Kre {
         };
         let mut floor = Floor { generation: state.vault().committed_generation(), policy: self.policy_head() };
         let forwarded = session.on_offer(offer, &expect, &mut floor, self.crypto).map_err(joiner)?;
-        let generation = state.join(&self.audit, forwarded, blob, custody, env.now_ms)?;
+        let generation = if state.phase() == Phase::Confirming {
+            state.confirm(&self.audit, forwarded, &blob, env.now_ms)?
+        } else {
+            state.join(&self.audit, forwarded, blob, custody, env.now_ms)?
+        };
         self.after_unseal(env.now_ms);
         Ok(generation)
     }

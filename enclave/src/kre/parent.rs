@@ -74,8 +74,9 @@ impl ParentConnection {
             }),
             Message::StatePoll => report_step(kre.state_report()?, "poll"),
             Message::StateGenesis => report_step(state_genesis(kre, now_ms)?, "genesis"),
-            Message::StateLoad { blob, shares, genesis_attestation } => {
-                kre.sealed("load")?.load(&kre.audit, blob, Custody { shares, genesis_attestation }, now_ms)?;
+            Message::StateLoad { blob, shares, genesis_attestation, cold_start } => {
+                let mode = kre.unseal_mode(cold_start, now_ms);
+                kre.sealed("load")?.load(&kre.audit, blob, Custody { shares, genesis_attestation }, mode, now_ms)?;
                 report_step(kre.state_report()?, "load")
             }
             Message::StateCommit { generation, blob_sha384 } => {

@@ -13,6 +13,7 @@ use sha2::{Digest, Sha384};
 
 use crate::audit::{AuditError, AuditEvent};
 use crate::binding;
+use crate::crypto::keys::KekStatus;
 use crate::state::custody::{CustodianSet, PublicKey, UnsealShare};
 use crate::state::vault::{self, Custody, Phase, PolicyHead, UnsealOutcome, Vault, VaultError};
 use crate::wire::{Id, Message, StateReport};
@@ -202,13 +203,25 @@ impl StateService {
         })
     }
 
-    /// The parent's stored state: starts an unseal session.
-    pub(super) fn load(&self, audit: &AuditTrail, blob: Vec<u8>, custody: Custody, now_ms: u64) -> Result<(), Denial> {
+    /// The parent's stored state: starts an unseal session that ends as `mode` says.
+    pub(super) fn load(
+        &self,
+        audit: &AuditTrail,
+        blob: Vec<u8>,
+        custody: Custody,
+        mode: vault::UnsealMode,
+        now_ms: u64,
+    ) -> Result<(), Denial> {
         let blob_sha: [u8; 48] = Sha384::digest(&blob).into();
         self.recorded_event(audit, "load", "state-loaded", now_ms, |v| {
-            let generation = self.vault_step(v, |v, rng| v.load(self.crypto, blob, custody, rng))?;
+            let generation = self.vault_step(v, |v, rng| v.load_with(self.crypto, blob, custody, mode, rng))?;
             let blob_sha = hex::encode(blob_sha);
-            Ok(format!("generation {generation} (blob sha384 {blob_sha}) loaded; awaiting custodian shares"))
+            let then = match mode {
+                vault::UnsealMode::Plain => "",
+                vault::UnsealMode::AwaitMember => ", then a serving member's confirmation",
+                vault::UnsealMode::ColdStart => " for a cold start (no member's confirmation)",
+            };
+            Ok(format!("generation {generation} (blob sha384 {blob_sha}) loaded; awaiting custodian shares{then}"))
         })
     }
 
@@ -230,14 +243,7 @@ impl StateService {
                 hex::encode(blob_sha384)
             );
             let mut events = vec![state_event("state-committed", true, detail)];
-            for (cluster, versions) in &v.committed_versions() {
-                let old = before.iter().find(|(c, _)| c == cluster).map(|(_, v)| v.as_slice()).unwrap_or(&[]);
-                for (version, _) in versions {
-                    if !old.iter().any(|(v, _)| v == version) {
-                        events.push(AuditEvent::KekRotated { cluster: cluster.clone(), new_version: *version });
-                    }
-                }
-            }
+            events.extend(new_versions(&before, v));
             Ok((committed, events))
         })
     }
@@ -257,6 +263,7 @@ impl StateService {
             &offer.set_digest,
             &shares_sha,
             new_set_digest.as_ref(),
+            offer.cold_start,
         );
         let attestation = self
             .nsm
@@ -275,6 +282,7 @@ impl StateService {
             genesis_attestation: offer.custody.genesis_attestation,
             reshare_to: offer.reshare_to.as_ref().map(vault::encode_set).unwrap_or_default(),
             blob_sha384: offer.blob_sha384,
+            cold_start: offer.cold_start,
         };
         Ok((msg, sha))
     }
@@ -402,14 +410,33 @@ impl StateService {
                 dropped.unwrap_or_default()
             );
             let mut events = vec![state_event("state-adopted", true, detail)];
-            for (cluster, versions) in &v.committed_versions() {
-                let old = before.iter().find(|(c, _)| c == cluster).map(|(_, v)| v.as_slice()).unwrap_or(&[]);
-                for (version, _) in versions {
-                    if !old.iter().any(|(v, _)| v == version) {
-                        events.push(AuditEvent::KekRotated { cluster: cluster.clone(), new_version: *version });
-                    }
-                }
-            }
+            events.extend(new_versions(&before, v));
+            Ok((generation, events))
+        })
+    }
+
+    /// A confirmation (`docs/cluster.md`): a member unsealed by custodians takes a serving
+    /// member's word that no newer generation exists, or adopts the newer one it vouched for
+    /// ([`Vault::confirm`]); then it serves. Recorded with every KEK version that becomes
+    /// usable with it, or not done.
+    pub(super) fn confirm(
+        &self,
+        audit: &AuditTrail,
+        forwarded: vault::Forwardable,
+        blob: &[u8],
+        now_ms: u64,
+    ) -> Result<u64, Denial> {
+        self.recorded(audit, "confirm", now_ms, |v| {
+            let before = v.committed_versions();
+            let unsealed = v.committed_generation();
+            let generation = v.confirm(self.crypto, forwarded, blob).map_err(Error::Vault)?;
+            let detail = if generation == unsealed {
+                format!("generation {generation} confirmed by a serving member as the newest; in use")
+            } else {
+                format!("generation {unsealed} was not the newest: generation {generation} vouched for by a serving member adopted and in use")
+            };
+            let mut events = vec![state_event("state-confirmed", true, detail)];
+            events.extend(new_versions(&before, v));
             Ok((generation, events))
         })
     }
@@ -450,4 +477,19 @@ pub(super) fn empty_report() -> StateReport {
         shares: Vec::new(),
         genesis_attestation: Vec::new(),
     }
+}
+
+/// The KEK versions `v` has committed that `before` (its committed versions earlier) lacked:
+/// one KEK-rotation audit entry each.
+fn new_versions(before: &[(Id, Vec<(u32, KekStatus)>)], v: &Vault) -> Vec<AuditEvent> {
+    let mut events = Vec::new();
+    for (cluster, versions) in &v.committed_versions() {
+        let old = before.iter().find(|(c, _)| c == cluster).map(|(_, v)| v.as_slice()).unwrap_or(&[]);
+        for (version, _) in versions {
+            if !old.iter().any(|(v, _)| v == version) {
+                events.push(AuditEvent::KekRotated { cluster: cluster.clone(), new_version: *version });
+            }
+        }
+    }
+    events
 }

@@ -123,6 +123,10 @@ pub struct Expectations<'a> {
     /// For a reshare: the digest of the new custodian set this custodian approves. An offer
     /// that asks for a reshare to any other set (or to any set, when `None`) is refused.
     pub approve_reshare: Option<[u8; 48]>,
+    /// This custodian states that no member of the KRE's cluster serves, and consents to a
+    /// cold start (the KRE serving without a member's confirmation). An offer for a cold
+    /// start is refused without it, and it is refused for any other offer.
+    pub cold_start: bool,
 }
 
 /// Why a custodian refused (or the KRE refused the custodian).
@@ -199,6 +203,15 @@ pub enum CustodianError {
     /// This custodian approves a reshare, but the KRE offers a plain unseal.
     #[error("--approve-reshare given, but the KRE asks for an unseal, not a reshare")]
     NotAReshare,
+    /// The KRE asks for a cold start this custodian did not consent to.
+    #[error("the KRE asks for a cold start: it would serve generation {generation} without any other member confirming it is the newest; pass --cold-start only if you know that no member of the cluster serves")]
+    ColdStartNotApproved {
+        /// The generation offered.
+        generation: u64,
+    },
+    /// This custodian consents to a cold start, but the KRE offers something else.
+    #[error("--cold-start given, but the KRE does not ask for a cold start")]
+    NotAColdStart,
     /// The custody layer refused (not a custodian of the set, bad file, ...).
     #[error("{0}")]
     Custody(CustodyError),
@@ -249,9 +262,19 @@ pub fn on_offer(
             genesis_attestation,
             reshare_to,
             blob_sha384,
-        } => (attestation, unseal_nonce, (generation, blob_sha384), shares, genesis_attestation, reshare_to),
+            cold_start,
+        } => {
+            (attestation, unseal_nonce, (generation, blob_sha384, cold_start), shares, genesis_attestation, reshare_to)
+        }
         m => return Err(CustodianError::Unexpected(m.name())),
     };
+    let (generation, blob_sha384, cold_start) = generation;
+    // A cold start needs this custodian's explicit word that no member serves.
+    match (cold_start, expect.cold_start) {
+        (true, false) => return Err(CustodianError::ColdStartNotApproved { generation }),
+        (false, true) => return Err(CustodianError::NotAColdStart),
+        _ => {}
+    }
     // A reshare needs this custodian's explicit approval of exactly that new set.
     let new_set = if reshare_to.is_empty() {
         if expect.approve_reshare.is_some() {
@@ -281,9 +304,15 @@ pub fn on_offer(
     let shares = SharesFile::decode(crypto, &shares_bytes).map_err(CustodianError::Custody)?;
     let set_digest = shares.set().digest();
     let shares_sha: [u8; 48] = Sha384::digest(&shares_bytes).into();
-    let (generation, blob_sha384) = generation;
-    let user_data =
-        binding::offer_user_data(&unseal_nonce, generation, &blob_sha384, &set_digest, &shares_sha, new_set.as_ref());
+    let user_data = binding::offer_user_data(
+        &unseal_nonce,
+        generation,
+        &blob_sha384,
+        &set_digest,
+        &shares_sha,
+        new_set.as_ref(),
+        cold_start,
+    );
     if att.user_data() != Some(user_data.as_slice()) {
         return Err(CustodianError::KreBinding(
             "its user_data does not bind the unseal nonce, generation, blob and shares",

@@ -83,6 +83,9 @@ pub enum Phase {
     Unsealing,
     /// Unsealed (or created) and serving.
     Serving,
+    /// Unsealed by custodians as a member of a cluster, waiting for a serving member to
+    /// confirm that its generation is the newest ([`Vault::confirm`]): releases nothing.
+    Confirming,
 }
 
 impl Phase {
@@ -92,6 +95,7 @@ impl Phase {
             Phase::Awaiting => "awaiting_state",
             Phase::Unsealing => "unsealing",
             Phase::Serving => "serving",
+            Phase::Confirming => "confirming",
         }
     }
 
@@ -101,8 +105,24 @@ impl Phase {
             Phase::Awaiting => 1,
             Phase::Unsealing => 2,
             Phase::Serving => 3,
+            Phase::Confirming => 4,
         }
     }
+}
+
+/// How an unseal by custodians ends (the KRE decides it from its policy when the parent hands
+/// over the stored state, `docs/cluster.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnsealMode {
+    /// A single KRE (no other member): it serves the unsealed state.
+    Plain,
+    /// A member of a cluster: it serves only once a serving member has confirmed that no
+    /// newer generation exists ([`Vault::confirm`]), so a copy unsealed from an older blob
+    /// never releases under it.
+    AwaitMember,
+    /// A member of a cluster whose custodians state that no member serves: the offer says
+    /// so (bound by the attestation every share covers) and it serves at once.
+    ColdStart,
 }
 
 /// Why the vault refused a step.
@@ -213,6 +233,9 @@ pub enum VaultError {
     /// An adoption while a reshare is in progress or its new key is not yet committed.
     #[error("a reshare is in progress or not yet committed: no state is adopted meanwhile")]
     AdoptDuringReshare,
+    /// A confirmation: the serving member's state key is not this KRE's (another state).
+    #[error("the serving member's state key is not the one this KRE unsealed (another state)")]
+    ConfirmKeyMismatch,
 }
 
 /// A state the KRE wants the parent to store.
@@ -259,6 +282,9 @@ pub struct UnsealOffer {
     pub custody: Custody,
     /// For a reshare: the new custodian set the old custodians are asked to approve.
     pub reshare_to: Option<CustodianSet>,
+    /// A cold start ([`UnsealMode::ColdStart`]): the KRE will serve without a member's
+    /// confirmation.
+    pub cold_start: bool,
 }
 
 /// The encoding of a custodian set in an unseal offer: `u8 M ‖ u8 N ‖ N × 97-byte keys`.
@@ -316,6 +342,7 @@ struct Unsealing {
     kre_public: PublicKey,
     unseal_nonce: [u8; 32],
     shares: Vec<Share>,
+    mode: UnsealMode,
 }
 
 #[derive(Clone)]
@@ -331,6 +358,9 @@ struct Serving {
     reshare: Option<Box<Reshare>>,
     /// The state key and custodian set changed (a reshare): the next export re-seals.
     resealed: bool,
+    /// Unsealed as a member ([`UnsealMode::AwaitMember`]) and not yet confirmed by a serving
+    /// member: nothing is released, exported or forwarded.
+    unconfirmed: bool,
 }
 
 /// A reshare session: the new set, and the old custodians' shares proving a quorum.
@@ -412,6 +442,7 @@ impl Vault {
         match self.inner {
             Inner::Awaiting => Phase::Awaiting,
             Inner::Unsealing(_) => Phase::Unsealing,
+            Inner::Serving(ref s) if s.unconfirmed => Phase::Confirming,
             Inner::Serving(_) => Phase::Serving,
         }
     }
@@ -514,6 +545,7 @@ impl Vault {
             exported: None,
             reshare: None,
             resealed: false,
+            unconfirmed: false,
         }));
         match self.export(crypto, rng)? {
             Some(e) => Ok(e),
@@ -522,12 +554,25 @@ impl Vault {
     }
 
     /// The parent hands over the stored state: checks it without the key and starts an
-    /// unseal session (a new K and nonce; a session in progress is abandoned).
+    /// unseal session (a new K and nonce; a session in progress is abandoned) that serves the
+    /// unsealed state ([`UnsealMode::Plain`]).
     pub fn load(
         &mut self,
         crypto: &dyn Crypto,
         blob: Vec<u8>,
         custody: Custody,
+        rng: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<u64, VaultError> {
+        self.load_with(crypto, blob, custody, UnsealMode::Plain, rng)
+    }
+
+    /// As [`Self::load`], ending the unseal as `mode` says.
+    pub fn load_with(
+        &mut self,
+        crypto: &dyn Crypto,
+        blob: Vec<u8>,
+        custody: Custody,
+        mode: UnsealMode,
         rng: &mut dyn FnMut(&mut [u8]),
     ) -> Result<u64, VaultError> {
         if matches!(self.inner, Inner::Serving(_)) {
@@ -561,6 +606,7 @@ impl Vault {
             kre_public,
             unseal_nonce,
             shares: Vec::new(),
+            mode,
         }));
         Ok(generation)
     }
@@ -576,6 +622,7 @@ impl Vault {
                 set_digest: self.set.digest(),
                 custody: u.custody.clone(),
                 reshare_to: None,
+                cold_start: u.mode == UnsealMode::ColdStart,
             }),
             Inner::Serving(s) => {
                 match &s.reshare {
@@ -587,6 +634,7 @@ impl Vault {
                         set_digest: self.set.digest(),
                         custody: s.custody.clone(),
                         reshare_to: Some(r.new_set.clone()),
+                        cold_start: false,
                     }),
                     None => Err(self
                         .wrong("an unseal offer", "unsealing (the parent has loaded the stored state), or resharing")),
@@ -719,6 +767,7 @@ impl Vault {
         self.floor = state.policy_head;
         let custody = u.custody.clone();
         let committed_sha384 = u.blob_sha384;
+        let unconfirmed = u.mode == UnsealMode::AwaitMember;
         self.inner = Inner::Serving(Box::new(Serving {
             state_key: key,
             custody,
@@ -728,6 +777,7 @@ impl Vault {
             exported: None,
             reshare: None,
             resealed: false,
+            unconfirmed,
         }));
         Ok(UnsealOutcome::Serving { generation })
     }
@@ -744,6 +794,10 @@ impl Vault {
         let Inner::Serving(s) = &mut self.inner else {
             return Ok(None);
         };
+        // Unconfirmed, the state may be an old one: nothing of it is stored over the newer.
+        if s.unconfirmed {
+            return Ok(None);
+        }
         if s.exported.is_none() && (s.resealed || !same_content(&s.working, &s.committed)) {
             let generation = s.committed.generation.checked_add(1).ok_or(VaultError::GenerationExhausted)?;
             // Each generation records how far the audit chain had got when it was exported.
@@ -1015,6 +1069,88 @@ mod tests {
             blob_sha384: offer.blob_sha384,
         };
         custody::custodian_reencrypt(crypto, &shares, &c.scalar, &ctx, &mut rng(seed)).expect("reencrypt")
+    }
+
+    /// A fresh vault of `set` unsealed from `blob` in `mode` by the first M custodians.
+    fn unsealed_as(
+        crypto: &dyn Crypto,
+        cs: &[Custodian],
+        set: &CustodianSet,
+        (blob, custody): (&[u8], &Custody),
+        mode: UnsealMode,
+    ) -> Vault {
+        let mut k = Vault::new(set.clone());
+        k.load_with(crypto, blob.to_vec(), custody.clone(), mode, &mut rng(60)).expect("load");
+        let offer = k.offer().expect("offer");
+        assert_eq!(offer.cold_start, mode == UnsealMode::ColdStart, "the offer states a cold start");
+        for (seed, c) in (61..).zip(&cs[..usize::from(set.threshold())]) {
+            k.add_share(crypto, [7; 48], &share_for(crypto, c, &offer, [7; 48], seed)).expect("share");
+        }
+        k
+    }
+
+    /// The attack: the parent unseals a copy of a member from an older stored blob (its
+    /// `state.previous`, from before a revocation was committed), or from a fork of the blob
+    /// a member serves. Unsealed as a member, the copy releases, exports and forwards nothing
+    /// until a serving member confirms it: then it takes the newest generation, and a fork or
+    /// another state is refused with nothing changed.
+    #[test]
+    fn a_member_unsealed_by_custodians_waits_for_a_serving_member_and_never_serves_an_older_state() {
+        let (crypto, cs, set, mut v, g1, custody) = serving(2, 3);
+        let at = |blob: &[u8]| -> (Vec<u8>, Custody) { (blob.to_vec(), custody.clone()) };
+        // A single KRE and a cold start serve at once; a member waits.
+        for (mode, phase) in [
+            (UnsealMode::Plain, Phase::Serving),
+            (UnsealMode::ColdStart, Phase::Serving),
+            (UnsealMode::AwaitMember, Phase::Confirming),
+        ] {
+            assert_eq!(unsealed_as(crypto, &cs, &set, (&g1, &custody), mode).phase(), phase, "{mode:?}");
+        }
+        assert_eq!((Phase::Confirming.as_str(), Phase::Confirming.code()), ("confirming", 4));
+
+        // The same generation and blob as the serving member: confirmed.
+        let mut k = unsealed_as(crypto, &cs, &set, (&g1, &custody), UnsealMode::AwaitMember);
+        assert_eq!(k.confirm(crypto, v.forwardable().expect("fwd"), &g1), Ok(1));
+        assert_eq!(k.phase(), Phase::Serving);
+        assert!(matches!(k.confirm(crypto, v.forwardable().expect("fwd"), &g1), Err(VaultError::WrongPhase { .. })));
+
+        // A fork of generation 1 (the same key, other content), unsealed as a member: refused.
+        let mut fork_state = v.committed_state_for_test();
+        fork_state.clusters.remove(&id("a"));
+        let forked = v.seal_for_test(crypto, &fork_state);
+        let mut f = unsealed_as(crypto, &cs, &set, (&forked, &custody), UnsealMode::AwaitMember);
+        assert_eq!(f.confirm(crypto, v.forwardable().expect("fwd"), &g1), Err(VaultError::AdoptFork { generation: 1 }));
+        assert_eq!(f.phase(), Phase::Confirming);
+
+        // The serving member commits generation 2 (a rotation; a revocation alike).
+        v.rotate_to(&id("a"), 2, 0, &mut rng(70)).expect("rotate");
+        let e = v.export(crypto, &mut rng(71)).expect("export").expect("a change").clone();
+        v.commit(e.generation, &e.blob_sha384).expect("commit");
+        let g2 = e.blob;
+
+        // The copy unsealed from generation 1: confirming, it releases, stores and forwards
+        // nothing of it (the release path refuses any phase but serving).
+        let (old_blob, old_custody) = at(&g1);
+        let mut x = unsealed_as(crypto, &cs, &set, (&old_blob, &old_custody), UnsealMode::AwaitMember);
+        assert_eq!(x.phase(), Phase::Confirming);
+        x.ensure_clusters(&[id("z")], &mut rng(72)).expect("a change");
+        assert!(x.export(crypto, &mut rng(73)).expect("step").is_none(), "nothing of it is stored");
+        assert!(matches!(x.forwardable(), Err(VaultError::WrongPhase { .. })), "nothing of it is forwarded");
+        // A vouched generation with another blob than the one the parent hands over: refused.
+        assert_eq!(x.confirm(crypto, v.forwardable().expect("fwd"), &g1), Err(VaultError::JoinBlobMismatch));
+        // Another state key (another deployment's member): refused.
+        let other = Forwardable { state_key: Secret::new([9; 32]), ..v.forwardable().expect("fwd") };
+        assert_eq!(x.confirm(crypto, other, &g2), Err(VaultError::ConfirmKeyMismatch));
+        assert_eq!((x.phase(), x.committed_generation()), (Phase::Confirming, 1), "nothing changed");
+        // The serving member's generation 2: adopted, and only then served.
+        assert_eq!(x.confirm(crypto, v.forwardable().expect("fwd"), &g2), Ok(2));
+        assert_eq!((x.phase(), x.committed_generation()), (Phase::Serving, 2));
+        let keys =
+            |v: &Vault| v.releasable(&id("a")).iter().map(|(n, _, k)| (*n, k.expose().to_vec())).collect::<Vec<_>>();
+        assert_eq!(keys(&x), keys(&v), "the copy releases the serving member's KEKs");
+        // Its own change while confirming was made on the old state and is dropped with it
+        // (the KRE's after-unseal step adds again what its policy names, after generation 2).
+        assert!(x.export(crypto, &mut rng(74)).expect("step").is_none());
     }
 
     #[test]
@@ -1556,6 +1692,9 @@ impl Vault {
         let Inner::Serving(s) = &self.inner else {
             return Err(self.wrong("forwarding the state key", "serving"));
         };
+        if s.unconfirmed {
+            return Err(self.wrong("forwarding the state key", "serving"));
+        }
         let blob_sha384 = s.committed_sha384;
         if s.resealed || s.committed.generation == 0 {
             return Err(VaultError::NothingToForward);
@@ -1616,6 +1755,7 @@ impl Vault {
             exported: None,
             reshare: None,
             resealed: false,
+            unconfirmed: false,
         }));
         Ok(generation)
     }
@@ -1678,6 +1818,45 @@ impl Vault {
                 self.floor = Some(h);
             }
         }
+        Ok(generation)
+    }
+}
+
+impl Vault {
+    /// A member unsealed by custodians ([`UnsealMode::AwaitMember`], [`Phase::Confirming`])
+    /// takes a serving member's word that its state is the newest (`docs/cluster.md`): the
+    /// state key, generation, blob digest and policy head that member vouched for (after every
+    /// check of the join, `crate::kre::joiner`, whose floor already refuses an older offer),
+    /// and the stored blob of that generation the parent hands over. The forwarded key must be
+    /// this KRE's own (the same state). The vouched generation equal to the committed one must
+    /// be the very blob unsealed (another is a fork, [`VaultError::AdoptFork`]); a newer one is
+    /// adopted as [`Self::adopt`] does. Then it serves. Returns the generation.
+    pub fn confirm(&mut self, crypto: &dyn Crypto, forwarded: Forwardable, blob: &[u8]) -> Result<u64, VaultError> {
+        let Inner::Serving(s) = &self.inner else {
+            return Err(self.wrong("a confirmation", "confirming"));
+        };
+        if !s.unconfirmed {
+            return Err(self.wrong("a confirmation", "confirming"));
+        }
+        if forwarded.state_key != s.state_key {
+            return Err(VaultError::ConfirmKeyMismatch);
+        }
+        check_len("sealed state", blob, MAX_STATE_BLOB)?;
+        let digest: [u8; 48] = Sha384::digest(blob).into();
+        if digest != forwarded.blob_sha384 {
+            return Err(VaultError::JoinBlobMismatch);
+        }
+        // On a copy: a refusal half-way leaves this vault as it was.
+        let mut next = self.clone();
+        let generation = next.adopt(crypto, blob)?;
+        let Inner::Serving(n) = &mut next.inner else {
+            return Err(self.wrong("a confirmation", "confirming"));
+        };
+        if generation != forwarded.generation || n.committed.policy_head != forwarded.policy_head {
+            return Err(VaultError::JoinStateMismatch);
+        }
+        n.unconfirmed = false;
+        *self = next;
         Ok(generation)
     }
 }
@@ -1808,12 +1987,12 @@ mod adopt_tests {
     }
 
     impl Vault {
-        fn committed_state_for_test(&self) -> KreState {
+        pub(super) fn committed_state_for_test(&self) -> KreState {
             let Inner::Serving(s) = &self.inner else { panic!("not serving") };
             s.committed.clone()
         }
 
-        fn seal_for_test(&self, crypto: &dyn Crypto, state: &KreState) -> Vec<u8> {
+        pub(super) fn seal_for_test(&self, crypto: &dyn Crypto, state: &KreState) -> Vec<u8> {
             let Inner::Serving(s) = &self.inner else { panic!("not serving") };
             sealed::seal(state, &s.state_key, &self.set.digest(), &mut rng(30), crypto).expect("seal")
         }

@@ -259,6 +259,10 @@ pub enum Message {
         shares: Vec<u8>,
         /// The genesis attestation.
         genesis_attestation: Vec<u8>,
+        /// Ask the custodians for a cold start: a member KRE of a cluster then serves the
+        /// unsealed state without a serving member's confirmation (`docs/cluster.md`). The
+        /// unseal offer states it, and a custodian gives its share to it only when told to.
+        cold_start: bool,
     },
     /// Parent → KRE (awaiting state): start a join; the answer is this KRE's JoinRequest frame
     /// (the member family, `docs/cluster.md`), for the parent to carry to a serving member.
@@ -318,6 +322,9 @@ pub enum Message {
         /// SHA-384 of the exact sealed blob being unsealed (for a reshare: the committed one),
         /// bound by the attestation's `user_data`; custodians record it with the generation.
         blob_sha384: [u8; 48],
+        /// A cold start: the KRE will serve without a member's confirmation (bound by the
+        /// attestation's `user_data`).
+        cold_start: bool,
     },
     /// Operator → serving KRE: reshare the state key to a new custodian set; a quorum of the
     /// current custodians authorizes it by proving their shares (UnsealHello/UnsealShare).
@@ -472,10 +479,11 @@ impl Message {
                 w.bytes16("shares", shares)?;
                 w.bytes16("genesis_attestation", genesis_attestation)?;
             }
-            Message::StateLoad { blob, shares, genesis_attestation } => {
+            Message::StateLoad { blob, shares, genesis_attestation, cold_start } => {
                 w.bytes16("blob", blob)?;
                 w.bytes16("shares", shares)?;
                 w.bytes16("genesis_attestation", genesis_attestation)?;
+                w.flag(*cold_start);
             }
             Message::StateCommit { generation, blob_sha384 } => {
                 w.bytes(&generation.to_be_bytes());
@@ -498,6 +506,7 @@ impl Message {
                 genesis_attestation,
                 reshare_to,
                 blob_sha384,
+                cold_start,
             } => {
                 w.bytes16("attestation", attestation)?;
                 w.bytes(unseal_nonce);
@@ -506,6 +515,7 @@ impl Message {
                 w.bytes16("genesis_attestation", genesis_attestation)?;
                 w.bytes16("reshare_to", reshare_to)?;
                 w.bytes(blob_sha384);
+                w.flag(*cold_start);
             }
             Message::ReshareStart { set } => {
                 w.bytes16("set", set)?;
@@ -632,6 +642,7 @@ impl Message {
                 blob: r.bytes16("blob")?.to_vec(),
                 shares: r.bytes16("shares")?.to_vec(),
                 genesis_attestation: r.bytes16("genesis_attestation")?.to_vec(),
+                cold_start: r.flag("cold_start")?,
             },
             ty::STATE_COMMIT => {
                 Message::StateCommit { generation: r.u64("generation")?, blob_sha384: r.array("blob_sha384")? }
@@ -647,6 +658,7 @@ impl Message {
                 genesis_attestation: r.bytes16("genesis_attestation")?.to_vec(),
                 reshare_to: r.bytes16("reshare_to")?.to_vec(),
                 blob_sha384: r.array("blob_sha384")?,
+                cold_start: r.flag("cold_start")?,
             },
             ty::RESHARE_START => Message::ReshareStart { set: r.bytes16("set")?.to_vec() },
             ty::UNSEAL_SHARE => Message::UnsealShare { share: r.take(UNSEAL_SHARE_LEN, "share")?.to_vec() },
@@ -696,6 +708,7 @@ mod tests {
             genesis_attestation: vec![4; genesis],
             reshare_to: vec![5; reshare_to],
             blob_sha384: [6; 48],
+            cold_start: reshare_to == 0,
         }
     }
 
@@ -740,7 +753,18 @@ mod tests {
                 genesis_attestation: vec![3; 4000],
             })),
             Message::StateGenesis,
-            Message::StateLoad { blob: vec![1; 40], shares: vec![2; 30], genesis_attestation: vec![3; 20] },
+            Message::StateLoad {
+                blob: vec![1; 40],
+                shares: vec![2; 30],
+                genesis_attestation: vec![3; 20],
+                cold_start: false,
+            },
+            Message::StateLoad {
+                blob: vec![1; 4],
+                shares: vec![2; 3],
+                genesis_attestation: vec![3; 2],
+                cold_start: true,
+            },
             Message::JoinStart,
             Message::JoinFinish {
                 offer: vec![1; 500],

@@ -59,6 +59,11 @@ pub(crate) struct SyncArgs {
     /// Keep syncing, pausing this long between rounds (a duration, e.g. 5 or 5s; at least 1s).
     #[arg(long, value_name = "DURATION", value_parser = super::args::parse_duration)]
     follow: Option<Duration>,
+    /// When handing the stored state to a member KRE, ask its custodians for a cold start: it
+    /// serves without a serving member's confirmation. Only when no member of the cluster
+    /// serves; every custodian must agree (`keygate custodian unseal --cold-start`).
+    #[arg(long)]
+    cold_start: bool,
 }
 
 /// `keygate custodian ...`
@@ -141,6 +146,10 @@ pub(crate) struct UnsealArgs {
     /// reshare` printed it). Without it a reshare request is refused.
     #[arg(long, value_name = "HEX")]
     approve_reshare: Option<String>,
+    /// Consent to a cold start: state that no member of the KRE's cluster serves, so the KRE
+    /// may serve the state without a member's confirmation. Without it a cold start is refused.
+    #[arg(long)]
+    cold_start: bool,
 }
 
 pub(crate) fn run_state(cmd: StateCommand) -> Result<(), CliError> {
@@ -149,7 +158,7 @@ pub(crate) fn run_state(cmd: StateCommand) -> Result<(), CliError> {
         StateCommand::Sync(a) => loop {
             let dir =
                 a.at.state_dir.as_deref().ok_or_else(|| CliError::input("give --state-dir DIR or --store URL"))?;
-            match (sync_once(&a.kre, dir), a.follow) {
+            match (sync_once_as(&a.kre, dir, a.cold_start), a.follow) {
                 (Ok(line), _) => crate::output::print(&super::reports::StateSynced {
                     state_dir: dir.display().to_string(),
                     result: line,
@@ -324,6 +333,20 @@ fn store_and_commit(kre: &Addr, dir: &Path, r: &StateReport) -> Result<u64, CliE
 
 /// One sync round; returns a line describing what happened.
 pub(crate) fn sync_once(kre: &Addr, dir: &Path) -> Result<String, CliError> {
+    sync_once_as(kre, dir, false)
+}
+
+/// What a round says of a member KRE that waits for a serving member's confirmation.
+fn confirming(r: &StateReport) -> String {
+    format!(
+        "the KRE unsealed generation {} and waits for a serving member to confirm it is the newest \
+         (`keygate member join --kre KRE --from MEMBER`; when no member serves, a cold start)",
+        r.committed_generation
+    )
+}
+
+/// One sync round, asking for a cold start (`--cold-start`) when handing over the state.
+fn sync_once_as(kre: &Addr, dir: &Path, cold_start: bool) -> Result<String, CliError> {
     open_dir(dir)?;
     let r = state_report(kre, &Message::StatePoll)?;
     match r.phase {
@@ -349,7 +372,8 @@ pub(crate) fn sync_once(kre: &Addr, dir: &Path) -> Result<String, CliError> {
                 crate::output::warn(&format!("keygate: warning: {m}"), &m);
             }
             let g = loaded.header.generation;
-            let r = state_report(kre, &Message::StateLoad { blob: loaded.blob, shares, genesis_attestation: genesis })?;
+            let load = Message::StateLoad { blob: loaded.blob, shares, genesis_attestation: genesis, cold_start };
+            let r = state_report(kre, &load)?;
             Ok(format!(
                 "handed stored generation {g} to the KRE; it waits for {} custodian share(s) (`keygate custodian unseal`)",
                 r.threshold
@@ -364,6 +388,7 @@ pub(crate) fn sync_once(kre: &Addr, dir: &Path) -> Result<String, CliError> {
             Ok(format!("stored and committed generation {g} in {}", dir.display()))
         }
         3 => Ok(format!("the KRE serves generation {}; nothing new to store", r.committed_generation)),
+        4 => Ok(confirming(&r)),
         p => Err(CliError::refused(format!("the KRE reports an unknown phase {p}"))),
     }
 }
@@ -473,6 +498,7 @@ fn unseal(a: &UnsealArgs) -> Result<(), CliError> {
             record,
             accept_new_genesis: a.accept_new_genesis,
             approve_reshare,
+            cold_start: a.cold_start,
         };
         let mut rng = |b: &mut [u8]| rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, b);
         let resp = custodian::on_offer(&body, &nonce, &expect, &scalar, c, &mut rng)
@@ -594,7 +620,12 @@ fn store_and_commit_etcd(
 }
 
 /// One sync round against etcd.
-pub(crate) fn sync_once_etcd(kre: &Addr, store: &mut EtcdStore, url: &EtcdUrl) -> Result<EtcdRound, CliError> {
+pub(crate) fn sync_once_etcd(
+    kre: &Addr,
+    store: &mut EtcdStore,
+    url: &EtcdUrl,
+    cold_start: bool,
+) -> Result<EtcdRound, CliError> {
     let etcd = |e: StoreError| CliError::refused(format!("{url}: {e}"));
     let r = state_report(kre, &Message::StatePoll)?;
     let held = store.current().map_err(etcd)?.unwrap_or(0);
@@ -619,7 +650,8 @@ pub(crate) fn sync_once_etcd(kre: &Addr, store: &mut EtcdStore, url: &EtcdUrl) -
                 crate::output::warn(&format!("keygate: warning: {m}"), &m);
             }
             let g = loaded.header.generation;
-            let r = state_report(kre, &Message::StateLoad { blob: loaded.blob, shares, genesis_attestation: genesis })?;
+            let load = Message::StateLoad { blob: loaded.blob, shares, genesis_attestation: genesis, cold_start };
+            let r = state_report(kre, &load)?;
             Ok(EtcdRound::Done(
                 format!(
                     "handed stored generation {g} to the KRE; it waits for {} custodian share(s) (`keygate custodian unseal`)",
@@ -651,6 +683,7 @@ pub(crate) fn sync_once_etcd(kre: &Addr, store: &mut EtcdStore, url: &EtcdUrl) -
             format!("the KRE serves generation {}; nothing new to store", r.committed_generation),
             held,
         )),
+        4 => Ok(EtcdRound::Done(confirming(&r), held)),
         p => Err(CliError::refused(format!("the KRE reports an unknown phase {p}"))),
     }
 }
@@ -697,7 +730,7 @@ fn adopt_etcd(
 
 /// One round against etcd for the daemon: a lost compare-and-swap is a failed step.
 pub(crate) fn sync_once_store(kre: &Addr, url: &EtcdUrl) -> Result<String, CliError> {
-    match sync_once_etcd(kre, &mut etcd_store(url)?, url)? {
+    match sync_once_etcd(kre, &mut etcd_store(url)?, url, false)? {
         EtcdRound::Done(line, _) => Ok(line),
         EtcdRound::Lost(why) => Err(CliError::refused(why)),
     }
@@ -711,7 +744,7 @@ fn sync_etcd(a: &SyncArgs) -> Result<(), CliError> {
     let mut store = etcd_store(url)?;
     let mut known = 0;
     loop {
-        match (sync_once_etcd(&a.kre, &mut store, url), a.follow) {
+        match (sync_once_etcd(&a.kre, &mut store, url, a.cold_start), a.follow) {
             (Ok(EtcdRound::Done(line, held)), _) => {
                 crate::output::print(&super::reports::StateSynced { state_dir: url.to_string(), result: line })?;
                 known = held;

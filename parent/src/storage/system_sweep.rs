@@ -170,7 +170,15 @@ fn sync(kre: &Kre, store: &mut StateStore<SimFs>) -> Result<Option<u64>, ()> {
 }
 
 fn unseal(world: &World, kre: &Kre, blob: Vec<u8>, custody: &(Vec<u8>, Vec<u8>)) -> u64 {
-    let r = report(kre, Message::StateLoad { blob, shares: custody.0.clone(), genesis_attestation: custody.1.clone() });
+    let r = report(
+        kre,
+        Message::StateLoad {
+            blob,
+            shares: custody.0.clone(),
+            genesis_attestation: custody.1.clone(),
+            cold_start: false,
+        },
+    );
     assert_eq!(r.phase, 2);
     let verifier = Verifier::new(MockNsm::new(SEED, pcrs(KRE_PCR), Arc::new(|| T)).root_anchor());
     let expect: Vec<PcrExpectation> =
@@ -193,6 +201,7 @@ fn unseal(world: &World, kre: &Kre, blob: Vec<u8>, custody: &(Vec<u8>, Vec<u8>))
             record: None,
             accept_new_genesis: false,
             approve_reshare: None,
+            cold_start: false,
         };
         let resp =
             custodian::on_offer(&s.reply[4..], &nonce, &e, &world.custodians[i], default_backend(), &mut rng_from(7))
@@ -359,6 +368,7 @@ fn recover_and_check(world: &mut World, run: &Run, disk: Disk, what: &str) -> (u
                 blob: loaded.blob.clone(),
                 shares: custody.0.clone(),
                 genesis_attestation: custody.1.clone(),
+                cold_start: false,
             },
         );
         drop(doomed);
