@@ -54,6 +54,7 @@ fuzz_target!(|data: &[u8]| {
         record: None,
         accept_new_genesis: false,
         approve_reshare: None,
+        cold_start: data.len() % 2 == 1,
     };
     let _ = custodian::on_offer(data, &[1; 32], &e, &f.scalar, c, &mut |b: &mut [u8]| b.fill(5));
 });

@@ -75,3 +75,14 @@ pub fn genesis_with_members(genesis: &Path, policy: &serde_json::Value, members:
     body.members = list;
     std::fs::write(out, bundle::encode_bundle(&bundle::encode_body(&body), &[])).expect("write the bundle");
 }
+
+/// `keygate custodian unseal` arguments for custodian `custodian` (`d/custodian.pem`, its record
+/// beside it) of the KRE whose custodian channel is `kre_custodian`, trusting the mock root
+/// `d/root.pem` and expecting the KRE's PCR0 = `kre_pcr`.
+pub fn unseal_args(d: &Path, kre_custodian: &str, custodian: &str, kre_pcr: u8) -> Vec<String> {
+    let key = s(&d.join(format!("{custodian}.pem")));
+    let mut a: Vec<String> = ["custodian", "unseal", "--kre", kre_custodian, "--key", &key].map(String::from).into();
+    a.extend(["--root".into(), s(&d.join("root.pem"))]);
+    a.extend(pcr_args("--expect-kre-pcr", kre_pcr, 1));
+    a
+}

@@ -244,3 +244,89 @@ fn rotating_bundle(d: &Path, from: &Path, name: &str) -> std::path::PathBuf {
     ok(keygate(&["policy", "assemble", &s(&prop), &s(&sig), "-o", &s(&out)]));
     out
 }
+
+/// The two rollbacks of a cluster (`docs/cluster.md`, "Confirmation after an unseal"), with real
+/// processes: members A and B serve; a bundle revoking the control plane's image is committed
+/// as generation 2. The operator of B's instance boots a copy X of the image there, hands it
+/// the stored generation 1 (its `state.previous`), and two custodians whose records never saw
+/// generation 2 give their shares. X releases nothing: it waits for a serving member's
+/// confirmation, and the confirmation from A brings generation 2, under which the revoked image
+/// gets nothing. The boundary of the assumption: a cold start skips the confirmation only when
+/// every custodian giving a share says so (`--cold-start`); custodians who say so while a member
+/// serves do roll back (copy Y serves generation 1 to the revoked image).
+#[test]
+fn a_copy_unsealed_from_state_previous_waits_for_a_member_and_gets_the_revocation() {
+    let dir = TempDir::new("keygate-cluster-rollback").expect("tmp");
+    let d = dir.path();
+    let store = ["--state-dir".to_owned(), s(&d.join("state"))];
+    members_genesis(d);
+    let a = member_kre(d, "a", "i-a");
+    ok(keygate(&["custodian", "init", "--kre", &a.parent(), &store[0], &store[1]]));
+    ok(fetch(&a, &d.join("ka1")));
+    let b = member_kre(d, "b", "i-b");
+    ok(join(&b, &a, &store));
+
+    // v2 revokes the control plane's image; A takes it and its parent commits generation 2.
+    let revoke = d.join("revoke.bundle");
+    let (prop, sig) = (d.join("revoke.proposal"), d.join("revoke.sig"));
+    let from = s(&d.join("genesis.bundle"));
+    ok(keygate(&["policy", "propose", "--from", &from, "--revoke", "prod=cp", "-o", &s(&prop)]));
+    let key = s(&d.join("a1.pem"));
+    ok(keygate(&["policy", "sign", &s(&prop), "--key", &key, "--current", &from, "--yes", "-o", &s(&sig)]));
+    ok(keygate(&["policy", "assemble", &s(&prop), &s(&sig), "-o", &s(&revoke)]));
+    let push = ["--store".to_owned(), s(&d.join("bundles-a")), "--durable-within".into(), "0".into()];
+    ok(keygate_args(
+        &[["policy", "push", &s(&revoke), "--kre", &a.parent()].map(String::from).to_vec(), push.to_vec()].concat(),
+    ));
+    let out = ok(keygate(&["state", "sync", "--kre", &a.parent(), &store[0], &store[1]]));
+    assert!(out.contains("committed generation 2"), "{out}");
+    refused(fetch(&a, &d.join("ka2")), "cluster `prod` is not in the policy");
+
+    // The fork: a copy of the state directory whose newest generation is the previous one.
+    let forked = d.join("forked");
+    std::fs::create_dir(&forked).expect("dir");
+    for e in std::fs::read_dir(d.join("state")).expect("state").flatten() {
+        std::fs::copy(e.path(), forked.join(e.file_name())).expect("copy");
+    }
+    std::fs::rename(forked.join("state.previous"), forked.join("state.current")).expect("roll back");
+    let fork_store = ["--state-dir".to_owned(), s(&forked)];
+    let unseal = |kre: &DevKre, c: &str, extra: &[&str]| {
+        let mut args = keygate_tests::cluster::unseal_args(d, &kre.custodian(), c, KRE_PCR);
+        args.extend(extra.iter().map(|e| (*e).to_owned()));
+        keygate_args(&args)
+    };
+
+    // X on B's instance: generation 1 loaded, unsealed by c1 and c2 (no records yet).
+    let x = member_kre(d, "x", "i-b");
+    let out = ok(keygate(&["state", "sync", "--kre", &x.parent(), &fork_store[0], &fork_store[1]]));
+    assert!(out.contains("handed stored generation 1"), "{out}");
+    ok(unseal(&x, "c1", &[]));
+    ok(unseal(&x, "c2", &[]));
+    let out = ok(keygate(&["state", "sync", "--kre", &x.parent(), &fork_store[0], &fork_store[1]]));
+    assert!(out.contains("waits for a serving member to confirm"), "{out}");
+    refused(fetch(&x, &d.join("kx1")), "sealed");
+    let status = keygate(&["status", "--kre", &x.parent()]);
+    exited(&status, 4, "not serving");
+    assert!(String::from_utf8_lossy(&status.stdout).contains("waiting for a serving member"));
+    // The confirmation from A: X takes generation 2, and the revoked image gets nothing.
+    let out = ok(join(&x, &a, &store));
+    assert!(out.contains("the KRE serves generation 2"), "{out}");
+    refused(fetch(&x, &d.join("kx2")), "the KRE denied the request");
+
+    // The boundary: a cold start. c1 without --cold-start refuses; with it, c1 and c2 make Y
+    // serve generation 1 although the members serve generation 2: custodians who say that no
+    // member serves when one does can roll the cluster back.
+    let y = member_kre(d, "y", "i-b");
+    let sync = ["state", "sync", "--kre", &y.parent(), &fork_store[0], &fork_store[1], "--cold-start"];
+    ok(keygate(&sync));
+    let e = unseal(&y, "c1", &[]);
+    exited(&e, 1, "asks for a cold start");
+    ok(unseal(&y, "c1", &["--cold-start"]));
+    ok(unseal(&y, "c2", &["--cold-start"]));
+    ok(fetch(&y, &d.join("ky")));
+    assert_eq!(
+        std::fs::read(d.join("ky/etcd.key")).expect("key"),
+        std::fs::read(d.join("ka1/etcd.key")).expect("key"),
+        "the cold-started copy serves generation 1: the documented boundary"
+    );
+}

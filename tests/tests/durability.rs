@@ -55,11 +55,7 @@ fn fetch(kre: &Kre, out: &Path) -> Output {
 
 /// `keygate custodian unseal` arguments: `custodian`'s key, the mock root, the KRE's PCR0.
 fn unseal_args(d: &Path, kre: &Kre, custodian: &str, expect_pcr: u8) -> Vec<String> {
-    let key = s(&d.join(format!("{custodian}.pem")));
-    let mut a: Vec<String> = ["custodian", "unseal", "--kre", &kre.custodian(), "--key", &key].map(String::from).into();
-    a.extend(["--root".into(), s(&d.join("root.pem"))]);
-    a.extend(pcr_args("--expect-kre-pcr", expect_pcr, 1));
-    a
+    keygate_tests::cluster::unseal_args(d, &kre.custodian(), custodian, expect_pcr)
 }
 
 fn unseal(d: &Path, kre: &Kre, custodian: &str, expect_pcr: u8) -> Output {

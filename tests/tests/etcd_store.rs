@@ -50,11 +50,7 @@ fn fetch(kre: &Kre, out: &Path) -> Output {
 }
 
 fn unseal(d: &Path, kre: &Kre, custodian: &str) -> Output {
-    let key = s(&d.join(format!("{custodian}.pem")));
-    let mut a: Vec<String> = ["custodian", "unseal", "--kre", &kre.custodian(), "--key", &key].map(String::from).into();
-    a.extend(["--root".into(), s(&d.join("root.pem"))]);
-    a.extend(pcr_args("--expect-kre-pcr", KRE_PCR, 1));
-    keygate_args(&a)
+    keygate_args(&keygate_tests::cluster::unseal_args(d, &kre.custodian(), custodian, KRE_PCR))
 }
 
 fn sync(kre: &Kre, url: &str) -> Output {

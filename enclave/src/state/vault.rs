@@ -23,6 +23,11 @@
 //!   commits it again). No key is ever released under a KEK version that exists only in
 //!   `working` or in an uncommitted export.
 //!
+//! - **Confirming**: unsealed by custodians as a member of a cluster ([`UnsealMode::AwaitMember`]),
+//!   it serves only once a serving member has vouched for its generation or a newer one
+//!   ([`Vault::confirm`]); meanwhile it releases, exports and forwards nothing. A cold start
+//!   ([`UnsealMode::ColdStart`], stated in the offer every share covers) skips it.
+//!
 //! A serving member may also adopt a newer generation another member of the same state
 //! committed to the shared store ([`Vault::adopt`], `docs/cluster.md`): it replaces
 //! `committed` and `working`, and an outstanding export (which lost the race) is dropped.

@@ -1,4 +1,5 @@
-//! `keygate member join`: the parent of a member KRE awaiting its state carries a join
+//! `keygate member join`: the parent of a member KRE awaiting its state (or unsealed and
+//! waiting for a confirmation) carries a join
 //! (`docs/cluster.md`). It asks its KRE for a JoinRequest (JoinStart on the parent channel),
 //! carries it to a serving member's member channel, and hands its KRE the answer with the
 //! stored blob and custody of the generation that member vouched for (JoinFinish, on the same

@@ -59,12 +59,15 @@ pub(crate) enum Phase {
     Awaiting,
     /// Collecting custodian shares.
     Unsealing,
+    /// Unsealed as a cluster member, waiting for a serving member's confirmation.
+    Confirming,
 }
 
 pub(crate) fn phase(report: &Value) -> Phase {
     match report.pointer("/state/phase").and_then(Value::as_str) {
         None | Some("serving") => Phase::Serving,
         Some("unsealing") => Phase::Unsealing,
+        Some("confirming") => Phase::Confirming,
         Some(_) => Phase::Awaiting,
     }
 }
@@ -76,11 +79,12 @@ impl Phase {
             Phase::Serving => "serving",
             Phase::Awaiting => "awaiting",
             Phase::Unsealing => "unsealing",
+            Phase::Confirming => "confirming",
         }
     }
 
     /// Every phase.
-    pub(crate) const ALL: [Phase; 3] = [Phase::Serving, Phase::Awaiting, Phase::Unsealing];
+    pub(crate) const ALL: [Phase; 4] = [Phase::Serving, Phase::Awaiting, Phase::Unsealing, Phase::Confirming];
 
     /// The phase as one line for people (the status table, a health reason).
     pub(crate) fn describe(self, report: &Value) -> String {
@@ -93,6 +97,11 @@ impl Phase {
                 n("unsealing_generation"),
                 n("shares_accepted"),
                 n("threshold")
+            ),
+            Phase::Confirming => format!(
+                "sealed, generation {} unsealed and waiting for a serving member to confirm it is the newest \
+                 (`keygate member join --kre KRE --from MEMBER`)",
+                n("committed_generation")
             ),
         }
     }
@@ -204,6 +213,10 @@ mod tests {
             "unsealing_generation": 7, "shares_accepted": 1, "threshold": 2, "custodians": 3}));
         assert_eq!(phase(&unsealing), Phase::Unsealing);
         assert!(table("k", &unsealing).contains("unsealing generation 7: 1 of 2 custodian shares"));
+
+        let confirming = report(serde_json::json!({"phase": "confirming", "committed_generation": 4}));
+        assert_eq!(phase(&confirming), Phase::Confirming);
+        assert!(table("k", &confirming).contains("generation 4 unsealed and waiting for a serving member"));
 
         let awaiting = report(serde_json::json!({"phase": "awaiting_state"}));
         assert_eq!(phase(&awaiting), Phase::Awaiting);
