@@ -12,7 +12,7 @@ use std::fmt;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::TempDir;
@@ -156,7 +156,7 @@ impl EtcdCluster {
         m.starts += 1;
         let client = format!("http://127.0.0.1:{}", m.client);
         let peer = format!("http://127.0.0.1:{}", m.peer);
-        let mut cmd = Command::new(ETCD_BIN);
+        let mut cmd = crate::cleanup::command_dying_with_parent(Path::new(ETCD_BIN));
         // Recorded for `crate::clean_up` (the demo's cluster tour runs one).
         crate::cleanup::prepare(&mut cmd);
         let child = cmd

@@ -198,3 +198,10 @@ fn the_demos_processes_die_with_it_on_sigkill() {
 fn the_cluster_demo_stops_etcd_and_its_kres_and_removes_its_files_on_sigterm() {
     stops_cleanly(&["demo", "--cluster"], "a, b and c are up", "TERM", 15);
 }
+
+/// Killed with SIGKILL it cleans nothing, but etcd dies with it too (started through `setpriv
+/// --pdeathsig KILL`), as do its KREs.
+#[test]
+fn the_cluster_demos_processes_die_with_it_on_sigkill() {
+    stops_cleanly(&["demo", "--cluster"], "a, b and c are up", "KILL", 9);
+}
