@@ -1,7 +1,8 @@
 //! End to end: `keygate demo --cluster`, the KRE cluster tour (docs/cluster.md) on a real etcd.
 //! It must exit 0 (every step behaved), show the key facts of the tour in its output (the
-//! fetches during the outage, none failed; the restart to serving; the forked KRE refused; the
-//! members' status) and leave nothing in its temporary directory.
+//! fetches during the outage, none failed; the restart to serving; the rotation adopted; the
+//! forked KRE and the older generation refused; the members' status) and leave nothing in its
+//! temporary directory.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -30,6 +31,9 @@ fn the_cluster_demo_shows_failover_rejoin_and_a_refused_fork_and_exits_zero() {
         "every one released the same data key",
         "restart to serving: ",
         "image_not_allowed",
+        "the KRE adopted it and serves generation 2",
+        "the same new key from all three",
+        "state_refused",
         "this KRE is b",
         "d: not serving, not one of the members",
     ] {

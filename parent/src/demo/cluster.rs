@@ -3,8 +3,9 @@
 //! instance, share one sealed state in etcd: genesis with custodians on a, b and c join from a
 //! without them. Clients fetch keys continuously with failover over the three while b is killed
 //! with SIGKILL, restarted and joined again from a serving member; every fetch must succeed. A
-//! KRE of the same image on a parent instance that is no member is refused, and `keygate
-//! status` shows each member.
+//! rotation committed by a is adopted by b and c. A KRE of the same image on a parent instance
+//! that is no member is refused, and so is an older generation handed to a copy of member c;
+//! `keygate status` shows each member.
 //!
 //! It decides only the order of the steps and what each must show; it trusts nothing the
 //! processes say beyond each step's check (exit codes, the released key compared in memory,
@@ -26,7 +27,9 @@ use zeroize::Zeroizing;
 
 use super::release::{keygate_cli, path, sibling_binary, spawn, Daemon};
 use super::tour::{Misbehaved, Outcome, Tour};
+use crate::cmd::member::JoinArgs;
 use crate::error::CliError;
+use crate::storage::etcd::EtcdUrl;
 
 const SEED: &str = "keygate-demo-cluster";
 /// PCR0 of the KRE image (every member runs it, and so does the forked copy).
@@ -365,6 +368,52 @@ fn judge(records: &[Record], chains: &[(String, &str)], b_release: &str) -> Outc
     }
 }
 
+/// The sealed blob of the newest generation in the etcd store `store`.
+fn newest_blob(store: &str) -> Result<Vec<u8>, CliError> {
+    use crate::storage::store::SealedStore;
+    let url: EtcdUrl = store.parse().map_err(|e| CliError::input(format!("{store}: {e}")))?;
+    let loaded =
+        crate::cmd::custodian::etcd_store(&url)?.load(0).map_err(|e| CliError::refused(format!("{store}: {e}")))?;
+    loaded.map(|l| l.blob).ok_or_else(|| CliError::refused(format!("{store} holds no sealed state")))
+}
+
+/// A member's name and the key it released, or why it did not.
+type MemberKey = (&'static str, Result<Zeroizing<Vec<u8>>, String>);
+
+/// Each of `kres` alone: the key it releases, or why it does not.
+fn keys_of(ctx: &Ctx, kres: &[&Kre], tag: &str) -> Vec<MemberKey> {
+    kres.iter()
+        .map(|k| {
+            let (f, key) = fetch(&ctx.exe, &[k.release()], &ctx.dir.join(format!("keys-{}-{tag}", k.name)));
+            (k.name, key.ok_or(f.error))
+        })
+        .collect()
+}
+
+/// The rotation: the approver signs a bundle rotating `prod`'s KEK; `a` takes it and its
+/// parent commits generation 2 to etcd.
+fn rotate(ctx: &Ctx, a: &Kre) -> Outcome {
+    let d = &ctx.dir;
+    let (proposal, sig, bundle) = (d.join("v2.proposal"), d.join("v2.sig"), d.join("v2.bundle"));
+    let genesis = path(&ctx.genesis);
+    let cli = |args: &[&str]| keygate_cli(&ctx.exe, &args.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>());
+    cli(&["policy", "propose", "--from", &genesis, "--rotate", "prod", "-o", &path(&proposal)])?;
+    let key = path(&d.join("approver.pem"));
+    cli(&["policy", "sign", &path(&proposal), "--key", &key, "--current", &genesis, "--yes", "-o", &path(&sig)])?;
+    cli(&["policy", "assemble", &path(&proposal), &path(&sig), "-o", &path(&bundle)])?;
+    push_rotation(ctx, a)?;
+    let o = run(&ctx.exe, &["state", "sync", "--kre", &a.parent(), "--store", &ctx.store].map(str::to_owned))?;
+    expect_ok(&o, "committed generation 2")
+}
+
+/// `keygate policy push` of the rotation to `k` (its parent's own bundle store).
+fn push_rotation(ctx: &Ctx, k: &Kre) -> Outcome {
+    let bundles = path(&ctx.dir.join(format!("bundles-{}", k.name)));
+    let bundle = path(&ctx.dir.join("v2.bundle"));
+    let args = ["policy", "push", &bundle, "--kre", &k.parent(), "--store", &bundles, "--durable-within", "0"];
+    keygate_cli(&ctx.exe, &args.map(str::to_owned))
+}
+
 /// The cluster tour.
 pub(super) fn cluster_tour(tour: &mut Tour) -> Result<(), CliError> {
     need_etcd(Path::new(ETCD_BIN))?;
@@ -537,7 +586,47 @@ pub(super) fn cluster_tour(tour: &mut Tour) -> Result<(), CliError> {
         judge(&records, &chains, &b.release()),
     );
 
-    tour.section("A forked KRE is refused: the same image on a parent instance that is no member");
+    tour.section("A rotation: a commits generation 2 to etcd; b and c adopt it");
+    // Generation 1 as an old copy of the store (or its `state.previous`) keeps it.
+    let old_blob = Zeroizing::new(newest_blob(&ctx.store)?);
+    tour.step(
+        "the approver signs a rotation of `prod`'s KEK; a takes it and its parent commits generation 2 to etcd",
+        rotate(&ctx, a),
+    );
+    for k in [&*b, &*c] {
+        let args = ["state", "sync", "--kre", &k.parent(), "--store", &ctx.store].map(str::to_owned);
+        let adopted = run(&ctx.exe, &args)
+            .map_err(Misbehaved::from)
+            .and_then(|o| expect_ok(&o, "the KRE adopted it and serves generation 2"))
+            .and_then(|o| push_rotation(&ctx, k).map(|_| format!("{o}; the bundle is replayed to it")));
+        tour.step(
+            &format!(
+                "{}'s parent finds generation 2 in etcd and hands it to {0} (StateAdopt), then replays the bundle",
+                k.name
+            ),
+            adopted,
+        );
+    }
+    let rotated = keys_of(&ctx, &[&*a, &*b, &*c], "v2");
+    let firsts: Vec<&Zeroizing<Vec<u8>>> = rotated.iter().filter_map(|(_, k)| k.as_ref().ok()).collect();
+    let failures: Vec<String> =
+        rotated.iter().filter_map(|(n, k)| k.as_ref().err().map(|e| format!("{n}: {e}"))).collect();
+    tour.step(
+        "a, b and c release the same rotated data key, not the one before (compared in memory)",
+        if !failures.is_empty() {
+            Err(failures.join("; ").into())
+        } else if firsts.windows(2).any(|w| w[0] != w[1]) {
+            Err("the members release different keys".into())
+        } else if firsts.iter().any(|k| **k == key) {
+            Err("the key did not change".into())
+        } else {
+            Ok("the same new key from all three".to_owned())
+        },
+    );
+
+    tour.section(
+        "A forked KRE is refused: the same image on a parent instance that is no member, or an older generation",
+    );
     let mut fork = Kre::new(&ctx, "d", FORK_INSTANCE);
     fork.start(&ctx)?;
     let (forked, _) = join(&fork, &*a)?;
@@ -557,13 +646,49 @@ pub(super) fn cluster_tour(tour: &mut Tour) -> Result<(), CliError> {
         run(&ctx.exe, &fork_fetch).map_err(Misbehaved::from).and_then(|o| expect_refused(&o, 1, "sealed")),
     );
 
+    // A copy of member c on c's own instance, whose parent hands it the older generation 1
+    // instead of the generation 2 that a vouches for.
+    let mut copy = Kre::new(&ctx, "c-old", "i-c");
+    copy.start(&ctx)?;
+    let addr = |s: String| s.parse().map_err(|e| CliError::input(format!("{s}: {e}")));
+    let args = JoinArgs {
+        kre: addr(copy.parent())?,
+        from: addr(unix(&a.member_sock()))?,
+        state_dir: None,
+        store: Some(ctx.store.parse().map_err(|e| CliError::input(format!("{}: {e}", ctx.store)))?),
+    };
+    let forged = crate::cmd::member::join_handing(&args, |mut stored| {
+        stored.blob = old_blob.to_vec();
+        stored
+    });
+    tour.step(
+        "a copy of member c (its own instance i-c) joins from a, but its parent hands it the stored generation 1 instead of the generation 2 a vouched for: the copy refuses it",
+        match forged {
+            Ok(r) => Err(format!("the copy took it and serves generation {}", r.committed_generation).into()),
+            Err(e) if e.message.contains("state_refused") => Ok(format!("refused: {}", e.message)),
+            Err(e) => Err(format!("refused for another reason: {}", e.message).into()),
+        },
+    );
+    let copy_fetch = fetch_cmd(&[copy.release()], &d.join("keys-c-old"), 0);
+    tour.step(
+        "the copy keeps no key: a control plane asking it is refused (sealed)",
+        run(&ctx.exe, &copy_fetch).map_err(Misbehaved::from).and_then(|o| expect_refused(&o, 1, "sealed")),
+    );
+    drop(copy);
+
     tour.section("`keygate status` of the members");
     let mut tables = Vec::new();
     let mut statuses = Vec::new();
     for k in [&*a, &*b, &*c] {
         let o = run(&ctx.exe, &["status".to_owned(), "--kre".into(), k.parent()])?;
         let this = format!("3 (a, b, c); this KRE is {}", k.name);
-        statuses.push(expect_ok(&o, &this).map(|_| format!("{}: serving, {this}", k.name)));
+        statuses.push(expect_ok(&o, &this).and_then(|out| {
+            if out.contains("2 committed") {
+                Ok(format!("{}: serving generation 2, {this}", k.name))
+            } else {
+                Err(format!("{} does not serve generation 2: {out}", k.name).into())
+            }
+        }));
         tables.push((k.name, String::from_utf8_lossy(&o.stdout).into_owned()));
     }
     let o = run(&ctx.exe, &["status".to_owned(), "--kre".into(), fork.parent()])?;
@@ -576,7 +701,7 @@ pub(super) fn cluster_tour(tour: &mut Tour) -> Result<(), CliError> {
     let failed: Vec<String> = statuses.iter().filter_map(|s| s.as_ref().err().map(ToString::to_string)).collect();
     let passed: Vec<String> = statuses.iter().filter_map(|s| s.as_ref().ok().cloned()).collect();
     tour.step(
-        "a, b and c serve and name the members and themselves; d serves nothing and is no member",
+        "a, b and c serve generation 2 and name the members and themselves; d serves nothing and is no member",
         if failed.is_empty() { Ok(passed.join("; ")) } else { Err(failed.join("; ").into()) },
     );
     for (name, table) in &tables {
