@@ -43,7 +43,8 @@ const MEMBERS: [(&str, &str); 3] = [("a", "i-a"), ("b", "i-b"), ("c", "i-c")];
 const FORK_INSTANCE: &str = "i-d";
 /// Members of the etcd cluster holding the sealed state.
 const ETCD_MEMBERS: usize = 3;
-/// How long the fetches run with every member up, with b down, and after b joined again.
+/// How long the fetches run with b down and after b joined again (and at most with every
+/// member up, before b is killed, until [`MIN_PER_PHASE`] succeeded).
 const PHASE: Duration = Duration::from_millis(1500);
 /// The fewest fetches each of those phases must see (else it showed nothing).
 const MIN_PER_PHASE: usize = 2;
