@@ -3,7 +3,9 @@
 //! private directory of a [`TempDir`], started with one `--initial-cluster`, waited for until
 //! every running member reports healthy (bounded). A member can be killed with SIGKILL and
 //! restarted on the same data; every member is killed and reaped when the cluster is dropped.
-//! Its members and directory are recorded for [`crate::clean_up`] like the kit's other children.
+//! Its members and directory are recorded for [`crate::clean_up`] like the kit's other children
+//! (and, while the kit records, etcd is started through `setpriv --pdeathsig KILL`: it dies
+//! with the demo even when the demo is killed with SIGKILL).
 //!
 //! It decides only ports, lifetimes and deadlines; it trusts nothing etcd says beyond
 //! `/health` answering `"health":"true"`. Nothing here panics: errors are [`EtcdClusterError`].
