@@ -485,7 +485,9 @@ pub(super) fn cluster_tour(tour: &mut Tour) -> Result<(), CliError> {
     };
     tour.step(
         "genesis on a: it seals its state for 2 of 3 custodians; a's parent stores it in etcd before a serves",
-        run(&ctx.exe, &on_store("custodian", "init", a)).map_err(Misbehaved::from).and_then(|o| expect_ok(&o, "")),
+        run(&ctx.exe, &on_store("custodian", "init", a))
+            .map_err(Misbehaved::from)
+            .and_then(|o| expect_ok(&o, "and committed")),
     );
     let join = |joiner: &Kre, from: &Kre| -> Result<(Outcome, Duration), CliError> {
         let mut args = ["member", "join", "--kre"].map(str::to_owned).to_vec();
@@ -535,7 +537,7 @@ pub(super) fn cluster_tour(tour: &mut Tour) -> Result<(), CliError> {
 
     tour.section("Member b is killed while control planes fetch keys continuously from a, b and c");
     let all: Vec<String> = [&*a, &*b, &*c].iter().map(|k| k.release()).collect();
-    let bg = Background::start(&ctx.exe, all.clone(), d.join("keys-failover"), key.clone())?;
+    let bg = Background::start(&ctx.exe, all, d.join("keys-failover"), key.clone())?;
     bg.wait_for(ALL_UP, MIN_PER_PHASE, PHASE);
     tour.step(
         "fetches run one after another in the background: `keygate fetch --kre a --kre b --kre c` (failover from a random first member)",
