@@ -7,7 +7,8 @@
 //! A kill -9 of the owner leaves no time to clean up: for that, a child started while
 //! recording gets [`DIE_WITH_PARENT`] in its environment, and a binary that calls
 //! [`die_with_parent_if_asked`] first (`keygate`, `keygate-enclave-dev`) asks the kernel to
-//! kill it when its parent dies (PR_SET_PDEATHSIG). Its directories then remain.
+//! kill it when its parent dies (PR_SET_PDEATHSIG); a program that does not (etcd) is started
+//! through `setpriv --pdeathsig KILL` instead. Its directories then remain.
 //!
 //! It decides only what is stopped: a child is recorded from its start until its owner is
 //! about to reap it (never after, so a reused pid is never killed), a directory until it is
@@ -70,6 +71,23 @@ pub fn die_with_parent_if_asked() {
     // the kernel's to report.
     if rustix::process::getppid().map(rustix::process::Pid::as_raw_nonzero).map(|p| p.get()) != Some(parent) {
         std::process::exit(1);
+    }
+}
+
+/// Where util-linux's `setpriv` is: it starts a program that does not call
+/// [`die_with_parent_if_asked`] (etcd) with the parent death signal set.
+const SETPRIV: &str = "/usr/bin/setpriv";
+
+/// A command for `program`, which does not call [`die_with_parent_if_asked`]: while recording
+/// (and when `setpriv` is there), it is started through `setpriv --pdeathsig KILL`, so that it
+/// too dies with this process's thread that started it. Otherwise plainly.
+pub(crate) fn command_dying_with_parent(program: &Path) -> std::process::Command {
+    if tracked().on && Path::new(SETPRIV).exists() {
+        let mut cmd = std::process::Command::new(SETPRIV);
+        cmd.args(["--pdeathsig", "KILL", "--"]).arg(program);
+        cmd
+    } else {
+        std::process::Command::new(program)
     }
 }
 

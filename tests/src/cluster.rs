@@ -2,7 +2,9 @@
 //! the mock root's keys, a development KRE with custodians (and, for a member, its member
 //! listener and mock parent instance), `keygate fetch` arguments for the mock control plane,
 //! and a genesis bundle naming member KREs (`keygate policy` cannot write member lists yet).
-//! Decides nothing for the product; panics with the output when a step fails.
+//! Decides nothing for the product; the test helpers panic with the output when a step fails,
+//! the argument builders and [`genesis_bundle_with_members`] (shared with `keygate demo
+//! --cluster`) never panic.
 
 use std::path::{Path, PathBuf};
 
@@ -50,13 +52,75 @@ pub fn custodial_kre(d: &Path, seed: &str, kre_pcr: u8, sock: &Path, extra: &[St
     let _ = std::fs::remove_file(sock);
     let log = std::fs::File::create(log).expect("log");
     let mut cmd = dev_kre(seed);
-    cmd.args(["--listen", &unix(sock)]).args(pcr_args("--mock-pcr", kre_pcr, 1)).args(["--custodian-threshold", "2"]);
-    for c in ["c1", "c2", "c3"] {
-        cmd.args(["--custodian", &s(&d.join(format!("{c}.pub.pem")))]);
-    }
-    cmd.args(extra);
+    cmd.args(custodial_kre_args(d, kre_pcr, sock)).args(extra);
     let followed: PathBuf = PathBuf::from(format!("{}.followed", sock.display()));
     DevKre::start(cmd.env("KEYGATE_LOG", "trace").stderr(log), sock, &followed)
+}
+
+/// The arguments of a development KRE (after `--nsm mock --mock-seed SEED`) with custodians
+/// `d/cN.pub.pem` (threshold 2 of `c1`..`c3`), PCR0 = `kre_pcr`, on the release socket `sock`.
+pub fn custodial_kre_args(d: &Path, kre_pcr: u8, sock: &Path) -> Vec<String> {
+    let mut a = vec!["--listen".to_owned(), unix(sock)];
+    a.extend(pcr_args("--mock-pcr", kre_pcr, 1));
+    a.extend(["--custodian-threshold".to_owned(), "2".to_owned()]);
+    for c in ["c1", "c2", "c3"] {
+        a.extend(["--custodian".to_owned(), s(&d.join(format!("{c}.pub.pem")))]);
+    }
+    a
+}
+
+/// The arguments that make a KRE a cluster member: its genesis bundle (naming the members),
+/// its member listener on `member_sock` and the mock parent instance it runs on (its PCR4).
+pub fn member_args(genesis: &Path, member_sock: &Path, instance: &str) -> Vec<String> {
+    vec![
+        "--genesis".to_owned(),
+        s(genesis),
+        "--member-listen".into(),
+        unix(member_sock),
+        "--mock-parent-instance".into(),
+        instance.into(),
+    ]
+}
+
+/// Why [`genesis_bundle_with_members`] made no bundle.
+#[derive(Debug)]
+pub enum GenesisError {
+    /// The input is not a genesis bundle.
+    Bundle(String),
+    /// The release policy does not parse.
+    Policy(String),
+}
+
+impl std::fmt::Display for GenesisError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Bundle(e) => write!(f, "not a genesis bundle: {e}"),
+            Self::Policy(e) => write!(f, "not a release policy: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for GenesisError {}
+
+/// The genesis bundle `genesis` (the bytes `keygate policy init` wrote) with the release
+/// policy `policy` and the members `(name, parent instance id)` (PCR4 of that instance, no
+/// PCR3), unsigned: a genesis bundle is trusted as built into the image.
+pub fn genesis_bundle_with_members(
+    genesis: &[u8],
+    policy: &serde_json::Value,
+    members: &[(&str, &str)],
+) -> Result<Vec<u8>, GenesisError> {
+    let mut body =
+        bundle::decode_bundle(genesis, default_backend()).map_err(|e| GenesisError::Bundle(e.to_string()))?.body;
+    body.policy = keygate_enclave::policy_file::parse(policy.to_string().as_bytes())
+        .map_err(|e| GenesisError::Policy(e.to_string()))?;
+    let mut list: Vec<Member> = members
+        .iter()
+        .map(|(name, instance)| Member { name: (*name).into(), pcr4: parent_instance_pcr4(instance), pcr3: None })
+        .collect();
+    list.sort_by(|a, b| a.name.cmp(&b.name));
+    body.members = list;
+    Ok(bundle::encode_bundle(&bundle::encode_body(&body), &[]))
 }
 
 /// Writes to `out` the genesis bundle `genesis` (from `keygate policy init`) with the release
@@ -65,15 +129,8 @@ pub fn custodial_kre(d: &Path, seed: &str, kre_pcr: u8, sock: &Path, extra: &[St
 /// carries no signature.
 pub fn genesis_with_members(genesis: &Path, policy: &serde_json::Value, members: &[(&str, &str)], out: &Path) {
     let bytes = std::fs::read(genesis).expect("genesis bundle");
-    let mut body = bundle::decode_bundle(&bytes, default_backend()).expect("a genesis bundle").body;
-    body.policy = keygate_enclave::policy_file::parse(policy.to_string().as_bytes()).expect("a release policy");
-    let mut list: Vec<Member> = members
-        .iter()
-        .map(|(name, instance)| Member { name: (*name).into(), pcr4: parent_instance_pcr4(instance), pcr3: None })
-        .collect();
-    list.sort_by(|a, b| a.name.cmp(&b.name));
-    body.members = list;
-    std::fs::write(out, bundle::encode_bundle(&bundle::encode_body(&body), &[])).expect("write the bundle");
+    let bundle = genesis_bundle_with_members(&bytes, policy, members).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(out, bundle).expect("write the bundle");
 }
 
 /// `keygate custodian unseal` arguments for custodian `custodian` (`d/custodian.pem`, its record

@@ -3,6 +3,9 @@
 //! private directory of a [`TempDir`], started with one `--initial-cluster`, waited for until
 //! every running member reports healthy (bounded). A member can be killed with SIGKILL and
 //! restarted on the same data; every member is killed and reaped when the cluster is dropped.
+//! Its members and directory are recorded for [`crate::clean_up`] like the kit's other children
+//! (and, while the kit records, etcd is started through `setpriv --pdeathsig KILL`: it dies
+//! with the demo even when the demo is killed with SIGKILL).
 //!
 //! It decides only ports, lifetimes and deadlines; it trusts nothing etcd says beyond
 //! `/health` answering `"health":"true"`. Nothing here panics: errors are [`EtcdClusterError`].
@@ -11,7 +14,7 @@ use std::fmt;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::TempDir;
@@ -155,7 +158,10 @@ impl EtcdCluster {
         m.starts += 1;
         let client = format!("http://127.0.0.1:{}", m.client);
         let peer = format!("http://127.0.0.1:{}", m.peer);
-        let child = Command::new(ETCD_BIN)
+        let mut cmd = crate::cleanup::command_dying_with_parent(Path::new(ETCD_BIN));
+        // Recorded for `crate::clean_up` (the demo's cluster tour runs one).
+        crate::cleanup::prepare(&mut cmd);
+        let child = cmd
             .args(["--name", &format!("m{i}")])
             .arg("--data-dir")
             .arg(&data)
@@ -171,6 +177,7 @@ impl EtcdCluster {
             .stderr(log)
             .spawn()
             .map_err(|e| EtcdClusterError::Io("starting etcd", e))?;
+        crate::cleanup::child_started(child.id());
         m.child = Some(child);
         Ok(())
     }
@@ -191,6 +198,7 @@ impl EtcdCluster {
     pub fn kill(&mut self, i: usize) -> Result<(), EtcdClusterError> {
         let m = self.members.get_mut(i).ok_or(EtcdClusterError::NoMember(i))?;
         if let Some(mut c) = m.child.take() {
+            crate::cleanup::child_reaping(c.id());
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -213,7 +221,7 @@ impl EtcdCluster {
                 let log = self.last_log(i);
                 let m = &mut self.members[i];
                 let Some(child) = m.child.as_mut() else { continue };
-                if let Ok(Some(_)) = child.try_wait() {
+                if let Ok(Some(_)) = crate::cleanup::try_reap(child) {
                     m.child = None;
                     return Err(EtcdClusterError::Exited { member: i, log_tail: log });
                 }

@@ -10,10 +10,8 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Instant;
 
-use keygate_tests::cluster::{custodial_kre, custodians_and_root, fetch_args, genesis_with_members};
-use keygate_tests::e2e::{
-    exited, keygate_args, ok, path_arg as s, policy_init, prod_policy_for, refused, unix, DevKre,
-};
+use keygate_tests::cluster::{custodial_kre, custodians_and_root, fetch_args, genesis_with_members, member_args};
+use keygate_tests::e2e::{exited, keygate_args, ok, path_arg as s, policy_init, prod_policy_for, refused, DevKre};
 use keygate_tests::{keygate, TempDir};
 
 const SEED: &str = "cluster-join-e2e";
@@ -25,14 +23,7 @@ fn member_kre(d: &Path, name: &str, instance: &str) -> DevKre {
     let sock = d.join(format!("{name}.sock"));
     let member = d.join(format!("{name}.sock.member"));
     let _ = std::fs::remove_file(&member);
-    let extra = [
-        "--genesis".to_owned(),
-        s(&d.join("genesis.bundle")),
-        "--member-listen".into(),
-        unix(&member),
-        "--mock-parent-instance".into(),
-        instance.into(),
-    ];
+    let extra = member_args(&d.join("genesis.bundle"), &member, instance);
     custodial_kre(d, SEED, KRE_PCR, &sock, &extra, &d.join(format!("{name}.log")))
 }
 

@@ -68,14 +68,15 @@ fn still_running(procs: &HashMap<u32, u64>) -> Vec<u32> {
         .collect()
 }
 
-/// The entries of `dir` the demo made (`keygate-demo*`).
+/// The entries of `dir` the demo made (`keygate-demo*`, and `keygate-etcd*` for the cluster
+/// tour's etcd).
 fn demo_dirs(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("keygate-demo"))
+        .filter(|n| n.starts_with("keygate-demo") || n.starts_with("keygate-etcd"))
         .collect()
 }
 
@@ -86,10 +87,15 @@ fn signal(pid: u32, name: &str) {
 /// Starts the demo with its temporary files in a private directory, signals it once its KRE
 /// is up, and checks what it leaves behind.
 fn stops_cleanly_on(sig: &str, number: i32) {
+    stops_cleanly(&["demo"], UP_LINE, sig, number);
+}
+
+/// [`stops_cleanly_on`] for `keygate ARGS`, signalled once it printed `up_line`.
+fn stops_cleanly(args: &[&str], up_line: &str, sig: &str, number: i32) {
     let killed = sig == "KILL";
-    let tmp = TempDir::new(&format!("keygate-demo-signals-{sig}")).expect("tmp");
+    let tmp = TempDir::new(&format!("keygate-demo-signals-{}-{sig}", args.join("-"))).expect("tmp");
     let mut demo = Command::new(bin("keygate"))
-        .arg("demo")
+        .args(args)
         .env("TMPDIR", tmp.path())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -114,7 +120,7 @@ fn stops_cleanly_on(sig: &str, number: i32) {
             Ok(line) => {
                 seen.push_str(&line);
                 seen.push('\n');
-                if line.contains(UP_LINE) {
+                if line.contains(up_line) {
                     break;
                 }
             }
@@ -184,4 +190,18 @@ fn the_demo_stops_its_processes_and_removes_its_files_on_sigint() {
 #[test]
 fn the_demos_processes_die_with_it_on_sigkill() {
     stops_cleanly_on("KILL", 9);
+}
+
+/// The cluster tour runs etcd members too: SIGTERM stops them with the KREs and removes their
+/// data directory.
+#[test]
+fn the_cluster_demo_stops_etcd_and_its_kres_and_removes_its_files_on_sigterm() {
+    stops_cleanly(&["demo", "--cluster"], "a, b and c are up", "TERM", 15);
+}
+
+/// Killed with SIGKILL it cleans nothing, but etcd dies with it too (started through `setpriv
+/// --pdeathsig KILL`), as do its KREs.
+#[test]
+fn the_cluster_demos_processes_die_with_it_on_sigkill() {
+    stops_cleanly(&["demo", "--cluster"], "a, b and c are up", "KILL", 9);
 }

@@ -34,17 +34,17 @@ pub(crate) enum MemberCommand {
 pub(crate) struct JoinArgs {
     /// The joining KRE's parent channel (`--parent-listen`; never proxied).
     #[arg(long)]
-    kre: Addr,
+    pub(crate) kre: Addr,
     /// The serving member's member channel (`--member-listen`, or its parent's `keygate proxy
     /// --channel member`).
     #[arg(long, value_name = "ADDR")]
-    from: Addr,
+    pub(crate) from: Addr,
     /// The state directory holding the serving member's stored state.
     #[arg(long, required_unless_present = "store", conflicts_with = "store")]
-    state_dir: Option<PathBuf>,
+    pub(crate) state_dir: Option<PathBuf>,
     /// The shared etcd store instead: etcd://HOST:PORT[,HOST:PORT...][/PREFIX].
     #[arg(long, value_name = "URL")]
-    store: Option<EtcdUrl>,
+    pub(crate) store: Option<EtcdUrl>,
 }
 
 /// What `member join` prints.
@@ -78,8 +78,8 @@ pub(crate) fn run(cmd: MemberCommand) -> Result<(), CliError> {
 }
 
 /// The stored blob and custody (shares file, genesis attestation) of `generation`.
-struct Stored {
-    blob: Vec<u8>,
+pub(crate) struct Stored {
+    pub(crate) blob: Vec<u8>,
     shares: Vec<u8>,
     genesis_attestation: Vec<u8>,
 }
@@ -128,6 +128,12 @@ fn stored(a: &JoinArgs, generation: u64, sha: &[u8; 48]) -> Result<Stored, CliEr
 
 /// Carries one join; returns the joining KRE's state report.
 fn join(a: &JoinArgs) -> Result<StateReport, CliError> {
+    join_handing(a, |stored| stored)
+}
+
+/// [`join`], handing the joining KRE what `hand` makes of the stored state (the demo plays a
+/// parent that hands an older blob than the one the serving member vouched for).
+pub(crate) fn join_handing(a: &JoinArgs, hand: impl FnOnce(Stored) -> Stored) -> Result<StateReport, CliError> {
     let timeout = kre_client::DEFAULT_TIMEOUT;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -157,7 +163,7 @@ fn join(a: &JoinArgs) -> Result<StateReport, CliError> {
         }
         _ => return Err(KreError::Unexpected("JoinRequest").into()),
     };
-    let s = stored(a, generation, &sha)?;
+    let s = hand(stored(a, generation, &sha)?);
     let finish =
         Message::JoinFinish { offer, blob: s.blob, shares: s.shares, genesis_attestation: s.genesis_attestation };
     match rt.block_on(kre.ask(&finish))? {

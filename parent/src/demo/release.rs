@@ -37,20 +37,20 @@ pub(super) const KEYS_DIR: &str = "cpi-1-keys";
 const START_LIMIT: Duration = Duration::from_secs(15);
 
 /// A daemon of the demo, killed when dropped, and its name for messages.
-struct Daemon {
-    process: KillOnDrop,
-    what: &'static str,
+pub(super) struct Daemon {
+    pub(super) process: KillOnDrop,
+    pub(super) what: &'static str,
 }
 
 impl Daemon {
     /// Waits until it listens on `sock`.
-    fn listening(&mut self, sock: &Path) -> Result<(), CliError> {
+    pub(super) fn listening(&mut self, sock: &Path) -> Result<(), CliError> {
         wait_for_socket(sock, Some(&mut self.process.0), START_LIMIT)
             .map_err(|e| CliError::refused(format!("{} {e}", self.what)))
     }
 }
 
-fn sibling_binary(name: &str) -> Result<PathBuf, CliError> {
+pub(super) fn sibling_binary(name: &str) -> Result<PathBuf, CliError> {
     let exe = std::env::current_exe().map_err(|e| CliError::io("locating keygate", e))?;
     let p = exe.with_file_name(name);
     if p.exists() {
@@ -63,7 +63,7 @@ fn sibling_binary(name: &str) -> Result<PathBuf, CliError> {
     }
 }
 
-fn spawn(bin: &Path, args: &[String], log: &Path, what: &'static str) -> Result<Daemon, CliError> {
+pub(super) fn spawn(bin: &Path, args: &[String], log: &Path, what: &'static str) -> Result<Daemon, CliError> {
     let child = spawn_logged(Command::new(bin).args(args), log)
         .map_err(|e| CliError::io(format!("starting {}", bin.display()), e))?;
     Ok(Daemon { process: KillOnDrop(child), what })
@@ -689,13 +689,13 @@ fn same_keys(dir: &Path, keys: &[ReleasedKey]) -> bool {
     })
 }
 
-fn path(p: &Path) -> String {
+pub(super) fn path(p: &Path) -> String {
     p.display().to_string()
 }
 
 /// Runs `keygate ARGS` (the demo uses the CLI as the pipeline and approvers would); Ok(stdout)
 /// on success, Err(the error line) otherwise.
-fn keygate_cli(exe: &Path, args: &[String]) -> Outcome {
+pub(super) fn keygate_cli(exe: &Path, args: &[String]) -> Outcome {
     let out = keygate_tests::run_tracked(Command::new(exe).args(args))
         .map_err(|e| Misbehaved::from(format!("running keygate: {e}")))?;
     if out.status.success() {
