@@ -34,6 +34,8 @@ fn the_cluster_demo_shows_failover_rejoin_and_a_refused_fork_and_exits_zero() {
         "the KRE adopted it and serves generation 2",
         "the same new key from all three",
         "state_refused",
+        "waiting for a serving member to confirm",
+        "a vouches for generation 2, which the copy takes",
         "this KRE is b",
         "d: not serving, not one of the members",
     ] {

@@ -82,7 +82,7 @@ pub enum Error {
     #[error("audit buffer full: the parent has not collected the trail; releases are refused until it does")]
     AuditFull,
     /// The sealed state is not serving.
-    #[error("the KRE is sealed ({}): it waits for the parent's stored state and its custodians", .0.as_str())]
+    #[error("the KRE is sealed ({}): {}", .0.as_str(), sealed_waits_for(*.0))]
     Sealed(Phase),
     /// The replayed policy chain differs from the sealed state's head at its version.
     #[error("the policy chain replayed since the restart differs at version {0} from the one recorded in the sealed state (fork); restart the KRE and replay the right chain")]
@@ -412,6 +412,14 @@ pub enum KekError {
     State(#[from] VaultError),
 }
 
+/// What a sealed KRE in `phase` waits for, as its refusals say.
+fn sealed_waits_for(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Confirming => "it waits for a serving member to confirm its unsealed state is the newest",
+        _ => "it waits for the parent's stored state and its custodians",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -593,6 +601,10 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "fork: bundle version 2 differs from the policy head recorded in the sealed state (abababababababab)"
+        );
+        assert_eq!(
+            Error::Sealed(Phase::Confirming).to_string(),
+            "the KRE is sealed (confirming): it waits for a serving member to confirm its unsealed state is the newest"
         );
         assert_eq!(
             Error::Sealed(Phase::Unsealing).to_string(),

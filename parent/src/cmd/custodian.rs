@@ -192,7 +192,7 @@ fn unexpected(m: &Message) -> CliError {
     CliError::refused(format!("unexpected answer {} from the KRE", m.name()))
 }
 
-fn state_report(kre: &Addr, msg: &Message) -> Result<StateReport, CliError> {
+pub(crate) fn state_report(kre: &Addr, msg: &Message) -> Result<StateReport, CliError> {
     match kre_client::ask(kre, msg, kre_client::DEFAULT_TIMEOUT)? {
         Message::StateReport(r) => Ok(*r),
         m => Err(unexpected(&m)),

@@ -378,6 +378,43 @@ fn newest_blob(store: &str) -> Result<Vec<u8>, CliError> {
     loaded.map(|l| l.blob).ok_or_else(|| CliError::refused(format!("{store} holds no sealed state")))
 }
 
+/// As a parent holding an older copy of the state would: hands `copy` the sealed generation
+/// `blob` with the store's custody data (StateLoad), has custodians c1 and c2 (with no record
+/// yet) unseal it, and checks that it then waits for a member (`keygate status`, exit 4) and
+/// refuses a control plane (`sealed`).
+fn unseal_old_copy(ctx: &Ctx, copy: &Kre, blob: &[u8]) -> Outcome {
+    use keygate_enclave::wire::Message;
+    let url: EtcdUrl = ctx.store.parse().map_err(|e| format!("{}: {e}", ctx.store))?;
+    let header = keygate_enclave::state::sealed::peek_header(blob).map_err(|e| format!("the old blob: {e}"))?;
+    let custody = crate::cmd::custodian::etcd_store(&url)?
+        .load_custody(&header.custodian_set_digest)
+        .map_err(|e| format!("{url}: {e}"))?
+        .ok_or_else(|| format!("{url} holds no custody data"))?;
+    let (shares, genesis_attestation) =
+        crate::cmd::custodian::decode_custody(&custody).map_err(|e| format!("{url}: custody: {e}"))?;
+    let parent = copy.parent().parse().map_err(|e| format!("{}: {e}", copy.parent()))?;
+    let load = Message::StateLoad { blob: blob.to_vec(), shares, genesis_attestation, cold_start: false };
+    crate::cmd::custodian::state_report(&parent, &load)?;
+    let root = path(&ctx.dir.join("root.pem"));
+    expect_ok(&run(&ctx.exe, &["attestation", "mock-root", "--seed", SEED, "-o", &root].map(str::to_owned))?, "")?;
+    for c in ["c1", "c2"] {
+        let mut args = ["custodian", "unseal", "--kre"].map(str::to_owned).to_vec();
+        args.extend([format!("unix:{}.custodian", copy.sock.display()), "--key".into()]);
+        args.extend([path(&ctx.dir.join(format!("{c}.pem"))), "--root".into(), root.clone()]);
+        args.extend(keygate_tests::e2e::pcr_args("--expect-kre-pcr", KRE_PCR, 1));
+        expect_ok(&run(&ctx.exe, &args)?, "")?;
+    }
+    let status = run(&ctx.exe, &["status".to_owned(), "--kre".into(), copy.parent()])?;
+    let shown = String::from_utf8_lossy(&status.stdout);
+    let line = shown.lines().find(|l| l.contains("Phase")).unwrap_or_default().trim().to_owned();
+    if status.status.code() != Some(4) || !line.contains("waiting for a serving member") {
+        return Err(format!("the unsealed copy does not wait for a member: {line}").into());
+    }
+    let fetched = run(&ctx.exe, &fetch_cmd(&[copy.release()], &ctx.dir.join("keys-c-unsealed"), 0))?;
+    let refused = expect_refused(&fetched, 1, "sealed")?;
+    Ok(format!("{line}; a control plane: {refused}"))
+}
+
 /// A member's name and the key it released, or why it did not.
 type MemberKey = (&'static str, Result<Zeroizing<Vec<u8>>, String>);
 
@@ -678,6 +715,27 @@ pub(super) fn cluster_tour(tour: &mut Tour) -> Result<(), CliError> {
         run(&ctx.exe, &copy_fetch).map_err(Misbehaved::from).and_then(|o| expect_refused(&o, 1, "sealed")),
     );
     drop(copy);
+
+    // Another copy of c, unsealed by custodians from generation 1 (the parent's older copy of
+    // the state): it waits for a serving member, whose confirmation brings generation 2.
+    let mut unsealed = Kre::new(&ctx, "c-unsealed", "i-c");
+    unsealed.start(&ctx)?;
+    tour.step(
+        "another copy of c is handed generation 1 by its parent and unsealed by two custodians whose records never saw generation 2: it waits for a serving member's confirmation and releases nothing",
+        unseal_old_copy(&ctx, &unsealed, &old_blob),
+    );
+    let (confirmed, _) = join(&unsealed, &*a)?;
+    tour.step(
+        "its parent carries a join from a (`keygate member join`): a vouches for generation 2, which the copy takes instead of generation 1",
+        confirmed.and_then(|out| {
+            if out.contains("serves generation 2") {
+                Ok(out)
+            } else {
+                Err(format!("the copy serves another generation: {out}").into())
+            }
+        }),
+    );
+    drop(unsealed);
 
     tour.section("`keygate status` of the members");
     let mut tables = Vec::new();
