@@ -664,6 +664,9 @@ impl Vault {
         let Inner::Serving(s) = &mut self.inner else {
             return Err(VaultError::WrongPhase { phase, step: "a reshare", needs: "serving" });
         };
+        if s.unconfirmed {
+            return Err(VaultError::WrongPhase { phase, step: "a reshare", needs: "serving" });
+        }
         if s.exported.is_some() || s.resealed {
             return Err(VaultError::ExportOutstanding);
         }
@@ -1141,6 +1144,11 @@ mod tests {
         x.ensure_clusters(&[id("z")], &mut rng(72)).expect("a change");
         assert!(x.export(crypto, &mut rng(73)).expect("step").is_none(), "nothing of it is stored");
         assert!(matches!(x.forwardable(), Err(VaultError::WrongPhase { .. })), "nothing of it is forwarded");
+        let new_set = set.clone();
+        assert!(
+            matches!(x.start_reshare(crypto, new_set, &[], &mut rng(75)), Err(VaultError::WrongPhase { .. })),
+            "no reshare of a state that may be old"
+        );
         // A vouched generation with another blob than the one the parent hands over: refused.
         assert_eq!(x.confirm(crypto, v.forwardable().expect("fwd"), &g1), Err(VaultError::JoinBlobMismatch));
         // Another state key (another deployment's member): refused.
