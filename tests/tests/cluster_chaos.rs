@@ -434,4 +434,78 @@ fn a_cluster_under_kills_and_racing_rotations_loses_no_key_and_converges() {
     for v in released_then {
         assert!(released_now.contains(&v), "(c) version {v} released during the run is lost at the end");
     }
+
+    // Revocation: a bundle revoking the control plane's image is pushed to one member and
+    // waited for until durable (committed to etcd). The other members hold it once their
+    // parents adopt that generation (their floor rises: `policy_stale` until the bundle is
+    // pushed to them) or get the bundle; until then they still release under the older policy.
+    // The window is measured (bounded by the sync pause with honest parents); then the bundle
+    // is pushed to every member and no fetch succeeds.
+    let last = std::fs::read_dir(d.join("bundles"))
+        .map(|rd| rd.flatten().map(|e| e.path()).max())
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| d.join("genesis.bundle"));
+    let revoke = revoking_bundle(d, &last);
+    let push_durable = |i: usize| {
+        let pushed = d.join(format!("pushed-{i}"));
+        let root = s(&d.join("root.pem"));
+        keygate(&[
+            "policy",
+            "push",
+            &s(&revoke),
+            "--kre",
+            &run.parents[i],
+            "--store",
+            &s(&pushed),
+            "--durable-within",
+            "20s",
+            "--root",
+            &root,
+        ])
+    };
+    let pushed = Instant::now();
+    ok(push_durable(0));
+    let durable_ms = pushed.elapsed().as_millis();
+    let mut released_after: Vec<(usize, u128)> = Vec::new();
+    let probe = Instant::now();
+    while probe.elapsed() < Duration::from_secs(3) {
+        for (i, release) in run.releases.iter().enumerate() {
+            let out = d.join(format!("revoked-{i}"));
+            let _ = std::fs::remove_dir_all(&out);
+            if fetch(IMG, std::slice::from_ref(release), &out, 0, "5s").status.success() {
+                released_after.push((i, probe.elapsed().as_millis()));
+            }
+        }
+    }
+    let window = released_after.iter().map(|r| r.1).max();
+    eprintln!(
+        "revocation durable at member 0 in {durable_ms} ms; releases to the revoked image after it (member, ms): \
+         {released_after:?}; in force at every member after {} ms",
+        window.map_or("0".to_owned(), |w| format!("at most {w}"))
+    );
+    assert!(
+        window.is_none_or(|w| w < 2000),
+        "a member released to the revoked image 2 s after the revocation was durable: {released_after:?}"
+    );
+    for i in 1..run.parents.len() {
+        ok(push_durable(i));
+    }
+    let out = d.join("revoked-all");
+    let o = fetch(IMG, &run.releases, &out, 2, "10s");
+    assert!(!o.status.success(), "a fetch by the revoked image succeeded");
+    // The policy's verdict (revoking `prod`'s only image leaves no `prod`), not an outage.
+    let e = stderr(&o);
+    assert!(e.contains("unknown_cluster") || e.contains("image_not_allowed"), "{e}");
+}
+
+/// Proposes `d/revoke.bundle` from `from` revoking the control plane's image `cp` of `prod`,
+/// signed by `a1` and assembled.
+fn revoking_bundle(d: &Path, from: &Path) -> PathBuf {
+    let (prop, sig, out) = (d.join("revoke.proposal"), d.join("revoke.sig"), d.join("revoke.bundle"));
+    ok(keygate(&["policy", "propose", "--from", &s(from), "--revoke", "prod=cp", "-o", &s(&prop)]));
+    let key = s(&d.join("a1.pem"));
+    ok(keygate(&["policy", "sign", &s(&prop), "--key", &key, "--current", &s(from), "--yes", "-o", &s(&sig)]));
+    ok(keygate(&["policy", "assemble", &s(&prop), &s(&sig), "-o", &s(&out)]));
+    out
 }
