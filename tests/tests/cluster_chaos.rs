@@ -77,6 +77,8 @@ struct Seen {
     pushes_ok: usize,
     pushes_failed: usize,
     pushes_together: usize,
+    /// Why pushes failed (their last line of stderr).
+    push_errors: Vec<String>,
     /// Restart of a KRE to its status saying it serves, and to its policy replayed (ms).
     rejoin_ms: Vec<u64>,
     restored_ms: Vec<u64>,
@@ -179,12 +181,25 @@ impl Run {
                     return None;
                 }
                 let o = push(&b, &self.parents[i], &self.dir.join(format!("pushed-{}", m.name)));
+                if !o.status.success() {
+                    let e = stderr(&o);
+                    let why = e.lines().last().unwrap_or_default().to_owned();
+                    lock(&self.seen).push_errors.push(format!("v{k} to {}: {why}", m.name));
+                }
                 Some(o.status.success())
             };
             let results: Vec<Option<bool>> = if together {
                 std::thread::scope(|sc| {
                     let hs: Vec<_> = order.iter().map(|&i| sc.spawn(move || pushed(i))).collect();
-                    hs.into_iter().map(|h| h.join().unwrap_or(Some(false))).collect()
+                    hs.into_iter()
+                        .map(|h| {
+                            h.join().unwrap_or_else(|p| {
+                                let why = p.downcast_ref::<String>().cloned().unwrap_or_default();
+                                lock(&self.seen).push_errors.push(format!("v{k}: a push panicked: {why}"));
+                                Some(false)
+                            })
+                        })
+                        .collect()
                 })
             } else {
                 order
@@ -392,6 +407,7 @@ fn a_cluster_under_kills_and_racing_rotations_loses_no_key_and_converges() {
     let (mut rejoin, mut restored) = (seen.rejoin_ms.clone(), seen.restored_ms.clone());
     rejoin.sort_unstable();
     restored.sort_unstable();
+    eprintln!("push failures: {:#?}", seen.push_errors);
     eprintln!(
         "chaos: {} s; fetches {succeeded}/{} succeeded ({attempts} attempts), latency p50 {} ms p99 {} ms max {} ms; \
          KRE kills {}, etcd kills {}; rotations {} (pushes ok {}, failed {}, {} pushed to all at once); \
