@@ -129,8 +129,15 @@ impl Member {
 
     /// Starts the member's `keygate parent`: release and member proxies, the state in `store`
     /// (an etcd URL), synced every 250 ms, joining from `join_from` (the other members'
-    /// [`Member::member`]), metrics on `metrics` when given. Returns when its proxy listens.
-    pub fn start_daemon(&mut self, store: &str, join_from: &[String], metrics: Option<&str>) {
+    /// [`Member::member`]), replaying the bundles in `policy_store` when given, metrics on
+    /// `metrics` when given. Returns when its proxy listens.
+    pub fn start_daemon(
+        &mut self,
+        store: &str,
+        join_from: &[String],
+        policy_store: Option<&Path>,
+        metrics: Option<&str>,
+    ) {
         let list = join_from.iter().map(|m| format!("\"{m}\"")).collect::<Vec<_>>().join(", ");
         let mut config = format!(
             "kre_parent = \"{}\"\nrelease_listen = \"{}\"\nrelease_to = \"{}\"\n\
@@ -142,6 +149,9 @@ impl Member {
             self.member(),
             self.sock().display(),
         );
+        if let Some(p) = policy_store {
+            config.push_str(&format!("policy_store = \"{}\"\n", p.display()));
+        }
         if let Some(m) = metrics {
             config.push_str(&format!("metrics_listen = \"{m}\"\nstatus_every = \"250ms\"\n"));
         }

@@ -7,7 +7,7 @@
 //! KEK are pushed to every running member, in a random order, sometimes at the same time
 //! (racing exports: one commits, the others adopt); a random KRE is killed (kill -9; at most
 //! two at once, never all) and started again after a random short delay, its daemon joins it
-//! and the operator's `policy restore` replays the bundles; a random etcd member is killed
+//! and replays the kept bundles (`policy_store`); a random etcd member is killed
 //! (never a majority) and started again. At the end it checks, and prints the numbers:
 //! (a) every fetch succeeded within its retry budget; (b) no key version was ever released
 //! as two different keys (a fork or an uncommitted KEK would show so); (c) no KEK version was
@@ -158,7 +158,6 @@ impl Run {
     /// Pushes bundles rotating `prod`'s KEK to the running members until the run stops.
     fn rotations(&self, rng: &mut Rng) {
         let bundles = self.dir.join("bundles");
-        std::fs::create_dir_all(&bundles).expect("bundles dir");
         let mut prev = self.dir.join("genesis.bundle");
         for k in 2.. {
             self.sleep(rng.ms(1500, 4000));
@@ -246,7 +245,8 @@ impl Run {
         });
     }
 
-    /// Starts member `i`'s KRE again; waits until its daemon has joined it; replays the bundles.
+    /// Starts member `i`'s KRE again; waits until its daemon has joined it and replayed the
+    /// bundles.
     fn restart(&self, i: usize) {
         let mut m = lock(&self.members[i]);
         let started = Instant::now();
@@ -264,10 +264,23 @@ impl Run {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let o = keygate(&["policy", "restore", "--kre", &m.parent(), "--store", &s(&self.dir.join("bundles"))]);
-        if !o.status.success() {
-            self.fault(format!("policy restore to the rejoined {} failed: {}", m.name, stderr(&o)));
-            return;
+        // Its daemon replays the kept bundles up to the head the joined state records.
+        loop {
+            let st = m.status().unwrap_or_default();
+            let n = |p: &str| st.pointer(p).and_then(serde_json::Value::as_u64).unwrap_or(0);
+            if n("/policy_version") >= n("/policy_durable_version") && n("/policy_durable_version") > 0 {
+                break;
+            }
+            if started.elapsed() > SERVE_LIMIT {
+                let log = m.daemon_log();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                self.fault(format!(
+                    "{}'s policy was not replayed within {SERVE_LIMIT:?}: {st}; daemon: {tail:?}",
+                    m.name
+                ));
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
         let mut seen = lock(&self.seen);
         seen.rejoin_ms.push(u64::try_from(serving.as_millis()).unwrap_or(u64::MAX));
@@ -318,6 +331,7 @@ fn a_cluster_under_kills_and_racing_rotations_loses_no_key_and_converges() {
     let tmp = TempDir::new("keygate-cluster-chaos").expect("tmp");
     let d = tmp.path();
     members_genesis(d, IMG, &NAMES);
+    std::fs::create_dir_all(d.join("bundles")).expect("bundles dir");
     let mut members: Vec<Member> = NAMES.iter().map(|(n, i)| Member::new(d, IMG, n, i)).collect();
     let member_addrs: Vec<String> = members.iter().map(Member::member).collect();
     // Genesis with custodians on a; every daemon joins from the two others.
@@ -326,7 +340,7 @@ fn a_cluster_under_kills_and_racing_rotations_loses_no_key_and_converges() {
     for (i, m) in members.iter_mut().enumerate() {
         let others: Vec<String> =
             member_addrs.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, a)| a.clone()).collect();
-        m.start_daemon(&store, &others, None);
+        m.start_daemon(&store, &others, Some(&d.join("bundles")), None);
     }
     for m in &mut members[1..] {
         m.start_kre();
@@ -360,13 +374,8 @@ fn a_cluster_under_kills_and_racing_rotations_loses_no_key_and_converges() {
 
     // The end: every KRE runs (the chaos restarted each it killed), replays the bundles, and
     // the members converge.
-    let bundles = s(&d.join("bundles"));
     for m in &run.members {
-        let m = lock(m);
-        m.wait_serving(SERVE_LIMIT);
-        if d.join("bundles").exists() {
-            ok(keygate(&["policy", "restore", "--kre", &m.parent(), "--store", &bundles]));
-        }
+        lock(m).wait_serving(SERVE_LIMIT);
     }
     let converge = Instant::now();
     let heads = loop {

@@ -49,13 +49,13 @@ fn a_killed_member_kre_is_joined_again_by_its_daemon_and_serves_without_custodia
     // A: genesis with its custodians, then its daemon.
     a.start_kre();
     ok(keygate(&["custodian", "init", "--kre", &a.parent(), "--store", &store]));
-    a.start_daemon(&store, &[b.member()], None);
+    a.start_daemon(&store, &[b.member()], None, None);
     let key = first_release(&a.release(), &d.join("ka"), &a);
 
     // B's daemon: A, and a member that does not exist (tried first half of the time).
     let nowhere = format!("unix:{}", d.join("nowhere.pmember").display());
     let metrics = free_loopback_addr();
-    b.start_daemon(&store, &[a.member(), nowhere.clone()], Some(&metrics));
+    b.start_daemon(&store, &[a.member(), nowhere.clone()], None, Some(&metrics));
     // B starts fresh: its daemon joins it from A.
     b.start_kre();
     assert_eq!(first_release(&b.release(), &d.join("kb"), &b), key, "B releases A's data key");

@@ -126,6 +126,10 @@ keys! {
     /// daemon joins it from one of them (`keygate member join`), without custodians. Needs
     /// state_dir or state_store. Environment KEYGATE_PARENT_JOIN_FROM.
     join_from: "ADDR,...",
+    /// The bundles `policy push --store` keeps: replayed to the KRE (`policy restore`) when
+    /// its policy is behind the head its committed state records (after a join, an adoption
+    /// or an unseal). Environment KEYGATE_PARENT_POLICY_STORE.
+    policy_store: "DIR",
 }
 
 /// One proxied channel: its host side and the KRE's port.
@@ -163,6 +167,8 @@ pub(crate) struct Config {
     pub(crate) status_every: Duration,
     /// The members a KRE awaiting its state joins from (none: the member join task is off).
     pub(crate) join_from: Vec<Addr>,
+    /// The bundles replayed to a KRE whose policy is behind its committed state's head.
+    pub(crate) policy_store: Option<PathBuf>,
 }
 
 /// Most members `join_from` names.
@@ -347,6 +353,7 @@ pub(crate) fn resolve(
         metrics_listen: l.get("metrics_listen", |v: &str| v.trim().parse::<std::net::SocketAddr>())?,
         status_every: l.duration("status_every", secs(5))?,
         join_from,
+        policy_store: l.get("policy_store", path)?,
     })
 }
 
@@ -516,6 +523,8 @@ mod tests {
     fn join_from_is_a_bounded_list_of_distinct_addresses_and_needs_a_store() {
         let none = DaemonArgs::default();
         assert!(from(&none, &[], "").expect("config").join_from.is_empty(), "off by default");
+        let cfg = from(&none, &[("policy_store", "/b")], "").expect("a policy store");
+        assert_eq!(cfg.policy_store, Some(PathBuf::from("/b")));
         let m = |p: &str| Addr::Unix(PathBuf::from(p));
         let cfg = from(&none, &[], "state_dir = \"/s\"\njoin_from = [\"unix:/b.member\", \"unix:/c.member\"]\n")
             .expect("a list in the file");

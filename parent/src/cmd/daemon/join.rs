@@ -4,9 +4,13 @@
 //! KRE's status says it awaits its state, or that it holds a stored state no custodian has
 //! begun to unseal) and whom to ask (every listed member once, in a random order, so that
 //! restarted members spread over the serving ones); the join itself is the verb's code, and
-//! both KREs check everything (`docs/cluster.md`). It trusts the KRE's status report only to
-//! decide whether to try: a wrong report costs a refused join, never a key.
+//! both KREs check everything (`docs/cluster.md`). With `policy_store` it also replays the
+//! kept bundles (`policy restore`) when the KRE's policy is behind the head its committed
+//! state records, as it is after a join, an adoption or an unseal: releases wait
+//! (`policy_stale`) until then. It trusts the KRE's status report only to decide whether to
+//! try: a wrong report costs a refused join or push, never a key.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +20,7 @@ use serde_json::Value;
 use super::metrics::DaemonMetrics;
 use super::supervise::blocking;
 use crate::cmd::member::{self, StateAt};
-use crate::cmd::status;
+use crate::cmd::{policy, status};
 use crate::error::CliError;
 
 /// How often the task asks the KRE whether it awaits its state (a status ask on the parent
@@ -36,6 +40,15 @@ pub(crate) fn should_join(report: &Value) -> bool {
         Some("unsealing") => report.pointer("/state/shares_accepted").and_then(Value::as_u64) == Some(0),
         _ => false,
     }
+}
+
+/// Whether the KRE whose status is `report` serves with a policy older than the head its
+/// committed state records (its releases wait, `policy_stale`, until the bundles are pushed).
+pub(crate) fn should_restore(report: &Value) -> bool {
+    let serving = report.pointer("/state/phase").and_then(Value::as_str) == Some("serving");
+    let durable = report.pointer("/policy_durable_version").and_then(Value::as_u64).unwrap_or(0);
+    let held = report.pointer("/policy_version").and_then(Value::as_u64).unwrap_or(0);
+    serving && durable > held
 }
 
 /// `members` in the order to ask them: a random permutation, `draw(n)` giving a number in
@@ -59,16 +72,37 @@ fn os_draw(n: u32) -> u32 {
 /// a random order until one join succeeds. Each attempt's failure is logged with the member
 /// and the reason and counted; the round fails (and the task backs off) when every member
 /// failed. A KRE that does not answer is not the join's failure (the status task reports it):
-/// the round does nothing.
+/// the round does nothing. With `bundles`, a KRE that joined, or serves behind its committed
+/// policy head ([`should_restore`]), gets the kept bundles replayed; a failed replay fails the
+/// round.
 pub(crate) async fn round(
     kre: Addr,
     members: Vec<Addr>,
     at: StateAt,
+    bundles: Option<PathBuf>,
     metrics: Option<Arc<DaemonMetrics>>,
 ) -> Result<(), CliError> {
     blocking(move || {
         let Ok((_, report)) = status::report(&kre, STATUS_TIMEOUT) else { return Ok(()) };
-        if !should_join(&report) {
+        let replay = |why: &str| match &bundles {
+            Some(dir) => {
+                let n = policy::restore_chain(&kre, dir)?;
+                tracing::info!(task = "member join", pushed = n, store = %dir.display(), "{why}: the kept bundles replayed");
+                Ok(n)
+            }
+            None => Ok(0),
+        };
+        if bundles.is_some() && should_restore(&report) {
+            // Nothing newer kept: a failed step (logged, backed off), not a busy loop.
+            if replay("the KRE's policy is behind its committed state")? == 0 {
+                return Err(CliError::refused(format!(
+                    "the KRE's policy is behind the head its committed state records (v{}), and the policy store holds no newer bundle",
+                    report.pointer("/policy_durable_version").and_then(Value::as_u64).unwrap_or(0)
+                )));
+            }
+            return Ok(());
+        }
+        if members.is_empty() || !should_join(&report) {
             return Ok(());
         }
         let mut failures = Vec::new();
@@ -86,7 +120,7 @@ pub(crate) async fn round(
                         elapsed_ms = started.elapsed().as_millis(),
                         "the KRE joined from a member and serves"
                     );
-                    return Ok(());
+                    return replay("joined").map(|_| ());
                 }
                 Err(e) => {
                     if let Some(m) = &metrics {
@@ -125,6 +159,25 @@ mod tests {
         ];
         for (report, join) in rows {
             assert_eq!(should_join(&report), join, "{report}");
+        }
+    }
+
+    #[test]
+    fn replays_the_bundles_only_to_a_serving_kre_behind_its_committed_policy_head() {
+        let report = |phase: &str, held: Value, durable: Value| json!({"state": {"phase": phase}, "policy_version": held, "policy_durable_version": durable});
+        let rows = [
+            (report("serving", json!(3), json!(5)), true),
+            (report("serving", Value::Null, json!(2)), true),
+            (report("serving", json!(5), json!(5)), false),
+            // A policy pushed but not yet committed is ahead, not behind.
+            (report("serving", json!(6), json!(5)), false),
+            (report("serving", json!(1), Value::Null), false),
+            // Sealed: nothing to replay to yet (the join comes first).
+            (report("awaiting_state", json!(1), json!(5)), false),
+            (report("unsealing", json!(1), json!(5)), false),
+        ];
+        for (r, restore) in rows {
+            assert_eq!(should_restore(&r), restore, "{r}");
         }
     }
 

@@ -120,21 +120,23 @@ async fn daemon(cfg: Config) -> Result<(), CliError> {
             },
         ));
     }
-    // The member join: a KRE awaiting its state joins from one of `join_from`.
+    // Where the stored state is, for the member join.
     let at = match (cfg.state_dir.clone(), cfg.state_store.clone()) {
         (Some(dir), _) => Some(StateAt::Dir(dir)),
         (None, Some(url)) => Some(StateAt::Etcd(url)),
         (None, None) => None,
     };
-    if let (false, Some(at)) = (cfg.join_from.is_empty(), at) {
+    // The member join, and the policy replay to a KRE behind its committed head.
+    if let (true, Some(at)) = (!cfg.join_from.is_empty() || cfg.policy_store.is_some(), at) {
         let (kre, members, m) = (cfg.kre_parent.clone(), cfg.join_from.clone(), metrics.clone());
+        let bundles = cfg.policy_store.clone();
         tasks.spawn(supervise(
             "member join",
             stop.clone(),
             join::JOIN_POLL,
             task_backoff(),
             metrics.clone(),
-            move || join::round(kre.clone(), members.clone(), at.clone(), m.clone()),
+            move || join::round(kre.clone(), members.clone(), at.clone(), bundles.clone(), m.clone()),
         ));
     }
     if let Some(dir) = cfg.audit_dir.clone() {
