@@ -1,15 +1,18 @@
 //! The parent daemon rejoins its KRE by itself (`join_from`, docs/cluster.md): members A and
 //! B, each beside its own `keygate parent` with the state in etcd. A does genesis with its
 //! custodians; B starts fresh and its daemon joins it from A. B's KRE is then killed (kill -9)
-//! and started again: its daemon joins it again and it serves without any custodian or
-//! operator; the time from the restart to the first release through B's proxy is printed.
+//! and started again: its daemon joins it again, replays the policy bundles (a KEK rotation
+//! pushed to A only) and it serves without any custodian or operator; the time from the
+//! restart to the first release through B's proxy is printed.
 //! With every other member down, the daemon's joins fail, are logged with the member and the
 //! reason, counted, retried, and B stays sealed.
 
 use std::time::{Duration, Instant};
 
 use keygate_tests::e2e::ok;
-use keygate_tests::members::{fetch, members_genesis, metric, metrics_text, Images, Member};
+use keygate_tests::members::{
+    fetch, fetched_versions, members_genesis, metric, metrics_text, push, rotating_bundle, Images, Member,
+};
 use keygate_tests::scrape::free_loopback_addr;
 use keygate_tests::{keygate, TempDir};
 
@@ -36,6 +39,20 @@ fn first_release(release: &str, out: &std::path::Path, b: &Member) -> Vec<u8> {
     }
 }
 
+/// Fetches through `release` until the release has KEK version `v` (committed: at most
+/// [`SERVE_LIMIT`]); that version's key.
+fn release_of(v: u32, release: &str, out: &std::path::Path, m: &Member) -> Vec<u8> {
+    let start = Instant::now();
+    loop {
+        first_release(release, out, m);
+        if let Some((_, key)) = fetched_versions(out).into_iter().find(|(n, _)| *n == v) {
+            return key;
+        }
+        assert!(start.elapsed() < SERVE_LIMIT, "{} never releases version {v}: {}", m.name, m.daemon_log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn a_killed_member_kre_is_joined_again_by_its_daemon_and_serves_without_custodians() {
     let etcd = keygate_tests::etcd::EtcdCluster::start(1).unwrap_or_else(|e| panic!("{e}"));
@@ -55,10 +72,21 @@ fn a_killed_member_kre_is_joined_again_by_its_daemon_and_serves_without_custodia
     // B's daemon: A, and a member that does not exist (tried first half of the time).
     let nowhere = format!("unix:{}", d.join("nowhere.pmember").display());
     let metrics = free_loopback_addr();
-    b.start_daemon(&store, &[a.member(), nowhere.clone()], None, Some(&metrics));
+    let bundles = d.join("bundles");
+    std::fs::create_dir_all(&bundles).expect("bundles dir");
+    b.start_daemon(&store, &[a.member(), nowhere.clone()], Some(&bundles), Some(&metrics));
     // B starts fresh: its daemon joins it from A.
     b.start_kre();
     assert_eq!(first_release(&b.release(), &d.join("kb"), &b), key, "B releases A's data key");
+
+    // A bundle rotating prod's KEK is pushed to A only (kept in the bundles B's daemon
+    // replays); A's daemon commits generation 2, B's adopts it and replays the bundle: B
+    // releases the rotated key without anyone pushing to it.
+    let v2 = rotating_bundle(d, &d.join("genesis.bundle"), "v2");
+    ok(push(&v2, &a.parent(), &bundles));
+    let key = release_of(2, &a.release(), &d.join("ka2"), &a);
+    assert_eq!(release_of(2, &b.release(), &d.join("kb1"), &b), key, "B releases A's rotated key");
+    assert!(b.daemon_log().contains("the kept bundles replayed"), "{}", b.daemon_log());
 
     // kill -9 of B's KRE, and a restart: the daemon joins it again.
     b.kill_kre();
