@@ -78,7 +78,7 @@ fn os_draw(n: u32) -> u32 {
 pub(crate) async fn round(
     kre: Addr,
     members: Vec<Addr>,
-    at: StateAt,
+    at: Option<StateAt>,
     bundles: Option<PathBuf>,
     metrics: Option<Arc<DaemonMetrics>>,
 ) -> Result<(), CliError> {
@@ -102,9 +102,7 @@ pub(crate) async fn round(
             }
             return Ok(());
         }
-        if members.is_empty() || !should_join(&report) {
-            return Ok(());
-        }
+        let Some(at) = at.filter(|_| !members.is_empty() && should_join(&report)) else { return Ok(()) };
         let mut failures = Vec::new();
         for from in order(&members, os_draw) {
             let started = Instant::now();

@@ -128,7 +128,7 @@ async fn daemon(cfg: Config) -> Result<(), CliError> {
         (None, None) => None,
     };
     // The member join, and the policy replay to a KRE behind its committed head.
-    if let (true, Some(at)) = (!cfg.join_from.is_empty() || cfg.policy_store.is_some(), at) {
+    if !cfg.join_from.is_empty() || cfg.policy_store.is_some() {
         let (kre, members, m) = (cfg.kre_parent.clone(), cfg.join_from.clone(), metrics.clone());
         let bundles = cfg.policy_store.clone();
         tasks.spawn(supervise(
