@@ -84,9 +84,10 @@ pub(crate) async fn round(
 ) -> Result<(), CliError> {
     blocking(move || {
         let Ok((_, report)) = status::report(&kre, STATUS_TIMEOUT) else { return Ok(()) };
+        let held = report.pointer("/policy_version").and_then(Value::as_u64).unwrap_or(0);
         let replay = |why: &str| match &bundles {
             Some(dir) => {
-                let n = policy::restore_chain(&kre, dir)?;
+                let n = policy::restore_chain(&kre, dir, held)?;
                 tracing::info!(task = "member join", pushed = n, store = %dir.display(), "{why}: the kept bundles replayed");
                 Ok(n)
             }
