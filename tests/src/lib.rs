@@ -6,6 +6,7 @@ mod cleanup;
 pub mod cluster;
 pub mod e2e;
 pub mod etcd;
+pub mod members;
 mod process;
 pub mod relay;
 pub mod scrape;

@@ -66,7 +66,12 @@ pub(crate) fn run(cmd: MemberCommand) -> Result<(), CliError> {
     match cmd {
         MemberCommand::Join(a) => {
             let started = Instant::now();
-            let r = join(&a)?;
+            let at = match (a.store, a.state_dir) {
+                (Some(url), _) => StateAt::Etcd(url),
+                (None, Some(dir)) => StateAt::Dir(dir),
+                (None, None) => return Err(CliError::input("give --state-dir DIR or --store URL")),
+            };
+            let r = join(&a.kre, &a.from, &at)?;
             crate::output::print(&Joined {
                 generation: r.committed_generation,
                 phase: r.phase,
@@ -77,6 +82,15 @@ pub(crate) fn run(cmd: MemberCommand) -> Result<(), CliError> {
     }
 }
 
+/// Where the parent keeps the sealed state a join hands over.
+#[derive(Debug, Clone)]
+pub(crate) enum StateAt {
+    /// A state directory (`--state-dir`).
+    Dir(PathBuf),
+    /// The shared etcd store (`--store`).
+    Etcd(EtcdUrl),
+}
+
 /// The stored blob and custody (shares file, genesis attestation) of `generation`.
 pub(crate) struct Stored {
     pub(crate) blob: Vec<u8>,
@@ -85,9 +99,9 @@ pub(crate) struct Stored {
 }
 
 /// The newest stored state, which must be exactly `generation` with SHA-384 `sha`.
-fn stored(a: &JoinArgs, generation: u64, sha: &[u8; 48]) -> Result<Stored, CliError> {
-    let (loaded, custody, place) = match (&a.store, &a.state_dir) {
-        (Some(url), _) => {
+fn stored(at: &StateAt, generation: u64, sha: &[u8; 48]) -> Result<Stored, CliError> {
+    let (loaded, custody, place) = match at {
+        StateAt::Etcd(url) => {
             let mut s = super::custodian::etcd_store(url)?;
             let etcd = |e: crate::storage::store::StoreError| CliError::refused(format!("{url}: {e}"));
             let loaded = s.load(generation).map_err(etcd)?;
@@ -102,7 +116,7 @@ fn stored(a: &JoinArgs, generation: u64, sha: &[u8; 48]) -> Result<Stored, CliEr
             };
             (loaded, custody, url.to_string())
         }
-        (None, Some(dir)) => {
+        StateAt::Dir(dir) => {
             let loaded =
                 StateStore::new(DirFs::new(dir)).load(generation).map_err(|e| CliError::refused(e.to_string()))?;
             let custody = match &loaded {
@@ -111,7 +125,6 @@ fn stored(a: &JoinArgs, generation: u64, sha: &[u8; 48]) -> Result<Stored, CliEr
             };
             (loaded, custody, dir.display().to_string())
         }
-        (None, None) => return Err(CliError::input("give --state-dir DIR or --store URL")),
     };
     let loaded = loaded.ok_or_else(|| CliError::refused(format!("{place} holds no sealed state")))?;
     let digest: [u8; 48] = Sha384::digest(&loaded.blob).into();
@@ -126,14 +139,21 @@ fn stored(a: &JoinArgs, generation: u64, sha: &[u8; 48]) -> Result<Stored, CliEr
     Ok(Stored { blob: loaded.blob, shares, genesis_attestation })
 }
 
-/// Carries one join; returns the joining KRE's state report.
-fn join(a: &JoinArgs) -> Result<StateReport, CliError> {
-    join_handing(a, |stored| stored)
+/// Carries one join of the KRE whose parent channel is `kre` from the serving member whose
+/// member channel is `from`, the stored state at `at`; returns the joining KRE's state report.
+/// `keygate member join` and the daemon's member join task (`join_from`) both run it.
+pub(crate) fn join(kre: &Addr, from: &Addr, at: &StateAt) -> Result<StateReport, CliError> {
+    join_handing(kre, from, at, |stored| stored)
 }
 
 /// [`join`], handing the joining KRE what `hand` makes of the stored state (the demo plays a
 /// parent that hands an older blob than the one the serving member vouched for).
-pub(crate) fn join_handing(a: &JoinArgs, hand: impl FnOnce(Stored) -> Stored) -> Result<StateReport, CliError> {
+pub(crate) fn join_handing(
+    kre: &Addr,
+    from: &Addr,
+    at: &StateAt,
+    hand: impl FnOnce(Stored) -> Stored,
+) -> Result<StateReport, CliError> {
     let timeout = kre_client::DEFAULT_TIMEOUT;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -142,7 +162,7 @@ pub(crate) fn join_handing(a: &JoinArgs, hand: impl FnOnce(Stored) -> Stored) ->
     // The store is read between the two steps, outside the runtime (its etcd client has one
     // of its own); the joining KRE's connection, with its session, stays open meanwhile.
     let (mut kre, offer) = rt.block_on(async {
-        let mut kre = Connection::open(&a.kre, timeout).await?;
+        let mut kre = Connection::open(kre, timeout).await?;
         kre.send(&Message::JoinStart.encode().map_err(KreError::Encode)?).await?;
         let body = kre.receive().await?;
         let request = match MemberMessage::decode(&body).map_err(KreError::Decode)? {
@@ -152,7 +172,7 @@ pub(crate) fn join_handing(a: &JoinArgs, hand: impl FnOnce(Stored) -> Stored) ->
             }
             _ => return Err(KreError::Unexpected("JoinOffer").into()),
         };
-        let mut member = Connection::open(&a.from, timeout).await?;
+        let mut member = Connection::open(from, timeout).await?;
         member.send(&request.encode().map_err(KreError::Encode)?).await?;
         Ok((kre, member.receive().await?))
     })?;
@@ -163,7 +183,7 @@ pub(crate) fn join_handing(a: &JoinArgs, hand: impl FnOnce(Stored) -> Stored) ->
         }
         _ => return Err(KreError::Unexpected("JoinRequest").into()),
     };
-    let s = hand(stored(a, generation, &sha)?);
+    let s = hand(stored(at, generation, &sha)?);
     let finish =
         Message::JoinFinish { offer, blob: s.blob, shares: s.shares, genesis_attestation: s.genesis_attestation };
     match rt.block_on(kre.ask(&finish))? {

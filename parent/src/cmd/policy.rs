@@ -907,7 +907,16 @@ fn durable(a: DurableCheckArgs) -> Result<(), CliError> {
 /// `policy restore`: replay the stored chain to a restarted KRE.
 fn restore(a: RestoreArgs) -> Result<(), CliError> {
     let RestoreArgs { kre, store } = a;
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&store)
+    let pushed = restore_chain(&kre, &store, 0)?;
+    crate::output::print(&reports::PolicyRestored { restored: pushed, store: reports::path(&store) })
+}
+
+/// Pushes every bundle kept in `store` to the KRE on `kre`, in version order, skipping those
+/// it already holds, and without asking the KRE those of version `after` or lower (the
+/// daemon passes the KRE's policy head; `policy restore` 0); returns how many it accepted.
+/// `policy restore` and the parent daemon's replay (`policy_store`) both run it.
+pub(crate) fn restore_chain(kre: &Addr, store: &Path, after: u64) -> Result<usize, CliError> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(store)
         .map_err(|e| CliError::io(format!("reading {}", store.display()), e))?
         .flatten()
         .map(|e| e.path())
@@ -917,13 +926,16 @@ fn restore(a: RestoreArgs) -> Result<(), CliError> {
     let mut pushed = 0;
     for f in &files {
         let bytes = read(f)?;
-        match push(&kre, &bytes) {
+        if after > 0 && bundle::decode_bundle(&bytes, crypto()).is_ok_and(|b| b.body.version <= after) {
+            continue;
+        }
+        match push(kre, &bytes) {
             Ok(_) => pushed += 1,
-            Err(KreError::Denied { code: DenyCode::PolicyRefused, .. }) if already_applied(&kre, &bytes)? => {}
+            Err(KreError::Denied { code: DenyCode::PolicyRefused, .. }) if already_applied(kre, &bytes)? => {}
             Err(e) => return Err(CliError::refused(format!("{}: {}", f.display(), push_refused(e).message))),
         }
     }
-    crate::output::print(&reports::PolicyRestored { restored: pushed, store: reports::path(&store) })
+    Ok(pushed)
 }
 
 /// Asks the KRE, in rounds of at most 5 s, until the committed sealed state carries bundle

@@ -27,7 +27,7 @@ use zeroize::Zeroizing;
 
 use super::release::{keygate_cli, path, sibling_binary, spawn, Daemon};
 use super::tour::{Misbehaved, Outcome, Tour};
-use crate::cmd::member::JoinArgs;
+use crate::cmd::member::StateAt;
 use crate::error::CliError;
 use crate::storage::etcd::EtcdUrl;
 
@@ -691,16 +691,12 @@ pub(super) fn cluster_tour(tour: &mut Tour) -> Result<(), CliError> {
     let mut copy = Kre::new(&ctx, "c-old", "i-c");
     copy.start(&ctx)?;
     let addr = |s: String| s.parse().map_err(|e| CliError::input(format!("{s}: {e}")));
-    let args = JoinArgs {
-        kre: addr(copy.parent())?,
-        from: addr(unix(&a.member_sock()))?,
-        state_dir: None,
-        store: Some(ctx.store.parse().map_err(|e| CliError::input(format!("{}: {e}", ctx.store)))?),
-    };
-    let forged = crate::cmd::member::join_handing(&args, |mut stored| {
-        stored.blob = old_blob.to_vec();
-        stored
-    });
+    let at = StateAt::Etcd(ctx.store.parse().map_err(|e| CliError::input(format!("{}: {e}", ctx.store)))?);
+    let forged =
+        crate::cmd::member::join_handing(&addr(copy.parent())?, &addr(unix(&a.member_sock()))?, &at, |mut stored| {
+            stored.blob = old_blob.to_vec();
+            stored
+        });
     tour.step(
         "a copy of member c (its own instance i-c) joins from a, but its parent hands it the stored generation 1 instead of the generation 2 a vouched for: the copy refuses it",
         match forged {

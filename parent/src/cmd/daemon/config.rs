@@ -121,6 +121,15 @@ keys! {
     /// With metrics_listen: how often the KRE's status is asked for the metrics and health
     /// (default 5s). Environment KEYGATE_PARENT_STATUS_EVERY.
     status_every: "DURATION",
+    /// The other members' member channels (their parents' `member_listen`), comma-separated
+    /// (a TOML list of strings in the file; at most 16): when the KRE awaits its state, the
+    /// daemon joins it from one of them (`keygate member join`), without custodians. Needs
+    /// state_dir or state_store. Environment KEYGATE_PARENT_JOIN_FROM.
+    join_from: "ADDR,...",
+    /// The bundles `policy push --store` keeps: replayed to the KRE (`policy restore`) when
+    /// its policy is behind the head its committed state records (after a join, an adoption
+    /// or an unseal). Environment KEYGATE_PARENT_POLICY_STORE.
+    policy_store: "DIR",
 }
 
 /// One proxied channel: its host side and the KRE's port.
@@ -156,7 +165,14 @@ pub(crate) struct Config {
     /// Metrics and health over HTTP, asking the KRE's status every `status_every`.
     pub(crate) metrics_listen: Option<std::net::SocketAddr>,
     pub(crate) status_every: Duration,
+    /// The members a KRE awaiting its state joins from (none: the member join task is off).
+    pub(crate) join_from: Vec<Addr>,
+    /// The bundles replayed to a KRE whose policy is behind its committed state's head.
+    pub(crate) policy_store: Option<PathBuf>,
 }
+
+/// Most members `join_from` names.
+pub(crate) const MAX_JOIN_FROM: usize = crate::failover::MAX_MEMBERS;
 
 /// Where a value came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,6 +201,8 @@ pub(crate) enum ConfigError {
     MemberHalf(&'static str),
     #[error("state_dir and state_store exclude each other: the sealed state goes to one store")]
     TwoStateStores,
+    #[error("join_from needs the stored state: set state_dir or state_store")]
+    JoinWithoutStore,
 }
 
 /// A key as its origin names it: `--sync-every`, `KEYGATE_PARENT_SYNC_EVERY`, `file key`.
@@ -265,6 +283,10 @@ fn file_values(path: &Path, text: &str) -> Result<BTreeMap<String, String>, Conf
         let text = match value {
             toml::Value::String(s) => s,
             toml::Value::Integer(i) => i.to_string(),
+            // A list of strings (`join_from`): the same text as the flag's, comma-separated.
+            toml::Value::Array(items) if items.iter().all(toml::Value::is_str) => {
+                items.iter().filter_map(toml::Value::as_str).collect::<Vec<_>>().join(",")
+            }
             other => {
                 return Err(ConfigError::BadValue {
                     key: known,
@@ -307,6 +329,10 @@ pub(crate) fn resolve(
     if state_dir.is_some() && state_store.is_some() {
         return Err(ConfigError::TwoStateStores);
     }
+    let join_from = l.get("join_from", addr_list)?.unwrap_or_default();
+    if !join_from.is_empty() && state_dir.is_none() && state_store.is_none() {
+        return Err(ConfigError::JoinWithoutStore);
+    }
     Ok(Config {
         kre_parent: l.required("kre_parent", addr)?,
         release: Forward { listen: l.required("release_listen", addr)?, to: l.required("release_to", addr)? },
@@ -326,7 +352,29 @@ pub(crate) fn resolve(
         shutdown_grace: l.duration("shutdown_grace", secs(5))?,
         metrics_listen: l.get("metrics_listen", |v: &str| v.trim().parse::<std::net::SocketAddr>())?,
         status_every: l.duration("status_every", secs(5))?,
+        join_from,
+        policy_store: l.get("policy_store", path)?,
     })
+}
+
+/// A comma-separated list of 1 to [`MAX_JOIN_FROM`] addresses, none given twice.
+fn addr_list(v: &str) -> Result<Vec<Addr>, String> {
+    let n = v.split(',').count();
+    if n > MAX_JOIN_FROM {
+        return Err(format!("{n} addresses; at most {MAX_JOIN_FROM}"));
+    }
+    let mut list: Vec<Addr> = Vec::with_capacity(n);
+    for item in v.split(',').map(str::trim) {
+        if item.is_empty() {
+            return Err("an empty address in the list".to_owned());
+        }
+        let a = item.parse::<Addr>().map_err(|e| format!("`{item}`: {e}"))?;
+        if list.contains(&a) {
+            return Err(format!("`{item}` is given twice"));
+        }
+        list.push(a);
+    }
+    Ok(list)
 }
 
 /// [`resolve`] with the file named by `--config` or [`CONFIG_ENV`], read from disk.
@@ -469,6 +517,43 @@ mod tests {
         );
         let cfg = from(&none, &[], "state_store = \"etcd://10.0.0.1:2379,10.0.0.2:2379/kg\"\n").expect("etcd");
         assert_eq!(cfg.state_store.map(|u| u.to_string()).as_deref(), Some("etcd://10.0.0.1:2379,10.0.0.2:2379/kg"));
+    }
+
+    #[test]
+    fn join_from_is_a_bounded_list_of_distinct_addresses_and_needs_a_store() {
+        let none = DaemonArgs::default();
+        assert!(from(&none, &[], "").expect("config").join_from.is_empty(), "off by default");
+        let cfg = from(&none, &[("policy_store", "/b")], "").expect("a policy store");
+        assert_eq!(cfg.policy_store, Some(PathBuf::from("/b")));
+        let m = |p: &str| Addr::Unix(PathBuf::from(p));
+        let cfg = from(&none, &[], "state_dir = \"/s\"\njoin_from = [\"unix:/b.member\", \"unix:/c.member\"]\n")
+            .expect("a list in the file");
+        assert_eq!(cfg.join_from, vec![m("/b.member"), m("/c.member")]);
+        let cfg = from(&none, &[("join_from", "unix:/b.member , tcp:10.0.0.3:5003")], "state_store = \"etcd://h:1\"\n")
+            .expect("comma-separated in the environment");
+        assert_eq!(cfg.join_from[1], Addr::Tcp("10.0.0.3:5003".parse().expect("addr")));
+        let flag = DaemonArgs { join_from: Some("unix:/d.member".into()), ..DaemonArgs::default() };
+        assert_eq!(
+            from(&flag, &[("join_from", "unix:/b.member")], "state_dir = \"/s\"\n").expect("flag").join_from,
+            [m("/d.member")]
+        );
+        assert_eq!(
+            from(&none, &[("join_from", "unix:/b.member")], "").expect_err("no store"),
+            ConfigError::JoinWithoutStore
+        );
+        let bad = |v: &str| from(&none, &[("join_from", v)], "state_dir = \"/s\"\n").expect_err(v).to_string();
+        assert_eq!(bad("unix:/b,,unix:/c"), "environment KEYGATE_PARENT_JOIN_FROM: an empty address in the list");
+        assert_eq!(bad("unix:/b,unix:/b"), "environment KEYGATE_PARENT_JOIN_FROM: `unix:/b` is given twice");
+        assert!(bad("nowhere").starts_with("environment KEYGATE_PARENT_JOIN_FROM: `nowhere`: "), "{}", bad("nowhere"));
+        let many = (0..=MAX_JOIN_FROM).map(|i| format!("unix:/m{i}")).collect::<Vec<_>>().join(",");
+        assert_eq!(bad(&many), "environment KEYGATE_PARENT_JOIN_FROM: 17 addresses; at most 16");
+        assert!(
+            matches!(
+                from(&none, &[], "state_dir = \"/s\"\njoin_from = [1]\n"),
+                Err(ConfigError::BadValue { key: "join_from", origin: Origin::File, .. })
+            ),
+            "a list of numbers"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! | `keygate_kre_releases_total`, `keygate_kre_keys_released_total` | counter | |
 //! | `keygate_kre_refusals_total` | counter | `code` (a deny code) |
 //! | `keygate_parent_task_steps_total` | counter | `task`, `outcome` (ok, failed) |
+//! | `keygate_member_joins_total` | counter | `outcome` (ok, failed): each join attempt (`join_from`) |
 //! | `keygate_proxy_*` | see `cmd::proxy::stats` | `channel` |
 //!
 //! The KRE's counts restart from 0 with the KRE; the counters here add what the KRE counted
@@ -54,6 +55,11 @@ struct CodeLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StepLabels {
     task: &'static str,
     outcome: &'static str,
@@ -92,6 +98,7 @@ pub(crate) struct DaemonMetrics {
     keys_released: Counter,
     refusals: Family<CodeLabel, Counter>,
     steps: Family<StepLabels, Counter>,
+    member_joins: Family<OutcomeLabel, Counter>,
     seen: Mutex<Seen>,
     faults: Mutex<Faults>,
 }
@@ -124,6 +131,7 @@ impl DaemonMetrics {
             keys_released: Counter::default(),
             refusals: Family::default(),
             steps: Family::default(),
+            member_joins: Family::default(),
             seen: Mutex::default(),
             faults: Mutex::default(),
         };
@@ -161,6 +169,11 @@ impl DaemonMetrics {
             "Steps of the daemon's tasks (state sync, audit pull, proxies, status), by outcome",
             m.steps.clone(),
         );
+        registry.sub_registry_with_prefix("member").register(
+            "joins",
+            "Joins of the KRE from another member (join_from), by outcome, one per member asked",
+            m.member_joins.clone(),
+        );
         m.proxy.register(&mut registry);
         Self { registry, ..m }
     }
@@ -174,6 +187,11 @@ impl DaemonMetrics {
             Ok(()) => faults.tasks.remove(task),
             Err(e) => faults.tasks.insert(task, e.to_owned()),
         };
+    }
+
+    /// A join of the KRE from a member succeeded (`true`) or failed.
+    pub(crate) fn member_join(&self, ok: bool) {
+        self.member_joins.get_or_create(&OutcomeLabel { outcome: if ok { "ok" } else { "failed" } }).inc();
     }
 
     /// The KRE did not answer its status ask.
@@ -301,5 +319,13 @@ mod tests {
         assert!(scrape(&m)
             .lines()
             .any(|l| l == "keygate_parent_task_steps_total{task=\"audit pull\",outcome=\"failed\"} 1"));
+        m.member_join(false);
+        m.member_join(false);
+        m.member_join(true);
+        let text = scrape(&m);
+        for line in ["keygate_member_joins_total{outcome=\"failed\"} 2", "keygate_member_joins_total{outcome=\"ok\"} 1"]
+        {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
     }
 }

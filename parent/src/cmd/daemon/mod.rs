@@ -1,7 +1,9 @@
 //! `keygate parent --config FILE`: the parent instance's side as one supervised daemon. It runs,
 //! as tasks of one process, the proxy of the release channel (and of the custodian channel
 //! when configured), `state sync` following (with a state directory or an etcd store) and
-//! `audit pull` following (with an audit directory), each the verb's own code. It decides which
+//! `audit pull` following (with an audit directory), and with `join_from` the member join of
+//! a KRE awaiting its state, with `policy_store` the replay of the kept bundles to a KRE
+//! behind its committed policy head (join.rs), each the verb's own code. It decides which
 //! tasks run, that a failed step is retried (supervise.rs) rather than ending the daemon, and the stop:
 //! on SIGTERM or SIGINT the proxies stop accepting, each task finishes its current step
 //! (waited for at most `shutdown_grace`) and the daemon exits 0. With `metrics_listen` it
@@ -10,6 +12,7 @@
 //! config.rs.
 
 mod config;
+mod join;
 mod metrics;
 mod supervise;
 
@@ -26,6 +29,7 @@ use self::supervise::{blocking, supervise, Stop};
 use crate::backoff::Backoff;
 use crate::cmd::audit::Follower;
 use crate::cmd::custodian::{sync_once, sync_once_store};
+use crate::cmd::member::StateAt;
 use crate::cmd::proxy::{self, ProxyConfig};
 use crate::cmd::status;
 use crate::error::CliError;
@@ -115,6 +119,25 @@ async fn daemon(cfg: Config) -> Result<(), CliError> {
                     Ok(())
                 }
             },
+        ));
+    }
+    // Where the stored state is, for the member join.
+    let at = match (cfg.state_dir.clone(), cfg.state_store.clone()) {
+        (Some(dir), _) => Some(StateAt::Dir(dir)),
+        (None, Some(url)) => Some(StateAt::Etcd(url)),
+        (None, None) => None,
+    };
+    // The member join, and the policy replay to a KRE behind its committed head.
+    if !cfg.join_from.is_empty() || cfg.policy_store.is_some() {
+        let (kre, members, m) = (cfg.kre_parent.clone(), cfg.join_from.clone(), metrics.clone());
+        let bundles = cfg.policy_store.clone();
+        tasks.spawn(supervise(
+            "member join",
+            stop.clone(),
+            join::JOIN_POLL,
+            task_backoff(),
+            metrics.clone(),
+            move || join::round(kre.clone(), members.clone(), at.clone(), bundles.clone(), m.clone()),
         ));
     }
     if let Some(dir) = cfg.audit_dir.clone() {
