@@ -211,14 +211,21 @@ pub fn unseal_user_data(
     set_digest: &[u8; 48],
     shares_sha384: &[u8; 48],
 ) -> [u8; 48] {
-    sha384(&[
-        b"keygate/v2/unseal-offer",
-        unseal_nonce,
-        &generation.to_be_bytes(),
-        blob_sha384,
-        set_digest,
-        shares_sha384,
-    ])
+    offer_hash(b"keygate/v2/unseal-offer", unseal_nonce, generation, blob_sha384, set_digest, shares_sha384, &[])
+}
+
+/// `SHA-384(label ‖ nonce ‖ u64be generation ‖ SHA-384(blob) ‖ set_digest ‖ SHA-384(shares) ‖
+/// extra)`: the shape of every unseal-offer binding.
+fn offer_hash(
+    label: &[u8],
+    nonce: &[u8; 32],
+    generation: u64,
+    blob_sha384: &[u8; 48],
+    set_digest: &[u8; 48],
+    shares_sha384: &[u8; 48],
+    extra: &[u8],
+) -> [u8; 48] {
+    sha384(&[label, nonce, &generation.to_be_bytes(), blob_sha384, set_digest, shares_sha384, extra])
 }
 
 /// `user_data` of the KRE's reshare attestation: as [`unseal_user_data`], with the new set:
@@ -232,15 +239,7 @@ pub fn reshare_user_data(
     shares_sha384: &[u8; 48],
     new_set_digest: &[u8; 48],
 ) -> [u8; 48] {
-    sha384(&[
-        b"keygate/v2/reshare-offer",
-        nonce,
-        &generation.to_be_bytes(),
-        blob_sha384,
-        set_digest,
-        shares_sha384,
-        new_set_digest,
-    ])
+    offer_hash(b"keygate/v2/reshare-offer", nonce, generation, blob_sha384, set_digest, shares_sha384, new_set_digest)
 }
 
 /// `user_data` of an unseal offer: [`unseal_user_data`], or [`reshare_user_data`] when the
@@ -273,14 +272,8 @@ pub fn cold_start_user_data(
     set_digest: &[u8; 48],
     shares_sha384: &[u8; 48],
 ) -> [u8; 48] {
-    sha384(&[
-        b"keygate/v2/cold-start-unseal-offer",
-        unseal_nonce,
-        &generation.to_be_bytes(),
-        blob_sha384,
-        set_digest,
-        shares_sha384,
-    ])
+    let label = b"keygate/v2/cold-start-unseal-offer";
+    offer_hash(label, unseal_nonce, generation, blob_sha384, set_digest, shares_sha384, &[])
 }
 
 /// `user_data` of the genesis attestation that travels with the shares file:

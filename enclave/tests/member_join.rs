@@ -93,6 +93,20 @@ fn cluster() -> Cluster {
 }
 
 impl Cluster {
+    /// A KRE with this cluster's custodians and the genesis bundle `genesis`, on parent
+    /// instance `instance`, running the members' image.
+    fn kre(&self, instance: &str, genesis: &[u8]) -> keygate_enclave::kre::Kre {
+        use keygate_enclave::kre::{Kre, KreConfig};
+        let config = KreConfig { custodians: Some(self.set.clone()), ..KreConfig::default() };
+        Kre::with_genesis(
+            config,
+            Verifier::new(self.s_nsm.root_anchor()),
+            genesis,
+            Arc::new(kre_nsm(instance, KRE_IMAGE)),
+        )
+        .expect("kre")
+    }
+
     fn s_expect(&self) -> JoinExpect<'_> {
         JoinExpect {
             verifier: &self.verifier,
@@ -334,19 +348,12 @@ fn the_joiner_serves_only_the_blob_the_serving_member_vouched_for() {
 #[test]
 fn a_kre_answers_a_member_and_refuses_a_copy_of_its_image() {
     use keygate_attestation::bundle;
-    use keygate_enclave::kre::{Env, Kre, KreConfig};
+    use keygate_enclave::kre::Env;
 
     let c = cluster();
     let body = genesis_body(&c);
     let genesis = bundle::encode_bundle(&bundle::encode_body(&body), &[]);
-    let config = KreConfig { custodians: Some(c.set.clone()), ..KreConfig::default() };
-    let kre = Kre::with_genesis(
-        config,
-        Verifier::new(c.s_nsm.root_anchor()),
-        &genesis,
-        Arc::new(kre_nsm("i-0serving", KRE_IMAGE)),
-    )
-    .expect("kre");
+    let kre = c.kre("i-0serving", &genesis);
     let mut r = rng_from(3);
     let mut env = Env { now_ms: T, rng: &mut r };
     let j_nsm = kre_nsm("i-0joiner", KRE_IMAGE);
@@ -380,7 +387,7 @@ fn a_kre_behind_its_sealed_policy_head_refuses_to_forward() {
     use keygate_attestation::bundle::{self, PolicyBody};
     use keygate_attestation::crypto::P384Scalar;
     use keygate_attestation::mock::{derive_key, public_point};
-    use keygate_enclave::kre::{Env, Kre, KreConfig};
+    use keygate_enclave::kre::Env;
     use keygate_enclave::peer::custodian::Expectations;
     use keygate_enclave::wire::Message;
     use p384::ecdsa::signature::Signer;
@@ -401,16 +408,7 @@ fn a_kre_behind_its_sealed_policy_head_refuses_to_forward() {
     let v2_body = bundle::encode_body(&v2);
     let sig: p384::ecdsa::Signature = key.sign(&bundle::signing_message(&v2_body));
     let v2_bundle = bundle::encode_bundle(&v2_body, &[(public_point(&key), sig.to_bytes().to_vec())]);
-    let start = || {
-        let config = KreConfig { custodians: Some(c.set.clone()), ..KreConfig::default() };
-        Kre::with_genesis(
-            config,
-            Verifier::new(c.s_nsm.root_anchor()),
-            &genesis,
-            Arc::new(kre_nsm("i-0serving", KRE_IMAGE)),
-        )
-        .expect("kre")
-    };
+    let start = || c.kre("i-0serving", &genesis);
     let kre = start();
     common::report(&kre, Message::StateGenesis);
     common::sync_stored(&kre);
@@ -462,22 +460,13 @@ fn a_kre_behind_its_sealed_policy_head_refuses_to_forward() {
 #[test]
 fn a_join_over_the_member_and_parent_channels_serves_and_refuses_what_it_must() {
     use keygate_attestation::bundle;
-    use keygate_enclave::kre::{Connection, Kre, KreConfig};
+    use keygate_enclave::kre::{Connection, Kre};
     use keygate_enclave::wire::{Channel, DenyCode, Message};
 
     let c = cluster();
     let body = genesis_body(&c);
     let genesis = bundle::encode_bundle(&bundle::encode_body(&body), &[]);
-    let start = |instance: &str| {
-        let config = KreConfig { custodians: Some(c.set.clone()), ..KreConfig::default() };
-        Kre::with_genesis(
-            config,
-            Verifier::new(c.s_nsm.root_anchor()),
-            &genesis,
-            Arc::new(kre_nsm(instance, KRE_IMAGE)),
-        )
-        .expect("kre")
-    };
+    let start = |instance: &str| c.kre(instance, &genesis);
     let denied = |reply: &[u8]| match MemberMessage::decode(&reply[4..]) {
         Ok(MemberMessage::Denied(Message::Denied { code, .. })) => code,
         other => panic!("expected a Denied, got {other:?}"),
@@ -574,7 +563,7 @@ fn a_copy_unsealed_from_an_older_generation_waits_for_a_member_and_a_cold_start_
     use keygate_attestation::bundle::{self, PolicyBody};
     use keygate_attestation::crypto::P384Scalar;
     use keygate_attestation::mock::{derive_key, public_point};
-    use keygate_enclave::kre::{Connection, Kre, KreConfig};
+    use keygate_enclave::kre::{Connection, Kre};
     use keygate_enclave::peer::custodian::{self, CustodianError, Expectations};
     use keygate_enclave::wire::{Channel, DenyCode, Message};
     use p384::ecdsa::signature::Signer;
@@ -584,16 +573,7 @@ fn a_copy_unsealed_from_an_older_generation_waits_for_a_member_and_a_cold_start_
         (0..3u64).map(|i| p384_scalar_from(c.crypto, rng_from(100 + i)).expect("key").0).collect();
     let g = genesis_body(&c);
     let genesis = bundle::encode_bundle(&bundle::encode_body(&g), &[]);
-    let start = |instance: &str| {
-        let config = KreConfig { custodians: Some(c.set.clone()), ..KreConfig::default() };
-        Kre::with_genesis(
-            config,
-            Verifier::new(c.s_nsm.root_anchor()),
-            &genesis,
-            Arc::new(kre_nsm(instance, KRE_IMAGE)),
-        )
-        .expect("kre")
-    };
+    let start = |instance: &str| c.kre(instance, &genesis);
     // Member S: genesis (generation 1), then policy version 2 committed as generation 2.
     let s = start("i-0serving");
     common::report(&s, Message::StateGenesis);

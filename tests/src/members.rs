@@ -42,9 +42,20 @@ pub fn members_genesis(d: &Path, img: Images, members: &[(&str, &str)]) {
 
 /// Proposes `d/NAME.bundle` from `from` rotating `prod`'s KEK, signed by `a1` and assembled.
 pub fn rotating_bundle(d: &Path, from: &Path, name: &str) -> PathBuf {
+    signed_bundle(d, from, name, &["--rotate", "prod"])
+}
+
+/// Proposes `d/NAME.bundle` from `from` with the `keygate policy propose` arguments `change`,
+/// signed by `a1` and assembled.
+pub fn signed_bundle(d: &Path, from: &Path, name: &str, change: &[&str]) -> PathBuf {
     let (prop, sig, out) =
         (d.join(format!("{name}.proposal")), d.join(format!("{name}.sig")), d.join(format!("{name}.bundle")));
-    ok(keygate(&["policy", "propose", "--from", &s(from), "--rotate", "prod", "-o", &s(&prop)]));
+    let from_arg = s(from);
+    let mut propose = vec!["policy", "propose", "--from", &from_arg];
+    propose.extend_from_slice(change);
+    let prop_arg = s(&prop);
+    propose.extend(["-o", &prop_arg]);
+    ok(keygate(&propose));
     let key = s(&d.join("a1.pem"));
     ok(keygate(&["policy", "sign", &s(&prop), "--key", &key, "--current", &s(from), "--yes", "-o", &s(&sig)]));
     ok(keygate(&["policy", "assemble", &s(&prop), &s(&sig), "-o", &s(&out)]));

@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use keygate_tests::cluster::{custodial_kre, custodians_and_root, fetch_args, genesis_with_members, member_args};
 use keygate_tests::e2e::{exited, keygate_args, ok, path_arg as s, policy_init, prod_policy_for, refused, DevKre};
+use keygate_tests::members::{rotating_bundle, signed_bundle};
 use keygate_tests::{keygate, TempDir};
 
 const SEED: &str = "cluster-join-e2e";
@@ -225,17 +226,6 @@ fn a_serving_member_adopts_the_generation_another_member_committed_to_etcd() {
     assert!(followed_contains(&sock_b, b"committed by another member, adopted"), "B records the adoption");
 }
 
-/// Proposes `NAME.bundle` from `from` rotating `prod`'s KEK, signed by `a1` and assembled.
-fn rotating_bundle(d: &Path, from: &Path, name: &str) -> std::path::PathBuf {
-    let (prop, sig, out) =
-        (d.join(format!("{name}.proposal")), d.join(format!("{name}.sig")), d.join(format!("{name}.bundle")));
-    ok(keygate(&["policy", "propose", "--from", &s(from), "--rotate", "prod", "-o", &s(&prop)]));
-    let key = s(&d.join("a1.pem"));
-    ok(keygate(&["policy", "sign", &s(&prop), "--key", &key, "--current", &s(from), "--yes", "-o", &s(&sig)]));
-    ok(keygate(&["policy", "assemble", &s(&prop), &s(&sig), "-o", &s(&out)]));
-    out
-}
-
 /// The two rollbacks of a cluster (`docs/cluster.md`, "Confirmation after an unseal"), with real
 /// processes: members A and B serve; a bundle revoking the control plane's image is committed
 /// as generation 2. The operator of B's instance boots a copy X of the image there, hands it
@@ -258,13 +248,7 @@ fn a_copy_unsealed_from_state_previous_waits_for_a_member_and_gets_the_revocatio
     ok(join(&b, &a, &store));
 
     // v2 revokes the control plane's image; A takes it and its parent commits generation 2.
-    let revoke = d.join("revoke.bundle");
-    let (prop, sig) = (d.join("revoke.proposal"), d.join("revoke.sig"));
-    let from = s(&d.join("genesis.bundle"));
-    ok(keygate(&["policy", "propose", "--from", &from, "--revoke", "prod=cp", "-o", &s(&prop)]));
-    let key = s(&d.join("a1.pem"));
-    ok(keygate(&["policy", "sign", &s(&prop), "--key", &key, "--current", &from, "--yes", "-o", &s(&sig)]));
-    ok(keygate(&["policy", "assemble", &s(&prop), &s(&sig), "-o", &s(&revoke)]));
+    let revoke = signed_bundle(d, &d.join("genesis.bundle"), "revoke", &["--revoke", "prod=cp"]);
     let push = ["--store".to_owned(), s(&d.join("bundles-a")), "--durable-within".into(), "0".into()];
     ok(keygate_args(
         &[["policy", "push", &s(&revoke), "--kre", &a.parent()].map(String::from).to_vec(), push.to_vec()].concat(),

@@ -345,6 +345,24 @@ fn confirming(r: &StateReport) -> String {
     )
 }
 
+/// Hands the stored state `loaded` and its custody (shares file, genesis attestation) to the
+/// KRE awaiting it (StateLoad), after warning of the stored states skipped on the way; returns
+/// its generation and the KRE's report.
+fn hand_over(
+    kre: &Addr,
+    loaded: crate::storage::state::Loaded,
+    (shares, genesis_attestation): (Vec<u8>, Vec<u8>),
+    cold_start: bool,
+) -> Result<(u64, StateReport), CliError> {
+    for (slot, why) in &loaded.skipped {
+        let m = format!("state {slot:?} not used: {why}");
+        crate::output::warn(&format!("keygate: warning: {m}"), &m);
+    }
+    let g = loaded.header.generation;
+    let load = Message::StateLoad { blob: loaded.blob, shares, genesis_attestation, cold_start };
+    Ok((g, state_report(kre, &load)?))
+}
+
 /// One sync round, asking for a cold start (`--cold-start`) when handing over the state.
 fn sync_once_as(kre: &Addr, dir: &Path, cold_start: bool) -> Result<String, CliError> {
     open_dir(dir)?;
@@ -367,13 +385,7 @@ fn sync_once_as(kre: &Addr, dir: &Path, cold_start: bool) -> Result<String, CliE
                     custody_file(&loaded.header.custodian_set_digest)
                 ))
             })?;
-            for (slot, why) in &loaded.skipped {
-                let m = format!("state {slot:?} not used: {why}");
-                crate::output::warn(&format!("keygate: warning: {m}"), &m);
-            }
-            let g = loaded.header.generation;
-            let load = Message::StateLoad { blob: loaded.blob, shares, genesis_attestation: genesis, cold_start };
-            let r = state_report(kre, &load)?;
+            let (g, r) = hand_over(kre, loaded, (shares, genesis), cold_start)?;
             Ok(format!(
                 "handed stored generation {g} to the KRE; it waits for {} custodian share(s) (`keygate custodian unseal`)",
                 r.threshold
@@ -645,13 +657,7 @@ pub(crate) fn sync_once_etcd(
             })?;
             let (shares, genesis) =
                 decode_custody(&custody).map_err(|e| CliError::refused(format!("{url}: custody: {e}")))?;
-            for (slot, why) in &loaded.skipped {
-                let m = format!("state {slot:?} not used: {why}");
-                crate::output::warn(&format!("keygate: warning: {m}"), &m);
-            }
-            let g = loaded.header.generation;
-            let load = Message::StateLoad { blob: loaded.blob, shares, genesis_attestation: genesis, cold_start };
-            let r = state_report(kre, &load)?;
+            let (g, r) = hand_over(kre, loaded, (shares, genesis), cold_start)?;
             Ok(EtcdRound::Done(
                 format!(
                     "handed stored generation {g} to the KRE; it waits for {} custodian share(s) (`keygate custodian unseal`)",
