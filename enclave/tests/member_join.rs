@@ -694,3 +694,72 @@ fn a_copy_unsealed_from_an_older_generation_waits_for_a_member_and_a_cold_start_
     common::unseal_with(&y, &scalars[..2], &expect(true), c.crypto);
     assert_eq!(y.vault_phase(), Some(Phase::Serving), "a cold start serves at once");
 }
+
+/// A cluster grown from one KRE by a bundle: the parent withholds that bundle when it hands a
+/// copy the stored state, so the copy decides, on its genesis policy of one member, to unseal
+/// as a single KRE. Once the parent replays the policy up to the head the state recorded (it
+/// must, for releases), the copy decides again on that policy, which names two members: it
+/// waits for a serving member's confirmation and forwards nothing.
+#[test]
+fn a_plain_unseal_on_a_withheld_policy_waits_once_the_recorded_policy_names_members() {
+    use keygate_attestation::bundle::{self, PolicyBody};
+    use keygate_attestation::crypto::P384Scalar;
+    use keygate_attestation::mock::{derive_key, public_point};
+    use keygate_enclave::kre::Env;
+    use keygate_enclave::peer::custodian::Expectations;
+    use keygate_enclave::wire::Message;
+    use p384::ecdsa::signature::Signer;
+
+    let c = cluster();
+    let scalars: Vec<P384Scalar> =
+        (0..3u64).map(|i| p384_scalar_from(c.crypto, rng_from(100 + i)).expect("key").0).collect();
+    // Genesis: one member, no activation delay; version 2 adds the joiner's instance.
+    let g = PolicyBody { activation_delay: 0, members: vec![member("serving", "i-0serving")], ..genesis_body(&c) };
+    let genesis = bundle::encode_bundle(&bundle::encode_body(&g), &[]);
+    let key = derive_key(b"member-approvers", "approver-1");
+    let v2 = PolicyBody {
+        version: 2,
+        previous: bundle::digest(&bundle::encode_body(&g)),
+        members: c.members.clone(),
+        ..g.clone()
+    };
+    let v2 = bundle::encode_body(&v2);
+    let sig: p384::ecdsa::Signature = key.sign(&bundle::signing_message(&v2));
+    let v2 = bundle::encode_bundle(&v2, &[(public_point(&key), sig.to_bytes().to_vec())]);
+    let s = c.kre("i-0serving", &genesis);
+    common::report(&s, Message::StateGenesis);
+    common::sync_stored(&s);
+    assert!(matches!(common::one(&s, Message::PolicyPush { bundle: v2.clone() }), Message::PolicyAccepted { .. }));
+    let (generation, stored) = common::sync_stored(&s);
+    assert_eq!(generation, 2, "the sealed state records version 2 (two members)");
+    let (blob, shares, genesis_attestation) = stored.expect("stored");
+
+    // The copy on the joiner's instance gets the state without version 2: a plain unseal.
+    let x = c.kre("i-0joiner", &genesis);
+    let load = Message::StateLoad { blob, shares, genesis_attestation, cold_start: false };
+    assert_eq!(common::report(&x, load).phase, 2);
+    let kre_pcrs = expectations(&pcrs(KRE_IMAGE));
+    let expect = Expectations {
+        verifier: &c.verifier,
+        now_ms: T,
+        kre_pcrs: &kre_pcrs,
+        genesis_pcrs: &kre_pcrs,
+        record: None,
+        accept_new_genesis: false,
+        approve_reshare: None,
+        cold_start: false,
+    };
+    common::unseal_with(&x, &scalars[..2], &expect, c.crypto);
+    assert_eq!(x.vault_phase(), Some(Phase::Serving), "decided on the withheld policy");
+    let mut r = rng_from(3);
+    let mut env = Env { now_ms: T, rng: &mut r };
+    let (_, req) = c.request(&kre_nsm("i-0serving", KRE_IMAGE), 5);
+    let e = x.answer_join(&req, None, &mut env).expect_err("behind its recorded policy");
+    assert!(matches!(e, JoinRefusal::PolicyStale(_)), "{e}");
+    assert_eq!(x.vault_phase(), Some(Phase::Serving), "not decided again before the policy caught up");
+    // The parent replays version 2: decided again, the copy waits and forwards nothing.
+    assert!(matches!(common::one(&x, Message::PolicyPush { bundle: v2 }), Message::PolicyAccepted { .. }));
+    let e = x.answer_join(&req, None, &mut env).expect_err("confirming");
+    assert!(matches!(e, JoinRefusal::NotServing(_)), "{e}");
+    assert_eq!(x.vault_phase(), Some(Phase::Confirming));
+}

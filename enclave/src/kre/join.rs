@@ -232,6 +232,7 @@ impl super::Kre {
         if let Some(f) = floor {
             self.policy.check_floor(f).map_err(JoinRefusal::PolicyStale)?;
         }
+        self.settle_unseal(env.now_ms);
         let members = self.policy.members(env.now_ms);
         let own;
         let images = match images {

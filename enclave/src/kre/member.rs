@@ -79,6 +79,33 @@ impl Kre {
         }
     }
 
+    /// A plain unseal is decided again once the replayed policy reaches the head the unsealed
+    /// state recorded ([`Vault::settle_plain_unseal`]): if that policy names several members,
+    /// the KRE waits for a serving member's confirmation. Called before a release and a
+    /// forward; a no-op unless a plain unseal is pending. Locks: vault, released; the policy;
+    /// then the vault again.
+    pub(super) fn settle_unseal(&self, now_ms: u64) {
+        let Some(state) = &self.state else { return };
+        let floor = {
+            let v = state.vault();
+            if !v.plain_unseal_pending() {
+                return;
+            }
+            v.policy_floor()
+        };
+        if floor.is_some_and(|f| self.policy.check_floor(f).is_err()) {
+            return;
+        }
+        let members = self.policy.members(now_ms).len();
+        if state.vault().settle_plain_unseal(members) {
+            tracing::warn!(
+                members,
+                "unsealed as a single KRE, but the policy the sealed state recorded names several members: \
+                 waiting for a serving member's confirmation"
+            );
+        }
+    }
+
     /// JoinStart: a fresh join session and this KRE's JoinRequest frame (its attestation binds
     /// the session's nonce and key). Refused unless this KRE has custodians and does not serve
     /// (awaiting its state, unsealing, or confirming an unseal).

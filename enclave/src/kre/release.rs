@@ -153,6 +153,7 @@ fn release(
 
     // With custodians: nothing is released while sealed, or while the policy chain is behind
     // the head recorded in the sealed state.
+    kre.settle_unseal(env.now_ms);
     if let Some(state) = &kre.state {
         let phase = state.phase();
         if phase != Phase::Serving {

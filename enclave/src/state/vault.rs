@@ -366,6 +366,10 @@ struct Serving {
     /// Unsealed as a member ([`UnsealMode::AwaitMember`]) and not yet confirmed by a serving
     /// member: nothing is released, exported or forwarded.
     unconfirmed: bool,
+    /// Unsealed by custodians as a single KRE ([`UnsealMode::Plain`]), decided from a policy
+    /// that may be behind the one the state recorded: [`Vault::settle_plain_unseal`] decides
+    /// again once the policy has caught up.
+    plain_unseal: bool,
 }
 
 /// A reshare session: the new set, and the old custodians' shares proving a quorum.
@@ -551,6 +555,7 @@ impl Vault {
             reshare: None,
             resealed: false,
             unconfirmed: false,
+            plain_unseal: false,
         }));
         match self.export(crypto, rng)? {
             Some(e) => Ok(e),
@@ -786,6 +791,7 @@ impl Vault {
             reshare: None,
             resealed: false,
             unconfirmed,
+            plain_unseal: u.mode == UnsealMode::Plain,
         }));
         Ok(UnsealOutcome::Serving { generation })
     }
@@ -1161,6 +1167,22 @@ mod tests {
         let keys =
             |v: &Vault| v.releasable(&id("a")).iter().map(|(n, _, k)| (*n, k.expose().to_vec())).collect::<Vec<_>>();
         assert_eq!(keys(&x), keys(&v), "the copy releases the serving member's KEKs");
+        // A plain unseal (a single KRE, decided on the policy at load) is decided again once
+        // the policy reached the recorded head: with several members named by then, it waits.
+        let mut p = unsealed_as(crypto, &cs, &set, (&g1, &custody), UnsealMode::Plain);
+        assert!(p.plain_unseal_pending());
+        p.ensure_clusters(&[id("y")], &mut rng(76)).expect("a change");
+        assert!(p.export(crypto, &mut rng(77)).expect("export").is_some());
+        assert!(p.settle_plain_unseal(3), "several members: it waits");
+        assert_eq!((p.phase(), p.pending_generation()), (Phase::Confirming, None), "the export dropped");
+        assert!(!p.plain_unseal_pending() && !p.settle_plain_unseal(3), "decided once");
+        let mut single = unsealed_as(crypto, &cs, &set, (&g1, &custody), UnsealMode::Plain);
+        assert!(!single.settle_plain_unseal(1));
+        assert_eq!(single.phase(), Phase::Serving);
+        assert!(!single.settle_plain_unseal(3), "a single KRE that grows later keeps serving");
+        assert_eq!(single.phase(), Phase::Serving);
+        assert!(!x.plain_unseal_pending(), "only a plain unseal is decided again");
+
         // Its own change while confirming was made on the old state and is dropped with it
         // (the KRE's after-unseal step adds again what its policy names, after generation 2).
         assert!(x.export(crypto, &mut rng(74)).expect("step").is_none());
@@ -1769,6 +1791,7 @@ impl Vault {
             reshare: None,
             resealed: false,
             unconfirmed: false,
+            plain_unseal: false,
         }));
         Ok(generation)
     }
@@ -1836,6 +1859,33 @@ impl Vault {
 }
 
 impl Vault {
+    /// Whether this KRE was unsealed by custodians as a single KRE and that decision has not
+    /// yet been checked against the policy the state recorded ([`Self::settle_plain_unseal`]).
+    pub fn plain_unseal_pending(&self) -> bool {
+        matches!(&self.inner, Inner::Serving(s) if s.plain_unseal)
+    }
+
+    /// Once the replayed policy has reached the head the unsealed state recorded (the floor),
+    /// the unseal is decided again on that policy: `members` in force now. A plain unseal
+    /// decided on an older policy (the parent withheld the bundle that named several members)
+    /// then waits for a serving member's confirmation like any member's ([`Phase::Confirming`]);
+    /// an export made meanwhile is dropped (never committed, never released from). Decided
+    /// once: a single KRE that grows into a cluster later keeps serving. Returns whether it
+    /// now waits.
+    pub fn settle_plain_unseal(&mut self, members: usize) -> bool {
+        let Inner::Serving(s) = &mut self.inner else { return false };
+        if !s.plain_unseal {
+            return false;
+        }
+        s.plain_unseal = false;
+        if members > 1 {
+            s.unconfirmed = true;
+            s.exported = None;
+            return true;
+        }
+        false
+    }
+
     /// A member unsealed by custodians ([`UnsealMode::AwaitMember`], [`Phase::Confirming`])
     /// takes a serving member's word that its state is the newest (`docs/cluster.md`): the
     /// state key, generation, blob digest and policy head that member vouched for (after every
