@@ -305,3 +305,58 @@ fn a_copy_unsealed_from_state_previous_waits_for_a_member_and_gets_the_revocatio
         "the cold-started copy serves generation 1: the documented boundary"
     );
 }
+
+/// A revocation is durable in a cluster only when every member the bundle names shows it in
+/// its own receipt (`policy durable` with a `--kre` per member): A commits it, but B, whose
+/// parent has not adopted the generation, gives no receipt; once B adopts it, both receipts
+/// verify, and neither member releases to the revoked image. Two addresses that reach the
+/// same member do not count as two members.
+#[test]
+fn a_revocation_is_durable_in_the_cluster_only_with_every_members_receipt() {
+    let etcd = keygate_tests::etcd::EtcdCluster::start(1).unwrap_or_else(|e| panic!("{e}"));
+    let dir = TempDir::new("keygate-cluster-durable").expect("tmp");
+    let d = dir.path();
+    let store = ["--store".to_owned(), etcd.url("/cluster")];
+    members_genesis(d);
+    let a = member_kre(d, "a", "i-a");
+    ok(keygate(&["custodian", "init", "--kre", &a.parent(), &store[0], &store[1]]));
+    let b = member_kre(d, "b", "i-b");
+    ok(join(&b, &a, &store));
+    let revoke = signed_bundle(d, &d.join("genesis.bundle"), "revoke", &["--revoke", "prod=cp"]);
+    let push = ["--store".to_owned(), s(&d.join("bundles-a")), "--durable-within".into(), "0".into()];
+    ok(keygate_args(
+        &[["policy", "push", &s(&revoke), "--kre", &a.parent()].map(String::from).to_vec(), push.to_vec()].concat(),
+    ));
+    ok(keygate(&["state", "sync", "--kre", &a.parent(), &store[0], &store[1]]));
+    let durable = |kres: &[&DevKre]| {
+        let mut args: Vec<String> = ["policy", "durable", &s(&revoke)].map(String::from).into();
+        for k in kres {
+            args.extend(["--kre".to_owned(), k.parent()]);
+        }
+        args.extend(["--root".to_owned(), s(&d.join("root.pem")), "--durable-within".into(), "1s".into()]);
+        args.extend(keygate_tests::e2e::pcr_args("--expect-kre-pcr", KRE_PCR, 1));
+        keygate_args(&args)
+    };
+    // A alone is durable; the cluster is not: B has not been given the bundle.
+    ok(durable(&[&a]));
+    refused(durable(&[&a, &b]), &format!("{}: ", b.parent()));
+    // The same member twice is not two members.
+    refused(durable(&[&a, &a]), "do not reach distinct members");
+    // B takes the bundle (in force there at once) but has not committed it: still not durable.
+    let push = ["--store".to_owned(), s(&d.join("bundles-b")), "--durable-within".into(), "0".into()];
+    ok(keygate_args(
+        &[["policy", "push", &s(&revoke), "--kre", &b.parent()].map(String::from).to_vec(), push.to_vec()].concat(),
+    ));
+    refused(durable(&[&a, &b]), "not durable after 1 s");
+    // B's parent: its own export of generation 2 loses to A's, which B adopts; both verify.
+    let out = ok(keygate(&["state", "sync", "--kre", &b.parent(), &store[0], &store[1]]));
+    assert!(out.contains("adopted it and serves generation 2"), "{out}");
+    let out = ok(durable(&[&a, &b]));
+    assert!(
+        out.contains("durable at every member: policy v2 at a (generation 2") && out.contains("b (generation 2"),
+        "{out}"
+    );
+    // Neither member releases to the revoked image.
+    refused(fetch(&a, &d.join("ka")), "the KRE denied the request");
+    refused(fetch(&b, &d.join("kb")), "the KRE denied the request");
+}

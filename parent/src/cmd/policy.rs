@@ -208,9 +208,11 @@ pub(crate) struct PushArgs {
 pub(crate) struct DurableCheckArgs {
     /// The bundle that was pushed.
     bundle: PathBuf,
-    /// The KRE's parent channel.
-    #[arg(long)]
-    kre: Addr,
+    /// The KRE's parent channel. Repeat it for every member of a KRE cluster: the bundle is
+    /// then durable only when every member the bundle names has given its own verified
+    /// receipt (each member commits or adopts the generation that carries it).
+    #[arg(long, required = true)]
+    kre: Vec<Addr>,
     #[command(flatten)]
     durable: DurableArgs,
 }
@@ -901,7 +903,68 @@ fn durable(a: DurableCheckArgs) -> Result<(), CliError> {
     let bytes = read(&path)?;
     let b = bundle::decode_bundle(&bytes, crypto()).map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
     let digest = bundle::digest(&b.body_bytes);
-    crate::output::print(&wait_durable(&kre, b.body.version, &digest, &durable, durable.receipt_out.as_deref())?)
+    match kre.as_slice() {
+        [one] => {
+            crate::output::print(&wait_durable(one, b.body.version, &digest, &durable, durable.receipt_out.as_deref())?)
+        }
+        many => crate::output::print(&durable_at_members(many, &b.body, &digest, &durable)?),
+    }
+}
+
+/// The most `--kre` of `policy durable` (as for `fetch`).
+const MAX_DURABLE_KRES: usize = 16;
+
+/// `policy durable` with a `--kre` per member: waits for each one's receipt in turn (each for
+/// up to `--durable-within`), names the member each receipt's attestation shows (its PCR4,
+/// and PCR3 where pinned), and is satisfied only when the receipts come from distinct members
+/// and cover every member `body` names. The addresses reach the KREs through parents, so
+/// which member answered is read from the receipt, never from the address.
+fn durable_at_members(
+    kres: &[Addr],
+    body: &PolicyBody,
+    digest: &[u8; 48],
+    args: &DurableArgs,
+) -> Result<reports::ClusterDurability, CliError> {
+    if kres.len() > MAX_DURABLE_KRES {
+        return Err(CliError::input(format!("at most {MAX_DURABLE_KRES} --kre, not {}", kres.len())));
+    }
+    if body.members.is_empty() {
+        return Err(CliError::input("the bundle names no members: give one --kre"));
+    }
+    let mut at: Vec<reports::MemberDurable> = Vec::with_capacity(kres.len());
+    for (i, kre) in kres.iter().enumerate() {
+        let out = args.receipt_out.as_ref().map(|p| PathBuf::from(format!("{}.{i}", p.display())));
+        let (durability, att) = wait_receipt(kre, body.version, digest, args, out.as_deref())
+            .map_err(|e| CliError { message: format!("{kre}: {}", e.message), ..e })?;
+        let generation = match durability {
+            reports::Durability::Durable { generation, .. } => generation,
+            reports::Durability::NotDurable { reason, .. } => {
+                return Err(CliError::refused(format!("{kre}: policy v{} is not durable: {reason}", body.version)))
+            }
+            reports::Durability::NotWaited => return Err(CliError::input("--durable-within 0: nothing to wait for")),
+        };
+        let member = att.as_ref().and_then(|a| members::member_of(&body.members, a)).ok_or_else(|| {
+            CliError::refused(format!("{kre} gave a receipt, but its KRE is no member the bundle names"))
+        })?;
+        if let Some(other) = at.iter().find(|m| m.member == member.name) {
+            return Err(CliError::refused(format!(
+                "{kre} answered as member {}, as {} did: these addresses do not reach distinct members",
+                member.name, other.kre
+            )));
+        }
+        at.push(reports::MemberDurable { member: member.name.clone(), kre: kre.to_string(), generation });
+    }
+    let missing: Vec<&str> =
+        body.members.iter().filter(|m| !at.iter().any(|d| d.member == m.name)).map(|m| m.name.as_str()).collect();
+    if !missing.is_empty() {
+        return Err(CliError::refused(format!(
+            "policy v{} is durable at {}, but no receipt shows it at member(s) {}: give every member's --kre",
+            body.version,
+            at.iter().map(|m| m.member.as_str()).collect::<Vec<_>>().join(", "),
+            missing.join(", ")
+        )));
+    }
+    Ok(reports::ClusterDurability { version: body.version, members: at })
 }
 
 /// `policy restore`: replay the stored chain to a restarted KRE.
@@ -947,10 +1010,21 @@ fn wait_durable(
     args: &DurableArgs,
     receipt_out: Option<&Path>,
 ) -> Result<reports::Durability, CliError> {
+    wait_receipt(kre, version, digest, args, receipt_out).map(|(d, _)| d)
+}
+
+/// [`wait_durable`], with the verified attestation of the KRE that gave the receipt.
+fn wait_receipt(
+    kre: &Addr,
+    version: u64,
+    digest: &[u8; 48],
+    args: &DurableArgs,
+    receipt_out: Option<&Path>,
+) -> Result<(reports::Durability, Option<keygate_attestation::VerifiedAttestation>), CliError> {
     use keygate_enclave::audit::{PolicyReceipt, TrailOptions};
     use keygate_enclave::wire::MAX_DURABLE_WAIT_MS;
     if args.durable_within.is_zero() {
-        return Ok(reports::Durability::NotWaited);
+        return Ok((reports::Durability::NotWaited, None));
     }
     let verifier = keygate_attestation::Verifier::new(super::attestation::load_anchor(args.root.as_deref())?);
     let deadline = std::time::Instant::now() + args.durable_within;
@@ -987,17 +1061,18 @@ fn wait_durable(
                     let m = "no --expect-kre-pcr given: the receipt proves a genuine KRE, not which image";
                     crate::output::warn(&format!("warning: {m}"), m);
                 }
-                return Ok(reports::Durability::Durable {
+                let durable = reports::Durability::Durable {
                     version,
                     generation: proof.generation,
                     receipt: receipt_out.map(reports::path),
                     kre_module: proof.kre.module_id().to_string(),
-                });
+                };
+                return Ok((durable, Some(proof.kre)));
             }
             Err(KreError::Denied { code: DenyCode::StateRefused, reason }) => {
                 let m = format!("not durable: {reason}");
                 crate::output::warn(&format!("warning: {m}"), &m);
-                return Ok(reports::Durability::NotDurable { version, reason });
+                return Ok((reports::Durability::NotDurable { version, reason }, None));
             }
             Err(KreError::Denied {
                 code: code @ (DenyCode::PolicyNotDurable | DenyCode::Busy | DenyCode::Timeout),

@@ -200,6 +200,32 @@ impl Report for Durability {
     }
 }
 
+/// One member's verified durability receipt (`policy durable` with a `--kre` per member).
+#[derive(Serialize)]
+pub(crate) struct MemberDurable {
+    /// The member the receipt's attestation shows.
+    pub(crate) member: String,
+    /// The address it was asked at.
+    pub(crate) kre: String,
+    /// The generation its committed state carries the policy in.
+    pub(crate) generation: u64,
+}
+
+/// `policy durable` at every member of a cluster.
+#[derive(Serialize)]
+pub(crate) struct ClusterDurability {
+    pub(crate) version: u64,
+    pub(crate) members: Vec<MemberDurable>,
+}
+
+impl Report for ClusterDurability {
+    fn text(&self) -> String {
+        let each: Vec<String> =
+            self.members.iter().map(|m| format!("{} (generation {}, at {})", m.member, m.generation, m.kre)).collect();
+        format!("durable at every member: policy v{} at {}\n", self.version, each.join(", "))
+    }
+}
+
 /// `policy push`: accepted, stored, synced, durable.
 #[derive(Serialize)]
 pub(crate) struct PolicyPushed {
