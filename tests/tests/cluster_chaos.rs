@@ -471,7 +471,7 @@ fn a_cluster_under_kills_and_racing_rotations_loses_no_key_and_converges() {
         .ok()
         .flatten()
         .unwrap_or_else(|| d.join("genesis.bundle"));
-    let revoke = revoking_bundle(d, &last);
+    let revoke = keygate_tests::members::signed_bundle(d, &last, "revoke", &["--revoke", "prod=cp"]);
     let push_durable = |i: usize| {
         let pushed = d.join(format!("pushed-{i}"));
         let root = s(&d.join("root.pem"));
@@ -516,21 +516,30 @@ fn a_cluster_under_kills_and_racing_rotations_loses_no_key_and_converges() {
     for i in 1..run.parents.len() {
         ok(push_durable(i));
     }
+    // Durable in the cluster: every member's own receipt. From then on, no member releases to
+    // the revoked image, asked alone or with failover.
+    let mut args: Vec<String> = ["policy", "durable", &s(&revoke)].map(String::from).into();
+    for p in &run.parents {
+        args.extend(["--kre".to_owned(), p.clone()]);
+    }
+    args.extend(["--root".to_owned(), s(&d.join("root.pem")), "--durable-within".into(), "20s".into()]);
+    let out = ok(keygate_tests::e2e::keygate_args(&args));
+    assert!(out.contains("durable at every member"), "{out}");
+    let mut after_cluster_durable = 0;
+    for _ in 0..3 {
+        for (i, release) in run.releases.iter().enumerate() {
+            let out = d.join(format!("revoked-durable-{i}"));
+            let _ = std::fs::remove_dir_all(&out);
+            if fetch(IMG, std::slice::from_ref(release), &out, 0, "5s").status.success() {
+                after_cluster_durable += 1;
+            }
+        }
+    }
+    assert_eq!(after_cluster_durable, 0, "a member released to the revoked image after every member's receipt");
     let out = d.join("revoked-all");
     let o = fetch(IMG, &run.releases, &out, 2, "10s");
     assert!(!o.status.success(), "a fetch by the revoked image succeeded");
     // The policy's verdict (revoking `prod`'s only image leaves no `prod`), not an outage.
     let e = stderr(&o);
     assert!(e.contains("unknown_cluster") || e.contains("image_not_allowed"), "{e}");
-}
-
-/// Proposes `d/revoke.bundle` from `from` revoking the control plane's image `cp` of `prod`,
-/// signed by `a1` and assembled.
-fn revoking_bundle(d: &Path, from: &Path) -> PathBuf {
-    let (prop, sig, out) = (d.join("revoke.proposal"), d.join("revoke.sig"), d.join("revoke.bundle"));
-    ok(keygate(&["policy", "propose", "--from", &s(from), "--revoke", "prod=cp", "-o", &s(&prop)]));
-    let key = s(&d.join("a1.pem"));
-    ok(keygate(&["policy", "sign", &s(&prop), "--key", &key, "--current", &s(from), "--yes", "-o", &s(&sig)]));
-    ok(keygate(&["policy", "assemble", &s(&prop), &s(&sig), "-o", &s(&out)]));
-    out
 }
