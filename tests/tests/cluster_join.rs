@@ -360,3 +360,41 @@ fn a_revocation_is_durable_in_the_cluster_only_with_every_members_receipt() {
     refused(fetch(&a, &d.join("ka")), "the KRE denied the request");
     refused(fetch(&b, &d.join("kb")), "the KRE denied the request");
 }
+
+/// Every member down (`docs/cluster.md`, the failure table): both KREs restart fresh; a plain
+/// unseal of A would wait for a member that is not there, so its parent asks for a cold start
+/// and each custodian consents; A serves the newest stored generation and B joins from it
+/// without custodians; both release the key they released before.
+#[test]
+fn with_every_member_down_a_cold_start_unseals_one_and_the_others_join_from_it() {
+    let dir = TempDir::new("keygate-cluster-cold").expect("tmp");
+    let d = dir.path();
+    let store = ["--state-dir".to_owned(), s(&d.join("state"))];
+    members_genesis(d);
+    let a = member_kre(d, "a", "i-a");
+    ok(keygate(&["custodian", "init", "--kre", &a.parent(), &store[0], &store[1]]));
+    let b = member_kre(d, "b", "i-b");
+    ok(join(&b, &a, &store));
+    ok(fetch(&b, &d.join("before")));
+    a.kill();
+    b.kill();
+
+    let unseal = |kre: &DevKre, c: &str, extra: &[&str]| {
+        let mut args = keygate_tests::cluster::unseal_args(d, &kre.custodian(), c, KRE_PCR);
+        args.extend(extra.iter().map(|e| (*e).to_owned()));
+        keygate_args(&args)
+    };
+    let a = member_kre(d, "a", "i-a");
+    let b = member_kre(d, "b", "i-b");
+    let sync = ["state", "sync", "--kre", &a.parent(), &store[0], &store[1], "--cold-start"];
+    ok(keygate(&sync));
+    ok(unseal(&a, "c1", &["--cold-start"]));
+    ok(unseal(&a, "c2", &["--cold-start"]));
+    ok(fetch(&a, &d.join("a-after")));
+    let out = ok(join(&b, &a, &store));
+    assert!(out.contains("the KRE serves generation 1"), "{out}");
+    ok(fetch(&b, &d.join("b-after")));
+    let key = |p: &str| std::fs::read(d.join(p).join("etcd.key")).expect("key");
+    assert_eq!(key("a-after"), key("before"));
+    assert_eq!(key("b-after"), key("before"));
+}
