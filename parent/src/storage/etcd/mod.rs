@@ -308,4 +308,4 @@ impl<K: Kv> SealedStore for EtcdStore<K> {
 #[cfg(test)]
 mod real_tests;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
