@@ -75,22 +75,49 @@ fn bundles_are_kept_create_only_and_read_back_in_version_order() {
     assert_eq!(s.read(2).expect("read"), same);
 }
 
+/// A [`MemKv`] where another parent's write lands just before our next transaction (after
+/// our check read the key).
+#[derive(Debug, Default)]
+struct Racing {
+    kv: MemKv,
+    before_txn: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Kv for Racing {
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, EtcdError> {
+        self.kv.get(key)
+    }
+
+    fn txn(&mut self, when: &[Cond], puts: &[(Vec<u8>, Vec<u8>)], deletes: &[Vec<u8>]) -> Result<bool, EtcdError> {
+        if let Some((k, v)) = self.before_txn.take() {
+            self.kv.map.insert(k, v);
+        }
+        self.kv.txn(when, puts, deletes)
+    }
+}
+
+impl KeyRange for Racing {
+    fn keys(&mut self, start: &[u8], end: &[u8], limit: usize) -> Result<(Vec<Vec<u8>>, bool), EtcdError> {
+        self.kv.keys(start, end, limit)
+    }
+}
+
 /// Two parents keeping one version at once: the loser of the create-only write reads what
-/// won — the same bundle is fine, another is a fork. A lost reply of an applied write is a
-/// retry.
+/// won — the same bundle is fine, another is a fork, and the winner's bundle stays. A lost
+/// reply of an applied write is a retry.
 #[test]
 fn a_lost_race_or_a_lost_reply_is_told_apart_by_the_digest() {
     let (bytes, d) = test_bundle(4, 0);
     let (other, od) = test_bundle(4, 7);
-    // The other parent's write lands between our check and our transaction.
-    let mut s = store();
-    assert_eq!(s.check(4, &d).expect("check"), Keep::Write);
-    s.kv.map.insert(s.key(4).into_bytes(), other.clone());
+    let mut s = EtcdBundles::new(Racing::default(), "/kg");
     let k = s.key(4);
-    let mut racing = EtcdBundles::new(std::mem::take(&mut s.kv), "/kg");
-    let e = racing.keep(4, &d, &bytes).expect_err("fork");
+    s.kv.before_txn = Some((k.clone().into_bytes(), other.clone()));
+    let e = s.keep(4, &d, &bytes).expect_err("fork");
     assert!(matches!(e, BundleStoreError::Fork { ref key, .. } if *key == k), "{e}");
-    assert!(racing.keep(4, &od, &other).is_ok(), "the same bundle as stored");
+    assert_eq!(s.kv.kv.map.get(k.as_bytes()), Some(&other), "the first write stays");
+    s.kv.kv.map.clear();
+    s.kv.before_txn = Some((k.clone().into_bytes(), other.clone()));
+    assert_eq!(s.keep(4, &od, &other).expect("the same bundle as stored"), k);
 
     let mut s = store();
     s.kv.lose_next_reply = true;
