@@ -296,7 +296,7 @@ pub(crate) enum Bundles {
     /// A local directory.
     Dir(PathBuf),
     /// etcd.
-    Etcd(EtcdBundles<EtcdClient>),
+    Etcd(Box<EtcdBundles<EtcdClient>>),
 }
 
 impl BundleStore {
@@ -306,7 +306,7 @@ impl BundleStore {
             BundleStore::Dir(d) => Bundles::Dir(d.clone()),
             BundleStore::Etcd(url) => {
                 let limits = Limits { max_response: MAX_BUNDLE + 64 * 1024 + MAX_STORED * 64, ..Limits::default() };
-                Bundles::Etcd(EtcdBundles::new(EtcdClient::new(url.clone(), limits)?, &url.prefix))
+                Bundles::Etcd(Box::new(EtcdBundles::new(EtcdClient::new(url.clone(), limits)?, &url.prefix)))
             }
         })
     }
