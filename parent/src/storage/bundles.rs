@@ -305,7 +305,10 @@ impl BundleStore {
         Ok(match self {
             BundleStore::Dir(d) => Bundles::Dir(d.clone()),
             BundleStore::Etcd(url) => {
-                let limits = Limits { max_response: MAX_BUNDLE + 64 * 1024 + MAX_STORED * 64, ..Limits::default() };
+                // One bundle, or the keys of one replay (a key of at most 128 + 29 bytes and its
+                // revisions: under 256 bytes each).
+                let limits =
+                    Limits { max_response: (MAX_BUNDLE + 64 * 1024).max(MAX_STORED * 256), ..Limits::default() };
                 Bundles::Etcd(Box::new(EtcdBundles::new(EtcdClient::new(url.clone(), limits)?, &url.prefix)))
             }
         })
