@@ -34,3 +34,32 @@ fn bundles_in_a_real_etcd_survive_a_killed_member_and_refuse_a_fork() {
     assert_eq!(b.read(&entries[1]).expect("read"), same, "the first bundle of version 3 stays");
     assert!(b.name(&entries[0]).ends_with("/real-bundles/bundles/00000000000000000002"));
 }
+
+/// How long keeping and reading back a chain of bundles takes in a real 3-member etcd (the
+/// daemon's replay reads them so before pushing): printed, bounded loosely.
+#[test]
+fn keeping_and_listing_two_hundred_bundles_in_a_real_etcd() {
+    let c = EtcdCluster::start(3).unwrap_or_else(|e| panic!("{e}"));
+    let store: BundleStore = c.url("/many-bundles").parse().expect("url");
+    let mut s = store.open().expect("open");
+    let bundles: Vec<(Vec<u8>, [u8; 48])> = (1..=200).map(|v| test_bundle(v, 0)).collect();
+    let start = std::time::Instant::now();
+    for (v, (bytes, d)) in (1..).zip(&bundles) {
+        s.keep(v, d, bytes).expect("keep");
+    }
+    let kept = start.elapsed();
+    let start = std::time::Instant::now();
+    let entries = s.entries(0).expect("list");
+    let read: Vec<Vec<u8>> = entries.iter().map(|e| s.read(e).expect("read")).collect();
+    let listed = start.elapsed();
+    assert_eq!(read.len(), 200);
+    assert!(read.iter().zip(&bundles).all(|(r, (b, _))| r == b), "read back in version order");
+    eprintln!(
+        "200 bundles of {} bytes: kept in {} ms ({} ms each), listed and read back in {} ms",
+        bundles[0].0.len(),
+        kept.as_millis(),
+        kept.as_millis() / 200,
+        listed.as_millis()
+    );
+    assert!(kept + listed < std::time::Duration::from_secs(60));
+}
