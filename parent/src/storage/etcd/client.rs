@@ -1,5 +1,5 @@
 //! A thin, typed etcd v3 client over gRPC (tonic, the minimal `proto/etcd` API): single-key
-//! Range, Txn with compares, and a one-key Watch, each bounded in time and in response size,
+//! Range (and the keys of a range, bounded in count), Txn with compares, and a one-key Watch, each bounded in time and in response size,
 //! failing over between the endpoints of an `etcd://` URL.
 //!
 //! What it decides: which endpoint to ask (the one that answered last, then the next ones in
