@@ -140,7 +140,7 @@ impl Member {
 
     /// Starts the member's `keygate parent`: release and member proxies, the state in `store`
     /// (an etcd URL), synced every 250 ms, joining from `join_from` (the other members'
-    /// [`Member::member`]), replaying the bundles in `policy_store` when given, metrics on
+    /// [`Member::member`]), replaying the bundles in `policy_store` (a directory, or an etcd URL as a path) when given, metrics on
     /// `metrics` when given. Returns when its proxy listens.
     pub fn start_daemon(
         &mut self,
@@ -252,7 +252,8 @@ pub fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// `keygate policy push BUNDLE --kre PARENT --store BUNDLES --durable-within 0`, (30 s limit).
+/// `keygate policy push BUNDLE --kre PARENT --store BUNDLES --durable-within 0`, (30 s limit);
+/// BUNDLES is a directory, or an etcd URL as a path.
 pub fn push(bundle: &Path, parent: &str, bundles: &Path) -> Output {
     run_with_limit(
         Command::new(bin("keygate")).args([

@@ -26,6 +26,7 @@ use crate::cmd::attestation::{now_ms, pcrs_from_eif, write_file};
 use crate::cmd::reports;
 use crate::error::CliError;
 use crate::kre_client::{self, KreError};
+use crate::storage::bundles::{BundleStore, BundleStoreError};
 
 /// Largest key or bundle file read.
 const MAX_FILE: u64 = 128 * 1024;
@@ -192,9 +193,11 @@ pub(crate) struct PushArgs {
     /// The KRE's parent channel (`--parent-listen`; never proxied).
     #[arg(long)]
     kre: Addr,
-    /// Directory where accepted bundles are kept (`policy-v<N>.bundle`).
-    #[arg(long)]
-    store: Option<PathBuf>,
+    /// Where accepted bundles are kept: a directory (`policy-v<N>.bundle`) or
+    /// etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (shared by a cluster's parents; a bundle
+    /// forking the stored chain is refused before the push).
+    #[arg(long, value_name = "DIR|etcd://…")]
+    store: Option<BundleStore>,
     /// With custodians: the parent's state directory; the new policy head (and KEKs for
     /// new clusters) are stored and committed right after the push (`keygate state sync`).
     #[arg(long)]
@@ -223,9 +226,9 @@ pub(crate) struct RestoreArgs {
     /// The restarted KRE's parent channel (`--parent-listen`; never proxied).
     #[arg(long)]
     kre: Addr,
-    /// The directory `policy push --store` kept the accepted bundles in.
-    #[arg(long)]
-    store: PathBuf,
+    /// Where `policy push --store` kept the accepted bundles: a directory or etcd://….
+    #[arg(long, value_name = "DIR|etcd://…")]
+    store: BundleStore,
 }
 
 /// How `policy push` learns that a change is durable: the KRE's receipt, checked here.
@@ -871,18 +874,18 @@ fn push_bundle(a: PushArgs) -> Result<(), CliError> {
     let PushArgs { bundle: path, kre, store, state_dir, durable } = a;
     let bytes = read(&path)?;
     let b = bundle::decode_bundle(&bytes, crypto()).map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
+    let digest = bundle::digest(&b.body_bytes);
+    let mut kept = store.as_ref().map(BundleStore::open).transpose().map_err(stored_error)?;
+    if let Some(k) = &mut kept {
+        // A bundle forking the chain the shared store holds never reaches the KRE.
+        k.check(b.body.version, &digest).map_err(stored_error)?;
+    }
     let (version, activates) = push(&kre, &bytes).map_err(push_refused)?;
     if store.is_none() {
         let m = "no --store: the accepted bundle is not kept on the parent, so `policy restore` cannot replay it after a KRE restart";
         crate::output::warn(&format!("warning: {m}"), m);
     }
-    let mut stored = None;
-    if let Some(dir) = &store {
-        std::fs::create_dir_all(dir).map_err(|e| CliError::io(format!("creating {}", dir.display()), e))?;
-        let kept = dir.join(format!("policy-v{:08}.bundle", b.body.version));
-        write_file(&kept, &bytes)?;
-        stored = Some(reports::path(&kept));
-    }
+    let stored = kept.map(|mut k| k.keep(b.body.version, &digest, &bytes)).transpose().map_err(stored_error)?;
     let wait = activates.saturating_sub(now_ms()).div_ceil(1000);
     crate::output::step(&reports::PolicyPushed::accepted_text(version, wait))?;
     let mut state_sync = None;
@@ -891,9 +894,11 @@ fn push_bundle(a: PushArgs) -> Result<(), CliError> {
         crate::output::step(&format!("{line}\n"))?;
         state_sync = Some(line);
     }
-    let receipt_out =
-        durable.receipt_out.clone().or_else(|| store.map(|d| d.join(format!("policy-v{version:08}.durable"))));
-    let durability = wait_durable(&kre, version, &bundle::digest(&b.body_bytes), &durable, receipt_out.as_deref())?;
+    let receipt_out = durable
+        .receipt_out
+        .clone()
+        .or_else(|| store.as_ref().and_then(BundleStore::dir).map(|d| d.join(format!("policy-v{version:08}.durable"))));
+    let durability = wait_durable(&kre, version, &digest, &durable, receipt_out.as_deref())?;
     crate::output::print(&reports::PolicyPushed { version, activates_in_s: wait, stored, state_sync, durability })
 }
 
@@ -971,31 +976,34 @@ fn durable_at_members(
 fn restore(a: RestoreArgs) -> Result<(), CliError> {
     let RestoreArgs { kre, store } = a;
     let pushed = restore_chain(&kre, &store, 0)?;
-    crate::output::print(&reports::PolicyRestored { restored: pushed, store: reports::path(&store) })
+    crate::output::print(&reports::PolicyRestored { restored: pushed, store: store.to_string() })
 }
 
-/// Pushes every bundle kept in `store` to the KRE on `kre`, in version order, skipping those
+/// A bundle store's failure as the user sees it: a fork is a refusal, the rest I/O.
+pub(crate) fn stored_error(e: BundleStoreError) -> CliError {
+    match e {
+        e @ BundleStoreError::Fork { .. } => CliError::refused(e),
+        e => CliError::io("the bundle store", e),
+    }
+}
+
+/// Pushes every bundle kept in `store` (a directory or etcd) to the KRE on `kre`, in version order, skipping those
 /// it already holds, and without asking the KRE those of version `after` or lower (the
 /// daemon passes the KRE's policy head; `policy restore` 0); returns how many it accepted.
 /// `policy restore` and the parent daemon's replay (`policy_store`) both run it.
-pub(crate) fn restore_chain(kre: &Addr, store: &Path, after: u64) -> Result<usize, CliError> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(store)
-        .map_err(|e| CliError::io(format!("reading {}", store.display()), e))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "bundle"))
-        .collect();
-    files.sort();
+pub(crate) fn restore_chain(kre: &Addr, store: &BundleStore, after: u64) -> Result<usize, CliError> {
+    let mut kept = store.open().map_err(stored_error)?;
+    let entries = kept.entries(after).map_err(stored_error)?;
     let mut pushed = 0;
-    for f in &files {
-        let bytes = read(f)?;
+    for f in &entries {
+        let bytes = kept.read(f).map_err(stored_error)?;
         if after > 0 && bundle::decode_bundle(&bytes, crypto()).is_ok_and(|b| b.body.version <= after) {
             continue;
         }
         match push(kre, &bytes) {
             Ok(_) => pushed += 1,
             Err(KreError::Denied { code: DenyCode::PolicyRefused, .. }) if already_applied(kre, &bytes)? => {}
-            Err(e) => return Err(CliError::refused(format!("{}: {}", f.display(), push_refused(e).message))),
+            Err(e) => return Err(CliError::refused(format!("{}: {}", kept.name(f), push_refused(e).message))),
         }
     }
     Ok(pushed)

@@ -126,10 +126,10 @@ keys! {
     /// daemon joins it from one of them (`keygate member join`), without custodians. Needs
     /// state_dir or state_store. Environment KEYGATE_PARENT_JOIN_FROM.
     join_from: "ADDR,...",
-    /// The bundles `policy push --store` keeps: replayed to the KRE (`policy restore`) when
+    /// The bundles `policy push --store` keeps (a directory or etcd://…): replayed to the KRE (`policy restore`) when
     /// its policy is behind the head its committed state records (after a join, an adoption
     /// or an unseal). Environment KEYGATE_PARENT_POLICY_STORE.
-    policy_store: "DIR",
+    policy_store: "DIR|etcd://…",
 }
 
 /// One proxied channel: its host side and the KRE's port.
@@ -168,7 +168,7 @@ pub(crate) struct Config {
     /// The members a KRE awaiting its state joins from (none: the member join task is off).
     pub(crate) join_from: Vec<Addr>,
     /// The bundles replayed to a KRE whose policy is behind its committed state's head.
-    pub(crate) policy_store: Option<PathBuf>,
+    pub(crate) policy_store: Option<crate::storage::bundles::BundleStore>,
 }
 
 /// Most members `join_from` names.
@@ -353,7 +353,7 @@ pub(crate) fn resolve(
         metrics_listen: l.get("metrics_listen", |v: &str| v.trim().parse::<std::net::SocketAddr>())?,
         status_every: l.duration("status_every", secs(5))?,
         join_from,
-        policy_store: l.get("policy_store", path)?,
+        policy_store: l.get("policy_store", |v: &str| v.trim().parse::<crate::storage::bundles::BundleStore>())?,
     })
 }
 
@@ -524,7 +524,10 @@ mod tests {
         let none = DaemonArgs::default();
         assert!(from(&none, &[], "").expect("config").join_from.is_empty(), "off by default");
         let cfg = from(&none, &[("policy_store", "/b")], "").expect("a policy store");
-        assert_eq!(cfg.policy_store, Some(PathBuf::from("/b")));
+        assert_eq!(cfg.policy_store, Some(crate::storage::bundles::BundleStore::Dir(PathBuf::from("/b"))));
+        let cfg = from(&none, &[("policy_store", "etcd://h:1/kg")], "").expect("a policy store in etcd");
+        assert_eq!(cfg.policy_store.map(|s| s.to_string()).as_deref(), Some("etcd://h:1/kg"));
+        assert!(from(&none, &[("policy_store", "etcd://")], "").is_err(), "a bad etcd URL");
         let m = |p: &str| Addr::Unix(PathBuf::from(p));
         let cfg = from(&none, &[], "state_dir = \"/s\"\njoin_from = [\"unix:/b.member\", \"unix:/c.member\"]\n")
             .expect("a list in the file");

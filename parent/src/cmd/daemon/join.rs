@@ -10,7 +10,6 @@
 //! (`policy_stale`) until then. It trusts the KRE's status report only to decide whether to
 //! try: a wrong report costs a refused join or push, never a key.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +21,7 @@ use super::supervise::blocking;
 use crate::cmd::member::{self, StateAt};
 use crate::cmd::{policy, status};
 use crate::error::CliError;
+use crate::storage::bundles::BundleStore;
 
 /// How often the task asks the KRE whether it awaits its state (a status ask on the parent
 /// channel): a restarted KRE is joined within about this long.
@@ -81,7 +81,7 @@ pub(crate) async fn round(
     kre: Addr,
     members: Vec<Addr>,
     at: Option<StateAt>,
-    bundles: Option<PathBuf>,
+    bundles: Option<BundleStore>,
     metrics: Option<Arc<DaemonMetrics>>,
 ) -> Result<(), CliError> {
     blocking(move || {
@@ -90,7 +90,7 @@ pub(crate) async fn round(
         let replay = |why: &str| match &bundles {
             Some(dir) => {
                 let n = policy::restore_chain(&kre, dir, held)?;
-                tracing::info!(task = "member join", pushed = n, store = %dir.display(), "{why}: the kept bundles replayed");
+                tracing::info!(task = "member join", pushed = n, store = %dir, "{why}: the kept bundles replayed");
                 Ok(n)
             }
             None => Ok(0),

@@ -1,5 +1,5 @@
 //! A thin, typed etcd v3 client over gRPC (tonic, the minimal `proto/etcd` API): single-key
-//! Range, Txn with compares, and a one-key Watch, each bounded in time and in response size,
+//! Range (and the keys of a range, bounded in count), Txn with compares, and a one-key Watch, each bounded in time and in response size,
 //! failing over between the endpoints of an `etcd://` URL.
 //!
 //! What it decides: which endpoint to ask (the one that answered last, then the next ones in
@@ -334,6 +334,27 @@ impl EtcdClient {
         }
         let revision = resp.header.map_or(0, |h| h.revision);
         Ok((resp.kvs.into_iter().next(), revision))
+    }
+
+    /// The keys from `start` (inclusive) to `end` (exclusive), in key order, at most `limit`
+    /// of them (no values: each is read with [`Self::get`], so one answer stays small);
+    /// `more` when etcd holds further keys in the range.
+    pub(crate) fn keys(&mut self, start: &[u8], end: &[u8], limit: i64) -> Result<(Vec<Vec<u8>>, bool), EtcdError> {
+        let req = RangeRequest {
+            key: start.to_vec(),
+            range_end: end.to_vec(),
+            limit,
+            keys_only: true,
+            ..RangeRequest::default()
+        };
+        let resp = self.call("range", |ch, l| {
+            let req = req.clone();
+            async move { Self::kv(ch, l).range(req).await.map(tonic::Response::into_inner) }
+        })?;
+        if limit > 0 && resp.kvs.len() > usize::try_from(limit).unwrap_or(usize::MAX) {
+            return Err(EtcdError::Malformed { op: "range", what: "more keys than the limit" });
+        }
+        Ok((resp.kvs.into_iter().map(|kv| kv.key).collect(), resp.more))
     }
 
     /// One transaction.

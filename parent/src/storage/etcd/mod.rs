@@ -15,6 +15,7 @@
 //! PREFIX/state/current          the newest generation's number (ASCII decimal)
 //! PREFIX/state/gen/<g, 20 digits>  the sealed blob of generation g (the current and the one before)
 //! PREFIX/custody/<hex set digest>  the custody data of one custodian set (written once)
+//! PREFIX/bundles/<v, 20 digits>    the accepted policy bundle of version v (storage::bundles)
 //! ```
 //!
 //! The client ([`client`]) and the minimal protobuf API it speaks (`proto/etcd/`) are beside.
@@ -308,4 +309,4 @@ impl<K: Kv> SealedStore for EtcdStore<K> {
 #[cfg(test)]
 mod real_tests;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -10,13 +10,13 @@ use crate::storage::crash::blob;
 
 /// An in-memory [`Kv`]: transactions are atomic; a planned fault fires on the next txn.
 #[derive(Debug, Default)]
-pub(super) struct MemKv {
-    pub(super) map: BTreeMap<Vec<u8>, Vec<u8>>,
+pub(crate) struct MemKv {
+    pub(crate) map: BTreeMap<Vec<u8>, Vec<u8>>,
     /// The next txn applies, but its caller gets a timeout.
-    pub(super) lose_next_reply: bool,
+    pub(crate) lose_next_reply: bool,
     /// The next txn fails before it is applied.
-    pub(super) fail_next: bool,
-    pub(super) txns: usize,
+    pub(crate) fail_next: bool,
+    pub(crate) txns: usize,
 }
 
 fn timeout() -> EtcdError {
