@@ -1,4 +1,5 @@
-//! `keygate bench crypto | release | memory | attack`: the measurements of docs/benchmarks.md.
+//! `keygate bench crypto | release | cluster | memory | attack | kms`: the measurements of
+//! docs/benchmarks.md.
 //!
 //! Benchmarks, not tests: nothing here asserts a time. Every figure is the median of several
 //! rounds, and the ratios that the targets are about are measured in the same run.
