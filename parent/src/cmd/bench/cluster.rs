@@ -214,7 +214,7 @@ pub(super) fn bench_cluster(
     }
     let exe = std::env::current_exe().map_err(|e| CliError::io("exe", e))?;
     println!(
-        "# keygate bench cluster ({seconds} s per row, closed loop, {connections} connections round-robin over the members; {threads} worker threads per KRE; {} cores shared by every KRE, its audit follower and the load generator)",
+        "# keygate bench cluster ({seconds} s per row, closed loop, {connections} connections round-robin over the members; KRE worker threads: {threads}; {} cores shared by every KRE, its audit follower and the load generator)",
         cores()
     );
     let shared = Shared::prepare(&exe)?;
