@@ -1,4 +1,5 @@
-//! `keygate bench crypto | release | memory | attack`: the measurements of docs/benchmarks.md.
+//! `keygate bench crypto | release | cluster | memory | attack | kms`: the measurements of
+//! docs/benchmarks.md.
 //!
 //! Benchmarks, not tests: nothing here asserts a time. Every figure is the median of several
 //! rounds, and the ratios that the targets are about are measured in the same run.
@@ -27,6 +28,7 @@ use super::fetch::Fetcher;
 use crate::error::CliError;
 
 mod attack;
+mod cluster;
 mod plot;
 mod release;
 use attack::Attack;
@@ -67,12 +69,29 @@ pub(crate) enum BenchCommand {
         #[arg(long)]
         plot: Option<PathBuf>,
     },
-    /// The load generator of `bench release` (not for direct use).
+    /// Releases per second with 1, 2 and 3 member KREs (genesis on the first, the others
+    /// joined from it), each client connection to one member, round-robin.
+    Cluster {
+        /// Member counts, one row each (comma-separated, 1 to 3).
+        #[arg(long, default_value = "1,2,3")]
+        members: String,
+        /// Concurrent client connections (closed loop), spread over the members.
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        /// Worker threads of each KRE.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Seconds per row.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
+    /// The load generator of `bench release` and `bench cluster` (not for direct use).
     #[command(hide = true)]
     LoadRun {
-        /// unix:PATH or tcp:IP:PORT.
-        #[arg(long)]
-        to: String,
+        /// unix:PATH or tcp:IP:PORT; repeated for several KREs, connection i asking the
+        /// (i mod count)-th.
+        #[arg(long, required = true)]
+        to: Vec<String>,
         /// Concurrent client connections.
         #[arg(long)]
         connections: usize,
@@ -335,26 +354,49 @@ impl KreProc {
 
 const SEED: &str = "bench";
 
+/// PCR0-2 (every byte) of the control-plane image the bench policy allows.
+const CLIENT_PCR: u8 = 0x5a;
+/// PCR0 (every byte) of the bench KRE's image.
+const KRE_PCR: u8 = 0x4b;
+
 fn start_kre(threads: usize, extra: &[&str]) -> Result<KreProc, CliError> {
     let dir = TempDir::new(&format!("keygate-bench-{threads}")).map_err(|e| CliError::io("bench dir", e))?;
-    let pcr = hex::encode([0x5au8; 48]);
+    let pcr = hex::encode([CLIENT_PCR; 48]);
     let policy =
         serde_json::json!({"clusters": {"prod": {"images": [{"name": "cp", "pcrs": {"0": pcr, "1": pcr, "2": pcr}}]}}});
     let policy_path = dir.path().join("policy.json");
     std::fs::write(&policy_path, policy.to_string()).map_err(|e| CliError::io("policy", e))?;
     let sock = dir.path().join("kre.sock");
+    let mut args = vec![
+        "--listen".to_owned(),
+        format!("unix:{}", sock.display()),
+        "--policy".into(),
+        policy_path.display().to_string(),
+        "--mock-pcr".into(),
+        format!("0={}", hex::encode([KRE_PCR; 48])),
+    ];
+    args.extend(extra.iter().map(|e| (*e).to_owned()));
+    spawn_kre(dir, sock, threads, &args)
+}
+
+/// `arg` quoted for `sh -c`.
+fn sh_quote(arg: &str) -> String {
+    format!("'{}'", arg.replace('\'', r"'\''"))
+}
+
+/// Starts `keygate-enclave-dev --nsm mock --mock-seed SEED --threads THREADS ARGS` in `dir`,
+/// listening on `sock`, and its audit follower; the KRE and the follower are killed and `dir`
+/// removed when the result is dropped.
+fn spawn_kre(dir: TempDir, sock: PathBuf, threads: usize, args: &[String]) -> Result<KreProc, CliError> {
     let exe = std::env::current_exe().map_err(|e| CliError::io("exe", e))?.with_file_name("keygate-enclave-dev");
     // Raise the descriptor limit for the connection benchmarks through the shell (no unsafe).
     let mut cmd = format!(
-        "ulimit -n 65536 2>/dev/null || ulimit -n $(ulimit -Hn); exec '{}' --listen unix:{} --policy {} --nsm mock --mock-seed {SEED} --threads {threads} --mock-pcr 0={}",
-        exe.display(),
-        sock.display(),
-        policy_path.display(),
-        hex::encode([0x4bu8; 48])
+        "ulimit -n 65536 2>/dev/null || ulimit -n $(ulimit -Hn); exec {} --nsm mock --mock-seed {SEED} --threads {threads}",
+        sh_quote(&exe.display().to_string()),
     );
-    for e in extra {
+    for a in args {
         cmd.push(' ');
-        cmd.push_str(e);
+        cmd.push_str(&sh_quote(a));
     }
     let child = Command::new("sh")
         .args(["-c", &cmd])
@@ -386,7 +428,7 @@ fn fetcher(kre: Addr, nsm: Arc<dyn Nsm>, root: &TrustAnchor) -> Fetcher {
         request: FetchRequest {
             cluster: Id::new("prod").unwrap_or_else(|_| unreachable!("valid id")),
             key_ids: vec![Id::new("etcd").unwrap_or_else(|_| unreachable!("valid id"))],
-            expect_kre_pcrs: vec![PcrExpectation { index: 0, value: vec![0x4b; 48] }],
+            expect_kre_pcrs: vec![PcrExpectation { index: 0, value: vec![KRE_PCR; 48] }],
             also_accept_kre: vec![],
         },
         nsm,
@@ -397,7 +439,7 @@ fn fetcher(kre: Addr, nsm: Arc<dyn Nsm>, root: &TrustAnchor) -> Fetcher {
 
 /// A control-plane instance's mock NSM (the image the bench policy allows) and the mock root.
 fn mock_client() -> (Arc<dyn Nsm>, TrustAnchor) {
-    let pcrs: BTreeMap<u8, Vec<u8>> = (0..3).map(|i| (i, vec![0x5a; 48])).collect();
+    let pcrs: BTreeMap<u8, Vec<u8>> = (0..3).map(|i| (i, vec![CLIENT_PCR; 48])).collect();
     let nsm: Arc<dyn Nsm> = Arc::new(
         MockNsm::new(SEED.as_bytes(), pcrs, system_clock())
             .with_instance("bench-client")
@@ -510,6 +552,9 @@ pub(crate) fn run(cmd: BenchCommand) -> Result<(), CliError> {
                 &half_capacity,
                 plot.as_deref(),
             )
+        }
+        BenchCommand::Cluster { members, connections, threads, seconds } => {
+            cluster::bench_cluster(&list(&members)?, connections, threads, seconds)
         }
         BenchCommand::LoadRun { to, connections, seconds, rate } => release::run_load(&to, connections, seconds, rate),
         BenchCommand::Kms { callers, rate, seconds, plot } => {

@@ -30,15 +30,24 @@ use crate::error::CliError;
 
 /// What one run of the load generator reports (one JSON line on its stdout).
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct LoadReport {
-    releases: u64,
-    errors: u64,
-    wrong_keys: u64,
+pub(super) struct LoadReport {
+    pub(super) releases: u64,
+    pub(super) errors: u64,
+    pub(super) wrong_keys: u64,
+    /// Releases by each KRE of `--to`, in order.
+    #[serde(default)]
+    pub(super) per_kre: Vec<u64>,
     /// The generator's own CPU seconds during the run.
-    client_cpu_s: f64,
-    wall_s: f64,
+    pub(super) client_cpu_s: f64,
+    pub(super) wall_s: f64,
     /// The latency histogram in microseconds, as (value, count) pairs.
     latency_us: Vec<(u64, u64)>,
+}
+
+/// Which of `kres` KREs client connection `connection` asks: round-robin, so that the
+/// connections are spread as evenly as their count allows.
+pub(super) fn kre_for(connection: usize, kres: usize) -> usize {
+    connection % kres.max(1)
 }
 
 /// The per-release crypto floor, each part measured in this run with the default backend.
@@ -82,9 +91,17 @@ impl Floor {
 /// One row's load: closed loop (each connection fetches again as soon as it is answered) or
 /// open loop at a fixed total rate.
 #[derive(Debug, Clone, Copy)]
-enum Load {
+pub(super) enum Load {
     Closed,
     Open { per_s: f64 },
+}
+
+/// What one load-generator run against running KREs measured.
+pub(super) struct Measured {
+    /// The KREs' CPU seconds during the run, summed.
+    pub(super) kre_cpu_s: f64,
+    pub(super) report: LoadReport,
+    pub(super) hist: Histogram<u64>,
 }
 
 struct Row {
@@ -131,13 +148,26 @@ fn run_row(
         extra.push("--bench-without-write-ahead");
     }
     let kre = start_kre(threads, &extra)?;
+    let m = measure(exe, &[format!("unix:{}", kre.sock.display())], &[kre.pid()], connections, seconds, load)?;
+    Ok(Row { load, write_ahead, threads, connections, kre_cpu_s: m.kre_cpu_s, report: m.report, hist: m.hist })
+}
+
+/// Runs the load generator against the running KREs `to` (their processes `pids`), and
+/// returns what it measured, with the KREs' CPU read from `/proc` around its run.
+pub(super) fn measure(
+    exe: &Path,
+    to: &[String],
+    pids: &[u32],
+    connections: usize,
+    seconds: f64,
+    load: Load,
+) -> Result<Measured, CliError> {
     let mut cmd = Command::new(exe);
-    cmd.args(["bench", "load-run", "--to"]).arg(format!("unix:{}", kre.sock.display())).args([
-        "--connections",
-        &connections.to_string(),
-        "--seconds",
-        &seconds.to_string(),
-    ]);
+    cmd.args(["bench", "load-run"]);
+    for t in to {
+        cmd.args(["--to", t]);
+    }
+    cmd.args(["--connections", &connections.to_string(), "--seconds", &seconds.to_string()]);
     if let Load::Open { per_s } = load {
         cmd.args(["--rate", &per_s.to_string()]);
     }
@@ -160,15 +190,16 @@ fn run_row(
     if next("it was ready")? != "ready" {
         return Err(CliError::refused("the load generator did not report ready"));
     }
-    let cpu0 = cpu_seconds(kre.pid())?;
+    let kre_cpu = || pids.iter().map(|&p| cpu_seconds(p)).sum::<Result<f64, CliError>>();
+    let cpu0 = kre_cpu()?;
     let report: LoadReport = serde_json::from_str(&next("its report")?)
         .map_err(|e| CliError::input(format!("load generator report: {e}")))?;
-    let kre_cpu_s = cpu_seconds(kre.pid())? - cpu0;
+    let kre_cpu_s = kre_cpu()? - cpu0;
     let mut hist = latency_histogram()?;
     for &(v, n) in &report.latency_us {
         hist.record_n(v, n).map_err(|e| CliError::input(format!("histogram: {e}")))?;
     }
-    Ok(Row { load, write_ahead, threads, connections, kre_cpu_s, report, hist })
+    Ok(Measured { kre_cpu_s, report, hist })
 }
 
 /// `keygate bench release`.
@@ -264,16 +295,31 @@ pub(super) fn bench_release(
     Ok(())
 }
 
+/// The most KREs one load generator spreads its connections over.
+const MAX_KRES: usize = 64;
+
 /// `keygate bench load-run`: the load generator process. Prints `ready` after a warm-up
-/// fetch, then one JSON [`LoadReport`] line.
-pub(super) fn run_load(to: &str, connections: usize, seconds: f64, rate: Option<f64>) -> Result<(), CliError> {
-    let kre: Addr = to.parse().map_err(|e| CliError::input(format!("--to: {e}")))?;
+/// fetch from each KRE, then one JSON [`LoadReport`] line. A key differing from the first
+/// KRE's warm-up key counts as a wrong key.
+pub(super) fn run_load(to: &[String], connections: usize, seconds: f64, rate: Option<f64>) -> Result<(), CliError> {
+    if to.is_empty() || to.len() > MAX_KRES {
+        return Err(CliError::input(format!("--to: 1 to {MAX_KRES} KREs, not {}", to.len())));
+    }
+    let kres = to
+        .iter()
+        .map(|t| t.parse::<Addr>().map_err(|e| CliError::input(format!("--to {t}: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| CliError::io("runtime", e))?;
     let (nsm, root) = mock_client();
-    let f = Arc::new(fetcher(kre, nsm, &root));
-    let reference = rt.block_on(f.once()).map_err(|e| CliError::refused(format!("warm-up fetch: {e}")))?;
-    let reference = Arc::new(reference.keys.first().map(|k| k.key.clone()).ok_or_else(|| CliError::refused("no key"))?);
+    let fetchers: Vec<Arc<_>> = kres.into_iter().map(|k| Arc::new(fetcher(k, nsm.clone(), &root))).collect();
+    let mut reference = None;
+    for (f, t) in fetchers.iter().zip(to) {
+        let got = rt.block_on(f.once()).map_err(|e| CliError::refused(format!("warm-up fetch from {t}: {e}")))?;
+        let key = got.keys.first().map(|k| k.key.clone()).ok_or_else(|| CliError::refused("no key"))?;
+        reference.get_or_insert(key);
+    }
+    let reference = Arc::new(reference.ok_or_else(|| CliError::refused("no key"))?);
     println!("ready");
     let me = std::process::id();
     let cpu0 = cpu_seconds(me)?;
@@ -283,7 +329,8 @@ pub(super) fn run_load(to: &str, connections: usize, seconds: f64, rate: Option<
     let results = rt.block_on(async {
         let tasks: Vec<_> = (0..n)
             .map(|i| {
-                let f = f.clone();
+                let k = kre_for(i, fetchers.len());
+                let f = fetchers.get(k).unwrap_or_else(|| unreachable!("kre_for is below the count")).clone();
                 let reference = reference.clone();
                 tokio::spawn(async move {
                     let mut hist = latency_histogram().ok()?;
@@ -306,17 +353,21 @@ pub(super) fn run_load(to: &str, connections: usize, seconds: f64, rate: Option<
                             *d += s.period();
                         }
                     }
-                    Some((hist, errors, wrong))
+                    Some((k, hist, errors, wrong))
                 })
             })
             .collect();
         let mut all = latency_histogram().ok();
         let (mut errors, mut wrong) = (0u64, 0u64);
+        let mut per_kre = vec![0u64; fetchers.len()];
         for t in tasks {
             match t.await {
-                Ok(Some((h, e, w))) => {
+                Ok(Some((k, h, e, w))) => {
                     if let Some(a) = all.as_mut() {
                         let _ = a.add(&h);
+                    }
+                    if let Some(n) = per_kre.get_mut(k) {
+                        *n += h.len();
                     }
                     errors += e;
                     wrong += w;
@@ -324,16 +375,17 @@ pub(super) fn run_load(to: &str, connections: usize, seconds: f64, rate: Option<
                 _ => errors += 1,
             }
         }
-        (all, errors, wrong)
+        (all, errors, wrong, per_kre)
     });
     let wall_s = start.elapsed().as_secs_f64();
     let client_cpu_s = cpu_seconds(me)? - cpu0;
-    let (hist, errors, wrong_keys) = results;
+    let (hist, errors, wrong_keys, per_kre) = results;
     let hist = hist.ok_or_else(|| CliError::input("histogram bounds"))?;
     let report = LoadReport {
         releases: hist.len(),
         errors,
         wrong_keys,
+        per_kre,
         client_cpu_s,
         wall_s,
         latency_us: hist.iter_recorded().map(|v| (v.value_iterated_to(), v.count_at_value())).collect(),
