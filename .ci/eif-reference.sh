@@ -114,7 +114,7 @@ check_eq() { # name expected actual
     if [[ -n "$2" && "$2" == "$3" ]]; then pass "$1"; else fail "$1: expected '$2', got '$3'"; fi
 }
 # The value of "PCRn" in pretty-printed JSON (both tools print one key per line).
-pcr() { sed -n "s/.*\"$1\": \"\([0-9a-f]*\)\".*/\1/p" "$2" | head -n 1; }
+pcr() { sed -n "s/.*\"$1\": *\"\([0-9a-f]*\)\".*/\1/p" "$2" | head -n 1; }
 
 # --- inputs ------------------------------------------------------------------
 time_fixed=2024-01-01T00:00:00+00:00
