@@ -388,7 +388,6 @@ fn a_kre_behind_its_sealed_policy_head_refuses_to_forward() {
     use keygate_attestation::crypto::P384Scalar;
     use keygate_attestation::mock::{derive_key, public_point};
     use keygate_enclave::kre::Env;
-    use keygate_enclave::peer::custodian::Expectations;
     use keygate_enclave::wire::Message;
     use p384::ecdsa::signature::Signer;
 
@@ -428,16 +427,7 @@ fn a_kre_behind_its_sealed_policy_head_refuses_to_forward() {
         2
     );
     let kre_pcrs = expectations(&pcrs(KRE_IMAGE));
-    let expect = Expectations {
-        verifier: &c.verifier,
-        now_ms: T,
-        kre_pcrs: &kre_pcrs,
-        genesis_pcrs: &kre_pcrs,
-        record: None,
-        accept_new_genesis: false,
-        approve_reshare: None,
-        cold_start: true,
-    };
+    let expect = common::custodian_expects(&c.verifier, &kre_pcrs, true);
     common::unseal_with(&k2, &scalars[..2], &expect, c.crypto);
     assert_eq!(k2.vault_phase(), Some(Phase::Serving));
 
@@ -564,7 +554,7 @@ fn a_copy_unsealed_from_an_older_generation_waits_for_a_member_and_a_cold_start_
     use keygate_attestation::crypto::P384Scalar;
     use keygate_attestation::mock::{derive_key, public_point};
     use keygate_enclave::kre::{Connection, Kre};
-    use keygate_enclave::peer::custodian::{self, CustodianError, Expectations};
+    use keygate_enclave::peer::custodian::{self, CustodianError};
     use keygate_enclave::wire::{Channel, DenyCode, Message};
     use p384::ecdsa::signature::Signer;
 
@@ -589,16 +579,7 @@ fn a_copy_unsealed_from_an_older_generation_waits_for_a_member_and_a_cold_start_
     let blob2 = stored.expect("stored").0;
 
     let kre_pcrs = expectations(&pcrs(KRE_IMAGE));
-    let expect = |cold_start| Expectations {
-        verifier: &c.verifier,
-        now_ms: T,
-        kre_pcrs: &kre_pcrs,
-        genesis_pcrs: &kre_pcrs,
-        record: None,
-        accept_new_genesis: false,
-        approve_reshare: None,
-        cold_start,
-    };
+    let expect = |cold_start| common::custodian_expects(&c.verifier, &kre_pcrs, cold_start);
     let load = |kre: &Kre, blob: &[u8], cold_start| {
         let m = Message::StateLoad {
             blob: blob.to_vec(),
@@ -706,7 +687,6 @@ fn a_plain_unseal_on_a_withheld_policy_waits_once_the_recorded_policy_names_memb
     use keygate_attestation::crypto::P384Scalar;
     use keygate_attestation::mock::{derive_key, public_point};
     use keygate_enclave::kre::Env;
-    use keygate_enclave::peer::custodian::Expectations;
     use keygate_enclave::wire::Message;
     use p384::ecdsa::signature::Signer;
 
@@ -739,16 +719,7 @@ fn a_plain_unseal_on_a_withheld_policy_waits_once_the_recorded_policy_names_memb
     let load = Message::StateLoad { blob, shares, genesis_attestation, cold_start: false };
     assert_eq!(common::report(&x, load).phase, 2);
     let kre_pcrs = expectations(&pcrs(KRE_IMAGE));
-    let expect = Expectations {
-        verifier: &c.verifier,
-        now_ms: T,
-        kre_pcrs: &kre_pcrs,
-        genesis_pcrs: &kre_pcrs,
-        record: None,
-        accept_new_genesis: false,
-        approve_reshare: None,
-        cold_start: false,
-    };
+    let expect = common::custodian_expects(&c.verifier, &kre_pcrs, false);
     common::unseal_with(&x, &scalars[..2], &expect, c.crypto);
     assert_eq!(x.vault_phase(), Some(Phase::Serving), "decided on the withheld policy");
     let mut r = rng_from(3);

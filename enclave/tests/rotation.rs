@@ -13,7 +13,6 @@ use keygate_attestation::Verifier;
 use keygate_enclave::audit::AuditEvent;
 use keygate_enclave::kre::{Kre, KreConfig};
 use keygate_enclave::peer::client::{ClientError, FetchRequest, ReleasedKey};
-use keygate_enclave::peer::custodian::Expectations;
 use keygate_enclave::state::custody::CustodianSet;
 use keygate_enclave::wire::{DenyCode, Message};
 use p384::ecdsa::signature::Signer;
@@ -185,16 +184,7 @@ fn restarted(genesis: &[u8], set: &CustodianSet, stored: &(Vec<u8>, Vec<u8>, Vec
 fn unseal(kre: &Kre, scalars: &[P384Scalar]) {
     let verifier = Verifier::new(nsm().root_anchor());
     let kre_pcrs = expectations(&pcrs(0x70));
-    let expect = Expectations {
-        verifier: &verifier,
-        now_ms: now(),
-        kre_pcrs: &kre_pcrs,
-        genesis_pcrs: &kre_pcrs,
-        record: None,
-        accept_new_genesis: false,
-        approve_reshare: None,
-        cold_start: false,
-    };
+    let expect = common::custodian_expects(&verifier, &kre_pcrs, false);
     common::unseal_with(kre, &scalars[..2], &expect, default_backend());
 }
 

@@ -40,6 +40,19 @@ pub fn members_genesis(d: &Path, img: Images, members: &[(&str, &str)]) {
     );
 }
 
+/// Members a (instance i-a) and b (i-b) of image `img` in `d`, the genesis naming both: a's KRE
+/// done genesis with its custodians into the etcd `store` and serving beside its daemon (which
+/// joins from b); b not started.
+pub fn a_serving_b_fresh(d: &Path, img: Images, store: &str) -> (Member, Member) {
+    members_genesis(d, img, &[("a", "i-a"), ("b", "i-b")]);
+    let mut a = Member::new(d, img, "a", "i-a");
+    let b = Member::new(d, img, "b", "i-b");
+    a.start_kre();
+    ok(keygate(&["custodian", "init", "--kre", &a.parent(), "--store", store]));
+    a.start_daemon(store, &[b.member()], None, None);
+    (a, b)
+}
+
 /// Proposes `d/NAME.bundle` from `from` rotating `prod`'s KEK, signed by `a1` and assembled.
 pub fn rotating_bundle(d: &Path, from: &Path, name: &str) -> PathBuf {
     signed_bundle(d, from, name, &["--rotate", "prod"])

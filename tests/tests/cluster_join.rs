@@ -79,6 +79,18 @@ fn members_genesis(d: &Path) {
     );
 }
 
+/// Member A (genesis with its custodians into `etcd`) and member B joined from it; the store
+/// arguments.
+fn a_and_b_on_etcd(d: &Path, etcd: &keygate_tests::etcd::EtcdCluster) -> ([String; 2], DevKre, DevKre) {
+    let store = ["--store".to_owned(), etcd.url("/cluster")];
+    members_genesis(d);
+    let a = member_kre(d, "a", "i-a");
+    ok(keygate(&["custodian", "init", "--kre", &a.parent(), &store[0], &store[1]]));
+    let b = member_kre(d, "b", "i-b");
+    ok(join(&b, &a, &store));
+    (store, a, b)
+}
+
 /// Genesis on A into `store`, B joins from A, C (no member) is refused.
 fn join_and_refuse(d: &Path, store: &[String; 2]) {
     members_genesis(d);
@@ -155,12 +167,7 @@ fn a_serving_member_adopts_the_generation_another_member_committed_to_etcd() {
     let etcd = keygate_tests::etcd::EtcdCluster::start(1).unwrap_or_else(|e| panic!("{e}"));
     let dir = TempDir::new("keygate-cluster-adopt").expect("tmp");
     let d = dir.path();
-    let store = ["--store".to_owned(), etcd.url("/cluster")];
-    members_genesis(d);
-    let a = member_kre(d, "a", "i-a");
-    ok(keygate(&["custodian", "init", "--kre", &a.parent(), &store[0], &store[1]]));
-    let b = member_kre(d, "b", "i-b");
-    ok(join(&b, &a, &store));
+    let (store, a, b) = a_and_b_on_etcd(d, &etcd);
     ok(fetch(&b, &d.join("kb1")));
     let key1 = std::fs::read(d.join("kb1/etcd.key")).expect("key");
 
@@ -316,12 +323,7 @@ fn a_revocation_is_durable_in_the_cluster_only_with_every_members_receipt() {
     let etcd = keygate_tests::etcd::EtcdCluster::start(1).unwrap_or_else(|e| panic!("{e}"));
     let dir = TempDir::new("keygate-cluster-durable").expect("tmp");
     let d = dir.path();
-    let store = ["--store".to_owned(), etcd.url("/cluster")];
-    members_genesis(d);
-    let a = member_kre(d, "a", "i-a");
-    ok(keygate(&["custodian", "init", "--kre", &a.parent(), &store[0], &store[1]]));
-    let b = member_kre(d, "b", "i-b");
-    ok(join(&b, &a, &store));
+    let (store, a, b) = a_and_b_on_etcd(d, &etcd);
     let revoke = signed_bundle(d, &d.join("genesis.bundle"), "revoke", &["--revoke", "prod=cp"]);
     let push = ["--store".to_owned(), s(&d.join("bundles-a")), "--durable-within".into(), "0".into()];
     ok(keygate_args(

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use keygate_tests::e2e::ok;
 use keygate_tests::members::{
-    fetch, fetched_versions, members_genesis, metric, metrics_text, push, rotating_bundle, Images, Member,
+    a_serving_b_fresh, fetch, fetched_versions, metric, metrics_text, push, rotating_bundle, Images, Member,
 };
 use keygate_tests::scrape::free_loopback_addr;
-use keygate_tests::{keygate, TempDir};
+use keygate_tests::TempDir;
 
 const IMG: Images = Images { seed: "cluster-rejoin-e2e", kre_pcr: 0x4b, cp_pcr: 0x1c };
 /// How long a KRE may take to serve again after its start (the target is 1 s).
@@ -59,14 +59,8 @@ fn a_killed_member_kre_is_joined_again_by_its_daemon_and_serves_without_custodia
     let store = etcd.url("/rejoin");
     let dir = TempDir::new("keygate-cluster-rejoin").expect("tmp");
     let d = dir.path();
-    members_genesis(d, IMG, &[("a", "i-a"), ("b", "i-b")]);
-    let mut a = Member::new(d, IMG, "a", "i-a");
-    let mut b = Member::new(d, IMG, "b", "i-b");
-
     // A: genesis with its custodians, then its daemon.
-    a.start_kre();
-    ok(keygate(&["custodian", "init", "--kre", &a.parent(), "--store", &store]));
-    a.start_daemon(&store, &[b.member()], None, None);
+    let (mut a, mut b) = a_serving_b_fresh(d, IMG, &store);
     let key = first_release(&a.release(), &d.join("ka"), &a);
 
     // B's daemon: A, and a member that does not exist (tried first half of the time).

@@ -13,7 +13,7 @@ use std::time::Duration;
 use keygate_tests::e2e::{dev_kre, ok, path_arg as s, pcr_args, pcr_list, policy_init, refused, unix, DevKre as Kre};
 use keygate_tests::etcd::EtcdCluster;
 use keygate_tests::members::{
-    fetch, fetched_versions, members_genesis, push as kit_push, rotating_bundle, signed_bundle, Images, Member,
+    a_serving_b_fresh, fetch, fetched_versions, push as kit_push, rotating_bundle, signed_bundle, Images, Member,
 };
 use keygate_tests::{keygate, run_with_limit, TempDir};
 
@@ -136,12 +136,7 @@ fn a_member_daemon_replays_from_etcd_a_bundle_another_member_parent_pushed() {
     let store = etcd.url("/daemon-bundles");
     let dir = TempDir::new("keygate-etcd-bundles-daemon").expect("tmp");
     let d = dir.path();
-    members_genesis(d, IMG, &[("a", "i-a"), ("b", "i-b")]);
-    let mut a = Member::new(d, IMG, "a", "i-a");
-    let mut b = Member::new(d, IMG, "b", "i-b");
-    a.start_kre();
-    ok(keygate(&["custodian", "init", "--kre", &a.parent(), "--store", &store]));
-    a.start_daemon(&store, &[b.member()], None, None);
+    let (a, mut b) = a_serving_b_fresh(d, IMG, &store);
     b.start_daemon(&store, &[a.member()], Some(Path::new(&store)), None);
     b.start_kre();
     let key = release_of(1, &b.release(), &d.join("kb1"), &b);

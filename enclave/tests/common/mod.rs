@@ -169,3 +169,22 @@ pub(crate) fn unseal_with(kre: &Kre, scalars: &[P384Scalar], expect: &Expectatio
         assert_eq!(custodian::on_progress(&s.reply[4..]).expect("progress").2, i + 1 == scalars.len());
     }
 }
+
+/// What a custodian with no record yet expects at `now()`: the KRE (and the genesis KRE) with
+/// `kre_pcrs`, trusted through `verifier`; consenting to a cold start or not.
+pub(crate) fn custodian_expects<'a>(
+    verifier: &'a Verifier,
+    kre_pcrs: &'a [PcrExpectation],
+    cold_start: bool,
+) -> Expectations<'a> {
+    Expectations {
+        verifier,
+        now_ms: now(),
+        kre_pcrs,
+        genesis_pcrs: kre_pcrs,
+        record: None,
+        accept_new_genesis: false,
+        approve_reshare: None,
+        cold_start,
+    }
+}
