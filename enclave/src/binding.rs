@@ -243,7 +243,9 @@ pub fn reshare_user_data(
 }
 
 /// `user_data` of an unseal offer: [`unseal_user_data`], or [`reshare_user_data`] when the
-/// offer reshares to the set with digest `new_set_digest`. The KRE makes it; a custodian checks it.
+/// offer reshares to the set with digest `new_set_digest`, or for a cold start the
+/// [`unseal_user_data`] hash under the label `keygate/v2/cold-start-unseal-offer`. The KRE makes
+/// it; a custodian checks it.
 pub fn offer_user_data(
     nonce: &[u8; 32],
     generation: u64,
@@ -255,25 +257,15 @@ pub fn offer_user_data(
 ) -> [u8; 48] {
     match (new_set_digest, cold_start) {
         (None, false) => unseal_user_data(nonce, generation, blob_sha384, set_digest, shares_sha384),
-        (None, true) => cold_start_user_data(nonce, generation, blob_sha384, set_digest, shares_sha384),
+        // A cold start (a member KRE that will serve without a serving member's confirmation,
+        // `docs/cluster.md`) under its own label, so a share whose transcript covers the
+        // attestation consents to exactly that.
+        (None, true) => {
+            let label = b"keygate/v2/cold-start-unseal-offer";
+            offer_hash(label, nonce, generation, blob_sha384, set_digest, shares_sha384, &[])
+        }
         (Some(new), _) => reshare_user_data(nonce, generation, blob_sha384, set_digest, shares_sha384, new),
     }
-}
-
-/// `user_data` of the KRE's unseal attestation for a cold start (a member KRE that will serve
-/// without a serving member's confirmation, `docs/cluster.md`): as [`unseal_user_data`] under
-/// its own tag, `SHA-384("keygate/v2/cold-start-unseal-offer" ‖ unseal_nonce ‖ u64be
-/// generation ‖ SHA-384(blob) ‖ set_digest ‖ SHA-384(shares file))`, so a custodian's share,
-/// whose transcript covers the attestation, consents to exactly that.
-pub fn cold_start_user_data(
-    unseal_nonce: &[u8; 32],
-    generation: u64,
-    blob_sha384: &[u8; 48],
-    set_digest: &[u8; 48],
-    shares_sha384: &[u8; 48],
-) -> [u8; 48] {
-    let label = b"keygate/v2/cold-start-unseal-offer";
-    offer_hash(label, unseal_nonce, generation, blob_sha384, set_digest, shares_sha384, &[])
 }
 
 /// `user_data` of the genesis attestation that travels with the shares file:
@@ -352,7 +344,7 @@ mod tests {
             h(&[b"keygate/v2/unseal-offer", &n, &g.to_be_bytes(), &b, &sd, &sh])
         );
         assert_eq!(
-            cold_start_user_data(&n, g, &b, &sd, &sh),
+            offer_user_data(&n, g, &b, &sd, &sh, None, true),
             h(&[b"keygate/v2/cold-start-unseal-offer", &n, &g.to_be_bytes(), &b, &sd, &sh])
         );
         assert_eq!(
@@ -366,8 +358,7 @@ mod tests {
         assert_eq!(offer_user_data(&n, g, &b, &sd, &sh, None, false), unseal_user_data(&n, g, &b, &sd, &sh));
         assert_eq!(offer_user_data(&n, g, &b, &sd, &sh, Some(&nd), false), reshare_user_data(&n, g, &b, &sd, &sh, &nd));
         // A cold start is its own statement: a share for a plain unseal does not consent to it.
-        assert_eq!(offer_user_data(&n, g, &b, &sd, &sh, None, true), cold_start_user_data(&n, g, &b, &sd, &sh));
-        assert_ne!(cold_start_user_data(&n, g, &b, &sd, &sh), unseal_user_data(&n, g, &b, &sd, &sh));
+        assert_ne!(offer_user_data(&n, g, &b, &sd, &sh, None, true), unseal_user_data(&n, g, &b, &sd, &sh));
         let t = |blob: &[u8; 48]| {
             UnsealTranscript {
                 kre_attestation_sha384: &[1; 48],
