@@ -898,7 +898,7 @@ fn push_bundle(a: PushArgs) -> Result<(), CliError> {
         .receipt_out
         .clone()
         .or_else(|| store.as_ref().and_then(BundleStore::dir).map(|d| d.join(format!("policy-v{version:08}.durable"))));
-    let durability = wait_durable(&kre, version, &digest, &durable, receipt_out.as_deref())?;
+    let (durability, _) = wait_durable(&kre, version, &digest, &durable, receipt_out.as_deref())?;
     crate::output::print(&reports::PolicyPushed { version, activates_in_s: wait, stored, state_sync, durability })
 }
 
@@ -910,7 +910,8 @@ fn durable(a: DurableCheckArgs) -> Result<(), CliError> {
     let digest = bundle::digest(&b.body_bytes);
     match kre.as_slice() {
         [one] => {
-            crate::output::print(&wait_durable(one, b.body.version, &digest, &durable, durable.receipt_out.as_deref())?)
+            let (durability, _) = wait_durable(one, b.body.version, &digest, &durable, durable.receipt_out.as_deref())?;
+            crate::output::print(&durability)
         }
         many => crate::output::print(&durable_at_members(many, &b.body, &digest, &durable)?),
     }
@@ -939,7 +940,7 @@ fn durable_at_members(
     let mut at: Vec<reports::MemberDurable> = Vec::with_capacity(kres.len());
     for (i, kre) in kres.iter().enumerate() {
         let out = args.receipt_out.as_ref().map(|p| PathBuf::from(format!("{}.{i}", p.display())));
-        let (durability, att) = wait_receipt(kre, body.version, digest, args, out.as_deref())
+        let (durability, att) = wait_durable(kre, body.version, digest, args, out.as_deref())
             .map_err(|e| CliError { message: format!("{kre}: {}", e.message), ..e })?;
         let generation = match durability {
             reports::Durability::Durable { generation, .. } => generation,
@@ -1011,18 +1012,8 @@ pub(crate) fn restore_chain(kre: &Addr, store: &BundleStore, after: u64) -> Resu
 
 /// Asks the KRE, in rounds of at most 5 s, until the committed sealed state carries bundle
 /// `(version, digest)` or `args.durable_within` has passed; checks and keeps the receipt.
+/// Returns it with the verified attestation of the KRE that gave it.
 fn wait_durable(
-    kre: &Addr,
-    version: u64,
-    digest: &[u8; 48],
-    args: &DurableArgs,
-    receipt_out: Option<&Path>,
-) -> Result<reports::Durability, CliError> {
-    wait_receipt(kre, version, digest, args, receipt_out).map(|(d, _)| d)
-}
-
-/// [`wait_durable`], with the verified attestation of the KRE that gave the receipt.
-fn wait_receipt(
     kre: &Addr,
     version: u64,
     digest: &[u8; 48],
