@@ -79,13 +79,27 @@ fn members_genesis(d: &Path) {
     );
 }
 
+/// The members' genesis (`members_genesis`) and member A, which does genesis with its
+/// custodians into `store` (`--state-dir DIR` or `--store URL`).
+fn genesis_on_a(d: &Path, store: &[String; 2]) -> DevKre {
+    members_genesis(d);
+    let a = member_kre(d, "a", "i-a");
+    ok(keygate(&["custodian", "init", "--kre", &a.parent(), &store[0], &store[1]]));
+    a
+}
+
+/// `keygate custodian unseal` by custodian `c` of `kre`, with `extra` arguments.
+fn unseal(d: &Path, kre: &DevKre, c: &str, extra: &[&str]) -> Output {
+    let mut args = keygate_tests::cluster::unseal_args(d, &kre.custodian(), c, KRE_PCR);
+    args.extend(extra.iter().map(|e| (*e).to_owned()));
+    keygate_args(&args)
+}
+
 /// Member A (genesis with its custodians into `etcd`) and member B joined from it; the store
 /// arguments.
 fn a_and_b_on_etcd(d: &Path, etcd: &keygate_tests::etcd::EtcdCluster) -> ([String; 2], DevKre, DevKre) {
     let store = ["--store".to_owned(), etcd.url("/cluster")];
-    members_genesis(d);
-    let a = member_kre(d, "a", "i-a");
-    ok(keygate(&["custodian", "init", "--kre", &a.parent(), &store[0], &store[1]]));
+    let a = genesis_on_a(d, &store);
     let b = member_kre(d, "b", "i-b");
     ok(join(&b, &a, &store));
     (store, a, b)
@@ -247,9 +261,7 @@ fn a_copy_unsealed_from_state_previous_waits_for_a_member_and_gets_the_revocatio
     let dir = TempDir::new("keygate-cluster-rollback").expect("tmp");
     let d = dir.path();
     let store = ["--state-dir".to_owned(), s(&d.join("state"))];
-    members_genesis(d);
-    let a = member_kre(d, "a", "i-a");
-    ok(keygate(&["custodian", "init", "--kre", &a.parent(), &store[0], &store[1]]));
+    let a = genesis_on_a(d, &store);
     ok(fetch(&a, &d.join("ka1")));
     let b = member_kre(d, "b", "i-b");
     ok(join(&b, &a, &store));
@@ -272,18 +284,13 @@ fn a_copy_unsealed_from_state_previous_waits_for_a_member_and_gets_the_revocatio
     }
     std::fs::rename(forked.join("state.previous"), forked.join("state.current")).expect("roll back");
     let fork_store = ["--state-dir".to_owned(), s(&forked)];
-    let unseal = |kre: &DevKre, c: &str, extra: &[&str]| {
-        let mut args = keygate_tests::cluster::unseal_args(d, &kre.custodian(), c, KRE_PCR);
-        args.extend(extra.iter().map(|e| (*e).to_owned()));
-        keygate_args(&args)
-    };
 
     // X on B's instance: generation 1 loaded, unsealed by c1 and c2 (no records yet).
     let x = member_kre(d, "x", "i-b");
     let out = ok(keygate(&["state", "sync", "--kre", &x.parent(), &fork_store[0], &fork_store[1]]));
     assert!(out.contains("handed stored generation 1"), "{out}");
-    ok(unseal(&x, "c1", &[]));
-    ok(unseal(&x, "c2", &[]));
+    ok(unseal(d, &x, "c1", &[]));
+    ok(unseal(d, &x, "c2", &[]));
     let out = ok(keygate(&["state", "sync", "--kre", &x.parent(), &fork_store[0], &fork_store[1]]));
     assert!(out.contains("waits for a serving member to confirm"), "{out}");
     refused(fetch(&x, &d.join("kx1")), "sealed");
@@ -301,10 +308,10 @@ fn a_copy_unsealed_from_state_previous_waits_for_a_member_and_gets_the_revocatio
     let y = member_kre(d, "y", "i-b");
     let sync = ["state", "sync", "--kre", &y.parent(), &fork_store[0], &fork_store[1], "--cold-start"];
     ok(keygate(&sync));
-    let e = unseal(&y, "c1", &[]);
+    let e = unseal(d, &y, "c1", &[]);
     exited(&e, 1, "asks for a cold start");
-    ok(unseal(&y, "c1", &["--cold-start"]));
-    ok(unseal(&y, "c2", &["--cold-start"]));
+    ok(unseal(d, &y, "c1", &["--cold-start"]));
+    ok(unseal(d, &y, "c2", &["--cold-start"]));
     ok(fetch(&y, &d.join("ky")));
     assert_eq!(
         std::fs::read(d.join("ky/etcd.key")).expect("key"),
@@ -372,26 +379,19 @@ fn with_every_member_down_a_cold_start_unseals_one_and_the_others_join_from_it()
     let dir = TempDir::new("keygate-cluster-cold").expect("tmp");
     let d = dir.path();
     let store = ["--state-dir".to_owned(), s(&d.join("state"))];
-    members_genesis(d);
-    let a = member_kre(d, "a", "i-a");
-    ok(keygate(&["custodian", "init", "--kre", &a.parent(), &store[0], &store[1]]));
+    let a = genesis_on_a(d, &store);
     let b = member_kre(d, "b", "i-b");
     ok(join(&b, &a, &store));
     ok(fetch(&b, &d.join("before")));
     a.kill();
     b.kill();
 
-    let unseal = |kre: &DevKre, c: &str, extra: &[&str]| {
-        let mut args = keygate_tests::cluster::unseal_args(d, &kre.custodian(), c, KRE_PCR);
-        args.extend(extra.iter().map(|e| (*e).to_owned()));
-        keygate_args(&args)
-    };
     let a = member_kre(d, "a", "i-a");
     let b = member_kre(d, "b", "i-b");
     let sync = ["state", "sync", "--kre", &a.parent(), &store[0], &store[1], "--cold-start"];
     ok(keygate(&sync));
-    ok(unseal(&a, "c1", &["--cold-start"]));
-    ok(unseal(&a, "c2", &["--cold-start"]));
+    ok(unseal(d, &a, "c1", &["--cold-start"]));
+    ok(unseal(d, &a, "c2", &["--cold-start"]));
     ok(fetch(&a, &d.join("a-after")));
     let out = ok(join(&b, &a, &store));
     assert!(out.contains("the KRE serves generation 1"), "{out}");
