@@ -397,11 +397,9 @@ fn unseal_old_copy(ctx: &Ctx, copy: &Kre, blob: &[u8]) -> Outcome {
     crate::cmd::custodian::state_report(&parent, &load)?;
     let root = path(&ctx.dir.join("root.pem"));
     expect_ok(&run(&ctx.exe, &["attestation", "mock-root", "--seed", SEED, "-o", &root].map(str::to_owned))?, "")?;
+    let custodian = format!("unix:{}.custodian", copy.sock.display());
     for c in ["c1", "c2"] {
-        let mut args = ["custodian", "unseal", "--kre"].map(str::to_owned).to_vec();
-        args.extend([format!("unix:{}.custodian", copy.sock.display()), "--key".into()]);
-        args.extend([path(&ctx.dir.join(format!("{c}.pem"))), "--root".into(), root.clone()]);
-        args.extend(keygate_tests::e2e::pcr_args("--expect-kre-pcr", KRE_PCR, 1));
+        let args = keygate_tests::cluster::unseal_args(&ctx.dir, &custodian, c, KRE_PCR);
         expect_ok(&run(&ctx.exe, &args)?, "")?;
     }
     let status = run(&ctx.exe, &["status".to_owned(), "--kre".into(), copy.parent()])?;
