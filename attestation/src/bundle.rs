@@ -14,6 +14,7 @@ use sha2::{Digest, Sha384};
 use crate::cbor::{self, Value};
 use crate::crypto::{Crypto, P384_POINT_LEN, P384_SIG_LEN};
 use crate::document::DocumentKind;
+use crate::freshness::{self, Freshness};
 use crate::members::{self, Member, MemberError};
 use crate::policy::{ClusterRule, ImageRule, ReleasePolicy};
 
@@ -68,6 +69,11 @@ pub struct PolicyBody {
     /// Empty for a body without a member list; such a body encodes exactly as before lists
     /// existed (9 fields), so its digest is unchanged.
     pub members: Vec<Member>,
+    /// The pipeline's timestamp key and the maximum age of its timestamps
+    /// ([`crate::freshness`]): `None` for a body without one, which encodes exactly as before
+    /// (an eleventh field, present only when set; the member list is then written even when
+    /// empty), so its digest is unchanged.
+    pub freshness: Option<Freshness>,
 }
 
 /// Why a bundle was refused.
@@ -185,8 +191,18 @@ fn encode_body_spelled(b: &PolicyBody, legacy: &LegacyKinds) -> Vec<u8> {
     let mut out = Vec::new();
     let uint = |out: &mut Vec<u8>, n: u64| cbor::encode_head(out, 0, n);
     let arr = |out: &mut Vec<u8>, n: usize| cbor::encode_head(out, 4, u64::try_from(n).unwrap_or(u64::MAX));
-    // A member list is a tenth field, present only when not empty.
-    arr(&mut out, if b.members.is_empty() { 9 } else { 10 });
+    // A member list is a tenth field, present only when not empty or followed by the
+    // freshness field (the eleventh, present only when set).
+    arr(
+        &mut out,
+        if b.freshness.is_some() {
+            11
+        } else if b.members.is_empty() {
+            9
+        } else {
+            10
+        },
+    );
     cbor::encode_text(&mut out, BODY_TAG);
     uint(&mut out, b.version);
     cbor::encode_bytes(&mut out, &b.previous);
@@ -232,10 +248,28 @@ fn encode_body_spelled(b: &PolicyBody, legacy: &LegacyKinds) -> Vec<u8> {
             uint(&mut out, u64::from(rule.kek_retire_below));
         }
     }
-    if !b.members.is_empty() {
+    if !b.members.is_empty() || b.freshness.is_some() {
         encode_members(&mut out, &b.members);
     }
+    if let Some(f) = &b.freshness {
+        arr(&mut out, 2);
+        cbor::encode_bytes(&mut out, &f.key);
+        uint(&mut out, f.max_age_s);
+    }
     out
+}
+
+/// Decodes and validates the freshness field: `[timestamp key, max age in seconds]`.
+fn decode_freshness(v: &Value<'_>, crypto: &dyn Crypto) -> Result<Freshness, BundleError> {
+    let f = array(v, 2, "freshness must be [timestamp key, max age in seconds]")?;
+    let key: ApproverKey =
+        bstr(&f[0])?.try_into().map_err(|_| BundleError::Malformed("timestamp key must be a P-384 point"))?;
+    crypto.validate_p384_point(&key).map_err(|_| BundleError::Malformed("timestamp key must be a P-384 point"))?;
+    let max_age_s = uint(&f[1])?;
+    if !(freshness::MIN_MAX_AGE_S..=freshness::MAX_MAX_AGE_S).contains(&max_age_s) {
+        return Err(BundleError::Malformed("timestamp max age must be 1 s to 7 days"));
+    }
+    Ok(Freshness { key, max_age_s })
 }
 
 /// The member list field: `[[name, pcr4, pcr3 / null], ...]`, sorted by name.
@@ -337,8 +371,8 @@ const SIGNATURE_FILE: Envelope = Envelope {
 const BODY_FILE: Envelope = Envelope {
     max: MAX_BODY,
     fields: 9,
-    optional: 1,
-    shape: "body must be an array of 9 (10 with members)",
+    optional: 2,
+    shape: "body must be an array of 9 (10 with members, 11 with a timestamp key)",
     tag: BODY_TAG,
     other_tag: "not a keygate policy body",
 };
@@ -492,6 +526,7 @@ pub fn decode_body(bytes: &[u8], crypto: &dyn Crypto) -> Result<PolicyBody, Bund
             Some(v) => decode_members(v)?,
             None => Vec::new(),
         },
+        freshness: f.get(10).map(|v| decode_freshness(v, crypto)).transpose()?,
     };
     // Canonical: re-encoding the decoded content must give the same bytes (sorted, distinct
     // sets; shortest integers; definite lengths). Two encodings of one policy cannot exist,

@@ -13,6 +13,7 @@ pub mod cose;
 pub mod crypto;
 pub mod document;
 pub mod error;
+pub mod freshness;
 mod kind;
 pub mod members;
 #[cfg(feature = "mock")]

@@ -70,6 +70,7 @@ fn body(
         threshold,
         policy: policy_with(images),
         members: Vec::new(),
+        freshness: None,
     }
 }
 

@@ -57,6 +57,7 @@ fn genesis_body(c: &Cluster) -> keygate_attestation::bundle::PolicyBody {
         threshold: 1,
         policy: common::prod_policy(1, 0),
         members: c.members.clone(),
+        freshness: None,
     }
 }
 

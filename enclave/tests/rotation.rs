@@ -99,6 +99,7 @@ impl Chain {
             threshold: 1,
             policy: policy(1, 0),
             members: Vec::new(),
+            freshness: None,
         };
         let bytes = bundle::encode_bundle(&bundle::encode_body(&body), &[]);
         (bytes, Self { key, last: body })
@@ -372,6 +373,7 @@ fn a_genesis_policy_with_a_later_kek_version_gets_it_in_the_next_generation() {
         threshold: 1,
         policy: policy(2, 0),
         members: Vec::new(),
+        freshness: None,
     };
     let genesis = bundle::encode_bundle(&bundle::encode_body(&body), &[]);
     let kre = committed_kre(&genesis);

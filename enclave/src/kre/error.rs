@@ -7,6 +7,7 @@
 
 use keygate_attestation::bundle::BundleError;
 use keygate_attestation::crypto::CryptoError;
+use keygate_attestation::freshness::FreshnessError;
 use keygate_attestation::policy::{MismatchDetail, PolicyDenial};
 use keygate_attestation::{NsmError, VerifyError};
 
@@ -176,6 +177,14 @@ pub enum Error {
     /// The bundle does not apply.
     #[error("{0}")]
     BundleRefused(BundleError),
+    /// A pushed policy timestamp is refused (malformed, not the policy's key, a bad signature,
+    /// from the future).
+    #[error("timestamp refused: {0}")]
+    TimestampRefused(FreshnessError),
+    /// The newest policy names a timestamp key and no timestamp lets releases go on: none, too
+    /// old, for another version, or one saying this KRE is behind.
+    #[error("policy not fresh: {0}")]
+    PolicyNotFresh(FreshnessError),
     /// The bundle's approver set holds one of this KRE's custodian keys (one key, one purpose).
     #[error("custodian key {index} of this KRE is an approver key of the bundle: a key is a custodian or an approver, never both")]
     ApproverIsCustodian {
@@ -281,7 +290,7 @@ impl From<&Error> for DenyCode {
             }
             E::StateKeks(KekError::Audit(_)) => Self::AuditFull,
             E::Sealed(_) | E::NothingCommitted => Self::Sealed,
-            E::PolicyForked(_) | E::PolicyBehind { .. } => Self::PolicyStale,
+            E::PolicyForked(_) | E::PolicyBehind { .. } | E::PolicyNotFresh(_) => Self::PolicyStale,
             E::DebugAttestation | E::PolicyDebugMode => Self::DebugMode,
             E::AttestationInvalid(_) => Self::AttestationInvalid,
             E::ReplayedChallenge | E::ChallengeReused => Self::NonceReused,
@@ -300,9 +309,11 @@ impl From<&Error> for DenyCode {
             E::Policy(_) => Self::ImageNotAllowed,
             E::KekNotStored(_) | E::KekVersionNotStored { .. } => Self::StatePending,
             E::PolicyStatic => Self::PolicyStatic,
-            E::BundleRefused(_) | E::BundleForked { .. } | E::NotAccepted(_) | E::ApproverIsCustodian { .. } => {
-                Self::PolicyRefused
-            }
+            E::BundleRefused(_)
+            | E::TimestampRefused(_)
+            | E::BundleForked { .. }
+            | E::NotAccepted(_)
+            | E::ApproverIsCustodian { .. } => Self::PolicyRefused,
             E::NoDurability
             | E::NoCustodians
             | E::Vault(_)
@@ -490,10 +501,12 @@ mod tests {
             E::Join(_) => 58,
             E::Joiner(_) => 59,
             E::JoinWhileServing => 60,
+            E::TimestampRefused(_) => 61,
+            E::PolicyNotFresh(_) => 62,
         }
     }
 
-    const VARIANTS: usize = 61;
+    const VARIANTS: usize = 63;
 
     /// One value of every variant with the code it must map to (and, where the code depends
     /// on the data, one more).
@@ -548,6 +561,8 @@ mod tests {
             (E::Wrap(CryptoError::Kdf), C::Internal),
             (E::PolicyStatic, C::PolicyStatic),
             (E::BundleRefused(BundleError::TooLarge(1)), C::PolicyRefused),
+            (E::TimestampRefused(FreshnessError::WrongKey), C::PolicyRefused),
+            (E::PolicyNotFresh(FreshnessError::Missing), C::PolicyStale),
             (E::BundleForked { version: 2, recorded: [0; 48] }, C::PolicyRefused),
             (E::ApproverIsCustodian { index: 1 }, C::PolicyRefused),
             (E::PolicyNotRecorded(full()), C::AuditFull),

@@ -145,6 +145,13 @@ pub enum Event {
         /// When it is fully in force (ms).
         activates_at_ms: u64,
     },
+    /// A pipeline timestamp was taken (`keygate_attestation::freshness`).
+    PolicyTimestamp {
+        /// The policy version the held timestamp names.
+        version: u64,
+        /// When it was issued (ms).
+        issued_ms: u64,
+    },
     /// Audit entries were handed out.
     AuditPulled {
         /// Entries in the batch.
@@ -354,6 +361,13 @@ impl Kre {
 
     /// A JSON status report (never secret).
     pub fn status_json(&self) -> String {
+        self.status_json_at(None)
+    }
+
+    /// [`Self::status_json`], with the time until which the pipeline's timestamp lets releases
+    /// go on when `now_ms` is given (`policy_fresh_until_ms`; null when not fresh, or when the
+    /// policy needs no timestamp).
+    pub fn status_json_at(&self, now_ms: Option<u64>) -> String {
         let a = self.audit().status();
         let head = self.policy_head();
         serde_json::json!({
@@ -362,6 +376,11 @@ impl Kre {
             "policy_digest": head.map(|(_, d)| hex::encode(d)),
             "policy_durable_version": self.committed_policy_version(),
             "policy_in_force_not_durable": self.policy.in_force_not_durable(),
+            "policy_timestamp": self.policy.timestamp().map(|(version, issued_ms)| serde_json::json!({
+                "version": version,
+                "issued_ms": issued_ms,
+            })),
+            "policy_fresh_until_ms": now_ms.and_then(|now| self.policy.check_fresh(now).ok().flatten()),
             "live_challenges": self.live_challenges(),
             "answers": self.tally.json(),
             "members": self.members_json(),
@@ -382,6 +401,26 @@ impl Kre {
             },
         })
         .to_string()
+    }
+
+    /// Takes a pipeline timestamp pushed as `bytes` (`PolicyBook::take_timestamp`, with this
+    /// KRE's allowed clock skew).
+    fn take_timestamp(
+        &self,
+        bytes: &[u8],
+        now_ms: u64,
+    ) -> Result<keygate_attestation::freshness::Timestamp, error::Denial> {
+        let skew = u64::try_from(self.config.clock_skew.as_millis()).unwrap_or(u64::MAX);
+        self.policy
+            .take_timestamp(self.crypto, bytes, now_ms, skew)
+            .map_err(|e| error::Denial::at(error::Stage::Policy { version: None, digest: None }, e))
+    }
+
+    /// When `t` stops letting releases go on under the newest policy's maximum age (its issue
+    /// time when the policy names no timestamp key).
+    fn fresh_until(&self, t: &keygate_attestation::freshness::Timestamp) -> u64 {
+        let age = self.policy.freshness().map_or(0, |f| f.max_age_s.saturating_mul(1000));
+        t.issued_ms.saturating_add(age)
     }
 
     /// The signed policy's newest version and digest (`None` with a static policy file).

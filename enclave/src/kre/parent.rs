@@ -68,7 +68,7 @@ impl ParentConnection {
             Message::AuditAck { up_to_seq } => audit_ack(kre, up_to_seq),
             Message::PolicyDurableWait { version, digest, .. } => policy_durable(kre, version, &digest, now_ms),
             Message::Status => Ok(Step {
-                reply: encode(Message::StatusReport { json: kre.status_json() }, "status")?,
+                reply: encode(Message::StatusReport { json: kre.status_json_at(Some(now_ms)) }, "status")?,
                 close: true,
                 event: Event::StatusReported,
             }),
@@ -94,6 +94,18 @@ impl ParentConnection {
                 // and KEKs its policy names that the adopted state lacks, go to the next export.
                 kre.after_unseal(now_ms);
                 report_step(kre.state_report()?, "adopt")
+            }
+            Message::PolicyPush { bundle } if keygate_attestation::freshness::is_timestamp(&bundle) => {
+                // A pipeline timestamp rides the same courier as bundles; the answer names the
+                // timestamp held afterwards and, as `activates_at_ms`, when it stops counting.
+                let t = kre.take_timestamp(&bundle, now_ms)?;
+                let (version, digest) = (t.version, t.digest);
+                let activates_at_ms = kre.fresh_until(&t);
+                Ok(Step {
+                    reply: encode(Message::PolicyAccepted { version, digest, activates_at_ms }, "timestamp accepted")?,
+                    close: true,
+                    event: Event::PolicyTimestamp { version, issued_ms: t.issued_ms },
+                })
             }
             Message::PolicyPush { bundle } => {
                 let r = kre.push_policy(&bundle, now_ms)?;

@@ -9,6 +9,7 @@
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use keygate_attestation::bundle::{self, ApplyReport, PolicyState};
+use keygate_attestation::freshness::{self, Freshness, Timestamp};
 use keygate_attestation::policy::ReleasePolicy;
 
 use crate::audit::AuditEvent;
@@ -41,11 +42,20 @@ pub(super) struct PolicyBook {
     source: RwLock<PolicySource>,
     /// (version, digest) of every bundle accepted in this run, to check the sealed policy head.
     history: Mutex<Vec<(u64, [u8; 48])>>,
+    /// The newest pipeline timestamp taken ([`freshness`]): it names the newest policy the
+    /// pipeline vouches for and when. Kept in memory only: after a restart releases wait for
+    /// the next one.
+    timestamp: Mutex<Option<Timestamp>>,
 }
 
 impl PolicyBook {
     pub(super) fn new(source: PolicySource) -> Self {
-        let book = Self { writer: Mutex::new(()), source: RwLock::new(source), history: Mutex::new(Vec::new()) };
+        let book = Self {
+            writer: Mutex::new(()),
+            source: RwLock::new(source),
+            history: Mutex::new(Vec::new()),
+            timestamp: Mutex::new(None),
+        };
         if let Some(head) = book.head() {
             lock(&book.history).push(head);
         }
@@ -123,6 +133,49 @@ impl PolicyBook {
 
     fn writer(&self) -> MutexGuard<'_, ()> {
         lock(&self.writer)
+    }
+
+    /// The timestamp key and maximum age the newest signed policy names (none with a static
+    /// policy file).
+    pub(super) fn freshness(&self) -> Option<Freshness> {
+        match &*self.source() {
+            PolicySource::Static(_) => None,
+            PolicySource::Signed(s, _) => s.latest().bundle.body.freshness.clone(),
+        }
+    }
+
+    /// Whether releases may go on at `now_ms` as far as the pipeline's timestamps go
+    /// ([`freshness::check`] on the newest policy's head); the time until which they may.
+    pub(super) fn check_fresh(&self, now_ms: u64) -> Result<Option<u64>, Error> {
+        let Some(head) = self.head() else { return Ok(None) };
+        let freshness = self.freshness();
+        freshness::check(freshness.as_ref(), lock(&self.timestamp).as_ref(), head, now_ms)
+            .map_err(Error::PolicyNotFresh)
+    }
+
+    /// The held timestamp as the status reports it: (version, issued_ms).
+    pub(super) fn timestamp(&self) -> Option<(u64, u64)> {
+        lock(&self.timestamp).as_ref().map(|t| (t.version, t.issued_ms))
+    }
+
+    /// Takes a pushed timestamp (`bytes`): it must be signed by the newest policy's timestamp
+    /// key and not issued after `now_ms` + `skew_ms`; it replaces the held one only when it
+    /// names a newer version or is a later one of the same ([`freshness::supersedes`]), so a
+    /// replayed older timestamp changes nothing. Returns the timestamp held afterwards.
+    pub(super) fn take_timestamp(
+        &self,
+        crypto: &dyn keygate_attestation::crypto::Crypto,
+        bytes: &[u8],
+        now_ms: u64,
+        skew_ms: u64,
+    ) -> Result<Timestamp, Error> {
+        let t = freshness::decode(bytes).map_err(Error::TimestampRefused)?;
+        freshness::verify(crypto, self.freshness().as_ref(), &t, now_ms, skew_ms).map_err(Error::TimestampRefused)?;
+        let mut held = lock(&self.timestamp);
+        if freshness::supersedes(&t, held.as_ref()) {
+            *held = Some(t.clone());
+        }
+        Ok(held.clone().unwrap_or(t))
     }
 }
 

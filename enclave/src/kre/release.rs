@@ -166,6 +166,13 @@ fn release(
             return Err(with(e, &requester));
         }
     }
+    // The pipeline's word that the newest policy is still the newest, when the policy asks
+    // for it: without it, a copy kept on an old policy would release for as long as its
+    // parent liked.
+    if let Err(e) = kre.policy.check_fresh(env.now_ms) {
+        forget();
+        return Err(with(e, &requester));
+    }
 
     // The attestation document: chain, signature, limits, time.
     let opts = VerifyOptions {

@@ -164,6 +164,7 @@ fn write_ahead(event: &Event) -> bool {
         | Event::AuditAcked { .. }
         | Event::StatusReported
         | Event::PolicyDurable { .. }
+        | Event::PolicyTimestamp { .. }
         | Event::UnsealOffered
         | Event::Denied { .. } => false,
     }
@@ -298,6 +299,9 @@ fn log_event(peer: &str, event: &Event) {
         Event::StatusReported => tracing::debug!(%peer, "status reported"),
         Event::PolicyDurable { version, generation } => {
             tracing::info!(%peer, version, generation, "policy durable: receipt sent");
+        }
+        Event::PolicyTimestamp { version, issued_ms } => {
+            tracing::debug!(%peer, version, issued_ms, "policy timestamp held");
         }
         Event::State { step, generation } => tracing::info!(%peer, step, generation, "sealed state step"),
         Event::UnsealOffered => tracing::info!(%peer, "unseal offer sent to a custodian"),

@@ -629,6 +629,7 @@ fn init(a: InitArgs) -> Result<(), CliError> {
         threshold,
         policy: ReleasePolicy::default(),
         members: Vec::new(),
+        freshness: None,
     };
     let d = write_bundle(&out, &body, &[])?;
     crate::output::print(&reports::PolicyInit {

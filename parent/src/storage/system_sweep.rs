@@ -63,6 +63,7 @@ fn bundles() -> (Vec<u8>, Vec<u8>) {
         threshold: 1,
         policy: policy(&[("prod", 1)]),
         members: Vec::new(),
+        freshness: None,
     };
     let gb = bundle::encode_body(&g);
     // v2 adds a cluster (a new KEK) and rotates prod's KEK to version 2.

@@ -29,6 +29,7 @@ pub(crate) fn test_bundle(version: u64, salt: u64) -> (Vec<u8>, [u8; 48]) {
         threshold: 1,
         policy: keygate_enclave::policy_file::parse(br#"{"clusters": {}}"#).expect("policy"),
         members: Vec::new(),
+        freshness: None,
     };
     let b = bundle::encode_body(&body);
     (bundle::encode_bundle(&b, &[]), bundle::digest(&b))
