@@ -380,6 +380,7 @@ impl Kre {
                 "version": version,
                 "issued_ms": issued_ms,
             })),
+            "policy_timestamp_max_age_s": self.policy.freshness().map(|f| f.max_age_s),
             "policy_fresh_until_ms": now_ms.and_then(|now| self.policy.check_fresh(now).ok().flatten()),
             "live_challenges": self.live_challenges(),
             "answers": self.tally.json(),

@@ -28,6 +28,8 @@ use crate::error::CliError;
 use crate::kre_client::{self, KreError};
 use crate::storage::bundles::{BundleStore, BundleStoreError};
 
+mod timestamp;
+
 /// Largest key or bundle file read.
 const MAX_FILE: u64 = 128 * 1024;
 
@@ -59,6 +61,9 @@ pub(crate) enum PolicyCommand {
     Durable(DurableCheckArgs),
     /// Push every stored bundle to a restarted KRE, oldest first.
     Restore(RestoreArgs),
+    /// Sign a timestamp for the newest bundle with the pipeline's timestamp key (push it with
+    /// `policy push`).
+    Timestamp(timestamp::TimestampArgs),
 }
 
 /// The arguments of `policy init`.
@@ -76,6 +81,8 @@ pub(crate) struct InitArgs {
     /// Issue time: Unix seconds or RFC 3339 in UTC (default: now).
     #[arg(long, value_name = "TIME", value_parser = super::args::parse_time)]
     issued_at: Option<u64>,
+    #[command(flatten)]
+    freshness: timestamp::FreshnessArgs,
     /// Where the genesis bundle is written.
     #[arg(short = 'o', long)]
     out: PathBuf,
@@ -125,6 +132,8 @@ pub(crate) struct ProposeArgs {
     /// Remove a cluster member by name (at once: a removal tightens). Repeatable.
     #[arg(long = "remove-member", value_name = "NAME")]
     remove_members: Vec<String>,
+    #[command(flatten)]
+    freshness: timestamp::FreshnessArgs,
     /// Issue time: Unix seconds or RFC 3339 in UTC (default: now).
     #[arg(long, value_name = "TIME", value_parser = super::args::parse_time)]
     issued_at: Option<u64>,
@@ -515,6 +524,13 @@ fn diff(old: &PolicyBody, new: &PolicyBody) -> Vec<String> {
     if old.activation_delay != new.activation_delay {
         out.push(format!("  ~ activation delay: {} s -> {} s", old.activation_delay, new.activation_delay));
     }
+    if old.freshness != new.freshness {
+        out.push(format!(
+            "  ~ {} -> {}",
+            freshness_line(old.freshness.as_ref()),
+            freshness_line(new.freshness.as_ref())
+        ));
+    }
     if out.is_empty() {
         out.push("  (no change to the allowed images or approvers)".into());
     }
@@ -544,7 +560,16 @@ fn body_text(b: &PolicyBody, digest: &[u8; 48]) -> String {
     for m in &b.members {
         let _ = writeln!(s, "  {}", member_line(m));
     }
+    let _ = writeln!(s, "  {}", freshness_line(b.freshness.as_ref()));
     s
+}
+
+/// The policy's freshness in one line.
+fn freshness_line(f: Option<&keygate_attestation::freshness::Freshness>) -> String {
+    match f {
+        Some(f) => format!("timestamps: key {}, max age {} s", fingerprint(&f.key), f.max_age_s),
+        None => "timestamps: not required".to_owned(),
+    }
 }
 
 fn body_json(b: &PolicyBody, digest: &[u8; 48], signatures: usize) -> serde_json::Value {
@@ -587,6 +612,11 @@ fn body_json(b: &PolicyBody, digest: &[u8; 48], signatures: usize) -> serde_json
             "pcr4": hex::encode(m.pcr4),
             "pcr3": m.pcr3.map(hex::encode),
         })).collect::<Vec<_>>(),
+        "timestamps": b.freshness.as_ref().map(|f| serde_json::json!({
+            "key": hex::encode(f.key),
+            "key_fingerprint": fingerprint(&f.key),
+            "max_age_s": f.max_age_s,
+        })),
         "signatures": signatures,
     })
 }
@@ -611,12 +641,16 @@ pub(crate) fn run(cmd: PolicyCommand) -> Result<(), CliError> {
         PolicyCommand::Push(a) => push_bundle(a),
         PolicyCommand::Durable(a) => durable(a),
         PolicyCommand::Restore(a) => restore(a),
+        PolicyCommand::Timestamp(a) => timestamp::sign(a),
     }
 }
 
 /// `policy init`: the genesis bundle.
 fn init(a: InitArgs) -> Result<(), CliError> {
-    let InitArgs { approvers, threshold, activation_delay, issued_at, out } = a;
+    let InitArgs { approvers, threshold, activation_delay, issued_at, freshness, out } = a;
+    if freshness.removes() {
+        return Err(CliError::input("--no-timestamp: a genesis bundle has no timestamp key to remove"));
+    }
     let mut keys = approvers.iter().map(|p| load_public(p)).collect::<Result<Vec<_>, _>>()?;
     keys.sort();
     keys.dedup();
@@ -629,7 +663,7 @@ fn init(a: InitArgs) -> Result<(), CliError> {
         threshold,
         policy: ReleasePolicy::default(),
         members: Vec::new(),
-        freshness: None,
+        freshness: freshness.apply(None)?,
     };
     let d = write_bundle(&out, &body, &[])?;
     crate::output::print(&reports::PolicyInit {
@@ -656,6 +690,7 @@ fn propose(a: ProposeArgs) -> Result<(), CliError> {
         threshold,
         members,
         remove_members,
+        freshness,
         issued_at,
         out,
     } = a;
@@ -718,6 +753,7 @@ fn propose(a: ProposeArgs) -> Result<(), CliError> {
     }
     apply_kek_changes(&mut body.policy, &rotate, &retire)?;
     apply_member_changes(&mut body.members, &members, &remove_members)?;
+    body.freshness = freshness.apply(body.freshness.take())?;
     let d = write_bundle(&out, &body, &[])?;
     let changes = diff(&current.body, &body);
     crate::output::print(&reports::PolicyProposal::new(reports::path(&out), body.version, hex::encode(d), &changes))
@@ -874,6 +910,9 @@ fn show(a: ShowArgs) -> Result<(), CliError> {
 fn push_bundle(a: PushArgs) -> Result<(), CliError> {
     let PushArgs { bundle: path, kre, store, state_dir, durable } = a;
     let bytes = read(&path)?;
+    if timestamp::is_timestamp(&bytes) {
+        return timestamp::push(&path, &kre, store.as_ref());
+    }
     let b = bundle::decode_bundle(&bytes, crypto()).map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
     let digest = bundle::digest(&b.body_bytes);
     let mut kept = store.as_ref().map(BundleStore::open).transpose().map_err(stored_error)?;
@@ -1008,7 +1047,28 @@ pub(crate) fn restore_chain(kre: &Addr, store: &BundleStore, after: u64) -> Resu
             Err(e) => return Err(CliError::refused(format!("{}: {}", kept.name(f), push_refused(e).message))),
         }
     }
+    // The pipeline's newest timestamp, which a KRE whose policy names a timestamp key needs
+    // before it releases (held in memory only, so lost at every restart).
+    if policy_needs_timestamps(kre)? {
+        timestamp::replay(kre, &mut kept)?;
+    }
     Ok(pushed)
+}
+
+/// Pushes the timestamp kept in `kept` to the KRE (the daemon's replay).
+pub(crate) fn replay_timestamp(kre: &Addr, kept: &mut crate::storage::bundles::Bundles) -> Result<bool, CliError> {
+    timestamp::replay(kre, kept)
+}
+
+/// Whether the KRE's newest policy names a timestamp key (its status).
+fn policy_needs_timestamps(kre: &Addr) -> Result<bool, CliError> {
+    let json = match kre_client::ask(kre, &Message::Status, kre_client::DEFAULT_TIMEOUT)? {
+        Message::StatusReport { json } => json,
+        m => return Err(kre_client::unexpected(&m)),
+    };
+    let status: serde_json::Value =
+        serde_json::from_str(&json).map_err(|e| CliError::refused(format!("malformed status from the KRE: {e}")))?;
+    Ok(status["policy_timestamp_max_age_s"].as_u64().is_some())
 }
 
 /// Asks the KRE, in rounds of at most 5 s, until the committed sealed state carries bundle

@@ -162,6 +162,17 @@ fn table(kre: &str, r: &Value) -> String {
             }
         ),
     ));
+    if let Some(max_age) = r.pointer("/policy_timestamp_max_age_s").and_then(Value::as_u64) {
+        let held = match (
+            r.pointer("/policy_timestamp/version").and_then(Value::as_u64),
+            r.pointer("/policy_fresh_until_ms").and_then(Value::as_u64),
+        ) {
+            (_, Some(until)) => format!("releases may go on until {}", super::args::format_time_ms(until)),
+            (Some(v), None) => format!("the held timestamp (policy version {v}) does not let releases go on"),
+            (None, None) => "no timestamp held: releases wait for one".to_owned(),
+        };
+        rows.push(("Timestamps", format!("{held} (max age {max_age} s)")));
+    }
     rows.push((
         "Audit",
         format!(

@@ -115,6 +115,22 @@ pub(crate) enum BundleStoreError {
         /// The key.
         key: String,
     },
+    /// A stored or offered value that is not a policy timestamp.
+    #[error("{key} does not hold a policy timestamp: {reason}")]
+    NotATimestamp {
+        /// The key or file.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+    /// Other writers kept changing the key.
+    #[error("{key} changed under {tries} attempts to write it")]
+    Contended {
+        /// The key.
+        key: String,
+        /// Attempts made.
+        tries: usize,
+    },
     /// The write was confirmed but reading it back gave other bytes.
     #[error("{key} reads back other bytes than were written")]
     ReadBackMismatch {
@@ -402,6 +418,8 @@ impl Bundles {
         Ok(v)
     }
 }
+
+mod timestamp;
 
 #[cfg(test)]
 mod real_tests;

@@ -53,6 +53,30 @@ pub(crate) fn should_restore(report: &Value) -> bool {
     serving && durable > held
 }
 
+/// Whether to look for a newer pipeline timestamp for the KRE whose status is `report` at
+/// `now_ms`: its policy names a timestamp key, and it holds none that lets it release, or the
+/// one it holds is past half its maximum age (the pipeline signs more often than that, so a
+/// member whose pipeline pushes go elsewhere gets them from the shared store in time).
+pub(crate) fn should_push_timestamp(report: &Value, now_ms: u64) -> bool {
+    let Some(max_age_s) = report.pointer("/policy_timestamp_max_age_s").and_then(Value::as_u64) else {
+        return false;
+    };
+    match report.pointer("/policy_fresh_until_ms").and_then(Value::as_u64) {
+        None => true,
+        Some(until) => until.saturating_sub(now_ms) < max_age_s.saturating_mul(1000) / 2,
+    }
+}
+
+/// Whether `kept` (a timestamp's bytes) is newer than the one the KRE's status reports.
+fn kept_is_newer(report: &Value, kept: &[u8]) -> bool {
+    let Ok(t) = keygate_attestation::freshness::decode(kept) else { return false };
+    let held = report
+        .pointer("/policy_timestamp/version")
+        .and_then(Value::as_u64)
+        .zip(report.pointer("/policy_timestamp/issued_ms").and_then(Value::as_u64));
+    held.is_none_or(|h| (t.version, t.issued_ms) > h)
+}
+
 /// `members` in the order to ask them: a random permutation, `draw(n)` giving a number in
 /// `0..n` (Fisher–Yates); each member exactly once.
 pub(crate) fn order(members: &[Addr], mut draw: impl FnMut(u32) -> u32) -> Vec<Addr> {
@@ -104,6 +128,13 @@ pub(crate) async fn round(
                 )));
             }
             return Ok(());
+        }
+        if let Some(store) = bundles.as_ref().filter(|_| should_push_timestamp(&report, crate::cmd::attestation::now_ms())) {
+            let mut kept = store.open().map_err(policy::stored_error)?;
+            if kept.timestamp().map_err(policy::stored_error)?.is_some_and(|t| kept_is_newer(&report, &t)) {
+                policy::replay_timestamp(&kre, &mut kept)?;
+                tracing::info!(task = "member join", store = %store, "the kept policy timestamp pushed");
+            }
         }
         let Some(at) = at.filter(|_| !members.is_empty() && should_join(&report)) else { return Ok(()) };
         let mut failures = Vec::new();
@@ -182,6 +213,30 @@ mod tests {
         for (r, restore) in rows {
             assert_eq!(should_restore(&r), restore, "{r}");
         }
+    }
+
+    #[test]
+    fn looks_for_a_timestamp_only_when_the_policy_needs_one_and_the_held_one_is_missing_or_half_old() {
+        let now = 1_000_000;
+        let rows = [
+            (json!({"policy_version": 2}), false),
+            (json!({"policy_timestamp_max_age_s": 60, "policy_fresh_until_ms": null}), true),
+            (json!({"policy_timestamp_max_age_s": 60, "policy_fresh_until_ms": now + 59_000}), false),
+            (json!({"policy_timestamp_max_age_s": 60, "policy_fresh_until_ms": now + 30_000}), false),
+            (json!({"policy_timestamp_max_age_s": 60, "policy_fresh_until_ms": now + 29_999}), true),
+            (json!({"policy_timestamp_max_age_s": 60, "policy_fresh_until_ms": now - 1}), true),
+        ];
+        for (r, look) in rows {
+            assert_eq!(should_push_timestamp(&r, now), look, "{r}");
+        }
+        use keygate_attestation::freshness::{encode, Timestamp};
+        let kept = encode(&Timestamp { version: 3, digest: [0; 48], issued_ms: 500, key: [4; 97], signature: [0; 96] });
+        assert!(kept_is_newer(&json!({}), &kept));
+        assert!(kept_is_newer(&json!({"policy_timestamp": {"version": 3, "issued_ms": 499}}), &kept));
+        assert!(kept_is_newer(&json!({"policy_timestamp": {"version": 2, "issued_ms": 900}}), &kept));
+        assert!(!kept_is_newer(&json!({"policy_timestamp": {"version": 3, "issued_ms": 500}}), &kept));
+        assert!(!kept_is_newer(&json!({"policy_timestamp": {"version": 4, "issued_ms": 1}}), &kept));
+        assert!(!kept_is_newer(&json!({}), b"not a timestamp"));
     }
 
     fn addrs(n: usize) -> Vec<Addr> {
