@@ -82,7 +82,7 @@ impl Bundles {
                     Err(source) => {
                         return Err(BundleStoreError::Io { context: format!("reading {}", path.display()), source })
                     }
-                    Ok(m) if m.len() > freshness::MAX_TIMESTAMP as u64 => {
+                    Ok(m) if m.len() > u64::try_from(freshness::MAX_TIMESTAMP).unwrap_or(u64::MAX) => {
                         return Err(BundleStoreError::TooLarge {
                             what: path.display().to_string(),
                             len: usize::try_from(m.len()).unwrap_or(usize::MAX),
