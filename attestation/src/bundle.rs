@@ -259,6 +259,16 @@ fn encode_body_spelled(b: &PolicyBody, legacy: &LegacyKinds) -> Vec<u8> {
     out
 }
 
+/// Whether `new` asks less of timestamps than `old`: none where there was one, a longer
+/// maximum age, or another key (trusted only after the activation delay).
+fn freshness_loosens(old: Option<&Freshness>, new: Option<&Freshness>) -> bool {
+    match (old, new) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(o), Some(n)) => n.key != o.key || n.max_age_s > o.max_age_s,
+    }
+}
+
 /// Decodes and validates the freshness field: `[timestamp key, max age in seconds]`.
 fn decode_freshness(v: &Value<'_>, crypto: &dyn Crypto) -> Result<Freshness, BundleError> {
     let f = array(v, 2, "freshness must be [timestamp key, max age in seconds]")?;
@@ -715,7 +725,10 @@ impl PolicyState {
             }
         }
         let adds_member = candidate.body.members.iter().any(|m| !active.members.contains(m));
-        let loosens = rotates || adds_member || loosens(&active.policy, &candidate.body.policy);
+        let loosens = rotates
+            || adds_member
+            || freshness_loosens(active.freshness.as_ref(), candidate.body.freshness.as_ref())
+            || loosens(&active.policy, &candidate.body.policy);
         let delay_s = candidate.body.activation_delay.max(active.activation_delay);
         let activates_at_ms = if loosens { now_ms.saturating_add(delay_s.saturating_mul(1000)) } else { now_ms };
         for (id, v) in kek_versions(&candidate.body.policy) {
@@ -765,6 +778,25 @@ impl PolicyState {
             }
             Some((p, _)) => p.bundle.body.members.clone(),
             None => active.clone(),
+        }
+    }
+
+    /// The timestamp requirement in force at `now_ms` ([`crate::freshness`]). While a loosening
+    /// bundle waits, the stricter of the active and the pending bundle's: a requirement added
+    /// holds at once; one dropped, a longer maximum age or another key waits for the activation
+    /// (meanwhile the active bundle's key signs, with the shorter maximum age).
+    pub fn freshness_in_force(&self, now_ms: u64) -> Option<Freshness> {
+        let active = self.active.bundle.body.freshness.as_ref();
+        match &self.pending {
+            Some((p, at)) if now_ms < *at => match (active, p.bundle.body.freshness.as_ref()) {
+                (None, f) | (f, None) => f.cloned(),
+                (Some(a), Some(n)) if a.key == n.key => {
+                    Some(Freshness { key: a.key, max_age_s: a.max_age_s.min(n.max_age_s) })
+                }
+                (Some(a), Some(_)) => Some(a.clone()),
+            },
+            Some((p, _)) => p.bundle.body.freshness.clone(),
+            None => active.cloned(),
         }
     }
 

@@ -936,3 +936,70 @@ fn members_are_added_after_the_delay_and_removed_at_once() {
         Err(BundleError::BelowThreshold { .. })
     ));
 }
+
+/// The freshness a test body names: the key of approver `i`'s seed under another label.
+fn stamper(i: u8, max_age_s: u64) -> keygate_attestation::freshness::Freshness {
+    let k = derive_key(b"timestamps", &format!("stamper-{i}"));
+    keygate_attestation::freshness::Freshness { key: point(&k), max_age_s }
+}
+
+#[test]
+fn a_timestamp_key_is_an_eleventh_field_written_only_when_set_and_strictly_checked() {
+    let (_, gd) = genesis();
+    let plain = next(gd, vec![image("a", 0xa)]);
+    let before = bundle::encode_body(&plain);
+    let with = PolicyBody { freshness: Some(stamper(1, 300)), ..plain.clone() };
+    let bytes = bundle::encode_body(&with);
+    assert_eq!(bytes[0], 0x8b, "an array of 11: the member list is written, empty, before it");
+    let decoded = bundle::decode_body(&bytes, default_backend()).expect("decodes");
+    assert_eq!((decoded.freshness.clone(), bundle::encode_body(&decoded)), (with.freshness.clone(), bytes.clone()));
+    assert_eq!(bundle::encode_body(&PolicyBody { freshness: None, ..with.clone() }), before, "unchanged without it");
+
+    // Ten fields whose member list is empty are another encoding of the body without members.
+    let mut ten = before.clone();
+    ten[0] = 0x8a;
+    ten.push(0x80);
+    assert_eq!(bundle::decode_body(&ten, default_backend()), Err(BundleError::NotCanonical));
+    for (max_age_s, ok) in [(0, false), (1, true), (7 * 24 * 3600, true), (7 * 24 * 3600 + 1, false)] {
+        let b = bundle::encode_body(&PolicyBody { freshness: Some(stamper(1, max_age_s)), ..plain.clone() });
+        assert_eq!(bundle::decode_body(&b, default_backend()).is_ok(), ok, "max age {max_age_s}");
+    }
+    let mut bad_key = bytes.clone();
+    let at = bad_key.len() - 60; // inside the key's point
+    bad_key[at] ^= 0x55;
+    assert_eq!(
+        bundle::decode_body(&bad_key, default_backend()),
+        Err(BundleError::Malformed("timestamp key must be a P-384 point"))
+    );
+}
+
+#[test]
+fn requiring_timestamps_holds_at_once_and_dropping_or_widening_them_waits_for_the_delay() {
+    let (mut g, gd) = genesis();
+    assert_eq!(g.freshness_in_force(NOW_MS), None);
+    // Added: a tightening, at once.
+    let v2 = PolicyBody { freshness: Some(stamper(1, 60)), ..next(gd, vec![image("a", 0xa)]) };
+    let r = g.apply(&bundle_bytes(&v2, &[1, 2]), NOW_MS, default_backend()).expect("v2");
+    assert!(!r.loosens);
+    assert_eq!(g.freshness_in_force(NOW_MS), Some(stamper(1, 60)));
+
+    // A longer maximum age, another key, or none: each waits; meanwhile the stricter holds.
+    let later = NOW_MS + 3_600_000;
+    for (f, meanwhile) in [
+        (Some(stamper(1, 600)), Some(stamper(1, 60))),
+        (Some(stamper(2, 30)), Some(stamper(1, 60))),
+        (None, Some(stamper(1, 60))),
+    ] {
+        let mut s = g.clone();
+        let v3 = PolicyBody { freshness: f.clone(), ..after(&v2, v2.clone()) };
+        let r = s.apply(&bundle_bytes(&v3, &[1, 2]), NOW_MS + 1000, default_backend()).expect("v3");
+        assert!(r.loosens, "{f:?}");
+        assert_eq!(s.freshness_in_force(NOW_MS + 1000), meanwhile, "{f:?}");
+        assert_eq!(s.freshness_in_force(later + 2000), f, "after the delay: {f:?}");
+    }
+    // A shorter maximum age is a tightening: at once.
+    let mut s = g.clone();
+    let v3 = PolicyBody { freshness: Some(stamper(1, 10)), ..after(&v2, v2.clone()) };
+    assert!(!s.apply(&bundle_bytes(&v3, &[1, 2]), NOW_MS + 1000, default_backend()).expect("v3").loosens);
+    assert_eq!(s.freshness_in_force(NOW_MS + 1000), Some(stamper(1, 10)));
+}

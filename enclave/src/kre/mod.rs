@@ -380,7 +380,7 @@ impl Kre {
                 "version": version,
                 "issued_ms": issued_ms,
             })),
-            "policy_timestamp_max_age_s": self.policy.freshness().map(|f| f.max_age_s),
+            "policy_timestamp_max_age_s": now_ms.and_then(|now| self.policy.freshness(now)).map(|f| f.max_age_s),
             "policy_fresh_until_ms": now_ms.and_then(|now| self.policy.check_fresh(now).ok().flatten()),
             "live_challenges": self.live_challenges(),
             "answers": self.tally.json(),
@@ -419,8 +419,8 @@ impl Kre {
 
     /// When `t` stops letting releases go on under the newest policy's maximum age (its issue
     /// time when the policy names no timestamp key).
-    fn fresh_until(&self, t: &keygate_attestation::freshness::Timestamp) -> u64 {
-        let age = self.policy.freshness().map_or(0, |f| f.max_age_s.saturating_mul(1000));
+    fn fresh_until(&self, t: &keygate_attestation::freshness::Timestamp, now_ms: u64) -> u64 {
+        let age = self.policy.freshness(now_ms).map_or(0, |f| f.max_age_s.saturating_mul(1000));
         t.issued_ms.saturating_add(age)
     }
 

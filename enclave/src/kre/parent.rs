@@ -100,7 +100,7 @@ impl ParentConnection {
                 // timestamp held afterwards and, as `activates_at_ms`, when it stops counting.
                 let t = kre.take_timestamp(&bundle, now_ms)?;
                 let (version, digest) = (t.version, t.digest);
-                let activates_at_ms = kre.fresh_until(&t);
+                let activates_at_ms = kre.fresh_until(&t, now_ms);
                 Ok(Step {
                     reply: encode(Message::PolicyAccepted { version, digest, activates_at_ms }, "timestamp accepted")?,
                     close: true,

@@ -135,12 +135,12 @@ impl PolicyBook {
         lock(&self.writer)
     }
 
-    /// The timestamp key and maximum age the newest signed policy names (none with a static
-    /// policy file).
-    pub(super) fn freshness(&self) -> Option<Freshness> {
+    /// The timestamp key and maximum age in force at `now_ms` (none with a static policy
+    /// file; a loosening of them waits for the activation delay, `PolicyState::freshness_in_force`).
+    pub(super) fn freshness(&self, now_ms: u64) -> Option<Freshness> {
         match &*self.source() {
             PolicySource::Static(_) => None,
-            PolicySource::Signed(s, _) => s.latest().bundle.body.freshness.clone(),
+            PolicySource::Signed(s, _) => s.freshness_in_force(now_ms),
         }
     }
 
@@ -148,7 +148,7 @@ impl PolicyBook {
     /// ([`freshness::check`] on the newest policy's head); the time until which they may.
     pub(super) fn check_fresh(&self, now_ms: u64) -> Result<Option<u64>, Error> {
         let Some(head) = self.head() else { return Ok(None) };
-        let freshness = self.freshness();
+        let freshness = self.freshness(now_ms);
         freshness::check(freshness.as_ref(), lock(&self.timestamp).as_ref(), head, now_ms)
             .map_err(Error::PolicyNotFresh)
     }
@@ -170,7 +170,8 @@ impl PolicyBook {
         skew_ms: u64,
     ) -> Result<Timestamp, Error> {
         let t = freshness::decode(bytes).map_err(Error::TimestampRefused)?;
-        freshness::verify(crypto, self.freshness().as_ref(), &t, now_ms, skew_ms).map_err(Error::TimestampRefused)?;
+        freshness::verify(crypto, self.freshness(now_ms).as_ref(), &t, now_ms, skew_ms)
+            .map_err(Error::TimestampRefused)?;
         let mut held = lock(&self.timestamp);
         if freshness::supersedes(&t, held.as_ref()) {
             *held = Some(t.clone());
