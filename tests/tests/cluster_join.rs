@@ -400,3 +400,64 @@ fn with_every_member_down_a_cold_start_unseals_one_and_the_others_join_from_it()
     assert_eq!(key("a-after"), key("before"));
     assert_eq!(key("b-after"), key("before"));
 }
+
+/// ROTE-style catching up: a joiner asks every listed member at once and takes the newest
+/// offer. A commits generation 2 (a KEK rotation) to etcd; B's parent has not synced, so B still
+/// serves generation 1. A second KRE on B's instance (the same member), joining from B alone,
+/// gets B's offer of generation 1, which its parent cannot complete (the shared store's newest
+/// is generation 2); joining from B and A, it serves A's generation 2. A member that does not
+/// answer is skipped, and with no offer at all the join fails naming every member's reason.
+#[test]
+fn a_joiner_asking_several_members_takes_the_newest_offer() {
+    let etcd = keygate_tests::etcd::EtcdCluster::start(1).unwrap_or_else(|e| panic!("{e}"));
+    let dir = TempDir::new("keygate-cluster-newest").expect("tmp");
+    let d = dir.path();
+    let (store, a, b) = a_and_b_on_etcd(d, &etcd);
+    let v2 = rotating_bundle(d, &d.join("genesis.bundle"), "v2");
+    ok(keygate(&["policy", "push", &s(&v2), "--kre", &a.parent(), "--durable-within", "0"]));
+    let out = ok(keygate(&["state", "sync", "--kre", &a.parent(), &store[0], &store[1]]));
+    assert!(out.contains("committed generation 2"), "{out}");
+
+    let join_many = |kre: &DevKre, from: &[&DevKre]| {
+        let mut args = vec!["member".to_owned(), "join".into(), "--kre".into(), kre.parent()];
+        for f in from {
+            args.extend(["--from".into(), f.member()]);
+        }
+        args.extend(store.iter().cloned());
+        keygate_args(&args)
+    };
+    let from_b_only = member_kre(d, "b-copy-1", "i-b");
+    refused(join_many(&from_b_only, &[&b]), "holds generation 2, not the generation 1 the serving member vouched for");
+    let out = ok(join_many(&from_b_only, &[&b, &a]));
+    assert!(out.contains(&format!("joined from {}: the KRE serves generation 2", a.member())), "{out}");
+
+    let gone = d.join("nobody.sock.member");
+    let out = ok(keygate_args(&[
+        "member".into(),
+        "join".into(),
+        "--kre".into(),
+        member_kre(d, "b-copy-2", "i-b").parent(),
+        "--from".into(),
+        format!("unix:{}", gone.display()),
+        "--from".into(),
+        b.member(),
+        "--from".into(),
+        a.member(),
+        store[0].clone(),
+        store[1].clone(),
+    ]));
+    assert!(out.contains(&format!("joined from {}: the KRE serves generation 2", a.member())), "{out}");
+
+    let lonely = member_kre(d, "b-copy-3", "i-b");
+    let o = keygate_args(&[
+        "member".into(),
+        "join".into(),
+        "--kre".into(),
+        lonely.parent(),
+        "--from".into(),
+        format!("unix:{}", gone.display()),
+        store[0].clone(),
+        store[1].clone(),
+    ]);
+    refused(o, "no serving member offered its state");
+}

@@ -691,14 +691,14 @@ pub(super) fn cluster_tour(tour: &mut Tour) -> Result<(), CliError> {
     let addr = |s: String| s.parse().map_err(|e| CliError::input(format!("{s}: {e}")));
     let at = StateAt::Etcd(ctx.store.parse().map_err(|e| CliError::input(format!("{}: {e}", ctx.store)))?);
     let forged =
-        crate::cmd::member::join_handing(&addr(copy.parent())?, &addr(unix(&a.member_sock()))?, &at, |mut stored| {
+        crate::cmd::member::join_handing(&addr(copy.parent())?, &[addr(unix(&a.member_sock()))?], &at, |mut stored| {
             stored.blob = old_blob.to_vec();
             stored
         });
     tour.step(
         "a copy of member c (its own instance i-c) joins from a, but its parent hands it the stored generation 1 instead of the generation 2 a vouched for: the copy refuses it",
         match forged {
-            Ok(r) => Err(format!("the copy took it and serves generation {}", r.committed_generation).into()),
+            Ok((r, _)) => Err(format!("the copy took it and serves generation {}", r.committed_generation).into()),
             Err(e) if e.message.contains("state_refused") => Ok(format!("refused: {}", e.message)),
             Err(e) => Err(format!("refused for another reason: {}", e.message).into()),
         },

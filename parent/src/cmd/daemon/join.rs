@@ -2,8 +2,9 @@
 //! restart, the daemon joins it from another member, as `keygate member join` does, instead
 //! of waiting for an operator or M custodians. It decides, without I/O, when to join (the
 //! KRE's status says it awaits its state, or that it holds a stored state no custodian has
-//! begun to unseal) and whom to ask (every listed member once, in a random order, so that
-//! restarted members spread over the serving ones); the join itself is the verb's code, and
+//! begun to unseal) and in which order to list the members (random, so that among equally new
+//! offers restarted members spread over the serving ones); the join itself is the verb's code
+//! (every listed member asked at once, the newest offer taken), and
 //! both KREs check everything (`docs/cluster.md`). With `policy_store` it also replays the
 //! kept bundles (`policy restore`) when the KRE's policy is behind the head its committed
 //! state records, as it is after a join, an adoption or an unseal: releases wait
@@ -94,10 +95,10 @@ fn os_draw(n: u32) -> u32 {
     rand_core::RngCore::next_u32(&mut rand_core::OsRng) % n.max(1)
 }
 
-/// One round of the task: asks the KRE's status; when [`should_join`], tries the members in
-/// a random order until one join succeeds. Each attempt's failure is logged with the member
-/// and the reason and counted; the round fails (and the task backs off) when every member
-/// failed. A KRE that does not answer is not the join's failure (the status task reports it):
+/// One round of the task: asks the KRE's status; when [`should_join`], joins it from the
+/// newest offer of the listed members (asked at once, listed in a random order). A failed join
+/// is logged with every member's reason and counted; the round then fails (and the task backs
+/// off). A KRE that does not answer is not the join's failure (the status task reports it):
 /// the round does nothing. With `bundles`, a KRE that joined, or serves behind its committed
 /// policy head ([`should_restore`]), gets the kept bundles replayed; a failed replay fails the
 /// round.
@@ -137,33 +138,29 @@ pub(crate) async fn round(
             }
         }
         let Some(at) = at.filter(|_| !members.is_empty() && should_join(&report)) else { return Ok(()) };
-        let mut failures = Vec::new();
-        for from in order(&members, os_draw) {
-            let started = Instant::now();
-            match member::join(&kre, &from, &at) {
-                Ok(r) => {
-                    if let Some(m) = &metrics {
-                        m.member_join(true);
-                    }
-                    tracing::info!(
-                        task = "member join",
-                        from = %from,
-                        generation = r.committed_generation,
-                        elapsed_ms = started.elapsed().as_millis(),
-                        "the KRE joined from a member and serves"
-                    );
-                    return replay("joined").map(|_| ());
+        let started = Instant::now();
+        match member::join(&kre, &order(&members, os_draw), &at) {
+            Ok((r, from)) => {
+                if let Some(m) = &metrics {
+                    m.member_join(true);
                 }
-                Err(e) => {
-                    if let Some(m) = &metrics {
-                        m.member_join(false);
-                    }
-                    tracing::warn!(task = "member join", from = %from, error = %e.message, "a join failed");
-                    failures.push(format!("{from}: {}", e.message));
+                tracing::info!(
+                    task = "member join",
+                    from = %from,
+                    generation = r.committed_generation,
+                    elapsed_ms = started.elapsed().as_millis(),
+                    "the KRE joined from a member and serves"
+                );
+                replay("joined").map(|_| ())
+            }
+            Err(e) => {
+                if let Some(m) = &metrics {
+                    m.member_join(false);
                 }
+                tracing::warn!(task = "member join", error = %e.message, "a join failed");
+                Err(CliError::refused(format!("no member joined the KRE ({})", e.message)))
             }
         }
-        Err(CliError::refused(format!("no member joined the KRE ({})", failures.join("; "))))
     })
     .await
 }
