@@ -76,11 +76,14 @@ pub(crate) fn run(cmd: MemberCommand) -> Result<(), CliError> {
                 (None, Some(dir)) => StateAt::Dir(dir),
                 (None, None) => return Err(CliError::input("give --state-dir DIR or --store URL")),
             };
-            let (r, from) = join(&a.kre, &a.from, &at)?;
+            let j = join(&a.kre, &a.from, &at)?;
+            for why in &j.skipped {
+                crate::output::warn(&format!("warning: no offer from {why}"), why);
+            }
             crate::output::print(&Joined {
-                generation: r.committed_generation,
-                phase: r.phase,
-                from: from.to_string(),
+                generation: j.report.committed_generation,
+                phase: j.report.phase,
+                from: j.from.to_string(),
                 elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             })
         }
@@ -144,6 +147,15 @@ fn stored(at: &StateAt, generation: u64, sha: &[u8; 48]) -> Result<Stored, CliEr
     Ok(Stored { blob: loaded.blob, shares, genesis_attestation })
 }
 
+/// A join that succeeded: the joining KRE's report, the member whose offer it took, and why
+/// each member that offered nothing did not (its address first).
+#[derive(Debug)]
+pub(crate) struct JoinedFrom {
+    pub(crate) report: StateReport,
+    pub(crate) from: Addr,
+    pub(crate) skipped: Vec<String>,
+}
+
 /// How long the other members are waited for once one member has offered.
 pub(crate) const LATE_OFFERS: Duration = Duration::from_millis(250);
 
@@ -194,7 +206,7 @@ async fn ask_member(from: &Addr, request: &[u8], timeout: Duration) -> (Vec<u8>,
 /// member channels are `from` (all asked at once, the newest offer taken), the stored state at
 /// `at`; returns the joining KRE's state report and the member whose offer it took.
 /// `keygate member join` and the daemon's member join task (`join_from`) both run it.
-pub(crate) fn join(kre: &Addr, from: &[Addr], at: &StateAt) -> Result<(StateReport, Addr), CliError> {
+pub(crate) fn join(kre: &Addr, from: &[Addr], at: &StateAt) -> Result<JoinedFrom, CliError> {
     join_handing(kre, from, at, |stored| stored)
 }
 
@@ -205,7 +217,7 @@ pub(crate) fn join_handing(
     from: &[Addr],
     at: &StateAt,
     hand: impl FnOnce(Stored) -> Stored,
-) -> Result<(StateReport, Addr), CliError> {
+) -> Result<JoinedFrom, CliError> {
     let timeout = kre_client::DEFAULT_TIMEOUT;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -248,7 +260,7 @@ pub(crate) fn join_handing(
     })?;
     let answers: Vec<Answer> = offers.iter().map(|(_, a)| a.clone()).collect();
     let Some(best) = choose(&answers) else {
-        let why: Vec<String> = answers.into_iter().filter_map(Result::err).collect();
+        let why: Vec<String> = answers.iter().filter_map(|a| a.clone().err()).collect();
         return Err(CliError::refused(format!("no serving member offered its state: {}", why.join("; "))));
     };
     let (offer, _) = offers.swap_remove(best);
@@ -260,7 +272,11 @@ pub(crate) fn join_handing(
     let finish =
         Message::JoinFinish { offer, blob: s.blob, shares: s.shares, genesis_attestation: s.genesis_attestation };
     match rt.block_on(kre.ask(&finish))? {
-        Message::StateReport(r) => Ok((*r, from[best].clone())),
+        Message::StateReport(r) => Ok(JoinedFrom {
+            report: *r,
+            from: from[best].clone(),
+            skipped: answers.into_iter().filter_map(Result::err).collect(),
+        }),
         m => Err(kre_client::unexpected(&m)),
     }
 }

@@ -698,7 +698,7 @@ pub(super) fn cluster_tour(tour: &mut Tour) -> Result<(), CliError> {
     tour.step(
         "a copy of member c (its own instance i-c) joins from a, but its parent hands it the stored generation 1 instead of the generation 2 a vouched for: the copy refuses it",
         match forged {
-            Ok((r, _)) => Err(format!("the copy took it and serves generation {}", r.committed_generation).into()),
+            Ok(j) => Err(format!("the copy took it and serves generation {}", j.report.committed_generation).into()),
             Err(e) if e.message.contains("state_refused") => Ok(format!("refused: {}", e.message)),
             Err(e) => Err(format!("refused for another reason: {}", e.message).into()),
         },

@@ -140,14 +140,20 @@ pub(crate) async fn round(
         let Some(at) = at.filter(|_| !members.is_empty() && should_join(&report)) else { return Ok(()) };
         let started = Instant::now();
         match member::join(&kre, &order(&members, os_draw), &at) {
-            Ok((r, from)) => {
+            Ok(j) => {
+                // One count per member asked: ok for the offer taken, failed for each member
+                // that offered nothing (logged with its reason).
                 if let Some(m) = &metrics {
                     m.member_join(true);
+                    j.skipped.iter().for_each(|_| m.member_join(false));
+                }
+                for why in &j.skipped {
+                    tracing::warn!(task = "member join", error = %why, "a member offered nothing");
                 }
                 tracing::info!(
                     task = "member join",
-                    from = %from,
-                    generation = r.committed_generation,
+                    from = %j.from,
+                    generation = j.report.committed_generation,
                     elapsed_ms = started.elapsed().as_millis(),
                     "the KRE joined from a member and serves"
                 );
@@ -155,7 +161,7 @@ pub(crate) async fn round(
             }
             Err(e) => {
                 if let Some(m) = &metrics {
-                    m.member_join(false);
+                    members.iter().for_each(|_| m.member_join(false));
                 }
                 tracing::warn!(task = "member join", error = %e.message, "a join failed");
                 Err(CliError::refused(format!("no member joined the KRE ({})", e.message)))
