@@ -140,8 +140,9 @@ async fn daemon(cfg: Config) -> Result<(), CliError> {
             move || join::round(kre.clone(), members.clone(), at.clone(), bundles.clone(), m.clone()),
         ));
     }
-    if let Some(dir) = cfg.audit_dir.clone() {
-        let follower = Arc::new(Mutex::new(Follower::new(cfg.kre_parent.clone(), dir, cfg.audit_follow)));
+    let audit = cfg.audit_store.clone().or_else(|| cfg.audit_dir.clone().map(crate::storage::audit::AuditStore::Dir));
+    if let Some(store) = audit {
+        let follower = Arc::new(Mutex::new(Follower::new(cfg.kre_parent.clone(), store, cfg.audit_follow)));
         tasks.spawn(supervise(
             "audit pull",
             stop.clone(),
