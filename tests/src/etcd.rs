@@ -248,6 +248,9 @@ impl EtcdCluster {
     }
 }
 
+/// A key and its value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 impl EtcdCluster {
     /// Puts `key` = `value` through the first running member's JSON gateway (`/v3/kv/put`):
     /// what a test does to etcd behind keygate's back (a tampered record).
@@ -257,7 +260,7 @@ impl EtcdCluster {
     }
 
     /// The keys and values in `[start, end)` (at most 10,000), through the JSON gateway.
-    pub fn range(&self, start: &[u8], end: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, EtcdClusterError> {
+    pub fn range(&self, start: &[u8], end: &[u8]) -> Result<Vec<KeyValue>, EtcdClusterError> {
         use base64::Engine as _;
         let body = serde_json::json!({ "key": b64(start), "range_end": b64(end), "limit": 10_000 });
         let answer = self.gateway("/v3/kv/range", &body)?;

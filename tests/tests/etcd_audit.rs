@@ -139,7 +139,7 @@ fn the_daemon_follows_the_trail_into_etcd_across_a_kill_and_export_then_verify_p
     let base = format!("{PREFIX}/audit/{chain}");
     let stored = loop {
         let keys = etcd.range(format!("{base}/e/").as_bytes(), format!("{base}/e0").as_bytes()).expect("range");
-        if keys.len() as u64 >= last || start.elapsed() > Duration::from_secs(20) {
+        if u64::try_from(keys.len()).expect("count") >= last || start.elapsed() > Duration::from_secs(20) {
             break keys;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -148,13 +148,14 @@ fn the_daemon_follows_the_trail_into_etcd_across_a_kill_and_export_then_verify_p
         .iter()
         .map(|(k, _)| String::from_utf8_lossy(k).rsplit('/').next().and_then(|n| n.parse().ok()).expect("seq"))
         .collect();
-    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "no gap");
-    assert!(seqs.len() as u64 >= last && last >= 7, "stored {} of the KRE's {last}", seqs.len());
+    let n = u64::try_from(seqs.len()).expect("count");
+    assert_eq!(seqs, (1..=n).collect::<Vec<_>>(), "no gap");
+    assert!(n >= last && last >= 7, "stored {n} of the KRE's {last}");
     drop(daemon);
     // `audit pull --store` (one-shot, as another parent would): nothing new, the same head.
     let parent = format!("unix:{}.parent", d.join("kre.sock").display());
     let out = ok(keygate(&["audit", "pull", "--kre", &parent, "--store", &url]));
-    assert!(out.contains(&format!("{base} (last seq {})", seqs.len())), "{out}");
+    assert!(out.contains(&format!("{base} (last seq {n})")), "{out}");
 
     let export = d.join("export");
     let out = ok(keygate(&["audit", "export", "--store", &url, "--dir", &s(&export)]));
@@ -162,7 +163,7 @@ fn the_daemon_follows_the_trail_into_etcd_across_a_kill_and_export_then_verify_p
     let v = verify(&s(&export), &d.join("root.pem"));
     let j: serde_json::Value = serde_json::from_slice(&v.stdout).expect("verify JSON");
     assert_eq!(v.status.code(), Some(0), "{j} {}", String::from_utf8_lossy(&v.stderr));
-    assert_eq!((j["ok"].as_bool(), j["last_seq"].as_u64()), (Some(true), Some(seqs.len() as u64)), "{j}");
+    assert_eq!((j["ok"].as_bool(), j["last_seq"].as_u64()), (Some(true), Some(n)), "{j}");
     // `audit verify` reads etcd directly as well.
     let v = verify(&url, &d.join("root.pem"));
     assert_eq!(v.status.code(), Some(0), "{}", String::from_utf8_lossy(&v.stderr));

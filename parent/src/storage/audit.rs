@@ -322,16 +322,18 @@ pub(crate) fn batches(keys: &ChainKeys, seen: Option<&[u8]>, head: Head, plan: &
     out
 }
 
+/// A key and its value.
+pub(crate) type Pair = (Vec<u8>, Vec<u8>);
+
 /// What the etcd store needs beyond [`Kv`] and [`KeyRange`]: the keys and values of a range,
 /// bounded in count.
 pub(crate) trait KvRange {
     /// At most `limit` (key, value) pairs in `[start, end)`, in order, and whether there are more.
-    #[allow(clippy::type_complexity)]
-    fn range(&mut self, start: &[u8], end: &[u8], limit: usize) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, bool), EtcdError>;
+    fn range(&mut self, start: &[u8], end: &[u8], limit: usize) -> Result<(Vec<Pair>, bool), EtcdError>;
 }
 
 impl KvRange for EtcdClient {
-    fn range(&mut self, start: &[u8], end: &[u8], limit: usize) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, bool), EtcdError> {
+    fn range(&mut self, start: &[u8], end: &[u8], limit: usize) -> Result<(Vec<Pair>, bool), EtcdError> {
         let (kvs, more) = EtcdClient::range(self, start, end, i64::try_from(limit).unwrap_or(i64::MAX))?;
         Ok((kvs.into_iter().map(|kv| (kv.key, kv.value)).collect(), more))
     }

@@ -10,8 +10,8 @@ use super::*;
 use crate::storage::etcd::tests::MemKv;
 
 impl KvRange for MemKv {
-    fn range(&mut self, start: &[u8], end: &[u8], limit: usize) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, bool), EtcdError> {
-        let all: Vec<(Vec<u8>, Vec<u8>)> =
+    fn range(&mut self, start: &[u8], end: &[u8], limit: usize) -> Result<(Vec<Pair>, bool), EtcdError> {
+        let all: Vec<Pair> =
             self.map.range(start.to_vec()..end.to_vec()).map(|(k, v)| (k.clone(), v.clone())).collect();
         let more = all.len() > limit;
         Ok((all.into_iter().take(limit).collect(), more))
@@ -159,10 +159,13 @@ fn a_pull_that_does_not_continue_the_chain_is_refused_with_the_directory_s_error
     assert_eq!(s.read(&chain).expect("read").entries, es[..2]);
 }
 
+/// What another writer does (on the same store).
+type OtherWriter = Box<dyn FnOnce(&mut EtcdAudit<MemKv>)>;
+
 /// A [`MemKv`] on which another writer appends just before this writer's first transaction.
 struct Racing {
     kv: MemKv,
-    other: Option<Box<dyn FnOnce(&mut EtcdAudit<MemKv>)>>,
+    other: Option<OtherWriter>,
     /// Drop the head condition from this writer's transactions (what the race shows wrong).
     without_head_condition: bool,
 }
@@ -194,7 +197,7 @@ impl KeyRange for Racing {
 }
 
 impl KvRange for Racing {
-    fn range(&mut self, start: &[u8], end: &[u8], limit: usize) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, bool), EtcdError> {
+    fn range(&mut self, start: &[u8], end: &[u8], limit: usize) -> Result<(Vec<Pair>, bool), EtcdError> {
         self.kv.range(start, end, limit)
     }
 }
@@ -212,7 +215,7 @@ fn race(without_head_condition: bool) -> Result<(), String> {
     let chain = *es[0].chain_id();
     let mut first = store();
     first.append(&chain, &es, &[]).expect("entries 1-3");
-    let other: Box<dyn FnOnce(&mut EtcdAudit<MemKv>)> = Box::new(move |a| {
+    let other: OtherWriter = Box::new(move |a| {
         a.append(&chain, &[], std::slice::from_ref(&cp3)).expect("A stores a checkpoint at seq 3");
     });
     let mut b = EtcdAudit::new(Racing { kv: first.kv, other: Some(other), without_head_condition }, "/kg");
