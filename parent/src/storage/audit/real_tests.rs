@@ -2,6 +2,7 @@
 //! [`EtcdCluster`]): two writers racing on one chain, a member killed mid-run, and how long
 //! an append takes next to the directory's fsync.
 
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use keygate_tests::etcd::EtcdCluster;
@@ -9,47 +10,47 @@ use keygate_tests::etcd::EtcdCluster;
 use super::tests::{grow, log};
 use super::*;
 
+/// Entries per step of the racing writers.
+const STEP: usize = 5;
+
 fn open(c: &EtcdCluster, prefix: &str) -> EtcdAudit<EtcdClient> {
     let url: EtcdUrl = c.url(prefix).parse().expect("url");
     EtcdAudit::connect(&url).expect("connect")
 }
 
-/// Two parents pull the same KRE chain in different batch sizes at the same time: each seq is
+/// Two parents pull the same KRE chain at the same time, step by step: each seq is
 /// written by exactly one of them, the other's transaction does not apply and it plans again
 /// (skipping what the first stored); the stored trail is the chain, once.
 #[test]
 fn two_writers_racing_on_one_chain_in_a_real_etcd_write_each_seq_once() {
     let c = EtcdCluster::start(3).unwrap_or_else(|e| panic!("{e}"));
     let mut l = log(7);
-    let es = grow(&mut l, 1, 600);
+    let es = grow(&mut l, 1, 300);
     let chain = *es[0].chain_id();
-    let run =
-        |mut s: EtcdAudit<EtcdClient>, es: Vec<AuditEntry>, step: usize, go: std::sync::Arc<std::sync::Barrier>| {
-            std::thread::spawn(move || {
-                let (mut written, mut replans) = (0, 0);
-                let mut at = 0;
+    // Both writers take the same steps, each step started together (a barrier): each pull
+    // reaches the same seq, in a window of its own (a re-pull overlaps what was stored).
+    let run = |mut s: EtcdAudit<EtcdClient>, es: Vec<AuditEntry>, overlap: usize, go: Arc<Barrier>| {
+        std::thread::spawn(move || {
+            let (mut written, mut replans) = (0, 0);
+            for to in (STEP..=es.len()).step_by(STEP) {
                 go.wait();
-                while at < es.len() {
-                    // Each pull overlaps the one before (as a follower's re-pull after a restart).
-                    let from = at.saturating_sub(3);
-                    let to = (at + step).min(es.len());
-                    let r = s.append(&chain, &es[from..to], &[]).expect("append");
-                    // What is acknowledged is stored: this pull, or more (the other writer's).
-                    assert!(r.report.last_seq >= u64::try_from(to).expect("small"), "{r:?}");
-                    written += r.report.entries_written;
-                    replans += r.replans;
-                    at = to;
-                }
-                (written, replans)
-            })
-        };
+                let from = to.saturating_sub(STEP + overlap);
+                let r = s.append(&chain, &es[from..to], &[]).expect("append");
+                // What is acknowledged is stored: this pull, or more (the other writer's).
+                assert!(r.report.last_seq >= u64::try_from(to).expect("small"), "{r:?}");
+                written += r.report.entries_written;
+                replans += r.replans;
+            }
+            (written, replans)
+        })
+    };
     // Both must have written and lost at least once for the race to have happened; under
     // load one may run ahead, so a few rounds (each on a new prefix).
     for round in 0..5 {
         let prefix = format!("/race{round}");
-        let go = std::sync::Arc::new(std::sync::Barrier::new(2));
-        let a = run(open(&c, &prefix), es.clone(), 5, go.clone());
-        let b = run(open(&c, &prefix), es.clone(), 7, go);
+        let go = Arc::new(Barrier::new(2));
+        let a = run(open(&c, &prefix), es.clone(), 0, go.clone());
+        let b = run(open(&c, &prefix), es.clone(), 3, go);
         let (wa, ra) = a.join().expect("writer a");
         let (wb, rb) = b.join().expect("writer b");
         eprintln!("racing writers: a wrote {wa}, b wrote {wb}; re-planned {ra} + {rb} times");
