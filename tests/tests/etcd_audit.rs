@@ -167,6 +167,9 @@ fn the_daemon_follows_the_trail_into_etcd_across_a_kill_and_export_then_verify_p
     // `audit verify` reads etcd directly as well.
     let v = verify(&url, &d.join("root.pem"));
     assert_eq!(v.status.code(), Some(0), "{}", String::from_utf8_lossy(&v.stderr));
+    // `audit show` reads etcd directly: the same records as the export.
+    let from_etcd = ok(keygate(&["audit", "show", &url, "--json"]));
+    assert_eq!(from_etcd, ok(keygate(&["audit", "show", &s(&export), "--json"])));
     // An export never writes over files.
     let again = keygate(&["audit", "export", "--store", &url, "--dir", &s(&export)]);
     assert_eq!(again.status.code(), Some(1), "{}", String::from_utf8_lossy(&again.stderr));

@@ -214,7 +214,8 @@ fn check_receipts(
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct ShowArgs {
-    /// The audit directory.
+    /// The audit directory, or etcd://HOST:PORT[,…][/PREFIX] (every run stored there, one
+    /// after the other).
     dir: PathBuf,
     /// One JSON object per line (entries, then checkpoints).
     #[arg(long)]
@@ -929,9 +930,29 @@ fn summary_text(dir: &Path, s: &TrailSummary) -> String {
 }
 
 fn show(a: ShowArgs) -> Result<(), CliError> {
-    let trail = read(&a.dir)?;
+    let Some(url) = a.dir.to_str().filter(|d| d.trim().starts_with("etcd://")) else {
+        let trail = read(&a.dir)?;
+        print!("{}", render(&trail, a.json));
+        return Ok(());
+    };
+    let url: EtcdUrl = url.parse().map_err(|e| CliError::input(format!("{url}: {e}")))?;
+    let runs = etcd_runs(&url)?;
+    if runs.is_empty() {
+        return Err(CliError::refused(format!("no audit trail is stored under {url}")));
+    }
+    for (_, name, trail) in &runs {
+        if !a.json {
+            println!("run {}", name.display());
+        }
+        print!("{}", render(trail, a.json));
+    }
+    Ok(())
+}
+
+/// A stored trail as `audit show` prints it: a table, or JSON Lines.
+fn render(trail: &StoredTrail, json: bool) -> String {
     let mut out = String::new();
-    if a.json {
+    if json {
         for e in &trail.entries {
             let _ = writeln!(out, "{}", entry_json(e));
         }
@@ -973,8 +994,7 @@ fn show(a: ShowArgs) -> Result<(), CliError> {
             trail.checkpoints.len()
         );
     }
-    print!("{out}");
-    Ok(())
+    out
 }
 
 fn short(d: &[u8]) -> String {

@@ -1,7 +1,7 @@
 //! `keygate parent --config FILE`: the parent instance's side as one supervised daemon. It runs,
 //! as tasks of one process, the proxy of the release channel (and of the custodian channel
 //! when configured), `state sync` following (with a state directory or an etcd store) and
-//! `audit pull` following (with an audit directory), and with `join_from` the member join of
+//! `audit pull` following (with an audit directory or store), and with `join_from` the member join of
 //! a KRE awaiting its state, with `policy_store` the replay of the kept bundles to a KRE
 //! behind its committed policy head (join.rs), each the verb's own code. It decides which
 //! tasks run, that a failed step is retried (supervise.rs) rather than ending the daemon, and the stop:
