@@ -34,7 +34,9 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use keygate_enclave::audit::store::{plan_append, AppendPlan, AppendReport, StoreError, StoredTrail};
+use keygate_enclave::audit::store::{
+    plan_append, AppendPlan, AppendReport, StoreError, StoredTrail, MAX_CHECKPOINTS_FILE, MAX_ENTRIES_FILE,
+};
 use keygate_enclave::audit::{AuditEntry, Checkpoint, DecodeError, MAX_CHECKPOINT_LEN, MAX_ENTRY_LEN};
 
 use super::bundles::KeyRange;
@@ -50,7 +52,8 @@ pub(crate) const MAX_TXN_BYTES: usize = 1 << 20;
 pub(crate) const MAX_ATTEMPTS: usize = 16;
 /// The longest head value.
 pub(crate) const MAX_HEAD: usize = 256;
-/// Most entries one chain read holds.
+/// Most entries one chain read holds (and at most as many bytes as the directory's
+/// `entries.log`, `MAX_ENTRIES_FILE`; checkpoints as its `checkpoints.log`).
 pub(crate) const MAX_CHAIN_ENTRIES: usize = 4 << 20;
 /// Most checkpoints one chain read holds.
 pub(crate) const MAX_CHAIN_CHECKPOINTS: usize = 1 << 20;
@@ -524,9 +527,14 @@ impl<K: Kv + KeyRange + KvRange> EtcdAudit<K> {
     /// verified: `audit verify` checks the trail as it checks a directory's).
     pub(crate) fn read(&mut self, chain: &[u8; 48]) -> Result<StoredTrail, AuditStoreError> {
         let keys = self.keys(chain);
-        let entries = self.read_records(&keys, 'e', MAX_ENTRY_LEN, MAX_CHAIN_ENTRIES, AuditEntry::decode)?;
-        let checkpoints =
-            self.read_records(&keys, 'c', MAX_CHECKPOINT_LEN, MAX_CHAIN_CHECKPOINTS, Checkpoint::decode)?;
+        let entries =
+            self.read_records(&keys, 'e', (MAX_ENTRY_LEN, MAX_CHAIN_ENTRIES, MAX_ENTRIES_FILE), AuditEntry::decode)?;
+        let checkpoints = self.read_records(
+            &keys,
+            'c',
+            (MAX_CHECKPOINT_LEN, MAX_CHAIN_CHECKPOINTS, MAX_CHECKPOINTS_FILE),
+            Checkpoint::decode,
+        )?;
         Ok(StoredTrail { entries, checkpoints })
     }
 
@@ -534,13 +542,13 @@ impl<K: Kv + KeyRange + KvRange> EtcdAudit<K> {
         &mut self,
         keys: &ChainKeys,
         kind: char,
-        max_len: usize,
-        max_count: usize,
+        (max_len, max_count, max_total): (usize, usize, u64),
         decode: fn(&[u8]) -> Result<T, DecodeError>,
     ) -> Result<Vec<T>, AuditStoreError> {
         let (mut start, end) = keys.range(kind);
         let base = start.clone();
         let mut out = Vec::new();
+        let mut total = 0u64;
         loop {
             let (page, more) = self.kv.range(start.as_bytes(), end.as_bytes(), PAGE)?;
             if page.len() > PAGE {
@@ -557,6 +565,11 @@ impl<K: Kv + KeyRange + KvRange> EtcdAudit<K> {
                 }
                 if v.len() > max_len {
                     return Err(AuditStoreError::TooLarge { key, len: v.len(), max: max_len });
+                }
+                total = total.saturating_add(u64::try_from(v.len()).unwrap_or(u64::MAX));
+                if total > max_total {
+                    let max = usize::try_from(max_total).unwrap_or(usize::MAX);
+                    return Err(AuditStoreError::TooMany { what: format!("{base} (bytes)"), max });
                 }
                 out.push(decode(v).map_err(|error| AuditStoreError::Malformed { key, error })?);
             }
