@@ -248,6 +248,61 @@ impl EtcdCluster {
     }
 }
 
+/// A key and its value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
+impl EtcdCluster {
+    /// Puts `key` = `value` through the first running member's JSON gateway (`/v3/kv/put`):
+    /// what a test does to etcd behind keygate's back (a tampered record).
+    pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), EtcdClusterError> {
+        let body = serde_json::json!({ "key": b64(key), "value": b64(value) });
+        self.gateway("/v3/kv/put", &body).map(drop)
+    }
+
+    /// The keys and values in `[start, end)` (at most 10,000), through the JSON gateway.
+    pub fn range(&self, start: &[u8], end: &[u8]) -> Result<Vec<KeyValue>, EtcdClusterError> {
+        use base64::Engine as _;
+        let body = serde_json::json!({ "key": b64(start), "range_end": b64(end), "limit": 10_000 });
+        let answer = self.gateway("/v3/kv/range", &body)?;
+        let bad = || EtcdClusterError::Io("the range answer", std::io::ErrorKind::InvalidData.into());
+        let decode = |v: &serde_json::Value| {
+            base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap_or_default()).map_err(|_| bad())
+        };
+        let kvs = answer["kvs"].as_array().cloned().unwrap_or_default();
+        kvs.iter().map(|kv| Ok((decode(&kv["key"])?, decode(&kv["value"])?))).collect()
+    }
+
+    /// POSTs `body` to `path` of the first running member; its JSON answer.
+    fn gateway(&self, path: &str, body: &serde_json::Value) -> Result<serde_json::Value, EtcdClusterError> {
+        let m = self.members.iter().find(|m| m.child.is_some()).ok_or(EtcdClusterError::NoMember(0))?;
+        let io = |what| move |e| EtcdClusterError::Io(what, e);
+        let addr = SocketAddr::from(([127, 0, 0, 1], m.client));
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(io("connecting to etcd"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).map_err(io("a read timeout"))?;
+        s.set_write_timeout(Some(Duration::from_secs(10))).map_err(io("a write timeout"))?;
+        let body = body.to_string();
+        let req = format!(
+            "POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).map_err(io("writing to the etcd gateway"))?;
+        let mut answer = Vec::new();
+        s.take(64 << 20).read_to_end(&mut answer).map_err(io("reading the etcd gateway's answer"))?;
+        let text = String::from_utf8_lossy(&answer);
+        let (head, json) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+            let what = std::io::Error::other(head.lines().next().unwrap_or_default().to_owned());
+            return Err(EtcdClusterError::Io("the etcd gateway refused", what));
+        }
+        serde_json::from_str(json).map_err(|e| EtcdClusterError::Io("the etcd gateway's JSON", e.into()))
+    }
+}
+
+fn b64(b: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
 /// Whether the member on `port` answers `/health` with `"health":"true"` within a second.
 fn healthy(port: u16) -> bool {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -294,6 +349,9 @@ mod tests {
         c.restart(0).expect("restart");
         assert!(healthy(addr.port()));
         assert!(matches!(c.kill(3), Err(EtcdClusterError::NoMember(3))));
+        // The JSON gateway: a put is read back.
+        c.put(b"/t/a", b"\x00\xffvalue").expect("put");
+        assert_eq!(c.range(b"/t/", b"/t0").expect("range"), [(b"/t/a".to_vec(), b"\x00\xffvalue".to_vec())]);
         assert!(c.url("/p").starts_with("etcd://127.0.0.1:") && c.url("/p").ends_with("/p"));
     }
 }

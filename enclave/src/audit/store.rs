@@ -321,9 +321,49 @@ pub fn append_to_dir(
         Some(b) => Some(AuditEntry::decode(&b).map_err(|e| fmt(&ep, e))?),
         None => None,
     };
-    let mut chain: Option<[u8; 48]> = stored_last.as_ref().map(|e| *e.chain_id());
-    let mut last_seq = stored_last.as_ref().map_or(0, AuditEntry::seq);
-    let mut last_digest = stored_last.as_ref().map(AuditEntry::digest);
+    let stored_cp = match last_record(&cp, CHECKPOINTS_MAGIC, MAX_CHECKPOINT_LEN)? {
+        Some(b) => Some(Checkpoint::decode(&b).map_err(|e| fmt(&cp, e))?),
+        None => None,
+    };
+    let plan = plan_append(stored_last.as_ref(), stored_cp.as_ref(), entries, checkpoints)?;
+    let out: Vec<u8> = plan.entries.iter().flat_map(|e| files::frame_record(e.bytes())).collect();
+    let cp_out: Vec<u8> = plan.checkpoints.iter().flat_map(|c| files::frame_record(c.bytes())).collect();
+    let report = plan.report;
+
+    // Entries durable first, then the checkpoints that cover them.
+    append_file(&ep, &out)?;
+    append_file(&cp, &cp_out)?;
+    Ok(report)
+}
+
+/// What an append writes: the pulled entries and checkpoints that continue the stored
+/// chain, in order (entries first), and the report (counts, the last stored seq after it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendPlan<'a> {
+    /// Entries to write, in sequence order.
+    pub entries: Vec<&'a AuditEntry>,
+    /// Checkpoints to write, after the entries.
+    pub checkpoints: Vec<&'a Checkpoint>,
+    /// What the append does once these are written.
+    pub report: AppendReport,
+}
+
+/// The chain rule of every audit store (this directory, the parent's etcd store), without
+/// I/O: given the stored last entry and last checkpoint (if any) and the pulled `entries`
+/// and `checkpoints` (each in sequence order), which to write. Entries already stored
+/// (sequence numbers up to the stored last one, the last one byte for byte) are skipped; the
+/// rest must continue the stored chain exactly. Checkpoints must belong to the same chain,
+/// cover only stored (or planned) entries, not go back, and name the digest of their entry
+/// when it is known here; the stored last checkpoint again is skipped.
+pub fn plan_append<'a>(
+    stored_last: Option<&AuditEntry>,
+    stored_cp: Option<&Checkpoint>,
+    entries: &'a [AuditEntry],
+    checkpoints: &'a [Checkpoint],
+) -> Result<AppendPlan<'a>, StoreError> {
+    let mut chain: Option<[u8; 48]> = stored_last.map(|e| *e.chain_id());
+    let mut last_seq = stored_last.map_or(0, AuditEntry::seq);
+    let mut last_digest = stored_last.map(AuditEntry::digest);
     // Digests of entries known in this call, for checking checkpoint heads.
     let mut known: Vec<(u64, [u8; 48])> = stored_last.iter().map(|e| (e.seq(), e.digest())).collect();
 
@@ -339,7 +379,7 @@ pub fn append_to_dir(
             continue;
         }
         if e.seq() == last_seq {
-            if stored_last.as_ref().is_some_and(|s| s.bytes() == e.bytes()) {
+            if stored_last.is_some_and(|s| s.bytes() == e.bytes()) {
                 report.entries_skipped += 1;
                 continue;
             }
@@ -351,21 +391,17 @@ pub fn append_to_dir(
         if *e.prev() != last_digest.unwrap_or(chain_id) {
             return Err(StoreError::BrokenLink { seq: e.seq() });
         }
-        out.extend_from_slice(&files::frame_record(e.bytes()));
+        out.push(e);
         last_seq = e.seq();
         last_digest = Some(e.digest());
         known.push((e.seq(), e.digest()));
         report.entries_written += 1;
     }
 
-    let stored_cp = match last_record(&cp, CHECKPOINTS_MAGIC, MAX_CHECKPOINT_LEN)? {
-        Some(b) => Some(Checkpoint::decode(&b).map_err(|e| fmt(&cp, e))?),
-        None => None,
-    };
     let mut cp_out = Vec::new();
-    let mut cp_seq = stored_cp.as_ref().map_or(0, Checkpoint::seq);
+    let mut cp_seq = stored_cp.map_or(0, Checkpoint::seq);
     for c in checkpoints {
-        if stored_cp.as_ref().is_some_and(|s| s.bytes() == c.bytes()) {
+        if stored_cp.is_some_and(|s| s.bytes() == c.bytes()) {
             report.checkpoints_skipped += 1;
             continue;
         }
@@ -382,13 +418,12 @@ pub fn append_to_dir(
             return Err(StoreError::CheckpointMismatch { seq: c.seq() });
         }
         cp_seq = c.seq();
-        cp_out.extend_from_slice(&files::frame_record(c.bytes()));
+        cp_out.push(c);
         report.checkpoints_written += 1;
     }
-
-    // Entries durable first, then the checkpoints that cover them.
-    append_file(&ep, &out)?;
-    append_file(&cp, &cp_out)?;
     report.last_seq = last_seq;
-    Ok(report)
+    Ok(AppendPlan { entries: out, checkpoints: cp_out, report })
 }
+
+#[cfg(test)]
+mod plan_tests;

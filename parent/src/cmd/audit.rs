@@ -1,5 +1,6 @@
-//! `keygate audit pull | verify | show` and `keygate status`: the parent's collection of the
-//! KRE's audit trail (`pull`, stored and acknowledged through [`append_to_dir`]), the customer's
+//! `keygate audit pull | verify | show | export` and `keygate status`: the parent's collection of the
+//! KRE's audit trail (`pull`, stored and acknowledged through [`append_to_dir`] or, with
+//! `--store etcd://…`, `storage::audit`; `export` writes the trails in etcd into a directory), the customer's
 //! offline check of a stored trail and its human-readable / JSON Lines rendering. The format and the checks are specified in docs/audit.md; every
 //! decision is made by `keygate_enclave::audit`.
 
@@ -20,6 +21,8 @@ use crate::cmd::args::format_time_ms;
 use crate::cmd::attestation::load_anchor;
 use crate::error::CliError;
 use crate::kre_client::{self, KreError};
+use crate::storage::audit::{AuditStore, AuditStoreError, EtcdAudit};
+use crate::storage::etcd::{EtcdClient, EtcdUrl};
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum AuditCommand {
@@ -28,9 +31,23 @@ pub(crate) enum AuditCommand {
     Verify(VerifyArgs),
     /// Print a stored trail as a table, or as JSON Lines for a SIEM (does not verify).
     Show(ShowArgs),
-    /// Collect the KRE's audit entries into DIR (append-only) and acknowledge them, so the
-    /// KRE can free its buffer. `--follow` keeps collecting.
+    /// Collect the KRE's audit entries into DIR (append-only) or etcd and acknowledge them, so
+    /// the KRE can free its buffer. `--follow` keeps collecting.
     Pull(PullArgs),
+    /// Write every KRE run stored in etcd into a directory, as `audit pull --dir` lays it out
+    /// (the first run in DIR, each later one in `DIR/chain-<chain id prefix>`), for `audit
+    /// verify DIR` and for archiving. Nothing is checked: verify the result.
+    Export(ExportArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct ExportArgs {
+    /// The trails in etcd: etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (as `audit pull --store`).
+    #[arg(long, value_name = "URL")]
+    store: EtcdUrl,
+    /// A new directory (or one without an audit trail): existing files are never replaced.
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -40,8 +57,13 @@ pub(crate) struct PullArgs {
     kre: keygate_enclave::net::transport::Addr,
     /// The audit directory: the first KRE run's chain, and each later run's in
     /// `DIR/chain-<chain id prefix>` (`audit verify DIR` checks them all and their links).
-    #[arg(long)]
-    dir: PathBuf,
+    #[arg(long, required_unless_present = "store", conflicts_with = "store")]
+    dir: Option<PathBuf>,
+    /// Instead of --dir: DIR, or etcd://HOST:PORT[,HOST:PORT...][/PREFIX] to keep each run's
+    /// chain in etcd, shared by the parents of a cluster (`PREFIX/audit/<chain id>/…`;
+    /// `audit export` writes it into a directory).
+    #[arg(long, value_name = "DIR|URL")]
+    store: Option<AuditStore>,
     /// Keep collecting until interrupted: each round waits in the KRE up to this long (a
     /// duration, e.g. 1s or 500ms; at most 5s) for new entries, stores them (fsynced, many per fsync) and acknowledges
     /// them at once; the KRE withholds each release's answer until then. A failed round is
@@ -56,6 +78,7 @@ pub(crate) struct VerifyArgs {
     /// The audit directory (entries.log, checkpoints.log), with every later run's chain in
     /// `chain-*` subdirectories: each run is verified, and each run's link to the one before
     /// it must name an entry (seq and digest) that run's stored trail holds; every gap is named.
+    /// Or etcd://HOST:PORT[,…][/PREFIX]: every run stored there, checked the same way.
     dir: PathBuf,
     /// Trust this root (PEM) instead of the built-in AWS Nitro Enclaves root.
     #[arg(long)]
@@ -191,7 +214,8 @@ fn check_receipts(
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct ShowArgs {
-    /// The audit directory.
+    /// The audit directory, or etcd://HOST:PORT[,…][/PREFIX] (every run stored there, one
+    /// after the other).
     dir: PathBuf,
     /// One JSON object per line (entries, then checkpoints).
     #[arg(long)]
@@ -203,6 +227,7 @@ pub(crate) fn run(cmd: AuditCommand) -> Result<(), CliError> {
         AuditCommand::Verify(a) => verify(a),
         AuditCommand::Show(a) => show(a),
         AuditCommand::Pull(a) => pull(a),
+        AuditCommand::Export(a) => export(a),
     }
 }
 
@@ -222,14 +247,14 @@ fn stored_last(dir: &Path) -> Result<u64, CliError> {
 /// soon as it is written: the KRE withholds a release's answer until then.
 pub(crate) fn pull_once(
     kre: &keygate_enclave::net::transport::Addr,
-    dir: &Path,
+    run: &mut Run<'_>,
     after: Option<u64>,
     wait_ms: u16,
 ) -> Result<(usize, u64), CliError> {
     use keygate_enclave::wire::Message;
     let mut last = match after {
         Some(a) => a,
-        None => stored_last(dir)?,
+        None => run.stored_last()?,
     };
     let mut stored = 0;
     let mut wait = wait_ms;
@@ -252,7 +277,7 @@ pub(crate) fn pull_once(
         };
         let at_head = !checkpoints.is_empty();
         let n = entries.len();
-        let report = append_to_dir(dir, &entries, &checkpoints)?;
+        let report = run.append(&entries, &checkpoints)?;
         stored += report.entries_written;
         if n > 0 {
             last = report.last_seq;
@@ -272,16 +297,157 @@ pub(crate) fn pull_once(
     Err(CliError::refused("the KRE kept sending entries beyond any plausible buffer size"))
 }
 
+/// Where one KRE run's chain is kept: its directory, or its keys in etcd.
+pub(crate) enum Run<'a> {
+    /// A directory of the history.
+    Dir(PathBuf),
+    /// The chain's keys in etcd.
+    Etcd(&'a mut EtcdAudit<EtcdClient>, [u8; 48]),
+}
+
+impl Run<'_> {
+    /// The last stored seq (0 for none).
+    fn stored_last(&mut self) -> Result<u64, CliError> {
+        match self {
+            Run::Dir(dir) => stored_last(dir),
+            Run::Etcd(e, chain) => {
+                let chain = *chain;
+                e.head(&chain).map(|(_, h)| h.seq).map_err(|err| etcd_error(e.keys(&chain).base(), err))
+            }
+        }
+    }
+
+    /// Stores pulled records: fsynced in the directory, or in applied etcd transactions.
+    fn append(&mut self, entries: &[AuditEntry], checkpoints: &[Checkpoint]) -> Result<AppendReport, CliError> {
+        match self {
+            Run::Dir(dir) => append_to_dir(dir, entries, checkpoints),
+            Run::Etcd(e, chain) => {
+                let chain = *chain;
+                e.append(&chain, entries, checkpoints)
+                    .map(|r| r.report)
+                    .map_err(|err| etcd_error(e.keys(&chain).base(), err))
+            }
+        }
+    }
+
+    /// The run's name in messages.
+    fn name(&self) -> String {
+        match self {
+            Run::Dir(dir) => dir.display().to_string(),
+            Run::Etcd(e, chain) => e.keys(chain).base().to_owned(),
+        }
+    }
+}
+
+/// An etcd failure as the CLI reports it: etcd unreachable or failing is an I/O error; a
+/// refusal of what it holds or what was pulled is a refusal.
+fn etcd_error(name: &str, err: AuditStoreError) -> CliError {
+    match err {
+        AuditStoreError::Etcd(_) => CliError::io(format!("audit store {name}"), err),
+        other => CliError::refused(format!("audit store {name}: {other}")),
+    }
+}
+
+/// Every run stored in etcd under `url`'s prefix (at most [`store::MAX_RUNS`]): its chain, its
+/// name (the chain's key prefix) and its trail, read whole and strictly decoded, not verified.
+fn etcd_runs(url: &EtcdUrl) -> Result<Vec<([u8; 48], PathBuf, StoredTrail)>, CliError> {
+    let name = url.to_string();
+    let mut e = EtcdAudit::connect(url).map_err(|err| etcd_error(&name, err))?;
+    let chains = e.chains(store::MAX_RUNS).map_err(|err| etcd_error(&name, err))?;
+    chains
+        .into_iter()
+        .map(|c| {
+            let base = format!("etcd://{}{}", url.endpoints.join(","), e.keys(&c).base());
+            let t = e.read(&c).map_err(|err| etcd_error(&base, err))?;
+            Ok((c, PathBuf::from(base), t))
+        })
+        .collect()
+}
+
+/// `audit export`: every run in etcd into a directory, laid out as `audit pull --dir` lays a
+/// history out (the first run by the links in DIR, each later one in `DIR/chain-…`), the
+/// records byte for byte as stored. Existing files are never replaced.
+fn export(a: ExportArgs) -> Result<(), CliError> {
+    let runs = etcd_runs(&a.store)?;
+    if runs.is_empty() {
+        return Err(CliError::refused(format!("no audit trail is stored under {}", a.store)));
+    }
+    let history = verify_history(&runs.iter().map(|(_, _, t)| t.entries.as_slice()).collect::<Vec<_>>());
+    // Placed runs in history order, then any without entries (verify names what is wrong).
+    let mut order: Vec<usize> = history.runs.iter().map(|r| r.index).collect();
+    order.extend((0..runs.len()).filter(|i| !history.runs.iter().any(|r| r.index == *i)));
+    let (mut entries, mut checkpoints) = (0, 0);
+    let mut text = String::new();
+    let mut dirs = Vec::new();
+    for (k, &i) in order.iter().enumerate() {
+        let (chain, name, t) = &runs[i];
+        let dir = if k == 0 { a.dir.clone() } else { a.dir.join(store::run_dir_name(chain)) };
+        write_run(&dir, t)?;
+        entries += t.entries.len();
+        checkpoints += t.checkpoints.len();
+        let _ = writeln!(
+            text,
+            "exported {} ({} entries, {} checkpoints) into {}",
+            name.display(),
+            t.entries.len(),
+            t.checkpoints.len(),
+            dir.display()
+        );
+        dirs.push(json!({ "chain_id": hex::encode(chain), "dir": dir.display().to_string(),
+            "entries": t.entries.len(), "checkpoints": t.checkpoints.len() }));
+    }
+    let _ = writeln!(
+        text,
+        "{} run(s), {entries} entries, {checkpoints} checkpoints: run `keygate audit verify {}`",
+        order.len(),
+        a.dir.display()
+    );
+    crate::output::print(&crate::output::Shown { json: json!({ "runs": dirs }), text })
+}
+
+/// Writes one run's files into `dir` (created if needed), each whole and atomically, never
+/// over an existing file.
+fn write_run(dir: &Path, t: &StoredTrail) -> Result<(), CliError> {
+    use keygate_enclave::atomic::{write_file_with, AtomicWriteError, WriteOptions};
+    use keygate_enclave::audit::files::{frame_record, CHECKPOINTS_MAGIC, ENTRIES_MAGIC};
+    std::fs::create_dir_all(dir).map_err(|e| CliError::io(format!("creating {}", dir.display()), e))?;
+    let mut es = ENTRIES_MAGIC.to_vec();
+    for e in &t.entries {
+        es.extend_from_slice(&frame_record(e.bytes()));
+    }
+    let mut cs = CHECKPOINTS_MAGIC.to_vec();
+    for c in &t.checkpoints {
+        cs.extend_from_slice(&frame_record(c.bytes()));
+    }
+    let once = WriteOptions { mode: 0o666, replace: false };
+    for (name, bytes) in [(store::ENTRIES_FILE, es), (store::CHECKPOINTS_FILE, cs)] {
+        let path = dir.join(name);
+        match write_file_with(&path, &bytes, once) {
+            Ok(()) => {}
+            Err(AtomicWriteError::Exists(_)) => {
+                return Err(CliError::refused(format!("{} exists: export into a new directory", path.display())))
+            }
+            Err(e) => return Err(CliError::io(format!("writing {}", path.display()), e)),
+        }
+    }
+    Ok(())
+}
+
 fn pull(a: PullArgs) -> Result<(), CliError> {
+    let store = match (a.store, a.dir) {
+        (Some(s), _) => s,
+        (None, Some(d)) => AuditStore::Dir(d),
+        (None, None) => return Err(CliError::input("give --dir DIR or --store DIR|etcd://…")),
+    };
     let Some(every) = a.follow else {
-        let dir = run_dir(&a.kre, &a.dir)?;
-        let (stored, last) = pull_once(&a.kre, &dir, None, 0)?;
-        return crate::output::print(&stored_line(stored, &dir, last));
+        let mut follower = Follower::new(a.kre.clone(), store, std::time::Duration::from_millis(1));
+        let (stored, last, name) = follower.once()?;
+        return crate::output::print(&stored_line(stored, &name, last));
     };
     // Following: a failed round (KRE restarting, a refused pull, disk full) is reported on one
     // line and retried after a bounded backoff, reset by the next successful round; nothing is
     // acknowledged that was not stored.
-    let mut follower = Follower::new(a.kre, a.dir, every);
+    let mut follower = Follower::new(a.kre, store, every);
     let mut backoff = pull_backoff();
     loop {
         match follower.round() {
@@ -316,18 +482,63 @@ fn pull_backoff() -> Backoff {
 /// the disk) on the first round, after an error and every 64 rounds.
 pub(crate) struct Follower {
     kre: keygate_enclave::net::transport::Addr,
-    dir: PathBuf,
+    store: AuditStore,
+    /// The etcd store, opened on the first round (its connection kept between rounds).
+    etcd: Option<EtcdAudit<EtcdClient>>,
     wait_ms: u16,
-    known: Option<(PathBuf, u64)>,
+    known: Option<(Known, u64)>,
     rounds: u64,
 }
 
+/// The current run, as a round found it: its directory, or its chain id (in etcd).
+#[derive(Debug, Clone)]
+enum Known {
+    Dir(PathBuf),
+    Chain([u8; 48]),
+}
+
 impl Follower {
-    /// Follows `kre` into `dir`, each round waiting in the KRE up to `wait` (1 ms to 5 s).
-    pub(crate) fn new(kre: keygate_enclave::net::transport::Addr, dir: PathBuf, wait: std::time::Duration) -> Self {
+    /// Follows `kre` into `store`, each round waiting in the KRE up to `wait` (1 ms to 5 s).
+    pub(crate) fn new(
+        kre: keygate_enclave::net::transport::Addr,
+        store: AuditStore,
+        wait: std::time::Duration,
+    ) -> Self {
         let wait_ms =
             u16::try_from(wait.as_millis()).unwrap_or(u16::MAX).clamp(1, keygate_enclave::wire::MAX_AUDIT_WAIT_MS);
-        Self { kre, dir, wait_ms, known: None, rounds: 0 }
+        Self { kre, store, etcd: None, wait_ms, known: None, rounds: 0 }
+    }
+
+    /// The current run: its directory (a history of runs: see [`run_dir`]) or its chain.
+    fn locate(&mut self) -> Result<Known, CliError> {
+        match &self.store {
+            AuditStore::Dir(dir) => run_dir(&self.kre, dir).map(Known::Dir),
+            AuditStore::Etcd(_) => kre_chain(&self.kre).map(Known::Chain),
+        }
+    }
+
+    /// Pulls into `known` (after `after`, waiting `wait_ms`): (stored, last seq, run name).
+    fn pull(&mut self, known: &Known, after: Option<u64>, wait_ms: u16) -> Result<(usize, u64, String), CliError> {
+        let mut run = match (known, &self.store) {
+            (Known::Dir(d), _) => Run::Dir(d.clone()),
+            (Known::Chain(c), AuditStore::Etcd(url)) => {
+                if self.etcd.is_none() {
+                    let e = EtcdAudit::connect(url).map_err(|e| CliError::io(format!("audit store {url}"), e))?;
+                    self.etcd = Some(e);
+                }
+                let Some(e) = self.etcd.as_mut() else { return Err(CliError::refused("the etcd store is not open")) };
+                Run::Etcd(e, *c)
+            }
+            (Known::Chain(_), AuditStore::Dir(_)) => return Err(CliError::refused("a chain without an etcd store")),
+        };
+        let (stored, last) = pull_once(&self.kre, &mut run, after, wait_ms)?;
+        Ok((stored, last, run.name()))
+    }
+
+    /// One pull up to the KRE's head, at once (`audit pull` without `--follow`).
+    fn once(&mut self) -> Result<(usize, u64, String), CliError> {
+        let known = self.locate()?;
+        self.pull(&known, None, 0)
     }
 
     /// One round: stores and acknowledges what the KRE has (or writes within the wait);
@@ -335,19 +546,19 @@ impl Follower {
     pub(crate) fn round(&mut self) -> Result<Option<super::reports::AuditStored>, CliError> {
         let recheck = self.rounds % 64 == 0;
         self.rounds += 1;
-        let (dir, after) = match self.known.take() {
-            Some((dir, last)) if !recheck => (dir, Some(last)),
-            _ => (run_dir(&self.kre, &self.dir)?, None),
+        let (known, after) = match self.known.take() {
+            Some((k, last)) if !recheck => (k, Some(last)),
+            _ => (self.locate()?, None),
         };
-        let (stored, last) = pull_once(&self.kre, &dir, after, self.wait_ms)?;
-        let line = (stored > 0).then(|| stored_line(stored, &dir, last));
-        self.known = Some((dir, last));
+        let (stored, last, name) = self.pull(&known, after, self.wait_ms)?;
+        let line = (stored > 0).then(|| stored_line(stored, &name, last));
+        self.known = Some((known, last));
         Ok(line)
     }
 }
 
-fn stored_line(stored: usize, dir: &Path, last: u64) -> super::reports::AuditStored {
-    super::reports::AuditStored { stored, dir: dir.display().to_string(), last_seq: last }
+fn stored_line(stored: usize, name: &str, last: u64) -> super::reports::AuditStored {
+    super::reports::AuditStored { stored, dir: name.to_owned(), last_seq: last }
 }
 
 /// The directory for the KRE's current chain. `dir` is a history of runs: it holds the first
@@ -357,6 +568,21 @@ fn stored_line(stored: usize, dir: &Path, last: u64) -> super::reports::AuditSto
 /// them). Asking the status first matters: the new chain's sequence numbers restart at
 /// 1, so pulling after the old chain's last entry would silently return nothing.
 fn run_dir(kre: &keygate_enclave::net::transport::Addr, dir: &Path) -> Result<PathBuf, CliError> {
+    let kre_chain = kre_chain(kre)?;
+    let stored_chain = match store::read_dir(dir) {
+        Ok(t) => t.entries.first().map(|e| *e.chain_id()),
+        Err(_) if !dir.join(store::ENTRIES_FILE).exists() => None,
+        Err(e) => return Err(store_error(dir, e)),
+    };
+    match stored_chain {
+        None => Ok(dir.to_path_buf()),
+        Some(c) if c == kre_chain => Ok(dir.to_path_buf()),
+        Some(_) => Ok(dir.join(store::run_dir_name(&kre_chain))),
+    }
+}
+
+/// The KRE's current audit chain id, from its status.
+fn kre_chain(kre: &keygate_enclave::net::transport::Addr) -> Result<[u8; 48], CliError> {
     let json = match kre_client::ask(kre, &keygate_enclave::wire::Message::Status, kre_client::DEFAULT_TIMEOUT) {
         Ok(keygate_enclave::wire::Message::StatusReport { json }) => json,
         Err(KreError::Denied { code, reason }) => {
@@ -367,27 +593,11 @@ fn run_dir(kre: &keygate_enclave::net::transport::Addr, dir: &Path) -> Result<Pa
     };
     let status: Value =
         serde_json::from_str(&json).map_err(|e| CliError::refused(format!("malformed status from the KRE: {e}")))?;
-    let kre_chain = status["audit"]["chain_id"]
+    status["audit"]["chain_id"]
         .as_str()
         .and_then(|h| hex::decode(h).ok())
-        .filter(|c| c.len() == 48)
-        .ok_or_else(|| CliError::refused("the KRE's status names no audit chain id"))?;
-    let stored_chain = match store::read_dir(dir) {
-        Ok(t) => t.entries.first().map(|e| e.chain_id().to_vec()),
-        Err(_) if !dir.join(store::ENTRIES_FILE).exists() => None,
-        Err(e) => return Err(store_error(dir, e)),
-    };
-    match stored_chain {
-        None => Ok(dir.to_path_buf()),
-        Some(c) if c == kre_chain => Ok(dir.to_path_buf()),
-        Some(_) => {
-            let chain: [u8; 48] = kre_chain
-                .as_slice()
-                .try_into()
-                .map_err(|_| CliError::refused("the KRE's status names a malformed audit chain id"))?;
-            Ok(dir.join(store::run_dir_name(&chain)))
-        }
-    }
+        .and_then(|c| <[u8; 48]>::try_from(c).ok())
+        .ok_or_else(|| CliError::refused("the KRE's status names no audit chain id"))
 }
 
 /// Stores pulled entries and checkpoints in `dir` (append-only, fsynced; refuses anything
@@ -414,7 +624,17 @@ fn read(dir: &Path) -> Result<StoredTrail, CliError> {
 
 fn verify(a: VerifyArgs) -> Result<(), CliError> {
     let verifier = Verifier::new(load_anchor(a.root.as_deref())?);
-    let runs = match store::read_runs(&a.dir).map_err(|e| store_error(&a.dir, e)) {
+    let read = match a.dir.to_str().filter(|d| d.trim().starts_with("etcd://")) {
+        Some(url) => {
+            let url: EtcdUrl = url.parse().map_err(|e| CliError::input(format!("{url}: {e}")))?;
+            match etcd_runs(&url) {
+                Ok(runs) if runs.is_empty() => Err(CliError::refused(format!("no audit trail is stored under {url}"))),
+                r => r.map(|runs| runs.into_iter().map(|(_, name, t)| (name, t)).collect()),
+            }
+        }
+        None => store::read_runs(&a.dir).map_err(|e| store_error(&a.dir, e)),
+    };
+    let runs = match read {
         Ok(r) => r,
         Err(e) if a.json && e.code == 1 => {
             crate::output::print_json(&json!({ "ok": false, "error": "malformed", "message": e.message }))?;
@@ -710,9 +930,29 @@ fn summary_text(dir: &Path, s: &TrailSummary) -> String {
 }
 
 fn show(a: ShowArgs) -> Result<(), CliError> {
-    let trail = read(&a.dir)?;
+    let Some(url) = a.dir.to_str().filter(|d| d.trim().starts_with("etcd://")) else {
+        let trail = read(&a.dir)?;
+        print!("{}", render(&trail, a.json));
+        return Ok(());
+    };
+    let url: EtcdUrl = url.parse().map_err(|e| CliError::input(format!("{url}: {e}")))?;
+    let runs = etcd_runs(&url)?;
+    if runs.is_empty() {
+        return Err(CliError::refused(format!("no audit trail is stored under {url}")));
+    }
+    for (_, name, trail) in &runs {
+        if !a.json {
+            println!("run {}", name.display());
+        }
+        print!("{}", render(trail, a.json));
+    }
+    Ok(())
+}
+
+/// A stored trail as `audit show` prints it: a table, or JSON Lines.
+fn render(trail: &StoredTrail, json: bool) -> String {
     let mut out = String::new();
-    if a.json {
+    if json {
         for e in &trail.entries {
             let _ = writeln!(out, "{}", entry_json(e));
         }
@@ -754,8 +994,7 @@ fn show(a: ShowArgs) -> Result<(), CliError> {
             trail.checkpoints.len()
         );
     }
-    print!("{out}");
-    Ok(())
+    out
 }
 
 fn short(d: &[u8]) -> String {

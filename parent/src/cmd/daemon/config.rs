@@ -93,6 +93,10 @@ keys! {
     /// The audit directory: `audit pull` follows when set.
     /// Environment KEYGATE_PARENT_AUDIT_DIR.
     audit_dir: "DIR",
+    /// Where `audit pull` follows into instead of audit_dir: a directory, or etcd
+    /// (etcd://HOST:PORT[,HOST:PORT...][/PREFIX]), shared by the parents of a cluster.
+    /// Environment KEYGATE_PARENT_AUDIT_STORE.
+    audit_store: "DIR|etcd://…",
     /// The pause between state sync rounds (default 5s). Environment KEYGATE_PARENT_SYNC_EVERY.
     sync_every: "DURATION",
     /// How long each audit round waits in the KRE for new entries (default 1s, at most 5s).
@@ -156,6 +160,8 @@ pub(crate) struct Config {
     pub(crate) sync_every: Duration,
     /// `audit pull` following into this directory, each round waiting `audit_follow` in the KRE.
     pub(crate) audit_dir: Option<PathBuf>,
+    /// Or into this store (a directory or etcd).
+    pub(crate) audit_store: Option<crate::storage::audit::AuditStore>,
     pub(crate) audit_follow: Duration,
     /// Each proxy's limits.
     pub(crate) slots: Slots,
@@ -201,6 +207,8 @@ pub(crate) enum ConfigError {
     MemberHalf(&'static str),
     #[error("state_dir and state_store exclude each other: the sealed state goes to one store")]
     TwoStateStores,
+    #[error("audit_dir and audit_store exclude each other: the audit trail goes to one store")]
+    TwoAuditStores,
     #[error("join_from needs the stored state: set state_dir or state_store")]
     JoinWithoutStore,
 }
@@ -329,6 +337,11 @@ pub(crate) fn resolve(
     if state_dir.is_some() && state_store.is_some() {
         return Err(ConfigError::TwoStateStores);
     }
+    let audit_dir = l.get("audit_dir", path)?;
+    let audit_store = l.get("audit_store", |v: &str| v.trim().parse::<crate::storage::audit::AuditStore>())?;
+    if audit_dir.is_some() && audit_store.is_some() {
+        return Err(ConfigError::TwoAuditStores);
+    }
     let join_from = l.get("join_from", addr_list)?.unwrap_or_default();
     if !join_from.is_empty() && state_dir.is_none() && state_store.is_none() {
         return Err(ConfigError::JoinWithoutStore);
@@ -341,7 +354,8 @@ pub(crate) fn resolve(
         state_dir,
         state_store,
         sync_every: l.duration("sync_every", secs(5))?,
-        audit_dir: l.get("audit_dir", path)?,
+        audit_dir,
+        audit_store,
         audit_follow: l.duration("audit_follow", secs(1))?,
         slots: Slots::new(l.count("max_connections", 4096)?, l.count("max_per_source", 64)?),
         timeouts: Timeouts::new(
@@ -523,6 +537,15 @@ mod tests {
     fn join_from_is_a_bounded_list_of_distinct_addresses_and_needs_a_store() {
         let none = DaemonArgs::default();
         assert!(from(&none, &[], "").expect("config").join_from.is_empty(), "off by default");
+        let cfg = from(&none, &[("audit_store", "etcd://h:1/kg")], "").expect("an audit store in etcd");
+        assert_eq!(cfg.audit_store.map(|s| s.to_string()).as_deref(), Some("etcd://h:1/kg"));
+        let cfg = from(&none, &[], "audit_store = \"/a\"\n").expect("an audit store directory");
+        assert_eq!(cfg.audit_store, Some(crate::storage::audit::AuditStore::Dir(PathBuf::from("/a"))));
+        assert_eq!(
+            from(&none, &[("audit_store", "etcd://h:1")], "audit_dir = \"/a\"\n").expect_err("two stores"),
+            ConfigError::TwoAuditStores
+        );
+        assert!(from(&none, &[("audit_store", "etcd://")], "").is_err(), "a bad etcd URL");
         let cfg = from(&none, &[("policy_store", "/b")], "").expect("a policy store");
         assert_eq!(cfg.policy_store, Some(crate::storage::bundles::BundleStore::Dir(PathBuf::from("/b"))));
         let cfg = from(&none, &[("policy_store", "etcd://h:1/kg")], "").expect("a policy store in etcd");

@@ -1,7 +1,7 @@
 //! `keygate parent --config FILE`: the parent instance's side as one supervised daemon. It runs,
 //! as tasks of one process, the proxy of the release channel (and of the custodian channel
 //! when configured), `state sync` following (with a state directory or an etcd store) and
-//! `audit pull` following (with an audit directory), and with `join_from` the member join of
+//! `audit pull` following (with an audit directory or store), and with `join_from` the member join of
 //! a KRE awaiting its state, with `policy_store` the replay of the kept bundles to a KRE
 //! behind its committed policy head (join.rs), each the verb's own code. It decides which
 //! tasks run, that a failed step is retried (supervise.rs) rather than ending the daemon, and the stop:
@@ -140,8 +140,9 @@ async fn daemon(cfg: Config) -> Result<(), CliError> {
             move || join::round(kre.clone(), members.clone(), at.clone(), bundles.clone(), m.clone()),
         ));
     }
-    if let Some(dir) = cfg.audit_dir.clone() {
-        let follower = Arc::new(Mutex::new(Follower::new(cfg.kre_parent.clone(), dir, cfg.audit_follow)));
+    let audit = cfg.audit_store.clone().or_else(|| cfg.audit_dir.clone().map(crate::storage::audit::AuditStore::Dir));
+    if let Some(store) = audit {
+        let follower = Arc::new(Mutex::new(Follower::new(cfg.kre_parent.clone(), store, cfg.audit_follow)));
         tasks.spawn(supervise(
             "audit pull",
             stop.clone(),

@@ -357,6 +357,21 @@ impl EtcdClient {
         Ok((resp.kvs.into_iter().map(|kv| kv.key).collect(), resp.more))
     }
 
+    /// The keys and values from `start` (inclusive) to `end` (exclusive), in key order, at
+    /// most `limit` of them (the answer bounded by [`Limits::max_response`]); `more` when etcd
+    /// holds further keys in the range.
+    pub(crate) fn range(&mut self, start: &[u8], end: &[u8], limit: i64) -> Result<(Vec<KeyValue>, bool), EtcdError> {
+        let req = RangeRequest { key: start.to_vec(), range_end: end.to_vec(), limit, ..RangeRequest::default() };
+        let resp = self.call("range", |ch, l| {
+            let req = req.clone();
+            async move { Self::kv(ch, l).range(req).await.map(tonic::Response::into_inner) }
+        })?;
+        if limit > 0 && resp.kvs.len() > usize::try_from(limit).unwrap_or(usize::MAX) {
+            return Err(EtcdError::Malformed { op: "range", what: "more keys than the limit" });
+        }
+        Ok((resp.kvs, resp.more))
+    }
+
     /// One transaction.
     pub(crate) fn txn(&mut self, req: TxnRequest) -> Result<TxnResponse, EtcdError> {
         self.call("txn", |ch, l| {

@@ -16,6 +16,7 @@
 //! PREFIX/state/gen/<g, 20 digits>  the sealed blob of generation g (the current and the one before)
 //! PREFIX/custody/<hex set digest>  the custody data of one custodian set (written once)
 //! PREFIX/bundles/<v, 20 digits>    the accepted policy bundle of version v (storage::bundles)
+//! PREFIX/audit/<chain hex>/…       one KRE run's audit chain (storage::audit)
 //! ```
 //!
 //! The client ([`client`]) and the minimal protobuf API it speaks (`proto/etcd/`) are beside.
