@@ -19,9 +19,11 @@
 //! key. Pure: bytes, the policy's head and a time in, a decision out. Specified in
 //! `docs/policy.md`.
 
-use crate::bundle::ApproverKey;
 use crate::cbor::{self, Value};
 use crate::crypto::{Crypto, P384_POINT_LEN, P384_SIG_LEN};
+
+/// A P-384 public key, uncompressed SEC1 (the timestamp key; the same shape as an approver's).
+pub type TimestampKey = [u8; P384_POINT_LEN];
 
 /// Format tag of a timestamp.
 pub const TIMESTAMP_TAG: &str = "keygate-policy-timestamp/v1";
@@ -39,7 +41,7 @@ pub const MAX_MAX_AGE_S: u64 = 7 * 24 * 3600;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Freshness {
     /// The pipeline's timestamp key (P-384, uncompressed SEC1).
-    pub key: ApproverKey,
+    pub key: TimestampKey,
     /// How long a timestamp lets releases go on after it was issued (seconds).
     pub max_age_s: u64,
 }
@@ -55,7 +57,7 @@ pub struct Timestamp {
     /// When the pipeline issued it (ms since the Unix epoch).
     pub issued_ms: u64,
     /// The key that signed it.
-    pub key: ApproverKey,
+    pub key: TimestampKey,
     /// ECDSA P-384/SHA-384, r ‖ s.
     pub signature: [u8; P384_SIG_LEN],
 }
@@ -257,7 +259,7 @@ mod tests {
         p384::ecdsa::SigningKey::from_slice(&[seed; 48]).expect("key")
     }
 
-    fn point(k: &p384::ecdsa::SigningKey) -> ApproverKey {
+    fn point(k: &p384::ecdsa::SigningKey) -> TimestampKey {
         k.verifying_key().to_encoded_point(false).as_bytes().try_into().expect("97 bytes")
     }
 
