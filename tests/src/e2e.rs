@@ -104,6 +104,21 @@ pub fn dev_kre(seed: &str) -> Command {
     cmd
 }
 
+/// `keygate fetch` of key `etcd` of cluster `prod` from the development KRE at `kre` (PCRs
+/// `pcr_list(kre_pcr)`, one value), as the control plane whose mock image has PCR0..2 of
+/// `image`, no retries; the key goes to `out`.
+pub fn fetch_prod_etcd(seed: &str, kre_pcr: u8, kre: &str, image: u8, out: &Path) -> Output {
+    let mut args: Vec<String> =
+        ["fetch", "--kre", kre, "--cluster", "prod", "--key-id", "etcd", "--out", &path_arg(out)]
+            .iter()
+            .map(|x| x.to_string())
+            .collect();
+    args.extend(["--nsm", "mock", "--mock-seed", seed, "--retries", "0"].map(String::from));
+    args.extend(pcr_args("--expect-kre-pcr", kre_pcr, 1));
+    args.extend(pcr_args("--mock-pcr", image, 3));
+    keygate_args(&args)
+}
+
 /// A process of a test, killed when dropped, with its standard error in a log file.
 #[derive(Debug)]
 pub struct Logged {

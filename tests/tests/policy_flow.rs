@@ -7,7 +7,8 @@ use std::process::Output;
 use std::time::Duration;
 
 use keygate_tests::e2e::{
-    dev_kre, keygate_args, ok, path_arg as s, pcr_args, pcr_list as pcrs, propose, refused, unix, DevKre as Kre,
+    dev_kre, fetch_prod_etcd, keygate_args, ok, path_arg as s, pcr_args, pcr_list as pcrs, propose, refused, unix,
+    DevKre as Kre,
 };
 use keygate_tests::{keygate, TempDir};
 
@@ -43,15 +44,7 @@ fn sign(proposal: &Path, key: &Path, current: Option<&Path>, out: &Path) -> Outp
 }
 
 fn fetch(kre: &Kre, pcr: u8, out: &Path) -> Output {
-    let mut args: Vec<String> =
-        ["fetch", "--kre", &kre.addr(), "--cluster", "prod", "--key-id", "etcd", "--out", &s(out)]
-            .iter()
-            .map(|x| x.to_string())
-            .collect();
-    args.extend(["--nsm", "mock", "--mock-seed", SEED, "--retries", "0"].map(String::from));
-    args.extend(pcr_args("--expect-kre-pcr", KRE_PCR, 1));
-    args.extend(pcr_args("--mock-pcr", pcr, 3));
-    keygate_args(&args)
+    fetch_prod_etcd(SEED, KRE_PCR, &kre.addr(), pcr, out)
 }
 
 #[test]

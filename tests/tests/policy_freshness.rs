@@ -11,7 +11,8 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use keygate_tests::e2e::{
-    dev_kre, exited, keygate_args, ok, path_arg as s, pcr_args, pcr_list as pcrs, refused, unix, DevKre as Kre, Logged,
+    dev_kre, exited, fetch_prod_etcd, keygate_args, ok, path_arg as s, pcr_args, pcr_list as pcrs, refused, unix,
+    DevKre as Kre, Logged,
 };
 use keygate_tests::{bin, keygate, TempDir};
 
@@ -44,15 +45,7 @@ fn stamp(bundle: &Path, key: &Path, out: &Path) -> Output {
 
 /// A fetch by the control plane image `pcrs(image)`.
 fn fetch(kre: &Kre, image: u8, out: &Path) -> Output {
-    let mut args: Vec<String> =
-        ["fetch", "--kre", &kre.addr(), "--cluster", "prod", "--key-id", "etcd", "--out", &s(out)]
-            .iter()
-            .map(|x| x.to_string())
-            .collect();
-    args.extend(["--nsm", "mock", "--mock-seed", SEED, "--retries", "0"].map(String::from));
-    args.extend(pcr_args("--expect-kre-pcr", KRE_PCR, 1));
-    args.extend(pcr_args("--mock-pcr", image, 3));
-    keygate_args(&args)
+    fetch_prod_etcd(SEED, KRE_PCR, &kre.addr(), image, out)
 }
 
 /// `keygate status --json` of the KRE.
