@@ -30,17 +30,13 @@
 //! chain, a missing tail after a checkpoint or a link, or a missing chain — but cannot forge
 //! an entry or a checkpoint: they are hash-chained and signed by the KRE.
 
-use std::fmt;
-use std::path::PathBuf;
-use std::str::FromStr;
-
 use keygate_enclave::audit::store::{
     plan_append, AppendPlan, AppendReport, StoreError, StoredTrail, MAX_CHECKPOINTS_FILE, MAX_ENTRIES_FILE,
 };
 use keygate_enclave::audit::{AuditEntry, Checkpoint, DecodeError, MAX_CHECKPOINT_LEN, MAX_ENTRY_LEN};
 
 use super::bundles::KeyRange;
-use super::etcd::client::{EtcdClient, EtcdError, EtcdUrl, EtcdUrlError, Limits};
+use super::etcd::client::{EtcdClient, EtcdError, EtcdUrl, Limits};
 use super::etcd::{Cond, Kv};
 
 /// Records per transaction: etcd refuses more than `--max-txn-ops` (128 by default)
@@ -63,34 +59,7 @@ const PAGE: usize = 64;
 const MAX_RESPONSE: usize = PAGE * (MAX_CHECKPOINT_LEN + 512) + 64 * 1024;
 
 /// An audit store as configured: a directory, or `etcd://HOST:PORT[,…][/PREFIX]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum AuditStore {
-    /// A local directory (a history of runs, `keygate_enclave::audit::store`).
-    Dir(PathBuf),
-    /// etcd, under the URL's prefix.
-    Etcd(EtcdUrl),
-}
-
-impl FromStr for AuditStore {
-    type Err = EtcdUrlError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.trim().starts_with("etcd://") {
-            s.parse().map(AuditStore::Etcd)
-        } else {
-            Ok(AuditStore::Dir(PathBuf::from(s)))
-        }
-    }
-}
-
-impl fmt::Display for AuditStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            AuditStore::Dir(d) => write!(f, "{}", d.display()),
-            AuditStore::Etcd(u) => write!(f, "{u}"),
-        }
-    }
-}
+pub(crate) type AuditStore = super::Location;
 
 /// Why an etcd audit append or read failed. Carries no record content.
 #[derive(Debug, thiserror::Error)]

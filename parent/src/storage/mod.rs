@@ -12,6 +12,12 @@
 //! `crash` (test-only) is the disk-with-a-crash-model the store is swept against, and
 //! `system_sweep` the whole-system sweep over it (a real KRE core, custodians, the store).
 
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use etcd::client::{EtcdUrl, EtcdUrlError};
+
 pub(crate) mod audit;
 pub(crate) mod bundles;
 #[cfg(test)]
@@ -21,3 +27,34 @@ pub(crate) mod state;
 pub(crate) mod store;
 #[cfg(test)]
 mod system_sweep;
+
+/// Where a store lives, as configured: a local directory, or etcd under a URL's prefix
+/// (`etcd://HOST:PORT[,…][/PREFIX]`). The bundle store and the audit store are each one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Location {
+    /// A local directory.
+    Dir(PathBuf),
+    /// etcd, under the URL's prefix.
+    Etcd(EtcdUrl),
+}
+
+impl FromStr for Location {
+    type Err = EtcdUrlError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.trim().starts_with("etcd://") {
+            s.parse().map(Location::Etcd)
+        } else {
+            Ok(Location::Dir(PathBuf::from(s)))
+        }
+    }
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::Dir(d) => write!(f, "{}", d.display()),
+            Location::Etcd(u) => write!(f, "{u}"),
+        }
+    }
+}

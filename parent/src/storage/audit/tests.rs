@@ -309,7 +309,10 @@ fn reads_page_through_long_chains() {
 
 #[test]
 fn audit_stores_parse_as_a_directory_or_etcd() {
-    assert_eq!("/var/audit".parse::<AuditStore>().expect("dir"), AuditStore::Dir(PathBuf::from("/var/audit")));
+    assert_eq!(
+        "/var/audit".parse::<AuditStore>().expect("dir"),
+        AuditStore::Dir(std::path::PathBuf::from("/var/audit"))
+    );
     let s: AuditStore = "etcd://h:1,h:2/kg".parse().expect("etcd");
     assert_eq!(s.to_string(), "etcd://h:1,h:2/kg");
     assert!("etcd://".parse::<AuditStore>().is_err());
