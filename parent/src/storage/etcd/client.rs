@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 
 use super::pb::etcdserverpb::{
-    kv_client::KvClient, watch_client::WatchClient, watch_request, RangeRequest, TxnRequest, TxnResponse,
-    WatchCreateRequest, WatchRequest,
+    kv_client::KvClient, watch_client::WatchClient, watch_request, RangeRequest, RangeResponse, TxnRequest,
+    TxnResponse, WatchCreateRequest, WatchRequest,
 };
 use super::pb::mvccpb::{event::EventType, KeyValue};
 
@@ -347,13 +347,7 @@ impl EtcdClient {
             keys_only: true,
             ..RangeRequest::default()
         };
-        let resp = self.call("range", |ch, l| {
-            let req = req.clone();
-            async move { Self::kv(ch, l).range(req).await.map(tonic::Response::into_inner) }
-        })?;
-        if limit > 0 && resp.kvs.len() > usize::try_from(limit).unwrap_or(usize::MAX) {
-            return Err(EtcdError::Malformed { op: "range", what: "more keys than the limit" });
-        }
+        let resp = self.range_limited(req)?;
         Ok((resp.kvs.into_iter().map(|kv| kv.key).collect(), resp.more))
     }
 
@@ -362,6 +356,13 @@ impl EtcdClient {
     /// holds further keys in the range.
     pub(crate) fn range(&mut self, start: &[u8], end: &[u8], limit: i64) -> Result<(Vec<KeyValue>, bool), EtcdError> {
         let req = RangeRequest { key: start.to_vec(), range_end: end.to_vec(), limit, ..RangeRequest::default() };
+        let resp = self.range_limited(req)?;
+        Ok((resp.kvs, resp.more))
+    }
+
+    /// One range request; an answer with more keys than the request's limit is refused.
+    fn range_limited(&mut self, req: RangeRequest) -> Result<RangeResponse, EtcdError> {
+        let limit = req.limit;
         let resp = self.call("range", |ch, l| {
             let req = req.clone();
             async move { Self::kv(ch, l).range(req).await.map(tonic::Response::into_inner) }
@@ -369,7 +370,7 @@ impl EtcdClient {
         if limit > 0 && resp.kvs.len() > usize::try_from(limit).unwrap_or(usize::MAX) {
             return Err(EtcdError::Malformed { op: "range", what: "more keys than the limit" });
         }
-        Ok((resp.kvs, resp.more))
+        Ok(resp)
     }
 
     /// One transaction.
