@@ -28,7 +28,7 @@ use crate::error::CliError;
 use crate::kre_client::{self, KreError};
 use crate::storage::bundles::{BundleStore, BundleStoreError};
 
-mod timestamp;
+pub(crate) mod timestamp;
 
 /// Largest key or bundle file read.
 const MAX_FILE: u64 = 128 * 1024;
@@ -910,7 +910,7 @@ fn show(a: ShowArgs) -> Result<(), CliError> {
 fn push_bundle(a: PushArgs) -> Result<(), CliError> {
     let PushArgs { bundle: path, kre, store, state_dir, durable } = a;
     let bytes = read(&path)?;
-    if timestamp::is_timestamp(&bytes) {
+    if keygate_attestation::freshness::is_timestamp(&bytes) {
         return timestamp::push(&path, &kre, store.as_ref());
     }
     let b = bundle::decode_bundle(&bytes, crypto()).map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
@@ -1053,11 +1053,6 @@ pub(crate) fn restore_chain(kre: &Addr, store: &BundleStore, after: u64) -> Resu
         timestamp::replay(kre, &mut kept)?;
     }
     Ok(pushed)
-}
-
-/// Pushes the timestamp kept in `kept` to the KRE (the daemon's replay).
-pub(crate) fn replay_timestamp(kre: &Addr, kept: &mut crate::storage::bundles::Bundles) -> Result<bool, CliError> {
-    timestamp::replay(kre, kept)
 }
 
 /// Whether the KRE's newest policy names a timestamp key (its status).

@@ -13,12 +13,10 @@
 //! etcd can withhold bundles (the replay then stops short, as a lost directory would), never
 //! make the KRE accept one.
 
-use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
-use super::etcd::client::{EtcdClient, EtcdError, EtcdUrl, EtcdUrlError, Limits};
+use super::etcd::client::{EtcdClient, EtcdError, Limits};
 use super::etcd::{Cond, Kv};
 
 /// The largest bundle kept or read back: the most the KRE takes.
@@ -27,34 +25,7 @@ pub(crate) const MAX_BUNDLE: usize = keygate_attestation::bundle::MAX_BUNDLE;
 pub(crate) const MAX_STORED: usize = 10_000;
 
 /// A bundle store as configured: `--store DIR` or `--store etcd://HOST:PORT[,…][/PREFIX]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum BundleStore {
-    /// A local directory.
-    Dir(PathBuf),
-    /// etcd, under the URL's prefix.
-    Etcd(EtcdUrl),
-}
-
-impl FromStr for BundleStore {
-    type Err = EtcdUrlError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.trim().starts_with("etcd://") {
-            s.parse().map(BundleStore::Etcd)
-        } else {
-            Ok(BundleStore::Dir(PathBuf::from(s)))
-        }
-    }
-}
-
-impl fmt::Display for BundleStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            BundleStore::Dir(d) => write!(f, "{}", d.display()),
-            BundleStore::Etcd(u) => write!(f, "{u}"),
-        }
-    }
-}
+pub(crate) type BundleStore = super::Location;
 
 /// Why keeping or reading a bundle failed. Carries no bundle content.
 #[derive(Debug, thiserror::Error)]
@@ -410,13 +381,24 @@ impl Bundles {
             (_, Entry::File(p)) => p.clone(),
             (Bundles::Dir(d), Entry::Version(v)) => dir_file(d, *v),
         };
-        let io = |source| BundleStoreError::Io { context: format!("reading {}", path.display()), source };
-        let f = std::fs::File::open(&path).map_err(io)?;
-        let mut v = Vec::new();
-        f.take(u64::try_from(MAX_BUNDLE).unwrap_or(u64::MAX).saturating_add(1)).read_to_end(&mut v).map_err(io)?;
-        bounded(&path.display().to_string(), v.len())?;
-        Ok(v)
+        read_capped(&path, MAX_BUNDLE)?.ok_or_else(|| BundleStoreError::Vanished { key: path.display().to_string() })
     }
+}
+
+/// The file at `path`, if it exists, read only up to `max` bytes (one more tells that it is
+/// larger: [`BundleStoreError::TooLarge`]).
+fn read_capped(path: &Path, max: usize) -> Result<Option<Vec<u8>>, BundleStoreError> {
+    let io = |source| BundleStoreError::Io { context: format!("reading {}", path.display()), source };
+    let f = match std::fs::File::open(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        f => f.map_err(io)?,
+    };
+    let mut v = Vec::new();
+    f.take(u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1)).read_to_end(&mut v).map_err(io)?;
+    if v.len() > max {
+        return Err(BundleStoreError::TooLarge { what: path.display().to_string(), len: v.len(), max });
+    }
+    Ok(Some(v))
 }
 
 mod timestamp;

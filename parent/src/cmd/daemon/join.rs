@@ -133,7 +133,7 @@ pub(crate) async fn round(
         if let Some(store) = bundles.as_ref().filter(|_| should_push_timestamp(&report, crate::cmd::attestation::now_ms())) {
             let mut kept = store.open().map_err(policy::stored_error)?;
             if kept.timestamp().map_err(policy::stored_error)?.is_some_and(|t| kept_is_newer(&report, &t)) {
-                policy::replay_timestamp(&kre, &mut kept)?;
+                policy::timestamp::replay(&kre, &mut kept)?;
                 tracing::info!(task = "member join", store = %store, "the kept policy timestamp pushed");
             }
         }

@@ -13,14 +13,12 @@ use std::time::Duration;
 use keygate_attestation::bundle;
 use keygate_attestation::freshness::{self, Freshness, Timestamp};
 use keygate_enclave::net::transport::Addr;
-use keygate_enclave::wire::Message;
 use serde::Serialize;
 
-use super::{load_bundle, load_private, load_public, push_refused, read, stored_error};
+use super::{load_bundle, load_private, load_public, push as push_kre, push_refused, read, stored_error};
 use crate::cmd::args::{format_time_ms, parse_duration};
 use crate::cmd::attestation::{now_ms, write_file};
 use crate::error::CliError;
-use crate::kre_client::{self, KreError};
 use crate::output::Report;
 use crate::storage::bundles::{BundleStore, Bundles};
 
@@ -175,20 +173,14 @@ impl Report for TimestampPushed {
     }
 }
 
-/// Pushes timestamp `bytes` to the KRE on `kre`; (version held, fresh until).
-pub(crate) fn push_one(kre: &Addr, bytes: &[u8]) -> Result<(u64, u64), KreError> {
-    match kre_client::ask(kre, &Message::PolicyPush { bundle: bytes.to_vec() }, kre_client::DEFAULT_TIMEOUT)? {
-        Message::PolicyAccepted { version, activates_at_ms, .. } => Ok((version, activates_at_ms)),
-        m => Err(KreError::Unexpected(m.name())),
-    }
-}
-
 /// `policy push` of a timestamp file: push it, then keep it in `store` if it is newer than
 /// the kept one.
 pub(crate) fn push(path: &std::path::Path, kre: &Addr, store: Option<&BundleStore>) -> Result<(), CliError> {
     let bytes = read(path)?;
     freshness::decode(&bytes).map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
-    let (version, fresh_until_ms) = push_one(kre, &bytes).map_err(push_refused)?;
+    // The KRE's answer names the version of the timestamp it holds afterwards and, as its
+    // activation time, when that one stops counting.
+    let (version, fresh_until_ms) = push_kre(kre, &bytes).map_err(push_refused)?;
     let mut stored = None;
     if let Some(s) = store {
         let mut kept = s.open().map_err(stored_error)?;
@@ -204,12 +196,7 @@ pub(crate) fn push(path: &std::path::Path, kre: &Addr, store: Option<&BundleStor
 /// so the daemon calls this only for one whose status says it needs them).
 pub(crate) fn replay(kre: &Addr, kept: &mut Bundles) -> Result<bool, CliError> {
     let Some(bytes) = kept.timestamp().map_err(stored_error)? else { return Ok(false) };
-    push_one(kre, &bytes)
+    push_kre(kre, &bytes)
         .map(|_| true)
         .map_err(|e| CliError::refused(format!("{}: {}", kept.timestamp_name(), push_refused(e).message)))
-}
-
-/// Whether `bytes` is a timestamp (not a bundle), by its format tag.
-pub(crate) fn is_timestamp(bytes: &[u8]) -> bool {
-    freshness::is_timestamp(bytes)
 }

@@ -10,7 +10,7 @@
 
 use keygate_attestation::freshness::{self, Timestamp};
 
-use super::{BundleStoreError, Bundles, EtcdBundles, KeyRange};
+use super::{read_capped, BundleStoreError, Bundles, EtcdBundles, KeyRange};
 use crate::storage::etcd::{Cond, Kv};
 
 /// The file of a directory store.
@@ -75,46 +75,28 @@ impl Bundles {
     pub(crate) fn timestamp(&mut self) -> Result<Option<Vec<u8>>, BundleStoreError> {
         match self {
             Bundles::Etcd(e) => e.timestamp(),
-            Bundles::Dir(dir) => {
-                let path = dir.join(TIMESTAMP_FILE);
-                match std::fs::metadata(&path) {
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                    Err(source) => {
-                        return Err(BundleStoreError::Io { context: format!("reading {}", path.display()), source })
-                    }
-                    Ok(m) if m.len() > u64::try_from(freshness::MAX_TIMESTAMP).unwrap_or(u64::MAX) => {
-                        return Err(BundleStoreError::TooLarge {
-                            what: path.display().to_string(),
-                            len: usize::try_from(m.len()).unwrap_or(usize::MAX),
-                            max: freshness::MAX_TIMESTAMP,
-                        })
-                    }
-                    Ok(_) => {}
-                }
-                std::fs::read(&path)
-                    .map(Some)
-                    .map_err(|source| BundleStoreError::Io { context: format!("reading {}", path.display()), source })
-            }
+            Bundles::Dir(dir) => read_capped(&dir.join(TIMESTAMP_FILE), freshness::MAX_TIMESTAMP),
         }
     }
 
     /// Keeps a timestamp the KRE took, unless the kept one is as new; returns whether it was
     /// written.
     pub(crate) fn keep_timestamp(&mut self, bytes: &[u8]) -> Result<bool, BundleStoreError> {
-        if let Bundles::Etcd(e) = self {
-            return e.keep_timestamp(bytes);
-        }
-        let name = self.timestamp_name();
+        let dir = match self {
+            Bundles::Etcd(e) => return e.keep_timestamp(bytes),
+            Bundles::Dir(dir) => dir.clone(),
+        };
+        let path = dir.join(TIMESTAMP_FILE);
+        let name = path.display().to_string();
         let new = decode(&name, bytes)?;
-        if let Some(old) = self.timestamp()? {
+        if let Some(old) = read_capped(&path, freshness::MAX_TIMESTAMP)? {
             if !freshness::supersedes(&new, Some(&decode(&name, &old)?)) {
                 return Ok(false);
             }
         }
-        let Bundles::Dir(dir) = self else { return Ok(false) };
-        std::fs::create_dir_all(&*dir)
+        std::fs::create_dir_all(&dir)
             .map_err(|source| BundleStoreError::Io { context: format!("creating {}", dir.display()), source })?;
-        keygate_enclave::atomic::write_file(&dir.join(TIMESTAMP_FILE), bytes)?;
+        keygate_enclave::atomic::write_file(&path, bytes)?;
         Ok(true)
     }
 }
