@@ -745,8 +745,15 @@ fn the_proxy_limits_connections_per_source() {
     // however slowly a loaded machine runs the rest of the test.
     cmd.args(["proxy", "--listen", &unix(&psock), "--to", &kre.addr(), "--max-per-source", "2"]);
     cmd.args(["--first-frame-timeout", "60s"]);
-    let mut proxy = Logged::start(cmd.env("KEYGATE_LOG", "debug"), &psock.with_extension("log"));
-    proxy.wait_for_socket(&psock);
+    let proxy = Logged::start(cmd.env("KEYGATE_LOG", "debug"), &psock.with_extension("log"));
+    // Ready once bound (its log says so): waiting by connecting would take a slot of this
+    // source itself until the proxy noticed the probe had gone, and a held connection could
+    // then be the one refused.
+    let start = Instant::now();
+    while !proxy.log().contains("keygate proxy ready") {
+        assert!(start.elapsed() < Duration::from_secs(20), "not ready: {}", proxy.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let held: Vec<_> = (0..2).map(|_| std::os::unix::net::UnixStream::connect(&psock).expect("connect")).collect();
     // Both hold their slot before the third comes (the proxy admits each in a task of its own).
     let start = Instant::now();
@@ -757,7 +764,8 @@ fn the_proxy_limits_connections_per_source() {
     let mut third = std::os::unix::net::UnixStream::connect(&psock).expect("connect");
     third.set_read_timeout(Some(Duration::from_secs(15))).expect("timeout");
     let mut b = [0u8; 1];
-    assert_eq!(third.read(&mut b).expect("closed, not timed out"), 0, "the third is closed at once");
+    let closed = third.read(&mut b);
+    assert!(matches!(closed, Ok(0)), "the third is closed at once: {closed:?}; the proxy's log: {}", proxy.log());
     drop(held);
     std::thread::sleep(Duration::from_millis(300));
     let out = kre.dir.path().join("k");
