@@ -205,6 +205,29 @@ impl EtcdCluster {
         Ok(())
     }
 
+    /// Stops member `i` with SIGSTOP: a frozen process (or a partition) — its sockets still
+    /// accept connections, nothing answers. [`Self::thaw`] lets it go on; dropping the cluster
+    /// kills it either way.
+    pub fn freeze(&mut self, i: usize) -> Result<(), EtcdClusterError> {
+        self.signal(i, rustix::process::Signal::STOP)
+    }
+
+    /// Lets a frozen member go on (SIGCONT).
+    pub fn thaw(&mut self, i: usize) -> Result<(), EtcdClusterError> {
+        self.signal(i, rustix::process::Signal::CONT)
+    }
+
+    fn signal(&mut self, i: usize, sig: rustix::process::Signal) -> Result<(), EtcdClusterError> {
+        let m = self.members.get_mut(i).ok_or(EtcdClusterError::NoMember(i))?;
+        let pid = m
+            .child
+            .as_ref()
+            .and_then(|c| i32::try_from(c.id()).ok())
+            .and_then(rustix::process::Pid::from_raw)
+            .ok_or(EtcdClusterError::NoMember(i))?;
+        rustix::process::kill_process(pid, sig).map_err(|e| EtcdClusterError::Io("signalling a member", e.into()))
+    }
+
     /// Starts member `i` again on its data and waits until every running member is healthy.
     pub fn restart(&mut self, i: usize) -> Result<(), EtcdClusterError> {
         self.kill(i)?;

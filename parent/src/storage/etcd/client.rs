@@ -3,8 +3,9 @@
 //! failing over between the endpoints of an `etcd://` URL.
 //!
 //! What it decides: which endpoint to ask (the one that answered last, then the next ones in
-//! order), when to give up (one deadline per operation, shared by its attempts; a connect has
-//! its own shorter bound), which failures are worth another endpoint (the transport's and
+//! order), when to give up (one deadline per operation, shared by its attempts; a connect and
+//! one endpoint's answer have their own shorter bounds, so a member that stops answering is
+//! left for the next), which failures are worth another endpoint (the transport's and
 //! `Unavailable`: refused, reset, no leader) and which are the answer (every other status). What it trusts: nothing
 //! etcd says beyond the protobuf decoding; answers larger than [`Limits::max_response`] are
 //! refused by the decoder before they are allocated, and server messages are shortened before
@@ -118,6 +119,10 @@ pub(crate) struct Limits {
     pub(crate) connect: Duration,
     /// The longest one operation takes, over all its attempts.
     pub(crate) call: Duration,
+    /// The longest one endpoint has to answer one request before the next endpoint is asked:
+    /// a member that stops answering (a frozen process, a partition) still accepts
+    /// connections, and would otherwise hold every operation until its deadline.
+    pub(crate) attempt: Duration,
     /// The largest answer decoded (bytes of one protobuf message).
     pub(crate) max_response: usize,
     /// The largest request sent.
@@ -129,6 +134,7 @@ impl Default for Limits {
         Self {
             connect: Duration::from_secs(2),
             call: Duration::from_secs(5),
+            attempt: Duration::from_secs(2),
             max_response: 2 << 20,
             max_request: 2 << 20,
         }
@@ -274,7 +280,8 @@ impl EtcdClient {
                             }
                         }
                     };
-                    match tokio::time::timeout(left, f(channel.clone(), limits)).await {
+                    let bound = limits.attempt.min(left);
+                    match tokio::time::timeout(bound, f(channel.clone(), limits)).await {
                         Ok(Ok(v)) => Ok((v, channel)),
                         Ok(Err(s)) if worth_another_endpoint(s.code()) => {
                             Err(Attempt::Answered(format!("{endpoint}: {}", shorten(s.message()))))
@@ -285,6 +292,13 @@ impl EtcdClient {
                             code: s.code(),
                             message: shorten(s.message()),
                         })),
+                        // No answer in this endpoint's share of the time: the next is asked (a
+                        // write's outcome is then unknown; every write is conditioned, so a
+                        // second attempt elsewhere applies at most once and the caller reads
+                        // which happened).
+                        Err(_) if bound < left => {
+                            Err(Attempt::Answered(format!("{endpoint}: no answer within {:?}", limits.attempt)))
+                        }
                         Err(_) => Err(Attempt::Final(EtcdError::Timeout {
                             op,
                             endpoint: endpoint.clone(),
@@ -397,7 +411,8 @@ impl EtcdClient {
             })),
         };
         // The watch may last `wait`; only reaching an endpoint is bounded by the call limit.
-        let limits = Limits { call: self.limits.call.max(wait + self.limits.connect), ..self.limits };
+        let call = self.limits.call.max(wait + self.limits.connect);
+        let limits = Limits { call, attempt: call, ..self.limits };
         let saved = std::mem::replace(&mut self.limits, limits);
         let deadline = Instant::now() + wait;
         let out = self.call("watch", |ch, l| {

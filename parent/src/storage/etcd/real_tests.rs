@@ -150,3 +150,34 @@ fn real_etcd_one_member_down_writes_a_majority_down_fails_in_time() {
     assert_eq!(s.store(&blob(3)).expect("after restart"), 3);
     assert_eq!(s.load(3).expect("load").map(|l| l.header.generation), Some(3));
 }
+
+/// A member that stops answering — frozen (SIGSTOP), as a paused VM or a partition looks: its
+/// sockets still accept connections — is left for the next within the call's deadline, for
+/// writes and reads alike, and the calls after it go to the member that answered. Without the
+/// per-endpoint bound every call waited on the frozen member until its deadline and failed,
+/// and every later one started there again.
+#[test]
+fn real_etcd_a_member_that_stops_answering_is_left_within_the_deadline() {
+    let mut c = cluster();
+    let call = Duration::from_secs(5);
+    let mut s = store_at(&c, "/frozen", call);
+    assert_eq!(s.store(&blob(1)).expect("store"), 1);
+    // The client's endpoint (the first of the URL, which answered) freezes.
+    c.freeze(0).expect("freeze");
+    let t = Instant::now();
+    let stored = s.store(&blob(2));
+    let first = t.elapsed();
+    let t = Instant::now();
+    let loaded = s.load(2).map(|l| l.map(|l| l.header.generation));
+    let stored3 = s.store(&blob(3));
+    let after = t.elapsed();
+    c.thaw(0).expect("thaw");
+    assert_eq!(stored.expect("a store with member 0 frozen"), 2);
+    assert_eq!(loaded.expect("a load with member 0 frozen"), Some(2));
+    assert_eq!(stored3.expect("the next store"), 3);
+    eprintln!("etcd: member 0 frozen: the first store took {first:?}, a load and a store after it {after:?}");
+    // Thawed, it catches up; every member serves the newest.
+    c.wait_healthy(Duration::from_secs(20)).expect("healthy again");
+    let mut s = store_at(&c, "/frozen", call);
+    assert_eq!(s.load(3).expect("load").map(|l| l.header.generation), Some(3));
+}
