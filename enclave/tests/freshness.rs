@@ -41,32 +41,22 @@ impl Pipeline {
             rule.images.push(image("second", 0x20));
         }
         let body = PolicyBody {
-            version: 1,
-            previous: [0; 48],
-            issued_at: T / 1000 - 60,
-            activation_delay: 3600,
-            approvers: vec![public_point(&approver).try_into().expect("97 bytes")],
-            threshold: 1,
-            policy,
-            members: Vec::new(),
             freshness: Some(Freshness { key: public_point(&stamper).try_into().expect("97"), max_age_s: MAX_AGE_S }),
+            ..common::genesis_body(&approver, policy)
         };
-        let bytes = bundle::encode_bundle(&bundle::encode_body(&body), &[]);
+        let bytes = common::genesis_bundle(&body);
         (bytes, Self { approver, stamper, last: body })
     }
 
     /// The next bundle, revoking the image `name` from "prod", signed by the approver.
     fn revoke(&mut self, name: &str) -> Vec<u8> {
-        let mut body = self.last.clone();
-        body.version += 1;
-        body.previous = bundle::digest(&bundle::encode_body(&self.last));
+        let mut body = common::next_body(&self.last);
         if let Some(rule) = body.policy.clusters.get_mut("prod") {
             rule.images.retain(|i| i.name != name);
         }
-        let body_bytes = bundle::encode_body(&body);
-        let sig: p384::ecdsa::Signature = self.approver.sign(&bundle::signing_message(&body_bytes));
+        let bytes = common::signed_bundle(&body, &self.approver);
         self.last = body;
-        bundle::encode_bundle(&body_bytes, &[(public_point(&self.approver), sig.to_bytes().to_vec())])
+        bytes
     }
 
     /// A timestamp for the newest body, issued at `issued_ms`, signed by `key`.
@@ -182,7 +172,7 @@ fn a_timestamp_not_signed_by_the_policys_key_or_from_the_future_or_malformed_is_
 fn kre_without_freshness() -> Kre {
     let (_, mut pipeline) = Pipeline::genesis();
     pipeline.last.freshness = None;
-    let genesis = bundle::encode_bundle(&bundle::encode_body(&pipeline.last), &[]);
+    let genesis = common::genesis_bundle(&pipeline.last);
     kre(&genesis, "plain")
 }
 

@@ -49,15 +49,8 @@ struct Cluster {
 fn genesis_body(c: &Cluster) -> keygate_attestation::bundle::PolicyBody {
     let key = keygate_attestation::mock::derive_key(b"member-approvers", "approver-1");
     keygate_attestation::bundle::PolicyBody {
-        version: 1,
-        previous: [0; 48],
-        issued_at: T / 1000 - 60,
-        activation_delay: 3600,
-        approvers: vec![keygate_attestation::mock::public_point(&key).try_into().expect("97 bytes")],
-        threshold: 1,
-        policy: common::prod_policy(1, 0),
         members: c.members.clone(),
-        freshness: None,
+        ..common::genesis_body(&key, common::prod_policy(1, 0))
     }
 }
 
@@ -348,12 +341,11 @@ fn the_joiner_serves_only_the_blob_the_serving_member_vouched_for() {
 /// its committed state; a joiner takes the key and serves the stored blob.
 #[test]
 fn a_kre_answers_a_member_and_refuses_a_copy_of_its_image() {
-    use keygate_attestation::bundle;
     use keygate_enclave::kre::Env;
 
     let c = cluster();
     let body = genesis_body(&c);
-    let genesis = bundle::encode_bundle(&bundle::encode_body(&body), &[]);
+    let genesis = common::genesis_bundle(&body);
     let kre = c.kre("i-0serving", &genesis);
     let mut r = rng_from(3);
     let mut env = Env { now_ms: T, rng: &mut r };
@@ -385,29 +377,21 @@ fn a_kre_answers_a_member_and_refuses_a_copy_of_its_image() {
 /// forward to that member.
 #[test]
 fn a_kre_behind_its_sealed_policy_head_refuses_to_forward() {
-    use keygate_attestation::bundle::{self, PolicyBody};
+    use keygate_attestation::bundle::PolicyBody;
     use keygate_attestation::crypto::P384Scalar;
-    use keygate_attestation::mock::{derive_key, public_point};
+    use keygate_attestation::mock::derive_key;
     use keygate_enclave::kre::Env;
     use keygate_enclave::wire::Message;
-    use p384::ecdsa::signature::Signer;
 
     let c = cluster();
     let scalars: Vec<P384Scalar> =
         (0..3u64).map(|i| p384_scalar_from(c.crypto, rng_from(100 + i)).expect("key").0).collect();
     let key = derive_key(b"member-approvers", "approver-1");
     let g = genesis_body(&c);
-    let genesis = bundle::encode_bundle(&bundle::encode_body(&g), &[]);
+    let genesis = common::genesis_bundle(&g);
     // Version 2 removes the joiner (a tightening: in force at once).
-    let v2 = PolicyBody {
-        version: 2,
-        previous: bundle::digest(&bundle::encode_body(&g)),
-        members: vec![member("serving", "i-0serving")],
-        ..g.clone()
-    };
-    let v2_body = bundle::encode_body(&v2);
-    let sig: p384::ecdsa::Signature = key.sign(&bundle::signing_message(&v2_body));
-    let v2_bundle = bundle::encode_bundle(&v2_body, &[(public_point(&key), sig.to_bytes().to_vec())]);
+    let v2 = PolicyBody { members: vec![member("serving", "i-0serving")], ..common::next_body(&g) };
+    let v2_bundle = common::signed_bundle(&v2, &key);
     let start = || c.kre("i-0serving", &genesis);
     let kre = start();
     common::report(&kre, Message::StateGenesis);
@@ -450,13 +434,12 @@ fn a_kre_behind_its_sealed_policy_head_refuses_to_forward() {
 /// and the member frame on another listener are refused.
 #[test]
 fn a_join_over_the_member_and_parent_channels_serves_and_refuses_what_it_must() {
-    use keygate_attestation::bundle;
     use keygate_enclave::kre::{Connection, Kre};
     use keygate_enclave::wire::{Channel, DenyCode, Message};
 
     let c = cluster();
     let body = genesis_body(&c);
-    let genesis = bundle::encode_bundle(&bundle::encode_body(&body), &[]);
+    let genesis = common::genesis_bundle(&body);
     let start = |instance: &str| c.kre(instance, &genesis);
     let denied = |reply: &[u8]| match MemberMessage::decode(&reply[4..]) {
         Ok(MemberMessage::Denied(Message::Denied { code, .. })) => code,
@@ -551,19 +534,17 @@ fn a_join_over_the_member_and_parent_channels_serves_and_refuses_what_it_must() 
 /// the parent can neither add it to an offer nor remove it.
 #[test]
 fn a_copy_unsealed_from_an_older_generation_waits_for_a_member_and_a_cold_start_needs_consent() {
-    use keygate_attestation::bundle::{self, PolicyBody};
     use keygate_attestation::crypto::P384Scalar;
-    use keygate_attestation::mock::{derive_key, public_point};
+    use keygate_attestation::mock::derive_key;
     use keygate_enclave::kre::{Connection, Kre};
     use keygate_enclave::peer::custodian::{self, CustodianError};
     use keygate_enclave::wire::{Channel, DenyCode, Message};
-    use p384::ecdsa::signature::Signer;
 
     let c = cluster();
     let scalars: Vec<P384Scalar> =
         (0..3u64).map(|i| p384_scalar_from(c.crypto, rng_from(100 + i)).expect("key").0).collect();
     let g = genesis_body(&c);
-    let genesis = bundle::encode_bundle(&bundle::encode_body(&g), &[]);
+    let genesis = common::genesis_bundle(&g);
     let start = |instance: &str| c.kre(instance, &genesis);
     // Member S: genesis (generation 1), then policy version 2 committed as generation 2.
     let s = start("i-0serving");
@@ -571,9 +552,7 @@ fn a_copy_unsealed_from_an_older_generation_waits_for_a_member_and_a_cold_start_
     let (_, stored) = common::sync_stored(&s);
     let (blob1, shares, genesis_attestation) = stored.expect("stored");
     let key = derive_key(b"member-approvers", "approver-1");
-    let v2 = bundle::encode_body(&PolicyBody { version: 2, previous: bundle::digest(&bundle::encode_body(&g)), ..g });
-    let sig: p384::ecdsa::Signature = key.sign(&bundle::signing_message(&v2));
-    let v2 = bundle::encode_bundle(&v2, &[(public_point(&key), sig.to_bytes().to_vec())]);
+    let v2 = common::signed_bundle(&common::next_body(&g), &key);
     assert!(matches!(common::one(&s, Message::PolicyPush { bundle: v2 }), Message::PolicyAccepted { .. }));
     let (generation, stored) = common::sync_stored(&s);
     assert_eq!(generation, 2);
@@ -684,29 +663,20 @@ fn a_copy_unsealed_from_an_older_generation_waits_for_a_member_and_a_cold_start_
 /// waits for a serving member's confirmation and forwards nothing.
 #[test]
 fn a_plain_unseal_on_a_withheld_policy_waits_once_the_recorded_policy_names_members() {
-    use keygate_attestation::bundle::{self, PolicyBody};
+    use keygate_attestation::bundle::PolicyBody;
     use keygate_attestation::crypto::P384Scalar;
-    use keygate_attestation::mock::{derive_key, public_point};
+    use keygate_attestation::mock::derive_key;
     use keygate_enclave::kre::Env;
     use keygate_enclave::wire::Message;
-    use p384::ecdsa::signature::Signer;
 
     let c = cluster();
     let scalars: Vec<P384Scalar> =
         (0..3u64).map(|i| p384_scalar_from(c.crypto, rng_from(100 + i)).expect("key").0).collect();
     // Genesis: one member, no activation delay; version 2 adds the joiner's instance.
     let g = PolicyBody { activation_delay: 0, members: vec![member("serving", "i-0serving")], ..genesis_body(&c) };
-    let genesis = bundle::encode_bundle(&bundle::encode_body(&g), &[]);
+    let genesis = common::genesis_bundle(&g);
     let key = derive_key(b"member-approvers", "approver-1");
-    let v2 = PolicyBody {
-        version: 2,
-        previous: bundle::digest(&bundle::encode_body(&g)),
-        members: c.members.clone(),
-        ..g.clone()
-    };
-    let v2 = bundle::encode_body(&v2);
-    let sig: p384::ecdsa::Signature = key.sign(&bundle::signing_message(&v2));
-    let v2 = bundle::encode_bundle(&v2, &[(public_point(&key), sig.to_bytes().to_vec())]);
+    let v2 = common::signed_bundle(&PolicyBody { members: c.members.clone(), ..common::next_body(&g) }, &key);
     let s = c.kre("i-0serving", &genesis);
     common::report(&s, Message::StateGenesis);
     common::sync_stored(&s);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use keygate_attestation::bundle::{self, PolicyBody};
 use keygate_attestation::crypto::{default_backend, p384_scalar_from, P384Scalar};
-use keygate_attestation::mock::{derive_key, public_point, MockNsm};
+use keygate_attestation::mock::{derive_key, MockNsm};
 use keygate_attestation::policy::ReleasePolicy;
 use keygate_attestation::Verifier;
 use keygate_enclave::audit::AuditEvent;
@@ -15,7 +15,6 @@ use keygate_enclave::kre::{Kre, KreConfig};
 use keygate_enclave::peer::client::{ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::state::custody::CustodianSet;
 use keygate_enclave::wire::{DenyCode, Message};
-use p384::ecdsa::signature::Signer;
 
 mod common;
 use common::{
@@ -90,18 +89,8 @@ impl Chain {
     /// As [`Self::genesis`], with the given activation delay (seconds).
     fn genesis_with_delay(activation_delay: u64) -> (Vec<u8>, Self) {
         let key = derive_key(b"rotation-approvers", "approver-1");
-        let body = PolicyBody {
-            version: 1,
-            previous: [0; 48],
-            issued_at: T / 1000 - 60,
-            activation_delay,
-            approvers: vec![public_point(&key).try_into().expect("97 bytes")],
-            threshold: 1,
-            policy: policy(1, 0),
-            members: Vec::new(),
-            freshness: None,
-        };
-        let bytes = bundle::encode_bundle(&bundle::encode_body(&body), &[]);
+        let body = PolicyBody { activation_delay, ..common::genesis_body(&key, policy(1, 0)) };
+        let bytes = common::genesis_bundle(&body);
         (bytes, Self { key, last: body })
     }
 
@@ -112,13 +101,10 @@ impl Chain {
 
     /// The next bundle with `policy`, signed.
     fn next_policy(&mut self, policy: ReleasePolicy) -> Vec<u8> {
-        let prev = bundle::encode_body(&self.last);
-        let body =
-            PolicyBody { version: self.last.version + 1, previous: bundle::digest(&prev), policy, ..self.last.clone() };
-        let body_bytes = bundle::encode_body(&body);
-        let sig: p384::ecdsa::Signature = self.key.sign(&bundle::signing_message(&body_bytes));
+        let body = PolicyBody { policy, ..common::next_body(&self.last) };
+        let bytes = common::signed_bundle(&body, &self.key);
         self.last = body;
-        bundle::encode_bundle(&body_bytes, &[(public_point(&self.key), sig.to_bytes().to_vec())])
+        bytes
     }
 }
 
@@ -364,18 +350,7 @@ fn with_custodians_a_rotation_is_released_only_after_the_commit_and_a_retirement
 #[test]
 fn a_genesis_policy_with_a_later_kek_version_gets_it_in_the_next_generation() {
     let key = derive_key(b"rotation-approvers", "approver-1");
-    let body = PolicyBody {
-        version: 1,
-        previous: [0; 48],
-        issued_at: T / 1000 - 60,
-        activation_delay: 3600,
-        approvers: vec![public_point(&key).try_into().expect("97 bytes")],
-        threshold: 1,
-        policy: policy(2, 0),
-        members: Vec::new(),
-        freshness: None,
-    };
-    let genesis = bundle::encode_bundle(&bundle::encode_body(&body), &[]);
+    let genesis = common::genesis_bundle(&common::genesis_body(&key, policy(2, 0)));
     let kre = committed_kre(&genesis);
     assert_eq!(versions(&fetch(&kre).expect("released")), expect(&[("etcd", 1), ("secrets", 1)]));
     assert_eq!(sync(&kre), 2);

@@ -1,4 +1,4 @@
-//! What the enclave's integration tests share: the test clock, PCR and id fixtures, the
+//! What the enclave's integration tests share: the test clock, PCR, id and policy-chain fixtures, the
 //! deterministic random source, and one sans-IO server step (a frame in, the KRE's answer
 //! out) with the client's full fetch on top of it. It trusts nothing: every helper panics on
 //! an answer other than the one its caller asked for. Each test file includes it as
@@ -7,15 +7,18 @@
 
 use std::collections::BTreeMap;
 
+use keygate_attestation::bundle::{self, PolicyBody};
 use keygate_attestation::crypto::default_backend;
 use keygate_attestation::crypto::{Crypto, P384Scalar};
-use keygate_attestation::mock::MockNsm;
+use keygate_attestation::mock::{public_point, MockNsm};
 use keygate_attestation::policy::{ClusterRule, ImageRule, ReleasePolicy};
 use keygate_attestation::{DocumentKind, PcrExpectation, Verifier};
 use keygate_enclave::kre::{Connection, Env, Kre, Step};
 use keygate_enclave::peer::client::{self, ClientError, FetchRequest, ReleasedKey};
 use keygate_enclave::peer::custodian::{self, Expectations};
 use keygate_enclave::wire::{Channel, DenyCode, Id, Message, StateReport};
+use p384::ecdsa::signature::Signer;
+use p384::ecdsa::SigningKey;
 
 /// The tests' wall clock: 2026-11-24 07:00 UTC, within the mock NSM's certificates.
 pub(crate) const T: u64 = 1_795_478_400_000 + 7 * 3_600_000;
@@ -54,6 +57,39 @@ pub(crate) fn image(name: &str, b: u8) -> ImageRule {
 pub(crate) fn prod_policy(kek_version: u32, kek_retire_below: u32) -> ReleasePolicy {
     let rule = ClusterRule { images: vec![image("cp", 0x10)], kek_version, kek_retire_below };
     ReleasePolicy { clusters: BTreeMap::from([("prod".into(), rule)]), allow_debug: false }
+}
+
+/// A genesis body: version 1, `approver` alone (threshold 1), `policy`, a 1 h activation
+/// delay, no members and no timestamp key.
+pub(crate) fn genesis_body(approver: &SigningKey, policy: ReleasePolicy) -> PolicyBody {
+    PolicyBody {
+        version: 1,
+        previous: [0; 48],
+        issued_at: T / 1000 - 60,
+        activation_delay: 3600,
+        approvers: vec![public_point(approver).try_into().expect("97 bytes")],
+        threshold: 1,
+        policy,
+        members: Vec::new(),
+        freshness: None,
+    }
+}
+
+/// The genesis bundle of `body` (a genesis carries no signatures: the KRE is given it).
+pub(crate) fn genesis_bundle(body: &PolicyBody) -> Vec<u8> {
+    bundle::encode_bundle(&bundle::encode_body(body), &[])
+}
+
+/// The body after `last`: the next version, linked to it, otherwise the same.
+pub(crate) fn next_body(last: &PolicyBody) -> PolicyBody {
+    PolicyBody { version: last.version + 1, previous: bundle::digest(&bundle::encode_body(last)), ..last.clone() }
+}
+
+/// `body` as a bundle signed by `approver` alone.
+pub(crate) fn signed_bundle(body: &PolicyBody, approver: &SigningKey) -> Vec<u8> {
+    let body_bytes = bundle::encode_body(body);
+    let sig: p384::ecdsa::Signature = approver.sign(&bundle::signing_message(&body_bytes));
+    bundle::encode_bundle(&body_bytes, &[(public_point(approver), sig.to_bytes().to_vec())])
 }
 
 pub(crate) fn id(s: &str) -> Id {
