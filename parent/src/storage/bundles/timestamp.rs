@@ -113,33 +113,30 @@ mod tests {
         encode(&Timestamp { version, digest: [1; 48], issued_ms, key: [4; 97], signature: [0; 96] })
     }
 
+    type Keep<S> = fn(&mut S, &[u8]) -> Result<bool, BundleStoreError>;
+    type Kept<S> = fn(&mut S) -> Result<Option<Vec<u8>>, BundleStoreError>;
+
+    /// The replacement rule, through one store's `keep_timestamp` and `timestamp`.
+    fn only_a_newer_one_replaces<S>(s: &mut S, keep: Keep<S>, kept: Kept<S>) {
+        assert_eq!(kept(s).expect("none"), None);
+        assert!(keep(s, &stamp(2, 100)).expect("first"));
+        assert!(!keep(s, &stamp(2, 100)).expect("same"), "the same again changes nothing");
+        assert!(!keep(s, &stamp(2, 99)).expect("older"));
+        assert!(!keep(s, &stamp(1, 500)).expect("older version"));
+        assert_eq!(kept(s).expect("kept"), Some(stamp(2, 100)));
+        assert!(keep(s, &stamp(2, 101)).expect("later"));
+        assert!(keep(s, &stamp(3, 1)).expect("newer version"));
+        assert_eq!(kept(s).expect("kept"), Some(stamp(3, 1)));
+        let e = keep(s, b"not a timestamp").expect_err("refused");
+        assert!(matches!(e, BundleStoreError::NotATimestamp { .. }), "{e}");
+    }
+
     #[test]
     fn only_a_newer_timestamp_replaces_the_kept_one_in_etcd_and_in_a_directory() {
         let mut etcd = EtcdBundles::new(MemKv::default(), "/kg");
+        only_a_newer_one_replaces(&mut etcd, EtcdBundles::keep_timestamp, EtcdBundles::timestamp);
         let tmp = keygate_tests::TempDir::new("keygate-timestamp-dir").expect("tmp");
         let mut dir = Bundles::Dir(tmp.path().join("b"));
-        type Ops<'a> = (
-            Box<dyn FnMut(&[u8]) -> Result<bool, BundleStoreError> + 'a>,
-            Box<dyn FnMut() -> Result<Option<Vec<u8>>, BundleStoreError> + 'a>,
-        );
-        let etcd = std::cell::RefCell::new(&mut etcd);
-        let dir = std::cell::RefCell::new(&mut dir);
-        let stores: [Ops<'_>; 2] = [
-            (Box::new(|b| etcd.borrow_mut().keep_timestamp(b)), Box::new(|| etcd.borrow_mut().timestamp())),
-            (Box::new(|b| dir.borrow_mut().keep_timestamp(b)), Box::new(|| dir.borrow_mut().timestamp())),
-        ];
-        for (mut keep, mut kept) in stores {
-            assert_eq!(kept().expect("none"), None);
-            assert!(keep(&stamp(2, 100)).expect("first"));
-            assert!(!keep(&stamp(2, 100)).expect("same"), "the same again changes nothing");
-            assert!(!keep(&stamp(2, 99)).expect("older"));
-            assert!(!keep(&stamp(1, 500)).expect("older version"));
-            assert_eq!(kept().expect("kept"), Some(stamp(2, 100)));
-            assert!(keep(&stamp(2, 101)).expect("later"));
-            assert!(keep(&stamp(3, 1)).expect("newer version"));
-            assert_eq!(kept().expect("kept"), Some(stamp(3, 1)));
-            let e = keep(b"not a timestamp").expect_err("refused");
-            assert!(matches!(e, BundleStoreError::NotATimestamp { .. }), "{e}");
-        }
+        only_a_newer_one_replaces(&mut dir, Bundles::keep_timestamp, Bundles::timestamp);
     }
 }
