@@ -225,7 +225,7 @@ pub(crate) fn join_handing(
         .map_err(|e| CliError::from(KreError::Runtime(e)))?;
     // The store is read between the two steps, outside the runtime (its etcd client has one
     // of its own); the joining KRE's connection, with its session, stays open meanwhile.
-    let (mut kre, mut offers) = rt.block_on(async {
+    let (mut kre, offers) = rt.block_on(async {
         let mut kre = Connection::open(kre, timeout).await?;
         kre.send(&Message::JoinStart.encode().map_err(KreError::Encode)?).await?;
         let body = kre.receive().await?;
@@ -258,12 +258,12 @@ pub(crate) fn join_handing(
         asks.abort_all();
         Ok((kre, offers))
     })?;
-    let answers: Vec<Answer> = offers.iter().map(|(_, a)| a.clone()).collect();
+    let (mut frames, answers): (Vec<Vec<u8>>, Vec<Answer>) = offers.into_iter().unzip();
+    let skipped: Vec<String> = answers.iter().filter_map(|a| a.as_ref().err().cloned()).collect();
     let Some(best) = choose(&answers) else {
-        let why: Vec<String> = answers.iter().filter_map(|a| a.clone().err()).collect();
-        return Err(CliError::refused(format!("no serving member offered its state: {}", why.join("; "))));
+        return Err(CliError::refused(format!("no serving member offered its state: {}", skipped.join("; "))));
     };
-    let (offer, _) = offers.swap_remove(best);
+    let offer = frames.swap_remove(best);
     let (generation, sha) = match MemberMessage::decode(&offer).map_err(KreError::Decode)? {
         MemberMessage::JoinOffer(o) => (o.generation, o.blob_sha384),
         _ => return Err(KreError::Unexpected("JoinRequest").into()),
@@ -272,11 +272,7 @@ pub(crate) fn join_handing(
     let finish =
         Message::JoinFinish { offer, blob: s.blob, shares: s.shares, genesis_attestation: s.genesis_attestation };
     match rt.block_on(kre.ask(&finish))? {
-        Message::StateReport(r) => Ok(JoinedFrom {
-            report: *r,
-            from: from[best].clone(),
-            skipped: answers.into_iter().filter_map(Result::err).collect(),
-        }),
+        Message::StateReport(r) => Ok(JoinedFrom { report: *r, from: from[best].clone(), skipped }),
         m => Err(kre_client::unexpected(&m)),
     }
 }
