@@ -1057,12 +1057,7 @@ pub(crate) fn restore_chain(kre: &Addr, store: &BundleStore, after: u64) -> Resu
 
 /// Whether the KRE's newest policy names a timestamp key (its status).
 fn policy_needs_timestamps(kre: &Addr) -> Result<bool, CliError> {
-    let json = match kre_client::ask(kre, &Message::Status, kre_client::DEFAULT_TIMEOUT)? {
-        Message::StatusReport { json } => json,
-        m => return Err(kre_client::unexpected(&m)),
-    };
-    let status: serde_json::Value =
-        serde_json::from_str(&json).map_err(|e| CliError::refused(format!("malformed status from the KRE: {e}")))?;
+    let (_, status) = super::status::report(kre, kre_client::DEFAULT_TIMEOUT)?;
     Ok(status["policy_timestamp_max_age_s"].as_u64().is_some())
 }
 
@@ -1170,12 +1165,7 @@ fn push_refused(e: KreError) -> CliError {
 /// restore skips; any other refusal is an error.
 fn already_applied(kre: &Addr, bundle: &[u8]) -> Result<bool, CliError> {
     let Ok(b) = bundle::decode_bundle(bundle, crypto()) else { return Ok(false) };
-    let json = match kre_client::ask(kre, &Message::Status, kre_client::DEFAULT_TIMEOUT)? {
-        Message::StatusReport { json } => json,
-        m => return Err(kre_client::unexpected(&m)),
-    };
-    let status: serde_json::Value =
-        serde_json::from_str(&json).map_err(|e| CliError::refused(format!("malformed status from the KRE: {e}")))?;
+    let (_, status) = super::status::report(kre, kre_client::DEFAULT_TIMEOUT)?;
     let head_version = status["policy_version"].as_u64();
     let head_digest = status["policy_digest"].as_str().and_then(|h| hex::decode(h).ok());
     Ok(match (head_version, head_digest) {
